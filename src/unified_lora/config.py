@@ -1,0 +1,183 @@
+"""Configuration dataclasses, validated at construction (PEFT's `config.py` style).
+
+A bad value fails when the object is built, with a `ValueError` that names the
+field and says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora")
+MODES = ("SINGLE", "MULTI", "MIRROR")
+SINGLE, MULTI, MIRROR = 0, 1, 2
+
+
+def _fail(field_name: str, why: str) -> None:
+    raise ValueError(f"{field_name}: {why}")
+
+
+def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
+    """Rank levels must nest: positive, strictly increasing, each <= max_rank."""
+    levels = tuple(int(r) for r in rank_levels)
+    if not levels:
+        _fail("rank_levels", "must hold at least one rank, e.g. (4, 8, 16)")
+    if any(r <= 0 for r in levels):
+        _fail("rank_levels", f"every rank must be positive, got {levels}")
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+        _fail("rank_levels", f"must be strictly increasing so the slices nest (r4 ⊂ r8 ⊂ r16), got {levels}")
+    if max_rank is not None and levels[-1] > max_rank:
+        _fail("rank_levels", f"largest level {levels[-1]} exceeds max_rank={max_rank}")
+    return levels
+
+
+@dataclass
+class NestedLoRAConfig:
+    """How adapters are built and injected.
+
+    `target_modules`: a list of name suffixes (PEFT convention), a regex string
+    (full match on the module name), or "all-linear" (every Linear/Conv1D except
+    the output head).
+    `scaling`: "alpha_over_r" (PEFT default, alpha / r), "max_rank_over_r" (the
+    seed's), or "rslora" (alpha / sqrt(r)).
+    """
+
+    target_modules: Sequence[str] | str = ("q_proj", "v_proj")
+    rank_levels: Sequence[int] = (4, 8, 16)
+    max_rank: int | None = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    scaling: str = "alpha_over_r"
+    modules_to_save: Sequence[str] | None = None
+    initial_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rank is None:
+            self.max_rank = int(max(self.rank_levels)) if len(self.rank_levels) else 0
+        if self.max_rank <= 0:
+            _fail("max_rank", f"must be positive, got {self.max_rank}")
+        self.rank_levels = check_rank_levels(self.rank_levels, self.max_rank)
+        if not (isinstance(self.target_modules, str) or len(self.target_modules) > 0):
+            _fail("target_modules", "must be a non-empty list of name suffixes, a regex, or 'all-linear'")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            _fail("lora_alpha", f"must be a positive finite number, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.scaling not in SCALINGS:
+            _fail("scaling", f"must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.initial_rank is None:
+            self.initial_rank = self.rank_levels[min(1, len(self.rank_levels) - 1)]
+        if self.initial_rank not in self.rank_levels:
+            _fail("initial_rank", f"must be one of rank_levels {self.rank_levels}, got {self.initial_rank}")
+
+
+@dataclass
+class MachineConfig:
+    """The SINGLE/MULTI/MIRROR machine (v1 README thresholds)."""
+
+    theta0: float = 0.3
+    theta1: float = 0.7
+    initial_mode: int = MULTI  # v1/v3: MULTI is the start state
+    warmup_steps: int = 0  # no transitions before this step
+    eval_interval: int = 1  # only decide on steps that are multiples of this
+    min_dwell: int = 0  # hysteresis: steps to stay in a mode before leaving it
+
+    def __post_init__(self) -> None:
+        for name in ("theta0", "theta1"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                _fail(name, f"must be a number in [0, 1], got {v!r}")
+        if self.theta0 >= self.theta1:
+            _fail("theta0", f"must be < theta1, got theta0={self.theta0} >= theta1={self.theta1}")
+        if self.initial_mode not in (SINGLE, MULTI, MIRROR):
+            _fail("initial_mode", f"must be 0 (SINGLE), 1 (MULTI) or 2 (MIRROR), got {self.initial_mode!r}")
+        if self.warmup_steps < 0:
+            _fail("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.eval_interval < 1:
+            _fail("eval_interval", f"must be >= 1, got {self.eval_interval}")
+        if self.min_dwell < 0:
+            _fail("min_dwell", f"must be >= 0, got {self.min_dwell}")
+
+
+# v1 README defaults; the Llama run used (2e-3, 5e-4, 1e-4).
+V1_LRS = (5e-5, 3e-5, 1e-5)
+LLAMA_RUN_LRS = (2e-3, 5e-4, 1e-4)
+# Multipliers on the user's schedule keep the v1 ratios, relative to MULTI = 1.
+V1_MULTIPLIERS = (5.0 / 3.0, 1.0, 1.0 / 3.0)
+
+
+@dataclass
+class ActuatorConfig:
+    """What each mode sets: rank, and learning rate (absolute or multiplier)."""
+
+    mode_ranks: Sequence[int] = (4, 8, 16)
+    lr_mode: str = "absolute"  # "absolute" | "multiplier" | "off"
+    mode_lrs: Sequence[float] = V1_LRS
+    mode_multipliers: Sequence[float] = V1_MULTIPLIERS
+
+    def __post_init__(self) -> None:
+        self.mode_ranks = tuple(int(r) for r in self.mode_ranks)
+        if len(self.mode_ranks) != 3:
+            _fail("mode_ranks", f"needs one rank per mode (SINGLE, MULTI, MIRROR), got {self.mode_ranks}")
+        if any(b < a for a, b in zip(self.mode_ranks, self.mode_ranks[1:])) or min(self.mode_ranks) <= 0:
+            _fail("mode_ranks", f"must be positive and non-decreasing SINGLE <= MULTI <= MIRROR, got {self.mode_ranks}")
+        if self.lr_mode not in ("absolute", "multiplier", "off"):
+            _fail("lr_mode", f"must be 'absolute', 'multiplier' or 'off', got {self.lr_mode!r}")
+        for name in ("mode_lrs", "mode_multipliers"):
+            vals = tuple(float(v) for v in getattr(self, name))
+            if len(vals) != 3 or not all(v > 0 and math.isfinite(v) for v in vals):
+                _fail(name, f"needs three positive finite values (SINGLE, MULTI, MIRROR), got {vals}")
+            setattr(self, name, vals)
+
+
+@dataclass
+class MirrorConfig:
+    """Mirror snapshot and the rollback rule applied on exit."""
+
+    policy: str = "drift"  # "drift" | "never" | "always" | "loss_worse"
+    drift_threshold: float = 0.05  # v3 model card: restore if drift < 5 %
+    snapshot_optimizer: bool = False
+    offload_to_cpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("drift", "never", "always", "loss_worse"):
+            _fail("policy", f"must be 'drift', 'never', 'always' or 'loss_worse', got {self.policy!r}")
+        if not (self.drift_threshold > 0 and math.isfinite(self.drift_threshold)):
+            _fail("drift_threshold", f"must be a positive number, got {self.drift_threshold}")
+
+
+@dataclass
+class SignalConfig:
+    """Which φ(t) signal drives the machine and its parameters."""
+
+    kind: str = "loss"  # "loss" (v1 README) | "composite" (v3 model card) | "multitask" (v1 C/E/S)
+    alpha: float = 0.1
+    beta: float = 0.9
+    loss_scale: float = 1.0
+    calibration_steps: int = 0  # >0: set loss_scale from the mean warmup loss
+    calibration_target: float = 0.5  # the calibrated mean loss maps to this (φ≈0.333, MULTI)
+    nonfinite: str = "skip"  # "skip" | "max_stress" | "raise"
+    history: int = 500
+    min_history: int = 10
+    weights: Sequence[float] = (0.3, 0.3, 0.4)  # v3: C, E, S
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("loss", "composite", "multitask"):
+            _fail("kind", f"must be 'loss', 'composite' or 'multitask', got {self.kind!r}")
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+                _fail(name, f"must be in (0, 1], got {v!r}")
+        if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
+            _fail("loss_scale", f"must be a positive finite number, got {self.loss_scale}")
+        if self.calibration_steps < 0:
+            _fail("calibration_steps", f"must be >= 0, got {self.calibration_steps}")
+        if not 0.0 < self.calibration_target:
+            _fail("calibration_target", f"must be positive, got {self.calibration_target}")
+        if self.nonfinite not in ("skip", "max_stress", "raise"):
+            _fail("nonfinite", f"must be 'skip', 'max_stress' or 'raise', got {self.nonfinite!r}")
+        if self.history < 2 or self.min_history < 2 or self.min_history > self.history:
+            _fail("history", f"need 2 <= min_history <= history, got {self.min_history}, {self.history}")

@@ -1,0 +1,332 @@
+"""The controller: signal → state machine → actuators (rank, learning rate, Mirror).
+
+Shaped like a torch LR scheduler and an OLMo-core callback: `step()`,
+`get_last_lr()`, `state_dict()` / `load_state_dict()`.
+
+Call order in a training step (v3 model card):
+
+    loss.backward()
+    ctrl.step(loss=loss.item())   # reads gradients, may switch rank / LR / Mirror
+    optimizer.step()
+    optimizer.zero_grad()
+
+Actuators act *before* `optimizer.step()`: after a rank drop the paused blocks'
+gradients are cleared, so this very step leaves them untouched; after a Mirror
+restore every managed gradient is cleared, so the restored weights stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
+from .layer import NestedLoRALayer
+from .machine import ModeMachine, Transition
+from .mirror import MirrorDecision, MirrorSnapshot
+from .model import inject_nested_lora
+from .signals import CompositeSignal, GradientStats, LossSignal
+from .trace import StepRecord, TraceWriter, format_console
+
+
+def _unwrap_optimizer(opt):
+    # accelerate's AcceleratedOptimizer and similar wrappers keep the real one in `.optimizer`.
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def distributed_mean(value: float, device=None) -> float:
+    """All-reduce a scalar so every process decides on the same number (SPEC §7).
+    A no-op outside an initialised process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+class UnifiedController:
+    """Closed-loop controller for nested LoRA adapters.
+
+    Without adapters it is the v1 README's pure LR controller:
+    `UnifiedController(alpha=0.1, beta=0.9, theta0=0.3, theta1=0.7).update(loss) -> lr`.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        beta: float = 0.9,
+        theta0: float = 0.3,
+        theta1: float = 0.7,
+        *,
+        adapters: dict[str, NestedLoRALayer] | Sequence[NestedLoRALayer] | None = None,
+        optimizer=None,
+        signal: str | SignalConfig = "loss",
+        machine: MachineConfig | None = None,
+        actuators: ActuatorConfig | None = None,
+        mirror: MirrorConfig | None = None,
+        extra_params: Sequence[nn.Parameter] = (),
+        warmup_steps: int = 0,
+        eval_interval: int = 1,
+        min_dwell: int = 0,
+        trace_path: str | None = None,
+        keep_trace: bool = True,
+        log_every: int = 0,
+        print_fn: Callable[[str], None] | None = print,
+        reduce_loss: Callable[[float], float] | None = distributed_mean,
+    ):
+        sig = signal if isinstance(signal, SignalConfig) else SignalConfig(kind=signal, alpha=alpha, beta=beta)
+        self.signal_config = sig
+        self.machine = ModeMachine(machine or MachineConfig(theta0=theta0, theta1=theta1, warmup_steps=warmup_steps,
+                                                            eval_interval=eval_interval, min_dwell=min_dwell))
+        self.actuators = actuators or ActuatorConfig()
+        self.mirror = MirrorSnapshot(mirror or MirrorConfig())
+        if sig.kind == "loss":
+            self.signal = LossSignal(sig.alpha, sig.beta, sig.loss_scale, sig.calibration_steps, sig.calibration_target,
+                                     sig.nonfinite)
+        elif sig.kind == "composite":
+            self.signal = CompositeSignal(sig.weights, rate=sig.alpha, history=sig.history,
+                                          min_history=sig.min_history, nonfinite=sig.nonfinite)
+        else:
+            raise ValueError("signal: kind 'multitask' needs the multi-task controller (unified_lora.multitask)")
+        self.grad_stats = GradientStats()
+        if isinstance(adapters, dict):
+            adapters = list(adapters.values())
+        self.adapters: list[NestedLoRALayer] = list(adapters or [])
+        for a in self.adapters:
+            bad = [r for r in self.actuators.mode_ranks if r not in a.boundaries]
+            if bad:
+                raise ValueError(f"mode_ranks: {bad} are not nested levels of the adapters {a.boundaries}")
+        if sig.kind == "composite" and not self.adapters:
+            raise ValueError("signal: 'composite' reads adapter gradients; pass adapters= (or use signal='loss')")
+        self.extra_params = list(extra_params)
+        self.optimizer = None
+        self._hooks: list = []
+        self._base_lrs: list[float] | None = None
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        self.global_step = 0
+        self.loss_ema: float | None = None
+        self.nonfinite_steps = 0
+        self.last_decision: MirrorDecision | None = None
+        self.trace: list[StepRecord] = []
+        self.keep_trace = keep_trace
+        self.writer = TraceWriter(trace_path) if trace_path else None
+        self.log_every, self.print_fn = int(log_every), print_fn
+        self.reduce_loss = reduce_loss
+        self._apply_rank()
+
+    # -- wiring -----------------------------------------------------------------
+    @property
+    def mode(self) -> int:
+        return self.machine.mode
+
+    @property
+    def phi(self) -> float:
+        return self.signal.phi
+
+    @property
+    def rank(self) -> int:
+        return self.actuators.mode_ranks[self.mode]
+
+    def managed_parameters(self) -> list[nn.Parameter]:
+        """Every LoRA block (active or paused), then the extra (modules_to_save) params."""
+        return [p for a in self.adapters for p in a.lora_parameters()] + self.extra_params
+
+    def attach_optimizer(self, optimizer) -> None:
+        """Link the user's optimizer for LR control. In "multiplier" mode a pre-step
+        hook scales each group's LR and a post-step hook puts the scheduled value
+        back, so any scheduler (cosine, warmup, chainable) keeps working."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.optimizer = optimizer
+        inner = _unwrap_optimizer(optimizer)
+        if inner is not None and self.actuators.lr_mode == "multiplier":
+            self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step)]
+
+    def _pre_step(self, opt, args, kwargs):
+        self._base_lrs = [g["lr"] for g in opt.param_groups]
+        m = self.lr_multiplier
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * m
+
+    def _post_step(self, opt, args, kwargs):
+        if self._base_lrs is not None:
+            for g, lr in zip(opt.param_groups, self._base_lrs):
+                g["lr"] = lr
+            self._base_lrs = None
+
+    @property
+    def lr_multiplier(self) -> float:
+        return self.actuators.mode_multipliers[self.mode] if self.actuators.lr_mode == "multiplier" else 1.0
+
+    def get_last_lr(self) -> float | None:
+        """The LR this mode trains with (first param group's effective LR)."""
+        a = self.actuators
+        if a.lr_mode == "absolute":
+            return a.mode_lrs[self.mode]
+        inner = _unwrap_optimizer(self.optimizer)
+        if inner is None:
+            return None if a.lr_mode == "off" else self.lr_multiplier
+        return inner.param_groups[0]["lr"] * self.lr_multiplier
+
+    def _apply_lr(self) -> None:
+        inner = _unwrap_optimizer(self.optimizer)
+        if inner is not None and self.actuators.lr_mode == "absolute":
+            for g in inner.param_groups:
+                g["lr"] = self.actuators.mode_lrs[self.mode]
+
+    def _apply_rank(self) -> None:
+        for a in self.adapters:
+            a.set_rank(self.rank)
+
+    # -- the step -----------------------------------------------------------------
+    def _read_loss(self, loss) -> float:
+        if torch.is_tensor(loss):
+            loss = loss.detach().float().item()
+        if not isinstance(loss, (int, float)):
+            raise ValueError(f"loss: expected a number or a scalar tensor, got {type(loss).__name__}")
+        loss = float(loss)
+        if self.reduce_loss is not None:
+            loss = self.reduce_loss(loss)
+        return loss
+
+    def _check_backward_ran(self) -> None:
+        if self.adapters and all(p.grad is None for p in self.adapters[0].active_parameters()):
+            raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
+
+    def _update_signal(self, loss: float) -> float:
+        if isinstance(self.signal, CompositeSignal):
+            finite = math.isfinite(loss)
+            norms, cos = self.grad_stats(self.adapters) if finite else ([float("nan")], [None])
+            return self.signal.update(loss, norms, cos)
+        return self.signal.update(loss)
+
+    def step(self, loss) -> list[Transition]:
+        """Feed one optimizer step's loss; returns the transitions made (0 or 1)."""
+        loss = self._read_loss(loss)
+        self._check_backward_ran()
+        phi = self._update_signal(loss)
+        comps = dict(self.signal.components)
+        nonfinite = bool(comps.pop("nonfinite", False))
+        if nonfinite:
+            self.nonfinite_steps += 1
+        else:
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        transition = self.machine.step(phi, self.global_step)
+        snap_event, drift = None, None
+        if transition is not None:
+            snap_event, drift = self._on_transition(transition)
+            self._apply_rank()
+        self._apply_lr()
+        rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=self.mode, rank=self.rank,
+                         lr=self.get_last_lr(), components=comps, nonfinite=nonfinite, snapshot=snap_event, drift=drift,
+                         transition=None if transition is None else f"{MODES[transition.old]}->{MODES[transition.new]}")
+        self._record(rec)
+        self.global_step += 1
+        return [transition] if transition is not None else []
+
+    def update(self, loss) -> float | None:
+        """v1 README API: feed the loss, get the mode's learning rate."""
+        self.step(loss)
+        return self.get_last_lr()
+
+    def _on_transition(self, t: Transition) -> tuple[str | None, float | None]:
+        params = self.managed_parameters()
+        if t.new == MIRROR:
+            self.mirror.save(params, self.optimizer and _unwrap_optimizer(self.optimizer), self.loss_ema, t.step)
+            return "saved", None
+        if t.old == MIRROR and self.mirror.held:
+            lora = [p for a in self.adapters for p in a.lora_parameters()]
+            decision = self.mirror.decide(lora, loss_at_exit=self.loss_ema)
+            if decision.restore:
+                self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
+                for p in params:  # this step's gradients belong to the discarded weights
+                    p.grad = None
+            self.mirror.clear()
+            self.last_decision = decision
+            return ("restored" if decision.restore else "kept"), decision.drift
+        return None, None
+
+    def _record(self, rec: StepRecord) -> None:
+        if self.keep_trace:
+            self.trace.append(rec)
+        if self.writer is not None:
+            self.writer.write(rec)
+        if self.print_fn is not None and (rec.transition or (self.log_every and rec.step % self.log_every == 0)):
+            self.print_fn(format_console(rec))
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "loss_ema": self.loss_ema,
+            "nonfinite_steps": self.nonfinite_steps,
+            "signal": self.signal.state_dict(),
+            "grad_stats": self.grad_stats.state_dict(),
+            "machine": self.machine.state_dict(),
+            "mirror": self.mirror.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        device = self.adapters[0].lora_A[0].device if self.adapters else None
+        self.global_step, self.loss_ema = sd["global_step"], sd["loss_ema"]
+        self.nonfinite_steps = sd["nonfinite_steps"]
+        self.signal.load_state_dict(sd["signal"])
+        self.grad_stats.load_state_dict(sd["grad_stats"], device)
+        self.machine.load_state_dict(sd["machine"])
+        self.mirror.load_state_dict(sd["mirror"], device)
+        self._apply_rank()
+        self._apply_lr()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def setup_unified_lora(
+    model: nn.Module,
+    target_modules: Sequence[str] | str = ("q_proj", "v_proj"),
+    *,
+    rank_levels: Sequence[int] = (4, 8, 16),
+    max_rank: int | None = None,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    scaling: str = "alpha_over_r",
+    modules_to_save: Sequence[str] | None = None,
+    signal: str | SignalConfig = "composite",
+    optimizer=None,
+    lr_mode: str = "multiplier",
+    mode_ranks: Sequence[int] | None = None,
+    **controller_kwargs,
+) -> tuple[dict[str, NestedLoRALayer], UnifiedController]:
+    """v3 model card API: inject nested LoRA and build the controller.
+
+    Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
+    SINGLE/MULTI/MIRROR, and (since the user keeps their own optimizer and
+    schedule) LR as a per-mode multiplier. Returns ({name: adapter}, controller).
+    """
+    levels = tuple(rank_levels)
+    mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
+    cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
+                           lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
+                           initial_rank=mode_ranks[1])
+    actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
+    adapters = inject_nested_lora(model, cfg)
+    extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+    ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
+                             extra_params=extra, **controller_kwargs)
+    return adapters, ctrl

@@ -1,0 +1,256 @@
+"""Text-classification data: the Example/TextDataset records, GLUE and table loaders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+GLUE_ENV_VAR = "UNIFIED_LORA_GLUE_DIR"
+PACKAGE_GLUE_DIR = Path(__file__).resolve().parent / "glue"
+
+
+class DataError(ValueError):
+    """A data problem, described in one line: what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+@dataclass
+class TextDataset:
+    examples: list[Example]
+    num_labels: int
+    label_names: list[str] | None = None
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+    @property
+    def labels(self) -> list[int]:
+        return [e.label for e in self.examples]
+
+
+# --------------------------------------------------------------------------- GLUE
+
+
+@dataclass(frozen=True)
+class _GlueSpec:
+    folder: str  # sub-folder name in the GLUE distribution
+    header: bool
+    text_a: int  # column indices
+    text_b: int | None
+    label: int
+    label_names: tuple[str, ...]
+    label_map: dict[str, int] = field(default_factory=dict)  # raw value -> id; empty = int()
+
+
+# Label ids follow the GLUE / Hugging Face `glue` convention.
+_GLUE: dict[str, _GlueSpec] = {
+    "mrpc": _GlueSpec("MRPC", True, 3, 4, 0, ("not_equivalent", "equivalent")),
+    "rte": _GlueSpec(
+        "RTE", True, 1, 2, 3, ("entailment", "not_entailment"),
+        {"entailment": 0, "not_entailment": 1},
+    ),
+    "cola": _GlueSpec("CoLA", False, 3, None, 1, ("unacceptable", "acceptable")),
+    "sst2": _GlueSpec("SST-2", True, 0, None, 1, ("negative", "positive")),
+}
+
+
+def normalize_task(task: str) -> str:
+    """'SST-2' / 'sst_2' / 'SST2' -> 'sst2'."""
+    return re.sub(r"[-_\s]", "", task.lower())
+
+
+def _find_shared_glue() -> Path | None:
+    # Development checkouts keep the full GLUE copy in <workspace>/shared/data/glue.
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "data" / "glue"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_glue_dir(task: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding `<Task>/{train,dev}.tsv`: data_dir > shipped (MRPC only) > $UNIFIED_LORA_GLUE_DIR > shared/data/glue."""
+    key = normalize_task(task)
+    if data_dir is not None:
+        return Path(data_dir)
+    if key == "mrpc":
+        return PACKAGE_GLUE_DIR  # the checksum-verified copy we ship (see ATTRIBUTION.md)
+    if os.environ.get(GLUE_ENV_VAR):
+        return Path(os.environ[GLUE_ENV_VAR])
+    shared = _find_shared_glue()
+    if shared is None:
+        raise DataError(
+            f"GLUE task {task!r} is not shipped with unified_lora; pass data_dir= "
+            f"(a folder containing {_GLUE[key].folder}/train.tsv) or set {GLUE_ENV_VAR}"
+        )
+    return shared
+
+
+def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | None = None) -> TextDataset:
+    """Load a GLUE task ('mrpc', 'rte', 'cola', 'sst2'/'sst-2') split ('train' or 'dev').
+
+    `data_dir` is the GLUE root (with `MRPC/`, `RTE/`, ... inside) or the task folder itself.
+    """
+    key = normalize_task(task)
+    if key not in _GLUE:
+        raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
+    if split not in ("train", "dev"):
+        raise DataError(f"unknown split {split!r} for {task!r}; choose 'train' or 'dev'")
+    spec = _GLUE[key]
+    root = resolve_glue_dir(key, data_dir)
+    path = root / spec.folder / f"{split}.tsv"
+    if not path.is_file() and (root / f"{split}.tsv").is_file():
+        path = root / f"{split}.tsv"  # data_dir pointed at the task folder
+    rows = _read_delimited(path, "\t")
+    if spec.header:
+        rows = rows[1:]
+    examples = []
+    for n, row in enumerate(rows, start=2 if spec.header else 1):
+        if len(row) <= max(spec.text_a, spec.label, spec.text_b or 0):
+            raise DataError(f"{path}: line {n} has {len(row)} columns; is this the GLUE {spec.folder} file?")
+        raw = row[spec.label].strip()
+        try:
+            label = spec.label_map[raw] if spec.label_map else int(raw)
+        except (KeyError, ValueError):
+            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {list(spec.label_names)}") from None
+        text_b = row[spec.text_b].strip() if spec.text_b is not None else None
+        examples.append(Example(row[spec.text_a].strip(), text_b, label))
+    if not examples:
+        raise DataError(f"{path} has no data rows; re-download the GLUE {spec.folder} files")
+    return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=f"{key}/{split}")
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def _read_delimited(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -> list[list[str]]:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}; check the path (or data_dir)")
+    # utf-8-sig strips the BOM that GLUE's MRPC header (and Excel CSVs) start with.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+
+
+def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
+    if fmt == "jsonl":
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}; check the path")
+        records = []
+        with path.open(encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: line {n} is not a JSON object; each line must be {{\"column\": value, ...}}")
+                records.append(record)
+        return records
+    # TSV files conventionally carry bare quotes (as GLUE does); CSV uses standard quoting.
+    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+    rows = _read_delimited(path, "\t" if fmt == "tsv" else ",", quoting)
+    if not rows:
+        return []
+    header, body = rows[0], rows[1:]
+    for n, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {n} has {len(row)} fields but the header has {len(header)}; fix that row")
+    return [dict(zip(header, row)) for row in body]
+
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _as_int(value: Any) -> int | None:
+    """An int if `value` is an integer or an integer-looking string (CSV cells are strings)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        return int(value)
+    return None
+
+
+def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path) -> tuple[list[int], list[str] | None, int]:
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        index = {n: i for i, n in enumerate(names)}
+        ids = []
+        for n, value in enumerate(raw, start=1):
+            key = str(value).strip()
+            as_int = _as_int(value)
+            if key in index:
+                ids.append(index[key])
+            elif as_int is not None and 0 <= as_int < len(names):
+                ids.append(as_int)  # already an id into label_names
+            else:
+                raise DataError(f"{path}: record {n} has label {value!r}, which is not in label_names {names}; add it or fix the data")
+        return ids, names, len(names)
+    ints = [_as_int(v) for v in raw]
+    all_int = all(i is not None for i in ints)
+    if all_int and min(ints) >= 0:  # type: ignore[type-var]
+        return ints, None, max(ints) + 1  # type: ignore[return-value, type-var]
+    # Names (or negative ints such as -1/1): ids in sorted order, so the mapping is stable.
+    keys = ints if all_int else [str(v).strip() for v in raw]
+    uniques = sorted(set(keys))
+    index = {k: i for i, k in enumerate(uniques)}
+    return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
+
+
+def load_table(
+    path: str | os.PathLike,
+    text_columns: Sequence[str],
+    label_column: str,
+    fmt: str | None = None,
+    label_names: Sequence[str] | None = None,
+) -> TextDataset:
+    """Load a .csv/.tsv/.jsonl table (header row for csv/tsv) as a TextDataset.
+
+    Integer labels are used as class ids; string labels get ids in sorted order
+    (`label_names` then lists them). Passing `label_names` fixes the mapping.
+    """
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in ("csv", "tsv", "jsonl"):
+        raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file (or pass fmt=)")
+    if isinstance(text_columns, str) or len(text_columns) not in (1, 2):
+        raise DataError(f"text_columns must be a list of 1 or 2 column names, got {text_columns!r}")
+    records = _read_records(path, fmt)
+    if not records:
+        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+    for col in [*text_columns, label_column]:
+        for n, record in enumerate(records, start=1):
+            if col not in record:
+                where = "" if n == 1 else f" (record {n})"
+                raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
+    ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path)
+    examples = [
+        Example(
+            str(r[text_columns[0]]),
+            str(r[text_columns[1]]) if len(text_columns) == 2 else None,
+            label,
+        )
+        for r, label in zip(records, ids)
+    ]
+    return TextDataset(examples, num_labels, names, name=path.stem)

@@ -1,0 +1,199 @@
+"""The nested LoRA layer: one A/B pair at max_rank, active rank by prefix slices.
+
+    y = base(x) + scaling(r) · dropout(x) @ A[:r]ᵀ @ B[:, :r]ᵀ
+
+A (max_rank × in) and B (out × max_rank) are stored as *row/column blocks*, one
+block per rank level: with levels (4, 8, 16), A is the blocks A[0:4], A[4:8],
+A[8:16]. The active rank uses the first blocks, so r4 ⊂ r8 ⊂ r16 and switching
+rank allocates nothing (the same Parameter objects stay in place).
+
+Why blocks rather than slicing one tensor: a paused block never enters the
+graph, so its `.grad` stays None and every torch optimizer skips it entirely -
+no Adam momentum drift, no decoupled weight decay, no step-count change. Paused
+dimensions come back bit-identical, which plain slicing cannot give.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import check_rank_levels
+
+try:  # transformers' Conv1D (GPT-2): weight is (in, out), y = x @ W + b
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+def scaling_for(rank: int, lora_alpha: float, max_rank: int, kind: str) -> float:
+    if kind == "alpha_over_r":  # PEFT default
+        return lora_alpha / rank
+    if kind == "max_rank_over_r":  # the seed's rule
+        return max_rank / rank
+    if kind == "rslora":  # Kalajdzievski 2023, rank-stabilised LoRA
+        return lora_alpha / math.sqrt(rank)
+    raise ValueError(f"scaling: unknown kind {kind!r}")
+
+
+class NestedLoRALayer(nn.Module):
+    """Wraps a frozen `nn.Linear` or transformers `Conv1D` with a nested LoRA pair."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank_levels=(4, 8, 16),
+        max_rank: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        scaling: str = "alpha_over_r",
+        initial_rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(base_layer, nn.Linear):
+            self.fan_in_fan_out = False
+            in_f, out_f = base_layer.in_features, base_layer.out_features
+        elif Conv1D and isinstance(base_layer, Conv1D):
+            self.fan_in_fan_out = True
+            in_f, out_f = base_layer.weight.shape
+        else:
+            raise TypeError(f"NestedLoRALayer wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        max_rank = int(max_rank or max(rank_levels))
+        levels = check_rank_levels(rank_levels, max_rank)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_f, out_f
+        self.max_rank = max_rank
+        self.lora_alpha = float(lora_alpha)
+        self.scaling_kind = scaling
+        scaling_for(levels[0], lora_alpha, max_rank, scaling)  # validate the kind early
+        # Block boundaries: every level, plus max_rank when it exceeds the top level.
+        self.boundaries = tuple(sorted(set(levels) | {max_rank}))
+        self.rank_levels = levels
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+
+        w = base_layer.weight
+        A = torch.empty(max_rank, in_f, dtype=w.dtype, device=w.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT / loralib: delta starts at 0 via B = 0
+        starts = (0,) + self.boundaries[:-1]
+        self.lora_A = nn.ParameterList(nn.Parameter(A[s:e].clone()) for s, e in zip(starts, self.boundaries))
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(out_f, e - s, dtype=w.dtype, device=w.device)) for s, e in zip(starts, self.boundaries)
+        )
+        base_layer.weight.requires_grad_(False)
+        if getattr(base_layer, "bias", None) is not None:
+            base_layer.bias.requires_grad_(False)
+        self.merged_rank = 0  # rank currently folded into the base weight (0 = not merged)
+        self.rank = 0
+        self.set_rank(initial_rank if initial_rank is not None else levels[min(1, len(levels) - 1)])
+
+    # -- rank -----------------------------------------------------------------
+    @property
+    def n_active_blocks(self) -> int:
+        return self.boundaries.index(self.rank) + 1
+
+    @property
+    def scaling(self) -> float:
+        return scaling_for(self.rank, self.lora_alpha, self.max_rank, self.scaling_kind)
+
+    def set_rank(self, rank: int) -> None:
+        """Activate the prefix of size `rank`. Paused blocks get `.grad = None` so
+        that the optimizer step that follows leaves them (and their moments) alone."""
+        rank = int(rank)
+        if rank not in self.boundaries:
+            raise ValueError(f"rank: {rank} is not a nested level of this layer; choose one of {self.boundaries}")
+        if rank == self.rank:
+            return
+        remerge = self.merged_rank
+        if remerge:
+            self.unmerge()
+        self.rank = rank
+        for i in range(self.n_active_blocks, len(self.boundaries)):
+            self.lora_A[i].grad = None
+            self.lora_B[i].grad = None
+        if remerge:
+            self.merge()
+
+    def active_A(self) -> torch.Tensor:
+        k = self.n_active_blocks
+        return self.lora_A[0] if k == 1 else torch.cat(list(self.lora_A[:k]), 0)
+
+    def active_B(self) -> torch.Tensor:
+        k = self.n_active_blocks
+        return self.lora_B[0] if k == 1 else torch.cat(list(self.lora_B[:k]), 1)
+
+    def full_A(self) -> torch.Tensor:
+        return torch.cat(list(self.lora_A), 0)
+
+    def full_B(self) -> torch.Tensor:
+        return torch.cat(list(self.lora_B), 1)
+
+    def active_parameters(self) -> list[nn.Parameter]:
+        k = self.n_active_blocks
+        return list(self.lora_A[:k]) + list(self.lora_B[:k])
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return list(self.lora_A) + list(self.lora_B)
+
+    @torch.no_grad()
+    def load_full(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy a (r × in) A and (out × r) B into the first r dims (r a boundary);
+        dims above r are zeroed in B so the delta is exactly B[:, :r] A[:r]."""
+        r = A.shape[0]
+        if r not in self.boundaries or B.shape != (self.out_features, r) or A.shape[1] != self.in_features:
+            raise ValueError(
+                f"load_full: got A {tuple(A.shape)}, B {tuple(B.shape)}; need A (r × {self.in_features}), "
+                f"B ({self.out_features} × r) with r in {self.boundaries}"
+            )
+        starts = (0,) + self.boundaries[:-1]
+        for i, (s, e) in enumerate(zip(starts, self.boundaries)):
+            if e <= r:
+                self.lora_A[i].copy_(A[s:e])
+                self.lora_B[i].copy_(B[:, s:e])
+            else:
+                self.lora_B[i].zero_()
+
+    # -- forward / merge ------------------------------------------------------
+    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
+        """scaling · B[:, :r] A[:r], shaped like a Linear weight (out × in)."""
+        if rank is not None and rank != self.rank:
+            old = self.rank
+            self.rank = rank
+            try:
+                return self.delta_weight()
+            finally:
+                self.rank = old
+        return self.scaling * (self.active_B() @ self.active_A())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_rank:
+            return result
+        A, B = self.active_A(), self.active_B()
+        h = self.lora_dropout(x.to(A.dtype))
+        return result + (F.linear(F.linear(h, A), B) * self.scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active delta into the base weight (for inference)."""
+        if self.merged_rank:
+            return
+        d = self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight.data += d.T if self.fan_in_fan_out else d
+        self.merged_rank = self.rank
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged_rank:
+            return
+        d = self.delta_weight(self.merged_rank).to(self.base_layer.weight.dtype)
+        self.base_layer.weight.data -= d.T if self.fan_in_fan_out else d
+        self.merged_rank = 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, levels={self.boundaries}, "
+            f"scaling={self.scaling_kind}({self.scaling:g}), merged={bool(self.merged_rank)}"
+        )

@@ -1,0 +1,120 @@
+"""Mirror: snapshot adapter weights on entry, decide on exit whether to roll back.
+
+v3 model card rule (the default policy): relative drift
+    drift = Σ‖W − W_snap‖ / Σ‖W_snap‖   over every A and B block
+below 5 % means the stress was transient noise → restore the snapshot; above
+it the change was a real signal → keep the new weights. Other policies:
+"never", "always", and "loss_worse" (restore if the loss EMA at exit is higher
+than at entry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import MirrorConfig
+
+
+@dataclass
+class MirrorDecision:
+    restore: bool
+    drift: float
+    loss_at_entry: float | None
+    loss_at_exit: float | None
+    policy: str
+
+
+def should_restore(policy: str, drift: float, threshold: float, loss_at_entry, loss_at_exit) -> bool:
+    if policy == "drift":
+        return drift < threshold
+    if policy == "never":
+        return False
+    if policy == "always":
+        return True
+    if policy == "loss_worse":
+        return loss_at_entry is not None and loss_at_exit is not None and loss_at_exit > loss_at_entry
+    raise ValueError(f"policy: unknown Mirror policy {policy!r}")
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq", "step")
+
+
+class MirrorSnapshot:
+    """Holds one snapshot of a list of parameters (and optionally their optimizer state)."""
+
+    def __init__(self, config: MirrorConfig | None = None):
+        self.config = config or MirrorConfig()
+        self.weights: list[torch.Tensor] | None = None
+        self.opt_state: list[dict | None] | None = None
+        self.loss_at_entry: float | None = None
+        self.step_saved: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.weights is not None
+
+    @torch.no_grad()
+    def save(self, params: Sequence[torch.Tensor], optimizer=None, loss_ema=None, step=None) -> None:
+        dev = "cpu" if self.config.offload_to_cpu else None
+        self.weights = [p.detach().to(dev, copy=True) if dev else p.detach().clone() for p in params]
+        self.opt_state = None
+        if self.config.snapshot_optimizer and optimizer is not None:
+            self.opt_state = []
+            for p in params:
+                st = optimizer.state.get(p)
+                self.opt_state.append(
+                    None if not st else {k: (v.detach().to(dev or v.device, copy=True) if torch.is_tensor(v) else v)
+                                         for k, v in st.items() if k in _MOMENT_KEYS}
+                )
+        self.loss_at_entry, self.step_saved = loss_ema, step
+
+    @torch.no_grad()
+    def drift(self, params: Sequence[torch.Tensor]) -> float:
+        """Relative drift; one device sync for the whole set (foreach kernels)."""
+        snap = [w.to(p.device, non_blocking=True) for w, p in zip(self.weights, params)]
+        diff = torch._foreach_sub([p.detach() for p in params], snap)
+        num = torch.stack(torch._foreach_norm(diff)).float().sum()
+        den = torch.stack(torch._foreach_norm(snap)).float().sum()
+        num, den = torch.stack([num, den]).tolist()
+        return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+    @torch.no_grad()
+    def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
+        torch._foreach_copy_([p.data for p in params], [w.to(p.device) for w, p in zip(self.weights, params)])
+        if self.opt_state is not None and optimizer is not None:
+            for p, st in zip(params, self.opt_state):
+                if st is None:
+                    optimizer.state.pop(p, None)
+                    continue
+                cur = optimizer.state.setdefault(p, {})
+                for k, v in st.items():
+                    cur[k] = v.to(p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v
+
+    def decide(self, params, loss_at_exit=None) -> MirrorDecision:
+        c = self.config
+        d = self.drift(params)
+        restore = should_restore(c.policy, d, c.drift_threshold, self.loss_at_entry, loss_at_exit)
+        return MirrorDecision(restore, d, self.loss_at_entry, loss_at_exit, c.policy)
+
+    def clear(self) -> None:
+        self.weights = self.opt_state = None
+        self.loss_at_entry = self.step_saved = None
+
+    def state_dict(self) -> dict:
+        return {
+            "weights": None if self.weights is None else [w.cpu() for w in self.weights],
+            "opt_state": None if self.opt_state is None else [
+                None if st is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+                for st in self.opt_state],
+            "loss_at_entry": self.loss_at_entry,
+            "step_saved": self.step_saved,
+        }
+
+    def load_state_dict(self, sd: dict, device=None) -> None:
+        dev = "cpu" if self.config.offload_to_cpu else device
+        self.weights = None if sd["weights"] is None else [w.to(dev) if dev else w for w in sd["weights"]]
+        self.opt_state = sd["opt_state"]
+        self.loss_at_entry, self.step_saved = sd["loss_at_entry"], sd["step_saved"]

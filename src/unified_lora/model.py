@@ -1,0 +1,105 @@
+"""Injection of nested LoRA layers into a model (PEFT's target conventions)."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch.nn as nn
+
+from .config import NestedLoRAConfig
+from .layer import Conv1D, NestedLoRALayer
+
+# Output heads are never targeted by "all-linear" (as PEFT does).
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense")
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or bool(Conv1D and isinstance(m, Conv1D))
+
+
+def _matches(name: str, target: Iterable[str] | str) -> bool:
+    if isinstance(target, str):
+        if target == "all-linear":
+            return not any(name == h or name.endswith("." + h) or name.startswith(h + ".") for h in _HEAD_NAMES)
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, NestedLoRALayer]:
+    """Replace every targeted Linear/Conv1D by a `NestedLoRALayer`, freeze the rest
+    of the model except `modules_to_save`, and return {module name: adapter}."""
+    candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
+    if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
+        raise ValueError("model: already has nested LoRA layers; inject once")
+    chosen = [(n, m) for n, m in candidates if _matches(n, config.target_modules)]
+    if not chosen:
+        seen = sorted({n.split(".")[-1] for n, _ in candidates})
+        raise ValueError(
+            f"target_modules: {config.target_modules!r} matched no Linear/Conv1D module. "
+            f"Linear-like module names in this model end with: {seen}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters: dict[str, NestedLoRALayer] = {}
+    for name, base in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = NestedLoRALayer(
+            base,
+            rank_levels=config.rank_levels,
+            max_rank=config.max_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            scaling=config.scaling,
+            initial_rank=config.initial_rank,
+        )
+        setattr(parent, child, layer)
+        adapters[name] = layer
+    mark_modules_to_save(model, config.modules_to_save)
+    return adapters
+
+
+def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+    """Unfreeze whole modules (e.g. a classifier head) named by suffix."""
+    found = []
+    for suffix in modules_to_save or ():
+        hits = [n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)]
+        if not hits:
+            names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
+            raise ValueError(f"modules_to_save: {suffix!r} matched no module; module names end with {names[:40]}")
+        for n in hits:
+            for p in model.get_submodule(n).parameters():
+                p.requires_grad_(True)
+        found += hits
+    return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, NestedLoRALayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, NestedLoRALayer)}
+
+
+def set_rank(adapters: dict[str, NestedLoRALayer] | Iterable[NestedLoRALayer], rank: int) -> None:
+    for layer in adapters.values() if isinstance(adapters, dict) else adapters:
+        layer.set_rank(rank)
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Every nested block (active or paused) - what a checkpoint must keep."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All parameters the optimizer must hold: every LoRA block (paused ones
+    included, so they train again when their rank returns) and modules_to_save."""
+    return [p for p in model.parameters() if p.requires_grad]

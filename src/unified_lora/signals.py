@@ -1,0 +1,240 @@
+"""The stress signal φ(t) ∈ [0, 1]. Numbers in, numbers out.
+
+* `LossSignal`: the v1 README loss signal (SPEC §2a).
+* `CompositeSignal`: the v3 model card's φ = f(Convergence, Entropy, Stress)
+  (SPEC §2b). It takes per-adapter gradient statistics (numbers) that
+  `gradient_stats` reads from the adapters after backward.
+
+Every `update` returns φ and fills `components` with what the trace records.
+
+Non-finite losses (NaN/inf) never enter an EMA. What happens instead is the
+`nonfinite` option: "skip" (φ and all state unchanged, the step is flagged in
+the trace), "max_stress" (this one step pushes φ towards 1 as if D = 1, the
+EMAs stay untouched, so one bad step cannot poison φ forever) or "raise".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Sequence
+
+import torch
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _check_finite(loss: float, policy: str, what: str = "loss") -> bool:
+    if math.isfinite(loss):
+        return True
+    if policy == "raise":
+        raise NonFiniteLossError(f"{what}: got {loss!r}; fix the training step or use nonfinite='skip'")
+    return False
+
+
+class LossSignal:
+    """v1 README loss signal: E_s ← βE_s + (1−β)L;  D = E_s/(1+E_s);  φ ← (1−α)φ + αD.
+
+    `loss_scale` divides the loss first, so LM losses (2-3 nats) are usable.
+    With `calibration_steps = n`, φ is held at its initial value for n steps and
+    then `loss_scale` is set so the mean warmup loss maps to `calibration_target`
+    (0.5 → φ ≈ 0.333, MULTI, the seed trace's baseline).
+    """
+
+    def __init__(self, alpha=0.1, beta=0.9, loss_scale=1.0, calibration_steps=0, calibration_target=0.5,
+                 nonfinite="skip", E_init=1.0, phi_init=0.5):
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.loss_scale = float(loss_scale)
+        self.calibration_steps = int(calibration_steps)
+        self.calibration_target = float(calibration_target)
+        self.nonfinite = nonfinite
+        self.E_s, self.phi = float(E_init), float(phi_init)
+        self._calib: list[float] = []
+        self.components: dict = {}
+
+    @property
+    def calibrating(self) -> bool:
+        return len(self._calib) < self.calibration_steps
+
+    def update(self, loss: float) -> float:
+        loss = float(loss)
+        finite = _check_finite(loss, self.nonfinite)
+        if not finite:
+            if self.nonfinite == "max_stress":
+                self.phi = (1 - self.alpha) * self.phi + self.alpha * 1.0
+        elif self.calibrating:
+            self._calib.append(loss)
+            if not self.calibrating:  # just finished: fix the scale
+                mean = sum(self._calib) / len(self._calib)
+                self.loss_scale = max(mean, 1e-8) / self.calibration_target
+        else:
+            L = loss / self.loss_scale
+            self.E_s = self.beta * self.E_s + (1 - self.beta) * L
+            D = self.E_s / (1 + self.E_s)
+            self.phi = (1 - self.alpha) * self.phi + self.alpha * D
+        self.components = {"E_s": self.E_s, "D": self.E_s / (1 + self.E_s), "loss_scale": self.loss_scale,
+                           "nonfinite": not finite, "calibrating": self.calibrating}
+        return self.phi
+
+    def state_dict(self) -> dict:
+        return {"E_s": self.E_s, "phi": self.phi, "loss_scale": self.loss_scale, "calib": list(self._calib)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.E_s, self.phi, self.loss_scale = sd["E_s"], sd["phi"], sd["loss_scale"]
+        self._calib = list(sd["calib"])
+
+
+class Ema:
+    """Exponential moving average whose first value initialises it."""
+
+    def __init__(self, rate: float):
+        self.rate, self.value = float(rate), None
+
+    def update(self, x: float) -> float:
+        self.value = x if self.value is None else (1 - self.rate) * self.value + self.rate * x
+        return self.value
+
+
+class HistoryNormalizer:
+    """v3: z-score against the last `history` raw values, clamp ±3, map (z+3)/6;
+    0.5 until `min_history` values exist."""
+
+    def __init__(self, history=500, min_history=10):
+        self.values: deque[float] = deque(maxlen=int(history))
+        self.min_history = int(min_history)
+
+    def __call__(self, x: float) -> float:
+        self.values.append(float(x))
+        n = len(self.values)
+        if n < self.min_history:
+            return 0.5
+        mean = sum(self.values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
+        z = 0.0 if std < 1e-12 else (x - mean) / std
+        z = max(-3.0, min(3.0, z))
+        return (z + 3.0) / 6.0
+
+
+class CompositeSignal:
+    """v3 model card: φ_raw = wC·C + wE·E + wS·S, normalised against its own history,
+    then EMA(0.1). Per adapter i:
+      S_i = EMA(0.1) of the gradient norm √(‖∇A‖² + ‖∇B‖²)
+      E_i = EMA(0.1) of 1 − max(0, cos(g_t, g_{t−1}))   (direction churn)
+    and globally C = max(0, (loss_EMA(0.1) − loss_EMA(0.02)) / loss_EMA(0.02)).
+    φ_raw uses the mean of the per-adapter S_i and E_i.
+
+    Known weakness kept visible: being self-normalised, φ ≈ 0.5 (MULTI) in
+    steady state; only *relative* surges reach MIRROR.
+    """
+
+    def __init__(self, weights=(0.3, 0.3, 0.4), rate=0.1, slow_rate=0.02, history=500, min_history=10,
+                 nonfinite="skip", phi_init=0.5):
+        self.wC, self.wE, self.wS = (float(w) for w in weights)
+        self.rate = float(rate)
+        self.fast, self.slow = Ema(rate), Ema(slow_rate)
+        self.norm = HistoryNormalizer(history, min_history)
+        self.S: list[Ema] = []
+        self.E: list[Ema] = []
+        self.phi = float(phi_init)
+        self.nonfinite = nonfinite
+        self.components: dict = {}
+
+    def update(self, loss: float, grad_norms: Sequence[float], cosines: Sequence[float | None]) -> float:
+        """`cosines[i]` is None when adapter i has no previous gradient yet."""
+        loss = float(loss)
+        if not _check_finite(loss, self.nonfinite) or not all(math.isfinite(g) for g in grad_norms):
+            if self.nonfinite == "raise":
+                raise NonFiniteLossError(f"gradient norm: got a non-finite value in {list(grad_norms)[:4]}...")
+            if self.nonfinite == "max_stress":
+                self.phi = (1 - self.rate) * self.phi + self.rate * 1.0
+            self.components = dict(self.components, nonfinite=True)
+            return self.phi
+        if len(self.S) != len(grad_norms):
+            self.S = [Ema(self.rate) for _ in grad_norms]
+            self.E = [Ema(self.rate) for _ in grad_norms]
+        fast, slow = self.fast.update(loss), self.slow.update(loss)
+        C = max(0.0, (fast - slow) / slow) if slow > 1e-12 else 0.0
+        S = [ema.update(g) for ema, g in zip(self.S, grad_norms)]
+        E = [ema.update(1.0 - max(0.0, c)) if c is not None else (ema.value if ema.value is not None else 0.0)
+             for ema, c in zip(self.E, cosines)]
+        S_mean, E_mean = sum(S) / len(S), sum(E) / len(E)
+        raw = self.wC * C + self.wE * E_mean + self.wS * S_mean
+        normed = self.norm(raw)
+        self.phi = (1 - self.rate) * self.phi + self.rate * normed
+        self.components = {"C": C, "E": E_mean, "S": S_mean, "phi_raw": raw, "phi_norm": normed,
+                           "S_max": max(S), "E_max": max(E), "nonfinite": False}
+        return self.phi
+
+    def state_dict(self) -> dict:
+        return {"phi": self.phi, "fast": self.fast.value, "slow": self.slow.value,
+                "S": [e.value for e in self.S], "E": [e.value for e in self.E], "history": list(self.norm.values)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.phi, self.fast.value, self.slow.value = sd["phi"], sd["fast"], sd["slow"]
+        self.S = [Ema(self.rate) for _ in sd["S"]]
+        self.E = [Ema(self.rate) for _ in sd["E"]]
+        for e, v in zip(self.S, sd["S"]):
+            e.value = v
+        for e, v in zip(self.E, sd["E"]):
+            e.value = v
+        self.norm.values.clear()
+        self.norm.values.extend(sd["history"])
+
+
+class GradientStats:
+    """Reads per-adapter gradient norm and cosine to the previous step's gradient.
+
+    Costs one stored gradient copy per adapter (the v3 design's price). All
+    reductions are batched; the only device sync is one `.tolist()` per step.
+    Across a rank change the cosine uses the blocks active in both steps.
+    """
+
+    def __init__(self):
+        self.prev: list[list[torch.Tensor]] = []
+
+    @torch.no_grad()
+    def __call__(self, adapters: Sequence) -> tuple[list[float], list[float | None]]:
+        grads: list[list[torch.Tensor]] = []
+        for layer in adapters:
+            k = layer.n_active_blocks
+            gs = [p.grad for p in list(layer.lora_A[:k]) + list(layer.lora_B[:k])]
+            if any(g is None for g in gs):
+                raise ValueError(
+                    "ctrl.step: an active adapter has no gradient; call loss.backward() before ctrl.step(loss=...)"
+                )
+            grads.append(gs)
+        flat = [g for gs in grads for g in gs]
+        sq = torch.stack(torch._foreach_norm(flat)).float() ** 2
+        norms, cos_terms, has_prev, i = [], [], [], 0
+        for a, gs in enumerate(grads):
+            n = len(gs)
+            norms.append(sq[i:i + n].sum())
+            i += n
+            prev = self.prev[a] if a < len(self.prev) else None
+            has_prev.append(prev is not None)
+            if prev is None:
+                continue
+            # Pair the blocks present in both steps (lists are A blocks then B blocks).
+            k = min(len(gs), len(prev)) // 2
+            cur = gs[:k] + gs[len(gs) // 2:len(gs) // 2 + k]
+            prv = prev[:k] + prev[len(prev) // 2:len(prev) // 2 + k]
+            dot = sum((c.float() * p.float()).sum() for c, p in zip(cur, prv))
+            cn = sum((c.float() ** 2).sum() for c in cur)
+            pn = sum((p.float() ** 2).sum() for p in prv)
+            cos_terms.append(dot / (cn * pn).sqrt().clamp_min(1e-30))
+        self.prev = [[g.detach().clone() for g in gs] for gs in grads]
+        vals = torch.stack(norms + cos_terms).sqrt_() if not cos_terms else torch.cat(
+            [torch.stack(norms).sqrt(), torch.stack(cos_terms)])
+        vals = vals.tolist()  # the one device sync of this step
+        grad_norms = vals[: len(grads)]
+        cos_iter = iter(vals[len(grads):])
+        cosines = [next(cos_iter) if hp else None for hp in has_prev]
+        return grad_norms, cosines
+
+    def state_dict(self) -> dict:
+        return {"prev": [[g.detach().cpu().clone() for g in gs] for gs in self.prev]}
+
+    def load_state_dict(self, sd: dict, device=None) -> None:
+        self.prev = [[g.to(device) if device is not None else g for g in gs] for gs in sd["prev"]]

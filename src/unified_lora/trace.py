@@ -1,0 +1,88 @@
+"""Per-step trace records, a JSONL writer, and the seed's console line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    phi: float
+    mode: int
+    rank: int
+    lr: float | None
+    components: dict = field(default_factory=dict)
+    transition: str | None = None  # e.g. "MULTI->MIRROR"
+    snapshot: str | None = None  # "saved" | "restored" | "kept"
+    drift: float | None = None
+    nonfinite: bool = False
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(_finite_or_str(d), ensure_ascii=False)
+
+
+def _finite_or_str(x):
+    # JSON has no NaN/inf: write them as strings so the file stays valid JSON.
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite_or_str(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_str(v) for v in x]
+    return x
+
+
+def format_lr(lr: float | None) -> str:
+    """1e-4, 5e-4, 3e-5, 1.5e-4: the seed's compact style."""
+    if lr is None:
+        return "-"
+    mant, exp = f"{lr:.3e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+def format_console(rec: StepRecord) -> str:
+    """`[350] Mode=2 φ=0.827 E_s=4.979 lr=1e-4` (v1 README trace format)."""
+    c = rec.components
+    if "E_s" in c:
+        sig = f"E_s={c['E_s']:.3f}"
+    elif "C" in c:
+        sig = f"C={c['C']:.3f} E={c['E']:.3f} S={c['S']:.3f}"
+    else:
+        sig = f"loss={rec.loss:.3f}"
+    line = f"[{rec.step}] Mode={rec.mode} φ={rec.phi:.3f} {sig} lr={format_lr(rec.lr)}"
+    if rec.transition:
+        line += f"  ({rec.transition}"
+        if rec.snapshot:
+            line += f", snapshot {rec.snapshot}"
+            if rec.drift is not None:
+                line += f", drift={rec.drift:.2%}"
+        line += ")"
+    return line
+
+
+class TraceWriter:
+    """Appends one JSON object per step; flushes so a crash keeps what was written."""
+
+    def __init__(self, path: str | os.PathLike, append: bool = False):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._f = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, rec: StepRecord) -> None:
+        self._f.write(rec.to_json() + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_trace(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,365 @@
+"""Tests for unified_lora.data: loaders, errors, noise, metrics, encoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unified_lora.data import (
+    GLUE_ENV_VAR,
+    DataError,
+    Example,
+    accuracy,
+    default_model_path,
+    encode,
+    f1_binary,
+    flip_labels,
+    glue_metrics,
+    load_glue,
+    load_table,
+    macro_f1,
+    majority_baseline,
+    make_loader,
+    matthews_corrcoef,
+    primary_metric,
+    symmetric_label_noise,
+)
+from unified_lora.data import loaders
+
+SHARED_GLUE = loaders._find_shared_glue()
+needs_shared = pytest.mark.skipif(SHARED_GLUE is None, reason="shared/data/glue not found (only MRPC is shipped)")
+
+
+# ----------------------------------------------------------------- shipped MRPC
+
+
+def test_shipped_mrpc_is_the_checksummed_file():
+    digest = hashlib.sha256((loaders.PACKAGE_GLUE_DIR / "MRPC" / "train.tsv").read_bytes()).hexdigest()
+    assert digest == "69abcedee3cf738c6ce58d772e43e1b7cdf5b4edee4aceda459c0d9f4e5599f3"
+
+
+def test_shipped_mrpc_attribution_exists():
+    text = (loaders.PACKAGE_GLUE_DIR.parent / "ATTRIBUTION.md").read_text()
+    assert "Dolan" in text and "Wang" in text and "rebuilt" in text
+
+
+@pytest.mark.parametrize("split,n,pos,neg", [("train", 3668, 2474, 1194), ("dev", 408, 279, 129)])
+def test_mrpc_counts_and_balance(split, n, pos, neg):
+    ds = load_glue("MRPC", split)
+    assert len(ds) == n
+    assert Counter(ds.labels) == {1: pos, 0: neg}
+    assert ds.num_labels == 2 and ds.label_names == ["not_equivalent", "equivalent"]
+
+
+def test_mrpc_first_row_has_no_bom_and_keeps_bare_quotes():
+    ex = load_glue("mrpc", "train")[0]
+    assert ex.text_a.startswith("Amrozi accused") and '" the witness "' in ex.text_a
+    assert ex.text_b is not None and ex.label == 1
+
+
+def test_mrpc_ignores_env_var_and_uses_shipped_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv(GLUE_ENV_VAR, str(tmp_path))
+    assert len(load_glue("mrpc", "dev")) == 408
+
+
+def test_glue_task_folder_accepted_as_data_dir():
+    assert len(load_glue("mrpc", "dev", data_dir=loaders.PACKAGE_GLUE_DIR / "MRPC")) == 408
+
+
+# ------------------------------------------------------------ other GLUE tasks
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "task,split,n,counts",
+    [
+        ("cola", "train", 8551, {1: 6023, 0: 2528}),
+        ("cola", "dev", 1043, {1: 721, 0: 322}),
+        ("SST-2", "train", 67349, {1: 37569, 0: 29780}),
+        ("sst2", "dev", 872, {1: 444, 0: 428}),
+        ("rte", "train", 2490, {0: 1249, 1: 1241}),
+        ("RTE", "dev", 277, {0: 146, 1: 131}),
+    ],
+)
+def test_shared_glue_counts(task, split, n, counts):
+    ds = load_glue(task, split)
+    assert len(ds) == n and Counter(ds.labels) == counts
+
+
+@needs_shared
+def test_rte_label_convention_entailment_is_zero():
+    first = load_glue("rte", "train")[0]  # GLUE row 0 is not_entailment
+    assert first.label == 1 and first.text_b == "Weapons of Mass Destruction Found in Iraq."
+
+
+@needs_shared
+def test_cola_is_single_sentence_and_reads_last_unterminated_line():
+    ds = load_glue("cola", "dev")
+    assert all(e.text_b is None for e in ds)
+    assert ds[-1].text_a.endswith("himself.")
+
+
+@needs_shared
+def test_env_var_locates_glue(monkeypatch):
+    monkeypatch.setenv(GLUE_ENV_VAR, str(SHARED_GLUE))
+    monkeypatch.setattr(loaders, "_find_shared_glue", lambda: None)
+    assert len(load_glue("rte", "dev")) == 277
+
+
+def test_unshipped_task_without_dir_says_how_to_fix(monkeypatch):
+    monkeypatch.delenv(GLUE_ENV_VAR, raising=False)
+    monkeypatch.setattr(loaders, "_find_shared_glue", lambda: None)
+    with pytest.raises(DataError, match=GLUE_ENV_VAR):
+        load_glue("cola", "train")
+
+
+def test_unknown_glue_task_and_split():
+    with pytest.raises(DataError, match="qqp"):
+        load_glue("qqp", "train")
+    with pytest.raises(DataError, match="test"):
+        load_glue("mrpc", "test")
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_string_labels_sorted_ids(tmp_path):
+    p = _write(tmp_path / "d.csv", 'text,label\n"hello, world",pos\nbad day,neg\nok,neutral\n')
+    ds = load_table(p, ["text"], "label")
+    assert ds.label_names == ["neg", "neutral", "pos"] and ds.num_labels == 3
+    assert ds.examples[0] == Example("hello, world", None, 2)
+
+
+def test_tsv_pair_with_bare_quotes(tmp_path):
+    p = _write(tmp_path / "d.tsv", 'a\tb\ty\nsay "hi\tthere\t1\nx\ty\t0\n')
+    ds = load_table(p, ["a", "b"], "y")
+    assert ds.examples[0] == Example('say "hi', "there", 1)
+    assert ds.num_labels == 2 and ds.label_names is None
+
+
+def test_jsonl_int_and_string_labels(tmp_path):
+    p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": 0}\n\n{"t": "b", "y": 2}\n')
+    assert load_table(p, ["t"], "y").labels == [0, 2]
+    q = _write(tmp_path / "e.jsonl", '{"t": "a", "y": "spam"}\n{"t": "b", "y": "ham"}\n')
+    assert load_table(q, ["t"], "y").labels == [1, 0]
+
+
+def test_label_names_fixes_mapping(tmp_path):
+    p = _write(tmp_path / "d.csv", "text,label\na,pos\nb,neg\n")
+    ds = load_table(p, ["text"], "label", label_names=["pos", "neg"])
+    assert ds.labels == [0, 1] and ds.label_names == ["pos", "neg"]
+
+
+def test_fmt_overrides_extension(tmp_path):
+    p = _write(tmp_path / "d.txt", json.dumps({"t": "a", "y": 1}) + "\n")
+    assert load_table(p, ["t"], "y", fmt="jsonl").labels == [1]
+
+
+# ----------------------------------------------------------------- DataError
+
+
+def test_error_missing_file_names_path(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match="nope.csv"):
+        load_table(missing, ["text"], "label")
+
+
+def test_error_missing_glue_dir_names_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_glue("rte", "dev", data_dir=tmp_path)
+
+
+def test_error_unknown_column_lists_columns(tmp_path):
+    p = _write(tmp_path / "d.csv", "sentence,label\na,1\n")
+    with pytest.raises(DataError) as err:
+        load_table(p, ["text"], "label")
+    msg = str(err.value)
+    assert "'text'" in msg and "sentence" in msg and "\n" not in msg
+
+
+def test_error_empty_dataset(tmp_path):
+    p = _write(tmp_path / "d.csv", "text,label\n")
+    with pytest.raises(DataError, match="no data rows"):
+        load_table(p, ["text"], "label")
+
+
+def test_error_unsupported_extension(tmp_path):
+    p = _write(tmp_path / "d.xlsx", "")
+    with pytest.raises(DataError, match="xlsx"):
+        load_table(p, ["text"], "label")
+
+
+def test_error_label_not_in_label_names(tmp_path):
+    p = _write(tmp_path / "d.csv", "text,label\na,pos\nb,meh\n")
+    with pytest.raises(DataError, match="'meh'"):
+        load_table(p, ["text"], "label", label_names=["neg", "pos"])
+
+
+def test_error_malformed_jsonl_line_number(tmp_path):
+    p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": \n')
+    with pytest.raises(DataError, match="line 2"):
+        load_table(p, ["t"], "y")
+
+
+def test_data_error_is_value_error():
+    assert issubclass(DataError, ValueError)
+
+
+# -------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("rate,k", [(0.2, 2), (0.4, 3)])
+def test_noise_rate_matches_request(rate, k):
+    labels = [i % k for i in range(10_000)]
+    noisy = symmetric_label_noise(labels, rate, k, seed=1)
+    measured = np.mean(np.array(noisy) != np.array(labels))
+    assert abs(measured - rate) < 0.02  # ~5 sigma at n = 10k
+    assert set(noisy) <= set(range(k))
+
+
+def test_noise_replacement_is_uniform_over_other_classes():
+    noisy = symmetric_label_noise([0] * 9000, 1.0, 4, seed=0)
+    counts = Counter(noisy)
+    assert 0 not in counts and all(abs(counts[c] - 3000) < 200 for c in (1, 2, 3))
+
+
+def test_noise_is_deterministic_and_seeded():
+    labels = [0, 1] * 500
+    assert symmetric_label_noise(labels, 0.3, 2, seed=7) == symmetric_label_noise(labels, 0.3, 2, seed=7)
+    assert symmetric_label_noise(labels, 0.3, 2, seed=7) != symmetric_label_noise(labels, 0.3, 2, seed=8)
+
+
+def test_noise_sets_are_nested_across_rates():
+    labels = [i % 3 for i in range(3000)]
+    low = symmetric_label_noise(labels, 0.1, 3, seed=3)
+    high = symmetric_label_noise(labels, 0.3, 3, seed=3)
+    assert all(h == l for l, h, y in zip(low, high, labels) if l != y)
+
+
+def test_noise_rejects_bad_rate():
+    with pytest.raises(ValueError):
+        symmetric_label_noise([0, 1], 1.5, 2)
+
+
+def test_flip_labels_binary_multiclass_and_tensor():
+    assert flip_labels([0, 1, 1]) == [1, 0, 0]
+    assert flip_labels([0, 1, 2], num_classes=3) == [1, 2, 0]
+    assert torch.equal(flip_labels(torch.tensor([0, 1]), num_classes=2), torch.tensor([1, 0]))
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_accuracy_and_f1_hand_computed():
+    preds, labels = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp=2 fp=1 fn=1 tn=1
+    assert accuracy(preds, labels) == pytest.approx(3 / 5)
+    assert f1_binary(preds, labels) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+
+
+def test_mcc_hand_computed():
+    preds, labels = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    expected = (2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2)  # (tp*tn - fp*fn)/sqrt(...)
+    assert matthews_corrcoef(preds, labels) == pytest.approx(expected)
+    assert matthews_corrcoef([0, 1, 0, 1], [0, 1, 0, 1]) == pytest.approx(1.0)
+    assert matthews_corrcoef([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+
+
+def test_mcc_zero_for_constant_predictions():
+    assert matthews_corrcoef([1, 1, 1, 1], [0, 1, 0, 1]) == 0.0
+    assert matthews_corrcoef([0, 1, 0, 1], [1, 1, 1, 1]) == 0.0
+
+
+def test_degenerate_f1_is_zero_not_nan():
+    assert f1_binary([0, 0, 0], [0, 0, 0]) == 0.0
+    assert macro_f1([0, 0], [0, 0]) == pytest.approx(1.0)
+
+
+def test_macro_f1_hand_computed():
+    # class 0: tp=1 fp=0 fn=1 -> 2/3; class 1: tp=1 fp=1 fn=0 -> 2/3; class 2: tp=1 -> 1
+    assert macro_f1([0, 1, 1, 2], [0, 0, 1, 2]) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_glue_metrics_keys_per_task():
+    p, y = [1, 0, 1], [1, 1, 1]
+    assert set(glue_metrics("mrpc", p, y)) == {"f1", "accuracy"}
+    assert set(glue_metrics("RTE", p, y)) == {"accuracy"}
+    assert set(glue_metrics("cola", p, y)) == {"mcc", "accuracy"}
+    assert set(glue_metrics("sst-2", p, y)) == {"accuracy"}
+    assert set(glue_metrics("custom", p, y)) == {"accuracy", "macro_f1"}
+    assert primary_metric("MRPC") == "f1" and primary_metric("cola") == "mcc"
+
+
+def test_metrics_reject_length_mismatch():
+    with pytest.raises(ValueError):
+        accuracy([0, 1], [0])
+
+
+def test_majority_baseline_mrpc_matches_glue_paper():
+    m = majority_baseline(load_glue("mrpc", "train").labels, load_glue("mrpc", "dev").labels, "mrpc")
+    assert m["accuracy"] == pytest.approx(279 / 408)
+    assert m["f1"] == pytest.approx(2 * 279 / (2 * 279 + 129))  # 81.2, as in GLUE's table
+
+
+def test_majority_baseline_cola_mcc_is_zero():
+    assert majority_baseline([1, 1, 0], [0, 1, 1, 0], "cola") == {"mcc": 0.0, "accuracy": 0.5}
+
+
+# --------------------------------------------------------- encode / loader
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+
+
+def test_default_model_path_has_config():
+    assert (Path(default_model_path()) / "config.json").is_file()
+
+
+def test_encode_pairs_with_minilm(tokenizer):
+    examples = load_glue("mrpc", "dev").examples[:8]
+    enc = encode(tokenizer, examples, max_length=32)
+    assert enc["input_ids"].shape == enc["attention_mask"].shape
+    assert enc["input_ids"].shape[0] == 8 and enc["input_ids"].shape[1] <= 32
+    assert enc["labels"].tolist() == [e.label for e in examples]
+    if "token_type_ids" in enc:  # BERT-style pair encoding marks the second sentence
+        assert enc["token_type_ids"].max().item() == 1
+
+
+def test_encode_single_sentence_pads_to_max_length(tokenizer):
+    enc = encode(tokenizer, [Example("hi", None, 0), Example("a longer sentence", None, 1)], 16, padding="max_length")
+    assert enc["input_ids"].shape == (2, 16) and enc["labels"].dtype == torch.long
+
+
+def _order(loader) -> list[int]:
+    return [i for batch in loader for i in batch["labels"].tolist()]
+
+
+def test_loader_order_is_deterministic_given_seed():
+    encoded = {"input_ids": torch.arange(40).view(20, 2), "labels": torch.arange(20)}
+    a = _order(make_loader(encoded, 4, shuffle=True, seed=5))
+    torch.manual_seed(123)  # the global RNG must not matter
+    b = _order(make_loader(encoded, 4, shuffle=True, seed=5))
+    c = _order(make_loader(encoded, 4, shuffle=True, seed=6))
+    assert a == b and a != c and sorted(a) == list(range(20))
+
+
+def test_loader_yields_dict_batches_unshuffled():
+    encoded = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(5)}
+    batches = list(make_loader(encoded, 2, shuffle=False))
+    assert [len(b["labels"]) for b in batches] == [2, 2, 1]
+    assert batches[0]["input_ids"].tolist() == [[0, 1], [2, 3]]
