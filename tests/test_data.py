@@ -142,6 +142,12 @@ def test_csv_string_labels_sorted_ids(tmp_path):
     assert ds.examples[0] == Example("hello, world", None, 2)
 
 
+def test_csv_with_bom_header_finds_first_column(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_bytes("\ufefftext,label\nhi,1\n".encode("utf-8"))
+    assert load_table(p, ["text"], "label").examples == [Example("hi", None, 1)]
+
+
 def test_tsv_pair_with_bare_quotes(tmp_path):
     p = _write(tmp_path / "d.tsv", 'a\tb\ty\nsay "hi\tthere\t1\nx\ty\t0\n')
     ds = load_table(p, ["a", "b"], "y")

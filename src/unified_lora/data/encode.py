@@ -93,6 +93,6 @@ def make_loader(
         _DictDataset(encoded),
         batch_size=batch_size,
         shuffle=shuffle,
-        
+        generator=generator,
         drop_last=drop_last,
     )
