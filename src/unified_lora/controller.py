@@ -242,6 +242,8 @@ class UnifiedController:
 
     def _on_transition(self, t: Transition) -> tuple[str | None, float | None]:
         params = self.managed_parameters()
+        if not params:  # a pure LR controller (v1 API) has nothing to snapshot
+            return None, None
         if t.new == MIRROR:
             self.mirror.save(params, self.optimizer and _unwrap_optimizer(self.optimizer), self.loss_ema, t.step)
             return "saved", None

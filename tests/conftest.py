@@ -1,0 +1,57 @@
+"""Tiny models built from transformers configs (hidden size <= 64), so tests run in seconds."""
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+VOCAB = 64
+# Tiny models are faster single-threaded, and xdist workers must not oversubscribe 2 cores.
+torch.set_num_threads(1)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def classification_batch(n: int = 32, seq: int = 12, seed: int = 0):
+    """Learnable synthetic task: label = 1 iff token 7 occurs in the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(8, VOCAB, (n, seq), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    pos = torch.randint(0, seq, (n,), generator=g)
+    x[y == 1, pos[y == 1]] = 7
+    return x, y
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()

@@ -1,0 +1,216 @@
+"""The controller: actuators (rank, LR, Mirror), state, trace, and end-to-end stress cycles."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VOCAB, classification_batch, tiny_bert, tiny_llama
+from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, SignalConfig, UnifiedController, read_trace,
+                          setup_unified_lora)
+
+
+def _train_step(model, ctrl, opt, x, labels):
+    loss = model(input_ids=x, labels=labels).loss
+    loss.backward()
+    ctrl.step(loss=loss.item())
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def test_setup_returns_named_adapters_at_the_multi_rank(llama):
+    adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj", "v_proj"], print_fn=None)
+    assert len(adapters) == 4 and ctrl.mode == 1 and all(a.rank == 8 for a in adapters.values())
+
+
+def test_step_before_any_backward_is_a_clear_error(llama):
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None)
+    with pytest.raises(ValueError, match="call loss.backward"):
+        ctrl.step(loss=1.0)
+
+
+def test_composite_signal_without_adapters_is_rejected():
+    with pytest.raises(ValueError, match="^signal:"):
+        UnifiedController(signal="composite")
+
+
+def test_mode_change_sets_the_rank_on_every_adapter(llama):
+    adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj", "v_proj"], signal="loss", print_fn=None)
+    x = torch.randint(0, VOCAB, (2, 8))
+    while ctrl.mode != 2:
+        llama(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=50.0)
+    assert ctrl.rank == 16 and all(a.rank == 16 for a in adapters.values())
+    assert [r.transition for r in ctrl.trace if r.transition] == ["MULTI->MIRROR"]
+
+
+def test_absolute_lr_mode_writes_the_mode_lr_into_every_group(llama):
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="absolute", mode_lrs=(1e-3, 5e-4, 1e-4)))
+    params = [p for p in llama.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], lr=9.0)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-4]
+
+
+def test_multiplier_mode_composes_with_a_cosine_schedule(llama):
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25)))
+    params = [p for p in llama.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    ctrl.attach_optimizer(opt)
+    used = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))  # runs after ours
+    expected = []
+    x = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(5):
+        expected.append(sched.get_last_lr()[0] * 0.5)  # MULTI multiplier
+        _train_step(llama, ctrl, opt, x, x)
+        sched.step()
+    assert used == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])  # schedule not overwritten
+
+
+def _mirror_params(seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 4))]
+
+
+def test_drift_is_the_relative_norm_change_summed_over_tensors():
+    ps = _mirror_params()
+    snap = MirrorSnapshot()
+    snap.save(ps)
+    with torch.no_grad():
+        ps[0].add_(0.01)
+    expected = (ps[0] - snap.weights[0]).norm() / (snap.weights[0].norm() + snap.weights[1].norm())
+    assert snap.drift(ps) == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("policy,delta,entry,exit_,restore", [
+    ("drift", 0.001, None, None, True), ("drift", 1.0, None, None, False), ("never", 0.001, None, None, False),
+    ("always", 1.0, None, None, True), ("loss_worse", 1.0, 1.0, 2.0, True), ("loss_worse", 1.0, 2.0, 1.0, False)])
+def test_mirror_policies(policy, delta, entry, exit_, restore):
+    ps = _mirror_params()
+    snap = MirrorSnapshot(MirrorConfig(policy=policy))
+    snap.save(ps, loss_ema=entry)
+    with torch.no_grad():
+        ps[1].add_(delta)
+    assert snap.decide(ps, loss_at_exit=exit_).restore is restore
+
+
+def test_restore_is_exact_and_includes_optimizer_moments_from_a_cpu_copy():
+    ps = _mirror_params()
+    opt = torch.optim.AdamW(ps, lr=0.1)
+    sum(p.sum() for p in ps).backward()
+    opt.step()
+    snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=True))
+    snap.save(ps, optimizer=opt)
+    w = [p.detach().clone() for p in ps]
+    m = opt.state[ps[0]]["exp_avg"].clone()
+    for _ in range(3):
+        sum((p ** 2).sum() for p in ps).backward()
+        opt.step()
+        opt.zero_grad()
+    snap.restore(ps, optimizer=opt)
+    assert all(torch.equal(p, q) for p, q in zip(ps, w)) and torch.equal(opt.state[ps[0]]["exp_avg"], m)
+
+
+def test_nan_loss_mid_training_leaves_weights_and_phi_usable(llama):
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="composite", print_fn=None)
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    llama(input_ids=x, labels=x).loss.backward()
+    ctrl.step(loss=float("nan"))
+    assert ctrl.trace[-1].nonfinite and 0 <= ctrl.phi <= 1
+
+
+def test_trace_jsonl_and_console_line(tmp_path, llama):
+    lines = []
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=lines.append, log_every=2,
+                                 trace_path=tmp_path / "trace.jsonl")
+    x = torch.randint(0, VOCAB, (2, 8))
+    for _ in range(4):
+        llama(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=0.5)
+    ctrl.close()
+    recs = read_trace(tmp_path / "trace.jsonl")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    assert set(recs[0]) >= {"loss", "phi", "mode", "rank", "lr", "components", "snapshot"}
+    assert lines[0].startswith("[0] Mode=1 φ=0.") and "E_s=" in lines[0] and len(lines) == 2
+
+
+def test_resume_in_a_fresh_process_continues_the_same_trajectory(tmp_path):
+    worker = str(Path(__file__).with_name("_resume_worker.py"))
+    for sig in ("composite", "loss"):
+        full, a, b = (tmp_path / sig / n for n in ("full", "a", "b"))
+        for d in (full, a, b):
+            d.mkdir(parents=True)
+        run = lambda *args: subprocess.run([sys.executable, worker, sig, *map(str, args)], check=True)  # noqa: E731
+        run(0, 60, full)
+        run(0, 30, a)  # k = 30 sits inside the corrupted stretch
+        run(30, 60, b, a / "state.pt")
+        t_full = json.loads((full / "trace.json").read_text())
+        t_resumed = json.loads((a / "trace.json").read_text()) + json.loads((b / "trace.json").read_text())
+        assert t_resumed == t_full
+        assert len({r[2] for r in t_full}) > 1  # the trajectory really switches modes
+        w_full = torch.load(full / "state.pt", weights_only=False)["params"]
+        w_res = torch.load(b / "state.pt", weights_only=False)["params"]
+        assert all(torch.equal(p, q) for p, q in zip(w_full, w_res))
+
+
+def _stress_cycle(model, make_batch, corrupt, steps=(90, 40, 60), loss_scale=0.5, **kw):
+    """Clean steps, a stretch of corrupted labels, clean again; returns the trace."""
+    adapters, ctrl = setup_unified_lora(model, print_fn=None, signal=SignalConfig(kind="loss", loss_scale=loss_scale),
+                                        actuators=ActuatorConfig(lr_mode="absolute", mode_lrs=(1e-2, 1e-2, 5e-4)),
+                                        **kw)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    ctrl.attach_optimizer(opt)
+    model.train()
+    pre, shock, post = steps
+    for step in range(pre + shock + post):
+        x, y = make_batch(step)
+        _train_step(model, ctrl, opt, x, corrupt(y, step) if pre <= step < pre + shock else y)
+    return ctrl
+
+
+def _assert_mirror_during_shock_then_multi(ctrl, pre, shock):
+    trace = ctrl.trace
+    saved = [r for r in trace if r.snapshot == "saved"]
+    assert saved and pre <= saved[0].step < pre + shock, "corrupted labels must drive MIRROR with a snapshot"
+    assert max(r.phi for r in trace[pre:pre + shock]) >= 0.7
+    exits = [r for r in trace if r.transition == "MIRROR->MULTI"]
+    assert exits and exits[0].snapshot in ("restored", "kept") and exits[0].drift is not None
+    assert trace[-1].mode <= 1 and trace[-1].rank <= 8
+
+
+def test_end_to_end_bert_corrupted_labels_drive_mirror_and_clean_data_returns_to_multi():
+    x, y = classification_batch(64)
+    ctrl = _stress_cycle(tiny_bert(), lambda s: (x, y), lambda y, s: 1 - y,
+                         target_modules=["query", "value"], modules_to_save=["classifier"])
+    _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
+
+
+def test_end_to_end_llama_corrupted_labels_drive_mirror_and_clean_data_returns_to_multi():
+    pattern = torch.arange(16) % 5 + 3
+
+    def batch(step):
+        g = torch.Generator().manual_seed(step)
+        x = (pattern + torch.randint(0, 2, (16, 16), generator=g)) % VOCAB
+        return x, x
+
+    def corrupt(y, step):
+        return torch.randint(0, VOCAB, y.shape, generator=torch.Generator().manual_seed(10_000 + step))
+
+    # An LM starts at ln(64) ≈ 4.2 nats, deep in MIRROR on the absolute v1 scale (SPEC §2 weakness):
+    # warmup keeps the machine still until the loss has come down.
+    ctrl = _stress_cycle(tiny_llama(), batch, corrupt, loss_scale=1.0, warmup_steps=60,
+                         target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    _assert_mirror_during_shock_then_multi(ctrl, 90, 40)

@@ -1,0 +1,204 @@
+"""The nested LoRA layer: math, nesting, exact preservation of paused dimensions, merge."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from unified_lora import NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_state_dict
+
+
+def _randomize_B(layer: NestedLoRALayer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.copy_(torch.randn(b.shape, generator=g))
+
+
+def test_delta_is_zero_at_start_so_outputs_equal_the_base():
+    base = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    ref = base(x)
+    layer = NestedLoRALayer(copy.deepcopy(base))
+    assert torch.equal(layer(x), ref)
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_forward_equals_the_equation_at_every_rank(rank):
+    layer = NestedLoRALayer(nn.Linear(16, 8), lora_alpha=16)
+    _randomize_B(layer)
+    layer.set_rank(rank)
+    x = torch.randn(5, 16)
+    A, B = layer.full_A()[:rank], layer.full_B()[:, :rank]
+    expected = layer.base_layer(x) + (16 / rank) * x @ A.T @ B.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_conv1d_is_wrapped_with_in_out_from_its_transposed_weight():
+    conv = Conv1D(8, 16)  # nf=8 outputs, nx=16 inputs; weight is (16, 8)
+    layer = NestedLoRALayer(conv)
+    _randomize_B(layer)
+    x = torch.randn(2, 3, 16)
+    A, B = layer.active_A(), layer.active_B()
+    expected = conv(x) + layer.scaling * x @ A.T @ B.T
+    assert (layer.in_features, layer.out_features) == (16, 8)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_switching_rank_reallocates_nothing():
+    layer = NestedLoRALayer(nn.Linear(16, 8))
+    ids = [(id(p), p.data_ptr()) for p in layer.parameters()]
+    for r in (16, 4, 8, 16, 4):
+        layer.set_rank(r)
+        assert [(id(p), p.data_ptr()) for p in layer.parameters()] == ids
+
+
+def test_lower_ranks_are_prefix_slices_of_higher_ranks():
+    layer = NestedLoRALayer(nn.Linear(16, 8))
+    layer.set_rank(16)
+    A16 = layer.active_A().detach().clone()
+    layer.set_rank(4)
+    assert torch.equal(layer.active_A(), A16[:4])
+    layer.set_rank(8)
+    assert torch.equal(layer.active_B(), layer.full_B()[:, :8])
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+     lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.01)],
+    ids=["adamw_wd", "sgd_momentum"],
+)
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_paused_dimensions_are_bit_identical_after_50_steps_at_lower_rank(make_opt, set_to_none):
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(16, 8))
+    opt = make_opt(list(layer.parameters()))
+    x, target = torch.randn(32, 16), torch.randn(32, 8)
+
+    def train(steps):
+        for _ in range(steps):
+            nn.functional.mse_loss(layer(x), target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+
+    layer.set_rank(16)
+    train(20)  # every dimension now carries momentum and non-zero values
+    A_paused = layer.full_A()[4:].detach().clone()
+    B_paused = layer.full_B()[:, 4:].detach().clone()
+    assert B_paused.abs().sum() > 0
+    state_before = {k: v.clone() for k, v in opt.state[layer.lora_B[2]].items() if torch.is_tensor(v)}
+
+    layer.set_rank(4)
+    train(50)
+    assert torch.equal(layer.full_A()[4:], A_paused)
+    assert torch.equal(layer.full_B()[:, 4:], B_paused)
+    for k, v in opt.state[layer.lora_B[2]].items():  # optimizer moments untouched too
+        if torch.is_tensor(v):
+            assert torch.equal(v, state_before[k])
+
+    layer.set_rank(16)  # climbing back resumes from the preserved values
+    assert torch.equal(layer.active_B()[:, 4:], B_paused)
+    train(1)
+    assert not torch.equal(layer.full_B()[:, 4:], B_paused)
+
+
+def test_plain_slicing_would_not_preserve_paused_dimensions():
+    """Why the block design exists: one tensor sliced to [:4] still moves under AdamW."""
+    torch.manual_seed(0)
+    A = nn.Parameter(torch.randn(16, 16))
+    opt = torch.optim.AdamW([A], lr=1e-2, weight_decay=0.01)
+    x = torch.randn(8, 16)
+    (x @ A.T).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    paused = A[4:].detach().clone()
+    (x @ A[:4].T).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(A[4:], paused)
+
+
+@pytest.mark.parametrize("kind,expected", [("alpha_over_r", 32 / 8), ("max_rank_over_r", 16 / 8),
+                                           ("rslora", 32 / 8 ** 0.5)])
+def test_scaling_options(kind, expected):
+    layer = NestedLoRALayer(nn.Linear(4, 4), lora_alpha=32, scaling=kind, initial_rank=8)
+    assert layer.scaling == pytest.approx(expected)
+
+
+def test_dropout_only_touches_the_lora_path_in_training():
+    layer = NestedLoRALayer(nn.Linear(16, 8), lora_dropout=0.5)
+    _randomize_B(layer)
+    x = torch.randn(4, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    y2 = layer(x)
+    assert not torch.equal(y1, y2)
+
+
+def test_merge_gives_the_same_outputs_and_unmerge_restores_the_base():
+    for base in (nn.Linear(16, 8), Conv1D(8, 16)):
+        layer = NestedLoRALayer(base)
+        _randomize_B(layer)
+        w0 = base.weight.detach().clone()
+        x = torch.randn(3, 16)
+        y = layer(x)
+        layer.merge()
+        assert not torch.equal(base.weight, w0)
+        torch.testing.assert_close(layer(x), y)
+        layer.set_rank(16)  # re-rank while merged: unmerge, switch, merge again
+        layer.set_rank(8)
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_layer_follows_the_base_dtype_and_device():
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = NestedLoRALayer(base)
+    assert all(p.dtype == torch.bfloat16 for p in layer.lora_parameters())
+    assert layer(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.to(torch.float32)(torch.randn(2, 16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("levels,msg", [((8, 4, 16), "strictly increasing"), ((4, 4), "strictly increasing"),
+                                        ((0, 4), "positive"), ((4, 32), "exceeds max_rank")])
+def test_rank_levels_that_do_not_nest_are_rejected(levels, msg):
+    with pytest.raises(ValueError, match=f"rank_levels.*{msg}"):
+        NestedLoRAConfig(rank_levels=levels, max_rank=16)
+
+
+def test_set_rank_outside_the_levels_is_an_error():
+    with pytest.raises(ValueError, match="rank: 5 is not a nested level"):
+        NestedLoRALayer(nn.Linear(4, 4)).set_rank(5)
+
+
+def test_injection_by_suffix_freezes_the_base(llama):
+    adapters = inject_nested_lora(llama, NestedLoRAConfig(target_modules=["q_proj", "v_proj"]))
+    assert sorted(n.split(".")[-1] for n in adapters) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    trainable = {n for n, p in llama.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(lora_state_dict(llama)) == 4 * 2 * 3  # 4 layers × (A, B) × 3 blocks
+
+
+def test_injection_by_regex_and_all_linear(bert, gpt2):
+    a = inject_nested_lora(bert, NestedLoRAConfig(target_modules=r".*layer\.0\.attention\.self\.(query|key)"))
+    assert sorted(a) == ["bert.encoder.layer.0.attention.self.key", "bert.encoder.layer.0.attention.self.query"]
+    g = inject_nested_lora(gpt2, NestedLoRAConfig(target_modules="all-linear"))
+    assert "lm_head" not in g and any(n.endswith("c_attn") for n in g) and any(n.endswith("c_fc") for n in g)
+
+
+def test_modules_to_save_are_trainable(bert):
+    inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
+    assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_a_target_that_matches_nothing_lists_the_names_it_saw(bert):
+    with pytest.raises(ValueError, match=r"matched no Linear.*'query'"):
+        inject_nested_lora(bert, NestedLoRAConfig(target_modules=["q_proj"]))

@@ -1,0 +1,202 @@
+"""The φ(t) signals and the state machine: seed trace, bounds, bad input, properties."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unified_lora import (ActuatorConfig, CompositeSignal, LossSignal, MachineConfig, ModeMachine, NonFiniteLossError,
+                          SignalConfig, UnifiedController, format_console)
+from unified_lora.config import LLAMA_RUN_LRS
+from unified_lora.signals import HistoryNormalizer
+
+SEED_TRACE = {  # v1 README, Llama-3.2-1B run (shock at 300, recovery at 500)
+    250: "[250] Mode=1 φ=0.333 E_s=0.500 lr=5e-4",
+    350: "[350] Mode=2 φ=0.827 E_s=4.979 lr=1e-4",
+    550: "[550] Mode=1 φ=0.371 E_s=0.521 lr=5e-4",
+    700: "[700] Mode=1 φ=0.333 E_s=0.500 lr=5e-4",
+}
+
+
+def test_v1_controller_reproduces_the_seed_llama_trace_exactly():
+    ctrl = UnifiedController(alpha=0.1, beta=0.9, theta0=0.3, theta1=0.7,
+                             actuators=ActuatorConfig(mode_lrs=LLAMA_RUN_LRS), print_fn=None)
+    lines = {}
+    for step in range(701):
+        ctrl.update(5.0 if 300 <= step < 500 else 0.5)
+        if step in SEED_TRACE:
+            lines[step] = format_console(ctrl.trace[-1]).split("  (")[0]
+    assert lines == SEED_TRACE
+
+
+def test_v1_update_returns_the_mode_learning_rate():
+    ctrl = UnifiedController(print_fn=None)
+    assert ctrl.update(0.5) == 3e-5  # MULTI, the start state
+    for _ in range(200):
+        lr = ctrl.update(0.05)
+    assert ctrl.mode == 0 and lr == 5e-5
+    for _ in range(200):
+        lr = ctrl.update(9.0)
+    assert ctrl.mode == 2 and lr == 1e-5
+
+
+@pytest.mark.parametrize("L", [0.1, 0.43, 2.33, 7.0])
+def test_constant_loss_drives_phi_to_L_over_1_plus_L(L):
+    s = LossSignal()
+    for _ in range(400):
+        phi = s.update(L)
+    assert phi == pytest.approx(L / (1 + L), abs=1e-6)
+
+
+def test_loss_scale_makes_lm_sized_losses_usable():
+    raw, scaled = LossSignal(), LossSignal(loss_scale=5.0)
+    for _ in range(300):
+        raw.update(2.5), scaled.update(2.5)
+    assert raw.phi > 0.7 and 0.3 <= scaled.phi < 0.7
+
+
+def test_calibration_maps_the_warmup_mean_loss_to_the_target():
+    s = LossSignal(calibration_steps=20, calibration_target=0.5)
+    for _ in range(20):
+        assert s.update(3.0) == 0.5  # held while calibrating
+    assert s.loss_scale == pytest.approx(6.0)
+    for _ in range(400):
+        s.update(3.0)
+    assert s.phi == pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_nan_loss_is_skipped_and_flagged_without_poisoning_phi():
+    ctrl = UnifiedController(print_fn=None)
+    for _ in range(50):
+        ctrl.update(0.5)
+    phi = ctrl.phi
+    ctrl.update(float("nan"))
+    assert ctrl.phi == phi and ctrl.trace[-1].nonfinite and ctrl.nonfinite_steps == 1
+    ctrl.update(float("inf"))
+    ctrl.update(0.5)
+    assert math.isfinite(ctrl.phi) and ctrl.nonfinite_steps == 2
+
+
+def test_max_stress_policy_pushes_phi_up_for_that_step_only():
+    s = LossSignal(nonfinite="max_stress")
+    for _ in range(50):
+        s.update(0.5)
+    before, E = s.phi, s.E_s
+    s.update(float("nan"))
+    assert s.phi > before and s.E_s == E
+    for _ in range(300):
+        s.update(0.5)
+    assert s.phi == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_raise_policy_raises_a_clear_error():
+    with pytest.raises(NonFiniteLossError, match="loss: got nan"):
+        LossSignal(nonfinite="raise").update(float("nan"))
+
+
+def test_composite_signal_is_half_until_ten_values_then_normalised():
+    s = CompositeSignal()
+    for i in range(9):
+        s.update(1.0, [0.1 * (i + 1)], [0.5])
+        assert s.components["phi_norm"] == 0.5
+    s.update(1.0, [10.0], [0.5])
+    assert s.components["phi_norm"] > 0.5
+    assert set(s.components) >= {"C", "E", "S", "phi_raw", "phi_norm"}
+
+
+def test_composite_convergence_term_rises_when_loss_jumps():
+    s = CompositeSignal()
+    for _ in range(100):
+        s.update(1.0, [1.0], [1.0])
+    assert s.components["C"] == 0.0
+    s.update(5.0, [1.0], [1.0])
+    assert s.components["C"] > 0.1
+
+
+def test_gradient_surge_drives_composite_phi_towards_mirror():
+    s = CompositeSignal()
+    for _ in range(200):
+        s.update(1.0, [1.0], [0.9])
+    for _ in range(30):
+        s.update(3.0, [20.0], [-0.5])
+    assert s.phi >= 0.7
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(theta0=0.7, theta1=0.3), "theta0"), (dict(theta0=0.5, theta1=0.5), "theta0"),
+    (dict(theta1=1.5), "theta1"), (dict(min_dwell=-1), "min_dwell"), (dict(eval_interval=0), "eval_interval")])
+def test_impossible_machine_settings_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        MachineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(alpha=0.0), "alpha"), (dict(beta=1.5), "beta"),
+                                          (dict(loss_scale=-1), "loss_scale"), (dict(kind="x"), "kind")])
+def test_bad_signal_settings_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        SignalConfig(**kwargs)
+
+
+def test_v1_constructor_validates_its_arguments():
+    with pytest.raises(ValueError, match="^theta0:"):
+        UnifiedController(theta0=0.8, theta1=0.7)
+    with pytest.raises(ValueError, match="^alpha:"):
+        UnifiedController(alpha=2.0)
+
+
+def test_transitions_move_one_mode_at_a_time():
+    m = ModeMachine(initial_mode=0)
+    t = m.step(0.95, 0)
+    assert (t.old, t.new) == (0, 1)
+    t = m.step(0.95, 1)
+    assert (t.old, t.new) == (1, 2)
+
+
+def test_warmup_and_eval_interval_gate_decisions():
+    m = ModeMachine(warmup_steps=5, eval_interval=3)
+    assert [m.step(0.99, s) for s in range(6)] == [None] * 6  # 0..5: warmup or off-interval
+    assert m.step(0.99, 6) is not None
+
+
+finite_losses = st.lists(st.floats(min_value=0, max_value=1e30, allow_nan=False), min_size=1, max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(finite_losses)
+def test_property_v1_phi_stays_finite_in_unit_interval(losses):
+    s = LossSignal()
+    for L in losses:
+        phi = s.update(L)
+        assert 0.0 <= phi <= 1.0 and math.isfinite(phi)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e6), st.floats(0, 1e6), st.floats(-1, 1)), min_size=1, max_size=200))
+def test_property_composite_phi_stays_finite_in_unit_interval(seq):
+    s = CompositeSignal()
+    for loss, g, c in seq:
+        phi = s.update(loss, [g, g / 2], [c, None])
+        assert 0.0 <= phi <= 1.0 and math.isfinite(phi)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=300), st.integers(0, 20))
+def test_property_transitions_never_skip_and_respect_dwell(phis, dwell):
+    m = ModeMachine(min_dwell=dwell)
+    last = None
+    for step, phi in enumerate(phis):
+        t = m.step(phi, step)
+        if t is None:
+            continue
+        assert abs(t.new - t.old) == 1
+        if last is not None:
+            assert t.step - last >= dwell
+        last = t.step
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=600))
+def test_property_history_normaliser_maps_into_unit_interval(xs):
+    n = HistoryNormalizer()
+    assert all(0.0 <= n(x) <= 1.0 for x in xs)
