@@ -149,21 +149,24 @@ def test_trace_jsonl_and_console_line(tmp_path, llama):
 
 def test_resume_in_a_fresh_process_continues_the_same_trajectory(tmp_path):
     worker = str(Path(__file__).with_name("_resume_worker.py"))
+    full, a, b = tmp_path / "full", tmp_path / "a", tmp_path / "b"
+    for d in (full, a, b):
+        d.mkdir()
+    run = lambda *args: subprocess.run([sys.executable, worker, *map(str, args)], check=True)  # noqa: E731
+    run(0, 60, full)
+    run(0, 30, a)  # k = 30 sits inside the corrupted stretch (steps 25-39)
+    run(30, 60, b, a)
+    held = []
     for sig in ("composite", "loss"):
-        full, a, b = (tmp_path / sig / n for n in ("full", "a", "b"))
-        for d in (full, a, b):
-            d.mkdir(parents=True)
-        run = lambda *args: subprocess.run([sys.executable, worker, sig, *map(str, args)], check=True)  # noqa: E731
-        run(0, 60, full)
-        run(0, 30, a)  # k = 30 sits inside the corrupted stretch
-        run(30, 60, b, a / "state.pt")
-        t_full = json.loads((full / "trace.json").read_text())
-        t_resumed = json.loads((a / "trace.json").read_text()) + json.loads((b / "trace.json").read_text())
-        assert t_resumed == t_full
-        assert len({r[2] for r in t_full}) > 1  # the trajectory really switches modes
-        w_full = torch.load(full / "state.pt", weights_only=False)["params"]
-        w_res = torch.load(b / "state.pt", weights_only=False)["params"]
-        assert all(torch.equal(p, q) for p, q in zip(w_full, w_res))
+        t_full = json.loads((full / f"{sig}.json").read_text())
+        t_resumed = json.loads((a / f"{sig}.json").read_text()) + json.loads((b / f"{sig}.json").read_text())
+        assert t_resumed == t_full, sig
+        assert len({r[2] for r in t_full}) > 1, sig  # the trajectory really switches modes
+        w_full = torch.load(full / f"{sig}.pt", weights_only=False)["params"]
+        w_res = torch.load(b / f"{sig}.pt", weights_only=False)["params"]
+        assert all(torch.equal(p, q) for p, q in zip(w_full, w_res)), sig
+        held.append(torch.load(a / f"{sig}.pt", weights_only=False)["mirror_held"])
+    assert any(held), "one of the runs must carry a held Mirror snapshot across the resume"
 
 
 def _stress_cycle(model, make_batch, corrupt, steps=(90, 40, 60), loss_scale=0.5, **kw):

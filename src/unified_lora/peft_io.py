@@ -1,0 +1,475 @@
+"""PEFT interop: export nested adapters as PEFT LoRA checkpoints, import PEFT
+checkpoints into nested layers, merge-and-unload, and a fixed-rank controller
+for an existing PEFT model.
+
+The on-disk format is written by PEFT itself: `export_peft_adapter` builds a
+real `LoraConfig`, wraps a weightless (meta-device) skeleton of the model with
+`get_peft_model`, and calls PEFT's `save_pretrained` with our tensors as the
+state dict. Key names (`base_model.model.<module>.lora_A.weight`, head weights
+of `modules_to_save`), `adapter_config.json` fields and the safetensors file
+therefore are exactly what `PeftModel.from_pretrained` expects, in whatever
+PEFT version is installed. `import_peft_adapter` reads with PEFT's own
+`LoraConfig.from_pretrained` and `load_peft_weights`.
+
+Scaling. PEFT's scaling is `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
+`use_rslora`). At an exported rank r ours maps exactly:
+
+    alpha_over_r      alpha / r        -> lora_alpha = alpha
+    max_rank_over_r   max_rank / r     -> lora_alpha = max_rank
+    rslora            alpha / sqrt(r)  -> lora_alpha = alpha, use_rslora = True
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import ActuatorConfig, NestedLoRAConfig
+from .controller import UnifiedController
+from .layer import NestedLoRALayer
+from .model import inject_nested_lora, lora_layers
+
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_UNSUPPORTED_KEYS = ("lora_embedding_", "lora_magnitude_vector", "lora_B.bias", "lora_A.bias")
+DEFAULT_RANK_LEVELS = (4, 8, 16)
+
+
+# ----------------------------------------------------------------------------- helpers
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT task type from a transformers class name (None: plain `PeftModel`)."""
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+        if name.endswith(suffix):
+            return task
+    if name.endswith("Model"):
+        return "FEATURE_EXTRACTION"
+    return None
+
+
+def _select_layers(model: nn.Module, adapters) -> dict[str, NestedLoRALayer]:
+    """{module name in `model`: layer}; names always come from `model` itself."""
+    found = lora_layers(model)
+    if not found:
+        raise ValueError("model: has no NestedLoRALayer; inject adapters first "
+                         "(inject_nested_lora / setup_unified_lora)")
+    if adapters is None:
+        return found
+    wanted = {id(a) for a in (adapters.values() if isinstance(adapters, dict) else adapters)}
+    chosen = {n: m for n, m in found.items() if id(m) in wanted}
+    if len(chosen) != len(wanted):
+        raise ValueError("adapters: some of the given layers are not inside `model`")
+    return chosen
+
+
+def _dropout_p(layer: NestedLoRALayer) -> float:
+    return float(layer.lora_dropout.p) if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+
+
+def _peft_alpha(layer: NestedLoRALayer) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) giving PEFT's scaling == ours at every rank."""
+    if layer.scaling_kind == "alpha_over_r":
+        return layer.lora_alpha, False
+    if layer.scaling_kind == "max_rank_over_r":
+        return float(layer.max_rank), False
+    if layer.scaling_kind == "rslora":
+        return layer.lora_alpha, True
+    raise ValueError(f"scaling: unknown kind {layer.scaling_kind!r}")
+
+
+def _nice(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _trainable_module_names(model: nn.Module) -> list[str]:
+    """Modules owning trainable non-LoRA parameters (e.g. a classifier head): PEFT's modules_to_save."""
+    inside_lora = {id(p) for m in lora_layers(model).values() for p in m.parameters()}
+    names = []
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in inside_lora:
+            mod = n.rpartition(".")[0]
+            if not mod:
+                raise ValueError(f"modules_to_save: trainable parameter {n!r} sits on the model root; "
+                                 "PEFT can only save whole submodules")
+            if mod not in names:
+                names.append(mod)
+    return names
+
+
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers live on the meta device (no memory)."""
+    memo: dict = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in memo:
+            mt = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+    skel = copy.deepcopy(model, memo)
+    for name, layer in lora_layers(skel).items():  # PEFT must see the plain base layers
+        parent_name, _, child = name.rpartition(".")
+        setattr(skel.get_submodule(parent_name) if parent_name else skel, child, layer.base_layer)
+    return skel
+
+
+# ----------------------------------------------------------------------------- export
+@torch.no_grad()
+def export_peft_adapter(
+    model: nn.Module,
+    adapters,
+    save_dir: str | os.PathLike,
+    rank: int | None = None,
+    base_model_name_or_path: str | None = None,
+    *,
+    task_type: str | None = "auto",
+    modules_to_save: Sequence[str] | str | None = "auto",
+) -> dict:
+    """Write the nested adapters at rank `rank` as a PEFT LoRA checkpoint.
+
+    `adapters`: None (every NestedLoRALayer in `model`), or a dict/list of layers.
+    `rank`: a nested level of every layer (default: their common current rank).
+    `task_type`: PEFT task type ("CAUSAL_LM", "SEQ_CLS", ...); "auto" infers it
+    from the model class. `modules_to_save`: module names saved whole; "auto"
+    takes every module with trainable non-LoRA parameters (e.g. `classifier`).
+    Returns the adapter config as a dict. The result loads with
+    `PeftModel.from_pretrained(base_model, save_dir)` and reproduces our outputs.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    layers = _select_layers(model, adapters)
+    if rank is None:
+        ranks = {m.rank for m in layers.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"rank: the layers are at different ranks {sorted(ranks)}; pass rank= explicitly")
+        rank = ranks.pop()
+    rank = int(rank)
+    for n, m in layers.items():
+        if rank not in m.boundaries:
+            raise ValueError(f"rank: {rank} is not a nested level of {n!r} (levels {m.boundaries}); "
+                             f"a PEFT export must cut at a block boundary")
+    alphas = {_peft_alpha(m) for m in layers.values()}
+    drops = {_dropout_p(m) for m in layers.values()}
+    if len(alphas) != 1 or len(drops) != 1:
+        raise ValueError(f"adapters: layers differ in scaling/alpha {alphas} or dropout {drops}; "
+                         "one PEFT config cannot express that - export them separately")
+    (lora_alpha, use_rslora), (dropout,) = alphas.pop(), drops
+    if task_type == "auto":
+        task_type = infer_task_type(model)
+    if isinstance(modules_to_save, str):
+        modules_to_save = _trainable_module_names(model) if modules_to_save == "auto" else [modules_to_save]
+    modules_to_save = list(modules_to_save or [])
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=_nice(lora_alpha),
+        use_rslora=use_rslora,
+        lora_dropout=dropout,
+        target_modules=sorted(layers),  # exact module names
+        fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),
+        modules_to_save=modules_to_save or None,
+        task_type=task_type,
+        bias="none",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out per Conv1D / Linear mix and meta weights
+        warnings.simplefilter("ignore")
+        peft_skel = get_peft_model(_meta_skeleton(model), config)
+    peft_skel.peft_config["default"].base_model_name_or_path = base_model_name_or_path
+
+    # Our tensors under PEFT's own state-dict keys; PEFT's save_pretrained renames and filters them.
+    ours = dict(model.state_dict())
+    A = {n: m.full_A()[:rank].detach().clone() for n, m in layers.items()}
+    B = {n: m.full_B()[:, :rank].detach().clone() for n, m in layers.items()}
+    sd = {}
+    for key in peft_skel.state_dict():
+        path = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if ".lora_A." in path or ".lora_B." in path:
+            mod, ab = (path.split(".lora_A.")[0], A) if ".lora_A." in path else (path.split(".lora_B.")[0], B)
+            if mod not in ab:
+                raise RuntimeError(f"PEFT created a LoRA layer {mod!r} that is not one of ours")
+            sd[key] = ab[mod]
+        elif ".modules_to_save." in path:
+            ours_key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", path)
+            if ours_key not in ours:
+                raise ValueError(f"modules_to_save: {ours_key!r} has no counterpart in the model")
+            sd[key] = ours[ours_key].detach().clone()
+    missing = set(layers) - {k.split(".lora_A.")[0][len(_PREFIX):] for k in sd if ".lora_A." in k}
+    if missing:
+        raise RuntimeError(f"PEFT did not target {sorted(missing)}")
+    peft_skel.save_pretrained(str(save_dir), state_dict=sd, save_embedding_layers=False)
+    with open(os.path.join(save_dir, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- import
+@dataclass
+class ImportedAdapter:
+    """What `import_peft_adapter` loaded."""
+
+    adapters: dict[str, NestedLoRALayer]
+    rank: int
+    modules_to_save: list[str]
+    extra_params: list[nn.Parameter]
+    peft_config: object = field(repr=False)
+
+    def controller(self, optimizer=None, mode_ranks: Sequence[int] | None = None, **kwargs) -> UnifiedController:
+        """A `UnifiedController` over the imported layers that starts (MULTI) at the imported rank."""
+        levels = next(iter(self.adapters.values())).boundaries
+        if mode_ranks is None:
+            mode_ranks = (levels[0], self.rank, levels[-1])
+        lr_mode = kwargs.pop("lr_mode", "multiplier")
+        actuators = kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
+        return UnifiedController(adapters=self.adapters, optimizer=optimizer, actuators=actuators,
+                                 extra_params=self.extra_params, **kwargs)
+
+
+def _peft_scaling(config, name: str, r: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alpha = config.lora_alpha
+    if getattr(config, "alpha_pattern", None):
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), alpha)
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def _check_supported(config) -> None:
+    if str(getattr(config, "peft_type", "")).split(".")[-1] != "LORA":
+        raise ValueError(f"peft_dir: not a LoRA checkpoint (peft_type={config.peft_type})")
+    for flag in ("use_dora", "lora_bias", "use_qalora"):
+        if getattr(config, flag, False):
+            raise ValueError(f"peft_dir: {flag}=True is not supported by nested LoRA layers")
+
+
+@torch.no_grad()
+def import_peft_adapter(
+    model: nn.Module,
+    peft_dir: str | os.PathLike,
+    *,
+    rank_levels: Sequence[int] | None = None,
+    max_rank: int | None = None,
+    strict: bool = True,
+) -> ImportedAdapter:
+    """Load a PEFT LoRA checkpoint into nested layers, so training continues under the controller.
+
+    `model` is either a plain base model (nested layers are injected on the
+    checkpoint's modules with `rank_levels`, default (4, 8, 16), and a scaling
+    that equals PEFT's) or a model that already has nested layers (the
+    checkpoint's modules must be among them). The checkpoint's r must be a
+    nested level: nested blocks can hold a prefix of size r only at a block
+    boundary. Where a layer's scaling differs from PEFT's, the ratio is folded
+    into B so outputs still match. Blocks above r keep A and get B = 0.
+    `modules_to_save` weights (e.g. a classifier head) are loaded and unfrozen.
+    With `strict`, nested layers the checkpoint does not cover are an error.
+    A checkpoint with per-module ranks (`rank_pattern`) loads each layer at its
+    own r; `ImportedAdapter.rank` is then the largest, and a controller built on
+    it sets one rank for all layers (which changes their scaling, as any rank
+    switch does).
+    """
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights
+
+    peft_dir = str(peft_dir)
+    if not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
+        raise ValueError(f"peft_dir: {peft_dir!r} has no adapter_config.json")
+    config = LoraConfig.from_pretrained(peft_dir)
+    _check_supported(config)
+    weights = load_peft_weights(peft_dir, device="cpu")
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
+    for key, t in weights.items():
+        if any(u in key for u in _UNSUPPORTED_KEYS):
+            raise ValueError(f"peft_dir: {key!r} is not a plain Linear LoRA weight (embedding LoRA, DoRA and "
+                             "LoRA biases are not supported)")
+        m = _LORA_KEY.match(key)
+        if m:
+            pairs.setdefault(m["mod"], {})[m["ab"]] = t
+        elif key.startswith(_PREFIX):
+            others[key[len(_PREFIX):]] = t
+        else:
+            raise ValueError(f"peft_dir: unexpected key {key!r}")
+    if not pairs:
+        raise ValueError(f"peft_dir: {peft_dir!r} holds no lora_A/lora_B weights")
+    for mod, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"peft_dir: module {mod!r} lacks lora_{'B' if 'A' in ab else 'A'}")
+    ranks = {mod: ab["A"].shape[0] for mod, ab in pairs.items()}
+
+    existing = lora_layers(model)
+    if not existing:
+        levels = tuple(rank_levels) if rank_levels is not None else DEFAULT_RANK_LEVELS
+        top = max_rank or max(levels)
+        for r in sorted(set(ranks.values())):
+            if r > top:
+                raise ValueError(f"rank: the checkpoint has r={r} > max_rank={top}; pass rank_levels (and max_rank) "
+                                 f"reaching {r}, e.g. rank_levels={tuple(sorted(set(levels) | {r}))}")
+            if r not in levels and r != top:
+                raise ValueError(
+                    f"rank_levels: the checkpoint has r={r}, which is not a nested level of {levels}. Nested blocks "
+                    f"hold a PEFT adapter only at a block boundary: pass rank_levels containing {r}, "
+                    f"e.g. rank_levels={tuple(sorted(set(levels) | {r}))}")
+        cfg = NestedLoRAConfig(target_modules=sorted(pairs), rank_levels=levels, max_rank=max_rank,
+                               lora_alpha=float(config.lora_alpha), lora_dropout=float(config.lora_dropout),
+                               scaling="rslora" if config.use_rslora else "alpha_over_r")
+        # exact names: inject on precisely the checkpoint's modules
+        layers = inject_nested_lora(model, cfg)
+        unexpected, missing = set(layers) - set(pairs), set(pairs) - set(layers)
+        if unexpected or missing:
+            raise ValueError(f"model: the checkpoint's modules do not match the model's Linear/Conv1D layers "
+                             f"(not in the model or not Linear/Conv1D: {sorted(missing)}; extra: {sorted(unexpected)})")
+    else:
+        layers = existing
+        absent = sorted(set(pairs) - set(layers))
+        if absent:
+            raise ValueError(f"model: the checkpoint adapts {absent}, which have no nested layer in the model")
+        uncovered = sorted(set(layers) - set(pairs))
+        if uncovered and strict:
+            raise ValueError(f"model: nested layers {uncovered} are not in the checkpoint (strict=False keeps "
+                             "their current weights, which changes the outputs)")
+    for mod, ab in pairs.items():
+        layer, r = layers[mod], ranks[mod]
+        if r > layer.max_rank:
+            raise ValueError(f"rank: the checkpoint has r={r} for {mod!r} > max_rank={layer.max_rank} of its nested "
+                             f"layer; inject with rank_levels/max_rank reaching {r}")
+        if r not in layer.boundaries:
+            raise ValueError(
+                f"rank: the checkpoint has r={r} for {mod!r}, which is not a nested level {layer.boundaries}. "
+                f"Nested blocks hold a PEFT adapter only at a block boundary: inject with rank_levels containing {r}")
+        A, B = ab["A"], ab["B"]
+        layer.unmerge()
+        dtype = layer.lora_A[0].dtype
+        ratio = _peft_scaling(config, mod, r) / _scaling_at(layer, r)
+        B = B if ratio == 1.0 else B.double() * ratio
+        layer.load_full(A.to(dtype), B.to(dtype))
+        layer.set_rank(r)
+
+    extra, mts = [], []
+    ours_params = dict(model.named_parameters())
+    for path, t in others.items():
+        target = ours_params.get(path)
+        if target is None:  # a base-layer bias under a nested wrapper
+            mod, _, leaf = path.rpartition(".")
+            target = ours_params.get(f"{mod}.base_layer.{leaf}")
+        if target is None:
+            raise ValueError(f"peft_dir: saved module weight {path!r} has no parameter in the model")
+        if target.shape != t.shape:
+            raise ValueError(f"peft_dir: {path!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}")
+        target.copy_(t.to(target.dtype))
+        target.requires_grad_(True)
+        extra.append(target)
+        mod = path.rpartition(".")[0]
+        if mod not in mts:
+            mts.append(mod)
+    rank_set = set(ranks.values())
+    return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
+                           else rank_set.pop(), modules_to_save=mts, extra_params=extra, peft_config=config)
+
+
+def _scaling_at(layer: NestedLoRALayer, r: int) -> float:
+    from .layer import scaling_for
+
+    return scaling_for(r, layer.lora_alpha, layer.max_rank, layer.scaling_kind)
+
+
+# ----------------------------------------------------------------------------- merge
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, rank: int | None = None) -> nn.Module:
+    """Fold each nested layer's delta (at `rank`, default its current rank) into
+    its base weight and put the plain base layer back in its place. The result
+    is an ordinary transformers model (`save_pretrained` / `from_pretrained`)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model: has no NestedLoRALayer to merge")
+    for name, layer in layers.items():
+        if rank is not None:
+            layer.set_rank(rank)
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    return model
+
+
+# ----------------------------------------------------------------------------- PEFT controller
+class _PeftLoRAView:
+    """One PEFT LoRA layer seen through the small part of the NestedLoRALayer
+    interface the controller uses: a single block at a fixed rank."""
+
+    def __init__(self, name: str, layer, adapter_name: str, nominal_rank: int):
+        self.name = name
+        self.lora_A = [layer.lora_A[adapter_name].weight]
+        self.lora_B = [layer.lora_B[adapter_name].weight]
+        self.rank = self.max_rank = int(self.lora_A[0].shape[0])
+        self.boundaries = tuple(sorted({self.rank, int(nominal_rank)}))
+        self.n_active_blocks = 1
+
+    def set_rank(self, rank: int) -> None:  # fixed rank: the controller never changes it
+        pass
+
+    def active_parameters(self) -> list[nn.Parameter]:
+        return self.lora_A + self.lora_B
+
+    lora_parameters = active_parameters
+
+    def active_A(self) -> torch.Tensor:
+        return self.lora_A[0]
+
+    def active_B(self) -> torch.Tensor:
+        return self.lora_B[0]
+
+    full_A, full_B = active_A, active_B
+
+
+class PeftController(UnifiedController):
+    """Drives an existing PEFT LoRA model at its fixed rank with the LR and Mirror
+    actuators only. Mirror snapshots every trainable parameter of the PEFT model
+    (lora_A/lora_B and modules_to_save); the drift rule is computed over lora_A
+    and lora_B, as for nested adapters. The trace's `rank` is the config's r.
+    """
+
+    def __init__(self, peft_model: nn.Module, optimizer=None, *, adapter_name: str | None = None,
+                 signal="loss", lr_mode: str = "multiplier", actuators: ActuatorConfig | None = None, **kwargs):
+        from peft.tuners.lora import LoraLayer
+
+        if adapter_name is None:
+            active = getattr(peft_model, "active_adapter", "default")
+            adapter_name = active[0] if isinstance(active, (list, tuple)) else active
+        cfg = getattr(peft_model, "peft_config", {}).get(adapter_name)
+        if cfg is None or str(getattr(cfg, "peft_type", "")).split(".")[-1] != "LORA":
+            raise ValueError(f"peft_model: needs a PEFT LoRA model with adapter {adapter_name!r}")
+        views = [_PeftLoRAView(n, m, adapter_name, cfg.r) for n, m in peft_model.named_modules()
+                 if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})]
+        if not views:
+            raise ValueError(f"peft_model: no LoRA layer carries adapter {adapter_name!r}")
+        lora_ids = {id(p) for v in views for p in v.lora_parameters()}
+        extra = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in lora_ids]
+        actuators = actuators or ActuatorConfig(mode_ranks=(cfg.r,) * 3, lr_mode=lr_mode)
+        if set(actuators.mode_ranks) != {cfg.r}:
+            raise ValueError(f"mode_ranks: a PEFT model trains at its fixed r={cfg.r}; got {actuators.mode_ranks}")
+        self.peft_model = peft_model
+        super().__init__(adapters=views, optimizer=optimizer, signal=signal, actuators=actuators,
+                         extra_params=extra, **kwargs)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for v in self.adapters for p in v.lora_parameters()]
+
+
+def attach_to_peft_model(peft_model: nn.Module, optimizer=None, **kwargs) -> PeftController:
+    """`PeftController(peft_model, optimizer, **kwargs)`: LR + Mirror control of a PEFT LoRA model."""
+    return PeftController(peft_model, optimizer, **kwargs)
+
+
+__all__ = ["export_peft_adapter", "import_peft_adapter", "merge_and_unload", "ImportedAdapter", "PeftController",
+           "attach_to_peft_model", "infer_task_type"]

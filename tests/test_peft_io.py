@@ -1,0 +1,344 @@
+"""PEFT interop: export to / import from real PEFT checkpoints, merge-and-unload,
+and the fixed-rank PeftController (LR + Mirror over a PEFT model)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+from unified_lora import MIRROR, MirrorConfig, NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, set_rank
+from unified_lora.peft_io import (PeftController, attach_to_peft_model, export_peft_adapter, import_peft_adapter,
+                                  merge_and_unload)
+
+VOCAB = 64
+TOL = 1e-5
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def tiny(kind: str):
+    """(fresh base model in eval mode, target_modules, modules_to_save), seeded."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaForCausalLM(cfg).eval(), ["q_proj", "v_proj"], None
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=37, num_labels=3, max_position_embeddings=64)
+        return BertForSequenceClassification(cfg).eval(), ["query", "value"], ["classifier"]
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval(), ["c_attn"], None
+
+
+def inputs(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x) -> torch.Tensor:
+    return model(input_ids=x).logits
+
+
+def nested(kind: str, scaling: str = "alpha_over_r"):
+    """(model with non-trivial nested adapters, adapters, untouched copy of the base)."""
+    base, targets, mts = tiny(kind)
+    fresh = copy.deepcopy(base)
+    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=targets, modules_to_save=mts,
+                                                         scaling=scaling, lora_alpha=8.0))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:  # B = 0 at init: make every block non-zero so each rank differs
+                b.normal_(0.0, 0.2, generator=g)
+        if mts:
+            base.classifier.weight.add_(torch.randn(base.classifier.weight.shape, generator=g))
+    return base, adapters, fresh
+
+
+def peft_load(fresh, path):
+    return PeftModel.from_pretrained(copy.deepcopy(fresh), str(path)).eval()
+
+
+# ------------------------------------------------------------------------------------------ export
+@pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
+def test_export_at_each_nested_rank_loads_in_peft_with_same_logits(kind, tmp_path):
+    model, adapters, fresh = nested(kind)
+    x = inputs()
+    base_out = logits(fresh, x)
+    for r in (4, 8, 16):
+        set_rank(adapters, r)
+        ours = logits(model, x)
+        assert (ours - base_out).abs().max() > 1e-2  # the adapter is not trivial: the check can fail
+        export_peft_adapter(model, adapters, tmp_path / f"r{r}")
+        theirs = logits(peft_load(fresh, tmp_path / f"r{r}"), x)
+        assert (ours - theirs).abs().max().item() <= TOL, (kind, r)
+        assert torch.equal(logits(model, x), ours)  # export leaves our model untouched
+
+
+def test_exported_files_use_peft_key_names_and_config(tmp_path):
+    from safetensors.torch import load_file
+
+    model, adapters, _ = nested("gpt2")
+    cfg = export_peft_adapter(model, None, tmp_path, rank=4, base_model_name_or_path="tiny-gpt2")
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg == on_disk
+    assert on_disk["r"] == 4 and on_disk["lora_alpha"] == 8 and on_disk["peft_type"] == "LORA"
+    assert on_disk["fan_in_fan_out"] is True and on_disk["task_type"] == "CAUSAL_LM"
+    assert on_disk["base_model_name_or_path"] == "tiny-gpt2"
+    assert sorted(on_disk["target_modules"]) == sorted(adapters)
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    assert sd[key].shape == (4, 32)
+    assert torch.equal(sd[key], adapters["transformer.h.0.attn.c_attn"].full_A()[:4])
+
+
+def test_bert_head_is_saved_as_modules_to_save(tmp_path):
+    model, _, fresh = nested("bert")
+    cfg = export_peft_adapter(model, None, tmp_path)
+    assert "classifier" in cfg["modules_to_save"] and cfg["task_type"] == "SEQ_CLS"
+    peft_model = peft_load(fresh, tmp_path)
+    head = peft_model.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(head.weight, model.classifier.weight)
+
+
+@pytest.mark.parametrize("scaling", ["max_rank_over_r", "rslora"])
+def test_export_maps_every_scaling_kind_to_peft(scaling, tmp_path):
+    model, adapters, fresh = nested("llama", scaling=scaling)
+    set_rank(adapters, 4)
+    cfg = export_peft_adapter(model, None, tmp_path)
+    assert cfg["use_rslora"] is (scaling == "rslora")
+    x = inputs()
+    assert (logits(model, x) - logits(peft_load(fresh, tmp_path), x)).abs().max().item() <= TOL
+
+
+def test_export_of_merged_model_writes_the_unmerged_adapter(tmp_path):
+    model, adapters, fresh = nested("llama")
+    x = inputs()
+    ours = logits(model, x)
+    for layer in adapters.values():
+        layer.merge()
+    export_peft_adapter(model, None, tmp_path)
+    assert (ours - logits(peft_load(fresh, tmp_path), x)).abs().max().item() <= TOL
+
+
+def test_export_rejects_a_rank_that_is_not_a_nested_level(tmp_path):
+    model, _, _ = nested("llama")
+    with pytest.raises(ValueError, match="not a nested level"):
+        export_peft_adapter(model, None, tmp_path, rank=6)
+
+
+def test_export_rejects_layers_at_different_ranks_without_rank(tmp_path):
+    model, adapters, _ = nested("llama")
+    next(iter(adapters.values())).set_rank(4)
+    with pytest.raises(ValueError, match="different ranks"):
+        export_peft_adapter(model, None, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ import
+def trained_peft(kind: str, r: int, tmp_path, steps: int = 3, **lora_kw):
+    """A PEFT LoRA model trained a few steps with AdamW, saved to tmp_path/'peft'; (peft_model, fresh, dir)."""
+    base, targets, mts = tiny(kind)
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules=targets, modules_to_save=mts,
+                                         **lora_kw))
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    x = inputs(3)
+    for _ in range(steps):
+        out = pm(input_ids=x, labels=x if kind != "bert" else torch.tensor([0, 2]))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    return pm, fresh, tmp_path / "peft"
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_import_peft_checkpoint_into_plain_model_reproduces_peft_logits(kind, tmp_path):
+    pm, fresh, path = trained_peft(kind, 8, tmp_path)
+    x = inputs()
+    theirs = logits(pm, x)
+    assert (theirs - logits(fresh, x)).abs().max() > 1e-3  # training moved the adapter
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, path)
+    assert imp.rank == 8 and all(isinstance(a, NestedLoRALayer) and a.rank == 8 for a in imp.adapters.values())
+    assert (logits(model, x) - theirs).abs().max().item() <= TOL
+    if kind == "bert":
+        assert imp.modules_to_save == ["classifier"] and all(p.requires_grad for p in imp.extra_params)
+
+
+def test_imported_adapter_keeps_training_under_the_controller(tmp_path):
+    _, fresh, path = trained_peft("llama", 8, tmp_path)
+    model = copy.deepcopy(fresh).train()
+    imp = import_peft_adapter(model, path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ctrl = imp.controller(opt, signal="loss", print_fn=None)
+    assert ctrl.rank == 8
+    before = [p.detach().clone() for p in params]
+    x = inputs(4)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert len(ctrl.trace) == 4 and losses[-1] < losses[0]
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_import_into_injected_model_with_other_scaling_folds_the_ratio(tmp_path):
+    pm, fresh, path = trained_peft("llama", 4, tmp_path, use_rslora=True)
+    model = copy.deepcopy(fresh)
+    inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "v_proj"], scaling="max_rank_over_r"))
+    import_peft_adapter(model, path)
+    x = inputs()
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+
+
+def test_import_honours_peft_rank_and_alpha_patterns(tmp_path):
+    pm, fresh, path = trained_peft("llama", 8, tmp_path, rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 4})
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, path)
+    assert {a.rank for n, a in imp.adapters.items() if n.endswith("v_proj")} == {4}
+    x = inputs()
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+
+
+def test_import_of_a_rank_off_the_nested_levels_explains_rank_levels(tmp_path):
+    pm, fresh, path = trained_peft("llama", 12, tmp_path, steps=1)
+    with pytest.raises(ValueError, match=r"rank_levels containing 12"):
+        import_peft_adapter(copy.deepcopy(fresh), path)
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, path, rank_levels=(4, 12, 16))
+    assert imp.rank == 12
+    x = inputs()
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+
+
+def test_import_rejects_rank_above_max_rank(tmp_path):
+    _, fresh, path = trained_peft("llama", 32, tmp_path, steps=1)
+    with pytest.raises(ValueError, match=r"r=32 > max_rank=16"):
+        import_peft_adapter(copy.deepcopy(fresh), path)
+    model = copy.deepcopy(fresh)
+    inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"r=32 .*> max_rank=16"):
+        import_peft_adapter(model, path)
+
+
+def test_export_then_import_round_trip_is_exact(tmp_path):
+    model, adapters, fresh = nested("bert")
+    set_rank(adapters, 16)
+    export_peft_adapter(model, None, tmp_path)
+    other = copy.deepcopy(fresh)
+    import_peft_adapter(other, tmp_path)
+    x = inputs()
+    assert (logits(model, x) - logits(other, x)).abs().max().item() <= TOL
+
+
+# ------------------------------------------------------------------------------------------ merge
+def test_merge_and_unload_gives_a_plain_model_that_reloads_identically(tmp_path):
+    model, adapters, fresh = nested("gpt2")
+    set_rank(adapters, 8)
+    x = inputs()
+    ours = logits(model, x)
+    plain = merge_and_unload(model)
+    assert not any(isinstance(m, NestedLoRALayer) for m in plain.modules())
+    assert (logits(plain, x) - ours).abs().max().item() <= TOL
+    assert (logits(plain, x) - logits(fresh, x)).abs().max() > 1e-2
+    plain.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert (logits(reloaded, x) - ours).abs().max().item() <= TOL
+
+
+# ------------------------------------------------------------------------------------------ PeftController
+def bert_peft_model():
+    base, targets, mts = tiny("bert")
+    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=mts,
+                                         task_type="SEQ_CLS"))
+    with torch.no_grad():  # a non-zero B so the drift denominator covers both factors
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(5))
+    return pm.train()
+
+
+def run_mirror_cycle(pm, lr):
+    """Drive φ into MIRROR with loss 5.0 and back out with 0.5 (v1 loss signal); train with AdamW(lr).
+    Returns (controller, trainable params, weights at the snapshot, record of the exit step, weights before exit)."""
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    ctrl = attach_to_peft_model(pm, opt, signal="loss", lr_mode="off", print_fn=None,
+                                mirror=MirrorConfig(policy="drift", drift_threshold=0.05))
+    x, y = inputs(6), torch.tensor([0, 2])
+    at_snapshot = before_exit = None
+    for step in range(200):
+        fed = 5.0 if ctrl.mode != MIRROR and at_snapshot is None else 0.5
+        pm(input_ids=x, labels=y).loss.backward()
+        pre = [p.detach().clone() for p in params]
+        ctrl.step(loss=fed)
+        rec = ctrl.trace[-1]
+        if rec.snapshot == "saved":
+            at_snapshot = [p.detach().clone() for p in params]
+        if rec.snapshot in ("restored", "kept"):
+            return ctrl, params, at_snapshot, rec, pre
+        opt.step()
+        opt.zero_grad()
+    raise AssertionError("Mirror cycle did not complete")
+
+
+def test_peft_controller_runs_at_the_fixed_peft_rank():
+    pm = bert_peft_model()
+    ctrl = PeftController(pm, None, signal="loss", print_fn=None)
+    assert ctrl.rank == 8
+    n_lora = sum(1 for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
+    assert len(ctrl.lora_parameters()) == n_lora == 8
+    assert len(ctrl.extra_params) == 2  # the classifier copy in modules_to_save
+    with pytest.raises(ValueError, match="fixed r=8"):
+        from unified_lora import ActuatorConfig
+
+        PeftController(pm, None, actuators=ActuatorConfig(mode_ranks=(4, 8, 16)), print_fn=None)
+
+
+def test_peft_controller_mirror_restores_peft_weights_when_drift_is_small():
+    pm = bert_peft_model()
+    ctrl, params, at_snapshot, rec, pre = run_mirror_cycle(pm, lr=1e-7)
+    assert rec.snapshot == "restored" and rec.drift < 0.05 and rec.transition == "MIRROR->MULTI"
+    assert any(not torch.equal(q, s) for q, s in zip(pre, at_snapshot))  # Mirror training had moved them
+    assert all(torch.equal(p, s) for p, s in zip(params, at_snapshot))  # lora A/B and classifier, bit for bit
+    assert all(p.grad is None for p in params)  # the next optimizer step cannot move them
+
+
+def test_peft_controller_mirror_keeps_peft_weights_when_drift_is_large():
+    pm = bert_peft_model()
+    ctrl, params, at_snapshot, rec, pre = run_mirror_cycle(pm, lr=5e-2)
+    assert rec.snapshot == "kept" and rec.drift >= 0.05
+    assert all(torch.equal(p, q) for p, q in zip(params, pre))
+    assert any(not torch.equal(p, s) for p, s in zip(params, at_snapshot))
+
+
+def test_peft_controller_reads_peft_gradients_for_the_composite_signal():
+    pm = bert_peft_model()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    ctrl = attach_to_peft_model(pm, opt, signal="composite", print_fn=None)
+    x, y = inputs(6), torch.tensor([0, 2])
+    for _ in range(3):
+        loss = pm(input_ids=x, labels=y).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+    comps = ctrl.trace[-1].components
+    assert comps["S"] > 0 and comps["E"] > 0  # gradient norm and direction churn of the PEFT lora_A/lora_B
+    with pytest.raises(ValueError, match="no gradient"):
+        ctrl.step(loss=1.0)  # no backward since the last zero_grad
