@@ -33,8 +33,9 @@ from .trace import StepRecord, TraceWriter, format_console
 
 
 def _unwrap_optimizer(opt):
-    # accelerate's AcceleratedOptimizer and similar wrappers keep the real one in `.optimizer`.
-    while opt is not None and not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+    # accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer but delegates step() to
+    # `.optimizer`, so hooks and state must go on the inner one.
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
 

@@ -1,0 +1,92 @@
+"""Unified LoRA under DDP: every process makes the same decision on the same step.
+
+    torchrun --nproc_per_node 2 examples/ddp_torchrun.py        # CPU / gloo, under a minute
+    python examples/ddp_torchrun.py                             # one process works too
+
+Each process trains a tiny BERT on its own shard of data. The controller
+all-reduces the loss before updating φ, so rank switches, LR changes and the
+Mirror snapshot/restore happen on the same step everywhere; `assert_lockstep`
+checks that at every step. As the model learns, φ falls and the controller
+drops to SINGLE (rank 4); steps 50-57 flip the labels, the real loss jumps and
+φ sends it back up. (tests/test_distributed.py also drives a full Mirror
+save/restore cycle through DDP.)
+
+DDP needs `find_unused_parameters=True` (paused rank blocks are not in the
+graph); `ddp_kwargs()` gives it and refuses `static_graph`.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import BertConfig, BertForSequenceClassification
+
+from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
+from unified_lora.distributed import assert_lockstep, ddp_kwargs
+
+STEPS, FLIP = 80, range(50, 58)
+
+
+def main():
+    ddp = int(os.environ.get("RANK", -1)) != -1  # nanoGPT style: launched by torchrun?
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device("cpu")
+    master = rank == 0
+
+    torch.manual_seed(0)  # identical initial weights on every process
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg).to(device)
+    adapters, ctrl = setup_unified_lora(
+        model, target_modules="all-linear", modules_to_save=["classifier", "pooler"],
+        signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5, calibration_steps=10, calibration_target=1.0), min_dwell=5,
+        mirror=MirrorConfig(snapshot_optimizer=True), print_fn=print if master else None)
+    model = DDP(model, **ddp_kwargs()) if ddp else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    ctrl.attach_optimizer(opt)  # lr_mode="multiplier": the mode scales this LR
+
+    g = torch.Generator().manual_seed(1000 + rank)  # a different data shard per process
+    for step in range(STEPS):
+        y = torch.randint(0, 2, (16,), generator=g)
+        x = torch.randint(5, 50, (16, 10), generator=g) + 45 * y[:, None]  # the class is in the tokens
+        if step in FLIP:
+            y = 1 - y  # a burst of wrong labels: real stress
+        loss = model(input_ids=x.to(device), labels=y.to(device)).loss
+        loss.backward()
+        ctrl.step(loss=loss)  # all-reduced inside; may switch rank / LR / Mirror
+        assert_lockstep(ctrl)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if master and step % 10 == 0:
+            r = ctrl.trace[-1]
+            print(f"[{step}] local loss={loss.item():.3f} mean loss={r.loss:.3f} φ={r.phi:.3f} mode={r.mode} "
+                  f"rank={r.rank} lr={r.lr:.2e}")
+
+    # every process ends with bit-identical adapter weights
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters() if p.requires_grad]).cpu()
+    if ddp:
+        every = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat)
+        same = all(torch.equal(e, every[0]) for e in every)
+    else:
+        same = True
+    if master:
+        events = [(r.step, r.transition, r.snapshot) for r in ctrl.trace if r.transition]
+        print(f"transitions: {events}")
+        print(f"{world} process(es), weights identical on all: {same}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

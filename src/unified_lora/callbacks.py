@@ -1,0 +1,295 @@
+"""Hugging Face `Trainer` integration: `UnifiedLoRACallback(ctrl)`.
+
+Works with the stock `Trainer` / `TrainingArguments` (no subclass):
+
+    adapters, ctrl = setup_unified_lora(model, target_modules=["query", "value"], signal="loss")
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[UnifiedLoRACallback(ctrl)])
+    trainer.train()
+
+Where each piece plugs into the training loop (transformers 5.x `Trainer._run_epoch`):
+
+    on_step_begin                     reset the per-step loss accumulator
+      forward  ×GA micro-batches     a forward hook on the model records `outputs.loss`
+      backward ×GA
+      clip_grad_norm
+    on_pre_optimizer_step             ctrl.step(loss)  - after backward, before the update,
+                                      so rank / Mirror actuators act on *this* step
+      optimizer.step()                the controller's pre/post step hooks scale the
+                                      scheduled LR by the mode multiplier, then put it back
+    on_optimizer_step, scheduler.step(), on_step_end, on_log, on_save
+
+**The per-step loss.** `logs["loss"]` is averaged over the logging window and
+rounded, so it is not used. The callback registers a forward hook on the model
+and reads `outputs.loss` of every training micro-batch (eval forwards, with
+`model.training == False`, are ignored), then reduces them to the loss of the
+optimizer step, averaged over the gradient-accumulation micro-steps:
+
+* the model normalises its loss by the `num_items_in_batch` the Trainer passes
+  (models that call `self.loss_function`, e.g. `*ForCausalLM`): each output is a
+  share of the token mean over the whole accumulated batch, so the shares are
+  summed (and multiplied by the world size when the Trainer counts tokens across
+  processes, `average_tokens_across_devices`, as `Trainer.compute_loss` does);
+* otherwise (e.g. `BertForSequenceClassification`, whose loss is a plain
+  `CrossEntropyLoss` mean): the mean of the micro-batch losses. The short last
+  step of an epoch averages over the micro-batches it has.
+
+Which case applies is read from the model's `forward` source (does it pass
+`**kwargs` to `self.loss_function`, or name `num_items_in_batch`?); override it
+with `model_normalises_loss=True/False`. The Trainer itself cannot tell: in
+transformers 5 it assumes every model whose `forward` takes `**kwargs` normalises
+by `num_items_in_batch`, so for BERT-style classifiers with gradient accumulation
+its own `logs["loss"]` (and gradient) is the *sum* of the micro-batch means
+(huggingface/transformers#47688).
+
+Under DDP every process feeds its own number and the controller all-reduces it
+(`distributed_mean`), so every process makes the same decision on the same step.
+
+Not covered by the forward hook: `compute_loss_func` and `label_smoothing_factor`
+(the model then returns no loss). Wrap your loss function with
+`callback.wrap_compute_loss_func(fn)`; without it the callback fails loudly at the
+first step rather than feeding the controller nothing.
+
+**Gradients.** `on_pre_optimizer_step` comes after the Trainer's gradient clipping
+(`max_grad_norm`, default 1.0), so the composite signal's stress term reads
+clipped gradients; set `max_grad_norm=0` if it should see raw norms. Rank drops
+and Mirror restores clear the affected `.grad`s there, so this step's update
+already respects them.
+
+**Learning rate.** The callback attaches the Trainer's optimizer (unwrapping
+accelerate's `AcceleratedOptimizer`) in `on_train_begin`. With
+`lr_mode="multiplier"` (the `setup_unified_lora` default) the LR used at each step
+is `scheduled LR × mode multiplier`, so linear/cosine warmup schedules keep
+working. `lr_mode="absolute"` overrides the schedule (a warning says so). The
+Trainer's own `learning_rate` log is the scheduled value; `unified_lora/lr` is the
+one actually used.
+
+**Checkpoints.** `on_save` writes `ctrl.state_dict()` to
+`checkpoint-N/unified_lora_controller.pt` (the adapter blocks are model
+parameters, so the Trainer saves them; it also saves optimizer, scheduler and
+RNG states). On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
+`state.global_step` before `on_train_begin`; the callback then loads the file
+from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
+`output_dir` needs `UnifiedLoRACallback(ctrl, resume_from=path)`. A resumed run
+without controller state raises (`strict_resume=True`) instead of silently
+restarting the controller.
+
+**Logging.** On every training log the keys `unified_lora/{phi,mode,rank,lr,loss}`
+(values at the logged step) are added to `logs` and to the matching
+`state.log_history` entry. Integrations (`report_to`) run before user callbacks;
+to have them log the keys too, add the callback first:
+`callback.add_to(trainer)` (inserts it at the head of the callback list).
+
+**Distributed.** DDP (torchrun / accelerate launch) is supported and tested on CPU
+(gloo). Paused rank blocks are outside the autograd graph, so DDP needs
+`find_unused_parameters=True` (the Trainer's default unless activation
+checkpointing is on) and must not use `static_graph`; the callback checks this.
+FSDP and DeepSpeed are not yet supported or tested.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+from transformers import TrainerCallback
+
+from .controller import UnifiedController
+from .distributed import check_trainer_ddp_args, unwrap_optimizer
+
+CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
+LOG_PREFIX = "unified_lora/"
+
+
+def _call_args(src: str, name: str) -> list[str]:
+    """The argument text of every `name(...)` call in `src` (balanced parentheses)."""
+    out, i = [], src.find(name + "(")
+    while i != -1:
+        j, depth = i + len(name), 0
+        for k in range(j, len(src)):
+            depth += {"(": 1, ")": -1}.get(src[k], 0)
+            if depth == 0:
+                out.append(src[j + 1:k])
+                break
+        i = src.find(name + "(", i + 1)
+    return out
+
+
+def model_normalises_loss(model) -> bool:
+    """Whether `model.forward` divides its loss by the Trainer's `num_items_in_batch`:
+    it names `num_items_in_batch`, or passes `**kwargs` on to `self.loss_function`
+    (as `*ForCausalLM` do). Heads with a plain `CrossEntropyLoss()` mean, or that call
+    `self.loss_function` without the kwargs (huggingface/transformers#47688), don't."""
+    try:
+        src = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True  # no source: follow the Trainer's own assumption
+    if "num_items_in_batch" in src:
+        return True
+    return any("**" in a for a in _call_args(src, "loss_function"))
+
+
+def _output_loss(output, kwargs):
+    if isinstance(output, Mapping):
+        return output.get("loss")
+    if isinstance(output, (tuple, list)) and output and "labels" in kwargs and torch.is_tensor(output[0]):
+        return output[0] if output[0].dim() == 0 else None
+    return getattr(output, "loss", None)
+
+
+class UnifiedLoRACallback(TrainerCallback):
+    """Drives a `UnifiedController` from a Hugging Face `Trainer`.
+
+    Args:
+        ctrl: the controller (e.g. from `setup_unified_lora`).
+        resume_from: checkpoint folder to read the controller state from on resume;
+            default: `output_dir/checkpoint-{global_step}` of the resumed state.
+        strict_resume: raise if a resumed run finds no controller state.
+        model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
+            (None: read it from the model's forward source).
+        log_keys: which controller values go into the Trainer's logs.
+    """
+
+    def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
+                 model_normalises_loss: bool | None = None, log_keys=("phi", "mode", "rank", "lr", "loss")):
+        if not isinstance(ctrl, UnifiedController):
+            raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
+        self.ctrl = ctrl
+        self.resume_from = resume_from
+        self.strict_resume = strict_resume
+        self.log_keys = tuple(log_keys)
+        self.model_normalises_loss = model_normalises_loss
+        self._hook = None
+        self._wraps_loss_func = False
+        self._args = None
+        self._in_step = False
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._n_micro = 0
+        self._normalised = False
+        self.last: dict = {}
+        self.step_losses: list[float] = []  # the (local, pre-all-reduce) loss fed at each step
+
+    # -- installation -----------------------------------------------------------------
+    def add_to(self, trainer) -> "UnifiedLoRACallback":
+        """Insert this callback at the head of `trainer`'s callbacks, so that the
+        reporting integrations (wandb, tensorboard, ...) also see its log keys."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    # -- loss capture -------------------------------------------------------------------
+    def _record(self, loss: torch.Tensor, normalised: bool, token_share: bool) -> None:
+        if not self._in_step:
+            return
+        v = loss.detach().float()
+        args = self._args
+        if token_share and args is not None and getattr(args, "average_tokens_across_devices", False) \
+                and args.world_size > 1:
+            v = v * args.world_size  # as Trainer.compute_loss: the share of the global token mean
+        self._normalised = self._normalised or normalised
+        self._loss_sum = self._loss_sum + v
+        self._n_micro += 1
+
+    def _forward_hook(self, module, args, kwargs, output):
+        if not module.training:
+            return
+        loss = _output_loss(output, kwargs)
+        if torch.is_tensor(loss) and loss.dim() == 0:
+            share = kwargs.get("num_items_in_batch") is not None and self.model_normalises_loss is not False
+            self._record(loss, normalised=share, token_share=share)
+
+    def wrap_compute_loss_func(self, fn: Callable) -> Callable:
+        """For `Trainer(compute_loss_func=...)`: records the loss `fn` returns.
+        The Trainer treats that loss as already scaled for gradient accumulation,
+        so the recorded shares are summed per optimizer step."""
+
+        def wrapped(outputs, labels, num_items_in_batch=None, **kw):
+            loss = fn(outputs, labels, num_items_in_batch=num_items_in_batch, **kw)
+            if torch.is_tensor(loss) and loss.dim() == 0:
+                self._record(loss, normalised=True, token_share=num_items_in_batch is not None)
+            return loss
+
+        self._wraps_loss_func = True  # the model's own loss (if any) must not be counted too
+        return wrapped
+
+    def _pop_step_loss(self) -> torch.Tensor | float:
+        if self._n_micro == 0:
+            raise RuntimeError(
+                "UnifiedLoRACallback: no training loss was seen in this step. The model must return `loss` "
+                "(pass labels), or wrap your compute_loss_func with callback.wrap_compute_loss_func(fn); "
+                "label_smoothing_factor > 0 is not supported."
+            )
+        loss = self._loss_sum if self._normalised else self._loss_sum / self._n_micro
+        self._loss_sum, self._n_micro, self._normalised = 0.0, 0, False
+        return loss
+
+    # -- events ----------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._args = args
+        check_trainer_ddp_args(args)
+        if optimizer is not None:
+            self.ctrl.attach_optimizer(unwrap_optimizer(optimizer))
+        if self.ctrl.actuators.lr_mode == "absolute":
+            warnings.warn("UnifiedLoRACallback: lr_mode='absolute' overrides the Trainer's LR schedule at every step; "
+                          "use lr_mode='multiplier' to scale the schedule instead", stacklevel=2)
+        if self._hook is None and model is not None and not self._wraps_loss_func:
+            if self.model_normalises_loss is None:
+                self.model_normalises_loss = model_normalises_loss(model)
+            self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+        if state.global_step > 0:
+            self._load(args, state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._loss_sum, self._n_micro, self._normalised = 0.0, 0, False
+        self._in_step = True
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._in_step = False
+        loss = self._pop_step_loss()
+        loss = float(loss.item()) if torch.is_tensor(loss) else float(loss)
+        self.step_losses.append(loss)
+        self.ctrl.step(loss)
+        self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,
+                     "lr": self.ctrl.get_last_lr(), "loss": loss}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self.last:
+            return
+        extra = {LOG_PREFIX + k: self.last[k] for k in self.log_keys if self.last.get(k) is not None}
+        logs.update(extra)
+        # Trainer.log appended a copy of `logs` to log_history just before this event.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.ctrl.state_dict(), os.path.join(folder, CONTROLLER_STATE_NAME))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _load(self, args, state) -> None:
+        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, CONTROLLER_STATE_NAME)
+        if not os.path.isfile(path):
+            if self.strict_resume:
+                raise FileNotFoundError(
+                    f"UnifiedLoRACallback: resuming at step {state.global_step} but {path} does not exist. "
+                    "Pass UnifiedLoRACallback(ctrl, resume_from=<checkpoint folder>), or strict_resume=False "
+                    "to restart the controller from its current state."
+                )
+            warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts", stacklevel=2)
+            return
+        self.ctrl.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+__all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "model_normalises_loss", "unwrap_optimizer"]

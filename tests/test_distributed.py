@@ -1,0 +1,257 @@
+"""Distributed lockstep: 2 real processes (gloo, CPU), a tiny model in DDP, different data per rank.
+
+One spawned run (module fixture) feeds several checks. The model learns the
+task fast, then a window of flipped labels (steps 14-19) makes the real loss
+jump: φ crosses θ1, Mirror saves a snapshot (weights and AdamW moments), and
+restores it when φ falls back. Each rank trains on its own data, so the local
+losses differ; only the controller's all-reduce keeps the decisions equal.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from unified_lora.distributed import assert_lockstep, check_ddp, clear_paused_grads, ddp_kwargs
+
+STEPS, CORRUPT = 26, range(14, 20)
+
+
+class TinyClassifier(torch.nn.Module):
+    """Embedding-bag text classifier. A plain torch model: the worker processes then skip
+    importing transformers' model zoo, which dominates their start-up time on 2 cores."""
+
+    def __init__(self, vocab=100, dim=32, return_dict=False):
+        super().__init__()
+        self.return_dict = return_dict
+        self.embed = torch.nn.EmbeddingBag(vocab, dim)
+        self.q_proj = torch.nn.Linear(dim, dim)
+        self.v_proj = torch.nn.Linear(dim, dim)
+        self.classifier = torch.nn.Linear(dim, 2)
+
+    def forward(self, input_ids, labels):
+        h = self.embed(input_ids)
+        h = torch.tanh(self.v_proj(torch.tanh(self.q_proj(h))))
+        loss = torch.nn.functional.cross_entropy(self.classifier(h), labels)
+        return {"loss": loss} if self.return_dict else loss  # the Trainer reads outputs["loss"]
+
+
+def _paused_blocks(layers):
+    return [p for a in layers for i in range(a.n_active_blocks, len(a.boundaries)) for p in (a.lora_A[i], a.lora_B[i])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    # what torchrun sets; accelerate (inside TrainingArguments) reuses the group built from it
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    _plain_ddp_loop(rank, out)
+    _trainer_ddp(rank, out)
+    _accelerate_loop(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _plain_ddp_loop(rank: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from unified_lora import MirrorConfig, SignalConfig, UnifiedController, setup_unified_lora
+
+    torch.manual_seed(0)  # same initial model everywhere (DDP also broadcasts rank 0's)
+    model = TinyClassifier()
+    signal = SignalConfig(kind="loss", alpha=0.5, beta=0.5, loss_scale=0.5)
+    # policy "always": the Mirror exit restores weights and AdamW moments, the hardest case for lockstep
+    adapters, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
+                                        mirror=MirrorConfig(policy="always", snapshot_optimizer=True), print_fn=None)
+    ddp = DDP(model, **ddp_kwargs())
+    check_ddp(ddp)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ctrl.attach_optimizer(opt)
+    # the same controller without the all-reduce: shows what lockstep would be without it
+    local = UnifiedController(signal=signal, reduce_loss=None, print_fn=None)
+
+    g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+    layers = list(adapters.values())
+    rec = {"trace": [], "local_loss": [], "local_phi": [], "paused_grad_none": [], "paused_unchanged": []}
+    for step in range(STEPS):
+        y = torch.randint(0, 2, (8,), generator=g)
+        x = torch.randint(5, 50, (8, 6), generator=g) + 45 * y[:, None]  # the class is in the tokens
+        if step in CORRUPT:  # a window of flipped labels: the real loss jumps
+            y = 1 - y
+        loss = ddp(input_ids=x, labels=y)
+        loss.backward()
+        paused = _paused_blocks(layers)
+        rec["paused_grad_none"].append(all(p.grad is None for p in paused))
+        rec["local_loss"].append(loss.item())
+        local.step(loss.item())
+        rec["local_phi"].append(local.phi)
+        ctrl.step(loss)
+        assert_lockstep(ctrl)
+        paused = _paused_blocks(layers)
+        before = [p.detach().clone() for p in paused]
+        opt.step()
+        opt.zero_grad()
+        rec["paused_unchanged"].append(all(torch.equal(b, p) for b, p in zip(before, paused)))
+    rec["trace"] = [(r.step, r.phi, r.mode, r.rank, r.lr, r.snapshot, r.transition) for r in ctrl.trace]
+    rec["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(rec, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _trainer_ddp(rank: int, out: str) -> None:
+    """The stock Trainer (DDP through accelerate) with UnifiedLoRACallback."""
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora import SignalConfig, setup_unified_lora
+    from unified_lora.callbacks import UnifiedLoRACallback
+
+    class Shard(torch.utils.data.Dataset):
+        def __init__(self, n=64):
+            g = torch.Generator().manual_seed(0)
+            self.y = torch.randint(0, 2, (n,), generator=g)
+            self.x = torch.randint(5, 50, (n, 6), generator=g) + 45 * self.y[:, None]
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": self.y[i]}
+
+    torch.manual_seed(0)
+    model = TinyClassifier(return_dict=True)
+    signal = SignalConfig(kind="loss", alpha=0.5, loss_scale=0.1)  # φ reaches MIRROR within a few steps
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
+                                 print_fn=None)
+    args = TrainingArguments(output_dir=out, max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
+                             disable_tqdm=True, seed=0, ddp_backend="gloo")
+    cb = UnifiedLoRACallback(ctrl)
+    Trainer(model=model, args=args, train_dataset=Shard(), callbacks=[cb]).train()
+    torch.save({"trace": [(r.step, r.loss, r.phi, r.mode, r.rank, r.lr) for r in ctrl.trace],
+                "local_loss": cb.step_losses, "world": dist.get_world_size(),
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}},
+               os.path.join(out, f"trainer{rank}.pt"))
+
+
+def _accelerate_loop(rank: int, out: str) -> None:
+    """A hand-written loop with accelerate's Accelerator (what `accelerate launch` runs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from unified_lora import SignalConfig, setup_unified_lora
+    from unified_lora.distributed import unwrap_optimizer
+
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(**ddp_kwargs())])
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    signal = SignalConfig(kind="loss", alpha=0.5, loss_scale=0.1)  # φ reaches MIRROR within a few steps
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
+                                 print_fn=None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped, opt = accelerator.prepare(model, opt)
+    ctrl.attach_optimizer(unwrap_optimizer(opt))
+    g = torch.Generator().manual_seed(200 + rank)
+    for _ in range(8):
+        y = torch.randint(0, 2, (8,), generator=g)
+        loss = wrapped(input_ids=torch.randint(5, 50, (8, 6), generator=g) + 45 * y[:, None], labels=y)
+        accelerator.backward(loss)
+        ctrl.step(loss)
+        opt.step()
+        opt.zero_grad()
+    torch.save({"world": accelerator.num_processes,
+                "trace": [(r.step, r.loss, r.phi, r.mode, r.rank, r.lr) for r in ctrl.trace],
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}},
+               os.path.join(out, f"accelerate{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    # One spawned run per pytest session, shared by the xdist workers (pytest-xdist's file-lock recipe).
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    out = str(root / "unified_lora_ddp")
+    with FileLock(str(root / "unified_lora_ddp.lock")):
+        if not os.path.isfile(os.path.join(out, "done")):
+            os.makedirs(out, exist_ok=True)
+            mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+            open(os.path.join(out, "done"), "w").close()
+    runs = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    for r, run in enumerate(runs):
+        for phase in ("trainer", "accelerate"):
+            run[phase] = torch.load(os.path.join(out, f"{phase}{r}.pt"), weights_only=False)
+    return runs
+
+
+def test_ranks_see_different_data(ddp_run):
+    assert ddp_run[0]["local_loss"] != ddp_run[1]["local_loss"]
+    # fed to a controller without the all-reduce, those losses drive φ apart
+    assert ddp_run[0]["local_phi"] != ddp_run[1]["local_phi"]
+
+
+def test_every_rank_makes_the_same_decisions_on_the_same_step(ddp_run):
+    assert ddp_run[0]["trace"] == ddp_run[1]["trace"]
+
+
+def test_mirror_snapshot_saved_and_restored_on_the_same_step_everywhere(ddp_run):
+    trace = ddp_run[0]["trace"]
+    saved = [s for s, *_, snap, _ in trace if snap == "saved"]
+    restored = [s for s, *_, snap, _ in trace if snap == "restored"]
+    assert len(saved) == 1 and len(restored) == 1 and saved[0] < restored[0]
+    assert [(s, snap) for s, *_, snap, _ in ddp_run[1]["trace"] if snap] == [(saved[0], "saved"),
+                                                                              (restored[0], "restored")]
+
+
+def test_final_weights_bit_identical_across_ranks(ddp_run):
+    w0, w1 = ddp_run[0]["weights"], ddp_run[1]["weights"]
+    assert w0.keys() == w1.keys() and len(w0) > 0
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_ddp_leaves_paused_blocks_without_grad_and_untouched(ddp_run):
+    for r in ddp_run:
+        assert all(r["paused_grad_none"]) and all(r["paused_unchanged"])
+    assert any(rank < 16 for _, _, _, rank, *_ in ddp_run[0]["trace"]), "some steps must have paused blocks"
+
+
+def test_clear_paused_grads_drops_zero_filled_grads():
+    from unified_lora import NestedLoRALayer
+
+    layer = NestedLoRALayer(torch.nn.Linear(6, 6), rank_levels=(4, 8, 16), initial_rank=4)
+    for p in layer.lora_parameters():
+        p.grad = torch.zeros_like(p)  # what a zero-filling wrapper would leave
+    assert clear_paused_grads([layer]) == 4
+    assert all(p.grad is None for p in list(layer.lora_A[1:]) + list(layer.lora_B[1:]))
+    assert all(p.grad is not None for p in layer.active_parameters())
+
+
+def test_ddp_kwargs_refuse_settings_that_break_rank_switches():
+    assert ddp_kwargs() == {"find_unused_parameters": True}
+    with pytest.raises(ValueError, match="find_unused_parameters"):
+        ddp_kwargs(find_unused_parameters=False)
+    with pytest.raises(ValueError, match="static_graph"):
+        ddp_kwargs(static_graph=True)
+
+
+def test_trainer_callback_in_lockstep_under_ddp(ddp_run):
+    r0, r1 = (r["trainer"] for r in ddp_run)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["local_loss"] != r1["local_loss"]  # the Trainer's sampler gave each rank its own shard
+    assert r0["trace"] == r1["trace"] and {m for *_, m, _, _ in r0["trace"]} == {1, 2}
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+def test_accelerate_loop_in_lockstep(ddp_run):
+    r0, r1 = (r["accelerate"] for r in ddp_run)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["trace"] == r1["trace"] and {m for *_, m, _, _ in r0["trace"]} == {1, 2}
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])

@@ -1,0 +1,259 @@
+"""UnifiedLoRACallback inside the stock Hugging Face Trainer (tiny models, CPU)."""
+
+import os
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, Trainer,
+                          TrainerCallback, TrainingArguments)
+
+from unified_lora import SignalConfig, setup_unified_lora
+from unified_lora.callbacks import CONTROLLER_STATE_NAME, UnifiedLoRACallback, model_normalises_loss, unwrap_optimizer
+from unified_lora.config import V1_MULTIPLIERS
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed-length random token sequences; class labels or causal-LM labels."""
+
+    def __init__(self, n=10, length=8, causal=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(5, 100, (n, length), generator=g)
+        self.y = torch.randint(0, 2, (n,), generator=g)
+        self.causal = causal
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i] if self.causal else self.y[i]}
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32,
+                     num_labels=2)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+def build(kind="bert", signal=None):
+    model = tiny_bert() if kind == "bert" else tiny_llama()
+    targets = ["query", "value"] if kind == "bert" else ["q_proj", "v_proj"]
+    extra = {"modules_to_save": ["classifier"]} if kind == "bert" else {}
+    adapters, ctrl = setup_unified_lora(model, target_modules=targets, signal=signal or "loss", print_fn=None, **extra)
+    return model, adapters, ctrl
+
+
+def targs(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=2, report_to="none", use_cpu=True,
+                disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0, data_seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+# A loss scale that drives φ from MULTI into MIRROR within a few steps (loss ≈ 0.69 / 0.1).
+STRESS = SignalConfig(kind="loss", alpha=0.5, loss_scale=0.1)
+
+
+class MicroBatchRecorder(TrainerCallback):
+    """Records every training micro-batch's inputs (a forward pre-hook of its own)."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        def pre(module, a, kwargs):
+            if module.training:
+                self.inputs.append({k: kwargs[k].clone() for k in ("input_ids", "labels") if k in kwargs})
+        model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_controller_gets_each_optimizer_steps_loss_averaged_over_accumulation(tmp_path, kind):
+    model, _, ctrl = build(kind)
+    cb, rec = UnifiedLoRACallback(ctrl), MicroBatchRecorder()
+    # 10 examples, batch 2, accumulation 2: micro-batches per step 2, 2, 1 (a short last step).
+    # learning_rate=0 keeps the weights fixed, so every loss can be recomputed afterwards.
+    args = targs(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=0.0)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(causal=kind == "llama"), callbacks=[cb, rec]).train()
+
+    model.eval()
+    with torch.no_grad():
+        micro = [model(**b).loss.item() for b in rec.inputs]
+    expected = [sum(micro[0:2]) / 2, sum(micro[2:4]) / 2, micro[4]]
+    assert len(micro) == 5
+    assert [r.loss for r in ctrl.trace] == pytest.approx(expected, abs=1e-6)
+
+
+def test_loss_normalisation_is_read_from_the_model():
+    from transformers import LlamaForSequenceClassification
+
+    assert model_normalises_loss(tiny_llama()) is True  # self.loss_function(..., **kwargs) gets num_items_in_batch
+    assert model_normalises_loss(tiny_bert()) is False  # a plain CrossEntropyLoss mean
+    # calls self.loss_function but drops the kwargs (huggingface/transformers#47688)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+    assert model_normalises_loss(LlamaForSequenceClassification(cfg)) is False
+
+
+class LrRecorder(TrainerCallback):
+    """An optimizer pre-step hook registered after the controller's: sees the LR actually used."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        unwrap_optimizer(optimizer).register_step_pre_hook(lambda o, a, k: self.lrs.append(o.param_groups[0]["lr"]))
+
+
+def test_lr_used_is_scheduled_lr_times_mode_multiplier(tmp_path):
+    model, _, ctrl = build("bert", signal=STRESS)
+    cb, rec = UnifiedLoRACallback(ctrl), LrRecorder()
+    lr0, warmup, total = 1e-3, 2, 8
+    args = targs(tmp_path, max_steps=total, learning_rate=lr0, lr_scheduler_type="linear", warmup_steps=warmup)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=16), callbacks=[cb, rec]).train()
+
+    modes = [r.mode for r in ctrl.trace]
+    assert len(set(modes)) > 1, "the run must switch mode for this test to mean anything"
+    # transformers' linear schedule with warmup, written out independently.
+    sched = [lr0 * (t / warmup if t < warmup else (total - t) / (total - warmup)) for t in range(total)]
+    # The mode decided at step t (ctrl.step, before optimizer.step) already sets step t's LR.
+    expected = [s * V1_MULTIPLIERS[m] for s, m in zip(sched, modes)]
+    assert rec.lrs == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_rank_switch_acts_before_the_same_steps_update(tmp_path):
+    model, adapters, ctrl = build("bert", signal=STRESS)
+    layer = next(iter(adapters.values()))
+    seen = []
+
+    class RankAtStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kw):
+            seen.append((layer.rank, layer.lora_B[2].grad is not None))
+
+    args = targs(tmp_path, max_steps=6, learning_rate=1e-3)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=12),
+            callbacks=[UnifiedLoRACallback(ctrl), RankAtStep()]).train()
+    ranks = [r.rank for r in ctrl.trace]
+    assert 16 in ranks
+    assert [r for r, _ in seen] == ranks
+    # the step that enters MIRROR (rank 16) has no gradient yet for the newly woken block
+    first = ranks.index(16)
+    assert seen[first] == (16, False) and seen[first + 1] == (16, True)
+
+
+def test_controller_values_reach_log_history(tmp_path):
+    model, _, ctrl = build("bert", signal=STRESS)
+    args = targs(tmp_path, max_steps=4, learning_rate=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=8), callbacks=[UnifiedLoRACallback(ctrl)])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    for h, r in zip(logs, ctrl.trace):
+        assert h["unified_lora/phi"] == r.phi and h["unified_lora/mode"] == r.mode
+        assert h["unified_lora/rank"] == r.rank and h["unified_lora/lr"] == r.lr and h["unified_lora/loss"] == r.loss
+
+
+def test_add_to_lets_earlier_callbacks_see_the_keys(tmp_path):
+    seen = []
+
+    class Integration(TrainerCallback):  # stands in for a report_to integration (registered before user callbacks)
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs))
+
+    model, _, ctrl = build("bert")
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=TokenDataset(n=4),
+                      callbacks=[Integration()])
+    UnifiedLoRACallback(ctrl).add_to(trainer)
+    trainer.train()
+    assert all("unified_lora/phi" in s for s in seen if "loss" in s) and len(seen) >= 2
+
+
+def _final_lora(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _resume_args(out, steps):
+    return targs(out, max_steps=steps, learning_rate=2e-3, save_strategy="steps", save_steps=3,
+                 lr_scheduler_type="cosine", warmup_steps=1)
+
+
+def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path):
+    signal = SignalConfig(kind="loss", alpha=0.3, loss_scale=0.1)  # enters MIRROR at step ~5
+    model, _, ctrl = build("bert", signal=signal)
+    Trainer(model=model, args=_resume_args(tmp_path, 8), train_dataset=TokenDataset(n=16),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    full_trace = [(r.step, r.phi, r.mode, r.rank, r.lr) for r in ctrl.trace]
+    full_weights = _final_lora(model)
+    assert os.path.isfile(tmp_path / "checkpoint-3" / CONTROLLER_STATE_NAME)
+    assert len({m for _, _, m, _, _ in full_trace[3:]}) > 1, "a transition after the resume point proves φ came back"
+
+    # a fresh process's view: new model, new controller, resume at step 3
+    model2, _, ctrl2 = build("bert", signal=signal)
+    with torch.no_grad():  # make sure the weights really come from the checkpoint
+        for p in model2.parameters():
+            p.add_(0.01)
+    Trainer(model=model2, args=_resume_args(tmp_path, 8), train_dataset=TokenDataset(n=16),
+            callbacks=[UnifiedLoRACallback(ctrl2)]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert [(r.step, r.phi, r.mode, r.rank, r.lr) for r in ctrl2.trace] == full_trace[3:]
+    resumed = _final_lora(model2)
+    assert resumed.keys() == full_weights.keys()
+    assert all(torch.equal(resumed[k], full_weights[k]) for k in full_weights)
+
+
+def test_resume_without_controller_state_raises(tmp_path):
+    model, _, ctrl = build("bert")
+    Trainer(model=model, args=_resume_args(tmp_path, 3), train_dataset=TokenDataset(n=6),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    os.remove(tmp_path / "checkpoint-3" / CONTROLLER_STATE_NAME)
+    model2, _, ctrl2 = build("bert")
+    trainer = Trainer(model=model2, args=_resume_args(tmp_path, 4), train_dataset=TokenDataset(n=6),
+                      callbacks=[UnifiedLoRACallback(ctrl2)])
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_wrapped_compute_loss_func_feeds_the_controller(tmp_path):
+    model, _, ctrl = build("bert")
+    cb = UnifiedLoRACallback(ctrl)
+
+    labels_seen = []
+
+    def ce_sum_over_items(outputs, labels, num_items_in_batch=None):
+        labels_seen.append(labels.clone())
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    rec = MicroBatchRecorder()
+    args = targs(tmp_path, gradient_accumulation_steps=2, max_steps=2, learning_rate=0.0)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=8), callbacks=[cb, rec],
+            compute_loss_func=cb.wrap_compute_loss_func(ce_sum_over_items)).train()
+    model.eval()
+    with torch.no_grad():
+        micro = [model(input_ids=b["input_ids"], labels=y).loss.item() for b, y in zip(rec.inputs, labels_seen)]
+        # equal-size micro-batches: token mean = mean of means
+    assert [r.loss for r in ctrl.trace] == pytest.approx([sum(micro[:2]) / 2, sum(micro[2:4]) / 2], abs=1e-6)
+
+
+def test_missing_loss_fails_loudly(tmp_path):
+    model, _, ctrl = build("bert")
+    args = targs(tmp_path, max_steps=1, label_smoothing_factor=0.1)  # the Trainer pops labels: no outputs.loss
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=2), callbacks=[UnifiedLoRACallback(ctrl)])
+    with pytest.raises(RuntimeError, match="no training loss"):
+        trainer.train()
+
+
+def test_composite_signal_reads_gradients_inside_the_trainer(tmp_path):
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 print_fn=None)  # v3 default: the composite signal
+    args = targs(tmp_path, max_steps=3, learning_rate=1e-3, max_grad_norm=0.0)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=6), callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    assert len(ctrl.trace) == 3
+    assert all(r.components["S"] > 0 for r in ctrl.trace)  # stress = EMA of adapter gradient norms
