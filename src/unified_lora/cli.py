@@ -1,0 +1,652 @@
+"""`unified-lora`: demo, train, plot, report.
+
+    unified-lora demo                       # MiniLM + shipped MRPC, a label shock, unified vs fixed-rank LoRA
+    unified-lora train --config run.yaml    # any HF model on your CSV/TSV/JSONL (or GLUE) data
+    unified-lora plot RUN/trace.jsonl -o phi.png
+    unified-lora report RUN
+
+Errors in the input (missing file, unknown column, bad option, ...) print one
+line `unified-lora: error: ...` and exit with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+PROG = "unified-lora"
+DEMO_LRS = (2e-3, 5e-4, 1e-4)  # the seed's Llama-run table (SINGLE, MULTI, MIRROR)
+DEV_SUBSAMPLE_SEED = 0  # --dev-size picks the same dev rows for every --seed, so seeds compare on one set
+DEMO_LOSS_SCALE = 0.3  # see the --loss-scale help and the README: MRPC's flip shock only raises the loss ~1.3-1.6x
+
+
+class _Console:
+    """Prints above the tqdm bar and keeps a copy of every line (written to console.txt)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        from tqdm import tqdm
+
+        self.lines.append(line)
+        tqdm.write(line, file=sys.stdout)
+
+    def save(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
+
+
+def _bar(total: int, initial: int = 0, desc: str = ""):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                file=sys.stderr, disable=None)  # disable=None: no bar when stderr is not a terminal
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _fmt_metrics(m: dict | None) -> str:
+    if not m:
+        return "-"
+    return " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, (int, float)))
+
+
+def format_summary(summary: dict) -> str:
+    """The run's table (used by `demo` at the end and by `report`)."""
+    lines = []
+    kind = summary.get("command", "run")
+    lines.append(f"{kind}: model={summary.get('model')} data={summary.get('data')} steps={summary.get('steps')}")
+    if summary.get("shock"):
+        s = summary["shock"]
+        lines.append(f"shock: {s['type']} labels on steps [{s['start']}, {s['end']})")
+    if summary.get("dev_note"):
+        lines.append(summary["dev_note"])
+    arms = summary.get("arms", {})
+    points = summary.get("eval_points") or sorted({k for a in arms.values() for k in a.get("eval", {})})
+    if arms:
+        rows = [("method", list(points))]
+        if summary.get("majority"):
+            rows.append(("majority class", [_fmt_metrics(summary["majority"])] * len(points)))
+        for name, arm in arms.items():
+            rows.append((arm.get("label", name), [_fmt_metrics(arm.get("eval", {}).get(p)) for p in points]))
+        w0 = max(len(r[0]) for r in rows)
+        ws = [max(len(r[1][i]) for r in rows) for i in range(len(points))]
+        table = [f"{r[0]:<{w0}} | " + " | ".join(f"{c:<{w}}" for c, w in zip(r[1], ws)) for r in rows]
+        lines += ["", table[0], "-" * len(table[0]), *table[1:], ""]
+    for name, arm in arms.items():
+        phi = arm.get("phi") or {}
+        if phi and arm.get("controller", True):
+            lines.append(f"{arm.get('label', name)}: φ pre-shock={phi['pre_shock']:.3f}  peak={phi['peak']:.3f} "
+                         f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode={phi['final_mode']}  "
+                         f"mean rank={phi['mean_rank']:.2f}  steps per mode={phi['steps_in_mode']}")
+        for m in arm.get("mirror", []):
+            lines.append(f"  Mirror exit @ step {m['step']}: snapshot {m['snapshot']} "
+                         f"(drift={m['drift']:.2%}, threshold {summary.get('drift_threshold', 0.05):.0%})")
+        if arm.get("wall_s") is not None:
+            cpu = f", {arm['cpu_s']:.1f} CPU-s" if "cpu_s" in arm else ""
+            lines.append(f"  {arm.get('label', name)}: {arm['wall_s']:.1f} s wall{cpu}, "
+                         f"{arm.get('train_step_s', arm.get('step_s', float('nan'))):.3f} s per training step")
+    if summary.get("wall_s") is not None:
+        cpu = f", {summary['cpu_s']:.1f} CPU-s on {summary.get('threads', '?')} thread(s)" if "cpu_s" in summary else ""
+        lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _arm_summary(run, trace: list[dict], cfg, evals: dict, wall: float, steps_run: int, label: str) -> dict:
+    from .training import phi_summary, transitions
+
+    trans = transitions(trace)
+    return {
+        "label": label,
+        "controller": cfg.controller,
+        "eval": evals,
+        "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end),
+        "transitions": trans,
+        "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")],
+        "loss_scale": trace[-1]["components"].get("loss_scale") if trace else None,
+        "wall_s": wall,
+        "step_s": wall / max(steps_run, 1),
+    }
+
+
+def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: dict, task: str, trace_path: Path,
+               say: Callable[[str], None], label: str) -> tuple[dict, list[dict]]:
+    """One demo arm: fresh model (same seed), `cfg.steps` steps with the shock, three dev evaluations."""
+    from .trace import read_trace
+    from .training import Run, evaluate, iterate, load_model, seed_everything
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    seed_everything(cfg.seed)
+    model, _ = load_model(model_path, "seq-cls", num_labels)
+    run = Run(cfg, model, "seq-cls", num_labels, str(trace_path), print_fn=say if cfg.controller else None)
+    say(f"--- {label}: {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank}, "
+        f"lr={run.ctrl.get_last_lr():g}")
+    eval_at = {cfg.shock_start: "pre_shock", cfg.shock_end: "post_shock"} if cfg.has_shock else {}
+    evals: dict = {}
+    train_s, bar = 0.0, _bar(cfg.steps, desc=label)
+    for _, batch in iterate(run, enc_train, cfg.steps, 10**9, 0):
+        if batch is None:
+            continue
+        step = run.state.global_step
+        if step in eval_at:
+            evals[eval_at[step]] = evaluate(model, enc_dev, "seq-cls", task)
+            say(f"    dev @ step {step} ({eval_at[step].replace('_', '-')}): {_fmt_metrics(evals[eval_at[step]])}")
+        if cfg.has_shock and step == cfg.shock_start:
+            say(f">>> SHOCK @ step {step} ({cfg.shock_type} labels until step {cfg.shock_end})")
+        if cfg.has_shock and step == cfg.shock_end:
+            say(f">>> RECOVERY @ step {step}")
+        t = time.perf_counter()
+        loss = run.train_step(batch)
+        train_s += time.perf_counter() - t
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
+    bar.close()
+    evals["final"] = evaluate(model, enc_dev, "seq-cls", task)
+    say(f"    dev @ step {run.state.global_step} (final): {_fmt_metrics(evals['final'])}")
+    run.ctrl.close()
+    trace = read_trace(trace_path)
+    arm = _arm_summary(run, trace, cfg, evals, time.perf_counter() - t0, run.state.global_step, label)
+    arm["train_step_s"] = train_s / max(run.state.global_step, 1)
+    arm["cpu_s"] = time.process_time() - cpu0  # CPU seconds of this process: a load-independent cost measure
+    arm["trainable_params_final"] = run.n_trainable()
+    if cfg.controller and run.ctrl.last_decision is not None:
+        d = run.ctrl.last_decision
+        arm["last_decision"] = {"restore": d.restore, "drift": d.drift, "policy": d.policy,
+                                "loss_at_entry": d.loss_at_entry, "loss_at_exit": d.loss_at_exit}
+    return arm, trace
+
+
+def cmd_demo(args) -> int:
+    from .data import TextDataset
+    from .plotting import plot_trace
+    from .training import TrainConfig, encode_rows, load_data, load_tokenizer, majority, resolve_model, subsample
+
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
+    cfg = TrainConfig(model=args.model, data=args.data, text_columns=args.text_columns, label_column=args.label_column,
+                      dev_size=args.dev_size, max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
+                      seed=args.seed, signal=args.signal, mode_lrs=lrs, loss_scale=args.loss_scale,
+                      calibration_steps=args.calibration_steps, calibration_target=args.calibration_target,
+                      shock_start=args.shock_start, shock_end=args.shock_end, shock_type=args.shock_type,
+                      output_dir=str(out), log_every=args.log_every, target_modules=args.target_modules,
+                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell)
+    say = _Console()
+    model_path = resolve_model(cfg.model)
+    train, dev, task = load_data(cfg, "seq-cls")
+    dev_eval = subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)  # same rows whatever --seed is
+    assert isinstance(train, TextDataset)
+    n_dev, n_all = len(dev_eval), len(dev)
+    dev_note = (f"dev: {n_dev} of {n_all} rows (fixed subsample, seed {DEV_SUBSAMPLE_SEED}, to keep the demo short)"
+                if n_dev < n_all else f"dev: all {n_all} rows")
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(model_path)
+    enc_train = encode_rows(tok, train, "seq-cls", cfg.max_length)
+    enc_dev = encode_rows(tok, dev_eval, "seq-cls", cfg.max_length)
+    maj = majority(train, dev_eval, task)
+    sig = cfg.signal_config()
+    say(f"unified-lora demo: {_model_name(cfg.model, model_path)} on {task} ({len(train)} train rows, batch {cfg.batch_size}, "
+        f"max_length {cfg.max_length}), {cfg.steps} steps, {cfg.shock_type} shock on [{cfg.shock_start}, "
+        f"{cfg.shock_end})")
+    say(f"signal={cfg.signal} loss_scale={sig.loss_scale:g} calibration_steps={sig.calibration_steps} "
+        f"θ0={cfg.theta0} θ1={cfg.theta1}; LR SINGLE/MULTI/MIRROR = {'/'.join(f'{x:g}' for x in lrs)}; "
+        f"ranks 4/8/16")
+    say(dev_note)
+    say(f"majority class baseline on dev: {_fmt_metrics(maj)}")
+
+    arms, traces = {}, {}
+    arms["unified"], traces["unified"] = _train_arm(cfg, model_path, train.num_labels, enc_train, enc_dev, task,
+                                                    out / "trace.jsonl", say, "Unified LoRA")
+    if not args.no_baseline:
+        base_cfg = TrainConfig(**{**cfg.__dict__, "controller": False})
+        arms["baseline"], traces["baseline"] = _train_arm(base_cfg, model_path, train.num_labels, enc_train, enc_dev,
+                                                          task, out / "baseline_trace.jsonl", say,
+                                                          "Baseline LoRA r8")
+    u = arms["unified"]
+    summary = {
+        "command": "demo", "model": model_path, "data": cfg.data or "shipped GLUE MRPC", "task": task,
+        "steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "shock": {"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end},
+        "signal": {"kind": cfg.signal, "loss_scale": sig.loss_scale, "calibration_steps": sig.calibration_steps,
+                   "calibration_target": sig.calibration_target, "loss_scale_used": u.get("loss_scale")},
+        "theta0": cfg.theta0, "theta1": cfg.theta1, "mode_lrs": list(lrs), "mode_ranks": [4, 8, 16],
+        "drift_threshold": cfg.drift_threshold, "dev_rows": n_dev, "dev_rows_total": n_all, "dev_note": dev_note,
+        "eval_points": ["pre_shock", "post_shock", "final"], "majority": maj, "arms": arms,
+        "threads": _threads(),
+    }
+    plot_path = plot_trace(traces["unified"], out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
+                           shock=(cfg.shock_start, cfg.shock_end), baseline=traces.get("baseline"),
+                           title=f"unified-lora demo: {_model_name(cfg.model, model_path)} on {task}, "
+                                 f"{cfg.shock_type} shock")
+    summary["wall_s"] = time.perf_counter() - t_start
+    summary["cpu_s"] = time.process_time() - cpu_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    say("")
+    say(format_summary(summary))
+    say(f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
+    say.save(out / "console.txt")
+    return 0
+
+
+def _model_name(given: str | None, path: str) -> str:
+    return "all-MiniLM-L6-v2 (bundled)" if given is None else Path(path).name
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- train
+
+
+_TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually gave override the config)
+    **{k: k for k in (
+        "model", "data", "dev_data", "task_type", "text_columns", "label_column", "epochs", "steps", "batch_size",
+        "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
+        "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
+        "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy")},
+    "lrs": "mode_lrs",
+}
+
+
+def _train_config(args) -> "object":
+    import torch
+
+    from .training import TrainConfig, UsageError, latest_checkpoint
+
+    d: dict = {}
+    if args.config:
+        import yaml
+
+        p = Path(args.config)
+        if not p.is_file():
+            raise UsageError(f"--config {args.config}: no such file; pass a YAML file with TrainConfig keys")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--config {args.config}: must be a mapping of keys to values, e.g. `epochs: 3`")
+        d.update(loaded)
+    flags = {f: getattr(args, k) for k, f in _TRAIN_FLAGS.items() if getattr(args, k, None) is not None}
+    if args.no_controller:
+        flags["controller"] = False
+    out = flags.get("output_dir", d.get("output_dir", "unified-lora-run"))
+    ckpt = None
+    if args.resume:
+        ckpt = latest_checkpoint(Path(out) / "checkpoints")
+        if ckpt is None:
+            raise UsageError(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; "
+                             "start without --resume (or pass the run's --output-dir)")
+        stored = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["config"]
+        d = {**stored, **d}  # the stored run's settings, then whatever is given now
+    d.update(flags)
+    return TrainConfig.from_dict(d), ckpt
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .data import TextDataset
+    from .plotting import plot_trace
+    from .trace import read_trace
+    from .training import (Run, UsageError, detect_task_type, encode_rows, evaluate, export_peft, iterate, load_data,
+                           load_model,
+                           majority, phi_summary, resolve_model, seed_everything, subsample, transitions,
+                           truncate_trace)
+
+    t_start = time.perf_counter()
+    cfg, ckpt = _train_config(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    say = _Console()
+    out = Path(cfg.output_dir)
+    model_path = resolve_model(cfg.model)
+    task_type = detect_task_type(model_path, cfg.task_type)
+    train, dev, task = load_data(cfg, task_type)
+    dev = subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+    num_labels = train.num_labels if isinstance(train, TextDataset) else 0
+    if task_type == "seq-cls" and num_labels < 2:
+        raise UsageError(f"--label-column {cfg.label_column}: found {num_labels} class; need at least 2 labels")
+    seed_everything(cfg.seed)
+    model, tok = load_model(model_path, task_type, max(num_labels, 2))
+    enc_train = encode_rows(tok, train, task_type, cfg.max_length)
+    enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
+    out.mkdir(parents=True, exist_ok=True)
+    trace_path = out / "trace.jsonl"
+    if ckpt is not None:
+        step0 = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["run"]["global_step"]
+        truncate_trace(trace_path, step0)
+    run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
+    if ckpt is not None:
+        run.load_checkpoint(ckpt)
+        say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
+    n_rows = len(enc_train["labels"])
+    per_epoch = math.ceil(n_rows / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {len(enc_dev['labels'])}"
+        f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
+        f", {run.n_trainable():,} trainable parameters")
+    ckpt_root = out / "checkpoints"
+    stop = {"requested": False}
+
+    def _on_sigint(signum, frame):
+        if stop["requested"]:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        say("interrupt: finishing this step, then saving a resumable checkpoint (Ctrl-C again to abort)")
+
+    old_handler = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() else None
+    bar = _bar(total, run.state.global_step, desc="train")
+    interrupted = False
+    try:
+        for epoch, batch in iterate(run, enc_train, total, cfg.epochs if not cfg.steps else 10**9, per_epoch):
+            if batch is None:  # end of an epoch: evaluate, checkpoint
+                m = evaluate(model, enc_dev, task_type, task)
+                run.state.evals.append({"epoch": epoch + 1, "step": run.state.global_step, **m})
+                say(f"epoch {epoch + 1} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+                run.save_checkpoint(ckpt_root, f"epoch-{epoch + 1}", peft_export=cfg.peft_every_checkpoint)
+            else:
+                loss = run.train_step(batch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
+            if stop["requested"]:
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        run.ctrl.close()
+        say(f"aborted; the last complete checkpoint is kept under {ckpt_root}")
+        return 130
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    bar.close()
+    if interrupted:
+        path = run.save_checkpoint(ckpt_root, f"step-{run.state.global_step}")
+        run.ctrl.close()
+        say(f"saved {path}; continue with: {PROG} train --output-dir {out} --resume")
+        say.save(out / "console.txt")
+        return 130
+    if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
+        m = evaluate(model, enc_dev, task_type, task)
+        run.state.evals.append({"epoch": run.state.epoch + run.state.step_in_epoch / per_epoch,
+                                "step": run.state.global_step, **m})
+        say(f"final @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+        run.save_checkpoint(ckpt_root, f"step-{run.state.global_step}")
+    run.ctrl.close()
+    peft_note = export_peft(model, run.adapters, run.ctrl.rank, out / "peft_adapter")
+    say(peft_note or f"PEFT adapter (rank {run.ctrl.rank}): {out / 'peft_adapter'} "
+                     "(loads with peft.PeftModel.from_pretrained(base_model, path))")
+    trace = read_trace(trace_path)
+    trans = transitions(trace)
+    evals = {f"epoch {e['epoch']:g}": {k: v for k, v in e.items() if k not in ("epoch", "step")}
+             for e in run.state.evals}
+    summary = {
+        "command": "train", "model": model_path, "task_type": task_type, "data": cfg.data or "shipped GLUE MRPC",
+        "task": task, "steps": run.state.global_step, "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__),
+        "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
+        "eval_points": list(evals), "majority": majority(train, dev, task), "drift_threshold": cfg.drift_threshold,
+        "theta0": cfg.theta0, "theta1": cfg.theta1,
+        "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
+                         "controller": cfg.controller, "eval": evals,
+                         "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
+                         "transitions": trans, "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")]}},
+        "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
+        "peft_adapter": None if peft_note else str(out / "peft_adapter"),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if trace:
+        plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
+                   shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
+    say(format_summary(summary))
+    say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}")
+    say.save(out / "console.txt")
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- plot / report
+
+
+def _read_run_summary(directory: Path) -> dict | None:
+    p = directory / "summary.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        from .training import UsageError
+
+        raise UsageError(f"{p}: not valid JSON ({e.msg}); re-run the command that wrote it") from None
+
+
+def _load_trace(path: Path) -> list[dict]:
+    from .trace import read_trace
+    from .training import UsageError
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such trace file; pass the trace.jsonl a run wrote (or the run folder)")
+    try:
+        trace = read_trace(path)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: line {e.lineno if hasattr(e, 'lineno') else '?'} is not JSON; "
+                         "is this a unified-lora trace.jsonl?") from None
+    if not trace:
+        raise UsageError(f"{path}: trace is empty; the run recorded no steps")
+    if not all(isinstance(r, dict) and {"step", "phi", "mode", "rank"} <= set(r) for r in trace):
+        raise UsageError(f"{path}: records lack step/phi/mode/rank; is this a unified-lora trace.jsonl?")
+    return trace
+
+
+def cmd_plot(args) -> int:
+    from .plotting import plot_trace
+
+    path = Path(args.trace)
+    if path.is_dir():
+        path = path / "trace.jsonl"
+    trace = _load_trace(path)
+    summary = _read_run_summary(path.parent) or {}
+    shock = tuple(args.shock) if args.shock else None
+    if shock is None and summary.get("shock"):
+        shock = (summary["shock"]["start"], summary["shock"]["end"])
+    base_path = path.parent / "baseline_trace.jsonl"
+    baseline = _load_trace(base_path) if base_path.is_file() and path.name == "trace.jsonl" else None
+    out = args.output or str(path.with_suffix(".png"))
+    plot_trace(trace, out, theta0=summary.get("theta0", args.theta0), theta1=summary.get("theta1", args.theta1),
+               shock=shock, baseline=baseline)
+    print(out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .training import phi_summary, transitions
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        from .training import UsageError
+
+        raise UsageError(f"{run_dir}: no such run folder; pass the --output-dir of a demo or train run")
+    summary = _read_run_summary(run_dir)
+    if summary is None:  # an interrupted run: summarise from the trace alone
+        trace = _load_trace(run_dir / "trace.jsonl")
+        summary = {"command": "run (no summary.json; from trace.jsonl)", "steps": len(trace),
+                   "arms": {"run": {"label": "run", "phi": phi_summary(trace, 0, 0), "transitions": transitions(trace),
+                                    "mirror": [t for t in transitions(trace)
+                                               if t.get("snapshot") in ("restored", "kept")], "eval": {}}}}
+    print(format_summary(summary))
+    for name, arm in summary.get("arms", {}).items():
+        if arm.get("transitions"):
+            print(f"transitions ({arm.get('label', name)}):")
+            for t in arm["transitions"]:
+                extra = f", snapshot {t['snapshot']}" if t.get("snapshot") else ""
+                drift = f", drift={t['drift']:.2%}" if t.get("drift") is not None else ""
+                print(f"  [{t['step']}] {t['transition']} φ={t['phi']:.3f} rank={t['rank']} lr={t['lr']}{extra}{drift}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _csv_list(s: str) -> list[str]:
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. query,value")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    p = argparse.ArgumentParser(prog=PROG, parents=[common], description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `unified-lora COMMAND --help` for the options of each command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="stress→recovery demo: MiniLM on MRPC with a label shock",
+                       description="Fine-tune MiniLM (or --model) on MRPC (or --data) with unified-lora, inject a "
+                                   "label shock, and compare with fixed-rank LoRA and the majority class.")
+    d.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
+    d.add_argument("--data", help="GLUE task folder or a .csv/.tsv/.jsonl file (default: shipped MRPC)")
+    d.add_argument("--text-columns", type=_csv_list, default=["text"], help="table text column(s), e.g. s1,s2")
+    d.add_argument("--label-column", default="label", help="table label column")
+    d.add_argument("--steps", type=int, default=160)
+    d.add_argument("--shock-start", type=int, default=60)
+    d.add_argument("--shock-end", type=int, default=100)
+    d.add_argument("--shock-type", choices=("flip", "random"), default="flip")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--output-dir", default="unified-lora-demo")
+    d.add_argument("--max-length", type=int, default=64)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--signal", choices=("loss", "composite"), default="loss")
+    d.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
+                   help=f"absolute LR per mode (default {' '.join(map(str, DEMO_LRS))})")
+    d.add_argument("--loss-scale", type=float, default=DEMO_LOSS_SCALE,
+                   help=f"loss signal: divide the loss by this first (default {DEMO_LOSS_SCALE}: MRPC's ~0.62 training "
+                        "loss sits at φ≈0.67, MULTI, and the flip shock's ~0.8-1.0 crosses θ1=0.7; 1 = the seed's scale)")
+    d.add_argument("--calibration-steps", type=int, default=0, help="loss signal: set loss_scale from these steps")
+    d.add_argument("--calibration-target", type=float, default=0.5)
+    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode before leaving it")
+    d.add_argument("--target-modules", type=_csv_list, default=["query", "value"])
+    d.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
+    d.add_argument("--dev-size", type=int, default=200, help="dev rows to evaluate (fixed-seed subsample; 0 = all)")
+    d.add_argument("--log-every", type=int, default=20, help="console line every N steps (and at transitions)")
+    d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    d.add_argument("--no-baseline", action="store_true", help="skip the fixed-rank LoRA comparison run")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", parents=[common], help="fine-tune any HF model on your data with the controller",
+                       description="Fine-tune a sequence-classification or causal-LM model. Options come from "
+                                   "--config (YAML with TrainConfig keys) and are overridden by flags.")
+    t.add_argument("--config", help="YAML file with TrainConfig keys (model, data, epochs, ...)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR")
+    t.add_argument("--model")
+    t.add_argument("--data")
+    t.add_argument("--dev-data")
+    t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"))
+    t.add_argument("--text-columns", type=_csv_list)
+    t.add_argument("--label-column")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--max-length", type=int)
+    t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier")
+    t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"))
+    t.add_argument("--lr-mode", choices=("absolute", "multiplier"))
+    t.add_argument("--signal", choices=("loss", "composite"))
+    t.add_argument("--loss-scale", type=float)
+    t.add_argument("--calibration-steps", type=int)
+    t.add_argument("--min-dwell", type=int)
+    t.add_argument("--theta0", type=float)
+    t.add_argument("--theta1", type=float)
+    t.add_argument("--mirror-policy")
+    t.add_argument("--target-modules", type=_csv_list)
+    t.add_argument("--modules-to-save", type=_csv_list)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--output-dir")
+    t.add_argument("--dev-size", type=int)
+    t.add_argument("--log-every", type=int)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--shock-start", type=int)
+    t.add_argument("--shock-end", type=int)
+    t.add_argument("--shock-type", choices=("flip", "random"))
+    t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plot", parents=[common], help="plot a trace.jsonl (loss, φ, mode/rank, LR)")
+    pl.add_argument("trace", help="trace.jsonl (or its run folder)")
+    pl.add_argument("-o", "--output", help="PNG path (default: next to the trace)")
+    pl.add_argument("--shock", type=int, nargs=2, metavar=("START", "END"), help="shade this step window")
+    pl.add_argument("--theta0", type=float, default=0.3)
+    pl.add_argument("--theta1", type=float, default=0.7)
+    pl.set_defaults(func=cmd_plot)
+
+    r = sub.add_parser("report", parents=[common], help="print a run's summary table")
+    r.add_argument("run_dir", help="the --output-dir of a demo or train run")
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed `unified-lora ...: error: ...` (code 2) or --help (0)
+        return int(e.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if debug:
+            raise
+        from .data import DataError
+        from .training import UsageError
+
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, (UsageError, DataError, ValueError, FileNotFoundError, ImportError)):
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
+            return 2
+        print(f"{PROG}: error: {type(e).__name__}: {msg} (internal error; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Plot a controller trace: loss, φ with the θ0/θ1 bands, mode and rank, learning rate (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODE_COLORS = ("#4c9f70", "#4a7fc1", "#d0584f")  # SINGLE, MULTI, MIRROR
+
+
+def _series(trace: Sequence[dict], key: str) -> list[float]:
+    out = []
+    for r in trace:
+        v = r.get(key)
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            out.append(float("nan"))
+    return out
+
+
+def _ema(xs: list[float], rate: float = 0.1) -> list[float]:
+    out, m = [], None
+    for x in xs:
+        if x == x:  # skip NaN
+            m = x if m is None else (1 - rate) * m + rate * x
+        out.append(m if m is not None else float("nan"))
+    return out
+
+
+def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: float = 0.3, theta1: float = 0.7,
+               shock: tuple[int, int] | None = None, baseline: Sequence[dict] | None = None,
+               title: str | None = None) -> str:
+    """Write a 4-panel PNG of a trace (list of StepRecord dicts, e.g. from read_trace) and return its path."""
+    if not trace:
+        raise ValueError("trace: empty; nothing to plot (was the run at least one step long?)")
+    steps = _series(trace, "step")
+    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 2]})
+    ax_loss, ax_phi, ax_mode, ax_lr = axes
+
+    loss = _series(trace, "loss")
+    ax_loss.plot(steps, loss, color="#999999", lw=0.7, alpha=0.6, label="loss (per step)")
+    ax_loss.plot(steps, _ema(loss), color="black", lw=1.5, label="loss EMA(0.1) - unified")
+    if baseline:
+        ax_loss.plot(_series(baseline, "step"), _ema(_series(baseline, "loss")), color="#e08a2c", lw=1.5,
+                     label="loss EMA(0.1) - baseline LoRA r8")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend(loc="upper right", fontsize=8)
+
+    ax_phi.axhspan(0, theta0, color=MODE_COLORS[0], alpha=0.10, lw=0)
+    ax_phi.axhspan(theta0, theta1, color=MODE_COLORS[1], alpha=0.10, lw=0)
+    ax_phi.axhspan(theta1, 1, color=MODE_COLORS[2], alpha=0.10, lw=0)
+    for th, name in ((theta0, "θ0"), (theta1, "θ1")):
+        ax_phi.axhline(th, color="#555555", ls="--", lw=0.8)
+        ax_phi.text(steps[0], th + 0.01, f"{name}={th:g}", fontsize=8, color="#555555")
+    ax_phi.plot(steps, _series(trace, "phi"), color="#6a3d9a", lw=1.6, label="φ(t)")
+    ax_phi.set_ylim(0, 1)
+    ax_phi.set_ylabel("stress φ")
+    ax_phi.text(1.005, theta0 / 2, "SINGLE", transform=ax_phi.get_yaxis_transform(), fontsize=7, va="center")
+    ax_phi.text(1.005, (theta0 + theta1) / 2, "MULTI", transform=ax_phi.get_yaxis_transform(), fontsize=7,
+                va="center")
+    ax_phi.text(1.005, (theta1 + 1) / 2, "MIRROR", transform=ax_phi.get_yaxis_transform(), fontsize=7, va="center")
+
+    modes = [int(m) for m in _series(trace, "mode")]
+    ranks = _series(trace, "rank")
+    ax_mode.step(steps, ranks, where="post", color="black", lw=1.4, label="rank")
+    for i, (s, m) in enumerate(zip(steps, modes)):
+        nxt = steps[i + 1] if i + 1 < len(steps) else s + 1
+        ax_mode.axvspan(s, nxt, color=MODE_COLORS[m], alpha=0.25, lw=0)
+    ax_mode.set_ylabel("rank\n(bg: mode)")
+    ax_mode.set_ylim(0, max(ranks) * 1.25 if ranks else 1)
+
+    lrs = _series(trace, "lr")
+    ax_lr.step(steps, lrs, where="post", color="#1f78b4", lw=1.4)
+    if all(v > 0 for v in lrs if v == v):
+        ax_lr.set_yscale("log")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+
+    for r in trace:  # Mirror events
+        if r.get("snapshot"):
+            for ax in axes:
+                ax.axvline(r["step"], color=MODE_COLORS[2], lw=0.8, ls=":")
+            ax_phi.annotate(f"snapshot {r['snapshot']}", (r["step"], 0.95), fontsize=7, rotation=90, va="top",
+                            ha="right", color=MODE_COLORS[2])
+    if shock and shock[1] > shock[0]:
+        for ax in axes:
+            ax.axvspan(shock[0], shock[1], color="#f2c14e", alpha=0.25, lw=0)
+        ax_loss.text(shock[0], 1.0, " shock (corrupted labels)", transform=ax_loss.get_xaxis_transform(),
+                     fontsize=8, va="bottom")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out_path = os.fspath(out_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

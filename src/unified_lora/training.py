@@ -1,0 +1,558 @@
+"""A short train/eval loop shared by `unified-lora demo` and `unified-lora train` (nanoGPT style).
+
+One training step, in the order the controller needs (v3 model card):
+
+    loss = model(**batch).loss
+    loss.backward()
+    ctrl.step(loss=loss.item())      # may switch rank / LR / snapshot or restore (Mirror)
+    clip_grad_norm_(...); optimizer.step(); optimizer.zero_grad()
+
+A *baseline* run uses the very same code with the state machine pinned in
+MULTI (theta0=0, theta1=1: φ ∈ [0, 1) is always MULTI), i.e. plain LoRA at a
+fixed rank and the MULTI learning rate, so data order, seed, shock and
+initialisation are identical.
+
+A *shock* is a window of steps [start, end) whose labels are corrupted:
+"flip" maps y -> (y+1) % K (1-y for binary), "random" draws uniform labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .config import ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_rank_levels
+from .controller import UnifiedController, setup_unified_lora
+from .data import DataError, Example, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
+from .data.loaders import _GLUE, _read_records, normalize_task
+from .model import lora_state_dict, trainable_parameters
+from .trace import TraceWriter, read_trace
+
+TASK_TYPES = ("auto", "seq-cls", "causal-lm")
+
+
+class UsageError(ValueError):
+    """Bad user input (file, column, model path, option): reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. `unified-lora train --config run.yaml` fills it from YAML keys of the same names."""
+
+    model: str | None = None  # HF path or hub id; None = bundled all-MiniLM-L6-v2
+    data: str | None = None  # GLUE task dir (MRPC/train.tsv + dev.tsv) or a .csv/.tsv/.jsonl file; None = shipped MRPC
+    dev_data: str | None = None  # table file for evaluation; None = GLUE dev.tsv, or a split of `data`
+    task_type: str = "auto"  # auto | seq-cls | causal-lm
+    text_columns: Sequence[str] = ("text",)
+    label_column: str = "label"
+    dev_fraction: float = 0.1  # held out from `data` when there is no dev set
+    dev_size: int = 0  # >0: evaluate on a fixed-seed subsample of this many dev rows
+    max_length: int = 64
+    batch_size: int = 16
+    epochs: int = 1
+    steps: int = 0  # >0: stop after this many optimizer steps (overrides epochs)
+    seed: int = 0
+    target_modules: Sequence[str] | str = ("query", "value")
+    modules_to_save: Sequence[str] | None = None  # None = the classifier head for seq-cls
+    rank_levels: Sequence[int] = (4, 8, 16)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    # Controller
+    controller: bool = True  # False: plain LoRA at the MULTI rank and LR (the baseline)
+    signal: str = "loss"  # loss | composite
+    lr_mode: str = "absolute"  # absolute | multiplier
+    mode_lrs: Sequence[float] = (2e-3, 5e-4, 1e-4)  # SINGLE, MULTI, MIRROR (the seed's Llama-run table)
+    lr: float = 5e-4  # base LR for lr_mode="multiplier"
+    loss_scale: float = 1.0
+    calibration_steps: int = 0
+    calibration_target: float = 0.5
+    theta0: float = 0.3
+    theta1: float = 0.7
+    min_dwell: int = 0
+    mirror_policy: str = "drift"
+    drift_threshold: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # Shock (label corruption window), 0/0 = none
+    shock_start: int = 0
+    shock_end: int = 0
+    shock_type: str = "flip"  # flip | random
+    # Output
+    output_dir: str = "unified-lora-run"
+    log_every: int = 25
+    threads: int = 0  # >0: torch.set_num_threads
+    peft_every_checkpoint: bool = False  # also export PEFT format into every checkpoint (always at the end)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text_columns, str):
+            self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+        checks = [
+            ("task_type", self.task_type in TASK_TYPES, f"must be one of {TASK_TYPES}"),
+            ("signal", self.signal in ("loss", "composite"), "must be 'loss' or 'composite'"),
+            ("lr_mode", self.lr_mode in ("absolute", "multiplier"), "must be 'absolute' or 'multiplier'"),
+            ("shock_type", self.shock_type in ("flip", "random"), "must be 'flip' or 'random'"),
+            ("max_length", self.max_length >= 8, "must be >= 8"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("steps", self.steps >= 0, "must be >= 0 (0 = run whole epochs)"),
+            ("dev_size", self.dev_size >= 0, "must be >= 0 (0 = the whole dev set)"),
+            ("dev_fraction", 0.0 < self.dev_fraction < 1.0, "must be in (0, 1)"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
+            ("log_every", self.log_every >= 0, "must be >= 0"),
+            ("shock_end", 0 <= self.shock_start <= self.shock_end, "need 0 <= shock_start <= shock_end"),
+            ("text_columns", 1 <= len(self.text_columns) <= 2, "give one or two column names, e.g. sentence1,sentence2"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+        if self.steps and self.shock_end > self.steps:
+            raise ValueError(f"shock_end: must be <= steps ({self.steps}), got {self.shock_end}")
+        # The config dataclasses of the core validate the rest (thresholds, LRs, policy, ...).
+        check_rank_levels(self.rank_levels)
+        self.signal_config()
+        self.machine_config()
+        self.actuator_config()
+        MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def signal_config(self) -> SignalConfig:
+        return SignalConfig(kind=self.signal, loss_scale=self.loss_scale, calibration_steps=self.calibration_steps,
+                            calibration_target=self.calibration_target)
+
+    def actuator_config(self) -> ActuatorConfig:
+        levels = tuple(self.rank_levels)
+        return ActuatorConfig(mode_ranks=(levels[0], levels[min(1, len(levels) - 1)], levels[-1]),
+                              lr_mode=self.lr_mode, mode_lrs=tuple(self.mode_lrs))
+
+    def machine_config(self) -> MachineConfig:
+        if not self.controller:  # pinned: every φ in [0, 1) is MULTI
+            return MachineConfig(theta0=0.0, theta1=1.0)
+        return MachineConfig(theta0=self.theta0, theta1=self.theta1, min_dwell=self.min_dwell)
+
+    @property
+    def has_shock(self) -> bool:
+        return self.shock_end > self.shock_start
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def resolve_model(path: str | None) -> str:
+    if path is None:
+        from .data import default_model_path
+
+        return default_model_path()
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"--model {path}: folder has no config.json; pass a folder saved with save_pretrained()")
+        return str(p)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith((".", "~")):
+        raise UsageError(f"--model {path}: no such folder; pass a local model folder or a Hugging Face id like org/name")
+    return path  # a hub id; from_pretrained will say if it cannot be fetched
+
+
+def _hf_quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    hf_logging.disable_progress_bar()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def detect_task_type(path: str, task_type: str = "auto") -> str:
+    """'auto' -> 'causal-lm' for decoder-only architectures (…ForCausalLM / …LMHeadModel), else 'seq-cls'."""
+    if task_type != "auto":
+        return task_type
+    from transformers import AutoConfig
+
+    _hf_quiet()
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {path}: cannot load its config ({_first_line(e)}); check the path or hub id") from None
+    archs = cfg.architectures or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    return "causal-lm" if causal else "seq-cls"
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    _hf_quiet()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {path}: cannot load its tokenizer ({_first_line(e)}); check the path or hub id") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(path: str, task_type: str, num_labels: int = 2):
+    """(model, tokenizer) for 'seq-cls' (new classifier head with num_labels) or 'causal-lm'."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    _hf_quiet()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        if task_type == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {path}: cannot load it ({_first_line(e)}); check the path or hub id") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _load_texts(path: Path, column: str) -> list[str]:
+    """Causal-LM data: one text column of a .csv/.tsv/.jsonl table."""
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("csv", "tsv", "jsonl"):
+        raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file")
+    records = _read_records(path, fmt)
+    if not records:
+        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+    if column not in records[0]:
+        raise DataError(f"unknown column {column!r} in {path}; columns are {list(records[0])}")
+    return [str(r.get(column, "")) for r in records]
+
+
+def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
+    """(train, dev, task_name). seq-cls: TextDatasets; causal-lm: lists of strings."""
+    if cfg.data is None:
+        return load_glue("mrpc", "train"), load_glue("mrpc", "dev"), "mrpc"
+    path = Path(cfg.data).expanduser()
+    if not path.exists():
+        raise DataError(f"--data {cfg.data}: no such file or folder; pass a GLUE task folder or a .csv/.tsv/.jsonl file")
+    if path.is_dir():
+        key = normalize_task(path.name)
+        if key not in _GLUE:
+            raise DataError(f"--data {cfg.data}: folder name must be a GLUE task ({sorted(_GLUE)}) holding train.tsv/dev.tsv")
+        return load_glue(key, "train", path), load_glue(key, "dev", path), key
+    if task_type == "causal-lm":
+        texts = _load_texts(path, cfg.text_columns[0])
+        dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None
+        if dev is None:
+            texts, dev = _split(texts, cfg.dev_fraction, cfg.seed)
+        return texts, dev, "lm"
+    train = load_table(path, list(cfg.text_columns), cfg.label_column)
+    if cfg.dev_data:
+        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=train.label_names)
+    else:
+        tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
+        train, dev = (TextDataset(tr, train.num_labels, train.label_names, train.name),
+                      TextDataset(dv, train.num_labels, train.label_names, train.name + "/dev"))
+    return train, dev, path.stem
+
+
+def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    if len(items) < 2:
+        raise DataError(f"need at least 2 rows to hold out a dev set, got {len(items)}; add rows or pass --dev-data")
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    n_dev = max(1, int(round(len(items) * fraction)))
+    dev_idx = set(idx[:n_dev])
+    return [x for i, x in enumerate(items) if i not in dev_idx], [items[i] for i in sorted(dev_idx)]
+
+
+def subsample(items, n: int, seed: int):
+    """A fixed-seed subsample of n items (order kept); all of them when n is 0 or >= len."""
+    seq = items.examples if isinstance(items, TextDataset) else items
+    if not n or n >= len(seq):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(seq)), n))
+    picked = [seq[i] for i in keep]
+    if isinstance(items, TextDataset):
+        return TextDataset(picked, items.num_labels, items.label_names, items.name)
+    return picked
+
+
+def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise every row once (padded to the longest); batches are row slices of these tensors."""
+    if task_type == "causal-lm":
+        rows = [r for r in rows if r.strip()]
+        if not rows:
+            raise DataError("no non-empty texts to train on; check --text-columns")
+        enc = tokenizer(rows, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+        return out
+    from .data import encode
+
+    return encode(tokenizer, rows.examples if isinstance(rows, TextDataset) else rows, max_length=max_length)
+
+
+def batches(enc: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+    """One epoch of shuffled batches; the order depends only on (seed, epoch), so a resumed run sees the same data."""
+    n = len(enc["labels"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    return [{k: v[idx] for k, v in enc.items()} for idx in perm.split(batch_size)]
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut columns that are padding in every row of this batch (cheaper forward on CPU)."""
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
+
+
+def corrupt(labels: torch.Tensor, kind: str, num_labels: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "flip":
+        return flip_labels(labels, num_labels)
+    return torch.randint(0, num_labels, labels.shape, generator=gen)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, batch_size: int = 64) -> dict:
+    """seq-cls: GLUE metrics (f1/accuracy/...); causal-lm: mean loss and perplexity."""
+    was_training = model.training
+    model.eval()
+    preds, losses, count = [], 0.0, 0
+    n = len(enc["labels"])
+    for i in range(0, n, batch_size):
+        b = trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})
+        out = model(**b)
+        if task_type == "causal-lm":
+            tokens = int((b["labels"][:, 1:] != -100).sum())
+            losses += float(out.loss) * tokens
+            count += tokens
+        else:
+            preds.append(out.logits.argmax(-1))
+    model.train(was_training)
+    if task_type == "causal-lm":
+        loss = losses / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return glue_metrics(task, torch.cat(preds).numpy(), enc["labels"].numpy())
+
+
+def majority(train, dev, task: str) -> dict | None:
+    if not isinstance(train, TextDataset):
+        return None
+    return majority_baseline(train.labels, dev.labels, task)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must hold besides the tensors."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    evals: list = field(default_factory=list)  # [{"step":..., "epoch":..., "tag":..., metrics...}]
+    wall_s: float = 0.0
+
+
+class Run:
+    """A model with nested LoRA, its optimizer and controller, and the loop that trains it."""
+
+    def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
+                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False):
+        self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
+        mts = cfg.modules_to_save
+        if mts is None and task_type == "seq-cls":
+            mts = [n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
+                                                           for m, _ in model.named_modules())][:1]
+        self.adapters, self.ctrl = setup_unified_lora(
+            model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=cfg.lr_mode,
+            machine=cfg.machine_config(), actuators=cfg.actuator_config(),
+            mirror=MirrorConfig(policy=cfg.mirror_policy, drift_threshold=cfg.drift_threshold),
+            trace_path=None, log_every=cfg.log_every, print_fn=print_fn)
+        if trace_path:
+            self.ctrl.writer = TraceWriter(trace_path, append=append_trace)
+        start_lr = self.ctrl.get_last_lr() if cfg.lr_mode == "absolute" else cfg.lr
+        self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=start_lr, weight_decay=cfg.weight_decay)
+        self.ctrl.attach_optimizer(self.optimizer)
+        self.state = RunState()
+        self.shock_gen = torch.Generator().manual_seed(cfg.seed + 17)
+
+    def n_trainable(self) -> int:
+        """Parameters that train at the current rank (active LoRA slices + saved modules)."""
+        lora = sum(p.numel() for a in self.adapters.values() for p in a.active_parameters())
+        return lora + sum(p.numel() for p in self.ctrl.extra_params)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        cfg, step = self.cfg, self.state.global_step
+        batch = trim_padding(batch)
+        if cfg.has_shock and cfg.shock_start <= step < cfg.shock_end and self.task_type == "seq-cls":
+            batch = dict(batch, labels=corrupt(batch["labels"], cfg.shock_type, self.num_labels, self.shock_gen))
+        loss = self.model(**batch).loss
+        loss.backward()
+        value = loss.item()
+        self.ctrl.step(loss=value)  # after backward, before optimizer.step()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        return value
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool = False) -> Path:
+        """Atomically write `root/<tag>/`: a temp folder first, then os.replace, so an interrupt
+        never leaves a half-written checkpoint under the final name."""
+        from safetensors.torch import save_file
+
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{tag}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in self.ctrl.extra_params:
+            tensors[names[id(p)]] = p.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
+                    "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
+                    "num_labels": self.num_labels, "shock_gen": self.shock_gen.get_state(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        if peft_export:
+            note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
+            if note:
+                (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
+        final = root / tag
+        if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
+            old = root / f".old-{tag}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        tensors = load_file(str(path / "adapter_blocks.safetensors"))
+        missing = [k for k in tensors if k not in dict(self.model.named_parameters())]
+        if missing:
+            raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
+                             "resume with the same --model and LoRA settings")
+        self.model.load_state_dict(tensors, strict=False)
+        st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.ctrl.load_state_dict(st["controller"])
+        self.state = RunState(**st["run"])
+        self.shock_gen.set_state(st["shock_gen"])
+        torch.set_rng_state(st["torch_rng"])
+
+
+def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:
+    """PEFT-format export (adapter_config.json + adapter_model.safetensors) at the current rank, through
+    unified_lora.peft_io; loads with PeftModel.from_pretrained. Returns None, or a note on why it was skipped."""
+    try:
+        from . import peft_io  # written separately; optional here
+    except ImportError:
+        return "PEFT export skipped: unified_lora.peft_io is not available in this install"
+    try:
+        peft_io.export_peft_adapter(model, adapters, save_dir=str(out_dir), rank=rank)
+    except Exception as e:  # an export problem must not lose the training checkpoint
+        return f"PEFT export failed: {type(e).__name__}: {e}"
+    return None
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under root (temp folders of an interrupted save are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "state.pt").is_file()]
+    if not done:
+        return None
+    return max(done, key=lambda p: torch.load(p / "state.pt", map_location="cpu", weights_only=False)["run"]
+               ["global_step"])
+
+
+def truncate_trace(path: str | os.PathLike, steps: int) -> None:
+    """Drop trace lines at or after `steps` (written after the checkpoint a run resumes from)."""
+    import json
+
+    if not os.path.isfile(path):
+        return
+    keep = [r for r in read_trace(path) if r["step"] < steps]
+    with open(path, "w", encoding="utf-8") as f:
+        for r in keep:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
+    """Pre-shock φ (last step before the shock), peak φ (shock window and after), final φ."""
+    if not trace:
+        return {}
+    phis = [float(r["phi"]) for r in trace]
+    pre = phis[shock_start - 1] if 0 < shock_start <= len(phis) else phis[0]
+    peak_i = max(range(shock_start, len(phis)), key=lambda i: phis[i]) if shock_start < len(phis) else 0
+    modes = [int(r["mode"]) for r in trace]
+    ranks = [int(r["rank"]) for r in trace]
+    return {"pre_shock": pre, "peak": phis[peak_i], "peak_step": peak_i, "final": phis[-1],
+            "final_mode": modes[-1], "mean_rank": sum(ranks) / len(ranks),
+            "steps_in_mode": {m: modes.count(i) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))}}
+
+
+def transitions(trace: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in ("step", "transition", "phi", "rank", "lr", "snapshot", "drift")}
+            for r in trace if r.get("transition")]
+
+
+def iterate(run: Run, enc: dict, steps_total: int, epochs: int, steps_per_epoch: int) -> Iterator[tuple[int, dict]]:
+    """Yield (epoch, batch) from the run's current position to the end (resume-aware)."""
+    cfg = run.cfg
+    while run.state.global_step < steps_total and run.state.epoch < epochs:
+        epoch_batches = batches(enc, cfg.batch_size, cfg.seed, run.state.epoch)
+        while run.state.step_in_epoch < len(epoch_batches) and run.state.global_step < steps_total:
+            batch = epoch_batches[run.state.step_in_epoch]
+            run.state.step_in_epoch += 1  # before the step: a checkpoint taken after it must not repeat this batch
+            yield run.state.epoch, batch
+        if run.state.step_in_epoch >= len(epoch_batches):
+            run.state.epoch += 1
+            run.state.step_in_epoch = 0
+            yield run.state.epoch - 1, None  # end-of-epoch marker
+
+
+def timed(fn, *a, **k):
+    t = time.perf_counter()
+    out = fn(*a, **k)
+    return out, time.perf_counter() - t

@@ -1,0 +1,272 @@
+"""End-to-end tests of the `unified-lora` CLI, in-process through `main([...])`, on a tiny BERT / GPT-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unified_lora.cli import main
+from unified_lora.trace import read_trace
+
+POS = "good great fine nice happy superb".split()
+NEG = "bad awful poor sad terrible ugly".split()
+FILLER = "the a movie film plot actor was is very quite this that story".split()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [FILLER[int(j)] for j in torch.randint(len(FILLER), (4,), generator=g)]
+        words.insert(int(torch.randint(5, (1,), generator=g)), (POS if label else NEG)[i % 6])
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny BERT classifier, a tiny GPT-2 (both sharing one WordPiece vocab) and small data files."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64))
+    bert.config.architectures = ["BertModel"]
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=2, eos_token_id=3, pad_token_id=0))
+    gpt.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    rows = _rows(64)
+    with open(root / "train.csv", "w") as f:
+        f.write("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    with open(root / "train.jsonl", "w") as f:
+        f.write("".join(json.dumps({"review": t, "sentiment": ["neg", "pos"][y]}) + "\n" for t, y in rows))
+    (root / "header_only.csv").write_text("text,label\n")
+    return {"root": root, "bert": str(root / "bert"), "gpt2": str(root / "gpt2"), "csv": str(root / "train.csv"),
+            "jsonl": str(root / "train.jsonl"), "empty": str(root / "header_only.csv")}
+
+
+def _demo_args(tiny, out, *extra) -> list[str]:
+    return ["demo", "--model", tiny["bert"], "--data", tiny["csv"], "--steps", "12", "--shock-start", "4",
+            "--shock-end", "8", "--batch-size", "8", "--max-length", "16", "--dev-size", "0", "--log-every", "4",
+            "--lrs", "1e-2", "5e-3", "1e-3", "--output-dir", str(out), *extra]
+
+
+def _train_args(tiny, out, *extra) -> list[str]:
+    return ["train", "--model", tiny["bert"], "--data", tiny["csv"], "--batch-size", "8", "--max-length", "16",
+            "--output-dir", str(out), "--log-every", "0", *extra]
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_writes_trace_summary_plot_and_console(tiny, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny, out)) == 0
+    trace = read_trace(out / "trace.jsonl")
+    assert [r["step"] for r in trace] == list(range(12))
+    assert {"step", "loss", "phi", "mode", "rank", "lr", "components"} <= set(trace[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"model", "shock", "signal", "majority", "arms", "dev_note", "wall_s"} <= set(summary)
+    assert set(summary["arms"]) == {"unified", "baseline"}
+    for arm in summary["arms"].values():
+        assert set(arm["eval"]) == {"pre_shock", "post_shock", "final"}
+        assert {"accuracy", "macro_f1"} <= set(arm["eval"]["final"])
+    assert {"pre_shock", "peak", "final"} <= set(summary["arms"]["unified"]["phi"])
+    assert (out / "plot.png").read_bytes()[:8] == PNG
+    console = capsys.readouterr().out
+    assert "[0] Mode=1 φ=" in console and "E_s=" in console  # the seed's console line
+    assert ">>> SHOCK @ step 4" in console and ">>> RECOVERY @ step 8" in console
+    assert (out / "console.txt").read_text().count("Mode=") >= 3
+
+
+def test_demo_baseline_is_pinned_at_rank8(tiny, tmp_path):
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny, out, "--loss-scale", "0.05")) == 0  # huge scaled loss: the unified run goes MIRROR
+    base = read_trace(out / "baseline_trace.jsonl")
+    assert {r["mode"] for r in base} == {1} and {r["rank"] for r in base} == {8}
+    unified = read_trace(out / "trace.jsonl")
+    assert max(r["mode"] for r in unified) == 2 and any(r["snapshot"] == "saved" for r in unified)
+
+
+def test_demo_no_baseline_and_composite_signal(tiny, tmp_path):
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny, out, "--no-baseline", "--signal", "composite")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"unified"}
+    assert "C" in read_trace(out / "trace.jsonl")[-1]["components"]
+    assert not (out / "baseline_trace.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- train, resume
+
+
+def test_train_jsonl_epochs_checkpoints(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny["bert"], "--data", tiny["jsonl"], "--text-columns", "review",
+            "--label-column", "sentiment", "--epochs", "2", "--batch-size", "8", "--max-length", "16",
+            "--output-dir", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["arms"]["run"]["eval"]) == ["epoch 1", "epoch 2"]
+    assert summary["checkpoints"] == ["epoch-1", "epoch-2"]
+    ck = out / "checkpoints" / "epoch-2"
+    assert (ck / "adapter_blocks.safetensors").is_file() and (ck / "state.pt").is_file()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp folders left
+    from safetensors.torch import load_file
+
+    keys = load_file(str(ck / "adapter_blocks.safetensors"))
+    assert any(".lora_A." in k for k in keys) and any(k.startswith("classifier.") for k in keys)
+    assert (out / "plot.png").read_bytes()[:8] == PNG
+    peft_dir = out / "peft_adapter"
+    assert summary["peft_adapter"] == str(peft_dir)
+    assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "adapter_model.safetensors").is_file()
+
+
+def test_train_from_yaml_config_with_flag_override(tiny, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny['bert']}\ndata: {tiny['csv']}\nepochs: 3\nbatch_size: 8\nmax_length: 16\n"
+                   "peft_every_checkpoint: true\n"
+                   f"mode_lrs: [0.01, 0.005, 0.001]\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(cfg), "--epochs", "1"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["config"]["mode_lrs"] == [0.01, 0.005, 0.001]
+    assert (tmp_path / "run" / "checkpoints" / "epoch-1" / "peft" / "adapter_config.json").is_file()
+
+
+def test_resume_continues_the_same_trajectory(tiny, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(_train_args(tiny, straight, "--epochs", "2")) == 0
+    assert main(_train_args(tiny, split, "--epochs", "1")) == 0
+    assert main(["train", "--output-dir", str(split), "--resume", "--epochs", "2"]) == 0  # stored config + override
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(split / "trace.jsonl")
+    assert [r["step"] for r in b] == list(range(len(a)))
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["phi"] for r in b] == pytest.approx([r["phi"] for r in a], rel=1e-5)
+
+
+def test_train_causal_lm(tiny, tmp_path):
+    out = tmp_path / "lm"
+    args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
+            "c_attn", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
+            "--loss-scale", "4"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task_type"] == "causal-lm"
+    assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
+
+
+def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
+    """A real SIGINT (sent to this process once the trace shows training under way) -> the step finishes,
+    a resumable checkpoint is written atomically, exit code 130; --resume then completes the run."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    out = tmp_path / "run"
+
+    def interrupt_when_training():
+        trace = out / "trace.jsonl"
+        while not (trace.is_file() and trace.read_text().count("\n") >= 3):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_when_training, daemon=True)
+    watcher.start()
+    assert main(_train_args(tiny, out, "--epochs", "40")) == 130
+    watcher.join(timeout=5)
+    console = capsys.readouterr()
+    assert "Traceback" not in console.err and "--resume" in console.out
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-")  # no temp folder left behind
+    assert 3 <= int(saved[0].split("-")[1]) < 24
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "24"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
+
+
+# ----------------------------------------------------------------------------- plot, report
+
+
+def test_plot_and_report(tiny, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny, out, "--no-baseline")) == 0
+    capsys.readouterr()
+    png = tmp_path / "phi.png"
+    assert main(["plot", str(out / "trace.jsonl"), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == PNG
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "pre_shock" in report and "majority class" in report and "φ pre-shock=" in report
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing_data", "no such file"),
+    ("unknown_column", "unknown column 'nope'"),
+    ("empty_data", "no data rows"),
+    ("missing_model", "no such folder"),
+    ("bad_theta", "theta0"),
+    ("bad_config_key", "unknown key(s) ['epochz']"),
+    ("missing_config", "--config"),
+    ("resume_without_checkpoint", "--resume"),
+    ("missing_trace", "no such trace file"),
+    ("missing_run_dir", "no such run folder"),
+    ("bad_flag", "--stepz"),
+])
+def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
+    out = str(tmp_path / "o")
+    argv = {
+        "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
+        "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
+        "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
+        "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
+        "bad_theta": _train_args(tiny, out, "--theta0", "0.9", "--theta1", "0.5"),
+        "bad_config_key": ["train", "--config", str(_write(tmp_path / "c.yaml", "epochz: 3\n"))],
+        "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
+        "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
+        "missing_trace": ["plot", str(tmp_path / "none.jsonl")],
+        "missing_run_dir": ["report", str(tmp_path / "none")],
+        "bad_flag": ["demo", "--stepz", "3"],
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert needle in err
+    assert err.strip().splitlines()[-1].startswith("unified-lora")
+    if case != "bad_flag":  # argparse adds a usage line; ours is exactly one line
+        assert err.count("\n") == 1 and err.startswith("unified-lora: error: ")
+
+
+def test_debug_shows_the_traceback(tiny, tmp_path):
+    with pytest.raises(Exception, match="no such file"):
+        main(["--debug", "train", "--model", tiny["bert"], "--data", str(tmp_path / "nope.csv")])
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_installed_entry_point_help():
+    exe = Path(sys.executable).parent / "unified-lora"
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for cmd in ("demo", "train", "plot", "report"):
+        assert cmd in res.stdout
