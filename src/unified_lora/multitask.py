@@ -1,0 +1,1029 @@
+"""Multi-task mode (v1 README, SPEC §5): a shared nested adapter plus one adapter per task.
+
+Topology follows the machine:
+
+* SINGLE: every task trains the *shared* adapter (the plain `NestedLoRALayer` path).
+* entering MULTI ("split"): every task adapter becomes an exact copy of the shared one,
+  every nested block included, so the model's outputs for every task are bit-identical
+  at the moment of the switch. From then on each sample is routed to its task's adapter.
+* MIRROR: as MULTI; the Mirror snapshot covers the shared adapter *and* every task adapter.
+* returning to SINGLE ("merge"): the task adapters are merged back into the shared one
+  (rule below) and the shared adapter trains again.
+
+Parameters for every task are allocated at construction (`spare_slots` extra for tasks
+registered later), so an optimizer built once from `trainable_parameters(model)` holds
+all of them. Parameters a mode does not use never enter the graph, so their `.grad`
+stays None and torch optimizers skip them (the nested-block trick of `layer.py`).
+
+Routing: the active task ids are set by `task_context(model, task_ids)` (or by
+`MultiTaskModel`, which pops `task_ids` from the batch dict). A batch may mix tasks:
+each layer computes the LoRA path per task subset of the rows and scatters it back
+(`index_add`); a batch of one task takes a gather-free path. An unknown task id is a
+`ValueError` naming the id and the known ids, unless `register_new_tasks=True`.
+
+Merge rule (`merge_rule`):
+
+* "mean_factors" (default): for every nested block, shared A_b = mean_t A_{t,b} and
+  shared B_b = mean_t B_{t,b}. This is *not* the mean of the deltas:
+  mean_t(B_t A_t) = B̄ Ā + (1/T) Σ_t (B_t − B̄)(A_t − Ā); the covariance term is lost.
+  It is chosen as default because (1) every task adapter starts as a copy of the shared
+  one, so the factors stay in one common basis and the lost term is second order in the
+  task divergence; (2) it keeps the nested block structure (every prefix rank is the
+  mean of the same prefixes) and leaves blocks that no task changed bit-identical;
+  (3) the shared adapter's optimizer moments stay meaningful (same coordinates).
+  The lost part is measured: `merge_residual` = ‖mean_t ΔW_t − ΔW_merged‖ / ‖mean_t ΔW_t‖
+  at the rank SINGLE uses, is recorded in the trace.
+* "svd" (the exact-delta choice): the first r dims (r = SINGLE's rank) of the shared
+  adapter are refitted to M = mean_t B_t[:, :r] A_t[:r] by truncated SVD, balanced
+  factors B = U√S, A = √S Vᵀ (computed through QR of the stacked factors, never forming
+  M). This is the best rank-r approximation of the mean delta (Eckart-Young), exact when
+  rank(M) ≤ r; blocks above r (paused in SINGLE) take the factor mean. The basis
+  changes, so the shared adapter's optimizer state is reset.
+
+The signal (`MultiTaskSignal`, numbers in, numbers out) is the v1 README
+φ = f(C, E, S, ΔC, ΔE, ΔS), see its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
+from .config import SignalConfig
+from .controller import UnifiedController, _unwrap_optimizer
+from .layer import NestedLoRALayer
+from .machine import Transition
+from .model import inject_nested_lora
+from .signals import Ema, _check_finite
+from .trace import StepRecord
+
+MERGE_RULES = ("mean_factors", "svd")
+CONFLICTS = ("auto", "grad", "weight")
+
+
+# ---------------------------------------------------------------------------------------- tasks / routing
+
+
+def _check_task_id(tid: Any) -> int | str:
+    if isinstance(tid, bool) or not isinstance(tid, (int, str)):
+        if hasattr(tid, "item") and not isinstance(tid, str):  # numpy / torch scalar
+            tid = tid.item()
+        if isinstance(tid, bool) or not isinstance(tid, (int, str)):
+            raise ValueError(f"task id: must be an int or a str, got {tid!r} ({type(tid).__name__})")
+    return tid
+
+
+class TaskRouter:
+    """Task registry (id → slot) and the task ids of the batch being run, shared by every
+    multi-task layer of one model. `topology` is "shared" (SINGLE) or "task" (MULTI/MIRROR)."""
+
+    def __init__(self, tasks: Sequence[int | str], spare_slots: int = 0, register_new_tasks: bool = False):
+        tasks = [_check_task_id(t) for t in tasks]
+        if not tasks:
+            raise ValueError("tasks: need at least one task id, e.g. tasks=['rte', 'mrpc']")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks: ids must be unique, got {tasks}")
+        if spare_slots < 0:
+            raise ValueError(f"spare_slots: must be >= 0, got {spare_slots}")
+        self.slots: dict[int | str, int] = {t: i for i, t in enumerate(tasks)}
+        self.n_slots = len(tasks) + int(spare_slots)
+        self.register_new_tasks = bool(register_new_tasks)
+        self.topology = "shared"
+        self.track_grads = False
+        self.layers: list[MultiTaskNestedLoRALayer] = []
+        self._ids: list | int | str | None = None
+        self._slot_list: list[int] | None = None
+        self._per_sample = False
+        self._groups_cache: dict = {}
+
+    @property
+    def task_ids(self) -> list[int | str]:
+        return list(self.slots)
+
+    def register_task(self, tid) -> int:
+        """Give `tid` a free pre-allocated slot (initialised from the shared adapter)."""
+        tid = _check_task_id(tid)
+        if tid in self.slots:
+            return self.slots[tid]
+        if len(self.slots) >= self.n_slots:
+            raise ValueError(f"task id {tid!r}: no free task slot (known task ids: {self.task_ids}); pre-allocate "
+                             f"slots with spare_slots= so the optimizer holds their parameters from the start")
+        slot = len(self.slots)
+        self.slots[tid] = slot
+        for layer in self.layers:
+            layer.copy_shared_to_tasks([slot])
+        return slot
+
+    def slot(self, tid) -> int:
+        tid = _check_task_id(tid)
+        s = self.slots.get(tid)
+        if s is None:
+            if not self.register_new_tasks:
+                raise ValueError(f"task id {tid!r} is not registered; known task ids: {self.task_ids} "
+                                 f"(register it with register_task(), or build with register_new_tasks=True)")
+            s = self.register_task(tid)
+        return s
+
+    def set_task_ids(self, task_ids) -> None:
+        """`task_ids`: one id for the whole batch, or one id per sample (list/tuple/tensor)."""
+        self._groups_cache = {}
+        if task_ids is None:
+            self._ids, self._slot_list = None, None
+            return
+        if hasattr(task_ids, "tolist") and not isinstance(task_ids, (int, str)):  # tensor / numpy array or scalar
+            task_ids = task_ids.tolist()
+        if not isinstance(task_ids, (list, tuple)):  # one id for the whole batch
+            s = self.slot(task_ids)
+            self._ids, self._slot_list = _check_task_id(task_ids), [s]
+            self._per_sample = False
+            return
+        ids = list(task_ids)
+        if not ids:
+            raise ValueError("task_ids: empty; give one id per sample or one id for the batch")
+        self._ids = ids
+        self._slot_list = [self.slot(t) for t in ids]
+        self._per_sample = True
+
+    def get_state(self):
+        return self._ids, self._slot_list, self._per_sample, self._groups_cache
+
+    def set_state(self, st) -> None:
+        self._ids, self._slot_list, self._per_sample, self._groups_cache = st
+
+    def groups(self, batch: int, device) -> list[tuple[int, torch.Tensor | None]] | None:
+        """[(slot, row index or None for all rows)] for a batch of `batch` rows; None if no ids set."""
+        if self._slot_list is None:
+            return None
+        key = (batch, str(device))
+        g = self._groups_cache.get(key)
+        if g is not None:
+            return g
+        if not self._per_sample:
+            g = [(self._slot_list[0], None)]
+        else:
+            if len(self._slot_list) != batch:
+                raise ValueError(f"task_ids: got {len(self._slot_list)} ids for a batch of {batch} rows; "
+                                 f"give one id per sample (or a single id for the whole batch)")
+            uniq = sorted(set(self._slot_list))
+            if len(uniq) == 1:
+                g = [(uniq[0], None)]
+            else:
+                s = torch.tensor(self._slot_list, device=device)
+                g = [(u, (s == u).nonzero().flatten()) for u in uniq]
+        self._groups_cache[key] = g
+        return g
+
+    def present_slots(self) -> list[int]:
+        return sorted(set(self._slot_list)) if self._slot_list else []
+
+    def state_dict(self) -> dict:
+        return {"slots": [[t, s] for t, s in self.slots.items()], "n_slots": self.n_slots, "topology": self.topology}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["n_slots"] != self.n_slots:
+            raise ValueError(f"router: checkpoint has {sd['n_slots']} task slots, this model {self.n_slots}")
+        self.slots = {t: s for t, s in sd["slots"]}
+        self.set_topology(sd["topology"])
+
+    def set_topology(self, topology: str) -> None:
+        if topology not in ("shared", "task"):
+            raise ValueError(f"topology: 'shared' or 'task', got {topology!r}")
+        self.topology = topology
+
+
+def find_router(obj) -> TaskRouter:
+    if isinstance(obj, TaskRouter):
+        return obj
+    r = getattr(obj, "task_router", None) or getattr(obj, "_unified_lora_router", None)
+    if isinstance(r, TaskRouter):
+        return r
+    if isinstance(obj, nn.Module):
+        for m in obj.modules():
+            if isinstance(m, MultiTaskNestedLoRALayer):
+                return m.router
+    raise ValueError("no multi-task adapters found; build them with inject_multitask_lora / setup_multitask_lora")
+
+
+@contextlib.contextmanager
+def task_context(model_or_router, task_ids):
+    """`with task_context(model, task_ids): out = model(**batch)` routes each sample to its task."""
+    router = find_router(model_or_router)
+    prev = router.get_state()
+    router.set_task_ids(task_ids)
+    try:
+        yield router
+    finally:
+        router.set_state(prev)
+
+
+class MultiTaskModel(nn.Module):
+    """Wrapper whose forward pops `task_ids` from the keyword arguments and routes by them."""
+
+    def __init__(self, model: nn.Module, router: TaskRouter | None = None):
+        super().__init__()
+        self.model = model
+        self._router = router or find_router(model)
+
+    @property
+    def task_router(self) -> TaskRouter:
+        return self._router
+
+    def forward(self, *args, task_ids=None, **kwargs):
+        if task_ids is None:
+            raise ValueError(f"MultiTaskModel: pass task_ids= (one id, or one per sample); known: {self._router.task_ids}")
+        with task_context(self._router, task_ids):
+            return self.model(*args, **kwargs)
+
+
+def per_task_losses(per_sample_loss: torch.Tensor, task_ids) -> dict:
+    """Mean loss per task from per-sample losses (e.g. cross_entropy(..., reduction='none'))."""
+    if torch.is_tensor(task_ids):
+        task_ids = task_ids.reshape(-1).tolist()
+    if isinstance(task_ids, (int, str)):
+        return {task_ids: float(per_sample_loss.detach().float().mean())}
+    vals = per_sample_loss.detach().float().reshape(len(task_ids), -1).mean(1).tolist()
+    out: dict = {}
+    for t, v in zip(task_ids, vals):
+        out.setdefault(t, []).append(v)
+    return {t: sum(v) / len(v) for t, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------- the layer
+
+
+class _TaskAdapter(nn.Module):
+    """One task's nested blocks (same shapes as the shared ones)."""
+
+    def __init__(self, shared: NestedLoRALayer):
+        super().__init__()
+        self.lora_A = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in shared.lora_A)
+        self.lora_B = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in shared.lora_B)
+
+
+class MultiTaskNestedLoRALayer(NestedLoRALayer):
+    """`NestedLoRALayer` with `router.n_slots` pre-allocated task adapters (`lora_tasks[slot]`).
+
+    In the "shared" topology it *is* a `NestedLoRALayer` (the shared adapter). In the
+    "task" topology each sample uses its task's adapter at the same active rank.
+    `lora_parameters()` returns shared + every task block (so Mirror snapshots them all);
+    `active_parameters()` returns what the current topology trains.
+    """
+
+    def __init__(self, base_layer: nn.Module, router: TaskRouter, **kwargs):
+        super().__init__(base_layer, **kwargs)
+        self.lora_tasks = nn.ModuleList(_TaskAdapter(self) for _ in range(router.n_slots))
+        self.router = router
+        router.layers.append(self)
+        self._task_grads: dict[int, list[torch.Tensor]] = {}
+
+    # nn.Module would register the router as an attribute; it is a plain object, so keep it out of state_dict.
+    @property
+    def topology(self) -> str:
+        return self.router.topology
+
+    # -- blocks -----------------------------------------------------------------
+    def task_A(self, slot: int) -> torch.Tensor:
+        k, blocks = self.n_active_blocks, self.lora_tasks[slot].lora_A
+        return blocks[0] if k == 1 else torch.cat(list(blocks[:k]), 0)
+
+    def task_B(self, slot: int) -> torch.Tensor:
+        k, blocks = self.n_active_blocks, self.lora_tasks[slot].lora_B
+        return blocks[0] if k == 1 else torch.cat(list(blocks[:k]), 1)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.lora_A) + list(self.lora_B)
+
+    def task_parameters(self, slot: int | None = None) -> list[nn.Parameter]:
+        slots = range(len(self.lora_tasks)) if slot is None else [slot]
+        return [p for s in slots for p in list(self.lora_tasks[s].lora_A) + list(self.lora_tasks[s].lora_B)]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return self.shared_parameters() + self.task_parameters()
+
+    def active_parameters(self) -> list[nn.Parameter]:
+        if self.router.topology == "shared":
+            return super().active_parameters()
+        k = self.n_active_blocks
+        return [p for s in sorted(self.router.slots.values())
+                for p in list(self.lora_tasks[s].lora_A[:k]) + list(self.lora_tasks[s].lora_B[:k])]
+
+    def set_rank(self, rank: int) -> None:
+        super().set_rank(rank)
+        tasks = getattr(self, "lora_tasks", None)
+        if tasks is None:  # called from NestedLoRALayer.__init__
+            return
+        for t in tasks:  # paused task blocks: no grad, so the optimizer leaves them alone
+            for i in range(self.n_active_blocks, len(self.boundaries)):
+                t.lora_A[i].grad = None
+                t.lora_B[i].grad = None
+
+    def delta_weight(self, rank: int | None = None, task=None) -> torch.Tensor:
+        """Shared delta, or task `task`'s (an id) delta: scaling · B[:, :r] A[:r]."""
+        if task is None:
+            return super().delta_weight(rank)
+        slot = self.router.slot(task)
+        old = self.rank
+        if rank is not None:
+            self.rank = int(rank)
+        try:
+            return self.scaling * (self.task_B(slot) @ self.task_A(slot))
+        finally:
+            self.rank = old
+
+    def merge(self) -> None:
+        if self.router.topology == "task":
+            raise ValueError("merge: in MULTI/MIRROR each task has its own adapter, which cannot be folded into one "
+                             "base weight; merge in SINGLE, or export each task (save_task_adapters)")
+        super().merge()
+
+    # -- forward ------------------------------------------------------------------
+    def _hook(self, slot: int, which: int):
+        def fn(g):
+            acc = self._task_grads.setdefault(slot, [None, None])
+            acc[which] = g.detach().clone() if acc[which] is None else acc[which] + g.detach()
+        return fn
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        r = self.router
+        shared = r.topology == "shared"
+        track = shared and r.track_grads and torch.is_grad_enabled()
+        if shared and not track:
+            return super().forward(x, *args, **kwargs)
+        groups = r.groups(x.shape[0], x.device)
+        if groups is None:
+            if shared:
+                return super().forward(x, *args, **kwargs)
+            raise ValueError("multi-task forward: no task ids set; run the model inside "
+                             "`with task_context(model, task_ids):` or through MultiTaskModel(model)(task_ids=..., ...)")
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_rank:
+            return result
+        scaling = self.scaling
+        if shared:
+            A0, B0 = self.active_A(), self.active_B()
+        out = result
+        for slot, idx in groups:
+            if shared:
+                A, B = A0.view_as(A0), B0.view_as(B0)
+                A.register_hook(self._hook(slot, 0))
+                B.register_hook(self._hook(slot, 1))
+            else:
+                A, B = self.task_A(slot), self.task_B(slot)
+            h = x if idx is None else x.index_select(0, idx)
+            h = self.lora_dropout(h.to(A.dtype))
+            d = (F.linear(F.linear(h, A), B) * scaling).to(result.dtype)
+            out = out + d if idx is None else out.index_add(0, idx, d)
+        return out
+
+    # -- topology changes -------------------------------------------------------------
+    @torch.no_grad()
+    def copy_shared_to_tasks(self, slots: Iterable[int] | None = None) -> None:
+        slots = list(range(len(self.lora_tasks)) if slots is None else slots)
+        for s in slots:
+            t = self.lora_tasks[s]
+            for dst, src in zip(list(t.lora_A) + list(t.lora_B), self.shared_parameters()):
+                dst.copy_(src)
+
+    @torch.no_grad()
+    def merge_tasks_into_shared(self, slots: Sequence[int], rule: str = "mean_factors", rank: int | None = None) -> float:
+        """Merge the task adapters `slots` into the shared one; returns the relative residual
+        ‖mean ΔW_t − ΔW_merged‖_F / ‖mean ΔW_t‖_F at `rank` (unscaled products; 0 if the mean is 0)."""
+        if rule not in MERGE_RULES:
+            raise ValueError(f"merge_rule: must be one of {MERGE_RULES}, got {rule!r}")
+        slots = list(slots)
+        rank = int(rank or self.rank)
+        if rank not in self.boundaries:
+            raise ValueError(f"rank: {rank} is not a nested level of this layer {self.boundaries}")
+        starts = (0,) + self.boundaries[:-1]
+        for i in range(len(self.boundaries)):  # factor mean, block by block
+            for name in ("lora_A", "lora_B"):
+                vals = [getattr(self.lora_tasks[s], name)[i] for s in slots]
+                dst = getattr(self, name)[i]
+                if all(torch.equal(vals[0], v) for v in vals[1:]):
+                    dst.copy_(vals[0])
+                else:
+                    dst.copy_(torch.stack([v.float() for v in vals]).mean(0).to(dst.dtype))
+        Bc = torch.cat([torch.cat(list(self.lora_tasks[s].lora_B), 1)[:, :rank].float() for s in slots], 1) / len(slots)
+        Ac = torch.cat([torch.cat(list(self.lora_tasks[s].lora_A), 0)[:rank].float() for s in slots], 0)
+        if rule == "svd":
+            # M = Bc @ Ac (inner dim T·r). QR both sides, SVD of the small core.
+            Qb, Rb = torch.linalg.qr(Bc)
+            Qa, Ra = torch.linalg.qr(Ac.T)
+            U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+            k = min(rank, S.numel())
+            sq = S[:k].sqrt()
+            newB = torch.zeros(self.out_features, rank, dtype=torch.float32, device=Bc.device)
+            newA = torch.zeros(rank, self.in_features, dtype=torch.float32, device=Ac.device)
+            newB[:, :k] = (Qb @ U[:, :k]) * sq
+            newA[:k] = sq[:, None] * (Vh[:k] @ Qa.T)
+            for i, (s, e) in enumerate(zip(starts, self.boundaries)):
+                if e <= rank:
+                    self.lora_A[i].copy_(newA[s:e])
+                    self.lora_B[i].copy_(newB[:, s:e])
+        # residual of the merged delta against the mean delta, via Gram traces (no out×in matrices)
+        # (float64: the expansion ‖M‖² − 2⟨M, S⟩ + ‖S‖² cancels)
+        Bs = torch.cat(list(self.lora_B), 1)[:, :rank].double()
+        As = torch.cat(list(self.lora_A), 0)[:rank].double()
+        Bc, Ac = Bc.double(), Ac.double()
+        mm = _frob_inner(Bc, Ac, Bc, Ac)
+        ms = _frob_inner(Bc, Ac, Bs, As)
+        ss = _frob_inner(Bs, As, Bs, As)
+        num = max(mm - 2 * ms + ss, 0.0)
+        return math.sqrt(num / mm) if mm > 0 else 0.0
+
+
+def _frob_inner(B1, A1, B2, A2) -> float:
+    """⟨B1 A1, B2 A2⟩_F = tr((B1ᵀB2)(A2 A1ᵀ)) without forming the products."""
+    return float(((B1.T @ B2) * (A1 @ A2.T)).sum())
+
+
+def inject_multitask_lora(model: nn.Module, config: NestedLoRAConfig, tasks: Sequence[int | str], spare_slots: int = 0,
+                          register_new_tasks: bool = False) -> tuple[dict[str, MultiTaskNestedLoRALayer], TaskRouter]:
+    """`inject_nested_lora` (same targets, freezing and modules_to_save), then each layer
+    becomes a `MultiTaskNestedLoRALayer` with the same shared weights and one pre-allocated
+    adapter per task (+ `spare_slots`). Returns ({name: layer}, router); the router is also
+    stored as `model.task_router`."""
+    router = TaskRouter(tasks, spare_slots, register_new_tasks)
+    plain = inject_nested_lora(model, config)
+    adapters: dict[str, MultiTaskNestedLoRALayer] = {}
+    for name, old in plain.items():
+        layer = MultiTaskNestedLoRALayer(old.base_layer, router, rank_levels=config.rank_levels,
+                                         max_rank=config.max_rank, lora_alpha=config.lora_alpha,
+                                         lora_dropout=config.lora_dropout, scaling=config.scaling,
+                                         initial_rank=config.initial_rank)
+        with torch.no_grad():
+            for dst, src in zip(layer.shared_parameters(), old.lora_parameters()):
+                dst.copy_(src)
+        layer.copy_shared_to_tasks()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        adapters[name] = layer
+    object.__setattr__(model, "task_router", router)  # plain attribute, not a submodule
+    return adapters, router
+
+
+# ---------------------------------------------------------------------------------------- the signal
+
+
+@dataclass
+class MultiTaskSignalConfig:
+    """φ = f(C, E, S, ΔC, ΔE, ΔS): a weighted sum (weights ≥ 0, summing to 1), then the
+    v1 EMA φ ← (1−α)φ + α·φ_raw.
+
+    conflict: "grad" (gradient cosine conflict), "weight" (task-adapter variance, MULTI only)
+    or "auto" (the larger of the two available: grad conflict in SINGLE, where weight
+    variance is undefined; in MULTI the weight variance keeps the signal up once the
+    adapters have diverged, when the now-separate tasks' gradients stop fighting).
+    """
+
+    weights: Sequence[float] = (0.4, 0.3, 0.1, 0.1, 0.05, 0.05)  # C, E, S, ΔC, ΔE, ΔS
+    alpha: float = 0.1  # φ EMA rate (v1)
+    beta: float = 0.9  # per-task loss EMA (v1 E_s)
+    loss_scale: float = 1.0  # E_t = EMA(loss_t / loss_scale); D_t = E_t / (1 + E_t)
+    drift_scale: float = 0.05  # S = drift / (drift + drift_scale): 0.5 at the Mirror 5 % threshold
+    delta_rate: float = 0.1  # EMA rate of the per-step differences
+    delta_gain: float = 20.0  # Δx = max(0, tanh(gain · EMA(x_t − x_{t−1}))): only rising stress counts
+    grad_ema: float = 0.3  # EMA rate of each task's gradient (for the cosine)
+    conflict: str = "auto"
+    phi_init: float = 0.5
+    nonfinite: str = "skip"
+
+    def __post_init__(self) -> None:
+        w = tuple(float(v) for v in self.weights)
+        if len(w) != 6 or any(v < 0 or not math.isfinite(v) for v in w):
+            raise ValueError(f"weights: need six finite weights >= 0 for (C, E, S, ΔC, ΔE, ΔS), got {w}")
+        if abs(sum(w) - 1.0) > 1e-6:
+            raise ValueError(f"weights: must sum to 1 so φ stays in [0, 1], got sum {sum(w):.6g} for {w}")
+        self.weights = w
+        for name in ("alpha", "beta", "delta_rate", "grad_ema"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{name}: must be in (0, 1], got {v!r}")
+        for name in ("loss_scale", "drift_scale", "delta_gain"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name}: must be a positive finite number, got {v!r}")
+        if self.conflict not in CONFLICTS:
+            raise ValueError(f"conflict: must be one of {CONFLICTS}, got {self.conflict!r}")
+        if not 0.0 <= self.phi_init <= 1.0:
+            raise ValueError(f"phi_init: must be in [0, 1], got {self.phi_init}")
+        if self.nonfinite not in ("skip", "max_stress", "raise"):
+            raise ValueError(f"nonfinite: must be 'skip', 'max_stress' or 'raise', got {self.nonfinite!r}")
+
+
+class MultiTaskSignal:
+    """The v1 C/E/S signal. Numbers in, numbers out: `update(loss, task_losses, conflict_grad,
+    conflict_weight, drift) -> φ`. Every input is already a number in its natural range:
+
+    * C ∈ [0, 1]: `conflict_grad` = mean over task pairs of max(0, −cos(ḡ_s, ḡ_t)) (ḡ a task's
+      gradient EMA; 0 = aligned or orthogonal, 1 = opposite, as PCGrad defines conflict);
+      `conflict_weight` = v / (1 − 1/T), clamped to 1, with v = Σ_t‖x_t − x̄‖² / Σ_t‖x_t‖² and
+      x_t = ΔW_t − ΔW_shared (all layers, active rank): v is the share of the task adapters'
+      movement since the split that a mean-merge would discard (0 = all moved alike,
+      1 − 1/T = independent moves, 1 = moves cancel); dividing by 1 − 1/T makes "as bad as
+      merging unrelated adapters" count as full conflict. Computed from the factors (r × r
+      Gram products), never forming ΔW. C = the larger available one per `conflict` (held
+      from the last step when none is available).
+    * E ∈ [0, 1): mean over tasks of D_t = E_t/(1+E_t), E_t the EMA(β) of task t's loss / loss_scale
+      (first value initialises it). Without task losses the overall loss is one pseudo-task.
+    * S ∈ [0, 1): relative weight drift since the last transition/snapshot, d/(d + drift_scale).
+    * ΔX = max(0, tanh(delta_gain · EMA(X_t − X_{t−1}))) for X in C, E, S.
+    """
+
+    def __init__(self, config: MultiTaskSignalConfig | None = None):
+        self.config = c = config or MultiTaskSignalConfig()
+        self.phi = float(c.phi_init)
+        self.E: dict = {}
+        self.last = {"C": None, "E": None, "S": None}
+        self.diff = {k: Ema(c.delta_rate) for k in ("C", "E", "S")}
+        self.components: dict = {}
+
+    def update(self, loss: float, task_losses: dict | None = None, conflict_grad: float | None = None,
+               conflict_weight: float | None = None, drift: float | None = None) -> float:
+        c = self.config
+        vals = [float(loss)] + [float(v) for v in (task_losses or {}).values()]
+        if not all(_check_finite(v, c.nonfinite) for v in vals):
+            if c.nonfinite == "max_stress":
+                self.phi = (1 - c.alpha) * self.phi + c.alpha * 1.0
+            self.components = dict(self.components, nonfinite=True)
+            return self.phi
+        for t, v in (task_losses or {"all": float(loss)}).items():
+            L = float(v) / c.loss_scale
+            self.E[t] = L if t not in self.E else c.beta * self.E[t] + (1 - c.beta) * L
+        E = sum(e / (1 + e) for e in self.E.values()) / len(self.E)  # every task seen so far
+        avail = [v for k, v in (("grad", conflict_grad), ("weight", conflict_weight))
+                 if v is not None and (c.conflict == "auto" or c.conflict == k)]
+        C = min(1.0, max(0.0, max(avail))) if avail else (self.last["C"] or 0.0)
+        S = 0.0 if drift is None else max(0.0, drift) / (max(0.0, drift) + c.drift_scale)
+        cur = {"C": C, "E": E, "S": S}
+        dx = {}
+        for k, v in cur.items():
+            prev = self.last[k]
+            ema = self.diff[k]
+            if prev is not None:
+                ema.update(v - prev)
+            dx[k] = max(0.0, math.tanh(c.delta_gain * (ema.value or 0.0)))
+        self.last = dict(cur)
+        w = c.weights
+        raw = w[0] * C + w[1] * E + w[2] * S + w[3] * dx["C"] + w[4] * dx["E"] + w[5] * dx["S"]
+        self.phi = (1 - c.alpha) * self.phi + c.alpha * raw
+        comps = {"C": C, "E": E, "S": S, "dC": dx["C"], "dE": dx["E"], "dS": dx["S"], "phi_raw": raw,
+                 "C_grad": conflict_grad, "C_weight": conflict_weight, "drift": drift, "nonfinite": False}
+        comps.update({f"E[{t}]": self.E[t] for t in self.E})
+        self.components = comps
+        return self.phi
+
+    def state_dict(self) -> dict:
+        return {"phi": self.phi, "E": [[t, v] for t, v in self.E.items()], "last": dict(self.last),
+                "diff": {k: e.value for k, e in self.diff.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.phi = sd["phi"]
+        self.E = {t: v for t, v in sd["E"]}
+        self.last = dict(sd["last"])
+        for k, v in sd["diff"].items():
+            self.diff[k].value = v
+
+
+# ---------------------------------------------------------------------------------------- the controller
+
+
+class MultiTaskController(UnifiedController):
+    """`UnifiedController` over multi-task layers, driven by `MultiTaskSignal`.
+
+        loss.backward()
+        ctrl.step(loss, task_losses={"rte": 0.61, "mrpc": 0.55})   # or task_id="rte"
+        optimizer.step(); optimizer.zero_grad()
+
+    Transitions: SINGLE→MULTI splits (task adapters ← exact copies of the shared one,
+    their optimizer state reset); MULTI→SINGLE merges (`merge_rule`); MIRROR snapshots
+    the shared and every task adapter (the base class's Mirror, over `lora_parameters()`).
+    """
+
+    def __init__(self, adapters, router: TaskRouter | None = None, *, optimizer=None,
+                 signal: MultiTaskSignalConfig | None = None, merge_rule: str = "mean_factors",
+                 machine: MachineConfig | None = None, actuators: ActuatorConfig | None = None,
+                 mirror: MirrorConfig | None = None, **kwargs):
+        if merge_rule not in MERGE_RULES:
+            raise ValueError(f"merge_rule: must be one of {MERGE_RULES}, got {merge_rule!r}")
+        layers = list(adapters.values()) if isinstance(adapters, dict) else list(adapters)
+        if not layers or not all(isinstance(a, MultiTaskNestedLoRALayer) for a in layers):
+            raise ValueError("adapters: MultiTaskController needs MultiTaskNestedLoRALayer adapters "
+                             "(inject_multitask_lora / setup_multitask_lora)")
+        self.router = router or layers[0].router
+        if isinstance(signal, SignalConfig):
+            raise ValueError("signal: pass a MultiTaskSignalConfig (six weights for C, E, S, ΔC, ΔE, ΔS)")
+        super().__init__(adapters=layers, optimizer=optimizer, signal=SignalConfig(kind="loss"), machine=machine,
+                         actuators=actuators, mirror=mirror, **kwargs)
+        self.signal = MultiTaskSignal(signal)
+        self.signal_config = self.signal.config
+        self.merge_rule = merge_rule
+        self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
+        self.grad_ema: dict[int, torch.Tensor] = {}
+        self.merge_log: list[dict] = []
+        self.router.set_topology("task" if self.mode >= MULTI else "shared")
+        if self.mode >= MULTI:
+            for a in self.adapters:
+                a.copy_shared_to_tasks()
+        self._ref = self._snapshot_ref()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _slots(self) -> list[int]:
+        return sorted(self.router.slots.values())
+
+    def _snapshot_ref(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for a in self.adapters for p in a.lora_parameters()]
+
+    @torch.no_grad()
+    def _drift(self) -> float:
+        params = [p.detach() for a in self.adapters for p in a.lora_parameters()]
+        num = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._ref))).float().sum()
+        den = torch.stack(torch._foreach_norm(self._ref)).float().sum()
+        num, den = torch.stack([num, den]).tolist()
+        return num / den if den > 0 else 0.0
+
+    def _check_backward_ran(self) -> None:
+        if all(p.grad is None for a in self.adapters for p in a.active_parameters()) and not any(
+                a._task_grads for a in self.adapters):
+            raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
+
+    @torch.no_grad()
+    def _task_gradients(self) -> dict[int, torch.Tensor]:
+        """Flattened gradient per task slot present this step (same layout in both topologies)."""
+        out: dict[int, list[torch.Tensor]] = {}
+        if self.router.topology == "shared":
+            slots = set().union(*(a._task_grads.keys() for a in self.adapters))
+            for s in slots:
+                parts = []
+                for a in self.adapters:
+                    g = a._task_grads.get(s)
+                    if g is None or g[0] is None or g[1] is None:
+                        parts = None
+                        break
+                    parts += [g[0].flatten(), g[1].flatten()]
+                if parts:
+                    out[s] = parts
+        else:
+            for s in self._slots():
+                parts = []
+                for a in self.adapters:
+                    k = a.n_active_blocks
+                    gA = [p.grad for p in a.lora_tasks[s].lora_A[:k]]
+                    gB = [p.grad for p in a.lora_tasks[s].lora_B[:k]]
+                    if any(g is None for g in gA + gB):
+                        parts = None
+                        break
+                    parts += [torch.cat(gA, 0).flatten(), torch.cat(gB, 1).flatten()]
+                if parts:
+                    out[s] = parts
+        for a in self.adapters:
+            a._task_grads = {}
+        return {s: torch.cat(p).float() for s, p in out.items()}
+
+    @torch.no_grad()
+    def _grad_conflict(self) -> float | None:
+        rate = self.signal.config.grad_ema
+        for s, g in self._task_gradients().items():
+            prev = self.grad_ema.get(s)
+            self.grad_ema[s] = g if prev is None or prev.shape != g.shape else (1 - rate) * prev + rate * g
+        slots = [s for s in self._slots() if s in self.grad_ema]
+        shapes = {self.grad_ema[s].shape for s in slots}
+        if len(slots) < 2 or len(shapes) != 1:
+            return None
+        G = torch.stack([self.grad_ema[s] for s in slots])
+        n = G.norm(dim=1).clamp_min(1e-30)
+        cos = (G @ G.T) / (n[:, None] * n[None, :])
+        iu = torch.triu_indices(len(slots), len(slots), 1)
+        return float((-cos[iu[0], iu[1]]).clamp_min(0).mean())
+
+    @torch.no_grad()
+    def _weight_conflict(self) -> float | None:
+        """Σ_t‖x_t − x̄‖² / Σ_t‖x_t‖², x_t = ΔW_t − ΔW_shared (all layers, active rank)."""
+        slots = self._slots()
+        if self.router.topology != "task" or len(slots) < 2:
+            return None
+        T = len(slots)
+        H = torch.zeros(T + 1, T + 1, dtype=torch.float64)
+        for a in self.adapters:
+            Bs = torch.stack([a.active_B()] + [a.task_B(s) for s in slots]).float()  # (T+1, out, r)
+            As = torch.stack([a.active_A()] + [a.task_A(s) for s in slots]).float()  # (T+1, r, in)
+            P = torch.einsum("iob,joc->ijbc", Bs, Bs)
+            Q = torch.einsum("ibx,jcx->ijbc", As, As)
+            H += (P * Q).sum((2, 3)).double().cpu()
+        g_ss = H[0, 0]
+        X = H[1:, 1:] - H[1:, :1] - H[:1, 1:] + g_ss  # Gram of x_t
+        total = float(torch.diagonal(X).sum())
+        if total <= 1e-12 * max(float(g_ss), 1e-30) or total <= 0:
+            return 0.0
+        var = total - float(X.sum()) / T
+        # share of the movement a mean-merge discards, relative to independent moves (1 − 1/T); ≥ that → 1
+        return min(1.0, max(0.0, var / total / (1.0 - 1.0 / T)))
+
+    def _read_task_losses(self, task_losses, task_id, loss: float) -> dict | None:
+        if task_losses is not None and task_id is not None:
+            raise ValueError("ctrl.step: pass task_losses= or task_id=, not both")
+        if task_id is not None:
+            task_losses = {task_id: loss}
+        if task_losses is None:
+            return None
+        out = {}
+        for t, v in task_losses.items():
+            self.router.slot(t)  # unknown id → ValueError (or registration)
+            v = v.detach().float().item() if torch.is_tensor(v) else float(v)
+            if self.reduce_loss is not None and task_id is None:
+                v = self.reduce_loss(v)
+            out[_check_task_id(t)] = v
+        return out
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, loss, task_losses: dict | None = None, task_id=None) -> list[Transition]:
+        loss = self._read_loss(loss)
+        tl = self._read_task_losses(task_losses, task_id, loss)  # bad task ids fail first
+        self._check_backward_ran()
+        finite = math.isfinite(loss) and all(math.isfinite(v) for v in (tl or {}).values())
+        conflict = self.signal.config.conflict
+        cg = self._grad_conflict() if conflict in ("auto", "grad") and finite else None
+        cw = self._weight_conflict() if conflict in ("auto", "weight") and finite else None
+        if self.reduce_loss is not None:  # DDP: per-process gradients differ; decide on the mean
+            cg = None if cg is None else self.reduce_loss(cg)
+            cw = None if cw is None else self.reduce_loss(cw)
+        if not finite:
+            for a in self.adapters:
+                a._task_grads = {}
+        phi = self.signal.update(loss, tl, cg, cw, self._drift())
+        comps = dict(self.signal.components)
+        nonfinite = bool(comps.pop("nonfinite", False))
+        if nonfinite:
+            self.nonfinite_steps += 1
+        else:
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        transition = self.machine.step(phi, self.global_step)
+        snap_event, drift = None, None
+        comps["topology"] = self.router.topology
+        if transition is not None:
+            snap_event, drift = self._on_transition(transition)
+            self._apply_rank()
+            self._ref = self._snapshot_ref()
+            comps["topology"] = self.router.topology
+            if self.merge_log and self.merge_log[-1]["step"] == self.global_step:
+                comps["event"] = "merge"
+                comps["merge_residual"] = self.merge_log[-1]["residual"]
+            elif transition.old == SINGLE:
+                comps["event"] = "split"
+        self._apply_lr()
+        rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=self.mode, rank=self.rank,
+                         lr=self.get_last_lr(), components=comps, nonfinite=nonfinite, snapshot=snap_event, drift=drift,
+                         transition=None if transition is None else f"{MODES[transition.old]}->{MODES[transition.new]}")
+        self._record(rec)
+        self.global_step += 1
+        return [transition] if transition is not None else []
+
+    def _reset_opt_state(self, params) -> None:
+        inner = _unwrap_optimizer(self.optimizer)
+        if inner is not None:
+            for p in params:
+                inner.state.pop(p, None)
+
+    def _on_transition(self, t: Transition):
+        if t.old == SINGLE and t.new == MULTI:
+            self.split()
+            return None, None
+        if t.old == MULTI and t.new == SINGLE:
+            self.merge_back(rank=self.actuators.mode_ranks[SINGLE], step=t.step)
+            return None, None
+        return super()._on_transition(t)
+
+    @torch.no_grad()
+    def split(self) -> None:
+        """Task adapters ← exact copies of the shared one; their optimizer state is reset and this
+        step's shared gradients are dropped (the shared adapter rests, as the split point)."""
+        for a in self.adapters:
+            a.copy_shared_to_tasks(self._slots())
+            for p in a.shared_parameters() + a.task_parameters():
+                p.grad = None
+            self._reset_opt_state(a.task_parameters())
+        self.router.set_topology("task")
+
+    @torch.no_grad()
+    def merge_back(self, rank: int | None = None, step: int | None = None) -> float:
+        """Merge every registered task adapter into the shared one (`merge_rule`); returns the
+        mean relative residual vs the mean task delta over layers (see the module docstring)."""
+        rank = rank or self.actuators.mode_ranks[SINGLE]
+        res = []
+        for a in self.adapters:
+            res.append(a.merge_tasks_into_shared(self._slots(), self.merge_rule, rank))
+            for p in a.shared_parameters() + a.task_parameters():
+                p.grad = None
+            if self.merge_rule == "svd":
+                self._reset_opt_state(a.shared_parameters())
+        self.router.set_topology("shared")
+        r = sum(res) / len(res)
+        self.merge_log.append({"step": self.global_step if step is None else step, "rule": self.merge_rule,
+                               "rank": rank, "residual": r})
+        return r
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["multitask"] = {
+            "router": self.router.state_dict(),
+            "grad_ema": {s: g.cpu() for s, g in self.grad_ema.items()},
+            "ref": [r.cpu() for r in self._ref],
+            "merge_rule": self.merge_rule,
+            "merge_log": list(self.merge_log),
+        }
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        mt = sd["multitask"]
+        self.router.load_state_dict(mt["router"])
+        super().load_state_dict(sd)
+        dev = self.adapters[0].lora_A[0].device
+        self.grad_ema = {s: g.to(dev) for s, g in mt["grad_ema"].items()}
+        self._ref = [r.to(dev) for r in mt["ref"]]
+        self.merge_rule = mt["merge_rule"]
+        self.merge_log = list(mt["merge_log"])
+
+
+def setup_multitask_lora(
+    model: nn.Module,
+    tasks: Sequence[int | str],
+    target_modules: Sequence[str] | str = ("q_proj", "v_proj"),
+    *,
+    rank_levels: Sequence[int] = (4, 8, 16),
+    max_rank: int | None = None,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    scaling: str = "alpha_over_r",
+    modules_to_save: Sequence[str] | None = None,
+    spare_slots: int = 0,
+    register_new_tasks: bool = False,
+    signal: MultiTaskSignalConfig | None = None,
+    merge_rule: str = "mean_factors",
+    optimizer=None,
+    lr_mode: str = "multiplier",
+    mode_ranks: Sequence[int] | None = None,
+    **controller_kwargs,
+) -> tuple[dict[str, MultiTaskNestedLoRALayer], MultiTaskController]:
+    """Inject multi-task nested LoRA and build the `MultiTaskController` (the v3 setup's shape)."""
+    levels = tuple(rank_levels)
+    mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
+    cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
+                           lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
+                           initial_rank=mode_ranks[1])
+    actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
+    adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)
+    extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+    ctrl = MultiTaskController(adapters, router, optimizer=optimizer, signal=signal, merge_rule=merge_rule,
+                               actuators=actuators, extra_params=extra, **controller_kwargs)
+    return adapters, ctrl
+
+
+# ---------------------------------------------------------------------------------------- saving
+
+
+def _safe(tid) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(tid))[:64]
+
+
+def _layers(model) -> dict[str, MultiTaskNestedLoRALayer]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiTaskNestedLoRALayer)}
+    if not layers:
+        raise ValueError("model: has no multi-task adapters")
+    return layers
+
+
+@torch.no_grad()
+def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[str, str]:
+    """Write `shared.safetensors` and one `task-<slot>-<id>.safetensors` per registered task
+    (full nested factors: `<layer>.lora_A` (max_rank × in), `<layer>.lora_B` (out × max_rank)),
+    plus `tasks.json` (ids, files, rank levels, scaling). Returns {task id or 'shared': path}."""
+    from safetensors.torch import save_file
+
+    layers = _layers(model)
+    router = next(iter(layers.values())).router
+    os.makedirs(save_dir, exist_ok=True)
+    any_layer = next(iter(layers.values()))
+    meta = {"boundaries": list(any_layer.boundaries), "rank": any_layer.rank, "lora_alpha": any_layer.lora_alpha,
+            "scaling": any_layer.scaling_kind, "topology": router.topology, "n_slots": router.n_slots}
+
+    def dump(fname, getA, getB, extra):
+        tensors = {}
+        for n, l in layers.items():
+            tensors[f"{n}.lora_A"] = getA(l).detach().contiguous().cpu()
+            tensors[f"{n}.lora_B"] = getB(l).detach().contiguous().cpu()
+        path = os.path.join(save_dir, fname)
+        save_file(tensors, path, metadata={k: json.dumps(v) for k, v in dict(meta, **extra).items()})
+        return path
+
+    paths = {"shared": dump("shared.safetensors", lambda l: l.full_A(), lambda l: l.full_B(), {"task": None})}
+    index = {"meta": meta, "shared": "shared.safetensors", "tasks": []}
+    for tid, slot in router.slots.items():
+        fname = f"task-{slot}-{_safe(tid)}.safetensors"
+        paths[str(tid)] = dump(fname, lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_A), 0),
+                               lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_B), 1), {"task": tid})
+        index["tasks"].append({"id": tid, "slot": slot, "file": fname})
+    with open(os.path.join(save_dir, "tasks.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+    return paths
+
+
+@torch.no_grad()
+def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
+    """Inverse of `save_task_adapters` (same model architecture and targets); also restores the
+    saved topology and active rank, so outputs match the saved model's."""
+    from safetensors.torch import load_file
+
+    layers = _layers(model)
+    router = next(iter(layers.values())).router
+    with open(os.path.join(save_dir, "tasks.json"), encoding="utf-8") as f:
+        index = json.load(f)
+
+    def put(fname, blocksA, blocksB):
+        t = load_file(os.path.join(save_dir, fname))
+        for n, l in layers.items():
+            if f"{n}.lora_A" not in t:
+                raise ValueError(f"{fname}: no tensors for layer {n!r}; saved from another model?")
+            A, B = t[f"{n}.lora_A"], t[f"{n}.lora_B"]
+            starts = (0,) + l.boundaries[:-1]
+            for i, (s, e) in enumerate(zip(starts, l.boundaries)):
+                blocksA(l)[i].copy_(A[s:e])
+                blocksB(l)[i].copy_(B[:, s:e])
+
+    put(index["shared"], lambda l: l.lora_A, lambda l: l.lora_B)
+    for e in index["tasks"]:
+        slot = router.slot(e["id"]) if e["id"] in router.slots or router.register_new_tasks else None
+        if slot is None:
+            raise ValueError(f"task id {e['id']!r} in {save_dir} is not registered; known task ids: {router.task_ids}")
+        put(e["file"], lambda l, s=slot: l.lora_tasks[s].lora_A, lambda l, s=slot: l.lora_tasks[s].lora_B)
+    router.set_topology(index["meta"]["topology"])
+    for l in layers.values():
+        l.set_rank(index["meta"]["rank"])
+
+
+@contextlib.contextmanager
+def _task_as_shared(layers: Iterable[MultiTaskNestedLoRALayer], slot: int):
+    """Temporarily put task `slot`'s blocks in the shared blocks (restored exactly on exit)."""
+    layers = list(layers)
+    saved = [[p.detach().clone() for p in l.shared_parameters()] for l in layers]
+    topo = layers[0].router.topology
+    try:
+        with torch.no_grad():
+            for l in layers:
+                for dst, src in zip(l.shared_parameters(), l.task_parameters(slot)):
+                    dst.copy_(src)
+        layers[0].router.set_topology("shared")
+        yield
+    finally:
+        with torch.no_grad():
+            for l, sv in zip(layers, saved):
+                for dst, src in zip(l.shared_parameters(), sv):
+                    dst.copy_(src)
+        layers[0].router.set_topology(topo)
+
+
+def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, rank: int | None = None,
+                              tasks: Sequence[int | str] | None = None, include_shared: bool = True,
+                              **kwargs) -> dict[str, dict]:
+    """One PEFT LoRA checkpoint per task, in `save_dir/<task id>/` (and `save_dir/shared/`), via
+    `unified_lora.peft_io.export_peft_adapter`; each loads with `PeftModel.from_pretrained(base, dir)`
+    and gives that task's outputs. Returns {folder name: adapter config}. `kwargs` go to
+    `export_peft_adapter` (e.g. `task_type=None` when the classifier itself is a LoRA target:
+    PEFT's "SEQ_CLS" type adds `classifier` to modules_to_save on its own)."""
+    from .peft_io import export_peft_adapter
+
+    layers = _layers(model)
+    router = next(iter(layers.values())).router
+    tasks = router.task_ids if tasks is None else [_check_task_id(t) for t in tasks]
+    out = {}
+    if include_shared:
+        topo = router.topology
+        router.set_topology("shared")
+        try:
+            out["shared"] = export_peft_adapter(model, layers, os.path.join(save_dir, "shared"), rank, **kwargs)
+        finally:
+            router.set_topology(topo)
+    for t in tasks:
+        name = _safe(t)
+        with _task_as_shared(layers.values(), router.slot(t)):
+            out[name] = export_peft_adapter(model, layers, os.path.join(save_dir, name), rank, **kwargs)
+    return out
+
+
+__all__ = [
+    "export_task_peft_adapters",
+    "TaskRouter", "task_context", "MultiTaskModel", "per_task_losses", "find_router",
+    "MultiTaskNestedLoRALayer", "inject_multitask_lora", "setup_multitask_lora",
+    "MultiTaskSignalConfig", "MultiTaskSignal", "MultiTaskController",
+    "save_task_adapters", "load_task_adapters", "MERGE_RULES",
+]

@@ -1,0 +1,299 @@
+"""Multi-task mode (SPEC §5): shared + per-task nested adapters, routing, split/merge, C/E/S signal."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_bert
+
+from unified_lora import MULTI, SINGLE, MachineConfig, trainable_parameters
+from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
+                                    load_task_adapters, per_task_losses, save_task_adapters, setup_multitask_lora,
+                                    task_context)
+
+TARGETS = ["query", "value", "classifier"]  # the classifier's task adapter lets each task flip the decision
+N = 16
+
+
+def conflict_data(seed=1):
+    """Two tasks on the same inputs; task "b"'s labels are task "a"'s inverted."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, VOCAB, (N, 8), generator=g)
+    ya = torch.cat([torch.zeros(N // 2), torch.ones(N // 2)]).long()[torch.randperm(N, generator=g)]
+    return x, ya, 1 - ya
+
+
+def build(initial_mode=SINGLE, phi_init=0.0, tasks=("a", "b"), **kw):
+    model = tiny_bert()
+    adapters, ctrl = setup_multitask_lora(model, list(tasks), TARGETS, lr_mode="off", print_fn=None,
+                                          signal=MultiTaskSignalConfig(phi_init=phi_init),
+                                          machine=MachineConfig(initial_mode=initial_mode), **kw)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=2e-2, weight_decay=0.01)
+    ctrl.attach_optimizer(opt)
+    return model, adapters, ctrl, opt
+
+
+def mixed_batch(x, ya, yb):
+    return torch.cat([x, x]), torch.cat([ya, yb]), ["a"] * len(x) + ["b"] * len(x)
+
+
+def train(model, ctrl, opt, steps, data, use_ctrl=True):
+    ids, y, tids = mixed_batch(*data)
+    for _ in range(steps):
+        with task_context(model, tids):
+            per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+        loss = per.mean()
+        loss.backward()
+        if use_ctrl:
+            ctrl.step(loss, task_losses=per_task_losses(per, tids))
+        opt.step()
+        opt.zero_grad()
+
+
+@torch.no_grad()
+def task_acc(model, x, y, task):
+    with task_context(model, task):
+        return (model(input_ids=x).logits.argmax(-1) == y).float().mean().item()
+
+
+def test_conflict_enters_multi_and_task_adapters_beat_shared():
+    data = conflict_data()
+    x, ya, yb = data
+    # Shared adapter only (the controller never steps, topology stays SINGLE).
+    m0, _, c0, o0 = build()
+    train(m0, c0, o0, 40, data, use_ctrl=False)
+    shared = (task_acc(m0, x, ya, "a"), task_acc(m0, x, yb, "b"))
+    assert sum(shared) / 2 == pytest.approx(0.5)  # identical inputs, inverted labels: exactly 50 % on average
+    # Unified: starts in SINGLE, the gradient conflict drives it into MULTI.
+    m1, ad, c1, o1 = build()
+    train(m1, c1, o1, 40, data)
+    tr = c1.trace
+    assert tr[0].mode == SINGLE and tr[0].components["C"] > 0.9  # opposite per-task gradients
+    split = [r for r in tr if r.transition == "SINGLE->MULTI"]
+    assert split and split[0].components["event"] == "split"
+    assert all(k in tr[-1].components for k in ("C", "E", "S", "dC", "dE", "dS", "E[a]", "E[b]"))
+    assert c1.mode >= MULTI
+    cls = ad["classifier"]
+    assert not torch.allclose(cls.delta_weight(task="a"), cls.delta_weight(task="b"), atol=1e-3)  # diverged
+    acc = (task_acc(m1, x, ya, "a"), task_acc(m1, x, yb, "b"))
+    assert min(acc) >= 0.9, (acc, shared)
+    assert sum(acc) / 2 > sum(shared) / 2 + 0.3
+
+
+def test_outputs_unchanged_at_split():
+    x, ya, yb = conflict_data()
+    model, ad, ctrl, opt = build(phi_init=0.0)
+    ctrl.router.track_grads = False
+    train(model, ctrl, opt, 3, (x, ya, yb), use_ctrl=False)  # shared adapter non-zero
+    ids, _, tids = mixed_batch(x, ya, yb)
+    with torch.no_grad(), task_context(model, tids):
+        before = model(input_ids=ids).logits
+    with torch.no_grad(), task_context(model, "a"):
+        before_a = model(input_ids=x).logits
+    ctrl.split()
+    assert ctrl.router.topology == "task"
+    with torch.no_grad(), task_context(model, tids):
+        after = model(input_ids=ids).logits
+    with torch.no_grad(), task_context(model, "a"):
+        after_a = model(input_ids=x).logits
+    assert torch.equal(before_a, after_a)  # one task per batch: bit-identical
+    torch.testing.assert_close(before, after, rtol=0, atol=1e-6)  # mixed: per-subset matmuls
+
+
+def test_unknown_task_id_is_a_clear_error():
+    model, _, _, _ = build()
+    with pytest.raises(ValueError, match=r"task id 'c' is not registered; known task ids: \['a', 'b'\]"):
+        with task_context(model, ["a", "c"]):
+            pass
+    m2, ad2, c2, _ = build(register_new_tasks=True, spare_slots=1)
+    with task_context(m2, "c"):
+        pass
+    assert c2.router.slots == {"a": 0, "b": 1, "c": 2}
+    with pytest.raises(ValueError, match="no free task slot"):
+        with task_context(m2, "d"):
+            pass
+    with pytest.raises(ValueError, match="no task ids set"):
+        c2.split()
+        m2(input_ids=torch.ones(2, 4, dtype=torch.long))
+
+
+def test_mixed_batch_routes_each_sample_to_its_task():
+    x, ya, yb = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    ctrl.router.track_grads = False
+    train(model, ctrl, opt, 3, (x, ya, yb), use_ctrl=False)
+    wrapped = MultiTaskModel(model)
+    tids = ["a", "b"] * (N // 2)
+    with torch.no_grad():
+        mixed = wrapped(input_ids=x, task_ids=tids).logits
+        only_a = wrapped(input_ids=x, task_ids="a").logits
+        only_b = wrapped(input_ids=x, task_ids="b").logits
+    expect = torch.where(torch.tensor([t == "a" for t in tids])[:, None], only_a, only_b)
+    torch.testing.assert_close(mixed, expect, rtol=0, atol=1e-6)
+    assert not torch.allclose(only_a, only_b)
+
+
+def test_optimizer_holds_task_params_and_single_leaves_them_untouched():
+    x, ya, yb = conflict_data()
+    model, ad, ctrl, opt = build(phi_init=0.0)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in held for a in ad.values() for p in a.task_parameters())
+    before = [p.detach().clone() for a in ad.values() for p in a.task_parameters()]
+    train(model, ctrl, opt, 3, (x, ya, yb))  # AdamW with weight decay
+    assert ctrl.mode == SINGLE
+    assert all(torch.equal(b, p) for b, p in zip(before, [p for a in ad.values() for p in a.task_parameters()]))
+
+
+def _set_task_factors(layer, slot, gen, rank):
+    with torch.no_grad():
+        for blocks in (layer.lora_tasks[slot].lora_A, layer.lora_tasks[slot].lora_B):
+            for p in blocks:
+                p.copy_(torch.randn(p.shape, generator=gen))
+        # make the task delta at `rank` have rank 2: zero all but the first 2 B columns of the prefix
+        B = layer.lora_tasks[slot].lora_B[0]
+        B[:, 2:] = 0
+
+
+def test_merge_back_rules():
+    gen = torch.Generator().manual_seed(0)
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    layer = ad["classifier"]
+    r = ctrl.actuators.mode_ranks[SINGLE]  # 4: block 0
+    for s in (0, 1):
+        _set_task_factors(layer, s, gen, r)
+    A0, A1 = (layer.lora_tasks[s].lora_A[1].detach().clone() for s in (0, 1))
+    mean_delta = (layer.delta_weight(r, task="a") + layer.delta_weight(r, task="b")) / 2
+    # mean_factors: every block is the factor mean; this is not the mean of the deltas
+    ctrl.merge_rule = "mean_factors"
+    res = ctrl.merge_back(rank=r)
+    torch.testing.assert_close(layer.lora_A[1], (A0 + A1) / 2)
+    assert res > 0.1 and ctrl.merge_log[-1]["residual"] == res
+    assert not torch.allclose(layer.delta_weight(r), mean_delta, atol=1e-4)
+    # svd: the shared prefix is refitted to the mean delta (exact here: rank(mean) = 4 <= r)
+    ctrl.split()
+    for s in (0, 1):
+        _set_task_factors(layer, s, gen, r)
+    mean_delta = (layer.delta_weight(r, task="a") + layer.delta_weight(r, task="b")) / 2
+    ctrl.merge_rule = "svd"
+    res = ctrl.merge_back(rank=r)
+    torch.testing.assert_close(layer.delta_weight(r), mean_delta, rtol=1e-4, atol=1e-4)
+    assert res < 1e-4
+    assert ctrl.router.topology == "shared"
+
+
+def test_merge_of_identical_task_adapters_is_exact():
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    before = [p.detach().clone() for a in ad.values() for p in a.shared_parameters()]
+    ctrl.merge_back()  # the task adapters are untouched copies of the shared one
+    assert all(torch.equal(b, p) for b, p in zip(before, [p for a in ad.values() for p in a.shared_parameters()]))
+
+
+def test_mirror_snapshots_shared_and_every_task_adapter():
+    model = tiny_bert()
+    ad, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None,
+                                    machine=MachineConfig(theta0=0.01, theta1=0.02, initial_mode=MULTI))
+    x, ya, yb = conflict_data()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    train(model, ctrl, opt, 1, (x, ya, yb))
+    assert ctrl.mode == 2 and ctrl.mirror.held
+    n = sum(len(a.lora_parameters()) for a in ad.values())
+    assert len(ctrl.mirror.weights) == n == 3 * sum(len(a.shared_parameters()) for a in ad.values())
+
+
+def test_state_dict_round_trip_continues_the_same_trajectory(tmp_path):
+    data = conflict_data()
+    m1, _, c1, o1 = build()
+    train(m1, c1, o1, 10, data)
+    assert c1.mode == MULTI
+    torch.save({"model": m1.state_dict(), "ctrl": c1.state_dict(), "opt": o1.state_dict()}, tmp_path / "ck.pt")
+    m2, _, c2, o2 = build()
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    m2.load_state_dict(ck["model"])
+    c2.load_state_dict(ck["ctrl"])
+    o2.load_state_dict(ck["opt"])
+    assert c2.router.topology == "task" and c2.mode == MULTI
+    train(m1, c1, o1, 4, data)
+    train(m2, c2, o2, 4, data)
+    for a, b in zip(c1.trace[-4:], c2.trace):
+        assert (a.step, a.mode) == (b.step, b.mode) and math.isclose(a.phi, b.phi, rel_tol=1e-6)
+
+
+def test_save_and_load_task_adapters(tmp_path):
+    data = conflict_data()
+    m1, ad1, c1, o1 = build(initial_mode=MULTI)
+    train(m1, c1, o1, 3, data)
+    paths = save_task_adapters(m1, tmp_path)
+    assert set(paths) == {"shared", "a", "b"} and (tmp_path / "tasks.json").is_file()
+    m2, ad2, c2, _ = build(initial_mode=MULTI)
+    load_task_adapters(m2, tmp_path)
+    x = data[0]
+    for t in ("a", "b"):
+        with torch.no_grad(), task_context(m1, t), task_context(m2, t):
+            torch.testing.assert_close(m1(input_ids=x).logits, m2(input_ids=x).logits)
+
+
+def test_signal_numbers_in_numbers_out():
+    sig = MultiTaskSignal(MultiTaskSignalConfig(phi_init=0.5))
+    phi = sig.update(0.7, {"a": 0.7, "b": 0.7}, conflict_grad=1.0, conflict_weight=None, drift=0.05)
+    c = sig.components
+    assert c["C"] == 1.0 and c["S"] == pytest.approx(0.5) and c["E"] == pytest.approx(0.7 / 1.7)
+    w = sig.config.weights
+    assert c["phi_raw"] == pytest.approx(w[0] * 1.0 + w[1] * 0.7 / 1.7 + w[2] * 0.5)
+    assert phi == pytest.approx(0.9 * 0.5 + 0.1 * c["phi_raw"])
+    for _ in range(40):  # steady, then rising conflict → ΔC > 0 (only rises count)
+        sig.update(0.7, {"a": 0.7, "b": 0.7}, conflict_grad=0.2, drift=0.0)
+    sig.update(0.7, {"a": 0.7, "b": 0.7}, conflict_grad=0.9, drift=0.0)
+    assert sig.components["dC"] > 0.5 and sig.components["dE"] == 0.0
+    sig.update(0.7, {"a": 0.7, "b": 0.7}, conflict_grad=0.0, drift=0.0)
+    assert sig.components["dC"] == 0.0  # falling conflict is not stress
+    with pytest.raises(ValueError, match="sum to 1"):
+        MultiTaskSignalConfig(weights=(0.5, 0.5, 0.5, 0, 0, 0))
+    with pytest.raises(ValueError, match="conflict"):
+        MultiTaskSignalConfig(conflict="bogus")
+
+
+def test_layer_type_and_merge_guard():
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    assert all(isinstance(a, MultiTaskNestedLoRALayer) for a in ad.values())
+    with pytest.raises(ValueError, match="cannot be folded"):
+        ad["classifier"].merge()
+
+
+def test_per_task_peft_export_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from unified_lora.multitask import export_task_peft_adapters
+
+    data = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    ctrl.router.track_grads = False
+    train(model, ctrl, opt, 3, data, use_ctrl=False)
+    model.eval()
+    # task_type=None: with "SEQ_CLS" PEFT itself adds `classifier` to modules_to_save, which clashes with
+    # the classifier being a LoRA target here
+    out = export_task_peft_adapters(model, tmp_path, task_type=None)
+    assert set(out) == {"shared", "a", "b"}
+    x = data[0]
+    for t in ("a", "b"):
+        pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / t).eval()
+        with torch.no_grad(), task_context(model, t):
+            torch.testing.assert_close(pm(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():
+    x, ya, yb = conflict_data()
+    model, ad, ctrl, opt = build()
+    for step in range(12):
+        t, y = ("a", ya) if step % 2 == 0 else ("b", yb)
+        with task_context(model, t):
+            loss = F.cross_entropy(model(input_ids=x).logits, y)
+        loss.backward()
+        ctrl.step(loss, task_id=t)
+        opt.step()
+        opt.zero_grad()
+    assert ctrl.trace[0].components["C_grad"] is None  # one task seen so far
+    assert ctrl.trace[1].components["C_grad"] > 0.9  # per-task gradient EMAs point against each other
+    assert set(ctrl.signal.E) == {"a", "b"}
+    assert any(r.transition == "SINGLE->MULTI" for r in ctrl.trace)
+    with pytest.raises(ValueError, match="task id 'zz' is not registered"):
+        ctrl.step(loss, task_losses={"zz": 1.0})
