@@ -206,17 +206,18 @@ class UnifiedController:
             raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
 
     def _update_signal(self, loss: float) -> float:
+        """Feed the signal; subclasses take extra step inputs here (e.g. per-task losses)."""
+        self._check_backward_ran()
         if isinstance(self.signal, CompositeSignal):
             finite = math.isfinite(loss)
             norms, cos = self.grad_stats(self.adapters) if finite else ([float("nan")], [None])
             return self.signal.update(loss, norms, cos)
         return self.signal.update(loss)
 
-    def step(self, loss) -> list[Transition]:
+    def step(self, loss, **inputs) -> list[Transition]:
         """Feed one optimizer step's loss; returns the transitions made (0 or 1)."""
         loss = self._read_loss(loss)
-        self._check_backward_ran()
-        phi = self._update_signal(loss)
+        phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)
         nonfinite = bool(comps.pop("nonfinite", False))
         if nonfinite:
@@ -228,6 +229,7 @@ class UnifiedController:
         if transition is not None:
             snap_event, drift = self._on_transition(transition)
             self._apply_rank()
+        self._annotate(transition, comps)
         self._apply_lr()
         rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=self.mode, rank=self.rank,
                          lr=self.get_last_lr(), components=comps, nonfinite=nonfinite, snapshot=snap_event, drift=drift,
@@ -235,6 +237,9 @@ class UnifiedController:
         self._record(rec)
         self.global_step += 1
         return [transition] if transition is not None else []
+
+    def _annotate(self, transition: Transition | None, comps: dict) -> None:
+        """Hook for subclasses to add trace components after the actuators ran."""
 
     def update(self, loss) -> float | None:
         """v1 README API: feed the loss, get the mode's learning rate."""

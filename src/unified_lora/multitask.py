@@ -58,14 +58,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
+from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig
 from .controller import UnifiedController, _unwrap_optimizer
 from .layer import NestedLoRALayer
 from .machine import Transition
 from .model import inject_nested_lora
 from .signals import Ema, _check_finite
-from .trace import StepRecord
 
 MERGE_RULES = ("mean_factors", "svd")
 CONFLICTS = ("auto", "grad", "weight")
@@ -747,7 +746,9 @@ class MultiTaskController(UnifiedController):
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, loss, task_losses: dict | None = None, task_id=None) -> list[Transition]:
-        loss = self._read_loss(loss)
+        return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
         tl = self._read_task_losses(task_losses, task_id, loss)  # bad task ids fail first
         self._check_backward_ran()
         finite = math.isfinite(loss) and all(math.isfinite(v) for v in (tl or {}).values())
@@ -760,33 +761,18 @@ class MultiTaskController(UnifiedController):
         if not finite:
             for a in self.adapters:
                 a._task_grads = {}
-        phi = self.signal.update(loss, tl, cg, cw, self._drift())
-        comps = dict(self.signal.components)
-        nonfinite = bool(comps.pop("nonfinite", False))
-        if nonfinite:
-            self.nonfinite_steps += 1
-        else:
-            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
-        transition = self.machine.step(phi, self.global_step)
-        snap_event, drift = None, None
+        return self.signal.update(loss, tl, cg, cw, self._drift())
+
+    def _annotate(self, transition: Transition | None, comps: dict) -> None:
         comps["topology"] = self.router.topology
-        if transition is not None:
-            snap_event, drift = self._on_transition(transition)
-            self._apply_rank()
-            self._ref = self._snapshot_ref()
-            comps["topology"] = self.router.topology
-            if self.merge_log and self.merge_log[-1]["step"] == self.global_step:
-                comps["event"] = "merge"
-                comps["merge_residual"] = self.merge_log[-1]["residual"]
-            elif transition.old == SINGLE:
-                comps["event"] = "split"
-        self._apply_lr()
-        rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=self.mode, rank=self.rank,
-                         lr=self.get_last_lr(), components=comps, nonfinite=nonfinite, snapshot=snap_event, drift=drift,
-                         transition=None if transition is None else f"{MODES[transition.old]}->{MODES[transition.new]}")
-        self._record(rec)
-        self.global_step += 1
-        return [transition] if transition is not None else []
+        if transition is None:
+            return
+        self._ref = self._snapshot_ref()
+        if self.merge_log and self.merge_log[-1]["step"] == self.global_step:
+            comps["event"] = "merge"
+            comps["merge_residual"] = self.merge_log[-1]["residual"]
+        elif transition.old == SINGLE:
+            comps["event"] = "split"
 
     def _reset_opt_state(self, params) -> None:
         inner = _unwrap_optimizer(self.optimizer)
