@@ -202,3 +202,48 @@ def test_modules_to_save_are_trainable(bert):
 def test_a_target_that_matches_nothing_lists_the_names_it_saw(bert):
     with pytest.raises(ValueError, match=r"matched no Linear.*'query'"):
         inject_nested_lora(bert, NestedLoRAConfig(target_modules=["q_proj"]))
+
+
+def _reference_delta(layer, x):
+    """The equation through plain autograd: scaling · x Aᵀ Bᵀ over the active prefix."""
+    return layer.scaling * (x @ layer.active_A().T) @ layer.active_B().T
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_gradients_of_every_active_block_match_plain_autograd(rank):
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(12, 6).double(), lora_alpha=8, initial_rank=rank)
+    _randomize_B(layer)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 6, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    ours = [p.grad.clone() for p in layer.active_parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    ((layer.base_layer(x) + _reference_delta(layer, x)) * g).sum().backward()
+    ref = [p.grad for p in layer.active_parameters()] + [x.grad]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    active = {id(p) for p in layer.active_parameters()}
+    assert all(p.grad is None for p in layer.lora_parameters() if id(p) not in active)
+
+
+def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate():
+    """Same activation memory as PEFT: no concatenated copy of A or B is kept for backward."""
+    layer = NestedLoRALayer(nn.Linear(32, 16), initial_rank=16)
+    x = torch.randn(64, 32)
+    params = {p.data_ptr() for p in layer.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    extra = {t.data_ptr(): t.shape for t in saved if t.data_ptr() not in params and t.data_ptr() != x.data_ptr()}
+    assert sorted(extra.values()) == [torch.Size([64, 16])]  # u = h Aᵀ only
+
+
+def test_bf16_autocast_backward_gives_fp32_gradients():
+    layer = NestedLoRALayer(nn.Linear(16, 8), initial_rank=8)
+    _randomize_B(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 16))
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.active_parameters())

@@ -19,7 +19,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import check_rank_levels
 
@@ -37,6 +36,50 @@ def scaling_for(rank: int, lora_alpha: float, max_rank: int, kind: str) -> float
     if kind == "rslora":  # Kalajdzievski 2023, rank-stabilised LoRA
         return lora_alpha / math.sqrt(rank)
     raise ValueError(f"scaling: unknown kind {kind!r}")
+
+
+class _NestedLoRAPath(torch.autograd.Function):
+    """scaling · (h A_catᵀ) B_catᵀ with per-block gradients.
+
+    Autograd through `torch.cat` would save both concatenations (r·(in+out)
+    extra values per layer) that PEFT, holding one A/B tensor, does not keep.
+    This saves only h and u = h A_catᵀ, as PEFT does, and re-concatenates in
+    backward. Under autocast it computes in the autocast dtype, like F.linear.
+    """
+
+    @staticmethod
+    def forward(ctx, h, scaling, k, *blocks):
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else blocks[0].dtype
+        with torch.autocast(dev, enabled=False):
+            A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
+            h = h.to(dt)
+            u = h @ A.T
+            out = (u @ B.T) * scaling
+        ctx.save_for_backward(h, u, *blocks)
+        ctx.scaling, ctx.k, ctx.dt = scaling, k, dt
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        h, u, *blocks = ctx.saved_tensors
+        k, dt = ctx.k, ctx.dt
+        with torch.autocast(h.device.type, enabled=False):
+            A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
+            gy = gy.to(dt).reshape(-1, gy.shape[-1]) * ctx.scaling
+            u2, h2 = u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1])
+            gu = gy @ B  # tokens × r
+            gA, gB = gu.T @ h2, gy.T @ u2  # r × in, out × r
+            gh = (gu @ A).reshape(h.shape) if ctx.needs_input_grad[0] else None
+        sizes = [a.shape[0] for a in blocks[:k]]
+        gA = [g.to(b.dtype) for g, b in zip(gA.split(sizes, 0), blocks[:k])]
+        gB = [g.to(b.dtype) for g, b in zip(gB.split(sizes, 1), blocks[k:])]
+        return (gh, None, None, *gA, *gB)
+
+
+def _cat(ts, dim, dtype):
+    t = ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+    return t.to(dtype)
 
 
 class NestedLoRALayer(nn.Module):
@@ -171,9 +214,10 @@ class NestedLoRALayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_rank:
             return result
-        A, B = self.active_A(), self.active_B()
-        h = self.lora_dropout(x.to(A.dtype))
-        return result + (F.linear(F.linear(h, A), B) * self.scaling).to(result.dtype)
+        k = self.n_active_blocks
+        h = self.lora_dropout(x.to(self.lora_A[0].dtype))
+        delta = _NestedLoRAPath.apply(h, self.scaling, k, *self.lora_A[:k], *self.lora_B[:k])
+        return result + delta.to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
