@@ -217,3 +217,17 @@ def test_end_to_end_llama_corrupted_labels_drive_mirror_and_clean_data_returns_t
     ctrl = _stress_cycle(tiny_llama(), batch, corrupt, loss_scale=1.0, warmup_steps=60,
                          target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
     _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
+
+
+def test_snapshot_buffers_are_reused_across_cycles_and_state_dict_is_a_copy():
+    ps = _mirror_params()
+    snap = MirrorSnapshot()
+    snap.save(ps)
+    ptrs = [w.data_ptr() for w in snap.weights]
+    sd = snap.state_dict()
+    with torch.no_grad():
+        ps[0].add_(1.0)
+    snap.clear()
+    snap.save(ps)
+    assert [w.data_ptr() for w in snap.weights] == ptrs  # no fresh allocation at the second entry
+    assert torch.equal(snap.weights[0], ps[0]) and not torch.equal(sd["weights"][0], ps[0])

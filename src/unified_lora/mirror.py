@@ -51,6 +51,9 @@ class MirrorSnapshot:
         self.opt_state: list[dict | None] | None = None
         self.loss_at_entry: float | None = None
         self.step_saved: int | None = None
+        # Kept across Mirror cycles: re-copying into warm buffers avoids fresh allocations
+        # (page faults) at every entry. Costs one adapter-sized copy outside Mirror.
+        self._buffers: list[torch.Tensor] | None = None
 
     @property
     def held(self) -> bool:
@@ -58,8 +61,13 @@ class MirrorSnapshot:
 
     @torch.no_grad()
     def save(self, params: Sequence[torch.Tensor], optimizer=None, loss_ema=None, step=None) -> None:
+        src = [p.detach() for p in params]
         dev = "cpu" if self.config.offload_to_cpu else None
-        self.weights = [p.detach().to(dev, copy=True) if dev else p.detach().clone() for p in params]
+        buf = self._buffers
+        if buf is None or len(buf) != len(src) or any(b.shape != s.shape or b.dtype != s.dtype for b, s in zip(buf, src)):
+            buf = self._buffers = [torch.empty_like(s, device=dev or s.device) for s in src]
+        torch._foreach_copy_(buf, src)
+        self.weights = buf
         self.opt_state = None
         if self.config.snapshot_optimizer and optimizer is not None:
             self.opt_state = []
@@ -71,19 +79,23 @@ class MirrorSnapshot:
                 )
         self.loss_at_entry, self.step_saved = loss_ema, step
 
+    def _on_device(self, params) -> list[torch.Tensor]:
+        return [w if w.device == p.device else w.to(p.device) for w, p in zip(self.weights, params)]
+
     @torch.no_grad()
     def drift(self, params: Sequence[torch.Tensor]) -> float:
-        """Relative drift; one device sync for the whole set (foreach kernels)."""
-        snap = [w.to(p.device, non_blocking=True) for w, p in zip(self.weights, params)]
-        diff = torch._foreach_sub([p.detach() for p in params], snap)
-        num = torch.stack(torch._foreach_norm(diff)).float().sum()
-        den = torch.stack(torch._foreach_norm(snap)).float().sum()
+        """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ over `params` (a prefix of the
+        snapshot); foreach kernels and a single device sync for the whole set."""
+        params = [p.detach() for p in params]
+        snap = self._on_device(params)
+        num = torch.stack(torch._foreach_norm(torch._foreach_sub(params, snap))).float().sum()
+        den = torch.stack(torch._foreach_norm(snap)).float().sum().to(num.device)
         num, den = torch.stack([num, den]).tolist()
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
     @torch.no_grad()
     def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
-        torch._foreach_copy_([p.data for p in params], [w.to(p.device) for w, p in zip(self.weights, params)])
+        torch._foreach_copy_([p.data for p in params], self._on_device(params))
         if self.opt_state is not None and optimizer is not None:
             for p, st in zip(params, self.opt_state):
                 if st is None:
@@ -100,12 +112,13 @@ class MirrorSnapshot:
         return MirrorDecision(restore, d, self.loss_at_entry, loss_at_exit, c.policy)
 
     def clear(self) -> None:
-        self.weights = self.opt_state = None
+        self.weights = self.opt_state = None  # the buffers stay allocated for the next entry
         self.loss_at_entry = self.step_saved = None
 
     def state_dict(self) -> dict:
         return {
-            "weights": None if self.weights is None else [w.cpu() for w in self.weights],
+            # copies: the live buffers are reused by the next Mirror entry
+            "weights": None if self.weights is None else [w.detach().to("cpu", copy=True) for w in self.weights],
             "opt_state": None if self.opt_state is None else [
                 None if st is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
                 for st in self.opt_state],
@@ -115,6 +128,7 @@ class MirrorSnapshot:
 
     def load_state_dict(self, sd: dict, device=None) -> None:
         dev = "cpu" if self.config.offload_to_cpu else device
-        self.weights = None if sd["weights"] is None else [w.to(dev) if dev else w for w in sd["weights"]]
+        self.weights = None if sd["weights"] is None else [w.to(dev) if dev else w.clone() for w in sd["weights"]]
+        self._buffers = self.weights
         self.opt_state = sd["opt_state"]
         self.loss_at_entry, self.step_saved = sd["loss_at_entry"], sd["step_saved"]
