@@ -31,8 +31,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .config import ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_rank_levels
-from .controller import UnifiedController, setup_unified_lora
-from .data import DataError, Example, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
+from .controller import setup_unified_lora
+from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
 from .data.loaders import _GLUE, _read_records, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter, read_trace
