@@ -1,0 +1,155 @@
+"""Controller overhead: a full MiniLM training step with `ctrl.step` vs the same step without it.
+
+    python benchmarks/perf/controller_overhead.py               # MiniLM, batch 16 × 128 tokens
+    python benchmarks/perf/controller_overhead.py --quick       # tiny random BERT, smoke test
+
+Three identical models (same seed, nested LoRA r8 on query/value, classifier
+trained, AdamW): "none" runs forward/backward/optimizer.step only; "v1" adds
+the controller with the v1 loss signal, "v3" with the v3 composite signal
+(gradient norms, cosine with the previous gradient, Mirror snapshots). The
+controllers keep mode_ranks = (8, 8, 8) so all three arms do identical maths and
+the difference is the controller's own work (signal, machine, LR hooks, Mirror);
+what a rank switch costs or saves is measured by layer.py. The three arms run
+in rotating order inside each repeat.
+
+Two estimates: (a) ratio of whole-step times per repeat (arm / none), (b) the
+time spent inside ctrl.step (timed directly) over the median "none" step;
+(b) is far less noisy on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, load_classifier,  # noqa: E402
+                     summarize, update_markdown, write_json)
+
+ARMS = ("none", "v1", "v3")
+
+
+def build_arms(model_arg, targets, lr):
+    from unified_lora import ActuatorConfig, setup_unified_lora
+
+    torch.manual_seed(0)
+    base = load_classifier(model_arg)
+    arms = {}
+    for name in ARMS:
+        model = copy.deepcopy(base)
+        signal = "composite" if name == "v3" else "loss"
+        _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=["classifier"], signal=signal,
+                                     actuators=ActuatorConfig(mode_ranks=(8, 8, 8), lr_mode="multiplier"),
+                                     print_fn=None, keep_trace=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        if name != "none":
+            ctrl.attach_optimizer(opt)
+        model.train()
+        arms[name] = (model, opt, ctrl if name != "none" else None)
+    return arms
+
+
+def one_step(model, opt, ctrl, batch) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    t_ctrl = 0.0
+    if ctrl is not None:
+        c0 = time.perf_counter()
+        ctrl.step(loss=loss.item())
+        t_ctrl = time.perf_counter() - c0
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, t_ctrl
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM); 'tiny' = random 2-layer BERT")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20, help="steps per arm (after warmup)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--results-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.batch_size, args.seq_len, args.repeats, args.warmup, args.threads = "tiny", 4, 16, 4, 1, 1
+    torch.set_num_threads(args.threads)
+    load = LoadMonitor()
+    arms = build_arms(args.model, args.targets.split(","), 5e-4)
+    g = torch.Generator().manual_seed(0)
+    # Random tokens, fixed per step index and shared by the arms (the cost does not depend on the text).
+    batches = [{"input_ids": torch.randint(1000, 30000, (args.batch_size, args.seq_len), generator=g),
+                "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
+                "labels": torch.randint(0, 2, (args.batch_size,), generator=g)} for _ in range(4)]
+    for i in range(args.warmup):
+        for name in ARMS:
+            one_step(*arms[name], batches[i % 4])
+    step_t = {a: [] for a in ARMS}
+    ctrl_t = {a: [] for a in ARMS}
+    for rep in range(args.repeats):
+        order = ARMS[rep % 3:] + ARMS[:rep % 3]
+        for name in order:
+            t, c = one_step(*arms[name], batches[rep % 4])
+            step_t[name].append(t)
+            ctrl_t[name].append(c)
+        if rep % 5 == 0:
+            load.sample()
+        print(f"rep {rep}: " + "  ".join(f"{a} {step_t[a][-1]:.3f}s" for a in ARMS), flush=True)
+    none_med = summarize(step_t["none"])["median"]
+    results = {}
+    for name in ("v1", "v3"):
+        ratios = [a / b for a, b in zip(step_t[name], step_t["none"])]
+        ctrl = arms[name][2]
+        results[name] = {
+            "step_s": summarize(step_t[name]),
+            "ratio_vs_none": summarize(ratios),
+            "ctrl_step_s": summarize(ctrl_t[name]),
+            "ctrl_share_of_none_step": summarize([c / none_med for c in ctrl_t[name]]),
+            "modes_visited": sorted({r.mode for r in ctrl.trace}),
+            "snapshots": sum(1 for r in ctrl.trace if r.snapshot),
+        }
+    payload = {"benchmark": "controller_overhead", "command": command_line(), "env": environment(),
+               "load": load.record(), "target": {"v1": 0.01, "v3": 0.05},
+               "setup": {"model": args.model or "all-MiniLM-L6-v2", "batch_size": args.batch_size,
+                         "seq_len": args.seq_len, "repeats": args.repeats, "warmup": args.warmup,
+                         "targets": args.targets, "mode_ranks": [8, 8, 8]},
+               "none_step_s": summarize(step_t["none"]), "arms": results}
+    name = "perf_controller_overhead_quick" if args.quick else "perf_controller_overhead"
+    write_json(name, payload, args.results_dir)
+    update_markdown(name, render(payload), args.results_dir)
+    print(f"command: {payload['command']}")
+    return payload
+
+
+def render(p: dict) -> str:
+    s = p["setup"]
+    lines = ["## Controller overhead (full training step)", "",
+             f"Command: `{p['command']}` — {p['env']['utc']}, {p['env']['torch_threads']} threads. "
+             f"{s['model']}, batch {s['batch_size']} × {s['seq_len']} tokens, {s['repeats']} interleaved steps per arm.",
+             contention_note(p["load"]), "",
+             f"Step without controller: {fmt_range(p['none_step_s'], 3, 1, ' s')}.", "",
+             "| signal | step s | step ratio vs none, median (min–max) | ctrl.step ms | ctrl.step / step | target | met |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in p["arms"].items():
+        share = r["ctrl_share_of_none_step"]["median"]
+        tgt = p["target"][name]
+        lines.append(f"| {name} | {fmt_range(r['step_s'])} | {fmt_range(r['ratio_vs_none'], 4)} | "
+                     f"{fmt_range(r['ctrl_step_s'], 2, 1e3)} | {share * 100:.3f} % | ≤ {tgt * 100:.0f} % | "
+                     f"{'yes' if share <= tgt else 'no'} |")
+    lines += ["", "'met' judges the directly timed ctrl.step share; the whole-step ratio is shown beside it and "
+              "carries the machine's noise."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

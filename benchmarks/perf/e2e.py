@@ -1,0 +1,179 @@
+"""End to end: MiniLM fine-tuning on MRPC, unified-lora vs PEFT LoRA r8 and r16 - wall time and peak RSS.
+
+    python benchmarks/perf/e2e.py                  # 40 steps per arm, 2 rounds
+    python benchmarks/perf/e2e.py --steps 229      # one full MRPC epoch (3668 / 16)
+    python benchmarks/perf/e2e.py --quick
+
+Every arm runs in its own fresh Python process (so peak RSS is that arm's
+alone): load MiniLM, add adapters (query, value; classifier trained), AdamW,
+then `--steps` steps of batch 16 from the MRPC train set (max_length 128,
+padding trimmed per batch, the same shuffled order in every arm). The child
+reports the training-loop wall time, the process peak RSS (VmHWM from
+/proc/self/status; ru_maxrss as a cross-check) and the total process time.
+Arms run in rotating order, round after round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
+                     update_markdown, write_json)
+
+ARMS = ("unified", "peft_r8", "peft_r16")
+
+
+def vm_hwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+def child(args) -> None:
+    t_start = time.perf_counter()
+    import torch
+    from transformers import AutoTokenizer
+
+    from _common import load_classifier
+    from unified_lora.data import default_model_path, encode, load_glue, make_loader
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load_classifier(args.model)
+    targets = ["query", "value"]
+    ctrl = None
+    if args.child.startswith("unified"):
+        from unified_lora import setup_unified_lora
+
+        signal = "loss" if args.child == "unified_v1" else "composite"
+        _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=["classifier"], signal=signal,
+                                     print_fn=None)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        r = int(args.child.split("_r")[1])
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=16, target_modules=targets))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    if ctrl is not None:
+        ctrl.attach_optimizer(opt)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ex = load_glue("mrpc", "train").examples
+    ex = ex[: args.steps * 16] if args.steps * 16 < len(ex) else ex
+    enc = encode(tok, ex, max_length=args.max_length, padding="max_length")
+    loader = make_loader(enc, 16, shuffle=True, seed=0, drop_last=True)
+    model.train()
+    t0 = time.perf_counter()
+    done, ranks = 0, []
+    while done < args.steps:
+        for batch in loader:
+            n = int(batch["attention_mask"].sum(1).max())
+            batch = {k: (v[:, :n] if v.dim() == 2 else v) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            if ctrl is not None:
+                ctrl.step(loss=loss.item())
+                ranks.append(ctrl.rank)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done += 1
+            if done >= args.steps:
+                break
+    loop = time.perf_counter() - t0
+    print(json.dumps({"arm": args.child, "loop_s": loop, "process_s": time.perf_counter() - t_start,
+                      "vm_hwm_bytes": vm_hwm_bytes(),
+                      "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "steps": done, "mean_rank": (sum(ranks) / len(ranks)) if ranks else None}))
+
+
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="training steps per arm (229 = one MRPC epoch)")
+    ap.add_argument("--rounds", type=int, default=2, help="times each arm runs (rotating order)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="unified (v3 composite), unified_v1, peft_r<N>")
+    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM); 'tiny' = random 2-layer BERT")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.steps, args.rounds, args.max_length, args.threads = "tiny", 3, 1, 32, 1
+    if args.child:
+        child(args)
+        return None
+    import torch  # noqa: F401  (environment() reads its version)
+
+    load = LoadMonitor()
+    arms = args.arms.split(",")
+    runs = {a: [] for a in arms}
+    for rnd in range(args.rounds):
+        order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
+        for arm in order:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--steps", str(args.steps),
+                   "--max-length", str(args.max_length), "--threads", str(args.threads)]
+            if args.model:
+                cmd += ["--model", args.model]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[arm].append(res)
+            load.sample()
+            print(f"round {rnd} {arm}: loop {res['loop_s']:.1f}s  peak RSS {res['vm_hwm_bytes'] / 2**20:.0f} MiB",
+                  flush=True)
+    summary = {a: {"loop_s": summarize([r["loop_s"] for r in rs]),
+                   "peak_rss_bytes": summarize([r["vm_hwm_bytes"] for r in rs]),
+                   "mean_rank": rs[0]["mean_rank"]} for a, rs in runs.items()}
+    ours = next((a for a in arms if a.startswith("unified")), None)
+    ratios = {}
+    if ours and "peft_r8" in runs:
+        ratios["time_vs_peft_r8"] = summarize([a["loop_s"] / b["loop_s"] for a, b in zip(runs[ours], runs["peft_r8"])])
+    if ours and "peft_r16" in runs:
+        ratios["rss_vs_peft_r16"] = summarize([a["vm_hwm_bytes"] / b["vm_hwm_bytes"]
+                                               for a, b in zip(runs[ours], runs["peft_r16"])])
+    payload = {"benchmark": "e2e", "command": command_line(), "env": environment(), "load": load.record(),
+               "target": {"time_vs_peft_r8": 1.05, "rss_vs_peft_r16": 1.05},
+               "setup": {"model": args.model or "all-MiniLM-L6-v2", "task": "mrpc", "steps": args.steps,
+                         "batch_size": 16, "max_length": args.max_length, "rounds": args.rounds, "ours": ours},
+               "runs": runs, "summary": summary, "ratios": ratios}
+    name = "perf_e2e_quick" if args.quick else "perf_e2e"
+    write_json(name, payload, args.results_dir)
+    update_markdown(name, render(payload), args.results_dir)
+    print(f"command: {payload['command']}")
+    return payload
+
+
+def render(p: dict) -> str:
+    s = p["setup"]
+    lines = ["## End to end (MRPC fine-tuning, one process per arm)", "",
+             f"Command: `{p['command']}` — {p['env']['utc']}. {s['model']}, {s['steps']} steps × batch "
+             f"{s['batch_size']}, max_length {s['max_length']}, {s['rounds']} rounds; `{s['ours']}` = "
+             "setup_unified_lora defaults (v3 composite signal, ranks 4/8/16, LR multipliers).",
+             contention_note(p["load"]), "", "| arm | loop s, median (min–max) | peak RSS MiB | mean rank |",
+             "|---|---|---|---|"]
+    for a, r in p["summary"].items():
+        rank = "–" if r["mean_rank"] is None else f"{r['mean_rank']:.2f}"
+        lines.append(f"| {a} | {fmt_range(r['loop_s'], 1)} | {fmt_range(r['peak_rss_bytes'], 0, 2**-20)} | {rank} |")
+    lines.append("")
+    for k, v in p["ratios"].items():
+        tgt = p["target"][k]
+        lines.append(f"- {k.replace('_', ' ')}: {fmt_range(v)} (target ≤ {tgt}: "
+                     f"{'met' if v['median'] <= tgt else 'missed'})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

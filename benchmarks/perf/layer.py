@@ -1,0 +1,212 @@
+"""Nested LoRA layer vs PEFT's LoRA Linear: forward+backward time and memory.
+
+    python benchmarks/perf/layer.py              # full run (MiniLM and Llama-1B shapes, r = 4, 8, 16)
+    python benchmarks/perf/layer.py --quick      # smoke run (tiny shape, few repeats)
+
+Same base weights, same rank, same alpha, dropout 0. The input requires grad
+(an interior layer), the base weight is frozen. Each repeat times both arms
+back to back (order alternates), so the per-repeat ratio ours/PEFT cancels most
+of the machine's background load. Memory is what autograd saves for backward
+(saved_tensors_hooks; unique storages that are neither parameters nor the
+input = activation memory the layer adds) and the adapter parameter bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
+                     update_markdown, write_json)
+
+SHAPES = {  # name: (batch, seq, in_features, out_features)
+    "minilm": (16, 128, 384, 384),
+    "llama1b": (4, 512, 2048, 2048),
+    "tiny": (2, 16, 32, 32),
+}
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def build_pair(in_f: int, out_f: int, rank: int, alpha: float = 16.0):
+    """(ours, peft) wrapping identical copies of one frozen Linear."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.layer import NestedLoRALayer
+
+    base = nn.Linear(in_f, out_f)
+    ours = NestedLoRALayer(copy.deepcopy(base), rank_levels=(4, 8, 16), lora_alpha=alpha, initial_rank=rank)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
+    peft_layer = get_peft_model(_OneLinear(copy.deepcopy(base)), cfg).base_model.model.proj
+    # Non-zero B so both arms compute a real delta (zero-init B would not change the cost, but be explicit).
+    with torch.no_grad():
+        for p in ours.lora_B:
+            p.normal_(0, 0.01)
+        peft_layer.lora_B["default"].weight.normal_(0, 0.01)
+    return ours, peft_layer
+
+
+def lora_params(layer) -> list[torch.Tensor]:
+    return [p for n, p in layer.named_parameters() if "lora_" in n]
+
+
+def fwd_bwd(layer, x, gy):
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    y = layer(x)
+    y.backward(gy)
+
+
+def saved_tensor_bytes(layer, x, gy) -> dict:
+    """Bytes autograd keeps for backward during one forward."""
+    raw, storages = 0, {}
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    params.add(x.untyped_storage().data_ptr())
+
+    def pack(t):
+        nonlocal raw
+        raw += t.numel() * t.element_size()
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.backward(gy)
+    extra = sum(b for ptr, b in storages.items() if ptr not in params)
+    return {"saved_raw_bytes": raw, "saved_unique_bytes": sum(storages.values()), "activation_bytes": extra}
+
+
+def param_bytes(layer, active_only: bool = False) -> int:
+    if active_only and hasattr(layer, "active_parameters"):
+        ps = layer.active_parameters()
+    else:
+        ps = lora_params(layer)
+    return sum(p.numel() * p.element_size() for p in ps)
+
+
+def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
+    """Time every arm once per repeat, in rotating order; ratios are arm / peft within the repeat."""
+    for _ in range(3):  # warm up
+        for layer in arms.values():
+            fwd_bwd(layer, x, gy)
+    t0 = time.perf_counter()
+    fwd_bwd(arms["peft"], x, gy)
+    one = time.perf_counter() - t0
+    inner = max(1, math.ceil(min_time / max(one, 1e-6)))
+    names = list(arms)
+    times = {n: [] for n in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fwd_bwd(arms[name], x, gy)
+            times[name].append((time.perf_counter() - t0) / inner)
+    out = {"inner_iters": inner, "ours_s": summarize(times["ours"]), "peft_s": summarize(times["peft"]),
+           "ratio": summarize([a / b for a, b in zip(times["ours"], times["peft"])])}
+    return out
+
+
+def profile_case(ours, theirs, x, gy, iters: int = 5, rows: int = 12) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, layer in (("ours", ours), ("peft", theirs)):
+        fwd_bwd(layer, x, gy)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                fwd_bwd(layer, x, gy)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return tables
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="minilm,llama1b", help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--ranks", default="4,8,16")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement (inner loop sized to it)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="profile every case (default: only cases that miss)")
+    ap.add_argument("--quick", action="store_true", help="tiny shape, 3 repeats (smoke test)")
+    ap.add_argument("--results-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.repeats, args.min_time, args.threads = "tiny", 3, 0.01, 1
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load = LoadMonitor()
+    cases = []
+    for shape in args.shapes.split(","):
+        b, s, i, o = SHAPES[shape]
+        x = torch.randn(b, s, i, requires_grad=True)
+        gy = torch.randn(b, s, o)
+        for r in (int(v) for v in args.ranks.split(",")):
+            ours, theirs = build_pair(i, o, r)
+            arms = {"ours": ours, "peft": theirs}
+            case = {"shape": shape, "tokens": b * s, "in": i, "out": o, "rank": r}
+            case.update(time_case(arms, x, gy, args.repeats, args.min_time))
+            case["memory"] = {
+                "ours": {**saved_tensor_bytes(ours, x, gy), "param_bytes_allocated": param_bytes(ours),
+                         "param_bytes_active": param_bytes(ours, active_only=True)},
+                "peft": {**saved_tensor_bytes(theirs, x, gy), "param_bytes_allocated": param_bytes(theirs),
+                         "param_bytes_active": param_bytes(theirs)},
+            }
+            if args.profile or case["ratio"]["median"] > 1.0:
+                case["profile"] = profile_case(ours, theirs, x, gy)
+            load.sample()
+            cases.append(case)
+            print(f"{shape} r{r}: ratio {fmt_range(case['ratio'])}  ours {case['ours_s']['median'] * 1e3:.2f} ms  "
+                  f"peft {case['peft_s']['median'] * 1e3:.2f} ms", flush=True)
+    payload = {"benchmark": "layer", "command": command_line(), "env": environment(), "load": load.record(),
+               "target": "ratio <= 1.00 at every rank; same or less memory", "cases": cases}
+    name = "perf_layer_quick" if args.quick else "perf_layer"
+    write_json(name, payload, args.results_dir)
+    update_markdown(name, render(payload), args.results_dir)
+    print(f"command: {payload['command']}")
+    return payload
+
+
+def render(p: dict) -> str:
+    kib = 1024.0
+    lines = [f"## Layer: nested LoRA vs PEFT LoRA Linear (forward + backward)", "",
+             f"Command: `{p['command']}` — {p['env']['utc']}, torch {p['env']['torch']}, peft {p['env'].get('peft')}, "
+             f"{p['env']['torch_threads']} threads.", contention_note(p["load"]), "",
+             "| shape | tokens × in→out | rank | ours ms | PEFT ms | ratio median (min–max) | activation KiB ours / PEFT "
+             "| adapter param KiB ours active (allocated) / PEFT | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in p["cases"]:
+        mo, mp = c["memory"]["ours"], c["memory"]["peft"]
+        ok = c["ratio"]["median"] <= 1.0 and mo["activation_bytes"] <= mp["activation_bytes"]
+        lines.append(
+            f"| {c['shape']} | {c['tokens']} × {c['in']}→{c['out']} | {c['rank']} | {c['ours_s']['median'] * 1e3:.2f} | "
+            f"{c['peft_s']['median'] * 1e3:.2f} | {fmt_range(c['ratio'])} | "
+            f"{mo['activation_bytes'] / kib:.0f} / {mp['activation_bytes'] / kib:.0f} | "
+            f"{mo['param_bytes_active'] / kib:.0f} ({mo['param_bytes_allocated'] / kib:.0f}) / "
+            f"{mp['param_bytes_allocated'] / kib:.0f} | {'met' if ok else 'missed'} |")
+    lines += ["", "Activation = unique storages autograd saves that are neither parameters nor the input. "
+              "Allocated adapter bytes include the paused nested blocks (all ranks up to 16)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Mirror cost: snapshot + drift + restore, as a multiple of one copy of the adapter parameters.
+
+    python benchmarks/perf/mirror_cost.py            # MiniLM and Llama-1B adapter sets (q, v at r16)
+    python benchmarks/perf/mirror_cost.py --quick
+
+The parameter set is exactly what the controller hands to MirrorSnapshot: every
+nested block (ranks 4 + 4 + 8 = 16) of A (r × in) and B (out × r) for each
+adapted layer. The baseline is one `torch._foreach_copy_` of the same tensors
+into preallocated buffers. A Mirror cycle = `save` (clone) + `drift` (relative
+distance, one sync) + `restore` (copy back). Interleaved per repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
+                     update_markdown, write_json)
+
+# name: (layers, [(in, out) per adapted module])
+SETS = {
+    "minilm": (6, [(384, 384), (384, 384)]),  # query, value
+    "llama1b": (16, [(2048, 2048), (2048, 512)]),  # q_proj, v_proj (GQA: 8 KV heads × 64)
+    "tiny": (2, [(32, 32), (32, 32)]),
+}
+BLOCKS = (4, 4, 8)  # nested levels 4 / 8 / 16
+
+
+def adapter_params(name: str) -> list[torch.Tensor]:
+    layers, mods = SETS[name]
+    g = torch.Generator().manual_seed(0)
+    ps = []
+    for _ in range(layers):
+        for i, o in mods:
+            ps += [torch.randn(b, i, generator=g) for b in BLOCKS] + [torch.randn(o, b, generator=g) * 0.01 for b in BLOCKS]
+    return [torch.nn.Parameter(p) for p in ps]
+
+
+def timed(fn, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def bench_set(name: str, repeats: int, min_time: float) -> dict:
+    from unified_lora import MirrorConfig, MirrorSnapshot
+
+    params = adapter_params(name)
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    bufs = [p.detach().clone() for p in params]
+    snap = MirrorSnapshot(MirrorConfig())
+
+    def copy_once():
+        torch._foreach_copy_(bufs, [p.detach() for p in params])
+
+    phase = {}
+
+    def cycle():
+        t0 = time.perf_counter()
+        snap.save(params)
+        t1 = time.perf_counter()
+        snap.drift(params)
+        t2 = time.perf_counter()
+        snap.restore(params)
+        t3 = time.perf_counter()
+        snap.clear()
+        for k, v in (("save", t1 - t0), ("drift", t2 - t1), ("restore", t3 - t2)):
+            phase.setdefault(k, []).append(v)
+
+    for _ in range(3):
+        copy_once()
+        cycle()
+    phase.clear()
+    one = timed(copy_once, 3)
+    inner = max(1, math.ceil(min_time / max(one, 1e-7)))
+    copies, cycles, ratios = [], [], []
+    per_phase = {k: [] for k in ("save", "drift", "restore")}
+    for rep in range(repeats):
+        order = [("copy", copy_once), ("cycle", cycle)]
+        if rep % 2:
+            order.reverse()
+        got = {}
+        for arm, fn in order:
+            phase.clear()
+            got[arm] = timed(fn, inner)
+            if arm == "cycle":
+                for k in per_phase:
+                    per_phase[k].append(sum(phase[k]) / len(phase[k]))
+        copies.append(got["copy"])
+        cycles.append(got["cycle"])
+        ratios.append(got["cycle"] / got["copy"])
+    return {"set": name, "n_tensors": len(params), "bytes": nbytes, "inner_iters": inner,
+            "copy_s": summarize(copies), "cycle_s": summarize(cycles), "ratio": summarize(ratios),
+            "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)]) for k, vals in per_phase.items()}}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="minilm,llama1b", help=f"comma list of {sorted(SETS)}")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--min-time", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--results-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sets, args.repeats, args.min_time, args.threads = "tiny", 3, 0.005, 1
+    torch.set_num_threads(args.threads)
+    load = LoadMonitor()
+    cases = []
+    for s in args.sets.split(","):
+        c = bench_set(s, args.repeats, args.min_time)
+        load.sample()
+        cases.append(c)
+        print(f"{s}: cycle/copy {fmt_range(c['ratio'], 2)}  copy {c['copy_s']['median'] * 1e3:.3f} ms",
+              flush=True)
+    payload = {"benchmark": "mirror_cost", "command": command_line(), "env": environment(), "load": load.record(),
+               "target": "save + drift + restore <= 3 x one foreach copy", "cases": cases}
+    name = "perf_mirror_cost_quick" if args.quick else "perf_mirror_cost"
+    write_json(name, payload, args.results_dir)
+    update_markdown(name, render(payload), args.results_dir)
+    print(f"command: {payload['command']}")
+    return payload
+
+
+def render(p: dict) -> str:
+    lines = ["## Mirror cost (snapshot + drift + restore)", "",
+             f"Command: `{p['command']}` — {p['env']['utc']}, {p['env']['torch_threads']} threads.",
+             contention_note(p["load"]), "",
+             "| adapter set | tensors | MiB | one copy ms | cycle ms | cycle ÷ copy, median (min–max) | "
+             "save / drift / restore (× copy) | target ≤ 3× |", "|---|---|---|---|---|---|---|---|"]
+    for c in p["cases"]:
+        ph = c["phase_multiples"]
+        lines.append(f"| {c['set']} | {c['n_tensors']} | {c['bytes'] / 2**20:.2f} | {c['copy_s']['median'] * 1e3:.3f} | "
+                     f"{c['cycle_s']['median'] * 1e3:.3f} | {fmt_range(c['ratio'], 2)} | "
+                     f"{ph['save']['median']:.2f} / {ph['drift']['median']:.2f} / {ph['restore']['median']:.2f} | "
+                     f"{'met' if c['ratio']['median'] <= 3 else 'missed'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

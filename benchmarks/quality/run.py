@@ -1,0 +1,359 @@
+"""Quality grid: PEFT LoRA / AdaLoRA vs unified-lora on GLUE, clean, noisy and shocked labels.
+
+    python benchmarks/quality/run.py --tasks mrpc --methods lora_r8,unified_v1,adalora \
+        --conditions clean,noise40 --seeds 0,1,2 --steps 150
+
+Each (task, method, condition, seed) is one run that writes its own JSON to
+`benchmarks/results/quality/runs/`; a run whose JSON exists is skipped, so the
+grid fills up across sittings. `report.py` turns the JSONs into quality.md + plots.
+
+Same budget for every method: the same steps, batch size, base learning rate
+(--lr, chosen once for lora_r8 and reused), seeds, data order (the loader's
+shuffle depends only on the seed), label noise (depends only on the seed) and
+targets (query, value; the classifier head trains in every method). Metrics are
+taken on the GLUE dev set at the last step (no checkpoint selection on dev).
+
+Methods
+  lora_r4 / lora_r8 / lora_r16   PEFT LoRA (get_peft_model, LoraConfig)
+  adalora                        PEFT AdaLoRA, init_r 12 -> target_r 8 (average budget of r8),
+                                 update_and_allocate(step) after optimizer.step(), before zero_grad()
+  unified_v1[_<policy>]          nested LoRA 4/8/16 + controller, v1 loss signal
+  unified_v3[_<policy>]          nested LoRA 4/8/16 + controller, v3 composite signal
+                                 policy: drift (default) | never | lossworse | always  (Mirror exit rule)
+Conditions
+  clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels flipped for a
+  window in the middle of training; dev metrics just before, just after and at the end)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
+METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v3",
+           "unified_v1_never", "unified_v1_lossworse", "unified_v3_never", "unified_v3_lossworse"]
+CONDITIONS = ["clean", "noise20", "noise40", "shock"]
+TASKS = ["mrpc", "rte", "cola", "sst2"]
+BUDGET_KEYS = ("steps", "batch_size", "max_length", "lr", "weight_decay", "warmup", "lora_alpha", "lora_dropout",
+               "targets", "shock_start", "shock_len", "sst2_train_size", "quick")
+POLICIES = {"drift": "drift", "never": "never", "lossworse": "loss_worse", "always": "always"}
+
+
+def run_name(task, method, condition, seed, tag="") -> str:
+    return f"{task}__{method}__{condition}__s{seed}" + (f"__{tag}" if tag else "")
+
+
+# ----------------------------------------------------------------------------- data
+_DATA_CACHE: dict = {}
+
+
+def load_task(task: str, args):
+    """Encoded train/dev tensors (clean labels) plus the raw label lists; cached per process."""
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import encode, load_glue
+
+    key = (task, args.model, args.max_length, args.quick, args.sst2_train_size)
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    train = load_glue(task, "train", args.data_dir)
+    dev = load_glue(task, "dev", args.data_dir)
+    tr_ex, dv_ex = list(train.examples), list(dev.examples)
+    if task == "sst2" and args.sst2_train_size and len(tr_ex) > args.sst2_train_size:
+        tr_ex = random.Random(1234).sample(tr_ex, args.sst2_train_size)  # one fixed subset for every run
+    if args.quick:
+        tr_ex, dv_ex = random.Random(0).sample(tr_ex, 64), random.Random(0).sample(dv_ex, 48)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    enc_tr = encode(tok, tr_ex, max_length=args.max_length, padding="max_length")
+    enc_dv = encode(tok, dv_ex, max_length=args.max_length, padding="max_length")
+    out = {"train": enc_tr, "dev": enc_dv, "num_labels": train.num_labels,
+           "train_labels": [e.label for e in tr_ex], "dev_labels": [e.label for e in dv_ex]}
+    _DATA_CACHE[key] = out
+    return out
+
+
+def trim(batch: dict) -> dict:
+    """Cut right padding down to the longest sequence in the batch (same maths, less compute)."""
+    n = int(batch["attention_mask"].sum(1).max())
+    return {k: (v[:, :n] if v.dim() == 2 else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, enc: dict, task: str, batch_size: int = 64) -> dict:
+    from unified_lora.data import glue_metrics
+
+    was_training = model.training
+    model.eval()
+    preds = []
+    n = len(enc["labels"])
+    for i in range(0, n, batch_size):
+        b = trim({k: v[i:i + batch_size] for k, v in enc.items()})
+        b.pop("labels")
+        preds.append(model(**b).logits.argmax(-1))
+    model.train(was_training)
+    return glue_metrics(task, torch.cat(preds).tolist(), enc["labels"].tolist())
+
+
+# --------------------------------------------------------------------------- methods
+def build(method: str, model, args, total_steps: int, num_labels: int):
+    """Returns (model, ctrl or None, info dict). `model` may be a PeftModel wrapper."""
+    targets = args.targets.split(",")
+    info: dict = {"targets": targets}
+    if method.startswith("lora_r"):
+        from peft import LoraConfig, get_peft_model
+
+        r = int(method[len("lora_r"):])
+        cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=targets)
+        return get_peft_model(model, cfg), None, {**info, "rank": r}
+    if method == "adalora":
+        from peft import AdaLoraConfig, get_peft_model
+
+        tinit, tfinal = max(1, int(0.1 * total_steps)), max(1, int(0.2 * total_steps))
+        cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=12, target_r=8, lora_alpha=args.lora_alpha,
+                            lora_dropout=args.lora_dropout, target_modules=targets, tinit=tinit, tfinal=tfinal,
+                            deltaT=max(1, total_steps // 30), total_step=total_steps, beta1=0.85, beta2=0.85,
+                            orth_reg_weight=0.5)
+        return get_peft_model(model, cfg), None, {**info, "init_r": 12, "target_r": 8, "tinit": tinit,
+                                                  "tfinal": tfinal, "deltaT": cfg.deltaT}
+    if method.startswith("unified_"):
+        from unified_lora import MirrorConfig, setup_unified_lora
+
+        parts = method.split("_")
+        signal = {"v1": "loss", "v3": "composite"}[parts[1]]
+        policy = POLICIES[parts[2]] if len(parts) > 2 else "drift"
+        adapters, ctrl = setup_unified_lora(model, target_modules=targets, rank_levels=(4, 8, 16),
+                                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                            modules_to_save=["classifier"], signal=signal, lr_mode="multiplier",
+                                            mirror=MirrorConfig(policy=policy), print_fn=None)
+        return model, ctrl, {**info, "signal": signal, "mirror_policy": policy, "rank_levels": [4, 8, 16],
+                             "lr_mode": "multiplier"}
+    raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
+
+
+def adapter_shapes(model):
+    """[(in, out)] of every adapted Linear."""
+    from unified_lora import NestedLoRALayer
+
+    shapes = []
+    for m in model.modules():
+        if isinstance(m, NestedLoRALayer):
+            shapes.append((m.in_features, m.out_features))
+        elif hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+            shapes.append((m.base_layer.in_features, m.base_layer.out_features))
+    return shapes
+
+
+def adalora_ranks(model) -> list[int]:
+    """Current rank of every AdaLoRA layer = non-zero singular values (lora_E) - what pruning leaves."""
+    ranks = []
+    for n, p in model.named_parameters():
+        if "lora_E" in n:
+            ranks.append(int((p.detach() != 0).sum()))
+    return ranks
+
+
+# ----------------------------------------------------------------------------- one run
+def run_one(task, method, condition, seed, args) -> dict:
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    from unified_lora.data import flip_labels, majority_baseline, primary_metric, symmetric_label_noise
+
+    data = load_task(task, args)
+    T = args.steps
+    clean = data["train_labels"]
+    labels = list(clean)
+    noise_rate = {"noise20": 0.2, "noise40": 0.4}.get(condition, 0.0)
+    if noise_rate:
+        labels = symmetric_label_noise(clean, noise_rate, data["num_labels"], seed=seed)
+    enc_train = dict(data["train"], labels=torch.tensor(labels))
+    shock = (int(T * args.shock_start), int(T * (args.shock_start + args.shock_len))) if condition == "shock" else None
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=data["num_labels"])
+    model, ctrl, info = build(method, model, args, T, data["num_labels"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if ctrl is not None:
+        ctrl.attach_optimizer(opt)
+    sched = get_linear_schedule_with_warmup(opt, int(args.warmup * T), T)
+    from unified_lora.data import make_loader
+
+    loader = make_loader(enc_train, args.batch_size, shuffle=True, seed=seed, drop_last=True)
+    it = iter(loader)
+    eval_every = args.eval_every if args.eval_every is not None else (max(3, T // 12) if shock else 0)
+    eval_at = set(range(eval_every, T, eval_every)) if eval_every else set()
+    if shock:
+        eval_at |= {shock[0], shock[1]}  # "just before" (no flipped step yet) and "just after" the window
+    curve, losses, ranks, ada_ranks = [], [], [], []
+    model.train()
+    t0 = time.perf_counter()
+    if 0 in eval_at:
+        curve.append({"step": 0, **evaluate(model, data["dev"], task)})
+    for step in range(T):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        batch = trim(batch)
+        if shock and shock[0] <= step < shock[1]:
+            batch["labels"] = flip_labels(batch["labels"], data["num_labels"])
+        out = model(**batch)
+        loss = out.loss
+        loss.backward()
+        if ctrl is not None:
+            ctrl.step(loss=loss.item())
+            ranks.append(ctrl.rank)
+        opt.step()
+        sched.step()
+        if method == "adalora":
+            model.base_model.update_and_allocate(step)
+            ada_ranks.append(adalora_ranks(model))
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 5))
+        if step + 1 in eval_at:
+            curve.append({"step": step + 1, **evaluate(model, data["dev"], task)})
+    final = evaluate(model, data["dev"], task)
+    wall = time.perf_counter() - t0
+    curve.append({"step": T, **final})
+
+    shapes = adapter_shapes(model)
+    per_rank = sum(i + o for i, o in shapes)  # adapter params per unit of rank over all layers
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    res: dict = {"task": task, "method": method, "condition": condition, "seed": seed, "tag": args.tag,
+                 "metrics": final, "primary_metric": primary_metric(task), "curve": curve,
+                 "majority_baseline": majority_baseline(clean, data["dev_labels"], task),
+                 "wall_time_s": wall, "train_loss": losses, "info": info, "n_adapted_layers": len(shapes),
+                 "head_params": head}
+    if method.startswith("lora_r"):
+        r = info["rank"]
+        res.update(mean_active_rank=r, adapter_params_active=r * per_rank, adapter_params_allocated=r * per_rank)
+    elif method == "adalora":
+        per_layer = [sum(r) / len(r) for r in ada_ranks]
+        final_ranks = ada_ranks[-1]
+        pattern = model.peft_config["default"].rank_pattern or {}
+        res.update(mean_active_rank=sum(per_layer) / len(per_layer),
+                   final_rank_per_layer=final_ranks, final_mean_rank=sum(final_ranks) / len(final_ranks),
+                   rank_pattern_final={k: int(sum(v)) for k, v in pattern.items()},
+                   pruned=bool(sum(final_ranks) < 12 * len(final_ranks)),
+                   mean_rank_per_step=[round(x, 3) for x in per_layer],
+                   adapter_params_active=sum(r * (i + o + 1) for r, (i, o) in zip(final_ranks, shapes)),
+                   adapter_params_allocated=12 * sum(i + o + 1 for i, o in shapes))
+    else:
+        tr = ctrl.trace
+        modes = [r.mode for r in tr]
+        mean_rank = sum(ranks) / len(ranks)
+        res.update(mean_active_rank=mean_rank, adapter_params_active=round(mean_rank * per_rank),
+                   adapter_params_allocated=16 * per_rank, ranks=ranks,
+                   phi=[round(r.phi, 4) for r in tr],
+                   mode_fraction={m: modes.count(i) / len(modes) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))},
+                   transitions=[{"step": r.step, "transition": r.transition, "phi": r.phi, "snapshot": r.snapshot,
+                                 "drift": r.drift} for r in tr if r.transition])
+    if shock:
+        by_step = {c["step"]: c for c in curve}
+        pm = primary_metric(task)
+        res["shock"] = {"window": list(shock), "before": by_step[shock[0]][pm], "after": by_step[shock[1]][pm],
+                        "end": final[pm]}
+    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("tasks", "methods", "conditions", "seeds")}
+    res["config"]["model_name"] = Path(args.model).name
+    res["noise"] = {"rate": noise_rate, "observed": sum(a != b for a, b in zip(clean, labels)) / len(clean)}
+    res["utc_finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        res["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        pass
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model path (default: bundled all-MiniLM-L6-v2)")
+    ap.add_argument("--tasks", default="mrpc,rte,cola,sst2")
+    ap.add_argument("--methods", default="lora_r4,lora_r8,lora_r16,adalora,unified_v1,unified_v3")
+    ap.add_argument("--conditions", default="clean,noise20,noise40,shock")
+    ap.add_argument("--seeds", default=None, help="comma list (default 0,1,2; shock 0-4)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3, help="base LR, tuned once for lora_r8 and reused")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup", type=float, default=0.06, help="linear warmup fraction, then linear decay")
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--shock-start", type=float, default=0.4, help="fraction of steps")
+    ap.add_argument("--shock-len", type=float, default=0.2, help="fraction of steps")
+    ap.add_argument("--eval-every", type=int, default=None, help="dev eval interval (default: end only; shock T/12)")
+    ap.add_argument("--sst2-train-size", type=int, default=8000, help="SST-2 train subsample (fixed, seed 1234)")
+    ap.add_argument("--data-dir", default=None, help="GLUE root (default: unified_lora.data resolution)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix for run names (e.g. an LR probe)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--force", action="store_true", help="re-run finished runs")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 64 train / 48 dev examples, 6 steps, 32 tokens")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.max_length = min(args.steps, 6), min(args.max_length, 32)
+    if args.model is None:
+        from unified_lora.data import default_model_path
+
+        args.model = default_model_path()
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    runs_dir = Path(args.out) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for m in args.methods.split(","):
+        if m not in METHODS and not (m.startswith("unified_v") and m.split("_")[-1] in POLICIES):
+            if not m.startswith("lora_r"):
+                ap.error(f"--methods: unknown {m!r}; choose from {METHODS}")
+    for c in args.conditions.split(","):
+        if c not in CONDITIONS:
+            ap.error(f"--conditions: unknown {c!r}; choose from {CONDITIONS}")
+    # Seed-major order: an interrupted sitting leaves whole seeds of every cell, not whole cells of one seed.
+    jobs = []
+    for task in args.tasks.split(","):
+        for condition in args.conditions.split(","):
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(5 if condition == "shock" else 3))
+            jobs += [(seed, task, condition, method) for seed in seeds for method in args.methods.split(",")]
+    jobs.sort(key=lambda j: j[0])  # stable: keeps task / condition / method order within a seed
+    done = 0
+    for seed, task, condition, method in jobs:
+        name = run_name(task, method, condition, seed, args.tag)
+        path = runs_dir / f"{name}.json"
+        if path.exists() and not args.force:
+            old = json.loads(path.read_text()).get("config", {})
+            diff = {k: (old.get(k), getattr(args, k)) for k in BUDGET_KEYS if old.get(k) != getattr(args, k)}
+            if diff:  # a cell must not mix budgets: its mean ± std would be meaningless
+                raise SystemExit(f"{path.name} exists with a different budget {diff}; use --tag, --out or --force")
+            print(f"skip {name} (done)", flush=True)
+            continue
+        res = run_one(task, method, condition, seed, args)
+        res["command"] = "python benchmarks/quality/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        tmp.replace(path)
+        done += 1
+        pm = res["primary_metric"]
+        print(f"{name}: {pm}={res['metrics'][pm]:.4f} mean_rank={res['mean_active_rank']:.2f} "
+              f"wall={res['wall_time_s']:.0f}s", flush=True)
+    print(f"{done} run(s) written to {runs_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Smoke tests for the benchmark harnesses: each runs end to end in --quick mode on tiny inputs
+and writes its JSON + Markdown. No timing asserts: speed is what the scripts measure, not test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _load(rel: str):
+    path = REPO / "benchmarks" / rel
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer, saved as an HF folder."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from unified_lora.data import default_model_path
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def quality_out(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    run = _load("quality/run.py")
+    rc = run.main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
+                   "lora_r8,adalora,unified_v1", "--conditions", "clean,shock", "--seeds", "0",
+                   "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_quality_run_writes_one_json_per_cell(quality_out):
+    names = sorted(p.name for p in (quality_out / "runs").glob("*.json"))
+    assert names == sorted(f"mrpc__{m}__{c}__s0.json" for m in ("lora_r8", "adalora", "unified_v1")
+                           for c in ("clean", "shock"))
+    res = json.loads((quality_out / "runs" / "mrpc__unified_v1__clean__s0.json").read_text())
+    assert set(res["metrics"]) == {"f1", "accuracy"}
+    assert res["majority_baseline"]["f1"] > 0 and len(res["train_loss"]) == 6 and res["command"]
+
+
+def test_adalora_run_records_a_pruned_rank_pattern(quality_out):
+    res = json.loads((quality_out / "runs" / "mrpc__adalora__clean__s0.json").read_text())
+    assert res["pruned"] and len(res["rank_pattern_final"]) == res["n_adapted_layers"] == 4
+    assert res["final_mean_rank"] < 12
+
+
+def test_shock_run_records_before_after_and_end(quality_out):
+    res = json.loads((quality_out / "runs" / "mrpc__lora_r8__shock__s0.json").read_text())
+    assert set(res["shock"]) == {"window", "before", "after", "end"}
+    steps = [c["step"] for c in res["curve"]]
+    assert res["shock"]["window"][0] in steps and res["shock"]["window"][1] in steps
+
+
+def test_finished_runs_are_skipped(quality_out, tiny_model_dir, capsys):
+    path = quality_out / "runs" / "mrpc__lora_r8__clean__s0.json"
+    before = path.stat().st_mtime_ns
+    _load("quality/run.py").main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
+                                  "lora_r8", "--conditions", "clean", "--seeds", "0", "--out", str(quality_out)])
+    assert path.stat().st_mtime_ns == before
+    assert "skip mrpc__lora_r8__clean__s0" in capsys.readouterr().out
+
+
+def test_report_builds_quality_md_with_baseline_and_plots(quality_out):
+    assert _load("quality/report.py").main(["--runs", str(quality_out / "runs"), "--out", str(quality_out)]) == 0
+    md = (quality_out / "quality.md").read_text()
+    assert "Majority-class baseline" in md and "| clean | adalora | 1 |" in md
+    assert (quality_out / "quality_plots" / "mrpc_noise.png").stat().st_size > 0
+    assert (quality_out / "quality_plots" / "mrpc_shock.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py"])
+def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
+    payload = _load(script).main(["--quick", "--results-dir", str(tmp_path)])
+    stem = "perf_" + Path(script).stem + "_quick"
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert saved["command"] and "under_contention" in saved["load"]
+    assert f"<!-- {stem} -->" in (tmp_path / "perf.md").read_text()
+    assert payload["benchmark"] == saved["benchmark"]
+
+
+@pytest.mark.slow
+def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
+    payload = _load("perf/e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
+    assert set(payload["summary"]) == {"unified", "peft_r8", "peft_r16"}
+    assert all(r[0]["vm_hwm_bytes"] > 0 for r in payload["runs"].values())
+
+
+def test_a_finished_run_with_another_budget_is_refused(quality_out, tiny_model_dir):
+    with pytest.raises(SystemExit, match="different budget"):
+        _load("quality/run.py").main(["--quick", "--steps", "5", "--model", str(tiny_model_dir), "--tasks", "mrpc",
+                                      "--methods", "lora_r8", "--conditions", "clean", "--seeds", "0",
+                                      "--out", str(quality_out)])
