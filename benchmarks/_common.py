@@ -116,6 +116,14 @@ def update_markdown(section: str, body: str, results_dir: Path | None = None, fi
     return path
 
 
+def publish(name: str, payload: dict, render, quick: bool = False, results_dir: Path | None = None) -> dict:
+    """Write `<name>.json` (or `<name>_quick.json`) and its section of perf.md; print the command."""
+    name = f"{name}_quick" if quick else name
+    write_json(name, payload, results_dir)
+    update_markdown(name, render(payload), results_dir)
+    print(f"command: {payload['command']}")
+    return payload
+
 def contention_note(load: dict) -> str:
     if load["under_contention"]:
         return (f"**Taken under contention** (1-min load average up to {load['loadavg_1m_max']:.2f} on "

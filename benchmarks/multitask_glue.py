@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 

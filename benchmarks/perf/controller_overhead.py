@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, load_classifier,  # noqa: E402
-                     summarize, update_markdown, write_json)
+                     publish, summarize)
 
 ARMS = ("none", "v1", "v3")
 
@@ -124,11 +124,7 @@ def main(argv=None) -> dict:
                          "seq_len": args.seq_len, "repeats": args.repeats, "warmup": args.warmup,
                          "targets": args.targets, "mode_ranks": [8, 8, 8]},
                "none_step_s": summarize(step_t["none"]), "arms": results}
-    name = "perf_controller_overhead_quick" if args.quick else "perf_controller_overhead"
-    write_json(name, payload, args.results_dir)
-    update_markdown(name, render(payload), args.results_dir)
-    print(f"command: {payload['command']}")
-    return payload
+    return publish("perf_controller_overhead", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:

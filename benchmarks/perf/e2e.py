@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
-                     update_markdown, write_json)
+                     publish)
 
 ARMS = ("unified", "peft_r8", "peft_r16")
 
@@ -149,11 +149,7 @@ def main(argv=None) -> dict | None:
                "setup": {"model": args.model or "all-MiniLM-L6-v2", "task": "mrpc", "steps": args.steps,
                          "batch_size": 16, "max_length": args.max_length, "rounds": args.rounds, "ours": ours},
                "runs": runs, "summary": summary, "ratios": ratios}
-    name = "perf_e2e_quick" if args.quick else "perf_e2e"
-    write_json(name, payload, args.results_dir)
-    update_markdown(name, render(payload), args.results_dir)
-    print(f"command: {payload['command']}")
-    return payload
+    return publish("perf_e2e", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
-                     update_markdown, write_json)
+                     publish)
 
 SHAPES = {  # name: (batch, seq, in_features, out_features)
     "minilm": (16, 128, 384, 384),
@@ -179,11 +179,7 @@ def main(argv=None) -> dict:
                   f"peft {case['peft_s']['median'] * 1e3:.2f} ms", flush=True)
     payload = {"benchmark": "layer", "command": command_line(), "env": environment(), "load": load.record(),
                "target": "ratio <= 1.00 at every rank; same or less memory", "cases": cases}
-    name = "perf_layer_quick" if args.quick else "perf_layer"
-    write_json(name, payload, args.results_dir)
-    update_markdown(name, render(payload), args.results_dir)
-    print(f"command: {payload['command']}")
-    return payload
+    return publish("perf_layer", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:

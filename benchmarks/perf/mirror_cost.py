@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
-                     update_markdown, write_json)
+                     publish)
 
 # name: (layers, [(in, out) per adapted module])
 SETS = {
@@ -126,11 +126,7 @@ def main(argv=None) -> dict:
               flush=True)
     payload = {"benchmark": "mirror_cost", "command": command_line(), "env": environment(), "load": load.record(),
                "target": "save + drift + restore <= 3 x one foreach copy", "cases": cases}
-    name = "perf_mirror_cost_quick" if args.quick else "perf_mirror_cost"
-    write_json(name, payload, args.results_dir)
-    update_markdown(name, render(payload), args.results_dir)
-    print(f"command: {payload['command']}")
-    return payload
+    return publish("perf_mirror_cost", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:
