@@ -231,3 +231,47 @@ def test_snapshot_buffers_are_reused_across_cycles_and_state_dict_is_a_copy():
     snap.save(ps)
     assert [w.data_ptr() for w in snap.weights] == ptrs  # no fresh allocation at the second entry
     assert torch.equal(snap.weights[0], ps[0]) and not torch.equal(sd["weights"][0], ps[0])
+
+
+def _ref_drift(ps, snap_ws):
+    num = sum((p.detach() - w).norm() for p, w in zip(ps, snap_ws))
+    return (num / sum(w.norm() for w in snap_ws)).item()
+
+
+def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot():
+    # the scratch buffers and the Σ‖W_snap‖ cached at save must never leak a stale value
+    ps = _mirror_params()
+    snap = MirrorSnapshot()
+    for cycle in range(3):
+        snap.save(ps)
+        ref_ws = [p.detach().clone() for p in ps]
+        with torch.no_grad():
+            ps[0].add_(0.1 * (cycle + 1))
+            ps[1].mul_(1.5)
+        assert snap.drift(ps) == pytest.approx(_ref_drift(ps, ref_ws), rel=1e-5)
+        # a prefix of the snapshot (the active blocks only) uses its own denominator
+        assert snap.drift(ps[:1]) == pytest.approx(_ref_drift(ps[:1], ref_ws[:1]), rel=1e-5)
+        assert torch.equal(snap.weights[0], ref_ws[0])  # drift never touches the snapshot
+        snap.restore(ps)
+        assert all(torch.equal(p, w) for p, w in zip(ps, ref_ws))  # bit-exact rollback
+        with torch.no_grad():
+            ps[1].add_(1.0)
+        snap.clear()
+    snap.save(ps)
+    sd = snap.state_dict()
+    other = MirrorSnapshot()
+    other.load_state_dict(sd)
+    with torch.no_grad():
+        ps[0].sub_(0.3)
+    assert other.drift(ps) == pytest.approx(_ref_drift(ps, sd["weights"]), rel=1e-5)
+
+
+def test_drift_of_bf16_weights_accumulates_in_fp32():
+    ps = [torch.nn.Parameter(torch.randn(16, 64).bfloat16()) for _ in range(3)]
+    snap = MirrorSnapshot()
+    snap.save(ps)
+    ref_ws = [p.detach().float().clone() for p in ps]
+    with torch.no_grad():
+        ps[2].add_(0.25)
+    ref = _ref_drift([p.float() for p in ps], ref_ws)
+    assert snap.drift(ps) == pytest.approx(ref, rel=1e-3)

@@ -19,6 +19,9 @@ Methods
                                  update_and_allocate(step) after optimizer.step(), before zero_grad()
   unified_v1[_<policy>]          nested LoRA 4/8/16 + controller, v1 loss signal
   unified_v3[_<policy>]          nested LoRA 4/8/16 + controller, v3 composite signal
+  unified_v1c[_<policy>]         v1 loss signal calibrated as in the demo: loss_scale = mean of the
+                                 first 20 losses / 2.2, so the early loss sits just under the MIRROR
+                                 threshold and a loss spike (a shock) crosses it
                                  policy: drift (default) | never | lossworse | always  (Mirror exit rule)
 Conditions
   clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels flipped for a
@@ -39,7 +42,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
-METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v3",
+METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v3", "unified_v1c",
+           "unified_v1c_never", "unified_v1c_lossworse",
            "unified_v1_never", "unified_v1_lossworse", "unified_v3_never", "unified_v3_lossworse"]
 CONDITIONS = ["clean", "noise20", "noise40", "shock"]
 TASKS = ["mrpc", "rte", "cola", "sst2"]
@@ -126,16 +130,23 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
         return get_peft_model(model, cfg), None, {**info, "init_r": 12, "target_r": 8, "tinit": tinit,
                                                   "tfinal": tfinal, "deltaT": cfg.deltaT}
     if method.startswith("unified_"):
-        from unified_lora import MirrorConfig, setup_unified_lora
+        from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 
         parts = method.split("_")
-        signal = {"v1": "loss", "v3": "composite"}[parts[1]]
+        signal = {"v1": "loss", "v3": "composite", "v1c": "loss"}[parts[1]]
+        if parts[1] == "v1c":  # the demo's calibration (unified_lora.cli.DEMO_CALIBRATION)
+            from unified_lora.cli import DEMO_CALIBRATION
+
+            signal = SignalConfig(kind="loss", calibration_steps=DEMO_CALIBRATION[0],
+                                  calibration_target=DEMO_CALIBRATION[1])
         policy = POLICIES[parts[2]] if len(parts) > 2 else "drift"
         adapters, ctrl = setup_unified_lora(model, target_modules=targets, rank_levels=(4, 8, 16),
                                             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                             modules_to_save=["classifier"], signal=signal, lr_mode="multiplier",
                                             mirror=MirrorConfig(policy=policy), print_fn=None)
-        return model, ctrl, {**info, "signal": signal, "mirror_policy": policy, "rank_levels": [4, 8, 16],
+        sig_info = signal if isinstance(signal, str) else {"kind": signal.kind, "calibration_steps": signal.calibration_steps,
+                                                            "calibration_target": signal.calibration_target}
+        return model, ctrl, {**info, "signal": sig_info, "mirror_policy": policy, "rank_levels": [4, 8, 16],
                              "lr_mode": "multiplier"}
     raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
 
@@ -258,6 +269,7 @@ def run_one(task, method, condition, seed, args) -> dict:
                    adapter_params_allocated=16 * per_rank, ranks=ranks,
                    phi=[round(r.phi, 4) for r in tr],
                    mode_fraction={m: modes.count(i) / len(modes) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))},
+                   loss_scale_final=tr[-1].components.get("loss_scale") if tr else None,
                    transitions=[{"step": r.step, "transition": r.transition, "phi": r.phi, "snapshot": r.snapshot,
                                  "drift": r.drift} for r in tr if r.transition])
     if shock:
@@ -317,7 +329,8 @@ def main(argv=None) -> int:
     runs_dir = Path(args.out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     for m in args.methods.split(","):
-        if m not in METHODS and not (m.startswith("unified_v") and m.split("_")[-1] in POLICIES):
+        if m not in METHODS and not (m.split("_")[:2] in (["unified", "v1"], ["unified", "v3"], ["unified", "v1c"])
+                                     and m.split("_")[-1] in POLICIES):
             if not m.startswith("lora_r"):
                 ap.error(f"--methods: unknown {m!r}; choose from {METHODS}")
     for c in args.conditions.split(","):

@@ -39,42 +39,51 @@ def scaling_for(rank: int, lora_alpha: float, max_rank: int, kind: str) -> float
 
 
 class _NestedLoRAPath(torch.autograd.Function):
-    """scaling · (h A_catᵀ) B_catᵀ with per-block gradients.
+    """base_out + scaling · (h A_catᵀ) B_catᵀ with per-block gradients.
 
     Autograd through `torch.cat` would save both concatenations (r·(in+out)
     extra values per layer) that PEFT, holding one A/B tensor, does not keep.
     This saves only h and u = h A_catᵀ, as PEFT does, and re-concatenates in
-    backward. Under autocast it computes in the autocast dtype, like F.linear.
+    backward. The up-projection accumulates straight into the base output with
+    one `addmm` (scaling as its alpha), and backward applies the scaling to the
+    rank-sized products, so no tokens × out pass is spent on scaling or on the
+    residual add. Under autocast it computes in the autocast dtype, like F.linear;
+    a base output of another dtype gets the delta cast and added instead.
     """
 
     @staticmethod
-    def forward(ctx, h, scaling, k, *blocks):
+    def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else blocks[0].dtype
         with torch.autocast(dev, enabled=False):
             A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
             h = h.to(dt)
             u = h @ A.T
-            out = (u @ B.T) * scaling
+            u2 = u.reshape(-1, u.shape[-1])
+            if base_out.dtype == dt:
+                out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u2, B.T, alpha=scaling)
+            else:
+                out = base_out.reshape(-1, base_out.shape[-1]) + (torch.mm(u2, B.T) * scaling).to(base_out.dtype)
         ctx.save_for_backward(h, u, *blocks)
         ctx.scaling, ctx.k, ctx.dt = scaling, k, dt
-        return out
+        return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, gy):
         h, u, *blocks = ctx.saved_tensors
-        k, dt = ctx.k, ctx.dt
+        k, dt, scaling = ctx.k, ctx.dt, ctx.scaling
         with torch.autocast(h.device.type, enabled=False):
             A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-            gy = gy.to(dt).reshape(-1, gy.shape[-1]) * ctx.scaling
+            g2 = gy.reshape(-1, gy.shape[-1]).to(dt)
             u2, h2 = u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1])
-            gu = gy @ B  # tokens × r
-            gA, gB = gu.T @ h2, gy.T @ u2  # r × in, out × r
-            gh = (gu @ A).reshape(h.shape) if ctx.needs_input_grad[0] else None
+            gu = (g2 @ B).mul_(scaling)  # tokens × r
+            gA = gu.T @ h2  # r × in
+            gB = (g2.T @ u2).mul_(scaling)  # out × r
+            gh = (gu @ A).reshape(h.shape) if ctx.needs_input_grad[1] else None
         sizes = [a.shape[0] for a in blocks[:k]]
         gA = [g.to(b.dtype) for g, b in zip(gA.split(sizes, 0), blocks[:k])]
         gB = [g.to(b.dtype) for g, b in zip(gB.split(sizes, 1), blocks[k:])]
-        return (gh, None, None, *gA, *gB)
+        return (gy if ctx.needs_input_grad[0] else None, gh, None, None, *gA, *gB)
 
 
 def _cat(ts, dim, dtype):
@@ -216,8 +225,7 @@ class NestedLoRALayer(nn.Module):
             return result
         k = self.n_active_blocks
         h = self.lora_dropout(x.to(self.lora_A[0].dtype))
-        delta = _NestedLoRAPath.apply(h, self.scaling, k, *self.lora_A[:k], *self.lora_B[:k])
-        return result + delta.to(result.dtype)
+        return _NestedLoRAPath.apply(result, h, self.scaling, k, *self.lora_A[:k], *self.lora_B[:k])
 
     @torch.no_grad()
     def merge(self) -> None:

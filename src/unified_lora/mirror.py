@@ -42,6 +42,13 @@ def should_restore(policy: str, drift: float, threshold: float, loss_at_entry, l
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq", "step")
 
 
+def _norm_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ‖t‖₂ as a 0-d fp32 tensor (foreach kernel, no sync)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).sum()
+
+
 class MirrorSnapshot:
     """Holds one snapshot of a list of parameters (and optionally their optimizer state)."""
 
@@ -54,6 +61,10 @@ class MirrorSnapshot:
         # Kept across Mirror cycles: re-copying into warm buffers avoids fresh allocations
         # (page faults) at every entry. Costs one adapter-sized copy outside Mirror.
         self._buffers: list[torch.Tensor] | None = None
+        # Scratch for W − W_snap at exit, same shapes/device as the buffers and equally
+        # reused, plus Σ‖W_snap‖ computed once at save (a tensor: no sync until the drift).
+        self._scratch: list[torch.Tensor] | None = None
+        self._snap_norm: torch.Tensor | None = None
 
     @property
     def held(self) -> bool:
@@ -66,8 +77,10 @@ class MirrorSnapshot:
         buf = self._buffers
         if buf is None or len(buf) != len(src) or any(b.shape != s.shape or b.dtype != s.dtype for b, s in zip(buf, src)):
             buf = self._buffers = [torch.empty_like(s, device=dev or s.device) for s in src]
+            self._scratch = None
         torch._foreach_copy_(buf, src)
         self.weights = buf
+        self._snap_norm = _norm_sum(buf)
         self.opt_state = None
         if self.config.snapshot_optimizer and optimizer is not None:
             self.opt_state = []
@@ -79,23 +92,29 @@ class MirrorSnapshot:
                 )
         self.loss_at_entry, self.step_saved = loss_ema, step
 
-    def _on_device(self, params) -> list[torch.Tensor]:
-        return [w if w.device == p.device else w.to(p.device) for w, p in zip(self.weights, params)]
-
     @torch.no_grad()
     def drift(self, params: Sequence[torch.Tensor]) -> float:
         """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ over `params` (a prefix of the
-        snapshot); foreach kernels and a single device sync for the whole set."""
+        snapshot). W − W_snap is formed in reused scratch buffers on the snapshot's
+        device (no allocation, no device copy of the snapshot); norms accumulate in
+        fp32 whatever the parameter dtype; one sync for the whole set."""
         params = [p.detach() for p in params]
-        snap = self._on_device(params)
-        num = torch.stack(torch._foreach_norm(torch._foreach_sub(params, snap))).float().sum()
-        den = torch.stack(torch._foreach_norm(snap)).float().sum().to(num.device)
-        num, den = torch.stack([num, den]).tolist()
+        n = len(params)
+        snap = self.weights[:n]
+        if self._scratch is None or len(self._scratch) != len(self.weights):
+            self._scratch = [torch.empty_like(w) for w in self.weights]
+        scr = self._scratch[:n]
+        torch._foreach_copy_(scr, params)
+        torch._foreach_sub_(scr, snap)
+        num = _norm_sum(scr)
+        den = self._snap_norm if (n == len(self.weights) and self._snap_norm is not None) else _norm_sum(snap)
+        num, den = torch.stack([num, den.to(num.device)]).tolist()
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
     @torch.no_grad()
     def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
-        torch._foreach_copy_([p.data for p in params], self._on_device(params))
+        # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
+        torch._foreach_copy_([p.data for p in params], self.weights[:len(params)])
         if self.opt_state is not None and optimizer is not None:
             for p, st in zip(params, self.opt_state):
                 if st is None:
@@ -113,6 +132,7 @@ class MirrorSnapshot:
 
     def clear(self) -> None:
         self.weights = self.opt_state = None  # the buffers stay allocated for the next entry
+        self._snap_norm = None
         self.loss_at_entry = self.step_saved = None
 
     def state_dict(self) -> dict:
@@ -130,5 +150,7 @@ class MirrorSnapshot:
         dev = "cpu" if self.config.offload_to_cpu else device
         self.weights = None if sd["weights"] is None else [w.to(dev) if dev else w.clone() for w in sd["weights"]]
         self._buffers = self.weights
+        self._scratch = None
+        self._snap_norm = None if self.weights is None else _norm_sum(self.weights)
         self.opt_state = sd["opt_state"]
         self.loss_at_entry, self.step_saved = sd["loss_at_entry"], sd["step_saved"]
