@@ -42,7 +42,7 @@ def quality_out(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
     run = _load("quality/run.py")
     rc = run.main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
-                   "lora_r8,adalora,unified_v1", "--conditions", "clean,shock", "--seeds", "0",
+                   "lora_r8,adalora,unified_v1,unified_v1c_never", "--conditions", "clean,shock", "--seeds", "0",
                    "--threads", "1", "--out", str(out)])
     assert rc == 0
     return out
@@ -50,8 +50,11 @@ def quality_out(tiny_model_dir, tmp_path_factory):
 
 def test_quality_run_writes_one_json_per_cell(quality_out):
     names = sorted(p.name for p in (quality_out / "runs").glob("*.json"))
-    assert names == sorted(f"mrpc__{m}__{c}__s0.json" for m in ("lora_r8", "adalora", "unified_v1")
+    assert names == sorted(f"mrpc__{m}__{c}__s0.json" for m in ("lora_r8", "adalora", "unified_v1", "unified_v1c_never")
                            for c in ("clean", "shock"))
+    v1c = json.loads((quality_out / "runs" / "mrpc__unified_v1c_never__shock__s0.json").read_text())
+    assert v1c["info"]["signal"] == {"kind": "loss", "calibration_steps": 20, "calibration_target": 2.2}
+    assert v1c["info"]["mirror_policy"] == "never"
     res = json.loads((quality_out / "runs" / "mrpc__unified_v1__clean__s0.json").read_text())
     assert set(res["metrics"]) == {"f1", "accuracy"}
     assert res["majority_baseline"]["f1"] > 0 and len(res["train_loss"]) == 6 and res["command"]
@@ -109,3 +112,33 @@ def test_a_finished_run_with_another_budget_is_refused(quality_out, tiny_model_d
         _load("quality/run.py").main(["--quick", "--steps", "5", "--model", str(tiny_model_dir), "--tasks", "mrpc",
                                       "--methods", "lora_r8", "--conditions", "clean", "--seeds", "0",
                                       "--out", str(quality_out)])
+
+
+def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0, snaps=()):
+    pm = {"mrpc": "f1", "sst2": "accuracy"}[task]
+    metrics = {"f1": value, "accuracy": value} if task == "mrpc" else {"accuracy": value}
+    r = {"task": task, "method": method, "condition": cond, "seed": seed, "tag": "", "metrics": metrics,
+         "primary_metric": pm, "mean_active_rank": rank,
+         "mode_fraction": {"SINGLE": 0.0, "MULTI": 1.0 - mirror, "MIRROR": mirror},
+         "transitions": [{"snapshot": s} for s in snaps]}
+    if shock:
+        r["shock"] = dict(zip(("before", "after", "end"), shock), window=[4, 6])
+    return r
+
+
+def test_claim_verdicts_are_computed_from_the_runs():
+    rep = _load("quality/report.py")
+    runs = []
+    for s, (base, ours) in enumerate([(0.80, 0.70), (0.81, 0.71), (0.79, 0.69)]):  # ours clearly worse on SST-2
+        runs += [_fake_run("sst2", "lora_r8", "clean", s, base), _fake_run("sst2", "unified_v1", "clean", s, ours, 4.0)]
+    for s, (base, ours) in enumerate([(0.50, 0.85), (0.52, 0.86), (0.48, 0.84)]):  # +35 F1 points under noise
+        runs += [_fake_run("mrpc", "lora_r8", "noise40", s, base), _fake_run("mrpc", "unified_v1", "noise40", s, ours)]
+    for s in range(3):
+        runs += [_fake_run("sst2", "lora_r8", "shock", s, 0, shock=(0.8, 0.5, 0.6 + 0.01 * s)),
+                 _fake_run("sst2", "unified_v1c", "shock", s, 0, shock=(0.8, 0.5, 0.8 + 0.01 * s), mirror=0.2,
+                           snaps=("saved", "restored"))]
+    md = "\n".join(rep.render_claims(runs))
+    assert "| sst2 | unified_v1 | -0.100 ± " in md and "| worse |" in md and "+50% / +75%" in md
+    assert "Claim reproduced: **no**" in md  # one task, and worse there
+    assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
+    assert "| sst2 | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | +0.200 ± " in md and "| better |" in md
