@@ -68,7 +68,7 @@ def test_adalora_run_records_a_pruned_rank_pattern(quality_out):
 
 def test_shock_run_records_before_after_and_end(quality_out):
     res = json.loads((quality_out / "runs" / "mrpc__lora_r8__shock__s0.json").read_text())
-    assert set(res["shock"]) == {"window", "before", "after", "end"}
+    assert set(res["shock"]) == {"kind", "window", "before", "after", "end"} and res["shock"]["kind"] == "flip"
     steps = [c["step"] for c in res["curve"]]
     assert res["shock"]["window"][0] in steps and res["shock"]["window"][1] in steps
 
@@ -142,3 +142,14 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "Claim reproduced: **no**" in md  # one task, and worse there
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
     assert "| sst2 | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | +0.200 ± " in md and "| better |" in md
+
+
+def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):
+    out = quality_out / "random_shock"
+    args = ["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "lora_r8", "--conditions",
+            "shock", "--seeds", "0", "--threads", "1", "--out", str(out)]
+    assert _load("quality/run.py").main(args + ["--shock-kind", "random"]) == 0
+    res = json.loads((out / "runs" / "mrpc__lora_r8__shock__s0.json").read_text())
+    assert res["shock"]["kind"] == "random" and res["config"]["shock_kind"] == "random"
+    with pytest.raises(SystemExit, match="different budget"):  # a flip shock must not land in the same cell
+        _load("quality/run.py").main(args)

@@ -112,7 +112,9 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
         shock = sorted(k for k in g if k[0] == task and k[1] == "shock")
         if shock:
             w = g[shock[0]][0]["shock"]["window"]
-            out += ["", f"Shock: train labels flipped for steps [{w[0]}, {w[1]}). Dev {pm} just before, just after, "
+            kind = g[shock[0]][0]["shock"].get("kind", "flip")
+            what = "flipped" if kind == "flip" else "replaced by uniformly random labels"
+            out += ["", f"Shock: train labels {what} for steps [{w[0]}, {w[1]}). Dev {pm} just before, just after, "
                     "and at the end:", "", f"| method | n | before | after | end | recovered (end − before) |",
                     "|---|---|---|---|---|---|"]
             for key in shock:
@@ -318,7 +320,8 @@ def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
                 ys = [statistics.fmean(c[pm] for r in rs for c in r["curve"] if c["step"] == s) for s in steps]
                 ax.plot(steps, ys, marker=".", label=f"{key[2]} (n={len(rs)})")
             w = g[shock[0]][0]["shock"]["window"]
-            ax.axvspan(w[0], w[1], color="red", alpha=0.12, label="labels flipped")
+            kind = g[shock[0]][0]["shock"].get("kind", "flip")
+            ax.axvspan(w[0], w[1], color="red", alpha=0.12, label="labels flipped" if kind == "flip" else "random labels")
             ax.axhline(base, color="grey", ls="--", lw=1, label="majority class")
             ax.set_xlabel("step")
             ax.set_ylabel(f"dev {pm}")

@@ -24,7 +24,7 @@ Methods
                                  threshold and a loss spike (a shock) crosses it
                                  policy: drift (default) | never | lossworse | always  (Mirror exit rule)
 Conditions
-  clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels flipped for a
+  clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels corrupted for a
   window in the middle of training; dev metrics just before, just after and at the end)
 """
 
@@ -48,7 +48,8 @@ METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v
 CONDITIONS = ["clean", "noise20", "noise40", "shock"]
 TASKS = ["mrpc", "rte", "cola", "sst2"]
 BUDGET_KEYS = ("steps", "batch_size", "max_length", "lr", "weight_decay", "warmup", "lora_alpha", "lora_dropout",
-               "targets", "shock_start", "shock_len", "sst2_train_size", "quick")
+               "targets", "shock_start", "shock_len", "shock_kind", "sst2_train_size", "quick")
+LEGACY_DEFAULTS = {"shock_kind": "flip"}
 POLICIES = {"drift": "drift", "never": "never", "lossworse": "loss_worse", "always": "always"}
 
 
@@ -126,8 +127,9 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
         cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=12, target_r=8, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, target_modules=targets, tinit=tinit, tfinal=tfinal,
                             deltaT=max(1, total_steps // 30), total_step=total_steps, beta1=0.85, beta2=0.85,
-                            orth_reg_weight=0.5)
+                            orth_reg_weight=args.adalora_orth_reg)
         return get_peft_model(model, cfg), None, {**info, "init_r": 12, "target_r": 8, "tinit": tinit,
+                                                  "orth_reg_weight": args.adalora_orth_reg,
                                                   "tfinal": tfinal, "deltaT": cfg.deltaT}
     if method.startswith("unified_"):
         from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
@@ -219,7 +221,11 @@ def run_one(task, method, condition, seed, args) -> dict:
             batch = next(it)
         batch = trim(batch)
         if shock and shock[0] <= step < shock[1]:
-            batch["labels"] = flip_labels(batch["labels"], data["num_labels"])
+            if args.shock_kind == "flip":
+                batch["labels"] = flip_labels(batch["labels"], data["num_labels"])
+            else:  # uniformly random labels, reproducible per (seed, step)
+                g = torch.Generator().manual_seed(seed * 100_003 + step)
+                batch["labels"] = torch.randint(data["num_labels"], batch["labels"].shape, generator=g)
         out = model(**batch)
         loss = out.loss
         loss.backward()
@@ -275,7 +281,7 @@ def run_one(task, method, condition, seed, args) -> dict:
     if shock:
         by_step = {c["step"]: c for c in curve}
         pm = primary_metric(task)
-        res["shock"] = {"window": list(shock), "before": by_step[shock[0]][pm], "after": by_step[shock[1]][pm],
+        res["shock"] = {"kind": args.shock_kind, "window": list(shock), "before": by_step[shock[0]][pm], "after": by_step[shock[1]][pm],
                         "end": final[pm]}
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("tasks", "methods", "conditions", "seeds")}
@@ -305,8 +311,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--adalora-orth-reg", type=float, default=0.5,
+                    help="AdaLoRA orthogonal-regulariser weight (PEFT default 0.5; the AdaLoRA paper's GLUE runs use 0.1)")
     ap.add_argument("--shock-start", type=float, default=0.4, help="fraction of steps")
     ap.add_argument("--shock-len", type=float, default=0.2, help="fraction of steps")
+    ap.add_argument("--shock-kind", choices=("flip", "random"), default="flip",
+                    help="in the window, flip every label (adversarial) or draw labels uniformly at random")
     ap.add_argument("--eval-every", type=int, default=None, help="dev eval interval (default: end only; shock T/12)")
     ap.add_argument("--sst2-train-size", type=int, default=8000, help="SST-2 train subsample (fixed, seed 1234)")
     ap.add_argument("--data-dir", default=None, help="GLUE root (default: unified_lora.data resolution)")
@@ -349,6 +359,7 @@ def main(argv=None) -> int:
         path = runs_dir / f"{name}.json"
         if path.exists() and not args.force:
             old = json.loads(path.read_text()).get("config", {})
+            old = {**LEGACY_DEFAULTS, **old}  # keys added after a run was written take their value of then
             diff = {k: (old.get(k), getattr(args, k)) for k in BUDGET_KEYS if old.get(k) != getattr(args, k)}
             if diff:  # a cell must not mix budgets: its mean ± std would be meaningless
                 raise SystemExit(f"{path.name} exists with a different budget {diff}; use --tag, --out or --force")
