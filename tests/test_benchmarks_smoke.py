@@ -153,3 +153,11 @@ def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality
     assert res["shock"]["kind"] == "random" and res["config"]["shock_kind"] == "random"
     with pytest.raises(SystemExit, match="different budget"):  # a flip shock must not land in the same cell
         _load("quality/run.py").main(args)
+
+
+def test_contention_flag_discounts_the_benchmarks_own_threads():
+    import _common
+
+    assert not _common.load_record([1.9, 2.0], own_threads=2)["under_contention"]  # its own 2 threads on 2 cores
+    assert _common.load_record([1.9, 2.7], own_threads=2)["under_contention"]  # something else ran too
+    assert _common.load_record([1.6], own_threads=1)["under_contention"]

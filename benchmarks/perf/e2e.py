@@ -116,7 +116,7 @@ def main(argv=None) -> dict | None:
         return None
     import torch  # noqa: F401  (environment() reads its version)
 
-    load = LoadMonitor()
+    load = LoadMonitor(own_threads=args.threads)  # each child runs alone with this many threads
     arms = args.arms.split(",")
     runs = {a: [] for a in arms}
     for rnd in range(args.rounds):
