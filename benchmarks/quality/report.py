@@ -80,7 +80,7 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
         base = tr[0]["majority_baseline"]
         cfg = tr[0]["config"]
         out += [f"## {task.upper()}", "",
-                f"Majority-class baseline (always predict the train majority): "
+                "Majority-class baseline (always predict the train majority): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), "",
                 f"Model `{model_name(cfg)}`, {sorted({r['config']['steps'] for r in tr})} steps × batch {cfg['batch_size']}, max_length "
                 f"{cfg['max_length']}, AdamW lr {cfg['lr']} (linear warmup {cfg['warmup']}, decay), targets "
@@ -115,7 +115,7 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
             kind = g[shock[0]][0]["shock"].get("kind", "flip")
             what = "flipped" if kind == "flip" else "replaced by uniformly random labels"
             out += ["", f"Shock: train labels {what} for steps [{w[0]}, {w[1]}). Dev {pm} just before, just after, "
-                    "and at the end:", "", f"| method | n | before | after | end | recovered (end − before) |",
+                    "and at the end:", "", "| method | n | before | after | end | recovered (end − before) |",
                     "|---|---|---|---|---|---|"]
             for key in shock:
                 rs = g[key]
@@ -249,14 +249,14 @@ def render_claims(runs: list[dict]) -> list[str]:
                 d, se, v = _delta(ours, base, rec)
                 cmp = f"{d:+.3f} ± {se:.3f} | {v}"
             else:
-                cmp = "– | n<2"
+                cmp, v = "– | n<2", None
             out.append(f"| {task} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
                        f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {cmp} |")
             if len(ours) >= 2:
                 restored_runs = sum(1 for r in ours if any(t["snapshot"] == "restored" for t in r["transitions"]))
                 full = (entered == len(ours) and restored_runs == len(ours)
                         and mr >= -2 * sr / len(ours) ** 0.5)
-                partly = len(base) >= 2 and _delta(ours, base, rec)[2] == "better"
+                partly = v == "better"
                 verdicts.append(f"- **{task} {m}**: entered MIRROR in {entered}/{len(ours)} runs, restored in "
                                 f"{restored_runs}/{len(ours)}, recovery {mr:+.3f} (SE {sr / len(ours) ** 0.5:.3f}). "
                                 "Reproduced: **" + ("yes" if full else "partly: recovers better than lora_r8, not "
@@ -291,6 +291,17 @@ def render_probe(probe_dir: Path) -> list[str]:
     return out + [""]
 
 
+def _save_plot(fig, ax, base: float, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """The majority-class line, labels and legend every quality plot shares; writes and closes the figure."""
+    ax.axhline(base, color="grey", ls="--", lw=1, label="majority class")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     try:
         import matplotlib
@@ -316,14 +327,9 @@ def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
                 ys = [statistics.fmean(v) for _, v in pts]
                 es = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
-            ax.axhline(base, color="grey", ls="--", lw=1, label="majority class")
-            ax.set_xlabel("symmetric label-noise rate (train)")
-            ax.set_ylabel(f"dev {pm}")
-            ax.set_title(f"{task.upper()}: dev {pm} vs label noise (mean ± std)")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
             p = plot_dir / f"{task}_noise.png"
-            fig.savefig(p, dpi=110)
+            _save_plot(fig, ax, base, "symmetric label-noise rate (train)", f"dev {pm}",
+                       f"{task.upper()}: dev {pm} vs label noise (mean ± std)", p)
             plt.close(fig)
             made[f"{task}_noise"] = str(p.relative_to(out_dir))
         shock = sorted(k for k in g if k[0] == task and k[1] == "shock")
@@ -337,14 +343,8 @@ def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
             w = g[shock[0]][0]["shock"]["window"]
             kind = g[shock[0]][0]["shock"].get("kind", "flip")
             ax.axvspan(w[0], w[1], color="red", alpha=0.12, label="labels flipped" if kind == "flip" else "random labels")
-            ax.axhline(base, color="grey", ls="--", lw=1, label="majority class")
-            ax.set_xlabel("step")
-            ax.set_ylabel(f"dev {pm}")
-            ax.set_title(f"{task.upper()}: shock and recovery (mean over seeds)")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
             p = plot_dir / f"{task}_shock.png"
-            fig.savefig(p, dpi=110)
+            _save_plot(fig, ax, base, "step", f"dev {pm}", f"{task.upper()}: shock and recovery (mean over seeds)", p)
             plt.close(fig)
             made[f"{task}_shock"] = str(p.relative_to(out_dir))
     return made
