@@ -161,3 +161,42 @@ def test_contention_flag_discounts_the_benchmarks_own_threads():
     assert not _common.load_record([1.9, 2.0], own_threads=2)["under_contention"]  # its own 2 threads on 2 cores
     assert _common.load_record([1.9, 2.7], own_threads=2)["under_contention"]  # something else ran too
     assert _common.load_record([1.6], own_threads=1)["under_contention"]
+
+
+def test_quality_shards_split_the_grid_between_parallel_workers(tiny_model_dir, tmp_path):
+    run = _load("quality/run.py")
+    base = ["--quick", "--steps", "2", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
+            "lora_r4,lora_r8", "--conditions", "clean", "--seeds", "0,1", "--threads", "1", "--out", str(tmp_path)]
+    got = []
+    for shard in ("0/2", "1/2"):
+        before = {p.name for p in (tmp_path / "runs").glob("*.json")} if (tmp_path / "runs").exists() else set()
+        assert run.main(base + ["--shard", shard]) == 0
+        got.append({p.name for p in (tmp_path / "runs").glob("*.json")} - before)
+    assert len(got[0]) == len(got[1]) == 2 and not got[0] & got[1]
+    assert got[0] | got[1] == {f"mrpc__{m}__clean__s{s}.json" for m in ("lora_r4", "lora_r8") for s in (0, 1)}
+    res = json.loads((tmp_path / "runs" / "mrpc__lora_r8__clean__s1.json").read_text())
+    assert res["config"]["device"] == "cpu"
+    with pytest.raises(SystemExit):
+        run.main(base + ["--shard", "2/2"])
+
+
+def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
+    from _common import publish
+
+    def render(p):
+        return f"## fake section on {p['device']}"
+
+    publish("perf_thing", {"command": "python x.py", "device": "cpu"}, render, results_dir=tmp_path)
+    publish("perf_thing", {"command": "python x.py --device cuda", "device": "cuda:0", "dtype": "bfloat16"}, render,
+            results_dir=tmp_path)
+    assert (tmp_path / "perf_thing.json").exists() and (tmp_path / "perf_thing_cuda_bfloat16.json").exists()
+    cpu_md, gpu_md = (tmp_path / "perf.md").read_text(), (tmp_path / "perf_gpu.md").read_text()
+    assert "on cpu" in cpu_md and "cuda" not in cpu_md
+    assert gpu_md.startswith("# Performance benchmarks (GPU)") and "on cuda:0" in gpu_md
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
+@pytest.mark.parametrize("script", ["perf/layer.py", "perf/mirror_cost.py", "perf/controller_overhead.py"])
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(script, tmp_path):
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        _load(script).main(["--quick", "--device", "cuda", "--results-dir", str(tmp_path)])

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,3 +201,66 @@ def test_property_transitions_never_skip_and_respect_dwell(phis, dwell):
 def test_property_history_normaliser_maps_into_unit_interval(xs):
     n = HistoryNormalizer()
     assert all(0.0 <= n(x) <= 1.0 for x in xs)
+
+
+def _reference_stats(grads, prev):
+    """float64 norm and cosine per adapter; cosine over the blocks present in both steps."""
+    norms, cos = [], []
+    for a, gs in enumerate(grads):
+        norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in gs)))
+        if prev is None:
+            cos.append(None)
+            continue
+        pv = prev[a]
+        k = min(len(gs), len(pv)) // 2
+        cur = gs[:k] + gs[len(gs) // 2:len(gs) // 2 + k]
+        prv = pv[:k] + pv[len(pv) // 2:len(pv) // 2 + k]
+        dot = sum(float((c.double() * p.double()).sum()) for c, p in zip(cur, prv))
+        cn = sum(float((c.double() ** 2).sum()) for c in cur)
+        pn = sum(float((p.double() ** 2).sum()) for p in prv)
+        cos.append(dot / math.sqrt(cn * pn))
+    return norms, cos
+
+
+def test_gradient_stats_match_a_float64_reference_across_a_rank_change():
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(3)]
+    stats, prev = GradientStats(), None
+
+    def fill(correlated_with=None):
+        grads = []
+        for i, layer in enumerate(layers):
+            ps = layer.active_parameters()
+            for j, p in enumerate(ps):
+                g = torch.randn_like(p)
+                if correlated_with is not None and j < len(correlated_with[i]) // 2 and \
+                        correlated_with[i][j].shape == p.shape:
+                    g = 0.8 * correlated_with[i][j] + 0.2 * g  # a real, non-trivial cosine
+                p.grad = g
+            grads.append([p.grad.clone() for p in ps])
+        return grads
+
+    for step in range(4):
+        if step == 2:
+            for layer in layers:
+                layer.set_rank(16)  # the cosine must pair only the blocks active in both steps
+        grads = fill(prev)
+        norms, cos = stats(layers)
+        ref_n, ref_c = _reference_stats(grads, prev)
+        assert norms == pytest.approx(ref_n, rel=1e-5)
+        if prev is None:
+            assert cos == [None] * 3
+        else:
+            assert cos == pytest.approx(ref_c, abs=1e-5)
+            assert all(abs(c) > 0.05 for c in cos)
+        prev = grads
+    kept = [t.data_ptr() for gs in stats.prev for t in gs]
+    fill(prev)
+    stats(layers)
+    assert [t.data_ptr() for gs in stats.prev for t in gs] == kept  # same shapes: buffers reused
+    for layer in layers:
+        layer.active_parameters()[0].grad.add_(1.0)  # the stored copy must not alias the live gradient
+    assert not torch.equal(stats.prev[0][0], layers[0].active_parameters()[0].grad)

@@ -2,6 +2,7 @@
 
     python benchmarks/perf/controller_overhead.py               # MiniLM, batch 16 × 128 tokens
     python benchmarks/perf/controller_overhead.py --quick       # tiny random BERT, smoke test
+    python benchmarks/perf/controller_overhead.py --device cuda --dtype bfloat16   # GPU, bf16 autocast
 
 Three identical models (same seed, nested LoRA r8 on query/value, classifier
 trained, AdamW): "none" runs forward/backward/optimizer.step only; "v1" adds
@@ -14,7 +15,10 @@ in rotating order inside each repeat.
 
 Two estimates: (a) ratio of whole-step times per repeat (arm / none), (b) the
 time spent inside ctrl.step (timed directly) over the median "none" step;
-(b) is far less noisy on a shared machine.
+(b) is far less noisy on a shared machine. On a GPU every step ends with a
+device sync (the loss is read with .item() in every arm, as a training loop
+logging its loss does), and --dtype bfloat16 runs forward and loss under bf16
+autocast with fp32 master weights.
 """
 
 from __future__ import annotations
@@ -29,17 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, load_classifier,  # noqa: E402
-                     publish, summarize)
+from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
+                     fmt_range, load_classifier, publish, summarize, sync, torch_dtype)
 
 ARMS = ("none", "v1", "v3")
 
 
-def build_arms(model_arg, targets, lr):
+def build_arms(model_arg, targets, lr, device="cpu"):
     from unified_lora import ActuatorConfig, setup_unified_lora
 
     torch.manual_seed(0)
-    base = load_classifier(model_arg)
+    base = load_classifier(model_arg).to(device)
     arms = {}
     for name in ARMS:
         model = copy.deepcopy(base)
@@ -55,17 +59,24 @@ def build_arms(model_arg, targets, lr):
     return arms
 
 
-def one_step(model, opt, ctrl, batch) -> tuple[float, float]:
+def one_step(model, opt, ctrl, batch, autocast_dtype=None) -> tuple[float, float]:
+    dev = batch["input_ids"].device
+    sync(dev)
     t0 = time.perf_counter()
-    loss = model(**batch).loss
+    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(**batch).loss
     loss.backward()
+    value = loss.item()  # every arm reads its loss (a device sync on GPU), as a logging loop does
     t_ctrl = 0.0
     if ctrl is not None:
+        sync(dev)
         c0 = time.perf_counter()
-        ctrl.step(loss=loss.item())
+        ctrl.step(loss=value)
+        sync(dev)
         t_ctrl = time.perf_counter() - c0
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync(dev)
     return time.perf_counter() - t0, t_ctrl
 
 
@@ -80,26 +91,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir", default=None)
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.batch_size, args.seq_len, args.repeats, args.warmup, args.threads = "tiny", 4, 16, 4, 1, 1
     torch.set_num_threads(args.threads)
+    dev = check_device(args.device)
+    amp = None if args.dtype == "float32" else torch_dtype(args.dtype)
     load = LoadMonitor()
-    arms = build_arms(args.model, args.targets.split(","), 5e-4)
+    arms = build_arms(args.model, args.targets.split(","), 5e-4, dev)
     g = torch.Generator().manual_seed(0)
     # Random tokens, fixed per step index and shared by the arms (the cost does not depend on the text).
     batches = [{"input_ids": torch.randint(1000, 30000, (args.batch_size, args.seq_len), generator=g),
                 "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
                 "labels": torch.randint(0, 2, (args.batch_size,), generator=g)} for _ in range(4)]
+    batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     for i in range(args.warmup):
         for name in ARMS:
-            one_step(*arms[name], batches[i % 4])
+            one_step(*arms[name], batches[i % 4], amp)
     step_t = {a: [] for a in ARMS}
     ctrl_t = {a: [] for a in ARMS}
     for rep in range(args.repeats):
         order = ARMS[rep % 3:] + ARMS[:rep % 3]
         for name in order:
-            t, c = one_step(*arms[name], batches[rep % 4])
+            t, c = one_step(*arms[name], batches[rep % 4], amp)
             step_t[name].append(t)
             ctrl_t[name].append(c)
         if rep % 5 == 0:
@@ -119,7 +134,7 @@ def main(argv=None) -> dict:
             "snapshots": sum(1 for r in ctrl.trace if r.snapshot),
         }
     payload = {"benchmark": "controller_overhead", "command": command_line(), "env": environment(),
-               "load": load.record(), "target": {"v1": 0.01, "v3": 0.05},
+               "load": load.record(), "target": {"v1": 0.01, "v3": 0.05}, "device": str(dev), "dtype": args.dtype,
                "setup": {"model": args.model or "all-MiniLM-L6-v2", "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "repeats": args.repeats, "warmup": args.warmup,
                          "targets": args.targets, "mode_ranks": [8, 8, 8]},
@@ -129,8 +144,11 @@ def main(argv=None) -> dict:
 
 def render(p: dict) -> str:
     s = p["setup"]
-    lines = ["## Controller overhead (full training step)", "",
-             f"Command: `{p['command']}` — {p['env']['utc']}, {p['env']['torch_threads']} threads. "
+    gpu = not p.get("device", "cpu").startswith("cpu")
+    where = (f"{p['env'].get('gpu', p['device'])}, {'bf16 autocast' if p['dtype'] == 'bfloat16' else p['dtype']}, "
+             f"torch {p['env']['torch']}" if gpu else f"{p['env']['torch_threads']} threads")
+    lines = [f"## Controller overhead (full training step){' — ' + where if gpu else ''}", "",
+             f"Command: `{p['command']}` — {p['env']['utc']}, {where}. "
              f"{s['model']}, batch {s['batch_size']} × {s['seq_len']} tokens, {s['repeats']} interleaved steps per arm.",
              contention_note(p["load"]), "",
              f"Step without controller: {fmt_range(p['none_step_s'], 3, 1, ' s')}.", "",

@@ -2,13 +2,16 @@
 
     python benchmarks/perf/layer.py              # full run (MiniLM and Llama-1B shapes, r = 4, 8, 16)
     python benchmarks/perf/layer.py --quick      # smoke run (tiny shape, few repeats)
+    python benchmarks/perf/layer.py --device cuda --dtype bfloat16   # on a GPU -> results/perf_gpu.md
 
 Same base weights, same rank, same alpha, dropout 0. The input requires grad
 (an interior layer), the base weight is frozen. Each repeat times both arms
 back to back (order alternates), so the per-repeat ratio ours/PEFT cancels most
 of the machine's background load. Memory is what autograd saves for backward
 (saved_tensors_hooks; unique storages that are neither parameters nor the
-input = activation memory the layer adds) and the adapter parameter bytes.
+input = activation memory the layer adds) and the adapter parameter bytes; on a
+GPU also the peak allocated bytes one forward+backward adds (allocator statistics).
+With --dtype bfloat16 both layers (base and adapters) and the input are bf16.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
-                     publish)
+from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
+                     fmt_range, publish, summarize, sync, torch_dtype)
 
 SHAPES = {  # name: (batch, seq, in_features, out_features)
     "minilm": (16, 128, 384, 384),
@@ -45,8 +48,8 @@ class _OneLinear(nn.Module):
         return self.proj(x)
 
 
-def build_pair(in_f: int, out_f: int, rank: int, alpha: float = 16.0):
-    """(ours, peft) wrapping identical copies of one frozen Linear."""
+def build_pair(in_f: int, out_f: int, rank: int, alpha: float = 16.0, device="cpu", dtype=torch.float32):
+    """(ours, peft) wrapping identical copies of one frozen Linear, moved to `device` / `dtype`."""
     from peft import LoraConfig, get_peft_model
 
     from unified_lora.layer import NestedLoRALayer
@@ -60,7 +63,7 @@ def build_pair(in_f: int, out_f: int, rank: int, alpha: float = 16.0):
         for p in ours.lora_B:
             p.normal_(0, 0.01)
         peft_layer.lora_B["default"].weight.normal_(0, 0.01)
-    return ours, peft_layer
+    return ours.to(device=device, dtype=dtype), peft_layer.to(device=device, dtype=dtype)
 
 
 def lora_params(layer) -> list[torch.Tensor]:
@@ -95,6 +98,19 @@ def saved_tensor_bytes(layer, x, gy) -> dict:
     return {"saved_raw_bytes": raw, "saved_unique_bytes": sum(storages.values()), "activation_bytes": extra}
 
 
+def peak_bytes(layer, x, gy) -> int | None:
+    """CUDA only: peak allocated bytes above the starting point during one forward+backward."""
+    if x.device.type != "cuda":
+        return None
+    fwd_bwd(layer, x, gy)  # grads exist once, as in the timed loop
+    sync(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    start = torch.cuda.memory_allocated(x.device)
+    fwd_bwd(layer, x, gy)
+    sync(x.device)
+    return torch.cuda.max_memory_allocated(x.device) - start
+
+
 def param_bytes(layer, active_only: bool = False) -> int:
     if active_only and hasattr(layer, "active_parameters"):
         ps = layer.active_parameters()
@@ -105,11 +121,14 @@ def param_bytes(layer, active_only: bool = False) -> int:
 
 def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
     """Time every arm once per repeat, in rotating order; ratios are arm / peft within the repeat."""
+    dev = x.device
     for _ in range(3):  # warm up
         for layer in arms.values():
             fwd_bwd(layer, x, gy)
+    sync(dev)
     t0 = time.perf_counter()
     fwd_bwd(arms["peft"], x, gy)
+    sync(dev)
     one = time.perf_counter() - t0
     inner = max(1, math.ceil(min_time / max(one, 1e-6)))
     names = list(arms)
@@ -117,9 +136,11 @@ def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
+            sync(dev)
             t0 = time.perf_counter()
             for _ in range(inner):
                 fwd_bwd(arms[name], x, gy)
+            sync(dev)
             times[name].append((time.perf_counter() - t0) / inner)
     out = {"inner_iters": inner, "ours_s": summarize(times["ours"]), "peft_s": summarize(times["peft"]),
            "ratio": summarize([a / b for a, b in zip(times["ours"], times["peft"])])}
@@ -130,12 +151,19 @@ def profile_case(ours, theirs, x, gy, iters: int = 5, rows: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}
+    cuda = x.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for name, layer in (("ours", ours), ("peft", theirs)):
         fwd_bwd(layer, x, gy)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=acts) as prof:
             for _ in range(iters):
                 fwd_bwd(layer, x, gy)
-        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+            sync(x.device)
+        avg = prof.key_averages()
+        try:
+            tables[name] = avg.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+        except (AttributeError, KeyError):  # newer torch names it device time
+            tables[name] = avg.table(sort_by="self_device_time_total", row_limit=rows)
     return tables
 
 
@@ -149,27 +177,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="profile every case (default: only cases that miss)")
     ap.add_argument("--quick", action="store_true", help="tiny shape, 3 repeats (smoke test)")
     ap.add_argument("--results-dir", default=None)
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.repeats, args.min_time, args.threads = "tiny", 3, 0.01, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev, dt = check_device(args.device), torch_dtype(args.dtype)
     load = LoadMonitor()
     cases = []
     for shape in args.shapes.split(","):
         b, s, i, o = SHAPES[shape]
-        x = torch.randn(b, s, i, requires_grad=True)
-        gy = torch.randn(b, s, o)
+        x = torch.randn(b, s, i, device=dev, dtype=dt, requires_grad=True)
+        gy = torch.randn(b, s, o, device=dev, dtype=dt)
         for r in (int(v) for v in args.ranks.split(",")):
-            ours, theirs = build_pair(i, o, r)
+            ours, theirs = build_pair(i, o, r, device=dev, dtype=dt)
             arms = {"ours": ours, "peft": theirs}
             case = {"shape": shape, "tokens": b * s, "in": i, "out": o, "rank": r}
             case.update(time_case(arms, x, gy, args.repeats, args.min_time))
             case["memory"] = {
                 "ours": {**saved_tensor_bytes(ours, x, gy), "param_bytes_allocated": param_bytes(ours),
-                         "param_bytes_active": param_bytes(ours, active_only=True)},
+                         "param_bytes_active": param_bytes(ours, active_only=True), "peak_bytes": peak_bytes(ours, x, gy)},
                 "peft": {**saved_tensor_bytes(theirs, x, gy), "param_bytes_allocated": param_bytes(theirs),
-                         "param_bytes_active": param_bytes(theirs)},
+                         "param_bytes_active": param_bytes(theirs), "peak_bytes": peak_bytes(theirs, x, gy)},
             }
             if args.profile or case["ratio"]["median"] > 1.0:
                 case["profile"] = profile_case(ours, theirs, x, gy)
@@ -178,25 +208,34 @@ def main(argv=None) -> dict:
             print(f"{shape} r{r}: ratio {fmt_range(case['ratio'])}  ours {case['ours_s']['median'] * 1e3:.2f} ms  "
                   f"peft {case['peft_s']['median'] * 1e3:.2f} ms", flush=True)
     payload = {"benchmark": "layer", "command": command_line(), "env": environment(), "load": load.record(),
+               "device": str(dev), "dtype": args.dtype,
                "target": "ratio <= 1.00 at every rank; same or less memory", "cases": cases}
     return publish("perf_layer", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:
     kib = 1024.0
-    lines = [f"## Layer: nested LoRA vs PEFT LoRA Linear (forward + backward)", "",
+    gpu = not p.get("device", "cpu").startswith("cpu")
+    where = (f"{p['env'].get('gpu', p['device'])}, {p['dtype']}, CUDA {p['env'].get('cuda_version')}" if gpu
+             else f"{p['env']['torch_threads']} threads")
+    lines = [f"## Layer: nested LoRA vs PEFT LoRA Linear (forward + backward){' — ' + where if gpu else ''}", "",
              f"Command: `{p['command']}` — {p['env']['utc']}, torch {p['env']['torch']}, peft {p['env'].get('peft')}, "
-             f"{p['env']['torch_threads']} threads.", contention_note(p["load"]), "",
+             f"{where}.", contention_note(p["load"]), "",
              "| shape | tokens × in→out | rank | ours ms | PEFT ms | ratio median (min–max) | activation KiB ours / PEFT "
-             "| adapter param KiB ours active (allocated) / PEFT | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + ("| peak KiB ours / PEFT " if gpu else "")
+             + "| adapter param KiB ours active (allocated) / PEFT | target |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for c in p["cases"]:
         mo, mp = c["memory"]["ours"], c["memory"]["peft"]
         ok = c["ratio"]["median"] <= 1.0 and mo["activation_bytes"] <= mp["activation_bytes"]
+        peak = ""
+        if gpu and mo.get("peak_bytes") is not None:
+            ok = ok and mo["peak_bytes"] <= mp["peak_bytes"]
+            peak = f"{mo['peak_bytes'] / kib:.0f} / {mp['peak_bytes'] / kib:.0f} | "
         lines.append(
             f"| {c['shape']} | {c['tokens']} × {c['in']}→{c['out']} | {c['rank']} | {c['ours_s']['median'] * 1e3:.2f} | "
             f"{c['peft_s']['median'] * 1e3:.2f} | {fmt_range(c['ratio'])} | "
-            f"{mo['activation_bytes'] / kib:.0f} / {mp['activation_bytes'] / kib:.0f} | "
+            f"{mo['activation_bytes'] / kib:.0f} / {mp['activation_bytes'] / kib:.0f} | {peak}"
             f"{mo['param_bytes_active'] / kib:.0f} ({mo['param_bytes_allocated'] / kib:.0f}) / "
             f"{mp['param_bytes_allocated'] / kib:.0f} | {'met' if ok else 'missed'} |")
     lines += ["", "Activation = unique storages autograd saves that are neither parameters nor the input. "

@@ -2,6 +2,7 @@
 
     python benchmarks/perf/mirror_cost.py            # MiniLM and Llama-1B adapter sets (q, v at r16)
     python benchmarks/perf/mirror_cost.py --quick
+    python benchmarks/perf/mirror_cost.py --device cuda --dtype bfloat16   # GPU -> results/perf_gpu.md
 
 The parameter set is exactly what the controller hands to MirrorSnapshot: every
 nested block (ranks 4 + 4 + 8 = 16) of A (r × in) and B (out × r) for each
@@ -23,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, summarize,  # noqa: E402
-                     publish)
+from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
+                     fmt_range, publish, summarize, sync, torch_dtype)
 
 # name: (layers, [(in, out) per adapted module])
 SETS = {
@@ -35,27 +36,32 @@ SETS = {
 BLOCKS = (4, 4, 8)  # nested levels 4 / 8 / 16
 
 
-def adapter_params(name: str) -> list[torch.Tensor]:
+def adapter_params(name: str, device="cpu", dtype=torch.float32) -> list[torch.Tensor]:
     layers, mods = SETS[name]
     g = torch.Generator().manual_seed(0)
     ps = []
     for _ in range(layers):
         for i, o in mods:
             ps += [torch.randn(b, i, generator=g) for b in BLOCKS] + [torch.randn(o, b, generator=g) * 0.01 for b in BLOCKS]
-    return [torch.nn.Parameter(p) for p in ps]
+    return [torch.nn.Parameter(p.to(device=device, dtype=dtype)) for p in ps]
+
+
+_DEVICE = ["cpu"]  # the device timed() synchronises (set by main)
 
 
 def timed(fn, inner: int) -> float:
+    sync(_DEVICE[0])
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
+    sync(_DEVICE[0])
     return (time.perf_counter() - t0) / inner
 
 
-def bench_set(name: str, repeats: int, min_time: float) -> dict:
+def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torch.float32) -> dict:
     from unified_lora import MirrorConfig, MirrorSnapshot
 
-    params = adapter_params(name)
+    params = adapter_params(name, device, dtype)
     nbytes = sum(p.numel() * p.element_size() for p in params)
     bufs = [p.detach().clone() for p in params]
     snap = MirrorSnapshot(MirrorConfig())
@@ -65,13 +71,15 @@ def bench_set(name: str, repeats: int, min_time: float) -> dict:
 
     phase = {}
 
-    def cycle():
+    def cycle():  # drift ends in a host read (.tolist), so the phases are device-synchronised
         t0 = time.perf_counter()
         snap.save(params)
+        sync(device)
         t1 = time.perf_counter()
         snap.drift(params)
         t2 = time.perf_counter()
         snap.restore(params)
+        sync(device)
         t3 = time.perf_counter()
         snap.clear()
         for k, v in (("save", t1 - t0), ("drift", t2 - t1), ("restore", t3 - t2)):
@@ -123,26 +131,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir", default=None)
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.sets, args.repeats, args.min_time, args.threads = "tiny", 3, 0.005, 1
     torch.set_num_threads(args.threads)
+    dev = check_device(args.device)
+    _DEVICE[0] = dev
     load = LoadMonitor()
     cases = []
     for s in args.sets.split(","):
-        c = bench_set(s, args.repeats, args.min_time)
+        c = bench_set(s, args.repeats, args.min_time, dev, torch_dtype(args.dtype))
         load.sample()
         cases.append(c)
         print(f"{s}: cycle/copy {fmt_range(c['ratio'], 2)}  copy {c['copy_s']['median'] * 1e3:.3f} ms",
               flush=True)
     payload = {"benchmark": "mirror_cost", "command": command_line(), "env": environment(), "load": load.record(),
-               "target": "save + drift + restore <= 3 x one foreach copy", "cases": cases}
+               "target": "save + drift + restore <= 3 x one foreach copy", "cases": cases,
+               "device": str(dev), "dtype": args.dtype}
     return publish("perf_mirror_cost", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:
-    lines = ["## Mirror cost (snapshot + drift + restore)", "",
-             f"Command: `{p['command']}` — {p['env']['utc']}, {p['env']['torch_threads']} threads.",
+    gpu = not p.get("device", "cpu").startswith("cpu")
+    where = f"{p['env'].get('gpu', p['device'])}, {p['dtype']}" if gpu else f"{p['env']['torch_threads']} threads"
+    lines = [f"## Mirror cost (snapshot + drift + restore){' — ' + where if gpu else ''}", "",
+             f"Command: `{p['command']}` — {p['env']['utc']}, {where}.",
              contention_note(p["load"]), "",
              "| adapter set | tensors | MiB | one copy ms | cycle ms | cycle ÷ copy, median (min–max) | "
              "save / drift / restore (× copy) | target ≤ 3× |", "|---|---|---|---|---|---|---|---|"]

@@ -103,6 +103,8 @@ def evaluate(model, enc: dict, task: str, batch_size: int = 64) -> dict:
     for i in range(0, n, batch_size):
         b = trim({k: v[i:i + batch_size] for k, v in enc.items()})
         b.pop("labels")
+        dev = next(model.parameters()).device
+        b = {k: v.to(dev) for k, v in b.items()}
         preds.append(model(**b).logits.argmax(-1))
     model.train(was_training)
     return glue_metrics(task, torch.cat(preds).tolist(), enc["labels"].tolist())
@@ -193,7 +195,9 @@ def run_one(task, method, condition, seed, args) -> dict:
 
     torch.manual_seed(seed)
     random.seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=data["num_labels"])
+    # float32 whatever the stored dtype (weights carried to a GPU machine in half precision load upcast)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=data["num_labels"],
+                                                               dtype=torch.float32).to(args.device)
     model, ctrl, info = build(method, model, args, T, data["num_labels"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -226,6 +230,7 @@ def run_one(task, method, condition, seed, args) -> dict:
             else:  # uniformly random labels, reproducible per (seed, step)
                 g = torch.Generator().manual_seed(seed * 100_003 + step)
                 batch["labels"] = torch.randint(data["num_labels"], batch["labels"].shape, generator=g)
+        batch = {k: v.to(args.device) for k, v in batch.items()}
         out = model(**batch)
         loss = out.loss
         loss.backward()
@@ -286,6 +291,8 @@ def run_one(task, method, condition, seed, args) -> dict:
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("tasks", "methods", "conditions", "seeds")}
     res["config"]["model_name"] = Path(args.model).name
+    if torch.device(args.device).type == "cuda":
+        res["device_name"] = torch.cuda.get_device_name(args.device)
     res["noise"] = {"rate": noise_rate, "observed": sum(a != b for a, b in zip(clean, labels)) / len(clean)}
     res["utc_finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
@@ -321,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sst2-train-size", type=int, default=8000, help="SST-2 train subsample (fixed, seed 1234)")
     ap.add_argument("--data-dir", default=None, help="GLUE root (default: unified_lora.data resolution)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (keep a grid on one device: use its own --out)")
+    ap.add_argument("--shard", default=None, help="i/n: run only jobs i, i+n, i+2n, ... (parallel workers)")
     ap.add_argument("--tag", default="", help="suffix for run names (e.g. an LR probe)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--force", action="store_true", help="re-run finished runs")
@@ -333,6 +342,8 @@ def main(argv=None) -> int:
 
         args.model = default_model_path()
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -353,6 +364,11 @@ def main(argv=None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(5 if condition == "shock" else 3))
             jobs += [(seed, task, condition, method) for seed in seeds for method in args.methods.split(",")]
     jobs.sort(key=lambda j: j[0])  # stable: keeps task / condition / method order within a seed
+    if args.shard:  # "i/n": this process takes every n-th job from the i-th (parallel workers on one grid)
+        i, n = (int(v) for v in args.shard.split("/"))
+        if not 0 <= i < n:
+            ap.error(f"--shard {args.shard}: need 0 <= i < n")
+        jobs = jobs[i::n]
     done = 0
     for seed, task, condition, method in jobs:
         name = run_name(task, method, condition, seed, args.tag)

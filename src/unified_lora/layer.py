@@ -15,6 +15,7 @@ dimensions come back bit-identical, which plain slicing cannot give.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -54,10 +55,11 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else blocks[0].dtype
-        with torch.autocast(dev, enabled=False):
+        amp = torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if amp else blocks[0].dtype
+        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
             A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-            h = h.to(dt)
+            h = _as(h, dt)
             u = h @ A.T
             u2 = u.reshape(-1, u.shape[-1])
             if base_out.dtype == dt:
@@ -72,23 +74,34 @@ class _NestedLoRAPath(torch.autograd.Function):
     def backward(ctx, gy):
         h, u, *blocks = ctx.saved_tensors
         k, dt, scaling = ctx.k, ctx.dt, ctx.scaling
-        with torch.autocast(h.device.type, enabled=False):
+        dev = h.device.type
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
             A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-            g2 = gy.reshape(-1, gy.shape[-1]).to(dt)
+            g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
             u2, h2 = u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1])
             gu = (g2 @ B).mul_(scaling)  # tokens × r
             gA = gu.T @ h2  # r × in
             gB = (g2.T @ u2).mul_(scaling)  # out × r
             gh = (gu @ A).reshape(h.shape) if ctx.needs_input_grad[1] else None
         sizes = [a.shape[0] for a in blocks[:k]]
-        gA = [g.to(b.dtype) for g, b in zip(gA.split(sizes, 0), blocks[:k])]
-        gB = [g.to(b.dtype) for g, b in zip(gB.split(sizes, 1), blocks[k:])]
+        gA = [_as(g, b.dtype) for g, b in zip(gA.split(sizes, 0), blocks[:k])]
+        gB = [_as(g, b.dtype) for g, b in zip(gB.split(sizes, 1), blocks[k:])]
         return (gy if ctx.needs_input_grad[0] else None, gh, None, None, *gA, *gB)
 
 
+def blocks_of(plist) -> list:
+    """The parameters of a ParameterList (or any sequence) as a plain list. Slicing an
+    nn.ParameterList builds a new module, ~50 µs of host time per call; this reads the values."""
+    return list(plist._parameters.values()) if isinstance(plist, nn.ParameterList) else list(plist)
+
+
+def _as(t, dtype):
+    """t in `dtype`; no call at all when it already is (each .to costs host time on small layers)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cat(ts, dim, dtype):
-    t = ts[0] if len(ts) == 1 else torch.cat(ts, dim)
-    return t.to(dtype)
+    return _as(ts[0] if len(ts) == 1 else torch.cat(ts, dim), dtype)
 
 
 class NestedLoRALayer(nn.Module):
@@ -170,11 +183,11 @@ class NestedLoRALayer(nn.Module):
 
     def active_A(self) -> torch.Tensor:
         k = self.n_active_blocks
-        return self.lora_A[0] if k == 1 else torch.cat(list(self.lora_A[:k]), 0)
+        return self.lora_A[0] if k == 1 else torch.cat(blocks_of(self.lora_A)[:k], 0)
 
     def active_B(self) -> torch.Tensor:
         k = self.n_active_blocks
-        return self.lora_B[0] if k == 1 else torch.cat(list(self.lora_B[:k]), 1)
+        return self.lora_B[0] if k == 1 else torch.cat(blocks_of(self.lora_B)[:k], 1)
 
     def full_A(self) -> torch.Tensor:
         return torch.cat(list(self.lora_A), 0)
@@ -184,7 +197,7 @@ class NestedLoRALayer(nn.Module):
 
     def active_parameters(self) -> list[nn.Parameter]:
         k = self.n_active_blocks
-        return list(self.lora_A[:k]) + list(self.lora_B[:k])
+        return blocks_of(self.lora_A)[:k] + blocks_of(self.lora_B)[:k]
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return list(self.lora_A) + list(self.lora_B)
@@ -224,8 +237,9 @@ class NestedLoRALayer(nn.Module):
         if self.merged_rank:
             return result
         k = self.n_active_blocks
-        h = self.lora_dropout(x.to(self.lora_A[0].dtype))
-        return _NestedLoRAPath.apply(result, h, self.scaling, k, *self.lora_A[:k], *self.lora_B[:k])
+        A, B = blocks_of(self.lora_A), blocks_of(self.lora_B)
+        h = self.lora_dropout(x.to(A[0].dtype))
+        return _NestedLoRAPath.apply(result, h, self.scaling, k, *A[:k], *B[:k])
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig
 from .controller import UnifiedController, _unwrap_optimizer
-from .layer import NestedLoRALayer
+from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .model import inject_nested_lora
 from .signals import Ema, _check_finite
@@ -314,7 +314,7 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
             return super().active_parameters()
         k = self.n_active_blocks
         return [p for s in sorted(self.router.slots.values())
-                for p in list(self.lora_tasks[s].lora_A[:k]) + list(self.lora_tasks[s].lora_B[:k])]
+                for p in blocks_of(self.lora_tasks[s].lora_A)[:k] + blocks_of(self.lora_tasks[s].lora_B)[:k]]
 
     def set_rank(self, rank: int) -> None:
         super().set_rank(rank)
@@ -677,8 +677,8 @@ class MultiTaskController(UnifiedController):
                 parts = []
                 for a in self.adapters:
                     k = a.n_active_blocks
-                    gA = [p.grad for p in a.lora_tasks[s].lora_A[:k]]
-                    gB = [p.grad for p in a.lora_tasks[s].lora_B[:k]]
+                    gA = [p.grad for p in blocks_of(a.lora_tasks[s].lora_A)[:k]]
+                    gB = [p.grad for p in blocks_of(a.lora_tasks[s].lora_B)[:k]]
                     if any(g is None for g in gA + gB):
                         parts = None
                         break

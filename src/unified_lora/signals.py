@@ -183,12 +183,21 @@ class CompositeSignal:
         self.norm.values.extend(sd["history"])
 
 
+def _prefix(blocks, k: int) -> list:
+    """The first k blocks as a plain list (an nn.ParameterList slice would build a new module)."""
+    return list(blocks._parameters.values())[:k] if isinstance(blocks, torch.nn.ParameterList) else list(blocks)[:k]
+
+
 class GradientStats:
     """Reads per-adapter gradient norm and cosine to the previous step's gradient.
 
-    Costs one stored gradient copy per adapter (the v3 design's price). All
-    reductions are batched; the only device sync is one `.tolist()` per step.
-    Across a rank change the cosine uses the blocks active in both steps.
+    Costs one stored gradient copy per adapter (the v3 design's price). Every
+    reduction runs as a multi-tensor (`torch._foreach_*`) op over all adapters at
+    once, so a step launches a fixed handful of kernels whatever the number of
+    layers, and the only device sync is one `.tolist()`. The dot product of the
+    current and previous gradient comes from the polarisation identity
+    <c, p> = (‖c + p‖² − ‖c − p‖²) / 4 on fp32 norms. Across a rank change the
+    cosine uses the blocks active in both steps.
     """
 
     def __init__(self):
@@ -199,39 +208,58 @@ class GradientStats:
         grads: list[list[torch.Tensor]] = []
         for layer in adapters:
             k = layer.n_active_blocks
-            gs = [p.grad for p in list(layer.lora_A[:k]) + list(layer.lora_B[:k])]
+            gs = [p.grad for p in _prefix(layer.lora_A, k) + _prefix(layer.lora_B, k)]
             if any(g is None for g in gs):
                 raise ValueError(
                     "ctrl.step: an active adapter has no gradient; call loss.backward() before ctrl.step(loss=...)"
                 )
             grads.append(gs)
         flat = [g for gs in grads for g in gs]
-        sq = torch.stack(torch._foreach_norm(flat)).float() ** 2
-        norms, cos_terms, has_prev, i = [], [], [], 0
+        dev = flat[0].device
+        L = len(grads)
+        owner = torch.tensor([a for a, gs in enumerate(grads) for _ in gs], device=dev)
+        sq = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)) ** 2
+        norms = torch.zeros(L, device=dev).index_add_(0, owner, sq)
+        # Pair the blocks present in both steps (lists are A blocks then B blocks).
+        cur, prv, pair_owner, has_prev = [], [], [], []
         for a, gs in enumerate(grads):
-            n = len(gs)
-            norms.append(sq[i:i + n].sum())
-            i += n
             prev = self.prev[a] if a < len(self.prev) else None
             has_prev.append(prev is not None)
             if prev is None:
                 continue
-            # Pair the blocks present in both steps (lists are A blocks then B blocks).
             k = min(len(gs), len(prev)) // 2
-            cur = gs[:k] + gs[len(gs) // 2:len(gs) // 2 + k]
-            prv = prev[:k] + prev[len(prev) // 2:len(prev) // 2 + k]
-            dot = sum((c.float() * p.float()).sum() for c, p in zip(cur, prv))
-            cn = sum((c.float() ** 2).sum() for c in cur)
-            pn = sum((p.float() ** 2).sum() for p in prv)
-            cos_terms.append(dot / (cn * pn).sqrt().clamp_min(1e-30))
-        self.prev = [[g.detach().clone() for g in gs] for gs in grads]
-        vals = torch.stack(norms + cos_terms).sqrt_() if not cos_terms else torch.cat(
-            [torch.stack(norms).sqrt(), torch.stack(cos_terms)])
-        vals = vals.tolist()  # the one device sync of this step
-        grad_norms = vals[: len(grads)]
-        cos_iter = iter(vals[len(grads):])
+            cur += gs[:k] + gs[len(gs) // 2:len(gs) // 2 + k]
+            prv += prev[:k] + prev[len(prev) // 2:len(prev) // 2 + k]
+            pair_owner += [a] * (2 * k)
+        parts = [norms.sqrt()]
+        if cur:
+            idx = torch.tensor(pair_owner, device=dev)
+            plus = torch.stack(torch._foreach_norm(torch._foreach_add(cur, prv), 2, dtype=torch.float32)) ** 2
+            minus = torch.stack(torch._foreach_norm(torch._foreach_sub(cur, prv), 2, dtype=torch.float32)) ** 2
+            cn = torch.stack(torch._foreach_norm(cur, 2, dtype=torch.float32)) ** 2
+            pn = torch.stack(torch._foreach_norm(prv, 2, dtype=torch.float32)) ** 2
+            seg = torch.zeros(3, L, device=dev)
+            seg[0].index_add_(0, idx, (plus - minus) / 4)
+            seg[1].index_add_(0, idx, cn)
+            seg[2].index_add_(0, idx, pn)
+            cos = seg[0] / (seg[1] * seg[2]).sqrt().clamp_min(1e-30)
+            parts.append(cos[[a for a, hp in enumerate(has_prev) if hp]])
+        self._store(grads, flat)
+        vals = torch.cat(parts).tolist()  # the one device sync of this step
+        grad_norms = vals[:L]
+        cos_iter = iter(vals[L:])
         cosines = [next(cos_iter) if hp else None for hp in has_prev]
         return grad_norms, cosines
+
+    def _store(self, grads, flat) -> None:
+        """Keep this step's gradients for the next cosine: copied into last step's buffers when the
+        shapes match (no allocation), else fresh copies."""
+        old = [t for gs in self.prev for t in gs]
+        if [len(gs) for gs in self.prev] == [len(gs) for gs in grads] and all(o.shape == g.shape and o.dtype == g.dtype and o.device == g.device
+                                          for o, g in zip(old, flat)):
+            torch._foreach_copy_(old, flat)
+            return
+        self.prev = [[g.detach().clone() for g in gs] for gs in grads]
 
     def state_dict(self) -> dict:
         return {"prev": [[g.detach().cpu().clone() for g in gs] for gs in self.prev]}
