@@ -262,7 +262,7 @@ def render_claims(runs: list[dict]) -> list[str]:
                 d, se, v = _delta(ours, base, rec)
                 cmp = f"{d:+.3f} ± {se:.3f} | {v}"
             else:
-                cmp, v = "– | n<2", None
+                cmp, v = f"– | n<{MIN_SEEDS}", None
             out.append(f"| {task} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
                        f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {cmp} |")
             if len(ours) >= MIN_SEEDS:
