@@ -46,15 +46,12 @@ def adapter_params(name: str, device="cpu", dtype=torch.float32) -> list[torch.T
     return [torch.nn.Parameter(p.to(device=device, dtype=dtype)) for p in ps]
 
 
-_DEVICE = ["cpu"]  # the device timed() synchronises (set by main)
-
-
-def timed(fn, inner: int) -> float:
-    sync(_DEVICE[0])
+def timed(fn, inner: int, device="cpu") -> float:
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
-    sync(_DEVICE[0])
+    sync(device)
     return (time.perf_counter() - t0) / inner
 
 
@@ -89,7 +86,7 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
         copy_once()
         cycle()
     phase.clear()
-    one = timed(copy_once, 3)
+    one = timed(copy_once, 3, device)
     inner = max(1, math.ceil(min_time / max(one, 1e-7)))
     copies, cycles, ratios = [], [], []
     per_phase = {k: [] for k in ("save", "drift", "restore")}
@@ -100,7 +97,7 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
         got = {}
         for arm, fn in order:
             phase.clear()
-            got[arm] = timed(fn, inner)
+            got[arm] = timed(fn, inner, device)
             if arm == "cycle":
                 for k in per_phase:
                     per_phase[k].append(sum(phase[k]) / len(phase[k]))
@@ -114,9 +111,9 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
              "sub (allocating)": lambda: torch._foreach_sub([p.detach() for p in params], bufs)}
     prim = {k: [] for k in prims}
     for rep in range(max(3, repeats // 3)):
-        c = timed(copy_once, inner)
+        c = timed(copy_once, inner, device)
         for k, fn in prims.items():
-            prim[k].append(timed(fn, inner) / c)
+            prim[k].append(timed(fn, inner, device) / c)
     return {"set": name, "n_tensors": len(params), "bytes": nbytes, "inner_iters": inner,
             "primitive_multiples": {k: summarize(v) for k, v in prim.items()},
             "copy_s": summarize(copies), "cycle_s": summarize(cycles), "ratio": summarize(ratios),
@@ -137,7 +134,6 @@ def main(argv=None) -> dict:
         args.sets, args.repeats, args.min_time, args.threads = "tiny", 3, 0.005, 1
     torch.set_num_threads(args.threads)
     dev = check_device(args.device)
-    _DEVICE[0] = dev
     load = LoadMonitor()
     cases = []
     for s in args.sets.split(","):

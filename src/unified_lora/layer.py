@@ -91,7 +91,7 @@ class _NestedLoRAPath(torch.autograd.Function):
 
 def blocks_of(plist) -> list:
     """The parameters of a ParameterList (or any sequence) as a plain list. Slicing an
-    nn.ParameterList builds a new module, ~50 µs of host time per call; this reads the values."""
+    nn.ParameterList builds a new module on every call; this reads the values."""
     return list(plist._parameters.values()) if isinstance(plist, nn.ParameterList) else list(plist)
 
 

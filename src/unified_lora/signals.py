@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from .layer import blocks_of
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
@@ -183,11 +185,6 @@ class CompositeSignal:
         self.norm.values.extend(sd["history"])
 
 
-def _prefix(blocks, k: int) -> list:
-    """The first k blocks as a plain list (an nn.ParameterList slice would build a new module)."""
-    return list(blocks._parameters.values())[:k] if isinstance(blocks, torch.nn.ParameterList) else list(blocks)[:k]
-
-
 class GradientStats:
     """Reads per-adapter gradient norm and cosine to the previous step's gradient.
 
@@ -202,13 +199,23 @@ class GradientStats:
 
     def __init__(self):
         self.prev: list[list[torch.Tensor]] = []
+        # Index tensors for the per-adapter segment sums, kept on the device per block layout:
+        # building them every step would be a host->device copy (a sync) per step.
+        self._index: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def _indices(self, dev, owner: list[int], pair_pos: list[int], pair_owner: list[int], with_prev: list[int]):
+        key = (str(dev), tuple(owner), tuple(pair_pos), tuple(pair_owner), tuple(with_prev))
+        if key not in self._index:
+            self._index[key] = tuple(torch.tensor(v, dtype=torch.long, device=dev)
+                                     for v in (owner, pair_pos, pair_owner, with_prev))
+        return self._index[key]
 
     @torch.no_grad()
     def __call__(self, adapters: Sequence) -> tuple[list[float], list[float | None]]:
         grads: list[list[torch.Tensor]] = []
         for layer in adapters:
             k = layer.n_active_blocks
-            gs = [p.grad for p in _prefix(layer.lora_A, k) + _prefix(layer.lora_B, k)]
+            gs = [p.grad for p in blocks_of(layer.lora_A)[:k] + blocks_of(layer.lora_B)[:k]]
             if any(g is None for g in gs):
                 raise ValueError(
                     "ctrl.step: an active adapter has no gradient; call loss.backward() before ctrl.step(loss=...)"
@@ -217,33 +224,34 @@ class GradientStats:
         flat = [g for gs in grads for g in gs]
         dev = flat[0].device
         L = len(grads)
-        owner = torch.tensor([a for a, gs in enumerate(grads) for _ in gs], device=dev)
-        sq = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)) ** 2
-        norms = torch.zeros(L, device=dev).index_add_(0, owner, sq)
-        # Pair the blocks present in both steps (lists are A blocks then B blocks).
-        cur, prv, pair_owner, has_prev = [], [], [], []
+        # Pair the blocks present in both steps (lists are A blocks then B blocks); pair_pos indexes `flat`.
+        cur, prv, pair_pos, pair_owner, has_prev, start = [], [], [], [], [], 0
         for a, gs in enumerate(grads):
             prev = self.prev[a] if a < len(self.prev) else None
             has_prev.append(prev is not None)
-            if prev is None:
-                continue
-            k = min(len(gs), len(prev)) // 2
-            cur += gs[:k] + gs[len(gs) // 2:len(gs) // 2 + k]
-            prv += prev[:k] + prev[len(prev) // 2:len(prev) // 2 + k]
-            pair_owner += [a] * (2 * k)
+            if prev is not None:
+                k, h, hp = min(len(gs), len(prev)) // 2, len(gs) // 2, len(prev) // 2
+                cur += gs[:k] + gs[h:h + k]
+                prv += prev[:k] + prev[hp:hp + k]
+                pair_pos += [start + i for i in range(k)] + [start + h + i for i in range(k)]
+                pair_owner += [a] * (2 * k)
+            start += len(gs)
+        owner = [a for a, gs in enumerate(grads) for _ in gs]
+        owner_t, pos_t, pair_t, sel_t = self._indices(dev, owner, pair_pos, pair_owner,
+                                                      [a for a, hp in enumerate(has_prev) if hp])
+        sq = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)) ** 2
+        norms = torch.zeros(L, device=dev).index_add_(0, owner_t, sq)
         parts = [norms.sqrt()]
         if cur:
-            idx = torch.tensor(pair_owner, device=dev)
             plus = torch.stack(torch._foreach_norm(torch._foreach_add(cur, prv), 2, dtype=torch.float32)) ** 2
             minus = torch.stack(torch._foreach_norm(torch._foreach_sub(cur, prv), 2, dtype=torch.float32)) ** 2
-            cn = torch.stack(torch._foreach_norm(cur, 2, dtype=torch.float32)) ** 2
             pn = torch.stack(torch._foreach_norm(prv, 2, dtype=torch.float32)) ** 2
             seg = torch.zeros(3, L, device=dev)
-            seg[0].index_add_(0, idx, (plus - minus) / 4)
-            seg[1].index_add_(0, idx, cn)
-            seg[2].index_add_(0, idx, pn)
+            seg[0].index_add_(0, pair_t, (plus - minus) / 4)
+            seg[1].index_add_(0, pair_t, sq[pos_t])  # the current blocks' norms are already in sq
+            seg[2].index_add_(0, pair_t, pn)
             cos = seg[0] / (seg[1] * seg[2]).sqrt().clamp_min(1e-30)
-            parts.append(cos[[a for a, hp in enumerate(has_prev) if hp]])
+            parts.append(cos[sel_t])
         self._store(grads, flat)
         vals = torch.cat(parts).tolist()  # the one device sync of this step
         grad_norms = vals[:L]
@@ -255,8 +263,9 @@ class GradientStats:
         """Keep this step's gradients for the next cosine: copied into last step's buffers when the
         shapes match (no allocation), else fresh copies."""
         old = [t for gs in self.prev for t in gs]
-        if [len(gs) for gs in self.prev] == [len(gs) for gs in grads] and all(o.shape == g.shape and o.dtype == g.dtype and o.device == g.device
-                                          for o, g in zip(old, flat)):
+        same_layout = [len(gs) for gs in self.prev] == [len(gs) for gs in grads] and all(
+            o.shape == g.shape and o.dtype == g.dtype and o.device == g.device for o, g in zip(old, flat))
+        if same_layout:
             torch._foreach_copy_(old, flat)
             return
         self.prev = [[g.detach().clone() for g in gs] for gs in grads]
