@@ -141,7 +141,7 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "| sst2 | unified_v1 | -0.100 ± " in md and "| worse |" in md and "+50% / +75%" in md
     assert "Claim reproduced: **no**" in md  # one task, and worse there
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
-    assert "| sst2 | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | +0.200 ± " in md and "| better |" in md
+    assert "| sst2 shock | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | +0.200 ± " in md and "| better |" in md
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):
@@ -153,6 +153,23 @@ def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality
     assert res["shock"]["kind"] == "random" and res["config"]["shock_kind"] == "random"
     with pytest.raises(SystemExit, match="different budget"):  # a flip shock must not land in the same cell
         _load("quality/run.py").main(args)
+
+
+def test_shockrand_condition_is_its_own_cell_beside_the_flip_shock(quality_out, tiny_model_dir):
+    out = quality_out / "shockrand"
+    args = ["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "lora_r8", "--seeds", "0",
+            "--threads", "1", "--out", str(out)]
+    assert _load("quality/run.py").main(args + ["--conditions", "shock,shockrand"]) == 0
+    flip = json.loads((out / "runs" / "mrpc__lora_r8__shock__s0.json").read_text())
+    rand = json.loads((out / "runs" / "mrpc__lora_r8__shockrand__s0.json").read_text())
+    assert flip["shock"]["kind"] == "flip" and rand["shock"]["kind"] == "random"
+    assert flip["shock"]["window"] == rand["shock"]["window"]
+    rep = _load("quality/report.py")
+    assert rep.main(["--runs", str(out / "runs"), "--out", str(out)]) == 0
+    md = (out / "quality.md").read_text()
+    assert "Shock (`shock`): train labels flipped" in md
+    assert "Shock (`shockrand`): train labels replaced by uniformly random labels" in md
+    assert (out / "quality_plots" / "mrpc_shockrand.png").stat().st_size > 0
 
 
 def test_contention_flag_discounts_the_benchmarks_own_threads():

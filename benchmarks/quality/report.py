@@ -18,7 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 NOISE = {"clean": 0.0, "noise20": 0.2, "noise40": 0.4}
-SEEDS_WANTED = {"clean": 3, "noise20": 3, "noise40": 3, "shock": 5}
+SEEDS_WANTED = {"clean": 3, "noise20": 3, "noise40": 3, "shock": 5, "shockrand": 5}
+SHOCKS = ("shock", "shockrand")
 
 
 def load_runs(runs_dir: Path) -> list[dict]:
@@ -98,7 +99,7 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                 "| condition | method | n | " + " | ".join([pm] + [k for k in base if k != pm]) +
                 " | mean active rank | adapter params active (allocated) | wall s/run | notes |",
                 "|---|---|---|" + "---|" * len(base) + "---|---|---|---|"]
-        for cond in ("clean", "noise20", "noise40", "shock"):
+        for cond in ("clean", "noise20", "noise40", *SHOCKS):
             for key in sorted(k for k in g if k[0] == task and k[1] == cond):
                 rs = g[key]
                 others = "".join(" | " + ms([r["metrics"][k] for r in rs]) for k in base if k != pm)
@@ -119,21 +120,22 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                     f"{statistics.fmean(r['adapter_params_active'] for r in rs):,.0f} "
                     f"({statistics.fmean(r['adapter_params_allocated'] for r in rs):,.0f}) | "
                     f"{statistics.fmean(r['wall_time_s'] for r in rs):.0f} | {notes} |")
-        shock = sorted(k for k in g if k[0] == task and k[1] == "shock")
-        if shock:
-            w = g[shock[0]][0]["shock"]["window"]
-            kind = g[shock[0]][0]["shock"].get("kind", "flip")
-            what = "flipped" if kind == "flip" else "replaced by uniformly random labels"
-            out += ["", f"Shock: train labels {what} for steps [{w[0]}, {w[1]}). Dev {pm} just before, just after, "
-                    "and at the end:", "", "| method | n | before | after | end | recovered (end − before) |",
-                    "|---|---|---|---|---|---|"]
-            for key in shock:
-                rs = g[key]
-                b, a, e = ([r["shock"][k] for r in rs] for k in ("before", "after", "end"))
-                out.append(f"| {key[2]} | {len(rs)} | {ms(b)} | {ms(a)} | {ms(e)} | "
-                           f"{ms([y - x for x, y in zip(b, e)])} |")
+        for scond in SHOCKS:
+            shock = sorted(k for k in g if k[0] == task and k[1] == scond)
+            if shock:
+                w = g[shock[0]][0]["shock"]["window"]
+                kind = g[shock[0]][0]["shock"].get("kind", "flip")
+                what = "flipped" if kind == "flip" else "replaced by uniformly random labels"
+                out += ["", f"Shock (`{scond}`): train labels {what} for steps [{w[0]}, {w[1]}). "
+                        f"Dev {pm} just before, just after, and at the end:", "", "| method | n | before | after | end | recovered (end − before) |",
+                        "|---|---|---|---|---|---|"]
+                for key in shock:
+                    rs = g[key]
+                    b, a, e = ([r["shock"][k] for r in rs] for k in ("before", "after", "end"))
+                    out.append(f"| {key[2]} | {len(rs)} | {ms(b)} | {ms(a)} | {ms(e)} | "
+                               f"{ms([y - x for x, y in zip(b, e)])} |")
         out.append("")
-        for kind in ("noise", "shock"):
+        for kind in ("noise", *SHOCKS):
             if f"{task}_{kind}" in plots:
                 out += [f"![{task} {kind}]({plots[f'{task}_{kind}']})", ""]
     out += render_claims(runs) + [""]
@@ -245,15 +247,15 @@ def render_claims(runs: list[dict]) -> list[str]:
         out.append(f"| – | – | – | no noisy cells with ≥ {MIN_SEEDS} seeds yet | | | |")
     # 3. a fully reversible stress -> recovery cycle
     out += ["", "### 3. \"A fully reversible stress→recovery cycle\" (shock condition)", "",
-            "| task | method | n | runs entering MIRROR | Mirror exits restored / kept | recovery (end − before) | "
+            "| task, condition | method | n | runs entering MIRROR | Mirror exits restored / kept | recovery (end − before) | "
             "Δ recovery vs lora_r8 | verdict |", "|---|---|---|---|---|---|---|---|"]
     verdicts: list[str] = []
-    for task in tasks:
-        base = _cell(runs, task, "shock", "lora_r8")
-        methods = sorted({r["method"] for r in runs if r["task"] == task and r["condition"] == "shock"
+    for task, scond in ((t, c) for t in tasks for c in SHOCKS):
+        base = _cell(runs, task, scond, "lora_r8")
+        methods = sorted({r["method"] for r in runs if r["task"] == task and r["condition"] == scond
                           and r["method"].startswith("unified")})
         for m in methods:
-            ours = _cell(runs, task, "shock", m)
+            ours = _cell(runs, task, scond, m)
             entered = sum(1 for r in ours if r["mode_fraction"]["MIRROR"] > 0)
             ev = [t["snapshot"] for r in ours for t in r["transitions"] if t["snapshot"] in ("restored", "kept")]
             rec = lambda r: r["shock"]["end"] - r["shock"]["before"]  # noqa: E731
@@ -263,14 +265,14 @@ def render_claims(runs: list[dict]) -> list[str]:
                 cmp = f"{d:+.3f} ± {se:.3f} | {v}"
             else:
                 cmp, v = f"– | n<{MIN_SEEDS}", None
-            out.append(f"| {task} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
+            out.append(f"| {task} {scond} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
                        f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {cmp} |")
             if len(ours) >= MIN_SEEDS:
                 restored_runs = sum(1 for r in ours if any(t["snapshot"] == "restored" for t in r["transitions"]))
                 full = (entered == len(ours) and restored_runs == len(ours)
                         and mr >= -2 * sr / len(ours) ** 0.5)
                 partly = v == "better"
-                verdicts.append(f"- **{task} {m}**: entered MIRROR in {entered}/{len(ours)} runs, restored in "
+                verdicts.append(f"- **{task} {scond} {m}**: entered MIRROR in {entered}/{len(ours)} runs, restored in "
                                 f"{restored_runs}/{len(ours)}, recovery {mr:+.3f} (SE {sr / len(ours) ** 0.5:.3f}). "
                                 "Reproduced: **" + ("yes" if full else "partly: recovers better than lora_r8, not "
                                                     "fully" if partly else "no") + "**.")
@@ -345,21 +347,22 @@ def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
                        f"{task.upper()}: dev {pm} vs label noise (mean ± std)", p)
             plt.close(fig)
             made[f"{task}_noise"] = str(p.relative_to(out_dir))
-        shock = sorted(k for k in g if k[0] == task and k[1] == "shock")
-        if shock:
-            fig, ax = plt.subplots(figsize=(5.5, 3.8))
-            for key in shock:
-                rs = g[key]
-                steps = sorted({c["step"] for r in rs for c in r["curve"]})
-                ys = [statistics.fmean(c[pm] for r in rs for c in r["curve"] if c["step"] == s) for s in steps]
-                ax.plot(steps, ys, marker=".", label=f"{key[2]} (n={len(rs)})")
-            w = g[shock[0]][0]["shock"]["window"]
-            kind = g[shock[0]][0]["shock"].get("kind", "flip")
-            ax.axvspan(w[0], w[1], color="red", alpha=0.12, label="labels flipped" if kind == "flip" else "random labels")
-            p = plot_dir / f"{task}_shock.png"
-            _save_plot(fig, ax, base, "step", f"dev {pm}", f"{task.upper()}: shock and recovery (mean over seeds)", p)
-            plt.close(fig)
-            made[f"{task}_shock"] = str(p.relative_to(out_dir))
+        for scond in SHOCKS:
+            shock = sorted(k for k in g if k[0] == task and k[1] == scond)
+            if shock:
+                fig, ax = plt.subplots(figsize=(5.5, 3.8))
+                for key in shock:
+                    rs = g[key]
+                    steps = sorted({c["step"] for r in rs for c in r["curve"]})
+                    ys = [statistics.fmean(c[pm] for r in rs for c in r["curve"] if c["step"] == s) for s in steps]
+                    ax.plot(steps, ys, marker=".", label=f"{key[2]} (n={len(rs)})")
+                w = g[shock[0]][0]["shock"]["window"]
+                kind = g[shock[0]][0]["shock"].get("kind", "flip")
+                ax.axvspan(w[0], w[1], color="red", alpha=0.12, label="labels flipped" if kind == "flip" else "random labels")
+                p = plot_dir / f"{task}_{scond}.png"
+                _save_plot(fig, ax, base, "step", f"dev {pm}", f"{task.upper()}: {scond} and recovery (mean over seeds)", p)
+                plt.close(fig)
+                made[f"{task}_{scond}"] = str(p.relative_to(out_dir))
     return made
 
 

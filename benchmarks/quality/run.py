@@ -25,7 +25,8 @@ Methods
                                  policy: drift (default) | never | lossworse | always  (Mirror exit rule)
 Conditions
   clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels corrupted for a
-  window in the middle of training; dev metrics just before, just after and at the end)
+  window in the middle of training; dev metrics just before, just after and at the end) |
+  shockrand (the same window, labels drawn uniformly at random instead of flipped)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
 METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v3", "unified_v1c",
            "unified_v1c_never", "unified_v1c_lossworse",
            "unified_v1_never", "unified_v1_lossworse", "unified_v3_never", "unified_v3_lossworse"]
-CONDITIONS = ["clean", "noise20", "noise40", "shock"]
+CONDITIONS = ["clean", "noise20", "noise40", "shock", "shockrand"]
+SHOCKS = ("shock", "shockrand")  # shockrand: the shock with uniformly random labels instead of flipped ones
 TASKS = ["mrpc", "rte", "cola", "sst2"]
 BUDGET_KEYS = ("steps", "batch_size", "max_length", "lr", "weight_decay", "warmup", "lora_alpha", "lora_dropout",
                "targets", "shock_start", "shock_len", "shock_kind", "sst2_train_size", "quick")
@@ -191,7 +193,8 @@ def run_one(task, method, condition, seed, args) -> dict:
     if noise_rate:
         labels = symmetric_label_noise(clean, noise_rate, data["num_labels"], seed=seed)
     enc_train = dict(data["train"], labels=torch.tensor(labels))
-    shock = (int(T * args.shock_start), int(T * (args.shock_start + args.shock_len))) if condition == "shock" else None
+    shock = (int(T * args.shock_start), int(T * (args.shock_start + args.shock_len))) if condition in SHOCKS else None
+    shock_kind = "random" if condition == "shockrand" else args.shock_kind
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -225,7 +228,7 @@ def run_one(task, method, condition, seed, args) -> dict:
             batch = next(it)
         batch = trim(batch)
         if shock and shock[0] <= step < shock[1]:
-            if args.shock_kind == "flip":
+            if shock_kind == "flip":
                 batch["labels"] = flip_labels(batch["labels"], data["num_labels"])
             else:  # uniformly random labels, reproducible per (seed, step)
                 g = torch.Generator().manual_seed(seed * 100_003 + step)
@@ -286,7 +289,7 @@ def run_one(task, method, condition, seed, args) -> dict:
     if shock:
         by_step = {c["step"]: c for c in curve}
         pm = primary_metric(task)
-        res["shock"] = {"kind": args.shock_kind, "window": list(shock), "before": by_step[shock[0]][pm], "after": by_step[shock[1]][pm],
+        res["shock"] = {"kind": shock_kind, "window": list(shock), "before": by_step[shock[0]][pm], "after": by_step[shock[1]][pm],
                         "end": final[pm]}
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("tasks", "methods", "conditions", "seeds")}
@@ -323,7 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shock-start", type=float, default=0.4, help="fraction of steps")
     ap.add_argument("--shock-len", type=float, default=0.2, help="fraction of steps")
     ap.add_argument("--shock-kind", choices=("flip", "random"), default="flip",
-                    help="in the window, flip every label (adversarial) or draw labels uniformly at random")
+                    help="the `shock` condition's corruption: flip every label (adversarial) or draw labels uniformly "
+                         "at random (the `shockrand` condition always draws them at random)")
     ap.add_argument("--eval-every", type=int, default=None, help="dev eval interval (default: end only; shock T/12)")
     ap.add_argument("--sst2-train-size", type=int, default=8000, help="SST-2 train subsample (fixed, seed 1234)")
     ap.add_argument("--data-dir", default=None, help="GLUE root (default: unified_lora.data resolution)")
@@ -361,7 +365,7 @@ def main(argv=None) -> int:
     jobs = []
     for task in args.tasks.split(","):
         for condition in args.conditions.split(","):
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(5 if condition == "shock" else 3))
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(5 if condition in SHOCKS else 3))
             jobs += [(seed, task, condition, method) for seed in seeds for method in args.methods.split(",")]
     jobs.sort(key=lambda j: j[0])  # stable: keeps task / condition / method order within a seed
     if args.shard:  # "i/n": this process takes every n-th job from the i-th (parallel workers on one grid)
