@@ -249,8 +249,9 @@ def test_bf16_autocast_backward_gives_fp32_gradients():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.active_parameters())
 
 
+@pytest.mark.parametrize("rank", [2, 4])  # one active block (plain ops) and two (the custom Function)
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
-def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base_dtype):
+def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base_dtype, rank):
     # the LoRA up-projection accumulates into the base output with one addmm (or, for a base
     # output of another dtype, a cast add): values and every gradient must equal the plain maths
     torch.manual_seed(0)
@@ -259,21 +260,22 @@ def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base
     _randomize_B(layer)
     for q in list(layer.lora_A) + list(layer.lora_B):  # fp32 adapters: bf16 exercises the cast-add path
         q.data = q.data.float()
-    layer.set_rank(4)
+    layer.set_rank(rank)
+    k = layer.n_active_blocks
     x = torch.randn(3, 5, 12).to(base_dtype).requires_grad_()
     y = layer(x)
     assert y.dtype == base_dtype and y.shape == (3, 5, 10)
     y.float().pow(2).sum().backward()
-    gx, gA, gB = x.grad.clone(), [a.grad.clone() for a in layer.lora_A[:2]], [b.grad.clone() for b in layer.lora_B[:2]]
+    gx, gA, gB = x.grad.clone(), [a.grad.clone() for a in layer.lora_A[:k]], [b.grad.clone() for b in layer.lora_B[:k]]
     for p in list(layer.parameters()) + [x]:
         p.grad = None
-    A = torch.cat(list(layer.lora_A[:2]), 0)
-    B = torch.cat(list(layer.lora_B[:2]), 1)
+    A = torch.cat(list(layer.lora_A[:k]), 0)
+    B = torch.cat(list(layer.lora_B[:k]), 1)
     ref = base(x) + (layer.scaling * (x.float() @ A.T) @ B.T).to(base_dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if base_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, ref.detach(), **tol)
     ref.float().pow(2).sum().backward()
     torch.testing.assert_close(x.grad, gx, **tol)
-    torch.testing.assert_close(torch.cat([a.grad for a in layer.lora_A[:2]], 0), torch.cat(gA, 0), **tol)
-    torch.testing.assert_close(torch.cat([b.grad for b in layer.lora_B[:2]], 1), torch.cat(gB, 1), **tol)
+    torch.testing.assert_close(torch.cat([a.grad for a in layer.lora_A[:k]], 0), torch.cat(gA, 0), **tol)
+    torch.testing.assert_close(torch.cat([b.grad for b in layer.lora_B[:k]], 1), torch.cat(gB, 1), **tol)
     assert layer.lora_A[2].grad is None  # the paused block stays out of the graph

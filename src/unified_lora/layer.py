@@ -238,8 +238,16 @@ class NestedLoRALayer(nn.Module):
             return result
         k = self.n_active_blocks
         A, B = blocks_of(self.lora_A), blocks_of(self.lora_B)
-        h = self.lora_dropout(x.to(A[0].dtype))
-        return _NestedLoRAPath.apply(result, h, self.scaling, k, *A[:k], *B[:k])
+        h = self.lora_dropout(_as(x, A[0].dtype))
+        if k > 1:
+            return _NestedLoRAPath.apply(result, h, self.scaling, k, *A[:k], *B[:k])
+        # One active block (the lowest level): plain ops, so autograd runs in C++ with no Python
+        # Function; it saves h and u as the custom path does, and what PEFT saves.
+        out2 = result.reshape(-1, result.shape[-1])
+        u = h.reshape(-1, h.shape[-1]) @ A[0].T
+        if out2.dtype == u.dtype or torch.is_autocast_enabled(x.device.type):
+            return torch.addmm(out2, u, B[0].T, alpha=self.scaling).view(result.shape)
+        return (out2 + (u @ B[0].T * self.scaling).to(out2.dtype)).view(result.shape)
 
     @torch.no_grad()
     def merge(self) -> None:
