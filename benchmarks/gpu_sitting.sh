@@ -8,11 +8,14 @@
 # Environment: MODEL (HF path; default the bundled MiniLM), GLUE (GLUE root; default unified_lora's
 # resolution), RESULTS and QOUT (where perf and quality results are written), DEADLINE_AT (epoch
 # seconds at which unfinished runs are stopped), DTYPES, LAYER_REPEATS, LAYER_MIN_TIME (check phase), WORKERS (parallel run.py processes per task sharing the GPU, default 12; W_<task>
-# overrides it for one task), OUT (a folder that
+# overrides it for one task), GRID_DEVICE (default cuda; cpu runs the grid phase anywhere), OUT (a folder that
 # receives a tarball of the results), and PYTHON. The library is imported from src/ (no install
 # needed on a machine that already has torch, transformers and peft).
 #
 # GPU budget: 3 epochs per task at batch 16 (drop_last), SST-2 on the fixed 8000-example subsample.
+# A grid phase's workers take jobs by claim files in a fresh /tmp/gpu_claims.XXXX of their own (a run
+# stopped at the deadline leaves no claim for the next call; finished runs in QOUT are skipped), which
+# keeps every worker busy until the grid is empty.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -21,7 +24,7 @@ MODEL_ARG=${MODEL:+--model $MODEL}
 GLUE_ARG=${GLUE:+--data-dir $GLUE}
 WORKERS=${WORKERS:-12}
 OUTDIR=${OUT:-/tmp/gpu_out}
-LOGS=/tmp/gpu_logs  # per-process logs travel inside the tarball (a device call returns at most 8 files)
+LOGS=${LOGS:-/tmp/gpu_logs}  # per-process logs travel inside the tarball (a device call returns at most 8 files)
 mkdir -p "$OUTDIR" $LOGS
 RES=${RESULTS:-benchmarks/results}  # perf JSON + perf_gpu.md; a folder outside the repo survives a re-synced tree
 Q=${QOUT:-benchmarks/results/quality_gpu}
@@ -67,15 +70,16 @@ probe)
 grid)  # grid "rte,cola" "clean,noise40" "rte=1e-3,cola=3e-3" "lora_r8,..." [shock options...]
     tasks=$2 conds=$3 lrs=$4 methods=$5
     shift 5
+    claims=$(mktemp -d /tmp/gpu_claims.XXXX)
     for task in ${tasks//,/ }; do
         lr=$(tr ',' '\n' <<<"$lrs" | sed -n "s/^$task=//p")
         [ -z "$lr" ] && { echo "no LR for $task in $lrs"; exit 2; }
         wv="W_$task"
         w=${!wv:-$WORKERS}  # W_<task> overrides WORKERS (give long tasks more workers)
         for ((i = 0; i < w; i++)); do
-            $(limit) $PY benchmarks/quality/run.py $MODEL_ARG $GLUE_ARG --device cuda --threads 1 --tasks $task \
+            $(limit) $PY benchmarks/quality/run.py $MODEL_ARG $GLUE_ARG --device ${GRID_DEVICE:-cuda} --threads 1 --tasks $task \
                 --methods "$methods" --conditions "$conds" --steps ${STEPS[$task]} --lr $lr --out $Q \
-                --shard $i/$w "$@" > "$LOGS/grid_${task}_${conds//,/-}_$i.log" 2>&1 &
+                --claim "$claims" "$@" > "$LOGS/grid_${task}_${conds//,/-}_$i.log" 2>&1 &
         done
     done
     wait

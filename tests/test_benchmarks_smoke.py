@@ -200,6 +200,44 @@ def test_quality_shards_split_the_grid_between_parallel_workers(tiny_model_dir, 
         run.main(base + ["--shard", "2/2"])
 
 
+def test_quality_claims_let_parallel_workers_take_each_job_once(tiny_model_dir, tmp_path, capsys):
+    run = _load("quality/run.py")
+    base = ["--quick", "--steps", "2", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
+            "lora_r4,lora_r8", "--conditions", "clean", "--seeds", "0", "--threads", "1", "--out", str(tmp_path)]
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    (claims / "mrpc__lora_r4__clean__s0.claim").touch()  # another worker holds this job
+    assert run.main(base + ["--claim", str(claims)]) == 0
+    assert {p.name for p in (tmp_path / "runs").glob("*.json")} == {"mrpc__lora_r8__clean__s0.json"}
+    assert "skip mrpc__lora_r4__clean__s0 (claimed by another worker)" in capsys.readouterr().out
+    assert (claims / "mrpc__lora_r8__clean__s0.claim").exists()
+    assert run.main(base + ["--claim", str(tmp_path / "claims2")]) == 0  # a new sitting: r8 is done, r4 runs
+    assert "skip mrpc__lora_r8__clean__s0 (done)" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "mrpc__lora_r4__clean__s0.json").exists()
+
+
+def test_gpu_sitting_grid_workers_share_the_grid_without_running_a_job_twice(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import tarfile
+
+    q, out, logs = tmp_path / "q", tmp_path / "out", tmp_path / "logs"
+    env = dict(os.environ, MODEL=str(tiny_model_dir), QOUT=str(q), RESULTS=str(tmp_path / "res"), OUT=str(out),
+               LOGS=str(logs), GRID_DEVICE="cpu", WORKERS="3", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sitting.sh"
+    r = subprocess.run(["bash", str(script), "grid", "mrpc", "clean", "mrpc=1e-3", "lora_r4,lora_r8", "--quick",
+                        "--steps", "2", "--seeds", "0,1"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = {f"mrpc__{m}__clean__s{s}" for m in ("lora_r4", "lora_r8") for s in (0, 1)}
+    assert {p.stem for p in (q / "runs").glob("*.json")} == want
+    written = [line.split(":")[0] for f in logs.glob("grid_*.log") for line in f.read_text().splitlines()
+               if "wall=" in line]
+    assert sorted(written) == sorted(want)  # 3 workers, 4 jobs, each run exactly once
+    (tgz,) = out.glob("results_grid_*.tgz")
+    with tarfile.open(tgz) as t:
+        assert sum(n.endswith(".json") and "/runs/" in n for n in t.getnames()) == 4
+
+
 def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
     from _common import publish
 

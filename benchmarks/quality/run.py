@@ -334,6 +334,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (keep a grid on one device: use its own --out)")
     ap.add_argument("--shard", default=None, help="i/n: run only jobs i, i+n, i+2n, ... (parallel workers)")
+    ap.add_argument("--claim", default=None, metavar="DIR",
+                    help="parallel workers on one grid: a worker takes a job by creating DIR/<run>.claim "
+                         "(O_EXCL) and skips jobs another worker has claimed, so the work balances itself; "
+                         "use a machine-local DIR shared by the sitting's workers")
     ap.add_argument("--tag", default="", help="suffix for run names (e.g. an LR probe)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--force", action="store_true", help="re-run finished runs")
@@ -373,10 +377,19 @@ def main(argv=None) -> int:
         if not 0 <= i < n:
             ap.error(f"--shard {args.shard}: need 0 <= i < n")
         jobs = jobs[i::n]
+    claims = Path(args.claim) if args.claim else None
+    if claims:
+        claims.mkdir(parents=True, exist_ok=True)
     done = 0
     for seed, task, condition, method in jobs:
         name = run_name(task, method, condition, seed, args.tag)
         path = runs_dir / f"{name}.json"
+        if claims and not (path.exists() and not args.force):
+            try:
+                os.close(os.open(claims / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                print(f"skip {name} (claimed by another worker)", flush=True)
+                continue
         if path.exists() and not args.force:
             old = json.loads(path.read_text()).get("config", {})
             old = {**LEGACY_DEFAULTS, **old}  # keys added after a run was written take their value of then
@@ -387,7 +400,7 @@ def main(argv=None) -> int:
             continue
         res = run_one(task, method, condition, seed, args)
         res["command"] = "python benchmarks/quality/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel workers never share one
         tmp.write_text(json.dumps(res, indent=1) + "\n")
         tmp.replace(path)
         done += 1
