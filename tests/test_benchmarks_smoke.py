@@ -258,3 +258,26 @@ def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(script, tmp_path):
     with pytest.raises(SystemExit, match="CUDA is not available"):
         _load(script).main(["--quick", "--device", "cuda", "--results-dir", str(tmp_path)])
+
+
+def test_gpu_carry_ships_a_half_precision_minilm_that_loads_as_the_same_model(tmp_path):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from unified_lora.data import default_model_path
+    from unified_lora.data.loaders import PACKAGE_GLUE_DIR
+
+    carry = _load("gpu_carry.py")
+    res = carry.build(tmp_path / "carry", default_model_path(), PACKAGE_GLUE_DIR, tasks=("MRPC",))
+    assert 0 < res["max_rel_rounding"] < 2.0 ** -10 and res["bytes"] < carry.LIMIT
+    assert (tmp_path / "carry" / "glue" / "MRPC" / "dev.tsv").is_file()
+    half_dir = tmp_path / "carry" / "minilm16"
+    tok = AutoTokenizer.from_pretrained(half_dir)
+    batch = tok(["The controller snapshots the adapter.", "Labels were flipped."], padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    got = AutoModel.from_pretrained(half_dir, dtype=torch.float32).eval()
+    assert all(p.dtype == torch.float32 for p in got.parameters())
+    with torch.no_grad():
+        a, b = ref(**batch).last_hidden_state, got(**batch).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min() > 0.9999
+    assert not torch.equal(a, b)  # it really is the rounded copy
