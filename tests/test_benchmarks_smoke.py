@@ -281,3 +281,19 @@ def test_gpu_carry_ships_a_half_precision_minilm_that_loads_as_the_same_model(tm
         a, b = ref(**batch).last_hidden_state, got(**batch).last_hidden_state
     assert torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min() > 0.9999
     assert not torch.equal(a, b)  # it really is the rounded copy
+
+
+def test_unified_method_names_carry_policy_and_min_dwell(tiny_model_dir, tmp_path):
+    run = _load("quality/run.py")
+    assert run.parse_unified("unified_v3") == ("v3", "drift", 0)
+    assert run.parse_unified("unified_v3_lossworse_d10") == ("v3", "loss_worse", 10)
+    assert run.parse_unified("unified_v1c_d4") == ("v1c", "drift", 4)
+    for bad in ("unified_v2", "unified_v3_d", "unified_v3_d10_never", "unified_v3_sometimes"):
+        with pytest.raises(ValueError):
+            run.parse_unified(bad)
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--model", str(tiny_model_dir), "--methods", "unified_v3_dx", "--out", str(tmp_path)])
+    assert run.main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "unified_v3_d3",
+                     "--conditions", "clean", "--seeds", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "runs" / "mrpc__unified_v3_d3__clean__s0.json").read_text())
+    assert res["info"]["min_dwell"] == 3 and res["info"]["mirror_policy"] == "drift"

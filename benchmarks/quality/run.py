@@ -23,6 +23,8 @@ Methods
                                  first 20 losses / 2.2, so the early loss sits just under the MIRROR
                                  threshold and a loss spike (a shock) crosses it
                                  policy: drift (default) | never | lossworse | always  (Mirror exit rule)
+  unified_..._d<N>               the same with min_dwell=N (hysteresis: N steps in a mode before leaving it;
+                                 the default 0 is the seed's machine), e.g. unified_v3_d10, unified_v3_lossworse_d10
 Conditions
   clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels corrupted for a
   window in the middle of training; dev metrics just before, just after and at the end) |
@@ -113,6 +115,23 @@ def evaluate(model, enc: dict, task: str, batch_size: int = 64) -> dict:
 
 
 # --------------------------------------------------------------------------- methods
+def parse_unified(method: str) -> tuple[str, str, int]:
+    """unified_<v1|v3|v1c>[_<policy>][_d<N>] -> (signal, Mirror policy, min_dwell)."""
+    parts = method.split("_")
+    if len(parts) < 2 or parts[0] != "unified" or parts[1] not in ("v1", "v3", "v1c"):
+        raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
+    policy, dwell = "drift", 0
+    for i, p in enumerate(parts[2:]):
+        if i == 0 and p in POLICIES:
+            policy = POLICIES[p]
+        elif p[:1] == "d" and p[1:].isdigit():
+            dwell = int(p[1:])
+        else:
+            raise ValueError(f"method {method!r}: {p!r} is neither a Mirror policy {sorted(POLICIES)} nor d<N> "
+                             "(min_dwell)")
+    return parts[1], policy, dwell
+
+
 def build(method: str, model, args, total_steps: int, num_labels: int):
     """Returns (model, ctrl or None, info dict). `model` may be a PeftModel wrapper."""
     targets = args.targets.split(",")
@@ -138,22 +157,21 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
     if method.startswith("unified_"):
         from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 
-        parts = method.split("_")
-        signal = {"v1": "loss", "v3": "composite", "v1c": "loss"}[parts[1]]
-        if parts[1] == "v1c":  # the demo's calibration (unified_lora.cli.DEMO_CALIBRATION)
+        sig_name, policy, dwell = parse_unified(method)
+        signal = {"v1": "loss", "v3": "composite", "v1c": "loss"}[sig_name]
+        if sig_name == "v1c":  # the demo's calibration (unified_lora.cli.DEMO_CALIBRATION)
             from unified_lora.cli import DEMO_CALIBRATION
 
             signal = SignalConfig(kind="loss", calibration_steps=DEMO_CALIBRATION[0],
                                   calibration_target=DEMO_CALIBRATION[1])
-        policy = POLICIES[parts[2]] if len(parts) > 2 else "drift"
         adapters, ctrl = setup_unified_lora(model, target_modules=targets, rank_levels=(4, 8, 16),
                                             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                             modules_to_save=["classifier"], signal=signal, lr_mode="multiplier",
-                                            mirror=MirrorConfig(policy=policy), print_fn=None)
+                                            mirror=MirrorConfig(policy=policy), min_dwell=dwell, print_fn=None)
         sig_info = signal if isinstance(signal, str) else {"kind": signal.kind, "calibration_steps": signal.calibration_steps,
                                                             "calibration_target": signal.calibration_target}
         return model, ctrl, {**info, "signal": sig_info, "mirror_policy": policy, "rank_levels": [4, 8, 16],
-                             "lr_mode": "multiplier"}
+                             "lr_mode": "multiplier", "min_dwell": dwell}
     raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
 
 
@@ -358,10 +376,13 @@ def main(argv=None) -> int:
     runs_dir = Path(args.out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     for m in args.methods.split(","):
-        if m not in METHODS and not (m.split("_")[:2] in (["unified", "v1"], ["unified", "v3"], ["unified", "v1c"])
-                                     and m.split("_")[-1] in POLICIES):
-            if not m.startswith("lora_r"):
-                ap.error(f"--methods: unknown {m!r}; choose from {METHODS}")
+        if m.startswith("unified_"):
+            try:
+                parse_unified(m)
+            except ValueError as e:
+                ap.error(f"--methods: {e}")
+        elif m not in METHODS and not (m.startswith("lora_r") and m[len("lora_r"):].isdigit()):
+            ap.error(f"--methods: unknown {m!r}; choose from {METHODS}")
     for c in args.conditions.split(","):
         if c not in CONDITIONS:
             ap.error(f"--conditions: unknown {c!r}; choose from {CONDITIONS}")
