@@ -90,7 +90,8 @@ def test_report_builds_quality_md_with_baseline_and_plots(quality_out):
     assert (quality_out / "quality_plots" / "mrpc_shock.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py"])
+@pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py",
+                                    "perf/layer_variants.py"])
 def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
     payload = _load(script).main(["--quick", "--results-dir", str(tmp_path)])
     stem = "perf_" + Path(script).stem + "_quick"
