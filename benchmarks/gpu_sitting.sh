@@ -52,6 +52,7 @@ check)
         $PY benchmarks/perf/controller_overhead.py --device cuda --dtype $dt $MODEL_ARG --repeats 30 $RD 2>&1 \
             | grep -v "^rep \|Loading"
         $PY benchmarks/perf/mirror_cost.py --device cuda --dtype $dt $RD 2>&1 | tail -3
+        $PY benchmarks/perf/layer_variants.py --device cuda --dtype $dt --shapes tiny,minilm,llama1b $RD 2>&1 | grep "^[a-z0-9]* r[0-9]*:"
     done
     pack check
     ;;

@@ -2,6 +2,7 @@
 
     python benchmarks/perf/layer_variants.py             # tiny (host-overhead proxy) and MiniLM shapes, r 8 and 16
     python benchmarks/perf/layer_variants.py --quick
+    python benchmarks/perf/layer_variants.py --device cuda --dtype bfloat16 --shapes minilm,llama1b   # -> perf_gpu.md
 
 `layer.py` times the library's layer. This script times the formulations that
 were considered for two or more active blocks (r8 and r16; one block runs as
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import LoadMonitor, command_line, contention_note, environment, fmt_range, publish, summarize  # noqa: E402
+from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
+                     fmt_range, publish, summarize, sync, torch_dtype)
 from layer import SHAPES, build_pair, fwd_bwd, saved_tensor_bytes  # noqa: E402
 
 
@@ -65,7 +67,7 @@ def forward_perblock(self, x):
 VARIANTS = {"function": None, "cat": forward_cat, "perblock": forward_perblock}
 
 
-def check_variant(layer, fwd, x, gy) -> None:
+def check_variant(layer, fwd, x, gy, tol) -> None:
     """The variant must give the library's output and gradients (else its timing means nothing)."""
     def run(f):
         for p in layer.parameters():
@@ -77,36 +79,42 @@ def check_variant(layer, fwd, x, gy) -> None:
 
     ref, got = run(None), run(lambda xx: fwd(layer, xx))
     for a, b in zip(ref, got):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, **tol)
 
 
-def bench(shape: str, rank: int, repeats: int, min_time: float) -> dict:
+def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device("cpu"), dt=torch.float32) -> dict:
     b, s, i, o = SHAPES[shape]
     torch.manual_seed(0)
-    x = torch.randn(b, s, i, requires_grad=True)
-    gy = torch.randn(b, s, o)
-    ours, peft = build_pair(i, o, rank)
+    x = torch.randn(b, s, i, device=dev, dtype=dt, requires_grad=True)
+    gy = torch.randn(b, s, o, device=dev, dtype=dt)
+    ours, peft = build_pair(i, o, rank, device=dev, dtype=dt)
+    tol = dict(rtol=1e-4, atol=1e-5) if dt == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     arms = {"peft": peft}
     for name, fwd in VARIANTS.items():
         if fwd is None:
             arms[name] = ours
             continue
-        check_variant(ours, fwd, x, gy)
-        twin, _ = build_pair(i, o, rank)
+        check_variant(ours, fwd, x, gy, tol)
+        twin, _ = build_pair(i, o, rank, device=dev, dtype=dt)
         twin.load_state_dict(ours.state_dict())
         twin.forward = types.MethodType(fwd, twin)
         arms[name] = twin
-    for layer in arms.values():
-        fwd_bwd(layer, x, gy)
+    for _ in range(3):
+        for layer in arms.values():
+            fwd_bwd(layer, x, gy)
+    sync(dev)
     t0 = time.perf_counter()
     fwd_bwd(peft, x, gy)
+    sync(dev)
     inner = max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-6)))
     names, times = list(arms), {n: [] for n in arms}
     for rep in range(repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
+            sync(dev)
             t0 = time.perf_counter()
             for _ in range(inner):
                 fwd_bwd(arms[name], x, gy)
+            sync(dev)
             times[name].append((time.perf_counter() - t0) / inner)
     peft_act = saved_tensor_bytes(peft, x, gy)["activation_bytes"]
     out = {"shape": shape, "rank": rank, "inner_iters": inner, "peft_s": summarize(times["peft"]),
@@ -129,29 +137,33 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir", default=None)
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.repeats, args.min_time, args.threads = "tiny", 3, 0.01, 1
     torch.set_num_threads(args.threads)
+    dev, dt = check_device(args.device), torch_dtype(args.dtype)
     load = LoadMonitor()
     cases = []
     for shape in args.shapes.split(","):
         for r in (int(v) for v in args.ranks.split(",")):
-            case = bench(shape, r, args.repeats, args.min_time)
+            case = bench(shape, r, args.repeats, args.min_time, dev, dt)
             load.sample()
             cases.append(case)
             print(f"{shape} r{r}: " + "  ".join(f"{n} {fmt_range(v['ratio'])}" for n, v in case["variants"].items()),
                   flush=True)
     payload = {"benchmark": "layer_variants", "command": command_line(), "env": environment(), "load": load.record(),
-               "device": "cpu", "cases": cases}
+               "device": str(dev), "dtype": args.dtype, "cases": cases}
     return publish("perf_layer_variants", payload, render, args.quick, args.results_dir)
 
 
 def render(p: dict) -> str:
     kib = 1024.0
-    lines = ["## Layer formulations for k ≥ 2 active blocks, each vs PEFT (forward + backward)", "",
-             f"Command: `{p['command']}` — {p['env']['utc']}, torch {p['env']['torch']}, "
-             f"{p['env']['torch_threads']} threads.", contention_note(p["load"]), "",
+    gpu = not p.get("device", "cpu").startswith("cpu")
+    where = f"{p['env'].get('gpu', p['device'])}, {p['dtype']}" if gpu else f"{p['env']['torch_threads']} threads"
+    lines = [f"## Layer formulations for k ≥ 2 active blocks, each vs PEFT (forward + backward){' — ' + where if gpu else ''}",
+             "", f"Command: `{p['command']}` — {p['env']['utc']}, torch {p['env']['torch']}, {where}.",
+             contention_note(p["load"]), "",
              "| shape | rank | variant | time ratio vs PEFT, median (min–max) | activation KiB (PEFT) |",
              "|---|---|---|---|---|"]
     for c in p["cases"]:
