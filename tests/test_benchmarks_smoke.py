@@ -145,7 +145,13 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "| sst2 | unified_v1 | -0.100 ± " in md and "| worse |" in md and "+50% / +75%" in md
     assert "Claim reproduced: **no**" in md  # one task, and worse there
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
-    assert "| sst2 shock | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | +0.200 ± " in md and "| better |" in md
+    assert "| sst2 shock | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.008 better | yes |" in md
+    assert "**sst2 shock unified_v1c**" in md and "better than every fixed LoRA rank measured (lora_r8)" in md
+    # a fixed rank that recovers by itself takes the credit away from the controller
+    runs += [_fake_run("sst2", "lora_r4", "shock", s, 0, shock=(0.8, 0.5, 0.8 + 0.01 * s)) for s in range(3)]
+    md = "\n".join(rep.render_claims(runs))
+    assert "| r4 +0.000 ± 0.008 equal; r8 +0.200 ± 0.008 better | no |" in md
+    assert "not better than lora_r4. Reproduced: **yes**" in md  # reversible, but fixed r4 is too
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):
