@@ -88,7 +88,7 @@ def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device
     x = torch.randn(b, s, i, device=dev, dtype=dt, requires_grad=True)
     gy = torch.randn(b, s, o, device=dev, dtype=dt)
     ours, peft = build_pair(i, o, rank, device=dev, dtype=dt)
-    tol = dict(rtol=1e-4, atol=1e-5) if dt == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    tol = dict(rtol=1e-3, atol=1e-4) if dt == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     arms = {"peft": peft}
     for name, fwd in VARIANTS.items():
         if fwd is None:
