@@ -127,8 +127,9 @@ def param_bytes(layer, active_only: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in ps)
 
 
-def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
-    """Time every arm once per repeat, in rotating order; ratios are arm / peft within the repeat."""
+def time_arms(arms: dict, x, gy, repeats: int, min_time: float) -> tuple[int, dict[str, list[float]]]:
+    """Forward+backward seconds per call of every arm, once per repeat in rotating order (the inner
+    loop sized on the "peft" arm to `min_time`): (inner iterations, {arm: [seconds per repeat]})."""
     dev = x.device
     for _ in range(3):  # warm up
         for layer in arms.values():
@@ -150,9 +151,14 @@ def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
                 fwd_bwd(arms[name], x, gy)
             sync(dev)
             times[name].append((time.perf_counter() - t0) / inner)
-    out = {"inner_iters": inner, "ours_s": summarize(times["ours"]), "peft_s": summarize(times["peft"]),
-           "ratio": summarize([a / b for a, b in zip(times["ours"], times["peft"])])}
-    return out
+    return inner, times
+
+
+def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
+    """Time "ours" and "peft" interleaved; ratios are ours / peft within the repeat."""
+    inner, times = time_arms(arms, x, gy, repeats, min_time)
+    return {"inner_iters": inner, "ours_s": summarize(times["ours"]), "peft_s": summarize(times["peft"]),
+            "ratio": summarize([a / b for a, b in zip(times["ours"], times["peft"])])}
 
 
 def profile_case(ours, theirs, x, gy, iters: int = 5, rows: int = 12) -> dict:

@@ -26,9 +26,7 @@ saves beyond parameters and the input (the `layer.py` measure).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -38,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
-                     fmt_range, publish, summarize, sync, torch_dtype)
-from layer import SHAPES, build_pair, fwd_bwd, saved_tensor_bytes  # noqa: E402
+                     fmt_range, publish, summarize, torch_dtype)
+from layer import SHAPES, build_pair, saved_tensor_bytes, time_arms  # noqa: E402
 
 
 def _branch_inputs(layer, x):
@@ -99,23 +97,7 @@ def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device
         twin.load_state_dict(ours.state_dict())
         twin.forward = types.MethodType(fwd, twin)
         arms[name] = twin
-    for _ in range(3):
-        for layer in arms.values():
-            fwd_bwd(layer, x, gy)
-    sync(dev)
-    t0 = time.perf_counter()
-    fwd_bwd(peft, x, gy)
-    sync(dev)
-    inner = max(1, math.ceil(min_time / max(time.perf_counter() - t0, 1e-6)))
-    names, times = list(arms), {n: [] for n in arms}
-    for rep in range(repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fwd_bwd(arms[name], x, gy)
-            sync(dev)
-            times[name].append((time.perf_counter() - t0) / inner)
+    inner, times = time_arms(arms, x, gy, repeats, min_time)
     peft_act = saved_tensor_bytes(peft, x, gy)["activation_bytes"]
     out = {"shape": shape, "rank": rank, "inner_iters": inner, "peft_s": summarize(times["peft"]),
            "peft_activation_bytes": peft_act, "variants": {}}

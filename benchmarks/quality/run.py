@@ -405,13 +405,14 @@ def main(argv=None) -> int:
     for seed, task, condition, method in jobs:
         name = run_name(task, method, condition, seed, args.tag)
         path = runs_dir / f"{name}.json"
-        if claims and not (path.exists() and not args.force):
+        finished = path.exists() and not args.force
+        if claims and not finished:
             try:
                 os.close(os.open(claims / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 print(f"skip {name} (claimed by another worker)", flush=True)
                 continue
-        if path.exists() and not args.force:
+        if finished:
             old = json.loads(path.read_text()).get("config", {})
             old = {**LEGACY_DEFAULTS, **old}  # keys added after a run was written take their value of then
             diff = {k: (old.get(k), getattr(args, k)) for k in BUDGET_KEYS if old.get(k) != getattr(args, k)}
