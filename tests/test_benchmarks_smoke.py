@@ -139,7 +139,7 @@ def test_claim_verdicts_are_computed_from_the_runs():
         runs += [_fake_run("mrpc", "lora_r8", "noise40", s, base), _fake_run("mrpc", "unified_v1", "noise40", s, ours)]
     for s in range(3):
         runs += [_fake_run("sst2", "lora_r8", "shock", s, 0, shock=(0.8, 0.5, 0.6 + 0.01 * s)),
-                 _fake_run("sst2", "unified_v1c", "shock", s, 0, shock=(0.8, 0.5, 0.8 + 0.01 * s), mirror=0.2,
+                 _fake_run("sst2", "unified_v1c", "shock", s, 0, shock=(0.8, 0.7 + 0.01 * s, 0.8 + 0.01 * s), mirror=0.2,
                            snaps=("saved", "restored"))]
     md = "\n".join(rep.render_claims(runs))
     assert "| sst2 | unified_v1 | -0.100 ± " in md and "| worse |" in md and "+50% / +75%" in md
@@ -147,11 +147,15 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
     assert "| sst2 shock | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.008 better | yes |" in md
     assert "**sst2 shock unified_v1c**" in md and "better than every fixed LoRA rank measured (lora_r8)" in md
+    # the drop in the window (after − before): −0.09 against −0.30, the exploratory comparison
+    assert "| yes | r8 +0.210 ± 0.006 better |" in md
+    assert "- sst2 shock unified_v1c: drop -0.090; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
     # a fixed rank that recovers by itself takes the credit away from the controller
     runs += [_fake_run("sst2", "lora_r4", "shock", s, 0, shock=(0.8, 0.5, 0.8 + 0.01 * s)) for s in range(3)]
     md = "\n".join(rep.render_claims(runs))
     assert "| r4 +0.000 ± 0.008 equal; r8 +0.200 ± 0.008 better | no |" in md
     assert "not better than lora_r4. Reproduced: **yes**" in md  # reversible, but fixed r4 is too
+    assert "smaller than lora_r4, lora_r8 by more than 2 SE (every fixed rank)." in md
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):

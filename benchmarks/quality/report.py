@@ -127,13 +127,13 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                 kind = g[shock[0]][0]["shock"].get("kind", "flip")
                 what = "flipped" if kind == "flip" else "replaced by uniformly random labels"
                 out += ["", f"Shock (`{scond}`): train labels {what} for steps [{w[0]}, {w[1]}). "
-                        f"Dev {pm} just before, just after, and at the end:", "", "| method | n | before | after | end | recovered (end − before) |",
-                        "|---|---|---|---|---|---|"]
+                        f"Dev {pm} just before, just after, and at the end:", "", "| method | n | before | after | end | drop (after − before) | recovered (end − before) |",
+                        "|---|---|---|---|---|---|---|"]
                 for key in shock:
                     rs = g[key]
                     b, a, e = ([r["shock"][k] for r in rs] for k in ("before", "after", "end"))
                     out.append(f"| {key[2]} | {len(rs)} | {ms(b)} | {ms(a)} | {ms(e)} | "
-                               f"{ms([y - x for x, y in zip(b, e)])} |")
+                               f"{ms([y - x for x, y in zip(b, a)])} | {ms([y - x for x, y in zip(b, e)])} |")
         out.append("")
         for kind in ("noise", *SHOCKS):
             if f"{task}_{kind}" in plots:
@@ -248,9 +248,12 @@ def render_claims(runs: list[dict]) -> list[str]:
     # 3. a fully reversible stress -> recovery cycle
     out += ["", "### 3. \"A fully reversible stress→recovery cycle\" (shock conditions)", "",
             "| task, condition | method | n | runs entering MIRROR | Mirror exits restored / kept | recovery (end − before) | "
-            "Δ recovery vs each fixed LoRA rank (Welch, 2 SE) | beats every fixed rank |", "|---|---|---|---|---|---|---|---|"]
+            "Δ recovery vs each fixed LoRA rank (Welch, 2 SE) | beats every fixed rank | "
+            "Δ drop (after − before) vs each fixed rank |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts: list[str] = []
+    drops: list[str] = []
     rec = lambda r: r["shock"]["end"] - r["shock"]["before"]  # noqa: E731
+    drop = lambda r: r["shock"]["after"] - r["shock"]["before"]  # noqa: E731
     for task, scond in ((t, c) for t in tasks for c in SHOCKS):
         bases = {m: _cell(runs, task, scond, m) for m in ("lora_r4", "lora_r8", "lora_r16")}
         bases = {m: rs for m, rs in bases.items() if len(rs) >= MIN_SEEDS}
@@ -261,14 +264,21 @@ def render_claims(runs: list[dict]) -> list[str]:
             entered = sum(1 for r in ours if r["mode_fraction"]["MIRROR"] > 0)
             ev = [t["snapshot"] for r in ours for t in r["transitions"] if t["snapshot"] in ("restored", "kept")]
             mr, sr, _ = _stats(ours, rec)
-            vs = {}
+            vs, vd = {}, {}
             if len(ours) >= MIN_SEEDS:
                 vs = {b: _delta(ours, rs, rec) for b, rs in bases.items()}
-            cmp = "; ".join(f"{b[len('lora_'):]} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}" for b, (d, se, v) in vs.items())
+                vd = {b: _delta(ours, rs, drop) for b, rs in bases.items()}
+            fmt = lambda cmp: "; ".join(f"{b[len('lora_'):]} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}"  # noqa: E731
+                                        for b, (d, se, v) in cmp.items()) or f"– (n<{MIN_SEEDS})"
             beats = bool(vs) and all(v == "better" for _, _, v in vs.values())
             out.append(f"| {task} {scond} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
-                       f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {cmp or f'– (n<{MIN_SEEDS})'} | "
-                       f"{('yes' if beats else 'no') if vs else '–'} |")
+                       f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {fmt(vs)} | "
+                       f"{('yes' if beats else 'no') if vs else '–'} | {fmt(vd)} |")
+            if vd:
+                smaller = [b for b, (_, _, v) in vd.items() if v == "better"]
+                drops.append(f"- {task} {scond} {m}: drop {_stats(ours, drop)[0]:+.3f}; smaller than "
+                             + (", ".join(smaller) if smaller else "no fixed rank") + " by more than 2 SE"
+                             + (" (every fixed rank)" if len(smaller) == len(vd) else "") + ".")
             if len(ours) >= MIN_SEEDS:
                 restored_runs = sum(1 for r in ours if any(t["snapshot"] == "restored" for t in r["transitions"]))
                 full = (entered == len(ours) and restored_runs == len(ours)
@@ -288,6 +298,10 @@ def render_claims(runs: list[dict]) -> list[str]:
             "but the recovery beats every fixed LoRA rank (r4, r8, r16, those with ≥ 3 seeds) by more than 2 SE. "
             "Whether fixed LoRA recovers by itself is in the \"beats\" column: a reversible cycle that fixed LoRA "
             "also shows is not the controller's doing."]
+    if drops:
+        out += ["", "**The drop during the shock** (dev metric just after the window − just before; a smaller drop is "
+                "*better*). Not part of the claim's test, and added to the report after the runs were seen, so it is "
+                "exploratory:", ""] + drops
     return out
 
 
