@@ -308,3 +308,18 @@ def test_unified_method_names_carry_policy_and_min_dwell(tiny_model_dir, tmp_pat
                      "--conditions", "clean", "--seeds", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "runs" / "mrpc__unified_v3_d3__clean__s0.json").read_text())
     assert res["info"]["min_dwell"] == 3 and res["info"]["mirror_policy"] == "drift"
+
+
+def test_lr_probe_marks_the_best_lr_and_no_lr_when_every_lr_ties(tmp_path):
+    rep = _load("quality/report.py")
+    for task, values in (("sst2", {1e-3: 0.78, 3e-3: 0.82, 1e-2: 0.51}), ("cola", {1e-3: 0.0, 3e-3: 0.0})):
+        for lr, v in values.items():
+            pm = "mcc" if task == "cola" else "accuracy"
+            d = tmp_path / f"lr{lr:g}" / "runs"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{task}.json").write_text(json.dumps(
+                {"task": task, "primary_metric": pm, "metrics": {pm: v}, "config": {"lr": lr, "steps": 150}}))
+    md = "\n".join(rep.render_probe(tmp_path))
+    assert "| sst2 | 0.003 **(chosen)** | accuracy 0.8200 | 150 |" in md
+    assert md.count("(chosen)") == 1  # CoLA ties at MCC 0: no LR is chosen
+    assert "| cola | none chosen | every LR gives the same mcc: nothing learns at this budget | |" in md

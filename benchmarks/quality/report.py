@@ -314,16 +314,20 @@ def render_probe(probe_dir: Path) -> list[str]:
         return []
     out = ["## Learning-rate probe (lora_r8, seed 0, once per task)", "",
            f"From `{probe_dir.relative_to(REPO) if probe_dir.is_relative_to(REPO) else probe_dir}`: the base LR of "
-           "every method on a task is the LR with the best dev primary metric here (ties: the smaller LR). Tuned on "
+           "every method on a task is the LR with the best dev primary metric here (ties: the smaller LR; if every LR "
+           "ties, none is chosen). Tuned on "
            "dev, as GLUE papers do; since it is tuned for lora_r8 only, any advantage goes to the baseline.", "",
            "| task | lr | primary metric | steps |", "|---|---|---|---|"]
     for task in sorted({r["task"] for r in runs}):
         tr = sorted((r for r in runs if r["task"] == task), key=lambda r: r["config"]["lr"])
         pm = tr[0]["primary_metric"]
         best = max(tr, key=lambda r: (round(r["metrics"][pm], 6), -r["config"]["lr"]))
+        tie = len(tr) > 1 and len({round(r["metrics"][pm], 6) for r in tr}) == 1
         for r in tr:
-            mark = " **(chosen)**" if r is best else ""
+            mark = " **(chosen)**" if r is best and not tie else ""
             out.append(f"| {task} | {r['config']['lr']:g}{mark} | {pm} {r['metrics'][pm]:.4f} | {r['config']['steps']} |")
+        if tie:
+            out.append(f"| {task} | none chosen | every LR gives the same {pm}: nothing learns at this budget | |")
     return out + [""]
 
 
