@@ -323,3 +323,17 @@ def test_lr_probe_marks_the_best_lr_and_no_lr_when_every_lr_ties(tmp_path):
     assert "| sst2 | 0.003 **(chosen)** | accuracy 0.8200 | 150 |" in md
     assert md.count("(chosen)") == 1  # CoLA ties at MCC 0: no LR is chosen
     assert "| cola | none chosen | every LR gives the same mcc: nothing learns at this budget | |" in md
+
+
+def test_controller_variants_are_compared_with_lora_r8_and_their_default_variant():
+    rep = _load("quality/report.py")
+    runs = []
+    for s in range(3):
+        runs += [_fake_run("sst2", "lora_r8", "clean", s, 0.16 + 0.01 * s),
+                 _fake_run("sst2", "unified_v3", "clean", s, 0.03 + 0.01 * s),
+                 _fake_run("sst2", "unified_v3_d10", "clean", s, 0.16 + 0.01 * s)]
+    runs += [_fake_run("sst2", "unified_v3_never", "clean", s, 0.1) for s in range(2)]  # n=2: left out
+    md = "\n".join(rep.render_variants(runs))
+    assert "| sst2 | clean | unified_v3_d10 | 3 | 0.170 ± 0.010 (accuracy) | lora_r8 +0.000 ± 0.008 equal; " \
+           "unified_v3 +0.130 ± 0.008 better |" in md
+    assert "unified_v3_never" not in md and "| sst2 | clean | unified_v3 |" not in md

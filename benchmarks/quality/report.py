@@ -133,12 +133,13 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                     rs = g[key]
                     b, a, e = ([r["shock"][k] for r in rs] for k in ("before", "after", "end"))
                     out.append(f"| {key[2]} | {len(rs)} | {ms(b)} | {ms(a)} | {ms(e)} | "
-                               f"{ms([y - x for x, y in zip(b, a)])} | {ms([y - x for x, y in zip(b, e)])} |")
+                               f"{ms([_drop(r) for r in rs])} | {ms([_recovery(r) for r in rs])} |")
         out.append("")
         for kind in ("noise", *SHOCKS):
             if f"{task}_{kind}" in plots:
                 out += [f"![{task} {kind}]({plots[f'{task}_{kind}']})", ""]
     out += render_claims(runs) + [""]
+    out += render_variants(runs)
     out += ["## Grid coverage", "", "| task | condition | method | seeds done / wanted |", "|---|---|---|---|"]
     for key in sorted(g):
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(g[key])} / {SEEDS_WANTED.get(key[1], 3)} |")
@@ -174,6 +175,20 @@ def _delta(a, b, key):
 
 
 OURS = ("unified_v1", "unified_v3")
+
+
+def _recovery(r):
+    return r["shock"]["end"] - r["shock"]["before"]
+
+
+def _drop(r):
+    return r["shock"]["after"] - r["shock"]["before"]
+
+
+def _fmt_vs(cmp: dict) -> str:
+    """{'lora_r8': (Δ, SE, verdict)} as 'r8 +0.100 ± 0.020 better; ...' (or '– (n<3)' when empty)."""
+    return "; ".join(f"{b[len('lora_'):]} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}"
+                     for b, (d, se, v) in cmp.items()) or f"– (n<{MIN_SEEDS})"
 
 
 MIN_SEEDS = 3  # the issue's floor: a verdict needs >= 3 seeds on both sides
@@ -252,8 +267,6 @@ def render_claims(runs: list[dict]) -> list[str]:
             "Δ drop (after − before) vs each fixed rank |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts: list[str] = []
     drops: list[str] = []
-    rec = lambda r: r["shock"]["end"] - r["shock"]["before"]  # noqa: E731
-    drop = lambda r: r["shock"]["after"] - r["shock"]["before"]  # noqa: E731
     for task, scond in ((t, c) for t in tasks for c in SHOCKS):
         bases = {m: _cell(runs, task, scond, m) for m in ("lora_r4", "lora_r8", "lora_r16")}
         bases = {m: rs for m, rs in bases.items() if len(rs) >= MIN_SEEDS}
@@ -263,20 +276,18 @@ def render_claims(runs: list[dict]) -> list[str]:
             ours = _cell(runs, task, scond, m)
             entered = sum(1 for r in ours if r["mode_fraction"]["MIRROR"] > 0)
             ev = [t["snapshot"] for r in ours for t in r["transitions"] if t["snapshot"] in ("restored", "kept")]
-            mr, sr, _ = _stats(ours, rec)
+            mr, sr, _ = _stats(ours, _recovery)
             vs, vd = {}, {}
             if len(ours) >= MIN_SEEDS:
-                vs = {b: _delta(ours, rs, rec) for b, rs in bases.items()}
-                vd = {b: _delta(ours, rs, drop) for b, rs in bases.items()}
-            fmt = lambda cmp: "; ".join(f"{b[len('lora_'):]} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}"  # noqa: E731
-                                        for b, (d, se, v) in cmp.items()) or f"– (n<{MIN_SEEDS})"
+                vs = {b: _delta(ours, rs, _recovery) for b, rs in bases.items()}
+                vd = {b: _delta(ours, rs, _drop) for b, rs in bases.items()}
             beats = bool(vs) and all(v == "better" for _, _, v in vs.values())
             out.append(f"| {task} {scond} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
-                       f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {fmt(vs)} | "
-                       f"{('yes' if beats else 'no') if vs else '–'} | {fmt(vd)} |")
+                       f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {_fmt_vs(vs)} | "
+                       f"{('yes' if beats else 'no') if vs else '–'} | {_fmt_vs(vd)} |")
             if vd:
                 smaller = [b for b, (_, _, v) in vd.items() if v == "better"]
-                drops.append(f"- {task} {scond} {m}: drop {_stats(ours, drop)[0]:+.3f}; smaller than "
+                drops.append(f"- {task} {scond} {m}: drop {_stats(ours, _drop)[0]:+.3f}; smaller than "
                              + (", ".join(smaller) if smaller else "no fixed rank") + " by more than 2 SE"
                              + (" (every fixed rank)" if len(smaller) == len(vd) else "") + ".")
             if len(ours) >= MIN_SEEDS:
@@ -303,6 +314,34 @@ def render_claims(runs: list[dict]) -> list[str]:
                 "*better*). Not part of the claim's test, and added to the report after the runs were seen, so it is "
                 "exploratory:", ""] + drops
     return out
+
+
+def render_variants(runs: list[dict]) -> list[str]:
+    """Controller variants (Mirror exit rule, min_dwell) outside the shock cells, each vs lora_r8 and vs the
+    default variant of the same signal (e.g. unified_v3_d10 vs unified_v3); cells with >= MIN_SEEDS seeds."""
+    rows = []
+    for task, cond, m in sorted({(r["task"], r["condition"], r["method"]) for r in runs
+                                 if r["method"].startswith("unified_") and r["method"] not in OURS
+                                 and r["condition"] not in SHOCKS}):
+        ours = _cell(runs, task, cond, m)
+        default = "_".join(m.split("_")[:2])
+        refs = {"lora_r8": _cell(runs, task, cond, "lora_r8")}
+        if default != m:
+            refs[default] = _cell(runs, task, cond, default)
+        if len(ours) < MIN_SEEDS or any(len(rs) < MIN_SEEDS for rs in refs.values()):
+            continue
+        pm = ours[0]["primary_metric"]
+        cmp = "; ".join(f"{ref} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}"
+                        for ref, (d, se, v) in ((ref, _delta(ours, rs, lambda r: r["metrics"][pm]))
+                                                for ref, rs in refs.items()))
+        rows.append(f"| {task} | {cond} | {m} | {len(ours)} | {ms([r['metrics'][pm] for r in ours])} ({pm}) | {cmp} |")
+    if not rows:
+        return []
+    return ["## Controller variants (not shocked)", "",
+            "Δ = mean(variant) − mean(reference), Welch SE, *better/worse* beyond 2 SE; the reference is lora_r8 and "
+            "the default variant of the same signal.", "",
+            "| task | condition | variant | n | primary metric | Δ vs reference |", "|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def render_probe(probe_dir: Path) -> list[str]:
