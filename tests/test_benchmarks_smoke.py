@@ -119,8 +119,8 @@ def test_a_finished_run_with_another_budget_is_refused(quality_out, tiny_model_d
 
 
 def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0, snaps=()):
-    pm = {"mrpc": "f1", "sst2": "accuracy"}[task]
-    metrics = {"f1": value, "accuracy": value} if task == "mrpc" else {"accuracy": value}
+    pm = {"mrpc": "f1", "sst2": "accuracy", "cola": "mcc"}[task]
+    metrics = {"f1": value, "accuracy": value} if task == "mrpc" else {pm: value}
     r = {"task": task, "method": method, "condition": cond, "seed": seed, "tag": "", "metrics": metrics,
          "primary_metric": pm, "mean_active_rank": rank,
          "mode_fraction": {"SINGLE": 0.0, "MULTI": 1.0 - mirror, "MIRROR": mirror},
@@ -149,13 +149,18 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "**sst2 shock unified_v1c**" in md and "better than every fixed LoRA rank measured (lora_r8)" in md
     # the drop in the window (after − before): −0.09 against −0.30, the exploratory comparison
     assert "| yes | r8 +0.210 ± 0.006 better |" in md
-    assert "- sst2 shock unified_v1c: drop -0.090; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
+    assert "- sst2 shock unified_v1c (exploratory): drop -0.090; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
     # a fixed rank that recovers by itself takes the credit away from the controller
     runs += [_fake_run("sst2", "lora_r4", "shock", s, 0, shock=(0.8, 0.5, 0.8 + 0.01 * s)) for s in range(3)]
     md = "\n".join(rep.render_claims(runs))
     assert "| r4 +0.000 ± 0.008 equal; r8 +0.200 ± 0.008 better | no |" in md
     assert "not better than lora_r4. Reproduced: **yes**" in md  # reversible, but fixed r4 is too
     assert "smaller than lora_r4, lora_r8 by more than 2 SE (every fixed rank)." in md
+    # CoLA's shock cells were run after the drop hypothesis was written down: there it is a test
+    runs += [_fake_run("cola", m, "shock", s, 0, shock=(0.3, 0.3 - d - 0.01 * s, 0.3))
+             for s in range(3) for m, d in (("lora_r8", 0.2), ("unified_v3", 0.05))]
+    md = "\n".join(rep.render_claims(runs))
+    assert "- cola shock unified_v3 (test): drop -0.060; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):
