@@ -266,6 +266,38 @@ def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot():
     assert other.drift(ps) == pytest.approx(_ref_drift(ps, sd["weights"]), rel=1e-5)
 
 
+def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout():
+    # fp32 LoRA-like blocks (sizes whose gcd packs rows), a bf16 tensor (its own pool), a 2-element
+    # bias and a 0-d scalar (zero-padded rows): drift over the whole set and over a prefix matches
+    # the per-tensor formula, the rollback is bit-exact, and new shapes rebuild the pools
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 96), (96, 4), (8, 96), (96, 8), (2,), ()]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ps.insert(2, torch.nn.Parameter(torch.randn(5, 7, generator=g).bfloat16()))
+    snap = MirrorSnapshot()
+    snap.save(ps)
+    assert [w.dtype for w in snap.weights] == [p.dtype for p in ps]
+    ref_ws = [p.detach().clone() for p in ps]
+    with torch.no_grad():
+        for i, p in enumerate(ps):
+            p.add_(0.05 * (i + 1))
+    ref = [p.detach().float() for p in ps], [w.float() for w in ref_ws]
+    for n in (len(ps), 3, 1):
+        assert snap.drift(ps[:n]) == pytest.approx(_ref_drift(ref[0][:n], ref[1][:n]), rel=1e-3)
+    with pytest.raises(ValueError, match="snapshot holds 7"):
+        snap.drift(ps + ps[:1])
+    snap.restore(ps)
+    assert all(torch.equal(p, w) for p, w in zip(ps, ref_ws))
+    snap.clear()
+    with pytest.raises(ValueError, match="call save"):
+        snap.drift(ps)
+    wider = [torch.nn.Parameter(torch.randn(16, 96, generator=g)) for _ in range(2)]
+    snap.save(wider)
+    with torch.no_grad():
+        wider[1].mul_(2.0)
+    assert snap.drift(wider) == pytest.approx(wider[1].norm().item() / 2 / (wider[0].norm().item() + wider[1].norm().item() / 2), rel=1e-5)
+
+
 def test_drift_of_bf16_weights_accumulates_in_fp32():
     ps = [torch.nn.Parameter(torch.randn(16, 64).bfloat16()) for _ in range(3)]
     snap = MirrorSnapshot()

@@ -10,6 +10,8 @@ than at entry).
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,17 +42,57 @@ def should_restore(policy: str, drift: float, threshold: float, loss_at_entry, l
 
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq", "step")
+_MIN_ROW = 64  # narrowest row of a flat pool; smaller tensors are zero-padded to one row
 
 
-def _norm_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ‖t‖₂ as a 0-d fp32 tensor (foreach kernel, no sync)."""
-    if not tensors:
-        return torch.zeros(())
-    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).sum()
+class _FlatPool:
+    """The snapshot of the tensors of one (device, dtype), in one contiguous buffer with a scratch twin.
+
+    `both` is a [2, rows, width] buffer: `scratch` = both[0] takes W − W_snap at the drift, `snap` =
+    both[1] holds W_snap. Every tensor starts on a row boundary and fills ceil(numel / width)
+    rows; the rest of its last row is zero padding, which stays zero in both halves and so adds
+    nothing to a norm. `width` is the gcd of the tensor sizes (at least 64), so nested LoRA blocks
+    pack without padding (MiniLM: 1536). The per-tensor norms of W − W_snap and of W_snap then come
+    from one contiguous subtraction and one row-norm kernel over both halves, not from one kernel per
+    tensor, and a prefix of the tensors (the controller measures drift over the LoRA blocks only)
+    is a prefix of the rows.
+    """
+
+    def __init__(self, shapes: list[torch.Size], device, dtype):
+        numels = [math.prod(s) for s in shapes]
+        big = [n for n in numels if n >= _MIN_ROW]
+        self.width = max(_MIN_ROW, math.gcd(*big)) if big else _MIN_ROW
+        rows = [max(1, -(-n // self.width)) for n in numels]
+        self.row_end = list(itertools.accumulate(rows))
+        self.both = torch.zeros(2, self.row_end[-1], self.width, device=device, dtype=dtype)
+        self.scratch, self.snap = self.both[0], self.both[1]  # row norms come out as [‖W − W_snap‖, ‖W_snap‖]
+        starts = [(e - r) * self.width for e, r in zip(self.row_end, rows)]
+        self.snap_views = [self.snap.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
+        self.scratch_views = [self.scratch.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
+        # owning tensor of each row: squared row norms sum into squared tensor norms
+        self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(rows, device=device))
+        self.norms = torch.zeros(2, len(rows), device=device)
+
+    def drift_terms(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[Σ‖W − W_snap‖, Σ‖W_snap‖] over `params`, the first tensors of this pool: fp32
+        accumulation whatever the dtype, no allocation beyond the row norms, no sync."""
+        c = len(params)
+        rows = self.row_end[c - 1]
+        torch._foreach_copy_(self.scratch_views[:c], params)
+        self.scratch[:rows].sub_(self.snap[:rows])
+        sq = torch.linalg.vector_norm(self.both[:, :rows], dim=2, dtype=torch.float32).square_()
+        return self.norms[:, :c].zero_().index_add_(1, self.row_owner[:rows], sq).sqrt_().sum(1)
 
 
 class MirrorSnapshot:
-    """Holds one snapshot of a list of parameters (and optionally their optimizer state)."""
+    """Holds one snapshot of a list of parameters (and optionally their optimizer state).
+
+    The weights live in flat pools (`_FlatPool`, one per device and dtype), allocated at the first
+    entry and reused by every later entry while the parameter shapes stay the same: re-copying
+    into warm buffers avoids fresh allocations (page faults) at every entry, at the cost of keeping
+    two adapter-sized buffers outside Mirror. `weights` are views into the pools, in the order of
+    the parameters given to `save`.
+    """
 
     def __init__(self, config: MirrorConfig | None = None):
         self.config = config or MirrorConfig()
@@ -58,30 +100,56 @@ class MirrorSnapshot:
         self.opt_state: list[dict | None] | None = None
         self.loss_at_entry: float | None = None
         self.step_saved: int | None = None
-        # Kept across Mirror cycles: re-copying into warm buffers avoids fresh allocations
-        # (page faults) at every entry. Costs one adapter-sized copy outside Mirror.
-        self._buffers: list[torch.Tensor] | None = None
-        # Scratch for W − W_snap at exit, same shapes/device as the buffers and equally
-        # reused, plus Σ‖W_snap‖ computed once at save (a tensor: no sync until the drift).
-        self._scratch: list[torch.Tensor] | None = None
-        self._snap_norm: torch.Tensor | None = None
+        self._layout: tuple | None = None  # (shape, dtype, device) per tensor, what the pools were built for
+        self._layout_key: list[int] | None = None  # the parameters' data pointers when the layout was checked
+        self._pools: list[tuple[_FlatPool, list[int]]] = []  # each pool with the tensor indices it holds
+        self._views: list[torch.Tensor] = []  # the pools' snapshot views, in parameter order
 
     @property
     def held(self) -> bool:
         return self.weights is not None
 
+    def _ensure_pools(self, params: Sequence[torch.Tensor]) -> None:
+        # Fast path: the same storages as at the last check means the same shapes, dtypes and devices
+        # (a parameter moved, cast or reloaded gets new storage and so a full check).
+        key = [p.data_ptr() for p in params]
+        if key == self._layout_key:
+            return
+        dev = torch.device("cpu") if self.config.offload_to_cpu else None
+        layout = tuple((p.shape, p.dtype, dev or p.device) for p in params)
+        if layout != self._layout:
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, dtype, device) in enumerate(layout):
+                groups.setdefault((device, dtype), []).append(i)
+            self._pools = [(_FlatPool([layout[i][0] for i in idx], device, dtype), idx)
+                           for (device, dtype), idx in groups.items()]
+            self._views = [None] * len(layout)
+            for pool, idx in self._pools:
+                for i, v in zip(idx, pool.snap_views):
+                    self._views[i] = v
+            self._layout = layout
+        self._layout_key = key
+
+    def _pool_parts(self, params: Sequence[torch.Tensor]):
+        """(pool, that pool's share of `params`) for `params`, a prefix of the snapshot."""
+        n = len(params)
+        if self._layout is None or n > len(self._layout):
+            raise ValueError(f"Mirror: {n} parameters given, but the snapshot holds "
+                             f"{0 if self._layout is None else len(self._layout)}")
+        if len(self._pools) == 1:
+            return [(self._pools[0][0], params)]
+        parts = [(pool, [params[i] for i in idx if i < n]) for pool, idx in self._pools]
+        return [(pool, mine) for pool, mine in parts if mine]
+
     @torch.no_grad()
     def save(self, params: Sequence[torch.Tensor], optimizer=None, loss_ema=None, step=None) -> None:
-        src = [p.detach() for p in params]
-        dev = "cpu" if self.config.offload_to_cpu else None
-        buf = self._buffers
-        if buf is None or len(buf) != len(src) or any(b.shape != s.shape or b.dtype != s.dtype for b, s in zip(buf, src)):
-            buf = self._buffers = [torch.empty_like(s, device=dev or s.device) for s in src]
-            self._scratch = None
-        torch._foreach_copy_(buf, src)
-        self.weights = buf
-        self._snap_norm = _norm_sum(buf)
+        params = list(params)
+        self._ensure_pools(params)
+        for pool, mine in self._pool_parts(params):
+            torch._foreach_copy_(pool.snap_views, mine)
+        self.weights = self._views
         self.opt_state = None
+        dev = "cpu" if self.config.offload_to_cpu else None
         if self.config.snapshot_optimizer and optimizer is not None:
             self.opt_state = []
             for p in params:
@@ -94,27 +162,27 @@ class MirrorSnapshot:
 
     @torch.no_grad()
     def drift(self, params: Sequence[torch.Tensor]) -> float:
-        """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ over `params` (a prefix of the
-        snapshot). W − W_snap is formed in reused scratch buffers on the snapshot's
-        device (no allocation, no device copy of the snapshot); norms accumulate in
-        fp32 whatever the parameter dtype; one sync for the whole set."""
-        params = [p.detach() for p in params]
-        n = len(params)
-        snap = self.weights[:n]
-        if self._scratch is None or len(self._scratch) != len(self.weights):
-            self._scratch = [torch.empty_like(w) for w in self.weights]
-        scr = self._scratch[:n]
-        torch._foreach_copy_(scr, params)
-        torch._foreach_sub_(scr, snap)
-        num = _norm_sum(scr)
-        den = self._snap_norm if (n == len(self.weights) and self._snap_norm is not None) else _norm_sum(snap)
-        num, den = torch.stack([num, den.to(num.device)]).tolist()
+        """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ over `params` (a prefix of the snapshot).
+
+        W is gathered into the pool's scratch (one foreach copy); W − W_snap is one contiguous
+        subtraction, and the per-tensor norms of W − W_snap and of W_snap are one row-norm kernel per
+        pool, accumulated in fp32 whatever the parameter dtype. A prefix uses its own denominator.
+        One sync for the whole set; the snapshot is never written."""
+        if not self.held:
+            raise ValueError("Mirror: drift() needs a snapshot; call save() first")
+        terms = [pool.drift_terms(mine) for pool, mine in self._pool_parts(params)]
+        if not terms:
+            return 0.0
+        # several pools (devices, dtypes): add up on the first pool's device
+        num, den = (torch.stack([t.to(terms[0].device) for t in terms]).sum(0) if len(terms) > 1 else terms[0]).tolist()
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
     @torch.no_grad()
     def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
+        if not self.held:
+            raise ValueError("Mirror: restore() needs a snapshot; call save() first")
         # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
-        torch._foreach_copy_([p.data for p in params], self.weights[:len(params)])
+        torch._foreach_copy_(list(params), self.weights[:len(params)])
         if self.opt_state is not None and optimizer is not None:
             for p, st in zip(params, self.opt_state):
                 if st is None:
@@ -131,8 +199,7 @@ class MirrorSnapshot:
         return MirrorDecision(restore, d, self.loss_at_entry, loss_at_exit, c.policy)
 
     def clear(self) -> None:
-        self.weights = self.opt_state = None  # the buffers stay allocated for the next entry
-        self._snap_norm = None
+        self.weights = self.opt_state = None  # the pools stay allocated for the next entry
         self.loss_at_entry = self.step_saved = None
 
     def state_dict(self) -> dict:
@@ -147,10 +214,9 @@ class MirrorSnapshot:
         }
 
     def load_state_dict(self, sd: dict, device=None) -> None:
-        dev = "cpu" if self.config.offload_to_cpu else device
-        self.weights = None if sd["weights"] is None else [w.to(dev) if dev else w.clone() for w in sd["weights"]]
-        self._buffers = self.weights
-        self._scratch = None
-        self._snap_norm = None if self.weights is None else _norm_sum(self.weights)
+        self.clear()
+        if sd["weights"] is not None:
+            dev = "cpu" if self.config.offload_to_cpu else device
+            self.save([w.to(dev) if dev else w for w in sd["weights"]])  # copies into the pools
         self.opt_state = sd["opt_state"]
         self.loss_at_entry, self.step_saved = sd["loss_at_entry"], sd["step_saved"]
