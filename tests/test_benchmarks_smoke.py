@@ -122,7 +122,7 @@ def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0,
     pm = {"mrpc": "f1", "sst2": "accuracy", "cola": "mcc"}[task]
     metrics = {"f1": value, "accuracy": value} if task == "mrpc" else {pm: value}
     r = {"task": task, "method": method, "condition": cond, "seed": seed, "tag": "", "metrics": metrics,
-         "primary_metric": pm, "mean_active_rank": rank,
+         "primary_metric": pm, "mean_active_rank": rank, "majority_baseline": {pm: 0.0},
          "mode_fraction": {"SINGLE": 0.0, "MULTI": 1.0 - mirror, "MIRROR": mirror},
          "transitions": [{"snapshot": s} for s in snaps]}
     if shock:
@@ -161,6 +161,14 @@ def test_claim_verdicts_are_computed_from_the_runs():
              for s in range(3) for m, d in (("lora_r8", 0.2), ("unified_v3", 0.05))]
     md = "\n".join(rep.render_claims(runs))
     assert "- cola shock unified_v3 (test): drop -0.060; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
+    # a cell that had learned nothing before the shock (CoLA at MCC 0) cannot reproduce or refute the cycle
+    runs += [_fake_run("cola", m, "shockrand", s, 0, shock=(0.001 * s - 0.001, 0.0, 0.0), mirror=0.1,
+                       snaps=("saved", "restored"))
+             for s in range(3) for m in ("lora_r8", "unified_v3")]
+    md = "\n".join(rep.render_claims(runs))
+    assert "**cola shockrand unified_v3**" in md and "Reproduced: **untestable**. Untestable, because before the shock" in md
+    assert "- cola shockrand unified_v3 (test): drop +0.000" in md and "Uninformative, because before the shock" in md
+    assert "**cola shock unified_v3**" in md and "cola shock unified_v3**: entered MIRROR in 0/3" in md
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):

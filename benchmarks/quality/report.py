@@ -185,6 +185,20 @@ def _drop(r):
     return r["shock"]["after"] - r["shock"]["before"]
 
 
+_NOTHING_LEARNED = ("before the shock its dev metric was not above the majority class's by more than 2 SE, so there "
+                    "was nothing to lose or to recover.")
+
+
+def _learned_before_shock(rs) -> bool:
+    """Whether the method had learned the task before the shock: mean 'before' above the majority-class
+    baseline by more than 2 SE. Runs without a recorded baseline are taken as learned."""
+    base = rs[0].get("majority_baseline", {}).get(rs[0]["primary_metric"])
+    if base is None:
+        return True
+    m, sd, n = _stats(rs, lambda r: r["shock"]["before"])
+    return m - base > 2 * (sd / n ** 0.5 if n > 1 else 0.0)
+
+
 def _fmt_vs(cmp: dict) -> str:
     """{'lora_r8': (Δ, SE, verdict)} as 'r8 +0.100 ± 0.020 better; ...' (or '– (n<3)' when empty)."""
     return "; ".join(f"{b[len('lora_'):]} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}"
@@ -288,12 +302,14 @@ def render_claims(runs: list[dict]) -> list[str]:
             out.append(f"| {task} {scond} | {m} | {len(ours)} | {entered}/{len(ours)} | {ev.count('restored')} / "
                        f"{ev.count('kept')} | {mr:+.3f} ± {sr:.3f} | {_fmt_vs(vs)} | "
                        f"{('yes' if beats else 'no') if vs else '–'} | {_fmt_vs(vd)} |")
+            learned = _learned_before_shock(ours)
             if vd:
                 smaller = [b for b, (_, _, v) in vd.items() if v == "better"]
                 drops.append(f"- {task} {scond} {m} ({'test' if task in DROP_TESTED_ON else 'exploratory'}): "
                              f"drop {_stats(ours, _drop)[0]:+.3f}; smaller than "
                              + (", ".join(smaller) if smaller else "no fixed rank") + " by more than 2 SE"
-                             + (" (every fixed rank)" if len(smaller) == len(vd) else "") + ".")
+                             + (" (every fixed rank)" if len(smaller) == len(vd) else "") + "."
+                             + ("" if learned else " Uninformative, because " + _NOTHING_LEARNED))
             if len(ours) >= MIN_SEEDS:
                 restored_runs = sum(1 for r in ours if any(t["snapshot"] == "restored" for t in r["transitions"]))
                 full = (entered == len(ours) and restored_runs == len(ours)
@@ -304,8 +320,9 @@ def render_claims(runs: list[dict]) -> list[str]:
                 verdicts.append(f"- **{task} {scond} {m}**: entered MIRROR in {entered}/{len(ours)} runs, restored in "
                                 f"{restored_runs}/{len(ours)}, recovery {mr:+.3f} (SE {sr / len(ours) ** 0.5:.3f})"
                                 f"{versus}. Reproduced: **"
-                                + ("yes" if full else "partly: recovers better than fixed LoRA, not fully" if beats
-                                   else "no") + "**.")
+                                + ("untestable" if not learned else "yes" if full
+                                   else "partly: recovers better than fixed LoRA, not fully" if beats else "no") + "**."
+                                + ("" if learned else " Untestable, because " + _NOTHING_LEARNED))
     out.append("")
     out += verdicts or [f"- no shock cell with ≥ {MIN_SEEDS} seeds yet"]
     out += ["", "Reproduced = every run enters MIRROR in the shock and restores its snapshot at least once, and the "
