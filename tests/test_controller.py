@@ -293,6 +293,7 @@ def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout():
         snap.drift(ps)
     wider = [torch.nn.Parameter(torch.randn(16, 96, generator=g)) for _ in range(2)]
     snap.save(wider)
+    assert snap.drift([]) == 0.0  # an empty prefix has no drift
     with torch.no_grad():
         wider[1].mul_(2.0)
     assert snap.drift(wider) == pytest.approx(wider[1].norm().item() / 2 / (wider[0].norm().item() + wider[1].norm().item() / 2), rel=1e-5)

@@ -137,7 +137,7 @@ class MirrorSnapshot:
             raise ValueError(f"Mirror: {n} parameters given, but the snapshot holds "
                              f"{0 if self._layout is None else len(self._layout)}")
         if len(self._pools) == 1:
-            return [(self._pools[0][0], params)]
+            return [(self._pools[0][0], params)] if n else []
         parts = [(pool, [params[i] for i in idx if i < n]) for pool, idx in self._pools]
         return [(pool, mine) for pool, mine in parts if mine]
 
