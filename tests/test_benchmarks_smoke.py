@@ -130,6 +130,18 @@ def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0,
     return r
 
 
+def test_shock_points_in_the_secondary_metric_come_from_the_dev_curve():
+    rep = _load("quality/report.py")
+    r = _fake_run("mrpc", "lora_r8", "shock", 0, 0.81, shock=(0.83, 0.0, 0.81))
+    r["curve"] = [{"step": 2, "f1": 0.82, "accuracy": 0.70}, {"step": 4, "f1": 0.83, "accuracy": 0.73},
+                  {"step": 6, "f1": 0.0, "accuracy": 0.32}, {"step": 8, "f1": 0.81, "accuracy": 0.71}]
+    r["metrics"] = {"f1": 0.81, "accuracy": 0.71}
+    assert [rep._at_shock(r, pt, "accuracy") for pt in ("before", "after", "end")] == [0.73, 0.32, 0.71]
+    r["curve"] = r["curve"][:2]  # no evaluation at the window's end
+    with pytest.raises(ValueError, match="no dev accuracy at step 6"):
+        rep._at_shock(r, "after", "accuracy")
+
+
 def test_claim_verdicts_are_computed_from_the_runs():
     rep = _load("quality/report.py")
     runs = []

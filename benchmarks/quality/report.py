@@ -134,6 +134,15 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                     b, a, e = ([r["shock"][k] for r in rs] for k in ("before", "after", "end"))
                     out.append(f"| {key[2]} | {len(rs)} | {ms(b)} | {ms(a)} | {ms(e)} | "
                                f"{ms([_drop(r) for r in rs])} | {ms([_recovery(r) for r in rs])} |")
+                sec = [k for k in base if k != pm]
+                if sec:  # MRPC's F1 saturates at the majority class's 0.812; its accuracy still moves
+                    out += ["", f"The same three points in {', '.join(sec)} (from each run's dev curve):", "",
+                            "| method | n | " + " | ".join(f"{k} {pt}" for k in sec for pt in ("before", "after", "end"))
+                            + " |", "|---|---|" + "---|" * (3 * len(sec))]
+                    for key in shock:
+                        rs = g[key]
+                        out.append(f"| {key[2]} | {len(rs)} | " + " | ".join(
+                            ms([_at_shock(r, pt, k) for r in rs]) for k in sec for pt in ("before", "after", "end")) + " |")
         out.append("")
         for kind in ("noise", *SHOCKS):
             if f"{task}_{kind}" in plots:
@@ -179,6 +188,17 @@ OURS = ("unified_v1", "unified_v3")
 
 def _recovery(r):
     return r["shock"]["end"] - r["shock"]["before"]
+
+
+def _at_shock(r: dict, point: str, metric: str) -> float:
+    """Dev `metric` just before the shock window, just after it, or at the end, from the run's curve."""
+    if point == "end":
+        return r["metrics"][metric]
+    step = r["shock"]["window"][0 if point == "before" else 1]
+    by_step = {c["step"]: c for c in r["curve"]}
+    if step not in by_step or metric not in by_step[step]:
+        raise ValueError(f"{r['task']} {r['method']} {r['condition']} seed {r['seed']}: no dev {metric} at step {step} in its curve")
+    return by_step[step][metric]
 
 
 def _drop(r):
