@@ -124,7 +124,9 @@ def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0,
     r = {"task": task, "method": method, "condition": cond, "seed": seed, "tag": "", "metrics": metrics,
          "primary_metric": pm, "mean_active_rank": rank, "majority_baseline": {pm: 0.0},
          "mode_fraction": {"SINGLE": 0.0, "MULTI": 1.0 - mirror, "MIRROR": mirror},
-         "transitions": [{"snapshot": s} for s in snaps]}
+         "transitions": [{"step": 4 + i, "snapshot": s,
+                          "transition": "MULTI->MIRROR" if s == "saved" else "MIRROR->MULTI"}
+                         for i, s in enumerate(snaps)], "config": {"steps": 10}}
     if shock:
         r["shock"] = dict(zip(("before", "after", "end"), shock), window=[4, 6])
     return r
@@ -142,6 +144,39 @@ def test_shock_points_in_the_secondary_metric_come_from_the_dev_curve():
         rep._at_shock(r, "after", "accuracy")
 
 
+def test_share_of_the_shock_window_in_mirror_comes_from_the_transitions():
+    rep = _load("quality/report.py")
+    r = _fake_run("mrpc", "unified_v3", "shock", 0, 0.8, shock=(0.8, 0.1, 0.7))
+    r["shock"]["window"], r["config"]["steps"] = [10, 30], 50
+
+    def tr(*steps_modes):
+        return [{"step": k, "transition": t, "snapshot": None} for k, t in steps_modes]
+
+    r["transitions"] = tr((5, "MULTI->MIRROR"), (12, "MIRROR->MULTI"),  # 2 of its steps in the window
+                          (20, "MULTI->MIRROR"), (25, "MIRROR->SINGLE"),  # 5
+                          (28, "SINGLE->MIRROR"))  # open to the end: 2 (28, 29)
+    assert rep._mirror_share_of_window(r) == pytest.approx(9 / 20)
+    assert [e[:2] for e in rep._shock_episodes(r)] == [(5, 12), (20, 25), (28, 50)]
+    r["transitions"] = tr((2, "MULTI->MIRROR"), (9, "MIRROR->MULTI"))  # before the window: not the shock's episode
+    assert rep._shock_episodes(r) == [] and rep._mirror_share_of_window(r) == 0.0
+    r["transitions"] = tr((30, "MULTI->MIRROR"), (40, "MIRROR->MULTI"))  # right after the window: none of it
+    assert rep._mirror_share_of_window(r) == 0.0
+    # the claim counts only the shock's episodes: a restore before the window is not a stress->recovery cycle
+    runs = [_fake_run("mrpc", "lora_r8", "shock", s, 0, shock=(0.8, 0.1, 0.7 + 0.01 * s)) for s in range(3)]
+    for s in range(3):
+        ours = _fake_run("mrpc", "unified_v3", "shock", s, 0, shock=(0.8, 0.1, 0.8 + 0.01 * s), mirror=0.2)
+        ours["transitions"] = tr((1, "MULTI->MIRROR"), (3, "MIRROR->MULTI"))
+        ours["transitions"][1]["snapshot"] = "restored"
+        runs.append(ours)
+    md = "\n".join(rep.render_claims(runs))
+    assert "| mrpc shock | unified_v3 | 3 | 0/3 | 0% (0%–0%) | 0 / 0 |" in md
+    assert "in MIRROR during the window in 0/3 runs, restored in 0/3" in md  # full recovery, yet not a "yes":
+    assert "Reproduced: **partly" in md and "Reproduced: **yes" not in md  # the Mirror did nothing in the window
+    r["transitions"] = [{"step": 12, "snapshot": "saved"}]  # an old record without modes: refused, not guessed
+    with pytest.raises(ValueError, match="without its step and modes"):
+        rep._mirror_share_of_window(r)
+
+
 def test_claim_verdicts_are_computed_from_the_runs():
     rep = _load("quality/report.py")
     runs = []
@@ -157,7 +192,8 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "| sst2 | unified_v1 | -0.100 ± " in md and "| worse |" in md and "+50% / +75%" in md
     assert "Claim reproduced: **no**" in md  # one task, and worse there
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
-    assert "| sst2 shock | unified_v1c | 3 | 3/3 | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.008 better | yes |" in md
+    assert ("| sst2 shock | unified_v1c | 3 | 3/3 | 50% (50%–50%) | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.008 better "
+            "| yes |") in md
     assert "**sst2 shock unified_v1c**" in md and "better than every fixed LoRA rank measured (lora_r8)" in md
     # the drop in the window (after − before): −0.09 against −0.30, the exploratory comparison
     assert "| yes | r8 +0.210 ± 0.006 better |" in md
@@ -180,7 +216,7 @@ def test_claim_verdicts_are_computed_from_the_runs():
     md = "\n".join(rep.render_claims(runs))
     assert "**cola shockrand unified_v3**" in md and "Reproduced: **untestable**. Untestable, because before the shock" in md
     assert "- cola shockrand unified_v3 (test): drop +0.000" in md and "Uninformative, because before the shock" in md
-    assert "**cola shock unified_v3**" in md and "cola shock unified_v3**: entered MIRROR in 0/3" in md
+    assert "**cola shock unified_v3**" in md and "cola shock unified_v3**: in MIRROR during the window in 0/3" in md
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):
