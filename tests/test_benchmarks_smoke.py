@@ -144,6 +144,22 @@ def test_shock_points_in_the_secondary_metric_come_from_the_dev_curve():
         rep._at_shock(r, "after", "accuracy")
 
 
+def test_a_cell_whose_seeds_ran_on_two_devices_says_so_and_splits_the_wall_time():
+    rep = _load("quality/report.py")
+    runs = [_fake_run("cola", "lora_r8", "clean", s, 0.1 * s) for s in range(3)]
+    for r, (dev, wall) in zip(runs, [("cuda", 30.0), ("cuda", 40.0), ("cpu", 1500.0)]):
+        r["config"]["device"], r["wall_time_s"], r["device_name"] = dev, wall, "H100" if dev == "cuda" else None
+    assert rep.device_cells(runs) == ("1500 (CPU); 35 (H100)", "seeds by device: CPU s2; H100 s0,s1")
+    assert rep.device_label(runs) == "CPU, H100"
+    assert rep.device_cells(runs[:2]) == ("35", "")  # one device: as before, no note
+    for r in runs:
+        r.update(adapter_params_active=10, adapter_params_allocated=10)
+        r["config"].update(model="m", batch_size=16, max_length=128, lr=1e-3, warmup=0.06, targets="query,value",
+                           lora_alpha=16.0)
+    row = next(line for line in rep.render(runs, {}, rep.REPO).splitlines() if line.startswith("| clean | lora_r8"))
+    assert row.endswith("| 1500 (CPU); 35 (H100) | seeds by device: CPU s2; H100 s0,s1 |")
+
+
 def test_share_of_the_shock_window_in_mirror_comes_from_the_transitions():
     rep = _load("quality/report.py")
     r = _fake_run("mrpc", "unified_v3", "shock", 0, 0.8, shock=(0.8, 0.1, 0.7))

@@ -63,11 +63,31 @@ def group(runs):
     return g
 
 
+def run_device(r: dict) -> str:
+    """"CPU" or the GPU's recorded name (runs that predate --device ran on the CPU)."""
+    return "CPU" if str(r.get("config", {}).get("device", "cpu")) == "cpu" else (r.get("device_name") or "GPU")
+
+
+def device_cells(rs: list[dict]) -> tuple[str, str]:
+    """(wall s/run, device note) for one cell. A cell whose seeds ran on different devices (same budget, model
+    and data order, so the same experiment) gets its wall time per device, since a mean over devices means
+    nothing, and a note naming the seeds each device ran."""
+    by = defaultdict(list)
+    for r in rs:
+        by[run_device(r)].append(r)
+    if len(by) == 1:
+        return f"{statistics.fmean(r['wall_time_s'] for r in rs):.0f}", ""
+    devs = sorted(by)
+    wall = "; ".join(f"{statistics.fmean(r['wall_time_s'] for r in by[d]):.0f} ({d})" for d in devs)
+    seeds = {d: ",".join(f"s{r['seed']}" for r in sorted(by[d], key=lambda r: r["seed"])) for d in devs}
+    note = "seeds by device: " + "; ".join(f"{d} {seeds[d]}" for d in devs)
+    return wall, note
+
+
 def device_label(runs: list[dict]) -> str:
     """CPU, or the GPU name(s) the runs recorded (runs that predate --device ran on the CPU)."""
-    gpus = sorted({r.get("device_name") or "GPU" for r in runs if str(r.get("config", {}).get("device", "cpu")) != "cpu"})
-    cpu = any(str(r.get("config", {}).get("device", "cpu")) == "cpu" for r in runs)
-    return ", ".join((["CPU"] if cpu else []) + gpus)
+    devs = {run_device(r) for r in runs}
+    return ", ".join((["CPU"] if "CPU" in devs else []) + sorted(devs - {"CPU"}))
 
 
 def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: Path | None = None,
@@ -114,12 +134,14 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                     notes = (f"time in S/M/MIR {fr['SINGLE']:.2f}/{fr['MULTI']:.2f}/{fr['MIRROR']:.2f}; "
                              f"{nt:.1f} transitions/run; Mirror exits: {ev.count('restored')} restored, "
                              f"{ev.count('kept')} kept")
+                wall, dev_note = device_cells(rs)
+                notes = "; ".join(n for n in (notes, dev_note) if n)
                 out.append(
                     f"| {cond} | {key[2]} | {len(rs)} | {ms([r['metrics'][pm] for r in rs])}{others} | "
                     f"{statistics.fmean(r['mean_active_rank'] for r in rs):.2f} | "
                     f"{statistics.fmean(r['adapter_params_active'] for r in rs):,.0f} "
                     f"({statistics.fmean(r['adapter_params_allocated'] for r in rs):,.0f}) | "
-                    f"{statistics.fmean(r['wall_time_s'] for r in rs):.0f} | {notes} |")
+                    f"{wall} | {notes} |")
         for scond in SHOCKS:
             shock = sorted(k for k in g if k[0] == task and k[1] == scond)
             if shock:
