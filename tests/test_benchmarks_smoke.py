@@ -119,7 +119,7 @@ def test_a_finished_run_with_another_budget_is_refused(quality_out, tiny_model_d
 
 
 def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0, snaps=()):
-    pm = {"mrpc": "f1", "sst2": "accuracy", "cola": "mcc"}[task]
+    pm = {"mrpc": "f1", "sst2": "accuracy", "rte": "accuracy", "cola": "mcc"}[task]
     metrics = {"f1": value, "accuracy": value} if task == "mrpc" else {pm: value}
     r = {"task": task, "method": method, "condition": cond, "seed": seed, "tag": "", "metrics": metrics,
          "primary_metric": pm, "mean_active_rank": rank, "majority_baseline": {pm: 0.0},
@@ -207,6 +207,19 @@ def test_claim_verdicts_are_computed_from_the_runs():
     md = "\n".join(rep.render_claims(runs))
     assert "| sst2 | unified_v1 | -0.100 ± " in md and "| worse |" in md and "+50% / +75%" in md
     assert "Claim reproduced: **no**" in md  # one task, and worse there
+    # a task where lora_r8 itself stays at the majority-class floor: "equal" there is not counted for the claim
+    floor = [_fake_run("rte", m, "clean", s, 0.53 + 0.01 * (s - 1) * (m == "lora_r8"), 4.0 if m != "lora_r8" else 8.0)
+             for s in range(3) for m in ("lora_r8", "unified_v1")]
+    for r in floor:
+        r["majority_baseline"] = {"accuracy": 0.527}
+    fmd = "\n".join(rep.render_claims(runs + floor))
+    assert "| rte | unified_v1 | +0.000 ± 0.006 (accuracy) | equal (|Δ| ≤ 2 SE); at the floor: lora_r8 is not" in fmd
+    assert "equal or better on 0/2 tasks measured (none), not counted where lora_r8 itself is at the" in fmd
+    assert "floor (rte)" in fmd
+    for r in floor:
+        r["majority_baseline"] = {"accuracy": 0.5}  # 0.53 ± 0.01 over 3 seeds is above 0.5 by > 2 SE
+    fmd = "\n".join(rep.render_claims(runs + floor))
+    assert "at the floor" not in fmd and "equal or better on 1/2 tasks measured (rte)" in fmd
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
     assert ("| sst2 shock | unified_v1c | 3 | 3/3 | 50% (50%–50%) | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.008 better "
             "| yes |") in md
