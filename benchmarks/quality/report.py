@@ -73,15 +73,14 @@ def device_cells(rs: list[dict]) -> tuple[str, str]:
     and data order, so the same experiment) gets its wall time per device, since a mean over devices means
     nothing, and a note naming the seeds each device ran."""
     by = defaultdict(list)
-    for r in rs:
+    for r in sorted(rs, key=lambda r: r["seed"]):
         by[run_device(r)].append(r)
-    if len(by) == 1:
-        return f"{statistics.fmean(r['wall_time_s'] for r in rs):.0f}", ""
-    devs = sorted(by)
-    wall = "; ".join(f"{statistics.fmean(r['wall_time_s'] for r in by[d]):.0f} ({d})" for d in devs)
-    seeds = {d: ",".join(f"s{r['seed']}" for r in sorted(by[d], key=lambda r: r["seed"])) for d in devs}
-    note = "seeds by device: " + "; ".join(f"{d} {seeds[d]}" for d in devs)
-    return wall, note
+    wall = {d: f"{statistics.fmean(r['wall_time_s'] for r in by[d]):.0f}" for d in sorted(by)}
+    if len(wall) == 1:
+        return next(iter(wall.values())), ""
+    seeds = {d: ",".join(f"s{r['seed']}" for r in by[d]) for d in wall}
+    return "; ".join(f"{w} ({d})" for d, w in wall.items()), "seeds by device: " + "; ".join(
+        f"{d} {seeds[d]}" for d in wall)
 
 
 def device_label(runs: list[dict]) -> str:
