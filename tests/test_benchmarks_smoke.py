@@ -235,9 +235,11 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "smaller than lora_r4, lora_r8 by more than 2 SE (every fixed rank)." in md
     # CoLA's shock cells were run after the drop hypothesis was written down: there it is a test
     runs += [_fake_run("cola", m, "shock", s, 0, shock=(0.3, 0.3 - d - 0.01 * s, 0.3))
-             for s in range(3) for m, d in (("lora_r8", 0.2), ("unified_v3", 0.05))]
+             for s in range(3) for m, d in (("lora_r8", 0.2), ("unified_v3", 0.05), ("unified_v1", 0.05))]
     md = "\n".join(rep.render_claims(runs))
     assert "- cola shock unified_v3 (test): drop -0.060; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
+    # the hypothesis names v3: another method's drop on the same task, run later, is not the test
+    assert "- cola shock unified_v1 (exploratory): drop -0.060" in md
     # a cell that had learned nothing before the shock (CoLA at MCC 0) cannot reproduce or refute the cycle
     runs += [_fake_run("cola", m, "shockrand", s, 0, shock=(0.001 * s - 0.001, 0.0, 0.0), mirror=0.1,
                        snaps=("saved", "restored"))
