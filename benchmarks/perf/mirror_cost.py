@@ -11,9 +11,9 @@ adapted layer. The baseline is one copy of the same tensors into separate
 tensors: one `torch._foreach_copy_` into preallocated buffers, under no_grad,
 with no Python list built per call. The profile also times the other form of
 one copy, every tensor into one flat buffer with a single `torch.cat(out=)`,
-and the report gives the cycle against it too. A Mirror cycle = `save` (copy into the flat pool + the
-per-tensor norms of the snapshot) + `drift` (relative distance, one sync) +
-`restore` (copy back). Interleaved per repeat.
+and the report gives the cycle against it too. A Mirror cycle = `save` (copy
+into the flat pool + the per-tensor norms of the snapshot) + `drift` (relative
+distance, one sync) + `restore` (copy back). Interleaved per repeat.
 """
 
 from __future__ import annotations
@@ -130,11 +130,12 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
     pool = snap._pools[0][0]
     # The other form "one copy" can take: every tensor into one flat buffer with a single cat (views built
     # here, outside the timing). Timed to check whether the foreach baseline is the cheapest copy.
-    flat = torch.empty(sum(p.numel() for p in params), device=device, dtype=dtype)
+    sizes = [p.numel() for p in params]
+    flat = torch.empty(sum(sizes), device=device, dtype=dtype)
     flat_views = [p.detach().view(-1) for p in params]
     with torch.no_grad():
         torch.cat(flat_views, out=flat)
-        if not all(torch.equal(a, b.view(-1)) for a, b in zip(flat.split([p.numel() for p in params]), params)):
+        if not all(torch.equal(a, b) for a, b in zip(flat.split(sizes), flat_views)):
             raise SystemExit("torch.cat into the flat buffer did not copy every tensor: not timing a wrong copy")
     prims = {FLAT_COPY: lambda: torch.cat(flat_views, out=flat),
              "gather (copy into the pool)": lambda: torch._foreach_copy_(pool.scratch_views, params),
