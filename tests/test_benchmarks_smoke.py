@@ -86,8 +86,18 @@ def test_report_builds_quality_md_with_baseline_and_plots(quality_out):
     assert _load("quality/report.py").main(["--runs", str(quality_out / "runs"), "--out", str(quality_out)]) == 0
     md = (quality_out / "quality.md").read_text()
     assert "Majority-class baseline" in md and "| clean | adalora | 1 |" in md
-    assert (quality_out / "quality_plots" / "mrpc_noise.png").stat().st_size > 0
     assert (quality_out / "quality_plots" / "mrpc_shock.png").stat().st_size > 0
+    # one noise rate (clean only) is no curve: no noise plot, and none referenced
+    assert not (quality_out / "quality_plots" / "mrpc_noise.png").exists() and "mrpc_noise" not in md
+
+
+def test_noise_plot_is_drawn_from_two_noise_rates(tmp_path):
+    rep = _load("quality/report.py")
+    runs = [_fake_run("mrpc", m, c, s, v) for s in range(3) for m in ("lora_r8", "unified_v1")
+            for c, v in (("clean", 0.85), ("noise40", 0.80))]
+    made = rep.make_plots(runs, tmp_path)
+    assert made["mrpc_noise"] == "quality_plots/mrpc_noise.png"
+    assert (tmp_path / made["mrpc_noise"]).stat().st_size > 0
 
 
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py",
@@ -247,7 +257,36 @@ def test_claim_verdicts_are_computed_from_the_runs():
     md = "\n".join(rep.render_claims(runs))
     assert "**cola shockrand unified_v3**" in md and "Reproduced: **untestable**. Untestable, because before the shock" in md
     assert "- cola shockrand unified_v3 (test): drop +0.000" in md and "Uninformative, because before the shock" in md
+    # ... and the claim table marks that row's Δ columns, not the rows where the task was learned
+    row = next(line for line in md.splitlines() if line.startswith("| cola shockrand | unified_v3 |"))
+    assert row.count(" †") == 2 and row.endswith("equal † |")
+    assert "† Uninformative row: before the shock this controller's dev metric was not above" in md
+    assert not any("†" in line for line in md.splitlines() if line.startswith(("| sst2 shock", "| cola shock |")))
     assert "**cola shock unified_v3**" in md and "cola shock unified_v3**: in MIRROR during the window in 0/3" in md
+
+
+def test_claim_one_read_against_r16_credits_the_controller_only_where_r8_falls_short():
+    rep = _load("quality/report.py")
+    runs = []
+    for s in range(3):
+        e = 0.01 * (s - 1)
+        runs += [_fake_run("mrpc", "lora_r8", "clean", s, 0.85 + e), _fake_run("mrpc", "lora_r16", "clean", s, 0.86 + e),
+                 _fake_run("mrpc", "unified_v1", "clean", s, 0.855 + e, 7.7),
+                 _fake_run("cola", "lora_r8", "clean", s, 0.10 + e), _fake_run("cola", "lora_r16", "clean", s, 0.20 + e),
+                 _fake_run("cola", "unified_v1", "clean", s, 0.20 + e, 8.0)]
+    md = "\n".join(rep.render_claims(runs))
+    assert "| mrpc | unified_v1 | +0.005 ± 0.008 (f1) | equal (|Δ| ≤ 2 SE) | -0.005 ± 0.008 | equal | 7.70 | +4% / +52% |" in md
+    assert "| cola | unified_v1 | +0.100 ± 0.008 (mcc) | better | +0.000 ± 0.008 | equal | 8.00 | +0% / +50% |" in md
+    assert ("Read against lora_r16: equal or better on 2/2 tasks with r16 measured (cola, mrpc); rank reduction vs "
+            "r16 +50% to +52%. Fixed lora_r8 is worse than r16 on cola, where the controller is not.") in md
+    cola = [r for r in runs if r["task"] == "cola"]  # r8 as good as r16 everywhere: the saving is rank 8's
+    for r in cola:
+        if r["method"] == "lora_r8":
+            r["metrics"]["mcc"] += 0.1
+    md = "\n".join(rep.render_claims(runs))
+    assert "every one of them: that saving is rank 8's, not the controller's." in md
+    md = "\n".join(rep.render_claims([r for r in runs if r["method"] != "lora_r16"]))
+    assert "| – | – |" in md and "Read against lora_r16" not in md  # no r16 cell: no reading against it
 
 
 def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality_out, tiny_model_dir):

@@ -43,13 +43,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCKS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
 METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v3", "unified_v1c",
            "unified_v1c_never", "unified_v1c_lossworse",
            "unified_v1_never", "unified_v1_lossworse", "unified_v3_never", "unified_v3_lossworse"]
-CONDITIONS = ["clean", "noise20", "noise40", "shock", "shockrand"]
-SHOCKS = ("shock", "shockrand")  # shockrand: the shock with uniformly random labels instead of flipped ones
 TASKS = ["mrpc", "rte", "cola", "sst2"]
 BUDGET_KEYS = ("steps", "batch_size", "max_length", "lr", "weight_decay", "warmup", "lora_alpha", "lora_dropout",
                "targets", "shock_start", "shock_len", "shock_kind", "sst2_train_size", "quick")
@@ -207,7 +208,7 @@ def run_one(task, method, condition, seed, args) -> dict:
     T = args.steps
     clean = data["train_labels"]
     labels = list(clean)
-    noise_rate = {"noise20": 0.2, "noise40": 0.4}.get(condition, 0.0)
+    noise_rate = NOISE.get(condition, 0.0)
     if noise_rate:
         labels = symmetric_label_noise(clean, noise_rate, data["num_labels"], seed=seed)
     enc_train = dict(data["train"], labels=torch.tensor(labels))
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
     jobs = []
     for task in args.tasks.split(","):
         for condition in args.conditions.split(","):
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(5 if condition in SHOCKS else 3))
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(SEEDS_WANTED[condition]))
             jobs += [(seed, task, condition, method) for seed in seeds for method in args.methods.split(",")]
     jobs.sort(key=lambda j: j[0])  # stable: keeps task / condition / method order within a seed
     if args.shard:  # "i/n": this process takes every n-th job from the i-th (parallel workers on one grid)
