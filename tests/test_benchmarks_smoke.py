@@ -279,6 +279,9 @@ def test_claim_one_read_against_r16_credits_the_controller_only_where_r8_falls_s
     assert "| cola | unified_v1 | +0.100 ± 0.008 (mcc) | better | +0.000 ± 0.008 | equal | 8.00 | +0% / +50% |" in md
     assert ("Read against lora_r16: equal or better on 2/2 tasks with r16 measured (cola, mrpc); rank reduction vs "
             "r16 +50% to +52%. Fixed lora_r8 is worse than r16 on cola, where the controller is not.") in md
+    # every clean cell against every fixed rank, the fixed ranks among themselves included
+    assert "| cola | lora_r8 | mcc | r16 -0.100 ± 0.008 worse |" in md
+    assert "| cola | unified_v1 | mcc | r8 +0.100 ± 0.008 better; r16 +0.000 ± 0.008 equal |" in md
     cola = [r for r in runs if r["task"] == "cola"]  # r8 as good as r16 everywhere: the saving is rank 8's
     for r in cola:
         if r["method"] == "lora_r8":
