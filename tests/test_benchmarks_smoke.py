@@ -265,6 +265,30 @@ def test_claim_verdicts_are_computed_from_the_runs():
     assert "**cola shock unified_v3**" in md and "cola shock unified_v3**: in MIRROR during the window in 0/3" in md
 
 
+def test_noise_rows_are_uninformative_where_clean_r8_learned_nothing_at_that_budget():
+    rep = _load("quality/report.py")
+    cells = [("mrpc", "lora_r8", "clean", 0.812), ("mrpc", "lora_r8", "noise40", 0.81),
+             ("mrpc", "unified_v1", "noise40", 0.82), ("cola", "lora_r8", "clean", 0.30),
+             ("cola", "lora_r8", "noise40", 0.10), ("cola", "unified_v1", "noise40", 0.12)]
+    runs = [_fake_run(t, m, c, s, v + 0.002 * (s - 1)) for s in range(3) for t, m, c, v in cells]
+    for r in runs:
+        r["majority_baseline"] = {"f1": 0.812, "accuracy": 0.684} if r["task"] == "mrpc" else {"mcc": 0.0}
+    md = "\n".join(rep.render_claims(runs))
+    # MRPC: r8 sits at the majority class's F1 even on clean labels, so the noisy row is marked and the claim untestable
+    mrpc = next(line for line in md.splitlines() if line.startswith("| mrpc | noise40 | unified_v1 |"))
+    assert mrpc.count(" ‡") == 1 and "better ‡ | – | –" in mrpc  # no adalora cell: nothing to mark there
+    assert "reproduced: **untestable at this budget**: lora_r8 does not learn MRPC even on clean labels" in md
+    assert "‡ Uninformative row: on clean labels, at the same budget, lora_r8 is not above the majority" in md
+    # CoLA: learned clean (MCC 0.30 > 0), so its noisy row is a real test and carries no mark
+    cola = next(line for line in md.splitlines() if line.startswith("| cola | noise40 | unified_v1 |"))
+    assert "‡" not in cola
+    for r in runs:  # once the clean r8 learns MRPC, a +1 point gap is a plain "no"
+        if r["task"] == "mrpc" and r["condition"] == "clean":
+            r["metrics"]["f1"] += 0.05
+    md = "\n".join(rep.render_claims(runs))
+    assert "Claim (+31 points) reproduced: **no**." in md and "‡" not in md
+
+
 def test_claim_one_read_against_r16_credits_the_controller_only_where_r8_falls_short():
     rep = _load("quality/report.py")
     runs = []
