@@ -422,6 +422,41 @@ def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
     assert gpu_md.startswith("# Performance benchmarks (GPU)") and "on cuda:0" in gpu_md
 
 
+def _can_build_cpp() -> bool:
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which("g++") is not None and is_ninja_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_build_cpp(), reason="--with-cpp builds mirror_fused.cpp: needs g++ and ninja")
+def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
+    import torch
+
+    mc = _load("perf/mirror_cost.py")
+    k = mc.fused_kernels()
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):  # odd sizes exercise the tail after the 16-wide loop
+        w = [torch.randn(n, generator=g).to(dtype) for n in (1, 17, 300)]
+        s = [x + 0.1 * torch.randn(x.shape, generator=g).to(dtype) for x in w]
+        want = torch.stack([torch.stack([(a.double() - b.double()).square().sum(), b.double().square().sum()])
+                            for a, b in zip(w, s)]).T
+        torch.testing.assert_close(k.drift_sq(w, s), want, rtol=1e-5, atol=0)
+        out = [torch.empty_like(x) for x in w]
+        k.copy_all(out, w)
+        assert all(torch.equal(a, b) for a, b in zip(out, w))
+    with pytest.raises(RuntimeError, match="2 tensors against 1"):
+        k.drift_sq(w[:2], s[:1])
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        k.copy_all([torch.empty(4, 4)], [torch.randn(4, 4).t()])
+    # the benchmark checks both kernels over the library's snapshot pool, then times the fused cycle
+    payload = mc.main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
+    assert mc.CPP_CYCLE in payload["cases"][0]["primitive_multiples"]
+    assert "`--with-cpp`" in (tmp_path / "perf.md").read_text()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/mirror_cost.py", "perf/controller_overhead.py"])
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(script, tmp_path):
