@@ -438,8 +438,8 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
     mc = _load("perf/mirror_cost.py")
     k = mc.fused_kernels()
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):  # odd sizes exercise the tail after the 16-wide loop
-        w = [torch.randn(n, generator=g).to(dtype) for n in (1, 17, 300)]
+    for dtype in (torch.float32, torch.bfloat16):  # under one vector width, odd, and over one 64 Ki-element chunk
+        w = [torch.randn(n, generator=g).to(dtype) for n in (1, 17, 300, 70_001)]
         s = [x + 0.1 * torch.randn(x.shape, generator=g).to(dtype) for x in w]
         want = torch.stack([torch.stack([(a.double() - b.double()).square().sum(), b.double().square().sum()])
                             for a, b in zip(w, s)]).T
