@@ -489,18 +489,24 @@ def test_gpu_carry_ships_a_half_precision_minilm_that_loads_as_the_same_model(tm
 
 def test_unified_method_names_carry_policy_and_min_dwell(tiny_model_dir, tmp_path):
     run = _load("quality/run.py")
-    assert run.parse_unified("unified_v3") == ("v3", "drift", 0)
-    assert run.parse_unified("unified_v3_lossworse_d10") == ("v3", "loss_worse", 10)
-    assert run.parse_unified("unified_v1c_d4") == ("v1c", "drift", 4)
-    for bad in ("unified_v2", "unified_v3_d", "unified_v3_d10_never", "unified_v3_sometimes"):
+    assert run.parse_unified("unified_v3") == ("v3", "drift", 0, "alpha_over_r")
+    assert run.parse_unified("unified_v3_lossworse_d10") == ("v3", "loss_worse", 10, "alpha_over_r")
+    assert run.parse_unified("unified_v1c_d4") == ("v1c", "drift", 4, "alpha_over_r")
+    assert run.parse_unified("unified_v1_fs") == ("v1", "drift", 0, "alpha_over_max_rank")
+    assert run.parse_unified("unified_v3_never_d10_fs") == ("v3", "never", 10, "alpha_over_max_rank")
+    for bad in ("unified_v2", "unified_v3_d", "unified_v3_d10_never", "unified_v3_sometimes", "unified_v1_fs_d10",
+                "unified_v1_d4_d8", "unified_v1_fs_fs"):
         with pytest.raises(ValueError):
             run.parse_unified(bad)
     with pytest.raises(SystemExit):
         run.main(["--quick", "--model", str(tiny_model_dir), "--methods", "unified_v3_dx", "--out", str(tmp_path)])
-    assert run.main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "unified_v3_d3",
+    assert run.main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "unified_v3_d3_fs",
                      "--conditions", "clean", "--seeds", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "runs" / "mrpc__unified_v3_d3__clean__s0.json").read_text())
+    res = json.loads((tmp_path / "runs" / "mrpc__unified_v3_d3_fs__clean__s0.json").read_text())
     assert res["info"]["min_dwell"] == 3 and res["info"]["mirror_policy"] == "drift"
+    # one scale at every rank, and it is lora_r8's alpha / 8 (--lora-alpha defaults to 16)
+    assert res["info"]["scaling"] == "alpha_over_max_rank"
+    assert res["info"]["scale_by_rank"] == {"4": 2.0, "8": 2.0, "16": 2.0}
 
 
 def test_lr_probe_marks_the_best_lr_and_no_lr_when_every_lr_ties(tmp_path):

@@ -121,10 +121,32 @@ def test_plain_slicing_would_not_preserve_paused_dimensions():
 
 
 @pytest.mark.parametrize("kind,expected", [("alpha_over_r", 32 / 8), ("max_rank_over_r", 16 / 8),
-                                           ("rslora", 32 / 8 ** 0.5)])
+                                           ("rslora", 32 / 8 ** 0.5), ("alpha_over_max_rank", 32 / 16)])
 def test_scaling_options(kind, expected):
     layer = NestedLoRALayer(nn.Linear(4, 4), lora_alpha=32, scaling=kind, initial_rank=8)
     assert layer.scaling == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kind", ["alpha_over_max_rank", "alpha_over_r", "rslora", "max_rank_over_r"])
+def test_only_alpha_over_max_rank_keeps_the_kept_blocks_contribution_across_a_switch(kind):
+    """Down 8 -> 4 and back up: the output changes by exactly blocks 5-8's part under alpha_over_max_rank; every
+    other rule also rescales blocks 1-4's part, so the same identity must fail for them."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(16, 12), lora_alpha=16, scaling=kind, initial_rank=8)
+    _randomize_B(layer)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        y8 = layer(x)
+        s8 = layer.scaling
+        A, B = layer.full_A(), layer.full_B()
+        upper = s8 * (x @ A[4:8].T) @ B[:, 4:8].T  # blocks 5-8 at the scale in force at rank 8
+        layer.set_rank(4)
+        y4 = layer(x)
+        layer.set_rank(8)
+        y8_again = layer(x)
+    assert torch.equal(y8, y8_again)
+    kept = torch.allclose(y4, y8 - upper, atol=1e-5)
+    assert kept is (kind == "alpha_over_max_rank")
 
 
 def test_dropout_only_touches_the_lora_path_in_training():

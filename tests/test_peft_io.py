@@ -108,12 +108,16 @@ def test_bert_head_is_saved_as_modules_to_save(tmp_path):
     assert torch.equal(head.weight, model.classifier.weight)
 
 
-@pytest.mark.parametrize("scaling", ["max_rank_over_r", "rslora"])
-def test_export_maps_every_scaling_kind_to_peft(scaling, tmp_path):
+@pytest.mark.parametrize("rank", [4, 8])
+@pytest.mark.parametrize("scaling", ["max_rank_over_r", "rslora", "alpha_over_max_rank"])
+def test_export_maps_every_scaling_kind_to_peft(scaling, rank, tmp_path):
     model, adapters, fresh = nested("llama", scaling=scaling)
-    set_rank(adapters, 4)
+    set_rank(adapters, rank)
     cfg = export_peft_adapter(model, None, tmp_path)
     assert cfg["use_rslora"] is (scaling == "rslora")
+    if scaling == "alpha_over_max_rank":  # PEFT's alpha / r must equal our alpha / max_rank at this rank
+        layer = next(iter(adapters.values()))
+        assert cfg["lora_alpha"] / rank == pytest.approx(layer.lora_alpha / layer.max_rank)
     x = inputs()
     assert (logits(model, x) - logits(peft_load(fresh, tmp_path), x)).abs().max().item() <= TOL
 

@@ -25,6 +25,10 @@ Methods
                                  policy: drift (default) | never | lossworse | always  (Mirror exit rule)
   unified_..._d<N>               the same with min_dwell=N (hysteresis: N steps in a mode before leaving it;
                                  the default 0 is the seed's machine), e.g. unified_v3_d10, unified_v3_lossworse_d10
+  unified_..._fs                 the same with one fixed scale at every rank (scaling="alpha_over_max_rank",
+                                 lora_alpha = --lora-alpha * 16 / 8): lora_r8's alpha / 8 at rank 4, 8 and 16,
+                                 so a rank switch does not rescale the kept blocks (the default alpha / r
+                                 doubles their scale at 8 -> 4), e.g. unified_v1_fs, unified_v3_d10_fs
 Conditions
   clean | noise20 | noise40 (symmetric label noise on train only) | shock (labels corrupted for a
   window in the middle of training; dev metrics just before, just after and at the end) |
@@ -116,21 +120,24 @@ def evaluate(model, enc: dict, task: str, batch_size: int = 64) -> dict:
 
 
 # --------------------------------------------------------------------------- methods
-def parse_unified(method: str) -> tuple[str, str, int]:
-    """unified_<v1|v3|v1c>[_<policy>][_d<N>] -> (signal, Mirror policy, min_dwell)."""
+def parse_unified(method: str) -> tuple[str, str, int, str]:
+    """unified_<v1|v3|v1c>[_<policy>][_d<N>][_fs] -> (signal, Mirror policy, min_dwell, scaling)."""
     parts = method.split("_")
     if len(parts) < 2 or parts[0] != "unified" or parts[1] not in ("v1", "v3", "v1c"):
         raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
-    policy, dwell = "drift", 0
-    for i, p in enumerate(parts[2:]):
+    policy, dwell, scaling = "drift", 0, "alpha_over_r"
+    rest = parts[2:]
+    if rest and rest[-1] == "fs":
+        scaling, rest = "alpha_over_max_rank", rest[:-1]
+    for i, p in enumerate(rest):
         if i == 0 and p in POLICIES:
             policy = POLICIES[p]
-        elif p[:1] == "d" and p[1:].isdigit():
+        elif i == len(rest) - 1 and p[:1] == "d" and p[1:].isdigit():
             dwell = int(p[1:])
         else:
-            raise ValueError(f"method {method!r}: {p!r} is neither a Mirror policy {sorted(POLICIES)} nor d<N> "
-                             "(min_dwell)")
-    return parts[1], policy, dwell
+            raise ValueError(f"method {method!r}: {p!r} is not a Mirror policy {sorted(POLICIES)}, d<N> (min_dwell) "
+                             "or a final fs (fixed scale), in that order")
+    return parts[1], policy, dwell, scaling
 
 
 def build(method: str, model, args, total_steps: int, num_labels: int):
@@ -157,8 +164,11 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
                                                   "tfinal": tfinal, "deltaT": cfg.deltaT}
     if method.startswith("unified_"):
         from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
+        from unified_lora.layer import scaling_for
 
-        sig_name, policy, dwell = parse_unified(method)
+        sig_name, policy, dwell, scaling = parse_unified(method)
+        # alpha_over_max_rank: alpha / 16 at every rank; doubling alpha makes it lora_r8's alpha / 8
+        alpha = args.lora_alpha * 16 / 8 if scaling == "alpha_over_max_rank" else args.lora_alpha
         signal = {"v1": "loss", "v3": "composite", "v1c": "loss"}[sig_name]
         if sig_name == "v1c":  # the demo's calibration (unified_lora.cli.DEMO_CALIBRATION)
             from unified_lora.cli import DEMO_CALIBRATION
@@ -166,13 +176,14 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
             signal = SignalConfig(kind="loss", calibration_steps=DEMO_CALIBRATION[0],
                                   calibration_target=DEMO_CALIBRATION[1])
         adapters, ctrl = setup_unified_lora(model, target_modules=targets, rank_levels=(4, 8, 16),
-                                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                            lora_alpha=alpha, lora_dropout=args.lora_dropout, scaling=scaling,
                                             modules_to_save=["classifier"], signal=signal, lr_mode="multiplier",
                                             mirror=MirrorConfig(policy=policy), min_dwell=dwell, print_fn=None)
         sig_info = signal if isinstance(signal, str) else {"kind": signal.kind, "calibration_steps": signal.calibration_steps,
                                                             "calibration_target": signal.calibration_target}
         return model, ctrl, {**info, "signal": sig_info, "mirror_policy": policy, "rank_levels": [4, 8, 16],
-                             "lr_mode": "multiplier", "min_dwell": dwell}
+                             "lr_mode": "multiplier", "min_dwell": dwell, "scaling": scaling, "lora_alpha": alpha,
+                             "scale_by_rank": {r: scaling_for(r, alpha, 16, scaling) for r in (4, 8, 16)}}
     raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
 
 

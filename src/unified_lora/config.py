@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora")
+SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora", "alpha_over_max_rank")
 MODES = ("SINGLE", "MULTI", "MIRROR")
 SINGLE, MULTI, MIRROR = 0, 1, 2
 
@@ -41,7 +41,9 @@ class NestedLoRAConfig:
     (full match on the module name), or "all-linear" (every Linear/Conv1D except
     the output head).
     `scaling`: "alpha_over_r" (PEFT default, alpha / r), "max_rank_over_r" (the
-    seed's), or "rslora" (alpha / sqrt(r)).
+    seed's), "rslora" (alpha / sqrt(r)), or "alpha_over_max_rank" (alpha /
+    max_rank at every rank, so a rank switch leaves the kept blocks'
+    contribution unchanged; the other three rescale it at every switch).
     """
 
     target_modules: Sequence[str] | str = ("q_proj", "v_proj")

@@ -36,6 +36,8 @@ def scaling_for(rank: int, lora_alpha: float, max_rank: int, kind: str) -> float
         return max_rank / rank
     if kind == "rslora":  # Kalajdzievski 2023, rank-stabilised LoRA
         return lora_alpha / math.sqrt(rank)
+    if kind == "alpha_over_max_rank":  # one scale at every rank: a switch keeps the kept blocks' contribution
+        return lora_alpha / max_rank
     raise ValueError(f"scaling: unknown kind {kind!r}")
 
 

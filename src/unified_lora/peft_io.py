@@ -17,6 +17,7 @@ Scaling. PEFT's scaling is `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
     alpha_over_r      alpha / r        -> lora_alpha = alpha
     max_rank_over_r   max_rank / r     -> lora_alpha = max_rank
     rslora            alpha / sqrt(r)  -> lora_alpha = alpha, use_rslora = True
+    alpha_over_max_rank  alpha / max_rank -> lora_alpha = alpha * r / max_rank
 """
 
 from __future__ import annotations
@@ -79,14 +80,16 @@ def _dropout_p(layer: NestedLoRALayer) -> float:
     return float(layer.lora_dropout.p) if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
-def _peft_alpha(layer: NestedLoRALayer) -> tuple[float, bool]:
-    """(lora_alpha, use_rslora) giving PEFT's scaling == ours at every rank."""
+def _peft_alpha(layer: NestedLoRALayer, rank: int) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) giving PEFT's scaling == ours at `rank`."""
     if layer.scaling_kind == "alpha_over_r":
         return layer.lora_alpha, False
     if layer.scaling_kind == "max_rank_over_r":
         return float(layer.max_rank), False
     if layer.scaling_kind == "rslora":
         return layer.lora_alpha, True
+    if layer.scaling_kind == "alpha_over_max_rank":
+        return layer.lora_alpha * rank / layer.max_rank, False
     raise ValueError(f"scaling: unknown kind {layer.scaling_kind!r}")
 
 
@@ -158,7 +161,7 @@ def export_peft_adapter(
         if rank not in m.boundaries:
             raise ValueError(f"rank: {rank} is not a nested level of {n!r} (levels {m.boundaries}); "
                              f"a PEFT export must cut at a block boundary")
-    alphas = {_peft_alpha(m) for m in layers.values()}
+    alphas = {_peft_alpha(m, rank) for m in layers.values()}
     drops = {_dropout_p(m) for m in layers.values()}
     if len(alphas) != 1 or len(drops) != 1:
         raise ValueError(f"adapters: layers differ in scaling/alpha {alphas} or dropout {drops}; "
