@@ -10,6 +10,15 @@ VOCAB = 64
 torch.set_num_threads(1)
 
 
+def can_build_cpp() -> bool:
+    """g++ and ninja are here, so torch's load_inline can build MirrorConfig(kernel="fused")'s kernels."""
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which("g++") is not None and is_ninja_available()
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

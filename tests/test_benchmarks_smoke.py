@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import can_build_cpp
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -422,16 +424,8 @@ def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
     assert gpu_md.startswith("# Performance benchmarks (GPU)") and "on cuda:0" in gpu_md
 
 
-def _can_build_cpp() -> bool:
-    import shutil
-
-    from torch.utils.cpp_extension import is_ninja_available
-
-    return shutil.which("g++") is not None and is_ninja_available()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_build_cpp(), reason="--with-cpp builds mirror_fused.cpp: needs g++ and ninja")
+@pytest.mark.skipif(not can_build_cpp(), reason="--with-cpp builds csrc/mirror_fused.cpp: needs g++ and ninja")
 def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
     import torch
 
@@ -451,10 +445,14 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
         k.drift_sq(w[:2], s[:1])
     with pytest.raises(RuntimeError, match="not contiguous"):
         k.copy_all([torch.empty(4, 4)], [torch.randn(4, 4).t()])
-    # the benchmark checks both kernels over the library's snapshot pool, then times the fused cycle
+    # the benchmark checks both kernels over the library's snapshot pool, then times the library's
+    # kernel="fused" cycle as its own arm beside the eager one, and the raw fused cycle in the profile
     payload = mc.main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
-    assert mc.CPP_CYCLE in payload["cases"][0]["primitive_multiples"]
-    assert "`--with-cpp`" in (tmp_path / "perf.md").read_text()
+    case = payload["cases"][0]
+    assert mc.CPP_CYCLE in case["primitive_multiples"] and payload["kernels"] == ["eager", "fused"]
+    assert case["fused"]["ratio"]["median"] > 0 and set(case["fused"]["phase_multiples"]) == {"save", "drift", "restore"}
+    md = (tmp_path / "perf.md").read_text()
+    assert "`--with-cpp`" in md and "| tiny | fused |" in md and "| tiny | eager (default) |" in md
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")

@@ -151,6 +151,12 @@ def test_train_from_yaml_config_with_flag_override(tiny, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "epoch-1" / "peft" / "adapter_config.json").is_file()
 
 
+def test_train_takes_the_mirror_kernel_flag_and_records_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1", "--mirror-kernel", "fused")) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["mirror_kernel"] == "fused"
+
+
 def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(_train_args(tiny, straight, "--epochs", "2")) == 0
@@ -224,6 +230,7 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("missing_model", "no such folder"),
     ("bad_theta", "theta0"),
     ("bad_config_key", "unknown key(s) ['epochz']"),
+    ("bad_mirror_kernel", "kernel: must be 'eager' or 'fused', got 'cuda'"),
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
     ("missing_trace", "no such trace file"),
@@ -239,6 +246,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
         "bad_theta": _train_args(tiny, out, "--theta0", "0.9", "--theta1", "0.5"),
         "bad_config_key": ["train", "--config", str(_write(tmp_path / "c.yaml", "epochz: 3\n"))],
+        "bad_mirror_kernel": ["train", "--config", str(_write(tmp_path / "k.yaml", f"model: {tiny['bert']}\n"
+                                                              f"data: {tiny['csv']}\nmirror_kernel: cuda\n"))],
         "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import VOCAB, classification_batch, tiny_bert, tiny_llama
+from conftest import VOCAB, can_build_cpp, classification_batch, tiny_bert, tiny_llama
 from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, SignalConfig, UnifiedController, read_trace,
                           setup_unified_lora)
 
@@ -78,14 +78,21 @@ def test_multiplier_mode_composes_with_a_cosine_schedule(llama):
     assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])  # schedule not overwritten
 
 
+@pytest.fixture(params=["eager", pytest.param("fused", marks=pytest.mark.skipif(
+    not can_build_cpp(), reason="kernel='fused' builds csrc/mirror_fused.cpp: needs g++ and ninja"))])
+def kernel(request):
+    """Every Mirror test runs on both kernels: the torch ops and the fused CPU kernels."""
+    return request.param
+
+
 def _mirror_params(seed=0):
     torch.manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 4))]
 
 
-def test_drift_is_the_relative_norm_change_summed_over_tensors():
+def test_drift_is_the_relative_norm_change_summed_over_tensors(kernel):
     ps = _mirror_params()
-    snap = MirrorSnapshot()
+    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
     snap.save(ps)
     with torch.no_grad():
         ps[0].add_(0.01)
@@ -96,21 +103,21 @@ def test_drift_is_the_relative_norm_change_summed_over_tensors():
 @pytest.mark.parametrize("policy,delta,entry,exit_,restore", [
     ("drift", 0.001, None, None, True), ("drift", 1.0, None, None, False), ("never", 0.001, None, None, False),
     ("always", 1.0, None, None, True), ("loss_worse", 1.0, 1.0, 2.0, True), ("loss_worse", 1.0, 2.0, 1.0, False)])
-def test_mirror_policies(policy, delta, entry, exit_, restore):
+def test_mirror_policies(policy, delta, entry, exit_, restore, kernel):
     ps = _mirror_params()
-    snap = MirrorSnapshot(MirrorConfig(policy=policy))
+    snap = MirrorSnapshot(MirrorConfig(policy=policy, kernel=kernel))
     snap.save(ps, loss_ema=entry)
     with torch.no_grad():
         ps[1].add_(delta)
     assert snap.decide(ps, loss_at_exit=exit_).restore is restore
 
 
-def test_restore_is_exact_and_includes_optimizer_moments_from_a_cpu_copy():
+def test_restore_is_exact_and_includes_optimizer_moments_from_a_cpu_copy(kernel):
     ps = _mirror_params()
     opt = torch.optim.AdamW(ps, lr=0.1)
     sum(p.sum() for p in ps).backward()
     opt.step()
-    snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=True))
+    snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=True, kernel=kernel))
     snap.save(ps, optimizer=opt)
     w = [p.detach().clone() for p in ps]
     m = opt.state[ps[0]]["exp_avg"].clone()
@@ -201,6 +208,23 @@ def test_end_to_end_bert_corrupted_labels_drive_mirror_and_clean_data_returns_to
     _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
 
 
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
+def test_end_to_end_the_fused_mirror_kernel_follows_the_eager_trajectory():
+    # same stress cycle twice: the rollback is bit-exact under both kernels, so the runs stay identical
+    traces = {}
+    for kernel in ("eager", "fused"):
+        x, y = classification_batch(64)
+        ctrl = _stress_cycle(tiny_bert(), lambda s: (x, y), lambda y, s: 1 - y, target_modules=["query", "value"],
+                             modules_to_save=["classifier"], mirror=MirrorConfig(kernel=kernel))
+        _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
+        traces[kernel] = ctrl.trace
+    a, b = traces["eager"], traces["fused"]
+    assert [(r.mode, r.rank, r.snapshot, r.transition) for r in a] == [(r.mode, r.rank, r.snapshot, r.transition) for r in b]
+    assert [r.loss for r in a] == [r.loss for r in b]
+    drifts = [(r.drift, q.drift) for r, q in zip(a, b) if r.drift is not None]
+    assert drifts and all(q == pytest.approx(r, rel=1e-5) for r, q in drifts)
+
+
 def test_end_to_end_llama_corrupted_labels_drive_mirror_and_clean_data_returns_to_multi():
     pattern = torch.arange(16) % 5 + 3
 
@@ -219,9 +243,9 @@ def test_end_to_end_llama_corrupted_labels_drive_mirror_and_clean_data_returns_t
     _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
 
 
-def test_snapshot_buffers_are_reused_across_cycles_and_state_dict_is_a_copy():
+def test_snapshot_buffers_are_reused_across_cycles_and_state_dict_is_a_copy(kernel):
     ps = _mirror_params()
-    snap = MirrorSnapshot()
+    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
     snap.save(ps)
     ptrs = [w.data_ptr() for w in snap.weights]
     sd = snap.state_dict()
@@ -238,10 +262,10 @@ def _ref_drift(ps, snap_ws):
     return (num / sum(w.norm() for w in snap_ws)).item()
 
 
-def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot():
+def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot(kernel):
     # the scratch buffers and the Σ‖W_snap‖ cached at save must never leak a stale value
     ps = _mirror_params()
-    snap = MirrorSnapshot()
+    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
     for cycle in range(3):
         snap.save(ps)
         ref_ws = [p.detach().clone() for p in ps]
@@ -259,14 +283,14 @@ def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot():
         snap.clear()
     snap.save(ps)
     sd = snap.state_dict()
-    other = MirrorSnapshot()
+    other = MirrorSnapshot(MirrorConfig(kernel=kernel))
     other.load_state_dict(sd)
     with torch.no_grad():
         ps[0].sub_(0.3)
     assert other.drift(ps) == pytest.approx(_ref_drift(ps, sd["weights"]), rel=1e-5)
 
 
-def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout():
+def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout(kernel):
     # fp32 LoRA-like blocks (sizes whose gcd packs rows), a bf16 tensor (its own pool), a 2-element
     # bias and a 0-d scalar (zero-padded rows): drift over the whole set and over a prefix matches
     # the per-tensor formula, the rollback is bit-exact, and new shapes rebuild the pools
@@ -274,7 +298,7 @@ def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout():
     shapes = [(4, 96), (96, 4), (8, 96), (96, 8), (2,), ()]
     ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     ps.insert(2, torch.nn.Parameter(torch.randn(5, 7, generator=g).bfloat16()))
-    snap = MirrorSnapshot()
+    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
     snap.save(ps)
     assert [w.dtype for w in snap.weights] == [p.dtype for p in ps]
     ref_ws = [p.detach().clone() for p in ps]
@@ -299,9 +323,66 @@ def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout():
     assert snap.drift(wider) == pytest.approx(wider[1].norm().item() / 2 / (wider[0].norm().item() + wider[1].norm().item() / 2), rel=1e-5)
 
 
-def test_drift_of_bf16_weights_accumulates_in_fp32():
+def test_a_restore_bumps_the_version_so_autograd_catches_a_pending_backward(kernel):
+    # the fused copy writes through data pointers; it must still count as an in-place write
+    ps = _mirror_params()
+    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap.save(ps)
+    loss = (ps[0] * ps[0]).sum()  # saves ps[0] for backward
+    snap.restore(ps)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
+def test_fused_kernel_matches_eager_over_chunks_and_any_thread_count():
+    # 70 001 elements span two 64 Ki-element chunks; the fused sums are added in a fixed order
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (70_001, 1536, 3)]
+    eager, fused = MirrorSnapshot(), MirrorSnapshot(MirrorConfig(kernel="fused"))
+    eager.save(ps)
+    fused.save(ps)
+    with torch.no_grad():
+        for p in ps:
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(fused.drift(ps))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == got[2]
+    assert got[0] == pytest.approx(eager.drift(ps), rel=1e-5)
+    assert got[0] == pytest.approx(_ref_drift(ps, eager.weights), rel=1e-5)
+    fused.restore(ps)
+    assert all(torch.equal(p, w) for p, w in zip(ps, eager.weights))
+
+
+def test_fused_kernel_rejects_what_it_cannot_read_and_names_the_fix(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="kernel: must be 'eager' or 'fused', got 'cuda'"):
+        MirrorConfig(kernel="cuda")
+    snap = MirrorSnapshot(MirrorConfig(kernel="fused"))
+    with pytest.raises(ValueError, match=r"parameter 1 is torch.float32 on cpu, not contiguous\. Use MirrorConfig\(kernel='eager'\)"):
+        snap.save([torch.randn(4, 4), torch.randn(4, 6).t()])
+    with pytest.raises(ValueError, match="parameter 0 is torch.float64"):
+        snap.save([torch.randn(4, 4, dtype=torch.float64)])
+    assert not snap.held  # a refused save leaves no half-written snapshot behind
+    from unified_lora._fused import FusedKernelsUnavailable, mirror_kernels
+
+    mirror_kernels.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler and no ninja on this PATH
+    try:
+        with pytest.raises(FusedKernelsUnavailable, match=r"needs a C\+\+ compiler \(g\+\+\) and ninja"):
+            MirrorSnapshot(MirrorConfig(kernel="fused")).save([torch.randn(4, 4)])
+    finally:
+        mirror_kernels.cache_clear()
+
+
+def test_drift_of_bf16_weights_accumulates_in_fp32(kernel):
     ps = [torch.nn.Parameter(torch.randn(16, 64).bfloat16()) for _ in range(3)]
-    snap = MirrorSnapshot()
+    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
     snap.save(ps)
     ref_ws = [p.detach().float().clone() for p in ps]
     with torch.no_grad():

@@ -4,7 +4,8 @@
     python benchmarks/perf/mirror_cost.py --quick
     python benchmarks/perf/mirror_cost.py --device cuda --dtype bfloat16   # GPU -> results/perf_gpu.md
     python benchmarks/perf/mirror_cost.py --with-compile   # + torch.compile's fused drift in the profile
-    python benchmarks/perf/mirror_cost.py --with-cpp       # + a hand-written fused C++ cycle (mirror_fused.cpp)
+    python benchmarks/perf/mirror_cost.py --with-cpp       # + the library's MirrorConfig(kernel="fused") cycle
+                                                            #   and its C++ kernels' primitives (csrc/mirror_fused.cpp)
 
 The parameter set is exactly what the controller hands to MirrorSnapshot: every
 nested block (ranks 4 + 4 + 8 = 16) of A (r × in) and B (out × r) for each
@@ -14,7 +15,9 @@ with no Python list built per call. The profile also times the other form of
 one copy, every tensor into one flat buffer with a single `torch.cat(out=)`,
 and the report gives the cycle against it too. A Mirror cycle = `save` (copy
 into the flat pool + the per-tensor norms of the snapshot) + `drift` (relative
-distance, one sync) + `restore` (copy back). Interleaved per repeat.
+distance, one sync) + `restore` (copy back). Interleaved per repeat. With
+`--with-cpp` the same cycle of a `MirrorSnapshot(MirrorConfig(kernel="fused"))`
+is a third arm in the same interleaving.
 """
 
 from __future__ import annotations
@@ -81,12 +84,10 @@ CPP_CYCLE = "cycle with the C++ kernels (copy + fused drift + copy)"
 
 
 def fused_kernels():
-    """Build mirror_fused.cpp with torch's load_inline (needs g++ and ninja; about a minute, then cached)."""
-    from torch.utils.cpp_extension import load_inline
+    """The library's fused CPU kernels (csrc/mirror_fused.cpp; built by load_inline at first use, then cached)."""
+    from unified_lora._fused import mirror_kernels
 
-    src = (Path(__file__).resolve().parent / "mirror_fused.cpp").read_text()
-    return load_inline("unified_lora_mirror_fused", cpp_sources=src, functions=["drift_sq", "copy_all"],
-                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    return mirror_kernels()
 
 
 def cpp_prims(k, params, pool, snap) -> dict:
@@ -124,6 +125,10 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
     nbytes = sum(p.numel() * p.element_size() for p in params)
     bufs = [p.detach().clone() for p in params]
     snap = MirrorSnapshot(MirrorConfig())
+    # the library's fused CPU kernels: a third arm, checked against the eager snapshot before any timing
+    snap_f = MirrorSnapshot(MirrorConfig(kernel="fused")) if kernels is not None else None
+    if snap_f is not None:
+        check_fused_snapshot(snap, snap_f, params)
 
     @torch.no_grad()
     def copy_once():
@@ -131,42 +136,45 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
 
     phase = {}
 
-    def cycle():  # drift ends in a host read (.tolist), so the phases are device-synchronised
-        t0 = time.perf_counter()
-        snap.save(params)
-        sync(device)
-        t1 = time.perf_counter()
-        snap.drift(params)
-        t2 = time.perf_counter()
-        snap.restore(params)
-        sync(device)
-        t3 = time.perf_counter()
-        snap.clear()
-        for k, v in (("save", t1 - t0), ("drift", t2 - t1), ("restore", t3 - t2)):
-            phase.setdefault(k, []).append(v)
+    def make_cycle(sn, arm):
+        def cycle():  # drift ends in a host read (.tolist), so the phases are device-synchronised
+            t0 = time.perf_counter()
+            sn.save(params)
+            sync(device)
+            t1 = time.perf_counter()
+            sn.drift(params)
+            t2 = time.perf_counter()
+            sn.restore(params)
+            sync(device)
+            t3 = time.perf_counter()
+            sn.clear()
+            for k, v in (("save", t1 - t0), ("drift", t2 - t1), ("restore", t3 - t2)):
+                phase.setdefault((arm, k), []).append(v)
+        return cycle
 
+    arms = {"copy": copy_once, "cycle": make_cycle(snap, "cycle")}
+    if snap_f is not None:
+        arms["cycle_fused"] = make_cycle(snap_f, "cycle_fused")
     for _ in range(3):
-        copy_once()
-        cycle()
+        for fn in arms.values():
+            fn()
     phase.clear()
     one = timed(copy_once, 3, device)
     inner = max(1, math.ceil(min_time / max(one, 1e-7)))
-    copies, cycles, ratios = [], [], []
-    per_phase = {k: [] for k in ("save", "drift", "restore")}
+    got_all = {arm: [] for arm in arms}
+    per_phase = {(arm, k): [] for arm in arms if arm != "copy" for k in ("save", "drift", "restore")}
     for rep in range(repeats):
-        order = [("copy", copy_once), ("cycle", cycle)]
+        order = list(arms.items())
         if rep % 2:
             order.reverse()
-        got = {}
         for arm, fn in order:
             phase.clear()
-            got[arm] = timed(fn, inner, device)
-            if arm == "cycle":
-                for k in per_phase:
-                    per_phase[k].append(sum(phase[k]) / len(phase[k]))
-        copies.append(got["copy"])
-        cycles.append(got["cycle"])
-        ratios.append(got["cycle"] / got["copy"])
+            got_all[arm].append(timed(fn, inner, device))
+            for key in per_phase:
+                if key[0] == arm:
+                    per_phase[key].append(sum(phase[key]) / len(phase[key]))
+    copies, cycles = got_all["copy"], got_all["cycle"]
+    ratios = [c / b for c, b in zip(cycles, copies)]
     # Profile: the eager primitives a cycle is built from, each ÷ the same copy (interleaved again).
     snap.save(params)
     pool = snap._pools[0][0]
@@ -207,10 +215,34 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
             for k, fn in prims.items():
                 prim[k].append(timed(fn, inner, device) / c)
     snap.clear()
-    return {"set": name, "n_tensors": len(params), "bytes": nbytes, "inner_iters": inner,
-            "primitive_multiples": {k: summarize(v) for k, v in prim.items()}, "compile_s": compile_s,
-            "copy_s": summarize(copies), "cycle_s": summarize(cycles), "ratio": summarize(ratios),
-            "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)]) for k, vals in per_phase.items()}}
+    out = {"set": name, "n_tensors": len(params), "bytes": nbytes, "inner_iters": inner,
+           "primitive_multiples": {k: summarize(v) for k, v in prim.items()}, "compile_s": compile_s,
+           "copy_s": summarize(copies), "cycle_s": summarize(cycles), "ratio": summarize(ratios),
+           "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)])
+                               for (arm, k), vals in per_phase.items() if arm == "cycle"}}
+    if snap_f is not None:
+        out["fused"] = {"cycle_s": summarize(got_all["cycle_fused"]),
+                        "ratio": summarize([c / b for c, b in zip(got_all["cycle_fused"], copies)]),
+                        "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)])
+                                            for (arm, k), vals in per_phase.items() if arm == "cycle_fused"}}
+    return out
+
+
+def check_fused_snapshot(snap, snap_f, params) -> None:
+    """The fused snapshot must save, measure drift and restore as the eager one does before it is timed."""
+    with torch.no_grad():
+        keep = [p.detach().clone() for p in params]
+        snap.save(params)
+        snap_f.save(params)
+        torch._foreach_add_(params, 1e-3)
+        got, want = snap_f.drift(params), snap.drift(params)
+        snap_f.restore(params)
+        ok = all(torch.equal(p, k) for p, k in zip(params, keep))
+        snap.clear()
+        snap_f.clear()
+    if not math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-9) or not ok:
+        raise SystemExit(f"MirrorConfig(kernel='fused'): drift {got!r} vs eager {want!r}, restore exact: {ok}; "
+                         "not timing a wrong kernel")
 
 
 def main(argv=None) -> dict:
@@ -224,7 +256,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--with-compile", action="store_true",
                     help="also time torch.compile's fused drift (inductor; needs a C++ compiler, ~1 min to compile)")
     ap.add_argument("--with-cpp", action="store_true",
-                    help="also time a hand-written fused cycle, mirror_fused.cpp (CPU only; needs g++ and ninja)")
+                    help="also time the library's kernel='fused' cycle and its C++ primitives (CPU only; needs g++ "
+                         "and ninja)")
     add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -234,7 +267,7 @@ def main(argv=None) -> dict:
     kernels = None
     if args.with_cpp:
         if dev.type != "cpu":
-            raise SystemExit("--with-cpp: mirror_fused.cpp is a CPU kernel; run it without --device cuda")
+            raise SystemExit("--with-cpp: kernel='fused' is a CPU kernel; run it without --device cuda")
         t0 = time.perf_counter()
         kernels = fused_kernels()
         print(f"built mirror_fused.cpp in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -248,6 +281,7 @@ def main(argv=None) -> dict:
               flush=True)
     payload = {"benchmark": "mirror_cost", "command": command_line(), "env": environment(), "load": load.record(),
                "target": "save + drift + restore <= 3 x one foreach copy", "cases": cases,
+               "kernels": ["eager", "fused"] if kernels is not None else ["eager"],
                "device": str(dev), "dtype": args.dtype}
     return publish("perf_mirror_cost", payload, render, args.quick, args.results_dir)
 
@@ -264,26 +298,30 @@ def render(p: dict) -> str:
     lines = [f"## Mirror cost (snapshot + drift + restore){' — ' + where if gpu else ''}", "",
              f"Command: `{p['command']}` — {p['env']['utc']}, {where}.",
              contention_note(p["load"]), "",
-             "| adapter set | tensors | MiB | one copy ms | cycle ms | cycle ÷ copy, median (min–max) | "
-             "save / drift / restore (× copy) | target ≤ 3× |", "|---|---|---|---|---|---|---|---|"]
+             "| adapter set | MirrorConfig kernel | tensors | MiB | one copy ms | cycle ms | cycle ÷ copy, median (min–max) | "
+             "save / drift / restore (× copy) | target ≤ 3× |", "|---|---|---|---|---|---|---|---|---|"]
     for c in p["cases"]:
-        ph = c["phase_multiples"]
-        lines.append(f"| {c['set']} | {c['n_tensors']} | {c['bytes'] / 2**20:.2f} | {c['copy_s']['median'] * 1e3:.3f} | "
-                     f"{c['cycle_s']['median'] * 1e3:.3f} | {fmt_range(c['ratio'], 2)} | "
-                     f"{ph['save']['median']:.2f} / {ph['drift']['median']:.2f} / {ph['restore']['median']:.2f} | "
-                     f"{'met' if c['ratio']['median'] <= 3 else 'missed'} |")
+        for kernel, r in (("eager (default)", c), ("fused", c.get("fused"))):
+            if r is None:
+                continue
+            ph = r["phase_multiples"]
+            lines.append(f"| {c['set']} | {kernel} | {c['n_tensors']} | {c['bytes'] / 2**20:.2f} | "
+                         f"{c['copy_s']['median'] * 1e3:.3f} | {r['cycle_s']['median'] * 1e3:.3f} | "
+                         f"{fmt_range(r['ratio'], 2)} | {ph['save']['median']:.2f} / {ph['drift']['median']:.2f} / "
+                         f"{ph['restore']['median']:.2f} | {'met' if r['ratio']['median'] <= 3 else 'missed'} |")
     lines += ["", "Where the time goes: each primitive ÷ one copy, median (same run):", "",
               "| adapter set | " + " | ".join(p["cases"][0]["primitive_multiples"]) + " |",
               "|---|" + "---|" * len(p["cases"][0]["primitive_multiples"])]
     for c in p["cases"]:
         lines.append(f"| {c['set']} | " + " | ".join(f"{v['median']:.2f}" for v in c["primitive_multiples"].values())
                      + " |")
-    lines += ["", "A cycle is save (one copy into the flat pool) + drift (gather W into the pool's scratch, one flat "
+    lines += ["", "An eager cycle is save (one copy into the flat pool) + drift (gather W into the pool's scratch, one flat "
               "sub_, one row-norm kernel for ‖W − W_snap‖ and ‖W_snap‖ per tensor) + restore (copy back). Save and "
               "restore are each a copy and the drift must read W and W_snap, so with eager kernels the three copies "
               "(with their host overhead) cost save + gather + restore = " + ", ".join(
                   f"{c['set']} {_copies_floor(c):.2f}×" for c in p["cases"]) + " in this run, before any arithmetic: "
-              "≤ 3× needs a fused kernel that reads W and W_snap in place and reduces per tensor."]
+              "≤ 3× needs a fused kernel that reads W and W_snap in place and reduces per tensor. "
+              "`MirrorConfig(kernel=\"fused\")` is that kernel (CPU; `--with-cpp` times it)."]
     flat = [c for c in p["cases"] if FLAT_COPY in c["primitive_multiples"]]
     if flat:
         lines += ["", "The baseline copies into separate tensors (one `_foreach_copy_`), the form a snapshot of separate "
@@ -311,8 +349,10 @@ def render(p: dict) -> str:
             m = c["primitive_multiples"]
             return multiple / min(1.0, *(m[k]["median"] for k in (FLAT_COPY, CPP_COPY) if k in m))
 
-        lines += ["", "`--with-cpp`: hand-written kernels (`mirror_fused.cpp`, built with load_inline; not used by the "
-                  "library), checked against the library's copy and drift before timing. They work on the library's "
+        lines += ["", "`--with-cpp`: the kernels behind `MirrorConfig(kernel=\"fused\")` (`src/unified_lora/csrc/"
+                  "mirror_fused.cpp`, built with load_inline at the first snapshot), checked against the library's "
+                  "eager copy and drift before timing. The fused row above is the library's own cycle with them (Python "
+                  "and checks included); the primitives here call them directly. They work on the library's "
                   "own snapshot pool: save and restore are memcpy, and the drift reads W and W_snap in place, writes "
                   "nothing and reduces per tensor; both split the tensors into 64 Ki-element chunks shared by the "
                   "threads in one parallel region. ÷ the foreach copy: " + "; ".join(
@@ -322,9 +362,12 @@ def render(p: dict) -> str:
                       f"{c['primitive_multiples'][CPP_CYCLE]['median']:.2f}×" for c in cpp) + ". A cycle moves the "
                   "adapter bytes three times (save, the drift's read of W and W_snap, restore), so three of the "
                   "cheapest copy is the floor of this design. Against the cheapest copy measured here (foreach, flat "
-                  "cat or C++ memcpy) the fused cycle is " + ", ".join(
+                  "cat or C++ memcpy) the raw fused cycle is " + ", ".join(
                       f"{c['set']} {x:.2f}× ({'met' if x <= 3 else 'missed'})" for c, x in
                       ((c, vs_cheapest(c, c['primitive_multiples'][CPP_CYCLE]['median'])) for c in cpp))
+                  + ", the library's kernel='fused' cycle " + ", ".join(
+                      f"{c['set']} {x:.2f}× ({'met' if x <= 3 else 'missed'})" for c, x in
+                      ((c, vs_cheapest(c, c['fused']['ratio']['median'])) for c in cpp if 'fused' in c))
                   + ", and the library's eager cycle is " + ", ".join(
                       f"{c['set']} {vs_cheapest(c, c['ratio']['median']):.1f}×" for c in cpp) + "."]
     return "\n".join(lines)

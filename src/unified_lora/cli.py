@@ -269,7 +269,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "model", "data", "dev_data", "task_type", "text_columns", "label_column", "epochs", "steps", "batch_size",
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
-        "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy")},
+        "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel")},
     "lrs": "mode_lrs",
 }
 
@@ -604,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--theta0", type=float)
     t.add_argument("--theta1", type=float)
     t.add_argument("--mirror-policy")
+    t.add_argument("--mirror-kernel", choices=("eager", "fused"),
+                   help="Mirror copies and drift: torch ops (default) or fused C++ CPU kernels (needs g++ and ninja)")
     t.add_argument("--target-modules", type=_csv_list)
     t.add_argument("--modules-to-save", type=_csv_list)
     t.add_argument("--seed", type=int)

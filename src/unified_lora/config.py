@@ -142,10 +142,15 @@ class MirrorConfig:
     drift_threshold: float = 0.05  # v3 model card: restore if drift < 5 %
     snapshot_optimizer: bool = False
     offload_to_cpu: bool = False
+    # "eager": torch ops (any device). "fused": CPU kernels that read W and W_snap in place (csrc/mirror_fused.cpp,
+    # built at the first snapshot; needs g++ and ninja). For contiguous fp32/bf16/fp16 CPU parameters only.
+    kernel: str = "eager"
 
     def __post_init__(self) -> None:
         if self.policy not in ("drift", "never", "always", "loss_worse"):
             _fail("policy", f"must be 'drift', 'never', 'always' or 'loss_worse', got {self.policy!r}")
+        if self.kernel not in ("eager", "fused"):
+            _fail("kernel", f"must be 'eager' or 'fused', got {self.kernel!r}")
         if not (self.drift_threshold > 0 and math.isfinite(self.drift_threshold)):
             _fail("drift_threshold", f"must be a positive number, got {self.drift_threshold}")
 

@@ -6,6 +6,13 @@ below 5 % means the stress was transient noise → restore the snapshot; above
 it the change was a real signal → keep the new weights. Other policies:
 "never", "always", and "loss_worse" (restore if the loss EMA at exit is higher
 than at entry).
+
+Two kernels do the copies and the drift (`MirrorConfig.kernel`). "eager" (the
+default) uses torch ops on any device. "fused" uses C++ kernels for contiguous
+fp32/bf16/fp16 CPU tensors (`csrc/mirror_fused.cpp`, built at the first
+snapshot): memcpy for save and restore, and one pass that reads W and W_snap in
+place for the drift. Both give the same snapshot and the same rollback, bit for
+bit; the drift agrees to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ def should_restore(policy: str, drift: float, threshold: float, loss_at_entry, l
 
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq", "step")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROW = 64  # narrowest row of a flat pool; smaller tensors are zero-padded to one row
 
 
@@ -58,17 +66,20 @@ class _FlatPool:
     is a prefix of the rows.
     """
 
-    def __init__(self, shapes: list[torch.Size], device, dtype):
+    def __init__(self, shapes: list[torch.Size], device, dtype, scratch: bool = True):
         numels = [math.prod(s) for s in shapes]
         big = [n for n in numels if n >= _MIN_ROW]
         self.width = max(_MIN_ROW, math.gcd(*big)) if big else _MIN_ROW
         rows = [max(1, -(-n // self.width)) for n in numels]
         self.row_end = list(itertools.accumulate(rows))
-        self.both = torch.zeros(2, self.row_end[-1], self.width, device=device, dtype=dtype)
-        self.scratch, self.snap = self.both[0], self.both[1]  # row norms come out as [‖W − W_snap‖, ‖W_snap‖]
+        # without scratch (the fused kernels read W in place) the pool is the snapshot alone
+        self.both = torch.zeros(1 + scratch, self.row_end[-1], self.width, device=device, dtype=dtype)
+        self.scratch, self.snap = (self.both[0], self.both[1]) if scratch else (None, self.both[0])
+        # row norms come out as [‖W − W_snap‖, ‖W_snap‖]
         starts = [(e - r) * self.width for e, r in zip(self.row_end, rows)]
         self.snap_views = [self.snap.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
-        self.scratch_views = [self.scratch.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
+        self.scratch_views = [] if not scratch else [
+            self.scratch.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
         # owning tensor of each row: squared row norms sum into squared tensor norms
         self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(rows, device=device))
         self.norms = torch.zeros(2, len(rows), device=device)
@@ -90,7 +101,7 @@ class MirrorSnapshot:
     The weights live in flat pools (`_FlatPool`, one per device and dtype), allocated at the first
     entry and reused by every later entry while the parameter shapes stay the same: re-copying
     into warm buffers avoids fresh allocations (page faults) at every entry, at the cost of keeping
-    two adapter-sized buffers outside Mirror. `weights` are views into the pools, in the order of
+    two adapter-sized buffers outside Mirror (one with kernel="fused", which needs no scratch). `weights` are views into the pools, in the order of
     the parameters given to `save`.
     """
 
@@ -104,6 +115,7 @@ class MirrorSnapshot:
         self._layout_key: list[int] | None = None  # the parameters' data pointers when the layout was checked
         self._pools: list[tuple[_FlatPool, list[int]]] = []  # each pool with the tensor indices it holds
         self._views: list[torch.Tensor] = []  # the pools' snapshot views, in parameter order
+        self._kernels = None  # the compiled fused kernels, for kernel="fused"
 
     @property
     def held(self) -> bool:
@@ -115,13 +127,16 @@ class MirrorSnapshot:
         key = [p.data_ptr() for p in params]
         if key == self._layout_key:
             return
+        if self.config.kernel == "fused":  # (the C++ kernels check contiguity and sizes again at every call)
+            self._check_fused(params)
         dev = torch.device("cpu") if self.config.offload_to_cpu else None
         layout = tuple((p.shape, p.dtype, dev or p.device) for p in params)
         if layout != self._layout:
             groups: dict[tuple, list[int]] = {}
             for i, (_, dtype, device) in enumerate(layout):
                 groups.setdefault((device, dtype), []).append(i)
-            self._pools = [(_FlatPool([layout[i][0] for i in idx], device, dtype), idx)
+            scratch = self.config.kernel == "eager"
+            self._pools = [(_FlatPool([layout[i][0] for i in idx], device, dtype, scratch), idx)
                            for (device, dtype), idx in groups.items()]
             self._views = [None] * len(layout)
             for pool, idx in self._pools:
@@ -129,6 +144,19 @@ class MirrorSnapshot:
                     self._views[i] = v
             self._layout = layout
         self._layout_key = key
+
+    def _check_fused(self, params: Sequence[torch.Tensor]) -> None:
+        """kernel="fused" takes contiguous fp32/bf16/fp16 CPU tensors; builds the kernels on first use."""
+        for i, p in enumerate(params):
+            if p.device.type != "cpu" or p.dtype not in _FUSED_DTYPES or not p.is_contiguous():
+                raise ValueError(
+                    f"Mirror: kernel='fused' takes contiguous fp32/bf16/fp16 CPU tensors; parameter {i} is "
+                    f"{p.dtype} on {p.device}{'' if p.is_contiguous() else ', not contiguous'}. "
+                    "Use MirrorConfig(kernel='eager') for it")
+        if self._kernels is None:
+            from ._fused import mirror_kernels
+
+            self._kernels = mirror_kernels()
 
     def _pool_parts(self, params: Sequence[torch.Tensor]):
         """(pool, that pool's share of `params`) for `params`, a prefix of the snapshot."""
@@ -146,7 +174,10 @@ class MirrorSnapshot:
         params = list(params)
         self._ensure_pools(params)
         for pool, mine in self._pool_parts(params):
-            torch._foreach_copy_(pool.snap_views, mine)
+            if self._kernels is not None:
+                self._kernels.copy_all(pool.snap_views, mine)
+            else:
+                torch._foreach_copy_(pool.snap_views, mine)
         self.weights = self._views
         self.opt_state = None
         dev = "cpu" if self.config.offload_to_cpu else None
@@ -167,10 +198,15 @@ class MirrorSnapshot:
         W is gathered into the pool's scratch (one foreach copy); W − W_snap is one contiguous
         subtraction, and the per-tensor norms of W − W_snap and of W_snap are one row-norm kernel per
         pool, accumulated in fp32 whatever the parameter dtype. A prefix uses its own denominator.
-        One sync for the whole set; the snapshot is never written."""
+        One sync for the whole set; the snapshot is never written. With kernel="fused" one C++ pass
+        per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them)."""
         if not self.held:
             raise ValueError("Mirror: drift() needs a snapshot; call save() first")
-        terms = [pool.drift_terms(mine) for pool, mine in self._pool_parts(params)]
+        if self._kernels is not None:  # fp64 [Σ(W − W_snap)², ΣW_snap²] per tensor, W and W_snap read in place
+            terms = [self._kernels.drift_sq(mine, pool.snap_views[:len(mine)]).sqrt_().sum(1)
+                     for pool, mine in self._pool_parts(params)]
+        else:
+            terms = [pool.drift_terms(mine) for pool, mine in self._pool_parts(params)]
         if not terms:
             return 0.0
         # several pools (devices, dtypes): add up on the first pool's device
@@ -181,8 +217,10 @@ class MirrorSnapshot:
     def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
         if not self.held:
             raise ValueError("Mirror: restore() needs a snapshot; call save() first")
-        # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
-        torch._foreach_copy_(list(params), self.weights[:len(params)])
+        if self._kernels is not None:
+            self._kernels.copy_all(params, self.weights[:len(params)])
+        else:  # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
+            torch._foreach_copy_(list(params), self.weights[:len(params)])
         if self.opt_state is not None and optimizer is not None:
             for p, st in zip(params, self.opt_state):
                 if st is None:

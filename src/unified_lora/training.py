@@ -83,6 +83,7 @@ class TrainConfig:
     min_dwell: int = 0
     mirror_policy: str = "drift"
     drift_threshold: float = 0.05
+    mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built at the first snapshot; MirrorConfig.kernel)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # Shock (label corruption window), 0/0 = none
@@ -126,7 +127,10 @@ class TrainConfig:
         self.signal_config()
         self.machine_config()
         self.actuator_config()
-        MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold)
+        self.mirror_config()
+
+    def mirror_config(self) -> MirrorConfig:
+        return MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold, kernel=self.mirror_kernel)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -391,7 +395,7 @@ class Run:
             model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=cfg.lr_mode,
             machine=cfg.machine_config(), actuators=cfg.actuator_config(),
-            mirror=MirrorConfig(policy=cfg.mirror_policy, drift_threshold=cfg.drift_threshold),
+            mirror=cfg.mirror_config(),
             trace_path=None, log_every=cfg.log_every, print_fn=print_fn)
         if trace_path:
             self.ctrl.writer = TraceWriter(trace_path, append=append_trace)

@@ -1,13 +1,17 @@
-// Fused Mirror kernels for benchmarks/perf/mirror_cost.py --with-cpp (CPU, built with torch's load_inline).
+// Fused Mirror kernels for the CPU: MirrorConfig(kernel="fused") (unified_lora/_fused.py builds this file with
+// torch's load_inline at first use; benchmarks/perf/mirror_cost.py --with-cpp times it).
 //
-// The question they answer: would a hand-written kernel that reads W and W_snap in place, with no scratch
-// and no per-tensor launch, bring snapshot + drift + restore under 3 copies? Not used by the library.
+// The eager cycle copies W into a scratch buffer before it can subtract W_snap. These kernels read W and W_snap
+// in place, with no scratch and no launch per tensor.
 //
-// drift_sq(w, s) -> float64 [2, n]: per tensor, Σ (w − s)² and Σ s², one pass over both, nothing written.
-// copy_all(dst, src): every tensor copied with memcpy.
-// Both split the tensors into chunks of at most 64 Ki elements and share the chunks among torch's threads
-// in one parallel region. They need contiguous CPU tensors, pairwise of one dtype and size (checked), and
-// take fp32, bf16 or fp16.
+// drift_sq(w, s) -> float64 [2, n]: per tensor, the sums Σ (w − s)² and Σ s², one pass over both, nothing written.
+// copy_all(dst, src): every tensor copied with memcpy; each dst's version counter is bumped, as an in-place op's
+// is, so autograd still catches a restore into a tensor that a pending backward has saved.
+// Both split the tensors into chunks of at most 64 Ki elements and share the chunks among torch's intra-op
+// threads in one parallel region. Each chunk is summed in fp32 (vectorised by `omp simd`, no -ffast-math) and
+// the chunks are added in fp64 in a fixed order, so the result does not depend on the thread count. They need
+// contiguous CPU tensors, pairwise of one dtype and size (checked), and take fp32, bf16 or fp16. Built
+// without -march=native, so the cached build runs on any x86-64 (or other) host that shares the cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -32,9 +36,9 @@ std::vector<Chunk> chunks_of(const std::vector<torch::Tensor>& ts) {
 
 template <typename T>
 void sq2(const T* __restrict w, const T* __restrict s, int64_t n, double* dd, double* ss) {
-  // A plain reduction: -ffast-math lets the compiler split it over vector lanes (fp32 partial sums over at
-  // most one chunk, added up in fp64 across chunks).
+  // fp32 partial sums over at most one chunk; `omp simd` lets the compiler split them over vector lanes.
   float a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
   for (int64_t i = 0; i < n; ++i) {
     const float x = static_cast<float>(s[i]);
     const float d = static_cast<float>(w[i]) - x;
@@ -92,4 +96,5 @@ void copy_all(const std::vector<torch::Tensor>& dst, const std::vector<torch::Te
                   static_cast<const char*>(src[k.tensor].data_ptr()) + k.begin * es, k.len * es);
     }
   });
+  for (const auto& t : dst) t.unsafeGetTensorImpl()->bump_version();
 }
