@@ -350,7 +350,7 @@ def render(p: dict) -> str:
             return multiple / min(1.0, *(m[k]["median"] for k in (FLAT_COPY, CPP_COPY) if k in m))
 
         lines += ["", "`--with-cpp`: the kernels behind `MirrorConfig(kernel=\"fused\")` (`src/unified_lora/csrc/"
-                  "mirror_fused.cpp`, built with load_inline at the first snapshot), checked against the library's "
+                  "mirror_fused.cpp`, built with load_inline when the snapshot is created), checked against the library's "
                   "eager copy and drift before timing. The fused row above is the library's own cycle with them (Python "
                   "and checks included); the primitives here call them directly. They work on the library's "
                   "own snapshot pool: save and restore are memcpy, and the drift reads W and W_snap in place, writes "

@@ -143,7 +143,7 @@ class MirrorConfig:
     snapshot_optimizer: bool = False
     offload_to_cpu: bool = False
     # "eager": torch ops (any device). "fused": CPU kernels that read W and W_snap in place (csrc/mirror_fused.cpp,
-    # built at the first snapshot; needs g++ and ninja). For contiguous fp32/bf16/fp16 CPU parameters only.
+    # built with the controller; needs g++ and ninja). For contiguous fp32/bf16/fp16 CPU parameters only.
     kernel: str = "eager"
 
     def __post_init__(self) -> None:

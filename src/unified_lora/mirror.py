@@ -9,8 +9,8 @@ than at entry).
 
 Two kernels do the copies and the drift (`MirrorConfig.kernel`). "eager" (the
 default) uses torch ops on any device. "fused" uses C++ kernels for contiguous
-fp32/bf16/fp16 CPU tensors (`csrc/mirror_fused.cpp`, built at the first
-snapshot): memcpy for save and restore, and one pass that reads W and W_snap in
+fp32/bf16/fp16 CPU tensors (`csrc/mirror_fused.cpp`, built when the snapshot
+object is created, i.e. with the controller): memcpy for save and restore, and one pass that reads W and W_snap in
 place for the drift. Both give the same snapshot and the same rollback, bit for
 bit; the drift agrees to fp32 rounding.
 """
@@ -116,6 +116,10 @@ class MirrorSnapshot:
         self._pools: list[tuple[_FlatPool, list[int]]] = []  # each pool with the tensor indices it holds
         self._views: list[torch.Tensor] = []  # the pools' snapshot views, in parameter order
         self._kernels = None  # the compiled fused kernels, for kernel="fused"
+        if self.config.kernel == "fused":  # built (or loaded from the cache) now, not at the first stress episode
+            from ._fused import mirror_kernels
+
+            self._kernels = mirror_kernels()
 
     @property
     def held(self) -> bool:
@@ -146,17 +150,13 @@ class MirrorSnapshot:
         self._layout_key = key
 
     def _check_fused(self, params: Sequence[torch.Tensor]) -> None:
-        """kernel="fused" takes contiguous fp32/bf16/fp16 CPU tensors; builds the kernels on first use."""
+        """kernel="fused" takes contiguous fp32/bf16/fp16 CPU tensors."""
         for i, p in enumerate(params):
             if p.device.type != "cpu" or p.dtype not in _FUSED_DTYPES or not p.is_contiguous():
                 raise ValueError(
                     f"Mirror: kernel='fused' takes contiguous fp32/bf16/fp16 CPU tensors; parameter {i} is "
                     f"{p.dtype} on {p.device}{'' if p.is_contiguous() else ', not contiguous'}. "
                     "Use MirrorConfig(kernel='eager') for it")
-        if self._kernels is None:
-            from ._fused import mirror_kernels
-
-            self._kernels = mirror_kernels()
 
     def _pool_parts(self, params: Sequence[torch.Tensor]):
         """(pool, that pool's share of `params`) for `params`, a prefix of the snapshot."""

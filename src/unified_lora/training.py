@@ -83,7 +83,7 @@ class TrainConfig:
     min_dwell: int = 0
     mirror_policy: str = "drift"
     drift_threshold: float = 0.05
-    mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built at the first snapshot; MirrorConfig.kernel)
+    mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built with the controller; MirrorConfig.kernel)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # Shock (label corruption window), 0/0 = none
