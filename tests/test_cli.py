@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import can_build_cpp
 from unified_lora.cli import main
 from unified_lora.trace import read_trace
 
@@ -151,6 +152,7 @@ def test_train_from_yaml_config_with_flag_override(tiny, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "epoch-1" / "peft" / "adapter_config.json").is_file()
 
 
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
 def test_train_takes_the_mirror_kernel_flag_and_records_it(tiny, tmp_path):
     out = tmp_path / "run"
     assert main(_train_args(tiny, out, "--epochs", "1", "--mirror-kernel", "fused")) == 0

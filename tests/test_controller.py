@@ -360,15 +360,10 @@ def test_fused_kernel_matches_eager_over_chunks_and_any_thread_count():
     assert all(torch.equal(p, w) for p, w in zip(ps, eager.weights))
 
 
-def test_fused_kernel_rejects_what_it_cannot_read_and_names_the_fix(monkeypatch, tmp_path):
+def test_fused_kernel_config_and_a_missing_compiler_are_clear_errors(monkeypatch, tmp_path):
+    # needs no compiler: the missing one is the case under test
     with pytest.raises(ValueError, match="kernel: must be 'eager' or 'fused', got 'cuda'"):
         MirrorConfig(kernel="cuda")
-    snap = MirrorSnapshot(MirrorConfig(kernel="fused"))
-    with pytest.raises(ValueError, match=r"parameter 1 is torch.float32 on cpu, not contiguous\. Use MirrorConfig\(kernel='eager'\)"):
-        snap.save([torch.randn(4, 4), torch.randn(4, 6).t()])
-    with pytest.raises(ValueError, match="parameter 0 is torch.float64"):
-        snap.save([torch.randn(4, 4, dtype=torch.float64)])
-    assert not snap.held  # a refused save leaves no half-written snapshot behind
     from unified_lora._fused import FusedKernelsUnavailable, mirror_kernels
 
     mirror_kernels.cache_clear()
@@ -378,6 +373,16 @@ def test_fused_kernel_rejects_what_it_cannot_read_and_names_the_fix(monkeypatch,
             MirrorSnapshot(MirrorConfig(kernel="fused")).save([torch.randn(4, 4)])
     finally:
         mirror_kernels.cache_clear()
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
+def test_fused_kernel_rejects_what_it_cannot_read_and_names_the_fix():
+    snap = MirrorSnapshot(MirrorConfig(kernel="fused"))
+    with pytest.raises(ValueError, match=r"parameter 1 is torch.float32 on cpu, not contiguous\. Use MirrorConfig\(kernel='eager'\)"):
+        snap.save([torch.randn(4, 4), torch.randn(4, 6).t()])
+    with pytest.raises(ValueError, match="parameter 0 is torch.float64"):
+        snap.save([torch.randn(4, 4, dtype=torch.float64)])
+    assert not snap.held  # a refused save leaves no half-written snapshot behind
 
 
 def test_drift_of_bf16_weights_accumulates_in_fp32(kernel):

@@ -80,9 +80,10 @@ class _FlatPool:
         self.snap_views = [self.snap.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
         self.scratch_views = [] if not scratch else [
             self.scratch.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
-        # owning tensor of each row: squared row norms sum into squared tensor norms
-        self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(rows, device=device))
-        self.norms = torch.zeros(2, len(rows), device=device)
+        if scratch:  # eager drift only: the owning tensor of each row (squared row norms sum per tensor)
+            self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device),
+                                                     torch.tensor(rows, device=device))
+            self.norms = torch.zeros(2, len(rows), device=device)
 
     def drift_terms(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """[Σ‖W − W_snap‖, Σ‖W_snap‖] over `params`, the first tensors of this pool: fp32
@@ -101,8 +102,8 @@ class MirrorSnapshot:
     The weights live in flat pools (`_FlatPool`, one per device and dtype), allocated at the first
     entry and reused by every later entry while the parameter shapes stay the same: re-copying
     into warm buffers avoids fresh allocations (page faults) at every entry, at the cost of keeping
-    two adapter-sized buffers outside Mirror (one with kernel="fused", which needs no scratch). `weights` are views into the pools, in the order of
-    the parameters given to `save`.
+    two adapter-sized buffers outside Mirror (one with kernel="fused", which needs no scratch).
+    `weights` are views into the pools, in the order of the parameters given to `save`.
     """
 
     def __init__(self, config: MirrorConfig | None = None):
