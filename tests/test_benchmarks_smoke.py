@@ -97,6 +97,8 @@ def test_noise_plot_is_drawn_from_two_noise_rates(tmp_path):
     rep = _load("quality/report.py")
     runs = [_fake_run("mrpc", m, c, s, v) for s in range(3) for m in ("lora_r8", "unified_v1")
             for c, v in (("clean", 0.85), ("noise40", 0.80))]
+    runs += [_fake_run("mrpc", "unified_v1_fs", "clean", s, 0.84) for s in range(3)]  # one rate: no curve
+    assert rep.noise_curve_methods(rep.group(runs), "mrpc") == ["lora_r8", "unified_v1"]
     made = rep.make_plots(runs, tmp_path)
     assert made["mrpc_noise"] == "quality_plots/mrpc_noise.png"
     assert (tmp_path / made["mrpc_noise"]).stat().st_size > 0

@@ -572,6 +572,12 @@ def _save_plot(fig, ax, base: float, xlabel: str, ylabel: str, title: str, path:
     fig.savefig(path, dpi=110)
 
 
+def noise_curve_methods(g: dict, task: str) -> list[str]:
+    """The methods of `task` drawn in its noise plot: a curve needs two noise rates, so a method run at
+    one rate only (e.g. a variant run clean only) stays in the tables and out of the plot."""
+    return sorted(m for m in {k[2] for k in g if k[0] == task} if sum((task, c, m) in g for c in NOISE) >= 2)
+
+
 def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     try:
         import matplotlib
@@ -588,8 +594,8 @@ def make_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     for task in sorted({r["task"] for r in runs}):
         pm = next(r["primary_metric"] for r in runs if r["task"] == task)
         base = next(r["majority_baseline"][pm] for r in runs if r["task"] == task)
-        methods = sorted({k[2] for k in g if k[0] == task and k[1] in NOISE})
-        if len({k[1] for k in g if k[0] == task and k[1] in NOISE}) >= 2:  # a curve needs two noise rates
+        methods = noise_curve_methods(g, task)
+        if methods:
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             for m in methods:
                 pts = [(NOISE[c], [r["metrics"][pm] for r in g[(task, c, m)]]) for c in NOISE if (task, c, m) in g]

@@ -200,7 +200,12 @@ class MirrorSnapshot:
         subtraction, and the per-tensor norms of W − W_snap and of W_snap are one row-norm kernel per
         pool, accumulated in fp32 whatever the parameter dtype. A prefix uses its own denominator.
         One sync for the whole set; the snapshot is never written. With kernel="fused" one C++ pass
-        per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them)."""
+        per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them).
+
+        On CUDA the eager per-tensor sum is an `index_add_`, whose float additions may run in any order,
+        so the drift can differ in its last bits between runs; under
+        `torch.use_deterministic_algorithms(True)` torch runs it deterministically. On the CPU both
+        kernels are deterministic (the fused one also across thread counts)."""
         if not self.held:
             raise ValueError("Mirror: drift() needs a snapshot; call save() first")
         if self._kernels is not None:  # fp64 [Σ(W − W_snap)², ΣW_snap²] per tensor, W and W_snap read in place
