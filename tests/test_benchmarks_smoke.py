@@ -125,6 +125,32 @@ def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
     assert all(r[0]["vm_hwm_bytes"] > 0 for r in payload["runs"].values())
 
 
+@pytest.mark.slow
+def test_profile_e2e_quick_splits_the_step_and_diffs_the_ops(tmp_path):
+    payload = _load("perf/profile_e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
+    ours, base = payload["summary"]["unified_v1"], payload["summary"]["peft_r8"]
+    # nested blocks: 2 layers x (query, value) x 3 levels x (A, B) + classifier weight and bias; PEFT: 2 x 2 x 2 + 2
+    assert (ours["trainable_tensors"], base["trainable_tensors"]) == (26, 10)
+    assert ours["phase_ms"]["controller"]["median"] > 0 and ours["self_cpu_ms"]["median"] > 0
+    ops = {r["op"] for r in payload["ops_diff_by_name"]}
+    assert "_NestedLoRAPath" in ops or "_NestedLoRAPathBackward" in ops  # only ours runs the nested path
+    assert "<!-- perf_profile_e2e_quick -->" in (tmp_path / "perf.md").read_text()
+
+
+@pytest.mark.slow
+def test_profile_e2e_interleaved_pairs_every_arm_with_the_baseline_in_one_process(tmp_path):
+    payload = _load("perf/profile_e2e.py").main(["--quick", "--interleaved", "--arms", "unified,unified_v1,peft_r8",
+                                                 "--results-dir", str(tmp_path)])
+    assert set(payload["ratios"]) == {"unified", "unified_v1"}  # the baseline (last arm) gets no ratio
+    steps = payload["setup"]["steps"]
+    for arm, s in payload["summary"].items():
+        assert s["step_ms"]["n"] == steps and s["phase_ms"]["forward"]["median"] > 0
+    # the v3 composite signal reads gradients: its ctrl.step costs more than v1's loss-only step
+    assert payload["summary"]["unified"]["phase_ms"]["controller"]["median"] > \
+        payload["summary"]["unified_v1"]["phase_ms"]["controller"]["median"]
+    assert "<!-- perf_profile_e2e_interleaved_quick -->" in (tmp_path / "perf.md").read_text()
+
+
 def test_a_finished_run_with_another_budget_is_refused(quality_out, tiny_model_dir):
     with pytest.raises(SystemExit, match="different budget"):
         _load("quality/run.py").main(["--quick", "--steps", "5", "--model", str(tiny_model_dir), "--tasks", "mrpc",

@@ -41,55 +41,68 @@ def vm_hwm_bytes() -> int | None:
     return None
 
 
-def child(args) -> None:
-    t_start = time.perf_counter()
+def build_arm(arm: str, model_arg, steps: int, max_length: int, threads: int):
+    """(model, optimizer, controller or None, loader) for one arm, exactly as its e2e child builds them."""
     import torch
     from transformers import AutoTokenizer
 
     from _common import load_classifier
     from unified_lora.data import default_model_path, encode, load_glue, make_loader
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = load_classifier(args.model)
+    model = load_classifier(model_arg)
     targets = ["query", "value"]
     ctrl = None
-    if args.child.startswith("unified"):
+    if arm.startswith("unified"):
         from unified_lora import setup_unified_lora
 
-        signal = "loss" if args.child == "unified_v1" else "composite"
+        signal = "loss" if arm == "unified_v1" else "composite"
         _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=["classifier"], signal=signal,
                                      print_fn=None)
     else:
         from peft import LoraConfig, get_peft_model
 
-        r = int(args.child.split("_r")[1])
+        r = int(arm.split("_r")[1])
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=16, target_modules=targets))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     if ctrl is not None:
         ctrl.attach_optimizer(opt)
     tok = AutoTokenizer.from_pretrained(default_model_path())
     ex = load_glue("mrpc", "train").examples
-    ex = ex[: args.steps * 16] if args.steps * 16 < len(ex) else ex
-    enc = encode(tok, ex, max_length=args.max_length, padding="max_length")
+    ex = ex[: steps * 16] if steps * 16 < len(ex) else ex
+    enc = encode(tok, ex, max_length=max_length, padding="max_length")
     loader = make_loader(enc, 16, shuffle=True, seed=0, drop_last=True)
     model.train()
-    t0 = time.perf_counter()
-    done, ranks = 0, []
-    while done < args.steps:
+    return model, opt, ctrl, loader
+
+
+def batches(loader, steps: int):
+    """`steps` batches in loader order (epochs repeat), padding trimmed to the longest row of each batch."""
+    done = 0
+    while done < steps:
         for batch in loader:
             n = int(batch["attention_mask"].sum(1).max())
-            batch = {k: (v[:, :n] if v.dim() == 2 else v) for k, v in batch.items()}
-            loss = model(**batch).loss
-            loss.backward()
-            if ctrl is not None:
-                ctrl.step(loss=loss.item())
-                ranks.append(ctrl.rank)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            yield {k: (v[:, :n] if v.dim() == 2 else v) for k, v in batch.items()}
             done += 1
-            if done >= args.steps:
-                break
+            if done >= steps:
+                return
+
+
+def child(args) -> None:
+    t_start = time.perf_counter()
+    model, opt, ctrl, loader = build_arm(args.child, args.model, args.steps, args.max_length, args.threads)
+    t0 = time.perf_counter()
+    done, ranks = 0, []
+    for batch in batches(loader, args.steps):
+        loss = model(**batch).loss
+        loss.backward()
+        if ctrl is not None:
+            ctrl.step(loss=loss.item())
+            ranks.append(ctrl.rank)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done += 1
     loop = time.perf_counter() - t0
     print(json.dumps({"arm": args.child, "loop_s": loop, "process_s": time.perf_counter() - t_start,
                       "vm_hwm_bytes": vm_hwm_bytes(),
