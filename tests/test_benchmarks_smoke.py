@@ -127,10 +127,15 @@ def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
 
 @pytest.mark.slow
 def test_profile_e2e_quick_splits_the_step_and_diffs_the_ops(tmp_path):
-    payload = _load("perf/profile_e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
+    payload = _load("perf/profile_e2e.py").main(["--quick", "--arms", "unified_v1,peft_r8#aa,peft_r8",
+                                                 "--results-dir", str(tmp_path)])
     ours, base = payload["summary"]["unified_v1"], payload["summary"]["peft_r8"]
     # nested blocks: 2 layers x (query, value) x 3 levels x (A, B) + classifier weight and bias; PEFT: 2 x 2 x 2 + 2
     assert (ours["trainable_tensors"], base["trainable_tensors"]) == (26, 10)
+    # "#aa" runs the baseline arm again under another name (the A/A control), with its own ratio
+    assert payload["summary"]["peft_r8#aa"]["trainable_tensors"] == 10 and set(payload["ratios"]) == {
+        "unified_v1", "peft_r8#aa"}
+    assert all(r["gc_ms_per_step"] >= 0 and len(r["gc_collections_by_generation"]) == 3 for r in payload["runs"])
     assert ours["phase_ms"]["controller"]["median"] > 0 and ours["self_cpu_ms"]["median"] > 0
     ops = {r["op"] for r in payload["ops_diff_by_name"]}
     assert "_NestedLoRAPath" in ops or "_NestedLoRAPathBackward" in ops  # only ours runs the nested path

@@ -30,6 +30,7 @@ what our code costs per step from the run-to-run spread of `e2e.py`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -77,19 +78,29 @@ def child(args) -> None:
     from e2e import batches, build_arm
 
     n_total = args.warmup + args.steps + args.profile_steps
-    model, opt, ctrl, loader = build_arm(args.child, args.model, n_total, args.max_length, args.threads)
+    model, opt, ctrl, loader = build_arm(args.child.split("#")[0], args.model, n_total, args.max_length, args.threads)
     it = batches(loader, n_total)
     ranks = []
+    gc_time, gc_count = [0.0], [0, 0, 0]
+
+    def gc_clock(phase, info, _t=[0.0]):  # Python's garbage collector: collections and their time
+        if phase == "start":
+            _t[0] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - _t[0]
+            gc_count[info["generation"]] += 1
     step = make_step(model, opt, ctrl, ranks)
 
     for _ in range(args.warmup):
         step(next(it))
     times = {p: [] for p in PHASES}
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    gc.callbacks.append(gc_clock)
     w0 = time.perf_counter()
     for _ in range(args.steps):
         step(next(it), times)
     wall = time.perf_counter() - w0
+    gc.callbacks.remove(gc_clock)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         p0 = time.perf_counter()
@@ -110,6 +121,8 @@ def child(args) -> None:
         "phase_s": {p: statistics.median(v) for p, v in times.items()},
         "phase_total_s": {p: sum(v) for p, v in times.items()},
         "minor_faults_per_step": (ru1.ru_minflt - ru0.ru_minflt) / args.steps,
+        "major_faults": ru1.ru_majflt - ru0.ru_majflt,
+        "gc_ms_per_step": gc_time[0] * 1e3 / args.steps, "gc_collections_by_generation": gc_count,
         "vol_ctx_switches_per_step": (ru1.ru_nvcsw - ru0.ru_nvcsw) / args.steps,
         "invol_ctx_switches_per_step": (ru1.ru_nivcsw - ru0.ru_nivcsw) / args.steps,
         "profiled_wall_per_step_s": prof_wall / per,
@@ -127,7 +140,7 @@ def interleaved(args) -> dict:
 
     arms = args.arms.split(",")
     n_total = args.warmup + args.steps
-    built = {a: build_arm(a, args.model, n_total, args.max_length, args.threads) for a in arms}
+    built = {a: build_arm(a.split("#")[0], args.model, n_total, args.max_length, args.threads) for a in arms}
     its = {a: batches(b[3], n_total) for a, b in built.items()}
     ranks = {a: [] for a in arms}
     steps = {a: make_step(*built[a][:3], ranks[a]) for a in arms}
@@ -196,7 +209,8 @@ def _diff_table(ours: list[dict], base: list[dict], top: int) -> list[dict]:
 def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default="unified_v1,peft_r8",
-                    help="the last arm is the baseline; the op diff is the first arm against it")
+                    help="the last arm is the baseline; the op diff is the first arm against it. A suffix '#x' "
+                         "(peft_r8#b) runs the same arm again under another name: an A/A control")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40, help="phase-timed steps per arm and round")
@@ -256,6 +270,7 @@ def main(argv=None) -> dict | None:
             "self_cpu_ms": summarize([r["self_cpu_per_step_us"] / 1e3 for r in rs]),
             "profiled_wall_ms": summarize([r["profiled_wall_per_step_s"] * 1e3 for r in rs]),
             "minor_faults_per_step": summarize([r["minor_faults_per_step"] for r in rs]),
+            "gc_ms_per_step": summarize([r.get("gc_ms_per_step", 0.0) for r in rs]),
             "invol_ctx_switches_per_step": summarize([r["invol_ctx_switches_per_step"] for r in rs]),
             "trainable_tensors": rs[0]["trainable_tensors"],
             "mean_rank": None if rs[0]["mean_rank"] is None else statistics.median(r["mean_rank"] for r in rs)}
@@ -287,8 +302,9 @@ def render(p: dict) -> str:
              f"Command: `{p['command']}` — {p['env']['utc']}. {s['model']}, MRPC batches of {s['batch_size']}, "
              f"max_length {s['max_length']}, {s['threads']} threads; per arm and round {s['warmup']} warm-up, "
              f"{s['steps']} phase-timed and {s['profile_steps']} profiled steps; {s['rounds']} rounds, one process "
-             f"per arm. `{o}` ({so['trainable_tensors']} trainable tensors, mean rank {so['mean_rank']:.2f} over the "
-             f"timed steps) against `{b}` "
+             f"per arm. `{o}` ({so['trainable_tensors']} trainable tensors"
+             + ("" if so["mean_rank"] is None else f", mean rank {so['mean_rank']:.2f} over the timed steps")
+             + f") against `{b}` "
              f"({sb['trainable_tensors']}).", contention_note(p["load"]), "",
              "| arm | phase | ms/step | ratio to " + b + " |", "|---|---|---|---|"]
     for a, sa in p["summary"].items():
@@ -302,7 +318,10 @@ def render(p: dict) -> str:
               f"against {sb['profiled_wall_ms']['median']:.1f}. Minor page faults per step "
               f"{so['minor_faults_per_step']['median']:.0f} against {sb['minor_faults_per_step']['median']:.0f}; "
               f"involuntary context switches per step {so['invol_ctx_switches_per_step']['median']:.1f} against "
-              f"{sb['invol_ctx_switches_per_step']['median']:.1f}.", "",
+              f"{sb['invol_ctx_switches_per_step']['median']:.1f}." + (
+                  "" if "gc_ms_per_step" not in so else
+                  f" Python garbage collection per step {so['gc_ms_per_step']['median']:.3f} ms against "
+                  f"{sb['gc_ms_per_step']['median']:.3f}."), "",
               "Ops whose self-CPU time per step differs most (median over rounds; µs and calls per step):", "",
               f"| op | {o} µs | {b} µs | diff µs | calls {o} / {b} |", "|---|---|---|---|---|"]
     for r in p["ops_diff_by_name"]:
