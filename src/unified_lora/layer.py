@@ -15,7 +15,6 @@ dimensions come back bit-identical, which plain slicing cannot give.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -57,17 +56,13 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        amp = torch.is_autocast_enabled(dev)
-        dt = torch.get_autocast_dtype(dev) if amp else blocks[0].dtype
-        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
-            A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-            h = _as(h, dt)
-            u = h @ A.T
-            u2 = u.reshape(-1, u.shape[-1])
-            if base_out.dtype == dt:
-                out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u2, B.T, alpha=scaling)
-            else:
-                out = base_out.reshape(-1, base_out.shape[-1]) + (torch.mm(u2, B.T) * scaling).to(base_out.dtype)
+        if torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
+        else:  # no context manager on the common path: this Function's host time is per layer and call
+            dt = blocks[0].dtype
+            h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
         ctx.save_for_backward(h, u, *blocks)
         ctx.scaling, ctx.k, ctx.dt = scaling, k, dt
         return out.view(base_out.shape)
@@ -75,20 +70,43 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         h, u, *blocks = ctx.saved_tensors
-        k, dt, scaling = ctx.k, ctx.dt, ctx.scaling
+        need_base, need_h = ctx.needs_input_grad[:2]
         dev = h.device.type
-        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
-            A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-            g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
-            u2, h2 = u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1])
-            gu = (g2 @ B).mul_(scaling)  # tokens × r
-            gA = gu.T @ h2  # r × in
-            gB = (g2.T @ u2).mul_(scaling)  # out × r
-            gh = (gu @ A).reshape(h.shape) if ctx.needs_input_grad[1] else None
-        sizes = [a.shape[0] for a in blocks[:k]]
-        gA = [_as(g, b.dtype) for g, b in zip(gA.split(sizes, 0), blocks[:k])]
-        gB = [_as(g, b.dtype) for g, b in zip(gB.split(sizes, 1), blocks[k:])]
-        return (gy if ctx.needs_input_grad[0] else None, gh, None, None, *gA, *gB)
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need_h)
+        else:
+            gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need_h)
+        return (gy if need_base else None, gh, None, None, *gA, *gB)
+
+
+def _path_forward(base_out, h, scaling, k, blocks, dt):
+    """(h in dt, u = h A_catᵀ, base_out + scaling · u B_catᵀ as rows); autocast is off here."""
+    A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
+    h = _as(h, dt)
+    u = h @ A.T
+    u2 = u.reshape(-1, u.shape[-1])
+    if base_out.dtype == dt:
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u2, B.T, alpha=scaling)
+    else:
+        out = base_out.reshape(-1, base_out.shape[-1]) + (torch.mm(u2, B.T) * scaling).to(base_out.dtype)
+    return h, u, out
+
+
+def _path_backward(gy, h, u, blocks, k, dt, scaling, need_h):
+    """(grad h, grads of the A blocks, grads of the B blocks); autocast is off here."""
+    A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
+    g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
+    u2, h2 = u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1])
+    gu = (g2 @ B).mul_(scaling)  # tokens × r
+    gA = gu.T @ h2  # r × in
+    gB = (g2.T @ u2).mul_(scaling)  # out × r
+    gh = (gu @ A).reshape(h.shape) if need_h else None
+    sizes = [a.shape[0] for a in blocks[:k]]
+    # split_with_sizes: the C++ method (Tensor.split's Python wrapper costs more than the split on small layers)
+    gA = [_as(g, b.dtype) for g, b in zip(gA.split_with_sizes(sizes, 0), blocks[:k])]
+    gB = [_as(g, b.dtype) for g, b in zip(gB.split_with_sizes(sizes, 1), blocks[k:])]
+    return gh, gA, gB
 
 
 def blocks_of(plist) -> list:
