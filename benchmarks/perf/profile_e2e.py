@@ -89,6 +89,7 @@ def child(args) -> None:
         else:
             gc_time[0] += time.perf_counter() - _t[0]
             gc_count[info["generation"]] += 1
+
     step = make_step(model, opt, ctrl, ranks)
 
     for _ in range(args.warmup):
