@@ -110,6 +110,24 @@ def child(args) -> None:
                       "steps": done, "mean_rank": (sum(ranks) / len(ranks)) if ranks else None}))
 
 
+def run_rounds(script, arms: list[str], rounds: int, child_args: list[str], load, describe) -> dict:
+    """Each arm in its own fresh process (`script --child ARM *child_args`, which prints its result as the last line
+    of JSON), arms in rotating order round after round. Returns {arm: [result per round]}; `load` is sampled after
+    every child and `describe(result)` printed."""
+    runs = {a: [] for a in arms}
+    for rnd in range(rounds):
+        for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
+            cmd = [sys.executable, str(Path(script).resolve()), "--child", arm, *child_args]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[arm].append(res)
+            load.sample()
+            print(f"round {rnd} {arm}: {describe(res)}", flush=True)
+    return runs
+
+
 def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="training steps per arm (229 = one MRPC epoch)")
@@ -131,22 +149,9 @@ def main(argv=None) -> dict | None:
 
     load = LoadMonitor(own_threads=args.threads)  # each child runs alone with this many threads
     arms = args.arms.split(",")
-    runs = {a: [] for a in arms}
-    for rnd in range(args.rounds):
-        order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
-        for arm in order:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--steps", str(args.steps),
-                   "--max-length", str(args.max_length), "--threads", str(args.threads)]
-            if args.model:
-                cmd += ["--model", args.model]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[arm].append(res)
-            load.sample()
-            print(f"round {rnd} {arm}: loop {res['loop_s']:.1f}s  peak RSS {res['vm_hwm_bytes'] / 2**20:.0f} MiB",
-                  flush=True)
+    child_args = ["--steps", str(args.steps), "--max-length", str(args.max_length), "--threads", str(args.threads)]
+    runs = run_rounds(__file__, arms, args.rounds, child_args + (["--model", args.model] if args.model else []), load,
+                      lambda r: f"loop {r['loop_s']:.1f}s  peak RSS {r['vm_hwm_bytes'] / 2**20:.0f} MiB")
     summary = {a: {"loop_s": summarize([r["loop_s"] for r in rs]),
                    "peak_rss_bytes": summarize([r["vm_hwm_bytes"] for r in rs]),
                    "mean_rank": rs[0]["mean_rank"]} for a, rs in runs.items()}

@@ -34,7 +34,6 @@ import gc
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import LoadMonitor, command_line, contention_note, environment, fmt_range, publish, summarize  # noqa: E402
+from e2e import batches, build_arm, run_rounds  # noqa: E402
 
 PHASES = ("forward", "backward", "controller", "optimizer", "zero_grad")
 
@@ -74,8 +74,6 @@ def make_step(model, opt, ctrl, ranks: list):
 
 def child(args) -> None:
     from torch.profiler import ProfilerActivity, profile
-
-    from e2e import batches, build_arm
 
     n_total = args.warmup + args.steps + args.profile_steps
     model, opt, ctrl, loader = build_arm(args.child.split("#")[0], args.model, n_total, args.max_length, args.threads)
@@ -137,8 +135,6 @@ def interleaved(args) -> dict:
     """All arms in this one process, step by step on the same batch, in rotating order: a
     process-level difference (memory placement, the machine's state over minutes) then falls on
     every arm alike, and each step gives one paired ratio per arm."""
-    from e2e import batches, build_arm
-
     arms = args.arms.split(",")
     n_total = args.warmup + args.steps
     built = {a: build_arm(a.split("#")[0], args.model, n_total, args.max_length, args.threads) for a in arms}
@@ -246,22 +242,10 @@ def main(argv=None) -> dict | None:
                              "max_length": args.max_length, "threads": args.threads, "warmup": args.warmup,
                              "steps": args.steps, "arms": arms, "baseline": arms[-1]}, **res}
         return publish("perf_profile_e2e_interleaved", payload, render_interleaved, args.quick, args.results_dir)
-    runs = {a: [] for a in arms}
-    for rnd in range(args.rounds):
-        order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
-        for arm in order:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
-                   "--max-length", str(args.max_length), "--threads", str(args.threads)]
-            if args.model:
-                cmd += ["--model", args.model]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[arm].append(res)
-            load.sample()
-            print(f"round {rnd} {arm}: {res['wall_s'] / args.steps * 1e3:.1f} ms/step", flush=True)
+    child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
+                  "--max-length", str(args.max_length), "--threads", str(args.threads)]
+    runs = run_rounds(__file__, arms, args.rounds, child_args + (["--model", args.model] if args.model else []), load,
+                      lambda r: f"{r['wall_s'] / args.steps * 1e3:.1f} ms/step")
     ours, base = arms[0], arms[-1]
     summary = {}
     for a, rs in runs.items():
@@ -271,7 +255,7 @@ def main(argv=None) -> dict | None:
             "self_cpu_ms": summarize([r["self_cpu_per_step_us"] / 1e3 for r in rs]),
             "profiled_wall_ms": summarize([r["profiled_wall_per_step_s"] * 1e3 for r in rs]),
             "minor_faults_per_step": summarize([r["minor_faults_per_step"] for r in rs]),
-            "gc_ms_per_step": summarize([r.get("gc_ms_per_step", 0.0) for r in rs]),
+            "gc_ms_per_step": summarize([r["gc_ms_per_step"] for r in rs]),
             "invol_ctx_switches_per_step": summarize([r["invol_ctx_switches_per_step"] for r in rs]),
             "trainable_tensors": rs[0]["trainable_tensors"],
             "mean_rank": None if rs[0]["mean_rank"] is None else statistics.median(r["mean_rank"] for r in rs)}
