@@ -103,7 +103,7 @@ def _path_backward(gy, h, u, blocks, k, dt, scaling, need_h):
     gB = (g2.T @ u2).mul_(scaling)  # out × r
     gh = (gu @ A).reshape(h.shape) if need_h else None
     sizes = [a.shape[0] for a in blocks[:k]]
-    # split_with_sizes: the C++ method (Tensor.split's Python wrapper costs more than the split on small layers)
+    # split_with_sizes: the C++ method, without Tensor.split's Python wrapper (host time counts on small layers)
     gA = [_as(g, b.dtype) for g, b in zip(gA.split_with_sizes(sizes, 0), blocks[:k])]
     gB = [_as(g, b.dtype) for g, b in zip(gB.split_with_sizes(sizes, 1), blocks[k:])]
     return gh, gA, gB
