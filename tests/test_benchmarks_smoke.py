@@ -482,10 +482,12 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
     # kernel="fused" cycle as its own arm beside the eager one, and the raw fused cycle in the profile
     payload = mc.main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
     case = payload["cases"][0]
-    assert mc.CPP_CYCLE in case["primitive_multiples"] and payload["kernels"] == ["eager", "fused"]
-    assert case["fused"]["ratio"]["median"] > 0 and set(case["fused"]["phase_multiples"]) == {"save", "drift", "restore"}
+    assert mc.CPP_CYCLE in case["primitive_multiples"] and payload["kernels"] == ["eager", "eager_unpacked", "fused"]
+    for arm in (case["fused"], case["unpacked"], case):
+        assert arm["ratio"]["median"] > 0 and set(arm["phase_multiples"]) == {"save", "drift", "restore"}
     md = (tmp_path / "perf.md").read_text()
-    assert "`--with-cpp`" in md and "| tiny | fused |" in md and "| tiny | eager (default) |" in md
+    assert "`--with-cpp`" in md and "| tiny | fused |" in md and "| tiny | eager, packed (default) |" in md
+    assert "| tiny | eager, pack=False |" in md and mc.PACKED_DRIFT in md
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")

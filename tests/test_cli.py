@@ -159,6 +159,12 @@ def test_train_takes_the_mirror_kernel_flag_and_records_it(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["config"]["mirror_kernel"] == "fused"
 
 
+def test_train_takes_no_mirror_pack_and_records_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1", "--no-mirror-pack")) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["mirror_pack"] is False
+
+
 def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(_train_args(tiny, straight, "--epochs", "2")) == 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, can_build_cpp, classification_batch, tiny_bert, tiny_llama
-from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, SignalConfig, UnifiedController, read_trace,
-                          setup_unified_lora)
+from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, SignalConfig, UnifiedController, lora_state_dict,
+                          read_trace, setup_unified_lora)
 
 
 def _train_step(model, ctrl, opt, x, labels):
@@ -78,11 +78,18 @@ def test_multiplier_mode_composes_with_a_cosine_schedule(llama):
     assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])  # schedule not overwritten
 
 
-@pytest.fixture(params=["eager", pytest.param("fused", marks=pytest.mark.skipif(
+@pytest.fixture(params=["eager", "eager_unpacked", pytest.param("fused", marks=pytest.mark.skipif(
     not can_build_cpp(), reason="kernel='fused' builds csrc/mirror_fused.cpp: needs g++ and ninja"))])
 def kernel(request):
-    """Every Mirror test runs on both kernels: the torch ops and the fused CPU kernels."""
+    """Every Mirror test runs on each path: the torch ops over packed parameters (the default), the
+    torch ops per tensor (pack=False), and the fused CPU kernels."""
     return request.param
+
+
+def _mcfg(name: str, **kw) -> MirrorConfig:
+    if name == "eager_unpacked":
+        return MirrorConfig(kernel="eager", pack=False, **kw)
+    return MirrorConfig(kernel=name, **kw)
 
 
 def _mirror_params(seed=0):
@@ -92,7 +99,7 @@ def _mirror_params(seed=0):
 
 def test_drift_is_the_relative_norm_change_summed_over_tensors(kernel):
     ps = _mirror_params()
-    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel))
     snap.save(ps)
     with torch.no_grad():
         ps[0].add_(0.01)
@@ -105,7 +112,7 @@ def test_drift_is_the_relative_norm_change_summed_over_tensors(kernel):
     ("always", 1.0, None, None, True), ("loss_worse", 1.0, 1.0, 2.0, True), ("loss_worse", 1.0, 2.0, 1.0, False)])
 def test_mirror_policies(policy, delta, entry, exit_, restore, kernel):
     ps = _mirror_params()
-    snap = MirrorSnapshot(MirrorConfig(policy=policy, kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel, policy=policy))
     snap.save(ps, loss_ema=entry)
     with torch.no_grad():
         ps[1].add_(delta)
@@ -117,7 +124,7 @@ def test_restore_is_exact_and_includes_optimizer_moments_from_a_cpu_copy(kernel)
     opt = torch.optim.AdamW(ps, lr=0.1)
     sum(p.sum() for p in ps).backward()
     opt.step()
-    snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=True, kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel, snapshot_optimizer=True, offload_to_cpu=True))
     snap.save(ps, optimizer=opt)
     w = [p.detach().clone() for p in ps]
     m = opt.state[ps[0]]["exp_avg"].clone()
@@ -208,17 +215,22 @@ def test_end_to_end_bert_corrupted_labels_drive_mirror_and_clean_data_returns_to
     _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
 
 
-@pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
-def test_end_to_end_the_fused_mirror_kernel_follows_the_eager_trajectory():
-    # same stress cycle twice: the rollback is bit-exact under both kernels, so the runs stay identical
+@pytest.mark.parametrize("other", ["eager_unpacked", pytest.param("fused", marks=pytest.mark.skipif(
+    not can_build_cpp(), reason="kernel='fused' needs g++ and ninja"))])
+def test_end_to_end_every_mirror_path_follows_the_packed_eager_trajectory(other):
+    # same stress cycle twice: the rollback is bit-exact on every path, and packing the parameters
+    # mid-training (at the first Mirror entry) changes no value the optimizer or the model sees
     traces = {}
-    for kernel in ("eager", "fused"):
+    for kernel in ("eager", other):
         x, y = classification_batch(64)
         ctrl = _stress_cycle(tiny_bert(), lambda s: (x, y), lambda y, s: 1 - y, target_modules=["query", "value"],
-                             modules_to_save=["classifier"], mirror=MirrorConfig(kernel=kernel))
+                             modules_to_save=["classifier"], mirror=_mcfg(kernel))
         _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
         traces[kernel] = ctrl.trace
-    a, b = traces["eager"], traces["fused"]
+        params = ctrl.managed_parameters()
+        packed = {p.untyped_storage().data_ptr() for p in params}
+        assert (len(packed) == 1) is (kernel == "eager")  # one buffer holds every snapshotted parameter
+    a, b = traces["eager"], traces[other]
     assert [(r.mode, r.rank, r.snapshot, r.transition) for r in a] == [(r.mode, r.rank, r.snapshot, r.transition) for r in b]
     assert [r.loss for r in a] == [r.loss for r in b]
     drifts = [(r.drift, q.drift) for r, q in zip(a, b) if r.drift is not None]
@@ -245,7 +257,7 @@ def test_end_to_end_llama_corrupted_labels_drive_mirror_and_clean_data_returns_t
 
 def test_snapshot_buffers_are_reused_across_cycles_and_state_dict_is_a_copy(kernel):
     ps = _mirror_params()
-    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel))
     snap.save(ps)
     ptrs = [w.data_ptr() for w in snap.weights]
     sd = snap.state_dict()
@@ -265,7 +277,7 @@ def _ref_drift(ps, snap_ws):
 def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot(kernel):
     # the scratch buffers and the Σ‖W_snap‖ cached at save must never leak a stale value
     ps = _mirror_params()
-    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel))
     for cycle in range(3):
         snap.save(ps)
         ref_ws = [p.detach().clone() for p in ps]
@@ -283,7 +295,7 @@ def test_drift_stays_exact_across_cycles_prefixes_and_a_reloaded_snapshot(kernel
         snap.clear()
     snap.save(ps)
     sd = snap.state_dict()
-    other = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    other = MirrorSnapshot(_mcfg(kernel))
     other.load_state_dict(sd)
     with torch.no_grad():
         ps[0].sub_(0.3)
@@ -298,7 +310,7 @@ def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout(kernel):
     shapes = [(4, 96), (96, 4), (8, 96), (96, 8), (2,), ()]
     ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     ps.insert(2, torch.nn.Parameter(torch.randn(5, 7, generator=g).bfloat16()))
-    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel))
     snap.save(ps)
     assert [w.dtype for w in snap.weights] == [p.dtype for p in ps]
     ref_ws = [p.detach().clone() for p in ps]
@@ -326,12 +338,120 @@ def test_snapshot_pools_mixed_dtypes_odd_sizes_and_a_changed_layout(kernel):
 def test_a_restore_bumps_the_version_so_autograd_catches_a_pending_backward(kernel):
     # the fused copy writes through data pointers; it must still count as an in-place write
     ps = _mirror_params()
-    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel))
     snap.save(ps)
     loss = (ps[0] * ps[0]).sum()  # saves ps[0] for backward
     snap.restore(ps)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _storages(ps):
+    return [p.untyped_storage().data_ptr() for p in ps]
+
+
+def test_packing_moves_parameters_into_one_buffer_and_changes_nothing_else():
+    # the same model and optimizer trained twice, once with the parameters packed at the first
+    # snapshot: the Parameter objects stay, and every value, gradient and optimizer step stays equal
+    runs = {}
+    for pack in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 96), (96, 4), (8, 96), (96, 8), (2,), ()]]
+        ids = [id(p) for p in ps]
+        opt = torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01)
+        snap = MirrorSnapshot(MirrorConfig(pack=pack))
+        losses = []
+        for step in range(6):
+            loss = sum(((p - 0.3) ** 2).sum() for p in ps)
+            loss.backward()
+            if step == 2:  # mid-training, with gradients and moments in place
+                snap.save(ps)
+            if step == 4:
+                snap.restore(ps)
+                snap.clear()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert [id(p) for p in ps] == ids and all(type(p) is torch.nn.Parameter and p.requires_grad for p in ps)
+        runs[pack] = (losses, [p.detach().clone() for p in ps], _storages(ps))
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+    assert len(set(runs[True][2])) == 1 and len(set(runs[False][2])) == 6
+
+
+def test_packing_leaves_tied_and_foreign_views_alone():
+    # a parameter that views someone else's buffer (FSDP's flat parameter, a user's arena) or shares
+    # a storage with another (tied weights) must keep that link: its group is snapshotted per tensor
+    arena = torch.zeros(64)
+    view = torch.nn.Parameter(arena[:32].view(4, 8))
+    free = torch.nn.Parameter(torch.randn(8, 4))
+    tied = torch.nn.Parameter(torch.randn(3, 5))
+    for ps in ([view, free], [free, tied, tied]):
+        before = _storages(ps)
+        snap = MirrorSnapshot()
+        snap.save(ps)
+        assert _storages(ps) == before  # nothing moved
+        with torch.no_grad():
+            for p in ps:
+                p.add_(1.0)
+        assert snap.drift(ps) > 0
+        snap.restore(ps)
+        assert all(torch.equal(p, w) for p, w in zip(ps, snap.weights))
+    assert torch.equal(arena[:32].view(4, 8), view) and arena[32:].eq(0).all()  # the arena saw the restore
+
+
+def test_a_parameter_moved_after_save_is_still_measured_and_restored_then_repacked():
+    # .to(), load_state_dict(assign=True) and the like give a parameter new storage between save and
+    # restore: the packed buffer no longer holds it, so drift and restore must not read or write there
+    ps = _mirror_params()
+    snap = MirrorSnapshot()
+    snap.save(ps)
+    ref_ws = [p.detach().clone() for p in ps]
+    assert len(set(_storages(ps))) == 1
+    ps[0].data = ps[0].data.clone()  # moved out of the packed buffer
+    with torch.no_grad():
+        ps[0].mul_(2.0)
+    assert snap.drift(ps) == pytest.approx(_ref_drift(ps, ref_ws), rel=1e-5)
+    snap.restore(ps)
+    assert all(torch.equal(p, w) for p, w in zip(ps, ref_ws))
+    snap.clear()
+    snap.save(ps)  # the next entry packs them again, the one still in the old buffer included
+    assert len(set(_storages(ps))) == 1
+    grown = ps + [torch.nn.Parameter(torch.randn(2, 8))]  # a new layout (a task added) re-packs all
+    snap.save(grown)
+    assert len(set(_storages(grown))) == 1 and snap.drift(grown) == 0.0
+
+
+def test_packed_parameters_save_and_load_with_safetensors_transformers_and_torch(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import BertForSequenceClassification
+
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 print_fn=None)
+    params = ctrl.managed_parameters()
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+    ctrl.mirror.save(params)
+    assert len(set(_storages(params))) == 1
+    want = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    save_file(dict(lora_state_dict(model)), str(tmp_path / "lora.safetensors"))
+    assert all(torch.equal(v, want[k]) for k, v in load_file(str(tmp_path / "lora.safetensors")).items())
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    other = tiny_bert()
+    setup_unified_lora(other, target_modules=["query", "value"], modules_to_save=["classifier"], print_fn=None)
+    other.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    assert all(torch.equal(v, want[k]) for k, v in lora_state_dict(other).items())
+    model.save_pretrained(tmp_path / "hf")  # transformers' safetensors path, which checks for shared storage
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k in got) and any(k in got for k in want)
+
+
+def test_mirror_pack_must_be_a_bool():
+    with pytest.raises(ValueError, match="pack: must be true or false, got 'yes'"):
+        MirrorConfig(pack="yes")
 
 
 @pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
@@ -387,7 +507,7 @@ def test_fused_kernel_rejects_what_it_cannot_read_and_names_the_fix():
 
 def test_drift_of_bf16_weights_accumulates_in_fp32(kernel):
     ps = [torch.nn.Parameter(torch.randn(16, 64).bfloat16()) for _ in range(3)]
-    snap = MirrorSnapshot(MirrorConfig(kernel=kernel))
+    snap = MirrorSnapshot(_mcfg(kernel))
     snap.save(ps)
     ref_ws = [p.detach().float().clone() for p in ps]
     with torch.no_grad():

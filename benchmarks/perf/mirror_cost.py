@@ -9,15 +9,16 @@
 
 The parameter set is exactly what the controller hands to MirrorSnapshot: every
 nested block (ranks 4 + 4 + 8 = 16) of A (r × in) and B (out × r) for each
-adapted layer. The baseline is one copy of the same tensors into separate
-tensors: one `torch._foreach_copy_` into preallocated buffers, under no_grad,
-with no Python list built per call. The profile also times the other form of
-one copy, every tensor into one flat buffer with a single `torch.cat(out=)`,
-and the report gives the cycle against it too. A Mirror cycle = `save` (copy
-into the flat pool + the per-tensor norms of the snapshot) + `drift` (relative
-distance, one sync) + `restore` (copy back). Interleaved per repeat. With
-`--with-cpp` the same cycle of a `MirrorSnapshot(MirrorConfig(kernel="fused"))`
-is a third arm in the same interleaving.
+adapted layer. The baseline is one copy of the same tensors, one allocation
+each as a model holds them, into separate tensors: one `torch._foreach_copy_`
+into preallocated buffers, under no_grad, with no Python list built per call.
+The profile also times the other form of one copy, every tensor into one flat
+buffer with a single `torch.cat(out=)`, and the report gives the cycle against
+it too. A Mirror cycle = `save` (copy into the flat pool) + `drift` (relative
+distance, one sync) + `restore` (copy back). Arms, interleaved per repeat: the
+default `MirrorSnapshot()` (eager, its parameters packed into one buffer at its
+first save), `MirrorConfig(pack=False)` (eager, per tensor, on a second set of
+the same values), and with `--with-cpp` `MirrorConfig(kernel="fused")`.
 """
 
 from __future__ import annotations
@@ -117,34 +118,46 @@ def cpp_prims(k, params, pool, snap) -> dict:
     return {CPP_COPY: lambda: k.copy_all(bufs, ws), CPP_DRIFT: lambda: k.drift_sq(ws, views), CPP_CYCLE: cycle}
 
 
+PACKED_DRIFT = "packed drift terms (sub + row norms, no gather)"
+UNPACKED_DRIFT = "drift terms (gather + sub_ + row norms)"
+
+
 def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torch.float32,
               with_compile=False, kernels=None) -> dict:
     from unified_lora import MirrorConfig, MirrorSnapshot
 
+    # The default arm packs its parameters into one buffer at the first save (MirrorConfig.pack). The
+    # baseline copy, the pack=False arm and the fused arm use a second set with the same values, one
+    # allocation per tensor: the parameters as a model holds them before any packing.
     params = adapter_params(name, device, dtype)
+    params_u = adapter_params(name, device, dtype)
     nbytes = sum(p.numel() * p.element_size() for p in params)
-    bufs = [p.detach().clone() for p in params]
+    bufs = [p.detach().clone() for p in params_u]
     snap = MirrorSnapshot(MirrorConfig())
+    snap_u = MirrorSnapshot(MirrorConfig(pack=False))
+    check_same_snapshot(snap_u, params_u, snap, params, "the packed eager snapshot")
+    if len({p.untyped_storage().data_ptr() for p in params}) != 1:
+        raise SystemExit("MirrorConfig(pack=True) did not pack the parameters: not timing the packed path")
     # the library's fused CPU kernels: a third arm, checked against the eager snapshot before any timing
     snap_f = MirrorSnapshot(MirrorConfig(kernel="fused")) if kernels is not None else None
     if snap_f is not None:
-        check_fused_snapshot(snap, snap_f, params)
+        check_same_snapshot(snap_u, params_u, snap_f, params_u, "MirrorConfig(kernel='fused')")
 
     @torch.no_grad()
     def copy_once():
-        torch._foreach_copy_(bufs, params)
+        torch._foreach_copy_(bufs, params_u)
 
     phase = {}
 
-    def make_cycle(sn, arm):
+    def make_cycle(sn, ps, arm):
         def cycle():  # drift ends in a host read (.tolist), so the phases are device-synchronised
             t0 = time.perf_counter()
-            sn.save(params)
+            sn.save(ps)
             sync(device)
             t1 = time.perf_counter()
-            sn.drift(params)
+            sn.drift(ps)
             t2 = time.perf_counter()
-            sn.restore(params)
+            sn.restore(ps)
             sync(device)
             t3 = time.perf_counter()
             sn.clear()
@@ -152,9 +165,10 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
                 phase.setdefault((arm, k), []).append(v)
         return cycle
 
-    arms = {"copy": copy_once, "cycle": make_cycle(snap, "cycle")}
+    arms = {"copy": copy_once, "cycle": make_cycle(snap, params, "cycle"),
+            "cycle_unpacked": make_cycle(snap_u, params_u, "cycle_unpacked")}
     if snap_f is not None:
-        arms["cycle_fused"] = make_cycle(snap_f, "cycle_fused")
+        arms["cycle_fused"] = make_cycle(snap_f, params_u, "cycle_fused")
     for _ in range(3):
         for fn in arms.values():
             fn()
@@ -173,41 +187,50 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
             for key in per_phase:
                 if key[0] == arm:
                     per_phase[key].append(sum(phase[key]) / len(phase[key]))
-    copies, cycles = got_all["copy"], got_all["cycle"]
-    ratios = [c / b for c, b in zip(cycles, copies)]
+    copies = got_all["copy"]
+
+    def arm_result(arm):
+        return {"cycle_s": summarize(got_all[arm]),
+                "ratio": summarize([c / b for c, b in zip(got_all[arm], copies)]),
+                "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)])
+                                    for (a, k), vals in per_phase.items() if a == arm}}
+
     # Profile: the eager primitives a cycle is built from, each ÷ the same copy (interleaved again).
     snap.save(params)
-    pool = snap._pools[0][0]
+    snap_u.save(params_u)
+    pool, pool_p, live = snap_u._pools[0][0], snap._pools[0][0], snap._live[0]
     # The other form "one copy" can take: every tensor into one flat buffer with a single cat (views built
     # here, outside the timing). Timed to check whether the foreach baseline is the cheapest copy.
-    sizes = [p.numel() for p in params]
+    sizes = [p.numel() for p in params_u]
     flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-    flat_views = [p.detach().view(-1) for p in params]
+    flat_views = [p.detach().view(-1) for p in params_u]
     with torch.no_grad():
         torch.cat(flat_views, out=flat)
         if not all(torch.equal(a, b) for a, b in zip(flat.split(sizes), flat_views)):
             raise SystemExit("torch.cat into the flat buffer did not copy every tensor: not timing a wrong copy")
     prims = {FLAT_COPY: lambda: torch.cat(flat_views, out=flat),
-             "gather (copy into the pool)": lambda: torch._foreach_copy_(pool.scratch_views, params),
+             "gather (copy into the pool)": lambda: torch._foreach_copy_(pool.scratch_views, params_u),
              "flat sub_ (W − S)": lambda: pool.scratch.sub_(pool.snap),
-             "drift terms (gather + sub_ + row norms)": lambda: pool.drift_terms(params),
+             UNPACKED_DRIFT: lambda: pool.drift_terms(params_u),
+             "packed save (one copy between two buffers)": lambda: pool_p.snap.copy_(live),
+             PACKED_DRIFT: lambda: pool_p.drift_terms(params, live),
              "foreach_norm per tensor (replaced)": lambda: torch._foreach_norm(pool.scratch_views, 2)}
     compile_s = None
     if with_compile:
         with torch.no_grad():
             t0 = time.perf_counter()
-            fused = compiled_drift(params, snap.weights)
+            fused = compiled_drift(params_u, snap_u.weights)
             num, den = fused().tolist()  # the first call compiles
             compile_s = time.perf_counter() - t0
             for _ in range(3):
                 fused()
-            want = snap.drift(params)
+            want = snap_u.drift(params_u)
         got = num / den
         if not math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-6):
             raise SystemExit(f"compiled drift {got!r} != library drift {want!r}: not timing a wrong kernel")
         prims["torch.compile drift (inductor, in place)"] = fused
     if kernels is not None:
-        prims.update(cpp_prims(kernels, params, pool, snap))
+        prims.update(cpp_prims(kernels, params_u, pool, snap_u))
     prim = {k: [] for k in prims}
     with torch.no_grad():
         for rep in range(max(3, repeats // 3)):
@@ -215,34 +238,35 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
             for k, fn in prims.items():
                 prim[k].append(timed(fn, inner, device) / c)
     snap.clear()
+    snap_u.clear()
     out = {"set": name, "n_tensors": len(params), "bytes": nbytes, "inner_iters": inner,
            "primitive_multiples": {k: summarize(v) for k, v in prim.items()}, "compile_s": compile_s,
-           "copy_s": summarize(copies), "cycle_s": summarize(cycles), "ratio": summarize(ratios),
-           "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)])
-                               for (arm, k), vals in per_phase.items() if arm == "cycle"}}
+           "copy_s": summarize(copies), **arm_result("cycle"), "unpacked": arm_result("cycle_unpacked")}
     if snap_f is not None:
-        out["fused"] = {"cycle_s": summarize(got_all["cycle_fused"]),
-                        "ratio": summarize([c / b for c, b in zip(got_all["cycle_fused"], copies)]),
-                        "phase_multiples": {k: summarize([v / c for v, c in zip(vals, copies)])
-                                            for (arm, k), vals in per_phase.items() if arm == "cycle_fused"}}
+        out["fused"] = arm_result("cycle_fused")
     return out
 
 
-def check_fused_snapshot(snap, snap_f, params) -> None:
-    """The fused snapshot must save, measure drift and restore as the eager one does before it is timed."""
+def check_same_snapshot(ref, ref_params, other, other_params, what: str) -> None:
+    """`other` must save, measure drift and restore as `ref` (the per-tensor eager snapshot) does, on
+    parameters with the same values, before it is timed."""
     with torch.no_grad():
-        keep = [p.detach().clone() for p in params]
-        snap.save(params)
-        snap_f.save(params)
-        torch._foreach_add_(params, 1e-3)
-        got, want = snap_f.drift(params), snap.drift(params)
-        snap_f.restore(params)
-        ok = all(torch.equal(p, k) for p, k in zip(params, keep))
-        snap.clear()
-        snap_f.clear()
+        if not all(torch.equal(a, b) for a, b in zip(ref_params, other_params)):
+            raise SystemExit(f"{what}: the two parameter sets differ before the check")
+        keep = [p.detach().clone() for p in other_params]
+        ref.save(ref_params)
+        other.save(other_params)
+        for ps in {id(ref_params): ref_params, id(other_params): other_params}.values():
+            torch._foreach_add_(ps, 1e-3)
+        got, want = other.drift(other_params), ref.drift(ref_params)
+        other.restore(other_params)
+        ok = all(torch.equal(p, k) for p, k in zip(other_params, keep))
+        if ref_params is not other_params:
+            ref.restore(ref_params)
+        ref.clear()
+        other.clear()
     if not math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-9) or not ok:
-        raise SystemExit(f"MirrorConfig(kernel='fused'): drift {got!r} vs eager {want!r}, restore exact: {ok}; "
-                         "not timing a wrong kernel")
+        raise SystemExit(f"{what}: drift {got!r} vs eager {want!r}, restore exact: {ok}; not timing a wrong kernel")
 
 
 def main(argv=None) -> dict:
@@ -277,31 +301,40 @@ def main(argv=None) -> dict:
         c = bench_set(s, args.repeats, args.min_time, dev, torch_dtype(args.dtype), args.with_compile, kernels)
         load.sample()
         cases.append(c)
-        print(f"{s}: cycle/copy {fmt_range(c['ratio'], 2)}  copy {c['copy_s']['median'] * 1e3:.3f} ms",
-              flush=True)
+        print(f"{s}: cycle/copy {fmt_range(c['ratio'], 2)} (pack=False {fmt_range(c['unpacked']['ratio'], 2)})  "
+              f"copy {c['copy_s']['median'] * 1e3:.3f} ms", flush=True)
     payload = {"benchmark": "mirror_cost", "command": command_line(), "env": environment(), "load": load.record(),
                "target": "save + drift + restore <= 3 x one foreach copy", "cases": cases,
-               "kernels": ["eager", "fused"] if kernels is not None else ["eager"],
+               "kernels": ["eager", "eager_unpacked"] + (["fused"] if kernels is not None else []),
                "device": str(dev), "dtype": args.dtype}
     return publish("perf_mirror_cost", payload, render, args.quick, args.results_dir)
 
 
+def _unpacked(case: dict) -> dict:
+    """The per-tensor eager arm: `unpacked` since packing came in; the top level of older JSONs."""
+    return case.get("unpacked", case)
+
+
 def _copies_floor(case: dict) -> float:
-    """save + gather + restore, each ÷ one copy (medians): what a cycle costs before any arithmetic."""
-    ph, prim = case["phase_multiples"], case["primitive_multiples"]
+    """save + gather + restore of the per-tensor eager cycle, each ÷ one copy (medians): what it costs
+    before any arithmetic."""
+    ph, prim = _unpacked(case)["phase_multiples"], case["primitive_multiples"]
     return ph["save"]["median"] + prim["gather (copy into the pool)"]["median"] + ph["restore"]["median"]
 
 
 def render(p: dict) -> str:
     gpu = not p.get("device", "cpu").startswith("cpu")
     where = f"{p['env'].get('gpu', p['device'])}, {p['dtype']}" if gpu else f"{p['env']['torch_threads']} threads"
+    packed = all("unpacked" in c for c in p["cases"])
     lines = [f"## Mirror cost (snapshot + drift + restore){' — ' + where if gpu else ''}", "",
              f"Command: `{p['command']}` — {p['env']['utc']}, {where}.",
              contention_note(p["load"]), "",
-             "| adapter set | MirrorConfig kernel | tensors | MiB | one copy ms | cycle ms | cycle ÷ copy, median (min–max) | "
+             "| adapter set | MirrorConfig | tensors | MiB | one copy ms | cycle ms | cycle ÷ copy, median (min–max) | "
              "save / drift / restore (× copy) | target ≤ 3× |", "|---|---|---|---|---|---|---|---|---|"]
     for c in p["cases"]:
-        for kernel, r in (("eager (default)", c), ("fused", c.get("fused"))):
+        arms = ((("eager, packed (default)", c), ("eager, pack=False", c["unpacked"])) if packed
+                else (("eager (default; per tensor, before packing)", c),)) + (("fused", c.get("fused")),)
+        for kernel, r in arms:
             if r is None:
                 continue
             ph = r["phase_multiples"]
@@ -315,13 +348,22 @@ def render(p: dict) -> str:
     for c in p["cases"]:
         lines.append(f"| {c['set']} | " + " | ".join(f"{v['median']:.2f}" for v in c["primitive_multiples"].values())
                      + " |")
-    lines += ["", "An eager cycle is save (one copy into the flat pool) + drift (gather W into the pool's scratch, one flat "
-              "sub_, one row-norm kernel for ‖W − W_snap‖ and ‖W_snap‖ per tensor) + restore (copy back). Save and "
-              "restore are each a copy and the drift must read W and W_snap, so with eager kernels the three copies "
-              "(with their host overhead) cost save + gather + restore = " + ", ".join(
-                  f"{c['set']} {_copies_floor(c):.2f}×" for c in p["cases"]) + " in this run, before any arithmetic: "
-              "≤ 3× needs a fused kernel that reads W and W_snap in place and reduces per tensor. "
-              "`MirrorConfig(kernel=\"fused\")` is that kernel (CPU; `--with-cpp` times it)."]
+    per_tensor = ("A per-tensor eager cycle (`pack=False`) is save (one foreach copy into the flat pool) + drift "
+                  "(gather W into the pool's scratch, one flat sub_, one row-norm kernel for ‖W − W_snap‖ and "
+                  "‖W_snap‖ per tensor) + restore (foreach copy back). Its three copies alone, with their host "
+                  "overhead, cost save + gather + restore = " + ", ".join(
+                      f"{c['set']} {_copies_floor(c):.2f}×" for c in p["cases"]) + " in this run, before any "
+                  "arithmetic.")
+    if packed:
+        lines += ["", "The baseline is one `_foreach_copy_` of the adapter parameters as a model holds them, one "
+                  "allocation per tensor. The default arm (`MirrorConfig(pack=True)`) moved its parameters into one "
+                  "buffer with the snapshot pool's layout at its first save (each `.data` a view of it), so save and "
+                  "restore are each one copy between two buffers and the drift one subtraction, one row-norm kernel "
+                  "and one GEMM that sums the rows per tensor, with no gather. Both arms were checked against each "
+                  "other (same drift, exact restore) before timing. " + per_tensor]
+    else:
+        lines += ["", per_tensor + " ≤ 3× needs a kernel that reads W and W_snap in place: "
+                  "`MirrorConfig(kernel=\"fused\")` (CPU; `--with-cpp` times it)."]
     flat = [c for c in p["cases"] if FLAT_COPY in c["primitive_multiples"]]
     if flat:
         lines += ["", "The baseline copies into separate tensors (one `_foreach_copy_`), the form a snapshot of separate "
@@ -338,10 +380,10 @@ def render(p: dict) -> str:
         lines += ["", "`--with-compile`: torch.compile (inductor) fuses the drift over the tensors as they lie, reading W "
                   "and W_snap in place; checked against the library's drift before timing. It measured " + ", ".join(
                       f"{c['set']} {c['primitive_multiples'][key]['median']:.2f}× (compile {c['compile_s']:.0f} s) "
-                      f"against the library's {c['primitive_multiples']['drift terms (gather + sub_ + row norms)']['median']:.2f}×"
+                      f"against the library's {c['primitive_multiples'][UNPACKED_DRIFT]['median']:.2f}×"
                       for c in comp) + ": " + ("slower than the eager flat-pool drift, so the generic compiler is not "
                   "the missing kernel." if all(c["primitive_multiples"][key]["median"] >
-                                                c["primitive_multiples"]["drift terms (gather + sub_ + row norms)"]["median"]
+                                                c["primitive_multiples"][UNPACKED_DRIFT]["median"]
                                                 for c in comp) else "faster than the eager drift in at least one set.")]
     cpp = [c for c in p["cases"] if CPP_CYCLE in c["primitive_multiples"]]
     if cpp:
@@ -358,7 +400,7 @@ def render(p: dict) -> str:
                   "threads in one parallel region. ÷ the foreach copy: " + "; ".join(
                       f"{c['set']}: C++ copy {c['primitive_multiples'][CPP_COPY]['median']:.2f}×, fused drift "
                       f"{c['primitive_multiples'][CPP_DRIFT]['median']:.2f}× (eager "
-                      f"{c['primitive_multiples']['drift terms (gather + sub_ + row norms)']['median']:.2f}×), cycle "
+                      f"{c['primitive_multiples'][UNPACKED_DRIFT]['median']:.2f}×), cycle "
                       f"{c['primitive_multiples'][CPP_CYCLE]['median']:.2f}×" for c in cpp) + ". A cycle moves the "
                   "adapter bytes three times (save, the drift's read of W and W_snap, restore), so three of the "
                   "cheapest copy is the floor of this design. Against the cheapest copy measured here (foreach, flat "
@@ -369,7 +411,10 @@ def render(p: dict) -> str:
                       f"{c['set']} {x:.2f}× ({'met' if x <= 3 else 'missed'})" for c, x in
                       ((c, vs_cheapest(c, c['fused']['ratio']['median'])) for c in cpp if 'fused' in c))
                   + ", and the library's eager cycle is " + ", ".join(
-                      f"{c['set']} {vs_cheapest(c, c['ratio']['median']):.1f}×" for c in cpp) + "."]
+                      f"{c['set']} {vs_cheapest(c, c['ratio']['median']):.1f}×" for c in cpp)
+                  + (" (packed; per tensor " + ", ".join(
+                      f"{c['set']} {vs_cheapest(c, c['unpacked']['ratio']['median']):.1f}×" for c in cpp) + ")"
+                     if packed else "") + "."]
     return "\n".join(lines)
 
 

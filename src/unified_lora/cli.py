@@ -269,7 +269,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "model", "data", "dev_data", "task_type", "text_columns", "label_column", "epochs", "steps", "batch_size",
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
-        "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel")},
+        "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
+        "mirror_pack")},
     "lrs": "mode_lrs",
 }
 
@@ -606,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mirror-policy")
     t.add_argument("--mirror-kernel", choices=("eager", "fused"),
                    help="Mirror copies and drift: torch ops (default) or fused C++ CPU kernels (needs g++ and ninja)")
+    t.add_argument("--mirror-pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="eager Mirror: pack the snapshotted parameters into one buffer at the first snapshot "
+                        "(default on; --no-mirror-pack leaves every parameter's storage alone)")
     t.add_argument("--target-modules", type=_csv_list)
     t.add_argument("--modules-to-save", type=_csv_list)
     t.add_argument("--seed", type=int)

@@ -145,8 +145,15 @@ class MirrorConfig:
     # "eager": torch ops (any device). "fused": CPU kernels that read W and W_snap in place (csrc/mirror_fused.cpp,
     # built with the controller; needs g++ and ninja). For contiguous fp32/bf16/fp16 CPU parameters only.
     kernel: str = "eager"
+    # kernel="eager": at the first snapshot, move the snapshotted parameters into one flat buffer per device and
+    # dtype (each parameter's .data becomes a view of it; the Parameter objects, values and optimizer state stay),
+    # so save, drift and restore are one op each over the buffer, not one per tensor. Parameters that share or
+    # do not own their storage (tied weights, FSDP's flat views) are never moved. False: leave every storage alone.
+    pack: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pack, bool):
+            _fail("pack", f"must be true or false, got {self.pack!r}")
         if self.policy not in ("drift", "never", "always", "loss_worse"):
             _fail("policy", f"must be 'drift', 'never', 'always' or 'loss_worse', got {self.policy!r}")
         if self.kernel not in ("eager", "fused"):

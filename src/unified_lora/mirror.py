@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -51,6 +51,20 @@ def should_restore(policy: str, drift: float, threshold: float, loss_at_entry, l
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq", "step")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROW = 64  # narrowest row of a flat pool; smaller tensors are zero-padded to one row
+_MAX_OWNER = 1 << 20  # the largest ownership matrix (rows × tensors, fp32: 4 MiB) the eager drift builds
+
+
+class _Prefix(NamedTuple):
+    """Views of a pool over the rows of its first tensors (see `_FlatPool.prefix`)."""
+
+    live: torch.Tensor | None  # the packed buffer these views were taken from (None: unpacked)
+    live_rows: torch.Tensor | None
+    snap: torch.Tensor
+    scratch: torch.Tensor | None
+    both: torch.Tensor | None
+    owner: torch.Tensor | None
+    norms: torch.Tensor | None
+    row_owner: torch.Tensor | None
 
 
 class _FlatPool:
@@ -76,24 +90,57 @@ class _FlatPool:
         self.both = torch.zeros(1 + scratch, self.row_end[-1], self.width, device=device, dtype=dtype)
         self.scratch, self.snap = (self.both[0], self.both[1]) if scratch else (None, self.both[0])
         # row norms come out as [‖W − W_snap‖, ‖W_snap‖]
-        starts = [(e - r) * self.width for e, r in zip(self.row_end, rows)]
-        self.snap_views = [self.snap.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
-        self.scratch_views = [] if not scratch else [
-            self.scratch.view(-1)[s:s + n].view(sh) for s, n, sh in zip(starts, numels, shapes)]
+        self._places = [((e - r) * self.width, n, sh) for e, r, n, sh in zip(self.row_end, rows, numels, shapes)]
+        self.snap_views = self.views_of(self.snap)
+        self.scratch_views = self.views_of(self.scratch) if scratch else []
+        self._prefixes: dict[int, _Prefix] = {}
         if scratch:  # eager drift only: the owning tensor of each row (squared row norms sum per tensor)
             self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device),
                                                      torch.tensor(rows, device=device))
             self.norms = torch.zeros(2, len(rows), device=device)
+            # The per-tensor sums as one GEMM with the 0/1 [rows, tensors] ownership matrix where it is small
+            # (one kernel, where zero_ + index_add_ are two); index_add_ otherwise.
+            self.owner = None
+            if self.row_end[-1] * len(rows) <= _MAX_OWNER:
+                self.owner = torch.zeros(self.row_end[-1], len(rows), device=device)
+                self.owner[torch.arange(self.row_end[-1], device=device), self.row_owner] = 1.0
 
-    def drift_terms(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def views_of(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """One view per tensor of a [rows, width] buffer laid out like this pool."""
+        flat = buf.view(-1)
+        return [flat[s:s + n].view(sh) for s, n, sh in self._places]
+
+    def prefix(self, count: int, live: torch.Tensor | None) -> _Prefix:
+        """The views of this pool (and of `live`) that the first `count` tensors use, built once and
+        cached: at adapter sizes a Mirror cycle costs about as much in per-op host time as in bytes."""
+        got = self._prefixes.get(count)
+        if got is None or got.live is not live:
+            rows = self.row_end[count - 1]
+            eager = self.scratch is not None
+            got = _Prefix(live, None if live is None else live[:rows], self.snap[:rows],
+                          self.scratch[:rows] if eager else None, self.both[:, :rows] if eager else None,
+                          self.owner[:rows, :count] if eager and self.owner is not None else None,
+                          self.norms[:, :count] if eager else None, self.row_owner[:rows] if eager else None)
+            self._prefixes[count] = got
+        return got
+
+    def drift_terms(self, params: Sequence[torch.Tensor], live: torch.Tensor | None = None) -> torch.Tensor:
         """[Σ‖W − W_snap‖, Σ‖W_snap‖] over `params`, the first tensors of this pool: fp32
-        accumulation whatever the dtype, no allocation beyond the row norms, no sync."""
-        c = len(params)
-        rows = self.row_end[c - 1]
-        torch._foreach_copy_(self.scratch_views[:c], params)
-        self.scratch[:rows].sub_(self.snap[:rows])
-        sq = torch.linalg.vector_norm(self.both[:, :rows], dim=2, dtype=torch.float32).square_()
-        return self.norms[:, :c].zero_().index_add_(1, self.row_owner[:rows], sq).sqrt_().sum(1)
+        accumulation whatever the dtype, no allocation beyond the row norms, no sync. `live`: the
+        packed buffer that `params` are views of (then W − W_snap is one subtraction, no gather)."""
+        v = self.prefix(len(params), live)
+        if live is None:
+            torch._foreach_copy_(self.scratch_views[:len(params)], params)
+            v.scratch.sub_(v.snap)
+        elif live.device == self.scratch.device:
+            torch.sub(v.live_rows, v.snap, out=v.scratch)
+        else:  # snapshot offloaded to the CPU: one device-to-host copy of the packed buffer
+            v.scratch.copy_(v.live_rows)
+            v.scratch.sub_(v.snap)
+        sq = torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32).square_()
+        if v.owner is not None:
+            return torch.mm(sq, v.owner, out=v.norms).sqrt_().sum(1)
+        return v.norms.zero_().index_add_(1, v.row_owner, sq).sqrt_().sum(1)
 
 
 class MirrorSnapshot:
@@ -104,6 +151,18 @@ class MirrorSnapshot:
     into warm buffers avoids fresh allocations (page faults) at every entry, at the cost of keeping
     two adapter-sized buffers outside Mirror (one with kernel="fused", which needs no scratch).
     `weights` are views into the pools, in the order of the parameters given to `save`.
+
+    Packing (kernel="eager", `MirrorConfig.pack`, on by default): at the first `save`, the parameters
+    of each pool move into one live buffer with the pool's layout; each `p.data` becomes a view of
+    it. The Parameter objects, their values, gradients and optimizer state stay as they were. Save
+    and restore are then one copy between two buffers and the drift one subtraction, where they
+    were one op per tensor. A group is packed only if every parameter in it is a plain contiguous
+    tensor on one device that owns its whole storage (or already lives in a buffer of ours), and no
+    two share one; otherwise (tied weights, FSDP's flat views, tensor subclasses) nothing in that
+    group moves and its copies stay per tensor. Every call checks the parameters' data pointers
+    first, so a parameter moved or replaced since (`.to()`, `load_state_dict(assign=True)`) takes
+    the per-tensor path and is re-packed at the next `save`. A restore bumps the parameters'
+    version counters, as an in-place op would, so autograd still catches a pending backward.
     """
 
     def __init__(self, config: MirrorConfig | None = None):
@@ -115,6 +174,8 @@ class MirrorSnapshot:
         self._layout: tuple | None = None  # (shape, dtype, device) per tensor, what the pools were built for
         self._layout_key: list[int] | None = None  # the parameters' data pointers when the layout was checked
         self._pools: list[tuple[_FlatPool, list[int]]] = []  # each pool with the tensor indices it holds
+        self._live: list[torch.Tensor | None] = []  # per pool: the packed buffer its parameters are views of
+        self._lives: list[torch.Tensor] = []  # every packed buffer still in use (held, so no pointer is reused)
         self._views: list[torch.Tensor] = []  # the pools' snapshot views, in parameter order
         self._kernels = None  # the compiled fused kernels, for kernel="fused"
         if self.config.kernel == "fused":  # built (or loaded from the cache) now, not at the first stress episode
@@ -126,10 +187,10 @@ class MirrorSnapshot:
     def held(self) -> bool:
         return self.weights is not None
 
-    def _ensure_pools(self, params: Sequence[torch.Tensor]) -> None:
+    def _ensure_pools(self, params: Sequence[torch.Tensor], pack: bool = True) -> None:
         # Fast path: the same storages as at the last check means the same shapes, dtypes and devices
         # (a parameter moved, cast or reloaded gets new storage and so a full check).
-        key = [p.data_ptr() for p in params]
+        key = list(map(torch.Tensor.data_ptr, params))
         if key == self._layout_key:
             return
         if self.config.kernel == "fused":  # (the C++ kernels check contiguity and sizes again at every call)
@@ -148,7 +209,41 @@ class MirrorSnapshot:
                 for i, v in zip(idx, pool.snap_views):
                     self._views[i] = v
             self._layout = layout
-        self._layout_key = key
+        self._live = [None] * len(self._pools)
+        if pack and self.config.kernel == "eager" and self.config.pack:
+            with torch.no_grad():
+                self._live = [self._pack(pool, [params[i] for i in idx]) for pool, idx in self._pools]
+            for pool, _ in self._pools:
+                pool._prefixes.clear()  # views of an earlier buffer
+            in_use = {p.untyped_storage().data_ptr() for p in params}
+            self._lives = [b for b in self._lives if b.untyped_storage().data_ptr() in in_use]
+        self._layout_key = list(map(torch.Tensor.data_ptr, params))
+
+    def _pack(self, pool: _FlatPool, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Move `params` into one buffer laid out like `pool` (see the class docstring); None if any
+        of them may not move."""
+        ours = {b.untyped_storage().data_ptr() for b in self._lives}
+        seen = set()
+        for p in params:
+            if type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_contiguous() or p.is_meta:
+                return None
+            st = p.untyped_storage()
+            sp = st.data_ptr()
+            if sp not in ours:
+                if p.storage_offset() != 0 or st.nbytes() != p.numel() * p.element_size():
+                    return None  # a view into someone else's storage: moving it would cut that link
+                if p.numel() and sp in seen:
+                    return None  # two parameters on one storage (tied)
+                seen.add(sp)
+        if len({p.device for p in params}) != 1:
+            return None
+        live = torch.zeros(pool.snap.shape, device=params[0].device, dtype=params[0].dtype)
+        views = pool.views_of(live)
+        torch._foreach_copy_(views, [p.detach() for p in params])
+        for p, v in zip(params, views):
+            p.data = v
+        self._lives.append(live)
+        return live
 
     def _check_fused(self, params: Sequence[torch.Tensor]) -> None:
         """kernel="fused" takes contiguous fp32/bf16/fp16 CPU tensors."""
@@ -159,26 +254,39 @@ class MirrorSnapshot:
                     f"{p.dtype} on {p.device}{'' if p.is_contiguous() else ', not contiguous'}. "
                     "Use MirrorConfig(kernel='eager') for it")
 
-    def _pool_parts(self, params: Sequence[torch.Tensor]):
-        """(pool, that pool's share of `params`) for `params`, a prefix of the snapshot."""
+    def _pool_parts(self, params: Sequence[torch.Tensor], checked: bool = False):
+        """(pool, that pool's share of `params`, the packed buffer they are views of or None) for
+        `params`, a prefix of the snapshot. The packed buffer is given only while every parameter
+        still has the data pointer it had at the last check (`checked`: `_ensure_pools` just ran)."""
         n = len(params)
         if self._layout is None or n > len(self._layout):
             raise ValueError(f"Mirror: {n} parameters given, but the snapshot holds "
                              f"{0 if self._layout is None else len(self._layout)}")
+        packed = any(b is not None for b in self._live) and (
+            checked or list(map(torch.Tensor.data_ptr, params)) == self._layout_key[:n])
         if len(self._pools) == 1:
-            return [(self._pools[0][0], params)] if n else []
-        parts = [(pool, [params[i] for i in idx if i < n]) for pool, idx in self._pools]
-        return [(pool, mine) for pool, mine in parts if mine]
+            return [(self._pools[0][0], params, self._live[0] if packed else None)] if n else []
+        parts = [(pool, [params[i] for i in idx if i < n], live if packed else None)
+                 for (pool, idx), live in zip(self._pools, self._live)]
+        return [part for part in parts if part[1]]
 
-    @torch.no_grad()
+    # save, drift and restore take no autograd context on the packed path, which touches only buffers
+    # that do not require grad; the per-tensor paths read or write the parameters under no_grad.
     def save(self, params: Sequence[torch.Tensor], optimizer=None, loss_ema=None, step=None) -> None:
-        params = list(params)
-        self._ensure_pools(params)
-        for pool, mine in self._pool_parts(params):
-            if self._kernels is not None:
-                self._kernels.copy_all(pool.snap_views, mine)
-            else:
-                torch._foreach_copy_(pool.snap_views, mine)
+        self._save(list(params), optimizer, loss_ema, step, pack=True)
+
+    def _save(self, params: list[torch.Tensor], optimizer, loss_ema, step, pack: bool) -> None:
+        self._ensure_pools(params, pack)
+        for pool, mine, live in self._pool_parts(params, checked=True):
+            if live is not None:
+                v = pool.prefix(len(mine), live)
+                v.snap.copy_(v.live_rows)
+                continue
+            with torch.no_grad():
+                if self._kernels is not None:
+                    self._kernels.copy_all(pool.snap_views, mine)
+                else:
+                    torch._foreach_copy_(pool.snap_views, mine)
         self.weights = self._views
         self.opt_state = None
         dev = "cpu" if self.config.offload_to_cpu else None
@@ -192,41 +300,55 @@ class MirrorSnapshot:
                 )
         self.loss_at_entry, self.step_saved = loss_ema, step
 
-    @torch.no_grad()
     def drift(self, params: Sequence[torch.Tensor]) -> float:
         """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ over `params` (a prefix of the snapshot).
 
-        W is gathered into the pool's scratch (one foreach copy); W − W_snap is one contiguous
-        subtraction, and the per-tensor norms of W − W_snap and of W_snap are one row-norm kernel per
-        pool, accumulated in fp32 whatever the parameter dtype. A prefix uses its own denominator.
+        W − W_snap is one subtraction from the packed buffer (or, unpacked, a gather of W into the
+        pool's scratch by one foreach copy, then one contiguous subtraction), and the per-tensor norms
+        of W − W_snap and of W_snap are one row-norm kernel per pool, accumulated in fp32 whatever the
+        parameter dtype. A prefix uses its own denominator.
         One sync for the whole set; the snapshot is never written. With kernel="fused" one C++ pass
         per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them).
 
-        On CUDA the eager per-tensor sum is an `index_add_`, whose float additions may run in any order,
-        so the drift can differ in its last bits between runs; under
-        `torch.use_deterministic_algorithms(True)` torch runs it deterministically. On the CPU both
+        The eager per-tensor sum is a GEMM with a 0/1 ownership matrix, or, for a pool with more than
+        2^20 rows × tensors, an `index_add_`; on CUDA the latter's float additions may run in any order,
+        so the drift can differ in its last bits between runs (under
+        `torch.use_deterministic_algorithms(True)` torch runs it deterministically). On the CPU both
         kernels are deterministic (the fused one also across thread counts)."""
         if not self.held:
             raise ValueError("Mirror: drift() needs a snapshot; call save() first")
+        parts = self._pool_parts(params)
         if self._kernels is not None:  # fp64 [Σ(W − W_snap)², ΣW_snap²] per tensor, W and W_snap read in place
-            terms = [self._kernels.drift_sq(mine, pool.snap_views[:len(mine)]).sqrt_().sum(1)
-                     for pool, mine in self._pool_parts(params)]
+            with torch.no_grad():
+                terms = [self._kernels.drift_sq(mine, pool.snap_views[:len(mine)]).sqrt_().sum(1)
+                         for pool, mine, _ in parts]
+        elif all(live is not None for _, _, live in parts):
+            terms = [pool.drift_terms(mine, live) for pool, mine, live in parts]
         else:
-            terms = [pool.drift_terms(mine) for pool, mine in self._pool_parts(params)]
+            with torch.no_grad():  # the gather reads the parameters
+                terms = [pool.drift_terms(mine, live) for pool, mine, live in parts]
         if not terms:
             return 0.0
         # several pools (devices, dtypes): add up on the first pool's device
         num, den = (torch.stack([t.to(terms[0].device) for t in terms]).sum(0) if len(terms) > 1 else terms[0]).tolist()
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
-    @torch.no_grad()
     def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
         if not self.held:
             raise ValueError("Mirror: restore() needs a snapshot; call save() first")
+        params = list(params)
         if self._kernels is not None:
-            self._kernels.copy_all(params, self.weights[:len(params)])
-        else:  # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
-            torch._foreach_copy_(list(params), self.weights[:len(params)])
+            with torch.no_grad():
+                self._kernels.copy_all(params, self.weights[:len(params)])
+        else:
+            for pool, mine, live in self._pool_parts(params):
+                if live is not None:  # one copy; the views' own version counters are bumped here
+                    v = pool.prefix(len(mine), live)
+                    v.live_rows.copy_(v.snap)
+                    torch._C._increment_version(mine)  # (torch.autograd.graph.increment_version)
+                else:  # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
+                    with torch.no_grad():
+                        torch._foreach_copy_(mine, pool.snap_views[:len(mine)])
         if self.opt_state is not None and optimizer is not None:
             for p, st in zip(params, self.opt_state):
                 if st is None:
@@ -261,6 +383,7 @@ class MirrorSnapshot:
         self.clear()
         if sd["weights"] is not None:
             dev = "cpu" if self.config.offload_to_cpu else device
-            self.save([w.to(dev) if dev else w for w in sd["weights"]])  # copies into the pools
+            # copies into the pools; these tensors are not the parameters, so nothing is packed
+            self._save([w.to(dev) if dev else w for w in sd["weights"]], None, None, None, pack=False)
         self.opt_state = sd["opt_state"]
         self.loss_at_entry, self.step_saved = sd["loss_at_entry"], sd["step_saved"]

@@ -84,6 +84,7 @@ class TrainConfig:
     mirror_policy: str = "drift"
     drift_threshold: float = 0.05
     mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built with the controller; MirrorConfig.kernel)
+    mirror_pack: bool = True  # eager: snapshotted parameters packed into one buffer (MirrorConfig.pack)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # Shock (label corruption window), 0/0 = none
@@ -130,7 +131,8 @@ class TrainConfig:
         self.mirror_config()
 
     def mirror_config(self) -> MirrorConfig:
-        return MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold, kernel=self.mirror_kernel)
+        return MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold, kernel=self.mirror_kernel,
+                            pack=self.mirror_pack)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
