@@ -62,28 +62,31 @@ def test_bf16_layer_on_gpu_tracks_the_fp32_reference():
     assert _rel(y_mixed.float(), y_ref) < 2e-2
 
 
-def test_mirror_on_gpu_restores_bit_exactly_including_a_cpu_offloaded_snapshot():
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("offload", [False, True])
+def test_mirror_on_gpu_restores_bit_exactly_including_a_cpu_offloaded_snapshot(offload, pack):
+    # packed + offloaded: the parameters' buffer stays on the GPU, the snapshot on the CPU (one copy each way)
     g = torch.Generator(device="cpu").manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(8, 32, generator=g).to(CUDA)) for _ in range(6)]
     opt = torch.optim.AdamW(ps, lr=0.1)
     sum(p.sum() for p in ps).backward()
     opt.step()
-    for offload in (False, True):
-        snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=offload))
-        snap.save(ps, optimizer=opt)
-        assert snap.weights[0].device.type == ("cpu" if offload else "cuda")
-        w = [p.detach().clone() for p in ps]
-        m = opt.state[ps[0]]["exp_avg"].clone()
-        for _ in range(3):
-            sum((p ** 2).sum() for p in ps).backward()
-            opt.step()
-            opt.zero_grad()
-        d = snap.drift(ps)
-        expect = sum((p.detach() - q).norm().item() for p, q in zip(ps, w)) / sum(q.norm().item() for q in w)
-        assert d == pytest.approx(expect, rel=1e-4) and d > 0
-        snap.restore(ps, optimizer=opt)
-        assert all(torch.equal(p, q) for p, q in zip(ps, w)) and torch.equal(opt.state[ps[0]]["exp_avg"], m)
-        assert all(p.device.type == "cuda" for p in ps)
+    snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=offload, pack=pack))
+    snap.save(ps, optimizer=opt)
+    assert snap.weights[0].device.type == ("cpu" if offload else "cuda")
+    assert len({p.untyped_storage().data_ptr() for p in ps}) == (1 if pack else 6)
+    w = [p.detach().clone() for p in ps]
+    m = opt.state[ps[0]]["exp_avg"].clone()
+    for _ in range(3):
+        sum((p ** 2).sum() for p in ps).backward()
+        opt.step()
+        opt.zero_grad()
+    d = snap.drift(ps)
+    expect = sum((p.detach() - q).norm().item() for p, q in zip(ps, w)) / sum(q.norm().item() for q in w)
+    assert d == pytest.approx(expect, rel=1e-4) and d > 0
+    snap.restore(ps, optimizer=opt)
+    assert all(torch.equal(p, q) for p, q in zip(ps, w)) and torch.equal(opt.state[ps[0]]["exp_avg"], m)
+    assert all(p.device.type == "cuda" for p in ps)
 
 
 def test_controller_stress_cycle_on_gpu_and_peft_export_from_gpu_weights(tmp_path):

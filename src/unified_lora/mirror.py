@@ -8,7 +8,9 @@ it the change was a real signal → keep the new weights. Other policies:
 than at entry).
 
 Two kernels do the copies and the drift (`MirrorConfig.kernel`). "eager" (the
-default) uses torch ops on any device. "fused" uses C++ kernels for contiguous
+default) uses torch ops on any device, over parameters packed into one buffer
+at the first snapshot (`MirrorConfig.pack`; see `MirrorSnapshot`), so that
+save, drift and restore are one op each. "fused" uses C++ kernels for contiguous
 fp32/bf16/fp16 CPU tensors (`csrc/mirror_fused.cpp`, built when the snapshot
 object is created, i.e. with the controller): memcpy for save and restore, and one pass that reads W and W_snap in
 place for the drift. Both give the same snapshot and the same rollback, bit for
