@@ -41,6 +41,19 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def snapshot_then_train(snap, ps, opt, steps: int = 3):
+    """Save `ps` (with `opt`'s moments) into `snap`, then move them with `steps` AdamW steps. Returns the
+    weights and the first parameter's exp_avg as they were at the save."""
+    snap.save(ps, optimizer=opt)
+    w = [p.detach().clone() for p in ps]
+    m = opt.state[ps[0]]["exp_avg"].clone()
+    for _ in range(steps):
+        sum((p ** 2).sum() for p in ps).backward()
+        opt.step()
+        opt.zero_grad()
+    return w, m
+
+
 def classification_batch(n: int = 32, seq: int = 12, seed: int = 0):
     """Learnable synthetic task: label = 1 iff token 7 occurs in the sequence."""
     g = torch.Generator().manual_seed(seed)

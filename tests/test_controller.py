@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import VOCAB, can_build_cpp, classification_batch, tiny_bert, tiny_llama
+from conftest import VOCAB, can_build_cpp, classification_batch, snapshot_then_train, tiny_bert, tiny_llama
 from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, SignalConfig, UnifiedController, lora_state_dict,
                           read_trace, setup_unified_lora)
 
@@ -125,13 +125,7 @@ def test_restore_is_exact_and_includes_optimizer_moments_from_a_cpu_copy(kernel)
     sum(p.sum() for p in ps).backward()
     opt.step()
     snap = MirrorSnapshot(_mcfg(kernel, snapshot_optimizer=True, offload_to_cpu=True))
-    snap.save(ps, optimizer=opt)
-    w = [p.detach().clone() for p in ps]
-    m = opt.state[ps[0]]["exp_avg"].clone()
-    for _ in range(3):
-        sum((p ** 2).sum() for p in ps).backward()
-        opt.step()
-        opt.zero_grad()
+    w, m = snapshot_then_train(snap, ps, opt)
     snap.restore(ps, optimizer=opt)
     assert all(torch.equal(p, q) for p, q in zip(ps, w)) and torch.equal(opt.state[ps[0]]["exp_avg"], m)
 

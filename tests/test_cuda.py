@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import classification_batch, tiny_bert
+from conftest import classification_batch, snapshot_then_train, tiny_bert
 from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, NestedLoRALayer, SignalConfig,
                           setup_unified_lora)
 from unified_lora.peft_io import export_peft_adapter
@@ -72,15 +72,9 @@ def test_mirror_on_gpu_restores_bit_exactly_including_a_cpu_offloaded_snapshot(o
     sum(p.sum() for p in ps).backward()
     opt.step()
     snap = MirrorSnapshot(MirrorConfig(snapshot_optimizer=True, offload_to_cpu=offload, pack=pack))
-    snap.save(ps, optimizer=opt)
+    w, m = snapshot_then_train(snap, ps, opt)
     assert snap.weights[0].device.type == ("cpu" if offload else "cuda")
     assert len({p.untyped_storage().data_ptr() for p in ps}) == (1 if pack else 6)
-    w = [p.detach().clone() for p in ps]
-    m = opt.state[ps[0]]["exp_avg"].clone()
-    for _ in range(3):
-        sum((p ** 2).sum() for p in ps).backward()
-        opt.step()
-        opt.zero_grad()
     d = snap.drift(ps)
     expect = sum((p.detach() - q).norm().item() for p, q in zip(ps, w)) / sum(q.norm().item() for q in w)
     assert d == pytest.approx(expect, rel=1e-4) and d > 0
