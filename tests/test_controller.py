@@ -443,6 +443,27 @@ def test_packed_parameters_save_and_load_with_safetensors_transformers_and_torch
     assert all(torch.equal(got[k], v) for k, v in want.items() if k in got) and any(k in got for k in want)
 
 
+def test_a_packed_restore_bumps_versions_one_by_one_where_torch_takes_no_list(monkeypatch):
+    # torch before ~2.4 took one tensor per _increment_version call; the restore must still count as a write
+    real = torch._C._increment_version
+
+    def one_at_a_time(t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError("_increment_version(): argument 'tensor' must be Tensor, not list")
+        real(t)
+
+    monkeypatch.setattr(torch._C, "_increment_version", one_at_a_time)
+    ps = _mirror_params()
+    snap = MirrorSnapshot()
+    snap.save(ps)
+    loss = (ps[1] * ps[1]).sum()
+    before = ps[1]._version
+    snap.restore(ps)
+    assert ps[1]._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_mirror_pack_must_be_a_bool():
     with pytest.raises(ValueError, match="pack: must be true or false, got 'yes'"):
         MirrorConfig(pack="yes")

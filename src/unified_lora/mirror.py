@@ -56,6 +56,16 @@ _MIN_ROW = 64  # narrowest row of a flat pool; smaller tensors are zero-padded t
 _MAX_OWNER = 1 << 20  # the largest ownership matrix (rows × tensors, fp32: 4 MiB) the eager drift builds
 
 
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    """Count a write through a shared buffer as an in-place op on each tensor (what
+    torch.autograd.graph.increment_version does); one call for the list where torch takes one."""
+    try:
+        torch._C._increment_version(tensors)
+    except TypeError:  # torch before list support: one tensor a call
+        for t in tensors:
+            torch._C._increment_version(t)
+
+
 class _Prefix(NamedTuple):
     """Views of a pool over the rows of its first tensors (see `_FlatPool.prefix`)."""
 
@@ -347,7 +357,7 @@ class MirrorSnapshot:
                 if live is not None:  # one copy; the views' own version counters are bumped here
                     v = pool.prefix(len(mine), live)
                     v.live_rows.copy_(v.snap)
-                    torch._C._increment_version(mine)  # (torch.autograd.graph.increment_version)
+                    _bump_versions(mine)
                 else:  # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
                     with torch.no_grad():
                         torch._foreach_copy_(mine, pool.snap_views[:len(mine)])
