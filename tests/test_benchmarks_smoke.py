@@ -490,6 +490,17 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
     assert "| tiny | eager, pack=False |" in md and mc.PACKED_DRIFT in md
 
 
+def test_mirror_cost_renders_every_committed_json_old_and_new():
+    # the stop-8 GPU JSON predates the profile's gather primitive and the pack=False arm; it must still render
+    mc = _load("perf/mirror_cost.py")
+    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("*mirror_cost*.json"))
+    assert any("cuda" in f.name for f in files) and len(files) >= 3
+    for f in files:
+        p = json.loads(f.read_text())
+        md = mc.render(p)
+        assert ("eager, packed (default)" in md) is all("unpacked" in c for c in p["cases"]), f
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/mirror_cost.py", "perf/controller_overhead.py"])
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(script, tmp_path):

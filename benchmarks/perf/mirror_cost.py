@@ -118,6 +118,7 @@ def cpp_prims(k, params, pool, snap) -> dict:
     return {CPP_COPY: lambda: k.copy_all(bufs, ws), CPP_DRIFT: lambda: k.drift_sq(ws, views), CPP_CYCLE: cycle}
 
 
+GATHER = "gather (copy into the pool)"
 PACKED_DRIFT = "packed drift terms (sub + row norms, no gather)"
 UNPACKED_DRIFT = "drift terms (gather + sub_ + row norms)"
 
@@ -209,7 +210,7 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
         if not all(torch.equal(a, b) for a, b in zip(flat.split(sizes), flat_views)):
             raise SystemExit("torch.cat into the flat buffer did not copy every tensor: not timing a wrong copy")
     prims = {FLAT_COPY: lambda: torch.cat(flat_views, out=flat),
-             "gather (copy into the pool)": lambda: torch._foreach_copy_(pool.scratch_views, params_u),
+             GATHER: lambda: torch._foreach_copy_(pool.scratch_views, params_u),
              "flat sub_ (W − S)": lambda: pool.scratch.sub_(pool.snap),
              UNPACKED_DRIFT: lambda: pool.drift_terms(params_u),
              "packed save (one copy between two buffers)": lambda: pool_p.snap.copy_(live),
@@ -319,7 +320,7 @@ def _copies_floor(case: dict) -> float:
     """save + gather + restore of the per-tensor eager cycle, each ÷ one copy (medians): what it costs
     before any arithmetic."""
     ph, prim = _unpacked(case)["phase_multiples"], case["primitive_multiples"]
-    return ph["save"]["median"] + prim["gather (copy into the pool)"]["median"] + ph["restore"]["median"]
+    return ph["save"]["median"] + prim[GATHER]["median"] + ph["restore"]["median"]
 
 
 def render(p: dict) -> str:
@@ -350,10 +351,10 @@ def render(p: dict) -> str:
                      + " |")
     per_tensor = ("A per-tensor eager cycle (`pack=False`) is save (one foreach copy into the flat pool) + drift "
                   "(gather W into the pool's scratch, one flat sub_, one row-norm kernel for ‖W − W_snap‖ and "
-                  "‖W_snap‖ per tensor) + restore (foreach copy back). Its three copies alone, with their host "
-                  "overhead, cost save + gather + restore = " + ", ".join(
-                      f"{c['set']} {_copies_floor(c):.2f}×" for c in p["cases"]) + " in this run, before any "
-                  "arithmetic.")
+                  "‖W_snap‖ per tensor) + restore (foreach copy back).")
+    if all(GATHER in c["primitive_multiples"] for c in p["cases"]):  # (stop 8's GPU JSON predates the primitive)
+        per_tensor += (" Its three copies alone, with their host overhead, cost save + gather + restore = " + ", ".join(
+            f"{c['set']} {_copies_floor(c):.2f}×" for c in p["cases"]) + " in this run, before any arithmetic.")
     if packed:
         lines += ["", "The baseline is one `_foreach_copy_` of the adapter parameters as a model holds them, one "
                   "allocation per tensor. The default arm (`MirrorConfig(pack=True)`) moved its parameters into one "
