@@ -128,17 +128,28 @@ def run_rounds(script, arms: list[str], rounds: int, child_args: list[str], load
     return runs
 
 
-def main(argv=None) -> dict | None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per arm (229 = one MRPC epoch)")
-    ap.add_argument("--rounds", type=int, default=2, help="times each arm runs (rotating order)")
-    ap.add_argument("--arms", default=",".join(ARMS), help="unified (v3 composite), unified_v1, peft_r<N>")
+def add_common_args(ap) -> None:
+    """The options e2e.py and profile_e2e.py share; `--child ARM` is how run_rounds starts one arm's process."""
     ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM); 'tiny' = random 2-layer BERT")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def common_child_args(args) -> list[str]:
+    """add_common_args' options that a child process must see, as run_rounds passes them."""
+    return ["--max-length", str(args.max_length), "--threads", str(args.threads)] + (
+        ["--model", args.model] if args.model else [])
+
+
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="training steps per arm (229 = one MRPC epoch)")
+    ap.add_argument("--rounds", type=int, default=2, help="times each arm runs (rotating order)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="unified (v3 composite), unified_v1, peft_r<N>")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.steps, args.rounds, args.max_length, args.threads = "tiny", 3, 1, 32, 1
@@ -149,8 +160,7 @@ def main(argv=None) -> dict | None:
 
     load = LoadMonitor(own_threads=args.threads)  # each child runs alone with this many threads
     arms = args.arms.split(",")
-    child_args = ["--steps", str(args.steps), "--max-length", str(args.max_length), "--threads", str(args.threads)]
-    runs = run_rounds(__file__, arms, args.rounds, child_args + (["--model", args.model] if args.model else []), load,
+    runs = run_rounds(__file__, arms, args.rounds, ["--steps", str(args.steps), *common_child_args(args)], load,
                       lambda r: f"loop {r['loop_s']:.1f}s  peak RSS {r['vm_hwm_bytes'] / 2**20:.0f} MiB")
     summary = {a: {"loop_s": summarize([r["loop_s"] for r in rs]),
                    "peak_rss_bytes": summarize([r["vm_hwm_bytes"] for r in rs]),

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import LoadMonitor, command_line, contention_note, environment, fmt_range, publish, summarize  # noqa: E402
-from e2e import batches, build_arm, run_rounds  # noqa: E402
+from e2e import add_common_args, batches, build_arm, common_child_args, run_rounds  # noqa: E402
 
 PHASES = ("forward", "backward", "controller", "optimizer", "zero_grad")
 
@@ -212,15 +212,10 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40, help="phase-timed steps per arm and round")
     ap.add_argument("--profile-steps", type=int, default=10)
-    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM); 'tiny' = random 2-layer BERT")
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--interleaved", action="store_true",
                     help="all arms in one process, taking turns step by step (no profiler; paired step ratios)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_common_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.rounds, args.warmup, args.steps, args.profile_steps = "tiny", 1, 1, 3, 2
@@ -243,8 +238,8 @@ def main(argv=None) -> dict | None:
                              "steps": args.steps, "arms": arms, "baseline": arms[-1]}, **res}
         return publish("perf_profile_e2e_interleaved", payload, render_interleaved, args.quick, args.results_dir)
     child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
-                  "--max-length", str(args.max_length), "--threads", str(args.threads)]
-    runs = run_rounds(__file__, arms, args.rounds, child_args + (["--model", args.model] if args.model else []), load,
+                  *common_child_args(args)]
+    runs = run_rounds(__file__, arms, args.rounds, child_args, load,
                       lambda r: f"{r['wall_s'] / args.steps * 1e3:.1f} ms/step")
     ours, base = arms[0], arms[-1]
     summary = {}
