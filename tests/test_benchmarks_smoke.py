@@ -490,6 +490,20 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
     assert "| tiny | eager, pack=False |" in md and mc.PACKED_DRIFT in md
 
 
+@pytest.mark.skipif(not can_build_cpp(), reason="--with-cpp builds csrc/nested_path.cpp: needs g++ and ninja")
+def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_include_it(tmp_path):
+    payload = _load("perf/layer.py").main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
+    assert [c["rank"] for c in payload["cases"]] == [4, 8, 16]
+    for c in payload["cases"]:  # checked equal to the default layer before timing; saves what PEFT saves
+        assert c["cpp"]["ratio"]["median"] > 0 and c["cpp"]["ratio"]["n"] == 3
+        assert c["cpp"]["memory"]["activation_bytes"] == c["memory"]["peft"]["activation_bytes"]
+    md = (tmp_path / "perf.md").read_text()
+    assert "`--with-cpp`" in md and 'kernel="cpp" ratio' in md
+    variants = _load("perf/layer_variants.py").main(["--quick", "--results-dir", str(tmp_path)])
+    assert all(list(c["variants"]) == ["function", "cpp", "cat", "perblock"] for c in variants["cases"])
+    assert 'cpp (library, kernel="cpp")' in (tmp_path / "perf.md").read_text()
+
+
 def test_mirror_cost_renders_every_committed_json_old_and_new():
     # the stop-8 GPU JSON predates the profile's gather primitive and the pack=False arm; it must still render
     mc = _load("perf/mirror_cost.py")

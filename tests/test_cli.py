@@ -159,6 +159,13 @@ def test_train_takes_the_mirror_kernel_flag_and_records_it(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["config"]["mirror_kernel"] == "fused"
 
 
+@pytest.mark.skipif(not can_build_cpp(), reason="layer_kernel='cpp' needs g++ and ninja")
+def test_train_takes_the_layer_kernel_flag_and_records_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1", "--layer-kernel", "cpp")) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["layer_kernel"] == "cpp"
+
+
 def test_train_takes_no_mirror_pack_and_records_it(tiny, tmp_path):
     out = tmp_path / "run"
     assert main(_train_args(tiny, out, "--epochs", "1", "--no-mirror-pack")) == 0
@@ -239,6 +246,7 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("bad_theta", "theta0"),
     ("bad_config_key", "unknown key(s) ['epochz']"),
     ("bad_mirror_kernel", "kernel: must be 'eager' or 'fused', got 'cuda'"),
+    ("bad_layer_kernel", "layer_kernel: must be one of ('python', 'cpp'), got 'cuda'"),
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
     ("missing_trace", "no such trace file"),
@@ -256,6 +264,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "bad_config_key": ["train", "--config", str(_write(tmp_path / "c.yaml", "epochz: 3\n"))],
         "bad_mirror_kernel": ["train", "--config", str(_write(tmp_path / "k.yaml", f"model: {tiny['bert']}\n"
                                                               f"data: {tiny['csv']}\nmirror_kernel: cuda\n"))],
+        "bad_layer_kernel": ["train", "--config", str(_write(tmp_path / "l.yaml", f"model: {tiny['bert']}\n"
+                                                             f"data: {tiny['csv']}\nlayer_kernel: cuda\n"))],
         "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],

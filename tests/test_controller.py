@@ -231,6 +231,26 @@ def test_end_to_end_every_mirror_path_follows_the_packed_eager_trajectory(other)
     assert drifts and all(q == pytest.approx(r, rel=1e-5) for r, q in drifts)
 
 
+@pytest.mark.skipif(not can_build_cpp(), reason="layer_kernel='cpp' builds csrc/nested_path.cpp: needs g++ and ninja")
+def test_end_to_end_the_cpp_layer_kernel_follows_the_python_kernel_bit_for_bit():
+    # a whole stress cycle (ranks 8 -> 16 -> 8, Mirror save and rollback) with the layers' nested path in C++:
+    # every loss, mode, rank and final weight is the Python kernel's, to the bit
+    runs = {}
+    for layer_kernel in ("python", "cpp"):
+        x, y = classification_batch(64)
+        model = tiny_bert()
+        ctrl = _stress_cycle(model, lambda s: (x, y), lambda y, s: 1 - y, target_modules=["query", "value"],
+                             modules_to_save=["classifier"], layer_kernel=layer_kernel)
+        _assert_mirror_during_shock_then_multi(ctrl, 90, 40)
+        assert {a.kernel for a in ctrl.adapters} == {layer_kernel}
+        assert max(r.rank for r in ctrl.trace) == 16  # two and three active blocks both ran
+        runs[layer_kernel] = ctrl.trace, [p.detach().clone() for p in ctrl.managed_parameters()]
+    (a, wa), (b, wb) = runs["python"], runs["cpp"]
+    assert [(r.mode, r.rank, r.snapshot, r.transition, r.loss) for r in a] == \
+        [(r.mode, r.rank, r.snapshot, r.transition, r.loss) for r in b]
+    assert all(torch.equal(p, q) for p, q in zip(wa, wb))
+
+
 def test_end_to_end_llama_corrupted_labels_drive_mirror_and_clean_data_returns_to_multi():
     pattern = torch.arange(16) % 5 + 3
 

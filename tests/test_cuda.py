@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import classification_batch, snapshot_then_train, tiny_bert
+from conftest import can_build_cpp, classification_batch, snapshot_then_train, tiny_bert
 from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, NestedLoRALayer, SignalConfig,
                           setup_unified_lora)
 from unified_lora.peft_io import export_peft_adapter
@@ -19,11 +19,16 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+KERNELS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(not can_build_cpp(), reason="needs g++ and ninja"))]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("rank", [4, 8, 16])
-def test_nested_layer_on_gpu_matches_the_cpu_values_and_gradients(rank):
+def test_nested_layer_on_gpu_matches_the_cpu_values_and_gradients(rank, kernel):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(rank)
-    cpu = NestedLoRALayer(torch.nn.Linear(48, 40), rank_levels=(4, 8, 16), lora_alpha=16, initial_rank=rank)
+    cpu = NestedLoRALayer(torch.nn.Linear(48, 40), rank_levels=(4, 8, 16), lora_alpha=16, initial_rank=rank,
+                          kernel=kernel)
     with torch.no_grad():
         for b in cpu.lora_B:
             b.normal_(0, 0.1)
@@ -43,9 +48,11 @@ def test_nested_layer_on_gpu_matches_the_cpu_values_and_gradients(rank):
             assert _rel(q.grad.cpu(), p.grad) < 1e-5, n
 
 
-def test_bf16_layer_on_gpu_tracks_the_fp32_reference():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_layer_on_gpu_tracks_the_fp32_reference(kernel):
     torch.manual_seed(0)
-    ref = NestedLoRALayer(torch.nn.Linear(256, 256), rank_levels=(4, 8, 16), lora_alpha=16, initial_rank=16)
+    ref = NestedLoRALayer(torch.nn.Linear(256, 256), rank_levels=(4, 8, 16), lora_alpha=16, initial_rank=16,
+                          kernel=kernel)
     with torch.no_grad():
         for b in ref.lora_B:
             b.normal_(0, 0.05)
@@ -60,6 +67,30 @@ def test_bf16_layer_on_gpu_tracks_the_fp32_reference():
     mixed.base_layer.to(torch.bfloat16)
     y_mixed = mixed(x.to(torch.bfloat16))
     assert _rel(y_mixed.float(), y_ref) < 2e-2
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
+@pytest.mark.parametrize("rank", [8, 16])
+def test_cpp_kernel_on_gpu_under_bf16_autocast_matches_the_python_kernel(rank):
+    torch.manual_seed(rank)
+    py = NestedLoRALayer(torch.nn.Linear(96, 80), rank_levels=(4, 8, 16), lora_alpha=16, initial_rank=rank).to(CUDA)
+    with torch.no_grad():
+        for b in py.lora_B:
+            b.normal_(0, 0.05)
+    cpp = copy.deepcopy(py)
+    cpp.kernel = "cpp"
+    x = torch.randn(4, 32, 96, device=CUDA)
+    gy = torch.randn(4, 32, 80, device=CUDA)
+    outs = []
+    for layer in (py, cpp):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xx)
+        y.float().backward(gy)
+        outs.append([y.float(), xx.grad] + [p.grad for p in layer.active_parameters()])
+    assert "CppNode" in y.grad_fn.name() and outs[1][0].dtype == torch.float32
+    for a, b in zip(*outs):
+        assert b.dtype == a.dtype and _rel(b, a) < 1e-3
 
 
 @pytest.mark.parametrize("pack", [True, False])

@@ -7,7 +7,17 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import can_build_cpp
 from unified_lora import NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_state_dict
+
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(
+    not can_build_cpp(), reason="kernel='cpp' builds csrc/nested_path.cpp: needs g++ and ninja"))
+
+
+@pytest.fixture(params=["python", CPP])
+def kernel(request):
+    """How the layer runs two or more active blocks: the Python autograd.Function, or the C++ one."""
+    return request.param
 
 
 def _randomize_B(layer: NestedLoRALayer, seed=0):
@@ -26,8 +36,8 @@ def test_delta_is_zero_at_start_so_outputs_equal_the_base():
 
 
 @pytest.mark.parametrize("rank", [4, 8, 16])
-def test_forward_equals_the_equation_at_every_rank(rank):
-    layer = NestedLoRALayer(nn.Linear(16, 8), lora_alpha=16)
+def test_forward_equals_the_equation_at_every_rank(rank, kernel):
+    layer = NestedLoRALayer(nn.Linear(16, 8), lora_alpha=16, kernel=kernel)
     _randomize_B(layer)
     layer.set_rank(rank)
     x = torch.randn(5, 16)
@@ -232,9 +242,9 @@ def _reference_delta(layer, x):
 
 
 @pytest.mark.parametrize("rank", [4, 8, 16])
-def test_gradients_of_every_active_block_match_plain_autograd(rank):
+def test_gradients_of_every_active_block_match_plain_autograd(rank, kernel):
     torch.manual_seed(0)
-    layer = NestedLoRALayer(nn.Linear(12, 6).double(), lora_alpha=8, initial_rank=rank)
+    layer = NestedLoRALayer(nn.Linear(12, 6).double(), lora_alpha=8, initial_rank=rank, kernel=kernel)
     _randomize_B(layer)
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 5, 6, dtype=torch.float64)
@@ -250,9 +260,9 @@ def test_gradients_of_every_active_block_match_plain_autograd(rank):
     assert all(p.grad is None for p in layer.lora_parameters() if id(p) not in active)
 
 
-def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate():
+def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate(kernel):
     """Same activation memory as PEFT: no concatenated copy of A or B is kept for backward."""
-    layer = NestedLoRALayer(nn.Linear(32, 16), initial_rank=16)
+    layer = NestedLoRALayer(nn.Linear(32, 16), initial_rank=16, kernel=kernel)
     x = torch.randn(64, 32)
     params = {p.data_ptr() for p in layer.parameters()}
     saved = []
@@ -262,8 +272,8 @@ def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate():
     assert sorted(extra.values()) == [torch.Size([64, 16])]  # u = h Aᵀ only
 
 
-def test_bf16_autocast_backward_gives_fp32_gradients():
-    layer = NestedLoRALayer(nn.Linear(16, 8), initial_rank=8)
+def test_bf16_autocast_backward_gives_fp32_gradients(kernel):
+    layer = NestedLoRALayer(nn.Linear(16, 8), initial_rank=8, kernel=kernel)
     _randomize_B(layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(torch.randn(4, 16))
@@ -273,12 +283,12 @@ def test_bf16_autocast_backward_gives_fp32_gradients():
 
 @pytest.mark.parametrize("rank", [2, 4])  # one active block (plain ops) and two (the custom Function)
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
-def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base_dtype, rank):
+def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base_dtype, rank, kernel):
     # the LoRA up-projection accumulates into the base output with one addmm (or, for a base
     # output of another dtype, a cast add): values and every gradient must equal the plain maths
     torch.manual_seed(0)
     base = nn.Linear(12, 10).to(base_dtype)
-    layer = NestedLoRALayer(base, rank_levels=(2, 4, 8), lora_alpha=6.0)
+    layer = NestedLoRALayer(base, rank_levels=(2, 4, 8), lora_alpha=6.0, kernel=kernel)
     _randomize_B(layer)
     for q in list(layer.lora_A) + list(layer.lora_B):  # fp32 adapters: bf16 exercises the cast-add path
         q.data = q.data.float()
@@ -301,3 +311,127 @@ def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base
     torch.testing.assert_close(torch.cat([a.grad for a in layer.lora_A[:k]], 0), torch.cat(gA, 0), **tol)
     torch.testing.assert_close(torch.cat([b.grad for b in layer.lora_B[:k]], 1), torch.cat(gB, 1), **tol)
     assert layer.lora_A[2].grad is None  # the paused block stays out of the graph
+
+
+# -- kernel="cpp": the nested path as a C++ autograd Function --------------------------------------------------
+
+
+def _run_layer(layer, x, gy, autocast=None):
+    for p in list(layer.parameters()) + [x]:
+        p.grad = None
+    if autocast:
+        with torch.autocast("cpu", dtype=autocast):
+            y = layer(x)
+    else:
+        y = layer(x)
+    y.backward(gy.to(y.dtype))
+    return [y.detach(), x.grad] + [p.grad for p in layer.lora_parameters()]
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("case", ["fp32", "bf16_autocast", "bf16_base_fp32_adapters", "x_without_grad"])
+def test_cpp_kernel_gives_bit_identical_outputs_and_gradients_to_the_python_kernel(case, rank):
+    torch.manual_seed(rank)
+    py = NestedLoRALayer(nn.Linear(24, 20), initial_rank=rank)
+    _randomize_B(py)
+    if case == "bf16_base_fp32_adapters":
+        py.base_layer.to(torch.bfloat16)
+    cpp = copy.deepcopy(py)
+    cpp.kernel = "cpp"
+    dtype = torch.bfloat16 if case == "bf16_base_fp32_adapters" else torch.float32
+    x = torch.randn(3, 7, 24, dtype=dtype, requires_grad=case != "x_without_grad")
+    gy = torch.randn(3, 7, 20)
+    ac = torch.bfloat16 if case == "bf16_autocast" else None
+    ref, got = _run_layer(py, x, gy, ac), _run_layer(cpp, x, gy, ac)
+    assert "CppNode" in cpp(x).grad_fn.name() and "CppNode" not in py(x).grad_fn.name()
+    assert ref[0].dtype == got[0].dtype and (ref[1] is None) == (case == "x_without_grad")
+    for a, b in zip(ref, got):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert sum(g is not None for g in got[2:]) == 2 * py.n_active_blocks  # paused blocks stay out of the graph
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
+@pytest.mark.parametrize("rank", [8, 16])
+def test_cpp_kernel_passes_gradcheck(rank):
+    layer = NestedLoRALayer(nn.Linear(6, 5).double(), rank_levels=(2, 4, 8), initial_rank=rank // 2, kernel="cpp")
+    _randomize_B(layer)
+    from unified_lora._fused import layer_kernels
+
+    blocks = [p for p in layer.active_parameters()]  # A blocks, then B blocks
+    k = layer.n_active_blocks
+    assert k >= 2
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    f = lambda base, x, *bl: layer_kernels().nested_path(base, x, layer.scaling, k, list(bl))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (base, x, *blocks))
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
+def test_cpp_kernel_catches_a_block_changed_in_place_before_backward():
+    layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel="cpp")
+    y = layer(torch.randn(4, 8, requires_grad=True))
+    with torch.no_grad():
+        layer.lora_B[1].add_(1.0)  # e.g. a restore between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_kernel_must_be_python_or_cpp_and_a_missing_compiler_fails_at_construction(monkeypatch, tmp_path):
+    # needs no compiler: the missing one is the case under test
+    with pytest.raises(ValueError, match=r"kernel: must be one of \('python', 'cpp'\), got 'triton'"):
+        NestedLoRAConfig(kernel="triton")
+    with pytest.raises(ValueError, match="kernel: must be one of"):
+        NestedLoRALayer(nn.Linear(4, 4), kernel="cuda")
+    from unified_lora._fused import FusedKernelsUnavailable, layer_kernels
+
+    layer_kernels.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler and no ninja on this PATH
+    try:
+        with pytest.raises(FusedKernelsUnavailable, match=r"kernel='cpp'\) builds nested_path.cpp .* needs a C\+\+ "
+                                                          r"compiler \(g\+\+\) and ninja.*kernel='python' \(the default\)"):
+            NestedLoRALayer(nn.Linear(4, 4), kernel="cpp")
+    finally:
+        layer_kernels.cache_clear()
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
+def test_a_cpp_kernel_model_saves_loads_and_copies_like_any_other(tmp_path, bert):
+    import io
+
+    adapters = inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query", "value"], initial_rank=16,
+                                                         kernel="cpp"))
+    assert all(a.kernel == "cpp" for a in adapters.values())
+    assert "kernel=cpp" in repr(next(iter(adapters.values())))
+    buf = io.BytesIO()
+    torch.save(bert, buf)  # the layer holds the kernel's name, not the compiled module
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(bert)
+    ids = torch.randint(0, 64, (2, 9))
+    ref = bert(input_ids=ids).logits
+    for m in (again, twin):
+        torch.testing.assert_close(m(input_ids=ids).logits, ref, rtol=0, atol=0)
+    assert set(lora_state_dict(bert)) == set(lora_state_dict(again))
+
+
+@pytest.mark.parametrize("kernel_name", ["python", CPP])
+def test_torch_compile_traces_the_python_kernel_whole_and_breaks_the_graph_at_the_cpp_one(kernel_name):
+    # the README's advice (keep kernel="python" under torch.compile) rests on this
+    import torch._dynamo as dynamo
+
+    layer = NestedLoRALayer(nn.Linear(16, 16), initial_rank=16, kernel=kernel_name)
+    _randomize_B(layer)
+    x = torch.randn(4, 16)
+    explained = dynamo.explain(layer)(x)
+    assert (len(explained.break_reasons) > 0) is (kernel_name == "cpp")
+    dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, backend="eager")(x), layer(x))  # correct either way
+    dynamo.reset()
+
+
+def test_a_layer_pickled_before_the_kernel_option_still_runs():
+    layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16)
+    del layer.__dict__["kernel"]  # what torch.load gives for a whole layer saved by an older version
+    assert layer.kernel == "python"
+    layer(torch.randn(2, 8)).sum().backward()

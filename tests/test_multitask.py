@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_bert
+from conftest import VOCAB, can_build_cpp, tiny_bert
 
 from unified_lora import MULTI, SINGLE, MachineConfig, trainable_parameters
 from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
@@ -79,6 +79,24 @@ def test_conflict_enters_multi_and_task_adapters_beat_shared():
     acc = (task_acc(m1, x, ya, "a"), task_acc(m1, x, yb, "b"))
     assert min(acc) >= 0.9, (acc, shared)
     assert sum(acc) / 2 > sum(shared) / 2 + 0.3
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="layer_kernel='cpp' needs g++ and ninja")
+def test_the_shared_adapter_runs_the_cpp_layer_kernel_like_the_python_one():
+    data = conflict_data()
+    weights = {}
+    for kernel in ("python", "cpp"):
+        model, ad, ctrl, opt = build(layer_kernel=kernel)
+        for a in ad.values():
+            a.set_rank(16)  # three active blocks
+        assert {a.kernel for a in ad.values()} == {kernel} and ctrl.router.topology == "shared"
+        ctrl.router.track_grads = False  # the shared topology's plain NestedLoRALayer forward
+        q = next(a for n, a in ad.items() if n.endswith("query"))
+        node = q(torch.randn(2, q.in_features)).grad_fn.name()
+        assert ("CppNode" in node) is (kernel == "cpp"), node
+        train(model, ctrl, opt, 5, data, use_ctrl=False)
+        weights[kernel] = [p.detach().clone() for p in trainable_parameters(model)]
+    assert all(torch.equal(p, q) for p, q in zip(weights["python"], weights["cpp"]))
 
 
 def test_outputs_unchanged_at_split():

@@ -1,9 +1,11 @@
-"""Build and load the fused CPU Mirror kernels (`csrc/mirror_fused.cpp`) for `MirrorConfig(kernel="fused")`.
+"""Build and load the optional C++ extensions at first use, with torch's `load_inline` (g++ and ninja):
 
-The first call compiles the file with torch's `load_inline` (g++ and ninja; about a minute on 2 cores). Later
-calls in the same process return the loaded module. Later processes reuse torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), which load_inline rebuilds when the source
-or the torch version changes.
+- `csrc/mirror_fused.cpp` for `MirrorConfig(kernel="fused")`: the fused CPU Mirror kernels;
+- `csrc/nested_path.cpp` for `NestedLoRALayer(kernel="cpp")`: the nested path as a C++ autograd Function.
+
+The first call compiles the file (about half a minute to a minute on 2 cores). Later calls in the same process
+return the loaded module. Later processes reuse torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
+`~/.cache/torch_extensions`), which load_inline rebuilds when the source or the torch version changes.
 """
 
 from __future__ import annotations
@@ -12,29 +14,41 @@ import functools
 import shutil
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "mirror_fused.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "mirror_fused.cpp"
+LAYER_SOURCE = CSRC / "nested_path.cpp"
 FLAGS = ["-O3", "-fopenmp"]  # no -march=native: the cached build must run on every host that shares the cache
 
 
 class FusedKernelsUnavailable(RuntimeError):
-    """The fused Mirror kernels could not be built here (no C++ compiler or ninja, or the build failed)."""
+    """A C++ extension could not be built here (no C++ compiler or ninja, or the build failed)."""
 
 
-@functools.lru_cache(maxsize=None)
-def mirror_kernels():
-    """The compiled module, with `drift_sq(w, s)` and `copy_all(dst, src)`; see `csrc/mirror_fused.cpp`."""
+def _build(name: str, source: Path, functions: list[str], option: str, default: str, **flags):
     from torch.utils.cpp_extension import is_ninja_available, load_inline
 
     missing = [what for what, ok in (("a C++ compiler (g++)", shutil.which("g++") or shutil.which("c++")),
                                      ("ninja (pip install ninja)", is_ninja_available())) if not ok]
     if missing:
         raise FusedKernelsUnavailable(
-            f"MirrorConfig(kernel='fused') builds {SOURCE.name} at first use and needs {' and '.join(missing)}; "
-            "install it, or use kernel='eager' (the default)")
+            f"{option} builds {source.name} at first use and needs {' and '.join(missing)}; "
+            f"install it, or use {default} (the default)")
     try:
-        return load_inline("unified_lora_mirror_fused", cpp_sources=SOURCE.read_text(),
-                           functions=["drift_sq", "copy_all"], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        return load_inline(name, cpp_sources=source.read_text(), functions=functions, **flags)
     except Exception as e:  # compiler errors surface as RuntimeError / CalledProcessError with the build log
         raise FusedKernelsUnavailable(
-            f"MirrorConfig(kernel='fused'): building {SOURCE.name} failed ({type(e).__name__}: {e}); "
-            "use kernel='eager' (the default)") from e
+            f"{option}: building {source.name} failed ({type(e).__name__}: {e}); use {default} (the default)") from e
+
+
+@functools.lru_cache(maxsize=None)
+def mirror_kernels():
+    """The compiled module, with `drift_sq(w, s)` and `copy_all(dst, src)`; see `csrc/mirror_fused.cpp`."""
+    return _build("unified_lora_mirror_fused", SOURCE, ["drift_sq", "copy_all"], "MirrorConfig(kernel='fused')",
+                  "kernel='eager'", extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+
+
+@functools.lru_cache(maxsize=None)
+def layer_kernels():
+    """The compiled module, with `nested_path(base_out, h, scaling, k, blocks)`; see `csrc/nested_path.cpp`."""
+    return _build("unified_lora_nested_path", LAYER_SOURCE, ["nested_path"], "NestedLoRALayer(kernel='cpp')",
+                  "kernel='python'", extra_cflags=["-O2"])

@@ -270,7 +270,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
-        "mirror_pack")},
+        "mirror_pack", "layer_kernel")},
     "lrs": "mode_lrs",
 }
 
@@ -607,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mirror-policy")
     t.add_argument("--mirror-kernel", choices=("eager", "fused"),
                    help="Mirror copies and drift: torch ops (default) or fused C++ CPU kernels (needs g++ and ninja)")
+    t.add_argument("--layer-kernel", choices=("python", "cpp"),
+                   help="how layers run two or more active blocks: a Python autograd.Function (default) or the same "
+                        "computation as a C++ autograd Function, built at first use (needs g++ and ninja)")
     t.add_argument("--mirror-pack", action=argparse.BooleanOptionalAction, default=None,
                    help="eager Mirror: pack the snapshotted parameters into one buffer at the first snapshot "
                         "(default on; --no-mirror-pack leaves every parameter's storage alone)")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora", "alpha_over_max_rank")
+KERNELS = ("python", "cpp")  # how NestedLoRALayer runs two or more active blocks (see NestedLoRAConfig)
 MODES = ("SINGLE", "MULTI", "MIRROR")
 SINGLE, MULTI, MIRROR = 0, 1, 2
 
@@ -44,6 +45,14 @@ class NestedLoRAConfig:
     seed's), "rslora" (alpha / sqrt(r)), or "alpha_over_max_rank" (alpha /
     max_rank at every rank, so a rank switch leaves the kept blocks'
     contribution unchanged; the other three rescale it at every switch).
+    `kernel`: how a layer runs two or more active blocks. "python" (default):
+    a torch `autograd.Function`, no build step, traceable by torch.compile.
+    "cpp": the same computation as a C++ autograd Function
+    (`csrc/nested_path.cpp`, built at first use with g++ and ninja), which
+    takes the Python host time out of every forward and backward: the cost
+    that dominates on a GPU, where these small GEMMs take microseconds. Both
+    save the same tensors, PEFT's; one active block runs as plain torch ops
+    with either.
     """
 
     target_modules: Sequence[str] | str = ("q_proj", "v_proj")
@@ -54,6 +63,7 @@ class NestedLoRAConfig:
     scaling: str = "alpha_over_r"
     modules_to_save: Sequence[str] | None = None
     initial_rank: int | None = None
+    kernel: str = "python"
 
     def __post_init__(self) -> None:
         if self.max_rank is None:
@@ -69,6 +79,8 @@ class NestedLoRAConfig:
             _fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.scaling not in SCALINGS:
             _fail("scaling", f"must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.kernel not in KERNELS:
+            _fail("kernel", f"must be one of {KERNELS}, got {self.kernel!r}")
         if self.initial_rank is None:
             self.initial_rank = self.rank_levels[min(1, len(self.rank_levels) - 1)]
         if self.initial_rank not in self.rank_levels:

@@ -319,19 +319,22 @@ def setup_unified_lora(
     optimizer=None,
     lr_mode: str = "multiplier",
     mode_ranks: Sequence[int] | None = None,
+    layer_kernel: str = "python",
     **controller_kwargs,
 ) -> tuple[dict[str, NestedLoRALayer], UnifiedController]:
     """v3 model card API: inject nested LoRA and build the controller.
 
     Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
     SINGLE/MULTI/MIRROR, and (since the user keeps their own optimizer and
-    schedule) LR as a per-mode multiplier. Returns ({name: adapter}, controller).
+    schedule) LR as a per-mode multiplier. `layer_kernel="cpp"` runs the layers'
+    nested path as a C++ autograd Function (`NestedLoRAConfig.kernel`). Returns
+    ({name: adapter}, controller).
     """
     levels = tuple(rank_levels)
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
-                           initial_rank=mode_ranks[1])
+                           initial_rank=mode_ranks[1], kernel=layer_kernel)
     actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
     adapters = inject_nested_lora(model, cfg)
     extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]

@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import check_rank_levels
+from . import _fused
+from .config import KERNELS, check_rank_levels
 
 try:  # transformers' Conv1D (GPT-2): weight is (in, out), y = x @ W + b
     from transformers.pytorch_utils import Conv1D
@@ -125,7 +126,13 @@ def _cat(ts, dim, dtype):
 
 
 class NestedLoRALayer(nn.Module):
-    """Wraps a frozen `nn.Linear` or transformers `Conv1D` with a nested LoRA pair."""
+    """Wraps a frozen `nn.Linear` or transformers `Conv1D` with a nested LoRA pair.
+
+    `kernel` ("python" or "cpp") picks how two or more active blocks run: `_NestedLoRAPath`, or the same
+    computation as a C++ autograd Function (`csrc/nested_path.cpp`); see `NestedLoRAConfig`.
+    """
+
+    kernel = "python"  # class default: layers pickled whole before the option existed still load and run
 
     def __init__(
         self,
@@ -136,8 +143,14 @@ class NestedLoRALayer(nn.Module):
         lora_dropout: float = 0.0,
         scaling: str = "alpha_over_r",
         initial_rank: int | None = None,
+        kernel: str = "python",
     ) -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel: must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "cpp":
+            _fused.layer_kernels()  # build (or load) it now, so a missing compiler fails here and not mid-step
+        self.kernel = kernel
         if isinstance(base_layer, nn.Linear):
             self.fan_in_fan_out = False
             in_f, out_f = base_layer.in_features, base_layer.out_features
@@ -260,6 +273,8 @@ class NestedLoRALayer(nn.Module):
         A, B = blocks_of(self.lora_A), blocks_of(self.lora_B)
         h = self.lora_dropout(_as(x, A[0].dtype))
         if k > 1:
+            if self.kernel == "cpp":
+                return _fused.layer_kernels().nested_path(result, h, self.scaling, k, A[:k] + B[:k])
             return _NestedLoRAPath.apply(result, h, self.scaling, k, *A[:k], *B[:k])
         # One active block (the lowest level): plain ops, so autograd runs in C++ with no Python
         # Function; it saves h and u as the custom path does, and what PEFT saves.
@@ -290,4 +305,5 @@ class NestedLoRALayer(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, levels={self.boundaries}, "
             f"scaling={self.scaling_kind}({self.scaling:g}), merged={bool(self.merged_rank)}"
+            + (f", kernel={self.kernel}" if self.kernel != "python" else "")
         )

@@ -53,6 +53,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             lora_dropout=config.lora_dropout,
             scaling=config.scaling,
             initial_rank=config.initial_rank,
+            kernel=config.kernel,
         )
         setattr(parent, child, layer)
         adapters[name] = layer

@@ -459,7 +459,7 @@ def inject_multitask_lora(model: nn.Module, config: NestedLoRAConfig, tasks: Seq
         layer = MultiTaskNestedLoRALayer(old.base_layer, router, rank_levels=config.rank_levels,
                                          max_rank=config.max_rank, lora_alpha=config.lora_alpha,
                                          lora_dropout=config.lora_dropout, scaling=config.scaling,
-                                         initial_rank=config.initial_rank)
+                                         initial_rank=config.initial_rank, kernel=config.kernel)
         with torch.no_grad():
             for dst, src in zip(layer.shared_parameters(), old.lora_parameters()):
                 dst.copy_(src)
@@ -859,6 +859,7 @@ def setup_multitask_lora(
     optimizer=None,
     lr_mode: str = "multiplier",
     mode_ranks: Sequence[int] | None = None,
+    layer_kernel: str = "python",
     **controller_kwargs,
 ) -> tuple[dict[str, MultiTaskNestedLoRALayer], MultiTaskController]:
     """Inject multi-task nested LoRA and build the `MultiTaskController` (the v3 setup's shape)."""
@@ -866,7 +867,7 @@ def setup_multitask_lora(
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
-                           initial_rank=mode_ranks[1])
+                           initial_rank=mode_ranks[1], kernel=layer_kernel)
     actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
     adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)
     extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]

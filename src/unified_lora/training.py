@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_rank_levels
+from .config import KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_rank_levels
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
 from .data.loaders import _GLUE, _read_records, normalize_task
@@ -69,6 +69,7 @@ class TrainConfig:
     rank_levels: Sequence[int] = (4, 8, 16)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    layer_kernel: str = "python"  # python | cpp (the nested path as a C++ autograd Function; NestedLoRAConfig.kernel)
     # Controller
     controller: bool = True  # False: plain LoRA at the MULTI rank and LR (the baseline)
     signal: str = "loss"  # loss | composite
@@ -107,6 +108,7 @@ class TrainConfig:
             ("signal", self.signal in ("loss", "composite"), "must be 'loss' or 'composite'"),
             ("lr_mode", self.lr_mode in ("absolute", "multiplier"), "must be 'absolute' or 'multiplier'"),
             ("shock_type", self.shock_type in ("flip", "random"), "must be 'flip' or 'random'"),
+            ("layer_kernel", self.layer_kernel in KERNELS, f"must be one of {KERNELS}"),
             ("max_length", self.max_length >= 8, "must be >= 8"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
@@ -397,7 +399,7 @@ class Run:
             model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=cfg.lr_mode,
             machine=cfg.machine_config(), actuators=cfg.actuator_config(),
-            mirror=cfg.mirror_config(),
+            mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
             trace_path=None, log_every=cfg.log_every, print_fn=print_fn)
         if trace_path:
             self.ctrl.writer = TraceWriter(trace_path, append=append_trace)
