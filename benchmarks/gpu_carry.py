@@ -8,7 +8,11 @@ cannot reach a hub. all-MiniLM-L6-v2 is 87 MB in fp32, so its weights travel
 stored as fp16 (about 45 MB) with its tokenizer and config; `run.py` loads any
 checkpoint as fp32, so every method starts from the same slightly rounded
 weights (the largest relative rounding is printed). The GLUE folders the grid
-needs (`<Task>/{train,dev}.tsv`) are copied beside it.
+needs (`<Task>/{train,dev}.tsv`) are copied beside it, and a ninja wheel goes into
+`wheels/`: torch's `load_inline` needs ninja to build the C++ extensions
+(`NestedLoRALayer(kernel="cpp")`, `MirrorConfig(kernel="fused")`), and the GPU
+machine cannot reach the package registry (`gpu_sitting.sh check` installs it
+from there when the machine lacks it).
 
 Then, in a device call: `carry=[".gpucarry"]`, and
 `MODEL=.gpucarry/minilm16 GLUE=.gpucarry/glue bash benchmarks/gpu_sitting.sh ...`.
@@ -59,6 +63,15 @@ def build(out: Path, model: str, glue: Path, tasks=TASK_FOLDERS) -> dict:
     return {"out": str(out), "bytes": size, "max_rel_rounding": worst}
 
 
+def carry_ninja(out: Path) -> Path:
+    """A ninja wheel in `out/wheels` (downloaded once from the package registry)."""
+    wheels = out / "wheels"
+    if not any(wheels.glob("ninja-*.whl")):  # py3-none-manylinux: any CPython on an x86-64 Linux host
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--platform", "manylinux2014_x86_64", "-d", str(wheels), "ninja>=1.11"], check=True)
+    return next(wheels.glob("ninja-*.whl"))
+
+
 def main(argv=None) -> int:
     from unified_lora.data import default_model_path
     from unified_lora.data.loaders import resolve_glue_dir
@@ -72,6 +85,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     glue = Path(args.glue) if args.glue else resolve_glue_dir("rte")
     res = build(out, args.model or default_model_path(), glue, tuple(args.tasks.split(",")))
+    carry_ninja(out)
+    res["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     if out.is_relative_to(REPO):  # keep it out of commits, but let it travel when named in `carry`
         exclude = Path(subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=REPO, capture_output=True,
                                       text=True, check=True).stdout.strip())

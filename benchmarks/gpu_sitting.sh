@@ -45,9 +45,14 @@ check)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
     $PY -c "import torch, transformers, peft, safetensors; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'safetensors', safetensors.__version__)"
+    # the C++ extensions (layer kernel="cpp", Mirror kernel="fused") build with g++ and ninja; ninja travels in .gpucarry
+    $PY -c "import ninja" 2>/dev/null || $PY -m pip install -q --no-index --find-links .gpucarry/wheels ninja 2>&1 | tail -1
+    WITH_CPP=$($PY -c "import shutil; from torch.utils.cpp_extension import is_ninja_available as n; \
+print('--with-cpp' if shutil.which('g++') and n() else '')")
+    echo "layer kernel='cpp' arm: ${WITH_CPP:-left out (no g++ or ninja)}"
     [ -z "${SKIP_TESTS:-}" ] && $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
     for dt in ${DTYPES:-bfloat16 float32}; do
-        $PY benchmarks/perf/layer.py --device cuda --dtype $dt --repeats ${LAYER_REPEATS:-15} --min-time ${LAYER_MIN_TIME:-0.2} $RD 2>&1 \
+        $PY benchmarks/perf/layer.py --device cuda --dtype $dt --repeats ${LAYER_REPEATS:-15} --min-time ${LAYER_MIN_TIME:-0.2} $WITH_CPP $RD 2>&1 \
             | grep -v "^STAGE\|profiler\|USDT\|Warning\|warn"
         $PY benchmarks/perf/controller_overhead.py --device cuda --dtype $dt $MODEL_ARG --repeats 30 $RD 2>&1 \
             | grep -v "^rep \|Loading"

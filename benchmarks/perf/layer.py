@@ -4,6 +4,7 @@
     python benchmarks/perf/layer.py --shapes minilm,llama1b,tiny   # + the host-overhead proxy row
     python benchmarks/perf/layer.py --quick      # smoke run (tiny shape, few repeats)
     python benchmarks/perf/layer.py --device cuda --dtype bfloat16   # on a GPU -> results/perf_gpu.md
+    python benchmarks/perf/layer.py --with-cpp   # + NestedLoRALayer(kernel="cpp") as a third arm of the same run
 
 Same base weights, same rank, same alpha, dropout 0. The input requires grad
 (an interior layer), the base weight is frozen. Each repeat times both arms
@@ -19,6 +20,12 @@ per-call host cost (Python, dispatcher, autograd bookkeeping, one launch per
 op): on a CPU it stands in for what dominated the GPU runs, where a layer's
 kernels take microseconds and the host takes a millisecond. No target applies
 to it; it is there to be watched.
+
+`--with-cpp` adds the library's layer with `kernel="cpp"` (the nested path as a
+C++ autograd Function, `csrc/nested_path.cpp`) as a third arm, interleaved with
+the other two and timed against the same PEFT measurements. At rank 4 (one
+active block) both of our arms run the same plain ops, so there the two ratios
+show how far identical code drifts between arms.
 """
 
 from __future__ import annotations
@@ -155,10 +162,30 @@ def time_arms(arms: dict, x, gy, repeats: int, min_time: float) -> tuple[int, di
 
 
 def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
-    """Time "ours" and "peft" interleaved; ratios are ours / peft within the repeat."""
+    """Time "ours" and "peft" (and "ours_cpp" when given) interleaved; ratios are ours / peft within the repeat."""
     inner, times = time_arms(arms, x, gy, repeats, min_time)
-    return {"inner_iters": inner, "ours_s": summarize(times["ours"]), "peft_s": summarize(times["peft"]),
-            "ratio": summarize([a / b for a, b in zip(times["ours"], times["peft"])])}
+    out = {"inner_iters": inner, "ours_s": summarize(times["ours"]), "peft_s": summarize(times["peft"]),
+           "ratio": summarize([a / b for a, b in zip(times["ours"], times["peft"])])}
+    if "ours_cpp" in times:
+        out["cpp"] = {"ours_s": summarize(times["ours_cpp"]),
+                      "ratio": summarize([a / b for a, b in zip(times["ours_cpp"], times["peft"])])}
+    return out
+
+
+def cpp_twin(ours, x, gy):
+    """`ours` with kernel="cpp", checked first: the same outputs and gradients, else its timing means nothing."""
+    from unified_lora._fused import layer_kernels
+
+    layer_kernels()  # build before timing
+    twin = copy.deepcopy(ours)
+    twin.kernel = "cpp"
+    got = []
+    for layer in (ours, twin):
+        fwd_bwd(layer, x, gy)
+        got.append([x.grad.clone()] + [p.grad.clone() for p in layer.active_parameters()])
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    return twin
 
 
 def profile_case(ours, theirs, x, gy, iters: int = 5, rows: int = 12) -> dict:
@@ -190,6 +217,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile every case (default: only cases that miss)")
     ap.add_argument("--quick", action="store_true", help="tiny shape, 3 repeats (smoke test)")
+    ap.add_argument("--with-cpp", action="store_true",
+                    help='also time NestedLoRALayer(kernel="cpp") in the same run (builds csrc/nested_path.cpp)')
     ap.add_argument("--results-dir", default=None)
     add_device_args(ap)
     args = ap.parse_args(argv)
@@ -207,8 +236,13 @@ def main(argv=None) -> dict:
         for r in (int(v) for v in args.ranks.split(",")):
             ours, theirs = build_pair(i, o, r, device=dev, dtype=dt)
             arms = {"ours": ours, "peft": theirs}
+            if args.with_cpp:
+                arms["ours_cpp"] = cpp_twin(ours, x, gy)
             case = {"shape": shape, "tokens": b * s, "in": i, "out": o, "rank": r}
             case.update(time_case(arms, x, gy, args.repeats, args.min_time))
+            if args.with_cpp:
+                case["cpp"]["memory"] = saved_tensor_bytes(arms["ours_cpp"], x, gy)
+                case["cpp"]["peak_bytes"] = peak_bytes(arms["ours_cpp"], x, gy)
             case["memory"] = {
                 "ours": {**saved_tensor_bytes(ours, x, gy), "param_bytes_allocated": param_bytes(ours),
                          "param_bytes_active": param_bytes(ours, active_only=True), "peak_bytes": peak_bytes(ours, x, gy)},
@@ -220,7 +254,8 @@ def main(argv=None) -> dict:
             load.sample()
             cases.append(case)
             print(f"{shape} r{r}: ratio {fmt_range(case['ratio'])}  ours {case['ours_s']['median'] * 1e3:.2f} ms  "
-                  f"peft {case['peft_s']['median'] * 1e3:.2f} ms", flush=True)
+                  f"peft {case['peft_s']['median'] * 1e3:.2f} ms"
+                  + (f"  cpp ratio {fmt_range(case['cpp']['ratio'])}" if args.with_cpp else ""), flush=True)
     payload = {"benchmark": "layer", "command": command_line(), "env": environment(), "load": load.record(),
                "device": str(dev), "dtype": args.dtype,
                "target": "ratio <= 1.00 at every rank; same or less memory", "cases": cases}
@@ -255,6 +290,23 @@ def render(p: dict) -> str:
             f"{'host-overhead proxy, no target' if c['shape'] in NO_TARGET else 'met' if ok else 'missed'} |")
     lines += ["", "Activation = unique storages autograd saves that are neither parameters nor the input. "
               "Allocated adapter bytes include the paused nested blocks (all ranks up to 16)."]
+    if any("cpp" in c for c in p["cases"]):
+        lines += ["", '`--with-cpp`: `NestedLoRALayer(kernel="cpp")`, the nested path as a C++ autograd Function, '
+                  "a third arm of the same interleaved run, ratio to the same PEFT times (rank 4 runs the same plain "
+                  "ops in both of our arms):", "",
+                  "| shape | rank | default (Python Function) ratio | kernel=\"cpp\" ms | kernel=\"cpp\" ratio median "
+                  "(min–max) | activation KiB cpp / PEFT | target |", "|---|---|---|---|---|---|---|"]
+        for c in p["cases"]:
+            if "cpp" not in c:
+                continue
+            k, mp = c["cpp"], c["memory"]["peft"]
+            ok = k["ratio"]["median"] <= 1.0 and k["memory"]["activation_bytes"] <= mp["activation_bytes"]
+            if gpu and k.get("peak_bytes") is not None:
+                ok = ok and k["peak_bytes"] <= mp["peak_bytes"]
+            lines.append(f"| {c['shape']} | {c['rank']} | {c['ratio']['median']:.3f} | {k['ours_s']['median'] * 1e3:.2f} | "
+                         f"{fmt_range(k['ratio'])} | {k['memory']['activation_bytes'] / kib:.0f} / "
+                         f"{mp['activation_bytes'] / kib:.0f} | "
+                         f"{'host-overhead proxy, no target' if c['shape'] in NO_TARGET else 'met' if ok else 'missed'} |")
     return "\n".join(lines)
 
 

@@ -9,8 +9,11 @@ were considered for two or more active blocks (r8 and r16; one block runs as
 plain ops in the library already), so the choice the library makes is backed
 by numbers:
 
-  function   the library: one autograd.Function that concatenates the active
-             blocks, saves only h and u = h Aᵀ, and re-concatenates in backward
+  function   the library's default: one autograd.Function that concatenates the
+             active blocks, saves only h and u = h Aᵀ, and re-concatenates in backward
+  cpp        the library with kernel="cpp": the same computation as a C++
+             autograd Function (csrc/nested_path.cpp), no Python per call;
+             left out, with the reason printed, where it cannot be built
   cat        plain autograd through torch.cat: no Python Function, but autograd
              saves the concatenated A and B (r·(in+out) values per layer)
   perblock   plain autograd, one GEMM pair per block accumulated into the output:
@@ -62,20 +65,32 @@ def forward_perblock(self, x):
     return out.view(result.shape)
 
 
-VARIANTS = {"function": None, "cat": forward_cat, "perblock": forward_perblock}
+VARIANTS = {"function": None, "cpp": "kernel", "cat": forward_cat, "perblock": forward_perblock}
 
 
-def check_variant(layer, fwd, x, gy, tol) -> None:
-    """The variant must give the library's output and gradients (else its timing means nothing)."""
-    def run(f):
-        for p in layer.parameters():
+def cpp_unavailable() -> str | None:
+    """Why kernel="cpp" cannot run here (None when it can)."""
+    from unified_lora._fused import FusedKernelsUnavailable, layer_kernels
+
+    try:
+        layer_kernels()
+    except FusedKernelsUnavailable as e:
+        return str(e)
+    return None
+
+
+def check_variant(layer, fwd, x, gy, tol, grads_of=None) -> None:
+    """The variant must give the library's output and gradients (else its timing means nothing);
+    `grads_of`: the layer whose parameters the variant trains, when not `layer` itself."""
+    def run(f, owner):
+        for p in owner.parameters():
             p.grad = None
         xx = x.detach().clone().requires_grad_()
-        y = (f(xx) if f else layer(xx))
+        y = (f(xx) if f else owner(xx))
         y.backward(gy)
-        return [y.detach(), xx.grad] + [p.grad for p in layer.active_parameters()]
+        return [y.detach(), xx.grad] + [p.grad for p in owner.active_parameters()]
 
-    ref, got = run(None), run(lambda xx: fwd(layer, xx))
+    ref, got = run(None, layer), run(lambda xx: fwd(layer, xx), grads_of or layer)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, **tol)
 
@@ -88,20 +103,26 @@ def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device
     ours, peft = build_pair(i, o, rank, device=dev, dtype=dt)
     tol = dict(rtol=1e-3, atol=1e-4) if dt == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     arms = {"peft": peft}
-    for name, fwd in VARIANTS.items():
+    variants = [n for n in VARIANTS if n != "cpp" or not cpp_unavailable()]
+    for name in variants:
+        fwd = VARIANTS[name]
         if fwd is None:
             arms[name] = ours
             continue
-        check_variant(ours, fwd, x, gy, tol)
         twin, _ = build_pair(i, o, rank, device=dev, dtype=dt)
         twin.load_state_dict(ours.state_dict())
-        twin.forward = types.MethodType(fwd, twin)
+        if fwd == "kernel":
+            twin.kernel = "cpp"
+            check_variant(ours, lambda self, xx: twin(xx), x, gy, tol, grads_of=twin)
+        else:
+            check_variant(ours, fwd, x, gy, tol)
+            twin.forward = types.MethodType(fwd, twin)
         arms[name] = twin
     inner, times = time_arms(arms, x, gy, repeats, min_time)
     peft_act = saved_tensor_bytes(peft, x, gy)["activation_bytes"]
     out = {"shape": shape, "rank": rank, "inner_iters": inner, "peft_s": summarize(times["peft"]),
            "peft_activation_bytes": peft_act, "variants": {}}
-    for name in VARIANTS:
+    for name in variants:
         out["variants"][name] = {
             "s": summarize(times[name]),
             "ratio": summarize([a / p for a, p in zip(times[name], times["peft"])]),
@@ -136,6 +157,10 @@ def main(argv=None) -> dict:
                   flush=True)
     payload = {"benchmark": "layer_variants", "command": command_line(), "env": environment(), "load": load.record(),
                "device": str(dev), "dtype": args.dtype, "cases": cases}
+    why = cpp_unavailable()
+    if why:
+        print(f"cpp variant left out: {why}", flush=True)
+        payload["cpp_unavailable"] = why
     return publish("perf_layer_variants", payload, render, args.quick, args.results_dir)
 
 
@@ -150,12 +175,15 @@ def render(p: dict) -> str:
              "|---|---|---|---|---|"]
     for c in p["cases"]:
         for name, v in c["variants"].items():
-            lines.append(f"| {c['shape']} | {c['rank']} | {name}{' (library)' if name == 'function' else ''} | "
+            label = {"function": " (library default)", "cpp": ' (library, kernel="cpp")'}.get(name, "")
+            lines.append(f"| {c['shape']} | {c['rank']} | {name}{label} | "
                          f"{fmt_range(v['ratio'])} | {v['activation_bytes'] / kib:.0f} "
                          f"({c['peft_activation_bytes'] / kib:.0f}) |")
     lines += ["", "`tiny` (32 tokens, 32→32) measures per-call host cost, the regime of the H100 runs; `minilm` "
               "(2048 tokens, 384→384) is arithmetic-bound on this CPU. Each variant was checked against the library's "
               "outputs and gradients before timing."]
+    if p.get("cpp_unavailable"):
+        lines += ["", f"The cpp variant was left out: {p['cpp_unavailable']}"]
     return "\n".join(lines)
 
 
