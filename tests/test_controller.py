@@ -438,7 +438,6 @@ def test_a_parameter_moved_after_save_is_still_measured_and_restored_then_repack
 
 def test_packed_parameters_save_and_load_with_safetensors_transformers_and_torch(tmp_path):
     from safetensors.torch import load_file, save_file
-    from transformers import BertForSequenceClassification
 
     model = tiny_bert()
     _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],

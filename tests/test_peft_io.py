@@ -285,7 +285,7 @@ def run_mirror_cycle(pm, lr):
     ctrl = attach_to_peft_model(pm, opt, signal="loss", lr_mode="off", print_fn=None,
                                 mirror=MirrorConfig(policy="drift", drift_threshold=0.05))
     x, y = inputs(6), torch.tensor([0, 2])
-    at_snapshot = before_exit = None
+    at_snapshot = None
     for step in range(200):
         fed = 5.0 if ctrl.mode != MIRROR and at_snapshot is None else 0.5
         pm(input_ids=x, labels=y).loss.backward()
