@@ -7,7 +7,7 @@
 #
 # Environment: MODEL (HF path; default the bundled MiniLM), GLUE (GLUE root; default unified_lora's
 # resolution), RESULTS and QOUT (where perf and quality results are written), DEADLINE_AT (epoch
-# seconds at which unfinished runs are stopped), DTYPES, LAYER_REPEATS, LAYER_MIN_TIME (check phase), WORKERS (parallel run.py processes per task sharing the GPU, default 12; W_<task>
+# seconds at which unfinished runs are stopped), DTYPES, LAYER_REPEATS, LAYER_MIN_TIME, VARIANT_REPEATS (check phase), WORKERS (parallel run.py processes per task sharing the GPU, default 12; W_<task>
 # overrides it for one task), GRID_DEVICE (default cuda; cpu runs the grid phase anywhere), OUT (a folder that
 # receives a tarball of the results), and PYTHON. The library is imported from src/ (no install
 # needed on a machine that already has torch, transformers and peft).
@@ -30,7 +30,7 @@ RES=${RESULTS:-benchmarks/results}  # perf JSON + perf_gpu.md; a folder outside 
 Q=${QOUT:-benchmarks/results/quality_gpu}
 RD="--results-dir $RES"
 limit() {  # "timeout N" up to DEADLINE_AT (epoch seconds), so finished runs are packed before a call's limit
-    [ -n "${DEADLINE_AT:-}" ] && echo "timeout $((DEADLINE_AT - $(date +%s)))"
+    [ -n "${DEADLINE_AT:-}" ] && echo "timeout $(( DEADLINE_AT - $(date +%s) > 1 ? DEADLINE_AT - $(date +%s) : 1 ))"
 }
 declare -A STEPS=([mrpc]=687 [rte]=465 [cola]=1602 [sst2]=1500)
 
@@ -50,14 +50,16 @@ check)
     WITH_CPP=$($PY -c "import shutil; from torch.utils.cpp_extension import is_ninja_available as n; \
 print('--with-cpp' if shutil.which('g++') and n() else '')")
     echo "layer kernel='cpp' arm: ${WITH_CPP:-left out (no g++ or ninja)}"
-    [ -z "${SKIP_TESTS:-}" ] && $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
+    [ -z "${SKIP_TESTS:-}" ] && $(limit) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
+    # most wanted first (bf16, the layer with both kernels); with DEADLINE_AT, each step stops in time for `pack`
     for dt in ${DTYPES:-bfloat16 float32}; do
-        $PY benchmarks/perf/layer.py --device cuda --dtype $dt --repeats ${LAYER_REPEATS:-15} --min-time ${LAYER_MIN_TIME:-0.2} $WITH_CPP $RD 2>&1 \
-            | grep -v "^STAGE\|profiler\|USDT\|Warning\|warn"
-        $PY benchmarks/perf/controller_overhead.py --device cuda --dtype $dt $MODEL_ARG --repeats 30 $RD 2>&1 \
+        $(limit) $PY benchmarks/perf/layer.py --device cuda --dtype $dt --repeats ${LAYER_REPEATS:-15} \
+            --min-time ${LAYER_MIN_TIME:-0.2} $WITH_CPP $RD 2>&1 | grep -v "^STAGE\|profiler\|USDT\|Warning\|warn"
+        $(limit) $PY benchmarks/perf/controller_overhead.py --device cuda --dtype $dt $MODEL_ARG --repeats 30 $RD 2>&1 \
             | grep -v "^rep \|Loading"
-        $PY benchmarks/perf/mirror_cost.py --device cuda --dtype $dt $RD 2>&1 | tail -3
-        $PY benchmarks/perf/layer_variants.py --device cuda --dtype $dt --shapes tiny,minilm,llama1b $RD 2>&1 | grep "^[a-z0-9]* r[0-9]*:"
+        $(limit) $PY benchmarks/perf/mirror_cost.py --device cuda --dtype $dt $RD 2>&1 | tail -3
+        $(limit) $PY benchmarks/perf/layer_variants.py --device cuda --dtype $dt --shapes tiny,minilm,llama1b \
+            --repeats ${VARIANT_REPEATS:-11} --min-time 0.1 $RD 2>&1 | grep "^[a-z0-9]* r[0-9]*:\|left out"
     done
     pack check
     ;;
