@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import can_build_cpp
 from unified_lora.distributed import assert_lockstep, check_ddp, clear_paused_grads, ddp_kwargs
 
 STEPS, CORRUPT = 26, range(14, 20)
@@ -58,11 +59,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     _plain_ddp_loop(rank, out)
     _trainer_ddp(rank, out)
     _accelerate_loop(rank, out)
+    if can_build_cpp():
+        _plain_ddp_loop(rank, out, layer_kernel="cpp")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _plain_ddp_loop(rank: int, out: str) -> None:
+def _plain_ddp_loop(rank: int, out: str, layer_kernel: str = "python") -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from unified_lora import MirrorConfig, SignalConfig, UnifiedController, setup_unified_lora
@@ -72,7 +75,8 @@ def _plain_ddp_loop(rank: int, out: str) -> None:
     signal = SignalConfig(kind="loss", alpha=0.5, beta=0.5, loss_scale=0.5)
     # policy "always": the Mirror exit restores weights and AdamW moments, the hardest case for lockstep
     adapters, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
-                                        mirror=MirrorConfig(policy="always", snapshot_optimizer=True), print_fn=None)
+                                        mirror=MirrorConfig(policy="always", snapshot_optimizer=True), print_fn=None,
+                                        layer_kernel=layer_kernel)
     ddp = DDP(model, **ddp_kwargs())
     check_ddp(ddp)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -104,7 +108,7 @@ def _plain_ddp_loop(rank: int, out: str) -> None:
         rec["paused_unchanged"].append(all(torch.equal(b, p) for b, p in zip(before, paused)))
     rec["trace"] = [(r.step, r.phi, r.mode, r.rank, r.lr, r.snapshot, r.transition) for r in ctrl.trace]
     rec["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(rec, os.path.join(out, f"rank{rank}.pt"))
+    torch.save(rec, os.path.join(out, f"rank{rank}{'' if layer_kernel == 'python' else '_' + layer_kernel}.pt"))
 
 
 def _trainer_ddp(rank: int, out: str) -> None:
@@ -189,6 +193,8 @@ def ddp_run(tmp_path_factory):
     for r, run in enumerate(runs):
         for phase in ("trainer", "accelerate"):
             run[phase] = torch.load(os.path.join(out, f"{phase}{r}.pt"), weights_only=False)
+        cpp = os.path.join(out, f"rank{r}_cpp.pt")
+        run["cpp"] = torch.load(cpp, weights_only=False) if os.path.isfile(cpp) else None
     return runs
 
 
@@ -215,6 +221,16 @@ def test_final_weights_bit_identical_across_ranks(ddp_run):
     w0, w1 = ddp_run[0]["weights"], ddp_run[1]["weights"]
     assert w0.keys() == w1.keys() and len(w0) > 0
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="layer_kernel='cpp' needs g++ and ninja")
+def test_the_cpp_layer_kernel_under_ddp_follows_the_python_kernel_bit_for_bit(ddp_run):
+    # DDP's reducer hooks see the C++ Function's gradients as they see the Python one's
+    for r in ddp_run:
+        assert r["cpp"] is not None, "the worker ran no cpp phase"
+        assert r["cpp"]["trace"] == r["trace"] and r["cpp"]["local_loss"] == r["local_loss"]
+        assert all(torch.equal(r["cpp"]["weights"][k], w) for k, w in r["weights"].items())
+        assert all(r["cpp"]["paused_grad_none"]) and all(r["cpp"]["paused_unchanged"])
 
 
 def test_ddp_leaves_paused_blocks_without_grad_and_untouched(ddp_run):
