@@ -57,9 +57,10 @@ def build_arm(arm: str, model_arg, steps: int, max_length: int, threads: int):
     if arm.startswith("unified"):
         from unified_lora import setup_unified_lora
 
-        signal = "loss" if arm == "unified_v1" else "composite"
+        base = arm.removesuffix("_cpp")  # "<arm>_cpp": the same arm with NestedLoRALayer(kernel="cpp")
+        signal = "loss" if base == "unified_v1" else "composite"
         _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=["classifier"], signal=signal,
-                                     print_fn=None)
+                                     print_fn=None, layer_kernel="cpp" if arm.endswith("_cpp") else "python")
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -148,7 +149,8 @@ def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="training steps per arm (229 = one MRPC epoch)")
     ap.add_argument("--rounds", type=int, default=2, help="times each arm runs (rotating order)")
-    ap.add_argument("--arms", default=",".join(ARMS), help="unified (v3 composite), unified_v1, peft_r<N>")
+    ap.add_argument("--arms", default=",".join(ARMS), help="unified (v3 composite), unified_v1, "
+                    "either with _cpp (the layers' C++ kernel), peft_r<N>")
     add_common_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -165,18 +167,22 @@ def main(argv=None) -> dict | None:
     summary = {a: {"loop_s": summarize([r["loop_s"] for r in rs]),
                    "peak_rss_bytes": summarize([r["vm_hwm_bytes"] for r in rs]),
                    "mean_rank": rs[0]["mean_rank"]} for a, rs in runs.items()}
-    ours = next((a for a in arms if a.startswith("unified")), None)
-    ratios = {}
-    if ours and "peft_r8" in runs:
-        ratios["time_vs_peft_r8"] = summarize([a["loop_s"] / b["loop_s"] for a, b in zip(runs[ours], runs["peft_r8"])])
-    if ours and "peft_r16" in runs:
-        ratios["rss_vs_peft_r16"] = summarize([a["vm_hwm_bytes"] / b["vm_hwm_bytes"]
-                                               for a, b in zip(runs[ours], runs["peft_r16"])])
+    ours_all = [a for a in arms if a.startswith("unified")]
+    ours = ours_all[0] if ours_all else None
+    by_arm = {}
+    for a in ours_all:
+        by_arm[a] = {}
+        if "peft_r8" in runs:
+            by_arm[a]["time_vs_peft_r8"] = summarize([x["loop_s"] / y["loop_s"] for x, y in zip(runs[a], runs["peft_r8"])])
+        if "peft_r16" in runs:
+            by_arm[a]["rss_vs_peft_r16"] = summarize([x["vm_hwm_bytes"] / y["vm_hwm_bytes"]
+                                                      for x, y in zip(runs[a], runs["peft_r16"])])
+    ratios = by_arm.get(ours, {})
     payload = {"benchmark": "e2e", "command": command_line(), "env": environment(), "load": load.record(),
                "target": {"time_vs_peft_r8": 1.05, "rss_vs_peft_r16": 1.05},
                "setup": {"model": args.model or "all-MiniLM-L6-v2", "task": "mrpc", "steps": args.steps,
                          "batch_size": 16, "max_length": args.max_length, "rounds": args.rounds, "ours": ours},
-               "runs": runs, "summary": summary, "ratios": ratios}
+               "runs": runs, "summary": summary, "ratios": ratios, "ratios_by_arm": by_arm}
     return publish("perf_e2e", payload, render, args.quick, args.results_dir)
 
 
@@ -196,6 +202,10 @@ def render(p: dict) -> str:
         tgt = p["target"][k]
         lines.append(f"- {k.replace('_', ' ')}: {fmt_range(v)} (target ≤ {tgt}: "
                      f"{'met' if v['median'] <= tgt else 'missed'})")
+    for a, rs in p.get("ratios_by_arm", {}).items():
+        if a != s["ours"]:
+            lines += [f"- `{a}`, {k.replace('_', ' ')}: {fmt_range(v)} (target ≤ {p['target'][k]}: "
+                      f"{'met' if v['median'] <= p['target'][k] else 'missed'})" for k, v in rs.items()]
     return "\n".join(lines)
 
 
