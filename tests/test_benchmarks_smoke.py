@@ -126,6 +126,17 @@ def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not can_build_cpp(), reason="the _cpp arm builds csrc/nested_path.cpp: needs g++ and ninja")
+def test_e2e_cpp_arm_gets_its_own_ratios_beside_the_default_arm(tmp_path):
+    payload = _load("perf/e2e.py").main(["--quick", "--arms", "unified,unified_cpp,peft_r8", "--results-dir",
+                                         str(tmp_path)])
+    assert set(payload["ratios_by_arm"]) == {"unified", "unified_cpp"}
+    assert payload["ratios"] == payload["ratios_by_arm"]["unified"]
+    assert payload["summary"]["unified_cpp"]["mean_rank"] == payload["summary"]["unified"]["mean_rank"]
+    assert "`unified_cpp`, time vs peft r8:" in (tmp_path / "perf.md").read_text()
+
+
+@pytest.mark.slow
 def test_profile_e2e_quick_splits_the_step_and_diffs_the_ops(tmp_path):
     payload = _load("perf/profile_e2e.py").main(["--quick", "--arms", "unified_v1,peft_r8#aa,peft_r8",
                                                  "--results-dir", str(tmp_path)])
