@@ -47,6 +47,8 @@ check)
 'transformers', transformers.__version__, 'peft', peft.__version__, 'safetensors', safetensors.__version__)"
     # the C++ extensions (layer kernel="cpp", Mirror kernel="fused") build with g++ and ninja; ninja travels in .gpucarry
     $PY -c "import ninja" 2>/dev/null || $PY -m pip install -q --no-index --find-links .gpucarry/wheels ninja 2>&1 | tail -1
+    # load_inline runs `ninja` from PATH: add where pip puts scripts (the interpreter's, or the user's with --user)
+    export PATH="$($PY -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin:$PATH"
     WITH_CPP=$($PY -c "import shutil; from torch.utils.cpp_extension import is_ninja_available as n; \
 print('--with-cpp' if shutil.which('g++') and n() else '')")
     echo "layer kernel='cpp' arm: ${WITH_CPP:-left out (no g++ or ninja)}"
