@@ -172,8 +172,17 @@ def time_case(arms: dict, x, gy, repeats: int, min_time: float) -> dict:
     return out
 
 
-def cpp_twin(ours, x, gy):
-    """`ours` with kernel="cpp", checked first: the same outputs and gradients, else its timing means nothing."""
+def same_tol(x) -> dict:
+    """How close a reformulated layer must come to the library's: exact on the CPU (the same ops in the
+    same order), within the dtype's rounding on a GPU (where a GEMM may pick another algorithm)."""
+    if x.device.type == "cpu":
+        return dict(rtol=0, atol=0)
+    return dict(rtol=1e-3, atol=1e-4) if x.dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+
+
+def cpp_twin(ours, x, gy, tol=None):
+    """`ours` with kernel="cpp", checked first: the same outputs and gradients (within `tol`, default
+    `same_tol(x)`), else its timing means nothing."""
     from unified_lora._fused import layer_kernels
 
     layer_kernels()  # build before timing
@@ -182,9 +191,11 @@ def cpp_twin(ours, x, gy):
     got = []
     for layer in (ours, twin):
         fwd_bwd(layer, x, gy)
-        got.append([x.grad.clone()] + [p.grad.clone() for p in layer.active_parameters()])
+        with torch.no_grad():
+            y = layer(x)
+        got.append([y, x.grad.clone()] + [p.grad.clone() for p in layer.active_parameters()])
     for a, b in zip(*got):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b, a, **(tol or same_tol(x)))
     return twin
 
 

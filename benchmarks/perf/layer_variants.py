@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
                      fmt_range, publish, summarize, torch_dtype)
-from layer import SHAPES, build_pair, saved_tensor_bytes, time_arms  # noqa: E402
+from layer import SHAPES, build_pair, cpp_twin, saved_tensor_bytes, time_arms  # noqa: E402
 
 
 def _branch_inputs(layer, x):
@@ -65,7 +65,7 @@ def forward_perblock(self, x):
     return out.view(result.shape)
 
 
-VARIANTS = {"function": None, "cpp": "kernel", "cat": forward_cat, "perblock": forward_perblock}
+VARIANTS = {"function": None, "cpp": None, "cat": forward_cat, "perblock": forward_perblock}  # None: the library's
 
 
 def cpp_unavailable() -> str | None:
@@ -79,18 +79,17 @@ def cpp_unavailable() -> str | None:
     return None
 
 
-def check_variant(layer, fwd, x, gy, tol, grads_of=None) -> None:
-    """The variant must give the library's output and gradients (else its timing means nothing);
-    `grads_of`: the layer whose parameters the variant trains, when not `layer` itself."""
-    def run(f, owner):
-        for p in owner.parameters():
+def check_variant(layer, fwd, x, gy, tol) -> None:
+    """The variant must give the library's output and gradients (else its timing means nothing)."""
+    def run(f):
+        for p in layer.parameters():
             p.grad = None
         xx = x.detach().clone().requires_grad_()
-        y = (f(xx) if f else owner(xx))
+        y = (f(xx) if f else layer(xx))
         y.backward(gy)
-        return [y.detach(), xx.grad] + [p.grad for p in owner.active_parameters()]
+        return [y.detach(), xx.grad] + [p.grad for p in layer.active_parameters()]
 
-    ref, got = run(None, layer), run(lambda xx: fwd(layer, xx), grads_of or layer)
+    ref, got = run(None), run(lambda xx: fwd(layer, xx))
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, **tol)
 
@@ -106,17 +105,16 @@ def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device
     variants = [n for n in VARIANTS if n != "cpp" or not cpp_unavailable()]
     for name in variants:
         fwd = VARIANTS[name]
+        if name == "cpp":
+            arms[name] = cpp_twin(ours, x, gy, tol)
+            continue
         if fwd is None:
             arms[name] = ours
             continue
+        check_variant(ours, fwd, x, gy, tol)
         twin, _ = build_pair(i, o, rank, device=dev, dtype=dt)
         twin.load_state_dict(ours.state_dict())
-        if fwd == "kernel":
-            twin.kernel = "cpp"
-            check_variant(ours, lambda self, xx: twin(xx), x, gy, tol, grads_of=twin)
-        else:
-            check_variant(ours, fwd, x, gy, tol)
-            twin.forward = types.MethodType(fwd, twin)
+        twin.forward = types.MethodType(fwd, twin)
         arms[name] = twin
     inner, times = time_arms(arms, x, gy, repeats, min_time)
     peft_act = saved_tensor_bytes(peft, x, gy)["activation_bytes"]
