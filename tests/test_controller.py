@@ -38,6 +38,41 @@ def test_composite_signal_without_adapters_is_rejected():
         UnifiedController(signal="composite")
 
 
+def test_an_optimizer_built_before_setup_is_refused_and_names_what_it_lacks(llama):
+    """The usual mistake: the optimizer was built from the base model, so it holds no adapter block and the
+    adapters would never train. Attaching it is a clear error; one built after setup passes."""
+    early = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3)
+    adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj", "v_proj"], print_fn=None)
+    n = sum(len(a.lora_parameters()) for a in adapters.values())
+    with pytest.raises(ValueError, match=rf"^optimizer: it holds 0 of the {n} parameters") as e:
+        ctrl.attach_optimizer(early)
+    first = next(iter(adapters))
+    assert f"{first}.lora_A.0" in str(e.value) and "requires_grad" in str(e.value)
+    assert ctrl.optimizer is None and not ctrl._hooks  # nothing half-attached
+    with pytest.raises(ValueError, match="^optimizer:"):
+        setup_unified_lora(tiny_llama(), target_modules=["q_proj"], optimizer=torch.optim.SGD([torch.nn.Parameter(
+            torch.zeros(1))], lr=0.1), print_fn=None)
+    ctrl.attach_optimizer(torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3))
+
+
+def test_an_optimizer_without_the_paused_blocks_or_the_head_is_refused(bert):
+    """Holding only the active blocks looks fine until the controller raises the rank: the re-activated
+    blocks get gradients and never move. A head (modules_to_save) left out is refused the same way."""
+    adapters, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                        print_fn=None)
+    active = [p for a in adapters.values() for p in a.active_parameters()]
+    head = list(bert.classifier.parameters())
+    with pytest.raises(ValueError, match=r"missing: .*lora_A\.2") as e:
+        ctrl.attach_optimizer(torch.optim.AdamW(active + head, lr=1e-3))
+    n_paused = sum(len(a.lora_parameters()) - len(a.active_parameters()) for a in adapters.values())
+    total = sum(len(a.lora_parameters()) for a in adapters.values()) + len(head)
+    assert f"holds {total - n_paused} of the {total}" in str(e.value) and f"({n_paused - 4} more)" in str(e.value)
+    with pytest.raises(ValueError, match="extra parameter 0"):
+        ctrl.attach_optimizer(torch.optim.AdamW([p for a in adapters.values() for p in a.lora_parameters()], lr=1e-3))
+    ctrl.attach_optimizer(torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3))
+    assert ctrl.optimizer is not None
+
+
 def test_mode_change_sets_the_rank_on_every_adapter(llama):
     adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj", "v_proj"], signal="loss", print_fn=None)
     x = torch.randint(0, VOCAB, (2, 8))

@@ -99,9 +99,11 @@ class UnifiedController:
         else:
             raise ValueError("signal: kind 'multitask' needs the multi-task controller (unified_lora.multitask)")
         self.grad_stats = GradientStats()
+        names = list(adapters) if isinstance(adapters, dict) else None
         if isinstance(adapters, dict):
             adapters = list(adapters.values())
         self.adapters: list[NestedLoRALayer] = list(adapters or [])
+        self._adapter_names = names or [getattr(a, "name", f"adapter {i}") for i, a in enumerate(self.adapters)]
         for a in self.adapters:
             bad = [r for r in self.actuators.mode_ranks if r not in a.boundaries]
             if bad:
@@ -146,13 +148,38 @@ class UnifiedController:
         """Link the user's optimizer for LR control. In "multiplier" mode a pre-step
         hook scales each group's LR and a post-step hook puts the scheduled value
         back, so any scheduler (cosine, warmup, chainable) keeps working."""
+        inner = _unwrap_optimizer(optimizer)
+        if inner is not None:
+            self._check_optimizer_holds_managed(inner)
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self.optimizer = optimizer
-        inner = _unwrap_optimizer(optimizer)
         if inner is not None and self.actuators.lr_mode == "multiplier":
             self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step)]
+
+    def _check_optimizer_holds_managed(self, inner) -> None:
+        """Refuse an optimizer that leaves out managed parameters. A block it lacks never trains, silently:
+        paused blocks come back when the controller raises the rank, and the head is in Mirror's snapshot."""
+        groups = getattr(inner, "param_groups", None)
+        if groups is None:
+            return  # not a torch-style optimizer: nothing to check against
+        held = {id(p) for g in groups for p in g["params"]}
+        missing, total = [], 0
+        for name, a in zip(self._adapter_names, self.adapters):
+            ps = a.lora_parameters()
+            total += len(ps)
+            names = {id(p): n for n, p in a.named_parameters()} if isinstance(a, nn.Module) else {}
+            missing += [f"{name}.{names.get(id(p), f'lora parameter {i}')}" for i, p in enumerate(ps) if id(p) not in held]
+        total += len(self.extra_params)
+        missing += [f"extra parameter {i} {tuple(p.shape)}" for i, p in enumerate(self.extra_params) if id(p) not in held]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f", ... ({len(missing) - 4} more)" if len(missing) > 4 else "")
+            raise ValueError(
+                f"optimizer: it holds {total - len(missing)} of the {total} parameters this controller manages; "
+                f"missing: {shown}. A parameter the optimizer lacks never trains (paused rank blocks included, which "
+                f"the controller re-activates). Build it after setup, from every parameter that requires grad, e.g. "
+                f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
 
     def _pre_step(self, opt, args, kwargs):
         self._base_lrs = [g["lr"] for g in opt.param_groups]
