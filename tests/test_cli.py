@@ -194,6 +194,58 @@ def test_train_causal_lm(tiny, tmp_path):
     assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
 
 
+def _corpus(path: Path, lines: int = 120) -> str:
+    words = POS + NEG + FILLER
+    text = "".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 4)) + "\n" for i in range(lines))
+    path.write_text(text)
+    return text
+
+
+def test_train_causal_lm_on_a_plain_text_corpus_cuts_token_blocks_and_holds_out_the_tail(tiny, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from unified_lora.training import TextCorpus, split_corpus
+
+    text = _corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "lm_txt"
+    args = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--target-modules", "c_attn",
+            "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out), "--log-every", "0"]
+    assert main(args) == 0
+    head = capsys.readouterr().out.split("unified-lora train: ", 1)[1].splitlines()[0]
+    train_text, dev_text = split_corpus(TextCorpus([text]), 0.1)
+    longest = max(len(line) for line in text.splitlines(keepends=True))
+    assert train_text[0] + dev_text[0] == text and train_text[0].endswith("\n")  # the tail, cut at a line start
+    assert 0.1 * len(text) <= len(dev_text[0]) < 0.1 * len(text) + longest
+    tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    n_train = len(tok(train_text[0], add_special_tokens=False)["input_ids"]) // 16
+    n_dev = len(tok(dev_text[0], add_special_tokens=False)["input_ids"]) // 16
+    assert f"{n_train} train / {n_dev} dev rows" in head and n_train > 10
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task_type"] == "causal-lm" and "perplexity" in summary["arms"]["run"]["eval"]["epoch 1"]
+    assert main(args[:-2] + ["--dev-size", "2", "--output-dir", str(tmp_path / "lm_txt2"), "--log-every", "0"]) == 0
+    assert f"{n_train} train / 2 dev rows" in capsys.readouterr().out
+
+
+def test_a_text_corpus_is_one_token_stream_with_eos_between_documents(tiny):
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import DataError
+    from unified_lora.training import TextCorpus, encode_corpus
+
+    tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    tok.eos_token = "[SEP]"
+    docs = ["good great fine nice happy superb bad", "awful poor sad terrible ugly the a movie film"]
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    stream = ids[0] + [tok.eos_token_id] + ids[1]
+    enc = encode_corpus(tok, TextCorpus(docs), 4)
+    assert enc["input_ids"].tolist() == [stream[i:i + 4] for i in range(0, len(stream) // 4 * 4, 4)]
+    assert torch.equal(enc["labels"], enc["input_ids"]) and bool(enc["attention_mask"].all())
+    short = encode_corpus(tok, TextCorpus(docs[:1]), 64)  # shorter than a block: one shorter row
+    assert short["input_ids"].tolist() == [ids[0]]
+    with pytest.raises(DataError, match="fewer than 2 tokens"):
+        encode_corpus(tok, TextCorpus(["good"]), 16)
+
+
 def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     """A real SIGINT (sent to this process once the trace shows training under way) -> the step finishes,
     a resumable checkpoint is written atomically, exit code 130; --resume then completes the run."""
@@ -252,6 +304,8 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("missing_trace", "no such trace file"),
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
+    ("empty_txt", "is empty"),
+    ("txt_for_a_classifier", "a plain .txt file trains a causal LM"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
@@ -271,6 +325,10 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],
         "missing_run_dir": ["report", str(tmp_path / "none")],
         "bad_flag": ["demo", "--stepz", "3"],
+        "empty_txt": ["train", "--model", tiny["gpt2"], "--data", str(_write(tmp_path / "e.txt", "\n \n")),
+                      "--output-dir", out],
+        "txt_for_a_classifier": ["train", "--model", tiny["bert"], "--data", str(_write(tmp_path / "c.txt", "text\n")),
+                                 "--output-dir", out],
     }[case]
     assert main(argv) == 2
     err = capsys.readouterr().err

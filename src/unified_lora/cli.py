@@ -316,10 +316,9 @@ def cmd_train(args) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (Run, UsageError, detect_task_type, encode_rows, evaluate, export_peft, iterate, load_data,
-                           load_model,
-                           majority, phi_summary, resolve_model, seed_everything, subsample, transitions,
-                           truncate_trace)
+    from .training import (Run, TextCorpus, UsageError, detect_task_type, encode_rows, evaluate, export_peft, iterate,
+                           load_data, load_model, majority, phi_summary, resolve_model, seed_everything, subsample,
+                           take_rows, transitions, truncate_trace)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
@@ -330,7 +329,8 @@ def cmd_train(args) -> int:
     model_path = resolve_model(cfg.model)
     task_type = detect_task_type(model_path, cfg.task_type)
     train, dev, task = load_data(cfg, task_type)
-    dev = subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+    corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
+    dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
     if task_type == "seq-cls" and num_labels < 2:
         raise UsageError(f"--label-column {cfg.label_column}: found {num_labels} class; need at least 2 labels")
@@ -338,6 +338,8 @@ def cmd_train(args) -> int:
     model, tok = load_model(model_path, task_type, max(num_labels, 2))
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
     enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
+    if corpus_dev:
+        enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     out.mkdir(parents=True, exist_ok=True)
     trace_path = out / "trace.jsonl"
     if ckpt is not None:

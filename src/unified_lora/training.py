@@ -52,8 +52,9 @@ class TrainConfig:
     """Everything a run needs. `unified-lora train --config run.yaml` fills it from YAML keys of the same names."""
 
     model: str | None = None  # HF path or hub id; None = bundled all-MiniLM-L6-v2
-    data: str | None = None  # GLUE task dir (MRPC/train.tsv + dev.tsv) or a .csv/.tsv/.jsonl file; None = shipped MRPC
-    dev_data: str | None = None  # table file for evaluation; None = GLUE dev.tsv, or a split of `data`
+    data: str | None = None  # GLUE task dir (MRPC/train.tsv + dev.tsv), a .csv/.tsv/.jsonl file, or (causal-lm) a .txt
+    # file cut into max_length-token blocks; None = shipped MRPC
+    dev_data: str | None = None  # file for evaluation; None = GLUE dev.tsv, or a split of `data` (a .txt: its tail)
     task_type: str = "auto"  # auto | seq-cls | causal-lm
     text_columns: Sequence[str] = ("text",)
     label_column: str = "label"
@@ -242,17 +243,43 @@ def load_model(path: str, task_type: str, num_labels: int = 2):
     return model, tok
 
 
+class TextCorpus(list):
+    """Causal-LM text from a plain .txt file (tinyshakespeare, a wiki dump): a list of documents that
+    `encode_rows` tokenises as one stream, with EOS between documents, and cuts into `max_length`-token blocks
+    (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples."""
+
+
 def _load_texts(path: Path, column: str) -> list[str]:
-    """Causal-LM data: one text column of a .csv/.tsv/.jsonl table."""
+    """Causal-LM data: one text column of a .csv/.tsv/.jsonl table, or a whole .txt file (a TextCorpus)."""
     fmt = path.suffix.lstrip(".").lower()
+    if fmt == "txt":
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}; check the path")
+        text = path.read_text(encoding="utf-8-sig")
+        if not text.strip():
+            raise DataError(f"{path} is empty; a .txt corpus needs some text")
+        return TextCorpus([text])
     if fmt not in ("csv", "tsv", "jsonl"):
-        raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file")
+        raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) .txt file")
     records = _read_records(path, fmt)
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     if column not in records[0]:
         raise DataError(f"unknown column {column!r} in {path}; columns are {list(records[0])}")
     return [str(r.get(column, "")) for r in records]
+
+
+def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextCorpus]:
+    """(train, dev): the dev text is the last `fraction` of the corpus, cut at a line start, as nanoGPT holds
+    out the end of tinyshakespeare. A contiguous tail keeps dev blocks from sharing text with train blocks."""
+    text = "\n".join(corpus)
+    cut = int(len(text) * (1.0 - fraction))
+    line = text.rfind("\n", 0, cut) + 1
+    cut = line if line > 0 else cut
+    train, dev = text[:cut], text[cut:]
+    if not train.strip() or not dev.strip():
+        raise DataError(f"the corpus is too short to hold out {fraction:.0%} of it as dev text; pass --dev-data")
+    return TextCorpus([train]), TextCorpus([dev])
 
 
 def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
@@ -271,8 +298,12 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         texts = _load_texts(path, cfg.text_columns[0])
         dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None
         if dev is None:
-            texts, dev = _split(texts, cfg.dev_fraction, cfg.seed)
+            split = split_corpus if isinstance(texts, TextCorpus) else (lambda t, f: _split(t, f, cfg.seed))
+            texts, dev = split(texts, cfg.dev_fraction)
         return texts, dev, "lm"
+    if path.suffix.lower() == ".txt":
+        raise DataError(f"--data {cfg.data}: a plain .txt file trains a causal LM (a ...ForCausalLM model, or "
+                        f"--task-type causal-lm); a classifier needs a .csv/.tsv/.jsonl table with a label column")
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
     if cfg.dev_data:
         dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=train.label_names)
@@ -307,6 +338,8 @@ def subsample(items, n: int, seed: int):
 
 def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, torch.Tensor]:
     """Tokenise every row once (padded to the longest); batches are row slices of these tensors."""
+    if task_type == "causal-lm" and isinstance(rows, TextCorpus):
+        return encode_corpus(tokenizer, rows, max_length)
     if task_type == "causal-lm":
         rows = [r for r in rows if r.strip()]
         if not rows:
@@ -318,6 +351,32 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, t
     from .data import encode
 
     return encode(tokenizer, rows.examples if isinstance(rows, TextDataset) else rows, max_length=max_length)
+
+
+def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
+    """A TextCorpus as rows of `max_length` tokens: every document tokenised whole (no truncation), EOS
+    between documents, the stream cut into blocks and the remainder dropped; a corpus shorter than one
+    block is one shorter row. Every token is a label."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in corpus:
+        if stream and eos is not None:
+            stream.append(eos)
+        stream += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(stream) < 2:
+        raise DataError("the text corpus gives fewer than 2 tokens; a causal LM needs at least one next token")
+    n = len(stream) // max_length
+    ids = torch.tensor(stream[:n * max_length] if n else stream, dtype=torch.long).view(max(n, 1), -1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def take_rows(enc: dict[str, torch.Tensor], n: int, seed: int) -> dict[str, torch.Tensor]:
+    """A fixed-seed subsample of n encoded rows (order kept); all of them when n is 0 or >= the row count."""
+    rows = len(enc["labels"])
+    if not n or n >= rows:
+        return enc
+    keep = torch.tensor(sorted(random.Random(seed).sample(range(rows), n)))
+    return {k: v[keep] for k, v in enc.items()}
 
 
 def batches(enc: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
