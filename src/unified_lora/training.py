@@ -13,7 +13,8 @@ fixed rank and the MULTI learning rate, so data order, seed, shock and
 initialisation are identical.
 
 A *shock* is a window of steps [start, end) whose labels are corrupted:
-"flip" maps y -> (y+1) % K (1-y for binary), "random" draws uniform labels.
+"flip" maps y -> (y+1) % K (1-y for binary), "random" draws uniform labels
+(for a causal LM, uniform random next tokens; "flip" has no meaning there and is refused).
 """
 
 from __future__ import annotations
@@ -450,6 +451,10 @@ class Run:
     def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
                  print_fn: Callable[[str], None] | None = print, append_trace: bool = False):
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
+        if task_type == "causal-lm" and cfg.has_shock and cfg.shock_type != "random":
+            raise UsageError(f"shock_type: '{cfg.shock_type}' maps class labels; a causal LM's shock is "
+                             f"--shock-type random (uniform random next tokens in the window)")
+        self.vocab_size = model.get_output_embeddings().weight.shape[0] if task_type == "causal-lm" else 0
         mts = cfg.modules_to_save
         if mts is None and task_type == "seq-cls":
             mts = [n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
@@ -476,8 +481,13 @@ class Run:
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         cfg, step = self.cfg, self.state.global_step
         batch = trim_padding(batch)
-        if cfg.has_shock and cfg.shock_start <= step < cfg.shock_end and self.task_type == "seq-cls":
-            batch = dict(batch, labels=corrupt(batch["labels"], cfg.shock_type, self.num_labels, self.shock_gen))
+        if cfg.has_shock and cfg.shock_start <= step < cfg.shock_end:
+            if self.task_type == "seq-cls":
+                batch = dict(batch, labels=corrupt(batch["labels"], cfg.shock_type, self.num_labels, self.shock_gen))
+            else:  # random next tokens where there are targets; padding (-100) stays ignored
+                y = batch["labels"]
+                noise = torch.randint(0, self.vocab_size, y.shape, generator=self.shock_gen)
+                batch = dict(batch, labels=torch.where(y == -100, y, noise))
         loss = self.model(**batch).loss
         loss.backward()
         value = loss.item()
