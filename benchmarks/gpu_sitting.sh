@@ -8,7 +8,9 @@
 # Environment: MODEL (HF path; default the bundled MiniLM), GLUE (GLUE root; default unified_lora's
 # resolution), RESULTS and QOUT (where perf and quality results are written), DEADLINE_AT (epoch
 # seconds at which unfinished runs are stopped), DTYPES, LAYER_REPEATS, LAYER_MIN_TIME, VARIANT_REPEATS (check phase), WORKERS (parallel run.py processes per task sharing the GPU, default 12; W_<task>
-# overrides it for one task), GRID_DEVICE (default cuda; cpu runs the grid phase anywhere), OUT (a folder that
+# overrides it for one task), GRID_DEVICE (default cuda; cpu runs the grid phase anywhere), CHECK_DEVICE and
+# CHECK_QUICK (CHECK_DEVICE=cpu CHECK_QUICK=1 SKIP_TESTS=1: the check phase as a quick dry run on any machine, which
+# tests/test_benchmarks_smoke.py runs so a flag or path typo costs no device time), OUT (a folder that
 # receives a tarball of the results), and PYTHON. The library is imported from src/ (no install
 # needed on a machine that already has torch, transformers and peft).
 #
@@ -32,6 +34,8 @@ RD="--results-dir $RES"
 limit() {  # "timeout N" up to DEADLINE_AT (epoch seconds), so finished runs are packed before a call's limit
     [ -n "${DEADLINE_AT:-}" ] && echo "timeout $(( DEADLINE_AT - $(date +%s) > 1 ? DEADLINE_AT - $(date +%s) : 1 ))"
 }
+DEV=${CHECK_DEVICE:-cuda}
+QK=${CHECK_QUICK:+--quick}
 declare -A STEPS=([mrpc]=687 [rte]=465 [cola]=1602 [sst2]=1500)
 
 pack() {  # results and logs travel back as one tarball, unpacked at the repo root
@@ -55,13 +59,13 @@ print('--with-cpp' if shutil.which('g++') and n() else '')")
     [ -z "${SKIP_TESTS:-}" ] && $(limit) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
     # most wanted first (bf16, the layer with both kernels); with DEADLINE_AT, each step stops in time for `pack`
     for dt in ${DTYPES:-bfloat16 float32}; do
-        $(limit) $PY benchmarks/perf/layer.py --device cuda --dtype $dt --repeats ${LAYER_REPEATS:-15} \
-            --min-time ${LAYER_MIN_TIME:-0.2} $WITH_CPP $RD 2>&1 | grep -v "^STAGE\|profiler\|USDT\|Warning\|warn"
-        $(limit) $PY benchmarks/perf/controller_overhead.py --device cuda --dtype $dt $MODEL_ARG --repeats 30 $RD 2>&1 \
+        $(limit) $PY benchmarks/perf/layer.py --device $DEV --dtype $dt --repeats ${LAYER_REPEATS:-15} \
+            --min-time ${LAYER_MIN_TIME:-0.2} $WITH_CPP $QK $RD 2>&1 | grep -v "^STAGE\|profiler\|USDT\|Warning\|warn"
+        $(limit) $PY benchmarks/perf/controller_overhead.py --device $DEV --dtype $dt $MODEL_ARG --repeats 30 $QK $RD 2>&1 \
             | grep -v "^rep \|Loading"
-        $(limit) $PY benchmarks/perf/mirror_cost.py --device cuda --dtype $dt $RD 2>&1 | tail -3
-        $(limit) $PY benchmarks/perf/layer_variants.py --device cuda --dtype $dt --shapes tiny,minilm,llama1b \
-            --repeats ${VARIANT_REPEATS:-11} --min-time 0.1 $RD 2>&1 | grep "^[a-z0-9]* r[0-9]*:\|left out"
+        $(limit) $PY benchmarks/perf/mirror_cost.py --device $DEV --dtype $dt $QK $RD 2>&1 | tail -3
+        $(limit) $PY benchmarks/perf/layer_variants.py --device $DEV --dtype $dt --shapes tiny,minilm,llama1b \
+            --repeats ${VARIANT_REPEATS:-11} --min-time 0.1 $QK $RD 2>&1 | grep "^[a-z0-9]* r[0-9]*:\|left out"
     done
     pack check
     ;;

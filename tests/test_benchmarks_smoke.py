@@ -453,6 +453,29 @@ def test_gpu_sitting_grid_workers_share_the_grid_without_running_a_job_twice(tin
         assert sum(n.endswith(".json") and "/runs/" in n for n in t.getnames()) == 4
 
 
+def test_gpu_sitting_check_phase_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    """The check phase has no GPU to run on here, so its plumbing runs as a quick CPU dry run: every step's flags
+    parse, every benchmark writes its JSON in the dtype asked for, and the tarball is packed. A typo in the script
+    would otherwise surface only on a lent GPU, at the cost of its few minutes."""
+    import json
+    import os
+    import subprocess
+
+    res, out = tmp_path / "res", tmp_path / "out"
+    env = dict(os.environ, CHECK_DEVICE="cpu", CHECK_QUICK="1", SKIP_TESTS="1", DTYPES="bfloat16", RESULTS=str(res),
+               OUT=str(out), LOGS=str(tmp_path / "logs"), QOUT=str(tmp_path / "q"), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sitting.sh"
+    r = subprocess.run(["bash", str(script), "check"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    names = ("perf_layer", "perf_controller_overhead", "perf_mirror_cost", "perf_layer_variants")
+    for name in names:
+        payload = json.loads((res / f"{name}_quick.json").read_text())
+        assert payload["device"] == "cpu" and payload["dtype"] == "bfloat16", name
+        assert "--device cpu --dtype bfloat16" in payload["command"] and "--quick" in payload["command"], name
+    assert (out / "results_check.tgz").is_file()
+
+
 def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
     from _common import publish
 
