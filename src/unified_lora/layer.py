@@ -57,28 +57,50 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        if torch.is_autocast_enabled(dev):
+        ctx.scaling, ctx.k = scaling, k
+        if not torch.is_autocast_enabled(dev):
+            dt = blocks[0].dtype
+            if h.dtype == dt and base_out.dtype == dt:
+                # The common case, inlined: no helper calls, no dtype casts. Host time is per layer and call, and
+                # it is most of a layer's time where the GEMMs take microseconds (a GPU). Same ops as below.
+                A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
+                if A.dtype == dt and B.dtype == dt:  # blocks of mixed dtypes take the general path
+                    u = h.matmul(A.t())
+                    out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u.reshape(-1, u.shape[-1]), B.t(),
+                                      alpha=scaling)
+                    ctx.save_for_backward(h, u, *blocks)
+                    ctx.dt, ctx.fast = dt, True
+                    return out.view(base_out.shape)
+            h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
+        else:
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
                 h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
-        else:  # no context manager on the common path: this Function's host time is per layer and call
-            dt = blocks[0].dtype
-            h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
         ctx.save_for_backward(h, u, *blocks)
-        ctx.scaling, ctx.k, ctx.dt = scaling, k, dt
+        ctx.dt, ctx.fast = dt, False
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, gy):
         h, u, *blocks = ctx.saved_tensors
-        need_base, need_h = ctx.needs_input_grad[:2]
+        need = ctx.needs_input_grad
+        k, s = ctx.k, ctx.scaling
+        if ctx.fast and gy.dtype == ctx.dt and not torch.is_autocast_enabled(h.device.type):
+            A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
+            g2 = gy.reshape(-1, gy.shape[-1])
+            gu = g2.mm(B).mul_(s)  # tokens × r; the same ops as _path_backward
+            gA = gu.t().mm(h.reshape(-1, h.shape[-1]))
+            gB = g2.t().mm(u.reshape(-1, u.shape[-1])).mul_(s)
+            sizes = [a.shape[0] for a in blocks[:k]]
+            return (gy if need[0] else None, gu.mm(A).reshape(h.shape) if need[1] else None, None, None,
+                    *gA.split_with_sizes(sizes, 0), *gB.split_with_sizes(sizes, 1))
         dev = h.device.type
         if torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):
-                gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need_h)
+                gh, gA, gB = _path_backward(gy, h, u, blocks, k, ctx.dt, s, need[1])
         else:
-            gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need_h)
-        return (gy if need_base else None, gh, None, None, *gA, *gB)
+            gh, gA, gB = _path_backward(gy, h, u, blocks, k, ctx.dt, s, need[1])
+        return (gy if need[0] else None, gh, None, None, *gA, *gB)
 
 
 def _path_forward(base_out, h, scaling, k, blocks, dt):
@@ -271,7 +293,9 @@ class NestedLoRALayer(nn.Module):
             return result
         k = self.n_active_blocks
         A, B = blocks_of(self.lora_A), blocks_of(self.lora_B)
-        h = self.lora_dropout(_as(x, A[0].dtype))
+        h, drop = _as(x, A[0].dtype), self.lora_dropout
+        if type(drop) is not nn.Identity:  # no module call for no dropout (host time, as above)
+            h = drop(h)
         if k > 1:
             if self.kernel == "cpp":
                 return _fused.layer_kernels().nested_path(result, h, self.scaling, k, A[:k] + B[:k])
