@@ -224,6 +224,11 @@ def test_train_causal_lm_on_a_plain_text_corpus_cuts_token_blocks_and_holds_out_
     assert summary["task_type"] == "causal-lm" and "perplexity" in summary["arms"]["run"]["eval"]["epoch 1"]
     assert main(args[:-2] + ["--dev-size", "2", "--output-dir", str(tmp_path / "lm_txt2"), "--log-every", "0"]) == 0
     assert f"{n_train} train / 2 dev rows" in capsys.readouterr().out
+    (tmp_path / "dev.raw").write_text(dev_text[0])  # wikitext's .raw is plain text too; as --dev-data, used whole
+    assert main(args[:-2] + ["--dev-data", str(tmp_path / "dev.raw"), "--output-dir", str(tmp_path / "lm_raw"),
+                             "--log-every", "0"]) == 0
+    assert f"{len(tok(text, add_special_tokens=False)['input_ids']) // 16} train / {n_dev} dev rows" in \
+        capsys.readouterr().out
 
 
 def test_a_text_corpus_is_one_token_stream_with_eos_between_documents(tiny):
@@ -321,7 +326,7 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
-    ("txt_for_a_classifier", "a plain .txt file trains a causal LM"),
+    ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")

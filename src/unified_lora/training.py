@@ -39,6 +39,7 @@ from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter, read_trace
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
+TEXT_SUFFIXES = ("txt", "raw")  # plain-text corpora for a causal LM (tinyshakespeare's input.txt, wikitext's *.raw)
 
 
 class UsageError(ValueError):
@@ -245,7 +246,7 @@ def load_model(path: str, task_type: str, num_labels: int = 2):
 
 
 class TextCorpus(list):
-    """Causal-LM text from a plain .txt file (tinyshakespeare, a wiki dump): a list of documents that
+    """Causal-LM text from a plain-text file (.txt or .raw: tinyshakespeare, a wiki dump): a list of documents that
     `encode_rows` tokenises as one stream, with EOS between documents, and cuts into `max_length`-token blocks
     (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples."""
 
@@ -253,7 +254,7 @@ class TextCorpus(list):
 def _load_texts(path: Path, column: str) -> list[str]:
     """Causal-LM data: one text column of a .csv/.tsv/.jsonl table, or a whole .txt file (a TextCorpus)."""
     fmt = path.suffix.lstrip(".").lower()
-    if fmt == "txt":
+    if fmt in TEXT_SUFFIXES:
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
         text = path.read_text(encoding="utf-8-sig")
@@ -261,7 +262,7 @@ def _load_texts(path: Path, column: str) -> list[str]:
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
         return TextCorpus([text])
     if fmt not in ("csv", "tsv", "jsonl"):
-        raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) .txt file")
+        raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
     records = _read_records(path, fmt)
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
@@ -302,8 +303,8 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
             split = split_corpus if isinstance(texts, TextCorpus) else (lambda t, f: _split(t, f, cfg.seed))
             texts, dev = split(texts, cfg.dev_fraction)
         return texts, dev, "lm"
-    if path.suffix.lower() == ".txt":
-        raise DataError(f"--data {cfg.data}: a plain .txt file trains a causal LM (a ...ForCausalLM model, or "
+    if path.suffix.lstrip(".").lower() in TEXT_SUFFIXES:
+        raise DataError(f"--data {cfg.data}: a plain-text file trains a causal LM (a ...ForCausalLM model, or "
                         f"--task-type causal-lm); a classifier needs a .csv/.tsv/.jsonl table with a label column")
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
     if cfg.dev_data:
