@@ -435,3 +435,37 @@ def test_a_layer_pickled_before_the_kernel_option_still_runs():
     del layer.__dict__["kernel"]  # what torch.load gives for a whole layer saved by an older version
     assert layer.kernel == "python"
     layer(torch.randn(2, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_gradient_checkpointing_gives_the_same_gradients_and_leaves_paused_blocks_alone(rank, reentrant, kernel):
+    """model.gradient_checkpointing_enable() recomputes each decoder layer in backward (torch.utils.checkpoint):
+    the nested path must give the same loss and block gradients as without it, and paused blocks keep .grad None."""
+    from conftest import tiny_llama
+
+    from unified_lora import setup_unified_lora
+
+    plain = tiny_llama().train()
+    adapters, _ = setup_unified_lora(plain, target_modules=["q_proj", "v_proj"], layer_kernel=kernel, print_fn=None)
+    for i, a in enumerate(adapters.values()):
+        _randomize_B(a, seed=i)
+        a.set_rank(rank)
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert ckpt.is_activation_checkpointing
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (plain, ckpt):
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if "lora_" not in name:
+            continue
+        block = int(name.rsplit(".", 1)[1])
+        if block >= (4, 8, 16).index(rank) + 1:  # paused
+            assert p.grad is None and q.grad is None, name
+        else:
+            assert q.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
