@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(*args: str, launcher=(sys.executable,), timeout: int = 240) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # say where it hung
+        out = (e.stdout or b"")[-2000:], (e.stderr or b"")[-3000:]
+        raise AssertionError(f"{args[0]} ran past {timeout} s:\n{out[0]!r}\n{out[1]!r}") from None
     assert p.returncode == 0, f"{args[0]} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p.stdout
 
@@ -38,7 +42,9 @@ def test_peft_interop_example_gives_identical_logits_at_every_rank():
                     reason="torchrun not on PATH")
 def test_ddp_example_under_torchrun_keeps_both_processes_in_lockstep():
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    out = run_example("examples/ddp_torchrun.py", launcher=(torchrun, "--nproc_per_node", "2"))
+    # --standalone: a rendezvous on a free local port, not the fixed 29500 that another job may hold
+    out = run_example("examples/ddp_torchrun.py", launcher=(torchrun, "--standalone", "--nproc_per_node", "2"),
+                      timeout=180)
     assert "2 process(es), weights identical on all: True" in out
     assert "transitions: [" in out and "transitions: []" not in out
 

@@ -452,8 +452,12 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_leaves_paused_block
         _randomize_B(a, seed=i)
         a.set_rank(rank)
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    assert ckpt.is_activation_checkpointing
+    # transformers 5 renamed gradient_checkpointing_enable (still there, deprecated) to activation_checkpointing_enable
+    if hasattr(ckpt, "activation_checkpointing_enable"):
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert getattr(ckpt, "is_activation_checkpointing", None) or ckpt.is_gradient_checkpointing
     x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
     losses = []
     for m in (plain, ckpt):
