@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(*args: str, launcher=(sys.executable,), timeout: int = 240) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # its own session, so a hang is killed whole: torchrun's workers would outlive the launcher otherwise
+    p = subprocess.Popen([*launcher, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
     try:
-        p = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:  # say where it hung
-        out = (e.stdout or b"")[-2000:], (e.stderr or b"")[-3000:]
-        raise AssertionError(f"{args[0]} ran past {timeout} s:\n{out[0]!r}\n{out[1]!r}") from None
-    assert p.returncode == 0, f"{args[0]} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p.stdout
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"{args[0]} ran past {timeout} s:\n{out[-2000:]}\n{err[-3000:]}") from None
+    assert p.returncode == 0, f"{args[0]} exited {p.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
+    return out
 
 
 def test_trainer_callback_example():
