@@ -587,26 +587,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file with TrainConfig keys (model, data, epochs, ...)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR")
-    t.add_argument("--model")
-    t.add_argument("--data")
-    t.add_argument("--dev-data")
-    t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"))
-    t.add_argument("--text-columns", type=_csv_list)
-    t.add_argument("--label-column")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--max-length", type=int)
+    t.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
+    t.add_argument("--data", help="GLUE task folder, a .csv/.tsv/.jsonl table, or (causal LM) a plain-text "
+                   ".txt/.raw corpus cut into --max-length token blocks (default: shipped MRPC)")
+    t.add_argument("--dev-data", help="evaluation file (default: GLUE dev.tsv, else 10%% of --data held out; "
+                   "for a text corpus, its tail)")
+    t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"),
+                   help="auto (default): causal-lm for ...ForCausalLM / ...LMHeadModel checkpoints, else seq-cls")
+    t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2 (default: text)")
+    t.add_argument("--label-column", help="table label column (default: label)")
+    t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
+    t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, help="default 16")
+    t.add_argument("--max-length", type=int, help="tokens per row (default 64)")
     t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier")
-    t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"))
-    t.add_argument("--lr-mode", choices=("absolute", "multiplier"))
-    t.add_argument("--signal", choices=("loss", "composite"))
-    t.add_argument("--loss-scale", type=float)
-    t.add_argument("--calibration-steps", type=int)
-    t.add_argument("--min-dwell", type=int)
-    t.add_argument("--theta0", type=float)
-    t.add_argument("--theta1", type=float)
-    t.add_argument("--mirror-policy")
+    t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
+                   help="per-mode LRs for --lr-mode absolute (default 2e-3 5e-4 1e-4)")
+    t.add_argument("--lr-mode", choices=("absolute", "multiplier"),
+                   help="absolute (default): the mode sets the LR; multiplier: the mode scales --lr")
+    t.add_argument("--signal", choices=("loss", "composite"),
+                   help="φ(t): the v1 loss signal (default) or the v3 composite signal (reads gradients)")
+    t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")
+    t.add_argument("--calibration-steps", type=int,
+                   help="loss signal: set the scale so the mean of the first N losses maps to "
+                   "calibration_target (YAML; default 0.5); default 0 = off")
+    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it")
+    t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
+    t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
+    t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
+                   "snapshot if the weights moved less than 5%%), loss_worse (restore if the loss is higher than "
+                   "at entry), always or never")
     t.add_argument("--mirror-kernel", choices=("eager", "fused"),
                    help="Mirror copies and drift: torch ops (default) or fused C++ CPU kernels (needs g++ and ninja)")
     t.add_argument("--layer-kernel", choices=("python", "cpp"),
@@ -615,16 +625,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mirror-pack", action=argparse.BooleanOptionalAction, default=None,
                    help="eager Mirror: pack the snapshotted parameters into one buffer at the first snapshot "
                         "(default on; --no-mirror-pack leaves every parameter's storage alone)")
-    t.add_argument("--target-modules", type=_csv_list)
-    t.add_argument("--modules-to-save", type=_csv_list)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--output-dir")
-    t.add_argument("--dev-size", type=int)
-    t.add_argument("--log-every", type=int)
-    t.add_argument("--threads", type=int)
-    t.add_argument("--shock-start", type=int)
-    t.add_argument("--shock-end", type=int)
-    t.add_argument("--shock-type", choices=("flip", "random"))
+    t.add_argument("--target-modules", type=_csv_list,
+                   help="modules to adapt: name suffixes, a regex or all-linear (default: query,value)")
+    t.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
+    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--output-dir", help="trace, plot, summary and checkpoints (default: unified-lora-run)")
+    t.add_argument("--dev-size", type=int, help="dev rows (blocks, for a text corpus) to evaluate: a "
+                   "fixed-seed subsample; 0 (default) = all")
+    t.add_argument("--log-every", type=int, help="console line every N steps and at transitions (default 25)")
+    t.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
+    t.add_argument("--shock-start", type=int, help="first step of a corrupted-target window (a stress test)")
+    t.add_argument("--shock-end", type=int, help="the step after the window (default 0 = no shock)")
+    t.add_argument("--shock-type", choices=("flip", "random"), help="flip (default) or random labels; a causal "
+                   "LM takes random next tokens only")
     t.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("plot", parents=[common], help="plot a trace.jsonl (loss, φ, mode/rank, LR)")
