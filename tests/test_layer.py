@@ -473,3 +473,22 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_leaves_paused_block
             assert p.grad is None and q.grad is None, name
         else:
             assert q.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_block_of_another_dtype_gets_its_gradient_in_its_own_dtype(kernel):
+    """Blocks of mixed dtypes (a bf16 block among fp32 ones): the path computes in the first block's dtype, and
+    each block's gradient comes back in that block's dtype with the values of an all-fp32 layer's gradient."""
+    layer = NestedLoRALayer(nn.Linear(16, 8), initial_rank=16, kernel=kernel)
+    _randomize_B(layer)
+    with torch.no_grad():
+        for p in (layer.lora_A[1], layer.lora_B[1]):
+            p.copy_(p.to(torch.bfloat16))  # values a bf16 block can hold, so both layers compute the same
+    ref = copy.deepcopy(layer)
+    layer.lora_A[1].data, layer.lora_B[1].data = layer.lora_A[1].data.bfloat16(), layer.lora_B[1].data.bfloat16()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    layer(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, q in zip(layer.lora_parameters(), ref.lora_parameters()):
+        assert p.grad.dtype == p.dtype
+        assert torch.equal(p.grad, q.grad.to(p.dtype))

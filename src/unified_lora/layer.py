@@ -57,79 +57,63 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        ctx.scaling, ctx.k = scaling, k
-        if not torch.is_autocast_enabled(dev):
-            dt = blocks[0].dtype
-            if h.dtype == dt and base_out.dtype == dt:
-                # The common case, inlined: no helper calls, no dtype casts. Host time is per layer and call, and
-                # it is most of a layer's time where the GEMMs take microseconds (a GPU). Same ops as below.
-                A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
-                if A.dtype == dt and B.dtype == dt:  # blocks of mixed dtypes take the general path
-                    u = h.matmul(A.t())
-                    out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u.reshape(-1, u.shape[-1]), B.t(),
-                                      alpha=scaling)
-                    ctx.save_for_backward(h, u, *blocks)
-                    ctx.dt, ctx.fast = dt, True
-                    return out.view(base_out.shape)
-            h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
-        else:
+        if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
                 h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
+        else:  # no context manager on the common path: this Function's host time is per layer and call
+            dt = blocks[0].dtype
+            h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
         ctx.save_for_backward(h, u, *blocks)
-        ctx.dt, ctx.fast = dt, False
+        ctx.scaling, ctx.k, ctx.dt = scaling, k, dt
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, gy):
         h, u, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
-        k, s = ctx.k, ctx.scaling
-        if ctx.fast and gy.dtype == ctx.dt and not torch.is_autocast_enabled(h.device.type):
-            A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
-            g2 = gy.reshape(-1, gy.shape[-1])
-            gu = g2.mm(B).mul_(s)  # tokens × r; the same ops as _path_backward
-            gA = gu.t().mm(h.reshape(-1, h.shape[-1]))
-            gB = g2.t().mm(u.reshape(-1, u.shape[-1])).mul_(s)
-            sizes = [a.shape[0] for a in blocks[:k]]
-            return (gy if need[0] else None, gu.mm(A).reshape(h.shape) if need[1] else None, None, None,
-                    *gA.split_with_sizes(sizes, 0), *gB.split_with_sizes(sizes, 1))
         dev = h.device.type
         if torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):
-                gh, gA, gB = _path_backward(gy, h, u, blocks, k, ctx.dt, s, need[1])
+                gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
         else:
-            gh, gA, gB = _path_backward(gy, h, u, blocks, k, ctx.dt, s, need[1])
+            gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
         return (gy if need[0] else None, gh, None, None, *gA, *gB)
+
+
+# The two halves below run on every call of every adapted layer. Where the GEMMs take microseconds (a GPU), host
+# time is most of a layer's time, so they make no helper calls and cast only what is not already in `dt`.
 
 
 def _path_forward(base_out, h, scaling, k, blocks, dt):
     """(h in dt, u = h A_catᵀ, base_out + scaling · u B_catᵀ as rows); autocast is off here."""
-    A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-    h = _as(h, dt)
-    u = h @ A.T
-    u2 = u.reshape(-1, u.shape[-1])
+    A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
+    if A.dtype != dt or B.dtype != dt or h.dtype != dt:
+        A, B, h = A.to(dt), B.to(dt), h.to(dt)
+    u = h.matmul(A.t())
+    u2, base2 = u.reshape(-1, u.shape[-1]), base_out.reshape(-1, base_out.shape[-1])
     if base_out.dtype == dt:
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u2, B.T, alpha=scaling)
+        out = torch.addmm(base2, u2, B.t(), alpha=scaling)
     else:
-        out = base_out.reshape(-1, base_out.shape[-1]) + (torch.mm(u2, B.T) * scaling).to(base_out.dtype)
+        out = base2 + (torch.mm(u2, B.t()) * scaling).to(base_out.dtype)
     return h, u, out
 
 
 def _path_backward(gy, h, u, blocks, k, dt, scaling, need_h):
     """(grad h, grads of the A blocks, grads of the B blocks); autocast is off here."""
-    A, B = _cat(blocks[:k], 0, dt), _cat(blocks[k:], 1, dt)
-    g2 = _as(gy.reshape(-1, gy.shape[-1]), dt)
-    u2, h2 = u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1])
-    gu = (g2 @ B).mul_(scaling)  # tokens × r
-    gA = gu.T @ h2  # r × in
-    gB = (g2.T @ u2).mul_(scaling)  # out × r
-    gh = (gu @ A).reshape(h.shape) if need_h else None
+    A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
+    g2 = gy.reshape(-1, gy.shape[-1])
+    if A.dtype != dt or B.dtype != dt or g2.dtype != dt:
+        A, B, g2 = A.to(dt), B.to(dt), g2.to(dt)
+    gu = g2.mm(B).mul_(scaling)  # tokens × r
+    gA = gu.t().mm(h.reshape(-1, h.shape[-1]))  # r × in
+    gB = g2.t().mm(u.reshape(-1, u.shape[-1])).mul_(scaling)  # out × r
+    gh = gu.mm(A).reshape(h.shape) if need_h else None
     sizes = [a.shape[0] for a in blocks[:k]]
     # split_with_sizes: the C++ method, without Tensor.split's Python wrapper (host time counts on small layers)
-    gA = [_as(g, b.dtype) for g, b in zip(gA.split_with_sizes(sizes, 0), blocks[:k])]
-    gB = [_as(g, b.dtype) for g, b in zip(gB.split_with_sizes(sizes, 1), blocks[k:])]
-    return gh, gA, gB
+    # A block of another dtype gets its gradient cast by the autograd engine, which casts every gradient a
+    # Function returns to its input's dtype.
+    return gh, gA.split_with_sizes(sizes, 0), gB.split_with_sizes(sizes, 1)
 
 
 def blocks_of(plist) -> list:
@@ -141,10 +125,6 @@ def blocks_of(plist) -> list:
 def _as(t, dtype):
     """t in `dtype`; no call at all when it already is (each .to costs host time on small layers)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _cat(ts, dim, dtype):
-    return _as(ts[0] if len(ts) == 1 else torch.cat(ts, dim), dtype)
 
 
 class NestedLoRALayer(nn.Module):
