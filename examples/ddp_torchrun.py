@@ -87,8 +87,8 @@ def main():
     if ddp:
         # Free DDP's reducer while the process group is still registered, then destroy the group. If the reducer
         # held the group's last reference, the group would be destroyed with the GIL held while gloo's worker thread
-        # may still need it to free a finished collective: a deadlock at exit, seen in 3 of 17 runs on a busy
-        # 2-core machine (torch 2.13).
+        # may still need it to free a finished collective: a deadlock at exit (pytorch/pytorch#56297), seen on a busy
+        # 2-core machine with torch 2.13.
         del model
         gc.collect()
         dist.destroy_process_group()
