@@ -33,6 +33,35 @@ def test_step_before_any_backward_is_a_clear_error(llama):
         ctrl.step(loss=1.0)
 
 
+def test_the_backward_check_and_loss_reading_keep_their_meaning_on_the_lean_step(llama):
+    """ctrl.step reads block 0's gradient first (it is active at every rank) and a float loss without type
+    checks; what it accepts and refuses must not change."""
+    x = classification_batch(n=4)[0]
+    labels = x
+    seen = []
+    adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                        reduce_loss=lambda v: seen.append(v) or 2 * v)
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    _train_step(llama, ctrl, opt, x, labels)
+    assert len(seen) == 1 and ctrl.trace[-1].loss == 2 * seen[0]  # the float path still reduces across processes
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="call loss.backward"):  # a later step without backward is refused too
+        ctrl.step(loss=1.0)
+    # block 0 frozen, the other active block trained: gradients are there, so the step goes through
+    for a in adapters.values():
+        a.lora_A[0].requires_grad_(False)
+        a.lora_B[0].requires_grad_(False)
+    llama(input_ids=x, labels=labels).loss.backward()
+    first = next(iter(adapters.values()))
+    assert first.first_block_grad() is None and first.lora_A[1].grad is not None
+    ctrl.step(loss=torch.tensor(1.5))  # a tensor and an int take the checked path
+    ctrl.step(loss=3)
+    assert [r.loss for r in ctrl.trace[-2:]] == [3.0, 6.0]
+    with pytest.raises(ValueError, match="^loss: expected a number"):
+        ctrl.step(loss="1.0")
+
+
 def test_composite_signal_without_adapters_is_rejected():
     with pytest.raises(ValueError, match="^signal:"):
         UnifiedController(signal="composite")

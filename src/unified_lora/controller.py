@@ -21,6 +21,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
@@ -30,6 +31,8 @@ from .mirror import MirrorDecision, MirrorSnapshot
 from .model import inject_nested_lora
 from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
+
+_DIST = dist.is_available()
 
 
 def _unwrap_optimizer(opt):
@@ -43,9 +46,7 @@ def _unwrap_optimizer(opt):
 def distributed_mean(value: float, device=None) -> float:
     """All-reduce a scalar so every process decides on the same number (SPEC §7).
     A no-op outside an initialised process group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (_DIST and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -208,8 +209,10 @@ class UnifiedController:
         return inner.param_groups[0]["lr"] * self.lr_multiplier
 
     def _apply_lr(self) -> None:
+        if self.actuators.lr_mode != "absolute":
+            return
         inner = _unwrap_optimizer(self.optimizer)
-        if inner is not None and self.actuators.lr_mode == "absolute":
+        if inner is not None:
             for g in inner.param_groups:
                 g["lr"] = self.actuators.mode_lrs[self.mode]
 
@@ -219,6 +222,8 @@ class UnifiedController:
 
     # -- the step -----------------------------------------------------------------
     def _read_loss(self, loss) -> float:
+        if type(loss) is float:  # what a loop passes (loss.item()); the checks below cost host time on every step
+            return loss if self.reduce_loss is None else self.reduce_loss(loss)
         if torch.is_tensor(loss):
             loss = loss.detach().float().item()
         if not isinstance(loss, (int, float)):
@@ -229,7 +234,9 @@ class UnifiedController:
         return loss
 
     def _check_backward_ran(self) -> None:
-        if self.adapters and all(p.grad is None for p in self.adapters[0].active_parameters()):
+        # block 0 is active at every rank, so one attribute read settles the usual case
+        if self.adapters and self.adapters[0].first_block_grad() is None and all(
+                p.grad is None for p in self.adapters[0].active_parameters()):
             raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
 
     def _update_signal(self, loss: float) -> float:
@@ -251,14 +258,16 @@ class UnifiedController:
             self.nonfinite_steps += 1
         else:
             self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
-        transition = self.machine.step(phi, self.global_step)
+        machine = self.machine
+        transition = machine.step(phi, self.global_step)
         snap_event, drift = None, None
         if transition is not None:
             snap_event, drift = self._on_transition(transition)
             self._apply_rank()
         self._annotate(transition, comps)
         self._apply_lr()
-        rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=self.mode, rank=self.rank,
+        mode = machine.mode
+        rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=mode, rank=self.actuators.mode_ranks[mode],
                          lr=self.get_last_lr(), components=comps, nonfinite=nonfinite, snapshot=snap_event, drift=drift,
                          transition=None if transition is None else f"{MODES[transition.old]}->{MODES[transition.new]}")
         self._record(rec)

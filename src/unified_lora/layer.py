@@ -230,6 +230,10 @@ class NestedLoRALayer(nn.Module):
     def full_B(self) -> torch.Tensor:
         return torch.cat(list(self.lora_B), 1)
 
+    def first_block_grad(self) -> torch.Tensor | None:
+        """The gradient of A's block 0, which is active at every rank (read without building a list)."""
+        return next(iter(self._modules["lora_A"]._parameters.values())).grad  # no Module.__getattr__
+
     def active_parameters(self) -> list[nn.Parameter]:
         k = self.n_active_blocks
         return blocks_of(self.lora_A)[:k] + blocks_of(self.lora_B)[:k]

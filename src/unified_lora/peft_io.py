@@ -426,6 +426,9 @@ class _PeftLoRAView:
 
     lora_parameters = active_parameters
 
+    def first_block_grad(self) -> torch.Tensor | None:
+        return self.lora_A[0].grad
+
     def active_A(self) -> torch.Tensor:
         return self.lora_A[0]
 
