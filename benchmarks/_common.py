@@ -167,6 +167,21 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+_VIEW_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select", "aten::t",
+             "aten::transpose", "aten::expand", "aten::as_strided", "aten::unsqueeze", "aten::squeeze", "aten::alias",
+             "aten::detach", "aten::lift_fresh"}
+
+
+def count_aten_ops(fn) -> int:
+    """Top-level non-view aten ops one call of `fn` issues (torch.profiler, CPU activity). On a GPU each is at
+    least one kernel launch, so on a host-bound device this counts what a call costs better than a CPU clock."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in _VIEW_OPS and e.cpu_parent is None)
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note, environment,  # noqa: E402
-                     fmt_range, load_classifier, publish, summarize, sync, torch_dtype)
+from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note,  # noqa: E402
+                     count_aten_ops, environment, fmt_range, load_classifier, publish, summarize, sync, torch_dtype)
 
 ARMS = ("none", "v1", "v3")
 
@@ -80,11 +80,6 @@ def one_step(model, opt, ctrl, batch, autocast_dtype=None) -> tuple[float, float
     return time.perf_counter() - t0, t_ctrl
 
 
-_VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select", "aten::t",
-          "aten::transpose", "aten::expand", "aten::as_strided", "aten::unsqueeze", "aten::squeeze", "aten::alias",
-          "aten::detach", "aten::lift_fresh"}
-
-
 def back_to_back(model, opt, ctrl, batch, autocast_dtype=None, calls: int = 200) -> dict:
     """ctrl.step called `calls` times in a row on one backward's gradients, each timed: the controller's cost
     with the interpreter, caches and branch predictors warm. In the training loop every call comes right after
@@ -107,18 +102,15 @@ def back_to_back(model, opt, ctrl, batch, autocast_dtype=None, calls: int = 200)
 
 def ops_per_ctrl_step(model, opt, ctrl, batch, autocast_dtype=None) -> int:
     """Top-level non-view aten ops one ctrl.step issues (on a GPU, each is at least one kernel launch)."""
-    from torch.profiler import ProfilerActivity, profile
-
     dev = batch["input_ids"].device
     with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = model(**batch).loss
     loss.backward()
     value = loss.item()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        ctrl.step(loss=value)
+    n = count_aten_ops(lambda: ctrl.step(loss=value))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in _VIEWS and e.cpu_parent is None)
+    return n
 
 
 def main(argv=None) -> dict:

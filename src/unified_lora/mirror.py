@@ -77,6 +77,7 @@ class _Prefix(NamedTuple):
     owner: torch.Tensor | None
     norms: torch.Tensor | None
     row_owner: torch.Tensor | None
+    row_sq: torch.Tensor | None  # [2, rows] fp32: the squared row norms of scratch and snap
 
 
 class _FlatPool:
@@ -87,8 +88,8 @@ class _FlatPool:
     rows; the rest of its last row is zero padding, which stays zero in both halves and so adds
     nothing to a norm. `width` is the gcd of the tensor sizes (at least 64), so nested LoRA blocks
     pack without padding (MiniLM: 1536). The per-tensor norms of W − W_snap and of W_snap then come
-    from one contiguous subtraction and one row-norm kernel over both halves, not from one kernel per
-    tensor, and a prefix of the tensors (the controller measures drift over the LoRA blocks only)
+    from one contiguous subtraction and the row norms of both halves (one kernel on a GPU, one call per
+    half on the CPU), not from one kernel per tensor, and a prefix of the tensors (the controller measures drift over the LoRA blocks only)
     is a prefix of the rows.
     """
 
@@ -110,6 +111,7 @@ class _FlatPool:
             self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device),
                                                      torch.tensor(rows, device=device))
             self.norms = torch.zeros(2, len(rows), device=device)
+            self.row_sq = torch.zeros(2, self.row_end[-1], device=device)
             # The per-tensor sums as one GEMM with the 0/1 [rows, tensors] ownership matrix where it is small
             # (one kernel, where zero_ + index_add_ are two); index_add_ otherwise.
             self.owner = None
@@ -132,7 +134,8 @@ class _FlatPool:
             got = _Prefix(live, None if live is None else live[:rows], self.snap[:rows],
                           self.scratch[:rows] if eager else None, self.both[:, :rows] if eager else None,
                           self.owner[:rows, :count] if eager and self.owner is not None else None,
-                          self.norms[:, :count] if eager else None, self.row_owner[:rows] if eager else None)
+                          self.norms[:, :count] if eager else None, self.row_owner[:rows] if eager else None,
+                          self.row_sq[:, :rows] if eager else None)
             self._prefixes[count] = got
         return got
 
@@ -149,7 +152,16 @@ class _FlatPool:
         else:  # snapshot offloaded to the CPU: one device-to-host copy of the packed buffer
             v.scratch.copy_(v.live_rows)
             v.scratch.sub_(v.snap)
-        sq = torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32).square_()
+        if v.scratch.device.type == "cpu":
+            # Two norms, not one over both halves: a CPU op splits its output among the threads, so one call
+            # over [2, rows, width] hands all of scratch to one thread, half of it just written by the other
+            # thread's subtraction (the cross-core reads cost; BENCHMARKS, Performance 11.). Each row is
+            # reduced as before, so the values are the same.
+            torch.linalg.vector_norm(v.scratch, dim=1, dtype=torch.float32, out=v.row_sq[0])
+            torch.linalg.vector_norm(v.snap, dim=1, dtype=torch.float32, out=v.row_sq[1])
+            sq = v.row_sq.square_()
+        else:  # a GPU is launch-bound at adapter sizes: one kernel
+            sq = torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32).square_()
         if v.owner is not None:
             return torch.mm(sq, v.owner, out=v.norms).sqrt_().sum(1)
         return v.norms.zero_().index_add_(1, v.row_owner, sq).sqrt_().sum(1)
@@ -317,8 +329,8 @@ class MirrorSnapshot:
 
         W − W_snap is one subtraction from the packed buffer (or, unpacked, a gather of W into the
         pool's scratch by one foreach copy, then one contiguous subtraction), and the per-tensor norms
-        of W − W_snap and of W_snap are one row-norm kernel per pool, accumulated in fp32 whatever the
-        parameter dtype. A prefix uses its own denominator.
+        of W − W_snap and of W_snap come from the pool's row norms (one kernel on a GPU, one call per half
+        on the CPU), accumulated in fp32 whatever the parameter dtype. A prefix uses its own denominator.
         One sync for the whole set; the snapshot is never written. With kernel="fused" one C++ pass
         per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them).
 
