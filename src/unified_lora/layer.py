@@ -232,7 +232,8 @@ class NestedLoRALayer(nn.Module):
 
     def first_block_grad(self) -> torch.Tensor | None:
         """The gradient of A's block 0, which is active at every rank (read without building a list)."""
-        return next(iter(self._modules["lora_A"]._parameters.values())).grad  # no Module.__getattr__
+        p = next(iter(self._modules["lora_A"]._parameters.values()), None)  # (no Module.__getattr__ on this path)
+        return None if p is None else p.grad
 
     def active_parameters(self) -> list[nn.Parameter]:
         k = self.n_active_blocks
