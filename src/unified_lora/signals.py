@@ -190,8 +190,10 @@ class GradientStats:
 
     Costs one stored gradient copy per adapter (the v3 design's price). Every
     reduction runs as a multi-tensor (`torch._foreach_*`) op over all adapters at
-    once, so a step launches a fixed handful of kernels whatever the number of
-    layers, and the only device sync is one `.tolist()`. The dot product of the
+    once (all the squared norms of a step, ‖c‖², ‖c + p‖², ‖c − p‖² and ‖p‖², in
+    one `_foreach_norm`), so a step issues the same 23 aten ops whatever the number
+    of layers (fewer on the first step, which has no previous gradient), and the
+    only device sync is one `.tolist()`. The dot product of the
     current and previous gradient comes from the polarisation identity
     <c, p> = (‖c + p‖² − ‖c − p‖²) / 4 on fp32 norms. Across a rank change the
     cosine uses the blocks active in both steps.
@@ -239,18 +241,21 @@ class GradientStats:
         owner = [a for a, gs in enumerate(grads) for _ in gs]
         owner_t, pos_t, pair_t, sel_t = self._indices(dev, owner, pair_pos, pair_owner,
                                                       [a for a, hp in enumerate(has_prev) if hp])
-        sq = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)) ** 2
+        # Every squared norm of the step in one multi-tensor op: the current blocks, then (for the blocks
+        # paired with last step's) c + p, c − p and p. One stack and one square follow, and the four groups
+        # are views of the result.
+        n, m = len(flat), len(cur)
+        listed = flat + ([*torch._foreach_add(cur, prv), *torch._foreach_sub(cur, prv), *prv] if cur else [])
+        sq_all = torch.stack(torch._foreach_norm(listed, 2, dtype=torch.float32)).square_()
+        sq = sq_all[:n]
         norms = torch.zeros(L, device=dev).index_add_(0, owner_t, sq)
-        parts = [norms.sqrt()]
+        parts = [norms.sqrt_()]
         if cur:
-            plus = torch.stack(torch._foreach_norm(torch._foreach_add(cur, prv), 2, dtype=torch.float32)) ** 2
-            minus = torch.stack(torch._foreach_norm(torch._foreach_sub(cur, prv), 2, dtype=torch.float32)) ** 2
-            pn = torch.stack(torch._foreach_norm(prv, 2, dtype=torch.float32)) ** 2
-            seg = torch.zeros(3, L, device=dev)
-            seg[0].index_add_(0, pair_t, (plus - minus) / 4)
-            seg[1].index_add_(0, pair_t, sq[pos_t])  # the current blocks' norms are already in sq
-            seg[2].index_add_(0, pair_t, pn)
-            cos = seg[0] / (seg[1] * seg[2]).sqrt().clamp_min(1e-30)
+            plus, minus, pn = sq_all[n:n + m], sq_all[n + m:n + 2 * m], sq_all[n + 2 * m:]
+            # [<c, p>, ‖c‖², ‖p‖²] per pair, summed per adapter by one index_add_ (‖c‖² is already in sq)
+            terms = torch.stack([(plus - minus).mul_(0.25), sq[pos_t], pn])
+            seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
+            cos = seg[0] / (seg[1] * seg[2]).sqrt_().clamp_min_(1e-30)
             parts.append(cos[sel_t])
         self._store(grads, flat)
         vals = torch.cat(parts).tolist()  # the one device sync of this step
