@@ -89,8 +89,8 @@ class _FlatPool:
     nothing to a norm. `width` is the gcd of the tensor sizes (at least 64), so nested LoRA blocks
     pack without padding (MiniLM: 1536). The per-tensor norms of W − W_snap and of W_snap then come
     from one contiguous subtraction and the row norms of both halves (one kernel on a GPU, one call per
-    half on the CPU), not from one kernel per tensor, and a prefix of the tensors (the controller measures drift over the LoRA blocks only)
-    is a prefix of the rows.
+    half on the CPU), not from one kernel per tensor, and a prefix of the tensors (the controller
+    measures drift over the LoRA blocks only) is a prefix of the rows.
     """
 
     def __init__(self, shapes: list[torch.Size], device, dtype, scratch: bool = True):
