@@ -612,3 +612,26 @@ def test_drift_of_bf16_weights_accumulates_in_fp32(kernel):
         ps[2].add_(0.25)
     ref = _ref_drift([p.float() for p in ps], ref_ws)
     assert snap.drift(ps) == pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_two_forms_of_the_drift_row_norms_give_the_same_values(dtype, threads):
+    """The eager drift reduces its rows per half on the CPU and in one call on a GPU: the CPU's choice is
+    about which thread reads which row, and must not change a value."""
+    from unified_lora.mirror import _FlatPool
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for shapes in ([(8, 384)] * 6, [(7, 3), (5, 64), (2, 100)], [(16, 2048), (2048, 16)]):
+            pool = _FlatPool([torch.Size(s) for s in shapes], "cpu", dtype)
+            pool.both.copy_(torch.randn(pool.both.shape, generator=g))
+            for count in (len(shapes), 1):  # the whole pool and a prefix
+                v = pool.prefix(count, None)
+                one = pool.squared_row_norms(v, per_half=False).clone()
+                assert torch.equal(pool.squared_row_norms(v, per_half=True), one)
+                assert one.dtype == torch.float32 and one.shape == (2, pool.row_end[count - 1])
+    finally:
+        torch.set_num_threads(before)

@@ -59,21 +59,31 @@ def build_arms(model_arg, targets, lr, device="cpu"):
     return arms
 
 
+def forward_backward(model, batch, autocast_dtype=None) -> float:
+    """Forward (under bf16 autocast when asked) and backward; the loss read with .item(), a device sync on a
+    GPU, as a training loop that logs its loss does."""
+    dev = batch["input_ids"].device
+    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.item()
+
+
+def timed_ctrl_step(ctrl, value: float, dev) -> float:
+    """Seconds one ctrl.step takes, its device work included."""
+    sync(dev)
+    c0 = time.perf_counter()
+    ctrl.step(loss=value)
+    sync(dev)
+    return time.perf_counter() - c0
+
+
 def one_step(model, opt, ctrl, batch, autocast_dtype=None) -> tuple[float, float]:
     dev = batch["input_ids"].device
     sync(dev)
     t0 = time.perf_counter()
-    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(**batch).loss
-    loss.backward()
-    value = loss.item()  # every arm reads its loss (a device sync on GPU), as a logging loop does
-    t_ctrl = 0.0
-    if ctrl is not None:
-        sync(dev)
-        c0 = time.perf_counter()
-        ctrl.step(loss=value)
-        sync(dev)
-        t_ctrl = time.perf_counter() - c0
+    value = forward_backward(model, batch, autocast_dtype)  # every arm reads its loss
+    t_ctrl = 0.0 if ctrl is None else timed_ctrl_step(ctrl, value, dev)
     opt.step()
     opt.zero_grad(set_to_none=True)
     sync(dev)
@@ -84,29 +94,15 @@ def back_to_back(model, opt, ctrl, batch, autocast_dtype=None, calls: int = 200)
     """ctrl.step called `calls` times in a row on one backward's gradients, each timed: the controller's cost
     with the interpreter, caches and branch predictors warm. In the training loop every call comes right after
     a forward and backward that evicted them, which is what the in-loop column times."""
-    dev = batch["input_ids"].device
-    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(**batch).loss
-    loss.backward()
-    value = loss.item()
-    times = []
-    for _ in range(calls):
-        sync(dev)
-        c0 = time.perf_counter()
-        ctrl.step(loss=value)
-        sync(dev)
-        times.append(time.perf_counter() - c0)
+    value = forward_backward(model, batch, autocast_dtype)
+    times = [timed_ctrl_step(ctrl, value, batch["input_ids"].device) for _ in range(calls)]
     opt.zero_grad(set_to_none=True)
     return summarize(times[calls // 10:])
 
 
 def ops_per_ctrl_step(model, opt, ctrl, batch, autocast_dtype=None) -> int:
     """Top-level non-view aten ops one ctrl.step issues (on a GPU, each is at least one kernel launch)."""
-    dev = batch["input_ids"].device
-    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(**batch).loss
-    loss.backward()
-    value = loss.item()
+    value = forward_backward(model, batch, autocast_dtype)
     n = count_aten_ops(lambda: ctrl.step(loss=value))
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -125,21 +125,17 @@ ONE_NORM = "sub, then one row-norm call over both halves (the packed drift befor
 SPLIT_NORM = "sub, then one row-norm call per half (the packed drift on the CPU since stop 32)"
 
 
-def sub_then_norms(v, split: bool):
-    """The packed drift's subtraction and row norms, with the norms as one call over [2, rows, width] or one
-    call per half: a CPU op splits its output among its threads, so the two forms read the subtraction's output
-    from different cores. Both are checked to give the same norms before timing."""
+def sub_then_norms(pool, v, split: bool):
+    """The packed drift's subtraction, then the library's row norms (`_FlatPool.squared_row_norms`) in one
+    of its two forms: one call over [2, rows, width], or one call per half (the CPU path). Both are checked
+    to give the same norms before timing."""
     def run():
         torch.sub(v.live_rows, v.snap, out=v.scratch)
-        if not split:
-            return torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32)
-        torch.linalg.vector_norm(v.scratch, dim=1, dtype=torch.float32, out=v.row_sq[0])
-        torch.linalg.vector_norm(v.snap, dim=1, dtype=torch.float32, out=v.row_sq[1])
-        return v.row_sq
+        return pool.squared_row_norms(v, per_half=split)
 
     got = run().clone()
-    want = torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32)
-    if not torch.equal(got, want):
+    torch.sub(v.live_rows, v.snap, out=v.scratch)
+    if not torch.equal(got, pool.squared_row_norms(v, per_half=not split)):
         raise SystemExit("sub + row norms: the two forms give different norms: not timing a wrong kernel")
     return run
 
@@ -239,8 +235,8 @@ def bench_set(name: str, repeats: int, min_time: float, device="cpu", dtype=torc
              PACKED_DRIFT: lambda: pool_p.drift_terms(params, live),
              "foreach_norm per tensor (replaced)": lambda: torch._foreach_norm(pool.scratch_views, 2)}
     if torch.device(device).type == "cpu":  # the split is the CPU path; a GPU reduction need not agree bit for bit
-        prims[ONE_NORM] = sub_then_norms(pool_p.prefix(len(params), live), split=False)
-        prims[SPLIT_NORM] = sub_then_norms(pool_p.prefix(len(params), live), split=True)
+        prims[ONE_NORM] = sub_then_norms(pool_p, pool_p.prefix(len(params), live), split=False)
+        prims[SPLIT_NORM] = sub_then_norms(pool_p, pool_p.prefix(len(params), live), split=True)
     compile_s = None
     if with_compile:
         with torch.no_grad():

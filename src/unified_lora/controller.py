@@ -222,13 +222,12 @@ class UnifiedController:
 
     # -- the step -----------------------------------------------------------------
     def _read_loss(self, loss) -> float:
-        if type(loss) is float:  # what a loop passes (loss.item()); the checks below cost host time on every step
-            return loss if self.reduce_loss is None else self.reduce_loss(loss)
-        if torch.is_tensor(loss):
-            loss = loss.detach().float().item()
-        if not isinstance(loss, (int, float)):
-            raise ValueError(f"loss: expected a number or a scalar tensor, got {type(loss).__name__}")
-        loss = float(loss)
+        if type(loss) is not float:  # a float is what a loop passes (loss.item()); checks cost host time every step
+            if torch.is_tensor(loss):
+                loss = loss.detach().float().item()
+            if not isinstance(loss, (int, float)):
+                raise ValueError(f"loss: expected a number or a scalar tensor, got {type(loss).__name__}")
+            loss = float(loss)
         if self.reduce_loss is not None:
             loss = self.reduce_loss(loss)
         return loss

@@ -139,6 +139,21 @@ class _FlatPool:
             self._prefixes[count] = got
         return got
 
+    @staticmethod
+    def squared_row_norms(v: _Prefix, per_half: bool) -> torch.Tensor:
+        """[2, rows] fp32 squared row norms of scratch (W − W_snap) and snap.
+
+        per_half (the CPU): one norm call per half. A CPU op splits its output among its threads, so one
+        call over [2, rows, width] hands all of scratch to one thread, half of it just written by the other
+        thread's subtraction, and those cross-core reads cost (BENCHMARKS, Performance 11.). Each row is
+        reduced the same way in both forms, so the values are the same. Otherwise (a GPU, launch-bound at
+        adapter sizes) one kernel over both halves."""
+        if not per_half:
+            return torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32).square_()
+        torch.linalg.vector_norm(v.scratch, dim=1, dtype=torch.float32, out=v.row_sq[0])
+        torch.linalg.vector_norm(v.snap, dim=1, dtype=torch.float32, out=v.row_sq[1])
+        return v.row_sq.square_()
+
     def drift_terms(self, params: Sequence[torch.Tensor], live: torch.Tensor | None = None) -> torch.Tensor:
         """[Σ‖W − W_snap‖, Σ‖W_snap‖] over `params`, the first tensors of this pool: fp32
         accumulation whatever the dtype, no allocation beyond the row norms, no sync. `live`: the
@@ -152,16 +167,7 @@ class _FlatPool:
         else:  # snapshot offloaded to the CPU: one device-to-host copy of the packed buffer
             v.scratch.copy_(v.live_rows)
             v.scratch.sub_(v.snap)
-        if v.scratch.device.type == "cpu":
-            # Two norms, not one over both halves: a CPU op splits its output among the threads, so one call
-            # over [2, rows, width] hands all of scratch to one thread, half of it just written by the other
-            # thread's subtraction (the cross-core reads cost; BENCHMARKS, Performance 11.). Each row is
-            # reduced as before, so the values are the same.
-            torch.linalg.vector_norm(v.scratch, dim=1, dtype=torch.float32, out=v.row_sq[0])
-            torch.linalg.vector_norm(v.snap, dim=1, dtype=torch.float32, out=v.row_sq[1])
-            sq = v.row_sq.square_()
-        else:  # a GPU is launch-bound at adapter sizes: one kernel
-            sq = torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32).square_()
+        sq = self.squared_row_norms(v, per_half=v.scratch.device.type == "cpu")
         if v.owner is not None:
             return torch.mm(sq, v.owner, out=v.norms).sqrt_().sum(1)
         return v.norms.zero_().index_add_(1, v.row_owner, sq).sqrt_().sum(1)

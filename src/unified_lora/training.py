@@ -326,12 +326,17 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in dev_idx], [items[i] for i in sorted(dev_idx)]
 
 
+def _kept(count: int, n: int, seed: int) -> list[int] | None:
+    """Sorted fixed-seed sample of n of range(count); None (keep all) when n is 0 or >= count."""
+    return None if not n or n >= count else sorted(random.Random(seed).sample(range(count), n))
+
+
 def subsample(items, n: int, seed: int):
     """A fixed-seed subsample of n items (order kept); all of them when n is 0 or >= len."""
     seq = items.examples if isinstance(items, TextDataset) else items
-    if not n or n >= len(seq):
+    keep = _kept(len(seq), n, seed)
+    if keep is None:
         return items
-    keep = sorted(random.Random(seed).sample(range(len(seq)), n))
     picked = [seq[i] for i in keep]
     if isinstance(items, TextDataset):
         return TextDataset(picked, items.num_labels, items.label_names, items.name)
@@ -374,11 +379,11 @@ def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, t
 
 def take_rows(enc: dict[str, torch.Tensor], n: int, seed: int) -> dict[str, torch.Tensor]:
     """A fixed-seed subsample of n encoded rows (order kept); all of them when n is 0 or >= the row count."""
-    rows = len(enc["labels"])
-    if not n or n >= rows:
+    keep = _kept(len(enc["labels"]), n, seed)
+    if keep is None:
         return enc
-    keep = torch.tensor(sorted(random.Random(seed).sample(range(rows), n)))
-    return {k: v[keep] for k, v in enc.items()}
+    idx = torch.tensor(keep)
+    return {k: v[idx] for k, v in enc.items()}
 
 
 def batches(enc: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
