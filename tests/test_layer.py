@@ -260,16 +260,31 @@ def test_gradients_of_every_active_block_match_plain_autograd(rank, kernel):
     assert all(p.grad is None for p in layer.lora_parameters() if id(p) not in active)
 
 
-def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate(kernel):
-    """Same activation memory as PEFT: no concatenated copy of A or B is kept for backward."""
+@pytest.mark.parametrize("layout", ["rows", "batch", "strided_batch"])
+def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate(kernel, layout):
+    """Same activation memory as PEFT: no concatenated copy of A or B is kept for backward, and no copy of
+    the input either, whatever its layout (a strided input is saved as it is, as PEFT's Linear saves it)."""
     layer = NestedLoRALayer(nn.Linear(32, 16), initial_rank=16, kernel=kernel)
-    x = torch.randn(64, 32)
+    x = {"rows": lambda: torch.randn(64, 32), "batch": lambda: torch.randn(4, 16, 32),
+         "strided_batch": lambda: torch.randn(16, 4, 32).transpose(0, 1)}[layout]()
+    assert x.is_contiguous() is (layout != "strided_batch")
     params = {p.data_ptr() for p in layer.parameters()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
+        y = layer(x)
     extra = {t.data_ptr(): t.shape for t in saved if t.data_ptr() not in params and t.data_ptr() != x.data_ptr()}
-    assert sorted(extra.values()) == [torch.Size([64, 16])]  # u = h Aᵀ only
+    assert [s.numel() for s in extra.values()] == [64 * 16]  # u = h Aᵀ only
+    _randomize_B(layer)
+    x.requires_grad_(True)
+    gy = torch.randn(y.shape)
+    y = layer(x)
+    y.backward(gy)  # backward from what was saved gives what a contiguous copy of the input gives
+    got = [p.grad.clone() for p in layer.active_parameters()] + [x.grad]
+    layer.zero_grad()
+    xc = x.detach().contiguous().requires_grad_(True)
+    layer(xc).backward(gy)
+    for a, b in zip(got, [p.grad for p in layer.active_parameters()] + [xc.grad]):
+        torch.testing.assert_close(a, b)
 
 
 def test_bf16_autocast_backward_gives_fp32_gradients(kernel):
@@ -351,30 +366,58 @@ def test_cpp_kernel_gives_bit_identical_outputs_and_gradients_to_the_python_kern
     assert sum(g is not None for g in got[2:]) == 2 * py.n_active_blocks  # paused blocks stay out of the graph
 
 
-@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
-@pytest.mark.parametrize("rank", [8, 16])
-def test_cpp_kernel_passes_gradcheck(rank):
-    layer = NestedLoRALayer(nn.Linear(6, 5).double(), rank_levels=(2, 4, 8), initial_rank=rank // 2, kernel="cpp")
-    _randomize_B(layer)
-    from unified_lora._fused import layer_kernels
+def _nested_path_of(kernel):
+    """(base_out, h, scaling, k, *blocks) -> output, through the kernel's autograd Function as the layer calls it."""
+    if kernel == "cpp":
+        from unified_lora._fused import layer_kernels
 
+        return lambda base, x, s, k, *bl: layer_kernels().nested_path(base, x, s, k, list(bl))
+    from unified_lora.layer import _apply_nested_path
+
+    return _apply_nested_path
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_both_kernels_pass_gradcheck(rank, kernel):
+    layer = NestedLoRALayer(nn.Linear(6, 5).double(), rank_levels=(2, 4, 8), initial_rank=rank // 2, kernel=kernel)
+    _randomize_B(layer)
     blocks = [p for p in layer.active_parameters()]  # A blocks, then B blocks
     k = layer.n_active_blocks
     assert k >= 2
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     base = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    f = lambda base, x, *bl: layer_kernels().nested_path(base, x, layer.scaling, k, list(bl))  # noqa: E731
-    assert torch.autograd.gradcheck(f, (base, x, *blocks))
+    path = _nested_path_of(kernel)
+    assert torch.autograd.gradcheck(lambda base, x, *bl: path(base, x, layer.scaling, k, *bl), (base, x, *blocks))
 
 
-@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
-def test_cpp_kernel_catches_a_block_changed_in_place_before_backward():
-    layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel="cpp")
+def test_both_kernels_catch_a_block_changed_in_place_before_backward(kernel):
+    layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel=kernel)
     y = layer(torch.randn(4, 8, requires_grad=True))
     with torch.no_grad():
         layer.lora_B[1].add_(1.0)  # e.g. a restore between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_the_python_kernel_calls_the_c_apply_and_gets_what_function_apply_gives(rank, monkeypatch):
+    # The layer skips Function.apply's Python wrapper (host time on small layers); the result must not change.
+    import unified_lora.layer as L
+
+    assert L._nested_apply is not L._NestedLoRAPath.apply  # this torch has the C apply, so the fast path runs
+    real, calls = L._nested_apply, []
+    torch.manual_seed(rank)
+    layer = NestedLoRALayer(nn.Linear(24, 20), initial_rank=rank)
+    _randomize_B(layer)
+    x, gy = torch.randn(3, 7, 24, requires_grad=True), torch.randn(3, 7, 20)
+    for ac in (None, torch.bfloat16):
+        monkeypatch.setattr(L, "_nested_apply", lambda *a: calls.append(1) or real(*a))
+        fast = _run_layer(layer, x, gy, ac)
+        monkeypatch.setattr(L, "_nested_apply", L._NestedLoRAPath.apply)
+        slow = _run_layer(layer, x, gy, ac)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(fast, slow))
+    assert len(calls) == 2
+    assert layer(x).grad_fn.name() == "_NestedLoRAPathBackward"  # the same Function's backward node
 
 
 def test_kernel_must_be_python_or_cpp_and_a_missing_compiler_fails_at_construction(monkeypatch, tmp_path):

@@ -60,25 +60,42 @@ class _NestedLoRAPath(torch.autograd.Function):
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
+                h2, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
         else:  # no context manager on the common path: this Function's host time is per layer and call
             dt = blocks[0].dtype
-            h, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
-        ctx.save_for_backward(h, u, *blocks)
-        ctx.scaling, ctx.k, ctx.dt = scaling, k, dt
+            h2, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
+        # h2 is h as rows: a view when h is contiguous, so backward needs no reshape. A strided h is saved as it is
+        # (as PEFT's Linear saves it), not as the copy its reshape made; a cast h2 is a copy either way.
+        ctx.save_for_backward(h2 if h2.dtype != h.dtype or h.is_contiguous() else h, u, *blocks)
+        ctx.scaling, ctx.k, ctx.dt, ctx.h_shape = scaling, k, dt, h.shape
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, gy):
-        h, u, *blocks = ctx.saved_tensors
+        h2, u, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dev = h.device.type
+        dev = h2.device.type
         if torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):
-                gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
+                gh, gA, gB = _path_backward(gy, h2, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
         else:
-            gh, gA, gB = _path_backward(gy, h, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
-        return (gy if need[0] else None, gh, None, None, *gA, *gB)
+            gh, gA, gB = _path_backward(gy, h2, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
+        return gy if need[0] else None, None if gh is None else gh.view(ctx.h_shape), None, None, *gA, *gB
+
+
+# `Function.apply` is a Python classmethod that, outside functorch transforms, re-wraps the arguments and then calls
+# the C++ apply it inherits. On a small layer that Python costs about 5 µs of a ~150 µs forward and backward (the
+# `tiny` row of benchmarks/perf/layer.py), so the layer calls the C++ apply directly where that is all `apply` would
+# do: not under functorch transforms (vmap, grad) and not while torch.compile traces (Dynamo recognises `apply`).
+_C_APPLY = getattr(torch._C, "_FunctionBase", None)
+_C_APPLY = _C_APPLY.__dict__.get("apply") if _C_APPLY is not None else None
+_nested_apply = _C_APPLY.__get__(None, _NestedLoRAPath) if _C_APPLY is not None else _NestedLoRAPath.apply
+
+
+def _apply_nested_path(*args):
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _NestedLoRAPath.apply(*args)
+    return _nested_apply(*args)
 
 
 # The two halves below run on every call of every adapted layer. Where the GEMMs take microseconds (a GPU), host
@@ -86,29 +103,33 @@ class _NestedLoRAPath(torch.autograd.Function):
 
 
 def _path_forward(base_out, h, scaling, k, blocks, dt):
-    """(h in dt, u = h A_catᵀ, base_out + scaling · u B_catᵀ as rows); autocast is off here."""
+    """(h as rows in dt, u = h A_catᵀ, base_out + scaling · u B_catᵀ as rows); autocast is off here."""
     A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
-    if A.dtype != dt or B.dtype != dt or h.dtype != dt:
-        A, B, h = A.to(dt), B.to(dt), h.to(dt)
-    u = h.matmul(A.t())
-    u2, base2 = u.reshape(-1, u.shape[-1]), base_out.reshape(-1, base_out.shape[-1])
+    h2 = h.reshape(-1, h.shape[-1])
+    if A.dtype != dt or B.dtype != dt or h2.dtype != dt:
+        A, B, h2 = A.to(dt), B.to(dt), h2.to(dt)
+    u = h2.mm(A.t())
+    base2 = base_out.reshape(-1, base_out.shape[-1])
     if base_out.dtype == dt:
-        out = torch.addmm(base2, u2, B.t(), alpha=scaling)
+        out = torch.addmm(base2, u, B.t(), alpha=scaling)
     else:
-        out = base2 + (torch.mm(u2, B.t()) * scaling).to(base_out.dtype)
-    return h, u, out
+        out = base2 + (torch.mm(u, B.t()) * scaling).to(base_out.dtype)
+    return h2, u, out
 
 
-def _path_backward(gy, h, u, blocks, k, dt, scaling, need_h):
-    """(grad h, grads of the A blocks, grads of the B blocks); autocast is off here."""
+def _path_backward(gy, h2, u, blocks, k, dt, scaling, need_h):
+    """(grad h as rows, grads of the A blocks, grads of the B blocks); u is rows, h2 rows or the strided input;
+    autocast is off here."""
     A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
     g2 = gy.reshape(-1, gy.shape[-1])
+    if h2.dim() != 2:  # a strided input, saved as it was (see forward)
+        h2 = h2.reshape(-1, h2.shape[-1])
     if A.dtype != dt or B.dtype != dt or g2.dtype != dt:
         A, B, g2 = A.to(dt), B.to(dt), g2.to(dt)
     gu = g2.mm(B).mul_(scaling)  # tokens × r
-    gA = gu.t().mm(h.reshape(-1, h.shape[-1]))  # r × in
-    gB = g2.t().mm(u.reshape(-1, u.shape[-1])).mul_(scaling)  # out × r
-    gh = gu.mm(A).reshape(h.shape) if need_h else None
+    gA = gu.t().mm(h2)  # r × in
+    gB = g2.t().mm(u).mul_(scaling)  # out × r
+    gh = gu.mm(A) if need_h else None
     sizes = [a.shape[0] for a in blocks[:k]]
     # split_with_sizes: the C++ method, without Tensor.split's Python wrapper (host time counts on small layers)
     # A block of another dtype gets its gradient cast by the autograd engine, which casts every gradient a
@@ -273,18 +294,21 @@ class NestedLoRALayer(nn.Module):
         return self.scaling * (self.active_B() @ self.active_A())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        # Submodules read from _modules: each `self.lora_A`-style read goes through nn.Module.__getattr__ (~0.8 µs
+        # a read, four a call), which counts where a layer's time is host time (benchmarks/perf/layer.py's tiny row).
+        mods = self._modules
+        result = mods["base_layer"](x, *args, **kwargs)
         if self.merged_rank:
             return result
         k = self.n_active_blocks
-        A, B = blocks_of(self.lora_A), blocks_of(self.lora_B)
-        h, drop = _as(x, A[0].dtype), self.lora_dropout
+        A, B = blocks_of(mods["lora_A"]), blocks_of(mods["lora_B"])
+        h, drop = _as(x, A[0].dtype), mods["lora_dropout"]
         if type(drop) is not nn.Identity:  # no module call for no dropout (host time, as above)
             h = drop(h)
         if k > 1:
             if self.kernel == "cpp":
                 return _fused.layer_kernels().nested_path(result, h, self.scaling, k, A[:k] + B[:k])
-            return _NestedLoRAPath.apply(result, h, self.scaling, k, *A[:k], *B[:k])
+            return _apply_nested_path(result, h, self.scaling, k, *A[:k], *B[:k])
         # One active block (the lowest level): plain ops, so autograd runs in C++ with no Python
         # Function; it saves h and u as the custom path does, and what PEFT saves.
         out2 = result.reshape(-1, result.shape[-1])
