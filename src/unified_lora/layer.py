@@ -87,9 +87,8 @@ class _NestedLoRAPath(torch.autograd.Function):
 # the C++ apply it inherits. On a small layer that Python costs about 5 µs of a ~150 µs forward and backward (the
 # `tiny` row of benchmarks/perf/layer.py), so the layer calls the C++ apply directly where that is all `apply` would
 # do: not under functorch transforms (vmap, grad) and not while torch.compile traces (Dynamo recognises `apply`).
-_C_APPLY = getattr(torch._C, "_FunctionBase", None)
-_C_APPLY = _C_APPLY.__dict__.get("apply") if _C_APPLY is not None else None
-_nested_apply = _C_APPLY.__get__(None, _NestedLoRAPath) if _C_APPLY is not None else _NestedLoRAPath.apply
+_c_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
+_nested_apply = _c_apply.__get__(None, _NestedLoRAPath) if _c_apply is not None else _NestedLoRAPath.apply
 
 
 def _apply_nested_path(*args):
