@@ -52,7 +52,8 @@ class NestedLoRAConfig:
     takes the Python host time out of every forward and backward: the cost
     that dominates on a GPU, where these small GEMMs take microseconds. Both
     save the same tensors, PEFT's; one active block runs as plain torch ops
-    with either.
+    with either. While torch.compile traces, a "cpp" layer runs the Python
+    Function (bit-identical), so the compiled graph does not break there.
     """
 
     target_modules: Sequence[str] | str = ("q_proj", "v_proj")

@@ -83,6 +83,40 @@ class _NestedLoRAPath(torch.autograd.Function):
         return gy if need[0] else None, None if gh is None else gh.view(ctx.h_shape), None, None, *gA, *gB
 
 
+class _NestedLoRAPathFunc(torch.autograd.Function):
+    """`_NestedLoRAPath` in the form torch.func transforms accept (grad, vmap, jacrev, functional per-sample
+    gradients): forward takes no ctx, `setup_context` saves, and vmap runs forward and backward over the batch
+    (`generate_vmap_rule`). It returns u as a second, non-differentiable output, since setup_context sees only
+    inputs and outputs. The layer uses it only while functorch transforms are active (the extra output and call
+    cost host time on every call); the arithmetic is the same helpers'. Forward-mode AD (jvp, jacfwd) is not
+    defined for either Function: torch raises its own error there.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(base_out, h, scaling, k, *blocks):
+        dev = h.device.type
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                _, u, out = _path_forward(base_out, h, scaling, k, blocks, torch.get_autocast_dtype(dev))
+        else:
+            _, u, out = _path_forward(base_out, h, scaling, k, blocks, blocks[0].dtype)
+        return out.view(base_out.shape), u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, h, scaling, k, *blocks = inputs
+        u = output[1]
+        ctx.mark_non_differentiable(u)
+        ctx.save_for_backward(h, u, *blocks)  # h as given: backward takes its rows
+        ctx.scaling, ctx.k, ctx.dt, ctx.h_shape = scaling, k, u.dtype, h.shape
+
+    @staticmethod
+    def backward(ctx, gy, _gu):
+        return _NestedLoRAPath.backward(ctx, gy)
+
+
 # `Function.apply` is a Python classmethod that, outside functorch transforms, re-wraps the arguments and then calls
 # the C++ apply it inherits. On a small layer that Python costs about 5 µs of a ~150 µs forward and backward (the
 # `tiny` row of benchmarks/perf/layer.py), so the layer calls the C++ apply directly where that is all `apply` would
@@ -91,8 +125,16 @@ _c_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get
 _nested_apply = _c_apply.__get__(None, _NestedLoRAPath) if _c_apply is not None else _NestedLoRAPath.apply
 
 
+def _traced() -> bool:
+    """True while torch.compile traces or under functorch transforms (vmap, grad): there only the Python Function
+    (through `Function.apply`) is traceable; the C++ kernel and the direct C++ apply are not."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def _apply_nested_path(*args):
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active():
+        return _NestedLoRAPathFunc.apply(*args)[0]
+    if torch.compiler.is_compiling():
         return _NestedLoRAPath.apply(*args)
     return _nested_apply(*args)
 
@@ -305,7 +347,9 @@ class NestedLoRALayer(nn.Module):
         if type(drop) is not nn.Identity:  # no module call for no dropout (host time, as above)
             h = drop(h)
         if k > 1:
-            if self.kernel == "cpp":
+            # kernel="cpp" runs the C++ Function except where it cannot be traced (torch.compile, functorch): there
+            # the Python Function, bit-identical to it, stands in, so a compiled model has no graph break here.
+            if self.kernel == "cpp" and not _traced():
                 return _fused.layer_kernels().nested_path(result, h, self.scaling, k, A[:k] + B[:k])
             return _apply_nested_path(result, h, self.scaling, k, *A[:k], *B[:k])
         # One active block (the lowest level): plain ops, so autograd runs in C++ with no Python
