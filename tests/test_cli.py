@@ -145,10 +145,12 @@ def test_train_from_yaml_config_with_flag_override(tiny, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {tiny['bert']}\ndata: {tiny['csv']}\nepochs: 3\nbatch_size: 8\nmax_length: 16\n"
                    "peft_every_checkpoint: true\n"
-                   f"mode_lrs: [0.01, 0.005, 0.001]\noutput_dir: {tmp_path / 'run'}\n")
+                   # exponent notation without a dot: PyYAML (YAML 1.1) loads these as strings
+                   f"mode_lrs: [1e-2, 5e-3, 1e-3]\nlr: 5e-4\noutput_dir: {tmp_path / 'run'}\n")
     assert main(["train", "--config", str(cfg), "--epochs", "1"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["config"]["mode_lrs"] == [0.01, 0.005, 0.001]
+    assert summary["config"]["lr"] == 5e-4
     assert (tmp_path / "run" / "checkpoints" / "epoch-1" / "peft" / "adapter_config.json").is_file()
 
 
@@ -322,6 +324,7 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("bad_layer_kernel", "layer_kernel: must be one of ('python', 'cpp'), got 'cuda'"),
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
+    ("not_a_number_in_config", "epochs: must be an integer, got 'two' (str)"),
     ("missing_trace", "no such trace file"),
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
@@ -342,6 +345,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "bad_layer_kernel": ["train", "--config", str(_write(tmp_path / "l.yaml", f"model: {tiny['bert']}\n"
                                                              f"data: {tiny['csv']}\nlayer_kernel: cuda\n"))],
         "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
+        "not_a_number_in_config": ["train", "--config", str(_write(tmp_path / "n.yaml", f"model: {tiny['bert']}\n"
+                                                                   f"data: {tiny['csv']}\nepochs: two\n"))],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],
         "missing_run_dir": ["report", str(tmp_path / "none")],

@@ -1,13 +1,18 @@
 """Configuration dataclasses, validated at construction (PEFT's `config.py` style).
 
 A bad value fails when the object is built, with a `ValueError` that names the
-field and says why.
+field and says why. Number, bool and number-list fields are brought to their
+types first (`check_field_types`): a number written as a string, as PyYAML
+loads `1e-3`, is read as that number; anything else of the wrong kind fails.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import numbers
+import typing
+from collections.abc import Sequence as _AbcSequence
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora", "alpha_over_max_rank")
@@ -18,6 +23,54 @@ SINGLE, MULTI, MIRROR = 0, 1, 2
 
 def _fail(field_name: str, why: str) -> None:
     raise ValueError(f"{field_name}: {why}")
+
+
+def _scalar(name: str, v, kind: type):
+    """v as `kind` (int, float or bool), or a ValueError that names the field. A number written as a string is read
+    as that number: YAML 1.1 (PyYAML) loads `lr: 1e-3` as the string '1e-3'. A bool is never a number here, and a
+    bool field takes only true or false (the string "false" would otherwise count as true)."""
+    if kind is bool:
+        if not isinstance(v, bool):
+            _fail(name, f"must be true or false, got {v!r} ({type(v).__name__})")
+        return v
+    what = "an integer" if kind is int else "a number"
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            _fail(name, f"must be {what}, got {v!r} (str)")
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        _fail(name, f"must be {what}, got {v!r} ({type(v).__name__})")
+    if kind is float:
+        return float(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if not (math.isfinite(v) and float(v).is_integer()):
+        _fail(name, f"must be {what}, got {v!r}")
+    return int(v)
+
+
+def check_field_types(obj) -> None:
+    """Bring a config dataclass's int, float and bool fields, and its sequences of ints or floats, to those types,
+    in place, or raise a ValueError naming the field: a string or None where a number belongs fails here, with its
+    name, not later in a comparison. Strings, dicts and other fields are left to the class's own checks."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        v, hint = getattr(obj, f.name), hints.get(f.name)
+        args = typing.get_args(hint)
+        if type(None) in args:  # Optional[X]: None stays None
+            if v is None:
+                continue
+            rest = [a for a in args if a is not type(None)]
+            hint, args = (rest[0], typing.get_args(rest[0])) if len(rest) == 1 else (None, ())
+        if hint in (int, float, bool):
+            setattr(obj, f.name, _scalar(f.name, v, hint))
+        elif typing.get_origin(hint) is _AbcSequence and args and args[0] in (int, float):
+            if isinstance(v, str):
+                v = [part for part in v.replace(",", " ").split()]  # "4,8,16" or "4 8 16"
+            if not isinstance(v, (list, tuple)):
+                _fail(f.name, f"must be a list of {args[0].__name__}s, e.g. {f.default!r}, got {v!r}")
+            setattr(obj, f.name, tuple(_scalar(f.name, x, args[0]) for x in v))
 
 
 def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
@@ -67,11 +120,12 @@ class NestedLoRAConfig:
     kernel: str = "python"
 
     def __post_init__(self) -> None:
-        if self.max_rank is None:
-            self.max_rank = int(max(self.rank_levels)) if len(self.rank_levels) else 0
-        if self.max_rank <= 0:
+        check_field_types(self)
+        if self.max_rank is not None and self.max_rank <= 0:
             _fail("max_rank", f"must be positive, got {self.max_rank}")
         self.rank_levels = check_rank_levels(self.rank_levels, self.max_rank)
+        if self.max_rank is None:
+            self.max_rank = self.rank_levels[-1]
         if not (isinstance(self.target_modules, str) or len(self.target_modules) > 0):
             _fail("target_modules", "must be a non-empty list of name suffixes, a regex, or 'all-linear'")
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
@@ -100,6 +154,7 @@ class MachineConfig:
     min_dwell: int = 0  # hysteresis: steps to stay in a mode before leaving it
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("theta0", "theta1"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
@@ -133,6 +188,7 @@ class ActuatorConfig:
     mode_multipliers: Sequence[float] = V1_MULTIPLIERS
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.mode_ranks = tuple(int(r) for r in self.mode_ranks)
         if len(self.mode_ranks) != 3:
             _fail("mode_ranks", f"needs one rank per mode (SINGLE, MULTI, MIRROR), got {self.mode_ranks}")
@@ -165,6 +221,7 @@ class MirrorConfig:
     pack: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not isinstance(self.pack, bool):
             _fail("pack", f"must be true or false, got {self.pack!r}")
         if self.policy not in ("drift", "never", "always", "loss_worse"):
@@ -192,6 +249,7 @@ class SignalConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.kind not in ("loss", "composite", "multitask"):
             _fail("kind", f"must be 'loss', 'composite' or 'multitask', got {self.kind!r}")
         for name in ("alpha", "beta"):
@@ -202,9 +260,12 @@ class SignalConfig:
             _fail("loss_scale", f"must be a positive finite number, got {self.loss_scale}")
         if self.calibration_steps < 0:
             _fail("calibration_steps", f"must be >= 0, got {self.calibration_steps}")
-        if not 0.0 < self.calibration_target:
-            _fail("calibration_target", f"must be positive, got {self.calibration_target}")
+        if not (self.calibration_target > 0 and math.isfinite(self.calibration_target)):
+            _fail("calibration_target", f"must be a positive finite number, got {self.calibration_target}")
         if self.nonfinite not in ("skip", "max_stress", "raise"):
             _fail("nonfinite", f"must be 'skip', 'max_stress' or 'raise', got {self.nonfinite!r}")
+        w = self.weights
+        if len(w) != 3 or not all(v >= 0 and math.isfinite(v) for v in w) or abs(sum(w) - 1.0) > 1e-6:
+            _fail("weights", f"need three finite weights >= 0 for (C, E, S) that sum to 1, so φ stays in [0, 1]; got {w}")
         if self.history < 2 or self.min_history < 2 or self.min_history > self.history:
             _fail("history", f"need 2 <= min_history <= history, got {self.min_history}, {self.history}")

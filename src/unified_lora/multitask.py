@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
-from .config import SignalConfig
+from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _unwrap_optimizer
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
@@ -498,6 +498,7 @@ class MultiTaskSignalConfig:
     nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         w = tuple(float(v) for v in self.weights)
         if len(w) != 6 or any(v < 0 or not math.isfinite(v) for v in w):
             raise ValueError(f"weights: need six finite weights >= 0 for (C, E, S, ΔC, ΔE, ΔS), got {w}")

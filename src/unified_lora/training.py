@@ -31,7 +31,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_rank_levels
+from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_field_types,
+                     check_rank_levels)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
 from .data.loaders import _GLUE, _read_records, normalize_task
@@ -102,6 +103,7 @@ class TrainConfig:
     peft_every_checkpoint: bool = False  # also export PEFT format into every checkpoint (always at the end)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # numbers (YAML's `lr: 1e-3` is a string), bools and rank/LR lists, by field name
         if isinstance(self.text_columns, str):
             self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
         if isinstance(self.target_modules, (list, tuple)):
@@ -120,6 +122,9 @@ class TrainConfig:
             ("dev_fraction", 0.0 < self.dev_fraction < 1.0, "must be in (0, 1)"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
             ("log_every", self.log_every >= 0, "must be >= 0"),
+            ("threads", self.threads >= 0, "must be >= 0 (0 = torch's default)"),
+            ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "must be a number >= 0"),
+            ("grad_clip", self.grad_clip >= 0 and math.isfinite(self.grad_clip), "must be >= 0 (0 = no clipping)"),
             ("shock_end", 0 <= self.shock_start <= self.shock_end, "need 0 <= shock_start <= shock_end"),
             ("text_columns", 1 <= len(self.text_columns) <= 2, "give one or two column names, e.g. sentence1,sentence2"),
         ]
