@@ -535,7 +535,13 @@ def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_inc
     assert "`--with-cpp`" in md and 'kernel="cpp" ratio' in md
     variants = _load("perf/layer_variants.py").main(["--quick", "--results-dir", str(tmp_path)])
     assert all(list(c["variants"]) == ["function", "cpp", "cat", "perblock"] for c in variants["cases"])
-    assert 'cpp (library, kernel="cpp")' in (tmp_path / "perf.md").read_text()
+    md = (tmp_path / "perf.md").read_text()
+    assert 'cpp (library, kernel="cpp")' in md and "| = Python floor | + arithmetic |" in md
+    for c in variants["cases"]:  # the diagnostic arms ran, interleaved with the variants, every repeat
+        d = c["diagnostics"]
+        assert all(d[k]["n"] == 3 for k in ("python_floor_us", "default_arithmetic_us", "default_gap_us",
+                                            "peft_branch_us", "default_branch_us", "cpp_branch_us"))
+        assert d["base_s"]["median"] > 0
 
 
 def test_mirror_cost_renders_every_committed_json_old_and_new():

@@ -20,6 +20,22 @@ by numbers:
              no Function and no cat, but k GEMM pairs and k − 1 extra adds of
              the input gradient (tokens × in each)
 
+Two diagnostic arms, interleaved with the others, split the default's cost
+(they compute no LoRA branch, so they are not variants):
+
+  base       the frozen base Linear alone
+  noop_fn    the library layer's forward with the arithmetic taken out: its own
+             Python (submodules, active blocks, scaling), then an autograd.Function
+             that takes the library's arguments (base output, h, scaling, k, the
+             active blocks), saves as many tensors, is called the way the library
+             calls its Function (the C++ apply), and whose backward passes the
+             gradient through
+
+noop_fn − base is what this layer costs per call before it does any arithmetic
+(the "Python floor"), function − noop_fn what its arithmetic adds (the ops,
+their Python bindings, and the autograd engine's work on their results), and
+function − PEFT how far the default is behind PEFT.
+
 Every variant is checked against the library's output and gradients before it
 is timed. Time is forward+backward, interleaved with PEFT per repeat (median
 and min–max of the per-repeat ratio); memory is the activation bytes autograd
@@ -64,6 +80,49 @@ def forward_perblock(self, x):
         out = torch.addmm(out, h2 @ a.T, b.T, alpha=self.scaling)
     return out.view(result.shape)
 
+
+class _NoOpPath(torch.autograd.Function):
+    """The library's Function with no arithmetic: same arguments, as many saved tensors (h twice, standing in for h
+    and u, then the blocks), the gradient of the base output passed through and None for the rest."""
+
+    @staticmethod
+    def forward(ctx, base_out, h, scaling, k, *blocks):
+        ctx.save_for_backward(h, h, *blocks)
+        ctx.scaling, ctx.k = scaling, k
+        return base_out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        _h, _u, *blocks = ctx.saved_tensors
+        return (gy, None, None, None) + (None,) * len(blocks)
+
+
+def _noop_apply():
+    from unified_lora.layer import _c_apply
+
+    return _c_apply.__get__(None, _NoOpPath) if _c_apply is not None else _NoOpPath.apply
+
+
+def forward_base(self, x):
+    return self.base_layer(x)
+
+
+def make_forward_noop_fn():
+    from unified_lora.layer import blocks_of
+
+    apply = _noop_apply()
+
+    def forward_noop_fn(self, x):  # NestedLoRALayer.forward's own Python, the Function called without arithmetic
+        mods = self._modules
+        result = mods["base_layer"](x)
+        k = self.n_active_blocks
+        A, B = blocks_of(mods["lora_A"]), blocks_of(mods["lora_B"])
+        return apply(result, x, self.scaling, k, *A[:k], *B[:k])
+
+    return forward_noop_fn
+
+
+DIAGNOSTICS = {"base": forward_base, "noop_fn": make_forward_noop_fn}
 
 VARIANTS = {"function": None, "cpp": None, "cat": forward_cat, "perblock": forward_perblock}  # None: the library's
 
@@ -116,16 +175,39 @@ def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device
         twin.load_state_dict(ours.state_dict())
         twin.forward = types.MethodType(fwd, twin)
         arms[name] = twin
+    for name, fwd in DIAGNOSTICS.items():
+        twin, _ = build_pair(i, o, rank, device=dev, dtype=dt)
+        twin.load_state_dict(ours.state_dict())
+        twin.forward = types.MethodType(fwd if name == "base" else fwd(), twin)
+        arms[name] = twin
     inner, times = time_arms(arms, x, gy, repeats, min_time)
     peft_act = saved_tensor_bytes(peft, x, gy)["activation_bytes"]
+    us = 1e6
     out = {"shape": shape, "rank": rank, "inner_iters": inner, "peft_s": summarize(times["peft"]),
-           "peft_activation_bytes": peft_act, "variants": {}}
+           "peft_activation_bytes": peft_act, "variants": {},
+           "diagnostics": _diagnostics(times)}
     for name in variants:
         out["variants"][name] = {
             "s": summarize(times[name]),
             "ratio": summarize([a / p for a, p in zip(times[name], times["peft"])]),
             "activation_bytes": saved_tensor_bytes(arms[name], x, gy)["activation_bytes"],
         }
+    return out
+
+
+def _diagnostics(times: dict) -> dict:
+    """µs per forward+backward, per repeat then median (min–max): the branch each arm adds to the frozen base, and
+    the default's branch split into its Python floor (noop_fn − base) and the rest, its arithmetic (function −
+    noop_fn)."""
+    def diff(a: str, b: str) -> dict:
+        return summarize([(x - y) * 1e6 for x, y in zip(times[a], times[b])])
+
+    out = {"base_s": summarize(times["base"]), "noop_fn_s": summarize(times["noop_fn"]),
+           "peft_branch_us": diff("peft", "base"), "default_branch_us": diff("function", "base"),
+           "python_floor_us": diff("noop_fn", "base"), "default_arithmetic_us": diff("function", "noop_fn"),
+           "default_gap_us": diff("function", "peft")}
+    if "cpp" in times:
+        out["cpp_branch_us"] = diff("cpp", "base")
     return out
 
 
@@ -177,6 +259,20 @@ def render(p: dict) -> str:
             lines.append(f"| {c['shape']} | {c['rank']} | {name}{label} | "
                          f"{fmt_range(v['ratio'])} | {v['activation_bytes'] / kib:.0f} "
                          f"({c['peft_activation_bytes'] / kib:.0f}) |")
+    if all("diagnostics" in c for c in p["cases"]):
+        lines += ["", "Where the time goes: what each arm adds to the frozen base Linear, in µs per forward + backward, "
+                  "median (min–max) of the per-repeat differences. `noop_fn` is the library layer's forward with the "
+                  "arithmetic taken out (its own Python, and a Python autograd.Function that takes the same arguments, "
+                  "saves as many tensors and computes nothing), so the default's branch = its Python floor "
+                  "(noop_fn − base) + its arithmetic (function − noop_fn).", "",
+                  "| shape | rank | PEFT's branch | default's branch | = Python floor | + arithmetic "
+                  "| default − PEFT | kernel=\"cpp\" branch |", "|---|---|---|---|---|---|---|---|"]
+        for c in p["cases"]:
+            d = c["diagnostics"]
+            cpp = fmt_range(d["cpp_branch_us"], 1) if "cpp_branch_us" in d else "–"
+            lines.append(f"| {c['shape']} | {c['rank']} | {fmt_range(d['peft_branch_us'], 1)} | "
+                         f"{fmt_range(d['default_branch_us'], 1)} | {fmt_range(d['python_floor_us'], 1)} | "
+                         f"{fmt_range(d['default_arithmetic_us'], 1)} | {fmt_range(d['default_gap_us'], 1)} | {cpp} |")
     lines += ["", "`tiny` (32 tokens, 32→32) measures per-call host cost, the regime of the H100 runs; `minilm` "
               "(2048 tokens, 384→384) is arithmetic-bound on this CPU. Each variant was checked against the library's "
               "outputs and gradients before timing."]
