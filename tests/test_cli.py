@@ -325,6 +325,10 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
     ("not_a_number_in_config", "epochs: must be an integer, got 'two' (str)"),
+    ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
+    ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
+    ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1']"),
+    ("missing_label", "record 2 has no label (column 'label' is empty)"),
     ("missing_trace", "no such trace file"),
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
@@ -345,6 +349,13 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "bad_layer_kernel": ["train", "--config", str(_write(tmp_path / "l.yaml", f"model: {tiny['bert']}\n"
                                                              f"data: {tiny['csv']}\nlayer_kernel: cuda\n"))],
         "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
+        "null_text_columns": ["train", "--config", str(_write(tmp_path / "t.yaml", f"model: {tiny['bert']}\n"
+                                                              f"data: {tiny['csv']}\ntext_columns: null\n"))],
+        "number_for_target_modules": ["train", "--config", str(_write(tmp_path / "m.yaml", f"model: {tiny['bert']}\n"
+                                                                      f"data: {tiny['csv']}\ntarget_modules: 5\n"))],
+        "dev_label_the_train_set_lacks": _train_args(tiny, out, "--dev-data", str(_write(
+            tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n"))),
+        "missing_label": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "gap.csv", "text,label\na,0\nb,\nc,1\n"))],
         "not_a_number_in_config": ["train", "--config", str(_write(tmp_path / "n.yaml", f"model: {tiny['bert']}\n"
                                                                    f"data: {tiny['csv']}\nepochs: two\n"))],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
@@ -363,6 +374,59 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
     assert err.strip().splitlines()[-1].startswith("unified-lora")
     if case != "bad_flag":  # argparse adds a usage line; ours is exactly one line
         assert err.count("\n") == 1 and err.startswith("unified-lora: error: ")
+
+
+def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):
+    out = tmp_path / "run"
+    dev = _write(tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n")
+    assert main(_train_args(tiny, out, "--dev-data", str(dev))) == 2
+    assert not (out / "trace.jsonl").exists()  # nothing ran (it used to fail at the evaluation after training)
+
+
+@pytest.mark.parametrize("targets,expected", [
+    ("all-linear", None),  # every Linear but the head
+    (r".*\.(query|value)", {"query", "value"}),
+    ("query,value", {"query", "value"}),
+    ("key", {"key"}),
+])
+def test_target_modules_flag_takes_suffixes_a_regex_or_all_linear(tiny, tmp_path, targets, expected):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2", "--target-modules", targets)) == 0
+    blocks = load_file(str(out / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
+    adapted = {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in blocks if ".lora_A" in k}
+    if expected is None:  # all-linear: q, k, v, the attention output and both MLP Linears; not the classifier
+        assert {"query", "key", "value", "dense"} <= adapted and not any("classifier" in k and "lora" in k
+                                                                       for k in blocks)
+    else:
+        assert adapted == expected
+
+
+def test_a_checkpoint_with_a_head_of_another_size_gets_a_new_head_and_says_so(tiny, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    three = AutoModelForSequenceClassification.from_pretrained(tiny["bert"], num_labels=3)
+    three.save_pretrained(tmp_path / "bert3")
+    for f in Path(tiny["bert"]).glob("*.txt"):
+        (tmp_path / "bert3" / f.name).write_bytes(f.read_bytes())
+    for f in Path(tiny["bert"]).glob("*token*"):
+        (tmp_path / "bert3" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    argv = _train_args(tiny, out, "--steps", "2")
+    argv[argv.index("--model") + 1] = str(tmp_path / "bert3")
+    assert main(argv) == 0  # it used to stop with transformers' size-mismatch RuntimeError, as an internal error
+    assert "its classification head has 3 outputs and the data has 2 classes" in capsys.readouterr().out
+
+
+def test_peft_every_checkpoint_also_exports_the_step_checkpoints(tiny, tmp_path):
+    cfg = _write(tmp_path / "run.yaml", f"model: {tiny['bert']}\ndata: {tiny['csv']}\nsteps: 3\nbatch_size: 8\n"
+                                        f"max_length: 16\npeft_every_checkpoint: true\nmodules_to_save: classifier\n"
+                                        f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(cfg)]) == 0  # 3 steps end the run mid-epoch: a step-3 checkpoint
+    assert (tmp_path / "run" / "checkpoints" / "step-3" / "peft" / "adapter_config.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["modules_to_save"] == ["classifier"]  # one name, not its letters
 
 
 def test_debug_shows_the_traceback(tiny, tmp_path):

@@ -16,7 +16,7 @@ BAD = [  # (config class, keyword arguments, the message's start)
     (NestedLoRAConfig, dict(rank_levels=(0, 4)), "rank_levels: every rank must be positive"),
     (NestedLoRAConfig, dict(rank_levels=(8, 4)), "rank_levels: must be strictly increasing"),
     (NestedLoRAConfig, dict(rank_levels=(4, 8, 32), max_rank=16), "rank_levels: largest level 32 exceeds max_rank=16"),
-    (NestedLoRAConfig, dict(rank_levels=4), "rank_levels: must be a list of ints"),
+    (NestedLoRAConfig, dict(rank_levels=4), "rank_levels: must be a list of integers"),
     (NestedLoRAConfig, dict(rank_levels=("four",)), "rank_levels: must be an integer, got 'four' (str)"),
     (NestedLoRAConfig, dict(rank_levels=(4, 8.5)), "rank_levels: must be an integer, got 8.5"),
     (NestedLoRAConfig, dict(max_rank=-1), "max_rank: must be positive"),
@@ -38,7 +38,7 @@ BAD = [  # (config class, keyword arguments, the message's start)
     (MachineConfig, dict(min_dwell=1.5), "min_dwell: must be an integer, got 1.5"),
     (ActuatorConfig, dict(mode_ranks=(4, 8)), "mode_ranks: needs one rank per mode"),
     (ActuatorConfig, dict(mode_ranks=(8, 4, 16)), "mode_ranks: must be positive and non-decreasing"),
-    (ActuatorConfig, dict(mode_ranks=16), "mode_ranks: must be a list of ints"),
+    (ActuatorConfig, dict(mode_ranks=16), "mode_ranks: must be a list of integers"),
     (ActuatorConfig, dict(lr_mode="cosine"), "lr_mode: must be 'absolute', 'multiplier' or 'off'"),
     (ActuatorConfig, dict(mode_lrs=(1e-3, 0, 1e-4)), "mode_lrs: needs three positive finite values"),
     (ActuatorConfig, dict(mode_lrs=(1e-3, INF, 1e-4)), "mode_lrs: needs three positive finite values"),
@@ -95,3 +95,31 @@ def test_numpy_numbers_are_numbers():
     np = pytest.importorskip("numpy")
     m = MachineConfig(theta0=np.float32(0.25), warmup_steps=np.int64(3))
     assert (m.theta0, m.warmup_steps) == (0.25, 3) and type(m.warmup_steps) is int
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("all-linear", "all-linear"),
+    ("query,value", ["query", "value"]),
+    (" query , value ", ["query", "value"]),
+    ("attention.self.query", ["attention.self.query"]),  # a dotted suffix is not a regex
+    (r".*\.(query|value)", r".*\.(query|value)"),
+    ("q_proj|v_proj", "q_proj|v_proj"),
+    ("layer.{1,2}", "layer.{1,2}"),  # a regex keeps its commas
+    (["query", "value"], ["query", "value"]),
+])
+def test_target_modules_from_the_command_line_or_yaml(value, expected):
+    assert TrainConfig(target_modules=value).target_modules == expected
+
+
+def test_modules_to_save_as_one_string_is_one_module_not_its_letters():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from unified_lora import setup_unified_lora
+
+    assert NestedLoRAConfig(modules_to_save="classifier").modules_to_save == ["classifier"]
+    assert TrainConfig(modules_to_save="classifier, pooler").modules_to_save == ["classifier", "pooler"]
+    model = BertForSequenceClassification(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32))
+    setup_unified_lora(model, target_modules=["query", "value"], modules_to_save="classifier", print_fn=None)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"classifier.weight", "classifier.bias"}

@@ -369,3 +369,15 @@ def test_loader_yields_dict_batches_unshuffled():
     batches = list(make_loader(encoded, 2, shuffle=False))
     assert [len(b["labels"]) for b in batches] == [2, 2, 1]
     assert batches[0]["input_ids"].tolist() == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("fmt,body,why", [
+    ("jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": null}\n{"t": "c", "y": 1}\n', "null"),
+    ("csv", "t,y\na,pos\nb,\nc,neg\n", "empty"),
+    ("csv", "t,y\na,pos\nb,  \nc,neg\n", "empty"),
+])
+def test_a_missing_label_is_an_error_not_a_class_of_its_own(tmp_path, fmt, body, why):
+    path = tmp_path / f"d.{fmt}"
+    path.write_text(body)
+    with pytest.raises(DataError, match=rf"record 2 has no label \(column 'y' is {why}\)"):
+        load_table(path, ["t"], "y")

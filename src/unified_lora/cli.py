@@ -130,7 +130,7 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(cfg.seed)
-    model, _ = load_model(model_path, "seq-cls", num_labels)
+    model, _ = load_model(model_path, "seq-cls", num_labels, note=say)
     run = Run(cfg, model, "seq-cls", num_labels, str(trace_path), print_fn=say if cfg.controller else None)
     say(f"--- {label}: {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank}, "
         f"lr={run.ctrl.get_last_lr():g}")
@@ -335,7 +335,7 @@ def cmd_train(args) -> int:
     if task_type == "seq-cls" and num_labels < 2:
         raise UsageError(f"--label-column {cfg.label_column}: found {num_labels} class; need at least 2 labels")
     seed_everything(cfg.seed)
-    model, tok = load_model(model_path, task_type, max(num_labels, 2))
+    model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
     enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
     if corpus_dev:
@@ -373,7 +373,7 @@ def cmd_train(args) -> int:
                 m = evaluate(model, enc_dev, task_type, task)
                 run.state.evals.append({"epoch": epoch + 1, "step": run.state.global_step, **m})
                 say(f"epoch {epoch + 1} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
-                run.save_checkpoint(ckpt_root, f"epoch-{epoch + 1}", peft_export=cfg.peft_every_checkpoint)
+                run.save_checkpoint(ckpt_root, f"epoch-{epoch + 1}")  # + PEFT format if cfg.peft_every_checkpoint
             else:
                 loss = run.train_step(batch)
                 bar.update(1)
@@ -573,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "smoothed loss ~6%% above the warmup level enters MIRROR. MRPC's flip shock raises the loss "
                         "only ~1.3x before the model adapts, and with 2.0 (φ≈0.67) it never crossed θ1")
     d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode before leaving it")
-    d.add_argument("--target-modules", type=_csv_list, default=["query", "value"])
+    d.add_argument("--target-modules", default="query,value",
+                   help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: query,value)")
     d.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
     d.add_argument("--dev-size", type=int, default=200, help="dev rows to evaluate (fixed-seed subsample; 0 = all)")
     d.add_argument("--log-every", type=int, default=20, help="console line every N steps (and at transitions)")
@@ -625,8 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mirror-pack", action=argparse.BooleanOptionalAction, default=None,
                    help="eager Mirror: pack the snapshotted parameters into one buffer at the first snapshot "
                         "(default on; --no-mirror-pack leaves every parameter's storage alone)")
-    t.add_argument("--target-modules", type=_csv_list,
-                   help="modules to adapt: name suffixes, a regex or all-linear (default: query,value)")
+    t.add_argument("--target-modules",
+                   help="modules to adapt: comma-separated name suffixes (query,value), a regex (a value with any of "
+                        "*+?[](){}|^$\\, matched against whole module names), or all-linear (default: query,value)")
     t.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--output-dir", help="trace, plot, summary and checkpoints (default: unified-lora-run)")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 import typing
 from collections.abc import Sequence as _AbcSequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Sequence
 
 SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora", "alpha_over_max_rank")
@@ -50,27 +51,78 @@ def _scalar(name: str, v, kind: type):
     return int(v)
 
 
+REGEX_CHARS = frozenset("*+?[](){}|^$\\")
+
+
+def parse_names(value, field_name: str = "target_modules") -> list[str] | str:
+    """The command-line / YAML form of a module list. `target_modules`: "all-linear"; a regex, i.e. a value with any
+    of * + ? [ ] ( ) { } | ^ $ \\ (matched against whole module names, as PEFT matches a string); or name suffixes
+    separated by commas ("query,value"). Other fields (modules_to_save): comma-separated names. A list stays a list."""
+    if isinstance(value, str):
+        v = value.strip()
+        if field_name == "target_modules" and (v == "all-linear" or any(c in REGEX_CHARS for c in v)):
+            return v
+        value = v.split(",")
+    names = [n.strip() for n in value if n.strip()]
+    if not names:
+        _fail(field_name, f"give at least one module name, e.g. query,value; got {value!r}")
+    return names
+
+
+def _union_args(hint) -> tuple | None:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else None
+
+
+def _typed(name: str, v, hint, example):
+    """v checked against (and, for numbers, brought to) the type `hint`: int, float, bool, str, a sequence of one of
+    them, or a union of those with None or str."""
+    union = _union_args(hint)
+    if union is not None:
+        if v is None and type(None) in union:
+            return None
+        options = [a for a in union if a is not type(None)]
+        if str in options and isinstance(v, str):  # e.g. target_modules: a regex, or a list of suffixes
+            return v
+        sequences = [a for a in options if typing.get_origin(a) is _AbcSequence]
+        if len(options) == 1 or sequences:
+            return _typed(name, v, options[0] if len(options) == 1 else sequences[0], example)
+        return v
+    if hint in (int, float, bool):
+        return _scalar(name, v, hint)
+    if hint is str:
+        if not isinstance(v, str):
+            _fail(name, f"must be a string, got {v!r} ({type(v).__name__})")
+        return v
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is _AbcSequence and args and args[0] in (int, float, str):
+        elem = args[0]
+        if isinstance(v, str):
+            if elem is str:  # one name, or a comma-separated list: the class's own rule decides
+                return v
+            v = v.replace(",", " ").split()  # "4,8,16" or "4 8 16"
+        if not isinstance(v, (list, tuple)):
+            kind = {int: "integers", float: "numbers", str: "strings"}[elem]
+            _fail(name, f"must be a list of {kind}, e.g. {example!r}, got {v!r} ({type(v).__name__})")
+        if elem is str:
+            bad = [x for x in v if not isinstance(x, str)]
+            if bad:
+                _fail(name, f"must be a list of strings, got {v!r} ({bad[0]!r} is a {type(bad[0]).__name__})")
+            return v
+        return tuple(_scalar(name, x, elem) for x in v)
+    return v
+
+
 def check_field_types(obj) -> None:
-    """Bring a config dataclass's int, float and bool fields, and its sequences of ints or floats, to those types,
-    in place, or raise a ValueError naming the field: a string or None where a number belongs fails here, with its
-    name, not later in a comparison. Strings, dicts and other fields are left to the class's own checks."""
+    """Check every field of a config dataclass against its annotation, in place: int, float and bool fields and
+    sequences of numbers are brought to those types, str fields and lists of names must be strings, and None only
+    goes where the annotation allows it. A value of the wrong kind (a YAML null, a number for a column name, the
+    string "ten" for a count) raises a ValueError naming the field, here, not a TypeError later in a comparison.
+    Other fields (dicts, free-form values) are left to the class's own checks."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
-        v, hint = getattr(obj, f.name), hints.get(f.name)
-        args = typing.get_args(hint)
-        if type(None) in args:  # Optional[X]: None stays None
-            if v is None:
-                continue
-            rest = [a for a in args if a is not type(None)]
-            hint, args = (rest[0], typing.get_args(rest[0])) if len(rest) == 1 else (None, ())
-        if hint in (int, float, bool):
-            setattr(obj, f.name, _scalar(f.name, v, hint))
-        elif typing.get_origin(hint) is _AbcSequence and args and args[0] in (int, float):
-            if isinstance(v, str):
-                v = [part for part in v.replace(",", " ").split()]  # "4,8,16" or "4 8 16"
-            if not isinstance(v, (list, tuple)):
-                _fail(f.name, f"must be a list of {args[0].__name__}s, e.g. {f.default!r}, got {v!r}")
-            setattr(obj, f.name, tuple(_scalar(f.name, x, args[0]) for x in v))
+        if f.name in hints:
+            example = f.default if f.default is not MISSING else None
+            setattr(obj, f.name, _typed(f.name, getattr(obj, f.name), hints[f.name], example))
 
 
 def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
@@ -126,6 +178,8 @@ class NestedLoRAConfig:
         self.rank_levels = check_rank_levels(self.rank_levels, self.max_rank)
         if self.max_rank is None:
             self.max_rank = self.rank_levels[-1]
+        if isinstance(self.modules_to_save, str):  # one name, or a comma-separated list (never its characters)
+            self.modules_to_save = parse_names(self.modules_to_save, "modules_to_save")
         if not (isinstance(self.target_modules, str) or len(self.target_modules) > 0):
             _fail("target_modules", "must be a non-empty list of name suffixes, a regex, or 'all-linear'")
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):

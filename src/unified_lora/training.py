@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_field_types,
-                     check_rank_levels)
+                     check_rank_levels, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
 from .data.loaders import _GLUE, _read_records, normalize_task
@@ -106,8 +106,10 @@ class TrainConfig:
         check_field_types(self)  # numbers (YAML's `lr: 1e-3` is a string), bools and rank/LR lists, by field name
         if isinstance(self.text_columns, str):
             self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = list(self.target_modules)
+        # target_modules: "all-linear", a regex, or comma-separated suffixes (`parse_names`), as on the command line
+        self.target_modules = parse_names(self.target_modules, "target_modules")
+        if self.modules_to_save is not None:
+            self.modules_to_save = parse_names(self.modules_to_save, "modules_to_save")
         checks = [
             ("task_type", self.task_type in TASK_TYPES, f"must be one of {TASK_TYPES}"),
             ("signal", self.signal in ("loss", "composite"), "must be 'loss' or 'composite'"),
@@ -230,9 +232,11 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, task_type: str, num_labels: int = 2):
-    """(model, tokenizer) for 'seq-cls' (new classifier head with num_labels) or 'causal-lm'."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def load_model(path: str, task_type: str, num_labels: int = 2, note: Callable[[str], None] | None = None):
+    """(model, tokenizer) for 'seq-cls' or 'causal-lm'. A seq-cls model gets a classifier head with `num_labels`
+    outputs: a new one for a base model; for a checkpoint that already has a head, its own head when the label counts
+    agree, else a new head (the checkpoint's is left unused, and `note` says so)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     _hf_quiet()
     try:
@@ -240,7 +244,14 @@ def load_model(path: str, task_type: str, num_labels: int = 2):
         if task_type == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(path)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            cfg = AutoConfig.from_pretrained(path)
+            has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+            if has_head and cfg.num_labels != num_labels and note is not None:
+                note(f"--model {path}: its classification head has {cfg.num_labels} outputs and the data has "
+                     f"{num_labels} classes, so a new {num_labels}-class head is trained in its place")
+            # a head of another size is re-initialised instead of failing to load (transformers' size check)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       ignore_mismatched_sizes=True)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {path}: cannot load it ({_first_line(e)}); check the path or hub id") from None
     if tok.pad_token is None:
@@ -313,7 +324,11 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
                         f"--task-type causal-lm); a classifier needs a .csv/.tsv/.jsonl table with a label column")
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
     if cfg.dev_data:
-        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=train.label_names)
+        # the train set's classes: its label names, or for integer labels the ids 0 .. num_labels - 1, so a dev label
+        # the train set lacks is a DataError now, not an index error at the first evaluation after training
+        names = train.label_names or [str(i) for i in range(train.num_labels)]
+        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names)
+        dev = TextDataset(dev.examples, train.num_labels, train.label_names, dev.name)
     else:
         tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
         train, dev = (TextDataset(tr, train.num_labels, train.label_names, train.name),
@@ -511,9 +526,10 @@ class Run:
         return value
 
     # -- checkpoints ------------------------------------------------------------------
-    def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool = False) -> Path:
+    def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool | None = None) -> Path:
         """Atomically write `root/<tag>/`: a temp folder first, then os.replace, so an interrupt
-        never leaves a half-written checkpoint under the final name."""
+        never leaves a half-written checkpoint under the final name. `peft_export` (default: the config's
+        `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`."""
         from safetensors.torch import save_file
 
         root = Path(root)
@@ -531,7 +547,7 @@ class Run:
                     "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
                     "num_labels": self.num_labels, "shock_gen": self.shock_gen.get_state(),
                     "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        if peft_export:
+        if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
             note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
             if note:
                 (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")

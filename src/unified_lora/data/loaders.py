@@ -192,7 +192,12 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path) -> tuple[list[int], list[str] | None, int]:
+def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
+               column: str = "label") -> tuple[list[int], list[str] | None, int]:
+    for n, value in enumerate(raw, start=1):  # a missing label is not a class of its own
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{path}: record {n} has no label (column {column!r} is "
+                            f"{'null' if value is None else 'empty'}); fill it in or drop the record")
     if label_names is not None:
         names = [str(n) for n in label_names]
         index = {n: i for i, n in enumerate(names)}
@@ -205,7 +210,8 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path) ->
             elif as_int is not None and 0 <= as_int < len(names):
                 ids.append(as_int)  # already an id into label_names
             else:
-                raise DataError(f"{path}: record {n} has label {value!r}, which is not in label_names {names}; add it or fix the data")
+                raise DataError(f"{path}: record {n} has label {value!r}, which is not one of the classes {names} "
+                                f"(label_names); add it or fix the data")
         return ids, names, len(names)
     ints = [_as_int(v) for v in raw]
     all_int = all(i is not None for i in ints)
@@ -244,7 +250,7 @@ def load_table(
             if col not in record:
                 where = "" if n == 1 else f" (record {n})"
                 raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
-    ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path)
+    ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column)
     examples = [
         Example(
             str(r[text_columns[0]]),
