@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, can_build_cpp, classification_batch, snapshot_then_train, tiny_bert, tiny_llama
-from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, SignalConfig, UnifiedController, lora_state_dict,
-                          read_trace, setup_unified_lora)
+from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, NonFiniteLossError, SignalConfig,
+                          UnifiedController, lora_state_dict, read_trace, setup_unified_lora)
 
 
 def _train_step(model, ctrl, opt, x, labels):
@@ -202,6 +202,79 @@ def test_nan_loss_mid_training_leaves_weights_and_phi_usable(llama):
     llama(input_ids=x, labels=x).loss.backward()
     ctrl.step(loss=float("nan"))
     assert ctrl.trace[-1].nonfinite and 0 <= ctrl.phi <= 1
+
+
+def _poisoned_backward(model, adapters, x, poison):
+    """Backward on `x`, then the step's damage: a loss of `poison` ("nan_loss"), or one gradient entry set to
+    `poison` while the loss stays finite (what an fp16 overflow under GradScaler looks like). Returns the loss."""
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    if poison == "nan_loss":
+        return float("nan")
+    next(iter(adapters.values())).lora_A[0].grad[0, 0] = poison
+    return loss.item()
+
+
+def _composite_run(bad_at=None, poison=None, steps=24, nonfinite="skip"):
+    """A composite-signal run on a tiny Llama with AdamW and a new batch every step. With `bad_at`, one extra
+    non-finite step comes before step `bad_at`, and the optimizer skips it as GradScaler would. Returns (per
+    clean step: φ, mode, rank, LR and every signal component), the controller, and (model, adapters, optimizer)."""
+    model = tiny_llama()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["q_proj", "v_proj"], print_fn=None,
+                                        signal=SignalConfig(kind="composite", nonfinite=nonfinite))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(steps):
+        x = torch.randint(0, VOCAB, (2, 8), generator=g)
+        if i == bad_at:
+            ctrl.step(loss=_poisoned_backward(model, adapters, x, poison))
+            assert ctrl.trace[-1].nonfinite
+            opt.zero_grad()  # no optimizer step, as GradScaler skips one with inf/NaN gradients
+        _train_step(model, ctrl, opt, x, x)
+        r = ctrl.trace[-1]
+        assert not r.nonfinite
+        out.append((r.phi, r.mode, r.rank, r.lr, r.components))
+    return out, ctrl, (model, adapters, opt)
+
+
+def _stored_gradients(ctrl) -> list[torch.Tensor]:
+    return [t.clone() for gs in ctrl.grad_stats.prev for t in gs]
+
+
+@pytest.mark.parametrize("bad_at,poison", [(12, float("inf")), (12, float("nan")), (12, float("-inf")),
+                                           (0, float("inf")), (12, "nan_loss")])
+def test_a_non_finite_step_leaves_the_composite_trajectory_as_if_it_never_happened(bad_at, poison):
+    # An inf/NaN gradient entry with a finite loss used to be stored as the "previous" gradient: the next cosine
+    # was NaN, max(0, NaN) = 0 made E jump, and φ surged. Now every later step is bit-identical to a run without it.
+    clean, c_ctrl, _ = _composite_run()
+    bad, b_ctrl, _ = _composite_run(bad_at, poison)
+    assert len({round(r[0], 6) for r in clean}) > 5  # φ really moves: the comparison is not of constants
+    assert bad == clean
+    assert b_ctrl.signal.state_dict() == c_ctrl.signal.state_dict() and b_ctrl.loss_ema == c_ctrl.loss_ema
+    assert all(torch.equal(p, q) for p, q in zip(_stored_gradients(b_ctrl), _stored_gradients(c_ctrl)))
+    assert all(torch.equal(p, q) for p, q in zip(b_ctrl.managed_parameters(), c_ctrl.managed_parameters()))
+    assert b_ctrl.nonfinite_steps == 1 and c_ctrl.nonfinite_steps == 0
+
+
+@pytest.mark.parametrize("policy", ["skip", "max_stress", "raise"])
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_changes_no_signal_state_under_any_policy(policy, poison):
+    _, ctrl, (model, adapters, opt) = _composite_run(steps=12, nonfinite=policy)
+    sig, prev, phi = ctrl.signal.state_dict(), _stored_gradients(ctrl), ctrl.phi
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(7))
+    value = _poisoned_backward(model, adapters, x, poison)
+    if policy == "raise":
+        with pytest.raises(NonFiniteLossError, match="gradient norm"):
+            ctrl.step(loss=value)
+    else:
+        ctrl.step(loss=value)
+        assert ctrl.trace[-1].nonfinite and (ctrl.phi > phi if policy == "max_stress" else ctrl.phi == phi)
+    after = ctrl.signal.state_dict()
+    after["phi"] = sig["phi"]  # "max_stress" moves φ itself for this one step, and nothing else
+    assert after == sig
+    assert all(torch.equal(p, q) for p, q in zip(_stored_gradients(ctrl), prev))
 
 
 def test_trace_jsonl_and_console_line(tmp_path, llama):

@@ -264,3 +264,52 @@ def test_gradient_stats_match_a_float64_reference_across_a_rank_change():
     for layer in layers:
         layer.active_parameters()[0].grad.add_(1.0)  # the stored copy must not alias the live gradient
     assert not torch.equal(stats.prev[0][0], layers[0].active_parameters()[0].grad)
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_gradient_stats_keep_the_last_finite_gradient_across_a_non_finite_step(bad, first):
+    # the "previous" gradient of the next cosine is the last finite one: an inf/NaN step stores nothing
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats = GradientStats()
+
+    def fill(like=None):
+        for i, layer in enumerate(layers):
+            for j, p in enumerate(layer.active_parameters()):
+                p.grad = torch.randn_like(p) if like is None else 0.7 * like[i][j] + 0.3 * torch.randn_like(p)
+        return [[p.grad.clone() for p in layer.active_parameters()] for layer in layers]
+
+    g1 = None if first else fill()
+    if not first:
+        stats(layers)
+    kept = [t.clone() for gs in stats.prev for t in gs]
+    fill()
+    layers[1].active_parameters()[0].grad[0, 0] = bad
+    norms, cos = stats(layers)
+    assert math.isfinite(norms[0]) and not math.isfinite(norms[1])
+    stored = [t for gs in stats.prev for t in gs]
+    assert len(stored) == len(kept) and all(torch.equal(a, b) for a, b in zip(stored, kept))
+    g2 = fill(g1)
+    norms, cos = stats(layers)
+    ref_n, ref_c = _reference_stats(g2, g1)
+    assert norms == pytest.approx(ref_n, rel=1e-5)
+    if first:
+        assert cos == [None, None]  # still no previous gradient, as on a first step
+    else:
+        assert cos == pytest.approx(ref_c, abs=1e-5) and all(c > 0.3 for c in cos)
+
+
+@pytest.mark.parametrize("cos", [float("nan"), float("inf")])
+def test_composite_signal_skips_a_non_finite_cosine_like_a_non_finite_norm(cos):
+    s = CompositeSignal()
+    for i in range(20):
+        s.update(1.0 + 0.01 * i, [1.0, 2.0], [0.5, None if i == 0 else 0.4])
+    before = s.state_dict()
+    s.update(1.0, [1.0, 2.0], [0.5, cos])  # max(0, nan) is 0 in Python: it used to count as full churn
+    assert s.state_dict() == before and s.components["nonfinite"]
+    with pytest.raises(NonFiniteLossError, match="cosine"):
+        CompositeSignal(nonfinite="raise").update(1.0, [1.0], [cos])

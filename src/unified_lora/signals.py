@@ -146,9 +146,11 @@ class CompositeSignal:
     def update(self, loss: float, grad_norms: Sequence[float], cosines: Sequence[float | None]) -> float:
         """`cosines[i]` is None when adapter i has no previous gradient yet."""
         loss = float(loss)
-        if not _check_finite(loss, self.nonfinite) or not all(math.isfinite(g) for g in grad_norms):
+        if not _check_finite(loss, self.nonfinite) or not all(math.isfinite(g) for g in grad_norms) or not all(
+                c is None or math.isfinite(c) for c in cosines):
             if self.nonfinite == "raise":
-                raise NonFiniteLossError(f"gradient norm: got a non-finite value in {list(grad_norms)[:4]}...")
+                raise NonFiniteLossError(f"gradient norm or cosine: got a non-finite value in {list(grad_norms)[:4]}, "
+                                         f"{list(cosines)[:4]}...")
             if self.nonfinite == "max_stress":
                 self.phi = (1 - self.rate) * self.phi + self.rate * 1.0
             self.components = dict(self.components, nonfinite=True)
@@ -193,7 +195,10 @@ class GradientStats:
     once (all the squared norms of a step, ‖c‖², ‖c + p‖², ‖c − p‖² and ‖p‖², in
     one `_foreach_norm`), so a step issues the same 23 aten ops whatever the number
     of layers (fewer on the first step, which has no previous gradient), and the
-    only device sync is one `.tolist()`. The dot product of the
+    only device sync is one `.tolist()`. A step whose norms or cosines are not all
+    finite (an inf/NaN gradient entry, e.g. a step GradScaler skips) leaves the
+    stored gradients as they were, so the next cosine compares with the last
+    finite step's gradient, as if the bad step had never happened. The dot product of the
     current and previous gradient comes from the polarisation identity
     <c, p> = (‖c + p‖² − ‖c − p‖²) / 4 on fp32 norms. Across a rank change the
     cosine uses the blocks active in both steps.
@@ -257,8 +262,13 @@ class GradientStats:
             seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
             cos = seg[0] / (seg[1] * seg[2]).sqrt_().clamp_min_(1e-30)
             parts.append(cos[sel_t])
-        self._store(grads, flat)
         vals = torch.cat(parts).tolist()  # the one device sync of this step
+        # Keep this step's gradients as the next step's "previous" only when every norm and cosine is finite.
+        # A gradient with an inf/NaN entry has a non-finite norm; the signal skips that step, and storing it
+        # would make the next cosine NaN (and E jump). The test runs on the host values already read, so it
+        # adds no op and no sync; the copy is issued after the sync instead of before it (same op count).
+        if all(map(math.isfinite, vals)):
+            self._store(grads, flat)
         grad_norms = vals[:L]
         cos_iter = iter(vals[L:])
         cosines = [next(cos_iter) if hp else None for hp in has_prev]
