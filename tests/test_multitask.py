@@ -287,8 +287,7 @@ def test_per_task_peft_export_loads_in_peft(tmp_path):
     ctrl.router.track_grads = False
     train(model, ctrl, opt, 3, data, use_ctrl=False)
     model.eval()
-    # task_type=None: with "SEQ_CLS" PEFT itself adds `classifier` to modules_to_save, which clashes with
-    # the classifier being a LoRA target here
+    # task_type=None: a plain PeftModel; the classifier (a LoRA target) is still saved whole, delta merged
     out = export_task_peft_adapters(model, tmp_path, task_type=None)
     assert set(out) == {"shared", "a", "b"}
     x = data[0]
@@ -296,6 +295,95 @@ def test_per_task_peft_export_loads_in_peft(tmp_path):
         pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / t).eval()
         with torch.no_grad(), task_context(model, t):
             torch.testing.assert_close(pm(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def headless_bert(path):
+    """Save tiny_bert's encoder without a head, as a pretrained checkpoint is; returns load(seed), whose
+    from_pretrained initialises the classifier afresh from that torch seed."""
+    from transformers import BertForSequenceClassification
+
+    tiny_bert().bert.save_pretrained(path)
+
+    def load(seed):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification.from_pretrained(str(path), num_labels=2).eval()
+    return load
+
+
+def test_readme_multitask_export_loads_in_peft_onto_a_fresh_head(tmp_path):
+    # The README's setup: the classifier is a LoRA target (each task its own head delta) and its base is the head
+    # from_pretrained initialised (the checkpoint has none). export_task_peft_adapters(model, dir) with its
+    # defaults raised "modules_to_save: 'classifier.weight' has no counterpart in the model"; each task's adapter
+    # must now load with plain PEFT onto a freshly loaded base (another head init) and give that task's logits.
+    from peft import PeftModel
+
+    from unified_lora.multitask import export_task_peft_adapters
+
+    load = headless_bert(tmp_path / "base")
+    model = load(1)
+    _, ctrl = setup_multitask_lora(model, tasks=["sst2", "mrpc"], target_modules=TARGETS, lr_mode="off",
+                                   print_fn=None, machine=MachineConfig(initial_mode=SINGLE))
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=2e-2)
+    ctrl.attach_optimizer(opt)
+    ctrl.split()  # MULTI: one adapter per task, trained apart below
+    ctrl.router.track_grads = False
+    x, ya, yb = conflict_data()
+    ids, y, tids = torch.cat([x, x]), torch.cat([ya, yb]), ["sst2"] * N + ["mrpc"] * N
+    for _ in range(3):
+        with task_context(model, tids):
+            F.cross_entropy(model(input_ids=ids).logits, y).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    out = export_task_peft_adapters(model, tmp_path / "out")
+    assert set(out) == {"shared", "sst2", "mrpc"}
+    ours = {}
+    for t in ("sst2", "mrpc"):
+        cfg = out[t]
+        assert cfg["task_type"] == "SEQ_CLS" and "classifier" in cfg["modules_to_save"]
+        assert "classifier" not in cfg["target_modules"]
+        with torch.no_grad(), task_context(model, t):
+            ours[t] = model(input_ids=x).logits
+        fresh = load(7)
+        assert not torch.equal(fresh.classifier.weight, model.classifier.base_layer.weight)  # another head init
+        pm = PeftModel.from_pretrained(fresh, str(tmp_path / "out" / t)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=x).logits, ours[t], rtol=1e-6, atol=1e-6)
+    assert (ours["sst2"] - ours["mrpc"]).abs().max() > 1e-2  # the tasks' adapters differ: each file is its own
+
+
+def test_task_export_of_a_merged_shared_model_writes_each_tasks_head(tmp_path):
+    # A merged base weight holds the shared delta; a task's head, saved whole, must hold the base + that task's delta.
+    from peft import PeftModel
+
+    from unified_lora.multitask import export_task_peft_adapters
+
+    load = headless_bert(tmp_path / "base")
+    model = load(1)
+    ad, ctrl = setup_multitask_lora(model, tasks=["a", "b"], target_modules=TARGETS, print_fn=None,
+                                    machine=MachineConfig(initial_mode=SINGLE))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in ad.values():
+            for p in layer.shared_parameters() + layer.task_parameters():
+                p.normal_(0.0, 0.2, generator=g)
+    x = conflict_data()[0]
+    ctrl.router.set_topology("task")
+    want = {}
+    for t in ("a", "b"):
+        with torch.no_grad(), task_context(model, t):
+            want[t] = model(input_ids=x).logits
+    ctrl.router.set_topology("shared")
+    for layer in ad.values():
+        layer.merge()
+    merged = {n: layer.base_layer.weight.clone() for n, layer in ad.items()}
+    export_task_peft_adapters(model, tmp_path / "out", include_shared=False)
+    assert all(layer.merged_rank and torch.equal(layer.base_layer.weight, merged[n]) for n, layer in ad.items())
+    assert (want["a"] - want["b"]).abs().max() > 1e-2
+    for t in ("a", "b"):
+        pm = PeftModel.from_pretrained(load(7), str(tmp_path / "out" / t)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=x).logits, want[t], rtol=1e-6, atol=1e-6)
 
 
 def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():

@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification, RobertaModel)
 
-from unified_lora import MIRROR, MirrorConfig, NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, set_rank
+from unified_lora import (MIRROR, MirrorConfig, NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, set_rank,
+                          setup_unified_lora)
 from unified_lora.peft_io import (PeftController, attach_to_peft_model, export_peft_adapter, import_peft_adapter,
                                   merge_and_unload)
 
@@ -143,6 +144,128 @@ def test_export_rejects_layers_at_different_ranks_without_rank(tmp_path):
     next(iter(adapters.values())).set_rank(4)
     with pytest.raises(ValueError, match="different ranks"):
         export_peft_adapter(model, None, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ export: heads
+def headless_checkpoint(kind: str, path) -> None:
+    """A tiny encoder saved without a head, as a pretrained checkpoint is: `from_pretrained` of its
+    ...ForSequenceClassification initialises the head afresh from the torch seed."""
+    torch.manual_seed(0)
+    if kind == "roberta":
+        RobertaModel(RobertaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=VOCAB + 2, pad_token_id=1,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(path)
+    else:
+        BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0)).save_pretrained(path)
+
+
+def load_classifier(kind: str, path, seed: int):
+    torch.manual_seed(seed)  # the head's init
+    cls = RobertaForSequenceClassification if kind == "roberta" else BertForSequenceClassification
+    return cls.from_pretrained(str(path), num_labels=2).eval()
+
+
+def perturb(model, adapters) -> None:
+    """Non-zero B in every block and moved trainable head weights: what training does."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0.0, 0.3, generator=g)
+        for n, p in model.named_parameters():
+            if p.requires_grad and ".lora_" not in n:
+                p.add_(torch.randn(p.shape, generator=g))
+
+
+def fresh_head_reload(kind, base_dir, out_dir):
+    """The export loaded by plain PEFT onto a base whose head from_pretrained initialised afresh (another seed)."""
+    return PeftModel.from_pretrained(load_classifier(kind, base_dir, seed=7), str(out_dir)).eval()
+
+
+@pytest.mark.parametrize("targets,mts", [(["query", "value"], ["classifier"]),  # the README's setup
+                                         (["query", "value"], ["out_proj"]),  # part of the head trained
+                                         (["query", "value", "dense"], ["classifier"])])  # LoRA inside the head
+def test_roberta_head_of_submodules_exports_as_one_module_that_peft_loads(targets, mts, tmp_path):
+    # RoBERTa's head is a module of modules (classifier.dense, classifier.out_proj). Listing its children next to
+    # the `classifier` that PEFT's SEQ_CLS adds made nested ModulesToSaveWrappers, whose keys PEFT cannot load
+    # (KeyError 'base_model.model.classifier.dense.weight').
+    from safetensors.torch import load_file
+
+    headless_checkpoint("roberta", tmp_path / "base")
+    model = load_classifier("roberta", tmp_path / "base", seed=1)
+    adapters, _ = setup_unified_lora(model, target_modules=targets, modules_to_save=mts, signal="loss",
+                                     print_fn=None)
+    perturb(model, adapters)
+    cfg = export_peft_adapter(model, adapters, tmp_path / "out")
+    assert not any(m.startswith("classifier.") for m in cfg["modules_to_save"]) and "classifier" in cfg["modules_to_save"]
+    assert not any(t.startswith("classifier") for t in cfg["target_modules"])
+    sd = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    head = {k for k in sd if ".classifier." in k}
+    assert head == {f"base_model.model.classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
+    if "dense" not in targets:  # saved as they are
+        assert torch.equal(sd["base_model.model.classifier.out_proj.weight"], model.classifier.out_proj.weight)
+        assert torch.equal(sd["base_model.model.classifier.dense.weight"], model.classifier.dense.weight)
+    x = inputs()
+    ours = logits(model, x)
+    fresh = load_classifier("roberta", tmp_path / "base", seed=7)
+    assert (logits(fresh, x) - ours).abs().max() > 1e-2  # a fresh head and base: the check can fail
+    theirs = logits(fresh_head_reload("roberta", tmp_path / "base", tmp_path / "out"), x)
+    if "dense" in targets:  # classifier.dense's delta is merged into its saved weight: float rounding only
+        torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(theirs, ours)
+
+
+def bert_with_lora_head(tmp_path, targets=("query", "value", "classifier")):
+    """The README's multi-task targets in single-task form: the classifier is a LoRA target, its base frozen
+    as from_pretrained initialised it (the checkpoint has no head)."""
+    headless_checkpoint("bert", tmp_path / "base")
+    model = load_classifier("bert", tmp_path / "base", seed=1)
+    adapters, _ = setup_unified_lora(model, target_modules=list(targets), signal="loss", print_fn=None)
+    perturb(model, adapters)
+    return model, adapters
+
+
+@pytest.mark.parametrize("task_type", ["auto", None])
+@pytest.mark.parametrize("merged", [False, True])
+def test_classifier_as_lora_target_exports_with_its_base_weights(task_type, merged, tmp_path):
+    # Was: ValueError "modules_to_save: 'classifier.weight' has no counterpart in the model" (SEQ_CLS); with
+    # task_type=None the adapter lacked the frozen head, so a fresh base gave other logits.
+    model, adapters = bert_with_lora_head(tmp_path)
+    x = inputs()
+    ours = logits(model, x)
+    if merged:
+        for layer in adapters.values():
+            layer.merge()
+    cfg = export_peft_adapter(model, adapters, tmp_path / "out", task_type=task_type)
+    assert "classifier" in cfg["modules_to_save"] and "classifier" not in cfg["target_modules"]
+    assert len(cfg["target_modules"]) == 4  # query and value of both layers stay LoRA
+    fresh = load_classifier("bert", tmp_path / "base", seed=7)
+    assert not torch.equal(fresh.classifier.weight, model.classifier.base_layer.weight)  # another head init
+    pm = fresh_head_reload("bert", tmp_path / "base", tmp_path / "out")
+    torch.testing.assert_close(logits(pm, x), ours, rtol=1e-6, atol=1e-6)
+    head = adapters["classifier"]
+    want = head.base_layer.weight if merged else head.base_layer.weight + head.delta_weight()
+    saved = pm.base_model.model.classifier.modules_to_save["default"].weight
+    torch.testing.assert_close(saved, want, rtol=0, atol=1e-6)
+
+
+def test_classifier_as_lora_target_without_its_base_weights_is_said(tmp_path):
+    model, adapters = bert_with_lora_head(tmp_path)
+    with pytest.warns(UserWarning, match=r"task head \['classifier'\] is not saved whole"):
+        cfg = export_peft_adapter(model, adapters, tmp_path / "out", task_type=None, modules_to_save=None)
+    assert "classifier" in cfg["target_modules"] and cfg["modules_to_save"] is None
+    x = inputs()
+    same_head = PeftModel.from_pretrained(load_classifier("bert", tmp_path / "base", seed=1), str(tmp_path / "out"))
+    assert torch.equal(logits(same_head.eval(), x), logits(model, x))  # exact, on the head it was trained on
+
+
+def test_export_of_only_a_saved_head_is_a_clear_error(tmp_path):
+    model, adapters = bert_with_lora_head(tmp_path, targets=("classifier",))
+    with pytest.raises(ValueError, match=r"saves whole .*merge_and_unload"):
+        export_peft_adapter(model, adapters, tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------------------ import

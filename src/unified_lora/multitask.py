@@ -986,8 +986,10 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     """One PEFT LoRA checkpoint per task, in `save_dir/<task id>/` (and `save_dir/shared/`), via
     `unified_lora.peft_io.export_peft_adapter`; each loads with `PeftModel.from_pretrained(base, dir)`
     and gives that task's outputs. Returns {folder name: adapter config}. `kwargs` go to
-    `export_peft_adapter` (e.g. `task_type=None` when the classifier itself is a LoRA target:
-    PEFT's "SEQ_CLS" type adds `classifier` to modules_to_save on its own)."""
+    `export_peft_adapter`. A classifier that is itself a LoRA target (each task's own head delta)
+    is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
+    delta merged in: PEFT puts no LoRA on a head it saves whole, and a base model loaded afresh
+    would not have the frozen head weights this model was trained on."""
     from .peft_io import export_peft_adapter
 
     layers = _layers(model)
@@ -1001,11 +1003,27 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
             out["shared"] = export_peft_adapter(model, layers, os.path.join(save_dir, "shared"), rank, **kwargs)
         finally:
             router.set_topology(topo)
-    for t in tasks:
-        name = _safe(t)
-        with _task_as_shared(layers.values(), router.slot(t)):
-            out[name] = export_peft_adapter(model, layers, os.path.join(save_dir, name), rank, **kwargs)
+    with _unmerged(layers.values()):  # a merged base weight holds the shared delta, not a task's
+        for t in tasks:
+            name = _safe(t)
+            with _task_as_shared(layers.values(), router.slot(t)):
+                out[name] = export_peft_adapter(model, layers, os.path.join(save_dir, name), rank, **kwargs)
     return out
+
+
+@contextlib.contextmanager
+def _unmerged(layers: Iterable[MultiTaskNestedLoRALayer]):
+    """Temporarily unmerge merged layers; their base weights are restored bit for bit on exit."""
+    merged = [(lay, lay.merged_rank, lay.base_layer.weight.detach().clone()) for lay in layers if lay.merged_rank]
+    try:
+        for lay, _, _ in merged:
+            lay.unmerge()
+        yield
+    finally:
+        with torch.no_grad():
+            for lay, r, w in merged:
+                lay.base_layer.weight.copy_(w)
+                lay.merged_rank = r
 
 
 __all__ = [

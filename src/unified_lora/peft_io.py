@@ -98,18 +98,98 @@ def _nice(x: float):
 
 
 def _trainable_module_names(model: nn.Module) -> list[str]:
-    """Modules owning trainable non-LoRA parameters (e.g. a classifier head): PEFT's modules_to_save."""
-    inside_lora = {id(p) for m in lora_layers(model).values() for p in m.parameters()}
+    """Outermost modules owning trainable non-LoRA parameters (e.g. a classifier head): PEFT's modules_to_save.
+
+    A module inside another listed one is left out: PEFT saves a module whole (`ModulesToSaveWrapper`), and a
+    wrapper inside a wrapper writes keys that `PeftModel.from_pretrained` cannot load (RoBERTa's head is
+    `classifier.dense` + `classifier.out_proj`, saved as `classifier`)."""
+    layers = lora_layers(model)
+    factors = {id(p) for m in layers.values() for p in m.lora_parameters()}
+    # a trainable base weight of a nested layer: that layer is saved whole (its delta merged in)
+    owner = {id(p): ln for ln, m in layers.items() for p in m.base_layer.parameters()}
     names = []
     for n, p in model.named_parameters():
-        if p.requires_grad and id(p) not in inside_lora:
-            mod = n.rpartition(".")[0]
+        if p.requires_grad and id(p) not in factors:
+            mod = owner.get(id(p), n.rpartition(".")[0])
             if not mod:
                 raise ValueError(f"modules_to_save: trainable parameter {n!r} sits on the model root; "
                                  "PEFT can only save whole submodules")
             if mod not in names:
                 names.append(mod)
-    return names
+    return _outermost(names)
+
+
+def _inside(path: str, outer: str) -> bool:
+    """`path` is the module `outer` or one of its descendants."""
+    return path == outer or path.startswith(outer + ".")
+
+
+def _outermost(paths: Sequence[str]) -> list[str]:
+    """`paths` (in order, without repeats) less those inside another one."""
+    uniq = list(dict.fromkeys(paths))
+    return [p for p in uniq if not any(q != p and _inside(p, q) for q in uniq)]
+
+
+# Heads that PEFT's task types put into modules_to_save on their own (PeftModelForSequenceClassification,
+# ...ForTokenClassification, ...ForQuestionAnswering extend the config's list with these names). They are
+# also the heads `from_pretrained` initialises afresh when the base checkpoint has none.
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _peft_matches(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The module paths PEFT wraps for modules_to_save `names` (its rule: the path ends with the name)."""
+    paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p and any(p.endswith(n) for n in names)]
+    return list(dict.fromkeys(paths))
+
+
+def _task_heads(model: nn.Module) -> list[str]:
+    """Paths of the model's task head(s) (`classifier`, `score`, `qa_outputs` by its class), outermost only."""
+    heads = _PEFT_TASK_HEADS.get(infer_task_type(model), ())
+    return _outermost([p for p, _ in model.named_modules() if p and any(p == h or p.endswith("." + h) for h in heads)])
+
+
+def _plan_modules_to_save(model: nn.Module, requested: Sequence[str], task_type: str | None,
+                          lora_names: Sequence[str]) -> tuple[list[str] | None, list[str], list[str]]:
+    """(names for LoraConfig.modules_to_save, module paths PEFT will save whole, nested layers inside them).
+
+    PEFT adds its task type's heads to modules_to_save itself, matches every name as a path suffix, and
+    never puts LoRA on a module inside one it saves whole. Here every name becomes the paths it matches;
+    paths inside another saved path are dropped (their weights are in the outer module's), as are the
+    ones PEFT adds itself. A nested layer inside a saved module is saved there with its delta merged.
+    """
+    added = list(_PEFT_TASK_HEADS.get(task_type, ())) if task_type else []
+    saved = _outermost(_peft_matches(model, list(requested) + added))
+    by_peft = set(_peft_matches(model, added))
+    inner = sorted(by_peft - set(saved))
+    if inner:
+        raise ValueError(f"modules_to_save: task_type={task_type!r} makes PEFT save {inner} whole, but they sit inside "
+                         "other modules_to_save, and PEFT cannot save a module inside another; save the outer module "
+                         "only, or pass task_type=None")
+    names = [p for p in saved if p not in by_peft]
+    extra = sorted(set(_peft_matches(model, names + added)) - set(saved))
+    if extra:  # a full path that is also the suffix of another module's path
+        raise ValueError(f"modules_to_save: PEFT matches names as path suffixes, so saving {names} would also save "
+                         f"{extra}; PEFT cannot express this set of modules")
+    absorbed = [n for n in lora_names if any(_inside(n, s) for s in saved)]
+    return names or None, saved, absorbed
+
+
+@torch.no_grad()
+def _merged_weight(layer: NestedLoRALayer, rank: int) -> torch.Tensor:
+    """The base weight with the delta at `rank` folded in, in the weight's dtype (summed in float64)."""
+    w = layer.base_layer.weight
+    if layer.merged_rank == rank:  # exactly the weight the merged layer computes with
+        return w.detach().clone()
+
+    def delta(r: int) -> torch.Tensor:
+        d = _scaling_at(layer, r) * (layer.full_B()[:, :r].double() @ layer.full_A()[:r].double())
+        return d.T if layer.fan_in_fan_out else d
+
+    W = w.detach().double()
+    if layer.merged_rank:
+        W = W - delta(layer.merged_rank)
+    return (W + delta(rank)).to(w.dtype)
 
 
 def _meta_skeleton(model: nn.Module) -> nn.Module:
@@ -144,11 +224,20 @@ def export_peft_adapter(
     `rank`: a nested level of every layer (default: their common current rank).
     `task_type`: PEFT task type ("CAUSAL_LM", "SEQ_CLS", ...); "auto" infers it
     from the model class. `modules_to_save`: module names saved whole; "auto"
-    takes every module with trainable non-LoRA parameters (e.g. `classifier`).
-    Returns the adapter config as a dict. The result loads with
-    `PeftModel.from_pretrained(base_model, save_dir)` and reproduces our outputs.
+    takes the outermost modules with trainable non-LoRA parameters (e.g.
+    `classifier`) and the model's task head (`classifier`, `score` or
+    `qa_outputs`, as PEFT's task types do), so the adapter carries a head that
+    `from_pretrained` initialises afresh. Returns the adapter config as a dict.
+    The result loads with `PeftModel.from_pretrained(base_model, save_dir)` and
+    reproduces our outputs.
+
+    PEFT never puts LoRA on a module it saves whole. A nested layer inside one
+    (a classifier that is a LoRA target, whose frozen base weights a fresh base
+    model would not have) is written as that module's weight with the delta at
+    `rank` merged in: same outputs, to float rounding of the merged sum.
     """
     from peft import LoraConfig, get_peft_model
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
     layers = _select_layers(model, adapters)
     if rank is None:
@@ -161,17 +250,34 @@ def export_peft_adapter(
         if rank not in m.boundaries:
             raise ValueError(f"rank: {rank} is not a nested level of {n!r} (levels {m.boundaries}); "
                              f"a PEFT export must cut at a block boundary")
-    alphas = {_peft_alpha(m, rank) for m in layers.values()}
-    drops = {_dropout_p(m) for m in layers.values()}
+    if task_type == "auto":
+        task_type = infer_task_type(model)
+    skel = _meta_skeleton(model)  # the modules as PEFT sees them (nested layers replaced by their base layers)
+    heads = _task_heads(skel)
+    explicit = not (isinstance(modules_to_save, str) and modules_to_save == "auto")
+    if not explicit:
+        requested = _trainable_module_names(model) + heads
+    else:
+        requested = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    mts_names, saved, absorbed = _plan_modules_to_save(skel, requested, task_type, list(layers))
+    targets = {n: m for n, m in layers.items() if n not in absorbed}
+    if not targets:
+        raise ValueError(f"adapters: every nested layer ({sorted(layers)}) sits inside a module that the PEFT "
+                         f"checkpoint saves whole ({saved}: PEFT puts no LoRA on such a module), so no LoRA weight "
+                         "would be left to write. Use merge_and_unload(model) and save the model instead")
+    uncarried = [h for h in heads if not any(_inside(h, s) for s in saved)]
+    if uncarried:
+        warnings.warn(
+            f"export_peft_adapter: the task head {uncarried} is not saved whole (task_type={task_type!r}, "
+            f"modules_to_save={modules_to_save!r}), so the adapter reproduces this model's outputs only on a base "
+            "model whose head weights equal these, not on one whose head from_pretrained initialises afresh; "
+            "leave modules_to_save='auto' to carry it", UserWarning, stacklevel=2)
+    alphas = {_peft_alpha(m, rank) for m in targets.values()}
+    drops = {_dropout_p(m) for m in targets.values()}
     if len(alphas) != 1 or len(drops) != 1:
         raise ValueError(f"adapters: layers differ in scaling/alpha {alphas} or dropout {drops}; "
                          "one PEFT config cannot express that - export them separately")
     (lora_alpha, use_rslora), (dropout,) = alphas.pop(), drops
-    if task_type == "auto":
-        task_type = infer_task_type(model)
-    if isinstance(modules_to_save, str):
-        modules_to_save = _trainable_module_names(model) if modules_to_save == "auto" else [modules_to_save]
-    modules_to_save = list(modules_to_save or [])
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
@@ -180,22 +286,26 @@ def export_peft_adapter(
         lora_alpha=_nice(lora_alpha),
         use_rslora=use_rslora,
         lora_dropout=dropout,
-        target_modules=sorted(layers),  # exact module names
-        fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),
-        modules_to_save=modules_to_save or None,
+        target_modules=sorted(targets),  # exact module names
+        fan_in_fan_out=any(m.fan_in_fan_out for m in targets.values()),
+        modules_to_save=mts_names,
         task_type=task_type,
         bias="none",
         base_model_name_or_path=base_model_name_or_path,
     )
     with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out per Conv1D / Linear mix and meta weights
         warnings.simplefilter("ignore")
-        peft_skel = get_peft_model(_meta_skeleton(model), config)
+        peft_skel = get_peft_model(skel, config)
     peft_skel.peft_config["default"].base_model_name_or_path = base_model_name_or_path
+    wrapped = {n[len(_PREFIX):] for n, m in peft_skel.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
+    if wrapped != set(saved):
+        raise RuntimeError(f"PEFT saves {sorted(wrapped)} whole, expected {sorted(saved)}")
 
     # Our tensors under PEFT's own state-dict keys; PEFT's save_pretrained renames and filters them.
     ours = dict(model.state_dict())
-    A = {n: m.full_A()[:rank].detach().clone() for n, m in layers.items()}
-    B = {n: m.full_B()[:, :rank].detach().clone() for n, m in layers.items()}
+    nested = lora_layers(model)
+    A = {n: m.full_A()[:rank].detach().clone() for n, m in targets.items()}
+    B = {n: m.full_B()[:, :rank].detach().clone() for n, m in targets.items()}
     sd = {}
     for key in peft_skel.state_dict():
         path = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
@@ -205,11 +315,20 @@ def export_peft_adapter(
                 raise RuntimeError(f"PEFT created a LoRA layer {mod!r} that is not one of ours")
             sd[key] = ab[mod]
         elif ".modules_to_save." in path:
-            ours_key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", path)
-            if ours_key not in ours:
-                raise ValueError(f"modules_to_save: {ours_key!r} has no counterpart in the model")
-            sd[key] = ours[ours_key].detach().clone()
-    missing = set(layers) - {k.split(".lora_A.")[0][len(_PREFIX):] for k in sd if ".lora_A." in k}
+            wrapper, _, rest = path.partition(".modules_to_save.")
+            full = f"{wrapper}.{rest.partition('.')[2]}"  # without the adapter name
+            mod, _, leaf = full.rpartition(".")
+            layer = nested.get(mod)
+            if layer is not None:  # a nested layer inside a module saved whole: its delta merged in
+                if leaf == "weight":
+                    sd[key] = _merged_weight(layer, rank if mod in layers else layer.rank)
+                else:
+                    sd[key] = getattr(layer.base_layer, leaf).detach().clone()
+            elif full in ours:
+                sd[key] = ours[full].detach().clone()
+            else:
+                raise ValueError(f"modules_to_save: {full!r} has no counterpart in the model")
+    missing = set(targets) - {k.split(".lora_A.")[0][len(_PREFIX):] for k in sd if ".lora_A." in k}
     if missing:
         raise RuntimeError(f"PEFT did not target {sorted(missing)}")
     peft_skel.save_pretrained(str(save_dir), state_dict=sd, save_embedding_layers=False)
