@@ -403,3 +403,46 @@ def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():
     assert any(r.transition == "SINGLE->MULTI" for r in ctrl.trace)
     with pytest.raises(ValueError, match="task id 'zz' is not registered"):
         ctrl.step(loss, task_losses={"zz": 1.0})
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_task_gradient_is_skipped_as_if_it_never_happened(bad):
+    """A step whose task gradient holds an inf/NaN (one GradScaler skips) is flagged non-finite and changes no signal
+    state: the gradient EMAs, E, the differences and φ go on exactly as in a run without that step. (Before, the
+    inf entered the task's gradient EMA for good, every later conflict was NaN and C fell to 0.)"""
+    data = conflict_data()
+    ids, y, tids = mixed_batch(*data)
+
+    def step(model, ctrl, opt, poison=None):
+        with task_context(model, tids):
+            per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+        per.mean().backward()
+        if poison is not None:
+            layer, slot = ctrl.adapters[0], ctrl._slots()[0]
+            layer.lora_tasks[slot].lora_A[0].grad[0, 0] = poison
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+        if poison is None:
+            opt.step()
+        opt.zero_grad()
+
+    traces = []
+    for insert in (False, True):
+        torch.manual_seed(0)
+        model, _, ctrl, opt = build(initial_mode=MULTI, phi_init=0.5)
+        assert ctrl.router.topology == "task"
+        for i in range(10):
+            if insert and i == 5:
+                with torch.random.fork_rng():  # the skipped step's dropout draws leave the other steps' alone
+                    step(model, ctrl, opt, poison=bad)
+                assert ctrl.trace[-1].nonfinite and ctrl.nonfinite_steps == 1
+            step(model, ctrl, opt)
+        assert all(math.isfinite(v) for r in ctrl.trace for k, v in r.components.items()
+                   if k in ("C", "E", "S", "phi_raw") and v is not None)
+        traces.append([r for r in ctrl.trace if not r.nonfinite])
+    clean, skipped = traces
+    assert len(clean) == len(skipped) == 10
+    for a, b in zip(clean, skipped):
+        assert (a.mode, a.phi, a.rank) == (b.mode, b.phi, b.rank)
+        assert {k: v for k, v in a.components.items() if k != "event"} == \
+               {k: v for k, v in b.components.items() if k != "event"}
+    assert len({r.phi for r in clean}) > 3  # φ moved: the comparison means something

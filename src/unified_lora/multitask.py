@@ -552,7 +552,11 @@ class MultiTaskSignal:
                conflict_weight: float | None = None, drift: float | None = None) -> float:
         c = self.config
         vals = [float(loss)] + [float(v) for v in (task_losses or {}).values()]
-        if not all(_check_finite(v, c.nonfinite) for v in vals):
+        # a NaN conflict or drift means a non-finite gradient or weight this step: skipped as a non-finite loss is
+        extra = [(v, what) for v, what in ((conflict_grad, "gradient conflict"), (conflict_weight, "weight conflict"),
+                                           (drift, "drift")) if v is not None]
+        if not (all(_check_finite(v, c.nonfinite) for v in vals)
+                and all(_check_finite(float(v), c.nonfinite, what) for v, what in extra)):
             if c.nonfinite == "max_stress":
                 self.phi = (1 - c.alpha) * self.phi + c.alpha * 1.0
             self.components = dict(self.components, nonfinite=True)
@@ -693,9 +697,20 @@ class MultiTaskController(UnifiedController):
     @torch.no_grad()
     def _grad_conflict(self) -> float | None:
         rate = self.signal.config.grad_ema
-        for s, g in self._task_gradients().items():
+        grads = self._task_gradients()
+        # A step whose task gradients hold an inf/NaN entry (one GradScaler skips) must not enter the EMAs: an inf
+        # would stay there for good and make every later conflict NaN. Decided on the device, so no sync: every EMA
+        # stays as it was (a task seen for the first time holds zeros: no direction yet, the cosine reads none), and
+        # the conflict read below comes back NaN, which the signal skips as a non-finite step.
+        finite = None
+        for g in grads.values():
+            ok = torch.isfinite(g).all()
+            finite = ok if finite is None else finite & ok
+        for s, g in grads.items():
             prev = self.grad_ema.get(s)
-            self.grad_ema[s] = g if prev is None or prev.shape != g.shape else (1 - rate) * prev + rate * g
+            fresh = prev is None or prev.shape != g.shape
+            new = g if fresh else (1 - rate) * prev + rate * g
+            self.grad_ema[s] = torch.where(finite, new, torch.zeros_like(g) if fresh else prev)
         slots = [s for s in self._slots() if s in self.grad_ema]
         shapes = {self.grad_ema[s].shape for s in slots}
         if len(slots) < 2 or len(shapes) != 1:
@@ -704,7 +719,10 @@ class MultiTaskController(UnifiedController):
         n = G.norm(dim=1).clamp_min(1e-30)
         cos = (G @ G.T) / (n[:, None] * n[None, :])
         iu = torch.triu_indices(len(slots), len(slots), 1)
-        return float((-cos[iu[0], iu[1]]).clamp_min(0).mean())
+        conflict = (-cos[iu[0], iu[1]]).clamp_min(0).mean()
+        if finite is not None:  # this step's gradients had an inf/NaN: say so through the one read (NaN), no extra sync
+            conflict = torch.where(finite, conflict, torch.full_like(conflict, math.nan))
+        return float(conflict)
 
     @torch.no_grad()
     def _weight_conflict(self) -> float | None:
