@@ -429,6 +429,17 @@ def test_peft_every_checkpoint_also_exports_the_step_checkpoints(tiny, tmp_path)
     assert summary["config"]["modules_to_save"] == ["classifier"]  # one name, not its letters
 
 
+def test_a_failed_peft_export_keeps_the_run_and_exits_3(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    # LoRA on the head only: PEFT saves the head whole and cannot hold a LoRA layer inside it, so the export is refused
+    assert main(_train_args(tiny, out, "--steps", "2", "--target-modules", "classifier")) == 3
+    err = capsys.readouterr().err
+    assert "PEFT export failed" in err and "exit code 3" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["peft_adapter"] is None and summary["checkpoints"] == ["step-2"]
+    assert not (out / "peft_adapter").exists()
+
+
 def test_debug_shows_the_traceback(tiny, tmp_path):
     with pytest.raises(Exception, match="no such file"):
         main(["--debug", "train", "--model", tiny["bert"], "--data", str(tmp_path / "nope.csv")])

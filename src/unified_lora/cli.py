@@ -431,6 +431,9 @@ def cmd_train(args) -> int:
     say(format_summary(summary))
     say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}")
     say.save(out / "console.txt")
+    if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
+        print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
+        return 3
     return 0
 
 
