@@ -1,5 +1,6 @@
 """The controller: actuators (rank, LR, Mirror), state, trace, and end-to-end stress cycles."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -708,3 +709,237 @@ def test_the_two_forms_of_the_drift_row_norms_give_the_same_values(dtype, thread
                 assert one.dtype == torch.float32 and one.shape == (2, pool.row_end[count - 1])
     finally:
         torch.set_num_threads(before)
+
+
+# -- load_state_dict refuses a state saved for other adapters ------------------------------------------------------
+def _seq_controller(targets, widths=(16, 16, 16, 16), signal="loss", rank_levels=(4, 8, 16), head=False,
+                    mirror=None, dtype=torch.float32, **kw):
+    """A Sequential of Linears with nested LoRA on `targets` (layer indices), its AdamW optimizer, and the
+    controller. With signal="loss", phi = L/(1+L) step by step: a loss of 10 enters MIRROR, 1 returns to MULTI."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16 if i == 0 else widths[i - 1], w) for i, w in enumerate(widths)])
+    model.to(dtype)
+    sig = SignalConfig(kind="loss", alpha=1.0, beta=0.01) if signal == "loss" else signal
+    adapters, ctrl = setup_unified_lora(model, target_modules=list(targets), print_fn=None, signal=sig,
+                                        rank_levels=rank_levels, modules_to_save=[str(len(widths) - 1)] if head else None,
+                                        mirror=mirror or MirrorConfig(policy="always", snapshot_optimizer=True), **kw)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    return model, adapters, ctrl, opt
+
+
+def _seq_steps(model, ctrl, opt, losses, seed=0):
+    """One training step per entry: a real backward, then ctrl.step with that loss (None: the real loss)."""
+    g = torch.Generator().manual_seed(seed)
+    for fake in losses:
+        x = torch.randn(8, 16, generator=g).to(next(model.parameters()).dtype)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        ctrl.step(loss.item() if fake is None else fake)
+        opt.step()
+        opt.zero_grad()
+
+
+_LOAD_CASES = {  # what differs: (saved controller, loaded controller, error with the layout, error without it)
+    "fewer adapters": (dict(targets="0123"), dict(targets="02"),
+                       r"saved for 4 adapters \('0', '1', '2', '3'\) with 24 LoRA parameters, and 0 extra parameters; "
+                       r"this controller has 2 adapters \('0', '2'\) with 12 LoRA parameters",
+                       r"the Mirror snapshot holds 24 tensors; this controller has 2 adapters \('0', '2'\)"),
+    "other adapters, same shapes": (dict(targets="01"), dict(targets="23"),
+                                    r"adapter 0 is '0' in the saved state and '2' here", None),  # (None: no test)
+    "other rank levels": (dict(targets="01"), dict(targets="01", rank_levels=(4, 8, 12)),
+                          r"adapter '0': saved with rank levels \(4, 8, 16\), this one has \(4, 8, 12\)",
+                          r"Mirror snapshot of 0.lora_A.2: saved \(8, 16\), the parameter is \(4, 16\)"),
+    "other widths": (dict(targets="01"), dict(targets="01", widths=(16, 24, 16, 16)),
+                     r"adapter '1': saved block shapes \[\[4, 16\], \[4, 16\], \[8, 16\], \[16, 4\], \[16, 4\], "
+                     r"\[16, 8\]\], this one has \[\[4, 16\], \[4, 16\], \[8, 16\], \[24, 4\], \[24, 4\], \[24, 8\]\]",
+                     r"Mirror snapshot of 1.lora_B.0: saved \(16, 4\), the parameter is \(24, 4\)"),
+    "a head more": (dict(targets="01"), dict(targets="01", head=True),
+                    r"and 0 extra parameters; this controller has .* and 2 extra parameters",
+                    r"the Mirror snapshot holds 12 tensors; .* and 2 extra parameters \(14 in all\)"),
+    "other signal": (dict(targets="01"), dict(targets="01", signal="composite"),
+                     r"the signal state has keys \['E_s', 'calib', 'loss_scale', 'phi'\]; this controller's "
+                     r"CompositeSignal has", r"the signal state has keys"),
+}
+
+
+@pytest.mark.parametrize("case,with_layout", [
+    pytest.param(case, with_layout, id=f"{case}-{'layout' if with_layout else 'state-without-layout'}")
+    for case, (_, _, _, without) in _LOAD_CASES.items() for with_layout in (True, False)
+    if with_layout or without is not None])  # same count and shapes: only the recorded layout tells them apart
+def test_load_state_dict_refuses_a_state_saved_for_other_adapters_and_loads_nothing(case, with_layout):
+    """A state holds per-adapter tensors in adapter order (the Mirror snapshot and its optimizer moments, the stored
+    gradients, the signal's EMAs): loaded into a controller over other adapters, a later restore would write one
+    layer's snapshot into another (4 adapters saved, 2 loaded: layer '2' got layer '1''s weights). It is refused,
+    naming what differs, and the controller is left as it was. A state saved before the layout was recorded is
+    checked by its tensors' shapes: all that can tell two layers of the same shape apart."""
+    saved_kw, loaded_kw, with_msg, without_msg = _LOAD_CASES[case]
+    model, _, ctrl, opt = _seq_controller(**saved_kw)
+    _seq_steps(model, ctrl, opt, [10.0, 10.0])  # MIRROR, snapshot held with its Adam moments
+    assert ctrl.mode == 2 and ctrl.mirror.held
+    sd = ctrl.state_dict()
+    message = with_msg
+    if not with_layout:
+        sd.pop("layout", None)
+        message = without_msg
+    _, adapters2, ctrl2, _ = _seq_controller(**loaded_kw)
+    before = (ctrl2.global_step, ctrl2.mode, ctrl2.mirror.held, ctrl2.signal.state_dict(),
+              [a.rank for a in adapters2.values()])
+    with pytest.raises(ValueError, match=message):
+        ctrl2.load_state_dict(sd)
+    assert (ctrl2.global_step, ctrl2.mode, ctrl2.mirror.held, ctrl2.signal.state_dict(),
+            [a.rank for a in adapters2.values()]) == before
+
+
+def test_load_state_dict_checks_stored_gradients_and_optimizer_moments_and_still_loads_what_fits():
+    """The composite signal's stored gradients and the snapshot's Adam moments are checked tensor by tensor (here in a
+    state without the layout record, which would catch neither); a state that fits, with or without the layout
+    record, loads and continues the same trajectory bit for bit."""
+    model, _, ctrl, opt = _seq_controller(targets="01", signal="composite")
+    _seq_steps(model, ctrl, opt, [None] * 4)
+    ctrl.mirror.save(ctrl.managed_parameters(), opt)  # a held snapshot with moments, as a MIRROR entry leaves it
+    sd = ctrl.state_dict()
+    assert len(sd["grad_stats"]["prev"]) == 2 and sd["mirror"]["opt_state"][0]["exp_avg"].shape == (4, 16)
+    bad = {k: v for k, v in sd.items() if k != "layout"}
+    bad["grad_stats"] = {"prev": [sd["grad_stats"]["prev"][0], [g.t() for g in sd["grad_stats"]["prev"][1]]]}
+    _, _, other, _ = _seq_controller(targets="01", signal="composite")
+    with pytest.raises(ValueError, match=r"adapter '1': stored gradient shapes \[\[16, 4\], \[16, 4\], \[4, 16\], "
+                                         r"\[4, 16\]\], its blocks are \[\[4, 16\], \[4, 16\], \[16, 4\], \[16, 4\]\]"):
+        other.load_state_dict(bad)
+    moments = [None if st is None else dict(st) for st in sd["mirror"]["opt_state"]]
+    moments[3]["exp_avg_sq"] = moments[3]["exp_avg_sq"][:2]
+    bad = {k: v for k, v in sd.items() if k != "layout"}
+    bad["mirror"] = dict(sd["mirror"], opt_state=moments)
+    with pytest.raises(ValueError, match=r"Mirror snapshot's exp_avg_sq of 0.lora_B.0: saved \(2, 4\), the "
+                                         r"parameter is \(16, 4\)"):
+        other.load_state_dict(bad)
+    assert not other.mirror.held and other.grad_stats.prev == []
+
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_sd = copy.deepcopy(opt.state_dict())
+    _seq_steps(model, ctrl, opt, [None] * 3, seed=1)
+    for fits in (sd, {k: v for k, v in sd.items() if k != "layout"}):
+        m2, _, c2, o2 = _seq_controller(targets="01", signal="composite")
+        m2.load_state_dict(weights)
+        o2.load_state_dict(copy.deepcopy(opt_sd))
+        c2.load_state_dict(fits)
+        assert c2.mirror.held and c2.global_step == 4
+        _seq_steps(m2, c2, o2, [None] * 3, seed=1)
+        assert [(r.phi, r.mode, r.rank) for r in c2.trace] == [(r.phi, r.mode, r.rank) for r in ctrl.trace[-3:]]
+        assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), model.parameters()))
+
+
+# -- a transition is all or nothing ------------------------------------------------------------------------------
+def _run_state(model, ctrl, opt):
+    """Everything a step can change: weights, optimizer moments, the controller's state and its trace."""
+    sd = ctrl.state_dict()
+    sd["mirror"] = {k: v for k, v in sd["mirror"].items() if k != "opt_home"}
+    return ([p.detach().clone() for p in model.parameters()],
+            [{k: v.clone() for k, v in st.items()} for st in opt.state.values()],
+            sd, [(r.step, r.loss, r.phi, r.mode, r.rank, r.lr, r.transition, r.snapshot, r.drift) for r in ctrl.trace],
+            [a.rank for a in ctrl.adapters], ctrl.get_last_lr())
+
+
+def _same_run_state(a, b) -> bool:
+    def eq(x, y):
+        if torch.is_tensor(x):
+            return torch.is_tensor(y) and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(eq, x, y))
+        return x == y
+    return eq(a, b)
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='fused' needs g++ and ninja")
+def test_a_failed_mirror_entry_leaves_the_controller_as_if_the_machine_had_held_and_the_run_goes_on():
+    """An fp64 model under MirrorConfig(kernel='fused'), whose kernels take fp32/bf16/fp16 only: the MULTI -> MIRROR
+    entry raises at the snapshot. The machine had already moved (the old code left it reading MIRROR, with the layers at
+    rank 8, no snapshot, and the MIRROR LR). Now the error still reaches the caller, and the controller is exactly where
+    a run whose machine held MULTI at that step is (warmup_steps=2 holds it there): mode, dwell counter, ranks, LR,
+    no snapshot; the step is counted and traced with the error. Once the caller swaps in the eager kernel, the run goes
+    on as that reference run does: the same trace and bit-identical weights."""
+    lrs = ActuatorConfig(lr_mode="absolute", mode_lrs=(1e-2, 5e-3, 1e-3))
+    losses = [1.0, 10.0, 10.0, 10.0, 1.0, 1.0]
+    model, adapters, ctrl, opt = _seq_controller(targets="02", dtype=torch.float64, actuators=lrs,
+                                                 mirror=MirrorConfig(kernel="fused", policy="always"))
+    ref_model, _, ref, ref_opt = _seq_controller(targets="02", dtype=torch.float64, actuators=lrs, warmup_steps=2,
+                                                 mirror=MirrorConfig(policy="always"))
+    _seq_steps(model, ctrl, opt, losses[:1])
+    g = torch.Generator().manual_seed(0)
+    torch.randn(8, 16, generator=g)  # the first step's batch
+    x = torch.randn(8, 16, generator=g).double()
+    model(x).pow(2).mean().backward()
+    with pytest.raises(ValueError, match=r"kernel='fused' takes contiguous fp32/bf16/fp16 CPU tensors"):
+        ctrl.step(losses[1])
+    assert ctrl.mode == 1 and ctrl.machine.last_transition_step is None and not ctrl.mirror.held
+    assert [a.rank for a in adapters.values()] == [8, 8] and ctrl.get_last_lr() == 5e-3
+    assert ctrl.global_step == 2 and ctrl.trace[-1].mode == 1 and ctrl.trace[-1].transition is None
+    assert ctrl.trace[-1].components["transition_error"].startswith("MULTI->MIRROR: ValueError: Mirror: kernel='fused'")
+    opt.step()
+    opt.zero_grad()
+    _seq_steps(ref_model, ref, ref_opt, losses[:2])
+    assert _same_run_state(_run_state(model, ctrl, opt), _run_state(ref_model, ref, ref_opt))
+
+    ctrl.mirror = MirrorSnapshot(MirrorConfig(policy="always"))  # the fix: the eager kernel takes fp64
+    g_state = g.get_state()
+    for m, c, o in ((model, ctrl, opt), (ref_model, ref, ref_opt)):
+        g.set_state(g_state)
+        for fake in losses[2:]:
+            m(torch.randn(8, 16, generator=g).double()).pow(2).mean().backward()
+            c.step(fake)
+            o.step()
+            o.zero_grad()
+    assert [r.transition for r in ref.trace if r.transition] == ["MULTI->MIRROR", "MIRROR->MULTI"]
+    assert _same_run_state(_run_state(model, ctrl, opt), _run_state(ref_model, ref, ref_opt))
+
+
+def test_a_failed_mirror_exit_keeps_mode_rank_and_snapshot_and_the_run_goes_on():
+    """A managed block whose shape changed while in MIRROR (here the top block of a max_rank=32 layer, which no mode
+    activates, so forward and backward still run): the MIRROR -> MULTI exit raises at the drift, before any write. The
+    old code left the machine reading MULTI with the layers at rank 16 and the snapshot held. Now the machine is back
+    in MIRROR with its dwell counter, the layers at 16, the snapshot held and untouched: exactly a run whose machine
+    held MIRROR at that step (min_dwell=3 holds it there). With the block put back, the next step's exit restores the
+    snapshot, and the run equals that reference run bit for bit."""
+    losses = [1.0, 10.0, 10.0, 1.0, 1.0, 1.0]
+    kw = dict(targets="02", max_rank=32, mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    model, adapters, ctrl, opt = _seq_controller(**kw)
+    ref_model, _, ref, ref_opt = _seq_controller(min_dwell=3, **kw)
+    assert adapters["0"].boundaries == (4, 8, 16, 32)
+    _seq_steps(model, ctrl, opt, losses[:3])
+    assert ctrl.mode == 2 and ctrl.mirror.held and ctrl.machine.last_transition_step == 1
+    snapshot = [w.clone() for w in ctrl.mirror.weights]
+    top = adapters["2"].lora_A[3]
+    kept = top.data
+    top.data = torch.zeros(8, 16)  # was (16, 16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # the fourth step's batch, as _seq_steps draws them
+        x = torch.randn(8, 16, generator=g)
+    model(x).pow(2).mean().backward()
+    with pytest.raises((ValueError, RuntimeError)):
+        ctrl.step(losses[3])
+    assert ctrl.mode == 2 and ctrl.machine.last_transition_step == 1 and ctrl.rank == 16
+    assert [a.rank for a in adapters.values()] == [16, 16] and ctrl.mirror.held and ctrl.last_decision is None
+    assert all(torch.equal(w, s) for w, s in zip(ctrl.mirror.weights, snapshot))
+    assert ctrl.global_step == 4 and ctrl.trace[-1].mode == 2 and ctrl.trace[-1].transition is None
+    assert ctrl.trace[-1].components["transition_error"].startswith("MIRROR->MULTI: ")
+    assert all(p.grad is not None for a in adapters.values() for p in a.active_parameters())  # nothing was cleared
+    opt.step()
+    opt.zero_grad()
+    top.data = kept  # the fix
+    _seq_steps(ref_model, ref, ref_opt, losses[:4])
+    assert _same_run_state(_run_state(model, ctrl, opt), _run_state(ref_model, ref, ref_opt))
+
+    g_state = g.get_state()
+    for m, c, o in ((model, ctrl, opt), (ref_model, ref, ref_opt)):
+        g.set_state(g_state)
+        for fake in losses[4:]:
+            m(torch.randn(8, 16, generator=g)).pow(2).mean().backward()
+            c.step(fake)
+            o.step()
+            o.zero_grad()
+    assert [(r.transition, r.snapshot) for r in ctrl.trace if r.transition] == [
+        ("MULTI->MIRROR", "saved"), ("MIRROR->MULTI", "restored")]
+    assert not ctrl.mirror.held and ctrl.last_decision.restore
+    assert _same_run_state(_run_state(model, ctrl, opt), _run_state(ref_model, ref, ref_opt))

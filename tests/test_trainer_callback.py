@@ -257,3 +257,62 @@ def test_composite_signal_reads_gradients_inside_the_trainer(tmp_path):
     Trainer(model=model, args=args, train_dataset=TokenDataset(n=6), callbacks=[UnifiedLoRACallback(ctrl)]).train()
     assert len(ctrl.trace) == 3
     assert all(r.components["S"] > 0 for r in ctrl.trace)  # stress = EMA of adapter gradient norms
+
+
+# load_best_model_at_end: MULTI (rank 8) for steps 0-2, MIRROR (rank 16) from step 3 on; the random labels make
+# checkpoint-2 (rank 8) the best by eval_loss.
+BEST_SIGNAL = SignalConfig(kind="loss", alpha=0.5, loss_scale=0.1)
+
+
+def _best_args(out, **kw):
+    return targs(out, max_steps=8, learning_rate=5e-2, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                 save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", **kw)
+
+
+def _best_trainer(out, ctrl_model, *callbacks):
+    return Trainer(model=ctrl_model, args=_best_args(out), train_dataset=TokenDataset(n=16),
+                   eval_dataset=TokenDataset(n=8, seed=1), callbacks=list(callbacks))
+
+
+def test_load_best_model_at_end_also_loads_the_best_checkpoints_controller_state(tmp_path):
+    """The Trainer loads the best checkpoint's weights at the end; the adapters must also get the rank (and the rest
+    of the controller state) of that checkpoint, else the "best model" is its weights at the final rank, a model that
+    was never evaluated (the old code: rank 16 on checkpoint-2's rank-8 weights, and another eval_loss)."""
+    model, adapters, ctrl = build("bert", signal=BEST_SIGNAL)
+    trainer = _best_trainer(tmp_path, model, UnifiedLoRACallback(ctrl))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    best_step = int(best.rsplit("-", 1)[1])
+    ranks = [r.rank for r in ctrl.trace]
+    assert len(ranks) == 8 and ranks[best_step - 1] != ranks[-1], "the best checkpoint must have another rank"
+    saved = torch.load(os.path.join(best, CONTROLLER_STATE_NAME), weights_only=False)
+    assert ctrl.rank == ranks[best_step - 1] and all(a.rank == ctrl.rank for a in adapters.values())
+    assert (ctrl.mode, ctrl.global_step, ctrl.phi) == (saved["machine"]["mode"], best_step, saved["signal"]["phi"])
+    assert ctrl.mirror.held == (saved["mirror"]["weights"] is not None)  # no snapshot then; the final one is dropped
+    assert trainer.evaluate()["eval_loss"] == trainer.state.best_metric  # exactly the model that was evaluated
+
+
+class DropControllerState(TrainerCallback):
+    """Removes checkpoint-2's controller state right after it is written (a checkpoint saved without the callback)."""
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == 2:
+            os.remove(os.path.join(args.output_dir, "checkpoint-2", CONTROLLER_STATE_NAME))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_best_checkpoint_without_controller_state_raises_or_warns(tmp_path, strict):
+    """Then the best weights can only get the final rank, a model never evaluated: an error at the end of train()
+    by default, a warning with strict_resume=False; either way the controller keeps its final state."""
+    model, _, ctrl = build("bert", signal=BEST_SIGNAL)
+    trainer = _best_trainer(tmp_path, model, UnifiedLoRACallback(ctrl, strict_resume=strict), DropControllerState())
+    message = (r"loaded the weights of .*checkpoint-2, but .*unified_lora_controller.pt does not exist, so"
+               r" the adapters keep the controller's final rank 16 \(MIRROR\)")
+    if strict:
+        with pytest.raises(FileNotFoundError, match=message + r".*strict_resume=False makes this a warning"):
+            trainer.train()
+    else:
+        with pytest.warns(UserWarning, match=message):
+            trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    assert ctrl.rank == 16 and ctrl.global_step == 8  # the controller keeps its final state

@@ -73,6 +73,21 @@ from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
 without controller state raises (`strict_resume=True`) instead of silently
 restarting the controller.
 
+**Best model at the end.** With `load_best_model_at_end=True` the Trainer loads
+the best checkpoint's weights after training, just before `on_train_end`. The
+callback then loads that checkpoint's `unified_lora_controller.pt` (in
+`on_train_end`), so the model is the one that was evaluated: the adapters' rank,
+the mode and its LR, the Mirror snapshot held then (if any), the signal and its
+stored gradients, and the controller's counters (`ctrl.global_step` goes back to
+that checkpoint's step) are all as they were at that checkpoint. `ctrl.trace`
+keeps the whole run. A best checkpoint without that file raises
+`FileNotFoundError` at the end of `train()` (`strict_resume=True`), or warns
+(`strict_resume=False`) and leaves the final rank on the best weights, a
+combination never evaluated. Where the checkpoint has no weights on this machine
+(the Trainer warned and kept the final weights), the controller keeps its final
+state too. Callbacks whose `on_train_end` runs before this one's see the final
+rank: `callback.add_to(trainer)` puts it first.
+
 **Logging.** On every training log the keys `unified_lora/{phi,mode,rank,lr,loss}`
 (values at the logged step) are added to `logs` and to the matching
 `state.log_history` entry. Integrations (`report_to`) run before user callbacks;
@@ -97,6 +112,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from .config import MODES
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, unwrap_optimizer
 
@@ -147,7 +163,8 @@ class UnifiedLoRACallback(TrainerCallback):
         ctrl: the controller (e.g. from `setup_unified_lora`).
         resume_from: checkpoint folder to read the controller state from on resume;
             default: `output_dir/checkpoint-{global_step}` of the resumed state.
-        strict_resume: raise if a resumed run finds no controller state.
+        strict_resume: raise if a resumed run finds no controller state, or if the best checkpoint that
+            `load_best_model_at_end` loads has none (False: a warning, and the controller goes on as it is).
         model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
             (None: read it from the model's forward source).
         log_keys: which controller values go into the Trainer's logs.
@@ -170,6 +187,7 @@ class UnifiedLoRACallback(TrainerCallback):
         self._n_micro = 0
         self._normalised = False
         self.last: dict = {}
+        self.best_loaded_from: str | None = None  # the checkpoint whose controller state on_train_end loaded
         self.step_losses: list[float] = []  # the (local, pre-all-reduce) loss fed at each step
 
     # -- installation -----------------------------------------------------------------
@@ -272,9 +290,16 @@ class UnifiedLoRACallback(TrainerCallback):
         torch.save(self.ctrl.state_dict(), os.path.join(folder, CONTROLLER_STATE_NAME))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        try:
+            # The Trainer runs `_load_best_model()` just before this event (transformers 5 `_finalize_training`),
+            # on the same condition: the model now has the best checkpoint's weights; give it that
+            # checkpoint's controller state, so that its rank (and the rest) is the one that was evaluated.
+            if getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint is not None:
+                self._load_best(args, state.best_model_checkpoint)
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _load(self, args, state) -> None:
@@ -290,6 +315,39 @@ class UnifiedLoRACallback(TrainerCallback):
             warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts", stacklevel=2)
             return
         self.ctrl.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def _load_best(self, args, folder: str) -> None:
+        """After `load_best_model_at_end`: load `folder`'s controller state (see the module docstring)."""
+        if not _has_trainer_weights(args, folder):  # the Trainer warned and kept the final weights: keep ours too
+            warnings.warn(f"UnifiedLoRACallback: the best checkpoint {folder} has no model weights here, so the "
+                          "Trainer kept the final weights; the controller keeps its final state too", stacklevel=2)
+            return
+        path = os.path.join(folder, CONTROLLER_STATE_NAME)
+        if not os.path.isfile(path):
+            msg = (f"UnifiedLoRACallback: load_best_model_at_end loaded the weights of {folder}, but {path} does not "
+                   f"exist, so the adapters keep the controller's final rank {self.ctrl.rank} "
+                   f"({MODES[self.ctrl.mode]}): the model is that checkpoint's weights at a rank they were not "
+                   "evaluated at. Load that checkpoint's controller state into ctrl (ctrl.load_state_dict) if you "
+                   "have it, or set the rank it was evaluated at")
+            if self.strict_resume:
+                raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
+            warnings.warn(msg, stacklevel=2)
+            return
+        self.ctrl.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.best_loaded_from = folder
+
+
+def _has_trainer_weights(args, folder: str) -> bool:
+    """Whether `folder` holds weights that `Trainer._load_best_model` loads (DeepSpeed and FSDP have their own
+    layouts, neither supported here: assumed loaded)."""
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        return True
+    from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                    SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+
+    return any(os.path.isfile(os.path.join(folder, n)) for n in (
+        WEIGHTS_NAME, SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+        WEIGHTS_INDEX_NAME))
 
 
 __all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "model_normalises_loss", "unwrap_optimizer"]

@@ -18,6 +18,7 @@ restore every managed gradient is cleared, so the restored weights stay exact.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .layer import NestedLoRALayer
+from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot
 from .model import inject_nested_lora
@@ -53,6 +54,14 @@ def distributed_mean(value: float, device=None) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """`error.add_note(note)` (Python 3.11+); on 3.10 the note is printed to stderr instead."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        print(note, file=sys.stderr)
 
 
 class UnifiedController:
@@ -121,6 +130,7 @@ class UnifiedController:
         self.loss_ema: float | None = None
         self.nonfinite_steps = 0
         self.last_decision: MirrorDecision | None = None
+        self._exit_decision: MirrorDecision | None = None  # a Mirror exit's decision until its transition commits
         self.trace: list[StepRecord] = []
         self.keep_trace = keep_trace
         self.writer = TraceWriter(trace_path) if trace_path else None
@@ -248,7 +258,23 @@ class UnifiedController:
         return self.signal.update(loss)
 
     def step(self, loss, **inputs) -> list[Transition]:
-        """Feed one optimizer step's loss; returns the transitions made (0 or 1)."""
+        """Feed one optimizer step's loss; returns the transitions made (0 or 1).
+
+        A transition is all or nothing. If anything in it raises (the Mirror save, drift or restore, a
+        rank change, a subclass's split or merge), the controller is put back as it was before the
+        transition: the machine's mode and dwell counter, every adapter's rank, the learning rate and
+        the Mirror snapshot (one taken by the failed entry is dropped; the one held at a failed exit
+        stays held). Then the error is raised again. The step itself stays counted: the signal has
+        already read this step's loss and gradients (φ, its EMAs, the stored gradient, `loss_ema`),
+        `global_step` advances, and the trace records the step in the old mode with
+        `components["transition_error"]`. So the controller is exactly where it would be had the
+        machine held its mode at this step; a caller that catches the error, fixes its cause and goes
+        on with `optimizer.step()` and the next batch gets the transition at the next decision step
+        where φ still calls for it. Do not call `ctrl.step` again for the same batch: the signal would
+        count it twice. Not undone: what the transition already wrote into the weights (a Mirror
+        restore is the last write of an exit, so a failure before it leaves the weights alone; a
+        restore that completed stays, with this step's gradients cleared), gradients of blocks a
+        partial rank drop paused, and a multi-task split or merge that raised partway."""
         loss = self._read_loss(loss)
         phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)
@@ -258,20 +284,61 @@ class UnifiedController:
         else:
             self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
         machine = self.machine
+        last_transition_step = machine.last_transition_step
         transition = machine.step(phi, self.global_step)
-        snap_event, drift = None, None
-        if transition is not None:
-            snap_event, drift = self._on_transition(transition)
-            self._apply_rank()
-        self._annotate(transition, comps)
+        snap_event, drift, error = None, None, None
+        if transition is None:
+            self._annotate(None, comps)
+        else:
+            held = self.mirror.held
+            try:
+                snap_event, drift = self._on_transition(transition)
+                self._apply_rank()
+                self._annotate(transition, comps)
+                self._commit_transition()
+            except BaseException as e:  # KeyboardInterrupt too: the controller must not stay half-switched
+                self._undo_transition(transition, last_transition_step, held, e)
+                comps["transition_error"] = (f"{MODES[transition.old]}->{MODES[transition.new]}: "
+                                             f"{type(e).__name__}: {e}")
+                transition, snap_event, drift, error = None, None, None, e
+                try:
+                    self._annotate(None, comps)  # as for a step without a transition
+                except Exception as again:
+                    _add_note(e, f"unified-lora: annotating the step failed too: {type(again).__name__}: {again}")
         self._apply_lr()
         mode = machine.mode
         rec = StepRecord(step=self.global_step, loss=loss, phi=phi, mode=mode, rank=self.actuators.mode_ranks[mode],
                          lr=self.get_last_lr(), components=comps, nonfinite=nonfinite, snapshot=snap_event, drift=drift,
                          transition=None if transition is None else f"{MODES[transition.old]}->{MODES[transition.new]}")
-        self._record(rec)
         self.global_step += 1
+        if error is not None:
+            try:
+                self._record(rec)
+            except Exception as again:
+                _add_note(error, f"unified-lora: recording the step failed too: {type(again).__name__}: {again}")
+            raise error
+        self._record(rec)
         return [transition] if transition is not None else []
+
+    def _commit_transition(self) -> None:
+        """The last part of a transition, once every actuator has run: a Mirror exit drops its snapshot."""
+        decision, self._exit_decision = self._exit_decision, None
+        if decision is not None:
+            self.mirror.clear()
+            self.last_decision = decision
+
+    def _undo_transition(self, t: Transition, last_transition_step: int | None, held: bool,
+                         error: BaseException) -> None:
+        """Put the machine, the ranks, the LR and the Mirror snapshot back as they were before `t`."""
+        self.machine.mode, self.machine.last_transition_step = t.old, last_transition_step
+        self._exit_decision = None  # an exit that failed keeps its snapshot
+        if self.mirror.held and not held:  # taken by the failed entry
+            self.mirror.clear()
+        try:
+            self._apply_rank()
+        except Exception as again:  # the rank change itself failed; report both, raise the first
+            _add_note(error, f"unified-lora: putting the adapters back at rank {self.rank} failed too: "
+                           f"{type(again).__name__}: {again}")
 
     def _annotate(self, transition: Transition | None, comps: dict) -> None:
         """Hook for subclasses to add trace components after the actuators ran."""
@@ -295,8 +362,7 @@ class UnifiedController:
                 self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
                 for p in params:  # this step's gradients belong to the discarded weights
                     p.grad = None
-            self.mirror.clear()
-            self.last_decision = decision
+            self._exit_decision = decision  # the snapshot is dropped when the whole transition has run
             return ("restored" if decision.restore else "kept"), decision.drift
         return None, None
 
@@ -309,6 +375,9 @@ class UnifiedController:
             self.print_fn(format_console(rec))
 
     # -- state ----------------------------------------------------------------------
+    _STATE_KEYS = ("global_step", "loss_ema", "nonfinite_steps", "signal", "grad_stats", "machine", "mirror")
+    _ELEMENTWISE_MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")  # shaped like the parameter
+
     def state_dict(self) -> dict:
         return {
             "global_step": self.global_step,
@@ -318,18 +387,136 @@ class UnifiedController:
             "grad_stats": self.grad_stats.state_dict(),
             "machine": self.machine.state_dict(),
             "mirror": self.mirror.state_dict(),
+            "layout": self._layout(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """Load a `state_dict()`. It must come from a controller over the same adapters: the same number
+        of adapters (and names, rank levels and parameter shapes, which states saved since this check
+        record under "layout") and of extra parameters, and every tensor in it (the Mirror snapshot and
+        its optimizer moments, the stored gradients, the signal's per-adapter EMAs) shaped like the
+        parameter it belongs to. Anything else raises a `ValueError` that lists what differs, before
+        anything is loaded: such a state would restore one layer's snapshot into another."""
+        problems = self._state_problems(sd)
+        if problems:
+            shown = problems[:8] + ([f"... ({len(problems) - 8} more)"] if len(problems) > 8 else [])
+            raise ValueError("ctrl.load_state_dict: the state was not saved from a controller like this one; "
+                             "nothing was loaded:\n  - " + "\n  - ".join(shown))
         device = self.adapters[0].lora_A[0].device if self.adapters else None
+        self.mirror.load_state_dict(sd["mirror"], device)  # first: the one part that can still fail (a kernel)
+        self._exit_decision = None
         self.global_step, self.loss_ema = sd["global_step"], sd["loss_ema"]
         self.nonfinite_steps = sd["nonfinite_steps"]
         self.signal.load_state_dict(sd["signal"])
         self.grad_stats.load_state_dict(sd["grad_stats"], device)
         self.machine.load_state_dict(sd["machine"])
-        self.mirror.load_state_dict(sd["mirror"], device)
         self._apply_rank()
         self._apply_lr()
+
+    def _managed_labels(self) -> list[str]:
+        """A readable name for each of `managed_parameters()`, in the same order."""
+        out = []
+        for name, a in zip(self._adapter_names, self.adapters):
+            names = {id(p): n for n, p in a.named_parameters()} if isinstance(a, nn.Module) else {}
+            out += [f"{name}.{names.get(id(p), f'lora parameter {i}')}" for i, p in enumerate(a.lora_parameters())]
+        return out + [f"extra parameter {i}" for i in range(len(self.extra_params))]
+
+    def _layout(self) -> dict:
+        """What a saved state must fit: the adapters (names, rank levels) and the managed parameters' shapes."""
+        return {"adapters": [str(n) for n in self._adapter_names],
+                "rank_levels": [[int(b) for b in a.boundaries] for a in self.adapters],
+                "lora_shapes": [[list(p.shape) for p in a.lora_parameters()] for a in self.adapters],
+                "extra_shapes": [list(p.shape) for p in self.extra_params]}
+
+    def _state_problems(self, sd) -> list[str]:
+        """Every way `sd` does not fit this controller (empty: it fits)."""
+        if not isinstance(sd, dict):
+            return [f"expected a dict from ctrl.state_dict(), got {type(sd).__name__}"]
+        missing = [k for k in self._STATE_KEYS if k not in sd]
+        if missing:
+            return [f"missing keys {missing} (not a ctrl.state_dict())"]
+        out: list[str] = []
+        here = self._layout()
+        n_ad = len(self.adapters)
+        managed = self.managed_parameters()
+        labels = self._managed_labels()
+        n_lora = len(managed) - len(self.extra_params)
+        this = (f"this controller has {n_ad} adapter{'s' * (n_ad != 1)} ({_names(here['adapters'])}) with "
+                f"{n_lora} LoRA parameters, and {len(self.extra_params)} extra parameters")
+
+        def shape_of(t):
+            return list(t.shape) if torch.is_tensor(t) else None
+
+        saved = sd.get("layout")
+        if saved is not None:  # states saved before this check have none: the tensors below are checked anyway
+            s_ad, s_lora, s_extra = saved["adapters"], saved["lora_shapes"], saved["extra_shapes"]
+            s_n_lora = sum(map(len, s_lora))
+            if len(s_ad) != n_ad or s_n_lora != n_lora or len(s_extra) != len(self.extra_params):
+                out.append(f"saved for {len(s_ad)} adapter{'s' * (len(s_ad) != 1)} ({_names(s_ad)}) with "
+                           f"{s_n_lora} LoRA parameters, and {len(s_extra)} extra parameters; {this}")
+            else:
+                for i, (sn, hn) in enumerate(zip(s_ad, here["adapters"])):
+                    if sn != hn:
+                        out.append(f"adapter {i} is {sn!r} in the saved state and {hn!r} here")
+                    elif saved["rank_levels"][i] != here["rank_levels"][i]:
+                        out.append(f"adapter {hn!r}: saved with rank levels {tuple(saved['rank_levels'][i])}, "
+                                   f"this one has {tuple(here['rank_levels'][i])}")
+                    elif s_lora[i] != here["lora_shapes"][i]:
+                        out.append(f"adapter {hn!r}: saved block shapes {s_lora[i]}, this one has "
+                                   f"{here['lora_shapes'][i]}")
+                for i, (a, b) in enumerate(zip(s_extra, here["extra_shapes"])):
+                    if a != b:
+                        out.append(f"extra parameter {i}: saved shape {tuple(a)}, this one is {tuple(b)}")
+
+        mirror = sd["mirror"]
+        weights = mirror.get("weights")
+        if weights is not None:
+            if len(weights) != len(managed):
+                out.append(f"the Mirror snapshot holds {len(weights)} tensors; {this} ({len(managed)} in all)")
+            else:
+                out += [f"Mirror snapshot of {lab}: saved {tuple(w.shape)}, the parameter is {tuple(p.shape)}"
+                        for lab, w, p in zip(labels, weights, managed) if shape_of(w) != list(p.shape)]
+        opt_state = mirror.get("opt_state")
+        if opt_state is not None:
+            if len(opt_state) != len(managed):
+                out.append(f"the Mirror snapshot's optimizer state has {len(opt_state)} entries; {this} "
+                           f"({len(managed)} in all)")
+            else:
+                for lab, st, p in zip(labels, opt_state, managed):
+                    for k, v in (st or {}).items():
+                        if k in self._ELEMENTWISE_MOMENTS and torch.is_tensor(v) and list(v.shape) != list(p.shape):
+                            out.append(f"Mirror snapshot's {k} of {lab}: saved {tuple(v.shape)}, the parameter is "
+                                       f"{tuple(p.shape)}")
+
+        prev = sd["grad_stats"].get("prev", [])
+        if prev:
+            if len(prev) != n_ad:
+                out.append(f"the stored gradients are for {len(prev)} adapters; {this}")
+            else:
+                for name, a, gs in zip(here["adapters"], self.adapters, prev):
+                    A, B = blocks_of(a.lora_A), blocks_of(a.lora_B)
+                    k = len(gs) // 2
+                    if len(gs) % 2 or k > len(A):
+                        out.append(f"adapter {name!r}: {len(gs)} stored gradient blocks, not A and B blocks of a "
+                                   f"rank level ({len(A)} blocks each)")
+                        continue
+                    want = [list(p.shape) for p in A[:k] + B[:k]]
+                    got = [shape_of(g) for g in gs]
+                    if got != want:
+                        out.append(f"adapter {name!r}: stored gradient shapes {got}, its blocks are {want}")
+
+        sig, mine = sd["signal"], self.signal.state_dict()
+        if not isinstance(sig, dict) or set(sig) != set(mine):
+            out.append(f"the signal state has keys {sorted(sig) if isinstance(sig, dict) else type(sig).__name__}; "
+                       f"this controller's {type(self.signal).__name__} has {sorted(mine)}")
+        elif isinstance(self.signal, CompositeSignal):
+            for key in ("S", "E"):
+                if len(sig[key]) not in (0, n_ad):
+                    out.append(f"the composite signal's {key} EMAs are for {len(sig[key])} adapters; {this}")
+        mode = sd["machine"].get("mode")
+        if mode not in range(len(MODES)):
+            out.append(f"machine mode {mode!r} is not one of 0, 1, 2 ({', '.join(MODES)})")
+        return out
 
     def close(self) -> None:
         if self.writer is not None:
@@ -338,6 +525,11 @@ class UnifiedController:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _names(names: Sequence[str], most: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "") if names else "none"
 
 
 def setup_unified_lora(

@@ -14,13 +14,27 @@ save, drift and restore are one op each. "fused" uses C++ kernels for contiguous
 fp32/bf16/fp16 CPU tensors (`csrc/mirror_fused.cpp`, built when the snapshot
 object is created, i.e. with the controller): memcpy for save and restore, and one pass that reads W and W_snap in
 place for the drift. Both give the same snapshot and the same rollback, bit for
-bit; the drift agrees to fp32 rounding.
+bit; the drift agrees to fp32 rounding. Where the kernels cannot take the tensors at
+drift or restore (a parameter cast, moved or re-viewed since the snapshot), that call
+runs the eager computation instead, with the eager result.
+
+The drift accumulates in fp32 for fp32/bf16/fp16 weights and in fp64 for fp64 ones; a
+parameter cast to a wider dtype since the snapshot is compared in the wider dtype.
+With `snapshot_optimizer=True` every entry of each parameter's optimizer state is saved
+(tensors copied, other values deep-copied) and a restore makes that state equal the saved
+one exactly, for any optimizer.
+
+Errors: drift and restore raise `ValueError` naming the parameter for a parameter list
+longer than the snapshot or a parameter whose shape changed since the save, before
+anything is written.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -50,10 +64,16 @@ def should_restore(policy: str, drift: float, threshold: float, loss_at_entry, l
     raise ValueError(f"policy: unknown Mirror policy {policy!r}")
 
 
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq", "step")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROW = 64  # narrowest row of a flat pool; smaller tensors are zero-padded to one row
 _MAX_OWNER = 1 << 20  # the largest ownership matrix (rows × tensors, fp32: 4 MiB) the eager drift builds
+_SIG = operator.attrgetter("shape", "dtype")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The drift's accumulation dtype: fp32 for fp32/bf16/fp16 weights, fp64 for fp64 ones (at least the
+    weights' own precision; linalg.vector_norm refuses to narrow fp64 to fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _bump_versions(tensors: list[torch.Tensor]) -> None:
@@ -94,6 +114,9 @@ class _FlatPool:
     """
 
     def __init__(self, shapes: list[torch.Size], device, dtype, scratch: bool = True):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.dtype = dtype
+        self.sig = [(s, dtype) for s in self.shapes]  # what a tensor laid out here looks like (see `matches`)
         numels = [math.prod(s) for s in shapes]
         big = [n for n in numels if n >= _MIN_ROW]
         self.width = max(_MIN_ROW, math.gcd(*big)) if big else _MIN_ROW
@@ -108,16 +131,22 @@ class _FlatPool:
         self.scratch_views = self.views_of(self.scratch) if scratch else []
         self._prefixes: dict[int, _Prefix] = {}
         if scratch:  # eager drift only: the owning tensor of each row (squared row norms sum per tensor)
+            acc = _acc_dtype(dtype)
             self.row_owner = torch.repeat_interleave(torch.arange(len(rows), device=device),
                                                      torch.tensor(rows, device=device))
-            self.norms = torch.zeros(2, len(rows), device=device)
-            self.row_sq = torch.zeros(2, self.row_end[-1], device=device)
+            self.norms = torch.zeros(2, len(rows), device=device, dtype=acc)
+            self.row_sq = torch.zeros(2, self.row_end[-1], device=device, dtype=acc)
             # The per-tensor sums as one GEMM with the 0/1 [rows, tensors] ownership matrix where it is small
             # (one kernel, where zero_ + index_add_ are two); index_add_ otherwise.
             self.owner = None
             if self.row_end[-1] * len(rows) <= _MAX_OWNER:
-                self.owner = torch.zeros(self.row_end[-1], len(rows), device=device)
+                self.owner = torch.zeros(self.row_end[-1], len(rows), device=device, dtype=acc)
                 self.owner[torch.arange(self.row_end[-1], device=device), self.row_owner] = 1.0
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        """Every tensor of `params` (a prefix) has the shape and dtype it has in this pool."""
+        n = len(params)
+        return list(map(_SIG, params)) == (self.sig if n == len(self.sig) else self.sig[:n])
 
     def views_of(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """One view per tensor of a [rows, width] buffer laid out like this pool."""
@@ -141,23 +170,26 @@ class _FlatPool:
 
     @staticmethod
     def squared_row_norms(v: _Prefix, per_half: bool) -> torch.Tensor:
-        """[2, rows] fp32 squared row norms of scratch (W − W_snap) and snap.
+        """[2, rows] squared row norms of scratch (W − W_snap) and snap, in the pool's accumulation dtype
+        (fp32, or fp64 for an fp64 pool).
 
         per_half (the CPU): one norm call per half. A CPU op splits its output among its threads, so one
         call over [2, rows, width] hands all of scratch to one thread, half of it just written by the other
         thread's subtraction, and those cross-core reads cost (BENCHMARKS, Performance 11.). Each row is
         reduced the same way in both forms, so the values are the same. Otherwise (a GPU, launch-bound at
         adapter sizes) one kernel over both halves."""
+        acc = v.row_sq.dtype
         if not per_half:
-            return torch.linalg.vector_norm(v.both, dim=2, dtype=torch.float32).square_()
-        torch.linalg.vector_norm(v.scratch, dim=1, dtype=torch.float32, out=v.row_sq[0])
-        torch.linalg.vector_norm(v.snap, dim=1, dtype=torch.float32, out=v.row_sq[1])
+            return torch.linalg.vector_norm(v.both, dim=2, dtype=acc).square_()
+        torch.linalg.vector_norm(v.scratch, dim=1, dtype=acc, out=v.row_sq[0])
+        torch.linalg.vector_norm(v.snap, dim=1, dtype=acc, out=v.row_sq[1])
         return v.row_sq.square_()
 
     def drift_terms(self, params: Sequence[torch.Tensor], live: torch.Tensor | None = None) -> torch.Tensor:
         """[Σ‖W − W_snap‖, Σ‖W_snap‖] over `params`, the first tensors of this pool: fp32
-        accumulation whatever the dtype, no allocation beyond the row norms, no sync. `live`: the
-        packed buffer that `params` are views of (then W − W_snap is one subtraction, no gather)."""
+        accumulation (fp64 for an fp64 pool), no allocation beyond the row norms, no sync. `live`: the
+        packed buffer that `params` are views of (then W − W_snap is one subtraction, no gather);
+        otherwise W is gathered into the scratch, cast to the pool's dtype."""
         v = self.prefix(len(params), live)
         if live is None:
             torch._foreach_copy_(self.scratch_views[:len(params)], params)
@@ -171,6 +203,15 @@ class _FlatPool:
         if v.owner is not None:
             return torch.mm(sq, v.owner, out=v.norms).sqrt_().sum(1)
         return v.norms.zero_().index_add_(1, v.row_owner, sq).sqrt_().sum(1)
+
+    def terms_in(self, dtype: torch.dtype, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`drift_terms(params)` computed in a temporary eager pool of `dtype` with this pool's layout and
+        snapshot: for parameters cast to a wider dtype since the save (W − W_snap in that dtype), and for
+        the fused kernels' fallback (a fused pool has no scratch). With `dtype` = this pool's dtype the
+        result is the one an eager pool of this layout gives, bit for bit."""
+        tmp = _FlatPool(self.shapes, self.snap.device, dtype)
+        tmp.snap.copy_(self.snap)  # same layout (zero padding included); a widening cast is exact
+        return tmp.drift_terms(params)
 
 
 class MirrorSnapshot:
@@ -199,10 +240,17 @@ class MirrorSnapshot:
         self.config = config or MirrorConfig()
         self.weights: list[torch.Tensor] | None = None
         self.opt_state: list[dict | None] | None = None
+        # per parameter, for each tensor in opt_state: None if it lived on the parameter's device at the save, else
+        # that device (Adam's CPU `step` beside device moments); used where the optimizer has no tensor to copy into
+        self._opt_home: list[dict | None] | None = None
         self.loss_at_entry: float | None = None
         self.step_saved: int | None = None
+        self.names: list[str] | None = None  # optional parameter names (`save(names=...)`), for error messages
         self._layout: tuple | None = None  # (shape, dtype, device) per tensor, what the pools were built for
         self._layout_key: list[int] | None = None  # the parameters' data pointers when the layout was checked
+        # ... and their storages, held so that no pointer in the key can be reused by another tensor while it is
+        # the key: the same pointers then mean the same tensors (normally these are the parameters' own storages)
+        self._key_storages: list | None = None
         self._pools: list[tuple[_FlatPool, list[int]]] = []  # each pool with the tensor indices it holds
         self._live: list[torch.Tensor | None] = []  # per pool: the packed buffer its parameters are views of
         self._lives: list[torch.Tensor] = []  # every packed buffer still in use (held, so no pointer is reused)
@@ -217,9 +265,14 @@ class MirrorSnapshot:
     def held(self) -> bool:
         return self.weights is not None
 
+    def _label(self, i: int) -> str:
+        name = self.names[i] if self.names is not None and i < len(self.names) else None
+        return f"parameter {i}" + (f" ({name})" if name else "")
+
     def _ensure_pools(self, params: Sequence[torch.Tensor], pack: bool = True) -> None:
         # Fast path: the same storages as at the last check means the same shapes, dtypes and devices
-        # (a parameter moved, cast or reloaded gets new storage and so a full check).
+        # (a parameter moved, cast or reloaded gets new storage and so a full check; the storages of the
+        # last check are held, so their addresses cannot be handed to a new tensor meanwhile).
         key = list(map(torch.Tensor.data_ptr, params))
         if key == self._layout_key:
             return
@@ -248,6 +301,7 @@ class MirrorSnapshot:
             in_use = {p.untyped_storage().data_ptr() for p in params}
             self._lives = [b for b in self._lives if b.untyped_storage().data_ptr() in in_use]
         self._layout_key = list(map(torch.Tensor.data_ptr, params))
+        self._key_storages = [p.untyped_storage() for p in params]
 
     def _pack(self, pool: _FlatPool, params: list[torch.Tensor]) -> torch.Tensor | None:
         """Move `params` into one buffer laid out like `pool` (see the class docstring); None if any
@@ -280,34 +334,75 @@ class MirrorSnapshot:
         for i, p in enumerate(params):
             if p.device.type != "cpu" or p.dtype not in _FUSED_DTYPES or not p.is_contiguous():
                 raise ValueError(
-                    f"Mirror: kernel='fused' takes contiguous fp32/bf16/fp16 CPU tensors; parameter {i} is "
+                    f"Mirror: kernel='fused' takes contiguous fp32/bf16/fp16 CPU tensors; {self._label(i)} is "
                     f"{p.dtype} on {p.device}{'' if p.is_contiguous() else ', not contiguous'}. "
                     "Use MirrorConfig(kernel='eager') for it")
 
     def _pool_parts(self, params: Sequence[torch.Tensor], checked: bool = False):
-        """(pool, that pool's share of `params`, the packed buffer they are views of or None) for
-        `params`, a prefix of the snapshot. The packed buffer is given only while every parameter
-        still has the data pointer it had at the last check (`checked`: `_ensure_pools` just ran)."""
+        """([(pool, that pool's share of `params`, the packed buffer they are views of or None, their indices
+        in `params`)], same) for `params`, a prefix of the snapshot. `same`: every parameter still has the
+        data pointer it had at the last check (`checked`: `_ensure_pools` just ran), so the pools' shapes
+        and dtypes are theirs; only then is the packed buffer given. With the fused kernels, which check
+        the tensors themselves, the pointers are not compared (same=False)."""
         n = len(params)
         if self._layout is None or n > len(self._layout):
             raise ValueError(f"Mirror: {n} parameters given, but the snapshot holds "
                              f"{0 if self._layout is None else len(self._layout)}")
-        packed = any(b is not None for b in self._live) and (
-            checked or list(map(torch.Tensor.data_ptr, params)) == self._layout_key[:n])
+        same = checked or (self._kernels is None and self._layout_key is not None
+                           and list(map(torch.Tensor.data_ptr, params)) == self._layout_key[:n])
+        packed = same and any(b is not None for b in self._live)
         if len(self._pools) == 1:
-            return [(self._pools[0][0], params, self._live[0] if packed else None)] if n else []
-        parts = [(pool, [params[i] for i in idx if i < n], live if packed else None)
-                 for (pool, idx), live in zip(self._pools, self._live)]
-        return [part for part in parts if part[1]]
+            return ([(self._pools[0][0], params, self._live[0] if packed else None, range(n))] if n else []), same
+        parts = []
+        for (pool, idx), live in zip(self._pools, self._live):
+            mine = [i for i in idx if i < n]
+            if mine:
+                parts.append((pool, [params[i] for i in mine], live if packed else None, mine))
+        return parts, same
+
+    def _check_shapes(self, pool: _FlatPool, mine: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.dtype:
+        """Raise a ValueError naming the first of `mine` whose shape is not its snapshot's; else the dtype to
+        compare them with their snapshot in: the pool's, promoted by any parameter cast to a wider dtype."""
+        dtype = pool.dtype
+        for i, p, shape in zip(idx, mine, pool.shapes):
+            if p.shape != shape:
+                raise ValueError(f"Mirror: {self._label(i)} has shape {tuple(p.shape)}, but its snapshot has "
+                                 f"{tuple(shape)}; a snapshot can only be compared with or restored into the "
+                                 "parameters it was taken from")
+            dtype = torch.promote_types(dtype, p.dtype)
+        return dtype
+
+    def _unpacked_terms(self, pool: _FlatPool, mine: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.Tensor:
+        """The eager drift terms of parameters that are not views of a packed buffer (gathered per tensor).
+        A pool's dtype holds a parameter cast to a narrower dtype exactly; one cast wider is compared in the
+        wider dtype. kernel="fused" comes here for tensors its kernel refused, and gets the eager result."""
+        if pool.scratch is not None and pool.matches(mine):
+            return pool.drift_terms(mine)
+        dtype = self._check_shapes(pool, mine, idx)
+        if pool.scratch is not None and dtype == pool.dtype:
+            return pool.drift_terms(mine)
+        return pool.terms_in(dtype, mine)
 
     # save, drift and restore take no autograd context on the packed path, which touches only buffers
     # that do not require grad; the per-tensor paths read or write the parameters under no_grad.
-    def save(self, params: Sequence[torch.Tensor], optimizer=None, loss_ema=None, step=None) -> None:
+    def save(self, params: Sequence[torch.Tensor], optimizer=None, loss_ema=None, step=None,
+             names: Sequence[str] | None = None) -> None:
+        """Snapshot `params` (and, with `snapshot_optimizer`, `optimizer`'s state of each). `names`
+        (optional, one per parameter) label the parameters in later error messages."""
+        self.names = None if names is None else list(names)
         self._save(list(params), optimizer, loss_ema, step, pack=True)
 
     def _save(self, params: list[torch.Tensor], optimizer, loss_ema, step, pack: bool) -> None:
         self._ensure_pools(params, pack)
-        for pool, mine, live in self._pool_parts(params, checked=True):
+        self._copy_in(params)
+        self.weights = self._views
+        self.opt_state = self._opt_home = None
+        if self.config.snapshot_optimizer and optimizer is not None:
+            self.opt_state, self._opt_home = self._save_opt(params, optimizer)
+        self.loss_at_entry, self.step_saved = loss_ema, step
+
+    def _copy_in(self, params: list[torch.Tensor]) -> None:
+        for pool, mine, live, _ in self._pool_parts(params, checked=True)[0]:
             if live is not None:
                 v = pool.prefix(len(mine), live)
                 v.snap.copy_(v.live_rows)
@@ -317,18 +412,29 @@ class MirrorSnapshot:
                     self._kernels.copy_all(pool.snap_views, mine)
                 else:
                     torch._foreach_copy_(pool.snap_views, mine)
-        self.weights = self._views
-        self.opt_state = None
-        dev = "cpu" if self.config.offload_to_cpu else None
-        if self.config.snapshot_optimizer and optimizer is not None:
-            self.opt_state = []
-            for p in params:
-                st = optimizer.state.get(p)
-                self.opt_state.append(
-                    None if not st else {k: (v.detach().to(dev or v.device, copy=True) if torch.is_tensor(v) else v)
-                                         for k, v in st.items() if k in _MOMENT_KEYS}
-                )
-        self.loss_at_entry, self.step_saved = loss_ema, step
+
+    def _save_opt(self, params: list[torch.Tensor], optimizer):
+        """Every entry of each parameter's optimizer state: tensors copied (to the CPU with offload_to_cpu),
+        other values deep-copied. With each tensor, where it lived (None: on its parameter's device)."""
+        dev = torch.device("cpu") if self.config.offload_to_cpu else None
+        states, homes = [], []
+        for p in params:
+            st = optimizer.state.get(p)
+            if not st:
+                states.append(None)
+                homes.append(None)
+                continue
+            saved, home, at = {}, {}, p.device
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    vd = v.device
+                    saved[k] = v.detach().to(dev or vd, copy=True)
+                    home[k] = None if vd == at else vd
+                else:
+                    saved[k] = copy.deepcopy(v)
+            states.append(saved)
+            homes.append(home)
+        return states, homes
 
     def drift(self, params: Sequence[torch.Tensor]) -> float:
         """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ over `params` (a prefix of the snapshot).
@@ -336,9 +442,11 @@ class MirrorSnapshot:
         W − W_snap is one subtraction from the packed buffer (or, unpacked, a gather of W into the
         pool's scratch by one foreach copy, then one contiguous subtraction), and the per-tensor norms
         of W − W_snap and of W_snap come from the pool's row norms (one kernel on a GPU, one call per half
-        on the CPU), accumulated in fp32 whatever the parameter dtype. A prefix uses its own denominator.
+        on the CPU), accumulated in fp32 (fp64 for fp64 weights). A prefix uses its own denominator.
         One sync for the whole set; the snapshot is never written. With kernel="fused" one C++ pass
-        per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them).
+        per pool reads W and W_snap in place (fp32 within 64 Ki-element chunks, fp64 across them); a pool
+        whose tensors the kernel cannot take (cast, moved or re-viewed since the save) is measured by the
+        eager computation instead, with its result. A parameter whose shape changed raises a ValueError.
 
         The eager per-tensor sum is a GEMM with a 0/1 ownership matrix, or, for a pool with more than
         2^20 rows × tensors, an `index_add_`; on CUDA the latter's float additions may run in any order,
@@ -347,46 +455,116 @@ class MirrorSnapshot:
         kernels are deterministic (the fused one also across thread counts)."""
         if not self.held:
             raise ValueError("Mirror: drift() needs a snapshot; call save() first")
-        parts = self._pool_parts(params)
+        parts, same = self._pool_parts(params)
         if self._kernels is not None:  # fp64 [Σ(W − W_snap)², ΣW_snap²] per tensor, W and W_snap read in place
+            terms = []
             with torch.no_grad():
-                terms = [self._kernels.drift_sq(mine, pool.snap_views[:len(mine)]).sqrt_().sum(1)
-                         for pool, mine, _ in parts]
-        elif all(live is not None for _, _, live in parts):
-            terms = [pool.drift_terms(mine, live) for pool, mine, live in parts]
+                for pool, mine, _, idx in parts:
+                    try:
+                        terms.append(self._kernels.drift_sq(mine, pool.snap_views[:len(mine)]).sqrt_().sum(1))
+                    except RuntimeError:  # the kernel's checks refused these tensors; nothing was written
+                        terms.append(self._unpacked_terms(pool, mine, idx))
+        elif all(live is not None for _, _, live, _ in parts):
+            terms = [pool.drift_terms(mine, live) for pool, mine, live, _ in parts]
         else:
             with torch.no_grad():  # the gather reads the parameters
-                terms = [pool.drift_terms(mine, live) for pool, mine, live in parts]
+                terms = [pool.drift_terms(mine, live) if live is not None or same
+                         else self._unpacked_terms(pool, mine, idx) for pool, mine, live, idx in parts]
         if not terms:
             return 0.0
-        # several pools (devices, dtypes): add up on the first pool's device
-        num, den = (torch.stack([t.to(terms[0].device) for t in terms]).sum(0) if len(terms) > 1 else terms[0]).tolist()
+        if len(terms) > 1:  # several pools (devices, dtypes): add up on the first pool's device
+            dt = torch.float64 if any(t.dtype == torch.float64 for t in terms) else terms[0].dtype
+            num, den = torch.stack([t.to(terms[0].device, dt) for t in terms]).sum(0).tolist()
+        else:
+            num, den = terms[0].tolist()
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
     def restore(self, params: Sequence[torch.Tensor], optimizer=None) -> None:
+        """Write the snapshot back into `params` (a prefix of the snapshot) and, if it was saved, the
+        optimizer state of each. Everything that can be refused (a parameter list longer than the snapshot,
+        a shape changed since the save) raises a ValueError before anything is written. A parameter cast
+        since the save gets the snapshot cast to its dtype; one moved gets it on its device. With
+        kernel="fused", tensors the kernel cannot take are copied by the eager path instead."""
         if not self.held:
             raise ValueError("Mirror: restore() needs a snapshot; call save() first")
         params = list(params)
+        parts = None if self._kernels is not None else self._checked_parts(params)
+        opt_plan = None
+        if self.opt_state is not None and optimizer is not None:
+            opt_plan = self._plan_opt_restore(params, optimizer)
         if self._kernels is not None:
-            with torch.no_grad():
-                self._kernels.copy_all(params, self.weights[:len(params)])
-        else:
-            for pool, mine, live in self._pool_parts(params):
+            try:  # the kernel checks every pair before it writes anything
+                with torch.no_grad():
+                    self._kernels.copy_all(params, self.weights[:len(params)])
+            except RuntimeError:  # a tensor it cannot take (cast, moved, re-viewed): the eager copies below
+                parts = self._checked_parts(params)
+        if parts is not None:
+            for pool, mine, live, _ in parts:
                 if live is not None:  # one copy; the views' own version counters are bumped here
                     v = pool.prefix(len(mine), live)
                     v.live_rows.copy_(v.snap)
                     _bump_versions(mine)
-                else:  # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies)
+                else:  # copy_ handles a snapshot offloaded to the CPU (per-tensor host→device copies) and casts
                     with torch.no_grad():
                         torch._foreach_copy_(mine, pool.snap_views[:len(mine)])
-        if self.opt_state is not None and optimizer is not None:
-            for p, st in zip(params, self.opt_state):
-                if st is None:
-                    optimizer.state.pop(p, None)
+        if opt_plan is not None:
+            self._apply_opt_restore(optimizer, opt_plan)
+
+    def _checked_parts(self, params: list[torch.Tensor]):
+        """`_pool_parts(params)`, after a ValueError for any unpacked parameter whose shape changed."""
+        parts, same = self._pool_parts(params)
+        if not same:
+            for pool, mine, live, idx in parts:
+                if not pool.matches(mine):
+                    self._check_shapes(pool, mine, idx)
+        return parts
+
+    def _plan_opt_restore(self, params: list[torch.Tensor], optimizer):
+        """The optimizer state to put back, prepared before any weight is written: per parameter, the new
+        state dict (None: the parameter had no state at the save), plus the (live tensor, saved copy)
+        pairs to copy in place. A live state tensor of the saved shape and dtype is written in place (it
+        keeps its identity and device); a missing or reshaped one is re-created as the saved copy, on the
+        device of the tensor it replaces, else where it lived at the save."""
+        homes = self._opt_home or [None] * len(self.opt_state)
+        plan, dst, src = [], [], []
+        for p, st, home in zip(params, self.opt_state, homes):
+            if st is None:
+                plan.append((p, None))
+                continue
+            cur = optimizer.state.get(p) or {}
+            new = {}
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    new[k] = copy.deepcopy(v)
                     continue
-                cur = optimizer.state.setdefault(p, {})
-                for k, v in st.items():
-                    cur[k] = v.to(p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v
+                c = cur.get(k)
+                if torch.is_tensor(c) and c.shape == v.shape and c.dtype == v.dtype:
+                    new[k] = c
+                    dst.append(c)
+                    src.append(v)
+                    continue
+                if torch.is_tensor(c):
+                    where = c.device
+                else:
+                    h = home.get(k) if home is not None else (None if k != "step" else v.device)  # pre-home sd
+                    where = p.device if h is None else h
+                new[k] = v.to(where, copy=True)
+            plan.append((p, new))
+        return plan, dst, src
+
+    @staticmethod
+    def _apply_opt_restore(optimizer, opt_plan) -> None:
+        plan, dst, src = opt_plan
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        for p, new in plan:
+            if new is None:
+                optimizer.state.pop(p, None)
+                continue
+            cur = optimizer.state.setdefault(p, {})
+            cur.clear()  # keys that appeared since the save go; the dict keeps its identity
+            cur.update(new)
 
     def decide(self, params, loss_at_exit=None) -> MirrorDecision:
         c = self.config
@@ -395,7 +573,7 @@ class MirrorSnapshot:
         return MirrorDecision(restore, d, self.loss_at_entry, loss_at_exit, c.policy)
 
     def clear(self) -> None:
-        self.weights = self.opt_state = None  # the pools stay allocated for the next entry
+        self.weights = self.opt_state = self._opt_home = None  # the pools stay allocated for the next entry
         self.loss_at_entry = self.step_saved = None
 
     def state_dict(self) -> dict:
@@ -405,6 +583,9 @@ class MirrorSnapshot:
             "opt_state": None if self.opt_state is None else [
                 None if st is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
                 for st in self.opt_state],
+            "opt_home": None if self._opt_home is None else [
+                None if h is None else {k: (None if d is None else str(d)) for k, d in h.items()}
+                for h in self._opt_home],
             "loss_at_entry": self.loss_at_entry,
             "step_saved": self.step_saved,
         }
@@ -415,5 +596,10 @@ class MirrorSnapshot:
             dev = "cpu" if self.config.offload_to_cpu else device
             # copies into the pools; these tensors are not the parameters, so nothing is packed
             self._save([w.to(dev) if dev else w for w in sd["weights"]], None, None, None, pack=False)
+            self._layout_key = self._key_storages = None  # the next call checks the parameters in full
         self.opt_state = sd["opt_state"]
+        homes = sd.get("opt_home")  # absent in state dicts written before it (see _plan_opt_restore)
+        self._opt_home = None if homes is None else [
+            None if h is None else {k: (None if d is None else torch.device(d)) for k, d in h.items()}
+            for h in homes]
         self.loss_at_entry, self.step_saved = sd["loss_at_entry"], sd["step_saved"]
