@@ -917,7 +917,7 @@ def test_a_failed_mirror_exit_keeps_mode_rank_and_snapshot_and_the_run_goes_on()
     for _ in range(4):  # the fourth step's batch, as _seq_steps draws them
         x = torch.randn(8, 16, generator=g)
     model(x).pow(2).mean().backward()
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError, match=r"\(2\.lora_A\.3\) has shape"):  # the error names the parameter
         ctrl.step(losses[3])
     assert ctrl.mode == 2 and ctrl.machine.last_transition_step == 1 and ctrl.rank == 16
     assert [a.rank for a in adapters.values()] == [16, 16] and ctrl.mirror.held and ctrl.last_decision is None
@@ -943,3 +943,17 @@ def test_a_failed_mirror_exit_keeps_mode_rank_and_snapshot_and_the_run_goes_on()
         ("MULTI->MIRROR", "saved"), ("MIRROR->MULTI", "restored")]
     assert not ctrl.mirror.held and ctrl.last_decision.restore
     assert _same_run_state(_run_state(model, ctrl, opt), _run_state(ref_model, ref, ref_opt))
+
+
+def test_a_numpy_scalar_or_0d_array_loss_is_a_number():
+    np = pytest.importorskip("numpy")
+    model, adapters, ctrl, opt = _seq_controller(targets="02")
+    x = torch.randn(8, 16)
+    for loss in (np.float32(0.5), np.float64(0.5), np.array(0.5), 0.5):
+        model(x).pow(2).mean().backward()
+        ctrl.step(loss)
+        opt.zero_grad()
+    assert [r.loss for r in ctrl.trace] == [0.5] * 4
+    model(x).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="loss: expected a number"):
+        ctrl.step(np.array([0.5, 0.5]))

@@ -446,3 +446,17 @@ def test_a_non_finite_task_gradient_is_skipped_as_if_it_never_happened(bad):
         assert {k: v for k, v in a.components.items() if k != "event"} == \
                {k: v for k, v in b.components.items() if k != "event"}
     assert len({r.phi for r in clean}) > 3  # φ moved: the comparison means something
+
+
+def test_a_refused_state_leaves_the_task_router_as_it_was():
+    data = conflict_data()
+    m1, _, c1, o1 = build(initial_mode=MULTI, phi_init=0.5)
+    train(m1, c1, o1, 2, data)
+    assert c1.router.topology == "task"
+    model = tiny_bert()  # the same tasks, other targets: the state does not fit
+    _, c2 = setup_multitask_lora(model, ["a", "b"], ["query"], lr_mode="off", print_fn=None,
+                                 machine=MachineConfig(initial_mode=SINGLE))
+    before = (c2.router.topology, dict(c2.router.slots))
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        c2.load_state_dict(c1.state_dict())
+    assert (c2.router.topology, dict(c2.router.slots)) == before == ("shared", before[1])

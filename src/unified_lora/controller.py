@@ -18,6 +18,7 @@ restore every managed gradient is cleared, so the restored weights stay exact.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Callable, Sequence
 
@@ -235,7 +236,9 @@ class UnifiedController:
         if type(loss) is not float:  # a float is what a loop passes (loss.item()); checks cost host time every step
             if torch.is_tensor(loss):
                 loss = loss.detach().float().item()
-            if not isinstance(loss, (int, float)):
+            elif getattr(loss, "ndim", None) == 0 and hasattr(loss, "item"):  # a 0-d numpy array
+                loss = loss.item()
+            if not isinstance(loss, numbers.Real):  # int, float, numpy scalars
                 raise ValueError(f"loss: expected a number or a scalar tensor, got {type(loss).__name__}")
             loss = float(loss)
         if self.reduce_loss is not None:
@@ -353,7 +356,9 @@ class UnifiedController:
         if not params:  # a pure LR controller (v1 API) has nothing to snapshot
             return None, None
         if t.new == MIRROR:
-            self.mirror.save(params, self.optimizer and _unwrap_optimizer(self.optimizer), self.loss_ema, t.step)
+            labels = self._managed_labels()  # so a Mirror error names the parameter
+            self.mirror.save(params, self.optimizer and _unwrap_optimizer(self.optimizer), self.loss_ema, t.step,
+                             names=labels if len(labels) == len(params) else None)
             return "saved", None
         if t.old == MIRROR and self.mirror.held:
             lora = [p for a in self.adapters for p in a.lora_parameters()]
@@ -397,11 +402,7 @@ class UnifiedController:
         its optimizer moments, the stored gradients, the signal's per-adapter EMAs) shaped like the
         parameter it belongs to. Anything else raises a `ValueError` that lists what differs, before
         anything is loaded: such a state would restore one layer's snapshot into another."""
-        problems = self._state_problems(sd)
-        if problems:
-            shown = problems[:8] + ([f"... ({len(problems) - 8} more)"] if len(problems) > 8 else [])
-            raise ValueError("ctrl.load_state_dict: the state was not saved from a controller like this one; "
-                             "nothing was loaded:\n  - " + "\n  - ".join(shown))
+        self._check_state(sd)
         device = self.adapters[0].lora_A[0].device if self.adapters else None
         self.mirror.load_state_dict(sd["mirror"], device)  # first: the one part that can still fail (a kernel)
         self._exit_decision = None
@@ -412,6 +413,14 @@ class UnifiedController:
         self.machine.load_state_dict(sd["machine"])
         self._apply_rank()
         self._apply_lr()
+
+    def _check_state(self, sd: dict) -> None:
+        """Raise the ValueError of `load_state_dict` if `sd` does not fit this controller; load nothing."""
+        problems = self._state_problems(sd)
+        if problems:
+            shown = problems[:8] + ([f"... ({len(problems) - 8} more)"] if len(problems) > 8 else [])
+            raise ValueError("ctrl.load_state_dict: the state was not saved from a controller like this one; "
+                             "nothing was loaded:\n  - " + "\n  - ".join(shown))
 
     def _managed_labels(self) -> list[str]:
         """A readable name for each of `managed_parameters()`, in the same order."""

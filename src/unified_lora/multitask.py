@@ -851,6 +851,7 @@ class MultiTaskController(UnifiedController):
 
     def load_state_dict(self, sd: dict) -> None:
         mt = sd["multitask"]
+        self._check_state(sd)  # before the router changes: a refused state leaves everything as it was
         self.router.load_state_dict(mt["router"])
         super().load_state_dict(sd)
         dev = self.adapters[0].lora_A[0].device
