@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from .config import NestedLoRAConfig
+from .config import NestedLoRAConfig, parse_names
 from .layer import Conv1D, NestedLoRALayer
 
 # Output heads are never targeted by "all-linear" (as PEFT does).
@@ -64,7 +64,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
 def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
     """Unfreeze whole modules (e.g. a classifier head) named by suffix; a string is one name (or a comma list)."""
     if isinstance(modules_to_save, str):
-        modules_to_save = [n.strip() for n in modules_to_save.split(",") if n.strip()]
+        modules_to_save = parse_names(modules_to_save, "modules_to_save")
     found = []
     for suffix in modules_to_save or ():
         hits = [n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)]
