@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, can_build_cpp, tiny_bert
+from conftest import VOCAB, can_build_cpp, tiny_bert, tiny_llama
 
 from unified_lora import MULTI, SINGLE, MachineConfig, trainable_parameters
 from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
@@ -460,3 +460,53 @@ def test_a_refused_state_leaves_the_task_router_as_it_was():
     with pytest.raises(ValueError, match="nothing was loaded"):
         c2.load_state_dict(c1.state_dict())
     assert (c2.router.topology, dict(c2.router.slots)) == before == ("shared", before[1])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_forward_with_the_task_ids(reentrant):
+    # Checkpointing re-runs each layer's forward inside loss.backward(). With backward outside the task_context
+    # (the README's loop), MULTI raised "no task ids set" (as if the user had forgotten the context) and SINGLE
+    # either failed in torch's checkpoint (non-reentrant) or silently lost the per-task gradients that drive the
+    # split (reentrant). Now that is a ValueError naming the cause; with backward inside the context, the
+    # gradients and the per-task gradients match a run without checkpointing.
+    x, tids = torch.randint(1, VOCAB, (4, 6)), ["a", "b", "a", "b"]
+    for mode in (SINGLE, MULTI):
+        model = tiny_llama().train()
+        ad, ctrl = setup_multitask_lora(model, ["a", "b"], ["q_proj", "v_proj"], print_fn=None, lr_mode="off",
+                                        machine=MachineConfig(initial_mode=mode))
+        assert ctrl.router.topology == ("shared" if mode == SINGLE else "task") and ctrl.router.track_grads
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in ad.values():
+                for p in layer.shared_parameters() + layer.task_parameters():
+                    p.normal_(0.0, 0.1, generator=g)
+
+        def grads(checkpointing, backward_inside=True):
+            if not checkpointing:
+                getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+            elif hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.zero_grad(set_to_none=True)
+            for layer in ad.values():
+                layer._task_grads = {}
+            with task_context(model, tids):
+                loss = model(input_ids=x, labels=x).loss
+                if backward_inside:
+                    loss.backward()
+            if not backward_inside:
+                loss.backward()
+            return ([p.grad for p in trainable_parameters(model)],
+                    [layer._task_grads.get(s, [None, None]) for layer in ad.values() for s in (0, 1)])
+
+        with pytest.raises(ValueError, match="re-run during backward.*inside the same `with task_context"):
+            grads(True, backward_inside=False)
+        plain, plain_tasks = grads(False)
+        ckpt, ckpt_tasks = grads(True)
+        assert sum(g is not None for g in plain) > 0
+        for a, b in zip(plain + [g for pair in plain_tasks for g in pair], ckpt + [g for pair in ckpt_tasks for g in pair]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert all(g is not None for pair in plain_tasks for g in pair) is (mode == SINGLE)

@@ -104,6 +104,7 @@ class TaskRouter:
         self._slot_list: list[int] | None = None
         self._per_sample = False
         self._groups_cache: dict = {}
+        self._routed = False  # task ids have been set at least once (see MultiTaskNestedLoRALayer.forward)
 
     @property
     def task_ids(self) -> list[int | str]:
@@ -145,6 +146,7 @@ class TaskRouter:
             s = self.slot(task_ids)
             self._ids, self._slot_list = _check_task_id(task_ids), [s]
             self._per_sample = False
+            self._routed = True
             return
         ids = list(task_ids)
         if not ids:
@@ -152,6 +154,7 @@ class TaskRouter:
         self._ids = ids
         self._slot_list = [self.slot(t) for t in ids]
         self._per_sample = True
+        self._routed = True
 
     def get_state(self):
         return self._ids, self._slot_list, self._per_sample, self._groups_cache
@@ -360,6 +363,12 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
             return super().forward(x, *args, **kwargs)
         groups = r.groups(x.shape[0], x.device)
         if groups is None:
+            if torch._C._current_graph_task_id() != -1 and (not shared or r._routed):
+                # a forward re-run inside loss.backward(): activation checkpointing recomputes it there, after the
+                # task_context has closed, and would route (or, in SINGLE, track the task gradients) differently
+                raise ValueError("multi-task forward: re-run during backward with no task ids set. Activation "
+                                 "checkpointing recomputes the forward inside loss.backward(); call loss.backward() "
+                                 "inside the same `with task_context(model, task_ids):` as the forward")
             if shared:
                 return super().forward(x, *args, **kwargs)
             raise ValueError("multi-task forward: no task ids set; run the model inside "
