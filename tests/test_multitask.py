@@ -510,3 +510,30 @@ def test_activation_checkpointing_recomputes_the_forward_with_the_task_ids(reent
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert all(g is not None for pair in plain_tasks for g in pair) is (mode == SINGLE)
+
+
+@pytest.mark.parametrize("tasks", [["shared", "x"], ["a b", "a_b"], [1, "1"]])
+def test_task_export_refuses_ids_that_share_a_folder(tmp_path, tasks):
+    # Each task's PEFT checkpoint goes to save_dir/<id with odd characters replaced>. A task named "shared", or two
+    # ids that map to one name, used to be written one over the other, silently: a task's adapter was lost.
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI, tasks=tasks)
+    with pytest.raises(ValueError, match="same folder"):
+        export_task_peft_adapters(model, tmp_path / "out", task_type=None)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    out = export_task_peft_adapters(model, tmp_path / "one", tasks=[tasks[0]], include_shared=False, task_type=None)
+    assert list(out) == [str(tasks[0]).replace(" ", "_")] and len(list((tmp_path / "one").iterdir())) == 1
+
+
+def test_exports_and_task_deltas_never_register_an_unknown_task(tmp_path):
+    # With register_new_tasks=True, export_task_peft_adapters(tasks=["typo"]) and delta_weight(task="typo") took a
+    # spare slot for the typo and exported or returned a copy of the shared adapter.
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI, register_new_tasks=True, spare_slots=1)
+    with pytest.raises(ValueError, match=r"task id 'typo' is not registered; known task ids: \['a', 'b'\]"):
+        export_task_peft_adapters(model, tmp_path, tasks=["a", "typo"], task_type=None)
+    with pytest.raises(ValueError, match="task id 'typo' is not registered"):
+        ad["classifier"].delta_weight(task="typo")
+    assert ctrl.router.slots == {"a": 0, "b": 1} and not any(tmp_path.iterdir())

@@ -124,6 +124,14 @@ class TaskRouter:
             layer.copy_shared_to_tasks([slot])
         return slot
 
+    def known_slot(self, tid) -> int:
+        """The slot of a registered task; an unknown id is a ValueError even with register_new_tasks=True (for
+        reads such as exports, where a typo must not take a spare slot)."""
+        tid = _check_task_id(tid)
+        if tid not in self.slots:
+            raise ValueError(f"task id {tid!r} is not registered; known task ids: {self.task_ids}")
+        return self.slots[tid]
+
     def slot(self, tid) -> int:
         tid = _check_task_id(tid)
         s = self.slots.get(tid)
@@ -333,7 +341,7 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         """Shared delta, or task `task`'s (an id) delta: scaling · B[:, :r] A[:r]."""
         if task is None:
             return super().delta_weight(rank)
-        slot = self.router.slot(task)
+        slot = self.router.known_slot(task)
         old = self.rank
         if rank is not None:
             self.rank = int(rank)
@@ -1013,7 +1021,9 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
                               **kwargs) -> dict[str, dict]:
     """One PEFT LoRA checkpoint per task, in `save_dir/<task id>/` (and `save_dir/shared/`), via
     `unified_lora.peft_io.export_peft_adapter`; each loads with `PeftModel.from_pretrained(base, dir)`
-    and gives that task's outputs. Returns {folder name: adapter config}. `kwargs` go to
+    and gives that task's outputs. The folder name is the id with every character but letters, digits
+    and `_.-` replaced by `_`; ids that would share a folder (with each other or with `shared`) are a
+    ValueError, before anything is written. Returns {folder name: adapter config}. `kwargs` go to
     `export_peft_adapter`. A classifier that is itself a LoRA target (each task's own head delta)
     is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
     delta merged in: PEFT puts no LoRA on a head it saves whole, and a base model loaded afresh
@@ -1022,7 +1032,16 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
 
     layers = _layers(model)
     router = next(iter(layers.values())).router
-    tasks = router.task_ids if tasks is None else [_check_task_id(t) for t in tasks]
+    tasks = router.task_ids if tasks is None else list(dict.fromkeys(_check_task_id(t) for t in tasks))
+    slots = {t: router.known_slot(t) for t in tasks}  # before writing anything; never registers a new task
+    folders: dict[str, list] = {"shared": ["the shared adapter"]} if include_shared else {}
+    for t in tasks:
+        folders.setdefault(_safe(t), []).append(t)
+    clashes = [f"{', '.join(map(repr, ts))} -> {name!r}" for name, ts in folders.items() if len(ts) > 1]
+    if clashes:
+        raise ValueError(f"export_task_peft_adapters: these would be written to the same folder of {save_dir}, one "
+                         f"overwriting the other: {'; '.join(clashes)}. Export them apart, e.g. "
+                         f"export_task_peft_adapters(model, other_dir, tasks=[...], include_shared=False)")
     out = {}
     if include_shared:
         topo = router.topology
@@ -1034,7 +1053,7 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     with _unmerged(layers.values()):  # a merged base weight holds the shared delta, not a task's
         for t in tasks:
             name = _safe(t)
-            with _task_as_shared(layers.values(), router.slot(t)):
+            with _task_as_shared(layers.values(), slots[t]):
                 out[name] = export_peft_adapter(model, layers, os.path.join(save_dir, name), rank, **kwargs)
     return out
 
