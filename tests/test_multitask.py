@@ -537,3 +537,53 @@ def test_exports_and_task_deltas_never_register_an_unknown_task(tmp_path):
     with pytest.raises(ValueError, match="task id 'typo' is not registered"):
         ad["classifier"].delta_weight(task="typo")
     assert ctrl.router.slots == {"a": 0, "b": 1} and not any(tmp_path.iterdir())
+
+
+def _randomize(adapters, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapters.values():
+            for p in layer.shared_parameters() + layer.task_parameters():
+                p.normal_(0.0, 0.2, generator=g)
+
+
+def test_load_task_adapters_into_a_merged_model_gives_the_saved_outputs_and_keeps_the_base(tmp_path):
+    # The loaded blocks were written under a base weight that still held the old shared delta: the outputs were the
+    # old adapter's, and a later unmerge subtracted the new delta from it, corrupting the base weight for good.
+    x = conflict_data()[0]
+    m1, ad1, _, _ = build(initial_mode=SINGLE)
+    _randomize(ad1, 1)
+    save_task_adapters(m1, tmp_path)
+    m2, ad2, _, _ = build(initial_mode=SINGLE)
+    _randomize(ad2, 2)
+    base = {n: layer.base_layer.weight.clone() for n, layer in ad2.items()}
+    for layer in ad2.values():
+        layer.merge()
+    load_task_adapters(m2, tmp_path)
+    assert all(layer.merged_rank for layer in ad2.values())  # merged again: the saved topology is the shared one
+    with torch.no_grad():
+        torch.testing.assert_close(m2(input_ids=x).logits, m1(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    for n, layer in ad2.items():
+        layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, base[n], rtol=0, atol=1e-6)
+
+
+def test_load_task_adapters_checks_everything_before_writing(tmp_path):
+    # A file saved with another lora_alpha loaded silently (other outputs), one with a larger max_rank was silently
+    # cut to this layer's blocks, and an unknown task id failed after the shared adapter had been overwritten.
+    m1, ad1, _, _ = build(initial_mode=MULTI, tasks=("a", "b", "c"))
+    _randomize(ad1, 1)
+    save_task_adapters(m1, tmp_path / "abc")
+    m2, ad2, _, _ = build(initial_mode=MULTI, lora_alpha=32.0)
+    save_task_adapters(m2, tmp_path / "alpha32")
+    m3, ad3, _, _ = build(initial_mode=MULTI, rank_levels=(4, 8, 16, 32))
+    save_task_adapters(m3, tmp_path / "r32")
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    _randomize(ad, 3)
+    before = [p.detach().clone() for p in trainable_parameters(model)]
+    for d, msg in (("alpha32", "lora_alpha=32"), ("r32", r"rank levels \(4, 8, 16, 32\)"),
+                   ("abc", r"task id 'c' .* is not registered")):
+        with pytest.raises(ValueError, match=msg):
+            load_task_adapters(model, tmp_path / d)
+    assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(model)))
+    assert ctrl.router.slots == {"a": 0, "b": 1}

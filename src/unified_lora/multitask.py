@@ -965,34 +965,66 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
 @torch.no_grad()
 def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
     """Inverse of `save_task_adapters` (same model architecture and targets); also restores the
-    saved topology and active rank, so outputs match the saved model's."""
+    saved topology and active rank, so outputs match the saved model's. Everything is checked before
+    anything is written: the rank levels, `lora_alpha` and scaling (other values would give other
+    outputs), every layer's tensors and shapes, and the task ids (an unknown one is a ValueError, or
+    takes a spare slot with `register_new_tasks=True`). A layer merged into its base weight is
+    unmerged first, and merged again after the load when the saved topology is the shared one."""
     from safetensors.torch import load_file
 
     layers = _layers(model)
     router = next(iter(layers.values())).router
     with open(os.path.join(save_dir, "tasks.json"), encoding="utf-8") as f:
         index = json.load(f)
+    meta = index["meta"]
+    for n, l in layers.items():
+        saved = (tuple(meta["boundaries"]), float(meta["lora_alpha"]), meta["scaling"])
+        here = (l.boundaries, l.lora_alpha, l.scaling_kind)
+        if saved != here:
+            raise ValueError(f"{save_dir}: saved with rank levels {saved[0]}, lora_alpha={saved[1]:g}, scaling="
+                             f"{saved[2]!r}; layer {n!r} has {here[0]}, lora_alpha={here[1]:g}, scaling={here[2]!r}")
+    new = [e["id"] for e in index["tasks"] if e["id"] not in router.slots]
+    if new and not router.register_new_tasks:
+        raise ValueError(f"task id {new[0]!r} in {save_dir} is not registered; known task ids: {router.task_ids}")
+    if len(router.slots) + len(new) > router.n_slots:
+        raise ValueError(f"{save_dir}: task ids {new} are not registered and only {router.n_slots - len(router.slots)} "
+                         f"spare slots are free (known task ids: {router.task_ids})")
 
-    def put(fname, blocksA, blocksB):
+    def read(fname):
         t = load_file(os.path.join(save_dir, fname))
         for n, l in layers.items():
-            if f"{n}.lora_A" not in t:
-                raise ValueError(f"{fname}: no tensors for layer {n!r}; saved from another model?")
+            want = {f"{n}.lora_A": (l.max_rank, l.in_features), f"{n}.lora_B": (l.out_features, l.max_rank)}
+            for k, shape in want.items():
+                if k not in t:
+                    raise ValueError(f"{fname}: no tensor {k!r}; saved from another model?")
+                if tuple(t[k].shape) != shape:
+                    raise ValueError(f"{fname}: {k} is {tuple(t[k].shape)}, the layer needs {shape}")
+        return t
+
+    files = {None: read(index["shared"])}
+    files.update({e["id"]: read(e["file"]) for e in index["tasks"]})
+
+    def put(t, blocksA, blocksB):
+        for n, l in layers.items():
             A, B = t[f"{n}.lora_A"], t[f"{n}.lora_B"]
             starts = (0,) + l.boundaries[:-1]
             for i, (s, e) in enumerate(zip(starts, l.boundaries)):
                 blocksA(l)[i].copy_(A[s:e])
                 blocksB(l)[i].copy_(B[:, s:e])
 
-    put(index["shared"], lambda l: l.lora_A, lambda l: l.lora_B)
+    merged = [l for l in layers.values() if l.merged_rank]
+    for l in merged:  # the base weight holds the old shared delta; take it out before the blocks change
+        l.unmerge()
+    put(files[None], lambda l: l.lora_A, lambda l: l.lora_B)
     for e in index["tasks"]:
-        slot = router.slot(e["id"]) if e["id"] in router.slots or router.register_new_tasks else None
-        if slot is None:
-            raise ValueError(f"task id {e['id']!r} in {save_dir} is not registered; known task ids: {router.task_ids}")
-        put(e["file"], lambda l, s=slot: l.lora_tasks[s].lora_A, lambda l, s=slot: l.lora_tasks[s].lora_B)
-    router.set_topology(index["meta"]["topology"])
+        slot = router.slot(e["id"])
+        put(files[e["id"]], lambda l, s=slot: l.lora_tasks[s].lora_A, lambda l, s=slot: l.lora_tasks[s].lora_B)
+    router.set_topology(meta["topology"])
     for l in layers.values():
-        l.set_rank(index["meta"]["rank"])
+        l.set_rank(meta["rank"])
+    if router.topology == "shared":
+        for l in merged:
+            l.merge()
 
 
 @contextlib.contextmanager
