@@ -587,3 +587,27 @@ def test_load_task_adapters_checks_everything_before_writing(tmp_path):
             load_task_adapters(model, tmp_path / d)
     assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(model)))
     assert ctrl.router.slots == {"a": 0, "b": 1}
+
+
+def test_per_task_losses_and_step_refuse_per_sample_shapes_they_cannot_read():
+    # A mean-reduced loss, or fewer losses than ids, was a bare torch RuntimeError ("shape '[16, -1]' is invalid
+    # for input of size 1"); ctrl.step(loss, task_id=<one id per sample>) was "unhashable type: 'list'".
+    per, ids = torch.arange(8.0), ["a", "b"] * 4
+    assert per_task_losses(per, ids) == {"a": 3.0, "b": 4.0}
+    assert per_task_losses(per.reshape(4, 2), ["a", "b", "b", "a"]) == {"a": 3.5, "b": 3.5}  # rows of per-token losses
+    assert per_task_losses(per, torch.tensor([[0], [1]] * 4)) == {0: 3.0, 1: 4.0}
+    assert per_task_losses(per, torch.tensor(1)) == {1: 3.5}
+    for loss, tids in ((per.mean(), ids), (per[:5], ids), (per, [])):
+        with pytest.raises(ValueError, match=r"per_task_losses: \d+ loss values for \d+ task ids"):
+            per_task_losses(loss, tids)
+    x, ya, yb = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=MULTI, phi_init=0.5)
+    with task_context(model, ["a", "b"] * (N // 2)):
+        loss = F.cross_entropy(model(input_ids=x).logits, ya)
+    loss.backward()
+    for bad in (["a", "b"] * (N // 2), torch.zeros(N, dtype=torch.long)):
+        with pytest.raises(ValueError, match="task_id= is one id for the whole batch"):
+            ctrl.step(loss, task_id=bad)
+    assert ctrl.global_step == 0
+    ctrl.step(loss, task_id="a")
+    assert ctrl.global_step == 1

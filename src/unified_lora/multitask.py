@@ -256,12 +256,17 @@ class MultiTaskModel(nn.Module):
 
 
 def per_task_losses(per_sample_loss: torch.Tensor, task_ids) -> dict:
-    """Mean loss per task from per-sample losses (e.g. cross_entropy(..., reduction='none'))."""
-    if torch.is_tensor(task_ids):
-        task_ids = task_ids.reshape(-1).tolist()
+    """Mean loss per task from per-sample losses (e.g. cross_entropy(..., reduction='none')): one row of
+    `per_sample_loss` per id (a row may hold several values, e.g. per-token losses), or one id for all."""
+    if hasattr(task_ids, "tolist") and not isinstance(task_ids, (int, str)):  # tensor / numpy array or scalar
+        task_ids = task_ids.reshape(-1).tolist() if getattr(task_ids, "ndim", 0) else task_ids.tolist()
     if isinstance(task_ids, (int, str)):
         return {task_ids: float(per_sample_loss.detach().float().mean())}
-    vals = per_sample_loss.detach().float().reshape(len(task_ids), -1).mean(1).tolist()
+    n, numel = len(task_ids), per_sample_loss.numel()
+    if n == 0 or numel == 0 or numel % n:
+        raise ValueError(f"per_task_losses: {numel} loss values for {n} task ids; pass the per-sample losses "
+                         f"(e.g. cross_entropy(..., reduction='none')), one row per task id, or one id for the batch")
+    vals = per_sample_loss.detach().float().reshape(n, -1).mean(1).tolist()
     out: dict = {}
     for t, v in zip(task_ids, vals):
         out.setdefault(t, []).append(v)
@@ -782,6 +787,10 @@ class MultiTaskController(UnifiedController):
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, loss, task_losses: dict | None = None, task_id=None) -> list[Transition]:
+        if task_id is not None and (isinstance(task_id, (list, tuple)) or getattr(task_id, "ndim", 0) > 0):
+            raise ValueError(f"ctrl.step: task_id= is one id for the whole batch, got {type(task_id).__name__} "
+                             f"{task_id!r}; for one id per sample pass task_losses=per_task_losses(per_sample_loss, "
+                             f"task_ids)")
         return super().step(loss, task_losses=task_losses, task_id=task_id)
 
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
