@@ -611,3 +611,21 @@ def test_per_task_losses_and_step_refuse_per_sample_shapes_they_cannot_read():
     assert ctrl.global_step == 0
     ctrl.step(loss, task_id="a")
     assert ctrl.global_step == 1
+
+
+def test_a_forward_outside_task_context_in_single_is_an_error_not_a_silent_missing_conflict():
+    # In MULTI a forward without task ids raises; in SINGLE it ran the shared adapter, no per-task gradient was
+    # captured, and with task losses given the gradient conflict stayed None for good: the controller never split
+    # (40 steps of opposite labels stayed in SINGLE). It is now a ValueError, before the step counts.
+    x, ya, yb = conflict_data()
+    ids, y, tids = torch.cat([x, x]), torch.cat([ya, yb]), ["a"] * N + ["b"] * N
+    model, ad, ctrl, opt = build()
+    assert ctrl.router.topology == "shared"
+    per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")  # no task_context
+    per.mean().backward()
+    for kw in ({"task_losses": per_task_losses(per, tids)}, {"task_id": "a"}):
+        with pytest.raises(ValueError, match="forward ran outside `with task_context"):
+            ctrl.step(per.mean(), **kw)
+    assert ctrl.global_step == 0 and not ctrl.trace
+    ctrl.step(per.mean())  # no task information at all: one pseudo-task, as before
+    assert ctrl.global_step == 1

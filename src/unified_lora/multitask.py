@@ -689,6 +689,11 @@ class MultiTaskController(UnifiedController):
         out: dict[int, list[torch.Tensor]] = {}
         if self.router.topology == "shared":
             slots = set().union(*(a._task_grads.keys() for a in self.adapters))
+            if not slots and getattr(self, "_task_info", False):
+                # task losses, but the forward ran with no task ids: the conflict that triggers the split is unseen
+                raise ValueError("ctrl.step: task losses were given, but no per-task gradients were captured: the "
+                                 "forward ran outside `with task_context(model, task_ids):`. In SINGLE the "
+                                 "gradient conflict, which triggers the split into task adapters, needs it")
             for s in slots:
                 parts = []
                 for a in self.adapters:
@@ -791,6 +796,7 @@ class MultiTaskController(UnifiedController):
             raise ValueError(f"ctrl.step: task_id= is one id for the whole batch, got {type(task_id).__name__} "
                              f"{task_id!r}; for one id per sample pass task_losses=per_task_losses(per_sample_loss, "
                              f"task_ids)")
+        self._task_info = task_losses is not None or task_id is not None
         return super().step(loss, task_losses=task_losses, task_id=task_id)
 
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
