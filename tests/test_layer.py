@@ -391,6 +391,52 @@ def test_both_kernels_pass_gradcheck(rank, kernel):
     assert torch.autograd.gradcheck(lambda base, x, *bl: path(base, x, layer.scaling, k, *bl), (base, x, *blocks))
 
 
+@pytest.mark.parametrize("layout", ["rows", "batch", "strided_batch"])
+@pytest.mark.parametrize("rank", [8, 16])
+def test_a_double_backward_through_either_kernel_gives_plain_autograd_second_derivatives(rank, layout, kernel):
+    """create_graph=True (a gradient penalty on the parameters' gradients, MAML): the nested path saves u = h Aᵀ
+    without a graph, and its backward used it for grad B, so d(grad B)/dA and the input's terms were silently lost
+    (errors of 1e3-1e5 here). Both kernels must give the plain ops' second derivatives, and pass gradgradcheck."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(6, 5).double(), rank_levels=(2, 4, 8), initial_rank=rank // 2, kernel=kernel)
+    _randomize_B(layer)
+    x = {"rows": lambda: torch.randn(4, 6), "batch": lambda: torch.randn(2, 3, 6),
+         "strided_batch": lambda: torch.randn(3, 2, 6).transpose(0, 1)}[layout]().double().requires_grad_(True)
+
+    def second_order(y):
+        gs = torch.autograd.grad(y.square().sum(), layer.active_parameters(), create_graph=True)
+        sum(g.square().sum() for g in gs).backward()
+        got = [x.grad] + [p.grad for p in layer.active_parameters()]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return got
+
+    got = second_order(layer(x))
+    ref = second_order(layer.base_layer(x) + _reference_delta(layer, x))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    blocks, k, path = layer.active_parameters(), layer.n_active_blocks, _nested_path_of(kernel)
+    base = torch.randn(*x.shape[:-1], 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda base, x, *bl: path(base, x, layer.scaling, k, *bl), (base, x, *blocks))
+
+
+def test_a_double_backward_through_an_input_cast_in_the_layer_is_an_error(kernel):
+    """Under autocast the path saves a cast copy of the input with no graph to it: its second-order terms cannot
+    be formed, so create_graph=True says so instead of returning a wrong gradient. A first-order backward and an
+    input that needs no gradient are unaffected."""
+    layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.float().square().sum(), layer.active_parameters(), create_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.detach())
+    gs = torch.autograd.grad(y.float().square().sum(), layer.active_parameters(), create_graph=True)
+    assert all(g.requires_grad for g in gs)
+
+
 def test_both_kernels_catch_a_block_changed_in_place_before_backward(kernel):
     layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel=kernel)
     y = layer(torch.randn(4, 8, requires_grad=True))
