@@ -564,6 +564,30 @@ def test_torch_func_grad_and_per_sample_vmap_grads_match_autograd(rank, kernel):
             jvp(layer, (xs[0],), (torch.ones_like(xs[0]),))
 
 
+@pytest.mark.parametrize("rank", [8, 16])
+def test_torch_func_grad_under_bf16_autocast_matches_autograd(rank, kernel):
+    """Under torch.func the layer's Function saves the input as given (fp32), and backward multiplied it with the
+    bf16 gradient: `grad` under bf16 autocast raised 'expected m1 and m2 to have the same dtype' at r8 and r16."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(16, 8), initial_rank=rank, kernel=kernel)
+    _randomize_B(layer)
+    params = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+    x = torch.randn(5, 3, 16)
+
+    def loss(p, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return functional_call(layer, p, (x,)).float().square().sum()
+
+    got = grad(loss)(params, x)
+    loss(dict(layer.named_parameters()), x).backward()
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert got[n].dtype == p.dtype
+            torch.testing.assert_close(got[n], torch.zeros_like(p) if p.grad is None else p.grad, rtol=0, atol=0)
+
+
 def test_a_layer_pickled_before_the_kernel_option_still_runs():
     layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16)
     del layer.__dict__["kernel"]  # what torch.load gives for a whole layer saved by an older version

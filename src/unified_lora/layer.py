@@ -177,15 +177,15 @@ def _double_backward_u(h, need_h: bool):
 
 def _path_backward(gy, h2, u, blocks, k, dt, scaling, need_h):
     """(grad h as rows, grads of the A blocks, grads of the B blocks); u is rows (None: recompute it, with its
-    graph, for a double backward), h2 the input as saved or its cast copy; autocast is off here."""
+    graph, for a double backward), h2 the input as saved (cast here) or its cast copy; autocast is off here."""
     A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
     g2 = gy.reshape(-1, gy.shape[-1])
     if h2.dim() != 2:  # the input, saved as it was (see forward)
         h2 = h2.reshape(-1, h2.shape[-1])
-    if A.dtype != dt or B.dtype != dt or g2.dtype != dt:
-        A, B, g2 = A.to(dt), B.to(dt), g2.to(dt)
+    if A.dtype != dt or B.dtype != dt or g2.dtype != dt or h2.dtype != dt:  # h2: torch.func's Function saves h
+        A, B, g2, h2 = A.to(dt), B.to(dt), g2.to(dt), h2.to(dt)
     if u is None:
-        u = h2.to(dt).mm(A.t())
+        u = h2.mm(A.t())
     gu = g2.mm(B).mul_(scaling)  # tokens × r
     gA = gu.t().mm(h2)  # r × in
     gB = g2.t().mm(u).mul_(scaling)  # out × r
