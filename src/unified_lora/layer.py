@@ -381,7 +381,8 @@ class NestedLoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active delta into the base weight (for inference)."""
+        """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
+        module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it)."""
         if self.merged_rank:
             return
         d = self.delta_weight().to(self.base_layer.weight.dtype)

@@ -92,8 +92,33 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
+def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | None = None) -> dict[str, list[str]]:
+    """{adapter name: the other names of its base weight} for every nested layer whose frozen base weight is
+    tied to another module's parameter (GPT-2's `lm_head` and `transformer.wte`). Folding a delta into such a
+    weight in place changes the other module as well."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = {}
+    for name, layer in (lora_layers(model) if layers is None else layers).items():
+        own = f"{name}.base_layer.weight" if name else "base_layer.weight"
+        others = [n for n in names.get(id(layer.base_layer.weight), ()) if n != own]
+        if others:
+            tied[name] = others
+    return tied
+
+
 def merge_adapters(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
+    """Fold every nested layer's active delta into its base weight, in place (`unmerge_adapters` undoes it). A
+    base weight tied to another module's parameter is refused: the in-place fold would change that module too."""
+    layers = lora_layers(model)
+    tied = tied_base_weights(model, layers)
+    if tied:
+        shown = "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in tied.items())
+        raise ValueError(f"merge_adapters: tied base weights ({shown}): merging in place would add the delta to "
+                         "the tied module too. Use unified_lora.peft_io.merge_and_unload(model), which gives such "
+                         "a layer its own merged weight, or untie the weights before merging")
+    for layer in layers.values():
         layer.merge()
 
 
