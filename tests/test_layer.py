@@ -226,6 +226,32 @@ def test_injection_by_regex_and_all_linear(bert, gpt2):
     assert "lm_head" not in g and any(n.endswith("c_attn") for n in g) and any(n.endswith("c_fc") for n in g)
 
 
+def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
+    """torch's nn.TransformerEncoder: nn.MultiheadAttention uses out_proj's weight without calling the module, and
+    the encoder layer's inference fast path reads linear1/linear2's `.weight`. Wrapped by "all-linear", eval under
+    no_grad raised "'NestedLoRALayer' object has no attribute 'weight'". Now "all-linear" leaves out_proj out (naming
+    it is a ValueError) and the wrapped linears keep the layer off its fast path, so the LoRA delta is applied."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(enc, 2, enable_nested_tensor=False), nn.Linear(16, 2)).eval()
+    with pytest.raises(ValueError, match=r"out_proj of an nn\.MultiheadAttention"):
+        inject_nested_lora(copy.deepcopy(model), NestedLoRAConfig(target_modules=["out_proj", "linear1"]))
+    plain = copy.deepcopy(model)
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules="all-linear"))
+    assert sorted(n.split(".")[-1] for n in adapters) == ["1", "linear1", "linear1", "linear2", "linear2"]
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        got = model(x)
+        for name, layer in adapters.items():  # the same model with each delta merged into a plain Linear
+            w = plain.get_submodule(name).weight
+            w += layer.delta_weight()
+        ref = plain(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert (got - model.train()(x)).abs().max() < 1e-4  # eval (fast-path candidate) = train (dropout 0)
+
+
 def test_modules_to_save_are_trainable(bert):
     inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad
