@@ -226,6 +226,32 @@ def test_injection_by_regex_and_all_linear(bert, gpt2):
     assert "lm_head" not in g and any(n.endswith("c_attn") for n in g) and any(n.endswith("c_fc") for n in g)
 
 
+def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
+    """torch's nn.TransformerEncoder: nn.MultiheadAttention uses out_proj's weight without calling the module, and
+    the encoder layer's inference fast path reads linear1/linear2's `.weight`. Wrapped by "all-linear", eval under
+    no_grad raised "'NestedLoRALayer' object has no attribute 'weight'". Now "all-linear" leaves out_proj out (naming
+    it is a ValueError) and the wrapped linears keep the layer off its fast path, so the LoRA delta is applied."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(enc, 2, enable_nested_tensor=False), nn.Linear(16, 2)).eval()
+    with pytest.raises(ValueError, match=r"out_proj of an nn\.MultiheadAttention"):
+        inject_nested_lora(copy.deepcopy(model), NestedLoRAConfig(target_modules=["out_proj", "linear1"]))
+    plain = copy.deepcopy(model)
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules="all-linear"))
+    assert sorted(n.split(".")[-1] for n in adapters) == ["1", "linear1", "linear1", "linear2", "linear2"]
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        got = model(x)
+        for name, layer in adapters.items():  # the same model with each delta merged into a plain Linear
+            w = plain.get_submodule(name).weight
+            w += layer.delta_weight()
+        ref = plain(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert (got - model.train()(x)).abs().max() < 1e-4  # eval (fast-path candidate) = train (dropout 0)
+
+
 def test_modules_to_save_are_trainable(bert):
     inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad
@@ -391,6 +417,52 @@ def test_both_kernels_pass_gradcheck(rank, kernel):
     assert torch.autograd.gradcheck(lambda base, x, *bl: path(base, x, layer.scaling, k, *bl), (base, x, *blocks))
 
 
+@pytest.mark.parametrize("layout", ["rows", "batch", "strided_batch"])
+@pytest.mark.parametrize("rank", [8, 16])
+def test_a_double_backward_through_either_kernel_gives_plain_autograd_second_derivatives(rank, layout, kernel):
+    """create_graph=True (a gradient penalty on the parameters' gradients, MAML): the nested path saves u = h Aᵀ
+    without a graph, and its backward used it for grad B, so d(grad B)/dA and the input's terms were silently lost
+    (errors of 1e3-1e5 here). Both kernels must give the plain ops' second derivatives, and pass gradgradcheck."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(6, 5).double(), rank_levels=(2, 4, 8), initial_rank=rank // 2, kernel=kernel)
+    _randomize_B(layer)
+    x = {"rows": lambda: torch.randn(4, 6), "batch": lambda: torch.randn(2, 3, 6),
+         "strided_batch": lambda: torch.randn(3, 2, 6).transpose(0, 1)}[layout]().double().requires_grad_(True)
+
+    def second_order(y):
+        gs = torch.autograd.grad(y.square().sum(), layer.active_parameters(), create_graph=True)
+        sum(g.square().sum() for g in gs).backward()
+        got = [x.grad] + [p.grad for p in layer.active_parameters()]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return got
+
+    got = second_order(layer(x))
+    ref = second_order(layer.base_layer(x) + _reference_delta(layer, x))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    blocks, k, path = layer.active_parameters(), layer.n_active_blocks, _nested_path_of(kernel)
+    base = torch.randn(*x.shape[:-1], 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda base, x, *bl: path(base, x, layer.scaling, k, *bl), (base, x, *blocks))
+
+
+def test_a_double_backward_through_an_input_cast_in_the_layer_is_an_error(kernel):
+    """Under autocast the path saves a cast copy of the input with no graph to it: its second-order terms cannot
+    be formed, so create_graph=True says so instead of returning a wrong gradient. A first-order backward and an
+    input that needs no gradient are unaffected."""
+    layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.float().square().sum(), layer.active_parameters(), create_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.detach())
+    gs = torch.autograd.grad(y.float().square().sum(), layer.active_parameters(), create_graph=True)
+    assert all(g.requires_grad for g in gs)
+
+
 def test_both_kernels_catch_a_block_changed_in_place_before_backward(kernel):
     layer = NestedLoRALayer(nn.Linear(8, 8), initial_rank=16, kernel=kernel)
     y = layer(torch.randn(4, 8, requires_grad=True))
@@ -516,6 +588,30 @@ def test_torch_func_grad_and_per_sample_vmap_grads_match_autograd(rank, kernel):
 
         with pytest.raises(NotImplementedError, match="jvp"):
             jvp(layer, (xs[0],), (torch.ones_like(xs[0]),))
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_torch_func_grad_under_bf16_autocast_matches_autograd(rank, kernel):
+    """Under torch.func the layer's Function saves the input as given (fp32), and backward multiplied it with the
+    bf16 gradient: `grad` under bf16 autocast raised 'expected m1 and m2 to have the same dtype' at r8 and r16."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(16, 8), initial_rank=rank, kernel=kernel)
+    _randomize_B(layer)
+    params = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+    x = torch.randn(5, 3, 16)
+
+    def loss(p, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return functional_call(layer, p, (x,)).float().square().sum()
+
+    got = grad(loss)(params, x)
+    loss(dict(layer.named_parameters()), x).backward()
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert got[n].dtype == p.dtype
+            torch.testing.assert_close(got[n], torch.zeros_like(p) if p.grad is None else p.grad, rtol=0, atol=0)
 
 
 def test_a_layer_pickled_before_the_kernel_option_still_runs():

@@ -388,6 +388,54 @@ def test_merge_and_unload_gives_a_plain_model_that_reloads_identically(tmp_path)
     assert (logits(reloaded, x) - ours).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("premerged", [False, True])
+def test_a_tied_lm_head_merges_into_its_own_weight_and_leaves_the_embedding_alone(tmp_path, premerged):
+    """GPT-2's lm_head shares its weight with transformer.wte. Merging its delta in place added it to the input
+    embedding too (logits off by ~30 here, before and after save/reload). merge_and_unload now gives lm_head its
+    own merged weight and unties the config; merge_adapters (in place, for inference) refuses with a ValueError."""
+    from unified_lora import merge_adapters
+
+    base, _, _ = tiny("gpt2")
+    assert base.lm_head.weight is base.transformer.wte.weight
+    wte = base.transformer.wte.weight.detach().clone()
+    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["c_attn", "lm_head"]))
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+    x = inputs()
+    ours = logits(base, x)
+    with pytest.raises(ValueError, match=r"tied base weights .*'lm_head' is also 'transformer\.wte\.weight'"):
+        merge_adapters(base)
+    assert all(layer.merged_rank == 0 for layer in adapters.values())  # refused before merging anything
+    if premerged:  # a layer merged in place by hand has already changed the embedding: merge_and_unload undoes it
+        adapters["lm_head"].merge()
+    with pytest.warns(UserWarning, match="tie_word_embeddings is now False"):
+        plain = merge_and_unload(base, rank=16)
+    # untouched, or (merged by hand first) back to it up to the unmerge's float rounding
+    torch.testing.assert_close(plain.transformer.wte.weight, wte, rtol=0, atol=1e-6 if premerged else 0)
+    assert not plain.config.tie_word_embeddings
+    assert (logits(plain, x) - ours).abs().max().item() > 1e-2  # rank 16, not the rank-8 outputs
+    set_ref = logits(plain, x)
+    plain.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded.transformer.wte.weight, plain.transformer.wte.weight)
+    assert (logits(reloaded, x) - set_ref).abs().max().item() <= TOL
+
+
+def test_a_tied_lm_head_merges_to_the_unmerged_logits():
+    base, _, _ = tiny("gpt2")
+    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["lm_head"]))
+    with torch.no_grad():
+        for b in adapters["lm_head"].lora_B:
+            b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+    x = inputs()
+    ours = logits(base, x)
+    with pytest.warns(UserWarning, match="tied"):
+        plain = merge_and_unload(base)
+    torch.testing.assert_close(logits(plain, x), ours, rtol=1e-5, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ PeftController
 def bert_peft_model():
     base, targets, mts = tiny("bert")

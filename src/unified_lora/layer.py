@@ -64,9 +64,10 @@ class _NestedLoRAPath(torch.autograd.Function):
         else:  # no context manager on the common path: this Function's host time is per layer and call
             dt = blocks[0].dtype
             h2, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
-        # h2 is h as rows: a view when h is contiguous, so backward needs no reshape. A strided h is saved as it is
-        # (as PEFT's Linear saves it), not as the copy its reshape made; a cast h2 is a copy either way.
-        ctx.save_for_backward(h2 if h2.dtype != h.dtype or h.is_contiguous() else h, u, *blocks)
+        # h is saved as it is (as PEFT's Linear saves it): neither the copy a strided h's reshape makes nor a view
+        # made here, which would have no graph to h, so a double backward (create_graph=True) would lose h's terms.
+        # A cast h2 is a copy either way.
+        ctx.save_for_backward(h2 if h2.dtype != h.dtype else h, u, *blocks)
         ctx.scaling, ctx.k, ctx.dt, ctx.h_shape = scaling, k, dt, h.shape
         return out.view(base_out.shape)
 
@@ -75,6 +76,8 @@ class _NestedLoRAPath(torch.autograd.Function):
         h2, u, *blocks = ctx.saved_tensors
         need = ctx.needs_input_grad
         dev = h2.device.type
+        if torch.is_grad_enabled():  # create_graph=True (a double backward): these gradients are differentiated
+            u = _double_backward_u(h2, need[1])
         if torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):
                 gh, gA, gB = _path_backward(gy, h2, u, blocks, ctx.k, ctx.dt, ctx.scaling, need[1])
@@ -158,15 +161,31 @@ def _path_forward(base_out, h, scaling, k, blocks, dt):
     return h2, u, out
 
 
+def _double_backward_u(h, need_h: bool):
+    """The u a differentiable backward uses: None, so `_path_backward` recomputes it from h and A with its graph
+    (forward ran without grad, so the saved u has none and d(grad B)/dA would be lost silently). An h cast inside
+    the Function (autocast, or blocks of another dtype) was saved as a copy without a graph to the input, so the
+    input's second-order terms cannot be formed: that is an error rather than a wrong gradient."""
+    if need_h and not h.requires_grad:
+        raise RuntimeError(
+            "NestedLoRALayer: a double backward (create_graph=True) through two or more active blocks needs the "
+            "input in the adapters' dtype without autocast; this input was cast inside the layer (autocast, or "
+            "blocks of another dtype), so its second-order terms are not available. Run that backward without "
+            "autocast, or at the lowest rank (one block runs as plain torch ops)")
+    return None
+
+
 def _path_backward(gy, h2, u, blocks, k, dt, scaling, need_h):
-    """(grad h as rows, grads of the A blocks, grads of the B blocks); u is rows, h2 rows or the strided input;
-    autocast is off here."""
+    """(grad h as rows, grads of the A blocks, grads of the B blocks); u is rows (None: recompute it, with its
+    graph, for a double backward), h2 the input as saved (cast here) or its cast copy; autocast is off here."""
     A, B = torch.cat(blocks[:k], 0), torch.cat(blocks[k:], 1)
     g2 = gy.reshape(-1, gy.shape[-1])
-    if h2.dim() != 2:  # a strided input, saved as it was (see forward)
+    if h2.dim() != 2:  # the input, saved as it was (see forward)
         h2 = h2.reshape(-1, h2.shape[-1])
-    if A.dtype != dt or B.dtype != dt or g2.dtype != dt:
-        A, B, g2 = A.to(dt), B.to(dt), g2.to(dt)
+    if A.dtype != dt or B.dtype != dt or g2.dtype != dt or h2.dtype != dt:  # h2: torch.func's Function saves h
+        A, B, g2, h2 = A.to(dt), B.to(dt), g2.to(dt), h2.to(dt)
+    if u is None:
+        u = h2.mm(A.t())
     gu = g2.mm(B).mul_(scaling)  # tokens × r
     gA = gu.t().mm(h2)  # r × in
     gB = g2.t().mm(u).mul_(scaling)  # out × r
@@ -362,7 +381,8 @@ class NestedLoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active delta into the base weight (for inference)."""
+        """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
+        module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it)."""
         if self.merged_rank:
             return
         d = self.delta_weight().to(self.base_layer.weight.dtype)

@@ -33,6 +33,16 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
         raise ValueError("model: already has nested LoRA layers; inject once")
     chosen = [(n, m) for n, m in candidates if _matches(n, config.target_modules)]
+    # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
+    # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
+    unwrappable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    if config.target_modules == "all-linear":
+        chosen = [(n, m) for n, m in chosen if id(m) not in unwrappable]
+    elif any(id(m) in unwrappable for _, m in chosen):
+        names = [n for n, m in chosen if id(m) in unwrappable]
+        raise ValueError(f"target_modules: {names} are the out_proj of an nn.MultiheadAttention, which uses that "
+                         "Linear's weight directly rather than calling it, so a LoRA layer there cannot take part; "
+                         "target other modules")
     if not chosen:
         seen = sorted({n.split(".")[-1] for n, _ in candidates})
         raise ValueError(
@@ -41,6 +51,10 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         )
     for p in model.parameters():
         p.requires_grad_(False)
+    # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's `.weight` itself (no LoRA, and a
+    # wrapped layer has none); torch skips that path when a submodule has a hook, so such layers get a no-op one.
+    in_fast_path = {id(m) for enc in model.modules() if isinstance(enc, nn.TransformerEncoderLayer)
+                    for m in enc.modules()}
     adapters: dict[str, NestedLoRALayer] = {}
     for name, base in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -55,10 +69,16 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             initial_rank=config.initial_rank,
             kernel=config.kernel,
         )
+        if id(base) in in_fast_path:
+            layer.register_forward_pre_hook(_off_the_fast_path)
         setattr(parent, child, layer)
         adapters[name] = layer
     mark_modules_to_save(model, config.modules_to_save)
     return adapters
+
+
+def _off_the_fast_path(module, args) -> None:
+    """A no-op hook: its presence keeps nn.TransformerEncoderLayer off its fused inference path (see above)."""
 
 
 def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
@@ -92,8 +112,33 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
+def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | None = None) -> dict[str, list[str]]:
+    """{adapter name: the other names of its base weight} for every nested layer whose frozen base weight is
+    tied to another module's parameter (GPT-2's `lm_head` and `transformer.wte`). Folding a delta into such a
+    weight in place changes the other module as well."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = {}
+    for name, layer in (lora_layers(model) if layers is None else layers).items():
+        own = f"{name}.base_layer.weight" if name else "base_layer.weight"
+        others = [n for n in names.get(id(layer.base_layer.weight), ()) if n != own]
+        if others:
+            tied[name] = others
+    return tied
+
+
 def merge_adapters(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
+    """Fold every nested layer's active delta into its base weight, in place (`unmerge_adapters` undoes it). A
+    base weight tied to another module's parameter is refused: the in-place fold would change that module too."""
+    layers = lora_layers(model)
+    tied = tied_base_weights(model, layers)
+    if tied:
+        shown = "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in tied.items())
+        raise ValueError(f"merge_adapters: tied base weights ({shown}): merging in place would add the delta to "
+                         "the tied module too. Use unified_lora.peft_io.merge_and_unload(model), which gives such "
+                         "a layer its own merged weight, or untie the weights before merging")
+    for layer in layers.values():
         layer.merge()
 
 

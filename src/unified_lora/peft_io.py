@@ -38,7 +38,7 @@ import torch.nn as nn
 from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController
 from .layer import NestedLoRALayer
-from .model import inject_nested_lora, lora_layers
+from .model import inject_nested_lora, lora_layers, tied_base_weights
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -511,16 +511,33 @@ def _scaling_at(layer: NestedLoRALayer, r: int) -> float:
 def merge_and_unload(model: nn.Module, rank: int | None = None) -> nn.Module:
     """Fold each nested layer's delta (at `rank`, default its current rank) into
     its base weight and put the plain base layer back in its place. The result
-    is an ordinary transformers model (`save_pretrained` / `from_pretrained`)."""
+    is an ordinary transformers model (`save_pretrained` / `from_pretrained`).
+
+    A base weight tied to another module's parameter (GPT-2's `lm_head` and `transformer.wte`) gets its own
+    merged copy, so the tied module keeps its weights; the model's `config.tie_word_embeddings` is then set to
+    False (with a warning), so that `save_pretrained` / `from_pretrained` keep the two apart."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model: has no NestedLoRALayer to merge")
+    tied = tied_base_weights(model, layers)
     for name, layer in layers.items():
         if rank is not None:
             layer.set_rank(rank)
+        if name in tied:  # untie: fold into a copy (a layer merged in place already is unmerged first)
+            layer.unmerge()
+            w = layer.base_layer.weight
+            layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    if tied:
+        config = getattr(model, "config", None)
+        untie = bool(getattr(config, "tie_word_embeddings", False))
+        if untie:
+            config.tie_word_embeddings = False
+        warnings.warn(f"merge_and_unload: {sorted(tied)} had base weights tied to {sorted(sum(tied.values(), []))}; "
+                      "each now has its own merged weight and the tied modules keep theirs"
+                      + (", and config.tie_word_embeddings is now False" if untie else ""), stacklevel=3)  # (no_grad wraps this)
     return model
 
 

@@ -54,6 +54,7 @@ struct NestedPath : public torch::autograd::Function<NestedPath> {
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["k"] = k;
     ctx->saved_data["dt"] = static_cast<int64_t>(dt);
+    if (h.requires_grad() && !hd.is_same(h)) ctx->saved_data["h_cast"] = true;  // saved a copy: see backward
     return out.view(base_out.sizes());
   }
 
@@ -65,10 +66,20 @@ struct NestedPath : public torch::autograd::Function<NestedPath> {
     // Edges count tensor inputs only: base_out is 0, h is 1.
     const bool need_base = ctx->needs_input_grad(0), need_h = ctx->needs_input_grad(1);
     const Tensor& h = saved[0];
-    const Tensor& u = saved[1];
     const at::TensorList Ab(saved.data() + 2, k), Bb(saved.data() + 2 + k, k);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto A = cat_as(Ab, 0, dt), B = cat_as(Bb, 1, dt);
+    // A double backward (create_graph=True) differentiates these gradients. The saved u has no graph (forward ran
+    // without grad), so it is recomputed from h and A with one; an h cast in forward (autocast, blocks of another
+    // dtype) was saved as a copy with no graph to the input, so its second-order terms cannot be formed: an error,
+    // not a wrong gradient (layer.py's `_double_backward_u`).
+    const bool differentiable = at::GradMode::is_enabled();
+    TORCH_CHECK(!differentiable || ctx->saved_data.count("h_cast") == 0,
+                "NestedLoRALayer: a double backward (create_graph=True) through two or more active blocks needs the "
+                "input in the adapters' dtype without autocast; this input was cast inside the layer (autocast, or "
+                "blocks of another dtype), so its second-order terms are not available. Run that backward without "
+                "autocast, or at the lowest rank (one block runs as plain torch ops)");
+    const Tensor u = differentiable ? at::matmul(h, A.t()) : saved[1];
     const auto& gy = grads[0];
     const auto g2 = as_dtype(rows(gy), dt);
     const auto u2 = rows(u), h2 = rows(h);
