@@ -315,16 +315,26 @@ def _mt_setup():
     return model, adapters, ctrl
 
 
-def _mt_worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker2(rank: int, world: int, port: int, out: str) -> None:
+    """A second spawn: multi-task DDP (whose failure on the old code was a collective mismatch, kept apart from
+    the first spawn's checks) and the activation-checkpointing settings."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    # a collective one process skips must fail the test, not hang it for gloo's default 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    _multitask_ddp_loop(rank, out)
+    _checkpointing_settings(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _multitask_ddp_loop(rank: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from unified_lora import trainable_parameters
     from unified_lora.multitask import TaskRouter, per_task_losses, task_context
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a collective one process skips must fail the test, not hang it for gloo's default 30 minutes
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
     model, _, ctrl = _mt_setup()
     ddp = DDP(model, **ddp_kwargs())
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
@@ -356,23 +366,83 @@ def _mt_worker(rank: int, world: int, port: int, out: str) -> None:
     except ValueError as e:
         rec["register_error"] = str(e)
     torch.save(rec, os.path.join(out, f"mt{rank}.pt"))
-    del ddp  # before destroying the group (see examples/ddp_torchrun.py)
-    dist.barrier()
-    dist.destroy_process_group()
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=2))
+
+
+def _checkpointing_settings(rank: int, out: str) -> None:
+    """Activation checkpointing under DDP: which settings run, and the errors for those that cannot."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora import setup_unified_lora
+    from unified_lora.callbacks import UnifiedLoRACallback
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.arange(6) + 5 * i, "labels": torch.tensor(i % 2)}
+
+    # (checkpointing enabled on the model itself with these kwargs, or None; TrainingArguments)
+    cases = {"model_ckpt": ({}, {}),  # the Trainer's DDP default follows the model: find_unused off
+             "reentrant": ({"use_reentrant": True}, {"ddp_find_unused_parameters": True}),
+             "args_ckpt": (None, {"gradient_checkpointing": True, "ddp_find_unused_parameters": True})}
+    rec = {}
+    for name, (on_model, kw) in cases.items():
+        model = _tiny_bert()
+        _, ctrl = setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], signal="loss",
+                                     print_fn=None)
+        if on_model is not None:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=on_model or None)
+        args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                                 use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+                                 ddp_backend="gloo", **kw)
+        try:
+            Trainer(model=model, args=args, train_dataset=Data(), callbacks=[UnifiedLoRACallback(ctrl)]).train()
+            rec[name] = len(ctrl.trace)
+        except Exception as e:
+            rec[name] = f"{type(e).__name__}: {e}"
+        dist.barrier()
+    model = _tiny_bert()
+    setup_unified_lora(model, ["query", "value"], print_fn=None)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    ddp = DDP(model, **ddp_kwargs())
+    try:
+        check_ddp(ddp)
+        rec["check_ddp"] = "no error"
+    except ValueError as e:
+        rec["check_ddp"] = f"ValueError: {e}"
+    del ddp
+    torch.save(rec, os.path.join(out, f"ckpt{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
-def mt_ddp_run(tmp_path_factory):
+def ddp_run2(tmp_path_factory):
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp().parent
-    out = str(root / "unified_lora_mt_ddp")
-    with FileLock(str(root / "unified_lora_mt_ddp.lock")):
+    out = str(root / "unified_lora_ddp2")
+    with FileLock(str(root / "unified_lora_ddp2.lock")):
         if not os.path.isfile(os.path.join(out, "done")):
             os.makedirs(out, exist_ok=True)
-            mp.spawn(_mt_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+            mp.spawn(_worker2, args=(2, _free_port(), out), nprocs=2, join=True)
             open(os.path.join(out, "done"), "w").close()
-    return [torch.load(os.path.join(out, f"mt{r}.pt"), weights_only=False) for r in range(2)]
+    return {name: [torch.load(os.path.join(out, f"{name}{r}.pt"), weights_only=False) for r in range(2)]
+            for name in ("mt", "ckpt")}
+
+
+@pytest.fixture
+def mt_ddp_run(ddp_run2):
+    return ddp_run2["mt"]
 
 
 def test_multitask_under_ddp_stays_in_lockstep_when_processes_see_different_tasks(mt_ddp_run):
@@ -417,3 +487,17 @@ def test_register_new_tasks_is_refused_under_ddp(mt_ddp_run):
     for r in mt_ddp_run:
         assert "register_new_tasks cannot register it under DDP" in r["register_error"]
         assert "router.register_task('c') on every process" in r["register_error"]
+
+
+def test_activation_checkpointing_under_ddp_runs_or_is_refused_with_the_setting_to_change(ddp_run2):
+    """Checkpointing enabled on the model (not through TrainingArguments) made the Trainer build DDP without
+    find_unused_parameters: DDP's 'Expected to have finished reduction' after the first step. Reentrant
+    checkpointing cannot run with find_unused_parameters=True: 'Expected to mark a variable ready only once' at the
+    first backward. Both now fail before training, naming the setting; non-reentrant checkpointing (transformers'
+    default) with ddp_find_unused_parameters=True trains."""
+    for r in ddp_run2["ckpt"]:
+        assert r["model_ckpt"].startswith("ValueError: ddp_find_unused_parameters: must be True")
+        assert "The Trainer turns it off when activation checkpointing is on" in r["model_ckpt"]
+        for key in ("reentrant", "check_ddp"):
+            assert r[key].startswith("ValueError: activation_checkpointing_kwargs: use_reentrant must be False")
+        assert r["args_ckpt"] == 2  # both steps ran

@@ -249,7 +249,7 @@ class UnifiedLoRACallback(TrainerCallback):
     # -- events ----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._args = args
-        check_trainer_ddp_args(args)
+        check_trainer_ddp_args(args, model)
         if optimizer is not None:
             self.ctrl.attach_optimizer(unwrap_optimizer(optimizer))
         if self.ctrl.actuators.lr_mode == "absolute":
