@@ -47,8 +47,9 @@ DDP: each process sees its own batches, so its own tasks. The controller combine
 into the same numbers on every process: a task's loss is the mean over the processes
 that saw it, and in SINGLE a task's gradient (read by hooks before DDP's all-reduce) is
 summed over the processes and divided by the world size, as DDP averages the gradient
-(task adapters in MULTI read `.grad`, which DDP has averaged already). Two small
-all-reduces a step, always the same on every process. `register_new_tasks` cannot
+(task adapters in MULTI read `.grad`, which DDP has averaged already). That is one
+all-reduce of the task losses a step and, in SINGLE, one of the task gradients (the
+adapters' size), the same on every process. `register_new_tasks` cannot
 register a task in the forward under DDP (processes would give different tasks the same
 slot): register every task on every process, in the same order, first.
 """
@@ -70,6 +71,7 @@ import torch.nn.functional as F
 from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _unwrap_optimizer
+from .distributed import _device as _collective_device
 from .distributed import is_distributed
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
@@ -732,15 +734,15 @@ class MultiTaskController(UnifiedController):
         for a in self.adapters:
             a._task_grads = {}
         numel = sum(a.rank * (a.in_features + a.out_features) for a in self.adapters)  # A (r × in), B (out × r)
-        p0 = self.adapters[0].lora_A[0]
-        buf = torch.zeros(self.router.n_slots, numel + 1, dtype=torch.float32, device=p0.device)
+        buf = torch.zeros(self.router.n_slots, numel + 1, dtype=torch.float32, device=_collective_device())
         for s, parts in local.items():
-            buf[s, :numel] = torch.cat([p.float() for p in parts])
+            buf[s, :numel] = torch.cat([p.float() for p in parts]).to(buf.device)
             buf[s, numel] = 1.0
         dist.all_reduce(buf)
         buf[:, :numel] /= dist.get_world_size()
         seen = (buf[:, numel] > 0).tolist()
-        return {s: buf[s, :numel] for s in range(self.router.n_slots) if seen[s]}
+        dev = self.adapters[0].lora_A[0].device
+        return {s: buf[s, :numel].to(dev) for s in range(self.router.n_slots) if seen[s]}
 
     @torch.no_grad()
     def _grad_conflict(self) -> float | None:
@@ -819,8 +821,7 @@ class MultiTaskController(UnifiedController):
             s = self.router.slots[t]
             buf[s] += v
             buf[n + s] += 1.0
-        p0 = self.adapters[0].lora_A[0]
-        t = torch.tensor(buf, dtype=torch.float64, device=p0.device)
+        t = torch.tensor(buf, dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
         sums, counts = t[:n].tolist(), t[n:].tolist()
         ids = {s: tid for tid, s in self.router.slots.items()}
