@@ -7,6 +7,7 @@ restores it when φ falls back. Each rank trains on its own data, so the local
 losses differ; only the controller's all-reduce keeps the decisions equal.
 """
 
+import datetime
 import os
 import socket
 
@@ -271,3 +272,232 @@ def test_accelerate_loop_in_lockstep(ddp_run):
     assert r0["world"] == r1["world"] == 2
     assert r0["trace"] == r1["trace"] and {m for *_, m, _, _ in r0["trace"]} == {1, 2}
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+# ---------------------------------------------------------------------------- multi-task under DDP
+
+MT_STEPS = 16
+
+
+class PerSampleClassifier(TinyClassifier):
+    def forward(self, input_ids, labels):  # per-sample losses, for per_task_losses
+        h = torch.tanh(self.v_proj(torch.tanh(self.q_proj(self.embed(input_ids)))))
+        return torch.nn.functional.cross_entropy(self.classifier(h), labels, reduction="none")
+
+
+def _mt_batch(rank: int, step: int):
+    """Each process its own data and its own tasks: at step 0 process 0 has only task "a"; every 4th step each
+    process has one task for its whole batch (`task_id=`), "a" on 0 and "b" on 1; else both, in another order.
+    Task "b" flips the labels, so the tasks conflict."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    y = torch.randint(0, 2, (8,), generator=g)
+    x = torch.randint(5, 50, (8, 6), generator=g) + 45 * y[:, None]
+    if step % 4 == 3:
+        tids = "a" if rank == 0 else "b"
+    elif step == 0 and rank == 0:
+        tids = ["a"] * 8
+    else:
+        tids = ["a", "b"] * 4 if rank == 0 else ["b", "a"] * 4
+    per_sample = [tids] * 8 if isinstance(tids, str) else tids
+    return x, torch.tensor([1 - v if t == "b" else v for v, t in zip(y.tolist(), per_sample)]), tids
+
+
+def _mt_setup():
+    from unified_lora import MachineConfig
+    from unified_lora.multitask import MultiTaskSignalConfig, setup_multitask_lora
+
+    torch.manual_seed(0)
+    model = PerSampleClassifier()
+    # starts in SINGLE (φ from 0); splits, merges back, splits again, then a Mirror cycle (restored)
+    signal = MultiTaskSignalConfig(alpha=0.3, loss_scale=0.5, phi_init=0.0)
+    adapters, ctrl = setup_multitask_lora(model, tasks=["a", "b"], target_modules=["q_proj", "v_proj", "classifier"],
+                                          machine=MachineConfig(initial_mode=0), signal=signal, print_fn=None)
+    return model, adapters, ctrl
+
+
+def _worker2(rank: int, world: int, port: int, out: str) -> None:
+    """A second spawn: multi-task DDP (whose failure on the old code was a collective mismatch, kept apart from
+    the first spawn's checks) and the activation-checkpointing settings."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    # a collective one process skips must fail the test, not hang it for gloo's default 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    _multitask_ddp_loop(rank, out)
+    _checkpointing_settings(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _multitask_ddp_loop(rank: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from unified_lora import trainable_parameters
+    from unified_lora.multitask import TaskRouter, per_task_losses, task_context
+
+    model, _, ctrl = _mt_setup()
+    ddp = DDP(model, **ddp_kwargs())
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    rec = {"local": [], "error": None}
+    try:
+        for step in range(MT_STEPS):
+            x, y, tids = _mt_batch(rank, step)
+            with task_context(ddp, tids):
+                per = ddp(input_ids=x, labels=y)
+            loss = per.mean()
+            loss.backward()
+            if isinstance(tids, str):
+                rec["local"].append({tids: loss.item()})
+                ctrl.step(loss, task_id=tids)
+            else:
+                rec["local"].append(per_task_losses(per, tids))
+                ctrl.step(loss, task_losses=rec["local"][-1])
+            assert_lockstep(ctrl)
+            opt.step()
+            opt.zero_grad()
+    except Exception as e:  # recorded, so the test shows it
+        rec["error"] = f"{type(e).__name__}: {e}"
+    rec["trace"] = [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.components) for r in ctrl.trace]
+    rec["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    router = TaskRouter(["a"], spare_slots=1, register_new_tasks=True)
+    try:
+        router.slot("c")
+    except ValueError as e:
+        rec["register_error"] = str(e)
+    torch.save(rec, os.path.join(out, f"mt{rank}.pt"))
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=2))
+
+
+def _checkpointing_settings(rank: int, out: str) -> None:
+    """Activation checkpointing under DDP: which settings run, and the errors for those that cannot."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora import setup_unified_lora
+    from unified_lora.callbacks import UnifiedLoRACallback
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.arange(6) + 5 * i, "labels": torch.tensor(i % 2)}
+
+    # (checkpointing enabled on the model itself with these kwargs, or None; TrainingArguments)
+    cases = {"model_ckpt": ({}, {}),  # the Trainer's DDP default follows the model: find_unused off
+             "reentrant": ({"use_reentrant": True}, {"ddp_find_unused_parameters": True}),
+             "args_ckpt": (None, {"gradient_checkpointing": True, "ddp_find_unused_parameters": True})}
+    rec = {}
+    for name, (on_model, kw) in cases.items():
+        model = _tiny_bert()
+        _, ctrl = setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], signal="loss",
+                                     print_fn=None)
+        if on_model is not None:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=on_model or None)
+        args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                                 use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+                                 ddp_backend="gloo", **kw)
+        try:
+            Trainer(model=model, args=args, train_dataset=Data(), callbacks=[UnifiedLoRACallback(ctrl)]).train()
+            rec[name] = len(ctrl.trace)
+        except Exception as e:
+            rec[name] = f"{type(e).__name__}: {e}"
+        dist.barrier()
+    model = _tiny_bert()
+    setup_unified_lora(model, ["query", "value"], print_fn=None)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    ddp = DDP(model, **ddp_kwargs())
+    try:
+        check_ddp(ddp)
+        rec["check_ddp"] = "no error"
+    except ValueError as e:
+        rec["check_ddp"] = f"ValueError: {e}"
+    del ddp
+    torch.save(rec, os.path.join(out, f"ckpt{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run2(tmp_path_factory):
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    out = str(root / "unified_lora_ddp2")
+    with FileLock(str(root / "unified_lora_ddp2.lock")):
+        if not os.path.isfile(os.path.join(out, "done")):
+            os.makedirs(out, exist_ok=True)
+            mp.spawn(_worker2, args=(2, _free_port(), out), nprocs=2, join=True)
+            open(os.path.join(out, "done"), "w").close()
+    return {name: [torch.load(os.path.join(out, f"{name}{r}.pt"), weights_only=False) for r in range(2)]
+            for name in ("mt", "ckpt")}
+
+
+@pytest.fixture
+def mt_ddp_run(ddp_run2):
+    return ddp_run2["mt"]
+
+
+def test_multitask_under_ddp_stays_in_lockstep_when_processes_see_different_tasks(mt_ddp_run):
+    """Each process has its own tasks at a step (one process only "a", the other both; or one task each with
+    `task_id=`). The old code all-reduced each process's task losses one by one (a different number of collectives
+    per process: a hang), credited the all-reduced loss to each process's own `task_id` (φ drifted apart), and
+    averaged conflicts that one process had and another had not yet."""
+    r0, r1 = mt_ddp_run
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert len(r0["trace"]) == MT_STEPS and r0["trace"] == r1["trace"]  # every component too, bit for bit
+    events = [(t[6]["topology"], t[5], t[4]) for t in r0["trace"]]
+    assert ("shared", None, None) in events and ("task", "SINGLE->MULTI", None) in events
+    assert ("shared", "MULTI->SINGLE", None) in events  # a merge
+    assert ("task", "MULTI->MIRROR", "saved") in events and ("task", "MIRROR->MULTI", "restored") in events
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+def test_multitask_under_ddp_combines_task_losses_and_gradients_across_processes(mt_ddp_run):
+    """Step 0: process 0 saw only task "a", process 1 both. A task's loss is the mean over the processes that saw it;
+    the gradient conflict is that of the whole 2-process batch, as one process computes it on the two batches
+    together (DDP's gradient is the mean of two equal-size batch means, so the per-task gradients match)."""
+    from unified_lora.multitask import per_task_losses, task_context
+
+    r0, r1 = mt_ddp_run
+    (l0, l1), comps = (r0["local"][0], r1["local"][0]), r0["trace"][0][6]
+    assert set(l0) == {"a"} and set(l1) == {"a", "b"}
+    scale = 0.5  # _mt_setup's loss_scale; E[t] starts at the first loss / scale
+    assert comps["E[a]"] == pytest.approx((l0["a"] + l1["a"]) / 2 / scale, rel=1e-12)
+    assert comps["E[b]"] == pytest.approx(l1["b"] / scale, rel=1e-12)
+
+    model, _, ctrl = _mt_setup()  # no process group here: one process, both batches
+    (x0, y0, t0), (x1, y1, t1) = _mt_batch(0, 0), _mt_batch(1, 0)
+    with task_context(model, t0 + t1):
+        per = model(input_ids=torch.cat([x0, x1]), labels=torch.cat([y0, y1]))
+    per.mean().backward()
+    ctrl.step(per.mean(), task_losses=per_task_losses(per, t0 + t1))
+    assert comps["C_grad"] == pytest.approx(ctrl.trace[0].components["C_grad"], abs=1e-6)
+
+
+def test_register_new_tasks_is_refused_under_ddp(mt_ddp_run):
+    """Processes see different batches: registering in the forward would give different tasks one slot."""
+    for r in mt_ddp_run:
+        assert "register_new_tasks cannot register it under DDP" in r["register_error"]
+        assert "router.register_task('c') on every process" in r["register_error"]
+
+
+def test_activation_checkpointing_under_ddp_runs_or_is_refused_with_the_setting_to_change(ddp_run2):
+    """Checkpointing enabled on the model (not through TrainingArguments) made the Trainer build DDP without
+    find_unused_parameters: DDP's 'Expected to have finished reduction' after the first step. Reentrant
+    checkpointing cannot run with find_unused_parameters=True: 'Expected to mark a variable ready only once' at the
+    first backward. Both now fail before training, naming the setting; non-reentrant checkpointing (transformers'
+    default) with ddp_find_unused_parameters=True trains."""
+    for r in ddp_run2["ckpt"]:
+        assert r["model_ckpt"].startswith("ValueError: ddp_find_unused_parameters: must be True")
+        assert "The Trainer turns it off when activation checkpointing is on" in r["model_ckpt"]
+        for key in ("reentrant", "check_ddp"):
+            assert r[key].startswith("ValueError: activation_checkpointing_kwargs: use_reentrant must be False")
+        assert r["args_ckpt"] == 2  # both steps ran

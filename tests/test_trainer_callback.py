@@ -316,3 +316,34 @@ def test_a_best_checkpoint_without_controller_state_raises_or_warns(tmp_path, st
             trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     assert ctrl.rank == 16 and ctrl.global_step == 8  # the controller keeps its final state
+
+
+def test_a_callback_registered_twice_is_moved_or_refused(tmp_path):
+    """`Trainer(callbacks=[cb])` and then `cb.add_to(trainer)` (the README's call for report_to) listed the callback
+    twice: its second on_pre_optimizer_step failed with "no training loss was seen", as if the model returned none.
+    Two callbacks on one controller stepped it twice per optimizer step, silently (6 trace records for 3 steps)."""
+    model, _, ctrl = build("bert", signal=STRESS)
+    cb = UnifiedLoRACallback(ctrl)
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=3, learning_rate=1e-3),
+                      train_dataset=TokenDataset(n=8), callbacks=[cb])
+    cb.add_to(trainer)  # moved to the head, not added again
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks[0] is cb and sum(c is cb for c in callbacks) == 1
+    trainer.train()
+    assert [r.step for r in ctrl.trace] == [0, 1, 2]
+
+    twice = "the controller would step twice in one optimizer step: this callback is registered twice"
+    model, _, ctrl = build("bert", signal=STRESS)
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=3, learning_rate=1e-3),
+                      train_dataset=TokenDataset(n=8), callbacks=[UnifiedLoRACallback(ctrl), UnifiedLoRACallback(ctrl)])
+    with pytest.raises(RuntimeError, match=twice):
+        trainer.train()
+    assert ctrl.global_step == 1  # stopped at the first step
+
+    model, _, ctrl = build("bert", signal=STRESS)
+    cb = UnifiedLoRACallback(ctrl)
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=3, learning_rate=1e-3),
+                      train_dataset=TokenDataset(n=8), callbacks=[cb])
+    trainer.add_callback(cb)  # the same instance, listed twice
+    with pytest.raises(RuntimeError, match=twice):
+        trainer.train()

@@ -183,6 +183,7 @@ class UnifiedLoRACallback(TrainerCallback):
         self._wraps_loss_func = False
         self._args = None
         self._in_step = False
+        self._ctrl_step = 0  # ctrl.global_step when this optimizer step began
         self._loss_sum: torch.Tensor | float = 0.0
         self._n_micro = 0
         self._normalised = False
@@ -193,8 +194,10 @@ class UnifiedLoRACallback(TrainerCallback):
     # -- installation -----------------------------------------------------------------
     def add_to(self, trainer) -> "UnifiedLoRACallback":
         """Insert this callback at the head of `trainer`'s callbacks, so that the
-        reporting integrations (wandb, tensorboard, ...) also see its log keys."""
-        trainer.callback_handler.callbacks.insert(0, self)
+        reporting integrations (wandb, tensorboard, ...) also see its log keys.
+        If it is already there (`Trainer(callbacks=[cb])`), it is moved, not added twice."""
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [self] + [cb for cb in callbacks if cb is not self]
         return self
 
     # -- loss capture -------------------------------------------------------------------
@@ -246,7 +249,7 @@ class UnifiedLoRACallback(TrainerCallback):
     # -- events ----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._args = args
-        check_trainer_ddp_args(args)
+        check_trainer_ddp_args(args, model)
         if optimizer is not None:
             self.ctrl.attach_optimizer(unwrap_optimizer(optimizer))
         if self.ctrl.actuators.lr_mode == "absolute":
@@ -262,8 +265,15 @@ class UnifiedLoRACallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._loss_sum, self._n_micro, self._normalised = 0.0, 0, False
         self._in_step = True
+        self._ctrl_step = self.ctrl.global_step
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self._in_step or self.ctrl.global_step != self._ctrl_step:
+            raise RuntimeError(
+                "UnifiedLoRACallback: the controller would step twice in one optimizer step: this callback is "
+                "registered twice with the Trainer, or another UnifiedLoRACallback (or code) steps the same "
+                "controller. Register one callback per controller, once: Trainer(callbacks=[cb]) or "
+                "cb.add_to(trainer) (which moves it to the head of the list if it is already there)")
         self._in_step = False
         loss = self._pop_step_loss()
         loss = float(loss.item()) if torch.is_tensor(loss) else float(loss)

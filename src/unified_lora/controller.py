@@ -232,7 +232,9 @@ class UnifiedController:
             a.set_rank(self.rank)
 
     # -- the step -----------------------------------------------------------------
-    def _read_loss(self, loss) -> float:
+    @staticmethod
+    def _loss_value(loss) -> float:
+        """This process's loss as a float (no all-reduce)."""
         if type(loss) is not float:  # a float is what a loop passes (loss.item()); checks cost host time every step
             if torch.is_tensor(loss):
                 loss = loss.detach().float().item()
@@ -241,6 +243,10 @@ class UnifiedController:
             if not isinstance(loss, numbers.Real):  # int, float, numpy scalars
                 raise ValueError(f"loss: expected a number or a scalar tensor, got {type(loss).__name__}")
             loss = float(loss)
+        return loss
+
+    def _read_loss(self, loss) -> float:
+        loss = self._loss_value(loss)
         if self.reduce_loss is not None:
             loss = self.reduce_loss(loss)
         return loss

@@ -14,7 +14,9 @@ What DDP needs (verified with torch 2.13 / gloo, see tests/test_distributed.py):
   finished reduction in the prior iteration"); with `static_graph=True` it raises
   after the first rank switch. Use `DDP(model, **ddp_kwargs())`, i.e.
   `find_unused_parameters=True` (the HF Trainer's default unless activation
-  checkpointing is on; set `ddp_find_unused_parameters=True` then).
+  checkpointing is on; set `ddp_find_unused_parameters=True` then). Checkpointing must
+  then be non-reentrant: DDP raises "Expected to mark a variable ready only once" with
+  the reentrant one (transformers' default is `use_reentrant=False`).
 * With `find_unused_parameters=True`, a parameter unused on every process keeps
   `.grad = None`: DDP writes no zeros into it (also with
   `gradient_as_bucket_view=True`), so AdamW skips it and paused blocks stay bit
@@ -64,17 +66,44 @@ def unwrap_optimizer(opt):
     return opt
 
 
-def check_trainer_ddp_args(args) -> None:
-    """Raise if the HF Trainer's DDP settings (`TrainingArguments`) break rank switches."""
+def _reentrant_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether transformers' activation checkpointing on `model` runs torch's reentrant checkpoint
+    (`use_reentrant=True`, or not given: torch's default)."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            kw = getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", None)  # a functools.partial
+            if isinstance(kw, dict) and kw.get("use_reentrant", True):
+                return True
+    return False
+
+
+def _check_checkpointing(model: torch.nn.Module) -> None:
+    if _reentrant_checkpointing(model):
+        raise ValueError("activation_checkpointing_kwargs: use_reentrant must be False under DDP (transformers' "
+                         "default when no kwargs are given). Rank switching needs find_unused_parameters=True, and "
+                         "DDP cannot combine it with torch's reentrant checkpoint: it raises 'Expected to mark a "
+                         "variable ready only once' at the first backward (pytorch/pytorch#24005)")
+
+
+def check_trainer_ddp_args(args, model: torch.nn.Module | None = None) -> None:
+    """Raise if the HF Trainer's DDP settings (`TrainingArguments`, and the checkpointing enabled on `model`)
+    break rank switches."""
     if not is_distributed():
         return
     if getattr(args, "ddp_static_graph", None):
         raise ValueError("ddp_static_graph: must be off; a rank switch changes which LoRA blocks are in the graph")
     ckpt = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    if model is not None:  # enabled on the model itself: the Trainer's DDP default follows it too
+        ckpt = ckpt or getattr(model, "is_activation_checkpointing", False) or \
+            getattr(model, "is_gradient_checkpointing", False)
     fu = getattr(args, "ddp_find_unused_parameters", None)
     if fu is False or (fu is None and ckpt):
+        why = (" The Trainer turns it off when activation checkpointing is on: pass ddp_find_unused_parameters=True."
+               if fu is None else "")
         raise ValueError("ddp_find_unused_parameters: must be True; paused LoRA blocks take no part in the "
-                         "forward pass, so DDP has to skip them (their .grad then stays None)")
+                         "forward pass, so DDP has to skip them (their .grad then stays None)." + why)
+    if model is not None:
+        _check_checkpointing(model)
 
 
 def check_ddp(model: torch.nn.Module) -> None:
@@ -87,6 +116,7 @@ def check_ddp(model: torch.nn.Module) -> None:
         raise ValueError("static_graph: must be off; a rank switch changes the set of parameters used")
     if not getattr(model, "find_unused_parameters", True):
         raise ValueError("find_unused_parameters: must be True; paused LoRA blocks take no part in the forward pass")
+    _check_checkpointing(model.module)
 
 
 def clear_paused_grads(adapters: dict[str, NestedLoRALayer] | Iterable[NestedLoRALayer]) -> int:

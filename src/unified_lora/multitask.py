@@ -42,6 +42,16 @@ Merge rule (`merge_rule`):
 
 The signal (`MultiTaskSignal`, numbers in, numbers out) is the v1 README
 φ = f(C, E, S, ΔC, ΔE, ΔS), see its docstring.
+
+DDP: each process sees its own batches, so its own tasks. The controller combines them
+into the same numbers on every process: a task's loss is the mean over the processes
+that saw it, and in SINGLE a task's gradient (read by hooks before DDP's all-reduce) is
+summed over the processes and divided by the world size, as DDP averages the gradient
+(task adapters in MULTI read `.grad`, which DDP has averaged already). That is one
+all-reduce of the task losses a step and, in SINGLE, one of the task gradients (the
+adapters' size), the same on every process. `register_new_tasks` cannot
+register a task in the forward under DDP (processes would give different tasks the same
+slot): register every task on every process, in the same order, first.
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ import torch.nn.functional as F
 from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _unwrap_optimizer
+from .distributed import _device as _collective_device
+from .distributed import is_distributed
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .model import inject_nested_lora
@@ -139,6 +151,12 @@ class TaskRouter:
             if not self.register_new_tasks:
                 raise ValueError(f"task id {tid!r} is not registered; known task ids: {self.task_ids} "
                                  f"(register it with register_task(), or build with register_new_tasks=True)")
+            if is_distributed():
+                raise ValueError(f"task id {tid!r} is not registered, and register_new_tasks cannot register it "
+                                 f"under DDP: each process sees its own batches, so processes would give different "
+                                 f"tasks the same slot and DDP would average their adapters. Call "
+                                 f"router.register_task({tid!r}) on every process, in the same order, before the "
+                                 f"forward (known task ids: {self.task_ids})")
             s = self.register_task(tid)
         return s
 
@@ -678,6 +696,15 @@ class MultiTaskController(UnifiedController):
         num, den = torch.stack([num, den]).tolist()
         return num / den if den > 0 else 0.0
 
+    def _ddp(self) -> bool:
+        """Whether per-process numbers must be combined (an initialised group of > 1 processes, and the
+        controller reduces at all: `reduce_loss` not None)."""
+        return self.reduce_loss is not None and is_distributed()
+
+    def _read_loss(self, loss) -> float:
+        self._local_loss = self._loss_value(loss)  # `task_id=` credits this process's loss to its task
+        return super()._read_loss(self._local_loss)
+
     def _check_backward_ran(self) -> None:
         if all(p.grad is None for a in self.adapters for p in a.active_parameters()) and not any(
                 a._task_grads for a in self.adapters):
@@ -704,7 +731,9 @@ class MultiTaskController(UnifiedController):
                     parts += [g[0].flatten(), g[1].flatten()]
                 if parts:
                     out[s] = parts
-        else:
+            if self._ddp():  # local gradients: combine them across processes (every process, every step)
+                return self._all_reduce_task_gradients(out)
+        else:  # task adapters' .grad: DDP has averaged them already
             for s in self._slots():
                 parts = []
                 for a in self.adapters:
@@ -720,6 +749,27 @@ class MultiTaskController(UnifiedController):
         for a in self.adapters:
             a._task_grads = {}
         return {s: torch.cat(p).float() for s, p in out.items()}
+
+    @torch.no_grad()
+    def _all_reduce_task_gradients(self, local: dict[int, list[torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """SINGLE under DDP: the hooks read this process's gradients, before DDP averages them. Every process
+        all-reduces one (slots × (numel + 1)) buffer, its absent tasks as zeros and the last column counting the
+        processes that saw each task; a task's gradient is then its sum over the processes / world size (its
+        share of DDP's averaged gradient), the same on every process."""
+        import torch.distributed as dist
+
+        for a in self.adapters:
+            a._task_grads = {}
+        numel = sum(a.rank * (a.in_features + a.out_features) for a in self.adapters)  # A (r × in), B (out × r)
+        buf = torch.zeros(self.router.n_slots, numel + 1, dtype=torch.float32, device=_collective_device())
+        for s, parts in local.items():
+            buf[s, :numel] = torch.cat([p.float() for p in parts]).to(buf.device)
+            buf[s, numel] = 1.0
+        dist.all_reduce(buf)
+        buf[:, :numel] /= dist.get_world_size()
+        seen = (buf[:, numel] > 0).tolist()
+        dev = self.adapters[0].lora_A[0].device
+        return {s: buf[s, :numel].to(dev) for s in range(self.router.n_slots) if seen[s]}
 
     @torch.no_grad()
     def _grad_conflict(self) -> float | None:
@@ -778,17 +828,32 @@ class MultiTaskController(UnifiedController):
         if task_losses is not None and task_id is not None:
             raise ValueError("ctrl.step: pass task_losses= or task_id=, not both")
         if task_id is not None:
-            task_losses = {task_id: loss}
-        if task_losses is None:
-            return None
+            task_losses = {task_id: getattr(self, "_local_loss", loss)}  # this process's loss, not the mean
         out = {}
-        for t, v in task_losses.items():
+        for t, v in (task_losses or {}).items():
             self.router.slot(t)  # unknown id → ValueError (or registration)
-            v = v.detach().float().item() if torch.is_tensor(v) else float(v)
-            if self.reduce_loss is not None and task_id is None:
-                v = self.reduce_loss(v)
-            out[_check_task_id(t)] = v
-        return out
+            out[_check_task_id(t)] = v.detach().float().item() if torch.is_tensor(v) else float(v)
+        if self._ddp():  # every process, with or without task losses of its own: one all-reduce
+            return self._all_reduce_task_losses(out)
+        return out if task_losses is not None else None
+
+    def _all_reduce_task_losses(self, local: dict) -> dict | None:
+        """Each task's loss, averaged over the processes that saw it, in slot order: the same dict on every
+        process, whatever tasks each one had (a process without a task adds nothing to its mean)."""
+        import torch.distributed as dist
+
+        n = self.router.n_slots
+        buf = [0.0] * (2 * n)
+        for t, v in local.items():
+            s = self.router.slots[t]
+            buf[s] += v
+            buf[n + s] += 1.0
+        t = torch.tensor(buf, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        sums, counts = t[:n].tolist(), t[n:].tolist()
+        ids = {s: tid for tid, s in self.router.slots.items()}
+        out = {ids[s]: sums[s] / counts[s] for s in range(n) if counts[s] > 0}
+        return out or None
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, loss, task_losses: dict | None = None, task_id=None) -> list[Transition]:
@@ -804,11 +869,10 @@ class MultiTaskController(UnifiedController):
         self._check_backward_ran()
         finite = math.isfinite(loss) and all(math.isfinite(v) for v in (tl or {}).values())
         conflict = self.signal.config.conflict
+        # Under DDP both read numbers every process shares: task gradients combined across processes (SINGLE)
+        # or averaged by DDP (MULTI), and the replicated weights. So neither needs a reduce of its own.
         cg = self._grad_conflict() if conflict in ("auto", "grad") and finite else None
         cw = self._weight_conflict() if conflict in ("auto", "weight") and finite else None
-        if self.reduce_loss is not None:  # DDP: per-process gradients differ; decide on the mean
-            cg = None if cg is None else self.reduce_loss(cg)
-            cw = None if cw is None else self.reduce_loss(cw)
         if not finite:
             for a in self.adapters:
                 a._task_grads = {}
