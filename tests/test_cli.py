@@ -419,6 +419,64 @@ def test_a_checkpoint_with_a_head_of_another_size_gets_a_new_head_and_says_so(ti
     assert "its classification head has 3 outputs and the data has 2 classes" in capsys.readouterr().out
 
 
+def _tiny_base(tiny, root: Path, arch: str) -> str:
+    """A tiny DistilBERT or BART base model (no head) with the tiny BERT tokenizer."""
+    from transformers import BartConfig, BartModel, DistilBertConfig, DistilBertModel
+
+    vocab = len(Path(tiny["root"], "vocab.txt").read_text().split())
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                 max_position_embeddings=64))
+    else:  # BertTokenizerFast ends every row with [SEP] (id 3): BART's eos, where its head reads the sequence
+        model = BartModel(BartConfig(vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                                     eos_token_id=3, decoder_start_token_id=3, forced_eos_token_id=3))
+    model.save_pretrained(root / arch)
+    for f in Path(tiny["bert"]).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (root / arch / f.name).write_bytes(f.read_bytes())
+    return str(root / arch)
+
+
+@pytest.mark.parametrize("arch, head", [("distilbert", ["pre_classifier", "classifier"]),
+                                        ("bart", ["classification_head.dense", "classification_head.out_proj"])])
+def test_every_head_module_a_base_model_lacks_is_trained_saved_and_exported(tiny, tmp_path, arch, head):
+    """DistilBERT's head is pre_classifier + classifier, BART's is classification_head: from_pretrained initialises
+    all of it afresh on a base checkpoint. Only a module named classifier/score used to train, so the rest stayed
+    frozen at random values that no checkpoint held, and BART's PEFT adapter lacked its head (other logits on
+    reload)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from unified_lora.training import Run, TrainConfig, latest_checkpoint, load_model, seed_everything
+
+    path, out = _tiny_base(tiny, tmp_path, arch), tmp_path / "run"
+    argv = _train_args(tiny, out, "--steps", "3", "--target-modules", "q_lin,v_lin" if arch == "distilbert" else
+                       "q_proj,v_proj", "--lrs", "5e-2", "5e-2", "5e-2")
+    argv[argv.index("--model") + 1] = path
+    assert main(argv) == 0
+    saved = load_file(str(out / "checkpoints" / "step-3" / "adapter_blocks.safetensors"))
+    seed_everything(0)
+    init, tok = load_model(path, "seq-cls", 2)  # the run's model before training (same seed)
+    for m in head:
+        for leaf in ("weight", "bias"):
+            assert not torch.equal(saved[f"{m}.{leaf}"], init.get_parameter(f"{m}.{leaf}"))  # saved, and it trained
+    # the trained model, rebuilt from its checkpoint, against the PEFT adapter on a base whose head is another draw
+    ckpt = latest_checkpoint(out / "checkpoints")
+    cfg = TrainConfig.from_dict(torch.load(ckpt / "state.pt", weights_only=False)["config"])
+    run = Run(cfg, init, "seq-cls", 2, None, print_fn=None)
+    run.load_checkpoint(ckpt)
+    torch.manual_seed(123)
+    other, _ = load_model(path, "seq-cls", 2)
+    peft_model = PeftModel.from_pretrained(other, str(out / "peft_adapter"))
+    x = tok(["good movie", "the plot was awful"], return_tensors="pt", padding=True)
+    init.eval(), peft_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**x).logits, init(**x).logits, atol=1e-6)
+
+
 def test_peft_every_checkpoint_also_exports_the_step_checkpoints(tiny, tmp_path):
     cfg = _write(tmp_path / "run.yaml", f"model: {tiny['bert']}\ndata: {tiny['csv']}\nsteps: 3\nbatch_size: 8\n"
                                         f"max_length: 16\npeft_every_checkpoint: true\nmodules_to_save: classifier\n"
