@@ -334,9 +334,13 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
+    ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
+                                      "config has 64 positions)"),
+    ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
+    _corpus(tmp_path / "corpus.txt")
     argv = {
         "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
@@ -366,6 +370,13 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                       "--output-dir", out],
         "txt_for_a_classifier": ["train", "--model", tiny["bert"], "--data", str(_write(tmp_path / "c.txt", "text\n")),
                                  "--output-dir", out],
+        # more tokens than the tiny models' 64 positions: an IndexError / RuntimeError at the first batch holding
+        # such a row (an internal error, exit 1, possibly hours into a run) before the model was probed
+        "row_longer_than_the_positions": ["train", "--model", tiny["bert"], "--data", str(_write(
+            tmp_path / "long.csv", "text,label\ngood movie,1\n" + "bad " * 80 + ",0\nawful film,0\nfine,1\n")),
+            "--max-length", "100", "--output-dir", out],
+        "block_longer_than_the_positions": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
+                                            "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
     }[case]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -126,11 +126,12 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
                say: Callable[[str], None], label: str) -> tuple[dict, list[dict]]:
     """One demo arm: fresh model (same seed), `cfg.steps` steps with the shock, three dev evaluations."""
     from .trace import read_trace
-    from .training import Run, evaluate, iterate, load_model, seed_everything
+    from .training import Run, check_row_length, evaluate, iterate, load_model, seed_everything
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(cfg.seed)
     model, _ = load_model(model_path, "seq-cls", num_labels, note=say)
+    check_row_length(model, cfg.max_length, enc_train, enc_dev)
     run = Run(cfg, model, "seq-cls", num_labels, str(trace_path), print_fn=say if cfg.controller else None)
     say(f"--- {label}: {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank}, "
         f"lr={run.ctrl.get_last_lr():g}")
@@ -316,9 +317,9 @@ def cmd_train(args) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (Run, TextCorpus, UsageError, detect_task_type, encode_rows, evaluate, export_peft, iterate,
-                           load_data, load_model, majority, phi_summary, resolve_model, seed_everything, subsample,
-                           take_rows, transitions, truncate_trace)
+    from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
+                           export_peft, iterate, load_data, load_model, majority, phi_summary, resolve_model,
+                           seed_everything, subsample, take_rows, transitions, truncate_trace)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
@@ -338,6 +339,7 @@ def cmd_train(args) -> int:
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
     enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
+    check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     out.mkdir(parents=True, exist_ok=True)

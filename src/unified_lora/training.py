@@ -423,6 +423,31 @@ def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+@torch.no_grad()
+def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> None:
+    """Run the model once on the longest encoded row, so that a row it cannot take (more tokens than its position
+    embeddings hold: BERT's or GPT-2's max_position_embeddings / n_positions) is a UsageError now, not an
+    IndexError at the first batch that holds such a row, possibly hours into training."""
+    widths = [(int(e["attention_mask"].sum(1).max()), e) for e in encs if len(e["labels"])]
+    if not widths:
+        return
+    width, enc = max(widths, key=lambda t: t[0])
+    i = int(enc["attention_mask"].sum(1).argmax())
+    row = {k: v[i:i + 1, :width] for k, v in enc.items() if k != "labels" and v.dim() == 2}
+    was_training = model.training
+    model.eval()
+    try:
+        model(**row)
+    except (IndexError, RuntimeError, ValueError) as e:
+        cfg = getattr(model, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        hint = f" (its config has {limit} positions)" if limit else ""
+        raise UsageError(f"--max-length {max_length}: the model fails on the data's longest row, {width} tokens"
+                         f"{hint}: {_first_line(e)}; pass a smaller --max-length") from None
+    finally:
+        model.train(was_training)
+
+
 def take_rows(enc: dict[str, torch.Tensor], n: int, seed: int) -> dict[str, torch.Tensor]:
     """A fixed-seed subsample of n encoded rows (order kept); all of them when n is 0 or >= the row count."""
     keep = _kept(len(enc["labels"]), n, seed)
