@@ -185,6 +185,44 @@ def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     assert [r["phi"] for r in b] == pytest.approx([r["phi"] for r in a], rel=1e-5)
 
 
+def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(tiny, tmp_path, capsys):
+    """A second run into the same --output-dir used to leave the first run's checkpoints beside its own (listed in
+    its summary), and a later --resume continued the old run's newest step instead of the new run."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "3")) == 0
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unified-lora: error: --output-dir {out}: holds a previous run (checkpoints/step-3")
+    assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # left alone
+    assert main(_train_args(tiny, out, "--steps", "2", "--overwrite")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert json.loads((out / "summary.json").read_text())["checkpoints"] == ["step-2"]
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+
+
+def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_anything(tiny, tmp_path, capsys):
+    """The checkpoint holds a position in the epoch's batch order: resumed with another batch size, seed or data
+    file, the run used to go on silently with other batches (rows skipped or seen twice in that epoch)."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    other = _write(tmp_path / "other.csv", Path(tiny["csv"]).read_text())
+    for extra, needle in ((["--batch-size", "4"], "batch_size=8 (now 4)"), (["--seed", "1"], "seed=0 (now 1)"),
+                          (["--data", str(other)], f"data={tiny['csv']!r} (now {str(other)!r})")):
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was trained "
+                              f"with {needle}") and err.count("\n") == 1
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    # the same model and data, named another way, and a longer run: allowed
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--model",
+                 str(Path(tiny["bert"]).resolve()), "--log-every", "0"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
+
+
 def test_train_causal_lm(tiny, tmp_path):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
