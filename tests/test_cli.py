@@ -372,6 +372,7 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
+    ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
     ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
@@ -410,6 +411,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                                  "--output-dir", out],
         # more tokens than the tiny models' 64 positions: an IndexError / RuntimeError at the first batch holding
         # such a row (an internal error, exit 1, possibly hours into a run) before the model was probed
+        "null_text_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
+            tmp_path / "n.jsonl", '{"text": "good film"}\n{"text": null}\n{"text": "bad"}\n')), "--target-modules",
+            "c_attn", "--output-dir", out],
         "row_longer_than_the_positions": ["train", "--model", tiny["bert"], "--data", str(_write(
             tmp_path / "long.csv", "text,label\ngood movie,1\n" + "bad " * 80 + ",0\nawful film,0\nfine,1\n")),
             "--max-length", "100", "--output-dir", out],

@@ -231,6 +231,14 @@ def test_error_regression_or_multi_label_labels_name_the_record(tmp_path):
     assert load_table(p, ["text"], "label").label_names == ["0.0", "0.5x", "1.0"]
 
 
+def test_error_null_text_names_the_record(tmp_path):
+    """A JSON null text (pandas writes NaN so) used to train as the word 'None'."""
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n')
+    with pytest.raises(DataError, match=r"record 2 has no text \(column 'text' is null\)"):
+        load_table(p, ["text"], "label")
+
+
 def test_error_malformed_jsonl_line_number(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": \n')
     with pytest.raises(DataError, match="line 2"):

@@ -35,7 +35,7 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Signa
                      check_rank_levels, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
-from .data.loaders import _GLUE, _read_records, normalize_task
+from .data.loaders import _GLUE, _check_no_null_text, _read_records, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter, read_trace
 
@@ -310,6 +310,7 @@ def _load_texts(path: Path, column: str) -> list[str]:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     if column not in records[0]:
         raise DataError(f"unknown column {column!r} in {path}; columns are {list(records[0])}")
+    _check_no_null_text(records, column, path)
     return [str(r.get(column, "")) for r in records]
 
 

@@ -250,6 +250,14 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
 
 
+def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) -> None:
+    """A JSON null text (pandas writes NaN so) would train on the word 'None'."""
+    for n, record in enumerate(records, start=1):
+        if column in record and record[column] is None:
+            raise DataError(f"{path}: record {n} has no text (column {column!r} is null); fill it in or drop the "
+                            "record")
+
+
 def load_table(
     path: str | os.PathLike,
     text_columns: Sequence[str],
@@ -276,6 +284,8 @@ def load_table(
             if col not in record:
                 where = "" if n == 1 else f" (record {n})"
                 raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
+    for col in text_columns:
+        _check_no_null_text(records, col, path)
     ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column)
     examples = [
         Example(
