@@ -348,6 +348,23 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     assert "pre_shock" in report and "majority class" in report and "φ pre-shock=" in report
 
 
+def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):
+    """A summary.json holding a JSON list was an internal error (AttributeError, exit 1); a trace with a bad line
+    was reported as 'line 1' or 'line 2' whatever its place."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "3")) == 0
+    lines = (out / "trace.jsonl").read_text().splitlines(keepends=True)
+    (out / "trace.jsonl").write_text("".join(lines) + '{"step": 3, "phi"\n')  # a line cut short
+    (out / "summary.json").write_text("[1, 2]\n")
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert capsys.readouterr().err == f"unified-lora: error: {out / 'summary.json'}: not the summary.json of a " \
+                                      "unified-lora demo or train run\n"
+    (out / "summary.json").unlink()
+    assert main(["plot", str(out), "-o", str(tmp_path / "p.png")]) == 2
+    assert f"trace.jsonl: line {len(lines) + 1} is not JSON" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

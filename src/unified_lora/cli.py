@@ -500,25 +500,31 @@ def _read_run_summary(directory: Path) -> dict | None:
     p = directory / "summary.json"
     if not p.is_file():
         return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        from .training import UsageError
+    from .training import UsageError
 
+    try:
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
         raise UsageError(f"{p}: not valid JSON ({e.msg}); re-run the command that wrote it") from None
+    if not isinstance(summary, dict) or "command" not in summary or not isinstance(summary.get("arms", {}), dict):
+        raise UsageError(f"{p}: not the summary.json of a unified-lora demo or train run")
+    return summary
 
 
 def _load_trace(path: Path) -> list[dict]:
-    from .trace import read_trace
     from .training import UsageError
 
     if not path.is_file():
         raise UsageError(f"{path}: no such trace file; pass the trace.jsonl a run wrote (or the run folder)")
-    try:
-        trace = read_trace(path)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: line {e.lineno if hasattr(e, 'lineno') else '?'} is not JSON; "
-                         "is this a unified-lora trace.jsonl?") from None
+    trace = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                trace.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
     if not trace:
         raise UsageError(f"{path}: trace is empty; the run recorded no steps")
     if not all(isinstance(r, dict) and {"step", "phi", "mode", "rank"} <= set(r) for r in trace):
