@@ -185,6 +185,44 @@ def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     assert [r["phi"] for r in b] == pytest.approx([r["phi"] for r in a], rel=1e-5)
 
 
+def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(tiny, tmp_path, capsys):
+    """A second run into the same --output-dir used to leave the first run's checkpoints beside its own (listed in
+    its summary), and a later --resume continued the old run's newest step instead of the new run."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "3")) == 0
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unified-lora: error: --output-dir {out}: holds a previous run (checkpoints/step-3")
+    assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # left alone
+    assert main(_train_args(tiny, out, "--steps", "2", "--overwrite")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert json.loads((out / "summary.json").read_text())["checkpoints"] == ["step-2"]
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+
+
+def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_anything(tiny, tmp_path, capsys):
+    """The checkpoint holds a position in the epoch's batch order: resumed with another batch size, seed or data
+    file, the run used to go on silently with other batches (rows skipped or seen twice in that epoch)."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    other = _write(tmp_path / "other.csv", Path(tiny["csv"]).read_text())
+    for extra, needle in ((["--batch-size", "4"], "batch_size=8 (now 4)"), (["--seed", "1"], "seed=0 (now 1)"),
+                          (["--data", str(other)], f"data={tiny['csv']!r} (now {str(other)!r})")):
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was trained "
+                              f"with {needle}") and err.count("\n") == 1
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    # the same model and data, named another way, and a longer run: allowed
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--model",
+                 str(Path(tiny["bert"]).resolve()), "--log-every", "0"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
+
+
 def test_train_causal_lm(tiny, tmp_path):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
@@ -310,6 +348,23 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     assert "pre_shock" in report and "majority class" in report and "φ pre-shock=" in report
 
 
+def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):
+    """A summary.json holding a JSON list was an internal error (AttributeError, exit 1); a trace with a bad line
+    was reported as 'line 1' or 'line 2' whatever its place."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "3")) == 0
+    lines = (out / "trace.jsonl").read_text().splitlines(keepends=True)
+    (out / "trace.jsonl").write_text("".join(lines) + '{"step": 3, "phi"\n')  # a line cut short
+    (out / "summary.json").write_text("[1, 2]\n")
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert capsys.readouterr().err == f"unified-lora: error: {out / 'summary.json'}: not the summary.json of a " \
+                                      "unified-lora demo or train run\n"
+    (out / "summary.json").unlink()
+    assert main(["plot", str(out), "-o", str(tmp_path / "p.png")]) == 2
+    assert f"trace.jsonl: line {len(lines) + 1} is not JSON" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -334,9 +389,14 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
+    ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
+    ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
+                                      "config has 64 positions)"),
+    ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
+    _corpus(tmp_path / "corpus.txt")
     argv = {
         "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
@@ -366,6 +426,16 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                       "--output-dir", out],
         "txt_for_a_classifier": ["train", "--model", tiny["bert"], "--data", str(_write(tmp_path / "c.txt", "text\n")),
                                  "--output-dir", out],
+        # more tokens than the tiny models' 64 positions: an IndexError / RuntimeError at the first batch holding
+        # such a row (an internal error, exit 1, possibly hours into a run) before the model was probed
+        "null_text_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
+            tmp_path / "n.jsonl", '{"text": "good film"}\n{"text": null}\n{"text": "bad"}\n')), "--target-modules",
+            "c_attn", "--output-dir", out],
+        "row_longer_than_the_positions": ["train", "--model", tiny["bert"], "--data", str(_write(
+            tmp_path / "long.csv", "text,label\ngood movie,1\n" + "bad " * 80 + ",0\nawful film,0\nfine,1\n")),
+            "--max-length", "100", "--output-dir", out],
+        "block_longer_than_the_positions": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
+                                            "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
     }[case]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -417,6 +487,64 @@ def test_a_checkpoint_with_a_head_of_another_size_gets_a_new_head_and_says_so(ti
     argv[argv.index("--model") + 1] = str(tmp_path / "bert3")
     assert main(argv) == 0  # it used to stop with transformers' size-mismatch RuntimeError, as an internal error
     assert "its classification head has 3 outputs and the data has 2 classes" in capsys.readouterr().out
+
+
+def _tiny_base(tiny, root: Path, arch: str) -> str:
+    """A tiny DistilBERT or BART base model (no head) with the tiny BERT tokenizer."""
+    from transformers import BartConfig, BartModel, DistilBertConfig, DistilBertModel
+
+    vocab = len(Path(tiny["root"], "vocab.txt").read_text().split())
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                 max_position_embeddings=64))
+    else:  # BertTokenizerFast ends every row with [SEP] (id 3): BART's eos, where its head reads the sequence
+        model = BartModel(BartConfig(vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                                     eos_token_id=3, decoder_start_token_id=3, forced_eos_token_id=3))
+    model.save_pretrained(root / arch)
+    for f in Path(tiny["bert"]).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (root / arch / f.name).write_bytes(f.read_bytes())
+    return str(root / arch)
+
+
+@pytest.mark.parametrize("arch, head", [("distilbert", ["pre_classifier", "classifier"]),
+                                        ("bart", ["classification_head.dense", "classification_head.out_proj"])])
+def test_every_head_module_a_base_model_lacks_is_trained_saved_and_exported(tiny, tmp_path, arch, head):
+    """DistilBERT's head is pre_classifier + classifier, BART's is classification_head: from_pretrained initialises
+    all of it afresh on a base checkpoint. Only a module named classifier/score used to train, so the rest stayed
+    frozen at random values that no checkpoint held, and BART's PEFT adapter lacked its head (other logits on
+    reload)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from unified_lora.training import Run, TrainConfig, latest_checkpoint, load_model, seed_everything
+
+    path, out = _tiny_base(tiny, tmp_path, arch), tmp_path / "run"
+    argv = _train_args(tiny, out, "--steps", "3", "--target-modules", "q_lin,v_lin" if arch == "distilbert" else
+                       "q_proj,v_proj", "--lrs", "5e-2", "5e-2", "5e-2")
+    argv[argv.index("--model") + 1] = path
+    assert main(argv) == 0
+    saved = load_file(str(out / "checkpoints" / "step-3" / "adapter_blocks.safetensors"))
+    seed_everything(0)
+    init, tok = load_model(path, "seq-cls", 2)  # the run's model before training (same seed)
+    for m in head:
+        for leaf in ("weight", "bias"):
+            assert not torch.equal(saved[f"{m}.{leaf}"], init.get_parameter(f"{m}.{leaf}"))  # saved, and it trained
+    # the trained model, rebuilt from its checkpoint, against the PEFT adapter on a base whose head is another draw
+    ckpt = latest_checkpoint(out / "checkpoints")
+    cfg = TrainConfig.from_dict(torch.load(ckpt / "state.pt", weights_only=False)["config"])
+    run = Run(cfg, init, "seq-cls", 2, None, print_fn=None)
+    run.load_checkpoint(ckpt)
+    torch.manual_seed(123)
+    other, _ = load_model(path, "seq-cls", 2)
+    peft_model = PeftModel.from_pretrained(other, str(out / "peft_adapter"))
+    x = tok(["good movie", "the plot was awful"], return_tensors="pt", padding=True)
+    init.eval(), peft_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**x).logits, init(**x).logits, atol=1e-6)
 
 
 def test_peft_every_checkpoint_also_exports_the_step_checkpoints(tiny, tmp_path):

@@ -213,6 +213,32 @@ def test_error_label_not_in_label_names(tmp_path):
         load_table(p, ["text"], "label", label_names=["neg", "pos"])
 
 
+def test_error_regression_or_multi_label_labels_name_the_record(tmp_path):
+    """STS-B-style float scores used to become one class per distinct value (a 170-class head for 180 rows, and a
+    majority baseline of 0), and multi-label lists one class per combination; both are refused, naming the record.
+    Whole numbers written as floats and other names still become classes."""
+    p = tmp_path / "sts.csv"
+    p.write_text("text,label\na,4.0\nb,3.8\nc,1\n")
+    with pytest.raises(DataError, match=r"column 'label' holds non-integer numbers \(record 2: '3.8'\), i.e. "
+                                        "regression targets"):
+        load_table(p, ["text"], "label")
+    p = tmp_path / "ml.jsonl"
+    p.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": [0, 1]}\n')
+    with pytest.raises(DataError, match=r"record 2 has the label \[0, 1\] \(a list\); multi-label"):
+        load_table(p, ["text"], "label")
+    p = tmp_path / "ok.jsonl"
+    p.write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": 0.0}\n{"text": "c", "label": "0.5x"}\n')
+    assert load_table(p, ["text"], "label").label_names == ["0.0", "0.5x", "1.0"]
+
+
+def test_error_null_text_names_the_record(tmp_path):
+    """A JSON null text (pandas writes NaN so) used to train as the word 'None'."""
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n')
+    with pytest.raises(DataError, match=r"record 2 has no text \(column 'text' is null\)"):
+        load_table(p, ["text"], "label")
+
+
 def test_error_malformed_jsonl_line_number(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": \n')
     with pytest.raises(DataError, match="line 2"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -126,11 +127,12 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
                say: Callable[[str], None], label: str) -> tuple[dict, list[dict]]:
     """One demo arm: fresh model (same seed), `cfg.steps` steps with the shock, three dev evaluations."""
     from .trace import read_trace
-    from .training import Run, evaluate, iterate, load_model, seed_everything
+    from .training import Run, check_row_length, evaluate, iterate, load_model, seed_everything
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(cfg.seed)
     model, _ = load_model(model_path, "seq-cls", num_labels, note=say)
+    check_row_length(model, cfg.max_length, enc_train, enc_dev)
     run = Run(cfg, model, "seq-cls", num_labels, str(trace_path), print_fn=say if cfg.controller else None)
     say(f"--- {label}: {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank}, "
         f"lr={run.ctrl.get_last_lr():g}")
@@ -307,7 +309,42 @@ def _train_config(args) -> "object":
         stored = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["config"]
         d = {**stored, **d}  # the stored run's settings, then whatever is given now
     d.update(flags)
-    return TrainConfig.from_dict(d), ckpt
+    cfg = TrainConfig.from_dict(d)
+    if ckpt is not None:
+        changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
+        if changed:
+            raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
+                             f"model, data, batches and LoRA layout ({', '.join(_RESUME_FIXED)}): drop those options, "
+                             "or start a new run in another --output-dir")
+    return cfg, ckpt
+
+
+# What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
+# stores a position in the epoch's batch order, which these fields define). LRs, thresholds, the Mirror policy, the
+# shock window, epochs and steps may change.
+_RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "label_column",
+                 "max_length", "batch_size", "seed", "target_modules", "modules_to_save", "rank_levels", "lora_alpha",
+                 "lora_dropout", "controller", "signal")
+# What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
+# would mix with the new ones, and --resume would pick the old run's newest step).
+_RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
+
+
+def _run_outputs(out: Path) -> list[str]:
+    ckpts = out / "checkpoints"
+    held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
+        if ckpts.is_dir() else []
+    return held + [n for n in ("summary.json", "peft_adapter") if (out / n).exists()]
+
+
+def _resume_changes(old, new) -> list[str]:
+    def norm(key: str, v):
+        if key in ("model", "data", "dev_data") and v is not None and Path(v).expanduser().exists():
+            return str(Path(v).expanduser().resolve())
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return [f"{k}={getattr(old, k)!r} (now {getattr(new, k)!r})" for k in _RESUME_FIXED
+            if norm(k, getattr(old, k)) != norm(k, getattr(new, k))]
 
 
 def cmd_train(args) -> int:
@@ -316,9 +353,9 @@ def cmd_train(args) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (Run, TextCorpus, UsageError, detect_task_type, encode_rows, evaluate, export_peft, iterate,
-                           load_data, load_model, majority, phi_summary, resolve_model, seed_everything, subsample,
-                           take_rows, transitions, truncate_trace)
+    from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
+                           export_peft, iterate, load_data, load_model, majority, phi_summary, resolve_model,
+                           seed_everything, subsample, take_rows, transitions, truncate_trace)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
@@ -338,8 +375,17 @@ def cmd_train(args) -> int:
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
     enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
+    check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+    held = _run_outputs(out) if ckpt is None else []
+    if held and not args.overwrite:
+        raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held)}); pass --resume to continue "
+                         "it, --overwrite to replace it, or another --output-dir")
+    if held:  # --overwrite, and every input checked: now the previous run's outputs go
+        for name in _RUN_OUTPUTS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     trace_path = out / "trace.jsonl"
     if ckpt is not None:
@@ -454,25 +500,31 @@ def _read_run_summary(directory: Path) -> dict | None:
     p = directory / "summary.json"
     if not p.is_file():
         return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        from .training import UsageError
+    from .training import UsageError
 
+    try:
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
         raise UsageError(f"{p}: not valid JSON ({e.msg}); re-run the command that wrote it") from None
+    if not isinstance(summary, dict) or "command" not in summary or not isinstance(summary.get("arms", {}), dict):
+        raise UsageError(f"{p}: not the summary.json of a unified-lora demo or train run")
+    return summary
 
 
 def _load_trace(path: Path) -> list[dict]:
-    from .trace import read_trace
     from .training import UsageError
 
     if not path.is_file():
         raise UsageError(f"{path}: no such trace file; pass the trace.jsonl a run wrote (or the run folder)")
-    try:
-        trace = read_trace(path)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: line {e.lineno if hasattr(e, 'lineno') else '?'} is not JSON; "
-                         "is this a unified-lora trace.jsonl?") from None
+    trace = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                trace.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
     if not trace:
         raise UsageError(f"{path}: trace is empty; the run recorded no steps")
     if not all(isinstance(r, dict) and {"step", "phi", "mode", "rank"} <= set(r) for r in trace):
@@ -589,7 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a sequence-classification or causal-LM model. Options come from "
                                    "--config (YAML with TrainConfig keys) and are overridden by flags.")
     t.add_argument("--config", help="YAML file with TrainConfig keys (model, data, epochs, ...)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir "
+                       "(the model, data, batches and LoRA layout must stay as they were)")
+    again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
+                       "previous run, deleting its checkpoints, peft_adapter/, trace and summary")
     t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR")
     t.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
     t.add_argument("--data", help="GLUE task folder, a .csv/.tsv/.jsonl table, or (causal LM) a plain-text "

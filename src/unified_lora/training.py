@@ -35,7 +35,7 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Signa
                      check_rank_levels, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
-from .data.loaders import _GLUE, _read_records, normalize_task
+from .data.loaders import _GLUE, _check_no_null_text, _read_records, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter, read_trace
 
@@ -235,7 +235,8 @@ def load_tokenizer(path: str):
 def load_model(path: str, task_type: str, num_labels: int = 2, note: Callable[[str], None] | None = None):
     """(model, tokenizer) for 'seq-cls' or 'causal-lm'. A seq-cls model gets a classifier head with `num_labels`
     outputs: a new one for a base model; for a checkpoint that already has a head, its own head when the label counts
-    agree, else a new head (the checkpoint's is left unused, and `note` says so)."""
+    agree, else a new head (the checkpoint's is left unused, and `note` says so). The modules initialised afresh
+    (`fresh_modules`) are recorded on the model, and `Run` trains them with the head."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     _hf_quiet()
@@ -250,8 +251,9 @@ def load_model(path: str, task_type: str, num_labels: int = 2, note: Callable[[s
                 note(f"--model {path}: its classification head has {cfg.num_labels} outputs and the data has "
                      f"{num_labels} classes, so a new {num_labels}-class head is trained in its place")
             # a head of another size is re-initialised instead of failing to load (transformers' size check)
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                       ignore_mismatched_sizes=True)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True)
+            model._unified_lora_fresh_modules = fresh_modules(model, info)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {path}: cannot load it ({_first_line(e)}); check the path or hub id") from None
     if tok.pad_token is None:
@@ -259,6 +261,30 @@ def load_model(path: str, task_type: str, num_labels: int = 2, note: Callable[[s
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def fresh_modules(model, loading_info: dict) -> list[str]:
+    """The outermost modules whose every parameter `from_pretrained` initialised afresh (missing from the checkpoint,
+    or re-initialised for a size mismatch): the parts of a new task head. DistilBERT's head is `pre_classifier` and
+    `classifier`, DeBERTa's `pooler` and `classifier`, BART's `classification_head`, XLNet's `sequence_summary` and
+    `logits_proj`; frozen, they would stay at their random initialisation, and no checkpoint would hold them."""
+    new = set(loading_info.get("missing_keys") or ())
+    new |= {k[0] if isinstance(k, (tuple, list)) else k for k in loading_info.get("mismatched_keys") or ()}
+    out: list[str] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if not name or any(name.startswith(o + ".") for o in out):
+            continue
+        params = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if params and all(p in new for p in params):
+            out.append(name)
+    return out
+
+
+def _covered(path: str, names: Sequence[str]) -> bool:
+    """`path` is, or sits inside, a module that modules_to_save `names` (name suffixes) select."""
+    parts = path.split(".")
+    return any(p == n or p.endswith("." + n) for p in (".".join(parts[:i + 1]) for i in range(len(parts)))
+               for n in names)
 
 
 class TextCorpus(list):
@@ -284,6 +310,7 @@ def _load_texts(path: Path, column: str) -> list[str]:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     if column not in records[0]:
         raise DataError(f"unknown column {column!r} in {path}; columns are {list(records[0])}")
+    _check_no_null_text(records, column, path)
     return [str(r.get(column, "")) for r in records]
 
 
@@ -397,6 +424,31 @@ def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+@torch.no_grad()
+def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> None:
+    """Run the model once on the longest encoded row, so that a row it cannot take (more tokens than its position
+    embeddings hold: BERT's or GPT-2's max_position_embeddings / n_positions) is a UsageError now, not an
+    IndexError at the first batch that holds such a row, possibly hours into training."""
+    widths = [(int(e["attention_mask"].sum(1).max()), e) for e in encs if len(e["labels"])]
+    if not widths:
+        return
+    width, enc = max(widths, key=lambda t: t[0])
+    i = int(enc["attention_mask"].sum(1).argmax())
+    row = {k: v[i:i + 1, :width] for k, v in enc.items() if k != "labels" and v.dim() == 2}
+    was_training = model.training
+    model.eval()
+    try:
+        model(**row)
+    except (IndexError, RuntimeError, ValueError) as e:
+        cfg = getattr(model, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        hint = f" (its config has {limit} positions)" if limit else ""
+        raise UsageError(f"--max-length {max_length}: the model fails on the data's longest row, {width} tokens"
+                         f"{hint}: {_first_line(e)}; pass a smaller --max-length") from None
+    finally:
+        model.train(was_training)
+
+
 def take_rows(enc: dict[str, torch.Tensor], n: int, seed: int) -> dict[str, torch.Tensor]:
     """A fixed-seed subsample of n encoded rows (order kept); all of them when n is 0 or >= the row count."""
     keep = _kept(len(enc["labels"]), n, seed)
@@ -482,9 +534,16 @@ class Run:
                              f"--shock-type random (uniform random next tokens in the window)")
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if task_type == "causal-lm" else 0
         mts = cfg.modules_to_save
-        if mts is None and task_type == "seq-cls":
+        fresh = list(getattr(model, "_unified_lora_fresh_modules", ()))
+        if mts is None and task_type == "seq-cls":  # the head: the classifier, and every module initialised afresh
             mts = [n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
                                                            for m, _ in model.named_modules())][:1]
+            mts += [m for m in fresh if not _covered(m, mts)]
+        elif fresh and print_fn is not None:
+            left = [m for m in fresh if not _covered(m, mts or ())]
+            if left:
+                print_fn(f"note: {left} were initialised afresh (the checkpoint lacks them) and are not in "
+                         f"modules_to_save {list(mts or [])}: they stay frozen at their random initialisation")
         self.adapters, self.ctrl = setup_unified_lora(
             model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=cfg.lr_mode,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
 
 
 _INT = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _as_int(value: Any) -> int | None:
@@ -192,12 +194,36 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
+def _as_number(value: Any) -> float | None:
+    """A finite float if `value` is a number or a number-looking string; None otherwise (bools are not numbers)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        x = float(value)
+    else:
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
                column: str = "label") -> tuple[list[int], list[str] | None, int]:
     for n, value in enumerate(raw, start=1):  # a missing label is not a class of its own
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{path}: record {n} has no label (column {column!r} is "
                             f"{'null' if value is None else 'empty'}); fill it in or drop the record")
+    for n, value in enumerate(raw, start=1):  # one class per record: a list is a multi-label record
+        if isinstance(value, (list, tuple, dict)):
+            raise DataError(f"{path}: record {n} has the label {value!r} (a {type(value).__name__}); multi-label "
+                            f"classification is not supported: give each record one class in column {column!r}")
+    if label_names is None:  # a column of numbers that are not all whole: regression targets, not class names
+        numbers = [_as_number(v) for v in raw]
+        fraction = next((n for n, x in enumerate(numbers, start=1) if x is not None and not x.is_integer()), None)
+        if fraction is not None and all(x is not None for x in numbers):
+            raise DataError(f"{path}: column {column!r} holds non-integer numbers (record {fraction}: "
+                            f"{raw[fraction - 1]!r}), i.e. regression targets; only classification is supported, "
+                            "so give class ids (0, 1, ...) or names")
     if label_names is not None:
         names = [str(n) for n in label_names]
         index = {n: i for i, n in enumerate(names)}
@@ -222,6 +248,14 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
     uniques = sorted(set(keys))
     index = {k: i for i, k in enumerate(uniques)}
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
+
+
+def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) -> None:
+    """A JSON null text (pandas writes NaN so) would train on the word 'None'."""
+    for n, record in enumerate(records, start=1):
+        if column in record and record[column] is None:
+            raise DataError(f"{path}: record {n} has no text (column {column!r} is null); fill it in or drop the "
+                            "record")
 
 
 def load_table(
@@ -250,6 +284,8 @@ def load_table(
             if col not in record:
                 where = "" if n == 1 else f" (record {n})"
                 raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
+    for col in text_columns:
+        _check_no_null_text(records, col, path)
     ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column)
     examples = [
         Example(
