@@ -347,3 +347,43 @@ def test_a_callback_registered_twice_is_moved_or_refused(tmp_path):
     trainer.add_callback(cb)  # the same instance, listed twice
     with pytest.raises(RuntimeError, match=twice):
         trainer.train()
+
+
+def test_a_controller_state_saved_with_other_weights_is_refused_on_resume(tmp_path):
+    """The Trainer resumes from a folder outside output_dir, whose checkpoint-3 belongs to another run: the callback
+    reads output_dir/checkpoint-3 (the Trainer does not say where it resumed from). The weights' digest shows it."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    model, _, ctrl = build("bert", signal=STRESS)
+    Trainer(model=model, args=_resume_args(run_a, 3), train_dataset=TokenDataset(n=6, seed=1),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    model, _, ctrl = build("bert", signal=STRESS)
+    Trainer(model=model, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=2),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    saved_b = torch.load(run_b / "checkpoint-3" / CONTROLLER_STATE_NAME, weights_only=False)
+
+    for strict in (True, False):
+        model2, _, ctrl2 = build("bert", signal=STRESS)
+        before = ctrl2.state_dict()
+        trainer = Trainer(model=model2, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=1),
+                          callbacks=[UnifiedLoRACallback(ctrl2, strict_resume=strict)])
+        if strict:
+            with pytest.raises(ValueError, match="other adapter weights.*resume_from="):
+                trainer.train(resume_from_checkpoint=str(run_a / "checkpoint-3"))
+        else:
+            with pytest.warns(UserWarning, match="not loaded"):
+                trainer.train(resume_from_checkpoint=str(run_a / "checkpoint-3"))
+        # nothing of run b's state went in (before, run b's φ, step count and Mirror were loaded silently)
+        assert ctrl2.global_step == before["global_step"] != saved_b["global_step"]
+
+    # the right folder, named with resume_from=, loads; and so does a state saved without a digest (older runs)
+    model3, _, ctrl3 = build("bert", signal=STRESS)
+    Trainer(model=model3, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=1),
+            callbacks=[UnifiedLoRACallback(ctrl3, resume_from=str(run_a / "checkpoint-3"))]
+            ).train(resume_from_checkpoint=str(run_a / "checkpoint-3"))
+    assert ctrl3.global_step == 3
+    old_style = {k: v for k, v in saved_b.items() if k != "callback_weights_sha256"}
+    torch.save(old_style, run_b / "checkpoint-3" / CONTROLLER_STATE_NAME)
+    model4, _, ctrl4 = build("bert", signal=STRESS)
+    Trainer(model=model4, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=1),
+            callbacks=[UnifiedLoRACallback(ctrl4)]).train(resume_from_checkpoint=str(run_a / "checkpoint-3"))
+    assert ctrl4.global_step == 3

@@ -71,7 +71,11 @@ RNG states). On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
 from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
 `output_dir` needs `UnifiedLoRACallback(ctrl, resume_from=path)`. A resumed run
 without controller state raises (`strict_resume=True`) instead of silently
-restarting the controller.
+restarting the controller. The file also holds a SHA-256 digest of the managed
+weights at that step; a loaded state whose digest differs from the weights the
+Trainer loaded (another run's checkpoint of the same step in `output_dir`, when
+resuming from a folder outside it) raises a `ValueError` before anything is loaded
+(a warning, and no load, with `strict_resume=False`).
 
 **Best model at the end.** With `load_best_model_at_end=True` the Trainer loads
 the best checkpoint's weights after training, just before `on_train_end`. The
@@ -103,6 +107,7 @@ FSDP and DeepSpeed are not yet supported or tested.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import warnings
@@ -117,6 +122,8 @@ from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, unwrap_optimizer
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
+# Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
+WEIGHTS_DIGEST_KEY = "callback_weights_sha256"
 LOG_PREFIX = "unified_lora/"
 
 
@@ -297,7 +304,9 @@ class UnifiedLoRACallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.ctrl.state_dict(), os.path.join(folder, CONTROLLER_STATE_NAME))
+        sd = self.ctrl.state_dict()
+        sd[WEIGHTS_DIGEST_KEY] = _weights_digest(self.ctrl)  # ctrl.load_state_dict ignores it
+        torch.save(sd, os.path.join(folder, CONTROLLER_STATE_NAME))
 
     def on_train_end(self, args, state, control, **kwargs):
         try:
@@ -324,7 +333,10 @@ class UnifiedLoRACallback(TrainerCallback):
                 )
             warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts", stacklevel=2)
             return
-        self.ctrl.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        if not self._weights_match(sd, path, "the Trainer resumed from"):
+            return
+        self.ctrl.load_state_dict(sd)
 
     def _load_best(self, args, folder: str) -> None:
         """After `load_best_model_at_end`: load `folder`'s controller state (see the module docstring)."""
@@ -343,8 +355,39 @@ class UnifiedLoRACallback(TrainerCallback):
                 raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
             warnings.warn(msg, stacklevel=2)
             return
-        self.ctrl.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        if not self._weights_match(sd, path, "load_best_model_at_end loaded"):
+            return
+        self.ctrl.load_state_dict(sd)
         self.best_loaded_from = folder
+
+    def _weights_match(self, sd, path: str, loaded: str) -> bool:
+        """Whether the managed weights the model holds now are the ones saved with `sd` (states saved before this
+        check have no digest: True). The Trainer never tells callbacks which checkpoint it resumed from, so the
+        callback reads `output_dir/checkpoint-{step}`; when that folder is another run's, this is where it shows.
+        A mismatch raises (`strict_resume=True`) or warns and leaves the controller as it is."""
+        saved = sd.get(WEIGHTS_DIGEST_KEY) if isinstance(sd, dict) else None
+        if saved is None or saved == _weights_digest(self.ctrl):
+            return True
+        msg = (f"UnifiedLoRACallback: {path} was saved with other adapter weights than the ones {loaded} (their "
+               "digests differ), so it is another run's or another step's controller state. When resuming from a "
+               "folder outside output_dir, or with output_dir holding another run's checkpoint of the same step, "
+               "pass UnifiedLoRACallback(ctrl, resume_from=<the checkpoint folder you resume from>)")
+        if self.strict_resume:
+            raise ValueError(msg + "; strict_resume=False makes this a warning (the controller is then not loaded)")
+        warnings.warn(msg + "; the controller state was not loaded", stacklevel=3)
+        return False
+
+
+@torch.no_grad()
+def _weights_digest(ctrl: UnifiedController) -> str:
+    """SHA-256 of the controller's managed parameters (every LoRA block and extra parameter, in order), as stored:
+    bit-exact weights, which a Trainer checkpoint saves and reloads, give the same digest."""
+    h = hashlib.sha256()
+    for p in ctrl.managed_parameters():
+        h.update(str((p.dtype, tuple(p.shape))).encode())
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _has_trainer_weights(args, folder: str) -> bool:
