@@ -324,6 +324,33 @@ def test_imported_adapter_keeps_training_under_the_controller(tmp_path):
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_checkpoint_with_trained_biases_imports_trains_and_exports_them(bias, tmp_path):
+    pm, fresh, path = trained_peft("bert", 8, tmp_path, bias=bias, task_type="SEQ_CLS")
+    x = inputs()
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, path)  # bias="all" also saves the head's inner copies' biases
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+    assert imp.modules_to_save == ["classifier"]
+    biases = [p for n, p in model.named_parameters() if n.endswith("base_layer.bias")]
+    assert len(biases) == 4 and all(p.requires_grad for p in biases)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl = imp.controller(opt, signal="loss", print_fn=None)
+    before = [p.detach().clone() for p in biases]
+    for _ in range(2):
+        loss = model(input_ids=x, labels=torch.tensor([0, 2])).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(a, p) for a, p in zip(before, biases))
+    model.eval()
+    cfg = export_peft_adapter(model, None, tmp_path / "out", rank=imp.rank)  # was: every layer saved whole, refused
+    assert cfg["bias"] == bias and cfg["target_modules"] and cfg["modules_to_save"] == ["classifier", "score"]
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(model, x)).abs().max().item() <= TOL
+
+
 def test_import_into_injected_model_with_other_scaling_folds_the_ratio(tmp_path):
     pm, fresh, path = trained_peft("llama", 4, tmp_path, use_rslora=True)
     model = copy.deepcopy(fresh)

@@ -97,26 +97,28 @@ def _nice(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _trainable_module_names(model: nn.Module) -> list[str]:
-    """Outermost modules owning trainable non-LoRA parameters (e.g. a classifier head): PEFT's modules_to_save.
+def _trainable_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(outermost modules owning trainable non-LoRA parameters other than a lone bias (e.g. a classifier head):
+    PEFT's modules_to_save; modules whose only trainable parameter is their bias: PEFT's `bias` option).
 
     A module inside another listed one is left out: PEFT saves a module whole (`ModulesToSaveWrapper`), and a
     wrapper inside a wrapper writes keys that `PeftModel.from_pretrained` cannot load (RoBERTa's head is
-    `classifier.dense` + `classifier.out_proj`, saved as `classifier`)."""
+    `classifier.dense` + `classifier.out_proj`, saved as `classifier`). A nested layer's trained base bias (an
+    imported `bias="lora_only"` or `"all"` checkpoint) is listed under its layer's name."""
     layers = lora_layers(model)
     factors = {id(p) for m in layers.values() for p in m.lora_parameters()}
     # a trainable base weight of a nested layer: that layer is saved whole (its delta merged in)
     owner = {id(p): ln for ln, m in layers.items() for p in m.base_layer.parameters()}
-    names = []
+    leaves: dict[str, set[str]] = {}
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in factors:
             mod = owner.get(id(p), n.rpartition(".")[0])
             if not mod:
                 raise ValueError(f"modules_to_save: trainable parameter {n!r} sits on the model root; "
                                  "PEFT can only save whole submodules")
-            if mod not in names:
-                names.append(mod)
-    return _outermost(names)
+            leaves.setdefault(mod, set()).add(n.rpartition(".")[2])
+    whole = _outermost([m for m, ls in leaves.items() if ls != {"bias"}])
+    return whole, [m for m, ls in leaves.items() if ls == {"bias"} and not any(_inside(m, w) for w in whole)]
 
 
 def _inside(path: str, outer: str) -> bool:
@@ -255,8 +257,9 @@ def export_peft_adapter(
     skel = _meta_skeleton(model)  # the modules as PEFT sees them (nested layers replaced by their base layers)
     heads = _task_heads(skel)
     explicit = not (isinstance(modules_to_save, str) and modules_to_save == "auto")
+    trainable, biased = _trainable_modules(model)
     if not explicit:
-        requested = _trainable_module_names(model) + heads
+        requested = trainable + heads
     else:
         requested = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     mts_names, saved, absorbed = _plan_modules_to_save(skel, requested, task_type, list(layers))
@@ -272,6 +275,9 @@ def export_peft_adapter(
             f"modules_to_save={modules_to_save!r}), so the adapter reproduces this model's outputs only on a base "
             "model whose head weights equal these, not on one whose head from_pretrained initialises afresh; "
             "leave modules_to_save='auto' to carry it", UserWarning, stacklevel=2)
+    # trained biases outside the modules saved whole: PEFT's bias="lora_only" if all sit on LoRA targets, else "all"
+    biased = [m for m in biased if not any(_inside(m, s) for s in saved)]
+    bias = "none" if not biased else "lora_only" if set(biased) <= set(targets) else "all"
     alphas = {_peft_alpha(m, rank) for m in targets.values()}
     drops = {_dropout_p(m) for m in targets.values()}
     if len(alphas) != 1 or len(drops) != 1:
@@ -290,7 +296,7 @@ def export_peft_adapter(
         fan_in_fan_out=any(m.fan_in_fan_out for m in targets.values()),
         modules_to_save=mts_names,
         task_type=task_type,
-        bias="none",
+        bias=bias,
         base_model_name_or_path=base_model_name_or_path,
     )
     with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out per Conv1D / Linear mix and meta weights
@@ -328,6 +334,13 @@ def export_peft_adapter(
                 sd[key] = ours[full].detach().clone()
             else:
                 raise ValueError(f"modules_to_save: {full!r} has no counterpart in the model")
+        elif bias != "none" and path.rpartition(".")[2] == "bias" and ".original_module." not in path:
+            # PEFT's bias option keeps the biases it wants; a saved module's original copy keeps the base's
+            mod = path.rpartition(".")[0]
+            value = ours.get(path, ours.get(f"{mod}.base_layer.bias"))  # a nested layer PEFT does not target
+            if value is None:
+                raise ValueError(f"bias: {path!r} has no counterpart in the model")
+            sd[key] = value.detach().clone()
     missing = set(targets) - {k.split(".lora_A.")[0][len(_PREFIX):] for k in sd if ".lora_A." in k}
     if missing:
         raise RuntimeError(f"PEFT did not target {sorted(missing)}")
@@ -480,6 +493,14 @@ def import_peft_adapter(
 
     extra, mts = [], []
     ours_params = dict(model.named_parameters())
+    for path in list(others):  # bias="all" also writes each saved module's inner copies' biases
+        wrapper, _, rest = path.partition(".modules_to_save.")
+        if not rest:
+            wrapper, _, rest = path.partition(".original_module.")
+        if rest and f"{wrapper}.{rest}" in others:  # PEFT's active forward uses `<module>.<leaf>` only
+            del others[path]
+    bias_only = {path.rpartition(".")[0] for path in others}
+    bias_only -= {path.rpartition(".")[0] for path in others if path.rpartition(".")[2] != "bias"}
     for path, t in others.items():
         target = ours_params.get(path)
         if target is None:  # a base-layer bias under a nested wrapper
@@ -493,7 +514,7 @@ def import_peft_adapter(
         target.requires_grad_(True)
         extra.append(target)
         mod = path.rpartition(".")[0]
-        if mod not in mts:
+        if mod not in mts and mod not in bias_only:  # a trained bias alone (PEFT's `bias`) is no saved module
             mts.append(mod)
     rank_set = set(ranks.values())
     return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
