@@ -351,6 +351,28 @@ def test_a_checkpoint_with_trained_biases_imports_trains_and_exports_them(bias, 
     assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(model, x)).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("kind, lora_kw, match", [
+    ("llama", dict(target_modules=["q_proj"], alora_invocation_tokens=[5, 6]), "alora_invocation_tokens"),
+    ("gpt2", dict(target_modules=[], target_parameters=["c_attn.weight"]), "target_parameters"),
+    ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[1, 2]), "trainable_token_indices"),
+])
+def test_import_refuses_peft_options_that_nested_layers_cannot_reproduce(kind, lora_kw, match, tmp_path):
+    base, _, _ = tiny(kind)
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", **lora_kw)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):  # aLoRA imported silently, applying the adapter on every token
+        import_peft_adapter(fresh, tmp_path)
+
+
+def test_import_of_a_named_adapters_parent_folder_names_the_subfolder(tmp_path):
+    base, _, _ = tiny("llama")
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="mine").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"subfolder: pass one of \['mine'\]"):
+        import_peft_adapter(copy.deepcopy(fresh), tmp_path)
+    assert import_peft_adapter(fresh, tmp_path / "mine").rank == 8
+
+
 def test_import_into_injected_model_with_other_scaling_folds_the_ratio(tmp_path):
     pm, fresh, path = trained_peft("llama", 4, tmp_path, use_rslora=True)
     model = copy.deepcopy(fresh)

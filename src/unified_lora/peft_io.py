@@ -23,6 +23,7 @@ Scaling. PEFT's scaling is `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -386,6 +387,18 @@ def _check_supported(config) -> None:
     for flag in ("use_dora", "lora_bias", "use_qalora"):
         if getattr(config, flag, False):
             raise ValueError(f"peft_dir: {flag}=True is not supported by nested LoRA layers")
+    # LoRA variants (aLoRA, KaSA, BD-LoRA, Arrow, ...) compute something else with the same lora_A/lora_B keys
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name, None)
+        if f.metadata.get("is_lora_variant") and value:
+            raise ValueError(f"peft_dir: {f.name}={value!r} selects a LoRA variant whose outputs plain nested LoRA "
+                             "layers do not reproduce; it is not supported")
+    for name, what in (("target_parameters", "LoRA on raw parameters, as for MoE experts"),
+                       ("trainable_token_indices", "trainable embedding tokens"),
+                       ("layer_replication", "replicated layers")):
+        if getattr(config, name, None):
+            raise ValueError(f"peft_dir: {name}={getattr(config, name)!r} ({what}) is not supported; nested layers "
+                             "take LoRA on Linear/Conv1D modules named in target_modules only")
 
 
 @torch.no_grad()
@@ -418,7 +431,10 @@ def import_peft_adapter(
 
     peft_dir = str(peft_dir)
     if not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
-        raise ValueError(f"peft_dir: {peft_dir!r} has no adapter_config.json")
+        subs = sorted(d for d in os.listdir(peft_dir) if os.path.isfile(os.path.join(peft_dir, d, "adapter_config.json"))) \
+            if os.path.isdir(peft_dir) else []
+        raise ValueError(f"peft_dir: {peft_dir!r} has no adapter_config.json" + (
+            f"; PEFT saves an adapter not named 'default' in a subfolder: pass one of {subs}" if subs else ""))
     config = LoraConfig.from_pretrained(peft_dir)
     _check_supported(config)
     weights = load_peft_weights(peft_dir, device="cpu")
