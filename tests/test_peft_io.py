@@ -534,6 +534,24 @@ def test_peft_controller_runs_at_the_fixed_peft_rank():
         PeftController(pm, None, actuators=ActuatorConfig(mode_ranks=(4, 8, 16)), print_fn=None)
 
 
+def test_peft_controller_refuses_an_inactive_or_frozen_adapter(tmp_path):
+    pm = bert_peft_model().eval()
+    pm.save_pretrained(tmp_path)
+    fresh, _, _ = tiny("bert")
+    frozen = PeftModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path))  # is_trainable=False: nothing trains
+    with pytest.raises(ValueError, match="frozen.*is_trainable=True"):
+        attach_to_peft_model(frozen, None, print_fn=None)
+    two = PeftModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path), adapter_name="a", is_trainable=True)
+    two.load_adapter(str(tmp_path), adapter_name="b", is_trainable=True)
+    opt = torch.optim.AdamW([p for p in two.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match=r"'b' is not an active adapter .*\['a'\].*set_adapter\('b'\)"):
+        attach_to_peft_model(two, opt, adapter_name="b", print_fn=None)  # was: "call loss.backward()" at each step
+    two.set_adapter("b")
+    ctrl = attach_to_peft_model(two, torch.optim.AdamW([p for p in two.parameters() if p.requires_grad]), print_fn=None)
+    driven = {id(p) for p in ctrl.lora_parameters()}
+    assert len(driven) == 8 and all(".b." in n for n, p in two.named_parameters() if id(p) in driven)
+
+
 def test_peft_controller_mirror_restores_peft_weights_when_drift_is_small():
     pm = bert_peft_model()
     ctrl, params, at_snapshot, rec, pre = run_mirror_cycle(pm, lr=1e-7)

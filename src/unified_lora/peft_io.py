@@ -632,6 +632,13 @@ class PeftController(UnifiedController):
                  if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})]
         if not views:
             raise ValueError(f"peft_model: no LoRA layer carries adapter {adapter_name!r}")
+        active = getattr(peft_model, "active_adapters", None)
+        if active is not None and adapter_name not in active:  # its weights never see a gradient
+            raise ValueError(f"adapter_name: {adapter_name!r} is not an active adapter of the PEFT model (active: "
+                             f"{list(active)}); call peft_model.set_adapter({adapter_name!r}) first")
+        if not any(p.requires_grad for v in views for p in v.lora_parameters()):
+            raise ValueError(f"peft_model: adapter {adapter_name!r} is frozen; load it with "
+                             "PeftModel.from_pretrained(base, dir, is_trainable=True) to train it")
         lora_ids = {id(p) for v in views for p in v.lora_parameters()}
         extra = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in lora_ids]
         actuators = actuators or ActuatorConfig(mode_ranks=(cfg.r,) * 3, lr_mode=lr_mode)
