@@ -364,6 +364,29 @@ def test_import_refuses_peft_options_that_nested_layers_cannot_reproduce(kind, l
         import_peft_adapter(fresh, tmp_path)
 
 
+def test_import_refuses_a_base_rewriting_init_and_takes_its_plain_lora_conversion(tmp_path):
+    base, _, _ = tiny("llama")
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="olora"))
+    pm.peft_config["default"].init_lora_weights = True  # PEFT's recipe: keep the initial adapter for the conversion
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = "olora"
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    x = inputs()
+    trained = logits(pm, x)  # on the residual base weights OLoRA left behind
+    pm.save_pretrained(tmp_path / "olora")
+    assert (logits(peft_load(fresh, tmp_path / "olora"), x) - trained).abs().max().item() <= TOL  # PEFT redoes the init
+    with pytest.raises(ValueError, match="init_lora_weights='olora'.*path_initial_model_for_weight_conversion"):
+        import_peft_adapter(copy.deepcopy(fresh), tmp_path / "olora")  # was: imported, logits off by ~0.2
+    pm.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model = copy.deepcopy(fresh)
+    assert import_peft_adapter(model, tmp_path / "plain").rank == 16
+    assert (logits(model, x) - trained).abs().max().item() <= TOL
+
+
 def test_import_of_a_named_adapters_parent_folder_names_the_subfolder(tmp_path):
     base, _, _ = tiny("llama")
     fresh = copy.deepcopy(base)

@@ -45,6 +45,8 @@ _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_KEYS = ("lora_embedding_", "lora_magnitude_vector", "lora_B.bias", "lora_A.bias")
 DEFAULT_RANK_LEVELS = (4, 8, 16)
+# init_lora_weights values whose initialisation rewrites the base weights (PEFT's pissa_init, olora_init, ...)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -387,6 +389,13 @@ def _check_supported(config) -> None:
     for flag in ("use_dora", "lora_bias", "use_qalora"):
         if getattr(config, flag, False):
             raise ValueError(f"peft_dir: {flag}=True is not supported by nested LoRA layers")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(
+            f"peft_dir: init_lora_weights={init!r} subtracts its initial adapter from the base weights, and PEFT redoes "
+            "that on the base model when it loads this checkpoint; nested layers add lora_A/lora_B to the base weights "
+            "as they are, which gives other outputs. Save the adapter as plain LoRA with PEFT first: "
+            "save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter saved before training>)")
     # LoRA variants (aLoRA, KaSA, BD-LoRA, Arrow, ...) compute something else with the same lora_A/lora_B keys
     for f in dataclasses.fields(config):
         value = getattr(config, f.name, None)
