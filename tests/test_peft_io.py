@@ -396,6 +396,26 @@ def test_import_of_a_named_adapters_parent_folder_names_the_subfolder(tmp_path):
     assert import_peft_adapter(fresh, tmp_path / "mine").rank == 8
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_targeted_lm_heads_saved_base_weight_loads_frozen(tied, tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    base = LlamaForCausalLM(cfg).eval()
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")  # save_embedding_layers="auto" also writes lm_head.base_layer.weight
+    x = inputs()
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, tmp_path / "peft")  # was: tied, "no parameter in the model"; untied, unfrozen
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+    assert imp.extra_params == [] and imp.modules_to_save == []
+    assert not model.lm_head.base_layer.weight.requires_grad
+    cfg = export_peft_adapter(model, None, tmp_path / "out")
+    assert "lm_head" in cfg["target_modules"] and cfg["modules_to_save"] is None  # still a LoRA target
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(pm, x)).abs().max().item() <= TOL
+
+
 def test_import_into_injected_model_with_other_scaling_folds_the_ratio(tmp_path):
     pm, fresh, path = trained_peft("llama", 4, tmp_path, use_rslora=True)
     model = copy.deepcopy(fresh)

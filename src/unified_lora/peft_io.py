@@ -428,7 +428,10 @@ def import_peft_adapter(
     nested level: nested blocks can hold a prefix of size r only at a block
     boundary. Where a layer's scaling differs from PEFT's, the ratio is folded
     into B so outputs still match. Blocks above r keep A and get B = 0.
-    `modules_to_save` weights (e.g. a classifier head) are loaded and unfrozen.
+    `modules_to_save` weights (e.g. a classifier head) and biases trained under
+    PEFT's `bias` option are loaded and unfrozen; embedding weights written by
+    PEFT's `save_embedding_layers` (a targeted `lm_head`'s base weight) are loaded
+    and stay frozen, as `PeftModel.from_pretrained` leaves them.
     With `strict`, nested layers the checkpoint does not cover are an error.
     A checkpoint with per-module ranks (`rank_pattern`) loads each layer at its
     own r; `ImportedAdapter.rank` is then the largest, and a controller built on
@@ -516,30 +519,36 @@ def import_peft_adapter(
         layer.load_full(A.to(dtype), B.to(dtype))
         layer.set_rank(r)
 
+    # Besides lora_A/lora_B PEFT writes the modules it saves whole (modules_to_save and its task type's head) and
+    # the biases of its `bias` option, both trained, and with save_embedding_layers (on by itself when lm_head or
+    # embed_tokens is a target, or the vocabulary was resized) the embedding layers' weights, which
+    # `from_pretrained` loads and leaves frozen: those are loaded here too, and stay frozen.
     extra, mts = [], []
-    ours_params = dict(model.named_parameters())
+    ours_params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     for path in list(others):  # bias="all" also writes each saved module's inner copies' biases
         wrapper, _, rest = path.partition(".modules_to_save.")
         if not rest:
             wrapper, _, rest = path.partition(".original_module.")
         if rest and f"{wrapper}.{rest}" in others:  # PEFT's active forward uses `<module>.<leaf>` only
             del others[path]
-    bias_only = {path.rpartition(".")[0] for path in others}
-    bias_only -= {path.rpartition(".")[0] for path in others if path.rpartition(".")[2] != "bias"}
+    task_type = getattr(config.task_type, "value", config.task_type)
+    whole = list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ()))
     for path, t in others.items():
         target = ours_params.get(path)
-        if target is None:  # a base-layer bias under a nested wrapper
-            mod, _, leaf = path.rpartition(".")
+        mod, _, leaf = path.rpartition(".")
+        if target is None:  # a base-layer parameter under a nested wrapper
             target = ours_params.get(f"{mod}.base_layer.{leaf}")
         if target is None:
             raise ValueError(f"peft_dir: saved module weight {path!r} has no parameter in the model")
         if target.shape != t.shape:
             raise ValueError(f"peft_dir: {path!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}")
         target.copy_(t.to(target.dtype))
-        target.requires_grad_(True)
-        extra.append(target)
-        mod = path.rpartition(".")[0]
-        if mod not in mts and mod not in bias_only:  # a trained bias alone (PEFT's `bias`) is no saved module
+        parts = mod.split(".")
+        saved_whole = any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts) + 1) for n in whole)  # PEFT's rule
+        if saved_whole or (leaf == "bias" and config.bias != "none"):
+            target.requires_grad_(True)
+            extra.append(target)
+        if saved_whole and mod not in mts:
             mts.append(mod)
     rank_set = set(ranks.values())
     return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
