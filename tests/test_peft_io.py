@@ -324,6 +324,98 @@ def test_imported_adapter_keeps_training_under_the_controller(tmp_path):
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_checkpoint_with_trained_biases_imports_trains_and_exports_them(bias, tmp_path):
+    pm, fresh, path = trained_peft("bert", 8, tmp_path, bias=bias, task_type="SEQ_CLS")
+    x = inputs()
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, path)  # bias="all" also saves the head's inner copies' biases
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+    assert imp.modules_to_save == ["classifier"]
+    biases = [p for n, p in model.named_parameters() if n.endswith("base_layer.bias")]
+    assert len(biases) == 4 and all(p.requires_grad for p in biases)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl = imp.controller(opt, signal="loss", print_fn=None)
+    before = [p.detach().clone() for p in biases]
+    for _ in range(2):
+        loss = model(input_ids=x, labels=torch.tensor([0, 2])).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(a, p) for a, p in zip(before, biases))
+    model.eval()
+    cfg = export_peft_adapter(model, None, tmp_path / "out", rank=imp.rank)  # was: every layer saved whole, refused
+    assert cfg["bias"] == bias and cfg["target_modules"] and cfg["modules_to_save"] == ["classifier", "score"]
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(model, x)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind, lora_kw, match", [
+    ("llama", dict(target_modules=["q_proj"], alora_invocation_tokens=[5, 6]), "alora_invocation_tokens"),
+    ("gpt2", dict(target_modules=[], target_parameters=["c_attn.weight"]), "target_parameters"),
+    ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[1, 2]), "trainable_token_indices"),
+])
+def test_import_refuses_peft_options_that_nested_layers_cannot_reproduce(kind, lora_kw, match, tmp_path):
+    base, _, _ = tiny(kind)
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", **lora_kw)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):  # aLoRA imported silently, applying the adapter on every token
+        import_peft_adapter(fresh, tmp_path)
+
+
+def test_import_refuses_a_base_rewriting_init_and_takes_its_plain_lora_conversion(tmp_path):
+    base, _, _ = tiny("llama")
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="olora"))
+    pm.peft_config["default"].init_lora_weights = True  # PEFT's recipe: keep the initial adapter for the conversion
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = "olora"
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    x = inputs()
+    trained = logits(pm, x)  # on the residual base weights OLoRA left behind
+    pm.save_pretrained(tmp_path / "olora")
+    assert (logits(peft_load(fresh, tmp_path / "olora"), x) - trained).abs().max().item() <= TOL  # PEFT redoes the init
+    with pytest.raises(ValueError, match="init_lora_weights='olora'.*path_initial_model_for_weight_conversion"):
+        import_peft_adapter(copy.deepcopy(fresh), tmp_path / "olora")  # was: imported, logits off by ~0.2
+    pm.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model = copy.deepcopy(fresh)
+    assert import_peft_adapter(model, tmp_path / "plain").rank == 16
+    assert (logits(model, x) - trained).abs().max().item() <= TOL
+
+
+def test_import_of_a_named_adapters_parent_folder_names_the_subfolder(tmp_path):
+    base, _, _ = tiny("llama")
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="mine").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"subfolder: pass one of \['mine'\]"):
+        import_peft_adapter(copy.deepcopy(fresh), tmp_path)
+    assert import_peft_adapter(fresh, tmp_path / "mine").rank == 8
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_targeted_lm_heads_saved_base_weight_loads_frozen(tied, tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    base = LlamaForCausalLM(cfg).eval()
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")  # save_embedding_layers="auto" also writes lm_head.base_layer.weight
+    x = inputs()
+    model = copy.deepcopy(fresh)
+    imp = import_peft_adapter(model, tmp_path / "peft")  # was: tied, "no parameter in the model"; untied, unfrozen
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+    assert imp.extra_params == [] and imp.modules_to_save == []
+    assert not model.lm_head.base_layer.weight.requires_grad
+    cfg = export_peft_adapter(model, None, tmp_path / "out")
+    assert "lm_head" in cfg["target_modules"] and cfg["modules_to_save"] is None  # still a LoRA target
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(pm, x)).abs().max().item() <= TOL
+
+
 def test_import_into_injected_model_with_other_scaling_folds_the_ratio(tmp_path):
     pm, fresh, path = trained_peft("llama", 4, tmp_path, use_rslora=True)
     model = copy.deepcopy(fresh)
@@ -483,6 +575,24 @@ def test_peft_controller_runs_at_the_fixed_peft_rank():
         from unified_lora import ActuatorConfig
 
         PeftController(pm, None, actuators=ActuatorConfig(mode_ranks=(4, 8, 16)), print_fn=None)
+
+
+def test_peft_controller_refuses_an_inactive_or_frozen_adapter(tmp_path):
+    pm = bert_peft_model().eval()
+    pm.save_pretrained(tmp_path)
+    fresh, _, _ = tiny("bert")
+    frozen = PeftModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path))  # is_trainable=False: nothing trains
+    with pytest.raises(ValueError, match="frozen.*is_trainable=True"):
+        attach_to_peft_model(frozen, None, print_fn=None)
+    two = PeftModel.from_pretrained(copy.deepcopy(fresh), str(tmp_path), adapter_name="a", is_trainable=True)
+    two.load_adapter(str(tmp_path), adapter_name="b", is_trainable=True)
+    opt = torch.optim.AdamW([p for p in two.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match=r"'b' is not an active adapter .*\['a'\].*set_adapter\('b'\)"):
+        attach_to_peft_model(two, opt, adapter_name="b", print_fn=None)  # was: "call loss.backward()" at each step
+    two.set_adapter("b")
+    ctrl = attach_to_peft_model(two, torch.optim.AdamW([p for p in two.parameters() if p.requires_grad]), print_fn=None)
+    driven = {id(p) for p in ctrl.lora_parameters()}
+    assert len(driven) == 8 and all(".b." in n for n, p in two.named_parameters() if id(p) in driven)
 
 
 def test_peft_controller_mirror_restores_peft_weights_when_drift_is_small():

@@ -23,6 +23,7 @@ Scaling. PEFT's scaling is `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -44,6 +45,8 @@ _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_KEYS = ("lora_embedding_", "lora_magnitude_vector", "lora_B.bias", "lora_A.bias")
 DEFAULT_RANK_LEVELS = (4, 8, 16)
+# init_lora_weights values whose initialisation rewrites the base weights (PEFT's pissa_init, olora_init, ...)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -97,26 +100,28 @@ def _nice(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _trainable_module_names(model: nn.Module) -> list[str]:
-    """Outermost modules owning trainable non-LoRA parameters (e.g. a classifier head): PEFT's modules_to_save.
+def _trainable_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(outermost modules owning trainable non-LoRA parameters other than a lone bias (e.g. a classifier head):
+    PEFT's modules_to_save; modules whose only trainable parameter is their bias: PEFT's `bias` option).
 
     A module inside another listed one is left out: PEFT saves a module whole (`ModulesToSaveWrapper`), and a
     wrapper inside a wrapper writes keys that `PeftModel.from_pretrained` cannot load (RoBERTa's head is
-    `classifier.dense` + `classifier.out_proj`, saved as `classifier`)."""
+    `classifier.dense` + `classifier.out_proj`, saved as `classifier`). A nested layer's trained base bias (an
+    imported `bias="lora_only"` or `"all"` checkpoint) is listed under its layer's name."""
     layers = lora_layers(model)
     factors = {id(p) for m in layers.values() for p in m.lora_parameters()}
     # a trainable base weight of a nested layer: that layer is saved whole (its delta merged in)
     owner = {id(p): ln for ln, m in layers.items() for p in m.base_layer.parameters()}
-    names = []
+    leaves: dict[str, set[str]] = {}
     for n, p in model.named_parameters():
         if p.requires_grad and id(p) not in factors:
             mod = owner.get(id(p), n.rpartition(".")[0])
             if not mod:
                 raise ValueError(f"modules_to_save: trainable parameter {n!r} sits on the model root; "
                                  "PEFT can only save whole submodules")
-            if mod not in names:
-                names.append(mod)
-    return _outermost(names)
+            leaves.setdefault(mod, set()).add(n.rpartition(".")[2])
+    whole = _outermost([m for m, ls in leaves.items() if ls != {"bias"}])
+    return whole, [m for m, ls in leaves.items() if ls == {"bias"} and not any(_inside(m, w) for w in whole)]
 
 
 def _inside(path: str, outer: str) -> bool:
@@ -255,8 +260,9 @@ def export_peft_adapter(
     skel = _meta_skeleton(model)  # the modules as PEFT sees them (nested layers replaced by their base layers)
     heads = _task_heads(skel)
     explicit = not (isinstance(modules_to_save, str) and modules_to_save == "auto")
+    trainable, biased = _trainable_modules(model)
     if not explicit:
-        requested = _trainable_module_names(model) + heads
+        requested = trainable + heads
     else:
         requested = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     mts_names, saved, absorbed = _plan_modules_to_save(skel, requested, task_type, list(layers))
@@ -272,6 +278,9 @@ def export_peft_adapter(
             f"modules_to_save={modules_to_save!r}), so the adapter reproduces this model's outputs only on a base "
             "model whose head weights equal these, not on one whose head from_pretrained initialises afresh; "
             "leave modules_to_save='auto' to carry it", UserWarning, stacklevel=2)
+    # trained biases outside the modules saved whole: PEFT's bias="lora_only" if all sit on LoRA targets, else "all"
+    biased = [m for m in biased if not any(_inside(m, s) for s in saved)]
+    bias = "none" if not biased else "lora_only" if set(biased) <= set(targets) else "all"
     alphas = {_peft_alpha(m, rank) for m in targets.values()}
     drops = {_dropout_p(m) for m in targets.values()}
     if len(alphas) != 1 or len(drops) != 1:
@@ -290,7 +299,7 @@ def export_peft_adapter(
         fan_in_fan_out=any(m.fan_in_fan_out for m in targets.values()),
         modules_to_save=mts_names,
         task_type=task_type,
-        bias="none",
+        bias=bias,
         base_model_name_or_path=base_model_name_or_path,
     )
     with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out per Conv1D / Linear mix and meta weights
@@ -328,6 +337,13 @@ def export_peft_adapter(
                 sd[key] = ours[full].detach().clone()
             else:
                 raise ValueError(f"modules_to_save: {full!r} has no counterpart in the model")
+        elif bias != "none" and path.rpartition(".")[2] == "bias" and ".original_module." not in path:
+            # PEFT's bias option keeps the biases it wants; a saved module's original copy keeps the base's
+            mod = path.rpartition(".")[0]
+            value = ours.get(path, ours.get(f"{mod}.base_layer.bias"))  # a nested layer PEFT does not target
+            if value is None:
+                raise ValueError(f"bias: {path!r} has no counterpart in the model")
+            sd[key] = value.detach().clone()
     missing = set(targets) - {k.split(".lora_A.")[0][len(_PREFIX):] for k in sd if ".lora_A." in k}
     if missing:
         raise RuntimeError(f"PEFT did not target {sorted(missing)}")
@@ -373,6 +389,25 @@ def _check_supported(config) -> None:
     for flag in ("use_dora", "lora_bias", "use_qalora"):
         if getattr(config, flag, False):
             raise ValueError(f"peft_dir: {flag}=True is not supported by nested LoRA layers")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(
+            f"peft_dir: init_lora_weights={init!r} subtracts its initial adapter from the base weights, and PEFT redoes "
+            "that on the base model when it loads this checkpoint; nested layers add lora_A/lora_B to the base weights "
+            "as they are, which gives other outputs. Save the adapter as plain LoRA with PEFT first: "
+            "save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter saved before training>)")
+    # LoRA variants (aLoRA, KaSA, BD-LoRA, Arrow, ...) compute something else with the same lora_A/lora_B keys
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name, None)
+        if f.metadata.get("is_lora_variant") and value:
+            raise ValueError(f"peft_dir: {f.name}={value!r} selects a LoRA variant whose outputs plain nested LoRA "
+                             "layers do not reproduce; it is not supported")
+    for name, what in (("target_parameters", "LoRA on raw parameters, as for MoE experts"),
+                       ("trainable_token_indices", "trainable embedding tokens"),
+                       ("layer_replication", "replicated layers")):
+        if getattr(config, name, None):
+            raise ValueError(f"peft_dir: {name}={getattr(config, name)!r} ({what}) is not supported; nested layers "
+                             "take LoRA on Linear/Conv1D modules named in target_modules only")
 
 
 @torch.no_grad()
@@ -393,7 +428,10 @@ def import_peft_adapter(
     nested level: nested blocks can hold a prefix of size r only at a block
     boundary. Where a layer's scaling differs from PEFT's, the ratio is folded
     into B so outputs still match. Blocks above r keep A and get B = 0.
-    `modules_to_save` weights (e.g. a classifier head) are loaded and unfrozen.
+    `modules_to_save` weights (e.g. a classifier head) and biases trained under
+    PEFT's `bias` option are loaded and unfrozen; embedding weights written by
+    PEFT's `save_embedding_layers` (a targeted `lm_head`'s base weight) are loaded
+    and stay frozen, as `PeftModel.from_pretrained` leaves them.
     With `strict`, nested layers the checkpoint does not cover are an error.
     A checkpoint with per-module ranks (`rank_pattern`) loads each layer at its
     own r; `ImportedAdapter.rank` is then the largest, and a controller built on
@@ -405,7 +443,10 @@ def import_peft_adapter(
 
     peft_dir = str(peft_dir)
     if not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
-        raise ValueError(f"peft_dir: {peft_dir!r} has no adapter_config.json")
+        subs = sorted(d for d in os.listdir(peft_dir) if os.path.isfile(os.path.join(peft_dir, d, "adapter_config.json"))) \
+            if os.path.isdir(peft_dir) else []
+        raise ValueError(f"peft_dir: {peft_dir!r} has no adapter_config.json" + (
+            f"; PEFT saves an adapter not named 'default' in a subfolder: pass one of {subs}" if subs else ""))
     config = LoraConfig.from_pretrained(peft_dir)
     _check_supported(config)
     weights = load_peft_weights(peft_dir, device="cpu")
@@ -478,22 +519,36 @@ def import_peft_adapter(
         layer.load_full(A.to(dtype), B.to(dtype))
         layer.set_rank(r)
 
+    # Besides lora_A/lora_B PEFT writes the modules it saves whole (modules_to_save and its task type's head) and
+    # the biases of its `bias` option, both trained, and with save_embedding_layers (on by itself when lm_head or
+    # embed_tokens is a target, or the vocabulary was resized) the embedding layers' weights, which
+    # `from_pretrained` loads and leaves frozen: those are loaded here too, and stay frozen.
     extra, mts = [], []
-    ours_params = dict(model.named_parameters())
+    ours_params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
+    for path in list(others):  # bias="all" also writes each saved module's inner copies' biases
+        wrapper, _, rest = path.partition(".modules_to_save.")
+        if not rest:
+            wrapper, _, rest = path.partition(".original_module.")
+        if rest and f"{wrapper}.{rest}" in others:  # PEFT's active forward uses `<module>.<leaf>` only
+            del others[path]
+    task_type = getattr(config.task_type, "value", config.task_type)
+    whole = list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ()))
     for path, t in others.items():
         target = ours_params.get(path)
-        if target is None:  # a base-layer bias under a nested wrapper
-            mod, _, leaf = path.rpartition(".")
+        mod, _, leaf = path.rpartition(".")
+        if target is None:  # a base-layer parameter under a nested wrapper
             target = ours_params.get(f"{mod}.base_layer.{leaf}")
         if target is None:
             raise ValueError(f"peft_dir: saved module weight {path!r} has no parameter in the model")
         if target.shape != t.shape:
             raise ValueError(f"peft_dir: {path!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}")
         target.copy_(t.to(target.dtype))
-        target.requires_grad_(True)
-        extra.append(target)
-        mod = path.rpartition(".")[0]
-        if mod not in mts:
+        parts = mod.split(".")
+        saved_whole = any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts) + 1) for n in whole)  # PEFT's rule
+        if saved_whole or (leaf == "bias" and config.bias != "none"):
+            target.requires_grad_(True)
+            extra.append(target)
+        if saved_whole and mod not in mts:
             mts.append(mod)
     rank_set = set(ranks.values())
     return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
@@ -595,6 +650,13 @@ class PeftController(UnifiedController):
                  if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})]
         if not views:
             raise ValueError(f"peft_model: no LoRA layer carries adapter {adapter_name!r}")
+        active = getattr(peft_model, "active_adapters", None)
+        if active is not None and adapter_name not in active:  # its weights never see a gradient
+            raise ValueError(f"adapter_name: {adapter_name!r} is not an active adapter of the PEFT model (active: "
+                             f"{list(active)}); call peft_model.set_adapter({adapter_name!r}) first")
+        if not any(p.requires_grad for v in views for p in v.lora_parameters()):
+            raise ValueError(f"peft_model: adapter {adapter_name!r} is frozen; load it with "
+                             "PeftModel.from_pretrained(base, dir, is_trainable=True) to train it")
         lora_ids = {id(p) for v in views for p in v.lora_parameters()}
         extra = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in lora_ids]
         actuators = actuators or ActuatorConfig(mode_ranks=(cfg.r,) * 3, lr_mode=lr_mode)
