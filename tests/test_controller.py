@@ -143,6 +143,43 @@ def test_multiplier_mode_composes_with_a_cosine_schedule(llama):
     assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])  # schedule not overwritten
 
 
+@pytest.mark.parametrize("lr_mode", ["multiplier", "absolute"])
+def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode):
+    """torch's recipe for a compiled optimizer with a scheduler wraps the LR in a tensor. The trace (and its
+    JSONL file) records the effective LR as a float; it used to raise "Tensor is not JSON serializable"."""
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None, lr_mode=lr_mode,
+                                 trace_path=tmp_path / "trace.jsonl")
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=torch.tensor(1e-3), fused=True)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    ctrl.close()
+    want = 1e-3 * ctrl.lr_multiplier if lr_mode == "multiplier" else ctrl.actuators.mode_lrs[1]
+    assert type(ctrl.trace[-1].lr) is float and ctrl.trace[-1].lr == pytest.approx(want)
+    assert read_trace(tmp_path / "trace.jsonl")[-1]["lr"] == pytest.approx(want)
+
+
+def test_an_optimizer_that_sets_its_own_step_size_is_refused_unless_lr_mode_is_off(llama):
+    """transformers' Adafactor with relative_step=True has lr=None: the multiplier's hook failed inside
+    optimizer.step() and ctrl.step raised a TypeError (None * float); an absolute LR would be ignored."""
+    from transformers.optimization import Adafactor
+
+    for lr_mode in ("multiplier", "absolute"):
+        _, ctrl = setup_unified_lora(tiny_llama(), target_modules=["q_proj"], signal="loss", print_fn=None,
+                                     lr_mode=lr_mode)
+        params = ctrl.managed_parameters()
+        with pytest.raises(ValueError, match=r"^optimizer: param group 0 has lr=None and relative_step=True.*"
+                                             r"lr_mode='off'"):
+            ctrl.attach_optimizer(Adafactor(params, lr=None, relative_step=True, warmup_init=True))
+        assert ctrl.optimizer is None and not ctrl._hooks
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None, lr_mode="off")
+    opt = Adafactor([p for p in llama.parameters() if p.requires_grad], lr=None, relative_step=True)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    assert ctrl.trace[-1].lr is None
+
+
 @pytest.fixture(params=["eager", "eager_unpacked", pytest.param("fused", marks=pytest.mark.skipif(
     not can_build_cpp(), reason="kernel='fused' builds csrc/mirror_fused.cpp: needs g++ and ninja"))])
 def kernel(request):

@@ -163,6 +163,8 @@ class UnifiedController:
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
             self._check_optimizer_holds_managed(inner)
+            if self.actuators.lr_mode != "off":
+                self._check_optimizer_lr(inner)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -193,6 +195,21 @@ class UnifiedController:
                 f"the controller re-activates). Build it after setup, from every parameter that requires grad, e.g. "
                 f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
 
+    def _check_optimizer_lr(self, inner) -> None:
+        """Refuse param groups whose learning rate the controller cannot set: transformers' Adafactor with
+        `relative_step=True` has lr=None and computes its own step size, which would ignore an absolute LR
+        and make the multiplier's `None * m` fail inside `optimizer.step()`."""
+        for i, g in enumerate(getattr(inner, "param_groups", ())):
+            lr = g.get("lr")
+            numeric = torch.is_tensor(lr) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool))
+            if g.get("relative_step") or not numeric:
+                how = " and relative_step=True" if g.get("relative_step") else ""
+                raise ValueError(
+                    f"optimizer: param group {i} has lr={lr!r}{how}, so the optimizer sets its own step size and "
+                    f"lr_mode={self.actuators.lr_mode!r} cannot act on it. Use lr_mode='off' (the controller then "
+                    f"drives the rank and Mirror only), or give the optimizer a learning rate (transformers' "
+                    f"Adafactor: relative_step=False, lr=...)")
+
     def _pre_step(self, opt, args, kwargs):
         self._base_lrs = [g["lr"] for g in opt.param_groups]
         m = self.lr_multiplier
@@ -217,7 +234,10 @@ class UnifiedController:
         inner = _unwrap_optimizer(self.optimizer)
         if inner is None:
             return None if a.lr_mode == "off" else self.lr_multiplier
-        return inner.param_groups[0]["lr"] * self.lr_multiplier
+        lr = inner.param_groups[0]["lr"]
+        if torch.is_tensor(lr):  # lr=torch.tensor(...), as for a compiled optimizer: the trace needs a number
+            lr = lr.item()
+        return None if lr is None else lr * self.lr_multiplier
 
     def _apply_lr(self) -> None:
         if self.actuators.lr_mode != "absolute":
