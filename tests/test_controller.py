@@ -330,6 +330,64 @@ def test_trace_jsonl_and_console_line(tmp_path, llama):
     assert lines[0].startswith("[0] Mode=1 φ=0.") and "E_s=" in lines[0] and len(lines) == 2
 
 
+def test_a_resumed_controller_keeps_the_trace_file_of_the_steps_before_its_checkpoint(tmp_path):
+    """A controller built with the run's trace_path to resume it used to empty the file when it was built, so
+    the JSONL kept only the steps after the resume. Loading the state now keeps the lines of earlier steps
+    and drops the ones written after the checkpoint (and a line cut off by a crash); a new run still starts
+    the file afresh."""
+    path = tmp_path / "trace.jsonl"
+    x = torch.randint(0, VOCAB, (2, 8))
+
+    def make():
+        model = tiny_llama()
+        _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
+        return model, ctrl
+
+    def steps(model, ctrl, losses):
+        for loss in losses:
+            model(input_ids=x, labels=x).loss.backward()
+            ctrl.step(loss=loss)
+
+    losses = [0.5, 0.6, 5.0, 0.7, 0.8, 0.9]
+    model, ctrl = make()
+    steps(model, ctrl, losses[:3])
+    sd = copy.deepcopy(ctrl.state_dict())
+    steps(model, ctrl, [9.0, 9.0])  # written after the checkpoint, then the process dies mid-line
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "lo')
+    ctrl.close()
+
+    model, ctrl = make()
+    assert len(path.read_text().splitlines()) == 6  # building the controller alone leaves the file as it was
+    ctrl.load_state_dict(sd)
+    steps(model, ctrl, losses[3:])
+    ctrl.close()
+    got = read_trace(path)
+    assert [r["step"] for r in got] == list(range(6)) and [r["loss"] for r in got] == losses
+
+    model, ctrl = make()  # a new run: the file starts afresh at its first step
+    steps(model, ctrl, [0.5])
+    ctrl.close()
+    assert [r["step"] for r in read_trace(path)] == [0]
+
+
+def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(tmp_path, llama):
+    """copy.deepcopy(ctrl) raised "cannot pickle '_io.TextIOWrapper' object" when trace_path= was given. The
+    copy now has everything but the file: it steps on its own, and only the original writes the JSONL."""
+    path = tmp_path / "trace.jsonl"
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
+    x = torch.randint(0, VOCAB, (2, 8))
+    llama(input_ids=x, labels=x).loss.backward()
+    ctrl.step(loss=0.5)
+    model2, twin = copy.deepcopy((llama, ctrl))
+    assert twin.writer is None and ctrl.writer is not None and len(twin.trace) == 1
+    model2(input_ids=x, labels=x).loss.backward()
+    twin.step(loss=5.0)
+    ctrl.step(loss=0.6)
+    ctrl.close()
+    assert [r["loss"] for r in read_trace(path)] == [0.5, 0.6] and [r.loss for r in twin.trace] == [0.5, 5.0]
+
+
 def test_resume_in_a_fresh_process_continues_the_same_trajectory(tmp_path):
     worker = str(Path(__file__).with_name("_resume_worker.py"))
     full, a, b = tmp_path / "full", tmp_path / "a", tmp_path / "b"

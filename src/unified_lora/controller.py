@@ -439,6 +439,8 @@ class UnifiedController:
         self.machine.load_state_dict(sd["machine"])
         self._apply_rank()
         self._apply_lr()
+        if self.writer is not None:  # a resumed run's trace_path keeps the lines of the steps before it
+            self.writer.resume(self.global_step)
 
     def _check_state(self, sd: dict) -> None:
         """Raise the ValueError of `load_state_dict` if `sd` does not fit this controller; load nothing."""
@@ -552,6 +554,13 @@ class UnifiedController:
         if mode not in range(len(MODES)):
             out.append(f"machine mode {mode!r} is not one of 0, 1, 2 ({', '.join(MODES)})")
         return out
+
+    def __getstate__(self) -> dict:
+        # A deep copy (or pickle) keeps everything but the open trace file: two controllers appending to one
+        # JSONL file would interleave their steps. `ctrl.trace` is copied; the copy writes no file.
+        state = self.__dict__.copy()
+        state["writer"] = None
+        return state
 
     def close(self) -> None:
         if self.writer is not None:
