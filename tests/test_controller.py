@@ -143,6 +143,31 @@ def test_multiplier_mode_composes_with_a_cosine_schedule(llama):
     assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])  # schedule not overwritten
 
 
+
+def test_an_optimizer_step_that_raises_does_not_leave_the_multiplied_lr_behind(llama):
+    """The multiplier's post-step hook never runs when optimizer.step() raises (Ctrl-C in a notebook). The
+    groups kept base × m: the next step multiplied it again, and the rerun trained at m² × the LR for good,
+    and a checkpoint saved then held base × m. Both now see the scheduled LR."""
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25)))
+    opt = torch.optim.SGD([p for p in llama.parameters() if p.requires_grad], lr=0.1)
+    ctrl.attach_optimizer(opt)
+    used, fail = [], [True]
+
+    def interrupt(o, a, k):  # runs after the controller's pre-step hook, inside optimizer.step()
+        used.append(o.param_groups[0]["lr"])
+        if fail[0]:
+            fail[0] = False
+            raise KeyboardInterrupt
+
+    opt.register_step_pre_hook(interrupt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(KeyboardInterrupt):
+        _train_step(llama, ctrl, opt, x, x)
+    assert opt.state_dict()["param_groups"][0]["lr"] == 0.1
+    opt.zero_grad()
+    _train_step(llama, ctrl, opt, x, x)
+    assert used == [0.05, 0.05] and opt.param_groups[0]["lr"] == 0.1
 @pytest.mark.parametrize("lr_mode", ["multiplier", "absolute"])
 def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode):
     """torch's recipe for a compiled optimizer with a scheduler wraps the LR in a tensor. The trace (and its

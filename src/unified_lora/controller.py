@@ -170,7 +170,8 @@ class UnifiedController:
         self._hooks = []
         self.optimizer = optimizer
         if inner is not None and self.actuators.lr_mode == "multiplier":
-            self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step)]
+            self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
+                           inner.register_state_dict_pre_hook(self._restore_lrs)]
 
     def _check_optimizer_holds_managed(self, inner) -> None:
         """Refuse an optimizer that leaves out managed parameters. A block it lacks never trains, silently:
@@ -211,6 +212,8 @@ class UnifiedController:
                     f"Adafactor: relative_step=False, lr=...)")
 
     def _pre_step(self, opt, args, kwargs):
+        if self._base_lrs is not None:  # the last step raised (Ctrl-C in a notebook): put its LRs back first
+            self._post_step(opt, args, kwargs)
         self._base_lrs = [g["lr"] for g in opt.param_groups]
         m = self.lr_multiplier
         for g in opt.param_groups:
@@ -221,6 +224,10 @@ class UnifiedController:
             for g, lr in zip(opt.param_groups, self._base_lrs):
                 g["lr"] = lr
             self._base_lrs = None
+
+    def _restore_lrs(self, opt) -> None:
+        """optimizer.state_dict() pre-hook: a checkpoint saved after a step that raised holds the scheduled LRs."""
+        self._post_step(opt, None, None)
 
     @property
     def lr_multiplier(self) -> float:
