@@ -413,6 +413,34 @@ def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(
     assert [r["loss"] for r in read_trace(path)] == [0.5, 0.6] and [r.loss for r in twin.trace] == [0.5, 5.0]
 
 
+def test_a_grad_scaler_loop_that_unscales_first_goes_through_a_mirror_restore():
+    """The README's AMP recipe: scaler.unscale_(opt) before ctrl.step. A restore clears every gradient, and
+    scaler.step (which would otherwise find no gradient to check for inf and assert) leaves the restored
+    weights exact."""
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 signal="loss", print_fn=None, mirror=MirrorConfig(policy="always"))
+    params = ctrl.managed_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = classification_batch(8, 8)
+    snap = None
+    for step in range(120):
+        scaler.scale(model(input_ids=x, labels=y).loss).backward()
+        scaler.unscale_(opt)
+        ctrl.step(loss=50.0 if snap is None and ctrl.mode != 2 else 0.01)
+        if ctrl.trace[-1].snapshot == "saved":
+            snap = [p.detach().clone() for p in params]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if ctrl.trace[-1].snapshot == "restored":
+            assert all(torch.equal(p, s) for p, s in zip(params, snap))
+            return
+    raise AssertionError("no Mirror restore")
+
+
 def test_resume_in_a_fresh_process_continues_the_same_trajectory(tmp_path):
     worker = str(Path(__file__).with_name("_resume_worker.py"))
     full, a, b = tmp_path / "full", tmp_path / "a", tmp_path / "b"
