@@ -143,6 +143,68 @@ def test_multiplier_mode_composes_with_a_cosine_schedule(llama):
     assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])  # schedule not overwritten
 
 
+
+def test_an_optimizer_step_that_raises_does_not_leave_the_multiplied_lr_behind(llama):
+    """The multiplier's post-step hook never runs when optimizer.step() raises (Ctrl-C in a notebook). The
+    groups kept base × m: the next step multiplied it again, and the rerun trained at m² × the LR for good,
+    and a checkpoint saved then held base × m. Both now see the scheduled LR."""
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25)))
+    opt = torch.optim.SGD([p for p in llama.parameters() if p.requires_grad], lr=0.1)
+    ctrl.attach_optimizer(opt)
+    used, fail = [], [True]
+
+    def interrupt(o, a, k):  # runs after the controller's pre-step hook, inside optimizer.step()
+        used.append(o.param_groups[0]["lr"])
+        if fail[0]:
+            fail[0] = False
+            raise KeyboardInterrupt
+
+    opt.register_step_pre_hook(interrupt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(KeyboardInterrupt):
+        _train_step(llama, ctrl, opt, x, x)
+    assert opt.state_dict()["param_groups"][0]["lr"] == 0.1
+    opt.zero_grad()
+    _train_step(llama, ctrl, opt, x, x)
+    assert used == [0.05, 0.05] and opt.param_groups[0]["lr"] == 0.1
+@pytest.mark.parametrize("lr_mode", ["multiplier", "absolute"])
+def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode):
+    """torch's recipe for a compiled optimizer with a scheduler wraps the LR in a tensor. The trace (and its
+    JSONL file) records the effective LR as a float; it used to raise "Tensor is not JSON serializable"."""
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None, lr_mode=lr_mode,
+                                 trace_path=tmp_path / "trace.jsonl")
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=torch.tensor(1e-3), fused=True)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    ctrl.close()
+    want = 1e-3 * ctrl.lr_multiplier if lr_mode == "multiplier" else ctrl.actuators.mode_lrs[1]
+    assert type(ctrl.trace[-1].lr) is float and ctrl.trace[-1].lr == pytest.approx(want)
+    assert read_trace(tmp_path / "trace.jsonl")[-1]["lr"] == pytest.approx(want)
+
+
+def test_an_optimizer_that_sets_its_own_step_size_is_refused_unless_lr_mode_is_off(llama):
+    """transformers' Adafactor with relative_step=True has lr=None: the multiplier's hook failed inside
+    optimizer.step() and ctrl.step raised a TypeError (None * float); an absolute LR would be ignored."""
+    from transformers.optimization import Adafactor
+
+    for lr_mode in ("multiplier", "absolute"):
+        _, ctrl = setup_unified_lora(tiny_llama(), target_modules=["q_proj"], signal="loss", print_fn=None,
+                                     lr_mode=lr_mode)
+        params = ctrl.managed_parameters()
+        with pytest.raises(ValueError, match=r"^optimizer: param group 0 has lr=None and relative_step=True.*"
+                                             r"lr_mode='off'"):
+            ctrl.attach_optimizer(Adafactor(params, lr=None, relative_step=True, warmup_init=True))
+        assert ctrl.optimizer is None and not ctrl._hooks
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None, lr_mode="off")
+    opt = Adafactor([p for p in llama.parameters() if p.requires_grad], lr=None, relative_step=True)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    assert ctrl.trace[-1].lr is None
+
+
 @pytest.fixture(params=["eager", "eager_unpacked", pytest.param("fused", marks=pytest.mark.skipif(
     not can_build_cpp(), reason="kernel='fused' builds csrc/mirror_fused.cpp: needs g++ and ninja"))])
 def kernel(request):
@@ -291,6 +353,92 @@ def test_trace_jsonl_and_console_line(tmp_path, llama):
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
     assert set(recs[0]) >= {"loss", "phi", "mode", "rank", "lr", "components", "snapshot"}
     assert lines[0].startswith("[0] Mode=1 φ=0.") and "E_s=" in lines[0] and len(lines) == 2
+
+
+def test_a_resumed_controller_keeps_the_trace_file_of_the_steps_before_its_checkpoint(tmp_path):
+    """A controller built with the run's trace_path to resume it used to empty the file when it was built, so
+    the JSONL kept only the steps after the resume. Loading the state now keeps the lines of earlier steps
+    and drops the ones written after the checkpoint (and a line cut off by a crash); a new run still starts
+    the file afresh."""
+    path = tmp_path / "trace.jsonl"
+    x = torch.randint(0, VOCAB, (2, 8))
+
+    def make():
+        model = tiny_llama()
+        _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
+        return model, ctrl
+
+    def steps(model, ctrl, losses):
+        for loss in losses:
+            model(input_ids=x, labels=x).loss.backward()
+            ctrl.step(loss=loss)
+
+    losses = [0.5, 0.6, 5.0, 0.7, 0.8, 0.9]
+    model, ctrl = make()
+    steps(model, ctrl, losses[:3])
+    sd = copy.deepcopy(ctrl.state_dict())
+    steps(model, ctrl, [9.0, 9.0])  # written after the checkpoint, then the process dies mid-line
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "lo')
+    ctrl.close()
+
+    model, ctrl = make()
+    assert len(path.read_text().splitlines()) == 6  # building the controller alone leaves the file as it was
+    ctrl.load_state_dict(sd)
+    steps(model, ctrl, losses[3:])
+    ctrl.close()
+    got = read_trace(path)
+    assert [r["step"] for r in got] == list(range(6)) and [r["loss"] for r in got] == losses
+
+    model, ctrl = make()  # a new run: the file starts afresh at its first step
+    steps(model, ctrl, [0.5])
+    ctrl.close()
+    assert [r["step"] for r in read_trace(path)] == [0]
+
+
+def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(tmp_path, llama):
+    """copy.deepcopy(ctrl) raised "cannot pickle '_io.TextIOWrapper' object" when trace_path= was given. The
+    copy now has everything but the file: it steps on its own, and only the original writes the JSONL."""
+    path = tmp_path / "trace.jsonl"
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
+    x = torch.randint(0, VOCAB, (2, 8))
+    llama(input_ids=x, labels=x).loss.backward()
+    ctrl.step(loss=0.5)
+    model2, twin = copy.deepcopy((llama, ctrl))
+    assert twin.writer is None and ctrl.writer is not None and len(twin.trace) == 1
+    model2(input_ids=x, labels=x).loss.backward()
+    twin.step(loss=5.0)
+    ctrl.step(loss=0.6)
+    ctrl.close()
+    assert [r["loss"] for r in read_trace(path)] == [0.5, 0.6] and [r.loss for r in twin.trace] == [0.5, 5.0]
+
+
+def test_a_grad_scaler_loop_that_unscales_first_goes_through_a_mirror_restore():
+    """The README's AMP recipe: scaler.unscale_(opt) before ctrl.step. A restore clears every gradient, and
+    scaler.step (which would otherwise find no gradient to check for inf and assert) leaves the restored
+    weights exact."""
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 signal="loss", print_fn=None, mirror=MirrorConfig(policy="always"))
+    params = ctrl.managed_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = classification_batch(8, 8)
+    snap = None
+    for step in range(120):
+        scaler.scale(model(input_ids=x, labels=y).loss).backward()
+        scaler.unscale_(opt)
+        ctrl.step(loss=50.0 if snap is None and ctrl.mode != 2 else 0.01)
+        if ctrl.trace[-1].snapshot == "saved":
+            snap = [p.detach().clone() for p in params]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if ctrl.trace[-1].snapshot == "restored":
+            assert all(torch.equal(p, s) for p, s in zip(params, snap))
+            return
+    raise AssertionError("no Mirror restore")
 
 
 def test_resume_in_a_fresh_process_continues_the_same_trajectory(tmp_path):

@@ -163,12 +163,15 @@ class UnifiedController:
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
             self._check_optimizer_holds_managed(inner)
+            if self.actuators.lr_mode != "off":
+                self._check_optimizer_lr(inner)
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self.optimizer = optimizer
         if inner is not None and self.actuators.lr_mode == "multiplier":
-            self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step)]
+            self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
+                           inner.register_state_dict_pre_hook(self._restore_lrs)]
 
     def _check_optimizer_holds_managed(self, inner) -> None:
         """Refuse an optimizer that leaves out managed parameters. A block it lacks never trains, silently:
@@ -193,7 +196,24 @@ class UnifiedController:
                 f"the controller re-activates). Build it after setup, from every parameter that requires grad, e.g. "
                 f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
 
+    def _check_optimizer_lr(self, inner) -> None:
+        """Refuse param groups whose learning rate the controller cannot set: transformers' Adafactor with
+        `relative_step=True` has lr=None and computes its own step size, which would ignore an absolute LR
+        and make the multiplier's `None * m` fail inside `optimizer.step()`."""
+        for i, g in enumerate(getattr(inner, "param_groups", ())):
+            lr = g.get("lr")
+            numeric = torch.is_tensor(lr) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool))
+            if g.get("relative_step") or not numeric:
+                how = " and relative_step=True" if g.get("relative_step") else ""
+                raise ValueError(
+                    f"optimizer: param group {i} has lr={lr!r}{how}, so the optimizer sets its own step size and "
+                    f"lr_mode={self.actuators.lr_mode!r} cannot act on it. Use lr_mode='off' (the controller then "
+                    f"drives the rank and Mirror only), or give the optimizer a learning rate (transformers' "
+                    f"Adafactor: relative_step=False, lr=...)")
+
     def _pre_step(self, opt, args, kwargs):
+        if self._base_lrs is not None:  # the last step raised (Ctrl-C in a notebook): put its LRs back first
+            self._post_step(opt, args, kwargs)
         self._base_lrs = [g["lr"] for g in opt.param_groups]
         m = self.lr_multiplier
         for g in opt.param_groups:
@@ -204,6 +224,10 @@ class UnifiedController:
             for g, lr in zip(opt.param_groups, self._base_lrs):
                 g["lr"] = lr
             self._base_lrs = None
+
+    def _restore_lrs(self, opt) -> None:
+        """optimizer.state_dict() pre-hook: a checkpoint saved after a step that raised holds the scheduled LRs."""
+        self._post_step(opt, None, None)
 
     @property
     def lr_multiplier(self) -> float:
@@ -217,7 +241,10 @@ class UnifiedController:
         inner = _unwrap_optimizer(self.optimizer)
         if inner is None:
             return None if a.lr_mode == "off" else self.lr_multiplier
-        return inner.param_groups[0]["lr"] * self.lr_multiplier
+        lr = inner.param_groups[0]["lr"]
+        if torch.is_tensor(lr):  # lr=torch.tensor(...), as for a compiled optimizer: the trace needs a number
+            lr = lr.item()
+        return None if lr is None else lr * self.lr_multiplier
 
     def _apply_lr(self) -> None:
         if self.actuators.lr_mode != "absolute":
@@ -419,6 +446,8 @@ class UnifiedController:
         self.machine.load_state_dict(sd["machine"])
         self._apply_rank()
         self._apply_lr()
+        if self.writer is not None:  # a resumed run's trace_path keeps the lines of the steps before it
+            self.writer.resume(self.global_step)
 
     def _check_state(self, sd: dict) -> None:
         """Raise the ValueError of `load_state_dict` if `sd` does not fit this controller; load nothing."""
@@ -532,6 +561,13 @@ class UnifiedController:
         if mode not in range(len(MODES)):
             out.append(f"machine mode {mode!r} is not one of 0, 1, 2 ({', '.join(MODES)})")
         return out
+
+    def __getstate__(self) -> dict:
+        # A deep copy (or pickle) keeps everything but the open trace file: two controllers appending to one
+        # JSONL file would interleave their steps. `ctrl.trace` is copied; the copy writes no file.
+        state = self.__dict__.copy()
+        state["writer"] = None
+        return state
 
     def close(self) -> None:
         if self.writer is not None:

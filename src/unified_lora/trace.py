@@ -68,16 +68,51 @@ def format_console(rec: StepRecord) -> str:
 
 
 class TraceWriter:
-    """Appends one JSON object per step; flushes so a crash keeps what was written."""
+    """Appends one JSON object per step; flushes so a crash keeps what was written.
+
+    A new writer (`append=False`) empties an existing file at its first write, not when it is opened, so
+    that a run resumed from a checkpoint can keep the lines of the steps before it: `resume(step)`, called
+    by `ctrl.load_state_dict`, keeps the lines of earlier steps, drops the later ones (written after that
+    checkpoint, and a line cut off by a crash) and appends from there.
+    """
 
     def __init__(self, path: str | os.PathLike, append: bool = False):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._f = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._f = open(self.path, "a", encoding="utf-8")  # opened now, so a bad path fails here
+        self._fresh = not append  # empty the file at the first write
+        self._written = False
 
     def write(self, rec: StepRecord) -> None:
+        if self._fresh:
+            self._f.truncate(0)
+            self._fresh = False
         self._f.write(rec.to_json() + "\n")
         self._f.flush()
+        self._written = True
+
+    def resume(self, step: int) -> None:
+        """Continue the trace of a run resumed at `step`: keep the lines of steps before it. A no-op once
+        this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
+        leaves the run's trace whole)."""
+        if self._written:
+            return
+        self._f.close()
+        keep = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut off by a crash
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] < step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._fresh = False
 
     def close(self) -> None:
         self._f.close()
