@@ -168,3 +168,21 @@ def test_multitask_benchmark_refuses_runs_of_other_settings_instead_of_skipping_
     (tmp_path / "multitask_shared_s1.json").write_text("{")  # cut short
     with pytest.raises(SystemExit, match="multitask_shared_s1.json: not a readable run JSON"):
         mt.main(["--results-dir", str(tmp_path), "--report-only"])
+
+
+def test_a_claim_left_by_a_killed_worker_is_taken_over(finished, tiny_model_dir, tmp_path, capsys):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its id no longer runs anything (the worker was killed mid-run: no JSON, its claim left behind)
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    (claims / "mrpc__lora_r8__clean__s0.claim").write_text(f"{dead.pid}\n")
+    (claims / "mrpc__lora_r4__clean__s0.claim").write_text(f"{os.getpid()}\n")  # a live worker's: left alone
+    run = _load("quality/run.py")
+    assert run.main(_grid(tiny_model_dir, tmp_path, "--methods", "lora_r4,lora_r8", "--conditions", "clean",
+                          "--claim", str(claims))) == 0
+    assert {p.name for p in (tmp_path / "runs").glob("*.json")} == {R8}
+    assert "skip mrpc__lora_r4__clean__s0 (claimed by another worker)" in capsys.readouterr().out
+    assert (claims / "mrpc__lora_r8__clean__s0.claim").read_text().strip() != str(dead.pid)

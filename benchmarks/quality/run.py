@@ -84,6 +84,48 @@ def read_run(path: Path) -> dict:
     return res
 
 
+def _claim_is_stale(path: Path) -> bool:
+    """Whether a claim's worker is gone: claims hold the claiming process's id, and the claim folder is machine-local.
+    An empty claim (being written, or made by hand) counts as held."""
+    try:
+        pid = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def take_claim(claims: Path, name: str) -> bool:
+    """Create claims/<name>.claim (O_EXCL) holding this process's id. A claim left by a worker that died (killed,
+    crashed: its run wrote no JSON) is taken over, so a restarted worker runs the job instead of skipping it forever;
+    of two workers that find the same stale claim, one takes it."""
+    path = claims / f"{name}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _claim_is_stale(path):
+                return False
+            try:  # rename, not unlink: only one worker's rename of this claim succeeds
+                grave = path.with_name(f"{path.name}.stale.{os.getpid()}")
+                os.rename(path, grave)
+                grave.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+    return False
+
+
 def check_budgets(runs_dir: Path, jobs, args) -> None:
     """Refuse, before anything runs, a grid whose budget differs from a finished run of one of its cells
     (task, method, condition, tag; any seed): that run would be skipped, or its cell's mean ± std would average
@@ -404,8 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default=None, help="i/n: run only jobs i, i+n, i+2n, ... (parallel workers)")
     ap.add_argument("--claim", default=None, metavar="DIR",
                     help="parallel workers on one grid: a worker takes a job by creating DIR/<run>.claim "
-                         "(O_EXCL) and skips jobs another worker has claimed, so the work balances itself; "
-                         "use a machine-local DIR shared by the sitting's workers")
+                         "(O_EXCL, holding its process id) and skips jobs another live worker has claimed, so the "
+                         "work balances itself; a dead worker's claim is taken over. Use a machine-local DIR shared "
+                         "by the sitting's workers")
     ap.add_argument("--tag", default="", help="suffix for run names (e.g. an LR probe)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--force", action="store_true", help="re-run finished runs")
@@ -457,12 +500,9 @@ def main(argv=None) -> int:
         name = run_name(task, method, condition, seed, args.tag)
         path = runs_dir / f"{name}.json"
         finished = path.exists() and not args.force
-        if claims and not finished:
-            try:
-                os.close(os.open(claims / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                print(f"skip {name} (claimed by another worker)", flush=True)
-                continue
+        if claims and not finished and not take_claim(claims, name):
+            print(f"skip {name} (claimed by another worker)", flush=True)
+            continue
         if finished:  # its budget was checked against this command's before anything ran
             print(f"skip {name} (done)", flush=True)
             continue
