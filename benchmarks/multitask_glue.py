@@ -39,10 +39,31 @@ def _fmt(vals):
     return f"{m:.3f} ± {s:.3f}"
 
 
-def report(arms=("shared", "multi", "unified")) -> str:
+def _read(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{f}: not a readable run JSON ({type(e).__name__}: {e}); delete it to run it again") from None
+
+
+def check_config(results: Path, tasks, steps: int, dev_max: int) -> None:
+    """Refuse a request whose tasks, steps or dev subset differ from a run already in `results`: that run's file
+    would be skipped as done and the table would pool both settings under the first run's header."""
+    for f in sorted(results.glob("multitask_*_s*.json")):
+        r = _read(f)
+        old = {"tasks": r["tasks"], "steps": r["steps"], "dev": {t: d["n"] for t, d in r["dev"].items()}}
+        want = {"tasks": list(tasks), "steps": steps,
+                "dev": {t: min(dev_max, d["n_total"]) for t, d in r["dev"].items()}}
+        diff = {k: (old[k], want[k]) for k in old if old[k] != want[k]}
+        if diff:
+            raise SystemExit(f"{f.name} was run with other settings {diff} (its value, this command's); "
+                             "use another --results-dir, or delete the old runs")
+
+
+def report(arms=("shared", "multi", "unified"), results: Path = RESULTS) -> str:
     runs = []
-    for f in sorted(RESULTS.glob("multitask_*_s*.json")):
-        runs.append(json.loads(f.read_text()))
+    for f in sorted(results.glob("multitask_*_s*.json")):
+        runs.append(_read(f))
     if not runs:
         return "no results yet\n"
     tasks = runs[0]["tasks"]
@@ -96,9 +117,12 @@ def main(argv=None):
     ap.add_argument("--dev-max", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="folder for the run JSONs and multitask.md")
     a = ap.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
+        check_config(results, a.tasks, a.steps, a.dev_max)
         torch.set_num_threads(a.threads)
         from transformers import AutoTokenizer
 
@@ -110,16 +134,19 @@ def main(argv=None):
         data = ex.load_tasks(a.tasks, tok, 48, a.dev_max, None, 0)
         for seed in a.seeds:
             for arm in a.arms:
-                out = RESULTS / f"multitask_{arm}_s{seed}.json"
-                if out.exists():
+                out = results / f"multitask_{arm}_s{seed}.json"
+                if out.exists():  # same settings: check_config
+                    print(f"skip {out.name} (done)", flush=True)
                     continue
                 t0 = time.time()
                 r = ex.run(arm, a.tasks, seed, a.steps, data=data, tokenizer=tok, model_path=path, dev_max=a.dev_max)
-                out.write_text(json.dumps(r, indent=2))
+                tmp = out.with_suffix(".tmp")  # an interrupted write leaves no JSON that reads as done
+                tmp.write_text(json.dumps(r, indent=2))
+                tmp.replace(out)
                 print(f"{arm} seed={seed}: {r['metrics']} ({time.time() - t0:.0f}s)", flush=True)
-                (RESULTS / "multitask.md").write_text(report(a.arms))
-    md = report(a.arms)
-    (RESULTS / "multitask.md").write_text(md)
+                (results / "multitask.md").write_text(report(a.arms, results))
+    md = report(a.arms, results)
+    (results / "multitask.md").write_text(md)
     print(md)
 
 

@@ -69,7 +69,8 @@ def build_arm(arm: str, model_arg, steps: int, max_length: int, threads: int):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     if ctrl is not None:
         ctrl.attach_optimizer(opt)
-    tok = AutoTokenizer.from_pretrained(default_model_path())
+    # the model's own tokenizer; "tiny" (random BERT, MiniLM's vocabulary size) and the default use MiniLM's
+    tok = AutoTokenizer.from_pretrained(default_model_path() if model_arg in (None, "tiny") else model_arg)
     ex = load_glue("mrpc", "train").examples
     ex = ex[: steps * 16] if steps * 16 < len(ex) else ex
     enc = encode(tok, ex, max_length=max_length, padding="max_length")

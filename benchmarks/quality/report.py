@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCKS  # noqa: E402
+from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCK_KEYS, SHOCKS, budget, budget_diff  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,16 +51,36 @@ def ms(values, digits=3) -> str:
     return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def run_budget(r: dict) -> dict:
+    """The settings the run's result depends on (`_grid.budget`), from its recorded config."""
+    return budget(r.get("config", {}), r["task"], r["method"], r["condition"])
+
+
+def _budget_label(b: dict, varying) -> str:
+    parts = [f"{b.get('steps')} steps" if k == "steps" else f"{k} {b.get(k)}" for k in varying if k in b]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def group(runs):
-    """{(task, condition, method label): runs}; the label names the step budget when a task mixes budgets."""
-    budgets = defaultdict(set)
+    """{(task, condition, method label): runs}. When the runs of a task differ in a budget setting (steps, lr,
+    model, ...: `_grid.budget`), the label names it, so no row averages two budgets; the shock window's settings
+    set apart only the runs of one shock condition."""
+    values = defaultdict(set)
     for r in runs:
-        budgets[r["task"]].add(r["config"]["steps"])
+        for k, v in run_budget(r).items():
+            values[(r["task"], r["condition"] if k in SHOCK_KEYS else None, k)].add(repr(v))
     g = defaultdict(list)
     for r in runs:
-        lab = label(r) + (f" ({r['config']['steps']} steps)" if len(budgets[r["task"]]) > 1 else "")
-        g[(r["task"], r["condition"], lab)].append(r)
+        b = run_budget(r)
+        varying = [k for k in b if len(values[(r["task"], r["condition"] if k in SHOCK_KEYS else None, k)]) > 1]
+        g[(r["task"], r["condition"], label(r) + _budget_label(b, varying))].append(r)
     return g
+
+
+def _vals(rs: list[dict], key: str) -> str:
+    """A config setting of a task's runs for its header: the one value, or every value when the rows differ."""
+    vs = sorted({r["config"].get(key) for r in rs}, key=repr)
+    return str(vs[0]) if len(vs) == 1 else " / ".join(map(str, vs)) + " (by row)"
 
 
 def run_device(r: dict) -> str:
@@ -112,9 +132,10 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
         out += [f"## {task.upper()}", "",
                 "Majority-class baseline (always predict the train majority): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), "",
-                f"Model `{model_name(cfg)}`, {sorted({r['config']['steps'] for r in tr})} steps × batch {cfg['batch_size']}, max_length "
-                f"{cfg['max_length']}, AdamW lr {cfg['lr']} (linear warmup {cfg['warmup']}, decay), targets "
-                f"{cfg['targets']}, lora_alpha {cfg['lora_alpha']}.", "",
+                f"Model `{' / '.join(sorted({model_name(r['config']) for r in tr}))}`, "
+                f"{sorted({r['config']['steps'] for r in tr})} steps × batch {_vals(tr, 'batch_size')}, max_length "
+                f"{_vals(tr, 'max_length')}, AdamW lr {_vals(tr, 'lr')} (linear warmup {_vals(tr, 'warmup')}, decay), "
+                f"targets {_vals(tr, 'targets')}, lora_alpha {_vals(tr, 'lora_alpha')}.", "",
                 "| condition | method | n | " + " | ".join([pm] + [k for k in base if k != pm]) +
                 " | mean active rank | adapter params active (allocated) | wall s/run | notes |",
                 "|---|---|---|" + "---|" * len(base) + "---|---|---|---|"]
@@ -178,8 +199,24 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
 
 # ------------------------------------------------------------------ source-document claims
 def _cell(runs, task, cond, method):
-    return [r for r in runs if r["task"] == task and r["condition"] == cond and r["method"] == method
-            and not r.get("tag")]
+    """The untagged runs of one (task, condition, method). Its seeds must share one budget: a verdict on a mean
+    over two budgets would mean nothing, so that is an error naming the cell, not a number."""
+    rs = [r for r in runs if r["task"] == task and r["condition"] == cond and r["method"] == method
+          and not r.get("tag")]
+    for r in rs[1:]:
+        diff = budget_diff(run_budget(rs[0]), run_budget(r))
+        if diff:
+            raise ValueError(f"{task} {cond} {method}: seeds {rs[0]['seed']} and {r['seed']} ran with different "
+                             f"budgets {diff}; the claims compare one budget per cell: keep one budget's runs in "
+                             "this folder (run.py's --tag or --out keeps them apart)")
+    return rs
+
+
+def _shared_budget(rs: list[dict]) -> dict:
+    """A cell's budget without the settings only one method reads (a verdict compares methods)."""
+    b = run_budget(rs[0])
+    b.pop("adalora_orth_reg", None)
+    return b
 
 
 def _stats(rs, key):
@@ -188,7 +225,10 @@ def _stats(rs, key):
 
 
 def _delta(a, b, key):
-    """mean(a) − mean(b), its standard error (Welch), and a verdict at ±2 SE."""
+    """mean(a) − mean(b), its standard error (Welch), and a verdict at ±2 SE; no verdict (and no Δ) when the two
+    cells ran with different budgets (steps, lr, model, ...), since the difference would not be the method's."""
+    if budget_diff(_shared_budget(a), _shared_budget(b)):
+        return float("nan"), float("nan"), "budgets differ: no verdict"
     ma, sa, na = _stats(a, key)
     mb, sb, nb = _stats(b, key)
     d = ma - mb
@@ -643,7 +683,12 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = make_plots(runs, out_dir)
     md = out_dir / "quality.md"
-    md.write_text(render(runs, plots, runs_dir, Path(args.probe).resolve(), args.note))
+    try:
+        page = render(runs, plots, runs_dir, Path(args.probe).resolve(), args.note)
+    except ValueError as e:  # runs the page cannot be computed from (e.g. one cell at two budgets): say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md.write_text(page)
     print(f"wrote {md} ({len(runs)} runs) and {len(plots)} plot(s)")
     return 0
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCKS  # noqa: E402
+from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCKS, budget, budget_diff  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
@@ -56,14 +56,96 @@ METHODS = ["lora_r4", "lora_r8", "lora_r16", "adalora", "unified_v1", "unified_v
            "unified_v1c_never", "unified_v1c_lossworse",
            "unified_v1_never", "unified_v1_lossworse", "unified_v3_never", "unified_v3_lossworse"]
 TASKS = ["mrpc", "rte", "cola", "sst2"]
-BUDGET_KEYS = ("steps", "batch_size", "max_length", "lr", "weight_decay", "warmup", "lora_alpha", "lora_dropout",
-               "targets", "shock_start", "shock_len", "shock_kind", "sst2_train_size", "quick")
-LEGACY_DEFAULTS = {"shock_kind": "flip"}
 POLICIES = {"drift": "drift", "never": "never", "lossworse": "loss_worse", "always": "always"}
 
 
 def run_name(task, method, condition, seed, tag="") -> str:
     return f"{task}__{method}__{condition}__s{seed}" + (f"__{tag}" if tag else "")
+
+
+def run_config(args) -> dict:
+    """The settings a run records in its JSON's "config" (everything but the grid's lists)."""
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+           if k not in ("tasks", "methods", "conditions", "seeds")}
+    cfg["model_name"] = Path(args.model).name
+    return cfg
+
+
+def read_run(path: Path) -> dict:
+    """A finished run's JSON, or a one-line error naming the file (an empty or truncated file is not a result)."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a readable run JSON ({type(e).__name__}: {e}); delete it to run that "
+                         "seed again (or rerun that seed with --force)") from None
+    if not isinstance(res, dict) or not isinstance(res.get("config"), dict) or "seed" not in res:
+        raise SystemExit(f"{path}: not a run JSON of this harness (no seed or config); move it out of the runs "
+                         "folder (or rerun that seed with --force)")
+    return res
+
+
+def _claim_is_stale(path: Path) -> bool:
+    """Whether a claim's worker is gone: claims hold the claiming process's id, and the claim folder is machine-local.
+    An empty claim (being written, or made by hand) counts as held."""
+    try:
+        pid = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def take_claim(claims: Path, name: str) -> bool:
+    """Create claims/<name>.claim (O_EXCL) holding this process's id. A claim left by a worker that died (killed,
+    crashed: its run wrote no JSON) is taken over, so a restarted worker runs the job instead of skipping it forever;
+    of two workers that find the same stale claim, one takes it."""
+    path = claims / f"{name}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _claim_is_stale(path):
+                return False
+            try:  # rename, not unlink: only one worker's rename of this claim succeeds
+                grave = path.with_name(f"{path.name}.stale.{os.getpid()}")
+                os.rename(path, grave)
+                grave.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+    return False
+
+
+def check_budgets(runs_dir: Path, jobs, args) -> None:
+    """Refuse, before anything runs, a grid whose budget differs from a finished run of one of its cells
+    (task, method, condition, tag; any seed): that run would be skipped, or its cell's mean ± std would average
+    two budgets. With --force, the seeds this command runs again do not count (they are overwritten)."""
+    mine = run_config(args)
+    cells = {(task, method, condition) for _, task, condition, method in jobs}
+    rerun = {f"{run_name(task, method, condition, seed, args.tag)}.json" for seed, task, condition, method in jobs
+             } if args.force else set()
+    for task, method, condition in sorted(cells):
+        want = budget(mine, task, method, condition)
+        for path in sorted(runs_dir.glob(f"{task}__{method}__{condition}__s*.json")):
+            if path.name in rerun:
+                continue
+            old = read_run(path)
+            if path.name != f"{run_name(task, method, condition, old['seed'], args.tag)}.json":
+                continue  # another tag's run
+            diff = budget_diff(budget(old["config"], task, method, condition), want)
+            if diff:  # a cell must not mix budgets: its mean ± std would be meaningless
+                raise SystemExit(f"{path.name} exists with a different budget {diff} (its value, this command's); "
+                                 "use --tag, --out or --force")
 
 
 # ----------------------------------------------------------------------------- data
@@ -321,9 +403,7 @@ def run_one(task, method, condition, seed, args) -> dict:
         pm = primary_metric(task)
         res["shock"] = {"kind": shock_kind, "window": list(shock), "before": by_step[shock[0]][pm], "after": by_step[shock[1]][pm],
                         "end": final[pm]}
-    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("tasks", "methods", "conditions", "seeds")}
-    res["config"]["model_name"] = Path(args.model).name
+    res["config"] = run_config(args)
     if torch.device(args.device).type == "cuda":
         res["device_name"] = torch.cuda.get_device_name(args.device)
     res["noise"] = {"rate": noise_rate, "observed": sum(a != b for a, b in zip(clean, labels)) / len(clean)}
@@ -366,8 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default=None, help="i/n: run only jobs i, i+n, i+2n, ... (parallel workers)")
     ap.add_argument("--claim", default=None, metavar="DIR",
                     help="parallel workers on one grid: a worker takes a job by creating DIR/<run>.claim "
-                         "(O_EXCL) and skips jobs another worker has claimed, so the work balances itself; "
-                         "use a machine-local DIR shared by the sitting's workers")
+                         "(O_EXCL, holding its process id) and skips jobs another live worker has claimed, so the "
+                         "work balances itself; a dead worker's claim is taken over. Use a machine-local DIR shared "
+                         "by the sitting's workers")
     ap.add_argument("--tag", default="", help="suffix for run names (e.g. an LR probe)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--force", action="store_true", help="re-run finished runs")
@@ -405,6 +486,7 @@ def main(argv=None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(SEEDS_WANTED[condition]))
             jobs += [(seed, task, condition, method) for seed in seeds for method in args.methods.split(",")]
     jobs.sort(key=lambda j: j[0])  # stable: keeps task / condition / method order within a seed
+    check_budgets(runs_dir, jobs, args)
     if args.shard:  # "i/n": this process takes every n-th job from the i-th (parallel workers on one grid)
         i, n = (int(v) for v in args.shard.split("/"))
         if not 0 <= i < n:
@@ -418,18 +500,10 @@ def main(argv=None) -> int:
         name = run_name(task, method, condition, seed, args.tag)
         path = runs_dir / f"{name}.json"
         finished = path.exists() and not args.force
-        if claims and not finished:
-            try:
-                os.close(os.open(claims / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                print(f"skip {name} (claimed by another worker)", flush=True)
-                continue
-        if finished:
-            old = json.loads(path.read_text()).get("config", {})
-            old = {**LEGACY_DEFAULTS, **old}  # keys added after a run was written take their value of then
-            diff = {k: (old.get(k), getattr(args, k)) for k in BUDGET_KEYS if old.get(k) != getattr(args, k)}
-            if diff:  # a cell must not mix budgets: its mean ± std would be meaningless
-                raise SystemExit(f"{path.name} exists with a different budget {diff}; use --tag, --out or --force")
+        if claims and not finished and not take_claim(claims, name):
+            print(f"skip {name} (claimed by another worker)", flush=True)
+            continue
+        if finished:  # its budget was checked against this command's before anything ran
             print(f"skip {name} (done)", flush=True)
             continue
         res = run_one(task, method, condition, seed, args)
