@@ -629,3 +629,26 @@ def test_a_forward_outside_task_context_in_single_is_an_error_not_a_silent_missi
     assert ctrl.global_step == 0 and not ctrl.trace
     ctrl.step(per.mean())  # no task information at all: one pseudo-task, as before
     assert ctrl.global_step == 1
+
+
+def test_a_negative_task_loss_is_refused_before_any_signal_state_moves():
+    """E_t/(1+E_t) leaves [0, 1] for a negative loss (as the v1 signal's D does), so φ could go far below 0."""
+    sig = MultiTaskSignal()
+    sig.update(0.5, {"a": 0.4, "b": 0.6}, 0.1, None, 0.0)
+    before = sig.state_dict()
+    with pytest.raises(ValueError, match=r"^task loss: the v1 loss signal needs a loss >= 0.*got -0\.2"):
+        sig.update(0.5, {"a": -0.2, "b": 0.6}, 0.1, None, 0.0)
+    with pytest.raises(ValueError, match=r"^loss: the v1 loss signal needs a loss >= 0"):
+        sig.update(-0.5, None, 0.1, None, 0.0)
+    assert sig.state_dict() == before
+    model, _, ctrl, opt = build()
+    x, ya, yb = conflict_data()
+    train(model, ctrl, opt, 1, (x, ya, yb))
+    ema = {s: g.clone() for s, g in ctrl.grad_ema.items()}
+    ids, y, tids = mixed_batch(x, ya, yb)
+    with task_context(model, tids):
+        per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+    per.mean().backward()
+    with pytest.raises(ValueError, match="^task loss: "):
+        ctrl.step(per.mean(), task_losses={"a": -1.0, "b": 0.5})
+    assert all(torch.equal(ema[s], g) for s, g in ctrl.grad_ema.items()) and ctrl.global_step == 1

@@ -313,3 +313,27 @@ def test_composite_signal_skips_a_non_finite_cosine_like_a_non_finite_norm(cos):
     assert s.state_dict() == before and s.components["nonfinite"]
     with pytest.raises(NonFiniteLossError, match="cosine"):
         CompositeSignal(nonfinite="raise").update(1.0, [1.0], [cos])
+
+
+def test_a_negative_loss_is_refused_by_the_v1_signal_before_it_corrupts_phi():
+    """D = E_s/(1+E_s) maps [0, inf) to [0, 1) only. A loss of -1 used to drive E_s to -1 and φ to about -1e13
+    (SINGLE, and hundreds of steps to come back); a loss of -0.5 gave φ ≈ -1. Now a clear ValueError, before any
+    state moves (calibration included); -inf stays with the nonfinite policy."""
+    ctrl = UnifiedController(print_fn=None)
+    ctrl.update(0.5)
+    before = (ctrl.signal.state_dict(), ctrl.global_step, ctrl.loss_ema, ctrl.mode)
+    with pytest.raises(ValueError, match=r"^loss: the v1 loss signal needs a loss >= 0.*got -1\.0"):
+        ctrl.update(-1.0)
+    assert (ctrl.signal.state_dict(), ctrl.global_step, ctrl.loss_ema, ctrl.mode) == before
+    with pytest.raises(ValueError, match="needs a loss >= 0"):
+        LossSignal(calibration_steps=5).update(-0.5)
+    s = LossSignal()
+    assert s.update(0.0) == pytest.approx(0.9 * 0.5 + 0.1 * 0.9 / 1.9) and s.update(-math.inf) == s.phi  # skipped
+
+
+def test_the_machine_refuses_a_nan_phi_instead_of_reading_it_as_single():
+    """NaN fails every comparison, so zone() took it for SINGLE and stepped the machine down."""
+    m = ModeMachine()
+    with pytest.raises(ValueError, match="^phi: got NaN at step 3"):
+        m.step(float("nan"), 3)
+    assert m.mode == 1 and m.last_transition_step is None

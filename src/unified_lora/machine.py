@@ -41,6 +41,9 @@ class ModeMachine:
         self.last_transition_step: int | None = None
 
     def step(self, phi: float, step: int) -> Transition | None:
+        if phi != phi:  # NaN fails every comparison, so zone() would read it as SINGLE and walk the machine down
+            raise ValueError(f"phi: got NaN at step {step}; the machine needs a number (the library's signals "
+                             f"never give NaN: they skip non-finite losses and gradients)")
         c = self.config
         if step < c.warmup_steps or step % c.eval_interval:
             return None

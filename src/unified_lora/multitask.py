@@ -76,7 +76,7 @@ from .distributed import is_distributed
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .model import inject_nested_lora
-from .signals import Ema, _check_finite
+from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
 CONFLICTS = ("auto", "grad", "weight")
@@ -595,6 +595,8 @@ class MultiTaskSignal:
         # a NaN conflict or drift means a non-finite gradient or weight this step: skipped as a non-finite loss is
         extra = [(v, what) for v, what in ((conflict_grad, "gradient conflict"), (conflict_weight, "weight conflict"),
                                            (drift, "drift")) if v is not None]
+        for i, v in enumerate(vals):  # E_t/(1+E_t) needs losses >= 0, as the v1 signal does
+            _check_not_negative(v, "task loss" if i else "loss")
         if not (all(_check_finite(v, c.nonfinite) for v in vals)
                 and all(_check_finite(float(v), c.nonfinite, what) for v, what in extra)):
             if c.nonfinite == "max_stress":
@@ -867,6 +869,9 @@ class MultiTaskController(UnifiedController):
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
         tl = self._read_task_losses(task_losses, task_id, loss)  # bad task ids fail first
         self._check_backward_ran()
+        _check_not_negative(loss)  # here too, before the gradient EMAs below take this step in
+        for v in (tl or {}).values():
+            _check_not_negative(v, "task loss")
         finite = math.isfinite(loss) and all(math.isfinite(v) for v in (tl or {}).values())
         conflict = self.signal.config.conflict
         # Under DDP both read numbers every process shares: task gradients combined across processes (SINGLE)

@@ -28,6 +28,16 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def _check_not_negative(loss: float, what: str = "loss") -> None:
+    """The v1 normalisation D = E/(1+E) maps [0, ∞) to [0, 1) only: a negative loss drives E below 0, then D and φ
+    leave [0, 1] (to -1e13 at a loss of -1) and need hundreds of steps to come back. Refused instead. (-inf is
+    left to the `nonfinite` policy, as NaN and +inf are.)"""
+    if -math.inf < loss < 0.0:
+        raise ValueError(f"{what}: the v1 loss signal needs a loss >= 0 (D = E_s/(1+E_s) maps [0, inf) to [0, 1)); "
+                         f"got {loss!r}. For an objective that can go negative use signal='composite', or add a "
+                         f"constant to the loss you pass to ctrl.step")
+
+
 def _check_finite(loss: float, policy: str, what: str = "loss") -> bool:
     if math.isfinite(loss):
         return True
@@ -63,6 +73,7 @@ class LossSignal:
     def update(self, loss: float) -> float:
         loss = float(loss)
         finite = _check_finite(loss, self.nonfinite)
+        _check_not_negative(loss)
         if not finite:
             if self.nonfinite == "max_stress":
                 self.phi = (1 - self.alpha) * self.phi + self.alpha * 1.0
