@@ -1105,3 +1105,31 @@ def test_a_numpy_scalar_or_0d_array_loss_is_a_number():
     model(x).pow(2).mean().backward()
     with pytest.raises(ValueError, match="loss: expected a number"):
         ctrl.step(np.array([0.5, 0.5]))
+
+
+def test_a_run_that_starts_in_mirror_snapshots_at_its_first_step_and_applies_the_rollback_rule(llama):
+    """MachineConfig(initial_mode=2) starts in MIRROR without entering it by a transition. No snapshot was taken,
+    so the exit skipped the rollback rule (trace snapshot None) and the MIRROR steps' updates stayed, whatever the
+    drift. Now the first step takes the entry snapshot, and the exit decides as after any entry."""
+    from unified_lora import MachineConfig
+
+    x = classification_batch(n=4)[0]
+    adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj", "v_proj"], signal="loss", print_fn=None,
+                                        machine=MachineConfig(initial_mode=2, warmup_steps=5),
+                                        mirror=MirrorConfig(policy="always"))
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    start = {k: v.clone() for k, v in lora_state_dict(llama).items()}
+    assert all(a.rank == 16 for a in adapters.values())
+    for _ in range(6):  # φ = 0.5 < θ1: the machine leaves MIRROR at its first decision, step 5
+        _train_step(llama, ctrl, opt, x, x)
+    assert [(r.step, r.transition, r.snapshot) for r in ctrl.trace if r.transition or r.snapshot] == [
+        (0, None, "saved"), (5, "MIRROR->MULTI", "restored")]
+    after = lora_state_dict(llama)
+    assert all(torch.equal(after[k], v) for k, v in start.items()) and not ctrl.mirror.held
+    # a machine that leaves MIRROR at step 0 trained nothing there: no snapshot, as before
+    _, ctrl0 = setup_unified_lora(tiny_llama(), target_modules=["q_proj"], signal="loss", print_fn=None,
+                                  machine=MachineConfig(initial_mode=2))
+    ctrl0.adapters[0].lora_A[0].grad = torch.zeros_like(ctrl0.adapters[0].lora_A[0])
+    ctrl0.step(loss=0.5)
+    assert ctrl0.trace[0].transition == "MIRROR->MULTI" and ctrl0.trace[0].snapshot is None

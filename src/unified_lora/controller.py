@@ -324,6 +324,16 @@ class UnifiedController:
         transition = machine.step(phi, self.global_step)
         snap_event, drift, error = None, None, None
         if transition is None:
+            if machine.mode == MIRROR and not self.mirror.held and (self.adapters or self.extra_params):
+                # in MIRROR with no snapshot: a run that starts there (initial_mode=2) never entered it by a
+                # transition, and its exit would skip the rollback rule. Take the entry snapshot now.
+                try:
+                    self._save_snapshot(self.global_step)
+                    snap_event = "saved"
+                except BaseException as e:
+                    self.mirror.clear()
+                    comps["snapshot_error"] = f"MIRROR snapshot: {type(e).__name__}: {e}"
+                    error = e
             self._annotate(None, comps)
         else:
             held = self.mirror.held
@@ -389,9 +399,7 @@ class UnifiedController:
         if not params:  # a pure LR controller (v1 API) has nothing to snapshot
             return None, None
         if t.new == MIRROR:
-            labels = self._managed_labels()  # so a Mirror error names the parameter
-            self.mirror.save(params, self.optimizer and _unwrap_optimizer(self.optimizer), self.loss_ema, t.step,
-                             names=labels if len(labels) == len(params) else None)
+            self._save_snapshot(t.step, params)
             return "saved", None
         if t.old == MIRROR and self.mirror.held:
             lora = [p for a in self.adapters for p in a.lora_parameters()]
@@ -403,6 +411,13 @@ class UnifiedController:
             self._exit_decision = decision  # the snapshot is dropped when the whole transition has run
             return ("restored" if decision.restore else "kept"), decision.drift
         return None, None
+
+    def _save_snapshot(self, step: int, params: list[nn.Parameter] | None = None) -> None:
+        """Mirror's entry snapshot of the managed parameters (and, if configured, their optimizer state)."""
+        params = self.managed_parameters() if params is None else params
+        labels = self._managed_labels()  # so a Mirror error names the parameter
+        self.mirror.save(params, self.optimizer and _unwrap_optimizer(self.optimizer), self.loss_ema, step,
+                         names=labels if len(labels) == len(params) else None)
 
     def _record(self, rec: StepRecord) -> None:
         if self.keep_trace:
