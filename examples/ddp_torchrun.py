@@ -15,6 +15,7 @@ DDP needs `find_unused_parameters=True` (paused rank blocks are not in the
 graph); `ddp_kwargs()` gives it and refuses `static_graph`.
 """
 
+import argparse
 import gc
 import os
 
@@ -95,4 +96,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # no options; --help prints the docstring instead of running the example
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

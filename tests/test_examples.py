@@ -29,6 +29,12 @@ def run_example(*args: str, launcher=(sys.executable,), timeout: int = 240) -> s
     return out
 
 
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_every_example_answers_help_without_running(example):
+    out = run_example(f"examples/{example}", "--help", timeout=120)
+    assert out.startswith("usage:") and "transitions:" not in out  # ddp_torchrun.py used to run its 80 steps
+
+
 def test_trainer_callback_example():
     out = run_example("examples/trainer_callback.py")
     assert "16 controller steps" in out

@@ -5,8 +5,10 @@
     unified-lora plot RUN/trace.jsonl -o phi.png
     unified-lora report RUN
 
-Errors in the input (missing file, unknown column, bad option, ...) print one
+Errors in the input (missing file, unknown column, bad option value, ...) print one
 line `unified-lora: error: ...` and exit with code 2; `--debug` shows the traceback.
+What argparse rejects (an unknown flag, a value outside a flag's choices) also exits
+with code 2, after argparse's usage lines.
 """
 
 from __future__ import annotations
