@@ -1,5 +1,9 @@
 """Tiny models built from transformers configs (hidden size <= 64), so tests run in seconds."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
@@ -77,3 +81,33 @@ def bert():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(rel: str):
+    """A benchmark script (`benchmarks/<rel>`) as a module, with `benchmarks/` importable (its `_common`)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    path = REPO / "benchmarks" / rel
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer, saved as an HF folder named `tiny_bert` (the
+    quality harness records a model by its folder name)."""
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import default_model_path
+
+    d = tmp_path_factory.mktemp("tiny_bert") / "tiny_bert"
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
+    return d

@@ -3,46 +3,20 @@ and writes its JSON + Markdown. No timing asserts: speed is what the scripts mea
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import can_build_cpp
+from conftest import can_build_cpp, load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-
-def _load(rel: str):
-    path = REPO / "benchmarks" / rel
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer, saved as an HF folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from unified_lora.data import default_model_path
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
 def quality_out(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     rc = run.main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
                    "lora_r8,adalora,unified_v1,unified_v1c_never", "--conditions", "clean,shock", "--seeds", "0",
                    "--threads", "1", "--out", str(out)])
@@ -78,14 +52,14 @@ def test_shock_run_records_before_after_and_end(quality_out):
 def test_finished_runs_are_skipped(quality_out, tiny_model_dir, capsys):
     path = quality_out / "runs" / "mrpc__lora_r8__clean__s0.json"
     before = path.stat().st_mtime_ns
-    _load("quality/run.py").main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
+    load_benchmark("quality/run.py").main(["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
                                   "lora_r8", "--conditions", "clean", "--seeds", "0", "--out", str(quality_out)])
     assert path.stat().st_mtime_ns == before
     assert "skip mrpc__lora_r8__clean__s0" in capsys.readouterr().out
 
 
 def test_report_builds_quality_md_with_baseline_and_plots(quality_out):
-    assert _load("quality/report.py").main(["--runs", str(quality_out / "runs"), "--out", str(quality_out)]) == 0
+    assert load_benchmark("quality/report.py").main(["--runs", str(quality_out / "runs"), "--out", str(quality_out)]) == 0
     md = (quality_out / "quality.md").read_text()
     assert "Majority-class baseline" in md and "| clean | adalora | 1 |" in md
     assert (quality_out / "quality_plots" / "mrpc_shock.png").stat().st_size > 0
@@ -94,7 +68,7 @@ def test_report_builds_quality_md_with_baseline_and_plots(quality_out):
 
 
 def test_noise_plot_is_drawn_from_two_noise_rates(tmp_path):
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     runs = [_fake_run("mrpc", m, c, s, v) for s in range(3) for m in ("lora_r8", "unified_v1")
             for c, v in (("clean", 0.85), ("noise40", 0.80))]
     runs += [_fake_run("mrpc", "unified_v1_fs", "clean", s, 0.84) for s in range(3)]  # one rate: no curve
@@ -107,7 +81,7 @@ def test_noise_plot_is_drawn_from_two_noise_rates(tmp_path):
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py",
                                     "perf/layer_variants.py"])
 def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
-    payload = _load(script).main(["--quick", "--results-dir", str(tmp_path)])
+    payload = load_benchmark(script).main(["--quick", "--results-dir", str(tmp_path)])
     stem = "perf_" + Path(script).stem + "_quick"
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert saved["command"] and "under_contention" in saved["load"]
@@ -120,7 +94,7 @@ def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
 
 @pytest.mark.slow
 def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
-    payload = _load("perf/e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
+    payload = load_benchmark("perf/e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
     assert set(payload["summary"]) == {"unified", "peft_r8", "peft_r16"}
     assert all(r[0]["vm_hwm_bytes"] > 0 for r in payload["runs"].values())
 
@@ -128,7 +102,7 @@ def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not can_build_cpp(), reason="the _cpp arm builds csrc/nested_path.cpp: needs g++ and ninja")
 def test_e2e_cpp_arm_gets_its_own_ratios_beside_the_default_arm(tmp_path):
-    payload = _load("perf/e2e.py").main(["--quick", "--arms", "unified,unified_cpp,peft_r8", "--results-dir",
+    payload = load_benchmark("perf/e2e.py").main(["--quick", "--arms", "unified,unified_cpp,peft_r8", "--results-dir",
                                          str(tmp_path)])
     assert set(payload["ratios_by_arm"]) == {"unified", "unified_cpp"}
     assert payload["ratios"] == payload["ratios_by_arm"]["unified"]
@@ -138,7 +112,7 @@ def test_e2e_cpp_arm_gets_its_own_ratios_beside_the_default_arm(tmp_path):
 
 @pytest.mark.slow
 def test_profile_e2e_quick_splits_the_step_and_diffs_the_ops(tmp_path):
-    payload = _load("perf/profile_e2e.py").main(["--quick", "--arms", "unified_v1,peft_r8#aa,peft_r8",
+    payload = load_benchmark("perf/profile_e2e.py").main(["--quick", "--arms", "unified_v1,peft_r8#aa,peft_r8",
                                                  "--results-dir", str(tmp_path)])
     ours, base = payload["summary"]["unified_v1"], payload["summary"]["peft_r8"]
     # nested blocks: 2 layers x (query, value) x 3 levels x (A, B) + classifier weight and bias; PEFT: 2 x 2 x 2 + 2
@@ -155,7 +129,7 @@ def test_profile_e2e_quick_splits_the_step_and_diffs_the_ops(tmp_path):
 
 @pytest.mark.slow
 def test_profile_e2e_interleaved_pairs_every_arm_with_the_baseline_in_one_process(tmp_path):
-    payload = _load("perf/profile_e2e.py").main(["--quick", "--interleaved", "--arms", "unified,unified_v1,peft_r8",
+    payload = load_benchmark("perf/profile_e2e.py").main(["--quick", "--interleaved", "--arms", "unified,unified_v1,peft_r8",
                                                  "--results-dir", str(tmp_path)])
     assert set(payload["ratios"]) == {"unified", "unified_v1"}  # the baseline (last arm) gets no ratio
     steps = payload["setup"]["steps"]
@@ -169,7 +143,7 @@ def test_profile_e2e_interleaved_pairs_every_arm_with_the_baseline_in_one_proces
 
 def test_a_finished_run_with_another_budget_is_refused(quality_out, tiny_model_dir):
     with pytest.raises(SystemExit, match="different budget"):
-        _load("quality/run.py").main(["--quick", "--steps", "5", "--model", str(tiny_model_dir), "--tasks", "mrpc",
+        load_benchmark("quality/run.py").main(["--quick", "--steps", "5", "--model", str(tiny_model_dir), "--tasks", "mrpc",
                                       "--methods", "lora_r8", "--conditions", "clean", "--seeds", "0",
                                       "--out", str(quality_out)])
 
@@ -189,7 +163,7 @@ def _fake_run(task, method, cond, seed, value, rank=8.0, shock=None, mirror=0.0,
 
 
 def test_shock_points_in_the_secondary_metric_come_from_the_dev_curve():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     r = _fake_run("mrpc", "lora_r8", "shock", 0, 0.81, shock=(0.83, 0.0, 0.81))
     r["curve"] = [{"step": 2, "f1": 0.82, "accuracy": 0.70}, {"step": 4, "f1": 0.83, "accuracy": 0.73},
                   {"step": 6, "f1": 0.0, "accuracy": 0.32}, {"step": 8, "f1": 0.81, "accuracy": 0.71}]
@@ -201,7 +175,7 @@ def test_shock_points_in_the_secondary_metric_come_from_the_dev_curve():
 
 
 def test_a_cell_whose_seeds_ran_on_two_devices_says_so_and_splits_the_wall_time():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     runs = [_fake_run("cola", "lora_r8", "clean", s, 0.1 * s) for s in range(3)]
     for r, (dev, wall) in zip(runs, [("cuda", 30.0), ("cuda", 40.0), ("cpu", 1500.0)]):
         r["config"]["device"], r["wall_time_s"], r["device_name"] = dev, wall, "H100" if dev == "cuda" else None
@@ -217,7 +191,7 @@ def test_a_cell_whose_seeds_ran_on_two_devices_says_so_and_splits_the_wall_time(
 
 
 def test_share_of_the_shock_window_in_mirror_comes_from_the_transitions():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     r = _fake_run("mrpc", "unified_v3", "shock", 0, 0.8, shock=(0.8, 0.1, 0.7))
     r["shock"]["window"], r["config"]["steps"] = [10, 30], 50
 
@@ -250,7 +224,7 @@ def test_share_of_the_shock_window_in_mirror_comes_from_the_transitions():
 
 
 def test_claim_verdicts_are_computed_from_the_runs():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     runs = []
     for s, (base, ours) in enumerate([(0.80, 0.70), (0.81, 0.71), (0.79, 0.69)]):  # ours clearly worse on SST-2
         runs += [_fake_run("sst2", "lora_r8", "clean", s, base), _fake_run("sst2", "unified_v1", "clean", s, ours, 4.0)]
@@ -312,7 +286,7 @@ def test_claim_verdicts_are_computed_from_the_runs():
 
 
 def test_noise_rows_are_uninformative_where_clean_r8_learned_nothing_at_that_budget():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     cells = [("mrpc", "lora_r8", "clean", 0.812), ("mrpc", "lora_r8", "noise40", 0.81),
              ("mrpc", "unified_v1", "noise40", 0.82), ("cola", "lora_r8", "clean", 0.30),
              ("cola", "lora_r8", "noise40", 0.10), ("cola", "unified_v1", "noise40", 0.12)]
@@ -336,7 +310,7 @@ def test_noise_rows_are_uninformative_where_clean_r8_learned_nothing_at_that_bud
 
 
 def test_claim_one_read_against_r16_credits_the_controller_only_where_r8_falls_short():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     runs = []
     for s in range(3):
         e = 0.01 * (s - 1)
@@ -366,23 +340,23 @@ def test_random_label_shock_is_recorded_and_kept_apart_from_a_flip_shock(quality
     out = quality_out / "random_shock"
     args = ["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "lora_r8", "--conditions",
             "shock", "--seeds", "0", "--threads", "1", "--out", str(out)]
-    assert _load("quality/run.py").main(args + ["--shock-kind", "random"]) == 0
+    assert load_benchmark("quality/run.py").main(args + ["--shock-kind", "random"]) == 0
     res = json.loads((out / "runs" / "mrpc__lora_r8__shock__s0.json").read_text())
     assert res["shock"]["kind"] == "random" and res["config"]["shock_kind"] == "random"
     with pytest.raises(SystemExit, match="different budget"):  # a flip shock must not land in the same cell
-        _load("quality/run.py").main(args)
+        load_benchmark("quality/run.py").main(args)
 
 
 def test_shockrand_condition_is_its_own_cell_beside_the_flip_shock(quality_out, tiny_model_dir):
     out = quality_out / "shockrand"
     args = ["--quick", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods", "lora_r8", "--seeds", "0",
             "--threads", "1", "--out", str(out)]
-    assert _load("quality/run.py").main(args + ["--conditions", "shock,shockrand"]) == 0
+    assert load_benchmark("quality/run.py").main(args + ["--conditions", "shock,shockrand"]) == 0
     flip = json.loads((out / "runs" / "mrpc__lora_r8__shock__s0.json").read_text())
     rand = json.loads((out / "runs" / "mrpc__lora_r8__shockrand__s0.json").read_text())
     assert flip["shock"]["kind"] == "flip" and rand["shock"]["kind"] == "random"
     assert flip["shock"]["window"] == rand["shock"]["window"]
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     assert rep.main(["--runs", str(out / "runs"), "--out", str(out)]) == 0
     md = (out / "quality.md").read_text()
     assert "Shock (`shock`): train labels flipped" in md
@@ -399,7 +373,7 @@ def test_contention_flag_discounts_the_benchmarks_own_threads():
 
 
 def test_quality_shards_split_the_grid_between_parallel_workers(tiny_model_dir, tmp_path):
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     base = ["--quick", "--steps", "2", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
             "lora_r4,lora_r8", "--conditions", "clean", "--seeds", "0,1", "--threads", "1", "--out", str(tmp_path)]
     got = []
@@ -416,7 +390,7 @@ def test_quality_shards_split_the_grid_between_parallel_workers(tiny_model_dir, 
 
 
 def test_quality_claims_let_parallel_workers_take_each_job_once(tiny_model_dir, tmp_path, capsys):
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     base = ["--quick", "--steps", "2", "--model", str(tiny_model_dir), "--tasks", "mrpc", "--methods",
             "lora_r4,lora_r8", "--conditions", "clean", "--seeds", "0", "--threads", "1", "--out", str(tmp_path)]
     claims = tmp_path / "claims"
@@ -496,7 +470,7 @@ def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
 def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
     import torch
 
-    mc = _load("perf/mirror_cost.py")
+    mc = load_benchmark("perf/mirror_cost.py")
     k = mc.fused_kernels()
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):  # under one vector width, odd, and over one 64 Ki-element chunk
@@ -526,14 +500,14 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
 
 @pytest.mark.skipif(not can_build_cpp(), reason="--with-cpp builds csrc/nested_path.cpp: needs g++ and ninja")
 def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_include_it(tmp_path):
-    payload = _load("perf/layer.py").main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
+    payload = load_benchmark("perf/layer.py").main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
     assert [c["rank"] for c in payload["cases"]] == [4, 8, 16]
     for c in payload["cases"]:  # checked equal to the default layer before timing; saves what PEFT saves
         assert c["cpp"]["ratio"]["median"] > 0 and c["cpp"]["ratio"]["n"] == 3
         assert c["cpp"]["memory"]["activation_bytes"] == c["memory"]["peft"]["activation_bytes"]
     md = (tmp_path / "perf.md").read_text()
     assert "`--with-cpp`" in md and 'kernel="cpp" ratio' in md
-    variants = _load("perf/layer_variants.py").main(["--quick", "--results-dir", str(tmp_path)])
+    variants = load_benchmark("perf/layer_variants.py").main(["--quick", "--results-dir", str(tmp_path)])
     assert all(list(c["variants"]) == ["function", "cpp", "cat", "perblock"] for c in variants["cases"])
     md = (tmp_path / "perf.md").read_text()
     assert 'cpp (library, kernel="cpp")' in md and "| = Python floor | + arithmetic |" in md
@@ -546,7 +520,7 @@ def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_inc
 
 def test_mirror_cost_renders_every_committed_json_old_and_new():
     # the stop-8 GPU JSON predates the profile's gather primitive and the pack=False arm; it must still render
-    mc = _load("perf/mirror_cost.py")
+    mc = load_benchmark("perf/mirror_cost.py")
     files = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("*mirror_cost*.json"))
     assert any("cuda" in f.name for f in files) and len(files) >= 3
     for f in files:
@@ -559,7 +533,7 @@ def test_mirror_cost_renders_every_committed_json_old_and_new():
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/mirror_cost.py", "perf/controller_overhead.py"])
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(script, tmp_path):
     with pytest.raises(SystemExit, match="CUDA is not available"):
-        _load(script).main(["--quick", "--device", "cuda", "--results-dir", str(tmp_path)])
+        load_benchmark(script).main(["--quick", "--device", "cuda", "--results-dir", str(tmp_path)])
 
 
 def test_gpu_carry_ships_a_half_precision_minilm_that_loads_as_the_same_model(tmp_path):
@@ -569,7 +543,7 @@ def test_gpu_carry_ships_a_half_precision_minilm_that_loads_as_the_same_model(tm
     from unified_lora.data import default_model_path
     from unified_lora.data.loaders import PACKAGE_GLUE_DIR
 
-    carry = _load("gpu_carry.py")
+    carry = load_benchmark("gpu_carry.py")
     res = carry.build(tmp_path / "carry", default_model_path(), PACKAGE_GLUE_DIR, tasks=("MRPC",))
     assert 0 < res["max_rel_rounding"] < 2.0 ** -10 and res["bytes"] < carry.LIMIT
     assert (tmp_path / "carry" / "glue" / "MRPC" / "dev.tsv").is_file()
@@ -586,7 +560,7 @@ def test_gpu_carry_ships_a_half_precision_minilm_that_loads_as_the_same_model(tm
 
 
 def test_unified_method_names_carry_policy_and_min_dwell(tiny_model_dir, tmp_path):
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     assert run.parse_unified("unified_v3") == ("v3", "drift", 0, "alpha_over_r")
     assert run.parse_unified("unified_v3_lossworse_d10") == ("v3", "loss_worse", 10, "alpha_over_r")
     assert run.parse_unified("unified_v1c_d4") == ("v1c", "drift", 4, "alpha_over_r")
@@ -608,7 +582,7 @@ def test_unified_method_names_carry_policy_and_min_dwell(tiny_model_dir, tmp_pat
 
 
 def test_lr_probe_marks_the_best_lr_and_no_lr_when_every_lr_ties(tmp_path):
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     for task, values in (("sst2", {1e-3: 0.78, 3e-3: 0.82, 1e-2: 0.51}), ("cola", {1e-3: 0.0, 3e-3: 0.0})):
         for lr, v in values.items():
             pm = "mcc" if task == "cola" else "accuracy"
@@ -623,7 +597,7 @@ def test_lr_probe_marks_the_best_lr_and_no_lr_when_every_lr_ties(tmp_path):
 
 
 def test_controller_variants_are_compared_with_lora_r8_and_their_default_variant():
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     runs = []
     for s in range(3):
         runs += [_fake_run("sst2", "lora_r8", "clean", s, 0.16 + 0.01 * s),

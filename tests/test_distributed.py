@@ -178,18 +178,24 @@ def _accelerate_loop(rank: int, out: str) -> None:
                os.path.join(out, f"accelerate{rank}.pt"))
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    # One spawned run per pytest session, shared by the xdist workers (pytest-xdist's file-lock recipe).
+def _spawn_once(tmp_path_factory, name: str, worker) -> str:
+    """Run `worker` in two spawned processes once per pytest session, shared by the xdist workers (pytest-xdist's
+    file-lock recipe); the folder its processes wrote to."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp().parent
-    out = str(root / "unified_lora_ddp")
-    with FileLock(str(root / "unified_lora_ddp.lock")):
+    out = str(root / name)
+    with FileLock(str(root / f"{name}.lock")):
         if not os.path.isfile(os.path.join(out, "done")):
             os.makedirs(out, exist_ok=True)
-            mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+            mp.spawn(worker, args=(2, _free_port(), out), nprocs=2, join=True)
             open(os.path.join(out, "done"), "w").close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_ddp", _worker)
     runs = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
     for r, run in enumerate(runs):
         for phase in ("trainer", "accelerate"):
@@ -427,15 +433,7 @@ def _checkpointing_settings(rank: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_run2(tmp_path_factory):
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp().parent
-    out = str(root / "unified_lora_ddp2")
-    with FileLock(str(root / "unified_lora_ddp2.lock")):
-        if not os.path.isfile(os.path.join(out, "done")):
-            os.makedirs(out, exist_ok=True)
-            mp.spawn(_worker2, args=(2, _free_port(), out), nprocs=2, join=True)
-            open(os.path.join(out, "done"), "w").close()
+    out = _spawn_once(tmp_path_factory, "unified_lora_ddp2", _worker2)
     return {name: [torch.load(os.path.join(out, f"{name}{r}.pt"), weights_only=False) for r in range(2)]
             for name in ("mt", "ckpt")}
 

@@ -4,39 +4,14 @@ cover."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from conftest import REPO, load_benchmark
 
-
-def _load(rel: str):
-    path = REPO / "benchmarks" / rel
-    spec = importlib.util.spec_from_file_location(path.stem + "_harness_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer, saved as an HF folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from unified_lora.data import default_model_path
-
-    d = tmp_path_factory.mktemp("tiny_bert") / "tiny_bert"
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
-    return d
 
 
 def _grid(model, out, *extra):
@@ -48,7 +23,7 @@ def _grid(model, out, *extra):
 def finished(tiny_model_dir, tmp_path_factory):
     """Finished runs (lora_r8 and adalora, clean, seed 0) at run.py's defaults; each test copies what it needs."""
     out = tmp_path_factory.mktemp("finished")
-    assert _load("quality/run.py").main(_grid(tiny_model_dir, out, "--methods", "lora_r8,adalora",
+    assert load_benchmark("quality/run.py").main(_grid(tiny_model_dir, out, "--methods", "lora_r8,adalora",
                                               "--conditions", "clean")) == 0
     return out / "runs"
 
@@ -67,7 +42,7 @@ def test_a_shock_setting_does_not_refuse_a_finished_clean_run(finished, tiny_mod
     # BENCHMARKS.md's shock commands pass --shock-len 0.1; a clean run, which has no shock window, must not be
     # refused for having recorded the default 0.2 (the whole command used to stop there)
     out = _out_with(tmp_path, finished, R8)
-    assert _load("quality/run.py").main(_grid(tiny_model_dir, out, "--methods", "lora_r8", "--conditions", "clean",
+    assert load_benchmark("quality/run.py").main(_grid(tiny_model_dir, out, "--methods", "lora_r8", "--conditions", "clean",
                                               "--shock-len", "0.1")) == 0
     assert "skip mrpc__lora_r8__clean__s0 (done)" in capsys.readouterr().out
 
@@ -77,12 +52,12 @@ def test_a_finished_run_of_another_model_is_refused_not_skipped(finished, tiny_m
     shutil.copytree(tiny_model_dir, other)
     out = _out_with(tmp_path / "o", finished, R8)
     with pytest.raises(SystemExit, match=r"different budget \{'model': \('tiny_bert', 'another_bert'\)\}"):
-        _load("quality/run.py").main(_grid(other, out, "--methods", "lora_r8", "--conditions", "clean"))
+        load_benchmark("quality/run.py").main(_grid(other, out, "--methods", "lora_r8", "--conditions", "clean"))
 
 
 def test_a_new_seed_at_another_lr_is_refused_unless_the_whole_cell_is_rerun(finished, tiny_model_dir, tmp_path):
     out = _out_with(tmp_path, finished, R8)
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     # seed 1 at another LR would sit in seed 0's cell: a mean ± std over two LRs
     with pytest.raises(SystemExit, match=r"mrpc__lora_r8__clean__s0.json exists with a different budget \{'lr'"):
         run.main(_grid(tiny_model_dir, out, "--methods", "lora_r8", "--conditions", "clean", "--seeds", "1",
@@ -97,7 +72,7 @@ def test_a_new_seed_at_another_lr_is_refused_unless_the_whole_cell_is_rerun(fini
 
 def test_the_adalora_regulariser_is_part_of_adalora_runs_budget_only(finished, tiny_model_dir, tmp_path):
     out = _out_with(tmp_path, finished, R8, "mrpc__adalora__clean__s0.json")
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     with pytest.raises(SystemExit, match=r"\{'adalora_orth_reg': \(0.5, 0.1\)\}"):
         run.main(_grid(tiny_model_dir, out, "--methods", "adalora", "--conditions", "clean",
                        "--adalora-orth-reg", "0.1"))
@@ -109,18 +84,18 @@ def test_an_empty_run_json_is_a_one_line_error_naming_it(finished, tiny_model_di
     out = _out_with(tmp_path, finished)
     (out / "runs" / R8).write_text("")  # e.g. a copy cut short
     with pytest.raises(SystemExit, match=r"mrpc__lora_r8__clean__s0.json: not a readable run JSON"):
-        _load("quality/run.py").main(_grid(tiny_model_dir, out, "--methods", "lora_r8", "--conditions", "clean"))
+        load_benchmark("quality/run.py").main(_grid(tiny_model_dir, out, "--methods", "lora_r8", "--conditions", "clean"))
 
 
 def test_report_keeps_runs_of_two_lrs_apart_and_gives_no_verdict_across_budgets(finished, tiny_model_dir, tmp_path,
                                                                                 capsys):
     # run.py checks a cell's seeds, not a task's methods: lora_r4 at another LR beside lora_r8
     other = tmp_path / "other"
-    assert _load("quality/run.py").main(_grid(tiny_model_dir, other, "--methods", "lora_r4", "--conditions", "clean",
+    assert load_benchmark("quality/run.py").main(_grid(tiny_model_dir, other, "--methods", "lora_r4", "--conditions", "clean",
                                               "--lr", "0.01")) == 0
     out = _out_with(tmp_path / "task", finished, R8)
     shutil.copy(other / "runs" / "mrpc__lora_r4__clean__s0.json", out / "runs")
-    rep = _load("quality/report.py")
+    rep = load_benchmark("quality/report.py")
     assert rep.main(["--runs", str(out / "runs"), "--out", str(out), "--probe", "none"]) == 0
     md = (out / "quality.md").read_text()
     assert "| clean | lora_r4 (lr 0.01) | 1 |" in md and "| clean | lora_r8 (lr 0.001) | 1 |" in md
@@ -131,7 +106,7 @@ def test_report_keeps_runs_of_two_lrs_apart_and_gives_no_verdict_across_budgets(
     assert rep._delta(r8 * 2, r8 * 2, lambda r: r["metrics"]["f1"])[2].startswith("equal")
     # two sittings' runs in one folder (or runs of the code before the check): one cell, seeds at two LRs. The
     # claims pool a cell's seeds, so the page is an error naming the cell, not a mean over both
-    assert _load("quality/run.py").main(_grid(tiny_model_dir, other, "--methods", "lora_r8", "--conditions", "clean",
+    assert load_benchmark("quality/run.py").main(_grid(tiny_model_dir, other, "--methods", "lora_r8", "--conditions", "clean",
                                               "--lr", "0.01", "--seeds", "1")) == 0
     shutil.copy(other / "runs" / "mrpc__lora_r8__clean__s1.json", out / "runs")
     assert rep.main(["--runs", str(out / "runs"), "--out", str(tmp_path / "page"), "--probe", "none"]) == 2
@@ -150,7 +125,7 @@ def test_e2e_tokenizes_with_the_models_own_tokenizer(tmp_path):
     BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=64,
                                              max_position_embeddings=64)).save_pretrained(d)
-    e2e = _load("perf/e2e.py")
+    e2e = load_benchmark("perf/e2e.py")
     model, opt, ctrl, loader = e2e.build_arm("peft_r8", str(d), 1, 32, 1)
     batch = next(e2e.batches(loader, 1))
     assert int(batch["input_ids"].max()) < len(vocab)
@@ -160,7 +135,7 @@ def test_e2e_tokenizes_with_the_models_own_tokenizer(tmp_path):
 
 def test_multitask_benchmark_refuses_runs_of_other_settings_instead_of_skipping_them(tmp_path):
     shutil.copy(REPO / "benchmarks" / "results" / "multitask_shared_s0.json", tmp_path)  # 70 steps, sst2 + mrpc
-    mt = _load("multitask_glue.py")
+    mt = load_benchmark("multitask_glue.py")
     with pytest.raises(SystemExit, match=r"multitask_shared_s0.json was run with other settings \{'steps': \(70, 3\)\}"):
         mt.main(["--results-dir", str(tmp_path), "--steps", "3", "--seeds", "0", "--arms", "shared"])
     with pytest.raises(SystemExit, match=r"\{'tasks': \(\['sst2', 'mrpc'\], \['sst2', 'rte'\]\)\}"):
@@ -180,7 +155,7 @@ def test_a_claim_left_by_a_killed_worker_is_taken_over(finished, tiny_model_dir,
     claims.mkdir()
     (claims / "mrpc__lora_r8__clean__s0.claim").write_text(f"{dead.pid}\n")
     (claims / "mrpc__lora_r4__clean__s0.claim").write_text(f"{os.getpid()}\n")  # a live worker's: left alone
-    run = _load("quality/run.py")
+    run = load_benchmark("quality/run.py")
     assert run.main(_grid(tiny_model_dir, tmp_path, "--methods", "lora_r4,lora_r8", "--conditions", "clean",
                           "--claim", str(claims))) == 0
     assert {p.name for p in (tmp_path / "runs").glob("*.json")} == {R8}
