@@ -1,6 +1,7 @@
 """Multi-task mode (SPEC §5): shared + per-task nested adapters, routing, split/merge, C/E/S signal."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -249,6 +250,39 @@ def test_save_and_load_task_adapters(tmp_path):
     for t in ("a", "b"):
         with torch.no_grad(), task_context(m1, t), task_context(m2, t):
             torch.testing.assert_close(m1(input_ids=x).logits, m2(input_ids=x).logits)
+
+
+def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypatch):
+    """Under DDP every process may save the replicated adapters into one folder while another reads it. A file was
+    rewritten in place (truncated first), so a reader could find it half-written: a torn `tasks.json` read as a
+    JSONDecodeError in a 2-process run. Now each file is written under a temporary name and renamed."""
+    import safetensors.torch
+
+    data = conflict_data()
+    m1, _, c1, o1 = build(initial_mode=MULTI)
+    save_task_adapters(m1, tmp_path)  # a complete earlier save
+    train(m1, c1, o1, 1, data)
+    m2, _, _, _ = build(initial_mode=MULTI)
+    real_save, seen = safetensors.torch.save_file, []
+
+    def save_while_another_process_reads(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:  # the writer is halfway through this file
+            f.truncate(os.path.getsize(path) // 2)
+        try:
+            load_task_adapters(m2, tmp_path)
+            seen.append("whole")
+        except Exception as e:
+            seen.append(f"{type(e).__name__}: {e}")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_while_another_process_reads)
+    save_task_adapters(m1, tmp_path)
+    assert seen == ["whole"] * 3
+    assert sorted(os.listdir(tmp_path)) == sorted(["tasks.json", "shared.safetensors", "task-0-a.safetensors",
+                                                   "task-1-b.safetensors"])  # no temporary file left
+    load_task_adapters(m2, tmp_path)
+    assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
 
 
 def test_signal_numbers_in_numbers_out():

@@ -100,6 +100,17 @@ def test_exported_files_use_peft_key_names_and_config(tmp_path):
     assert torch.equal(sd[key], adapters["transformer.h.0.attn.c_attn"].full_A()[:4])
 
 
+def test_export_through_a_data_parallel_wrapper_names_the_bare_models_modules(tmp_path):
+    """A model wrapped for data parallelism (DDP, DataParallel, accelerate's prepare) names its modules
+    `module.<name>`; the export wrote those names, which match nothing in a freshly loaded base model."""
+    model, _, fresh = nested("bert")
+    export_peft_adapter(torch.nn.DataParallel(model), None, tmp_path, rank=8)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["task_type"] == "SEQ_CLS" and not any("module." in t for t in on_disk["target_modules"])
+    torch.testing.assert_close(logits(peft_load(fresh, tmp_path), inputs()), logits(model, inputs()), atol=TOL,
+                               rtol=TOL)
+
+
 def test_bert_head_is_saved_as_modules_to_save(tmp_path):
     model, _, fresh = nested("bert")
     cfg = export_peft_adapter(model, None, tmp_path)

@@ -66,6 +66,16 @@ def unwrap_optimizer(opt):
     return opt
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside `DistributedDataParallel` / `DataParallel` (what `accelerator.prepare` returns too), so that
+    files written from it name its modules as the bare model does (`q_proj`, not `module.q_proj`)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
 def _reentrant_checkpointing(model: torch.nn.Module) -> bool:
     """Whether transformers' activation checkpointing on `model` runs torch's reentrant checkpoint
     (`use_reentrant=True`, or not given: torch's default)."""
@@ -160,4 +170,4 @@ def assert_lockstep(ctrl) -> None:
 
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
-           "unwrap_optimizer", "lockstep_state", "assert_lockstep"]
+           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep"]

@@ -72,7 +72,7 @@ from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, 
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _unwrap_optimizer
 from .distributed import _device as _collective_device
-from .distributed import is_distributed
+from .distributed import is_distributed, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .model import inject_nested_lora
@@ -1004,7 +1004,19 @@ def _safe(tid) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(tid))[:64]
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel and `MultiTaskModel` wrappers: files name its modules as the bare model
+    does, so a file saved from a wrapped model loads into a bare one (and a PEFT export matches a fresh base)."""
+    while True:
+        inner = unwrap_model(model)
+        inner = inner.model if isinstance(inner, MultiTaskModel) else inner
+        if inner is model:
+            return model
+        model = inner
+
+
 def _layers(model) -> dict[str, MultiTaskNestedLoRALayer]:
+    model = _bare(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiTaskNestedLoRALayer)}
     if not layers:
         raise ValueError("model: has no multi-task adapters")
@@ -1015,7 +1027,10 @@ def _layers(model) -> dict[str, MultiTaskNestedLoRALayer]:
 def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[str, str]:
     """Write `shared.safetensors` and one `task-<slot>-<id>.safetensors` per registered task
     (full nested factors: `<layer>.lora_A` (max_rank × in), `<layer>.lora_B` (out × max_rank)),
-    plus `tasks.json` (ids, files, rank levels, scaling). Returns {task id or 'shared': path}."""
+    plus `tasks.json` (ids, files, rank levels, scaling). Returns {task id or 'shared': path}.
+    `model` may be wrapped (DDP, `MultiTaskModel`): names are the bare model's. It runs no collective; under DDP
+    call it on one process, or on every one into one folder (each file is written under a temporary name and
+    renamed, so a reader never sees a half-written file)."""
     from safetensors.torch import save_file
 
     layers = _layers(model)
@@ -1031,7 +1046,8 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
             tensors[f"{n}.lora_A"] = getA(l).detach().contiguous().cpu()
             tensors[f"{n}.lora_B"] = getB(l).detach().contiguous().cpu()
         path = os.path.join(save_dir, fname)
-        save_file(tensors, path, metadata={k: json.dumps(v) for k, v in dict(meta, **extra).items()})
+        with _written_atomically(path) as tmp:
+            save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in dict(meta, **extra).items()})
         return path
 
     paths = {"shared": dump("shared.safetensors", lambda l: l.full_A(), lambda l: l.full_B(), {"task": None})}
@@ -1041,9 +1057,23 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
         paths[str(tid)] = dump(fname, lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_A), 0),
                                lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_B), 1), {"task": tid})
         index["tasks"].append({"id": tid, "slot": slot, "file": fname})
-    with open(os.path.join(save_dir, "tasks.json"), "w", encoding="utf-8") as f:
+    with _written_atomically(os.path.join(save_dir, "tasks.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return paths
+
+
+@contextlib.contextmanager
+def _written_atomically(path: str):
+    """Yield a temporary name next to `path`, then rename it to `path`. Under DDP every process may save the same
+    (replicated) adapters into one folder: each file then appears whole, and a process reading it while another
+    writes it never sees it half-written (a plain rewrite truncates it first)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @torch.no_grad()
@@ -1143,9 +1173,12 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     `export_peft_adapter`. A classifier that is itself a LoRA target (each task's own head delta)
     is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
     delta merged in: PEFT puts no LoRA on a head it saves whole, and a base model loaded afresh
-    would not have the frozen head weights this model was trained on."""
+    would not have the frozen head weights this model was trained on. `model` may be wrapped (DDP,
+    `MultiTaskModel`): the checkpoints name the bare model's modules. It runs no collective: under DDP,
+    call it on one process (rank 0)."""
     from .peft_io import export_peft_adapter
 
+    model = _bare(model)
     layers = _layers(model)
     router = next(iter(layers.values())).router
     tasks = router.task_ids if tasks is None else list(dict.fromkeys(_check_task_id(t) for t in tasks))

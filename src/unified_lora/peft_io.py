@@ -244,6 +244,9 @@ def export_peft_adapter(
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import AuxiliaryTrainingWrapper
 
+    from .distributed import unwrap_model
+
+    model = unwrap_model(model)  # a DDP wrapper's names (`module.q_proj`) would match nothing in a fresh base model
     layers = _select_layers(model, adapters)
     if rank is None:
         ranks = {m.rank for m in layers.values()}
