@@ -92,6 +92,20 @@ def test_controller_gets_each_optimizer_steps_loss_averaged_over_accumulation(tm
     assert [r.loss for r in ctrl.trace] == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_multitask_controller_is_refused_with_the_loop_to_use():
+    """The Trainer gives the callback no task ids and no per-task losses. A MultiTaskController driven by it used to
+    run silently with no task gradient captured in SINGLE, so the gradient conflict never rose and the split into
+    task adapters never came."""
+    from unified_lora.multitask import setup_multitask_lora
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=37))
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], ["query", "value"], print_fn=None)
+    with pytest.raises(TypeError, match="does not drive a MultiTaskController.*task_context"):
+        UnifiedLoRACallback(ctrl)
+
+
 def test_loss_normalisation_is_read_from_the_model():
     from transformers import LlamaForSequenceClassification
 

@@ -181,6 +181,16 @@ class UnifiedLoRACallback(TrainerCallback):
                  model_normalises_loss: bool | None = None, log_keys=("phi", "mode", "rank", "lr", "loss")):
         if not isinstance(ctrl, UnifiedController):
             raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
+        from .multitask import MultiTaskController
+
+        if isinstance(ctrl, MultiTaskController):
+            # It would run: the Trainer's forward sets no task ids and its loss is one number, so in SINGLE no task
+            # gradient is captured, the gradient conflict that triggers the split is never seen, and φ never
+            # splits (in MULTI the forward would need task ids it never gets).
+            raise TypeError("ctrl: UnifiedLoRACallback does not drive a MultiTaskController: the Trainer gives it "
+                            "neither task ids for the forward nor per-task losses, so the split into task adapters "
+                            "would never come. Train multi-task mode in your own loop (README 'Multi-task mode': "
+                            "task_context, then ctrl.step(loss, task_losses=per_task_losses(per, task_ids)))")
         self.ctrl = ctrl
         self.resume_from = resume_from
         self.strict_resume = strict_resume
