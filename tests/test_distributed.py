@@ -8,6 +8,7 @@ losses differ; only the controller's all-reduce keeps the decisions equal.
 """
 
 import datetime
+import json
 import os
 import socket
 
@@ -180,10 +181,15 @@ def _accelerate_loop(rank: int, out: str) -> None:
 
 def _spawn_once(tmp_path_factory, name: str, worker) -> str:
     """Run `worker` in two spawned processes once per pytest session, shared by the xdist workers (pytest-xdist's
-    file-lock recipe); the folder its processes wrote to."""
+    file-lock recipe); the folder its processes wrote to. The shared folder is the session's: under xdist each
+    worker's base temp is a subfolder of it; without xdist it is the base temp itself (its parent,
+    /tmp/pytest-of-<user>, outlives sessions, so a run there reused another session's, or another checkout's,
+    results)."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
     out = str(root / name)
     with FileLock(str(root / f"{name}.lock")):
         if not os.path.isfile(os.path.join(out, "done")):
@@ -335,37 +341,92 @@ def _worker2(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _multitask_ddp_loop(rank: int, out: str) -> None:
+# states saved (on process 0) before these steps: SINGLE just after the merge (with gradient EMAs), MULTI just after
+# the second split, mid-MIRROR (snapshot held; the next step restores it)
+MT_RESUME = (4, 7, 14)
+
+
+def _mt_ddp_build():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from unified_lora import trainable_parameters
-    from unified_lora.multitask import TaskRouter, per_task_losses, task_context
 
     model, _, ctrl = _mt_setup()
     ddp = DDP(model, **ddp_kwargs())
     opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
     ctrl.attach_optimizer(opt)
-    rec = {"local": [], "error": None}
-    try:
-        for step in range(MT_STEPS):
-            x, y, tids = _mt_batch(rank, step)
-            with task_context(ddp, tids):
-                per = ddp(input_ids=x, labels=y)
-            loss = per.mean()
-            loss.backward()
-            if isinstance(tids, str):
-                rec["local"].append({tids: loss.item()})
-                ctrl.step(loss, task_id=tids)
-            else:
-                rec["local"].append(per_task_losses(per, tids))
-                ctrl.step(loss, task_losses=rec["local"][-1])
-            assert_lockstep(ctrl)
-            opt.step()
-            opt.zero_grad()
-    except Exception as e:  # recorded, so the test shows it
-        rec["error"] = f"{type(e).__name__}: {e}"
+    return model, ddp, ctrl, opt
+
+
+def _mt_ddp_steps(rank, steps, model, ddp, ctrl, opt, rec, save_dir=None) -> None:
+    from unified_lora.multitask import per_task_losses, task_context
+
+    for step in steps:
+        if save_dir is not None and rank == 0 and step in MT_RESUME:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ctrl": ctrl.state_dict()},
+                       os.path.join(save_dir, f"mt_state{step}.pt"))
+        x, y, tids = _mt_batch(rank, step)
+        with task_context(ddp, tids):
+            per = ddp(input_ids=x, labels=y)
+        loss = per.mean()
+        loss.backward()
+        if isinstance(tids, str):
+            rec["local"].append({tids: loss.item()})
+            ctrl.step(loss, task_id=tids)
+        else:
+            rec["local"].append(per_task_losses(per, tids))
+            ctrl.step(loss, task_losses=rec["local"][-1])
+        assert_lockstep(ctrl)
+        opt.step()
+        opt.zero_grad()
+
+
+def _mt_record(rec, model, ctrl) -> None:
     rec["trace"] = [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.components) for r in ctrl.trace]
     rec["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _multitask_ddp_loop(rank: int, out: str) -> None:
+    from unified_lora.multitask import (TaskRouter, export_task_peft_adapters, load_task_adapters,
+                                        save_task_adapters)
+
+    model, ddp, ctrl, opt = _mt_ddp_build()
+    rec = {"local": [], "error": None, "resumed": {}}
+    try:
+        _mt_ddp_steps(rank, range(MT_STEPS), model, ddp, ctrl, opt, rec, save_dir=out)
+    except Exception as e:  # recorded, so the test shows it
+        rec["error"] = f"{type(e).__name__}: {e}"
+    _mt_record(rec, model, ctrl)
+    dist.barrier()  # process 0's states are written
+    for k in MT_RESUME:  # every process loads process 0's state into a fresh model, optimizer and controller
+        r = {"local": [], "error": None}
+        try:
+            m2, ddp2, c2, o2 = _mt_ddp_build()
+            ck = torch.load(os.path.join(out, f"mt_state{k}.pt"), weights_only=False)
+            m2.load_state_dict(ck["model"])
+            o2.load_state_dict(ck["opt"])
+            c2.load_state_dict(ck["ctrl"])
+            assert_lockstep(c2)
+            _mt_ddp_steps(rank, range(k, MT_STEPS), m2, ddp2, c2, o2, r)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {e}"
+        _mt_record(r, m2, c2)
+        rec["resumed"][k] = r
+        del ddp2
+    # adapters saved through the DDP wrapper by every process into one folder, read back into a bare model
+    save_task_adapters(ddp, os.path.join(out, "adapters"))
+    dist.barrier()
+    bare, _, _ = _mt_setup()
+    try:
+        load_task_adapters(bare, os.path.join(out, "adapters"))
+        rec["adapters_loaded"] = all(torch.equal(p, model.get_parameter(n)) for n, p in bare.named_parameters())
+    except Exception as e:
+        rec["adapters_loaded"] = f"{type(e).__name__}: {e}"
+    if rank == 0:  # the PEFT export, on one process only (it runs no collective)
+        export_task_peft_adapters(ddp, os.path.join(out, "peft"))
+        with open(os.path.join(out, "peft", "a", "adapter_config.json")) as f:
+            rec["peft_targets"] = sorted(json.load(f)["target_modules"])
+    dist.barrier()
     router = TaskRouter(["a"], spare_slots=1, register_new_tasks=True)
     try:
         router.slot("c")
@@ -456,6 +517,32 @@ def test_multitask_under_ddp_stays_in_lockstep_when_processes_see_different_task
     assert ("shared", "MULTI->SINGLE", None) in events  # a merge
     assert ("task", "MULTI->MIRROR", "saved") in events and ("task", "MIRROR->MULTI", "restored") in events
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+def test_multitask_under_ddp_resumes_from_a_saved_state_on_the_same_trajectory(mt_ddp_run):
+    """Process 0's `ctrl.state_dict()` (with the model's and optimizer's), saved in SINGLE just after a merge, in
+    MULTI just after a split and mid-MIRROR, loaded on every process into a fresh model, optimizer and controller:
+    the run goes on as the uninterrupted one, every trace component and weight bit for bit (and the Mirror
+    snapshot it held is restored on the same step)."""
+    r0, r1 = mt_ddp_run
+    full = r0["trace"]
+    assert [full[k - 1][6]["topology"] for k in MT_RESUME] == ["shared", "task", "task"]
+    assert full[3][5] == "MULTI->SINGLE" and full[6][5] == "SINGLE->MULTI" and full[13][2] == 2
+    for k in MT_RESUME:
+        for r in (r0, r1):
+            res = r["resumed"][k]
+            assert res["error"] is None, (k, res["error"])
+            assert res["trace"] == full[k:], k
+            assert all(torch.equal(res["weights"][n], w) for n, w in r0["weights"].items()), k
+    assert r0["resumed"][14]["trace"][0][4] == "restored"
+
+
+def test_multitask_adapters_saved_through_ddp_load_into_a_bare_model_and_export_for_peft(mt_ddp_run):
+    """Saved through the DDP wrapper, the files named every layer `module.q_proj`: a bare model refused them ("no
+    tensor 'q_proj.lora_A'") and the PEFT export targeted `module.q_proj`, which matches nothing in a fresh base."""
+    r0, r1 = mt_ddp_run
+    assert r0["adapters_loaded"] is True and r1["adapters_loaded"] is True
+    assert r0["peft_targets"] == ["classifier", "q_proj", "v_proj"]
 
 
 def test_multitask_under_ddp_combines_task_losses_and_gradients_across_processes(mt_ddp_run):
