@@ -676,7 +676,7 @@ class MultiTaskController(UnifiedController):
         self.merge_rule = merge_rule
         self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
         self.grad_ema: dict[int, torch.Tensor] = {}
-        self.merge_log: list[dict] = []
+        self.merge_log: list[dict] = []  # one entry per merge with keep_trace=True (as ctrl.trace); else the last only
         self.router.set_topology("task" if self.mode >= MULTI else "shared")
         if self.mode >= MULTI:
             for a in self.adapters:
@@ -934,8 +934,12 @@ class MultiTaskController(UnifiedController):
                 self._reset_opt_state(a.shared_parameters())
         self.router.set_topology("shared")
         r = sum(res) / len(res)
-        self.merge_log.append({"step": self.global_step if step is None else step, "rule": self.merge_rule,
-                               "rank": rank, "residual": r})
+        entry = {"step": self.global_step if step is None else step, "rule": self.merge_rule, "rank": rank,
+                 "residual": r}
+        if self.keep_trace:
+            self.merge_log.append(entry)
+        else:  # a run without a kept trace keeps the last merge only (the trace file has each one): no per-cycle growth
+            self.merge_log[:] = [entry]
         return r
 
     # -- state ------------------------------------------------------------------------
