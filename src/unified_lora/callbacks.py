@@ -206,7 +206,8 @@ class UnifiedLoRACallback(TrainerCallback):
         self._normalised = False
         self.last: dict = {}
         self.best_loaded_from: str | None = None  # the checkpoint whose controller state on_train_end loaded
-        self.step_losses: list[float] = []  # the (local, pre-all-reduce) loss fed at each step
+        # the (local, pre-all-reduce) loss fed at each step; kept only while ctrl.keep_trace (as ctrl.trace)
+        self.step_losses: list[float] = []
 
     # -- installation -----------------------------------------------------------------
     def add_to(self, trainer) -> "UnifiedLoRACallback":
@@ -294,7 +295,8 @@ class UnifiedLoRACallback(TrainerCallback):
         self._in_step = False
         loss = self._pop_step_loss()
         loss = float(loss.item()) if torch.is_tensor(loss) else float(loss)
-        self.step_losses.append(loss)
+        if self.ctrl.keep_trace:  # a per-step list, kept as ctrl.trace is: not at all in a run that keeps no trace
+            self.step_losses.append(loss)
         self.ctrl.step(loss)
         self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,
                      "lr": self.ctrl.get_last_lr(), "loss": loss}

@@ -37,7 +37,9 @@ Merge rule (`merge_rule`):
   adapter are refitted to M = mean_t B_t[:, :r] A_t[:r] by truncated SVD, balanced
   factors B = U√S, A = √S Vᵀ (computed through QR of the stacked factors, never forming
   M). This is the best rank-r approximation of the mean delta (Eckart-Young), exact when
-  rank(M) ≤ r; blocks above r (paused in SINGLE) take the factor mean. The basis
+  rank(M) ≤ r; blocks above r (paused in SINGLE) take the factor mean. A dim M lacks (rank(M) < r,
+  e.g. tasks whose B is still zero) gets a zero B column and keeps the factor-mean A row, so it can
+  still learn (A and B both zero would stay zero for good). The basis
   changes, so the shared adapter's optimizer state is reset.
 
 The signal (`MultiTaskSignal`, numbers in, numbers out) is the v1 README
@@ -460,11 +462,19 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
             Qa, Ra = torch.linalg.qr(Ac.T)
             U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
             k = min(rank, S.numel())
-            sq = S[:k].sqrt()
+            # A direction the mean delta lacks (a singular value at rounding level, or none at all when
+            # rank(M) < r, e.g. task B factors still at their zero init) gets B's column 0 and keeps A's
+            # factor-mean row, as LoRA's own init does: the merged delta is the same, and the direction can
+            # still learn. Balanced factors √S·0 = 0 in both A and B would be a saddle whose gradients are
+            # exactly 0 for good (grad A ∝ B, grad B ∝ A): each such merge would kill rank dims for the rest
+            # of the run, and a shared adapter with every dim dead gives every later step a NaN conflict.
+            tol = S.max() * max(Rb.shape[0], Ra.shape[0]) * torch.finfo(S.dtype).eps if S.numel() else S.new_zeros(())
+            live = S[:k] > tol
+            sq = S[:k].sqrt() * live
             newB = torch.zeros(self.out_features, rank, dtype=torch.float32, device=Bc.device)
-            newA = torch.zeros(rank, self.in_features, dtype=torch.float32, device=Ac.device)
+            newA = torch.cat(list(self.lora_A), 0)[:rank].float()  # the factor mean, written above
             newB[:, :k] = (Qb @ U[:, :k]) * sq
-            newA[:k] = sq[:, None] * (Vh[:k] @ Qa.T)
+            newA[:k] = torch.where(live[:, None], sq[:, None] * (Vh[:k] @ Qa.T), newA[:k])
             for i, (s, e) in enumerate(zip(starts, self.boundaries)):
                 if e <= rank:
                     self.lora_A[i].copy_(newA[s:e])
@@ -676,7 +686,7 @@ class MultiTaskController(UnifiedController):
         self.merge_rule = merge_rule
         self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
         self.grad_ema: dict[int, torch.Tensor] = {}
-        self.merge_log: list[dict] = []
+        self.merge_log: list[dict] = []  # one entry per merge with keep_trace=True (as ctrl.trace); else the last only
         self.router.set_topology("task" if self.mode >= MULTI else "shared")
         if self.mode >= MULTI:
             for a in self.adapters:
@@ -796,7 +806,9 @@ class MultiTaskController(UnifiedController):
             return None
         G = torch.stack([self.grad_ema[s] for s in slots])
         n = G.norm(dim=1).clamp_min(1e-30)
-        cos = (G @ G.T) / (n[:, None] * n[None, :])
+        # the product clamped too: two zero gradients (n = 1e-30 each) would give 0 / (1e-60 → 0 in fp32) = NaN, a
+        # step the signal skips as non-finite, for good if those tasks' gradients stay zero; 0 is "no conflict"
+        cos = (G @ G.T) / (n[:, None] * n[None, :]).clamp_min(1e-30)
         iu = torch.triu_indices(len(slots), len(slots), 1)
         conflict = (-cos[iu[0], iu[1]]).clamp_min(0).mean()
         if finite is not None:  # this step's gradients had an inf/NaN: say so through the one read (NaN), no extra sync
@@ -934,8 +946,12 @@ class MultiTaskController(UnifiedController):
                 self._reset_opt_state(a.shared_parameters())
         self.router.set_topology("shared")
         r = sum(res) / len(res)
-        self.merge_log.append({"step": self.global_step if step is None else step, "rule": self.merge_rule,
-                               "rank": rank, "residual": r})
+        entry = {"step": self.global_step if step is None else step, "rule": self.merge_rule, "rank": rank,
+                 "residual": r}
+        if self.keep_trace:
+            self.merge_log.append(entry)
+        else:  # a run without a kept trace keeps the last merge only (the trace file has each one): no per-cycle growth
+            self.merge_log[:] = [entry]
         return r
 
     # -- state ------------------------------------------------------------------------

@@ -549,7 +549,10 @@ class Run:
             lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=cfg.lr_mode,
             machine=cfg.machine_config(), actuators=cfg.actuator_config(),
             mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
-            trace_path=None, log_every=cfg.log_every, print_fn=print_fn)
+            trace_path=None, log_every=cfg.log_every, print_fn=print_fn,
+            # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
+            # held for the whole run, would only grow
+            keep_trace=not trace_path)
         if trace_path:
             self.ctrl.writer = TraceWriter(trace_path, append=append_trace)
         start_lr = self.ctrl.get_last_lr() if cfg.lr_mode == "absolute" else cfg.lr
