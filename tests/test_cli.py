@@ -346,6 +346,14 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
     assert "pre_shock" in report and "majority class" in report and "φ pre-shock=" in report
+    # `unified-lora report RUN | head` once head has left: no traceback (it used to print "internal error"
+    # and a BrokenPipeError at exit), and the exit status of a process ended by SIGPIPE
+    r, w = os.pipe()
+    os.close(r)
+    p = subprocess.run([sys.executable, "-m", "unified_lora.cli", "report", str(out)], stdout=w,
+                       stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")
 
 
 def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -728,7 +729,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader that left (`| head`) is a BrokenPipeError below, not at exit
+        return code
+    except BrokenPipeError:
+        # `unified-lora report RUN | head`: the reader closed the pipe; no traceback, and nothing more written
+        # (Python's recipe: point stdout at devnull, or its flush at exit raises again). 141 = 128 + SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         if debug:
             raise
