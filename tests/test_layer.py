@@ -499,7 +499,8 @@ def test_kernel_must_be_python_or_cpp_and_a_missing_compiler_fails_at_constructi
         NestedLoRAConfig(kernel="triton")
     with pytest.raises(ValueError, match="kernel: must be one of"):
         NestedLoRALayer(nn.Linear(4, 4), kernel="cuda")
-    from unified_lora._fused import FusedKernelsUnavailable, layer_kernels
+    from unified_lora import FusedKernelsUnavailable  # public: a user catches it there
+    from unified_lora._fused import layer_kernels
 
     layer_kernels.cache_clear()
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler and no ninja on this PATH

@@ -1,5 +1,6 @@
 """unified-lora: a stress-driven SINGLE/MULTI/MIRROR controller over nested-rank LoRA adapters."""
 
+from ._fused import FusedKernelsUnavailable
 from .config import (MIRROR, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
                      SignalConfig, check_rank_levels)
 from .controller import UnifiedController, distributed_mean, setup_unified_lora
@@ -19,4 +20,5 @@ __all__ = [
     "LossSignal", "CompositeSignal", "GradientStats", "NonFiniteLossError",
     "ModeMachine", "Transition", "MachineConfig", "ActuatorConfig", "MirrorConfig", "SignalConfig", "MirrorSnapshot",
     "StepRecord", "TraceWriter", "format_console", "read_trace", "SINGLE", "MULTI", "MIRROR",
+    "FusedKernelsUnavailable",
 ]
