@@ -358,7 +358,7 @@ def cmd_train(args) -> int:
     from .trace import read_trace
     from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
                            export_peft, iterate, load_data, load_model, majority, phi_summary, resolve_model,
-                           seed_everything, subsample, take_rows, transitions, truncate_trace)
+                           seed_everything, subsample, take_rows, transitions)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
@@ -391,9 +391,8 @@ def cmd_train(args) -> int:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     trace_path = out / "trace.jsonl"
-    if ckpt is not None:
-        step0 = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["run"]["global_step"]
-        truncate_trace(trace_path, step0)
+    # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
+    # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
     if ckpt is not None:
         run.load_checkpoint(ckpt)

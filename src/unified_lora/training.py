@@ -37,7 +37,7 @@ from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
 from .data.loaders import _GLUE, _check_no_null_text, _read_records, normalize_task
 from .model import lora_state_dict, trainable_parameters
-from .trace import TraceWriter, read_trace
+from .trace import TraceWriter
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
 TEXT_SUFFIXES = ("txt", "raw")  # plain-text corpora for a causal LM (tinyshakespeare's input.txt, wikitext's *.raw)
@@ -665,18 +665,6 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
         return None
     return max(done, key=lambda p: torch.load(p / "state.pt", map_location="cpu", weights_only=False)["run"]
                ["global_step"])
-
-
-def truncate_trace(path: str | os.PathLike, steps: int) -> None:
-    """Drop trace lines at or after `steps` (written after the checkpoint a run resumes from)."""
-    import json
-
-    if not os.path.isfile(path):
-        return
-    keep = [r for r in read_trace(path) if r["step"] < steps]
-    with open(path, "w", encoding="utf-8") as f:
-        for r in keep:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def seed_everything(seed: int) -> None:
