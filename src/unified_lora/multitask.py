@@ -70,6 +70,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._files import written_atomically
 from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _unwrap_optimizer
@@ -686,6 +687,8 @@ class MultiTaskController(UnifiedController):
         self.merge_rule = merge_rule
         self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
         self.grad_ema: dict[int, torch.Tensor] = {}
+        self._task_info = False  # this step was given task losses or a task id (set by step)
+        self._local_loss: float | None = None  # this process's loss of this step, before any all-reduce
         self.merge_log: list[dict] = []  # one entry per merge with keep_trace=True (as ctrl.trace); else the last only
         self.router.set_topology("task" if self.mode >= MULTI else "shared")
         if self.mode >= MULTI:
@@ -728,7 +731,7 @@ class MultiTaskController(UnifiedController):
         out: dict[int, list[torch.Tensor]] = {}
         if self.router.topology == "shared":
             slots = set().union(*(a._task_grads.keys() for a in self.adapters))
-            if not slots and getattr(self, "_task_info", False):
+            if not slots and self._task_info:
                 # task losses, but the forward ran with no task ids: the conflict that triggers the split is unseen
                 raise ValueError("ctrl.step: task losses were given, but no per-task gradients were captured: the "
                                  "forward ran outside `with task_context(model, task_ids):`. In SINGLE the "
@@ -838,11 +841,11 @@ class MultiTaskController(UnifiedController):
         # share of the movement a mean-merge discards, relative to independent moves (1 − 1/T); ≥ that → 1
         return min(1.0, max(0.0, var / total / (1.0 - 1.0 / T)))
 
-    def _read_task_losses(self, task_losses, task_id, loss: float) -> dict | None:
+    def _read_task_losses(self, task_losses, task_id) -> dict | None:
         if task_losses is not None and task_id is not None:
             raise ValueError("ctrl.step: pass task_losses= or task_id=, not both")
         if task_id is not None:
-            task_losses = {task_id: getattr(self, "_local_loss", loss)}  # this process's loss, not the mean
+            task_losses = {task_id: self._local_loss}  # this process's loss, not the mean
         out = {}
         for t, v in (task_losses or {}).items():
             self.router.slot(t)  # unknown id → ValueError (or registration)
@@ -879,7 +882,7 @@ class MultiTaskController(UnifiedController):
         return super().step(loss, task_losses=task_losses, task_id=task_id)
 
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
-        tl = self._read_task_losses(task_losses, task_id, loss)  # bad task ids fail first
+        tl = self._read_task_losses(task_losses, task_id)  # bad task ids fail first
         self._check_backward_ran()
         _check_not_negative(loss)  # here too, before the gradient EMAs below take this step in
         for v in (tl or {}).values():
@@ -1062,7 +1065,7 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
             tensors[f"{n}.lora_A"] = getA(l).detach().contiguous().cpu()
             tensors[f"{n}.lora_B"] = getB(l).detach().contiguous().cpu()
         path = os.path.join(save_dir, fname)
-        with _written_atomically(path) as tmp:
+        with written_atomically(path) as tmp:
             save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in dict(meta, **extra).items()})
         return path
 
@@ -1073,23 +1076,9 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
         paths[str(tid)] = dump(fname, lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_A), 0),
                                lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_B), 1), {"task": tid})
         index["tasks"].append({"id": tid, "slot": slot, "file": fname})
-    with _written_atomically(os.path.join(save_dir, "tasks.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with written_atomically(os.path.join(save_dir, "tasks.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return paths
-
-
-@contextlib.contextmanager
-def _written_atomically(path: str):
-    """Yield a temporary name next to `path`, then rename it to `path`. Under DDP every process may save the same
-    (replicated) adapters into one folder: each file then appears whole, and a process reading it while another
-    writes it never sees it half-written (a plain rewrite truncates it first)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from ._files import written_atomically
+
 
 @dataclass
 class StepRecord:
@@ -107,10 +109,8 @@ class TraceWriter:
                     continue
                 if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] < step:
                     keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
-        os.replace(tmp, self.path)
         self._f = open(self.path, "a", encoding="utf-8")
         self._fresh = False
 
