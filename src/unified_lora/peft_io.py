@@ -535,7 +535,7 @@ def import_peft_adapter(
         if rest and f"{wrapper}.{rest}" in others:  # PEFT's active forward uses `<module>.<leaf>` only
             del others[path]
     task_type = getattr(config.task_type, "value", config.task_type)
-    whole = list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ()))
+    whole = _peft_matches(model, list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ())))
     for path, t in others.items():
         target = ours_params.get(path)
         mod, _, leaf = path.rpartition(".")
@@ -546,8 +546,7 @@ def import_peft_adapter(
         if target.shape != t.shape:
             raise ValueError(f"peft_dir: {path!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}")
         target.copy_(t.to(target.dtype))
-        parts = mod.split(".")
-        saved_whole = any(".".join(parts[:i]).endswith(n) for i in range(1, len(parts) + 1) for n in whole)  # PEFT's rule
+        saved_whole = any(_inside(mod, w) for w in whole)
         if saved_whole or (leaf == "bias" and config.bias != "none"):
             target.requires_grad_(True)
             extra.append(target)
