@@ -30,7 +30,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def _check_not_negative(loss: float, what: str = "loss") -> None:
     """The v1 normalisation D = E/(1+E) maps [0, ∞) to [0, 1) only: a negative loss drives E below 0, then D and φ
-    leave [0, 1] (to -1e13 at a loss of -1) and need hundreds of steps to come back. Refused instead. (-inf is
+    leave [0, 1] (below 0 at a loss of -1). Refused instead. (-inf is
     left to the `nonfinite` policy, as NaN and +inf are.)"""
     if -math.inf < loss < 0.0:
         raise ValueError(f"{what}: the v1 loss signal needs a loss >= 0 (D = E_s/(1+E_s) maps [0, inf) to [0, 1)); "
