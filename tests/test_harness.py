@@ -161,3 +161,13 @@ def test_a_claim_left_by_a_killed_worker_is_taken_over(finished, tiny_model_dir,
     assert {p.name for p in (tmp_path / "runs").glob("*.json")} == {R8}
     assert "skip mrpc__lora_r4__clean__s0 (claimed by another worker)" in capsys.readouterr().out
     assert (claims / "mrpc__lora_r8__clean__s0.claim").read_text().strip() != str(dead.pid)
+
+
+def test_report_refuses_a_missing_probe_folder_and_none_leaves_the_section_out(finished, tmp_path, capsys):
+    # a mistyped --probe used to drop the LR-probe section silently; 'none' is the explicit way to leave it out
+    out = _out_with(tmp_path / "task", finished, R8)
+    rep = load_benchmark("quality/report.py")
+    assert rep.main(["--runs", str(out / "runs"), "--out", str(out), "--probe", str(tmp_path / "lrprobe")]) == 2
+    assert "no LR-probe folder" in capsys.readouterr().err and not (out / "quality.md").exists()
+    assert rep.main(["--runs", str(out / "runs"), "--out", str(out), "--probe", "none"]) == 0
+    assert "Learning-rate probe" not in (out / "quality.md").read_text()

@@ -672,10 +672,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "quality" / "runs"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for quality.md and plots")
     ap.add_argument("--probe", default=str(REPO / "benchmarks" / "results" / "quality_lrprobe"),
-                    help="LR-probe output folder (one sub-folder per LR)")
+                    help="LR-probe output folder (one sub-folder per LR); 'none' leaves the probe section out")
     ap.add_argument("--note", default="", help="a paragraph printed under the page title (e.g. how a sitting ran)")
     args = ap.parse_args(argv)
     runs_dir, out_dir = Path(args.runs).resolve(), Path(args.out).resolve()
+    probe_dir = None if args.probe == "none" else Path(args.probe).resolve()
+    if probe_dir is not None and not probe_dir.is_dir():  # a mistyped folder must not drop the section silently
+        print(f"error: no LR-probe folder {probe_dir}; pass --probe none to leave the probe section out",
+              file=sys.stderr)
+        return 2
     runs = load_runs(runs_dir)
     if not runs:
         print(f"no run JSONs in {runs_dir}; run benchmarks/quality/run.py first", file=sys.stderr)
@@ -684,7 +689,7 @@ def main(argv=None) -> int:
     plots = make_plots(runs, out_dir)
     md = out_dir / "quality.md"
     try:
-        page = render(runs, plots, runs_dir, Path(args.probe).resolve(), args.note)
+        page = render(runs, plots, runs_dir, probe_dir, args.note)
     except ValueError as e:  # runs the page cannot be computed from (e.g. one cell at two budgets): say which
         print(f"error: {e}", file=sys.stderr)
         return 2
