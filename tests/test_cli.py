@@ -356,6 +356,31 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     assert (p.returncode, p.stderr) == (141, "")
 
 
+def test_plot_threshold_flags_win_over_the_runs_own(tmp_path, monkeypatch):
+    """`plot --theta0/--theta1` were ignored whenever the run folder had a summary.json (its thresholds won), while
+    `--shock` overrode the summary's. A flag given now wins; else the run's thresholds; else 0.3/0.7."""
+    import unified_lora.plotting as plotting
+
+    drawn, real = [], plotting.plot_trace
+
+    def spy(*args, **kw):  # the real plot runs; this records the lines it was asked to draw
+        drawn.append((kw["theta0"], kw["theta1"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(plotting, "plot_trace", spy)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trace.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0, "phi": 0.5, "mode": 1, "rank": 8,
+                                                         "lr": 1e-3}) + "\n" for i in range(4)))
+    png = str(tmp_path / "p.png")
+    assert main(["plot", str(run), "-o", png]) == 0  # no summary: the v1 thresholds
+    (run / "summary.json").write_text(json.dumps({"command": "train", "arms": {}, "theta0": 0.25, "theta1": 0.75}))
+    assert main(["plot", str(run), "-o", png]) == 0
+    assert main(["plot", str(run), "-o", png, "--theta0", "0.2", "--theta1", "0.9"]) == 0
+    assert main(["plot", str(run), "-o", png, "--theta1", "0.8"]) == 0
+    assert drawn == [(0.3, 0.7), (0.25, 0.75), (0.2, 0.9), (0.25, 0.8)]
+
+
 def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):
     """A summary.json holding a JSON list was an internal error (AttributeError, exit 1); a trace with a bad line
     was reported as 'line 1' or 'line 2' whatever its place."""

@@ -548,8 +548,10 @@ def cmd_plot(args) -> int:
     base_path = path.parent / "baseline_trace.jsonl"
     baseline = _load_trace(base_path) if base_path.is_file() and path.name == "trace.jsonl" else None
     out = args.output or str(path.with_suffix(".png"))
-    plot_trace(trace, out, theta0=summary.get("theta0", args.theta0), theta1=summary.get("theta1", args.theta1),
-               shock=shock, baseline=baseline)
+    # a flag given on the command line wins, as --shock does; else the run's own thresholds, else the v1 ones
+    theta0 = args.theta0 if args.theta0 is not None else summary.get("theta0", 0.3)
+    theta1 = args.theta1 if args.theta1 is not None else summary.get("theta1", 0.7)
+    plot_trace(trace, out, theta0=theta0, theta1=theta1, shock=shock, baseline=baseline)
     print(out)
     return 0
 
@@ -706,9 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", parents=[common], help="plot a trace.jsonl (loss, φ, mode/rank, LR)")
     pl.add_argument("trace", help="trace.jsonl (or its run folder)")
     pl.add_argument("-o", "--output", help="PNG path (default: next to the trace)")
-    pl.add_argument("--shock", type=int, nargs=2, metavar=("START", "END"), help="shade this step window")
-    pl.add_argument("--theta0", type=float, default=0.3)
-    pl.add_argument("--theta1", type=float, default=0.7)
+    pl.add_argument("--shock", type=int, nargs=2, metavar=("START", "END"),
+                    help="shade this step window (default: the run's shock, from its summary.json)")
+    pl.add_argument("--theta0", type=float, help="SINGLE/MULTI line on φ (default: the run's, else 0.3)")
+    pl.add_argument("--theta1", type=float, help="MULTI/MIRROR line on φ (default: the run's, else 0.7)")
     pl.set_defaults(func=cmd_plot)
 
     r = sub.add_parser("report", parents=[common], help="print a run's summary table")
