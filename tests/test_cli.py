@@ -381,6 +381,28 @@ def test_plot_threshold_flags_win_over_the_runs_own(tmp_path, monkeypatch):
     assert drawn == [(0.3, 0.7), (0.25, 0.75), (0.2, 0.9), (0.25, 0.8)]
 
 
+def test_demo_help_states_each_default_and_never_a_wrong_one():
+    """`demo --help` printed "(default: None)" after options whose real default is set later (--lrs, --loss-scale,
+    --calibration-steps, --model, ...), beside the help's own "(default ...)", and no default at all for --steps,
+    --shock-start, --seed and the other options without a help text."""
+    import argparse
+
+    from unified_lora.cli import DEMO_CALIBRATION, DEMO_LRS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    demo = sub.choices["demo"]
+    fmt = demo.formatter_class(prog="unified-lora demo")
+    helps = {a.dest: fmt._expand_help(a) if a.help else "" for a in demo._actions if a.dest != "help"}
+    for dest, text in helps.items():
+        assert "(default" in text and "(default: None)" not in text, (dest, text)
+    for a in demo._actions:
+        if a.dest != "help" and a.default is not None:
+            assert f"(default: {a.default})" in helps[a.dest], (a.dest, helps[a.dest])
+    assert f"(default {' '.join(map(str, DEMO_LRS))})" in helps["lrs"]
+    assert f"(default {DEMO_CALIBRATION[0]}," in helps["calibration_steps"]
+    assert "(default: 160)" in helps["steps"] and "(default: 60)" in helps["shock_start"]
+
+
 def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):
     """A summary.json holding a JSON list was an internal error (AttributeError, exit 1); a trace with a bad line
     was reported as 'line 1' or 'line 2' whatever its place."""
