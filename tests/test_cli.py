@@ -430,7 +430,9 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("missing_model", "no such folder"),
     ("bad_theta", "theta0"),
     ("bad_config_key", "unknown key(s) ['epochz']"),
-    ("bad_mirror_kernel", "kernel: must be 'eager' or 'fused', got 'cuda'"),
+    ("bad_mirror_kernel", "mirror_kernel: must be 'eager' or 'fused', got 'cuda'"),  # it said "kernel:"
+    ("bad_mirror_policy", "mirror_policy: must be 'drift', 'never', 'always' or 'loss_worse', got 'foo'"),
+    ("unsupported_format", "--data "),  # not "(or pass fmt=)", an argument of the library the command line lacks
     ("bad_layer_kernel", "layer_kernel: must be one of ('python', 'cpp'), got 'cuda'"),
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
@@ -463,6 +465,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                                                               f"data: {tiny['csv']}\nmirror_kernel: cuda\n"))],
         "bad_layer_kernel": ["train", "--config", str(_write(tmp_path / "l.yaml", f"model: {tiny['bert']}\n"
                                                              f"data: {tiny['csv']}\nlayer_kernel: cuda\n"))],
+        "bad_mirror_policy": _train_args(tiny, out, "--mirror-policy", "foo"),
+        "unsupported_format": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "rows.parquet", "text,label\n"))],
         "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
         "null_text_columns": ["train", "--config", str(_write(tmp_path / "t.yaml", f"model: {tiny['bert']}\n"
                                                               f"data: {tiny['csv']}\ntext_columns: null\n"))],
@@ -499,6 +503,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
     assert err.strip().splitlines()[-1].startswith("unified-lora")
     if case != "bad_flag":  # argparse adds a usage line; ours is exactly one line
         assert err.count("\n") == 1 and err.startswith("unified-lora: error: ")
+    if case == "unsupported_format":
+        assert "unsupported data format 'parquet'" in err and "fmt=" not in err
 
 
 def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):
