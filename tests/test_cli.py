@@ -403,6 +403,24 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
     assert "(default: 160)" in helps["steps"] and "(default: 60)" in helps["shock_start"]
 
 
+def test_the_readme_names_every_setting_a_resume_refuses():
+    """The README's resume paragraph listed what `--resume` refuses to change but left out the signal and
+    --no-controller, which `_RESUME_FIXED` refuses too. Every refused key must map to a phrase the paragraph has."""
+    from unified_lora.cli import _RESUME_FIXED
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    para = readme.split("- **Resume and re-runs:**", 1)[1].split("\n- **", 1)[0]
+    said = {"model": "the model", "task_type": "the model", "data": "the data", "dev_data": "the data or its split",
+            "dev_fraction": "its split", "text_columns": "the data", "label_column": "the data",
+            "max_length": "`max_length`", "batch_size": "`batch_size`", "seed": "`seed`",
+            "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
+            "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
+            "controller": "`--no-controller`", "signal": "the signal"}
+    assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
+    missing = [k for k in _RESUME_FIXED if said[k] not in para]
+    assert not missing, (missing, para)
+
+
 def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):
     """A summary.json holding a JSON list was an internal error (AttributeError, exit 1); a trace with a bad line
     was reported as 'line 1' or 'line 2' whatever its place."""
