@@ -356,6 +356,71 @@ def test_plot_and_report(tiny, tmp_path, capsys):
     assert (p.returncode, p.stderr) == (141, "")
 
 
+def test_plot_threshold_flags_win_over_the_runs_own(tmp_path, monkeypatch):
+    """`plot --theta0/--theta1` were ignored whenever the run folder had a summary.json (its thresholds won), while
+    `--shock` overrode the summary's. A flag given now wins; else the run's thresholds; else 0.3/0.7."""
+    import unified_lora.plotting as plotting
+
+    drawn, real = [], plotting.plot_trace
+
+    def spy(*args, **kw):  # the real plot runs; this records the lines it was asked to draw
+        drawn.append((kw["theta0"], kw["theta1"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(plotting, "plot_trace", spy)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trace.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0, "phi": 0.5, "mode": 1, "rank": 8,
+                                                         "lr": 1e-3}) + "\n" for i in range(4)))
+    png = str(tmp_path / "p.png")
+    assert main(["plot", str(run), "-o", png]) == 0  # no summary: the v1 thresholds
+    (run / "summary.json").write_text(json.dumps({"command": "train", "arms": {}, "theta0": 0.25, "theta1": 0.75}))
+    assert main(["plot", str(run), "-o", png]) == 0
+    assert main(["plot", str(run), "-o", png, "--theta0", "0.2", "--theta1", "0.9"]) == 0
+    assert main(["plot", str(run), "-o", png, "--theta1", "0.8"]) == 0
+    assert drawn == [(0.3, 0.7), (0.25, 0.75), (0.2, 0.9), (0.25, 0.8)]
+
+
+def test_demo_help_states_each_default_and_never_a_wrong_one():
+    """`demo --help` printed "(default: None)" after options whose real default is set later (--lrs, --loss-scale,
+    --calibration-steps, --model, ...), beside the help's own "(default ...)", and no default at all for --steps,
+    --shock-start, --seed and the other options without a help text."""
+    import argparse
+
+    from unified_lora.cli import DEMO_CALIBRATION, DEMO_LRS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    demo = sub.choices["demo"]
+    fmt = demo.formatter_class(prog="unified-lora demo")
+    helps = {a.dest: fmt._expand_help(a) if a.help else "" for a in demo._actions if a.dest != "help"}
+    for dest, text in helps.items():
+        assert "(default" in text and "(default: None)" not in text, (dest, text)
+    for a in demo._actions:
+        if a.dest != "help" and a.default is not None:
+            assert f"(default: {a.default})" in helps[a.dest], (a.dest, helps[a.dest])
+    assert f"(default {' '.join(map(str, DEMO_LRS))})" in helps["lrs"]
+    assert f"(default {DEMO_CALIBRATION[0]}," in helps["calibration_steps"]
+    assert "(default: 160)" in helps["steps"] and "(default: 60)" in helps["shock_start"]
+
+
+def test_the_readme_names_every_setting_a_resume_refuses():
+    """The README's resume paragraph listed what `--resume` refuses to change but left out the signal and
+    --no-controller, which `_RESUME_FIXED` refuses too. Every refused key must map to a phrase the paragraph has."""
+    from unified_lora.cli import _RESUME_FIXED
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    para = readme.split("- **Resume and re-runs:**", 1)[1].split("\n- **", 1)[0]
+    said = {"model": "the model", "task_type": "the model", "data": "the data", "dev_data": "the data or its split",
+            "dev_fraction": "its split", "text_columns": "the data", "label_column": "the data",
+            "max_length": "`max_length`", "batch_size": "`batch_size`", "seed": "`seed`",
+            "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
+            "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
+            "controller": "`--no-controller`", "signal": "the signal"}
+    assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
+    missing = [k for k in _RESUME_FIXED if said[k] not in para]
+    assert not missing, (missing, para)
+
+
 def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(tiny, tmp_path, capsys):
     """A summary.json holding a JSON list was an internal error (AttributeError, exit 1); a trace with a bad line
     was reported as 'line 1' or 'line 2' whatever its place."""
@@ -383,7 +448,9 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("missing_model", "no such folder"),
     ("bad_theta", "theta0"),
     ("bad_config_key", "unknown key(s) ['epochz']"),
-    ("bad_mirror_kernel", "kernel: must be 'eager' or 'fused', got 'cuda'"),
+    ("bad_mirror_kernel", "mirror_kernel: must be 'eager' or 'fused', got 'cuda'"),  # it said "kernel:"
+    ("bad_mirror_policy", "mirror_policy: must be 'drift', 'never', 'always' or 'loss_worse', got 'foo'"),
+    ("unsupported_format", "--data "),  # not "(or pass fmt=)", an argument of the library the command line lacks
     ("bad_layer_kernel", "layer_kernel: must be one of ('python', 'cpp'), got 'cuda'"),
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
@@ -416,6 +483,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                                                               f"data: {tiny['csv']}\nmirror_kernel: cuda\n"))],
         "bad_layer_kernel": ["train", "--config", str(_write(tmp_path / "l.yaml", f"model: {tiny['bert']}\n"
                                                              f"data: {tiny['csv']}\nlayer_kernel: cuda\n"))],
+        "bad_mirror_policy": _train_args(tiny, out, "--mirror-policy", "foo"),
+        "unsupported_format": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "rows.parquet", "text,label\n"))],
         "missing_config": ["train", "--config", str(tmp_path / "none.yaml")],
         "null_text_columns": ["train", "--config", str(_write(tmp_path / "t.yaml", f"model: {tiny['bert']}\n"
                                                               f"data: {tiny['csv']}\ntext_columns: null\n"))],
@@ -452,6 +521,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
     assert err.strip().splitlines()[-1].startswith("unified-lora")
     if case != "bad_flag":  # argparse adds a usage line; ours is exactly one line
         assert err.count("\n") == 1 and err.startswith("unified-lora: error: ")
+    if case == "unsupported_format":
+        assert "unsupported data format 'parquet'" in err and "fmt=" not in err
 
 
 def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):

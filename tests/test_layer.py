@@ -226,6 +226,24 @@ def test_injection_by_regex_and_all_linear(bert, gpt2):
     assert "lm_head" not in g and any(n.endswith("c_attn") for n in g) and any(n.endswith("c_fc") for n in g)
 
 
+def test_all_linear_leaves_out_exactly_the_head_names_the_readme_lists(bert):
+    """"all-linear" leaves out more than PEFT's (which takes BERT's pooler.dense): the README said "as in PEFT" and the
+    config docstring "except the output head". Each left-out name must be listed where the README explains it."""
+    from pathlib import Path
+
+    from unified_lora.model import _HEAD_NAMES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    marker = '`"all-linear"` takes every Linear/Conv1D'
+    assert marker in readme, "the README no longer says what all-linear leaves out"
+    para = readme.split(marker, 1)[1].split("\n- ", 1)[0]
+    assert all(f"`{h}`" in para for h in _HEAD_NAMES), (_HEAD_NAMES, para)
+    linears = {n for n, m in bert.named_modules() if isinstance(m, nn.Linear)}
+    adapters = inject_nested_lora(bert, NestedLoRAConfig(target_modules="all-linear"))
+    assert "bert.pooler.dense" in linears and "classifier" in linears
+    assert set(adapters) == linears - {"bert.pooler.dense", "classifier"}
+
+
 def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
     """torch's nn.TransformerEncoder: nn.MultiheadAttention uses out_proj's weight without calling the module, and
     the encoder layer's inference fast path reads linear1/linear2's `.weight`. Wrapped by "all-linear", eval under

@@ -548,8 +548,10 @@ def cmd_plot(args) -> int:
     base_path = path.parent / "baseline_trace.jsonl"
     baseline = _load_trace(base_path) if base_path.is_file() and path.name == "trace.jsonl" else None
     out = args.output or str(path.with_suffix(".png"))
-    plot_trace(trace, out, theta0=summary.get("theta0", args.theta0), theta1=summary.get("theta1", args.theta1),
-               shock=shock, baseline=baseline)
+    # a flag given on the command line wins, as --shock does; else the run's own thresholds, else the v1 ones
+    theta0 = args.theta0 if args.theta0 is not None else summary.get("theta0", 0.3)
+    theta1 = args.theta1 if args.theta1 is not None else summary.get("theta1", 0.7)
+    plot_trace(trace, out, theta0=theta0, theta1=theta1, shock=shock, baseline=baseline)
     print(out)
     return 0
 
@@ -583,6 +585,15 @@ def cmd_report(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each option's help, except where the help already says what the default is
+    (an option whose argparse default is None because the real one is decided later: "(default: None)" would be
+    wrong)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 def _csv_list(s: str) -> list[str]:
     items = [x.strip() for x in s.split(",") if x.strip()]
     if not items:
@@ -599,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Run `unified-lora COMMAND --help` for the options of each command.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    d = sub.add_parser("demo", parents=[common], formatter_class=_DefaultsHelp,
                        help="stress→recovery demo: MiniLM on MRPC with a label shock",
                        description="Fine-tune MiniLM (or --model) on MRPC (or --data) with unified-lora, inject a "
                                    "label shock, and compare with fixed-rank LoRA and the majority class.")
@@ -607,21 +618,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="GLUE task folder or a .csv/.tsv/.jsonl file (default: shipped MRPC)")
     d.add_argument("--text-columns", type=_csv_list, default=["text"], help="table text column(s), e.g. s1,s2")
     d.add_argument("--label-column", default="label", help="table label column")
-    d.add_argument("--steps", type=int, default=160)
-    d.add_argument("--shock-start", type=int, default=60)
-    d.add_argument("--shock-end", type=int, default=100)
-    d.add_argument("--shock-type", choices=("flip", "random"), default="flip")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--output-dir", default="unified-lora-demo")
-    d.add_argument("--max-length", type=int, default=64)
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--signal", choices=("loss", "composite"), default="loss")
+    d.add_argument("--steps", type=int, default=160, help="optimizer steps")
+    d.add_argument("--shock-start", type=int, default=60, help="first step of the label shock")
+    d.add_argument("--shock-end", type=int, default=100, help="the step after the shock")
+    d.add_argument("--shock-type", choices=("flip", "random"), default="flip", help="flipped or random labels")
+    d.add_argument("--seed", type=int, default=0, help="random seed (weights, batch order, shock)")
+    d.add_argument("--output-dir", default="unified-lora-demo", help="trace, summary, plot and console output")
+    d.add_argument("--max-length", type=int, default=64, help="tokens per row")
+    d.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    d.add_argument("--signal", choices=("loss", "composite"), default="loss",
+                   help="φ(t): the v1 loss signal or the v3 composite signal (reads gradients)")
     d.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
                    help=f"absolute LR per mode (default {' '.join(map(str, DEMO_LRS))})")
     d.add_argument("--loss-scale", type=float,
                    help=f"loss signal: divide the loss by this first; giving it turns calibration off unless "
-                        f"--calibration-steps is also given ({DEMO_LOSS_SCALE} puts MRPC's ~0.62 training loss at "
-                        "φ≈0.67, MULTI; 1 = the seed's scale)")
+                        f"--calibration-steps is also given (default: set by calibration; {DEMO_LOSS_SCALE} with "
+                        f"--calibration-steps 0, which puts MRPC's ~0.62 training loss at φ≈0.67, MULTI; 1 = the "
+                        "seed's scale)")
     d.add_argument("--calibration-steps", type=int,
                    help=f"loss signal: hold φ for these warmup steps, then set loss_scale = mean warmup loss / "
                         f"--calibration-target (default {DEMO_CALIBRATION[0]}, or 0 when --loss-scale is given)")
@@ -706,9 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", parents=[common], help="plot a trace.jsonl (loss, φ, mode/rank, LR)")
     pl.add_argument("trace", help="trace.jsonl (or its run folder)")
     pl.add_argument("-o", "--output", help="PNG path (default: next to the trace)")
-    pl.add_argument("--shock", type=int, nargs=2, metavar=("START", "END"), help="shade this step window")
-    pl.add_argument("--theta0", type=float, default=0.3)
-    pl.add_argument("--theta1", type=float, default=0.7)
+    pl.add_argument("--shock", type=int, nargs=2, metavar=("START", "END"),
+                    help="shade this step window (default: the run's shock, from its summary.json)")
+    pl.add_argument("--theta0", type=float, help="SINGLE/MULTI line on φ (default: the run's, else 0.3)")
+    pl.add_argument("--theta1", type=float, help="MULTI/MIRROR line on φ (default: the run's, else 0.7)")
     pl.set_defaults(func=cmd_plot)
 
     r = sub.add_parser("report", parents=[common], help="print a run's summary table")

@@ -10,7 +10,8 @@ import torch.nn as nn
 from .config import NestedLoRAConfig, parse_names
 from .layer import Conv1D, NestedLoRALayer
 
-# Output heads are never targeted by "all-linear" (as PEFT does).
+# Output heads are never targeted by "all-linear". PEFT leaves out only the output layer, so this list also leaves out
+# what PEFT's would take: BERT's pooler.dense and, under `cls`, a masked LM's cls.predictions.transform.dense (README).
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense")
 
 

@@ -143,8 +143,15 @@ class TrainConfig:
         self.mirror_config()
 
     def mirror_config(self) -> MirrorConfig:
-        return MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold, kernel=self.mirror_kernel,
-                            pack=self.mirror_pack)
+        try:
+            return MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold,
+                                kernel=self.mirror_kernel, pack=self.mirror_pack)
+        except ValueError as e:  # MirrorConfig names its own fields; the error names this config's key (the YAML key)
+            name, _, why = str(e).partition(": ")
+            key = {"policy": "mirror_policy", "kernel": "mirror_kernel", "pack": "mirror_pack"}.get(name)
+            if key is None:
+                raise
+            raise ValueError(f"{key}: {why}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -349,6 +356,12 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
     if path.suffix.lstrip(".").lower() in TEXT_SUFFIXES:
         raise DataError(f"--data {cfg.data}: a plain-text file trains a causal LM (a ...ForCausalLM model, or "
                         f"--task-type causal-lm); a classifier needs a .csv/.tsv/.jsonl table with a label column")
+    for flag, given in (("--data", cfg.data), ("--dev-data", cfg.dev_data)):
+        # here, not load_table's hint ("or pass fmt="): a library argument, which the command line does not have
+        fmt = Path(given).suffix.lstrip(".").lower() if given else "csv"
+        if fmt not in ("csv", "tsv", "jsonl"):
+            raise DataError(f"{flag} {given}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or "
+                            ".jsonl table with a label column (or, for --data, a GLUE task folder)")
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
     if cfg.dev_data:
         # the train set's classes: its label names, or for integer labels the ids 0 .. num_labels - 1, so a dev label
