@@ -380,21 +380,32 @@ class NestedLoRALayer(nn.Module):
         return (out2 + (u @ B[0].T * self.scaling).to(out2.dtype)).view(result.shape)
 
     @torch.no_grad()
+    def _folded_delta(self, rank: int | None = None) -> torch.Tensor:
+        """The delta that merge adds and unmerge takes away, in the base weight's dtype and layout. Autocast is
+        off: a merge under autocast would fold a delta rounded to its dtype, which an unmerge outside it does not
+        take away exactly (the base weight would keep the difference)."""
+        w, dev = self.base_layer.weight, self.base_layer.weight.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                d = self.delta_weight(rank).to(w.dtype)
+        else:  # (a meta-device layer has no autocast at all)
+            d = self.delta_weight(rank).to(w.dtype)
+        return d.T if self.fan_in_fan_out else d
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
         module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it)."""
         if self.merged_rank:
             return
-        d = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight.data += d.T if self.fan_in_fan_out else d
+        self.base_layer.weight.data += self._folded_delta()
         self.merged_rank = self.rank
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged_rank:
             return
-        d = self.delta_weight(self.merged_rank).to(self.base_layer.weight.dtype)
-        self.base_layer.weight.data -= d.T if self.fan_in_fan_out else d
+        self.base_layer.weight.data -= self._folded_delta(self.merged_rank)
         self.merged_rank = 0
 
     def extra_repr(self) -> str:
