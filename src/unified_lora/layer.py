@@ -269,6 +269,9 @@ class NestedLoRALayer(nn.Module):
         self.merged_rank = 0  # rank currently folded into the base weight (0 = not merged)
         self.rank = 0
         self.set_rank(initial_rank if initial_rank is not None else levels[min(1, len(levels) - 1)])
+        # The state dict holds the base weight unmerged, merged or not (see `_load_from_state_dict`).
+        self.register_state_dict_post_hook(_unmerged_base_in_state_dict)
+        self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     # -- rank -----------------------------------------------------------------
     @property
@@ -408,9 +411,35 @@ class NestedLoRALayer(nn.Module):
         self.base_layer.weight.data -= self._folded_delta(self.merged_rank)
         self.merged_rank = 0
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A merged layer unmerges before its weights load, and merges the loaded delta again after (a post hook):
+        the state dict holds the base weight unmerged, whether the layer was merged when it was saved or not, so
+        it loads as it is into a fresh layer; and loaded A/B blocks never meet a base weight that holds the old
+        delta, which the next unmerge would leave behind (taking away the new delta instead)."""
+        if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
+            self._merge_after_load = self.merged_rank
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, levels={self.boundaries}, "
             f"scaling={self.scaling_kind}({self.scaling:g}), merged={bool(self.merged_rank)}"
             + (f", kernel={self.kernel}" if self.kernel != "python" else "")
         )
+
+
+def _unmerged_base_in_state_dict(layer: NestedLoRALayer, state_dict, prefix, local_metadata) -> None:
+    """state_dict post hook: a merged layer's base weight is saved without its delta (what `unmerge` gives), as
+    the A/B blocks are saved beside it; a fresh layer would otherwise add the delta a second time. A Parameter
+    (`keep_vars=True`, which asks for the live variables) is left as it is."""
+    key = prefix + "base_layer.weight"
+    w = state_dict.get(key)
+    if layer.merged_rank and w is not None and not isinstance(w, nn.Parameter):
+        state_dict[key] = w - layer._folded_delta(layer.merged_rank)
+
+
+def _merge_again_after_load(layer: NestedLoRALayer, incompatible_keys) -> None:
+    """load_state_dict post hook: fold the loaded delta into a layer that was merged before the load."""
+    if layer.__dict__.pop("_merge_after_load", 0):
+        layer.merge()
