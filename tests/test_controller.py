@@ -34,6 +34,23 @@ def test_step_before_any_backward_is_a_clear_error(llama):
         ctrl.step(loss=1.0)
 
 
+def test_a_step_after_training_on_merged_adapters_says_they_are_merged(bert):
+    """Merging for an evaluation and training on without unmerging: the head's backward runs, the merged layers
+    take no part, and ctrl.step used to say "call loss.backward()", which the loop had just done."""
+    from unified_lora import merge_adapters, unmerge_adapters
+    _, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 print_fn=None)
+    x, y = classification_batch(n=8)
+    merge_adapters(bert)
+    bert(input_ids=x, labels=y).loss.backward()
+    with pytest.raises(ValueError, match=r"4 of 4 are merged .*call unmerge_adapters\(model\)"):
+        ctrl.step(loss=1.0)
+    unmerge_adapters(bert)
+    bert.zero_grad()
+    bert(input_ids=x, labels=y).loss.backward()
+    ctrl.step(loss=1.0)  # unmerged: the adapters have their gradients again
+
+
 def test_the_backward_check_and_loss_reading_keep_their_meaning_on_the_lean_step(llama):
     """ctrl.step reads block 0's gradient first (it is active at every rank) and a float loss without type
     checks; what it accepts and refuses must not change."""

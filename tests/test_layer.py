@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import can_build_cpp
-from unified_lora import NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_state_dict
+from unified_lora import NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_layers, lora_state_dict
 
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(
     not can_build_cpp(), reason="kernel='cpp' builds csrc/nested_path.cpp: needs g++ and ninja"))
@@ -188,6 +188,76 @@ def test_merge_gives_the_same_outputs_and_unmerge_restores_the_base():
         torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
         layer.unmerge()
         torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_a_merge_under_autocast_folds_the_full_precision_delta_and_unmerge_restores_the_base():
+    """merge() under bf16 autocast (inference code wrapped in autocast) used to fold the delta rounded to bf16:
+    the merged outputs were off by ~2e-3 and an unmerge outside autocast left that rounding in the base weight
+    for good (~5e-3 here, on every merge/unmerge cycle)."""
+    for base in (nn.Linear(16, 8), Conv1D(8, 16)):
+        layer = NestedLoRALayer(base)
+        _randomize_B(layer)
+        w0 = base.weight.detach().clone()
+        x = torch.randn(3, 16)
+        with torch.no_grad():
+            y = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer.merge()
+            layer.set_rank(16)  # a re-rank while merged, under autocast: unmerge and merge again
+            layer.set_rank(8)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+
+
+def _wrapped_gpt2(seed: int) -> nn.Module:
+    from conftest import tiny_gpt2
+    model = tiny_gpt2()
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules=["c_attn", "c_proj"]))
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=seed + i)
+    return model
+
+
+def test_a_merged_model_saves_its_base_unmerged_and_loads_into_a_fresh_wrapped_model():
+    """A merged layer's state dict held its base weight with the delta folded in, beside the A/B blocks of that
+    same delta: loaded (strict=True) into a freshly wrapped model, the delta counted twice (logits off by ~0.1)."""
+    model, fresh = _wrapped_gpt2(seed=0), _wrapped_gpt2(seed=100)
+    x = torch.randint(1, 64, (2, 6))
+    with torch.no_grad():
+        ref = model(x).logits
+        for layer in lora_layers(model).values():
+            layer.merge()
+        torch.testing.assert_close(model(x).logits, ref)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        assert not any(layer.merged_rank for layer in lora_layers(fresh).values())
+        torch.testing.assert_close(fresh(x).logits, ref)
+    assert torch.equal(fresh.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0),
+                       model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.parametrize("what", ["whole", "lora_only"])
+def test_weights_loaded_into_a_merged_model_are_merged_and_unmerge_leaves_the_right_base(what):
+    """Loading into a merged model used to leave the old delta in the base weight: a whole state dict replaced
+    the base weight while the layer still counted itself merged (the new delta never applied), and A/B blocks
+    alone (`lora_state_dict`, as a resume loads them) met a base holding the old delta, which the next unmerge
+    left behind while it took the new one away."""
+    source, model = _wrapped_gpt2(seed=0), _wrapped_gpt2(seed=100)
+    base = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model).items()}
+    x = torch.randint(1, 64, (2, 6))
+    sd = source.state_dict() if what == "whole" else lora_state_dict(source)
+    with torch.no_grad():
+        ref = source(x).logits
+        for layer in lora_layers(model).values():
+            layer.merge()
+        model.load_state_dict(sd, strict=what == "whole")
+        assert all(layer.merged_rank == 8 for layer in lora_layers(model).values())  # still merged
+        torch.testing.assert_close(model(x).logits, ref)
+        for name, layer in lora_layers(model).items():
+            layer.unmerge()
+            torch.testing.assert_close(layer.base_layer.weight, base[name], rtol=0, atol=1e-6)  # the same base
+        torch.testing.assert_close(model(x).logits, ref)
 
 
 def test_layer_follows_the_base_dtype_and_device():

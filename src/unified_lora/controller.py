@@ -282,6 +282,11 @@ class UnifiedController:
         # block 0 is active at every rank, so one attribute read settles the usual case
         if self.adapters and self.adapters[0].first_block_grad() is None and all(
                 p.grad is None for p in self.adapters[0].active_parameters()):
+            merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]  # (PEFT views have none)
+            if merged:  # a merged layer runs its base weight alone: backward ran, and the adapters took no part
+                raise ValueError(f"ctrl.step: no gradient on the adapters: {len(merged)} of {len(self.adapters)} "
+                                 "are merged into their base weights (merge_adapters), so the forward ran without "
+                                 "them; call unmerge_adapters(model) before training again")
             raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
 
     def _update_signal(self, loss: float) -> float:

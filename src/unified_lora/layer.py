@@ -269,6 +269,9 @@ class NestedLoRALayer(nn.Module):
         self.merged_rank = 0  # rank currently folded into the base weight (0 = not merged)
         self.rank = 0
         self.set_rank(initial_rank if initial_rank is not None else levels[min(1, len(levels) - 1)])
+        # The state dict holds the base weight unmerged, merged or not (see `_load_from_state_dict`).
+        self.register_state_dict_post_hook(_unmerged_base_in_state_dict)
+        self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     # -- rank -----------------------------------------------------------------
     @property
@@ -380,22 +383,43 @@ class NestedLoRALayer(nn.Module):
         return (out2 + (u @ B[0].T * self.scaling).to(out2.dtype)).view(result.shape)
 
     @torch.no_grad()
+    def _folded_delta(self, rank: int | None = None) -> torch.Tensor:
+        """The delta that merge adds and unmerge takes away, in the base weight's dtype and layout. Autocast is
+        off: a merge under autocast would fold a delta rounded to its dtype, which an unmerge outside it does not
+        take away exactly (the base weight would keep the difference)."""
+        w, dev = self.base_layer.weight, self.base_layer.weight.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                d = self.delta_weight(rank).to(w.dtype)
+        else:  # (a meta-device layer has no autocast at all)
+            d = self.delta_weight(rank).to(w.dtype)
+        return d.T if self.fan_in_fan_out else d
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
         module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it)."""
         if self.merged_rank:
             return
-        d = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight.data += d.T if self.fan_in_fan_out else d
+        self.base_layer.weight.data += self._folded_delta()
         self.merged_rank = self.rank
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged_rank:
             return
-        d = self.delta_weight(self.merged_rank).to(self.base_layer.weight.dtype)
-        self.base_layer.weight.data -= d.T if self.fan_in_fan_out else d
+        self.base_layer.weight.data -= self._folded_delta(self.merged_rank)
         self.merged_rank = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A merged layer unmerges before its weights load, and merges the loaded delta again after (a post hook):
+        the state dict holds the base weight unmerged, whether the layer was merged when it was saved or not, so
+        it loads as it is into a fresh layer; and loaded A/B blocks never meet a base weight that holds the old
+        delta, which the next unmerge would leave behind (taking away the new delta instead)."""
+        if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
+            self._merge_after_load = self.merged_rank
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -403,3 +427,19 @@ class NestedLoRALayer(nn.Module):
             f"scaling={self.scaling_kind}({self.scaling:g}), merged={bool(self.merged_rank)}"
             + (f", kernel={self.kernel}" if self.kernel != "python" else "")
         )
+
+
+def _unmerged_base_in_state_dict(layer: NestedLoRALayer, state_dict, prefix, local_metadata) -> None:
+    """state_dict post hook: a merged layer's base weight is saved without its delta (what `unmerge` gives), as
+    the A/B blocks are saved beside it; a fresh layer would otherwise add the delta a second time. A Parameter
+    (`keep_vars=True`, which asks for the live variables) is left as it is."""
+    key = prefix + "base_layer.weight"
+    w = state_dict.get(key)
+    if layer.merged_rank and w is not None and not isinstance(w, nn.Parameter):
+        state_dict[key] = w - layer._folded_delta(layer.merged_rank)
+
+
+def _merge_again_after_load(layer: NestedLoRALayer, incompatible_keys) -> None:
+    """load_state_dict post hook: fold the loaded delta into a layer that was merged before the load."""
+    if layer.__dict__.pop("_merge_after_load", 0):
+        layer.merge()
