@@ -216,6 +216,7 @@ class NestedLoRALayer(nn.Module):
     """
 
     kernel = "python"  # class default: layers pickled whole before the option existed still load and run
+    _premerge = None  # the base weight as it was before `merge` (bf16/fp16 only); the class default, as above
 
     def __init__(
         self,
@@ -379,22 +380,48 @@ class NestedLoRALayer(nn.Module):
             return torch.addmm(out2, u, B[0].T, alpha=self.scaling).view(result.shape)
         return (out2 + (u @ B[0].T * self.scaling).to(out2.dtype)).view(result.shape)
 
+    def _folded(self, w: torch.Tensor, rank: int, sign: int) -> torch.Tensor:
+        """w ± the delta at `rank` (w shaped like the base weight), summed in fp32 (fp64 for an fp64 weight) and
+        rounded once to w's dtype: a delta formed and added in bf16 would be rounded three times."""
+        acc = torch.promote_types(w.dtype, torch.float32)
+        old = self.rank
+        self.rank = rank
+        try:
+            d = self.scaling * (_as(self.active_B(), acc) @ _as(self.active_A(), acc))
+        finally:
+            self.rank = old
+        d = d.T if self.fan_in_fan_out else d
+        return (w.to(acc) + d if sign > 0 else w.to(acc) - d).to(w.dtype)
+
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_base: bool = True) -> None:
         """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
-        module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it)."""
+        module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it).
+
+        A base weight narrower than fp32 (bf16, fp16) is kept as it was (one copy of it; `keep_base=False` keeps
+        none), so that `unmerge` puts it back bit for bit: subtracting the delta again would round it off (in bf16
+        about one element in five moves by an ulp per merge and unmerge, and a re-rank while merged repeats it)."""
         if self.merged_rank:
             return
-        d = self.delta_weight().to(self.base_layer.weight.dtype)
-        self.base_layer.weight.data += d.T if self.fan_in_fan_out else d
+        w = self.base_layer.weight
+        keep = keep_base and w.is_floating_point() and torch.finfo(w.dtype).bits < 32
+        self._premerge = w.detach().clone() if keep else None
+        w.data.copy_(self._folded(w.detach(), self.rank, +1))
         self.merged_rank = self.rank
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take the merged delta out of the base weight: the weight kept by `merge` when the base weight is still
+        exactly what merging it gave (same dtype, device and values, the blocks unchanged), else by subtraction."""
         if not self.merged_rank:
             return
-        d = self.delta_weight(self.merged_rank).to(self.base_layer.weight.dtype)
-        self.base_layer.weight.data -= d.T if self.fan_in_fan_out else d
+        w, kept = self.base_layer.weight, self._premerge
+        self._premerge = None
+        if (kept is not None and kept.shape == w.shape and kept.dtype == w.dtype and kept.device == w.device
+                and torch.equal(w, self._folded(kept, self.merged_rank, +1))):
+            w.data.copy_(kept)
+        else:
+            w.data.copy_(self._folded(w.detach(), self.merged_rank, -1))
         self.merged_rank = 0
 
     def extra_repr(self) -> str:
