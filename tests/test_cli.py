@@ -568,6 +568,32 @@ def test_a_checkpoint_with_a_head_of_another_size_gets_a_new_head_and_says_so(ti
     assert "its classification head has 3 outputs and the data has 2 classes" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("which", ["bert", "gpt2"])
+def test_a_bf16_checkpoint_trains_in_fp32(tiny, tmp_path, which):
+    # transformers 5 loads a checkpoint in the dtype it was saved in (dtype="auto"), so a bf16 checkpoint used to train
+    # in bf16 throughout on the CPU: base, LoRA blocks, head and AdamW's moments, with updates under a bf16 ulp lost.
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from unified_lora.training import load_model
+
+    cls = AutoModel if which == "bert" else AutoModelForCausalLM
+    cls.from_pretrained(tiny[which]).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for f in Path(tiny[which]).iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (tmp_path / "bf16" / f.name).write_bytes(f.read_bytes())
+    model, _ = load_model(str(tmp_path / "bf16"), "seq-cls" if which == "bert" else "causal-lm")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    out = tmp_path / "run"
+    argv = _train_args(tiny, out, "--steps", "2")
+    argv[argv.index("--model") + 1] = str(tmp_path / "bf16")
+    if which == "gpt2":
+        argv += ["--target-modules", "c_attn"]
+    assert main(argv) == 0
+    saved = load_file(str(out / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+
+
 def _tiny_base(tiny, root: Path, arch: str) -> str:
     """A tiny DistilBERT or BART base model (no head) with the tiny BERT tokenizer."""
     from transformers import BartConfig, BartModel, DistilBertConfig, DistilBertModel

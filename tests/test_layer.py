@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import can_build_cpp
-from unified_lora import NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_layers, lora_state_dict
+from conftest import can_build_cpp, tiny_llama
+from unified_lora import (NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_layers, lora_state_dict,
+                          merge_adapters, unmerge_adapters)
 
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(
     not can_build_cpp(), reason="kernel='cpp' builds csrc/nested_path.cpp: needs g++ and ninja"))
@@ -258,6 +259,75 @@ def test_weights_loaded_into_a_merged_model_are_merged_and_unmerge_leaves_the_ri
             layer.unmerge()
             torch.testing.assert_close(layer.base_layer.weight, base[name], rtol=0, atol=1e-6)  # the same base
         torch.testing.assert_close(model(x).logits, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_then_unmerge_gives_a_half_precision_base_weight_back_bit_for_bit(dtype):
+    # Unmerge used to subtract the delta again in bf16/fp16: about one base weight element in ten moved by an ulp per
+    # merge and unmerge, and each re-rank while merged (unmerge, merge) moved more: the frozen base drifted for good.
+    for base in (nn.Linear(64, 48), Conv1D(48, 64)):
+        base.to(dtype)
+        layer = NestedLoRALayer(base, rank_levels=(4, 8, 16), initial_rank=8)
+        with torch.no_grad():
+            for b in layer.lora_B:
+                b.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        w0 = base.weight.detach().clone()
+        for _ in range(5):
+            layer.merge()
+            assert not torch.equal(base.weight, w0)
+            layer.set_rank(16)
+            layer.set_rank(4)
+            layer.unmerge()
+            assert torch.equal(base.weight, w0)
+            layer.set_rank(8)
+    model = tiny_llama().to(dtype)  # through merge_adapters / unmerge_adapters too
+    inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "down_proj"]))
+    for layer in model.modules():
+        if isinstance(layer, NestedLoRALayer):
+            _randomize_B(layer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge_adapters(model)
+    unmerge_adapters(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_unmerge_keeps_a_base_weight_written_while_merged():
+    # The copy kept by merge is put back only while the weight is exactly what merging it gave: a base weight
+    # loaded or edited while merged gets the delta subtracted, as before, and is not replaced by the stale copy.
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = NestedLoRALayer(base)
+    _randomize_B(layer)
+    layer.merge()
+    other = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        base.weight.copy_(other)
+    layer.unmerge()
+    assert not torch.equal(base.weight, other)
+    delta = layer.scaling * (layer.active_B().double() @ layer.active_A().double())
+    torch.testing.assert_close(base.weight, (other.double() - delta).to(torch.bfloat16), rtol=2 ** -8, atol=0)
+    assert (base.weight != other).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapters", ["same", "fp32"])
+def test_merge_rounds_a_half_precision_weight_once(dtype, adapters):
+    # The merged weight is base + delta summed in fp32 and rounded once to the base's dtype. The delta used to be formed
+    # and then added in bf16/fp16 (three roundings): about one element in twelve was an ulp or more off the correctly
+    # rounded sum. Summed in fp32, an element is off only where the fp32 sum lands on a bf16/fp16 tie (rare).
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96).to(dtype)
+    layer = NestedLoRALayer(base, rank_levels=(4, 8, 16), initial_rank=8)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    if adapters == "fp32":  # fp32 master adapters on a half-precision base
+        for p in layer.lora_parameters():
+            p.data = p.data.float()
+    with torch.no_grad():
+        ref = (base.weight.double() + layer.scaling * (layer.active_B().double() @ layer.active_A().double())).to(dtype)
+    layer.merge()
+    off = (base.weight != ref).sum().item()
+    assert off <= ref.numel() // 1000, f"{off} of {ref.numel()} merged elements are not the correctly rounded sum"
 
 
 def test_layer_follows_the_base_dtype_and_device():
@@ -765,3 +835,20 @@ def test_a_block_of_another_dtype_gets_its_gradient_in_its_own_dtype(kernel):
     for p, q in zip(layer.lora_parameters(), ref.lora_parameters()):
         assert p.grad.dtype == p.dtype
         assert torch.equal(p.grad, q.grad.to(p.dtype))
+
+
+def test_a_merged_half_precision_layer_saves_its_kept_base_bit_for_bit_even_under_autocast():
+    # The state dict of a merged bf16 layer holds the base weight merge kept (not base + delta - delta, which rounds
+    # off an ulp in about one element in ten), and a merge under autocast still sums in fp32.
+    base = nn.Linear(64, 48).to(torch.bfloat16)
+    layer = NestedLoRALayer(base, rank_levels=(4, 8, 16), initial_rank=8)
+    _randomize_B(layer)
+    w0 = base.weight.detach().clone()
+    with torch.no_grad():
+        ref = (w0.double() + layer.scaling * (layer.active_B().double() @ layer.active_A().double())).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.merge()
+    assert (base.weight != ref).sum().item() <= ref.numel() // 1000
+    assert torch.equal(layer.state_dict()["base_layer.weight"], w0) and not torch.equal(base.weight, w0)
+    layer.unmerge()
+    assert torch.equal(base.weight, w0)

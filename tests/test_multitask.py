@@ -386,6 +386,29 @@ def test_readme_multitask_export_loads_in_peft_onto_a_fresh_head(tmp_path):
     assert (ours["sst2"] - ours["mrpc"]).abs().max() > 1e-2  # the tasks' adapters differ: each file is its own
 
 
+def test_a_task_export_leaves_a_merged_bf16_model_that_unmerges_bit_for_bit(tmp_path):
+    # The export unmerges the shared delta for a while and puts the merged weight back; the base weight as it was
+    # before the merge (kept for bf16, see NestedLoRALayer.merge) must come back with it, or the later unmerge
+    # subtracts in bf16 and moves the frozen base.
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model = tiny_bert().to(torch.bfloat16)
+    ad, ctrl = setup_multitask_lora(model, ["a", "b"], ["query", "value"], lr_mode="off", print_fn=None,
+                                    machine=MachineConfig(initial_mode=SINGLE))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in ad.values():
+            for p in layer.shared_parameters() + layer.task_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    w0 = {n: layer.base_layer.weight.detach().clone() for n, layer in ad.items()}
+    for layer in ad.values():
+        layer.merge()
+    export_task_peft_adapters(model, tmp_path, include_shared=False, task_type=None)
+    for layer in ad.values():
+        layer.unmerge()
+    assert all(torch.equal(layer.base_layer.weight, w0[n]) for n, layer in ad.items())
+
+
 def test_task_export_of_a_merged_shared_model_writes_each_tasks_head(tmp_path):
     # A merged base weight holds the shared delta; a task's head, saved whole, must hold the base + that task's delta.
     from peft import PeftModel

@@ -15,6 +15,7 @@ dimensions come back bit-identical, which plain slicing cannot give.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -216,6 +217,7 @@ class NestedLoRALayer(nn.Module):
     """
 
     kernel = "python"  # class default: layers pickled whole before the option existed still load and run
+    _premerge = None  # the base weight as it was before `merge` (bf16/fp16 only); the class default, as above
 
     def __init__(
         self,
@@ -382,33 +384,58 @@ class NestedLoRALayer(nn.Module):
             return torch.addmm(out2, u, B[0].T, alpha=self.scaling).view(result.shape)
         return (out2 + (u @ B[0].T * self.scaling).to(out2.dtype)).view(result.shape)
 
-    @torch.no_grad()
-    def _folded_delta(self, rank: int | None = None) -> torch.Tensor:
-        """The delta that merge adds and unmerge takes away, in the base weight's dtype and layout. Autocast is
-        off: a merge under autocast would fold a delta rounded to its dtype, which an unmerge outside it does not
-        take away exactly (the base weight would keep the difference)."""
-        w, dev = self.base_layer.weight, self.base_layer.weight.device.type
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):
-                d = self.delta_weight(rank).to(w.dtype)
-        else:  # (a meta-device layer has no autocast at all)
-            d = self.delta_weight(rank).to(w.dtype)
-        return d.T if self.fan_in_fan_out else d
+    def _folded(self, w: torch.Tensor, rank: int, sign: int) -> torch.Tensor:
+        """w ± the delta at `rank` (w shaped like the base weight), summed in fp32 (fp64 for an fp64 weight) and
+        rounded once to w's dtype: a delta formed and added in bf16 would be rounded three times. Autocast is off:
+        under it the fp32 matmul would run in bf16, and a merge under autocast would fold a rounded delta that an
+        unmerge outside it does not take away exactly."""
+        acc = torch.promote_types(w.dtype, torch.float32)
+        dev = w.device.type
+        off = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        old = self.rank
+        self.rank = rank
+        try:
+            with torch.autocast(dev, enabled=False) if off else contextlib.nullcontext():
+                d = self.scaling * (_as(self.active_B(), acc) @ _as(self.active_A(), acc))
+        finally:
+            self.rank = old
+        d = d.T if self.fan_in_fan_out else d
+        return (w.to(acc) + d if sign > 0 else w.to(acc) - d).to(w.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_base: bool = True) -> None:
         """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
-        module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it)."""
+        module's parameter changes there too (`merge_adapters` refuses that; `merge_and_unload` unties it).
+
+        A base weight narrower than fp32 (bf16, fp16) is kept as it was (one copy of it; `keep_base=False` keeps
+        none), so that `unmerge` puts it back bit for bit: subtracting the delta again would round it off (in bf16
+        about one element in five moves by an ulp per merge and unmerge, and a re-rank while merged repeats it)."""
         if self.merged_rank:
             return
-        self.base_layer.weight.data += self._folded_delta()
+        w = self.base_layer.weight
+        keep = keep_base and w.is_floating_point() and torch.finfo(w.dtype).bits < 32
+        self._premerge = w.detach().clone() if keep else None
+        w.data.copy_(self._folded(w.detach(), self.rank, +1))
         self.merged_rank = self.rank
 
     @torch.no_grad()
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the merged delta (a new tensor; the layer is unchanged): the weight kept by
+        `merge` when the base weight is still exactly what merging it gave (same dtype, device and values, the
+        blocks unchanged), else by subtraction."""
+        w, kept = self.base_layer.weight.detach(), self._premerge
+        if (kept is not None and kept.shape == w.shape and kept.dtype == w.dtype and kept.device == w.device
+                and torch.equal(w, self._folded(kept, self.merged_rank, +1))):
+            return kept.clone()
+        return self._folded(w, self.merged_rank, -1)
+
+    @torch.no_grad()
     def unmerge(self) -> None:
+        """Take the merged delta out of the base weight (see `_unmerged_weight`)."""
         if not self.merged_rank:
             return
-        self.base_layer.weight.data -= self._folded_delta(self.merged_rank)
+        self.base_layer.weight.data.copy_(self._unmerged_weight())
+        self._premerge = None
         self.merged_rank = 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -436,7 +463,7 @@ def _unmerged_base_in_state_dict(layer: NestedLoRALayer, state_dict, prefix, loc
     key = prefix + "base_layer.weight"
     w = state_dict.get(key)
     if layer.merged_rank and w is not None and not isinstance(w, nn.Parameter):
-        state_dict[key] = w - layer._folded_delta(layer.merged_rank)
+        state_dict[key] = layer._unmerged_weight()
 
 
 def _merge_again_after_load(layer: NestedLoRALayer, incompatible_keys) -> None:

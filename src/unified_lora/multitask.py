@@ -376,11 +376,11 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         finally:
             self.rank = old
 
-    def merge(self) -> None:
+    def merge(self, keep_base: bool = True) -> None:
         if self.router.topology == "task":
             raise ValueError("merge: in MULTI/MIRROR each task has its own adapter, which cannot be folded into one "
                              "base weight; merge in SINGLE, or export each task (save_task_adapters)")
-        super().merge()
+        super().merge(keep_base)
 
     # -- forward ------------------------------------------------------------------
     def _hook(self, slot: int, which: int):
@@ -1215,16 +1215,17 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
 @contextlib.contextmanager
 def _unmerged(layers: Iterable[MultiTaskNestedLoRALayer]):
     """Temporarily unmerge merged layers; their base weights are restored bit for bit on exit."""
-    merged = [(lay, lay.merged_rank, lay.base_layer.weight.detach().clone()) for lay in layers if lay.merged_rank]
+    merged = [(lay, lay.merged_rank, lay.base_layer.weight.detach().clone(), lay._premerge)
+              for lay in layers if lay.merged_rank]
     try:
-        for lay, _, _ in merged:
+        for lay, *_ in merged:
             lay.unmerge()
         yield
     finally:
         with torch.no_grad():
-            for lay, r, w in merged:
+            for lay, r, w, kept in merged:
                 lay.base_layer.weight.copy_(w)
-                lay.merged_rank = r
+                lay.merged_rank, lay._premerge = r, kept
 
 
 __all__ = [

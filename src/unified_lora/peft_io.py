@@ -584,7 +584,7 @@ def merge_and_unload(model: nn.Module, rank: int | None = None) -> nn.Module:
             layer.unmerge()
             w = layer.base_layer.weight
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-        layer.merge()
+        layer.merge(keep_base=False)  # the layer goes: no copy of the weight for an unmerge
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     if tied:

@@ -239,18 +239,28 @@ def load_tokenizer(path: str):
     return tok
 
 
+def _in_fp32() -> dict:
+    """from_pretrained's keyword for fp32 weights. transformers 5 loads a checkpoint in the dtype it was saved in
+    (dtype="auto"), so a bf16 checkpoint would train in bf16 throughout here: base, LoRA blocks, head and AdamW's
+    moments, on the CPU. transformers 4 loaded fp32 by default and names the keyword torch_dtype."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+
+
 def load_model(path: str, task_type: str, num_labels: int = 2, note: Callable[[str], None] | None = None):
     """(model, tokenizer) for 'seq-cls' or 'causal-lm'. A seq-cls model gets a classifier head with `num_labels`
     outputs: a new one for a base model; for a checkpoint that already has a head, its own head when the label counts
     agree, else a new head (the checkpoint's is left unused, and `note` says so). The modules initialised afresh
-    (`fresh_modules`) are recorded on the model, and `Run` trains them with the head."""
+    (`fresh_modules`) are recorded on the model, and `Run` trains them with the head. The weights are fp32, whatever
+    dtype the checkpoint was saved in (a bf16 one included)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     _hf_quiet()
     try:
         tok = AutoTokenizer.from_pretrained(path)
         if task_type == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **_in_fp32())
         else:
             cfg = AutoConfig.from_pretrained(path)
             has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
@@ -259,7 +269,7 @@ def load_model(path: str, task_type: str, num_labels: int = 2, note: Callable[[s
                      f"{num_labels} classes, so a new {num_labels}-class head is trained in its place")
             # a head of another size is re-initialised instead of failing to load (transformers' size check)
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True)
+                path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True, **_in_fp32())
             model._unified_lora_fresh_modules = fresh_modules(model, info)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {path}: cannot load it ({_first_line(e)}); check the path or hub id") from None
