@@ -59,9 +59,10 @@ def unshare_packed_state(module: torch.nn.Module, state_dict, prefix: str, local
 
 
 def watch_state_dict(module: torch.nn.Module) -> None:
-    """Register `unshare_packed_state` on `module` (once)."""
+    """Register `unshare_packed_state` on `module` (once). Through the private API, which torch 2.4 has too: the
+    public `register_state_dict_post_hook` came in 2.5; a hook that returns None means the same under both."""
     if unshare_packed_state not in module._state_dict_hooks.values():
-        module.register_state_dict_post_hook(unshare_packed_state)
+        module._register_state_dict_hook(unshare_packed_state)
 
 
 @dataclass
