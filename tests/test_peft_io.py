@@ -111,6 +111,17 @@ def test_export_through_a_data_parallel_wrapper_names_the_bare_models_modules(tm
                                rtol=TOL)
 
 
+def test_export_of_a_compiled_model_names_the_bare_models_modules(tmp_path):
+    """torch.compile (and accelerate's prepare with a dynamo backend) wraps the model in an OptimizedModule whose
+    module names start with `_orig_mod.`; the export wrote those, which match nothing in a fresh base model."""
+    model, _, fresh = nested("bert")
+    export_peft_adapter(torch.nn.DataParallel(torch.compile(model)), None, tmp_path, rank=8)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["task_type"] == "SEQ_CLS" and not any("_orig_mod" in t for t in on_disk["target_modules"])
+    torch.testing.assert_close(logits(peft_load(fresh, tmp_path), inputs()), logits(model, inputs()), atol=TOL,
+                               rtol=TOL)
+
+
 def test_bert_head_is_saved_as_modules_to_save(tmp_path):
     model, _, fresh = nested("bert")
     cfg = export_peft_adapter(model, None, tmp_path)
