@@ -586,6 +586,20 @@ def run_mirror_cycle(pm, lr):
     raise AssertionError("Mirror cycle did not complete")
 
 
+def test_a_peft_models_state_dict_after_a_mirror_entry_shares_no_storage():
+    """Mirror packs PEFT's lora_A/lora_B and the saved head into one buffer. Their state_dict entries were views
+    of it, which accelerate's save_state/save_model take for one tied weight (keeping one of them)."""
+    pm = bert_peft_model()
+    ctrl = attach_to_peft_model(pm, torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad]),
+                                signal="loss", print_fn=None)
+    ctrl._save_snapshot(0)
+    assert len({p.untyped_storage().data_ptr() for p in ctrl.managed_parameters()}) == 1  # packed
+    sd = pm.state_dict()
+    trained = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert len(trained) == 10 and len({sd[n].untyped_storage().data_ptr() for n in trained}) == 10
+    assert all(torch.equal(sd[n], p) for n, p in pm.named_parameters())
+
+
 def test_peft_controller_runs_at_the_fixed_peft_rank():
     pm = bert_peft_model()
     ctrl = PeftController(pm, None, signal="loss", print_fn=None)
