@@ -2,8 +2,10 @@
 optimizer, the data and the scheduler, gradient accumulation with `accelerator.accumulate`, and
 `accelerator.save_state` / `load_state` with the controller registered for checkpointing."""
 
+import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -11,6 +13,15 @@ from conftest import classification_batch, tiny_bert
 from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 
 ACCUM, SHOCK = 2, range(2, 6)  # loss × 40 on these optimizer steps: the controller enters MIRROR
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate's state is one per process: a Trainer test before this one (on a GPU machine, say) would refuse
+    Accelerator(cpu=True). Start from a fresh state, and leave a fresh one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _run(steps: int, save_dir=None, save_at=None, resume_from=None):
