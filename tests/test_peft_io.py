@@ -111,6 +111,17 @@ def test_export_through_a_data_parallel_wrapper_names_the_bare_models_modules(tm
                                rtol=TOL)
 
 
+def test_export_of_a_compiled_model_names_the_bare_models_modules(tmp_path):
+    """torch.compile (and accelerate's prepare with a dynamo backend) wraps the model in an OptimizedModule whose
+    module names start with `_orig_mod.`; the export wrote those, which match nothing in a fresh base model."""
+    model, _, fresh = nested("bert")
+    export_peft_adapter(torch.nn.DataParallel(torch.compile(model)), None, tmp_path, rank=8)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["task_type"] == "SEQ_CLS" and not any("_orig_mod" in t for t in on_disk["target_modules"])
+    torch.testing.assert_close(logits(peft_load(fresh, tmp_path), inputs()), logits(model, inputs()), atol=TOL,
+                               rtol=TOL)
+
+
 def test_bert_head_is_saved_as_modules_to_save(tmp_path):
     model, _, fresh = nested("bert")
     cfg = export_peft_adapter(model, None, tmp_path)
@@ -573,6 +584,20 @@ def run_mirror_cycle(pm, lr):
         opt.step()
         opt.zero_grad()
     raise AssertionError("Mirror cycle did not complete")
+
+
+def test_a_peft_models_state_dict_after_a_mirror_entry_shares_no_storage():
+    """Mirror packs PEFT's lora_A/lora_B and the saved head into one buffer. Their state_dict entries were views
+    of it, which accelerate's save_state/save_model take for one tied weight (keeping one of them)."""
+    pm = bert_peft_model()
+    ctrl = attach_to_peft_model(pm, torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad]),
+                                signal="loss", print_fn=None)
+    ctrl._save_snapshot(0)
+    assert len({p.untyped_storage().data_ptr() for p in ctrl.managed_parameters()}) == 1  # packed
+    sd = pm.state_dict()
+    trained = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert len(trained) == 10 and len({sd[n].untyped_storage().data_ptr() for n in trained}) == 10
+    assert all(torch.equal(sd[n], p) for n, p in pm.named_parameters())
 
 
 def test_peft_controller_runs_at_the_fixed_peft_rank():

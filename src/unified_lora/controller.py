@@ -29,7 +29,7 @@ import torch.nn as nn
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
-from .mirror import MirrorDecision, MirrorSnapshot
+from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
 from .model import inject_nested_lora
 from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
@@ -119,6 +119,9 @@ class UnifiedController:
             bad = [r for r in self.actuators.mode_ranks if r not in a.boundaries]
             if bad:
                 raise ValueError(f"mode_ranks: {bad} are not nested levels of the adapters {a.boundaries}")
+        for a in self.adapters:  # (inject_nested_lora watches the whole model, with its modules_to_save)
+            if isinstance(a, nn.Module):
+                watch_state_dict(a)
         if sig.kind == "composite" and not self.adapters:
             raise ValueError("signal: 'composite' reads adapter gradients; pass adapters= (or use signal='loss')")
         self.extra_params = list(extra_params)

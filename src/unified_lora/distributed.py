@@ -30,6 +30,7 @@ per-block Mirror snapshot may not hold there.)
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 import torch
@@ -67,13 +68,19 @@ def unwrap_optimizer(opt):
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside `DistributedDataParallel` / `DataParallel` (what `accelerator.prepare` returns too), so that
-    files written from it name its modules as the bare model does (`q_proj`, not `module.q_proj`)."""
+    """The model inside `DistributedDataParallel` / `DataParallel` and `torch.compile` (what `accelerator.prepare`
+    returns too, with a dynamo backend), in any nesting, so that files written from it name its modules as the
+    bare model does (`q_proj`, not `module.q_proj` or `_orig_mod.q_proj`)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything was compiled; not imported here
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _reentrant_checkpointing(model: torch.nn.Module) -> bool:

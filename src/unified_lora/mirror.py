@@ -43,6 +43,28 @@ import torch
 from .config import MirrorConfig
 
 
+_PACKED_ATTR = "_unified_lora_packed"  # set on a parameter that `MirrorSnapshot` moved into a packed buffer
+
+
+def unshare_packed_state(module: torch.nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """`state_dict` post-hook: an entry of a packed parameter (a view of the buffer it shares with the other
+    packed parameters) becomes a copy of its own. Serialisers that find tied weights by their storage would
+    otherwise take every packed tensor for one weight: accelerate's `save_state` and `save_model` kept one of
+    them and dropped the rest. `keep_vars=True` entries (the Parameters themselves) are left as they are."""
+    for name, p in module.named_parameters():
+        if getattr(p, _PACKED_ATTR, False):
+            v = state_dict.get(prefix + name)
+            if type(v) is torch.Tensor and v.untyped_storage().nbytes() != v.numel() * v.element_size():
+                state_dict[prefix + name] = v.clone()
+
+
+def watch_state_dict(module: torch.nn.Module) -> None:
+    """Register `unshare_packed_state` on `module` (once). Through the private API, which torch 2.4 has too: the
+    public `register_state_dict_post_hook` came in 2.5; a hook that returns None means the same under both."""
+    if unshare_packed_state not in module._state_dict_hooks.values():
+        module._register_state_dict_hook(unshare_packed_state)
+
+
 @dataclass
 class MirrorDecision:
     restore: bool
@@ -326,6 +348,7 @@ class MirrorSnapshot:
         torch._foreach_copy_(views, [p.detach() for p in params])
         for p, v in zip(params, views):
             p.data = v
+            setattr(p, _PACKED_ATTR, True)
         self._lives.append(live)
         return live
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .config import NestedLoRAConfig, parse_names
 from .layer import Conv1D, NestedLoRALayer
+from .mirror import watch_state_dict
 
 # Output heads are never targeted by "all-linear". PEFT leaves out only the output layer, so this list also leaves out
 # what PEFT's would take: BERT's pooler.dense and, under `cls`, a masked LM's cls.predictions.transform.dense (README).
@@ -75,6 +76,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         setattr(parent, child, layer)
         adapters[name] = layer
     mark_modules_to_save(model, config.modules_to_save)
+    watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
 
 

@@ -40,6 +40,7 @@ from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController
 from .layer import NestedLoRALayer
 from .model import inject_nested_lora, lora_layers, tied_base_weights
+from .mirror import watch_state_dict
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -665,6 +666,7 @@ class PeftController(UnifiedController):
         if set(actuators.mode_ranks) != {cfg.r}:
             raise ValueError(f"mode_ranks: a PEFT model trains at its fixed r={cfg.r}; got {actuators.mode_ranks}")
         self.peft_model = peft_model
+        watch_state_dict(peft_model)  # Mirror packs PEFT's lora_A/lora_B and the saved modules into one buffer
         super().__init__(adapters=views, optimizer=optimizer, signal=signal, actuators=actuators,
                          extra_params=extra, **kwargs)
 

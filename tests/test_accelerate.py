@@ -1,0 +1,81 @@
+"""A hand-written Hugging Face accelerate loop in one process (CPU): `accelerator.prepare` of the model, the
+optimizer, the data and the scheduler, gradient accumulation with `accelerator.accumulate`, and
+`accelerator.save_state` / `load_state` with the controller registered for checkpointing."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import classification_batch, tiny_bert
+from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
+
+ACCUM, SHOCK = 2, range(2, 6)  # loss × 40 on these optimizer steps: the controller enters MIRROR
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate's state is one per process: a Trainer test before this one (on a GPU machine, say) would refuse
+    Accelerator(cpu=True). Start from a fresh state, and leave a fresh one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run(steps: int, save_dir=None, save_at=None, resume_from=None):
+    """An accelerate loop with two param groups (the head at 10× the LR) under a LambdaLR warm-up. The
+    controller steps once per optimizer step, on the mean loss of its micro-batches."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5), print_fn=None,
+                                 mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("classifier")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier")]
+    opt = torch.optim.AdamW([{"params": rest, "lr": 1e-3}, {"params": head, "lr": 1e-2}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+    x, y = classification_batch(4 * ACCUM * steps, seed=1)  # one epoch: no epoch boundary to resume across
+    data = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model, opt, data, sched = accelerator.prepare(model, opt, data, sched)
+    ctrl.attach_optimizer(opt)
+    accelerator.register_for_checkpointing(ctrl)
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        data = accelerator.skip_first_batches(data, ctrl.global_step * ACCUM)
+    step_loss = 0.0
+    for xb, yb in data:
+        with accelerator.accumulate(model):
+            loss = model(input_ids=xb, labels=yb).loss
+            accelerator.backward(loss)
+            step_loss += loss.item() / ACCUM
+            if accelerator.sync_gradients:
+                ctrl.step(loss=step_loss * (40.0 if ctrl.global_step in SHOCK else 1.0))
+                step_loss = 0.0
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if accelerator.sync_gradients and ctrl.global_step == save_at:
+            accelerator.save_state(save_dir)
+            accelerator.save_model(model, save_dir / "model")
+        if ctrl.global_step == steps:
+            break
+    return model, ctrl
+
+
+def test_save_state_in_mirror_resumes_bit_for_bit_and_save_model_keeps_every_tensor(tmp_path):
+    """Mirror's first entry packs the snapshotted parameters into one buffer, and accelerate's safetensors
+    writer (save_state, save_model) takes tensors that share a storage for one tied weight: it kept one of the
+    26 trainable tensors, so load_state failed on missing keys and save_model's file lacked the adapter. The
+    model's state_dict now gives packed parameters as copies of their own."""
+    model, ctrl = _run(14, save_dir=tmp_path, save_at=6)
+    assert [(r.step, r.snapshot) for r in ctrl.trace if r.snapshot] == [(3, "saved"), (10, "restored")]
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) == 26 and trained <= set(saved)
+    resumed_model, resumed = _run(14, resume_from=tmp_path)  # in MIRROR, its snapshot held; restored at step 10
+    assert [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in resumed.trace] == \
+        [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in ctrl.trace if r.step >= 6]
+    a, b = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
