@@ -852,3 +852,18 @@ def test_a_merged_half_precision_layer_saves_its_kept_base_bit_for_bit_even_unde
     assert torch.equal(layer.state_dict()["base_layer.weight"], w0) and not torch.equal(base.weight, w0)
     layer.unmerge()
     assert torch.equal(base.weight, w0)
+
+
+@pytest.mark.skipif(not can_build_cpp(), reason="kernel='cpp' needs g++ and ninja")
+def test_the_cpp_extension_is_named_by_its_source_so_two_versions_never_share_a_build():
+    # Two installs (two venvs or checkouts) share ~/.cache/torch_extensions. Under one fixed name, a process of one
+    # version loaded the library the other had just built from its own source, and the bit-identity test above
+    # failed while a second checkout with an edited csrc/nested_path.cpp ran beside it.
+    from unified_lora import _fused
+
+    text, flags = _fused.LAYER_SOURCE.read_text(), {"extra_cflags": ["-O2"]}
+    name = _fused.extension_name("unified_lora_nested_path", text, flags)
+    assert name == _fused.extension_name("unified_lora_nested_path", text, flags)
+    assert name != _fused.extension_name("unified_lora_nested_path", text + "\n// edited", flags)
+    assert name != _fused.extension_name("unified_lora_nested_path", text, {"extra_cflags": ["-O3"]})
+    assert _fused.layer_kernels().__name__ == name

@@ -5,12 +5,15 @@
 
 The first call compiles the file (about half a minute to a minute on 2 cores). Later calls in the same process
 return the loaded module. Later processes reuse torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
-`~/.cache/torch_extensions`), which load_inline rebuilds when the source or the torch version changes.
+`~/.cache/torch_extensions`). The extension's name carries a digest of its source and flags: two installs of
+different versions (two virtual environments, two checkouts) share that cache, and under one name they would rebuild
+each other's build folder and, when they ran at once, load each other's library.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -33,11 +36,17 @@ def _build(name: str, source: Path, functions: list[str], option: str, default: 
         raise FusedKernelsUnavailable(
             f"{option} builds {source.name} at first use and needs {' and '.join(missing)}; "
             f"install it, or use {default} (the default)")
+    text = source.read_text()
     try:
-        return load_inline(name, cpp_sources=source.read_text(), functions=functions, **flags)
+        return load_inline(extension_name(name, text, flags), cpp_sources=text, functions=functions, **flags)
     except Exception as e:  # compiler errors surface as RuntimeError / CalledProcessError with the build log
         raise FusedKernelsUnavailable(
             f"{option}: building {source.name} failed ({type(e).__name__}: {e}); use {default} (the default)") from e
+
+
+def extension_name(name: str, text: str, flags: dict) -> str:
+    """`name` plus a digest of the source text and the build flags: one build folder per version of the source."""
+    return f"{name}_{hashlib.sha256((text + repr(sorted(flags.items()))).encode()).hexdigest()[:12]}"
 
 
 @functools.lru_cache(maxsize=None)

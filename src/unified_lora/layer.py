@@ -272,7 +272,7 @@ class NestedLoRALayer(nn.Module):
         self.rank = 0
         self.set_rank(initial_rank if initial_rank is not None else levels[min(1, len(levels) - 1)])
         # The state dict holds the base weight unmerged, merged or not (see `_load_from_state_dict`).
-        self.register_state_dict_post_hook(_unmerged_base_in_state_dict)
+        self._register_state_dict_hook(_unmerged_base_in_state_dict)  # (the public name came in torch 2.5)
         self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     # -- rank -----------------------------------------------------------------
