@@ -33,6 +33,17 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
         raise ValueError("model: already has nested LoRA layers; inject once")
+    if config.target_modules != "all-linear":
+        # PEFT refuses a target it cannot wrap; skipping it would leave a named module silently unadapted
+        odd = [(n, type(m).__name__) for n, m in model.named_modules()
+               if n and not _is_linear(m) and _matches(n, config.target_modules)]
+        if odd:
+            shown = ", ".join(f"{n!r} ({t})" for n, t in odd[:5]) + f", ... ({len(odd) - 5} more)" * (len(odd) > 5)
+            seen = sorted({n.split(".")[-1] for n, _ in candidates})
+            raise ValueError(
+                f"target_modules: {config.target_modules!r} matches {shown}, which a NestedLoRALayer cannot wrap: it "
+                f"wraps nn.Linear and transformers' Conv1D only (PEFT refuses such a target too). Name the Linear "
+                f"layers themselves; Linear-like module names in this model end with: {seen}")
     chosen = [(n, m) for n, m in candidates if _matches(n, config.target_modules)]
     # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
     # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
