@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Iterable
 
 import torch.nn as nn
@@ -33,6 +34,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
         raise ValueError("model: already has nested LoRA layers; inject once")
+    _refuse_peft_layers(model)
     if config.target_modules != "all-linear":
         # PEFT refuses a target it cannot wrap; skipping it would leave a named module silently unadapted
         odd = [(n, type(m).__name__) for n, m in model.named_modules()
@@ -87,6 +89,23 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         adapters[name] = layer
     mark_modules_to_save(model, config.modules_to_save)
     return adapters
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """A model that already holds PEFT adapter layers: every target would be PEFT's wrapper, and "all-linear" or a
+    regex would put nested LoRA on PEFT's own lora_A/lora_B Linears (LoRA on LoRA). PEFT is imported only if the
+    caller has: without it no module can be one of its layers."""
+    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if base is None:
+        return
+    peft_layers = [n for n, m in model.named_modules() if isinstance(m, base)]
+    if peft_layers:
+        raise ValueError(
+            f"model: already has {len(peft_layers)} PEFT adapter layers (e.g. {peft_layers[0]!r}); nested LoRA cannot "
+            "be injected on top of them. Fold them in first (model = model.merge_and_unload()), load the saved PEFT "
+            "adapter into the plain base model with unified_lora.peft_io.import_peft_adapter(base_model, peft_dir), "
+            "or drive the PEFT model at its fixed rank with "
+            "unified_lora.peft_io.attach_to_peft_model(peft_model, optimizer)")
 
 
 def _off_the_fast_path(module, args) -> None:
