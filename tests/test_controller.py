@@ -85,6 +85,32 @@ def test_an_optimizer_built_before_setup_is_refused_and_names_what_it_lacks(llam
     ctrl.attach_optimizer(torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3))
 
 
+@pytest.mark.parametrize("bad,message", [
+    (dict(modules_to_save=["classifer"]), "^modules_to_save: 'classifer' matched no module"),
+    (dict(mode_ranks=(4, 8, 32)), r"^mode_ranks: \[32\] are not nested levels"),
+    (dict(signal="composit"), "^kind: must be 'loss', 'composite' or 'multitask'"),
+    (dict(optimizer="early"), "^optimizer: it holds 0 of the"),
+])
+def test_a_setup_that_fails_leaves_the_model_as_it_was_so_a_retry_works(bert, bad, message):
+    """setup_unified_lora wrapped the targets and froze the model before it checked modules_to_save and built the
+    controller. Any error there (a misspelt head, a mode rank that is no level, a bad signal, an optimizer built
+    too early) left the model half set up, and the corrected call then failed with "model: already has nested
+    LoRA layers; inject once", so the model had to be loaded again. Now the model is put back as it was."""
+    if bad.get("optimizer") == "early":
+        bad = dict(optimizer=torch.optim.AdamW(bert.parameters(), lr=1e-3))
+    modules = dict(bert.named_modules())
+    flags = {n: p.requires_grad for n, p in bert.named_parameters()}
+    bert.bert.encoder.layer[0].attention.self.query.weight.requires_grad_(False)  # a flag the user set stays
+    flags["bert.encoder.layer.0.attention.self.query.weight"] = False
+    with pytest.raises(ValueError, match=message):
+        setup_unified_lora(bert, target_modules=["query", "value"], print_fn=None, **bad)
+    assert dict(bert.named_modules()) == modules  # the same module objects under the same names
+    assert {n: p.requires_grad for n, p in bert.named_parameters()} == flags
+    adapters, _ = setup_unified_lora(bert, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                     print_fn=None)
+    assert len(adapters) == 4 and bert.classifier.weight.requires_grad
+
+
 def test_an_optimizer_without_the_paused_blocks_or_the_head_is_refused(bert):
     """Holding only the active blocks looks fine until the controller raises the rank: the re-activated
     blocks get gradients and never move. A head (modules_to_save) left out is refused the same way."""

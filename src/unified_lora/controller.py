@@ -30,7 +30,7 @@ from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig,
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot
-from .model import inject_nested_lora
+from .model import inject_nested_lora, undone_on_error
 from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
 
@@ -629,8 +629,10 @@ def setup_unified_lora(
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
                            initial_rank=mode_ranks[1], kernel=layer_kernel)
     actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
-    adapters = inject_nested_lora(model, cfg)
-    extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
-    ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
-                             extra_params=extra, **controller_kwargs)
+    with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
+        adapters = inject_nested_lora(model, cfg)
+        extra = [p for n, p in model.named_parameters()
+                 if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+        ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
+                                 extra_params=extra, **controller_kwargs)
     return adapters, ctrl

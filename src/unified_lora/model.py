@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from typing import Iterable
@@ -63,32 +64,52 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             f"target_modules: {config.target_modules!r} matched no Linear/Conv1D module. "
             f"Linear-like module names in this model end with: {seen}"
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
     # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's `.weight` itself (no LoRA, and a
     # wrapped layer has none); torch skips that path when a submodule has a hook, so such layers get a no-op one.
     in_fast_path = {id(m) for enc in model.modules() if isinstance(enc, nn.TransformerEncoderLayer)
                     for m in enc.modules()}
     adapters: dict[str, NestedLoRALayer] = {}
-    for name, base in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = NestedLoRALayer(
-            base,
-            rank_levels=config.rank_levels,
-            max_rank=config.max_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            scaling=config.scaling,
-            initial_rank=config.initial_rank,
-            kernel=config.kernel,
-        )
-        if id(base) in in_fast_path:
-            layer.register_forward_pre_hook(_off_the_fast_path)
-        setattr(parent, child, layer)
-        adapters[name] = layer
-    mark_modules_to_save(model, config.modules_to_save)
+    with undone_on_error(model):  # e.g. a misspelt modules_to_save: the model is left as it was, ready for a retry
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, base in chosen:
+            layer = NestedLoRALayer(
+                base,
+                rank_levels=config.rank_levels,
+                max_rank=config.max_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                scaling=config.scaling,
+                initial_rank=config.initial_rank,
+                kernel=config.kernel,
+            )
+            if id(base) in in_fast_path:
+                layer.register_forward_pre_hook(_off_the_fast_path)
+            _replace(model, name, layer)
+            adapters[name] = layer
+        mark_modules_to_save(model, config.modules_to_save)
     return adapters
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@contextlib.contextmanager
+def undone_on_error(model: nn.Module):
+    """Run a block that injects nested layers into `model` (which has none) and builds on them. If it raises, every
+    nested layer is replaced by its base layer again and every parameter gets its `requires_grad` back, so the
+    model is as it was: a retry with corrected arguments does not meet "already has nested LoRA layers"."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name, layer in lora_layers(model).items():
+            _replace(model, name, layer.base_layer)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def _refuse_peft_layers(model: nn.Module) -> None:
