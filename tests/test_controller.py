@@ -111,6 +111,30 @@ def test_a_setup_that_fails_leaves_the_model_as_it_was_so_a_retry_works(bert, ba
     assert len(adapters) == 4 and bert.classifier.weight.requires_grad
 
 
+def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert):
+    """UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10)) ran at the config's theta0=0.3, and
+    setup_unified_lora(lr_mode="off", actuators=ActuatorConfig(mode_lrs=...)) wrote ActuatorConfig's absolute LRs
+    into the optimizer, and alpha= beside a SignalConfig was dropped: each is now a ValueError naming the argument.
+    The same value in both places, or the argument left at its default, is fine."""
+    from unified_lora import MachineConfig
+
+    with pytest.raises(ValueError, match=r"^theta0: 0\.2 would be ignored: machine= is given .*theta0=0\.3"):
+        UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10), print_fn=None)
+    with pytest.raises(ValueError, match="^warmup_steps: 5 would be ignored"):
+        UnifiedController(warmup_steps=5, machine=MachineConfig(theta0=0.2), print_fn=None)
+    with pytest.raises(ValueError, match="^alpha: 0.5 would be ignored: signal= is given"):
+        UnifiedController(alpha=0.5, signal=SignalConfig(kind="loss"), print_fn=None)
+    ctrl = UnifiedController(theta0=0.2, machine=MachineConfig(theta0=0.2, warmup_steps=10), print_fn=None)
+    assert ctrl.machine.config.theta0 == 0.2
+    with pytest.raises(ValueError, match="^lr_mode: 'off' would be ignored: actuators= is given"):
+        setup_unified_lora(bert, ["query"], lr_mode="off", actuators=ActuatorConfig(), print_fn=None)
+    with pytest.raises(ValueError, match=r"^mode_ranks: \(4, 4, 8\) would be ignored"):
+        setup_unified_lora(bert, ["query"], mode_ranks=[4, 4, 8], actuators=ActuatorConfig(), print_fn=None)
+    _, ctrl = setup_unified_lora(bert, ["query"], mode_ranks=[4, 8, 16], actuators=ActuatorConfig(lr_mode="off"),
+                                 print_fn=None)
+    assert ctrl.actuators.lr_mode == "off"
+
+
 def test_an_optimizer_without_the_paused_blocks_or_the_head_is_refused(bert):
     """Holding only the active blocks looks fine until the controller raises the rank: the re-activated
     blocks get gradients and never move. A head (modules_to_save) left out is refused the same way."""
