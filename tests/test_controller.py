@@ -102,6 +102,56 @@ def test_an_optimizer_built_before_setup_is_refused_and_names_what_it_lacks(llam
     ctrl.attach_optimizer(torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3))
 
 
+@pytest.mark.parametrize("bad,message", [
+    (dict(modules_to_save=["classifer"]), "^modules_to_save: 'classifer' matched no module"),
+    (dict(mode_ranks=(4, 8, 32)), r"^mode_ranks: \[32\] are not nested levels"),
+    (dict(signal="composit"), "^kind: must be 'loss', 'composite' or 'multitask'"),
+    (dict(optimizer="early"), "^optimizer: it holds 0 of the"),
+])
+def test_a_setup_that_fails_leaves_the_model_as_it_was_so_a_retry_works(bert, bad, message):
+    """setup_unified_lora wrapped the targets and froze the model before it checked modules_to_save and built the
+    controller. Any error there (a misspelt head, a mode rank that is no level, a bad signal, an optimizer built
+    too early) left the model half set up, and the corrected call then failed with "model: already has nested
+    LoRA layers; inject once", so the model had to be loaded again. Now the model is put back as it was."""
+    if bad.get("optimizer") == "early":
+        bad = dict(optimizer=torch.optim.AdamW(bert.parameters(), lr=1e-3))
+    modules = dict(bert.named_modules())
+    flags = {n: p.requires_grad for n, p in bert.named_parameters()}
+    bert.bert.encoder.layer[0].attention.self.query.weight.requires_grad_(False)  # a flag the user set stays
+    flags["bert.encoder.layer.0.attention.self.query.weight"] = False
+    with pytest.raises(ValueError, match=message):
+        setup_unified_lora(bert, target_modules=["query", "value"], print_fn=None, **bad)
+    assert dict(bert.named_modules()) == modules  # the same module objects under the same names
+    assert {n: p.requires_grad for n, p in bert.named_parameters()} == flags
+    adapters, _ = setup_unified_lora(bert, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                     print_fn=None)
+    assert len(adapters) == 4 and bert.classifier.weight.requires_grad
+
+
+def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert):
+    """UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10)) ran at the config's theta0=0.3, and
+    setup_unified_lora(lr_mode="off", actuators=ActuatorConfig(mode_lrs=...)) wrote ActuatorConfig's absolute LRs
+    into the optimizer, and alpha= beside a SignalConfig was dropped: each is now a ValueError naming the argument.
+    The same value in both places, or the argument left at its default, is fine."""
+    from unified_lora import MachineConfig
+
+    with pytest.raises(ValueError, match=r"^theta0: 0\.2 would be ignored: machine= is given .*theta0=0\.3"):
+        UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10), print_fn=None)
+    with pytest.raises(ValueError, match="^warmup_steps: 5 would be ignored"):
+        UnifiedController(warmup_steps=5, machine=MachineConfig(theta0=0.2), print_fn=None)
+    with pytest.raises(ValueError, match="^alpha: 0.5 would be ignored: signal= is given"):
+        UnifiedController(alpha=0.5, signal=SignalConfig(kind="loss"), print_fn=None)
+    ctrl = UnifiedController(theta0=0.2, machine=MachineConfig(theta0=0.2, warmup_steps=10), print_fn=None)
+    assert ctrl.machine.config.theta0 == 0.2
+    with pytest.raises(ValueError, match="^lr_mode: 'off' would be ignored: actuators= is given"):
+        setup_unified_lora(bert, ["query"], lr_mode="off", actuators=ActuatorConfig(), print_fn=None)
+    with pytest.raises(ValueError, match=r"^mode_ranks: \(4, 4, 8\) would be ignored"):
+        setup_unified_lora(bert, ["query"], mode_ranks=[4, 4, 8], actuators=ActuatorConfig(), print_fn=None)
+    _, ctrl = setup_unified_lora(bert, ["query"], mode_ranks=[4, 8, 16], actuators=ActuatorConfig(lr_mode="off"),
+                                 print_fn=None)
+    assert ctrl.actuators.lr_mode == "off"
+
+
 def test_an_optimizer_without_the_paused_blocks_or_the_head_is_refused(bert):
     """Holding only the active blocks looks fine until the controller raises the rank: the re-activated
     blocks get gradients and never move. A head (modules_to_save) left out is refused the same way."""

@@ -384,6 +384,37 @@ def test_all_linear_leaves_out_exactly_the_head_names_the_readme_lists(bert):
     assert set(adapters) == linears - {"bert.pooler.dense", "classifier"}
 
 
+@pytest.mark.parametrize("target,refused", [
+    (["embed_tokens", "q_proj"], "'model.embed_tokens' (Embedding)"),
+    (["q_proj", "input_layernorm"], "'model.layers.0.input_layernorm' (LlamaRMSNorm)"),
+    (["self_attn"], "'model.layers.0.self_attn' (LlamaAttention)"),
+    (r".*layers\.0\.self_attn.*", "'model.layers.0.self_attn' (LlamaAttention)"),
+])
+def test_a_target_that_names_a_module_other_than_a_linear_is_an_error(llama, target, refused):
+    """A named target that is not a Linear/Conv1D (an Embedding, a norm, a whole attention block) was skipped
+    silently whenever another name matched a Linear: ["embed_tokens", "q_proj"] adapted q_proj only, and the user
+    believed the embeddings trained. PEFT refuses such a target; so does this, naming the module and its type."""
+    with pytest.raises(ValueError, match="NestedLoRALayer cannot wrap") as info:
+        inject_nested_lora(llama, NestedLoRAConfig(target_modules=target))
+    assert str(info.value).startswith("target_modules: ") and refused in str(info.value), str(info.value)
+    assert not any(isinstance(m, NestedLoRALayer) for m in llama.modules())  # nothing was wrapped
+    assert all(p.requires_grad for p in llama.parameters())  # nor frozen
+
+
+def test_a_model_with_peft_layers_is_refused(llama):
+    """On a model already wrapped by PEFT, "all-linear" (or a regex) put nested layers on PEFT's own lora_A/lora_B
+    Linears and its base_layer, LoRA on LoRA; a named target silently stacked a second adapter. Now refused."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(llama, LoraConfig(target_modules=["q_proj"], r=4))
+    for target in ("all-linear", ["v_proj"]):
+        with pytest.raises(ValueError, match=r"model: already has 2 PEFT adapter layers .*merge_and_unload"):
+            inject_nested_lora(peft_model, NestedLoRAConfig(target_modules=target))
+    assert not any(isinstance(m, NestedLoRALayer) for m in peft_model.modules())
+    merged = peft_model.merge_and_unload()  # what the message says to do
+    assert len(inject_nested_lora(merged, NestedLoRAConfig(target_modules=["q_proj"]))) == 2
+
+
 def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
     """torch's nn.TransformerEncoder: nn.MultiheadAttention uses out_proj's weight without calling the module, and
     the encoder layer's inference fast path reads linear1/linear2's `.weight`. Wrapped by "all-linear", eval under

@@ -709,3 +709,15 @@ def test_a_negative_task_loss_is_refused_before_any_signal_state_moves():
     with pytest.raises(ValueError, match="^task loss: "):
         ctrl.step(per.mean(), task_losses={"a": -1.0, "b": 0.5})
     assert all(torch.equal(ema[s], g) for s, g in ctrl.grad_ema.items()) and ctrl.global_step == 1
+
+
+def test_a_multitask_setup_that_fails_leaves_the_model_as_it_was():
+    """As setup_unified_lora: an error after injection (here the controller refusing its merge rule) used to
+    leave the layers wrapped, and the corrected call failed with "already has nested LoRA layers"."""
+    model = tiny_bert()
+    modules = dict(model.named_modules())
+    with pytest.raises(ValueError, match="^merge_rule: must be one of"):
+        setup_multitask_lora(model, ["a", "b"], TARGETS, merge_rule="average", lr_mode="off", print_fn=None)
+    assert dict(model.named_modules()) == modules and all(p.requires_grad for p in model.parameters())
+    adapters, _ = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None)
+    assert all(isinstance(a, MultiTaskNestedLoRALayer) for a in adapters.values())

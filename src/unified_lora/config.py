@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import types
 import typing
 from collections.abc import Sequence as _AbcSequence
@@ -54,6 +55,18 @@ def _scalar(name: str, v, kind: type):
 REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 
 
+def check_target_regex(value: str) -> str:
+    """A target_modules string other than "all-linear" is a regex: one that does not compile fails here, naming the
+    field, rather than as a bare re.error when the model is wrapped."""
+    if value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as e:
+            _fail("target_modules", f"a string is a regex (matched against whole module names, as in PEFT), and "
+                                    f"{value!r} is not a valid one: {e}; give a list for plain names")
+    return value
+
+
 def parse_names(value, field_name: str = "target_modules") -> list[str] | str:
     """The command-line / YAML form of a module list. `target_modules`: "all-linear"; a regex, i.e. a value with any
     of * + ? [ ] ( ) { } | ^ $ \\ (matched against whole module names, as PEFT matches a string); or name suffixes
@@ -61,7 +74,7 @@ def parse_names(value, field_name: str = "target_modules") -> list[str] | str:
     if isinstance(value, str):
         v = value.strip()
         if field_name == "target_modules" and (v == "all-linear" or any(c in REGEX_CHARS for c in v)):
-            return v
+            return check_target_regex(v)
         value = v.split(",")
     names = [n.strip() for n in value if n.strip()]
     if not names:
@@ -184,6 +197,8 @@ class NestedLoRAConfig:
             self.modules_to_save = parse_names(self.modules_to_save, "modules_to_save")
         if not (isinstance(self.target_modules, str) or len(self.target_modules) > 0):
             _fail("target_modules", "must be a non-empty list of name suffixes, a regex, or 'all-linear'")
+        if isinstance(self.target_modules, str):
+            check_target_regex(self.target_modules)
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             _fail("lora_alpha", f"must be a positive finite number, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -17,6 +17,7 @@ restore every managed gradient is cleared, so the restored weights stay exact.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
@@ -30,7 +31,7 @@ from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig,
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
-from .model import inject_nested_lora
+from .model import inject_nested_lora, undone_on_error
 from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
 
@@ -95,6 +96,10 @@ class UnifiedController:
         print_fn: Callable[[str], None] | None = print,
         reduce_loss: Callable[[float], float] | None = distributed_mean,
     ):
+        _refuse_ignored(UnifiedController.__init__, "signal", signal if isinstance(signal, SignalConfig) else None,
+                        alpha=alpha, beta=beta)
+        _refuse_ignored(UnifiedController.__init__, "machine", machine, theta0=theta0, theta1=theta1,
+                        warmup_steps=warmup_steps, eval_interval=eval_interval, min_dwell=min_dwell)
         sig = signal if isinstance(signal, SignalConfig) else SignalConfig(kind=signal, alpha=alpha, beta=beta)
         self.signal_config = sig
         self.machine = ModeMachine(machine or MachineConfig(theta0=theta0, theta1=theta1, warmup_steps=warmup_steps,
@@ -601,6 +606,20 @@ class UnifiedController:
         self._hooks = []
 
 
+def _refuse_ignored(fn: Callable, arg: str, config, **given) -> None:
+    """A keyword of `fn` that the config object passed as `arg`= replaces must not be given with another value:
+    it was ignored silently (theta0=0.2 with machine=MachineConfig(warmup_steps=10) ran at the config's 0.3)."""
+    if config is None:
+        return
+    params = inspect.signature(fn).parameters
+    for name, value in given.items():
+        value = tuple(value) if isinstance(value, (list, tuple)) else value
+        if value != params[name].default and value != getattr(config, name):
+            raise ValueError(f"{name}: {value!r} would be ignored: {arg}= is given ({type(config).__name__} with "
+                             f"{name}={getattr(config, name)!r}) and sets it; set {name} in that "
+                             f"{type(config).__name__} instead, or drop one of the two")
+
+
 def _names(names: Sequence[str], most: int = 6) -> str:
     shown = ", ".join(repr(n) for n in names[:most])
     return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "") if names else "none"
@@ -631,14 +650,18 @@ def setup_unified_lora(
     nested path as a C++ autograd Function (`NestedLoRAConfig.kernel`). Returns
     ({name: adapter}, controller).
     """
-    levels = tuple(rank_levels)
+    levels, given_ranks = tuple(rank_levels), mode_ranks
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
                            initial_rank=mode_ranks[1], kernel=layer_kernel)
-    actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
-    adapters = inject_nested_lora(model, cfg)
-    extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
-    ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
-                             extra_params=extra, **controller_kwargs)
+    actuators = controller_kwargs.pop("actuators", None)
+    _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
+    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
+    with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
+        adapters = inject_nested_lora(model, cfg)
+        extra = [p for n, p in model.named_parameters()
+                 if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+        ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
+                                 extra_params=extra, **controller_kwargs)
     return adapters, ctrl

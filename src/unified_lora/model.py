@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from typing import Iterable
 
 import torch.nn as nn
@@ -34,6 +36,18 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
         raise ValueError("model: already has nested LoRA layers; inject once")
+    _refuse_peft_layers(model)
+    if config.target_modules != "all-linear":
+        # PEFT refuses a target it cannot wrap; skipping it would leave a named module silently unadapted
+        odd = [(n, type(m).__name__) for n, m in model.named_modules()
+               if n and not _is_linear(m) and _matches(n, config.target_modules)]
+        if odd:
+            shown = ", ".join(f"{n!r} ({t})" for n, t in odd[:5]) + f", ... ({len(odd) - 5} more)" * (len(odd) > 5)
+            seen = sorted({n.split(".")[-1] for n, _ in candidates})
+            raise ValueError(
+                f"target_modules: {config.target_modules!r} matches {shown}, which a NestedLoRALayer cannot wrap: it "
+                f"wraps nn.Linear and transformers' Conv1D only (PEFT refuses such a target too). Name the Linear "
+                f"layers themselves; Linear-like module names in this model end with: {seen}")
     chosen = [(n, m) for n, m in candidates if _matches(n, config.target_modules)]
     # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
     # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
@@ -51,33 +65,70 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             f"target_modules: {config.target_modules!r} matched no Linear/Conv1D module. "
             f"Linear-like module names in this model end with: {seen}"
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
     # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's `.weight` itself (no LoRA, and a
     # wrapped layer has none); torch skips that path when a submodule has a hook, so such layers get a no-op one.
     in_fast_path = {id(m) for enc in model.modules() if isinstance(enc, nn.TransformerEncoderLayer)
                     for m in enc.modules()}
     adapters: dict[str, NestedLoRALayer] = {}
-    for name, base in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = NestedLoRALayer(
-            base,
-            rank_levels=config.rank_levels,
-            max_rank=config.max_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            scaling=config.scaling,
-            initial_rank=config.initial_rank,
-            kernel=config.kernel,
-        )
-        if id(base) in in_fast_path:
-            layer.register_forward_pre_hook(_off_the_fast_path)
-        setattr(parent, child, layer)
-        adapters[name] = layer
-    mark_modules_to_save(model, config.modules_to_save)
+    with undone_on_error(model):  # e.g. a misspelt modules_to_save: the model is left as it was, ready for a retry
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, base in chosen:
+            layer = NestedLoRALayer(
+                base,
+                rank_levels=config.rank_levels,
+                max_rank=config.max_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                scaling=config.scaling,
+                initial_rank=config.initial_rank,
+                kernel=config.kernel,
+            )
+            if id(base) in in_fast_path:
+                layer.register_forward_pre_hook(_off_the_fast_path)
+            _replace(model, name, layer)
+            adapters[name] = layer
+        mark_modules_to_save(model, config.modules_to_save)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@contextlib.contextmanager
+def undone_on_error(model: nn.Module):
+    """Run a block that injects nested layers into `model` (which has none) and builds on them. If it raises, every
+    nested layer is replaced by its base layer again and every parameter gets its `requires_grad` back, so the
+    model is as it was: a retry with corrected arguments does not meet "already has nested LoRA layers"."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name, layer in lora_layers(model).items():
+            _replace(model, name, layer.base_layer)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """A model that already holds PEFT adapter layers: every target would be PEFT's wrapper, and "all-linear" or a
+    regex would put nested LoRA on PEFT's own lora_A/lora_B Linears (LoRA on LoRA). PEFT is imported only if the
+    caller has: without it no module can be one of its layers."""
+    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if base is None:
+        return
+    peft_layers = [n for n, m in model.named_modules() if isinstance(m, base)]
+    if peft_layers:
+        raise ValueError(
+            f"model: already has {len(peft_layers)} PEFT adapter layers (e.g. {peft_layers[0]!r}); nested LoRA cannot "
+            "be injected on top of them. Fold them in first (model = model.merge_and_unload()), load the saved PEFT "
+            "adapter into the plain base model with unified_lora.peft_io.import_peft_adapter(base_model, peft_dir), "
+            "or drive the PEFT model at its fixed rank with "
+            "unified_lora.peft_io.attach_to_peft_model(peft_model, optimizer)")
 
 
 def _off_the_fast_path(module, args) -> None:

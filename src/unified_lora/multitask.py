@@ -78,7 +78,7 @@ from .distributed import _device as _collective_device
 from .distributed import is_distributed, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
-from .model import inject_nested_lora
+from .model import inject_nested_lora, undone_on_error
 from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
@@ -1009,10 +1009,12 @@ def setup_multitask_lora(
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
                            initial_rank=mode_ranks[1], kernel=layer_kernel)
     actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
-    adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)
-    extra = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
-    ctrl = MultiTaskController(adapters, router, optimizer=optimizer, signal=signal, merge_rule=merge_rule,
-                               actuators=actuators, extra_params=extra, **controller_kwargs)
+    with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
+        adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)
+        extra = [p for n, p in model.named_parameters()
+                 if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+        ctrl = MultiTaskController(adapters, router, optimizer=optimizer, signal=signal, merge_rule=merge_rule,
+                                   actuators=actuators, extra_params=extra, **controller_kwargs)
     return adapters, ctrl
 
 
