@@ -337,3 +337,66 @@ def test_the_machine_refuses_a_nan_phi_instead_of_reading_it_as_single():
     with pytest.raises(ValueError, match="^phi: got NaN at step 3"):
         m.step(float("nan"), 3)
     assert m.mode == 1 and m.last_transition_step is None
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e-12, 1e-9, 1.0, 1e6, 1e9, 1e12])
+def test_gradient_cosines_match_a_float64_reference_at_any_gradient_scale(scale):
+    """The cosine's denominator was sqrt(‖c‖²·‖p‖²) in fp32: the product of squares underflows below gradient
+    norms of ~1e-10 (near a perfect fit) and overflows above ~4e9. Norms of ~1e-12 gave a cosine of 1.8e6, so
+    E = 1 − cos was hugely negative; norms of ~1e10 gave 0 (full churn) for gradients that barely turned."""
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats, prev = GradientStats(), None
+    for step in range(3):
+        grads = []
+        for i, layer in enumerate(layers):
+            gs = []
+            for j, p in enumerate(layer.active_parameters()):
+                g = torch.randn_like(p)
+                if prev is not None:
+                    g = 0.7 * prev[i][j] / scale + 0.3 * g
+                p.grad = g * scale
+                gs.append(p.grad.clone())
+            grads.append(gs)
+        norms, cos = stats(layers)
+        ref_n, ref_c = _reference_stats(grads, prev)
+        assert norms == pytest.approx(ref_n, rel=1e-5)
+        if prev is not None:
+            assert all(-1.0 <= c <= 1.0 for c in cos) and cos == pytest.approx(ref_c, abs=1e-4)
+        prev = grads
+
+
+def test_a_zero_gradient_has_no_cosine_and_leaves_direction_churn_where_it_was():
+    """cos(0, g) is undefined. It used to come out as 0/1e-30 = 0, i.e. full churn (E → 1) at a perfect fit
+    whose loss and gradients are exactly 0, and again on the step after it. Now it is None, as on a first
+    step: E holds, and the zero gradient is stored (it is finite), not skipped as non-finite."""
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats, sig = GradientStats(), CompositeSignal()
+
+    def step(zero_first):
+        for i, layer in enumerate(layers):
+            for p in layer.active_parameters():
+                p.grad = torch.zeros_like(p) if (zero_first and i == 0) else torch.ones_like(p)
+        norms, cos = stats(layers)
+        sig.update(1.0, norms, cos)
+        return norms, cos
+
+    step(False)
+    step(False)
+    E0 = [e.value for e in sig.E]
+    assert E0[0] == pytest.approx(0.0, abs=1e-6)  # same direction twice: no churn
+    norms, cos = step(True)
+    assert norms[0] == 0.0 and cos[0] is None and cos[1] == pytest.approx(1.0)
+    assert not sig.components["nonfinite"] and sig.E[0].value == E0[0]
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in stats.prev[0])  # stored, not skipped
+    norms, cos = step(False)  # against a zero previous gradient: still no cosine
+    assert cos[0] is None and sig.E[0].value == E0[0]
+    norms, cos = step(False)
+    assert cos[0] == pytest.approx(1.0)

@@ -271,18 +271,26 @@ class GradientStats:
             # [<c, p>, ‖c‖², ‖p‖²] per pair, summed per adapter by one index_add_ (‖c‖² is already in sq)
             terms = torch.stack([(plus - minus).mul_(0.25), sq[pos_t], pn])
             seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
-            cos = seg[0] / (seg[1] * seg[2]).sqrt_().clamp_min_(1e-30)
+            # ‖c‖·‖p‖ as a product of square roots: the product of the squares underflows fp32 below norms
+            # of ~1e-10 (and overflows above ~4e9), which gave cosines of 1e6 or 0. Clamped to [-1, 1] against
+            # rounding; a zero gradient on either side gives 0/0 = NaN, read below as "no cosine".
+            cos = (seg[0] / (seg[1].sqrt() * seg[2].sqrt())).clamp_(-1.0, 1.0)
             parts.append(cos[sel_t])
         vals = torch.cat(parts).tolist()  # the one device sync of this step
-        # Keep this step's gradients as the next step's "previous" only when every norm and cosine is finite.
+        # Keep this step's gradients as the next step's "previous" only when every norm is finite.
         # A gradient with an inf/NaN entry has a non-finite norm; the signal skips that step, and storing it
         # would make the next cosine NaN (and E jump). The test runs on the host values already read, so it
         # adds no op and no sync; the copy is issued after the sync instead of before it (same op count).
-        if all(map(math.isfinite, vals)):
-            self._store(grads, flat)
         grad_norms = vals[:L]
+        finite = all(map(math.isfinite, grad_norms))
+        if finite:
+            self._store(grads, flat)
+        # With finite norms a NaN cosine is 0/0: this or the previous gradient is zero (a perfect fit, say), so
+        # the direction is undefined; None leaves E where it was, as on a first step.
         cos_iter = iter(vals[L:])
         cosines = [next(cos_iter) if hp else None for hp in has_prev]
+        if finite:
+            cosines = [None if c != c else c for c in cosines]
         return grad_norms, cosines
 
     def _store(self, grads, flat) -> None:
