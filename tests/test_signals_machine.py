@@ -400,3 +400,23 @@ def test_a_zero_gradient_has_no_cosine_and_leaves_direction_churn_where_it_was()
     assert cos[0] is None and sig.E[0].value == E0[0]
     norms, cos = step(False)
     assert cos[0] == pytest.approx(1.0)
+
+
+def test_the_history_normaliser_is_scale_free_and_gives_one_half_for_a_constant():
+    """The z-score used an absolute 'std < 1e-12 means constant' test. A constant history of 12345.678 (a
+    gradient norm of that size) has a mean with a rounding error of ~1e-12, which was read as spread: z = ±1,
+    so the normalised value was 1/3 or 2/3 instead of 0.5. And any history whose spread was below 1e-12 (tiny
+    gradients) counted as constant, so φ never moved. The z-score is now the same at every scale."""
+    import random
+
+    for x in [0.0, 1e-20, 0.1, 1.7, 12345.678, 100000.3, 3.3e7, 1e30]:
+        n = HistoryNormalizer()
+        assert {n(x) for _ in range(600)} == {0.5}, x
+    rng = random.Random(0)
+    for trial in range(20):
+        xs = [rng.random() * (10 if rng.random() < 0.1 else 1) for _ in range(rng.randint(10, 700))]
+        ref = HistoryNormalizer()
+        want = [ref(x) for x in xs]
+        for scale in (1e-15, 1e-9, 1e4, 1e15):
+            n = HistoryNormalizer()
+            assert [n(x * scale) for x in xs] == pytest.approx(want, abs=1e-9), (trial, scale)

@@ -125,7 +125,10 @@ class HistoryNormalizer:
             return 0.5
         mean = sum(self.values) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
-        z = 0.0 if std < 1e-12 else (x - mean) / std
+        # Constant history: z = 0. The test is relative, so the z-score is the same at any scale: an absolute
+        # 1e-12 read the mean's rounding error as spread for values of ~1e4 (z = ±1, 1/3 or 2/3 for a constant),
+        # and every history of values below ~1e-12 as constant.
+        z = 0.0 if std <= 1e-12 * abs(mean) else (x - mean) / std
         z = max(-3.0, min(3.0, z))
         return (z + 3.0) / 6.0
 
