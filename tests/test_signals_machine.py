@@ -420,3 +420,37 @@ def test_the_history_normaliser_is_scale_free_and_gives_one_half_for_a_constant(
         for scale in (1e-15, 1e-9, 1e4, 1e15):
             n = HistoryNormalizer()
             assert [n(x * scale) for x in xs] == pytest.approx(want, abs=1e-9), (trial, scale)
+
+
+def test_calibration_on_a_zero_or_tiny_warmup_loss_and_a_huge_loss_keep_phi_meaningful():
+    """The calibrated scale was max(mean, 1e-8) / target. A warm-up of exact zeros (a perfect fit) gave a scale of
+    2e-8, so any later loss, 0.01 say, read as 5e5 and pinned φ near 1 (MIRROR); a warm-up mean of 1e-9 was mapped
+    to 0.05, not to the target. And a finite loss over a tiny scale overflowed to inf: E_s = inf, D = inf/inf, and
+    φ was NaN for the rest of the run."""
+    s = LossSignal(calibration_steps=5)
+    for _ in range(5):
+        s.update(0.0)
+    assert s.loss_scale == 1.0  # no scale maps 0 to 0.5: the configured one stays
+    for _ in range(400):
+        s.update(0.43)
+    assert s.phi == pytest.approx(0.43 / 1.43, abs=1e-6)
+    s = LossSignal(calibration_steps=5, loss_scale=4.0)
+    for _ in range(5):
+        s.update(0.0)
+    assert s.loss_scale == 4.0
+    for tiny in (1e-9, 1e-30, 5e-324):
+        s = LossSignal(calibration_steps=5)
+        for _ in range(5):
+            s.update(tiny)
+        for _ in range(400):
+            s.update(tiny)
+        assert s.phi == pytest.approx(1 / 3, abs=1e-6), tiny
+    s = LossSignal(calibration_steps=3)
+    for _ in range(3):
+        s.update(1e-300)
+    for loss in (1e-300, 1e300, 1e308, 1e-300):
+        phi = s.update(loss)
+        assert math.isfinite(phi) and 0.0 <= phi <= 1.0 and math.isfinite(s.components["D"])
+    for _ in range(20000):
+        phi = s.update(1e-300)
+    assert phi < 0.35  # and the run comes back from the shock

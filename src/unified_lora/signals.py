@@ -52,7 +52,8 @@ class LossSignal:
     `loss_scale` divides the loss first, so LM losses (2-3 nats) are usable.
     With `calibration_steps = n`, φ is held at its initial value for n steps and
     then `loss_scale` is set so the mean warmup loss maps to `calibration_target`
-    (0.5 → φ ≈ 0.333, MULTI, the seed trace's baseline).
+    (0.5 → φ ≈ 0.333, MULTI, the seed trace's baseline). A warm-up mean of 0 leaves
+    `loss_scale` as configured.
     """
 
     def __init__(self, alpha=0.1, beta=0.9, loss_scale=1.0, calibration_steps=0, calibration_target=0.5,
@@ -80,10 +81,15 @@ class LossSignal:
         elif self.calibrating:
             self._calib.append(loss)
             if not self.calibrating:  # just finished: fix the scale
-                mean = sum(self._calib) / len(self._calib)
-                self.loss_scale = max(mean, 1e-8) / self.calibration_target
+                scale = sum(self._calib) / len(self._calib) / self.calibration_target
+                # A warm-up mean of 0 (a perfect fit) maps to no scale: the configured loss_scale stays. (A floor
+                # of 1e-8 used to pin φ near 1, MIRROR, for any later loss, and mis-scaled means below 1e-8.)
+                if scale > 0:
+                    self.loss_scale = scale
         else:
-            L = loss / self.loss_scale
+            # capped: a finite loss over a tiny scale overflowed to inf, and E_s = inf made D = inf/inf = NaN
+            # for good. Any L above the cap gives D = 1.0 in floating point anyway.
+            L = min(loss / self.loss_scale, 1e300)
             self.E_s = self.beta * self.E_s + (1 - self.beta) * L
             D = self.E_s / (1 + self.E_s)
             self.phi = (1 - self.alpha) * self.phi + self.alpha * D
