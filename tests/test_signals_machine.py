@@ -454,3 +454,36 @@ def test_calibration_on_a_zero_or_tiny_warmup_loss_and_a_huge_loss_keep_phi_mean
     for _ in range(20000):
         phi = s.update(1e-300)
     assert phi < 0.35  # and the run comes back from the shock
+
+
+def test_gradient_stats_give_none_for_an_adapter_without_gradient_and_refuse_a_half_frozen_one():
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(3)]
+    stats, sig = GradientStats(), CompositeSignal()
+
+    def fill(skip=()):
+        for i, layer in enumerate(layers):
+            for p in layer.active_parameters():
+                p.grad = None if i in skip else torch.randn_like(p)
+
+    fill(skip=(1,))  # adapter 1 skipped on the very first step: nothing stored for it yet
+    norms, cos = stats(layers)
+    assert norms[1] is None and norms[0] > 0 and cos == [None] * 3 and stats.prev[1] == []
+    sig.update(1.0, norms, cos)
+    assert sig.S[1].value is None and sig.components["S"] == pytest.approx((norms[0] + norms[2]) / 2)
+    fill()
+    stats(layers)
+    kept = [t.clone() for t in stats.prev[2]]
+    fill(skip=(2,))
+    norms, cos = stats(layers)
+    assert norms[2] is None and cos[2] is None and cos[0] is not None
+    assert all(torch.equal(a, b) for a, b in zip(stats.prev[2], kept))
+    fill(skip=(0, 1, 2))
+    assert stats(layers) == ([None] * 3, [None] * 3)
+    fill()
+    layers[0].lora_A[0].grad = None
+    with pytest.raises(ValueError, match="adapter 0 has a gradient on some of its active blocks"):
+        stats(layers)

@@ -164,9 +164,11 @@ class CompositeSignal:
         self.components: dict = {}
 
     def update(self, loss: float, grad_norms: Sequence[float], cosines: Sequence[float | None]) -> float:
-        """`cosines[i]` is None when adapter i has no previous gradient yet."""
+        """`cosines[i]` is None when adapter i has no previous gradient yet; `grad_norms[i]` (and its cosine)
+        is None when adapter i had no gradient this step (a layer LayerDrop skipped): its S and E hold, and
+        the means run over the adapters that have an S."""
         loss = float(loss)
-        if not _check_finite(loss, self.nonfinite) or not all(math.isfinite(g) for g in grad_norms) or not all(
+        if not _check_finite(loss, self.nonfinite) or not all(g is None or math.isfinite(g) for g in grad_norms) or not all(
                 c is None or math.isfinite(c) for c in cosines):
             if self.nonfinite == "raise":
                 raise NonFiniteLossError(f"gradient norm or cosine: got a non-finite value in {list(grad_norms)[:4]}, "
@@ -180,7 +182,8 @@ class CompositeSignal:
             self.E = [Ema(self.rate) for _ in grad_norms]
         fast, slow = self.fast.update(loss), self.slow.update(loss)
         C = max(0.0, (fast - slow) / slow) if slow > 1e-12 else 0.0
-        S = [ema.update(g) for ema, g in zip(self.S, grad_norms)]
+        S = [v for v in (ema.update(g) if g is not None else ema.value for ema, g in zip(self.S, grad_norms))
+             if v is not None] or [0.0]
         E = [ema.update(1.0 - max(0.0, c)) if c is not None else (ema.value if ema.value is not None else 0.0)
              for ema, c in zip(self.E, cosines)]
         S_mean, E_mean = sum(S) / len(S), sum(E) / len(E)
@@ -233,30 +236,40 @@ class GradientStats:
     def _indices(self, dev, owner: list[int], pair_pos: list[int], pair_owner: list[int], with_prev: list[int]):
         key = (str(dev), tuple(owner), tuple(pair_pos), tuple(pair_owner), tuple(with_prev))
         if key not in self._index:
+            if len(self._index) >= 64:  # layouts vary from step to step under LayerDrop: keep the cache bounded
+                self._index.clear()
             self._index[key] = tuple(torch.tensor(v, dtype=torch.long, device=dev)
                                      for v in (owner, pair_pos, pair_owner, with_prev))
         return self._index[key]
 
     @torch.no_grad()
-    def __call__(self, adapters: Sequence) -> tuple[list[float], list[float | None]]:
+    def __call__(self, adapters: Sequence) -> tuple[list[float | None], list[float | None]]:
+        """Per adapter: the gradient norm and the cosine to the previous gradient (None: none yet). An
+        adapter whose active blocks all have no gradient took no part in this step's forward (a layer
+        LayerDrop skipped, a module the loss does not reach): its norm and cosine are None and its stored
+        gradient stays. (The controller checks that backward ran at all.)"""
         grads: list[list[torch.Tensor]] = []
-        for layer in adapters:
+        for i, layer in enumerate(adapters):
             k = layer.n_active_blocks
             gs = [p.grad for p in blocks_of(layer.lora_A)[:k] + blocks_of(layer.lora_B)[:k]]
             if any(g is None for g in gs):
-                raise ValueError(
-                    "ctrl.step: an active adapter has no gradient; call loss.backward() before ctrl.step(loss=...)"
-                )
+                if not all(g is None for g in gs):
+                    raise ValueError(
+                        f"ctrl.step: adapter {i} has a gradient on some of its active blocks and none on others "
+                        f"(a block set to requires_grad=False?); the composite signal reads every active block")
+                gs = []  # not in this step's graph
             grads.append(gs)
         flat = [g for gs in grads for g in gs]
-        dev = flat[0].device
         L = len(grads)
+        if not flat:  # every adapter's layer was skipped; only other parameters (a head) trained
+            return [None] * L, [None] * L
+        dev = flat[0].device
         # Pair the blocks present in both steps (lists are A blocks then B blocks); pair_pos indexes `flat`.
         cur, prv, pair_pos, pair_owner, has_prev, start = [], [], [], [], [], 0
         for a, gs in enumerate(grads):
-            prev = self.prev[a] if a < len(self.prev) else None
-            has_prev.append(prev is not None)
-            if prev is not None:
+            prev = self.prev[a] if a < len(self.prev) else []
+            has_prev.append(bool(prev) and bool(gs))
+            if has_prev[-1]:
                 k, h, hp = min(len(gs), len(prev)) // 2, len(gs) // 2, len(prev) // 2
                 cur += gs[:k] + gs[h:h + k]
                 prv += prev[:k] + prev[hp:hp + k]
@@ -290,8 +303,8 @@ class GradientStats:
         # A gradient with an inf/NaN entry has a non-finite norm; the signal skips that step, and storing it
         # would make the next cosine NaN (and E jump). The test runs on the host values already read, so it
         # adds no op and no sync; the copy is issued after the sync instead of before it (same op count).
-        grad_norms = vals[:L]
-        finite = all(map(math.isfinite, grad_norms))
+        grad_norms = [v if gs else None for v, gs in zip(vals[:L], grads)]
+        finite = all(map(math.isfinite, vals[:L]))
         if finite:
             self._store(grads, flat)
         # With finite norms a NaN cosine is 0/0: this or the previous gradient is zero (a perfect fit, say), so
@@ -311,7 +324,8 @@ class GradientStats:
         if same_layout:
             torch._foreach_copy_(old, flat)
             return
-        self.prev = [[g.detach().clone() for g in gs] for gs in grads]
+        kept = self.prev + [[]] * (len(grads) - len(self.prev))  # an adapter with no gradient keeps its own
+        self.prev = [[g.detach().clone() for g in gs] if gs else p for gs, p in zip(grads, kept)]
 
     def state_dict(self) -> dict:
         return {"prev": [[g.detach().cpu().clone() for g in gs] for gs in self.prev]}
