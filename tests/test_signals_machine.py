@@ -487,3 +487,23 @@ def test_gradient_stats_give_none_for_an_adapter_without_gradient_and_refuse_a_h
     layers[0].lora_A[0].grad = None
     with pytest.raises(ValueError, match="adapter 0 has a gradient on some of its active blocks"):
         stats(layers)
+
+
+def test_the_convergence_term_sees_a_loss_rise_at_any_scale_and_sign():
+    """C = max(0, (fast − slow)/slow) was forced to 0 unless slow > 1e-12: a loss near a perfect fit (1e-13) that
+    jumped 10× gave C = 0, and so did any objective below 0, for which the README recommends this signal."""
+    def C_after_jump(base, jump):
+        s = CompositeSignal()
+        for i in range(50):
+            s.update(base, [1.0], [None if i == 0 else 0.5])
+        for _ in range(5):
+            s.update(base + jump, [1.0], [0.5])
+        return s.components["C"]
+
+    ref = C_after_jump(1.0, 9.0)
+    assert ref > 0.5
+    for scale in (1e-13, 1e-30, 1e20):
+        assert C_after_jump(scale, 9.0 * scale) == pytest.approx(ref, rel=1e-9), scale
+    assert C_after_jump(-2.0, 1.0) > 0.1  # a negative objective that rises
+    assert C_after_jump(-2.0, -1.0) == 0.0 and C_after_jump(1.0, -0.5) == 0.0  # falling losses: no stress
+    assert math.isfinite(C_after_jump(1e-300, 1e300)) and C_after_jump(0.0, 0.0) == 0.0

@@ -181,7 +181,9 @@ class CompositeSignal:
             self.S = [Ema(self.rate) for _ in grad_norms]
             self.E = [Ema(self.rate) for _ in grad_norms]
         fast, slow = self.fast.update(loss), self.slow.update(loss)
-        C = max(0.0, (fast - slow) / slow) if slow > 1e-12 else 0.0
+        # The rise of the loss relative to its slow level, at any scale and sign: a floor of slow > 1e-12 kept C at 0
+        # for losses below 1e-12 (near a perfect fit) and for any negative objective. Capped so C stays finite.
+        C = min(max(0.0, (fast - slow) / abs(slow)), 1e12) if slow else 0.0
         S = [v for v in (ema.update(g) if g is not None else ema.value for ema, g in zip(self.S, grad_norms))
              if v is not None] or [0.0]
         E = [ema.update(1.0 - max(0.0, c)) if c is not None else (ema.value if ema.value is not None else 0.0)
