@@ -144,7 +144,7 @@ class CompositeSignal:
     then EMA(0.1). Per adapter i:
       S_i = EMA(0.1) of the gradient norm √(‖∇A‖² + ‖∇B‖²)
       E_i = EMA(0.1) of 1 − max(0, cos(g_t, g_{t−1}))   (direction churn)
-    and globally C = max(0, (loss_EMA(0.1) − loss_EMA(0.02)) / loss_EMA(0.02)).
+    and globally C = max(0, (loss_EMA(0.1) − loss_EMA(0.02)) / |loss_EMA(0.02)|).
     φ_raw uses the mean of the per-adapter S_i and E_i.
 
     Known weakness kept visible: being self-normalised, φ ≈ 0.5 (MULTI) in
