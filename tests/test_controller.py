@@ -1200,3 +1200,53 @@ def test_a_run_that_starts_in_mirror_snapshots_at_its_first_step_and_applies_the
     ctrl0.adapters[0].lora_A[0].grad = torch.zeros_like(ctrl0.adapters[0].lora_A[0])
     ctrl0.step(loss=0.5)
     assert ctrl0.trace[0].transition == "MIRROR->MULTI" and ctrl0.trace[0].snapshot is None
+
+
+@pytest.mark.parametrize("signal", ["composite", "loss"])
+def test_layers_that_layerdrop_skips_have_no_gradient_and_the_step_goes_on(signal):
+    """BART's encoder_layerdrop / decoder_layerdrop (wav2vec2's layerdrop is 0.1 by default) skip whole layers
+    in training, so their adapters have no gradient on that step. ctrl.step said "call loss.backward()", which
+    the loop had just done: with the composite signal whenever any layer was skipped, with the loss signal
+    whenever the first adapter's was. Now a skipped adapter's S, E and stored gradient hold for that step; the
+    others' are read as usual. Forgetting backward is still refused."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     encoder_layerdrop=0.5, decoder_layerdrop=0.5, num_labels=2, dropout=0.0, attention_dropout=0.0)
+    model = BartForSequenceClassification(cfg).train()
+    adapters, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classification_head"],
+                                        signal=signal, print_fn=None)
+    layers = list(adapters.values())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(3, VOCAB, (4, 10))
+    x[:, -1] = cfg.eos_token_id
+    y = torch.randint(0, 2, (4,))
+    some_skipped = all_skipped = mixed = 0
+    for step in range(40):
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        had = [a.first_block_grad() is not None for a in layers]
+        some_skipped += not had[0]
+        all_skipped += not any(had)
+        mixed += any(had) and not all(had)
+        before_S = [e.value for e in getattr(ctrl.signal, "S", [])]
+        before_prev = [[t.clone() for t in gs] for gs in ctrl.grad_stats.prev]
+        ctrl.step(loss=loss.item())
+        if signal == "composite" and before_S:
+            for i, h in enumerate(had):
+                if not h:  # a skipped adapter's S and stored gradient are as they were
+                    assert ctrl.signal.S[i].value == before_S[i]
+                    if i < len(before_prev):
+                        assert all(torch.equal(a, b) for a, b in zip(ctrl.grad_stats.prev[i], before_prev[i]))
+        assert 0.0 <= ctrl.phi <= 1.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert some_skipped and all_skipped and mixed  # the run met each case
+    assert len(ctrl.trace) == 40 and not any(r.nonfinite for r in ctrl.trace)
+    if signal == "composite":
+        assert len(ctrl.grad_stats._index) <= 64  # one layout per skip pattern: the cache stays bounded
+    with pytest.raises(ValueError, match="call loss.backward"):
+        ctrl.step(loss=1.0)

@@ -337,3 +337,173 @@ def test_the_machine_refuses_a_nan_phi_instead_of_reading_it_as_single():
     with pytest.raises(ValueError, match="^phi: got NaN at step 3"):
         m.step(float("nan"), 3)
     assert m.mode == 1 and m.last_transition_step is None
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e-12, 1e-9, 1.0, 1e6, 1e9, 1e12])
+def test_gradient_cosines_match_a_float64_reference_at_any_gradient_scale(scale):
+    """The cosine's denominator was sqrt(‖c‖²·‖p‖²) in fp32: the product of squares underflows below gradient
+    norms of ~1e-10 (near a perfect fit) and overflows above ~4e9. Norms of ~1e-12 gave a cosine of 1.8e6, so
+    E = 1 − cos was hugely negative; norms of ~1e10 gave 0 (full churn) for gradients that barely turned."""
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats, prev = GradientStats(), None
+    for step in range(3):
+        grads = []
+        for i, layer in enumerate(layers):
+            gs = []
+            for j, p in enumerate(layer.active_parameters()):
+                g = torch.randn_like(p)
+                if prev is not None:
+                    g = 0.7 * prev[i][j] / scale + 0.3 * g
+                p.grad = g * scale
+                gs.append(p.grad.clone())
+            grads.append(gs)
+        norms, cos = stats(layers)
+        ref_n, ref_c = _reference_stats(grads, prev)
+        assert norms == pytest.approx(ref_n, rel=1e-5)
+        if prev is not None:
+            assert all(-1.0 <= c <= 1.0 for c in cos) and cos == pytest.approx(ref_c, abs=1e-4)
+        prev = grads
+
+
+def test_a_zero_gradient_has_no_cosine_and_leaves_direction_churn_where_it_was():
+    """cos(0, g) is undefined. It used to come out as 0/1e-30 = 0, i.e. full churn (E → 1) at a perfect fit
+    whose loss and gradients are exactly 0, and again on the step after it. Now it is None, as on a first
+    step: E holds, and the zero gradient is stored (it is finite), not skipped as non-finite."""
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats, sig = GradientStats(), CompositeSignal()
+
+    def step(zero_first):
+        for i, layer in enumerate(layers):
+            for p in layer.active_parameters():
+                p.grad = torch.zeros_like(p) if (zero_first and i == 0) else torch.ones_like(p)
+        norms, cos = stats(layers)
+        sig.update(1.0, norms, cos)
+        return norms, cos
+
+    step(False)
+    step(False)
+    E0 = [e.value for e in sig.E]
+    assert E0[0] == pytest.approx(0.0, abs=1e-6)  # same direction twice: no churn
+    norms, cos = step(True)
+    assert norms[0] == 0.0 and cos[0] is None and cos[1] == pytest.approx(1.0)
+    assert not sig.components["nonfinite"] and sig.E[0].value == E0[0]
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in stats.prev[0])  # stored, not skipped
+    norms, cos = step(False)  # against a zero previous gradient: still no cosine
+    assert cos[0] is None and sig.E[0].value == E0[0]
+    norms, cos = step(False)
+    assert cos[0] == pytest.approx(1.0)
+
+
+def test_the_history_normaliser_is_scale_free_and_gives_one_half_for_a_constant():
+    """The z-score used an absolute 'std < 1e-12 means constant' test. A constant history of 12345.678 (a
+    gradient norm of that size) has a mean with a rounding error of ~1e-12, which was read as spread: z = ±1,
+    so the normalised value was 1/3 or 2/3 instead of 0.5. And any history whose spread was below 1e-12 (tiny
+    gradients) counted as constant, so φ never moved. The z-score is now the same at every scale."""
+    import random
+
+    for x in [0.0, 1e-20, 0.1, 1.7, 12345.678, 100000.3, 3.3e7, 1e30]:
+        n = HistoryNormalizer()
+        assert {n(x) for _ in range(600)} == {0.5}, x
+    rng = random.Random(0)
+    for trial in range(20):
+        xs = [rng.random() * (10 if rng.random() < 0.1 else 1) for _ in range(rng.randint(10, 700))]
+        ref = HistoryNormalizer()
+        want = [ref(x) for x in xs]
+        for scale in (1e-15, 1e-9, 1e4, 1e15):
+            n = HistoryNormalizer()
+            assert [n(x * scale) for x in xs] == pytest.approx(want, abs=1e-9), (trial, scale)
+
+
+def test_calibration_on_a_zero_or_tiny_warmup_loss_and_a_huge_loss_keep_phi_meaningful():
+    """The calibrated scale was max(mean, 1e-8) / target. A warm-up of exact zeros (a perfect fit) gave a scale of
+    2e-8, so any later loss, 0.01 say, read as 5e5 and pinned φ near 1 (MIRROR); a warm-up mean of 1e-9 was mapped
+    to 0.05, not to the target. And a finite loss over a tiny scale overflowed to inf: E_s = inf, D = inf/inf, and
+    φ was NaN for the rest of the run."""
+    s = LossSignal(calibration_steps=5)
+    for _ in range(5):
+        s.update(0.0)
+    assert s.loss_scale == 1.0  # no scale maps 0 to 0.5: the configured one stays
+    for _ in range(400):
+        s.update(0.43)
+    assert s.phi == pytest.approx(0.43 / 1.43, abs=1e-6)
+    s = LossSignal(calibration_steps=5, loss_scale=4.0)
+    for _ in range(5):
+        s.update(0.0)
+    assert s.loss_scale == 4.0
+    for tiny in (1e-9, 1e-30, 5e-324):
+        s = LossSignal(calibration_steps=5)
+        for _ in range(5):
+            s.update(tiny)
+        for _ in range(400):
+            s.update(tiny)
+        assert s.phi == pytest.approx(1 / 3, abs=1e-6), tiny
+    s = LossSignal(calibration_steps=3)
+    for _ in range(3):
+        s.update(1e-300)
+    for loss in (1e-300, 1e300, 1e308, 1e-300):
+        phi = s.update(loss)
+        assert math.isfinite(phi) and 0.0 <= phi <= 1.0 and math.isfinite(s.components["D"])
+    for _ in range(20000):
+        phi = s.update(1e-300)
+    assert phi < 0.35  # and the run comes back from the shock
+
+
+def test_gradient_stats_give_none_for_an_adapter_without_gradient_and_refuse_a_half_frozen_one():
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(3)]
+    stats, sig = GradientStats(), CompositeSignal()
+
+    def fill(skip=()):
+        for i, layer in enumerate(layers):
+            for p in layer.active_parameters():
+                p.grad = None if i in skip else torch.randn_like(p)
+
+    fill(skip=(1,))  # adapter 1 skipped on the very first step: nothing stored for it yet
+    norms, cos = stats(layers)
+    assert norms[1] is None and norms[0] > 0 and cos == [None] * 3 and stats.prev[1] == []
+    sig.update(1.0, norms, cos)
+    assert sig.S[1].value is None and sig.components["S"] == pytest.approx((norms[0] + norms[2]) / 2)
+    fill()
+    stats(layers)
+    kept = [t.clone() for t in stats.prev[2]]
+    fill(skip=(2,))
+    norms, cos = stats(layers)
+    assert norms[2] is None and cos[2] is None and cos[0] is not None
+    assert all(torch.equal(a, b) for a, b in zip(stats.prev[2], kept))
+    fill(skip=(0, 1, 2))
+    assert stats(layers) == ([None] * 3, [None] * 3)
+    fill()
+    layers[0].lora_A[0].grad = None
+    with pytest.raises(ValueError, match="adapter 0 has a gradient on some of its active blocks"):
+        stats(layers)
+
+
+def test_the_convergence_term_sees_a_loss_rise_at_any_scale_and_sign():
+    """C = max(0, (fast − slow)/slow) was forced to 0 unless slow > 1e-12: a loss near a perfect fit (1e-13) that
+    jumped 10× gave C = 0, and so did any objective below 0, for which the README recommends this signal."""
+    def C_after_jump(base, jump):
+        s = CompositeSignal()
+        for i in range(50):
+            s.update(base, [1.0], [None if i == 0 else 0.5])
+        for _ in range(5):
+            s.update(base + jump, [1.0], [0.5])
+        return s.components["C"]
+
+    ref = C_after_jump(1.0, 9.0)
+    assert ref > 0.5
+    for scale in (1e-13, 1e-30, 1e20):
+        assert C_after_jump(scale, 9.0 * scale) == pytest.approx(ref, rel=1e-9), scale
+    assert C_after_jump(-2.0, 1.0) > 0.1  # a negative objective that rises
+    assert C_after_jump(-2.0, -1.0) == 0.0 and C_after_jump(1.0, -0.5) == 0.0  # falling losses: no stress
+    assert math.isfinite(C_after_jump(1e-300, 1e300)) and C_after_jump(0.0, 0.0) == 0.0

@@ -287,15 +287,18 @@ class UnifiedController:
         return loss
 
     def _check_backward_ran(self) -> None:
-        # block 0 is active at every rank, so one attribute read settles the usual case
+        # block 0 is active at every rank, so one attribute read settles the usual case. Otherwise any adapter's
+        # gradient will do, or a trained head's: a layer that took no part in this forward (LayerDrop) has none.
         if self.adapters and self.adapters[0].first_block_grad() is None and all(
-                p.grad is None for p in self.adapters[0].active_parameters()):
+                p.grad is None for a in self.adapters for p in a.active_parameters()):
             merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]  # (PEFT views have none)
             if merged:  # a merged layer runs its base weight alone: backward ran, and the adapters took no part
                 raise ValueError(f"ctrl.step: no gradient on the adapters: {len(merged)} of {len(self.adapters)} "
                                  "are merged into their base weights (merge_adapters), so the forward ran without "
                                  "them; call unmerge_adapters(model) before training again")
-            raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
+            if all(p.grad is None for p in self.extra_params):
+                raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before "
+                                 "ctrl.step(loss=...)")
 
     def _update_signal(self, loss: float) -> float:
         """Feed the signal; subclasses take extra step inputs here (e.g. per-task losses)."""

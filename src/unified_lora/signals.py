@@ -52,7 +52,8 @@ class LossSignal:
     `loss_scale` divides the loss first, so LM losses (2-3 nats) are usable.
     With `calibration_steps = n`, φ is held at its initial value for n steps and
     then `loss_scale` is set so the mean warmup loss maps to `calibration_target`
-    (0.5 → φ ≈ 0.333, MULTI, the seed trace's baseline).
+    (0.5 → φ ≈ 0.333, MULTI, the seed trace's baseline). A warm-up mean of 0 leaves
+    `loss_scale` as configured.
     """
 
     def __init__(self, alpha=0.1, beta=0.9, loss_scale=1.0, calibration_steps=0, calibration_target=0.5,
@@ -80,10 +81,15 @@ class LossSignal:
         elif self.calibrating:
             self._calib.append(loss)
             if not self.calibrating:  # just finished: fix the scale
-                mean = sum(self._calib) / len(self._calib)
-                self.loss_scale = max(mean, 1e-8) / self.calibration_target
+                scale = sum(self._calib) / len(self._calib) / self.calibration_target
+                # A warm-up mean of 0 (a perfect fit) maps to no scale: the configured loss_scale stays. (A floor
+                # of 1e-8 used to pin φ near 1, MIRROR, for any later loss, and mis-scaled means below 1e-8.)
+                if scale > 0:
+                    self.loss_scale = scale
         else:
-            L = loss / self.loss_scale
+            # capped: a finite loss over a tiny scale overflowed to inf, and E_s = inf made D = inf/inf = NaN
+            # for good. Any L above the cap gives D = 1.0 in floating point anyway.
+            L = min(loss / self.loss_scale, 1e300)
             self.E_s = self.beta * self.E_s + (1 - self.beta) * L
             D = self.E_s / (1 + self.E_s)
             self.phi = (1 - self.alpha) * self.phi + self.alpha * D
@@ -125,7 +131,10 @@ class HistoryNormalizer:
             return 0.5
         mean = sum(self.values) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
-        z = 0.0 if std < 1e-12 else (x - mean) / std
+        # Constant history: z = 0. The test is relative, so the z-score is the same at any scale: an absolute
+        # 1e-12 read the mean's rounding error as spread for values of ~1e4 (z = ±1, 1/3 or 2/3 for a constant),
+        # and every history of values below ~1e-12 as constant.
+        z = 0.0 if std <= 1e-12 * abs(mean) else (x - mean) / std
         z = max(-3.0, min(3.0, z))
         return (z + 3.0) / 6.0
 
@@ -135,7 +144,7 @@ class CompositeSignal:
     then EMA(0.1). Per adapter i:
       S_i = EMA(0.1) of the gradient norm √(‖∇A‖² + ‖∇B‖²)
       E_i = EMA(0.1) of 1 − max(0, cos(g_t, g_{t−1}))   (direction churn)
-    and globally C = max(0, (loss_EMA(0.1) − loss_EMA(0.02)) / loss_EMA(0.02)).
+    and globally C = max(0, (loss_EMA(0.1) − loss_EMA(0.02)) / |loss_EMA(0.02)|).
     φ_raw uses the mean of the per-adapter S_i and E_i.
 
     Known weakness kept visible: being self-normalised, φ ≈ 0.5 (MULTI) in
@@ -155,9 +164,11 @@ class CompositeSignal:
         self.components: dict = {}
 
     def update(self, loss: float, grad_norms: Sequence[float], cosines: Sequence[float | None]) -> float:
-        """`cosines[i]` is None when adapter i has no previous gradient yet."""
+        """`cosines[i]` is None when adapter i has no previous gradient yet; `grad_norms[i]` (and its cosine)
+        is None when adapter i had no gradient this step (a layer LayerDrop skipped): its S and E hold, and
+        the means run over the adapters that have an S."""
         loss = float(loss)
-        if not _check_finite(loss, self.nonfinite) or not all(math.isfinite(g) for g in grad_norms) or not all(
+        if not _check_finite(loss, self.nonfinite) or not all(g is None or math.isfinite(g) for g in grad_norms) or not all(
                 c is None or math.isfinite(c) for c in cosines):
             if self.nonfinite == "raise":
                 raise NonFiniteLossError(f"gradient norm or cosine: got a non-finite value in {list(grad_norms)[:4]}, "
@@ -170,8 +181,11 @@ class CompositeSignal:
             self.S = [Ema(self.rate) for _ in grad_norms]
             self.E = [Ema(self.rate) for _ in grad_norms]
         fast, slow = self.fast.update(loss), self.slow.update(loss)
-        C = max(0.0, (fast - slow) / slow) if slow > 1e-12 else 0.0
-        S = [ema.update(g) for ema, g in zip(self.S, grad_norms)]
+        # The rise of the loss relative to its slow level, at any scale and sign: a floor of slow > 1e-12 kept C at 0
+        # for losses below 1e-12 (near a perfect fit) and for any negative objective. Capped so C stays finite.
+        C = min(max(0.0, (fast - slow) / abs(slow)), 1e12) if slow else 0.0
+        S = [v for v in (ema.update(g) if g is not None else ema.value for ema, g in zip(self.S, grad_norms))
+             if v is not None] or [0.0]
         E = [ema.update(1.0 - max(0.0, c)) if c is not None else (ema.value if ema.value is not None else 0.0)
              for ema, c in zip(self.E, cosines)]
         S_mean, E_mean = sum(S) / len(S), sum(E) / len(E)
@@ -224,30 +238,40 @@ class GradientStats:
     def _indices(self, dev, owner: list[int], pair_pos: list[int], pair_owner: list[int], with_prev: list[int]):
         key = (str(dev), tuple(owner), tuple(pair_pos), tuple(pair_owner), tuple(with_prev))
         if key not in self._index:
+            if len(self._index) >= 64:  # layouts vary from step to step under LayerDrop: keep the cache bounded
+                self._index.clear()
             self._index[key] = tuple(torch.tensor(v, dtype=torch.long, device=dev)
                                      for v in (owner, pair_pos, pair_owner, with_prev))
         return self._index[key]
 
     @torch.no_grad()
-    def __call__(self, adapters: Sequence) -> tuple[list[float], list[float | None]]:
+    def __call__(self, adapters: Sequence) -> tuple[list[float | None], list[float | None]]:
+        """Per adapter: the gradient norm and the cosine to the previous gradient (None: none yet). An
+        adapter whose active blocks all have no gradient took no part in this step's forward (a layer
+        LayerDrop skipped, a module the loss does not reach): its norm and cosine are None and its stored
+        gradient stays. (The controller checks that backward ran at all.)"""
         grads: list[list[torch.Tensor]] = []
-        for layer in adapters:
+        for i, layer in enumerate(adapters):
             k = layer.n_active_blocks
             gs = [p.grad for p in blocks_of(layer.lora_A)[:k] + blocks_of(layer.lora_B)[:k]]
             if any(g is None for g in gs):
-                raise ValueError(
-                    "ctrl.step: an active adapter has no gradient; call loss.backward() before ctrl.step(loss=...)"
-                )
+                if not all(g is None for g in gs):
+                    raise ValueError(
+                        f"ctrl.step: adapter {i} has a gradient on some of its active blocks and none on others "
+                        f"(a block set to requires_grad=False?); the composite signal reads every active block")
+                gs = []  # not in this step's graph
             grads.append(gs)
         flat = [g for gs in grads for g in gs]
-        dev = flat[0].device
         L = len(grads)
+        if not flat:  # every adapter's layer was skipped; only other parameters (a head) trained
+            return [None] * L, [None] * L
+        dev = flat[0].device
         # Pair the blocks present in both steps (lists are A blocks then B blocks); pair_pos indexes `flat`.
         cur, prv, pair_pos, pair_owner, has_prev, start = [], [], [], [], [], 0
         for a, gs in enumerate(grads):
-            prev = self.prev[a] if a < len(self.prev) else None
-            has_prev.append(prev is not None)
-            if prev is not None:
+            prev = self.prev[a] if a < len(self.prev) else []
+            has_prev.append(bool(prev) and bool(gs))
+            if has_prev[-1]:
                 k, h, hp = min(len(gs), len(prev)) // 2, len(gs) // 2, len(prev) // 2
                 cur += gs[:k] + gs[h:h + k]
                 prv += prev[:k] + prev[hp:hp + k]
@@ -271,18 +295,26 @@ class GradientStats:
             # [<c, p>, ‖c‖², ‖p‖²] per pair, summed per adapter by one index_add_ (‖c‖² is already in sq)
             terms = torch.stack([(plus - minus).mul_(0.25), sq[pos_t], pn])
             seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
-            cos = seg[0] / (seg[1] * seg[2]).sqrt_().clamp_min_(1e-30)
+            # ‖c‖·‖p‖ as a product of square roots: the product of the squares underflows fp32 below norms
+            # of ~1e-10 (and overflows above ~4e9), which gave cosines of 1e6 or 0. Clamped to [-1, 1] against
+            # rounding; a zero gradient on either side gives 0/0 = NaN, read below as "no cosine".
+            cos = (seg[0] / (seg[1].sqrt() * seg[2].sqrt())).clamp_(-1.0, 1.0)
             parts.append(cos[sel_t])
         vals = torch.cat(parts).tolist()  # the one device sync of this step
-        # Keep this step's gradients as the next step's "previous" only when every norm and cosine is finite.
+        # Keep this step's gradients as the next step's "previous" only when every norm is finite.
         # A gradient with an inf/NaN entry has a non-finite norm; the signal skips that step, and storing it
         # would make the next cosine NaN (and E jump). The test runs on the host values already read, so it
         # adds no op and no sync; the copy is issued after the sync instead of before it (same op count).
-        if all(map(math.isfinite, vals)):
+        grad_norms = [v if gs else None for v, gs in zip(vals[:L], grads)]
+        finite = all(map(math.isfinite, vals[:L]))
+        if finite:
             self._store(grads, flat)
-        grad_norms = vals[:L]
+        # With finite norms a NaN cosine is 0/0: this or the previous gradient is zero (a perfect fit, say), so
+        # the direction is undefined; None leaves E where it was, as on a first step.
         cos_iter = iter(vals[L:])
         cosines = [next(cos_iter) if hp else None for hp in has_prev]
+        if finite:
+            cosines = [None if c != c else c for c in cosines]
         return grad_norms, cosines
 
     def _store(self, grads, flat) -> None:
@@ -294,7 +326,8 @@ class GradientStats:
         if same_layout:
             torch._foreach_copy_(old, flat)
             return
-        self.prev = [[g.detach().clone() for g in gs] for gs in grads]
+        kept = self.prev + [[]] * (len(grads) - len(self.prev))  # an adapter with no gradient keeps its own
+        self.prev = [[g.detach().clone() for g in gs] if gs else p for gs, p in zip(grads, kept)]
 
     def state_dict(self) -> dict:
         return {"prev": [[g.detach().cpu().clone() for g in gs] for gs in self.prev]}
