@@ -721,3 +721,11 @@ def test_a_multitask_setup_that_fails_leaves_the_model_as_it_was():
     assert dict(model.named_modules()) == modules and all(p.requires_grad for p in model.parameters())
     adapters, _ = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None)
     assert all(isinstance(a, MultiTaskNestedLoRALayer) for a in adapters.values())
+
+
+def test_a_huge_task_loss_over_a_small_loss_scale_keeps_phi_finite():
+    # loss / loss_scale overflowed to inf: E = inf, D = inf/inf = NaN, and the NaN φ stopped the run at the
+    # machine. It is capped as the v1 signal's is, so φ stays a number and comes back down.
+    sig = MultiTaskSignal(MultiTaskSignalConfig(loss_scale=1e-10))
+    phis = [sig.update(1e300, {"a": 1e300, "b": 0.5})] + [sig.update(0.5, {"a": 0.5, "b": 0.5}) for _ in range(5)]
+    assert all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in phis)

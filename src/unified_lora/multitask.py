@@ -615,7 +615,7 @@ class MultiTaskSignal:
             self.components = dict(self.components, nonfinite=True)
             return self.phi
         for t, v in (task_losses or {"all": float(loss)}).items():
-            L = float(v) / c.loss_scale
+            L = min(float(v) / c.loss_scale, 1e300)  # capped as LossSignal's: inf would make D = inf/inf = NaN
             self.E[t] = L if t not in self.E else c.beta * self.E[t] + (1 - c.beta) * L
         E = sum(e / (1 + e) for e in self.E.values()) / len(self.E)  # every task seen so far
         avail = [v for k, v in (("grad", conflict_grad), ("weight", conflict_weight))
