@@ -30,6 +30,7 @@ BAD = [  # (config class, keyword arguments, the message's start)
     (NestedLoRAConfig, dict(lora_dropout=1.0), "lora_dropout: must be in [0, 1)"),
     (NestedLoRAConfig, dict(scaling="alpha"), "scaling: must be one of"),
     (NestedLoRAConfig, dict(kernel="triton"), "kernel: must be one of"),
+    (NestedLoRAConfig, dict(autocast_adapter_dtype="yes"), "autocast_adapter_dtype: must be true or false"),
     (NestedLoRAConfig, dict(initial_rank=12), "initial_rank: must be one of rank_levels"),
     (MachineConfig, dict(theta0=-0.1), "theta0: must be a number in [0, 1]"),
     (MachineConfig, dict(theta1=True), "theta1: must be a number, got True (bool)"),

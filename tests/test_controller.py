@@ -480,6 +480,43 @@ def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(
     assert [r["loss"] for r in read_trace(path)] == [0.5, 0.6] and [r.loss for r in twin.trace] == [0.5, 5.0]
 
 
+def test_a_bf16_model_trains_fp32_adapters_through_a_mirror_save_and_restore():
+    # setup_unified_lora on a bf16 model makes the LoRA blocks fp32 (PEFT's autocast_adapter_dtype=True); the head
+    # in modules_to_save stays bf16. AdamW's moments follow the fp32 blocks, the outputs stay bf16, and a Mirror
+    # restore puts every managed parameter (two dtypes) and the optimizer state back bit for bit.
+    model = tiny_bert().to(torch.bfloat16)
+    adapters, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                        signal="loss", print_fn=None,
+                                        mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    params = ctrl.managed_parameters()
+    assert {p.dtype for a in adapters.values() for p in a.lora_parameters()} == {torch.float32}
+    assert model.classifier.weight.dtype == torch.bfloat16 and model.classifier.weight in set(params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(8, 8)
+    model(input_ids=x, labels=y).loss.backward()  # one plain step first, so AdamW has moments to snapshot
+    opt.step()
+    opt.zero_grad()
+    snap = None
+    for step in range(120):
+        out = model(input_ids=x, labels=y)
+        assert out.logits.dtype == torch.bfloat16
+        out.loss.backward()
+        ctrl.step(loss=50.0 if snap is None and ctrl.mode != 2 else 0.01)
+        if ctrl.trace[-1].snapshot == "saved":
+            snap = [p.detach().clone() for p in params]
+            moments = [(p, opt.state[p]["exp_avg"].clone()) for p in params if "exp_avg" in opt.state[p]]
+        opt.step()
+        opt.zero_grad()
+        if ctrl.trace[-1].snapshot == "restored":
+            assert all(p.dtype == s.dtype and torch.equal(p, s) for p, s in zip(params, snap))
+            assert moments and all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in moments)
+            q = adapters["bert.encoder.layer.0.attention.self.query"].lora_A[0]
+            assert opt.state[q]["exp_avg"].dtype == torch.float32
+            return
+    raise AssertionError("no Mirror restore")
+
+
 def test_a_grad_scaler_loop_that_unscales_first_goes_through_a_mirror_restore():
     """The README's AMP recipe: scaler.unscale_(opt) before ctrl.step. A restore clears every gradient, and
     scaler.step (which would otherwise find no gradient to check for inf and assert) leaves the restored

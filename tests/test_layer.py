@@ -280,8 +280,9 @@ def test_merge_then_unmerge_gives_a_half_precision_base_weight_back_bit_for_bit(
             layer.unmerge()
             assert torch.equal(base.weight, w0)
             layer.set_rank(8)
-    model = tiny_llama().to(dtype)  # through merge_adapters / unmerge_adapters too
+    model = tiny_llama().to(dtype)  # through merge_adapters / unmerge_adapters too, with fp32 blocks (the default)
     inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "down_proj"]))
+    assert {p.dtype for layer in lora_layers(model).values() for p in layer.lora_parameters()} == {torch.float32}
     for layer in model.modules():
         if isinstance(layer, NestedLoRALayer):
             _randomize_B(layer)
@@ -337,6 +338,90 @@ def test_layer_follows_the_base_dtype_and_device():
     assert layer(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.to(torch.float32)(torch.randn(2, 16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype,fp32_blocks", [(torch.bfloat16, True), (torch.float16, True),
+                                                (torch.float32, False), (torch.float64, False)])
+def test_injected_blocks_are_fp32_on_a_half_precision_base_as_peft_makes_them(dtype, fp32_blocks):
+    # PEFT's get_peft_model(autocast_adapter_dtype=True), its default, keeps LoRA weights in fp32 on a bf16/fp16
+    # base; inject_nested_lora made them in the base's dtype, so a bf16 model trained bf16 adapters (and AdamW
+    # moments). The option has PEFT's name and default; fp32 and fp64 bases keep their dtype, as under PEFT.
+    model = tiny_llama().to(dtype)
+    layers = inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "down_proj"]))
+    want = torch.float32 if fp32_blocks else dtype
+    assert {p.dtype for layer in layers.values() for p in layer.lora_parameters()} == {want}  # paused blocks too
+    assert all(layer.base_layer.weight.dtype == dtype for layer in layers.values())  # the frozen base stays
+    off = tiny_llama().to(dtype)
+    layers = inject_nested_lora(off, NestedLoRAConfig(target_modules=["q_proj"], autocast_adapter_dtype=False))
+    assert {p.dtype for layer in layers.values() for p in layer.lora_parameters()} == {dtype}
+    x = torch.randint(0, 32, (2, 5))
+    assert model(x).logits.dtype == off(x).logits.dtype == dtype
+    # a bare layer keeps the base's dtype (as PEFT's own LoRA layer, before get_peft_model upcasts it)
+    assert {p.dtype for p in NestedLoRALayer(nn.Linear(8, 4).to(dtype)).lora_parameters()} == {dtype}
+    assert {p.dtype for p in NestedLoRALayer(nn.Linear(8, 4).to(dtype), autocast_adapter_dtype=True)
+            .lora_parameters()} == {want}
+
+
+def _peft_twin(model, layers, rank):
+    """A PEFT LoRA model (get_peft_model, its defaults) on a copy of `model`'s base weights, holding the nested
+    layers' active blocks at `rank`."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as PeftLinear
+
+    base = copy.deepcopy(model)
+    for name, layer in lora_layers(base).items():
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, layer.base_layer)
+    pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=sorted(layers)))
+    for name, layer in layers.items():
+        twin = pm.base_model.model.get_submodule(name)
+        assert isinstance(twin, PeftLinear)
+        with torch.no_grad():
+            twin.lora_A["default"].weight.copy_(layer.active_A())
+            twin.lora_B["default"].weight.copy_(layer.active_B())
+    return pm
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_blocks_on_a_half_precision_model_give_peft_outputs_bit_for_bit_and_its_gradients(dtype, rank, kernel):
+    # fp32 blocks on a bf16/fp16 base compute the delta in fp32, add it to the base output in fp32 and round once
+    # to the base's dtype, as PEFT's `(result + lora_B(lora_A(x)) * scaling).to(result.dtype)` does. The layer
+    # used to round the delta to the base's dtype first and then add in it (two roundings): some logits were an
+    # ulp or more off PEFT's. Gradients are PEFT's too, in fp32; paused blocks stay out of the graph.
+    model = tiny_llama().to(dtype)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    layers = inject_nested_lora(model, NestedLoRAConfig(target_modules=targets, initial_rank=rank, kernel=kernel))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            for b in layer.lora_B:
+                b.normal_(0, 0.5, generator=g)
+    pm = _peft_twin(model, layers, rank)
+    x = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
+    ours, theirs = model(x).logits, pm(x).logits
+    assert ours.dtype == theirs.dtype == dtype
+    assert (ours - tiny_llama().to(dtype)(x).logits).abs().max() > 1e-2  # the adapters count
+    assert torch.equal(ours, theirs)
+    ours.float().square().mean().backward()
+    theirs.float().square().mean().backward()
+    for name, layer in layers.items():
+        twin = pm.base_model.model.get_submodule(name)
+        gA = torch.cat([a.grad for a in layer.lora_A[:layer.n_active_blocks]], 0)
+        gB = torch.cat([b.grad for b in layer.lora_B[:layer.n_active_blocks]], 1)
+        assert gA.dtype == gB.dtype == torch.float32
+        torch.testing.assert_close(gA, twin.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gB, twin.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        active = {id(p) for p in layer.active_parameters()}
+        assert all(p.grad is None for p in layer.lora_parameters() if id(p) not in active)
+    # under autocast the path computes in the autocast dtype: the base's output dtype, fp32 gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x).logits
+    assert y.dtype == torch.bfloat16
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    layer.zero_grad()
+    y.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.active_parameters())
 
 
 @pytest.mark.parametrize("levels,msg", [((8, 4, 16), "strictly increasing"), ((4, 4), "strictly increasing"),
@@ -515,8 +600,8 @@ def test_bf16_autocast_backward_gives_fp32_gradients(kernel):
 @pytest.mark.parametrize("rank", [2, 4])  # one active block (plain ops) and two (the custom Function)
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base_dtype, rank, kernel):
-    # the LoRA up-projection accumulates into the base output with one addmm (or, for a base
-    # output of another dtype, a cast add): values and every gradient must equal the plain maths
+    # the LoRA up-projection accumulates into the base output with one addmm (for a base output of another
+    # dtype, in the wider dtype and rounded once): values and every gradient must equal the plain maths
     torch.manual_seed(0)
     base = nn.Linear(12, 10).to(base_dtype)
     layer = NestedLoRALayer(base, rank_levels=(2, 4, 8), lora_alpha=6.0, kernel=kernel)
@@ -534,7 +619,7 @@ def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base
         p.grad = None
     A = torch.cat(list(layer.lora_A[:k]), 0)
     B = torch.cat(list(layer.lora_B[:k]), 1)
-    ref = base(x) + (layer.scaling * (x.float() @ A.T) @ B.T).to(base_dtype)
+    ref = (base(x).float() + layer.scaling * (x.float() @ A.T) @ B.T).to(base_dtype)  # summed in fp32, rounded once
     tol = dict(rtol=1e-5, atol=1e-5) if base_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, ref.detach(), **tol)
     ref.float().pow(2).sum().backward()

@@ -120,6 +120,45 @@ def test_outputs_unchanged_at_split():
     torch.testing.assert_close(before, after, rtol=0, atol=1e-6)  # mixed: per-subset matmuls
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_gets_fp32_shared_and_task_blocks_and_splits_bit_for_bit(dtype):
+    # setup_multitask_lora follows NestedLoRAConfig.autocast_adapter_dtype (PEFT's default): fp32 shared and task
+    # blocks on a bf16/fp16 model; they were made in the base's dtype. Every path (the shared forward, SINGLE's
+    # gradient-tracking one, the per-task one) adds the fp32 delta to the base output and rounds once, so the
+    # outputs are in the base's dtype and a split still leaves them bit for bit.
+    x, ya, yb = conflict_data()
+    model = tiny_bert().to(dtype)
+    ad, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None,
+                                    signal=MultiTaskSignalConfig(phi_init=0.0),
+                                    machine=MachineConfig(initial_mode=SINGLE))
+    assert {p.dtype for a in ad.values() for p in a.lora_parameters()} == {torch.float32}
+    assert all(a.base_layer.weight.dtype == dtype for a in ad.values())
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=2e-2)
+    ctrl.attach_optimizer(opt)
+    train(model, ctrl, opt, 3, (x, ya, yb), use_ctrl=False)  # through SINGLE's gradient-tracking path
+    assert all(p.dtype == torch.float32 for a in ad.values() for p in a.shared_parameters())
+    ctrl.router.track_grads = False
+    ids, _, tids = mixed_batch(x, ya, yb)
+    with torch.no_grad(), task_context(model, "a"):
+        before = model(input_ids=x).logits
+    ctrl.router.track_grads = True
+    with task_context(model, "a"):  # (grad enabled: SINGLE tracks the task gradients)
+        tracked = model(input_ids=x).logits.detach()
+    ctrl.split()
+    with torch.no_grad(), task_context(model, "a"):
+        after = model(input_ids=x).logits
+    assert before.dtype == after.dtype == dtype
+    assert torch.equal(before, tracked) and torch.equal(before, after)
+    with task_context(model, tids):
+        F.cross_entropy(model(input_ids=ids).logits.float(), torch.cat([ya, yb])).backward()
+    slot = ctrl.router.slots["a"]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for a in ad.values() for p in a.task_parameters(slot)[:1])
+    kept = tiny_bert().to(dtype)
+    ad, _ = setup_multitask_lora(kept, ["a"], TARGETS, print_fn=None, autocast_adapter_dtype=False)
+    assert {p.dtype for a in ad.values() for p in a.lora_parameters()} == {dtype}
+
+
 def test_unknown_task_id_is_a_clear_error():
     model, _, _, _ = build()
     with pytest.raises(ValueError, match=r"task id 'c' is not registered; known task ids: \['a', 'b'\]"):

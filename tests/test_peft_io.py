@@ -290,6 +290,53 @@ def test_export_of_only_a_saved_head_is_a_clear_error(tmp_path):
         export_peft_adapter(model, adapters, tmp_path / "out")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_of_a_half_precision_model_round_trip_through_peft_bit_for_bit(dtype, tmp_path):
+    # Under PEFT's default (autocast_adapter_dtype=True) a bf16/fp16 model holds fp32 LoRA weights, and so do
+    # nested layers now: the export writes them in fp32, PEFT loads them into its fp32 adapters on a fresh
+    # half-precision base and gives our logits bit for bit; a checkpoint PEFT trained on such a base imports
+    # into fp32 blocks unrounded (they used to be rounded to the base's dtype) and gives PEFT's logits.
+    from safetensors.torch import load_file
+
+    model, adapters, fresh = nested("llama")
+    model.to(dtype)
+    fresh.to(dtype)
+    for layer in adapters.values():
+        for p in layer.lora_parameters():
+            p.data = p.data.float()  # (fp32 blocks, as inject_nested_lora makes on a half-precision model)
+    x = inputs()
+    ours = logits(model, x)
+    export_peft_adapter(model, adapters, tmp_path / "out")
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    pm = peft_load(fresh, tmp_path / "out")
+    assert {p.dtype for n, p in pm.named_parameters() if ".lora_" in n} == {torch.float32}
+    theirs = logits(pm, x)
+    assert theirs.dtype == dtype and torch.equal(ours, theirs)
+
+    base, targets, _ = tiny("llama")
+    base.to(dtype)
+    fresh = copy.deepcopy(base)
+    trained = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if ".lora_B." in n:
+                assert p.dtype == torch.float32  # PEFT's own default on a half-precision base
+                p.normal_(0, 0.2, generator=g)
+    trained.save_pretrained(tmp_path / "peft")
+    imp = import_peft_adapter(fresh, tmp_path / "peft")
+    for name, layer in imp.adapters.items():
+        twin = trained.base_model.model.get_submodule(name)
+        assert layer.lora_A[0].dtype == torch.float32 and layer.base_layer.weight.dtype == dtype
+        assert torch.equal(layer.active_A(), twin.lora_A["default"].weight)
+        assert torch.equal(layer.active_B(), twin.lora_B["default"].weight)
+    assert torch.equal(logits(fresh, x), logits(trained, x))
+    kept = tiny("llama")[0].to(dtype)  # autocast_adapter_dtype=False: blocks in the base's dtype, as PEFT's
+    imp = import_peft_adapter(kept, tmp_path / "peft", autocast_adapter_dtype=False)
+    assert {p.dtype for a in imp.adapters.values() for p in a.lora_parameters()} == {dtype}
+
+
 # ------------------------------------------------------------------------------------------ import
 def trained_peft(kind: str, r: int, tmp_path, steps: int = 3, **lora_kw):
     """A PEFT LoRA model trained a few steps with AdamW, saved to tmp_path/'peft'; (peft_model, fresh, dir)."""

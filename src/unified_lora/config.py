@@ -174,6 +174,12 @@ class NestedLoRAConfig:
     save the same tensors, PEFT's; one active block runs as plain torch ops
     with either. While torch.compile traces, a "cpp" layer runs the Python
     Function (bit-identical), so the compiled graph does not break there.
+    `autocast_adapter_dtype` (PEFT's option of `get_peft_model`, same
+    default): True makes the LoRA blocks fp32 on a bf16/fp16 base layer, so
+    the adapters and their optimizer state train in fp32 while the frozen
+    base stays in half precision (the layer's output keeps the base's dtype);
+    an fp32 or fp64 base is left as it is. False: the blocks take the base
+    layer's dtype.
     """
 
     target_modules: Sequence[str] | str = ("q_proj", "v_proj")
@@ -185,6 +191,7 @@ class NestedLoRAConfig:
     modules_to_save: Sequence[str] | None = None
     initial_rank: int | None = None
     kernel: str = "python"
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self) -> None:
         check_field_types(self)

@@ -643,6 +643,7 @@ def setup_unified_lora(
     lr_mode: str = "multiplier",
     mode_ranks: Sequence[int] | None = None,
     layer_kernel: str = "python",
+    autocast_adapter_dtype: bool = True,
     **controller_kwargs,
 ) -> tuple[dict[str, NestedLoRALayer], UnifiedController]:
     """v3 model card API: inject nested LoRA and build the controller.
@@ -650,14 +651,17 @@ def setup_unified_lora(
     Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
     SINGLE/MULTI/MIRROR, and (since the user keeps their own optimizer and
     schedule) LR as a per-mode multiplier. `layer_kernel="cpp"` runs the layers'
-    nested path as a C++ autograd Function (`NestedLoRAConfig.kernel`). Returns
+    nested path as a C++ autograd Function (`NestedLoRAConfig.kernel`).
+    `autocast_adapter_dtype` (PEFT's, default True): fp32 LoRA blocks on a
+    bf16/fp16 base (`NestedLoRAConfig.autocast_adapter_dtype`). Returns
     ({name: adapter}, controller).
     """
     levels, given_ranks = tuple(rank_levels), mode_ranks
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
-                           initial_rank=mode_ranks[1], kernel=layer_kernel)
+                           initial_rank=mode_ranks[1], kernel=layer_kernel,
+                           autocast_adapter_dtype=autocast_adapter_dtype)
     actuators = controller_kwargs.pop("actuators", None)
     _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
     actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)

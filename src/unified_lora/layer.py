@@ -52,7 +52,8 @@ class _NestedLoRAPath(torch.autograd.Function):
     one `addmm` (scaling as its alpha), and backward applies the scaling to the
     rank-sized products, so no tokens × out pass is spent on scaling or on the
     residual add. Under autocast it computes in the autocast dtype, like F.linear;
-    a base output of another dtype gets the delta cast and added instead.
+    a base output of another dtype (fp32 blocks on a bf16 base) gets the delta added in the wider dtype and
+    rounded once (`_add_delta`).
     """
 
     @staticmethod
@@ -158,8 +159,18 @@ def _path_forward(base_out, h, scaling, k, blocks, dt):
     if base_out.dtype == dt:
         out = torch.addmm(base2, u, B.t(), alpha=scaling)
     else:
-        out = base2 + (torch.mm(u, B.t()) * scaling).to(base_out.dtype)
+        out = _add_delta(base2, u, B.t(), scaling)
     return h2, u, out
+
+
+def _add_delta(base2, u, Bt, scaling):
+    """base2 + scaling · u Btᵀ for a base output of another dtype than u's, summed in the wider of the two and
+    rounded once to base2's dtype, as PEFT's `(result + lora_B(lora_A(x)) * scaling).to(result.dtype)`: fp32
+    adapters on a bf16 base add their delta to the base output in fp32 (a delta rounded to bf16 and then added in
+    bf16 would be rounded twice)."""
+    if torch.promote_types(base2.dtype, u.dtype) == u.dtype:
+        return torch.addmm(base2.to(u.dtype), u, Bt, alpha=scaling).to(base2.dtype)
+    return base2 + (torch.mm(u, Bt) * scaling).to(base2.dtype)  # a wider base (fp64 under autocast): exact upcast
 
 
 def _double_backward_u(h, need_h: bool):
@@ -209,11 +220,24 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """The dtype of the LoRA blocks on a base weight of `base_dtype`: fp32 for a float narrower than fp32 (bf16,
+    fp16, fp8) when `autocast_adapter_dtype`, as PEFT's `get_peft_model(..., autocast_adapter_dtype=True)` upcasts
+    its adapters; otherwise (and for fp32 and fp64 bases) the base's own dtype."""
+    if autocast_adapter_dtype and base_dtype.is_floating_point and torch.finfo(base_dtype).bits < 32:
+        return torch.float32
+    return base_dtype
+
+
 class NestedLoRALayer(nn.Module):
     """Wraps a frozen `nn.Linear` or transformers `Conv1D` with a nested LoRA pair.
 
     `kernel` ("python" or "cpp") picks how two or more active blocks run: `_NestedLoRAPath`, or the same
     computation as a C++ autograd Function (`csrc/nested_path.cpp`); see `NestedLoRAConfig`.
+    `autocast_adapter_dtype`: True makes the blocks fp32 on a bf16/fp16 base (`adapter_dtype`), as
+    `inject_nested_lora` does by default (`NestedLoRAConfig.autocast_adapter_dtype`); a layer built directly keeps
+    the base's dtype by default, as PEFT's own LoRA layer does before `get_peft_model` upcasts it. Either way the
+    output has the base output's dtype.
     """
 
     kernel = "python"  # class default: layers pickled whole before the option existed still load and run
@@ -229,6 +253,7 @@ class NestedLoRALayer(nn.Module):
         scaling: str = "alpha_over_r",
         initial_rank: int | None = None,
         kernel: str = "python",
+        autocast_adapter_dtype: bool = False,
     ) -> None:
         super().__init__()
         if kernel not in KERNELS:
@@ -258,12 +283,14 @@ class NestedLoRALayer(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
         w = base_layer.weight
+        dt = adapter_dtype(w.dtype, autocast_adapter_dtype)
         A = torch.empty(max_rank, in_f, dtype=w.dtype, device=w.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT / loralib: delta starts at 0 via B = 0
+        A = _as(A, dt)  # drawn in the base's dtype, then upcast, as PEFT's get_peft_model does
         starts = (0,) + self.boundaries[:-1]
         self.lora_A = nn.ParameterList(nn.Parameter(A[s:e].clone()) for s, e in zip(starts, self.boundaries))
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(out_f, e - s, dtype=w.dtype, device=w.device)) for s, e in zip(starts, self.boundaries)
+            nn.Parameter(torch.zeros(out_f, e - s, dtype=dt, device=w.device)) for s, e in zip(starts, self.boundaries)
         )
         base_layer.weight.requires_grad_(False)
         if getattr(base_layer, "bias", None) is not None:
@@ -382,7 +409,7 @@ class NestedLoRALayer(nn.Module):
         u = h.reshape(-1, h.shape[-1]) @ A[0].T
         if out2.dtype == u.dtype or torch.is_autocast_enabled(x.device.type):
             return torch.addmm(out2, u, B[0].T, alpha=self.scaling).view(result.shape)
-        return (out2 + (u @ B[0].T * self.scaling).to(out2.dtype)).view(result.shape)
+        return _add_delta(out2, u, B[0].T, self.scaling).view(result.shape)
 
     def _folded(self, w: torch.Tensor, rank: int, sign: int) -> torch.Tensor:
         """w ± the delta at `rank` (w shaped like the base weight), summed in fp32 (fp64 for an fp64 weight) and

@@ -32,7 +32,9 @@ def _matches(name: str, target: Iterable[str] | str) -> bool:
 
 def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, NestedLoRALayer]:
     """Replace every targeted Linear/Conv1D by a `NestedLoRALayer`, freeze the rest
-    of the model except `modules_to_save`, and return {module name: adapter}."""
+    of the model except `modules_to_save`, and return {module name: adapter}.
+    With `config.autocast_adapter_dtype` (the default) the blocks on a bf16/fp16
+    base are fp32, as PEFT's `get_peft_model` makes them."""
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
         raise ValueError("model: already has nested LoRA layers; inject once")
@@ -83,6 +85,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
                 scaling=config.scaling,
                 initial_rank=config.initial_rank,
                 kernel=config.kernel,
+                autocast_adapter_dtype=config.autocast_adapter_dtype,
             )
             if id(base) in in_fast_path:
                 layer.register_forward_pre_hook(_off_the_fast_path)

@@ -413,7 +413,10 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         scaling = self.scaling
         if shared:
             A0, B0 = self.active_A(), self.active_B()
-        out = result
+        # the deltas are added in the wider of the two dtypes and the sum rounded once (fp32 blocks on a bf16 base)
+        acc = result.dtype if torch.is_autocast_enabled(x.device.type) else torch.promote_types(
+            result.dtype, self.lora_A[0].dtype)
+        out = result.to(acc)
         for slot, idx in groups:
             if shared:
                 A, B = A0.view_as(A0), B0.view_as(B0)
@@ -423,9 +426,9 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
                 A, B = self.task_A(slot), self.task_B(slot)
             h = x if idx is None else x.index_select(0, idx)
             h = self.lora_dropout(h.to(A.dtype))
-            d = (F.linear(F.linear(h, A), B) * scaling).to(result.dtype)
+            d = (F.linear(F.linear(h, A), B) * scaling).to(acc)
             out = out + d if idx is None else out.index_add(0, idx, d)
-        return out
+        return out.to(result.dtype)
 
     # -- topology changes -------------------------------------------------------------
     @torch.no_grad()
@@ -510,7 +513,8 @@ def inject_multitask_lora(model: nn.Module, config: NestedLoRAConfig, tasks: Seq
         layer = MultiTaskNestedLoRALayer(old.base_layer, router, rank_levels=config.rank_levels,
                                          max_rank=config.max_rank, lora_alpha=config.lora_alpha,
                                          lora_dropout=config.lora_dropout, scaling=config.scaling,
-                                         initial_rank=config.initial_rank, kernel=config.kernel)
+                                         initial_rank=config.initial_rank, kernel=config.kernel,
+                                         autocast_adapter_dtype=config.autocast_adapter_dtype)
         with torch.no_grad():
             for dst, src in zip(layer.shared_parameters(), old.lora_parameters()):
                 dst.copy_(src)
@@ -1000,14 +1004,17 @@ def setup_multitask_lora(
     lr_mode: str = "multiplier",
     mode_ranks: Sequence[int] | None = None,
     layer_kernel: str = "python",
+    autocast_adapter_dtype: bool = True,
     **controller_kwargs,
 ) -> tuple[dict[str, MultiTaskNestedLoRALayer], MultiTaskController]:
-    """Inject multi-task nested LoRA and build the `MultiTaskController` (the v3 setup's shape)."""
+    """Inject multi-task nested LoRA and build the `MultiTaskController` (the v3 setup's shape).
+    `autocast_adapter_dtype`: as `setup_unified_lora`'s (fp32 shared and task blocks on a bf16/fp16 base)."""
     levels = tuple(rank_levels)
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
-                           initial_rank=mode_ranks[1], kernel=layer_kernel)
+                           initial_rank=mode_ranks[1], kernel=layer_kernel,
+                           autocast_adapter_dtype=autocast_adapter_dtype)
     actuators = controller_kwargs.pop("actuators", None) or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)

@@ -422,6 +422,7 @@ def import_peft_adapter(
     rank_levels: Sequence[int] | None = None,
     max_rank: int | None = None,
     strict: bool = True,
+    autocast_adapter_dtype: bool = True,
 ) -> ImportedAdapter:
     """Load a PEFT LoRA checkpoint into nested layers, so training continues under the controller.
 
@@ -440,7 +441,9 @@ def import_peft_adapter(
     A checkpoint with per-module ranks (`rank_pattern`) loads each layer at its
     own r; `ImportedAdapter.rank` is then the largest, and a controller built on
     it sets one rank for all layers (which changes their scaling, as any rank
-    switch does).
+    switch does). `autocast_adapter_dtype` (PEFT's `from_pretrained` option, same
+    default) applies to injected layers: fp32 blocks on a bf16/fp16 base, so an
+    fp32 checkpoint loads without rounding; existing layers keep their dtype.
     """
     from peft import LoraConfig
     from peft.utils import load_peft_weights
@@ -490,7 +493,8 @@ def import_peft_adapter(
                     f"e.g. rank_levels={tuple(sorted(set(levels) | {r}))}")
         cfg = NestedLoRAConfig(target_modules=sorted(pairs), rank_levels=levels, max_rank=max_rank,
                                lora_alpha=float(config.lora_alpha), lora_dropout=float(config.lora_dropout),
-                               scaling="rslora" if config.use_rslora else "alpha_over_r")
+                               scaling="rslora" if config.use_rslora else "alpha_over_r",
+                               autocast_adapter_dtype=autocast_adapter_dtype)
         # exact names: inject on precisely the checkpoint's modules
         layers = inject_nested_lora(model, cfg)
         unexpected, missing = set(layers) - set(pairs), set(pairs) - set(layers)

@@ -11,7 +11,7 @@
 // in C++, as a built-in op's autograd node does.
 //
 // Under autocast the path computes in the autocast dtype with autocast itself switched off inside (as F.linear
-// would compute); a base output of another dtype gets the delta cast and added. Gradients come back in each
+// would compute); a base output of another dtype gets the delta added in the wider dtype and rounded once. Gradients come back in each
 // block's own dtype, and the engine casts h's gradient to h's dtype. Saved tensors go through save_for_backward,
 // so an in-place change to a block between forward and backward is caught by the version check.
 #include <torch/extension.h>
@@ -45,9 +45,11 @@ struct NestedPath : public torch::autograd::Function<NestedPath> {
     const auto hd = as_dtype(h, dt);
     const auto u = at::matmul(hd, A.t());
     const auto base2 = rows(base_out);
-    const auto out = base_out.scalar_type() == dt
-                         ? at::addmm(base2, rows(u), B.t(), 1, scaling)
-                         : base2 + (at::mm(rows(u), B.t()) * scaling).to(base_out.scalar_type());
+    // A base output of another dtype: summed in the wider of the two, rounded once (layer.py's `_add_delta`).
+    const auto bt = base_out.scalar_type();
+    const auto out = bt == dt                             ? at::addmm(base2, rows(u), B.t(), 1, scaling)
+                     : at::promote_types(bt, dt) == dt ? at::addmm(base2.to(dt), rows(u), B.t(), 1, scaling).to(bt)
+                                                         : base2 + (at::mm(rows(u), B.t()) * scaling).to(bt);
     variable_list to_save{hd, u};
     to_save.insert(to_save.end(), blocks.begin(), blocks.end());
     ctx->save_for_backward(to_save);
