@@ -333,6 +333,31 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
 
 
+def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_folder_goes(tiny, tmp_path):
+    """SIGKILL while `epoch-2` is being written (its temp folder on disk): --resume continues from epoch-1 on the same
+    trajectory, bit for bit. The killed save's temp folder (a whole checkpoint's size: adapters + optimizer) stayed
+    in checkpoints/ for good; the resumed run's first complete save now removes it."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert main(_train_args(tiny, straight, "--epochs", "3", "--threads", "1")) == 0
+    cmd = [sys.executable, "-m", "unified_lora.cli", *_train_args(tiny, out, "--epochs", "3", "--threads", "1")]
+    for _ in range(3):  # the kill must land before the save's rename (it almost always does on the first try)
+        p = subprocess.Popen(cmd + ["--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ckpts = out / "checkpoints"
+        try:
+            while not (ckpts.is_dir() and any(c.name.startswith(".tmp-epoch-2-") for c in ckpts.iterdir())):
+                assert p.poll() is None, "the run ended before its epoch-2 save"
+        finally:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+        if [c.name for c in ckpts.iterdir() if c.name.startswith(".tmp-")]:
+            break
+    assert sorted(c.name for c in ckpts.iterdir() if not c.name.startswith(".")) == ["epoch-1"]
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]  # no temp folder left
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
+    assert [(r["step"], r["loss"], r["phi"]) for r in b] == [(r["step"], r["loss"], r["phi"]) for r in a]
+
+
 # ----------------------------------------------------------------------------- plot, report
 
 

@@ -294,7 +294,9 @@ def test_save_and_load_task_adapters(tmp_path):
 def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypatch):
     """Under DDP every process may save the replicated adapters into one folder while another reads it. A file was
     rewritten in place (truncated first), so a reader could find it half-written: a torn `tasks.json` read as a
-    JSONDecodeError in a 2-process run. Now each file is written under a temporary name and renamed."""
+    JSONDecodeError in a 2-process run. Now each file is written under a temporary name and renamed. A read while
+    the save is under way, once the new shared file is in place beside the old task files, is refused (the files'
+    digests in tasks.json): it used to load the mixed set as if whole."""
     import safetensors.torch
 
     data = conflict_data()
@@ -317,10 +319,36 @@ def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypa
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_while_another_process_reads)
     save_task_adapters(m1, tmp_path)
-    assert seen == ["whole"] * 3
+    assert seen[0] == "whole" and len(seen) == 3  # before any file of the new save is in place
+    assert all(e.startswith(f"ValueError: {tmp_path / 'shared.safetensors'}: not the file tasks.json was saved with")
+               for e in seen[1:]), seen
     assert sorted(os.listdir(tmp_path)) == sorted(["tasks.json", "shared.safetensors", "task-0-a.safetensors",
                                                    "task-1-b.safetensors"])  # no temporary file left
     load_task_adapters(m2, tmp_path)
+    assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
+
+
+def test_a_folder_left_by_a_save_killed_between_two_files_is_refused_not_loaded_mixed(tmp_path):
+    """A save into a folder that holds an earlier save, killed after it renamed `shared.safetensors` and before
+    the task files and `tasks.json`, leaves the new shared adapter beside the old task adapters. Every file is whole
+    and of the right shape, so load_task_adapters loaded the mix silently: weights no model ever had. Now tasks.json
+    holds each file's digest, and the load refuses the mix before it changes the model."""
+    import shutil
+
+    data = conflict_data()
+    m1, _, c1, o1 = build(initial_mode=MULTI)
+    train(m1, c1, o1, 2, data)
+    save_task_adapters(m1, tmp_path / "run")  # the earlier save
+    train(m1, c1, o1, 2, data)
+    save_task_adapters(m1, tmp_path / "next")  # the later save, which the kill stopped after its first file
+    shutil.copyfile(tmp_path / "next" / "shared.safetensors", tmp_path / "run" / "shared.safetensors")
+    m2, _, _, _ = build(initial_mode=MULTI)
+    before = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    with pytest.raises(ValueError, match=r"shared\.safetensors: not the file tasks\.json was saved with .* different "
+                                         r"saves.*Save the adapters again"):
+        load_task_adapters(m2, tmp_path / "run")
+    assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters())  # refused before anything changed
+    load_task_adapters(m2, tmp_path / "next")  # a whole save still loads
     assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
 
 

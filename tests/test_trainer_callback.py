@@ -234,6 +234,51 @@ def test_resume_without_controller_state_raises(tmp_path):
         trainer.train(resume_from_checkpoint=True)
 
 
+_SAVE_FOREVER = """
+import sys, torch, torch.nn as nn
+from transformers import TrainerControl, TrainerState, TrainingArguments
+from unified_lora import setup_unified_lora
+from unified_lora.callbacks import UnifiedLoRACallback
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048))  # a state of ~8 MB: its write takes a while
+_, ctrl = setup_unified_lora(model, target_modules=["0", "1"], rank_levels=(64, 128, 256), print_fn=None)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+ctrl.attach_optimizer(opt)
+model(torch.randn(4, 2048)).pow(2).mean().backward()
+ctrl.step(1.0)
+opt.step()
+cb, args = UnifiedLoRACallback(ctrl), TrainingArguments(output_dir=sys.argv[1], report_to=[])
+print("ready", flush=True)
+for step in range(1, 10**6):
+    cb.on_save(args, TrainerState(global_step=step), TrainerControl())
+"""
+
+
+def test_a_process_killed_while_saving_the_controller_state_leaves_no_torn_file(tmp_path):
+    """on_save wrote the controller state straight under its final name: a process killed (SIGKILL, OOM) while
+    writing it left a torn `unified_lora_controller.pt`, and the resume from that checkpoint failed in torch.load
+    ('failed finding central directory' / 'Ran out of input'), not with the callback's own 'the file is missing'
+    advice. Now it is written under a temporary name and renamed: a file under the final name is always whole."""
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(tmp_path)], env=env, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        third = tmp_path / "checkpoint-3" / CONTROLLER_STATE_NAME
+        while not third.exists():  # kill it the moment the third state's file appears
+            assert proc.poll() is None, "the saving process stopped on its own"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    states = sorted(tmp_path.glob(f"checkpoint-*/{CONTROLLER_STATE_NAME}"))
+    assert third in states
+    for path in states:
+        assert torch.load(path, weights_only=False)["global_step"] == 1  # each one whole
+
+
 def test_wrapped_compute_loss_func_feeds_the_controller(tmp_path):
     model, _, ctrl = build("bert")
     cb = UnifiedLoRACallback(ctrl)

@@ -117,6 +117,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from ._files import written_atomically
 from .config import MODES
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, unwrap_optimizer
@@ -318,7 +319,10 @@ class UnifiedLoRACallback(TrainerCallback):
         os.makedirs(folder, exist_ok=True)
         sd = self.ctrl.state_dict()
         sd[WEIGHTS_DIGEST_KEY] = _weights_digest(self.ctrl)  # ctrl.load_state_dict ignores it
-        torch.save(sd, os.path.join(folder, CONTROLLER_STATE_NAME))
+        # under a temporary name, then renamed: a process killed while writing leaves no torn file under the name
+        # a resume reads (the resume then says the file is missing, and what to do)
+        with written_atomically(os.path.join(folder, CONTROLLER_STATE_NAME)) as tmp:
+            torch.save(sd, tmp)
 
     def on_train_end(self, args, state, control, **kwargs):
         try:

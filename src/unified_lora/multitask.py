@@ -59,6 +59,7 @@ slot): register every task on every process, in the same order, first.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -1058,7 +1059,8 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
     plus `tasks.json` (ids, files, rank levels, scaling). Returns {task id or 'shared': path}.
     `model` may be wrapped (DDP, `MultiTaskModel`): names are the bare model's. It runs no collective; under DDP
     call it on one process, or on every one into one folder (each file is written under a temporary name and
-    renamed, so a reader never sees a half-written file)."""
+    renamed, so a reader never sees a half-written file). `tasks.json`, written last, holds each file's SHA-256:
+    `load_task_adapters` refuses a folder whose files come from different saves (one interrupted, or under way)."""
     from safetensors.torch import save_file
 
     layers = _layers(model)
@@ -1076,8 +1078,11 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
         path = os.path.join(save_dir, fname)
         with written_atomically(path) as tmp:
             save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in dict(meta, **extra).items()})
+            with open(tmp, "rb") as f:  # the bytes as written (the name is this process's own until the rename)
+                digests[fname] = hashlib.sha256(f.read()).hexdigest()
         return path
 
+    digests: dict[str, str] = {}
     paths = {"shared": dump("shared.safetensors", lambda l: l.full_A(), lambda l: l.full_B(), {"task": None})}
     index = {"meta": meta, "shared": "shared.safetensors", "tasks": []}
     for tid, slot in router.slots.items():
@@ -1085,6 +1090,7 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
         paths[str(tid)] = dump(fname, lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_A), 0),
                                lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_B), 1), {"task": tid})
         index["tasks"].append({"id": tid, "slot": slot, "file": fname})
+    index["sha256"] = digests  # written last, with the index: which file bytes belong to this save
     with written_atomically(os.path.join(save_dir, "tasks.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return paths
@@ -1098,12 +1104,13 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
     outputs), every layer's tensors and shapes, and the task ids (an unknown one is a ValueError, or
     takes a spare slot with `register_new_tasks=True`). A layer merged into its base weight is
     unmerged first, and merged again after the load when the saved topology is the shared one."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     layers = _layers(model)
     router = next(iter(layers.values())).router
     with open(os.path.join(save_dir, "tasks.json"), encoding="utf-8") as f:
         index = json.load(f)
+    digests = index.get("sha256", {})  # folders saved before the digests were kept have none
     meta = index["meta"]
     for n, l in layers.items():
         saved = (tuple(meta["boundaries"]), float(meta["lora_alpha"]), meta["scaling"])
@@ -1119,7 +1126,13 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
                          f"spare slots are free (known task ids: {router.task_ids})")
 
     def read(fname):
-        t = load_file(os.path.join(save_dir, fname))
+        with open(os.path.join(save_dir, fname), "rb") as f:
+            data = f.read()
+        if fname in digests and hashlib.sha256(data).hexdigest() != digests[fname]:
+            raise ValueError(f"{os.path.join(save_dir, fname)}: not the file tasks.json was saved with (its SHA-256 "
+                             "differs): the folder mixes files of different saves, from a save that was interrupted "
+                             "or is still under way. Save the adapters again (or wait for the save to finish)")
+        t = load(data)
         for n, l in layers.items():
             want = {f"{n}.lora_A": (l.max_rank, l.in_features), f"{n}.lora_B": (l.out_features, l.max_rank)}
             for k, shape in want.items():

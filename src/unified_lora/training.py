@@ -613,7 +613,8 @@ class Run:
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool | None = None) -> Path:
         """Atomically write `root/<tag>/`: a temp folder first, then os.replace, so an interrupt
-        never leaves a half-written checkpoint under the final name. `peft_export` (default: the config's
+        never leaves a half-written checkpoint under the final name; the temp folders of saves killed before
+        their rename are removed once this one is in place. `peft_export` (default: the config's
         `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`."""
         from safetensors.torch import save_file
 
@@ -644,6 +645,11 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        # a save killed before its rename left its temp folder (a whole checkpoint's size, and never read): with a
+        # checkpoint complete, those go (a run's checkpoint folder has one writer, so none of them is still in use)
+        for left in root.glob(".tmp-*"):
+            if left.is_dir():
+                shutil.rmtree(left, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
