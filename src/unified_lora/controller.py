@@ -355,9 +355,13 @@ class UnifiedController:
             held = self.mirror.held
             try:
                 snap_event, drift = self._on_transition(transition)
+                decision = self._exit_decision
                 self._apply_rank()
                 self._annotate(transition, comps)
                 self._commit_transition()
+                if decision is not None:  # what the rule decided on, beside the drift: loss_worse compares the losses
+                    comps.update(mirror_policy=decision.policy, mirror_loss_entry=decision.loss_at_entry,
+                                 mirror_loss_exit=decision.loss_at_exit)
             except BaseException as e:  # KeyboardInterrupt too: the controller must not stay half-switched
                 self._undo_transition(transition, last_transition_step, held, e)
                 comps["transition_error"] = (f"{MODES[transition.old]}->{MODES[transition.new]}: "
