@@ -134,7 +134,6 @@ def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert
     into the optimizer, and alpha= beside a SignalConfig was dropped: each is now a ValueError naming the argument.
     The same value in both places, or the argument left at its default, is fine."""
     from unified_lora import MachineConfig
-
     with pytest.raises(ValueError, match=r"^theta0: 0\.2 would be ignored: machine= is given .*theta0=0\.3"):
         UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10), print_fn=None)
     with pytest.raises(ValueError, match="^warmup_steps: 5 would be ignored"):
@@ -1216,7 +1215,6 @@ def test_a_run_that_starts_in_mirror_snapshots_at_its_first_step_and_applies_the
     so the exit skipped the rollback rule (trace snapshot None) and the MIRROR steps' updates stayed, whatever the
     drift. Now the first step takes the entry snapshot, and the exit decides as after any entry."""
     from unified_lora import MachineConfig
-
     x = classification_batch(n=4)[0]
     adapters, ctrl = setup_unified_lora(llama, target_modules=["q_proj", "v_proj"], signal="loss", print_fn=None,
                                         machine=MachineConfig(initial_mode=2, warmup_steps=5),
@@ -1287,3 +1285,27 @@ def test_layers_that_layerdrop_skips_have_no_gradient_and_the_step_goes_on(signa
         assert len(ctrl.grad_stats._index) <= 64  # one layout per skip pattern: the cache stays bounded
     with pytest.raises(ValueError, match="call loss.backward"):
         ctrl.step(loss=1.0)
+
+
+@pytest.mark.parametrize("first_loss,restore", [(0.2, True), (2.0, False)])
+def test_a_mirror_exit_records_the_losses_the_loss_worse_rule_compared(llama, first_loss, restore):
+    # The exit's record held the drift alone, which loss_worse does not read: a restore at a large drift (or a
+    # keep at a tiny one) could not be explained from the trace. The run starts in MIRROR (snapshot at step 0, at
+    # the loss EMA of the first loss) and leaves it at step 3, the first decision after the warmup, on losses of 0.5.
+    from unified_lora import MachineConfig
+
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 mirror=MirrorConfig(policy="loss_worse"),
+                                 machine=MachineConfig(initial_mode=2, warmup_steps=3))
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    for loss in [first_loss, 0.5, 0.5, 0.5]:
+        llama(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=loss)
+        llama.zero_grad()
+    rec, d = ctrl.trace[-1], ctrl.last_decision
+    assert ctrl.trace[0].snapshot == "saved" and rec.transition == "MIRROR->MULTI"
+    assert rec.snapshot == ("restored" if restore else "kept") and d.restore is restore
+    assert rec.components["mirror_policy"] == "loss_worse"
+    assert rec.components["mirror_loss_entry"] == d.loss_at_entry == first_loss
+    assert rec.components["mirror_loss_exit"] == d.loss_at_exit == pytest.approx(ctrl.loss_ema)
+    assert not any("mirror_policy" in r.components for r in ctrl.trace[:-1])  # only an exit applies the rule

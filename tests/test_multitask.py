@@ -796,3 +796,68 @@ def test_a_huge_task_loss_over_a_small_loss_scale_keeps_phi_finite():
     sig = MultiTaskSignal(MultiTaskSignalConfig(loss_scale=1e-10))
     phis = [sig.update(1e300, {"a": 1e300, "b": 0.5})] + [sig.update(0.5, {"a": 0.5, "b": 0.5}) for _ in range(5)]
     assert all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in phis)
+
+
+def _run_to_mirror_exit(model, ctrl, opt, tasks_at, steps=40):
+    """Train on `conflict_data` with the controller until its first MIRROR->MULTI exit; `tasks_at(i)` lists the
+    tasks of step i (one copy of the inputs each, task "c" with "a"'s labels). Returns {step: (transition, task
+    adapters' weights after ctrl.step)} for the steps with a transition or a new task, and the exit record."""
+    x, ya, yb = conflict_data()
+    labels = {"a": ya, "b": yb, "c": ya}
+    seen, out = set(), {}
+    for i in range(steps):
+        tasks = tasks_at(i)
+        ids, y = torch.cat([x] * len(tasks)), torch.cat([labels[t] for t in tasks])
+        tids = [t for t in tasks for _ in range(len(x))]
+        with task_context(model, tids):
+            per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+        per.mean().backward()
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+        rec = ctrl.trace[-1]
+        if rec.transition or set(tasks) - seen:
+            out[i] = (rec.transition, {t: [p.detach().clone() for a in ctrl.adapters
+                                            for p in a.task_parameters(ctrl.router.slots[t])] for t in tasks})
+        seen |= set(tasks)
+        if rec.transition == "MIRROR->MULTI":
+            return out, rec
+        opt.step()
+        opt.zero_grad()
+    raise AssertionError("no Mirror exit")
+
+
+@pytest.mark.parametrize("spare_slots", [0, 3])
+def test_mirror_exit_drift_runs_over_the_registered_task_adapters_whatever_the_spare_slots(spare_slots):
+    # The drift summed over the shared adapter (which rests in MIRROR) and the spare slots (no task's) too: with
+    # two tasks it came out at 2/3 of the task adapters' drift, and at 1/3 with three spare slots, so a slot
+    # pre-allocated for later tasks changed the rollback decision.
+    from unified_lora import MirrorConfig
+
+    model, ad, ctrl, opt = build(initial_mode=MULTI, phi_init=0.9, spare_slots=spare_slots,
+                                 mirror=MirrorConfig(policy="never"))
+    events, rec = _run_to_mirror_exit(model, ctrl, opt, lambda i: ["a", "b"])
+    assert events[0][0] == "MULTI->MIRROR" and ctrl.trace[0].snapshot == "saved"
+    entry = [w for t in ("a", "b") for w in events[0][1][t]]  # the task adapters as the snapshot took them
+    now = [p for s in (0, 1) for a in ad.values() for p in a.task_parameters(s)]  # (same order)
+    expected = sum((p - w).norm().item() for p, w in zip(now, entry)) / sum(w.norm().item() for w in entry)
+    assert rec.snapshot == "kept" and rec.drift == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_task_registered_during_mirror_comes_back_from_a_rollback_as_the_copy_it_started_as():
+    # The snapshot held a spare slot as it was built (a copy of the initial shared adapter: B = 0). A task that
+    # registered in MIRROR took that slot as a copy of the trained shared adapter, and a rollback then reset it to
+    # the zero delta: a cold start, while the shared adapter and the other tasks kept what they had learned.
+    from unified_lora import MirrorConfig
+
+    model, ad, ctrl, opt = build(initial_mode=SINGLE, phi_init=0.9, spare_slots=1, register_new_tasks=True,
+                                 mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    train(model, ctrl, opt, 5, conflict_data(), use_ctrl=False)  # the shared adapter learns (SINGLE topology)
+    events, rec = _run_to_mirror_exit(model, ctrl, opt, lambda i: ["a", "b", "c"] if i >= 3 else ["a", "b"])
+    assert [events[i][0] for i in (0, 1)] == ["SINGLE->MULTI", "MULTI->MIRROR"] and 3 in events
+    assert rec.snapshot == "restored"
+    c = ctrl.router.slots["c"]
+    started = events[3][1]["c"]  # its adapter right after it registered: the shared one's copy
+    assert all(torch.equal(s, p) for s, p in zip(started, [p for a in ad.values() for p in a.shared_parameters()]))
+    assert any(s.abs().sum() > 0 for s in started[3::6])  # a trained shared B: not the initial zero delta
+    back = [p for a in ad.values() for p in a.task_parameters(c)]
+    assert all(torch.equal(s, p) for s, p in zip(started, back))
+    assert all(p not in opt.state for p in back)  # no optimizer state, as at its registration

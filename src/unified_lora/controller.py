@@ -355,9 +355,13 @@ class UnifiedController:
             held = self.mirror.held
             try:
                 snap_event, drift = self._on_transition(transition)
+                decision = self._exit_decision
                 self._apply_rank()
                 self._annotate(transition, comps)
                 self._commit_transition()
+                if decision is not None:  # what the rule decided on, beside the drift: loss_worse compares the losses
+                    comps.update(mirror_policy=decision.policy, mirror_loss_entry=decision.loss_at_entry,
+                                 mirror_loss_exit=decision.loss_at_exit)
             except BaseException as e:  # KeyboardInterrupt too: the controller must not stay half-switched
                 self._undo_transition(transition, last_transition_step, held, e)
                 comps["transition_error"] = (f"{MODES[transition.old]}->{MODES[transition.new]}: "
@@ -418,8 +422,7 @@ class UnifiedController:
             self._save_snapshot(t.step, params)
             return "saved", None
         if t.old == MIRROR and self.mirror.held:
-            lora = [p for a in self.adapters for p in a.lora_parameters()]
-            decision = self.mirror.decide(lora, loss_at_exit=self.loss_ema)
+            decision = self._mirror_decision()
             if decision.restore:
                 self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
                 for p in params:  # this step's gradients belong to the discarded weights
@@ -427,6 +430,11 @@ class UnifiedController:
             self._exit_decision = decision  # the snapshot is dropped when the whole transition has run
             return ("restored" if decision.restore else "kept"), decision.drift
         return None, None
+
+    def _mirror_decision(self) -> MirrorDecision:
+        """Mirror's exit rule, with the drift over every LoRA block (not the `modules_to_save`)."""
+        lora = [p for a in self.adapters for p in a.lora_parameters()]
+        return self.mirror.decide(lora, loss_at_exit=self.loss_ema)
 
     def _save_snapshot(self, step: int, params: list[nn.Parameter] | None = None) -> None:
         """Mirror's entry snapshot of the managed parameters (and, if configured, their optimizer state)."""

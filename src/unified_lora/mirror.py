@@ -589,9 +589,40 @@ class MirrorSnapshot:
             cur.clear()  # keys that appeared since the save go; the dict keeps its identity
             cur.update(new)
 
-    def decide(self, params, loss_at_exit=None) -> MirrorDecision:
+    def drift_at(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> float:
+        """Relative drift Σ‖W − W_snap‖ / Σ‖W_snap‖ of `params` against the snapshot's entries `indices` (one
+        per parameter: any subset of the snapshot, where `drift` takes a prefix). Per tensor, in fp32 (fp64 where
+        the parameter or its snapshot is fp64), with one sync; the snapshot is never written. A parameter whose
+        shape is not its entry's raises a ValueError naming it."""
+        if not self.held:
+            raise ValueError("Mirror: drift_at() needs a snapshot; call save() first")
+        params, indices = list(params), list(indices)
+        if len(params) != len(indices):
+            raise ValueError(f"Mirror: drift_at() got {len(params)} parameters and {len(indices)} indices")
+        norms = []
+        with torch.no_grad():
+            for i, p in zip(indices, params):
+                if not 0 <= i < len(self.weights):
+                    raise ValueError(f"Mirror: index {i} is outside the snapshot ({len(self.weights)} tensors)")
+                w = self.weights[i]
+                if p.shape != w.shape:
+                    raise ValueError(f"Mirror: {self._label(i)} has shape {tuple(p.shape)}, but its snapshot has "
+                                     f"{tuple(w.shape)}")
+                acc = _acc_dtype(torch.promote_types(p.dtype, w.dtype))
+                w = w.to(p.device, acc)
+                norms.append(torch.stack([torch.linalg.vector_norm(p.detach().to(acc) - w),
+                                          torch.linalg.vector_norm(w)]))
+        if not norms:
+            return 0.0
+        dev = norms[0].device
+        num, den = torch.stack([n.to(dev, torch.float64) for n in norms]).sum(0).tolist()
+        return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+    def decide(self, params, loss_at_exit=None, indices: Sequence[int] | None = None) -> MirrorDecision:
+        """The policy's decision at exit; the drift over `params`, a prefix of the snapshot, or with `indices`
+        (one per parameter) over those entries (`drift_at`)."""
         c = self.config
-        d = self.drift(params)
+        d = self.drift(params) if indices is None else self.drift_at(params, indices)
         restore = should_restore(c.policy, d, c.drift_threshold, self.loss_at_entry, loss_at_exit)
         return MirrorDecision(restore, d, self.loss_at_entry, loss_at_exit, c.policy)
 

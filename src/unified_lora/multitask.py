@@ -6,7 +6,8 @@ Topology follows the machine:
 * entering MULTI ("split"): every task adapter becomes an exact copy of the shared one,
   every nested block included, so the model's outputs for every task are bit-identical
   at the moment of the switch. From then on each sample is routed to its task's adapter.
-* MIRROR: as MULTI; the Mirror snapshot covers the shared adapter *and* every task adapter.
+* MIRROR: as MULTI; the Mirror snapshot covers the shared adapter *and* every task adapter (the spare
+  slots made copies of the shared one first); the exit drift runs over the registered tasks' adapters.
 * returning to SINGLE ("merge"): the task adapters are merged back into the shared one
   (rule below) and the shared adapter trains again.
 
@@ -79,6 +80,7 @@ from .distributed import _device as _collective_device
 from .distributed import is_distributed, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
+from .mirror import MirrorDecision
 from .model import inject_nested_lora, undone_on_error
 from .signals import Ema, _check_finite, _check_not_negative
 
@@ -919,6 +921,27 @@ class MultiTaskController(UnifiedController):
         if inner is not None:
             for p in params:
                 inner.state.pop(p, None)
+
+    def _save_snapshot(self, step: int, params: list[nn.Parameter] | None = None) -> None:
+        """Mirror's entry snapshot, after every spare slot becomes a copy of the shared adapter. A task registered
+        during MIRROR starts as that copy (`register_task`), and the shared adapter rests in MIRROR, so a rollback
+        puts back the adapter the task started with. Before, the snapshot held the spare slot's value from
+        construction (B = 0), and a rollback reset such a task to a cold, zero delta."""
+        used = set(self.router.slots.values())
+        spare = [s for s in range(self.router.n_slots) if s not in used]
+        if spare:
+            for a in self.adapters:
+                a.copy_shared_to_tasks(spare)
+        super()._save_snapshot(step, params)
+
+    def _mirror_decision(self) -> MirrorDecision:
+        """Mirror's exit rule in multi-task mode, with the drift over the adapters MIRROR trains: every block of
+        the registered tasks' adapters. The shared adapter rests in MIRROR and a spare slot belongs to no task, so
+        with them in the sum (as before) the drift shrank with the number of tasks and of `spare_slots` (two tasks
+        and three spare slots: to a third of it), and a pre-allocated slot changed the rollback decision."""
+        where = {id(p): i for i, p in enumerate(self.managed_parameters())}  # the snapshot's order
+        params = [p for a in self.adapters for s in self._slots() for p in a.task_parameters(s)]
+        return self.mirror.decide(params, loss_at_exit=self.loss_ema, indices=[where[id(p)] for p in params])
 
     def _on_transition(self, t: Transition):
         if t.old == SINGLE and t.new == MULTI:
