@@ -69,7 +69,9 @@ def _ref_drift(ws, snaps):
 def _drive(model, mirror, make_opt, x, plan=PLAN, before_step=None):
     """Train `model` through `plan` (one fed loss per step). Records: the weights and optimizer state right after
     the snapshot, the weights just before the exit step's ctrl.step, the weights and state right after it."""
-    adapters, ctrl = setup_unified_lora(model, target_modules=["0", "2"], print_fn=None, signal=FAST, mirror=mirror)
+    # the blocks in the model's own dtype (not PEFT's fp32 upcast of a half-precision base): the dtype under test
+    adapters, ctrl = setup_unified_lora(model, target_modules=["0", "2"], print_fn=None, signal=FAST, mirror=mirror,
+                                        autocast_adapter_dtype=False)
     opt = make_opt([p for p in model.parameters() if p.requires_grad])
     ctrl.attach_optimizer(opt)
     rec = {}
