@@ -532,6 +532,25 @@ def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):
     assert not (out / "trace.jsonl").exists()  # nothing ran (it used to fail at the evaluation after training)
 
 
+def test_a_left_padded_batch_keeps_its_tokens(tiny):
+    """trim_padding cut a batch to its first `width` columns, which for a tokenizer with padding_side="left" (many
+    decoder checkpoints set it) are the padding: a batch of short rows trained (and was scored) on [PAD] tokens alone,
+    with an all-zero attention mask."""
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import Example, TextDataset
+    from unified_lora.training import encode_rows, trim_padding
+
+    ds = TextDataset([Example("good", None, 1), Example("bad movie was very bad", None, 0),
+                      Example("nice film", None, 1)], 2)
+    for side in ("left", "right"):
+        tok = AutoTokenizer.from_pretrained(tiny["bert"], padding_side=side)
+        enc = encode_rows(tok, ds, "seq-cls", 16)
+        batch = trim_padding({k: v[[0, 2]] for k, v in enc.items()})
+        alone = encode_rows(tok, TextDataset([ds[0], ds[2]], 2), "seq-cls", 16)  # padded to these rows' longest
+        assert {k: v.tolist() for k, v in batch.items()} == {k: v.tolist() for k, v in alone.items()}, side
+
+
 @pytest.mark.parametrize("targets,expected", [
     ("all-linear", None),  # every Linear but the head
     (r".*\.(query|value)", {"query", "value"}),

@@ -489,9 +489,13 @@ def batches(enc: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut columns that are padding in every row of this batch (cheaper forward on CPU)."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
+    """Cut columns that are padding in every row of this batch (cheaper forward on CPU), on either side: a
+    tokenizer with padding_side="left" (many decoder checkpoints set it) pads at the start of a row."""
+    kept = batch["attention_mask"].any(0).nonzero()
+    if not len(kept):
+        return batch
+    lo, hi = int(kept[0]), int(kept[-1]) + 1
+    return {k: (v[:, lo:hi] if v.dim() == 2 else v) for k, v in batch.items()}
 
 
 def corrupt(labels: torch.Tensor, kind: str, num_labels: int, gen: torch.Generator) -> torch.Tensor:
