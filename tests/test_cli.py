@@ -532,6 +532,15 @@ def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):
     assert not (out / "trace.jsonl").exists()  # nothing ran (it used to fail at the evaluation after training)
 
 
+def test_a_dev_fraction_near_one_still_leaves_a_training_row(tiny, tmp_path, capsys):
+    """dev_fraction 0.999 of 64 rows held out all 64 (round(63.9)), and the run failed with "encode() got no
+    examples; load a non-empty data set first", an error about a library call the user never made."""
+    cfg = _write(tmp_path / "run.yaml", f"model: {tiny['bert']}\ndata: {tiny['csv']}\ndev_fraction: 0.999\n")
+    assert main(["train", "--config", str(cfg), "--batch-size", "8", "--max-length", "16", "--log-every", "0",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert "1 train / 63 dev rows" in capsys.readouterr().out
+
+
 def test_a_left_padded_batch_keeps_its_tokens(tiny):
     """trim_padding cut a batch to its first `width` columns, which for a tokenizer with padding_side="left" (many
     decoder checkpoints set it) are the padding: a batch of short rows trained (and was scored) on [PAD] tokens alone,

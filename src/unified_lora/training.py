@@ -391,7 +391,7 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
         raise DataError(f"need at least 2 rows to hold out a dev set, got {len(items)}; add rows or pass --dev-data")
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
-    n_dev = max(1, int(round(len(items) * fraction)))
+    n_dev = min(len(items) - 1, max(1, int(round(len(items) * fraction))))  # a row each at least
     dev_idx = set(idx[:n_dev])
     return [x for i, x in enumerate(items) if i not in dev_idx], [items[i] for i in sorted(dev_idx)]
 
