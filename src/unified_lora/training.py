@@ -35,7 +35,7 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Signa
                      check_rank_levels, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
-from .data.loaders import _GLUE, _check_no_null_text, _read_records, normalize_task
+from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -355,7 +355,10 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         key = normalize_task(path.name)
         if key not in _GLUE:
             raise DataError(f"--data {cfg.data}: folder name must be a GLUE task ({sorted(_GLUE)}) holding train.tsv/dev.tsv")
-        return load_glue(key, "train", path), load_glue(key, "dev", path), key
+        # --dev-data (a file in the task's own layout) replaces the folder's dev.tsv
+        dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
+        return load_glue(key, "train", path), dev, key
+
     if task_type == "causal-lm":
         texts = _load_texts(path, cfg.text_columns[0])
         dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None

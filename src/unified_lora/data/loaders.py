@@ -120,6 +120,15 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
     path = root / spec.folder / f"{split}.tsv"
     if not path.is_file() and (root / f"{split}.tsv").is_file():
         path = root / f"{split}.tsv"  # data_dir pointed at the task folder
+    return _load_glue_file(key, path, name=f"{key}/{split}")
+
+
+def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None) -> TextDataset:
+    """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values)."""
+    key = normalize_task(task)
+    if key not in _GLUE:
+        raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
+    spec, path = _GLUE[key], Path(path)
     rows = _read_delimited(path, "\t")
     if spec.header:
         rows = rows[1:]
@@ -136,7 +145,7 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
         examples.append(Example(row[spec.text_a].strip(), text_b, label))
     if not examples:
         raise DataError(f"{path} has no data rows; re-download the GLUE {spec.folder} files")
-    return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=f"{key}/{split}")
+    return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=name or f"{key}/{path.stem}")
 
 
 # ---------------------------------------------------------------------- tables
