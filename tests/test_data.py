@@ -239,6 +239,17 @@ def test_error_null_text_names_the_record(tmp_path):
         load_table(p, ["text"], "label")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_error_a_file_that_is_not_utf8_is_named(tmp_path, fmt):
+    """An Excel (cp1252) file was a bare "'utf-8' codec can't decode byte 0xe9 in position 16", naming no file."""
+    body = {"csv": "text,label\ncaf\u00e9 ok,1\n", "tsv": "text\tlabel\ncaf\u00e9 ok\t1\n",
+            "jsonl": '{"text": "caf\u00e9 ok", "label": 1}\n'}[fmt]
+    p = tmp_path / f"d.{fmt}"
+    p.write_bytes(body.encode("cp1252"))
+    with pytest.raises(DataError, match=rf"d.{fmt} is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+        load_table(p, ["text"], "label")
+
+
 def test_error_malformed_jsonl_line_number(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": \n')
     with pytest.raises(DataError, match="line 2"):

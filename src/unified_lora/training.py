@@ -35,7 +35,7 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Signa
                      check_rank_levels, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
-from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, normalize_task
+from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -316,7 +316,8 @@ def _load_texts(path: Path, column: str) -> list[str]:
     if fmt in TEXT_SUFFIXES:
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
-        text = path.read_text(encoding="utf-8-sig")
+        with _utf8(path):
+            text = path.read_text(encoding="utf-8-sig")
         if not text.strip():
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
         return TextCorpus([text])

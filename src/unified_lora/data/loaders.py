@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -155,8 +156,19 @@ def _read_delimited(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the path (or data_dir)")
     # utf-8-sig strips the BOM that GLUE's MRPC header (and Excel CSVs) start with.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f, _utf8(path):
         return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+
+
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """A file that is not UTF-8 (Excel's cp1252 / Latin-1 CSVs) is a DataError naming the file, not a bare
+    "'utf-8' codec can't decode byte 0xe9 in position 14"."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8 (e.g. Excel: CSV UTF-8)") from None
 
 
 def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -164,7 +176,7 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
         records = []
-        with path.open(encoding="utf-8-sig") as f:
+        with path.open(encoding="utf-8-sig") as f, _utf8(path):
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
