@@ -323,7 +323,7 @@ def _load_texts(path: Path, column: str) -> list[str]:
         return TextCorpus([text])
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
-    records = _read_records(path, fmt)
+    records = _read_records(path, fmt, [column])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     if column not in records[0]:
@@ -359,7 +359,6 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         # --dev-data (a file in the task's own layout) replaces the folder's dev.tsv
         dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
         return load_glue(key, "train", path), dev, key
-
     if task_type == "causal-lm":
         texts = _load_texts(path, cfg.text_columns[0])
         dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None

@@ -171,7 +171,9 @@ def _utf8(path: Path) -> Iterator[None]:
                         "save it as UTF-8 (e.g. Excel: CSV UTF-8)") from None
 
 
-def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
+def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a .jsonl/.csv/.tsv file as dicts. A csv/tsv header that names one of `columns` (the ones the
+    caller reads) more than once is a DataError: a dict keeps only the last such column, silently."""
     if fmt == "jsonl":
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
@@ -194,6 +196,11 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
     if not rows:
         return []
     header, body = rows[0], rows[1:]
+    for col in dict.fromkeys(columns):
+        where = [i + 1 for i, h in enumerate(header) if h == col]
+        if len(where) > 1:
+            raise DataError(f"{path}: the header names column {col!r} {len(where)} times (columns "
+                            f"{', '.join(map(str, where))}); rename all but one, so it is clear which to read")
     for n, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise DataError(f"{path}: line {n} has {len(row)} fields but the header has {len(header)}; fix that row")
@@ -297,7 +304,7 @@ def load_table(
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file (or pass fmt=)")
     if isinstance(text_columns, str) or len(text_columns) not in (1, 2):
         raise DataError(f"text_columns must be a list of 1 or 2 column names, got {text_columns!r}")
-    records = _read_records(path, fmt)
+    records = _read_records(path, fmt, [*text_columns, label_column])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     for col in [*text_columns, label_column]:
