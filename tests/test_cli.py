@@ -557,6 +557,53 @@ def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):
     assert not (out / "trace.jsonl").exists()  # nothing ran (it used to fail at the evaluation after training)
 
 
+def test_dev_data_replaces_a_glue_folders_dev_tsv(tiny, tmp_path, capsys):
+    """With a GLUE task folder as --data, --dev-data (documented: "default: GLUE dev.tsv") was ignored, silently,
+    even when the file did not exist: the run evaluated on the folder's dev.tsv."""
+    sst = tmp_path / "SST-2"
+    sst.mkdir()
+    rows = _rows(24)
+    (sst / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[:16]))
+    (sst / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[16:]))
+    mine = _write(tmp_path / "mine.tsv", "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[:3]))
+    base = ["train", "--model", tiny["bert"], "--data", str(sst), "--batch-size", "8", "--max-length", "16",
+            "--log-every", "0"]
+    assert main(base + ["--output-dir", str(tmp_path / "a")]) == 0
+    assert "on sst2: 16 train / 8 dev rows" in capsys.readouterr().out
+    assert main(base + ["--output-dir", str(tmp_path / "b"), "--dev-data", str(mine)]) == 0
+    assert "on sst2: 16 train / 3 dev rows" in capsys.readouterr().out
+    assert main(base + ["--output-dir", str(tmp_path / "c"), "--dev-data", str(tmp_path / "none.tsv")]) == 2
+    assert "none.tsv" in capsys.readouterr().err
+
+
+def test_a_dev_fraction_near_one_still_leaves_a_training_row(tiny, tmp_path, capsys):
+    """dev_fraction 0.999 of 64 rows held out all 64 (round(63.9)), and the run failed with "encode() got no
+    examples; load a non-empty data set first", an error about a library call the user never made."""
+    cfg = _write(tmp_path / "run.yaml", f"model: {tiny['bert']}\ndata: {tiny['csv']}\ndev_fraction: 0.999\n")
+    assert main(["train", "--config", str(cfg), "--batch-size", "8", "--max-length", "16", "--log-every", "0",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert "1 train / 63 dev rows" in capsys.readouterr().out
+
+
+def test_a_left_padded_batch_keeps_its_tokens(tiny):
+    """trim_padding cut a batch to its first `width` columns, which for a tokenizer with padding_side="left" (many
+    decoder checkpoints set it) are the padding: a batch of short rows trained (and was scored) on [PAD] tokens alone,
+    with an all-zero attention mask."""
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import Example, TextDataset
+    from unified_lora.training import encode_rows, trim_padding
+
+    ds = TextDataset([Example("good", None, 1), Example("bad movie was very bad", None, 0),
+                      Example("nice film", None, 1)], 2)
+    for side in ("left", "right"):
+        tok = AutoTokenizer.from_pretrained(tiny["bert"], padding_side=side)
+        enc = encode_rows(tok, ds, "seq-cls", 16)
+        batch = trim_padding({k: v[[0, 2]] for k, v in enc.items()})
+        alone = encode_rows(tok, TextDataset([ds[0], ds[2]], 2), "seq-cls", 16)  # padded to these rows' longest
+        assert {k: v.tolist() for k, v in batch.items()} == {k: v.tolist() for k, v in alone.items()}, side
+
+
 @pytest.mark.parametrize("targets,expected", [
     ("all-linear", None),  # every Linear but the head
     (r".*\.(query|value)", {"query", "value"}),

@@ -239,6 +239,27 @@ def test_error_null_text_names_the_record(tmp_path):
         load_table(p, ["text"], "label")
 
 
+def test_error_a_duplicated_column_name_is_refused_not_read_as_its_last_copy(tmp_path):
+    """A header naming the text column twice (a spreadsheet's copied column) used to train on the last copy, silently
+    (a dict keeps one value per key); a duplicate of a column that is not read stays harmless."""
+    p = _write(tmp_path / "d.csv", "text,label,text\ngood film,1,zzz\nbad film,0,zzz\n")
+    with pytest.raises(DataError, match=r"d.csv: the header names column 'text' 2 times \(columns 1, 3\)"):
+        load_table(p, ["text"], "label")
+    q = _write(tmp_path / "e.tsv", "id\ttext\tid\tlabel\n1\tgood film\t1\t1\n")
+    assert load_table(q, ["text"], "label").examples == [Example("good film", None, 1)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_error_a_file_that_is_not_utf8_is_named(tmp_path, fmt):
+    """An Excel (cp1252) file was a bare "'utf-8' codec can't decode byte 0xe9 in position 16", naming no file."""
+    body = {"csv": "text,label\ncaf\u00e9 ok,1\n", "tsv": "text\tlabel\ncaf\u00e9 ok\t1\n",
+            "jsonl": '{"text": "caf\u00e9 ok", "label": 1}\n'}[fmt]
+    p = tmp_path / f"d.{fmt}"
+    p.write_bytes(body.encode("cp1252"))
+    with pytest.raises(DataError, match=rf"d.{fmt} is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+        load_table(p, ["text"], "label")
+
+
 def test_error_malformed_jsonl_line_number(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": \n')
     with pytest.raises(DataError, match="line 2"):

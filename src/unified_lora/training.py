@@ -35,7 +35,7 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Signa
                      check_rank_levels, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
-from .data.loaders import _GLUE, _check_no_null_text, _read_records, normalize_task
+from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -316,13 +316,14 @@ def _load_texts(path: Path, column: str) -> list[str]:
     if fmt in TEXT_SUFFIXES:
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
-        text = path.read_text(encoding="utf-8-sig")
+        with _utf8(path):
+            text = path.read_text(encoding="utf-8-sig")
         if not text.strip():
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
         return TextCorpus([text])
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
-    records = _read_records(path, fmt)
+    records = _read_records(path, fmt, [column])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     if column not in records[0]:
@@ -355,7 +356,9 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         key = normalize_task(path.name)
         if key not in _GLUE:
             raise DataError(f"--data {cfg.data}: folder name must be a GLUE task ({sorted(_GLUE)}) holding train.tsv/dev.tsv")
-        return load_glue(key, "train", path), load_glue(key, "dev", path), key
+        # --dev-data (a file in the task's own layout) replaces the folder's dev.tsv
+        dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
+        return load_glue(key, "train", path), dev, key
     if task_type == "causal-lm":
         texts = _load_texts(path, cfg.text_columns[0])
         dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None
@@ -391,7 +394,7 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
         raise DataError(f"need at least 2 rows to hold out a dev set, got {len(items)}; add rows or pass --dev-data")
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
-    n_dev = max(1, int(round(len(items) * fraction)))
+    n_dev = min(len(items) - 1, max(1, int(round(len(items) * fraction))))  # a row each at least
     dev_idx = set(idx[:n_dev])
     return [x for i, x in enumerate(items) if i not in dev_idx], [items[i] for i in sorted(dev_idx)]
 
@@ -489,9 +492,13 @@ def batches(enc: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut columns that are padding in every row of this batch (cheaper forward on CPU)."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
+    """Cut columns that are padding in every row of this batch (cheaper forward on CPU), on either side: a
+    tokenizer with padding_side="left" (many decoder checkpoints set it) pads at the start of a row."""
+    kept = batch["attention_mask"].any(0).nonzero()
+    if not len(kept):
+        return batch
+    lo, hi = int(kept[0]), int(kept[-1]) + 1
+    return {k: (v[:, lo:hi] if v.dim() == 2 else v) for k, v in batch.items()}
 
 
 def corrupt(labels: torch.Tensor, kind: str, num_labels: int, gen: torch.Generator) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -120,6 +121,15 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
     path = root / spec.folder / f"{split}.tsv"
     if not path.is_file() and (root / f"{split}.tsv").is_file():
         path = root / f"{split}.tsv"  # data_dir pointed at the task folder
+    return _load_glue_file(key, path, name=f"{key}/{split}")
+
+
+def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None) -> TextDataset:
+    """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values)."""
+    key = normalize_task(task)
+    if key not in _GLUE:
+        raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
+    spec, path = _GLUE[key], Path(path)
     rows = _read_delimited(path, "\t")
     if spec.header:
         rows = rows[1:]
@@ -136,7 +146,7 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
         examples.append(Example(row[spec.text_a].strip(), text_b, label))
     if not examples:
         raise DataError(f"{path} has no data rows; re-download the GLUE {spec.folder} files")
-    return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=f"{key}/{split}")
+    return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=name or f"{key}/{path.stem}")
 
 
 # ---------------------------------------------------------------------- tables
@@ -146,16 +156,29 @@ def _read_delimited(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the path (or data_dir)")
     # utf-8-sig strips the BOM that GLUE's MRPC header (and Excel CSVs) start with.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f, _utf8(path):
         return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
 
 
-def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """A file that is not UTF-8 (Excel's cp1252 / Latin-1 CSVs) is a DataError naming the file, not a bare
+    "'utf-8' codec can't decode byte 0xe9 in position 14"."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8 (e.g. Excel: CSV UTF-8)") from None
+
+
+def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a .jsonl/.csv/.tsv file as dicts. A csv/tsv header that names one of `columns` (the ones the
+    caller reads) more than once is a DataError: a dict keeps only the last such column, silently."""
     if fmt == "jsonl":
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
         records = []
-        with path.open(encoding="utf-8-sig") as f:
+        with path.open(encoding="utf-8-sig") as f, _utf8(path):
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -173,6 +196,11 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
     if not rows:
         return []
     header, body = rows[0], rows[1:]
+    for col in dict.fromkeys(columns):
+        where = [i + 1 for i, h in enumerate(header) if h == col]
+        if len(where) > 1:
+            raise DataError(f"{path}: the header names column {col!r} {len(where)} times (columns "
+                            f"{', '.join(map(str, where))}); rename all but one, so it is clear which to read")
     for n, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise DataError(f"{path}: line {n} has {len(row)} fields but the header has {len(header)}; fix that row")
@@ -276,7 +304,7 @@ def load_table(
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file (or pass fmt=)")
     if isinstance(text_columns, str) or len(text_columns) not in (1, 2):
         raise DataError(f"text_columns must be a list of 1 or 2 column names, got {text_columns!r}")
-    records = _read_records(path, fmt)
+    records = _read_records(path, fmt, [*text_columns, label_column])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     for col in [*text_columns, label_column]:
