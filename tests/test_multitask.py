@@ -302,7 +302,13 @@ def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypa
     data = conflict_data()
     m1, _, c1, o1 = build(initial_mode=MULTI)
     save_task_adapters(m1, tmp_path)  # a complete earlier save
-    train(m1, c1, o1, 1, data)
+    from safetensors.torch import load_file
+
+    old_shared = load_file(str(tmp_path / "shared.safetensors"))
+    train(m1, c1, o1, 2, data)  # (the first step goes to SINGLE, the second moves the shared adapter)
+    save_task_adapters(m1, tmp_path / "after")
+    new_shared = load_file(str(tmp_path / "after" / "shared.safetensors"))
+    assert not all(torch.equal(v, new_shared[k]) for k, v in old_shared.items())  # the new save's shared differs
     m2, _, _, _ = build(initial_mode=MULTI)
     real_save, seen = safetensors.torch.save_file, []
 
@@ -322,7 +328,7 @@ def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypa
     assert seen[0] == "whole" and len(seen) == 3  # before any file of the new save is in place
     assert all(e.startswith(f"ValueError: {tmp_path / 'shared.safetensors'}: not the file tasks.json was saved with")
                for e in seen[1:]), seen
-    assert sorted(os.listdir(tmp_path)) == sorted(["tasks.json", "shared.safetensors", "task-0-a.safetensors",
+    assert sorted(os.listdir(tmp_path)) == sorted(["after", "tasks.json", "shared.safetensors", "task-0-a.safetensors",
                                                    "task-1-b.safetensors"])  # no temporary file left
     load_task_adapters(m2, tmp_path)
     assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
@@ -350,6 +356,28 @@ def test_a_folder_left_by_a_save_killed_between_two_files_is_refused_not_loaded_
     assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters())  # refused before anything changed
     load_task_adapters(m2, tmp_path / "next")  # a whole save still loads
     assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
+
+
+def test_a_file_of_another_save_of_the_same_weights_loads(tmp_path):
+    """Every process of a DDP run saves the same weights into one folder, so the files left are a mix of the
+    processes' saves. safetensors writes its metadata in a different order in each save (a Rust HashMap), so the
+    bytes differ and a digest of the bytes refused that folder at random; the digest covers the tensors."""
+    import shutil
+    import struct
+
+    m1, _, c1, o1 = build(initial_mode=MULTI)
+    train(m1, c1, o1, 2, conflict_data())
+    headers = set()
+    for i in range(6):  # six saves of the same weights: their files' bytes differ, their tensors do not
+        save_task_adapters(m1, tmp_path / f"s{i}")
+        raw = (tmp_path / f"s{i}" / "shared.safetensors").read_bytes()
+        headers.add(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert len(headers) > 1  # the premise: the same weights saved twice are not the same bytes
+    for i in range(1, 6):
+        shutil.copyfile(tmp_path / f"s{i}" / "shared.safetensors", tmp_path / "s0" / "shared.safetensors")
+        m2, _, _, _ = build(initial_mode=MULTI)
+        load_task_adapters(m2, tmp_path / "s0")
+        assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
 
 
 def test_signal_numbers_in_numbers_out():

@@ -1082,8 +1082,9 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
     plus `tasks.json` (ids, files, rank levels, scaling). Returns {task id or 'shared': path}.
     `model` may be wrapped (DDP, `MultiTaskModel`): names are the bare model's. It runs no collective; under DDP
     call it on one process, or on every one into one folder (each file is written under a temporary name and
-    renamed, so a reader never sees a half-written file). `tasks.json`, written last, holds each file's SHA-256:
-    `load_task_adapters` refuses a folder whose files come from different saves (one interrupted, or under way)."""
+    renamed, so a reader never sees a half-written file). `tasks.json`, written last, holds a SHA-256 of each
+    file's tensors: `load_task_adapters` refuses a folder whose files come from different saves (one interrupted,
+    or under way)."""
     from safetensors.torch import save_file
 
     layers = _layers(model)
@@ -1101,8 +1102,7 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
         path = os.path.join(save_dir, fname)
         with written_atomically(path) as tmp:
             save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in dict(meta, **extra).items()})
-            with open(tmp, "rb") as f:  # the bytes as written (the name is this process's own until the rename)
-                digests[fname] = hashlib.sha256(f.read()).hexdigest()
+        digests[fname] = _tensors_digest(tensors)
         return path
 
     digests: dict[str, str] = {}
@@ -1113,10 +1113,22 @@ def save_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> dict[st
         paths[str(tid)] = dump(fname, lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_A), 0),
                                lambda l, s=slot: torch.cat(list(l.lora_tasks[s].lora_B), 1), {"task": tid})
         index["tasks"].append({"id": tid, "slot": slot, "file": fname})
-    index["sha256"] = digests  # written last, with the index: which file bytes belong to this save
+    index["tensors_sha256"] = digests  # written last, with the index: which tensors belong to this save
     with written_atomically(os.path.join(save_dir, "tasks.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return paths
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes, bytes), not of the file: safetensors writes its metadata in
+    an order that differs from process to process, so two processes saving the same weights (DDP, each into one
+    folder) write different bytes."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -1133,7 +1145,7 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
     router = next(iter(layers.values())).router
     with open(os.path.join(save_dir, "tasks.json"), encoding="utf-8") as f:
         index = json.load(f)
-    digests = index.get("sha256", {})  # folders saved before the digests were kept have none
+    digests = index.get("tensors_sha256", {})  # folders saved before the digests were kept have none
     meta = index["meta"]
     for n, l in layers.items():
         saved = (tuple(meta["boundaries"]), float(meta["lora_alpha"]), meta["scaling"])
@@ -1151,11 +1163,12 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
     def read(fname):
         with open(os.path.join(save_dir, fname), "rb") as f:
             data = f.read()
-        if fname in digests and hashlib.sha256(data).hexdigest() != digests[fname]:
-            raise ValueError(f"{os.path.join(save_dir, fname)}: not the file tasks.json was saved with (its SHA-256 "
-                             "differs): the folder mixes files of different saves, from a save that was interrupted "
-                             "or is still under way. Save the adapters again (or wait for the save to finish)")
         t = load(data)
+        if fname in digests and _tensors_digest(t) != digests[fname]:
+            raise ValueError(f"{os.path.join(save_dir, fname)}: not the file tasks.json was saved with (its tensors' "
+                             "SHA-256 differs): the folder mixes files of different saves, from a save that was "
+                             "interrupted or is still under way. Save the adapters again (or wait for the save to "
+                             "finish)")
         for n, l in layers.items():
             want = {f"{n}.lora_A": (l.max_rank, l.in_features), f"{n}.lora_B": (l.out_features, l.max_rank)}
             for k, shape in want.items():
