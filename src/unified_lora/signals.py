@@ -297,8 +297,10 @@ class GradientStats:
             seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
             # ‖c‖·‖p‖ as a product of square roots: the product of the squares underflows fp32 below norms
             # of ~1e-10 (and overflows above ~4e9), which gave cosines of 1e6 or 0. Clamped to [-1, 1] against
-            # rounding; a zero gradient on either side gives 0/0 = NaN, read below as "no cosine".
-            cos = (seg[0] / (seg[1].sqrt() * seg[2].sqrt())).clamp_(-1.0, 1.0)
+            # rounding; a zero gradient on either side gives 0/0 = NaN, read below as "no cosine". (One sqrt over
+            # both norm rows: an op fewer than one per row.)
+            norms = seg[1:].sqrt()
+            cos = (seg[0] / (norms[0] * norms[1])).clamp_(-1.0, 1.0)
             parts.append(cos[sel_t])
         vals = torch.cat(parts).tolist()  # the one device sync of this step
         # Keep this step's gradients as the next step's "previous" only when every norm is finite.
