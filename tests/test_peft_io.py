@@ -371,6 +371,21 @@ def test_import_peft_checkpoint_into_plain_model_reproduces_peft_logits(kind, tm
         assert imp.modules_to_save == ["classifier"] and all(p.requires_grad for p in imp.extra_params)
 
 
+def test_import_into_an_eval_model_applies_no_lora_dropout(tmp_path):
+    """The injected layers were in training mode inside an eval model (as from_pretrained returns it), so a
+    checkpoint with lora_dropout gave random logits, off from PEFT's by ~0.1, until the user called eval()."""
+    pm, fresh, path = trained_peft("llama", 8, tmp_path, lora_dropout=0.3)
+    x = inputs()
+    model = copy.deepcopy(fresh)
+    assert not model.training
+    imp = import_peft_adapter(model, path)
+    assert all(a.lora_dropout.p == 0.3 and not a.training for a in imp.adapters.values())
+    assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+    trainable = copy.deepcopy(fresh).train()
+    imp = import_peft_adapter(trainable, path)
+    assert all(a.training for a in imp.adapters.values())  # a model in training mode trains with dropout
+
+
 def test_imported_adapter_keeps_training_under_the_controller(tmp_path):
     _, fresh, path = trained_peft("llama", 8, tmp_path)
     model = copy.deepcopy(fresh).train()

@@ -444,6 +444,8 @@ def import_peft_adapter(
     switch does). `autocast_adapter_dtype` (PEFT's `from_pretrained` option, same
     default) applies to injected layers: fp32 blocks on a bf16/fp16 base, so an
     fp32 checkpoint loads without rounding; existing layers keep their dtype.
+    Injected layers take the train/eval mode of the modules they replace, so a
+    model in eval mode (as `from_pretrained` returns it) applies no LoRA dropout.
     """
     from peft import LoraConfig
     from peft.utils import load_peft_weights
@@ -496,7 +498,10 @@ def import_peft_adapter(
                                scaling="rslora" if config.use_rslora else "alpha_over_r",
                                autocast_adapter_dtype=autocast_adapter_dtype)
         # exact names: inject on precisely the checkpoint's modules
+        training = {n: m.training for n, m in model.named_modules()}
         layers = inject_nested_lora(model, cfg)
+        for n, layer in layers.items():  # a new layer is in training mode: its dropout would act in an eval model
+            layer.train(training.get(n, layer.training))
         unexpected, missing = set(layers) - set(pairs), set(pairs) - set(layers)
         if unexpected or missing:
             raise ValueError(f"model: the checkpoint's modules do not match the model's Linear/Conv1D layers "
