@@ -161,11 +161,24 @@ def test_export_rejects_a_rank_that_is_not_a_nested_level(tmp_path):
         export_peft_adapter(model, None, tmp_path, rank=6)
 
 
-def test_export_rejects_layers_at_different_ranks_without_rank(tmp_path):
-    model, adapters, _ = nested("llama")
-    next(iter(adapters.values())).set_rank(4)
-    with pytest.raises(ValueError, match="different ranks"):
-        export_peft_adapter(model, None, tmp_path)
+@pytest.mark.parametrize("scaling", ["alpha_over_r", "rslora", "alpha_over_max_rank"])
+def test_layers_at_different_ranks_export_with_peft_rank_and_alpha_patterns(scaling, tmp_path):
+    """Layers at different ranks were refused ("pass rank= explicitly"), and rank= exported every layer at that one
+    rank, i.e. other outputs than the model's; now each layer goes at its own rank through PEFT's rank_pattern."""
+    model, adapters, fresh = nested("llama", scaling=scaling)
+    names = sorted(adapters)
+    adapters[names[0]].set_rank(4)
+    adapters[names[1]].set_rank(16)
+    cfg = export_peft_adapter(model, None, tmp_path)
+    assert cfg["r"] == 8 and cfg["rank_pattern"] == {names[0]: 4, names[1]: 16}
+    if scaling == "alpha_over_max_rank":  # lora_alpha = alpha * r / max_rank differs with r
+        assert cfg["lora_alpha"] == 4 and cfg["alpha_pattern"] == {names[0]: 2, names[1]: 8}
+    else:
+        assert cfg["alpha_pattern"] == {}
+    x = inputs()
+    assert (logits(model, x) - logits(peft_load(fresh, tmp_path), x)).abs().max().item() <= TOL
+    cfg = export_peft_adapter(model, None, tmp_path / "r8", rank=8)  # an explicit rank still cuts every layer there
+    assert cfg["r"] == 8 and cfg["rank_pattern"] == {}
 
 
 # ------------------------------------------------------------------------------------------ export: heads
@@ -537,6 +550,18 @@ def test_import_rejects_rank_above_max_rank(tmp_path):
     inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match=r"r=32 .*> max_rank=16"):
         import_peft_adapter(model, path)
+
+
+def test_a_rank_and_alpha_pattern_checkpoint_round_trips_through_import_and_export(tmp_path):
+    """Importing a rank_pattern checkpoint leaves layers at different ranks; its export was refused, and with
+    rank=imp.rank the layers imported at r=4 were written at r=8 with half their scaling (logits off by ~0.05)."""
+    pm, fresh, path = trained_peft("llama", 8, tmp_path, rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 4})
+    model = copy.deepcopy(fresh)
+    import_peft_adapter(model, path)
+    cfg = export_peft_adapter(model, None, tmp_path / "out")
+    assert set(cfg["rank_pattern"].values()) == {4} and len(cfg["rank_pattern"]) == 2
+    x = inputs()
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(pm, x)).abs().max().item() <= TOL
 
 
 def test_export_then_import_round_trip_is_exact(tmp_path):

@@ -22,6 +22,7 @@ Scaling. PEFT's scaling is `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -95,6 +96,12 @@ def _peft_alpha(layer: NestedLoRALayer, rank: int) -> tuple[float, bool]:
     if layer.scaling_kind == "alpha_over_max_rank":
         return layer.lora_alpha * rank / layer.max_rank, False
     raise ValueError(f"scaling: unknown kind {layer.scaling_kind!r}")
+
+
+def _most_common(values):
+    """The most frequent value (the largest among equally frequent ones)."""
+    counts = collections.Counter(values)
+    return max(counts, key=lambda v: (counts[v], v))
 
 
 def _nice(x: float):
@@ -227,7 +234,10 @@ def export_peft_adapter(
     """Write the nested adapters at rank `rank` as a PEFT LoRA checkpoint.
 
     `adapters`: None (every NestedLoRALayer in `model`), or a dict/list of layers.
-    `rank`: a nested level of every layer (default: their common current rank).
+    `rank`: a nested level of every layer (default: each layer's current rank;
+    layers at different ranks, as after importing a checkpoint with PEFT's
+    `rank_pattern`, are written with a `rank_pattern`, and layers whose PEFT
+    `lora_alpha` differs with an `alpha_pattern`, keyed by full module name).
     `task_type`: PEFT task type ("CAUSAL_LM", "SEQ_CLS", ...); "auto" infers it
     from the model class. `modules_to_save`: module names saved whole; "auto"
     takes the outermost modules with trainable non-LoRA parameters (e.g.
@@ -249,15 +259,10 @@ def export_peft_adapter(
 
     model = unwrap_model(model)  # a DDP wrapper's names (`module.q_proj`) would match nothing in a fresh base model
     layers = _select_layers(model, adapters)
-    if rank is None:
-        ranks = {m.rank for m in layers.values()}
-        if len(ranks) != 1:
-            raise ValueError(f"rank: the layers are at different ranks {sorted(ranks)}; pass rank= explicitly")
-        rank = ranks.pop()
-    rank = int(rank)
+    ranks = {n: int(m.rank if rank is None else rank) for n, m in layers.items()}  # each layer's exported rank
     for n, m in layers.items():
-        if rank not in m.boundaries:
-            raise ValueError(f"rank: {rank} is not a nested level of {n!r} (levels {m.boundaries}); "
+        if ranks[n] not in m.boundaries:
+            raise ValueError(f"rank: {ranks[n]} is not a nested level of {n!r} (levels {m.boundaries}); "
                              f"a PEFT export must cut at a block boundary")
     if task_type == "auto":
         task_type = infer_task_type(model)
@@ -285,19 +290,27 @@ def export_peft_adapter(
     # trained biases outside the modules saved whole: PEFT's bias="lora_only" if all sit on LoRA targets, else "all"
     biased = [m for m in biased if not any(_inside(m, s) for s in saved)]
     bias = "none" if not biased else "lora_only" if set(biased) <= set(targets) else "all"
-    alphas = {_peft_alpha(m, rank) for m in targets.values()}
+    alphas = {n: _peft_alpha(m, ranks[n]) for n, m in targets.items()}
+    rslora = {u for _, u in alphas.values()}
     drops = {_dropout_p(m) for m in targets.values()}
-    if len(alphas) != 1 or len(drops) != 1:
-        raise ValueError(f"adapters: layers differ in scaling/alpha {alphas} or dropout {drops}; "
+    if len(rslora) != 1 or len(drops) != 1:
+        raise ValueError(f"adapters: layers differ in rsLoRA scaling or dropout {drops}; "
                          "one PEFT config cannot express that - export them separately")
-    (lora_alpha, use_rslora), (dropout,) = alphas.pop(), drops
+    (use_rslora,), (dropout,) = rslora, drops
+    # the most common rank and alpha are the config's r and lora_alpha; the others go into PEFT's patterns
+    r_top = _most_common(ranks[n] for n in targets)
+    alpha_top = _most_common(a for a, _ in alphas.values())
+    rank_pattern = {n: ranks[n] for n in sorted(targets) if ranks[n] != r_top}
+    alpha_pattern = {n: _nice(alphas[n][0]) for n in sorted(targets) if alphas[n][0] != alpha_top}
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
     config = LoraConfig(
-        r=rank,
-        lora_alpha=_nice(lora_alpha),
+        r=r_top,
+        lora_alpha=_nice(alpha_top),
         use_rslora=use_rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         lora_dropout=dropout,
         target_modules=sorted(targets),  # exact module names
         fan_in_fan_out=any(m.fan_in_fan_out for m in targets.values()),
@@ -317,8 +330,17 @@ def export_peft_adapter(
     # Our tensors under PEFT's own state-dict keys; PEFT's save_pretrained renames and filters them.
     ours = dict(model.state_dict())
     nested = lora_layers(model)
-    A = {n: m.full_A()[:rank].detach().clone() for n, m in targets.items()}
-    B = {n: m.full_B()[:, :rank].detach().clone() for n, m in targets.items()}
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in peft_skel.named_modules():  # PEFT's r and scaling for each module: exactly ours
+        mod = name[len(_PREFIX):]
+        if isinstance(m, LoraLayer) and mod in targets and (
+                m.r.get("default") != ranks[mod]
+                or not math.isclose(m.scaling["default"], _scaling_at(targets[mod], ranks[mod]), rel_tol=1e-12)):
+            raise RuntimeError(f"PEFT gives {mod!r} r={m.r.get('default')}, scaling={m.scaling.get('default')}; "
+                               f"ours: r={ranks[mod]}, scaling={_scaling_at(targets[mod], ranks[mod])}")
+    A = {n: m.full_A()[:ranks[n]].detach().clone() for n, m in targets.items()}
+    B = {n: m.full_B()[:, :ranks[n]].detach().clone() for n, m in targets.items()}
     sd = {}
     for key in peft_skel.state_dict():
         path = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
@@ -334,7 +356,7 @@ def export_peft_adapter(
             layer = nested.get(mod)
             if layer is not None:  # a nested layer inside a module saved whole: its delta merged in
                 if leaf == "weight":
-                    sd[key] = _merged_weight(layer, rank if mod in layers else layer.rank)
+                    sd[key] = _merged_weight(layer, ranks.get(mod, layer.rank))
                 else:
                     sd[key] = getattr(layer.base_layer, leaf).detach().clone()
             elif full in ours:
