@@ -95,3 +95,25 @@ def test_injection_into_an_offloaded_model_puts_the_adapters_on_the_execution_de
     ctrl.step(loss.item())
     opt.step()
     assert torch.count_nonzero(off.lora_B[0]) > 0
+
+
+def test_import_peft_adapter_into_an_offloaded_model_matches_peft(tmp_path):
+    """import_peft_adapter on a base loaded with a disk-offloaded layer: the adapter's weights must land there (they
+    were copied into meta blocks, a no-op, and the logits came out NaN without an error)."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import import_peft_adapter
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        want = pm(x).logits
+    dmap = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map=dmap, offload_folder=str(tmp_path / "off"))
+    import_peft_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, want)
