@@ -220,6 +220,28 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_ON_META = (
+    "NestedLoRALayer: the LoRA blocks are still on the meta device (the layers were injected into a model built "
+    "with accelerate.init_empty_weights() or on torch.device('meta')), so they hold no values. Load the base model "
+    "first (from_pretrained, or load_checkpoint_and_dispatch) and inject after; or materialise the injected "
+    "model with model.to_empty(device=...), which initialises the blocks again (B = 0), and then load the base "
+    "weights into it")
+
+
+def _execution_device(base_layer: nn.Module) -> torch.device:
+    """Where the LoRA blocks of `base_layer` live: its weight's device, or, for a weight that accelerate has
+    offloaded (`device_map` with "cpu"/"disk" entries: the weight is on meta and an `AlignDevicesHook` brings it in
+    for each forward), the hook's execution device, where the forward runs."""
+    dev = base_layer.weight.device
+    if dev.type == "meta":
+        hook = getattr(base_layer, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or (hook,):  # accelerate's SequentialHook holds several
+            run_on = getattr(h, "execution_device", None)
+            if run_on is not None:
+                return torch.device(run_on) if not isinstance(run_on, int) else torch.device("cuda", run_on)
+    return dev
+
+
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
     """The dtype of the LoRA blocks on a base weight of `base_dtype`: fp32 for a float narrower than fp32 (bf16,
     fp16, fp8) when `autocast_adapter_dtype`, as PEFT's `get_peft_model(..., autocast_adapter_dtype=True)` upcasts
@@ -284,23 +306,52 @@ class NestedLoRALayer(nn.Module):
 
         w = base_layer.weight
         dt = adapter_dtype(w.dtype, autocast_adapter_dtype)
-        A = torch.empty(max_rank, in_f, dtype=w.dtype, device=w.device)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT / loralib: delta starts at 0 via B = 0
-        A = _as(A, dt)  # drawn in the base's dtype, then upcast, as PEFT's get_peft_model does
+        dev = _execution_device(base_layer)
         starts = (0,) + self.boundaries[:-1]
-        self.lora_A = nn.ParameterList(nn.Parameter(A[s:e].clone()) for s, e in zip(starts, self.boundaries))
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.empty(e - s, in_f, dtype=dt, device=dev)) for s, e in zip(starts, self.boundaries))
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(out_f, e - s, dtype=dt, device=w.device)) for s, e in zip(starts, self.boundaries)
-        )
+            nn.Parameter(torch.empty(out_f, e - s, dtype=dt, device=dev)) for s, e in zip(starts, self.boundaries))
+        self.merged_rank = 0  # rank currently folded into the base weight (0 = not merged)
+        self.reset_parameters()
         base_layer.weight.requires_grad_(False)
         if getattr(base_layer, "bias", None) is not None:
             base_layer.bias.requires_grad_(False)
-        self.merged_rank = 0  # rank currently folded into the base weight (0 = not merged)
         self.rank = 0
         self.set_rank(initial_rank if initial_rank is not None else levels[min(1, len(levels) - 1)])
         # The state dict holds the base weight unmerged, merged or not (see `_load_from_state_dict`).
         self._register_state_dict_hook(_unmerged_base_in_state_dict)  # (the public name came in torch 2.5)
         self.register_load_state_dict_post_hook(_merge_again_after_load)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every block (active and paused) as construction does: A drawn with kaiming_uniform(a=√5) over
+        all max_rank rows in the base weight's dtype, then cast to the blocks' dtype; B = 0, so the delta is 0
+        (PEFT's `reset_lora_parameters`). The base layer is left alone. A layer built on the meta device and then
+        materialised with `to_empty` (its own or an enclosing module's) runs this by itself: `to_empty` leaves
+        uninitialised memory, and a B of garbage would train from a random, possibly non-finite, delta."""
+        if self.merged_rank:
+            raise ValueError("reset_parameters: the layer is merged into its base weight; unmerge it first "
+                             "(unmerge_adapters(model)), so that the base weight keeps no delta of the old blocks")
+        A0, w = self.lora_A[0], self.base_layer.weight
+        draw = w.dtype if w.dtype.is_floating_point else A0.dtype
+        A = torch.empty(self.max_rank, self.in_features, dtype=draw, device=A0.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT / loralib: delta starts at 0 via B = 0
+        A = _as(A, A0.dtype)  # drawn in the base's dtype, then upcast, as PEFT's get_peft_model does
+        starts = (0,) + self.boundaries[:-1]
+        for a, b, s, e in zip(blocks_of(self.lora_A), blocks_of(self.lora_B), starts, self.boundaries):
+            a.copy_(A[s:e])
+            b.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """`to_empty` from the meta device gives the blocks uninitialised memory: they are initialised again
+        (`reset_parameters`). Moving a meta tensor any other way raises in torch, so this is the only way out."""
+        was_meta = self.lora_A[0].is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.lora_A[0].is_meta and not self.lora_B[0].is_meta:
+            self.merged_rank = 0  # (a merged meta layer has no delta anywhere either)
+            self.reset_parameters()
+        return out
 
     # -- rank -----------------------------------------------------------------
     @property
@@ -394,6 +445,8 @@ class NestedLoRALayer(nn.Module):
             return result
         k = self.n_active_blocks
         A, B = blocks_of(mods["lora_A"]), blocks_of(mods["lora_B"])
+        if A[0].is_meta and not x.is_meta:
+            raise RuntimeError(_ON_META)
         h, drop = _as(x, A[0].dtype), mods["lora_dropout"]
         if type(drop) is not nn.Identity:  # no module call for no dropout (host time, as above)
             h = drop(h)
