@@ -117,3 +117,19 @@ def test_import_peft_adapter_into_an_offloaded_model_matches_peft(tmp_path):
     with torch.no_grad():
         got = model(x).logits
     torch.testing.assert_close(got, want)
+
+
+def test_to_empty_of_a_meta_multitask_model_makes_every_task_slot_a_copy_of_the_shared_blocks():
+    # The task slots are copies of the shared blocks at construction; after to_empty from meta they were uninitialised
+    # memory (only the shared blocks were drawn again), so a split to MULTI started each task from garbage.
+    from unified_lora.multitask import setup_multitask_lora
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(tiny_llama().config)
+    setup_multitask_lora(model, ["a", "b"], ("q_proj", "v_proj"), spare_slots=1, print_fn=None)
+    model.to_empty(device="cpu")
+    for layer in lora_layers(model).values():
+        assert torch.isfinite(layer.lora_A[0]).all() and all((b == 0).all() for b in layer.lora_B)
+        for t in layer.lora_tasks:
+            assert all(torch.equal(x, y) for x, y in zip(list(t.lora_A) + list(t.lora_B),
+                                                         list(layer.lora_A) + list(layer.lora_B)))

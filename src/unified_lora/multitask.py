@@ -325,6 +325,16 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         router.layers.append(self)
         self._task_grads: dict[int, list[torch.Tensor]] = {}
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The shared blocks as `NestedLoRALayer.reset_parameters` draws them, and every task slot a copy of them,
+        as construction makes it (so `to_empty` from the meta device leaves no task slot of uninitialised memory)."""
+        super().reset_parameters()
+        shared = list(self.lora_A) + list(self.lora_B)
+        for t in getattr(self, "lora_tasks", ()):  # (none yet while the base class builds the shared blocks)
+            for dst, src in zip(list(t.lora_A) + list(t.lora_B), shared):
+                dst.copy_(src)
+
     # nn.Module would register the router as an attribute; it is a plain object, so keep it out of state_dict.
     @property
     def topology(self) -> str:
