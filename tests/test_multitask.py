@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, can_build_cpp, tiny_bert, tiny_llama
 
-from unified_lora import MULTI, SINGLE, MachineConfig, trainable_parameters
+from unified_lora import MIRROR, MULTI, SINGLE, MachineConfig, trainable_parameters
 from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
                                     load_task_adapters, per_task_losses, save_task_adapters, setup_multitask_lora,
                                     task_context)
@@ -889,3 +889,78 @@ def test_a_task_registered_during_mirror_comes_back_from_a_rollback_as_the_copy_
     back = [p for a in ad.values() for p in a.task_parameters(c)]
     assert all(torch.equal(s, p) for s, p in zip(started, back))
     assert all(p not in opt.state for p in back)  # no optimizer state, as at its registration
+
+
+@pytest.mark.parametrize("scenario", ["conflict", "agree"])
+def test_spare_slots_leave_the_signal_and_the_mode_trajectory_unchanged(scenario):
+    # S's drift summed every LoRA block: the shared adapter, each task's and the spare slots', though in SINGLE
+    # only the shared adapter trains, in MULTI/MIRROR only the registered tasks' adapters, and a spare slot never.
+    # Pre-allocated slots shrank S, and with it φ: on the conflict data the first MIRROR exit came at step 11
+    # without spare slots and at step 10 with three. "agree" (both tasks on one labelling) stays in SINGLE.
+    x, ya, yb = conflict_data()
+    data = (x, ya, yb) if scenario == "conflict" else (x, ya, ya)
+    init = MULTI if scenario == "conflict" else SINGLE
+    runs = {}
+    for spare in (0, 3):
+        model, ad, ctrl, opt = build(initial_mode=init, phi_init=0.9 if scenario == "conflict" else 0.0,
+                                     spare_slots=spare)
+        shared0 = [p.detach().clone() for a in ad.values() for p in a.shared_parameters()]
+        train(model, ctrl, opt, 25, data)
+        runs[spare] = [(r.mode, r.transition, r.phi, r.components["S"]) for r in ctrl.trace]
+    assert runs[0] == runs[3]  # bit-identical: same weights, and S reads none of the spare slots
+    modes = {m for m, *_ in runs[0]}
+    if scenario == "conflict":
+        assert [t for _, t, *_ in runs[0] if t] == ["MULTI->MIRROR", "MIRROR->MULTI"] and modes == {MULTI, MIRROR}
+    else:  # in SINGLE, S is the shared adapter's drift (the task slots are frozen copies there)
+        assert modes == {SINGLE} and ctrl.router.topology == "shared"
+        # no transition, so S's reference is still the shared adapter as built
+        now = [p for a in ad.values() for p in a.shared_parameters()]
+        want = sum((p - w).norm().item() for p, w in zip(now, shared0)) / sum(w.norm().item() for w in shared0)
+        assert want > 0.05 and ctrl._drift() == pytest.approx(want, rel=1e-5)
+
+
+def test_a_task_registered_in_multi_is_measured_from_the_copy_it_started_as():
+    # A task registered between two transitions joins S's drift from its registration copy of the shared adapter;
+    # S's reference held the spare slot's value at the last transition (here its initial B = 0), so the new
+    # task counted as a jump in drift it never made. A state saved between a registration and the next step
+    # resumes with the same reference.
+    x, ya, yb = conflict_data()
+    labels = {"a": ya, "b": yb, "c": ya}
+
+    def step(model, ctrl, tasks):
+        ids, y = torch.cat([x] * len(tasks)), torch.cat([labels[t] for t in tasks])
+        tids = [t for t in tasks for _ in range(len(x))]
+        with task_context(model, tids):  # registers "c" (register_new_tasks=True)
+            per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+        per.mean().backward()
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+
+    model, ad, ctrl, opt = build(initial_mode=SINGLE, phi_init=0.5, spare_slots=1, register_new_tasks=True)
+    train(model, ctrl, opt, 5, conflict_data(), use_ctrl=False)  # the shared adapter learns (SINGLE topology)
+    for i in range(3):
+        step(model, ctrl, ["a", "b"])
+        if i == 0:  # the split: S's reference is taken now
+            assert ctrl.trace[-1].transition == "SINGLE->MULTI"
+            ref = [p.detach().clone() for a in ad.values() for s in (0, 1) for p in a.task_parameters(s)]
+        opt.step()
+        opt.zero_grad()
+    m2, _, c2, o2 = build(initial_mode=SINGLE, phi_init=0.5, spare_slots=1, register_new_tasks=True)
+    for dst, src in ((m2, model), (c2, ctrl), (o2, opt)):
+        dst.load_state_dict(src.state_dict())
+    c2.router.register_task("c")  # by hand, then saved and resumed before the next step
+    m3, _, c3, o3 = build(initial_mode=SINGLE, phi_init=0.5, spare_slots=1, register_new_tasks=True)
+    for dst, src in ((m3, m2), (c3, c2), (o3, o2)):
+        dst.load_state_dict(src.state_dict())
+    step(model, ctrl, ["a", "b", "c"])
+    step(m3, c3, ["a", "b", "c"])
+    assert [r.transition for r in ctrl.trace[1:]] == [None] * 3 and ctrl.router.slots["c"] == 2
+    now = [p for a in ad.values() for s in (0, 1) for p in a.task_parameters(s)]
+    c_now = [p for a in ad.values() for p in a.task_parameters(2)]
+    shared = [p for a in ad.values() for p in a.shared_parameters()]  # rests in MULTI: c's registration copy
+    assert all(torch.equal(p, w) for p, w in zip(c_now, shared))
+    assert any(w.abs().sum() > 0 for w in shared[3::6])  # a trained shared B, not the spare slot's zero
+    num = sum((p - w).norm().item() for p, w in zip(now, ref))
+    den = sum(w.norm().item() for w in ref) + sum(w.norm().item() for w in c_now)
+    assert num > 0 and ctrl.trace[-1].components["drift"] == pytest.approx(num / den, rel=1e-5)
+    assert (c3.trace[-1].phi, c3.trace[-1].components["drift"]) == (ctrl.trace[-1].phi,
+                                                                    ctrl.trace[-1].components["drift"])

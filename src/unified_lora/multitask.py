@@ -604,7 +604,8 @@ class MultiTaskSignal:
       from the last step when none is available).
     * E ∈ [0, 1): mean over tasks of D_t = E_t/(1+E_t), E_t the EMA(β) of task t's loss / loss_scale
       (first value initialises it). Without task losses the overall loss is one pseudo-task.
-    * S ∈ [0, 1): relative weight drift since the last transition/snapshot, d/(d + drift_scale).
+    * S ∈ [0, 1): relative weight drift since the last transition/snapshot, d/(d + drift_scale), over the adapters
+      the topology trains (the controller's `_drift`: shared in SINGLE, the registered tasks' in MULTI/MIRROR).
     * ΔX = max(0, tanh(delta_gain · EMA(X_t − X_{t−1}))) for X in C, E, S.
     """
 
@@ -711,20 +712,40 @@ class MultiTaskController(UnifiedController):
         if self.mode >= MULTI:
             for a in self.adapters:
                 a.copy_shared_to_tasks()
-        self._ref = self._snapshot_ref()
+        self._reset_ref()
 
     # -- helpers ------------------------------------------------------------------------
     def _slots(self) -> list[int]:
         return sorted(self.router.slots.values())
 
-    def _snapshot_ref(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for a in self.adapters for p in a.lora_parameters()]
+    def _task_adapter_parameters(self) -> list[nn.Parameter]:
+        """Every block of the registered tasks' adapters (no spare slot), layer by layer."""
+        return [p for a in self.adapters for s in self._slots() for p in a.task_parameters(s)]
+
+    def _reset_ref(self) -> None:
+        """S's reference: a copy of every LoRA block (`lora_parameters()` order), taken at each transition."""
+        self._ref = [p.detach().clone() for a in self.adapters for p in a.lora_parameters()]
+        self._ref_slots = set(self._slots())  # the task slots whose reference is their value at the last rebuild
 
     @torch.no_grad()
     def _drift(self) -> float:
-        params = [p.detach() for a in self.adapters for p in a.lora_parameters()]
-        num = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._ref))).float().sum()
-        den = torch.stack(torch._foreach_norm(self._ref)).float().sum()
+        """S's relative drift Σ‖W − W_ref‖ / Σ‖W_ref‖ over the adapters the topology trains, every block: the shared
+        adapter in SINGLE, the registered tasks' adapters in MULTI/MIRROR. Frozen task copies (SINGLE), the resting
+        shared adapter (MULTI/MIRROR) and the spare slots stay out: in the sum they shrank S with the number of
+        tasks and of `spare_slots`, so pre-allocating slots changed φ and the whole mode trajectory. A task
+        registered since the last transition is measured from its value when first seen here (its registration
+        copy of the shared adapter, or the weights loaded into it)."""
+        every = [p for a in self.adapters for p in a.lora_parameters()]
+        where = {id(p): i for i, p in enumerate(every)}  # the reference's order
+        new = [s for s in self._slots() if s not in self._ref_slots]
+        for p in (p for a in self.adapters for s in new for p in a.task_parameters(s)):
+            self._ref[where[id(p)]] = p.detach().clone()
+        self._ref_slots.update(new)
+        trained = ([p for a in self.adapters for p in a.shared_parameters()] if self.router.topology == "shared"
+                   else self._task_adapter_parameters())
+        params, ref = [p.detach() for p in trained], [self._ref[where[id(p)]] for p in trained]
+        num = torch.stack(torch._foreach_norm(torch._foreach_sub(params, ref))).float().sum()
+        den = torch.stack(torch._foreach_norm(ref)).float().sum()
         num, den = torch.stack([num, den]).tolist()
         return num / den if den > 0 else 0.0
 
@@ -919,7 +940,7 @@ class MultiTaskController(UnifiedController):
         comps["topology"] = self.router.topology
         if transition is None:
             return
-        self._ref = self._snapshot_ref()
+        self._reset_ref()
         if self.merge_log and self.merge_log[-1]["step"] == self.global_step:
             comps["event"] = "merge"
             comps["merge_residual"] = self.merge_log[-1]["residual"]
@@ -950,7 +971,7 @@ class MultiTaskController(UnifiedController):
         with them in the sum (as before) the drift shrank with the number of tasks and of `spare_slots` (two tasks
         and three spare slots: to a third of it), and a pre-allocated slot changed the rollback decision."""
         where = {id(p): i for i, p in enumerate(self.managed_parameters())}  # the snapshot's order
-        params = [p for a in self.adapters for s in self._slots() for p in a.task_parameters(s)]
+        params = self._task_adapter_parameters()
         return self.mirror.decide(params, loss_at_exit=self.loss_ema, indices=[where[id(p)] for p in params])
 
     def _on_transition(self, t: Transition):
@@ -1002,6 +1023,7 @@ class MultiTaskController(UnifiedController):
             "router": self.router.state_dict(),
             "grad_ema": {s: g.cpu() for s, g in self.grad_ema.items()},
             "ref": [r.cpu() for r in self._ref],
+            "ref_slots": sorted(self._ref_slots),
             "merge_rule": self.merge_rule,
             "merge_log": list(self.merge_log),
         }
@@ -1015,6 +1037,8 @@ class MultiTaskController(UnifiedController):
         dev = self.adapters[0].lora_A[0].device
         self.grad_ema = {s: g.to(dev) for s, g in mt["grad_ema"].items()}
         self._ref = [r.to(dev) for r in mt["ref"]]
+        # a file from before "ref_slots": its reference covers the tasks registered when it was saved
+        self._ref_slots = set(mt.get("ref_slots", self._slots()))
         self.merge_rule = mt["merge_rule"]
         self.merge_log = list(mt["merge_log"])
 
