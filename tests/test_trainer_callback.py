@@ -446,3 +446,51 @@ def test_a_controller_state_saved_with_other_weights_is_refused_on_resume(tmp_pa
     Trainer(model=model4, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=1),
             callbacks=[UnifiedLoRACallback(ctrl4)]).train(resume_from_checkpoint=str(run_a / "checkpoint-3"))
     assert ctrl4.global_step == 3
+
+
+class Interrupt(TrainerCallback):
+    """Raises at the end of step `at` (a Ctrl-C, an OOM), once."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            self.at = None
+            raise KeyboardInterrupt
+
+
+def test_a_resume_in_the_same_process_replays_the_steps_once_in_the_trace(tmp_path):
+    """train() interrupted at step 5 (last checkpoint: 3), then train(resume_from_checkpoint=True) with the same
+    controller and callback: the Trainer replays steps 3 and 4. Their records from the first attempt stayed in
+    ctrl.trace, the trace_path file and step_losses (steps 0 1 2 3 4 3 4 5 6 7), so a plot of the run zigzagged.
+    Now the resume drops them: the trace equals the uninterrupted run's (GA 2, a cosine schedule), as do the weights."""
+    signal = SignalConfig(kind="loss", alpha=0.3, loss_scale=0.1)  # enters MIRROR at step 5
+
+    def run(out, *callbacks, resume=False):
+        model = tiny_bert()
+        _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                     signal=signal, print_fn=None, trace_path=str(out / "trace.jsonl"))
+        cb = UnifiedLoRACallback(ctrl)
+        args = targs(out, max_steps=8, learning_rate=2e-3, save_strategy="steps", save_steps=3,
+                     lr_scheduler_type="cosine", warmup_steps=1, gradient_accumulation_steps=2)
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=24), callbacks=[cb, *callbacks])
+        return model, ctrl, cb, trainer
+
+    model, ctrl, cb, trainer = run(tmp_path / "full")
+    trainer.train()
+    full = [(r.step, r.phi, r.mode, r.rank, r.lr, r.loss) for r in ctrl.trace]
+    assert len({r[2] for r in full}) > 1
+
+    model2, ctrl2, cb2, trainer2 = run(tmp_path / "cut", Interrupt(at=5))
+    with pytest.raises(KeyboardInterrupt):
+        trainer2.train()
+    assert ctrl2.global_step == 5
+    trainer2.train(resume_from_checkpoint=True)  # the same Trainer, controller and callback
+    assert [(r.step, r.phi, r.mode, r.rank, r.lr, r.loss) for r in ctrl2.trace] == full
+    from unified_lora.trace import read_trace
+
+    assert [r["step"] for r in read_trace(tmp_path / "cut" / "trace.jsonl")] == list(range(8))
+    assert cb2.step_losses == cb.step_losses
+    w, w2 = _final_lora(model), _final_lora(model2)
+    assert all(torch.equal(w[k], w2[k]) for k in w)

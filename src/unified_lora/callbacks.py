@@ -71,7 +71,9 @@ RNG states). On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
 from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
 `output_dir` needs `UnifiedLoRACallback(ctrl, resume_from=path)`. A resumed run
 without controller state raises (`strict_resume=True`) instead of silently
-restarting the controller. The file also holds a SHA-256 digest of the managed
+restarting the controller. A resume in the same process (a `train()` interrupted, then
+`train(resume_from_checkpoint=...)` with the same controller) replays the steps after the checkpoint: their
+first records are dropped from `ctrl.trace`, `trace_path` and `step_losses`. The file also holds a SHA-256 digest of the managed
 weights at that step; a loaded state whose digest differs from the weights the
 Trainer loaded (another run's checkpoint of the same step in `output_dir`, when
 resuming from a folder outside it) raises a `ValueError` before anything is loaded
@@ -353,6 +355,18 @@ class UnifiedLoRACallback(TrainerCallback):
         if not self._weights_match(sd, path, "the Trainer resumed from"):
             return
         self.ctrl.load_state_dict(sd)
+        self._rewind_trace()
+
+    def _rewind_trace(self) -> None:
+        """After a resume: drop what this process recorded for the steps from the resumed one on. A run interrupted
+        in this process (Ctrl-C, an exception) and resumed here with the same controller replays those steps; their
+        first records would otherwise stay in `ctrl.trace`, `trace_path` and `step_losses` (steps 3, 4, 3, 4, ...)."""
+        step = self.ctrl.global_step
+        dropped = sum(r.step >= step for r in self.ctrl.trace)
+        self.ctrl.trace[:] = [r for r in self.ctrl.trace if r.step < step]
+        del self.step_losses[max(0, len(self.step_losses) - dropped):]  # this callback's records are the last ones
+        if self.ctrl.writer is not None:
+            self.ctrl.writer.resume(step, rewind=True)
 
     def _load_best(self, args, folder: str) -> None:
         """After `load_best_model_at_end`: load `folder`'s controller state (see the module docstring)."""

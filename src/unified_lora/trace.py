@@ -93,11 +93,12 @@ class TraceWriter:
         self._f.flush()
         self._written = True
 
-    def resume(self, step: int) -> None:
+    def resume(self, step: int, rewind: bool = False) -> None:
         """Continue the trace of a run resumed at `step`: keep the lines of steps before it. A no-op once
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
-        leaves the run's trace whole)."""
-        if self._written:
+        leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
+        on are replayed, drops their lines from the first attempt."""
+        if self._written and not rewind:
             return
         self._f.close()
         keep = []
