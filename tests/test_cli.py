@@ -141,6 +141,16 @@ def test_demo_baseline_is_pinned_at_rank8(tiny, tmp_path):
     assert max(r["mode"] for r in unified) == 2 and any(r["snapshot"] == "saved" for r in unified)
 
 
+def test_demo_shock_to_the_last_step_still_scores_right_after_it(tiny, tmp_path):
+    out = tmp_path / "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
+    args[args.index("--shock-end") + 1] = "12"  # = --steps: the step after the shock is the end of the run
+    assert main(args) == 0
+    ev = json.loads((out / "summary.json").read_text())["arms"]["unified"]["eval"]
+    assert ev["post_shock"] == ev["final"]
+    assert "| -" not in (out / "console.txt").read_text()  # no empty cell in the table
+
+
 def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
     from unified_lora.cli import format_summary
 

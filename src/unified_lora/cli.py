@@ -205,6 +205,8 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     bar.close()
     evals["final"] = evaluate(model, enc_dev, "seq-cls", task)
     say(f"    dev @ step {run.state.global_step} (final): {_fmt_metrics(evals['final'])}")
+    if cfg.has_shock and cfg.shock_end == run.state.global_step:  # a shock to the last step: right after it is the end
+        evals["post_shock"] = evals["final"]
     run.ctrl.close()
     trace = read_trace(trace_path)
     arm = _arm_summary(run, trace, cfg, evals, time.perf_counter() - t0, run.state.global_step, label)
