@@ -99,6 +99,37 @@ def test_demo_writes_trace_summary_plot_and_console(tiny, tmp_path, capsys):
     assert "[0] Mode=1 φ=" in console and "E_s=" in console  # the seed's console line
     assert ">>> SHOCK @ step 4" in console and ">>> RECOVERY @ step 8" in console
     assert (out / "console.txt").read_text().count("Mode=") >= 3
+    # it says whether the controller helped, from this run's final accuracies, with the noise of one seed
+    u, b = (summary["arms"][k]["eval"]["final"]["accuracy"] for k in ("unified", "baseline"))
+    n = summary["dev_rows"]
+    assert f"Did the controller help? Final dev accuracy, one seed, {n} dev rows:" in console
+    assert f"Unified LoRA {u:.3f} vs Baseline LoRA r8 {b:.3f}: {u - b:+.3f} ({round((u - b) * n):+d} of {n} rows)" \
+        in console
+    assert "2 standard errors of a difference here are ±" in console
+    assert f"vs the majority class ({summary['majority']['accuracy']:.3f})" in console
+
+
+def _verdict_summary(u: float, b: float | None, maj: float = 0.5, n: int = 200) -> dict:
+    arms = {"unified": {"label": "Unified LoRA", "eval": {"final": {"accuracy": u}}}}
+    if b is not None:
+        arms["baseline"] = {"label": "Baseline LoRA r8", "eval": {"final": {"accuracy": b}}}
+    return {"command": "demo", "dev_rows": n, "majority": {"accuracy": maj}, "arms": arms}
+
+
+def test_demo_verdict_calls_a_difference_inside_two_standard_errors_noise():
+    from unified_lora.cli import format_summary
+
+    # 200 rows, both near 0.75: 2 SE of the difference = 2*sqrt((0.765*0.235 + 0.745*0.255)/200) ≈ 0.086
+    text = format_summary(_verdict_summary(0.765, 0.745, maj=0.7))
+    assert "+0.020 (+4 of 200 rows), within noise; 2 standard errors of a difference here are ±0.086" in text
+    assert "Unified LoRA +13 of 200 rows, Baseline LoRA r8 +9 of 200 rows." in text  # both above the majority
+    text = format_summary(_verdict_summary(0.85, 0.70, maj=0.7))
+    assert "+0.150 (+30 of 200 rows), ahead, beyond the noise" in text
+    assert "Baseline LoRA r8 scores no better than always predicting the majority class" in text
+    assert "behind, beyond the noise" in format_summary(_verdict_summary(0.60, 0.80))
+    text = format_summary(_verdict_summary(0.7, None))
+    assert "no fixed-rank arm was run (--no-baseline), so this run cannot tell whether the controller helped" in text
+    assert "Did the controller help?" not in format_summary({**_verdict_summary(0.7, 0.7), "command": "train"})
 
 
 def test_demo_baseline_is_pinned_at_rank8(tiny, tmp_path):
@@ -108,6 +139,26 @@ def test_demo_baseline_is_pinned_at_rank8(tiny, tmp_path):
     assert {r["mode"] for r in base} == {1} and {r["rank"] for r in base} == {8}
     unified = read_trace(out / "trace.jsonl")
     assert max(r["mode"] for r in unified) == 2 and any(r["snapshot"] == "saved" for r in unified)
+
+
+def test_demo_shock_to_the_last_step_still_scores_right_after_it(tiny, tmp_path):
+    out = tmp_path / "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
+    args[args.index("--shock-end") + 1] = "12"  # = --steps: the step after the shock is the end of the run
+    assert main(args) == 0
+    ev = json.loads((out / "summary.json").read_text())["arms"]["unified"]["eval"]
+    assert ev["post_shock"] == ev["final"]
+    assert "| -" not in (out / "console.txt").read_text()  # no empty cell in the table
+
+
+def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
+    from unified_lora.cli import format_summary
+
+    arm = {"label": "Unified LoRA", "mirror": [{"step": 9, "snapshot": "kept", "drift": 0.56},
+                                               {"step": 30, "snapshot": "restored", "drift": 0.01}]}
+    text = format_summary({"command": "demo", "arms": {"unified": arm}, "drift_threshold": 0.05})
+    assert "Mirror exit @ step 9: kept the new weights (drift=56.00%, threshold 5%)" in text
+    assert "Mirror exit @ step 30: restored the entry snapshot (drift=1.00%, threshold 5%)" in text
 
 
 def test_demo_no_baseline_and_composite_signal(tiny, tmp_path):

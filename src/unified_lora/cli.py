@@ -94,7 +94,8 @@ def format_summary(summary: dict) -> str:
                          f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode={phi['final_mode']}  "
                          f"mean rank={phi['mean_rank']:.2f}  steps per mode={phi['steps_in_mode']}")
         for m in arm.get("mirror", []):
-            lines.append(f"  Mirror exit @ step {m['step']}: snapshot {m['snapshot']} "
+            what = "restored the entry snapshot" if m["snapshot"] == "restored" else "kept the new weights"
+            lines.append(f"  Mirror exit @ step {m['step']}: {what} "
                          f"(drift={m['drift']:.2%}, threshold {summary.get('drift_threshold', 0.05):.0%})")
         if arm.get("wall_s") is not None:
             cpu = f", {arm['cpu_s']:.1f} CPU-s" if "cpu_s" in arm else ""
@@ -103,7 +104,50 @@ def format_summary(summary: dict) -> str:
     if summary.get("wall_s") is not None:
         cpu = f", {summary['cpu_s']:.1f} CPU-s on {summary.get('threads', '?')} thread(s)" if "cpu_s" in summary else ""
         lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}")
+    lines += _demo_verdict(summary)
     return "\n".join(lines)
+
+
+def _demo_verdict(summary: dict) -> list[str]:
+    """A demo's answer to "did the controller help?", computed from its final dev accuracies: the difference with
+    the fixed-rank arm and with the majority class, in rows, beside two standard errors of that difference for
+    one seed on this many dev rows (a binomial estimate), so a difference inside the noise is called noise."""
+    arms, n = summary.get("arms", {}), summary.get("dev_rows")
+    acc = {k: ((a.get("eval") or {}).get("final") or {}).get("accuracy") for k, a in arms.items()}
+    if summary.get("command") != "demo" or acc.get("unified") is None or not n:
+        return []
+    label = {k: a.get("label", k) for k, a in arms.items()}
+    u, b = acc["unified"], acc.get("baseline")
+    maj = (summary.get("majority") or {}).get("accuracy")
+
+    def two_se(p: float, q: float) -> float:
+        return 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+
+    def rows(d: float) -> str:
+        return f"{round(d * n):+d} of {n} rows"
+
+    out = ["", f"Did the controller help? Final dev accuracy, one seed, {n} dev rows:"]
+    if b is None:
+        out.append(f"  {label['unified']} {u:.3f}; no fixed-rank arm was run (--no-baseline), so this run cannot "
+                   "tell whether the controller helped.")
+    else:
+        d, noise = u - b, two_se(u, b)
+        if round(d * n) == 0:
+            word = "no difference"
+        elif abs(d) <= noise:
+            word = "within noise"
+        else:
+            word = "ahead, beyond the noise" if d > 0 else "behind, beyond the noise"
+        out.append(f"  {label['unified']} {u:.3f} vs {label['baseline']} {b:.3f}: {d:+.3f} ({rows(d)}), {word}; "
+                   f"2 standard errors of a difference here are ±{noise:.3f}, so one seed on this dev set cannot "
+                   f"show a smaller effect (compare several --seed values).")
+    if maj is not None:
+        at = [label[k] for k, a in acc.items() if a is not None and round((a - maj) * n) <= 0]
+        vs = ", ".join(f"{label[k]} {rows(a - maj)}" for k, a in acc.items() if a is not None)
+        tail = (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better than always predicting the "
+                "majority class" if at else "")
+        out.append(f"  vs the majority class ({maj:.3f}): {vs}{tail}.")
+    return out
 
 
 # ----------------------------------------------------------------------------- demo
@@ -161,6 +205,8 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     bar.close()
     evals["final"] = evaluate(model, enc_dev, "seq-cls", task)
     say(f"    dev @ step {run.state.global_step} (final): {_fmt_metrics(evals['final'])}")
+    if cfg.has_shock and cfg.shock_end == run.state.global_step:  # a shock to the last step: right after it is the end
+        evals["post_shock"] = evals["final"]
     run.ctrl.close()
     trace = read_trace(trace_path)
     arm = _arm_summary(run, trace, cfg, evals, time.perf_counter() - t0, run.state.global_step, label)
