@@ -425,16 +425,19 @@ class NestedLoRALayer(nn.Module):
                 self.lora_B[i].zero_()
 
     # -- forward / merge ------------------------------------------------------
-    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
-        """scaling · B[:, :r] A[:r], shaped like a Linear weight (out × in)."""
-        if rank is not None and rank != self.rank:
-            old = self.rank
-            self.rank = rank
-            try:
-                return self.delta_weight()
-            finally:
-                self.rank = old
-        return self.scaling * (self.active_B() @ self.active_A())
+    def delta_weight(self, rank: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """scaling · B[:, :r] A[:r], shaped like a Linear weight (out × in); computed in `dtype` (default: the
+        blocks' own)."""
+        old = self.rank
+        if rank is not None:
+            self.rank = rank  # (the scaling follows the rank)
+        try:
+            B, A = self.active_B(), self.active_A()
+            if dtype is not None:
+                B, A = _as(B, dtype), _as(A, dtype)
+            return self.scaling * (B @ A)
+        finally:
+            self.rank = old
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Submodules read from _modules: each `self.lora_A`-style read goes through nn.Module.__getattr__ (~0.8 µs
@@ -472,13 +475,8 @@ class NestedLoRALayer(nn.Module):
         acc = torch.promote_types(w.dtype, torch.float32)
         dev = w.device.type
         off = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-        old = self.rank
-        self.rank = rank
-        try:
-            with torch.autocast(dev, enabled=False) if off else contextlib.nullcontext():
-                d = self.scaling * (_as(self.active_B(), acc) @ _as(self.active_A(), acc))
-        finally:
-            self.rank = old
+        with torch.autocast(dev, enabled=False) if off else contextlib.nullcontext():
+            d = NestedLoRALayer.delta_weight(self, rank, acc)  # the shared blocks' delta (a task layer's too)
         d = d.T if self.fan_in_fan_out else d
         return (w.to(acc) + d if sign > 0 else w.to(acc) - d).to(w.dtype)
 
@@ -489,7 +487,7 @@ class NestedLoRALayer(nn.Module):
 
         A base weight narrower than fp32 (bf16, fp16) is kept as it was (one copy of it; `keep_base=False` keeps
         none), so that `unmerge` puts it back bit for bit: subtracting the delta again would round it off (in bf16
-        about one element in five moves by an ulp per merge and unmerge, and a re-rank while merged repeats it)."""
+        about one element in ten moves by an ulp per merge and unmerge, and a re-rank while merged repeats it)."""
         if self.merged_rank:
             return
         w = self.base_layer.weight
