@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from conftest import can_build_cpp
 from unified_lora.distributed import assert_lockstep, check_ddp, clear_paused_grads, ddp_kwargs
+from unified_lora.trace import read_trace
 
 STEPS, CORRUPT = 26, range(14, 20)
 
@@ -337,6 +338,7 @@ def _worker2(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     _multitask_ddp_loop(rank, out)
     _checkpointing_settings(rank, out)
+    _shared_trace_path(rank, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -492,11 +494,37 @@ def _checkpointing_settings(rank: int, out: str) -> None:
     torch.save(rec, os.path.join(out, f"ckpt{rank}.pt"))
 
 
+def _shared_trace_path(rank: int, out: str) -> None:
+    """Every process builds its controller with the same `trace_path` (what a script launched by torchrun does), runs
+    5 steps, then resumes from the state of step 3 with a fresh controller appending to that file (as the CLI does)
+    and runs 4 more."""
+    from unified_lora import UnifiedController
+    from unified_lora.trace import TraceWriter
+
+    path = os.path.join(out, "trace.jsonl")
+    losses = [[0.9, 0.7, 0.8, 0.6, 0.5, 0.4, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]][rank]  # this process's own
+    ctrl = UnifiedController(signal="loss", trace_path=path, print_fn=None)
+    for step in range(5):
+        if step == 3:
+            state = ctrl.state_dict()
+        ctrl.step(losses[step])
+    ctrl.close()
+    dist.barrier()
+    resumed = UnifiedController(signal="loss", print_fn=None)
+    resumed.writer = TraceWriter(path, append=True)
+    resumed.load_state_dict(state)  # keeps the lines of steps 0-2
+    for step in range(3, 7):
+        resumed.step(losses[step])
+    resumed.close()
+    dist.barrier()
+    torch.save({"trace": read_trace(path)}, os.path.join(out, f"trace{rank}.pt"))
+
+
 @pytest.fixture(scope="module")
 def ddp_run2(tmp_path_factory):
     out = _spawn_once(tmp_path_factory, "unified_lora_ddp2", _worker2)
     return {name: [torch.load(os.path.join(out, f"{name}{r}.pt"), weights_only=False) for r in range(2)]
-            for name in ("mt", "ckpt")}
+            for name in ("mt", "ckpt", "trace")}
 
 
 @pytest.fixture
@@ -586,3 +614,14 @@ def test_activation_checkpointing_under_ddp_runs_or_is_refused_with_the_setting_
         for key in ("reentrant", "check_ddp"):
             assert r[key].startswith("ValueError: activation_checkpointing_kwargs: use_reentrant must be False")
         assert r["args_ckpt"] == 2  # both steps ran
+
+
+def test_a_trace_path_shared_by_every_process_holds_each_step_once_also_after_a_resume(ddp_run2):
+    """Every process wrote each record into the shared file (steps 0, 1, 1, 2, 2, ...), and on resume every process
+    rewrote it: one process then appended to the file another had replaced, and the steps after the resume were
+    missing or doubled. Now process 0 alone writes it; the records are the all-reduced ones every process shares."""
+    r0, r1 = (r["trace"] for r in ddp_run2["trace"])
+    assert r0 == r1  # one file, read after both processes finished
+    assert [r["step"] for r in r0] == list(range(7))
+    mean = [(a + b) / 2 for a, b in zip([0.9, 0.7, 0.8, 0.6, 0.5, 0.4, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])]
+    assert [r["loss"] for r in r0] == pytest.approx(mean, rel=1e-12)

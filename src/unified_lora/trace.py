@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ._files import written_atomically
+from .distributed import is_main_process
 
 
 @dataclass
@@ -76,6 +77,11 @@ class TraceWriter:
     that a run resumed from a checkpoint can keep the lines of the steps before it: `resume(step)`, called
     by `ctrl.load_state_dict`, keeps the lines of earlier steps, drops the later ones (written after that
     checkpoint, and a line cut off by a crash) and appends from there.
+
+    In an initialised process group (DDP, the Trainer under torchrun) only process 0 writes or rewrites the file:
+    every process records the same steps (the controller all-reduces the loss), and every process writing one
+    `trace_path` put each step into it once per process, while a resume's rewrite on one process left another
+    appending to the replaced file, so the steps after the resume went missing.
     """
 
     def __init__(self, path: str | os.PathLike, append: bool = False):
@@ -86,6 +92,8 @@ class TraceWriter:
         self._written = False
 
     def write(self, rec: StepRecord) -> None:
+        if not is_main_process():
+            return
         if self._fresh:
             self._f.truncate(0)
             self._fresh = False
@@ -98,7 +106,7 @@ class TraceWriter:
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
         leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
         on are replayed, drops their lines from the first attempt."""
-        if self._written and not rewind:
+        if (self._written and not rewind) or not is_main_process():
             return
         self._f.close()
         keep = []
