@@ -412,6 +412,25 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_fol
     assert [(r["step"], r["loss"], r["phi"]) for r in b] == [(r["step"], r["loss"], r["phi"]) for r in a]
 
 
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_under_torchrun_with_two_processes_train_and_demo_refuse_before_writing_anything(tiny, tmp_path, command):
+    """torchrun started two copies of the whole run, on all the data, into one --output-dir: one refused the other's
+    first checkpoint as "a previous run" (exit 2) while the other finished, and with --overwrite they deleted each
+    other's files. Every process now refuses at once, saying what to launch instead, and writes nothing."""
+    out = tmp_path / "run"
+    args = (_train_args(tiny, out, "--steps", "4") if command == "train" else
+            _demo_args(tiny, out, "--no-baseline"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "unified_lora.cli", *args], capture_output=True, text=True, timeout=300, env=env,
+                       start_new_session=True)
+    assert p.returncode != 0
+    refusal = f"unified-lora: error: {command}: launched as one of 2 processes (WORLD_SIZE=2"
+    assert p.stderr.count(refusal) == 2, p.stderr[-3000:]  # each process, in its own words
+    assert "examples/ddp_torchrun.py" in p.stderr
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- plot, report
 
 

@@ -220,7 +220,24 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     return arm, trace
 
 
+def _refuse_multiprocess_launch(command: str) -> None:
+    """`demo` and `train` train in one process. Launched by torchrun or `accelerate launch` with several processes
+    (WORLD_SIZE > 1), each process ran the whole run on all the data into the same --output-dir at once: the runs
+    tripped over each other's files (one refused the other's checkpoints as a previous run) and N processes did one
+    process's work."""
+    from .training import UsageError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):
+        raise UsageError(f"{command}: launched as one of {world} processes (WORLD_SIZE={world}, set by torchrun or "
+                         f"accelerate launch), but `{PROG} {command}` trains in one process: each process would run "
+                         "the whole run on all the data and write the same --output-dir. Run it without the launcher "
+                         "(or with --nproc_per_node 1); for data-parallel training use the Python API with DDP or the "
+                         "Hugging Face Trainer (README 'Multi-GPU', examples/ddp_torchrun.py)")
+
+
 def cmd_demo(args) -> int:
+    _refuse_multiprocess_launch("demo")
     from .data import TextDataset
     from .plotting import plot_trace
     from .training import TrainConfig, encode_rows, load_data, load_tokenizer, majority, resolve_model, subsample
@@ -397,6 +414,7 @@ def _resume_changes(old, new) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    _refuse_multiprocess_launch("train")
     import torch
 
     from .data import TextDataset
