@@ -516,8 +516,13 @@ def _shared_trace_path(rank: int, out: str) -> None:
     for step in range(3, 7):
         resumed.step(losses[step])
     resumed.close()
+    own = os.path.join(out, f"own{rank}.jsonl")  # a controller that does not all-reduce records its own steps
+    local = UnifiedController(signal="loss", trace_path=own, reduce_loss=None, print_fn=None)
+    for v in losses[:3]:
+        local.step(v)
+    local.close()
     dist.barrier()
-    torch.save({"trace": read_trace(path)}, os.path.join(out, f"trace{rank}.pt"))
+    torch.save({"trace": read_trace(path), "own": read_trace(own)}, os.path.join(out, f"trace{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -625,3 +630,5 @@ def test_a_trace_path_shared_by_every_process_holds_each_step_once_also_after_a_
     assert [r["step"] for r in r0] == list(range(7))
     mean = [(a + b) / 2 for a, b in zip([0.9, 0.7, 0.8, 0.6, 0.5, 0.4, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])]
     assert [r["loss"] for r in r0] == pytest.approx(mean, rel=1e-12)
+    for r, own in enumerate(([0.9, 0.7, 0.8], [0.1, 0.2, 0.3])):  # reduce_loss=None: each process its own file
+        assert [x["loss"] for x in ddp_run2["trace"][r]["own"]] == own

@@ -142,7 +142,8 @@ class UnifiedController:
         self._exit_decision: MirrorDecision | None = None  # a Mirror exit's decision until its transition commits
         self.trace: list[StepRecord] = []
         self.keep_trace = keep_trace
-        self.writer = TraceWriter(trace_path) if trace_path else None
+        # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
+        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None) if trace_path else None
         self.log_every, self.print_fn = int(log_every), print_fn
         self.reduce_loss = reduce_loss
         self._apply_rank()

@@ -78,21 +78,27 @@ class TraceWriter:
     by `ctrl.load_state_dict`, keeps the lines of earlier steps, drops the later ones (written after that
     checkpoint, and a line cut off by a crash) and appends from there.
 
-    In an initialised process group (DDP, the Trainer under torchrun) only process 0 writes or rewrites the file:
-    every process records the same steps (the controller all-reduces the loss), and every process writing one
-    `trace_path` put each step into it once per process, while a resume's rewrite on one process left another
-    appending to the replaced file, so the steps after the resume went missing.
+    `main_process_only` (the default): in an initialised process group (DDP, the Trainer under torchrun) only
+    process 0 writes or rewrites the file. Every process records the same steps (the controller all-reduces the
+    loss); every process writing one `trace_path` put each step into it once per process, and a resume's rewrite
+    on one process left another appending to the replaced file, so the steps after the resume went missing. A
+    controller that does not all-reduce (`reduce_loss=None`) records this process's own steps: its writer writes
+    on every process.
     """
 
-    def __init__(self, path: str | os.PathLike, append: bool = False):
+    def __init__(self, path: str | os.PathLike, append: bool = False, main_process_only: bool = True):
         self.path = os.fspath(path)
+        self.main_process_only = main_process_only
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")  # opened now, so a bad path fails here
         self._fresh = not append  # empty the file at the first write
         self._written = False
 
+    def _writes_here(self) -> bool:
+        return not self.main_process_only or is_main_process()
+
     def write(self, rec: StepRecord) -> None:
-        if not is_main_process():
+        if not self._writes_here():
             return
         if self._fresh:
             self._f.truncate(0)
@@ -106,7 +112,7 @@ class TraceWriter:
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
         leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
         on are replayed, drops their lines from the first attempt."""
-        if (self._written and not rewind) or not is_main_process():
+        if (self._written and not rewind) or not self._writes_here():
             return
         self._f.close()
         keep = []
