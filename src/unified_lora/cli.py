@@ -232,7 +232,7 @@ def _refuse_multiprocess_launch(command: str) -> None:
         raise UsageError(f"{command}: launched as one of {world} processes (WORLD_SIZE={world}, set by torchrun or "
                          f"accelerate launch), but `{PROG} {command}` trains in one process: each process would run "
                          "the whole run on all the data and write the same --output-dir. Run it without the launcher "
-                         "(or with --nproc_per_node 1); for data-parallel training use the Python API with DDP or the "
+                         "(or with --nproc_per_node 1, or WORLD_SIZE unset); for data-parallel training use the Python API with DDP or the "
                          "Hugging Face Trainer (README 'Multi-GPU', examples/ddp_torchrun.py)")
 
 
