@@ -151,6 +151,39 @@ def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert
     assert ctrl.actuators.lr_mode == "off"
 
 
+def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):
+    """ActuatorConfig's lr_mode defaults to "absolute", setup_unified_lora's to "multiplier". So
+    setup_unified_lora(lr_mode="multiplier", actuators=ActuatorConfig(mode_multipliers=...)) ran in absolute mode:
+    the multipliers and the explicit lr_mode were ignored, and the v1 LRs (3e-5 in MULTI) replaced the optimizer's
+    LR and its schedule, silently (setup could not tell lr_mode="multiplier" from its default). Both are refused."""
+    from unified_lora.multitask import setup_multitask_lora
+
+    with pytest.raises(ValueError, match=r"^mode_multipliers: \(2\.0, 1\.0, 0\.5\) would be ignored: lr_mode is "
+                                         r"'absolute'.*pass lr_mode='multiplier'"):
+        ActuatorConfig(mode_multipliers=(2.0, 1.0, 0.5))
+    with pytest.raises(ValueError, match="^mode_multipliers: .* would be ignored: lr_mode is 'off'"):
+        ActuatorConfig(lr_mode="off", mode_multipliers=(2.0, 1.0, 0.5))
+    for setup, args in ((setup_unified_lora, ()), (setup_multitask_lora, (["a", "b"],))):
+        with pytest.raises(ValueError, match="^lr_mode: 'multiplier' would be ignored: actuators= is given "
+                                             r"\(ActuatorConfig with lr_mode='absolute'\)"):
+            setup(tiny_bert(), *args, target_modules=["query"], lr_mode="multiplier",
+                  actuators=ActuatorConfig(mode_ranks=(4, 8, 16)), print_fn=None)
+        with pytest.raises(ValueError, match=r"^mode_ranks: \(4, 4, 8\) would be ignored"):
+            setup(tiny_bert(), *args, target_modules=["query"], mode_ranks=[4, 4, 8],
+                  actuators=ActuatorConfig(), print_fn=None)
+        # agreeing, or lr_mode left out: the config's lr_mode; neither given: "multiplier"
+        for kw, want in ((dict(lr_mode="multiplier", actuators=ActuatorConfig(lr_mode="multiplier",
+                                                                               mode_multipliers=(2.0, 1.0, 0.5))),
+                          "multiplier"), (dict(actuators=ActuatorConfig()), "absolute"), ({}, "multiplier")):
+            _, ctrl = setup(tiny_bert(), *args, target_modules=["query"], print_fn=None, **kw)
+            assert ctrl.actuators.lr_mode == want
+    _, ctrl = setup_unified_lora(bert, ["query"], signal="loss", lr_mode="multiplier", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 1.0, 0.5)))
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    assert ctrl.get_last_lr() == 1e-3  # MULTI: the optimizer's LR × 1.0
+
+
 def test_an_optimizer_without_the_paused_blocks_or_the_head_is_refused(bert):
     """Holding only the active blocks looks fine until the controller raises the rank: the re-activated
     blocks get gradients and never move. A head (modules_to_save) left out is refused the same way."""

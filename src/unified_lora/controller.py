@@ -648,7 +648,7 @@ def setup_unified_lora(
     modules_to_save: Sequence[str] | None = None,
     signal: str | SignalConfig = "composite",
     optimizer=None,
-    lr_mode: str = "multiplier",
+    lr_mode: str | None = None,
     mode_ranks: Sequence[int] | None = None,
     layer_kernel: str = "python",
     autocast_adapter_dtype: bool = True,
@@ -658,7 +658,8 @@ def setup_unified_lora(
 
     Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
     SINGLE/MULTI/MIRROR, and (since the user keeps their own optimizer and
-    schedule) LR as a per-mode multiplier. `layer_kernel="cpp"` runs the layers'
+    schedule) LR as a per-mode multiplier (`lr_mode` None: "multiplier", or the `actuators=` config's; an
+    `lr_mode` that differs from that config's is a ValueError). `layer_kernel="cpp"` runs the layers'
     nested path as a C++ autograd Function (`NestedLoRAConfig.kernel`).
     `autocast_adapter_dtype` (PEFT's, default True): fp32 LoRA blocks on a
     bf16/fp16 base (`NestedLoRAConfig.autocast_adapter_dtype`). Returns
@@ -672,7 +673,7 @@ def setup_unified_lora(
                            autocast_adapter_dtype=autocast_adapter_dtype)
     actuators = controller_kwargs.pop("actuators", None)
     _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
-    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
+    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters = inject_nested_lora(model, cfg)
         extra = [p for n, p in model.named_parameters()
