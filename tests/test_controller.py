@@ -267,6 +267,41 @@ def test_an_optimizer_step_that_raises_does_not_leave_the_multiplied_lr_behind(l
     opt.zero_grad()
     _train_step(llama, ctrl, opt, x, x)
     assert used == [0.05, 0.05] and opt.param_groups[0]["lr"] == 0.1
+def test_an_optimizer_attached_after_a_step_that_raised_trains_at_its_own_lr(llama):
+    """After optimizer.step() raised (an out-of-memory error in AdamW's first step, Ctrl-C), the controller held the
+    failed step's scheduled LRs to put back at the next step. Attaching another optimizer then (the usual answer to
+    that OOM: one that needs less memory, often with another LR) wrote those old LRs into the new optimizer's
+    groups at its first step, where they stayed without a scheduler; the old optimizer kept base × m (as one did
+    after ctrl.close()). Each now keeps its own LR."""
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25)))
+    params = [p for p in llama.parameters() if p.requires_grad]
+    old = torch.optim.AdamW(params, lr=0.1)
+    ctrl.attach_optimizer(old)
+
+    def oom(o, a, k):  # inside optimizer.step(), after the controller's pre-step hook
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    old.register_step_pre_hook(oom)
+    x = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(torch.OutOfMemoryError):
+        _train_step(llama, ctrl, old, x, x)
+    old.zero_grad()
+    new = torch.optim.AdamW(params, lr=0.01, foreach=False)
+    ctrl.attach_optimizer(new)
+    used = []
+    new.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    for _ in range(2):
+        _train_step(llama, ctrl, new, x, x)
+    assert used == [0.005, 0.005] and new.param_groups[0]["lr"] == 0.01
+    assert old.param_groups[0]["lr"] == 0.1
+    new.register_step_pre_hook(oom)  # ctrl.close() after a step that raised: the LR goes back too
+    with pytest.raises(torch.OutOfMemoryError):
+        _train_step(llama, ctrl, new, x, x)
+    ctrl.close()
+    assert new.param_groups[0]["lr"] == 0.01
+
+
 @pytest.mark.parametrize("lr_mode", ["multiplier", "absolute"])
 def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode):
     """torch's recipe for a compiled optimizer with a scheduler wraps the LR in a tensor. The trace (and its

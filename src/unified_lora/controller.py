@@ -173,6 +173,10 @@ class UnifiedController:
             self._check_optimizer_holds_managed(inner)
             if self.actuators.lr_mode != "off":
                 self._check_optimizer_lr(inner)
+        previous = _unwrap_optimizer(self.optimizer)
+        if previous is not None:  # a step of it raised: its scheduled LRs go back to it, not into the new one
+            self._post_step(previous, None, None)
+        self._base_lrs = None
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -612,6 +616,9 @@ class UnifiedController:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        inner = _unwrap_optimizer(self.optimizer)
+        if inner is not None:  # a step that raised left its LRs multiplied: put them back before the hooks go
+            self._post_step(inner, None, None)
         for h in self._hooks:
             h.remove()
         self._hooks = []
