@@ -277,6 +277,24 @@ def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_any
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
 
 
+def test_resume_trains_at_the_lr_and_weight_decay_given_now(tiny, tmp_path):
+    """README: a resumed run's LRs may change. The optimizer's state_dict holds its param groups' lr and
+    weight_decay, and loading it put the old values back: `--resume --lr` (lr_mode multiplier), and a YAML
+    `weight_decay`, were ignored silently, and the run went on at the stored values."""
+    from unified_lora.config import V1_MULTIPLIERS
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2", "--lr-mode", "multiplier", "--lr", "1e-3")) == 0
+    cfg = _write(tmp_path / "more.yaml", "weight_decay: 0.25\n")
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--lr", "4e-3",
+                 "--config", str(cfg)]) == 0
+    trace = read_trace(out / "trace.jsonl")
+    assert [r["lr"] for r in trace] == pytest.approx([lr * V1_MULTIPLIERS[r["mode"]] for r, lr in
+                                                      zip(trace, (1e-3, 1e-3, 4e-3, 4e-3))])
+    groups = torch.load(out / "checkpoints" / "step-4" / "state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert {(g["lr"], g["weight_decay"]) for g in groups} == {(4e-3, 0.25)}
+
+
 def test_train_causal_lm(tiny, tmp_path):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",

@@ -151,6 +151,39 @@ def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert
     assert ctrl.actuators.lr_mode == "off"
 
 
+def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):
+    """ActuatorConfig's lr_mode defaults to "absolute", setup_unified_lora's to "multiplier". So
+    setup_unified_lora(lr_mode="multiplier", actuators=ActuatorConfig(mode_multipliers=...)) ran in absolute mode:
+    the multipliers and the explicit lr_mode were ignored, and the v1 LRs (3e-5 in MULTI) replaced the optimizer's
+    LR and its schedule, silently (setup could not tell lr_mode="multiplier" from its default). Both are refused."""
+    from unified_lora.multitask import setup_multitask_lora
+
+    with pytest.raises(ValueError, match=r"^mode_multipliers: \(2\.0, 1\.0, 0\.5\) would be ignored: lr_mode is "
+                                         r"'absolute'.*pass lr_mode='multiplier'"):
+        ActuatorConfig(mode_multipliers=(2.0, 1.0, 0.5))
+    with pytest.raises(ValueError, match="^mode_multipliers: .* would be ignored: lr_mode is 'off'"):
+        ActuatorConfig(lr_mode="off", mode_multipliers=(2.0, 1.0, 0.5))
+    for setup, args in ((setup_unified_lora, ()), (setup_multitask_lora, (["a", "b"],))):
+        with pytest.raises(ValueError, match="^lr_mode: 'multiplier' would be ignored: actuators= is given "
+                                             r"\(ActuatorConfig with lr_mode='absolute'\)"):
+            setup(tiny_bert(), *args, target_modules=["query"], lr_mode="multiplier",
+                  actuators=ActuatorConfig(mode_ranks=(4, 8, 16)), print_fn=None)
+        with pytest.raises(ValueError, match=r"^mode_ranks: \(4, 4, 8\) would be ignored"):
+            setup(tiny_bert(), *args, target_modules=["query"], mode_ranks=[4, 4, 8],
+                  actuators=ActuatorConfig(), print_fn=None)
+        # agreeing, or lr_mode left out: the config's lr_mode; neither given: "multiplier"
+        for kw, want in ((dict(lr_mode="multiplier", actuators=ActuatorConfig(lr_mode="multiplier",
+                                                                               mode_multipliers=(2.0, 1.0, 0.5))),
+                          "multiplier"), (dict(actuators=ActuatorConfig()), "absolute"), ({}, "multiplier")):
+            _, ctrl = setup(tiny_bert(), *args, target_modules=["query"], print_fn=None, **kw)
+            assert ctrl.actuators.lr_mode == want
+    _, ctrl = setup_unified_lora(bert, ["query"], signal="loss", lr_mode="multiplier", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 1.0, 0.5)))
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    assert ctrl.get_last_lr() == 1e-3  # MULTI: the optimizer's LR × 1.0
+
+
 def test_an_optimizer_without_the_paused_blocks_or_the_head_is_refused(bert):
     """Holding only the active blocks looks fine until the controller raises the rank: the re-activated
     blocks get gradients and never move. A head (modules_to_save) left out is refused the same way."""
@@ -234,6 +267,41 @@ def test_an_optimizer_step_that_raises_does_not_leave_the_multiplied_lr_behind(l
     opt.zero_grad()
     _train_step(llama, ctrl, opt, x, x)
     assert used == [0.05, 0.05] and opt.param_groups[0]["lr"] == 0.1
+def test_an_optimizer_attached_after_a_step_that_raised_trains_at_its_own_lr(llama):
+    """After optimizer.step() raised (an out-of-memory error in AdamW's first step, Ctrl-C), the controller held the
+    failed step's scheduled LRs to put back at the next step. Attaching another optimizer then (the usual answer to
+    that OOM: one that needs less memory, often with another LR) wrote those old LRs into the new optimizer's
+    groups at its first step, where they stayed without a scheduler; the old optimizer kept base × m (as one did
+    after ctrl.close()). Each now keeps its own LR."""
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 actuators=ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25)))
+    params = [p for p in llama.parameters() if p.requires_grad]
+    old = torch.optim.AdamW(params, lr=0.1)
+    ctrl.attach_optimizer(old)
+
+    def oom(o, a, k):  # inside optimizer.step(), after the controller's pre-step hook
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    old.register_step_pre_hook(oom)
+    x = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(torch.OutOfMemoryError):
+        _train_step(llama, ctrl, old, x, x)
+    old.zero_grad()
+    new = torch.optim.AdamW(params, lr=0.01, foreach=False)
+    ctrl.attach_optimizer(new)
+    used = []
+    new.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    for _ in range(2):
+        _train_step(llama, ctrl, new, x, x)
+    assert used == [0.005, 0.005] and new.param_groups[0]["lr"] == 0.01
+    assert old.param_groups[0]["lr"] == 0.1
+    new.register_step_pre_hook(oom)  # ctrl.close() after a step that raised: the LR goes back too
+    with pytest.raises(torch.OutOfMemoryError):
+        _train_step(llama, ctrl, new, x, x)
+    ctrl.close()
+    assert new.param_groups[0]["lr"] == 0.01
+
+
 @pytest.mark.parametrize("lr_mode", ["multiplier", "absolute"])
 def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode):
     """torch's recipe for a compiled optimizer with a scheduler wraps the LR in a tensor. The trace (and its

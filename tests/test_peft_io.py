@@ -698,6 +698,10 @@ def test_peft_controller_runs_at_the_fixed_peft_rank():
         from unified_lora import ActuatorConfig
 
         PeftController(pm, None, actuators=ActuatorConfig(mode_ranks=(4, 8, 16)), print_fn=None)
+    # lr_mode="multiplier" (the default) beside an ActuatorConfig of the absolute default ran absolute, silently
+    with pytest.raises(ValueError, match="^lr_mode: 'multiplier' would be ignored: actuators= is given"):
+        PeftController(pm, None, lr_mode="multiplier", actuators=ActuatorConfig(mode_ranks=(8, 8, 8)), print_fn=None)
+    assert PeftController(pm, None, print_fn=None).actuators.lr_mode == "multiplier"
 
 
 def test_peft_controller_refuses_an_inactive_or_frozen_adapter(tmp_path):

@@ -279,6 +279,12 @@ class ActuatorConfig:
             if len(vals) != 3 or not all(v > 0 and math.isfinite(v) for v in vals):
                 _fail(name, f"needs three positive finite values (SINGLE, MULTI, MIRROR), got {vals}")
             setattr(self, name, vals)
+        if self.lr_mode != "multiplier" and self.mode_multipliers != V1_MULTIPLIERS:
+            # ActuatorConfig(mode_multipliers=...) alone ran in the default absolute mode: the multipliers were
+            # ignored, and the v1 LRs (5e-5, 3e-5, 1e-5) replaced the optimizer's LR and its schedule, silently
+            _fail("mode_multipliers", f"{self.mode_multipliers} would be ignored: lr_mode is {self.lr_mode!r}, and "
+                                      f"only lr_mode='multiplier' reads them; pass lr_mode='multiplier' as well "
+                                      f"(ActuatorConfig's default is 'absolute', which writes mode_lrs)")
 
 
 @dataclass

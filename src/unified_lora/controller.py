@@ -174,6 +174,10 @@ class UnifiedController:
             self._check_optimizer_holds_managed(inner)
             if self.actuators.lr_mode != "off":
                 self._check_optimizer_lr(inner)
+        previous = _unwrap_optimizer(self.optimizer)
+        if previous is not None:  # a step of it raised: its scheduled LRs go back to it, not into the new one
+            self._post_step(previous, None, None)
+        self._base_lrs = None
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -613,6 +617,9 @@ class UnifiedController:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        inner = _unwrap_optimizer(self.optimizer)
+        if inner is not None:  # a step that raised left its LRs multiplied: put them back before the hooks go
+            self._post_step(inner, None, None)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -649,7 +656,7 @@ def setup_unified_lora(
     modules_to_save: Sequence[str] | None = None,
     signal: str | SignalConfig = "composite",
     optimizer=None,
-    lr_mode: str = "multiplier",
+    lr_mode: str | None = None,
     mode_ranks: Sequence[int] | None = None,
     layer_kernel: str = "python",
     autocast_adapter_dtype: bool = True,
@@ -659,7 +666,8 @@ def setup_unified_lora(
 
     Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
     SINGLE/MULTI/MIRROR, and (since the user keeps their own optimizer and
-    schedule) LR as a per-mode multiplier. `layer_kernel="cpp"` runs the layers'
+    schedule) LR as a per-mode multiplier (`lr_mode` None: "multiplier", or the `actuators=` config's; an
+    `lr_mode` that differs from that config's is a ValueError). `layer_kernel="cpp"` runs the layers'
     nested path as a C++ autograd Function (`NestedLoRAConfig.kernel`).
     `autocast_adapter_dtype` (PEFT's, default True): fp32 LoRA blocks on a
     bf16/fp16 base (`NestedLoRAConfig.autocast_adapter_dtype`). Returns
@@ -673,7 +681,7 @@ def setup_unified_lora(
                            autocast_adapter_dtype=autocast_adapter_dtype)
     actuators = controller_kwargs.pop("actuators", None)
     _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
-    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode)
+    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters = inject_nested_lora(model, cfg)
         extra = [p for n, p in model.named_parameters()

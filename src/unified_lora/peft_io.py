@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .config import ActuatorConfig, NestedLoRAConfig
-from .controller import UnifiedController
+from .controller import UnifiedController, _refuse_ignored
 from .layer import NestedLoRALayer
 from .model import inject_nested_lora, lora_layers, tied_base_weights
 from .mirror import watch_state_dict
@@ -671,7 +671,7 @@ class PeftController(UnifiedController):
     """
 
     def __init__(self, peft_model: nn.Module, optimizer=None, *, adapter_name: str | None = None,
-                 signal="loss", lr_mode: str = "multiplier", actuators: ActuatorConfig | None = None, **kwargs):
+                 signal="loss", lr_mode: str | None = None, actuators: ActuatorConfig | None = None, **kwargs):
         from peft.tuners.lora import LoraLayer
 
         if adapter_name is None:
@@ -693,7 +693,8 @@ class PeftController(UnifiedController):
                              "PeftModel.from_pretrained(base, dir, is_trainable=True) to train it")
         lora_ids = {id(p) for v in views for p in v.lora_parameters()}
         extra = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in lora_ids]
-        actuators = actuators or ActuatorConfig(mode_ranks=(cfg.r,) * 3, lr_mode=lr_mode)
+        _refuse_ignored(PeftController.__init__, "actuators", actuators, lr_mode=lr_mode)  # None: "multiplier"
+        actuators = actuators or ActuatorConfig(mode_ranks=(cfg.r,) * 3, lr_mode=lr_mode or "multiplier")
         if set(actuators.mode_ranks) != {cfg.r}:
             raise ValueError(f"mode_ranks: a PEFT model trains at its fixed r={cfg.r}; got {actuators.mode_ranks}")
         self.peft_model = peft_model

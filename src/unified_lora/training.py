@@ -671,6 +671,12 @@ class Run:
         self.model.load_state_dict(tensors, strict=False)
         st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
+        # the loaded param groups hold the stored run's lr and weight_decay; a resumed run trains at the ones it is
+        # given now (the controller writes an absolute mode LR itself, in ctrl.load_state_dict below)
+        for g in self.optimizer.param_groups:
+            g["weight_decay"] = self.cfg.weight_decay
+            if self.cfg.lr_mode == "multiplier":
+                g["lr"] = self.cfg.lr
         self.ctrl.load_state_dict(st["controller"])
         self.state = RunState(**st["run"])
         self.shock_gen.set_state(st["shock_gen"])
