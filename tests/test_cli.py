@@ -408,21 +408,29 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
 def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_folder_goes(tiny, tmp_path):
     """SIGKILL while `epoch-2` is being written (its temp folder on disk): --resume continues from epoch-1 on the same
     trajectory, bit for bit. The killed save's temp folder (a whole checkpoint's size: adapters + optimizer) stayed
-    in checkpoints/ for good; the resumed run's first complete save now removes it."""
+    in checkpoints/ for good; the resumed run's first complete save now removes it.
+
+    The child kills itself right after the real save has written epoch-2's tensors into the temp folder, so the kill
+    lands mid-save on every run (a parent polling for the temp folder missed it on a loaded machine)."""
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main(_train_args(tiny, straight, "--epochs", "3", "--threads", "1")) == 0
-    cmd = [sys.executable, "-m", "unified_lora.cli", *_train_args(tiny, out, "--epochs", "3", "--threads", "1")]
-    for _ in range(3):  # the kill must land before the save's rename (it almost always does on the first try)
-        p = subprocess.Popen(cmd + ["--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ckpts = out / "checkpoints"
-        try:
-            while not (ckpts.is_dir() and any(c.name.startswith(".tmp-epoch-2-") for c in ckpts.iterdir())):
-                assert p.poll() is None, "the run ended before its epoch-2 save"
-        finally:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-        if [c.name for c in ckpts.iterdir() if c.name.startswith(".tmp-")]:
-            break
+    child = tmp_path / "killed_mid_save.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        "import safetensors.torch as st\n"
+        "from unified_lora.cli import main\n"
+        "real = st.save_file\n"
+        "def save_file(tensors, filename, *a, **k):\n"
+        "    real(tensors, filename, *a, **k)\n"
+        "    if os.path.basename(os.path.dirname(filename)).startswith('.tmp-epoch-2-'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "st.save_file = save_file\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, str(child), *_train_args(tiny, out, "--epochs", "3", "--threads", "1")],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert p.returncode == -signal.SIGKILL
+    ckpts = out / "checkpoints"
+    assert [c.name for c in ckpts.iterdir() if c.name.startswith(".tmp-epoch-2-")]  # the killed save's temp folder
     assert sorted(c.name for c in ckpts.iterdir() if not c.name.startswith(".")) == ["epoch-1"]
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]  # no temp folder left
