@@ -264,6 +264,11 @@ class NestedLoRALayer(nn.Module):
 
     kernel = "python"  # class default: layers pickled whole before the option existed still load and run
     _premerge = None  # the base weight as it was before `merge` (bf16/fp16 only); the class default, as above
+    # Read by transformers' `save_pretrained` (only the keys, as name patterns), which refuses two state-dict entries
+    # on one storage unless one of them is declared tied: a base weight tied to another module's (a targeted
+    # `lm_head` and GPT-2's `transformer.wte`) is then left out of the file as `lm_head.weight` is for the bare
+    # model, and the other entry keeps the values. An untied base weight shares no storage, so this does not apply.
+    _tied_weights_keys = {"base_layer.weight": "base_layer.weight"}
 
     def __init__(
         self,
