@@ -485,6 +485,17 @@ class NestedLoRALayer(nn.Module):
         d = d.T if self.fan_in_fan_out else d
         return (w.to(acc) + d if sign > 0 else w.to(acc) - d).to(w.dtype)
 
+    def check_mergeable(self) -> None:
+        """Raise a ValueError if the delta cannot be folded into the base weight: a weight that accelerate offloaded
+        (on meta, its values brought in by a hook for each forward only) while the blocks hold values."""
+        if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
+            raise ValueError(
+                "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "
+                "offloaded it (a device_map entry of \"cpu\" or \"disk\"), and brings its values in for each forward "
+                "only, so the delta cannot be folded into it. Run the model unmerged (each forward adds the delta), "
+                "or load the base model without offloading, move the adapters there (export_peft_adapter / "
+                "import_peft_adapter) and merge that model")
+
     @torch.no_grad()
     def merge(self, keep_base: bool = True) -> None:
         """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
@@ -495,6 +506,7 @@ class NestedLoRALayer(nn.Module):
         about one element in ten moves by an ulp per merge and unmerge, and a re-rank while merged repeats it)."""
         if self.merged_rank:
             return
+        self.check_mergeable()
         w = self.base_layer.weight
         keep = keep_base and w.is_floating_point() and torch.finfo(w.dtype).bits < 32
         self._premerge = w.detach().clone() if keep else None
