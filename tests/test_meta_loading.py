@@ -119,6 +119,38 @@ def test_import_peft_adapter_into_an_offloaded_model_matches_peft(tmp_path):
     torch.testing.assert_close(got, want)
 
 
+def test_merging_an_offloaded_model_is_refused_before_any_layer_changes(tmp_path):
+    """merge_adapters / merge_and_unload on a base with a disk-offloaded decoder layer: that layer's weight is on
+    meta (accelerate brings it in per forward), so no delta can be folded into it. Both raised torch's "Tensor on
+    device cpu is not on the expected device meta!" from that layer, after the layers before it were merged (and,
+    for merge_and_unload, unwrapped), so the model was left half merged. Now a ValueError says why, first."""
+    from unified_lora import merge_adapters
+    from unified_lora.peft_io import merge_and_unload
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    dmap = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map=dmap, offload_folder=str(tmp_path / "off"))
+    adapters, _ = setup_unified_lora(model, ("q_proj", "v_proj"), print_fn=None)
+    assert list(adapters)[0].startswith("model.layers.0.")  # a layer that could merge comes first
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        want = model(x).logits
+    weights = {n: a.base_layer.weight.detach().clone() for n, a in adapters.items() if not a.base_layer.weight.is_meta}
+    assert 0 < len(weights) < len(adapters)
+    for merge in (merge_adapters, merge_and_unload):
+        with pytest.raises(ValueError, match=r"meta device .* accelerate offloaded it"):
+            merge(model)
+        assert lora_layers(model) == adapters and not any(a.merged_rank for a in adapters.values())
+        assert all(torch.equal(adapters[n].base_layer.weight, w) for n, w in weights.items())
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, want)
+
+
 def test_to_empty_of_a_meta_multitask_model_makes_every_task_slot_a_copy_of_the_shared_blocks():
     # The task slots are copies of the shared blocks at construction; after to_empty from meta they were uninitialised
     # memory (only the shared blocks were drawn again), so a split to MULTI started each task from garbage.

@@ -624,6 +624,37 @@ def test_a_tied_lm_head_merges_into_its_own_weight_and_leaves_the_embedding_alon
     assert (logits(reloaded, x) - set_ref).abs().max().item() <= TOL
 
 
+def test_a_wrapped_model_with_a_tied_targeted_lm_head_saves_with_save_pretrained(tmp_path):
+    """A wrapped model whose targeted lm_head shares its base weight with transformer.wte: save_pretrained (what
+    the Trainer's checkpoints call) raised "contained shared tensors [{'lm_head.base_layer.weight',
+    'transformer.wte.weight'}] which are not properly defined", as it does for PEFT's wrapped model. The tied
+    base weight is now declared, so it is left out as the bare model's lm_head.weight is, and the file loads back
+    into a freshly wrapped model (the tie carries the values) with the same logits."""
+    from safetensors.torch import load_file
+
+    base, _, _ = tiny("gpt2")
+    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["c_attn", "lm_head"]))
+    assert adapters["lm_head"].base_layer.weight is base.transformer.wte.weight
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+    x = inputs()
+    ours = logits(base, x)
+    base.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "transformer.wte.weight" in saved and "lm_head.base_layer.weight" not in saved
+    assert all(f"lm_head.lora_{f}.{i}" in saved for f in "AB" for i in range(3))
+    fresh, _, _ = tiny("gpt2")
+    torch.manual_seed(7)
+    torch.nn.init.normal_(fresh.transformer.wte.weight)  # other values, so that the load must bring them
+    inject_nested_lora(fresh, NestedLoRAConfig(target_modules=["c_attn", "lm_head"]))
+    missing, unexpected = fresh.load_state_dict(saved, strict=False)
+    assert missing == ["lm_head.base_layer.weight"] and unexpected == []
+    assert fresh.lm_head.base_layer.weight is fresh.transformer.wte.weight
+    assert torch.equal(logits(fresh, x), ours)
+
+
 def test_a_tied_lm_head_merges_to_the_unmerged_logits():
     base, _, _ = tiny("gpt2")
     adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["lm_head"]))

@@ -264,6 +264,11 @@ class NestedLoRALayer(nn.Module):
 
     kernel = "python"  # class default: layers pickled whole before the option existed still load and run
     _premerge = None  # the base weight as it was before `merge` (bf16/fp16 only); the class default, as above
+    # Read by transformers' `save_pretrained` (only the keys, as name patterns), which refuses two state-dict entries
+    # on one storage unless one of them is declared tied: a base weight tied to another module's (a targeted
+    # `lm_head` and GPT-2's `transformer.wte`) is then left out of the file as `lm_head.weight` is for the bare
+    # model, and the other entry keeps the values. An untied base weight shares no storage, so this does not apply.
+    _tied_weights_keys = {"base_layer.weight": "base_layer.weight"}
 
     def __init__(
         self,
@@ -480,6 +485,17 @@ class NestedLoRALayer(nn.Module):
         d = d.T if self.fan_in_fan_out else d
         return (w.to(acc) + d if sign > 0 else w.to(acc) - d).to(w.dtype)
 
+    def check_mergeable(self) -> None:
+        """Raise a ValueError if the delta cannot be folded into the base weight: a weight that accelerate offloaded
+        (on meta, its values brought in by a hook for each forward only) while the blocks hold values."""
+        if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
+            raise ValueError(
+                "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "
+                "offloaded it (a device_map entry of \"cpu\" or \"disk\"), and brings its values in for each forward "
+                "only, so the delta cannot be folded into it. Run the model unmerged (each forward adds the delta), "
+                "or load the base model without offloading, move the adapters there (export_peft_adapter / "
+                "import_peft_adapter) and merge that model")
+
     @torch.no_grad()
     def merge(self, keep_base: bool = True) -> None:
         """Fold the active delta into the base weight (for inference), in place: a base weight tied to another
@@ -490,6 +506,7 @@ class NestedLoRALayer(nn.Module):
         about one element in ten moves by an ulp per merge and unmerge, and a re-rank while merged repeats it)."""
         if self.merged_rank:
             return
+        self.check_mergeable()
         w = self.base_layer.weight
         keep = keep_base and w.is_floating_point() and torch.finfo(w.dtype).bits < 32
         self._premerge = w.detach().clone() if keep else None

@@ -195,6 +195,8 @@ def merge_adapters(model: nn.Module) -> None:
         raise ValueError(f"merge_adapters: tied base weights ({shown}): merging in place would add the delta to "
                          "the tied module too. Use unified_lora.peft_io.merge_and_unload(model), which gives such "
                          "a layer its own merged weight, or untie the weights before merging")
+    for layer in layers.values():  # every layer first, so that a refusal leaves none merged
+        layer.check_mergeable()
     for layer in layers.values():
         layer.merge()
 

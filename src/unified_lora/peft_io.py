@@ -608,6 +608,8 @@ def merge_and_unload(model: nn.Module, rank: int | None = None) -> nn.Module:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model: has no NestedLoRALayer to merge")
+    for layer in layers.values():  # every layer first, so that a refusal leaves the model as it was
+        layer.check_mergeable()
     tied = tied_base_weights(model, layers)
     for name, layer in layers.items():
         if rank is not None:
