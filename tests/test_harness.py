@@ -171,3 +171,17 @@ def test_report_refuses_a_missing_probe_folder_and_none_leaves_the_section_out(f
     assert "no LR-probe folder" in capsys.readouterr().err and not (out / "quality.md").exists()
     assert rep.main(["--runs", str(out / "runs"), "--out", str(out), "--probe", "none"]) == 0
     assert "Learning-rate probe" not in (out / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("start,length", [("0.9", "0.3"), ("0.5", "0"), ("-0.1", "0.2")])
+def test_a_shock_window_outside_the_run_or_empty_is_refused_before_anything_runs(tiny_model_dir, tmp_path, capsys,
+                                                                                 start, length):
+    # a window ending past the last step used to train the whole run and then die on a KeyError (no "just after"
+    # point in the curve); an empty window wrote a run whose report divided by its zero width
+    with pytest.raises(SystemExit):
+        load_benchmark("quality/run.py").main(_grid(tiny_model_dir, tmp_path, "--methods", "lora_r8,unified_v1",
+                                                    "--conditions", "clean,shock", "--shock-start", start,
+                                                    "--shock-len", length))
+    err = capsys.readouterr().err
+    assert f"--shock-start {float(start):g} --shock-len {float(length):g}" in err and "6-step run" in err
+    assert not list((tmp_path / "runs").glob("*.json"))
