@@ -391,12 +391,16 @@ def run_one(task, method, condition, seed, args) -> dict:
         per_layer = [sum(r) / len(r) for r in ada_ranks]
         final_ranks = ada_ranks[-1]
         pattern = model.peft_config["default"].rank_pattern or {}
+        # P, E and Q of each kept triplet: (in + out + 1) per unit of rank, layer by layer
+        params_per_step = [sum(r * (i + o + 1) for r, (i, o) in zip(rs, shapes)) for rs in ada_ranks]
         res.update(mean_active_rank=sum(per_layer) / len(per_layer),
                    final_rank_per_layer=final_ranks, final_mean_rank=sum(final_ranks) / len(final_ranks),
                    rank_pattern_final={k: int(sum(v)) for k, v in pattern.items()},
                    pruned=bool(sum(final_ranks) < 12 * len(final_ranks)),
                    mean_rank_per_step=[round(x, 3) for x in per_layer],
-                   adapter_params_active=sum(r * (i + o + 1) for r, (i, o) in zip(final_ranks, shapes)),
+                   # over the run, as mean_active_rank and the other methods' counts are; the last step's apart
+                   adapter_params_active=round(sum(params_per_step) / len(params_per_step)),
+                   adapter_params_final=params_per_step[-1],
                    adapter_params_allocated=12 * sum(i + o + 1 for i, o in shapes))
     else:
         tr = ctrl.trace
