@@ -171,3 +171,43 @@ def test_report_refuses_a_missing_probe_folder_and_none_leaves_the_section_out(f
     assert "no LR-probe folder" in capsys.readouterr().err and not (out / "quality.md").exists()
     assert rep.main(["--runs", str(out / "runs"), "--out", str(out), "--probe", "none"]) == 0
     assert "Learning-rate probe" not in (out / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("start,length", [("0.9", "0.3"), ("0.5", "0"), ("-0.1", "0.2")])
+def test_a_shock_window_outside_the_run_or_empty_is_refused_before_anything_runs(tiny_model_dir, tmp_path, capsys,
+                                                                                 start, length):
+    # a window ending past the last step used to train the whole run and then die on a KeyError (no "just after"
+    # point in the curve); an empty window wrote a run whose report divided by its zero width
+    with pytest.raises(SystemExit):
+        load_benchmark("quality/run.py").main(_grid(tiny_model_dir, tmp_path, "--methods", "lora_r8,unified_v1",
+                                                    "--conditions", "clean,shock", "--shock-start", start,
+                                                    "--shock-len", length))
+    err = capsys.readouterr().err
+    assert f"--shock-start {float(start):g} --shock-len {float(length):g}" in err and "6-step run" in err
+    assert not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_adalora_adapter_params_active_is_the_mean_over_the_run_like_its_mean_rank(finished):
+    # the table's "adapter params active" is the mean over the run for LoRA and the controllers; AdaLoRA's used to
+    # be the last step's count (rank 8 after pruning) beside a mean active rank of about 11
+    res = json.loads((finished / "mrpc__adalora__clean__s0.json").read_text())
+    n = res["n_adapted_layers"]
+    unit = res["adapter_params_allocated"] / (12 * n)  # the tiny BERT's query and value have one shape
+    assert res["mean_active_rank"] > res["final_mean_rank"]  # it pruned during the run, so the two counts differ
+    assert abs(res["adapter_params_active"] - res["mean_active_rank"] * n * unit) <= 1
+    assert res["adapter_params_final"] == sum(res["final_rank_per_layer"]) * unit
+
+
+def test_report_counts_an_older_adalora_runs_params_over_the_run_not_at_its_last_step(finished):
+    rep = load_benchmark("quality/report.py")
+    res = json.loads((finished / "mrpc__adalora__clean__s0.json").read_text())
+    old = dict(res, adapter_params_active=res["adapter_params_final"])  # what run.py recorded before
+    del old["adapter_params_final"]
+    mean = res["adapter_params_active"]
+    assert abs(rep.active_params(old) - mean) <= 1 and rep.active_params(res) == mean
+    row = next(line for line in rep.render([old], {}, rep.REPO).splitlines() if line.startswith("| clean | adalora"))
+    assert f"| {round(rep.active_params(old)):,} ({res['adapter_params_allocated']:,}) |" in row
+    assert f"({old['adapter_params_active']:,} params)" in row  # the last step's count, as a note
+    old["final_rank_per_layer"] = [12] + old["final_rank_per_layer"][1:]  # layers of other shapes: not recoverable
+    with pytest.raises(ValueError, match="cannot be recovered"):
+        rep.active_params(old)

@@ -56,6 +56,20 @@ def run_budget(r: dict) -> dict:
     return budget(r.get("config", {}), r["task"], r["method"], r["condition"])
 
 
+def active_params(r: dict) -> float:
+    """Adapter parameters in use, averaged over the run's steps, as the mean active rank beside it is. AdaLoRA runs
+    written before `adapter_params_final` was recorded hold the last step's count in `adapter_params_active`; where
+    every adapted layer has one shape (those runs' query and value), the mean over the run is the mean rank times
+    the parameters per unit of rank, and that is checked against the last step's count before it is used."""
+    if r["method"] != "adalora" or "adapter_params_final" in r:
+        return r["adapter_params_active"]
+    unit = r["adapter_params_allocated"] / (r["info"]["init_r"] * r["n_adapted_layers"])  # per layer, per rank
+    if sum(r["final_rank_per_layer"]) * unit != r["adapter_params_active"]:
+        raise ValueError(f"{r['task']} adalora {r['condition']} seed {r['seed']}: an older run whose adapted layers "
+                         "differ in shape; its parameter count over the run cannot be recovered: rerun it")
+    return r["mean_active_rank"] * r["n_adapted_layers"] * unit
+
+
 def _budget_label(b: dict, varying) -> str:
     parts = [f"{b.get('steps')} steps" if k == "steps" else f"{k} {b.get(k)}" for k in varying if k in b]
     return f" ({', '.join(parts)})" if parts else ""
@@ -145,8 +159,9 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                 others = "".join(" | " + ms([r["metrics"][k] for r in rs]) for k in base if k != pm)
                 notes = ""
                 if rs[0]["method"] == "adalora":
-                    notes = (f"final mean rank {statistics.fmean(r['final_mean_rank'] for r in rs):.2f}, pruned: "
-                             f"{all(r['pruned'] for r in rs)}")
+                    final = statistics.fmean(r.get("adapter_params_final", r["adapter_params_active"]) for r in rs)
+                    notes = (f"final mean rank {statistics.fmean(r['final_mean_rank'] for r in rs):.2f} "
+                             f"({final:,.0f} params), pruned: {all(r['pruned'] for r in rs)}")
                 elif rs[0]["method"].startswith("unified"):
                     fr = {m: statistics.fmean(r["mode_fraction"][m] for r in rs) for m in ("SINGLE", "MULTI", "MIRROR")}
                     nt = statistics.fmean(len(r["transitions"]) for r in rs)
@@ -159,7 +174,7 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
                 out.append(
                     f"| {cond} | {key[2]} | {len(rs)} | {ms([r['metrics'][pm] for r in rs])}{others} | "
                     f"{statistics.fmean(r['mean_active_rank'] for r in rs):.2f} | "
-                    f"{statistics.fmean(r['adapter_params_active'] for r in rs):,.0f} "
+                    f"{statistics.fmean(active_params(r) for r in rs):,.0f} "
                     f"({statistics.fmean(r['adapter_params_allocated'] for r in rs):,.0f}) | "
                     f"{wall} | {notes} |")
         for scond in SHOCKS:

@@ -292,6 +292,17 @@ def adalora_ranks(model) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- one run
+def shock_window(steps: int, start: float, length: float) -> tuple[int, int]:
+    """The shock's steps [first, end) in a `steps`-step run; a ValueError when they are not a non-empty window
+    inside the run (the dev metric "just after" is taken at `end`, so the window must end by the last step)."""
+    w = (int(steps * start), int(steps * (start + length)))
+    if not 0 <= w[0] < w[1] <= steps:
+        raise ValueError(f"--shock-start {start:g} --shock-len {length:g} give the window [{w[0]}, {w[1]}) in a "
+                         f"{steps}-step run; it must hold at least one step and lie within [0, {steps}]: use "
+                         "shock_start >= 0, shock_len > 0 with at least one step, shock_start + shock_len <= 1")
+    return w
+
+
 def run_one(task, method, condition, seed, args) -> dict:
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
@@ -305,7 +316,7 @@ def run_one(task, method, condition, seed, args) -> dict:
     if noise_rate:
         labels = symmetric_label_noise(clean, noise_rate, data["num_labels"], seed=seed)
     enc_train = dict(data["train"], labels=torch.tensor(labels))
-    shock = (int(T * args.shock_start), int(T * (args.shock_start + args.shock_len))) if condition in SHOCKS else None
+    shock = shock_window(T, args.shock_start, args.shock_len) if condition in SHOCKS else None
     shock_kind = "random" if condition == "shockrand" else args.shock_kind
 
     torch.manual_seed(seed)
@@ -380,12 +391,16 @@ def run_one(task, method, condition, seed, args) -> dict:
         per_layer = [sum(r) / len(r) for r in ada_ranks]
         final_ranks = ada_ranks[-1]
         pattern = model.peft_config["default"].rank_pattern or {}
+        # P, E and Q of each kept triplet: (in + out + 1) per unit of rank, layer by layer
+        params_per_step = [sum(r * (i + o + 1) for r, (i, o) in zip(rs, shapes)) for rs in ada_ranks]
         res.update(mean_active_rank=sum(per_layer) / len(per_layer),
                    final_rank_per_layer=final_ranks, final_mean_rank=sum(final_ranks) / len(final_ranks),
                    rank_pattern_final={k: int(sum(v)) for k, v in pattern.items()},
                    pruned=bool(sum(final_ranks) < 12 * len(final_ranks)),
                    mean_rank_per_step=[round(x, 3) for x in per_layer],
-                   adapter_params_active=sum(r * (i + o + 1) for r, (i, o) in zip(final_ranks, shapes)),
+                   # over the run, as mean_active_rank and the other methods' counts are; the last step's apart
+                   adapter_params_active=round(sum(params_per_step) / len(params_per_step)),
+                   adapter_params_final=params_per_step[-1],
                    adapter_params_allocated=12 * sum(i + o + 1 for i, o in shapes))
     else:
         tr = ctrl.trace
@@ -479,6 +494,11 @@ def main(argv=None) -> int:
     for c in args.conditions.split(","):
         if c not in CONDITIONS:
             ap.error(f"--conditions: unknown {c!r}; choose from {CONDITIONS}")
+    if any(c in SHOCKS for c in args.conditions.split(",")):
+        try:  # before anything runs: a window past the end used to fail only after the whole run had trained
+            shock_window(args.steps, args.shock_start, args.shock_len)
+        except ValueError as e:
+            ap.error(str(e))
     # Seed-major order: an interrupted sitting leaves whole seeds of every cell, not whole cells of one seed.
     jobs = []
     for task in args.tasks.split(","):
