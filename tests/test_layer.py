@@ -526,6 +526,49 @@ def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
     assert (got - model.train()(x)).abs().max() < 1e-4  # eval (fast-path candidate) = train (dropout 0)
 
 
+def _weight_computed_by(kind: str) -> nn.Module:
+    """A Linear whose `.weight` is computed at each forward: a parametrization, or torch's old weight_norm hook."""
+    lin = nn.Linear(8, 6)
+    if kind == "old_weight_norm":
+        return torch.nn.utils.weight_norm(lin)
+    return getattr(torch.nn.utils.parametrizations, kind)(lin)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", ["orthogonal", "weight_norm", "spectral_norm", "old_weight_norm"])
+def test_a_parametrized_linear_trains_and_refuses_a_merge_that_would_drop_its_delta(kind):
+    """A Linear under torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal) computes `.weight` from its
+    parametrization at every forward. merge_adapters wrote the delta into that temporary, marked the layer merged,
+    and the merged model then ran without any delta (outputs off by ~10 here); merge_and_unload returned the plain
+    base. Under torch's old weight_norm, injection failed with "you can only change requires_grad flags of leaf
+    variables". Now the layer trains, its parametrization's parameters stay frozen, and a merge is refused before
+    any layer changes."""
+    from unified_lora.peft_io import merge_and_unload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_weight_computed_by(kind), nn.ReLU(), nn.Linear(6, 4))
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules="all-linear"))
+    assert list(adapters) == ["0", "2"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] == []
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    model.eval()  # (spectral_norm's power iteration updates its estimate at each forward in training mode)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        unmerged = model(x)
+        ref = model[2](torch.relu(model[0].base_layer(x) + x @ adapters["0"].delta_weight().T))
+    torch.testing.assert_close(unmerged, ref)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in adapters["0"].active_parameters())
+    for merge in (merge_adapters, merge_and_unload):
+        with pytest.raises(ValueError, match=r"computed at each forward by .*remove_parametrizations"):
+            merge(model)
+        assert all(not layer.merged_rank for layer in adapters.values())
+        assert all(isinstance(model[i], NestedLoRALayer) for i in (0, 2))
+        with torch.no_grad():
+            assert torch.equal(model(x), unmerged)
+
+
 def test_modules_to_save_are_trainable(bert):
     inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad
