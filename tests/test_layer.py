@@ -526,6 +526,43 @@ def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
     assert (got - model.train()(x)).abs().max() < 1e-4  # eval (fast-path candidate) = train (dropout 0)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # (the unwrapped model's path)
+@pytest.mark.parametrize("target", ["all-linear", r"0\.layers\.1\.linear2"])
+def test_a_torch_transformer_encoder_with_a_padding_mask_runs_its_wrapped_layers_in_eval(target):
+    """nn.TransformerEncoder (enable_nested_tensor=True, torch's default) has an inference path of its own: in eval
+    under no_grad with a src_key_padding_mask it read the first layer's linear1.weight (AttributeError on a wrapped
+    layer), and with only a later layer wrapped it fed that layer a nested tensor ("NestedTensorImpl doesn't support
+    sizes"). The encoder now stays off that path, and the padded batch gives the deltas' outputs. Multi-task layers
+    (which replace the plain ones) kept no fast-path hook, so their encoder layer read `.weight` too."""
+    from unified_lora.multitask import inject_multitask_lora, task_context
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(enc, 2), nn.Linear(16, 2)).eval()
+    plain, multi = copy.deepcopy(model), copy.deepcopy(model)
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules=target))
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        got = model[0](x, src_key_padding_mask=mask)
+        for name, layer in adapters.items():
+            plain.get_submodule(name).weight += layer.delta_weight()
+        plain[0].use_nested_tensor = False  # the reference: torch's unfused path on the merged weights
+        ref = plain[0](x, src_key_padding_mask=mask)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1, :3], ref[1, :3], rtol=1e-4, atol=1e-4)
+
+    with torch.no_grad():
+        base = multi[0](x, src_key_padding_mask=mask)
+    _, router = inject_multitask_lora(multi, NestedLoRAConfig(target_modules=target), tasks=["a"])
+    with torch.no_grad(), task_context(router, ["a", "a"]):
+        got = multi[0](x, src_key_padding_mask=mask)  # B = 0: the base model's outputs
+    torch.testing.assert_close(got[0], base[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, :3], base[1, :3], rtol=1e-5, atol=1e-5)
+
+
 def _weight_computed_by(kind: str) -> nn.Module:
     """A Linear whose `.weight` is computed at each forward: a parametrization, or torch's old weight_norm hook."""
     lin = nn.Linear(8, 6)

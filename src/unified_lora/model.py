@@ -67,10 +67,6 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             f"target_modules: {config.target_modules!r} matched no Linear/Conv1D module. "
             f"Linear-like module names in this model end with: {seen}"
         )
-    # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's `.weight` itself (no LoRA, and a
-    # wrapped layer has none); torch skips that path when a submodule has a hook, so such layers get a no-op one.
-    in_fast_path = {id(m) for enc in model.modules() if isinstance(enc, nn.TransformerEncoderLayer)
-                    for m in enc.modules()}
     adapters: dict[str, NestedLoRALayer] = {}
     with undone_on_error(model):  # e.g. a misspelt modules_to_save: the model is left as it was, ready for a retry
         for p in model.parameters():
@@ -87,11 +83,10 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
                 kernel=config.kernel,
                 autocast_adapter_dtype=config.autocast_adapter_dtype,
             )
-            if id(base) in in_fast_path:
-                layer.register_forward_pre_hook(_off_the_fast_path)
             _replace(model, name, layer)
             adapters[name] = layer
         mark_modules_to_save(model, config.modules_to_save)
+        keep_off_fast_paths(model)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
 
@@ -107,6 +102,7 @@ def undone_on_error(model: nn.Module):
     nested layer is replaced by its base layer again and every parameter gets its `requires_grad` back, so the
     model is as it was: a retry with corrected arguments does not meet "already has nested LoRA layers"."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    encoders = [(m, m.use_nested_tensor) for m in model.modules() if hasattr(m, "use_nested_tensor")]
     try:
         yield
     except BaseException:
@@ -114,6 +110,8 @@ def undone_on_error(model: nn.Module):
             _replace(model, name, layer.base_layer)
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m, flag in encoders:
+            m.use_nested_tensor = flag
         raise
 
 
@@ -135,7 +133,24 @@ def _refuse_peft_layers(model: nn.Module) -> None:
 
 
 def _off_the_fast_path(module, args) -> None:
-    """A no-op hook: its presence keeps nn.TransformerEncoderLayer off its fused inference path (see above)."""
+    """A no-op hook: its presence keeps nn.TransformerEncoderLayer off its fused inference path (`keep_off_fast_paths`)."""
+
+
+def keep_off_fast_paths(model: nn.Module) -> None:
+    """Keep torch's fused transformer inference paths away from nested layers, which they would bypass.
+    nn.TransformerEncoderLayer's fast path reads linear1/linear2's `.weight` itself (no LoRA, and a wrapped layer
+    has none); torch skips it when a submodule has a hook, so each nested layer inside one gets a no-op hook.
+    nn.TransformerEncoder's own path (eval, no grad, a src_key_padding_mask) reads the first layer's weights the same
+    way, with no hook check, and then feeds nested tensors to every layer; its `use_nested_tensor` (torch's own
+    switch, which it sets False for layers that cannot take that path) is set False when it holds a nested layer."""
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoderLayer):
+            for m in enc.modules():
+                if isinstance(m, NestedLoRALayer) and _off_the_fast_path not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(_off_the_fast_path)
+        elif isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False):
+            if any(isinstance(m, NestedLoRALayer) for m in enc.modules()):
+                enc.use_nested_tensor = False
 
 
 def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:

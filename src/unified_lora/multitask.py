@@ -81,7 +81,7 @@ from .distributed import is_distributed, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .mirror import MirrorDecision
-from .model import inject_nested_lora, undone_on_error
+from .model import inject_nested_lora, keep_off_fast_paths, undone_on_error
 from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
@@ -535,6 +535,7 @@ def inject_multitask_lora(model: nn.Module, config: NestedLoRAConfig, tasks: Seq
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         adapters[name] = layer
+    keep_off_fast_paths(model)  # the task layers replaced the plain ones, and their hooks
     object.__setattr__(model, "task_router", router)  # plain attribute, not a submodule
     return adapters, router
 
