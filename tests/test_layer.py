@@ -606,6 +606,65 @@ def test_a_parametrized_linear_trains_and_refuses_a_merge_that_would_drop_its_de
             assert torch.equal(model(x), unmerged)
 
 
+class _SharedLinear(nn.Module):
+    """One Linear registered in two parents (`enc.0` and `dec.proj`) and run through both."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 8))
+        self.dec = nn.ModuleDict({"proj": self.enc[0]})
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dec["proj"](torch.relu(self.enc(x)))))
+
+
+@pytest.mark.parametrize("target", [["0"], ["proj"], r"dec\.proj", "all-linear"])
+def test_a_linear_shared_by_two_parents_gets_its_delta_under_both_names(target, tmp_path):
+    """named_modules() lists a shared module once, under its first name, and the nested layer was put in that
+    parent only: a forward through the other name silently ran the bare Linear (a target naming only the second
+    name matched nothing). Now one nested layer sits under every name, as when a whole block is shared; a merge
+    and merge_and_unload keep the sharing, the state dict loads into a fresh wrapped model, and the PEFT export
+    and import, which PEFT applies under the first name only, are refused."""
+    from unified_lora.peft_io import export_peft_adapter, import_peft_adapter, merge_and_unload
+
+    torch.manual_seed(0)
+    model, plain = _SharedLinear(), _SharedLinear()
+    plain.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="modules_to_save"):  # a failed injection is undone under both names
+        inject_nested_lora(model, NestedLoRAConfig(target_modules=target, modules_to_save=["heda"]))
+    assert type(model.dec["proj"]) is nn.Linear and model.dec["proj"] is model.enc[0]
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules=target))
+    assert list(adapters)[0] == "enc.0" and model.dec["proj"] is model.enc[0] is adapters["enc.0"]
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        got = model(x)
+        for name, layer in adapters.items():
+            plain.get_submodule(name).weight += layer.delta_weight()
+        ref = plain(x)
+    torch.testing.assert_close(got, ref)
+    fresh = _SharedLinear()
+    inject_nested_lora(fresh, NestedLoRAConfig(target_modules=target))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), got)
+        merge_adapters(model)  # not refused as a tied weight: both names are the one layer's
+        torch.testing.assert_close(model(x), got)
+        unmerge_adapters(model)
+    with pytest.raises(ValueError, match=r"registered in two parents \('enc\.0' is also 'dec\.proj'\).*merge_and_unload"):
+        export_peft_adapter(model, None, tmp_path / "peft")
+    from peft import LoraConfig, get_peft_model
+    get_peft_model(_SharedLinear(), LoraConfig(target_modules=["enc.0"], r=8)).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"registered in two parents .*copy\.deepcopy"):
+        import_peft_adapter(_SharedLinear(), tmp_path / "p")
+    unwrapped = merge_and_unload(model)
+    assert type(unwrapped.dec["proj"]) is nn.Linear and unwrapped.dec["proj"] is unwrapped.enc[0]
+    with torch.no_grad():
+        torch.testing.assert_close(unwrapped(x), got)
+
+
 def test_modules_to_save_are_trainable(bert):
     inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad
