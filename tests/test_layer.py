@@ -526,6 +526,145 @@ def test_torch_transformer_layers_run_in_eval_with_their_linears_wrapped():
     assert (got - model.train()(x)).abs().max() < 1e-4  # eval (fast-path candidate) = train (dropout 0)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # (the unwrapped model's path)
+@pytest.mark.parametrize("target", ["all-linear", r"0\.layers\.1\.linear2"])
+def test_a_torch_transformer_encoder_with_a_padding_mask_runs_its_wrapped_layers_in_eval(target):
+    """nn.TransformerEncoder (enable_nested_tensor=True, torch's default) has an inference path of its own: in eval
+    under no_grad with a src_key_padding_mask it read the first layer's linear1.weight (AttributeError on a wrapped
+    layer), and with only a later layer wrapped it fed that layer a nested tensor ("NestedTensorImpl doesn't support
+    sizes"). The encoder now stays off that path, and the padded batch gives the deltas' outputs. Multi-task layers
+    (which replace the plain ones) kept no fast-path hook, so their encoder layer read `.weight` too."""
+    from unified_lora.multitask import inject_multitask_lora, task_context
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(enc, 2), nn.Linear(16, 2)).eval()
+    plain, multi = copy.deepcopy(model), copy.deepcopy(model)
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules=target))
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        got = model[0](x, src_key_padding_mask=mask)
+        for name, layer in adapters.items():
+            plain.get_submodule(name).weight += layer.delta_weight()
+        plain[0].use_nested_tensor = False  # the reference: torch's unfused path on the merged weights
+        ref = plain[0](x, src_key_padding_mask=mask)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1, :3], ref[1, :3], rtol=1e-4, atol=1e-4)
+
+    with torch.no_grad():
+        base = multi[0](x, src_key_padding_mask=mask)
+    _, router = inject_multitask_lora(multi, NestedLoRAConfig(target_modules=target), tasks=["a"])
+    with torch.no_grad(), task_context(router, ["a", "a"]):
+        got = multi[0](x, src_key_padding_mask=mask)  # B = 0: the base model's outputs
+    torch.testing.assert_close(got[0], base[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, :3], base[1, :3], rtol=1e-5, atol=1e-5)
+
+
+def _weight_computed_by(kind: str) -> nn.Module:
+    """A Linear whose `.weight` is computed at each forward: a parametrization, or torch's old weight_norm hook."""
+    lin = nn.Linear(8, 6)
+    if kind == "old_weight_norm":
+        return torch.nn.utils.weight_norm(lin)
+    return getattr(torch.nn.utils.parametrizations, kind)(lin)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", ["orthogonal", "weight_norm", "spectral_norm", "old_weight_norm"])
+def test_a_parametrized_linear_trains_and_refuses_a_merge_that_would_drop_its_delta(kind):
+    """A Linear under torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal) computes `.weight` from its
+    parametrization at every forward. merge_adapters wrote the delta into that temporary, marked the layer merged,
+    and the merged model then ran without any delta (outputs off by ~10 here); merge_and_unload returned the plain
+    base. Under torch's old weight_norm, injection failed with "you can only change requires_grad flags of leaf
+    variables". Now the layer trains, its parametrization's parameters stay frozen, and a merge is refused before
+    any layer changes."""
+    from unified_lora.peft_io import merge_and_unload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_weight_computed_by(kind), nn.ReLU(), nn.Linear(6, 4))
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules="all-linear"))
+    assert list(adapters) == ["0", "2"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] == []
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    model.eval()  # (spectral_norm's power iteration updates its estimate at each forward in training mode)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        unmerged = model(x)
+        ref = model[2](torch.relu(model[0].base_layer(x) + x @ adapters["0"].delta_weight().T))
+    torch.testing.assert_close(unmerged, ref)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in adapters["0"].active_parameters())
+    for merge in (merge_adapters, merge_and_unload):
+        with pytest.raises(ValueError, match=r"computed at each forward by .*remove_parametrizations"):
+            merge(model)
+        assert all(not layer.merged_rank for layer in adapters.values())
+        assert all(isinstance(model[i], NestedLoRALayer) for i in (0, 2))
+        with torch.no_grad():
+            assert torch.equal(model(x), unmerged)
+
+
+class _SharedLinear(nn.Module):
+    """One Linear registered in two parents (`enc.0` and `dec.proj`) and run through both."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 8))
+        self.dec = nn.ModuleDict({"proj": self.enc[0]})
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dec["proj"](torch.relu(self.enc(x)))))
+
+
+@pytest.mark.parametrize("target", [["0"], ["proj"], r"dec\.proj", "all-linear"])
+def test_a_linear_shared_by_two_parents_gets_its_delta_under_both_names(target, tmp_path):
+    """named_modules() lists a shared module once, under its first name, and the nested layer was put in that
+    parent only: a forward through the other name silently ran the bare Linear (a target naming only the second
+    name matched nothing). Now one nested layer sits under every name, as when a whole block is shared; a merge
+    and merge_and_unload keep the sharing, the state dict loads into a fresh wrapped model, and the PEFT export
+    and import, which PEFT applies under the first name only, are refused."""
+    from unified_lora.peft_io import export_peft_adapter, import_peft_adapter, merge_and_unload
+
+    torch.manual_seed(0)
+    model, plain = _SharedLinear(), _SharedLinear()
+    plain.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="modules_to_save"):  # a failed injection is undone under both names
+        inject_nested_lora(model, NestedLoRAConfig(target_modules=target, modules_to_save=["heda"]))
+    assert type(model.dec["proj"]) is nn.Linear and model.dec["proj"] is model.enc[0]
+    adapters = inject_nested_lora(model, NestedLoRAConfig(target_modules=target))
+    assert list(adapters)[0] == "enc.0" and model.dec["proj"] is model.enc[0] is adapters["enc.0"]
+    for i, layer in enumerate(adapters.values()):
+        _randomize_B(layer, seed=i)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        got = model(x)
+        for name, layer in adapters.items():
+            plain.get_submodule(name).weight += layer.delta_weight()
+        ref = plain(x)
+    torch.testing.assert_close(got, ref)
+    fresh = _SharedLinear()
+    inject_nested_lora(fresh, NestedLoRAConfig(target_modules=target))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), got)
+        merge_adapters(model)  # not refused as a tied weight: both names are the one layer's
+        torch.testing.assert_close(model(x), got)
+        unmerge_adapters(model)
+    with pytest.raises(ValueError, match=r"registered in two parents \('enc\.0' is also 'dec\.proj'\).*merge_and_unload"):
+        export_peft_adapter(model, None, tmp_path / "peft")
+    from peft import LoraConfig, get_peft_model
+    get_peft_model(_SharedLinear(), LoraConfig(target_modules=["enc.0"], r=8)).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"registered in two parents .*copy\.deepcopy"):
+        import_peft_adapter(_SharedLinear(), tmp_path / "p")
+    unwrapped = merge_and_unload(model)
+    assert type(unwrapped.dec["proj"]) is nn.Linear and unwrapped.dec["proj"] is unwrapped.enc[0]
+    with torch.no_grad():
+        torch.testing.assert_close(unwrapped(x), got)
+
+
 def test_modules_to_save_are_trainable(bert):
     inject_nested_lora(bert, NestedLoRAConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert bert.classifier.weight.requires_grad and not bert.bert.embeddings.word_embeddings.weight.requires_grad

@@ -20,6 +20,9 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _fused
 from .config import KERNELS, check_rank_levels
@@ -242,6 +245,18 @@ def _execution_device(base_layer: nn.Module) -> torch.device:
     return dev
 
 
+def _computed_weight(base_layer: nn.Module) -> str:
+    """What computes `base_layer.weight` at each forward ("" when it is a stored parameter): a
+    torch.nn.utils.parametrize parametrization (parametrizations.weight_norm, spectral_norm, orthogonal) or one of
+    torch's old weight_norm / spectral_norm forward pre-hooks. Writing into such a weight changes nothing."""
+    if parametrize.is_parametrized(base_layer, "weight"):
+        return "a torch.nn.utils.parametrize parametrization"
+    for hook in base_layer._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight":
+            return f"torch.nn.utils.{'weight_norm' if isinstance(hook, WeightNorm) else 'spectral_norm'}"
+    return ""
+
+
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
     """The dtype of the LoRA blocks on a base weight of `base_dtype`: fp32 for a float narrower than fp32 (bf16,
     fp16, fp8) when `autocast_adapter_dtype`, as PEFT's `get_peft_model(..., autocast_adapter_dtype=True)` upcasts
@@ -319,9 +334,11 @@ class NestedLoRALayer(nn.Module):
             nn.Parameter(torch.empty(out_f, e - s, dtype=dt, device=dev)) for s, e in zip(starts, self.boundaries))
         self.merged_rank = 0  # rank currently folded into the base weight (0 = not merged)
         self.reset_parameters()
-        base_layer.weight.requires_grad_(False)
-        if getattr(base_layer, "bias", None) is not None:
-            base_layer.bias.requires_grad_(False)
+        # Every parameter of the base layer, not `.weight`/`.bias`: under a parametrization or torch's old
+        # weight_norm/spectral_norm hooks `.weight` is computed from other parameters (a non-leaf, which
+        # requires_grad_ refuses), and those parameters are what must stay frozen.
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
         self.rank = 0
         self.set_rank(initial_rank if initial_rank is not None else levels[min(1, len(levels) - 1)])
         # The state dict holds the base weight unmerged, merged or not (see `_load_from_state_dict`).
@@ -486,8 +503,18 @@ class NestedLoRALayer(nn.Module):
         return (w.to(acc) + d if sign > 0 else w.to(acc) - d).to(w.dtype)
 
     def check_mergeable(self) -> None:
-        """Raise a ValueError if the delta cannot be folded into the base weight: a weight that accelerate offloaded
-        (on meta, its values brought in by a hook for each forward only) while the blocks hold values."""
+        """Raise a ValueError if the delta cannot be folded into the base weight: a weight computed at each forward
+        (a parametrization, torch's old weight_norm/spectral_norm), where the fold would be recomputed away and the
+        merged layer would silently run without its delta; or a weight that accelerate offloaded (on meta, its
+        values brought in by a hook for each forward only) while the blocks hold values."""
+        computed = _computed_weight(self.base_layer)
+        if computed:
+            raise ValueError(
+                f"merge: this layer's base weight is computed at each forward by {computed}, so a delta folded into "
+                "it would be recomputed away and the merged layer would run without it. Run the model unmerged "
+                "(each forward adds the delta), or make the weight a plain one first "
+                "(torch.nn.utils.parametrize.remove_parametrizations(layer.base_layer, 'weight'), "
+                "torch.nn.utils.remove_weight_norm or remove_spectral_norm) and then merge")
         if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
             raise ValueError(
                 "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "

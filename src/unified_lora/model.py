@@ -36,6 +36,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     With `config.autocast_adapter_dtype` (the default) the blocks on a bf16/fp16
     base are fp32, as PEFT's `get_peft_model` makes them."""
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
+    aliases = module_names(model)  # a Linear shared by two parents is one module with two names
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
         raise ValueError("model: already has nested LoRA layers; inject once")
     _refuse_peft_layers(model)
@@ -50,7 +51,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
                 f"target_modules: {config.target_modules!r} matches {shown}, which a NestedLoRALayer cannot wrap: it "
                 f"wraps nn.Linear and transformers' Conv1D only (PEFT refuses such a target too). Name the Linear "
                 f"layers themselves; Linear-like module names in this model end with: {seen}")
-    chosen = [(n, m) for n, m in candidates if _matches(n, config.target_modules)]
+    chosen = [(n, m) for n, m in candidates if _matches_any(aliases[id(m)], config.target_modules)]
     # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
     # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
     unwrappable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -67,10 +68,6 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             f"target_modules: {config.target_modules!r} matched no Linear/Conv1D module. "
             f"Linear-like module names in this model end with: {seen}"
         )
-    # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's `.weight` itself (no LoRA, and a
-    # wrapped layer has none); torch skips that path when a submodule has a hook, so such layers get a no-op one.
-    in_fast_path = {id(m) for enc in model.modules() if isinstance(enc, nn.TransformerEncoderLayer)
-                    for m in enc.modules()}
     adapters: dict[str, NestedLoRALayer] = {}
     with undone_on_error(model):  # e.g. a misspelt modules_to_save: the model is left as it was, ready for a retry
         for p in model.parameters():
@@ -87,18 +84,39 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
                 kernel=config.kernel,
                 autocast_adapter_dtype=config.autocast_adapter_dtype,
             )
-            if id(base) in in_fast_path:
-                layer.register_forward_pre_hook(_off_the_fast_path)
             _replace(model, name, layer)
             adapters[name] = layer
         mark_modules_to_save(model, config.modules_to_save)
+        keep_off_fast_paths(model)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
 
 
+def _matches_any(names: list[str], target: Iterable[str] | str) -> bool:
+    """Whether a module registered under `names` is a target: one of its names matches (for "all-linear": none of
+    them is, or is inside, an output head)."""
+    hits = [_matches(n, target) for n in names]
+    return all(hits) if target == "all-linear" else any(hits)
+
+
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """{id(module): every name it is registered under}, first (the name `named_modules` gives) first."""
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            names.setdefault(id(m), []).append(n)
+    return names
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    """Put `module` in place of the module at `name`, under every name it has: a Linear registered in two parents
+    (shared between them) is one module, so a forward through either runs `module`; replaced at one name only, the
+    other would silently run the bare base layer."""
+    old = model.get_submodule(name)
+    for parent in list(model.modules()):  # (listed first: the new module holds the old one as its base_layer)
+        for child, m in list(parent._modules.items()):
+            if m is old:
+                setattr(parent, child, module)
 
 
 @contextlib.contextmanager
@@ -107,6 +125,7 @@ def undone_on_error(model: nn.Module):
     nested layer is replaced by its base layer again and every parameter gets its `requires_grad` back, so the
     model is as it was: a retry with corrected arguments does not meet "already has nested LoRA layers"."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    encoders = [(m, m.use_nested_tensor) for m in model.modules() if hasattr(m, "use_nested_tensor")]
     try:
         yield
     except BaseException:
@@ -114,6 +133,8 @@ def undone_on_error(model: nn.Module):
             _replace(model, name, layer.base_layer)
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m, flag in encoders:
+            m.use_nested_tensor = flag
         raise
 
 
@@ -135,7 +156,24 @@ def _refuse_peft_layers(model: nn.Module) -> None:
 
 
 def _off_the_fast_path(module, args) -> None:
-    """A no-op hook: its presence keeps nn.TransformerEncoderLayer off its fused inference path (see above)."""
+    """A no-op hook: its presence keeps nn.TransformerEncoderLayer off its fused inference path (`keep_off_fast_paths`)."""
+
+
+def keep_off_fast_paths(model: nn.Module) -> None:
+    """Keep torch's fused transformer inference paths away from nested layers, which they would bypass.
+    nn.TransformerEncoderLayer's fast path reads linear1/linear2's `.weight` itself (no LoRA, and a wrapped layer
+    has none); torch skips it when a submodule has a hook, so each nested layer inside one gets a no-op hook.
+    nn.TransformerEncoder's own path (eval, no grad, a src_key_padding_mask) reads the first layer's weights the same
+    way, with no hook check, and then feeds nested tensors to every layer; its `use_nested_tensor` (torch's own
+    switch, which it sets False for layers that cannot take that path) is set False when it holds a nested layer."""
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoderLayer):
+            for m in enc.modules():
+                if isinstance(m, NestedLoRALayer) and _off_the_fast_path not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(_off_the_fast_path)
+        elif isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False):
+            if any(isinstance(m, NestedLoRALayer) for m in enc.modules()):
+                enc.use_nested_tensor = False
 
 
 def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
@@ -176,10 +214,11 @@ def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | Non
     names: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
+    layer_names = module_names(model)  # a layer shared by two parents: its weight's names under both are its own
     tied = {}
     for name, layer in (lora_layers(model) if layers is None else layers).items():
-        own = f"{name}.base_layer.weight" if name else "base_layer.weight"
-        others = [n for n in names.get(id(layer.base_layer.weight), ()) if n != own]
+        own = {f"{a}.base_layer.weight" if a else "base_layer.weight" for a in layer_names.get(id(layer)) or [name]}
+        others = [n for n in names.get(id(layer.base_layer.weight), ()) if n not in own]
         if others:
             tied[name] = others
     return tied

@@ -81,7 +81,7 @@ from .distributed import is_distributed, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .mirror import MirrorDecision
-from .model import inject_nested_lora, undone_on_error
+from .model import _replace, inject_nested_lora, keep_off_fast_paths, undone_on_error
 from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
@@ -532,9 +532,9 @@ def inject_multitask_lora(model: nn.Module, config: NestedLoRAConfig, tasks: Seq
             for dst, src in zip(layer.shared_parameters(), old.lora_parameters()):
                 dst.copy_(src)
         layer.copy_shared_to_tasks()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        _replace(model, name, layer)
         adapters[name] = layer
+    keep_off_fast_paths(model)  # the task layers replaced the plain ones, and their hooks
     object.__setattr__(model, "task_router", router)  # plain attribute, not a submodule
     return adapters, router
 

@@ -40,7 +40,7 @@ import torch.nn as nn
 from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController, _refuse_ignored
 from .layer import NestedLoRALayer
-from .model import inject_nested_lora, lora_layers, tied_base_weights
+from .model import _replace, inject_nested_lora, lora_layers, module_names, tied_base_weights
 from .mirror import watch_state_dict
 
 _PREFIX = "base_model.model."
@@ -214,8 +214,7 @@ def _meta_skeleton(model: nn.Module) -> nn.Module:
             memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
     skel = copy.deepcopy(model, memo)
     for name, layer in lora_layers(skel).items():  # PEFT must see the plain base layers
-        parent_name, _, child = name.rpartition(".")
-        setattr(skel.get_submodule(parent_name) if parent_name else skel, child, layer.base_layer)
+        _replace(skel, name, layer.base_layer)
     return skel
 
 
@@ -280,6 +279,14 @@ def export_peft_adapter(
         raise ValueError(f"adapters: every nested layer ({sorted(layers)}) sits inside a module that the PEFT "
                          f"checkpoint saves whole ({saved}: PEFT puts no LoRA on such a module), so no LoRA weight "
                          "would be left to write. Use merge_and_unload(model) and save the model instead")
+    aliases = module_names(model)
+    shared = {n: aliases[id(m)][1:] for n, m in targets.items() if len(aliases.get(id(m), ())) > 1}
+    if shared:
+        shown = "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in sorted(shared.items()))
+        raise ValueError(f"adapters: a nested layer is one module registered in two parents ({shown}). PEFT wraps "
+                         "a module under its first name only, so the loaded PEFT model would run the others "
+                         "without the delta and give other outputs. Use merge_and_unload(model) and save the "
+                         "model instead, or save model.state_dict() of the wrapped model")
     uncarried = [h for h in heads if not any(_inside(h, s) for s in saved)]
     if uncarried:
         warnings.warn(
@@ -501,6 +508,16 @@ def import_peft_adapter(
         if set(ab) != {"A", "B"}:
             raise ValueError(f"peft_dir: module {mod!r} lacks lora_{'B' if 'A' in ab else 'A'}")
     ranks = {mod: ab["A"].shape[0] for mod, ab in pairs.items()}
+    aliases = module_names(model)
+    by_name = {a: i for i, names in aliases.items() for a in names}
+    shared = {mod: [a for a in aliases[by_name[mod]] if a != mod] for mod in pairs
+              if mod in by_name and len(aliases[by_name[mod]]) > 1}
+    if shared:
+        shown = "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in sorted(shared.items()))
+        raise ValueError(f"model: a module the checkpoint adapts is one module registered in two parents ({shown}). "
+                         "PEFT put its LoRA on the first name only, while a nested layer runs under every name of its "
+                         "module, so this model would give other outputs than PEFT's. Give each parent its own copy "
+                         "of the module (copy.deepcopy) before importing")
 
     existing = lora_layers(model)
     if not existing:
@@ -619,8 +636,7 @@ def merge_and_unload(model: nn.Module, rank: int | None = None) -> nn.Module:
             w = layer.base_layer.weight
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
         layer.merge(keep_base=False)  # the layer goes: no copy of the weight for an unmerge
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+        _replace(model, name, layer.base_layer)
     if tied:
         config = getattr(model, "config", None)
         untie = bool(getattr(config, "tie_word_embeddings", False))
