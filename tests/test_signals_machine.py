@@ -507,3 +507,44 @@ def test_the_convergence_term_sees_a_loss_rise_at_any_scale_and_sign():
     assert C_after_jump(-2.0, 1.0) > 0.1  # a negative objective that rises
     assert C_after_jump(-2.0, -1.0) == 0.0 and C_after_jump(1.0, -0.5) == 0.0  # falling losses: no stress
     assert math.isfinite(C_after_jump(1e-300, 1e300)) and C_after_jump(0.0, 0.0) == 0.0
+
+
+def test_the_composite_signal_runs_on_a_float64_model_and_with_float64_as_the_default_dtype():
+    # GradientStats asked torch for fp32 norms, which torch refuses for fp64 input ("should be convertible without
+    # narrowing"): a float64 model (a numerics check, a gradcheck-style run) failed at its first ctrl.step with the
+    # composite signal, while the loss signal and Mirror (fp64 drift) ran. Its segment sums were also built in
+    # torch's default dtype, so torch.set_default_dtype(torch.float64) broke an fp32 model the same way. Now the sums
+    # run in fp64 for fp64 gradients, fp32 otherwise; the fp64 result matches an fp64 reference to 1e-12.
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10).double(), rank_levels=(4, 8, 16), initial_rank=8)
+              for _ in range(2)]
+    stats, prev = GradientStats(), None
+    for step in range(3):
+        grads = []
+        for layer in layers:
+            for p in layer.active_parameters():
+                p.grad = torch.randn_like(p) * 1e-3 + (prev[0][0].mean() if prev else 0.0)
+            grads.append([p.grad.clone() for p in layer.active_parameters()])
+        assert grads[0][0].dtype == torch.float64
+        norms, cos = stats(layers)
+        ref_n, ref_c = _reference_stats(grads, prev)
+        assert norms == pytest.approx(ref_n, rel=1e-12)
+        if prev is not None:
+            assert cos == pytest.approx(ref_c, abs=1e-12)
+        prev = grads
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = NestedLoRALayer(torch.nn.Linear(12, 10).float(), rank_levels=(4, 8, 16), initial_rank=8)
+        stats = GradientStats()
+        for step in range(2):
+            for p in layer.active_parameters():
+                p.grad = torch.randn_like(p)
+            norms, cos = stats([layer])
+            assert math.isfinite(norms[0]) and (cos[0] is None) == (step == 0)
+    finally:
+        torch.set_default_dtype(old)

@@ -286,15 +286,18 @@ class GradientStats:
         # are views of the result.
         n, m = len(flat), len(cur)
         listed = flat + ([*torch._foreach_add(cur, prv), *torch._foreach_sub(cur, prv), *prv] if cur else [])
-        sq_all = torch.stack(torch._foreach_norm(listed, 2, dtype=torch.float32)).square_()
+        # fp32 sums for fp32/bf16/fp16 gradients, fp64 for fp64 ones (as Mirror's drift): a norm in fp32 refuses
+        # fp64 input, so a float64 model failed at its first ctrl.step; the sums take that dtype, not torch's default
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in listed) else torch.float32
+        sq_all = torch.stack(torch._foreach_norm(listed, 2, dtype=acc)).square_()
         sq = sq_all[:n]
-        norms = torch.zeros(L, device=dev).index_add_(0, owner_t, sq)
+        norms = torch.zeros(L, device=dev, dtype=acc).index_add_(0, owner_t, sq)
         parts = [norms.sqrt_()]
         if cur:
             plus, minus, pn = sq_all[n:n + m], sq_all[n + m:n + 2 * m], sq_all[n + 2 * m:]
             # [<c, p>, ‖c‖², ‖p‖²] per pair, summed per adapter by one index_add_ (‖c‖² is already in sq)
             terms = torch.stack([(plus - minus).mul_(0.25), sq[pos_t], pn])
-            seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
+            seg = torch.zeros(3, L, device=dev, dtype=acc).index_add_(1, pair_t, terms)
             # ‖c‖·‖p‖ as a product of square roots: the product of the squares underflows fp32 below norms
             # of ~1e-10 (and overflows above ~4e9), which gave cosines of 1e6 or 0. Clamped to [-1, 1] against
             # rounding; a zero gradient on either side gives 0/0 = NaN, read below as "no cosine". (One sqrt over
