@@ -548,3 +548,27 @@ def test_the_composite_signal_runs_on_a_float64_model_and_with_float64_as_the_de
             assert math.isfinite(norms[0]) and (cos[0] is None) == (step == 0)
     finally:
         torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(kind="composite", calibration_steps=50), "calibration_steps"),
+    (dict(kind="composite", loss_scale=0.1), "loss_scale"),
+    (dict(kind="composite", calibration_target=2.0), "calibration_target"),
+    (dict(kind="composite", beta=0.5), "beta"),
+    (dict(kind="loss", weights=(0.5, 0.5, 0.0)), "weights"),
+    (dict(kind="loss", history=100), "history"),
+    (dict(kind="loss", min_history=20), "min_history")])
+def test_a_signal_setting_the_chosen_kind_does_not_read_is_refused_not_ignored(kwargs, field):
+    # SignalConfig(kind="composite", calibration_steps=50) built, and the run went on uncalibrated: the composite
+    # signal reads neither beta, a loss scale nor a calibration (and the loss signal reads no weights or history).
+    # The codebase refuses settings that would be ignored (ActuatorConfig's mode_multipliers); these are too.
+    with pytest.raises(ValueError, match=f"^{field}: .* would be ignored: the '{kwargs['kind']}' signal does not read"):
+        SignalConfig(**kwargs)
+    if field == "beta":  # the v1 keyword on the controller goes through the same check
+        with pytest.raises(ValueError, match="^beta: .* would be ignored"):
+            UnifiedController(signal="composite", beta=0.5, print_fn=None)
+    # what each kind does read is still free, and defaults given explicitly are fine
+    SignalConfig(kind="composite", alpha=0.2, weights=(0.2, 0.3, 0.5), history=100, min_history=5, beta=0.9,
+                 loss_scale=1.0, nonfinite="raise")
+    SignalConfig(kind="loss", alpha=0.2, beta=0.5, loss_scale=0.1, calibration_steps=5, calibration_target=2.0,
+                 weights=[0.3, 0.3, 0.4], history=500)
