@@ -572,3 +572,28 @@ def test_a_signal_setting_the_chosen_kind_does_not_read_is_refused_not_ignored(k
                  loss_scale=1.0, nonfinite="raise")
     SignalConfig(kind="loss", alpha=0.2, beta=0.5, loss_scale=0.1, calibration_steps=5, calibration_target=2.0,
                  weights=[0.3, 0.3, 0.4], history=500)
+
+
+def test_direction_churn_is_averaged_over_the_adapters_that_have_one_as_the_stress_term_is():
+    # An adapter with no cosine yet (one the loss never reaches, or one LayerDrop skipped until now) counted as
+    # E = 0 in the mean, while S left an adapter with no norm out: with one of two adapters never reached, E was
+    # half the reached adapter's churn for the whole run, and φ_raw weighed E at 0.15 instead of SPEC's 0.3.
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats, sig = GradientStats(), CompositeSignal()
+    churn = None
+    for step in range(4):
+        for p in layers[0].active_parameters():
+            p.grad = torch.randn_like(p)  # adapter 1 never gets a gradient
+        norms, cos = stats(layers)
+        assert norms[1] is None and cos[1] is None
+        sig.update(1.0, norms, cos)
+        if cos[0] is not None:
+            x = 1.0 - max(0.0, cos[0])
+            churn = x if churn is None else 0.9 * churn + 0.1 * x
+        assert sig.components["S"] == pytest.approx(sig.S[0].value)
+        assert sig.components["E"] == pytest.approx(churn if churn is not None else 0.0)
+    assert churn > 0.5  # random gradients: a real churn, which the old mean halved

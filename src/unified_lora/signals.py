@@ -166,7 +166,7 @@ class CompositeSignal:
     def update(self, loss: float, grad_norms: Sequence[float], cosines: Sequence[float | None]) -> float:
         """`cosines[i]` is None when adapter i has no previous gradient yet; `grad_norms[i]` (and its cosine)
         is None when adapter i had no gradient this step (a layer LayerDrop skipped): its S and E hold, and
-        the means run over the adapters that have an S."""
+        the means run over the adapters that have an S (an E): held values count, adapters never measured do not."""
         loss = float(loss)
         if not _check_finite(loss, self.nonfinite) or not all(g is None or math.isfinite(g) for g in grad_norms) or not all(
                 c is None or math.isfinite(c) for c in cosines):
@@ -186,8 +186,10 @@ class CompositeSignal:
         C = min(max(0.0, (fast - slow) / abs(slow)), 1e12) if slow else 0.0
         S = [v for v in (ema.update(g) if g is not None else ema.value for ema, g in zip(self.S, grad_norms))
              if v is not None] or [0.0]
-        E = [ema.update(1.0 - max(0.0, c)) if c is not None else (ema.value if ema.value is not None else 0.0)
-             for ema, c in zip(self.E, cosines)]
+        # E as S: over the adapters that have one. An adapter with no cosine yet (never reached by the loss, or
+        # back from LayerDrop with its first gradient) counted as E = 0 ("no churn"), which diluted the mean.
+        E = [v for v in (ema.update(1.0 - max(0.0, c)) if c is not None else ema.value
+                         for ema, c in zip(self.E, cosines)) if v is not None] or [0.0]
         S_mean, E_mean = sum(S) / len(S), sum(E) / len(E)
         raw = self.wC * C + self.wE * E_mean + self.wS * S_mean
         normed = self.norm(raw)
