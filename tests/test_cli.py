@@ -161,13 +161,21 @@ def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
     assert "Mirror exit @ step 30: restored the entry snapshot (drift=1.00%, threshold 5%)" in text
 
 
-def test_demo_no_baseline_and_composite_signal(tiny, tmp_path):
+def test_demo_no_baseline_and_composite_signal(tiny, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(_demo_args(tiny, out, "--no-baseline", "--signal", "composite")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {"unified"}
     assert "C" in read_trace(out / "trace.jsonl")[-1]["components"]
     assert not (out / "baseline_trace.jsonl").exists()
+    # the demo's loss scale and calibration are the loss signal's: a composite run neither claims nor records them
+    # (its console said "signal=composite loss_scale=0.3", a scale that signal never reads)
+    assert "signal=composite θ0=" in capsys.readouterr().out
+    assert summary["signal"]["loss_scale"] == 1.0 and summary["signal"]["calibration_steps"] == 0
+    # and one given for it is refused, naming the setting, rather than ignored
+    assert main(_demo_args(tiny, tmp_path / "demo2", "--no-baseline", "--signal", "composite",
+                           "--calibration-steps", "5")) == 2
+    assert "calibration_steps: 5 would be ignored: the 'composite' signal does not read it" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- train, resume

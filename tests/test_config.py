@@ -91,7 +91,7 @@ def test_numbers_written_as_strings_are_read_as_those_numbers():
     assert type(t.epochs) is int and type(t.lr) is float
     c = NestedLoRAConfig(rank_levels=["4", "8"], max_rank=16.0, lora_alpha="32")
     assert (c.rank_levels, c.max_rank, c.lora_alpha) == ((4, 8), 16, 32.0) and type(c.max_rank) is int
-    assert SignalConfig(weights=("0.2", "0.3", "0.5"), history="100").weights == (0.2, 0.3, 0.5)
+    assert SignalConfig(kind="composite", weights=("0.2", "0.3", "0.5"), history="100").weights == (0.2, 0.3, 0.5)
 
 
 def test_numpy_numbers_are_numbers():

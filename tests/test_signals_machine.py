@@ -507,3 +507,93 @@ def test_the_convergence_term_sees_a_loss_rise_at_any_scale_and_sign():
     assert C_after_jump(-2.0, 1.0) > 0.1  # a negative objective that rises
     assert C_after_jump(-2.0, -1.0) == 0.0 and C_after_jump(1.0, -0.5) == 0.0  # falling losses: no stress
     assert math.isfinite(C_after_jump(1e-300, 1e300)) and C_after_jump(0.0, 0.0) == 0.0
+
+
+def test_the_composite_signal_runs_on_a_float64_model_and_with_float64_as_the_default_dtype():
+    # GradientStats asked torch for fp32 norms, which torch refuses for fp64 input ("should be convertible without
+    # narrowing"): a float64 model (a numerics check, a gradcheck-style run) failed at its first ctrl.step with the
+    # composite signal, while the loss signal and Mirror (fp64 drift) ran. Its segment sums were also built in
+    # torch's default dtype, so torch.set_default_dtype(torch.float64) broke an fp32 model the same way. Now the sums
+    # run in fp64 for fp64 gradients, fp32 otherwise; the fp64 result matches an fp64 reference to 1e-12.
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10).double(), rank_levels=(4, 8, 16), initial_rank=8)
+              for _ in range(2)]
+    stats, prev = GradientStats(), None
+    for step in range(3):
+        grads = []
+        for layer in layers:
+            for p in layer.active_parameters():
+                p.grad = torch.randn_like(p) * 1e-3 + (prev[0][0].mean() if prev else 0.0)
+            grads.append([p.grad.clone() for p in layer.active_parameters()])
+        assert grads[0][0].dtype == torch.float64
+        norms, cos = stats(layers)
+        ref_n, ref_c = _reference_stats(grads, prev)
+        assert norms == pytest.approx(ref_n, rel=1e-12)
+        if prev is not None:
+            assert cos == pytest.approx(ref_c, abs=1e-12)
+        prev = grads
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = NestedLoRALayer(torch.nn.Linear(12, 10).float(), rank_levels=(4, 8, 16), initial_rank=8)
+        stats = GradientStats()
+        for step in range(2):
+            for p in layer.active_parameters():
+                p.grad = torch.randn_like(p)
+            norms, cos = stats([layer])
+            assert math.isfinite(norms[0]) and (cos[0] is None) == (step == 0)
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(kind="composite", calibration_steps=50), "calibration_steps"),
+    (dict(kind="composite", loss_scale=0.1), "loss_scale"),
+    (dict(kind="composite", calibration_target=2.0), "calibration_target"),
+    (dict(kind="composite", beta=0.5), "beta"),
+    (dict(kind="loss", weights=(0.5, 0.5, 0.0)), "weights"),
+    (dict(kind="loss", history=100), "history"),
+    (dict(kind="loss", min_history=20), "min_history")])
+def test_a_signal_setting_the_chosen_kind_does_not_read_is_refused_not_ignored(kwargs, field):
+    # SignalConfig(kind="composite", calibration_steps=50) built, and the run went on uncalibrated: the composite
+    # signal reads neither beta, a loss scale nor a calibration (and the loss signal reads no weights or history).
+    # The codebase refuses settings that would be ignored (ActuatorConfig's mode_multipliers); these are too.
+    with pytest.raises(ValueError, match=f"^{field}: .* would be ignored: the '{kwargs['kind']}' signal does not read"):
+        SignalConfig(**kwargs)
+    if field == "beta":  # the v1 keyword on the controller goes through the same check
+        with pytest.raises(ValueError, match="^beta: .* would be ignored"):
+            UnifiedController(signal="composite", beta=0.5, print_fn=None)
+    # what each kind does read is still free, and defaults given explicitly are fine
+    SignalConfig(kind="composite", alpha=0.2, weights=(0.2, 0.3, 0.5), history=100, min_history=5, beta=0.9,
+                 loss_scale=1.0, nonfinite="raise")
+    SignalConfig(kind="loss", alpha=0.2, beta=0.5, loss_scale=0.1, calibration_steps=5, calibration_target=2.0,
+                 weights=[0.3, 0.3, 0.4], history=500)
+
+
+def test_direction_churn_is_averaged_over_the_adapters_that_have_one_as_the_stress_term_is():
+    # An adapter with no cosine yet (one the loss never reaches, or one LayerDrop skipped until now) counted as
+    # E = 0 in the mean, while S left an adapter with no norm out: with one of two adapters never reached, E was
+    # half the reached adapter's churn for the whole run, and φ_raw weighed E at 0.15 instead of SPEC's 0.3.
+    from unified_lora import NestedLoRALayer
+    from unified_lora.signals import GradientStats
+
+    torch.manual_seed(0)
+    layers = [NestedLoRALayer(torch.nn.Linear(12, 10), rank_levels=(4, 8, 16), initial_rank=8) for _ in range(2)]
+    stats, sig = GradientStats(), CompositeSignal()
+    churn = None
+    for step in range(4):
+        for p in layers[0].active_parameters():
+            p.grad = torch.randn_like(p)  # adapter 1 never gets a gradient
+        norms, cos = stats(layers)
+        assert norms[1] is None and cos[1] is None
+        sig.update(1.0, norms, cos)
+        if cos[0] is not None:
+            x = 1.0 - max(0.0, cos[0])
+            churn = x if churn is None else 0.9 * churn + 0.1 * x
+        assert sig.components["S"] == pytest.approx(sig.S[0].value)
+        assert sig.components["E"] == pytest.approx(churn if churn is not None else 0.0)
+    assert churn > 0.5  # random gradients: a real churn, which the old mean halved

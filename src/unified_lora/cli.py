@@ -249,14 +249,21 @@ def cmd_demo(args) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
-    loss_scale = DEMO_LOSS_SCALE if args.loss_scale is None else args.loss_scale
-    calibration_steps = args.calibration_steps
-    if calibration_steps is None:  # an explicit --loss-scale means "use this scale", not "calibrate"
-        calibration_steps = DEMO_CALIBRATION[0] if args.loss_scale is None else 0
+    loss_scale, calibration_steps = args.loss_scale, args.calibration_steps
+    calibration_target = args.calibration_target
+    if args.signal == "loss":  # the demo's scale and calibration are the loss signal's (the composite reads neither)
+        loss_scale = DEMO_LOSS_SCALE if loss_scale is None else loss_scale
+        if calibration_steps is None:  # an explicit --loss-scale means "use this scale", not "calibrate"
+            calibration_steps = DEMO_CALIBRATION[0] if args.loss_scale is None else 0
+        if calibration_target is None:
+            calibration_target = DEMO_CALIBRATION[1]
+    loss_scale = 1.0 if loss_scale is None else loss_scale  # composite: given ones are refused by SignalConfig
+    calibration_steps = 0 if calibration_steps is None else calibration_steps
+    calibration_target = 0.5 if calibration_target is None else calibration_target
     cfg = TrainConfig(model=args.model, data=args.data, text_columns=args.text_columns, label_column=args.label_column,
                       dev_size=args.dev_size, max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
                       seed=args.seed, signal=args.signal, mode_lrs=lrs, loss_scale=loss_scale,
-                      calibration_steps=calibration_steps, calibration_target=args.calibration_target,
+                      calibration_steps=calibration_steps, calibration_target=calibration_target,
                       shock_start=args.shock_start, shock_end=args.shock_end, shock_type=args.shock_type,
                       output_dir=str(out), log_every=args.log_every, target_modules=args.target_modules,
                       modules_to_save=args.modules_to_save, min_dwell=args.min_dwell)
@@ -277,9 +284,10 @@ def cmd_demo(args) -> int:
     say(f"unified-lora demo: {_model_name(cfg.model, model_path)} on {task} ({len(train)} train rows, batch {cfg.batch_size}, "
         f"max_length {cfg.max_length}), {cfg.steps} steps, {cfg.shock_type} shock on [{cfg.shock_start}, "
         f"{cfg.shock_end})")
-    scale = (f"loss_scale=mean of the first {sig.calibration_steps} losses / {sig.calibration_target:g}"
-             if cfg.signal == "loss" and sig.calibration_steps else f"loss_scale={sig.loss_scale:g}")
-    say(f"signal={cfg.signal} {scale} "
+    scale = ("" if cfg.signal != "loss" else  # the composite signal reads no loss scale
+             f"loss_scale=mean of the first {sig.calibration_steps} losses / {sig.calibration_target:g} "
+             if sig.calibration_steps else f"loss_scale={sig.loss_scale:g} ")
+    say(f"signal={cfg.signal} {scale}"
         f"θ0={cfg.theta0} θ1={cfg.theta1}; LR SINGLE/MULTI/MIRROR = {'/'.join(f'{x:g}' for x in lrs)}; "
         f"ranks 4/8/16")
     say(dev_note)
@@ -702,8 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calibration-steps", type=int,
                    help=f"loss signal: hold φ for these warmup steps, then set loss_scale = mean warmup loss / "
                         f"--calibration-target (default {DEMO_CALIBRATION[0]}, or 0 when --loss-scale is given)")
-    d.add_argument("--calibration-target", type=float, default=DEMO_CALIBRATION[1],
-                   help="scaled warmup loss: φ settles at target/(1+target), 2.2 -> 0.69, just under θ1=0.7, so a "
+    d.add_argument("--calibration-target", type=float,
+                   help=f"loss signal (default {DEMO_CALIBRATION[1]}): scaled warmup loss: φ settles at target/(1+target), 2.2 -> 0.69, just under θ1=0.7, so a "
                         "smoothed loss ~6%% above the warmup level enters MIRROR. MRPC's flip shock raises the loss "
                         "only ~1.3x before the model adapts, and with 2.0 (φ≈0.67) it never crossed θ1")
     d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode before leaving it")

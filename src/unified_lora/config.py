@@ -353,3 +353,14 @@ class SignalConfig:
             _fail("weights", f"need three finite weights >= 0 for (C, E, S) that sum to 1, so φ stays in [0, 1]; got {w}")
         if self.history < 2 or self.min_history < 2 or self.min_history > self.history:
             _fail("history", f"need 2 <= min_history <= history, got {self.min_history}, {self.history}")
+        # A setting the chosen signal does not read fails rather than being ignored silently:
+        # SignalConfig(kind="composite", calibration_steps=50) ran uncalibrated (the composite signal is scale-free).
+        unread = {"loss": ("weights", "history", "min_history"),
+                  "composite": ("beta", "loss_scale", "calibration_steps", "calibration_target")}.get(self.kind, ())
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in unread:
+            value = getattr(self, name)
+            if (tuple(value) if name == "weights" else value) != defaults[name]:
+                other = "composite" if self.kind == "loss" else "loss"
+                _fail(name, f"{value!r} would be ignored: the {self.kind!r} signal does not read it (only "
+                            f"kind={other!r} does); leave it at its default {defaults[name]!r}, or use kind={other!r}")

@@ -166,7 +166,7 @@ class CompositeSignal:
     def update(self, loss: float, grad_norms: Sequence[float], cosines: Sequence[float | None]) -> float:
         """`cosines[i]` is None when adapter i has no previous gradient yet; `grad_norms[i]` (and its cosine)
         is None when adapter i had no gradient this step (a layer LayerDrop skipped): its S and E hold, and
-        the means run over the adapters that have an S."""
+        the means run over the adapters that have an S (an E): held values count, adapters never measured do not."""
         loss = float(loss)
         if not _check_finite(loss, self.nonfinite) or not all(g is None or math.isfinite(g) for g in grad_norms) or not all(
                 c is None or math.isfinite(c) for c in cosines):
@@ -186,8 +186,10 @@ class CompositeSignal:
         C = min(max(0.0, (fast - slow) / abs(slow)), 1e12) if slow else 0.0
         S = [v for v in (ema.update(g) if g is not None else ema.value for ema, g in zip(self.S, grad_norms))
              if v is not None] or [0.0]
-        E = [ema.update(1.0 - max(0.0, c)) if c is not None else (ema.value if ema.value is not None else 0.0)
-             for ema, c in zip(self.E, cosines)]
+        # E as S: over the adapters that have one. An adapter with no cosine yet (never reached by the loss, or
+        # back from LayerDrop with its first gradient) counted as E = 0 ("no churn"), which diluted the mean.
+        E = [v for v in (ema.update(1.0 - max(0.0, c)) if c is not None else ema.value
+                         for ema, c in zip(self.E, cosines)) if v is not None] or [0.0]
         S_mean, E_mean = sum(S) / len(S), sum(E) / len(E)
         raw = self.wC * C + self.wE * E_mean + self.wS * S_mean
         normed = self.norm(raw)
@@ -286,15 +288,18 @@ class GradientStats:
         # are views of the result.
         n, m = len(flat), len(cur)
         listed = flat + ([*torch._foreach_add(cur, prv), *torch._foreach_sub(cur, prv), *prv] if cur else [])
-        sq_all = torch.stack(torch._foreach_norm(listed, 2, dtype=torch.float32)).square_()
+        # fp32 sums for fp32/bf16/fp16 gradients, fp64 for fp64 ones (as Mirror's drift): a norm in fp32 refuses
+        # fp64 input, so a float64 model failed at its first ctrl.step; the sums take that dtype, not torch's default
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in listed) else torch.float32
+        sq_all = torch.stack(torch._foreach_norm(listed, 2, dtype=acc)).square_()
         sq = sq_all[:n]
-        norms = torch.zeros(L, device=dev).index_add_(0, owner_t, sq)
+        norms = torch.zeros(L, device=dev, dtype=acc).index_add_(0, owner_t, sq)
         parts = [norms.sqrt_()]
         if cur:
             plus, minus, pn = sq_all[n:n + m], sq_all[n + m:n + 2 * m], sq_all[n + 2 * m:]
             # [<c, p>, ‖c‖², ‖p‖²] per pair, summed per adapter by one index_add_ (‖c‖² is already in sq)
             terms = torch.stack([(plus - minus).mul_(0.25), sq[pos_t], pn])
-            seg = torch.zeros(3, L, device=dev).index_add_(1, pair_t, terms)
+            seg = torch.zeros(3, L, device=dev, dtype=acc).index_add_(1, pair_t, terms)
             # ‖c‖·‖p‖ as a product of square roots: the product of the squares underflows fp32 below norms
             # of ~1e-10 (and overflows above ~4e9), which gave cosines of 1e6 or 0. Clamped to [-1, 1] against
             # rounding; a zero gradient on either side gives 0/0 = NaN, read below as "no cosine". (One sqrt over
