@@ -460,7 +460,9 @@ def test_under_torchrun_with_two_processes_train_and_demo_refuse_before_writing_
                        start_new_session=True)
     assert p.returncode != 0
     refusal = f"unified-lora: error: {command}: launched as one of 2 processes (WORLD_SIZE=2"
-    assert p.stderr.count(refusal) == 2, p.stderr[-3000:]  # each process, in its own words
+    # each process refuses in its own words, but torchrun stops the other worker once the first has failed, so on
+    # a loaded machine the slower one may be stopped before it gets to say so
+    assert 1 <= p.stderr.count(refusal) <= 2, p.stderr[-3000:]
     assert "examples/ddp_torchrun.py" in p.stderr
     assert not out.exists()
 
