@@ -484,6 +484,27 @@ def test_import_refuses_a_base_rewriting_init_and_takes_its_plain_lora_conversio
     assert (logits(model, x) - trained).abs().max().item() <= TOL
 
 
+def test_import_of_a_missing_or_damaged_weights_file_says_so_without_going_to_the_hub(tmp_path, monkeypatch):
+    """A folder with adapter_config.json and no weights file went to PEFT's loader, which takes it for a Hub repo
+    id: 'Repo id must be in the form ...' for an absolute path, a download attempt for a relative one ('out/r8').
+    A damaged file gave safetensors' bare 'header too small', naming no file."""
+    base, _, _ = tiny("llama")
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "out" / "r8")
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "out" / "r8" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read '.*adapter_model\.safetensors'.*damaged or incomplete"):
+        import_peft_adapter(copy.deepcopy(fresh), "out/r8")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"'out/r8' has adapter_config\.json but no adapter_model\.safetensors or "
+                                         r"adapter_model\.bin"):
+        import_peft_adapter(copy.deepcopy(fresh), "out/r8")
+    weights.write_bytes(data)
+    assert import_peft_adapter(fresh, "out/r8").rank == 8
+
+
 def test_import_of_a_named_adapters_parent_folder_names_the_subfolder(tmp_path):
     base, _, _ = tiny("llama")
     fresh = copy.deepcopy(base)

@@ -470,7 +470,7 @@ def import_peft_adapter(
     model in eval mode (as `from_pretrained` returns it) applies no LoRA dropout.
     """
     from peft import LoraConfig
-    from peft.utils import load_peft_weights
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 
     peft_dir = str(peft_dir)
     if not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
@@ -480,7 +480,16 @@ def import_peft_adapter(
             f"; PEFT saves an adapter not named 'default' in a subfolder: pass one of {subs}" if subs else ""))
     config = LoraConfig.from_pretrained(peft_dir)
     _check_supported(config)
-    weights = load_peft_weights(peft_dir, device="cpu")
+    # PEFT's loader takes a folder without a weights file for a Hub repo id and goes online for it
+    files = [f for f in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(peft_dir, f))]
+    if not files:
+        raise ValueError(f"peft_dir: {peft_dir!r} has adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME} or "
+                         f"{WEIGHTS_NAME}; copy the adapter's weights file beside its config")
+    try:
+        weights = load_peft_weights(peft_dir, device="cpu")
+    except Exception as e:  # a truncated or corrupted file: safetensors says only "header too small"
+        raise ValueError(f"peft_dir: cannot read {os.path.join(peft_dir, files[0])!r} ({type(e).__name__}: {e}); "
+                         "the file is damaged or incomplete: save or download the adapter again") from e
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
