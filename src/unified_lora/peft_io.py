@@ -137,6 +137,18 @@ def _inside(path: str, outer: str) -> bool:
     return path == outer or path.startswith(outer + ".")
 
 
+def _tied_outside(model: nn.Module, saved: Sequence[str]) -> list[str]:
+    """Modules outside `saved` that hold a parameter of a module in `saved` (a tied lm_head of a saved embedding)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    out = []
+    for group in names.values():
+        if len(group) > 1 and any(any(_inside(n, s) for s in saved) for n in group):
+            out += [n.rpartition(".")[0] for n in group if not any(_inside(n, s) for s in saved)]
+    return list(dict.fromkeys(out))
+
+
 def _outermost(paths: Sequence[str]) -> list[str]:
     """`paths` (in order, without repeats) less those inside another one."""
     uniq = list(dict.fromkeys(paths))
@@ -275,6 +287,9 @@ def export_peft_adapter(
     else:
         requested = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     mts_names, saved, absorbed = _plan_modules_to_save(skel, requested, task_type, list(layers))
+    tied = _tied_outside(skel, saved)
+    if tied:  # PEFT saves (and trains) a copy of each module: a module tied to a saved one needs its own copy
+        mts_names, saved, absorbed = _plan_modules_to_save(skel, list(requested) + tied, task_type, list(layers))
     targets = {n: m for n, m in layers.items() if n not in absorbed}
     if not targets:
         raise ValueError(f"adapters: every nested layer ({sorted(layers)}) sits inside a module that the PEFT "
@@ -577,22 +592,46 @@ def import_peft_adapter(
             del others[path]
     task_type = getattr(config.task_type, "value", config.task_type)
     whole = _peft_matches(model, list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ())))
+    names_of: dict[int, list[str]] = {}
+    for n, p in ours_params.items():
+        names_of.setdefault(id(p), []).append(n)
+    untied: dict[str, list[str]] = {}
     for path, t in others.items():
-        target = ours_params.get(path)
+        name = path if path in ours_params else f"{path.rpartition('.')[0]}.base_layer.{path.rpartition('.')[2]}"
+        target = ours_params.get(name)
         mod, _, leaf = path.rpartition(".")
-        if target is None:  # a base-layer parameter under a nested wrapper
-            target = ours_params.get(f"{mod}.base_layer.{leaf}")
         if target is None:
             raise ValueError(f"peft_dir: saved module weight {path!r} has no parameter in the model")
         if target.shape != t.shape:
             raise ValueError(f"peft_dir: {path!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}")
-        target.copy_(t.to(target.dtype))
         saved_whole = any(_inside(mod, w) for w in whole)
+        partners = [n for n in names_of[id(target)] if n != name]
+        if saved_whole and partners and not (getattr(config, "ensure_weight_tying", False) and all(
+                torch.equal(others.get(n.replace(".base_layer.", "."), t.new_empty(0)), t) for n in partners)):
+            # PEFT's modules_to_save trains a copy of the module, and the module tied to it (a tied lm_head) keeps
+            # the base weight (unless ensure_weight_tying ties the copies, which then hold equal values): untie
+            owner, _, pleaf = name.rpartition(".")
+            new = nn.Parameter(target.detach().clone(), requires_grad=target.requires_grad)
+            setattr(model.get_submodule(owner) if owner else model, pleaf, new)
+            names_of[id(target)].remove(name)
+            names_of[id(new)] = [name]
+            ours_params[name] = target = new
+            untied[name] = partners
+        target.copy_(t.to(target.dtype))
         if saved_whole or (leaf == "bias" and config.bias != "none"):
             target.requires_grad_(True)
             extra.append(target)
         if saved_whole and mod not in mts:
             mts.append(mod)
+    if untied:
+        cfg = getattr(model, "config", None)
+        untie = bool(getattr(cfg, "tie_word_embeddings", False))
+        if untie:
+            cfg.tie_word_embeddings = False
+        warnings.warn(f"import_peft_adapter: {sorted(untied)} of the checkpoint's modules_to_save were tied to "
+                      f"{sorted(set(sum(untied.values(), [])))}; PEFT trains its own copy of such a module and leaves the "
+                      "tied one as it was, so each now has its own weight, as in PEFT"
+                      + (", and config.tie_word_embeddings is now False" if untie else ""), stacklevel=3)
     rank_set = set(ranks.values())
     return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
                            else rank_set.pop(), modules_to_save=mts, extra_params=extra, peft_config=config)
