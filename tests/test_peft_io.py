@@ -838,6 +838,17 @@ def test_peft_controller_refuses_an_inactive_or_frozen_adapter(tmp_path):
     assert len(driven) == 8 and all(".b." in n for n, p in two.named_parameters() if id(p) in driven)
 
 
+def test_peft_controller_names_what_it_refuses_in_an_adalora_model():
+    from peft import AdaLoraConfig
+
+    base, targets, _ = tiny("bert")
+    ada = get_peft_model(base, AdaLoraConfig(r=8, target_modules=targets, total_step=10, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="'default' has peft_type=ADALORA; .* plain PEFT LoRA adapters only"):
+        attach_to_peft_model(ada, None, print_fn=None)  # was: "needs a PEFT LoRA model with adapter 'default'"
+    with pytest.raises(ValueError, match=r"adapter 'other' \(adapters: \['default'\]\)"):
+        attach_to_peft_model(ada, None, adapter_name="other", print_fn=None)
+
+
 def test_peft_controller_mirror_restores_peft_weights_when_drift_is_small():
     pm = bert_peft_model()
     ctrl, params, at_snapshot, rec, pre = run_mirror_cycle(pm, lr=1e-7)

@@ -728,8 +728,13 @@ class PeftController(UnifiedController):
             active = getattr(peft_model, "active_adapter", "default")
             adapter_name = active[0] if isinstance(active, (list, tuple)) else active
         cfg = getattr(peft_model, "peft_config", {}).get(adapter_name)
-        if cfg is None or str(getattr(cfg, "peft_type", "")).split(".")[-1] != "LORA":
-            raise ValueError(f"peft_model: needs a PEFT LoRA model with adapter {adapter_name!r}")
+        if cfg is None:
+            raise ValueError(f"peft_model: needs a PEFT LoRA model with adapter {adapter_name!r} (adapters: "
+                             f"{sorted(getattr(peft_model, 'peft_config', {}))})")
+        kind = str(getattr(cfg, "peft_type", "")).split(".")[-1]
+        if kind != "LORA":  # AdaLoRA (a LoraLayer too) prunes its own ranks and trains lora_E beside lora_A/lora_B
+            raise ValueError(f"peft_model: adapter {adapter_name!r} has peft_type={kind}; attach_to_peft_model drives "
+                             "plain PEFT LoRA adapters only (LoraConfig)")
         views = [_PeftLoRAView(n, m, adapter_name, cfg.r) for n, m in peft_model.named_modules()
                  if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})]
         if not views:
