@@ -484,6 +484,27 @@ def test_import_refuses_a_base_rewriting_init_and_takes_its_plain_lora_conversio
     assert (logits(model, x) - trained).abs().max().item() <= TOL
 
 
+def test_import_of_a_missing_or_damaged_weights_file_says_so_without_going_to_the_hub(tmp_path, monkeypatch):
+    """A folder with adapter_config.json and no weights file went to PEFT's loader, which takes it for a Hub repo
+    id: 'Repo id must be in the form ...' for an absolute path, a download attempt for a relative one ('out/r8').
+    A damaged file gave safetensors' bare 'header too small', naming no file."""
+    base, _, _ = tiny("llama")
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "out" / "r8")
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "out" / "r8" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read '.*adapter_model\.safetensors'.*damaged or incomplete"):
+        import_peft_adapter(copy.deepcopy(fresh), "out/r8")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"'out/r8' has adapter_config\.json but no adapter_model\.safetensors or "
+                                         r"adapter_model\.bin"):
+        import_peft_adapter(copy.deepcopy(fresh), "out/r8")
+    weights.write_bytes(data)
+    assert import_peft_adapter(fresh, "out/r8").rank == 8
+
+
 def test_import_of_a_named_adapters_parent_folder_names_the_subfolder(tmp_path):
     base, _, _ = tiny("llama")
     fresh = copy.deepcopy(base)
@@ -511,6 +532,70 @@ def test_a_targeted_lm_heads_saved_base_weight_loads_frozen(tied, tmp_path):
     cfg = export_peft_adapter(model, None, tmp_path / "out")
     assert "lm_head" in cfg["target_modules"] and cfg["modules_to_save"] is None  # still a LoRA target
     assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(pm, x)).abs().max().item() <= TOL
+
+
+def tied_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("ensure_weight_tying", [False, True])
+def test_a_saved_embedding_tied_to_the_lm_head_imports_as_peft_loads_it(ensure_weight_tying, tmp_path):
+    """modules_to_save=["embed_tokens"] on a tied model (new tokens): PEFT trains a copy of the embedding and its
+    lm_head keeps the base weight (unless ensure_weight_tying=True ties the copies). The import wrote the trained
+    embedding into the tied weight, so the lm_head changed too: logits off by ~19, silently."""
+    base = tied_llama()
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                         ensure_weight_tying=ensure_weight_tying))
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    x = inputs()
+    for _ in range(3):
+        pm(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval().save_pretrained(tmp_path / "peft")
+    trained = logits(pm, x)
+    model = copy.deepcopy(fresh)
+    if ensure_weight_tying:
+        imp = import_peft_adapter(model, tmp_path / "peft")
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # PEFT ties the copies: so do we
+    else:
+        with pytest.warns(UserWarning, match=r"\['model.embed_tokens.weight'\] .* tied to \['lm_head.weight'\].*"
+                                             r"tie_word_embeddings is now False"):
+            imp = import_peft_adapter(model, tmp_path / "peft")
+        assert torch.equal(model.lm_head.weight, fresh.lm_head.weight) and not model.lm_head.weight.requires_grad
+        assert model.config.tie_word_embeddings is False  # save_pretrained / from_pretrained keep them apart
+    assert (logits(model, x) - trained).abs().max().item() <= TOL
+    assert imp.modules_to_save == ["model.embed_tokens"] and model.model.embed_tokens.weight.requires_grad
+    cfg = export_peft_adapter(model, None, tmp_path / "out")
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - trained).abs().max().item() <= TOL
+    assert cfg["modules_to_save"] == ["model.embed_tokens"] + (["lm_head"] if ensure_weight_tying else [])
+
+
+@pytest.mark.parametrize("kind, name, head", [("gpt2", "wte", "lm_head"), ("llama_tied", "embed_tokens", "lm_head")])
+def test_a_saved_embedding_tied_to_the_lm_head_exports_a_copy_for_each(kind, name, head, tmp_path):
+    """Our trained, tied embedding moves the lm_head with it; PEFT saves a separate copy of a modules_to_save
+    module and leaves the tied lm_head at the base weight, so the export reloaded with logits off by ~3."""
+    if kind == "gpt2":
+        base, targets, _ = tiny("gpt2")
+    else:
+        base, targets = tied_llama(), ["q_proj", "v_proj"]
+    fresh = copy.deepcopy(base)
+    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=targets, modules_to_save=[name]))
+    emb = base.get_input_embeddings().weight
+    with torch.no_grad():
+        for layer in adapters.values():
+            layer.lora_B[0].normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+        emb.add_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(3)))
+    assert base.eval().get_output_embeddings().weight is emb
+    x = inputs()
+    cfg = export_peft_adapter(base, None, tmp_path / "out")
+    assert cfg["modules_to_save"][-1] == head
+    assert (logits(peft_load(fresh, tmp_path / "out"), x) - logits(base, x)).abs().max().item() <= TOL
 
 
 def test_import_into_injected_model_with_other_scaling_folds_the_ratio(tmp_path):
@@ -751,6 +836,17 @@ def test_peft_controller_refuses_an_inactive_or_frozen_adapter(tmp_path):
     ctrl = attach_to_peft_model(two, torch.optim.AdamW([p for p in two.parameters() if p.requires_grad]), print_fn=None)
     driven = {id(p) for p in ctrl.lora_parameters()}
     assert len(driven) == 8 and all(".b." in n for n, p in two.named_parameters() if id(p) in driven)
+
+
+def test_peft_controller_names_what_it_refuses_in_an_adalora_model():
+    from peft import AdaLoraConfig
+
+    base, targets, _ = tiny("bert")
+    ada = get_peft_model(base, AdaLoraConfig(r=8, target_modules=targets, total_step=10, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="'default' has peft_type=ADALORA; .* plain PEFT LoRA adapters only"):
+        attach_to_peft_model(ada, None, print_fn=None)  # was: "needs a PEFT LoRA model with adapter 'default'"
+    with pytest.raises(ValueError, match=r"adapter 'other' \(adapters: \['default'\]\)"):
+        attach_to_peft_model(ada, None, adapter_name="other", print_fn=None)
 
 
 def test_peft_controller_mirror_restores_peft_weights_when_drift_is_small():

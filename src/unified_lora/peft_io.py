@@ -137,6 +137,18 @@ def _inside(path: str, outer: str) -> bool:
     return path == outer or path.startswith(outer + ".")
 
 
+def _tied_outside(model: nn.Module, saved: Sequence[str]) -> list[str]:
+    """Modules outside `saved` that hold a parameter of a module in `saved` (a tied lm_head of a saved embedding)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    out = []
+    for group in names.values():
+        if len(group) > 1 and any(any(_inside(n, s) for s in saved) for n in group):
+            out += [n.rpartition(".")[0] for n in group if not any(_inside(n, s) for s in saved)]
+    return list(dict.fromkeys(out))
+
+
 def _outermost(paths: Sequence[str]) -> list[str]:
     """`paths` (in order, without repeats) less those inside another one."""
     uniq = list(dict.fromkeys(paths))
@@ -274,6 +286,9 @@ def export_peft_adapter(
     else:
         requested = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     mts_names, saved, absorbed = _plan_modules_to_save(skel, requested, task_type, list(layers))
+    tied = _tied_outside(skel, saved)
+    if tied:  # PEFT saves (and trains) a copy of each module: a module tied to a saved one needs its own copy
+        mts_names, saved, absorbed = _plan_modules_to_save(skel, list(requested) + tied, task_type, list(layers))
     targets = {n: m for n, m in layers.items() if n not in absorbed}
     if not targets:
         raise ValueError(f"adapters: every nested layer ({sorted(layers)}) sits inside a module that the PEFT "
@@ -477,7 +492,7 @@ def import_peft_adapter(
     model in eval mode (as `from_pretrained` returns it) applies no LoRA dropout.
     """
     from peft import LoraConfig
-    from peft.utils import load_peft_weights
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 
     peft_dir = str(peft_dir)
     if not os.path.isfile(os.path.join(peft_dir, "adapter_config.json")):
@@ -487,7 +502,16 @@ def import_peft_adapter(
             f"; PEFT saves an adapter not named 'default' in a subfolder: pass one of {subs}" if subs else ""))
     config = LoraConfig.from_pretrained(peft_dir)
     _check_supported(config)
-    weights = load_peft_weights(peft_dir, device="cpu")
+    # PEFT's loader takes a folder without a weights file for a Hub repo id and goes online for it
+    files = [f for f in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(peft_dir, f))]
+    if not files:
+        raise ValueError(f"peft_dir: {peft_dir!r} has adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME} or "
+                         f"{WEIGHTS_NAME}; copy the adapter's weights file beside its config")
+    try:
+        weights = load_peft_weights(peft_dir, device="cpu")
+    except Exception as e:  # a truncated or corrupted file: safetensors says only "header too small"
+        raise ValueError(f"peft_dir: cannot read {os.path.join(peft_dir, files[0])!r} ({type(e).__name__}: {e}); "
+                         "the file is damaged or incomplete: save or download the adapter again") from e
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
@@ -585,22 +609,46 @@ def import_peft_adapter(
             del others[path]
     task_type = getattr(config.task_type, "value", config.task_type)
     whole = _peft_matches(model, list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ())))
+    names_of: dict[int, list[str]] = {}
+    for n, p in ours_params.items():
+        names_of.setdefault(id(p), []).append(n)
+    untied: dict[str, list[str]] = {}
     for path, t in others.items():
-        target = ours_params.get(path)
+        name = path if path in ours_params else f"{path.rpartition('.')[0]}.base_layer.{path.rpartition('.')[2]}"
+        target = ours_params.get(name)
         mod, _, leaf = path.rpartition(".")
-        if target is None:  # a base-layer parameter under a nested wrapper
-            target = ours_params.get(f"{mod}.base_layer.{leaf}")
         if target is None:
             raise ValueError(f"peft_dir: saved module weight {path!r} has no parameter in the model")
         if target.shape != t.shape:
             raise ValueError(f"peft_dir: {path!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}")
-        target.copy_(t.to(target.dtype))
         saved_whole = any(_inside(mod, w) for w in whole)
+        partners = [n for n in names_of[id(target)] if n != name]
+        if saved_whole and partners and not (getattr(config, "ensure_weight_tying", False) and all(
+                torch.equal(others.get(n.replace(".base_layer.", "."), t.new_empty(0)), t) for n in partners)):
+            # PEFT's modules_to_save trains a copy of the module, and the module tied to it (a tied lm_head) keeps
+            # the base weight (unless ensure_weight_tying ties the copies, which then hold equal values): untie
+            owner, _, pleaf = name.rpartition(".")
+            new = nn.Parameter(target.detach().clone(), requires_grad=target.requires_grad)
+            setattr(model.get_submodule(owner) if owner else model, pleaf, new)
+            names_of[id(target)].remove(name)
+            names_of[id(new)] = [name]
+            ours_params[name] = target = new
+            untied[name] = partners
+        target.copy_(t.to(target.dtype))
         if saved_whole or (leaf == "bias" and config.bias != "none"):
             target.requires_grad_(True)
             extra.append(target)
         if saved_whole and mod not in mts:
             mts.append(mod)
+    if untied:
+        cfg = getattr(model, "config", None)
+        untie = bool(getattr(cfg, "tie_word_embeddings", False))
+        if untie:
+            cfg.tie_word_embeddings = False
+        warnings.warn(f"import_peft_adapter: {sorted(untied)} of the checkpoint's modules_to_save were tied to "
+                      f"{sorted(set(sum(untied.values(), [])))}; PEFT trains its own copy of such a module and leaves the "
+                      "tied one as it was, so each now has its own weight, as in PEFT"
+                      + (", and config.tie_word_embeddings is now False" if untie else ""), stacklevel=3)
     rank_set = set(ranks.values())
     return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
                            else rank_set.pop(), modules_to_save=mts, extra_params=extra, peft_config=config)
@@ -696,8 +744,13 @@ class PeftController(UnifiedController):
             active = getattr(peft_model, "active_adapter", "default")
             adapter_name = active[0] if isinstance(active, (list, tuple)) else active
         cfg = getattr(peft_model, "peft_config", {}).get(adapter_name)
-        if cfg is None or str(getattr(cfg, "peft_type", "")).split(".")[-1] != "LORA":
-            raise ValueError(f"peft_model: needs a PEFT LoRA model with adapter {adapter_name!r}")
+        if cfg is None:
+            raise ValueError(f"peft_model: needs a PEFT LoRA model with adapter {adapter_name!r} (adapters: "
+                             f"{sorted(getattr(peft_model, 'peft_config', {}))})")
+        kind = str(getattr(cfg, "peft_type", "")).split(".")[-1]
+        if kind != "LORA":  # AdaLoRA (a LoraLayer too) prunes its own ranks and trains lora_E beside lora_A/lora_B
+            raise ValueError(f"peft_model: adapter {adapter_name!r} has peft_type={kind}; attach_to_peft_model drives "
+                             "plain PEFT LoRA adapters only (LoraConfig)")
         views = [_PeftLoRAView(n, m, adapter_name, cfg.r) for n, m in peft_model.named_modules()
                  if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})]
         if not views:
