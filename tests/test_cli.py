@@ -649,6 +649,24 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         assert "unsupported data format 'parquet'" in err and "fmt=" not in err
 
 
+@pytest.mark.parametrize("yaml_text, flags, needle", [
+    ("lora_dropout: 1.5\n", [], "lora_dropout: must be in [0, 1), got 1.5"),
+    ("lora_alpha: .nan\n", [], "lora_alpha: must be a positive finite number, got nan"),
+    ("", ["--no-controller", "--theta0", "2"], "theta0: must be a number in [0, 1], got 2.0"),
+], ids=["lora_dropout", "lora_alpha", "theta0_without_controller"])
+def test_a_bad_lora_setting_or_threshold_fails_before_anything_is_loaded_or_written(tiny, tmp_path, capsys, yaml_text,
+                                                                                    flags, needle):
+    """TrainConfig checked lora_alpha and lora_dropout only when the model was wrapped: after the model and data had
+    loaded and the --output-dir had been made (with --overwrite, after the previous run was deleted). Thresholds were
+    not checked at all with --no-controller, and the run recorded (and plotted) theta0=2."""
+    out = tmp_path / "o"
+    cfg = _write(tmp_path / "c.yaml", yaml_text or "{}\n")
+    assert main(_train_args(tiny, out, "--config", str(cfg), *flags)) == 2
+    err = capsys.readouterr().err
+    assert err == f"unified-lora: error: {needle}\n"
+    assert not out.exists()
+
+
 def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):
     out = tmp_path / "run"
     dev = _write(tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n")
