@@ -256,6 +256,21 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
 
 
+@pytest.mark.parametrize("flag", ["--target-modules", "--modules-to-save"])
+def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_to_set_up(tiny, tmp_path, capsys, flag):
+    """--overwrite deleted the previous run's checkpoints, adapter and summary before the model was wrapped, so a
+    --target-modules or --modules-to-save that matched nothing lost the previous run and trained nothing."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "3")) == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--steps", "2", "--overwrite", flag, "nomatch")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unified-lora: error: ") and "'nomatch'" in err and "matched no" in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2]
+
+
 def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_anything(tiny, tmp_path, capsys):
     """The checkpoint holds a position in the epoch's batch order: resumed with another batch size, seed or data
     file, the run used to go on silently with other batches (rows skipped or seen twice in that epoch)."""

@@ -449,15 +449,18 @@ def cmd_train(args) -> int:
     if held and not args.overwrite:
         raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held)}); pass --resume to continue "
                          "it, --overwrite to replace it, or another --output-dir")
-    if held:  # --overwrite, and every input checked: now the previous run's outputs go
-        for name in _RUN_OUTPUTS:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     trace_path = out / "trace.jsonl"
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
+    if held:  # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found):
+        # now the previous run's outputs go. They went before Run, and a --target-modules that matched nothing
+        # deleted the previous run and then failed. The trace stays: the new run's writer empties it at its first step.
+        for name in _RUN_OUTPUTS:
+            p = out / name
+            if name != "trace.jsonl":
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         run.load_checkpoint(ckpt)
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
