@@ -239,6 +239,29 @@ def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     assert [r["phi"] for r in b] == pytest.approx([r["phi"] for r in a], rel=1e-5)
 
 
+def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
+    """A run started with a relative --data stored that relative path; resumed from another directory, the path was
+    read from there: a file of the same name there (other data) was trained on, silently, and the resume check
+    compared the new path with itself. Local paths are stored absolute now."""
+    import shutil
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir(), other.mkdir()
+    shutil.copy(tiny["csv"], first / "train.csv")
+    rows = _rows(64, seed=1)
+    (other / "train.csv").write_text("text,label\n" + "".join(f"{t},{1 - y}\n" for t, y in rows))  # other data
+    monkeypatch.chdir(first)
+    args = ["train", "--model", tiny["bert"], "--data", "train.csv", "--batch-size", "8", "--max-length", "16",
+            "--log-every", "0"]
+    assert main([*args, "--output-dir", "straight", "--steps", "6"]) == 0
+    assert main([*args, "--output-dir", "split", "--steps", "3"]) == 0
+    monkeypatch.chdir(other)
+    assert main(["train", "--output-dir", str(first / "split"), "--resume", "--steps", "6"]) == 0
+    a, b = read_trace(first / "straight" / "trace.jsonl"), read_trace(first / "split" / "trace.jsonl")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert json.loads((first / "split" / "summary.json").read_text())["config"]["data"] == str(first / "train.csv")
+
+
 def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(tiny, tmp_path, capsys):
     """A second run into the same --output-dir used to leave the first run's checkpoints beside its own (listed in
     its summary), and a later --resume continued the old run's newest step instead of the new run."""

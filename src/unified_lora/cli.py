@@ -382,6 +382,12 @@ def _train_config(args) -> "object":
             raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
                              f"model, data, batches and LoRA layout ({', '.join(_RESUME_FIXED)}): drop those options, "
                              "or start a new run in another --output-dir")
+    # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
+    # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
+    for key in ("model", "data", "dev_data"):
+        v = getattr(cfg, key)
+        if v is not None and Path(v).expanduser().exists():
+            setattr(cfg, key, os.path.abspath(Path(v).expanduser()))
     return cfg, ckpt
 
 
