@@ -151,6 +151,24 @@ def test_demo_shock_to_the_last_step_still_scores_right_after_it(tiny, tmp_path)
     assert "| -" not in (out / "console.txt").read_text()  # no empty cell in the table
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threads", "-1", "threads: must be >= 0 (0 = torch's default), got -1"),  # was a RuntimeError, exit 1
+    ("--steps", "0", "steps: must be >= 1 (the demo trains this many steps), got 0"),  # trained 0 steps, wrote a
+    # trace.jsonl and failed at the plot ("trace: empty")
+])
+def test_demo_refuses_a_bad_threads_or_steps_value_before_writing_anything(tiny, tmp_path, capsys, flag, value,
+                                                                         message):
+    out = tmp_path / "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"unified-lora: error: {message}\n"
+    assert not out.exists()
+
+
 def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
     from unified_lora.cli import format_summary
 

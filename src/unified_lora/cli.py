@@ -240,13 +240,12 @@ def cmd_demo(args) -> int:
     _refuse_multiprocess_launch("demo")
     from .data import TextDataset
     from .plotting import plot_trace
-    from .training import TrainConfig, encode_rows, load_data, load_tokenizer, majority, resolve_model, subsample
+    from .training import (TrainConfig, UsageError, encode_rows, load_data, load_tokenizer, majority, resolve_model,
+                           subsample)
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.steps < 1:  # TrainConfig's steps=0 means "whole epochs"; the demo runs --steps steps, and 0 trained none
+        raise UsageError(f"steps: must be >= 1 (the demo trains this many steps), got {args.steps}")
     out = Path(args.output_dir)
     lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
     loss_scale = DEMO_LOSS_SCALE if args.loss_scale is None else args.loss_scale
@@ -259,7 +258,11 @@ def cmd_demo(args) -> int:
                       calibration_steps=calibration_steps, calibration_target=args.calibration_target,
                       shock_start=args.shock_start, shock_end=args.shock_end, shock_type=args.shock_type,
                       output_dir=str(out), log_every=args.log_every, target_modules=args.target_modules,
-                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell)
+                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell, threads=args.threads)
+    if cfg.threads:  # checked first: torch.set_num_threads(-1) was an internal error (RuntimeError, exit 1)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     say = _Console()
     model_path = resolve_model(cfg.model)
     train, dev, task = load_data(cfg, "seq-cls")
