@@ -635,6 +635,13 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
     ("not_a_number_in_config", "epochs: must be an integer, got 'two' (str)"),
+    # PyYAML keeps the last of two equal keys silently: the run trained at the second lr
+    ("key_given_twice_in_config", "c2.yaml: key 'lr' is given twice (again on line 4); keep one"),
+    ("flag_spelling_in_config", "unknown key(s) ['batch-size'] ('batch-size': did you mean 'batch_size'?)"),
+    ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
+    ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
+    ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
+    ("config_not_yaml", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
     ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
     ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1']"),
@@ -676,6 +683,14 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "not_a_number_in_config": ["train", "--config", str(_write(tmp_path / "n.yaml", f"model: {tiny['bert']}\n"
                                                                    f"data: {tiny['csv']}\nepochs: two\n"))],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
+        "key_given_twice_in_config": _train_args(tiny, out, "--steps", "1", "--lr-mode", "multiplier", "--config", str(
+            _write(tmp_path / "c2.yaml", "lr: 1e-4\nepochs: 2\n# the same key again, further down\nlr: 1e-3\n"))),
+        "flag_spelling_in_config": ["train", "--config", str(_write(tmp_path / "c3.yaml", "batch-size: 8\n"))],
+        "number_key_in_config": ["train", "--config", str(_write(tmp_path / "c4.yaml", "foo: 1\n5: 2\n"))],
+        "null_output_dir_on_resume": ["train", "--resume", "--config", str(_write(tmp_path / "c5.yaml",
+                                                                                   "output_dir: null\n"))],
+        "config_not_utf8": ["train", "--config", str(tmp_path / "c8.yaml")],
+        "config_not_yaml": ["train", "--config", str(_write(tmp_path / "c9.yaml", "text_columns: [\n"))],
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],
         "missing_run_dir": ["report", str(tmp_path / "none")],
         "bad_flag": ["demo", "--stepz", "3"],
@@ -694,6 +709,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "block_longer_than_the_positions": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
                                             "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
     }[case]
+    (tmp_path / "c8.yaml").write_bytes(b"label_column: \xe9t\xe9\n")  # Latin-1, not UTF-8
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

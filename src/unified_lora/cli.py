@@ -353,22 +353,13 @@ def _train_config(args) -> "object":
 
     d: dict = {}
     if args.config:
-        import yaml
-
-        p = Path(args.config)
-        if not p.is_file():
-            raise UsageError(f"--config {args.config}: no such file; pass a YAML file with TrainConfig keys")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"--config {args.config}: must be a mapping of keys to values, e.g. `epochs: 3`")
-        d.update(loaded)
+        d.update(_read_config(args.config))
     flags = {f: getattr(args, k) for k, f in _TRAIN_FLAGS.items() if getattr(args, k, None) is not None}
     if args.no_controller:
         flags["controller"] = False
     out = flags.get("output_dir", d.get("output_dir", "unified-lora-run"))
+    if not isinstance(out, str):  # `output_dir: null` in the YAML: --resume failed on Path(None), an internal error
+        raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
     ckpt = None
     if args.resume:
         ckpt = latest_checkpoint(Path(out) / "checkpoints")
@@ -392,6 +383,51 @@ def _train_config(args) -> "object":
         if v is not None and Path(v).expanduser().exists():
             setattr(cfg, key, os.path.abspath(Path(v).expanduser()))
     return cfg, ckpt
+
+
+def _read_config(path: str) -> dict:
+    """The YAML (or JSON) mapping of a --config file. A key given twice is an error naming it: PyYAML keeps the last
+    one silently, so `lr: 1e-3` further down a file replaced an earlier `lr:` without a word."""
+    import yaml
+
+    from .training import UsageError
+
+    class Twice(Exception):
+        pass
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise Twice(f"key {key!r} is given twice (again on line {key_node.start_mark.line + 1}); "
+                                    "keep one")
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file; pass a YAML file with TrainConfig keys")
+    try:
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=Loader) or {}
+    except Twice as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"--config {path}: not valid YAML ({what}{where})") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path}: must be a mapping of keys to values, e.g. `epochs: 3`")
+    return loaded
 
 
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint

@@ -19,6 +19,7 @@ A *shock* is a window of steps [start, end) whose labels are corrupted:
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import random
@@ -160,9 +161,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
-            raise ValueError(f"config: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+            # a typo, or a flag's spelling (batch-size): name the key it most likely meant
+            close = {str(k): difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+            raise ValueError(f"config: unknown key(s) {unknown}{f' ({hint})' if hint else ''}; valid keys are "
+                             f"{sorted(known)}")
         return cls(**d)
 
     def signal_config(self) -> SignalConfig:
