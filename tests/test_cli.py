@@ -583,6 +583,30 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
     assert "(default: 160)" in helps["steps"] and "(default: 60)" in helps["shock_start"]
 
 
+def test_train_help_states_each_default_and_it_is_the_configs():
+    """`train --help` gave no default for --lr (5e-4, the base LR of --lr-mode multiplier), --steps, --min-dwell or
+    --shock-start. Every option that sets a TrainConfig field says its default, and a number it gives is the field's
+    default in TrainConfig (the flags' argparse defaults are None, so that only a flag given overrides the YAML)."""
+    import argparse
+    import re
+    from dataclasses import fields
+
+    from unified_lora.cli import _TRAIN_FLAGS, build_parser
+    from unified_lora.training import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for a in sub.choices["train"]._actions:
+        if a.dest not in _TRAIN_FLAGS:
+            continue
+        text, default = a.help % {}, defaults[_TRAIN_FLAGS[a.dest]]
+        assert "default" in text, (a.dest, text)
+        numbers = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+        for value in (default if isinstance(default, tuple) else (default,)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert value in numbers, (a.dest, value, text)
+
+
 def test_the_readme_names_every_setting_a_resume_refuses():
     """The README's resume paragraph listed what `--resume` refuses to change but left out the signal and
     --no-controller, which `_RESUME_FIXED` refuses too. Every refused key must map to a phrase the paragraph has."""

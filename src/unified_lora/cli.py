@@ -784,10 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2 (default: text)")
     t.add_argument("--label-column", help="table label column (default: label)")
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
-    t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")
     t.add_argument("--batch-size", type=int, help="default 16")
     t.add_argument("--max-length", type=int, help="tokens per row (default 64)")
-    t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier")
+    t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier (default 5e-4)")
     t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
                    help="per-mode LRs for --lr-mode absolute (default 2e-3 5e-4 1e-4)")
     t.add_argument("--lr-mode", choices=("absolute", "multiplier"),
@@ -798,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
                    "calibration_target (YAML; default 0.5); default 0 = off")
-    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it")
+    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it (default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
     t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
@@ -821,8 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dev-size", type=int, help="dev rows (blocks, for a text corpus) to evaluate: a "
                    "fixed-seed subsample; 0 (default) = all")
     t.add_argument("--log-every", type=int, help="console line every N steps and at transitions (default 25)")
-    t.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
-    t.add_argument("--shock-start", type=int, help="first step of a corrupted-target window (a stress test)")
+    t.add_argument("--threads", type=int, help="torch threads (default 0 = torch's default)")
+    t.add_argument("--shock-start", type=int, help="first step of a corrupted-target window (a stress test; default 0)")
     t.add_argument("--shock-end", type=int, help="the step after the window (default 0 = no shock)")
     t.add_argument("--shock-type", choices=("flip", "random"), help="flip (default) or random labels; a causal "
                    "LM takes random next tokens only")
