@@ -440,7 +440,7 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     a resumable checkpoint is written atomically, exit code 130; --resume then completes the run."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers need the main thread")
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # a space: the printed resume command must quote it
 
     def interrupt_when_training():
         trace = out / "trace.jsonl"
@@ -453,7 +453,8 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert main(_train_args(tiny, out, "--epochs", "40")) == 130
     watcher.join(timeout=5)
     console = capsys.readouterr()
-    assert "Traceback" not in console.err and "--resume" in console.out
+    assert "Traceback" not in console.err
+    assert f"continue with: unified-lora train --output-dir '{out}' --resume" in console.out
     saved = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(saved) == 1 and saved[0].startswith("step-")  # no temp folder left behind
     assert 3 <= int(saved[0].split("-")[1]) < 24

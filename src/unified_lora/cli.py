@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -553,7 +554,8 @@ def cmd_train(args) -> int:
     if interrupted:
         path = run.save_checkpoint(ckpt_root, f"step-{run.state.global_step}")
         run.ctrl.close()
-        say(f"saved {path}; continue with: {PROG} train --output-dir {out} --resume")
+        # quoted: a folder name with a space made the printed command resume another (missing) folder
+        say(f"saved {path}; continue with: {PROG} train --output-dir {shlex.quote(str(out))} --resume")
         say.save(out / "console.txt")
         return 130
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
