@@ -151,6 +151,24 @@ def test_demo_shock_to_the_last_step_still_scores_right_after_it(tiny, tmp_path)
     assert "| -" not in (out / "console.txt").read_text()  # no empty cell in the table
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threads", "-1", "threads: must be >= 0 (0 = torch's default), got -1"),  # was a RuntimeError, exit 1
+    ("--steps", "0", "steps: must be >= 1 (the demo trains this many steps), got 0"),  # trained 0 steps, wrote a
+    # trace.jsonl and failed at the plot ("trace: empty")
+])
+def test_demo_refuses_a_bad_threads_or_steps_value_before_writing_anything(tiny, tmp_path, capsys, flag, value,
+                                                                         message):
+    out = tmp_path / "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"unified-lora: error: {message}\n"
+    assert not out.exists()
+
+
 def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
     from unified_lora.cli import format_summary
 
@@ -247,6 +265,29 @@ def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     assert [r["phi"] for r in b] == pytest.approx([r["phi"] for r in a], rel=1e-5)
 
 
+def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
+    """A run started with a relative --data stored that relative path; resumed from another directory, the path was
+    read from there: a file of the same name there (other data) was trained on, silently, and the resume check
+    compared the new path with itself. Local paths are stored absolute now."""
+    import shutil
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir(), other.mkdir()
+    shutil.copy(tiny["csv"], first / "train.csv")
+    rows = _rows(64, seed=1)
+    (other / "train.csv").write_text("text,label\n" + "".join(f"{t},{1 - y}\n" for t, y in rows))  # other data
+    monkeypatch.chdir(first)
+    args = ["train", "--model", tiny["bert"], "--data", "train.csv", "--batch-size", "8", "--max-length", "16",
+            "--log-every", "0"]
+    assert main([*args, "--output-dir", "straight", "--steps", "6"]) == 0
+    assert main([*args, "--output-dir", "split", "--steps", "3"]) == 0
+    monkeypatch.chdir(other)
+    assert main(["train", "--output-dir", str(first / "split"), "--resume", "--steps", "6"]) == 0
+    a, b = read_trace(first / "straight" / "trace.jsonl"), read_trace(first / "split" / "trace.jsonl")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert json.loads((first / "split" / "summary.json").read_text())["config"]["data"] == str(first / "train.csv")
+
+
 def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(tiny, tmp_path, capsys):
     """A second run into the same --output-dir used to leave the first run's checkpoints beside its own (listed in
     its summary), and a later --resume continued the old run's newest step instead of the new run."""
@@ -262,6 +303,21 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(ti
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
     assert json.loads((out / "summary.json").read_text())["checkpoints"] == ["step-2"]
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+
+
+@pytest.mark.parametrize("flag", ["--target-modules", "--modules-to-save"])
+def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_to_set_up(tiny, tmp_path, capsys, flag):
+    """--overwrite deleted the previous run's checkpoints, adapter and summary before the model was wrapped, so a
+    --target-modules or --modules-to-save that matched nothing lost the previous run and trained nothing."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "3")) == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--steps", "2", "--overwrite", flag, "nomatch")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unified-lora: error: ") and "'nomatch'" in err and "matched no" in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2]
 
 
 def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_anything(tiny, tmp_path, capsys):
@@ -392,7 +448,7 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     a resumable checkpoint is written atomically, exit code 130; --resume then completes the run."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers need the main thread")
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # a space: the printed resume command must quote it
 
     def interrupt_when_training():
         trace = out / "trace.jsonl"
@@ -405,7 +461,8 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert main(_train_args(tiny, out, "--epochs", "40")) == 130
     watcher.join(timeout=5)
     console = capsys.readouterr()
-    assert "Traceback" not in console.err and "--resume" in console.out
+    assert "Traceback" not in console.err
+    assert f"continue with: unified-lora train --output-dir '{out}' --resume" in console.out
     saved = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(saved) == 1 and saved[0].startswith("step-")  # no temp folder left behind
     assert 3 <= int(saved[0].split("-")[1]) < 24
@@ -537,6 +594,30 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
     assert "(default: 160)" in helps["steps"] and "(default: 60)" in helps["shock_start"]
 
 
+def test_train_help_states_each_default_and_it_is_the_configs():
+    """`train --help` gave no default for --lr (5e-4, the base LR of --lr-mode multiplier), --steps, --min-dwell or
+    --shock-start. Every option that sets a TrainConfig field says its default, and a number it gives is the field's
+    default in TrainConfig (the flags' argparse defaults are None, so that only a flag given overrides the YAML)."""
+    import argparse
+    import re
+    from dataclasses import fields
+
+    from unified_lora.cli import _TRAIN_FLAGS, build_parser
+    from unified_lora.training import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for a in sub.choices["train"]._actions:
+        if a.dest not in _TRAIN_FLAGS:
+            continue
+        text, default = a.help % {}, defaults[_TRAIN_FLAGS[a.dest]]
+        assert "default" in text, (a.dest, text)
+        numbers = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+        for value in (default if isinstance(default, tuple) else (default,)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert value in numbers, (a.dest, value, text)
+
+
 def test_the_readme_names_every_setting_a_resume_refuses():
     """The README's resume paragraph listed what `--resume` refuses to change but left out the signal and
     --no-controller, which `_RESUME_FIXED` refuses too. Every refused key must map to a phrase the paragraph has."""
@@ -589,6 +670,13 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("missing_config", "--config"),
     ("resume_without_checkpoint", "--resume"),
     ("not_a_number_in_config", "epochs: must be an integer, got 'two' (str)"),
+    # PyYAML keeps the last of two equal keys silently: the run trained at the second lr
+    ("key_given_twice_in_config", "c2.yaml: key 'lr' is given twice (again on line 4); keep one"),
+    ("flag_spelling_in_config", "unknown key(s) ['batch-size'] ('batch-size': did you mean 'batch_size'?)"),
+    ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
+    ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
+    ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
+    ("config_not_yaml", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
     ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
     ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1']"),
@@ -630,6 +718,14 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "not_a_number_in_config": ["train", "--config", str(_write(tmp_path / "n.yaml", f"model: {tiny['bert']}\n"
                                                                    f"data: {tiny['csv']}\nepochs: two\n"))],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
+        "key_given_twice_in_config": _train_args(tiny, out, "--steps", "1", "--lr-mode", "multiplier", "--config", str(
+            _write(tmp_path / "c2.yaml", "lr: 1e-4\nepochs: 2\n# the same key again, further down\nlr: 1e-3\n"))),
+        "flag_spelling_in_config": ["train", "--config", str(_write(tmp_path / "c3.yaml", "batch-size: 8\n"))],
+        "number_key_in_config": ["train", "--config", str(_write(tmp_path / "c4.yaml", "foo: 1\n5: 2\n"))],
+        "null_output_dir_on_resume": ["train", "--resume", "--config", str(_write(tmp_path / "c5.yaml",
+                                                                                   "output_dir: null\n"))],
+        "config_not_utf8": ["train", "--config", str(tmp_path / "c8.yaml")],
+        "config_not_yaml": ["train", "--config", str(_write(tmp_path / "c9.yaml", "text_columns: [\n"))],
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],
         "missing_run_dir": ["report", str(tmp_path / "none")],
         "bad_flag": ["demo", "--stepz", "3"],
@@ -648,6 +744,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "block_longer_than_the_positions": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
                                             "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
     }[case]
+    (tmp_path / "c8.yaml").write_bytes(b"label_column: \xe9t\xe9\n")  # Latin-1, not UTF-8
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -657,6 +754,24 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         assert err.count("\n") == 1 and err.startswith("unified-lora: error: ")
     if case == "unsupported_format":
         assert "unsupported data format 'parquet'" in err and "fmt=" not in err
+
+
+@pytest.mark.parametrize("yaml_text, flags, needle", [
+    ("lora_dropout: 1.5\n", [], "lora_dropout: must be in [0, 1), got 1.5"),
+    ("lora_alpha: .nan\n", [], "lora_alpha: must be a positive finite number, got nan"),
+    ("", ["--no-controller", "--theta0", "2"], "theta0: must be a number in [0, 1], got 2.0"),
+], ids=["lora_dropout", "lora_alpha", "theta0_without_controller"])
+def test_a_bad_lora_setting_or_threshold_fails_before_anything_is_loaded_or_written(tiny, tmp_path, capsys, yaml_text,
+                                                                                    flags, needle):
+    """TrainConfig checked lora_alpha and lora_dropout only when the model was wrapped: after the model and data had
+    loaded and the --output-dir had been made (with --overwrite, after the previous run was deleted). Thresholds were
+    not checked at all with --no-controller, and the run recorded (and plotted) theta0=2."""
+    out = tmp_path / "o"
+    cfg = _write(tmp_path / "c.yaml", yaml_text or "{}\n")
+    assert main(_train_args(tiny, out, "--config", str(cfg), *flags)) == 2
+    err = capsys.readouterr().err
+    assert err == f"unified-lora: error: {needle}\n"
+    assert not out.exists()
 
 
 def test_a_bad_dev_label_fails_before_any_training(tiny, tmp_path):

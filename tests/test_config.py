@@ -94,6 +94,19 @@ def test_numbers_written_as_strings_are_read_as_those_numbers():
     assert SignalConfig(kind="composite", weights=("0.2", "0.3", "0.5"), history="100").weights == (0.2, 0.3, 0.5)
 
 
+def test_a_number_list_written_as_a_python_tuple_in_yaml_is_read_as_that_list():
+    """YAML has no tuple: `rank_levels: (4, 8, 16)` loads as the string "(4, 8, 16)", which was split into "(4", "8"
+    and "16)" and refused with "rank_levels: must be an integer, got '(4' (str)"."""
+    import yaml
+
+    d = yaml.safe_load("rank_levels: (4, 8, 16)\nmode_lrs: '[2e-3, 5e-4, 1e-4]'\n")
+    t = TrainConfig(**d)
+    assert (t.rank_levels, t.mode_lrs) == ((4, 8, 16), (2e-3, 5e-4, 1e-4))
+    assert NestedLoRAConfig(rank_levels=" (4, 8) ").rank_levels == (4, 8)
+    with pytest.raises(ValueError, match=r"rank_levels: must be an integer, got 'x' \(str\)"):
+        TrainConfig(rank_levels="(4, x)")
+
+
 def test_numpy_numbers_are_numbers():
     np = pytest.importorskip("numpy")
     m = MachineConfig(theta0=np.float32(0.25), warmup_steps=np.int64(3))

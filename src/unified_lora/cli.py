@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -240,13 +241,12 @@ def cmd_demo(args) -> int:
     _refuse_multiprocess_launch("demo")
     from .data import TextDataset
     from .plotting import plot_trace
-    from .training import TrainConfig, encode_rows, load_data, load_tokenizer, majority, resolve_model, subsample
+    from .training import (TrainConfig, UsageError, encode_rows, load_data, load_tokenizer, majority, resolve_model,
+                           subsample)
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.steps < 1:  # TrainConfig's steps=0 means "whole epochs"; the demo runs --steps steps, and 0 trained none
+        raise UsageError(f"steps: must be >= 1 (the demo trains this many steps), got {args.steps}")
     out = Path(args.output_dir)
     lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
     loss_scale, calibration_steps = args.loss_scale, args.calibration_steps
@@ -266,7 +266,11 @@ def cmd_demo(args) -> int:
                       calibration_steps=calibration_steps, calibration_target=calibration_target,
                       shock_start=args.shock_start, shock_end=args.shock_end, shock_type=args.shock_type,
                       output_dir=str(out), log_every=args.log_every, target_modules=args.target_modules,
-                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell)
+                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell, threads=args.threads)
+    if cfg.threads:  # checked first: torch.set_num_threads(-1) was an internal error (RuntimeError, exit 1)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     say = _Console()
     model_path = resolve_model(cfg.model)
     train, dev, task = load_data(cfg, "seq-cls")
@@ -358,22 +362,13 @@ def _train_config(args) -> "object":
 
     d: dict = {}
     if args.config:
-        import yaml
-
-        p = Path(args.config)
-        if not p.is_file():
-            raise UsageError(f"--config {args.config}: no such file; pass a YAML file with TrainConfig keys")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"--config {args.config}: must be a mapping of keys to values, e.g. `epochs: 3`")
-        d.update(loaded)
+        d.update(_read_config(args.config))
     flags = {f: getattr(args, k) for k, f in _TRAIN_FLAGS.items() if getattr(args, k, None) is not None}
     if args.no_controller:
         flags["controller"] = False
     out = flags.get("output_dir", d.get("output_dir", "unified-lora-run"))
+    if not isinstance(out, str):  # `output_dir: null` in the YAML: --resume failed on Path(None), an internal error
+        raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
     ckpt = None
     if args.resume:
         ckpt = latest_checkpoint(Path(out) / "checkpoints")
@@ -390,7 +385,58 @@ def _train_config(args) -> "object":
             raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
                              f"model, data, batches and LoRA layout ({', '.join(_RESUME_FIXED)}): drop those options, "
                              "or start a new run in another --output-dir")
+    # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
+    # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
+    for key in ("model", "data", "dev_data"):
+        v = getattr(cfg, key)
+        if v is not None and Path(v).expanduser().exists():
+            setattr(cfg, key, os.path.abspath(Path(v).expanduser()))
     return cfg, ckpt
+
+
+def _read_config(path: str) -> dict:
+    """The YAML (or JSON) mapping of a --config file. A key given twice is an error naming it: PyYAML keeps the last
+    one silently, so `lr: 1e-3` further down a file replaced an earlier `lr:` without a word."""
+    import yaml
+
+    from .training import UsageError
+
+    class Twice(Exception):
+        pass
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise Twice(f"key {key!r} is given twice (again on line {key_node.start_mark.line + 1}); "
+                                    "keep one")
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file; pass a YAML file with TrainConfig keys")
+    try:
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=Loader) or {}
+    except Twice as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"--config {path}: not valid YAML ({what}{where})") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path}: must be a mapping of keys to values, e.g. `epochs: 3`")
+    return loaded
 
 
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
@@ -457,15 +503,18 @@ def cmd_train(args) -> int:
     if held and not args.overwrite:
         raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held)}); pass --resume to continue "
                          "it, --overwrite to replace it, or another --output-dir")
-    if held:  # --overwrite, and every input checked: now the previous run's outputs go
-        for name in _RUN_OUTPUTS:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     trace_path = out / "trace.jsonl"
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
+    if held:  # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found):
+        # now the previous run's outputs go. They went before Run, and a --target-modules that matched nothing
+        # deleted the previous run and then failed. The trace stays: the new run's writer empties it at its first step.
+        for name in _RUN_OUTPUTS:
+            p = out / name
+            if name != "trace.jsonl":
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         run.load_checkpoint(ckpt)
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
@@ -513,7 +562,8 @@ def cmd_train(args) -> int:
     if interrupted:
         path = run.save_checkpoint(ckpt_root, f"step-{run.state.global_step}")
         run.ctrl.close()
-        say(f"saved {path}; continue with: {PROG} train --output-dir {out} --resume")
+        # quoted: a folder name with a space made the printed command resume another (missing) folder
+        say(f"saved {path}; continue with: {PROG} train --output-dir {shlex.quote(str(out))} --resume")
         say.save(out / "console.txt")
         return 130
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
@@ -744,10 +794,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2 (default: text)")
     t.add_argument("--label-column", help="table label column (default: label)")
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
-    t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")
     t.add_argument("--batch-size", type=int, help="default 16")
     t.add_argument("--max-length", type=int, help="tokens per row (default 64)")
-    t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier")
+    t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier (default 5e-4)")
     t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
                    help="per-mode LRs for --lr-mode absolute (default 2e-3 5e-4 1e-4)")
     t.add_argument("--lr-mode", choices=("absolute", "multiplier"),
@@ -758,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
                    "calibration_target (YAML; default 0.5); default 0 = off")
-    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it")
+    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it (default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
     t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
@@ -781,8 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dev-size", type=int, help="dev rows (blocks, for a text corpus) to evaluate: a "
                    "fixed-seed subsample; 0 (default) = all")
     t.add_argument("--log-every", type=int, help="console line every N steps and at transitions (default 25)")
-    t.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
-    t.add_argument("--shock-start", type=int, help="first step of a corrupted-target window (a stress test)")
+    t.add_argument("--threads", type=int, help="torch threads (default 0 = torch's default)")
+    t.add_argument("--shock-start", type=int, help="first step of a corrupted-target window (a stress test; default 0)")
     t.add_argument("--shock-end", type=int, help="the step after the window (default 0 = no shock)")
     t.add_argument("--shock-type", choices=("flip", "random"), help="flip (default) or random labels; a causal "
                    "LM takes random next tokens only")

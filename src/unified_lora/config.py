@@ -112,6 +112,9 @@ def _typed(name: str, v, hint, example):
         if isinstance(v, str):
             if elem is str:  # one name, or a comma-separated list: the class's own rule decides
                 return v
+            v = v.strip()
+            if v[:1] + v[-1:] in ("()", "[]"):  # "(4, 8, 16)": a tuple written in YAML is a string; it was read as
+                v = v[1:-1]  # the numbers "(4", "8" and "16)", and refused with "must be an integer, got '(4'"
             v = v.replace(",", " ").split()  # "4,8,16" or "4 8 16"
         if not isinstance(v, (list, tuple)):
             kind = {int: "integers", float: "numbers", str: "strings"}[elem]

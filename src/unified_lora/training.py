@@ -19,6 +19,7 @@ A *shock* is a window of steps [start, end) whose labels are corrupted:
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import random
@@ -31,8 +32,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, SignalConfig, check_field_types,
-                     check_rank_levels, parse_names)
+from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
+                     check_field_types, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
 from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, normalize_task
@@ -135,10 +136,14 @@ class TrainConfig:
                 raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
         if self.steps and self.shock_end > self.steps:
             raise ValueError(f"shock_end: must be <= steps ({self.steps}), got {self.shock_end}")
-        # The config dataclasses of the core validate the rest (thresholds, LRs, policy, ...).
-        check_rank_levels(self.rank_levels)
+        # The config dataclasses of the core validate the rest (thresholds, LRs, policy, ...), here: the LoRA layout
+        # (lora_alpha, lora_dropout) was checked only when the model was wrapped, after the model and data had loaded,
+        # the --output-dir was made and --overwrite had deleted the previous run; and the thresholds are checked
+        # without the controller too (the run records them, and the plot draws them)
+        NestedLoRAConfig(target_modules=self.target_modules, rank_levels=self.rank_levels, lora_alpha=self.lora_alpha,
+                         lora_dropout=self.lora_dropout)
         self.signal_config()
-        self.machine_config()
+        MachineConfig(theta0=self.theta0, theta1=self.theta1, min_dwell=self.min_dwell)
         self.actuator_config()
         self.mirror_config()
 
@@ -156,9 +161,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
-            raise ValueError(f"config: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+            # a typo, or a flag's spelling (batch-size): name the key it most likely meant
+            close = {str(k): difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+            raise ValueError(f"config: unknown key(s) {unknown}{f' ({hint})' if hint else ''}; valid keys are "
+                             f"{sorted(known)}")
         return cls(**d)
 
     def signal_config(self) -> SignalConfig:
