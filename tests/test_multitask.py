@@ -964,3 +964,21 @@ def test_a_task_registered_in_multi_is_measured_from_the_copy_it_started_as():
     assert num > 0 and ctrl.trace[-1].components["drift"] == pytest.approx(num / den, rel=1e-5)
     assert (c3.trace[-1].phi, c3.trace[-1].components["drift"]) == (ctrl.trace[-1].phi,
                                                                     ctrl.trace[-1].components["drift"])
+
+
+def test_load_task_adapters_refuses_a_folder_with_layers_this_model_does_not_adapt(tmp_path):
+    # A folder saved from a model with more target modules (here "key" too) loaded into one without them: the extra
+    # layers' tensors were skipped silently, so the model ran without part of every trained adapter.
+    model = tiny_bert()
+    ad1, _ = setup_multitask_lora(model, ["a", "b"], TARGETS + ["key"], print_fn=None,
+                                  machine=MachineConfig(initial_mode=MULTI))
+    _randomize(ad1, 1)
+    save_task_adapters(model, tmp_path)
+    m2, ad2, ctrl, _ = build(initial_mode=MULTI)
+    before = [p.detach().clone() for p in trainable_parameters(m2)]
+    with pytest.raises(ValueError, match=r"shared.safetensors: adapters for 2 layer\(s\) this model has no multi-task "
+                                         r"adapter on: \['bert.encoder.layer.0.attention.self.key', .*same "
+                                         r"target_modules"):
+        load_task_adapters(m2, tmp_path)
+    assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(m2)))  # refused before any write
+

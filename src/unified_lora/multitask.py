@@ -1213,6 +1213,12 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
                     raise ValueError(f"{fname}: no tensor {k!r}; saved from another model?")
                 if tuple(t[k].shape) != shape:
                     raise ValueError(f"{fname}: {k} is {tuple(t[k].shape)}, the layer needs {shape}")
+        # a layer of the file that this model has no adapter on: its trained delta would be dropped, silently
+        extra = sorted({k.rsplit(".", 1)[0] for k in t} - set(layers))
+        if extra:
+            raise ValueError(f"{fname}: adapters for {len(extra)} layer(s) this model has no multi-task adapter on: "
+                             f"{extra[:5]}{' ...' if len(extra) > 5 else ''}; it was saved from a model with other "
+                             f"target modules. Build this model with the same target_modules as the saved one")
         return t
 
     files = {None: read(index["shared"])}
