@@ -982,3 +982,19 @@ def test_load_task_adapters_refuses_a_folder_with_layers_this_model_does_not_ada
         load_task_adapters(m2, tmp_path)
     assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(m2)))  # refused before any write
 
+
+@pytest.mark.parametrize("tid", ["..", ".", ""])
+def test_task_export_never_writes_a_task_named_with_dots_outside_its_own_folder(tmp_path, tid):
+    # The folder of task ".." was save_dir/.., so its checkpoint landed beside save_dir; "." and "" wrote theirs
+    # into save_dir itself, beside the other tasks' folders.
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI, tasks=("a", tid))
+    out = export_task_peft_adapters(model, tmp_path / "out", task_type=None)
+    name = "_" * max(len(tid), 1)
+    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(tmp_path / "out")) == sorted(["shared", "a", name])
+    assert list(out) == ["shared", "a", name]
+    assert (tmp_path / "out" / name / "adapter_model.safetensors").is_file()
+    save_task_adapters(model, tmp_path / "saved")  # task-<slot>-<name>: a file of its own, loaded back by its id
+    m2, _, _, _ = build(initial_mode=MULTI, tasks=("a", tid))
+    load_task_adapters(m2, tmp_path / "saved")

@@ -1090,7 +1090,11 @@ def setup_multitask_lora(
 
 
 def _safe(tid) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(tid))[:64]
+    """A file or folder name for task `tid`: every character but letters, digits and `_.-` replaced by `_`, and a
+    name of dots alone (or none) by underscores, so that an id "..", "." or "" never names the parent folder or
+    the folder itself (an export of task ".." was written beside `save_dir`, "." and "" into it)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(tid))[:64]
+    return name if name.strip(".") else "_" * max(len(name), 1)
 
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -1274,7 +1278,8 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     """One PEFT LoRA checkpoint per task, in `save_dir/<task id>/` (and `save_dir/shared/`), via
     `unified_lora.peft_io.export_peft_adapter`; each loads with `PeftModel.from_pretrained(base, dir)`
     and gives that task's outputs. The folder name is the id with every character but letters, digits
-    and `_.-` replaced by `_`; ids that would share a folder (with each other or with `shared`) are a
+    and `_.-` replaced by `_` (and an id of dots alone, or empty, by underscores: `..` is `__`, never the
+    parent folder); ids that would share a folder (with each other or with `shared`) are a
     ValueError, before anything is written. Returns {folder name: adapter config}. `kwargs` go to
     `export_peft_adapter`. A classifier that is itself a LoRA target (each task's own head delta)
     is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
