@@ -998,3 +998,55 @@ def test_task_export_never_writes_a_task_named_with_dots_outside_its_own_folder(
     save_task_adapters(model, tmp_path / "saved")  # task-<slot>-<name>: a file of its own, loaded back by its id
     m2, _, _, _ = build(initial_mode=MULTI, tasks=("a", tid))
     load_task_adapters(m2, tmp_path / "saved")
+
+
+def test_a_controller_refuses_to_train_adapters_of_another_topology_than_its_mode(tmp_path):
+    # load_task_adapters restores the saved topology. A folder saved in SINGLE loaded under a controller in MULTI (the
+    # default initial mode) ran the shared adapter while the controller trained "task adapters"; its next merge
+    # overwrote the loaded shared adapter with the mean of the untouched task copies: the loaded weights were gone.
+    x, ya, yb = conflict_data()
+    ids, y, tids = mixed_batch(x, ya, yb)
+    m1, ad1, _, _ = build(initial_mode=SINGLE)
+    _randomize(ad1, 1)
+    save_task_adapters(m1, tmp_path)
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    load_task_adapters(model, tmp_path)
+    assert ctrl.mode == MULTI and ctrl.router.topology == "shared"
+    with task_context(model, tids):
+        per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+    per.mean().backward()
+    before = [p.detach().clone() for p in trainable_parameters(model)]
+    with pytest.raises(ValueError, match=r"topology 'shared'\), but this controller is in MULTI.*"
+                                         r"initial_mode=SINGLE"):
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+    assert ctrl.global_step == 0 and not ctrl.trace and ctrl.mode == MULTI  # refused before anything moved
+    assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(model)))
+    # under a controller in the folder's mode, the loaded adapter trains on
+    model, ad, ctrl, opt = build(initial_mode=SINGLE)
+    load_task_adapters(model, tmp_path)
+    train(model, ctrl, opt, 2, (x, ya, yb))
+    assert ctrl.global_step == 2
+
+
+def test_a_split_interrupted_after_its_copy_leaves_the_model_on_the_shared_adapter(monkeypatch):
+    # A split copies the shared adapter into the task adapters and switches the topology; a failure later in the
+    # transition (the rank change, here a Ctrl-C) put the machine back in SINGLE, but the model stayed on the task
+    # adapters: SINGLE trained them, and the next split overwrote them with the resting shared adapter.
+    data = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=SINGLE)
+    real, calls = ctrl._apply_rank, []
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(ctrl, "_apply_rank", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, ctrl, opt, 10, data)
+    assert ctrl.mode == SINGLE and ctrl.router.topology == "shared"
+    assert ctrl.trace[-1].components["transition_error"].startswith("SINGLE->MULTI: KeyboardInterrupt")
+    opt.zero_grad()
+    train(model, ctrl, opt, 10, data)  # the run goes on, and splits at the next decision that calls for it
+    assert ctrl.mode == MULTI and ctrl.router.topology == "task"

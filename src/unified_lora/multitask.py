@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._files import written_atomically
-from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
+from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer
 from .distributed import _device as _collective_device
@@ -916,8 +916,27 @@ class MultiTaskController(UnifiedController):
             raise ValueError(f"ctrl.step: task_id= is one id for the whole batch, got {type(task_id).__name__} "
                              f"{task_id!r}; for one id per sample pass task_losses=per_task_losses(per_sample_loss, "
                              f"task_ids)")
+        want = "task" if self.mode >= MULTI else "shared"
+        if self.router.topology != want:  # before anything moves: a refused step leaves the run as it was
+            raise ValueError(
+                f"ctrl.step: the model runs the {'task adapters' if want == 'shared' else 'shared adapter'} "
+                f"(topology {self.router.topology!r}), but this controller is in {MODES[self.mode]}, which trains "
+                f"the {'task adapters' if want == 'task' else 'shared adapter'}. load_task_adapters restores the "
+                f"topology of the folder it reads; training on would overwrite the adapter that trains now at the "
+                f"next {'merge' if want == 'task' else 'split'}. Build the controller in the mode the folder was "
+                f"saved in (machine=MachineConfig(initial_mode={'SINGLE' if want == 'task' else 'MULTI'})), or "
+                f"resume with ctrl.load_state_dict(...), which restores the mode and the topology together")
         self._task_info = task_losses is not None or task_id is not None
         return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    def _undo_transition(self, t: Transition, last_transition_step: int | None, held: bool,
+                         error: BaseException) -> None:
+        """As the base class, and the topology back to the old mode's: a split or merge that completed before a
+        later part of the transition raised (the rank change) left the model on the new mode's adapters while the
+        machine went back to the old mode."""
+        super()._undo_transition(t, last_transition_step, held, error)
+        if (t.old == SINGLE) != (t.new == SINGLE):
+            self.router.set_topology("task" if t.old >= MULTI else "shared")
 
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
         tl = self._read_task_losses(task_losses, task_id)  # bad task ids fail first
@@ -1175,9 +1194,10 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 @torch.no_grad()
 def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
     """Inverse of `save_task_adapters` (same model architecture and targets); also restores the
-    saved topology and active rank, so outputs match the saved model's. Everything is checked before
-    anything is written: the rank levels, `lora_alpha` and scaling (other values would give other
-    outputs), every layer's tensors and shapes, and the task ids (an unknown one is a ValueError, or
+    saved topology and active rank, so outputs match the saved model's (a `MultiTaskController` in the other kind
+    of mode then refuses to step). Everything is checked before anything is written: the rank levels, `lora_alpha`
+    and scaling (other values would give other outputs), every layer's tensors and shapes, no tensors for a layer
+    the model does not adapt, and the task ids (an unknown one is a ValueError, or
     takes a spare slot with `register_new_tasks=True`). A layer merged into its base weight is
     unmerged first, and merged again after the load when the saved topology is the shared one."""
     from safetensors.torch import load
