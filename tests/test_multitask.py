@@ -1050,3 +1050,34 @@ def test_a_split_interrupted_after_its_copy_leaves_the_model_on_the_shared_adapt
     opt.zero_grad()
     train(model, ctrl, opt, 10, data)  # the run goes on, and splits at the next decision that calls for it
     assert ctrl.mode == MULTI and ctrl.router.topology == "task"
+
+
+@pytest.mark.parametrize("initial_mode", [MULTI, MIRROR])
+def test_a_controller_built_after_load_task_adapters_keeps_the_loaded_task_adapters(tmp_path, initial_mode):
+    # inject_multitask_lora, load_task_adapters (a folder saved in MULTI), then MultiTaskController(initial_mode=MULTI):
+    # the controller made every task adapter a copy of the shared one, so the loaded task adapters were overwritten
+    # and every task gave the shared adapter's outputs.
+    from unified_lora import NestedLoRAConfig
+    from unified_lora.multitask import MultiTaskController, inject_multitask_lora
+
+    x = conflict_data()[0]
+    m1, ad1, _, _ = build(initial_mode=MULTI)
+    _randomize(ad1, 1)
+    save_task_adapters(m1, tmp_path)
+    model = tiny_bert()
+    ad, router = inject_multitask_lora(model, NestedLoRAConfig(target_modules=TARGETS), ["a", "b"])
+    load_task_adapters(model, tmp_path)
+    ctrl = MultiTaskController(ad, router, machine=MachineConfig(initial_mode=initial_mode), print_fn=None)
+    assert ctrl.router.topology == "task"
+    for layer in ad1.values():  # the controller runs its mode's rank (MIRROR's is 16)
+        layer.set_rank(ctrl.rank)
+    for t in ("a", "b"):
+        with torch.no_grad(), task_context(m1, t), task_context(model, t):
+            torch.testing.assert_close(model(input_ids=x).logits, m1(input_ids=x).logits)
+    # from the shared topology (a fresh model, or a folder saved in SINGLE) it still starts as a split does
+    fresh = tiny_bert()
+    ad2, router2 = inject_multitask_lora(fresh, NestedLoRAConfig(target_modules=TARGETS), ["a", "b"])
+    _randomize(ad2, 2)
+    MultiTaskController(ad2, router2, machine=MachineConfig(initial_mode=initial_mode), print_fn=None)
+    assert all(torch.equal(p, q) for layer in ad2.values() for s in (0, 1)
+               for p, q in zip(layer.task_parameters(s), layer.shared_parameters()))

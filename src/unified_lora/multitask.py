@@ -708,8 +708,13 @@ class MultiTaskController(UnifiedController):
         self._task_info = False  # this step was given task losses or a task id (set by step)
         self._local_loss: float | None = None  # this process's loss of this step, before any all-reduce
         self.merge_log: list[dict] = []  # one entry per merge with keep_trace=True (as ctrl.trace); else the last only
+        # a router already on the task adapters holds trained ones (load_task_adapters of a folder saved in MULTI or
+        # MIRROR, or an earlier controller's split): a controller starting in MULTI/MIRROR keeps them. Only from the
+        # shared topology does it start as a split does, every task a copy of the shared adapter (before, the copy
+        # ran always, and overwrote the task adapters just loaded)
+        split = self.mode >= MULTI and self.router.topology == "shared"
         self.router.set_topology("task" if self.mode >= MULTI else "shared")
-        if self.mode >= MULTI:
+        if split:
             for a in self.adapters:
                 a.copy_shared_to_tasks()
         self._reset_ref()
