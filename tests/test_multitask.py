@@ -964,3 +964,120 @@ def test_a_task_registered_in_multi_is_measured_from_the_copy_it_started_as():
     assert num > 0 and ctrl.trace[-1].components["drift"] == pytest.approx(num / den, rel=1e-5)
     assert (c3.trace[-1].phi, c3.trace[-1].components["drift"]) == (ctrl.trace[-1].phi,
                                                                     ctrl.trace[-1].components["drift"])
+
+
+def test_load_task_adapters_refuses_a_folder_with_layers_this_model_does_not_adapt(tmp_path):
+    # A folder saved from a model with more target modules (here "key" too) loaded into one without them: the extra
+    # layers' tensors were skipped silently, so the model ran without part of every trained adapter.
+    model = tiny_bert()
+    ad1, _ = setup_multitask_lora(model, ["a", "b"], TARGETS + ["key"], print_fn=None,
+                                  machine=MachineConfig(initial_mode=MULTI))
+    _randomize(ad1, 1)
+    save_task_adapters(model, tmp_path)
+    m2, ad2, ctrl, _ = build(initial_mode=MULTI)
+    before = [p.detach().clone() for p in trainable_parameters(m2)]
+    with pytest.raises(ValueError, match=r"shared.safetensors: adapters for 2 layer\(s\) this model has no multi-task "
+                                         r"adapter on: \['bert.encoder.layer.0.attention.self.key', .*same "
+                                         r"target_modules"):
+        load_task_adapters(m2, tmp_path)
+    assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(m2)))  # refused before any write
+
+
+@pytest.mark.parametrize("tid", ["..", ".", ""])
+def test_task_export_never_writes_a_task_named_with_dots_outside_its_own_folder(tmp_path, tid):
+    # The folder of task ".." was save_dir/.., so its checkpoint landed beside save_dir; "." and "" wrote theirs
+    # into save_dir itself, beside the other tasks' folders.
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI, tasks=("a", tid))
+    out = export_task_peft_adapters(model, tmp_path / "out", task_type=None)
+    name = "_" * max(len(tid), 1)
+    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(tmp_path / "out")) == sorted(["shared", "a", name])
+    assert list(out) == ["shared", "a", name]
+    assert (tmp_path / "out" / name / "adapter_model.safetensors").is_file()
+    save_task_adapters(model, tmp_path / "saved")  # task-<slot>-<name>: a file of its own, loaded back by its id
+    m2, _, _, _ = build(initial_mode=MULTI, tasks=("a", tid))
+    load_task_adapters(m2, tmp_path / "saved")
+
+
+def test_a_controller_refuses_to_train_adapters_of_another_topology_than_its_mode(tmp_path):
+    # load_task_adapters restores the saved topology. A folder saved in SINGLE loaded under a controller in MULTI (the
+    # default initial mode) ran the shared adapter while the controller trained "task adapters"; its next merge
+    # overwrote the loaded shared adapter with the mean of the untouched task copies: the loaded weights were gone.
+    x, ya, yb = conflict_data()
+    ids, y, tids = mixed_batch(x, ya, yb)
+    m1, ad1, _, _ = build(initial_mode=SINGLE)
+    _randomize(ad1, 1)
+    save_task_adapters(m1, tmp_path)
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    load_task_adapters(model, tmp_path)
+    assert ctrl.mode == MULTI and ctrl.router.topology == "shared"
+    with task_context(model, tids):
+        per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+    per.mean().backward()
+    before = [p.detach().clone() for p in trainable_parameters(model)]
+    with pytest.raises(ValueError, match=r"topology 'shared'\), but this controller is in MULTI.*"
+                                         r"initial_mode=SINGLE"):
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+    assert ctrl.global_step == 0 and not ctrl.trace and ctrl.mode == MULTI  # refused before anything moved
+    assert all(torch.equal(b, p) for b, p in zip(before, trainable_parameters(model)))
+    # under a controller in the folder's mode, the loaded adapter trains on
+    model, ad, ctrl, opt = build(initial_mode=SINGLE)
+    load_task_adapters(model, tmp_path)
+    train(model, ctrl, opt, 2, (x, ya, yb))
+    assert ctrl.global_step == 2
+
+
+def test_a_split_interrupted_after_its_copy_leaves_the_model_on_the_shared_adapter(monkeypatch):
+    # A split copies the shared adapter into the task adapters and switches the topology; a failure later in the
+    # transition (the rank change, here a Ctrl-C) put the machine back in SINGLE, but the model stayed on the task
+    # adapters: SINGLE trained them, and the next split overwrote them with the resting shared adapter.
+    data = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=SINGLE)
+    real, calls = ctrl._apply_rank, []
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(ctrl, "_apply_rank", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, ctrl, opt, 10, data)
+    assert ctrl.mode == SINGLE and ctrl.router.topology == "shared"
+    assert ctrl.trace[-1].components["transition_error"].startswith("SINGLE->MULTI: KeyboardInterrupt")
+    opt.zero_grad()
+    train(model, ctrl, opt, 10, data)  # the run goes on, and splits at the next decision that calls for it
+    assert ctrl.mode == MULTI and ctrl.router.topology == "task"
+
+
+@pytest.mark.parametrize("initial_mode", [MULTI, MIRROR])
+def test_a_controller_built_after_load_task_adapters_keeps_the_loaded_task_adapters(tmp_path, initial_mode):
+    # inject_multitask_lora, load_task_adapters (a folder saved in MULTI), then MultiTaskController(initial_mode=MULTI):
+    # the controller made every task adapter a copy of the shared one, so the loaded task adapters were overwritten
+    # and every task gave the shared adapter's outputs.
+    from unified_lora import NestedLoRAConfig
+    from unified_lora.multitask import MultiTaskController, inject_multitask_lora
+
+    x = conflict_data()[0]
+    m1, ad1, _, _ = build(initial_mode=MULTI)
+    _randomize(ad1, 1)
+    save_task_adapters(m1, tmp_path)
+    model = tiny_bert()
+    ad, router = inject_multitask_lora(model, NestedLoRAConfig(target_modules=TARGETS), ["a", "b"])
+    load_task_adapters(model, tmp_path)
+    ctrl = MultiTaskController(ad, router, machine=MachineConfig(initial_mode=initial_mode), print_fn=None)
+    assert ctrl.router.topology == "task"
+    for layer in ad1.values():  # the controller runs its mode's rank (MIRROR's is 16)
+        layer.set_rank(ctrl.rank)
+    for t in ("a", "b"):
+        with torch.no_grad(), task_context(m1, t), task_context(model, t):
+            torch.testing.assert_close(model(input_ids=x).logits, m1(input_ids=x).logits)
+    # from the shared topology (a fresh model, or a folder saved in SINGLE) it still starts as a split does
+    fresh = tiny_bert()
+    ad2, router2 = inject_multitask_lora(fresh, NestedLoRAConfig(target_modules=TARGETS), ["a", "b"])
+    _randomize(ad2, 2)
+    MultiTaskController(ad2, router2, machine=MachineConfig(initial_mode=initial_mode), print_fn=None)
+    assert all(torch.equal(p, q) for layer in ad2.values() for s in (0, 1)
+               for p, q in zip(layer.task_parameters(s), layer.shared_parameters()))

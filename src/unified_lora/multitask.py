@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._files import written_atomically
-from .config import MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
+from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer
 from .distributed import _device as _collective_device
@@ -708,8 +708,13 @@ class MultiTaskController(UnifiedController):
         self._task_info = False  # this step was given task losses or a task id (set by step)
         self._local_loss: float | None = None  # this process's loss of this step, before any all-reduce
         self.merge_log: list[dict] = []  # one entry per merge with keep_trace=True (as ctrl.trace); else the last only
+        # a router already on the task adapters holds trained ones (load_task_adapters of a folder saved in MULTI or
+        # MIRROR, or an earlier controller's split): a controller starting in MULTI/MIRROR keeps them. Only from the
+        # shared topology does it start as a split does, every task a copy of the shared adapter (before, the copy
+        # ran always, and overwrote the task adapters just loaded)
+        split = self.mode >= MULTI and self.router.topology == "shared"
         self.router.set_topology("task" if self.mode >= MULTI else "shared")
-        if self.mode >= MULTI:
+        if split:
             for a in self.adapters:
                 a.copy_shared_to_tasks()
         self._reset_ref()
@@ -916,8 +921,27 @@ class MultiTaskController(UnifiedController):
             raise ValueError(f"ctrl.step: task_id= is one id for the whole batch, got {type(task_id).__name__} "
                              f"{task_id!r}; for one id per sample pass task_losses=per_task_losses(per_sample_loss, "
                              f"task_ids)")
+        want = "task" if self.mode >= MULTI else "shared"
+        if self.router.topology != want:  # before anything moves: a refused step leaves the run as it was
+            raise ValueError(
+                f"ctrl.step: the model runs the {'task adapters' if want == 'shared' else 'shared adapter'} "
+                f"(topology {self.router.topology!r}), but this controller is in {MODES[self.mode]}, which trains "
+                f"the {'task adapters' if want == 'task' else 'shared adapter'}. load_task_adapters restores the "
+                f"topology of the folder it reads; training on would overwrite the adapter that trains now at the "
+                f"next {'merge' if want == 'task' else 'split'}. Build the controller in the mode the folder was "
+                f"saved in (machine=MachineConfig(initial_mode={'SINGLE' if want == 'task' else 'MULTI'})), or "
+                f"resume with ctrl.load_state_dict(...), which restores the mode and the topology together")
         self._task_info = task_losses is not None or task_id is not None
         return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    def _undo_transition(self, t: Transition, last_transition_step: int | None, held: bool,
+                         error: BaseException) -> None:
+        """As the base class, and the topology back to the old mode's: a split or merge that completed before a
+        later part of the transition raised (the rank change) left the model on the new mode's adapters while the
+        machine went back to the old mode."""
+        super()._undo_transition(t, last_transition_step, held, error)
+        if (t.old == SINGLE) != (t.new == SINGLE):
+            self.router.set_topology("task" if t.old >= MULTI else "shared")
 
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
         tl = self._read_task_losses(task_losses, task_id)  # bad task ids fail first
@@ -1090,7 +1114,11 @@ def setup_multitask_lora(
 
 
 def _safe(tid) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(tid))[:64]
+    """A file or folder name for task `tid`: every character but letters, digits and `_.-` replaced by `_`, and a
+    name of dots alone (or none) by underscores, so that an id "..", "." or "" never names the parent folder or
+    the folder itself (an export of task ".." was written beside `save_dir`, "." and "" into it)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(tid))[:64]
+    return name if name.strip(".") else "_" * max(len(name), 1)
 
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -1171,9 +1199,10 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 @torch.no_grad()
 def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
     """Inverse of `save_task_adapters` (same model architecture and targets); also restores the
-    saved topology and active rank, so outputs match the saved model's. Everything is checked before
-    anything is written: the rank levels, `lora_alpha` and scaling (other values would give other
-    outputs), every layer's tensors and shapes, and the task ids (an unknown one is a ValueError, or
+    saved topology and active rank, so outputs match the saved model's (a `MultiTaskController` in the other kind
+    of mode then refuses to step). Everything is checked before anything is written: the rank levels, `lora_alpha`
+    and scaling (other values would give other outputs), every layer's tensors and shapes, no tensors for a layer
+    the model does not adapt, and the task ids (an unknown one is a ValueError, or
     takes a spare slot with `register_new_tasks=True`). A layer merged into its base weight is
     unmerged first, and merged again after the load when the saved topology is the shared one."""
     from safetensors.torch import load
@@ -1213,6 +1242,12 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
                     raise ValueError(f"{fname}: no tensor {k!r}; saved from another model?")
                 if tuple(t[k].shape) != shape:
                     raise ValueError(f"{fname}: {k} is {tuple(t[k].shape)}, the layer needs {shape}")
+        # a layer of the file that this model has no adapter on: its trained delta would be dropped, silently
+        extra = sorted({k.rsplit(".", 1)[0] for k in t} - set(layers))
+        if extra:
+            raise ValueError(f"{fname}: adapters for {len(extra)} layer(s) this model has no multi-task adapter on: "
+                             f"{extra[:5]}{' ...' if len(extra) > 5 else ''}; it was saved from a model with other "
+                             f"target modules. Build this model with the same target_modules as the saved one")
         return t
 
     files = {None: read(index["shared"])}
@@ -1268,7 +1303,8 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     """One PEFT LoRA checkpoint per task, in `save_dir/<task id>/` (and `save_dir/shared/`), via
     `unified_lora.peft_io.export_peft_adapter`; each loads with `PeftModel.from_pretrained(base, dir)`
     and gives that task's outputs. The folder name is the id with every character but letters, digits
-    and `_.-` replaced by `_`; ids that would share a folder (with each other or with `shared`) are a
+    and `_.-` replaced by `_` (and an id of dots alone, or empty, by underscores: `..` is `__`, never the
+    parent folder); ids that would share a folder (with each other or with `shared`) are a
     ValueError, before anything is written. Returns {folder name: adapter config}. `kwargs` go to
     `export_peft_adapter`. A classifier that is itself a LoRA target (each task's own head delta)
     is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
