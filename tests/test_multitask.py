@@ -176,6 +176,14 @@ def test_unknown_task_id_is_a_clear_error():
         m2(input_ids=torch.ones(2, 4, dtype=torch.long))
 
 
+def test_tasks_given_as_one_string_is_refused_not_read_as_its_letters():
+    """tasks="mrpc" registered the four tasks 'm', 'r', 'p' and 'c' (a string is a sequence of its letters)."""
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"tasks: a list of task ids, got the string 'mrpc'; for one task pass \['mrpc'\]"):
+        setup_multitask_lora(model, "mrpc", TARGETS, print_fn=None)
+    setup_multitask_lora(model, ["mrpc"], TARGETS, print_fn=None)  # the model is left as it was: a retry runs
+
+
 def test_mixed_batch_routes_each_sample_to_its_task():
     x, ya, yb = conflict_data()
     model, ad, ctrl, opt = build(initial_mode=MULTI)

@@ -105,6 +105,8 @@ class TaskRouter:
     multi-task layer of one model. `topology` is "shared" (SINGLE) or "task" (MULTI/MIRROR)."""
 
     def __init__(self, tasks: Sequence[int | str], spare_slots: int = 0, register_new_tasks: bool = False):
+        if isinstance(tasks, (str, bytes)):  # tasks="mrpc" was the four tasks 'm', 'r', 'p', 'c'
+            raise ValueError(f"tasks: a list of task ids, got the string {tasks!r}; for one task pass [{tasks!r}]")
         tasks = [_check_task_id(t) for t in tasks]
         if not tasks:
             raise ValueError("tasks: need at least one task id, e.g. tasks=['rte', 'mrpc']")
