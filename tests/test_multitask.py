@@ -184,6 +184,29 @@ def test_tasks_given_as_one_string_is_refused_not_read_as_its_letters():
     setup_multitask_lora(model, ["mrpc"], TARGETS, print_fn=None)  # the model is left as it was: a retry runs
 
 
+def test_a_step_on_a_merged_multitask_model_says_the_layers_are_merged():
+    """After merge_adapters the forward runs the base weights alone, so no adapter gets a gradient: the multi-task
+    controller said "call loss.backward()" (backward had run), where the single-task one names the merge."""
+    from unified_lora import merge_adapters, unmerge_adapters
+
+    model = tiny_bert()  # a trained head (modules_to_save), so that the merged model's loss has a gradient
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], ["query", "value"], modules_to_save=["classifier"],
+                                   lr_mode="off", print_fn=None, machine=MachineConfig(initial_mode=SINGLE))
+    x, ya, yb = conflict_data()
+    merge_adapters(model)
+    with task_context(model, ["a"] * len(x)):
+        loss = F.cross_entropy(model(input_ids=x).logits, ya)
+    loss.backward()
+    with pytest.raises(ValueError, match=r"of \d+ are merged into their base weights .*call unmerge_adapters"):
+        ctrl.step(loss, task_id="a")
+    unmerge_adapters(model)
+    model.zero_grad()
+    with task_context(model, ["a"] * len(x)):
+        loss = F.cross_entropy(model(input_ids=x).logits, ya)
+    loss.backward()
+    ctrl.step(loss, task_id="a")
+
+
 def test_mixed_batch_routes_each_sample_to_its_task():
     x, ya, yb = conflict_data()
     model, ad, ctrl, opt = build(initial_mode=MULTI)

@@ -296,14 +296,18 @@ class UnifiedController:
         # gradient will do, or a trained head's: a layer that took no part in this forward (LayerDrop) has none.
         if self.adapters and self.adapters[0].first_block_grad() is None and all(
                 p.grad is None for a in self.adapters for p in a.active_parameters()):
-            merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]  # (PEFT views have none)
-            if merged:  # a merged layer runs its base weight alone: backward ran, and the adapters took no part
-                raise ValueError(f"ctrl.step: no gradient on the adapters: {len(merged)} of {len(self.adapters)} "
-                                 "are merged into their base weights (merge_adapters), so the forward ran without "
-                                 "them; call unmerge_adapters(model) before training again")
+            self._refuse_merged()
             if all(p.grad is None for p in self.extra_params):
                 raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before "
                                  "ctrl.step(loss=...)")
+
+    def _refuse_merged(self) -> None:
+        """With no gradient on the adapters: a ValueError if some are merged (the likelier cause than no backward)."""
+        merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]  # (PEFT views have none)
+        if merged:  # a merged layer runs its base weight alone: backward ran, and the adapters took no part
+            raise ValueError(f"ctrl.step: no gradient on the adapters: {len(merged)} of {len(self.adapters)} "
+                             "are merged into their base weights (merge_adapters), so the forward ran without "
+                             "them; call unmerge_adapters(model) before training again")
 
     def _update_signal(self, loss: float) -> float:
         """Feed the signal; subclasses take extra step inputs here (e.g. per-task losses)."""

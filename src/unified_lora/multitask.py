@@ -768,6 +768,7 @@ class MultiTaskController(UnifiedController):
     def _check_backward_ran(self) -> None:
         if all(p.grad is None for a in self.adapters for p in a.active_parameters()) and not any(
                 a._task_grads for a in self.adapters):
+            self._refuse_merged()
             raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before ctrl.step(loss=...)")
 
     @torch.no_grad()
