@@ -179,6 +179,46 @@ def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
     assert "Mirror exit @ step 30: restored the entry snapshot (drift=1.00%, threshold 5%)" in text
 
 
+def test_a_mirror_exit_line_names_the_rule_that_decided_it_not_the_drift_threshold():
+    """The summary (end of `train`, `report`) printed "threshold 5%" beside every Mirror exit, whatever the rule: a
+    loss_worse restore at a 100 %+ drift read "restored the entry snapshot (drift=..., threshold 5%)", which the
+    drift rule would never do. The line now names the rule and the numbers it compared. A real run: it starts in
+    MIRROR (snapshot at the first loss, 0.2), AdamW moves the weights far, and it leaves MIRROR at a higher loss."""
+    from conftest import VOCAB, tiny_llama
+    from unified_lora import MachineConfig, MirrorConfig, setup_unified_lora
+    from unified_lora.cli import format_summary
+    from unified_lora.training import transitions
+
+    llama = tiny_llama()
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=None,
+                                 mirror=MirrorConfig(policy="loss_worse"),
+                                 machine=MachineConfig(initial_mode=2, warmup_steps=3))
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=0.05)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    for loss in [0.2, 0.5, 0.5, 0.5]:
+        llama(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    trace = [json.loads(r.to_json()) for r in ctrl.trace]
+    trans = transitions(trace)
+    exit_ = trans[-1]
+    assert exit_["snapshot"] == "restored" and exit_["drift"] > 0.05  # the drift rule would have kept these weights
+    assert exit_["policy"] == "loss_worse" and exit_["loss_at_entry"] == 0.2
+    arm = {"label": "Unified LoRA", "mirror": [t for t in trans if t["snapshot"] in ("restored", "kept")]}
+    text = format_summary({"command": "train", "arms": {"run": arm}, "drift_threshold": 0.05})
+    assert (f"Mirror exit @ step 3: restored the entry snapshot (rule loss_worse: loss EMA "
+            f"{exit_['loss_at_exit']:.4g} at exit vs 0.2 at entry; drift={exit_['drift']:.2%})") in text
+    assert "threshold" not in text
+    # the other rules are named too; the drift rule keeps its threshold, printed as given (2.5 %, not "2%")
+    arm["mirror"] = [{"step": 5, "snapshot": "kept", "drift": 0.01, "policy": "never"},
+                     {"step": 9, "snapshot": "restored", "drift": 0.01}]
+    text = format_summary({"command": "train", "arms": {"run": arm}, "drift_threshold": 0.025})
+    assert "Mirror exit @ step 5: kept the new weights (rule never; drift=1.00%)" in text
+    assert "Mirror exit @ step 9: restored the entry snapshot (drift=1.00%, threshold 2.5%)" in text
+
+
 def test_demo_no_baseline_and_composite_signal(tiny, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(_demo_args(tiny, out, "--no-baseline", "--signal", "composite")) == 0

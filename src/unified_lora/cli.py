@@ -96,8 +96,7 @@ def format_summary(summary: dict) -> str:
                          f"mean rank={phi['mean_rank']:.2f}  steps per mode={phi['steps_in_mode']}")
         for m in arm.get("mirror", []):
             what = "restored the entry snapshot" if m["snapshot"] == "restored" else "kept the new weights"
-            lines.append(f"  Mirror exit @ step {m['step']}: {what} "
-                         f"(drift={m['drift']:.2%}, threshold {summary.get('drift_threshold', 0.05):.0%})")
+            lines.append(f"  Mirror exit @ step {m['step']}: {what} ({_mirror_reason(m, summary)})")
         if arm.get("wall_s") is not None:
             cpu = f", {arm['cpu_s']:.1f} CPU-s" if "cpu_s" in arm else ""
             lines.append(f"  {arm.get('label', name)}: {arm['wall_s']:.1f} s wall{cpu}, "
@@ -107,6 +106,20 @@ def format_summary(summary: dict) -> str:
         lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}")
     lines += _demo_verdict(summary)
     return "\n".join(lines)
+
+
+def _mirror_reason(m: dict, summary: dict) -> str:
+    """What a Mirror exit's rule decided on. The drift threshold is the `drift` rule's alone: beside a `loss_worse`
+    decision it read as the reason (a restore at drift 56 %, "threshold 5%"), so the rule and its numbers are named."""
+    policy = m.get("policy") or (summary.get("config") or {}).get("mirror_policy") or "drift"
+    drift = f"drift={m['drift']:.2%}" if m.get("drift") is not None else "drift -"
+    if policy == "drift":
+        return f"{drift}, threshold {summary.get('drift_threshold', 0.05) * 100:g}%"
+    if policy == "loss_worse":
+        entry, exit_ = m.get("loss_at_entry"), m.get("loss_at_exit")
+        if entry is not None and exit_ is not None:
+            return f"rule loss_worse: loss EMA {exit_:.4g} at exit vs {entry:.4g} at entry; {drift}"
+    return f"rule {policy}; {drift}"
 
 
 def _demo_verdict(summary: dict) -> list[str]:

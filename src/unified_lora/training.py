@@ -738,8 +738,18 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
 
 
 def transitions(trace: list[dict]) -> list[dict]:
-    return [{k: r.get(k) for k in ("step", "transition", "phi", "rank", "lr", "snapshot", "drift")}
-            for r in trace if r.get("transition")]
+    """Each transition's record; a Mirror exit's also with the rule that decided it (`policy`) and the loss EMAs
+    that rule compared (`loss_at_entry`, `loss_at_exit`), which the controller records in its components."""
+    out = []
+    for r in trace:
+        if r.get("transition"):
+            t = {k: r.get(k) for k in ("step", "transition", "phi", "rank", "lr", "snapshot", "drift")}
+            comps = r.get("components") or {}
+            if "mirror_policy" in comps:
+                t.update(policy=comps["mirror_policy"], loss_at_entry=comps.get("mirror_loss_entry"),
+                         loss_at_exit=comps.get("mirror_loss_exit"))
+            out.append(t)
+    return out
 
 
 def iterate(run: Run, enc: dict, steps_total: int, epochs: int, steps_per_epoch: int) -> Iterator[tuple[int, dict]]:
