@@ -510,6 +510,69 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
 
 
+def _interrupt_once(path: Path) -> threading.Thread:
+    """Send this process a real SIGINT (as Ctrl-C) once `path` exists."""
+    def go():
+        while not path.exists():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_report_and_plot_of_an_unfinished_run_use_its_settings_and_newest_checkpoint(tiny, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A run interrupted by Ctrl-C has no summary.json: `report` printed "model=None data=None", no shock and no dev
+    scores, and "φ pre-shock" was step 0's φ; `plot` drew θ0/θ1 at 0.3/0.7 and no shock window, whatever the run
+    used. A finished run resumed for more epochs and interrupted kept its old summary.json: `report` printed that as
+    if the run had stopped there. Both now read the newest checkpoint (settings, dev scores) and the trace."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    import unified_lora.plotting as plotting
+
+    drawn, real = [], plotting.plot_trace
+
+    def spy(*args, **kw):  # the real plot runs; this records the thresholds and window it was asked to draw
+        drawn.append((kw["theta0"], kw["theta1"], kw["shock"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(plotting, "plot_trace", spy)
+    out = tmp_path / "run"
+    watcher = _interrupt_once(out / "checkpoints" / "epoch-1")
+    assert main(_train_args(tiny, out, "--epochs", "40", "--theta0", "0.2", "--theta1", "0.6", "--shock-start", "3",
+                            "--shock-end", "6")) == 130
+    watcher.join(timeout=5)
+    capsys.readouterr()
+    trace = read_trace(out / "trace.jsonl")
+    n = len(trace)
+    assert n >= 8 and not (out / "summary.json").exists()
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert f"train (unfinished): model={tiny['bert']} data={tiny['csv']} steps={n}" in report
+    assert "shock: flip labels on steps [3, 6)" in report
+    assert f"continue with: unified-lora train --output-dir {out} --resume" in report
+    assert "epoch 1" in report and "accuracy=" in report  # the dev score the checkpoint holds
+    assert f"φ pre-shock={trace[2]['phi']:.3f}" in report  # the last step before the shock, not step 0
+    assert main(["plot", str(out), "-o", str(tmp_path / "p.png")]) == 0
+    assert drawn[-1] == (0.2, 0.6, (3, 6))
+
+    # finished at 16 steps (summary.json), then resumed for more epochs and interrupted: not the old summary
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "16"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 16
+    watcher = _interrupt_once(out / "checkpoints" / "epoch-3")
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "0", "--epochs", "40"]) == 130
+    watcher.join(timeout=5)
+    capsys.readouterr()
+    n = len(read_trace(out / "trace.jsonl"))
+    assert n >= 24
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert f"steps={n}" in report and "no summary.json for step 16 on" in report and "epoch 3" in report
+    assert "steps=16\n" not in report
+
+
 def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_folder_goes(tiny, tmp_path):
     """SIGKILL while `epoch-2` is being written (its temp folder on disk): --resume continues from epoch-1 on the same
     trajectory, bit for bit. The killed save's temp folder (a whole checkpoint's size: adapters + optimizer) stayed

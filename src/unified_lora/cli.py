@@ -488,8 +488,8 @@ def cmd_train(args) -> int:
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
-                           export_peft, iterate, load_data, load_model, majority, phi_summary, resolve_model,
-                           seed_everything, subsample, take_rows, transitions)
+                           export_peft, iterate, load_data, load_model, majority, resolve_model, seed_everything,
+                           subsample, take_rows)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
@@ -590,19 +590,9 @@ def cmd_train(args) -> int:
     say(peft_note or f"PEFT adapter (rank {run.ctrl.rank}): {out / 'peft_adapter'} "
                      "(loads with peft.PeftModel.from_pretrained(base_model, path))")
     trace = read_trace(trace_path)
-    trans = transitions(trace)
-    evals = {f"epoch {e['epoch']:g}": {k: v for k, v in e.items() if k not in ("epoch", "step")}
-             for e in run.state.evals}
     summary = {
-        "command": "train", "model": model_path, "task_type": task_type, "data": cfg.data or "shipped GLUE MRPC",
-        "task": task, "steps": run.state.global_step, "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__),
-        "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
-        "eval_points": list(evals), "majority": majority(train, dev, task), "drift_threshold": cfg.drift_threshold,
-        "theta0": cfg.theta0, "theta1": cfg.theta1,
-        "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
-                         "controller": cfg.controller, "eval": evals,
-                         "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
-                         "transitions": trans, "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")]}},
+        **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
+        "model": model_path, "task_type": task_type, "task": task, "majority": majority(train, dev, task),
         "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
         "peft_adapter": None if peft_note else str(out / "peft_adapter"),
         "wall_s": time.perf_counter() - t_start,
@@ -618,6 +608,54 @@ def cmd_train(args) -> int:
         print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
         return 3
     return 0
+
+
+def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int) -> dict:
+    """What a train run's summary says about its settings, dev evaluations and trace (`cmd_train`, and `report` /
+    `plot` of a run that has not written one for its last steps, from its newest checkpoint)."""
+    from .training import phi_summary, transitions
+
+    trans = transitions(trace)
+    points = {f"epoch {e['epoch']:g}": {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
+    return {
+        "command": "train", "model": cfg.model, "data": cfg.data or "shipped GLUE MRPC", "steps": steps,
+        "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__),
+        "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
+        "eval_points": list(points), "drift_threshold": cfg.drift_threshold, "theta0": cfg.theta0, "theta1": cfg.theta1,
+        "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
+                         "controller": cfg.controller, "eval": points,
+                         "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
+                         "transitions": trans, "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")]}},
+    }
+
+
+def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | None:
+    """The summary of a train run whose summary.json is missing or older than its newest checkpoint: a run
+    interrupted by Ctrl-C, or resumed (`--resume --epochs 3`) and not finished. Built from that checkpoint's
+    settings and dev evaluations and from trace.jsonl. Without it, `report` showed no model, data, shock or dev
+    scores ("φ pre-shock" was step 0's φ), or the finished first part's summary as if it were the whole run, and
+    `plot` drew the v1 thresholds and no shock window instead of the run's. None: summary.json is current, or the
+    folder holds no checkpoint (a demo)."""
+    import torch
+
+    from .training import TrainConfig, latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        return None
+    st = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    step = st["run"]["global_step"]
+    if summary is not None and (summary.get("command") != "train" or summary.get("steps", 0) >= step):
+        return None
+    trace = _load_trace(run_dir / "trace.jsonl") if (run_dir / "trace.jsonl").is_file() else []
+    steps = max(step, len(trace))
+    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps)
+    out["command"] = "train (unfinished)"
+    out["dev_note"] = (f"no summary.json for step {summary['steps']} on: " if summary is not None else
+                       "no summary.json: ") + (
+        f"summarised from the newest checkpoint, {ckpt.name} (step {step}), and trace.jsonl ({len(trace)} steps); "
+        f"continue with: {PROG} train --output-dir {shlex.quote(str(run_dir))} --resume")
+    return out
 
 
 def _main_thread() -> bool:
@@ -676,7 +714,8 @@ def cmd_plot(args) -> int:
     if path.is_dir():
         path = path / "trace.jsonl"
     trace = _load_trace(path)
-    summary = _read_run_summary(path.parent) or {}
+    summary = _read_run_summary(path.parent)
+    summary = _unfinished_train_summary(path.parent, summary) or summary or {}
     shock = tuple(args.shock) if args.shock else None
     if shock is None and summary.get("shock"):
         shock = (summary["shock"]["start"], summary["shock"]["end"])
@@ -700,7 +739,8 @@ def cmd_report(args) -> int:
 
         raise UsageError(f"{run_dir}: no such run folder; pass the --output-dir of a demo or train run")
     summary = _read_run_summary(run_dir)
-    if summary is None:  # an interrupted run: summarise from the trace alone
+    summary = _unfinished_train_summary(run_dir, summary) or summary
+    if summary is None:  # an interrupted demo: summarise from the trace alone
         trace = _load_trace(run_dir / "trace.jsonl")
         summary = {"command": "run (no summary.json; from trace.jsonl)", "steps": len(trace),
                    "arms": {"run": {"label": "run", "phi": phi_summary(trace, 0, 0), "transitions": transitions(trace),

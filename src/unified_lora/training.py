@@ -728,11 +728,13 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
     if not trace:
         return {}
     phis = [float(r["phi"]) for r in trace]
-    pre = phis[shock_start - 1] if 0 < shock_start <= len(phis) else phis[0]
-    peak_i = max(range(shock_start, len(phis)), key=lambda i: phis[i]) if shock_start < len(phis) else 0
+    # a trace that ends before the shock (a run interrupted before it, or a window past the last epoch) is all
+    # pre-shock: its last φ, and the peak over all of it (it was step 0's φ, "peak" at step 0, whatever φ did)
+    pre = phis[min(shock_start, len(phis)) - 1] if shock_start > 0 else phis[0]
+    peak_i = max(range(shock_start if shock_start < len(phis) else 0, len(phis)), key=lambda i: phis[i])
     modes = [int(r["mode"]) for r in trace]
     ranks = [int(r["rank"]) for r in trace]
-    return {"pre_shock": pre, "peak": phis[peak_i], "peak_step": peak_i, "final": phis[-1],
+    return {"pre_shock": pre, "peak": phis[peak_i], "peak_step": trace[peak_i].get("step", peak_i), "final": phis[-1],
             "final_mode": modes[-1], "mean_rank": sum(ranks) / len(ranks),
             "steps_in_mode": {m: modes.count(i) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))}}
 
