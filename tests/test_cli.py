@@ -132,6 +132,18 @@ def test_demo_verdict_calls_a_difference_inside_two_standard_errors_noise():
     assert "Did the controller help?" not in format_summary({**_verdict_summary(0.7, 0.7), "command": "train"})
 
 
+def test_phi_summary_of_a_trace_that_ends_before_the_shock_is_all_pre_shock():
+    """A run stopped before its shock window (interrupted, or a window past the last epoch) printed step 0's φ as
+    "pre-shock" and as the "peak (step 0)", whatever φ did."""
+    from unified_lora.training import phi_summary
+
+    trace = [{"step": i, "phi": p, "mode": 1, "rank": 8} for i, p in enumerate([0.5, 0.6, 0.8, 0.7])]
+    s = phi_summary(trace, 10, 20)
+    assert (s["pre_shock"], s["peak"], s["peak_step"], s["final"]) == (0.7, 0.8, 2, 0.7)
+    s = phi_summary(trace, 2, 3)  # a window inside the trace: as before
+    assert (s["pre_shock"], s["peak"], s["peak_step"]) == (0.6, 0.8, 2)
+
+
 def test_demo_baseline_is_pinned_at_rank8(tiny, tmp_path):
     out = tmp_path / "demo"
     assert main(_demo_args(tiny, out, "--loss-scale", "0.05")) == 0  # huge scaled loss: the unified run goes MIRROR
