@@ -317,6 +317,23 @@ def test_resume_continues_the_same_trajectory(tiny, tmp_path):
     assert [r["phi"] for r in b] == pytest.approx([r["phi"] for r in a], rel=1e-5)
 
 
+def test_a_resumed_runs_wall_time_counts_every_session(tiny, tmp_path, capsys):
+    """summary.json's wall_s ("total wall time") was the last session's alone: a run of hours resumed near its end
+    reported seconds. Each checkpoint now holds the run's wall time so far, and a resumed run adds its own."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1")) == 0
+    first = json.loads((out / "summary.json").read_text())["wall_s"]
+    saved = torch.load(out / "checkpoints" / "epoch-1" / "state.pt", weights_only=False)["run"]["wall_s"]
+    assert 0 < saved <= first
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    session = summary["wall_s_session"]
+    assert summary["wall_s"] == pytest.approx(saved + session, abs=0.5) and summary["wall_s"] > session
+    assert (f"total wall time: {summary['wall_s']:.1f} s ({session:.1f} s of it since the last --resume)"
+            in capsys.readouterr().out)
+
+
 def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
     """A run started with a relative --data stored that relative path; resumed from another directory, the path was
     read from there: a file of the same name there (other data) was trained on, silently, and the resume check

@@ -103,7 +103,9 @@ def format_summary(summary: dict) -> str:
                          f"{arm.get('train_step_s', arm.get('step_s', float('nan'))):.3f} s per training step")
     if summary.get("wall_s") is not None:
         cpu = f", {summary['cpu_s']:.1f} CPU-s on {summary.get('threads', '?')} thread(s)" if "cpu_s" in summary else ""
-        lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}")
+        resumed = (f" ({summary['wall_s_session']:.1f} s of it since the last --resume)"
+                   if summary.get("wall_s_session") is not None else "")
+        lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}{resumed}")
     lines += _demo_verdict(summary)
     return "\n".join(lines)
 
@@ -520,6 +522,7 @@ def cmd_train(args) -> int:
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
+    run.started = t_start
     if held:  # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found):
         # now the previous run's outputs go. They went before Run, and a --target-modules that matched nothing
         # deleted the previous run and then failed. The trace stays: the new run's writer empties it at its first step.
@@ -595,7 +598,10 @@ def cmd_train(args) -> int:
         "model": model_path, "task_type": task_type, "task": task, "majority": majority(train, dev, task),
         "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
         "peft_adapter": None if peft_note else str(out / "peft_adapter"),
-        "wall_s": time.perf_counter() - t_start,
+        # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a run of
+        # hours resumed near its end)
+        "wall_s": run.wall_s(),
+        **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if trace:

@@ -559,7 +559,7 @@ class RunState:
     step_in_epoch: int = 0
     global_step: int = 0
     evals: list = field(default_factory=list)  # [{"step":..., "epoch":..., "tag":..., metrics...}]
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # wall time of the run up to this checkpoint, over every session (`Run.wall_s`)
 
 
 class Run:
@@ -599,6 +599,12 @@ class Run:
         self.ctrl.attach_optimizer(self.optimizer)
         self.state = RunState()
         self.shock_gen = torch.Generator().manual_seed(cfg.seed + 17)
+        self.started = time.perf_counter()  # this session's start (`cmd_train` sets it to before the model loaded)
+        self._wall_before = 0.0  # the wall time of the sessions before a resume
+
+    def wall_s(self) -> float:
+        """The run's wall time so far: the sessions before a resume, plus this one."""
+        return self._wall_before + time.perf_counter() - self.started
 
     def n_trainable(self) -> int:
         """Parameters that train at the current rank (active LoRA slices + saved modules)."""
@@ -640,6 +646,7 @@ class Run:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        self.state.wall_s = self.wall_s()
         tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.ctrl.extra_params:
@@ -688,6 +695,7 @@ class Run:
                 g["lr"] = self.cfg.lr
         self.ctrl.load_state_dict(st["controller"])
         self.state = RunState(**st["run"])
+        self._wall_before = self.state.wall_s
         self.shock_gen.set_state(st["shock_gen"])
         torch.set_rng_state(st["torch_rng"])
 
