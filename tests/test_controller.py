@@ -318,6 +318,25 @@ def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode)
     assert read_trace(tmp_path / "trace.jsonl")[-1]["lr"] == pytest.approx(want)
 
 
+def test_without_an_attached_optimizer_the_multiplier_is_not_traced_as_the_lr(tmp_path, llama):
+    """`setup_unified_lora` runs lr_mode="multiplier"; attaching the optimizer is optional. Without it, the trace and
+    the console line recorded the mode's multiplier as the LR: "lr=1e0" in MULTI (1.667 in SINGLE) for a run that
+    trains at its optimizer's 2e-4, which the controller never scaled. The LR is unknown then: None, "lr=-"."""
+    printed = []
+    _, ctrl = setup_unified_lora(llama, target_modules=["q_proj"], signal="loss", print_fn=printed.append,
+                                 log_every=1, trace_path=tmp_path / "trace.jsonl")
+    opt = torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=2e-4)
+    x = torch.randint(0, VOCAB, (2, 8))
+    _train_step(llama, ctrl, opt, x, x)
+    assert ctrl.get_last_lr() is None and ctrl.trace[-1].lr is None
+    assert printed[-1].endswith(" lr=-")
+    ctrl.attach_optimizer(opt)  # attached: the LR the optimizer trains at, the scheduled LR × the multiplier
+    _train_step(llama, ctrl, opt, x, x)
+    ctrl.close()
+    assert ctrl.trace[-1].lr == pytest.approx(2e-4 * ctrl.lr_multiplier) and printed[-1].endswith(" lr=2e-4")
+    assert [r["lr"] for r in read_trace(tmp_path / "trace.jsonl")] == [None, pytest.approx(2e-4)]
+
+
 def test_an_optimizer_that_sets_its_own_step_size_is_refused_unless_lr_mode_is_off(llama):
     """transformers' Adafactor with relative_step=True has lr=None: the multiplier's hook failed inside
     optimizer.step() and ctrl.step raised a TypeError (None * float); an absolute LR would be ignored."""

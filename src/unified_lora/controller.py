@@ -247,13 +247,15 @@ class UnifiedController:
         return self.actuators.mode_multipliers[self.mode] if self.actuators.lr_mode == "multiplier" else 1.0
 
     def get_last_lr(self) -> float | None:
-        """The LR this mode trains with (first param group's effective LR)."""
+        """The LR this mode trains with (first param group's effective LR). None where the controller does not know
+        it: `lr_mode="off"`, or no optimizer attached (in "multiplier" mode this returned the multiplier, which the
+        trace and the console then showed as the LR: `lr=1e0` for a run training at 2e-4, whose LR it never scaled)."""
         a = self.actuators
         if a.lr_mode == "absolute":
             return a.mode_lrs[self.mode]
         inner = _unwrap_optimizer(self.optimizer)
         if inner is None:
-            return None if a.lr_mode == "off" else self.lr_multiplier
+            return None
         lr = inner.param_groups[0]["lr"]
         if torch.is_tensor(lr):  # lr=torch.tensor(...), as for a compiled optimizer: the trace needs a number
             lr = lr.item()
