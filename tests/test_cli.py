@@ -144,6 +144,21 @@ def test_phi_summary_of_a_trace_that_ends_before_the_shock_is_all_pre_shock():
     assert (s["pre_shock"], s["peak"], s["peak_step"]) == (0.6, 0.8, 2)
 
 
+def test_a_run_without_a_shock_labels_its_first_phi_first_not_pre_shock():
+    """A train run without --shock-start/--shock-end printed its step-0 φ as "φ pre-shock=" (and so did the report of
+    an interrupted demo, summarised from its trace alone)."""
+    from unified_lora.cli import format_summary
+    from unified_lora.training import phi_summary
+
+    trace = [{"step": i, "phi": p, "mode": 1, "rank": 8} for i, p in enumerate([0.5, 0.6, 0.8, 0.7])]
+    arm = {"label": "Unified LoRA", "phi": phi_summary(trace, 0, 0)}
+    text = format_summary({"command": "train", "shock": None, "arms": {"run": arm}})
+    assert "Unified LoRA: φ first=0.500  peak=0.800 (step 2)  final=0.700" in text and "pre-shock" not in text
+    text = format_summary({"command": "train", "shock": {"type": "flip", "start": 2, "end": 3},
+                           "arms": {"run": {**arm, "phi": phi_summary(trace, 2, 3)}}})
+    assert "Unified LoRA: φ pre-shock=0.600  peak=0.800 (step 2)" in text
+
+
 def test_demo_baseline_is_pinned_at_rank8(tiny, tmp_path):
     out = tmp_path / "demo"
     assert main(_demo_args(tiny, out, "--loss-scale", "0.05")) == 0  # huge scaled loss: the unified run goes MIRROR

@@ -91,7 +91,9 @@ def format_summary(summary: dict) -> str:
     for name, arm in arms.items():
         phi = arm.get("phi") or {}
         if phi and arm.get("controller", True):
-            lines.append(f"{arm.get('label', name)}: φ pre-shock={phi['pre_shock']:.3f}  peak={phi['peak']:.3f} "
+            # without a shock, phi_summary's "pre_shock" is the first step's φ: it was labelled pre-shock all the same
+            first = "pre-shock" if summary.get("shock") else "first"
+            lines.append(f"{arm.get('label', name)}: φ {first}={phi['pre_shock']:.3f}  peak={phi['peak']:.3f} "
                          f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode={phi['final_mode']}  "
                          f"mean rank={phi['mean_rank']:.2f}  steps per mode={phi['steps_in_mode']}")
         for m in arm.get("mirror", []):
