@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"loss signal (default {DEMO_CALIBRATION[1]}): scaled warmup loss: φ settles at target/(1+target), 2.2 -> 0.69, just under θ1=0.7, so a "
                         "smoothed loss ~6%% above the warmup level enters MIRROR. MRPC's flip shock raises the loss "
                         "only ~1.3x before the model adapts, and with 2.0 (φ≈0.67) it never crossed θ1")
-    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode before leaving it")
+    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     d.add_argument("--target-modules", default="query,value",
                    help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: query,value)")
     d.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
@@ -808,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
                    "calibration_target (YAML; default 0.5); default 0 = off")
-    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it (default 0)")
+    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
     t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
