@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"loss signal (default {DEMO_CALIBRATION[1]}): scaled warmup loss: φ settles at target/(1+target), 2.2 -> 0.69, just under θ1=0.7, so a "
                         "smoothed loss ~6%% above the warmup level enters MIRROR. MRPC's flip shock raises the loss "
                         "only ~1.3x before the model adapts, and with 2.0 (φ≈0.67) it never crossed θ1")
-    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
+    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode a transition entered")
     d.add_argument("--target-modules", default="query,value",
                    help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: query,value)")
     d.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
