@@ -106,6 +106,21 @@ def test_cola_is_single_sentence_and_reads_last_unterminated_line():
     assert ds[-1].text_a.endswith("himself.")
 
 
+@pytest.mark.parametrize("task, folder, body, line, raw", [
+    # GLUE's MRPC test.tsv: no labels, and its first column is the row index, which was read as labels 0, 1, 2, ...
+    ("mrpc", "MRPC", "index\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + "".join(
+        f"{i}\t{i}\t{i + 9}\tsentence {i}\tother {i}\n" for i in range(4)), 4, "2"),
+    ("cola", "CoLA", "gj04\t1\t\tgood one\ngj04\t2\t*\tbad one\n", 2, "2"),
+    ("sst2", "SST-2", "sentence\tlabel\nfine\t1\nno label\t-1\n", 3, "-1"),
+])
+def test_a_glue_label_outside_the_tasks_classes_is_refused(tmp_path, task, folder, body, line, raw):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "dev.tsv").write_text(body)
+    with pytest.raises(DataError, match=rf"dev.tsv: line {line} has label '{raw}'; expected one of 0 \(.*\), 1 "
+                                        r"\(.*\) \(a GLUE test.tsv has no labels"):
+        load_glue(task, "dev", data_dir=tmp_path)
+
+
 @needs_shared
 def test_env_var_locates_glue(monkeypatch):
     monkeypatch.setenv(GLUE_ENV_VAR, str(SHARED_GLUE))

@@ -141,7 +141,13 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
         try:
             label = spec.label_map[raw] if spec.label_map else int(raw)
         except (KeyError, ValueError):
-            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {list(spec.label_names)}") from None
+            label = -1
+        # an int outside the task's ids is no label either: a GLUE test.tsv has none (MRPC's first column there is
+        # the row index, which int() read as labels 0, 1, 2, ...; the run then scored against row numbers)
+        if not 0 <= label < len(spec.label_names):
+            expected = list(spec.label_map) or [f"{i} ({name})" for i, name in enumerate(spec.label_names)]
+            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} (a GLUE "
+                            "test.tsv has no labels: train and evaluate on train.tsv and dev.tsv)")
         text_b = row[spec.text_b].strip() if spec.text_b is not None else None
         examples.append(Example(row[spec.text_a].strip(), text_b, label))
     if not examples:
