@@ -681,6 +681,11 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
     ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1']"),
     ("missing_label", "record 2 has no label (column 'label' is empty)"),
+    # a dev label is one of the train set's classes by name: an integer was read as an id into them, so a dev 2 was
+    # the class "1" of train labels -1/0/1, and MNLI-style ids were the sorted names ("contradiction" = 0)
+    ("dev_label_2_for_classes_minus_1_0_1", "has label '2', which is not one of the classes ['-1', '0', '1']"),
+    ("dev_ids_for_named_classes", "dev_ids.csv: record 1 has label '1', which is not one of the classes ['neg', "
+                                  "'pos']"),
     ("missing_trace", "no such trace file"),
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
@@ -715,6 +720,13 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "dev_label_the_train_set_lacks": _train_args(tiny, out, "--dev-data", str(_write(
             tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n"))),
         "missing_label": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "gap.csv", "text,label\na,0\nb,\nc,1\n"))],
+        "dev_label_2_for_classes_minus_1_0_1": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "m.csv", "text,label\ngood,1\nbad,-1\nfine,0\ngreat,1\nawful,-1\n")), "--dev-data", str(_write(
+                tmp_path / "dev_m.csv", "text,label\ngood,1\nsuperb,2\n"))],
+        "dev_ids_for_named_classes": _train_args(tiny, out)[:4] + [tiny["jsonl"], "--text-columns", "review",
+                                                                   "--label-column", "sentiment", "--dev-data",
+                                                                   str(_write(tmp_path / "dev_ids.csv",
+                                                                              "review,sentiment\ngood,1\nbad,0\n"))],
         "not_a_number_in_config": ["train", "--config", str(_write(tmp_path / "n.yaml", f"model: {tiny['bert']}\n"
                                                                    f"data: {tiny['csv']}\nepochs: two\n"))],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],

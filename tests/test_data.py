@@ -228,6 +228,21 @@ def test_error_label_not_in_label_names(tmp_path):
         load_table(p, ["text"], "label", label_names=["neg", "pos"])
 
 
+def test_integer_class_names_match_labels_by_value_never_as_ids(tmp_path):
+    """With label_names that are numbers (train labels -1/0/1 give the classes ['-1', '0', '1']), a label 2 was read
+    as an id into them, the class '1', silently. A label matches such a name by value (1.0 is the class '1')."""
+    p = _write(tmp_path / "d.csv", "text,label\na,1.0\nb,-1\nc,0\n")
+    assert load_table(p, ["text"], "label", label_names=["-1", "0", "1"]).labels == [2, 0, 1]
+    q = _write(tmp_path / "e.csv", "text,label\na,1\nb,2\n")
+    with pytest.raises(DataError, match=r"e.csv: record 2 has label '2', which is not one of the classes \['-1', '0', "
+                                        r"'1'\]"):
+        load_table(q, ["text"], "label", label_names=["-1", "0", "1"])
+    # names that are words: an integer is still an id into them, unless names_only (the CLI's dev set)
+    assert load_table(q, ["text"], "label", label_names=["a", "b", "c"]).labels == [1, 2]
+    with pytest.raises(DataError, match="record 1 has label '1', which is not one of the classes"):
+        load_table(q, ["text"], "label", label_names=["a", "b", "c"], names_only=True)
+
+
 def test_error_regression_or_multi_label_labels_name_the_record(tmp_path):
     """STS-B-style float scores used to become one class per distinct value (a 170-class head for 180 rows, and a
     majority baseline of 0), and multi-label lists one class per combination; both are refused, naming the record.

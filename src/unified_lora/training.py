@@ -387,9 +387,11 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
     if cfg.dev_data:
         # the train set's classes: its label names, or for integer labels the ids 0 .. num_labels - 1, so a dev label
-        # the train set lacks is a DataError now, not an index error at the first evaluation after training
+        # the train set lacks is a DataError now, not an index error at the first evaluation after training. By name
+        # only: an integer dev label is no id into the train set's sorted names (with train labels -1/0/1, a dev 2
+        # was read as id 2, the class "1"; with names, MNLI's 0 = entailment became the sorted "contradiction")
         names = train.label_names or [str(i) for i in range(train.num_labels)]
-        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names)
+        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names, names_only=True)
         dev = TextDataset(dev.examples, train.num_labels, train.label_names, dev.name)
     else:
         tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
