@@ -691,6 +691,11 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
+    # one class: an integer label 1 made a 2-class head, and it trained on rows of that one class; the demo took a
+    # 1-class head, which transformers trains as a regression on the class id
+    ("one_class_of_int_labels", "every train row has the label 1 in column 'label' (after holding out 10% of the "
+                                "rows as the dev set); a classifier needs rows of at least 2 classes"),
+    ("one_class_in_the_demo", "every train row has the label 'pos' in column 'label'"),
     ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
@@ -745,6 +750,10 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                       "--output-dir", out],
         "txt_for_a_classifier": ["train", "--model", tiny["bert"], "--data", str(_write(tmp_path / "c.txt", "text\n")),
                                  "--output-dir", out],
+        "one_class_of_int_labels": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "ones.csv", "text,label\ngood,1\ngreat,1\nfine,1\nsuperb,1\n"))],
+        "one_class_in_the_demo": _demo_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "pos.csv", "text,label\ngood,pos\ngreat,pos\nfine,pos\n")), "--dev-size", "0"],
         # more tokens than the tiny models' 64 positions: an IndexError / RuntimeError at the first batch holding
         # such a row (an internal error, exit 1, possibly hours into a run) before the model was probed
         "null_text_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(

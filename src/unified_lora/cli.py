@@ -490,8 +490,6 @@ def cmd_train(args) -> int:
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
-    if task_type == "seq-cls" and num_labels < 2:
-        raise UsageError(f"--label-column {cfg.label_column}: found {num_labels} class; need at least 2 labels")
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)

@@ -397,6 +397,15 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
         train, dev = (TextDataset(tr, train.num_labels, train.label_names, train.name),
                       TextDataset(dv, train.num_labels, train.label_names, train.name + "/dev"))
+    # one class is nothing to learn. It was refused only when it made a 1-output head: an integer label (all 1s)
+    # makes a 2-class head, and that trained on rows of one class; the demo took a 1-output head too, which
+    # transformers reads as regression (an MSE loss on the class id)
+    classes = sorted(set(train.labels))
+    if len(classes) < 2:
+        name = train.label_names[classes[0]] if train.label_names else classes[0]
+        held = "" if cfg.dev_data else f" (after holding out {cfg.dev_fraction:.0%} of the rows as the dev set)"
+        raise DataError(f"--data {cfg.data}: every train row has the label {name!r} in column {cfg.label_column!r}"
+                        f"{held}; a classifier needs rows of at least 2 classes")
     return train, dev, path.stem
 
 
