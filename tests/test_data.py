@@ -269,6 +269,16 @@ def test_error_null_text_names_the_record(tmp_path):
         load_table(p, ["text"], "label")
 
 
+def test_a_nested_json_text_is_refused_not_trained_as_its_repr(tmp_path):
+    """A JSON object or list in a text column trained on its Python repr ("{'title': 'hi', 'body': 'there'}")."""
+    p = _write(tmp_path / "d.jsonl", '{"t": "fine", "y": 1}\n{"t": {"title": "hi", "body": "there"}, "y": 0}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: record 2 has a JSON object in column 't', not a text"):
+        load_table(p, ["t"], "y")
+    q = _write(tmp_path / "e.jsonl", '{"a": "fine", "b": ["x", "y"], "y": 1}\n')
+    with pytest.raises(DataError, match=r"record 1 has a JSON list in column 'b', not a text"):
+        load_table(q, ["a", "b"], "y")
+
+
 def test_error_a_duplicated_column_name_is_refused_not_read_as_its_last_copy(tmp_path):
     """A header naming the text column twice (a spreadsheet's copied column) used to train on the last copy, silently
     (a dict keeps one value per key); a duplicate of a column that is not read stays harmless."""

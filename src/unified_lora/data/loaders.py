@@ -293,11 +293,16 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
 
 
 def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) -> None:
-    """A JSON null text (pandas writes NaN so) would train on the word 'None'."""
+    """A JSON null text (pandas writes NaN so) would train on the word 'None', and a nested JSON object or list on
+    its Python repr ("{'title': ..., 'body': ...}")."""
     for n, record in enumerate(records, start=1):
         if column in record and record[column] is None:
             raise DataError(f"{path}: record {n} has no text (column {column!r} is null); fill it in or drop the "
                             "record")
+        if isinstance(record.get(column), (dict, list)):
+            kind = "JSON object" if isinstance(record[column], dict) else "JSON list"
+            raise DataError(f"{path}: record {n} has a {kind} in column {column!r}, not a text; nested fields are "
+                            "not read: write the text to train on as a string field of each record")
 
 
 def load_table(
