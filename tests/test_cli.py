@@ -341,6 +341,29 @@ def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_any
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
 
 
+def test_the_run_records_its_classes_and_a_resume_on_relabelled_data_is_refused(tiny, tmp_path, capsys):
+    """String labels get ids in sorted order, and nothing recorded which id was which class. A --data file edited
+    between a run and its --resume (a class renamed: 'pos' -> 'good' sorts first now) resumed with the two labels'
+    ids swapped, silently: the checkpoint's head trained on, scored against the other class."""
+    data = _write(tmp_path / "d.jsonl", Path(tiny["jsonl"]).read_text())
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny["bert"], "--data", str(data), "--text-columns", "review", "--label-column",
+            "sentiment", "--batch-size", "8", "--max-length", "16", "--log-every", "0", "--output-dir", str(out)]
+    assert main([*args, "--steps", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["neg", "pos"]
+    data.write_text(data.read_text().replace('"pos"', '"good"'))
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was trained on the classes "
+                   "['neg', 'pos'] (label ids 0, 1, ... in that order) and the data now has ['good', 'neg']; resume "
+                   "with the run's data, or start a new run in another --output-dir\n")
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+    data.write_text(data.read_text().replace('"good"', '"pos"'))  # the run's data again: it resumes
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["neg", "pos"]
+
+
 def test_resume_trains_at_the_lr_and_weight_decay_given_now(tiny, tmp_path):
     """README: a resumed run's LRs may change. The optimizer's state_dict holds its param groups' lr and
     weight_decay, and loading it put the old values back: `--resume --lr` (lr_mode multiplier), and a YAML
