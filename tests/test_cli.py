@@ -716,9 +716,9 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
     # one class: an integer label 1 made a 2-class head, and it trained on rows of that one class; the demo took a
     # 1-class head, which transformers trains as a regression on the class id
-    ("one_class_of_int_labels", "every train row has the label 1 in column 'label' (after holding out 10% of the "
-                                "rows as the dev set); a classifier needs rows of at least 2 classes"),
-    ("one_class_in_the_demo", "every train row has the label 'pos' in column 'label'"),
+    ("one_class_of_int_labels", "ones.csv: every row has the label 1 in column 'label'; a classifier needs rows of "
+                                "at least 2 classes"),
+    ("one_class_in_the_demo", "pos.csv: every row has the label 'pos' in column 'label'"),
     ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),

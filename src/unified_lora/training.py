@@ -385,6 +385,14 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
             raise DataError(f"{flag} {given}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or "
                             ".jsonl table with a label column (or, for --data, a GLUE task folder)")
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
+    # one class is nothing to learn. It was refused only when it made a 1-output head: an integer label (all 1s)
+    # makes a 2-class head, and that trained on rows of one class; the demo took a 1-output head too, which
+    # transformers reads as regression (an MSE loss on the class id)
+    classes = sorted(set(train.labels))
+    if len(classes) < 2:
+        name = train.label_names[classes[0]] if train.label_names else classes[0]
+        raise DataError(f"--data {cfg.data}: every row has the label {name!r} in column {cfg.label_column!r}; a "
+                        "classifier needs rows of at least 2 classes")
     if cfg.dev_data:
         # the train set's classes: its label names, or for integer labels the ids 0 .. num_labels - 1, so a dev label
         # the train set lacks is a DataError now, not an index error at the first evaluation after training. By name
@@ -397,15 +405,6 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
         train, dev = (TextDataset(tr, train.num_labels, train.label_names, train.name),
                       TextDataset(dv, train.num_labels, train.label_names, train.name + "/dev"))
-    # one class is nothing to learn. It was refused only when it made a 1-output head: an integer label (all 1s)
-    # makes a 2-class head, and that trained on rows of one class; the demo took a 1-output head too, which
-    # transformers reads as regression (an MSE loss on the class id)
-    classes = sorted(set(train.labels))
-    if len(classes) < 2:
-        name = train.label_names[classes[0]] if train.label_names else classes[0]
-        held = "" if cfg.dev_data else f" (after holding out {cfg.dev_fraction:.0%} of the rows as the dev set)"
-        raise DataError(f"--data {cfg.data}: every train row has the label {name!r} in column {cfg.label_column!r}"
-                        f"{held}; a classifier needs rows of at least 2 classes")
     return train, dev, path.stem
 
 
