@@ -490,8 +490,6 @@ def cmd_train(args) -> int:
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
-    if task_type == "seq-cls" and num_labels < 2:
-        raise UsageError(f"--label-column {cfg.label_column}: found {num_labels} class; need at least 2 labels")
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
@@ -506,7 +504,9 @@ def cmd_train(args) -> int:
     trace_path = out / "trace.jsonl"
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
-    run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
+    classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
+    run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None,
+              classes=classes)
     if held:  # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found):
         # now the previous run's outputs go. They went before Run, and a --target-modules that matched nothing
         # deleted the previous run and then failed. The trace stays: the new run's writer empties it at its first step.
@@ -582,7 +582,8 @@ def cmd_train(args) -> int:
              for e in run.state.evals}
     summary = {
         "command": "train", "model": model_path, "task_type": task_type, "data": cfg.data or "shipped GLUE MRPC",
-        "task": task, "steps": run.state.global_step, "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__),
+        "task": task, "classes": classes, "steps": run.state.global_step, "epochs": cfg.epochs,
+        "config": _jsonable(cfg.__dict__),
         "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
         "eval_points": list(evals), "majority": majority(train, dev, task), "drift_threshold": cfg.drift_threshold,
         "theta0": cfg.theta0, "theta1": cfg.theta1,
