@@ -92,6 +92,30 @@ def test_controller_gets_each_optimizer_steps_loss_averaged_over_accumulation(tm
     assert [r.loss for r in ctrl.trace] == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_peft_models_loss_is_read_through_to_its_base_model(tmp_path):
+    """attach_to_peft_model under the Trainer: PeftModelForCausalLM.forward only passes num_items_in_batch on to the
+    Llama, which divides its loss by it. The callback read the PEFT wrapper's forward source, took the loss for a
+    plain mean and averaged the shares: with accumulation 2 the controller saw half the loss on full steps and the
+    whole loss on the short last one (2.31, 2.32, 4.64 for 4.62, 4.64, 4.64)."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert model_normalises_loss(model) is True  # as the Trainer, which unwraps the PEFT model to decide
+    ctrl = attach_to_peft_model(model, print_fn=None)
+    cb, rec = UnifiedLoRACallback(ctrl), MicroBatchRecorder()
+    args = targs(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=0.0)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(causal=True), callbacks=[cb, rec]).train()
+
+    model.eval()
+    with torch.no_grad():
+        micro = [model(**b).loss.item() for b in rec.inputs]
+    assert len(micro) == 5
+    assert [r.loss for r in ctrl.trace] == pytest.approx([sum(micro[0:2]) / 2, sum(micro[2:4]) / 2, micro[4]],
+                                                         abs=1e-6)
+
+
 def test_a_multitask_controller_is_refused_with_the_loop_to_use():
     """The Trainer gives the callback no task ids and no per-task losses. A MultiTaskController driven by it used to
     run silently with no task gradient captured in SINGLE, so the gradient conflict never rose and the split into

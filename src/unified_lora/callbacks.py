@@ -34,8 +34,9 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
   step of an epoch averages over the micro-batches it has.
 
 Which case applies is read from the model's `forward` source (does it pass
-`**kwargs` to `self.loss_function`, or name `num_items_in_batch`?); override it
-with `model_normalises_loss=True/False`. The Trainer itself cannot tell: in
+`**kwargs` to `self.loss_function`, or name `num_items_in_batch`?; for a PEFT
+model, its base model's, as the Trainer reads it); override it with
+`model_normalises_loss=True/False`. The Trainer itself cannot tell: in
 transformers 5 it assumes every model whose `forward` takes `**kwargs` normalises
 by `num_items_in_batch`, so for BERT-style classifiers with gradient accumulation
 its own `logs["loss"]` (and gradient) is the *sum* of the micro-batch means
@@ -148,7 +149,12 @@ def model_normalises_loss(model) -> bool:
     """Whether `model.forward` divides its loss by the Trainer's `num_items_in_batch`:
     it names `num_items_in_batch`, or passes `**kwargs` on to `self.loss_function`
     (as `*ForCausalLM` do). Heads with a plain `CrossEntropyLoss()` mean, or that call
-    `self.loss_function` without the kwargs (huggingface/transformers#47688), don't."""
+    `self.loss_function` without the kwargs (huggingface/transformers#47688), don't.
+    A PEFT model (`attach_to_peft_model`) is read through to its base model, whose loss it returns (as the
+    Trainer does: its `PeftModelForCausalLM.forward` only passes the kwargs on)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
     try:
         src = inspect.getsource(type(model).forward)
     except (OSError, TypeError):
