@@ -199,6 +199,22 @@ def test_controller_values_reach_log_history(tmp_path):
         assert h["unified_lora/rank"] == r.rank and h["unified_lora/lr"] == r.lr and h["unified_lora/loss"] == r.loss
 
 
+def test_log_keys_are_checked(tmp_path):
+    """A misspelt key, or one string (tuple("phi") is ('p', 'h', 'i')), used to log nothing, silently."""
+    _, _, ctrl = build("bert")
+    with pytest.raises(ValueError, match=r"log_keys: unknown \['rnk'\]; .* are \('phi', 'mode', 'rank', 'lr', 'loss'\)"):
+        UnifiedLoRACallback(ctrl, log_keys=("phi", "rnk"))
+    with pytest.raises(TypeError, match=r"log_keys: expected a tuple of keys, e.g. \('phi',\), got the string"):
+        UnifiedLoRACallback(ctrl, log_keys="phi")
+    model, _, ctrl = build("bert")
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=TokenDataset(n=4),
+                      callbacks=[UnifiedLoRACallback(ctrl, log_keys=["rank"])])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all([k for k in h if k.startswith("unified_lora/")] == ["unified_lora/rank"]
+                                  for h in logs)
+
+
 def test_add_to_lets_earlier_callbacks_see_the_keys(tmp_path):
     seen = []
 

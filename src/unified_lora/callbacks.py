@@ -129,6 +129,7 @@ CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
 WEIGHTS_DIGEST_KEY = "callback_weights_sha256"
 LOG_PREFIX = "unified_lora/"
+LOG_KEYS = ("phi", "mode", "rank", "lr", "loss")  # what `log_keys` can name (each is logged as LOG_PREFIX + key)
 
 
 def _call_args(src: str, name: str) -> list[str]:
@@ -183,11 +184,11 @@ class UnifiedLoRACallback(TrainerCallback):
             `load_best_model_at_end` loads has none (False: a warning, and the controller goes on as it is).
         model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
             (None: read it from the model's forward source).
-        log_keys: which controller values go into the Trainer's logs.
+        log_keys: which controller values go into the Trainer's logs (some of `LOG_KEYS`; an unknown key raises).
     """
 
     def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
-                 model_normalises_loss: bool | None = None, log_keys=("phi", "mode", "rank", "lr", "loss")):
+                 model_normalises_loss: bool | None = None, log_keys=LOG_KEYS):
         if not isinstance(ctrl, UnifiedController):
             raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
         from .multitask import MultiTaskController
@@ -203,7 +204,12 @@ class UnifiedLoRACallback(TrainerCallback):
         self.ctrl = ctrl
         self.resume_from = resume_from
         self.strict_resume = strict_resume
+        if isinstance(log_keys, str):  # tuple("phi") would be ('p', 'h', 'i'): no key logged, silently
+            raise TypeError(f"log_keys: expected a tuple of keys, e.g. ({log_keys!r},), got the string {log_keys!r}")
         self.log_keys = tuple(log_keys)
+        unknown = [k for k in self.log_keys if k not in LOG_KEYS]
+        if unknown:
+            raise ValueError(f"log_keys: unknown {unknown}; the controller values that can be logged are {LOG_KEYS}")
         self.model_normalises_loss = model_normalises_loss
         self._hook = None
         self._wraps_loss_func = False
