@@ -96,8 +96,9 @@ state too. Callbacks whose `on_train_end` runs before this one's see the final
 rank: `callback.add_to(trainer)` puts it first.
 
 **Logging.** On every training log the keys `unified_lora/{phi,mode,rank,lr,loss}`
-(values at the logged step) are added to `logs` and to the matching
-`state.log_history` entry. Integrations (`report_to`) run before user callbacks;
+(values at the logged step; the loss is the one the controller used, under DDP the
+mean over processes, as the Trainer's own `loss`) are added to `logs` and to the
+matching `state.log_history` entry. Integrations (`report_to`) run before user callbacks;
 to have them log the keys too, add the callback first:
 `callback.add_to(trainer)` (inserts it at the head of the callback list).
 
@@ -313,8 +314,9 @@ class UnifiedLoRACallback(TrainerCallback):
         if self.ctrl.keep_trace:  # a per-step list, kept as ctrl.trace is: not at all in a run that keeps no trace
             self.step_losses.append(loss)
         self.ctrl.step(loss)
+        # the loss the controller used (the trace's): under DDP the mean over processes, as the Trainer's own log
         self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,
-                     "lr": self.ctrl.get_last_lr(), "loss": loss}
+                     "lr": self.ctrl.get_last_lr(), "loss": self.ctrl.last_loss}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.last:
