@@ -35,7 +35,8 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
 
 Which case applies is read from the model's `forward` source (does it pass
 `**kwargs` to `self.loss_function`, or name `num_items_in_batch`?; for a PEFT
-model, its base model's, as the Trainer reads it); override it with
+model, its base model's, as the Trainer reads it; a compiled model's, its
+original's); override it with
 `model_normalises_loss=True/False`. The Trainer itself cannot tell: in
 transformers 5 it assumes every model whose `forward` takes `**kwargs` normalises
 by `num_items_in_batch`, so for BERT-style classifiers with gradient accumulation
@@ -124,7 +125,7 @@ from transformers import TrainerCallback
 from ._files import written_atomically
 from .config import MODES
 from .controller import UnifiedController
-from .distributed import check_trainer_ddp_args, unwrap_optimizer
+from .distributed import check_trainer_ddp_args, unwrap_model, unwrap_optimizer
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
@@ -153,7 +154,9 @@ def model_normalises_loss(model) -> bool:
     (as `*ForCausalLM` do). Heads with a plain `CrossEntropyLoss()` mean, or that call
     `self.loss_function` without the kwargs (huggingface/transformers#47688), don't.
     A PEFT model (`attach_to_peft_model`) is read through to its base model, whose loss it returns (as the
-    Trainer does: its `PeftModelForCausalLM.forward` only passes the kwargs on)."""
+    Trainer does: its `PeftModelForCausalLM.forward` only passes the kwargs on); so is a `torch.compile`d
+    (or DDP-wrapped) model, whose wrapper's class has no forward of its own."""
+    model = unwrap_model(model)
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         model = get_base()
