@@ -425,6 +425,29 @@ def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_any
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
 
 
+def test_the_run_records_its_classes_and_a_resume_on_relabelled_data_is_refused(tiny, tmp_path, capsys):
+    """String labels get ids in sorted order, and nothing recorded which id was which class. A --data file edited
+    between a run and its --resume (a class renamed: 'pos' -> 'good' sorts first now) resumed with the two labels'
+    ids swapped, silently: the checkpoint's head trained on, scored against the other class."""
+    data = _write(tmp_path / "d.jsonl", Path(tiny["jsonl"]).read_text())
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny["bert"], "--data", str(data), "--text-columns", "review", "--label-column",
+            "sentiment", "--batch-size", "8", "--max-length", "16", "--log-every", "0", "--output-dir", str(out)]
+    assert main([*args, "--steps", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["neg", "pos"]
+    data.write_text(data.read_text().replace('"pos"', '"good"'))
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was trained on the classes "
+                   "['neg', 'pos'] (label ids 0, 1, ... in that order) and the data now has ['good', 'neg']; resume "
+                   "with the run's data, or start a new run in another --output-dir\n")
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+    data.write_text(data.read_text().replace('"good"', '"pos"'))  # the run's data again: it resumes
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["classes"] == ["neg", "pos"]
+
+
 def test_resume_trains_at_the_lr_and_weight_decay_given_now(tiny, tmp_path):
     """README: a resumed run's LRs may change. The optimizer's state_dict holds its param groups' lr and
     weight_decay, and loading it put the old values back: `--resume --lr` (lr_mode multiplier), and a YAML
@@ -828,11 +851,21 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
     ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1']"),
     ("missing_label", "record 2 has no label (column 'label' is empty)"),
+    # a dev label is one of the train set's classes by name: an integer was read as an id into them, so a dev 2 was
+    # the class "1" of train labels -1/0/1, and MNLI-style ids were the sorted names ("contradiction" = 0)
+    ("dev_label_2_for_classes_minus_1_0_1", "has label '2', which is not one of the classes ['-1', '0', '1']"),
+    ("dev_ids_for_named_classes", "dev_ids.csv: record 1 has label '1', which is not one of the classes ['neg', "
+                                  "'pos']"),
     ("missing_trace", "no such trace file"),
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
+    # one class: an integer label 1 made a 2-class head, and it trained on rows of that one class; the demo took a
+    # 1-class head, which transformers trains as a regression on the class id
+    ("one_class_of_int_labels", "ones.csv: every row has the label 1 in column 'label'; a classifier needs rows of "
+                                "at least 2 classes"),
+    ("one_class_in_the_demo", "pos.csv: every row has the label 'pos' in column 'label'"),
     ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
@@ -862,6 +895,13 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "dev_label_the_train_set_lacks": _train_args(tiny, out, "--dev-data", str(_write(
             tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n"))),
         "missing_label": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "gap.csv", "text,label\na,0\nb,\nc,1\n"))],
+        "dev_label_2_for_classes_minus_1_0_1": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "m.csv", "text,label\ngood,1\nbad,-1\nfine,0\ngreat,1\nawful,-1\n")), "--dev-data", str(_write(
+                tmp_path / "dev_m.csv", "text,label\ngood,1\nsuperb,2\n"))],
+        "dev_ids_for_named_classes": _train_args(tiny, out)[:4] + [tiny["jsonl"], "--text-columns", "review",
+                                                                   "--label-column", "sentiment", "--dev-data",
+                                                                   str(_write(tmp_path / "dev_ids.csv",
+                                                                              "review,sentiment\ngood,1\nbad,0\n"))],
         "not_a_number_in_config": ["train", "--config", str(_write(tmp_path / "n.yaml", f"model: {tiny['bert']}\n"
                                                                    f"data: {tiny['csv']}\nepochs: two\n"))],
         "resume_without_checkpoint": ["train", "--output-dir", out, "--resume"],
@@ -880,6 +920,10 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                       "--output-dir", out],
         "txt_for_a_classifier": ["train", "--model", tiny["bert"], "--data", str(_write(tmp_path / "c.txt", "text\n")),
                                  "--output-dir", out],
+        "one_class_of_int_labels": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "ones.csv", "text,label\ngood,1\ngreat,1\nfine,1\nsuperb,1\n"))],
+        "one_class_in_the_demo": _demo_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "pos.csv", "text,label\ngood,pos\ngreat,pos\nfine,pos\n")), "--dev-size", "0"],
         # more tokens than the tiny models' 64 positions: an IndexError / RuntimeError at the first batch holding
         # such a row (an internal error, exit 1, possibly hours into a run) before the model was probed
         "null_text_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(

@@ -106,6 +106,21 @@ def test_cola_is_single_sentence_and_reads_last_unterminated_line():
     assert ds[-1].text_a.endswith("himself.")
 
 
+@pytest.mark.parametrize("task, folder, body, line, raw", [
+    # GLUE's MRPC test.tsv: no labels, and its first column is the row index, which was read as labels 0, 1, 2, ...
+    ("mrpc", "MRPC", "index\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + "".join(
+        f"{i}\t{i}\t{i + 9}\tsentence {i}\tother {i}\n" for i in range(4)), 4, "2"),
+    ("cola", "CoLA", "gj04\t1\t\tgood one\ngj04\t2\t*\tbad one\n", 2, "2"),
+    ("sst2", "SST-2", "sentence\tlabel\nfine\t1\nno label\t-1\n", 3, "-1"),
+])
+def test_a_glue_label_outside_the_tasks_classes_is_refused(tmp_path, task, folder, body, line, raw):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "dev.tsv").write_text(body)
+    with pytest.raises(DataError, match=rf"dev.tsv: line {line} has label '{raw}'; expected one of 0 \(.*\), 1 "
+                                        r"\(.*\) \(a GLUE test.tsv has no labels"):
+        load_glue(task, "dev", data_dir=tmp_path)
+
+
 @needs_shared
 def test_env_var_locates_glue(monkeypatch):
     monkeypatch.setenv(GLUE_ENV_VAR, str(SHARED_GLUE))
@@ -213,6 +228,21 @@ def test_error_label_not_in_label_names(tmp_path):
         load_table(p, ["text"], "label", label_names=["neg", "pos"])
 
 
+def test_integer_class_names_match_labels_by_value_never_as_ids(tmp_path):
+    """With label_names that are numbers (train labels -1/0/1 give the classes ['-1', '0', '1']), a label 2 was read
+    as an id into them, the class '1', silently. A label matches such a name by value (1.0 is the class '1')."""
+    p = _write(tmp_path / "d.csv", "text,label\na,1.0\nb,-1\nc,0\n")
+    assert load_table(p, ["text"], "label", label_names=["-1", "0", "1"]).labels == [2, 0, 1]
+    q = _write(tmp_path / "e.csv", "text,label\na,1\nb,2\n")
+    with pytest.raises(DataError, match=r"e.csv: record 2 has label '2', which is not one of the classes \['-1', '0', "
+                                        r"'1'\]"):
+        load_table(q, ["text"], "label", label_names=["-1", "0", "1"])
+    # names that are words: an integer is still an id into them, unless names_only (the CLI's dev set)
+    assert load_table(q, ["text"], "label", label_names=["a", "b", "c"]).labels == [1, 2]
+    with pytest.raises(DataError, match="record 1 has label '1', which is not one of the classes"):
+        load_table(q, ["text"], "label", label_names=["a", "b", "c"], names_only=True)
+
+
 def test_error_regression_or_multi_label_labels_name_the_record(tmp_path):
     """STS-B-style float scores used to become one class per distinct value (a 170-class head for 180 rows, and a
     majority baseline of 0), and multi-label lists one class per combination; both are refused, naming the record.
@@ -237,6 +267,16 @@ def test_error_null_text_names_the_record(tmp_path):
     p.write_text('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n')
     with pytest.raises(DataError, match=r"record 2 has no text \(column 'text' is null\)"):
         load_table(p, ["text"], "label")
+
+
+def test_a_nested_json_text_is_refused_not_trained_as_its_repr(tmp_path):
+    """A JSON object or list in a text column trained on its Python repr ("{'title': 'hi', 'body': 'there'}")."""
+    p = _write(tmp_path / "d.jsonl", '{"t": "fine", "y": 1}\n{"t": {"title": "hi", "body": "there"}, "y": 0}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: record 2 has a JSON object in column 't', not a text"):
+        load_table(p, ["t"], "y")
+    q = _write(tmp_path / "e.jsonl", '{"a": "fine", "b": ["x", "y"], "y": 1}\n')
+    with pytest.raises(DataError, match=r"record 1 has a JSON list in column 'b', not a text"):
+        load_table(q, ["a", "b"], "y")
 
 
 def test_error_a_duplicated_column_name_is_refused_not_read_as_its_last_copy(tmp_path):

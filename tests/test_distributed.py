@@ -140,10 +140,12 @@ def _trainer_ddp(rank: int, out: str) -> None:
                                  print_fn=None)
     args = TrainingArguments(output_dir=out, max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                              learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
-                             disable_tqdm=True, seed=0, ddp_backend="gloo")
+                             disable_tqdm=True, seed=0, ddp_backend="gloo", logging_steps=1)
     cb = UnifiedLoRACallback(ctrl)
-    Trainer(model=model, args=args, train_dataset=Shard(), callbacks=[cb]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=Shard(), callbacks=[cb])
+    trainer.train()
     torch.save({"trace": [(r.step, r.loss, r.phi, r.mode, r.rank, r.lr) for r in ctrl.trace],
+                "logs": [h for h in trainer.state.log_history if "loss" in h],
                 "local_loss": cb.step_losses, "world": dist.get_world_size(),
                 "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}},
                os.path.join(out, f"trainer{rank}.pt"))
@@ -278,6 +280,17 @@ def test_trainer_callback_in_lockstep_under_ddp(ddp_run):
     assert r0["local_loss"] != r1["local_loss"]  # the Trainer's sampler gave each rank its own shard
     assert r0["trace"] == r1["trace"] and {m for *_, m, _, _ in r0["trace"]} == {1, 2}
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+def test_trainer_logs_the_loss_the_controller_used_under_ddp(ddp_run):
+    """unified_lora/loss is the loss φ was computed from (the mean over processes, as the Trainer's own `loss`
+    log), logged beside φ at the same step. It used to be each process's own loss, so rank 0's TensorBoard/W&B
+    showed its shard's loss next to a φ computed from another number."""
+    for r in (r["trainer"] for r in ddp_run):
+        assert len(r["logs"]) == len(r["trace"]) == 8
+        assert [h["unified_lora/loss"] for h in r["logs"]] == [loss for _, loss, *_ in r["trace"]]
+        assert [h["unified_lora/phi"] for h in r["logs"]] == [phi for _, _, phi, *_ in r["trace"]]
+        assert [h["unified_lora/loss"] for h in r["logs"]] != r["local_loss"]
 
 
 def test_accelerate_loop_in_lockstep(ddp_run):

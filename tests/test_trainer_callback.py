@@ -92,6 +92,30 @@ def test_controller_gets_each_optimizer_steps_loss_averaged_over_accumulation(tm
     assert [r.loss for r in ctrl.trace] == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_peft_models_loss_is_read_through_to_its_base_model(tmp_path):
+    """attach_to_peft_model under the Trainer: PeftModelForCausalLM.forward only passes num_items_in_batch on to the
+    Llama, which divides its loss by it. The callback read the PEFT wrapper's forward source, took the loss for a
+    plain mean and averaged the shares: with accumulation 2 the controller saw half the loss on full steps and the
+    whole loss on the short last one (2.31, 2.32, 4.64 for 4.62, 4.64, 4.64)."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert model_normalises_loss(model) is True  # as the Trainer, which unwraps the PEFT model to decide
+    ctrl = attach_to_peft_model(model, print_fn=None)
+    cb, rec = UnifiedLoRACallback(ctrl), MicroBatchRecorder()
+    args = targs(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=0.0)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(causal=True), callbacks=[cb, rec]).train()
+
+    model.eval()
+    with torch.no_grad():
+        micro = [model(**b).loss.item() for b in rec.inputs]
+    assert len(micro) == 5
+    assert [r.loss for r in ctrl.trace] == pytest.approx([sum(micro[0:2]) / 2, sum(micro[2:4]) / 2, micro[4]],
+                                                         abs=1e-6)
+
+
 def test_a_multitask_controller_is_refused_with_the_loop_to_use():
     """The Trainer gives the callback no task ids and no per-task losses. A MultiTaskController driven by it used to
     run silently with no task gradient captured in SINGLE, so the gradient conflict never rose and the split into
@@ -115,6 +139,10 @@ def test_loss_normalisation_is_read_from_the_model():
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
     assert model_normalises_loss(LlamaForSequenceClassification(cfg)) is False
+    # a model compiled before it is given to the Trainer: the wrapper's class has no forward of its own (it read
+    # False, and with accumulation 2 the controller got half the loss on full steps)
+    assert model_normalises_loss(torch.compile(tiny_llama(), backend="eager")) is True
+    assert model_normalises_loss(torch.compile(tiny_bert(), backend="eager")) is False
 
 
 class LrRecorder(TrainerCallback):
@@ -173,6 +201,22 @@ def test_controller_values_reach_log_history(tmp_path):
     for h, r in zip(logs, ctrl.trace):
         assert h["unified_lora/phi"] == r.phi and h["unified_lora/mode"] == r.mode
         assert h["unified_lora/rank"] == r.rank and h["unified_lora/lr"] == r.lr and h["unified_lora/loss"] == r.loss
+
+
+def test_log_keys_are_checked(tmp_path):
+    """A misspelt key, or one string (tuple("phi") is ('p', 'h', 'i')), used to log nothing, silently."""
+    _, _, ctrl = build("bert")
+    with pytest.raises(ValueError, match=r"log_keys: unknown \['rnk'\]; .* are \('phi', 'mode', 'rank', 'lr', 'loss'\)"):
+        UnifiedLoRACallback(ctrl, log_keys=("phi", "rnk"))
+    with pytest.raises(TypeError, match=r"log_keys: expected a tuple of keys, e.g. \('phi',\), got the string"):
+        UnifiedLoRACallback(ctrl, log_keys="phi")
+    model, _, ctrl = build("bert")
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=TokenDataset(n=4),
+                      callbacks=[UnifiedLoRACallback(ctrl, log_keys=["rank"])])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all([k for k in h if k.startswith("unified_lora/")] == ["unified_lora/rank"]
+                                  for h in logs)
 
 
 def test_add_to_lets_earlier_callbacks_see_the_keys(tmp_path):

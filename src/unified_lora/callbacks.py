@@ -34,8 +34,10 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
   step of an epoch averages over the micro-batches it has.
 
 Which case applies is read from the model's `forward` source (does it pass
-`**kwargs` to `self.loss_function`, or name `num_items_in_batch`?); override it
-with `model_normalises_loss=True/False`. The Trainer itself cannot tell: in
+`**kwargs` to `self.loss_function`, or name `num_items_in_batch`?; for a PEFT
+model, its base model's, as the Trainer reads it; a compiled model's, its
+original's); override it with
+`model_normalises_loss=True/False`. The Trainer itself cannot tell: in
 transformers 5 it assumes every model whose `forward` takes `**kwargs` normalises
 by `num_items_in_batch`, so for BERT-style classifiers with gradient accumulation
 its own `logs["loss"]` (and gradient) is the *sum* of the micro-batch means
@@ -95,8 +97,9 @@ state too. Callbacks whose `on_train_end` runs before this one's see the final
 rank: `callback.add_to(trainer)` puts it first.
 
 **Logging.** On every training log the keys `unified_lora/{phi,mode,rank,lr,loss}`
-(values at the logged step) are added to `logs` and to the matching
-`state.log_history` entry. Integrations (`report_to`) run before user callbacks;
+(values at the logged step; the loss is the one the controller used, under DDP the
+mean over processes, as the Trainer's own `loss`) are added to `logs` and to the
+matching `state.log_history` entry. Integrations (`report_to`) run before user callbacks;
 to have them log the keys too, add the callback first:
 `callback.add_to(trainer)` (inserts it at the head of the callback list).
 
@@ -122,12 +125,13 @@ from transformers import TrainerCallback
 from ._files import written_atomically
 from .config import MODES
 from .controller import UnifiedController
-from .distributed import check_trainer_ddp_args, unwrap_optimizer
+from .distributed import check_trainer_ddp_args, unwrap_model, unwrap_optimizer
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
 WEIGHTS_DIGEST_KEY = "callback_weights_sha256"
 LOG_PREFIX = "unified_lora/"
+LOG_KEYS = ("phi", "mode", "rank", "lr", "loss")  # what `log_keys` can name (each is logged as LOG_PREFIX + key)
 
 
 def _call_args(src: str, name: str) -> list[str]:
@@ -148,7 +152,14 @@ def model_normalises_loss(model) -> bool:
     """Whether `model.forward` divides its loss by the Trainer's `num_items_in_batch`:
     it names `num_items_in_batch`, or passes `**kwargs` on to `self.loss_function`
     (as `*ForCausalLM` do). Heads with a plain `CrossEntropyLoss()` mean, or that call
-    `self.loss_function` without the kwargs (huggingface/transformers#47688), don't."""
+    `self.loss_function` without the kwargs (huggingface/transformers#47688), don't.
+    A PEFT model (`attach_to_peft_model`) is read through to its base model, whose loss it returns (as the
+    Trainer does: its `PeftModelForCausalLM.forward` only passes the kwargs on); so is a `torch.compile`d
+    (or DDP-wrapped) model, whose wrapper's class has no forward of its own."""
+    model = unwrap_model(model)
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
     try:
         src = inspect.getsource(type(model).forward)
     except (OSError, TypeError):
@@ -177,11 +188,11 @@ class UnifiedLoRACallback(TrainerCallback):
             `load_best_model_at_end` loads has none (False: a warning, and the controller goes on as it is).
         model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
             (None: read it from the model's forward source).
-        log_keys: which controller values go into the Trainer's logs.
+        log_keys: which controller values go into the Trainer's logs (some of `LOG_KEYS`; an unknown key raises).
     """
 
     def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
-                 model_normalises_loss: bool | None = None, log_keys=("phi", "mode", "rank", "lr", "loss")):
+                 model_normalises_loss: bool | None = None, log_keys=LOG_KEYS):
         if not isinstance(ctrl, UnifiedController):
             raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
         from .multitask import MultiTaskController
@@ -197,7 +208,12 @@ class UnifiedLoRACallback(TrainerCallback):
         self.ctrl = ctrl
         self.resume_from = resume_from
         self.strict_resume = strict_resume
+        if isinstance(log_keys, str):  # tuple("phi") would be ('p', 'h', 'i'): no key logged, silently
+            raise TypeError(f"log_keys: expected a tuple of keys, e.g. ({log_keys!r},), got the string {log_keys!r}")
         self.log_keys = tuple(log_keys)
+        unknown = [k for k in self.log_keys if k not in LOG_KEYS]
+        if unknown:
+            raise ValueError(f"log_keys: unknown {unknown}; the controller values that can be logged are {LOG_KEYS}")
         self.model_normalises_loss = model_normalises_loss
         self._hook = None
         self._wraps_loss_func = False
@@ -301,8 +317,9 @@ class UnifiedLoRACallback(TrainerCallback):
         if self.ctrl.keep_trace:  # a per-step list, kept as ctrl.trace is: not at all in a run that keeps no trace
             self.step_losses.append(loss)
         self.ctrl.step(loss)
+        # the loss the controller used (the trace's): under DDP the mean over processes, as the Trainer's own log
         self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,
-                     "lr": self.ctrl.get_last_lr(), "loss": loss}
+                     "lr": self.ctrl.get_last_lr(), "loss": self.ctrl.last_loss}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.last:

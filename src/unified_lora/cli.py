@@ -507,8 +507,6 @@ def cmd_train(args) -> int:
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
-    if task_type == "seq-cls" and num_labels < 2:
-        raise UsageError(f"--label-column {cfg.label_column}: found {num_labels} class; need at least 2 labels")
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
@@ -523,7 +521,9 @@ def cmd_train(args) -> int:
     trace_path = out / "trace.jsonl"
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
-    run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None)
+    classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
+    run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None,
+              classes=classes)
     run.started = t_start
     if held:  # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found):
         # now the previous run's outputs go. They went before Run, and a --target-modules that matched nothing
@@ -597,7 +597,8 @@ def cmd_train(args) -> int:
     trace = read_trace(trace_path)
     summary = {
         **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
-        "model": model_path, "task_type": task_type, "task": task, "majority": majority(train, dev, task),
+        "model": model_path, "task_type": task_type, "task": task, "classes": classes,
+        "majority": majority(train, dev, task),
         "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
         "peft_adapter": None if peft_note else str(out / "peft_adapter"),
         # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a run of
@@ -659,6 +660,7 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     steps = max(step, len(trace))
     out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps)
     out["command"] = "train (unfinished)"
+    out["classes"] = st.get("classes")
     out["dev_note"] = (f"no summary.json for step {summary['steps']} on: " if summary is not None else
                        "no summary.json: ") + (
         f"summarised from the newest checkpoint, {ckpt.name} (step {step}), and trace.jsonl ({len(trace)} steps); "
@@ -825,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"loss signal (default {DEMO_CALIBRATION[1]}): scaled warmup loss: φ settles at target/(1+target), 2.2 -> 0.69, just under θ1=0.7, so a "
                         "smoothed loss ~6%% above the warmup level enters MIRROR. MRPC's flip shock raises the loss "
                         "only ~1.3x before the model adapts, and with 2.0 (φ≈0.67) it never crossed θ1")
-    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode before leaving it")
+    d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode a transition entered")
     d.add_argument("--target-modules", default="query,value",
                    help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: query,value)")
     d.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
@@ -869,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
                    "calibration_target (YAML; default 0.5); default 0 = off")
-    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode before leaving it (default 0)")
+    t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
     t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "

@@ -232,7 +232,7 @@ class MachineConfig:
     initial_mode: int = MULTI  # v1/v3: MULTI is the start state
     warmup_steps: int = 0  # no transitions before this step
     eval_interval: int = 1  # only decide on steps that are multiples of this
-    min_dwell: int = 0  # hysteresis: steps to stay in a mode before leaving it
+    min_dwell: int = 0  # hysteresis: steps to stay in a mode entered by a transition (warmup_steps holds the first)
 
     def __post_init__(self) -> None:
         check_field_types(self)

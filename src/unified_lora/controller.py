@@ -73,6 +73,10 @@ class UnifiedController:
     `UnifiedController(alpha=0.1, beta=0.9, theta0=0.3, theta1=0.7).update(loss) -> lr`.
     """
 
+    # the loss the last step fed to the signal (all-reduced under DDP); a class default, so a controller pickled
+    # before it existed has it too
+    last_loss: float | None = None
+
     def __init__(
         self,
         alpha: float = 0.1,
@@ -339,6 +343,7 @@ class UnifiedController:
         restore that completed stays, with this step's gradients cleared), gradients of blocks a
         partial rank drop paused, and a multi-task split or merge that raised partway."""
         loss = self._read_loss(loss)
+        self.last_loss = loss
         phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)
         nonfinite = bool(comps.pop("nonfinite", False))

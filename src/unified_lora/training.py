@@ -385,11 +385,21 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
             raise DataError(f"{flag} {given}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or "
                             ".jsonl table with a label column (or, for --data, a GLUE task folder)")
     train = load_table(path, list(cfg.text_columns), cfg.label_column)
+    # one class is nothing to learn. It was refused only when it made a 1-output head: an integer label (all 1s)
+    # makes a 2-class head, and that trained on rows of one class; the demo took a 1-output head too, which
+    # transformers reads as regression (an MSE loss on the class id)
+    classes = sorted(set(train.labels))
+    if len(classes) < 2:
+        name = train.label_names[classes[0]] if train.label_names else classes[0]
+        raise DataError(f"--data {cfg.data}: every row has the label {name!r} in column {cfg.label_column!r}; a "
+                        "classifier needs rows of at least 2 classes")
     if cfg.dev_data:
         # the train set's classes: its label names, or for integer labels the ids 0 .. num_labels - 1, so a dev label
-        # the train set lacks is a DataError now, not an index error at the first evaluation after training
+        # the train set lacks is a DataError now, not an index error at the first evaluation after training. By name
+        # only: an integer dev label is no id into the train set's sorted names (with train labels -1/0/1, a dev 2
+        # was read as id 2, the class "1"; with names, MNLI's 0 = entailment became the sorted "contradiction")
         names = train.label_names or [str(i) for i in range(train.num_labels)]
-        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names)
+        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names, names_only=True)
         dev = TextDataset(dev.examples, train.num_labels, train.label_names, dev.name)
     else:
         tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
@@ -566,8 +576,12 @@ class Run:
     """A model with nested LoRA, its optimizer and controller, and the loop that trains it."""
 
     def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
-                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False):
+                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
+                 classes: Sequence[str] | None = None):
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
+        # the class of each label id (string labels get ids in sorted order): checkpoints record it, and a resumed run
+        # must get the same ids
+        self.classes = list(classes) if classes is not None else None
         if task_type == "causal-lm" and cfg.has_shock and cfg.shock_type != "random":
             raise UsageError(f"shock_type: '{cfg.shock_type}' maps class labels; a causal LM's shock is "
                              f"--shock-type random (uniform random next tokens in the window)")
@@ -654,7 +668,7 @@ class Run:
         save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
                     "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
-                    "num_labels": self.num_labels, "shock_gen": self.shock_gen.get_state(),
+                    "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
                     "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
         if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
             note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
@@ -679,13 +693,21 @@ class Run:
         from safetensors.torch import load_file
 
         path = Path(path)
+        st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        # the data's classes, in id order, must be the run's: a label added to or renamed in the --data file changed
+        # the sorted ids (a head of another size failed in load_state_dict; one of the same size resumed on swapped
+        # labels, silently). Checkpoints written before classes were recorded are not checked
+        stored = st.get("classes")
+        if stored is not None and self.classes is not None and stored != self.classes:
+            raise UsageError(f"--resume {path}: the run was trained on the classes {stored} (label ids 0, 1, ... in "
+                             f"that order) and the data now has {self.classes}; resume with the run's data, or start "
+                             "a new run in another --output-dir")
         tensors = load_file(str(path / "adapter_blocks.safetensors"))
         missing = [k for k in tensors if k not in dict(self.model.named_parameters())]
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
                              "resume with the same --model and LoRA settings")
         self.model.load_state_dict(tensors, strict=False)
-        st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         # the loaded param groups hold the stored run's lr and weight_decay; a resumed run trains at the ones it is
         # given now (the controller writes an absolute mode LR itself, in ctrl.load_state_dict below)

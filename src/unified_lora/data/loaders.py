@@ -141,7 +141,13 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
         try:
             label = spec.label_map[raw] if spec.label_map else int(raw)
         except (KeyError, ValueError):
-            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {list(spec.label_names)}") from None
+            label = -1
+        # an int outside the task's ids is no label either: a GLUE test.tsv has none (MRPC's first column there is
+        # the row index, which int() read as labels 0, 1, 2, ...; the run then scored against row numbers)
+        if not 0 <= label < len(spec.label_names):
+            expected = list(spec.label_map) or [f"{i} ({name})" for i, name in enumerate(spec.label_names)]
+            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} (a GLUE "
+                            "test.tsv has no labels: train and evaluate on train.tsv and dev.tsv)")
         text_b = row[spec.text_b].strip() if spec.text_b is not None else None
         examples.append(Example(row[spec.text_a].strip(), text_b, label))
     if not examples:
@@ -236,7 +242,7 @@ def _as_number(value: Any) -> float | None:
 
 
 def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
-               column: str = "label") -> tuple[list[int], list[str] | None, int]:
+               column: str = "label", names_only: bool = False) -> tuple[list[int], list[str] | None, int]:
     for n, value in enumerate(raw, start=1):  # a missing label is not a class of its own
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{path}: record {n} has no label (column {column!r} is "
@@ -255,14 +261,22 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
     if label_names is not None:
         names = [str(n) for n in label_names]
         index = {n: i for i, n in enumerate(names)}
+        numeric: dict[float, int] = {}  # names that are numbers ("-1", "1.0"): a label matches them by value
+        for i, name in enumerate(names):
+            if _as_number(name) is not None:
+                numeric.setdefault(_as_number(name), i)  # type: ignore[arg-type]
         ids = []
         for n, value in enumerate(raw, start=1):
             key = str(value).strip()
-            as_int = _as_int(value)
+            as_int, number = _as_int(value), _as_number(value)
             if key in index:
                 ids.append(index[key])
-            elif as_int is not None and 0 <= as_int < len(names):
-                ids.append(as_int)  # already an id into label_names
+            elif number is not None and number in numeric:
+                ids.append(numeric[number])  # 1 for the class "1.0"
+            elif not names_only and not numeric and as_int is not None and 0 <= as_int < len(names):
+                # already an id into label_names. Not where the names are numbers themselves: with classes
+                # ["-1", "0", "1"] a 2 is no class, and it was read as id 2, the class "1"
+                ids.append(as_int)
             else:
                 raise DataError(f"{path}: record {n} has label {value!r}, which is not one of the classes {names} "
                                 f"(label_names); add it or fix the data")
@@ -279,11 +293,16 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
 
 
 def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) -> None:
-    """A JSON null text (pandas writes NaN so) would train on the word 'None'."""
+    """A JSON null text (pandas writes NaN so) would train on the word 'None', and a nested JSON object or list on
+    its Python repr ("{'title': ..., 'body': ...}")."""
     for n, record in enumerate(records, start=1):
         if column in record and record[column] is None:
             raise DataError(f"{path}: record {n} has no text (column {column!r} is null); fill it in or drop the "
                             "record")
+        if isinstance(record.get(column), (dict, list)):
+            kind = "JSON object" if isinstance(record[column], dict) else "JSON list"
+            raise DataError(f"{path}: record {n} has a {kind} in column {column!r}, not a text; nested fields are "
+                            "not read: write the text to train on as a string field of each record")
 
 
 def load_table(
@@ -292,11 +311,14 @@ def load_table(
     label_column: str,
     fmt: str | None = None,
     label_names: Sequence[str] | None = None,
+    names_only: bool = False,
 ) -> TextDataset:
     """Load a .csv/.tsv/.jsonl table (header row for csv/tsv) as a TextDataset.
 
     Integer labels are used as class ids; string labels get ids in sorted order
-    (`label_names` then lists them). Passing `label_names` fixes the mapping.
+    (`label_names` then lists them). Passing `label_names` fixes the mapping: a label
+    is one of those names (a number matches a name of equal value: 1 and "1.0"), or, unless
+    `names_only` or the names are numbers, an integer id into them.
     """
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
@@ -314,7 +336,8 @@ def load_table(
                 raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
     for col in text_columns:
         _check_no_null_text(records, col, path)
-    ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column)
+    ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column,
+                                       names_only)
     examples = [
         Example(
             str(r[text_columns[0]]),
