@@ -856,6 +856,8 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("dev_label_2_for_classes_minus_1_0_1", "has label '2', which is not one of the classes ['-1', '0', '1']"),
     ("dev_ids_for_named_classes", "dev_ids.csv: record 1 has label '1', which is not one of the classes ['neg', "
                                   "'pos']"),
+    # a window after the last step of an epochs-based run: the summary reported a shock on steps that never ran
+    ("shock_past_the_epochs", "shock_end: must be <= the run's "),
     ("missing_trace", "no such trace file"),
     ("missing_run_dir", "no such run folder"),
     ("bad_flag", "--stepz"),
@@ -913,6 +915,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                                                                                    "output_dir: null\n"))],
         "config_not_utf8": ["train", "--config", str(tmp_path / "c8.yaml")],
         "config_not_yaml": ["train", "--config", str(_write(tmp_path / "c9.yaml", "text_columns: [\n"))],
+        "shock_past_the_epochs": _train_args(tiny, out, "--epochs", "1", "--shock-start", "200", "--shock-end", "300"),
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],
         "missing_run_dir": ["report", str(tmp_path / "none")],
         "bad_flag": ["demo", "--stepz", "3"],

@@ -514,6 +514,12 @@ def cmd_train(args) -> int:
     check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+    n_rows = len(enc_train["labels"])
+    per_epoch = math.ceil(n_rows / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    if cfg.has_shock and cfg.shock_end > total:  # (with --steps TrainConfig checks it; with epochs only now)
+        raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
+                         f"{cfg.shock_end}; the summary reported a shock on steps that never ran")
     held = _run_outputs(out) if ckpt is None else []
     if held and not args.overwrite:
         raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held)}); pass --resume to continue "
@@ -536,9 +542,6 @@ def cmd_train(args) -> int:
     if ckpt is not None:
         run.load_checkpoint(ckpt)
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
-    n_rows = len(enc_train["labels"])
-    per_epoch = math.ceil(n_rows / cfg.batch_size)
-    total = cfg.steps or cfg.epochs * per_epoch
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {len(enc_dev['labels'])}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
