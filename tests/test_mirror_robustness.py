@@ -264,3 +264,39 @@ def test_a_parameter_reshaped_since_the_save_is_a_value_error_naming_it_and_noth
     ps[0].data = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"parameter 0 \(q.lora_A.0\) has shape \(2, 8\)"):
         snap.drift(ps)
+
+
+# ------------------------------------------------------------------------------ a merged layer at the restore
+@pytest.mark.parametrize("kernel", ["eager", "eager_unpacked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_restore_into_a_merged_layer_folds_the_restored_delta_and_its_unmerge_gives_the_base_weight_back(dtype,
+                                                                                                          kernel):
+    # the user merges one layer in MIRROR (layer "0" trains on, so ctrl.step still runs); the exit rolls the blocks
+    # back. The merged base weight held the delta of the discarded blocks: a restore under it, then an unmerge (or
+    # the exit's rank change, which unmerges and merges again), left their difference in the base weight for good.
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    held = {}
+
+    def merge_in_mirror(i, model, opt, ctrl, x):
+        if i == 3:
+            layer = ctrl.adapters[-1]
+            held["layer"], held["base"] = layer, layer.base_layer.weight.detach().clone()
+            layer.merge()
+        return x
+
+    rec = _drive(_model(dtype), _mcfg(kernel, policy="always"), lambda ps: torch.optim.AdamW(ps, lr=1e-2), x,
+                 before_step=merge_in_mirror)
+    layer, base = held["layer"], held["base"]
+    assert rec["decision"].restore and layer.merged_rank == layer.rank == 8  # still merged, at the exit's rank
+    assert all(torch.equal(p, s) for p, s in zip(rec["restored"], rec["snap"]))
+    # the merged weight is the base weight plus the restored blocks' delta, not the discarded blocks' delta
+    want = layer._folded(base, layer.rank, +1)
+    if dtype == torch.bfloat16:  # merge keeps a bf16 base weight, so every fold starts from the same base: bit for bit
+        assert torch.equal(layer.base_layer.weight, want)
+    else:  # fp32: unmerge subtracts, one ulp off at most
+        torch.testing.assert_close(layer.base_layer.weight, want, rtol=0, atol=1e-6)
+    layer.unmerge()
+    if dtype == torch.bfloat16:
+        assert torch.equal(layer.base_layer.weight, base)
+    else:
+        torch.testing.assert_close(layer.base_layer.weight, base, rtol=0, atol=1e-6)

@@ -433,12 +433,26 @@ class UnifiedController:
         if t.old == MIRROR and self.mirror.held:
             decision = self._mirror_decision()
             if decision.restore:
-                self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
+                self._restore_snapshot(params)
                 for p in params:  # this step's gradients belong to the discarded weights
                     p.grad = None
             self._exit_decision = decision  # the snapshot is dropped when the whole transition has run
             return ("restored" if decision.restore else "kept"), decision.drift
         return None, None
+
+    def _restore_snapshot(self, params: list[nn.Parameter]) -> None:
+        """Write the Mirror snapshot back (with the optimizer state, if saved). A merged layer's base weight holds
+        the delta of the blocks being replaced: it is unmerged first and merged again with the restored blocks, as a
+        rank change does. Before, the restore wrote the blocks under it, and its unmerge then took the restored
+        delta out of a weight that held the discarded one, leaving their difference in the base weight."""
+        merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]
+        for a in merged:
+            a.unmerge()
+        try:
+            self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
+        finally:  # (a refused restore wrote nothing: the layers merge the blocks they had)
+            for a in merged:
+                a.merge()
 
     def _mirror_decision(self) -> MirrorDecision:
         """Mirror's exit rule, with the drift over every LoRA block (not the `modules_to_save`)."""
