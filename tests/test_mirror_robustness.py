@@ -300,3 +300,43 @@ def test_a_restore_into_a_merged_layer_folds_the_restored_delta_and_its_unmerge_
         assert torch.equal(layer.base_layer.weight, base)
     else:
         torch.testing.assert_close(layer.base_layer.weight, base, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- trainable parameters Mirror skips
+def test_an_optimizer_that_trains_parameters_mirror_does_not_snapshot_warns_and_they_are_not_rolled_back():
+    # BitFit + LoRA: biases made trainable after setup train in the optimizer, but the controller manages only the
+    # LoRA blocks and modules_to_save. A restore then rolled the adapters back and left the biases where MIRROR took
+    # them, silently; attaching such an optimizer now says so.
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    model = _model()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["0"], print_fn=None, signal=FAST,
+                                        mirror=MirrorConfig(policy="always"))
+    bias = model[2].bias
+    bias.requires_grad_(True)  # layer "2" is not a target: a plain frozen Linear until this line
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.warns(UserWarning, match=r"trains 1 parameters this controller does not manage \(shapes \(3,\)\)"
+                                         r".*leaves these at their values from the end of MIRROR"):
+        ctrl.attach_optimizer(opt)
+    snap = {}
+    for fed in PLAN:
+        (model(x) - 0.5).pow(2).mean().backward()
+        tr = ctrl.step(fed)
+        if tr and tr[0].new == MIRROR:
+            snap["bias"], snap["lora"] = bias.detach().clone(), [p.detach().clone() for p in _lora(ctrl)]
+        if tr and tr[0].old == MIRROR:  # what the warning says: the adapters are back, the bias is not
+            assert all(torch.equal(p, s) for p, s in zip(_lora(ctrl), snap["lora"]))
+            assert not torch.equal(bias, snap["bias"])
+        opt.step()
+        opt.zero_grad()
+    # the usual set-up (every trainable parameter managed) attaches without a warning, and so does the v1 LR
+    # controller, which has no Mirror
+    import warnings
+
+    from unified_lora import UnifiedController
+
+    model = _model()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["0"], modules_to_save=["2"], print_fn=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctrl.attach_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+        UnifiedController(optimizer=torch.optim.SGD(_model().parameters(), lr=0.1), print_fn=None)
