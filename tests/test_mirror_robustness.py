@@ -340,3 +340,46 @@ def test_an_optimizer_that_trains_parameters_mirror_does_not_snapshot_warns_and_
         warnings.simplefilter("error")
         ctrl.attach_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
         UnifiedController(optimizer=torch.optim.SGD(_model().parameters(), lr=0.1), print_fn=None)
+
+
+# ----------------------------------------------------------------------- what a default restore leaves as it was
+@pytest.mark.parametrize("snapshot_optimizer", [False, True])
+def test_a_restore_puts_back_every_block_and_the_head_and_the_optimizer_state_only_when_asked(snapshot_optimizer):
+    # the README's account, against hand-made deep copies: every block (the r16 blocks too, which train in MIRROR
+    # only) and the modules_to_save head come back bit for bit, with no gradient; the optimizer state comes back with
+    # snapshot_optimizer=True, and is otherwise the state MIRROR left; the signal and the loss EMA are not reset
+    from conftest import classification_batch, tiny_bert
+
+    model = tiny_bert()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                        print_fn=None, signal=FAST,
+                                        mirror=MirrorConfig(policy="always", snapshot_optimizer=snapshot_optimizer))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch()
+    params = ctrl.managed_parameters()
+    for fed in [1.0, 1.0, 10.0, 10.0, 10.0, 1.0]:
+        model(input_ids=x, labels=y).loss.backward()
+        if ctrl.mode == MIRROR and fed < 10:
+            before_exit = {"w": [p.detach().clone() for p in params], "opt": _state_copy(opt, params),
+                           "phi": ctrl.phi, "sig": copy.deepcopy(ctrl.signal.state_dict())}
+        tr = ctrl.step(fed)
+        if tr and tr[0].new == MIRROR:
+            entry = {"w": [p.detach().clone() for p in params], "opt": _state_copy(opt, params)}
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    assert tr and tr[0].old == MIRROR and ctrl.trace[-1].snapshot == "restored"
+    # MIRROR moved every block, the r16 ones (paused before it) and the head included
+    assert not any(torch.equal(b, w) for b, w in zip(before_exit["w"], entry["w"]))
+    # the weights: all of them, the paused r16 blocks and the head included, bit for bit; no gradient to apply
+    assert all(torch.equal(p, w) for p, w in zip(params, entry["w"]))
+    assert all(p.grad is None for p in params)
+    # the optimizer state
+    want = entry["opt"] if snapshot_optimizer else before_exit["opt"]
+    for p, got, w in zip(params, _state_copy(opt, params), want):
+        _assert_same_state(got, w)
+    if not snapshot_optimizer:  # MIRROR's steps are still in it
+        assert any(s is not None and (e is None or s["step"] != e["step"])
+                   for s, e in zip(before_exit["opt"], entry["opt"]))
+    # the signal went on from the exit step: it read this step's loss after the MIRROR steps, no reset
+    assert ctrl.signal.state_dict() != before_exit["sig"] and ctrl.phi < before_exit["phi"]
