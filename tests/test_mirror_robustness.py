@@ -264,3 +264,122 @@ def test_a_parameter_reshaped_since_the_save_is_a_value_error_naming_it_and_noth
     ps[0].data = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"parameter 0 \(q.lora_A.0\) has shape \(2, 8\)"):
         snap.drift(ps)
+
+
+# ------------------------------------------------------------------------------ a merged layer at the restore
+@pytest.mark.parametrize("kernel", ["eager", "eager_unpacked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_restore_into_a_merged_layer_folds_the_restored_delta_and_its_unmerge_gives_the_base_weight_back(dtype,
+                                                                                                          kernel):
+    # the user merges one layer in MIRROR (layer "0" trains on, so ctrl.step still runs); the exit rolls the blocks
+    # back. The merged base weight held the delta of the discarded blocks: a restore under it, then an unmerge (or
+    # the exit's rank change, which unmerges and merges again), left their difference in the base weight for good.
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    held = {}
+
+    def merge_in_mirror(i, model, opt, ctrl, x):
+        if i == 3:
+            layer = ctrl.adapters[-1]
+            held["layer"], held["base"] = layer, layer.base_layer.weight.detach().clone()
+            layer.merge()
+        return x
+
+    rec = _drive(_model(dtype), _mcfg(kernel, policy="always"), lambda ps: torch.optim.AdamW(ps, lr=1e-2), x,
+                 before_step=merge_in_mirror)
+    layer, base = held["layer"], held["base"]
+    assert rec["decision"].restore and layer.merged_rank == layer.rank == 8  # still merged, at the exit's rank
+    assert all(torch.equal(p, s) for p, s in zip(rec["restored"], rec["snap"]))
+    # the merged weight is the base weight plus the restored blocks' delta, not the discarded blocks' delta
+    want = layer._folded(base, layer.rank, +1)
+    if dtype == torch.bfloat16:  # merge keeps a bf16 base weight, so every fold starts from the same base: bit for bit
+        assert torch.equal(layer.base_layer.weight, want)
+    else:  # fp32: unmerge subtracts, one ulp off at most
+        torch.testing.assert_close(layer.base_layer.weight, want, rtol=0, atol=1e-6)
+    layer.unmerge()
+    if dtype == torch.bfloat16:
+        assert torch.equal(layer.base_layer.weight, base)
+    else:
+        torch.testing.assert_close(layer.base_layer.weight, base, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- trainable parameters Mirror skips
+def test_an_optimizer_that_trains_parameters_mirror_does_not_snapshot_warns_and_they_are_not_rolled_back():
+    # BitFit + LoRA: biases made trainable after setup train in the optimizer, but the controller manages only the
+    # LoRA blocks and modules_to_save. A restore then rolled the adapters back and left the biases where MIRROR took
+    # them, silently; attaching such an optimizer now says so.
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    model = _model()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["0"], print_fn=None, signal=FAST,
+                                        mirror=MirrorConfig(policy="always"))
+    bias = model[2].bias
+    bias.requires_grad_(True)  # layer "2" is not a target: a plain frozen Linear until this line
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.warns(UserWarning, match=r"trains 1 parameters this controller does not manage \(shapes \(3,\)\)"
+                                         r".*leaves these at their values from the end of MIRROR"):
+        ctrl.attach_optimizer(opt)
+    snap = {}
+    for fed in PLAN:
+        (model(x) - 0.5).pow(2).mean().backward()
+        tr = ctrl.step(fed)
+        if tr and tr[0].new == MIRROR:
+            snap["bias"], snap["lora"] = bias.detach().clone(), [p.detach().clone() for p in _lora(ctrl)]
+        if tr and tr[0].old == MIRROR:  # what the warning says: the adapters are back, the bias is not
+            assert all(torch.equal(p, s) for p, s in zip(_lora(ctrl), snap["lora"]))
+            assert not torch.equal(bias, snap["bias"])
+        opt.step()
+        opt.zero_grad()
+    # the usual set-up (every trainable parameter managed) attaches without a warning, and so does the v1 LR
+    # controller, which has no Mirror
+    import warnings
+
+    from unified_lora import UnifiedController
+
+    model = _model()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["0"], modules_to_save=["2"], print_fn=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctrl.attach_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+        UnifiedController(optimizer=torch.optim.SGD(_model().parameters(), lr=0.1), print_fn=None)
+
+
+# ----------------------------------------------------------------------- what a default restore leaves as it was
+@pytest.mark.parametrize("snapshot_optimizer", [False, True])
+def test_a_restore_puts_back_every_block_and_the_head_and_the_optimizer_state_only_when_asked(snapshot_optimizer):
+    # the README's account, against hand-made deep copies: every block (the r16 blocks too, which train in MIRROR
+    # only) and the modules_to_save head come back bit for bit, with no gradient; the optimizer state comes back with
+    # snapshot_optimizer=True, and is otherwise the state MIRROR left; the signal and the loss EMA are not reset
+    from conftest import classification_batch, tiny_bert
+
+    model = tiny_bert()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                        print_fn=None, signal=FAST,
+                                        mirror=MirrorConfig(policy="always", snapshot_optimizer=snapshot_optimizer))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch()
+    params = ctrl.managed_parameters()
+    for fed in [1.0, 1.0, 10.0, 10.0, 10.0, 1.0]:
+        model(input_ids=x, labels=y).loss.backward()
+        if ctrl.mode == MIRROR and fed < 10:
+            before_exit = {"w": [p.detach().clone() for p in params], "opt": _state_copy(opt, params),
+                           "phi": ctrl.phi, "sig": copy.deepcopy(ctrl.signal.state_dict())}
+        tr = ctrl.step(fed)
+        if tr and tr[0].new == MIRROR:
+            entry = {"w": [p.detach().clone() for p in params], "opt": _state_copy(opt, params)}
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    assert tr and tr[0].old == MIRROR and ctrl.trace[-1].snapshot == "restored"
+    # MIRROR moved every block, the r16 ones (paused before it) and the head included
+    assert not any(torch.equal(b, w) for b, w in zip(before_exit["w"], entry["w"]))
+    # the weights: all of them, the paused r16 blocks and the head included, bit for bit; no gradient to apply
+    assert all(torch.equal(p, w) for p, w in zip(params, entry["w"]))
+    assert all(p.grad is None for p in params)
+    # the optimizer state
+    want = entry["opt"] if snapshot_optimizer else before_exit["opt"]
+    for p, got, w in zip(params, _state_copy(opt, params), want):
+        _assert_same_state(got, w)
+    if not snapshot_optimizer:  # MIRROR's steps are still in it
+        assert any(s is not None and (e is None or s["step"] != e["step"])
+                   for s, e in zip(before_exit["opt"], entry["opt"]))
+    # the signal went on from the exit step: it read this step's loss after the MIRROR steps, no reset
+    assert ctrl.signal.state_dict() != before_exit["sig"] and ctrl.phi < before_exit["phi"]

@@ -21,6 +21,7 @@ import inspect
 import math
 import numbers
 import sys
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -176,6 +177,7 @@ class UnifiedController:
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
             self._check_optimizer_holds_managed(inner)
+            self._warn_unmanaged_trainable(inner)
             if self.actuators.lr_mode != "off":
                 self._check_optimizer_lr(inner)
         previous = _unwrap_optimizer(self.optimizer)
@@ -212,6 +214,30 @@ class UnifiedController:
                 f"missing: {shown}. A parameter the optimizer lacks never trains (paused rank blocks included, which "
                 f"the controller re-activates). Build it after setup, from every parameter that requires grad, e.g. "
                 f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
+
+    def _warn_unmanaged_trainable(self, inner) -> None:
+        """Warn about parameters the optimizer trains that Mirror does not snapshot (made trainable after setup:
+        biases, LayerNorms): a restore puts the adapters and `modules_to_save` back and would leave these at their
+        values from the end of MIRROR, a model that never existed, without a word."""
+        groups = getattr(inner, "param_groups", None)
+        if groups is None or not (self.adapters or self.extra_params):  # the v1 LR controller has no Mirror
+            return
+        managed = {id(p) for p in self.managed_parameters()}
+        seen, other = set(), []
+        for g in groups:
+            for p in g["params"]:
+                if getattr(p, "requires_grad", False) and id(p) not in managed and id(p) not in seen:
+                    seen.add(id(p))
+                    other.append(p)
+        if other:
+            shapes = ", ".join(str(tuple(p.shape)) for p in other[:4]) + (f", ... ({len(other) - 4} more)"
+                                                                         if len(other) > 4 else "")
+            warnings.warn(
+                f"optimizer: it trains {len(other)} parameters this controller does not manage (shapes {shapes}). "
+                f"Mirror does not snapshot them: a restore puts the LoRA blocks and modules_to_save back and leaves "
+                f"these at their values from the end of MIRROR. To have them rolled back too, name their modules in "
+                f"modules_to_save at setup, or build the controller with UnifiedController(adapters=..., "
+                f"extra_params=[...]) listing them", stacklevel=3)
 
     def _check_optimizer_lr(self, inner) -> None:
         """Refuse param groups whose learning rate the controller cannot set: transformers' Adafactor with
@@ -440,12 +466,26 @@ class UnifiedController:
         if t.old == MIRROR and self.mirror.held:
             decision = self._mirror_decision()
             if decision.restore:
-                self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
+                self._restore_snapshot(params)
                 for p in params:  # this step's gradients belong to the discarded weights
                     p.grad = None
             self._exit_decision = decision  # the snapshot is dropped when the whole transition has run
             return ("restored" if decision.restore else "kept"), decision.drift
         return None, None
+
+    def _restore_snapshot(self, params: list[nn.Parameter]) -> None:
+        """Write the Mirror snapshot back (with the optimizer state, if saved). A merged layer's base weight holds
+        the delta of the blocks being replaced: it is unmerged first and merged again with the restored blocks, as a
+        rank change does. Before, the restore wrote the blocks under it, and its unmerge then took the restored
+        delta out of a weight that held the discarded one, leaving their difference in the base weight."""
+        merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]
+        for a in merged:
+            a.unmerge()
+        try:
+            self.mirror.restore(params, _unwrap_optimizer(self.optimizer))
+        finally:  # (a refused restore wrote nothing: the layers merge the blocks they had)
+            for a in merged:
+                a.merge()
 
     def _mirror_decision(self) -> MirrorDecision:
         """Mirror's exit rule, with the drift over every LoRA block (not the `modules_to_save`)."""
