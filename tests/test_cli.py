@@ -407,6 +407,24 @@ def test_resume_refuses_a_state_pt_that_would_run_code_and_trust_checkpoint_load
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
 
 
+def test_resume_with_a_checkpoint_file_cut_short_names_the_file(tiny, tmp_path, capsys):
+    """A run folder copied with a file cut short (an interrupted rsync): --resume failed with "OSError: [Errno 22]
+    Invalid argument (internal error)" (a state.pt, even an older checkpoint's, which latest_checkpoint reads) or
+    safetensors' "header too small" (the adapter file), naming no file. Now exit 2 with the file and what to do."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "2")) == 0
+    for name in ("epoch-1/state.pt", "epoch-2/adapter_blocks.safetensors"):
+        path = out / "checkpoints" / name
+        intact = path.read_bytes()
+        path.write_bytes(intact[:len(intact) // 2])
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: cannot read it" in err and "damaged or incomplete" in err and "internal error" not in err, err
+        path.write_bytes(intact)
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
+
+
 def test_train_causal_lm(tiny, tmp_path):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",

@@ -507,6 +507,21 @@ def test_a_best_checkpoint_whose_controller_state_would_run_code_is_refused(tmp_
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2") and not marker.exists()
 
 
+def test_a_controller_state_cut_short_is_a_value_error_naming_the_file(tmp_path):
+    """A checkpoint copied with its controller file cut short: the resume failed in torch.load with a bare
+    "OSError: [Errno 22] Invalid argument" or "PytorchStreamReader failed reading zip archive", naming no file."""
+    model, _, ctrl = build("bert")
+    Trainer(model=model, args=_resume_args(tmp_path, 3), train_dataset=TokenDataset(n=6),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    path = tmp_path / "checkpoint-3" / CONTROLLER_STATE_NAME
+    path.write_bytes(path.read_bytes()[:200])
+    model2, _, ctrl2 = build("bert")
+    trainer = Trainer(model=model2, args=_resume_args(tmp_path, 4), train_dataset=TokenDataset(n=6),
+                      callbacks=[UnifiedLoRACallback(ctrl2)])
+    with pytest.raises(ValueError, match=f"{path}: cannot read it .*damaged or incomplete"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
 class Interrupt(TrainerCallback):
     """Raises at the end of step `at` (a Ctrl-C, an OOM), once."""
 

@@ -28,14 +28,15 @@ def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_c
     values (dicts, lists, tuples, str, numbers, bools, None), and unpickling anything else can run code the file
     carries, e.g. in a checkpoint folder someone sent you. A file holding other objects raises a
     `pickle.UnpicklingError` (the type torch raises) that names the object and `opt_in`, the caller's way to load a
-    file it trusts in full; `trust_checkpoint=True` is that (`weights_only=False`)."""
+    file it trusts in full; `trust_checkpoint=True` is that (`weights_only=False`). A file that cannot be read (cut
+    short) is a ValueError that names it."""
     import torch
 
-    if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as e:
+        if trust_checkpoint:
+            raise damaged_file_error(path, e) from e
         # torch's message says to re-run torch.load with weights_only=False: not something a caller of this library
         # does; keep the object it names, and say how to opt in here
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
@@ -47,3 +48,13 @@ def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_c
             "tensors and plain Python values. If you trust this file (you wrote it yourself, e.g. with an optimizer "
             f"whose state holds other objects), load it with {opt_in}"
         ) from None
+    except (RuntimeError, OSError, EOFError) as e:  # a file cut short: "failed finding central directory", ...
+        if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)):  # says what it is itself
+            raise
+        raise damaged_file_error(path, e) from e
+
+
+def damaged_file_error(path, e: BaseException) -> ValueError:
+    said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ValueError(f"{path}: cannot read it ({type(e).__name__}: {said}); the file is damaged or incomplete (a "
+                      "copy cut short?): copy the checkpoint folder again, or delete it to go on from another one")

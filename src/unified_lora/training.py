@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._files import load_state_file
+from ._files import damaged_file_error, load_state_file
 from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
                      check_field_types, parse_names)
 from .controller import setup_unified_lora
@@ -699,7 +699,10 @@ class Run:
             raise UsageError(f"--resume {path}: the run was trained on the classes {stored} (label ids 0, 1, ... in "
                              f"that order) and the data now has {self.classes}; resume with the run's data, or start "
                              "a new run in another --output-dir")
-        tensors = load_file(str(path / "adapter_blocks.safetensors"))
+        try:
+            tensors = load_file(str(path / "adapter_blocks.safetensors"))
+        except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
+            raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
         missing = [k for k in tensors if k not in dict(self.model.named_parameters())]
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
