@@ -45,6 +45,17 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+class RunsCode:
+    """Pickles as a call that writes `marker`: what a malicious state file carries. Unpickled with
+    `torch.load(weights_only=False)`, the call runs; `weights_only=True` refuses it before it can."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
 def snapshot_then_train(snap, ps, opt, steps: int = 3):
     """Save `ps` (with `opt`'s moments) into `snap`, then move them with `steps` AdamW steps. Returns the
     weights and the first parameter's exp_avg as they were at the save."""

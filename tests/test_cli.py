@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import can_build_cpp
+from conftest import RunsCode, can_build_cpp
 from unified_lora.cli import main
 from unified_lora.trace import read_trace
 
@@ -462,8 +462,51 @@ def test_resume_trains_at_the_lr_and_weight_decay_given_now(tiny, tmp_path):
     trace = read_trace(out / "trace.jsonl")
     assert [r["lr"] for r in trace] == pytest.approx([lr * V1_MULTIPLIERS[r["mode"]] for r, lr in
                                                       zip(trace, (1e-3, 1e-3, 4e-3, 4e-3))])
-    groups = torch.load(out / "checkpoints" / "step-4" / "state.pt", weights_only=False)["optimizer"]["param_groups"]
+    groups = torch.load(out / "checkpoints" / "step-4" / "state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert {(g["lr"], g["weight_decay"]) for g in groups} == {(4e-3, 0.25)}
+
+
+def test_resume_refuses_a_state_pt_that_would_run_code_and_trust_checkpoint_loads_it(tiny, tmp_path, capsys):
+    """--resume read state.pt with torch.load(weights_only=False): a run folder someone sent you, whose state.pt
+    pickles a call, ran that call on --resume (in latest_checkpoint, before any check). The file is now read with
+    weights_only=True: refused with exit 2 and a message naming --trust-checkpoint, and nothing of it runs. The
+    checkpoints the CLI writes (here with the Mirror snapshot held) load that way; --trust-checkpoint loads a
+    trusted file in full."""
+    out, marker = tmp_path / "run", tmp_path / "ran.txt"
+    cfg = _write(tmp_path / "mirror.yaml", "theta0: 0.001\ntheta1: 0.002\n")  # MIRROR from the first step
+    assert main(_train_args(tiny, out, "--steps", "2", "--config", str(cfg))) == 0
+    state = out / "checkpoints" / "step-2" / "state.pt"
+    st = torch.load(state, weights_only=True)  # what the CLI writes is tensors and plain values
+    assert st["controller"]["mirror"]["weights"] is not None
+    st["note"] = RunsCode(marker)
+    torch.save(st, state)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "refused to load it: it holds exec, which is not a tensor" in err and "--trust-checkpoint" in err, err
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]  # nothing trained
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--trust-checkpoint"]) == 0
+    assert marker.exists()  # a trusted file is unpickled in full (so its code ran)
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
+
+
+def test_resume_with_a_checkpoint_file_cut_short_names_the_file(tiny, tmp_path, capsys):
+    """A run folder copied with a file cut short (an interrupted rsync): --resume failed with "OSError: [Errno 22]
+    Invalid argument (internal error)" (a state.pt, even an older checkpoint's, which latest_checkpoint reads) or
+    safetensors' "header too small" (the adapter file), naming no file. Now exit 2 with the file and what to do."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "2")) == 0
+    for name in ("epoch-1/state.pt", "epoch-2/adapter_blocks.safetensors"):
+        path = out / "checkpoints" / name
+        intact = path.read_bytes()
+        path.write_bytes(intact[:len(intact) // 2])
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: cannot read it" in err and "damaged or incomplete" in err and "internal error" not in err, err
+        path.write_bytes(intact)
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
 
 
 def test_train_causal_lm(tiny, tmp_path):
@@ -1130,7 +1173,7 @@ def test_every_head_module_a_base_model_lacks_is_trained_saved_and_exported(tiny
             assert not torch.equal(saved[f"{m}.{leaf}"], init.get_parameter(f"{m}.{leaf}"))  # saved, and it trained
     # the trained model, rebuilt from its checkpoint, against the PEFT adapter on a base whose head is another draw
     ckpt = latest_checkpoint(out / "checkpoints")
-    cfg = TrainConfig.from_dict(torch.load(ckpt / "state.pt", weights_only=False)["config"])
+    cfg = TrainConfig.from_dict(torch.load(ckpt / "state.pt", weights_only=True)["config"])
     run = Run(cfg, init, "seq-cls", 2, None, print_fn=None)
     run.load_checkpoint(ckpt)
     torch.manual_seed(123)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,27 @@ def _train_step(model, ctrl, opt, x, labels):
     opt.step()
     opt.zero_grad()
     return loss.item()
+
+
+@pytest.mark.parametrize("reduce", [lambda v: np.mean([v]), lambda v: torch.tensor([v]).mean()],
+                         ids=["numpy", "tensor"])
+def test_a_reduce_loss_giving_a_numpy_float_or_a_tensor_keeps_the_state_loadable_with_weights_only(bert, tmp_path,
+                                                                                                  reduce):
+    """A `reduce_loss` written with numpy (np.mean of gathered losses) gives an np.float64: it went into loss_ema and
+    ctrl.state_dict() as such, and torch.load's default, weights_only=True, refused the saved state ("Unsupported
+    global: numpy ... scalar"), as the Trainer callback's resume now does. A tensor went in as a tensor. Both are a
+    float now, as a loss passed to ctrl.step is."""
+    _, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], signal="loss", print_fn=None,
+                                 reduce_loss=reduce)
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(n=4)
+    for _ in range(2):
+        _train_step(bert, ctrl, opt, x, y)
+    assert type(ctrl.loss_ema) is float and type(ctrl.trace[-1].loss) is float
+    torch.save(ctrl.state_dict(), tmp_path / "ctrl.pt")
+    loaded = torch.load(tmp_path / "ctrl.pt", weights_only=True)
+    assert loaded["loss_ema"] == ctrl.loss_ema
 
 
 def test_setup_returns_named_adapters_at_the_multi_rank(llama):

@@ -290,6 +290,33 @@ def test_mirror_snapshots_shared_and_every_task_adapter():
     assert len(ctrl.mirror.weights) == n == 3 * sum(len(a.shared_parameters()) for a in ad.values())
 
 
+def test_numpy_task_ids_give_a_state_dict_that_loads_with_weights_only(tmp_path):
+    """Task ids taken from a numpy array (np.unique(df.task) gives np.str_, a str subclass) were kept as numpy
+    scalars, in the router's slots and the signal's per-task losses: ctrl.state_dict() then held numpy objects,
+    which torch.load's default, weights_only=True, refused ("Unsupported global: numpy ... scalar"). The ids are
+    plain str / int now, and the saved state loads and continues like the one from a list of str."""
+    import numpy as np
+
+    data = conflict_data()
+    ids, y, tids = mixed_batch(*data)
+    runs = []
+    for tasks, batch_ids in ((np.array(["a", "b"]), np.array(tids)), (["a", "b"], tids)):
+        m, _, c, o = build(tasks=tasks)
+        for _ in range(6):
+            with task_context(m, list(batch_ids)):
+                per = F.cross_entropy(m(input_ids=ids).logits, y, reduction="none")
+            loss = per.mean()
+            loss.backward()
+            c.step(loss, task_losses=per_task_losses(per, list(batch_ids)))
+            o.step()
+            o.zero_grad()
+        assert all(type(t) is str for t in c.router.task_ids) and all(type(t) is str for t in c.signal.E)
+        torch.save(c.state_dict(), tmp_path / "ctrl.pt")
+        runs.append(torch.load(tmp_path / "ctrl.pt", weights_only=True))
+    assert runs[0]["multitask"]["router"] == runs[1]["multitask"]["router"]
+    assert runs[0]["signal"] == runs[1]["signal"] and runs[0]["machine"] == runs[1]["machine"]
+
+
 def test_state_dict_round_trip_continues_the_same_trajectory(tmp_path):
     data = conflict_data()
     m1, _, c1, o1 = build()

@@ -1,13 +1,15 @@
 """UnifiedLoRACallback inside the stock Hugging Face Trainer (tiny models, CPU)."""
 
 import os
+import pickle
 
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, Trainer,
                           TrainerCallback, TrainingArguments)
 
-from unified_lora import SignalConfig, setup_unified_lora
+from conftest import RunsCode
+from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 from unified_lora.callbacks import CONTROLLER_STATE_NAME, UnifiedLoRACallback, model_normalises_loss, unwrap_optimizer
 from unified_lora.config import V1_MULTIPLIERS
 
@@ -320,7 +322,7 @@ def test_a_process_killed_while_saving_the_controller_state_leaves_no_torn_file(
     states = sorted(tmp_path.glob(f"checkpoint-*/{CONTROLLER_STATE_NAME}"))
     assert third in states
     for path in states:
-        assert torch.load(path, weights_only=False)["global_step"] == 1  # each one whole
+        assert torch.load(path, weights_only=True)["global_step"] == 1  # each one whole
 
 
 def test_wrapped_compute_loss_func_feeds_the_controller(tmp_path):
@@ -388,7 +390,7 @@ def test_load_best_model_at_end_also_loads_the_best_checkpoints_controller_state
     best_step = int(best.rsplit("-", 1)[1])
     ranks = [r.rank for r in ctrl.trace]
     assert len(ranks) == 8 and ranks[best_step - 1] != ranks[-1], "the best checkpoint must have another rank"
-    saved = torch.load(os.path.join(best, CONTROLLER_STATE_NAME), weights_only=False)
+    saved = torch.load(os.path.join(best, CONTROLLER_STATE_NAME), weights_only=True)
     assert ctrl.rank == ranks[best_step - 1] and all(a.rank == ctrl.rank for a in adapters.values())
     assert (ctrl.mode, ctrl.global_step, ctrl.phi) == (saved["machine"]["mode"], best_step, saved["signal"]["phi"])
     assert ctrl.mirror.held == (saved["mirror"]["weights"] is not None)  # no snapshot then; the final one is dropped
@@ -462,7 +464,7 @@ def test_a_controller_state_saved_with_other_weights_is_refused_on_resume(tmp_pa
     model, _, ctrl = build("bert", signal=STRESS)
     Trainer(model=model, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=2),
             callbacks=[UnifiedLoRACallback(ctrl)]).train()
-    saved_b = torch.load(run_b / "checkpoint-3" / CONTROLLER_STATE_NAME, weights_only=False)
+    saved_b = torch.load(run_b / "checkpoint-3" / CONTROLLER_STATE_NAME, weights_only=True)
 
     for strict in (True, False):
         model2, _, ctrl2 = build("bert", signal=STRESS)
@@ -490,6 +492,78 @@ def test_a_controller_state_saved_with_other_weights_is_refused_on_resume(tmp_pa
     Trainer(model=model4, args=_resume_args(run_b, 3), train_dataset=TokenDataset(n=6, seed=1),
             callbacks=[UnifiedLoRACallback(ctrl4)]).train(resume_from_checkpoint=str(run_a / "checkpoint-3"))
     assert ctrl4.global_step == 3
+
+
+class PoisonControllerState(TrainerCallback):
+    """Adds a pickled call to checkpoint-`step`'s controller state right after it is written: the file of a checkpoint
+    folder someone sent you."""
+
+    def __init__(self, step, marker):
+        self.step, self.marker = step, marker
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            path = os.path.join(args.output_dir, f"checkpoint-{self.step}", CONTROLLER_STATE_NAME)
+            sd = torch.load(path, weights_only=True)  # what the callback writes is tensors and plain values
+            torch.save(dict(sd, note=RunsCode(self.marker)), path)
+
+
+def test_a_controller_state_that_would_run_code_is_refused_on_resume_and_trust_checkpoint_loads_it(tmp_path):
+    """The callback read unified_lora_controller.pt with torch.load(weights_only=False): a Trainer checkpoint someone
+    sent you, whose file pickles a call, ran that call on resume. It is now read with weights_only=True: a
+    pickle.UnpicklingError naming trust_checkpoint=True, and nothing of it runs. The state the callback writes
+    (here: in MIRROR, with the optimizer's moments in the snapshot) loads that way and resumes bit for bit;
+    trust_checkpoint=True loads a trusted file in full."""
+    marker = tmp_path / "ran.txt"
+
+    def run(out, steps, *callbacks, resume=None, **kw):
+        model = tiny_bert()
+        _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                     signal=STRESS, mirror=MirrorConfig(snapshot_optimizer=True), print_fn=None)
+        Trainer(model=model, args=targs(out, max_steps=steps, learning_rate=2e-3, save_strategy="steps",
+                                        save_steps=4), train_dataset=TokenDataset(n=16),
+                callbacks=[UnifiedLoRACallback(ctrl, **kw), *callbacks]).train(resume_from_checkpoint=resume)
+        return ctrl, _final_lora(model)
+
+    full, full_weights = run(tmp_path / "a", 8)
+    saved = torch.load(tmp_path / "a" / "checkpoint-4" / CONTROLLER_STATE_NAME, weights_only=True)
+    assert saved["mirror"]["weights"] is not None and saved["mirror"]["opt_state"][0]["exp_avg"] is not None
+    resumed, weights = run(tmp_path / "a", 8, resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert [(r.step, r.phi, r.mode, r.rank) for r in resumed.trace] == [
+        (r.step, r.phi, r.mode, r.rank) for r in full.trace[4:]]
+    assert all(torch.equal(weights[k], full_weights[k]) for k in full_weights)
+
+    run(tmp_path / "b", 8, PoisonControllerState(4, marker))
+    with pytest.raises(pickle.UnpicklingError, match="refused to load it: it holds exec.*trust_checkpoint=True"):
+        run(tmp_path / "b", 8, resume=str(tmp_path / "b" / "checkpoint-4"))
+    assert not marker.exists()
+    resumed, _ = run(tmp_path / "b", 8, resume=str(tmp_path / "b" / "checkpoint-4"), trust_checkpoint=True)
+    assert marker.exists() and resumed.global_step == 8  # a trusted file is unpickled in full (so its code ran)
+
+
+def test_a_best_checkpoint_whose_controller_state_would_run_code_is_refused(tmp_path):
+    """load_best_model_at_end read the best checkpoint's controller state with weights_only=False too."""
+    marker = tmp_path / "ran.txt"
+    model, _, ctrl = build("bert", signal=BEST_SIGNAL)
+    trainer = _best_trainer(tmp_path, model, UnifiedLoRACallback(ctrl), PoisonControllerState(2, marker))
+    with pytest.raises(pickle.UnpicklingError, match="refused to load it.*trust_checkpoint=True"):
+        trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2") and not marker.exists()
+
+
+def test_a_controller_state_cut_short_is_a_value_error_naming_the_file(tmp_path):
+    """A checkpoint copied with its controller file cut short: the resume failed in torch.load with a bare
+    "OSError: [Errno 22] Invalid argument" or "PytorchStreamReader failed reading zip archive", naming no file."""
+    model, _, ctrl = build("bert")
+    Trainer(model=model, args=_resume_args(tmp_path, 3), train_dataset=TokenDataset(n=6),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    path = tmp_path / "checkpoint-3" / CONTROLLER_STATE_NAME
+    path.write_bytes(path.read_bytes()[:200])
+    model2, _, ctrl2 = build("bert")
+    trainer = Trainer(model=model2, args=_resume_args(tmp_path, 4), train_dataset=TokenDataset(n=6),
+                      callbacks=[UnifiedLoRACallback(ctrl2)])
+    with pytest.raises(ValueError, match=f"{path}: cannot read it .*damaged or incomplete"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
 
 class Interrupt(TrainerCallback):

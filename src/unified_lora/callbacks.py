@@ -79,7 +79,11 @@ first records are dropped from `ctrl.trace`, `trace_path` and `step_losses`. The
 weights at that step; a loaded state whose digest differs from the weights the
 Trainer loaded (another run's checkpoint of the same step in `output_dir`, when
 resuming from a folder outside it) raises a `ValueError` before anything is loaded
-(a warning, and no load, with `strict_resume=False`).
+(a warning, and no load, with `strict_resume=False`). The file is read with
+`torch.load(weights_only=True)`: one holding anything but tensors and plain Python values (a
+pickle that would run code, from a checkpoint folder someone sent you) raises a
+`pickle.UnpicklingError` and nothing of it runs; `trust_checkpoint=True` loads a file you
+trust in full.
 
 **Best model at the end.** With `load_best_model_at_end=True` the Trainer loads
 the best checkpoint's weights after training, just before `on_train_end`. The
@@ -122,7 +126,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
-from ._files import written_atomically
+from ._files import load_state_file, written_atomically
 from .config import MODES
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, unwrap_model, unwrap_optimizer
@@ -189,10 +193,13 @@ class UnifiedLoRACallback(TrainerCallback):
         model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
             (None: read it from the model's forward source).
         log_keys: which controller values go into the Trainer's logs (some of `LOG_KEYS`; an unknown key raises).
+        trust_checkpoint: load `unified_lora_controller.pt` with `torch.load(weights_only=False)`. By default it
+            is loaded with `weights_only=True`, which refuses a file holding anything but tensors and plain Python
+            values (unpickling other objects can run code the file carries); only for a file you trust.
     """
 
     def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
-                 model_normalises_loss: bool | None = None, log_keys=LOG_KEYS):
+                 model_normalises_loss: bool | None = None, log_keys=LOG_KEYS, trust_checkpoint: bool = False):
         if not isinstance(ctrl, UnifiedController):
             raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
         from .multitask import MultiTaskController
@@ -210,6 +217,7 @@ class UnifiedLoRACallback(TrainerCallback):
         self.strict_resume = strict_resume
         if isinstance(log_keys, str):  # tuple("phi") would be ('p', 'h', 'i'): no key logged, silently
             raise TypeError(f"log_keys: expected a tuple of keys, e.g. ({log_keys!r},), got the string {log_keys!r}")
+        self.trust_checkpoint = trust_checkpoint
         self.log_keys = tuple(log_keys)
         unknown = [k for k in self.log_keys if k not in LOG_KEYS]
         if unknown:
@@ -368,7 +376,7 @@ class UnifiedLoRACallback(TrainerCallback):
                 )
             warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts", stacklevel=2)
             return
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
         if not self._weights_match(sd, path, "the Trainer resumed from"):
             return
         self.ctrl.load_state_dict(sd)
@@ -402,7 +410,7 @@ class UnifiedLoRACallback(TrainerCallback):
                 raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
             warnings.warn(msg, stacklevel=2)
             return
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
         if not self._weights_match(sd, path, "load_best_model_at_end loaded"):
             return
         self.ctrl.load_state_dict(sd)

@@ -373,9 +373,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
 
 
 def _train_config(args) -> "object":
-    import torch
-
-    from .training import TrainConfig, UsageError, latest_checkpoint
+    from .training import TrainConfig, UsageError, latest_checkpoint, read_state
 
     d: dict = {}
     if args.config:
@@ -388,11 +386,11 @@ def _train_config(args) -> "object":
         raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
     ckpt = None
     if args.resume:
-        ckpt = latest_checkpoint(Path(out) / "checkpoints")
+        ckpt = latest_checkpoint(Path(out) / "checkpoints", args.trust_checkpoint)
         if ckpt is None:
             raise UsageError(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; "
                              "start without --resume (or pass the run's --output-dir)")
-        stored = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["config"]
+        stored = read_state(ckpt, args.trust_checkpoint)["config"]
         d = {**stored, **d}  # the stored run's settings, then whatever is given now
     d.update(flags)
     cfg = TrainConfig.from_dict(d)
@@ -540,7 +538,7 @@ def cmd_train(args) -> int:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        run.load_checkpoint(ckpt)
+        run.load_checkpoint(ckpt, args.trust_checkpoint)
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {len(enc_dev['labels'])}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
@@ -847,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir "
                        "(the model, data, batches and LoRA layout must stay as they were)")
+    t.add_argument("--trust-checkpoint", action="store_true", help="with --resume: load the checkpoint's state.pt "
+                   "with torch.load(weights_only=False), for a file you trust that holds more than tensors and plain "
+                   "values (by default it is refused: unpickling other objects can run code the file carries)")
     again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
                        "previous run, deleting its checkpoints, peft_adapter/, trace and summary")
     t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR")

@@ -320,7 +320,9 @@ class UnifiedController:
     def _read_loss(self, loss) -> float:
         loss = self._loss_value(loss)
         if self.reduce_loss is not None:
-            loss = self.reduce_loss(loss)
+            # a float again: a reduce_loss giving a numpy float (np.mean) or a tensor put that type into loss_ema and
+            # ctrl.state_dict(), which torch.load(weights_only=True) (torch's default) then refused to load
+            loss = self._loss_value(self.reduce_loss(loss))
         return loss
 
     def _check_backward_ran(self) -> None:

@@ -97,7 +97,9 @@ def _check_task_id(tid: Any) -> int | str:
             tid = tid.item()
         if isinstance(tid, bool) or not isinstance(tid, (int, str)):
             raise ValueError(f"task id: must be an int or a str, got {tid!r} ({type(tid).__name__})")
-    return tid
+    # a plain int or str: numpy's str_ (the ids of np.array(["rte", "mrpc"])) is a str, and was kept as it was, so
+    # ctrl.state_dict() held numpy scalars, which torch.load(weights_only=True) (torch's default) refuses to load
+    return tid if type(tid) in (int, str) else (str(tid) if isinstance(tid, str) else int(tid))
 
 
 class TaskRouter:

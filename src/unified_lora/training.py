@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ._files import damaged_file_error, load_state_file
 from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
                      check_field_types, parse_names)
 from .controller import setup_unified_lora
@@ -689,11 +691,13 @@ class Run:
                 shutil.rmtree(left, ignore_errors=True)
         return final
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
+    def load_checkpoint(self, path: str | os.PathLike, trust_checkpoint: bool = False) -> None:
+        """Load `path/` (a `save_checkpoint` folder). Its `state.pt` is read with `torch.load(weights_only=True)`
+        (see `load_state_file`); `trust_checkpoint=True` loads a file you trust in full."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        st = read_state(path, trust_checkpoint)
         # the data's classes, in id order, must be the run's: a label added to or renamed in the --data file changed
         # the sorted ids (a head of another size failed in load_state_dict; one of the same size resumed on swapped
         # labels, silently). Checkpoints written before classes were recorded are not checked
@@ -702,7 +706,10 @@ class Run:
             raise UsageError(f"--resume {path}: the run was trained on the classes {stored} (label ids 0, 1, ... in "
                              f"that order) and the data now has {self.classes}; resume with the run's data, or start "
                              "a new run in another --output-dir")
-        tensors = load_file(str(path / "adapter_blocks.safetensors"))
+        try:
+            tensors = load_file(str(path / "adapter_blocks.safetensors"))
+        except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
+            raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
         missing = [k for k in tensors if k not in dict(self.model.named_parameters())]
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
@@ -736,16 +743,26 @@ def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under root (temp folders of an interrupted save are ignored)."""
+def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
+    """A checkpoint folder's `state.pt`, read with `torch.load(weights_only=True)` unless `trust_checkpoint`: a
+    file holding anything else (a pickle that would run code) is a UsageError that says how to load a trusted one."""
+    try:
+        return load_state_file(Path(ckpt) / "state.pt", trust_checkpoint, "--trust-checkpoint (Python: "
+                               "trust_checkpoint=True)")
+    except pickle.UnpicklingError as e:
+        raise UsageError(str(e)) from None
+
+
+def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False) -> Path | None:
+    """The newest complete checkpoint under root (temp folders of an interrupted save are ignored). Each one's
+    `state.pt` is read as `read_state` reads it."""
     root = Path(root)
     if not root.is_dir():
         return None
     done = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "state.pt").is_file()]
     if not done:
         return None
-    return max(done, key=lambda p: torch.load(p / "state.pt", map_location="cpu", weights_only=False)["run"]
-               ["global_step"])
+    return max(done, key=lambda p: read_state(p, trust_checkpoint)["run"]["global_step"])
 
 
 def seed_everything(seed: int) -> None:
