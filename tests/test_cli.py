@@ -477,6 +477,28 @@ def test_train_causal_lm(tiny, tmp_path):
     assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
 
 
+def test_a_causal_lm_pads_its_rows_on_the_right_whatever_the_tokenizers_padding_side(tiny):
+    """A tokenizer saved with padding_side="left" padded a causal LM's table rows at the start: GPT-2 reads its
+    absolute positions from the first column, so a short row's tokens trained at later positions than generation
+    gives them, and a dev row's loss depended on the rows batched with it (the dev perplexity with batch 64 was not
+    the one with batch 1)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unified_lora.training import encode_rows, evaluate
+
+    rows = ["good movie", "bad awful poor sad terrible ugly the a movie film", "nice film was very quite nice"]
+    model = AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).eval()
+    encs = {}
+    for side in ("left", "right"):
+        tok = AutoTokenizer.from_pretrained(tiny["gpt2"], padding_side=side)
+        encs[side] = enc = encode_rows(tok, rows, "causal-lm", 32)
+        assert tok.padding_side == side  # the tokenizer is left as it was
+        assert enc["attention_mask"][:, 0].all() and (enc["labels"] == -100).equal(enc["attention_mask"] == 0)
+        together, alone = (evaluate(model, enc, "causal-lm", "lm", batch_size=b) for b in (64, 1))
+        assert together["loss"] == pytest.approx(alone["loss"], abs=1e-6), side
+    assert all(encs["left"][k].equal(encs["right"][k]) for k in encs["right"])
+
+
 def _corpus(path: Path, lines: int = 120) -> str:
     words = POS + NEG + FILLER
     text = "".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 4)) + "\n" for i in range(lines))

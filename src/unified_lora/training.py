@@ -443,7 +443,15 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, t
         rows = [r for r in rows if r.strip()]
         if not rows:
             raise DataError("no non-empty texts to train on; check --text-columns")
-        enc = tokenizer(rows, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        # padded on the right whatever the tokenizer's padding_side: a decoder reads positions 0, 1, ... from the
+        # row's first column (GPT-2's absolute position embeddings), so left padding moved every token of a short row
+        # to later positions than generation gives it, and a dev row's perplexity depended on the rows it was
+        # batched with
+        side, tokenizer.padding_side = tokenizer.padding_side, "right"
+        try:
+            enc = tokenizer(rows, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
