@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -497,6 +498,40 @@ def test_a_causal_lm_pads_its_rows_on_the_right_whatever_the_tokenizers_padding_
         together, alone = (evaluate(model, enc, "causal-lm", "lm", batch_size=b) for b in (64, 1))
         assert together["loss"] == pytest.approx(alone["loss"], abs=1e-6), side
     assert all(encs["left"][k].equal(encs["right"][k]) for k in encs["right"])
+
+
+def test_a_causal_lm_leaves_out_rows_of_one_token(tiny, tmp_path):
+    """A row of one token has no next token to predict: one such row alone in the dev set's last batch of 64 (a
+    GPT-2-style tokenizer adds no BOS/EOS, so a one-word text is one token) made the whole dev loss and perplexity
+    NaN, and a training batch of such rows had a NaN loss. Those rows are left out now."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bert_tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    word_level = Tokenizer(models.WordLevel(bert_tok.get_vocab(), unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "gpt2_bare_tok"
+    shutil.copytree(tiny["gpt2"], model_dir)
+    for f in model_dir.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            f.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="[SEP]").save_pretrained(model_dir)
+    assert len(AutoTokenizer.from_pretrained(model_dir)("good")["input_ids"]) == 1
+    texts = [t for t, _ in _rows(64)]
+    train = _write(tmp_path / "train.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts[:32]))
+    dev = _write(tmp_path / "dev.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts + ["good"]))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(train), "--dev-data", str(dev), "--target-modules",
+                 "c_attn", "--steps", "2", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
+                 "--log-every", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    final = summary["arms"]["run"]["eval"]
+    (metrics,) = final.values()
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["perplexity"])
+    assert "32 train / 64 dev rows" in (out / "console.txt").read_text()
 
 
 def _corpus(path: Path, lines: int = 120) -> str:

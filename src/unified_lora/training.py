@@ -452,7 +452,13 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, t
             enc = tokenizer(rows, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
         finally:
             tokenizer.padding_side = side
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        # a row of one token has no next token to predict: a batch of such rows has a loss of 0/0 (NaN), and one
+        # such row alone in evaluate's last batch made the dev loss and perplexity NaN
+        keep = enc["attention_mask"].sum(1) >= 2
+        if not bool(keep.any()):
+            raise DataError("every text is a single token; a causal LM needs rows of at least 2 tokens (a token "
+                            "and the next one to predict)")
+        out = {"input_ids": enc["input_ids"][keep], "attention_mask": enc["attention_mask"][keep]}
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
     from .data import encode
@@ -549,7 +555,8 @@ def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, bat
         out = model(**b)
         if task_type == "causal-lm":
             tokens = int((b["labels"][:, 1:] != -100).sum())
-            losses += float(out.loss) * tokens
+            if tokens:  # (a batch without a target token has the loss 0/0, NaN)
+                losses += float(out.loss) * tokens
             count += tokens
         else:
             preds.append(out.logits.argmax(-1))
