@@ -369,6 +369,10 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
         return load_glue(key, "train", path), dev, key
     if task_type == "causal-lm":
+        if len(cfg.text_columns) > 1:  # the second column was never read: prompt,completion trained on prompts alone
+            raise DataError(f"--text-columns {','.join(cfg.text_columns)}: a causal LM trains on one text column, "
+                            f"and {cfg.text_columns[1]!r} would be left out; join the texts into one column (e.g. "
+                            "prompt and completion) and pass its name alone")
         texts = _load_texts(path, cfg.text_columns[0])
         dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None
         if dev is None:
