@@ -335,10 +335,12 @@ def _load_texts(path: Path, column: str) -> list[str]:
     records = _read_records(path, fmt, [column])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
-    if column not in records[0]:
-        raise DataError(f"unknown column {column!r} in {path}; columns are {list(records[0])}")
+    for n, record in enumerate(records, start=1):  # as load_table: a JSONL record without it was dropped silently
+        if column not in record:
+            where = "" if n == 1 else f" (record {n})"
+            raise DataError(f"unknown column {column!r} in {path}{where}; columns are {list(record)}")
     _check_no_null_text(records, column, path)
-    return [str(r.get(column, "")) for r in records]
+    return [str(r[column]) for r in records]
 
 
 def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextCorpus]:
