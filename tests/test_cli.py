@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -520,6 +521,62 @@ def test_train_causal_lm(tiny, tmp_path):
     assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
 
 
+def test_a_causal_lm_pads_its_rows_on_the_right_whatever_the_tokenizers_padding_side(tiny):
+    """A tokenizer saved with padding_side="left" padded a causal LM's table rows at the start: GPT-2 reads its
+    absolute positions from the first column, so a short row's tokens trained at later positions than generation
+    gives them, and a dev row's loss depended on the rows batched with it (the dev perplexity with batch 64 was not
+    the one with batch 1)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unified_lora.training import encode_rows, evaluate
+
+    rows = ["good movie", "bad awful poor sad terrible ugly the a movie film", "nice film was very quite nice"]
+    model = AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).eval()
+    encs = {}
+    for side in ("left", "right"):
+        tok = AutoTokenizer.from_pretrained(tiny["gpt2"], padding_side=side)
+        encs[side] = enc = encode_rows(tok, rows, "causal-lm", 32)
+        assert tok.padding_side == side  # the tokenizer is left as it was
+        assert enc["attention_mask"][:, 0].all() and (enc["labels"] == -100).equal(enc["attention_mask"] == 0)
+        together, alone = (evaluate(model, enc, "causal-lm", "lm", batch_size=b) for b in (64, 1))
+        assert together["loss"] == pytest.approx(alone["loss"], abs=1e-6), side
+    assert all(encs["left"][k].equal(encs["right"][k]) for k in encs["right"])
+
+
+def test_a_causal_lm_leaves_out_rows_of_one_token(tiny, tmp_path):
+    """A row of one token has no next token to predict: one such row alone in the dev set's last batch of 64 (a
+    GPT-2-style tokenizer adds no BOS/EOS, so a one-word text is one token) made the whole dev loss and perplexity
+    NaN, and a training batch of such rows had a NaN loss. Those rows are left out now."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bert_tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    word_level = Tokenizer(models.WordLevel(bert_tok.get_vocab(), unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "gpt2_bare_tok"
+    shutil.copytree(tiny["gpt2"], model_dir)
+    for f in model_dir.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            f.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="[SEP]").save_pretrained(model_dir)
+    assert len(AutoTokenizer.from_pretrained(model_dir)("good")["input_ids"]) == 1
+    texts = [t for t, _ in _rows(64)]
+    train = _write(tmp_path / "train.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts[:32]))
+    dev = _write(tmp_path / "dev.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts + ["good"]))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(train), "--dev-data", str(dev), "--target-modules",
+                 "c_attn", "--steps", "2", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
+                 "--log-every", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    final = summary["arms"]["run"]["eval"]
+    (metrics,) = final.values()
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["perplexity"])
+    assert "32 train / 64 dev rows" in (out / "console.txt").read_text()
+
+
 def _corpus(path: Path, lines: int = 120) -> str:
     words = POS + NEG + FILLER
     text = "".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 4)) + "\n" for i in range(lines))
@@ -889,6 +946,11 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
+    # the second column was never read: a prompt,completion table trained on its prompts alone, silently
+    # a JSONL record without the text column became an empty text, and was dropped silently
+    ("record_without_the_text_column_for_a_causal_lm", "gap.jsonl (record 2); columns are ['txt']"),
+    ("two_text_columns_for_a_causal_lm", "--text-columns prompt,completion: a causal LM trains on one text column, "
+                                         "and 'completion' would be left out"),
     ("config_not_yaml", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
     ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
@@ -957,6 +1019,13 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "null_output_dir_on_resume": ["train", "--resume", "--config", str(_write(tmp_path / "c5.yaml",
                                                                                    "output_dir: null\n"))],
         "config_not_utf8": ["train", "--config", str(tmp_path / "c8.yaml")],
+        "record_without_the_text_column_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
+            tmp_path / "gap.jsonl", '{"text": "good movie"}\n{"txt": "bad film"}\n' * 8)), "--target-modules",
+            "c_attn", "--steps", "1", "--max-length", "16", "--output-dir", out],
+        "two_text_columns_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
+            tmp_path / "pc.jsonl", '{"prompt": "good movie", "completion": "bad film"}\n' * 8)), "--text-columns",
+            "prompt,completion", "--target-modules", "c_attn", "--steps", "1", "--max-length", "16",
+            "--output-dir", out],
         "config_not_yaml": ["train", "--config", str(_write(tmp_path / "c9.yaml", "text_columns: [\n"))],
         "shock_past_the_epochs": _train_args(tiny, out, "--epochs", "1", "--shock-start", "200", "--shock-end", "300"),
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],

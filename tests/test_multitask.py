@@ -1139,3 +1139,47 @@ def test_a_controller_built_after_load_task_adapters_keeps_the_loaded_task_adapt
     MultiTaskController(ad2, router2, machine=MachineConfig(initial_mode=initial_mode), print_fn=None)
     assert all(torch.equal(p, q) for layer in ad2.values() for s in (0, 1)
                for p, q in zip(layer.task_parameters(s), layer.shared_parameters()))
+
+
+def test_per_task_losses_of_a_causal_lm_count_only_its_target_tokens():
+    """A causal LM's per-token losses (cross_entropy(..., ignore_index=-100, reduction='none')) hold 0.0 at every
+    padding label, and per_task_losses averaged those zeros in: task "b", whose rows are short, got a loss a fraction
+    of its real one, and the E signal compared the tasks on padding. With `mask=` each task's loss is the mean NLL
+    over its own target tokens, as the rows give unpadded."""
+    model = tiny_llama().train()
+    ad, ctrl = setup_multitask_lora(model, ["a", "b"], ["q_proj", "v_proj"], print_fn=None, lr_mode="off",
+                                    machine=MachineConfig(initial_mode=MULTI))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero B factors: each task's adapter changes the logits
+        for layer in ad.values():
+            for p in layer.task_parameters():
+                p.normal_(0.0, 0.1, generator=g)
+    lengths, tids = [12, 3, 10, 2, 12, 4], ["a", "b", "a", "b", "a", "b"]
+    ids = torch.randint(1, VOCAB, (len(lengths), 12), generator=g)
+    mask = torch.arange(12)[None] < torch.tensor(lengths)[:, None]
+    ids, labels = ids.masked_fill(~mask, 0), ids.masked_fill(~mask, -100)  # right padding, labels -100 there
+    with task_context(model, tids):
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    per = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none").view(len(tids), -1)
+    got = per_task_losses(per, tids, mask=labels[:, 1:] != -100)
+
+    want = {}
+    with torch.no_grad():  # each row alone, unpadded: the sum of its token NLLs and their number, per task
+        for row, n, t in zip(ids, lengths, tids):
+            with task_context(model, t):
+                lg = model(input_ids=row[None, :n]).logits[0]
+            s, c = want.get(t, (0.0, 0))
+            want[t] = (s + float(F.cross_entropy(lg[:-1], row[1:n], reduction="sum")), c + n - 1)
+    assert got == pytest.approx({t: s / c for t, (s, c) in want.items()}, abs=1e-5)
+    assert per_task_losses(per, tids)["b"] < 0.5 * got["b"]  # without the mask: padding's zeros averaged in
+    assert per_task_losses(per, "a", mask=labels[:, 1:] != -100)["a"] == pytest.approx(
+        float(per.detach().sum()) / int((labels[:, 1:] != -100).sum()))  # one id for the batch
+    only_a = (labels[:, 1:] != -100) & torch.tensor([t == "a" for t in tids])[:, None]
+    assert set(per_task_losses(per, tids, mask=only_a)) == {"a"}  # a task without a target token is left out
+    with pytest.raises(ValueError, match=r"mask has shape \(6, 12\) and the losses \(6, 11\)"):
+        per_task_losses(per, tids, mask=mask)
+    with pytest.raises(ValueError, match="the mask counts no loss value"):
+        per_task_losses(per, tids, mask=torch.zeros_like(per, dtype=torch.bool))
+    per.mean().backward()
+    ctrl.step(per.sum() / (labels[:, 1:] != -100).sum(), task_losses=got)
+    assert ctrl.signal.components["E[b]"] == pytest.approx(got["b"] / ctrl.signal.config.loss_scale)

@@ -283,22 +283,46 @@ class MultiTaskModel(nn.Module):
             return self.model(*args, **kwargs)
 
 
-def per_task_losses(per_sample_loss: torch.Tensor, task_ids) -> dict:
+def per_task_losses(per_sample_loss: torch.Tensor, task_ids, mask: torch.Tensor | None = None) -> dict:
     """Mean loss per task from per-sample losses (e.g. cross_entropy(..., reduction='none')): one row of
-    `per_sample_loss` per id (a row may hold several values, e.g. per-token losses), or one id for all."""
+    `per_sample_loss` per id (a row may hold several values, e.g. per-token losses), or one id for all.
+
+    `mask` (same shape as `per_sample_loss`, true where a value counts) leaves values out: a causal LM's per-token
+    losses hold a 0.0 at every padding or -100 label (`cross_entropy(..., ignore_index=-100, reduction='none')`), so
+    pass `mask=shifted_labels != -100`. Each task's loss is then the mean over its counted tokens; without the mask
+    the padding's zeros pulled the loss of a task with short rows towards 0. A task with no counted value in this
+    batch is left out of the dict."""
     if hasattr(task_ids, "tolist") and not isinstance(task_ids, (int, str)):  # tensor / numpy array or scalar
         task_ids = task_ids.reshape(-1).tolist() if getattr(task_ids, "ndim", 0) else task_ids.tolist()
+    loss = per_sample_loss.detach().float()
+    if mask is not None:
+        if tuple(mask.shape) != tuple(loss.shape):
+            raise ValueError(f"per_task_losses: mask has shape {tuple(mask.shape)} and the losses "
+                             f"{tuple(loss.shape)}; give one mask value per loss value (for a causal LM's shifted "
+                             f"per-token losses, labels[:, 1:] != -100)")
+        counted = mask.detach().to(loss.device).bool()
+        if not bool(counted.any()):
+            raise ValueError("per_task_losses: the mask counts no loss value (every label is padding or -100); "
+                             "a batch without a target token has no task loss")
+        loss = torch.where(counted, loss, torch.zeros_like(loss))  # a NaN at an ignored position stays out too
     if isinstance(task_ids, (int, str)):
-        return {task_ids: float(per_sample_loss.detach().float().mean())}
-    n, numel = len(task_ids), per_sample_loss.numel()
+        if mask is None:
+            return {task_ids: float(loss.mean())}
+        return {task_ids: float(loss.sum()) / float(counted.sum())}
+    n, numel = len(task_ids), loss.numel()
     if n == 0 or numel == 0 or numel % n:
         raise ValueError(f"per_task_losses: {numel} loss values for {n} task ids; pass the per-sample losses "
                          f"(e.g. cross_entropy(..., reduction='none')), one row per task id, or one id for the batch")
-    vals = per_sample_loss.detach().float().reshape(n, -1).mean(1).tolist()
+    if mask is None:
+        sums, counts = loss.reshape(n, -1).mean(1).tolist(), [1.0] * n
+    else:
+        sums, counts = loss.reshape(n, -1).sum(1).tolist(), counted.reshape(n, -1).sum(1).tolist()
     out: dict = {}
-    for t, v in zip(task_ids, vals):
-        out.setdefault(t, []).append(v)
-    return {t: sum(v) / len(v) for t, v in out.items()}
+    for t, v, c in zip(task_ids, sums, counts):
+        acc = out.setdefault(t, [0.0, 0.0])
+        acc[0] += v
+        acc[1] += c
+    return {t: v / c for t, (v, c) in out.items() if c}
 
 
 # ---------------------------------------------------------------------------------------- the layer

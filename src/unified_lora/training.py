@@ -337,10 +337,12 @@ def _load_texts(path: Path, column: str) -> list[str]:
     records = _read_records(path, fmt, [column])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
-    if column not in records[0]:
-        raise DataError(f"unknown column {column!r} in {path}; columns are {list(records[0])}")
+    for n, record in enumerate(records, start=1):  # as load_table: a JSONL record without it was dropped silently
+        if column not in record:
+            where = "" if n == 1 else f" (record {n})"
+            raise DataError(f"unknown column {column!r} in {path}{where}; columns are {list(record)}")
     _check_no_null_text(records, column, path)
-    return [str(r.get(column, "")) for r in records]
+    return [str(r[column]) for r in records]
 
 
 def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextCorpus]:
@@ -371,6 +373,10 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
         return load_glue(key, "train", path), dev, key
     if task_type == "causal-lm":
+        if len(cfg.text_columns) > 1:  # the second column was never read: prompt,completion trained on prompts alone
+            raise DataError(f"--text-columns {','.join(cfg.text_columns)}: a causal LM trains on one text column, "
+                            f"and {cfg.text_columns[1]!r} would be left out; join the texts into one column (e.g. "
+                            "prompt and completion) and pass its name alone")
         texts = _load_texts(path, cfg.text_columns[0])
         dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None
         if dev is None:
@@ -445,8 +451,22 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, t
         rows = [r for r in rows if r.strip()]
         if not rows:
             raise DataError("no non-empty texts to train on; check --text-columns")
-        enc = tokenizer(rows, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        # padded on the right whatever the tokenizer's padding_side: a decoder reads positions 0, 1, ... from the
+        # row's first column (GPT-2's absolute position embeddings), so left padding moved every token of a short row
+        # to later positions than generation gives it, and a dev row's perplexity depended on the rows it was
+        # batched with
+        side, tokenizer.padding_side = tokenizer.padding_side, "right"
+        try:
+            enc = tokenizer(rows, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        # a row of one token has no next token to predict: a batch of such rows has a loss of 0/0 (NaN), and one
+        # such row alone in evaluate's last batch made the dev loss and perplexity NaN
+        keep = enc["attention_mask"].sum(1) >= 2
+        if not bool(keep.any()):
+            raise DataError("every text is a single token; a causal LM needs rows of at least 2 tokens (a token "
+                            "and the next one to predict)")
+        out = {"input_ids": enc["input_ids"][keep], "attention_mask": enc["attention_mask"][keep]}
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
     from .data import encode
@@ -543,7 +563,8 @@ def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, bat
         out = model(**b)
         if task_type == "causal-lm":
             tokens = int((b["labels"][:, 1:] != -100).sum())
-            losses += float(out.loss) * tokens
+            if tokens:  # (a batch without a target token has the loss 0/0, NaN)
+                losses += float(out.loss) * tokens
             count += tokens
         else:
             preds.append(out.logits.argmax(-1))
