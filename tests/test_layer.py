@@ -699,6 +699,33 @@ def test_gradients_of_every_active_block_match_plain_autograd(rank, kernel):
     assert all(p.grad is None for p in layer.lora_parameters() if id(p) not in active)
 
 
+@pytest.mark.parametrize("shape", [(4, 12), (3, 5, 12), (12,)])
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_an_in_place_op_on_the_output_trains_at_every_rank_with_plain_autograd_gradients(rank, shape, kernel):
+    """`y += residual`, `nn.ReLU(inplace=True)`: allowed on a Linear's output, and on the layer's at r4 (plain ops). At
+    r8 and r16 the nested path returned its output as a view made inside the autograd Function, and torch refuses an
+    in-place op on such a view ("a view ... created inside a custom Function"), so a model training fine at r4 failed
+    as soon as the controller climbed. The output is no view now, and the gradients are plain autograd's."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(12, 6).double(), lora_alpha=8, initial_rank=rank, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(*shape[:-1], 6, dtype=torch.float64)
+
+    def grads(y):
+        y += res
+        y.relu_()
+        y.square().sum().backward()
+        got = [x.grad] + [p.grad for p in layer.active_parameters()]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return got
+
+    ours = grads(layer(x))
+    for a, b in zip(ours, grads(layer.base_layer(x) + _reference_delta(layer, x))):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("layout", ["rows", "batch", "strided_batch", "strided_rows"])
 def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate(kernel, layout):
     """Same activation memory as PEFT: no concatenated copy of A or B is kept for backward, and no copy of

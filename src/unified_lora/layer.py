@@ -74,7 +74,7 @@ class _NestedLoRAPath(torch.autograd.Function):
         # A cast h2 is a copy either way.
         ctx.save_for_backward(h2 if h2.dtype != h.dtype else h, u, *blocks)
         ctx.scaling, ctx.k, ctx.dt, ctx.h_shape = scaling, k, dt, h.shape
-        return out.view(base_out.shape)
+        return _unsafe_view(out, base_out.shape)
 
     @staticmethod
     def backward(ctx, gy):
@@ -110,7 +110,7 @@ class _NestedLoRAPathFunc(torch.autograd.Function):
                 _, u, out = _path_forward(base_out, h, scaling, k, blocks, torch.get_autocast_dtype(dev))
         else:
             _, u, out = _path_forward(base_out, h, scaling, k, blocks, blocks[0].dtype)
-        return out.view(base_out.shape), u
+        return _unsafe_view(out, base_out.shape), u
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -146,6 +146,11 @@ def _apply_nested_path(*args):
         return _NestedLoRAPath.apply(*args)
     return _nested_apply(*args)
 
+
+# The output in the input's shape without a view: autograd marks a view returned by a custom Function, and an in-place
+# op on it (`y += residual`, `nn.ReLU(inplace=True)`, which plain ops and the one-block path allow) raises. `out` is an
+# intermediate nothing else holds, so `_unsafe_view` (as torch's own matmul returns its reshaped result) is safe.
+_unsafe_view = torch.ops.aten._unsafe_view.default
 
 # The two halves below run on every call of every adapted layer. Where the GEMMs take microseconds (a GPU), host
 # time is most of a layer's time, so they make no helper calls and cast only what is not already in `dt`.

@@ -57,7 +57,9 @@ struct NestedPath : public torch::autograd::Function<NestedPath> {
     ctx->saved_data["k"] = k;
     ctx->saved_data["dt"] = static_cast<int64_t>(dt);
     if (h.requires_grad() && !hd.is_same(h)) ctx->saved_data["h_cast"] = true;  // saved a copy: see backward
-    return out.view(base_out.sizes());
+    // Not a view (out is an intermediate nothing else holds, as at::matmul returns its result): autograd marks a view
+    // returned by a custom Function, and an in-place op on it (`y += residual`, ReLU(inplace=True)) would raise.
+    return at::_unsafe_view(out, base_out.sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
