@@ -763,6 +763,34 @@ def test_bf16_autocast_backward_gives_fp32_gradients(kernel):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.active_parameters())
 
 
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_an_fp64_layer_under_autocast_computes_in_fp64_at_every_rank_as_f_linear_does(rank, kernel):
+    """Autocast leaves fp64 alone: F.linear (the base layer) and the one-block path compute an fp64 layer in fp64.
+    The nested path (r8, r16) computed it in the autocast dtype (bf16 here, errors ~5e-2), so the same layer was
+    exact at r4 and rounded at r8. fp32 blocks on an fp64 base: r8 adds a bf16 delta (autocast casts fp32), and r4
+    raised a dtype mismatch (an fp64 base output in an addmm with the bf16 u); it now adds the delta as r8 does."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(32, 16).double(), initial_rank=rank, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    ref = layer.base_layer(x) + _reference_delta(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref)
+    got = torch.autograd.grad(y.square().sum(), [x, *layer.active_parameters()])
+    for a, b in zip(got, torch.autograd.grad(ref.square().sum(), [x, *layer.active_parameters()])):
+        torch.testing.assert_close(a, b)
+
+    for p in layer.lora_parameters():  # fp32 blocks on the fp64 base
+        p.data = p.data.float()
+    ref = layer.base_layer(x) + _reference_delta(layer, x.float()).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("rank", [2, 4])  # one active block (plain ops) and two (the custom Function)
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 def test_fused_residual_path_matches_the_unfused_equation_and_its_gradients(base_dtype, rank, kernel):

@@ -54,7 +54,8 @@ class _NestedLoRAPath(torch.autograd.Function):
     backward. The up-projection accumulates straight into the base output with
     one `addmm` (scaling as its alpha), and backward applies the scaling to the
     rank-sized products, so no tokens × out pass is spent on scaling or on the
-    residual add. Under autocast it computes in the autocast dtype, like F.linear;
+    residual add. Under autocast it computes in the autocast dtype, like F.linear (which leaves fp64 alone: so do
+    fp64 blocks here);
     a base output of another dtype (fp32 blocks on a bf16 base) gets the delta added in the wider dtype and
     rounded once (`_add_delta`).
     """
@@ -62,7 +63,7 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(dev) and blocks[0].dtype is not torch.float64:  # autocast leaves fp64 alone
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
                 h2, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
@@ -105,7 +106,7 @@ class _NestedLoRAPathFunc(torch.autograd.Function):
     @staticmethod
     def forward(base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(dev) and blocks[0].dtype is not torch.float64:
             with torch.autocast(dev, enabled=False):
                 _, u, out = _path_forward(base_out, h, scaling, k, blocks, torch.get_autocast_dtype(dev))
         else:
@@ -490,7 +491,7 @@ class NestedLoRALayer(nn.Module):
         # Function; it saves h and u as the custom path does, and what PEFT saves.
         out2 = result.reshape(-1, result.shape[-1])
         u = h.reshape(-1, h.shape[-1]) @ A[0].T
-        if out2.dtype == u.dtype or torch.is_autocast_enabled(x.device.type):
+        if out2.dtype == u.dtype:
             return torch.addmm(out2, u, B[0].T, alpha=self.scaling).view(result.shape)
         return _add_delta(out2, u, B[0].T, self.scaling).view(result.shape)
 
