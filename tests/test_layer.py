@@ -1128,6 +1128,73 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_leaves_paused_block
             assert q.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.parametrize("ranks", [(16, 8), (8, 16), (8, 4)])
+def test_a_backward_after_a_rank_switch_gives_the_gradients_of_the_rank_the_forward_ran_at(ranks, kernel):
+    """Without checkpointing the graph holds what the forward used (its blocks and scaling): a set_rank before the
+    backward changes nothing in it, nor does it give gradients to blocks the forward did not use."""
+    fwd, new = ranks
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(12, 6).double(), initial_rank=fwd, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    ref = [g.clone() for g in torch.autograd.grad(layer(x).square().sum(), layer.active_parameters())]
+    used = layer.active_parameters()
+    loss = layer(x).square().sum()
+    layer.set_rank(new)
+    loss.backward()
+    for p, g in zip(used, ref):
+        assert torch.equal(p.grad, g)
+    assert all(p.grad is None for p in layer.lora_parameters() if all(p is not q for q in used))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_rank_switch_between_a_checkpointed_forward_and_its_backward_is_an_error_not_mixed_gradients(reentrant,
+                                                                                                        kernel):
+    """Activation checkpointing recomputes each layer's forward inside backward at the layer's rank then. After a
+    set_rank between a forward (r16) and its backward, reentrant checkpointing silently gave the r8 graph's gradients
+    (other blocks, another scaling) for the r16 loss, and non-reentrant raised torch's note on mismatched saved
+    tensors. Both raise a clear error now; a switch after backward (the controller's order) still trains as without
+    checkpointing."""
+    from conftest import tiny_llama
+
+    from unified_lora import setup_unified_lora
+
+    plain = tiny_llama().train()
+    adapters, _ = setup_unified_lora(plain, target_modules=["q_proj", "v_proj"], layer_kernel=kernel, print_fn=None)
+    for i, a in enumerate(adapters.values()):
+        _randomize_B(a, seed=i)
+        a.set_rank(16)
+    ckpt = copy.deepcopy(plain)
+    if hasattr(ckpt, "activation_checkpointing_enable"):
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def set_rank(model, r):
+        for a in lora_layers(model).values():
+            a.set_rank(r)
+
+    loss = ckpt(input_ids=x, labels=x).loss
+    set_rank(ckpt, 8)
+    with pytest.raises(RuntimeError, match="recomputed inside backward .* at rank 8, but the forward it replays ran "
+                                           "at rank 16"):
+        loss.backward()
+    ckpt.zero_grad(set_to_none=True)
+    set_rank(ckpt, 16)
+    for r in (16, 8):  # the controller's order: backward, then switch
+        set_rank(ckpt, r)
+        set_rank(plain, r)
+        for m in (plain, ckpt):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=x, labels=x).loss.backward()
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+            if "lora_" in name:
+                assert (p.grad is None) == (q.grad is None), name
+                if p.grad is not None:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_a_block_of_another_dtype_gets_its_gradient_in_its_own_dtype(kernel):
     """Blocks of mixed dtypes (a bf16 block among fp32 ones): the path computes in the first block's dtype, and
     each block's gradient comes back in that block's dtype with the values of an all-fp32 layer's gradient."""

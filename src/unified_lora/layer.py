@@ -237,6 +237,17 @@ _ON_META = (
     "weights into it")
 
 
+# Activation checkpointing runs a layer's forward again inside loss.backward(), at the layer's rank *then*: after a
+# set_rank between the forward and its backward, the recomputed graph is the new rank's, and its gradients (of the
+# other rank's blocks, at the other scaling, against the old rank's output) would be mixed silently (reentrant
+# checkpointing) or refused with torch's note on mismatched saved tensors (non-reentrant).
+_RECOMPUTED_AT_ANOTHER_RANK = (
+    "NestedLoRALayer: this forward is recomputed inside backward (activation checkpointing) at rank {1}, but the "
+    "forward it replays ran at rank {0}: set_rank was called between a forward and its backward, and the recomputed "
+    "gradients would belong to rank {1}, not to the rank that gave the loss. Call loss.backward() before changing the "
+    "rank (ctrl.step runs after backward), or set rank {0} back until the backward is done")
+
+
 def _execution_device(base_layer: nn.Module) -> torch.device:
     """Where the LoRA blocks of `base_layer` live: its weight's device, or, for a weight that accelerate has
     offloaded (`device_map` with "cpu"/"disk" entries: the weight is on meta and an `AlignDevicesHook` brings it in
@@ -471,6 +482,10 @@ class NestedLoRALayer(nn.Module):
         # Submodules read from _modules: each `self.lora_A`-style read goes through nn.Module.__getattr__ (~0.8 µs
         # a read, four a call), which counts where a layer's time is host time (benchmarks/perf/layer.py's tiny row).
         mods = self._modules
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward: the rank a recompute must replay
+            self.__dict__["_forward_rank"] = self.rank
+        elif self.rank != self.__dict__.get("_forward_rank", self.rank):
+            raise RuntimeError(_RECOMPUTED_AT_ANOTHER_RANK.format(self.__dict__["_forward_rank"], self.rank))
         result = mods["base_layer"](x, *args, **kwargs)
         if self.merged_rank:
             return result
