@@ -699,6 +699,33 @@ def test_gradients_of_every_active_block_match_plain_autograd(rank, kernel):
     assert all(p.grad is None for p in layer.lora_parameters() if id(p) not in active)
 
 
+@pytest.mark.parametrize("shape", [(4, 12), (3, 5, 12), (12,)])
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_an_in_place_op_on_the_output_trains_at_every_rank_with_plain_autograd_gradients(rank, shape, kernel):
+    """`y += residual`, `nn.ReLU(inplace=True)`: allowed on a Linear's output, and on the layer's at r4 (plain ops). At
+    r8 and r16 the nested path returned its output as a view made inside the autograd Function, and torch refuses an
+    in-place op on such a view ("a view ... created inside a custom Function"), so a model training fine at r4 failed
+    as soon as the controller climbed. The output is no view now, and the gradients are plain autograd's."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(12, 6).double(), lora_alpha=8, initial_rank=rank, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(*shape[:-1], 6, dtype=torch.float64)
+
+    def grads(y):
+        y += res
+        y.relu_()
+        y.square().sum().backward()
+        got = [x.grad] + [p.grad for p in layer.active_parameters()]
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        return got
+
+    ours = grads(layer(x))
+    for a, b in zip(ours, grads(layer.base_layer(x) + _reference_delta(layer, x))):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("layout", ["rows", "batch", "strided_batch", "strided_rows"])
 def test_autograd_saves_only_the_input_and_the_rank_wide_intermediate(kernel, layout):
     """Same activation memory as PEFT: no concatenated copy of A or B is kept for backward, and no copy of
@@ -734,6 +761,34 @@ def test_bf16_autocast_backward_gives_fp32_gradients(kernel):
         y = layer(torch.randn(4, 16))
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.active_parameters())
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_an_fp64_layer_under_autocast_computes_in_fp64_at_every_rank_as_f_linear_does(rank, kernel):
+    """Autocast leaves fp64 alone: F.linear (the base layer) and the one-block path compute an fp64 layer in fp64.
+    The nested path (r8, r16) computed it in the autocast dtype (bf16 here, errors ~5e-2), so the same layer was
+    exact at r4 and rounded at r8. fp32 blocks on an fp64 base: r8 adds a bf16 delta (autocast casts fp32), and r4
+    raised a dtype mismatch (an fp64 base output in an addmm with the bf16 u); it now adds the delta as r8 does."""
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(32, 16).double(), initial_rank=rank, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    ref = layer.base_layer(x) + _reference_delta(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref)
+    got = torch.autograd.grad(y.square().sum(), [x, *layer.active_parameters()])
+    for a, b in zip(got, torch.autograd.grad(ref.square().sum(), [x, *layer.active_parameters()])):
+        torch.testing.assert_close(a, b)
+
+    for p in layer.lora_parameters():  # fp32 blocks on the fp64 base
+        p.data = p.data.float()
+    ref = layer.base_layer(x) + _reference_delta(layer, x.float()).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("rank", [2, 4])  # one active block (plain ops) and two (the custom Function)
@@ -1071,6 +1126,73 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_leaves_paused_block
             assert p.grad is None and q.grad is None, name
         else:
             assert q.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("ranks", [(16, 8), (8, 16), (8, 4)])
+def test_a_backward_after_a_rank_switch_gives_the_gradients_of_the_rank_the_forward_ran_at(ranks, kernel):
+    """Without checkpointing the graph holds what the forward used (its blocks and scaling): a set_rank before the
+    backward changes nothing in it, nor does it give gradients to blocks the forward did not use."""
+    fwd, new = ranks
+    torch.manual_seed(0)
+    layer = NestedLoRALayer(nn.Linear(12, 6).double(), initial_rank=fwd, kernel=kernel)
+    _randomize_B(layer)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    ref = [g.clone() for g in torch.autograd.grad(layer(x).square().sum(), layer.active_parameters())]
+    used = layer.active_parameters()
+    loss = layer(x).square().sum()
+    layer.set_rank(new)
+    loss.backward()
+    for p, g in zip(used, ref):
+        assert torch.equal(p.grad, g)
+    assert all(p.grad is None for p in layer.lora_parameters() if all(p is not q for q in used))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_rank_switch_between_a_checkpointed_forward_and_its_backward_is_an_error_not_mixed_gradients(reentrant,
+                                                                                                        kernel):
+    """Activation checkpointing recomputes each layer's forward inside backward at the layer's rank then. After a
+    set_rank between a forward (r16) and its backward, reentrant checkpointing silently gave the r8 graph's gradients
+    (other blocks, another scaling) for the r16 loss, and non-reentrant raised torch's note on mismatched saved
+    tensors. Both raise a clear error now; a switch after backward (the controller's order) still trains as without
+    checkpointing."""
+    from conftest import tiny_llama
+
+    from unified_lora import setup_unified_lora
+
+    plain = tiny_llama().train()
+    adapters, _ = setup_unified_lora(plain, target_modules=["q_proj", "v_proj"], layer_kernel=kernel, print_fn=None)
+    for i, a in enumerate(adapters.values()):
+        _randomize_B(a, seed=i)
+        a.set_rank(16)
+    ckpt = copy.deepcopy(plain)
+    if hasattr(ckpt, "activation_checkpointing_enable"):
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def set_rank(model, r):
+        for a in lora_layers(model).values():
+            a.set_rank(r)
+
+    loss = ckpt(input_ids=x, labels=x).loss
+    set_rank(ckpt, 8)
+    with pytest.raises(RuntimeError, match="recomputed inside backward .* at rank 8, but the forward it replays ran "
+                                           "at rank 16"):
+        loss.backward()
+    ckpt.zero_grad(set_to_none=True)
+    set_rank(ckpt, 16)
+    for r in (16, 8):  # the controller's order: backward, then switch
+        set_rank(ckpt, r)
+        set_rank(plain, r)
+        for m in (plain, ckpt):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=x, labels=x).loss.backward()
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+            if "lora_" in name:
+                assert (p.grad is None) == (q.grad is None), name
+                if p.grad is not None:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_block_of_another_dtype_gets_its_gradient_in_its_own_dtype(kernel):

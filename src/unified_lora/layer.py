@@ -54,7 +54,8 @@ class _NestedLoRAPath(torch.autograd.Function):
     backward. The up-projection accumulates straight into the base output with
     one `addmm` (scaling as its alpha), and backward applies the scaling to the
     rank-sized products, so no tokens × out pass is spent on scaling or on the
-    residual add. Under autocast it computes in the autocast dtype, like F.linear;
+    residual add. Under autocast it computes in the autocast dtype, like F.linear (which leaves fp64 alone: so do
+    fp64 blocks here);
     a base output of another dtype (fp32 blocks on a bf16 base) gets the delta added in the wider dtype and
     rounded once (`_add_delta`).
     """
@@ -62,7 +63,7 @@ class _NestedLoRAPath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(dev) and blocks[0].dtype is not torch.float64:  # autocast leaves fp64 alone
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
                 h2, u, out = _path_forward(base_out, h, scaling, k, blocks, dt)
@@ -74,7 +75,7 @@ class _NestedLoRAPath(torch.autograd.Function):
         # A cast h2 is a copy either way.
         ctx.save_for_backward(h2 if h2.dtype != h.dtype else h, u, *blocks)
         ctx.scaling, ctx.k, ctx.dt, ctx.h_shape = scaling, k, dt, h.shape
-        return out.view(base_out.shape)
+        return _unsafe_view(out, base_out.shape)
 
     @staticmethod
     def backward(ctx, gy):
@@ -105,12 +106,12 @@ class _NestedLoRAPathFunc(torch.autograd.Function):
     @staticmethod
     def forward(base_out, h, scaling, k, *blocks):
         dev = h.device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(dev) and blocks[0].dtype is not torch.float64:
             with torch.autocast(dev, enabled=False):
                 _, u, out = _path_forward(base_out, h, scaling, k, blocks, torch.get_autocast_dtype(dev))
         else:
             _, u, out = _path_forward(base_out, h, scaling, k, blocks, blocks[0].dtype)
-        return out.view(base_out.shape), u
+        return _unsafe_view(out, base_out.shape), u
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -146,6 +147,11 @@ def _apply_nested_path(*args):
         return _NestedLoRAPath.apply(*args)
     return _nested_apply(*args)
 
+
+# The output in the input's shape without a view: autograd marks a view returned by a custom Function, and an in-place
+# op on it (`y += residual`, `nn.ReLU(inplace=True)`, which plain ops and the one-block path allow) raises. `out` is an
+# intermediate nothing else holds, so `_unsafe_view` (as torch's own matmul returns its reshaped result) is safe.
+_unsafe_view = torch.ops.aten._unsafe_view.default
 
 # The two halves below run on every call of every adapted layer. Where the GEMMs take microseconds (a GPU), host
 # time is most of a layer's time, so they make no helper calls and cast only what is not already in `dt`.
@@ -229,6 +235,17 @@ _ON_META = (
     "first (from_pretrained, or load_checkpoint_and_dispatch) and inject after; or materialise the injected "
     "model with model.to_empty(device=...), which initialises the blocks again (B = 0), and then load the base "
     "weights into it")
+
+
+# Activation checkpointing runs a layer's forward again inside loss.backward(), at the layer's rank *then*: after a
+# set_rank between the forward and its backward, the recomputed graph is the new rank's, and its gradients (of the
+# other rank's blocks, at the other scaling, against the old rank's output) would be mixed silently (reentrant
+# checkpointing) or refused with torch's note on mismatched saved tensors (non-reentrant).
+_RECOMPUTED_AT_ANOTHER_RANK = (
+    "NestedLoRALayer: this forward is recomputed inside backward (activation checkpointing) at rank {1}, but the "
+    "forward it replays ran at rank {0}: set_rank was called between a forward and its backward, and the recomputed "
+    "gradients would belong to rank {1}, not to the rank that gave the loss. Call loss.backward() before changing the "
+    "rank (ctrl.step runs after backward), or set rank {0} back until the backward is done")
 
 
 def _execution_device(base_layer: nn.Module) -> torch.device:
@@ -465,6 +482,10 @@ class NestedLoRALayer(nn.Module):
         # Submodules read from _modules: each `self.lora_A`-style read goes through nn.Module.__getattr__ (~0.8 µs
         # a read, four a call), which counts where a layer's time is host time (benchmarks/perf/layer.py's tiny row).
         mods = self._modules
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward: the rank a recompute must replay
+            self.__dict__["_forward_rank"] = self.rank
+        elif self.rank != self.__dict__.get("_forward_rank", self.rank):
+            raise RuntimeError(_RECOMPUTED_AT_ANOTHER_RANK.format(self.__dict__["_forward_rank"], self.rank))
         result = mods["base_layer"](x, *args, **kwargs)
         if self.merged_rank:
             return result
@@ -485,7 +506,7 @@ class NestedLoRALayer(nn.Module):
         # Function; it saves h and u as the custom path does, and what PEFT saves.
         out2 = result.reshape(-1, result.shape[-1])
         u = h.reshape(-1, h.shape[-1]) @ A[0].T
-        if out2.dtype == u.dtype or torch.is_autocast_enabled(x.device.type):
+        if out2.dtype == u.dtype:
             return torch.addmm(out2, u, B[0].T, alpha=self.scaling).view(result.shape)
         return _add_delta(out2, u, B[0].T, self.scaling).view(result.shape)
 

@@ -38,8 +38,10 @@ struct NestedPath : public torch::autograd::Function<NestedPath> {
     TORCH_CHECK(k >= 1 && static_cast<int64_t>(blocks.size()) == 2 * k,
                 "nested_path: expected k A blocks then k B blocks, got k=", k, " and ", blocks.size(), " blocks");
     const auto dev = h.device().type();
-    const auto dt = at::autocast::is_autocast_enabled(dev) ? at::autocast::get_autocast_dtype(dev)
-                                                           : blocks[0].scalar_type();
+    // Autocast leaves fp64 alone (F.linear on fp64 inputs computes in fp64), and so do fp64 blocks here.
+    const auto dt = at::autocast::is_autocast_enabled(dev) && blocks[0].scalar_type() != at::kDouble
+                        ? at::autocast::get_autocast_dtype(dev)
+                        : blocks[0].scalar_type();
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto A = cat_as(blocks.slice(0, k), 0, dt), B = cat_as(blocks.slice(k, k), 1, dt);
     const auto hd = as_dtype(h, dt);
@@ -57,7 +59,9 @@ struct NestedPath : public torch::autograd::Function<NestedPath> {
     ctx->saved_data["k"] = k;
     ctx->saved_data["dt"] = static_cast<int64_t>(dt);
     if (h.requires_grad() && !hd.is_same(h)) ctx->saved_data["h_cast"] = true;  // saved a copy: see backward
-    return out.view(base_out.sizes());
+    // Not a view (out is an intermediate nothing else holds, as at::matmul returns its result): autograd marks a view
+    // returned by a custom Function, and an in-place op on it (`y += residual`, ReLU(inplace=True)) would raise.
+    return at::_unsafe_view(out, base_out.sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
