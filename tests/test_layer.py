@@ -436,6 +436,28 @@ def test_set_rank_outside_the_levels_is_an_error():
         NestedLoRALayer(nn.Linear(4, 4)).set_rank(5)
 
 
+def test_a_rank_that_is_no_level_is_refused_everywhere_it_is_taken_and_bad_layer_settings_too():
+    """set_rank(8.7) was truncated to 8 silently, delta_weight(rank=5) failed inside with "tuple.index(x): x not in
+    tuple", and a layer built directly took lora_dropout=-0.1 as no dropout (NestedLoRAConfig checks both)."""
+    import numpy as np
+
+    layer = NestedLoRALayer(nn.Linear(4, 4))
+    for bad in (8.7, 5, True, "8"):
+        with pytest.raises(ValueError, match=f"rank: {bad!r} is not a nested level of this layer"):
+            layer.set_rank(bad)
+        with pytest.raises(ValueError, match=f"rank: {bad!r} is not a nested level of this layer"):
+            layer.delta_weight(rank=bad)
+    assert layer.rank == 8
+    for good in (16.0, np.int64(4), torch.tensor(16)):
+        layer.set_rank(good)
+        assert type(layer.rank) is int and layer.rank == int(good)
+    assert layer.delta_weight(rank=np.int64(16)).shape == (4, 4)
+    with pytest.raises(ValueError, match=r"lora_dropout: must be in \[0, 1\), got -0.1"):
+        NestedLoRALayer(nn.Linear(4, 4), lora_dropout=-0.1)
+    with pytest.raises(ValueError, match="lora_alpha: must be a positive finite number, got nan"):
+        NestedLoRALayer(nn.Linear(4, 4), lora_alpha=float("nan"))
+
+
 def test_injection_by_suffix_freezes_the_base(llama):
     adapters = inject_nested_lora(llama, NestedLoRAConfig(target_modules=["q_proj", "v_proj"]))
     assert sorted(n.split(".")[-1] for n in adapters) == ["q_proj", "q_proj", "v_proj", "v_proj"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -334,6 +335,11 @@ class NestedLoRALayer(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.max_rank = max_rank
         self.lora_alpha = float(lora_alpha)
+        # as NestedLoRAConfig checks them (a layer built directly took lora_dropout=-0.1 as "no dropout", silently)
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha: must be a positive finite number, got {lora_alpha}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {lora_dropout}")
         self.scaling_kind = scaling
         scaling_for(levels[0], lora_alpha, max_rank, scaling)  # validate the kind early
         # Block boundaries: every level, plus max_rank when it exceeds the top level.
@@ -404,9 +410,7 @@ class NestedLoRALayer(nn.Module):
     def set_rank(self, rank: int) -> None:
         """Activate the prefix of size `rank`. Paused blocks get `.grad = None` so
         that the optimizer step that follows leaves them (and their moments) alone."""
-        rank = int(rank)
-        if rank not in self.boundaries:
-            raise ValueError(f"rank: {rank} is not a nested level of this layer; choose one of {self.boundaries}")
+        rank = self._level(rank)
         if rank == self.rank:
             return
         remerge = self.merged_rank
@@ -418,6 +422,17 @@ class NestedLoRALayer(nn.Module):
             self.lora_B[i].grad = None
         if remerge:
             self.merge()
+
+    def _level(self, rank) -> int:
+        """`rank` as an int that is one of the block boundaries, else a ValueError (8.7 was truncated to 8, and
+        delta_weight(rank=5) failed inside with "tuple.index(x): x not in tuple")."""
+        try:
+            r = operator.index(rank)  # int, numpy int, a 0-d integer tensor
+        except TypeError:
+            r = int(rank) if isinstance(rank, float) and rank.is_integer() else None
+        if r is None or isinstance(rank, bool) or r not in self.boundaries:
+            raise ValueError(f"rank: {rank!r} is not a nested level of this layer; choose one of {self.boundaries}")
+        return r
 
     def active_A(self) -> torch.Tensor:
         k = self.n_active_blocks
@@ -469,7 +484,7 @@ class NestedLoRALayer(nn.Module):
         blocks' own)."""
         old = self.rank
         if rank is not None:
-            self.rank = rank  # (the scaling follows the rank)
+            self.rank = self._level(rank)  # (the scaling follows the rank)
         try:
             B, A = self.active_B(), self.active_A()
             if dtype is not None:

@@ -411,7 +411,7 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         slot = self.router.known_slot(task)
         old = self.rank
         if rank is not None:
-            self.rank = int(rank)
+            self.rank = self._level(rank)
         try:
             return self.scaling * (self.task_B(slot) @ self.task_A(slot))
         finally:
