@@ -1265,4 +1265,7 @@ def test_the_cpp_extension_is_named_by_its_source_so_two_versions_never_share_a_
     assert name == _fused.extension_name("unified_lora_nested_path", text, flags)
     assert name != _fused.extension_name("unified_lora_nested_path", text + "\n// edited", flags)
     assert name != _fused.extension_name("unified_lora_nested_path", text, {"extra_cflags": ["-O3"]})
+    # two venvs with different torch versions share the cache folder too (it names Python and the device only)
+    assert name == _fused.extension_name("unified_lora_nested_path", text, flags, torch.__version__)
+    assert name != _fused.extension_name("unified_lora_nested_path", text, flags, "2.4.0")
     assert _fused.layer_kernels().__name__ == name

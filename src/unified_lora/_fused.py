@@ -5,9 +5,10 @@
 
 The first call compiles the file (about half a minute to a minute on 2 cores). Later calls in the same process
 return the loaded module. Later processes reuse torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
-`~/.cache/torch_extensions`). The extension's name carries a digest of its source and flags: two installs of
-different versions (two virtual environments, two checkouts) share that cache, and under one name they would rebuild
-each other's build folder and, when they ran at once, load each other's library.
+`~/.cache/torch_extensions`). The extension's name carries a digest of its source, its flags and the torch
+version: two installs of different versions (two virtual environments, two checkouts, two torch versions) share that
+cache, and under one name they would rebuild each other's build folder and, when they ran at once, load each other's
+library.
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ def _build(name: str, source: Path, functions: list[str], option: str, default: 
             f"{option}: building {source.name} failed ({type(e).__name__}: {e}); use {default} (the default)") from e
 
 
-def extension_name(name: str, text: str, flags: dict) -> str:
-    """`name` plus a digest of the source text and the build flags: one build folder per version of the source."""
-    return f"{name}_{hashlib.sha256((text + repr(sorted(flags.items()))).encode()).hexdigest()[:12]}"
+def extension_name(name: str, text: str, flags: dict, torch_version: str | None = None) -> str:
+    """`name` plus a digest of the source text, the build flags and the torch version: one build folder per version
+    of the source and of torch (torch's cache folder names the Python version and the device, not torch's own: a
+    library built against one torch, loaded by another, can fail to load or crash)."""
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    key = text + repr(sorted(flags.items())) + torch_version
+    return f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 @functools.lru_cache(maxsize=None)
