@@ -79,3 +79,31 @@ def test_save_state_in_mirror_resumes_bit_for_bit_and_save_model_keeps_every_ten
         [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in ctrl.trace if r.step >= 6]
     a, b = model.state_dict(), resumed_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_step_on_an_accumulation_micro_batch_is_refused():
+    """Called on every micro-batch of `accelerator.accumulate`, ctrl.step counted each one as an optimizer step
+    (whose `optimizer.step()` accelerate skips): warm-up, dwell and eval_interval ran N times too fast, and the
+    signal read one micro-batch's loss. It is refused now, before anything is counted; the sync step goes on."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = classification_batch(8, seed=1)
+    model, opt, data = accelerator.prepare(model, opt, DataLoader(TensorDataset(x, y), batch_size=4))
+    ctrl.attach_optimizer(opt)
+    for i, (xb, yb) in enumerate(data):
+        with accelerator.accumulate(model):
+            loss = model(input_ids=xb, labels=yb).loss
+            accelerator.backward(loss)
+            if i == 0:
+                assert not accelerator.sync_gradients
+                with pytest.raises(ValueError, match="only when accelerator.sync_gradients is true"):
+                    ctrl.step(loss=loss.item())
+                assert ctrl.global_step == 0 and ctrl.trace == [] and ctrl.loss_ema is None
+            else:
+                assert accelerator.sync_gradients
+                ctrl.step(loss=loss.item())
+            opt.step()
+            opt.zero_grad()
+    assert ctrl.global_step == 1
