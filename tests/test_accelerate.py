@@ -107,3 +107,43 @@ def test_ctrl_step_on_an_accumulation_micro_batch_is_refused():
             opt.step()
             opt.zero_grad()
     assert ctrl.global_step == 1
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process: DDP wraps a model as under `accelerate launch`."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_injecting_after_ddp_wrapped_the_model_is_refused(one_process_group):
+    """Under `accelerate launch`, `setup_unified_lora(accelerator.prepare(model), ...)` (inject after prepare)
+    ran: DDP had taken its parameters when it wrapped the model, so the LoRA blocks were never all-reduced and two
+    processes trained different adapters without an error (checked with 2 gloo processes: their lora_B sums
+    differed after 3 steps). Injecting into the DDP model is refused now, leaving it as it was; `check_ddp` names
+    trainable parameters added to the bare model after the wrap."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from unified_lora import NestedLoRALayer
+    from unified_lora.distributed import check_ddp, ddp_kwargs
+
+    model = tiny_bert()
+    wrapped = DDP(model, **ddp_kwargs())
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel.*then wrap it"):
+        setup_unified_lora(wrapped, target_modules=["query", "value"], print_fn=None)
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+    setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)  # into the bare model, too late
+    with pytest.raises(ValueError, match=r"24 trainable parameters were added after DDP wrapped the model "
+                                         r"\(bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.0"):
+        check_ddp(wrapped)
+    check_ddp(DDP(model, **ddp_kwargs()))  # the right order: wrapped after the injection
