@@ -79,3 +79,71 @@ def test_save_state_in_mirror_resumes_bit_for_bit_and_save_model_keeps_every_ten
         [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in ctrl.trace if r.step >= 6]
     a, b = model.state_dict(), resumed_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_step_on_an_accumulation_micro_batch_is_refused():
+    """Called on every micro-batch of `accelerator.accumulate`, ctrl.step counted each one as an optimizer step
+    (whose `optimizer.step()` accelerate skips): warm-up, dwell and eval_interval ran N times too fast, and the
+    signal read one micro-batch's loss. It is refused now, before anything is counted; the sync step goes on."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = classification_batch(8, seed=1)
+    model, opt, data = accelerator.prepare(model, opt, DataLoader(TensorDataset(x, y), batch_size=4))
+    ctrl.attach_optimizer(opt)
+    for i, (xb, yb) in enumerate(data):
+        with accelerator.accumulate(model):
+            loss = model(input_ids=xb, labels=yb).loss
+            accelerator.backward(loss)
+            if i == 0:
+                assert not accelerator.sync_gradients
+                with pytest.raises(ValueError, match="only when accelerator.sync_gradients is true"):
+                    ctrl.step(loss=loss.item())
+                assert ctrl.global_step == 0 and ctrl.trace == [] and ctrl.loss_ema is None
+            else:
+                assert accelerator.sync_gradients
+                ctrl.step(loss=loss.item())
+            opt.step()
+            opt.zero_grad()
+    assert ctrl.global_step == 1
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process: DDP wraps a model as under `accelerate launch`."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_injecting_after_ddp_wrapped_the_model_is_refused(one_process_group):
+    """Under `accelerate launch`, `setup_unified_lora(accelerator.prepare(model), ...)` (inject after prepare)
+    ran: DDP had taken its parameters when it wrapped the model, so the LoRA blocks were never all-reduced and two
+    processes trained different adapters without an error (checked with 2 gloo processes: their lora_B sums
+    differed after 3 steps). Injecting into the DDP model is refused now, leaving it as it was; `check_ddp` names
+    trainable parameters added to the bare model after the wrap."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from unified_lora import NestedLoRALayer
+    from unified_lora.distributed import check_ddp, ddp_kwargs
+
+    model = tiny_bert()
+    wrapped = DDP(model, **ddp_kwargs())
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel.*then wrap it"):
+        setup_unified_lora(wrapped, target_modules=["query", "value"], print_fn=None)
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+    setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)  # into the bare model, too late
+    with pytest.raises(ValueError, match=r"24 trainable parameters were added after DDP wrapped the model "
+                                         r"\(bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.0"):
+        check_ddp(wrapped)
+    check_ddp(DDP(model, **ddp_kwargs()))  # the right order: wrapped after the injection

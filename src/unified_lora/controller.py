@@ -325,6 +325,17 @@ class UnifiedController:
             loss = self._loss_value(self.reduce_loss(loss))
         return loss
 
+    def _check_sync_step(self) -> None:
+        """Refuse a step on one of accelerate's gradient-accumulation micro-batches: its optimizer step will not run
+        (`accelerator.sync_gradients` is False), yet the controller counted it as a step (warm-up, dwell and
+        eval_interval ran N times too fast) and fed the signal one micro-batch's loss and half-summed gradients."""
+        state = getattr(self.optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
+        if state is not None and getattr(state, "sync_gradients", True) is False:
+            raise ValueError("ctrl.step: called on a gradient-accumulation micro-batch (accelerator.sync_gradients "
+                             "is False), whose optimizer.step() accelerate skips; the controller counts optimizer "
+                             "steps. Call ctrl.step only when accelerator.sync_gradients is true, with the mean loss "
+                             "of that step's micro-batches")
+
     def _check_backward_ran(self) -> None:
         # block 0 is active at every rank, so one attribute read settles the usual case. Otherwise any adapter's
         # gradient will do, or a trained head's: a layer that took no part in this forward (LayerDrop) has none.
@@ -370,6 +381,7 @@ class UnifiedController:
         restore is the last write of an exit, so a failure before it leaves the weights alone; a
         restore that completed stays, with this step's gradients cleared), gradients of blocks a
         partial rank drop paused, and a multi-task split or merge that raised partway."""
+        self._check_sync_step()
         loss = self._read_loss(loss)
         self.last_loss = loss
         phi = self._update_signal(loss, **inputs)

@@ -133,6 +133,16 @@ def check_ddp(model: torch.nn.Module) -> None:
         raise ValueError("static_graph: must be off; a rank switch changes the set of parameters used")
     if not getattr(model, "find_unused_parameters", True):
         raise ValueError("find_unused_parameters: must be True; paused LoRA blocks take no part in the forward pass")
+    wrapped = getattr(model, "_module_parameters", None)  # what DDP took to synchronise when it wrapped the model
+    if wrapped is not None:
+        known = {id(p) for p in wrapped}
+        late = [n for n, p in model.module.named_parameters() if p.requires_grad and id(p) not in known]
+        if late:
+            shown = ", ".join(late[:3]) + (f", ... ({len(late) - 3} more)" if len(late) > 3 else "")
+            raise ValueError(f"model: {len(late)} trainable parameters were added after DDP wrapped the model "
+                             f"({shown}), so DDP does not all-reduce their gradients and each process would train "
+                             f"its own copy. Inject the LoRA layers first (setup_unified_lora(model, ...)), then "
+                             f"wrap the model (accelerator.prepare(model) or DDP(model, **ddp_kwargs()))")
     _check_checkpointing(model.module)
 
 

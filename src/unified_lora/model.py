@@ -35,6 +35,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     of the model except `modules_to_save`, and return {module name: adapter}.
     With `config.autocast_adapter_dtype` (the default) the blocks on a bf16/fp16
     base are fp32, as PEFT's `get_peft_model` makes them."""
+    _refuse_ddp_wrapped(model)
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     aliases = module_names(model)  # a Linear shared by two parents is one module with two names
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
@@ -90,6 +91,22 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         keep_off_fast_paths(model)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def _refuse_ddp_wrapped(model: nn.Module) -> None:
+    """Refuse a model inside DistributedDataParallel (what `accelerator.prepare` returns under several processes).
+    DDP takes the parameters it all-reduces and broadcasts when it wraps the model: LoRA blocks injected later are
+    not among them, so every process trained its own adapters from its own data and the runs drifted apart
+    without an error."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if any(isinstance(m, DistributedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "model: it is wrapped in DistributedDataParallel (what accelerator.prepare or DDP(...) returns), which "
+            "took its list of parameters to synchronise when it wrapped the model. LoRA blocks injected now would "
+            "not be in it: their gradients would not be all-reduced, and each process would train different "
+            "adapters without an error. Inject into the bare model first, then wrap it: setup_unified_lora(model, "
+            "...) before accelerator.prepare(model) or DDP(model, **ddp_kwargs())")
 
 
 def _matches_any(names: list[str], target: Iterable[str] | str) -> bool:
