@@ -65,6 +65,10 @@ def _subsample(ds_examples, n, seed):
     return ex
 
 
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
 def load_tasks(tasks, tokenizer, max_length, dev_max, data_dir, seed, train_max=4000):
     data = {}
     for t in tasks:
@@ -165,7 +169,7 @@ def run(arm, tasks=("sst2", "mrpc"), seed=0, steps=100, batch=16, lr=2e-3, max_l
         "metrics": metrics, "majority": {t: data[t]["majority"] for t in tasks},
         "primary": {t: primary_metric(t) for t in tasks},
         "final_mode": ctrl.mode, "final_topology": ctrl.router.topology, "train_seconds": round(train_s, 1),
-        "loss_first10": sum(losses[:10]) / 10, "loss_last10": sum(losses[-10:]) / 10,
+        "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]),
     }
     if arm == "unified":
         tr = ctrl.trace

@@ -1,5 +1,7 @@
 """The shipped examples run, each in its own process as a user runs it, and print what their docstrings promise."""
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -66,4 +68,8 @@ def test_multitask_example_runs_all_three_arms(tmp_path):
                       "--out", str(tmp_path / "mt.json"))
     for arm in ("shared", "multi", "unified", "majority"):
         assert any(line.startswith(arm) and "sst2: accuracy=" in line for line in out.splitlines()), arm
-    assert (tmp_path / "mt.json").is_file()
+    runs = json.loads((tmp_path / "mt.json").read_text())
+    for r in runs:  # 6 steps: the first and the last 10 are the same six losses of a fresh 2-class head, near ln 2
+        assert r["loss_first10"] == r["loss_last10"]
+        assert abs(r["loss_first10"] - math.log(2)) < 0.15, r["loss_first10"]  # was the sum of 6 losses / 10: 0.41
+
