@@ -73,3 +73,21 @@ def test_multitask_example_runs_all_three_arms(tmp_path):
         assert r["loss_first10"] == r["loss_last10"]
         assert abs(r["loss_first10"] - math.log(2)) < 0.15, r["loss_first10"]  # was the sum of 6 losses / 10: 0.41
 
+
+@pytest.mark.parametrize("args, error", [
+    (("multitask_glue.py", "--batch", "0"), "--batch must be at least 1, got 0"),
+    (("multitask_glue.py", "--mix", "--batch", "15"), "multiple of the 2 tasks, got 15"),
+    (("multitask_glue.py", "--dev-max", "-1"), "--dev-max must be at least 0, got -1"),
+    (("multitask_glue.py", "--tasks", "foo", "mrpc"), "unknown GLUE task 'foo'"),
+    (("trainer_callback.py", "--steps", "0"), "--steps must be at least 1, got 0"),
+    (("peft_interop.py", "--tiny", "--steps", "-1"), "--steps must be at least 0, got -1"),
+])
+def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, f"examples/{args[0]}", *args[1:]], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
+    # Trainer at max_steps=0) to run one step anyway
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{args[0]}: error: ") and error in last, last
