@@ -37,8 +37,8 @@ def test_every_example_answers_help_without_running(example):
     assert out.startswith("usage:") and "transitions:" not in out  # ddp_torchrun.py used to run its 80 steps
 
 
-def test_trainer_callback_example():
-    out = run_example("examples/trainer_callback.py")
+def test_trainer_callback_example(tmp_path):
+    out = run_example("examples/trainer_callback.py", "--output-dir", str(tmp_path))  # not a new folder in /tmp each run
     assert "16 controller steps" in out
     rows = [line.split() for line in out.split("(from trainer.state.log_history)")[1].splitlines() if line.strip()][:-1]
     assert [int(r[0]) for r in rows] == [4, 8, 12, 16]  # φ, mode, rank and LR logged at each logging step
@@ -59,6 +59,12 @@ def test_ddp_example_under_torchrun_keeps_both_processes_in_lockstep():
     out = run_example("examples/ddp_torchrun.py", launcher=(torchrun, "--standalone", "--nproc_per_node", "2"),
                       timeout=180)
     assert "2 process(es), weights identical on all: True" in out
+    assert "transitions: [" in out and "transitions: []" not in out
+
+
+def test_ddp_example_runs_in_one_process_without_torchrun():
+    out = run_example("examples/ddp_torchrun.py")  # "python examples/ddp_torchrun.py  # one process works too"
+    assert "1 process(es), weights identical on all: True" in out
     assert "transitions: [" in out and "transitions: []" not in out
 
 
