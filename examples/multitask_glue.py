@@ -36,8 +36,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unified_lora import MULTI, SINGLE, ActuatorConfig, MachineConfig, trainable_parameters
-from unified_lora.data import (default_model_path, encode, glue_metrics, load_glue, majority_baseline,
+from unified_lora import MULTI, SINGLE, MachineConfig, trainable_parameters
+from unified_lora.data import (DataError, default_model_path, encode, glue_metrics, load_glue, majority_baseline,
                                primary_metric)
 from unified_lora.multitask import MultiTaskSignalConfig, per_task_losses, setup_multitask_lora, task_context
 
@@ -63,6 +63,10 @@ def _subsample(ds_examples, n, seed):
         rng = random.Random(seed)
         ex = rng.sample(ex, n)
     return ex
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
 
 
 def load_tasks(tasks, tokenizer, max_length, dev_max, data_dir, seed, train_max=4000):
@@ -104,6 +108,9 @@ def run(arm, tasks=("sst2", "mrpc"), seed=0, steps=100, batch=16, lr=2e-3, max_l
     if arm not in ARMS:
         raise ValueError(f"arm: one of {ARMS}, got {arm!r}")
     tasks = tuple(tasks)
+    if mix and batch % len(tasks):
+        raise ValueError(f"batch: a mixed batch takes the same number of rows from each task, so batch must be a "
+                         f"multiple of the {len(tasks)} tasks, got {batch}")
     model_path = model_path or default_model_path()
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
     data = data or load_tasks(tasks, tokenizer, max_length, dev_max, data_dir, seed)
@@ -165,7 +172,7 @@ def run(arm, tasks=("sst2", "mrpc"), seed=0, steps=100, batch=16, lr=2e-3, max_l
         "metrics": metrics, "majority": {t: data[t]["majority"] for t in tasks},
         "primary": {t: primary_metric(t) for t in tasks},
         "final_mode": ctrl.mode, "final_topology": ctrl.router.topology, "train_seconds": round(train_s, 1),
-        "loss_first10": sum(losses[:10]) / 10, "loss_last10": sum(losses[-10:]) / 10,
+        "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]),
     }
     if arm == "unified":
         tr = ctrl.trace
@@ -205,12 +212,26 @@ def main(argv=None):
     ap.add_argument("--top-layers", type=int, default=2, help="adapt query/value of the top N encoder layers")
     ap.add_argument("--out", default=None, help="write the result(s) as JSON here")
     a = ap.parse_args(argv)
+    for flag, value, low in (("--steps", a.steps, 1), ("--batch", a.batch, 1), ("--dev-max", a.dev_max, 0),
+                             ("--threads", a.threads, 1), ("--top-layers", a.top_layers, 0)):
+        if value < low:
+            ap.error(f"{flag} must be at least {low}, got {value}")
+    if not a.lr > 0:
+        ap.error(f"--lr must be positive, got {a.lr}")
+    if len(set(a.tasks)) != len(a.tasks):
+        ap.error(f"--tasks: each task once, got {' '.join(a.tasks)}")
+    if a.mix and a.batch % len(a.tasks):
+        ap.error(f"--batch: a mixed batch takes the same number of rows from each task, so --mix needs a multiple "
+                 f"of the {len(a.tasks)} tasks, got {a.batch}")
     torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
 
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    data = load_tasks(a.tasks, tok, a.max_length, a.dev_max, a.data_dir, a.seed)
+    try:
+        data = load_tasks(a.tasks, tok, a.max_length, a.dev_max, a.data_dir, a.seed)
+    except DataError as e:  # an unknown task, a missing GLUE folder: one line, not a traceback
+        ap.error(str(e))
     results = []
     for arm in (ARMS if a.arm == "all" else (a.arm,)):
         r = run(arm, a.tasks, a.seed, a.steps, a.batch, a.lr, a.max_length, a.dev_max, a.data_dir,

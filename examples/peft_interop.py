@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="random tiny BERT instead of MiniLM")
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
+    if args.steps < 0:
+        ap.error(f"--steps must be at least 0, got {args.steps}")
 
     model, batch = base_and_batch(args.tiny)
     fresh = copy.deepcopy(model)  # the untouched base every reload starts from

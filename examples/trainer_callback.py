@@ -53,12 +53,15 @@ def tiny_random(n):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minilm", action="store_true", help="MiniLM on MRPC instead of a random tiny Llama")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--examples", type=int, default=128)
     ap.add_argument("--output-dir", default=None)
     a = ap.parse_args()
+    for flag, value in (("--steps", a.steps), ("--examples", a.examples)):
+        if value < 1:  # the Trainer still runs one step at max_steps=0; an empty data set fails in its sampler
+            ap.error(f"{flag} must be at least 1, got {value}")
 
     torch.manual_seed(0)
     model, train, targets, heads = minilm_mrpc(a.examples) if a.minilm else tiny_random(a.examples)

@@ -1,5 +1,7 @@
 """The shipped examples run, each in its own process as a user runs it, and print what their docstrings promise."""
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -35,8 +37,8 @@ def test_every_example_answers_help_without_running(example):
     assert out.startswith("usage:") and "transitions:" not in out  # ddp_torchrun.py used to run its 80 steps
 
 
-def test_trainer_callback_example():
-    out = run_example("examples/trainer_callback.py")
+def test_trainer_callback_example(tmp_path):
+    out = run_example("examples/trainer_callback.py", "--output-dir", str(tmp_path))  # not a new folder in /tmp each run
     assert "16 controller steps" in out
     rows = [line.split() for line in out.split("(from trainer.state.log_history)")[1].splitlines() if line.strip()][:-1]
     assert [int(r[0]) for r in rows] == [4, 8, 12, 16]  # φ, mode, rank and LR logged at each logging step
@@ -60,10 +62,38 @@ def test_ddp_example_under_torchrun_keeps_both_processes_in_lockstep():
     assert "transitions: [" in out and "transitions: []" not in out
 
 
+def test_ddp_example_runs_in_one_process_without_torchrun():
+    out = run_example("examples/ddp_torchrun.py")  # "python examples/ddp_torchrun.py  # one process works too"
+    assert "1 process(es), weights identical on all: True" in out
+    assert "transitions: [" in out and "transitions: []" not in out
+
+
 @pytest.mark.skipif(loaders._find_shared_glue() is None, reason="SST-2 comes from shared/data/glue (only MRPC ships)")
 def test_multitask_example_runs_all_three_arms(tmp_path):
     out = run_example("examples/multitask_glue.py", "--arm", "all", "--steps", "6", "--dev-max", "16",
                       "--out", str(tmp_path / "mt.json"))
     for arm in ("shared", "multi", "unified", "majority"):
         assert any(line.startswith(arm) and "sst2: accuracy=" in line for line in out.splitlines()), arm
-    assert (tmp_path / "mt.json").is_file()
+    runs = json.loads((tmp_path / "mt.json").read_text())
+    for r in runs:  # 6 steps: the first and the last 10 are the same six losses of a fresh 2-class head, near ln 2
+        assert r["loss_first10"] == r["loss_last10"]
+        assert abs(r["loss_first10"] - math.log(2)) < 0.15, r["loss_first10"]  # was the sum of 6 losses / 10: 0.41
+
+
+@pytest.mark.parametrize("args, error", [
+    (("multitask_glue.py", "--batch", "0"), "--batch must be at least 1, got 0"),
+    (("multitask_glue.py", "--mix", "--batch", "15"), "multiple of the 2 tasks, got 15"),
+    (("multitask_glue.py", "--dev-max", "-1"), "--dev-max must be at least 0, got -1"),
+    (("multitask_glue.py", "--tasks", "foo", "mrpc"), "unknown GLUE task 'foo'"),
+    (("trainer_callback.py", "--steps", "0"), "--steps must be at least 1, got 0"),
+    (("peft_interop.py", "--tiny", "--steps", "-1"), "--steps must be at least 0, got -1"),
+])
+def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, f"examples/{args[0]}", *args[1:]], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
+    # Trainer at max_steps=0) to run one step anyway
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{args[0]}: error: ") and error in last, last

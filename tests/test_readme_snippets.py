@@ -113,3 +113,45 @@ def test_multitask_mode(tmp_path):
 def test_snippet_lookup_fails_loudly_on_a_missing_block(marker):
     with pytest.raises(AssertionError, match="expected one python block"):
         snippet(marker + " (no such line)")
+
+
+def inline_code(marker: str) -> str:
+    """The one `inline code` span of README.md's prose that contains `marker`."""
+    spans = README.read_text(encoding="utf-8").replace("```", "").split("`")[1::2]
+    found = [s for s in spans if marker in s]
+    assert len(found) == 1, f"README: expected one inline code span containing {marker!r}, found {len(found)}"
+    return found[0]
+
+
+def test_causal_lm_per_task_losses_are_each_tasks_mean_nll_over_its_target_tokens():
+    """The multi-task section's causal-LM recipe, as its two inline spans write it."""
+    import torch.nn.functional as F
+
+    from unified_lora import MachineConfig
+    from unified_lora.multitask import per_task_losses, setup_multitask_lora, task_context
+
+    model = tiny_llama().train()
+    setup_multitask_lora(model, tasks=["a", "b"], target_modules=["q_proj", "v_proj"],
+                         machine=MachineConfig(initial_mode=0), print_fn=None)
+    x = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    labels = x.clone()
+    labels[:2, 4:] = -100  # task a's rows are short: most of their labels are padding
+    task_ids = ["a", "a", "b", "b"]
+    with task_context(model, task_ids):
+        logits = model(input_ids=x).logits
+    ns = {"F": F, "logits": logits, "labels": labels, "task_ids": task_ids, "per_task_losses": per_task_losses}
+    exec(inline_code("per = F.cross_entropy(logits[:, :-1]"), ns)
+    losses = eval(inline_code("per_task_losses(per, task_ids, mask="), ns)
+    for t, rows in (("a", slice(0, 2)), ("b", slice(2, 4))):
+        with task_context(model, t):  # the model's own loss: the mean NLL over the task's counted target tokens
+            want = model(input_ids=x[rows], labels=labels[rows]).loss.item()
+        assert abs(losses[t] - want) < 1e-5, (t, losses[t], want)
+
+
+def test_every_readme_python_block_is_run_by_a_test_here():
+    import re
+
+    markers = re.findall(r'snippet\("([^"]+)"\)', Path(__file__).read_text(encoding="utf-8"))
+    blocks = [b.split("```", 1)[0] for b in README.read_text(encoding="utf-8").split("```python\n")[1:]]
+    uncovered = [b.splitlines()[0] for b in blocks if not any(m in b for m in markers)]
+    assert not uncovered, f"README python blocks no test runs (add one with snippet(...)): {uncovered}"
