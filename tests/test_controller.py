@@ -1189,6 +1189,98 @@ def test_load_state_dict_checks_stored_gradients_and_optimizer_moments_and_still
         assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), model.parameters()))
 
 
+def _same(a, b) -> bool:
+    """Equal, tensor by tensor (shape, dtype and values), through nested dicts and lists."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _held_composite_state():
+    """A composite-signal controller 4 steps in, holding a Mirror snapshot with its Adam moments, and its state."""
+    model, _, ctrl, opt = _seq_controller(targets="01", signal="composite")
+    _seq_steps(model, ctrl, opt, [None] * 4)
+    ctrl.mirror.save(ctrl.managed_parameters(), opt)
+    return model, ctrl, opt, ctrl.state_dict()
+
+
+@pytest.mark.parametrize("part,key", [("machine", "last_transition_step"), ("mirror", "loss_at_entry"),
+                                      ("mirror", "opt_state"), ("grad_stats", "prev"), ("layout", "extra_shapes"),
+                                      ("machine", None)])
+def test_load_state_dict_refuses_a_truncated_part_before_loading_anything(part, key):
+    """A state whose parts lack a key (a truncated or hand-edited file) raised a KeyError halfway through the load:
+    the Mirror snapshot, the signal and the stored gradients were already replaced (or the snapshot cleared), so the
+    controller was left half-way between its own state and the file's. Now a ValueError names the missing key and
+    nothing is loaded."""
+    sd = _held_composite_state()[3]
+    if key is None:
+        sd[part] = [sd[part]["mode"]]  # not a dict at all
+    else:
+        del sd[part][key]
+    model, _, ctrl, opt = _seq_controller(targets="01", signal="composite")
+    _seq_steps(model, ctrl, opt, [None] * 2, seed=5)  # a controller with a state of its own
+    before = ctrl.state_dict()
+    msg = rf"sd\['{part}'\] is missing keys \['{key}'\]" if key else rf"sd\['{part}'\] is a list, not a dict"
+    with pytest.raises(ValueError, match=msg):
+        ctrl.load_state_dict(sd)
+    assert _same(ctrl.state_dict(), before)
+
+
+def test_state_dict_returns_copies_and_load_state_dict_keeps_none_of_the_callers_tensors():
+    """On the CPU, `.cpu()` / `.to(device)` return the tensor itself: `state_dict()` handed out the snapshot's Adam
+    moments (editing the returned state edited the controller's snapshot), and `load_state_dict` kept the given
+    stored gradients as its buffers, which the next steps overwrite in place: training a loaded controller changed
+    the state it was loaded from, so loading that state again (a retry, a second run from one checkpoint) did not
+    give the saved state."""
+    _, ctrl, _, sd = _held_composite_state()
+    ref = copy.deepcopy(sd)
+    with torch.no_grad():
+        for st in filter(None, sd["mirror"]["opt_state"]):
+            for v in st.values():
+                v.add_(1.0)
+        for gs in sd["grad_stats"]["prev"]:
+            for g in gs:
+                g.add_(1.0)
+    assert _same(ctrl.state_dict(), ref)
+
+    sd = copy.deepcopy(ref)
+    model, _, c2, opt2 = _seq_controller(targets="01", signal="composite")
+    c2.load_state_dict(sd)
+    _seq_steps(model, c2, opt2, [None] * 2, seed=3)
+    assert _same(sd, ref)
+
+
+def test_a_snapshot_loaded_into_a_bf16_model_restores_its_adam_moments_in_bf16():
+    """A state saved mid-MIRROR from fp32 blocks, resumed on bf16 blocks: the restore casts the weights to bf16
+    (documented) but put the fp32 Adam moments back as they were, and the next `optimizer.step()` failed
+    ("expected dtype float ... but got BFloat16"). The moments now follow their parameter's dtype, as the weights do
+    and as torch's `Optimizer.load_state_dict` casts them; the scalar "step" keeps its own."""
+    sd = _held_composite_state()[3]
+    model, _, ctrl, opt = _seq_controller(targets="01", signal="composite", dtype=torch.bfloat16,
+                                          autocast_adapter_dtype=False)
+    ps = ctrl.managed_parameters()
+    assert ps[0].dtype == torch.bfloat16
+    ctrl.load_state_dict(sd)
+    _seq_steps(model, ctrl, opt, [None] * 2, seed=3)  # the optimizer has bf16 moments of its own now
+    ctrl.mirror.restore(ps, opt)
+    for p, st in zip(ps, sd["mirror"]["opt_state"]):
+        if st is None:
+            continue
+        got = opt.state[p]
+        assert got["exp_avg"].dtype == got["exp_avg_sq"].dtype == torch.bfloat16
+        assert torch.equal(got["exp_avg"], st["exp_avg"].to(torch.bfloat16))
+        assert got["step"].dtype == st["step"].dtype and torch.equal(got["step"], st["step"])
+    opt.state.clear()  # and with no live moments to write into
+    ctrl.mirror.restore(ps, opt)
+    assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p, st in zip(ps, sd["mirror"]["opt_state"]) if st)
+    _seq_steps(model, ctrl, opt, [None] * 2, seed=4)  # failed here
+    assert all(torch.isfinite(p).all() for p in ps)
+
+
 # -- a transition is all or nothing ------------------------------------------------------------------------------
 def _run_state(model, ctrl, opt):
     """Everything a step can change: weights, optimizer moments, the controller's state and its trace."""

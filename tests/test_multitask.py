@@ -1,5 +1,6 @@
 """Multi-task mode (SPEC §5): shared + per-task nested adapters, routing, split/merge, C/E/S signal."""
 
+import copy
 import math
 import os
 
@@ -670,6 +671,30 @@ def test_a_refused_state_leaves_the_task_router_as_it_was():
     with pytest.raises(ValueError, match="nothing was loaded"):
         c2.load_state_dict(c1.state_dict())
     assert (c2.router.topology, dict(c2.router.slots)) == before == ("shared", before[1])
+
+
+def test_a_single_task_state_is_refused_by_name_and_the_state_dict_is_a_copy():
+    """A single-task `ctrl.state_dict()` (no "multitask" part) given to a MultiTaskController raised a bare
+    KeyError('multitask'); now a ValueError says which controller saved it, and nothing is loaded. The state's
+    per-task gradient EMAs and drift reference were the controller's own tensors on the CPU (`.cpu()` returns the
+    tensor): editing the returned state edited the controller."""
+    from unified_lora import setup_unified_lora
+    _, single = setup_unified_lora(tiny_bert(), ["query"], print_fn=None)
+    m1, _, c1, o1 = build(initial_mode=MULTI, phi_init=0.5)
+    train(m1, c1, o1, 2, conflict_data())
+    assert c1.grad_ema and c1._ref
+    before = copy.deepcopy(c1.state_dict())
+    with pytest.raises(ValueError, match="no 'multitask' part: it was saved by a single-task UnifiedController"):
+        c1.load_state_dict(single.state_dict())
+    sd = c1.state_dict()
+    with torch.no_grad():
+        for t in [*sd["multitask"]["grad_ema"].values(), *sd["multitask"]["ref"]]:
+            t.add_(1.0)
+    sd["multitask"]["merge_log"].append({"step": -1})
+    after = c1.state_dict()["multitask"]
+    assert all(torch.equal(after["grad_ema"][s], g) for s, g in before["multitask"]["grad_ema"].items())
+    assert all(torch.equal(a, b) for a, b in zip(after["ref"], before["multitask"]["ref"]))
+    assert after["merge_log"] == before["multitask"]["merge_log"]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -523,6 +523,11 @@ class UnifiedController:
 
     # -- state ----------------------------------------------------------------------
     _STATE_KEYS = ("global_step", "loss_ema", "nonfinite_steps", "signal", "grad_stats", "machine", "mirror")
+    # the keys each part's load reads (the signal's are compared with this controller's signal below); "opt_home"
+    # and "layout" are optional: states saved before them have none
+    _PART_KEYS = {"machine": ("mode", "last_transition_step"), "grad_stats": ("prev",),
+                  "mirror": ("weights", "opt_state", "loss_at_entry", "step_saved"),
+                  "layout": ("adapters", "rank_levels", "lora_shapes", "extra_shapes")}
     _ELEMENTWISE_MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")  # shaped like the parameter
 
     def state_dict(self) -> dict:
@@ -589,6 +594,17 @@ class UnifiedController:
         if missing:
             return [f"missing keys {missing} (not a ctrl.state_dict())"]
         out: list[str] = []
+        for part, keys in self._PART_KEYS.items():  # a truncated part's load raised a KeyError halfway, after the
+            got = sd.get(part)                     # parts before it were loaded
+            if got is None and part == "layout":
+                continue
+            if not isinstance(got, dict):
+                out.append(f"sd[{part!r}] is a {type(got).__name__}, not a dict")
+            elif any(k not in got for k in keys):
+                out.append(f"sd[{part!r}] is missing keys {[k for k in keys if k not in got]} (a truncated or "
+                           "edited state)")
+        if out:
+            return out
         here = self._layout()
         n_ad = len(self.adapters)
         managed = self.managed_parameters()

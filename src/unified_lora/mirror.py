@@ -108,6 +108,14 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
             torch._C._increment_version(t)
 
 
+def _copy_opt_state(states: list[dict | None] | None, device=None) -> list[dict | None] | None:
+    """A copy of a snapshot's optimizer state: tensors copied (to `device`, if given), other values deep-copied."""
+    return None if states is None else [
+        None if st is None else {k: (v.detach().to(device=device, copy=True) if torch.is_tensor(v) else copy.deepcopy(v))
+                                 for k, v in st.items()}
+        for st in states]
+
+
 class _Prefix(NamedTuple):
     """Views of a pool over the rows of its first tensors (see `_FlatPool.prefix`)."""
 
@@ -506,8 +514,8 @@ class MirrorSnapshot:
         """Write the snapshot back into `params` (a prefix of the snapshot) and, if it was saved, the
         optimizer state of each. Everything that can be refused (a parameter list longer than the snapshot,
         a shape changed since the save) raises a ValueError before anything is written. A parameter cast
-        since the save gets the snapshot cast to its dtype; one moved gets it on its device. With
-        kernel="fused", tensors the kernel cannot take are copied by the eager path instead."""
+        since the save gets the snapshot cast to its dtype (and its optimizer moments too); one moved gets it on
+        its device. With kernel="fused", tensors the kernel cannot take are copied by the eager path instead."""
         if not self.held:
             raise ValueError("Mirror: restore() needs a snapshot; call save() first")
         params = list(params)
@@ -547,19 +555,25 @@ class MirrorSnapshot:
         state dict (None: the parameter had no state at the save), plus the (live tensor, saved copy)
         pairs to copy in place. A live state tensor of the saved shape and dtype is written in place (it
         keeps its identity and device); a missing or reshaped one is re-created as the saved copy, on the
-        device of the tensor it replaces, else where it lived at the save."""
+        device of the tensor it replaces, else where it lived at the save. A parameter cast since the save (a state
+        loaded into a bf16 model) gets its moments (the state tensors shaped like it, saved in its dtype) in its
+        dtype now, as its weights, and as torch's `Optimizer.load_state_dict` casts them: fp32 Adam moments
+        put back for a bf16 parameter made the next `optimizer.step()` fail."""
         homes = self._opt_home or [None] * len(self.opt_state)
         plan, dst, src = [], [], []
-        for p, st, home in zip(params, self.opt_state, homes):
+        for i, (p, st, home) in enumerate(zip(params, self.opt_state, homes)):
             if st is None:
                 plan.append((p, None))
                 continue
             cur = optimizer.state.get(p) or {}
             new = {}
+            was = self.weights[i].dtype  # the parameter's dtype at the save
             for k, v in st.items():
                 if not torch.is_tensor(v):
                     new[k] = copy.deepcopy(v)
                     continue
+                if v.dtype == was != p.dtype and v.shape == p.shape and p.is_floating_point():
+                    v = v.to(p.dtype)
                 c = cur.get(k)
                 if torch.is_tensor(c) and c.shape == v.shape and c.dtype == v.dtype:
                     new[k] = c
@@ -634,9 +648,7 @@ class MirrorSnapshot:
         return {
             # copies: the live buffers are reused by the next Mirror entry
             "weights": None if self.weights is None else [w.detach().to("cpu", copy=True) for w in self.weights],
-            "opt_state": None if self.opt_state is None else [
-                None if st is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                for st in self.opt_state],
+            "opt_state": _copy_opt_state(self.opt_state, "cpu"),  # copies (`.cpu()` of a CPU tensor is the tensor)
             "opt_home": None if self._opt_home is None else [
                 None if h is None else {k: (None if d is None else str(d)) for k, d in h.items()}
                 for h in self._opt_home],
@@ -651,7 +663,7 @@ class MirrorSnapshot:
             # copies into the pools; these tensors are not the parameters, so nothing is packed
             self._save([w.to(dev) if dev else w for w in sd["weights"]], None, None, None, pack=False)
             self._layout_key = self._key_storages = None  # the next call checks the parameters in full
-        self.opt_state = sd["opt_state"]
+        self.opt_state = _copy_opt_state(sd["opt_state"])  # not the caller's tensors: they may change after the load
         homes = sd.get("opt_home")  # absent in state dicts written before it (see _plan_opt_restore)
         self._opt_home = None if homes is None else [
             None if h is None else {k: (None if d is None else torch.device(d)) for k, d in h.items()}

@@ -1074,26 +1074,41 @@ class MultiTaskController(UnifiedController):
         sd = super().state_dict()
         sd["multitask"] = {
             "router": self.router.state_dict(),
-            "grad_ema": {s: g.cpu() for s, g in self.grad_ema.items()},
-            "ref": [r.cpu() for r in self._ref],
+            # copies (`.cpu()` of a CPU tensor is the tensor itself: editing the state edited the controller)
+            "grad_ema": {s: g.to("cpu", copy=True) for s, g in self.grad_ema.items()},
+            "ref": [r.to("cpu", copy=True) for r in self._ref],
             "ref_slots": sorted(self._ref_slots),
             "merge_rule": self.merge_rule,
-            "merge_log": list(self.merge_log),
+            "merge_log": [dict(e) for e in self.merge_log],
         }
         return sd
 
+    _MULTITASK_KEYS = ("router", "grad_ema", "ref", "merge_rule", "merge_log")  # "ref_slots": optional (older files)
+
+    def _state_problems(self, sd) -> list[str]:
+        out = super()._state_problems(sd)
+        mt = sd.get("multitask") if isinstance(sd, dict) else None
+        if isinstance(sd, dict) and "multitask" not in sd:
+            out.append("the state has no 'multitask' part: it was saved by a single-task UnifiedController; a "
+                       "MultiTaskController loads states saved by a MultiTaskController")
+        elif not isinstance(mt, dict) or any(k not in mt for k in self._MULTITASK_KEYS) or not isinstance(
+                mt["router"], dict) or any(k not in mt["router"] for k in ("slots", "n_slots", "topology")):
+            out.append("sd['multitask'] is not a MultiTaskController's state (missing keys: a truncated or edited "
+                       "state)")
+        return out
+
     def load_state_dict(self, sd: dict) -> None:
-        mt = sd["multitask"]
         self._check_state(sd)  # before the router changes: a refused state leaves everything as it was
+        mt = sd["multitask"]
         self.router.load_state_dict(mt["router"])
         super().load_state_dict(sd)
         dev = self.adapters[0].lora_A[0].device
-        self.grad_ema = {s: g.to(dev) for s, g in mt["grad_ema"].items()}
-        self._ref = [r.to(dev) for r in mt["ref"]]
+        self.grad_ema = {s: g.to(dev, copy=True) for s, g in mt["grad_ema"].items()}  # not the caller's tensors
+        self._ref = [r.to(dev, copy=True) for r in mt["ref"]]
         # a file from before "ref_slots": its reference covers the tasks registered when it was saved
         self._ref_slots = set(mt.get("ref_slots", self._slots()))
         self.merge_rule = mt["merge_rule"]
-        self.merge_log = list(mt["merge_log"])
+        self.merge_log = [dict(e) for e in mt["merge_log"]]
 
 
 def setup_multitask_lora(

@@ -340,4 +340,6 @@ class GradientStats:
         return {"prev": [[g.detach().cpu().clone() for g in gs] for gs in self.prev]}
 
     def load_state_dict(self, sd: dict, device=None) -> None:
-        self.prev = [[g.to(device) if device is not None else g for g in gs] for gs in sd["prev"]]
+        # copies: the next step writes into these buffers (`_store`), which must not be the caller's tensors (on
+        # the CPU, `.to()` returned them: training a loaded controller changed the state dict it was loaded from)
+        self.prev = [[g.detach().to(device=device, copy=True) for g in gs] for gs in sd["prev"]]
