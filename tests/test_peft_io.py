@@ -674,6 +674,19 @@ def test_merge_and_unload_gives_a_plain_model_that_reloads_identically(tmp_path)
     assert (logits(reloaded, x) - ours).abs().max().item() <= TOL
 
 
+def gpt2_with_its_tied_lm_head_targeted():
+    """A tiny GPT-2 with nested LoRA on c_attn and on its lm_head, whose base weight is transformer.wte's; every B
+    block non-zero."""
+    base, _, _ = tiny("gpt2")
+    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["c_attn", "lm_head"]))
+    assert adapters["lm_head"].base_layer.weight is base.transformer.wte.weight
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+    return base, adapters
+
+
 @pytest.mark.parametrize("premerged", [False, True])
 def test_a_tied_lm_head_merges_into_its_own_weight_and_leaves_the_embedding_alone(tmp_path, premerged):
     """GPT-2's lm_head shares its weight with transformer.wte. Merging its delta in place added it to the input
@@ -681,14 +694,8 @@ def test_a_tied_lm_head_merges_into_its_own_weight_and_leaves_the_embedding_alon
     own merged weight and unties the config; merge_adapters (in place, for inference) refuses with a ValueError."""
     from unified_lora import merge_adapters
 
-    base, _, _ = tiny("gpt2")
-    assert base.lm_head.weight is base.transformer.wte.weight
+    base, adapters = gpt2_with_its_tied_lm_head_targeted()
     wte = base.transformer.wte.weight.detach().clone()
-    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["c_attn", "lm_head"]))
-    with torch.no_grad():
-        for layer in adapters.values():
-            for b in layer.lora_B:
-                b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
     x = inputs()
     ours = logits(base, x)
     with pytest.raises(ValueError, match=r"tied base weights .*'lm_head' is also 'transformer\.wte\.weight'"):
@@ -717,13 +724,7 @@ def test_a_wrapped_model_with_a_tied_targeted_lm_head_saves_with_save_pretrained
     into a freshly wrapped model (the tie carries the values) with the same logits."""
     from safetensors.torch import load_file
 
-    base, _, _ = tiny("gpt2")
-    adapters = inject_nested_lora(base, NestedLoRAConfig(target_modules=["c_attn", "lm_head"]))
-    assert adapters["lm_head"].base_layer.weight is base.transformer.wte.weight
-    with torch.no_grad():
-        for layer in adapters.values():
-            for b in layer.lora_B:
-                b.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+    base, adapters = gpt2_with_its_tied_lm_head_targeted()
     x = inputs()
     ours = logits(base, x)
     base.save_pretrained(tmp_path)

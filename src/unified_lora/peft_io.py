@@ -149,6 +149,16 @@ def _tied_outside(model: nn.Module, saved: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _registered_twice(model: nn.Module, names) -> str:
+    """For those of `names` whose module is registered in two parents (one module under two names, which PEFT wraps
+    under its first name only): "'a' is also 'b'; ...", or "" when there is none."""
+    aliases = module_names(model)
+    by_name = {a: i for i, ns in aliases.items() for a in ns}
+    shared = {n: [a for a in aliases[by_name[n]] if a != n] for n in names
+              if n in by_name and len(aliases[by_name[n]]) > 1}
+    return "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in sorted(shared.items()))
+
+
 def _outermost(paths: Sequence[str]) -> list[str]:
     """`paths` (in order, without repeats) less those inside another one."""
     uniq = list(dict.fromkeys(paths))
@@ -294,11 +304,9 @@ def export_peft_adapter(
         raise ValueError(f"adapters: every nested layer ({sorted(layers)}) sits inside a module that the PEFT "
                          f"checkpoint saves whole ({saved}: PEFT puts no LoRA on such a module), so no LoRA weight "
                          "would be left to write. Use merge_and_unload(model) and save the model instead")
-    aliases = module_names(model)
-    shared = {n: aliases[id(m)][1:] for n, m in targets.items() if len(aliases.get(id(m), ())) > 1}
+    shared = _registered_twice(model, targets)
     if shared:
-        shown = "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in sorted(shared.items()))
-        raise ValueError(f"adapters: a nested layer is one module registered in two parents ({shown}). PEFT wraps "
+        raise ValueError(f"adapters: a nested layer is one module registered in two parents ({shared}). PEFT wraps "
                          "a module under its first name only, so the loaded PEFT model would run the others "
                          "without the delta and give other outputs. Use merge_and_unload(model) and save the "
                          "model instead, or save model.state_dict() of the wrapped model")
@@ -532,13 +540,9 @@ def import_peft_adapter(
         if set(ab) != {"A", "B"}:
             raise ValueError(f"peft_dir: module {mod!r} lacks lora_{'B' if 'A' in ab else 'A'}")
     ranks = {mod: ab["A"].shape[0] for mod, ab in pairs.items()}
-    aliases = module_names(model)
-    by_name = {a: i for i, names in aliases.items() for a in names}
-    shared = {mod: [a for a in aliases[by_name[mod]] if a != mod] for mod in pairs
-              if mod in by_name and len(aliases[by_name[mod]]) > 1}
+    shared = _registered_twice(model, pairs)
     if shared:
-        shown = "; ".join(f"{n!r} is also {', '.join(map(repr, o))}" for n, o in sorted(shared.items()))
-        raise ValueError(f"model: a module the checkpoint adapts is one module registered in two parents ({shown}). "
+        raise ValueError(f"model: a module the checkpoint adapts is one module registered in two parents ({shared}). "
                          "PEFT put its LoRA on the first name only, while a nested layer runs under every name of its "
                          "module, so this model would give other outputs than PEFT's. Give each parent its own copy "
                          "of the module (copy.deepcopy) before importing")
