@@ -645,14 +645,9 @@ def import_peft_adapter(
         if saved_whole and mod not in mts:
             mts.append(mod)
     if untied:
-        cfg = getattr(model, "config", None)
-        untie = bool(getattr(cfg, "tie_word_embeddings", False))
-        if untie:
-            cfg.tie_word_embeddings = False
-        warnings.warn(f"import_peft_adapter: {sorted(untied)} of the checkpoint's modules_to_save were tied to "
-                      f"{sorted(set(sum(untied.values(), [])))}; PEFT trains its own copy of such a module and leaves the "
-                      "tied one as it was, so each now has its own weight, as in PEFT"
-                      + (", and config.tie_word_embeddings is now False" if untie else ""), stacklevel=3)
+        _untie_config(model, f"import_peft_adapter: {sorted(untied)} of the checkpoint's modules_to_save were tied "
+                             f"to {sorted(set(sum(untied.values(), [])))}; PEFT trains its own copy of such a module "
+                             "and leaves the tied one as it was, so each now has its own weight, as in PEFT")
     rank_set = set(ranks.values())
     return ImportedAdapter(adapters={n: layers[n] for n in sorted(pairs)}, rank=max(rank_set) if len(rank_set) > 1
                            else rank_set.pop(), modules_to_save=mts, extra_params=extra, peft_config=config)
@@ -690,14 +685,21 @@ def merge_and_unload(model: nn.Module, rank: int | None = None) -> nn.Module:
         layer.merge(keep_base=False)  # the layer goes: no copy of the weight for an unmerge
         _replace(model, name, layer.base_layer)
     if tied:
-        config = getattr(model, "config", None)
-        untie = bool(getattr(config, "tie_word_embeddings", False))
-        if untie:
-            config.tie_word_embeddings = False
-        warnings.warn(f"merge_and_unload: {sorted(tied)} had base weights tied to {sorted(sum(tied.values(), []))}; "
-                      "each now has its own merged weight and the tied modules keep theirs"
-                      + (", and config.tie_word_embeddings is now False" if untie else ""), stacklevel=3)  # (no_grad wraps this)
+        _untie_config(model, f"merge_and_unload: {sorted(tied)} had base weights tied to "
+                             f"{sorted(sum(tied.values(), []))}; each now has its own merged weight and the tied "
+                             "modules keep theirs")
     return model
+
+
+def _untie_config(model: nn.Module, message: str) -> None:
+    """Warn `message` about weights just untied, after setting the model's `config.tie_word_embeddings` False (so
+    that `save_pretrained` / `from_pretrained` keep them apart), and say so."""
+    config = getattr(model, "config", None)
+    untie = bool(getattr(config, "tie_word_embeddings", False))
+    if untie:
+        config.tie_word_embeddings = False
+    # stacklevel: this function, the caller, the caller's no_grad wrapper, the user's line
+    warnings.warn(message + (", and config.tie_word_embeddings is now False" if untie else ""), stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- PEFT controller
