@@ -1208,3 +1208,31 @@ def test_per_task_losses_of_a_causal_lm_count_only_its_target_tokens():
     per.mean().backward()
     ctrl.step(per.sum() / (labels[:, 1:] != -100).sum(), task_losses=got)
     assert ctrl.signal.components["E[b]"] == pytest.approx(got["b"] / ctrl.signal.config.loss_scale)
+
+
+def test_a_task_absent_since_a_rank_change_does_not_freeze_the_conflict_of_the_others():
+    """Three tasks; task "c"'s data ends in MULTI (rank 8), then the run merges into SINGLE (rank 4) and "a" and "b"
+    keep fighting. c's gradient EMA is of the former rank and cannot be compared: it is dropped, and the conflict of
+    a and b drives C. (Before, its stale shape made every later gradient conflict None while c stayed away: C froze
+    at its last value and a split could never come from the conflict between the remaining tasks.)"""
+    x, ya, yb = conflict_data()
+    model = tiny_bert()
+    _, ctrl = setup_multitask_lora(model, ["a", "b", "c"], TARGETS, lr_mode="off", print_fn=None,
+                                   machine=MachineConfig(initial_mode=MULTI, theta0=0.95, theta1=0.99))
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    ctrl.attach_optimizer(opt)
+    batches = [(torch.cat([x, x, x]), torch.cat([ya, yb, ya]), ["a"] * N + ["b"] * N + ["c"] * N)]
+    batches += [mixed_batch(x, ya, yb)] * 3  # c's data has ended
+    for ids, y, tids in batches:
+        with task_context(model, tids):
+            per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+        per.mean().backward()
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+        opt.step()
+        opt.zero_grad()
+    assert [r.mode for r in ctrl.trace] == [SINGLE] * 4  # merged at the first step: rank 8 → 4
+    assert ctrl.trace[0].components["C_grad"] is not None
+    for r in ctrl.trace[1:]:  # a's and b's labels are inverted: their gradients point against each other
+        assert r.components["C_grad"] is not None and r.components["C_grad"] > 0.9
+        assert r.components["C"] == r.components["C_grad"]
+    assert set(ctrl.grad_ema) == {ctrl.router.slots["a"], ctrl.router.slots["b"]}

@@ -875,6 +875,13 @@ class MultiTaskController(UnifiedController):
             fresh = prev is None or prev.shape != g.shape
             new = g if fresh else (1 - rate) * prev + rate * g
             self.grad_ema[s] = torch.where(finite, new, torch.zeros_like(g) if fresh else prev)
+        # An EMA of another shape is from a former rank (a task absent since the last rank change): it cannot be
+        # compared with this step's, so it goes, and the task starts afresh when it comes back. Kept (as before),
+        # it made every later conflict None while that task stayed away: C froze, and a split never came however
+        # much the remaining tasks fought (three tasks, one whose data had ended before a merge).
+        shape = next(iter(grads.values())).shape if grads else None
+        for s in [s for s, e in self.grad_ema.items() if shape is not None and e.shape != shape]:
+            del self.grad_ema[s]
         slots = [s for s in self._slots() if s in self.grad_ema]
         shapes = {self.grad_ema[s].shape for s in slots}
         if len(slots) < 2 or len(shapes) != 1:
