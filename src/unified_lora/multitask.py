@@ -874,7 +874,10 @@ class MultiTaskController(UnifiedController):
             prev = self.grad_ema.get(s)
             fresh = prev is None or prev.shape != g.shape
             new = g if fresh else (1 - rate) * prev + rate * g
-            self.grad_ema[s] = torch.where(finite, new, torch.zeros_like(g) if fresh else prev)
+            # An all-zero gradient is a task absent from the batch whose .grad was zeroed rather than set to None
+            # (zero_grad(set_to_none=False)): it leaves the EMA as it was, as an absent task's None does. (Before, it
+            # entered as a real gradient: the EMA decayed, and C depended on how the loop zeroed its gradients.)
+            self.grad_ema[s] = torch.where(finite & g.ne(0).any(), new, torch.zeros_like(g) if fresh else prev)
         # An EMA of another shape is from a former rank (a task absent since the last rank change): it cannot be
         # compared with this step's, so it goes, and the task starts afresh when it comes back. Kept (as before),
         # it made every later conflict None while that task stayed away: C froze, and a split never came however
@@ -892,7 +895,12 @@ class MultiTaskController(UnifiedController):
         # step the signal skips as non-finite, for good if those tasks' gradients stay zero; 0 is "no conflict"
         cos = (G @ G.T) / (n[:, None] * n[None, :]).clamp_min(1e-30)
         iu = torch.triu_indices(len(slots), len(slots), 1)
-        conflict = (-cos[iu[0], iu[1]]).clamp_min(0).mean()
+        # an EMA of zeros (a task with no usable gradient yet) has no direction: its pairs stay out of the mean, on
+        # the device (no sync). Before, each counted as a conflict of 0, and with three tasks C was a third of the
+        # conflict of the two that had gradients; with no pair left the conflict is 0, as before.
+        has = G.ne(0).any(1)
+        valid = (has[:, None] & has[None, :])[iu[0], iu[1]].float()
+        conflict = ((-cos[iu[0], iu[1]]).clamp_min(0) * valid).sum() / valid.sum().clamp_min(1)
         if finite is not None:  # this step's gradients had an inf/NaN: say so through the one read (NaN), no extra sync
             conflict = torch.where(finite, conflict, torch.full_like(conflict, math.nan))
         return float(conflict)
