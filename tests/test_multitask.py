@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, can_build_cpp, tiny_bert, tiny_llama
+from conftest import VOCAB, can_build_cpp, tiny_bert, tiny_gpt2, tiny_llama
 
 from unified_lora import MIRROR, MULTI, SINGLE, MachineConfig, trainable_parameters
 from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
@@ -464,6 +464,54 @@ def test_layer_type_and_merge_guard():
     assert all(isinstance(a, MultiTaskNestedLoRALayer) for a in ad.values())
     with pytest.raises(ValueError, match="cannot be folded"):
         ad["classifier"].merge()
+
+
+def split_gpt2(**kw):
+    """A tiny GPT-2 (Conv1D layers) in MULTI, its two task adapters apart from each other and from the shared one."""
+    model = tiny_gpt2()
+    ad, _ = setup_multitask_lora(model, ["a", "b"], ["c_attn", "c_fc"], print_fn=None,
+                                 machine=MachineConfig(initial_mode=MULTI), **kw)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in ad.values():
+            for p in layer.task_parameters():
+                p.normal_(std=0.2)
+    assert model.task_router.topology == "task"
+    return model, ad
+
+
+def test_plain_peft_export_of_a_split_model_is_refused_for_the_per_task_export(tmp_path):
+    # In MULTI/MIRROR the shared adapter rests: export_peft_adapter wrote it silently, and the checkpoint gave
+    # neither task's logits (max abs diff ~0.5 on tiny GPT-2). It now points to export_task_peft_adapters.
+    peft = pytest.importorskip("peft")
+    from unified_lora.multitask import export_task_peft_adapters
+    from unified_lora.peft_io import export_peft_adapter
+
+    model, ad = split_gpt2()
+    with pytest.raises(ValueError, match="export_task_peft_adapters"):
+        export_peft_adapter(model, None, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    assert model.task_router.topology == "task"
+    export_task_peft_adapters(model, tmp_path / "tasks")  # the per-task export still runs through it
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    for t in ("a", "b"):
+        pm = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "tasks" / t).eval()
+        with torch.no_grad(), task_context(model, t):
+            torch.testing.assert_close(pm(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_of_a_split_model_is_refused_before_any_layer_changes():
+    # merge_and_unload(model, rank=16) re-ranked the first layer and only then refused, at that layer's merge
+    from unified_lora.peft_io import merge_and_unload
+
+    model, ad = split_gpt2()
+    before = {n: (layer.rank, layer.merged_rank) for n, layer in ad.items()}
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot be folded"):
+        merge_and_unload(model, rank=16)
+    assert {n: (layer.rank, layer.merged_rank) for n, layer in ad.items()} == before
+    assert all(isinstance(model.get_submodule(n), MultiTaskNestedLoRALayer) for n in ad)
+    assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
 
 
 def test_per_task_peft_export_loads_in_peft(tmp_path):

@@ -417,11 +417,14 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         finally:
             self.rank = old
 
-    def merge(self, keep_base: bool = True) -> None:
+    def check_mergeable(self) -> None:
+        """As `NestedLoRALayer.check_mergeable`, and a ValueError in MULTI/MIRROR (the task topology): run first by
+        `merge_adapters` and `merge_and_unload` for every layer, so that the refusal comes before any layer changes
+        (`merge_and_unload(model, rank=...)` re-ranked the first layer, then refused at its merge)."""
         if self.router.topology == "task":
             raise ValueError("merge: in MULTI/MIRROR each task has its own adapter, which cannot be folded into one "
                              "base weight; merge in SINGLE, or export each task (save_task_adapters)")
-        super().merge(keep_base)
+        super().check_mergeable()
 
     # -- forward ------------------------------------------------------------------
     def _hook(self, slot: int, which: int):

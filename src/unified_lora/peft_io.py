@@ -280,6 +280,12 @@ def export_peft_adapter(
 
     model = unwrap_model(model)  # a DDP wrapper's names (`module.q_proj`) would match nothing in a fresh base model
     layers = _select_layers(model, adapters)
+    split = sorted(n for n, m in layers.items() if getattr(m, "topology", "shared") == "task")
+    if split:  # the shared blocks rest in MULTI/MIRROR: exported, they would reproduce no task's outputs
+        raise ValueError(f"export_peft_adapter: the multi-task layers ({split[:3]}{' ...' if len(split) > 3 else ''}) "
+                         "run each task's own adapter (MULTI/MIRROR), and the shared adapter they hold is not what "
+                         "the model computes for any task. Use unified_lora.multitask.export_task_peft_adapters("
+                         "model, save_dir): one PEFT checkpoint per task (and the shared one)")
     ranks = {n: int(m.rank if rank is None else rank) for n, m in layers.items()}  # each layer's exported rank
     for n, m in layers.items():
         if ranks[n] not in m.boundaries:
