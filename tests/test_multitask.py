@@ -514,6 +514,27 @@ def test_merge_and_unload_of_a_split_model_is_refused_before_any_layer_changes()
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
 
 
+def test_beam_search_generation_under_task_context_says_how_to_repeat_the_ids():
+    # generate(num_beams=3) runs 3 rows per prompt: one id per prompt was refused with "give one id per sample",
+    # which the caller had done. The error now says how to repeat the ids, and so repeated they route each beam to
+    # its prompt's task: the same tokens as generating each task's prompt alone.
+    model, _ = split_gpt2()
+    prompts = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"2 ids for a batch of 6 rows.*repeat_interleave"):
+        with task_context(model, ["a", "b"]):
+            model.generate(prompts, **kw)
+    with task_context(model, [t for t in ["a", "b"] for _ in range(3)]):
+        both = model.generate(prompts, **kw)
+    alone = []
+    for i, t in enumerate(["a", "b"]):
+        with task_context(model, t):
+            alone.append(model.generate(prompts[i:i + 1], **kw))
+    assert torch.equal(both, torch.cat(alone))
+    with task_context(model, "b"):
+        assert not torch.equal(model.generate(prompts[:1], **kw), alone[0])  # the tasks do generate differently
+
+
 def test_per_task_peft_export_loads_in_peft(tmp_path):
     peft = pytest.importorskip("peft")
     from unified_lora.multitask import export_task_peft_adapters

@@ -210,8 +210,14 @@ class TaskRouter:
             g = [(self._slot_list[0], None)]
         else:
             if len(self._slot_list) != batch:
-                raise ValueError(f"task_ids: got {len(self._slot_list)} ids for a batch of {batch} rows; "
-                                 f"give one id per sample (or a single id for the whole batch)")
+                n = len(self._slot_list)
+                hint = (f". A batch of {batch // n}x the rows is what `generate` runs with num_beams or "
+                        f"num_return_sequences = {batch // n}: it repeats each row that many times in place "
+                        f"(repeat_interleave), so repeat each id the same way, e.g. "
+                        f"task_context(model, [t for t in ids for _ in range({batch // n})])"
+                        if batch % n == 0 else "")
+                raise ValueError(f"task_ids: got {n} ids for a batch of {batch} rows; "
+                                 f"give one id per sample (or a single id for the whole batch){hint}")
             uniq = sorted(set(self._slot_list))
             if len(uniq) == 1:
                 g = [(uniq[0], None)]
