@@ -150,6 +150,27 @@ def test_a_setup_that_fails_leaves_the_model_as_it_was_so_a_retry_works(bert, ba
     assert len(adapters) == 4 and bert.classifier.weight.requires_grad
 
 
+def test_a_second_setup_on_a_wrapped_model_is_refused_and_keeps_the_first_setups_layers(bert):
+    """In a notebook the setup cell runs twice. The second call was refused ("already has nested LoRA layers"), but
+    the undo of that failed call then replaced every nested layer, the first call's too, by its base Linear and left
+    the model with nothing trainable: the first controller and optimizer held adapters the model no longer ran.
+    The refused call now leaves the first setup's layers, flags and training in place."""
+    from unified_lora.multitask import setup_multitask_lora
+    adapters, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], print_fn=None)
+    modules = dict(bert.named_modules())
+    flags = {n: p.requires_grad for n, p in bert.named_parameters()}
+    for again in (setup_unified_lora, lambda m, **kw: setup_multitask_lora(m, ["a", "b"], **kw)):
+        with pytest.raises(ValueError, match="already has nested LoRA layers"):
+            again(bert, target_modules=["query", "value"], print_fn=None)
+        assert dict(bert.named_modules()) == modules
+        assert {n: p.requires_grad for n, p in bert.named_parameters()} == flags
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(n=4)
+    bert(input_ids=x, labels=y).loss.backward()
+    assert all(any(p.grad is not None for p in a.lora_parameters()) for a in adapters.values())  # the model runs them
+
+
 def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert):
     """UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10)) ran at the config's theta0=0.3, and
     setup_unified_lora(lr_mode="off", actuators=ActuatorConfig(mode_lrs=...)) wrote ActuatorConfig's absolute LRs
