@@ -361,6 +361,35 @@ def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode)
     assert read_trace(tmp_path / "trace.jsonl")[-1]["lr"] == pytest.approx(want)
 
 
+def test_a_second_controller_on_one_optimizer_is_refused_so_the_lr_does_not_compound():
+    """Two models in one optimizer (a sweep in a notebook), each with its own controller in multiplier mode: both
+    pre-step hooks scaled every group (0.01 trained at 0.01 × m²) and the second post-step hook put back the LR
+    the first had already multiplied, so the scheduled LR grew by m at every step, silently. The second attach is
+    now refused; after close() on the first, or with one controller over both models' adapters, it trains at
+    base × m and the LR stays put."""
+    m1, m2 = tiny_llama(1), tiny_llama(2)
+    acts = ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25))
+    a1, c1 = setup_unified_lora(m1, target_modules=["q_proj"], signal="loss", print_fn=None, actuators=acts)
+    a2, c2 = setup_unified_lora(m2, target_modules=["q_proj"], signal="loss", print_fn=None, actuators=acts)
+    opt = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (m1, m2)], lr=0.01)
+    with pytest.warns(UserWarning, match="does not manage"):  # the other model's parameters
+        c1.attach_optimizer(opt)
+    with pytest.raises(ValueError, match="^optimizer: another UnifiedController already drives its learning rate"):
+        c2.attach_optimizer(opt)
+    assert c2.optimizer is None and not c2._hooks
+    with pytest.warns(UserWarning, match="does not manage"):
+        c1.attach_optimizer(opt)  # the controller already attached may attach again
+    both = UnifiedController(adapters={**{f"a.{n}": a for n, a in a1.items()}, **{f"b.{n}": a for n, a in a2.items()}},
+                             signal="loss", actuators=acts, print_fn=None)
+    c1.close()
+    both.attach_optimizer(opt)
+    used = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append([g["lr"] for g in o.param_groups]))
+    for _ in range(2):
+        opt.step()
+    assert used == [[0.005, 0.005]] * 2 and [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+
+
 def test_without_an_attached_optimizer_the_multiplier_is_not_traced_as_the_lr(tmp_path, llama):
     """`setup_unified_lora` runs lr_mode="multiplier"; attaching the optimizer is optional. Without it, the trace and
     the console line recorded the mode's multiplier as the LR: "lr=1e0" in MULTI (1.667 in SINGLE) for a run that
