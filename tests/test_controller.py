@@ -1150,6 +1150,31 @@ def _seq_steps(model, ctrl, opt, losses, seed=0):
         opt.zero_grad()
 
 
+def test_another_optimizer_attached_during_mirror_does_not_get_the_old_ones_state_at_the_restore():
+    """A controller re-attached mid-run to a new optimizer (SGD with momentum swapped for AdamW) while in MIRROR with
+    snapshot_optimizer=True: the restore at MIRROR's exit wrote the old optimizer's saved state (momentum_buffer)
+    into the new one, whose next step then failed with KeyError: 'exp_avg'. The snapshot's optimizer state belongs
+    to the optimizer it was taken from: attaching another drops it (with a warning), and the restore rolls back
+    the weights only, leaving the new optimizer's own state."""
+    model, _, ctrl, _ = _seq_controller("01")
+    params = ctrl.managed_parameters()
+    sgd = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    ctrl.attach_optimizer(sgd)
+    _seq_steps(model, ctrl, sgd, [1.0, 10.0])
+    assert ctrl.mode == 2 and ctrl.mirror.opt_state is not None
+    saved = [w.clone() for w in ctrl.mirror.weights]
+    adamw = torch.optim.AdamW(params, lr=1e-2)
+    with pytest.warns(UserWarning, match="previous optimizer's state"):
+        ctrl.attach_optimizer(adamw)
+    ctrl.attach_optimizer(adamw)  # the same optimizer again: nothing more to drop, no warning
+    _seq_steps(model, ctrl, adamw, [10.0])
+    moments = {p: adamw.state[p]["exp_avg"].clone() for p in params if p in adamw.state}
+    _seq_steps(model, ctrl, adamw, [1.0], seed=1)
+    assert ctrl.trace[-1].snapshot == "restored" and all(torch.equal(p, w) for p, w in zip(params, saved))
+    assert moments and all(torch.equal(adamw.state[p]["exp_avg"], m) for p, m in moments.items())  # its own state
+    _seq_steps(model, ctrl, adamw, [None, None], seed=2)  # and it trains on
+
+
 _LOAD_CASES = {  # what differs: (saved controller, loaded controller, error with the layout, error without it)
     "fewer adapters": (dict(targets="0123"), dict(targets="02"),
                        r"saved for 4 adapters \('0', '1', '2', '3'\) with 24 LoRA parameters, and 0 extra parameters; "

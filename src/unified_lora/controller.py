@@ -184,6 +184,13 @@ class UnifiedController:
         previous = _unwrap_optimizer(self.optimizer)
         if previous is not None:  # a step of it raised: its scheduled LRs go back to it, not into the new one
             self._post_step(previous, None, None)
+        if previous is not None and inner is not previous and self.mirror.opt_state is not None:
+            # the Mirror snapshot holds the old optimizer's state: a restore wrote it into the new one (SGD's
+            # momentum_buffer into AdamW, whose next step then failed with KeyError: 'exp_avg')
+            self.mirror.opt_state = self.mirror._opt_home = None
+            warnings.warn("attach_optimizer: the Mirror snapshot held the previous optimizer's state, which does not "
+                          "belong to the new one; it is dropped, and a restore at this MIRROR's exit rolls back the "
+                          "weights only", stacklevel=2)
         self._base_lrs = None
         for h in self._hooks:
             h.remove()
