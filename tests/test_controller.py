@@ -150,6 +150,27 @@ def test_a_setup_that_fails_leaves_the_model_as_it_was_so_a_retry_works(bert, ba
     assert len(adapters) == 4 and bert.classifier.weight.requires_grad
 
 
+def test_a_second_setup_on_a_wrapped_model_is_refused_and_keeps_the_first_setups_layers(bert):
+    """In a notebook the setup cell runs twice. The second call was refused ("already has nested LoRA layers"), but
+    the undo of that failed call then replaced every nested layer, the first call's too, by its base Linear and left
+    the model with nothing trainable: the first controller and optimizer held adapters the model no longer ran.
+    The refused call now leaves the first setup's layers, flags and training in place."""
+    from unified_lora.multitask import setup_multitask_lora
+    adapters, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], print_fn=None)
+    modules = dict(bert.named_modules())
+    flags = {n: p.requires_grad for n, p in bert.named_parameters()}
+    for again in (setup_unified_lora, lambda m, **kw: setup_multitask_lora(m, ["a", "b"], **kw)):
+        with pytest.raises(ValueError, match="already has nested LoRA layers"):
+            again(bert, target_modules=["query", "value"], print_fn=None)
+        assert dict(bert.named_modules()) == modules
+        assert {n: p.requires_grad for n, p in bert.named_parameters()} == flags
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(n=4)
+    bert(input_ids=x, labels=y).loss.backward()
+    assert all(any(p.grad is not None for p in a.lora_parameters()) for a in adapters.values())  # the model runs them
+
+
 def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert):
     """UnifiedController(theta0=0.2, machine=MachineConfig(warmup_steps=10)) ran at the config's theta0=0.3, and
     setup_unified_lora(lr_mode="off", actuators=ActuatorConfig(mode_lrs=...)) wrote ActuatorConfig's absolute LRs
@@ -338,6 +359,35 @@ def test_an_lr_given_as_a_tensor_is_traced_as_a_number(tmp_path, llama, lr_mode)
     want = 1e-3 * ctrl.lr_multiplier if lr_mode == "multiplier" else ctrl.actuators.mode_lrs[1]
     assert type(ctrl.trace[-1].lr) is float and ctrl.trace[-1].lr == pytest.approx(want)
     assert read_trace(tmp_path / "trace.jsonl")[-1]["lr"] == pytest.approx(want)
+
+
+def test_a_second_controller_on_one_optimizer_is_refused_so_the_lr_does_not_compound():
+    """Two models in one optimizer (a sweep in a notebook), each with its own controller in multiplier mode: both
+    pre-step hooks scaled every group (0.01 trained at 0.01 × m²) and the second post-step hook put back the LR
+    the first had already multiplied, so the scheduled LR grew by m at every step, silently. The second attach is
+    now refused; after close() on the first, or with one controller over both models' adapters, it trains at
+    base × m and the LR stays put."""
+    m1, m2 = tiny_llama(1), tiny_llama(2)
+    acts = ActuatorConfig(lr_mode="multiplier", mode_multipliers=(2.0, 0.5, 0.25))
+    a1, c1 = setup_unified_lora(m1, target_modules=["q_proj"], signal="loss", print_fn=None, actuators=acts)
+    a2, c2 = setup_unified_lora(m2, target_modules=["q_proj"], signal="loss", print_fn=None, actuators=acts)
+    opt = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (m1, m2)], lr=0.01)
+    with pytest.warns(UserWarning, match="does not manage"):  # the other model's parameters
+        c1.attach_optimizer(opt)
+    with pytest.raises(ValueError, match="^optimizer: another UnifiedController already drives its learning rate"):
+        c2.attach_optimizer(opt)
+    assert c2.optimizer is None and not c2._hooks
+    with pytest.warns(UserWarning, match="does not manage"):
+        c1.attach_optimizer(opt)  # the controller already attached may attach again
+    both = UnifiedController(adapters={**{f"a.{n}": a for n, a in a1.items()}, **{f"b.{n}": a for n, a in a2.items()}},
+                             signal="loss", actuators=acts, print_fn=None)
+    c1.close()
+    both.attach_optimizer(opt)
+    used = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append([g["lr"] for g in o.param_groups]))
+    for _ in range(2):
+        opt.step()
+    assert used == [[0.005, 0.005]] * 2 and [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
 
 
 def test_without_an_attached_optimizer_the_multiplier_is_not_traced_as_the_lr(tmp_path, llama):
@@ -1098,6 +1148,31 @@ def _seq_steps(model, ctrl, opt, losses, seed=0):
         ctrl.step(loss.item() if fake is None else fake)
         opt.step()
         opt.zero_grad()
+
+
+def test_another_optimizer_attached_during_mirror_does_not_get_the_old_ones_state_at_the_restore():
+    """A controller re-attached mid-run to a new optimizer (SGD with momentum swapped for AdamW) while in MIRROR with
+    snapshot_optimizer=True: the restore at MIRROR's exit wrote the old optimizer's saved state (momentum_buffer)
+    into the new one, whose next step then failed with KeyError: 'exp_avg'. The snapshot's optimizer state belongs
+    to the optimizer it was taken from: attaching another drops it (with a warning), and the restore rolls back
+    the weights only, leaving the new optimizer's own state."""
+    model, _, ctrl, _ = _seq_controller("01")
+    params = ctrl.managed_parameters()
+    sgd = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    ctrl.attach_optimizer(sgd)
+    _seq_steps(model, ctrl, sgd, [1.0, 10.0])
+    assert ctrl.mode == 2 and ctrl.mirror.opt_state is not None
+    saved = [w.clone() for w in ctrl.mirror.weights]
+    adamw = torch.optim.AdamW(params, lr=1e-2)
+    with pytest.warns(UserWarning, match="previous optimizer's state"):
+        ctrl.attach_optimizer(adamw)
+    ctrl.attach_optimizer(adamw)  # the same optimizer again: nothing more to drop, no warning
+    _seq_steps(model, ctrl, adamw, [10.0])
+    moments = {p: adamw.state[p]["exp_avg"].clone() for p in params if p in adamw.state}
+    _seq_steps(model, ctrl, adamw, [1.0], seed=1)
+    assert ctrl.trace[-1].snapshot == "restored" and all(torch.equal(p, w) for p, w in zip(params, saved))
+    assert moments and all(torch.equal(adamw.state[p]["exp_avg"], m) for p, m in moments.items())  # its own state
+    _seq_steps(model, ctrl, adamw, [None, None], seed=2)  # and it trains on
 
 
 _LOAD_CASES = {  # what differs: (saved controller, loaded controller, error with the layout, error without it)

@@ -176,6 +176,7 @@ class UnifiedController:
         back, so any scheduler (cosine, warmup, chainable) keeps working."""
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
+            self._check_no_other_controller(inner)
             self._check_optimizer_holds_managed(inner)
             self._warn_unmanaged_trainable(inner)
             if self.actuators.lr_mode != "off":
@@ -183,6 +184,13 @@ class UnifiedController:
         previous = _unwrap_optimizer(self.optimizer)
         if previous is not None:  # a step of it raised: its scheduled LRs go back to it, not into the new one
             self._post_step(previous, None, None)
+        if previous is not None and inner is not previous and self.mirror.opt_state is not None:
+            # the Mirror snapshot holds the old optimizer's state: a restore wrote it into the new one (SGD's
+            # momentum_buffer into AdamW, whose next step then failed with KeyError: 'exp_avg')
+            self.mirror.opt_state = self.mirror._opt_home = None
+            warnings.warn("attach_optimizer: the Mirror snapshot held the previous optimizer's state, which does not "
+                          "belong to the new one; it is dropped, and a restore at this MIRROR's exit rolls back the "
+                          "weights only", stacklevel=2)
         self._base_lrs = None
         for h in self._hooks:
             h.remove()
@@ -191,6 +199,22 @@ class UnifiedController:
         if inner is not None and self.actuators.lr_mode == "multiplier":
             self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
                            inner.register_state_dict_pre_hook(self._restore_lrs)]
+
+    def _check_no_other_controller(self, inner) -> None:
+        """Refuse an optimizer whose LR another controller's hooks already scale (two models in one optimizer, each
+        with its own controller, or a second controller for one model): each multiplier scales every group, and the
+        second post-step hook put back the LR the first had multiplied, so the scheduled LR grew every step."""
+        hooks = getattr(inner, "_optimizer_step_pre_hooks", {})
+        others = [h.__self__ for h in hooks.values()
+                  if isinstance(getattr(h, "__self__", None), UnifiedController) and h.__self__ is not self]
+        if others and self.actuators.lr_mode != "off":
+            raise ValueError(
+                f"optimizer: another {type(others[0]).__name__} already drives its learning rate (lr_mode="
+                f"'multiplier'); two would scale every param group twice and compound the LR each step. Give each "
+                f"model its own optimizer, build one controller over both models' adapters "
+                f"(UnifiedController(adapters={{**adapters_1, **adapters_2}}, ...)), call close() on the other "
+                f"controller first (one you no longer hold, from a re-run cell, keeps its hooks: build a new "
+                f"optimizer), or use lr_mode='off' for this one")
 
     def _check_optimizer_holds_managed(self, inner) -> None:
         """Refuse an optimizer that leaves out managed parameters. A block it lacks never trains, silently:

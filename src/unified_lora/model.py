@@ -140,14 +140,18 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def undone_on_error(model: nn.Module):
     """Run a block that injects nested layers into `model` (which has none) and builds on them. If it raises, every
     nested layer is replaced by its base layer again and every parameter gets its `requires_grad` back, so the
-    model is as it was: a retry with corrected arguments does not meet "already has nested LoRA layers"."""
+    model is as it was: a retry with corrected arguments does not meet "already has nested LoRA layers". Layers the
+    model held before the block stay: a second setup call on a wrapped model is refused and leaves the first one's
+    layers (which its controller and optimizer hold) in place."""
+    kept = set(lora_layers(model).values())
     flags = [(p, p.requires_grad) for p in model.parameters()]
     encoders = [(m, m.use_nested_tensor) for m in model.modules() if hasattr(m, "use_nested_tensor")]
     try:
         yield
     except BaseException:
         for name, layer in lora_layers(model).items():
-            _replace(model, name, layer.base_layer)
+            if layer not in kept:
+                _replace(model, name, layer.base_layer)
         for p, flag in flags:
             p.requires_grad_(flag)
         for m, flag in encoders:
