@@ -882,3 +882,46 @@ def test_peft_controller_reads_peft_gradients_for_the_composite_signal():
     assert comps["S"] > 0 and comps["E"] > 0  # gradient norm and direction churn of the PEFT lora_A/lora_B
     with pytest.raises(ValueError, match="no gradient"):
         ctrl.step(loss=1.0)  # no backward since the last zero_grad
+
+
+def test_peft_controller_restore_under_peft_merge_adapter_keeps_the_base_weights():
+    """A Mirror restore while PEFT's merge_adapter() had the adapter merged (an eval in the middle of Mirror) wrote
+    lora_A/lora_B under a base weight that held the discarded delta; unmerge_adapter() then took the restored delta
+    out of it, leaving their difference in the frozen base weights (0.08 here). The restore now unmerges first and
+    merges the restored blocks again."""
+    pm = bert_peft_model()
+    base0 = {n: p.detach().clone() for n, p in pm.named_parameters() if "base_layer" in n}
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ctrl = attach_to_peft_model(pm, opt, signal="loss", print_fn=None)
+    ctrl._save_snapshot(0)
+    snap = [p.detach().clone() for p in params]
+    x, y = inputs(6), torch.tensor([0, 2])
+    for _ in range(3):
+        pm(input_ids=x, labels=y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.merge_adapter()
+    ctrl._restore_snapshot(params)
+    assert all(m.merged for m in pm.modules() if "default" in getattr(m, "lora_A", {}))
+    merged_out = logits(pm.eval(), x)
+    pm.unmerge_adapter()
+    assert all(torch.equal(p, s) for p, s in zip(params, snap))
+    assert max((p - base0[n]).abs().max().item() for n, p in pm.named_parameters() if "base_layer" in n) < 1e-6
+    assert torch.allclose(merged_out, logits(pm, x), atol=1e-5)  # merged: the restored adapter, not the old one
+
+
+def test_peft_controller_refuses_a_step_while_peft_merged_the_adapter():
+    """With merge_adapter() the forward runs the base weight alone: lora_A/lora_B get no gradient and only the
+    saved head trained, while the controller stepped on silently. It now names PEFT's calls."""
+    pm = bert_peft_model()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    ctrl = attach_to_peft_model(pm, opt, signal="loss", print_fn=None)
+    pm.merge_adapter()
+    pm(input_ids=inputs(6), labels=torch.tensor([0, 2])).loss.backward()
+    with pytest.raises(ValueError, match=r"4 of 4 are merged .*merge_adapter\(\).*call peft_model.unmerge_adapter\(\)"):
+        ctrl.step(loss=1.0)
+    pm.unmerge_adapter()
+    opt.zero_grad()
+    pm(input_ids=inputs(6), labels=torch.tensor([0, 2])).loss.backward()
+    ctrl.step(loss=1.0)

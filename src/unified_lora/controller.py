@@ -370,13 +370,15 @@ class UnifiedController:
                 raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before "
                                  "ctrl.step(loss=...)")
 
+    _MERGE_CALLS = ("merge_adapters", "unmerge_adapters(model)")  # (what merged them, what undoes it)
+
     def _refuse_merged(self) -> None:
         """With no gradient on the adapters: a ValueError if some are merged (the likelier cause than no backward)."""
-        merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]  # (PEFT views have none)
+        merged = [a for a in self.adapters if getattr(a, "merged_rank", 0)]
         if merged:  # a merged layer runs its base weight alone: backward ran, and the adapters took no part
             raise ValueError(f"ctrl.step: no gradient on the adapters: {len(merged)} of {len(self.adapters)} "
-                             "are merged into their base weights (merge_adapters), so the forward ran without "
-                             "them; call unmerge_adapters(model) before training again")
+                             f"are merged into their base weights ({self._MERGE_CALLS[0]}), so the forward ran without "
+                             f"them; call {self._MERGE_CALLS[1]} before training again")
 
     def _update_signal(self, loss: float) -> float:
         """Feed the signal; subclasses take extra step inputs here (e.g. per-task losses)."""

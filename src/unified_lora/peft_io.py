@@ -715,6 +715,7 @@ class _PeftLoRAView:
 
     def __init__(self, name: str, layer, adapter_name: str, nominal_rank: int):
         self.name = name
+        self._layer, self._adapter, self._remerge = layer, adapter_name, []
         self.lora_A = [layer.lora_A[adapter_name].weight]
         self.lora_B = [layer.lora_B[adapter_name].weight]
         self.rank = self.max_rank = int(self.lora_A[0].shape[0])
@@ -723,6 +724,18 @@ class _PeftLoRAView:
 
     def set_rank(self, rank: int) -> None:  # fixed rank: the controller never changes it
         pass
+
+    @property
+    def merged_rank(self) -> int:
+        """The rank if PEFT's `merge_adapter()` merged this adapter into the base weight, else 0."""
+        return self.rank if self._adapter in getattr(self._layer, "merged_adapters", ()) else 0
+
+    def unmerge(self) -> None:  # PEFT unmerges every merged adapter of the layer: merge() merges them all again
+        self._remerge = list(self._layer.merged_adapters)
+        self._layer.unmerge()
+
+    def merge(self) -> None:
+        self._layer.merge(adapter_names=self._remerge)
 
     def active_parameters(self) -> list[nn.Parameter]:
         return self.lora_A + self.lora_B
@@ -747,6 +760,8 @@ class PeftController(UnifiedController):
     (lora_A/lora_B and modules_to_save); the drift rule is computed over lora_A
     and lora_B, as for nested adapters. The trace's `rank` is the config's r.
     """
+
+    _MERGE_CALLS = ("peft_model.merge_adapter()", "peft_model.unmerge_adapter()")
 
     def __init__(self, peft_model: nn.Module, optimizer=None, *, adapter_name: str | None = None,
                  signal="loss", lr_mode: str | None = None, actuators: ActuatorConfig | None = None, **kwargs):
