@@ -116,13 +116,22 @@ def _matches_any(names: list[str], target: Iterable[str] | str) -> bool:
     return all(hits) if target == "all-linear" else any(hits)
 
 
+def _names_by_id(named) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for n, x in named:
+        if n:  # (the root module's name is "")
+            names.setdefault(id(x), []).append(n)
+    return names
+
+
 def module_names(model: nn.Module) -> dict[int, list[str]]:
     """{id(module): every name it is registered under}, first (the name `named_modules` gives) first."""
-    names: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if n:
-            names.setdefault(id(m), []).append(n)
-    return names
+    return _names_by_id(model.named_modules(remove_duplicate=False))
+
+
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """{id(parameter): every name it has} (a tied weight has one per module that holds it), first name first."""
+    return _names_by_id(model.named_parameters(remove_duplicate=False))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -232,9 +241,7 @@ def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | Non
     """{adapter name: the other names of its base weight} for every nested layer whose frozen base weight is
     tied to another module's parameter (GPT-2's `lm_head` and `transformer.wte`). Folding a delta into such a
     weight in place changes the other module as well."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
+    names = parameter_names(model)
     layer_names = module_names(model)  # a layer shared by two parents: its weight's names under both are its own
     tied = {}
     for name, layer in (lora_layers(model) if layers is None else layers).items():

@@ -40,7 +40,7 @@ import torch.nn as nn
 from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController, _refuse_ignored
 from .layer import NestedLoRALayer
-from .model import _replace, inject_nested_lora, lora_layers, module_names, tied_base_weights
+from .model import _replace, inject_nested_lora, lora_layers, module_names, parameter_names, tied_base_weights
 from .mirror import watch_state_dict
 
 _PREFIX = "base_model.model."
@@ -139,11 +139,8 @@ def _inside(path: str, outer: str) -> bool:
 
 def _tied_outside(model: nn.Module, saved: Sequence[str]) -> list[str]:
     """Modules outside `saved` that hold a parameter of a module in `saved` (a tied lm_head of a saved embedding)."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
     out = []
-    for group in names.values():
+    for group in parameter_names(model).values():
         if len(group) > 1 and any(any(_inside(n, s) for s in saved) for n in group):
             out += [n.rpartition(".")[0] for n in group if not any(_inside(n, s) for s in saved)]
     return list(dict.fromkeys(out))
@@ -619,9 +616,7 @@ def import_peft_adapter(
             del others[path]
     task_type = getattr(config.task_type, "value", config.task_type)
     whole = _peft_matches(model, list(config.modules_to_save or []) + list(_PEFT_TASK_HEADS.get(task_type, ())))
-    names_of: dict[int, list[str]] = {}
-    for n, p in ours_params.items():
-        names_of.setdefault(id(p), []).append(n)
+    names_of = parameter_names(model)  # (ours_params' names, by parameter)
     untied: dict[str, list[str]] = {}
     for path, t in others.items():
         name = path if path in ours_params else f"{path.rpartition('.')[0]}.base_layer.{path.rpartition('.')[2]}"
