@@ -646,14 +646,12 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     scores ("φ pre-shock" was step 0's φ), or the finished first part's summary as if it were the whole run, and
     `plot` drew the v1 thresholds and no shock window instead of the run's. None: summary.json is current, or the
     folder holds no checkpoint (a demo)."""
-    import torch
-
-    from .training import TrainConfig, latest_checkpoint
+    from .training import TrainConfig, latest_checkpoint, read_state
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         return None
-    st = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    st = read_state(ckpt)  # weights_only, as every other read of a checkpoint: a run folder may come from elsewhere
     step = st["run"]["global_step"]
     if summary is not None and (summary.get("command") != "train" or summary.get("steps", 0) >= step):
         return None
