@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
+import shutil
+import sys
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -468,3 +472,32 @@ def test_a_missing_label_is_an_error_not_a_class_of_its_own(tmp_path, fmt, body,
     path.write_text(body)
     with pytest.raises(DataError, match=rf"record 2 has no label \(column 'y' is {why}\)"):
         load_table(path, ["t"], "y")
+
+
+def _copy_of_loaders(root: Path) -> ModuleType:
+    """loaders.py, imported from a copy at root/.../data/loaders.py: _find_shared_glue reads its own __file__."""
+    path = root / "unified_lora" / "data" / "loaders.py"
+    path.parent.mkdir(parents=True)
+    shutil.copy2(loaders.__file__, path)
+    spec = importlib.util.spec_from_file_location("_loaders_copy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_an_installed_package_does_not_pick_up_a_shared_glue_folder_on_its_way_to_the_root(tmp_path):
+    # a wheel in <prefix>/lib/python3.11/site-packages; an unrelated <prefix-parent>/shared/data/glue (e.g.
+    # /tmp/shared) used to be taken for RTE, CoLA and SST-2 without a word
+    (tmp_path / "shared" / "data" / "glue").mkdir(parents=True)
+    installed = _copy_of_loaders(tmp_path / "venv" / "lib" / "python3.11" / "site-packages")
+    assert installed._find_shared_glue() is None
+    # a source checkout beside the workspace's shared/ still finds it
+    (tmp_path / "ws" / "repo").mkdir(parents=True)
+    (tmp_path / "ws" / "repo" / "pyproject.toml").write_text("[project]\nname = 'unified-lora'\n")
+    (tmp_path / "ws" / "shared" / "data" / "glue").mkdir(parents=True)
+    checkout = _copy_of_loaders(tmp_path / "ws" / "repo" / "src")
+    assert checkout._find_shared_glue() == (tmp_path / "ws" / "shared" / "data" / "glue").resolve()

@@ -80,8 +80,14 @@ def normalize_task(task: str) -> str:
 
 
 def _find_shared_glue() -> Path | None:
-    # Development checkouts keep the full GLUE copy in <workspace>/shared/data/glue.
-    for parent in Path(__file__).resolve().parents:
+    # Development checkouts (src/unified_lora beside a pyproject.toml, also under an editable install) keep the full
+    # GLUE copy in <workspace>/shared/data/glue. An installed package does not look: from site-packages the walk up
+    # would take any shared/data/glue on the way to / (e.g. /tmp/shared/...) for RTE, CoLA and SST-2, silently.
+    here = Path(__file__).resolve()
+    checkout = here.parents[3]
+    if here.parents[2].name != "src" or not (checkout / "pyproject.toml").is_file():
+        return None
+    for parent in (checkout, *checkout.parents):
         candidate = parent / "shared" / "data" / "glue"
         if candidate.is_dir():
             return candidate
