@@ -1,0 +1,56 @@
+"""What a non-editable install gets: pyproject.toml's dependency floors, licence metadata and package-data, and the
+sdist (and the wheel built from it), checked against what the package uses and opens at runtime."""
+
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "unified_lora"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _floor(dist: str) -> tuple[int, ...]:
+    for req in PYPROJECT["project"]["dependencies"]:
+        m = re.fullmatch(rf"{re.escape(dist)}\s*>=\s*([\d.]+)\b.*", req)
+        if m:
+            return tuple(int(x) for x in m.group(1).split("."))
+    raise AssertionError(f"pyproject.toml: no '{dist}>=' floor in [project] dependencies")
+
+
+# (distribution, first version that has it, file that uses it, the use in that file, what it is)
+VERSIONED_APIS = [
+    ("torch", (2, 4), "layer.py", "torch.get_autocast_dtype(dev)", "the device-type form of get_autocast_dtype"),
+    ("transformers", (4, 45), "callbacks.py", "def on_pre_optimizer_step(",
+     "TrainerCallback.on_pre_optimizer_step: an older Trainer never calls it, and the controller never steps"),
+    ("peft", (0, 14), "peft_io.py", "from peft.utils.other import get_pattern_key", "peft.utils.other.get_pattern_key"),
+    ("peft", (0, 15), "peft_io.py", "from peft.utils.other import AuxiliaryTrainingWrapper",
+     "peft.utils.other.AuxiliaryTrainingWrapper (export_peft_adapter imports it)"),
+]
+
+
+@pytest.mark.parametrize("dist,first,file,use,what", VERSIONED_APIS,
+                         ids=[f"{a[0]}-{a[3][:40]}" for a in VERSIONED_APIS])
+def test_dependency_floor_has_each_api_the_package_uses(dist, first, file, use, what):
+    assert use in (PACKAGE / file).read_text(encoding="utf-8"), f"{file} no longer uses {use!r}: update this table"
+    assert _floor(dist) >= first, f"{dist}>={'.'.join(map(str, _floor(dist)))} installs versions without {what}"
+
+
+def _package_files() -> list[str]:
+    """Every file the package has besides its modules, relative to the package folder."""
+    return sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts)
+
+
+def test_package_data_globs_cover_every_file_the_package_opens():
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["unified_lora"]
+    files = _package_files()
+    for must in ("data/glue/MRPC/train.tsv", "data/glue/MRPC/dev.tsv", "data/ATTRIBUTION.md",
+                 "csrc/mirror_fused.cpp", "csrc/nested_path.cpp"):
+        assert must in files
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert not missing, f"not in [tool.setuptools.package-data]: a non-editable install would lack {missing}"
