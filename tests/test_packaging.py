@@ -40,6 +40,18 @@ def test_dependency_floor_has_each_api_the_package_uses(dist, first, file, use, 
     assert _floor(dist) >= first, f"{dist}>={'.'.join(map(str, _floor(dist)))} installs versions without {what}"
 
 
+def test_licence_metadata_is_an_spdx_string_with_its_file():
+    # `license = {text = ...}` is deprecated in setuptools, which warns that builds using it are unsupported from
+    # 2027-02-18
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    files = PYPROJECT["project"]["license-files"]
+    assert files and all((ROOT / f).is_file() for f in files)
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")
+    setuptools_req = next(r for r in PYPROJECT["build-system"]["requires"] if r.startswith("setuptools"))
+    floor = tuple(int(x) for x in re.search(r">=\s*([\d.]+)", setuptools_req).group(1).split("."))
+    assert floor >= (77,), "the SPDX license string and license-files need setuptools >= 77"
+
+
 def _package_files() -> list[str]:
     """Every file the package has besides its modules, relative to the package folder."""
     return sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*")
