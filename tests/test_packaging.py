@@ -3,6 +3,11 @@ sdist (and the wheel built from it), checked against what the package uses and o
 
 import fnmatch
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,39 @@ def test_package_data_globs_cover_every_file_the_package_opens():
         assert must in files
     missing = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
     assert not missing, f"not in [tool.setuptools.package-data]: a non-editable install would lack {missing}"
+
+
+@pytest.mark.slow
+def test_sdist_and_the_wheel_built_from_it_carry_the_package_and_its_licences(tmp_path):
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    src = tmp_path / "src_tree"
+    for rel in listed.stdout.splitlines():
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    out = tmp_path / "dist"
+    build = ("import sys; from setuptools import build_meta as b; "
+             "print(getattr(b, sys.argv[1])(sys.argv[2]))")
+    r = subprocess.run([sys.executable, "-c", build, "build_sdist", str(out)], cwd=src, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sdist = out / r.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert {"LICENSE", "README.md", "pyproject.toml", "constraints.txt"} <= names
+    assert {f"src/unified_lora/{f}" for f in _package_files()} <= names
+    tests = {n for n in names if n.startswith("tests/")}
+    # tests shipped without conftest.py (its fixtures) fail at collection
+    assert not tests or "tests/conftest.py" in tests, f"sdist ships {sorted(tests)[:3]} without tests/conftest.py"
+
+    r = subprocess.run([sys.executable, "-c", build, "build_wheel", str(out)], cwd=tmp_path / "unpacked" / top,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheel = zipfile.ZipFile(out / r.stdout.strip().splitlines()[-1]).namelist()
+    assert {f"unified_lora/{f}" for f in _package_files()} <= set(wheel)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel)
+    modules = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py")}
+    assert modules <= set(wheel)
