@@ -596,15 +596,32 @@ class NestedLoRALayer(nn.Module):
         self._premerge = None
         self.merged_rank = 0
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def get_extra_state(self) -> torch.Tensor:
+        """The active rank, saved in the state dict beside the blocks (`<layer>._extra_state`, a 0-d int64 tensor,
+        which safetensors and `save_pretrained` store as they store the weights): without it, a model saved at rank
+        4 with trained blocks 5..16 reloaded into a freshly wrapped model at its initial rank and gave other outputs,
+        silently."""
+        return torch.tensor(self.rank)
+
+    def set_extra_state(self, state) -> None:
+        self.set_rank(int(state))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         """A merged layer unmerges before its weights load, and merges the loaded delta again after (a post hook):
         the state dict holds the base weight unmerged, whether the layer was merged when it was saved or not, so
         it loads as it is into a fresh layer; and loaded A/B blocks never meet a base weight that holds the old
-        delta, which the next unmerge would leave behind (taking away the new delta instead)."""
+        delta, which the next unmerge would leave behind (taking away the new delta instead). The saved rank
+        (`get_extra_state`) is set after the blocks load; a state dict saved before the rank was kept in it (or one
+        of lora_A/lora_B keys only) loads with `strict=True` and leaves the rank as it is."""
         if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
             self._merge_after_load = self.merged_rank
             self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         return (
