@@ -349,6 +349,26 @@ def test_weights_loaded_into_a_merged_model_are_merged_and_unmerge_leaves_the_ri
         torch.testing.assert_close(model(x).logits, ref)
 
 
+def test_a_merged_half_precision_model_cast_to_fp32_unmerges_and_saves_its_base_weight_bit_for_bit():
+    """A bf16 model with fp32 blocks, merged (the layer keeps the bf16 base weight) and then cast with model.float(),
+    as one does to evaluate or export in fp32: unmerge and the state dict took the delta away by subtraction, since
+    the kept copy was bf16 and the weight fp32 now, and left the merge's bf16 rounding in the base weight (up to
+    6e-3 here), in the model and in every state dict saved from it."""
+    model = tiny_llama().to(torch.bfloat16)
+    inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "down_proj"]))
+    for layer in lora_layers(model).values():
+        _randomize_B(layer)
+    base = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model).items()}
+    merge_adapters(model)
+    model.float()
+    sd = model.state_dict()
+    unmerge_adapters(model)
+    for n, layer in lora_layers(model).items():
+        assert sd[f"{n}.base_layer.weight"].dtype == torch.float32
+        assert torch.equal(sd[f"{n}.base_layer.weight"], base[n].float()), n
+        assert torch.equal(layer.base_layer.weight, base[n].float()), n
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_merge_then_unmerge_gives_a_half_precision_base_weight_back_bit_for_bit(dtype):
     # Unmerge used to subtract the delta again in bf16/fp16: about one base weight element in ten moved by an ulp per

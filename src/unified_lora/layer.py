@@ -579,12 +579,15 @@ class NestedLoRALayer(nn.Module):
     @torch.no_grad()
     def _unmerged_weight(self) -> torch.Tensor:
         """The base weight without the merged delta (a new tensor; the layer is unchanged): the weight kept by
-        `merge` when the base weight is still exactly what merging it gave (same dtype, device and values, the
-        blocks unchanged), else by subtraction."""
+        `merge`, in the base weight's dtype and on its device, when the base weight is still exactly what merging
+        it gave, cast and moved as the base weight was since (`model.float()`, `.half()`, `.to(device)` after a
+        merge; the blocks unchanged), else by subtraction (which, after such a cast, used to leave the bf16
+        rounding of the merge in the base weight and in the saved state dict)."""
         w, kept = self.base_layer.weight.detach(), self._premerge
-        if (kept is not None and kept.shape == w.shape and kept.dtype == w.dtype and kept.device == w.device
-                and torch.equal(w, self._folded(kept, self.merged_rank, +1))):
-            return kept.clone()
+        if kept is not None and kept.shape == w.shape:
+            kept = kept.to(w.device)
+            if torch.equal(w, self._folded(kept, self.merged_rank, +1).to(w.dtype)):
+                return kept.to(w.dtype, copy=True)
         return self._folded(w, self.merged_rank, -1)
 
     @torch.no_grad()
