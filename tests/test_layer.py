@@ -238,6 +238,94 @@ def test_a_merged_model_saves_its_base_unmerged_and_loads_into_a_fresh_wrapped_m
                        model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0))
 
 
+def _trained_through_a_rank_drop(arch: str, seed: int = 0):
+    """(model, adapters, input_ids, build, targets): a tiny model wrapped by setup_unified_lora, trained two AdamW
+    steps at rank 16 and two at rank 4, so that it ends at rank 4 with blocks 5..16 holding trained values."""
+    from conftest import VOCAB, tiny_bert, tiny_gpt2
+
+    from unified_lora import set_rank, setup_unified_lora
+
+    build, targets = {"llama": (tiny_llama, ["q_proj", "v_proj"]), "bert": (tiny_bert, ["query", "value"]),
+                      "gpt2": (tiny_gpt2, ["c_attn", "lm_head"])}[arch]
+    model = build(seed)
+    adapters, _ = setup_unified_lora(model, targets, signal="loss")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0, 1]) if arch == "bert" else x
+    model.train()
+    for rank in (16, 16, 4, 4):
+        set_rank(adapters, rank)
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), adapters, x, build, targets
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_a_model_saved_at_a_lower_rank_reloads_at_that_rank_with_the_same_outputs(arch, tmp_path):
+    """The active rank was not in the model's state dict: a model trained at rank 16 and then at rank 4, saved with
+    torch.save(model.state_dict()) (or safetensors' save_model, or save_pretrained) and loaded into a freshly wrapped
+    model, ran there at the initial rank 8, with the trained blocks 5..8 in its delta: other logits, silently (max
+    abs diff 0.2 on Llama and GPT-2). A merged model saves its rank too."""
+    from safetensors.torch import load_file, load_model, save_model
+
+    from unified_lora import setup_unified_lora
+    from unified_lora.model import tied_base_weights
+
+    model, adapters, x, build, targets = _trained_through_a_rank_drop(arch)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    save_model(model, str(tmp_path / "model.safetensors"))
+    model.save_pretrained(tmp_path / "hf")
+    for load in ("torch", "safetensors", "save_pretrained", "merged"):
+        fresh = build(seed=1)
+        fresh_adapters, _ = setup_unified_lora(fresh, targets, signal="loss")
+        assert {layer.rank for layer in fresh_adapters.values()} == {8}
+        if load == "torch":
+            fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+        elif load == "safetensors":
+            assert load_model(fresh, str(tmp_path / "model.safetensors"), strict=True) == (set(), [])
+        elif load == "save_pretrained":  # the tied base weight is left out of the file, as for the bare model
+            missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "hf" / "model.safetensors"), strict=False)
+            assert unexpected == [] and missing == (["lm_head.base_layer.weight"] if arch == "gpt2" else [])
+        else:  # merged at rank 4, saved, loaded into a fresh merged model (GPT-2's tied lm_head stays unmerged)
+            merged = copy.deepcopy(model)
+            for m in (merged, fresh):
+                tied = tied_base_weights(m)
+                for name, layer in lora_layers(m).items():
+                    if name not in tied:
+                        layer.merge()
+            fresh.load_state_dict(merged.state_dict(), strict=True)
+            assert {layer.merged_rank for n, layer in fresh_adapters.items() if n != "lm_head"} == {4}
+        assert {layer.rank for layer in fresh_adapters.values()} == {4}, load
+        with torch.no_grad():
+            out = fresh.eval()(input_ids=x).logits
+        if load == "merged":  # the delta folded into the base weight: equal to float rounding
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(out, ref), load
+
+
+def test_a_state_dict_without_the_rank_loads_strictly_and_leaves_the_rank_as_it_is():
+    """A state dict saved before the rank was kept in it (no `<layer>._extra_state`), or the blocks alone
+    (`lora_state_dict`), still loads with strict=True / strict=False, and leaves each layer's rank alone."""
+    model, fresh = _wrapped_gpt2(seed=0), _wrapped_gpt2(seed=100)
+    x = torch.randint(1, 64, (2, 6))
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+    assert len(old) < len(model.state_dict())
+    for layer in lora_layers(fresh).values():
+        layer.set_rank(16)
+    fresh.load_state_dict(old, strict=True)
+    assert {layer.rank for layer in lora_layers(fresh).values()} == {16}
+    fresh.load_state_dict(lora_state_dict(model), strict=False)
+    assert {layer.rank for layer in lora_layers(fresh).values()} == {16}
+    for layer in lora_layers(fresh).values():
+        layer.set_rank(8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("what", ["whole", "lora_only"])
 def test_weights_loaded_into_a_merged_model_are_merged_and_unmerge_leaves_the_right_base(what):
     """Loading into a merged model used to leave the old delta in the base weight: a whole state dict replaced
@@ -259,6 +347,26 @@ def test_weights_loaded_into_a_merged_model_are_merged_and_unmerge_leaves_the_ri
             layer.unmerge()
             torch.testing.assert_close(layer.base_layer.weight, base[name], rtol=0, atol=1e-6)  # the same base
         torch.testing.assert_close(model(x).logits, ref)
+
+
+def test_a_merged_half_precision_model_cast_to_fp32_unmerges_and_saves_its_base_weight_bit_for_bit():
+    """A bf16 model with fp32 blocks, merged (the layer keeps the bf16 base weight) and then cast with model.float(),
+    as one does to evaluate or export in fp32: unmerge and the state dict took the delta away by subtraction, since
+    the kept copy was bf16 and the weight fp32 now, and left the merge's bf16 rounding in the base weight (up to
+    6e-3 here), in the model and in every state dict saved from it."""
+    model = tiny_llama().to(torch.bfloat16)
+    inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "down_proj"]))
+    for layer in lora_layers(model).values():
+        _randomize_B(layer)
+    base = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model).items()}
+    merge_adapters(model)
+    model.float()
+    sd = model.state_dict()
+    unmerge_adapters(model)
+    for n, layer in lora_layers(model).items():
+        assert sd[f"{n}.base_layer.weight"].dtype == torch.float32
+        assert torch.equal(sd[f"{n}.base_layer.weight"], base[n].float()), n
+        assert torch.equal(layer.base_layer.weight, base[n].float()), n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

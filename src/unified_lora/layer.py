@@ -579,12 +579,15 @@ class NestedLoRALayer(nn.Module):
     @torch.no_grad()
     def _unmerged_weight(self) -> torch.Tensor:
         """The base weight without the merged delta (a new tensor; the layer is unchanged): the weight kept by
-        `merge` when the base weight is still exactly what merging it gave (same dtype, device and values, the
-        blocks unchanged), else by subtraction."""
+        `merge`, in the base weight's dtype and on its device, when the base weight is still exactly what merging
+        it gave, cast and moved as the base weight was since (`model.float()`, `.half()`, `.to(device)` after a
+        merge; the blocks unchanged), else by subtraction (which, after such a cast, used to leave the bf16
+        rounding of the merge in the base weight and in the saved state dict)."""
         w, kept = self.base_layer.weight.detach(), self._premerge
-        if (kept is not None and kept.shape == w.shape and kept.dtype == w.dtype and kept.device == w.device
-                and torch.equal(w, self._folded(kept, self.merged_rank, +1))):
-            return kept.clone()
+        if kept is not None and kept.shape == w.shape:
+            kept = kept.to(w.device)
+            if torch.equal(w, self._folded(kept, self.merged_rank, +1).to(w.dtype)):
+                return kept.to(w.dtype, copy=True)
         return self._folded(w, self.merged_rank, -1)
 
     @torch.no_grad()
@@ -596,15 +599,32 @@ class NestedLoRALayer(nn.Module):
         self._premerge = None
         self.merged_rank = 0
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def get_extra_state(self) -> torch.Tensor:
+        """The active rank, saved in the state dict beside the blocks (`<layer>._extra_state`, a 0-d int64 tensor,
+        which safetensors and `save_pretrained` store as they store the weights): without it, a model saved at rank
+        4 with trained blocks 5..16 reloaded into a freshly wrapped model at its initial rank and gave other outputs,
+        silently."""
+        return torch.tensor(self.rank)
+
+    def set_extra_state(self, state) -> None:
+        self.set_rank(int(state))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         """A merged layer unmerges before its weights load, and merges the loaded delta again after (a post hook):
         the state dict holds the base weight unmerged, whether the layer was merged when it was saved or not, so
         it loads as it is into a fresh layer; and loaded A/B blocks never meet a base weight that holds the old
-        delta, which the next unmerge would leave behind (taking away the new delta instead)."""
+        delta, which the next unmerge would leave behind (taking away the new delta instead). The saved rank
+        (`get_extra_state`) is set after the blocks load; a state dict saved before the rank was kept in it (or one
+        of lora_A/lora_B keys only) loads with `strict=True` and leaves the rank as it is."""
         if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
             self._merge_after_load = self.merged_rank
             self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         return (
