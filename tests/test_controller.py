@@ -638,6 +638,40 @@ def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(
     assert [r["loss"] for r in read_trace(path)] == [0.5, 0.6] and [r.loss for r in twin.trace] == [0.5, 5.0]
 
 
+def test_a_deep_copy_or_pickle_of_a_multiplier_controller_scales_its_own_optimizers_lr():
+    """torch's Optimizer.__setstate__ drops the optimizer's hooks, so the copied optimizer of
+    copy.deepcopy((model, ctrl, opt)) (or of a pickle round trip) had none of lr_mode="multiplier"'s: the copy trained
+    SINGLE at the scheduled 1e-2, not 1e-2 × 5/3, while its trace said 1.67e-2, and its weights left the original's at
+    the first step. Now the copy's hooks scale the copy's optimizer, and both run the same steps bit for bit. A
+    shallow copy shares the original's optimizer and adds no second set of hooks (the LR would compound)."""
+    import pickle
+
+    from unified_lora import MachineConfig
+
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], signal="loss", print_fn=None,
+                                 machine=MachineConfig(initial_mode=0, warmup_steps=100))  # SINGLE: multiplier 5/3
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(8, 8)
+    _train_step(model, ctrl, opt, x, y)
+    copies = [copy.deepcopy((model, ctrl, opt)), pickle.loads(pickle.dumps((model, ctrl, opt)))]
+    for _ in range(2):
+        for m, c, o in [(model, ctrl, opt)] + copies:
+            seen = []
+            h = o.register_step_pre_hook(lambda o_, a, k: seen.append(o_.param_groups[0]["lr"]))  # after ctrl's hook
+            _train_step(m, c, o, x, y)
+            h.remove()
+            assert seen == [pytest.approx(1e-2 * 5 / 3, rel=1e-12)] and c.trace[-1].lr == seen[0]
+            assert o.param_groups[0]["lr"] == 1e-2  # the schedule's LR put back after the step
+    for m, _, _ in copies:
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
+    shallow = copy.copy(ctrl)
+    assert shallow.optimizer is opt and len(opt._optimizer_step_pre_hooks) == 1
+    _train_step(model, ctrl, opt, x, y)
+    assert ctrl.trace[-1].lr == pytest.approx(1e-2 * 5 / 3, rel=1e-12)
+
+
 def test_a_bf16_model_trains_fp32_adapters_through_a_mirror_save_and_restore():
     # setup_unified_lora on a bf16 model makes the LoRA blocks fp32 (PEFT's autocast_adapter_dtype=True); the head
     # in modules_to_save stays bf16. AdamW's moments follow the fp32 blocks, the outputs stay bf16, and a Mirror
