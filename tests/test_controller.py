@@ -655,6 +655,7 @@ def test_a_deep_copy_or_pickle_of_a_multiplier_controller_scales_its_own_optimiz
     ctrl.attach_optimizer(opt)
     x, y = classification_batch(8, 8)
     _train_step(model, ctrl, opt, x, y)
+    opt.register_step_post_hook(lambda *args: None)  # a user's hook (a lambda does not pickle) is not carried along
     copies = [copy.deepcopy((model, ctrl, opt)), pickle.loads(pickle.dumps((model, ctrl, opt)))]
     for _ in range(2):
         for m, c, o in [(model, ctrl, opt)] + copies:
@@ -670,6 +671,47 @@ def test_a_deep_copy_or_pickle_of_a_multiplier_controller_scales_its_own_optimiz
     assert shallow.optimizer is opt and len(opt._optimizer_step_pre_hooks) == 1
     _train_step(model, ctrl, opt, x, y)
     assert ctrl.trace[-1].lr == pytest.approx(1e-2 * 5 / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["eager", pytest.param("fused", marks=pytest.mark.skipif(
+    not can_build_cpp(), reason="needs g++ and ninja"))])
+def test_a_controller_holding_a_mirror_snapshot_pickles_and_deep_copies_and_the_copy_restores_it(kernel):
+    """A controller that had entered MIRROR could not be pickled: the snapshot's layout cache held the parameters'
+    UntypedStorages, so pickle.loads failed ("UntypedStorage has no attribute 'dtype'") and torch.save refused it
+    ("Cannot save multiple tensors or storages that view the same data as different types"); with
+    kernel="fused", deepcopy and pickle failed with "cannot pickle 'module' object". Now every copy holds the
+    snapshot and follows the original through the Mirror exit's restore, bit for bit."""
+    import io
+    import pickle
+
+    from unified_lora import MachineConfig
+
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], signal="loss", print_fn=None,
+                                 machine=MachineConfig(initial_mode=2, warmup_steps=3),
+                                 mirror=MirrorConfig(policy="always", kernel=kernel))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(8, 8)
+    _train_step(model, ctrl, opt, x, y)
+    assert ctrl.trace[-1].snapshot == "saved"
+    buf = io.BytesIO()
+    torch.save((model, ctrl, opt), buf)
+    buf.seek(0)
+    copies = [copy.deepcopy((model, ctrl, opt)), pickle.loads(pickle.dumps((model, ctrl, opt))),
+              torch.load(buf, weights_only=False)]
+    for m, c, o in [(model, ctrl, opt)] + copies:
+        snap = [w.clone() for w in c.mirror.weights]
+        for _ in range(3):  # the third step (step 3) leaves MIRROR and restores the snapshot
+            loss = m(input_ids=x, labels=y).loss
+            loss.backward()
+            c.step(loss=0.01)
+            o.step()
+            o.zero_grad()
+        assert c.trace[-1].snapshot == "restored" and not c.mirror.held
+        assert all(torch.equal(p, w) for p, w in zip(c.managed_parameters(), snap))
+    for m, _, _ in copies:
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
 
 
 def test_a_bf16_model_trains_fp32_adapters_through_a_mirror_save_and_restore():

@@ -291,6 +291,23 @@ class MirrorSnapshot:
 
             self._kernels = mirror_kernels()
 
+    def __getstate__(self) -> dict:
+        # A pickle or deep copy leaves out the layout check's cache and the compiled kernels (a module, which neither
+        # pickles nor deep-copies): the cache held the parameters' UntypedStorages beside their typed tensors, so a
+        # controller that had been in MIRROR failed to pickle.loads ("UntypedStorage has no attribute 'dtype'") and
+        # to torch.save ("Cannot save multiple tensors or storages that view the same data as different types").
+        # The copy checks its parameters in full at its next call, as after `load_state_dict`.
+        state = self.__dict__.copy()
+        state["_layout_key"] = state["_key_storages"] = state["_kernels"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.config.kernel == "fused":
+            from ._fused import mirror_kernels
+
+            self._kernels = mirror_kernels()
+
     @property
     def held(self) -> bool:
         return self.weights is not None
