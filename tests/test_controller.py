@@ -638,6 +638,85 @@ def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(
     assert [r["loss"] for r in read_trace(path)] == [0.5, 0.6] and [r.loss for r in twin.trace] == [0.5, 5.0]
 
 
+def test_a_deep_copy_or_pickle_of_a_multiplier_controller_scales_its_own_optimizers_lr():
+    """torch's Optimizer.__setstate__ drops the optimizer's hooks, so the copied optimizer of
+    copy.deepcopy((model, ctrl, opt)) (or of a pickle round trip) had none of lr_mode="multiplier"'s: the copy trained
+    SINGLE at the scheduled 1e-2, not 1e-2 × 5/3, while its trace said 1.67e-2, and its weights left the original's at
+    the first step. Now the copy's hooks scale the copy's optimizer, and both run the same steps bit for bit. A
+    shallow copy shares the original's optimizer and adds no second set of hooks (the LR would compound)."""
+    import pickle
+
+    from unified_lora import MachineConfig
+
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], signal="loss", print_fn=None,
+                                 machine=MachineConfig(initial_mode=0, warmup_steps=100))  # SINGLE: multiplier 5/3
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(8, 8)
+    _train_step(model, ctrl, opt, x, y)
+    opt.register_step_post_hook(lambda *args: None)  # a user's hook (a lambda does not pickle) is not carried along
+    copies = [copy.deepcopy((model, ctrl, opt)), pickle.loads(pickle.dumps((model, ctrl, opt)))]
+    for _ in range(2):
+        for m, c, o in [(model, ctrl, opt)] + copies:
+            seen = []
+            h = o.register_step_pre_hook(lambda o_, a, k: seen.append(o_.param_groups[0]["lr"]))  # after ctrl's hook
+            _train_step(m, c, o, x, y)
+            h.remove()
+            assert seen == [pytest.approx(1e-2 * 5 / 3, rel=1e-12)] and c.trace[-1].lr == seen[0]
+            assert o.param_groups[0]["lr"] == 1e-2  # the schedule's LR put back after the step
+    for m, _, _ in copies:
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
+    shallow = copy.copy(ctrl)
+    assert shallow.optimizer is opt and len(opt._optimizer_step_pre_hooks) == 1
+    _train_step(model, ctrl, opt, x, y)
+    assert ctrl.trace[-1].lr == pytest.approx(1e-2 * 5 / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["eager", pytest.param("fused", marks=pytest.mark.skipif(
+    not can_build_cpp(), reason="needs g++ and ninja"))])
+def test_a_controller_holding_a_mirror_snapshot_pickles_and_deep_copies_and_the_copy_restores_it(kernel):
+    """A controller that had entered MIRROR could not be pickled: the snapshot's layout cache held the parameters'
+    UntypedStorages, so pickle.loads failed ("UntypedStorage has no attribute 'dtype'") and torch.save refused it
+    ("Cannot save multiple tensors or storages that view the same data as different types"); with
+    kernel="fused", deepcopy and pickle failed with "cannot pickle 'module' object". And plain pickle writes each
+    tensor's storage on its own, so an unpickled snapshot's views no longer shared memory with its pool: the copy's
+    drift read an unwritten scratch, 1.0 for any weights, and it kept what the original rolled back. Now every
+    copy holds the snapshot, measures the original's drift and restores the snapshot bit for bit."""
+    import io
+    import pickle
+
+    from unified_lora import MachineConfig
+
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], signal="loss", print_fn=None,
+                                 machine=MachineConfig(initial_mode=2, warmup_steps=3),
+                                 mirror=MirrorConfig(kernel=kernel))  # the drift rule: restore below 5 %
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(8, 8)
+    _train_step(model, ctrl, opt, x, y)
+    assert ctrl.trace[-1].snapshot == "saved"
+    buf = io.BytesIO()
+    torch.save((model, ctrl, opt), buf)
+    buf.seek(0)
+    copies = [copy.deepcopy((model, ctrl, opt)), pickle.loads(pickle.dumps((model, ctrl, opt))),
+              torch.load(buf, weights_only=False)]
+    for m, c, o in [(model, ctrl, opt)] + copies:
+        snap = [w.clone() for w in c.mirror.weights]
+        for _ in range(3):  # the third step (step 3) leaves MIRROR and restores the snapshot
+            loss = m(input_ids=x, labels=y).loss
+            loss.backward()
+            c.step(loss=0.01)
+            o.step()
+            o.zero_grad()
+        assert c.trace[-1].snapshot == "restored" and not c.mirror.held
+        assert 0 < c.trace[-1].drift < 0.05 and c.trace[-1].drift == ctrl.trace[-1].drift
+        assert all(torch.equal(p, w) for p, w in zip(c.managed_parameters(), snap))
+    for m, _, _ in copies:
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
+
+
 def test_a_bf16_model_trains_fp32_adapters_through_a_mirror_save_and_restore():
     # setup_unified_lora on a bf16 model makes the LoRA blocks fp32 (PEFT's autocast_adapter_dtype=True); the head
     # in modules_to_save stays bf16. AdamW's moments follow the fp32 blocks, the outputs stay bf16, and a Mirror

@@ -484,9 +484,43 @@ def test_gradient_stats_give_none_for_an_adapter_without_gradient_and_refuse_a_h
     fill(skip=(0, 1, 2))
     assert stats(layers) == ([None] * 3, [None] * 3)
     fill()
+    layers[0].lora_A[0].requires_grad_(False)  # a frozen block beside trained ones
     layers[0].lora_A[0].grad = None
     with pytest.raises(ValueError, match="adapter 0 has a gradient on some of its active blocks"):
         stats(layers)
+
+
+def test_a_layer_skipped_after_a_rank_raise_under_zero_grad_set_to_none_false_is_read_as_skipped():
+    """With optimizer.zero_grad(set_to_none=False), a layer that LayerDrop skips keeps zero gradients on the blocks
+    that had one, and None on the blocks a rank raise just activated. The composite signal took that for a
+    half-frozen adapter and ctrl.step raised "adapter 2 has a gradient on some of its active blocks and none on
+    others", ending the run. A trainable block with no gradient means the layer took no part in this forward: it
+    is now read as skipped (its S, E and stored gradient held), as README promises for a LayerDrop-skipped layer."""
+    from conftest import classification_batch, tiny_bert
+    from unified_lora import setup_unified_lora
+
+    model = tiny_bert()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["query", "value"], signal="composite", print_fn=None,
+                                        machine=MachineConfig(theta0=0.0, theta1=1.0, initial_mode=0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(8, 8)
+    encoder, layers = model.bert.encoder, model.bert.encoder.layer
+    for step in range(3):
+        if step == 1:  # LayerDrop: layer 1 skipped, right after the SINGLE -> MULTI raise (rank 4 -> 8)
+            encoder.layer = torch.nn.ModuleList([layers[0]])
+        model(input_ids=x, labels=y).loss.backward()
+        encoder.layer = layers
+        held = [e.value for e in ctrl.signal.S]
+        ctrl.step(loss=1.0)
+        if step == 0:
+            assert ctrl.rank == 8
+        if step == 1:
+            skipped = [i for i, n in enumerate(adapters) if n.startswith("bert.encoder.layer.1.")]
+            assert skipped == [2, 3] and all(ctrl.signal.S[i].value == held[i] for i in skipped)
+            assert all(ctrl.signal.S[i].value != held[i] for i in (0, 1))
+        opt.step()
+        opt.zero_grad(set_to_none=False)
 
 
 def test_the_convergence_term_sees_a_loss_rise_at_any_scale_and_sign():

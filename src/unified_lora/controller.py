@@ -718,7 +718,24 @@ class UnifiedController:
         # JSONL file would interleave their steps. `ctrl.trace` is copied; the copy writes no file.
         state = self.__dict__.copy()
         state["writer"] = None
+        # the hook handles would carry the optimizer's whole hook dict (a user's lambda hook made the controller
+        # unpicklable); `__setstate__` registers the hooks again
+        state["_hooks"] = [None] * len(self._hooks)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # torch's Optimizer.__setstate__ drops the optimizer's hooks, so the optimizer of a deep copy (or of an
+        # unpickled controller) had none of lr_mode="multiplier"'s: the copy trained at the unscaled LR while its
+        # trace reported the scaled one. Its own hooks go on that optimizer again, but not on one that another
+        # controller's hooks still drive (a shallow copy shares the original's optimizer; two would compound the LR).
+        inner = _unwrap_optimizer(self.optimizer)
+        if self._hooks and inner is not None:
+            pre = getattr(inner, "_optimizer_step_pre_hooks", {})
+            self._hooks = [] if any(isinstance(getattr(h, "__self__", None), UnifiedController)
+                                    for h in pre.values()) else [
+                inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
+                inner.register_state_dict_pre_hook(self._restore_lrs)]
 
     def close(self) -> None:
         if self.writer is not None:

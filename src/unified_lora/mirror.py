@@ -291,6 +291,32 @@ class MirrorSnapshot:
 
             self._kernels = mirror_kernels()
 
+    def __getstate__(self) -> dict:
+        # A pickle or deep copy takes the snapshot (weights as tensors of their own, optimizer state, entry loss and
+        # step), not the flat pools and the views into them: plain pickle writes each tensor's storage on its own,
+        # so the unpickled snapshot views, scratch and packed buffer no longer shared memory, and the copy's drift
+        # read a scratch that nothing wrote (1.0 for any weights: it kept what it should have rolled back). Left out
+        # too: the layout check's cache, which held UntypedStorages beside the parameters' typed tensors (pickle.loads
+        # failed with "UntypedStorage has no attribute 'dtype'", torch.save refused them), and the compiled kernels
+        # (a module, which neither pickles nor deep-copies). `__setstate__` builds the pools again, as
+        # `load_state_dict` does; the copy checks its parameters in full at its next call.
+        state = self.__dict__.copy()
+        state.update(_layout=None, _layout_key=None, _key_storages=None, _pools=[], _live=[], _views=[], _kernels=None,
+                     weights=None if self.weights is None else [w.detach().clone() for w in self.weights])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.config.kernel == "fused":
+            from ._fused import mirror_kernels
+
+            self._kernels = mirror_kernels()
+        if self.weights is not None:
+            kept = self.opt_state, self._opt_home, self.loss_at_entry, self.step_saved
+            self._save(self.weights, None, None, None, pack=False)  # copies into the copy's own pools
+            self._layout_key = self._key_storages = None
+            self.opt_state, self._opt_home, self.loss_at_entry, self.step_saved = kept
+
     @property
     def held(self) -> bool:
         return self.weights is not None

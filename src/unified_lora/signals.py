@@ -251,13 +251,20 @@ class GradientStats:
         """Per adapter: the gradient norm and the cosine to the previous gradient (None: none yet). An
         adapter whose active blocks all have no gradient took no part in this step's forward (a layer
         LayerDrop skipped, a module the loss does not reach): its norm and cosine are None and its stored
-        gradient stays. (The controller checks that backward ran at all.)"""
+        gradient stays. So is one where any trainable active block has no gradient: a forward through the layer
+        gives each of them one, so the other blocks' gradients are the zeros `zero_grad(set_to_none=False)` left.
+        (The controller checks that backward ran at all.)"""
         grads: list[list[torch.Tensor]] = []
         for i, layer in enumerate(adapters):
             k = layer.n_active_blocks
-            gs = [p.grad for p in blocks_of(layer.lora_A)[:k] + blocks_of(layer.lora_B)[:k]]
+            ps = blocks_of(layer.lora_A)[:k] + blocks_of(layer.lora_B)[:k]
+            gs = [p.grad for p in ps]
             if any(g is None for g in gs):
-                if not all(g is None for g in gs):
+                # Frozen blocks beside trained ones are refused. A trainable block with no gradient beside blocks
+                # with one: the layer took no part in this forward, and theirs are the zeros that
+                # zero_grad(set_to_none=False) left (that raised this error, e.g. for a layer skipped just after a
+                # rank raise, whose new blocks have had no gradient yet)
+                if any(g is None and not p.requires_grad for p, g in zip(ps, gs)) and not all(g is None for g in gs):
                     raise ValueError(
                         f"ctrl.step: adapter {i} has a gradient on some of its active blocks and none on others "
                         f"(a block set to requires_grad=False?); the composite signal reads every active block")
