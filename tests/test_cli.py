@@ -663,10 +663,19 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGINT)
 
-    watcher = threading.Thread(target=interrupt_when_training, daemon=True)
-    watcher.start()
-    assert main(_train_args(tiny, out, "--epochs", "40")) == 130
-    watcher.join(timeout=5)
+    def mine(signum, frame):  # a SIGTERM handler of the program that calls main(): put back afterwards
+        raise AssertionError("not called")
+
+    before, sigint = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
+    try:
+        watcher = threading.Thread(target=interrupt_when_training, daemon=True)
+        watcher.start()
+        assert main(_train_args(tiny, out, "--epochs", "40")) == 130
+        watcher.join(timeout=5)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is sigint
+    finally:
+        signal.signal(signal.SIGTERM, before)
     console = capsys.readouterr()
     assert "Traceback" not in console.err
     assert f"continue with: unified-lora train --output-dir '{out}' --resume" in console.out
