@@ -663,10 +663,19 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGINT)
 
-    watcher = threading.Thread(target=interrupt_when_training, daemon=True)
-    watcher.start()
-    assert main(_train_args(tiny, out, "--epochs", "40")) == 130
-    watcher.join(timeout=5)
+    def mine(signum, frame):  # a SIGTERM handler of the program that calls main(): put back afterwards
+        raise AssertionError("not called")
+
+    before, sigint = signal.signal(signal.SIGTERM, mine), signal.getsignal(signal.SIGINT)
+    try:
+        watcher = threading.Thread(target=interrupt_when_training, daemon=True)
+        watcher.start()
+        assert main(_train_args(tiny, out, "--epochs", "40")) == 130
+        watcher.join(timeout=5)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is sigint
+    finally:
+        signal.signal(signal.SIGTERM, before)
     console = capsys.readouterr()
     assert "Traceback" not in console.err
     assert f"continue with: unified-lora train --output-dir '{out}' --resume" in console.out
@@ -675,6 +684,66 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert 3 <= int(saved[0].split("-")[1]) < 24
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "24"]) == 0
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_exits_143_and_resumes_bit_for_bit(tiny, tmp_path):
+    """SIGTERM is what Slurm (--signal, scancel, a time limit) and Kubernetes (the grace period of an evicted or
+    preempted pod) send before SIGKILL. It killed the run on the spot, losing every step since the last epoch end.
+    It now does what the first Ctrl-C does: the step finishes, a resumable step-N is written, and the exit code is
+    143 (128 + SIGTERM, as a shell reports it). A scheduler may send it again: one during the save must not stop it.
+    The run is a subprocess (a SIGTERM this process did not handle would end pytest); it is signalled once its trace
+    shows training under way, and its 40 epochs cannot end before that. The child sends itself the second SIGTERM as
+    the step-N save starts, so that one lands inside the save on every run."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    child, log = tmp_path / "terminated.py", tmp_path / "console.txt"
+    child.write_text(
+        "import os, signal, sys\n"
+        "from unified_lora import training\n"
+        "from unified_lora.cli import main\n"
+        "real = training.Run.save_checkpoint\n"
+        "def save_checkpoint(self, root, tag, *a, **k):\n"
+        "    if tag.startswith('step-'):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(self, root, tag, *a, **k)\n"
+        "training.Run.save_checkpoint = save_checkpoint\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, str(child), *_train_args(tiny, out, "--epochs", "40", "--threads", "1")],
+                             stdout=f, stderr=subprocess.STDOUT)
+        try:
+            trace, deadline = out / "trace.jsonl", time.monotonic() + 300
+            while not (trace.is_file() and trace.read_text().count("\n") >= 3) and p.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.005)
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    console = log.read_text()
+    assert "SIGTERM: finishing this step, then saving a resumable checkpoint" in console
+    assert f"continue with: unified-lora train --output-dir {out} --resume" in console
+    assert "Traceback" not in console
+    saved = [c.name for c in (out / "checkpoints").iterdir()]
+    steps = [name for name in saved if name.startswith("step-")]
+    assert len(steps) == 1 and all(name.startswith(("step-", "epoch-")) for name in saved), saved  # no temp folder
+    stopped = int(steps[0].split("-")[1])
+    assert 3 <= stopped < 40 and len(read_trace(trace)) == stopped
+    assert main(_train_args(tiny, straight, "--epochs", "5", "--threads", "1")) == 0
+    # a resume may change the save interval and the limit (they are not part of the run's trajectory); the limit
+    # counts the step-N the SIGTERM left, and a step that ends an epoch is saved as epoch-N alone
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "5", "--save-steps", "7",
+                 "--save-total-limit", "2"]) == 0
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
+    assert [r["step"] for r in b] == list(range(40)) and b == a
+    kept = sorted([stopped] + [s for s in range(7, 40, 7) if s > stopped])[-2:]
+    assert sorted(c.name for c in (out / "checkpoints").iterdir() if c.name.startswith("step-")) == \
+        sorted(f"step-{s}" for s in kept)
+    resumed, whole = _ckpt_state(out / "checkpoints" / "epoch-5"), _ckpt_state(straight / "checkpoints" / "epoch-5")
+    assert (resumed[1]["config"].pop("save_steps"), resumed[1]["config"].pop("save_total_limit")) == (7, 2)
+    assert (whole[1]["config"].pop("save_steps"), whole[1]["config"].pop("save_total_limit")) == (0, 0)
+    assert _same(resumed, whole)
 
 
 def _interrupt_once(path: Path) -> threading.Thread:
@@ -771,6 +840,71 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_fol
     assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]  # no temp folder left
     a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
     assert [(r["step"], r["loss"], r["phi"]) for r in b] == [(r["step"], r["loss"], r["phi"]) for r in a]
+
+
+def _same(a, b) -> bool:
+    """Nested dicts/lists of tensors and plain values, equal exactly (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+            a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _ckpt_state(ckpt: Path) -> tuple[dict, dict]:
+    """A checkpoint's tensors and its state.pt without what no two runs share: the wall time and the output folder."""
+    from safetensors.torch import load_file
+
+    st = torch.load(ckpt / "state.pt", weights_only=True)
+    st["run"].pop("wall_s")
+    st["config"].pop("output_dir")
+    return load_file(str(ckpt / "adapter_blocks.safetensors")), st
+
+
+def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for_bit(tiny, tmp_path):
+    """--save-steps N writes step-N inside an epoch (an epoch of hours lost everything since its start to a kill);
+    --save-total-limit K deletes the oldest step-N beyond K only once a new one is complete, and keeps every epoch-N.
+    A run SIGKILLed while step-6 is being written keeps step-3 (the limit of 1 has not deleted it for the half-written
+    one), and --resume from that mid-epoch checkpoint ends exactly as the uninterrupted run: the same trace, line for
+    line, the same weights, optimizer and controller state, bit for bit, and the same dev scores."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    opts = ("--epochs", "2", "--threads", "1", "--save-steps", "3", "--save-total-limit", "1", "--lrs", "1e-2", "5e-3",
+            "1e-3", "--shock-start", "4", "--shock-end", "7", "--shock-type", "random", "--theta0", "0.48",
+            "--theta1", "0.497", "--log-every", "0")
+    assert main(_train_args(tiny, straight, *opts)) == 0
+    # 8 steps an epoch: step-3, step-6, (epoch-1 at 8), step-9, step-12, step-15, (epoch-2 at 16); the limit keeps one
+    assert sorted(c.name for c in (straight / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "step-15"]
+    child = tmp_path / "killed_mid_save.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        "import safetensors.torch as st\n"
+        "from unified_lora.cli import main\n"
+        "real = st.save_file\n"
+        "def save_file(tensors, filename, *a, **k):\n"
+        "    real(tensors, filename, *a, **k)\n"
+        "    if os.path.basename(os.path.dirname(filename)).startswith('.tmp-step-6-'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "st.save_file = save_file\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, str(child), *_train_args(tiny, out, *opts)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=600)
+    assert p.returncode == -signal.SIGKILL
+    ckpts = out / "checkpoints"
+    assert sorted(c.name for c in ckpts.iterdir() if not c.name.startswith(".")) == ["step-3"]
+    assert len(read_trace(out / "trace.jsonl")) == 6  # the steps after step-3 are trained again, not appended twice
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "step-15"]  # no temp folder left
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
+    assert [r["step"] for r in b] == list(range(16))
+    assert b == a
+    assert {r["mode"] for r in a} != {a[0]["mode"]}  # the controller changed mode: its state is part of the test
+    for name in ("epoch-1", "epoch-2", "step-15"):
+        assert _same(_ckpt_state(ckpts / name), _ckpt_state(straight / "checkpoints" / name)), name
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, out))
+    assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"] and len(sa["arms"]["run"]["eval"]) == 2
 
 
 @pytest.mark.parametrize("command", ["train", "demo"])
@@ -977,6 +1111,8 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
     ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
+    ("negative_save_steps", "save_steps: must be >= 0 (0 = no checkpoint inside an epoch), got -5"),
+    ("negative_save_total_limit", "save_total_limit: must be >= 0 (0 = keep every step-N checkpoint), got -1"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
@@ -1049,6 +1185,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
             "--max-length", "100", "--output-dir", out],
         "block_longer_than_the_positions": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
                                             "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
+        "negative_save_steps": _train_args(tiny, out, "--save-steps", "-5"),
+        "negative_save_total_limit": ["train", "--config", str(_write(tmp_path / "s.yaml", f"model: {tiny['bert']}\n"
+                                                                      f"data: {tiny['csv']}\nsave_total_limit: -1\n"))],
     }[case]
     (tmp_path / "c8.yaml").write_bytes(b"label_column: \xe9t\xe9\n")  # Latin-1, not UTF-8
     assert main(argv) == 2

@@ -367,7 +367,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
-        "mirror_pack", "layer_kernel")},
+        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit")},
     "lrs": "mode_lrs",
 }
 
@@ -490,8 +490,8 @@ def cmd_train(args) -> int:
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
-                           export_peft, iterate, load_data, load_model, majority, resolve_model, seed_everything,
-                           subsample, take_rows)
+                           export_peft, iterate, load_data, load_model, majority, prune_step_checkpoints,
+                           resolve_model, seed_everything, subsample, take_rows)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
@@ -544,53 +544,71 @@ def cmd_train(args) -> int:
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
     ckpt_root = out / "checkpoints"
-    stop = {"requested": False}
+    stop: dict = {"signal": None}
+    last_save: dict = {"step": None, "path": None}
 
-    def _on_sigint(signum, frame):
-        if stop["requested"]:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        say("interrupt: finishing this step, then saving a resumable checkpoint (Ctrl-C again to abort)")
+    def _on_signal(signum, frame):
+        if stop["signal"] is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            return  # SIGTERM again (a scheduler may send it more than once): the checkpoint under way is written
+        stop["signal"] = signum
+        if signum == signal.SIGINT:
+            say("interrupt: finishing this step, then saving a resumable checkpoint (Ctrl-C again to abort)")
+        else:  # a scheduler's notice before SIGKILL (Slurm --signal, a Kubernetes grace period, preemption)
+            say("SIGTERM: finishing this step, then saving a resumable checkpoint")
 
-    old_handler = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() else None
+    def _save(tag: str) -> Path:
+        path = run.save_checkpoint(ckpt_root, tag)  # + PEFT format if cfg.peft_every_checkpoint
+        last_save.update(step=run.state.global_step, path=path)
+        if tag.startswith("step-"):  # only now, with the new one complete, do the oldest step-N ones beyond K go
+            prune_step_checkpoints(ckpt_root, cfg.save_total_limit)
+        return path
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    old_handlers = {s: signal.signal(s, _on_signal) for s in handled} if _main_thread() else {}
     bar = _bar(total, run.state.global_step, desc="train")
-    interrupted = False
     try:
         for epoch, batch in iterate(run, enc_train, total, cfg.epochs if not cfg.steps else 10**9, per_epoch):
             if batch is None:  # end of an epoch: evaluate, checkpoint
                 m = evaluate(model, enc_dev, task_type, task)
                 run.state.evals.append({"epoch": epoch + 1, "step": run.state.global_step, **m})
                 say(f"epoch {epoch + 1} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
-                run.save_checkpoint(ckpt_root, f"epoch-{epoch + 1}")  # + PEFT format if cfg.peft_every_checkpoint
+                _save(f"epoch-{epoch + 1}")
             else:
                 loss = run.train_step(batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
-            if stop["requested"]:
-                interrupted = True
+                # --save-steps; a step that ends an epoch or the run is saved by the checkpoint that follows it
+                if (cfg.save_steps and run.state.global_step % cfg.save_steps == 0
+                        and run.state.step_in_epoch < per_epoch and run.state.global_step < total):
+                    _save(f"step-{run.state.global_step}")
+            if stop["signal"] is not None:
                 break
+        bar.close()
+        if stop["signal"] is not None:  # (the handlers stay: a repeated SIGTERM must not kill this save)
+            path = (last_save["path"] if last_save["step"] == run.state.global_step else
+                    _save(f"step-{run.state.global_step}"))
+            run.ctrl.close()
+            # quoted: a folder name with a space made the printed command resume another (missing) folder
+            say(f"saved {path}; continue with: {PROG} train --output-dir {shlex.quote(str(out))} --resume")
+            say.save(out / "console.txt")
+            return 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports those signals
     except KeyboardInterrupt:
         bar.close()
         run.ctrl.close()
         say(f"aborted; the last complete checkpoint is kept under {ckpt_root}")
         return 130
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-    bar.close()
-    if interrupted:
-        path = run.save_checkpoint(ckpt_root, f"step-{run.state.global_step}")
-        run.ctrl.close()
-        # quoted: a folder name with a space made the printed command resume another (missing) folder
-        say(f"saved {path}; continue with: {PROG} train --output-dir {shlex.quote(str(out))} --resume")
-        say.save(out / "console.txt")
-        return 130
+        for s, h in old_handlers.items():
+            if h is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(s, h)
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
         m = evaluate(model, enc_dev, task_type, task)
         run.state.evals.append({"epoch": run.state.epoch + run.state.step_in_epoch / per_epoch,
                                 "step": run.state.global_step, **m})
         say(f"final @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
-        run.save_checkpoint(ckpt_root, f"step-{run.state.global_step}")
+        _save(f"step-{run.state.global_step}")
     run.ctrl.close()
     peft_note = export_peft(model, run.adapters, run.ctrl.rank, out / "peft_adapter")
     say(peft_note or f"PEFT adapter (rank {run.ctrl.rank}): {out / 'peft_adapter'} "
@@ -838,7 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", parents=[common], help="fine-tune any HF model on your data with the controller",
                        description="Fine-tune a sequence-classification or causal-LM model. Options come from "
-                                   "--config (YAML with TrainConfig keys) and are overridden by flags.")
+                                   "--config (YAML with TrainConfig keys) and are overridden by flags. Ctrl-C or "
+                                   "SIGTERM (a scheduler's preemption notice) finishes the step, saves a resumable "
+                                   "checkpoints/step-N and exits with code 130 or 143; continue with --resume.")
     t.add_argument("--config", help="YAML file with TrainConfig keys (model, data, epochs, ...)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir "
@@ -892,6 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "*+?[](){}|^$\\, matched against whole module names), or all-linear (default: query,value)")
     t.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
     t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--save-steps", type=int, help="also write a resumable checkpoints/step-N every N optimizer "
+                   "steps, inside an epoch too (default 0 = only at each epoch's end)")
+    t.add_argument("--save-total-limit", type=int, help="keep only the newest K step-N checkpoints, deleting "
+                   "older ones once a new one is complete; epoch-N checkpoints are all kept (default 0 = keep all)")
     t.add_argument("--output-dir", help="trace, plot, summary and checkpoints (default: unified-lora-run)")
     t.add_argument("--dev-size", type=int, help="dev rows (blocks, for a text corpus) to evaluate: a "
                    "fixed-seed subsample; 0 (default) = all")

@@ -104,6 +104,8 @@ class TrainConfig:
     log_every: int = 25
     threads: int = 0  # >0: torch.set_num_threads
     peft_every_checkpoint: bool = False  # also export PEFT format into every checkpoint (always at the end)
+    save_steps: int = 0  # >0: also write checkpoints/step-N every N optimizer steps (inside an epoch too)
+    save_total_limit: int = 0  # >0: keep only the newest K step-N checkpoints (epoch-N ones are all kept)
 
     def __post_init__(self) -> None:
         check_field_types(self)  # numbers (YAML's `lr: 1e-3` is a string), bools and rank/LR lists, by field name
@@ -128,6 +130,8 @@ class TrainConfig:
             ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
             ("log_every", self.log_every >= 0, "must be >= 0"),
             ("threads", self.threads >= 0, "must be >= 0 (0 = torch's default)"),
+            ("save_steps", self.save_steps >= 0, "must be >= 0 (0 = no checkpoint inside an epoch)"),
+            ("save_total_limit", self.save_total_limit >= 0, "must be >= 0 (0 = keep every step-N checkpoint)"),
             ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "must be a number >= 0"),
             ("grad_clip", self.grad_clip >= 0 and math.isfinite(self.grad_clip), "must be >= 0 (0 = no clipping)"),
             ("shock_end", 0 <= self.shock_start <= self.shock_end, "need 0 <= shock_start <= shock_end"),
@@ -784,6 +788,25 @@ def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False) -
     if not done:
         return None
     return max(done, key=lambda p: read_state(p, trust_checkpoint)["run"]["global_step"])
+
+
+def prune_step_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
+    """Delete the `step-N` checkpoints under root but the newest `keep` (by N, the global step they hold); keep=0
+    keeps all. `epoch-N` checkpoints are never deleted. Call it after a save has completed, so the newest complete
+    checkpoint always stays. Each goes by a rename to a `.tmp-` name first, then is removed: a kill in between leaves
+    no half-deleted folder under a checkpoint's name (the next save's sweep removes it). Returns the deleted names."""
+    root = Path(root)
+    if keep <= 0 or not root.is_dir():
+        return []
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"step-(\d+)", p.name)))
+    gone = []
+    for _, p in steps[:max(len(steps) - keep, 0)]:
+        doomed = root / f".tmp-pruned-{p.name}-{os.getpid()}"
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        gone.append(p.name)
+    return gone
 
 
 def seed_everything(seed: int) -> None:
