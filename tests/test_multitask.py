@@ -482,6 +482,32 @@ def test_a_state_dict_with_other_task_slots_is_an_error_of_the_load_and_a_rank_a
     assert fresh_ctrl.router.slots == {"a": 0, "b": 1}
 
 
+def test_a_controller_state_in_multi_is_refused_by_a_merged_model_before_anything_loads():
+    """ctrl.load_state_dict of a state saved in MULTI into the controller of a model merged in SINGLE (merge_adapters,
+    for an evaluation) set the router on the task adapters, the machine in MULTI, then failed in the rank change:
+    the first layer's re-merge raised "merge: in MULTI/MIRROR ...", leaving that layer unmerged and every other one
+    merged at the old rank, the shared delta in its base weight for every task. It is refused now, with what to do,
+    before anything changes; unmerged, the same state loads."""
+    from unified_lora import merge_adapters, unmerge_adapters
+
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    fresh, fresh_ctrl = make()
+    layers = [m for m in fresh.modules() if isinstance(m, MultiTaskNestedLoRALayer)]
+    merge_adapters(fresh)
+    weights = [w.clone() for w in fresh.state_dict(keep_vars=True).values() if torch.is_tensor(w)]
+    with pytest.raises(ValueError, match=r"state is in MULTI/MIRROR, on the task adapters, and 5 of this model's 5 "
+                                         r"adapters are merged .*Call unmerge_adapters\(model\) first; nothing was"):
+        fresh_ctrl.load_state_dict(ctrl.state_dict())
+    assert (fresh_ctrl.mode, fresh_ctrl.rank, fresh_ctrl.global_step, fresh_ctrl.router.topology) == (
+        SINGLE, 4, 0, "shared")
+    assert {layer.merged_rank for layer in layers} == {4}
+    after = [w for w in fresh.state_dict(keep_vars=True).values() if torch.is_tensor(w)]
+    assert all(torch.equal(a, b) for a, b in zip(weights, after))
+    unmerge_adapters(fresh)
+    fresh_ctrl.load_state_dict(ctrl.state_dict())
+    assert (fresh_ctrl.mode, fresh_ctrl.rank, fresh_ctrl.router.topology) == (MULTI, 8, "task")
+
+
 def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypatch):
     """Under DDP every process may save the replicated adapters into one folder while another reads it. A file was
     rewritten in place (truncated first), so a reader could find it half-written: a torn `tasks.json` read as a

@@ -1160,6 +1160,15 @@ class MultiTaskController(UnifiedController):
     def load_state_dict(self, sd: dict) -> None:
         self._check_state(sd)  # before the router changes: a refused state leaves everything as it was
         mt = sd["multitask"]
+        merged = [a for a in self.adapters if a.merged_rank]
+        if mt["router"]["topology"] == "task" and merged:
+            # (loaded, the rank change merged each layer again in the task topology: a ValueError from the first
+            # layer's check_mergeable, with the controller in MULTI and every other layer still merged, the shared
+            # delta in its base weight for every task)
+            raise ValueError(f"ctrl.load_state_dict: the state is in MULTI/MIRROR, on the task adapters, and "
+                             f"{len(merged)} of this model's {len(self.adapters)} adapters are merged "
+                             f"into their base weights (merge_adapters); task adapters cannot be folded into one base "
+                             f"weight. Call unmerge_adapters(model) first; nothing was loaded")
         self.router.load_state_dict(mt["router"])
         super().load_state_dict(sd)
         dev = self.adapters[0].lora_A[0].device
