@@ -350,6 +350,164 @@ def test_save_and_load_task_adapters(tmp_path):
             torch.testing.assert_close(m1(input_ids=x).logits, m2(input_ids=x).logits)
 
 
+def _trained_through_a_split(arch, tasks=("a", "b"), seed=0):
+    """(model, ctrl, x, make): a tiny BERT classifier or Llama LM with multi-task adapters (tasks a, b and one spare
+    slot, register_new_tasks=True), trained two steps in SINGLE, split by the controller (theta0=0 after a warm-up
+    of two steps), then three steps in MULTI, where task "c" comes in and takes the spare slot. `make(tasks)` builds
+    a fresh model wrapped with the same arguments (and a controller in SINGLE, as built)."""
+    def make(tasks=tasks):
+        model = tiny_bert(seed) if arch == "bert" else tiny_llama(seed)
+        targets = TARGETS if arch == "bert" else ["q_proj", "v_proj", "lm_head"]
+        _, ctrl = setup_multitask_lora(model, list(tasks), targets, lr_mode="off", print_fn=None, spare_slots=1,
+                                       register_new_tasks=True, signal=MultiTaskSignalConfig(phi_init=0.5),
+                                       machine=MachineConfig(initial_mode=SINGLE, theta0=0.0, warmup_steps=2))
+        return model, ctrl
+
+    model, ctrl = make()
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=2e-2)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(1, VOCAB, (6, 8), generator=torch.Generator().manual_seed(0))
+    for step in range(5):
+        tids = ["a", "a", "b", "b"] + (["c", "c"] if step >= 3 else ["a", "b"])
+        with task_context(model, tids):
+            logits = model(input_ids=x).logits
+        if arch == "bert":
+            y = torch.tensor([0, 1, 1, 0, 1, 1])
+            per = F.cross_entropy(logits, y, reduction="none")
+        else:  # each task its own next tokens: a the input, b and c shifted by one and two
+            y = (x + torch.tensor([0 if t == "a" else 1 if t == "b" else 2 for t in tids])[:, None]) % VOCAB
+            per = F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), reduction="none").view(6, -1)
+        per.mean().backward()
+        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+        opt.step()
+        opt.zero_grad()
+    assert [r.transition for r in ctrl.trace].count("SINGLE->MULTI") == 1 and ctrl.mode == MULTI
+    assert ctrl.router.slots == {"a": 0, "b": 1, "c": 2} and ctrl.router.topology == "task"
+    return model.eval(), ctrl, x, make
+
+
+@torch.no_grad()
+def _per_task_outputs(model, x):
+    """Each task's logits on `x` (one task per batch), and a batch that mixes the three tasks."""
+    out = {}
+    for t in ("a", "b", "c"):
+        with task_context(model, t):
+            out[t] = model(input_ids=x).logits
+    with task_context(model, ["a", "b", "c", "c", "b", "a"]):
+        out["mixed"] = model(input_ids=x).logits
+    return out
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_model_saved_in_multi_reloads_with_strict_true_on_its_task_adapters(arch, tmp_path):
+    """The model's state dict held every task adapter's blocks, but not the topology nor the task registry (they live
+    in the router, a plain object): a model saved after the split, loaded with strict=True into a freshly built one
+    ("All keys matched successfully"), ran the shared adapter for every task, its task adapters loaded into slots no
+    sample used (max abs diff 0.08 on BERT), and task "c", registered after the split, was unknown. Each layer's
+    `_extra_state` now holds the router's state beside the rank: the reload gives every task's outputs bit for bit,
+    through torch.save and safetensors, and into a model built with the tasks in another order too (the registry
+    follows the weights)."""
+    from safetensors.torch import load_model, save_model
+
+    model, ctrl, x, make = _trained_through_a_split(arch)
+    ref = _per_task_outputs(model, x)
+    assert not torch.equal(ref["a"], ref["b"]) and not torch.equal(ref["a"], ref["c"])
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    save_model(model, str(tmp_path / "model.safetensors"))
+    for load, tasks in (("torch", ("a", "b")), ("safetensors", ("a", "b")), ("torch", ("b", "a"))):
+        fresh, fresh_ctrl = make(tasks)
+        assert fresh_ctrl.router.topology == "shared" and fresh_ctrl.router.task_ids == list(tasks)
+        if load == "torch":
+            fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+        else:
+            assert load_model(fresh, str(tmp_path / "model.safetensors"), strict=True) == (set(), [])
+        assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+        out = _per_task_outputs(fresh.eval(), x)
+        assert all(torch.equal(out[k], ref[k]) for k in ref), (load, tasks)
+        # the controller built before the load is in SINGLE: it refuses to train the loaded task adapters
+        with pytest.raises(ValueError, match=r"topology 'task'\), but this controller is in SINGLE.*load_state_dict"):
+            fresh_ctrl.step(1.0, task_id="a")
+    # resumed with the controller's state, the run goes on as the original one
+    fresh, fresh_ctrl = make()
+    fresh.load_state_dict(model.state_dict())
+    fresh_ctrl.load_state_dict(ctrl.state_dict())
+    assert fresh_ctrl.mode == MULTI and fresh_ctrl.router.slots == ctrl.router.slots
+
+
+def test_a_merged_model_loading_a_state_dict_saved_in_multi_stays_unmerged_on_the_task_adapters():
+    """A fresh model merged in SINGLE (its shared delta folded into the base weights) that loads a state dict saved in
+    MULTI: it unmerges for the load, and merged the shared delta in again after it, so every task ran the shared
+    adapter. Task adapters cannot be folded into one base weight: it stays unmerged, on the task adapters, and gives
+    the saved model's outputs bit for bit (the base weight is the state dict's). A state dict saved in SINGLE merges
+    again as before."""
+    from unified_lora import merge_adapters
+
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    ref = _per_task_outputs(model, x)
+    fresh, fresh_ctrl = make()
+    merge_adapters(fresh)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    layers = [m for m in fresh.modules() if isinstance(m, MultiTaskNestedLoRALayer)]
+    assert fresh_ctrl.router.topology == "task" and not any(layer.merged_rank for layer in layers)
+    out = _per_task_outputs(fresh.eval(), x)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    ctrl.merge_back()  # back to the shared adapter, saved in SINGLE: loads into the merged model merged
+    single = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, fresh_ctrl = make()
+    merge_adapters(fresh)
+    fresh.load_state_dict(single, strict=True)
+    layers = [m for m in fresh.modules() if isinstance(m, MultiTaskNestedLoRALayer)]
+    assert fresh_ctrl.router.topology == "shared" and {layer.merged_rank for layer in layers} == {8}
+    with torch.no_grad(), task_context(model, "a"), task_context(fresh, "a"):
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_a_state_dict_with_other_task_slots_is_an_error_of_the_load_and_a_rank_alone_loads():
+    """A state dict saved with another number of task slots (here without the spare slot) names slots this model does
+    not have, or leaves some of its own unnamed: load_state_dict lists it as an error, strict or not, with what to
+    do. A state dict whose `_extra_state` is the rank alone (a plain NestedLoRALayer's, or a multi-task model saved
+    before the router was kept) sets the rank and leaves the topology and the registry as they are."""
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    other = tiny_bert()
+    setup_multitask_lora(other, ["a", "b"], TARGETS, print_fn=None)  # no spare slot: 2 slots, the saved model 3
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"_extra_state: saved with 3 task slots \(tasks \+ spare_slots\), "
+                                               r"this model has 2; build it with the same tasks and spare_slots"):
+            other.load_state_dict(model.state_dict(), strict=strict)
+    rank_only = {k: (torch.tensor(4) if k.endswith("._extra_state") else v) for k, v in model.state_dict().items()}
+    fresh, fresh_ctrl = make()
+    fresh.load_state_dict(rank_only, strict=True)
+    layers = [m for m in fresh.modules() if isinstance(m, MultiTaskNestedLoRALayer)]
+    assert {layer.rank for layer in layers} == {4} and fresh_ctrl.router.topology == "shared"
+    assert fresh_ctrl.router.slots == {"a": 0, "b": 1}
+
+
+def test_a_controller_state_in_multi_is_refused_by_a_merged_model_before_anything_loads():
+    """ctrl.load_state_dict of a state saved in MULTI into the controller of a model merged in SINGLE (merge_adapters,
+    for an evaluation) set the router on the task adapters, the machine in MULTI, then failed in the rank change:
+    the first layer's re-merge raised "merge: in MULTI/MIRROR ...", leaving that layer unmerged and every other one
+    merged at the old rank, the shared delta in its base weight for every task. It is refused now, with what to do,
+    before anything changes; unmerged, the same state loads."""
+    from unified_lora import merge_adapters, unmerge_adapters
+
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    fresh, fresh_ctrl = make()
+    layers = [m for m in fresh.modules() if isinstance(m, MultiTaskNestedLoRALayer)]
+    merge_adapters(fresh)
+    weights = [w.clone() for w in fresh.state_dict(keep_vars=True).values() if torch.is_tensor(w)]
+    with pytest.raises(ValueError, match=r"state is in MULTI/MIRROR, on the task adapters, and 5 of this model's 5 "
+                                         r"adapters are merged .*Call unmerge_adapters\(model\) first; nothing was"):
+        fresh_ctrl.load_state_dict(ctrl.state_dict())
+    assert (fresh_ctrl.mode, fresh_ctrl.rank, fresh_ctrl.global_step, fresh_ctrl.router.topology) == (
+        SINGLE, 4, 0, "shared")
+    assert {layer.merged_rank for layer in layers} == {4}
+    after = [w for w in fresh.state_dict(keep_vars=True).values() if torch.is_tensor(w)]
+    assert all(torch.equal(a, b) for a, b in zip(weights, after))
+    unmerge_adapters(fresh)
+    fresh_ctrl.load_state_dict(ctrl.state_dict())
+    assert (fresh_ctrl.mode, fresh_ctrl.rank, fresh_ctrl.router.topology) == (MULTI, 8, "task")
+
+
 def test_a_reader_never_sees_a_task_adapter_file_half_written(tmp_path, monkeypatch):
     """Under DDP every process may save the replicated adapters into one folder while another reads it. A file was
     rewritten in place (truncated first), so a reader could find it half-written: a torn `tasks.json` read as a

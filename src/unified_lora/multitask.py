@@ -374,6 +374,41 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
     def topology(self) -> str:
         return self.router.topology
 
+    # -- the state dict -------------------------------------------------------------
+    def get_extra_state(self) -> torch.Tensor:
+        """The active rank and the task router's state: the topology (the shared adapter, or the task adapters
+        after a split), the slot each task id holds and the number of slots, as UTF-8 JSON in a 1-D uint8 tensor
+        (`<layer>._extra_state`; safetensors and `save_pretrained` store it as they store the weights). With the
+        rank alone, a model saved in MULTI and loaded with `strict=True` into a freshly built one ran the shared
+        adapter for every task, its task adapters loaded into slots no sample used: other outputs, silently."""
+        state = {"rank": self.rank, "router": self.router.state_dict()}
+        return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        if state.ndim == 0:  # a plain NestedLoRALayer's, or saved before the router was kept: the rank alone
+            return super().set_extra_state(state)
+        st = json.loads(bytes(state.tolist()).decode("utf-8"))
+        self.router.load_state_dict(st["router"])  # (n_slots checked by _load_from_state_dict)
+        if self.router.topology == "task":  # task adapters cannot be folded into one base weight: stay unmerged
+            self.__dict__.pop("_merge_after_load", None)
+        self.set_rank(st["rank"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A saved router with another number of task slots is an error of the load (listed with the other
+        mismatches); its registry would name slots this model does not have, or leave some of its own unnamed."""
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        saved = state_dict.get(key)
+        if torch.is_tensor(saved) and saved.ndim == 1:
+            n = json.loads(bytes(saved.tolist()).decode("utf-8"))["router"]["n_slots"]
+            if n != self.router.n_slots:
+                error_msgs.append(f"{key}: saved with {n} task slots (tasks + spare_slots), this model has "
+                                  f"{self.router.n_slots}; build it with the same tasks and spare_slots as the saved "
+                                  f"one")
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # -- blocks -----------------------------------------------------------------
     def task_A(self, slot: int) -> torch.Tensor:
         k, blocks = self.n_active_blocks, self.lora_tasks[slot].lora_A
@@ -979,11 +1014,12 @@ class MultiTaskController(UnifiedController):
             raise ValueError(
                 f"ctrl.step: the model runs the {'task adapters' if want == 'shared' else 'shared adapter'} "
                 f"(topology {self.router.topology!r}), but this controller is in {MODES[self.mode]}, which trains "
-                f"the {'task adapters' if want == 'task' else 'shared adapter'}. load_task_adapters restores the "
-                f"topology of the folder it reads; training on would overwrite the adapter that trains now at the "
-                f"next {'merge' if want == 'task' else 'split'}. Build the controller in the mode the folder was "
-                f"saved in (machine=MachineConfig(initial_mode={'SINGLE' if want == 'task' else 'MULTI'})), or "
-                f"resume with ctrl.load_state_dict(...), which restores the mode and the topology together")
+                f"the {'task adapters' if want == 'task' else 'shared adapter'}. load_task_adapters and the model's "
+                f"load_state_dict restore the topology they were saved in; training on would overwrite the adapter "
+                f"that trains now at the next {'merge' if want == 'task' else 'split'}. Build the controller in the "
+                f"mode the model was saved in (machine=MachineConfig(initial_mode="
+                f"{'SINGLE' if want == 'task' else 'MULTI'})), or resume with ctrl.load_state_dict(...), which "
+                f"restores the mode and the topology together")
         self._task_info = task_losses is not None or task_id is not None
         return super().step(loss, task_losses=task_losses, task_id=task_id)
 
@@ -1124,6 +1160,15 @@ class MultiTaskController(UnifiedController):
     def load_state_dict(self, sd: dict) -> None:
         self._check_state(sd)  # before the router changes: a refused state leaves everything as it was
         mt = sd["multitask"]
+        merged = [a for a in self.adapters if a.merged_rank]
+        if mt["router"]["topology"] == "task" and merged:
+            # (loaded, the rank change merged each layer again in the task topology: a ValueError from the first
+            # layer's check_mergeable, with the controller in MULTI and every other layer still merged, the shared
+            # delta in its base weight for every task)
+            raise ValueError(f"ctrl.load_state_dict: the state is in MULTI/MIRROR, on the task adapters, and "
+                             f"{len(merged)} of this model's {len(self.adapters)} adapters are merged "
+                             f"into their base weights (merge_adapters); task adapters cannot be folded into one base "
+                             f"weight. Call unmerge_adapters(model) first; nothing was loaded")
         self.router.load_state_dict(mt["router"])
         super().load_state_dict(sd)
         dev = self.adapters[0].lora_A[0].device
