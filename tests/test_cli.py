@@ -1332,7 +1332,7 @@ def test_a_bf16_checkpoint_trains_in_fp32(tiny, tmp_path, which):
         argv += ["--target-modules", "c_attn"]
     assert main(argv) == 0
     saved = load_file(str(out / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
-    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    assert saved and {t.dtype for k, t in saved.items() if not k.endswith("._extra_state")} == {torch.float32}
 
 
 def _tiny_base(tiny, root: Path, arch: str) -> str:

@@ -309,7 +309,7 @@ def test_a_model_saved_at_a_lower_rank_reloads_at_that_rank_with_the_same_output
 
 def test_a_state_dict_without_the_rank_loads_strictly_and_leaves_the_rank_as_it_is():
     """A state dict saved before the rank was kept in it (no `<layer>._extra_state`), or the blocks alone
-    (`lora_state_dict`), still loads with strict=True / strict=False, and leaves each layer's rank alone."""
+    (`lora_state_dict` of an older version), still loads with strict=True / strict=False, and leaves each layer's rank alone."""
     model, fresh = _wrapped_gpt2(seed=0), _wrapped_gpt2(seed=100)
     x = torch.randint(1, 64, (2, 6))
     old = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
@@ -318,10 +318,27 @@ def test_a_state_dict_without_the_rank_loads_strictly_and_leaves_the_rank_as_it_
         layer.set_rank(16)
     fresh.load_state_dict(old, strict=True)
     assert {layer.rank for layer in lora_layers(fresh).values()} == {16}
-    fresh.load_state_dict(lora_state_dict(model), strict=False)
+    blocks = {k: v for k, v in lora_state_dict(model).items() if not k.endswith("._extra_state")}
+    fresh.load_state_dict(blocks, strict=False)
     assert {layer.rank for layer in lora_layers(fresh).values()} == {16}
     for layer in lora_layers(fresh).values():
         layer.set_rank(8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_lora_state_dict_carries_the_rank_so_the_adapters_reload_at_it():
+    """`lora_state_dict` is the adapters-only checkpoint: it held the blocks but not the rank, so blocks saved at
+    rank 4 loaded (strict=False) into a fresh model ran at its rank 8, with trained blocks 5..8 in the delta."""
+    model, fresh = _wrapped_gpt2(seed=0), _wrapped_gpt2(seed=100)
+    for layer in lora_layers(model).values():
+        layer.set_rank(4)
+    sd = lora_state_dict(model)
+    assert sum(k.endswith("._extra_state") for k in sd) == len(lora_layers(model))
+    result = fresh.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys
+    assert {layer.rank for layer in lora_layers(fresh).values()} == {4}
+    x = torch.randint(1, 64, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
 
@@ -571,7 +588,7 @@ def test_injection_by_suffix_freezes_the_base(llama):
     assert sorted(n.split(".")[-1] for n in adapters) == ["q_proj", "q_proj", "v_proj", "v_proj"]
     trainable = {n for n, p in llama.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert len(lora_state_dict(llama)) == 4 * 2 * 3  # 4 layers × (A, B) × 3 blocks
+    assert len(lora_state_dict(llama)) == 4 * (2 * 3 + 1)  # 4 layers × ((A, B) × 3 blocks + the rank)
 
 
 def test_injection_by_regex_and_all_linear(bert, gpt2):

@@ -233,8 +233,14 @@ def set_rank(adapters: dict[str, NestedLoRALayer] | Iterable[NestedLoRALayer], r
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Every nested block (active or paused) - what a checkpoint must keep."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """Every nested block (active or paused) and each nested layer's `_extra_state` (its active rank; a multi-task
+    layer's task topology and registry too) - what a checkpoint must keep. `model.load_state_dict(sd, strict=False)`
+    puts the adapters back as they were saved: without the extra state, an adapter saved at rank 4 (or after a
+    multi-task split) reloaded at the fresh model's rank (on the shared adapter), with other outputs, silently."""
+    suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+    layers = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NestedLoRALayer)}
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_A." in k or ".lora_B." in k or (k.endswith(suffix) and k[:-len(suffix)] in layers)}
 
 
 def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | None = None) -> dict[str, list[str]]:

@@ -735,7 +735,8 @@ class Run:
             tensors = load_file(str(path / "adapter_blocks.safetensors"))
         except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
             raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
-        missing = [k for k in tensors if k not in dict(self.model.named_parameters())]
+        own = set(dict(self.model.named_parameters())) | set(lora_state_dict(self.model))  # + layers' _extra_state
+        missing = [k for k in tensors if k not in own]
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
                              "resume with the same --model and LoRA settings")
