@@ -398,6 +398,25 @@ class NestedLoRALayer(nn.Module):
             self.reset_parameters()
         return out
 
+    # The base layer's weight and bias, as PEFT's LoRA layers give them: model code reads them off the module it
+    # calls (T5's feed-forward casts its input to `self.wo.weight.dtype`, GPT-Neo's attention reads
+    # `self.q_proj.weight.dtype`), and a wrapped layer without them raised AttributeError in the forward.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __setattr__(self, name, value) -> None:
+        # ... and set them there: transformers' `tie_weights` ties a targeted `lm_head` by `lm_head.weight = <the
+        # embedding>`, which nn.Module would refuse beside the property ("attribute 'weight' already exists")
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            setattr(self._modules["base_layer"], name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- rank -----------------------------------------------------------------
     @property
     def n_active_blocks(self) -> int:

@@ -1,0 +1,97 @@
+"""Hugging Face architectures beyond the tiny Llama, BERT and GPT-2 of conftest: an encoder-decoder (T5) and a tied
+`lm_head` that is a target."""
+
+import copy
+import warnings
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+from conftest import VOCAB
+from unified_lora import setup_unified_lora
+from unified_lora.model import lora_layers, merge_adapters, set_rank, unmerge_adapters
+from unified_lora.peft_io import export_peft_adapter, merge_and_unload
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _random_b(model, seed=3):
+    """Non-zero B blocks (B starts at 0, where every rank computes the base model)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_t5_runs_trains_merges_and_generates_with_every_linear_wrapped(tmp_path):
+    """T5's feed-forward casts its input to `self.wo.weight.dtype`, so with `wo` wrapped (any "all-linear" or `wo`
+    target) the forward raised "'NestedLoRALayer' object has no attribute 'weight'" (MT5, LongT5, UMT5 and
+    SwitchTransformers too). The layer now gives its base layer's `weight` and `bias`, as PEFT's LoRA layers do."""
+    from peft import PeftModel
+
+    model = tiny_t5()
+    adapters, _ = setup_unified_lora(model, target_modules="all-linear", print_fn=None)
+    assert {"encoder.block.0.layer.1.DenseReluDense.wo", "decoder.block.1.layer.1.EncDecAttention.k"} <= set(adapters)
+    assert "lm_head" not in adapters
+    layer = adapters["encoder.block.0.layer.1.DenseReluDense.wo"]
+    assert layer.weight is layer.base_layer.weight and layer.bias is None
+    _random_b(model)
+    g = torch.Generator().manual_seed(1)
+    x, dec = torch.randint(2, VOCAB, (2, 10), generator=g), torch.randint(2, VOCAB, (2, 6), generator=g)
+    export_peft_adapter(model, adapters, tmp_path)  # PEFT gives the same logits (before fp32 merges round the base)
+    with torch.no_grad():
+        ours = model(input_ids=x, decoder_input_ids=dec).logits
+        peft = PeftModel.from_pretrained(tiny_t5(), str(tmp_path)).eval()(input_ids=x, decoder_input_ids=dec).logits
+    assert torch.equal(ours, peft)
+    for r in (4, 8, 16):  # the nested path at every rank equals the merged weights
+        set_rank(adapters, r)
+        with torch.no_grad():
+            out = model(input_ids=x, decoder_input_ids=dec).logits
+            merge_adapters(model)
+            merged = model(input_ids=x, decoder_input_ids=dec).logits
+            unmerge_adapters(model)
+        assert torch.allclose(out, merged, atol=1e-5)
+    model.train()  # a backward reaches the encoder's wo blocks
+    model(input_ids=x, labels=dec).loss.backward()
+    assert layer.lora_A[0].grad is not None and layer.lora_A[2].grad is not None
+    model.zero_grad()
+    model.eval()
+
+    set_rank(adapters, 4)  # generate after a rank switch: as the model merged at that rank
+    got = model.generate(input_ids=x, max_new_tokens=5, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = merge_and_unload(copy.deepcopy(model))
+    assert not lora_layers(plain)
+    assert torch.equal(got, plain.generate(input_ids=x, max_new_tokens=5, do_sample=False))
+
+
+
+def test_tie_weights_ties_the_base_weight_of_a_wrapped_lm_head():
+    """transformers' `tie_weights` (resize_token_embeddings, the Trainer after loading a checkpoint without the tied
+    key) sets `lm_head.weight = <the embedding>`. On a wrapped lm_head that registered a stray `weight` Parameter
+    on the nested layer, which its forward never reads: the lm_head kept the old embedding and the state dict gained
+    a key. It now ties the base layer's weight."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=True)).eval()
+    adapters, _ = setup_unified_lora(model, target_modules=["q_proj", "lm_head"], print_fn=None)
+    keys = set(model.state_dict())
+    emb = model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(emb.weight.detach() + 1.0, requires_grad=False)  # a new embedding
+    model.tie_weights()
+    lm_head = adapters["lm_head"]
+    assert lm_head.base_layer.weight is emb.weight and lm_head.weight is emb.weight
+    assert set(model.state_dict()) == keys
+    x = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        h = model.model(input_ids=x).last_hidden_state
+        assert torch.allclose(model(input_ids=x).logits, lm_head(h), atol=0)
+        assert torch.allclose(lm_head(h), h @ emb.weight.T, atol=1e-5)  # B = 0: the (new) embedding's logits
