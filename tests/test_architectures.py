@@ -1,11 +1,12 @@
-"""Hugging Face architectures beyond the tiny Llama, BERT and GPT-2 of conftest: an encoder-decoder (T5) and a tied
-`lm_head` that is a target."""
+"""Hugging Face architectures beyond the tiny Llama, BERT and GPT-2 of conftest: an encoder-decoder (T5), a model
+whose output layer has another name than `lm_head` (Whisper's `proj_out`), a tied `lm_head` that is a target."""
 
 import copy
 import warnings
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration, WhisperConfig,
+                          WhisperForConditionalGeneration)
 
 from conftest import VOCAB
 from unified_lora import setup_unified_lora
@@ -95,3 +96,35 @@ def test_tie_weights_ties_the_base_weight_of_a_wrapped_lm_head():
         h = model.model(input_ids=x).last_hidden_state
         assert torch.allclose(model(input_ids=x).logits, lm_head(h), atol=0)
         assert torch.allclose(lm_head(h), h @ emb.weight.T, atol=1e-5)  # B = 0: the (new) embedding's logits
+
+
+def test_all_linear_leaves_out_an_output_layer_whatever_its_name_as_peft_does():
+    """PEFT's "all-linear" leaves out the model's output layer (`get_output_embeddings()`); ours left out only
+    modules named lm_head, classifier, ..., so Whisper's `proj_out` (tied to the decoder's embedding) was wrapped:
+    a vocabulary-sized LoRA pair PEFT's "all-linear" does not train, and `merge_adapters` refused the model."""
+    from peft import LoraConfig, get_peft_model
+
+    def whisper():
+        torch.manual_seed(0)
+        return WhisperForConditionalGeneration(WhisperConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+            max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1)).eval()
+
+    model = whisper()
+    adapters, _ = setup_unified_lora(model, target_modules="all-linear", print_fn=None)
+    peft = get_peft_model(whisper(), LoraConfig(target_modules="all-linear"))
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in peft.named_modules()
+                    if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert "proj_out" not in adapters
+    assert set(adapters) == peft_targets
+    _random_b(model)
+    feats, dec = torch.randn(1, 16, 64), torch.tensor([[1, 5, 6]])
+    with torch.no_grad():
+        out = model(input_features=feats, decoder_input_ids=dec).logits
+        merge_adapters(model)  # no tied weight among the targets now
+        assert torch.allclose(model(input_features=feats, decoder_input_ids=dec).logits, out, atol=1e-5)
+    # named, it is still a target
+    named, _ = setup_unified_lora(whisper(), target_modules=["q_proj", "proj_out"], print_fn=None)
+    assert "proj_out" in named

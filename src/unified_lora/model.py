@@ -13,8 +13,9 @@ from .config import NestedLoRAConfig, parse_names
 from .layer import Conv1D, NestedLoRALayer
 from .mirror import watch_state_dict
 
-# Output heads are never targeted by "all-linear". PEFT leaves out only the output layer, so this list also leaves out
-# what PEFT's would take: BERT's pooler.dense and, under `cls`, a masked LM's cls.predictions.transform.dense (README).
+# Output heads are never targeted by "all-linear". PEFT leaves out only the output layer (`get_output_embeddings()`,
+# which is left out here too: `_output_layers`), so this list also leaves out what PEFT's would take: BERT's
+# pooler.dense and, under `cls`, a masked LM's cls.predictions.transform.dense (README).
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense")
 
 
@@ -57,6 +58,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
     unwrappable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     if config.target_modules == "all-linear":
+        unwrappable |= _output_layers(model)  # (a model's output layer whatever its name, as PEFT leaves it out)
         chosen = [(n, m) for n, m in chosen if id(m) not in unwrappable]
     elif any(id(m) in unwrappable for _, m in chosen):
         names = [n for n, m in chosen if id(m) in unwrappable]
@@ -91,6 +93,24 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         keep_off_fast_paths(model)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def _output_layers(model: nn.Module) -> set[int]:
+    """ids of the output layers of `model` and of the transformers models inside it (`get_output_embeddings()`),
+    which "all-linear" leaves out whatever their name, as PEFT's does: Whisper's `proj_out`, ELECTRA's
+    `generator_lm_head`, XLM's `pred_layer.proj`, RWKV's `head` (named so, they used to be wrapped)."""
+    from transformers import PreTrainedModel
+
+    out = set()
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            try:
+                head = m.get_output_embeddings()
+            except (AttributeError, NotImplementedError):  # a model class that declares no output layer
+                continue
+            if isinstance(head, nn.Module):
+                out.add(id(head))
+    return out
 
 
 def _refuse_ddp_wrapped(model: nn.Module) -> None:
