@@ -128,3 +128,42 @@ def test_all_linear_leaves_out_an_output_layer_whatever_its_name_as_peft_does():
     # named, it is still a target
     named, _ = setup_unified_lora(whisper(), target_modules=["q_proj", "proj_out"], print_fn=None)
     assert "proj_out" in named
+
+
+def test_the_exported_task_type_is_the_one_peft_expects_for_the_class(tmp_path):
+    """`infer_task_type` took every `...ForConditionalGeneration` for a seq2seq LM and every `...Model` for a feature
+    extractor. A decoder-only vision-language model (Llava; Gemma 3, which transformers maps to AutoModelForCausalLM)
+    was exported as SEQ_2_SEQ_LM, and MarianMTModel as FEATURE_EXTRACTION, so PEFT's `AutoPeftModelForCausalLM` /
+    `...ForSeq2SeqLM` refused the adapter ("Expected target PEFT class ..."). The task now comes from transformers'
+    causal-LM and seq2seq-LM mappings, then from the config's `is_encoder_decoder`."""
+    from peft import PeftModel, PeftModelForCausalLM
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MarianConfig,
+                              MarianMTModel)
+
+    from unified_lora.peft_io import infer_task_type
+
+    def llava():
+        torch.manual_seed(0)
+        return LlavaForConditionalGeneration(LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=16, patch_size=8, projection_dim=32),
+            text_config=LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+            image_token_id=70, vision_feature_layer=-1)).eval()
+
+    marian = MarianMTModel(MarianConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+                                        decoder_start_token_id=0))
+    assert infer_task_type(marian) == "SEQ_2_SEQ_LM"
+    assert infer_task_type(tiny_t5()) == "SEQ_2_SEQ_LM"  # an encoder-decoder ...ForConditionalGeneration
+
+    model = llava()
+    adapters, _ = setup_unified_lora(model, target_modules=["q_proj", "v_proj"], print_fn=None)
+    _random_b(model)
+    assert export_peft_adapter(model, adapters, tmp_path)["task_type"] == "CAUSAL_LM"
+    ids, px = torch.tensor([[1, 70, 70, 70, 70, 5, 6, 7]]), torch.randn(1, 3, 16, 16)
+    peft = PeftModel.from_pretrained(llava(), str(tmp_path)).eval()
+    assert isinstance(peft, PeftModelForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(peft(input_ids=ids, pixel_values=px).logits, model(input_ids=ids, pixel_values=px).logits)
