@@ -167,3 +167,32 @@ def test_the_exported_task_type_is_the_one_peft_expects_for_the_class(tmp_path):
     assert isinstance(peft, PeftModelForCausalLM)
     with torch.no_grad():
         assert torch.equal(peft(input_ids=ids, pixel_values=px).logits, model(input_ids=ids, pixel_values=px).logits)
+
+
+def test_an_image_classifiers_export_carries_its_head_and_reloads_on_a_fresh_head(tmp_path):
+    """ViT takes `pixel_values` (no input_ids) and its head is `classifier`, which `from_pretrained` initialises
+    afresh for new labels. PEFT has no task type for image classification, so the export's "auto" saved no head
+    (a text classifier's it does save), without a warning: PEFT's reload on a base with a fresh head gave other
+    logits. The head is now carried, and the reload gives this model's logits."""
+    from peft import PeftModel
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit():
+        torch.manual_seed(0)
+        return ViTForImageClassification(ViTConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+            patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+    model = vit()
+    adapters, _ = setup_unified_lora(model, target_modules="all-linear", print_fn=None)  # the head left frozen
+    assert not any(n.startswith("classifier") for n in adapters)
+    _random_b(model)
+    assert export_peft_adapter(model, adapters, tmp_path)["modules_to_save"] == ["classifier"]
+    fresh = vit()
+    torch.manual_seed(9)
+    fresh.classifier.reset_parameters()  # as from_pretrained gives it for new labels
+    px = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (fresh(pixel_values=px).logits - model(pixel_values=px).logits).abs().max() > 1e-2  # the check can fail
+        theirs = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()(pixel_values=px).logits
+        assert torch.equal(theirs, model(pixel_values=px).logits)

@@ -191,8 +191,12 @@ def _peft_matches(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 def _task_heads(model: nn.Module) -> list[str]:
-    """Paths of the model's task head(s) (`classifier`, `score`, `qa_outputs` by its class), outermost only."""
+    """Paths of the model's task head(s) (`classifier`, `score`, `qa_outputs` by its class), outermost only. An
+    image classifier (ViT, Swin, ConvNeXt, ...: no PEFT task type) has its `classifier` head, which
+    `from_pretrained` initialises afresh for new labels, as a text classifier's."""
     heads = _PEFT_TASK_HEADS.get(infer_task_type(model), ())
+    if not heads and type(model).__name__.endswith("ForImageClassification"):
+        heads = ("classifier",)
     return _outermost([p for p, _ in model.named_modules() if p and any(p == h or p.endswith("." + h) for h in heads)])
 
 
