@@ -4,6 +4,7 @@ whose output layer has another name than `lm_head` (Whisper's `proj_out`), a tie
 import copy
 import warnings
 
+import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration, WhisperConfig,
                           WhisperForConditionalGeneration)
@@ -196,3 +197,37 @@ def test_an_image_classifiers_export_carries_its_head_and_reloads_on_a_fresh_hea
         assert (fresh(pixel_values=px).logits - model(pixel_values=px).logits).abs().max() > 1e-2  # the check can fail
         theirs = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()(pixel_values=px).logits
         assert torch.equal(theirs, model(pixel_values=px).logits)
+
+
+def test_a_forward_that_computes_with_a_wrapped_layers_weight_instead_of_calling_it_is_an_error():
+    """A wrapped layer's `.weight` is its base weight (as on PEFT's layers), so model code that computes with it
+    instead of calling the layer would run without the LoRA delta, silently (it raised AttributeError before the
+    layer had `.weight`): WavLM's attention passes q/k/v/out_proj's weights to F.multi_head_attention_forward,
+    Mamba's mixer computes `dt_proj.weight @ x`, BLOOM's attention with `slow_but_exact` slices `dense.weight`. That
+    forward is now a RuntimeError naming the layer (PEFT runs it without the delta). Layers the model calls, and code
+    that only reads the weight's dtype before calling (T5's `wo`), run as before."""
+    from transformers import MambaConfig, MambaForCausalLM, WavLMConfig, WavLMModel
+
+    torch.manual_seed(0)
+    cfg = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                      conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, num_buckets=32, max_bucket_distance=64)
+    wav = torch.randn(1, 400)
+    model = WavLMModel(cfg).eval()
+    setup_unified_lora(model, target_modules=["q_proj", "intermediate_dense"], print_fn=None)
+    with pytest.raises(RuntimeError, match=r"WavLMAttention.forward computed with its 'q_proj.weight' directly"):
+        model(input_values=wav)
+    model = WavLMModel(cfg).eval()
+    adapters, _ = setup_unified_lora(model, target_modules=["intermediate_dense"], print_fn=None)
+    _random_b(model)
+    with torch.no_grad():
+        out = model(input_values=wav).last_hidden_state
+        merge_adapters(model)  # the delta is in the output
+        assert torch.allclose(model(input_values=wav).last_hidden_state, out, atol=1e-5)
+
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=1,
+                                         intermediate_size=64, time_step_rank=4)).eval()
+    setup_unified_lora(mamba, target_modules="all-linear", print_fn=None)
+    with pytest.raises(RuntimeError, match=r"MambaMixer.forward computed with its 'dt_proj.weight' directly"):
+        mamba(input_ids=torch.randint(0, VOCAB, (1, 6)))

@@ -400,9 +400,14 @@ class NestedLoRALayer(nn.Module):
 
     # The base layer's weight and bias, as PEFT's LoRA layers give them: model code reads them off the module it
     # calls (T5's feed-forward casts its input to `self.wo.weight.dtype`, GPT-Neo's attention reads
-    # `self.q_proj.weight.dtype`), and a wrapped layer without them raised AttributeError in the forward.
+    # `self.q_proj.weight.dtype`), and a wrapped layer without them raised AttributeError in the forward. Code that
+    # computes with the weight instead of calling the layer would leave the delta out: `model.watch_direct_weight_use`
+    # makes that an error.
     @property
     def weight(self) -> torch.Tensor:
+        watch = self.__dict__.get("_weight_watch")  # [reads, calls] inside a parent forward that may bypass this layer
+        if watch is not None:
+            watch[0] += 1
         return self.base_layer.weight
 
     @property

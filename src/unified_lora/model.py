@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import sys
 from typing import Iterable
@@ -224,6 +225,64 @@ def keep_off_fast_paths(model: nn.Module) -> None:
         elif isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False):
             if any(isinstance(m, NestedLoRALayer) for m in enc.modules()):
                 enc.use_nested_tensor = False
+    watch_direct_weight_use(model)
+
+
+_SOURCES: dict[type, str] = {}
+
+
+def _class_source(cls: type) -> str:
+    if cls not in _SOURCES:
+        try:
+            _SOURCES[cls] = inspect.getsource(cls)
+        except (OSError, TypeError):  # a class defined without a source file
+            _SOURCES[cls] = ""
+    return _SOURCES[cls]
+
+
+def _watch_start(parent, args) -> None:
+    for child, m in parent._modules.items():
+        if isinstance(m, NestedLoRALayer) and child in parent.__dict__.get("_weight_readers", ()):
+            m.__dict__["_weight_watch"] = [0, 0]
+
+
+def _watch_call(layer, args) -> None:
+    watch = layer.__dict__.get("_weight_watch")
+    if watch is not None:
+        watch[1] += 1
+
+
+def _watch_end(parent, args, output) -> None:
+    for child, m in parent._modules.items():
+        watch = m.__dict__.pop("_weight_watch", None) if isinstance(m, NestedLoRALayer) else None
+        if watch is not None and watch[0] and not watch[1]:
+            raise RuntimeError(
+                f"{type(parent).__name__}.forward computed with its '{child}.weight' directly instead of calling "
+                f"'{child}', so that layer's LoRA delta was left out of its output (as in WavLM's attention, which "
+                "passes q/k/v/out_proj's weights to F.multi_head_attention_forward, or Mamba's dt_proj). Leave this "
+                "layer out of target_modules (name the others instead of \"all-linear\")")
+
+
+def watch_direct_weight_use(model: nn.Module) -> None:
+    """Make a forward that computes with a nested layer's `.weight` (its base weight) without calling the layer a
+    RuntimeError, rather than outputs without its delta. Only parents whose class source reads `self.<child>.weight`
+    are watched (hooks on the parent and the layer; T5's feed-forward reads `wo.weight.dtype` and then calls `wo`,
+    which passes); the others run with no hook."""
+    for parent in model.modules():
+        src = None
+        for child, m in parent._modules.items():
+            if not isinstance(m, NestedLoRALayer):
+                continue
+            src = _class_source(type(parent)) if src is None else src
+            if not re.search(rf"self\.{re.escape(child)}\.weight\b", src):
+                continue
+            readers = parent.__dict__.setdefault("_weight_readers", set())
+            readers.add(child)
+            if _watch_start not in parent._forward_pre_hooks.values():
+                parent.register_forward_pre_hook(_watch_start)
+                parent.register_forward_hook(_watch_end)
+            if _watch_call not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_watch_call)
 
 
 def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
