@@ -135,6 +135,9 @@ _c_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get
 _nested_apply = _c_apply.__get__(None, _NestedLoRAPath) if _c_apply is not None else _NestedLoRAPath.apply
 
 
+_is_compiling = torch.compiler.is_compiling  # (one lookup: it runs on every forward)
+
+
 def _traced() -> bool:
     """True while torch.compile traces or under functorch transforms (vmap, grad): there only the Python Function
     (through `Function.apply`) is traceable; the C++ kernel and the direct C++ apply are not."""
@@ -521,7 +524,9 @@ class NestedLoRALayer(nn.Module):
         # Submodules read from _modules: each `self.lora_A`-style read goes through nn.Module.__getattr__ (~0.8 µs
         # a read, four a call), which counts where a layer's time is host time (benchmarks/perf/layer.py's tiny row).
         mods = self._modules
-        if torch._C._current_graph_task_id() == -1:  # not inside a backward: the rank a recompute must replay
+        if _is_compiling():
+            pass  # dynamo cannot trace the graph-task query inside a model's frame: one graph break per layer
+        elif torch._C._current_graph_task_id() == -1:  # not inside a backward: the rank a recompute must replay
             self.__dict__["_forward_rank"] = self.rank
         elif self.rank != self.__dict__.get("_forward_rank", self.rank):
             raise RuntimeError(_RECOMPUTED_AT_ANOTHER_RANK.format(self.__dict__["_forward_rank"], self.rank))
