@@ -56,7 +56,8 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
                 f"layers themselves; Linear-like module names in this model end with: {seen}")
     chosen = [(n, m) for n, m in candidates if _matches_any(aliases[id(m)], config.target_modules)]
     # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
-    # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
+    # out_proj would run there without its delta (its `.weight` is the base weight): "all-linear" leaves it out, a
+    # name that targets it is an error.
     unwrappable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     if config.target_modules == "all-linear":
         unwrappable |= _output_layers(model)  # (a model's output layer whatever its name, as PEFT leaves it out)
@@ -212,8 +213,8 @@ def _off_the_fast_path(module, args) -> None:
 
 def keep_off_fast_paths(model: nn.Module) -> None:
     """Keep torch's fused transformer inference paths away from nested layers, which they would bypass.
-    nn.TransformerEncoderLayer's fast path reads linear1/linear2's `.weight` itself (no LoRA, and a wrapped layer
-    has none); torch skips it when a submodule has a hook, so each nested layer inside one gets a no-op hook.
+    nn.TransformerEncoderLayer's fast path reads linear1/linear2's `.weight` itself (a wrapped layer's is the base
+    weight: no LoRA); torch skips it when a submodule has a hook, so each nested layer inside one gets a no-op hook.
     nn.TransformerEncoder's own path (eval, no grad, a src_key_padding_mask) reads the first layer's weights the same
     way, with no hook check, and then feeds nested tensors to every layer; its `use_nested_tensor` (torch's own
     switch, which it sets False for layers that cannot take that path) is set False when it holds a nested layer."""

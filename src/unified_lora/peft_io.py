@@ -55,9 +55,9 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 def infer_task_type(model: nn.Module) -> str | None:
     """PEFT task type from a transformers class name (None: plain `PeftModel`). A class in transformers' causal-LM
     or seq2seq-LM auto mapping takes that task, as PEFT's `AutoPeftModelForCausalLM` / `...ForSeq2SeqLM` check it
-    (`Gemma3ForConditionalGeneration` is a causal LM, `MarianMTModel` a seq2seq one); another `...ForConditionalGeneration`
-    is a seq2seq LM only if its config says it is an encoder-decoder (a decoder-only vision-language model such as
-    `LlavaForConditionalGeneration` is a causal LM)."""
+    (`Gemma3ForConditionalGeneration` is a causal LM, `MarianMTModel` a seq2seq one); another
+    `...ForConditionalGeneration` is a seq2seq LM only if its config says it is an encoder-decoder (a decoder-only
+    vision-language model such as `LlavaForConditionalGeneration` is a causal LM)."""
     name = type(model).__name__
     from transformers.models.auto import modeling_auto
 
