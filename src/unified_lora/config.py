@@ -162,8 +162,9 @@ class NestedLoRAConfig:
     `target_modules`: a list of name suffixes (PEFT convention), a regex string
     (full match on the module name), or "all-linear" (every Linear/Conv1D except
     the output head: modules named, or inside one named, lm_head, classifier,
-    score, qa_outputs, cls or pooler.dense; unlike PEFT's, this leaves BERT's
-    pooler.dense out).
+    score, qa_outputs, cls or pooler.dense, and a transformers model's output
+    layer (`get_output_embeddings()`, e.g. Whisper's proj_out) whatever its name;
+    unlike PEFT's, this leaves BERT's pooler.dense out).
     `scaling`: "alpha_over_r" (PEFT default, alpha / r), "max_rank_over_r" (the
     seed's), "rslora" (alpha / sqrt(r)), or "alpha_over_max_rank" (alpha /
     max_rank at every rank, so a rank switch leaves the kept blocks'

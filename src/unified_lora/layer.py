@@ -135,6 +135,9 @@ _c_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get
 _nested_apply = _c_apply.__get__(None, _NestedLoRAPath) if _c_apply is not None else _NestedLoRAPath.apply
 
 
+_is_compiling = torch.compiler.is_compiling  # (one lookup: it runs on every forward)
+
+
 def _traced() -> bool:
     """True while torch.compile traces or under functorch transforms (vmap, grad): there only the Python Function
     (through `Function.apply`) is traceable; the C++ kernel and the direct C++ apply are not."""
@@ -398,6 +401,30 @@ class NestedLoRALayer(nn.Module):
             self.reset_parameters()
         return out
 
+    # The base layer's weight and bias, as PEFT's LoRA layers give them: model code reads them off the module it
+    # calls (T5's feed-forward casts its input to `self.wo.weight.dtype`, GPT-Neo's attention reads
+    # `self.q_proj.weight.dtype`), and a wrapped layer without them raised AttributeError in the forward. Code that
+    # computes with the weight instead of calling the layer would leave the delta out: `model.watch_direct_weight_use`
+    # makes that an error.
+    @property
+    def weight(self) -> torch.Tensor:
+        watch = self.__dict__.get("_weight_watch")  # [reads, calls] inside a parent forward that may bypass this layer
+        if watch is not None:
+            watch[0] += 1
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __setattr__(self, name, value) -> None:
+        # ... and set them there: transformers' `tie_weights` ties a targeted `lm_head` by `lm_head.weight = <the
+        # embedding>`, which nn.Module would refuse beside the property ("attribute 'weight' already exists")
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            setattr(self._modules["base_layer"], name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- rank -----------------------------------------------------------------
     @property
     def n_active_blocks(self) -> int:
@@ -497,7 +524,9 @@ class NestedLoRALayer(nn.Module):
         # Submodules read from _modules: each `self.lora_A`-style read goes through nn.Module.__getattr__ (~0.8 µs
         # a read, four a call), which counts where a layer's time is host time (benchmarks/perf/layer.py's tiny row).
         mods = self._modules
-        if torch._C._current_graph_task_id() == -1:  # not inside a backward: the rank a recompute must replay
+        if _is_compiling():
+            pass  # dynamo cannot trace the graph-task query inside a model's frame: one graph break per layer
+        elif torch._C._current_graph_task_id() == -1:  # not inside a backward: the rank a recompute must replay
             self.__dict__["_forward_rank"] = self.rank
         elif self.rank != self.__dict__.get("_forward_rank", self.rank):
             raise RuntimeError(_RECOMPUTED_AT_ANOTHER_RANK.format(self.__dict__["_forward_rank"], self.rank))

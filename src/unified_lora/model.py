@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import sys
 from typing import Iterable
@@ -13,8 +14,9 @@ from .config import NestedLoRAConfig, parse_names
 from .layer import Conv1D, NestedLoRALayer
 from .mirror import watch_state_dict
 
-# Output heads are never targeted by "all-linear". PEFT leaves out only the output layer, so this list also leaves out
-# what PEFT's would take: BERT's pooler.dense and, under `cls`, a masked LM's cls.predictions.transform.dense (README).
+# Output heads are never targeted by "all-linear". PEFT leaves out only the output layer (`get_output_embeddings()`,
+# which is left out here too: `_output_layers`), so this list also leaves out what PEFT's would take: BERT's
+# pooler.dense and, under `cls`, a masked LM's cls.predictions.transform.dense (README).
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler.dense")
 
 
@@ -54,9 +56,11 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
                 f"layers themselves; Linear-like module names in this model end with: {seen}")
     chosen = [(n, m) for n, m in candidates if _matches_any(aliases[id(m)], config.target_modules)]
     # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
-    # out_proj would fail there (no `.weight`): "all-linear" leaves it out, a name that targets it is an error.
+    # out_proj would run there without its delta (its `.weight` is the base weight): "all-linear" leaves it out, a
+    # name that targets it is an error.
     unwrappable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     if config.target_modules == "all-linear":
+        unwrappable |= _output_layers(model)  # (a model's output layer whatever its name, as PEFT leaves it out)
         chosen = [(n, m) for n, m in chosen if id(m) not in unwrappable]
     elif any(id(m) in unwrappable for _, m in chosen):
         names = [n for n, m in chosen if id(m) in unwrappable]
@@ -91,6 +95,24 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         keep_off_fast_paths(model)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def _output_layers(model: nn.Module) -> set[int]:
+    """ids of the output layers of `model` and of the transformers models inside it (`get_output_embeddings()`),
+    which "all-linear" leaves out whatever their name, as PEFT's does: Whisper's `proj_out`, ELECTRA's
+    `generator_lm_head`, XLM's `pred_layer.proj`, RWKV's `head` (named so, they used to be wrapped)."""
+    from transformers import PreTrainedModel
+
+    out = set()
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            try:
+                head = m.get_output_embeddings()
+            except (AttributeError, NotImplementedError):  # a model class that declares no output layer
+                continue
+            if isinstance(head, nn.Module):
+                out.add(id(head))
+    return out
 
 
 def _refuse_ddp_wrapped(model: nn.Module) -> None:
@@ -191,8 +213,8 @@ def _off_the_fast_path(module, args) -> None:
 
 def keep_off_fast_paths(model: nn.Module) -> None:
     """Keep torch's fused transformer inference paths away from nested layers, which they would bypass.
-    nn.TransformerEncoderLayer's fast path reads linear1/linear2's `.weight` itself (no LoRA, and a wrapped layer
-    has none); torch skips it when a submodule has a hook, so each nested layer inside one gets a no-op hook.
+    nn.TransformerEncoderLayer's fast path reads linear1/linear2's `.weight` itself (a wrapped layer's is the base
+    weight: no LoRA); torch skips it when a submodule has a hook, so each nested layer inside one gets a no-op hook.
     nn.TransformerEncoder's own path (eval, no grad, a src_key_padding_mask) reads the first layer's weights the same
     way, with no hook check, and then feeds nested tensors to every layer; its `use_nested_tensor` (torch's own
     switch, which it sets False for layers that cannot take that path) is set False when it holds a nested layer."""
@@ -204,6 +226,64 @@ def keep_off_fast_paths(model: nn.Module) -> None:
         elif isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False):
             if any(isinstance(m, NestedLoRALayer) for m in enc.modules()):
                 enc.use_nested_tensor = False
+    watch_direct_weight_use(model)
+
+
+_SOURCES: dict[type, str] = {}
+
+
+def _class_source(cls: type) -> str:
+    if cls not in _SOURCES:
+        try:
+            _SOURCES[cls] = inspect.getsource(cls)
+        except (OSError, TypeError):  # a class defined without a source file
+            _SOURCES[cls] = ""
+    return _SOURCES[cls]
+
+
+def _watch_start(parent, args) -> None:
+    for child, m in parent._modules.items():
+        if isinstance(m, NestedLoRALayer) and child in parent.__dict__.get("_weight_readers", ()):
+            m.__dict__["_weight_watch"] = [0, 0]
+
+
+def _watch_call(layer, args) -> None:
+    watch = layer.__dict__.get("_weight_watch")
+    if watch is not None:
+        watch[1] += 1
+
+
+def _watch_end(parent, args, output) -> None:
+    for child, m in parent._modules.items():
+        watch = m.__dict__.pop("_weight_watch", None) if isinstance(m, NestedLoRALayer) else None
+        if watch is not None and watch[0] and not watch[1]:
+            raise RuntimeError(
+                f"{type(parent).__name__}.forward computed with its '{child}.weight' directly instead of calling "
+                f"'{child}', so that layer's LoRA delta was left out of its output (as in WavLM's attention, which "
+                "passes q/k/v/out_proj's weights to F.multi_head_attention_forward, or Mamba's dt_proj). Leave this "
+                "layer out of target_modules (name the others instead of \"all-linear\")")
+
+
+def watch_direct_weight_use(model: nn.Module) -> None:
+    """Make a forward that computes with a nested layer's `.weight` (its base weight) without calling the layer a
+    RuntimeError, rather than outputs without its delta. Only parents whose class source reads `self.<child>.weight`
+    are watched (hooks on the parent and the layer; T5's feed-forward reads `wo.weight.dtype` and then calls `wo`,
+    which passes); the others run with no hook."""
+    for parent in model.modules():
+        src = None
+        for child, m in parent._modules.items():
+            if not isinstance(m, NestedLoRALayer):
+                continue
+            src = _class_source(type(parent)) if src is None else src
+            if not re.search(rf"self\.{re.escape(child)}\.weight\b", src):
+                continue
+            readers = parent.__dict__.setdefault("_weight_readers", set())
+            readers.add(child)
+            if _watch_start not in parent._forward_pre_hooks.values():
+                parent.register_forward_pre_hook(_watch_start)
+                parent.register_forward_hook(_watch_end)
+            if _watch_call not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_watch_call)
 
 
 def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:

@@ -53,12 +53,27 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # ----------------------------------------------------------------------------- helpers
 def infer_task_type(model: nn.Module) -> str | None:
-    """PEFT task type from a transformers class name (None: plain `PeftModel`)."""
+    """PEFT task type from a transformers class name (None: plain `PeftModel`). A class in transformers' causal-LM
+    or seq2seq-LM auto mapping takes that task, as PEFT's `AutoPeftModelForCausalLM` / `...ForSeq2SeqLM` check it
+    (`Gemma3ForConditionalGeneration` is a causal LM, `MarianMTModel` a seq2seq one); another
+    `...ForConditionalGeneration` is a seq2seq LM only if its config says it is an encoder-decoder (a decoder-only
+    vision-language model such as `LlavaForConditionalGeneration` is a causal LM)."""
     name = type(model).__name__
+    from transformers.models.auto import modeling_auto
+
+    for mapping, task in ((modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "CAUSAL_LM"),
+                          (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "SEQ_2_SEQ_LM")):
+        if any(name == v or (isinstance(v, (tuple, list)) and name in v) for v in mapping.values()):
+            return task
+    if name.endswith("ForConditionalGeneration"):
+        config = getattr(model, "config", None)
+        get_text = getattr(config, "get_text_config", None)
+        text = get_text(decoder=True) if callable(get_text) else config
+        encdec = getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False)
+        return "SEQ_2_SEQ_LM" if encdec else "CAUSAL_LM"
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
                          ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
         if name.endswith(suffix):
             return task
     if name.endswith("Model"):
@@ -176,8 +191,12 @@ def _peft_matches(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 def _task_heads(model: nn.Module) -> list[str]:
-    """Paths of the model's task head(s) (`classifier`, `score`, `qa_outputs` by its class), outermost only."""
+    """Paths of the model's task head(s) (`classifier`, `score`, `qa_outputs` by its class), outermost only. An
+    image classifier (ViT, Swin, ConvNeXt, ...: no PEFT task type) has its `classifier` head, which
+    `from_pretrained` initialises afresh for new labels, as a text classifier's."""
     heads = _PEFT_TASK_HEADS.get(infer_task_type(model), ())
+    if not heads and type(model).__name__.endswith("ForImageClassification"):
+        heads = ("classifier",)
     return _outermost([p for p, _ in model.named_modules() if p and any(p == h or p.endswith("." + h) for h in heads)])
 
 

@@ -1,0 +1,233 @@
+"""Hugging Face architectures beyond the tiny Llama, BERT and GPT-2 of conftest: an encoder-decoder (T5), a model
+whose output layer has another name than `lm_head` (Whisper's `proj_out`), a tied `lm_head` that is a target."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration, WhisperConfig,
+                          WhisperForConditionalGeneration)
+
+from conftest import VOCAB
+from unified_lora import setup_unified_lora
+from unified_lora.model import lora_layers, merge_adapters, set_rank, unmerge_adapters
+from unified_lora.peft_io import export_peft_adapter, merge_and_unload
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _random_b(model, seed=3):
+    """Non-zero B blocks (B starts at 0, where every rank computes the base model)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_t5_runs_trains_merges_and_generates_with_every_linear_wrapped(tmp_path):
+    """T5's feed-forward casts its input to `self.wo.weight.dtype`, so with `wo` wrapped (any "all-linear" or `wo`
+    target) the forward raised "'NestedLoRALayer' object has no attribute 'weight'" (MT5, LongT5, UMT5 and
+    SwitchTransformers too). The layer now gives its base layer's `weight` and `bias`, as PEFT's LoRA layers do."""
+    from peft import PeftModel
+
+    model = tiny_t5()
+    adapters, _ = setup_unified_lora(model, target_modules="all-linear", print_fn=None)
+    assert {"encoder.block.0.layer.1.DenseReluDense.wo", "decoder.block.1.layer.1.EncDecAttention.k"} <= set(adapters)
+    assert "lm_head" not in adapters
+    layer = adapters["encoder.block.0.layer.1.DenseReluDense.wo"]
+    assert layer.weight is layer.base_layer.weight and layer.bias is None
+    _random_b(model)
+    g = torch.Generator().manual_seed(1)
+    x, dec = torch.randint(2, VOCAB, (2, 10), generator=g), torch.randint(2, VOCAB, (2, 6), generator=g)
+    export_peft_adapter(model, adapters, tmp_path)  # PEFT gives the same logits (before fp32 merges round the base)
+    with torch.no_grad():
+        ours = model(input_ids=x, decoder_input_ids=dec).logits
+        peft = PeftModel.from_pretrained(tiny_t5(), str(tmp_path)).eval()(input_ids=x, decoder_input_ids=dec).logits
+    assert torch.equal(ours, peft)
+    for r in (4, 8, 16):  # the nested path at every rank equals the merged weights
+        set_rank(adapters, r)
+        with torch.no_grad():
+            out = model(input_ids=x, decoder_input_ids=dec).logits
+            merge_adapters(model)
+            merged = model(input_ids=x, decoder_input_ids=dec).logits
+            unmerge_adapters(model)
+        assert torch.allclose(out, merged, atol=1e-5)
+    model.train()  # a backward reaches the encoder's wo blocks
+    model(input_ids=x, labels=dec).loss.backward()
+    assert layer.lora_A[0].grad is not None and layer.lora_A[2].grad is not None
+    model.zero_grad()
+    model.eval()
+
+    set_rank(adapters, 4)  # generate after a rank switch: as the model merged at that rank
+    got = model.generate(input_ids=x, max_new_tokens=5, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = merge_and_unload(copy.deepcopy(model))
+    assert not lora_layers(plain)
+    assert torch.equal(got, plain.generate(input_ids=x, max_new_tokens=5, do_sample=False))
+
+
+
+def test_tie_weights_ties_the_base_weight_of_a_wrapped_lm_head():
+    """transformers' `tie_weights` (resize_token_embeddings, the Trainer after loading a checkpoint without the tied
+    key) sets `lm_head.weight = <the embedding>`. On a wrapped lm_head that registered a stray `weight` Parameter
+    on the nested layer, which its forward never reads: the lm_head kept the old embedding and the state dict gained
+    a key. It now ties the base layer's weight."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=True)).eval()
+    adapters, _ = setup_unified_lora(model, target_modules=["q_proj", "lm_head"], print_fn=None)
+    keys = set(model.state_dict())
+    emb = model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(emb.weight.detach() + 1.0, requires_grad=False)  # a new embedding
+    model.tie_weights()
+    lm_head = adapters["lm_head"]
+    assert lm_head.base_layer.weight is emb.weight and lm_head.weight is emb.weight
+    assert set(model.state_dict()) == keys
+    x = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        h = model.model(input_ids=x).last_hidden_state
+        assert torch.allclose(model(input_ids=x).logits, lm_head(h), atol=0)
+        assert torch.allclose(lm_head(h), h @ emb.weight.T, atol=1e-5)  # B = 0: the (new) embedding's logits
+
+
+def test_all_linear_leaves_out_an_output_layer_whatever_its_name_as_peft_does():
+    """PEFT's "all-linear" leaves out the model's output layer (`get_output_embeddings()`); ours left out only
+    modules named lm_head, classifier, ..., so Whisper's `proj_out` (tied to the decoder's embedding) was wrapped:
+    a vocabulary-sized LoRA pair PEFT's "all-linear" does not train, and `merge_adapters` refused the model."""
+    from peft import LoraConfig, get_peft_model
+
+    def whisper():
+        torch.manual_seed(0)
+        return WhisperForConditionalGeneration(WhisperConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+            max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1)).eval()
+
+    model = whisper()
+    adapters, _ = setup_unified_lora(model, target_modules="all-linear", print_fn=None)
+    peft = get_peft_model(whisper(), LoraConfig(target_modules="all-linear"))
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in peft.named_modules()
+                    if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert "proj_out" not in adapters
+    assert set(adapters) == peft_targets
+    _random_b(model)
+    feats, dec = torch.randn(1, 16, 64), torch.tensor([[1, 5, 6]])
+    with torch.no_grad():
+        out = model(input_features=feats, decoder_input_ids=dec).logits
+        merge_adapters(model)  # no tied weight among the targets now
+        assert torch.allclose(model(input_features=feats, decoder_input_ids=dec).logits, out, atol=1e-5)
+    # named, it is still a target
+    named, _ = setup_unified_lora(whisper(), target_modules=["q_proj", "proj_out"], print_fn=None)
+    assert "proj_out" in named
+
+
+def test_the_exported_task_type_is_the_one_peft_expects_for_the_class(tmp_path):
+    """`infer_task_type` took every `...ForConditionalGeneration` for a seq2seq LM and every `...Model` for a feature
+    extractor. A decoder-only vision-language model (Llava; Gemma 3, which transformers maps to AutoModelForCausalLM)
+    was exported as SEQ_2_SEQ_LM, and MarianMTModel as FEATURE_EXTRACTION, so PEFT's `AutoPeftModelForCausalLM` /
+    `...ForSeq2SeqLM` refused the adapter ("Expected target PEFT class ..."). The task now comes from transformers'
+    causal-LM and seq2seq-LM mappings, then from the config's `is_encoder_decoder`."""
+    from peft import PeftModel, PeftModelForCausalLM
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MarianConfig,
+                              MarianMTModel)
+
+    from unified_lora.peft_io import infer_task_type
+
+    def llava():
+        torch.manual_seed(0)
+        return LlavaForConditionalGeneration(LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=16, patch_size=8, projection_dim=32),
+            text_config=LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+            image_token_id=70, vision_feature_layer=-1)).eval()
+
+    marian = MarianMTModel(MarianConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+                                        decoder_start_token_id=0))
+    assert infer_task_type(marian) == "SEQ_2_SEQ_LM"
+    assert infer_task_type(tiny_t5()) == "SEQ_2_SEQ_LM"  # an encoder-decoder ...ForConditionalGeneration
+
+    model = llava()
+    adapters, _ = setup_unified_lora(model, target_modules=["q_proj", "v_proj"], print_fn=None)
+    _random_b(model)
+    assert export_peft_adapter(model, adapters, tmp_path)["task_type"] == "CAUSAL_LM"
+    ids, px = torch.tensor([[1, 70, 70, 70, 70, 5, 6, 7]]), torch.randn(1, 3, 16, 16)
+    peft = PeftModel.from_pretrained(llava(), str(tmp_path)).eval()
+    assert isinstance(peft, PeftModelForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(peft(input_ids=ids, pixel_values=px).logits, model(input_ids=ids, pixel_values=px).logits)
+
+
+def test_an_image_classifiers_export_carries_its_head_and_reloads_on_a_fresh_head(tmp_path):
+    """ViT takes `pixel_values` (no input_ids) and its head is `classifier`, which `from_pretrained` initialises
+    afresh for new labels. PEFT has no task type for image classification, so the export's "auto" saved no head
+    (a text classifier's it does save), without a warning: PEFT's reload on a base with a fresh head gave other
+    logits. The head is now carried, and the reload gives this model's logits."""
+    from peft import PeftModel
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit():
+        torch.manual_seed(0)
+        return ViTForImageClassification(ViTConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+            patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+    model = vit()
+    adapters, _ = setup_unified_lora(model, target_modules="all-linear", print_fn=None)  # the head left frozen
+    assert not any(n.startswith("classifier") for n in adapters)
+    _random_b(model)
+    assert export_peft_adapter(model, adapters, tmp_path)["modules_to_save"] == ["classifier"]
+    fresh = vit()
+    torch.manual_seed(9)
+    fresh.classifier.reset_parameters()  # as from_pretrained gives it for new labels
+    px = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (fresh(pixel_values=px).logits - model(pixel_values=px).logits).abs().max() > 1e-2  # the check can fail
+        theirs = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()(pixel_values=px).logits
+        assert torch.equal(theirs, model(pixel_values=px).logits)
+
+
+def test_a_forward_that_computes_with_a_wrapped_layers_weight_instead_of_calling_it_is_an_error():
+    """A wrapped layer's `.weight` is its base weight (as on PEFT's layers), so model code that computes with it
+    instead of calling the layer would run without the LoRA delta, silently (it raised AttributeError before the
+    layer had `.weight`): WavLM's attention passes q/k/v/out_proj's weights to F.multi_head_attention_forward,
+    Mamba's mixer computes `dt_proj.weight @ x`, BLOOM's attention with `slow_but_exact` slices `dense.weight`. That
+    forward is now a RuntimeError naming the layer (PEFT runs it without the delta). Layers the model calls, and code
+    that only reads the weight's dtype before calling (T5's `wo`), run as before."""
+    from transformers import MambaConfig, MambaForCausalLM, WavLMConfig, WavLMModel
+
+    torch.manual_seed(0)
+    cfg = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                      conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, num_buckets=32, max_bucket_distance=64)
+    wav = torch.randn(1, 400)
+    model = WavLMModel(cfg).eval()
+    setup_unified_lora(model, target_modules=["q_proj", "intermediate_dense"], print_fn=None)
+    with pytest.raises(RuntimeError, match=r"WavLMAttention.forward computed with its 'q_proj.weight' directly"):
+        model(input_values=wav)
+    model = WavLMModel(cfg).eval()
+    adapters, _ = setup_unified_lora(model, target_modules=["intermediate_dense"], print_fn=None)
+    _random_b(model)
+    with torch.no_grad():
+        out = model(input_values=wav).last_hidden_state
+        merge_adapters(model)  # the delta is in the output
+        assert torch.allclose(model(input_values=wav).last_hidden_state, out, atol=1e-5)
+
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=1,
+                                         intermediate_size=64, time_step_rank=4)).eval()
+    setup_unified_lora(mamba, target_modules="all-linear", print_fn=None)
+    with pytest.raises(RuntimeError, match=r"MambaMixer.forward computed with its 'dt_proj.weight' directly"):
+        mamba(input_ids=torch.randint(0, VOCAB, (1, 6)))
