@@ -231,3 +231,48 @@ def test_a_forward_that_computes_with_a_wrapped_layers_weight_instead_of_calling
     setup_unified_lora(mamba, target_modules="all-linear", print_fn=None)
     with pytest.raises(RuntimeError, match=r"MambaMixer.forward computed with its 'dt_proj.weight' directly"):
         mamba(input_ids=torch.randint(0, VOCAB, (1, 6)))
+
+
+def test_all_linear_leaves_out_a_linear_subclass_whose_forward_is_not_a_linear_map():
+    """Llama 4's and PhiMoE's routers subclass nn.Linear with a forward that returns a tuple (scores, logits), so
+    "all-linear" wrapped them and every forward raised "'tuple' object has no attribute 'reshape'" (DeepSeek-V4's
+    grouped o_a_proj, a block-diagonal product of another width, raised a shape error). "all-linear" now leaves out
+    a Linear subclass whose own forward does not return a Linear's output, and naming one is a ValueError; a subclass
+    that computes a Linear's output its own way (Falcon's FalconLinear) is still wrapped."""
+    from transformers import (FalconConfig, FalconForCausalLM, Llama4ForCausalLM, Llama4TextConfig, PhimoeConfig,
+                              PhimoeForCausalLM)
+
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    llama4 = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+        moe_layers=[0], pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    torch.manual_seed(0)
+    phimoe = PhimoeForCausalLM(PhimoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2))
+    for model in (llama4, phimoe):
+        fresh = copy.deepcopy(model).eval()
+        adapters, _ = setup_unified_lora(model.train(), target_modules="all-linear", print_fn=None)
+        router = next(m for n, m in model.named_modules() if n.endswith(".router"))
+        assert type(router).__name__ in ("Llama4Router", "PhimoeTopKRouter") and router.training  # left as it was
+        assert "model.layers.0.self_attn.q_proj" in adapters and not any(n.endswith("router") for n in adapters)
+        _random_b(model)
+        model(input_ids=ids).logits.square().mean().backward()
+        assert adapters["model.layers.0.self_attn.q_proj"].lora_B[0].grad.abs().sum() > 0
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+            assert (out - fresh(input_ids=ids).logits).abs().max() > 1e-3  # the delta is in the output
+            merge_adapters(model)
+            torch.testing.assert_close(model(input_ids=ids).logits, out, rtol=1e-4, atol=1e-5)
+        named = r"'model.layers.0.(feed_forward|mlp).router' \((Llama4Router|PhimoeTopKRouter)\)"
+        with pytest.raises(ValueError, match=named):
+            setup_unified_lora(fresh, target_modules=["q_proj", "router"], print_fn=None)
+    torch.manual_seed(0)
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=4))
+    adapters, _ = setup_unified_lora(falcon, target_modules="all-linear", print_fn=None)
+    assert {n.rsplit(".", 1)[-1] for n in adapters} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}

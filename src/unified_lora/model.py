@@ -8,6 +8,7 @@ import re
 import sys
 from typing import Iterable
 
+import torch
 import torch.nn as nn
 
 from .config import NestedLoRAConfig, parse_names
@@ -59,9 +60,16 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     # out_proj would run there without its delta (its `.weight` is the base weight): "all-linear" leaves it out, a
     # name that targets it is an error.
     unwrappable = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    not_linear = [(n, m) for n, m in chosen if _not_a_linear_map(m)]  # (Llama 4's and PhiMoE's routers)
     if config.target_modules == "all-linear":
         unwrappable |= _output_layers(model)  # (a model's output layer whatever its name, as PEFT leaves it out)
+        unwrappable |= {id(m) for _, m in not_linear}
         chosen = [(n, m) for n, m in chosen if id(m) not in unwrappable]
+    elif not_linear:
+        shown = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in not_linear[:5])
+        raise ValueError(f"target_modules: {shown} subclass nn.Linear with a forward that does not return x Wᵀ + b "
+                         "(Llama 4's and PhiMoE's routers return a tuple), so a LoRA delta cannot be added to what "
+                         "they return; target other modules (\"all-linear\" leaves them out)")
     elif any(id(m) in unwrappable for _, m in chosen):
         names = [n for n, m in chosen if id(m) in unwrappable]
         raise ValueError(f"target_modules: {names} are the out_proj of an nn.MultiheadAttention, which uses that "
@@ -113,6 +121,26 @@ def _output_layers(model: nn.Module) -> set[int]:
             if isinstance(head, nn.Module):
                 out.add(id(head))
     return out
+
+
+def _not_a_linear_map(m: nn.Module) -> bool:
+    """True for an nn.Linear subclass whose own forward does not return a Linear's output, x Wᵀ + b shaped
+    (rows, out_features): Llama 4's and PhiMoE's routers return a tuple (a nested layer wrapping one raised
+    "'tuple' object has no attribute 'reshape'" in every forward), DeepSeek-V4's grouped `o_a_proj` a block-diagonal
+    product of another width. Such a forward runs once, in eval mode and without grad, on one zero row. Subclasses
+    that compute a Linear's output their own way (Falcon's FalconLinear) stay wrappable."""
+    if not isinstance(m, nn.Linear) or type(m).forward is nn.Linear.forward:
+        return False
+    w, training = m.weight, m.training
+    try:
+        m.training = False  # (PhiMoE's router draws jitter noise in training mode: no draw from the global RNG here)
+        with torch.no_grad():
+            out = m(torch.zeros(1, m.in_features, dtype=w.dtype, device=w.device))
+    except Exception:  # e.g. DeepSeek-V4's grouped projection cannot take a row of in_features
+        return True
+    finally:
+        m.training = training
+    return not (isinstance(out, torch.Tensor) and tuple(out.shape) == (1, m.out_features))
 
 
 def _refuse_ddp_wrapped(model: nn.Module) -> None:
