@@ -147,3 +147,63 @@ def test_injecting_after_ddp_wrapped_the_model_is_refused(one_process_group):
                                          r"\(bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.0"):
         check_ddp(wrapped)
     check_ddp(DDP(model, **ddp_kwargs()))  # the right order: wrapped after the injection
+
+
+def _randomized(model, adapters, rank, seed=0):
+    """Every block (paused ones too) random, then the layers at `rank`: a delta that depends on the rank."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapters.values():
+            for p in layer.lora_parameters():
+                p.normal_(0.0, 0.2, generator=g)
+            layer.set_rank(rank)
+    return model
+
+
+def test_a_sharded_save_model_folder_loads_with_load_checkpoint_in_model_at_its_rank(tmp_path):
+    """accelerate's `load_checkpoint_in_model` (what its docs pair with `accelerator.save_model`) loads through
+    torch.distributed.checkpoint's `set_model_state_dict`, which passes a placeholder object as the `_extra_state` of
+    every module whose key the loaded file lacks: each shard of a sharded folder lacks the other shards' ranks, and
+    the layer's `int()` of the placeholder raised a TypeError (an AttributeError for a multi-task layer), so the
+    folder did not load at all. So did a file without the ranks (saved before they were kept). The placeholder now
+    leaves the rank alone, as a missing key does: the folder loads at the saved rank, with the same outputs."""
+    from accelerate.utils import load_checkpoint_in_model
+    from safetensors.torch import save_file
+
+    from unified_lora import MULTI, MachineConfig, NestedLoRALayer
+    from unified_lora.multitask import setup_multitask_lora, task_context
+
+    accelerator = Accelerator(cpu=True)
+    x = classification_batch(4, seed=2)[0]
+
+    def single():
+        model = tiny_bert()
+        adapters, _ = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
+        return model, adapters
+
+    def multi():
+        model = tiny_bert()
+        adapters, _ = setup_multitask_lora(model, ["a", "b"], ["query", "value", "classifier"], print_fn=None,
+                                           machine=MachineConfig(initial_mode=MULTI))  # split: task adapters
+        return model, adapters
+
+    for build, rank, ctx in ((single, 4, [None]), (multi, 16, ["a", "b"])):
+        trained = accelerator.prepare(_randomized(*build(), rank))
+        out = tmp_path / build.__name__
+        accelerator.save_model(trained, out, max_shard_size="20KB")
+        assert len(list(out.glob("*.safetensors"))) > 2
+        fresh, adapters = build()
+        load_checkpoint_in_model(fresh, str(out))
+        assert {layer.rank for layer in adapters.values()} == {rank}
+        for task in ctx:
+            with torch.no_grad(), task_context(trained, task) if task else torch.enable_grad(), \
+                    task_context(fresh, task) if task else torch.enable_grad():
+                assert torch.equal(fresh(input_ids=x).logits, trained(input_ids=x).logits)
+
+    # a file without the ranks loads too, and leaves them as they are (as model.load_state_dict does)
+    model, adapters = single()
+    sd = {k: v for k, v in _randomized(*single(), 4).state_dict().items() if not k.endswith("_extra_state")}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    load_checkpoint_in_model(model, str(tmp_path / "model.safetensors"))
+    assert {m.rank for m in model.modules() if isinstance(m, NestedLoRALayer)} == {8}
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if k in sd)
