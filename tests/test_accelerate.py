@@ -207,3 +207,60 @@ def test_a_sharded_save_model_folder_loads_with_load_checkpoint_in_model_at_its_
     load_checkpoint_in_model(model, str(tmp_path / "model.safetensors"))
     assert {m.rank for m in model.modules() if isinstance(m, NestedLoRALayer)} == {8}
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if k in sd)
+
+
+def _run_epochs(steps: int, per_epoch: int, save_dir=None, save_at=None, resume_from=None):
+    """README's recipe for the data order: a shuffled DataLoader with no generator of its own, accelerate's seedable
+    sampler with a data seed, `set_epoch` at each epoch, and on resume the epoch and the batches of it already
+    trained, from `ctrl.global_step`. Gives the controller's trace and the model."""
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM, dataloader_config=DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=0))
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5), print_fn=None,
+                                 mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = classification_batch(4 * ACCUM * per_epoch, seed=1)
+    data = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    model, opt, data = accelerator.prepare(model, opt, data)
+    ctrl.attach_optimizer(opt)
+    accelerator.register_for_checkpointing(ctrl)
+    start, done = 0, 0
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        start, done = divmod(ctrl.global_step, per_epoch)
+    for epoch in range(start, steps):  # (enough epochs: each has a step)
+        data.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(data, done * ACCUM) if epoch == start and done else data
+        step_loss = 0.0
+        for xb, yb in batches:
+            with accelerator.accumulate(model):
+                loss = model(input_ids=xb, labels=yb).loss
+                accelerator.backward(loss)
+                step_loss += loss.item() / ACCUM
+                if accelerator.sync_gradients:
+                    ctrl.step(loss=step_loss * (40.0 if ctrl.global_step in SHOCK else 1.0))
+                    step_loss = 0.0
+                opt.step()
+                opt.zero_grad()
+            if accelerator.sync_gradients and ctrl.global_step == save_at:
+                accelerator.save_state(save_dir)
+            if ctrl.global_step == steps:
+                return model, ctrl
+
+
+def test_the_readme_recipe_resumes_a_shuffled_multi_epoch_run_in_the_same_data_order(tmp_path):
+    """With `shuffle=True` and no generator of the DataLoader's own, each epoch's order came from the global RNG when
+    the epoch began, which `load_state` does not give back: `skip_first_batches` then skipped batches of another
+    order, and the resumed run trained on other data (some samples twice, some never), its φ and weights apart
+    from the step after the save. README's recipe (seedable sampler, data seed, `set_epoch`) resumes in the second
+    of three epochs, in MIRROR with its snapshot, on the same data: the same trace and weights, bit for bit."""
+    model, ctrl = _run_epochs(12, 4, save_dir=tmp_path, save_at=6)  # epoch 1, two of its four steps done
+    assert [(r.step, r.snapshot) for r in ctrl.trace if r.snapshot] == [(3, "saved"), (10, "restored")]
+    resumed_model, resumed = _run_epochs(12, 4, resume_from=tmp_path)
+    assert [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in resumed.trace] == \
+        [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in ctrl.trace if r.step >= 6]
+    a, b = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
