@@ -147,3 +147,120 @@ def test_injecting_after_ddp_wrapped_the_model_is_refused(one_process_group):
                                          r"\(bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.0"):
         check_ddp(wrapped)
     check_ddp(DDP(model, **ddp_kwargs()))  # the right order: wrapped after the injection
+
+
+def _randomized(model, adapters, rank, seed=0):
+    """Every block (paused ones too) random, then the layers at `rank`: a delta that depends on the rank."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapters.values():
+            for p in layer.lora_parameters():
+                p.normal_(0.0, 0.2, generator=g)
+            layer.set_rank(rank)
+    return model
+
+
+def test_a_sharded_save_model_folder_loads_with_load_checkpoint_in_model_at_its_rank(tmp_path):
+    """accelerate's `load_checkpoint_in_model` (what its docs pair with `accelerator.save_model`) loads through
+    torch.distributed.checkpoint's `set_model_state_dict`, which passes a placeholder object as the `_extra_state` of
+    every module whose key the loaded file lacks: each shard of a sharded folder lacks the other shards' ranks, and
+    the layer's `int()` of the placeholder raised a TypeError (an AttributeError for a multi-task layer), so the
+    folder did not load at all. So did a file without the ranks (saved before they were kept). The placeholder now
+    leaves the rank alone, as a missing key does: the folder loads at the saved rank, with the same outputs."""
+    from accelerate.utils import load_checkpoint_in_model
+    from safetensors.torch import save_file
+
+    from unified_lora import MULTI, MachineConfig, NestedLoRALayer
+    from unified_lora.multitask import setup_multitask_lora, task_context
+
+    accelerator = Accelerator(cpu=True)
+    x = classification_batch(4, seed=2)[0]
+
+    def single():
+        model = tiny_bert()
+        adapters, _ = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
+        return model, adapters
+
+    def multi():
+        model = tiny_bert()
+        adapters, _ = setup_multitask_lora(model, ["a", "b"], ["query", "value", "classifier"], print_fn=None,
+                                           machine=MachineConfig(initial_mode=MULTI))  # split: task adapters
+        return model, adapters
+
+    for build, rank, ctx in ((single, 4, [None]), (multi, 16, ["a", "b"])):
+        trained = accelerator.prepare(_randomized(*build(), rank))
+        out = tmp_path / build.__name__
+        accelerator.save_model(trained, out, max_shard_size="20KB")
+        assert len(list(out.glob("*.safetensors"))) > 2
+        fresh, adapters = build()
+        load_checkpoint_in_model(fresh, str(out))
+        assert {layer.rank for layer in adapters.values()} == {rank}
+        for task in ctx:
+            with torch.no_grad(), task_context(trained, task) if task else torch.enable_grad(), \
+                    task_context(fresh, task) if task else torch.enable_grad():
+                assert torch.equal(fresh(input_ids=x).logits, trained(input_ids=x).logits)
+
+    # a file without the ranks loads too, and leaves them as they are (as model.load_state_dict does)
+    model, adapters = single()
+    sd = {k: v for k, v in _randomized(*single(), 4).state_dict().items() if not k.endswith("_extra_state")}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    load_checkpoint_in_model(model, str(tmp_path / "model.safetensors"))
+    assert {m.rank for m in model.modules() if isinstance(m, NestedLoRALayer)} == {8}
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if k in sd)
+
+
+def _run_epochs(steps: int, per_epoch: int, save_dir=None, save_at=None, resume_from=None):
+    """README's recipe for the data order: a shuffled DataLoader with no generator of its own, accelerate's seedable
+    sampler with a data seed, `set_epoch` at each epoch, and on resume the epoch and the batches of it already
+    trained, from `ctrl.global_step`. Gives the controller's trace and the model."""
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM, dataloader_config=DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=0))
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5), print_fn=None,
+                                 mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = classification_batch(4 * ACCUM * per_epoch, seed=1)
+    data = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    model, opt, data = accelerator.prepare(model, opt, data)
+    ctrl.attach_optimizer(opt)
+    accelerator.register_for_checkpointing(ctrl)
+    start, done = 0, 0
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        start, done = divmod(ctrl.global_step, per_epoch)
+    for epoch in range(start, steps):  # (enough epochs: each has a step)
+        data.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(data, done * ACCUM) if epoch == start and done else data
+        step_loss = 0.0
+        for xb, yb in batches:
+            with accelerator.accumulate(model):
+                loss = model(input_ids=xb, labels=yb).loss
+                accelerator.backward(loss)
+                step_loss += loss.item() / ACCUM
+                if accelerator.sync_gradients:
+                    ctrl.step(loss=step_loss * (40.0 if ctrl.global_step in SHOCK else 1.0))
+                    step_loss = 0.0
+                opt.step()
+                opt.zero_grad()
+            if accelerator.sync_gradients and ctrl.global_step == save_at:
+                accelerator.save_state(save_dir)
+            if ctrl.global_step == steps:
+                return model, ctrl
+
+
+def test_the_readme_recipe_resumes_a_shuffled_multi_epoch_run_in_the_same_data_order(tmp_path):
+    """With `shuffle=True` and no generator of the DataLoader's own, each epoch's order came from the global RNG when
+    the epoch began, which `load_state` does not give back: `skip_first_batches` then skipped batches of another
+    order, and the resumed run trained on other data (some samples twice, some never), its φ and weights apart
+    from the step after the save. README's recipe (seedable sampler, data seed, `set_epoch`) resumes in the second
+    of three epochs, in MIRROR with its snapshot, on the same data: the same trace and weights, bit for bit."""
+    model, ctrl = _run_epochs(12, 4, save_dir=tmp_path, save_at=6)  # epoch 1, two of its four steps done
+    assert [(r.step, r.snapshot) for r in ctrl.trace if r.snapshot] == [(3, "saved"), (10, "restored")]
+    resumed_model, resumed = _run_epochs(12, 4, resume_from=tmp_path)
+    assert [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in resumed.trace] == \
+        [(r.step, r.mode, r.phi, r.loss, r.lr, r.snapshot) for r in ctrl.trace if r.step >= 6]
+    a, b = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -228,6 +228,13 @@ def blocks_of(plist) -> list:
     return list(plist._parameters.values()) if isinstance(plist, nn.ParameterList) else list(plist)
 
 
+def _dcp_placeholder(value) -> bool:
+    """The object `torch.distributed.checkpoint.state_dict.set_model_state_dict` puts under `<module>._extra_state`
+    for a module whose extra state the loaded state dict lacks: no state, not a value to set."""
+    t = type(value)
+    return t.__name__ == "_EXTRA_STATE" and t.__module__.startswith("torch.distributed.checkpoint")
+
+
 def _as(t, dtype):
     """t in `dtype`; no call at all when it already is (each .to costs host time on small layers)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -645,13 +652,18 @@ class NestedLoRALayer(nn.Module):
         it loads as it is into a fresh layer; and loaded A/B blocks never meet a base weight that holds the old
         delta, which the next unmerge would leave behind (taking away the new delta instead). The saved rank
         (`get_extra_state`) is set after the blocks load; a state dict saved before the rank was kept in it (or one
-        of lora_A/lora_B keys only) loads with `strict=True` and leaves the rank as it is."""
+        of lora_A/lora_B keys only) loads with `strict=True` and leaves the rank as it is. So does one that
+        `torch.distributed.checkpoint`'s `set_model_state_dict` fills in: for a key its state dict lacks (accelerate's
+        `load_checkpoint_in_model` of a sharded `save_model` folder loads one shard at a time, each without the
+        other shards' ranks) it passes a placeholder object, whose `int()` raised a TypeError."""
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key in state_dict and _dcp_placeholder(state_dict[key]):
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
         if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
             self._merge_after_load = self.merged_rank
             self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)
 
