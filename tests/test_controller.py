@@ -1664,3 +1664,29 @@ def test_a_mirror_exit_records_the_losses_the_loss_worse_rule_compared(llama, fi
     assert rec.components["mirror_loss_entry"] == d.loss_at_entry == first_loss
     assert rec.components["mirror_loss_exit"] == d.loss_at_exit == pytest.approx(ctrl.loss_ema)
     assert not any("mirror_policy" in r.components for r in ctrl.trace[:-1])  # only an exit applies the rule
+
+
+def test_a_step_after_the_model_state_moved_the_rank_is_refused_before_anything_moves():
+    """The model's state dict holds each layer's rank: `model.load_state_dict` of a model saved in SINGLE (rank 4)
+    under a fresh controller in MULTI (rank 8) left the layers at 4 while the controller trained at MULTI's LR and
+    recorded rank 8, silently, until its next transition. ctrl.step now refuses, before the signal reads the step."""
+    from unified_lora import MachineConfig, set_rank
+
+    model = tiny_llama()
+    adapters, ctrl = setup_unified_lora(model, target_modules=["q_proj", "v_proj"], print_fn=None,
+                                        machine=MachineConfig(initial_mode=1))
+    # what a state dict saved at rank 4 carries beside the blocks
+    model.load_state_dict({f"{n}._extra_state": torch.tensor(4) for n in adapters}, strict=False)
+    assert {a.rank for a in adapters.values()} == {4} and ctrl.rank == 8
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(1, VOCAB, (2, 6))
+    before = copy.deepcopy(ctrl.state_dict())
+    with pytest.raises(ValueError, match=r"adapters run at rank 4, but this controller is in MULTI, whose rank is 8"):
+        _train_step(model, ctrl, opt, x, x)
+    assert ctrl.global_step == 0 and not ctrl.trace
+    assert ctrl.state_dict()["signal"] == before["signal"]
+    opt.zero_grad()
+    set_rank(adapters, ctrl.rank)  # the way on that the message names
+    _train_step(model, ctrl, opt, x, x)
+    assert ctrl.global_step == 1

@@ -360,6 +360,21 @@ class UnifiedController:
                              "steps. Call ctrl.step only when accelerator.sync_gradients is true, with the mean loss "
                              "of that step's micro-batches")
 
+    def _check_rank(self) -> None:
+        """Refuse a step while an adapter runs at another rank than the controller's mode gives it, before anything
+        moves: the rank is in the model's state dict (`_extra_state`), so a `model.load_state_dict` of a model
+        saved at rank 4 under a controller in MULTI (8), or a `set_rank` by hand, left the layers at 4 while the
+        controller trained at MULTI's LR, recorded rank 8 and changed nothing until its next transition, silently."""
+        r = self.rank
+        if any(a.rank != r for a in self.adapters):
+            ranks = sorted({a.rank for a in self.adapters})
+            raise ValueError(
+                f"ctrl.step: the adapters run at rank {ranks[0] if len(ranks) == 1 else ranks}, but this controller "
+                f"is in {MODES[self.mode]}, whose rank is {r}: the model's rank was set outside the controller (a "
+                f"model.load_state_dict, which restores the rank it was saved at, or set_rank). Resume the "
+                f"controller too (ctrl.load_state_dict of the state saved with the model), or go on at the "
+                f"controller's rank with unified_lora.set_rank(ctrl.adapters, ctrl.rank)")
+
     def _check_backward_ran(self) -> None:
         # block 0 is active at every rank, so one attribute read settles the usual case. Otherwise any adapter's
         # gradient will do, or a trained head's: a layer that took no part in this forward (LayerDrop) has none.
@@ -408,6 +423,7 @@ class UnifiedController:
         restore that completed stays, with this step's gradients cleared), gradients of blocks a
         partial rank drop paused, and a multi-task split or merge that raised partway."""
         self._check_sync_step()
+        self._check_rank()
         loss = self._read_loss(loss)
         self.last_loss = loss
         phi = self._update_signal(loss, **inputs)
