@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -840,6 +841,50 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_fol
     assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]  # no temp folder left
     a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
     assert [(r["step"], r["loss"], r["phi"]) for r in b] == [(r["step"], r["loss"], r["phi"]) for r in a]
+
+
+def test_a_save_killed_between_its_two_renames_leaves_its_complete_new_copy_and_resume_puts_it_back(tiny, tmp_path):
+    """Saving over an existing `<tag>` renames it to `.old-<tag>-<pid>`, then the complete temp folder
+    `.tmp-<tag>-<pid>` to `<tag>`. A SIGKILL between the two left no `<tag>`: latest_checkpoint (so --resume) saw no
+    checkpoint at all here (or went on from an older one), the next save's sweep deleted the complete new copy, and
+    the old one stayed under `.old-` for good. Now the new copy is put back under `<tag>` and nothing is left over.
+
+    The child kills itself right after the first rename, so the kill lands in that window on every run."""
+    out = tmp_path / "ckpts"
+    child = tmp_path / "killed_between_renames.py"
+    child.write_text(
+        "import os, signal, sys, torch\n"
+        "from unified_lora.training import Run, TrainConfig, load_model\n"
+        "cfg = TrainConfig(model=sys.argv[1], log_every=0)\n"
+        "model, tok = load_model(cfg.model, 'seq-cls', 2)\n"
+        "run = Run(cfg, model, 'seq-cls', 2, None, print_fn=None)\n"
+        "batch = dict(tok(['good movie', 'the plot was awful'], padding=True, return_tensors='pt'),\n"
+        "             labels=torch.tensor([1, 0]))\n"
+        "run.train_step(batch)\n"
+        "run.save_checkpoint(sys.argv[2], 'last')\n"
+        "run.train_step(batch)\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if os.path.basename(dst).startswith('.old-last-'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        "run.save_checkpoint(sys.argv[2], 'last')\n")
+    p = subprocess.run([sys.executable, str(child), tiny["bert"], str(out)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    left = sorted(c.name.split("-")[0] + "-" + c.name.split("-")[1] for c in out.iterdir())
+    assert left == [".old-last", ".tmp-last"]  # the window: no `last`, the previous copy and the complete new one
+    new = next(out.glob(".tmp-last-*"))
+    saved = _ckpt_state(new)
+    from unified_lora.training import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    assert ckpt == out / "last" and sorted(c.name for c in out.iterdir()) == ["last"]
+    assert _same(_ckpt_state(ckpt), saved) and saved[1]["run"]["global_step"] == 2  # the new copy, not the old one
+    # an `.old-` copy whose tag is in place (a kill after the second rename) is removed too
+    shutil.copytree(ckpt, out / ".old-last-123")
+    assert latest_checkpoint(out) == ckpt and sorted(c.name for c in out.iterdir()) == ["last"]
 
 
 def _same(a, b) -> bool:

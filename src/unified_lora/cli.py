@@ -666,7 +666,7 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     folder holds no checkpoint (a demo)."""
     from .training import TrainConfig, latest_checkpoint, read_state
 
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(run_dir / "checkpoints", settle=False)  # read only: the run may be saving now
     if ckpt is None:
         return None
     st = read_state(ckpt)  # weights_only, as every other read of a checkpoint: a run folder may come from elsewhere

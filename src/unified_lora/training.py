@@ -683,6 +683,7 @@ class Run:
 
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
+        settle_interrupted_saves(root)  # before the sweep below, which would delete a killed save's complete copy
         tmp = root / f".tmp-{tag}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -702,7 +703,8 @@ class Run:
             if note:
                 (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
         final = root / tag
-        if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
+        if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first (a kill
+            # between the two renames leaves no `tag`: `settle_interrupted_saves` puts the new copy in place)
             old = root / f".old-{tag}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
@@ -779,12 +781,40 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
         raise UsageError(str(e)) from None
 
 
-def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False) -> Path | None:
+def settle_interrupted_saves(root: str | os.PathLike) -> list[str]:
+    """Finish what a save killed while it replaced a checkpoint left. `save_checkpoint` over an existing `<tag>`
+    renames it to `.old-<tag>-<pid>`, then its complete temp folder `.tmp-<tag>-<pid>` to `<tag>`, then deletes
+    the old copy. A kill between the two renames left no `<tag>` (a resume then went on from an older checkpoint, or
+    found none) and the next save's sweep of `.tmp-*` deleted the new copy, the old one staying for good: the new
+    copy (written whole before the first rename) now goes back under `<tag>`, or the old one where the new one is
+    gone. An `.old-` copy whose `<tag>` is in place (a kill before its removal) is removed. Returns the tags put
+    back. A run's checkpoint folder has one writer: call this only where no save is under way in `root`."""
+    root = Path(root)
+    restored = []
+    for old in sorted(root.glob(".old-*")) if root.is_dir() else ():
+        m = re.fullmatch(r"\.old-(.+)-(\d+)", old.name)
+        if not m or not old.is_dir():
+            continue
+        tag, pid = m.groups()
+        final, new = root / tag, root / f".tmp-{tag}-{pid}"
+        if not final.exists():
+            os.replace(new if new.is_dir() else old, final)
+            restored.append(tag)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return restored
+
+
+def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False, settle: bool = True) -> Path | None:
     """The newest complete checkpoint under root (temp folders of an interrupted save are ignored). Each one's
-    `state.pt` is read as `read_state` reads it."""
+    `state.pt` is read as `read_state` reads it. With `settle` (the default; leave it off where a run may be saving
+    into root), a checkpoint that a save killed while replacing it left under a temporary name is first put back
+    (`settle_interrupted_saves`)."""
     root = Path(root)
     if not root.is_dir():
         return None
+    if settle:
+        settle_interrupted_saves(root)
     done = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "state.pt").is_file()]
     if not done:
         return None
