@@ -887,6 +887,45 @@ def test_a_save_killed_between_its_two_renames_leaves_its_complete_new_copy_and_
     assert latest_checkpoint(out) == ckpt and sorted(c.name for c in out.iterdir()) == ["last"]
 
 
+@pytest.mark.parametrize("writer", ["safetensors", "torch", "permission"])
+def test_a_checkpoint_the_disk_cannot_hold_is_a_one_line_error_that_keeps_the_previous_ones(tiny, tmp_path, capsys,
+                                                                                           monkeypatch, writer):
+    """A full disk while `epoch-2` was written: "internal error" (safetensors' "I/O error", torch's "unexpected pos
+    576 vs 534", what each raises on a full disk), naming no folder, and the partial temp folder stayed, holding the
+    space the disk lacked. Now one line naming the checkpoint and the cause, exit 1, epoch-1 intact, no temp folder
+    left, and --resume, once there is space, goes on from epoch-1."""
+    import safetensors.torch
+
+    def failing(real, error):
+        def write(obj, filename, *a, **k):
+            if os.path.basename(os.path.dirname(filename)).startswith(".tmp-epoch-2-"):
+                raise error
+            return real(obj, filename, *a, **k)
+        return write
+
+    # each writer's own error, as seen on a full 150 KiB tmpfs; and a folder the run may not write into
+    cause = {"safetensors": "I/O error: No space left on device (os error 28)",
+             "torch": "unexpected pos 576 vs 534", "permission": "Permission denied"}[writer]
+    if writer == "torch":
+        monkeypatch.setattr(torch, "save", failing(torch.save, RuntimeError(
+            f"[enforce fail at inline_container.cc:672] . {cause}")))
+    else:
+        error = safetensors.SafetensorError(f"Error while serializing: {cause}") if writer == "safetensors" else \
+            PermissionError(13, cause)
+        monkeypatch.setattr(safetensors.torch, "save_file", failing(safetensors.torch.save_file, error))
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "3")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error" not in err, err
+    assert err.startswith(f"unified-lora: error: {out / 'checkpoints' / 'epoch-2'}: cannot write this checkpoint ("), err
+    assert cause in err, err
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1"]  # no partial copy left
+    monkeypatch.undo()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]
+
+
 def _same(a, b) -> bool:
     """Nested dicts/lists of tensors and plain values, equal exactly (tensors bit for bit)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):

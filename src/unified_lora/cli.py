@@ -970,12 +970,15 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         from .data import DataError
-        from .training import UsageError
+        from .training import CheckpointWriteError, UsageError
 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, (UsageError, DataError, ValueError, FileNotFoundError, ImportError)):
             print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 2
+        if isinstance(e, CheckpointWriteError):  # disk full, no permission: the cause is named, not "internal"
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
+            return 1
         print(f"{PROG}: error: {type(e).__name__}: {msg} (internal error; rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

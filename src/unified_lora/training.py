@@ -50,6 +50,10 @@ class UsageError(ValueError):
     """Bad user input (file, column, model path, option): reported as one line, exit code 2."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission): reported as one line, exit code 1."""
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -678,31 +682,46 @@ class Run:
         """Atomically write `root/<tag>/`: a temp folder first, then os.replace, so an interrupt
         never leaves a half-written checkpoint under the final name; the temp folders of saves killed before
         their rename are removed once this one is in place. `peft_export` (default: the config's
-        `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`."""
+        `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`. A write that fails (disk
+        full, no permission) removes the temp folder and raises `CheckpointWriteError`, naming the folder and the
+        cause; the checkpoints already under root stay as they were."""
         from safetensors.torch import save_file
 
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        settle_interrupted_saves(root)  # before the sweep below, which would delete a killed save's complete copy
-        tmp = root / f".tmp-{tag}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp, final = root / f".tmp-{tag}-{os.getpid()}", root / tag
         self.state.wall_s = self.wall_s()
         tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.ctrl.extra_params:
             tensors[names[id(p)]] = p.detach().cpu().contiguous()
-        save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
-                    "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
-                    "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
-            note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
-            if note:
-                (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
-        final = root / tag
+        state = {"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
+                 "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
+                 "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
+                 "torch_rng": torch.get_rng_state()}
+        try:  # only file writes in here: whatever fails is the disk's or the folder's
+            root.mkdir(parents=True, exist_ok=True)
+            settle_interrupted_saves(root)  # before the sweep below, which would delete a killed save's complete copy
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
+            torch.save(state, tmp / "state.pt")
+            if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
+                note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
+                if note:
+                    (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
+        except BaseException as e:
+            # a full disk or a folder without write permission was an "internal error" (safetensors' "I/O error",
+            # torch's "unexpected pos 576 vs 534") that named no folder, and left the partial temp folder, holding
+            # the space a full disk lacks, until a later save
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, Exception):  # KeyboardInterrupt (a second Ctrl-C): no longer saving
+                raise
+            free = f"; {shutil.disk_usage(root).free / 2**20:.1f} MiB free on that disk" if root.is_dir() else ""
+            raise CheckpointWriteError(
+                f"{final}: cannot write this checkpoint ({type(e).__name__}: {_first_line(e)}{free}); the "
+                f"checkpoints already in {root} are kept and the partial one is removed. Free space or make the "
+                "folder writable, then resume from the newest checkpoint") from e
         if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first (a kill
             # between the two renames leaves no `tag`: `settle_interrupted_saves` puts the new copy in place)
             old = root / f".old-{tag}-{os.getpid()}"
