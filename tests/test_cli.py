@@ -511,6 +511,30 @@ def test_resume_with_a_checkpoint_file_cut_short_names_the_file(tiny, tmp_path, 
     assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
 
 
+def test_resume_refuses_a_model_folder_replaced_by_a_model_of_another_size(tiny, tmp_path, capsys):
+    """The run's --model folder replaced since (a wider model saved to the same path): the path is unchanged, so the
+    settings check passes, and load_state_dict's "size mismatch" was an internal error. Now exit 2, naming a tensor,
+    both shapes and what to do; nothing is trained."""
+    from transformers import BertConfig, BertModel
+
+    model, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(tiny["bert"], model)
+    argv = _train_args(tiny, out, "--epochs", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    assert main(argv) == 0
+    old = BertModel.from_pretrained(model)
+    wider = BertModel(BertConfig(**{**old.config.to_dict(), "hidden_size": 48}))
+    wider.config.architectures = ["BertModel"]
+    wider.save_pretrained(model)
+    trace = (out / "trace.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint tensors have other shapes than this model's" in err and "(4, 32) (this model's: (4, 48))" in err
+    assert f"the model at {model} is not the one the run was trained on" in err and "internal error" not in err, err
+    assert (out / "trace.jsonl").read_text() == trace
+
+
 def test_train_causal_lm(tiny, tmp_path):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",

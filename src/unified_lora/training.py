@@ -761,6 +761,16 @@ class Run:
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
                              "resume with the same --model and LoRA settings")
+        # the same names at other sizes: the folder --model names was replaced by another model since (a wider one,
+        # another config). load_state_dict's "size mismatch" was an internal error
+        own_sd = self.model.state_dict()
+        resized = [f"{k} {tuple(v.shape)} (this model's: {tuple(own_sd[k].shape)})" for k, v in tensors.items()
+                   if isinstance(own_sd.get(k), torch.Tensor) and own_sd[k].shape != v.shape]
+        if resized:
+            raise UsageError(f"--resume {path}: checkpoint tensors have other shapes than this model's ({resized[0]}"
+                             f"{f' and {len(resized) - 1} more' if len(resized) > 1 else ''}): the model at "
+                             f"{self.cfg.model} is not the one the run was trained on; resume with that model, or "
+                             "start a new run in another --output-dir")
         self.model.load_state_dict(tensors, strict=False)
         self.optimizer.load_state_dict(st["optimizer"])
         # the loaded param groups hold the stored run's lr and weight_decay; a resumed run trains at the ones it is
