@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -948,6 +949,17 @@ def test_a_checkpoint_the_disk_cannot_hold_is_a_one_line_error_that_keeps_the_pr
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]
+
+
+def test_an_output_dir_the_run_cannot_write_is_a_one_line_error(tiny, tmp_path, capsys):
+    """An --output-dir below a file (or in a folder without write permission, or on a read-only disk) was "NotADirectory
+    Error: ... (internal error; rerun with --debug ...)". The OS's own message names the path and the cause: now
+    that one line, exit 1."""
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"unified-lora: error: [Errno {errno.ENOTDIR}] {os.strerror(errno.ENOTDIR)}: '{out}'", err
 
 
 def _same(a, b) -> bool:

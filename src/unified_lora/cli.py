@@ -14,6 +14,7 @@ with code 2, after argparse's usage lines.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -942,6 +943,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FILE_SYSTEM_ERRNOS = {getattr(errno, n) for n in ("EACCES", "EPERM", "ENOTDIR", "EISDIR", "EEXIST", "EROFS", "ENOSPC",
+                                                    "EDQUOT") if hasattr(errno, n)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -976,7 +981,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (UsageError, DataError, ValueError, FileNotFoundError, ImportError)):
             print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 2
-        if isinstance(e, CheckpointWriteError):  # disk full, no permission: the cause is named, not "internal"
+        # disk full, no permission, an --output-dir under a file or on a read-only disk: the OS's message names the
+        # path and the cause (it was an "internal error")
+        if isinstance(e, CheckpointWriteError) or (isinstance(e, OSError) and e.errno in _FILE_SYSTEM_ERRNOS):
             print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 1
         print(f"{PROG}: error: {type(e).__name__}: {msg} (internal error; rerun with --debug for the traceback)",
