@@ -868,7 +868,8 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_fol
     assert [(r["step"], r["loss"], r["phi"]) for r in b] == [(r["step"], r["loss"], r["phi"]) for r in a]
 
 
-def test_a_save_killed_between_its_two_renames_leaves_its_complete_new_copy_and_resume_puts_it_back(tiny, tmp_path):
+def test_a_save_killed_between_its_two_renames_leaves_its_complete_new_copy_and_resume_puts_it_back(tiny, tmp_path,
+                                                                                                      capsys):
     """Saving over an existing `<tag>` renames it to `.old-<tag>-<pid>`, then the complete temp folder
     `.tmp-<tag>-<pid>` to `<tag>`. A SIGKILL between the two left no `<tag>`: latest_checkpoint (so --resume) saw no
     checkpoint at all here (or went on from an older one), the next save's sweep deleted the complete new copy, and
@@ -910,6 +911,16 @@ def test_a_save_killed_between_its_two_renames_leaves_its_complete_new_copy_and_
     # an `.old-` copy whose tag is in place (a kill after the second rename) is removed too
     shutil.copytree(ckpt, out / ".old-last-123")
     assert latest_checkpoint(out) == ckpt and sorted(c.name for c in out.iterdir()) == ["last"]
+    # a fresh run in a run folder whose one checkpoint is in that state refuses it as a previous run (its first save
+    # would have put the old run's checkpoint back beside its own)
+    run_dir = tmp_path / "run"
+    assert main(_train_args(tiny, run_dir, "--steps", "2")) == 0
+    shutil.rmtree(run_dir / "peft_adapter")  # a run killed before its end wrote neither
+    (run_dir / "summary.json").unlink()
+    os.replace(run_dir / "checkpoints" / "step-2", run_dir / "checkpoints" / ".old-step-2-123")
+    shutil.copytree(run_dir / "checkpoints" / ".old-step-2-123", run_dir / "checkpoints" / ".tmp-step-2-123")
+    assert main(_train_args(tiny, run_dir, "--steps", "1")) == 2
+    assert "holds a previous run (checkpoints/step-2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch", "permission"])

@@ -467,7 +467,12 @@ _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "p
 
 
 def _run_outputs(out: Path) -> list[str]:
+    from .training import settle_interrupted_saves
+
     ckpts = out / "checkpoints"
+    # a checkpoint that a kill left under a temporary name is the previous run's too (the new run's first save put it
+    # back beside its own)
+    settle_interrupted_saves(ckpts)
     held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
         if ckpts.is_dir() else []
     return held + [n for n in ("summary.json", "peft_adapter") if (out / n).exists()]
