@@ -953,7 +953,8 @@ def test_a_checkpoint_the_disk_cannot_hold_is_a_one_line_error_that_keeps_the_pr
     assert main(_train_args(tiny, out, "--epochs", "3")) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "internal error" not in err, err
-    assert err.startswith(f"unified-lora: error: {out / 'checkpoints' / 'epoch-2'}: cannot write this checkpoint ("), err
+    assert err.startswith(f"unified-lora: error: {out / 'checkpoints' / 'epoch-2'}: cannot write this checkpoint ("), \
+        err
     assert cause in err, err
     assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1"]  # no partial copy left
     monkeypatch.undo()
