@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -510,6 +512,30 @@ def test_resume_with_a_checkpoint_file_cut_short_names_the_file(tiny, tmp_path, 
     assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
 
 
+def test_resume_refuses_a_model_folder_replaced_by_a_model_of_another_size(tiny, tmp_path, capsys):
+    """The run's --model folder replaced since (a wider model saved to the same path): the path is unchanged, so the
+    settings check passes, and load_state_dict's "size mismatch" was an internal error. Now exit 2, naming a tensor,
+    both shapes and what to do; nothing is trained."""
+    from transformers import BertConfig, BertModel
+
+    model, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(tiny["bert"], model)
+    argv = _train_args(tiny, out, "--epochs", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    assert main(argv) == 0
+    old = BertModel.from_pretrained(model)
+    wider = BertModel(BertConfig(**{**old.config.to_dict(), "hidden_size": 48}))
+    wider.config.architectures = ["BertModel"]
+    wider.save_pretrained(model)
+    trace = (out / "trace.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint tensors have other shapes than this model's" in err and "(4, 32) (this model's: (4, 48))" in err
+    assert f"the model at {model} is not the one the run was trained on" in err and "internal error" not in err, err
+    assert (out / "trace.jsonl").read_text() == trace
+
+
 def test_train_causal_lm(tiny, tmp_path):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
@@ -840,6 +866,112 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_fol
     assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]  # no temp folder left
     a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
     assert [(r["step"], r["loss"], r["phi"]) for r in b] == [(r["step"], r["loss"], r["phi"]) for r in a]
+
+
+def test_a_save_killed_between_its_two_renames_leaves_its_complete_new_copy_and_resume_puts_it_back(tiny, tmp_path,
+                                                                                                      capsys):
+    """Saving over an existing `<tag>` renames it to `.old-<tag>-<pid>`, then the complete temp folder
+    `.tmp-<tag>-<pid>` to `<tag>`. A SIGKILL between the two left no `<tag>`: latest_checkpoint (so --resume) saw no
+    checkpoint at all here (or went on from an older one), the next save's sweep deleted the complete new copy, and
+    the old one stayed under `.old-` for good. Now the new copy is put back under `<tag>` and nothing is left over.
+
+    The child kills itself right after the first rename, so the kill lands in that window on every run."""
+    out = tmp_path / "ckpts"
+    child = tmp_path / "killed_between_renames.py"
+    child.write_text(
+        "import os, signal, sys, torch\n"
+        "from unified_lora.training import Run, TrainConfig, load_model\n"
+        "cfg = TrainConfig(model=sys.argv[1], log_every=0)\n"
+        "model, tok = load_model(cfg.model, 'seq-cls', 2)\n"
+        "run = Run(cfg, model, 'seq-cls', 2, None, print_fn=None)\n"
+        "batch = dict(tok(['good movie', 'the plot was awful'], padding=True, return_tensors='pt'),\n"
+        "             labels=torch.tensor([1, 0]))\n"
+        "run.train_step(batch)\n"
+        "run.save_checkpoint(sys.argv[2], 'last')\n"
+        "run.train_step(batch)\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if os.path.basename(dst).startswith('.old-last-'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        "run.save_checkpoint(sys.argv[2], 'last')\n")
+    p = subprocess.run([sys.executable, str(child), tiny["bert"], str(out)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    left = sorted(c.name.split("-")[0] + "-" + c.name.split("-")[1] for c in out.iterdir())
+    assert left == [".old-last", ".tmp-last"]  # the window: no `last`, the previous copy and the complete new one
+    new = next(out.glob(".tmp-last-*"))
+    saved = _ckpt_state(new)
+    from unified_lora.training import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    assert ckpt == out / "last" and sorted(c.name for c in out.iterdir()) == ["last"]
+    assert _same(_ckpt_state(ckpt), saved) and saved[1]["run"]["global_step"] == 2  # the new copy, not the old one
+    # an `.old-` copy whose tag is in place (a kill after the second rename) is removed too
+    shutil.copytree(ckpt, out / ".old-last-123")
+    assert latest_checkpoint(out) == ckpt and sorted(c.name for c in out.iterdir()) == ["last"]
+    # a fresh run in a run folder whose one checkpoint is in that state refuses it as a previous run (its first save
+    # would have put the old run's checkpoint back beside its own)
+    run_dir = tmp_path / "run"
+    assert main(_train_args(tiny, run_dir, "--steps", "2")) == 0
+    shutil.rmtree(run_dir / "peft_adapter")  # a run killed before its end wrote neither
+    (run_dir / "summary.json").unlink()
+    os.replace(run_dir / "checkpoints" / "step-2", run_dir / "checkpoints" / ".old-step-2-123")
+    shutil.copytree(run_dir / "checkpoints" / ".old-step-2-123", run_dir / "checkpoints" / ".tmp-step-2-123")
+    assert main(_train_args(tiny, run_dir, "--steps", "1")) == 2
+    assert "holds a previous run (checkpoints/step-2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch", "permission"])
+def test_a_checkpoint_the_disk_cannot_hold_is_a_one_line_error_that_keeps_the_previous_ones(tiny, tmp_path, capsys,
+                                                                                           monkeypatch, writer):
+    """A full disk while `epoch-2` was written: "internal error" (safetensors' "I/O error", torch's "unexpected pos
+    576 vs 534", what each raises on a full disk), naming no folder, and the partial temp folder stayed, holding the
+    space the disk lacked. Now one line naming the checkpoint and the cause, exit 1, epoch-1 intact, no temp folder
+    left, and --resume, once there is space, goes on from epoch-1."""
+    import safetensors.torch
+
+    def failing(real, error):
+        def write(obj, filename, *a, **k):
+            if os.path.basename(os.path.dirname(filename)).startswith(".tmp-epoch-2-"):
+                raise error
+            return real(obj, filename, *a, **k)
+        return write
+
+    # each writer's own error, as seen on a full 150 KiB tmpfs; and a folder the run may not write into
+    cause = {"safetensors": "I/O error: No space left on device (os error 28)",
+             "torch": "unexpected pos 576 vs 534", "permission": "Permission denied"}[writer]
+    if writer == "torch":
+        monkeypatch.setattr(torch, "save", failing(torch.save, RuntimeError(
+            f"[enforce fail at inline_container.cc:672] . {cause}")))
+    else:
+        error = safetensors.SafetensorError(f"Error while serializing: {cause}") if writer == "safetensors" else \
+            PermissionError(13, cause)
+        monkeypatch.setattr(safetensors.torch, "save_file", failing(safetensors.torch.save_file, error))
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "3")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error" not in err, err
+    assert err.startswith(f"unified-lora: error: {out / 'checkpoints' / 'epoch-2'}: cannot write this checkpoint ("), \
+        err
+    assert cause in err, err
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1"]  # no partial copy left
+    monkeypatch.undo()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "epoch-3"]
+
+
+def test_an_output_dir_the_run_cannot_write_is_a_one_line_error(tiny, tmp_path, capsys):
+    """An --output-dir below a file (or in a folder without write permission, or on a read-only disk) was "NotADirectory
+    Error: ... (internal error; rerun with --debug ...)". The OS's own message names the path and the cause: now
+    that one line, exit 1."""
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"unified-lora: error: [Errno {errno.ENOTDIR}] {os.strerror(errno.ENOTDIR)}: '{out}'", err
 
 
 def _same(a, b) -> bool:

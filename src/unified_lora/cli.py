@@ -14,6 +14,7 @@ with code 2, after argparse's usage lines.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -466,7 +467,12 @@ _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "p
 
 
 def _run_outputs(out: Path) -> list[str]:
+    from .training import settle_interrupted_saves
+
     ckpts = out / "checkpoints"
+    # a checkpoint that a kill left under a temporary name is the previous run's too (the new run's first save put it
+    # back beside its own)
+    settle_interrupted_saves(ckpts)
     held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
         if ckpts.is_dir() else []
     return held + [n for n in ("summary.json", "peft_adapter") if (out / n).exists()]
@@ -666,7 +672,7 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     folder holds no checkpoint (a demo)."""
     from .training import TrainConfig, latest_checkpoint, read_state
 
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(run_dir / "checkpoints", settle=False)  # read only: the run may be saving now
     if ckpt is None:
         return None
     st = read_state(ckpt)  # weights_only, as every other read of a checkpoint: a run folder may come from elsewhere
@@ -942,6 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FILE_SYSTEM_ERRNOS = {getattr(errno, n) for n in ("EACCES", "EPERM", "ENOTDIR", "EISDIR", "EEXIST", "EROFS", "ENOSPC",
+                                                    "EDQUOT") if hasattr(errno, n)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -970,12 +980,17 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         from .data import DataError
-        from .training import UsageError
+        from .training import CheckpointWriteError, UsageError
 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, (UsageError, DataError, ValueError, FileNotFoundError, ImportError)):
             print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 2
+        # disk full, no permission, an --output-dir under a file or on a read-only disk: the OS's message names the
+        # path and the cause (it was an "internal error")
+        if isinstance(e, CheckpointWriteError) or (isinstance(e, OSError) and e.errno in _FILE_SYSTEM_ERRNOS):
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
+            return 1
         print(f"{PROG}: error: {type(e).__name__}: {msg} (internal error; rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

@@ -50,6 +50,10 @@ class UsageError(ValueError):
     """Bad user input (file, column, model path, option): reported as one line, exit code 2."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission): reported as one line, exit code 1."""
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -678,31 +682,48 @@ class Run:
         """Atomically write `root/<tag>/`: a temp folder first, then os.replace, so an interrupt
         never leaves a half-written checkpoint under the final name; the temp folders of saves killed before
         their rename are removed once this one is in place. `peft_export` (default: the config's
-        `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`."""
+        `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`. A write that fails (disk
+        full, no permission) removes the temp folder and raises `CheckpointWriteError`, naming the folder and the
+        cause; the checkpoints already under root stay as they were."""
         from safetensors.torch import save_file
 
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{tag}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp, final = root / f".tmp-{tag}-{os.getpid()}", root / tag
         self.state.wall_s = self.wall_s()
         tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.ctrl.extra_params:
             tensors[names[id(p)]] = p.detach().cpu().contiguous()
-        save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
-                    "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
-                    "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
-            note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
-            if note:
-                (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
-        final = root / tag
-        if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
+        state = {"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
+                 "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
+                 "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
+                 "torch_rng": torch.get_rng_state()}
+        try:  # only file writes in here: whatever fails is the disk's or the folder's
+            root.mkdir(parents=True, exist_ok=True)
+            settle_interrupted_saves(root)  # before the sweep below, which would delete a killed save's complete copy
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
+            torch.save(state, tmp / "state.pt")
+            if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
+                note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
+                if note:
+                    (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
+        except BaseException as e:
+            # a full disk or a folder without write permission was an "internal error" (safetensors' "I/O error",
+            # torch's "unexpected pos 576 vs 534") that named no folder, and left the partial temp folder, holding
+            # the space a full disk lacks, until a later save
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, Exception):  # KeyboardInterrupt (a second Ctrl-C): no longer saving
+                raise
+            free = f"; {shutil.disk_usage(root).free / 2**20:.1f} MiB free on that disk" if root.is_dir() else ""
+            raise CheckpointWriteError(
+                f"{final}: cannot write this checkpoint ({type(e).__name__}: {_first_line(e)}{free}); the "
+                f"checkpoints already in {root} are kept and the partial one is removed. Free space or make the "
+                "folder writable, then resume from the newest checkpoint") from e
+        if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first (a kill
+            # between the two renames leaves no `tag`: `settle_interrupted_saves` puts the new copy in place)
             old = root / f".old-{tag}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
@@ -740,6 +761,16 @@ class Run:
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
                              "resume with the same --model and LoRA settings")
+        # the same names at other sizes: the folder --model names was replaced by another model since (a wider one,
+        # another config). load_state_dict's "size mismatch" was an internal error
+        own_sd = self.model.state_dict()
+        resized = [f"{k} {tuple(v.shape)} (this model's: {tuple(own_sd[k].shape)})" for k, v in tensors.items()
+                   if isinstance(own_sd.get(k), torch.Tensor) and own_sd[k].shape != v.shape]
+        if resized:
+            raise UsageError(f"--resume {path}: checkpoint tensors have other shapes than this model's ({resized[0]}"
+                             f"{f' and {len(resized) - 1} more' if len(resized) > 1 else ''}): the model at "
+                             f"{self.cfg.model} is not the one the run was trained on; resume with that model, or "
+                             "start a new run in another --output-dir")
         self.model.load_state_dict(tensors, strict=False)
         self.optimizer.load_state_dict(st["optimizer"])
         # the loaded param groups hold the stored run's lr and weight_decay; a resumed run trains at the ones it is
@@ -779,12 +810,40 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
         raise UsageError(str(e)) from None
 
 
-def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False) -> Path | None:
+def settle_interrupted_saves(root: str | os.PathLike) -> list[str]:
+    """Finish what a save killed while it replaced a checkpoint left. `save_checkpoint` over an existing `<tag>`
+    renames it to `.old-<tag>-<pid>`, then its complete temp folder `.tmp-<tag>-<pid>` to `<tag>`, then deletes
+    the old copy. A kill between the two renames left no `<tag>` (a resume then went on from an older checkpoint, or
+    found none) and the next save's sweep of `.tmp-*` deleted the new copy, the old one staying for good: the new
+    copy (written whole before the first rename) now goes back under `<tag>`, or the old one where the new one is
+    gone. An `.old-` copy whose `<tag>` is in place (a kill before its removal) is removed. Returns the tags put
+    back. A run's checkpoint folder has one writer: call this only where no save is under way in `root`."""
+    root = Path(root)
+    restored = []
+    for old in sorted(root.glob(".old-*")) if root.is_dir() else ():
+        m = re.fullmatch(r"\.old-(.+)-(\d+)", old.name)
+        if not m or not old.is_dir():
+            continue
+        tag, pid = m.groups()
+        final, new = root / tag, root / f".tmp-{tag}-{pid}"
+        if not final.exists():
+            os.replace(new if new.is_dir() else old, final)
+            restored.append(tag)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return restored
+
+
+def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False, settle: bool = True) -> Path | None:
     """The newest complete checkpoint under root (temp folders of an interrupted save are ignored). Each one's
-    `state.pt` is read as `read_state` reads it."""
+    `state.pt` is read as `read_state` reads it. With `settle` (the default; leave it off where a run may be saving
+    into root), a checkpoint that a save killed while replacing it left under a temporary name is first put back
+    (`settle_interrupted_saves`)."""
     root = Path(root)
     if not root.is_dir():
         return None
+    if settle:
+        settle_interrupted_saves(root)
     done = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "state.pt").is_file()]
     if not done:
         return None
