@@ -407,12 +407,15 @@ class DropControllerState(TrainerCallback):
 
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_best_checkpoint_without_controller_state_raises_or_warns(tmp_path, strict):
-    """Then the best weights can only get the final rank, a model never evaluated: an error at the end of train()
-    by default, a warning with strict_resume=False; either way the controller keeps its final state."""
+    """The best weights come back at the rank saved with them (each layer's `_extra_state`), but the controller's
+    mode, LR, signal and snapshot cannot: an error at the end of train() by default, a warning with
+    strict_resume=False; either way the controller keeps its final state, and the message says which rank the
+    adapters run (it used to say they kept the controller's final rank, which the weights' rank now replaces)."""
     model, _, ctrl = build("bert", signal=BEST_SIGNAL)
     trainer = _best_trainer(tmp_path, model, UnifiedLoRACallback(ctrl, strict_resume=strict), DropControllerState())
     message = (r"loaded the weights of .*checkpoint-2, but .*unified_lora_controller.pt does not exist, so"
-               r" the adapters keep the controller's final rank 16 \(MIRROR\)")
+               r" the controller keeps its final state \(MIRROR, rank 16\) while the adapters run at the rank saved"
+               r" with those weights \((\d+)\)")
     if strict:
         with pytest.raises(FileNotFoundError, match=message + r".*strict_resume=False makes this a warning"):
             trainer.train()
@@ -612,3 +615,23 @@ def test_a_resume_in_the_same_process_replays_the_steps_once_in_the_trace(tmp_pa
     assert cb2.step_losses == cb.step_losses
     w, w2 = _final_lora(model), _final_lora(model2)
     assert all(torch.equal(w[k], w2[k]) for k in w)
+
+
+def test_a_resume_without_controller_state_and_strict_resume_false_goes_on_at_the_controllers_rank(tmp_path):
+    """The Trainer's weights load restores the rank saved with them (each layer's `_extra_state`; not MULTI's 8 here),
+    and a controller that restarts from its own state (no file, strict_resume=False) is in MULTI (8): its first
+    step refused the mismatch. The restart now puts its adapters at its own rank, as the warning says."""
+    signal = SignalConfig(kind="loss", alpha=0.3, loss_scale=0.1)  # MIRROR from step ~5
+    model, _, ctrl = build("bert", signal=signal)
+    Trainer(model=model, args=_resume_args(tmp_path, 6), train_dataset=TokenDataset(n=16),
+            callbacks=[UnifiedLoRACallback(ctrl)]).train()
+    saved_rank = ctrl.rank
+    assert saved_rank != 8, "the run must end away from MULTI for the weights' rank to differ from a fresh one's"
+    os.remove(tmp_path / "checkpoint-6" / CONTROLLER_STATE_NAME)
+    model2, _, ctrl2 = build("bert", signal=signal)
+    trainer = Trainer(model=model2, args=_resume_args(tmp_path, 8), train_dataset=TokenDataset(n=16),
+                      callbacks=[UnifiedLoRACallback(ctrl2, strict_resume=False)])
+    with pytest.warns(UserWarning, match=r"the controller restarts, its adapters at its rank 8"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert ctrl2.global_step == 2 and [r.rank for r in ctrl2.trace][0] == 8
+    assert {a.rank for a in ctrl2.adapters} == {ctrl2.rank}

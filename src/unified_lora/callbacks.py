@@ -73,7 +73,9 @@ RNG states). On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
 from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
 `output_dir` needs `UnifiedLoRACallback(ctrl, resume_from=path)`. A resumed run
 without controller state raises (`strict_resume=True`) instead of silently
-restarting the controller. A resume in the same process (a `train()` interrupted, then
+restarting the controller; with `strict_resume=False` it warns and restarts it,
+setting the adapters to the controller's rank (the Trainer's weights load set
+the rank they were saved at). A resume in the same process (a `train()` interrupted, then
 `train(resume_from_checkpoint=...)` with the same controller) replays the steps after the checkpoint: their
 first records are dropped from `ctrl.trace`, `trace_path` and `step_losses`. The file also holds a SHA-256 digest of the managed
 weights at that step; a loaded state whose digest differs from the weights the
@@ -94,8 +96,9 @@ stored gradients, and the controller's counters (`ctrl.global_step` goes back to
 that checkpoint's step) are all as they were at that checkpoint. `ctrl.trace`
 keeps the whole run. A best checkpoint without that file raises
 `FileNotFoundError` at the end of `train()` (`strict_resume=True`), or warns
-(`strict_resume=False`) and leaves the final rank on the best weights, a
-combination never evaluated. Where the checkpoint has no weights on this machine
+(`strict_resume=False`): the best weights come with the rank saved with them
+(each layer's `_extra_state`), but the controller keeps its final mode, LR,
+signal and snapshot (and its next `ctrl.step` refuses the rank mismatch). Where the checkpoint has no weights on this machine
 (the Trainer warned and kept the final weights), the controller keeps its final
 state too. Callbacks whose `on_train_end` runs before this one's see the final
 rank: `callback.add_to(trainer)` puts it first.
@@ -374,10 +377,15 @@ class UnifiedLoRACallback(TrainerCallback):
                     "Pass UnifiedLoRACallback(ctrl, resume_from=<checkpoint folder>), or strict_resume=False "
                     "to restart the controller from its current state."
                 )
-            warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts", stacklevel=2)
+            warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts, its "
+                          f"adapters at its rank {self.ctrl.rank}", stacklevel=2)
+            self.ctrl._apply_rank()
             return
         sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
         if not self._weights_match(sd, path, "the Trainer resumed from"):
+            # the Trainer's weights load restored the rank they were saved at (each layer's `_extra_state`); a
+            # controller that goes on from its own state sets its own (its first step refused the mismatch)
+            self.ctrl._apply_rank()
             return
         self.ctrl.load_state_dict(sd)
         self._rewind_trace()
@@ -401,11 +409,13 @@ class UnifiedLoRACallback(TrainerCallback):
             return
         path = os.path.join(folder, CONTROLLER_STATE_NAME)
         if not os.path.isfile(path):
+            ranks = sorted({a.rank for a in self.ctrl.adapters})
             msg = (f"UnifiedLoRACallback: load_best_model_at_end loaded the weights of {folder}, but {path} does not "
-                   f"exist, so the adapters keep the controller's final rank {self.ctrl.rank} "
-                   f"({MODES[self.ctrl.mode]}): the model is that checkpoint's weights at a rank they were not "
-                   "evaluated at. Load that checkpoint's controller state into ctrl (ctrl.load_state_dict) if you "
-                   "have it, or set the rank it was evaluated at")
+                   f"exist, so the controller keeps its final state ({MODES[self.ctrl.mode]}, rank {self.ctrl.rank}) "
+                   f"while the adapters run at the rank saved with those weights "
+                   f"({ranks[0] if len(ranks) == 1 else ranks}): its mode, LR, signal and snapshot are not that "
+                   "checkpoint's, and ctrl.step refuses the rank mismatch. Load that checkpoint's controller state "
+                   "into ctrl (ctrl.load_state_dict) if you have it")
             if self.strict_resume:
                 raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
             warnings.warn(msg, stacklevel=2)
