@@ -24,6 +24,23 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def _micro_batch(accelerator, model, ctrl, opt, xb, yb, step_loss: float, sched=None) -> float:
+    """One micro-batch under accelerator.accumulate: the controller steps on the mean loss of an optimizer step's
+    micro-batches (×40 on the SHOCK steps). Returns the running sum, reset after a sync step."""
+    with accelerator.accumulate(model):
+        loss = model(input_ids=xb, labels=yb).loss
+        accelerator.backward(loss)
+        step_loss += loss.item() / ACCUM
+        if accelerator.sync_gradients:
+            ctrl.step(loss=step_loss * (40.0 if ctrl.global_step in SHOCK else 1.0))
+            step_loss = 0.0
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+    return step_loss
+
+
 def _run(steps: int, save_dir=None, save_at=None, resume_from=None):
     """An accelerate loop with two param groups (the head at 10× the LR) under a LambdaLR warm-up. The
     controller steps once per optimizer step, on the mean loss of its micro-batches."""
@@ -46,16 +63,7 @@ def _run(steps: int, save_dir=None, save_at=None, resume_from=None):
         data = accelerator.skip_first_batches(data, ctrl.global_step * ACCUM)
     step_loss = 0.0
     for xb, yb in data:
-        with accelerator.accumulate(model):
-            loss = model(input_ids=xb, labels=yb).loss
-            accelerator.backward(loss)
-            step_loss += loss.item() / ACCUM
-            if accelerator.sync_gradients:
-                ctrl.step(loss=step_loss * (40.0 if ctrl.global_step in SHOCK else 1.0))
-                step_loss = 0.0
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+        step_loss = _micro_batch(accelerator, model, ctrl, opt, xb, yb, step_loss, sched)
         if accelerator.sync_gradients and ctrl.global_step == save_at:
             accelerator.save_state(save_dir)
             accelerator.save_model(model, save_dir / "model")
@@ -236,15 +244,7 @@ def _run_epochs(steps: int, per_epoch: int, save_dir=None, save_at=None, resume_
         batches = accelerator.skip_first_batches(data, done * ACCUM) if epoch == start and done else data
         step_loss = 0.0
         for xb, yb in batches:
-            with accelerator.accumulate(model):
-                loss = model(input_ids=xb, labels=yb).loss
-                accelerator.backward(loss)
-                step_loss += loss.item() / ACCUM
-                if accelerator.sync_gradients:
-                    ctrl.step(loss=step_loss * (40.0 if ctrl.global_step in SHOCK else 1.0))
-                    step_loss = 0.0
-                opt.step()
-                opt.zero_grad()
+            step_loss = _micro_batch(accelerator, model, ctrl, opt, xb, yb, step_loss)
             if accelerator.sync_gradients and ctrl.global_step == save_at:
                 accelerator.save_state(save_dir)
             if ctrl.global_step == steps:

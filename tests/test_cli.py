@@ -835,6 +835,25 @@ def test_report_and_plot_of_an_unfinished_run_use_its_settings_and_newest_checkp
     assert "steps=16\n" not in report
 
 
+def _killed_mid_save(tmp_path, folder_prefix: str):
+    """A script that runs the CLI and kills itself (SIGKILL) right after the real save wrote its tensors into a
+    temp folder named `folder_prefix...`: the kill lands mid-save on every run (a parent polling for the temp folder
+    missed it on a loaded machine)."""
+    child = tmp_path / "killed_mid_save.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        "import safetensors.torch as st\n"
+        "from unified_lora.cli import main\n"
+        "real = st.save_file\n"
+        "def save_file(tensors, filename, *a, **k):\n"
+        "    real(tensors, filename, *a, **k)\n"
+        f"    if os.path.basename(os.path.dirname(filename)).startswith({folder_prefix!r}):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "st.save_file = save_file\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    return child
+
+
 def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_folder_goes(tiny, tmp_path):
     """SIGKILL while `epoch-2` is being written (its temp folder on disk): --resume continues from epoch-1 on the same
     trajectory, bit for bit. The killed save's temp folder (a whole checkpoint's size: adapters + optimizer) stayed
@@ -844,19 +863,7 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_its_temp_fol
     lands mid-save on every run (a parent polling for the temp folder missed it on a loaded machine)."""
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main(_train_args(tiny, straight, "--epochs", "3", "--threads", "1")) == 0
-    child = tmp_path / "killed_mid_save.py"
-    child.write_text(
-        "import os, signal, sys\n"
-        "import safetensors.torch as st\n"
-        "from unified_lora.cli import main\n"
-        "real = st.save_file\n"
-        "def save_file(tensors, filename, *a, **k):\n"
-        "    real(tensors, filename, *a, **k)\n"
-        "    if os.path.basename(os.path.dirname(filename)).startswith('.tmp-epoch-2-'):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "st.save_file = save_file\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    p = subprocess.run([sys.executable, str(child), *_train_args(tiny, out, "--epochs", "3", "--threads", "1")],
+    p = subprocess.run([sys.executable, str(_killed_mid_save(tmp_path, ".tmp-epoch-2-")), *_train_args(tiny, out, "--epochs", "3", "--threads", "1")],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert p.returncode == -signal.SIGKILL
     ckpts = out / "checkpoints"
@@ -1009,19 +1016,7 @@ def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for
     assert main(_train_args(tiny, straight, *opts)) == 0
     # 8 steps an epoch: step-3, step-6, (epoch-1 at 8), step-9, step-12, step-15, (epoch-2 at 16); the limit keeps one
     assert sorted(c.name for c in (straight / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "step-15"]
-    child = tmp_path / "killed_mid_save.py"
-    child.write_text(
-        "import os, signal, sys\n"
-        "import safetensors.torch as st\n"
-        "from unified_lora.cli import main\n"
-        "real = st.save_file\n"
-        "def save_file(tensors, filename, *a, **k):\n"
-        "    real(tensors, filename, *a, **k)\n"
-        "    if os.path.basename(os.path.dirname(filename)).startswith('.tmp-step-6-'):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "st.save_file = save_file\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    p = subprocess.run([sys.executable, str(child), *_train_args(tiny, out, *opts)], stdout=subprocess.DEVNULL,
+    p = subprocess.run([sys.executable, str(_killed_mid_save(tmp_path, ".tmp-step-6-")), *_train_args(tiny, out, *opts)], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=600)
     assert p.returncode == -signal.SIGKILL
     ckpts = out / "checkpoints"
