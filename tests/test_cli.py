@@ -174,7 +174,7 @@ def test_demo_verdict_is_a_paired_mcnemar_test_on_the_rows_the_arms_disagree_on(
            "p=0.000488 (beyond the noise only at p < 0.05). The test covers which dev rows were drawn; one seed " \
            "cannot show training variance (compare several --seed values)." in text
     assert "within noise" not in text and "standard error" not in text
-    assert _paired_verdict(s)["unified_vs_baseline"] == {"b": 12, "c": 0, "p": 2 * 0.5**12}
+    assert _paired_verdict(s)["unified_vs_baseline"] == {"b": 12, "c": 0, "p": pytest.approx(2 * 0.5**12)}
     # b = c: the same accuracy, however many rows they swap: no difference, p = 1
     text = format_summary(_paired_summary(both=130, only_u=10, only_b=10))
     assert "+0.000 (+0 of 200 rows), no difference; paired on the same rows: 10 right only by Unified LoRA, 10 " \
@@ -185,6 +185,11 @@ def test_demo_verdict_is_a_paired_mcnemar_test_on_the_rows_the_arms_disagree_on(
            "by Baseline LoRA r8, exact McNemar p=0.18 " in text
     # 0 vs 12: behind
     assert "(-12 of 200 rows), behind, beyond the noise" in format_summary(_paired_summary(141, 0, 12))
+    # a large dev set, 5100 vs 4900 discordant rows: the exact sum (math.comb / 2**n: 0.0465855277049) in
+    # milliseconds, not the seconds a sum of 10,000-row binomial coefficients in integers takes
+    from unified_lora.cli import _mcnemar
+
+    assert _mcnemar("1" * 5100 + "0" * 4900, "0" * 5100 + "1" * 4900)["p"] == pytest.approx(0.0465855277049, rel=1e-9)
 
 
 def test_demo_verdict_against_the_majority_class_is_paired_too():
@@ -199,7 +204,7 @@ def test_demo_verdict_against_the_majority_class_is_paired_too():
     assert "vs the majority class (0.700): Unified LoRA +10 of 200 rows (10 right only by it, 0 only by the " \
            "majority class, p=0.00195), Baseline LoRA r8 +5 of 200 rows (5 right only by it, 0 only by the " \
            "majority class, p=0.0625); Baseline LoRA r8 is above it within noise only." in text
-    assert _paired_verdict(s)["vs_majority"]["baseline"] == {"b": 5, "c": 0, "p": 0.0625}
+    assert _paired_verdict(s)["vs_majority"]["baseline"] == {"b": 5, "c": 0, "p": pytest.approx(0.0625)}
     # an arm at the majority's accuracy on other rows (it swaps 20 for 20): no better than the majority class
     s["arms"]["unified"]["final_correct"] = ("0" * 20 + "1" * 140).ljust(200, "0")  # right on rows 20-159
     text = format_summary(s)
