@@ -108,23 +108,50 @@ def test_demo_writes_trace_summary_plot_and_console(tiny, tmp_path, capsys):
     assert f"Did the controller help? Final dev accuracy, one seed, {n} dev rows:" in console
     assert f"Unified LoRA {u:.3f} vs Baseline LoRA r8 {b:.3f}: {u - b:+.3f} ({round((u - b) * n):+d} of {n} rows)" \
         in console
-    assert "2 standard errors of a difference here are ±" in console
     assert f"vs the majority class ({summary['majority']['accuracy']:.3f})" in console
+    # the paired verdict's per-row data: each arm's right/wrong on every dev row, and the majority class's
+    for arm in summary["arms"].values():
+        assert len(arm["final_correct"]) == n and set(arm["final_correct"]) <= {"0", "1"}
+        assert arm["final_correct"].count("1") == round(arm["eval"]["final"]["accuracy"] * n)
+    assert summary["majority_correct"].count("1") == round(summary["majority"]["accuracy"] * n)
+    t = summary["verdict"]["unified_vs_baseline"]
+    assert t["b"] - t["c"] == round((u - b) * n)
+    assert f"paired on the same rows: {t['b']} right only by Unified LoRA, {t['c']} only by Baseline LoRA r8, " \
+           f"exact McNemar p={t['p']:.3g}" in console
+    assert "2 standard errors" not in console  # the unpaired estimate is for older summaries only
 
 
 def _verdict_summary(u: float, b: float | None, maj: float = 0.5, n: int = 200) -> dict:
+    """A demo summary as written before the per-row data was stored: final accuracies only."""
     arms = {"unified": {"label": "Unified LoRA", "eval": {"final": {"accuracy": u}}}}
     if b is not None:
         arms["baseline"] = {"label": "Baseline LoRA r8", "eval": {"final": {"accuracy": b}}}
     return {"command": "demo", "dev_rows": n, "majority": {"accuracy": maj}, "arms": arms}
 
 
-def test_demo_verdict_calls_a_difference_inside_two_standard_errors_noise():
+def _paired_summary(both: int, only_u: int, only_b: int, n: int = 200, majority_right: int | None = None) -> dict:
+    """A demo summary with per-row data: `both` rows both arms get right, `only_u` only unified, `only_b` only the
+    baseline, the rest neither; the majority class is right on the first `majority_right` rows."""
+    u = "1" * both + "1" * only_u + "0" * only_b
+    b = "1" * both + "0" * only_u + "1" * only_b
+    u, b = u.ljust(n, "0"), b.ljust(n, "0")
+    s = _verdict_summary(u.count("1") / n, b.count("1") / n, n=n)
+    s["arms"]["unified"]["final_correct"], s["arms"]["baseline"]["final_correct"] = u, b
+    if majority_right is not None:
+        s["majority_correct"] = ("1" * majority_right).ljust(n, "0")
+        s["majority"] = {"accuracy": majority_right / n}
+    return s
+
+
+def test_demo_verdict_of_an_older_summary_without_per_row_data_is_the_unpaired_estimate_said_to_be_one():
     from unified_lora.cli import format_summary
 
     # 200 rows, both near 0.75: 2 SE of the difference = 2*sqrt((0.765*0.235 + 0.745*0.255)/200) ≈ 0.086
     text = format_summary(_verdict_summary(0.765, 0.745, maj=0.7))
-    assert "+0.020 (+4 of 200 rows), within noise; 2 standard errors of a difference here are ±0.086" in text
+    assert "+0.020 (+4 of 200 rows), within noise; this summary.json holds no per-row predictions (a run before " \
+           "they were stored), so the noise is the unpaired binomial estimate, 2 standard errors of a difference = " \
+           "±0.086, which ignores that both arms are scored on the same rows and is usually too wide" in text
+    assert "one seed cannot show training variance (compare several --seed values)" in text
     assert "Unified LoRA +13 of 200 rows, Baseline LoRA r8 +9 of 200 rows." in text  # both above the majority
     text = format_summary(_verdict_summary(0.85, 0.70, maj=0.7))
     assert "+0.150 (+30 of 200 rows), ahead, beyond the noise" in text
@@ -133,6 +160,59 @@ def test_demo_verdict_calls_a_difference_inside_two_standard_errors_noise():
     text = format_summary(_verdict_summary(0.7, None))
     assert "no fixed-rank arm was run (--no-baseline), so this run cannot tell whether the controller helped" in text
     assert "Did the controller help?" not in format_summary({**_verdict_summary(0.7, 0.7), "command": "train"})
+
+
+def test_demo_verdict_is_a_paired_mcnemar_test_on_the_rows_the_arms_disagree_on():
+    """Both arms are scored on the same dev rows, but the verdict set their difference against an unpaired
+    two-proportion SE, 2*sqrt((p(1-p)+q(1-q))/n): two fine-tunes of one model agree on most rows, so that is far too
+    wide. Unified right on 12 rows the baseline gets wrong and wrong on none it gets right (0.765 vs 0.705 on 200
+    rows) was "within noise" (2 SE = ±0.088 > 0.060), while the exact McNemar p is 2 * 0.5**12 = 0.000488."""
+    from unified_lora.cli import _paired_verdict, format_summary
+
+    s = _paired_summary(both=141, only_u=12, only_b=0)
+    text = format_summary(s)
+    assert "Unified LoRA 0.765 vs Baseline LoRA r8 0.705: +0.060 (+12 of 200 rows), ahead, beyond the noise; " \
+           "paired on the same rows: 12 right only by Unified LoRA, 0 only by Baseline LoRA r8, exact McNemar " \
+           "p=0.000488 (beyond the noise only at p < 0.05). The test covers which dev rows were drawn; one seed " \
+           "cannot show training variance (compare several --seed values)." in text
+    assert "within noise" not in text and "standard error" not in text
+    assert _paired_verdict(s)["unified_vs_baseline"] == {"b": 12, "c": 0, "p": pytest.approx(2 * 0.5**12)}
+    # b = c: the same accuracy, however many rows they swap: no difference, p = 1
+    text = format_summary(_paired_summary(both=130, only_u=10, only_b=10))
+    assert "+0.000 (+0 of 200 rows), no difference; paired on the same rows: 10 right only by Unified LoRA, 10 " \
+           "only by Baseline LoRA r8, exact McNemar p=1 " in text
+    # 7 vs 2: p = 2 * (C(9,0) + C(9,1) + C(9,2)) / 2**9 = 92/512 = 0.1797: within noise
+    text = format_summary(_paired_summary(both=140, only_u=7, only_b=2))
+    assert "+0.025 (+5 of 200 rows), within noise; paired on the same rows: 7 right only by Unified LoRA, 2 only " \
+           "by Baseline LoRA r8, exact McNemar p=0.18 " in text
+    # 0 vs 12: behind
+    assert "(-12 of 200 rows), behind, beyond the noise" in format_summary(_paired_summary(141, 0, 12))
+    # a large dev set, 5100 vs 4900 discordant rows: the exact sum (math.comb / 2**n: 0.0465855277049) in
+    # milliseconds, not the seconds a sum of 10,000-row binomial coefficients in integers takes
+    from unified_lora.cli import _mcnemar
+
+    assert _mcnemar("1" * 5100 + "0" * 4900, "0" * 5100 + "1" * 4900)["p"] == pytest.approx(0.0465855277049, rel=1e-9)
+
+
+def test_demo_verdict_against_the_majority_class_is_paired_too():
+    """The majority class predicts one class on every row, so its per-row correctness is known from the labels: the
+    arms are compared with it on the same rows, by the same test, not by rows above it alone."""
+    from unified_lora.cli import _paired_verdict, format_summary
+
+    # majority right on rows 0-139 (0.700). Unified: right on 0-139 and 140-149 (+10, 10 vs 0, p = 2/1024);
+    # baseline: right on 0-139 and 150-154 (+5, 5 vs 0, p = 2/32 = 0.0625, within noise)
+    s = _paired_summary(both=140, only_u=10, only_b=5, majority_right=140)
+    text = format_summary(s)
+    assert "vs the majority class (0.700): Unified LoRA +10 of 200 rows (10 right only by it, 0 only by the " \
+           "majority class, p=0.00195), Baseline LoRA r8 +5 of 200 rows (5 right only by it, 0 only by the " \
+           "majority class, p=0.0625); Baseline LoRA r8 is above it within noise only." in text
+    assert _paired_verdict(s)["vs_majority"]["baseline"] == {"b": 5, "c": 0, "p": pytest.approx(0.0625)}
+    # an arm at the majority's accuracy on other rows (it swaps 20 for 20): no better than the majority class
+    s["arms"]["unified"]["final_correct"] = ("0" * 20 + "1" * 140).ljust(200, "0")  # right on rows 20-159
+    text = format_summary(s)
+    assert "Unified LoRA +0 of 200 rows (20 right only by it, 20 only by the majority class, p=1)" in text
+    assert "; Unified LoRA scores no better than always predicting the majority class; Baseline LoRA r8 is above " \
+           "it within noise only." in text
 
 
 def test_phi_summary_of_a_trace_that_ends_before_the_shock_is_all_pre_shock():

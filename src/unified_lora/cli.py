@@ -32,6 +32,7 @@ DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leav
 # after the shock so φ can fall back below θ1 (at 4e-4 it stayed in MIRROR to the end).
 DEV_SUBSAMPLE_SEED = 0  # --dev-size picks the same dev rows for every --seed, so seeds compare on one set
 DEMO_CALIBRATION = (20, 2.2)  # demo: loss_scale from the first 20 steps (see --calibration-target)
+VERDICT_ALPHA = 0.05  # the demo's verdict calls a paired difference beyond the noise at McNemar p < 0.05
 DEMO_LOSS_SCALE = 0.3  # see the --loss-scale help and the README: MRPC's flip shock only raises the loss ~1.3-1.6x
 
 
@@ -127,10 +128,51 @@ def _mirror_reason(m: dict, summary: dict) -> str:
     return f"rule {policy}; {drift}"
 
 
+def _correct_rows(preds, labels) -> str:
+    """One character per dev row, in row order: "1" where the prediction is the label, "0" where not."""
+    return "".join("1" if int(p) == int(y) else "0" for p, y in zip(preds, labels))
+
+
+def _mcnemar(x: str, y: str) -> dict:
+    """The paired comparison of two scorings of the same rows (`_correct_rows` strings): b = rows only x gets right,
+    c = rows only y gets right, and the exact two-sided McNemar p-value (a binomial test of b against b + c trials at
+    1/2). Rows both get right or both get wrong say nothing about which is better."""
+    b = sum(1 for u, v in zip(x, y) if u == "1" and v == "0")
+    c = sum(1 for u, v in zip(x, y) if u == "0" and v == "1")
+    n, k = b + c, min(b, c)
+    # 2 * P(X <= k), X ~ Binomial(n, 1/2), summed in logs: exact integers (math.comb / 2**n) took seconds at 10,000
+    # discordant rows and minutes at 50,000, and 2**-n underflows a float past n = 1074
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(logs)
+    p = min(1.0, 2 * math.exp(top) * sum(math.exp(x - top) for x in logs))
+    return {"b": b, "c": c, "p": p}
+
+
+def _paired_verdict(summary: dict) -> dict | None:
+    """The demo's paired tests, from the per-row correctness it stores (`final_correct` of each arm,
+    `majority_correct`): unified vs the fixed-rank arm, and each arm vs the majority class (a constant prediction,
+    right exactly on the rows of that class). None for a summary without them (a demo before they were stored)."""
+    n = summary.get("dev_rows")
+    rows = {k: a.get("final_correct") for k, a in summary.get("arms", {}).items()}
+    maj = summary.get("majority_correct")
+    if not isinstance(rows.get("unified"), str) or len(rows["unified"]) != n:
+        return None
+    out: dict = {"test": "exact McNemar (two-sided) on the rows one model gets right and the other wrong"}
+    if isinstance(rows.get("baseline"), str) and len(rows["baseline"]) == n:
+        out["unified_vs_baseline"] = _mcnemar(rows["unified"], rows["baseline"])
+    if isinstance(maj, str) and len(maj) == n:
+        out["vs_majority"] = {k: _mcnemar(r, maj) for k, r in rows.items() if isinstance(r, str) and len(r) == n}
+    return out
+
+
 def _demo_verdict(summary: dict) -> list[str]:
-    """A demo's answer to "did the controller help?", computed from its final dev accuracies: the difference with
-    the fixed-rank arm and with the majority class, in rows, beside two standard errors of that difference for
-    one seed on this many dev rows (a binomial estimate), so a difference inside the noise is called noise."""
+    """A demo's answer to "did the controller help?", computed from its final dev predictions: the difference with
+    the fixed-rank arm and with the majority class, in rows, and an exact McNemar test of it. Both arms (and the
+    majority class) are scored on the same dev rows, so the comparison is paired: only the rows one gets right and
+    the other wrong (b and c) count. An unpaired two-proportion standard error ignores that two fine-tunes of one
+    model agree on most rows, and is far too wide: it called a 12-to-0 split of 200 rows (p = 0.0005) noise.
+    A summary.json from before the per-row data was stored gets the old unpaired estimate, said to be one. Neither
+    covers seed-to-seed training variance, which one seed cannot show."""
     arms, n = summary.get("arms", {}), summary.get("dev_rows")
     acc = {k: ((a.get("eval") or {}).get("final") or {}).get("accuracy") for k, a in arms.items()}
     if summary.get("command") != "demo" or acc.get("unified") is None or not n:
@@ -138,6 +180,7 @@ def _demo_verdict(summary: dict) -> list[str]:
     label = {k: a.get("label", k) for k, a in arms.items()}
     u, b = acc["unified"], acc.get("baseline")
     maj = (summary.get("majority") or {}).get("accuracy")
+    paired = _paired_verdict(summary) or {}
 
     def two_se(p: float, q: float) -> float:
         return 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
@@ -145,22 +188,52 @@ def _demo_verdict(summary: dict) -> list[str]:
     def rows(d: float) -> str:
         return f"{round(d * n):+d} of {n} rows"
 
+    def word(t: dict) -> str:
+        if t["b"] == t["c"]:
+            return "no difference"
+        if t["p"] >= VERDICT_ALPHA:
+            return "within noise"
+        return "ahead, beyond the noise" if t["b"] > t["c"] else "behind, beyond the noise"
+
+    seeds = "one seed cannot show training variance (compare several --seed values)"
     out = ["", f"Did the controller help? Final dev accuracy, one seed, {n} dev rows:"]
     if b is None:
         out.append(f"  {label['unified']} {u:.3f}; no fixed-rank arm was run (--no-baseline), so this run cannot "
                    "tell whether the controller helped.")
+    elif "unified_vs_baseline" in paired:
+        t = paired["unified_vs_baseline"]
+        out.append(f"  {label['unified']} {u:.3f} vs {label['baseline']} {b:.3f}: {u - b:+.3f} "
+                   f"({t['b'] - t['c']:+d} of {n} rows), {word(t)}; paired on the same rows: {t['b']} right only by "
+                   f"{label['unified']}, {t['c']} only by {label['baseline']}, exact McNemar p={t['p']:.3g} "
+                   f"(beyond the noise only at p < {VERDICT_ALPHA:g}). "
+                   f"The test covers which dev rows were drawn; {seeds}.")
     else:
         d, noise = u - b, two_se(u, b)
         if round(d * n) == 0:
-            word = "no difference"
+            w = "no difference"
         elif abs(d) <= noise:
-            word = "within noise"
+            w = "within noise"
         else:
-            word = "ahead, beyond the noise" if d > 0 else "behind, beyond the noise"
-        out.append(f"  {label['unified']} {u:.3f} vs {label['baseline']} {b:.3f}: {d:+.3f} ({rows(d)}), {word}; "
-                   f"2 standard errors of a difference here are ±{noise:.3f}, so one seed on this dev set cannot "
-                   f"show a smaller effect (compare several --seed values).")
-    if maj is not None:
+            w = "ahead, beyond the noise" if d > 0 else "behind, beyond the noise"
+        out.append(f"  {label['unified']} {u:.3f} vs {label['baseline']} {b:.3f}: {d:+.3f} ({rows(d)}), {w}; this "
+                   f"summary.json holds no per-row predictions (a run before they were stored), so the noise is the "
+                   f"unpaired binomial estimate, 2 standard errors of a difference = ±{noise:.3f}, which ignores that "
+                   f"both arms are scored on the same rows and is usually too wide (re-run for the paired McNemar "
+                   f"test); {seeds}.")
+    if maj is not None and "vs_majority" in paired:
+        vm = paired["vs_majority"]
+        vs = ", ".join(f"{label[k]} {t['b'] - t['c']:+d} of {n} rows ({t['b']} right only by it, {t['c']} only by "
+                       f"the majority class, p={t['p']:.3g})" for k, t in vm.items())
+        at = [label[k] for k, t in vm.items() if t["b"] <= t["c"]]
+        near = [label[k] for k, t in vm.items() if t["b"] > t["c"] and t["p"] >= VERDICT_ALPHA]
+        tail = ""
+        if at:
+            tail += (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better than always predicting the "
+                     "majority class")
+        if near:
+            tail += f"; {' and '.join(near)} {'are' if len(near) > 1 else 'is'} above it within noise only"
+        out.append(f"  vs the majority class ({maj:.3f}): {vs}{tail}.")
+    elif maj is not None:
         at = [label[k] for k, a in acc.items() if a is not None and round((a - maj) * n) <= 0]
         vs = ", ".join(f"{label[k]} {rows(a - maj)}" for k, a in acc.items() if a is not None)
         tail = (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better than always predicting the "
@@ -193,7 +266,8 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
                say: Callable[[str], None], label: str) -> tuple[dict, list[dict]]:
     """One demo arm: fresh model (same seed), `cfg.steps` steps with the shock, three dev evaluations."""
     from .trace import read_trace
-    from .training import Run, check_row_length, evaluate, iterate, load_model, seed_everything
+    from .data import glue_metrics
+    from .training import Run, check_row_length, evaluate, iterate, load_model, predict, seed_everything
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(cfg.seed)
@@ -222,7 +296,8 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
     bar.close()
-    evals["final"] = evaluate(model, enc_dev, "seq-cls", task)
+    preds = predict(model, enc_dev)
+    evals["final"] = glue_metrics(task, preds, enc_dev["labels"].numpy())
     say(f"    dev @ step {run.state.global_step} (final): {_fmt_metrics(evals['final'])}")
     if cfg.has_shock and cfg.shock_end == run.state.global_step:  # a shock to the last step: right after it is the end
         evals["post_shock"] = evals["final"]
@@ -232,6 +307,7 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     arm["train_step_s"] = train_s / max(run.state.global_step, 1)
     arm["cpu_s"] = time.process_time() - cpu0  # CPU seconds of this process: a load-independent cost measure
     arm["trainable_params_final"] = run.n_trainable()
+    arm["final_correct"] = _correct_rows(preds, enc_dev["labels"].numpy())  # the paired verdict's per-row data
     if cfg.controller and run.ctrl.last_decision is not None:
         d = run.ctrl.last_decision
         arm["last_decision"] = {"restore": d.restore, "drift": d.drift, "policy": d.policy,
@@ -257,7 +333,7 @@ def _refuse_multiprocess_launch(command: str) -> None:
 
 def cmd_demo(args) -> int:
     _refuse_multiprocess_launch("demo")
-    from .data import TextDataset
+    from .data import TextDataset, majority_class
     from .plotting import plot_trace
     from .training import (TrainConfig, UsageError, encode_rows, load_data, load_tokenizer, majority, resolve_model,
                            subsample)
@@ -302,6 +378,7 @@ def cmd_demo(args) -> int:
     enc_train = encode_rows(tok, train, "seq-cls", cfg.max_length)
     enc_dev = encode_rows(tok, dev_eval, "seq-cls", cfg.max_length)
     maj = majority(train, dev_eval, task)
+    maj_correct = _correct_rows([majority_class(train.labels)] * n_dev, enc_dev["labels"].numpy())
     sig = cfg.signal_config()
     say(f"unified-lora demo: {_model_name(cfg.model, model_path)} on {task} ({len(train)} train rows, batch {cfg.batch_size}, "
         f"max_length {cfg.max_length}), {cfg.steps} steps, {cfg.shock_type} shock on [{cfg.shock_start}, "
@@ -332,9 +409,10 @@ def cmd_demo(args) -> int:
                    "calibration_target": sig.calibration_target, "loss_scale_used": u.get("loss_scale")},
         "theta0": cfg.theta0, "theta1": cfg.theta1, "mode_lrs": list(lrs), "mode_ranks": [4, 8, 16],
         "drift_threshold": cfg.drift_threshold, "dev_rows": n_dev, "dev_rows_total": n_all, "dev_note": dev_note,
-        "eval_points": ["pre_shock", "post_shock", "final"], "majority": maj, "arms": arms,
-        "threads": _threads(),
+        "eval_points": ["pre_shock", "post_shock", "final"], "majority": maj, "majority_correct": maj_correct,
+        "arms": arms, "threads": _threads(),
     }
+    summary["verdict"] = _paired_verdict(summary)
     plot_path = plot_trace(traces["unified"], out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
                            shock=(cfg.shock_start, cfg.shock_end), baseline=traces.get("baseline"),
                            title=f"unified-lora demo: {_model_name(cfg.model, model_path)} on {task}, "
@@ -492,7 +570,7 @@ def cmd_train(args) -> int:
     _refuse_multiprocess_launch("train")
     import torch
 
-    from .data import TextDataset
+    from .data import TextDataset, majority_class
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,

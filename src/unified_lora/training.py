@@ -562,25 +562,35 @@ def corrupt(labels: torch.Tensor, kind: str, num_labels: int, gen: torch.Generat
 @torch.no_grad()
 def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, batch_size: int = 64) -> dict:
     """seq-cls: GLUE metrics (f1/accuracy/...); causal-lm: mean loss and perplexity."""
+    if task_type != "causal-lm":
+        return glue_metrics(task, predict(model, enc, batch_size), enc["labels"].numpy())
     was_training = model.training
     model.eval()
-    preds, losses, count = [], 0.0, 0
+    losses, count = 0.0, 0
     n = len(enc["labels"])
     for i in range(0, n, batch_size):
         b = trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})
         out = model(**b)
-        if task_type == "causal-lm":
-            tokens = int((b["labels"][:, 1:] != -100).sum())
-            if tokens:  # (a batch without a target token has the loss 0/0, NaN)
-                losses += float(out.loss) * tokens
-            count += tokens
-        else:
-            preds.append(out.logits.argmax(-1))
+        tokens = int((b["labels"][:, 1:] != -100).sum())
+        if tokens:  # (a batch without a target token has the loss 0/0, NaN)
+            losses += float(out.loss) * tokens
+        count += tokens
     model.train(was_training)
-    if task_type == "causal-lm":
-        loss = losses / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    return glue_metrics(task, torch.cat(preds).numpy(), enc["labels"].numpy())
+    loss = losses / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def predict(model, enc: dict[str, torch.Tensor], batch_size: int = 64):
+    """A seq-cls model's predicted class of each row of `enc`, in row order (a numpy array): what `evaluate` scores,
+    kept for a per-row comparison of two models on the same rows (the demo's paired verdict)."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for i in range(0, len(enc["labels"]), batch_size):
+        preds.append(model(**trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})).logits.argmax(-1))
+    model.train(was_training)
+    return torch.cat(preds).numpy()
 
 
 def majority(train, dev, task: str) -> dict | None:
