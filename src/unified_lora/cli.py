@@ -570,7 +570,7 @@ def cmd_train(args) -> int:
     _refuse_multiprocess_launch("train")
     import torch
 
-    from .data import TextDataset, majority_class
+    from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
