@@ -434,6 +434,34 @@ def test_a_model_saved_in_multi_reloads_with_strict_true_on_its_task_adapters(ar
     assert fresh_ctrl.mode == MULTI and fresh_ctrl.router.slots == ctrl.router.slots
 
 
+def test_a_model_saved_in_multi_reloads_through_torch_distributed_checkpoint(tmp_path):
+    """torch.distributed.checkpoint loads into the tensors of the state dict it is given, in place, so each saved
+    tensor must be as long as the fresh model's. A multi-task layer's `_extra_state` (JSON of its rank and router) was
+    as long as its text: 90 bytes in a freshly built model, 98 after a split with a task registered since, and
+    `dcp.load` refused the whole checkpoint ("Size mismatch between saved torch.Size([98]) and current:
+    torch.Size([90]) for ..._extra_state"). The JSON is now padded to a length fixed by the number of task slots:
+    the reload gives the saved topology, registry and outputs bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    ref = _per_task_outputs(model, x)
+    saved = model.state_dict()
+    dcp.save(saved, checkpoint_id=str(tmp_path / "dcp"))
+    fresh, fresh_ctrl = make()
+    sd = fresh.state_dict()
+    dcp.load(sd, checkpoint_id=str(tmp_path / "dcp"))
+    fresh.load_state_dict(sd, strict=True)
+    assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+    out = _per_task_outputs(fresh.eval(), x)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    # a state saved before the padding (the JSON's own length) still loads
+    layer = next(m for m in model.modules() if isinstance(m, MultiTaskNestedLoRALayer))
+    unpadded = torch.tensor(list(bytes(layer.get_extra_state().tolist()).rstrip()), dtype=torch.uint8)
+    fresh, fresh_ctrl = make()
+    fresh.load_state_dict({k: (unpadded if k.endswith("._extra_state") else v) for k, v in saved.items()})
+    assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+
+
 def test_a_merged_model_loading_a_state_dict_saved_in_multi_stays_unmerged_on_the_task_adapters():
     """A fresh model merged in SINGLE (its shared delta folded into the base weights) that loads a state dict saved in
     MULTI: it unmerges for the load, and merged the shared delta in again after it, so every task ran the shared

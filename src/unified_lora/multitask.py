@@ -380,9 +380,16 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         after a split), the slot each task id holds and the number of slots, as UTF-8 JSON in a 1-D uint8 tensor
         (`<layer>._extra_state`; safetensors and `save_pretrained` store it as they store the weights). With the
         rank alone, a model saved in MULTI and loaded with `strict=True` into a freshly built one ran the shared
-        adapter for every task, its task adapters loaded into slots no sample used: other outputs, silently."""
+        adapter for every task, its task adapters loaded into slots no sample used: other outputs, silently.
+
+        The JSON is padded with spaces to a multiple of `128 + 64 * n_slots` bytes, so the tensor of a freshly built
+        model is as long as the trained one's (task ids up to about 50 characters): `torch.distributed.checkpoint`
+        loads into the state dict's own tensors, in place, and refused a model saved after a split ("Size mismatch
+        between saved torch.Size([98]) and current: torch.Size([90])")."""
         state = {"rank": self.rank, "router": self.router.state_dict()}
-        return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+        raw = json.dumps(state).encode("utf-8")
+        block = 128 + 64 * self.router.n_slots
+        return torch.tensor(list(raw.ljust(-(-len(raw) // block) * block)), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
         if state.ndim == 0:  # a plain NestedLoRALayer's, or saved before the router was kept: the rank alone
