@@ -510,6 +510,22 @@ def test_a_state_dict_with_other_task_slots_is_an_error_of_the_load_and_a_rank_a
     assert fresh_ctrl.router.slots == {"a": 0, "b": 1}
 
 
+def test_a_multi_task_state_dict_loaded_into_a_single_task_model_is_an_error_naming_the_key():
+    """A multi-task model's adapters (lora_state_dict) loaded with strict=False into a model wrapped with
+    inject_nested_lora: the plain layer's set_extra_state took int() of the router's JSON and raised "only one
+    element tensors can be converted to Python scalars", naming no layer. It is an error of the load now, which names
+    the key and the builder to use."""
+    from unified_lora import NestedLoRAConfig, inject_nested_lora, lora_state_dict
+
+    model, _, _, _ = build()
+    plain = tiny_bert()
+    inject_nested_lora(plain, NestedLoRAConfig(target_modules=TARGETS))
+    with pytest.raises(RuntimeError, match=r"attention\.self\.query\._extra_state: saved by a multi-task layer \(its "
+                                           r"rank and task router\); load it into a model built with "
+                                           r"inject_multitask_lora / setup_multitask_lora"):
+        plain.load_state_dict(lora_state_dict(model), strict=False)
+
+
 def test_a_controller_state_in_multi_is_refused_by_a_merged_model_before_anything_loads():
     """ctrl.load_state_dict of a state saved in MULTI into the controller of a model merged in SINGLE (merge_adapters,
     for an evaluation) set the router on the task adapters, the machine in MULTI, then failed in the rank change:
