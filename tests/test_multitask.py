@@ -462,6 +462,18 @@ def test_a_model_saved_in_multi_reloads_through_torch_distributed_checkpoint(tmp
     assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
 
 
+def test_a_state_dict_cast_whole_to_half_precision_loads_the_topology_and_the_registry():
+    """`{k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}`, the usual way to halve a checkpoint, casts
+    the multi-task layers' `_extra_state` (the JSON's bytes) to floats too; the load raised "TypeError: 'float' object
+    cannot be interpreted as an integer". bf16 holds every byte value exactly: the load restores the topology, the
+    registry and the rank."""
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    fresh, fresh_ctrl = make()
+    fresh.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+    assert {a.rank for a in fresh_ctrl.adapters} == {ctrl.rank}
+
+
 def test_a_merged_model_loading_a_state_dict_saved_in_multi_stays_unmerged_on_the_task_adapters():
     """A fresh model merged in SINGLE (its shared delta folded into the base weights) that loads a state dict saved in
     MULTI: it unmerges for the load, and merged the shared delta in again after it, so every task ran the shared

@@ -344,8 +344,9 @@ class _TaskAdapter(nn.Module):
 
 
 def _decode_extra_state(state: torch.Tensor) -> dict:
-    """A multi-task layer's `_extra_state` (`get_extra_state`) as the dict it was encoded from."""
-    return json.loads(bytes(state.tolist()).decode("utf-8"))
+    """A multi-task layer's `_extra_state` (`get_extra_state`) as the dict it was encoded from; also from a state dict
+    cast whole to half precision (`{k: v.half() ...}`), whose floats hold every byte value exactly."""
+    return json.loads(bytes(state.to(torch.uint8).tolist()).decode("utf-8"))
 
 
 class MultiTaskNestedLoRALayer(NestedLoRALayer):
