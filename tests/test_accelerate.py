@@ -217,6 +217,34 @@ def test_a_sharded_save_model_folder_loads_with_load_checkpoint_in_model_at_its_
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if k in sd)
 
 
+def test_with_a_device_map_the_model_loads_at_its_rank_through_load_state_dict_then_dispatch_model(tmp_path):
+    """README: with a `device_map`, accelerate's `load_checkpoint_in_model` / `load_checkpoint_and_dispatch` set each
+    saved tensor with `set_module_tensor_to_device`, which knows parameters and buffers only, and stop at the first
+    layer's `_extra_state` (the rank). The recipe: `model.load_state_dict(load_file(path))`, then `dispatch_model`,
+    gives the saved rank and outputs. (If accelerate learns extra state, the first check fails: update README.)"""
+    from accelerate import dispatch_model, load_checkpoint_and_dispatch
+    from accelerate.utils import infer_auto_device_map
+    from safetensors.torch import save_model
+
+    def single():
+        model = tiny_bert()
+        adapters, _ = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
+        return model, adapters
+
+    trained = _randomized(*single(), 4).eval()
+    save_model(trained, str(tmp_path / "model.safetensors"))
+    fresh, adapters = single()
+    with pytest.raises(ValueError, match="does not have a parameter or a buffer named _extra_state"):
+        load_checkpoint_and_dispatch(fresh, str(tmp_path / "model.safetensors"), device_map="auto")
+    fresh, adapters = single()
+    fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    fresh = dispatch_model(fresh.eval(), device_map=infer_auto_device_map(fresh))
+    assert {layer.rank for layer in adapters.values()} == {4}
+    x = classification_batch(4, seed=2)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=x).logits, trained(input_ids=x).logits)
+
+
 def _run_epochs(steps: int, per_epoch: int, save_dir=None, save_at=None, resume_from=None):
     """README's recipe for the data order: a shuffled DataLoader with no generator of its own, accelerate's seedable
     sampler with a data seed, `set_epoch` at each epoch, and on resume the epoch and the batches of it already

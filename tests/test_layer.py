@@ -343,6 +343,25 @@ def test_lora_state_dict_carries_the_rank_so_the_adapters_reload_at_it():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
 
 
+def test_a_saved_rank_the_layer_has_no_level_for_is_an_error_of_the_load_naming_the_key():
+    """A model saved at rank 16 loaded (lora_state_dict, strict=False) into one built with rank_levels=(4, 8): the
+    layer's set_extra_state raised "rank: 16 is not a nested level of this layer; choose one of (4, 8)" from inside
+    load_state_dict, naming no layer nor file, as if the caller had chosen rank 16. It is now an error of the load,
+    listed with the other mismatches under the layer's key, and the layers keep their rank."""
+    model = tiny_llama()
+    inject_nested_lora(model, NestedLoRAConfig(target_modules=["q_proj", "v_proj"]))
+    for layer in lora_layers(model).values():
+        layer.set_rank(16)
+    small = tiny_llama()
+    inject_nested_lora(small, NestedLoRAConfig(target_modules=["q_proj", "v_proj"], rank_levels=(4, 8), max_rank=8))
+    for sd, strict in ((lora_state_dict(model), False), (model.state_dict(), True)):
+        with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn\.q_proj\._extra_state: saved at rank 16, "
+                                               r"which is not a nested level of this layer \(4, 8\); build the model "
+                                               r"with the rank_levels and max_rank it was saved with"):
+            small.load_state_dict(sd, strict=strict)
+        assert {layer.rank for layer in lora_layers(small).values()} == {8}
+
+
 @pytest.mark.parametrize("what", ["whole", "lora_only"])
 def test_weights_loaded_into_a_merged_model_are_merged_and_unmerge_leaves_the_right_base(what):
     """Loading into a merged model used to leave the old delta in the base weight: a whole state dict replaced

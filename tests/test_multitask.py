@@ -434,6 +434,46 @@ def test_a_model_saved_in_multi_reloads_with_strict_true_on_its_task_adapters(ar
     assert fresh_ctrl.mode == MULTI and fresh_ctrl.router.slots == ctrl.router.slots
 
 
+def test_a_model_saved_in_multi_reloads_through_torch_distributed_checkpoint(tmp_path):
+    """torch.distributed.checkpoint loads into the tensors of the state dict it is given, in place, so each saved
+    tensor must be as long as the fresh model's. A multi-task layer's `_extra_state` (JSON of its rank and router) was
+    as long as its text: 90 bytes in a freshly built model, 98 after a split with a task registered since, and
+    `dcp.load` refused the whole checkpoint ("Size mismatch between saved torch.Size([98]) and current:
+    torch.Size([90]) for ..._extra_state"). The JSON is now padded to a length fixed by the number of task slots:
+    the reload gives the saved topology, registry and outputs bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    ref = _per_task_outputs(model, x)
+    saved = model.state_dict()
+    dcp.save(saved, checkpoint_id=str(tmp_path / "dcp"))
+    fresh, fresh_ctrl = make()
+    sd = fresh.state_dict()
+    dcp.load(sd, checkpoint_id=str(tmp_path / "dcp"))
+    fresh.load_state_dict(sd, strict=True)
+    assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+    out = _per_task_outputs(fresh.eval(), x)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    # a state saved before the padding (the JSON's own length) still loads
+    layer = next(m for m in model.modules() if isinstance(m, MultiTaskNestedLoRALayer))
+    unpadded = torch.tensor(list(bytes(layer.get_extra_state().tolist()).rstrip()), dtype=torch.uint8)
+    fresh, fresh_ctrl = make()
+    fresh.load_state_dict({k: (unpadded if k.endswith("._extra_state") else v) for k, v in saved.items()})
+    assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+
+
+def test_a_state_dict_cast_whole_to_half_precision_loads_the_topology_and_the_registry():
+    """`{k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}`, the usual way to halve a checkpoint, casts
+    the multi-task layers' `_extra_state` (the JSON's bytes) to floats too; the load raised "TypeError: 'float' object
+    cannot be interpreted as an integer". bf16 holds every byte value exactly: the load restores the topology, the
+    registry and the rank."""
+    model, ctrl, x, make = _trained_through_a_split("bert")
+    fresh, fresh_ctrl = make()
+    fresh.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
+    assert {a.rank for a in fresh_ctrl.adapters} == {ctrl.rank}
+
+
 def test_a_merged_model_loading_a_state_dict_saved_in_multi_stays_unmerged_on_the_task_adapters():
     """A fresh model merged in SINGLE (its shared delta folded into the base weights) that loads a state dict saved in
     MULTI: it unmerges for the load, and merged the shared delta in again after it, so every task ran the shared
@@ -480,6 +520,22 @@ def test_a_state_dict_with_other_task_slots_is_an_error_of_the_load_and_a_rank_a
     layers = [m for m in fresh.modules() if isinstance(m, MultiTaskNestedLoRALayer)]
     assert {layer.rank for layer in layers} == {4} and fresh_ctrl.router.topology == "shared"
     assert fresh_ctrl.router.slots == {"a": 0, "b": 1}
+
+
+def test_a_multi_task_state_dict_loaded_into_a_single_task_model_is_an_error_naming_the_key():
+    """A multi-task model's adapters (lora_state_dict) loaded with strict=False into a model wrapped with
+    inject_nested_lora: the plain layer's set_extra_state took int() of the router's JSON and raised "only one
+    element tensors can be converted to Python scalars", naming no layer. It is an error of the load now, which names
+    the key and the builder to use."""
+    from unified_lora import NestedLoRAConfig, inject_nested_lora, lora_state_dict
+
+    model, _, _, _ = build()
+    plain = tiny_bert()
+    inject_nested_lora(plain, NestedLoRAConfig(target_modules=TARGETS))
+    with pytest.raises(RuntimeError, match=r"attention\.self\.query\._extra_state: saved by a multi-task layer \(its "
+                                           r"rank and task router\); load it into a model built with "
+                                           r"inject_multitask_lora / setup_multitask_lora"):
+        plain.load_state_dict(lora_state_dict(model), strict=False)
 
 
 def test_a_controller_state_in_multi_is_refused_by_a_merged_model_before_anything_loads():

@@ -821,6 +821,21 @@ def test_peft_controller_runs_at_the_fixed_peft_rank():
     assert PeftController(pm, None, print_fn=None).actuators.lr_mode == "multiplier"
 
 
+def test_peft_controller_steps_a_peft_model_with_a_rank_pattern():
+    """A PEFT model whose rank_pattern gives some layers another r than the config's: the controller's check that the
+    adapters run at its mode's rank (which a nested model's load_state_dict can move) refused every ctrl.step ("the
+    adapters run at rank [8, 16]"), and the set_rank it advised does nothing to a PEFT layer. PEFT's layers train at
+    their own fixed r: the steps run, through a Mirror cycle, and each layer keeps its r."""
+    base, targets, mts = tiny("bert")
+    pm = get_peft_model(base, LoraConfig(r=8, target_modules=targets, rank_pattern={targets[0]: 16},
+                                         modules_to_save=mts, task_type="SEQ_CLS"))
+    ranks = {n: m.r["default"] for n, m in pm.named_modules() if hasattr(m, "r") and isinstance(m.r, dict)}
+    assert set(ranks.values()) == {8, 16}
+    ctrl, params, at_snapshot, rec, pre = run_mirror_cycle(pm.train(), lr=5e-2)
+    assert rec.snapshot == "kept" and {r.rank for r in ctrl.trace} == {8}
+    assert ranks == {n: m.r["default"] for n, m in pm.named_modules() if hasattr(m, "r") and isinstance(m.r, dict)}
+
+
 def test_peft_controller_refuses_an_inactive_or_frozen_adapter(tmp_path):
     pm = bert_peft_model().eval()
     pm.save_pretrained(tmp_path)

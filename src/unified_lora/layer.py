@@ -645,6 +645,13 @@ class NestedLoRALayer(nn.Module):
     def set_extra_state(self, state) -> None:
         self.set_rank(int(state))
 
+    def _saved_rank(self, state: torch.Tensor):
+        """The rank an `_extra_state` tensor holds; a ValueError saying why if this layer cannot read it."""
+        if state.ndim != 0:
+            raise ValueError("saved by a multi-task layer (its rank and task router); load it into a model built with "
+                             "inject_multitask_lora / setup_multitask_lora")
+        return state.item()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         """A merged layer unmerges before its weights load, and merges the loaded delta again after (a post hook):
@@ -659,6 +666,17 @@ class NestedLoRALayer(nn.Module):
         key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
         if key in state_dict and _dcp_placeholder(state_dict[key]):
             state_dict = {k: v for k, v in state_dict.items() if k != key}
+        if torch.is_tensor(state_dict.get(key)):  # a rank this layer has no level for is an error of the load,
+            # listed with the other mismatches (set_rank raised it from inside the load, naming no key)
+            try:
+                r = self._saved_rank(state_dict[key])
+                if r not in self.boundaries:
+                    raise ValueError(f"saved at rank {r:g}, which is not a nested level of this layer "
+                                     f"{self.boundaries}; build the model with the rank_levels and max_rank it was "
+                                     "saved with")
+            except ValueError as e:
+                error_msgs.append(f"{key}: {e}")
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
         if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
             self._merge_after_load = self.merged_rank
             self.unmerge()

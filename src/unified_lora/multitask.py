@@ -343,6 +343,12 @@ class _TaskAdapter(nn.Module):
         self.lora_B = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in shared.lora_B)
 
 
+def _decode_extra_state(state: torch.Tensor) -> dict:
+    """A multi-task layer's `_extra_state` (`get_extra_state`) as the dict it was encoded from; also from a state dict
+    cast whole to half precision (`{k: v.half() ...}`), whose floats hold every byte value exactly."""
+    return json.loads(bytes(state.to(torch.uint8).tolist()).decode("utf-8"))
+
+
 class MultiTaskNestedLoRALayer(NestedLoRALayer):
     """`NestedLoRALayer` with `router.n_slots` pre-allocated task adapters (`lora_tasks[slot]`).
 
@@ -380,14 +386,21 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         after a split), the slot each task id holds and the number of slots, as UTF-8 JSON in a 1-D uint8 tensor
         (`<layer>._extra_state`; safetensors and `save_pretrained` store it as they store the weights). With the
         rank alone, a model saved in MULTI and loaded with `strict=True` into a freshly built one ran the shared
-        adapter for every task, its task adapters loaded into slots no sample used: other outputs, silently."""
+        adapter for every task, its task adapters loaded into slots no sample used: other outputs, silently.
+
+        The JSON is padded with spaces to a multiple of `128 + 64 * n_slots` bytes, so the tensor of a freshly built
+        model is as long as the trained one's (task ids up to about 50 characters): `torch.distributed.checkpoint`
+        loads into the state dict's own tensors, in place, and refused a model saved after a split ("Size mismatch
+        between saved torch.Size([98]) and current: torch.Size([90])")."""
         state = {"rank": self.rank, "router": self.router.state_dict()}
-        return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+        raw = json.dumps(state).encode("utf-8")
+        block = 128 + 64 * self.router.n_slots
+        return torch.tensor(list(raw.ljust(-(-len(raw) // block) * block)), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
         if state.ndim == 0:  # a plain NestedLoRALayer's, or saved before the router was kept: the rank alone
             return super().set_extra_state(state)
-        st = json.loads(bytes(state.tolist()).decode("utf-8"))
+        st = _decode_extra_state(state)
         self.router.load_state_dict(st["router"])  # (n_slots checked by _load_from_state_dict)
         if self.router.topology == "task":  # task adapters cannot be folded into one base weight: stay unmerged
             self.__dict__.pop("_merge_after_load", None)
@@ -400,7 +413,7 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
         saved = state_dict.get(key)
         if torch.is_tensor(saved) and saved.ndim == 1:
-            n = json.loads(bytes(saved.tolist()).decode("utf-8"))["router"]["n_slots"]
+            n = _decode_extra_state(saved)["router"]["n_slots"]
             if n != self.router.n_slots:
                 error_msgs.append(f"{key}: saved with {n} task slots (tasks + spare_slots), this model has "
                                   f"{self.router.n_slots}; build it with the same tasks and spare_slots as the saved "
@@ -408,6 +421,9 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _saved_rank(self, state: torch.Tensor):
+        return super()._saved_rank(state) if state.ndim == 0 else _decode_extra_state(state)["rank"]
 
     # -- blocks -----------------------------------------------------------------
     def task_A(self, slot: int) -> torch.Tensor:

@@ -817,6 +817,11 @@ class PeftController(UnifiedController):
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for v in self.adapters for p in v.lora_parameters()]
 
+    def _check_rank(self) -> None:
+        """Nothing to check: each PEFT layer trains at its own fixed r, which the controller never sets (a
+        `rank_pattern` gives some layers another r than the config's, the controller's rank). The nested layers'
+        check refused every step of such a model ("the adapters run at rank [8, 16]")."""
+
 
 def attach_to_peft_model(peft_model: nn.Module, optimizer=None, **kwargs) -> PeftController:
     """`PeftController(peft_model, optimizer, **kwargs)`: LR + Mirror control of a PEFT LoRA model."""
