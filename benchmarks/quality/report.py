@@ -386,7 +386,8 @@ TEST_RULE = ("Test: every method runs the same seeds, and seed s fixes the data 
              "shock for every method, so two cells pair by seed: Δ = mean of the per-seed differences, SE = "
              "sd(differences)/√n, df = n − 1 (3 seeds: 2 df, t = 4.30; 5 seeds: 4 df, t = 2.78); where the two "
              "cells' seeds differ, Welch (unpaired SE, Welch–Satterthwaite df). *better/worse* when |Δ| > t·SE, "
-             "t the two-sided 95 % point of Student's t at that df, else *equal*.")
+             "t the two-sided 95 % point of Student's t at that df, else *equal*: no difference shown at this power, "
+             "not shown to be the same.")
 
 
 OURS = ("unified_v1", "unified_v3")
@@ -509,8 +510,8 @@ def render_claims(runs: list[dict]) -> list[str]:
     """Whether each claim of the source documents reproduced, computed from the runs (nothing typed in)."""
     out = ["## The source documents' claims, checked", "",
            f"Δ = mean(ours) − mean(baseline) over seeds. {TEST_RULE} Only cells with ≥ {MIN_SEEDS} seeds on both "
-           "sides count. The majority-class comparisons (‡, †, *at the floor*) are one-sample t tests against the "
-           "fixed baseline at n − 1 df, two-sided 95 %.", ""]
+           "sides count. Every comparison with the majority class is a one-sample t test against the fixed baseline at "
+           "n − 1 df, two-sided 95 %.", ""]
     # 1. parity on GLUE with 33–56 % less rank
     out += ["### 1. \"3/4 GLUE tasks equal or better with 33–56 % rank reduction\" (vs fixed LoRA r8, clean)", "",
             "| task | ours | Δ primary metric vs lora_r8 | verdict | Δ vs lora_r16 | verdict | mean rank | "
