@@ -243,31 +243,31 @@ def test_claim_verdicts_are_computed_from_the_runs():
     for r in floor:
         r["majority_baseline"] = {"accuracy": 0.527}
     fmd = "\n".join(rep.render_claims(runs + floor))
-    assert "| rte | unified_v1 | +0.000 ± 0.006 (accuracy) | equal (|Δ| ≤ 2 SE); at the floor: lora_r8 is not" in fmd
+    assert "| rte | unified_v1 | +0.000 ± 0.006 (accuracy) | equal (|Δ| ≤ t·SE); at the floor: lora_r8 is not" in fmd
     assert "equal or better on 0/2 tasks measured (none), not counted where lora_r8 itself is at the" in fmd
     assert "floor (rte)" in fmd
     for r in floor:
-        r["majority_baseline"] = {"accuracy": 0.5}  # 0.53 ± 0.01 over 3 seeds is above 0.5 by > 2 SE
+        r["majority_baseline"] = {"accuracy": 0.5}  # 0.53 ± 0.01 over 3 seeds: 5.2 SE above 0.5 (t(0.975, 2) = 4.30)
     fmd = "\n".join(rep.render_claims(runs + floor))
     assert "at the floor" not in fmd and "equal or better on 1/2 tasks measured (rte)" in fmd
     assert "unified_v1 +35.0 points" in md and "Claim (+31 points) reproduced: **yes**" in md
-    assert ("| sst2 shock | unified_v1c | 3 | 3/3 | 50% (50%–50%) | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.008 better "
-            "| yes |") in md
+    assert ("| sst2 shock | unified_v1c | 3 | 3/3 | 50% (50%–50%) | 3 / 0 | +0.010 ± 0.010 | r8 +0.200 ± 0.000 better "
+            "| yes |") in md  # the same seeds: paired, and the difference is the same on every seed
     assert "**sst2 shock unified_v1c**" in md and "better than every fixed LoRA rank measured (lora_r8)" in md
     # the drop in the window (after − before): −0.09 against −0.30, the exploratory comparison
     assert "| yes | r8 +0.210 ± 0.006 better |" in md
-    assert "- sst2 shock unified_v1c (exploratory): drop -0.090; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
+    assert "- sst2 shock unified_v1c (exploratory): drop -0.090; smaller than lora_r8 by more than t·SE (every fixed rank)." in md
     # a fixed rank that recovers by itself takes the credit away from the controller
     runs += [_fake_run("sst2", "lora_r4", "shock", s, 0, shock=(0.8, 0.5, 0.8 + 0.01 * s)) for s in range(3)]
     md = "\n".join(rep.render_claims(runs))
-    assert "| r4 +0.000 ± 0.008 equal; r8 +0.200 ± 0.008 better | no |" in md
+    assert "| r4 +0.000 ± 0.000 equal; r8 +0.200 ± 0.000 better | no |" in md
     assert "not better than lora_r4. Reproduced: **yes**" in md  # reversible, but fixed r4 is too
-    assert "smaller than lora_r4, lora_r8 by more than 2 SE (every fixed rank)." in md
+    assert "smaller than lora_r4, lora_r8 by more than t·SE (every fixed rank)." in md
     # CoLA's shock cells were run after the drop hypothesis was written down: there it is a test
     runs += [_fake_run("cola", m, "shock", s, 0, shock=(0.3, 0.3 - d - 0.01 * s, 0.3))
              for s in range(3) for m, d in (("lora_r8", 0.2), ("unified_v3", 0.05), ("unified_v1", 0.05))]
     md = "\n".join(rep.render_claims(runs))
-    assert "- cola shock unified_v3 (test): drop -0.060; smaller than lora_r8 by more than 2 SE (every fixed rank)." in md
+    assert "- cola shock unified_v3 (test): drop -0.060; smaller than lora_r8 by more than t·SE (every fixed rank)." in md
     # the hypothesis names v3: another method's drop on the same task, run later, is not the test
     assert "- cola shock unified_v1 (exploratory): drop -0.060" in md
     # a cell that had learned nothing before the shock (CoLA at MCC 0) cannot reproduce or refute the cycle
@@ -314,18 +314,19 @@ def test_claim_one_read_against_r16_credits_the_controller_only_where_r8_falls_s
     runs = []
     for s in range(3):
         e = 0.01 * (s - 1)
-        runs += [_fake_run("mrpc", "lora_r8", "clean", s, 0.85 + e), _fake_run("mrpc", "lora_r16", "clean", s, 0.86 + e),
-                 _fake_run("mrpc", "unified_v1", "clean", s, 0.855 + e, 7.7),
+        j, k = (0.01, -0.01, 0.0)[s], (0.005, -0.005, 0.0)[s]  # the methods' own seed noise on MRPC (pairs differ)
+        runs += [_fake_run("mrpc", "lora_r8", "clean", s, 0.85 + e), _fake_run("mrpc", "lora_r16", "clean", s, 0.86 + e + k),
+                 _fake_run("mrpc", "unified_v1", "clean", s, 0.855 + e + j, 7.7),
                  _fake_run("cola", "lora_r8", "clean", s, 0.10 + e), _fake_run("cola", "lora_r16", "clean", s, 0.20 + e),
                  _fake_run("cola", "unified_v1", "clean", s, 0.20 + e, 8.0)]
     md = "\n".join(rep.render_claims(runs))
-    assert "| mrpc | unified_v1 | +0.005 ± 0.008 (f1) | equal (|Δ| ≤ 2 SE) | -0.005 ± 0.008 | equal | 7.70 | +4% / +52% |" in md
-    assert "| cola | unified_v1 | +0.100 ± 0.008 (mcc) | better | +0.000 ± 0.008 | equal | 8.00 | +0% / +50% |" in md
+    assert "| mrpc | unified_v1 | +0.005 ± 0.006 (f1) | equal (|Δ| ≤ t·SE) | -0.005 ± 0.003 | equal | 7.70 | +4% / +52% |" in md
+    assert "| cola | unified_v1 | +0.100 ± 0.000 (mcc) | better | +0.000 ± 0.000 | equal | 8.00 | +0% / +50% |" in md
     assert ("Read against lora_r16: equal or better on 2/2 tasks with r16 measured (cola, mrpc); rank reduction vs "
             "r16 +50% to +52%. Fixed lora_r8 is worse than r16 on cola, where the controller is not.") in md
     # every clean cell against every fixed rank, the fixed ranks among themselves included
-    assert "| cola | lora_r8 | mcc | r16 -0.100 ± 0.008 worse |" in md
-    assert "| cola | unified_v1 | mcc | r8 +0.100 ± 0.008 better; r16 +0.000 ± 0.008 equal |" in md
+    assert "| cola | lora_r8 | mcc | r16 -0.100 ± 0.000 worse |" in md
+    assert "| cola | unified_v1 | mcc | r8 +0.100 ± 0.000 better; r16 +0.000 ± 0.000 equal |" in md
     cola = [r for r in runs if r["task"] == "cola"]  # r8 as good as r16 everywhere: the saving is rank 8's
     for r in cola:
         if r["method"] == "lora_r8":
@@ -605,6 +606,6 @@ def test_controller_variants_are_compared_with_lora_r8_and_their_default_variant
                  _fake_run("sst2", "unified_v3_d10", "clean", s, 0.16 + 0.01 * s)]
     runs += [_fake_run("sst2", "unified_v3_never", "clean", s, 0.1) for s in range(2)]  # n=2: left out
     md = "\n".join(rep.render_variants(runs))
-    assert "| sst2 | clean | unified_v3_d10 | 3 | 0.170 ± 0.010 (accuracy) | lora_r8 +0.000 ± 0.008 equal; " \
-           "unified_v3 +0.130 ± 0.008 better |" in md
+    assert "| sst2 | clean | unified_v3_d10 | 3 | 0.170 ± 0.010 (accuracy) | lora_r8 +0.000 ± 0.000 equal; " \
+           "unified_v3 +0.130 ± 0.000 better |" in md  # paired: the same seed noise
     assert "unified_v3_never" not in md and "| sst2 | clean | unified_v3 |" not in md

@@ -211,3 +211,77 @@ def test_report_counts_an_older_adalora_runs_params_over_the_run_not_at_its_last
     old["final_rank_per_layer"] = [12] + old["final_rank_per_layer"][1:]  # layers of other shapes: not recoverable
     with pytest.raises(ValueError, match="cannot be recovered"):
         rep.active_params(old)
+
+
+# ------------------------------------------------------------------ the test behind report.py's verdicts
+def _cellruns(values, seeds=None, method="m"):
+    """One cell's runs, as report.py reads them: seed s ran with value `values[i]`, same (empty) budget."""
+    seeds = range(len(values)) if seeds is None else seeds
+    return [{"task": "sst2", "method": method, "condition": "clean", "seed": s, "config": {},
+             "primary_metric": "accuracy", "majority_baseline": {"accuracy": 0.5}, "metrics": {"accuracy": v}}
+            for s, v in zip(seeds, values)]
+
+
+def _acc(r):
+    return r["metrics"]["accuracy"]
+
+
+def test_the_t_quantile_matches_the_printed_table_without_scipy():
+    rep = load_benchmark("quality/report.py")
+    # two-sided 95 % points of Student's t (any printed table; the non-whole df from scipy.stats.t.ppf(0.975, df))
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423), (2.5, 3.5747),
+                  (3.7, 2.8675)):
+        assert rep._t_crit(df) == pytest.approx(t, abs=1e-4), df
+    assert rep._t_p(1.3, 4) == pytest.approx(0.263452, abs=1e-6)
+    assert rep._t_p(4.302653, 2) == pytest.approx(0.05, abs=1e-7)
+
+
+def test_a_verdict_that_two_welch_ses_called_better_is_equal_by_the_paired_t_at_2_df():
+    rep = load_benchmark("quality/report.py")
+    # per-seed differences 2, 1, 3: Δ 2, SE = sd 1 / √3 = 0.577, t = 3.46 < t(0.975, 2) = 4.30. The old rule (Welch SE
+    # √(1/3 + 1/3) = 0.816, Δ > 2 SE) printed "better" from three seeds
+    d = rep._delta(_cellruns([3, 4, 5]), _cellruns([1, 3, 2]), _acc)
+    assert (d[0], d.test, d.df) == (2, "paired", 2)
+    assert d[1] == pytest.approx(1 / 3 ** 0.5)
+    assert d[2].startswith("equal") and d.crit == pytest.approx(4.3027, abs=1e-4)
+    assert d.p == pytest.approx(0.0742, abs=1e-4)
+
+
+def test_pairing_by_seed_makes_a_consistent_small_difference_significant():
+    rep = load_benchmark("quality/report.py")
+    # seeds differ a lot from one another, the methods by 0.10, 0.10, 0.12 on every seed: paired SE 0.00667
+    # (t = 16 at 2 df), where the unpaired SE (about 0.82) buries the difference
+    d = rep._delta(_cellruns([1.10, 2.10, 3.12]), _cellruns([1.0, 2.0, 3.0]), _acc)
+    assert d[0] == pytest.approx(0.32 / 3) and d[1] == pytest.approx(0.02 / 3) and d[2] == "better"
+    assert rep._delta(_cellruns([1.0, 2.0, 3.0]), _cellruns([1.10, 2.10, 3.12]), _acc)[2] == "worse"
+
+
+def test_only_seeds_present_in_both_cells_pair_and_they_pair_by_seed_not_by_position():
+    rep = load_benchmark("quality/report.py")
+    a = _cellruns([3, 4, 5])
+    # b's runs listed as seeds 1, 2, 0 (a folder's file order is not seed order): by seed the differences are 2, 1, 3
+    # (SE 0.577); by position they would be 0, 2, 4 (SE 1.155)
+    shuffled = rep._delta(a, _cellruns([3, 2, 1], seeds=[1, 2, 0]), _acc)
+    assert shuffled.test == "paired" and shuffled[1] == pytest.approx(1 / 3 ** 0.5)
+    # seeds 0, 1, 2 against 0, 1, 3: no pairing; Welch with Welch–Satterthwaite df (here 4), t(0.975, 4) = 2.78
+    w = rep._delta(a, _cellruns([1, 3, 2], seeds=[0, 1, 3]), _acc)
+    assert (w[0], w.test, w.df) == (2, "Welch", pytest.approx(4.0))
+    assert w[1] == pytest.approx((2 / 3) ** 0.5) and w[2].startswith("equal")
+    # a seed twice in one cell: no pairing either
+    assert rep._delta(a + a, _cellruns([1, 3, 2]), _acc).test == "Welch"
+
+
+def test_above_the_majority_class_is_a_one_sample_t_at_n_minus_1_df():
+    rep = load_benchmark("quality/report.py")
+    # 0.6, 0.7, 0.8 against a 0.5 majority: 0.2 above it, SE 0.0577, t = 3.46: more than 2 SE, less than 4.30 SE
+    assert not rep._above_majority(_cellruns([0.6, 0.7, 0.8]), _acc)
+    assert rep._above_majority(_cellruns([0.68, 0.7, 0.72]), _acc)
+
+
+def test_a_tables_multiplicity_line_counts_its_tests_and_applies_holm():
+    rep = load_benchmark("quality/report.py")
+    ds = [rep.Delta(0.1, 0.01, v, "paired", 2, 4.3, p) for v, p in
+          (("better", 0.01), ("worse", 0.02), ("better", 0.04), ("equal (|Δ| ≤ t·SE)", 0.3))]
+    assert rep._holm(ds) == 1  # 0.01 ≤ 0.05/4; 0.02 > 0.05/3
+    line = rep._multiplicity(ds + [rep.Delta(float("nan"), float("nan"), "budgets differ: no verdict")])
+    assert "makes 4 tests" in line and "about 0.2 *better/worse*" in line and "It gives 3; 1 survive" in line

@@ -10,7 +10,9 @@ vs label-noise rate per method; dev metric over training for the shock runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -239,24 +241,153 @@ def _stats(rs, key):
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else float("nan")), len(v)
 
 
+# ------------------------------------------------------------------ the test behind every verdict
+LEVEL = 0.95  # two-sided: a verdict is a difference beyond the 97.5 % point of Student's t
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_p(t: float, df: float) -> float:
+    """Two-sided p-value P(|T| >= |t|) of Student's t with `df` (> 0, not necessarily whole) degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+@functools.lru_cache(maxsize=None)
+def _t_crit(df: float, level: float = LEVEL) -> float:
+    """The two-sided critical value of Student's t: P(|T| > t) = 1 − level (4.303 at 2 df, 2.776 at 4 df), by
+    bisection on `_t_p`; no scipy (it is not a dependency of this project)."""
+    alpha = 1.0 - level
+    lo, hi = 0.0, 1.0
+    while _t_p(hi, df) > alpha:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if _t_p(mid, df) > alpha:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return (lo + hi) / 2.0
+
+
+class Delta(tuple):
+    """(Δ, SE, verdict), unpacked as a triple, with the test's `test` ("paired" or "Welch"), `df`, critical value
+    `crit` and two-sided `p` as attributes."""
+
+    def __new__(cls, d, se, verdict, test="", df=float("nan"), crit=float("nan"), p=float("nan")):
+        self = super().__new__(cls, (d, se, verdict))
+        self.test, self.df, self.crit, self.p = test, df, crit, p
+        return self
+
+
+def _paired_seeds(a: list[dict], b: list[dict]) -> list | None:
+    """The seeds the two cells pair on, or None when they do not pair. Seed s fixes the data order, the label noise
+    and the shock of every method (run.py), so two cells pair when each holds each of its seeds once and both hold
+    the same seeds; a seed missing on either side leaves the cells unpaired (Welch on every run of each)."""
+    sa, sb = [r["seed"] for r in a], [r["seed"] for r in b]
+    if len(set(sa)) != len(sa) or len(set(sb)) != len(sb) or set(sa) != set(sb):
+        return None
+    return sorted(sa)
+
+
+def _verdict(d: float, se: float, crit: float) -> str:
+    if d > crit * se:
+        return "better"
+    if d < -crit * se:
+        return "worse"
+    return "equal (|Δ| ≤ t·SE)"
+
+
 def _delta(a, b, key):
-    """mean(a) − mean(b), its standard error (Welch), and a verdict at ±2 SE; no verdict (and no Δ) when the two
-    cells ran with different budgets (steps, lr, model, ...), since the difference would not be the method's."""
+    """mean(a) − mean(b), its standard error and a verdict by Student's t, two-sided at LEVEL. Cells that pair by
+    seed (`_paired_seeds`): Δ = mean of the per-seed differences, SE = sd(differences) / √n, df = n − 1. Otherwise
+    Welch: SE² = sa²/na + sb²/nb, Welch–Satterthwaite df. *better*/*worse* when |Δ| > t(df)·SE, else *equal*. No
+    verdict (and no Δ) when the two cells ran with different budgets (steps, lr, model, ...), since the difference
+    would not be the method's."""
     if budget_diff(_shared_budget(a), _shared_budget(b)):
-        return float("nan"), float("nan"), "budgets differ: no verdict"
-    ma, sa, na = _stats(a, key)
-    mb, sb, nb = _stats(b, key)
-    d = ma - mb
-    se = (sa ** 2 / na + sb ** 2 / nb) ** 0.5 if na > 1 and nb > 1 else float("nan")
-    if se != se:
-        verdict = "n<2: no verdict"
-    elif d > 2 * se:
-        verdict = "better"
-    elif d < -2 * se:
-        verdict = "worse"
+        return Delta(float("nan"), float("nan"), "budgets differ: no verdict")
+    seeds = _paired_seeds(a, b)
+    if seeds is not None and len(seeds) > 1:
+        ka, kb = {r["seed"]: key(r) for r in a}, {r["seed"]: key(r) for r in b}
+        d, sd, n = _stats([ka[s] - kb[s] for s in seeds], lambda x: x)
+        se, df, test = sd / n ** 0.5, n - 1, "paired"
     else:
-        verdict = "equal (|Δ| ≤ 2 SE)"
-    return d, se, verdict
+        ma, sa, na = _stats(a, key)
+        mb, sb, nb = _stats(b, key)
+        d, test = ma - mb, "Welch"
+        if na < 2 or nb < 2:
+            return Delta(d, float("nan"), "n<2: no verdict", test)
+        va, vb = sa ** 2 / na, sb ** 2 / nb
+        se = (va + vb) ** 0.5
+        df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else na + nb - 2
+    crit = _t_crit(df)
+    p = 1.0 if d == 0 else 0.0 if se == 0 else _t_p(d / se, df)
+    return Delta(d, se, _verdict(d, se, crit), test, df, crit, p)
+
+
+def _holm(deltas) -> int:
+    """How many of the tests' better/worse verdicts survive Holm's step-down correction at 1 − LEVEL familywise."""
+    ps = sorted(x.p for x in deltas if x.p == x.p)
+    k = 0
+    for i, p in enumerate(ps):
+        if p > (1.0 - LEVEL) / (len(ps) - i):
+            break
+        k += 1
+    return k
+
+
+def _multiplicity(deltas, what: str = "") -> str:
+    """The legend line on a table's multiple comparisons: how many tests, how many better/worse verdicts chance alone
+    would give at LEVEL, how many it gave, and how many survive Holm."""
+    ds = [x for x in deltas if x.p == x.p]
+    if not ds:
+        return ""
+    made = sum(x[2] in ("better", "worse") for x in ds)
+    alpha = 1.0 - LEVEL
+    return (f"Multiple comparisons: this table makes {len(ds)} tests{what}, each at two-sided {alpha:.0%}, uncorrected; "
+            f"with no real difference anywhere about {alpha * len(ds):.1f} *better/worse* verdicts would come by "
+            f"chance. It gives {made}; {_holm(ds)} survive Holm's correction over the table's {len(ds)} tests "
+            f"({alpha:.0%} familywise).")
+
+
+TEST_RULE = ("Test: every method runs the same seeds, and seed s fixes the data order, the label noise and the "
+             "shock for every method, so two cells pair by seed: Δ = mean of the per-seed differences, SE = "
+             "sd(differences)/√n, df = n − 1 (3 seeds: 2 df, t = 4.30; 5 seeds: 4 df, t = 2.78); where the two "
+             "cells' seeds differ, Welch (unpaired SE, Welch–Satterthwaite df). *better/worse* when |Δ| > t·SE, "
+             "t the two-sided 95 % point of Student's t at that df, else *equal*: no difference shown at this power, "
+             "not shown to be the same.")
 
 
 OURS = ("unified_v1", "unified_v3")
@@ -318,18 +449,18 @@ def _shock_episodes(r: dict) -> list[tuple[int, int, str | None]]:
     return [e for e in _mirror_episodes(r) if _in_window(r, e[0], e[1]) > 0]
 
 
-_NOTHING_LEARNED = ("before the shock its dev metric was not above the majority class's by more than 2 SE, so there "
-                    "was nothing to lose or to recover.")
+_NOTHING_LEARNED = ("before the shock its dev metric was not above the majority class's by more than t·SE "
+                    "(one-sample t, n − 1 df, two-sided 95 %), so there was nothing to lose or to recover.")
 
 
 def _above_majority(rs, value) -> bool:
-    """Whether mean value(run) is above the majority-class baseline by more than 2 SE. Runs without a
-    recorded baseline are taken as above it."""
+    """Whether mean value(run) is above the majority-class baseline by more than t·SE: a one-sample t test against
+    the fixed baseline, n − 1 df, two-sided at LEVEL. Runs without a recorded baseline are taken as above it."""
     base = rs[0].get("majority_baseline", {}).get(rs[0]["primary_metric"])
     if base is None:
         return True
     m, sd, n = _stats(rs, value)
-    return m - base > 2 * (sd / n ** 0.5 if n > 1 else 0.0)
+    return m - base > (_t_crit(n - 1) * sd / n ** 0.5 if n > 1 else 0.0)
 
 
 def _learned_before_shock(rs) -> bool:
@@ -354,9 +485,9 @@ FIXED = ("lora_r4", "lora_r8", "lora_r16")
 
 
 def _against_every_fixed_rank(runs: list[dict], tasks) -> list[str]:
-    """Clean cells: each fixed rank and each controller against every other fixed rank (Welch, 2 SE), so that
+    """Clean cells: each fixed rank and each controller against every other fixed rank (`_delta`), so that
     "equal to every fixed rank" and "the fixed ranks are equal to one another" are read off the page."""
-    rows = []
+    rows, tests = [], []
     for task in tasks:
         bases = {b: rs for b in FIXED if len(rs := _cell(runs, task, "clean", b)) >= MIN_SEEDS}
         if len(bases) < 2:
@@ -366,28 +497,32 @@ def _against_every_fixed_rank(runs: list[dict], tasks) -> list[str]:
             ours = _cell(runs, task, "clean", m)
             if len(ours) >= MIN_SEEDS:
                 vs = {b: _delta(ours, rs, lambda r: r["metrics"][pm]) for b, rs in bases.items() if b != m}
+                tests += vs.values()
                 rows.append(f"| {task} | {m} | {pm} | {_fmt_vs(vs)} |")
     if not rows:
         return []
-    return ["", "Clean, against every fixed LoRA rank with ≥ 3 seeds (Δ = row − column rank, Welch, 2 SE):", "",
-            "| task | method | metric | Δ vs each fixed rank |", "|---|---|---|---|", *rows]
+    return ["", "Clean, against every fixed LoRA rank with ≥ 3 seeds (Δ = row − column rank, paired t as above):", "",
+            "| task | method | metric | Δ vs each fixed rank |", "|---|---|---|---|", *rows, "",
+            _multiplicity(tests, " (each pair of fixed ranks twice, once from each side)")]
 
 
 def render_claims(runs: list[dict]) -> list[str]:
     """Whether each claim of the source documents reproduced, computed from the runs (nothing typed in)."""
     out = ["## The source documents' claims, checked", "",
-           "Δ = mean(ours) − mean(baseline) over seeds; SE = Welch standard error; *better/worse* when |Δ| > 2 SE, "
-           f"else *equal*. Only cells with ≥ {MIN_SEEDS} seeds on both sides count.", ""]
+           f"Δ = mean(ours) − mean(baseline) over seeds. {TEST_RULE} Only cells with ≥ {MIN_SEEDS} seeds on both "
+           "sides count. Every comparison with the majority class is a one-sample t test against the fixed baseline at "
+           "n − 1 df, two-sided 95 %.", ""]
     # 1. parity on GLUE with 33–56 % less rank
     out += ["### 1. \"3/4 GLUE tasks equal or better with 33–56 % rank reduction\" (vs fixed LoRA r8, clean)", "",
             "| task | ours | Δ primary metric vs lora_r8 | verdict | Δ vs lora_r16 | verdict | mean rank | "
             "rank reduction vs r8 / vs r16 |", "|---|---|---|---|---|---|---|---|"]
     tasks = sorted({r["task"] for r in runs})
-    # Tasks where clean lora_r8 is not above the majority class by 2 SE: nothing is learned at this budget, so neither
+    # Tasks where clean lora_r8 is not above the majority class by t·SE: nothing is learned at this budget, so neither
     # "equal" (claim 1) nor any verdict under label noise (claim 2) says anything there.
     unlearned = {t for t in tasks if len(c8 := _cell(runs, t, "clean", "lora_r8")) >= MIN_SEEDS
                  and not _above_majority(c8, lambda r: r["metrics"][r["primary_metric"]])}
     per_method: dict = {m: [] for m in OURS}
+    tests: list = []  # every verdict the table prints, for its multiplicity line
     r8_holds_vs_r16: dict = {}  # task -> whether fixed lora_r8 is equal to or better than lora_r16 there
     for task in tasks:
         base = _cell(runs, task, "clean", "lora_r8")
@@ -403,16 +538,17 @@ def render_claims(runs: list[dict]) -> list[str]:
             ours = _cell(runs, task, "clean", m)
             if len(ours) < MIN_SEEDS:
                 continue
-            d, se, v = _delta(ours, base, metric)
+            d, se, v = t8 = _delta(ours, base, metric)
             v16 = _delta(ours, r16, metric) if task in r8_holds_vs_r16 else None
+            tests += [t8] + ([v16] if v16 else [])
             rank = statistics.fmean(r["mean_active_rank"] for r in ours)
             per_method[m].append({"task": task, "verdict": v, "floor": floor, "red8": 1 - rank / 8,
                                   "v16": v16 and v16[2], "red16": 1 - rank / 16})
-            v += "; at the floor: lora_r8 is not above the majority class by 2 SE" if floor else ""
+            v += "; at the floor: lora_r8 is not above the majority class by t·SE" if floor else ""
             out.append(f"| {task} | {m} | {d:+.3f} ± {se:.3f} ({pm}) | {v} | "
                        + (f"{v16[0]:+.3f} ± {v16[1]:.3f} | {v16[2].split(' ')[0]}" if v16 else "– | –")
                        + f" | {rank:.2f} | {1 - rank / 8:+.0%} / {1 - rank / 16:+.0%} |")
-    out.append("")
+    out += ["", _multiplicity(tests), ""] if tests else [""]
     for m, rows in per_method.items():
         if not rows:
             continue
@@ -448,6 +584,7 @@ def render_claims(runs: list[dict]) -> list[str]:
             "pure noise)", "", "| task | noise | ours | Δ vs lora_r8 | verdict | Δ vs adalora | verdict |",
             "|---|---|---|---|---|---|---|"]
     any_noise = marked = False
+    tests = []
     for task in tasks:
         mark = " ‡" if task in unlearned else ""  # a noisy cell cannot show robustness where nothing is learned clean
         for cond in ("noise40", "noise20"):
@@ -460,11 +597,13 @@ def render_claims(runs: list[dict]) -> list[str]:
                 any_noise = True
                 marked = marked or bool(mark)
                 pm = "f1" if "f1" in ours[0]["metrics"] else ours[0]["primary_metric"]
-                d, se, v = _delta(ours, base, lambda r: r["metrics"][pm])
+                d, se, v = t8 = _delta(ours, base, lambda r: r["metrics"][pm])
                 da = _delta(ours, ada, lambda r: r["metrics"][pm]) if len(ada) >= MIN_SEEDS else None
+                tests += [t8] + ([da] if da else [])
                 out.append(f"| {task} | {cond} | {m} | {d:+.3f} ± {se:.3f} ({pm}) | {v}{mark} | "
                            + (f"{da[0]:+.3f} ± {da[1]:.3f} | {da[2]}{mark}" if da else "– | –") + " |")
     if any_noise:
+        out += ["", _multiplicity(tests)]
         mrpc = [(m, _cell(runs, "mrpc", "noise40", m)) for m in OURS]
         base = _cell(runs, "mrpc", "noise40", "lora_r8")
         got = [(m, _delta(rs, base, lambda r: r["metrics"]["f1"])[0]) for m, rs in mrpc if len(rs) >= MIN_SEEDS and len(base) >= MIN_SEEDS]
@@ -482,7 +621,7 @@ def render_claims(runs: list[dict]) -> list[str]:
                     + f". Claim (+31 points) reproduced: {verdict}."]
         if marked:
             out += ["", "‡ Uninformative row: on clean labels, at the same budget, lora_r8 is not above the majority "
-                    "class by more than 2 SE. This budget learns nothing there that label noise could take away, so no "
+                    "class by more than t·SE. This budget learns nothing there that label noise could take away, so no "
                     "verdict under noise (equal, better or worse) says anything about robustness to it."]
     else:
         out.append(f"| – | – | – | no noisy cells with ≥ {MIN_SEEDS} seeds yet | | | |")
@@ -490,11 +629,12 @@ def render_claims(runs: list[dict]) -> list[str]:
     out += ["", "### 3. \"A fully reversible stress→recovery cycle\" (shock conditions)", "",
             "| task, condition | method | n | runs in MIRROR during the window | shock window in MIRROR, mean "
             "(min–max) | their Mirror exits restored / kept | recovery (end − before) | "
-            "Δ recovery vs each fixed LoRA rank (Welch, 2 SE) | beats every fixed rank | "
+            "Δ recovery vs each fixed LoRA rank (paired t) | beats every fixed rank | "
             "Δ drop (after − before) vs each fixed rank |", "|---|---|---|---|---|---|---|---|---|---|"]
     verdicts: list[str] = []
     drops: list[str] = []
     floored = 0
+    tests: list = []
     for task, scond in ((t, c) for t in tasks for c in SHOCKS):
         bases = {m: _cell(runs, task, scond, m) for m in FIXED}
         bases = {m: rs for m, rs in bases.items() if len(rs) >= MIN_SEEDS}
@@ -510,6 +650,7 @@ def render_claims(runs: list[dict]) -> list[str]:
             if len(ours) >= MIN_SEEDS:
                 vs = {b: _delta(ours, rs, _recovery) for b, rs in bases.items()}
                 vd = {b: _delta(ours, rs, _drop) for b, rs in bases.items()}
+                tests += [*vs.values(), *vd.values()]
             beats = bool(vs) and all(v == "better" for _, _, v in vs.values())
             learned = _learned_before_shock(ours)
             floor = "" if learned or not vs else " †"  # the Δ columns compare noise at the floor
@@ -522,13 +663,13 @@ def render_claims(runs: list[dict]) -> list[str]:
                 smaller = [b for b, (_, _, v) in vd.items() if v == "better"]
                 drops.append(f"- {task} {scond} {m} ({'test' if task in DROP_TESTED_ON and m == DROP_HYPOTHESIS_METHOD else 'exploratory'}): "
                              f"drop {_stats(ours, _drop)[0]:+.3f}; smaller than "
-                             + (", ".join(smaller) if smaller else "no fixed rank") + " by more than 2 SE"
+                             + (", ".join(smaller) if smaller else "no fixed rank") + " by more than t·SE"
                              + (" (every fixed rank)" if len(smaller) == len(vd) else "") + "."
                              + ("" if learned else " Uninformative, because " + _NOTHING_LEARNED))
             if len(ours) >= MIN_SEEDS:
                 restored_runs = sum(1 for r in ours if any(e[2] == "restored" for e in _shock_episodes(r)))
                 full = (entered == len(ours) and restored_runs == len(ours)
-                        and mr >= -2 * sr / len(ours) ** 0.5)
+                        and mr >= -_t_crit(len(ours) - 1) * sr / len(ours) ** 0.5)
                 not_better = [b for b, (_, _, v) in vs.items() if v != "better"]
                 versus = ("; better than every fixed LoRA rank measured (" + ", ".join(vs) + ")" if beats else
                           "; not better than " + ", ".join(not_better) if not_better else "; no fixed-rank baseline")
@@ -539,15 +680,18 @@ def render_claims(runs: list[dict]) -> list[str]:
                                    else "partly: recovers better than fixed LoRA, not fully" if beats else "no") + "**."
                                 + ("" if learned else " Untestable, because " + _NOTHING_LEARNED))
     out.append("")
+    if tests:
+        out += [_multiplicity(tests, " (recovery and drop together)"), ""]
     if floored:
         out += ["† Uninformative row: before the shock this controller's dev metric was not above the majority "
-                "class's by more than 2 SE, so there was nothing to lose or to recover, and its Δ columns compare seed "
+                "class's by more than t·SE, so there was nothing to lose or to recover, and its Δ columns compare seed "
                 "noise at the floor, whatever verdict they print.", ""]
     out += verdicts or [f"- no shock cell with ≥ {MIN_SEEDS} seeds yet"]
     out += ["", "Reproduced = in every run a MIRROR episode overlaps the shock window and one such episode's exit restores "
             "the snapshot, and the "
-            "dev metric returns to its pre-shock level within 2 SE (recovery = end − before). *Partly* = not that, "
-            "but the recovery beats every fixed LoRA rank (r4, r8, r16, those with ≥ 3 seeds) by more than 2 SE. "
+            "dev metric returns to its pre-shock level within t·SE (recovery = end − before; one-sample t, n − 1 df, "
+            "two-sided 95 %). *Partly* = not that, but the recovery beats every fixed LoRA rank (r4, r8, r16, those "
+            "with ≥ 3 seeds) by the paired t test above. "
             "Whether fixed LoRA recovers by itself is in the \"beats\" column: a reversible cycle that fixed LoRA "
             "also shows is not the controller's doing. \"Shock window in MIRROR\" is the share of the window's steps "
             "the controller spent in MIRROR (from its transitions): a Mirror episode shorter than the window leaves "
@@ -565,7 +709,7 @@ def render_claims(runs: list[dict]) -> list[str]:
 def render_variants(runs: list[dict]) -> list[str]:
     """Controller variants (Mirror exit rule, min_dwell) outside the shock cells, each vs lora_r8 and vs the
     default variant of the same signal (e.g. unified_v3_d10 vs unified_v3); cells with >= MIN_SEEDS seeds."""
-    rows = []
+    rows, tests = [], []
     for task, cond, m in sorted({(r["task"], r["condition"], r["method"]) for r in runs
                                  if r["method"].startswith("unified_") and r["method"] not in OURS
                                  and r["condition"] not in SHOCKS}):
@@ -577,17 +721,17 @@ def render_variants(runs: list[dict]) -> list[str]:
         if len(ours) < MIN_SEEDS or any(len(rs) < MIN_SEEDS for rs in refs.values()):
             continue
         pm = ours[0]["primary_metric"]
-        cmp = "; ".join(f"{ref} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}"
-                        for ref, (d, se, v) in ((ref, _delta(ours, rs, lambda r: r["metrics"][pm]))
-                                                for ref, rs in refs.items()))
+        vs = {ref: _delta(ours, rs, lambda r: r["metrics"][pm]) for ref, rs in refs.items()}
+        tests += vs.values()
+        cmp = "; ".join(f"{ref} {d:+.3f} ± {se:.3f} {v.split(' ')[0]}" for ref, (d, se, v) in vs.items())
         rows.append(f"| {task} | {cond} | {m} | {len(ours)} | {ms([r['metrics'][pm] for r in ours])} ({pm}) | {cmp} |")
     if not rows:
         return []
     return ["## Controller variants (not shocked)", "",
-            "Δ = mean(variant) − mean(reference), Welch SE, *better/worse* beyond 2 SE; the reference is lora_r8 and "
-            "the default variant of the same signal.", "",
+            "Δ = mean(variant) − mean(reference); the reference is lora_r8 and the default variant of the same "
+            f"signal. {TEST_RULE}", "",
             "| task | condition | variant | n | primary metric | Δ vs reference |", "|---|---|---|---|---|---|",
-            *rows, ""]
+            *rows, "", _multiplicity(tests), ""]
 
 
 def render_probe(probe_dir: Path) -> list[str]:
