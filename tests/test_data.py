@@ -501,3 +501,14 @@ def test_an_installed_package_does_not_pick_up_a_shared_glue_folder_on_its_way_t
     (tmp_path / "ws" / "shared" / "data" / "glue").mkdir(parents=True)
     checkout = _copy_of_loaders(tmp_path / "ws" / "repo" / "src")
     assert checkout._find_shared_glue() == (tmp_path / "ws" / "shared" / "data" / "glue").resolve()
+
+
+def test_a_package_installed_right_under_the_root_finds_no_shared_glue_and_says_so(tmp_path, monkeypatch):
+    # at /unified_lora/data/loaders.py (a container image that copies the package to /), `here.parents[3]` does not
+    # exist: RTE, CoLA and SST-2 raised IndexError, an internal error, instead of the DataError that says what to pass
+    module = _copy_of_loaders(tmp_path)
+    module.__file__ = "/unified_lora/data/loaders.py"
+    monkeypatch.delenv(module.GLUE_ENV_VAR, raising=False)
+    assert module._find_shared_glue() is None
+    with pytest.raises(module.DataError, match="pass data_dir="):
+        module.resolve_glue_dir("rte")

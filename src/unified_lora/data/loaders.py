@@ -84,8 +84,10 @@ def _find_shared_glue() -> Path | None:
     # GLUE copy in <workspace>/shared/data/glue. An installed package does not look: from site-packages the walk up
     # would take any shared/data/glue on the way to / (e.g. /tmp/shared/...) for RTE, CoLA and SST-2, silently.
     here = Path(__file__).resolve()
+    if len(here.parents) < 4 or here.parents[2].name != "src":  # (a package at /unified_lora: parents[3] raised
+        return None                                              # IndexError instead of "not shipped, pass data_dir=")
     checkout = here.parents[3]
-    if here.parents[2].name != "src" or not (checkout / "pyproject.toml").is_file():
+    if not (checkout / "pyproject.toml").is_file():
         return None
     for parent in (checkout, *checkout.parents):
         candidate = parent / "shared" / "data" / "glue"
