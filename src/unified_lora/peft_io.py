@@ -68,7 +68,10 @@ def infer_task_type(model: nn.Module) -> str | None:
     if name.endswith("ForConditionalGeneration"):
         config = getattr(model, "config", None)
         get_text = getattr(config, "get_text_config", None)
-        text = get_text(decoder=True) if callable(get_text) else config
+        try:
+            text = get_text(decoder=True) if callable(get_text) else config
+        except TypeError:  # a transformers whose get_text_config takes no `decoder` (not checked offline at 4.45)
+            text = get_text()
         encdec = getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False)
         return "SEQ_2_SEQ_LM" if encdec else "CAUSAL_LM"
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
