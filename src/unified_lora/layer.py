@@ -664,19 +664,20 @@ class NestedLoRALayer(nn.Module):
         `load_checkpoint_in_model` of a sharded `save_model` folder loads one shard at a time, each without the
         other shards' ranks) it passes a placeholder object, whose `int()` raised a TypeError."""
         key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
-        if key in state_dict and _dcp_placeholder(state_dict[key]):
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-        if torch.is_tensor(state_dict.get(key)):  # a rank this layer has no level for is an error of the load,
-            # listed with the other mismatches (set_rank raised it from inside the load, naming no key)
+        saved, unusable = state_dict.get(key), False
+        if torch.is_tensor(saved):  # a rank this layer has no level for is an error of the load, listed with the
+            # other mismatches (set_rank raised it from inside the load, naming no key)
             try:
-                r = self._saved_rank(state_dict[key])
+                r = self._saved_rank(saved)
                 if r not in self.boundaries:
                     raise ValueError(f"saved at rank {r:g}, which is not a nested level of this layer "
                                      f"{self.boundaries}; build the model with the rank_levels and max_rank it was "
                                      "saved with")
             except ValueError as e:
                 error_msgs.append(f"{key}: {e}")
-                state_dict = {k: v for k, v in state_dict.items() if k != key}
+                unusable = True
+        if unusable or (key in state_dict and _dcp_placeholder(saved)):  # (a placeholder: no rank, left as it is)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
         if self.merged_rank and any(k.startswith(prefix) for k in state_dict):
             self._merge_after_load = self.merged_rank
             self.unmerge()

@@ -270,8 +270,9 @@ def _class_source(cls: type) -> str:
 
 
 def _watch_start(parent, args) -> None:
-    for child, m in parent._modules.items():
-        if isinstance(m, NestedLoRALayer) and child in parent.__dict__.get("_weight_readers", ()):
+    for child in parent.__dict__["_weight_readers"]:  # (after merge_and_unload a reader is a plain Linear again)
+        m = parent._modules.get(child)
+        if isinstance(m, NestedLoRALayer):
             m.__dict__["_weight_watch"] = [0, 0]
 
 
@@ -282,8 +283,8 @@ def _watch_call(layer, args) -> None:
 
 
 def _watch_end(parent, args, output) -> None:
-    for child, m in parent._modules.items():
-        watch = m.__dict__.pop("_weight_watch", None) if isinstance(m, NestedLoRALayer) else None
+    for child in parent.__dict__["_weight_readers"]:
+        watch = getattr(parent._modules.get(child), "__dict__", {}).pop("_weight_watch", None)
         if watch is not None and watch[0] and not watch[1]:
             raise RuntimeError(
                 f"{type(parent).__name__}.forward computed with its '{child}.weight' directly instead of calling "

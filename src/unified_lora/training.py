@@ -766,14 +766,13 @@ class Run:
             tensors = load_file(str(path / "adapter_blocks.safetensors"))
         except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
             raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
-        own = set(dict(self.model.named_parameters())) | set(lora_state_dict(self.model))  # + layers' _extra_state
-        missing = [k for k in tensors if k not in own]
+        own_sd = self.model.state_dict()  # (parameters, and the layers' _extra_state)
+        missing = [k for k in tensors if k not in own_sd]
         if missing:
             raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
                              "resume with the same --model and LoRA settings")
         # the same names at other sizes: the folder --model names was replaced by another model since (a wider one,
         # another config). load_state_dict's "size mismatch" was an internal error
-        own_sd = self.model.state_dict()
         resized = [f"{k} {tuple(v.shape)} (this model's: {tuple(own_sd[k].shape)})" for k, v in tensors.items()
                    if isinstance(own_sd.get(k), torch.Tensor) and own_sd[k].shape != v.shape]
         if resized:
