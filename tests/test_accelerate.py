@@ -89,17 +89,24 @@ def test_save_state_in_mirror_resumes_bit_for_bit_and_save_model_keeps_every_ten
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_step_on_an_accumulation_micro_batch_is_refused():
+@pytest.mark.parametrize("attach", ["prepared", "raw_before_prepare", "none"])
+def test_ctrl_step_on_an_accumulation_micro_batch_is_refused(attach):
     """Called on every micro-batch of `accelerator.accumulate`, ctrl.step counted each one as an optimizer step
     (whose `optimizer.step()` accelerate skips): warm-up, dwell and eval_interval ran N times too fast, and the
-    signal read one micro-batch's loss. It is refused now, before anything is counted; the sync step goes on."""
+    signal read one micro-batch's loss. It is refused now, before anything is counted; the sync step goes on. The
+    refusal used to need accelerate's optimizer attached: with the torch optimizer attached before `prepare` (or
+    none attached) the controller read no `gradient_state` and counted every micro-batch; it reads accelerate's
+    process-wide gradient state now."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = tiny_bert()
     _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if attach == "raw_before_prepare":
+        ctrl.attach_optimizer(opt)
     x, y = classification_batch(8, seed=1)
     model, opt, data = accelerator.prepare(model, opt, DataLoader(TensorDataset(x, y), batch_size=4))
-    ctrl.attach_optimizer(opt)
+    if attach == "prepared":
+        ctrl.attach_optimizer(opt)
     for i, (xb, yb) in enumerate(data):
         with accelerator.accumulate(model):
             loss = model(input_ids=xb, labels=yb).loss

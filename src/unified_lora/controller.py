@@ -352,8 +352,14 @@ class UnifiedController:
     def _check_sync_step(self) -> None:
         """Refuse a step on one of accelerate's gradient-accumulation micro-batches: its optimizer step will not run
         (`accelerator.sync_gradients` is False), yet the controller counted it as a step (warm-up, dwell and
-        eval_interval ran N times too fast) and fed the signal one micro-batch's loss and half-summed gradients."""
+        eval_interval ran N times too fast) and fed the signal one micro-batch's loss and half-summed gradients.
+        The attached AcceleratedOptimizer's gradient state says so; with the torch optimizer attached before
+        `prepare` (or none attached), accelerate's process-wide one does, while an Accelerator accumulates."""
         state = getattr(self.optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
+        if state is None and "accelerate.state" in sys.modules:
+            shared = sys.modules["accelerate.state"].GradientState
+            if shared._shared_state != {} and shared().num_steps > 1:  # gradient_accumulation_steps > 1
+                state = shared()
         if state is not None and getattr(state, "sync_gradients", True) is False:
             raise ValueError("ctrl.step: called on a gradient-accumulation micro-batch (accelerator.sync_gradients "
                              "is False), whose optimizer.step() accelerate skips; the controller counts optimizer "
