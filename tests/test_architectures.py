@@ -99,6 +99,66 @@ def test_tie_weights_ties_the_base_weight_of_a_wrapped_lm_head():
         assert torch.allclose(lm_head(h), h @ emb.weight.T, atol=1e-5)  # B = 0: the (new) embedding's logits
 
 
+
+def _lm(kind: str):
+    from conftest import tiny_gpt2, tiny_llama
+
+    if kind == "gpt2":
+        return tiny_gpt2(), ["c_attn", "lm_head"]
+    if kind == "llama_untied":
+        return tiny_llama(), ["q_proj", "lm_head"]
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True)).eval(), ["q_proj", "lm_head"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_tied", "llama_untied"])
+def test_resize_token_embeddings_after_setup_grows_a_wrapped_lm_head(kind):
+    """Adding tokens after setup (a chat template's special tokens): transformers' `resize_token_embeddings` of a
+    model whose targeted lm_head is a nested layer raised a TypeError ("Old language model head is of type
+    NestedLoRALayer ...") after resizing the input embedding (untied), or resized the tied base weight and left B
+    at the old vocabulary, so the next forward failed with a bare shape error (tied). Now the base layer is resized
+    (and still tied), B gets zero rows for the new tokens (old tokens' logits unchanged), A is unchanged, and each
+    block stays the Parameter an optimizer holds."""
+    model, targets = _lm(kind)
+    tied = model.config.tie_word_embeddings
+    adapters, _ = setup_unified_lora(model, target_modules=targets, print_fn=None)
+    head = adapters["lm_head"]
+    with torch.no_grad():
+        for b in head.lora_B:
+            b.normal_()  # a trained head: a delta on every token
+    A = [a.detach().clone() for a in head.lora_A]
+    B_params = list(head.lora_B)
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.resize_token_embeddings(VOCAB + 6)
+    emb = model.get_input_embeddings()
+    assert model.get_output_embeddings() is head and emb.weight.shape[0] == VOCAB + 6
+    assert head.base_layer.weight.shape == (VOCAB + 6, 32) and head.out_features == VOCAB + 6
+    assert (head.base_layer.weight is emb.weight) == tied
+    assert list(head.lora_B) == B_params and all(b.shape[0] == VOCAB + 6 and not b[VOCAB:].any() for b in head.lora_B)
+    assert all(torch.equal(a, a0) for a, a0 in zip(head.lora_A, A))
+    with torch.no_grad():
+        after = model(input_ids=x).logits
+    assert after.shape[-1] == VOCAB + 6
+    assert torch.allclose(after[..., :VOCAB], before, atol=1e-6)
+    model(input_ids=torch.tensor([[VOCAB + 5, 1, 2]]), labels=torch.tensor([[VOCAB + 5, 1, 2]])).loss.backward()
+    opt.step()  # the optimizer built before the resize (it has not stepped) still holds and trains the blocks
+    assert head.lora_B[0][VOCAB:].abs().sum() > 0
+
+
+def test_resize_token_embeddings_of_a_merged_lm_head_is_refused_before_anything_changes():
+    model, targets = _lm("llama_untied")
+    adapters, _ = setup_unified_lora(model, target_modules=targets, print_fn=None)
+    adapters["lm_head"].merge()
+    with pytest.raises(ValueError, match="unmerge it first"):
+        model.resize_token_embeddings(VOCAB + 6)
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB and model.config.vocab_size == VOCAB
+    assert model.get_output_embeddings() is adapters["lm_head"]
+
 def test_all_linear_leaves_out_an_output_layer_whatever_its_name_as_peft_does():
     """PEFT's "all-linear" leaves out the model's output layer (`get_output_embeddings()`); ours left out only
     modules named lm_head, classifier, ..., so Whisper's `proj_out` (tied to the decoder's embedding) was wrapped:

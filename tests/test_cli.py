@@ -576,11 +576,11 @@ def test_resume_refuses_a_state_pt_that_would_run_code_and_trust_checkpoint_load
 
 def test_resume_with_a_checkpoint_file_cut_short_names_the_file(tiny, tmp_path, capsys):
     """A run folder copied with a file cut short (an interrupted rsync): --resume failed with "OSError: [Errno 22]
-    Invalid argument (internal error)" (a state.pt, even an older checkpoint's, which latest_checkpoint reads) or
-    safetensors' "header too small" (the adapter file), naming no file. Now exit 2 with the file and what to do."""
+    Invalid argument (internal error)" (the newest checkpoint's state.pt) or safetensors' "header too small" (the
+    adapter file), naming no file. Now exit 2 with the file and what to do."""
     out = tmp_path / "run"
     assert main(_train_args(tiny, out, "--epochs", "2")) == 0
-    for name in ("epoch-1/state.pt", "epoch-2/adapter_blocks.safetensors"):
+    for name in ("epoch-2/state.pt", "epoch-2/adapter_blocks.safetensors"):
         path = out / "checkpoints" / name
         intact = path.read_bytes()
         path.write_bytes(intact[:len(intact) // 2])
@@ -591,6 +591,58 @@ def test_resume_with_a_checkpoint_file_cut_short_names_the_file(tiny, tmp_path, 
         path.write_bytes(intact)
     assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
 
+
+def test_resume_with_a_state_pt_that_lacks_keys_names_the_file_and_the_keys(tiny, tmp_path, capsys):
+    """A checkpoint whose state.pt lacks keys (written by another tool, or edited): --resume failed with
+    "KeyError: 'config' (internal error)" (or 'controller', 'run', wherever a key was first read). Now exit 2 with
+    the file, the missing keys and what to do; `report` of the run folder says the same; nothing is trained."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1")) == 0
+    state = out / "checkpoints" / "epoch-1" / "state.pt"
+    st = torch.load(state, weights_only=True)
+    for drop in (["controller", "torch_rng"], ["config"]):
+        torch.save({k: v for k, v in st.items() if k not in drop}, state)
+        trace = (out / "trace.jsonl").read_text()
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"{state}: not a unified-lora checkpoint state (it lacks the keys {drop}" in err, err
+        assert "internal error" not in err and len(err.strip().splitlines()) == 1, err
+        assert (out / "trace.jsonl").read_text() == trace
+    (out / "summary.json").unlink()  # `report` then summarises the run from its newest checkpoint
+    assert main(["report", str(out)]) == 2
+    assert f"{state}: not a unified-lora checkpoint state" in capsys.readouterr().err
+
+
+def test_latest_checkpoint_reads_no_state_pt_but_the_newest_one(tiny, tmp_path, capsys):
+    """latest_checkpoint torch.load-ed every checkpoint's state.pt (optimizer moments, Mirror snapshot) to find the
+    newest: with --save-steps and a big model, slow and memory heavy. It now reads the step from each one's small
+    checkpoint.json: older checkpoints whose state.pt cannot be read at all do not stop --resume. Checkpoints
+    written before checkpoint.json (none there) are still ordered by their state.pt."""
+    from unified_lora.training import latest_checkpoint
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1", "--save-steps", "1")) == 0
+    ckpts = out / "checkpoints"
+    newest = latest_checkpoint(ckpts)
+    steps = sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert len(steps) >= 3
+    kept = {}
+    for p in ckpts.iterdir():
+        if p != newest:  # not a torch file at all: torch.load of it raises
+            kept[p] = (p / "state.pt").read_bytes()
+            (p / "state.pt").write_bytes(b"not a torch file")
+    assert latest_checkpoint(ckpts) == newest
+    assert all((p / "checkpoint.json").is_file() for p in ckpts.iterdir())
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2", "--save-steps", "0"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    for p, data in kept.items():
+        (p / "state.pt").write_bytes(data)
+    newest = latest_checkpoint(ckpts)
+    for p in ckpts.iterdir():  # checkpoints of an older version: no checkpoint.json
+        (p / "checkpoint.json").unlink()
+    assert latest_checkpoint(ckpts) == newest
 
 def test_resume_refuses_a_model_folder_replaced_by_a_model_of_another_size(tiny, tmp_path, capsys):
     """The run's --model folder replaced since (a wider model saved to the same path): the path is unchanged, so the

@@ -462,6 +462,42 @@ def test_a_model_saved_in_multi_reloads_through_torch_distributed_checkpoint(tmp
     assert fresh_ctrl.router.topology == "task" and fresh_ctrl.router.slots == {"a": 0, "b": 1, "c": 2}
 
 
+def test_long_task_ids_reload_through_torch_distributed_checkpoint_between_single_and_multi(tmp_path):
+    """The `_extra_state` padding was a multiple of `128 + 64 * n_slots` bytes over the JSON's own length, so with
+    task ids of about 50 characters or more the JSON of a model in MULTI (a task registered into the spare slot
+    since) outgrew the block a model in SINGLE fits in: 320 bytes against 640 here, and `dcp.load` of one into the
+    other refused the checkpoint with a size mismatch. The length is now fixed for the layer's life (every rank,
+    topology and registry it can hold), so a model saved in SINGLE loads into one in MULTI, and the other way round;
+    a spare-slot id longer than its share is refused at registration with a ValueError saying why."""
+    import torch.distributed.checkpoint as dcp
+
+    ids = [f"task-{i}-" + "x" * 73 for i in range(3)]  # 80 characters each
+
+    def make(multi: bool, rank: int):
+        model = tiny_bert()
+        _, ctrl = setup_multitask_lora(model, ids[:2], TARGETS, spare_slots=1, register_new_tasks=True,
+                                       lr_mode="off", print_fn=None)
+        if multi:
+            ctrl.router.register_task(ids[2])
+            ctrl.router.set_topology("task")
+        for a in ctrl.adapters:
+            a.set_rank(rank)
+        return model, ctrl
+
+    for i, (src_multi, dst_multi) in enumerate([(False, True), (True, False)]):
+        src, src_ctrl = make(src_multi, 16 if src_multi else 4)
+        dcp.save(src.state_dict(), checkpoint_id=str(tmp_path / f"dcp{i}"))
+        dst, dst_ctrl = make(dst_multi, 4 if src_multi else 16)
+        sd = dst.state_dict()
+        dcp.load(sd, checkpoint_id=str(tmp_path / f"dcp{i}"))
+        dst.load_state_dict(sd, strict=True)
+        assert dst_ctrl.router.topology == src_ctrl.router.topology and dst_ctrl.router.slots == src_ctrl.router.slots
+        assert [a.rank for a in dst_ctrl.adapters] == [a.rank for a in src_ctrl.adapters]
+    _, ctrl = make(False, 8)
+    with pytest.raises(ValueError, match="too long for a spare slot"):
+        ctrl.router.register_task("y" * 120)
+    assert ctrl.router.slots == {ids[0]: 0, ids[1]: 1}
+
 def test_a_state_dict_cast_whole_to_half_precision_loads_the_topology_and_the_registry():
     """`{k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}`, the usual way to halve a checkpoint, casts
     the multi-task layers' `_extra_state` (the JSON's bytes) to floats too; the load raised "TypeError: 'float' object

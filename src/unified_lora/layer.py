@@ -432,6 +432,29 @@ class NestedLoRALayer(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    @torch.no_grad()
+    def _resize_out(self, base_layer: nn.Module) -> None:
+        """Put `base_layer` (this layer's base, resized to another number of outputs: transformers'
+        `resize_token_embeddings` of a targeted output layer, `model._resize_token_embeddings_of_wrapped_head`) in
+        place and give every B block (the task adapters' too) as many rows: the kept rows keep their values, new
+        rows are 0, so the outputs of the kept rows are unchanged and the new ones start with no delta. A is left as
+        it is. Each block stays the same Parameter (its values replaced), so an optimizer that holds it still does;
+        its moments, if it has stepped, have the old shape, so the optimizer is to be built again."""
+        self._modules["base_layer"] = base_layer
+        w = base_layer.weight
+        out = w.shape[1] if self.fan_in_fan_out else w.shape[0]
+        if out == self.out_features:
+            return
+        for name, p in self.named_parameters():
+            if name.startswith("base_layer.") or ".lora_B." not in "." + name:
+                continue
+            grown = p.new_zeros(out, p.shape[1])
+            keep = min(out, p.shape[0])
+            grown[:keep] = p[:keep]
+            p.data = grown
+            p.grad = None
+        self.out_features = out
+
     # -- rank -----------------------------------------------------------------
     @property
     def n_active_blocks(self) -> int:

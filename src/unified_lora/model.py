@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 import sys
@@ -101,6 +102,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             adapters[name] = layer
         mark_modules_to_save(model, config.modules_to_save)
         keep_off_fast_paths(model)
+    resize_wrapped_heads(model)
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
 
@@ -121,6 +123,45 @@ def _output_layers(model: nn.Module) -> set[int]:
             if isinstance(head, nn.Module):
                 out.add(id(head))
     return out
+
+
+def resize_wrapped_heads(model: nn.Module) -> None:
+    """Give each transformers model inside `model` whose output layer (`get_output_embeddings()`) is a nested layer
+    its own `resize_token_embeddings` (`_resize_token_embeddings_of_wrapped_head`): transformers' resizes only a
+    plain `nn.Linear` head. Untied, it raised a TypeError after it had resized the input embedding; tied, it resized
+    the shared base weight and left the B blocks at the old vocabulary, and the next forward failed with a bare
+    shape error."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and "resize_token_embeddings" not in m.__dict__:
+            try:
+                head = m.get_output_embeddings()
+            except (AttributeError, NotImplementedError):
+                continue
+            if isinstance(head, NestedLoRALayer):
+                m.resize_token_embeddings = functools.partial(_resize_token_embeddings_of_wrapped_head, m)
+
+
+def _resize_token_embeddings_of_wrapped_head(model, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+    """transformers' `resize_token_embeddings` for a model whose output layer is a nested layer: the head's base
+    layer is put in its place while transformers resizes (and re-ties) the embeddings as for the bare model, and
+    then the nested layer wraps the resized base layer again with B blocks of the new size (`NestedLoRALayer.
+    _resize_out`: rows of new tokens are 0, the old tokens' logits are unchanged, A is unchanged). An optimizer that
+    has stepped holds moments of the old shape: build it again (and `ctrl.attach_optimizer` it)."""
+    resize = type(model).resize_token_embeddings
+    head = model.get_output_embeddings()
+    if not isinstance(head, NestedLoRALayer) or new_num_tokens is None and pad_to_multiple_of is None:
+        return resize(model, new_num_tokens, pad_to_multiple_of, mean_resizing)
+    if head.merged_rank:
+        raise ValueError("resize_token_embeddings: the output layer's LoRA delta is merged into its base weight; "
+                         "unmerge it first (unmerge_adapters(model)), or resize before setup")
+    model.set_output_embeddings(head.base_layer)
+    try:
+        return resize(model, new_num_tokens, pad_to_multiple_of, mean_resizing)
+    finally:
+        head._resize_out(model.get_output_embeddings())
+        model.set_output_embeddings(head)
 
 
 def _not_a_linear_map(m: nn.Module) -> bool:

@@ -118,6 +118,10 @@ class TaskRouter:
             raise ValueError(f"spare_slots: must be >= 0, got {spare_slots}")
         self.slots: dict[int | str, int] = {t: i for i, t in enumerate(tasks)}
         self.n_slots = len(tasks) + int(spare_slots)
+        # fixed for the router's life (see `record_bytes`): the task ids given at setup, and the bytes a spare slot's
+        # entry in the saved registry may take (the old padding's share of a slot, or the longest setup entry)
+        self._setup_entries = [_slot_entry(t, i) for i, t in enumerate(tasks)]
+        self._spare_entry_bytes = max([_SLOT_BYTES] + [len(e) for e in self._setup_entries])
         self.register_new_tasks = bool(register_new_tasks)
         self.topology = "shared"
         self.track_grads = False
@@ -141,6 +145,14 @@ class TaskRouter:
             raise ValueError(f"task id {tid!r}: no free task slot (known task ids: {self.task_ids}); pre-allocate "
                              f"slots with spare_slots= so the optimizer holds their parameters from the start")
         slot = len(self.slots)
+        if len(_slot_entry(tid, slot)) > self.__dict__.get("_spare_entry_bytes", len(_slot_entry(tid, slot))):
+            raise ValueError(
+                f"task id {tid!r}: too long for a spare slot ({len(_slot_entry(tid, slot))} bytes as a registry entry "
+                f"in the state dict, at most {self._spare_entry_bytes}: task ids up to about "
+                f"{self._spare_entry_bytes - 10} characters, or as long as the longest task id given at setup). "
+                "The model's state dict keeps the registry in a record of one size for the model's life, so that "
+                "torch.distributed.checkpoint can load it into a fresh model; use a shorter id, or give this task "
+                "at setup (tasks=[...])")
         self.slots[tid] = slot
         for layer in self.layers:
             layer.copy_shared_to_tasks([slot])
@@ -232,6 +244,17 @@ class TaskRouter:
 
     def state_dict(self) -> dict:
         return {"slots": [[t, s] for t, s in self.slots.items()], "n_slots": self.n_slots, "topology": self.topology}
+
+    def record_bytes(self, max_rank: int) -> int:
+        """An upper bound on the length of `json.dumps({"rank": r, "router": self.state_dict()})` for every state
+        this router can be in (r <= max_rank): the setup ids' entries, a spare slot's share for each other slot
+        (`register_task` refuses a longer id) and the longest topology. Fixed for the router's life."""
+        head = json.dumps({"rank": max_rank, "router": {"slots": [], "n_slots": self.n_slots, "topology": "shared"}})
+        setup = self.__dict__.get("_setup_entries")  # (a router pickled before it was kept: its registry now)
+        setup = [_slot_entry(t, s) for t, s in self.slots.items()] if setup is None else setup
+        per_spare = self.__dict__.get("_spare_entry_bytes", _SLOT_BYTES)
+        spare = self.n_slots - len(setup)
+        return len(head) + sum(len(e) + 2 for e in setup) + spare * (per_spare + 2)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["n_slots"] != self.n_slots:
@@ -343,6 +366,14 @@ class _TaskAdapter(nn.Module):
         self.lora_B = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in shared.lora_B)
 
 
+_SLOT_BYTES = 64  # a task slot's share of the padded `_extra_state` (`128 + 64 * n_slots`): ids up to ~54 characters
+
+
+def _slot_entry(tid, slot: int) -> str:
+    """A registry entry as `get_extra_state`'s JSON writes it."""
+    return json.dumps([tid, slot])
+
+
 def _decode_extra_state(state: torch.Tensor) -> dict:
     """A multi-task layer's `_extra_state` (`get_extra_state`) as the dict it was encoded from; also from a state dict
     cast whole to half precision (`{k: v.half() ...}`), whose floats hold every byte value exactly."""
@@ -388,14 +419,19 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
         rank alone, a model saved in MULTI and loaded with `strict=True` into a freshly built one ran the shared
         adapter for every task, its task adapters loaded into slots no sample used: other outputs, silently.
 
-        The JSON is padded with spaces to a multiple of `128 + 64 * n_slots` bytes, so the tensor of a freshly built
-        model is as long as the trained one's (task ids up to about 50 characters): `torch.distributed.checkpoint`
-        loads into the state dict's own tensors, in place, and refused a model saved after a split ("Size mismatch
-        between saved torch.Size([98]) and current: torch.Size([90])")."""
+        The JSON is padded with spaces to a length fixed for the layer's life: the bound `TaskRouter.record_bytes`
+        puts on every state the layer can be in (any rank, topology and registry of its slots), rounded up to a
+        multiple of `128 + 64 * n_slots` bytes (with task ids up to about 50 characters that is one such block, the
+        length files saved before had). `torch.distributed.checkpoint` loads into the state dict's own tensors, in
+        place, and refused a model saved after a split ("Size mismatch between saved torch.Size([98]) and current:
+        torch.Size([90])"), and, with longer task ids, one saved in SINGLE and loaded into a model in MULTI or the
+        other way round, whose JSON had outgrown one block and not the other. A registry this layer was not built
+        for (loaded from a model built with other tasks) is padded to the next block, as before."""
         state = {"rank": self.rank, "router": self.router.state_dict()}
         raw = json.dumps(state).encode("utf-8")
         block = 128 + 64 * self.router.n_slots
-        return torch.tensor(list(raw.ljust(-(-len(raw) // block) * block)), dtype=torch.uint8)
+        size = max(self.router.record_bytes(max(self.boundaries)), len(raw))
+        return torch.tensor(list(raw.ljust(-(-size // block) * block)), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
         if state.ndim == 0:  # a plain NestedLoRALayer's, or saved before the router was kept: the rank alone

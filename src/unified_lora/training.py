@@ -20,6 +20,7 @@ A *shock* is a window of steps [start, end) whose labels are corrupted:
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import pickle
@@ -716,6 +717,8 @@ class Run:
             tmp.mkdir()
             save_file(tensors, str(tmp / "adapter_blocks.safetensors"))
             torch.save(state, tmp / "state.pt")
+            # the step, beside state.pt: latest_checkpoint reads this small file, not every checkpoint's state.pt
+            (tmp / CHECKPOINT_INFO).write_text(json.dumps({"global_step": self.state.global_step}) + "\n")
             if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
                 note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
                 if note:
@@ -809,14 +812,41 @@ def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:
     return None
 
 
+CHECKPOINT_INFO = "checkpoint.json"  # {"global_step": N}, written beside state.pt (checkpoints written before it lack it)
+STATE_KEYS = ("optimizer", "controller", "run", "config", "shock_gen", "torch_rng")  # what every state.pt holds
+
+
 def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
     """A checkpoint folder's `state.pt`, read with `torch.load(weights_only=True)` unless `trust_checkpoint`: a
-    file holding anything else (a pickle that would run code) is a UsageError that says how to load a trusted one."""
+    file holding anything else (a pickle that would run code) is a UsageError that says how to load a trusted one.
+    So is one that lacks keys every `save_checkpoint` writes (`STATE_KEYS`, and the run's `global_step`): a file
+    written by another tool or edited; it was a KeyError (an internal error) wherever a key was first read."""
+    path = Path(ckpt) / "state.pt"
     try:
-        return load_state_file(Path(ckpt) / "state.pt", trust_checkpoint, "--trust-checkpoint (Python: "
-                               "trust_checkpoint=True)")
+        st = load_state_file(path, trust_checkpoint, "--trust-checkpoint (Python: trust_checkpoint=True)")
     except pickle.UnpicklingError as e:
         raise UsageError(str(e)) from None
+    missing = [k for k in STATE_KEYS if k not in st] if isinstance(st, dict) else list(STATE_KEYS)
+    if not missing and not (isinstance(st["run"], dict) and "global_step" in st["run"]):
+        missing = ["run.global_step"]
+    if missing:
+        what = f"it lacks the keys {missing}" if isinstance(st, dict) else f"it holds a {type(st).__name__}"
+        raise UsageError(f"{path}: not a unified-lora checkpoint state ({what}; every checkpoint this library "
+                         f"writes holds {list(STATE_KEYS)}): written by another tool, or edited. Delete that "
+                         "checkpoint folder to resume from an older one, or start a new run in another --output-dir")
+    return st
+
+
+def _checkpoint_step(ckpt: Path, trust_checkpoint: bool) -> int:
+    """The global step of a checkpoint folder: from its `checkpoint.json` where it has a readable one, else (a
+    checkpoint written before that file was) from its `state.pt`."""
+    try:
+        step = json.loads((ckpt / CHECKPOINT_INFO).read_text(encoding="utf-8"))["global_step"]
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return read_state(ckpt, trust_checkpoint)["run"]["global_step"]
 
 
 def settle_interrupted_saves(root: str | os.PathLike) -> list[str]:
@@ -844,8 +874,11 @@ def settle_interrupted_saves(root: str | os.PathLike) -> list[str]:
 
 
 def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False, settle: bool = True) -> Path | None:
-    """The newest complete checkpoint under root (temp folders of an interrupted save are ignored). Each one's
-    `state.pt` is read as `read_state` reads it. With `settle` (the default; leave it off where a run may be saving
+    """The newest complete checkpoint (a folder with a `state.pt`) under root (temp folders of an interrupted save
+    are ignored), by the global step in each one's small `checkpoint.json`: no `state.pt` is read here, so many
+    checkpoints of a big model cost no time or memory (a checkpoint written before that file was has its `state.pt`
+    read, as `read_state` reads it). The caller reads the one returned, and a damaged or foreign one is an error
+    there that names it; an older one is not read. With `settle` (the default; leave it off where a run may be saving
     into root), a checkpoint that a save killed while replacing it left under a temporary name is first put back
     (`settle_interrupted_saves`)."""
     root = Path(root)
@@ -856,7 +889,7 @@ def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False, s
     done = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "state.pt").is_file()]
     if not done:
         return None
-    return max(done, key=lambda p: read_state(p, trust_checkpoint)["run"]["global_step"])
+    return max(done, key=lambda p: _checkpoint_step(p, trust_checkpoint))
 
 
 def prune_step_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
