@@ -467,8 +467,9 @@ def test_long_task_ids_reload_through_torch_distributed_checkpoint_between_singl
     task ids of about 50 characters or more the JSON of a model in MULTI (a task registered into the spare slot
     since) outgrew the block a model in SINGLE fits in: 320 bytes against 640 here, and `dcp.load` of one into the
     other refused the checkpoint with a size mismatch. The length is now fixed for the layer's life (every rank,
-    topology and registry it can hold), so a model saved in SINGLE loads into one in MULTI, and the other way round;
-    a spare-slot id longer than its share is refused at registration with a ValueError saying why."""
+    topology and registry it can hold), so a model saved in SINGLE loads into one in MULTI, and the other way round.
+    A spare-slot id longer than its share is registered (a model never saved with dcp loses nothing); its record
+    outgrows the bound, and dcp says so with a size mismatch, not silently."""
     import torch.distributed.checkpoint as dcp
 
     ids = [f"task-{i}-" + "x" * 73 for i in range(3)]  # 80 characters each
@@ -493,10 +494,19 @@ def test_long_task_ids_reload_through_torch_distributed_checkpoint_between_singl
         dst.load_state_dict(sd, strict=True)
         assert dst_ctrl.router.topology == src_ctrl.router.topology and dst_ctrl.router.slots == src_ctrl.router.slots
         assert [a.rank for a in dst_ctrl.adapters] == [a.rank for a in src_ctrl.adapters]
-    _, ctrl = make(False, 8)
-    with pytest.raises(ValueError, match="too long for a spare slot"):
-        ctrl.router.register_task("y" * 120)
-    assert ctrl.router.slots == {ids[0]: 0, ids[1]: 1}
+    long, long_ctrl = make(False, 8)
+    long_ctrl.router.register_task("y" * 400)
+    long_ctrl.router.set_topology("task")
+    assert long_ctrl.router.slots == {ids[0]: 0, ids[1]: 1, "y" * 400: 2}
+    dcp.save(long.state_dict(), checkpoint_id=str(tmp_path / "long"))
+    dst, _ = make(False, 8)
+    with pytest.raises(dcp.api.CheckpointException) as failed:
+        dcp.load(dst.state_dict(), checkpoint_id=str(tmp_path / "long"))
+    assert "Size mismatch" in repr(failed.value.failures)
+    fresh, fresh_ctrl = make(False, 8)
+    fresh.load_state_dict(long.state_dict(), strict=True)  # a plain state dict: any length loads
+    assert fresh_ctrl.router.slots == long_ctrl.router.slots and fresh_ctrl.router.topology == "task"
+
 
 def test_a_state_dict_cast_whole_to_half_precision_loads_the_topology_and_the_registry():
     """`{k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}`, the usual way to halve a checkpoint, casts

@@ -145,14 +145,6 @@ class TaskRouter:
             raise ValueError(f"task id {tid!r}: no free task slot (known task ids: {self.task_ids}); pre-allocate "
                              f"slots with spare_slots= so the optimizer holds their parameters from the start")
         slot = len(self.slots)
-        if len(_slot_entry(tid, slot)) > self.__dict__.get("_spare_entry_bytes", len(_slot_entry(tid, slot))):
-            raise ValueError(
-                f"task id {tid!r}: too long for a spare slot ({len(_slot_entry(tid, slot))} bytes as a registry entry "
-                f"in the state dict, at most {self._spare_entry_bytes}: task ids up to about "
-                f"{self._spare_entry_bytes - 10} characters, or as long as the longest task id given at setup). "
-                "The model's state dict keeps the registry in a record of one size for the model's life, so that "
-                "torch.distributed.checkpoint can load it into a fresh model; use a shorter id, or give this task "
-                "at setup (tasks=[...])")
         self.slots[tid] = slot
         for layer in self.layers:
             layer.copy_shared_to_tasks([slot])
@@ -247,8 +239,10 @@ class TaskRouter:
 
     def record_bytes(self, max_rank: int) -> int:
         """An upper bound on the length of `json.dumps({"rank": r, "router": self.state_dict()})` for every state
-        this router can be in (r <= max_rank): the setup ids' entries, a spare slot's share for each other slot
-        (`register_task` refuses a longer id) and the longest topology. Fixed for the router's life."""
+        this router can be in (r <= max_rank): the setup ids' entries, a spare slot's share for each other slot and
+        the longest topology. Fixed for the router's life. A task registered later into a spare slot with an id
+        longer than its share makes the record outgrow it: `torch.distributed.checkpoint` then refuses a load between
+        that state and an earlier one with a size mismatch (not silently), and every other save loads as before."""
         head = json.dumps({"rank": max_rank, "router": {"slots": [], "n_slots": self.n_slots, "topology": "shared"}})
         setup = self.__dict__.get("_setup_entries")  # (a router pickled before it was kept: its registry now)
         setup = [_slot_entry(t, s) for t, s in self.slots.items()] if setup is None else setup
@@ -366,7 +360,7 @@ class _TaskAdapter(nn.Module):
         self.lora_B = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in shared.lora_B)
 
 
-_SLOT_BYTES = 64  # a task slot's share of the padded `_extra_state` (`128 + 64 * n_slots`): ids up to ~54 characters
+_SLOT_BYTES = 64  # a spare slot's share of the padded `_extra_state` (`128 + 64 * n_slots`): ids up to ~54 characters
 
 
 def _slot_entry(tid, slot: int) -> str:
