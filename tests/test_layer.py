@@ -644,10 +644,12 @@ def test_all_linear_leaves_out_exactly_the_head_names_the_readme_lists(bert):
 def test_a_target_that_names_a_module_other_than_a_linear_is_an_error(llama, target, refused):
     """A named target that is not a Linear/Conv1D (an Embedding, a norm, a whole attention block) was skipped
     silently whenever another name matched a Linear: ["embed_tokens", "q_proj"] adapted q_proj only, and the user
-    believed the embeddings trained. PEFT refuses such a target; so does this, naming the module and its type."""
+    believed the embeddings trained. PEFT refuses a norm or a block; its LoRA adapts an Embedding, which nested LoRA
+    does not, so the message says so. This refuses all three, naming the module and its type."""
     with pytest.raises(ValueError, match="NestedLoRALayer cannot wrap") as info:
         inject_nested_lora(llama, NestedLoRAConfig(target_modules=target))
     assert str(info.value).startswith("target_modules: ") and refused in str(info.value), str(info.value)
+    assert "adapts an nn.Embedding or a convolution, which nested LoRA does not" in str(info.value)
     assert not any(isinstance(m, NestedLoRALayer) for m in llama.modules())  # nothing was wrapped
     assert all(p.requires_grad for p in llama.parameters())  # nor frozen
 

@@ -54,8 +54,9 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             seen = sorted({n.split(".")[-1] for n, _ in candidates})
             raise ValueError(
                 f"target_modules: {config.target_modules!r} matches {shown}, which a NestedLoRALayer cannot wrap: it "
-                f"wraps nn.Linear and transformers' Conv1D only (PEFT refuses such a target too). Name the Linear "
-                f"layers themselves; Linear-like module names in this model end with: {seen}")
+                f"wraps nn.Linear and transformers' Conv1D only (PEFT refuses a norm or a whole block too; its LoRA "
+                f"adapts an nn.Embedding or a convolution, which nested LoRA does not). Name the Linear layers "
+                f"themselves; Linear-like module names in this model end with: {seen}")
     chosen = [(n, m) for n, m in candidates if _matches_any(aliases[id(m)], config.target_modules)]
     # nn.MultiheadAttention reads its out_proj's weight and bias itself and never calls the module, so a wrapped
     # out_proj would run there without its delta (its `.weight` is the base weight): "all-linear" leaves it out, a
