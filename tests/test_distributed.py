@@ -645,3 +645,184 @@ def test_a_trace_path_shared_by_every_process_holds_each_step_once_also_after_a_
     assert [r["loss"] for r in r0] == pytest.approx(mean, rel=1e-12)
     for r, own in enumerate(([0.9, 0.7, 0.8], [0.1, 0.2, 0.3])):  # reduce_loss=None: each process its own file
         assert [x["loss"] for x in ddp_run2["trace"][r]["own"]] == own
+
+
+# ---------------------------------------------------------------------------- FSDP2 (fully_shard)
+
+FSDP_STEPS, FSDP_CORRUPT = 26, range(14, 20)
+
+
+def _fsdp_batch(rank: int, step: int):
+    """Process `rank`'s batch at `step` (8 rows); a window of flipped labels makes the loss jump."""
+    g = torch.Generator().manual_seed(300 + 1000 * rank + step)
+    y = torch.randint(0, 2, (8,), generator=g)
+    x = torch.randint(5, 50, (8, 6), generator=g) + 45 * y[:, None]
+    return x, (1 - y if step in FSDP_CORRUPT else y)
+
+
+def _fsdp_setup(kind: str):
+    from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    # the drift policy: the exit decision reads the drift, which must be that of the full tensors on every process
+    signal = (SignalConfig(kind="loss", alpha=0.5, beta=0.5, loss_scale=0.5) if kind == "loss"
+              else SignalConfig(kind="composite", alpha=0.5, min_history=3))
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
+                                 mirror=MirrorConfig(policy="drift", snapshot_optimizer=True), print_fn=None)
+    return model, ctrl
+
+
+def _fsdp_train(model, ctrl, batches, rec=None):
+    """The loop on `batches(step)`; with `rec`, what the FSDP checks need after each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ctrl.attach_optimizer(opt)
+    for step in range(FSDP_STEPS):
+        x, y = batches(step)
+        loss = model(input_ids=x, labels=y)
+        loss.backward()
+        ctrl.step(loss)
+        paused = _paused_blocks(ctrl.adapters)
+        if rec is not None:
+            assert_lockstep(ctrl)
+            rec["paused_grad_none"].append(all(p.grad is None for p in paused))
+            before = [p.detach().to_local().clone() for p in paused]
+        opt.step()
+        opt.zero_grad()
+        if rec is not None:
+            rec["paused_unchanged"].append(all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, paused)))
+    return [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.drift) for r in ctrl.trace]
+
+
+def _fsdp_loop(rank: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from unified_lora import lora_state_dict
+    from unified_lora.peft_io import export_peft_adapter
+
+    rec = {}
+    for kind in ("loss", "composite"):
+        model, ctrl = _fsdp_setup(kind)
+        for name in ("q_proj", "v_proj", "classifier"):  # each block on its own, then the root (FSDP2's recipe)
+            fully_shard(getattr(model, name))
+        fully_shard(model)
+        r = {"paused_grad_none": [], "paused_unchanged": []}
+        r["trace"] = _fsdp_train(model, ctrl, lambda step: _fsdp_batch(rank, step), r)
+        r["sharded"] = [type(p).__name__ for p in ctrl.managed_parameters()]
+        r["local_shapes"] = [tuple(p.to_local().shape) for p in ctrl.managed_parameters()]
+        r["weights"] = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        rec[kind] = r
+    sd = lora_state_dict(model)  # every process: it gathers
+    rec["lora_sd"] = {k: (type(v).__name__, tuple(v.shape)) for k, v in sd.items()}
+    rec["lora_sd_equal"] = all(torch.equal(v, model.get_parameter(k).full_tensor()) for k, v in sd.items()
+                               if not k.endswith("_extra_state"))
+    try:
+        export_peft_adapter(model, None, os.path.join(out, f"peft{rank}"))
+        rec["export"] = "no error"
+    except ValueError as e:
+        rec["export"] = str(e)
+    torch.save(rec, os.path.join(out, f"fsdp{rank}.pt"))
+
+
+def _fsdp1_refusal(rank: int, out: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model, ctrl = _fsdp_setup("composite")
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    rec = {}
+    try:
+        check_ddp(wrapped)
+        rec["check_ddp"] = "no error"
+    except ValueError as e:
+        rec["check_ddp"] = str(e)
+    try:
+        ctrl.attach_optimizer(torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2))
+        rec["attach"] = "no error"
+    except ValueError as e:
+        rec["attach"] = str(e)
+    torch.save(rec, os.path.join(out, f"fsdp1_{rank}.pt"))
+
+
+def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    # a collective one process skips must fail the test, not hang it for gloo's default 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    _fsdp_loop(rank, out)
+    _fsdp1_refusal(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_fsdp", _worker_fsdp)
+    return [dict(torch.load(os.path.join(out, f"fsdp{r}.pt"), weights_only=False),
+                 fsdp1=torch.load(os.path.join(out, f"fsdp1_{r}.pt"), weights_only=False)) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference():
+    """The same runs in one process on the global batch (both processes' rows): what FSDP2 must reproduce."""
+    ref = {}
+    for kind in ("loss", "composite"):
+        model, ctrl = _fsdp_setup(kind)
+        both = lambda step: tuple(torch.cat(t) for t in zip(_fsdp_batch(0, step), _fsdp_batch(1, step)))  # noqa: E731
+        ref[kind] = {"trace": _fsdp_train(model, ctrl, both),
+                     "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["loss", "composite"])
+def test_fsdp2_processes_decide_together_and_follow_the_single_process_run(fsdp_run, fsdp_reference, kind):
+    """setup_unified_lora, then fully_shard on each block and the root: every managed parameter is a DTensor and
+    each process holds half of it. The composite signal failed at its first step (DTensor's in-place pow_ on a
+    norm), and the first Mirror entry failed on the DTensors' storage; per shard, the norms, cosines and drift
+    would be each process's own. Now both processes make the same decisions on the same steps (a Mirror cycle
+    restored or kept by the drift rule, the rank raised to 16 and dropped back), and the result is the run of one
+    process on the global batch: the same modes, ranks and Mirror events, and φ, drift and final weights equal to
+    float rounding. (FSDP2 averages the two processes' gradients by a reduce-scatter where one process takes the
+    mean over 16 rows, and the norms are fp32 sums of squares over two shards, then all-reduced: the sums differ
+    in their last bits. Measured after 26 AdamW steps: weights within 6e-8 (a few fp32 ulps at their ~0.1 scale),
+    φ within 2e-8; the bounds below leave a 15-50x margin and are still far below any decision threshold.)"""
+    r0, r1 = (r[kind] for r in fsdp_run)
+    ref = fsdp_reference[kind]
+    assert set(r0["sharded"]) == {"DTensor"} and r0["local_shapes"][0] == (2, 32)  # q_proj.lora_A.0: (4, 32) split
+    assert r0["trace"] == r1["trace"]
+    events = [(s, snap) for s, _, _, _, snap, _, _ in r0["trace"] if snap]
+    assert ("saved" in dict(events).values()) and any(snap in ("restored", "kept") for _, snap in events)
+    assert {rank for *_, rank, _, _, _ in r0["trace"]} >= {8, 16}  # raised at the Mirror entry, dropped at its exit
+    assert [t[2:6] for t in r0["trace"]] == [t[2:6] for t in ref["trace"]]
+    assert [t[1] for t in r0["trace"]] == pytest.approx([t[1] for t in ref["trace"]], rel=1e-6)
+    drifts = [(t[6], u[6]) for t, u in zip(r0["trace"], ref["trace"]) if u[6] is not None]
+    assert drifts and [d for d, _ in drifts] == pytest.approx([d for _, d in drifts], rel=1e-5)
+    assert r0["weights"].keys() == ref["weights"].keys()
+    for n, w in ref["weights"].items():
+        assert torch.equal(r0["weights"][n], r1["weights"][n]), n
+        torch.testing.assert_close(r0["weights"][n], w, rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["loss", "composite"])
+def test_fsdp2_leaves_paused_blocks_without_grad_and_bit_identical(fsdp_run, kind):
+    """A paused block is not in the graph: FSDP2 reduce-scatters no gradient into it, so AdamW skips it (weight
+    decay included) before the Mirror entry raises the rank and after its exit drops it again."""
+    for r in fsdp_run:
+        assert all(r[kind]["paused_grad_none"]) and all(r[kind]["paused_unchanged"])
+        assert sum(rank < 16 for *_, rank, _, _, _ in r[kind]["trace"]) > 10
+
+
+def test_fsdp2_lora_state_dict_gathers_full_blocks_and_the_peft_export_refuses_a_shard(fsdp_run):
+    for r in fsdp_run:
+        blocks = {k: v for k, v in r["lora_sd"].items() if not k.endswith("_extra_state")}
+        assert blocks["q_proj.lora_A.0"] == ("Tensor", (4, 32)) and blocks["v_proj.lora_B.2"] == ("Tensor", (32, 8))
+        assert r["lora_sd_equal"] is True
+        assert r["export"].startswith("export_peft_adapter: the model is sharded by FSDP")
+
+
+def test_fsdp1_is_refused_before_the_first_step(fsdp_run):
+    """FSDP1 with use_orig_params=True left process 0 an empty slice of q_proj.lora_A.0: its ctrl.step raised
+    'no gradient on the adapters; call loss.backward()' while process 1 went on into a collective (a hang)."""
+    for r in fsdp_run:
+        for key in ("check_ddp", "attach"):
+            assert "flattened by FSDP1" in r["fsdp1"][key] and "fully_shard" in r["fsdp1"][key], r["fsdp1"][key]

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
+from .distributed import check_sharding
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -134,7 +135,7 @@ class UnifiedController:
                 watch_state_dict(a)
         if sig.kind == "composite" and not self.adapters:
             raise ValueError("signal: 'composite' reads adapter gradients; pass adapters= (or use signal='loss')")
-        self.extra_params = list(extra_params)
+        self.extra_params = list(extra_params)  # (the property's setter: no owners)
         self.optimizer = None
         self._hooks: list = []
         self._base_lrs: list[float] | None = None
@@ -166,6 +167,24 @@ class UnifiedController:
     def rank(self) -> int:
         return self.actuators.mode_ranks[self.mode]
 
+    @property
+    def extra_params(self) -> list[nn.Parameter]:
+        """The extra (modules_to_save) parameters. Where their modules are known (`setup_unified_lora`,
+        `setup_multitask_lora`), read from them: a wrapper that replaces a module's Parameter objects after the
+        setup (FSDP2's `fully_shard`, which registers a sharded DTensor in its place; `to_empty`) left the
+        controller with parameters no longer in the model, which the optimizer did not hold and Mirror
+        snapshotted and restored to no effect."""
+        owners = self.__dict__.get("_extra_owners")
+        if owners:
+            live = [m._parameters.get(n) for m, n in owners]
+            if all(p is not None for p in live):
+                self._extra_params = live
+        return self._extra_params
+
+    @extra_params.setter
+    def extra_params(self, params: Sequence[nn.Parameter]) -> None:
+        self._extra_params, self._extra_owners = list(params), None
+
     def managed_parameters(self) -> list[nn.Parameter]:
         """Every LoRA block (active or paused), then the extra (modules_to_save) params."""
         return [p for a in self.adapters for p in a.lora_parameters()] + self.extra_params
@@ -176,6 +195,7 @@ class UnifiedController:
         back, so any scheduler (cosine, warmup, chainable) keeps working."""
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
+            check_sharding(self.managed_parameters())  # FSDP1 refused here, before the first step
             self._check_no_other_controller(inner)
             self._check_optimizer_holds_managed(inner)
             self._warn_unmanaged_trainable(inner)
@@ -387,6 +407,7 @@ class UnifiedController:
         if self.adapters and self.adapters[0].first_block_grad() is None and all(
                 p.grad is None for a in self.adapters for p in a.active_parameters()):
             self._refuse_merged()
+            check_sharding(self.managed_parameters())  # FSDP1: a process whose slice of the blocks is empty
             if all(p.grad is None for p in self.extra_params):
                 raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before "
                                  "ctrl.step(loss=...)")
@@ -746,6 +767,8 @@ class UnifiedController:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if "extra_params" in state:  # pickled before `extra_params` became a property
+            state["_extra_params"] = state.pop("extra_params")
         self.__dict__.update(state)
         # torch's Optimizer.__setstate__ drops the optimizer's hooks, so the optimizer of a deep copy (or of an
         # unpickled controller) had none of lr_mode="multiplier"'s: the copy trained at the unscaled LR while its
@@ -830,8 +853,20 @@ def setup_unified_lora(
     actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters = inject_nested_lora(model, cfg)
-        extra = [p for n, p in model.named_parameters()
-                 if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+        extra, owners = extra_parameters(model)
         ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
                                  extra_params=extra, **controller_kwargs)
+        ctrl._extra_owners = owners
     return adapters, ctrl
+
+
+def extra_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[tuple[nn.Module, str]]]:
+    """The trainable parameters of `model` outside the LoRA blocks (modules_to_save, a trained bias), each with
+    (its module, its name there), from which the controller reads it again (see `extra_params`)."""
+    params, owners = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n:
+            mod, _, leaf = n.rpartition(".")
+            params.append(p)
+            owners.append((model.get_submodule(mod), leaf))
+    return params, owners

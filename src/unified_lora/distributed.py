@@ -23,9 +23,17 @@ What DDP needs (verified with torch 2.13 / gloo, see tests/test_distributed.py):
   for bit as they were. `clear_paused_grads` exists for wrappers that do fill
   zeros; plain DDP does not need it.
 
-FSDP and DeepSpeed ZeRO: not yet supported or tested. (Unverified concern: they
-flatten and shard parameters, so the per-block `.grad = None` guarantee and the
-per-block Mirror snapshot may not hold there.)
+FSDP2 (`torch.distributed.fsdp.fully_shard`, verified with torch 2.13 / gloo): each
+managed parameter becomes a DTensor sharded on one mesh dimension, and each process
+holds a shard. The composite signal's per-block squared gradient norms and dot products
+are summed over the local shards and then all-reduced over the mesh (`shard_group`), so
+every process sees the norms and cosines of the full gradients. Mirror snapshots,
+restores and drifts act on the local shards (never packed: FSDP owns that storage), and
+the drift's per-tensor squared sums are all-reduced before their roots. A paused block
+is not in the graph, so FSDP2 reduce-scatters no gradient into it: `.grad` stays None.
+Refused with a clear error: FSDP1 (`FullyShardedDataParallel`), DTensors that are not
+sharded on a 1-D mesh (HSDP, tensor parallel), and a mix of sharded and plain managed
+parameters. DeepSpeed ZeRO: not supported or tested.
 """
 
 from __future__ import annotations
@@ -124,10 +132,12 @@ def check_trainer_ddp_args(args, model: torch.nn.Module | None = None) -> None:
 
 
 def check_ddp(model: torch.nn.Module) -> None:
-    """Raise if a DDP-wrapped model cannot survive a rank switch."""
+    """Raise if a DDP-wrapped model cannot survive a rank switch, or a sharded one is sharded in a way unified-lora
+    does not support (FSDP1; see `check_sharding`)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if not isinstance(model, DDP):
+        check_sharding((p for p in model.parameters() if p.requires_grad), "model")  # FSDP1 refused, FSDP2 checked
         return
     if getattr(model, "static_graph", False):
         raise ValueError("static_graph: must be off; a rank switch changes the set of parameters used")
@@ -161,6 +171,82 @@ def clear_paused_grads(adapters: dict[str, NestedLoRALayer] | Iterable[NestedLoR
     return n
 
 
+def _dtensor_type():
+    """torch's DTensor class, or None while no module that defines it is loaded (then no tensor is a DTensor).
+    Read from sys.modules so that a run without FSDP imports none of it."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dt = getattr(sys.modules.get(name), "DTensor", None)
+        if dt is not None:
+            return dt
+    return None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a tensor sharing its storage, outside autograd), or `t` itself."""
+    dt = _dtensor_type()
+    if dt is not None and isinstance(t, dt):
+        return t.detach().to_local()
+    return t
+
+
+def shard_group(tensors: Iterable[torch.Tensor], what: str = "managed parameters"):
+    """The process group that sums per-shard quantities of `tensors` into whole-tensor ones: None when none of them
+    is a DTensor (plain tensors, DDP), else the group of the 1-D device mesh every one of them is sharded on (FSDP2's
+    `fully_shard`: `Shard(dim)` placements). Anything else is refused with a ValueError: a mix of DTensors and plain
+    tensors (their squared sums cannot be added up the same way), several meshes, a mesh of more than one dimension
+    (HSDP, tensor parallel) or a replicated/partial placement."""
+    dt = _dtensor_type()
+    if dt is None:
+        return None
+    tensors = list(tensors)
+    sharded = [t for t in tensors if isinstance(t, dt)]
+    if not sharded:
+        return None
+    if len(sharded) != len(tensors):
+        raise ValueError(f"{what}: {len(sharded)} of {len(tensors)} are DTensors (sharded by FSDP2's fully_shard) and "
+                         f"the rest plain tensors. Apply fully_shard to the root model too (after the blocks), so that "
+                         f"every LoRA block and modules_to_save parameter is sharded")
+    mesh = sharded[0].device_mesh
+    try:
+        from torch.distributed.tensor import Shard
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import Shard
+
+    for t in sharded:
+        if t.device_mesh != mesh or mesh.ndim != 1 or not all(isinstance(p, Shard) for p in t.placements):
+            raise ValueError(f"{what}: a DTensor with placements {tuple(t.placements)} on {t.device_mesh}; unified-lora "
+                             f"supports FSDP2's fully_shard over one 1-D device mesh (Shard placements) only, not "
+                             f"HSDP, tensor parallelism or several meshes")
+    return mesh.get_group()
+
+
+def check_sharding(params: Iterable[torch.Tensor], what: str = "managed parameters") -> None:
+    """Raise a ValueError if `params` are sharded in a way unified-lora does not support: by FSDP1
+    (`FullyShardedDataParallel`, whose flat parameters leave each process a 1-D piece of a block, or none), or by
+    DTensors that `shard_group` refuses. Plain tensors (one process, DDP) and FSDP2's `fully_shard` pass."""
+    params = list(params)
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise ValueError(f"{what}: flattened by FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel), which keeps "
+                         f"a 1-D slice of its flat parameter on each process (a LoRA block can be empty on one), so "
+                         f"the rank blocks, their gradients and the Mirror snapshot are not there to read. Use FSDP2 "
+                         f"instead (torch.distributed.fsdp.fully_shard on each decoder block, then on the root model, "
+                         f"after setup_unified_lora), or DDP(model, **ddp_kwargs())")
+    shard_group(params, what)
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """Raise a ValueError if `model` has DTensor (FSDP2) or FSDP1-flattened parameters: `what` would write this
+    process's shard of each, which no single-process model can load."""
+    dt = _dtensor_type()
+    if any((dt is not None and isinstance(p, dt)) or getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        raise ValueError(f"{what}: the model is sharded by FSDP (its parameters are DTensors or flat shards), so this "
+                         f"would write one process's shard of each tensor. Gather the full weights first: "
+                         f"unified_lora.lora_state_dict(model) on every process (it all-gathers the LoRA blocks), or "
+                         f"torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                         f"StateDictOptions(full_state_dict=True, cpu_offload=True)) on every process, then on process "
+                         f"0 load that into the same model built without fully_shard and call {what} on it")
+
+
 def _device():
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -187,4 +273,4 @@ def assert_lockstep(ctrl) -> None:
 
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
-           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep"]
+           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group", "check_sharding", "refuse_sharded"]

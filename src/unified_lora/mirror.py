@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .config import MirrorConfig
+from .distributed import local_tensor, shard_group
 
 
 _PACKED_ATTR = "_unified_lora_packed"  # set on a parameter that `MirrorSnapshot` moved into a packed buffer
@@ -450,8 +452,15 @@ class MirrorSnapshot:
         self._save(list(params), optimizer, loss_ema, step, pack=True)
 
     def _save(self, params: list[torch.Tensor], optimizer, loss_ema, step, pack: bool) -> None:
-        self._ensure_pools(params, pack)
-        self._copy_in(params)
+        # FSDP2's DTensors: the snapshot holds this process's shards, copied per tensor (never packed: the storage
+        # is FSDP's, and moving it would cut the link to the buffer its all-gather reads); the optimizer state
+        # stays keyed by the DTensor parameters
+        if shard_group(params, "Mirror: the parameters") is not None:
+            weights, pack = [local_tensor(p) for p in params], False
+        else:
+            weights = params
+        self._ensure_pools(weights, pack)
+        self._copy_in(weights)
         self.weights = self._views
         self.opt_state = self._opt_home = None
         if self.config.snapshot_optimizer and optimizer is not None:
@@ -512,6 +521,9 @@ class MirrorSnapshot:
         kernels are deterministic (the fused one also across thread counts)."""
         if not self.held:
             raise ValueError("Mirror: drift() needs a snapshot; call save() first")
+        group = shard_group(params, "Mirror: the parameters")
+        if group is not None:
+            return self._sharded_drift(list(params), range(len(params)), group)
         parts, same = self._pool_parts(params)
         if self._kernels is not None:  # fp64 [Σ(W − W_snap)², ΣW_snap²] per tensor, W and W_snap read in place
             terms = []
@@ -545,16 +557,18 @@ class MirrorSnapshot:
         if not self.held:
             raise ValueError("Mirror: restore() needs a snapshot; call save() first")
         params = list(params)
-        parts = None if self._kernels is not None else self._checked_parts(params)
+        # FSDP2: the weights written are this process's shards; the optimizer state is keyed by the DTensors
+        weights = params if shard_group(params, "Mirror: the parameters") is None else [local_tensor(p) for p in params]
+        parts = None if self._kernels is not None else self._checked_parts(weights)
         opt_plan = None
         if self.opt_state is not None and optimizer is not None:
             opt_plan = self._plan_opt_restore(params, optimizer)
         if self._kernels is not None:
             try:  # the kernel checks every pair before it writes anything
                 with torch.no_grad():
-                    self._kernels.copy_all(params, self.weights[:len(params)])
+                    self._kernels.copy_all(weights, self.weights[:len(weights)])
             except RuntimeError:  # a tensor it cannot take (cast, moved, re-viewed): the eager copies below
-                parts = self._checked_parts(params)
+                parts = self._checked_parts(weights)
         if parts is not None:
             for pool, mine, live, _ in parts:
                 if live is not None:  # one copy; the views' own version counters are bumped here
@@ -619,8 +633,8 @@ class MirrorSnapshot:
     def _apply_opt_restore(optimizer, opt_plan) -> None:
         plan, dst, src = opt_plan
         if dst:
-            with torch.no_grad():
-                torch._foreach_copy_(dst, src)
+            with torch.no_grad():  # (FSDP2's moments are DTensors, which _foreach_copy_ does not take: their shards)
+                torch._foreach_copy_(list(map(local_tensor, dst)), list(map(local_tensor, src)))
         for p, new in plan:
             if new is None:
                 optimizer.state.pop(p, None)
@@ -639,6 +653,9 @@ class MirrorSnapshot:
         params, indices = list(params), list(indices)
         if len(params) != len(indices):
             raise ValueError(f"Mirror: drift_at() got {len(params)} parameters and {len(indices)} indices")
+        group = shard_group(params, "Mirror: the parameters")
+        if group is not None:
+            return self._sharded_drift(params, indices, group)
         norms = []
         with torch.no_grad():
             for i, p in zip(indices, params):
@@ -656,6 +673,34 @@ class MirrorSnapshot:
             return 0.0
         dev = norms[0].device
         num, den = torch.stack([n.to(dev, torch.float64) for n in norms]).sum(0).tolist()
+        return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+    def _sharded_drift(self, params: list[torch.Tensor], indices: Sequence[int], group) -> float:
+        """The drift of FSDP2-sharded `params` (DTensors) against the snapshot's entries `indices`, which hold this
+        process's shards: per tensor, the squared sums of W − W_snap and W_snap over the local shard (fp32, fp64
+        for fp64 weights), all-reduced over the mesh's `group` in fp64, then the roots, summed over the tensors.
+        Every process gets the drift of the full tensors (a norm per shard would be each process's own number, and
+        the processes would restore or keep apart). One collective, which every process must reach."""
+        if len(params) > len(self.weights):
+            raise ValueError(f"Mirror: {len(params)} parameters given, but the snapshot holds {len(self.weights)}")
+        sq = []
+        with torch.no_grad():
+            for i, p in zip(indices, params):
+                if not 0 <= i < len(self.weights):
+                    raise ValueError(f"Mirror: index {i} is outside the snapshot ({len(self.weights)} tensors)")
+                mine, w = local_tensor(p), self.weights[i]
+                if mine.shape != w.shape:
+                    raise ValueError(f"Mirror: {self._label(i)} has a local shard of shape {tuple(mine.shape)}, but "
+                                     f"its snapshot has {tuple(w.shape)}; a snapshot can only be compared with the "
+                                     f"shards it was taken from")
+                acc = _acc_dtype(torch.promote_types(mine.dtype, w.dtype))
+                w = w.to(mine.device, acc)
+                sq.append(torch.stack([(mine.to(acc) - w).square().sum(), w.square().sum()]))
+        if not sq:
+            return 0.0
+        total = torch.stack([t.to(torch.float64) for t in sq])
+        dist.all_reduce(total, group=group)
+        num, den = total.sqrt_().sum(0).tolist()
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
     def decide(self, params, loss_at_exit=None, indices: Sequence[int] | None = None) -> MirrorDecision:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .config import NestedLoRAConfig, parse_names
+from .distributed import local_tensor
 from .layer import Conv1D, NestedLoRALayer
 from .mirror import watch_state_dict
 
@@ -387,11 +388,16 @@ def lora_state_dict(model: nn.Module) -> dict:
     """Every nested block (active or paused) and each nested layer's `_extra_state` (its active rank; a multi-task
     layer's task topology and registry too) - what a checkpoint must keep. `model.load_state_dict(sd, strict=False)`
     puts the adapters back as they were saved: without the extra state, an adapter saved at rank 4 (or after a
-    multi-task split) reloaded at the fresh model's rank (on the shared adapter), with other outputs, silently."""
+    multi-task split) reloaded at the fresh model's rank (on the shared adapter), with other outputs, silently.
+    Under FSDP2 (`fully_shard`) the blocks are all-gathered into full tensors: a collective, so call it on every
+    process (as torch's `get_model_state_dict(full_state_dict=True)`)."""
     suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
     layers = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NestedLoRALayer)}
-    return {k: v for k, v in model.state_dict().items()
-            if ".lora_A." in k or ".lora_B." in k or (k.endswith(suffix) and k[:-len(suffix)] in layers)}
+    sd = {k: v for k, v in model.state_dict().items()
+          if ".lora_A." in k or ".lora_B." in k or (k.endswith(suffix) and k[:-len(suffix)] in layers)}
+    if any(local_tensor(v) is not v for k, v in sd.items() if not k.endswith(suffix)):  # FSDP2: each process holds a shard; saved, it would load as one
+        return {k: (v if k.endswith(suffix) else v.full_tensor()) for k, v in sd.items()}
+    return sd
 
 
 def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | None = None) -> dict[str, list[str]]:

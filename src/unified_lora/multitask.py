@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from ._files import written_atomically
 from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
-from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer
+from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer, extra_parameters
 from .distributed import _device as _collective_device
 from .distributed import is_distributed, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
@@ -1262,10 +1262,10 @@ def setup_multitask_lora(
     actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)
-        extra = [p for n, p in model.named_parameters()
-                 if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+        extra, owners = extra_parameters(model)
         ctrl = MultiTaskController(adapters, router, optimizer=optimizer, signal=signal, merge_rule=merge_rule,
                                    actuators=actuators, extra_params=extra, **controller_kwargs)
+        ctrl._extra_owners = owners
     return adapters, ctrl
 
 

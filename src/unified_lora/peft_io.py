@@ -295,9 +295,10 @@ def export_peft_adapter(
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    from .distributed import unwrap_model
+    from .distributed import refuse_sharded, unwrap_model
 
     model = unwrap_model(model)  # a DDP wrapper's names (`module.q_proj`) would match nothing in a fresh base model
+    refuse_sharded(model, "export_peft_adapter")
     layers = _select_layers(model, adapters)
     split = sorted(n for n, m in layers.items() if getattr(m, "topology", "shared") == "task")
     if split:  # the shared blocks rest in MULTI/MIRROR: exported, they would reproduce no task's outputs

@@ -20,7 +20,9 @@ from collections import deque
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
+from .distributed import local_tensor, shard_group
 from .layer import blocks_of
 
 
@@ -274,6 +276,14 @@ class GradientStats:
         L = len(grads)
         if not flat:  # every adapter's layer was skipped; only other parameters (a head) trained
             return [None] * L, [None] * L
+        # FSDP2: each process holds a shard of every gradient. Its squared sums (‖c‖², ‖c ± p‖², ‖p‖²) add up over
+        # the shards, so they are computed on the local shards and all-reduced below, before any root or ratio:
+        # every process then has the full gradients' norms and cosines (a norm per shard decided differently on
+        # each process). The stored previous gradients are local shards too.
+        group = shard_group(flat, "the adapters' gradients")
+        if group is not None:
+            grads = [[local_tensor(g) for g in gs] for gs in grads]
+            flat = [g for gs in grads for g in gs]
         dev = flat[0].device
         # Pair the blocks present in both steps (lists are A blocks then B blocks); pair_pos indexes `flat`.
         cur, prv, pair_pos, pair_owner, has_prev, start = [], [], [], [], [], 0
@@ -299,6 +309,8 @@ class GradientStats:
         # fp64 input, so a float64 model failed at its first ctrl.step; the sums take that dtype, not torch's default
         acc = torch.float64 if any(t.dtype == torch.float64 for t in listed) else torch.float32
         sq_all = torch.stack(torch._foreach_norm(listed, 2, dtype=acc)).square_()
+        if group is not None:
+            dist.all_reduce(sq_all, group=group)
         sq = sq_all[:n]
         norms = torch.zeros(L, device=dev, dtype=acc).index_add_(0, owner_t, sq)
         parts = [norms.sqrt_()]
