@@ -743,6 +743,30 @@ def _fsdp1_refusal(rank: int, out: str) -> None:
     torch.save(rec, os.path.join(out, f"fsdp1_{rank}.pt"))
 
 
+def _fsdp_multitask_refusal(rank: int, out: str) -> None:
+    """Multi-task mode under FSDP2: refused at the first step on every process, before anything moves."""
+    from torch.distributed.fsdp import fully_shard
+
+    from unified_lora.multitask import setup_multitask_lora, task_context
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], ["q_proj", "v_proj"], print_fn=None)
+    for name in ("q_proj", "v_proj"):
+        fully_shard(getattr(model, name))
+    fully_shard(model)
+    x, y = _fsdp_batch(rank, 0)
+    with task_context(model, ["a"] * len(y)):
+        loss = model(input_ids=x, labels=y)
+    loss.backward()
+    try:
+        ctrl.step(loss, task_id="a")
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    torch.save({"multitask": msg, "step": ctrl.global_step}, os.path.join(out, f"fsdp_mt{rank}.pt"))
+
+
 def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -751,6 +775,7 @@ def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     _fsdp_loop(rank, out)
     _fsdp1_refusal(rank, out)
+    _fsdp_multitask_refusal(rank, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -759,7 +784,8 @@ def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
 def fsdp_run(tmp_path_factory):
     out = _spawn_once(tmp_path_factory, "unified_lora_fsdp", _worker_fsdp)
     return [dict(torch.load(os.path.join(out, f"fsdp{r}.pt"), weights_only=False),
-                 fsdp1=torch.load(os.path.join(out, f"fsdp1_{r}.pt"), weights_only=False)) for r in range(2)]
+                 fsdp1=torch.load(os.path.join(out, f"fsdp1_{r}.pt"), weights_only=False),
+                 mt=torch.load(os.path.join(out, f"fsdp_mt{r}.pt"), weights_only=False)) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -826,3 +852,11 @@ def test_fsdp1_is_refused_before_the_first_step(fsdp_run):
     for r in fsdp_run:
         for key in ("check_ddp", "attach"):
             assert "flattened by FSDP1" in r["fsdp1"][key] and "fully_shard" in r["fsdp1"][key], r["fsdp1"][key]
+
+
+def test_fsdp2_multitask_mode_is_refused_at_the_first_step(fsdp_run):
+    """Multi-task mode's task-conflict statistics and split/merge read the adapters' local shards under FSDP2, so
+    the processes would decide apart; its first ctrl.step is refused on every process, before the step counts."""
+    for r in fsdp_run:
+        assert "sharded by FSDP2" in r["mt"]["multitask"] and "DDP" in r["mt"]["multitask"], r["mt"]["multitask"]
+        assert r["mt"]["step"] == 0

@@ -273,4 +273,5 @@ def assert_lockstep(ctrl) -> None:
 
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
-           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group", "check_sharding", "refuse_sharded"]
+           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
+           "check_sharding", "refuse_sharded"]

@@ -77,7 +77,7 @@ from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorC
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer, extra_parameters
 from .distributed import _device as _collective_device
-from .distributed import is_distributed, unwrap_model
+from .distributed import is_distributed, shard_group, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .mirror import MirrorDecision
@@ -1066,8 +1066,20 @@ class MultiTaskController(UnifiedController):
                 f"mode the model was saved in (machine=MachineConfig(initial_mode="
                 f"{'SINGLE' if want == 'task' else 'MULTI'})), or resume with ctrl.load_state_dict(...), which "
                 f"restores the mode and the topology together")
+        if not self.__dict__.get("_not_sharded"):
+            self._refuse_sharded()
         self._task_info = task_losses is not None or task_id is not None
         return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    def _refuse_sharded(self) -> None:
+        """Refuse FSDP2-sharded adapters (checked at the first step): the task-conflict statistics (C_grad,
+        C_weight) and the split/merge would read each process's shards, and the processes would decide apart."""
+        if shard_group(self.managed_parameters(), "multi-task mode") is not None:
+            raise ValueError("multi-task mode: the adapters are sharded by FSDP2 (fully_shard), which multi-task mode "
+                             "does not support: its task-conflict statistics and the split/merge would read each "
+                             "process's shards, and the processes would decide apart. Use DDP(model, "
+                             "**ddp_kwargs()), or setup_unified_lora (one adapter), which supports fully_shard")
+        self._not_sharded = True
 
     def _undo_transition(self, t: Transition, last_transition_step: int | None, held: bool,
                          error: BaseException) -> None:
