@@ -395,7 +395,8 @@ def lora_state_dict(model: nn.Module) -> dict:
     layers = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NestedLoRALayer)}
     sd = {k: v for k, v in model.state_dict().items()
           if ".lora_A." in k or ".lora_B." in k or (k.endswith(suffix) and k[:-len(suffix)] in layers)}
-    if any(local_tensor(v) is not v for k, v in sd.items() if not k.endswith(suffix)):  # FSDP2: each process holds a shard; saved, it would load as one
+    # FSDP2: each process holds a shard of each block; saved as it is, a shard would load as a whole block
+    if any(local_tensor(v) is not v for k, v in sd.items() if not k.endswith(suffix)):
         return {k: (v if k.endswith(suffix) else v.full_tensor()) for k, v in sd.items()}
     return sd
 
