@@ -285,6 +285,18 @@ def _computed_weight(base_layer: nn.Module) -> str:
     return ""
 
 
+def packed_weight(base_layer: nn.Module) -> str:
+    """What stores `base_layer.weight` as packed integers ("" for a float weight): a bitsandbytes `Linear4bit`
+    (a uint8 `Params4bit` of shape [N, 1], 4-bit codes with a quant state) or `Linear8bitLt` (an int8
+    `Int8Params` with its scales), the QLoRA base layers. Such a layer computes its own output from the packed
+    weight; the LoRA blocks take their shape from its `in_features`/`out_features` and are fp32, and a delta
+    cannot be folded into it exactly (`check_mergeable`)."""
+    w = base_layer.weight
+    if w.is_floating_point() or w.is_complex():
+        return ""
+    return f"{type(base_layer).__name__} ({type(w).__name__}, packed {w.dtype})"
+
+
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
     """The dtype of the LoRA blocks on a base weight of `base_dtype`: fp32 for a float narrower than fp32 (bf16,
     fp16, fp8) when `autocast_adapter_dtype`, as PEFT's `get_peft_model(..., autocast_adapter_dtype=True)` upcasts
@@ -358,7 +370,9 @@ class NestedLoRALayer(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
         w = base_layer.weight
-        dt = adapter_dtype(w.dtype, autocast_adapter_dtype)
+        # fp32 blocks on a quantized base (4-bit/8-bit integers), whatever autocast_adapter_dtype, as PEFT's bnb
+        # LoRA layers make them; its compute dtype (bf16) gets the delta added in fp32 and rounded once
+        dt = adapter_dtype(w.dtype, autocast_adapter_dtype) if not packed_weight(base_layer) else torch.float32
         dev = _execution_device(base_layer)
         starts = (0,) + self.boundaries[:-1]
         self.lora_A = nn.ParameterList(
@@ -600,8 +614,9 @@ class NestedLoRALayer(nn.Module):
     def check_mergeable(self) -> None:
         """Raise a ValueError if the delta cannot be folded into the base weight: a weight computed at each forward
         (a parametrization, torch's old weight_norm/spectral_norm), where the fold would be recomputed away and the
-        merged layer would silently run without its delta; or a weight that accelerate offloaded (on meta, its
-        values brought in by a hook for each forward only) while the blocks hold values."""
+        merged layer would silently run without its delta; a quantized weight (`packed_weight`: bitsandbytes 4-bit
+        or 8-bit), whose packed integers `_folded` cannot add to; or a weight that accelerate offloaded (on meta,
+        its values brought in by a hook for each forward only) while the blocks hold values."""
         computed = _computed_weight(self.base_layer)
         if computed:
             raise ValueError(
@@ -610,6 +625,15 @@ class NestedLoRALayer(nn.Module):
                 "(each forward adds the delta), or make the weight a plain one first "
                 "(torch.nn.utils.parametrize.remove_parametrizations(layer.base_layer, 'weight'), "
                 "torch.nn.utils.remove_weight_norm or remove_spectral_norm) and then merge")
+        packed = packed_weight(self.base_layer)
+        if packed:
+            raise ValueError(
+                f"merge: this layer's base weight is quantized ({packed}), so a delta cannot be folded into it: it "
+                "would be dequantized, summed and quantized again, which rounds every weight of the layer, not only "
+                "the delta. Run the model unmerged (each forward adds the delta to the quantized base's output), or "
+                "merge in full precision: unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load "
+                "the base model again in bf16 or fp32 (from_pretrained without quantization_config), "
+                "import_peft_adapter(base, adapter_dir), then merge_and_unload(base)")
         if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
             raise ValueError(
                 "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "

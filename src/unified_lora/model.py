@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .config import NestedLoRAConfig, parse_names
 from .distributed import local_tensor
-from .layer import Conv1D, NestedLoRALayer
+from .layer import Conv1D, NestedLoRALayer, packed_weight
 from .mirror import watch_state_dict
 
 # Output heads are never targeted by "all-linear". PEFT leaves out only the output layer (`get_output_embeddings()`,
@@ -175,10 +175,13 @@ def _not_a_linear_map(m: nn.Module) -> bool:
     if not isinstance(m, nn.Linear) or type(m).forward is nn.Linear.forward:
         return False
     w, training = m.weight, m.training
+    packed = packed_weight(m)
+    if packed and type(m).forward.__module__.startswith("bitsandbytes."):
+        return False  # bitsandbytes' own Linear4bit / Linear8bitLt forward (the probe would set a 4-bit compute dtype)
     try:
         m.training = False  # (PhiMoE's router draws jitter noise in training mode: no draw from the global RNG here)
-        with torch.no_grad():
-            out = m(torch.zeros(1, m.in_features, dtype=w.dtype, device=w.device))
+        with torch.no_grad():  # (a quantized weight's integer dtype is no input dtype: such a layer takes fp32)
+            out = m(torch.zeros(1, m.in_features, dtype=torch.float32 if packed else w.dtype, device=w.device))
     except Exception:  # e.g. DeepSeek-V4's grouped projection cannot take a row of in_features
         return True
     finally:

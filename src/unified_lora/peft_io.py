@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController, _refuse_ignored
-from .layer import NestedLoRALayer
+from .layer import NestedLoRALayer, packed_weight
 from .model import _replace, inject_nested_lora, lora_layers, module_names, parameter_names, tied_base_weights
 from .mirror import watch_state_dict
 
@@ -233,6 +233,11 @@ def _plan_modules_to_save(model: nn.Module, requested: Sequence[str], task_type:
 def _merged_weight(layer: NestedLoRALayer, rank: int) -> torch.Tensor:
     """The base weight with the delta at `rank` folded in, in the weight's dtype (summed in float64)."""
     w = layer.base_layer.weight
+    packed = packed_weight(layer.base_layer)
+    if packed:
+        raise ValueError(f"modules_to_save: a nested layer on a quantized base ({packed}) sits inside a module the "
+                         "PEFT checkpoint saves whole, which would need the delta folded into its packed weight; "
+                         "pass modules_to_save without that module, or export from the base loaded in bf16/fp32")
     if layer.merged_rank == rank:  # exactly the weight the merged layer computes with
         return w.detach().clone()
 
@@ -255,7 +260,11 @@ def _meta_skeleton(model: nn.Module) -> nn.Module:
             memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
     skel = copy.deepcopy(model, memo)
     for name, layer in lora_layers(skel).items():  # PEFT must see the plain base layers
-        _replace(skel, name, layer.base_layer)
+        base = layer.base_layer
+        if packed_weight(base):  # a quantized base (bitsandbytes 4/8-bit), whose packed weight and quant state the
+            # skeleton does not keep: PEFT's bnb LoRA layer would read them; its keys are a Linear's, so a Linear
+            base = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        _replace(skel, name, base)
     return skel
 
 
