@@ -2,8 +2,8 @@
 
 The quantized tiny Llama comes from transformers' own `from_pretrained(..., quantization_config=BitsAndBytesConfig)`
 of a saved tiny folder. Its hidden size is 64 (not conftest's 32): bitsandbytes' CPU path repacks a 4-bit weight for
-inference in eval mode and cannot do that for rows narrower than its 64-wide quant blocks. The training runs here are
-in train mode, where bitsandbytes leaves the packed weight as it is.
+inference in eval mode and cannot do that for rows narrower than its 64-wide quant blocks (a wrapped layer turns that
+repacking off; the unwrapped reference models here still do it).
 """
 
 import pytest
@@ -347,3 +347,34 @@ def test_why_merge_is_refused_a_requantized_merge_moves_the_outputs_by_a_large_p
         merged = model(x).logits
     effect, error = (unmerged - plain).abs().mean().item(), (merged - unmerged).abs().mean().item()
     assert 0.2 * effect < error < effect, (error, effect)
+
+
+@pytest.mark.parametrize("kind", ["nf4-fp32", "nf4-bf16"])
+def test_an_eval_forward_before_training_leaves_the_gradients_as_they_were(llama_dir, kind):
+    """bitsandbytes 0.50.2 on a CPU with AVX512-BF16 (this machine's kind): a Linear4bit's first forward in eval mode,
+    on an input that needs no gradient, repacked its weight in place for a CPU inference kernel, and a backward
+    after it went through a kernel with no autograd support: the gradients through the base layers came out wrong
+    (the first layers' block gradients about 95% off). An evaluation in the middle of training is routine, so the
+    nested layer turns that repacking off on the 4-bit base it wraps (`support_avx512bf16_for_cpu = False`), and
+    the gradients after an eval are those of a run without it. (On a CPU without AVX512-BF16 bitsandbytes never
+    repacks, and both runs agree either way.)"""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads(evaluate_first: bool):
+        model = _load(llama_dir, kind)
+        torch.manual_seed(0)  # the same A blocks in both runs
+        adapters, _ = setup_unified_lora(model, ["q_proj", "v_proj", "down_proj"], print_fn=None)
+        _randomise_B(adapters)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: [p.grad.clone() for p in layer.active_parameters()] for n, layer in adapters.items()}
+
+    plain, after_eval = grads(False), grads(True)
+    assert plain.keys() == after_eval.keys()
+    for n in plain:
+        for g, h in zip(plain[n], after_eval[n]):
+            assert torch.equal(g, h), n

@@ -105,6 +105,13 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         mark_modules_to_save(model, config.modules_to_save)
         keep_off_fast_paths(model)
     resize_wrapped_heads(model)
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            # bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight in place at its first eval-mode
+            # forward on an input needing no gradient, for an inference kernel with no autograd support: a backward
+            # after an eval then gave wrong gradients through every such layer, wrapped or not (q_proj's A gradients
+            # all 0 with k_proj/o_proj unwrapped). A model that trains adapters keeps it off (README "Quantized")
+            m.support_avx512bf16_for_cpu = False
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
 
