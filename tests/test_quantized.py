@@ -378,3 +378,170 @@ def test_an_eval_forward_before_training_leaves_the_gradients_as_they_were(llama
     for n in plain:
         for g, h in zip(plain[n], after_eval[n]):
             assert torch.equal(g, h), n
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16, seed=0):
+        self.x = torch.randint(0, 64, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _trainer(model, out, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora.callbacks import quantized_model_for_trainer
+
+    args = dict(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6,
+                learning_rate=1e-2, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    args.update(kw)
+    with quantized_model_for_trainer(model):
+        trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=_Tokens(),
+                          eval_dataset=_Tokens(4, seed=1))
+    return trainer
+
+
+def _saved_blocks(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if ".lora_" in k}
+
+
+@pytest.mark.parametrize("kind", ["nf4-bf16", "int8"])
+def test_the_stock_trainer_trains_a_quantized_model_with_nested_layers_and_reloads_its_checkpoints(llama_dir,
+                                                                                                  tmp_path, kind):
+    """transformers' Trainer refuses a quantized model that is not a PEFT model ("purely quantized"), nested layers
+    or not. Built inside `quantized_model_for_trainer(model)` it takes it, and the mark it reads is gone after, so
+    `save_pretrained` and the checkpoints are as without it. A run with accumulation 2, evaluations, checkpoints
+    every 2 steps and a Mirror entry (a rank switch 8 -> 16 at the second step) trains every block and leaves every
+    packed weight and quant state bit-identical; `load_best_model_at_end` gives the model the best checkpoint's
+    blocks and the controller its state; a fresh model resumed from checkpoint-2 comes back at rank 16 with the
+    snapshot held and reaches checkpoint-4's blocks bit for bit. On an 8-bit base the best-model load used to fail
+    after the whole run (bitsandbytes' Linear8bitLt refuses its own state dict once a forward has moved its row
+    scales: "Loading a quantized checkpoint into non-quantized Linear8bitLt is not supported")."""
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora.callbacks import UnifiedLoRACallback
+
+    def build():
+        model = _load(llama_dir, kind)
+        adapters, ctrl = setup_unified_lora(model, ["q_proj", "v_proj", "down_proj"], print_fn=None,
+                                            signal=SignalConfig(kind="loss", alpha=0.5, loss_scale=0.1))
+        return model, adapters, ctrl
+
+    model, adapters, ctrl = build()
+    with pytest.raises(ValueError, match="purely quantized"):  # what the helper is for
+        Trainer(model=model, args=TrainingArguments(str(tmp_path / "x"), report_to="none", use_cpu=True))
+    packed = _packed_state(model)
+    blocks = {n: [p.detach().clone() for p in layer.lora_parameters()] for n, layer in adapters.items()}
+    out = tmp_path / "out"
+    trainer = _trainer(model, out, load_best_model_at_end=True, metric_for_best_model="loss")
+    assert "_hf_peft_config_loaded" not in vars(model) and model._hf_peft_config_loaded is False
+    cb = UnifiedLoRACallback(ctrl).add_to(trainer)
+    trainer.train()
+
+    assert [r.rank for r in ctrl.trace] == [8] + [16] * 5 and ctrl.trace[1].transition == "MULTI->MIRROR"
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 3
+    assert _same_packed(packed, _packed_state(model))
+    for n, layer in adapters.items():
+        assert not all(torch.equal(a, b) for a, b in zip(blocks[n], layer.lora_parameters())), n
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and cb.best_loaded_from == best
+    now = model.state_dict()
+    assert all(torch.equal(v, now[k]) for k, v in _saved_blocks(tmp_path / best).items())
+
+    model2, adapters2, ctrl2 = build()
+    assert {layer.rank for layer in adapters2.values()} == {8}
+    trainer2 = _trainer(model2, out, max_steps=4)
+    UnifiedLoRACallback(ctrl2).add_to(trainer2)
+    trainer2.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert ctrl2.rank == 16 and ctrl2.mirror.held and {layer.rank for layer in adapters2.values()} == {16}
+    now = model2.state_dict()
+    saved = _saved_blocks(out / "checkpoint-4")
+    assert len(saved) == 36 and all(torch.equal(v, now[k]) for k, v in saved.items())
+    assert _same_packed(packed, _packed_state(model2))
+
+
+def test_quantized_model_for_trainer_needs_nested_layers_and_leaves_a_float_model_alone(llama_dir):
+    from unified_lora.callbacks import quantized_model_for_trainer
+
+    with pytest.raises(ValueError, match="no nested LoRA layer with trainable blocks.*setup_unified_lora"):
+        with quantized_model_for_trainer(_load(llama_dir)):
+            pass
+    model = _load(llama_dir, None)
+    setup_unified_lora(model, ["q_proj"], print_fn=None)
+    with quantized_model_for_trainer(model):
+        assert "_hf_peft_config_loaded" not in vars(model)
+    model = _load(llama_dir)
+    setup_unified_lora(model, ["q_proj"], print_fn=None)
+    with pytest.raises(RuntimeError, match="boom"):
+        with quantized_model_for_trainer(model):
+            assert model._hf_peft_config_loaded is True
+            raise RuntimeError("boom")
+    assert "_hf_peft_config_loaded" not in vars(model)
+
+
+def test_an_8bit_layer_loads_its_own_state_dict_after_a_forward(llama_dir, tmp_path):
+    """bitsandbytes' Linear8bitLt moves its row scales from the weight into its state at its first forward and
+    then refused to load a state dict ("non-quantized Linear8bitLt"), wrapped or not: setup gives every 8-bit layer
+    of the model a pre-hook that puts them back on the weight, so a trained model loads its own state dict, or
+    another 8-bit model's (and then computes that model's outputs)."""
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path)
+    a, b = _load(llama_dir, "int8"), _load(tmp_path, "int8")
+    for m in (a, b):
+        setup_unified_lora(m, ["q_proj", "v_proj"], print_fn=None)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        ya, yb = a(x).logits, b(x).logits
+    assert not torch.equal(ya, yb)
+    assert a.load_state_dict(a.state_dict(), strict=True) == ([], [])
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, ya)
+    assert a.load_state_dict(b.state_dict(), strict=True) == ([], [])
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, yb)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_prepare_model_for_kbit_training_and_gradient_checkpointing_give_the_blocks_the_same_gradients(llama_dir,
+                                                                                                      reentrant):
+    """PEFT's `prepare_model_for_kbit_training` (frozen base, fp32 norms, input gradients, gradient checkpointing)
+    before setup: the nested layers train under checkpointing, and their gradients, at rank 8 and after a switch
+    to 16, are those of the same model without checkpointing (the recomputed forward runs the same blocks)."""
+    from peft import prepare_model_for_kbit_training
+
+    from unified_lora import set_rank
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing: bool):
+        model = prepare_model_for_kbit_training(_load(llama_dir), use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert model.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)
+        adapters, _ = setup_unified_lora(model, ["q_proj", "v_proj", "down_proj"], print_fn=None)
+        _randomise_B(adapters)
+        out = []
+        for rank in (8, 16):
+            set_rank(adapters, rank)
+            model(input_ids=ids, labels=ids).loss.backward()
+            out.append({n: [p.grad.clone() for p in layer.active_parameters()] for n, layer in adapters.items()})
+            model.zero_grad()
+        return out
+
+    plain, checkpointed = grads(False), grads(True)
+    for p, c in zip(plain, checkpointed):
+        assert p.keys() == c.keys() and len(p) == 6
+        for n in p:
+            assert len(p[n]) == len(c[n])
+            for g, h in zip(p[n], c[n]):
+                assert g.abs().sum() > 0, n
+                torch.testing.assert_close(h, g, rtol=0, atol=0)

@@ -119,6 +119,7 @@ FSDP and DeepSpeed are not yet supported or tested.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -444,6 +445,41 @@ class UnifiedLoRACallback(TrainerCallback):
         return False
 
 
+@contextlib.contextmanager
+def quantized_model_for_trainer(model):
+    """Build a `Trainer` (or a subclass, e.g. TRL's `SFTTrainer`) on a bitsandbytes-quantized model that trains
+    nested LoRA layers:
+
+        adapters, ctrl = setup_unified_lora(model, "all-linear", signal="loss")
+        with quantized_model_for_trainer(model):
+            trainer = Trainer(model=model, args=args, train_dataset=ds)
+        UnifiedLoRACallback(ctrl).add_to(trainer)
+
+    The Trainer's constructor refuses a quantized model that is not a PEFT model ("You cannot perform fine-tuning
+    on purely quantized models", `transformers.trainer_utils.validate_quantization_for_training`): it looks for
+    `model._hf_peft_config_loaded`, the mark transformers' own `add_adapter` sets. This sets that mark while the
+    Trainer is built, and only then: it is taken away on leaving, so nothing later reads it. With the mark,
+    `save_pretrained` would save through transformers' own adapter code (`get_adapter_state_dict`, which knows
+    nothing of nested layers); without it, the Trainer's checkpoints and `save_model` hold the whole model as
+    `save_pretrained` writes it (the packed base weights, every LoRA block, each layer's rank), which
+    `resume_from_checkpoint` and `load_best_model_at_end` load back. A model that is not quantized, or already
+    carries the mark, is left as it is. A model without nested LoRA layers that train is a `ValueError` (the
+    Trainer would train nothing)."""
+    from .model import lora_layers
+
+    if not any(p.requires_grad for layer in lora_layers(model).values() for p in layer.parameters()):
+        raise ValueError("quantized_model_for_trainer: the model has no nested LoRA layer with trainable blocks, so "
+                         "the Trainer would have nothing to train; call setup_unified_lora(model, ...) first")
+    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False):
+        yield model
+        return
+    model._hf_peft_config_loaded = True  # an instance attribute over PeftAdapterMixin's class attribute (False)
+    try:
+        yield model
+    finally:
+        del model._hf_peft_config_loaded
+
+
 @torch.no_grad()
 def _weights_digest(ctrl: UnifiedController) -> str:
     """SHA-256 of the controller's managed parameters (every LoRA block and extra parameter, in order), as stored:
@@ -468,4 +504,5 @@ def _has_trainer_weights(args, folder: str) -> bool:
         WEIGHTS_INDEX_NAME))
 
 
-__all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "model_normalises_loss", "unwrap_optimizer"]
+__all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "model_normalises_loss", "quantized_model_for_trainer",
+           "unwrap_optimizer"]

@@ -112,8 +112,23 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             # after an eval then gave wrong gradients through every such layer, wrapped or not (q_proj's A gradients
             # all 0 with k_proj/o_proj unwrapped). A model that trains adapters keeps it off (README "Quantized")
             m.support_avx512bf16_for_cpu = False
+        if hasattr(m, "init_8bit_state") and not getattr(m, "_unified_lora_scb_hook", False):
+            m._register_load_state_dict_pre_hook(_scb_back_on_the_weight, with_module=True)
+            m._unified_lora_scb_hook = True
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def _scb_back_on_the_weight(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook of a bitsandbytes `Linear8bitLt`: its first forward moves the row scales from the
+    weight (`weight.SCB`) into its state (`state.SCB`), and its `_load_from_state_dict` then refused its own state
+    dict ("Loading a quantized checkpoint into non-quantized Linear8bitLt is not supported"): the Trainer's
+    `load_best_model_at_end` and a resume in the same process failed on an 8-bit base after training. The weight
+    gets the state's tensor back, so the load copies the scales into it (and the codes into `weight`, which is
+    `state.CB`), as before the first forward."""
+    if prefix + "SCB" in state_dict and getattr(module.weight, "SCB", None) is None \
+            and getattr(module.state, "SCB", None) is not None:
+        module.weight.SCB = module.state.SCB
 
 
 def _output_layers(model: nn.Module) -> set[int]:
