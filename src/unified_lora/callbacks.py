@@ -114,7 +114,8 @@ to have them log the keys too, add the callback first:
 (gloo). Paused rank blocks are outside the autograd graph, so DDP needs
 `find_unused_parameters=True` (the Trainer's default unless activation
 checkpointing is on) and must not use `static_graph`; the callback checks this.
-FSDP and DeepSpeed are not yet supported or tested.
+FSDP2 (`fully_shard`) is supported and tested in a hand-written loop (README "Multi-GPU"), not under the
+Trainer's own FSDP settings; FSDP1 is refused; DeepSpeed is not supported or tested.
 """
 
 from __future__ import annotations
