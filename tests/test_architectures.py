@@ -150,6 +150,80 @@ def test_resize_token_embeddings_after_setup_grows_a_wrapped_lm_head(kind):
     assert head.lora_B[0][VOCAB:].abs().sum() > 0
 
 
+def test_resize_token_embeddings_in_the_middle_of_a_run_trains_on():
+    """A resize after training steps, as the README says (build the optimizer again, attach it): the last step's
+    loss, still referenced, keeps the graph whose gradient accumulators hold each B block's old shape, and the next
+    backward reused them ("invalid gradient at index 4 - got [70, 4] but expected shape compatible with [64, 4]");
+    with that fixed, the composite signal's stored gradients of the old shape made the next ctrl.step fail ("The
+    size of tensor a (70) must match the size of tensor b (64)"). Now the run goes on: the resized adapter's cosine
+    starts again (None for one step) and the new tokens' rows train."""
+    model, targets = _lm("llama_untied")
+    adapters, ctrl = setup_unified_lora(model, target_modules=targets, print_fn=None)
+    head = adapters["lm_head"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 6))
+    for _ in range(3):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+    model.resize_token_embeddings(VOCAB + 6, mean_resizing=False)  # `loss` and its graph still live
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x = torch.tensor([[VOCAB + 5, 1, 2, VOCAB + 1]])
+    for _ in range(3):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        assert all(b.grad.shape == (VOCAB + 6, b.shape[1]) for b in head.lora_B[:ctrl.rank // 4])
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+    assert head.lora_B[0][VOCAB:].abs().sum() > 0
+    assert all(g.shape[0] == VOCAB + 6 for g in ctrl.grad_stats.prev[-1][len(ctrl.grad_stats.prev[-1]) // 2:])
+
+
+def test_resize_token_embeddings_during_mirror_leaves_mirror_with_a_snapshot_of_the_new_shapes():
+    """A resize while a Mirror snapshot is held (MIRROR): its B entries kept the old vocabulary, so the exit could
+    neither compare nor restore, and every ctrl.step from the exit on raised ("has shape (70, 4), but its snapshot
+    has (64, 4)"): the run never left MIRROR. Attaching the new optimizer (as the README says after a resize) now
+    drops that snapshot with a warning; the next step takes one of the resized weights, and the exit rolls back
+    to it."""
+    from unified_lora import MachineConfig, MirrorConfig
+    from unified_lora.model import lora_state_dict
+
+    model, targets = _lm("llama_untied")
+    adapters, ctrl = setup_unified_lora(model, target_modules=targets, print_fn=None, signal="loss",
+                                        machine=MachineConfig(initial_mode=2, warmup_steps=6),
+                                        mirror=MirrorConfig(policy="always"))
+
+    def train(steps):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ctrl.attach_optimizer(opt)
+        for _ in range(steps):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            ctrl.step(loss=0.5)  # φ = 0.5 < θ1: the machine leaves MIRROR at its first decision, step 6
+            opt.step()
+            opt.zero_grad()
+
+    x = torch.randint(0, VOCAB, (2, 6))
+    train(2)
+    assert ctrl.mirror.held
+    model.resize_token_embeddings(VOCAB + 6, mean_resizing=False)
+    x = torch.tensor([[VOCAB + 5, 1, 2, VOCAB + 1]])
+    with pytest.warns(UserWarning, match="other shapes"):
+        train(0)
+    assert not ctrl.mirror.held
+    start = {k: v.clone() for k, v in lora_state_dict(model).items() if not k.endswith("._extra_state")}
+    train(5)  # the first step takes the new snapshot, of the resized blocks
+    assert [(r.step, r.transition, r.snapshot) for r in ctrl.trace if r.transition or r.snapshot] == [
+        (0, None, "saved"), (2, None, "saved"), (6, "MIRROR->MULTI", "restored")]
+    after = lora_state_dict(model)
+    assert all(torch.equal(after[k], v) for k, v in start.items()) and not ctrl.mirror.held
+
+
 def test_resize_token_embeddings_of_a_merged_lm_head_is_refused_before_anything_changes():
     model, targets = _lm("llama_untied")
     adapters, _ = setup_unified_lora(model, target_modules=targets, print_fn=None)

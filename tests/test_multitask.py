@@ -1609,3 +1609,37 @@ def test_a_task_with_no_usable_gradient_yet_stays_out_of_the_conflict_mean():
     two = _multi_run(True, [("a", "b")] * 3)
     for c3, c2 in zip(conflict[1:], two):
         assert c3 > 0.9 and c3 == pytest.approx(c2, abs=0.05)
+
+
+@pytest.mark.parametrize("mode", [SINGLE, MULTI])
+def test_resize_token_embeddings_of_a_multitask_lm_head_in_the_middle_of_a_run_trains_on(mode):
+    """`resize_token_embeddings` after multi-task training steps (the README's way: build the optimizer again, attach
+    it) grew every B block of the lm_head, the task adapters' too, but S's reference kept the old shapes and the next
+    ctrl.step failed ("The size of tensor a (70) must match the size of tensor b (64)"). The reference grows as the
+    blocks did (new rows 0), so the drift of the kept rows goes on and the run trains the new tokens."""
+    model = tiny_llama()
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], ["q_proj", "lm_head"], print_fn=None,
+                                   machine=MachineConfig(initial_mode=mode, warmup_steps=100))
+    head = model.lm_head
+
+    def run(x, steps=3):
+        opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+        ctrl.attach_optimizer(opt)
+        for _ in range(steps):
+            with task_context(model, ["a", "b"]):
+                logits = model(input_ids=x).logits
+            per = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
+            loss = per.mean()
+            loss.backward()
+            ctrl.step(loss, task_losses=per_task_losses(per.mean(1), ["a", "b"]))
+            opt.step()
+            opt.zero_grad()
+
+    run(torch.randint(0, VOCAB, (2, 6)))
+    model.resize_token_embeddings(VOCAB + 6, mean_resizing=False)
+    assert all(p.shape[0] == VOCAB + 6 for n, p in head.named_parameters() if "lora_B" in n)
+    before = ctrl._drift()
+    run(torch.tensor([[VOCAB + 5, 1, 2, VOCAB + 1]] * 2))
+    trained = head.active_B() if mode == SINGLE else head.task_B(0)
+    assert trained[VOCAB:].abs().sum() > 0 and ctrl.mode == mode
+    assert math.isfinite(before) and before > 0

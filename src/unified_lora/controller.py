@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import check_sharding
+from .distributed import check_sharding, local_tensor
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -201,6 +201,15 @@ class UnifiedController:
             self._warn_unmanaged_trainable(inner)
             if self.actuators.lr_mode != "off":
                 self._check_optimizer_lr(inner)
+        if self.mirror.held and [w.shape for w in self.mirror.weights] != [
+                local_tensor(p).shape for p in self.managed_parameters()]:
+            # parameters reshaped since the MIRROR entry (resize_token_embeddings grew a wrapped lm_head's B blocks;
+            # the README says to attach a new optimizer then): the exit could neither compare nor restore, and every
+            # ctrl.step from the exit on raised a shape error, so the run never left MIRROR
+            self.mirror.clear()
+            warnings.warn("attach_optimizer: the Mirror snapshot holds parameters of other shapes than the model's "
+                          "now (resized since MIRROR began); it is dropped, and the next ctrl.step takes a new one, "
+                          "to which this MIRROR's exit can roll back", stacklevel=2)
         previous = _unwrap_optimizer(self.optimizer)
         if previous is not None:  # a step of it raised: its scheduled LRs go back to it, not into the new one
             self._post_step(previous, None, None)

@@ -465,6 +465,10 @@ class NestedLoRALayer(nn.Module):
             grown = p.new_zeros(out, p.shape[1])
             keep = min(out, p.shape[0])
             grown[:keep] = p[:keep]
+            # a graph built before (the last step's loss, still referenced) keeps p's gradient accumulator alive,
+            # with p's old shape: the next backward reused it and failed ("invalid gradient ... got [70, 4] but
+            # expected shape compatible with [64, 4]"). torch drops it where `.data` changes dtype, not shape.
+            p.data = grown.new_empty(0, dtype=torch.float64 if grown.dtype != torch.float64 else torch.float32)
             p.data = grown
             p.grad = None
         self.out_features = out

@@ -850,6 +850,21 @@ class MultiTaskController(UnifiedController):
         self._ref = [p.detach().clone() for a in self.adapters for p in a.lora_parameters()]
         self._ref_slots = set(self._slots())  # the task slots whose reference is their value at the last rebuild
 
+    def _grow_ref(self, every: list[nn.Parameter], where: dict[int, int]) -> bool:
+        """Give each reference block whose parameter changed its number of rows since (`resize_token_embeddings`
+        grew a wrapped lm_head's B blocks, `NestedLoRALayer._resize_out`) that many rows, as the resize did: the kept
+        rows as they were, new rows 0 (their value when first seen). True if any was."""
+        grown = False
+        for p in every:
+            i = where[id(p)]
+            r = self._ref[i]
+            if r.shape != p.shape and r.shape[1:] == p.shape[1:]:
+                new = r.new_zeros(p.shape)
+                keep = min(r.shape[0], p.shape[0])
+                new[:keep] = r[:keep]
+                self._ref[i], grown = new, True
+        return grown
+
     @torch.no_grad()
     def _drift(self) -> float:
         """S's relative drift Σ‖W − W_ref‖ / Σ‖W_ref‖ over the adapters the topology trains, every block: the shared
@@ -867,7 +882,13 @@ class MultiTaskController(UnifiedController):
         trained = ([p for a in self.adapters for p in a.shared_parameters()] if self.router.topology == "shared"
                    else self._task_adapter_parameters())
         params, ref = [p.detach() for p in trained], [self._ref[where[id(p)]] for p in trained]
-        num = torch.stack(torch._foreach_norm(torch._foreach_sub(params, ref))).float().sum()
+        try:
+            diff = torch._foreach_sub(params, ref)
+        except RuntimeError:  # (caught, not checked each step)
+            if not self._grow_ref(every, where):
+                raise
+            return self._drift()
+        num = torch.stack(torch._foreach_norm(diff)).float().sum()
         den = torch.stack(torch._foreach_norm(ref)).float().sum()
         num, den = torch.stack([num, den]).tolist()
         return num / den if den > 0 else 0.0

@@ -304,7 +304,15 @@ class GradientStats:
         # paired with last step's) c + p, c − p and p. One stack and one square follow, and the four groups
         # are views of the result.
         n, m = len(flat), len(cur)
-        listed = flat + ([*torch._foreach_add(cur, prv), *torch._foreach_sub(cur, prv), *prv] if cur else [])
+        try:
+            listed = flat + ([*torch._foreach_add(cur, prv), *torch._foreach_sub(cur, prv), *prv] if cur else [])
+        except RuntimeError:
+            # a block that changed shape since the last step (`resize_token_embeddings` grew a wrapped lm_head's B):
+            # its adapter's stored gradient is dropped, and its cosine is None this step, as on a first step
+            # (caught here, not checked each step: shape checks would cost every step host time)
+            if not self._drop_reshaped(grads):
+                raise
+            return self(adapters)
         # fp32 sums for fp32/bf16/fp16 gradients, fp64 for fp64 ones (as Mirror's drift): a norm in fp32 refuses
         # fp64 input, so a float64 model failed at its first ctrl.step; the sums take that dtype, not torch's default
         acc = torch.float64 if any(t.dtype == torch.float64 for t in listed) else torch.float32
@@ -342,6 +350,16 @@ class GradientStats:
         if finite:
             cosines = [None if c != c else c for c in cosines]
         return grad_norms, cosines
+
+    def _drop_reshaped(self, grads) -> bool:
+        """Forget the stored gradient of each adapter whose blocks changed shape since it was stored (paired as
+        `__call__` pairs them). True if any was."""
+        dropped = False
+        for a, (gs, prev) in enumerate(zip(grads, self.prev)):
+            k, h, hp = min(len(gs), len(prev)) // 2, len(gs) // 2, len(prev) // 2
+            if gs and prev and any(g.shape != q.shape for g, q in zip(gs[:k] + gs[h:h + k], prev[:k] + prev[hp:hp + k])):
+                self.prev[a], dropped = [], True
+        return dropped
 
     def _store(self, grads, flat) -> None:
         """Keep this step's gradients for the next cosine: copied into last step's buffers when the
