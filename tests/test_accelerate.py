@@ -2,6 +2,8 @@
 optimizer, the data and the scheduler, gradient accumulation with `accelerator.accumulate`, and
 `accelerator.save_state` / `load_state` with the controller registered for checkpointing."""
 
+import warnings
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -93,10 +95,10 @@ def test_save_state_in_mirror_resumes_bit_for_bit_and_save_model_keeps_every_ten
 def test_ctrl_step_on_an_accumulation_micro_batch_is_refused(attach):
     """Called on every micro-batch of `accelerator.accumulate`, ctrl.step counted each one as an optimizer step
     (whose `optimizer.step()` accelerate skips): warm-up, dwell and eval_interval ran N times too fast, and the
-    signal read one micro-batch's loss. It is refused now, before anything is counted; the sync step goes on. The
-    refusal used to need accelerate's optimizer attached: with the torch optimizer attached before `prepare` (or
-    none attached) the controller read no `gradient_state` and counted every micro-batch; it reads accelerate's
-    process-wide gradient state now."""
+    signal read one micro-batch's loss. With accelerate's optimizer attached it is refused, before anything is
+    counted; the sync step goes on. With the torch optimizer attached before `prepare` (or none attached) only
+    accelerate's process-wide gradient state can tell, which an Accelerator leaves behind (a later plain loop would
+    be refused for nothing): the step is warned about, and counted."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = tiny_bert()
     _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], print_fn=None)
@@ -113,15 +115,51 @@ def test_ctrl_step_on_an_accumulation_micro_batch_is_refused(attach):
             accelerator.backward(loss)
             if i == 0:
                 assert not accelerator.sync_gradients
-                with pytest.raises(ValueError, match="only when accelerator.sync_gradients is true"):
-                    ctrl.step(loss=loss.item())
-                assert ctrl.global_step == 0 and ctrl.trace == [] and ctrl.loss_ema is None
+                if attach == "prepared":
+                    with pytest.raises(ValueError, match="only when accelerator.sync_gradients is true"):
+                        ctrl.step(loss=loss.item())
+                    assert ctrl.global_step == 0 and ctrl.trace == [] and ctrl.loss_ema is None
+                else:
+                    with pytest.warns(UserWarning, match="gradient-accumulation micro-batch"):
+                        ctrl.step(loss=loss.item())
             else:
                 assert accelerator.sync_gradients
-                ctrl.step(loss=loss.item())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # no warning on the sync step
+                    ctrl.step(loss=loss.item())
             opt.step()
             opt.zero_grad()
-    assert ctrl.global_step == 1
+    assert ctrl.global_step == (1 if attach == "prepared" else 2)
+
+
+def test_a_plain_loop_after_an_accelerate_loop_that_stopped_on_a_micro_batch_is_not_refused():
+    """accelerate's gradient state outlives its Accelerator: a loop stopped on a micro-batch leaves
+    `sync_gradients` False. A later plain torch loop in the same process (no Accelerator) must train: it is at most
+    warned about, never refused."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_bert()
+    model, data = accelerator.prepare(model, DataLoader(TensorDataset(*classification_batch(16, seed=1)),
+                                                        batch_size=4))
+    for i, (xb, yb) in enumerate(data):
+        with accelerator.accumulate(model):
+            accelerator.backward(model(input_ids=xb, labels=yb).loss)
+        if i == 2:  # the third micro-batch: not a sync step
+            break
+    assert not accelerator.sync_gradients
+    del accelerator
+    plain = tiny_bert()
+    _, ctrl = setup_unified_lora(plain, target_modules=["query", "value"], print_fn=None)
+    opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(4, seed=2)
+    for _ in range(2):
+        plain(input_ids=x, labels=y).loss.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ctrl.step(loss=1.0)
+        opt.step()
+        opt.zero_grad()
+    assert ctrl.global_step == 2
 
 
 @pytest.fixture

@@ -382,18 +382,26 @@ class UnifiedController:
         """Refuse a step on one of accelerate's gradient-accumulation micro-batches: its optimizer step will not run
         (`accelerator.sync_gradients` is False), yet the controller counted it as a step (warm-up, dwell and
         eval_interval ran N times too fast) and fed the signal one micro-batch's loss and half-summed gradients.
-        The attached AcceleratedOptimizer's gradient state says so; with the torch optimizer attached before
-        `prepare` (or none attached), accelerate's process-wide one does, while an Accelerator accumulates."""
+        The attached AcceleratedOptimizer's gradient state says so, and the step is refused. With the torch
+        optimizer attached before `prepare` (or none attached), only accelerate's process-wide state can tell, and
+        it outlives its Accelerator: a loop that stopped on a micro-batch leaves `sync_gradients` False for any
+        later loop in the process. There the step is warned about, not refused."""
         state = getattr(self.optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
-        if state is None and "accelerate.state" in sys.modules:
-            shared = sys.modules["accelerate.state"].GradientState
-            if shared._shared_state != {} and shared().num_steps > 1:  # gradient_accumulation_steps > 1
-                state = shared()
         if state is not None and getattr(state, "sync_gradients", True) is False:
             raise ValueError("ctrl.step: called on a gradient-accumulation micro-batch (accelerator.sync_gradients "
                              "is False), whose optimizer.step() accelerate skips; the controller counts optimizer "
                              "steps. Call ctrl.step only when accelerator.sync_gradients is true, with the mean loss "
                              "of that step's micro-batches")
+        if state is None and "accelerate.state" in sys.modules:
+            shared = sys.modules["accelerate.state"].GradientState
+            if shared._shared_state != {} and shared().num_steps > 1 and shared().sync_gradients is False:
+                warnings.warn(
+                    "ctrl.step: accelerate's gradient state says this is a gradient-accumulation micro-batch "
+                    "(sync_gradients is False, gradient_accumulation_steps > 1), whose optimizer.step() accelerate "
+                    "skips; the controller counts optimizer steps. Call ctrl.step only when "
+                    "accelerator.sync_gradients is true, and attach accelerate's optimizer "
+                    "(ctrl.attach_optimizer(accelerator.prepare(opt))) to have such a step refused. If no "
+                    "Accelerator accumulates now, the state is an earlier one's, left on a micro-batch", stacklevel=3)
 
     def _check_rank(self) -> None:
         """Refuse a step while an adapter runs at another rank than the controller's mode gives it, before anything
