@@ -703,13 +703,13 @@ def _fsdp_train(model, ctrl, batches, rec=None, opt=None, on_step=None):
     return [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.drift) for r in ctrl.trace]
 
 
-def _fsdp_sharded(kind: str, mesh=None):
+def _fsdp_sharded(kind: str, mesh=None, **kw):
     from torch.distributed.fsdp import fully_shard
 
     model, ctrl = _fsdp_setup(kind)
     for name in ("q_proj", "v_proj", "classifier"):  # each block on its own, then the root (FSDP2's recipe)
-        fully_shard(getattr(model, name), mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(getattr(model, name), mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     return model, ctrl
 
 
@@ -788,6 +788,11 @@ def _fsdp_resume(rank: int, out: str) -> None:
     groups = [dist.new_group([r]) for r in range(2)]  # every process creates every group
     _, octrl = _fsdp_sharded("composite", mesh=DeviceMesh.from_group(groups[rank], "cpu"))
     rec["world_size"] = refused(octrl, saved)
+    # the same processes, each parameter sharded on its last dimension
+    from torch.distributed.tensor import Shard
+
+    _, sctrl = _fsdp_sharded("composite", shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    rec["placements"] = refused(sctrl, saved)
     torch.save(rec, os.path.join(out, f"fsdp_resume{rank}.pt"))
 
 
@@ -983,7 +988,7 @@ def test_fsdp2_resumes_mid_mirror_bit_for_bit_from_per_process_states(fsdp_run):
 def test_fsdp2_state_of_another_process_or_sharding_is_refused(fsdp_run):
     """A state holds one process's shards: loaded by the other process (what accelerate's load_state does, as its
     save_state writes registered objects from process 0 alone), by a run sharded over another number of
-    processes, or a one-process state loaded under FSDP2, it would have restored wrong rows (or was refused by a
+    processes or on another dimension, or a one-process state loaded under FSDP2, it would have restored wrong rows (or was refused by a
     shape message that did not say why). Each is a ValueError that names the processes and the recipe."""
     for rank, r in enumerate(fsdp_run):
         res = r["resume"]
@@ -997,6 +1002,8 @@ def test_fsdp2_state_of_another_process_or_sharding_is_refused(fsdp_run):
             assert "nothing was loaded" in msg
         assert f"process {rank} of 2" in res["world_size"] and "this is process 0 of 1" in res["world_size"], \
             res["world_size"]
+        assert f"process {rank} of 2, sharded with other placements than this run's (managed parameter 0: saved " \
+            "['Shard(dim=0)'], here ['Shard(dim=1)'])" in res["placements"], res["placements"]
         assert "were not sharded" in res["unsharded"] and f"process {rank} of 2" in res["unsharded"], \
             res["unsharded"]
 

@@ -246,7 +246,7 @@ def sharding_of(tensors: Iterable[torch.Tensor]) -> dict | None:
     if group is None:
         return None
     return {"world_size": dist.get_world_size(group), "rank": dist.get_rank(group),
-            "placements": [[str(p) for p in t.placements] for t in tensors],
+            "placements": [[repr(p) for p in t.placements] for t in tensors],
             "shapes": [list(t.shape) for t in tensors],
             "local_shapes": [list(local_tensor(t).shape) for t in tensors]}
 
