@@ -8,6 +8,7 @@ losses differ; only the controller's all-reduce keeps the decisions equal.
 """
 
 import datetime
+import functools
 import json
 import os
 import socket
@@ -673,11 +674,17 @@ def _fsdp_setup(kind: str):
     return model, ctrl
 
 
-def _fsdp_train(model, ctrl, batches, rec=None):
-    """The loop on `batches(step)`; with `rec`, what the FSDP checks need after each step."""
+def _fsdp_opt(model, ctrl):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     ctrl.attach_optimizer(opt)
-    for step in range(FSDP_STEPS):
+    return opt
+
+
+def _fsdp_train(model, ctrl, batches, rec=None, opt=None, on_step=None):
+    """The loop on `batches(step)` from the controller's step on; with `rec`, what the FSDP checks need after each
+    step; `on_step(step, opt)` after each optimizer step."""
+    opt = _fsdp_opt(model, ctrl) if opt is None else opt
+    for step in range(ctrl.global_step, FSDP_STEPS):
         x, y = batches(step)
         loss = model(input_ids=x, labels=y)
         loss.backward()
@@ -691,23 +698,116 @@ def _fsdp_train(model, ctrl, batches, rec=None):
         opt.zero_grad()
         if rec is not None:
             rec["paused_unchanged"].append(all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, paused)))
+        if on_step is not None:
+            on_step(step, opt)
     return [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.drift) for r in ctrl.trace]
 
 
-def _fsdp_loop(rank: int, out: str) -> None:
+def _fsdp_sharded(kind: str, mesh=None, **kw):
     from torch.distributed.fsdp import fully_shard
 
+    model, ctrl = _fsdp_setup(kind)
+    for name in ("q_proj", "v_proj", "classifier"):  # each block on its own, then the root (FSDP2's recipe)
+        fully_shard(getattr(model, name), mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
+    return model, ctrl
+
+
+FSDP_SAVE_AT = 12  # mid-MIRROR: the snapshot (weights and AdamW moments) was taken at step 11, step 13 restores it
+
+
+def _fsdp_save(rank, out, model, ctrl, step, opt) -> None:
+    """The README's FSDP2 checkpoint: the model and optimizer through torch.distributed.checkpoint (every process
+    writes its shards), the controller's state per process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if step != FSDP_SAVE_AT:
+        return
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(out, "fsdp_ckpt"))
+    torch.save(ctrl.state_dict(), os.path.join(out, "fsdp_ckpt", f"ctrl_rank{rank}.pt"))
+
+
+def _fsdp_resume(rank: int, out: str) -> None:
+    """Resume the composite run from the checkpoint `_fsdp_save` wrote mid-MIRROR, in a fresh model, optimizer and
+    controller; then the loads that must be refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    ckpt = os.path.join(out, "fsdp_ckpt")
+    model, ctrl = _fsdp_sharded("composite")
+    opt = _fsdp_opt(model, ctrl)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    saved = torch.load(os.path.join(ckpt, f"ctrl_rank{rank}.pt"), weights_only=True)  # plain tensors only
+    try:  # (a refusal is the same on both processes, before any collective: the other FSDP2 checks still run)
+        ctrl.load_state_dict(saved)
+    except ValueError as e:
+        torch.save({"refused": str(e)}, os.path.join(out, f"fsdp_resume{rank}.pt"))
+        return
+    rec = {"held": ctrl.mirror.held, "step": ctrl.global_step, "prev": sum(map(len, ctrl.grad_stats.prev))}
+    rec["trace"] = _fsdp_train(model, ctrl, lambda step: _fsdp_batch(rank, step), opt=opt)
+    rec["weights"] = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+
+    def refused(ctrl, sd):
+        try:
+            ctrl.load_state_dict(sd)
+            return "no error"
+        except ValueError as e:
+            return str(e)
+
+    # the other process's state (what every process loads from accelerate's save_state, written by process 0 alone)
+    other = torch.load(os.path.join(ckpt, f"ctrl_rank{1 - rank}.pt"), weights_only=False)
+    rec["other_rank"] = refused(ctrl, other)
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.register_for_checkpointing(ctrl)
+    acc.save_state(os.path.join(out, "fsdp_acc"))
+    acc.wait_for_everyone()  # (save_state returns on the other processes before process 0 has written)
+    try:
+        acc.load_state(os.path.join(out, "fsdp_acc"))
+        rec["accelerate"] = "no error"
+    except ValueError as e:
+        rec["accelerate"] = str(e)
+    # a one-process (unsharded) state, with stored gradients
+    plain, pctrl = _fsdp_setup("composite")
+    popt = _fsdp_opt(plain, pctrl)
+    for step in range(2):
+        loss = plain(*_fsdp_batch(rank, step))
+        loss.backward()
+        pctrl.step(loss)
+        popt.step()
+        popt.zero_grad()
+    rec["unsharded"] = refused(ctrl, pctrl.state_dict())
+    # the state of 2 processes loaded by a run sharded over one (each process its own 1-process mesh)
+    from torch.distributed.device_mesh import DeviceMesh
+
+    groups = [dist.new_group([r]) for r in range(2)]  # every process creates every group
+    _, octrl = _fsdp_sharded("composite", mesh=DeviceMesh.from_group(groups[rank], "cpu"))
+    rec["world_size"] = refused(octrl, saved)
+    # the same processes, each parameter sharded on its last dimension
+    from torch.distributed.tensor import Shard
+
+    _, sctrl = _fsdp_sharded("composite", shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    rec["placements"] = refused(sctrl, saved)
+    torch.save(rec, os.path.join(out, f"fsdp_resume{rank}.pt"))
+
+
+def _fsdp_loop(rank: int, out: str) -> None:
     from unified_lora import lora_state_dict
     from unified_lora.peft_io import export_peft_adapter
 
     rec = {}
     for kind in ("loss", "composite"):
-        model, ctrl = _fsdp_setup(kind)
-        for name in ("q_proj", "v_proj", "classifier"):  # each block on its own, then the root (FSDP2's recipe)
-            fully_shard(getattr(model, name))
-        fully_shard(model)
+        model, ctrl = _fsdp_sharded(kind)
         r = {"paused_grad_none": [], "paused_unchanged": []}
-        r["trace"] = _fsdp_train(model, ctrl, lambda step: _fsdp_batch(rank, step), r)
+        save = functools.partial(_fsdp_save, rank, out, model, ctrl) if kind == "composite" else None
+        r["trace"] = _fsdp_train(model, ctrl, lambda step: _fsdp_batch(rank, step), r, on_step=save)
+        if kind == "loss":  # MULTI, no snapshot held, no stored gradients: a state without shards
+            torch.save(ctrl.state_dict(), os.path.join(out, f"ctrl_loss{rank}.pt"))
         r["sharded"] = [type(p).__name__ for p in ctrl.managed_parameters()]
         r["local_shapes"] = [tuple(p.to_local().shape) for p in ctrl.managed_parameters()]
         r["weights"] = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
@@ -774,6 +874,7 @@ def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     _fsdp_loop(rank, out)
+    _fsdp_resume(rank, out)
     _fsdp1_refusal(rank, out)
     _fsdp_multitask_refusal(rank, out)
     dist.barrier()
@@ -785,7 +886,9 @@ def fsdp_run(tmp_path_factory):
     out = _spawn_once(tmp_path_factory, "unified_lora_fsdp", _worker_fsdp)
     return [dict(torch.load(os.path.join(out, f"fsdp{r}.pt"), weights_only=False),
                  fsdp1=torch.load(os.path.join(out, f"fsdp1_{r}.pt"), weights_only=False),
-                 mt=torch.load(os.path.join(out, f"fsdp_mt{r}.pt"), weights_only=False)) for r in range(2)]
+                 mt=torch.load(os.path.join(out, f"fsdp_mt{r}.pt"), weights_only=False),
+                 resume=torch.load(os.path.join(out, f"fsdp_resume{r}.pt"), weights_only=False),
+                 ckpt=os.path.join(out, "fsdp_ckpt")) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -860,3 +963,64 @@ def test_fsdp2_multitask_mode_is_refused_at_the_first_step(fsdp_run):
     for r in fsdp_run:
         assert "sharded by FSDP2" in r["mt"]["multitask"] and "DDP" in r["mt"]["multitask"], r["mt"]["multitask"]
         assert r["mt"]["step"] == 0
+
+
+def test_fsdp2_resumes_mid_mirror_bit_for_bit_from_per_process_states(fsdp_run):
+    """The README's FSDP2 checkpoint mid-MIRROR (snapshot of weights and AdamW moments held, the composite signal's
+    previous gradients stored): the model and optimizer through torch.distributed.checkpoint, ctrl.state_dict() per
+    process. The load used to be refused (the state's tensors are this process's shards, checked against the
+    parameters' global shapes), and torch.save of the state wrote the snapshot's moments as DTensors. Now a fresh
+    model, optimizer and controller on each process continue exactly as the uninterrupted run: the same trace
+    (φ, decisions, the restore at step 13 and its drift, bit for bit) and bit-identical gathered weights."""
+    for rank, r in enumerate(fsdp_run):
+        res, full = r["resume"], r["composite"]
+        assert "refused" not in res, res["refused"]
+        assert res["held"] and res["step"] == FSDP_SAVE_AT + 1 and res["prev"] > 0
+        assert res["trace"] == full["trace"][FSDP_SAVE_AT + 1:]
+        assert res["trace"][0][4:6] == ("restored", "MIRROR->MULTI")
+        assert res["weights"].keys() == full["weights"].keys()
+        for n, w in full["weights"].items():
+            assert torch.equal(res["weights"][n], w), n
+        saved = torch.load(os.path.join(r["ckpt"], f"ctrl_rank{rank}.pt"), weights_only=True)
+        assert saved["sharding"]["rank"] == rank and saved["sharding"]["world_size"] == 2
+
+
+def test_fsdp2_state_of_another_process_or_sharding_is_refused(fsdp_run):
+    """A state holds one process's shards: loaded by the other process (what accelerate's load_state does, as its
+    save_state writes registered objects from process 0 alone), by a run sharded over another number of
+    processes or on another dimension, or a one-process state loaded under FSDP2, it would have restored wrong rows (or was refused by a
+    shape message that did not say why). Each is a ValueError that names the processes and the recipe."""
+    for rank, r in enumerate(fsdp_run):
+        res = r["resume"]
+        for key, saver in (("other_rank", 1 - rank), ("accelerate", 0)):
+            msg = res[key]
+            if saver == rank:  # process 0 loads its own state back
+                assert msg == "no error"
+                continue
+            assert f"process {saver} of 2" in msg and f"this is process {rank} of 2" in msg, msg
+            assert "ctrl_rank{rank}.pt" in msg and "register_for_checkpointing" in msg, msg
+            assert "nothing was loaded" in msg
+        assert f"process {rank} of 2" in res["world_size"] and "this is process 0 of 1" in res["world_size"], \
+            res["world_size"]
+        assert f"process {rank} of 2, sharded with other placements than this run's (managed parameter 0: saved " \
+            "['Shard(dim=0)'], here ['Shard(dim=1)'])" in res["placements"], res["placements"]
+        assert "were not sharded" in res["unsharded"] and f"process {rank} of 2" in res["unsharded"], \
+            res["unsharded"]
+
+
+def test_fsdp2_state_loaded_into_an_unsharded_controller_is_refused_unless_it_holds_no_shards(fsdp_run):
+    """A process's FSDP2 state loaded into a one-process controller: its snapshot and stored gradients are that
+    process's shards, refused with the sharding it needs. A state that holds no tensors (the loss signal, no
+    snapshot held) is the same on every process and loads: the controller goes on where the FSDP2 run stopped."""
+    sd = torch.load(os.path.join(fsdp_run[1]["ckpt"], "ctrl_rank1.pt"), weights_only=False)
+    _, ctrl = _fsdp_setup("composite")
+    with pytest.raises(ValueError, match="process 1 of 2's shards .* not sharded. Resume it under FSDP2 over 2"):
+        ctrl.load_state_dict(sd)
+    assert ctrl.global_step == 0
+    out = os.path.dirname(fsdp_run[1]["ckpt"])
+    sd = torch.load(os.path.join(out, "ctrl_loss1.pt"), weights_only=False)
+    assert sd["sharding"]["rank"] == 1 and sd["mirror"]["weights"] is None and sd["grad_stats"]["prev"] == []
+    _, ctrl = _fsdp_setup("loss")
+    ctrl.load_state_dict(sd)
+    assert (ctrl.global_step, ctrl.mode, ctrl.rank) == (FSDP_STEPS, 1, 8)
+    assert ctrl.signal.state_dict() == sd["signal"]

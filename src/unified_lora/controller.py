@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import check_sharding, local_tensor
+from .distributed import check_sharding, local_tensor, sharding_of
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -626,6 +626,9 @@ class UnifiedController:
             "machine": self.machine.state_dict(),
             "mirror": self.mirror.state_dict(),
             "layout": self._layout(),
+            # FSDP2: the Mirror snapshot, its optimizer moments and the stored gradients are this process's shards;
+            # where they lie, so that only a process holding the same shards loads them (None: not sharded)
+            "sharding": sharding_of(self.managed_parameters()),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -634,10 +637,18 @@ class UnifiedController:
         record under "layout") and of extra parameters, and every tensor in it (the Mirror snapshot and
         its optimizer moments, the stored gradients, the signal's per-adapter EMAs) shaped like the
         parameter it belongs to. Anything else raises a `ValueError` that lists what differs, before
-        anything is loaded: such a state would restore one layer's snapshot into another."""
+        anything is loaded: such a state would restore one layer's snapshot into another.
+
+        Under FSDP2 (`fully_shard`) a state holds the saving process's shards: each process saves its own and loads
+        it back in a run sharded the same way (the same number of processes, the same rank, placements and shapes,
+        which the state records under "sharding"). A state with shards of another process or sharding, or whole
+        tensors loaded into a sharded run (and shards into an unsharded one), raises the ValueError. A state that
+        holds no tensors (no Mirror snapshot held, no stored gradients) is the same on every process and loads
+        into any run."""
         self._check_state(sd)
         device = self.adapters[0].lora_A[0].device if self.adapters else None
-        self.mirror.load_state_dict(sd["mirror"], device)  # first: the one part that can still fail (a kernel)
+        # first: the one part that can still fail (a kernel)
+        self.mirror.load_state_dict(sd["mirror"], device, params=self.managed_parameters())
         self._exit_decision = None
         self.global_step, self.loss_ema = sd["global_step"], sd["loss_ema"]
         self.nonfinite_steps = sd["nonfinite_steps"]
@@ -725,25 +736,31 @@ class UnifiedController:
 
         mirror = sd["mirror"]
         weights = mirror.get("weights")
+        opt_state = mirror.get("opt_state")
+        prev = sd["grad_stats"].get("prev", [])
+        # FSDP2: the tensors are the saving process's shards, which only a process holding the same shards can load
+        saved_sh, here_sh = sd.get("sharding"), sharding_of(managed)
+        if (weights is not None or opt_state is not None or any(prev)) and saved_sh != here_sh:
+            return out + [_sharding_problem(saved_sh, here_sh)]
+        # the tensors are shaped like this process's shards (the parameters themselves when not sharded)
+        local = [tuple(local_tensor(p).shape) for p in managed]
+        what = "the parameter is" if here_sh is None else "this process's shard of the parameter is"
         if weights is not None:
             if len(weights) != len(managed):
                 out.append(f"the Mirror snapshot holds {len(weights)} tensors; {this} ({len(managed)} in all)")
             else:
-                out += [f"Mirror snapshot of {lab}: saved {tuple(w.shape)}, the parameter is {tuple(p.shape)}"
-                        for lab, w, p in zip(labels, weights, managed) if shape_of(w) != list(p.shape)]
-        opt_state = mirror.get("opt_state")
+                out += [f"Mirror snapshot of {lab}: saved {tuple(w.shape)}, {what} {sh}"
+                        for lab, w, sh in zip(labels, weights, local) if shape_of(w) != list(sh)]
         if opt_state is not None:
             if len(opt_state) != len(managed):
                 out.append(f"the Mirror snapshot's optimizer state has {len(opt_state)} entries; {this} "
                            f"({len(managed)} in all)")
             else:
-                for lab, st, p in zip(labels, opt_state, managed):
+                for lab, st, sh in zip(labels, opt_state, local):
                     for k, v in (st or {}).items():
-                        if k in self._ELEMENTWISE_MOMENTS and torch.is_tensor(v) and list(v.shape) != list(p.shape):
-                            out.append(f"Mirror snapshot's {k} of {lab}: saved {tuple(v.shape)}, the parameter is "
-                                       f"{tuple(p.shape)}")
+                        if k in self._ELEMENTWISE_MOMENTS and torch.is_tensor(v) and tuple(v.shape) != sh:
+                            out.append(f"Mirror snapshot's {k} of {lab}: saved {tuple(v.shape)}, {what} {sh}")
 
-        prev = sd["grad_stats"].get("prev", [])
         if prev:
             if len(prev) != n_ad:
                 out.append(f"the stored gradients are for {len(prev)} adapters; {this}")
@@ -755,7 +772,7 @@ class UnifiedController:
                         out.append(f"adapter {name!r}: {len(gs)} stored gradient blocks, not A and B blocks of a "
                                    f"rank level ({len(A)} blocks each)")
                         continue
-                    want = [list(p.shape) for p in A[:k] + B[:k]]
+                    want = [list(local_tensor(p).shape) for p in A[:k] + B[:k]]
                     got = [shape_of(g) for g in gs]
                     if got != want:
                         out.append(f"adapter {name!r}: stored gradient shapes {got}, its blocks are {want}")
@@ -823,6 +840,38 @@ def _refuse_ignored(fn: Callable, arg: str, config, **given) -> None:
             raise ValueError(f"{name}: {value!r} would be ignored: {arg}= is given ({type(config).__name__} with "
                              f"{name}={getattr(config, name)!r}) and sets it; set {name} in that "
                              f"{type(config).__name__} instead, or drop one of the two")
+
+
+def _sharding_problem(saved: dict | None, here: dict | None) -> str:
+    """Why a state holding FSDP2 shards (or whole tensors) cannot be loaded by this process (see `sharding_of`)."""
+    held = "the Mirror snapshot, its optimizer moments or the stored gradients"
+    same = ("Each process saves its own state and loads it back in a run sharded the same way: "
+            "torch.save(ctrl.state_dict(), f'ctrl_rank{rank}.pt') on every process, and on resume "
+            "ctrl.load_state_dict(torch.load(f'ctrl_rank{rank}.pt')) on each, with as many "
+            "processes. (accelerate's save_state writes a registered object from the main process only, so every "
+            "process would load process 0's state: save the controller per process as above instead of "
+            "accelerator.register_for_checkpointing.)")
+    if saved is None:
+        return (f"the state holds whole tensors ({held}) saved by a controller whose parameters were not sharded "
+                f"(one process or DDP; or by a version that did not record FSDP2's sharding); this is process "
+                f"{here['rank']} of {here['world_size']} of a run sharded by FSDP2, which holds a shard of each. "
+                f"Resume a run under the sharding it was saved with")
+    if here is None:
+        return (f"the state holds process {saved['rank']} of {saved['world_size']}'s shards ({held}) of a run "
+                f"sharded by FSDP2; this controller's parameters are not sharded. Resume it under FSDP2 over "
+                f"{saved['world_size']} processes, each loading the state it saved. " + same)
+    if (saved["world_size"], saved["rank"]) != (here["world_size"], here["rank"]):
+        return (f"the state holds the shards ({held}) of process {saved['rank']} of {saved['world_size']} of a run "
+                f"sharded by FSDP2; this is process {here['rank']} of {here['world_size']}. " + same)
+    for key, what in (("placements", "placements"), ("shapes", "shapes"), ("local_shapes", "shard shapes")):
+        a, b = saved.get(key), here.get(key)
+        if a != b:
+            i = next((i for i, (x, y) in enumerate(zip(a or [], b or [])) if x != y), None)
+            diff = (f" (managed parameter {i}: saved {a[i]}, here {b[i]})" if i is not None else
+                    f" ({len(a or [])} saved, {len(b or [])} here)")
+            return (f"the state holds the shards ({held}) of process {saved['rank']} of {saved['world_size']}, sharded "
+                    f"with other {what} than this run's{diff}. " + same)
+    return f"the state's sharding {saved} is not this run's {here}. " + same
 
 
 def _names(names: Sequence[str], most: int = 6) -> str:

@@ -31,6 +31,8 @@ every process sees the norms and cosines of the full gradients. Mirror snapshots
 restores and drifts act on the local shards (never packed: FSDP owns that storage), and
 the drift's per-tensor squared sums are all-reduced before their roots. A paused block
 is not in the graph, so FSDP2 reduce-scatters no gradient into it: `.grad` stays None.
+`ctrl.state_dict()` holds this process's shards and records where they lie (`sharding_of`):
+each process saves its own, and `load_state_dict` refuses another process's or sharding's.
 Refused with a clear error: FSDP1 (`FullyShardedDataParallel`), DTensors that are not
 sharded on a 1-D mesh (HSDP, tensor parallel), and a mix of sharded and plain managed
 parameters. DeepSpeed ZeRO: not supported or tested.
@@ -239,6 +241,32 @@ def check_sharding(params: Iterable[torch.Tensor], what: str = "managed paramete
     shard_group(params, what)
 
 
+def sharding_of(tensors: Iterable[torch.Tensor]) -> dict | None:
+    """Where this process's shards of `tensors` lie (None: they are not DTensors): the mesh's size and this process's
+    rank in it, and per tensor its placements, global shape and local shard's shape. Two processes hold the same
+    shards of the same tensors exactly when these agree, so a state of shards saved by one can be loaded by the other.
+    No collective."""
+    tensors = list(tensors)
+    group = shard_group(tensors)
+    if group is None:
+        return None
+    return {"world_size": dist.get_world_size(group), "rank": dist.get_rank(group),
+            "placements": [[repr(p) for p in t.placements] for t in tensors],
+            "shapes": [list(t.shape) for t in tensors],
+            "local_shapes": [list(local_tensor(t).shape) for t in tensors]}
+
+
+def like_sharded(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`local`, a shard shaped like this process's shard of the DTensor `param`, as a DTensor sharded as `param` is
+    (sharing `local`'s storage; no collective). Anything else is returned as it is."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(param, dt) or isinstance(local, dt) or not torch.is_tensor(local) \
+            or local.dim() == 0 or local.shape != param.to_local().shape:
+        return local
+    return dt.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                         stride=param.stride())
+
+
 def refuse_sharded(model: torch.nn.Module, what: str) -> None:
     """Raise a ValueError if `model` has DTensor (FSDP2) or FSDP1-flattened parameters: `what` would write this
     process's shard of each, which no single-process model can load."""
@@ -279,4 +307,4 @@ def assert_lockstep(ctrl) -> None:
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
            "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
-           "check_sharding", "refuse_sharded"]
+           "check_sharding", "sharding_of", "like_sharded", "refuse_sharded"]

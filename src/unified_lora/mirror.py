@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .config import MirrorConfig
-from .distributed import local_tensor, shard_group
+from .distributed import like_sharded, local_tensor, shard_group
 
 
 _PACKED_ATTR = "_unified_lora_packed"  # set on a parameter that `MirrorSnapshot` moved into a packed buffer
@@ -111,9 +111,11 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
 
 
 def _copy_opt_state(states: list[dict | None] | None, device=None) -> list[dict | None] | None:
-    """A copy of a snapshot's optimizer state: tensors copied (to `device`, if given), other values deep-copied."""
+    """A copy of a snapshot's optimizer state: tensors copied (to `device`, if given; an FSDP2 moment, a DTensor, as
+    this process's shard), other values deep-copied."""
     return None if states is None else [
-        None if st is None else {k: (v.detach().to(device=device, copy=True) if torch.is_tensor(v) else copy.deepcopy(v))
+        None if st is None else {k: (local_tensor(v).detach().to(device=device, copy=True) if torch.is_tensor(v)
+                                     else copy.deepcopy(v))
                                  for k, v in st.items()}
         for st in states]
 
@@ -727,7 +729,10 @@ class MirrorSnapshot:
             "step_saved": self.step_saved,
         }
 
-    def load_state_dict(self, sd: dict, device=None) -> None:
+    def load_state_dict(self, sd: dict, device=None, params: Sequence[torch.Tensor] | None = None) -> None:
+        """Load a `state_dict()`. `params`, the parameters the snapshot belongs to (in its order), are needed under
+        FSDP2 only: the state holds this process's shards of their optimizer moments, which are made DTensors
+        sharded as their parameters again (as a snapshot taken in this run holds them)."""
         self.clear()
         if sd["weights"] is not None:
             dev = "cpu" if self.config.offload_to_cpu else device
@@ -735,6 +740,9 @@ class MirrorSnapshot:
             self._save([w.to(dev) if dev else w for w in sd["weights"]], None, None, None, pack=False)
             self._layout_key = self._key_storages = None  # the next call checks the parameters in full
         self.opt_state = _copy_opt_state(sd["opt_state"])  # not the caller's tensors: they may change after the load
+        if self.opt_state is not None and params is not None:
+            self.opt_state = [st if st is None else {k: like_sharded(v, p) for k, v in st.items()}
+                              for st, p in zip(self.opt_state, params)]
         homes = sd.get("opt_home")  # absent in state dicts written before it (see _plan_opt_restore)
         self._opt_home = None if homes is None else [
             None if h is None else {k: (None if d is None else torch.device(d)) for k, d in h.items()}
