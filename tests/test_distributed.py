@@ -719,31 +719,24 @@ FSDP_SAVE_AT = 12  # mid-MIRROR: the snapshot (weights and AdamW moments) was ta
 def _fsdp_save(rank, out, model, ctrl, step, opt) -> None:
     """The README's FSDP2 checkpoint: the model and optimizer through torch.distributed.checkpoint (every process
     writes its shards), the controller's state per process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from unified_lora.distributed import save_sharded_checkpoint
 
     if step != FSDP_SAVE_AT:
         return
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(out, "fsdp_ckpt"))
-    torch.save(ctrl.state_dict(), os.path.join(out, "fsdp_ckpt", f"ctrl_rank{rank}.pt"))
+    save_sharded_checkpoint(os.path.join(out, "fsdp_ckpt"), model, opt, ctrl)
 
 
 def _fsdp_resume(rank: int, out: str) -> None:
     """Resume the composite run from the checkpoint `_fsdp_save` wrote mid-MIRROR, in a fresh model, optimizer and
     controller; then the loads that must be refused."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from unified_lora.distributed import load_sharded_checkpoint
 
     ckpt = os.path.join(out, "fsdp_ckpt")
     model, ctrl = _fsdp_sharded("composite")
     opt = _fsdp_opt(model, ctrl)
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     saved = torch.load(os.path.join(ckpt, f"ctrl_rank{rank}.pt"), weights_only=True)  # plain tensors only
     try:  # (a refusal is the same on both processes, before any collective: the other FSDP2 checks still run)
-        ctrl.load_state_dict(saved)
+        load_sharded_checkpoint(ckpt, model, opt, ctrl)
     except ValueError as e:
         torch.save({"refused": str(e)}, os.path.join(out, f"fsdp_resume{rank}.pt"))
         return

@@ -93,11 +93,103 @@ def test_peft_export_import_merge_and_attach(tmp_path):
 def test_trainer_callback(tmp_path):
     x, y = classification_batch(32)
     train = [{"input_ids": a, "labels": b} for a, b in zip(x, y)]
-    ns = run(snippet("UnifiedLoRACallback(ctrl).add_to(trainer)"), {"model": tiny_bert().train(), "train": train},
-             tmp_path)
+    ns = run(snippet("UnifiedLoRACallback(ctrl).add_to(trainer)         # first in the list"),
+             {"model": tiny_bert().train(), "train": train}, tmp_path)
     trainer, ctrl = ns["trainer"], ns["ctrl"]
     assert trainer.state.global_step == 12 and ctrl.global_step == 12  # 3 epochs of 32 rows at batch 8
     assert [r.step for r in ctrl.trace] == list(range(12))  # one controller step per optimizer step
+
+
+def test_trainer_on_a_quantized_model(tmp_path):
+    """README "Quantized base models": the QLoRA block, with a tiny Llama loaded in 4-bit by transformers."""
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer,
+                              TrainingArguments)
+
+    from unified_lora import setup_unified_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    train = [{"input_ids": b["input_ids"][i], "labels": b["labels"][i]} for b in lm_batches(2) for i in range(2)]
+    ns = run(snippet("with quantized_model_for_trainer(model):"),
+             {"model": model, "args": args, "train": train, "setup_unified_lora": setup_unified_lora,
+              "Trainer": Trainer}, tmp_path)
+    assert ns["trainer"].state.global_step == 3 and ns["ctrl"].global_step == 3
+
+
+def test_fsdp2_resume_recipe(tmp_path):
+    """README "Multi-GPU", FSDP2 resuming: the block's save runs on a model sharded by fully_shard (a one-process
+    gloo group) after 3 steps at rank 8, so the rank-16 blocks were paused since the start and have no optimizer
+    state; its load runs into a fresh model, optimizer and controller. torch's plain recipe (get_state_dict of the
+    fresh optimizer, dcp.load) stopped there at "Missing key in checkpoint state_dict: optim.state.q_proj.lora_A.2.
+    step". The resumed optimizer holds exactly the saved states, the weights and the controller's state are the
+    saved ones (with the composite signal's stored gradients, tensors, in it)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from unified_lora import setup_unified_lora
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = torch.nn.Linear(16, 16), torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.v_proj(torch.tanh(self.q_proj(x)))
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = Tiny()
+        _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+        fully_shard(model.q_proj)
+        fully_shard(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ctrl.attach_optimizer(opt)
+        return {"model": model, "opt": opt, "ctrl": ctrl, "ckpt_dir": str(tmp_path / "ckpt")}
+
+    def full(v):
+        return v.full_tensor() if hasattr(v, "full_tensor") else torch.as_tensor(v)
+
+    def opt_state(ns):
+        return {n: {k: full(v) for k, v in ns["opt"].state[p].items()}
+                for n, p in ns["model"].named_parameters() if p in ns["opt"].state}
+
+    save, load = snippet("save_sharded_checkpoint(ckpt_dir, model, opt, ctrl)").split("# resume")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        trained = build(0)
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            loss = trained["model"](x).square().mean()
+            loss.backward()
+            trained["ctrl"].step(loss.item())
+            trained["opt"].step()
+            trained["opt"].zero_grad()
+        assert trained["ctrl"].rank == 8 and any(trained["ctrl"].grad_stats.prev)
+        run(save, trained, tmp_path)
+        fresh = build(1)  # other initial blocks: the load must replace them
+        run(save.split("\n", 2)[0] + "\n# resume" + load, fresh, tmp_path)
+        want, got = opt_state(trained), opt_state(fresh)
+        assert got.keys() == want.keys() and "q_proj.lora_A.2" not in got  # paused since the start: no state
+        assert all(torch.equal(got[n][k], want[n][k]) for n in want for k in want[n])
+        assert all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in
+                   zip(fresh["model"].parameters(), trained["model"].parameters()))
+        assert fresh["ctrl"].global_step == 3 and fresh["ctrl"].rank == 8
+        prev = list(zip(fresh["ctrl"].grad_stats.prev, trained["ctrl"].grad_stats.prev))
+        assert prev and all(len(u) == len(v) and all(map(torch.equal, u, v)) for u, v in prev)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_multitask_mode(tmp_path):

@@ -267,6 +267,51 @@ def like_sharded(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                          stride=param.stride())
 
 
+def save_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, ctrl=None) -> None:
+    """Save an FSDP2 (`fully_shard`) run, on every process: the model and the optimizer through
+    `torch.distributed.checkpoint` (each process writes its shards), and the controller's state per process
+    (`ctrl_rank{rank}.pt`: it holds this process's shards, see `UnifiedController.load_state_dict`). A collective:
+    every process must call it. `load_sharded_checkpoint` reads it back."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(checkpoint_dir))
+    if ctrl is not None:
+        torch.save(ctrl.state_dict(), os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank()}.pt"))
+
+
+def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, ctrl=None) -> None:
+    """Load what `save_sharded_checkpoint` wrote into a run set up as the saved one was (`setup_unified_lora`,
+    `fully_shard` over as many processes, the optimizer, `ctrl.attach_optimizer`), on every process.
+
+    A rank block paused since the start of the run (rank 16's until the first MIRROR) has no optimizer state, and
+    the checkpoint none for it. torch's `get_state_dict` of a fresh optimizer makes one up for every parameter (a
+    zero-gradient step at LR 0), so the plain recipe (`get_state_dict`, `dcp.load`, `set_state_dict`) failed:
+    `dcp.load` found no such key in the checkpoint ("Missing key in checkpoint state_dict: optim.state.
+    q_proj.lora_A.2.step"). Here the made-up states of the parameters the checkpoint has no state for are dropped
+    before the load, so the optimizer holds exactly the saved states: a paused block gets its first moments and step
+    count at its first real step, as in the uninterrupted run."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    saved = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    stated = {k[len("optim.state."):].rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    optim_sd["state"] = {k: v for k, v in optim_sd["state"].items() if k in stated}
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(checkpoint_dir))
+    # strict=False: the parameters without a saved state are meant to have none (the model's keys are all there)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=False))
+    if ctrl is not None:
+        path = os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank()}.pt")
+        ctrl.load_state_dict(torch.load(path, weights_only=True))
+
+
 def refuse_sharded(model: torch.nn.Module, what: str) -> None:
     """Raise a ValueError if `model` has DTensor (FSDP2) or FSDP1-flattened parameters: `what` would write this
     process's shard of each, which no single-process model can load."""
@@ -307,4 +352,5 @@ def assert_lockstep(ctrl) -> None:
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
            "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
-           "check_sharding", "sharding_of", "like_sharded", "refuse_sharded"]
+           "check_sharding", "sharding_of", "like_sharded", "refuse_sharded", "save_sharded_checkpoint",
+           "load_sharded_checkpoint"]
