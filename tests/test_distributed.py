@@ -54,12 +54,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    # what torchrun sets; accelerate (inside TrainingArguments) reuses the group built from it
+def _init_gloo(rank: int, world: int, port: int, **kwargs) -> None:
+    """A worker's process group, from the environment torchrun sets (accelerate, inside TrainingArguments, reuses
+    the group built from it); a `timeout` makes a collective one process skips fail the test instead of hanging it
+    for gloo's default 30 minutes. One thread per process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, **kwargs)
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    _init_gloo(rank, world, port)
     _plain_ddp_loop(rank, out)
     _trainer_ddp(rank, out)
     _accelerate_loop(rank, out)
@@ -345,11 +351,7 @@ def _mt_setup():
 def _worker2(rank: int, world: int, port: int, out: str) -> None:
     """A second spawn: multi-task DDP (whose failure on the old code was a collective mismatch, kept apart from
     the first spawn's checks) and the activation-checkpointing settings."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    # a collective one process skips must fail the test, not hang it for gloo's default 30 minutes
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=60))
     _multitask_ddp_loop(rank, out)
     _checkpointing_settings(rank, out)
     _shared_trace_path(rank, out)
@@ -861,11 +863,7 @@ def _fsdp_multitask_refusal(rank: int, out: str) -> None:
 
 
 def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    # a collective one process skips must fail the test, not hang it for gloo's default 30 minutes
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=60))
     _fsdp_loop(rank, out)
     _fsdp_resume(rank, out)
     _fsdp1_refusal(rank, out)
