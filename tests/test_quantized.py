@@ -545,3 +545,40 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing_give_the_blo
             for g, h in zip(p[n], c[n]):
                 assert g.abs().sum() > 0, n
                 torch.testing.assert_close(h, g, rtol=0, atol=0)
+
+
+def test_a_4bit_base_stored_as_bf16_is_packed_whatever_its_storage_dtype(llama_dir):
+    """`bnb_4bit_quant_storage=torch.bfloat16` (the FSDP-QLoRA setting), with double quantization: the packed codes
+    are a [N, 1] bf16 tensor, which the old `packed_weight` took for a float weight. Setup then ran its linear-map
+    probe (an eval forward without grad) on every 4-bit layer, and on a CPU with AVX512-BF16 that repacked each
+    weight in place for bitsandbytes' inference kernel ([N, 1] bf16 became [out, in/2] uint8), whose backward has
+    no autograd: the block gradients differed from the uint8-stored model's by up to ~30 %. The blocks were bf16
+    with autocast_adapter_dtype=False, and a merge failed with a bare shape error. Now such a layer is packed like
+    a uint8 one: the weight is left as it was, the blocks are fp32, outputs and gradients equal the uint8-stored
+    model's bit for bit, and merging is refused."""
+    cfg = dict(KINDS["nf4-fp32"], bnb_4bit_use_double_quant=True)
+    grads, logits = [], []
+    for storage in (torch.uint8, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(
+            llama_dir, device_map="cpu",
+            quantization_config=BitsAndBytesConfig(**cfg, bnb_4bit_quant_storage=storage)).train()
+        bases = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        codes = {n: m.weight.detach().view(torch.uint8).clone() for n, m in bases.items()}  # (bf16 codes: NaNs)
+        assert all(m.weight.dtype == storage and m.weight.shape[1] == 1 for m in bases.values())
+        torch.manual_seed(0)
+        adapters, _ = setup_unified_lora(model, "all-linear", print_fn=None, autocast_adapter_dtype=False)
+        assert len(adapters) == 14
+        assert all(m.weight.dtype == storage and torch.equal(m.weight.detach().view(torch.uint8), codes[n])
+                   for n, m in bases.items())
+        assert all(p.dtype == torch.float32 for layer in adapters.values() for p in layer.lora_parameters())
+        _randomise_B(adapters)
+        x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        out = model(x, labels=x)
+        out.loss.backward()
+        logits.append(out.logits.detach())
+        grads.append({n: layer.lora_A[0].grad.clone() for n, layer in adapters.items()})
+        with pytest.raises(ValueError, match=r"quantized \(Linear4bit \(Params4bit, packed torch\.(uint8|bfloat16)"):
+            merge_adapters(model)
+        assert not any(layer.merged_rank for layer in adapters.values())
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
