@@ -582,3 +582,79 @@ def test_a_4bit_base_stored_as_bf16_is_packed_whatever_its_storage_dtype(llama_d
         assert not any(layer.merged_rank for layer in adapters.values())
     assert torch.equal(logits[0], logits[1])
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def _peft_lora_grads(llama_dir, evaluate_first: bool, attach: bool) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _load(llama_dir, "nf4-fp32")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    if attach:
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+        attach_to_peft_model(peft_model, opt)
+    if evaluate_first:
+        peft_model.eval()
+        with torch.no_grad():
+            peft_model(input_ids=ids)
+        peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+def test_attach_to_peft_model_keeps_a_4bit_peft_models_gradients_through_an_evaluation(llama_dir):
+    """A PEFT QLoRA model under `attach_to_peft_model`: the repacking for bitsandbytes' CPU inference kernel (see
+    `test_an_eval_forward_before_training_leaves_the_gradients_as_they_were`) was turned off only by our own setup,
+    so after one evaluation every LoRA gradient of the tiny Llama's q_proj/v_proj was None (the backward stopped at
+    the repacked o_proj and MLP layers) and training under the controller went on without them. The controller
+    now turns it off on the PEFT model too: the gradients after an eval are those of a run without it. (Without
+    AVX512-BF16 bitsandbytes never repacks, and the runs agree either way.)"""
+    plain = _peft_lora_grads(llama_dir, evaluate_first=False, attach=True)
+    after_eval = _peft_lora_grads(llama_dir, evaluate_first=True, attach=True)
+    assert len(plain) == 8 and plain.keys() == after_eval.keys()
+    for n in plain:
+        assert plain[n] is not None and after_eval[n] is not None and torch.equal(plain[n], after_eval[n]), n
+
+
+def test_setup_refuses_4bit_layers_that_an_evaluation_already_repacked(llama_dir):
+    """An evaluation of the 4-bit base before setup (a baseline) repacked its weights for bitsandbytes' CPU inference
+    kernel on a CPU with AVX512-BF16, and setup, which turns the repacking off for later forwards, left them so:
+    training then backpropagated through a kernel without autograd (the block gradients were 0 or off by their
+    whole size), and bitsandbytes' own inverse does not give the weights back exactly. Setup and
+    `attach_to_peft_model` now refuse such a model with a ValueError that says to set up before evaluating, and
+    leave it unwrapped; set up first, the same evaluation changes nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _load(llama_dir, "nf4-fp32").eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    if not bnb.functional.has_avx512bf16():  # bitsandbytes never repacks here: nothing to refuse
+        setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+        return
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    with pytest.raises(ValueError, match=r"setup: bitsandbytes has repacked the 4-bit weights of "
+                                         r"'model\.layers\.0\.self_attn\.q_proj'.*\(11 more\).*call setup before"):
+        setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"attach_to_peft_model: bitsandbytes has repacked"):
+        attach_to_peft_model(peft_model)
+
+    model = _load(llama_dir, "nf4-fp32")
+    setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
+                   if isinstance(m, bnb.nn.Linear4bit))
