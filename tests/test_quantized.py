@@ -658,3 +658,47 @@ def test_setup_refuses_4bit_layers_that_an_evaluation_already_repacked(llama_dir
         model(input_ids=ids)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
                    if isinstance(m, bnb.nn.Linear4bit))
+
+
+@pytest.mark.parametrize("kind", ["nf4-fp32", "int8"])
+def test_a_quantized_classifier_head_in_modules_to_save_is_refused_with_the_skip_modules_recipe(tmp_path, kind):
+    """A 4-bit or 8-bit BertForSequenceClassification: transformers quantizes its `classifier` (it leaves only the
+    output embeddings in full precision), and `modules_to_save=["classifier"]` raised a bare RuntimeError ("only
+    Tensors of floating point dtype can require gradients"). Now a ValueError names the head and gives
+    bitsandbytes' `llm_int8_skip_modules`, the model is left unwrapped, and with that setting the head trains in
+    fp32 beside the blocks while the packed weights stay as they were."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, max_position_embeddings=64,
+                                             num_labels=3)).save_pretrained(tmp_path)
+
+    def load(**skip):
+        return AutoModelForSequenceClassification.from_pretrained(
+            tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(**KINDS[kind], **skip)).train()
+
+    model = load()
+    assert isinstance(model.classifier, QUANTIZED)
+    with pytest.raises(ValueError, match=r"modules_to_save: 'classifier' has a quantized weight \(Linear(4bit|8bitLt)"
+                                         r".*BitsAndBytesConfig\(\.\.\., llm_int8_skip_modules=\['classifier'\]\)"):
+        setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], print_fn=None)
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+
+    model = load(llm_int8_skip_modules=["classifier"])
+    assert type(model.classifier) is nn.Linear and model.classifier.weight.dtype == torch.float32
+    packed = _packed_state(model)
+    adapters, ctrl = setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], signal="loss",
+                                        print_fn=None)
+    head = model.classifier.weight.detach().clone()
+    opt = torch.optim.AdamW(ctrl.managed_parameters(), lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = torch.randint(1, 64, (4, 8)), torch.tensor([0, 1, 2, 1])
+    for _ in range(2):
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        ctrl.step(loss.item())
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(head, model.classifier.weight)
+    assert _same_packed(packed, _packed_state(model))
