@@ -702,3 +702,32 @@ def test_a_quantized_classifier_head_in_modules_to_save_is_refused_with_the_skip
         opt.zero_grad()
     assert not torch.equal(head, model.classifier.weight)
     assert _same_packed(packed, _packed_state(model))
+
+
+def test_merging_an_8bit_layer_with_a_float_weight_is_refused(llama_dir, tmp_path):
+    """`load_in_8bit=True, llm_int8_has_fp16_weight=True`: the Linear8bitLt keeps a float weight (so `packed_weight`
+    is empty), but its forward runs on an int8 copy of it that eval mode keeps from the first forward. The old merge
+    added every delta to the float weights and the merged model's logits were the base model's (the deltas moved
+    them by up to 0.58 unmerged): a merge that dropped the adapter, silently. Every way to merge is now refused
+    before any layer changes, and the full-precision recipe (export, import into a float base, merge) gives the
+    unmerged outputs to float rounding."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_has_fp16_weight=True)).eval()
+    x = torch.randint(0, 64, (2, 8))
+    adapters, _ = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+    assert all(layer.base_layer.weight.is_floating_point() for layer in adapters.values())
+    _randomise_B(adapters)
+    with torch.no_grad():
+        before = model(x).logits
+    for merge in (merge_adapters, merge_and_unload, lambda m: next(iter(adapters.values())).merge()):
+        with pytest.raises(ValueError, match=r"int8 for its forward .*has_fp16_weights=True.*export_peft_adapter"):
+            merge(model)
+        assert not any(layer.merged_rank for layer in adapters.values())
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, before)
+    export_peft_adapter(model, None, tmp_path / "adapter")
+    base = _load(llama_dir, None).eval()
+    import_peft_adapter(base, tmp_path / "adapter")
+    with torch.no_grad():
+        merged = merge_and_unload(base)(x).logits
+    torch.testing.assert_close(merged, before, rtol=0, atol=0.05)

@@ -641,6 +641,19 @@ class NestedLoRALayer(nn.Module):
                 "merge in full precision: unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load "
                 "the base model again in bf16 or fp32 (from_pretrained without quantization_config), "
                 "import_peft_adapter(base, adapter_dir), then merge_and_unload(base)")
+        if getattr(getattr(self.base_layer, "state", None), "has_fp16_weights", False) \
+                and hasattr(self.base_layer, "init_8bit_state"):
+            # bitsandbytes' Linear8bitLt with llm_int8_has_fp16_weight=True: a float weight, but the forward runs on
+            # an int8 copy (state.CB) that eval mode keeps from its first forward: a merged model then ran without
+            # its deltas, silently (its outputs were the base model's)
+            raise ValueError(
+                "merge: this layer's base weight is quantized to int8 for its forward (bitsandbytes Linear8bitLt "
+                "with has_fp16_weights=True, llm_int8_has_fp16_weight=True), from a copy that eval mode keeps from "
+                "its first forward, so a delta folded into the weight would not reach the outputs. Run the model "
+                "unmerged (each forward adds the delta), or merge in full precision: "
+                "unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load the base model again in "
+                "bf16 or fp32 (from_pretrained without quantization_config), import_peft_adapter(base, adapter_dir), "
+                "then merge_and_unload(base)")
         if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
             raise ValueError(
                 "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "
