@@ -545,3 +545,189 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing_give_the_blo
             for g, h in zip(p[n], c[n]):
                 assert g.abs().sum() > 0, n
                 torch.testing.assert_close(h, g, rtol=0, atol=0)
+
+
+def test_a_4bit_base_stored_as_bf16_is_packed_whatever_its_storage_dtype(llama_dir):
+    """`bnb_4bit_quant_storage=torch.bfloat16` (the FSDP-QLoRA setting), with double quantization: the packed codes
+    are a [N, 1] bf16 tensor, which the old `packed_weight` took for a float weight. Setup then ran its linear-map
+    probe (an eval forward without grad) on every 4-bit layer, and on a CPU with AVX512-BF16 that repacked each
+    weight in place for bitsandbytes' inference kernel ([N, 1] bf16 became [out, in/2] uint8), whose backward has
+    no autograd: the block gradients differed from the uint8-stored model's by up to ~30 %. The blocks were bf16
+    with autocast_adapter_dtype=False, and a merge failed with a bare shape error. Now such a layer is packed like
+    a uint8 one: the weight is left as it was, the blocks are fp32, outputs and gradients equal the uint8-stored
+    model's bit for bit, and merging is refused."""
+    cfg = dict(KINDS["nf4-fp32"], bnb_4bit_use_double_quant=True)
+    grads, logits = [], []
+    for storage in (torch.uint8, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(
+            llama_dir, device_map="cpu",
+            quantization_config=BitsAndBytesConfig(**cfg, bnb_4bit_quant_storage=storage)).train()
+        bases = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        codes = {n: m.weight.detach().view(torch.uint8).clone() for n, m in bases.items()}  # (bf16 codes: NaNs)
+        assert all(m.weight.dtype == storage and m.weight.shape[1] == 1 for m in bases.values())
+        torch.manual_seed(0)
+        adapters, _ = setup_unified_lora(model, "all-linear", print_fn=None, autocast_adapter_dtype=False)
+        assert len(adapters) == 14
+        assert all(m.weight.dtype == storage and torch.equal(m.weight.detach().view(torch.uint8), codes[n])
+                   for n, m in bases.items())
+        assert all(p.dtype == torch.float32 for layer in adapters.values() for p in layer.lora_parameters())
+        _randomise_B(adapters)
+        x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        out = model(x, labels=x)
+        out.loss.backward()
+        logits.append(out.logits.detach())
+        grads.append({n: layer.lora_A[0].grad.clone() for n, layer in adapters.items()})
+        with pytest.raises(ValueError, match=r"quantized \(Linear4bit \(Params4bit, packed torch\.(uint8|bfloat16)"):
+            merge_adapters(model)
+        assert not any(layer.merged_rank for layer in adapters.values())
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def _peft_lora_grads(llama_dir, evaluate_first: bool, attach: bool) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _load(llama_dir, "nf4-fp32")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    if attach:
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+        attach_to_peft_model(peft_model, opt)
+    if evaluate_first:
+        peft_model.eval()
+        with torch.no_grad():
+            peft_model(input_ids=ids)
+        peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+def test_attach_to_peft_model_keeps_a_4bit_peft_models_gradients_through_an_evaluation(llama_dir):
+    """A PEFT QLoRA model under `attach_to_peft_model`: the repacking for bitsandbytes' CPU inference kernel (see
+    `test_an_eval_forward_before_training_leaves_the_gradients_as_they_were`) was turned off only by our own setup,
+    so after one evaluation every LoRA gradient of the tiny Llama's q_proj/v_proj was None (the backward stopped at
+    the repacked o_proj and MLP layers) and training under the controller went on without them. The controller
+    now turns it off on the PEFT model too: the gradients after an eval are those of a run without it. (Without
+    AVX512-BF16 bitsandbytes never repacks, and the runs agree either way.)"""
+    plain = _peft_lora_grads(llama_dir, evaluate_first=False, attach=True)
+    after_eval = _peft_lora_grads(llama_dir, evaluate_first=True, attach=True)
+    assert len(plain) == 8 and plain.keys() == after_eval.keys()
+    for n in plain:
+        assert plain[n] is not None and after_eval[n] is not None and torch.equal(plain[n], after_eval[n]), n
+
+
+def test_setup_refuses_4bit_layers_that_an_evaluation_already_repacked(llama_dir):
+    """An evaluation of the 4-bit base before setup (a baseline) repacked its weights for bitsandbytes' CPU inference
+    kernel on a CPU with AVX512-BF16, and setup, which turns the repacking off for later forwards, left them so:
+    training then backpropagated through a kernel without autograd (the block gradients were 0 or off by their
+    whole size), and bitsandbytes' own inverse does not give the weights back exactly. Setup and
+    `attach_to_peft_model` now refuse such a model with a ValueError that says to set up before evaluating, and
+    leave it unwrapped; set up first, the same evaluation changes nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _load(llama_dir, "nf4-fp32").eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    if not bnb.functional.has_avx512bf16():  # bitsandbytes never repacks here: nothing to refuse
+        setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+        return
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    with pytest.raises(ValueError, match=r"setup: bitsandbytes has repacked the 4-bit weights of "
+                                         r"'model\.layers\.0\.self_attn\.q_proj'.*\(11 more\).*call setup before"):
+        setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"attach_to_peft_model: bitsandbytes has repacked"):
+        attach_to_peft_model(peft_model)
+
+    model = _load(llama_dir, "nf4-fp32")
+    setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
+                   if isinstance(m, bnb.nn.Linear4bit))
+
+
+@pytest.mark.parametrize("kind", ["nf4-fp32", "int8"])
+def test_a_quantized_classifier_head_in_modules_to_save_is_refused_with_the_skip_modules_recipe(tmp_path, kind):
+    """A 4-bit or 8-bit BertForSequenceClassification: transformers quantizes its `classifier` (it leaves only the
+    output embeddings in full precision), and `modules_to_save=["classifier"]` raised a bare RuntimeError ("only
+    Tensors of floating point dtype can require gradients"). Now a ValueError names the head and gives
+    bitsandbytes' `llm_int8_skip_modules`, the model is left unwrapped, and with that setting the head trains in
+    fp32 beside the blocks while the packed weights stay as they were."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, max_position_embeddings=64,
+                                             num_labels=3)).save_pretrained(tmp_path)
+
+    def load(**skip):
+        return AutoModelForSequenceClassification.from_pretrained(
+            tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(**KINDS[kind], **skip)).train()
+
+    model = load()
+    assert isinstance(model.classifier, QUANTIZED)
+    with pytest.raises(ValueError, match=r"modules_to_save: 'classifier' has a quantized weight \(Linear(4bit|8bitLt)"
+                                         r".*BitsAndBytesConfig\(\.\.\., llm_int8_skip_modules=\['classifier'\]\)"):
+        setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], print_fn=None)
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+
+    model = load(llm_int8_skip_modules=["classifier"])
+    assert type(model.classifier) is nn.Linear and model.classifier.weight.dtype == torch.float32
+    packed = _packed_state(model)
+    adapters, ctrl = setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], signal="loss",
+                                        print_fn=None)
+    head = model.classifier.weight.detach().clone()
+    opt = torch.optim.AdamW(ctrl.managed_parameters(), lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x, y = torch.randint(1, 64, (4, 8)), torch.tensor([0, 1, 2, 1])
+    for _ in range(2):
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        ctrl.step(loss.item())
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(head, model.classifier.weight)
+    assert _same_packed(packed, _packed_state(model))
+
+
+def test_merging_an_8bit_layer_with_a_float_weight_is_refused(llama_dir, tmp_path):
+    """`load_in_8bit=True, llm_int8_has_fp16_weight=True`: the Linear8bitLt keeps a float weight (so `packed_weight`
+    is empty), but its forward runs on an int8 copy of it that eval mode keeps from the first forward. The old merge
+    added every delta to the float weights and the merged model's logits were the base model's (the deltas moved
+    them by up to 0.58 unmerged): a merge that dropped the adapter, silently. Every way to merge is now refused
+    before any layer changes, and the full-precision recipe (export, import into a float base, merge) gives the
+    unmerged outputs to float rounding."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_has_fp16_weight=True)).eval()
+    x = torch.randint(0, 64, (2, 8))
+    adapters, _ = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+    assert all(layer.base_layer.weight.is_floating_point() for layer in adapters.values())
+    _randomise_B(adapters)
+    with torch.no_grad():
+        before = model(x).logits
+    for merge in (merge_adapters, merge_and_unload, lambda m: next(iter(adapters.values())).merge()):
+        with pytest.raises(ValueError, match=r"int8 for its forward .*has_fp16_weights=True.*export_peft_adapter"):
+            merge(model)
+        assert not any(layer.merged_rank for layer in adapters.values())
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, before)
+    export_peft_adapter(model, None, tmp_path / "adapter")
+    base = _load(llama_dir, None).eval()
+    import_peft_adapter(base, tmp_path / "adapter")
+    with torch.no_grad():
+        merged = merge_and_unload(base)(x).logits
+    torch.testing.assert_close(merged, before, rtol=0, atol=0.05)

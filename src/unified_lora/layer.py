@@ -290,9 +290,12 @@ def packed_weight(base_layer: nn.Module) -> str:
     (a uint8 `Params4bit` of shape [N, 1], 4-bit codes with a quant state) or `Linear8bitLt` (an int8
     `Int8Params` with its scales), the QLoRA base layers. Such a layer computes its own output from the packed
     weight; the LoRA blocks take their shape from its `in_features`/`out_features` and are fp32, and a delta
-    cannot be folded into it exactly (`check_mergeable`)."""
+    cannot be folded into it exactly (`check_mergeable`). A 4-bit weight is packed whatever its storage dtype:
+    `bnb_4bit_quant_storage=torch.bfloat16` (FSDP-QLoRA) stores the codes as a [N, 1] bf16 tensor, which read as a
+    float weight gave bf16 blocks, a merge that failed on shapes, and the setup probe's eval forward that repacked
+    the weight for bitsandbytes' CPU inference kernel (wrong gradients after)."""
     w = base_layer.weight
-    if w.is_floating_point() or w.is_complex():
+    if (w.is_floating_point() or w.is_complex()) and not getattr(w, "bnb_quantized", False):
         return ""
     return f"{type(base_layer).__name__} ({type(w).__name__}, packed {w.dtype})"
 
@@ -403,7 +406,7 @@ class NestedLoRALayer(nn.Module):
             raise ValueError("reset_parameters: the layer is merged into its base weight; unmerge it first "
                              "(unmerge_adapters(model)), so that the base weight keeps no delta of the old blocks")
         A0, w = self.lora_A[0], self.base_layer.weight
-        draw = w.dtype if w.dtype.is_floating_point else A0.dtype
+        draw = w.dtype if w.dtype.is_floating_point and not packed_weight(self.base_layer) else A0.dtype
         A = torch.empty(self.max_rank, self.in_features, dtype=draw, device=A0.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT / loralib: delta starts at 0 via B = 0
         A = _as(A, A0.dtype)  # drawn in the base's dtype, then upcast, as PEFT's get_peft_model does
@@ -638,6 +641,19 @@ class NestedLoRALayer(nn.Module):
                 "merge in full precision: unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load "
                 "the base model again in bf16 or fp32 (from_pretrained without quantization_config), "
                 "import_peft_adapter(base, adapter_dir), then merge_and_unload(base)")
+        if getattr(getattr(self.base_layer, "state", None), "has_fp16_weights", False) \
+                and hasattr(self.base_layer, "init_8bit_state"):
+            # bitsandbytes' Linear8bitLt with llm_int8_has_fp16_weight=True: a float weight, but the forward runs on
+            # an int8 copy (state.CB) that eval mode keeps from its first forward: a merged model then ran without
+            # its deltas, silently (its outputs were the base model's)
+            raise ValueError(
+                "merge: this layer's base weight is quantized to int8 for its forward (bitsandbytes Linear8bitLt "
+                "with has_fp16_weights=True, llm_int8_has_fp16_weight=True), from a copy that eval mode keeps from "
+                "its first forward, so a delta folded into the weight would not reach the outputs. Run the model "
+                "unmerged (each forward adds the delta), or merge in full precision: "
+                "unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load the base model again in "
+                "bf16 or fp32 (from_pretrained without quantization_config), import_peft_adapter(base, adapter_dir), "
+                "then merge_and_unload(base)")
         if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
             raise ValueError(
                 "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "

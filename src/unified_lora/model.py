@@ -41,6 +41,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     With `config.autocast_adapter_dtype` (the default) the blocks on a bf16/fp16
     base are fp32, as PEFT's `get_peft_model` makes them."""
     _refuse_ddp_wrapped(model)
+    refuse_repacked_4bit(model, "setup")
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     aliases = module_names(model)  # a Linear shared by two parents is one module with two names
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
@@ -105,18 +106,42 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
         mark_modules_to_save(model, config.modules_to_save)
         keep_off_fast_paths(model)
     resize_wrapped_heads(model)
+    keep_4bit_layers_differentiable(model)
     for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            # bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight in place at its first eval-mode
-            # forward on an input needing no gradient, for an inference kernel with no autograd support: a backward
-            # after an eval then gave wrong gradients through every such layer, wrapped or not (q_proj's A gradients
-            # all 0 with k_proj/o_proj unwrapped). A model that trains adapters keeps it off (README "Quantized")
-            m.support_avx512bf16_for_cpu = False
         if hasattr(m, "init_8bit_state") and not getattr(m, "_unified_lora_scb_hook", False):
             m._register_load_state_dict_pre_hook(_scb_back_on_the_weight, with_module=True)
             m._unified_lora_scb_hook = True
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight in place at its first eval-mode forward
+    on an input needing no gradient, for an inference kernel with no autograd support, and runs every later forward,
+    training ones too, through that kernel: a backward after an eval then gave wrong gradients through every such
+    layer, wrapped or not (q_proj's A gradients all 0 with k_proj/o_proj unwrapped). A model that trains adapters
+    (nested layers, or PEFT's under `attach_to_peft_model`) keeps the repacking off (README "Quantized")."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+
+
+def refuse_repacked_4bit(model: nn.Module, what: str) -> None:
+    """A ValueError naming the bitsandbytes 4-bit layers of `model` whose weight an evaluation before `what` already
+    repacked for the CPU inference kernel (`keep_4bit_layers_differentiable`): a backward through them gives wrong
+    gradients (every A gradient of the tiny Llama's q_proj/v_proj was 0 or off by its whole size), and bitsandbytes'
+    own inverse of the repacking does not give the weights back (their absmax was rounded to bf16, and put back in
+    the wrong order for layers wider than one 64-value block)."""
+    names = [n for n, m in model.named_modules() if "support_avx512bf16_for_cpu" in vars(m)  # (not the wrappers)
+             and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:3]) + f", ... ({len(names) - 3} more)" * (len(names) > 3)
+        raise ValueError(
+            f"{what}: bitsandbytes has repacked the 4-bit weights of {shown} for its CPU inference kernel (an "
+            "eval-mode forward without gradients ran before, on a CPU with AVX512-BF16). A backward through that "
+            "kernel gives wrong gradients, and the repacking cannot be undone exactly. Load the model again and "
+            f"call {what} before evaluating it ({what} turns the repacking off), or set "
+            "`support_avx512bf16_for_cpu = False` on every bitsandbytes Linear4bit right after loading")
 
 
 def _scb_back_on_the_weight(module, state_dict, prefix, *args) -> None:
@@ -394,6 +419,14 @@ def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None
             names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
             raise ValueError(f"modules_to_save: {suffix!r} matched no module; module names end with {names[:40]}")
         for n in hits:
+            packed = [(f"{n}.{sn}" if sn else n, packed_weight(sm)) for sn, sm in model.get_submodule(n).named_modules()
+                      if isinstance(getattr(sm, "weight", None), torch.Tensor) and packed_weight(sm)]
+            if packed:  # (requires_grad_ raised a bare "only Tensors of floating point dtype can require gradients")
+                raise ValueError(
+                    f"modules_to_save: {packed[0][0]!r} has a quantized weight ({packed[0][1]}), whose packed "
+                    f"integers cannot train. Load the model with the head in full precision: BitsAndBytesConfig(..., "
+                    f"llm_int8_skip_modules=[{suffix!r}]) (transformers keeps only the output embeddings out of "
+                    f"quantization by itself, not a classifier head)")
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
         found += hits

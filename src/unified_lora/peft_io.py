@@ -40,7 +40,8 @@ import torch.nn as nn
 from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController, _refuse_ignored
 from .layer import NestedLoRALayer, packed_weight
-from .model import _replace, inject_nested_lora, lora_layers, module_names, parameter_names, tied_base_weights
+from .model import (_replace, inject_nested_lora, keep_4bit_layers_differentiable, lora_layers, module_names,
+                    parameter_names, refuse_repacked_4bit, tied_base_weights)
 from .mirror import watch_state_dict
 
 _PREFIX = "base_model.model."
@@ -822,7 +823,9 @@ class PeftController(UnifiedController):
         actuators = actuators or ActuatorConfig(mode_ranks=(cfg.r,) * 3, lr_mode=lr_mode or "multiplier")
         if set(actuators.mode_ranks) != {cfg.r}:
             raise ValueError(f"mode_ranks: a PEFT model trains at its fixed r={cfg.r}; got {actuators.mode_ranks}")
+        refuse_repacked_4bit(peft_model, "attach_to_peft_model")
         self.peft_model = peft_model
+        keep_4bit_layers_differentiable(peft_model)  # a QLoRA model: no autograd-less CPU kernel after an eval
         watch_state_dict(peft_model)  # Mirror packs PEFT's lora_A/lora_B and the saved modules into one buffer
         super().__init__(adapters=views, optimizer=optimizer, signal=signal, actuators=actuators,
                          extra_params=extra, **kwargs)
