@@ -241,6 +241,19 @@ def check_sharding(params: Iterable[torch.Tensor], what: str = "managed paramete
     shard_group(params, what)
 
 
+def to_sharded(modules: Iterable[torch.nn.Module]) -> None:
+    """Register FSDP2's sharded parameters on `modules` again where a forward without backward left the unsharded
+    ones (plain tensors, the full weights in the MixedPrecisionPolicy's param_dtype): an evaluation under
+    `torch.no_grad()` leaves the root's parameters unsharded until the next backward, and every module's with
+    `reshard_after_forward=False`. It runs each module's state-dict pre-hooks by `state_dict()`, as
+    `model.state_dict()` does: FSDP2 reshards there (its whole parameter group; no collective). Call it only between
+    steps (the controller does in `state_dict`, `load_state_dict` and `attach_optimizer`), never inside a forward."""
+    if _dtensor_type() is None:
+        return
+    for m in modules:
+        m.state_dict()
+
+
 def sharding_of(tensors: Iterable[torch.Tensor]) -> dict | None:
     """Where this process's shards of `tensors` lie (None: they are not DTensors): the mesh's size and this process's
     rank in it, and per tensor its placements, global shape and local shard's shape. Two processes hold the same
@@ -352,5 +365,5 @@ def assert_lockstep(ctrl) -> None:
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
            "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
-           "check_sharding", "sharding_of", "like_sharded", "refuse_sharded", "save_sharded_checkpoint",
+           "check_sharding", "to_sharded", "sharding_of", "like_sharded", "refuse_sharded", "save_sharded_checkpoint",
            "load_sharded_checkpoint"]
