@@ -1029,7 +1029,7 @@ def _one_process_group():
 
 
 @pytest.mark.parametrize("reshard_after_forward", [None, False])
-def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshard_after_forward):
+def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshard_after_forward, tmp_path):
     """A forward without backward (an evaluation under torch.no_grad() between training steps) leaves FSDP2's
     unsharded parameters registered until the next backward: the root's (the LoRA blocks of v_proj, which has no
     fully_shard of its own), or every module's with reshard_after_forward=False, as plain tensors. ctrl.state_dict()
@@ -1038,7 +1038,8 @@ def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshar
     load_state_dict after an evaluation failed the same way. The controller now reads the sharded parameters, as
     model.state_dict() does (FSDP2's own state-dict hook): the state records the sharding and loads into a fresh
     run after its own evaluation, and the Mirror snapshot survives a re-attach. An optimizer built after an
-    evaluation (from the unsharded parameters) is refused with a message that says so."""
+    evaluation (from the unsharded parameters) is refused with a message that says so. So is a PEFT export after
+    an evaluation with reshard_after_forward=False (it failed inside FSDP: 'FSDP does not support deepcopy')."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
@@ -1081,6 +1082,12 @@ def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshar
         assert fctrl.mirror.held and fctrl.global_step == ctrl.global_step
         assert all(type(v).__name__ == "DTensor" for st in fctrl.mirror.opt_state if st for k, v in st.items()
                    if k != "step")
+        # a PEFT export after an evaluation: every parameter of the model may be an unsharded plain tensor now
+        from unified_lora.peft_io import export_peft_adapter
+
+        evaluate(model)
+        with pytest.raises(ValueError, match="export_peft_adapter: the model is sharded by FSDP"):
+            export_peft_adapter(model, None, str(tmp_path / "peft"))
         # an optimizer built after an evaluation holds the unsharded parameters FSDP2 drops at the next backward
         model, ctrl = _fsdp_setup("composite")
         for m in (model.q_proj, model.classifier, model):

@@ -327,9 +327,14 @@ def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, c
 
 def refuse_sharded(model: torch.nn.Module, what: str) -> None:
     """Raise a ValueError if `model` has DTensor (FSDP2) or FSDP1-flattened parameters: `what` would write this
-    process's shard of each, which no single-process model can load."""
+    process's shard of each, which no single-process model can load. A module that `fully_shard` wrapped counts
+    too: after a forward without backward its parameters are the unsharded ones, plain tensors (in the
+    MixedPrecisionPolicy's param_dtype), until the next backward or `state_dict()`."""
     dt = _dtensor_type()
-    if any((dt is not None and isinstance(p, dt)) or getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+    fsdp2 = tuple(c for c in (getattr(sys.modules.get(n), "FSDPModule", None) for n in (
+        "torch.distributed.fsdp", "torch.distributed._composable.fsdp")) if c is not None)
+    if any((dt is not None and isinstance(p, dt)) or getattr(p, "_fsdp_flattened", False) for p in model.parameters()) \
+            or (fsdp2 and any(isinstance(m, fsdp2) for m in model.modules())):
         raise ValueError(f"{what}: the model is sharded by FSDP (its parameters are DTensors or flat shards), so this "
                          f"would write one process's shard of each tensor. Gather the full weights first: "
                          f"unified_lora.lora_state_dict(model) on every process (it all-gathers the LoRA blocks), or "
