@@ -1097,3 +1097,34 @@ def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshar
             _fsdp_opt(model, ctrl)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp2_setup_after_fully_shard_is_refused():
+    """setup_unified_lora after fully_shard (the other order than the README's): FSDP2 manages only the parameters
+    it found, so the new LoRA blocks stay plain tensors that no process shares. With two processes each trained its
+    own blocks on its own data (measured: q_proj.lora_B.0 differed between the processes after 26 steps) while the
+    loss signal's decisions agreed, so assert_lockstep passed: nothing said so. attach_optimizer and check_ddp now
+    refuse it, naming the order."""
+    from torch.distributed.fsdp import fully_shard
+
+    from unified_lora import setup_unified_lora
+
+    _one_process_group()
+    try:
+        for root_only in (False, True):
+            torch.manual_seed(0)
+            model = TinyClassifier()
+            if not root_only:
+                fully_shard(model.q_proj)
+            fully_shard(model)
+            _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            for call in (lambda: ctrl.attach_optimizer(opt), lambda: check_ddp(model)):
+                with pytest.raises(ValueError, match=r"q_proj, v_proj.*sharded by FSDP2.*setup_unified_lora"
+                                                     r".*before fully_shard"):
+                    call()
+        model, ctrl = _fsdp_sharded("composite")  # the README's order passes
+        _fsdp_opt(model, ctrl)
+        check_ddp(model)
+    finally:
+        dist.destroy_process_group()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import check_sharding, local_tensor, sharding_of, to_sharded
+from .distributed import check_blocks_sharded, check_sharding, local_tensor, sharding_of, to_sharded
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -207,6 +207,7 @@ class UnifiedController:
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
             check_sharding(self.managed_parameters())  # FSDP1 refused here, before the first step
+            check_blocks_sharded(zip(self._adapter_names, self.adapters))  # FSDP2 applied before setup
             self._check_no_other_controller(inner)
             self._check_optimizer_holds_managed(inner)
             self._warn_unmanaged_trainable(inner)

@@ -140,6 +140,7 @@ def check_ddp(model: torch.nn.Module) -> None:
 
     if not isinstance(model, DDP):
         check_sharding((p for p in model.parameters() if p.requires_grad), "model")  # FSDP1 refused, FSDP2 checked
+        check_blocks_sharded((n, m) for n, m in model.named_modules() if isinstance(m, NestedLoRALayer))
         return
     if getattr(model, "static_graph", False):
         raise ValueError("static_graph: must be off; a rank switch changes the set of parameters used")
@@ -186,6 +187,37 @@ def _dtensor_type():
         if dt is not None:
             return dt
     return None
+
+
+def _fsdp2_types() -> tuple:
+    """FSDP2's `FSDPModule` class (what `fully_shard` makes a module an instance of), if loaded; else ()."""
+    return tuple(c for c in (getattr(sys.modules.get(n), "FSDPModule", None) for n in (
+        "torch.distributed.fsdp", "torch.distributed._composable.fsdp")) if c is not None)
+
+
+def check_blocks_sharded(layers: Iterable[tuple[str, torch.nn.Module]]) -> None:
+    """Raise a ValueError if a nested layer's base layer is sharded by FSDP2 and its LoRA blocks are not: the layers
+    were injected after `fully_shard` (`setup_unified_lora` after it), so FSDP2 does not manage the blocks, and each
+    process would train its own copy of them on its own data. Takes (name, layer) pairs; no collective."""
+    dt = _dtensor_type()
+    if dt is None:
+        return
+    fsdp2 = _fsdp2_types()
+    late = []
+    for name, layer in layers:
+        base = getattr(layer, "base_layer", None)
+        blocks = layer.lora_parameters() if hasattr(layer, "lora_parameters") else []
+        if base is None or not blocks or any(isinstance(p, dt) for p in blocks):
+            continue
+        if isinstance(getattr(base, "weight", None), dt) or (fsdp2 and isinstance(base, fsdp2)):
+            late.append(str(name))
+    if late:
+        shown = ", ".join(late[:4]) + (f", ... ({len(late) - 4} more)" if len(late) > 4 else "")
+        raise ValueError(f"adapters: the base layers of {shown} are sharded by FSDP2 (fully_shard), but their LoRA "
+                         f"blocks are not: the nested layers were injected after fully_shard, so FSDP2 neither "
+                         f"shards nor synchronises the blocks, and each process would train its own copy on its own "
+                         f"data. Call setup_unified_lora(model, ...) before fully_shard (on each block, then on the "
+                         f"root), then build the optimizer")
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -331,8 +363,7 @@ def refuse_sharded(model: torch.nn.Module, what: str) -> None:
     too: after a forward without backward its parameters are the unsharded ones, plain tensors (in the
     MixedPrecisionPolicy's param_dtype), until the next backward or `state_dict()`."""
     dt = _dtensor_type()
-    fsdp2 = tuple(c for c in (getattr(sys.modules.get(n), "FSDPModule", None) for n in (
-        "torch.distributed.fsdp", "torch.distributed._composable.fsdp")) if c is not None)
+    fsdp2 = _fsdp2_types()
     if any((dt is not None and isinstance(p, dt)) or getattr(p, "_fsdp_flattened", False) for p in model.parameters()) \
             or (fsdp2 and any(isinstance(m, fsdp2) for m in model.modules())):
         raise ValueError(f"{what}: the model is sharded by FSDP (its parameters are DTensors or flat shards), so this "
