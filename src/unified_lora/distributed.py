@@ -34,8 +34,10 @@ is not in the graph, so FSDP2 reduce-scatters no gradient into it: `.grad` stays
 `ctrl.state_dict()` holds this process's shards and records where they lie (`sharding_of`):
 each process saves its own, and `load_state_dict` refuses another process's or sharding's.
 Refused with a clear error: FSDP1 (`FullyShardedDataParallel`), DTensors that are not
-sharded on a 1-D mesh (HSDP, tensor parallel), and a mix of sharded and plain managed
-parameters. DeepSpeed ZeRO: not supported or tested.
+sharded on a 1-D mesh (HSDP, tensor parallel), a mix of sharded and plain managed
+parameters, and LoRA layers injected after `fully_shard` (`check_blocks_sharded`). Between steps, an evaluation's
+forward leaves unsharded parameters registered; the controller's `state_dict`, `load_state_dict` and
+`attach_optimizer` register the sharded ones again first (`to_sharded`). DeepSpeed ZeRO: not supported or tested.
 """
 
 from __future__ import annotations
@@ -401,5 +403,5 @@ def assert_lockstep(ctrl) -> None:
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
            "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
-           "check_sharding", "to_sharded", "sharding_of", "like_sharded", "refuse_sharded", "save_sharded_checkpoint",
-           "load_sharded_checkpoint"]
+           "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded", "refuse_sharded",
+           "save_sharded_checkpoint", "load_sharded_checkpoint"]
