@@ -1015,3 +1015,114 @@ def test_fsdp2_state_loaded_into_an_unsharded_controller_is_refused_unless_it_ho
     ctrl.load_state_dict(sd)
     assert (ctrl.global_step, ctrl.mode, ctrl.rank) == (FSDP_STEPS, 1, 8)
     assert ctrl.signal.state_dict() == sd["signal"]
+
+
+def _one_process_group():
+    """A one-process gloo group in this process (FSDP2 over one process: each shard is the whole tensor), for the
+    FSDP2 checks that need no second process. Destroy it in a `finally`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("reshard_after_forward", [None, False])
+def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshard_after_forward, tmp_path):
+    """A forward without backward (an evaluation under torch.no_grad() between training steps) leaves FSDP2's
+    unsharded parameters registered until the next backward: the root's (the LoRA blocks of v_proj, which has no
+    fully_shard of its own), or every module's with reshard_after_forward=False, as plain tensors. ctrl.state_dict()
+    then raised '6 of 14 are DTensors ... Apply fully_shard to the root model too', or (with every module unsharded)
+    wrote a state of shards recorded as not sharded, which no FSDP2 run could load back; attach_optimizer and
+    load_state_dict after an evaluation failed the same way. The controller now reads the sharded parameters, as
+    model.state_dict() does (FSDP2's own state-dict hook): the state records the sharding and loads into a fresh
+    run after its own evaluation, and the Mirror snapshot survives a re-attach. An optimizer built after an
+    evaluation (from the unsharded parameters) is refused with a message that says so. So is a PEFT export after
+    an evaluation with reshard_after_forward=False (it failed inside FSDP: 'FSDP does not support deepcopy')."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+    if reshard_after_forward is not None:
+        kw["reshard_after_forward"] = reshard_after_forward
+
+    def build():
+        model, ctrl = _fsdp_setup("composite")
+        for m in (model.q_proj, model.classifier, model):
+            fully_shard(m, **kw)
+        return model, ctrl, _fsdp_opt(model, ctrl)
+
+    def evaluate(model):
+        with torch.no_grad():
+            model(*_fsdp_batch(0, 0))
+
+    _one_process_group()
+    try:
+        model, ctrl, opt = build()
+        for step in range(FSDP_STEPS):
+            x, y = _fsdp_batch(0, step)
+            loss = model(input_ids=x, labels=y)
+            loss.backward()
+            ctrl.step(loss)
+            opt.step()
+            opt.zero_grad()
+            evaluate(model)
+            if ctrl.mirror.held:
+                break
+        assert ctrl.mirror.held and any(ctrl.grad_stats.prev)
+        assert any(type(p).__name__ != "DTensor" for p in model.v_proj.lora_A)  # what the evaluation left
+        sd = ctrl.state_dict()
+        assert sd["sharding"] is not None and sd["sharding"]["world_size"] == 1
+        assert all(w.dtype == torch.float32 for w in sd["mirror"]["weights"])  # the fp32 shards, not bf16 copies
+        ctrl.attach_optimizer(opt)  # (again, e.g. after a resize): the snapshot stays
+        assert ctrl.mirror.held
+        fresh, fctrl, _ = build()
+        evaluate(fresh)
+        fctrl.load_state_dict(sd)
+        assert fctrl.mirror.held and fctrl.global_step == ctrl.global_step
+        assert all(type(v).__name__ == "DTensor" for st in fctrl.mirror.opt_state if st for k, v in st.items()
+                   if k != "step")
+        # a PEFT export after an evaluation: every parameter of the model may be an unsharded plain tensor now
+        from unified_lora.peft_io import export_peft_adapter
+
+        evaluate(model)
+        with pytest.raises(ValueError, match="export_peft_adapter: the model is sharded by FSDP"):
+            export_peft_adapter(model, None, str(tmp_path / "peft"))
+        # an optimizer built after an evaluation holds the unsharded parameters FSDP2 drops at the next backward
+        model, ctrl = _fsdp_setup("composite")
+        for m in (model.q_proj, model.classifier, model):
+            fully_shard(m, **kw)
+        evaluate(model)
+        with pytest.raises(ValueError, match="manages; missing: .*not after a forward without backward"):
+            _fsdp_opt(model, ctrl)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_setup_after_fully_shard_is_refused():
+    """setup_unified_lora after fully_shard (the other order than the README's): FSDP2 manages only the parameters
+    it found, so the new LoRA blocks stay plain tensors that no process shares. With two processes each trained its
+    own blocks on its own data (measured: q_proj.lora_B.0 differed between the processes after 26 steps) while the
+    loss signal's decisions agreed, so assert_lockstep passed: nothing said so. attach_optimizer and check_ddp now
+    refuse it, naming the order."""
+    from torch.distributed.fsdp import fully_shard
+
+    from unified_lora import setup_unified_lora
+
+    _one_process_group()
+    try:
+        for root_only in (False, True):
+            torch.manual_seed(0)
+            model = TinyClassifier()
+            if not root_only:
+                fully_shard(model.q_proj)
+            fully_shard(model)
+            _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            for call in (lambda: ctrl.attach_optimizer(opt), lambda: check_ddp(model)):
+                with pytest.raises(ValueError, match=r"q_proj, v_proj.*sharded by FSDP2.*setup_unified_lora"
+                                                     r".*before fully_shard"):
+                    call()
+        model, ctrl = _fsdp_sharded("composite")  # the README's order passes
+        _fsdp_opt(model, ctrl)
+        check_ddp(model)
+    finally:
+        dist.destroy_process_group()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import check_sharding, local_tensor, sharding_of
+from .distributed import check_blocks_sharded, check_sharding, local_tensor, sharding_of, to_sharded
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -189,13 +189,25 @@ class UnifiedController:
         """Every LoRA block (active or paused), then the extra (modules_to_save) params."""
         return [p for a in self.adapters for p in a.lora_parameters()] + self.extra_params
 
+    def _reshard(self) -> None:
+        """FSDP2: put the sharded managed parameters back on their modules where a forward without backward (an
+        evaluation between steps) left the unsharded ones, plain tensors (see `to_sharded`). The calls made between
+        steps read the parameters after it: `state_dict`, `load_state_dict` and `attach_optimizer` refused them as
+        a mix of sharded and plain tensors, or saved shards recorded as not sharded. (`step` needs none: the
+        backward before it reshards.)"""
+        owners = [getattr(a, n, None) for a in self.adapters if isinstance(a, nn.Module) for n in ("lora_A", "lora_B")]
+        to_sharded([m for m in owners if isinstance(m, nn.Module)] + [m for m, _ in self.__dict__.get("_extra_owners")
+                                                                     or ()])
+
     def attach_optimizer(self, optimizer) -> None:
         """Link the user's optimizer for LR control. In "multiplier" mode a pre-step
         hook scales each group's LR and a post-step hook puts the scheduled value
         back, so any scheduler (cosine, warmup, chainable) keeps working."""
+        self._reshard()
         inner = _unwrap_optimizer(optimizer)
         if inner is not None:
             check_sharding(self.managed_parameters())  # FSDP1 refused here, before the first step
+            check_blocks_sharded(zip(self._adapter_names, self.adapters))  # FSDP2 applied before setup
             self._check_no_other_controller(inner)
             self._check_optimizer_holds_managed(inner)
             self._warn_unmanaged_trainable(inner)
@@ -266,7 +278,12 @@ class UnifiedController:
                 f"optimizer: it holds {total - len(missing)} of the {total} parameters this controller manages; "
                 f"missing: {shown}. A parameter the optimizer lacks never trains (paused rank blocks included, which "
                 f"the controller re-activates). Build it after setup, from every parameter that requires grad, e.g. "
-                f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])")
+                f"torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])" + (
+                    ". Under FSDP2, build it after fully_shard and not after a forward without backward (an "
+                    "evaluation): model.parameters() then gives unsharded parameters (the root's; every module's with "
+                    "reshard_after_forward=False), plain tensors that FSDP2 replaces by its sharded ones at the next "
+                    "backward"
+                    if any(local_tensor(p) is not p for p in self.managed_parameters()) else ""))
 
     def _warn_unmanaged_trainable(self, inner) -> None:
         """Warn about parameters the optimizer trains that Mirror does not snapshot (made trainable after setup:
@@ -617,6 +634,7 @@ class UnifiedController:
     _ELEMENTWISE_MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")  # shaped like the parameter
 
     def state_dict(self) -> dict:
+        self._reshard()
         return {
             "global_step": self.global_step,
             "loss_ema": self.loss_ema,
@@ -645,6 +663,7 @@ class UnifiedController:
         tensors loaded into a sharded run (and shards into an unsharded one), raises the ValueError. A state that
         holds no tensors (no Mirror snapshot held, no stored gradients) is the same on every process and loads
         into any run."""
+        self._reshard()
         self._check_state(sd)
         device = self.adapters[0].lora_A[0].device if self.adapters else None
         # first: the one part that can still fail (a kernel)

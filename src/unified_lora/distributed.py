@@ -34,8 +34,10 @@ is not in the graph, so FSDP2 reduce-scatters no gradient into it: `.grad` stays
 `ctrl.state_dict()` holds this process's shards and records where they lie (`sharding_of`):
 each process saves its own, and `load_state_dict` refuses another process's or sharding's.
 Refused with a clear error: FSDP1 (`FullyShardedDataParallel`), DTensors that are not
-sharded on a 1-D mesh (HSDP, tensor parallel), and a mix of sharded and plain managed
-parameters. DeepSpeed ZeRO: not supported or tested.
+sharded on a 1-D mesh (HSDP, tensor parallel), a mix of sharded and plain managed
+parameters, and LoRA layers injected after `fully_shard` (`check_blocks_sharded`). Between steps, an evaluation's
+forward leaves unsharded parameters registered; the controller's `state_dict`, `load_state_dict` and
+`attach_optimizer` register the sharded ones again first (`to_sharded`). DeepSpeed ZeRO: not supported or tested.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def check_ddp(model: torch.nn.Module) -> None:
 
     if not isinstance(model, DDP):
         check_sharding((p for p in model.parameters() if p.requires_grad), "model")  # FSDP1 refused, FSDP2 checked
+        check_blocks_sharded((n, m) for n, m in model.named_modules() if isinstance(m, NestedLoRALayer))
         return
     if getattr(model, "static_graph", False):
         raise ValueError("static_graph: must be off; a rank switch changes the set of parameters used")
@@ -186,6 +189,37 @@ def _dtensor_type():
         if dt is not None:
             return dt
     return None
+
+
+def _fsdp2_types() -> tuple:
+    """FSDP2's `FSDPModule` class (what `fully_shard` makes a module an instance of), if loaded; else ()."""
+    return tuple(c for c in (getattr(sys.modules.get(n), "FSDPModule", None) for n in (
+        "torch.distributed.fsdp", "torch.distributed._composable.fsdp")) if c is not None)
+
+
+def check_blocks_sharded(layers: Iterable[tuple[str, torch.nn.Module]]) -> None:
+    """Raise a ValueError if a nested layer's base layer is sharded by FSDP2 and its LoRA blocks are not: the layers
+    were injected after `fully_shard` (`setup_unified_lora` after it), so FSDP2 does not manage the blocks, and each
+    process would train its own copy of them on its own data. Takes (name, layer) pairs; no collective."""
+    dt = _dtensor_type()
+    if dt is None:
+        return
+    fsdp2 = _fsdp2_types()
+    late = []
+    for name, layer in layers:
+        base = getattr(layer, "base_layer", None)
+        blocks = layer.lora_parameters() if hasattr(layer, "lora_parameters") else []
+        if base is None or not blocks or any(isinstance(p, dt) for p in blocks):
+            continue
+        if isinstance(getattr(base, "weight", None), dt) or (fsdp2 and isinstance(base, fsdp2)):
+            late.append(str(name))
+    if late:
+        shown = ", ".join(late[:4]) + (f", ... ({len(late) - 4} more)" if len(late) > 4 else "")
+        raise ValueError(f"adapters: the base layers of {shown} are sharded by FSDP2 (fully_shard), but their LoRA "
+                         f"blocks are not: the nested layers were injected after fully_shard, so FSDP2 neither "
+                         f"shards nor synchronises the blocks, and each process would train its own copy on its own "
+                         f"data. Call setup_unified_lora(model, ...) before fully_shard (on each block, then on the "
+                         f"root), then build the optimizer")
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -239,6 +273,19 @@ def check_sharding(params: Iterable[torch.Tensor], what: str = "managed paramete
                          f"instead (torch.distributed.fsdp.fully_shard on each decoder block, then on the root model, "
                          f"after setup_unified_lora), or DDP(model, **ddp_kwargs())")
     shard_group(params, what)
+
+
+def to_sharded(modules: Iterable[torch.nn.Module]) -> None:
+    """Register FSDP2's sharded parameters on `modules` again where a forward without backward left the unsharded
+    ones (plain tensors, the full weights in the MixedPrecisionPolicy's param_dtype): an evaluation under
+    `torch.no_grad()` leaves the root's parameters unsharded until the next backward, and every module's with
+    `reshard_after_forward=False`. It runs each module's state-dict pre-hooks by `state_dict()`, as
+    `model.state_dict()` does: FSDP2 reshards there (its whole parameter group; no collective). Call it only between
+    steps (the controller does in `state_dict`, `load_state_dict` and `attach_optimizer`), never inside a forward."""
+    if _dtensor_type() is None:
+        return
+    for m in modules:
+        m.state_dict()
 
 
 def sharding_of(tensors: Iterable[torch.Tensor]) -> dict | None:
@@ -314,9 +361,13 @@ def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, c
 
 def refuse_sharded(model: torch.nn.Module, what: str) -> None:
     """Raise a ValueError if `model` has DTensor (FSDP2) or FSDP1-flattened parameters: `what` would write this
-    process's shard of each, which no single-process model can load."""
+    process's shard of each, which no single-process model can load. A module that `fully_shard` wrapped counts
+    too: after a forward without backward its parameters are the unsharded ones, plain tensors (in the
+    MixedPrecisionPolicy's param_dtype), until the next backward or `state_dict()`."""
     dt = _dtensor_type()
-    if any((dt is not None and isinstance(p, dt)) or getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+    fsdp2 = _fsdp2_types()
+    if any((dt is not None and isinstance(p, dt)) or getattr(p, "_fsdp_flattened", False) for p in model.parameters()) \
+            or (fsdp2 and any(isinstance(m, fsdp2) for m in model.modules())):
         raise ValueError(f"{what}: the model is sharded by FSDP (its parameters are DTensors or flat shards), so this "
                          f"would write one process's shard of each tensor. Gather the full weights first: "
                          f"unified_lora.lora_state_dict(model) on every process (it all-gathers the LoRA blocks), or "
@@ -352,5 +403,5 @@ def assert_lockstep(ctrl) -> None:
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
            "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
-           "check_sharding", "sharding_of", "like_sharded", "refuse_sharded", "save_sharded_checkpoint",
-           "load_sharded_checkpoint"]
+           "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded", "refuse_sharded",
+           "save_sharded_checkpoint", "load_sharded_checkpoint"]
