@@ -731,3 +731,32 @@ def test_merging_an_8bit_layer_with_a_float_weight_is_refused(llama_dir, tmp_pat
     with torch.no_grad():
         merged = merge_and_unload(base)(x).logits
     torch.testing.assert_close(merged, before, rtol=0, atol=0.05)
+
+
+def test_setup_before_a_4bit_layer_is_quantized_wraps_it_as_a_quantized_layer():
+    """A Linear4bit built on the CPU holds a float `Params4bit` (bnb_quantized=False) until its first
+    `.to(device)`/`.cuda()` packs it, so setup can run before that move. The old `packed_weight` took it for a float
+    weight: the "is it a linear map" probe ran its forward, which fails before quantization, so "all-linear" left
+    the 4-bit layer out silently (only the float head got blocks) and an explicit target was refused as a router
+    ("a forward that does not return x Wᵀ + b"). It is now wrapped as the quantized layer it becomes: fp32 blocks
+    shaped by in/out_features, trained through the move, and merging it is refused."""
+    def build():
+        torch.manual_seed(0)
+        q = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4")
+        q.load_state_dict(nn.Linear(64, 64).state_dict())
+        return nn.Sequential(q, nn.ReLU(), nn.Linear(64, 8))
+
+    model = build()
+    assert not model[0].weight.bnb_quantized and model[0].weight.is_floating_point()
+    adapters, _ = setup_unified_lora(model, "all-linear", print_fn=None)
+    assert list(adapters) == ["0", "2"]
+    adapters, _ = setup_unified_lora(build(), ["0"], print_fn=None)
+    layer = adapters["0"]
+    assert all(a.dtype == torch.float32 and a.shape[1] == 64 for a in layer.lora_A)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(64, 8)).to("cpu")
+    assert layer.base_layer.weight.bnb_quantized and not layer.base_layer.weight.is_floating_point()
+    _randomise_B(adapters)
+    model(torch.randn(4, 64)).square().mean().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in layer.active_parameters())
+    with pytest.raises(ValueError, match=r"quantized \(Linear4bit \(Params4bit"):
+        merge_adapters(model)

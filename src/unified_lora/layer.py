@@ -293,9 +293,12 @@ def packed_weight(base_layer: nn.Module) -> str:
     cannot be folded into it exactly (`check_mergeable`). A 4-bit weight is packed whatever its storage dtype:
     `bnb_4bit_quant_storage=torch.bfloat16` (FSDP-QLoRA) stores the codes as a [N, 1] bf16 tensor, which read as a
     float weight gave bf16 blocks, a merge that failed on shapes, and the setup probe's eval forward that repacked
-    the weight for bitsandbytes' CPU inference kernel (wrong gradients after)."""
+    the weight for bitsandbytes' CPU inference kernel (wrong gradients after). A `Params4bit` not quantized yet (a
+    Linear4bit built on the CPU holds its float weight until its first `.to(device)`/`.cuda()`) counts as packed
+    too: the move packs it, and its forward cannot run before (the setup probe's failed, which refused the layer
+    as "not a linear map" and left it out of "all-linear" silently)."""
     w = base_layer.weight
-    if (w.is_floating_point() or w.is_complex()) and not getattr(w, "bnb_quantized", False):
+    if (w.is_floating_point() or w.is_complex()) and not hasattr(w, "bnb_quantized"):
         return ""
     return f"{type(base_layer).__name__} ({type(w).__name__}, packed {w.dtype})"
 
