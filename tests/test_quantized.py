@@ -760,3 +760,33 @@ def test_setup_before_a_4bit_layer_is_quantized_wraps_it_as_a_quantized_layer():
     assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in layer.active_parameters())
     with pytest.raises(ValueError, match=r"quantized \(Linear4bit \(Params4bit"):
         merge_adapters(model)
+
+
+def test_setup_before_an_8bit_layer_is_quantized_leaves_its_weight_for_the_move_to_quantize():
+    """bitsandbytes' flow for a Linear8bitLt built by hand: load the float weights, then `.to(device)` quantizes them.
+    Setup can come before that load (inject the adapters into the architecture, then load the pretrained base). The
+    old setup ran the "is it a linear map" probe's forward on the layer, which quantized its initial float weight in
+    place (weight.data = its int8 copy): the float weights loaded after it were cast to int8 as they stood, and the
+    model's outputs were off by as much as their own size, silently. Setup now leaves the layer as it was."""
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    def build():
+        torch.manual_seed(5)
+        return nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=0.0), nn.ReLU(),
+                             nn.Linear(64, 8))
+
+    ref = build()
+    ref.load_state_dict(pretrained.state_dict())
+    ref.to("cpu")
+    model = build()
+    adapters, _ = setup_unified_lora(model, ["0"], print_fn=None)
+    base = adapters["0"].base_layer
+    assert base.weight.dtype == torch.float32 and base.state.CB is None
+    sd = {(k.replace("0.", "0.base_layer.", 1) if k.startswith("0.") else k): v for k, v in pretrained.state_dict().items()}
+    assert not model.load_state_dict(sd, strict=False).unexpected_keys
+    model.to("cpu")
+    assert base.weight.dtype == torch.int8
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))  # (B = 0: the delta is 0)

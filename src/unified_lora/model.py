@@ -223,8 +223,11 @@ def _not_a_linear_map(m: nn.Module) -> bool:
         return False
     w, training = m.weight, m.training
     packed = packed_weight(m)
-    if packed and type(m).forward.__module__.startswith("bitsandbytes."):
-        return False  # bitsandbytes' own Linear4bit / Linear8bitLt forward (the probe would set a 4-bit compute dtype)
+    if type(m).forward.__module__.startswith("bitsandbytes."):
+        # bitsandbytes' own Linear4bit / Linear8bitLt forward: the probe would set a 4-bit compute dtype, and on a
+        # Linear8bitLt not yet quantized (a float Int8Params until its first `.to(device)`) it quantized the weight
+        # in place: pretrained weights loaded after setup were then cast to int8 as they were, not quantized
+        return False
     try:
         m.training = False  # (PhiMoE's router draws jitter noise in training mode: no draw from the global RNG here)
         with torch.no_grad():  # (a quantized weight's integer dtype is no input dtype: such a layer takes fp32)
