@@ -18,6 +18,7 @@ graph); `ddp_kwargs()` gives it and refuses `static_graph`.
 import argparse
 import gc
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -28,41 +29,61 @@ from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 from unified_lora.distributed import assert_lockstep, ddp_kwargs
 
 STEPS, FLIP = 80, range(50, 58)
+# the controller of this example and of examples/fsdp2_torchrun.py: φ from the all-reduced loss, calibrated over
+# the first 10 steps; Mirror snapshots the optimizer moments too
+LORA = dict(target_modules="all-linear", modules_to_save=["classifier", "pooler"],
+            signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5, calibration_steps=10, calibration_target=1.0),
+            min_dwell=5, mirror=MirrorConfig(snapshot_optimizer=True))
 
 
-def main():
-    ddp = int(os.environ.get("RANK", -1)) != -1  # nanoGPT style: launched by torchrun?
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cpu")
-    master = rank == 0
+def init_distributed(one_process_group=False):
+    """(launched by torchrun?, rank, world size, device). Under torchrun: the process group (nccl on GPUs, else gloo).
+    Without it: one CPU process, and with `one_process_group` a gloo group of one (FSDP2 needs a group even alone)."""
+    launched = int(os.environ.get("RANK", -1)) != -1  # nanoGPT style: launched by torchrun?
+    if not launched:
+        if one_process_group:
+            with socket.socket() as s:  # a free local port for the group's store
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return False, 0, 1, torch.device("cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
-    torch.manual_seed(0)  # identical initial weights on every process
+
+def tiny_bert():
+    """A random 2-layer BERT classifier (hidden 32), without dropout: the same weights for the same seed."""
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(cfg).to(device)
-    adapters, ctrl = setup_unified_lora(
-        model, target_modules="all-linear", modules_to_save=["classifier", "pooler"],
-        signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5, calibration_steps=10, calibration_target=1.0), min_dwell=5,
-        mirror=MirrorConfig(snapshot_optimizer=True), print_fn=print if master else None)
+    return BertForSequenceClassification(cfg)
+
+
+def toy_batch(g, step, n=16):
+    """`n` sequences whose class is in the tokens; on the FLIP steps the labels are wrong (real stress)."""
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randint(5, 50, (n, 10), generator=g) + 45 * y[:, None]  # the class is in the tokens
+    return {"input_ids": x, "labels": 1 - y if step in FLIP else y}
+
+
+def main():
+    ddp, rank, world, device = init_distributed()
+    master = rank == 0
+
+    torch.manual_seed(0)  # identical initial weights on every process
+    model = tiny_bert().to(device)
+    adapters, ctrl = setup_unified_lora(model, **LORA, print_fn=print if master else None)
     model = DDP(model, **ddp_kwargs()) if ddp else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
     ctrl.attach_optimizer(opt)  # lr_mode="multiplier": the mode scales this LR
 
     g = torch.Generator().manual_seed(1000 + rank)  # a different data shard per process
     for step in range(STEPS):
-        y = torch.randint(0, 2, (16,), generator=g)
-        x = torch.randint(5, 50, (16, 10), generator=g) + 45 * y[:, None]  # the class is in the tokens
-        if step in FLIP:
-            y = 1 - y  # a burst of wrong labels: real stress
-        loss = model(input_ids=x.to(device), labels=y.to(device)).loss
+        loss = model(**{k: v.to(device) for k, v in toy_batch(g, step).items()}).loss
         loss.backward()
         ctrl.step(loss=loss)  # all-reduced inside; may switch rank / LR / Mirror
         assert_lockstep(ctrl)

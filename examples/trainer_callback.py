@@ -34,12 +34,14 @@ class DictDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def minilm_mrpc(n):
+def minilm_mrpc(n, **load_kwargs):
+    """MiniLM with a fresh 2-class head, the first `n` MRPC training pairs, its LoRA targets and head.
+    `load_kwargs` go to `from_pretrained` (examples/qlora_trainer.py passes a `quantization_config`)."""
     from unified_lora.data import default_model_path, encode, load_glue
 
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **load_kwargs)
     train = load_glue("mrpc", "train")
     return model, DictDataset(encode(tok, train.examples[:n], max_length=48)), ["query", "value"], ["classifier"]
 

@@ -51,13 +51,15 @@ def test_peft_interop_example_gives_identical_logits_at_every_rank():
     assert "import r8 into nested layers" in out and "max diff 0.00e+00" in out
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not on PATH")
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+# --standalone: a rendezvous on a free local port, not the fixed 29500 that another job may hold
+TWO_PROCESSES = (TORCHRUN, "--standalone", "--nproc_per_node", "2")
+needs_torchrun = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not on PATH")
+
+
+@needs_torchrun
 def test_ddp_example_under_torchrun_keeps_both_processes_in_lockstep():
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    # --standalone: a rendezvous on a free local port, not the fixed 29500 that another job may hold
-    out = run_example("examples/ddp_torchrun.py", launcher=(torchrun, "--standalone", "--nproc_per_node", "2"),
-                      timeout=180)
+    out = run_example("examples/ddp_torchrun.py", launcher=TWO_PROCESSES, timeout=180)
     assert "2 process(es), weights identical on all: True" in out
     assert "transitions: [" in out and "transitions: []" not in out
 
@@ -66,6 +68,45 @@ def test_ddp_example_runs_in_one_process_without_torchrun():
     out = run_example("examples/ddp_torchrun.py")  # "python examples/ddp_torchrun.py  # one process works too"
     assert "1 process(es), weights identical on all: True" in out
     assert "transitions: [" in out and "transitions: []" not in out
+
+
+def _digest(out: str) -> str:
+    return out.split("adapter digest after 80 steps: ")[1].split()[0]
+
+
+@needs_torchrun
+def test_fsdp2_example_under_torchrun_runs_a_mirror_cycle_in_lockstep_and_resumes_bit_for_bit(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = run_example("examples/fsdp2_torchrun.py", "--tiny", "--checkpoint-dir", str(ckpt), launcher=TWO_PROCESSES,
+                      timeout=180)
+    assert "2 process(es), steps 0-80, in lockstep at every step" in out  # assert_lockstep held at every step
+    assert "'MULTI->MIRROR', 'saved')" in out and "'MIRROR->MULTI', " in out  # a Mirror cycle on the shards
+    assert f"checkpoint of step 40: {ckpt}" in out
+    assert {p.name for p in ckpt.iterdir()} >= {".metadata", "ctrl_rank0.pt", "ctrl_rank1.pt"}
+    resumed = run_example("examples/fsdp2_torchrun.py", "--tiny", "--resume", str(ckpt), launcher=TWO_PROCESSES,
+                          timeout=180)
+    assert f"resumed from {ckpt} at step 40" in resumed and "steps 40-80" in resumed
+    assert "MULTI->MIRROR" in resumed  # the cycle after the checkpoint happens again
+    assert _digest(resumed) == _digest(out)  # the gathered LoRA blocks are the uninterrupted run's, bit for bit
+
+
+def test_fsdp2_example_runs_in_one_process_without_torchrun():
+    out = run_example("examples/fsdp2_torchrun.py", "--tiny", "--save-at", "0")  # a process group of one
+    assert "1 process(es), steps 0-80, in lockstep at every step" in out
+    assert "'MULTI->MIRROR', 'saved')" in out and "checkpoint of step" not in out
+
+
+def test_qlora_trainer_example_trains_a_4bit_base_and_exports_a_peft_adapter(tmp_path):
+    out = run_example("examples/qlora_trainer.py", "--tiny", "--output-dir", str(tmp_path))
+    assert "16 controller steps" in out
+    rows = [line.split() for line in out.split("(from trainer.state.log_history)")[1].splitlines() if line.strip()][:4]
+    assert [int(r[0]) for r in rows] == [4, 8, 12, 16]  # φ, mode, rank and LR logged at each logging step
+    assert "13 4-bit layers (4 with nested LoRA), packed weights unchanged: True" in out
+    assert f"PEFT adapter (rank 8) in {tmp_path / 'adapter'}" in out
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8  # the query and value layers of both encoder layers, by full name
+    assert sorted(t.rsplit(".", 1)[1] for t in config["target_modules"]) == ["query", "query", "value", "value"]
+    assert "classifier" in config["modules_to_save"]  # (PEFT adds "score" for a SEQ_CLS task itself)
 
 
 @pytest.mark.skipif(loaders._find_shared_glue() is None, reason="SST-2 comes from shared/data/glue (only MRPC ships)")
@@ -87,6 +128,10 @@ def test_multitask_example_runs_all_three_arms(tmp_path):
     (("multitask_glue.py", "--tasks", "foo", "mrpc"), "unknown GLUE task 'foo'"),
     (("trainer_callback.py", "--steps", "0"), "--steps must be at least 1, got 0"),
     (("peft_interop.py", "--tiny", "--steps", "-1"), "--steps must be at least 0, got -1"),
+    (("qlora_trainer.py", "--tiny", "--examples", "0"), "--examples must be at least 1, got 0"),
+    (("qlora_trainer.py", "--compute-dtype", "float16"), "argument --compute-dtype: invalid choice: 'float16'"),
+    (("fsdp2_torchrun.py", "--tiny", "--save-at", "80"), "--save-at must be between 0 (no checkpoint) and --steps - 1"),
+    (("fsdp2_torchrun.py", "--tiny", "--resume", "no_such_dir"), "--resume no_such_dir: no sharded checkpoint there"),
 ])
 def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
