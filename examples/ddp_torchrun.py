@@ -70,6 +70,20 @@ def toy_batch(g, step, n=16):
     return {"input_ids": x, "labels": 1 - y if step in FLIP else y}
 
 
+def train_step(model, ctrl, opt, batch, device, step: int, master: bool) -> None:
+    """One optimizer step under the controller, checked for lockstep; process 0 prints every tenth."""
+    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+    loss.backward()
+    ctrl.step(loss=loss)  # all-reduced inside; may switch rank / LR / Mirror
+    assert_lockstep(ctrl)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if master and step % 10 == 0:
+        r = ctrl.trace[-1]
+        print(f"[{step}] local loss={loss.item():.3f} mean loss={r.loss:.3f} φ={r.phi:.3f} mode={r.mode} "
+              f"rank={r.rank} lr={r.lr:.2e}")
+
+
 def main():
     ddp, rank, world, device = init_distributed()
     master = rank == 0
@@ -83,16 +97,7 @@ def main():
 
     g = torch.Generator().manual_seed(1000 + rank)  # a different data shard per process
     for step in range(STEPS):
-        loss = model(**{k: v.to(device) for k, v in toy_batch(g, step).items()}).loss
-        loss.backward()
-        ctrl.step(loss=loss)  # all-reduced inside; may switch rank / LR / Mirror
-        assert_lockstep(ctrl)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if master and step % 10 == 0:
-            r = ctrl.trace[-1]
-            print(f"[{step}] local loss={loss.item():.3f} mean loss={r.loss:.3f} φ={r.phi:.3f} mode={r.mode} "
-                  f"rank={r.rank} lr={r.lr:.2e}")
+        train_step(model, ctrl, opt, toy_batch(g, step), device, step, master)
 
     # every process ends with bit-identical adapter weights
     flat = torch.cat([p.detach().flatten().double() for p in model.parameters() if p.requires_grad]).cpu()

@@ -31,11 +31,12 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from ddp_torchrun import FLIP, LORA, STEPS, init_distributed, tiny_bert, toy_batch  # examples/ddp_torchrun.py
+from ddp_torchrun import (FLIP, LORA, STEPS, init_distributed, tiny_bert, toy_batch,  # examples/ddp_torchrun.py
+                          train_step)
 from torch.distributed.fsdp import fully_shard
 
 from unified_lora import lora_state_dict, setup_unified_lora
-from unified_lora.distributed import assert_lockstep, load_sharded_checkpoint, save_sharded_checkpoint
+from unified_lora.distributed import load_sharded_checkpoint, save_sharded_checkpoint
 
 
 def minilm_mrpc(n=1024):
@@ -109,16 +110,7 @@ def main(a):
             save_sharded_checkpoint(ckpt, model, opt, ctrl)  # on every process; resume with --resume ckpt
             if master:
                 print(f"[{step}] sharded checkpoint of {step} steps in {ckpt}")
-        loss = model(**{k: v.to(device) for k, v in batch_for(data, step, rank, world).items()}).loss
-        loss.backward()
-        ctrl.step(loss=loss)  # all-reduced inside; may switch rank / LR / Mirror
-        assert_lockstep(ctrl)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if master and step % 10 == 0:
-            r = ctrl.trace[-1]
-            print(f"[{step}] local loss={loss.item():.3f} mean loss={r.loss:.3f} φ={r.phi:.3f} mode={r.mode} "
-                  f"rank={r.rank} lr={r.lr:.2e}")
+        train_step(model, ctrl, opt, batch_for(data, step, rank, world), device, step, master)
 
     fingerprint = digest(model)  # every process
     if master:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from trainer_callback import DictDataset, minilm_mrpc  # examples/trainer_callback.py
+from trainer_callback import DictDataset, minilm_mrpc, print_log_table  # examples/trainer_callback.py
 from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
                           BitsAndBytesConfig, Trainer, TrainingArguments)
 
@@ -87,11 +87,7 @@ def main():
     UnifiedLoRACallback(ctrl).add_to(trainer)
     trainer.train()
 
-    print("\nstep  loss    phi    mode rank lr        (from trainer.state.log_history)")
-    for h in trainer.state.log_history:
-        if "unified_lora/phi" in h:
-            v = {k.split("/")[1]: x for k, x in h.items() if k.startswith("unified_lora/")}
-            print(f"{h['step']:>4}  {v['loss']:.4f}  {v['phi']:.3f}  {v['mode']:>4} {v['rank']:>4} {v['lr']:.2e}")
+    print_log_table(trainer)
     after = packed_weights(model)
     same = len(after) == len(before) and all(torch.equal(before[n], after[n]) for n in before)
     print(f"{len(before)} 4-bit layers ({len(adapters)} with nested LoRA), packed weights unchanged: {same}")

@@ -54,6 +54,15 @@ def tiny_random(n):
     return LlamaForCausalLM(cfg), DictDataset({"input_ids": x, "labels": x}), "all-linear", None
 
 
+def print_log_table(trainer) -> None:
+    """The controller's φ, mode, rank and LR per logged step, as the callback logs them."""
+    print("\nstep  loss    phi    mode rank lr        (from trainer.state.log_history)")
+    for h in trainer.state.log_history:
+        if "unified_lora/phi" in h:
+            v = {k.split("/")[1]: x for k, x in h.items() if k.startswith("unified_lora/")}
+            print(f"{h['step']:>4}  {v['loss']:.4f}  {v['phi']:.3f}  {v['mode']:>4} {v['rank']:>4} {v['lr']:.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minilm", action="store_true", help="MiniLM on MRPC instead of a random tiny Llama")
@@ -80,11 +89,7 @@ def main():
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[UnifiedLoRACallback(ctrl)])
     trainer.train()
 
-    print("\nstep  loss    phi    mode rank lr        (from trainer.state.log_history)")
-    for h in trainer.state.log_history:
-        if "unified_lora/phi" in h:
-            v = {k.split("/")[1]: x for k, x in h.items() if k.startswith("unified_lora/")}
-            print(f"{h['step']:>4}  {v['loss']:.4f}  {v['phi']:.3f}  {v['mode']:>4} {v['rank']:>4} {v['lr']:.2e}")
+    print_log_table(trainer)
     transitions = [r for r in ctrl.trace if r.transition]
     print(f"{len(ctrl.trace)} controller steps, {len(transitions)} transitions; checkpoints in {out}")
 
