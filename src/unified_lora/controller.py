@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import itertools
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -195,9 +196,8 @@ class UnifiedController:
         steps read the parameters after it: `state_dict`, `load_state_dict` and `attach_optimizer` refused them as
         a mix of sharded and plain tensors, or saved shards recorded as not sharded. (`step` needs none: the
         backward before it reshards.)"""
-        owners = [getattr(a, n, None) for a in self.adapters if isinstance(a, nn.Module) for n in ("lora_A", "lora_B")]
-        to_sharded([m for m in owners if isinstance(m, nn.Module)] + [m for m, _ in self.__dict__.get("_extra_owners")
-                                                                     or ()])
+        blocks = (getattr(a, n) for a in self.adapters if isinstance(a, nn.Module) for n in ("lora_A", "lora_B"))
+        to_sharded(itertools.chain(blocks, (m for m, _ in self.__dict__.get("_extra_owners") or ())))
 
     def attach_optimizer(self, optimizer) -> None:
         """Link the user's optimizer for LR control. In "multiplier" mode a pre-step

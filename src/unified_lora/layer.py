@@ -285,6 +285,13 @@ def _computed_weight(base_layer: nn.Module) -> str:
     return ""
 
 
+_MERGE_IN_FULL_PRECISION = (
+    "Run the model unmerged (each forward adds the delta to the quantized base's output), or merge in full precision: "
+    "unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load the base model again in bf16 or fp32 "
+    "(from_pretrained without quantization_config), import_peft_adapter(base, adapter_dir), then "
+    "merge_and_unload(base)")
+
+
 def packed_weight(base_layer: nn.Module) -> str:
     """What stores `base_layer.weight` as packed integers ("" for a float weight): a bitsandbytes `Linear4bit`
     (a uint8 `Params4bit` of shape [N, 1], 4-bit codes with a quant state) or `Linear8bitLt` (an int8
@@ -640,10 +647,7 @@ class NestedLoRALayer(nn.Module):
             raise ValueError(
                 f"merge: this layer's base weight is quantized ({packed}), so a delta cannot be folded into it: it "
                 "would be dequantized, summed and quantized again, which rounds every weight of the layer, not only "
-                "the delta. Run the model unmerged (each forward adds the delta to the quantized base's output), or "
-                "merge in full precision: unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load "
-                "the base model again in bf16 or fp32 (from_pretrained without quantization_config), "
-                "import_peft_adapter(base, adapter_dir), then merge_and_unload(base)")
+                "the delta. " + _MERGE_IN_FULL_PRECISION)
         if getattr(getattr(self.base_layer, "state", None), "has_fp16_weights", False) \
                 and hasattr(self.base_layer, "init_8bit_state"):
             # bitsandbytes' Linear8bitLt with llm_int8_has_fp16_weight=True: a float weight, but the forward runs on
@@ -652,11 +656,8 @@ class NestedLoRALayer(nn.Module):
             raise ValueError(
                 "merge: this layer's base weight is quantized to int8 for its forward (bitsandbytes Linear8bitLt "
                 "with has_fp16_weights=True, llm_int8_has_fp16_weight=True), from a copy that eval mode keeps from "
-                "its first forward, so a delta folded into the weight would not reach the outputs. Run the model "
-                "unmerged (each forward adds the delta), or merge in full precision: "
-                "unified_lora.peft_io.export_peft_adapter(model, None, adapter_dir), load the base model again in "
-                "bf16 or fp32 (from_pretrained without quantization_config), import_peft_adapter(base, adapter_dir), "
-                "then merge_and_unload(base)")
+                "its first forward, so a delta folded into the weight would not reach the outputs. "
+                + _MERGE_IN_FULL_PRECISION)
         if self.base_layer.weight.is_meta and not self.lora_A[0].is_meta:
             raise ValueError(
                 "merge: this layer's base weight is on the meta device while its LoRA blocks hold values: accelerate "

@@ -422,8 +422,8 @@ def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None
             names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
             raise ValueError(f"modules_to_save: {suffix!r} matched no module; module names end with {names[:40]}")
         for n in hits:
-            packed = [(f"{n}.{sn}" if sn else n, packed_weight(sm)) for sn, sm in model.get_submodule(n).named_modules()
-                      if isinstance(getattr(sm, "weight", None), torch.Tensor) and packed_weight(sm)]
+            packed = [(f"{n}.{sn}" if sn else n, why) for sn, sm in model.get_submodule(n).named_modules()
+                      if isinstance(getattr(sm, "weight", None), torch.Tensor) and (why := packed_weight(sm))]
             if packed:  # (requires_grad_ raised a bare "only Tensors of floating point dtype can require gradients")
                 raise ValueError(
                     f"modules_to_save: {packed[0][0]!r} has a quantized weight ({packed[0][1]}), whose packed "
