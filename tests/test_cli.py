@@ -1689,3 +1689,66 @@ def test_installed_entry_point_help():
     assert res.returncode == 0
     for cmd in ("demo", "train", "plot", "report"):
         assert cmd in res.stdout
+
+
+def _record_fsync_and_replace(monkeypatch) -> list[tuple]:
+    """os.fsync and os.replace, each call recorded in order as ("fsync", path of the fd) / ("replace", src, dst)
+    (a power loss cannot be simulated: what is flushed before which rename is what can be checked)."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recorded_replace(src, dst, **k):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        return replace(src, dst, **k)
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc")
+def test_written_atomically_flushes_the_file_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """The temporary file was renamed without os.fsync: after a power loss (ext4/xfs delayed allocation) the name
+    could point at an empty file, the old one gone."""
+    from unified_lora._files import written_atomically
+
+    events = _record_fsync_and_replace(monkeypatch)
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with written_atomically(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"ü": 1}\n')
+    assert path.read_bytes() == '{"ü": 1}\n'.encode()  # the bytes written, nothing else
+    tmp = f"{path}.tmp-{os.getpid()}"
+    assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))], events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc")
+def test_every_file_a_run_writes_is_flushed_to_the_disk_before_it_is_renamed_into_place(tiny, tmp_path, monkeypatch):
+    """Checkpoints (their safetensors, state.pt, checkpoint.json, the PEFT copy), the final PEFT adapter,
+    summary.json and console.txt were renamed into place (or written in place) without an fsync; the trace was
+    never flushed to the disk."""
+    events = _record_fsync_and_replace(monkeypatch)
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "2", "--modules-to-save", "classifier")) == 0
+    monkeypatch.undo()
+    synced = [e[1] for e in events if e[0] == "fsync"]
+    renamed = {e[2]: i for i, e in enumerate(events) if e[0] == "replace"}
+    ckpts = out / "checkpoints"
+    for tag in ("epoch-1", "epoch-2"):
+        into = renamed[str(ckpts / tag)]  # the checkpoint folder's rename: its files are on the disk before it
+        src = Path(events[into][1])
+        before = {e[1] for e in events[:into] if e[0] == "fsync"}
+        for f in (ckpts / tag).rglob("*"):
+            assert str(src / f.relative_to(ckpts / tag)) in before, (tag, f)
+        assert str(ckpts) in synced[sum(e[0] == "fsync" for e in events[:into]):]  # the rename itself
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        dst = out / "peft_adapter" / name
+        src = events[renamed[str(dst)]][1]
+        assert ("fsync", src) in events[:renamed[str(dst)]], name
+    for name in ("summary.json", "console.txt"):
+        i = renamed[str(out / name)]
+        assert events[i - 1] == ("fsync", events[i][1]) and events[i + 1] == ("fsync", str(out)), name
+    assert str(out / "trace.jsonl") in synced
+    assert json.loads((out / "summary.json").read_text())["checkpoints"] == ["epoch-1", "epoch-2"]

@@ -122,6 +122,92 @@ def test_export_of_a_compiled_model_names_the_bare_models_modules(tmp_path):
                                rtol=TOL)
 
 
+def _folder_bytes(path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _write_half_then(exc):
+    """safetensors' save_file that writes half of the real file, then raises `exc` (a full disk, a Ctrl-C)."""
+    from safetensors.torch import save_file
+
+    def failing(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(len(f.read()) // 2)
+        raise exc
+    return failing
+
+
+@pytest.mark.parametrize("where", ["weights-disk-full", "weights-ctrl-c", "config"])
+def test_an_export_interrupted_while_writing_leaves_the_previous_export_loadable_and_unchanged(where, tmp_path,
+                                                                                              monkeypatch):
+    """PEFT writes README.md, the weights, then the config into the folder: an export interrupted in the weights
+    left a half-written adapter_model.safetensors; one interrupted in the config (a full disk) left the new weights
+    beside the previous export's config, at the same rank: PEFT loaded that mix silently."""
+    import peft.peft_model
+    from peft.config import PeftConfigMixin
+
+    model, adapters, fresh = nested("bert")
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "tokenizer.json").write_text('{"the user": "file"}')
+    (out / "README.md").write_text("# My adapter\n\nNotes of mine.\n")
+    export_peft_adapter(model, adapters, out, rank=8)
+    before, x = _folder_bytes(out), inputs()
+    expected = logits(model, x)
+    assert "library_name: peft" in before["README.md"].decode() and "Notes of mine." in before["README.md"].decode()
+    with torch.no_grad():  # training went on: the same rank and modules, other weights
+        for layer in adapters.values():
+            layer.lora_B[0].add_(1.0)
+    assert (logits(model, x) - expected).abs().max() > 1e-2
+    if where == "config":
+        def refuse(self, *a, **k):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(PeftConfigMixin, "save_pretrained", refuse)
+    else:
+        exc = OSError(28, "No space left on device") if where == "weights-disk-full" else KeyboardInterrupt()
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", _write_half_then(exc))
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        export_peft_adapter(model, adapters, out, rank=8)
+    assert _folder_bytes(out) == before  # bit-identical, the user's files too
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []  # no temporary folder left
+    torch.testing.assert_close(logits(peft_load(fresh, out), x), expected, atol=TOL, rtol=TOL)
+
+
+def test_an_export_over_a_previous_one_keeps_the_users_files_and_never_mixes_the_two(tmp_path, monkeypatch):
+    """A finished export replaces the previous export's files (README.md amended, not replaced); one killed during
+    its renames leaves no adapter_config.json (PEFT refuses the folder, loudly), never new weights under the old
+    config."""
+    import os
+
+    model, adapters, fresh = nested("gpt2")
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text("# My adapter\n\nNotes of mine.\n")
+    (out / "vocab.txt").write_text("a\nb\n")
+    export_peft_adapter(model, adapters, out, rank=4)
+    export_peft_adapter(model, adapters, out, rank=8)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                      "vocab.txt"]
+    assert (out / "vocab.txt").read_text() == "a\nb\n" and "Notes of mine." in (out / "README.md").read_text()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    torch.testing.assert_close(logits(peft_load(fresh, out), inputs()), logits(model, inputs()), atol=TOL, rtol=TOL)
+
+    real = os.replace
+
+    def killed_before_the_config(src, dst):  # the process dies with the new weights in place, before the config
+        if os.path.basename(dst) == "adapter_config.json":
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", killed_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        export_peft_adapter(model, adapters, out, rank=16)
+    monkeypatch.undo()
+    assert not (out / "adapter_config.json").exists() and [p for p in out.iterdir() if p.is_dir()] == []
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        peft_load(fresh, out)
+
+
 def test_bert_head_is_saved_as_modules_to_save(tmp_path):
     model, _, fresh = nested("bert")
     cfg = export_peft_adapter(model, None, tmp_path)

@@ -3,23 +3,104 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+
+def fsync_file(path) -> None:
+    """Flush a written file's data to the disk (`os.fsync`): a file renamed into place without it can be empty or
+    cut short after a power loss (ext4's and xfs's delayed allocation write the rename before the data)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows' fsync (_commit) needs write access
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path) -> None:
+    """Flush a folder's entries (a rename into it, a new file) to the disk. A no-op on Windows, which cannot open a
+    folder for fsync (NTFS journals the rename itself), and where a file system refuses to fsync a folder (some
+    network and FUSE mounts: EINVAL, ENOTSUP)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a folder that cannot be opened for reading (mode -r): its entries are the OS's to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder) -> None:
+    """`fsync_file` every file under `folder`, then `fsync_dir` each folder in it, innermost first."""
+    for here, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_file(os.path.join(here, name))
+        fsync_dir(here)
 
 
 @contextlib.contextmanager
 def written_atomically(path: str):
     """Yield a temporary name next to `path` (per process), then rename it to `path`: the file appears whole or not
     at all, also when several processes (DDP) write the same file or one reads it while another writes. The
-    temporary file is removed if the write fails."""
+    temporary file is flushed to the disk before the rename and the folder after it (`fsync_file`, `fsync_dir`),
+    so a power loss leaves the old file or the new one, not an empty one. The temporary file is removed if the
+    write fails."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text_atomically(path, text: str) -> None:
+    """`Path.write_text(text, encoding="utf-8")` through `written_atomically`."""
+    with written_atomically(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
+    """Write a set of files into `save_dir` as one: yield a temporary folder inside it (`.tmp-<pid>-...`) to write
+    them into; once the body returns, each goes into `save_dir` by `os.replace` (replacing the file of that name,
+    flushed to the disk first), `last` last, after the old `last` was deleted. So a failure or interrupt while
+    writing leaves `save_dir` as it was (the temporary folder is removed), and a kill during the renames
+    (microseconds) leaves a folder without `last`, whose reader refuses it, never new files beside an old `last`.
+    Other files in `save_dir` (the user's) are left alone; those named in `keep` that exist are first copied into
+    the temporary folder, for the writer to update (a README the writer amends)."""
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=save_dir)
+    try:
+        for name in keep:
+            if os.path.isfile(os.path.join(save_dir, name)):
+                shutil.copy2(os.path.join(save_dir, name), os.path.join(tmp, name))
+        yield tmp
+        names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
+        if last not in names:
+            raise RuntimeError(f"{save_dir}: the export wrote no {last}")
+        fsync_tree(tmp)
+        if os.path.exists(os.path.join(save_dir, last)):
+            os.remove(os.path.join(save_dir, last))
+            fsync_dir(save_dir)  # the old `last` is gone before a new file is in place
+        for name in [n for n in names if n != last] + [last]:
+            os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
+        fsync_dir(save_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_checkpoint=True"):

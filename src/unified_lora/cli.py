@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ._files import write_text_atomically
+
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
 # (5e-4 and 1e-3 stay at it for 60 steps; 5e-3 and a 10x head LR are worse); MIRROR at half the LR still relearns
@@ -49,7 +51,7 @@ class _Console:
         tqdm.write(line, file=sys.stdout)
 
     def save(self, path: Path) -> None:
-        path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
+        write_text_atomically(path, "\n".join(self.lines) + "\n")
 
 
 def _bar(total: int, initial: int = 0, desc: str = ""):
@@ -419,7 +421,7 @@ def cmd_demo(args) -> int:
                                  f"{cfg.shock_type} shock")
     summary["wall_s"] = time.perf_counter() - t_start
     summary["cpu_s"] = time.process_time() - cpu_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     say("")
     say(format_summary(summary))
     say(f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
@@ -709,7 +711,7 @@ def cmd_train(args) -> int:
         "wall_s": run.wall_s(),
         **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if trace:
         plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
                    shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)

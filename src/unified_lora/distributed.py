@@ -327,7 +327,10 @@ def save_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, c
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(checkpoint_dir))
     if ctrl is not None:
-        torch.save(ctrl.state_dict(), os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank()}.pt"))
+        from ._files import written_atomically
+
+        with written_atomically(os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank()}.pt")) as tmp:
+            torch.save(ctrl.state_dict(), tmp)
 
 
 def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, ctrl=None) -> None:

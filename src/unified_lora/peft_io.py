@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ._files import folder_written_atomically
 from .config import ActuatorConfig, NestedLoRAConfig
 from .controller import UnifiedController, _refuse_ignored
 from .layer import NestedLoRALayer, packed_weight
@@ -301,6 +302,13 @@ def export_peft_adapter(
     (a classifier that is a LoRA target, whose frozen base weights a fresh base
     model would not have) is written as that module's weight with the delta at
     `rank` merged in: same outputs, to float rounding of the merged sum.
+
+    The export appears whole or not at all: the files are written into a
+    temporary folder inside `save_dir`, flushed to the disk, then renamed over
+    the previous export's, `adapter_config.json` last. An error or interrupt
+    while writing leaves a previous export in `save_dir` as it was; other files
+    there (tokenizer files, your README.md, which PEFT amends with its
+    model-card fields) are kept.
     """
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -439,9 +447,14 @@ def export_peft_adapter(
     missing = set(targets) - {k.split(".lora_A.")[0][len(_PREFIX):] for k in sd if ".lora_A." in k}
     if missing:
         raise RuntimeError(f"PEFT did not target {sorted(missing)}")
-    peft_skel.save_pretrained(str(save_dir), state_dict=sd, save_embedding_layers=False)
-    with open(os.path.join(save_dir, "adapter_config.json")) as f:
-        return json.load(f)
+    # PEFT writes README.md, then the weights, then the config, in place: an interrupt (Ctrl-C, a full disk) left a
+    # half-written adapter_model.safetensors, or new weights beside the previous export's config, which PEFT loaded
+    # silently. Written into a temporary folder first, the files replace the old ones only once all are whole, the
+    # config last (a kill during those renames leaves no config: PEFT refuses the folder); the user's own files stay
+    with folder_written_atomically(save_dir, "adapter_config.json", keep=["README.md"]) as tmp:
+        peft_skel.save_pretrained(tmp, state_dict=sd, save_embedding_layers=False)
+        with open(os.path.join(tmp, "adapter_config.json")) as f:
+            return json.load(f)
 
 
 # ----------------------------------------------------------------------------- import

@@ -130,6 +130,9 @@ class TraceWriter:
         self._fresh = False
 
     def close(self) -> None:
+        if not self._f.closed and self._written:  # the run's lines on the disk (once: not per step, it costs ms)
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self._f.close()
 
 

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._files import damaged_file_error, load_state_file
+from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
 from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
                      check_field_types, parse_names)
 from .controller import setup_unified_lora
@@ -690,8 +690,8 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool | None = None) -> Path:
-        """Atomically write `root/<tag>/`: a temp folder first, then os.replace, so an interrupt
-        never leaves a half-written checkpoint under the final name; the temp folders of saves killed before
+        """Atomically write `root/<tag>/`: a temp folder first (its files flushed to the disk, `fsync_tree`), then
+        os.replace, so an interrupt or a power loss never leaves a half-written checkpoint under the final name; the temp folders of saves killed before
         their rename are removed once this one is in place. `peft_export` (default: the config's
         `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`. A write that fails (disk
         full, no permission) removes the temp folder and raises `CheckpointWriteError`, naming the folder and the
@@ -723,6 +723,7 @@ class Run:
                 note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
                 if note:
                     (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
+            fsync_tree(tmp)  # on the disk before the rename: after a power loss, the old checkpoint or this one whole
         except BaseException as e:
             # a full disk or a folder without write permission was an "internal error" (safetensors' "I/O error",
             # torch's "unexpected pos 576 vs 534") that named no folder, and left the partial temp folder, holding
@@ -743,6 +744,7 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_dir(root)
         # a save killed before its rename left its temp folder (a whole checkpoint's size, and never read): with a
         # checkpoint complete, those go (a run's checkpoint folder has one writer, so none of them is still in use)
         for left in root.glob(".tmp-*"):
