@@ -1367,6 +1367,8 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
                                 "at least 2 classes"),
     ("one_class_in_the_demo", "pos.csv: every row has the label 'pos' in column 'label'"),
     ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
+    # it trained on `[CLS] [SEP]` alone, silently
+    ("empty_second_text_of_a_pair", "pair.csv: record 3 has no text (column 'b' is whitespace only)"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
     ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
@@ -1439,6 +1441,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "null_text_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
             tmp_path / "n.jsonl", '{"text": "good film"}\n{"text": null}\n{"text": "bad"}\n')), "--target-modules",
             "c_attn", "--output-dir", out],
+        "empty_second_text_of_a_pair": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "pair.csv", "a,b,label\ngood,film,1\nbad,movie,0\nfine, ,1\nawful,plot,0\n")),
+            "--text-columns", "a,b"],
         "row_longer_than_the_positions": ["train", "--model", tiny["bert"], "--data", str(_write(
             tmp_path / "long.csv", "text,label\ngood movie,1\n" + "bad " * 80 + ",0\nawful film,0\nfine,1\n")),
             "--max-length", "100", "--output-dir", out],

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import shutil
 import sys
 from collections import Counter
@@ -271,6 +272,35 @@ def test_error_null_text_names_the_record(tmp_path):
     p.write_text('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n')
     with pytest.raises(DataError, match=r"record 2 has no text \(column 'text' is null\)"):
         load_table(p, ["text"], "label")
+
+
+@pytest.mark.parametrize("fmt, body, columns, where", [
+    ("csv", "text,label\ngood,1\n,0\nbad,0\n", ["text"], r"record 2 has no text \(column 'text' is empty\)"),
+    ("csv", 'text,label\ngood,1\nbad,0\n"  ",1\n', ["text"],
+     r"record 3 has no text \(column 'text' is whitespace only\)"),
+    ("tsv", "a\tb\tlabel\ngood\tfine\t1\nbad\t\t0\n", ["a", "b"], r"record 2 has no text \(column 'b' is empty\)"),
+    ("jsonl", '{"a": "good", "b": "fine", "y": 1}\n{"a": " ", "b": "bad", "y": 0}\n', ["a", "b"],
+     r"record 2 has no text \(column 'a' is whitespace only\)"),
+])
+def test_an_empty_text_cell_is_refused_naming_the_file_record_and_column(tmp_path, fmt, body, columns, where):
+    """An empty or whitespace-only text (either of a pair's two) trained on `[CLS] [SEP]` alone, silently."""
+    p = _write(tmp_path / f"d.{fmt}", body)
+    label = "y" if fmt == "jsonl" else "label"
+    with pytest.raises(DataError, match=rf"d.{fmt}: {where}; a classifier would train on an input of no words"):
+        load_table(p, columns, label)
+
+
+@pytest.mark.parametrize("task, folder, body, line, column", [
+    ("mrpc", "MRPC", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tone\ttwo\n0\t3\t4\tthree\t \n", 3,
+     "5 ('#2 String')"),
+    ("cola", "CoLA", "gj04\t1\t\tgood one\ngj04\t0\t*\t\n", 2, "4"),
+])
+def test_an_empty_text_in_a_glue_file_is_refused_naming_the_line_and_column(tmp_path, task, folder, body, line,
+                                                                             column):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "train.tsv").write_text(body)
+    with pytest.raises(DataError, match=rf"train.tsv: line {line} has no text \(column {re.escape(column)} is "):
+        load_glue(task, "train", data_dir=tmp_path)
 
 
 def test_a_nested_json_text_is_refused_not_trained_as_its_repr(tmp_path):

@@ -139,6 +139,7 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
     spec, path = _GLUE[key], Path(path)
     rows = _read_delimited(path, "\t")
+    header = rows[0] if spec.header and rows else []
     if spec.header:
         rows = rows[1:]
     examples = []
@@ -156,6 +157,10 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
             expected = list(spec.label_map) or [f"{i} ({name})" for i, name in enumerate(spec.label_names)]
             raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} (a GLUE "
                             "test.tsv has no labels: train and evaluate on train.tsv and dev.tsv)")
+        for col in (spec.text_a, spec.text_b):  # GLUE's own train/dev files have no empty text (checked)
+            if col is not None and not row[col].strip():
+                named = f" ({header[col]!r})" if col < len(header) else ""
+                raise _empty_text_error(path, f"line {n}", f"{col + 1}{named}", row[col])
         text_b = row[spec.text_b].strip() if spec.text_b is not None else None
         examples.append(Example(row[spec.text_a].strip(), text_b, label))
     if not examples:
@@ -300,6 +305,13 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
 
 
+def _empty_text_error(path: Path, where: str, column: str, value: str) -> DataError:
+    """An empty or whitespace-only text cell trained on the special tokens alone (`[CLS] [SEP]`), silently."""
+    what = "empty" if not value else "whitespace only"
+    return DataError(f"{path}: {where} has no text (column {column} is {what}); a classifier would train on an "
+                     "input of no words. Fill it in or drop the record")
+
+
 def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) -> None:
     """A JSON null text (pandas writes NaN so) would train on the word 'None', and a nested JSON object or list on
     its Python repr ("{'title': ..., 'body': ...}")."""
@@ -344,6 +356,9 @@ def load_table(
                 raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
     for col in text_columns:
         _check_no_null_text(records, col, path)
+        for n, record in enumerate(records, start=1):  # (a causal LM's rows are not read here: it drops empty ones)
+            if isinstance(record[col], str) and not record[col].strip():
+                raise _empty_text_error(path, f"record {n}", repr(col), record[col])
     ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column,
                                        names_only)
     examples = [
