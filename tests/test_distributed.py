@@ -1097,6 +1097,42 @@ def test_fsdp2_controller_state_and_optimizer_after_an_evaluation_forward(reshar
         dist.destroy_process_group()
 
 
+def test_fsdp2_reshard_after_backward_false_is_named_and_the_accumulation_recipe_trains():
+    """model.set_reshard_after_backward(False) (FSDP2's gradient-accumulation setting) leaves the unsharded
+    parameters on the modules after backward, without gradients (those went to the sharded ones the optimizer
+    holds): ctrl.step said "no gradient on the adapters; call loss.backward()", which the user had called. It now
+    names the setting and what to do; doing that (True before the backward ctrl.step follows) trains."""
+    from torch.distributed.fsdp import fully_shard
+
+    def build():
+        model, ctrl = _fsdp_setup("composite")
+        for m in (model.q_proj, model.classifier, model):
+            fully_shard(m)
+        return model, ctrl, _fsdp_opt(model, ctrl)
+
+    _one_process_group()
+    try:
+        model, ctrl, opt = build()
+        model.set_reshard_after_backward(False)
+        model(*_fsdp_batch(0, 0)).backward()
+        with pytest.raises(ValueError, match=r"FSDP2's unsharded parameters.*set_reshard_after_backward\(False\).*"
+                                             r"Call model.set_reshard_after_backward\(True\) before the backward"):
+            ctrl.step(1.0)
+        model, ctrl, opt = build()
+        for step in range(4):  # two micro-batches a step: unsharded between them, resharded by the last backward
+            model.set_reshard_after_backward(False)
+            (model(*_fsdp_batch(0, 2 * step)) / 2).backward()
+            model.set_reshard_after_backward(True)
+            loss = model(*_fsdp_batch(0, 2 * step + 1)) / 2
+            loss.backward()
+            ctrl.step(loss)
+            opt.step()
+            opt.zero_grad()
+        assert ctrl.global_step == 4
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp2_setup_after_fully_shard_is_refused():
     """setup_unified_lora after fully_shard (the other order than the README's): FSDP2 manages only the parameters
     it found, so the new LoRA blocks stay plain tensors that no process shares. With two processes each trained its

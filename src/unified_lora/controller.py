@@ -443,8 +443,25 @@ class UnifiedController:
             self._refuse_merged()
             check_sharding(self.managed_parameters())  # FSDP1: a process whose slice of the blocks is empty
             if all(p.grad is None for p in self.extra_params):
+                self._refuse_unsharded_after_backward()
                 raise ValueError("ctrl.step: no gradient on the adapters; call loss.backward() before "
                                  "ctrl.step(loss=...)")
+
+    def _refuse_unsharded_after_backward(self) -> None:
+        """With no gradient on the adapters: a ValueError if FSDP2's backward left its unsharded parameters on the
+        modules (`set_reshard_after_backward(False)`) while the gradients went to the sharded ones the optimizer
+        holds. "call loss.backward()" was the message, and the user had called it."""
+        inner = _unwrap_optimizer(self.optimizer)
+        groups = getattr(inner, "param_groups", None) or ()
+        sharded_grads = any(local_tensor(p) is not p and p.grad is not None for g in groups for p in g["params"])
+        if sharded_grads and any(local_tensor(p) is p for p in self.managed_parameters()):
+            raise ValueError(
+                "ctrl.step: the adapters on the model are FSDP2's unsharded parameters, which hold no gradient: the "
+                "backward left them unsharded (model.set_reshard_after_backward(False), e.g. for gradient "
+                "accumulation), and it put the gradients on the sharded parameters the optimizer holds. Call "
+                "model.set_reshard_after_backward(True) before the backward that ctrl.step follows (the last "
+                "micro-batch's; set it False for the others only), or leave it at its default (True). "
+                "fully_shard(..., reshard_after_forward=False) is fine: the backward reshards")
 
     _MERGE_CALLS = ("merge_adapters", "unmerge_adapters(model)")  # (what merged them, what undoes it)
 
