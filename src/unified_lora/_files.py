@@ -93,9 +93,9 @@ def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
         if last not in names:
             raise RuntimeError(f"{save_dir}: the export wrote no {last}")
         fsync_tree(tmp)
-        if os.path.exists(os.path.join(save_dir, last)):
+        with contextlib.suppress(FileNotFoundError):  # (another process writing the same folder removed it first)
             os.remove(os.path.join(save_dir, last))
-            fsync_dir(save_dir)  # the old `last` is gone before a new file is in place
+        fsync_dir(save_dir)  # the old `last` is gone before a new file is in place
         for name in [n for n in names if n != last] + [last]:
             os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
         fsync_dir(save_dir)
