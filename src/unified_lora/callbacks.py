@@ -29,6 +29,11 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
   share of the token mean over the whole accumulated batch, so the shares are
   summed (and multiplied by the world size when the Trainer counts tokens across
   processes, `average_tokens_across_devices`, as `Trainer.compute_loss` does);
+* TRL's `SFTTrainer` calls the model without `num_items_in_batch` (its fused LM
+  head returns each micro-batch's token mean and a `label_mask`) and divides the
+  token sums by it itself: the callback weights each micro-batch's loss by its
+  label tokens, so it sees the token mean over the step that the Trainer trains
+  and logs (under DDP, each process's token mean, averaged over processes);
 * otherwise (e.g. `BertForSequenceClassification`, whose loss is a plain
   `CrossEntropyLoss` mean): the mean of the micro-batch losses. The short last
   step of an epoch averages over the micro-batches it has.
@@ -110,6 +115,11 @@ matching `state.log_history` entry. Integrations (`report_to`) run before user c
 to have them log the keys too, add the callback first:
 `callback.add_to(trainer)` (inserts it at the head of the callback list).
 
+**TRL's SFTTrainer.** At the start of training the callback refuses a model that PEFT wrapped after
+setup (`SFTTrainer(peft_config=...)`: PEFT's layers beside nested ones, whose blocks `get_peft_model` froze), and
+at the first step a nested output layer that no training forward called (SFTTrainer's fused LM head computes
+with `lm_head.weight` directly, so that layer's delta would never train).
+
 **Distributed.** DDP (torchrun / accelerate launch) is supported and tested on CPU
 (gloo). Paused rank blocks are outside the autograd graph, so DDP needs
 `find_unused_parameters=True` (the Trainer's default unless activation
@@ -135,6 +145,7 @@ from ._files import load_state_file, written_atomically
 from .config import MODES
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, unwrap_model, unwrap_optimizer
+from .layer import NestedLoRALayer
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
@@ -235,7 +246,10 @@ class UnifiedLoRACallback(TrainerCallback):
         self._ctrl_step = 0  # ctrl.global_step when this optimizer step began
         self._loss_sum: torch.Tensor | float = 0.0
         self._n_micro = 0
+        self._n_tokens: torch.Tensor | int = 0  # label tokens of the micro-batches recorded by token count
         self._normalised = False
+        self._head_hook = None  # on the output layer, when it is a nested layer, until the first step has run
+        self._head_called = False
         self.last: dict = {}
         self.best_loaded_from: str | None = None  # the checkpoint whose controller state on_train_end loaded
         # the (local, pre-all-reduce) loss fed at each step; kept only while ctrl.keep_trace (as ctrl.trace)
@@ -251,7 +265,7 @@ class UnifiedLoRACallback(TrainerCallback):
         return self
 
     # -- loss capture -------------------------------------------------------------------
-    def _record(self, loss: torch.Tensor, normalised: bool, token_share: bool) -> None:
+    def _record(self, loss: torch.Tensor, normalised: bool, token_share: bool, tokens=None) -> None:
         if not self._in_step:
             return
         v = loss.detach().float()
@@ -259,6 +273,9 @@ class UnifiedLoRACallback(TrainerCallback):
         if token_share and args is not None and getattr(args, "average_tokens_across_devices", False) \
                 and args.world_size > 1:
             v = v * args.world_size  # as Trainer.compute_loss: the share of the global token mean
+        if tokens is not None:  # a micro-batch's token mean: summed back to its token sum
+            v = v * tokens
+            self._n_tokens = self._n_tokens + tokens
         self._normalised = self._normalised or normalised
         self._loss_sum = self._loss_sum + v
         self._n_micro += 1
@@ -269,7 +286,11 @@ class UnifiedLoRACallback(TrainerCallback):
         loss = _output_loss(output, kwargs)
         if torch.is_tensor(loss) and loss.dim() == 0:
             share = kwargs.get("num_items_in_batch") is not None and self.model_normalises_loss is not False
-            self._record(loss, normalised=share, token_share=share)
+            # TRL's fused LM head output (SFTTrainer): the micro-batch's token mean over its `label_mask`; the
+            # trainer divides the step's token sums by the step's token count, so weight it by its tokens
+            mask = None if share else getattr(output, "label_mask", None)
+            tokens = mask.sum() if torch.is_tensor(mask) and mask.dtype == torch.bool else None
+            self._record(loss, normalised=share, token_share=share, tokens=tokens)
 
     def wrap_compute_loss_func(self, fn: Callable) -> Callable:
         """For `Trainer(compute_loss_func=...)`: records the loss `fn` returns.
@@ -292,14 +313,22 @@ class UnifiedLoRACallback(TrainerCallback):
                 "(pass labels), or wrap your compute_loss_func with callback.wrap_compute_loss_func(fn); "
                 "label_smoothing_factor > 0 is not supported."
             )
-        loss = self._loss_sum if self._normalised else self._loss_sum / self._n_micro
-        self._loss_sum, self._n_micro, self._normalised = 0.0, 0, False
+        if self._normalised:
+            loss = self._loss_sum
+        elif torch.is_tensor(self._n_tokens):  # micro-batches recorded by token count: the step's token mean
+            loss = self._loss_sum / self._n_tokens.clamp(min=1)
+        else:
+            loss = self._loss_sum / self._n_micro
+        self._loss_sum, self._n_micro, self._n_tokens, self._normalised = 0.0, 0, 0, False
         return loss
 
     # -- events ----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._args = args
         check_trainer_ddp_args(args, model)
+        if model is not None:
+            _refuse_peft_over_nested(model)
+            self._watch_output_layer(model)
         if optimizer is not None:
             self.ctrl.attach_optimizer(unwrap_optimizer(optimizer))
         if self.ctrl.actuators.lr_mode == "absolute":
@@ -313,7 +342,8 @@ class UnifiedLoRACallback(TrainerCallback):
             self._load(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._loss_sum, self._n_micro, self._normalised = 0.0, 0, False
+        self._loss_sum, self._n_micro, self._n_tokens, self._normalised = 0.0, 0, 0, False
+        self._head_called = False
         self._in_step = True
         self._ctrl_step = self.ctrl.global_step
 
@@ -326,6 +356,17 @@ class UnifiedLoRACallback(TrainerCallback):
                 "cb.add_to(trainer) (which moves it to the head of the list if it is already there)")
         self._in_step = False
         loss = self._pop_step_loss()
+        if self._head_hook is not None:  # the first step: was the output layer called, as a forward calls it?
+            self._head_hook.remove()
+            self._head_hook = None
+            if not self._head_called:
+                raise RuntimeError(
+                    f"UnifiedLoRACallback: the model's output layer {self._head_name!r} is a nested LoRA layer, but "
+                    "no training forward of this step called it: the loss was computed from its weight directly "
+                    "(TRL's SFTTrainer scores tokens with a fused LM head that reads lm_head.weight; so does a fused "
+                    "linear cross-entropy such as Liger's), so its LoRA delta would never train. Leave it out of "
+                    "target_modules (\"all-linear\" leaves the output layer out), or train it whole with "
+                    f"modules_to_save=[{self._head_name.rsplit('.', 1)[-1]!r}]")
         loss = float(loss.item()) if torch.is_tensor(loss) else float(loss)
         if self.ctrl.keep_trace:  # a per-step list, kept as ctrl.trace is: not at all in a run that keeps no trace
             self.step_losses.append(loss)
@@ -367,8 +408,34 @@ class UnifiedLoRACallback(TrainerCallback):
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
+            if self._head_hook is not None:
+                self._head_hook.remove()
+                self._head_hook = None
 
     # -- helpers ---------------------------------------------------------------------------
+    def _watch_output_layer(self, model) -> None:
+        """A nested output layer (`lm_head` in target_modules) is called by every forward of the model's own; a
+        trainer that scores tokens from its weight (TRL's fused LM head) leaves its delta out of the loss, and its
+        blocks never get a gradient. Watched over the first optimizer step, which raises if it was not called."""
+        from .model import lora_layers
+
+        if self._head_hook is not None:  # from a train() that raised before its first step
+            self._head_hook.remove()
+            self._head_hook = None
+        model = unwrap_model(model)
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return
+        if not isinstance(head, NestedLoRALayer) or not any(p.requires_grad for p in head.lora_parameters()):
+            return
+        self._head_name = next((n for n, m in lora_layers(model).items() if m is head), "lm_head")
+
+        def called(module, args):
+            self._head_called = True
+
+        self._head_hook = head.register_forward_pre_hook(called)
+
     def _load(self, args, state) -> None:
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(folder, CONTROLLER_STATE_NAME)
@@ -446,6 +513,22 @@ class UnifiedLoRACallback(TrainerCallback):
         return False
 
 
+def _refuse_peft_over_nested(model) -> None:
+    """The Trainer's model holds PEFT adapter layers beside nested ones: TRL's `SFTTrainer(peft_config=...)` (or
+    `get_peft_model`) wrapped a model that `setup_unified_lora` had already given its adapters."""
+    from .model import lora_layers, peft_layer_names
+
+    peft = peft_layer_names(model)
+    if peft and lora_layers(model):
+        raise ValueError(
+            f"UnifiedLoRACallback: the model holds {len(peft)} PEFT adapter layers (e.g. {peft[0]!r}) beside its "
+            "nested LoRA layers: it was wrapped with PEFT after setup_unified_lora (TRL's SFTTrainer(..., "
+            "peft_config=...) calls get_peft_model), which froze the nested blocks, so the controller would drive "
+            "adapters that do not train while PEFT's fixed-rank LoRA trains instead. Pass no peft_config: "
+            "setup_unified_lora already gave the model its adapters (to train PEFT's own LoRA, drive it with "
+            "unified_lora.peft_io.attach_to_peft_model instead)")
+
+
 @contextlib.contextmanager
 def quantized_model_for_trainer(model):
     """Build a `Trainer` (or a subclass, e.g. TRL's `SFTTrainer`) on a bitsandbytes-quantized model that trains
@@ -465,7 +548,12 @@ def quantized_model_for_trainer(model):
     `save_pretrained` writes it (the packed base weights, every LoRA block, each layer's rank), which
     `resume_from_checkpoint` and `load_best_model_at_end` load back. A model that is not quantized, or already
     carries the mark, is left as it is. A model without nested LoRA layers that train is a `ValueError` (the
-    Trainer would train nothing)."""
+    Trainer would train nothing).
+
+    Every trainable parameter leaves the `with` in the dtype it had on entering it (the blocks fp32, a
+    `modules_to_save` head as loaded): TRL's `SFTTrainer` casts every trainable parameter of a quantized model to
+    bf16 in its constructor (the QLoRA paper's choice for PEFT's adapters); such a parameter gets its own tensor
+    back, its values untouched."""
     from .model import lora_layers
 
     if not any(p.requires_grad for layer in lora_layers(model).values() for p in layer.parameters()):
@@ -474,11 +562,15 @@ def quantized_model_for_trainer(model):
     if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False):
         yield model
         return
+    trained = [(p, p.data) for p in model.parameters() if p.requires_grad]
     model._hf_peft_config_loaded = True  # an instance attribute over PeftAdapterMixin's class attribute (False)
     try:
         yield model
     finally:
         del model._hf_peft_config_loaded
+        for p, data in trained:
+            if p.dtype != data.dtype:  # cast (SFTTrainer): the tensor it had, or (moved since) a cast back
+                p.data = data if p.device == data.device else p.data.to(data.dtype)
 
 
 @torch.no_grad()

@@ -314,14 +314,17 @@ def undone_on_error(model: nn.Module):
         raise
 
 
+def peft_layer_names(model: nn.Module) -> list[str]:
+    """The names of the PEFT adapter layers (`BaseTunerLayer`s) in `model`. PEFT is imported only if the caller has:
+    without it no module can be one of its layers."""
+    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    return [] if base is None else [n for n, m in model.named_modules() if isinstance(m, base)]
+
+
 def _refuse_peft_layers(model: nn.Module) -> None:
     """A model that already holds PEFT adapter layers: every target would be PEFT's wrapper, and "all-linear" or a
-    regex would put nested LoRA on PEFT's own lora_A/lora_B Linears (LoRA on LoRA). PEFT is imported only if the
-    caller has: without it no module can be one of its layers."""
-    base = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
-    if base is None:
-        return
-    peft_layers = [n for n, m in model.named_modules() if isinstance(m, base)]
+    regex would put nested LoRA on PEFT's own lora_A/lora_B Linears (LoRA on LoRA)."""
+    peft_layers = peft_layer_names(model)
     if peft_layers:
         raise ValueError(
             f"model: already has {len(peft_layers)} PEFT adapter layers (e.g. {peft_layers[0]!r}); nested LoRA cannot "
