@@ -417,7 +417,7 @@ def test_the_stock_trainer_trains_a_quantized_model_with_nested_layers_and_reloa
                                                                                                   tmp_path, kind):
     """transformers' Trainer refuses a quantized model that is not a PEFT model ("purely quantized"), nested layers
     or not. Built inside `quantized_model_for_trainer(model)` it takes it, and the mark it reads is gone after, so
-    `save_pretrained` and the checkpoints are as without it. A run with accumulation 2, evaluations, checkpoints
+    `save_pretrained` and the checkpoints are as without it (adapter-only: the callback's default on a quantized base). A run with accumulation 2, evaluations, checkpoints
     every 2 steps and a Mirror entry (a rank switch 8 -> 16 at the second step) trains every block and leaves every
     packed weight and quant state bit-identical; `load_best_model_at_end` gives the model the best checkpoint's
     blocks and the controller its state; a fresh model resumed from checkpoint-2 comes back at rank 16 with the
@@ -790,3 +790,51 @@ def test_setup_before_an_8bit_layer_is_quantized_leaves_its_weight_for_the_move_
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))  # (B = 0: the delta is 0)
+
+
+def test_a_4bit_trainer_run_saves_only_what_trains_and_refuses_a_resume_on_another_quantization(llama_dir, tmp_path):
+    """On a quantized base the callback's checkpoints hold only what trains by default (`save_base=None`), as PEFT's
+    QLoRA saves (the old ones were `save_pretrained`'s: the packed base and its quant state, every checkpoint): no
+    packed weight, no quant state. A fresh 4-bit model resumed from one ends bit-identical to a run whose checkpoints
+    held everything. The controller state records the base's quantization: a resume on the base loaded as fp4, in
+    another compute dtype or in 8-bit is a ValueError naming both (it used to go on against the other base)."""
+    import json
+
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, CONTROLLER_STATE_NAME, UnifiedLoRACallback
+
+    def run(out, kind="nf4-fp32", resume=None, **cb):
+        model = _load(llama_dir, kind)
+        torch.manual_seed(0)  # the same A blocks in every run
+        adapters, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None,
+                                            signal=SignalConfig(kind="loss", alpha=0.5, loss_scale=0.1))
+        trainer = _trainer(model, out, max_steps=4, eval_strategy="no")
+        UnifiedLoRACallback(ctrl, **cb).add_to(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, adapters
+
+    full, _ = run(tmp_path / "full", save_base=True)
+    slim, adapters = run(tmp_path / "slim")
+    ckpt = tmp_path / "slim" / "checkpoint-2"
+    saved = _saved_blocks(ckpt)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(ckpt / "model.safetensors")))
+    assert keys == set(lora_state_dict(slim)) and len(saved) == 24
+    assert not any("base_layer" in k or "absmax" in k or "quant" in k or "embed_tokens" in k for k in keys)
+    assert (ckpt / "model.safetensors").stat().st_size * 3 < (tmp_path / "full" / "checkpoint-2" /
+                                                              "model.safetensors").stat().st_size
+    marker = json.loads((ckpt / ADAPTER_ONLY_NAME).read_text())
+    assert marker["quantization"] == ["4-bit nf4, blocksize 64, double quant False, compute dtype torch.float32"]
+    assert torch.load(ckpt / CONTROLLER_STATE_NAME, weights_only=True)["callback_base_quantization"] == \
+        marker["quantization"]
+
+    resumed, _ = run(tmp_path / "slim", resume=str(ckpt))
+    a, b, c = (lora_state_dict(m) for m in (full, slim, resumed))
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], c[k]) and torch.equal(a[k], b[k]) for k in a)
+
+    for other, now in [("fp4-fp32", "4-bit fp4, blocksize 64, double quant False, compute dtype torch.float32"),
+                       ("nf4-bf16", "4-bit nf4, blocksize 64, double quant False, compute dtype torch.bfloat16"),
+                       ("int8", "8-bit int8, threshold 6, fp16 weights False")]:
+        with pytest.raises(ValueError, match=r"saved on a base quantized as 4-bit nf4, blocksize 64, double quant "
+                                             rf"False, compute dtype torch\.float32, but this model's is {now}"):
+            run(tmp_path / "slim", other, resume=str(ckpt))

@@ -1,5 +1,6 @@
 """UnifiedLoRACallback inside the stock Hugging Face Trainer (tiny models, CPU)."""
 
+import logging
 import os
 import pickle
 
@@ -635,3 +636,136 @@ def test_a_resume_without_controller_state_and_strict_resume_false_goes_on_at_th
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     assert ctrl2.global_step == 2 and [r.rank for r in ctrl2.trace][0] == 8
     assert {a.rank for a in ctrl2.adapters} == {ctrl2.rank}
+
+
+class _TrainerWarnings(logging.Handler):
+    """Collects what transformers' Trainer logs (its logger does not propagate to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("transformers.trainer").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers.trainer").removeHandler(self)
+
+
+def test_adapter_only_checkpoints_hold_no_base_weights_and_resume_bit_identically(tmp_path):
+    """`save_base=False`: every checkpoint holds what trains (every block, each layer's rank), not the frozen base
+    (the old callback had no such switch: each checkpoint was the whole model). A fresh model resumed from such a
+    checkpoint continues exactly as the run whose checkpoints held everything (same trace, same rank, bit-identical
+    blocks), and the Trainer reports no missing keys for the base it deliberately left out."""
+    from safetensors.torch import load_file
+
+    from unified_lora import lora_state_dict
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME
+
+    signal = SignalConfig(kind="loss", alpha=0.3, loss_scale=0.1)
+
+    def run(out, save_base, resume=None):
+        model, adapters, ctrl = build("llama", signal=signal)
+        if resume:
+            with torch.no_grad():  # the blocks must come from the checkpoint
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.01)
+        with _TrainerWarnings() as logged:
+            Trainer(model=model, args=_resume_args(out, 8), train_dataset=TokenDataset(n=16, causal=True),
+                    callbacks=[UnifiedLoRACallback(ctrl, save_base=save_base)]).train(resume_from_checkpoint=resume)
+        return model, adapters, ctrl, logged.messages
+
+    full_model, _, full_ctrl, _ = run(tmp_path / "full", save_base=True)
+    slim_model, _, slim_ctrl, _ = run(tmp_path / "slim", save_base=False)
+    trace = [(r.step, r.phi, r.mode, r.rank, r.lr) for r in full_ctrl.trace]
+    assert [(r.step, r.phi, r.mode, r.rank, r.lr) for r in slim_ctrl.trace] == trace
+    assert trace[2][3] == 16 and slim_ctrl.mirror.held is not None  # checkpoint-3 is at rank 16, a fresh model at 8
+
+    slim, full = tmp_path / "slim" / "checkpoint-3", tmp_path / "full" / "checkpoint-3"
+    saved = load_file(str(slim / "model.safetensors"))
+    assert set(saved) == set(lora_state_dict(slim_model))  # blocks and ranks, no base weight
+    assert not any(".base_layer." in k or "embed_tokens" in k or "norm" in k for k in saved)
+    assert (slim / "model.safetensors").stat().st_size * 5 < (full / "model.safetensors").stat().st_size
+    assert (slim / ADAPTER_ONLY_NAME).is_file()
+
+    model2, adapters2, ctrl2, logged = run(tmp_path / "slim", save_base=False, resume=str(slim))
+    assert [(r.step, r.phi, r.mode, r.rank, r.lr) for r in ctrl2.trace] == trace[3:]
+    assert {a.rank for a in adapters2.values()} == {full_ctrl.rank}
+    final, resumed = _final_lora(full_model), _final_lora(model2)
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+    assert not [m for m in logged if "missing keys" in m or "unexpected keys" in m], logged
+
+
+def test_load_best_model_at_end_loads_an_adapter_only_checkpoint(tmp_path):
+    """The best checkpoint holds no base weights: the Trainer loads its blocks and ranks into the model (whose base
+    is the same), the callback its controller state, and the model gives exactly the best metric, without "missing
+    keys" warnings for the base."""
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME
+
+    model, adapters, ctrl = build("bert", signal=BEST_SIGNAL)
+    trainer = _best_trainer(tmp_path, model, UnifiedLoRACallback(ctrl, save_base=False))
+    with _TrainerWarnings() as logged:
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert os.path.isfile(os.path.join(best, ADAPTER_ONLY_NAME))
+    ranks = [r.rank for r in ctrl.trace]
+    best_step = int(best.rsplit("-", 1)[1])
+    assert ranks[best_step - 1] != ranks[-1] and ctrl.rank == ranks[best_step - 1]
+    assert all(a.rank == ctrl.rank for a in adapters.values())
+    assert trainer.evaluate()["eval_loss"] == trainer.state.best_metric
+    assert not [m for m in logged.messages if "missing keys" in m], logged.messages
+
+
+def test_an_adapter_only_save_is_marked_refuses_merged_layers_and_keeps_a_resized_vocabulary(tmp_path):
+    """`adapter_only_saves(model)`: the folder has the marker (`from_pretrained` alone would build the model around
+    random base weights, which its load report lists as missing), and the CLI's --model says what it is. A model
+    whose deltas are merged into the base weights (which the save leaves out) is refused before anything is written.
+    A vocabulary resized after setup (new embedding and head rows, which exist nowhere else) is kept, and the
+    checkpoint reloads into the base resized the same way with the same logits."""
+    from safetensors.torch import load_file
+
+    from unified_lora import merge_adapters, unmerge_adapters
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, adapter_only_saves
+    from unified_lora.training import UsageError, resolve_model
+
+    def fresh():
+        model = tiny_llama()
+        adapters, _ = setup_unified_lora(model, ["q_proj", "lm_head"], print_fn=None)
+        return model, adapters
+
+    model, adapters = fresh()
+    adapter_only_saves(model)
+    merge_adapters(model)
+    with pytest.raises(ValueError, match="merged into the frozen base weight.*unmerge_adapters"):
+        model.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "model.safetensors").exists()
+    unmerge_adapters(model)
+
+    model.resize_token_embeddings(108)
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "slim")
+    assert (tmp_path / "slim" / ADAPTER_ONLY_NAME).is_file()
+    saved = load_file(str(tmp_path / "slim" / "model.safetensors"))
+    assert "model.embed_tokens.weight" in saved and not any("q_proj.base_layer" in k for k in saved)
+    with pytest.raises(UsageError, match="adapter-only checkpoint"):
+        resolve_model(str(tmp_path / "slim"))
+
+    model2, _ = fresh()
+    model2.resize_token_embeddings(108)
+    assert model2.load_state_dict(saved, strict=False).missing_keys  # not under adapter_only_saves: reported
+    x = torch.randint(0, 108, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, model2.eval()(x).logits)
+    adapter_only_saves(model, False)
+    model.save_pretrained(tmp_path / "whole")
+    assert not (tmp_path / "whole" / ADAPTER_ONLY_NAME).exists()
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in whole

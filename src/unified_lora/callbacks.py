@@ -73,7 +73,9 @@ one actually used.
 **Checkpoints.** `on_save` writes `ctrl.state_dict()` to
 `checkpoint-N/unified_lora_controller.pt` (the adapter blocks are model
 parameters, so the Trainer saves them; it also saves optimizer, scheduler and
-RNG states). On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
+RNG states). With `save_base=False` (the default on a quantized base) the
+Trainer's weights file holds only what trains (`adapter_only_saves`). The file
+also records the base's quantization; a resume on a base quantized otherwise raises. On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
 `state.global_step` before `on_train_begin`; the callback then loads the file
 from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
 `output_dir` needs `UnifiedLoRACallback(ctrl, resume_from=path)`. A resumed run
@@ -131,6 +133,7 @@ Trainer's own FSDP settings; FSDP1 is refused; DeepSpeed is not supported or tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import os
@@ -150,6 +153,10 @@ from .layer import NestedLoRALayer
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
 WEIGHTS_DIGEST_KEY = "callback_weights_sha256"
+# Saved with the controller state: how the wrapped base layers are quantized (see `base_quantization`).
+QUANTIZATION_KEY = "callback_base_quantization"
+# Written into every folder that `adapter_only_saves` leaves the base weights out of.
+ADAPTER_ONLY_NAME = "unified_lora_adapter_only.json"
 LOG_PREFIX = "unified_lora/"
 LOG_KEYS = ("phi", "mode", "rank", "lr", "loss")  # what `log_keys` can name (each is logged as LOG_PREFIX + key)
 
@@ -212,10 +219,17 @@ class UnifiedLoRACallback(TrainerCallback):
         trust_checkpoint: load `unified_lora_controller.pt` with `torch.load(weights_only=False)`. By default it
             is loaded with `weights_only=True`, which refuses a file holding anything but tensors and plain Python
             values (unpickling other objects can run code the file carries); only for a file you trust.
+        save_base: whether the Trainer's checkpoints and `save_model` hold the frozen base weights. False: only
+            what trains (`adapter_only_saves(model)`: every LoRA block, each layer's rank, `modules_to_save`
+            heads, any other parameter that requires grad), as PEFT saves; resume and `load_best_model_at_end`
+            load that into the model, which keeps its own base. True: the whole model, as `save_pretrained`
+            writes it. None (default): False for a quantized base (as PEFT's QLoRA), True otherwise. Set on the
+            model when the Trainer is built (callbacks=[...]), by `add_to`, or at the latest at `on_train_begin`.
     """
 
     def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
-                 model_normalises_loss: bool | None = None, log_keys=LOG_KEYS, trust_checkpoint: bool = False):
+                 model_normalises_loss: bool | None = None, log_keys=LOG_KEYS, trust_checkpoint: bool = False,
+                 save_base: bool | None = None):
         if not isinstance(ctrl, UnifiedController):
             raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
         from .multitask import MultiTaskController
@@ -239,6 +253,9 @@ class UnifiedLoRACallback(TrainerCallback):
         if unknown:
             raise ValueError(f"log_keys: unknown {unknown}; the controller values that can be logged are {LOG_KEYS}")
         self.model_normalises_loss = model_normalises_loss
+        if save_base not in (None, True, False):
+            raise TypeError(f"save_base: expected True, False or None, got {save_base!r}")
+        self.save_base = save_base
         self._hook = None
         self._wraps_loss_func = False
         self._args = None
@@ -262,7 +279,18 @@ class UnifiedLoRACallback(TrainerCallback):
         If it is already there (`Trainer(callbacks=[cb])`), it is moved, not added twice."""
         callbacks = trainer.callback_handler.callbacks
         callbacks[:] = [self] + [cb for cb in callbacks if cb is not self]
+        self._set_save_mode(trainer.model)
         return self
+
+    def _set_save_mode(self, model) -> None:
+        """Apply `save_base` to the model the Trainer saves (before its resume load, where the callback can)."""
+        if model is None:
+            return
+        model = unwrap_model(model)
+        if self.save_base is not None:  # True on a model made adapter-only before: back to whole saves
+            adapter_only_saves(model, not self.save_base)
+        elif getattr(model, "is_quantized", False):  # (a float model keeps what the user chose for it)
+            adapter_only_saves(model)
 
     # -- loss capture -------------------------------------------------------------------
     def _record(self, loss: torch.Tensor, normalised: bool, token_share: bool, tokens=None) -> None:
@@ -323,8 +351,12 @@ class UnifiedLoRACallback(TrainerCallback):
         return loss
 
     # -- events ----------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._set_save_mode(model)  # before `train(resume_from_checkpoint=...)` loads the weights
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._args = args
+        self._set_save_mode(model)
         check_trainer_ddp_args(args, model)
         if model is not None:
             _refuse_peft_over_nested(model)
@@ -392,6 +424,7 @@ class UnifiedLoRACallback(TrainerCallback):
         os.makedirs(folder, exist_ok=True)
         sd = self.ctrl.state_dict()
         sd[WEIGHTS_DIGEST_KEY] = _weights_digest(self.ctrl)  # ctrl.load_state_dict ignores it
+        sd[QUANTIZATION_KEY] = base_quantization(self.ctrl.adapters)  # and this
         # under a temporary name, then renamed: a process killed while writing leaves no torn file under the name
         # a resume reads (the resume then says the file is missing, and what to do)
         with written_atomically(os.path.join(folder, CONTROLLER_STATE_NAME)) as tmp:
@@ -499,7 +532,16 @@ class UnifiedLoRACallback(TrainerCallback):
         """Whether the managed weights the model holds now are the ones saved with `sd` (states saved before this
         check have no digest: True). The Trainer never tells callbacks which checkpoint it resumed from, so the
         callback reads `output_dir/checkpoint-{step}`; when that folder is another run's, this is where it shows.
-        A mismatch raises (`strict_resume=True`) or warns and leaves the controller as it is."""
+        A mismatch raises (`strict_resume=True`) or warns and leaves the controller as it is. A state saved on a
+        base quantized otherwise (`base_quantization`) raises either way."""
+        saved_q = sd.get(QUANTIZATION_KEY) if isinstance(sd, dict) else None  # (states saved before: no key)
+        now_q = base_quantization(self.ctrl.adapters)
+        if saved_q is not None and list(saved_q) != now_q:
+            raise ValueError(
+                f"UnifiedLoRACallback: {path} was saved on a base quantized as {_quant_text(saved_q)}, but this "
+                f"model's is {_quant_text(now_q)}: the adapters were trained against the other base's outputs, "
+                "and would go on against these. Load the base as it was loaded for that run "
+                "(the same BitsAndBytesConfig: quant type, 4-bit or 8-bit, compute dtype, double quantization)")
         saved = sd.get(WEIGHTS_DIGEST_KEY) if isinstance(sd, dict) else None
         if saved is None or saved == _weights_digest(self.ctrl):
             return True
@@ -544,9 +586,10 @@ def quantized_model_for_trainer(model):
     `model._hf_peft_config_loaded`, the mark transformers' own `add_adapter` sets. This sets that mark while the
     Trainer is built, and only then: it is taken away on leaving, so nothing later reads it. With the mark,
     `save_pretrained` would save through transformers' own adapter code (`get_adapter_state_dict`, which knows
-    nothing of nested layers); without it, the Trainer's checkpoints and `save_model` hold the whole model as
-    `save_pretrained` writes it (the packed base weights, every LoRA block, each layer's rank), which
-    `resume_from_checkpoint` and `load_best_model_at_end` load back. A model that is not quantized, or already
+    nothing of nested layers); without it, the Trainer's checkpoints and `save_model` are what `save_pretrained`
+    writes: with `UnifiedLoRACallback`'s default on a quantized base, every LoRA block and each layer's rank without
+    the packed base weights (`adapter_only_saves`), which `resume_from_checkpoint` and `load_best_model_at_end` load
+    back. A model that is not quantized, or already
     carries the mark, is left as it is. A model without nested LoRA layers that train is a `ValueError` (the
     Trainer would train nothing).
 
@@ -573,6 +616,150 @@ def quantized_model_for_trainer(model):
                 p.data = data if p.device == data.device else p.data.to(data.dtype)
 
 
+def base_quantization(layers) -> list[str]:
+    """How the base layers of nested `layers` (e.g. `ctrl.adapters`) are quantized, one line per distinct setting
+    (sorted): bitsandbytes' 4-bit quant type, block size, double quantization and compute dtype, or 8-bit with its
+    outlier threshold and weight kind, or "not quantized". Each changes the base outputs the adapters train against,
+    so a Trainer resume or best-model load on a base quantized otherwise is refused (`QUANTIZATION_KEY`)."""
+    out = set()
+    for layer in layers:
+        base = layer.base_layer
+        qs = getattr(base.weight, "quant_state", None)
+        if type(base).__name__ == "Linear4bit" or qs is not None:
+            kind = f"4-bit {qs.quant_type}, blocksize {qs.blocksize}, double quant {qs.nested}" if qs is not None \
+                else f"4-bit {getattr(base.weight, 'quant_type', '?')} (not packed yet)"
+            out.add(f"{kind}, compute dtype {getattr(base, 'compute_dtype', None)}")
+        elif type(base).__name__ == "Linear8bitLt":
+            st = base.state
+            out.add(f"8-bit int8, threshold {st.threshold:g}, fp16 weights {st.has_fp16_weights}")
+        else:
+            out.add("not quantized")
+    return sorted(out)
+
+
+def _quant_text(q) -> str:
+    return "; ".join(map(str, q)) if q else "(no layers)"
+
+
+def _adapter_only_keep(model, names) -> set[str]:
+    """Of the state-dict `names` of `model`, those an adapter-only save keeps: every nested block (active or paused)
+    and every `_extra_state` (each layer's rank), every parameter that requires grad (`modules_to_save` heads and
+    anything else that trains) and the buffers of the modules such parameters sit on, and the embeddings and
+    output layer of a model whose vocabulary `resize_token_embeddings` changed after setup (their new rows exist
+    nowhere else)."""
+    import torch.nn as nn
+
+    from .layer import NestedLoRALayer
+
+    suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+    keep_ids = set()
+    owners = set()  # names of modules holding a parameter that trains: their buffers go too
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+            owners.add(mod_name)
+        if isinstance(mod, NestedLoRALayer):
+            keep_ids.update(id(p) for p in mod.lora_parameters())
+        if getattr(mod, "_unified_lora_resized_vocab", False):
+            for emb in (mod.get_input_embeddings(), mod.get_output_embeddings()):
+                if emb is not None:
+                    keep_ids.update(id(p) for p in emb.parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    keep = {n for n, p in params.items() if p.requires_grad or id(p) in keep_ids}
+    return {k for k in names if k in keep or k.endswith(suffix) or ".lora_A." in k or ".lora_B." in k
+            or (k not in params and k.rpartition(".")[0] in owners)}
+
+
+def _left_out_of_a_save(model) -> set[str]:
+    """The parameter and persistent-buffer names an adapter-only save leaves out: what a load of such a checkpoint
+    reports missing."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        names += [f"{mod_name}.{b}" if mod_name else b for b in mod._buffers
+                  if mod._buffers[b] is not None and b not in mod._non_persistent_buffers_set]
+    return set(names) - _adapter_only_keep(model, names)
+
+
+def _quiet_left_out_keys(model, incompatible) -> None:
+    """load_state_dict post-hook of a model under `adapter_only_saves`: a state dict that holds none of the base
+    weights (an adapter-only checkpoint: every one of them is missing) leaves the model's own base as it is, so
+    those are not reported missing (the Trainer's resume and best-model loads would list every base weight). Any
+    other missing key (a block, a head) still is; so is the base of a state dict that holds part of it."""
+    left = _left_out_of_a_save(model)
+    if left and left <= set(incompatible.missing_keys):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in left]
+
+
+def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
+    """`model.save_pretrained` under `adapter_only_saves`: the class's own, with every key but the trainable state
+    in `_keys_to_ignore_on_save` (transformers' own filter, which it applies after the quantizer's state dict:
+    `state_dict=` is dropped for a bitsandbytes model), then `ADAPTER_ONLY_NAME` beside the weights."""
+    import json
+
+    from .model import lora_layers
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            "save_pretrained: the model is under adapter_only_saves but has no nested LoRA layer (merge_and_unload "
+            "unwrapped them?), so only what trains would be saved and the merged weights left out. Save the whole "
+            "model: adapter_only_saves(model, False) first")
+    merged = [n for n, layer in layers.items() if layer.merged_rank]
+    if merged:
+        raise ValueError(
+            f"save_pretrained: {len(merged)} nested layer(s) ({merged[0]!r}, ...) have their LoRA delta merged into "
+            "the frozen base weight, which an adapter-only save (adapter_only_saves, UnifiedLoRACallback's "
+            "save_base=False, the default on a quantized base) leaves out: the checkpoint would reload without the "
+            "delta. unmerge_adapters(model) first, or save the whole model: adapter_only_saves(model, False)")
+    names = list(model.state_dict(keep_vars=True))
+    keep = _adapter_only_keep(model, names)
+    before = model._keys_to_ignore_on_save
+    model._keys_to_ignore_on_save = set(before or ()) | (set(names) - keep)
+    try:
+        out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    finally:
+        model._keys_to_ignore_on_save = before
+    is_main = kwargs.get("is_main_process", args[0] if args else True)
+    if model.should_save_on_this_rank(is_main):
+        # config.json stays: without it, `LlamaForCausalLM.from_pretrained(folder)` builds the class's default
+        # config (a 7B model) around these keys rather than failing
+        info = {"format": "unified_lora adapter-only checkpoint", "base_model": model.config._name_or_path,
+                "quantization": base_quantization(layers.values()), "saved_keys": sorted(keep),
+                "how_to_load": "Load the base model (from_pretrained, with the same quantization_config), set it up "
+                               "as for training (setup_unified_lora with the same targets and modules_to_save), then "
+                               "model.load_state_dict(safetensors.torch.load_file(<this folder>/model.safetensors), "
+                               "strict=False), or resume the Trainer from this folder",
+                "config": model.config.to_dict()}
+        with written_atomically(os.path.join(save_directory, ADAPTER_ONLY_NAME)) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=2, default=str)
+    return out
+
+
+def adapter_only_saves(model, enable: bool = True):
+    """Make `model.save_pretrained` (so the Trainer's checkpoints and `save_model`) write only what trains, as PEFT's
+    `PeftModel.save_pretrained` does: every nested block (active or paused), each layer's rank (`_extra_state`),
+    the `modules_to_save` heads and any other parameter that requires grad, and the embeddings and output layer of a
+    vocabulary resized after setup; not the frozen base weights (a 7B bf16 base is 14 GB a checkpoint; a 4-bit one
+    its packed copy). The folder also gets `ADAPTER_ONLY_NAME` (what it holds, its base, how to load it): it is not
+    a model by itself, `from_pretrained(folder)` alone builds the model around random base weights (transformers'
+    load report lists them all as MISSING), and the CLI's `--model` refuses it. A model with merged layers (or none
+    left) is refused at the save, before anything is written.
+
+    Such a checkpoint loads into the model it came from, or into the base loaded again and set up the same way:
+    `model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)`, which is what the Trainer's
+    `resume_from_checkpoint` and `load_best_model_at_end` do. While this is on, a load that lacks every base weight
+    does not report them missing (the Trainer would list them all); one that lacks only some still does.
+    `enable=False` puts the class's own `save_pretrained` back. Returns the model."""
+    hooks = model._load_state_dict_post_hooks
+    for k in [k for k, h in hooks.items() if h is _quiet_left_out_keys]:
+        del hooks[k]
+    vars(model).pop("save_pretrained", None)
+    if enable:
+        model.save_pretrained = functools.partial(_save_pretrained_adapter_only, model)
+        model.register_load_state_dict_post_hook(_quiet_left_out_keys)
+    return model
+
+
 @torch.no_grad()
 def _weights_digest(ctrl: UnifiedController) -> str:
     """SHA-256 of the controller's managed parameters (every LoRA block and extra parameter, in order), as stored:
@@ -597,5 +784,5 @@ def _has_trainer_weights(args, folder: str) -> bool:
         WEIGHTS_INDEX_NAME))
 
 
-__all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "model_normalises_loss", "quantized_model_for_trainer",
-           "unwrap_optimizer"]
+__all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "ADAPTER_ONLY_NAME", "adapter_only_saves",
+           "base_quantization", "model_normalises_loss", "quantized_model_for_trainer", "unwrap_optimizer"]

@@ -211,6 +211,9 @@ def _resize_token_embeddings_of_wrapped_head(model, new_num_tokens=None, pad_to_
     finally:
         head._resize_out(model.get_output_embeddings())
         model.set_output_embeddings(head)
+        # the frozen embeddings and head now differ from the base checkpoint's (new rows): an adapter-only save
+        # (`unified_lora.callbacks.adapter_only_saves`) keeps them
+        model._unified_lora_resized_vocab = True
 
 
 def _not_a_linear_map(m: nn.Module) -> bool:

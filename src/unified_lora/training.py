@@ -210,6 +210,11 @@ def resolve_model(path: str | None) -> str:
         return default_model_path()
     p = Path(path).expanduser()
     if p.exists():
+        from .callbacks import ADAPTER_ONLY_NAME
+
+        if (p / ADAPTER_ONLY_NAME).is_file():
+            raise UsageError(f"--model {path}: an adapter-only checkpoint (it holds {ADAPTER_ONLY_NAME}: the trained "
+                             "LoRA blocks without the base weights); pass the base model it was trained on")
         if not (p / "config.json").is_file():
             raise UsageError(f"--model {path}: folder has no config.json; pass a folder saved with save_pretrained()")
         return str(p)
