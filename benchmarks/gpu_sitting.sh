@@ -56,7 +56,9 @@ check)
     WITH_CPP=$($PY -c "import shutil; from torch.utils.cpp_extension import is_ninja_available as n; \
 print('--with-cpp' if shutil.which('g++') and n() else '')")
     echo "layer kernel='cpp' arm: ${WITH_CPP:-left out (no g++ or ninja)}"
-    [ -z "${SKIP_TESTS:-}" ] && $(limit) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
+    # (skip reasons and the slowest tests too: bitsandbytes or mamba-ssm may be missing on the machine)
+    [ -z "${SKIP_TESTS:-}" ] && $(limit) $PY -m pytest -q -rs --durations=5 -p no:cacheprovider tests/test_cuda.py 2>&1 \
+        | grep -v "Warning\|warnings.warn\|^  " | tail -40
     # most wanted first (bf16, the layer with both kernels); with DEADLINE_AT, each step stops in time for `pack`
     for dt in ${DTYPES:-bfloat16 float32}; do
         $(limit) $PY benchmarks/perf/layer.py --device $DEV --dtype $dt --repeats ${LAYER_REPEATS:-15} \
