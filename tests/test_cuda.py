@@ -615,7 +615,7 @@ def test_training_a_quantized_model_on_gpu_through_a_mirror_cycle_changes_only_t
                                  num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=64)).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**KINDS[kind]),
-                                                 device_map={"": str(DEV)}).train()
+                                                 device_map={"": 0 if ON_GPU else "cpu"}).train()
     packed = _packed_state(model)
     assert packed and all(t.device.type == DEV.type for ts in packed.values() for t in ts[:1])
     adapters, ctrl = setup_unified_lora(model, "all-linear", print_fn=None,
@@ -687,12 +687,10 @@ def test_multitask_ddp_over_nccl_on_one_gpu_follows_the_bare_model_and_its_colle
 
 def test_fsdp2_over_nccl_on_one_gpu_trains_through_mirror_and_resumes_from_a_sharded_checkpoint(tmp_path):
     rec = _group_run("fsdp", tmp_path)
-    assert rec["sharded"] == ["DTensor"] and rec["param_device"] == ([f"cuda:0"] if ON_GPU else ["cpu"])
+    assert rec["sharded"] == ["DTensor"] and rec["param_device"] == (["cuda:0"] if ON_GPU else ["cpu"])
     assert rec["held_at_save"] and rec["resumed_at"] == (17, True)
     assert any(t[4] == "saved" for t in rec["fsdp"]["trace"]) and any(t[6] is not None for t in rec["fsdp"]["trace"])
     _same_run(rec["fsdp"], rec["plain"], phi_rel=1e-5, atol=1e-5)
-    resumed = rec["resumed"]
-    assert resumed["trace"] == rec["fsdp"]["trace"][-len(resumed["trace"]):] or \
-        _same_run(resumed, {"trace": rec["fsdp"]["trace"][-len(resumed["trace"]):], "weights": rec["fsdp"]["weights"]})
-    for n, w in rec["fsdp"]["weights"].items():
-        torch.testing.assert_close(resumed["weights"][n], w, rtol=0, atol=1e-6, msg=n)
+    resumed = rec["resumed"]  # steps 17.. of the run resumed from the checkpoint of step 16: the uninterrupted run's
+    assert resumed["trace"][0][0] == 17
+    _same_run(resumed, {"trace": rec["fsdp"]["trace"][17:], "weights": rec["fsdp"]["weights"]})
