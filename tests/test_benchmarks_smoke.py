@@ -451,6 +451,26 @@ def test_gpu_sitting_check_phase_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
     assert (out / "results_check.tgz").is_file()
 
 
+@pytest.mark.slow
+def test_the_cuda_tests_pass_as_a_cpu_dry_run():
+    """tests/test_cuda.py is the first thing a GPU sitting runs, and sittings are rare: run its dry run here (every
+    test with the CPU as its device: gloo for nccl, CPU autocast, bitsandbytes' CPU backend), so a test the library
+    has moved away from fails in CI and not on a lent GPU, at the cost of its few minutes."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, UNIFIED_LORA_TEST_DEVICE="cpu", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        str(root / "tests" / "test_cuda.py")], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=900)
+    tail = r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
+    assert int(summary.split(" passed")[0].split()[-1]) >= 50, tail  # the file ran, not just its skips
+
+
 def test_gpu_results_are_published_apart_from_the_cpu_page(tmp_path):
     from _common import publish
 
