@@ -14,11 +14,12 @@ step everywhere; `assert_lockstep` checks that at every step. As in examples/ddp
 labels: the loss jumps and φ raises the mode to MIRROR, which snapshots each process's shards (and their AdamW
 moments) and at its end keeps or restores them, on the same step everywhere.
 
-At step `--save-at` (40) every process writes `save_sharded_checkpoint(dir, model, opt, ctrl)`: the model and the
-optimizer through torch.distributed.checkpoint (each process its shards) and `ctrl_rank{rank}.pt` (the controller's
-state holds this process's shards). `--resume dir` builds the same run (as many processes, the same sharding),
-`load_sharded_checkpoint`s it and trains on from the saved step, on the same data: the adapter digest printed at the
-end equals the uninterrupted run's. The digest comes from `lora_state_dict(model)`, which all-gathers the blocks
+At step `--save-at` (40) every process writes `save_sharded_checkpoint(dir, model, opt, ctrl)`: the model, the
+optimizer and the controller's shards (its Mirror snapshot, stored gradients) through torch.distributed.checkpoint
+(each process its shards), and the rest of the controller's state once (`ctrl.pt`). `--resume dir` builds the same
+run, `load_sharded_checkpoint`s it and trains on from the saved step, on the same data: the adapter digest printed at
+the end equals the uninterrupted run's. The resume may run over another number of processes (dcp reshards); each
+process then reads other rows of the data (`batch_for`), so the run goes on differently. The digest comes from `lora_state_dict(model)`, which all-gathers the blocks
 into full tensors (a collective: every process calls it).
 """
 

@@ -189,8 +189,8 @@ def _accelerate_loop(rank: int, out: str) -> None:
                os.path.join(out, f"accelerate{rank}.pt"))
 
 
-def _spawn_once(tmp_path_factory, name: str, worker) -> str:
-    """Run `worker` in two spawned processes once per pytest session, shared by the xdist workers (pytest-xdist's
+def _spawn_once(tmp_path_factory, name: str, worker, nprocs: int = 2, before=None) -> str:
+    """Run `worker` in `nprocs` spawned processes (after `before(folder)` in this process) once per pytest session, shared by the xdist workers (pytest-xdist's
     file-lock recipe); the folder its processes wrote to. The shared folder is the session's: under xdist each
     worker's base temp is a subfolder of it; without xdist it is the base temp itself (its parent,
     /tmp/pytest-of-<user>, outlives sessions, so a run there reused another session's, or another checkout's,
@@ -204,7 +204,9 @@ def _spawn_once(tmp_path_factory, name: str, worker) -> str:
     with FileLock(str(root / f"{name}.lock")):
         if not os.path.isfile(os.path.join(out, "done")):
             os.makedirs(out, exist_ok=True)
-            mp.spawn(worker, args=(2, _free_port(), out), nprocs=2, join=True)
+            if before is not None:
+                before(out)
+            mp.spawn(worker, args=(nprocs, _free_port(), out), nprocs=nprocs, join=True)
             open(os.path.join(out, "done"), "w").close()
     return out
 
@@ -718,14 +720,26 @@ def _fsdp_sharded(kind: str, mesh=None, **kw):
 FSDP_SAVE_AT = 12  # mid-MIRROR: the snapshot (weights and AdamW moments) was taken at step 11, step 13 restores it
 
 
+def _legacy_save(ckpt: str, model, opt, ctrl) -> None:
+    """What `save_sharded_checkpoint` wrote before it resharded the controller: the model and optimizer through
+    torch.distributed.checkpoint, the controller's state per process (`ctrl_rank{rank}.pt`, this process's shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+    torch.save(ctrl.state_dict(), os.path.join(ckpt, f"ctrl_rank{dist.get_rank()}.pt"))
+
+
 def _fsdp_save(rank, out, model, ctrl, step, opt) -> None:
-    """The README's FSDP2 checkpoint: the model and optimizer through torch.distributed.checkpoint (every process
-    writes its shards), the controller's state per process."""
+    """The README's FSDP2 checkpoint: the model, optimizer and controller through torch.distributed.checkpoint (every
+    process writes its shards; the controller's per-process state once); and the older format beside it."""
     from unified_lora.distributed import save_sharded_checkpoint
 
     if step != FSDP_SAVE_AT:
         return
     save_sharded_checkpoint(os.path.join(out, "fsdp_ckpt"), model, opt, ctrl)
+    _legacy_save(os.path.join(out, "fsdp_ckpt_legacy"), model, opt, ctrl)
 
 
 def _fsdp_resume(rank: int, out: str) -> None:
@@ -733,18 +747,21 @@ def _fsdp_resume(rank: int, out: str) -> None:
     controller; then the loads that must be refused."""
     from unified_lora.distributed import load_sharded_checkpoint
 
-    ckpt = os.path.join(out, "fsdp_ckpt")
-    model, ctrl = _fsdp_sharded("composite")
-    opt = _fsdp_opt(model, ctrl)
-    saved = torch.load(os.path.join(ckpt, f"ctrl_rank{rank}.pt"), weights_only=True)  # plain tensors only
-    try:  # (a refusal is the same on both processes, before any collective: the other FSDP2 checks still run)
-        load_sharded_checkpoint(ckpt, model, opt, ctrl)
-    except ValueError as e:
-        torch.save({"refused": str(e)}, os.path.join(out, f"fsdp_resume{rank}.pt"))
-        return
-    rec = {"held": ctrl.mirror.held, "step": ctrl.global_step, "prev": sum(map(len, ctrl.grad_stats.prev))}
-    rec["trace"] = _fsdp_train(model, ctrl, lambda step: _fsdp_batch(rank, step), opt=opt)
-    rec["weights"] = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt, legacy = os.path.join(out, "fsdp_ckpt"), os.path.join(out, "fsdp_ckpt_legacy")
+    saved = torch.load(os.path.join(legacy, f"ctrl_rank{rank}.pt"), weights_only=True)  # plain tensors only
+    rec = {}
+    for key, where in (("", ckpt), ("legacy_", legacy)):  # this version's checkpoint, and the older one's
+        model, ctrl = _fsdp_sharded("composite")
+        opt = _fsdp_opt(model, ctrl)
+        try:  # (a refusal is the same on both processes, before any collective: the other FSDP2 checks still run)
+            load_sharded_checkpoint(where, model, opt, ctrl)
+        except ValueError as e:
+            torch.save({"refused": str(e)}, os.path.join(out, f"fsdp_resume{rank}.pt"))
+            return
+        rec.update({key + "held": ctrl.mirror.held, key + "step": ctrl.global_step,
+                    key + "prev": sum(map(len, ctrl.grad_stats.prev))})
+        rec[key + "trace"] = _fsdp_train(model, ctrl, lambda step: _fsdp_batch(rank, step), opt=opt)
+        rec[key + "weights"] = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
 
     def refused(ctrl, sd):
         try:
@@ -754,7 +771,7 @@ def _fsdp_resume(rank: int, out: str) -> None:
             return str(e)
 
     # the other process's state (what every process loads from accelerate's save_state, written by process 0 alone)
-    other = torch.load(os.path.join(ckpt, f"ctrl_rank{1 - rank}.pt"), weights_only=False)
+    other = torch.load(os.path.join(legacy, f"ctrl_rank{1 - rank}.pt"), weights_only=False)
     rec["other_rank"] = refused(ctrl, other)
     from accelerate import Accelerator
 
@@ -862,24 +879,232 @@ def _fsdp_multitask_refusal(rank: int, out: str) -> None:
     torch.save({"multitask": msg, "step": ctrl.global_step}, os.path.join(out, f"fsdp_mt{rank}.pt"))
 
 
+RESHARD_ROWS = 24  # the global batch of the resharding runs: the same rows over 1, 2 or 3 processes
+
+
+def _reshard_batches(rank: int, world: int):
+    """Process `rank` of `world`'s part of the global batch (three `_fsdp_batch`es, 24 rows) at each step."""
+    def batches(step):
+        x, y = (torch.cat(t) for t in zip(*(_fsdp_batch(r, step) for r in range(3))))
+        n = RESHARD_ROWS // world
+        return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    return batches
+
+
+def _full(t, param):
+    """A controller tensor that holds this process's shard of `param`, as the full tensor (a collective under FSDP2)."""
+    from unified_lora.distributed import like_sharded, local_tensor
+
+    t = local_tensor(t)
+    d = like_sharded(t, param)
+    return (d.full_tensor() if d is not t else t).detach().clone()  # (over one process, full_tensor is the shard)
+
+
+def _ctrl_full(ctrl) -> dict:
+    """What a resume must carry over, with the controller's shards as full tensors (every process must call it)."""
+    from unified_lora.layer import blocks_of
+
+    managed = ctrl.managed_parameters()
+    rec = {"step": ctrl.global_step, "mode": ctrl.mode, "rank": ctrl.rank, "held": ctrl.mirror.held,
+           "signal": ctrl.signal.state_dict(), "machine": ctrl.machine.state_dict(), "loss_ema": ctrl.loss_ema,
+           "loss_at_entry": ctrl.mirror.loss_at_entry, "step_saved": ctrl.mirror.step_saved,
+           "snapshot": [_full(w, p) for w, p in zip(ctrl.mirror.weights or [], managed)],
+           "moments": [{k: _full(v, p) if k != "step" else v.clone() for k, v in st.items()}
+                       for st, p in zip(ctrl.mirror.opt_state or [], managed) if st],
+           "prev": []}
+    for a, gs in zip(ctrl.adapters, ctrl.grad_stats.prev):
+        k = len(gs) // 2
+        blocks = blocks_of(a.lora_A)[:k] + blocks_of(a.lora_B)[:k]
+        rec["prev"].append([_full(g, p) for g, p in zip(gs, blocks)])
+    return rec
+
+
+def _full_weights(model) -> dict:
+    from unified_lora.distributed import local_tensor
+
+    return {n: (p.full_tensor() if local_tensor(p) is not p else p.detach().clone())
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_at_first_snapshot(save, ctrl, rec):
+    """`on_step` for `_fsdp_train`: `save(opt)` once, after the first step that leaves a Mirror snapshot held (a
+    checkpoint mid-MIRROR), and what a resume from it must carry over, in `rec`."""
+    def on_step(step, opt):
+        if ctrl.mirror.held and "saved_at" not in rec:
+            save(opt)
+            rec["saved_at"], rec["at_save"] = step, _ctrl_full(ctrl)
+    return on_step
+
+
+def _fsdp_one_process(out: str) -> None:
+    """The composite FSDP2 run over one process (in the test process, before the spawn) on the whole global batch,
+    with a checkpoint mid-MIRROR that the 2-process run resumes."""
+    from unified_lora.distributed import save_sharded_checkpoint
+
+    _one_process_group()
+    try:
+        model, ctrl = _fsdp_sharded("composite")
+        rec = {}
+        save = functools.partial(save_sharded_checkpoint, os.path.join(out, "reshard1"), model, ctrl=ctrl)
+        rec["trace"] = _fsdp_train(model, ctrl, _reshard_batches(0, 1), on_step=_save_at_first_snapshot(
+            lambda opt: save(optimizer=opt), ctrl, rec))
+        rec["weights"] = _full_weights(model)
+        torch.save(rec, os.path.join(out, "reshard_one.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_resharded_run(ckpt: str, rank: int, world: int) -> dict:
+    """A fresh composite FSDP2 run over `world` processes that loads `ckpt` and trains on to the end on this
+    process's part of the global batch: the state it loaded, its trace and its gathered weights (or the load's
+    refusal)."""
+    from unified_lora.distributed import load_sharded_checkpoint
+
+    model, ctrl = _fsdp_sharded("composite")
+    opt = _fsdp_opt(model, ctrl)
+    try:
+        load_sharded_checkpoint(ckpt, model, opt, ctrl)
+    except (ValueError, OSError) as e:  # (raised before any collective)
+        return {"refused": f"{type(e).__name__}: {e}"}
+    rec = {"loaded": _ctrl_full(ctrl), "local_shapes": [tuple(p.to_local().shape) for p in ctrl.managed_parameters()]}
+    rec["trace"] = _fsdp_train(model, ctrl, _reshard_batches(rank, world), opt=opt)
+    rec["weights"] = _full_weights(model)
+    return rec
+
+
+def _ddp_reshard_run(rank: int, world: int, out: str, load: str | None = None) -> dict:
+    """The composite run under DDP over `world` processes (gloo) on the global batch. Without `load`: from the start,
+    with the model, optimizer and controller saved by process 0 at the first step that holds a Mirror snapshot;
+    with `load`: resumed from such a save."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, ctrl = _fsdp_setup("composite")
+    ddp = DDP(model, **ddp_kwargs()) if world > 1 else model
+    opt = _fsdp_opt(model, ctrl)
+    rec = {}
+    on_step = None
+    if load is not None:
+        sd = torch.load(load, weights_only=True)
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["opt"])
+        ctrl.load_state_dict(sd["ctrl"])
+        rec["loaded"] = _ctrl_full(ctrl)
+    else:
+        def save(opt):
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ctrl": ctrl.state_dict()},
+                           os.path.join(out, "ddp_reshard.pt"))
+        on_step = _save_at_first_snapshot(save, ctrl, rec)
+    rec["trace"] = _fsdp_train(ddp, ctrl, _reshard_batches(rank, world), opt=opt, on_step=on_step)
+    rec["weights"] = _full_weights(model)
+    return rec
+
+
+def _fsdp_reshard(rank: int, out: str) -> None:
+    """The resharding runs of two processes: the composite FSDP2 run over 2 processes with a checkpoint mid-MIRROR
+    (which the 1- and 3-process runs resume), the same over 1 process (process 0 on a mesh of its own) and its
+    resume over 2; the DDP run whose controller state the 1- and 3-process runs resume; and a checkpoint of
+    controllers whose states differ between the processes."""
+    from unified_lora.distributed import save_sharded_checkpoint
+
+    rec = {}
+    model, ctrl = _fsdp_sharded("composite")
+    rec["two"] = r = {}
+    save = functools.partial(save_sharded_checkpoint, os.path.join(out, "reshard2"), model, ctrl=ctrl)
+    r["trace"] = _fsdp_train(model, ctrl, _reshard_batches(rank, 2), on_step=_save_at_first_snapshot(
+        lambda opt: save(optimizer=opt), ctrl, r))
+    r["weights"] = _full_weights(model)
+    rec["1->2"] = _fsdp_resharded_run(os.path.join(out, "reshard1"), rank, 2)  # `_fsdp_one_process` saved it
+    rec["ddp"] = _ddp_reshard_run(rank, 2, out)
+    # controllers that feed each process its own loss (reduce_loss=None): their signals differ
+    from unified_lora import SignalConfig, setup_unified_lora
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], signal=SignalConfig(kind="loss"), reduce_loss=None,
+                                 print_fn=None)
+    fully_shard(model)
+    opt = _fsdp_opt(model, ctrl)
+    for step in range(2):
+        loss = model(*_fsdp_batch(rank, step))
+        loss.backward()
+        ctrl.step(loss)
+        opt.step()
+        opt.zero_grad()
+    try:
+        save_sharded_checkpoint(os.path.join(out, "reshard_apart"), model, opt, ctrl)
+        rec["apart"] = "no error"
+    except ValueError as e:
+        rec["apart"] = str(e)
+    rec["apart_written"] = os.path.exists(os.path.join(out, "reshard_apart"))
+    torch.save(rec, os.path.join(out, f"reshard{rank}.pt"))
+
+
 def _worker_fsdp(rank: int, world: int, port: int, out: str) -> None:
     _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=60))
     _fsdp_loop(rank, out)
     _fsdp_resume(rank, out)
     _fsdp1_refusal(rank, out)
     _fsdp_multitask_refusal(rank, out)
+    _fsdp_reshard(rank, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    out = _spawn_once(tmp_path_factory, "unified_lora_fsdp", _worker_fsdp)
+    out = _spawn_once(tmp_path_factory, "unified_lora_fsdp", _worker_fsdp, before=_fsdp_one_process)
     return [dict(torch.load(os.path.join(out, f"fsdp{r}.pt"), weights_only=False),
                  fsdp1=torch.load(os.path.join(out, f"fsdp1_{r}.pt"), weights_only=False),
                  mt=torch.load(os.path.join(out, f"fsdp_mt{r}.pt"), weights_only=False),
                  resume=torch.load(os.path.join(out, f"fsdp_resume{r}.pt"), weights_only=False),
+                 reshard=torch.load(os.path.join(out, f"reshard{r}.pt"), weights_only=False), out=out,
                  ckpt=os.path.join(out, "fsdp_ckpt")) for r in range(2)]
+
+
+def _worker_reshard3(rank: int, world: int, port: int, out: str) -> None:
+    """Three processes resume what two saved: the FSDP2 checkpoint (each block's rows split unevenly, 4 rows as 2, 2
+    and 0) and the DDP run's controller state."""
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=60))
+    two = os.path.join(os.path.dirname(out), "unified_lora_fsdp")  # (fsdp_run's folder: the fixture runs it first)
+    rec = {"2->3": _fsdp_resharded_run(os.path.join(two, "reshard2"), rank, world),
+           "ddp": _ddp_reshard_run(rank, world, out, load=os.path.join(two, "ddp_reshard.pt"))}
+    torch.save(rec, os.path.join(out, f"reshard3_{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reshard_runs(fsdp_run, tmp_path_factory):
+    """The resharding runs: over 2 processes (fsdp_run), over 3 (spawned here) and over 1 (in this process)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from unified_lora.distributed import load_sharded_checkpoint
+
+    runs = {k: [r["reshard"][k] for r in fsdp_run] for k in ("two", "1->2", "ddp", "apart", "apart_written")}
+    runs["one"] = torch.load(os.path.join(fsdp_run[0]["out"], "reshard_one.pt"), weights_only=False)
+    out = _spawn_once(tmp_path_factory, "unified_lora_reshard3", _worker_reshard3, nprocs=3)
+    three = [torch.load(os.path.join(out, f"reshard3_{r}.pt"), weights_only=False) for r in range(3)]
+    runs["2->3"] = [r["2->3"] for r in three]
+    runs["ddp->3"] = [r["ddp"] for r in three]
+    two = fsdp_run[0]["out"]
+    runs["ddp->1"] = [_ddp_reshard_run(0, 1, two, load=os.path.join(two, "ddp_reshard.pt"))]
+    _one_process_group()
+    try:
+        runs["2->1"] = [_fsdp_resharded_run(os.path.join(two, "reshard2"), 0, 1)]
+        # the older per-process format at another number of processes: refused before anything is loaded
+        model, ctrl = _fsdp_setup("composite")
+        fully_shard(model)
+        opt = _fsdp_opt(model, ctrl)
+        before = _full_weights(model)
+        with pytest.raises(ValueError) as e:
+            load_sharded_checkpoint(os.path.join(two, "fsdp_ckpt_legacy"), model, opt, ctrl)
+        runs["legacy->1"] = {"error": str(e.value), "step": ctrl.global_step, "opt_state": len(opt.state),
+                             "unchanged": all(torch.equal(w, _full_weights(model)[n]) for n, w in before.items())}
+    finally:
+        dist.destroy_process_group()
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -966,14 +1191,17 @@ def test_fsdp2_resumes_mid_mirror_bit_for_bit_from_per_process_states(fsdp_run):
     for rank, r in enumerate(fsdp_run):
         res, full = r["resume"], r["composite"]
         assert "refused" not in res, res["refused"]
-        assert res["held"] and res["step"] == FSDP_SAVE_AT + 1 and res["prev"] > 0
-        assert res["trace"] == full["trace"][FSDP_SAVE_AT + 1:]
-        assert res["trace"][0][4:6] == ("restored", "MIRROR->MULTI")
-        assert res["weights"].keys() == full["weights"].keys()
-        for n, w in full["weights"].items():
-            assert torch.equal(res["weights"][n], w), n
-        saved = torch.load(os.path.join(r["ckpt"], f"ctrl_rank{rank}.pt"), weights_only=True)
+        for key in ("", "legacy_"):  # this version's checkpoint, and the older per-process one (ctrl_rank*.pt)
+            assert res[key + "held"] and res[key + "step"] == FSDP_SAVE_AT + 1 and res[key + "prev"] > 0
+            assert res[key + "trace"] == full["trace"][FSDP_SAVE_AT + 1:]
+            assert res[key + "trace"][0][4:6] == ("restored", "MIRROR->MULTI")
+            assert res[key + "weights"].keys() == full["weights"].keys()
+            for n, w in full["weights"].items():
+                assert torch.equal(res[key + "weights"][n], w), n
+        saved = torch.load(os.path.join(r["ckpt"] + "_legacy", f"ctrl_rank{rank}.pt"), weights_only=True)
         assert saved["sharding"]["rank"] == rank and saved["sharding"]["world_size"] == 2
+    ctrl = torch.load(os.path.join(fsdp_run[0]["ckpt"], "ctrl.pt"), weights_only=True)  # once, without shards
+    assert ctrl["world_size"] == 2 and ctrl["state"]["mirror"]["weights"] == [None] * 14
 
 
 def test_fsdp2_state_of_another_process_or_sharding_is_refused(fsdp_run):
@@ -1003,7 +1231,7 @@ def test_fsdp2_state_loaded_into_an_unsharded_controller_is_refused_unless_it_ho
     """A process's FSDP2 state loaded into a one-process controller: its snapshot and stored gradients are that
     process's shards, refused with the sharding it needs. A state that holds no tensors (the loss signal, no
     snapshot held) is the same on every process and loads: the controller goes on where the FSDP2 run stopped."""
-    sd = torch.load(os.path.join(fsdp_run[1]["ckpt"], "ctrl_rank1.pt"), weights_only=False)
+    sd = torch.load(os.path.join(fsdp_run[1]["ckpt"] + "_legacy", "ctrl_rank1.pt"), weights_only=False)
     _, ctrl = _fsdp_setup("composite")
     with pytest.raises(ValueError, match="process 1 of 2's shards .* not sharded. Resume it under FSDP2 over 2"):
         ctrl.load_state_dict(sd)
@@ -1015,6 +1243,94 @@ def test_fsdp2_state_loaded_into_an_unsharded_controller_is_refused_unless_it_ho
     ctrl.load_state_dict(sd)
     assert (ctrl.global_step, ctrl.mode, ctrl.rank) == (FSDP_STEPS, 1, 8)
     assert ctrl.signal.state_dict() == sd["signal"]
+
+
+def _same_state(got: dict, want: dict) -> None:
+    """Two `_ctrl_full` records hold the same controller: step, mode, rank, signal, machine, and bit for bit the
+    Mirror snapshot, its optimizer moments and the stored gradients as full tensors."""
+    tensors = ("snapshot", "moments", "prev")
+    assert {k: v for k, v in got.items() if k not in tensors} == {k: v for k, v in want.items() if k not in tensors}
+    assert len(got["snapshot"]) == len(want["snapshot"]) and all(map(torch.equal, got["snapshot"], want["snapshot"]))
+    assert [sorted(m) for m in got["moments"]] == [sorted(m) for m in want["moments"]]
+    assert all(torch.equal(u[k], v[k]) for u, v in zip(got["moments"], want["moments"]) for k in v)
+    assert [len(gs) for gs in got["prev"]] == [len(gs) for gs in want["prev"]]
+    assert all(map(torch.equal, [g for gs in got["prev"] for g in gs], [g for gs in want["prev"] for g in gs]))
+
+
+def _continues(runs: list[dict], saved: dict) -> None:
+    """Every process of a resumed run loaded the state `saved` held at its checkpoint and trained on as `saved`'s
+    own run did from there: the same decisions on the same steps, φ and the drift to float rounding (rel 1e-6 and
+    1e-5), the gathered weights within 1e-6 (the sums over another number of processes round differently)."""
+    at = saved["saved_at"]
+    tail = saved["trace"][at + 1:]
+    for r in runs:
+        assert "refused" not in r, r["refused"]
+        assert r["loaded"]["held"] and r["loaded"]["step"] == at + 1 and any(r["loaded"]["prev"])
+        _same_state(r["loaded"], saved["at_save"])
+        assert r["trace"] == runs[0]["trace"]  # the processes decide together
+        assert [t[2:6] for t in r["trace"]] == [t[2:6] for t in tail]
+        assert [t[1] for t in r["trace"]] == pytest.approx([t[1] for t in tail], rel=1e-6)
+        drifts = [(t[6], u[6]) for t, u in zip(r["trace"], tail) if u[6] is not None]
+        assert [d for d, _ in drifts] == pytest.approx([d for _, d in drifts], rel=1e-5)
+        assert r["weights"].keys() == saved["weights"].keys()
+        for n, w in saved["weights"].items():
+            torch.testing.assert_close(r["weights"][n], w, rtol=0, atol=1e-6, msg=n)
+    # a Mirror exit (restore or keep, on its drift) after the resume, and a rank change
+    assert any(t[4] in ("restored", "kept") for t in tail) and len({t[3] for t in tail}) > 1
+
+
+@pytest.mark.parametrize("case", ["2->1", "1->2", "2->3"])
+def test_fsdp2_checkpoint_resumes_over_another_number_of_processes_mid_mirror(reshard_runs, case):
+    """Preempted on 2 processes, resumed on 1 (or on 1, resumed on 2; on 2, resumed on 3, where FSDP2 splits each
+    rank block's 4 rows as 2, 2 and 0). The controller's state held each process's shards (the Mirror snapshot, its
+    AdamW moments, the composite signal's stored gradients), so load_sharded_checkpoint refused any other number of
+    processes, and the whole resume with it. save_sharded_checkpoint now puts those tensors into the dcp checkpoint
+    as DTensors sharded as their parameters, which dcp reshards on load, and the rest of the state once. A fresh run
+    over the new number of processes, on the same global batch, holds the saved snapshot (as full tensors, bit for
+    bit), mode, rank, step and signal history, and continues as the saved run did from its checkpoint (the resume at
+    the saved number of processes is that run bit for bit: test_fsdp2_resumes_mid_mirror_bit_for_bit_from_per_
+    process_states)."""
+    saved = reshard_runs["one" if case == "1->2" else "two"]
+    saved = saved if isinstance(saved, dict) else saved[0]
+    assert all(r["saved_at"] == saved["saved_at"] for r in reshard_runs["two"])
+    world = int(case[-1])
+    assert len(reshard_runs[case]) == world
+    assert all("refused" not in r for r in reshard_runs[case]), reshard_runs[case][0]["refused"]
+    assert [r["local_shapes"][0] for r in reshard_runs[case]] == {1: [(4, 32)], 2: [(2, 32)] * 2,
+                                                                  3: [(2, 32), (2, 32), (0, 32)]}[world]
+    _continues(reshard_runs[case], saved)
+
+
+def test_fsdp2_checkpoint_of_controllers_whose_states_differ_is_refused(reshard_runs):
+    """One state resumes every process, so it must be the same on each: controllers that feed each process its own
+    loss (reduce_loss=None) have different signals. save_sharded_checkpoint refuses them on every process, naming
+    the first difference, before anything is written."""
+    for msg in reshard_runs["apart"]:
+        assert "differs between process 0 and process 1 at state['loss_ema']" in msg and "nothing was written" in msg, \
+            msg
+        assert "reduce_loss" in msg
+    assert reshard_runs["apart_written"] == [False, False]
+
+
+def test_fsdp2_older_per_process_checkpoint_at_another_number_of_processes_is_refused_before_loading(reshard_runs):
+    """A checkpoint with the per-process controller files of the earlier format (`ctrl_rank{rank}.pt`) cannot be
+    resharded: loaded over 1 process it is refused with the sharding it needs and the new recipe, and now before
+    the model and optimizer are loaded (they used to be, then the controller refused)."""
+    got = reshard_runs["legacy->1"]
+    assert got["step"] == 0 and got["opt_state"] == 0 and got["unchanged"]
+    assert "process 0 of 2" in got["error"] and "this is process 0 of 1" in got["error"], got["error"]
+    assert "ctrl_rank{rank}.pt, as earlier versions wrote it" in got["error"] and "save_sharded_checkpoint again" \
+        in got["error"]
+
+
+@pytest.mark.parametrize("case", ["ddp->1", "ddp->3"])
+def test_ddp_controller_state_resumes_over_another_number_of_processes(reshard_runs, case):
+    """A DDP run's controller state holds replicated, whole tensors (no sharding recorded): saved by process 0 of 2
+    mid-MIRROR (with model.state_dict() and opt.state_dict()), it loads into a run over 1 or 3 processes, which
+    continues as the 2-process run did on the same global batch."""
+    saved = reshard_runs["ddp"]
+    assert saved[0]["trace"] == saved[1]["trace"] and saved[0]["at_save"]["held"]
+    _continues(reshard_runs[case], saved[0])
 
 
 def _one_process_group():

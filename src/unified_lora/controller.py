@@ -677,7 +677,9 @@ class UnifiedController:
         Under FSDP2 (`fully_shard`) a state holds the saving process's shards: each process saves its own and loads
         it back in a run sharded the same way (the same number of processes, the same rank, placements and shapes,
         which the state records under "sharding"). A state with shards of another process or sharding, or whole
-        tensors loaded into a sharded run (and shards into an unsharded one), raises the ValueError. A state that
+        tensors loaded into a sharded run (and shards into an unsharded one), raises the ValueError.
+        (`unified_lora.distributed.save_sharded_checkpoint` / `load_sharded_checkpoint` resume over another number
+        of processes: they reshard the state's tensors through torch.distributed.checkpoint.) A state that
         holds no tensors (no Mirror snapshot held, no stored gradients) is the same on every process and loads
         into any run."""
         self._reshard()
@@ -886,7 +888,9 @@ def _sharding_problem(saved: dict | None, here: dict | None) -> str:
             "ctrl.load_state_dict(torch.load(f'ctrl_rank{rank}.pt')) on each, with as many "
             "processes. (accelerate's save_state writes a registered object from the main process only, so every "
             "process would load process 0's state: save the controller per process as above instead of "
-            "accelerator.register_for_checkpointing.)")
+            "accelerator.register_for_checkpointing.) To resume over another number of processes, checkpoint with "
+            "unified_lora.distributed.save_sharded_checkpoint and load_sharded_checkpoint: they reshard the "
+            "controller's tensors as torch.distributed.checkpoint reshards the model's.")
     if saved is None:
         return (f"the state holds whole tensors ({held}) saved by a controller whose parameters were not sharded "
                 f"(one process or DDP; or by a version that did not record FSDP2's sharding); this is process "

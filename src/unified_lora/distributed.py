@@ -32,7 +32,9 @@ restores and drifts act on the local shards (never packed: FSDP owns that storag
 the drift's per-tensor squared sums are all-reduced before their roots. A paused block
 is not in the graph, so FSDP2 reduce-scatters no gradient into it: `.grad` stays None.
 `ctrl.state_dict()` holds this process's shards and records where they lie (`sharding_of`):
-each process saves its own, and `load_state_dict` refuses another process's or sharding's.
+`load_state_dict` refuses another process's or sharding's. `save_sharded_checkpoint` / `load_sharded_checkpoint`
+put those shards into the torch.distributed.checkpoint files as DTensors, so a run resumes over another number of
+processes.
 Refused with a clear error: FSDP1 (`FullyShardedDataParallel`), DTensors that are not
 sharded on a 1-D mesh (HSDP, tensor parallel), a mix of sharded and plain managed
 parameters, and LoRA layers injected after `fully_shard` (`check_blocks_sharded`). Between steps, an evaluation's
@@ -314,28 +316,162 @@ def like_sharded(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                          stride=param.stride())
 
 
+_CTRL_FILE = "ctrl.pt"  # the controller's state in a sharded checkpoint, once (its shards are in the dcp files)
+
+
+def _ctrl_param(ctrl, state: dict, path) -> torch.Tensor:
+    """The managed parameter whose shard the controller state's tensor at `path` holds: a Mirror snapshot entry or
+    optimizer moment ("mirror", "weights"|"opt_state", i, ...) belongs to managed parameter i; a stored gradient
+    ("grad_stats", "prev", a, j) to adapter a's A block j, or B block j - k (the list is A blocks 0..k-1, then B)."""
+    from .layer import blocks_of
+
+    if path[0] == "mirror":
+        return ctrl.managed_parameters()[path[2]]
+    a, j = path[2], path[3]
+    k = len(state["grad_stats"]["prev"][a]) // 2
+    layer = ctrl.adapters[a]
+    return blocks_of(layer.lora_A)[j] if j < k else blocks_of(layer.lora_B)[j - k]
+
+
+def _split_ctrl_state(ctrl, sd: dict) -> tuple[dict, dict, list]:
+    """`ctrl.state_dict()` of this process as (the state with every shard-shaped tensor set to None, {dcp key: that
+    tensor as a DTensor sharded as its parameter}, [the paths set to None]). Shard-shaped: the Mirror snapshot, the
+    optimizer moments shaped like their parameter's shard and the stored gradients; the rest (step counts, the
+    signal, the machine, the snapshot's optimizer step counts) is the same on every process."""
+    rep = {k: v for k, v in sd.items() if k not in ("mirror", "grad_stats")}
+    mirror = dict(sd["mirror"])
+    rep["mirror"], rep["grad_stats"] = mirror, {"prev": [[None] * len(gs) for gs in sd["grad_stats"]["prev"]]}
+    paths = []
+    if mirror["weights"] is not None:
+        paths += [("mirror", "weights", i) for i in range(len(mirror["weights"]))]
+        mirror["weights"] = [None] * len(mirror["weights"])
+    if mirror["opt_state"] is not None:
+        managed = ctrl.managed_parameters()
+        mirror["opt_state"] = [None if st is None else dict(st) for st in mirror["opt_state"]]
+        for i, st in enumerate(mirror["opt_state"]):
+            shard = tuple(local_tensor(managed[i]).shape) if i < len(managed) else None
+            for k, v in (st or {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == shard:
+                    paths.append(("mirror", "opt_state", i, k))
+                    st[k] = None
+    paths += [("grad_stats", "prev", a, j) for a, gs in enumerate(sd["grad_stats"]["prev"]) for j in range(len(gs))]
+    shards = {}
+    for path in paths:
+        t = sd[path[0]][path[1]][path[2]]
+        for key in path[3:]:
+            t = t[key]
+        shards[".".join(map(str, path))] = like_sharded(t, _ctrl_param(ctrl, rep, path))
+    return rep, shards, paths
+
+
+def _first_difference(a, b, where: str = "") -> str | None:
+    """Where two states differ (a path such as "signal['history'][3]"), or None: tensors by value, dtype and shape,
+    floats with NaN equal to NaN."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if list(a) != list(b):
+            return f"{where} (keys {sorted(map(str, a))} against {sorted(map(str, b))})"
+        return next((d for k in a if (d := _first_difference(a[k], b[k], f"{where}[{k!r}]")) is not None), None)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where} (lengths {len(a)} and {len(b)})"
+        return next((d for i, (x, y) in enumerate(zip(a, b))
+                     if (d := _first_difference(x, y, f"{where}[{i}]")) is not None), None)
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+        return None if same else f"{where} ({a.tolist() if a.numel() < 5 else tuple(a.shape)} and " \
+                                 f"{b.tolist() if b.numel() < 5 else tuple(b.shape)})"
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return None
+    return None if type(a) is type(b) and a == b else f"{where} ({a!r} and {b!r})"
+
+
+def _shard_group_of(ctrl):
+    """The process group the checkpoint's collectives run on: the controller's device mesh (FSDP2), else None
+    (torch.distributed.checkpoint's default, the whole world)."""
+    return shard_group(ctrl.managed_parameters()) if ctrl is not None else None
+
+
 def save_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, ctrl=None) -> None:
     """Save an FSDP2 (`fully_shard`) run, on every process: the model and the optimizer through
-    `torch.distributed.checkpoint` (each process writes its shards), and the controller's state per process
-    (`ctrl_rank{rank}.pt`: it holds this process's shards, see `UnifiedController.load_state_dict`). A collective:
-    every process must call it. `load_sharded_checkpoint` reads it back."""
+    `torch.distributed.checkpoint` (dcp; each process writes its shards), and the controller: its tensors that are
+    shaped like a parameter's shard (a held Mirror snapshot, its optimizer moments, the composite signal's stored
+    gradients) go into the same dcp checkpoint as DTensors sharded as their parameters, and the rest of its state,
+    which is the same on every process (step count, mode, signal, ...), into `ctrl.pt`, written once. So
+    `load_sharded_checkpoint` can resume it over another number of processes: dcp reshards the controller's tensors
+    as it does the parameters. A controller whose per-process state differs between the processes (a
+    `reduce_loss=None` controller feeds each process its own loss) is refused with a ValueError before anything is
+    written. A collective: every process must call it."""
     import os
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(checkpoint_dir))
+    state = {"model": model_sd, "optim": optim_sd}
+    group = _shard_group_of(ctrl)
     if ctrl is not None:
-        from ._files import written_atomically
+        rep, shards, paths = _split_ctrl_state(ctrl, ctrl.state_dict())
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, {k: v for k, v in rep.items() if k != "sharding"}, group=group)
+        for r, other in enumerate(every[1:], 1):
+            diff = _first_difference(every[0], other, "state")
+            if diff is not None:
+                raise ValueError(f"save_sharded_checkpoint: the controller's state differs between process 0 and "
+                                 f"process {r} at {diff}, so no one state resumes both; nothing was written. The "
+                                 f"controller's decisions must agree on every process: keep reduce_loss at its "
+                                 f"default (distributed_mean) and call ctrl.step with each process's loss on every "
+                                 f"step (assert_lockstep(ctrl) checks it)")
+        state["ctrl"] = shards
+        if dist.get_rank(group) == 0:  # before the save's collectives, so that every process returns after it
+            from ._files import written_atomically
 
-        with written_atomically(os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank()}.pt")) as tmp:
-            torch.save(ctrl.state_dict(), tmp)
+            os.makedirs(str(checkpoint_dir), exist_ok=True)
+            with written_atomically(os.path.join(str(checkpoint_dir), _CTRL_FILE)) as tmp:
+                torch.save({"state": rep, "shards": [list(p) for p in paths],
+                            "world_size": dist.get_world_size(group)}, tmp)
+    dcp.save(state, checkpoint_id=str(checkpoint_dir), process_group=group)
+
+
+def _ctrl_from_checkpoint(checkpoint_dir, ctrl, saved: dict):
+    """The controller part of a sharded checkpoint, checked against `ctrl` (a ValueError, before anything is
+    loaded): (the state to complete, [(path, DTensor target to load the path's tensor into)]), or None where the
+    checkpoint has the older per-process files only (`ctrl_rank{rank}.pt`: same number of processes only)."""
+    import os
+
+    path = os.path.join(str(checkpoint_dir), _CTRL_FILE)
+    if not os.path.isfile(path):
+        return None
+    got = torch.load(path, weights_only=True)
+    state = got["state"]
+    here = sharding_of(ctrl.managed_parameters())
+    bare = dict(state, sharding=here, grad_stats={"prev": []},
+                mirror=dict(state["mirror"], weights=None, opt_state=None))
+    ctrl._check_state(bare)  # the layout (adapters, rank levels, shapes), the signal's keys, the mode
+    targets = []
+    for p in got["shards"]:
+        p = tuple(p)
+        key = "ctrl." + ".".join(map(str, p))
+        param = _ctrl_param(ctrl, state, p)
+        meta = saved.get(key)
+        size = list(getattr(meta, "size", []) or [])
+        if meta is None or size != list(param.shape):
+            raise ValueError(f"load_sharded_checkpoint: {checkpoint_dir} has "
+                             f"{'no ' + key if meta is None else f'{key} of shape {tuple(size)}'}, which the "
+                             f"controller's state there needs shaped like its parameter {tuple(param.shape)}; the "
+                             f"checkpoint is incomplete or not from this run's model; nothing was loaded")
+        local = local_tensor(param)
+        targets.append((p, like_sharded(torch.empty(local.shape, dtype=meta.properties.dtype, device=local.device),
+                                        param)))
+    return state, targets
 
 
 def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, ctrl=None) -> None:
     """Load what `save_sharded_checkpoint` wrote into a run set up as the saved one was (`setup_unified_lora`,
-    `fully_shard` over as many processes, the optimizer, `ctrl.attach_optimizer`), on every process.
+    `fully_shard`, the optimizer, `ctrl.attach_optimizer`), on every process. The number of processes may differ
+    from the saved run's: torch.distributed.checkpoint reshards the model, the optimizer and the controller's
+    tensors (its Mirror snapshot, the snapshot's optimizer moments, its stored gradients) to this run's shards.
+    A checkpoint with the per-process controller files of earlier versions (`ctrl_rank{rank}.pt`) loads over as
+    many processes as saved it. The controller's state is checked before anything is loaded.
 
     A rank block paused since the start of the run (rank 16's until the first MIRROR) has no optimizer state, and
     the checkpoint none for it. torch's `get_state_dict` of a fresh optimizer makes one up for every parameter (a
@@ -350,16 +486,47 @@ def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, c
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     saved = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    group = _shard_group_of(ctrl)
+    legacy = ctrl_part = None
+    if ctrl is not None:
+        ctrl._reshard()  # (an evaluation's unsharded parameters: read the sharded ones, as load_state_dict does)
+        ctrl_part = _ctrl_from_checkpoint(checkpoint_dir, ctrl, saved)
+        if ctrl_part is None:
+            legacy = torch.load(os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank(group)}.pt"),
+                                weights_only=True)
+            try:  # another number of processes: refused before the model is loaded
+                ctrl._check_state(legacy)
+            except ValueError as e:
+                raise ValueError(f"load_sharded_checkpoint: {checkpoint_dir} holds the controller's state per process "
+                                 f"(ctrl_rank{{rank}}.pt, as earlier versions wrote it), which loads over the number of "
+                                 f"processes that saved it only: resume it there and save_sharded_checkpoint again, "
+                                 f"then resume that over another number. {e}") from None
     stated = {k[len("optim.state."):].rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
     model_sd, optim_sd = get_state_dict(model, optimizer)
     optim_sd["state"] = {k: v for k, v in optim_sd["state"].items() if k in stated}
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(checkpoint_dir))
+    state = {"model": model_sd, "optim": optim_sd}
+    if ctrl_part is not None:
+        state["ctrl"] = {".".join(map(str, p)): t for p, t in ctrl_part[1]}
+    dcp.load(state, checkpoint_id=str(checkpoint_dir), process_group=group)
     # strict=False: the parameters without a saved state are meant to have none (the model's keys are all there)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(strict=False))
-    if ctrl is not None:
-        path = os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank()}.pt")
-        ctrl.load_state_dict(torch.load(path, weights_only=True))
+    if legacy is not None:
+        ctrl.load_state_dict(legacy)
+    elif ctrl_part is not None:
+        sd, targets = ctrl_part
+        sd = dict(sd, sharding=sharding_of(ctrl.managed_parameters()), grad_stats={
+            "prev": [list(gs) for gs in sd["grad_stats"]["prev"]]})
+        sd["mirror"] = dict(sd["mirror"])
+        for key in ("weights", "opt_state"):
+            if sd["mirror"][key] is not None:
+                sd["mirror"][key] = [dict(x) if isinstance(x, dict) else x for x in sd["mirror"][key]]
+        for p, t in targets:
+            holder = sd[p[0]][p[1]]
+            for key in p[2:-1]:
+                holder = holder[key]
+            holder[p[-1]] = local_tensor(t)
+        ctrl.load_state_dict(sd)
 
 
 def refuse_sharded(model: torch.nn.Module, what: str) -> None:
