@@ -536,7 +536,7 @@ class UnifiedLoRACallback(TrainerCallback):
         base quantized otherwise (`base_quantization`) raises either way."""
         saved_q = sd.get(QUANTIZATION_KEY) if isinstance(sd, dict) else None  # (states saved before: no key)
         now_q = base_quantization(self.ctrl.adapters)
-        if saved_q is not None and list(saved_q) != now_q:
+        if saved_q is not None and not _same_quantization(list(saved_q), now_q):
             raise ValueError(
                 f"UnifiedLoRACallback: {path} was saved on a base quantized as {_quant_text(saved_q)}, but this "
                 f"model's is {_quant_text(now_q)}: the adapters were trained against the other base's outputs, "
@@ -628,13 +628,31 @@ def base_quantization(layers) -> list[str]:
         if type(base).__name__ == "Linear4bit" or qs is not None:
             kind = f"4-bit {qs.quant_type}, blocksize {qs.blocksize}, double quant {qs.nested}" if qs is not None \
                 else f"4-bit {getattr(base.weight, 'quant_type', '?')} (not packed yet)"
-            out.add(f"{kind}, compute dtype {getattr(base, 'compute_dtype', None)}")
+            # a layer built without a compute dtype takes its first input's (bitsandbytes' `set_compute_type`): a
+            # fresh model being resumed has none yet, the run it resumes had it set by its first forward
+            dtype = getattr(base, "compute_dtype", None) if getattr(base, "compute_type_is_set", True) else \
+                _FIRST_INPUT_DTYPE
+            out.add(f"{kind}, compute dtype {dtype}")
         elif type(base).__name__ == "Linear8bitLt":
             st = base.state
             out.add(f"8-bit int8, threshold {st.threshold:g}, fp16 weights {st.has_fp16_weights}")
         else:
             out.add("not quantized")
     return sorted(out)
+
+
+_FIRST_INPUT_DTYPE = "(its first input's)"
+
+
+def _same_quantization(saved: list, now: list) -> bool:
+    """`base_quantization` lists that match; where either holds a layer whose compute dtype its first input sets
+    (`_FIRST_INPUT_DTYPE`), compared without the compute dtypes (the resumed run's first forward sets it as the saved
+    run's did)."""
+    if saved == now:
+        return True
+    if not any(q.endswith(_FIRST_INPUT_DTYPE) for q in [*saved, *now]):
+        return False
+    return {q.rsplit(", compute dtype ", 1)[0] for q in saved} == {q.rsplit(", compute dtype ", 1)[0] for q in now}
 
 
 def _quant_text(q) -> str:
