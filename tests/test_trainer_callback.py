@@ -769,3 +769,27 @@ def test_an_adapter_only_save_is_marked_refuses_merged_layers_and_keeps_a_resize
     assert not (tmp_path / "whole" / ADAPTER_ONLY_NAME).exists()
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.base_layer.weight" in whole
+
+
+def test_a_whole_save_over_an_adapter_only_one_is_not_refused_as_adapter_only(tmp_path):
+    """A whole-model save into a folder that held an adapter-only save (the same `output_dir` for `save_model` of a
+    QLoRA run, then of a run with `save_base=True`) replaces the weights but left the earlier save's marker: the
+    CLI's --model refused the whole model as "an adapter-only checkpoint", and the marker told how to load it into a
+    base. The folder counts as adapter-only only while its weights are what the marker lists (sharded too)."""
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, adapter_only_saves
+    from unified_lora.training import UsageError, resolve_model
+
+    model, _, ctrl = build("llama")
+    adapter_only_saves(model)
+    model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="4KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    for folder in ("out", "sharded"):
+        with pytest.raises(UsageError, match="adapter-only checkpoint"):
+            resolve_model(str(tmp_path / folder))
+
+    trainer = Trainer(model=model, args=targs(tmp_path / "out"),
+                      callbacks=[UnifiedLoRACallback(ctrl, save_base=True)])
+    trainer.save_model()  # the whole model, over the adapter-only save
+    assert (tmp_path / "out" / ADAPTER_ONLY_NAME).is_file()  # (the earlier save's, left there)
+    assert resolve_model(str(tmp_path / "out")) == str(tmp_path / "out")

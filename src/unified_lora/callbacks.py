@@ -753,6 +753,38 @@ def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
     return out
 
 
+def is_adapter_only_folder(folder) -> bool:
+    """Whether `folder` holds an adapter-only save: its `ADAPTER_ONLY_NAME`, beside weights that hold no more than the
+    keys it lists. A whole-model `save_pretrained` into the same folder later (another run's `save_model`, or
+    `save_base=True`) replaces the weights but leaves the marker of the earlier save: weights with keys the marker
+    does not list, and more of them, are that whole model's. Weights it cannot read (a variant's file name) count as
+    the marker says."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME
+
+    marker = os.path.join(folder, ADAPTER_ONLY_NAME)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker, encoding="utf-8") as f:
+            listed = set(json.load(f)["saved_keys"])
+        keys = None
+        for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+            if os.path.isfile(os.path.join(folder, index)):
+                with open(os.path.join(folder, index), encoding="utf-8") as f:
+                    keys = set(json.load(f)["weight_map"])
+                break
+        else:
+            if os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_NAME)):
+                with safe_open(os.path.join(folder, SAFE_WEIGHTS_NAME), framework="pt") as f:
+                    keys = set(f.keys())
+    except (OSError, ValueError, KeyError, TypeError):  # a marker or weights not as this library writes them
+        return True
+    return keys is None or keys <= listed or len(keys) <= len(listed)
+
+
 def adapter_only_saves(model, enable: bool = True):
     """Make `model.save_pretrained` (so the Trainer's checkpoints and `save_model`) write only what trains, as PEFT's
     `PeftModel.save_pretrained` does: every nested block (active or paused), each layer's rank (`_extra_state`),
@@ -803,4 +835,5 @@ def _has_trainer_weights(args, folder: str) -> bool:
 
 
 __all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "ADAPTER_ONLY_NAME", "adapter_only_saves",
-           "base_quantization", "model_normalises_loss", "quantized_model_for_trainer", "unwrap_optimizer"]
+           "base_quantization", "is_adapter_only_folder", "model_normalises_loss", "quantized_model_for_trainer",
+           "unwrap_optimizer"]
