@@ -793,3 +793,34 @@ def test_a_whole_save_over_an_adapter_only_one_is_not_refused_as_adapter_only(tm
     trainer.save_model()  # the whole model, over the adapter-only save
     assert (tmp_path / "out" / ADAPTER_ONLY_NAME).is_file()  # (the earlier save's, left there)
     assert resolve_model(str(tmp_path / "out")) == str(tmp_path / "out")
+
+
+def test_an_adapter_only_checkpoint_keeps_the_running_statistics_of_a_frozen_batch_norm(tmp_path):
+    """A frozen batch norm's forward in training mode still updates its running mean and variance, which its eval
+    mode computes with. The adapter-only save left them out with the rest of the frozen base: the checkpoint
+    reloaded (README's recipe, the Trainer's resume or `load_best_model_at_end`) into the fresh base's statistics,
+    other outputs than the model that was saved, silently. They are kept now (a few numbers per channel)."""
+    from safetensors.torch import load_file
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    def fresh():
+        torch.manual_seed(0)
+        model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                          depths=[1, 1], num_labels=2))
+        _, ctrl = setup_unified_lora(model, ["classifier.1"], signal="loss", print_fn=None)
+        return model, ctrl
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g) * 3 + 1, "labels": torch.tensor(i % 2)}
+            for i in range(8)]
+    model, ctrl = fresh()
+    Trainer(model=model, args=targs(tmp_path, max_steps=2, save_strategy="steps", save_steps=2), train_dataset=data,
+            callbacks=[UnifiedLoRACallback(ctrl, save_base=False)]).train()
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert "resnet.embedder.embedder.normalization.running_mean" in saved
+    assert not any(k.endswith("normalization.weight") or "convolution" in k for k in saved)  # the frozen base
+    model2, _ = fresh()
+    model2.load_state_dict(saved, strict=False)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(pixel_values=x).logits, model2.eval()(pixel_values=x).logits)

@@ -662,9 +662,9 @@ def _quant_text(q) -> str:
 def _adapter_only_keep(model, names) -> set[str]:
     """Of the state-dict `names` of `model`, those an adapter-only save keeps: every nested block (active or paused)
     and every `_extra_state` (each layer's rank), every parameter that requires grad (`modules_to_save` heads and
-    anything else that trains) and the buffers of the modules such parameters sit on, and the embeddings and
-    output layer of a model whose vocabulary `resize_token_embeddings` changed after setup (their new rows exist
-    nowhere else)."""
+    anything else that trains) and the buffers of the modules such parameters sit on, the running statistics of
+    every batch norm (a frozen one's forward in training mode updates them), and the embeddings and output layer of
+    a model whose vocabulary `resize_token_embeddings` changed after setup (their new rows exist nowhere else)."""
     import torch.nn as nn
 
     from .layer import NestedLoRALayer
@@ -675,6 +675,8 @@ def _adapter_only_keep(model, names) -> set[str]:
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         if any(p.requires_grad for p in mod.parameters(recurse=False)):
             owners.add(mod_name)
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            owners.add(mod_name)  # its running mean and variance move in training, its weights frozen or not
         if isinstance(mod, NestedLoRALayer):
             keep_ids.update(id(p) for p in mod.lora_parameters())
         if getattr(mod, "_unified_lora_resized_vocab", False):
@@ -788,8 +790,9 @@ def is_adapter_only_folder(folder) -> bool:
 def adapter_only_saves(model, enable: bool = True):
     """Make `model.save_pretrained` (so the Trainer's checkpoints and `save_model`) write only what trains, as PEFT's
     `PeftModel.save_pretrained` does: every nested block (active or paused), each layer's rank (`_extra_state`),
-    the `modules_to_save` heads and any other parameter that requires grad, and the embeddings and output layer of a
-    vocabulary resized after setup; not the frozen base weights (a 7B bf16 base is 14 GB a checkpoint; a 4-bit one
+    the `modules_to_save` heads and any other parameter that requires grad, the running statistics of every batch
+    norm (which training updates in a frozen one), and the embeddings and output layer of a vocabulary resized after
+    setup; not the frozen base weights (a 7B bf16 base is 14 GB a checkpoint; a 4-bit one
     its packed copy). The folder also gets `ADAPTER_ONLY_NAME` (what it holds, its base, how to load it): it is not
     a model by itself, `from_pretrained(folder)` alone builds the model around random base weights (transformers'
     load report lists them all as MISSING), and the CLI's `--model` refuses it. A model with merged layers (or none
