@@ -1026,3 +1026,22 @@ def test_peft_controller_refuses_a_step_while_peft_merged_the_adapter():
     opt.zero_grad()
     pm(input_ids=inputs(6), labels=torch.tensor([0, 2])).loss.backward()
     ctrl.step(loss=1.0)
+
+
+def test_an_export_to_a_file_or_a_link_to_nothing_says_so(tmp_path):
+    """The atomic export made its folder with os.makedirs first: a save_dir that is a file (a typo for the folder
+    beside it) or a link to nothing was "FileExistsError: [Errno 17] File exists", which reads as a refusal to
+    overwrite (PEFT's own save had said "should be a directory, not a file"). Both are a ValueError saying what the
+    path is; the file is left as it was."""
+    model, adapters, _ = nested("bert")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder; pass the folder"):
+        export_peft_adapter(model, adapters, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"link is a link to nothing, not a folder"):
+        export_peft_adapter(model, adapters, tmp_path / "link")
+    (tmp_path / "there").mkdir()
+    (tmp_path / "to_there").symlink_to(tmp_path / "there")  # a link to a folder is that folder
+    export_peft_adapter(model, adapters, tmp_path / "to_there")
+    assert (tmp_path / "there" / "adapter_config.json").is_file() and (tmp_path / "to_there").is_symlink()

@@ -838,3 +838,51 @@ def test_a_4bit_trainer_run_saves_only_what_trains_and_refuses_a_resume_on_anoth
         with pytest.raises(ValueError, match=r"saved on a base quantized as 4-bit nf4, blocksize 64, double quant "
                                              rf"False, compute dtype torch\.float32, but this model's is {now}"):
             run(tmp_path / "slim", other, resume=str(ckpt))
+
+
+class _HandBuilt4bit(nn.Module):
+    """A model of the user's own around a `Linear4bit` built without a compute dtype (its first input sets it)."""
+
+    def __init__(self, quant_type="nf4"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 64)
+        q = bnb.nn.Linear4bit(64, 64, compute_dtype=None, quant_type=quant_type)
+        q.load_state_dict(nn.Linear(64, 64).state_dict())
+        self.proj = q.to("cpu")
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(torch.relu(self.proj(self.embed(input_ids))))
+        return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+def test_a_trainer_resume_of_a_4bit_layer_without_a_compute_dtype_is_not_refused(tmp_path):
+    """A `Linear4bit` built with `compute_dtype=None` takes its first input's dtype (bitsandbytes'
+    `set_compute_type`), so the run's checkpoints recorded "compute dtype torch.float32" while the fresh model being
+    resumed (no forward yet) said "compute dtype None": every resume was refused as "saved on a base quantized
+    otherwise". Such a layer is now compared without its compute dtype; another quant type is still refused."""
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora.callbacks import UnifiedLoRACallback, base_quantization
+
+    def run(resume=None, quant_type="nf4"):
+        model = _HandBuilt4bit(quant_type)
+        adapters, ctrl = setup_unified_lora(model, ["proj"], print_fn=None)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                                 save_strategy="steps", save_steps=2, report_to="none", use_cpu=True,
+                                 disable_tqdm=True, seed=0, data_seed=0)
+        Trainer(model=model, args=args, train_dataset=_Tokens(),
+                callbacks=[UnifiedLoRACallback(ctrl)]).train(resume_from_checkpoint=resume)
+        return model, ctrl
+
+    model, ctrl = run()
+    assert model.proj.base_layer.compute_dtype == torch.float32 and ctrl.global_step == 4
+    model, ctrl = run(resume=str(tmp_path / "checkpoint-2"))
+    assert ctrl.global_step == 4 and len(ctrl.trace) == 2
+    fresh = _HandBuilt4bit()
+    adapters, _ = setup_unified_lora(fresh, ["proj"], print_fn=None)
+    assert base_quantization(adapters.values()) == ["4-bit nf4, blocksize 64, double quant True, compute dtype "
+                                                    "(its first input's)"]
+    with pytest.raises(ValueError, match=r"saved on a base quantized as 4-bit nf4.*but this model's is 4-bit fp4"):
+        run(resume=str(tmp_path / "checkpoint-2"), quant_type="fp4")

@@ -769,3 +769,58 @@ def test_an_adapter_only_save_is_marked_refuses_merged_layers_and_keeps_a_resize
     assert not (tmp_path / "whole" / ADAPTER_ONLY_NAME).exists()
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.base_layer.weight" in whole
+
+
+def test_a_whole_save_over_an_adapter_only_one_is_not_refused_as_adapter_only(tmp_path):
+    """A whole-model save into a folder that held an adapter-only save (the same `output_dir` for `save_model` of a
+    QLoRA run, then of a run with `save_base=True`) replaces the weights but left the earlier save's marker: the
+    CLI's --model refused the whole model as "an adapter-only checkpoint", and the marker told how to load it into a
+    base. The folder counts as adapter-only only while its weights are what the marker lists (sharded too)."""
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, adapter_only_saves
+    from unified_lora.training import UsageError, resolve_model
+
+    model, _, ctrl = build("llama")
+    adapter_only_saves(model)
+    model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="4KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    for folder in ("out", "sharded"):
+        with pytest.raises(UsageError, match="adapter-only checkpoint"):
+            resolve_model(str(tmp_path / folder))
+
+    trainer = Trainer(model=model, args=targs(tmp_path / "out"),
+                      callbacks=[UnifiedLoRACallback(ctrl, save_base=True)])
+    trainer.save_model()  # the whole model, over the adapter-only save
+    assert (tmp_path / "out" / ADAPTER_ONLY_NAME).is_file()  # (the earlier save's, left there)
+    assert resolve_model(str(tmp_path / "out")) == str(tmp_path / "out")
+
+
+def test_an_adapter_only_checkpoint_keeps_the_running_statistics_of_a_frozen_batch_norm(tmp_path):
+    """A frozen batch norm's forward in training mode still updates its running mean and variance, which its eval
+    mode computes with. The adapter-only save left them out with the rest of the frozen base: the checkpoint
+    reloaded (README's recipe, the Trainer's resume or `load_best_model_at_end`) into the fresh base's statistics,
+    other outputs than the model that was saved, silently. They are kept now (a few numbers per channel)."""
+    from safetensors.torch import load_file
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    def fresh():
+        torch.manual_seed(0)
+        model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                          depths=[1, 1], num_labels=2))
+        _, ctrl = setup_unified_lora(model, ["classifier.1"], signal="loss", print_fn=None)
+        return model, ctrl
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g) * 3 + 1, "labels": torch.tensor(i % 2)}
+            for i in range(8)]
+    model, ctrl = fresh()
+    Trainer(model=model, args=targs(tmp_path, max_steps=2, save_strategy="steps", save_steps=2), train_dataset=data,
+            callbacks=[UnifiedLoRACallback(ctrl, save_base=False)]).train()
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert "resnet.embedder.embedder.normalization.running_mean" in saved
+    assert not any(k.endswith("normalization.weight") or "convolution" in k for k in saved)  # the frozen base
+    model2, _ = fresh()
+    model2.load_state_dict(saved, strict=False)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(pixel_values=x).logits, model2.eval()(pixel_values=x).logits)

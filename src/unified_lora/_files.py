@@ -81,7 +81,11 @@ def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
     writing leaves `save_dir` as it was (the temporary folder is removed), and a kill during the renames
     (microseconds) leaves a folder without `last`, whose reader refuses it, never new files beside an old `last`.
     Other files in `save_dir` (the user's) are left alone; those named in `keep` that exist are first copied into
-    the temporary folder, for the writer to update (a README the writer amends)."""
+    the temporary folder, for the writer to update (a README the writer amends). A `save_dir` that is a file (or a
+    link to nothing) is a ValueError saying so (`os.makedirs`' own was "File exists")."""
+    if os.path.lexists(save_dir) and not os.path.isdir(save_dir):
+        what = "a link to nothing" if os.path.islink(save_dir) else "a file"
+        raise ValueError(f"{save_dir} is {what}, not a folder; pass the folder to write into (it is made if missing)")
     os.makedirs(save_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=save_dir)
     try:

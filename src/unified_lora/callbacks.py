@@ -536,7 +536,7 @@ class UnifiedLoRACallback(TrainerCallback):
         base quantized otherwise (`base_quantization`) raises either way."""
         saved_q = sd.get(QUANTIZATION_KEY) if isinstance(sd, dict) else None  # (states saved before: no key)
         now_q = base_quantization(self.ctrl.adapters)
-        if saved_q is not None and list(saved_q) != now_q:
+        if saved_q is not None and not _same_quantization(list(saved_q), now_q):
             raise ValueError(
                 f"UnifiedLoRACallback: {path} was saved on a base quantized as {_quant_text(saved_q)}, but this "
                 f"model's is {_quant_text(now_q)}: the adapters were trained against the other base's outputs, "
@@ -628,13 +628,31 @@ def base_quantization(layers) -> list[str]:
         if type(base).__name__ == "Linear4bit" or qs is not None:
             kind = f"4-bit {qs.quant_type}, blocksize {qs.blocksize}, double quant {qs.nested}" if qs is not None \
                 else f"4-bit {getattr(base.weight, 'quant_type', '?')} (not packed yet)"
-            out.add(f"{kind}, compute dtype {getattr(base, 'compute_dtype', None)}")
+            # a layer built without a compute dtype takes its first input's (bitsandbytes' `set_compute_type`): a
+            # fresh model being resumed has none yet, the run it resumes had it set by its first forward
+            dtype = getattr(base, "compute_dtype", None) if getattr(base, "compute_type_is_set", True) else \
+                _FIRST_INPUT_DTYPE
+            out.add(f"{kind}, compute dtype {dtype}")
         elif type(base).__name__ == "Linear8bitLt":
             st = base.state
             out.add(f"8-bit int8, threshold {st.threshold:g}, fp16 weights {st.has_fp16_weights}")
         else:
             out.add("not quantized")
     return sorted(out)
+
+
+_FIRST_INPUT_DTYPE = "(its first input's)"
+
+
+def _same_quantization(saved: list, now: list) -> bool:
+    """`base_quantization` lists that match; where either holds a layer whose compute dtype its first input sets
+    (`_FIRST_INPUT_DTYPE`), compared without the compute dtypes (the resumed run's first forward sets it as the saved
+    run's did)."""
+    if saved == now:
+        return True
+    if not any(q.endswith(_FIRST_INPUT_DTYPE) for q in [*saved, *now]):
+        return False
+    return {q.rsplit(", compute dtype ", 1)[0] for q in saved} == {q.rsplit(", compute dtype ", 1)[0] for q in now}
 
 
 def _quant_text(q) -> str:
@@ -644,9 +662,9 @@ def _quant_text(q) -> str:
 def _adapter_only_keep(model, names) -> set[str]:
     """Of the state-dict `names` of `model`, those an adapter-only save keeps: every nested block (active or paused)
     and every `_extra_state` (each layer's rank), every parameter that requires grad (`modules_to_save` heads and
-    anything else that trains) and the buffers of the modules such parameters sit on, and the embeddings and
-    output layer of a model whose vocabulary `resize_token_embeddings` changed after setup (their new rows exist
-    nowhere else)."""
+    anything else that trains) and the buffers of the modules such parameters sit on, the running statistics of
+    every batch norm (a frozen one's forward in training mode updates them), and the embeddings and output layer of
+    a model whose vocabulary `resize_token_embeddings` changed after setup (their new rows exist nowhere else)."""
     import torch.nn as nn
 
     from .layer import NestedLoRALayer
@@ -657,6 +675,8 @@ def _adapter_only_keep(model, names) -> set[str]:
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         if any(p.requires_grad for p in mod.parameters(recurse=False)):
             owners.add(mod_name)
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            owners.add(mod_name)  # its running mean and variance move in training, its weights frozen or not
         if isinstance(mod, NestedLoRALayer):
             keep_ids.update(id(p) for p in mod.lora_parameters())
         if getattr(mod, "_unified_lora_resized_vocab", False):
@@ -735,11 +755,44 @@ def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
     return out
 
 
+def is_adapter_only_folder(folder) -> bool:
+    """Whether `folder` holds an adapter-only save: its `ADAPTER_ONLY_NAME`, beside weights that hold no more than the
+    keys it lists. A whole-model `save_pretrained` into the same folder later (another run's `save_model`, or
+    `save_base=True`) replaces the weights but leaves the marker of the earlier save: weights with keys the marker
+    does not list, and more of them, are that whole model's. Weights it cannot read (a variant's file name) count as
+    the marker says."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME
+
+    marker = os.path.join(folder, ADAPTER_ONLY_NAME)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker, encoding="utf-8") as f:
+            listed = set(json.load(f)["saved_keys"])
+        keys = None
+        for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+            if os.path.isfile(os.path.join(folder, index)):
+                with open(os.path.join(folder, index), encoding="utf-8") as f:
+                    keys = set(json.load(f)["weight_map"])
+                break
+        else:
+            if os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_NAME)):
+                with safe_open(os.path.join(folder, SAFE_WEIGHTS_NAME), framework="pt") as f:
+                    keys = set(f.keys())
+    except (OSError, ValueError, KeyError, TypeError):  # a marker or weights not as this library writes them
+        return True
+    return keys is None or keys <= listed or len(keys) <= len(listed)
+
+
 def adapter_only_saves(model, enable: bool = True):
     """Make `model.save_pretrained` (so the Trainer's checkpoints and `save_model`) write only what trains, as PEFT's
     `PeftModel.save_pretrained` does: every nested block (active or paused), each layer's rank (`_extra_state`),
-    the `modules_to_save` heads and any other parameter that requires grad, and the embeddings and output layer of a
-    vocabulary resized after setup; not the frozen base weights (a 7B bf16 base is 14 GB a checkpoint; a 4-bit one
+    the `modules_to_save` heads and any other parameter that requires grad, the running statistics of every batch
+    norm (which training updates in a frozen one), and the embeddings and output layer of a vocabulary resized after
+    setup; not the frozen base weights (a 7B bf16 base is 14 GB a checkpoint; a 4-bit one
     its packed copy). The folder also gets `ADAPTER_ONLY_NAME` (what it holds, its base, how to load it): it is not
     a model by itself, `from_pretrained(folder)` alone builds the model around random base weights (transformers'
     load report lists them all as MISSING), and the CLI's `--model` refuses it. A model with merged layers (or none
@@ -785,4 +838,5 @@ def _has_trainer_weights(args, folder: str) -> bool:
 
 
 __all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "ADAPTER_ONLY_NAME", "adapter_only_saves",
-           "base_quantization", "model_normalises_loss", "quantized_model_for_trainer", "unwrap_optimizer"]
+           "base_quantization", "is_adapter_only_folder", "model_normalises_loss", "quantized_model_for_trainer",
+           "unwrap_optimizer"]

@@ -210,9 +210,9 @@ def resolve_model(path: str | None) -> str:
         return default_model_path()
     p = Path(path).expanduser()
     if p.exists():
-        from .callbacks import ADAPTER_ONLY_NAME
+        from .callbacks import ADAPTER_ONLY_NAME, is_adapter_only_folder
 
-        if (p / ADAPTER_ONLY_NAME).is_file():
+        if is_adapter_only_folder(p):
             raise UsageError(f"--model {path}: an adapter-only checkpoint (it holds {ADAPTER_ONLY_NAME}: the trained "
                              "LoRA blocks without the base weights); pass the base model it was trained on")
         if not (p / "config.json").is_file():
