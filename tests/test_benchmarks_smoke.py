@@ -79,7 +79,7 @@ def test_noise_plot_is_drawn_from_two_noise_rates(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py",
-                                    "perf/layer_variants.py"])
+                                    "perf/layer_variants.py", "perf/checkpoint_io.py"])
 def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
     payload = load_benchmark(script).main(["--quick", "--results-dir", str(tmp_path)])
     stem = "perf_" + Path(script).stem + "_quick"
@@ -90,6 +90,10 @@ def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
     if script == "perf/layer.py":  # the tiny shape is the host-overhead proxy: no met/missed verdict
         md = (tmp_path / "perf.md").read_text()
         assert "| host-overhead proxy, no target |" in md and "| missed |" not in md and "| met |" not in md
+    if script == "perf/checkpoint_io.py":  # every arm wrote a folder; an adapter-only one holds no base weights
+        b, t = saved["bytes"], saved["time_s"]
+        assert all(t[a]["n"] == saved["repeats"] and t[a]["median"] > 0 for a in t)
+        assert b["export"] > 0 and b["adapter_only"] < 0.05 * b["whole"], b
 
 
 @pytest.mark.slow
