@@ -1026,7 +1026,8 @@ def _base_differences(saved: dict, model) -> str | None:
                    "or set up otherwise (target_modules)")
     if shape:
         out.append(f"{count(shape, 'has', 'have')} another shape or dtype (e.g. {shape[0]}): another model, or "
-                   "loaded in another torch_dtype")
+                   "loaded in another torch_dtype (or prepared otherwise: prepare_model_for_kbit_training casts the "
+                   "unquantized weights to float32)")
     if values:
         out.append(f"{count(values, 'has', 'have')} other values (e.g. {values[0]!r}): another checkpoint of this "
                    "architecture (e.g. the instruct model of that base, or another fine-tune of it)")
