@@ -886,3 +886,50 @@ def test_a_trainer_resume_of_a_4bit_layer_without_a_compute_dtype_is_not_refused
                                                     "(its first input's)"]
     with pytest.raises(ValueError, match=r"saved on a base quantized as 4-bit nf4.*but this model's is 4-bit fp4"):
         run(resume=str(tmp_path / "checkpoint-2"), quant_type="fp4")
+
+
+@pytest.mark.parametrize("kind", ["nf4-bf16", "int8"])
+def test_an_adapter_only_checkpoint_of_a_quantized_base_loads_only_into_that_base(llama_dir, tmp_path, kind):
+    """An adapter-only checkpoint leaves the packed base out, and loaded into any base of the same architecture and
+    quantization (another checkpoint quantized the same way), silently. Its marker (and the callback's controller
+    file) records a fingerprint of the packed codes and of their scales (the 4-bit absmax; the 8-bit row scales,
+    which the first forward moves from the weight into the layer's state): the base it was saved on, loaded again,
+    loads it; another one, or the same codes with other scales, is a ValueError naming what differs."""
+    import json
+
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, adapter_only_saves, load_adapter_only
+
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path / "other")
+
+    def build(path):
+        model = _load(path, kind)
+        adapters, _ = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)
+        return model, adapters
+
+    model, adapters = build(llama_dir)
+    _randomise_B(adapters)
+    x = torch.randint(0, 64, (2, 8))
+    model(input_ids=x, labels=x).loss.backward()  # a training forward (8-bit: the row scales move to the state)
+    adapter_only_saves(model).save_pretrained(tmp_path / "ckpt")
+    marker = json.loads((tmp_path / "ckpt" / ADAPTER_ONLY_NAME).read_text())
+    q = marker["base_fingerprint"]["tensors"]["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert ("torch.uint8" if kind != "int8" else "torch.int8") in q and not q.endswith(" -")
+
+    fresh, _ = build(llama_dir)
+    load_adapter_only(fresh, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x).logits, model.eval()(x).logits)
+    with pytest.raises(ValueError, match=r"trained on another base model.* Of the 21 frozen base tensors .* 16 have "
+                                         r"other values \(e\.g\. 'lm_head\.weight'\)"):
+        load_adapter_only(build(tmp_path / "other")[0], tmp_path / "ckpt")
+    scaled, _ = build(llama_dir)
+    layer = scaled.model.layers[1].self_attn.k_proj
+    with torch.no_grad():  # the same codes, other scales
+        scales = layer.weight.quant_state.absmax if kind != "int8" else layer.weight.SCB
+        scales.mul_(1.5)
+    with pytest.raises(ValueError, match=r"1 has other values \(e\.g\. "
+                                         r"'model\.layers\.1\.self_attn\.k_proj\.weight'\)"):
+        load_adapter_only(scaled, tmp_path / "ckpt")

@@ -3,6 +3,7 @@
 import logging
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -824,3 +825,139 @@ def test_an_adapter_only_checkpoint_keeps_the_running_statistics_of_a_frozen_bat
     x = torch.randn(2, 3, 16, 16, generator=g)
     with torch.no_grad():
         assert torch.equal(model.eval()(pixel_values=x).logits, model2.eval()(pixel_values=x).logits)
+    # the statistics moved in training, but the checkpoint holds them: not taken for another base
+    from unified_lora.callbacks import BASE_FINGERPRINT_KEY, load_adapter_only
+
+    model3, _ = fresh()
+    load_adapter_only(model3, tmp_path / "checkpoint-2")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(pixel_values=x).logits, model3.eval()(pixel_values=x).logits)
+    recorded = torch.load(tmp_path / "checkpoint-2" / CONTROLLER_STATE_NAME, weights_only=True)[BASE_FINGERPRINT_KEY]
+    assert "resnet.embedder.embedder.convolution.weight" in recorded["tensors"]
+    assert not any("running" in k for k in recorded["tensors"])
+
+
+def test_an_adapter_only_resume_on_another_base_is_refused_and_a_moved_copy_of_the_base_is_not(tmp_path):
+    """An adapter-only checkpoint holds no base: a resume onto another base of the same architecture (the instruct
+    model instead of the base, another fine-tune of it) loaded the blocks and trained on, silently, against other
+    outputs than the ones they were trained against. The controller file (and the folder's marker) now records a
+    fingerprint of the frozen weights the save left out: another base raises a ValueError naming the saved base and
+    what differs (a warning with strict_resume=False, and the run goes on); the same base copied to another folder
+    resumes. A whole-model checkpoint (save_base=True) holds its base, which the resume loads: nothing recorded.
+    A controller file without the fingerprint (saved before it) loads as before."""
+    import json
+    import shutil
+
+    signal = SignalConfig(kind="loss", alpha=0.3, loss_scale=0.1)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "moved")
+    other = tiny_llama()
+    with torch.no_grad():  # a fine-tune of the same base: every weight moved a little
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    other.save_pretrained(tmp_path / "instruct")
+
+    def trainer(base, out, steps, save_base=False, **kw):
+        model = LlamaForCausalLM.from_pretrained(tmp_path / base)
+        _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], signal=signal, print_fn=None)
+        return Trainer(model=model, args=_resume_args(out, steps), train_dataset=TokenDataset(n=16, causal=True),
+                       callbacks=[UnifiedLoRACallback(ctrl, save_base=save_base, **kw)]), ctrl
+
+    trainer("base", tmp_path / "run", 3)[0].train()
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    saved_base = re.escape(repr(str(tmp_path / "base")))
+    with pytest.raises(ValueError, match=r"trained on another base model than this one\. Of the 21 frozen base "
+                                         r"tensors .* 21 have other values \(e\.g\. 'lm_head\.weight'\).* The saved "
+                                         rf"base: {saved_base}; .*strict_resume=False makes this a warning"):
+        trainer("instruct", tmp_path / "run", 4)[0].train(resume_from_checkpoint=str(ckpt))
+    t, ctrl = trainer("instruct", tmp_path / "run", 4, strict_resume=False)
+    with pytest.warns(UserWarning, match="trained on another base model.*going on with this base"):
+        t.train(resume_from_checkpoint=str(ckpt))
+    assert ctrl.global_step == 4  # the controller state was loaded (step 3), then one step
+    t, ctrl = trainer("moved", tmp_path / "run", 4)
+    t.train(resume_from_checkpoint=str(ckpt))  # the same base from another folder: no refusal
+    assert ctrl.global_step == 4
+
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, BASE_FINGERPRINT_KEY
+
+    state = torch.load(ckpt / CONTROLLER_STATE_NAME, weights_only=True)
+    marker = json.loads((ckpt / ADAPTER_ONLY_NAME).read_text())
+    assert state[BASE_FINGERPRINT_KEY] == marker["base_fingerprint"]
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in marker["base_fingerprint"]["tensors"]
+    del state[BASE_FINGERPRINT_KEY]  # a file saved before the fingerprint: resumes as before
+    torch.save(state, ckpt / CONTROLLER_STATE_NAME)
+    t, ctrl = trainer("instruct", tmp_path / "run", 4)
+    t.train(resume_from_checkpoint=str(ckpt))
+    assert ctrl.global_step == 4
+
+    trainer("base", tmp_path / "whole", 3, save_base=True)[0].train()
+    assert BASE_FINGERPRINT_KEY not in torch.load(tmp_path / "whole" / "checkpoint-3" / CONTROLLER_STATE_NAME,
+                                                  weights_only=True)
+
+
+def test_the_marker_names_the_files_written_and_load_adapter_only_checks_the_base(tmp_path):
+    """The marker's `how_to_load` always said `model.safetensors`, which a `variant=` save (`model.fp16.safetensors`)
+    or a sharded one (an index and its shards) does not write: it now names the files the save wrote
+    ("weights_files"), which `load_adapter_only` reads, after checking the base against the marker's fingerprint
+    (the README's manual recipe had no check). A vocabulary resized after setup is in the checkpoint, so a fresh
+    base resized the same way (new rows drawn anew) is not taken for another base. `push_to_hub=True` uploaded
+    inside transformers' save, before the marker was written: it is refused before anything is written."""
+    import json
+
+    from unified_lora.callbacks import ADAPTER_ONLY_NAME, adapter_only_saves, load_adapter_only
+
+    def fresh(tweak=False):
+        model = tiny_llama()
+        adapters, _ = setup_unified_lora(model, ["q_proj", "lm_head"], print_fn=None)
+        if tweak:  # another fine-tune of the same base: one frozen weight moved
+            with torch.no_grad():
+                model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+        model.resize_token_embeddings(108)  # its new rows are drawn at random
+        return model, adapters
+
+    model, adapters = fresh()
+    with torch.no_grad():
+        for layer in adapters.values():
+            for b in layer.lora_B:
+                b.normal_(0, 0.1)
+    adapter_only_saves(model)
+    x = torch.randint(0, 108, (2, 6))
+    with torch.no_grad():
+        want = model.eval()(x).logits
+    saves = {"plain": ({}, ["model.safetensors"], None),
+             "variant": ({"variant": "fp16"}, ["model.fp16.safetensors"], None),
+             "sharded": ({"max_shard_size": "4KB"}, None, "model.safetensors.index.json")}
+    for name, (kw, files, index) in saves.items():
+        model.save_pretrained(tmp_path / name, **kw)
+        marker = json.loads((tmp_path / name / ADAPTER_ONLY_NAME).read_text())
+        assert marker["weights_index"] == index
+        if files is None:
+            files = sorted(set(json.loads((tmp_path / name / index).read_text())["weight_map"].values()))
+            assert len(files) > 1
+        assert marker["weights_files"] == files and all((tmp_path / name / f).is_file() for f in files)
+        assert all(f in marker["how_to_load"] for f in files) and (index or "") in marker["how_to_load"]
+        if name != "plain":
+            assert "/model.safetensors)" not in marker["how_to_load"]
+        model2, _ = fresh()
+        assert not any(".lora_" in k for k in load_adapter_only(model2, tmp_path / name).missing_keys)
+        with torch.no_grad():
+            assert torch.equal(model2.eval()(x).logits, want), name
+
+    other, _ = fresh(tweak=True)
+    with pytest.raises(ValueError, match=r"load_adapter_only: .*sharded was trained on another base model.*1 has "
+                                         r"other values \(e\.g\. 'model\.layers\.1\.mlp\.down_proj\.weight'\)"
+                                         r".*check_base=False\) loads it anyway"):
+        load_adapter_only(other, tmp_path / "sharded")
+    load_adapter_only(other, tmp_path / "sharded", check_base=False)
+    from unified_lora.callbacks import _base_fingerprint
+
+    before = _base_fingerprint(other)
+    w = other.model.layers[0].mlp.up_proj.weight
+    w.data = w.data.t().contiguous().t()  # the same values under other strides: the same fingerprint
+    assert not w.is_contiguous() and _base_fingerprint(other) == before
+    with torch.no_grad():
+        assert not torch.equal(other.eval()(x).logits, want)  # loaded, on its own base
+
+    with pytest.raises(ValueError, match=r"push_to_hub=True.*before unified_lora_adapter_only\.json.*upload_folder"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    assert not (tmp_path / "hub").exists()

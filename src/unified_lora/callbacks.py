@@ -75,7 +75,10 @@ one actually used.
 parameters, so the Trainer saves them; it also saves optimizer, scheduler and
 RNG states). With `save_base=False` (the default on a quantized base) the
 Trainer's weights file holds only what trains (`adapter_only_saves`). The file
-also records the base's quantization; a resume on a base quantized otherwise raises. On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
+also records the base's quantization; a resume on a base quantized otherwise raises. An adapter-only checkpoint's file
+also records a fingerprint of the base it leaves out (`_base_fingerprint`); a resume or best-model load on another
+base (the instruct model instead of the base, another fine-tune, another dtype) raises (warns with
+`strict_resume=False`). On `trainer.train(resume_from_checkpoint=...)` the Trainer restores
 `state.global_step` before `on_train_begin`; the callback then loads the file
 from `output_dir/checkpoint-{global_step}`. Resuming from a folder outside
 `output_dir` needs `UnifiedLoRACallback(ctrl, resume_from=path)`. A resumed run
@@ -155,6 +158,9 @@ CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 WEIGHTS_DIGEST_KEY = "callback_weights_sha256"
 # Saved with the controller state: how the wrapped base layers are quantized (see `base_quantization`).
 QUANTIZATION_KEY = "callback_base_quantization"
+# Saved with the controller state of an adapter-only checkpoint (and in its marker, "base_fingerprint"): a sample of
+# the frozen base weights it leaves out (see `_base_fingerprint`).
+BASE_FINGERPRINT_KEY = "callback_base_fingerprint"
 # Written into every folder that `adapter_only_saves` leaves the base weights out of.
 ADAPTER_ONLY_NAME = "unified_lora_adapter_only.json"
 LOG_PREFIX = "unified_lora/"
@@ -371,7 +377,7 @@ class UnifiedLoRACallback(TrainerCallback):
                 self.model_normalises_loss = model_normalises_loss(model)
             self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
         if state.global_step > 0:
-            self._load(args, state)
+            self._load(args, state, model)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._loss_sum, self._n_micro, self._n_tokens, self._normalised = 0.0, 0, 0, False
@@ -425,18 +431,21 @@ class UnifiedLoRACallback(TrainerCallback):
         sd = self.ctrl.state_dict()
         sd[WEIGHTS_DIGEST_KEY] = _weights_digest(self.ctrl)  # ctrl.load_state_dict ignores it
         sd[QUANTIZATION_KEY] = base_quantization(self.ctrl.adapters)  # and this
+        model = kwargs.get("model")
+        if model is not None and is_adapter_only_folder(folder):  # (a whole-model checkpoint holds its base)
+            sd[BASE_FINGERPRINT_KEY] = _base_fingerprint(model)  # and this
         # under a temporary name, then renamed: a process killed while writing leaves no torn file under the name
         # a resume reads (the resume then says the file is missing, and what to do)
         with written_atomically(os.path.join(folder, CONTROLLER_STATE_NAME)) as tmp:
             torch.save(sd, tmp)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
             # The Trainer runs `_load_best_model()` just before this event (transformers 5 `_finalize_training`),
             # on the same condition: the model now has the best checkpoint's weights; give it that
             # checkpoint's controller state, so that its rank (and the rest) is the one that was evaluated.
             if getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint is not None:
-                self._load_best(args, state.best_model_checkpoint)
+                self._load_best(args, state.best_model_checkpoint, model)
         finally:
             if self._hook is not None:
                 self._hook.remove()
@@ -469,7 +478,7 @@ class UnifiedLoRACallback(TrainerCallback):
 
         self._head_hook = head.register_forward_pre_hook(called)
 
-    def _load(self, args, state) -> None:
+    def _load(self, args, state, model=None) -> None:
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(folder, CONTROLLER_STATE_NAME)
         if not os.path.isfile(path):
@@ -484,7 +493,7 @@ class UnifiedLoRACallback(TrainerCallback):
             self.ctrl._apply_rank()
             return
         sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
-        if not self._weights_match(sd, path, "the Trainer resumed from"):
+        if not self._weights_match(sd, path, "the Trainer resumed from", model):
             # the Trainer's weights load restored the rank they were saved at (each layer's `_extra_state`); a
             # controller that goes on from its own state sets its own (its first step refused the mismatch)
             self.ctrl._apply_rank()
@@ -503,7 +512,7 @@ class UnifiedLoRACallback(TrainerCallback):
         if self.ctrl.writer is not None:
             self.ctrl.writer.resume(step, rewind=True)
 
-    def _load_best(self, args, folder: str) -> None:
+    def _load_best(self, args, folder: str, model=None) -> None:
         """After `load_best_model_at_end`: load `folder`'s controller state (see the module docstring)."""
         if not _has_trainer_weights(args, folder):  # the Trainer warned and kept the final weights: keep ours too
             warnings.warn(f"UnifiedLoRACallback: the best checkpoint {folder} has no model weights here, so the "
@@ -523,17 +532,19 @@ class UnifiedLoRACallback(TrainerCallback):
             warnings.warn(msg, stacklevel=2)
             return
         sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
-        if not self._weights_match(sd, path, "load_best_model_at_end loaded"):
+        if not self._weights_match(sd, path, "load_best_model_at_end loaded", model):
             return
         self.ctrl.load_state_dict(sd)
         self.best_loaded_from = folder
 
-    def _weights_match(self, sd, path: str, loaded: str) -> bool:
+    def _weights_match(self, sd, path: str, loaded: str, model=None) -> bool:
         """Whether the managed weights the model holds now are the ones saved with `sd` (states saved before this
         check have no digest: True). The Trainer never tells callbacks which checkpoint it resumed from, so the
         callback reads `output_dir/checkpoint-{step}`; when that folder is another run's, this is where it shows.
         A mismatch raises (`strict_resume=True`) or warns and leaves the controller as it is. A state saved on a
-        base quantized otherwise (`base_quantization`) raises either way."""
+        base quantized otherwise (`base_quantization`) raises either way. A state saved with an adapter-only
+        checkpoint records its base (`BASE_FINGERPRINT_KEY`): `model` on another base raises (`strict_resume=True`),
+        or warns and goes on (the controller is loaded: it fits the adapters, which came from the checkpoint)."""
         saved_q = sd.get(QUANTIZATION_KEY) if isinstance(sd, dict) else None  # (states saved before: no key)
         now_q = base_quantization(self.ctrl.adapters)
         if saved_q is not None and not _same_quantization(list(saved_q), now_q):
@@ -542,6 +553,14 @@ class UnifiedLoRACallback(TrainerCallback):
                 f"model's is {_quant_text(now_q)}: the adapters were trained against the other base's outputs, "
                 "and would go on against these. Load the base as it was loaded for that run "
                 "(the same BitsAndBytesConfig: quant type, 4-bit or 8-bit, compute dtype, double quantization)")
+        saved_base = sd.get(BASE_FINGERPRINT_KEY) if isinstance(sd, dict) else None  # (whole-model saves: none)
+        if isinstance(saved_base, dict) and model is not None:
+            msg = _base_mismatch_message(saved_base, model, f"UnifiedLoRACallback: the checkpoint {loaded} "
+                                                            f"({os.path.dirname(path)})")
+            if msg is not None and self.strict_resume:
+                raise ValueError(msg + "; strict_resume=False makes this a warning")
+            if msg is not None:
+                warnings.warn(msg + "; strict_resume=False: going on with this base", stacklevel=3)
         saved = sd.get(WEIGHTS_DIGEST_KEY) if isinstance(sd, dict) else None
         if saved is None or saved == _weights_digest(self.ctrl):
             return True
@@ -712,7 +731,9 @@ def _quiet_left_out_keys(model, incompatible) -> None:
 def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
     """`model.save_pretrained` under `adapter_only_saves`: the class's own, with every key but the trainable state
     in `_keys_to_ignore_on_save` (transformers' own filter, which it applies after the quantizer's state dict:
-    `state_dict=` is dropped for a bitsandbytes model), then `ADAPTER_ONLY_NAME` beside the weights."""
+    `state_dict=` is dropped for a bitsandbytes model), then `ADAPTER_ONLY_NAME` beside the weights (naming the
+    weights files this save wrote, and the base's fingerprint). `push_to_hub=True` is refused: transformers uploads
+    inside the class's save, before the marker exists."""
     import json
 
     from .model import lora_layers
@@ -730,29 +751,119 @@ def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
             "the frozen base weight, which an adapter-only save (adapter_only_saves, UnifiedLoRACallback's "
             "save_base=False, the default on a quantized base) leaves out: the checkpoint would reload without the "
             "delta. unmerge_adapters(model) first, or save the whole model: adapter_only_saves(model, False)")
+    bound = inspect.signature(type(model).save_pretrained).bind(model, save_directory, *args, **kwargs).arguments
+    if bound.get("push_to_hub") or (bound.get("kwargs") or {}).get("push_to_hub"):
+        # transformers uploads the files its save modified, inside that save: the marker, written after it (or
+        # before it, and so not modified by it), would not be in the repo, whose weights `from_pretrained(repo)`
+        # then builds a model around with random base weights
+        raise ValueError(
+            "save_pretrained(..., push_to_hub=True): the model is under adapter_only_saves, and transformers uploads "
+            f"inside its save, before {ADAPTER_ONLY_NAME} (which says the folder is no model by itself, its base and "
+            "how to load it) is written: the repo would get the weights without it. Save locally, then upload the "
+            "folder (huggingface_hub.upload_folder(repo_id=..., folder_path=<the folder>)), or call "
+            "model.push_to_hub(repo_id), which saves through this save into a folder it then uploads whole "
+            "(so does the Trainer's push_to_hub=True)")
     names = list(model.state_dict(keep_vars=True))
     keep = _adapter_only_keep(model, names)
     before = model._keys_to_ignore_on_save
+    stamps = _file_stamps(save_directory)
     model._keys_to_ignore_on_save = set(before or ()) | (set(names) - keep)
     try:
         out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
     finally:
         model._keys_to_ignore_on_save = before
-    is_main = kwargs.get("is_main_process", args[0] if args else True)
-    if model.should_save_on_this_rank(is_main):
+    if model.should_save_on_this_rank(bound.get("is_main_process", True)):
+        files, index = _weights_files_written(save_directory, bound.get("variant"), stamps)
+        if index is None:
+            load = (f"model.load_state_dict(safetensors.torch.load_file(<this folder>/{files[0] if files else '?'}), "
+                    "strict=False)")
+        else:
+            load = (f"for each shard that {index} lists ({', '.join(files)}): model.load_state_dict("
+                    "safetensors.torch.load_file(<this folder>/<shard>), strict=False)")
         # config.json stays: without it, `LlamaForCausalLM.from_pretrained(folder)` builds the class's default
         # config (a 7B model) around these keys rather than failing
         info = {"format": "unified_lora adapter-only checkpoint", "base_model": model.config._name_or_path,
                 "quantization": base_quantization(layers.values()), "saved_keys": sorted(keep),
-                "how_to_load": "Load the base model (from_pretrained, with the same quantization_config), set it up "
-                               "as for training (setup_unified_lora with the same targets and modules_to_save), then "
-                               "model.load_state_dict(safetensors.torch.load_file(<this folder>/model.safetensors), "
-                               "strict=False), or resume the Trainer from this folder",
+                "weights_files": files, "weights_index": index,
+                "how_to_load": "Load the base model (from_pretrained, with the same torch_dtype and "
+                               "quantization_config), set it up as for training (setup_unified_lora with the same "
+                               "targets and modules_to_save), then unified_lora.callbacks.load_adapter_only(model, "
+                               "<this folder>), which checks that the base is the one of base_fingerprint; or "
+                               f"{load}; or resume the Trainer from this folder",
+                "base_fingerprint": _base_fingerprint(model),
                 "config": model.config.to_dict()}
         with written_atomically(os.path.join(save_directory, ADAPTER_ONLY_NAME)) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=2, default=str)
     return out
+
+
+def _file_stamps(folder) -> dict:
+    """{file name: modification time (ns)} of what `folder` holds (nothing, if it does not exist)."""
+    try:
+        return {e.name: e.stat().st_mtime_ns for e in os.scandir(folder) if e.is_file()}
+    except OSError:
+        return {}
+
+
+def _weights_files_written(folder, variant, stamps: dict) -> tuple[list[str], str | None]:
+    """The safetensors files a `save_pretrained(folder, variant=variant)` wrote (`stamps`: `_file_stamps` before it),
+    and the index naming its shards (None: one file). transformers' names: `model.safetensors`, with a variant
+    `model.<variant>.safetensors`; sharded, `model.safetensors.index.json` (`model.safetensors.index.<variant>.json`)
+    and the shards it lists. An index left by an earlier sharded save into the folder is not this save's."""
+    import json
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    def add_variant(name):  # as transformers.modeling_utils._add_variant
+        if not variant:
+            return name
+        path, ext = name.rsplit(".", 1)
+        return f"{path}.{variant}.{ext}"
+
+    now = _file_stamps(folder)
+    index = add_variant(SAFE_WEIGHTS_INDEX_NAME)
+    if index in now and now[index] != stamps.get(index):
+        try:
+            with open(os.path.join(folder, index), encoding="utf-8") as f:
+                return sorted(set(json.load(f)["weight_map"].values())), index
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return [add_variant(SAFE_WEIGHTS_NAME)], None
+
+
+def load_adapter_only(model, folder, *, check_base: bool = True):
+    """Load an adapter-only checkpoint (`adapter_only_saves`; the Trainer's checkpoints and `save_model` under
+    `UnifiedLoRACallback(save_base=False)`) into `model`: the base loaded again (the same checkpoint, torch_dtype
+    and quantization) and set up as for training. First checks that this base is the one the checkpoint was
+    trained on (its marker's "base_fingerprint", a sample of the frozen weights the save left out): another base
+    (the instruct model instead of the base, another fine-tune, another dtype) is a ValueError naming what differs,
+    before anything is loaded; `check_base=False` loads it anyway. Reads the weights files the save wrote (one
+    file, a `variant=`'s, or the shards of a sharded save) and returns `model.load_state_dict(..., strict=False)`'s
+    result (its missing keys: the base the save left out). A marker written before these records has no
+    fingerprint (nothing is checked) and names no files (`model.safetensors`, or the shards of its index)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = os.fspath(folder)
+    if not is_adapter_only_folder(folder):
+        raise ValueError(f"load_adapter_only: {folder} holds no adapter-only checkpoint (no {ADAPTER_ONLY_NAME}, or a "
+                         "whole model saved over it): a whole model loads with from_pretrained(folder)")
+    with open(os.path.join(folder, ADAPTER_ONLY_NAME), encoding="utf-8") as f:
+        info = json.load(f)
+    saved = info.get("base_fingerprint")
+    if check_base and isinstance(saved, dict):
+        msg = _base_mismatch_message(saved, model, f"load_adapter_only: {folder}")
+        if msg is not None:
+            raise ValueError(msg + "; load_adapter_only(..., check_base=False) loads it anyway")
+    files = info.get("weights_files")
+    if not files:  # a marker from before "weights_files"
+        files, _ = _weights_files_written(folder, None, {})  # (every file counts as written)
+    sd = {}
+    for name in files:
+        sd.update(load_file(os.path.join(folder, name)))
+    return unwrap_model(model).load_state_dict(sd, strict=False)
 
 
 def is_adapter_only_folder(folder) -> bool:
@@ -799,9 +910,11 @@ def adapter_only_saves(model, enable: bool = True):
     left) is refused at the save, before anything is written.
 
     Such a checkpoint loads into the model it came from, or into the base loaded again and set up the same way:
-    `model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)`, which is what the Trainer's
-    `resume_from_checkpoint` and `load_best_model_at_end` do. While this is on, a load that lacks every base weight
-    does not report them missing (the Trainer would list them all); one that lacks only some still does.
+    `load_adapter_only(model, folder)` (which first checks that the base is the one the checkpoint was trained on),
+    or `model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)`, which is what the Trainer's
+    `resume_from_checkpoint` and `load_best_model_at_end` do (the callback checks the base too). While this is on,
+    a load that lacks every base weight does not report them missing (the Trainer would list them all); one that
+    lacks only some still does.
     `enable=False` puts the class's own `save_pretrained` back. Returns the model."""
     hooks = model._load_state_dict_post_hooks
     for k in [k for k, h in hooks.items() if h is _quiet_left_out_keys]:
@@ -811,6 +924,128 @@ def adapter_only_saves(model, enable: bool = True):
         model.save_pretrained = functools.partial(_save_pretrained_adapter_only, model)
         model.register_load_state_dict_post_hook(_quiet_left_out_keys)
     return model
+
+
+# Elements read from each frozen base tensor for its fingerprint (evenly spaced over it, the first one included).
+_FINGERPRINT_SAMPLE = 256
+
+
+def _base_tensors(model) -> dict:
+    """{state-dict name: (module, attribute name, tensor)} for every parameter and persistent buffer of `model`."""
+    out = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in [*mod._parameters.items(), *((b, t) for b, t in mod._buffers.items()
+                                                     if b not in mod._non_persistent_buffers_set)]:
+            if t is not None:
+                out[f"{mod_name}.{attr}" if mod_name else attr] = (mod, attr, t)
+    return out
+
+
+def _sample_bytes(t) -> bytes | None:
+    """The raw bytes of `_FINGERPRINT_SAMPLE` evenly spaced elements of `t` (in its own order, whatever its strides),
+    read where `t` lives and only they moved to the CPU: the same on CPU and CUDA. None where the values are not
+    here to read (a meta tensor; a DTensor shard, which differs from process to process)."""
+    if t is None:
+        return b""
+    t = t.detach()
+    if t.device.type == "meta" or type(t).__name__ == "DTensor":
+        return None
+    if type(t) is not torch.Tensor:  # bitsandbytes' Params4bit / Int8Params: their data as a plain tensor
+        t = t.as_subclass(torch.Tensor)
+    n = t.numel()
+    if n == 0:
+        return b""
+    k = min(n, _FINGERPRINT_SAMPLE)
+    idx = torch.arange(k, device=t.device, dtype=torch.int64) * n // k
+    sample = t.reshape(-1)[idx] if t.is_contiguous() else t[torch.unravel_index(idx, t.shape)]
+    try:
+        return sample.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+    except (RuntimeError, TypeError):  # a dtype with no byte view (sub-byte types)
+        return None
+
+
+@torch.no_grad()
+def _base_fingerprint(model, names=None) -> dict:
+    """A cheap fingerprint of the frozen base weights an adapter-only save leaves out (`_left_out_of_a_save`), or of
+    those of `names` that `model` holds: {"sha256": over all of it, "base_model": config._name_or_path, "tensors":
+    {name: "shape dtype hash"}}, the hash (16 hex digits) over a fixed sample of the tensor's raw bytes (see
+    `_sample_bytes`) and, for a bitsandbytes weight, of its quant state (the 4-bit absmax, the 8-bit row scales,
+    wherever the layer keeps them). Independent of the device, the process and where the model was loaded from;
+    a base that differs in a few values only (not in a sampled one) passes. Measured: ~4 ms for MiniLM (22M
+    parameters, 103 tensors), ~15 ms for a 1.1B Llama (201 tensors), on CPU: a few small reads per tensor, whatever
+    its size."""
+    model = unwrap_model(model)
+    tensors = _base_tensors(model)
+    names = sorted(_left_out_of_a_save(model) if names is None else set(names) & set(tensors))
+    out = {}
+    for name in names:
+        mod, attr, t = tensors[name]
+        parts = [_sample_bytes(t)]
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:  # 4-bit: the packed codes above, their block scales here
+            parts += [_sample_bytes(qs.absmax), _sample_bytes(getattr(getattr(qs, "state2", None), "absmax", None))]
+        elif attr == "weight" and hasattr(mod, "init_8bit_state"):  # 8-bit: the row scales, on the weight until
+            scb = getattr(t, "SCB", None)                            # the first forward moves them to the state
+            parts.append(_sample_bytes(scb if scb is not None else getattr(mod.state, "SCB", None)))
+        if any(p is None for p in parts):
+            digest = "-"  # not readable here: compared by shape and dtype
+        else:
+            h = hashlib.sha256()
+            for p in parts:
+                h.update(len(p).to_bytes(8, "little") + p)
+            digest = h.hexdigest()[:16]
+        out[name] = f"{list(t.shape)} {t.dtype} {digest}"
+    whole = hashlib.sha256("\n".join(f"{n} {e}" for n, e in out.items()).encode()).hexdigest()
+    return {"sha256": whole, "base_model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+            "tensors": out}
+
+
+def _base_differences(saved: dict, model) -> str | None:
+    """What differs between the base `saved` (a `_base_fingerprint`) was taken of and `model`'s, read over the same
+    tensors (None: nothing). Only the tensors the save left out are compared: whatever it kept (a resized
+    vocabulary, batch-norm statistics, `modules_to_save` heads) came back from the checkpoint."""
+    then = dict(saved.get("tensors") or {})
+    now = _base_fingerprint(model, then)["tensors"]
+    missing = [n for n in then if n not in now]
+    shape, values = [], []
+    for n, entry in now.items():
+        s_shape, _, s_rest = then[n].rpartition("] ")
+        n_shape, _, n_rest = entry.rpartition("] ")
+        s_dtype, s_hash = s_rest.rsplit(" ", 1)
+        n_dtype, n_hash = n_rest.rsplit(" ", 1)
+        if (s_shape, s_dtype) != (n_shape, n_dtype):
+            shape.append(f"{n!r}: saved {then[n].rsplit(' ', 1)[0]}, here {entry.rsplit(' ', 1)[0]}")
+        elif s_hash != n_hash and "-" not in (s_hash, n_hash):
+            values.append(n)
+    def count(items, one, many):
+        return f"{len(items)} {one if len(items) == 1 else many}"
+
+    out = []
+    if missing:
+        out.append(f"{count(missing, 'is', 'are')} not in this model (e.g. {missing[0]!r}): another architecture, "
+                   "or set up otherwise (target_modules)")
+    if shape:
+        out.append(f"{count(shape, 'has', 'have')} another shape or dtype (e.g. {shape[0]}): another model, or "
+                   "loaded in another torch_dtype (or prepared otherwise: prepare_model_for_kbit_training casts the "
+                   "unquantized weights to float32)")
+    if values:
+        out.append(f"{count(values, 'has', 'have')} other values (e.g. {values[0]!r}): another checkpoint of this "
+                   "architecture (e.g. the instruct model of that base, or another fine-tune of it)")
+    return "; ".join(out) or None
+
+
+def _base_mismatch_message(saved: dict, model, where: str) -> str | None:
+    """The error text for a model whose base is not the one `saved` (a `_base_fingerprint`) was taken of, or None."""
+    diff = _base_differences(saved, model)
+    if diff is None:
+        return None
+    here = str(getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or "(unnamed)")
+    return (f"{where} was trained on another base model than this one. Of the {len(saved.get('tensors') or {})} "
+            f"frozen base tensors the adapter-only checkpoint leaves out (each compared by a sample of its values), "
+            f"{diff}. The saved base: {saved.get('base_model') or '(unnamed)'!r}; this model's: {here!r}. The adapters "
+            "were trained against that base's outputs and would go on against this one's: load the base that run "
+            "trained on (the same checkpoint, torch_dtype and quantization, set up with the same target_modules "
+            "and modules_to_save)")
 
 
 @torch.no_grad()
@@ -838,5 +1073,5 @@ def _has_trainer_weights(args, folder: str) -> bool:
 
 
 __all__ = ["UnifiedLoRACallback", "CONTROLLER_STATE_NAME", "ADAPTER_ONLY_NAME", "adapter_only_saves",
-           "base_quantization", "is_adapter_only_folder", "model_normalises_loss", "quantized_model_for_trainer",
-           "unwrap_optimizer"]
+           "base_quantization", "is_adapter_only_folder", "load_adapter_only", "model_normalises_loss",
+           "quantized_model_for_trainer", "unwrap_optimizer"]
