@@ -1478,3 +1478,211 @@ def test_fsdp2_setup_after_fully_shard_is_refused():
         check_ddp(model)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------- lockstep: desyncs raise on every process, at once
+
+def _ls_setup(**machine):
+    """A plain (unwrapped) TinyClassifier's controller: the controller's all-reduce is the only collective."""
+    from unified_lora import MachineConfig, SignalConfig, setup_unified_lora
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5),
+                                 machine=MachineConfig(**machine) if machine else None, print_fn=None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    return model, ctrl, opt
+
+
+def _ls_step(rank, step, model, ctrl, opt, drop_grads=False):
+    """One training step; the outcome of its ctrl.step: None, or (error type, message, this process's step count)."""
+    x, y = _fsdp_batch(rank, step)
+    model(input_ids=x, labels=y).backward()
+    if drop_grads:
+        opt.zero_grad()
+    try:
+        ctrl.step(model(input_ids=x, labels=y).detach())
+    except (RuntimeError, ValueError) as e:
+        return type(e).__name__, str(e), ctrl.global_step
+    finally:
+        opt.step()
+        opt.zero_grad()
+    return None
+
+
+def _lockstep_cases(rank: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from unified_lora import set_rank
+
+    rec = {}
+    # 1. ctrl.load_state_dict on process 0 only (under DDP), of a state two steps old
+    model, ctrl, opt = _ls_setup()
+    ddp = DDP(model, **ddp_kwargs())
+    got = [_ls_step(rank, s, ddp, ctrl, opt) for s in range(5)]
+    if rank == 0:
+        saved = ctrl.state_dict()
+    got += [_ls_step(rank, s, ddp, ctrl, opt) for s in range(5, 7)]
+    if rank == 0:
+        ctrl.load_state_dict(saved)
+    rec["loaded_on_one"] = got + [_ls_step(rank, 7, ddp, ctrl, opt)]
+    del ddp
+    # 2. model.load_state_dict on process 0 only set its adapters' rank (here: set_rank); refused there, before the
+    # all-reduce, and the other process raised with it instead of waiting in the collective
+    model, ctrl, opt = _ls_setup()
+    got = [_ls_step(rank, s, model, ctrl, opt) for s in range(2)]
+    if rank == 0:
+        set_rank(ctrl.adapters, 16)
+    rec["rank_set_on_one"] = got + [_ls_step(rank, 2, model, ctrl, opt)]
+    # ... and on every process: each raises its own ValueError, as a single process does
+    set_rank(ctrl.adapters, 16)
+    rec["rank_set_on_all"] = _ls_step(rank, 3, model, ctrl, opt)
+    # 3. a ctrl.step that raised on process 1 only after the all-reduce (no gradients there), caught, and the loop went on
+    model, ctrl, opt = _ls_setup()
+    rec["raised_on_one"] = [_ls_step(rank, s, model, ctrl, opt, drop_grads=(rank == 1 and s == 2)) for s in range(4)]
+    # 4. a controller built with other settings on process 1
+    model, ctrl, opt = _ls_setup(theta1=0.7 if rank == 0 else 0.8)
+    rec["other_settings"] = _ls_step(rank, 0, model, ctrl, opt)
+    torch.save(rec, os.path.join(out, f"lockstep{rank}.pt"))
+
+
+def _submesh_fsdp(rank: int, out: str) -> None:
+    """Two independent FSDP2 runs in one world of 4 processes: meshes {0, 1} and {2, 3}, each with its own model and
+    data. Each controller's loss mean, Mirror and signal collectives and assert_lockstep run over its own mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("run", "shard"))["shard"]
+    model, ctrl = _fsdp_sharded("composite", mesh=mesh)
+    opt = _fsdp_opt(model, ctrl)
+    rec = {"local": [], "used": [], "lockstep": None}
+    steps = 4 if rank < 2 else 6  # the runs need not even take the same number of steps
+    for step in range(steps):
+        x, y = _fsdp_batch(rank, step + (100 if rank >= 2 else 0))
+        loss = model(input_ids=x, labels=y)
+        loss.backward()
+        rec["local"].append(loss.item())
+        ctrl.step(loss)
+        rec["used"].append(ctrl.last_loss)
+        try:
+            assert_lockstep(ctrl)
+        except RuntimeError as e:
+            rec["lockstep"] = str(e)
+        opt.step()
+        opt.zero_grad()
+    # a controller over plain (DDP) parameters reduces over the world; a DDP over a subgroup names its group
+    from unified_lora import UnifiedController, distributed_mean
+
+    plain = UnifiedController(reduce_loss=functools.partial(distributed_mean, group=mesh.get_group()), print_fn=None)
+    rec["partial"] = []
+    for v in rec["local"]:
+        plain.step(v)
+        rec["partial"].append(plain.last_loss)
+    torch.save(rec, os.path.join(out, f"submesh{rank}.pt"))
+
+
+def _worker_lockstep(rank: int, world: int, port: int, out: str) -> None:
+    # a short timeout: a process left waiting in a collective fails the run instead of hanging it
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=20))
+    _lockstep_cases(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worker_submesh(rank: int, world: int, port: int, out: str) -> None:
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=20))
+    _submesh_fsdp(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def lockstep_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_lockstep", _worker_lockstep)
+    return [torch.load(os.path.join(out, f"lockstep{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def _out_of_lockstep(outcome, step: int, *says: str) -> None:
+    assert outcome is not None, "no error"
+    kind, msg, _ = outcome
+    assert kind == "RuntimeError" and "out of lockstep" in msg and "loaded on some processes only" in msg, msg
+    for s in says:
+        assert s in msg, msg
+
+
+def test_a_state_loaded_on_one_process_only_stops_every_process_at_its_next_step(lockstep_run):
+    """Process 0 alone loaded its controller state of step 5 at step 7 (a 'load on rank 0, then broadcast' habit):
+    the processes went on at other steps, silently (or hung under FSDP2 at a collective one process took). The
+    loss's all-reduce carries a fingerprint of the controller's state, so both raise at the next step, naming it."""
+    for r, run in enumerate(lockstep_run):
+        got = run["loaded_on_one"]
+        assert got[:7] == [None] * 7
+        _out_of_lockstep(got[7], 7, "process steps differ: min 5 (process 0), max 7 (process 1)")
+        assert got[7][2] == (5 if r == 0 else 7)  # nothing moved at the refused step
+    assert lockstep_run[0]["loaded_on_one"][7][1] == lockstep_run[1]["loaded_on_one"][7][1]
+
+
+def test_a_step_refused_on_one_process_only_is_raised_on_every_process(lockstep_run):
+    """Process 0's adapters ran at another rank than its controller's mode (a model.load_state_dict there only): its
+    ctrl.step refused the step before the all-reduce, and process 1 waited in the collective. Both raise now."""
+    a, b = (run["rank_set_on_one"] for run in lockstep_run)
+    assert a[:2] == b[:2] == [None, None]
+    _out_of_lockstep(a[2], 2, "process 0 refused the step: ValueError: ctrl.step: the adapters run at rank 16")
+    _out_of_lockstep(b[2], 2, "process 0 refused the step")
+    for run in lockstep_run:  # refused on every process: each raises its own ValueError, as one process does
+        kind, msg, _ = run["rank_set_on_all"]
+        assert kind == "ValueError" and "the adapters run at rank 16" in msg
+
+
+def test_a_step_that_raised_on_one_process_stops_every_process_at_the_next(lockstep_run):
+    a, b = (run["raised_on_one"] for run in lockstep_run)
+    assert a[:2] == b[:2] == [None, None] and a[2] is None
+    assert b[2][0] == "ValueError" and "no gradient" in b[2][1]  # caught, and process 1 went on one step behind
+    for got in (a, b):
+        _out_of_lockstep(got[3], 3, "process steps differ: min 2 (process 1), max 3 (process 0)")
+
+
+def test_controllers_built_with_other_settings_are_refused_at_the_first_step(lockstep_run):
+    for run in lockstep_run:
+        _out_of_lockstep(run["other_settings"], 0, "process settings digests")
+
+
+def test_the_lockstep_fingerprint_compares_exactly_at_any_world_size():
+    """world · Σs² == (Σs)² holds iff every s is equal, in float64, whatever order the all-reduce sums in: the
+    fingerprints' range shrinks with the world so that the sums stay exact integers."""
+    from unified_lora.distributed import _fingerprint, _in_lockstep
+
+    g = torch.Generator().manual_seed(0)
+    for world in (2, 3, 1000, 1024, 8191, 50000):
+        top = _fingerprint({}, True, world)  # the refusal's value, above every hash
+        assert top * top * world < 2 ** 53 and _fingerprint({"steps": 10 ** 7}, False, world) < top
+        for near in (top, top - 1, 0, 1):
+            s = torch.full((world,), float(top), dtype=torch.float64)
+            for differ in (False, True):
+                if differ:
+                    s[int(torch.randint(world, (1,), generator=g))] = near
+                s = s[torch.randperm(world, generator=g)]
+                sums = [0.0, float(s.sum()), float((s * s).sum())]  # (a float64 sum, as the all-reduce's)
+                assert _in_lockstep(sums, world) == (not differ or near == top)
+    fp = functools.partial(_fingerprint, refused=False, world=1024)
+    assert fp({"steps": 10 ** 7, "modes": 1}) != fp({"steps": 10 ** 7 + 1, "modes": 1})
+
+
+@pytest.fixture(scope="module")
+def submesh_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_submesh", _worker_submesh, nprocs=4)
+    return [torch.load(os.path.join(out, f"submesh{r}.pt"), weights_only=False) for r in range(4)]
+
+
+def test_fsdp2_controllers_on_two_meshes_in_one_world_reduce_over_their_own_mesh(submesh_run):
+    """Two FSDP2 runs in one world, on meshes {0, 1} and {2, 3}: each controller's loss is the mean over its own
+    mesh (it was the world's: the other run's losses leaked in, and runs of different lengths hung), and
+    assert_lockstep compares the processes of its own mesh. A plain controller reduces over the group its
+    `functools.partial(distributed_mean, group=...)` names."""
+    for a, b in ((0, 1), (2, 3)):
+        ra, rb = submesh_run[a], submesh_run[b]
+        assert len(ra["used"]) == (4 if a == 0 else 6)
+        assert ra["used"] == rb["used"] == pytest.approx([(x + y) / 2 for x, y in zip(ra["local"], rb["local"])],
+                                                          rel=1e-12)
+        assert ra["lockstep"] is None and rb["lockstep"] is None
+        assert ra["partial"] == rb["partial"] == ra["used"]

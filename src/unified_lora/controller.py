@@ -17,6 +17,7 @@ restore every managed gradient is cleared, so the restored weights stay exact.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -30,7 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import check_blocks_sharded, check_sharding, local_tensor, sharding_of, to_sharded
+from .distributed import (check_blocks_sharded, check_sharding, local_tensor, lockstep_mean, shard_group, sharding_of,
+                          to_sharded)
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -49,16 +51,21 @@ def _unwrap_optimizer(opt):
     return opt
 
 
-def distributed_mean(value: float, device=None) -> float:
-    """All-reduce a scalar so every process decides on the same number (SPEC §7).
-    A no-op outside an initialised process group."""
-    if not (_DIST and dist.is_initialized()) or dist.get_world_size() == 1:
+def distributed_mean(value: float, device=None, group=None) -> float:
+    """All-reduce a scalar so every process decides on the same number (SPEC §7), over `group` (None: the whole
+    world). A no-op outside an initialised process group.
+
+    As a controller's `reduce_loss` (its default), the controller does not call it: it calls `lockstep_mean`
+    (unified_lora.distributed), which all-reduces the same mean over the controller's processes (its FSDP2 device
+    mesh's group when sharded) and, in the same all-reduce, checks that every process's controller is at the same
+    step, mode and rank with the same settings (a clear error on every process at once where not)."""
+    if not (_DIST and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return value
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    dist.all_reduce(t, group=group)
+    return t.item() / dist.get_world_size(group)
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -387,7 +394,53 @@ class UnifiedController:
             loss = float(loss)
         return loss
 
-    def _read_loss(self, loss) -> float:
+    def _lockstep_group(self):
+        """(whether `step` reduces the loss in lockstep, the process group): the default `reduce_loss`
+        (`distributed_mean`, or `functools.partial(distributed_mean, group=...)`) over more than one process. The
+        group is the partial's, else the FSDP2 device mesh's when the managed parameters are sharded (a mesh over
+        some processes only: two models sharded apart in one world), else None, the whole world (DDP)."""
+        reduce, group = self.reduce_loss, None
+        if isinstance(reduce, functools.partial) and reduce.func is distributed_mean and not reduce.args and \
+                set(reduce.keywords) <= {"device", "group"}:
+            reduce, group = distributed_mean, reduce.keywords.get("group")
+        if reduce is not distributed_mean or not (_DIST and dist.is_initialized()):
+            return False, None
+        if group is None:
+            group = shard_group(self.managed_parameters())
+        return dist.get_world_size(group) > 1, group
+
+    def _lockstep_fields(self) -> dict[str, int]:
+        """What every process's controller must agree on before a step, as integers (`lockstep_mean` compares them):
+        the step count, the mode, the rank, the Mirror snapshot, the last transition and a digest of the settings."""
+        digest = self.__dict__.get("_settings_digest")
+        if digest is None:
+            import dataclasses
+            import json
+            import zlib
+
+            configs = [self.signal_config, self.machine.config, self.actuators, self.mirror.config]
+            text = json.dumps([dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c) for c in configs],
+                              sort_keys=True, default=repr)
+            digest = self._settings_digest = zlib.crc32(text.encode())
+        last = self.machine.last_transition_step
+        return {"steps": self.global_step, "modes": self.mode, "ranks": self.rank,
+                "Mirror snapshots held": int(self.mirror.held), "last transition steps": -1 if last is None else last,
+                "settings digests (signal, machine, actuator and Mirror configs)": digest}
+
+    def _read_loss(self, loss, refusal: BaseException | None = None) -> float:
+        """The loss the signal reads: this process's, reduced by `reduce_loss`. `refusal`: the error this process's
+        checks raised before the step; under the default reduction every process raises together (see `step`)."""
+        lockstep, group = self._lockstep_group()
+        if lockstep:
+            value = 0.0
+            if refusal is None:
+                try:
+                    value = self._loss_value(loss)
+                except ValueError as e:
+                    refusal = e
+            return lockstep_mean(value, self._lockstep_fields(), refusal, group)
+        if refusal is not None:
+            raise refusal
         loss = self._loss_value(loss)
         if self.reduce_loss is not None:
             # a float again: a reduce_loss giving a numpy float (np.mean) or a tensor put that type into loss_ema and
@@ -500,9 +553,13 @@ class UnifiedController:
         restore is the last write of an exit, so a failure before it leaves the weights alone; a
         restore that completed stays, with this step's gradients cleared), gradients of blocks a
         partial rank drop paused, and a multi-task split or merge that raised partway."""
-        self._check_sync_step()
-        self._check_rank()
-        loss = self._read_loss(loss)
+        refusal = None
+        try:  # per-process checks: under DDP one process alone may fail them (a model.load_state_dict on process 0
+            self._check_sync_step()  # only); the lockstep all-reduce then stops every process, not that one alone
+            self._check_rank()  # while the others wait in the collective
+        except ValueError as e:
+            refusal = e
+        loss = self._read_loss(loss, refusal)
         self.last_loss = loss
         phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)

@@ -45,6 +45,7 @@ forward leaves unsharded parameters registered; the controller's `state_dict`, `
 from __future__ import annotations
 
 import sys
+import zlib
 from typing import Iterable
 
 import torch
@@ -552,19 +553,78 @@ def _device():
     return torch.device("cpu")
 
 
+_LIKELY = ("Likely causes: a state loaded on some processes only (ctrl.load_state_dict, model.load_state_dict or a "
+           "checkpoint load run on process 0 alone: every process must load the same state, ctrl's included); a "
+           "ctrl.step skipped on some processes (an exception caught on one process, a `continue` on a bad batch "
+           "there); or controllers built with different settings. Nothing moved at this step. Restart every process "
+           "from one checkpoint, loaded on every process, and call ctrl.step on every process at every step")
+
+
+def _fingerprint(fields: dict[str, int], refused: bool, world: int) -> int:
+    """One process's lockstep fingerprint: a hash of `fields` in [0, 2**bits), or 2**bits (outside every hash) for a
+    process that refused the step; bits (20 up to 8191 processes) keep world · 2**(2·bits) below 2**53, so the sums
+    of the fingerprints and of their squares over the processes are exact in float64."""
+    bits = min(20, (53 - world.bit_length()) // 2)
+    if refused:
+        return 1 << bits
+    return zlib.crc32(repr(tuple(int(v) for v in fields.values())).encode()) & ((1 << bits) - 1)
+
+
+def _in_lockstep(sums: list[float], world: int) -> bool:
+    """Whether the fingerprints s summed over `world` processes ([.., Σs, Σs²]) are all equal: a variance of 0,
+    world · Σs² == (Σs)², on exact integers. Every process tests the same sums, so every process decides the same."""
+    return world * int(sums[2]) == int(sums[1]) ** 2
+
+
+def lockstep_mean(value: float, fields: dict[str, int], refusal: BaseException | None = None, group=None) -> float:
+    """`distributed_mean` that also checks the processes are in lockstep, in the same single all-reduce: one float64
+    vector [value, s, s²] summed over `group` (None: the whole world), where s is a hash of `fields` (the step
+    count, the mode, ... : integers every process's controller must agree on), or a value outside every hash where
+    this process brings a `refusal` (the error its own checks raised before the collective). If the fingerprints
+    differ, every process raises the same RuntimeError at this step, after one more collective (an all-gather, on
+    this error path only) that says which processes differ and how. If every process refused, each raises its own
+    `refusal`. Else the mean of `value` over the processes."""
+    world = dist.get_world_size(group)
+    s = float(_fingerprint(fields, refusal is not None, world))
+    t = torch.tensor([value, s, s * s], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, group=group)
+    sums = t.tolist()
+    if _in_lockstep(sums, world):
+        if refusal is not None:
+            raise refusal
+        return sums[0] / world
+    every = [None] * world
+    mine = (dict(fields), None if refusal is None else f"{type(refusal).__name__}: {refusal}")
+    dist.all_gather_object(every, mine, group=group)
+    parts = []
+    for name in fields:
+        values = [f[name] for f, _ in every]
+        if len(set(values)) > 1:
+            lo, hi = min(values), max(values)
+            parts.append(f"process {name} differ: min {lo} (process {values.index(lo)}), max {hi} "
+                         f"(process {values.index(hi)})")
+    parts += [f"process {r} refused the step: {why}" for r, (_, why) in enumerate(every) if why is not None]
+    where = "" if group is None else " of the controller's device mesh (FSDP2's group; process numbers in it)"
+    error = RuntimeError(f"ctrl.step: the controllers on the {world} processes{where} are out of lockstep, so they "
+                         f"would decide apart: " + "; ".join(parts) + ". " + _LIKELY)
+    raise error from refusal
+
+
 def lockstep_state(ctrl) -> list[float]:
     """The numbers every process must agree on: step, mode, rank, φ, Mirror held."""
     return [float(ctrl.global_step), float(ctrl.mode), float(ctrl.rank), float(ctrl.phi), float(ctrl.mirror.held)]
 
 
 def assert_lockstep(ctrl) -> None:
-    """All-gather `lockstep_state(ctrl)` and raise if any process differs from rank 0.
+    """All-gather `lockstep_state(ctrl)` over the controller's processes (its FSDP2 device mesh's group when its
+    parameters are sharded, else the whole world) and raise if any process differs from the first.
     A no-op outside an initialised process group."""
     if not is_distributed():
         return
+    group = _shard_group_of(ctrl)
     mine = torch.tensor(lockstep_state(ctrl), dtype=torch.float64, device=_device())
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
     for r, other in enumerate(every):
         if not torch.equal(other, every[0]):
             raise RuntimeError(f"controller out of lockstep: rank 0 has (step, mode, rank, phi, mirror) = "
@@ -572,6 +632,6 @@ def assert_lockstep(ctrl) -> None:
 
 
 __all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
-           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "local_tensor", "shard_group",
+           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "lockstep_mean", "local_tensor", "shard_group",
            "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded", "refuse_sharded",
            "save_sharded_checkpoint", "load_sharded_checkpoint"]

@@ -898,9 +898,9 @@ class MultiTaskController(UnifiedController):
         controller reduces at all: `reduce_loss` not None)."""
         return self.reduce_loss is not None and is_distributed()
 
-    def _read_loss(self, loss) -> float:
+    def _read_loss(self, loss, refusal: BaseException | None = None) -> float:
         self._local_loss = self._loss_value(loss)  # `task_id=` credits this process's loss to its task
-        return super()._read_loss(self._local_loss)
+        return super()._read_loss(self._local_loss, refusal)
 
     def _check_backward_ran(self) -> None:
         if all(p.grad is None for a in self.adapters for p in a.active_parameters()) and not any(
