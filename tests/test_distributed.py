@@ -1514,7 +1514,7 @@ def _ls_step(rank, step, model, ctrl, opt, drop_grads=False):
 def _lockstep_cases(rank: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from unified_lora import set_rank
+    from unified_lora import distributed_mean, set_rank
 
     rec = {}
     # 1. ctrl.load_state_dict on process 0 only (under DDP), of a state two steps old
@@ -1544,7 +1544,33 @@ def _lockstep_cases(rank: int, out: str) -> None:
     # 4. a controller built with other settings on process 1
     model, ctrl, opt = _ls_setup(theta1=0.7 if rank == 0 else 0.8)
     rec["other_settings"] = _ls_step(rank, 0, model, ctrl, opt)
+    # 5. multi-task controllers reducing over a group of their own (here each process's own: two one-process runs,
+    # of different lengths) run as with no reduction at all
+    own = [dist.new_group([0]), dist.new_group([1])][rank]  # (every process creates every group, in one order)
+    rec["multitask_own_group"] = [_mt_own_run(rank, reduce_loss=functools.partial(distributed_mean, group=own)),
+                                  _mt_own_run(rank, reduce_loss=None)]
     torch.save(rec, os.path.join(out, f"lockstep{rank}.pt"))
+
+
+def _mt_own_run(rank: int, reduce_loss):
+    from unified_lora.multitask import per_task_losses, task_context
+
+    model, _, ctrl = _mt_setup()
+    ctrl.reduce_loss = reduce_loss
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    for step in range(6 + 3 * rank):
+        x, y, tids = _mt_batch(rank, step)
+        with task_context(model, tids):
+            per = model(input_ids=x, labels=y)
+        per.mean().backward()
+        if isinstance(tids, str):
+            ctrl.step(per.mean(), task_id=tids)
+        else:
+            ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+        opt.step()
+        opt.zero_grad()
+    return [(r.step, r.loss, r.phi, r.mode, r.transition) for r in ctrl.trace]
 
 
 def _submesh_fsdp(rank: int, out: str) -> None:
@@ -1645,6 +1671,15 @@ def test_a_step_that_raised_on_one_process_stops_every_process_at_the_next(locks
 def test_controllers_built_with_other_settings_are_refused_at_the_first_step(lockstep_run):
     for run in lockstep_run:
         _out_of_lockstep(run["other_settings"], 0, "process settings digests")
+
+
+def test_multitask_reductions_run_over_the_group_its_reduce_loss_names(lockstep_run):
+    """A multi-task controller with reduce_loss=functools.partial(distributed_mean, group=...) (a DDP over a
+    subgroup) combined its task losses and gradients over the whole world all the same: here each process is a
+    one-process run of its own, of different lengths, which must run as with no reduction at all."""
+    for run in lockstep_run:
+        grouped, alone = run["multitask_own_group"]
+        assert grouped == alone and len({t for *_, t in alone} - {None}) >= 1
 
 
 def test_the_lockstep_fingerprint_compares_exactly_at_any_world_size():

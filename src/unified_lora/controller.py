@@ -394,20 +394,26 @@ class UnifiedController:
             loss = float(loss)
         return loss
 
-    def _lockstep_group(self):
-        """(whether `step` reduces the loss in lockstep, the process group): the default `reduce_loss`
-        (`distributed_mean`, or `functools.partial(distributed_mean, group=...)`) over more than one process. The
-        group is the partial's, else the FSDP2 device mesh's when the managed parameters are sharded (a mesh over
-        some processes only: two models sharded apart in one world), else None, the whole world (DDP)."""
+    def _reduce_group(self):
+        """(the `reduce_loss` is the default, `distributed_mean`, the process group the controller's own reductions
+        run over): the group of a `functools.partial(distributed_mean, group=...)`, else the FSDP2 device mesh's
+        when the managed parameters are sharded (a mesh over some processes only: two models sharded apart in one
+        world), else None, the whole world (DDP). Needs an initialised process group."""
         reduce, group = self.reduce_loss, None
         if isinstance(reduce, functools.partial) and reduce.func is distributed_mean and not reduce.args and \
                 set(reduce.keywords) <= {"device", "group"}:
             reduce, group = distributed_mean, reduce.keywords.get("group")
-        if reduce is not distributed_mean or not (_DIST and dist.is_initialized()):
-            return False, None
         if group is None:
             group = shard_group(self.managed_parameters())
-        return dist.get_world_size(group) > 1, group
+        return reduce is distributed_mean, group
+
+    def _lockstep_group(self):
+        """(whether `step` reduces the loss in lockstep, the process group): the default `reduce_loss` over more
+        than one process (see `_reduce_group`)."""
+        if not (_DIST and dist.is_initialized()):
+            return False, None
+        default, group = self._reduce_group()
+        return default and dist.get_world_size(group) > 1, group
 
     def _lockstep_fields(self) -> dict[str, int]:
         """What every process's controller must agree on before a step, as integers (`lockstep_mean` compares them):

@@ -895,8 +895,15 @@ class MultiTaskController(UnifiedController):
 
     def _ddp(self) -> bool:
         """Whether per-process numbers must be combined (an initialised group of > 1 processes, and the
-        controller reduces at all: `reduce_loss` not None)."""
-        return self.reduce_loss is not None and is_distributed()
+        controller reduces at all: `reduce_loss` not None), over `_reduce_group()`'s processes: the group of a
+        `functools.partial(distributed_mean, group=...)` (a DDP over a subgroup), else the whole world. (They were
+        combined over the whole world whatever the loss was reduced over: a run on a subgroup mixed in the task
+        losses and gradients of the processes outside it, or waited for them.)"""
+        if self.reduce_loss is None or not is_distributed():
+            return False
+        import torch.distributed as dist
+
+        return dist.get_world_size(self._reduce_group()[1]) > 1
 
     def _read_loss(self, loss, refusal: BaseException | None = None) -> float:
         self._local_loss = self._loss_value(loss)  # `task_id=` credits this process's loss to its task
@@ -963,8 +970,9 @@ class MultiTaskController(UnifiedController):
         for s, parts in local.items():
             buf[s, :numel] = torch.cat([p.float() for p in parts]).to(buf.device)
             buf[s, numel] = 1.0
-        dist.all_reduce(buf)
-        buf[:, :numel] /= dist.get_world_size()
+        group = self._reduce_group()[1]
+        dist.all_reduce(buf, group=group)
+        buf[:, :numel] /= dist.get_world_size(group)
         seen = (buf[:, numel] > 0).tolist()
         dev = self.adapters[0].lora_A[0].device
         return {s: buf[s, :numel].to(dev) for s in range(self.router.n_slots) if seen[s]}
@@ -1064,7 +1072,7 @@ class MultiTaskController(UnifiedController):
             buf[s] += v
             buf[n + s] += 1.0
         t = torch.tensor(buf, dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self._reduce_group()[1])
         sums, counts = t[:n].tolist(), t[n:].tolist()
         ids = {s: tid for tid, s in self.router.slots.items()}
         out = {ids[s]: sums[s] / counts[s] for s in range(n) if counts[s] > 0}
