@@ -665,7 +665,7 @@ def _fsdp_batch(rank: int, step: int):
     return x, (1 - y if step in FSDP_CORRUPT else y)
 
 
-def _fsdp_setup(kind: str):
+def _fsdp_setup(kind: str, **ctrl_kw):
     from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 
     torch.manual_seed(0)
@@ -674,7 +674,8 @@ def _fsdp_setup(kind: str):
     signal = (SignalConfig(kind="loss", alpha=0.5, beta=0.5, loss_scale=0.5) if kind == "loss"
               else SignalConfig(kind="composite", alpha=0.5, min_history=3))
     _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
-                                 mirror=MirrorConfig(policy="drift", snapshot_optimizer=True), print_fn=None)
+                                 mirror=MirrorConfig(policy="drift", snapshot_optimizer=True), print_fn=None,
+                                 **ctrl_kw)
     return model, ctrl
 
 
@@ -707,10 +708,10 @@ def _fsdp_train(model, ctrl, batches, rec=None, opt=None, on_step=None):
     return [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.drift) for r in ctrl.trace]
 
 
-def _fsdp_sharded(kind: str, mesh=None, **kw):
+def _fsdp_sharded(kind: str, mesh=None, ctrl_kw=None, **kw):
     from torch.distributed.fsdp import fully_shard
 
-    model, ctrl = _fsdp_setup(kind)
+    model, ctrl = _fsdp_setup(kind, **(ctrl_kw or {}))
     for name in ("q_proj", "v_proj", "classifier"):  # each block on its own, then the root (FSDP2's recipe)
         fully_shard(getattr(model, name), mesh=mesh, **kw)
     fully_shard(model, mesh=mesh, **kw)
@@ -1579,7 +1580,8 @@ def _submesh_fsdp(rank: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("run", "shard"))["shard"]
-    model, ctrl = _fsdp_sharded("composite", mesh=mesh)
+    trace = os.path.join(out, f"submesh_trace{rank // 2}.jsonl")  # one file per run, given on each of its processes
+    model, ctrl = _fsdp_sharded("composite", mesh=mesh, ctrl_kw={"trace_path": trace})
     opt = _fsdp_opt(model, ctrl)
     rec = {"local": [], "used": [], "lockstep": None}
     steps = 4 if rank < 2 else 6  # the runs need not even take the same number of steps
@@ -1596,6 +1598,7 @@ def _submesh_fsdp(rank: int, out: str) -> None:
             rec["lockstep"] = str(e)
         opt.step()
         opt.zero_grad()
+    ctrl.close()
     # a controller over plain (DDP) parameters reduces over the world; a DDP over a subgroup names its group
     from unified_lora import UnifiedController, distributed_mean
 
@@ -1706,7 +1709,8 @@ def test_the_lockstep_fingerprint_compares_exactly_at_any_world_size():
 @pytest.fixture(scope="module")
 def submesh_run(tmp_path_factory):
     out = _spawn_once(tmp_path_factory, "unified_lora_submesh", _worker_submesh, nprocs=4)
-    return [torch.load(os.path.join(out, f"submesh{r}.pt"), weights_only=False) for r in range(4)]
+    return [dict(torch.load(os.path.join(out, f"submesh{r}.pt"), weights_only=False),
+                 trace=read_trace(os.path.join(out, f"submesh_trace{r // 2}.jsonl"))) for r in range(4)]
 
 
 def test_fsdp2_controllers_on_two_meshes_in_one_world_reduce_over_their_own_mesh(submesh_run):
@@ -1721,3 +1725,12 @@ def test_fsdp2_controllers_on_two_meshes_in_one_world_reduce_over_their_own_mesh
                                                           rel=1e-12)
         assert ra["lockstep"] is None and rb["lockstep"] is None
         assert ra["partial"] == rb["partial"] == ra["used"]
+
+
+def test_fsdp2_runs_on_two_meshes_in_one_world_each_write_their_trace_file(submesh_run):
+    """The trace file is written by the first process of the controller's mesh: only the world's process 0 wrote,
+    so the run on mesh {2, 3} left its trace_path empty."""
+    for r in (0, 2):
+        run = submesh_run[r]
+        assert [t["step"] for t in run["trace"]] == list(range(len(run["used"])))
+        assert [t["loss"] for t in run["trace"]] == pytest.approx(run["used"], rel=1e-12)

@@ -157,7 +157,8 @@ class UnifiedController:
         self.trace: list[StepRecord] = []
         self.keep_trace = keep_trace
         # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
-        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None) if trace_path else None
+        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
+                                  group=self._trace_group) if trace_path else None
         self.log_every, self.print_fn = int(log_every), print_fn
         self.reduce_loss = reduce_loss
         self._apply_rank()
@@ -406,6 +407,10 @@ class UnifiedController:
         if group is None:
             group = shard_group(self.managed_parameters())
         return reduce is distributed_mean, group
+
+    def _trace_group(self):
+        """The process group whose steps this controller's trace file records (its first process writes it)."""
+        return self._reduce_group()[1] if _DIST and dist.is_initialized() else None
 
     def _lockstep_group(self):
         """(whether `step` reduces the loss in lockstep, the process group): the default `reduce_loss` over more
