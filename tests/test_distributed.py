@@ -1496,14 +1496,22 @@ def _ls_setup(**machine):
     return model, ctrl, opt
 
 
-def _ls_step(rank, step, model, ctrl, opt, drop_grads=False):
+def _ls_step(rank, step, model, ctrl, opt, drop_grads=False, mt=False):
     """One training step; the outcome of its ctrl.step: None, or (error type, message, this process's step count)."""
-    x, y = _fsdp_batch(rank, step)
-    model(input_ids=x, labels=y).backward()
+    if mt:
+        from unified_lora.multitask import task_context
+
+        x, y, tids = _mt_batch(rank, step)
+        with task_context(model, tids):
+            loss = model(input_ids=x, labels=y).mean()
+    else:
+        x, y = _fsdp_batch(rank, step)
+        loss = model(input_ids=x, labels=y)
+    loss.backward()
     if drop_grads:
         opt.zero_grad()
     try:
-        ctrl.step(model(input_ids=x, labels=y).detach())
+        ctrl.step(loss.detach())
     except (RuntimeError, ValueError) as e:
         return type(e).__name__, str(e), ctrl.global_step
     finally:
@@ -1545,7 +1553,17 @@ def _lockstep_cases(rank: int, out: str) -> None:
     # 4. a controller built with other settings on process 1
     model, ctrl, opt = _ls_setup(theta1=0.7 if rank == 0 else 0.8)
     rec["other_settings"] = _ls_step(rank, 0, model, ctrl, opt)
-    # 5. multi-task controllers reducing over a group of their own (here each process's own: two one-process runs,
+    # 5. a multi-task model's state of another topology loaded on process 0 only (model.load_state_dict restores
+    # the topology it was saved in): its controller refused the step before the all-reduce
+    model, _, ctrl = _mt_setup()  # SINGLE: the shared adapter
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    if rank == 0:
+        other, _, other_ctrl = _mt_setup()
+        other_ctrl.split()  # MULTI's task adapters, as a model saved in MULTI has them
+        model.load_state_dict(other.state_dict())
+    rec["topology_on_one"] = _ls_step(rank, 0, model, ctrl, opt, mt=True)
+    # 6. multi-task controllers reducing over a group of their own (here each process's own: two one-process runs,
     # of different lengths) run as with no reduction at all
     own = [dist.new_group([0]), dist.new_group([1])][rank]  # (every process creates every group, in one order)
     rec["multitask_own_group"] = [_mt_own_run(rank, reduce_loss=functools.partial(distributed_mean, group=own)),
@@ -1674,6 +1692,12 @@ def test_a_step_that_raised_on_one_process_stops_every_process_at_the_next(locks
 def test_controllers_built_with_other_settings_are_refused_at_the_first_step(lockstep_run):
     for run in lockstep_run:
         _out_of_lockstep(run["other_settings"], 0, "process settings digests")
+
+
+def test_a_multitask_topology_loaded_on_one_process_only_is_raised_on_every_process(lockstep_run):
+    for run in lockstep_run:
+        _out_of_lockstep(run["topology_on_one"], 0, "process 0 refused the step: ValueError: ctrl.step: the model "
+                                                    "runs the task adapters (topology 'task')")
 
 
 def test_multitask_reductions_run_over_the_group_its_reduce_loss_names(lockstep_run):

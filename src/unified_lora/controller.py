@@ -484,6 +484,12 @@ class UnifiedController:
                     "(ctrl.attach_optimizer(accelerator.prepare(opt))) to have such a step refused. If no "
                     "Accelerator accumulates now, the state is an earlier one's, left on a micro-batch", stacklevel=3)
 
+    def _check_before_step(self) -> None:
+        """The checks that refuse a step before anything moves, with a ValueError; they read this process's state
+        only, so under DDP `step` hands their error to the lockstep all-reduce (every process raises together)."""
+        self._check_sync_step()
+        self._check_rank()
+
     def _check_rank(self) -> None:
         """Refuse a step while an adapter runs at another rank than the controller's mode gives it, before anything
         moves: the rank is in the model's state dict (`_extra_state`), so a `model.load_state_dict` of a model
@@ -566,9 +572,8 @@ class UnifiedController:
         partial rank drop paused, and a multi-task split or merge that raised partway."""
         refusal = None
         try:  # per-process checks: under DDP one process alone may fail them (a model.load_state_dict on process 0
-            self._check_sync_step()  # only); the lockstep all-reduce then stops every process, not that one alone
-            self._check_rank()  # while the others wait in the collective
-        except ValueError as e:
+            self._check_before_step()  # only); the lockstep all-reduce then stops every process, not that one
+        except ValueError as e:  # alone while the others wait in the collective
             refusal = e
         loss = self._read_loss(loss, refusal)
         self.last_loss = loss

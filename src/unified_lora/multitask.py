@@ -1084,6 +1084,14 @@ class MultiTaskController(UnifiedController):
             raise ValueError(f"ctrl.step: task_id= is one id for the whole batch, got {type(task_id).__name__} "
                              f"{task_id!r}; for one id per sample pass task_losses=per_task_losses(per_sample_loss, "
                              f"task_ids)")
+        if not self.__dict__.get("_not_sharded"):
+            self._refuse_sharded()
+        self._task_info = task_losses is not None or task_id is not None
+        return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    def _check_before_step(self) -> None:
+        """As the base class's, and the topology first: under DDP a topology restored on one process only (its
+        load_task_adapters or model.load_state_dict) is raised on every process, at the lockstep all-reduce."""
         want = "task" if self.mode >= MULTI else "shared"
         if self.router.topology != want:  # before anything moves: a refused step leaves the run as it was
             raise ValueError(
@@ -1095,10 +1103,7 @@ class MultiTaskController(UnifiedController):
                 f"mode the model was saved in (machine=MachineConfig(initial_mode="
                 f"{'SINGLE' if want == 'task' else 'MULTI'})), or resume with ctrl.load_state_dict(...), which "
                 f"restores the mode and the topology together")
-        if not self.__dict__.get("_not_sharded"):
-            self._refuse_sharded()
-        self._task_info = task_losses is not None or task_id is not None
-        return super().step(loss, task_losses=task_losses, task_id=task_id)
+        super()._check_before_step()
 
     def _refuse_sharded(self) -> None:
         """Refuse FSDP2-sharded adapters (checked at the first step): the task-conflict statistics (C_grad,
