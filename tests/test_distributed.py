@@ -1547,9 +1547,20 @@ def _lockstep_cases(rank: int, out: str) -> None:
     # ... and on every process: each raises its own ValueError, as a single process does
     set_rank(ctrl.adapters, 16)
     rec["rank_set_on_all"] = _ls_step(rank, 3, model, ctrl, opt)
-    # 3. a ctrl.step that raised on process 1 only after the all-reduce (no gradients there), caught, and the loop went on
-    model, ctrl, opt = _ls_setup()
-    rec["raised_on_one"] = [_ls_step(rank, s, model, ctrl, opt, drop_grads=(rank == 1 and s == 2)) for s in range(4)]
+    # 3. no gradients on process 1 only at step 2 (its gradients dropped before ctrl.step), under FSDP2 with the
+    # composite signal: that process raised after the loss's all-reduce and the other one waited in the signal's
+    model, ctrl = _fsdp_sharded("composite")
+    opt = _fsdp_opt(model, ctrl)
+    rec["no_grad_on_one"] = [_ls_step(rank, s, model, ctrl, opt, drop_grads=(rank == 1 and s == 2)) for s in range(4)]
+    del model, ctrl, opt
+    # 3b. a transition that failed on process 1 only (its Mirror snapshot raised: an out-of-memory there), after the
+    # all-reduce; caught, and the loop went on: the processes are in different modes
+    model, ctrl, opt = _ls_setup(theta0=0.01, theta1=0.02)  # MULTI -> MIRROR at the first step
+    if rank == 1:
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("out of memory (on this process only)")
+        ctrl.mirror.save = out_of_memory
+    rec["transition_failed_on_one"] = [_ls_step(rank, s, model, ctrl, opt) for s in range(2)]
     # 4. a controller built with other settings on process 1
     model, ctrl, opt = _ls_setup(theta1=0.7 if rank == 0 else 0.8)
     rec["other_settings"] = _ls_step(rank, 0, model, ctrl, opt)
@@ -1681,12 +1692,25 @@ def test_a_step_refused_on_one_process_only_is_raised_on_every_process(lockstep_
         assert kind == "ValueError" and "the adapters run at rank 16" in msg
 
 
-def test_a_step_that_raised_on_one_process_stops_every_process_at_the_next(lockstep_run):
-    a, b = (run["raised_on_one"] for run in lockstep_run)
-    assert a[:2] == b[:2] == [None, None] and a[2] is None
-    assert b[2][0] == "ValueError" and "no gradient" in b[2][1]  # caught, and process 1 went on one step behind
+def test_no_gradients_on_one_process_only_stop_every_process_at_that_step_under_fsdp2(lockstep_run):
+    """Process 1 had no gradients at step 2: its ctrl.step raised after the loss's all-reduce, and under FSDP2 with
+    the composite signal process 0 went on into the signal's all-reduce and hung. The check now runs before the
+    all-reduce: both raise at step 2, before anything moved, and step 3 goes on together."""
+    for got in (run["no_grad_on_one"] for run in lockstep_run):
+        assert got[:2] == [None, None] and got[3] is None
+        _out_of_lockstep(got[2], 2, "process 1 refused the step: ValueError: ctrl.step: no gradient on the adapters")
+        assert got[2][2] == 2
+
+
+def test_a_transition_that_failed_on_one_process_stops_every_process_at_the_next_step(lockstep_run):
+    """Process 1's Mirror snapshot raised (an out-of-memory there only): its transition was undone and the error
+    raised after the all-reduce, while process 0 entered MIRROR. The loop caught it and went on: both raise at the
+    next step, naming the modes."""
+    a, b = (run["transition_failed_on_one"] for run in lockstep_run)
+    assert a[0] is None and b[0][0] == "RuntimeError" and "out of memory" in b[0][1]
     for got in (a, b):
-        _out_of_lockstep(got[3], 3, "process steps differ: min 2 (process 1), max 3 (process 0)")
+        _out_of_lockstep(got[1], 1, "process modes differ: min 1 (process 1), max 2 (process 0)",
+                         "process Mirror snapshots held differ")
 
 
 def test_controllers_built_with_other_settings_are_refused_at_the_first_step(lockstep_run):

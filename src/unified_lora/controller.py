@@ -482,13 +482,15 @@ class UnifiedController:
                     "skips; the controller counts optimizer steps. Call ctrl.step only when "
                     "accelerator.sync_gradients is true, and attach accelerate's optimizer "
                     "(ctrl.attach_optimizer(accelerator.prepare(opt))) to have such a step refused. If no "
-                    "Accelerator accumulates now, the state is an earlier one's, left on a micro-batch", stacklevel=3)
+                    "Accelerator accumulates now, the state is an earlier one's, left on a micro-batch", stacklevel=4)
 
     def _check_before_step(self) -> None:
         """The checks that refuse a step before anything moves, with a ValueError; they read this process's state
         only, so under DDP `step` hands their error to the lockstep all-reduce (every process raises together)."""
         self._check_sync_step()
         self._check_rank()
+        self._check_backward_ran()  # (under FSDP2 one process without gradients hung the others in the signal's
+        # all-reduce, which it never reached)
 
     def _check_rank(self) -> None:
         """Refuse a step while an adapter runs at another rank than the controller's mode gives it, before anything
@@ -545,7 +547,6 @@ class UnifiedController:
 
     def _update_signal(self, loss: float) -> float:
         """Feed the signal; subclasses take extra step inputs here (e.g. per-task losses)."""
-        self._check_backward_ran()
         if isinstance(self.signal, CompositeSignal):
             finite = math.isfinite(loss)
             norms, cos = self.grad_stats(self.adapters) if finite else ([float("nan")], [None])

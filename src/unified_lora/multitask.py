@@ -1103,7 +1103,8 @@ class MultiTaskController(UnifiedController):
                 f"mode the model was saved in (machine=MachineConfig(initial_mode="
                 f"{'SINGLE' if want == 'task' else 'MULTI'})), or resume with ctrl.load_state_dict(...), which "
                 f"restores the mode and the topology together")
-        super()._check_before_step()
+        self._check_sync_step()
+        self._check_rank()  # (the backward check stays in _update_signal, after the task ids': those fail first)
 
     def _refuse_sharded(self) -> None:
         """Refuse FSDP2-sharded adapters (checked at the first step): the task-conflict statistics (C_grad,
