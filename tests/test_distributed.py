@@ -1734,22 +1734,25 @@ def test_multitask_reductions_run_over_the_group_its_reduce_loss_names(lockstep_
 
 
 def test_the_lockstep_fingerprint_compares_exactly_at_any_world_size():
-    """world · Σs² == (Σs)² holds iff every s is equal, in float64, whatever order the all-reduce sums in: the
-    fingerprints' range shrinks with the world so that the sums stay exact integers."""
-    from unified_lora.distributed import _fingerprint, _in_lockstep
+    """world · Σs² == (Σs)² holds iff every s is equal, with Σs and Σs² packed into one float64 sum (s·2**K + s²),
+    whatever order the all-reduce sums in: the fingerprints' range shrinks with the world so that the sums stay
+    exact integers."""
+    from unified_lora.distributed import _fingerprint, _in_lockstep, _packed
 
     g = torch.Generator().manual_seed(0)
-    for world in (2, 3, 1000, 1024, 8191, 50000):
+    for world in (2, 3, 1000, 1024, 8191, 50000, 1 << 20):
         top = _fingerprint({}, True, world)  # the refusal's value, above every hash
-        assert top * top * world < 2 ** 53 and _fingerprint({"steps": 10 ** 7}, False, world) < top
+        assert _fingerprint({"steps": 10 ** 7}, False, world) < top
         for near in (top, top - 1, 0, 1):
-            s = torch.full((world,), float(top), dtype=torch.float64)
+            count = min(world, 4096)  # the other processes' fingerprints all equal `top`: added as one exact term
             for differ in (False, True):
+                s = torch.full((count,), _packed(top, world), dtype=torch.float64)
                 if differ:
-                    s[int(torch.randint(world, (1,), generator=g))] = near
-                s = s[torch.randperm(world, generator=g)]
-                sums = [0.0, float(s.sum()), float((s * s).sum())]  # (a float64 sum, as the all-reduce's)
-                assert _in_lockstep(sums, world) == (not differ or near == top)
+                    s[int(torch.randint(count, (1,), generator=g))] = _packed(near, world)
+                s = s[torch.randperm(count, generator=g)]
+                total = float(s.sum()) + (world - count) * _packed(top, world)  # (float64 sums, as the all-reduce's)
+                assert total < 2 ** 53
+                assert _in_lockstep(total, world) == (not differ or near == top), (world, near, differ)
     fp = functools.partial(_fingerprint, refused=False, world=1024)
     assert fp({"steps": 10 ** 7, "modes": 1}) != fp({"steps": 10 ** 7 + 1, "modes": 1})
 
