@@ -665,7 +665,7 @@ def _fsdp_batch(rank: int, step: int):
     return x, (1 - y if step in FSDP_CORRUPT else y)
 
 
-def _fsdp_setup(kind: str):
+def _fsdp_setup(kind: str, **ctrl_kw):
     from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
 
     torch.manual_seed(0)
@@ -674,7 +674,8 @@ def _fsdp_setup(kind: str):
     signal = (SignalConfig(kind="loss", alpha=0.5, beta=0.5, loss_scale=0.5) if kind == "loss"
               else SignalConfig(kind="composite", alpha=0.5, min_history=3))
     _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], modules_to_save=["classifier"], signal=signal,
-                                 mirror=MirrorConfig(policy="drift", snapshot_optimizer=True), print_fn=None)
+                                 mirror=MirrorConfig(policy="drift", snapshot_optimizer=True), print_fn=None,
+                                 **ctrl_kw)
     return model, ctrl
 
 
@@ -707,10 +708,10 @@ def _fsdp_train(model, ctrl, batches, rec=None, opt=None, on_step=None):
     return [(r.step, r.phi, r.mode, r.rank, r.snapshot, r.transition, r.drift) for r in ctrl.trace]
 
 
-def _fsdp_sharded(kind: str, mesh=None, **kw):
+def _fsdp_sharded(kind: str, mesh=None, ctrl_kw=None, **kw):
     from torch.distributed.fsdp import fully_shard
 
-    model, ctrl = _fsdp_setup(kind)
+    model, ctrl = _fsdp_setup(kind, **(ctrl_kw or {}))
     for name in ("q_proj", "v_proj", "classifier"):  # each block on its own, then the root (FSDP2's recipe)
         fully_shard(getattr(model, name), mesh=mesh, **kw)
     fully_shard(model, mesh=mesh, **kw)
@@ -1478,3 +1479,309 @@ def test_fsdp2_setup_after_fully_shard_is_refused():
         check_ddp(model)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------- lockstep: desyncs raise on every process, at once
+
+def _ls_setup(**machine):
+    """A plain (unwrapped) TinyClassifier's controller: the controller's all-reduce is the only collective."""
+    from unified_lora import MachineConfig, SignalConfig, setup_unified_lora
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], signal=SignalConfig(kind="loss", alpha=0.5, beta=0.5),
+                                 machine=MachineConfig(**machine) if machine else None, print_fn=None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    return model, ctrl, opt
+
+
+def _ls_step(rank, step, model, ctrl, opt, drop_grads=False, mt=False):
+    """One training step; the outcome of its ctrl.step: None, or (error type, message, this process's step count)."""
+    if mt:
+        from unified_lora.multitask import task_context
+
+        x, y, tids = _mt_batch(rank, step)
+        with task_context(model, tids):
+            loss = model(input_ids=x, labels=y).mean()
+    else:
+        x, y = _fsdp_batch(rank, step)
+        loss = model(input_ids=x, labels=y)
+    loss.backward()
+    if drop_grads:
+        opt.zero_grad()
+    try:
+        ctrl.step(loss.detach())
+    except (RuntimeError, ValueError) as e:
+        return type(e).__name__, str(e), ctrl.global_step
+    finally:
+        opt.step()
+        opt.zero_grad()
+    return None
+
+
+def _lockstep_cases(rank: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from unified_lora import distributed_mean, set_rank
+
+    rec = {}
+    # 1. ctrl.load_state_dict on process 0 only (under DDP), of a state two steps old
+    model, ctrl, opt = _ls_setup()
+    ddp = DDP(model, **ddp_kwargs())
+    got = [_ls_step(rank, s, ddp, ctrl, opt) for s in range(5)]
+    if rank == 0:
+        saved = ctrl.state_dict()
+    got += [_ls_step(rank, s, ddp, ctrl, opt) for s in range(5, 7)]
+    if rank == 0:
+        ctrl.load_state_dict(saved)
+    rec["loaded_on_one"] = got + [_ls_step(rank, 7, ddp, ctrl, opt)]
+    del ddp
+    # 2. model.load_state_dict on process 0 only set its adapters' rank (here: set_rank); refused there, before the
+    # all-reduce, and the other process raised with it instead of waiting in the collective
+    model, ctrl, opt = _ls_setup()
+    got = [_ls_step(rank, s, model, ctrl, opt) for s in range(2)]
+    if rank == 0:
+        set_rank(ctrl.adapters, 16)
+    rec["rank_set_on_one"] = got + [_ls_step(rank, 2, model, ctrl, opt)]
+    # ... and on every process: each raises its own ValueError, as a single process does
+    set_rank(ctrl.adapters, 16)
+    rec["rank_set_on_all"] = _ls_step(rank, 3, model, ctrl, opt)
+    # 3. no gradients on process 1 only at step 2 (its gradients dropped before ctrl.step), under FSDP2 with the
+    # composite signal: that process raised after the loss's all-reduce and the other one waited in the signal's
+    model, ctrl = _fsdp_sharded("composite")
+    opt = _fsdp_opt(model, ctrl)
+    rec["no_grad_on_one"] = [_ls_step(rank, s, model, ctrl, opt, drop_grads=(rank == 1 and s == 2)) for s in range(4)]
+    del model, ctrl, opt
+    # 3b. a transition that failed on process 1 only (its Mirror snapshot raised: an out-of-memory there), after the
+    # all-reduce; caught, and the loop went on: the processes are in different modes
+    model, ctrl, opt = _ls_setup(theta0=0.01, theta1=0.02)  # MULTI -> MIRROR at the first step
+    if rank == 1:
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("out of memory (on this process only)")
+        ctrl.mirror.save = out_of_memory
+    rec["transition_failed_on_one"] = [_ls_step(rank, s, model, ctrl, opt) for s in range(2)]
+    # 4. a controller built with other settings on process 1
+    model, ctrl, opt = _ls_setup(theta1=0.7 if rank == 0 else 0.8)
+    rec["other_settings"] = _ls_step(rank, 0, model, ctrl, opt)
+    # 5. a multi-task model's state of another topology loaded on process 0 only (model.load_state_dict restores
+    # the topology it was saved in): its controller refused the step before the all-reduce
+    model, _, ctrl = _mt_setup()  # SINGLE: the shared adapter
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    if rank == 0:
+        other, _, other_ctrl = _mt_setup()
+        other_ctrl.split()  # MULTI's task adapters, as a model saved in MULTI has them
+        model.load_state_dict(other.state_dict())
+    rec["topology_on_one"] = _ls_step(rank, 0, model, ctrl, opt, mt=True)
+    # 6. multi-task controllers reducing over a group of their own (here each process's own: two one-process runs,
+    # of different lengths) run as with no reduction at all
+    own = [dist.new_group([0]), dist.new_group([1])][rank]  # (every process creates every group, in one order)
+    rec["multitask_own_group"] = [_mt_own_run(rank, reduce_loss=functools.partial(distributed_mean, group=own)),
+                                  _mt_own_run(rank, reduce_loss=None)]
+    torch.save(rec, os.path.join(out, f"lockstep{rank}.pt"))
+
+
+def _mt_own_run(rank: int, reduce_loss):
+    from unified_lora.multitask import per_task_losses, task_context
+
+    model, _, ctrl = _mt_setup()
+    ctrl.reduce_loss = reduce_loss
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    for step in range(6 + 3 * rank):
+        x, y, tids = _mt_batch(rank, step)
+        with task_context(model, tids):
+            per = model(input_ids=x, labels=y)
+        per.mean().backward()
+        if isinstance(tids, str):
+            ctrl.step(per.mean(), task_id=tids)
+        else:
+            ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+        opt.step()
+        opt.zero_grad()
+    return [(r.step, r.loss, r.phi, r.mode, r.transition) for r in ctrl.trace]
+
+
+def _submesh_fsdp(rank: int, out: str) -> None:
+    """Two independent FSDP2 runs in one world of 4 processes: meshes {0, 1} and {2, 3}, each with its own model and
+    data. Each controller's loss mean, Mirror and signal collectives and assert_lockstep run over its own mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("run", "shard"))["shard"]
+    trace = os.path.join(out, f"submesh_trace{rank // 2}.jsonl")  # one file per run, given on each of its processes
+    model, ctrl = _fsdp_sharded("composite", mesh=mesh, ctrl_kw={"trace_path": trace})
+    opt = _fsdp_opt(model, ctrl)
+    rec = {"local": [], "used": [], "lockstep": None}
+    steps = 4 if rank < 2 else 6  # the runs need not even take the same number of steps
+    for step in range(steps):
+        x, y = _fsdp_batch(rank, step + (100 if rank >= 2 else 0))
+        loss = model(input_ids=x, labels=y)
+        loss.backward()
+        rec["local"].append(loss.item())
+        ctrl.step(loss)
+        rec["used"].append(ctrl.last_loss)
+        try:
+            assert_lockstep(ctrl)
+        except RuntimeError as e:
+            rec["lockstep"] = str(e)
+        opt.step()
+        opt.zero_grad()
+    ctrl.close()
+    # a controller over plain (DDP) parameters reduces over the world; a DDP over a subgroup names its group
+    from unified_lora import UnifiedController, distributed_mean
+
+    plain = UnifiedController(reduce_loss=functools.partial(distributed_mean, group=mesh.get_group()), print_fn=None)
+    rec["partial"] = []
+    for v in rec["local"]:
+        plain.step(v)
+        rec["partial"].append(plain.last_loss)
+    torch.save(rec, os.path.join(out, f"submesh{rank}.pt"))
+
+
+def _worker_lockstep(rank: int, world: int, port: int, out: str) -> None:
+    # a short timeout: a process left waiting in a collective fails the run instead of hanging it
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=20))
+    _lockstep_cases(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worker_submesh(rank: int, world: int, port: int, out: str) -> None:
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=20))
+    _submesh_fsdp(rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def lockstep_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_lockstep", _worker_lockstep)
+    return [torch.load(os.path.join(out, f"lockstep{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def _out_of_lockstep(outcome, step: int, *says: str) -> None:
+    assert outcome is not None, "no error"
+    kind, msg, _ = outcome
+    assert kind == "RuntimeError" and "out of lockstep" in msg and "loaded on some processes only" in msg, msg
+    for s in says:
+        assert s in msg, msg
+
+
+def test_a_state_loaded_on_one_process_only_stops_every_process_at_its_next_step(lockstep_run):
+    """Process 0 alone loaded its controller state of step 5 at step 7 (a 'load on rank 0, then broadcast' habit):
+    the processes went on at other steps, silently (or hung under FSDP2 at a collective one process took). The
+    loss's all-reduce carries a fingerprint of the controller's state, so both raise at the next step, naming it."""
+    for r, run in enumerate(lockstep_run):
+        got = run["loaded_on_one"]
+        assert got[:7] == [None] * 7
+        _out_of_lockstep(got[7], 7, "process steps differ: min 5 (process 0), max 7 (process 1)")
+        assert got[7][2] == (5 if r == 0 else 7)  # nothing moved at the refused step
+    assert lockstep_run[0]["loaded_on_one"][7][1] == lockstep_run[1]["loaded_on_one"][7][1]
+
+
+def test_a_step_refused_on_one_process_only_is_raised_on_every_process(lockstep_run):
+    """Process 0's adapters ran at another rank than its controller's mode (a model.load_state_dict there only): its
+    ctrl.step refused the step before the all-reduce, and process 1 waited in the collective. Both raise now."""
+    a, b = (run["rank_set_on_one"] for run in lockstep_run)
+    assert a[:2] == b[:2] == [None, None]
+    _out_of_lockstep(a[2], 2, "process 0 refused the step: ValueError: ctrl.step: the adapters run at rank 16")
+    _out_of_lockstep(b[2], 2, "process 0 refused the step")
+    for run in lockstep_run:  # refused on every process: each raises its own ValueError, as one process does
+        kind, msg, _ = run["rank_set_on_all"]
+        assert kind == "ValueError" and "the adapters run at rank 16" in msg
+
+
+def test_no_gradients_on_one_process_only_stop_every_process_at_that_step_under_fsdp2(lockstep_run):
+    """Process 1 had no gradients at step 2: its ctrl.step raised after the loss's all-reduce, and under FSDP2 with
+    the composite signal process 0 went on into the signal's all-reduce and hung. The check now runs before the
+    all-reduce: both raise at step 2, before anything moved, and step 3 goes on together."""
+    for got in (run["no_grad_on_one"] for run in lockstep_run):
+        assert got[:2] == [None, None] and got[3] is None
+        _out_of_lockstep(got[2], 2, "process 1 refused the step: ValueError: ctrl.step: no gradient on the adapters")
+        assert got[2][2] == 2
+
+
+def test_a_transition_that_failed_on_one_process_stops_every_process_at_the_next_step(lockstep_run):
+    """Process 1's Mirror snapshot raised (an out-of-memory there only): its transition was undone and the error
+    raised after the all-reduce, while process 0 entered MIRROR. The loop caught it and went on: both raise at the
+    next step, naming the modes."""
+    a, b = (run["transition_failed_on_one"] for run in lockstep_run)
+    assert a[0] is None and b[0][0] == "RuntimeError" and "out of memory" in b[0][1]
+    for got in (a, b):
+        _out_of_lockstep(got[1], 1, "process modes differ: min 1 (process 1), max 2 (process 0)",
+                         "process Mirror snapshots held differ")
+
+
+def test_controllers_built_with_other_settings_are_refused_at_the_first_step(lockstep_run):
+    for run in lockstep_run:
+        _out_of_lockstep(run["other_settings"], 0, "process settings digests")
+
+
+def test_a_multitask_topology_loaded_on_one_process_only_is_raised_on_every_process(lockstep_run):
+    for run in lockstep_run:
+        _out_of_lockstep(run["topology_on_one"], 0, "process 0 refused the step: ValueError: ctrl.step: the model "
+                                                    "runs the task adapters (topology 'task')")
+
+
+def test_multitask_reductions_run_over_the_group_its_reduce_loss_names(lockstep_run):
+    """A multi-task controller with reduce_loss=functools.partial(distributed_mean, group=...) (a DDP over a
+    subgroup) combined its task losses and gradients over the whole world all the same: here each process is a
+    one-process run of its own, of different lengths, which must run as with no reduction at all."""
+    for run in lockstep_run:
+        grouped, alone = run["multitask_own_group"]
+        assert grouped == alone and len({t for *_, t in alone} - {None}) >= 1
+
+
+def test_the_lockstep_fingerprint_compares_exactly_at_any_world_size():
+    """world · Σs² == (Σs)² holds iff every s is equal, with Σs and Σs² packed into one float64 sum (s·2**K + s²),
+    whatever order the all-reduce sums in: the fingerprints' range shrinks with the world so that the sums stay
+    exact integers."""
+    from unified_lora.distributed import _fingerprint, _in_lockstep, _packed
+
+    g = torch.Generator().manual_seed(0)
+    for world in (2, 3, 1000, 1024, 8191, 50000, 1 << 20):
+        top = _fingerprint({}, True, world)  # the refusal's value, above every hash
+        assert _fingerprint({"steps": 10 ** 7}, False, world) < top
+        for near in (top, top - 1, 0, 1):
+            count = min(world, 4096)  # the other processes' fingerprints all equal `top`: added as one exact term
+            for differ in (False, True):
+                s = torch.full((count,), _packed(top, world), dtype=torch.float64)
+                if differ:
+                    s[int(torch.randint(count, (1,), generator=g))] = _packed(near, world)
+                s = s[torch.randperm(count, generator=g)]
+                total = float(s.sum()) + (world - count) * _packed(top, world)  # (float64 sums, as the all-reduce's)
+                assert total < 2 ** 53
+                assert _in_lockstep(total, world) == (not differ or near == top), (world, near, differ)
+    fp = functools.partial(_fingerprint, refused=False, world=1024)
+    assert fp({"steps": 10 ** 7, "modes": 1}) != fp({"steps": 10 ** 7 + 1, "modes": 1})
+
+
+@pytest.fixture(scope="module")
+def submesh_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_submesh", _worker_submesh, nprocs=4)
+    return [dict(torch.load(os.path.join(out, f"submesh{r}.pt"), weights_only=False),
+                 trace=read_trace(os.path.join(out, f"submesh_trace{r // 2}.jsonl"))) for r in range(4)]
+
+
+def test_fsdp2_controllers_on_two_meshes_in_one_world_reduce_over_their_own_mesh(submesh_run):
+    """Two FSDP2 runs in one world, on meshes {0, 1} and {2, 3}: each controller's loss is the mean over its own
+    mesh (it was the world's: the other run's losses leaked in, and runs of different lengths hung), and
+    assert_lockstep compares the processes of its own mesh. A plain controller reduces over the group its
+    `functools.partial(distributed_mean, group=...)` names."""
+    for a, b in ((0, 1), (2, 3)):
+        ra, rb = submesh_run[a], submesh_run[b]
+        assert len(ra["used"]) == (4 if a == 0 else 6)
+        assert ra["used"] == rb["used"] == pytest.approx([(x + y) / 2 for x, y in zip(ra["local"], rb["local"])],
+                                                          rel=1e-12)
+        assert ra["lockstep"] is None and rb["lockstep"] is None
+        assert ra["partial"] == rb["partial"] == ra["used"]
+
+
+def test_fsdp2_runs_on_two_meshes_in_one_world_each_write_their_trace_file(submesh_run):
+    """The trace file is written by the first process of the controller's mesh: only the world's process 0 wrote,
+    so the run on mesh {2, 3} left its trace_path empty."""
+    for r in (0, 2):
+        run = submesh_run[r]
+        assert [t["step"] for t in run["trace"]] == list(range(len(run["used"])))
+        assert [t["loss"] for t in run["trace"]] == pytest.approx(run["used"], rel=1e-12)

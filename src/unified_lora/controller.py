@@ -17,6 +17,7 @@ restore every managed gradient is cleared, so the restored weights stay exact.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -30,7 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import check_blocks_sharded, check_sharding, local_tensor, sharding_of, to_sharded
+from .distributed import (_dtensor_type, check_blocks_sharded, check_sharding, local_tensor, lockstep_mean,
+                          shard_group, sharding_of, to_sharded)
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -49,16 +51,21 @@ def _unwrap_optimizer(opt):
     return opt
 
 
-def distributed_mean(value: float, device=None) -> float:
-    """All-reduce a scalar so every process decides on the same number (SPEC §7).
-    A no-op outside an initialised process group."""
-    if not (_DIST and dist.is_initialized()) or dist.get_world_size() == 1:
+def distributed_mean(value: float, device=None, group=None) -> float:
+    """All-reduce a scalar so every process decides on the same number (SPEC §7), over `group` (None: the whole
+    world). A no-op outside an initialised process group.
+
+    As a controller's `reduce_loss` (its default), the controller does not call it: it calls `lockstep_mean`
+    (unified_lora.distributed), which all-reduces the same mean over the controller's processes (its FSDP2 device
+    mesh's group when sharded) and, in the same all-reduce, checks that every process's controller is at the same
+    step, mode and rank with the same settings (a clear error on every process at once where not)."""
+    if not (_DIST and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return value
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    dist.all_reduce(t, group=group)
+    return t.item() / dist.get_world_size(group)
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -150,7 +157,8 @@ class UnifiedController:
         self.trace: list[StepRecord] = []
         self.keep_trace = keep_trace
         # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
-        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None) if trace_path else None
+        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
+                                  group=self._trace_group) if trace_path else None
         self.log_every, self.print_fn = int(log_every), print_fn
         self.reduce_loss = reduce_loss
         self._apply_rank()
@@ -387,7 +395,66 @@ class UnifiedController:
             loss = float(loss)
         return loss
 
-    def _read_loss(self, loss) -> float:
+    def _reduce_group(self):
+        """(the `reduce_loss` is the default, `distributed_mean`, the process group the controller's own reductions
+        run over): the group of a `functools.partial(distributed_mean, group=...)`, else the FSDP2 device mesh's
+        when the managed parameters are sharded (a mesh over some processes only: two models sharded apart in one
+        world), else None, the whole world (DDP). Needs an initialised process group."""
+        reduce, group = self.reduce_loss, None
+        if isinstance(reduce, functools.partial) and reduce.func is distributed_mean and not reduce.args and \
+                set(reduce.keywords) <= {"device", "group"}:
+            reduce, group = distributed_mean, reduce.keywords.get("group")
+        dt = _dtensor_type()
+        # per step, so the first block settles it (17 µs for managed_parameters() of two adapters): sharded or not,
+        # all of them are (a mix is refused at attach_optimizer)
+        if group is None and dt is not None and (not self.adapters or isinstance(self.adapters[0].lora_A[0], dt)):
+            group = shard_group(self.managed_parameters())
+        return reduce is distributed_mean, group
+
+    def _trace_group(self):
+        """The process group whose steps this controller's trace file records (its first process writes it)."""
+        return self._reduce_group()[1] if _DIST and dist.is_initialized() else None
+
+    def _lockstep_group(self):
+        """(whether `step` reduces the loss in lockstep, the process group): the default `reduce_loss` over more
+        than one process (see `_reduce_group`)."""
+        if not (_DIST and dist.is_initialized()):
+            return False, None
+        default, group = self._reduce_group()
+        return default and dist.get_world_size(group) > 1, group
+
+    def _lockstep_fields(self) -> dict[str, int]:
+        """What every process's controller must agree on before a step, as integers (`lockstep_mean` compares them):
+        the step count, the mode, the rank, the Mirror snapshot, the last transition and a digest of the settings."""
+        digest = self.__dict__.get("_settings_digest")
+        if digest is None:
+            import dataclasses
+            import json
+            import zlib
+
+            configs = [self.signal_config, self.machine.config, self.actuators, self.mirror.config]
+            text = json.dumps([dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c) for c in configs],
+                              sort_keys=True, default=repr)
+            digest = self._settings_digest = zlib.crc32(text.encode())
+        last = self.machine.last_transition_step
+        return {"steps": self.global_step, "modes": self.mode, "ranks": self.rank,
+                "Mirror snapshots held": int(self.mirror.held), "last transition steps": -1 if last is None else last,
+                "settings digests (signal, machine, actuator and Mirror configs)": digest}
+
+    def _read_loss(self, loss, refusal: BaseException | None = None) -> float:
+        """The loss the signal reads: this process's, reduced by `reduce_loss`. `refusal`: the error this process's
+        checks raised before the step; under the default reduction every process raises together (see `step`)."""
+        lockstep, group = self._lockstep_group()
+        if lockstep:
+            value = 0.0
+            if refusal is None:
+                try:
+                    value = self._loss_value(loss)
+                except ValueError as e:
+                    refusal = e
+            return lockstep_mean(value, self._lockstep_fields(), refusal, group)
+        if refusal is not None:
+            raise refusal
         loss = self._loss_value(loss)
         if self.reduce_loss is not None:
             # a float again: a reduce_loss giving a numpy float (np.mean) or a tensor put that type into loss_ema and
@@ -418,7 +485,15 @@ class UnifiedController:
                     "skips; the controller counts optimizer steps. Call ctrl.step only when "
                     "accelerator.sync_gradients is true, and attach accelerate's optimizer "
                     "(ctrl.attach_optimizer(accelerator.prepare(opt))) to have such a step refused. If no "
-                    "Accelerator accumulates now, the state is an earlier one's, left on a micro-batch", stacklevel=3)
+                    "Accelerator accumulates now, the state is an earlier one's, left on a micro-batch", stacklevel=4)
+
+    def _check_before_step(self) -> None:
+        """The checks that refuse a step before anything moves, with a ValueError; they read this process's state
+        only, so under DDP `step` hands their error to the lockstep all-reduce (every process raises together)."""
+        self._check_sync_step()
+        self._check_rank()
+        self._check_backward_ran()  # (under FSDP2 one process without gradients hung the others in the signal's
+        # all-reduce, which it never reached)
 
     def _check_rank(self) -> None:
         """Refuse a step while an adapter runs at another rank than the controller's mode gives it, before anything
@@ -475,7 +550,6 @@ class UnifiedController:
 
     def _update_signal(self, loss: float) -> float:
         """Feed the signal; subclasses take extra step inputs here (e.g. per-task losses)."""
-        self._check_backward_ran()
         if isinstance(self.signal, CompositeSignal):
             finite = math.isfinite(loss)
             norms, cos = self.grad_stats(self.adapters) if finite else ([float("nan")], [None])
@@ -500,9 +574,12 @@ class UnifiedController:
         restore is the last write of an exit, so a failure before it leaves the weights alone; a
         restore that completed stays, with this step's gradients cleared), gradients of blocks a
         partial rank drop paused, and a multi-task split or merge that raised partway."""
-        self._check_sync_step()
-        self._check_rank()
-        loss = self._read_loss(loss)
+        refusal = None
+        try:  # per-process checks: under DDP one process alone may fail them (a model.load_state_dict on process 0
+            self._check_before_step()  # only); the lockstep all-reduce then stops every process, not that one
+        except ValueError as e:  # alone while the others wait in the collective
+            refusal = e
+        loss = self._read_loss(loss, refusal)
         self.last_loss = loss
         phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)

@@ -895,12 +895,19 @@ class MultiTaskController(UnifiedController):
 
     def _ddp(self) -> bool:
         """Whether per-process numbers must be combined (an initialised group of > 1 processes, and the
-        controller reduces at all: `reduce_loss` not None)."""
-        return self.reduce_loss is not None and is_distributed()
+        controller reduces at all: `reduce_loss` not None), over `_reduce_group()`'s processes: the group of a
+        `functools.partial(distributed_mean, group=...)` (a DDP over a subgroup), else the whole world. (They were
+        combined over the whole world whatever the loss was reduced over: a run on a subgroup mixed in the task
+        losses and gradients of the processes outside it, or waited for them.)"""
+        if self.reduce_loss is None or not is_distributed():
+            return False
+        import torch.distributed as dist
 
-    def _read_loss(self, loss) -> float:
+        return dist.get_world_size(self._reduce_group()[1]) > 1
+
+    def _read_loss(self, loss, refusal: BaseException | None = None) -> float:
         self._local_loss = self._loss_value(loss)  # `task_id=` credits this process's loss to its task
-        return super()._read_loss(self._local_loss)
+        return super()._read_loss(self._local_loss, refusal)
 
     def _check_backward_ran(self) -> None:
         if all(p.grad is None for a in self.adapters for p in a.active_parameters()) and not any(
@@ -963,8 +970,9 @@ class MultiTaskController(UnifiedController):
         for s, parts in local.items():
             buf[s, :numel] = torch.cat([p.float() for p in parts]).to(buf.device)
             buf[s, numel] = 1.0
-        dist.all_reduce(buf)
-        buf[:, :numel] /= dist.get_world_size()
+        group = self._reduce_group()[1]
+        dist.all_reduce(buf, group=group)
+        buf[:, :numel] /= dist.get_world_size(group)
         seen = (buf[:, numel] > 0).tolist()
         dev = self.adapters[0].lora_A[0].device
         return {s: buf[s, :numel].to(dev) for s in range(self.router.n_slots) if seen[s]}
@@ -1064,7 +1072,7 @@ class MultiTaskController(UnifiedController):
             buf[s] += v
             buf[n + s] += 1.0
         t = torch.tensor(buf, dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self._reduce_group()[1])
         sums, counts = t[:n].tolist(), t[n:].tolist()
         ids = {s: tid for tid, s in self.router.slots.items()}
         out = {ids[s]: sums[s] / counts[s] for s in range(n) if counts[s] > 0}
@@ -1076,6 +1084,14 @@ class MultiTaskController(UnifiedController):
             raise ValueError(f"ctrl.step: task_id= is one id for the whole batch, got {type(task_id).__name__} "
                              f"{task_id!r}; for one id per sample pass task_losses=per_task_losses(per_sample_loss, "
                              f"task_ids)")
+        if not self.__dict__.get("_not_sharded"):
+            self._refuse_sharded()
+        self._task_info = task_losses is not None or task_id is not None
+        return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    def _check_before_step(self) -> None:
+        """As the base class's, and the topology first: under DDP a topology restored on one process only (its
+        load_task_adapters or model.load_state_dict) is raised on every process, at the lockstep all-reduce."""
         want = "task" if self.mode >= MULTI else "shared"
         if self.router.topology != want:  # before anything moves: a refused step leaves the run as it was
             raise ValueError(
@@ -1087,10 +1103,8 @@ class MultiTaskController(UnifiedController):
                 f"mode the model was saved in (machine=MachineConfig(initial_mode="
                 f"{'SINGLE' if want == 'task' else 'MULTI'})), or resume with ctrl.load_state_dict(...), which "
                 f"restores the mode and the topology together")
-        if not self.__dict__.get("_not_sharded"):
-            self._refuse_sharded()
-        self._task_info = task_losses is not None or task_id is not None
-        return super().step(loss, task_losses=task_losses, task_id=task_id)
+        self._check_sync_step()
+        self._check_rank()  # (the backward check stays in _update_signal, after the task ids': those fail first)
 
     def _refuse_sharded(self) -> None:
         """Refuse FSDP2-sharded adapters (checked at the first step): the task-conflict statistics (C_grad,

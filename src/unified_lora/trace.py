@@ -7,6 +7,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+import torch.distributed as dist
+
 from ._files import written_atomically
 from .distributed import is_main_process
 
@@ -83,19 +85,26 @@ class TraceWriter:
     loss); every process writing one `trace_path` put each step into it once per process, and a resume's rewrite
     on one process left another appending to the replaced file, so the steps after the resume went missing. A
     controller that does not all-reduce (`reduce_loss=None`) records this process's own steps: its writer writes
-    on every process.
+    on every process. `group`, if given, returns the process group whose steps the file records (the
+    controller's: its FSDP2 device mesh's, or the group its `reduce_loss` names); its first process writes, so
+    each of two runs sharded over meshes of different processes in one world writes its own file.
     """
 
-    def __init__(self, path: str | os.PathLike, append: bool = False, main_process_only: bool = True):
+    def __init__(self, path: str | os.PathLike, append: bool = False, main_process_only: bool = True,
+                 group=None):
         self.path = os.fspath(path)
         self.main_process_only = main_process_only
+        self.group = group
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")  # opened now, so a bad path fails here
         self._fresh = not append  # empty the file at the first write
         self._written = False
 
     def _writes_here(self) -> bool:
-        return not self.main_process_only or is_main_process()
+        if not self.main_process_only or is_main_process():
+            return True
+        group = self.group() if getattr(self, "group", None) is not None else None  # (a writer pickled before it)
+        return group is not None and dist.get_rank(group) == 0
 
     def write(self, rec: StepRecord) -> None:
         if not self._writes_here():
