@@ -96,6 +96,20 @@ def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
         assert b["export"] > 0 and b["adapter_only"] < 0.05 * b["whole"], b
 
 
+def test_lockstep_cost_quick_times_both_arms_over_two_gloo_processes(tmp_path):
+    """(A script run, not load_benchmark: its worker is spawned into 2 processes, which import it by name.)"""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "lockstep_cost.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--results-dir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    saved = json.loads((tmp_path / "perf_lockstep_cost_quick.json").read_text())
+    assert saved["world_size"] == 2 and "<!-- perf_lockstep_cost_quick -->" in (tmp_path / "perf.md").read_text()
+    assert all(saved[w]["ratio"]["n"] == saved["repeats"] and saved[w]["plain_s"]["median"] > 0
+               for w in ("reduction", "step"))
+
+
 @pytest.mark.slow
 def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
     payload = load_benchmark("perf/e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
