@@ -22,7 +22,6 @@ Ratios are per repeat (arm ÷ baseline, same repeat), then median (min–max) ov
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys

@@ -971,9 +971,8 @@ def _base_fingerprint(model, names=None) -> dict:
     {name: "shape dtype hash"}}, the hash (16 hex digits) over a fixed sample of the tensor's raw bytes (see
     `_sample_bytes`) and, for a bitsandbytes weight, of its quant state (the 4-bit absmax, the 8-bit row scales,
     wherever the layer keeps them). Independent of the device, the process and where the model was loaded from;
-    a base that differs in a few values only (not in a sampled one) passes. Measured: ~4 ms for MiniLM (22M
-    parameters, 103 tensors), ~15 ms for a 1.1B Llama (201 tensors), on CPU: a few small reads per tensor, whatever
-    its size."""
+    a base that differs in a few values only (not in a sampled one) passes. Its cost is a few small reads per
+    tensor, whatever its size (benchmarks/perf/checkpoint_io.py's adapter-only arm includes it)."""
     model = unwrap_model(model)
     tensors = _base_tensors(model)
     names = sorted(_left_out_of_a_save(model) if names is None else set(names) & set(tensors))
