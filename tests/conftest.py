@@ -69,6 +69,32 @@ def snapshot_then_train(snap, ps, opt, steps: int = 3):
     return w, m
 
 
+def grads_after_in_place_ops(layer, x, res, y):
+    """`y += res; y.relu_()` (in-place ops on a layer's output), then a backward of `y.square().sum()`: the gradients of
+    x and of the layer's active blocks, cleared after (for comparing a nested layer's output with a plain reference)."""
+    y += res
+    y.relu_()
+    y.square().sum().backward()
+    got = [x.grad] + [p.grad for p in layer.active_parameters()]
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    return got
+
+
+def quantized_linear(bnb, quant_type: str, device, in_f: int = 64, out_f: int = 48):
+    """A bitsandbytes layer ("nf4"/"fp4": Linear4bit with a bf16 compute dtype; "int8": Linear8bitLt without fp16
+    weights) holding a fresh `nn.Linear`'s weights, quantized by its move to `device`: (the layer, that Linear)."""
+    import torch.nn as nn
+
+    lin = nn.Linear(in_f, out_f)
+    if quant_type == "int8":
+        q = bnb.nn.Linear8bitLt(in_f, out_f, has_fp16_weights=False, threshold=0.0)
+    else:
+        q = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=torch.bfloat16, quant_type=quant_type)
+    q.load_state_dict(lin.state_dict())
+    return q.to(device), lin
+
+
 def classification_batch(n: int = 32, seq: int = 12, seed: int = 0):
     """Learnable synthetic task: label = 1 iff token 7 occurs in the sequence."""
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import VOCAB, can_build_cpp, classification_batch, snapshot_then_train, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import (VOCAB, can_build_cpp, classification_batch, grads_after_in_place_ops, quantized_linear,
+                      snapshot_then_train, tiny_bert, tiny_gpt2, tiny_llama)
 from unified_lora import (ActuatorConfig, MachineConfig, MirrorConfig, MirrorSnapshot, NestedLoRAConfig,
                           NestedLoRALayer, SignalConfig, inject_nested_lora, lora_layers, merge_adapters, set_rank,
                           setup_unified_lora, unmerge_adapters)
@@ -385,18 +386,9 @@ def test_an_in_place_op_on_the_gpu_output_trains_with_plain_autograd_gradients(r
     x = torch.randn(3, 5, 12, dtype=torch.float64, device=DEV, requires_grad=True)
     res = torch.randn(3, 5, 6, dtype=torch.float64, device=DEV)
 
-    def grads(y):
-        y += res
-        y.relu_()
-        y.square().sum().backward()
-        got = [x.grad] + [p.grad for p in layer.active_parameters()]
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        return got
-
-    ours = grads(layer(x))
+    ours = grads_after_in_place_ops(layer, x, res, layer(x))
     ref = layer.base_layer(x) + layer.scaling * (x @ layer.active_A().T) @ layer.active_B().T
-    for a, b in zip(ours, grads(ref)):
+    for a, b in zip(ours, grads_after_in_place_ops(layer, x, res, ref)):
         torch.testing.assert_close(a, b)
     layer.float()
     xf = x.detach().float().requires_grad_(True)
@@ -580,13 +572,7 @@ def test_the_forward_on_gpu_adds_the_delta_to_the_quantized_layers_output(quant_
     scaling · x Aᵀ Bᵀ with q the quantized layer's own output, fp32 blocks, for fp32 and bf16 inputs."""
     bnb = _bnb()
     torch.manual_seed(0)
-    lin = nn.Linear(64, 48)
-    if quant_type == "int8":
-        q = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=0.0)
-    else:
-        q = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.bfloat16, quant_type=quant_type)
-    q.load_state_dict(lin.state_dict())
-    q = q.to(DEV)  # quantizes
+    q, _ = quantized_linear(bnb, quant_type, DEV)  # (the move quantizes)
     layer = NestedLoRALayer(q, rank_levels=(4, 8, 16), initial_rank=rank)
     assert layer.lora_A[0].dtype == torch.float32 and layer.lora_A[0].device.type == DEV.type
     _random_B(layer)

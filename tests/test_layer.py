@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import can_build_cpp, tiny_llama
+from conftest import can_build_cpp, grads_after_in_place_ops, tiny_llama
 from unified_lora import (NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_layers, lora_state_dict,
                           merge_adapters, unmerge_adapters)
 
@@ -880,17 +880,8 @@ def test_an_in_place_op_on_the_output_trains_at_every_rank_with_plain_autograd_g
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     res = torch.randn(*shape[:-1], 6, dtype=torch.float64)
 
-    def grads(y):
-        y += res
-        y.relu_()
-        y.square().sum().backward()
-        got = [x.grad] + [p.grad for p in layer.active_parameters()]
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        return got
-
-    ours = grads(layer(x))
-    for a, b in zip(ours, grads(layer.base_layer(x) + _reference_delta(layer, x))):
+    ours = grads_after_in_place_ops(layer, x, res, layer(x))
+    for a, b in zip(ours, grads_after_in_place_ops(layer, x, res, layer.base_layer(x) + _reference_delta(layer, x))):
         torch.testing.assert_close(a, b)
 
 

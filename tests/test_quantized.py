@@ -15,6 +15,8 @@ import torch.nn as nn
 import bitsandbytes as bnb
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from conftest import quantized_linear
+
 from unified_lora import (MirrorConfig, NestedLoRALayer, SignalConfig, lora_state_dict, merge_adapters,
                           setup_unified_lora)
 from unified_lora.peft_io import export_peft_adapter, import_peft_adapter, merge_and_unload
@@ -102,13 +104,7 @@ def test_the_forward_adds_the_delta_to_the_quantized_layers_output(quant_type, r
     """y = q(x) + scaling · x Aᵀ Bᵀ with q the quantized layer's own output, for an fp32 and a bf16 input (the
     bf16 output is the fp32 sum rounded once, as PEFT's bnb layers add their fp32 delta)."""
     torch.manual_seed(0)
-    lin = nn.Linear(64, 48)
-    if quant_type == "int8":
-        q = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=0.0)
-    else:
-        q = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.bfloat16, quant_type=quant_type)
-    q.load_state_dict(lin.state_dict())
-    q = q.to("cpu")  # quantizes
+    q, _ = quantized_linear(bnb, quant_type, "cpu")  # (the move quantizes)
     layer = NestedLoRALayer(q, rank_levels=(4, 8, 16), initial_rank=rank)
     assert layer.lora_A[0].dtype == torch.float32
     _randomise_B({"q": layer})
