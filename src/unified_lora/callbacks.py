@@ -147,7 +147,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
-from ._files import load_state_file, written_atomically
+from ._files import load_state_file, write_text_atomically, written_atomically
 from .config import MODES
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, unwrap_model, unwrap_optimizer
@@ -433,7 +433,8 @@ class UnifiedLoRACallback(TrainerCallback):
         sd[QUANTIZATION_KEY] = base_quantization(self.ctrl.adapters)  # and this
         model = kwargs.get("model")
         if model is not None and is_adapter_only_folder(folder):  # (a whole-model checkpoint holds its base)
-            sd[BASE_FINGERPRINT_KEY] = _base_fingerprint(model)  # and this
+            # and this: the one the save just put into the marker (taken of the same weights), not taken again
+            sd[BASE_FINGERPRINT_KEY] = _marker(folder).get("base_fingerprint") or _base_fingerprint(model)
         # under a temporary name, then renamed: a process killed while writing leaves no torn file under the name
         # a resume reads (the resume then says the file is missing, and what to do)
         with written_atomically(os.path.join(folder, CONTROLLER_STATE_NAME)) as tmp:
@@ -792,9 +793,7 @@ def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
                                f"{load}; or resume the Trainer from this folder",
                 "base_fingerprint": _base_fingerprint(model),
                 "config": model.config.to_dict()}
-        with written_atomically(os.path.join(save_directory, ADAPTER_ONLY_NAME)) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2, default=str)
+        write_text_atomically(os.path.join(save_directory, ADAPTER_ONLY_NAME), json.dumps(info, indent=2, default=str))
     return out
 
 
@@ -842,16 +841,13 @@ def load_adapter_only(model, folder, *, check_base: bool = True):
     file, a `variant=`'s, or the shards of a sharded save) and returns `model.load_state_dict(..., strict=False)`'s
     result (its missing keys: the base the save left out). A marker written before these records has no
     fingerprint (nothing is checked) and names no files (`model.safetensors`, or the shards of its index)."""
-    import json
-
     from safetensors.torch import load_file
 
     folder = os.fspath(folder)
     if not is_adapter_only_folder(folder):
         raise ValueError(f"load_adapter_only: {folder} holds no adapter-only checkpoint (no {ADAPTER_ONLY_NAME}, or a "
                          "whole model saved over it): a whole model loads with from_pretrained(folder)")
-    with open(os.path.join(folder, ADAPTER_ONLY_NAME), encoding="utf-8") as f:
-        info = json.load(f)
+    info = _marker(folder)
     saved = info.get("base_fingerprint")
     if check_base and isinstance(saved, dict):
         msg = _base_mismatch_message(saved, model, f"load_adapter_only: {folder}")
@@ -864,6 +860,14 @@ def load_adapter_only(model, folder, *, check_base: bool = True):
     for name in files:
         sd.update(load_file(os.path.join(folder, name)))
     return unwrap_model(model).load_state_dict(sd, strict=False)
+
+
+def _marker(folder) -> dict:
+    """The `ADAPTER_ONLY_NAME` record of an adapter-only folder."""
+    import json
+
+    with open(os.path.join(folder, ADAPTER_ONLY_NAME), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def is_adapter_only_folder(folder) -> bool:
@@ -881,8 +885,7 @@ def is_adapter_only_folder(folder) -> bool:
     if not os.path.isfile(marker):
         return False
     try:
-        with open(marker, encoding="utf-8") as f:
-            listed = set(json.load(f)["saved_keys"])
+        listed = set(_marker(folder)["saved_keys"])
         keys = None
         for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
             if os.path.isfile(os.path.join(folder, index)):

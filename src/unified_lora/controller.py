@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import (_dtensor_type, check_blocks_sharded, check_sharding, local_tensor, lockstep_mean,
+from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sharding, local_tensor, lockstep_mean,
                           shard_group, sharding_of, to_sharded)
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
@@ -61,9 +61,7 @@ def distributed_mean(value: float, device=None, group=None) -> float:
     step, mode and rank with the same settings (a clear error on every process at once where not)."""
     if not (_DIST and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return value
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=_device() if device is None else device)
     dist.all_reduce(t, group=group)
     return t.item() / dist.get_world_size(group)
 
