@@ -2,12 +2,14 @@
 
 The model is conftest's tiny Llama (vocabulary 64), or test_quantized's 4-bit tiny Llama; the tokenizer is a
 character-level one built here (no hub download); the data are small in-memory `datasets.Dataset`s of text or of
-prompt/completion pairs. What SFTTrainer does differently from the stock Trainer, and what each test checks:
+prompt/completion pairs or of conversations (with a chat template of its own). What SFTTrainer does differently from the stock Trainer, and what each test checks:
 
 - it scores tokens with a fused LM head (trl's `add_fused_lm_head`): the model is called without
   `num_items_in_batch` and returns each micro-batch's token mean, which the trainer turns back into token sums over
   the step's token count (the controller must see that token mean, not the mean of the micro-batch means), and it
-  reads `lm_head.weight` directly (a nested `lm_head` would never train);
+  reads `lm_head.weight` directly (a nested `lm_head` would never train); with `loss_type="dft"`, a
+  `compute_loss_func` or `label_smoothing_factor` it trains another loss than that output's (the latter two run the
+  fused head again under no_grad, for the metrics);
 - on a quantized model it casts every trainable parameter to bf16 in its constructor;
 - `peft_config=` wraps the model with PEFT's `get_peft_model`.
 """
@@ -55,15 +57,35 @@ def prompt_completion_data(n: int = 32, seed: int = 0) -> Dataset:
                               "completion": [" " + t for t in _texts(n, seed + 1, 1, 5)]})
 
 
+# A chat template with `{% generation %}` markers around each assistant turn and its [EOS] (what trl's
+# `assistant_only_loss` needs: the tokenizer's `return_assistant_tokens_mask`); a user turn ends with ".".
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                 "{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}.{% endif %}{% endfor %}")
+
+
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    tok = char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def chat_data(n: int = 32, seed: int = 0) -> Dataset:
+    """Conversations of a user turn (2 to 6 words) and an assistant turn (1 to 5 words)."""
+    return Dataset.from_dict({"messages": [[{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                                           for u, a in zip(_texts(n, seed, 2, 6), _texts(n, seed + 1, 1, 5))]})
+
+
+DATA = {"text": text_data, "prompt_completion": prompt_completion_data, "chat": chat_data}
+
+
 def sft(model, out, train=None, **kw):
     args = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
                 learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                 disable_tqdm=True, max_length=32, seed=0, data_seed=0)
-    peft_config = kw.pop("peft_config", None)
-    eval_data = kw.pop("eval_dataset", None)
+    extra = {k: kw.pop(k, None) for k in ("peft_config", "eval_dataset", "compute_loss_func")}
     args.update(kw)
     return trl.SFTTrainer(model=model, args=trl.SFTConfig(**args), train_dataset=train or text_data(),
-                          eval_dataset=eval_data, processing_class=char_tokenizer(), peft_config=peft_config)
+                          processing_class=chat_tokenizer(), **extra)
 
 
 def setup(model, targets=("q_proj", "v_proj")):
@@ -118,27 +140,117 @@ def test_sft_trainer_trains_nested_layers_through_a_mirror_entry_with_evaluation
 
 @pytest.mark.parametrize("data,kw", [
     ("prompt_completion", {}),  # completion-only loss: the prompt tokens are labelled -100
+    ("prompt_completion", {"completion_only_loss": True}),  # the same, asked for (the default reads the columns)
     ("prompt_completion", {"packing": True}),  # packed (best-fit decreasing, padding-free), completion-only
+    ("prompt_completion", {"padding_free": True, "max_length": None}),  # one row, position_ids, no attention mask
+    ("chat", {"assistant_only_loss": True}),  # the user turns labelled -100 (the template's generation markers)
     ("text", {}),  # padded rows of different lengths
     ("text", {"packing": True, "packing_strategy": "wrapped"}),
-])
+    ("text", {"padding_free": True, "packing": True}),
+    ("text", {"loss_type": "dft"}),  # DFT: each token's NLL weighted by its probability (about 1/64 of the NLL)
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={w}" for k, w in v.items()) or "default")
 def test_the_controller_sees_the_token_mean_that_sft_trainer_trains_on(tmp_path, data, kw):
     """SFTTrainer's fused LM head is called without `num_items_in_batch` and returns each micro-batch's token mean;
     the trainer divides the step's token sums by the step's token count. The callback used to average the two
-    micro-batch means, which is off wherever they hold different numbers of label tokens (completion-only loss,
-    padding, packing): the controller saw another loss than the one trained and logged. It now weights each by its
-    label tokens, and matches the Trainer's own per-step loss."""
+    micro-batch means, which is off wherever they hold different numbers of label tokens (completion-only or
+    assistant-only loss, padding, packing, padding-free rows): the controller saw another loss than the one trained
+    and logged. It now weights each by its label tokens, and matches the Trainer's own per-step loss. With
+    `loss_type="dft"` it read the fused output's plain NLL (4.1 for a DFT loss of 0.066); it now computes the DFT
+    loss from the output's log-probabilities. The MULTI -> MIRROR switch at the second step puts every nested layer
+    at rank 16 (not with DFT's small loss: φ stays in MULTI)."""
     model = tiny_llama().train()
     adapters, ctrl = setup(model)
-    trainer = sft(model, tmp_path, prompt_completion_data() if data == "prompt_completion" else text_data(),
-                  max_steps=3, max_length=64, **kw)
-    if data == "prompt_completion":
+    trainer = sft(model, tmp_path, DATA[data](), **{"max_steps": 3, "max_length": 64, **kw})
+    if data in ("prompt_completion", "chat") and not kw.get("packing"):
         labels = trainer.train_dataset[0]["labels"]
-        assert labels[0] == -100 and labels[-1] == 2  # a loss on the completion only, up to its [EOS]
+        assert labels[0] == -100 and labels[-1] == 2  # a loss on the completion (answer) only, up to its [EOS]
+    if kw.get("padding_free"):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1 and "position_ids" in batch
     cb = UnifiedLoRACallback(ctrl).add_to(trainer)
     trainer.train()
     assert cb.step_losses == pytest.approx(logged_losses(trainer), abs=2e-6)
     assert [r.loss for r in ctrl.trace] == pytest.approx(logged_losses(trainer), abs=2e-6)
+    if kw.get("loss_type") == "dft":
+        assert all(loss < 0.1 for loss in cb.step_losses) and [r.rank for r in ctrl.trace] == [8, 8, 8]
+    else:
+        assert [r.rank for r in ctrl.trace] == [8, 16, 16] and {layer.rank for layer in adapters.values()} == {16}
+
+
+def test_padding_free_rows_give_the_padded_runs_losses_and_gradient_signal(tmp_path):
+    """`padding_free=True` (without packing) concatenates a micro-batch's sequences into one row with `position_ids`
+    and no attention mask. trl 1.16 asks for no flash-attention there: the tiny Llama runs it with SDPA on CPU, and
+    transformers keeps each sequence to itself (a block-causal mask read from the position_ids; attending across
+    them moves the first loss by 2e-3). So the same data padded and padding-free train the same way: the same loss
+    at each step and the same composite signal, whose raw components read the adapters' gradients (stress S,
+    churn E). In float32: SFTConfig's default bf16 autocast rounds the two layouts differently (1e-3 apart)."""
+    runs = []
+    for kw in ({}, {"padding_free": True, "max_length": None}):
+        model = tiny_llama().train()
+        adapters, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None)  # the composite signal
+        trainer = sft(model, tmp_path / str(len(runs)), prompt_completion_data(), **{"max_length": 64, "bf16": False,
+                                                                                       **kw})
+        cb = UnifiedLoRACallback(ctrl).add_to(trainer)
+        trainer.train()
+        assert cb.step_losses == pytest.approx(logged_losses(trainer), abs=2e-6)
+        runs.append(ctrl.trace)
+    padded, free = runs
+    assert len(free) == 4 and all(r.components["S"] > 0 for r in free) and free[-1].loss < free[0].loss
+    assert sum(r.components["E"] > 0 for r in free) == 3  # a churn from the second step on (a previous gradient)
+    assert [r.loss for r in free] == pytest.approx([r.loss for r in padded], abs=1e-6)
+    for a, b in zip(free, padded):
+        assert a.phi == pytest.approx(b.phi, abs=1e-6) and a.components == pytest.approx(b.components, rel=1e-5)
+
+
+def _doubled_token_mean(outputs, labels, num_items_in_batch=None):
+    """A custom loss (`compute_loss_func`): twice the token-summed cross-entropy over the step's label tokens."""
+    logits = outputs.logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+    return 2.0 * ce / num_items_in_batch
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated in `SFTTrainer`:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`compute_loss_func` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kw", [{"compute_loss_func": _doubled_token_mean}, {"label_smoothing_factor": 0.1}],
+                         ids=["compute_loss_func", "label_smoothing"])
+def test_the_controller_reads_the_loss_of_a_compute_loss_func_or_label_smoothing(tmp_path, kw):
+    """With the deprecated `compute_loss_func` or `label_smoothing_factor > 0`, SFTTrainer trains on the loss that
+    function (or the Trainer's label smoother) returns, from a forward without labels, then runs its fused LM head
+    under no_grad for the metrics alone. The callback read that fused forward's plain NLL: the controller saw
+    another loss than the one trained (half of it here), silently. It now ignores forwards without gradient, and
+    `add_to(trainer)` wraps the trainer's compute_loss_func or label smoother so that the controller reads their
+    value, which the Trainer logs; a callback only passed in `callbacks=` fails at the first step, naming both.
+    The run saves, and a fresh model resumed from checkpoint-2 reaches checkpoint-4's blocks bit for bit."""
+    out = tmp_path / "out"
+    runs = dict(save_strategy="steps", save_steps=2, **kw)
+    model = tiny_llama().train()
+    adapters, ctrl = setup(model)
+    trainer = sft(model, out, **runs)
+    cb = UnifiedLoRACallback(ctrl).add_to(trainer)
+    trainer.train()
+    assert ctrl.global_step == 4 and cb.step_losses == pytest.approx(logged_losses(trainer), abs=2e-6)
+    assert [r.loss for r in ctrl.trace] == pytest.approx(logged_losses(trainer), abs=2e-6)
+    if "compute_loss_func" in kw:  # twice the token mean: far from the plain NLL (about log 64) the callback read
+        assert all(loss > 8 for loss in cb.step_losses)
+
+    model2 = tiny_llama().train()
+    adapters2, ctrl2 = setup(model2)
+    trainer2 = sft(model2, out, **runs)
+    UnifiedLoRACallback(ctrl2).add_to(trainer2)
+    trainer2.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert [(r.step, r.loss, r.rank) for r in ctrl2.trace] == [(r.step, r.loss, r.rank) for r in ctrl.trace[2:]]
+    now = model2.state_dict()
+    saved = saved_blocks(out / "checkpoint-4")
+    assert len(saved) == 24 and all(torch.equal(v, now[k]) for k, v in saved.items())
+
+    model3 = tiny_llama().train()
+    _, ctrl3 = setup(model3)
+    trainer3 = sft(model3, tmp_path / "plain", **kw)
+    trainer3.add_callback(UnifiedLoRACallback(ctrl3))  # not add_to: nothing records the loss trained
+    with pytest.raises(RuntimeError, match="no training loss was seen.*compute_loss_func or label_smoothing_factor"):
+        trainer3.train()
+    assert ctrl3.global_step == 0
 
 
 def test_sft_trainer_on_a_4bit_model_keeps_the_fp32_blocks_and_its_packed_weights(tmp_path):

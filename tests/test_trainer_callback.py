@@ -356,6 +356,30 @@ def test_missing_loss_fails_loudly(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("kind", ["label_smoothing", "compute_loss_func"])
+def test_add_to_records_the_loss_of_the_label_smoother_or_a_compute_loss_func(tmp_path, kind):
+    """`label_smoothing_factor > 0` (the Trainer pops the labels and smooths the logits' loss itself) used to be
+    refused at the first step ("no training loss"), and an unwrapped compute_loss_func too. `add_to(trainer)` now
+    wraps the trainer's label smoother or compute_loss_func, so the controller reads the loss the Trainer trains and
+    logs (with accumulation 2: the sum of the shares of the step's mean, which the Trainer passes
+    num_items_in_batch for)."""
+    model, _, ctrl = build("bert")
+
+    def ce_sum_over_items(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    kw = {"label_smoothing_factor": 0.1} if kind == "label_smoothing" else {}
+    trainer = Trainer(model=model, args=targs(tmp_path, gradient_accumulation_steps=2, max_steps=3, **kw),
+                      train_dataset=TokenDataset(n=12),
+                      compute_loss_func=ce_sum_over_items if kind == "compute_loss_func" else None)
+    cb = UnifiedLoRACallback(ctrl).add_to(trainer)
+    cb.add_to(trainer)  # again: wrapped once
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and [r.loss for r in ctrl.trace] == pytest.approx(logged, abs=1e-6)
+    assert cb.step_losses == pytest.approx(logged, abs=1e-6)
+
+
 def test_composite_signal_reads_gradients_inside_the_trainer(tmp_path):
     model = tiny_bert()
     _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],

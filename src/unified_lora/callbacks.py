@@ -33,7 +33,9 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
   head returns each micro-batch's token mean and a `label_mask`) and divides the
   token sums by it itself: the callback weights each micro-batch's loss by its
   label tokens, so it sees the token mean over the step that the Trainer trains
-  and logs (under DDP, each process's token mean, averaged over processes);
+  and logs (under DDP, each process's token mean, averaged over processes); with
+  `SFTConfig(loss_type="dft")` it computes the DFT loss from the output's
+  `log_probs`, as the trainer does (the output's `loss` is the plain NLL);
 * otherwise (e.g. `BertForSequenceClassification`, whose loss is a plain
   `CrossEntropyLoss` mean): the mean of the micro-batch losses. The short last
   step of an epoch averages over the micro-batches it has.
@@ -52,9 +54,14 @@ Under DDP every process feeds its own number and the controller all-reduces it
 (`distributed_mean`), so every process makes the same decision on the same step.
 
 Not covered by the forward hook: `compute_loss_func` and `label_smoothing_factor`
-(the model then returns no loss). Wrap your loss function with
-`callback.wrap_compute_loss_func(fn)`; without it the callback fails loudly at the
-first step rather than feeding the controller nothing.
+(the model then returns no loss; TRL's SFTTrainer then also runs its fused LM head
+under `no_grad` for its metrics, a forward the hook ignores, as every forward without
+gradient). `callback.add_to(trainer)` wraps the trainer's `compute_loss_func` or
+label smoother, so the callback records the loss they return, the one the Trainer
+trains and logs; `callback.wrap_compute_loss_func(fn)` does the same for a
+`compute_loss_func` passed to the Trainer's constructor. Without either the callback
+fails loudly at the first step rather than feeding the controller nothing (or, in
+SFTTrainer, the plain NLL it used to read there).
 
 **Gradients.** `on_pre_optimizer_step` comes after the Trainer's gradient clipping
 (`max_grad_norm`, default 1.0), so the composite signal's stress term reads
@@ -286,6 +293,7 @@ class UnifiedLoRACallback(TrainerCallback):
         callbacks = trainer.callback_handler.callbacks
         callbacks[:] = [self] + [cb for cb in callbacks if cb is not self]
         self._set_save_mode(trainer.model)
+        self._wrap_trainer_losses(trainer)
         return self
 
     def _set_save_mode(self, model) -> None:
@@ -315,7 +323,9 @@ class UnifiedLoRACallback(TrainerCallback):
         self._n_micro += 1
 
     def _forward_hook(self, module, args, kwargs, output):
-        if not module.training:
+        # A forward without gradient is not the one trained: SFTTrainer runs its fused LM head under no_grad for the
+        # metrics alone after a compute_loss_func or label smoother computed the loss (its plain NLL was read)
+        if not module.training or not torch.is_grad_enabled():
             return
         loss = _output_loss(output, kwargs)
         if torch.is_tensor(loss) and loss.dim() == 0:
@@ -324,28 +334,43 @@ class UnifiedLoRACallback(TrainerCallback):
             # trainer divides the step's token sums by the step's token count, so weight it by its tokens
             mask = None if share else getattr(output, "label_mask", None)
             tokens = mask.sum() if torch.is_tensor(mask) and mask.dtype == torch.bool else None
+            log_probs = getattr(output, "log_probs", None)
+            if tokens is not None and getattr(self._args, "loss_type", None) == "dft" and torch.is_tensor(log_probs):
+                # SFTConfig(loss_type="dft") trains each token's NLL weighted by its probability (DFT), from these
+                # log-probabilities; the output's `loss` is the plain NLL
+                log_probs = log_probs.detach().float()
+                loss = -(log_probs * log_probs.exp()).sum() / tokens.clamp(min=1)
             self._record(loss, normalised=share, token_share=share, tokens=tokens)
 
     def wrap_compute_loss_func(self, fn: Callable) -> Callable:
-        """For `Trainer(compute_loss_func=...)`: records the loss `fn` returns.
+        """For `Trainer(compute_loss_func=...)` (and TRL's `SFTTrainer`'s): records the loss `fn` returns.
         The Trainer treats that loss as already scaled for gradient accumulation,
-        so the recorded shares are summed per optimizer step."""
-
-        def wrapped(outputs, labels, num_items_in_batch=None, **kw):
-            loss = fn(outputs, labels, num_items_in_batch=num_items_in_batch, **kw)
-            if torch.is_tensor(loss) and loss.dim() == 0:
-                self._record(loss, normalised=True, token_share=num_items_in_batch is not None)
-            return loss
-
+        so the recorded shares are summed per optimizer step. `add_to(trainer)` wraps the trainer's
+        `compute_loss_func` itself (once)."""
         self._wraps_loss_func = True  # the model's own loss (if any) must not be counted too
-        return wrapped
+        return fn if getattr(fn, "callback", None) is self else _RecordedLoss(fn, self, scaled=True)
+
+    def _wrap_trainer_losses(self, trainer) -> None:
+        """`add_to`: record what the trainer's `compute_loss_func` or label smoother (`label_smoothing_factor > 0`)
+        returns, the loss it trains, where the model's forward returns none (the Trainer pops the labels) or, in
+        TRL's SFTTrainer, only the plain NLL of a fused forward run for the metrics."""
+        fn = getattr(trainer, "compute_loss_func", None)
+        if callable(fn):
+            trainer.compute_loss_func = self.wrap_compute_loss_func(fn)
+        smoother = getattr(trainer, "label_smoother", None)
+        if callable(smoother) and fn is None:  # (the Trainer uses it only without a compute_loss_func)
+            if getattr(smoother, "callback", None) is not self:
+                # a share of the step's token mean when the Trainer passes num_items_in_batch, else a micro-batch mean
+                trainer.label_smoother = _RecordedLoss(smoother, self, scaled=False)
+            self._wraps_loss_func = True
 
     def _pop_step_loss(self) -> torch.Tensor | float:
         if self._n_micro == 0:
             raise RuntimeError(
                 "UnifiedLoRACallback: no training loss was seen in this step. The model must return `loss` "
-                "(pass labels), or wrap your compute_loss_func with callback.wrap_compute_loss_func(fn); "
-                "label_smoothing_factor > 0 is not supported."
+                "(pass labels). With a compute_loss_func or label_smoothing_factor > 0 the loss is computed outside "
+                "the model: add the callback with callback.add_to(trainer), which records it, or wrap your "
+                "compute_loss_func with callback.wrap_compute_loss_func(fn)."
             )
         if self._normalised:
             loss = self._loss_sum
@@ -573,6 +598,28 @@ class UnifiedLoRACallback(TrainerCallback):
             raise ValueError(msg + "; strict_resume=False makes this a warning (the controller is then not loaded)")
         warnings.warn(msg + "; the controller state was not loaded", stacklevel=3)
         return False
+
+
+class _RecordedLoss:
+    """A loss function the Trainer calls (`compute_loss_func`, its `LabelSmoother`), whose every scalar result
+    `callback` records as the micro-batch's loss. `scaled`: the Trainer takes the result as already scaled for
+    gradient accumulation (a compute_loss_func's), else only when it passed `num_items_in_batch`."""
+
+    def __init__(self, fn: Callable, callback: "UnifiedLoRACallback", scaled: bool):
+        self.fn, self.callback, self.scaled = fn, callback, scaled
+        functools.update_wrapper(self, fn, updated=())
+
+    def __call__(self, *args, **kwargs):
+        loss = self.fn(*args, **kwargs)
+        if torch.is_tensor(loss) and loss.dim() == 0:
+            share = kwargs.get("num_items_in_batch") is not None
+            self.callback._record(loss, normalised=self.scaled or share, token_share=share)
+        return loss
+
+    def __getattr__(self, name):  # the wrapped one's attributes (a LabelSmoother's epsilon, ...)
+        if name == "fn":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
 
 
 def _refuse_peft_over_nested(model) -> None:
