@@ -1,8 +1,9 @@
 """TRL's `SFTTrainer` (a `Trainer` subclass) with nested LoRA and `UnifiedLoRACallback`, on CPU.
 
 The model is conftest's tiny Llama (vocabulary 64), or test_quantized's 4-bit tiny Llama; the tokenizer is a
-character-level one built here (no hub download); the data are small in-memory `datasets.Dataset`s of text or of
-prompt/completion pairs or of conversations (with a chat template of its own). What SFTTrainer does differently from the stock Trainer, and what each test checks:
+character-level one built here (no hub download), with a chat template of its own; the data are small in-memory
+`datasets.Dataset`s of text, of prompt/completion pairs or of conversations. What SFTTrainer does differently from
+the stock Trainer, and what each test checks:
 
 - it scores tokens with a fused LM head (trl's `add_fused_lm_head`): the model is called without
   `num_items_in_batch` and returns each micro-batch's token mean, which the trainer turns back into token sums over
