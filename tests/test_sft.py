@@ -181,10 +181,11 @@ def test_the_controller_sees_the_token_mean_that_sft_trainer_trains_on(tmp_path,
 def test_padding_free_rows_give_the_padded_runs_losses_and_gradient_signal(tmp_path):
     """`padding_free=True` (without packing) concatenates a micro-batch's sequences into one row with `position_ids`
     and no attention mask. trl 1.16 asks for no flash-attention there: the tiny Llama runs it with SDPA on CPU, and
-    transformers keeps each sequence to itself (a block-causal mask read from the position_ids; attending across
-    them moves the first loss by 2e-3). So the same data padded and padding-free train the same way: the same loss
-    at each step and the same composite signal, whose raw components read the adapters' gradients (stress S,
-    churn E). In float32: SFTConfig's default bf16 autocast rounds the two layouts differently (1e-3 apart)."""
+    transformers keeps each sequence to itself (a block-causal mask read from the position_ids; the same row read
+    as one sequence, positions 0..N, gives a loss 2e-3 off). So the same data padded and padding-free train the
+    same way: the same loss at each step and the same composite signal, whose raw components read the adapters'
+    gradients (stress S, churn E). In float32: SFTConfig's default bf16 autocast rounds the two layouts'
+    gradients differently (about 2e-3 apart)."""
     runs = []
     for kw in ({}, {"padding_free": True, "max_length": None}):
         model = tiny_llama().train()
