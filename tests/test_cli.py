@@ -1717,7 +1717,7 @@ def _record_fsync_and_replace(monkeypatch) -> list[tuple]:
 def test_written_atomically_flushes_the_file_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
     """The temporary file was renamed without os.fsync: after a power loss (ext4/xfs delayed allocation) the name
     could point at an empty file, the old one gone."""
-    from unified_lora._files import written_atomically
+    from unified_lora._files import _host_tag, written_atomically
 
     events = _record_fsync_and_replace(monkeypatch)
     path = tmp_path / "summary.json"
@@ -1725,8 +1725,70 @@ def test_written_atomically_flushes_the_file_before_its_rename_and_the_folder_af
     with written_atomically(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write('{"ü": 1}\n')
     assert path.read_bytes() == '{"ü": 1}\n'.encode()  # the bytes written, nothing else
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{_host_tag()}-{os.getpid()}"
     assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))], events
+
+
+def test_a_file_write_removes_the_temp_files_that_killed_writers_left_and_keeps_live_ones(tmp_path):
+    """A process killed (SIGKILL) while it wrote summary.json, console.txt, plot.png, ... left its temporary
+    `<name>.tmp-<pid>` beside the file for good. The next write of that file now removes those of processes gone
+    from this host; a live process's (DDP ranks writing one file), another host's and other files' stay."""
+    from unified_lora._files import _host_tag, write_text_atomically
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = [f"summary.json.tmp-{_host_tag()}-{live.pid}", f"summary.json.tmp-otherhost-{dead}",
+                f"console.txt.tmp-{_host_tag()}-{dead}", f"summary.json.tmp-{dead}"]
+        for name in kept + [f"summary.json.tmp-{_host_tag()}-{dead}"]:
+            (tmp_path / name).write_text('{"cut sh')
+        write_text_atomically(tmp_path / "summary.json", "{}\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["summary.json"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_plot_interrupted_while_writing_leaves_the_previous_one_whole_and_keeps_the_format_of_its_name(tmp_path,
+                                                                                                        monkeypatch):
+    """plot_trace wrote plot.png (the CLI's, or `plot -o`) in place: an interrupt or a kill during savefig left a
+    PNG cut short where the previous plot was. It is now written under a temporary name and renamed; the format
+    still follows the name's extension (the temporary name has none of its own), and a name without one gets .png,
+    the path returned and printed being the file written (`plot -o phi` printed "phi" and wrote phi.png)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from unified_lora.plotting import plot_trace
+
+    trace = [{"step": i, "loss": 1.0 / (i + 1), "phi": 0.5, "mode": 1, "rank": 8, "lr": 1e-3} for i in range(5)]
+    png = tmp_path / "plot.png"
+    assert plot_trace(trace, png) == str(png) and png.read_bytes()[:8] == PNG
+    before = png.read_bytes()
+    real = Figure.savefig
+
+    def cut_short(self, fname, **kw):  # writes the first half of the real file, then Ctrl-C
+        buf = io.BytesIO()
+        real(self, buf, **kw)
+        with open(fname, "wb") as f:
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        plot_trace(trace, png, title="another")
+    monkeypatch.undo()
+    assert png.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+    assert plot_trace(trace, tmp_path / "phi.svg").endswith("phi.svg")
+    assert (tmp_path / "phi.svg").read_text().startswith("<?xml")
+    assert plot_trace(trace, tmp_path / "phi.PDF") and (tmp_path / "phi.PDF").read_bytes()[:5] == b"%PDF-"
+    trace_file = tmp_path / "trace.jsonl"
+    trace_file.write_text("".join(json.dumps(r) + "\n" for r in trace))
+    assert main(["plot", str(trace_file), "-o", str(tmp_path / "phi")]) == 0
+    assert (tmp_path / "phi.png").read_bytes()[:8] == PNG and not (tmp_path / "phi").exists()
+    with pytest.raises(ValueError, match="Format 'xyz' is not supported"):
+        plot_trace(trace, tmp_path / "phi.xyz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phi.PDF", "phi.png", "phi.svg", "plot.png", "trace.jsonl"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc")
@@ -1752,7 +1814,7 @@ def test_every_file_a_run_writes_is_flushed_to_the_disk_before_it_is_renamed_int
         dst = out / "peft_adapter" / name
         src = events[renamed[str(dst)]][1]
         assert ("fsync", src) in events[:renamed[str(dst)]], name
-    for name in ("summary.json", "console.txt"):
+    for name in ("summary.json", "console.txt", "plot.png"):  # plot.png was written in place
         i = renamed[str(out / name)]
         assert events[i - 1] == ("fsync", events[i][1]) and events[i + 1] == ("fsync", str(out)), name
     assert str(out / "trace.jsonl") in synced

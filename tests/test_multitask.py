@@ -926,6 +926,123 @@ def test_task_export_of_a_merged_shared_model_writes_each_tasks_head(tmp_path):
             torch.testing.assert_close(pm(input_ids=x).logits, want[t], rtol=1e-6, atol=1e-6)
 
 
+def _tree(path) -> dict:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _train_on(adapters) -> None:
+    """Training went on: the same ranks and modules, other weights."""
+    with torch.no_grad():
+        for layer in adapters.values():
+            for p in layer.shared_parameters() + layer.task_parameters():
+                p.add_(0.5)
+
+
+def test_a_task_export_that_fails_part_way_leaves_the_previous_set_whole_and_no_temp_folder(tmp_path, monkeypatch):
+    # export_task_peft_adapters wrote each task's folder in turn, each whole: an error at the third (a full disk) left
+    # shared/ and a/ of the new export beside b/ of the previous one, a mix that loads with PEFT. The folders now go
+    # into one temporary folder and are swapped in once all are whole. The set is what peft_tasks.json lists: the
+    # user's files beside it, and inside a task folder, stay; a folder of the previous set not written again goes.
+    import json
+
+    import peft.peft_model
+
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    export_task_peft_adapters(model, out, task_type=None)
+    (out / "a" / "vocab.txt").write_text("mine too")
+    before = _tree(out)
+    _train_on(ad)
+    real, calls = peft.peft_model.safe_save_file, []
+
+    def third_fails(*a, **k):  # shared, a, then b: the disk is full
+        calls.append(a[1])
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", third_fails)
+    with pytest.raises(OSError, match="No space left"):
+        export_task_peft_adapters(model, out, task_type=None)
+    monkeypatch.undo()
+    assert len(calls) == 3 and _tree(out) == before  # the previous set, bit for bit, and no temporary folder
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "notes.txt", "peft_tasks.json", "shared"]
+    export_task_peft_adapters(model, out, task_type=None)
+    after = _tree(out)
+    assert after["notes.txt"] == b"mine" and after["a/vocab.txt"] == b"mine too"
+    assert all(after[f"{t}/adapter_model.safetensors"] != before[f"{t}/adapter_model.safetensors"]
+               for t in ("shared", "a", "b"))
+    assert json.loads((out / "peft_tasks.json").read_text())["folders"] == ["shared", "a", "b"]
+    export_task_peft_adapters(model, out, tasks=["b"], include_shared=False, task_type=None)
+    assert sorted(p.name for p in out.iterdir()) == ["b", "notes.txt", "peft_tasks.json"]
+    (out / "peft_tasks.json").write_text('{"folders": ["../elsewhere"]}')
+    with pytest.raises(ValueError, match="peft_tasks.json: not the manifest export_task_peft_adapters writes"):
+        export_task_peft_adapters(model, out, task_type=None)
+
+
+def test_a_task_export_refuses_a_file_where_a_task_folder_goes_and_a_task_named_like_its_manifest(tmp_path):
+    # The set swap moves what is under a task folder's name aside and deletes it: a file of the user's there is
+    # refused before anything is written, and so is a task id whose folder would be the manifest.
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    (tmp_path / "b").write_text("mine")
+    with pytest.raises(ValueError, match=r"/b: is a file, not a folder"):
+        export_task_peft_adapters(model, tmp_path, task_type=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["b"] and (tmp_path / "b").read_text() == "mine"
+    model, ad, ctrl, _ = build(initial_mode=MULTI, tasks=("a", "peft_tasks.json"))
+    with pytest.raises(ValueError, match="over the manifest peft_tasks.json"):
+        export_task_peft_adapters(model, tmp_path / "out", task_type=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_task_export_killed_during_its_swap_is_finished_by_the_next_export(tmp_path):
+    # The swap moves each folder of the previous set aside, then the new one in, the manifest last. A SIGKILL in
+    # between (here right after the new a/ went in: shared/ and a/ new, b/ old) leaves a mix; the next export into the
+    # folder on this host finishes the swap first (the new set was written whole before it began), then writes its
+    # own. The kill is real: the child process kills itself (SIGKILL) right after that rename.
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from unified_lora.multitask import _settle_task_exports, export_task_peft_adapters
+
+    out = tmp_path / "out"
+    child = tmp_path / "killed_mid_swap.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_multitask import MULTI, _train_on, build\n"
+        "from unified_lora.multitask import export_task_peft_adapters\n"
+        "model, ad, ctrl, _ = build(initial_mode=MULTI)\n"
+        "export_task_peft_adapters(model, sys.argv[1], task_type=None)\n"
+        "open(os.path.join(sys.argv[1], 'notes.txt'), 'w').write('mine')\n"
+        "_train_on(ad)\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if os.path.basename(os.path.dirname(src)).startswith('.tmp-') and os.path.basename(dst) == 'a':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        "export_task_peft_adapters(model, sys.argv[1], task_type=None)\n")
+    p = subprocess.run([sys.executable, str(child), str(out)], stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    tmp = next(out.glob(".tmp-*"))
+    assert sorted(n.name.split("-")[0] for n in out.iterdir() if n.name.startswith(".")) == [".old", ".tmp"]
+    assert not (out / "peft_tasks.json").exists() and sorted(n.name for n in tmp.iterdir()) == ["b", "peft_tasks.json"]
+    new = {**{k: v for k, v in _tree(out).items() if k.split("/")[0] in ("shared", "a", "notes.txt")}, **_tree(tmp)}
+    _settle_task_exports(str(out))  # what the next export does first
+    assert _tree(out) == new and not [n for n in out.iterdir() if n.name.startswith(".")]
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    export_task_peft_adapters(model, out, tasks=["a"], task_type=None)
+    assert sorted(n.name for n in out.iterdir()) == ["a", "notes.txt", "peft_tasks.json", "shared"]
+    assert json.loads((out / "peft_tasks.json").read_text())["tasks"] == {"a": "a"}
+
+
 def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():
     x, ya, yb = conflict_data()
     model, ad, ctrl, opt = build()
@@ -1087,7 +1204,8 @@ def test_task_export_refuses_ids_that_share_a_folder(tmp_path, tasks):
         export_task_peft_adapters(model, tmp_path / "out", task_type=None)
     assert not (tmp_path / "out").exists()  # refused before anything was written
     out = export_task_peft_adapters(model, tmp_path / "one", tasks=[tasks[0]], include_shared=False, task_type=None)
-    assert list(out) == [str(tasks[0]).replace(" ", "_")] and len(list((tmp_path / "one").iterdir())) == 1
+    assert list(out) == [str(tasks[0]).replace(" ", "_")]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([*out, "peft_tasks.json"])
 
 
 def test_exports_and_task_deltas_never_register_an_unknown_task(tmp_path):
@@ -1404,7 +1522,8 @@ def test_task_export_never_writes_a_task_named_with_dots_outside_its_own_folder(
     model, ad, ctrl, _ = build(initial_mode=MULTI, tasks=("a", tid))
     out = export_task_peft_adapters(model, tmp_path / "out", task_type=None)
     name = "_" * max(len(tid), 1)
-    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(tmp_path / "out")) == sorted(["shared", "a", name])
+    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(tmp_path / "out")) == sorted(["shared", "a", name,
+                                                                                               "peft_tasks.json"])
     assert list(out) == ["shared", "a", name]
     assert (tmp_path / "out" / name / "adapter_model.safetensors").is_file()
     save_task_adapters(model, tmp_path / "saved")  # task-<slot>-<name>: a file of its own, loaded back by its id

@@ -1045,3 +1045,68 @@ def test_an_export_to_a_file_or_a_link_to_nothing_says_so(tmp_path):
     (tmp_path / "to_there").symlink_to(tmp_path / "there")  # a link to a folder is that folder
     export_peft_adapter(model, adapters, tmp_path / "to_there")
     assert (tmp_path / "there" / "adapter_config.json").is_file() and (tmp_path / "to_there").is_symlink()
+
+
+def _exited_pid() -> int:
+    """The id of a process that ran here and has exited (its id is free, as a SIGKILLed exporter's is)."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_an_export_removes_the_temp_folders_of_killed_exports_and_keeps_those_of_live_ones(tmp_path):
+    """An export killed outright (SIGKILL) while writing left its hidden `.tmp-<pid>-*` folder (a whole adapter's
+    size) in the folder for good; the README told the user to delete it. The next export into the folder now removes
+    those of processes that no longer run on this host; a live process's (a concurrent export), another host's
+    and one without a host (an older version's) stay. The kill is real: a child process exports and SIGKILLs itself
+    right after PEFT wrote the weights into the temporary folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from unified_lora._files import _host_tag
+
+    out = tmp_path / "adapter"
+    child = tmp_path / "killed_mid_export.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import peft.peft_model\n"
+        "from test_peft_io import nested\n"
+        "from unified_lora.peft_io import export_peft_adapter\n"
+        "real = peft.peft_model.safe_save_file\n"
+        "def save_file(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "model, adapters, _ = nested('gpt2')\n"
+        "export_peft_adapter(model, adapters, sys.argv[1], rank=4)\n"
+        "peft.peft_model.safe_save_file = save_file\n"
+        "export_peft_adapter(model, adapters, sys.argv[1], rank=8)\n")
+    p = subprocess.run([sys.executable, str(child), str(out)], stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    killed = [d.name for d in out.iterdir() if d.is_dir()]
+    assert len(killed) == 1 and killed[0].startswith(".tmp-")  # the killed export's, with the weights inside
+    assert (out / killed[0] / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # the previous export, whole
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = _exited_pid()
+        kept = [f".tmp-{_host_tag()}-{live.pid}-abc123", f".tmp-otherhost-{dead}-abc123", f".tmp-{dead}-abc123",
+                f".tmp-{_host_tag()}-{os.getpid()}-abc123"]
+        gone = [f".tmp-{_host_tag()}-{dead}-abc123"]
+        for name in kept + gone:
+            (out / name).mkdir()
+            (out / name / "adapter_model.safetensors").write_bytes(b"partial")
+        model, adapters, fresh = nested("gpt2")
+        export_peft_adapter(model, adapters, out, rank=8)
+        assert sorted(d.name for d in out.iterdir() if d.is_dir()) == sorted(kept)
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+        torch.testing.assert_close(logits(peft_load(fresh, out), inputs()), logits(model, inputs()), atol=TOL,
+                                   rtol=TOL)
+    finally:
+        live.kill()
+        live.wait()

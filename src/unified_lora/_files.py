@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 
@@ -49,19 +50,88 @@ def fsync_tree(folder) -> None:
         fsync_dir(here)
 
 
+def _host_tag() -> str:
+    """This machine, for the temporary names below: its host name (characters other than letters, digits and `_.-`
+    replaced), and on Linux its pid namespace (`/proc/self/ns/pid`'s inode), so that a process id in a temporary name
+    is only ever looked up where it means that process: not on another machine sharing the file system, not in
+    another container with the same host name."""
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+    with contextlib.suppress(OSError):
+        tag += f"~{os.stat('/proc/self/ns/pid').st_ino}"
+    return tag
+
+
+def temp_prefix(kind: str = ".tmp") -> str:
+    """`<kind>-<host>-<pid>-`: the start of the name of a temporary folder this process writes (`tempfile.mkdtemp`
+    adds a random part without `-`), which `remove_dead_leftovers` can tell apart once this process is gone."""
+    return f"{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process `pid` runs here (`os.kill(pid, 0)`: ProcessLookupError). A live one, also another user's
+    (PermissionError) or an unrelated process that reuses the id, counts as running: its files are left alone. Never
+    on Windows, where `os.kill(pid, 0)` terminates the process."""
+    if os.name == "nt" or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return False
+
+
+def left_by_dead_process(name: str, kind: str = ".tmp") -> bool:
+    """Whether `name` is a temporary folder's (`temp_prefix(kind)` + a random part) of a process of this host (and
+    pid namespace) that no longer runs."""
+    m = re.fullmatch(re.escape(kind) + r"-(.+)-(\d+)-[^-]*", name)
+    return bool(m) and m.group(1) == _host_tag() and _process_gone(int(m.group(2)))
+
+
+def remove_dead_leftovers(folder, file_name: str | None = None) -> list[str]:
+    """Delete what writers killed outright (SIGKILL, a power loss) left in `folder`: the temporary folders of
+    `folder_written_atomically` (`.tmp-<host>-<pid>-*`), or with `file_name` the temporary files of
+    `written_atomically(folder/file_name)` (`<file_name>.tmp-<host>-<pid>`), whose process (the pid in the name)
+    is gone from this host. A live process's (a concurrent writer), another host's and another pid namespace's are
+    kept; so is a temporary folder beside an `.old-` one of the same name (a set swap that
+    `export_task_peft_adapters` finishes). Returns the names deleted."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    gone = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if file_name is None:
+            dead = (left_by_dead_process(name) and os.path.isdir(path) and not os.path.islink(path)
+                    and not os.path.lexists(os.path.join(folder, ".old-" + name[len(".tmp-"):])))
+        else:
+            m = re.fullmatch(re.escape(file_name) + r"\.tmp-(.+)-(\d+)", name)
+            dead = (bool(m) and m.group(1) == _host_tag() and _process_gone(int(m.group(2)))
+                    and os.path.isfile(path) and not os.path.islink(path))
+        if dead:
+            shutil.rmtree(path, ignore_errors=True) if file_name is None else os.remove(path)
+            gone.append(name)
+    return gone
+
+
 @contextlib.contextmanager
 def written_atomically(path: str):
-    """Yield a temporary name next to `path` (per process), then rename it to `path`: the file appears whole or not
-    at all, also when several processes (DDP) write the same file or one reads it while another writes. The
-    temporary file is flushed to the disk before the rename and the folder after it (`fsync_file`, `fsync_dir`),
-    so a power loss leaves the old file or the new one, not an empty one. The temporary file is removed if the
-    write fails."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Yield a temporary name next to `path` (per process: `<path>.tmp-<host>-<pid>`), then rename it to `path`: the
+    file appears whole or not at all, also when several processes (DDP) write the same file or one reads it while
+    another writes. The temporary file is flushed to the disk before the rename and the folder after it
+    (`fsync_file`, `fsync_dir`), so a power loss leaves the old file or the new one, not an empty one. The temporary
+    file is removed if the write fails; one a killed process left (SIGKILL) is removed by the next write of `path`
+    on this host (`remove_dead_leftovers`)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    remove_dead_leftovers(folder, name)
+    tmp = f"{path}.tmp-{_host_tag()}-{os.getpid()}"
     try:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -73,21 +143,29 @@ def write_text_atomically(path, text: str) -> None:
         f.write(text)
 
 
+def make_folder(save_dir) -> None:
+    """`os.makedirs(save_dir, exist_ok=True)`; a `save_dir` that is a file (or a link to nothing) is a ValueError
+    saying so (`os.makedirs`' own was "File exists")."""
+    if os.path.lexists(save_dir) and not os.path.isdir(save_dir):
+        what = "a link to nothing" if os.path.islink(save_dir) else "a file"
+        raise ValueError(f"{save_dir} is {what}, not a folder; pass the folder to write into (it is made if missing)")
+    os.makedirs(save_dir, exist_ok=True)
+
+
 @contextlib.contextmanager
 def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
-    """Write a set of files into `save_dir` as one: yield a temporary folder inside it (`.tmp-<pid>-...`) to write
+    """Write a set of files into `save_dir` as one: yield a temporary folder inside it (`.tmp-<host>-<pid>-...`) to write
     them into; once the body returns, each goes into `save_dir` by `os.replace` (replacing the file of that name,
     flushed to the disk first), `last` last, after the old `last` was deleted. So a failure or interrupt while
     writing leaves `save_dir` as it was (the temporary folder is removed), and a kill during the renames
     (microseconds) leaves a folder without `last`, whose reader refuses it, never new files beside an old `last`.
     Other files in `save_dir` (the user's) are left alone; those named in `keep` that exist are first copied into
     the temporary folder, for the writer to update (a README the writer amends). A `save_dir` that is a file (or a
-    link to nothing) is a ValueError saying so (`os.makedirs`' own was "File exists")."""
-    if os.path.lexists(save_dir) and not os.path.isdir(save_dir):
-        what = "a link to nothing" if os.path.islink(save_dir) else "a file"
-        raise ValueError(f"{save_dir} is {what}, not a folder; pass the folder to write into (it is made if missing)")
-    os.makedirs(save_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=save_dir)
+    link to nothing) is a ValueError saying so (`os.makedirs`' own was "File exists"). The temporary folders of
+    writers killed outright (SIGKILL) on this host are removed first (`remove_dead_leftovers`)."""
+    make_folder(save_dir)
+    remove_dead_leftovers(save_dir)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
     try:
         for name in keep:
             if os.path.isfile(os.path.join(save_dir, name)):

@@ -838,8 +838,7 @@ def cmd_plot(args) -> int:
     # a flag given on the command line wins, as --shock does; else the run's own thresholds, else the v1 ones
     theta0 = args.theta0 if args.theta0 is not None else summary.get("theta0", 0.3)
     theta1 = args.theta1 if args.theta1 is not None else summary.get("theta1", 0.7)
-    plot_trace(trace, out, theta0=theta0, theta1=theta1, shock=shock, baseline=baseline)
-    print(out)
+    print(plot_trace(trace, out, theta0=theta0, theta1=theta1, shock=shock, baseline=baseline))  # "-o phi": phi.png
     return 0
 
 

@@ -65,6 +65,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -72,7 +74,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._files import written_atomically
+from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, remove_dead_leftovers,
+                     temp_prefix, written_atomically)
 from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer, extra_parameters
@@ -1503,6 +1506,11 @@ def _task_as_shared(layers: Iterable[MultiTaskNestedLoRALayer], slot: int):
         layers[0].router.set_topology(topo)
 
 
+TASK_EXPORT_MANIFEST = "peft_tasks.json"
+# the files each PEFT export writes anew: not copied from the previous task folder into the new one
+_PEFT_WRITTEN = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, rank: int | None = None,
                               tasks: Sequence[int | str] | None = None, include_shared: bool = True,
                               **kwargs) -> dict[str, dict]:
@@ -1510,14 +1518,25 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     `unified_lora.peft_io.export_peft_adapter`; each loads with `PeftModel.from_pretrained(base, dir)`
     and gives that task's outputs. The folder name is the id with every character but letters, digits
     and `_.-` replaced by `_` (and an id of dots alone, or empty, by underscores: `..` is `__`, never the
-    parent folder); ids that would share a folder (with each other or with `shared`) are a
+    parent folder); ids that would share a folder (with each other, with `shared` or with the manifest) are a
     ValueError, before anything is written. Returns {folder name: adapter config}. `kwargs` go to
     `export_peft_adapter`. A classifier that is itself a LoRA target (each task's own head delta)
     is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
     delta merged in: PEFT puts no LoRA on a head it saves whole, and a base model loaded afresh
     would not have the frozen head weights this model was trained on. `model` may be wrapped (DDP,
     `MultiTaskModel`): the checkpoints name the bare model's modules. It runs no collective: under DDP,
-    call it on one process (rank 0)."""
+    call it on one process (rank 0).
+
+    The folders are written as one set: all of them into a temporary folder in `save_dir` first (flushed to the
+    disk), then swapped in, each previous folder moved aside before its new one is renamed in, and the manifest
+    `save_dir/peft_tasks.json` (the set's folder names and task ids) last. The set is the folders that manifest
+    lists: an export replaces the previous set whole, so a folder of the previous export that this one does not
+    write (a task left out with `tasks=`) is removed, and a folder of the same name that no manifest listed (yours,
+    or an export from before the manifest) is replaced. Anything else in `save_dir` is yours and stays, and so do
+    your files inside a task folder (a `README.md` there is amended, as PEFT does). An error or interrupt while
+    writing leaves the previous set untouched and no temporary folder; a process killed (SIGKILL, a power loss)
+    during the swap leaves it part way, and the next export into `save_dir` on this host finishes it first. One
+    export into a `save_dir` at a time."""
     from .peft_io import export_peft_adapter
 
     model = _bare(model)
@@ -1526,27 +1545,122 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     tasks = router.task_ids if tasks is None else list(dict.fromkeys(_check_task_id(t) for t in tasks))
     slots = {t: router.known_slot(t) for t in tasks}  # before writing anything; never registers a new task
     folders: dict[str, list] = {"shared": ["the shared adapter"]} if include_shared else {}
+    folders.setdefault(TASK_EXPORT_MANIFEST, [])
     for t in tasks:
         folders.setdefault(_safe(t), []).append(t)
-    clashes = [f"{', '.join(map(repr, ts))} -> {name!r}" for name, ts in folders.items() if len(ts) > 1]
+    clashes = [f"{', '.join(map(repr, ts))} -> {name!r}" for name, ts in folders.items()
+               if len(ts) > 1 or (ts and name == TASK_EXPORT_MANIFEST)]
     if clashes:
         raise ValueError(f"export_task_peft_adapters: these would be written to the same folder of {save_dir}, one "
-                         f"overwriting the other: {'; '.join(clashes)}. Export them apart, e.g. "
-                         f"export_task_peft_adapters(model, other_dir, tasks=[...], include_shared=False)")
-    out = {}
-    if include_shared:
-        topo = router.topology
-        router.set_topology("shared")
-        try:
-            out["shared"] = export_peft_adapter(model, layers, os.path.join(save_dir, "shared"), rank, **kwargs)
-        finally:
-            router.set_topology(topo)
-    with _unmerged(layers.values()):  # a merged base weight holds the shared delta, not a task's
-        for t in tasks:
-            name = _safe(t)
-            with _task_as_shared(layers.values(), slots[t]):
-                out[name] = export_peft_adapter(model, layers, os.path.join(save_dir, name), rank, **kwargs)
+                         f"overwriting the other (or over the manifest {TASK_EXPORT_MANIFEST}): {'; '.join(clashes)}. "
+                         f"Export them apart, e.g. export_task_peft_adapters(model, other_dir, tasks=[...], "
+                         f"include_shared=False)")
+    del folders[TASK_EXPORT_MANIFEST]
+    if not folders:  # nothing to write: the folder, and the set in it, stay as they are
+        return {}
+    save_dir = os.fspath(save_dir)
+    for name in folders:
+        here = os.path.join(save_dir, name)
+        if os.path.lexists(here) and not os.path.isdir(here):
+            raise ValueError(f"{here}: is a file, not a folder; the export writes a folder of that name there. Move "
+                             "the file, or export into another folder")
+    make_folder(save_dir)
+    _settle_task_exports(save_dir)  # a swap killed part way: finished, before the previous set is read
+    remove_dead_leftovers(save_dir)
+    _read_task_manifest(save_dir)  # one that cannot be read is refused before anything is written
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
+    try:
+        def into(name):
+            """The new folder of `name`: your files in its previous one first (not PEFT's own, written anew)."""
+            mine, new = os.path.join(save_dir, name), os.path.join(tmp, name)
+            if os.path.isdir(mine):
+                shutil.copytree(mine, new, symlinks=True, ignore=lambda d, names: [
+                    n for n in names if os.path.samefile(d, mine) and (n in _PEFT_WRITTEN or n.startswith(".tmp-"))])
+            return new
+
+        out = {}
+        if include_shared:
+            topo = router.topology
+            router.set_topology("shared")
+            try:
+                out["shared"] = export_peft_adapter(model, layers, into("shared"), rank, **kwargs)
+            finally:
+                router.set_topology(topo)
+        with _unmerged(layers.values()):  # a merged base weight holds the shared delta, not a task's
+            for t in tasks:
+                name = _safe(t)
+                with _task_as_shared(layers.values(), slots[t]):
+                    out[name] = export_peft_adapter(model, layers, into(name), rank, **kwargs)
+        manifest = {"written_by": "unified_lora.multitask.export_task_peft_adapters", "folders": list(folders),
+                    "tasks": {_safe(t): t for t in tasks}}
+        with open(os.path.join(tmp, TASK_EXPORT_MANIFEST), "w", encoding="utf-8") as f:  # last: the set is whole
+            json.dump(manifest, f, indent=2)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in_task_set(save_dir, tmp)
     return out
+
+
+def _read_task_manifest(folder) -> list[str]:
+    """The folder names `folder/peft_tasks.json` lists ([] without one). One that is not an export's manifest, or
+    names something other than a plain folder name, is a ValueError: its names are moved aside and deleted."""
+    path = os.path.join(folder, TASK_EXPORT_MANIFEST)
+    if not os.path.lexists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)["folders"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n == _safe(n) and n != TASK_EXPORT_MANIFEST
+                                                  and not n.startswith((".tmp-", ".old-")) for n in names):
+            raise ValueError("its folders are not a list of task folder names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not the manifest export_task_peft_adapters writes ({type(e).__name__}: {e}); "
+                         "move or delete it, or export into another folder") from None
+    return names
+
+
+def _swap_in_task_set(save_dir: str, tmp: str) -> None:
+    """Move the complete set in `tmp` (its manifest in it) into `save_dir`: the previous set's manifest and each
+    folder of the previous set or of a new folder's name into `.old-<tmp's suffix>` first, each new folder in after
+    the old one of its name went, the manifest last; then the old copies go. Every step checks what is done, so a
+    call killed part way is finished by calling it again (`_settle_task_exports`)."""
+    old = os.path.join(save_dir, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
+    os.makedirs(old, exist_ok=True)
+    fsync_dir(save_dir)
+    man, man_new, man_old = (os.path.join(d, TASK_EXPORT_MANIFEST) for d in (save_dir, tmp, old))
+    if os.path.lexists(man) and not os.path.lexists(man_old):
+        os.replace(man, man_old)  # the previous set's list, read again by a call that finishes this one
+    new = _read_task_manifest(tmp)
+    for name in dict.fromkeys(_read_task_manifest(old) + new):
+        here, fresh, aside = (os.path.join(d, name) for d in (save_dir, tmp, old))
+        if (os.path.isdir(here) and not os.path.islink(here) and not os.path.lexists(aside)
+                and (name not in new or os.path.lexists(fresh))):  # (else `here` is the new one, already in)
+            os.replace(here, aside)
+        elif os.path.islink(here) and (name not in new or os.path.lexists(fresh)):
+            os.replace(here, aside)  # a link where a task folder goes: the link goes, never what it points to
+        if os.path.lexists(fresh):
+            os.replace(fresh, here)
+    fsync_dir(save_dir)
+    os.replace(man_new, man)
+    fsync_dir(save_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _settle_task_exports(save_dir: str) -> None:
+    """Finish the set swaps that processes of this host, now gone, were killed in (`.old-<host>-<pid>-*` beside its
+    `.tmp-` folder): the new set is complete (written whole before the swap began), so it goes in."""
+    for name in sorted(os.listdir(save_dir)):
+        if not left_by_dead_process(name, ".old"):
+            continue
+        tmp = os.path.join(save_dir, ".tmp-" + name[len(".old-"):])
+        if os.path.isfile(os.path.join(tmp, TASK_EXPORT_MANIFEST)):
+            _swap_in_task_set(save_dir, tmp)
+        else:  # the new manifest is in place: only the old copies were left to delete
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

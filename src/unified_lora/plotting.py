@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ._files import written_atomically  # noqa: E402
+
 MODE_COLORS = ("#4c9f70", "#4a7fc1", "#d0584f")  # SINGLE, MULTI, MIRROR
 
 
@@ -36,9 +38,18 @@ def _ema(xs: list[float], rate: float = 0.1) -> list[float]:
 def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: float = 0.3, theta1: float = 0.7,
                shock: tuple[int, int] | None = None, baseline: Sequence[dict] | None = None,
                title: str | None = None) -> str:
-    """Write a 4-panel PNG of a trace (list of StepRecord dicts, e.g. from read_trace) and return its path."""
+    """Write a 4-panel PNG of a trace (list of StepRecord dicts, e.g. from read_trace) and return its path. The
+    format is the path's extension, as matplotlib's `savefig` takes it (`.svg`, `.pdf`, ...; none: `.png` is added,
+    and the path returned has it). The file is written under a temporary name beside it, flushed to the disk and
+    renamed (`written_atomically`): an interrupted or killed plot leaves the previous file whole, never a cut-short
+    one."""
     if not trace:
         raise ValueError("trace: empty; nothing to plot (was the run at least one step long?)")
+    out_path = os.fspath(out_path)
+    fmt = os.path.splitext(out_path)[1][1:].lower()
+    if not fmt:  # as savefig names it: "phi" is written to "phi.png"
+        fmt = matplotlib.rcParams["savefig.format"]
+        out_path = f"{out_path.rstrip('.')}.{fmt}"
     steps = _series(trace, "step")
     fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 2]})
     ax_loss, ax_phi, ax_mode, ax_lr = axes
@@ -96,8 +107,10 @@ def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: fl
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out_path = os.fspath(out_path)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    try:  # the format given, as the temporary name's extension is not the path's
+        with written_atomically(out_path) as tmp:
+            fig.savefig(tmp, dpi=110, format=fmt)
+    finally:
+        plt.close(fig)
     return out_path
