@@ -942,7 +942,7 @@ def test_a_task_export_that_fails_part_way_leaves_the_previous_set_whole_and_no_
     # export_task_peft_adapters wrote each task's folder in turn, each whole: an error at the third (a full disk) left
     # shared/ and a/ of the new export beside b/ of the previous one, a mix that loads with PEFT. The folders now go
     # into one temporary folder and are swapped in once all are whole. The set is what peft_tasks.json lists: the
-    # user's files beside it, and inside a task folder, stay; a folder of the previous set not written again goes.
+    # user's files beside it, and inside a task folder, stay; so does a folder of the previous set not written again.
     import json
 
     import peft.peft_model
@@ -976,8 +976,14 @@ def test_a_task_export_that_fails_part_way_leaves_the_previous_set_whole_and_no_
     assert all(after[f"{t}/adapter_model.safetensors"] != before[f"{t}/adapter_model.safetensors"]
                for t in ("shared", "a", "b"))
     assert json.loads((out / "peft_tasks.json").read_text())["folders"] == ["shared", "a", "b"]
+    _train_on(ad)  # a subset: the folders of the set it does not write stay, bit for bit, and stay listed
     export_task_peft_adapters(model, out, tasks=["b"], include_shared=False, task_type=None)
-    assert sorted(p.name for p in out.iterdir()) == ["b", "notes.txt", "peft_tasks.json"]
+    subset = _tree(out)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "notes.txt", "peft_tasks.json", "shared"]
+    assert all(subset[k] == after[k] for k in after if k.split("/")[0] in ("shared", "a"))
+    assert subset["b/adapter_model.safetensors"] != after["b/adapter_model.safetensors"]
+    assert json.loads((out / "peft_tasks.json").read_text())["folders"] == ["b", "shared", "a"]
+    assert json.loads((out / "peft_tasks.json").read_text())["tasks"] == {"a": "a", "b": "b"}
     (out / "peft_tasks.json").write_text('{"folders": ["../elsewhere"]}')
     with pytest.raises(ValueError, match="peft_tasks.json: not the manifest export_task_peft_adapters writes"):
         export_task_peft_adapters(model, out, task_type=None)
@@ -1039,8 +1045,8 @@ def test_a_task_export_killed_during_its_swap_is_finished_by_the_next_export(tmp
     assert _tree(out) == new and not [n for n in out.iterdir() if n.name.startswith(".")]
     model, ad, ctrl, _ = build(initial_mode=MULTI)
     export_task_peft_adapters(model, out, tasks=["a"], task_type=None)
-    assert sorted(n.name for n in out.iterdir()) == ["a", "notes.txt", "peft_tasks.json", "shared"]
-    assert json.loads((out / "peft_tasks.json").read_text())["tasks"] == {"a": "a"}
+    assert sorted(n.name for n in out.iterdir()) == ["a", "b", "notes.txt", "peft_tasks.json", "shared"]
+    assert json.loads((out / "peft_tasks.json").read_text())["tasks"] == {"a": "a", "b": "b"}
 
 
 def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():

@@ -1530,9 +1530,9 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     The folders are written as one set: all of them into a temporary folder in `save_dir` first (flushed to the
     disk), then swapped in, each previous folder moved aside before its new one is renamed in, and the manifest
     `save_dir/peft_tasks.json` (the set's folder names and task ids) last. The set is the folders that manifest
-    lists: an export replaces the previous set whole, so a folder of the previous export that this one does not
-    write (a task left out with `tasks=`) is removed, and a folder of the same name that no manifest listed (yours,
-    or an export from before the manifest) is replaced. Anything else in `save_dir` is yours and stays, and so do
+    lists: the folders an export writes replace theirs as one, and a folder of the previous set that this one does
+    not write (a task left out with `tasks=`) stays as it was, and stays listed; a folder named like a new one that no
+    manifest listed (yours, or an export from before the manifest) is replaced. Anything else in `save_dir` is yours and stays, and so do
     your files inside a task folder (a `README.md` there is amended, as PEFT does). An error or interrupt while
     writing leaves the previous set untouched and no temporary folder; a process killed (SIGKILL, a power loss)
     during the swap leaves it part way, and the next export into `save_dir` on this host finishes it first. One
@@ -1567,7 +1567,11 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     make_folder(save_dir)
     _settle_task_exports(save_dir)  # a swap killed part way: finished, before the previous set is read
     remove_dead_leftovers(save_dir)
-    _read_task_manifest(save_dir)  # one that cannot be read is refused before anything is written
+    # the previous set (one that cannot be read is refused before anything is written): its folders this export does
+    # not write (tasks left out with `tasks=`, or `shared` with include_shared=False) stay in the set, untouched
+    prev_tasks: dict = {}
+    kept = [n for n in _read_task_manifest(save_dir, prev_tasks) if n not in folders
+            and os.path.isdir(os.path.join(save_dir, n)) and not os.path.islink(os.path.join(save_dir, n))]
     tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
     try:
         def into(name):
@@ -1591,8 +1595,8 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
                 name = _safe(t)
                 with _task_as_shared(layers.values(), slots[t]):
                     out[name] = export_peft_adapter(model, layers, into(name), rank, **kwargs)
-        manifest = {"written_by": "unified_lora.multitask.export_task_peft_adapters", "folders": list(folders),
-                    "tasks": {_safe(t): t for t in tasks}}
+        manifest = {"written_by": "unified_lora.multitask.export_task_peft_adapters", "folders": [*folders, *kept],
+                    "tasks": {**{n: t for n, t in prev_tasks.items() if n in kept}, **{_safe(t): t for t in tasks}}}
         with open(os.path.join(tmp, TASK_EXPORT_MANIFEST), "w", encoding="utf-8") as f:  # last: the set is whole
             json.dump(manifest, f, indent=2)
         fsync_tree(tmp)
@@ -1603,15 +1607,19 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     return out
 
 
-def _read_task_manifest(folder) -> list[str]:
-    """The folder names `folder/peft_tasks.json` lists ([] without one). One that is not an export's manifest, or
-    names something other than a plain folder name, is a ValueError: its names are moved aside and deleted."""
+def _read_task_manifest(folder, tasks: dict | None = None) -> list[str]:
+    """The folder names `folder/peft_tasks.json` lists ([] without one); `tasks`, if given, is filled with its
+    {folder: task id}. One that is not an export's manifest, or names something other than a plain folder name, is a
+    ValueError: the swap moves the folders it names aside."""
     path = os.path.join(folder, TASK_EXPORT_MANIFEST)
     if not os.path.lexists(path):
         return []
     try:
         with open(path, encoding="utf-8") as f:
-            names = json.load(f)["folders"]
+            manifest = json.load(f)
+        names = manifest["folders"]
+        if tasks is not None:
+            tasks.update({n: t for n, t in dict(manifest.get("tasks", {})).items() if n in names})
         if not isinstance(names, list) or not all(isinstance(n, str) and n == _safe(n) and n != TASK_EXPORT_MANIFEST
                                                   and not n.startswith((".tmp-", ".old-")) for n in names):
             raise ValueError("its folders are not a list of task folder names")
