@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import RunsCode, can_build_cpp
-from unified_lora.cli import main
+from unified_lora.cli import _correct_rows, main
 from unified_lora.trace import read_trace
 
 POS = "good great fine nice happy superb".split()
@@ -119,6 +119,25 @@ def test_demo_writes_trace_summary_plot_and_console(tiny, tmp_path, capsys):
     assert f"paired on the same rows: {t['b']} right only by Unified LoRA, {t['c']} only by Baseline LoRA r8, " \
            f"exact McNemar p={t['p']:.3g}" in console
     assert "2 standard errors" not in console  # the unpaired estimate is for older summaries only
+    # and the F1 test's: each arm's predicted class per dev row and the gold labels, which give the F1 the table shows
+    from unified_lora.cli import _label_ids
+    from unified_lora.data import f1_binary, macro_f1
+
+    y = _label_ids(summary["dev_labels"], n)
+    for arm in summary["arms"].values():
+        p = _label_ids(arm["final_preds"], n)
+        assert macro_f1(p, y) == pytest.approx(arm["eval"]["final"]["macro_f1"])
+        assert _correct_rows(p, y) == arm["final_correct"]
+    f1 = summary["verdict_f1"]
+    assert (f1["metric"], f1["positive"], summary["num_labels"]) == ("f1", 1, 2)
+    t = f1["unified_vs_baseline"]
+    assert t["f1_a"] == pytest.approx(f1_binary(_label_ids(summary["arms"]["unified"]["final_preds"], n), y))
+    assert f"  Final dev F1 of class 1: Unified LoRA {t['f1_a']:.3f} vs Baseline LoRA r8 {t['f1_b']:.3f}: " \
+           f"{t['diff']:+.3f}, " in console and "F1 of class 1 vs the majority class" in console
+    # `report` prints the same verdict, from summary.json
+    assert main(["report", str(out)]) == 0
+    verdict = console[console.index("Did the controller help?"):console.index("outputs: ")]
+    assert verdict.strip() and verdict in capsys.readouterr().out
 
 
 def _verdict_summary(u: float, b: float | None, maj: float = 0.5, n: int = 200) -> dict:
@@ -213,6 +232,174 @@ def test_demo_verdict_against_the_majority_class_is_paired_too():
     assert "Unified LoRA +0 of 200 rows (20 right only by it, 20 only by the majority class, p=1)" in text
     assert "; Unified LoRA scores no better than always predicting the majority class; Baseline LoRA r8 is above " \
            "it within noise only." in text
+
+
+def _brute_force_f1_p(a: list[int], b: list[int], y: list[int], positive: int | None) -> float:
+    """The paired permutation p of F1(a) - F1(b), by enumeration of every one of the 2**n ways to swap rows."""
+    import itertools
+
+    from unified_lora.data import f1_binary, macro_f1
+
+    def f1(p):
+        return f1_binary(p, y, positive) if positive is not None else macro_f1(p, y)
+
+    observed, hits = abs(f1(a) - f1(b)), 0
+    for swap in itertools.product((False, True), repeat=len(y)):
+        a2 = [v if s else u for u, v, s in zip(a, b, swap)]
+        b2 = [u if s else v for u, v, s in zip(a, b, swap)]
+        hits += abs(f1(a2) - f1(b2)) >= observed - 1e-12
+    return hits / 2 ** len(y)
+
+
+def test_paired_f1_permutation_test_equals_a_brute_force_enumeration_of_every_swap():
+    """MRPC is scored by F1 as well as accuracy, and the demo's verdict tested accuracy alone. The F1 test swaps the
+    two predictions of each row at random; on up to 12 rows its p is checked against all 2**n swaps, counted one by
+    one with the metrics GLUE scores (F1 of class 1 for a binary task, macro-F1 for more classes)."""
+    from unified_lora.data.metrics import paired_f1_test
+
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(12, 2), (10, 2), (12, 3), (9, 3), (11, 4)]:
+        y, a, b = (torch.randint(k, (n,), generator=g).tolist() for _ in range(3))
+        for positive in ((1, None) if k == 2 else (None,)):
+            r = paired_f1_test(a, b, y, positive)
+            assert r["exact"] and r["rows_differ"] == sum(u != v for u, v in zip(a, b))
+            assert r["p"] == pytest.approx(_brute_force_f1_p(a, b, y, positive), abs=1e-12), (n, k, positive)
+    # past EXACT_MAX_ROWS rows predicted differently, 20,000 random swaps: within 0.01 of the exact p, and the same
+    # p on every call (seed 0)
+    y = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1] * 3
+    a = [1] * 30
+    b = [1 - v if i % 2 else v for i, v in enumerate(y)]  # right on the even rows, wrong on the odd ones
+    exact = paired_f1_test(a, b, y, 1, exact_max=18)  # 2**18 swaps
+    mc = paired_f1_test(a, b, y, 1)
+    assert exact["exact"] and not mc["exact"] and mc["permutations"] == 20_000 and mc["rows_differ"] == 18
+    assert abs(mc["p"] - exact["p"]) < 0.01 and paired_f1_test(a, b, y, 1) == mc
+
+
+def test_paired_f1_permutation_test_known_cases():
+    from unified_lora.data import f1_binary
+    from unified_lora.data.metrics import paired_f1_test
+
+    y = [1, 0] * 100
+    r = paired_f1_test(y, y, y)  # the same predictions: no row can be swapped, p = 1
+    assert (r["diff"], r["p"], r["rows_differ"]) == (0.0, 1.0, 0)
+    wrong = [1 - v if i < 60 else v for i, v in enumerate(y)]  # b wrong on the first 60 rows, a right on all
+    r = paired_f1_test(y, wrong, y)
+    assert r["diff"] == pytest.approx(1 - f1_binary(wrong, y)) == pytest.approx(0.3) and r["rows_differ"] == 60 and not r["exact"]
+    # no random swap of 60 rows reaches the observed difference: the smallest p 20,000 swaps can give, 1 / 20,001
+    assert r["p"] == pytest.approx(1 / 20_001)
+    assert paired_f1_test(wrong, y, y)["p"] == r["p"]  # two-sided
+    # the majority class predicts one class: its F1 of class 1 is 2q / (1 + q) (q: the share of class 1) or 0
+    q = sum(y) / len(y)
+    assert paired_f1_test(y, [1] * 200, y)["f1_b"] == pytest.approx(2 * q / (1 + q))
+    assert paired_f1_test(y, [0] * 200, y)["f1_b"] == 0.0
+
+
+def _f1_summary(u: list[int], b: list[int] | None, y: list[int], majority_label: int = 1) -> dict:
+    """A demo summary with the per-row data of both verdicts: correctness per row and the predicted class per row."""
+    from unified_lora.cli import _label_string
+
+    n = len(y)
+    arms = {"unified": u} if b is None else {"unified": u, "baseline": b}
+    s = _verdict_summary(0, 0, n=n)
+    s.update(task="mrpc", num_labels=2, classes=["not_equivalent", "equivalent"], dev_labels=_label_string(y),
+             majority_label=majority_label, majority_correct=_correct_rows([majority_label] * n, y),
+             majority={"accuracy": sum(v == majority_label for v in y) / n})
+    if b is None:
+        s["arms"].pop("baseline")
+    for k, p in arms.items():
+        s["arms"][k].update(final_correct=_correct_rows(p, y), final_preds=_label_string(p),
+                            eval={"final": {"accuracy": sum(x == v for x, v in zip(p, y)) / n}})
+    return s
+
+
+def test_demo_verdict_tests_the_f1_difference_too():
+    """The verdict judged accuracy only; MRPC's GLUE metric is F1 (class 1) and accuracy, and on an imbalanced task
+    they can disagree. Here unified and the baseline have the same accuracy (each gets 20 rows the other misses), but
+    unified's errors are false positives and the baseline's false negatives: their F1 differs, and is tested."""
+    from unified_lora.cli import format_summary
+
+    y = [1] * 140 + [0] * 60
+    u = [1] * 140 + [1] * 20 + [0] * 40  # all positives right, 20 negatives called positive
+    b = [0] * 20 + [1] * 120 + [0] * 60  # 20 positives missed, all negatives right
+    text = format_summary(_f1_summary(u, b, y))
+    acc = [ln for ln in text.splitlines() if ln.startswith("  Unified LoRA 0.900 vs Baseline LoRA r8 0.900")]
+    assert acc and "exact McNemar p=1 " in acc[0]  # the accuracy line as before
+    f1u, f1b = 280 / 300, 240 / 260  # 2tp / (2tp + fp + fn)
+    assert f"  Final dev F1 of class 1 (equivalent), GLUE's MRPC F1: Unified LoRA {f1u:.3f} vs Baseline LoRA r8 " \
+           f"{f1b:.3f}: {f1u - f1b:+.3f}, within noise; paired permutation test on the same rows (each row's two " \
+           "predictions swapped at random; 20,000 random swaps, seed 0, of the 40 rows they predict differently): " \
+           "p=" in text
+    # the majority class predicts class 1: F1 2*0.7/1.7 = 0.824
+    assert "  F1 of class 1 (equivalent) vs the majority class (0.824), by the same test: Unified LoRA +0.110 " \
+           "(40 rows predicted differently, p=5e-05), Baseline LoRA r8 +0.100 (80 rows predicted differently, " \
+           "p=0.0003)." in text  # 5e-05 = 1 / 20,001: no random swap reached the observed difference
+    # the same predictions: no difference, p = 1; worse than the majority class in F1: said so
+    low = [0] * 60 + [1] * 80 + [0] * 60  # misses 60 positives
+    text = format_summary(_f1_summary(low, low, y))
+    assert f"Unified LoRA {160 / 220:.3f} vs Baseline LoRA r8 {160 / 220:.3f}: +0.000, no difference; paired " \
+           "permutation test on the same rows (each row's two predictions swapped at random; they predict every row " \
+           "alike, so no swap changes anything): p=1 (beyond the noise only at p < 0.05)." in text
+    assert "; Unified LoRA and Baseline LoRA r8 score no better F1 of class 1 (equivalent) than always predicting " \
+           "the majority class." in text
+    # a one-sided F1 difference beyond the noise: exact over the 10 rows that differ
+    b10 = [0] * 10 + [1] * 130 + [0] * 60
+    text = format_summary(_f1_summary(y, b10, y))
+    assert "ahead, beyond the noise; paired permutation test on the same rows (each row's two predictions swapped " \
+           "at random; exact: all 2^10 = 1,024 swaps of the 10 rows they predict differently): p=0.00195" in text
+    # --no-baseline: the arm against the majority class only
+    text = format_summary(_f1_summary(u, None, y))
+    assert "Final dev F1" not in text and "F1 of class 1 (equivalent) vs the majority class (0.824)" in text
+
+
+def test_demo_verdict_of_a_multiclass_summary_tests_macro_f1():
+    from unified_lora.cli import format_summary
+
+    y = [0, 1, 2] * 20
+    s = _f1_summary(y, [0] * 60, y, majority_label=0)
+    s.update(task="csv", num_labels=3, classes=["a", "b", "c"])
+    text = format_summary(s)
+    assert "  Final dev macro-F1 over the 3 classes: Unified LoRA 1.000 vs Baseline LoRA r8 0.167: +0.833, ahead, " \
+           "beyond the noise" in text
+    assert "macro-F1 over the 3 classes vs the majority class (0.167), by the same test:" in text
+
+
+def test_report_prints_the_f1_verdict_of_a_new_summary_and_says_an_old_one_needs_a_rerun(tmp_path, capsys):
+    """`report` prints the verdict from summary.json: a summary with the per-row predicted classes gets the F1
+    test; one without them (a demo before they were stored) gets the accuracy verdict as before and a line saying
+    the F1 test needs a re-run. A summary whose per-row classes are cut short says so."""
+    y = [1] * 14 + [0] * 6
+    new = _f1_summary(y, [1] * 20, y)
+    old = _paired_summary(both=14, only_u=2, only_b=0, n=20)
+    for name, s in [("new", new), ("old", old)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    assert main(["report", str(tmp_path / "new")]) == 0
+    report = capsys.readouterr().out
+    assert "Final dev F1 of class 1 (equivalent), GLUE's MRPC F1: Unified LoRA 1.000 vs Baseline LoRA r8 0.824" \
+        in report and "needs a re-run" not in report and "re-run the demo" not in report
+    from unified_lora.cli import format_summary
+
+    assert format_summary(new) in report
+    assert main(["report", str(tmp_path / "old")]) == 0
+    report = capsys.readouterr().out
+    assert "exact McNemar p=0.5 " in report and "Final dev F1" not in report
+    assert report.rstrip().endswith(
+        "  F1: this summary.json holds no per-row predicted labels (a demo before they were stored), so the F1 "
+        "difference is not tested; re-run the demo for the paired F1 permutation test.")
+    new["arms"]["baseline"]["final_preds"] = new["arms"]["baseline"]["final_preds"][:-1]  # one row short
+    new["dev_labels"] = new["dev_labels"][:-1]
+    (tmp_path / "new" / "summary.json").write_text(json.dumps(new))
+    assert main(["report", str(tmp_path / "new")]) == 0
+    assert "  F1: this summary.json's per-row labels (dev_labels, the arms' final_preds) do not hold one class id " \
+           "for each of its 20 dev rows, so the F1 difference is not tested; re-run the demo." in capsys.readouterr().out
+
+
+def test_label_strings_round_trip_past_ten_classes():
+    from unified_lora.cli import _label_ids, _label_string
+
+    assert _label_string([0, 1, 1, 0]) == "0110" and _label_ids("0110", 4) == [0, 1, 1, 0]
+    assert _label_ids(_label_string([12, 3, 0]), 3) == [12, 3, 0] and _label_ids(_label_string([12]), 1) == [12]
+    assert _label_ids("011", 4) is None and _label_ids(None, 4) is None and _label_ids("0x10", 4) is None
 
 
 def test_phi_summary_of_a_trace_that_ends_before_the_shock_is_all_pre_shock():

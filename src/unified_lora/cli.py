@@ -135,6 +135,23 @@ def _correct_rows(preds, labels) -> str:
     return "".join("1" if int(p) == int(y) else "0" for p, y in zip(preds, labels))
 
 
+def _label_string(ids) -> str:
+    """Class ids, one per dev row, in row order, as one JSON string: a digit per row where every id is below 10 (a
+    binary task: "0110..."), else the ids separated by spaces. `_label_ids` reads it back."""
+    ids = [int(i) for i in ids]
+    return "".join(map(str, ids)) if all(0 <= i < 10 for i in ids) else " ".join(map(str, ids))
+
+
+def _label_ids(s, n) -> list[int] | None:
+    """The `n` class ids of a `_label_string`, or None where `s` is not one of `n` rows (absent, or cut short)."""
+    if not isinstance(s, str) or not isinstance(n, int) or n < 1:
+        return None
+    parts = list(s) if len(s) == n and " " not in s else s.split(" ")
+    if len(parts) != n or not all(x.isascii() and x.isdigit() for x in parts):
+        return None
+    return [int(x) for x in parts]
+
+
 def _mcnemar(x: str, y: str) -> dict:
     """The paired comparison of two scorings of the same rows (`_correct_rows` strings): b = rows only x gets right,
     c = rows only y gets right, and the exact two-sided McNemar p-value (a binomial test of b against b + c trials at
@@ -167,6 +184,91 @@ def _paired_verdict(summary: dict) -> dict | None:
     return out
 
 
+def _f1_verdict(summary: dict) -> dict | None:
+    """The demo's paired F1 tests, from the predicted class of each dev row (`final_preds` of each arm), the gold
+    labels (`dev_labels`) and the majority class (`majority_label`): unified vs the fixed-rank arm and each arm vs the
+    majority class, by `paired_f1_test`. A binary task is scored by the F1 of class 1 (GLUE's positive class: MRPC's
+    "equivalent"), a task of more classes by macro-F1. None for a summary without the per-row labels."""
+    from .data.metrics import paired_f1_test
+
+    n = summary.get("dev_rows")
+    labels = _label_ids(summary.get("dev_labels"), n)
+    preds = {k: _label_ids(a.get("final_preds"), n) for k, a in summary.get("arms", {}).items()}
+    if labels is None or preds.get("unified") is None:
+        return None
+    classes = summary.get("num_labels")
+    if not isinstance(classes, int):  # not recorded: the ids seen
+        classes = max(max(labels), *(max(p) for p in preds.values() if p is not None)) + 1
+    binary = classes <= 2
+    positive = 1 if binary else None
+    out: dict = {"metric": "f1" if binary else "macro_f1", "positive": positive,
+                 "test": "paired permutation test: the two predictions of each row swapped at random"}
+    if preds.get("baseline") is not None:
+        out["unified_vs_baseline"] = paired_f1_test(preds["unified"], preds["baseline"], labels, positive)
+    maj = summary.get("majority_label")
+    if isinstance(maj, int):
+        out["vs_majority"] = {k: paired_f1_test(p, [maj] * n, labels, positive) for k, p in preds.items()
+                              if p is not None}
+    return out
+
+
+def _f1_verdict_lines(summary: dict, label: dict) -> list[str]:
+    """The F1 half of the demo's verdict (`_f1_verdict`), or a line saying an older summary.json cannot have it."""
+    t = _f1_verdict(summary)
+    if t is None and "dev_labels" in summary:
+        return [f"  F1: this summary.json's per-row labels (dev_labels, the arms' final_preds) do not hold one class "
+                f"id for each of its {summary.get('dev_rows')} dev rows, so the F1 difference is not tested; re-run "
+                "the demo."]
+    if t is None:
+        return ["  F1: this summary.json holds no per-row predicted labels (a demo before they were stored), so the "
+                "F1 difference is not tested; re-run the demo for the paired F1 permutation test."]
+    if t["metric"] == "f1":
+        names = summary.get("classes") or []
+        name = f" ({names[1]})" if len(names) > 1 and str(names[1]) != "1" else ""
+        short = f"F1 of class 1{name}"
+        what = short + (", GLUE's MRPC F1" if str(summary.get("task", "")).lower() == "mrpc" else "")
+    else:
+        short = what = f"macro-F1 over the {summary.get('num_labels', '?')} classes"
+
+    def how(r: dict) -> str:
+        k = r["rows_differ"]
+        if k == 0:
+            return "they predict every row alike, so no swap changes anything"
+        rows = f"the {k} row{'' if k == 1 else 's'} they predict differently"
+        return (f"exact: all 2^{k} = {2**k:,} swaps of {rows}" if r["exact"] else
+                f"{r['permutations']:,} random swaps, seed {r['seed']}, of {rows}")
+
+    def word(r: dict) -> str:
+        if r["diff"] == 0:
+            return "no difference"
+        if r["p"] >= VERDICT_ALPHA:
+            return "within noise"
+        return "ahead, beyond the noise" if r["diff"] > 0 else "behind, beyond the noise"
+
+    out = []
+    if "unified_vs_baseline" in t:
+        r = t["unified_vs_baseline"]
+        out.append(f"  Final dev {what}: {label['unified']} {r['f1_a']:.3f} vs {label['baseline']} {r['f1_b']:.3f}: "
+                   f"{r['diff']:+.3f}, {word(r)}; paired permutation test on the same rows (each row's two "
+                   f"predictions swapped at random; {how(r)}): p={r['p']:.3g} (beyond the noise only at "
+                   f"p < {VERDICT_ALPHA:g}).")
+    if "vs_majority" in t:
+        vm = t["vs_majority"]
+        maj = next(iter(vm.values()))["f1_b"]
+        vs = ", ".join(f"{label[k]} {r['diff']:+.3f} ({r['rows_differ']} row{'' if r['rows_differ'] == 1 else 's'} "
+                       f"predicted differently, p={r['p']:.3g})" for k, r in vm.items())
+        at = [label[k] for k, r in vm.items() if r["diff"] <= 0]
+        near = [label[k] for k, r in vm.items() if r["diff"] > 0 and r["p"] >= VERDICT_ALPHA]
+        tail = ""
+        if at:
+            tail += (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better {short} than "
+                     "always predicting the majority class")
+        if near:
+            tail += f"; {' and '.join(near)} {'are' if len(near) > 1 else 'is'} above it within noise only"
+        out.append(f"  {short} vs the majority class ({maj:.3f}), by the same test: {vs}{tail}.")
+    return out
+
+
 def _demo_verdict(summary: dict) -> list[str]:
     """A demo's answer to "did the controller help?", computed from its final dev predictions: the difference with
     the fixed-rank arm and with the majority class, in rows, and an exact McNemar test of it. Both arms (and the
@@ -174,7 +276,8 @@ def _demo_verdict(summary: dict) -> list[str]:
     the other wrong (b and c) count. An unpaired two-proportion standard error ignores that two fine-tunes of one
     model agree on most rows, and is far too wide: it called a 12-to-0 split of 200 rows (p = 0.0005) noise.
     A summary.json from before the per-row data was stored gets the old unpaired estimate, said to be one. Neither
-    covers seed-to-seed training variance, which one seed cannot show."""
+    covers seed-to-seed training variance, which one seed cannot show. Then the same for F1 (`_f1_verdict_lines`): MRPC
+    is scored by F1 and accuracy, and on an imbalanced task the two can disagree."""
     arms, n = summary.get("arms", {}), summary.get("dev_rows")
     acc = {k: ((a.get("eval") or {}).get("final") or {}).get("accuracy") for k, a in arms.items()}
     if summary.get("command") != "demo" or acc.get("unified") is None or not n:
@@ -241,7 +344,7 @@ def _demo_verdict(summary: dict) -> list[str]:
         tail = (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better than always predicting the "
                 "majority class" if at else "")
         out.append(f"  vs the majority class ({maj:.3f}): {vs}{tail}.")
-    return out
+    return out + _f1_verdict_lines(summary, label)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -310,6 +413,7 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     arm["cpu_s"] = time.process_time() - cpu0  # CPU seconds of this process: a load-independent cost measure
     arm["trainable_params_final"] = run.n_trainable()
     arm["final_correct"] = _correct_rows(preds, enc_dev["labels"].numpy())  # the paired verdict's per-row data
+    arm["final_preds"] = _label_string(preds)  # and the F1 test's: the predicted class of each dev row
     if cfg.controller and run.ctrl.last_decision is not None:
         d = run.ctrl.last_decision
         arm["last_decision"] = {"restore": d.restore, "drift": d.drift, "policy": d.policy,
@@ -412,9 +516,12 @@ def cmd_demo(args) -> int:
         "theta0": cfg.theta0, "theta1": cfg.theta1, "mode_lrs": list(lrs), "mode_ranks": [4, 8, 16],
         "drift_threshold": cfg.drift_threshold, "dev_rows": n_dev, "dev_rows_total": n_all, "dev_note": dev_note,
         "eval_points": ["pre_shock", "post_shock", "final"], "majority": maj, "majority_correct": maj_correct,
+        "num_labels": train.num_labels, "classes": train.label_names,
+        "dev_labels": _label_string(enc_dev["labels"].numpy()), "majority_label": majority_class(train.labels),
         "arms": arms, "threads": _threads(),
     }
     summary["verdict"] = _paired_verdict(summary)
+    summary["verdict_f1"] = _f1_verdict(summary)
     plot_path = plot_trace(traces["unified"], out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
                            shock=(cfg.shock_start, cfg.shock_end), baseline=traces.get("baseline"),
                            title=f"unified-lora demo: {_model_name(cfg.model, model_path)} on {task}, "
