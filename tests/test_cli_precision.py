@@ -99,41 +99,66 @@ def test_a_bf16_and_grad_accum_run_resumed_mid_epoch_ends_bit_for_bit_as_the_uni
 
 
 @pytest.fixture(scope="module")
-def bert_without_dropout(tiny, tmp_path_factory) -> str:
-    """The tiny BERT with its dropout off: a run's gradients then depend on its rows only, not on how they are cut
-    into micro-batches (dropout masks are drawn per forward)."""
-    from transformers import AutoConfig, BertModel
+def without_dropout(tiny, tmp_path_factory) -> dict:
+    """The tiny BERT and GPT-2 with their dropout off: a run's gradients then depend on its rows only, not on how they
+    are cut into micro-batches (dropout masks are drawn per forward)."""
+    from transformers import AutoConfig, BertModel, GPT2LMHeadModel
 
-    d = tmp_path_factory.mktemp("nodrop") / "bert"
-    cfg = AutoConfig.from_pretrained(tiny["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertModel.from_pretrained(tiny["bert"], config=cfg).save_pretrained(d)
-    for f in Path(tiny["bert"]).iterdir():
-        if "token" in f.name or f.name == "vocab.txt":
-            shutil.copy(f, d / f.name)
-    return str(d)
+    out = {}
+    for name, cls, off in (("bert", BertModel, ("hidden_dropout_prob", "attention_probs_dropout_prob")),
+                           ("gpt2", GPT2LMHeadModel, ("resid_pdrop", "embd_pdrop", "attn_pdrop"))):
+        d = tmp_path_factory.mktemp("nodrop") / name
+        cfg = AutoConfig.from_pretrained(tiny[name], **dict.fromkeys(off, 0.0))
+        cls.from_pretrained(tiny[name], config=cfg).save_pretrained(d)
+        for f in Path(tiny[name]).iterdir():
+            if "token" in f.name or f.name == "vocab.txt":
+                shutil.copy(f, d / f.name)
+        out[name] = str(d)
+    return out
+
+
+def _same_weights(one: Path, acc: Path) -> None:
+    wa, wb = (_ckpt_state(d / "checkpoints" / "epoch-1")[0] for d in (one, acc))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6), k
+    assert any(".lora_B." in k and wa[k].abs().sum() > 0 for k in wa)  # trained (B starts at 0)
 
 
 @pytest.mark.parametrize("accum, batch", [(2, 4), (4, 4)])
-def test_grad_accum_gives_the_weights_of_one_batch_of_all_its_rows(tiny, bert_without_dropout, tmp_path, accum, batch):
+def test_grad_accum_gives_the_weights_of_one_batch_of_all_its_rows(tiny, without_dropout, tmp_path, accum, batch):
     """N micro-batches of B rows per step train as one batch of N×B rows (mean loss over the rows), the controller
     off (a fixed LR). 58 train rows: with N=2, B=4 the epoch's 15 batches make 8 steps, the last of one 2-row batch,
     as B=8 gives; with N=4 the last step is 4+4+2 rows, weighted 0.4/0.4/0.2, as one batch of 10 rows. The micro-
     batches are cut from the same shuffled rows (the order depends on the seed alone), and each one's all-padding
     columns are trimmed apart: the masked attention makes that no difference but float rounding, hence allclose."""
     one, acc = tmp_path / "one", tmp_path / "acc"
-    common = ("--model", bert_without_dropout, "--no-controller", "--epochs", "1", "--threads", "1", "--lrs", "1e-2",
+    common = ("--model", without_dropout["bert"], "--no-controller", "--epochs", "1", "--threads", "1", "--lrs", "1e-2",
               "1e-2", "1e-2")
     assert main([*_train_args(tiny, one, *common), "--batch-size", str(accum * batch)]) == 0
     assert main([*_train_args(tiny, acc, *common), "--batch-size", str(batch), "--grad-accum", str(accum)]) == 0
     a, b = _losses(one), _losses(acc)
     assert len(a) == len(b) == -(-58 // (accum * batch))  # optimizer steps: the trace, and the epoch's checkpoint
     assert b == pytest.approx(a, rel=1e-5)
-    wa, wb = (_ckpt_state(d / "checkpoints" / "epoch-1")[0] for d in (one, acc))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6), k
-    assert any(".lora_B." in k and wa[k].abs().sum() > 0 for k in wa)  # trained (B starts at 0)
+    _same_weights(one, acc)
     assert json.loads((acc / "summary.json").read_text())["steps"] == len(a)
+
+
+def test_grad_accum_of_a_causal_lm_weights_each_micro_batch_by_its_target_tokens(tiny, without_dropout, tmp_path):
+    """A causal LM's loss is the mean over a batch's target tokens, and rows of 2 to 10 words hold different numbers
+    of them: each micro-batch's loss is weighted by its share of the step's target tokens (a weighting by rows, or
+    1/N, would give other weights), so N=2 × B=4 trains as B=8."""
+    data = tmp_path / "lm.csv"
+    data.write_text("text\n" + "".join(" ".join(test_cli.FILLER[(i + j) % len(test_cli.FILLER)]
+                                                for j in range(2 + i % 9)) + "\n" for i in range(40)))
+    one, acc = tmp_path / "one", tmp_path / "acc"
+    common = ("--model", without_dropout["gpt2"], "--data", str(data), "--target-modules", "c_attn",
+              "--no-controller", "--epochs", "1", "--threads", "1", "--lrs", "1e-2", "1e-2", "1e-2")
+    assert main([*_train_args(tiny, one, *common), "--batch-size", "8"]) == 0
+    assert main([*_train_args(tiny, acc, *common), "--batch-size", "4", "--grad-accum", "2"]) == 0
+    a, b = _losses(one), _losses(acc)
+    assert len(a) == len(b) == 5 and b == pytest.approx(a, rel=1e-5)  # 36 train rows
+    _same_weights(one, acc)
 
 
 def test_grad_accum_counts_optimizer_steps_for_steps_save_steps_and_the_shock(tiny, tmp_path):
