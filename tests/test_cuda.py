@@ -25,7 +25,11 @@ from conftest import (VOCAB, can_build_cpp, classification_batch, grads_after_in
 from unified_lora import (ActuatorConfig, MachineConfig, MirrorConfig, MirrorSnapshot, NestedLoRAConfig,
                           NestedLoRALayer, SignalConfig, inject_nested_lora, lora_layers, merge_adapters, set_rank,
                           setup_unified_lora, unmerge_adapters)
+from unified_lora.cli import main
 from unified_lora.peft_io import export_peft_adapter
+
+import test_cli  # the command line's tests: their tiny BERT and data files (the fixture `tiny`) and arguments
+from test_cli import _train_args
 
 DEVICE_ENV = "UNIFIED_LORA_TEST_DEVICE"
 _forced = os.environ.get(DEVICE_ENV, "")
@@ -680,3 +684,65 @@ def test_fsdp2_over_nccl_on_one_gpu_trains_through_mirror_and_resumes_from_a_sha
     resumed = rec["resumed"]  # steps 17.. of the run resumed from the checkpoint of step 16: the uninterrupted run's
     assert resumed["trace"][0][0] == 17
     _same_run(resumed, {"trace": rec["fsdp"]["trace"][17:], "weights": rec["fsdp"]["weights"]})
+
+
+# ------------------------------------------------------------------- `unified-lora train` on the GPU
+# (the tiny BERT classifier and data files of test_cli.py)
+tiny = test_cli.tiny  # (a module-scoped fixture)
+
+
+def _run_summary(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_the_cli_trains_on_the_gpu_in_bf16_with_grad_accum_and_says_where(tiny, tmp_path, capsys):
+    from unified_lora.trace import read_trace
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--device", str(DEV), "--precision", "bf16", "--grad-accum", "2", "--steps",
+                            "3", "--threads", "1")) == 0
+    summary = _run_summary(out)
+    if ON_GPU:
+        index = torch.cuda.current_device()
+        assert summary["device"] == f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    else:
+        assert summary["device"] == "cpu"
+    assert summary["precision"] == "bf16" and summary["steps"] == 3
+    assert f"device: {summary['device']}, precision bf16, 2 batches of 8 per step (16 rows)" in capsys.readouterr().out
+    losses = [r["loss"] for r in read_trace(out / "trace.jsonl")]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    st = torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=True)
+    assert ("cuda_rng" in st) == ON_GPU  # the GPU's generator (dropout there draws from it)
+
+
+def test_a_cli_run_saved_on_the_gpu_resumes_on_the_cpu_and_back(tiny, tmp_path):
+    """The device is the machine's, not the run's: a checkpoint written on the GPU resumes on the CPU (state.pt is read
+    onto the CPU, the optimizer's moments follow the parameters), and one written on the CPU resumes on the GPU. A
+    Run on the GPU that loads a GPU checkpoint gets its optimizer state there and the GPU's RNG back."""
+    from unified_lora.trace import read_trace
+    from unified_lora.training import Run, TrainConfig, latest_checkpoint, load_model, read_state
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--device", str(DEV), "--precision", "bf16", "--steps", "2", "--threads",
+                            "1")) == 0
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--device", "cpu"]) == 0
+    assert _run_summary(out)["device"] == "cpu"
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "6", "--device", str(DEV)]) == 0
+    assert _run_summary(out)["device"].startswith(DEV.type) and _run_summary(out)["precision"] == "bf16"
+    trace = read_trace(out / "trace.jsonl")
+    assert [r["step"] for r in trace] == list(range(6)) and all(math.isfinite(r["loss"]) for r in trace)
+
+    ckpt = latest_checkpoint(out / "checkpoints")
+    st = read_state(ckpt)
+    assert st["run"]["global_step"] == 6 and ("cuda_rng" in st) == ON_GPU
+    cfg = TrainConfig.from_dict({**st["config"], "device": str(DEV)})
+    model, _ = load_model(cfg.model, "seq-cls", 2)
+    run = Run(cfg, model, "seq-cls", 2, None, print_fn=None, classes=st["classes"])
+    run.load_checkpoint(ckpt)
+    moments = [v for s in run.optimizer.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)]
+    assert moments and all(v.device.type == DEV.type for v in moments)
+    assert all(p.device.type == DEV.type for p in run.model.parameters())
+    if ON_GPU:
+        assert torch.equal(torch.cuda.get_rng_state(run.device), st["cuda_rng"])

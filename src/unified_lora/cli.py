@@ -372,11 +372,12 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     """One demo arm: fresh model (same seed), `cfg.steps` steps with the shock, three dev evaluations."""
     from .trace import read_trace
     from .data import glue_metrics
-    from .training import Run, check_row_length, evaluate, iterate, load_model, predict, seed_everything
+    from .training import Run, check_row_length, evaluate, iterate, load_model, predict, resolve_device, seed_everything
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(cfg.seed)
     model, _ = load_model(model_path, "seq-cls", num_labels, note=say)
+    model.to(resolve_device(cfg.device))
     check_row_length(model, cfg.max_length, enc_train, enc_dev)
     run = Run(cfg, model, "seq-cls", num_labels, str(trace_path), print_fn=say if cfg.controller else None)
     say(f"--- {label}: {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank}, "
@@ -389,7 +390,7 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
             continue
         step = run.state.global_step
         if step in eval_at:
-            evals[eval_at[step]] = evaluate(model, enc_dev, "seq-cls", task)
+            evals[eval_at[step]] = evaluate(model, enc_dev, "seq-cls", task, precision=cfg.precision)
             say(f"    dev @ step {step} ({eval_at[step].replace('_', '-')}): {_fmt_metrics(evals[eval_at[step]])}")
         if cfg.has_shock and step == cfg.shock_start:
             say(f">>> SHOCK @ step {step} ({cfg.shock_type} labels until step {cfg.shock_end})")
@@ -401,7 +402,7 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
     bar.close()
-    preds = predict(model, enc_dev)
+    preds = predict(model, enc_dev, precision=cfg.precision)
     evals["final"] = glue_metrics(task, preds, enc_dev["labels"].numpy())
     say(f"    dev @ step {run.state.global_step} (final): {_fmt_metrics(evals['final'])}")
     if cfg.has_shock and cfg.shock_end == run.state.global_step:  # a shock to the last step: right after it is the end
@@ -441,8 +442,8 @@ def cmd_demo(args) -> int:
     _refuse_multiprocess_launch("demo")
     from .data import TextDataset, majority_class
     from .plotting import plot_trace
-    from .training import (TrainConfig, UsageError, encode_rows, load_data, load_tokenizer, majority, resolve_model,
-                           subsample)
+    from .training import (TrainConfig, UsageError, check_precision, device_label, encode_rows, load_data,
+                           load_tokenizer, majority, resolve_device, resolve_model, subsample)
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if args.steps < 1:  # TrainConfig's steps=0 means "whole epochs"; the demo runs --steps steps, and 0 trained none
@@ -466,7 +467,10 @@ def cmd_demo(args) -> int:
                       calibration_steps=calibration_steps, calibration_target=calibration_target,
                       shock_start=args.shock_start, shock_end=args.shock_end, shock_type=args.shock_type,
                       output_dir=str(out), log_every=args.log_every, target_modules=args.target_modules,
-                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell, threads=args.threads)
+                      modules_to_save=args.modules_to_save, min_dwell=args.min_dwell, threads=args.threads,
+                      device=args.device, precision=args.precision)
+    device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
+    check_precision(device, cfg.precision)
     if cfg.threads:  # checked first: torch.set_num_threads(-1) was an internal error (RuntimeError, exit 1)
         import torch
 
@@ -495,6 +499,8 @@ def cmd_demo(args) -> int:
     say(f"signal={cfg.signal} {scale}"
         f"θ0={cfg.theta0} θ1={cfg.theta1}; LR SINGLE/MULTI/MIRROR = {'/'.join(f'{x:g}' for x in lrs)}; "
         f"ranks 4/8/16")
+    if (device.type, cfg.precision) != ("cpu", "fp32"):  # (the default: the demo's documented output, unchanged)
+        say(f"device: {device_label(device)}, precision {cfg.precision}")
     say(dev_note)
     say(f"majority class baseline on dev: {_fmt_metrics(maj)}")
 
@@ -518,7 +524,7 @@ def cmd_demo(args) -> int:
         "eval_points": ["pre_shock", "post_shock", "final"], "majority": maj, "majority_correct": maj_correct,
         "num_labels": train.num_labels, "classes": train.label_names,
         "dev_labels": _label_string(enc_dev["labels"].numpy()), "majority_label": majority_class(train.labels),
-        "arms": arms, "threads": _threads(),
+        "arms": arms, "threads": _threads(), "device": device_label(device), "precision": cfg.precision,
     }
     summary["verdict"] = _paired_verdict(summary)
     summary["verdict_f1"] = _f1_verdict(summary)
@@ -555,7 +561,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
-        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit")},
+        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "device", "precision", "grad_accum")},
     "lrs": "mode_lrs",
 }
 
@@ -579,7 +585,9 @@ def _train_config(args) -> "object":
             raise UsageError(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; "
                              "start without --resume (or pass the run's --output-dir)")
         stored = read_state(ckpt, args.trust_checkpoint)["config"]
-        d = {**stored, **d}  # the stored run's settings, then whatever is given now
+        # the stored run's settings, then whatever is given now; but not its device: a run saved on a GPU resumes on
+        # the CPU of a machine without one (and the reverse) with --device auto, the default
+        d = {**{k: v for k, v in stored.items() if k != "device"}, **d}
     d.update(flags)
     cfg = TrainConfig.from_dict(d)
     if ckpt is not None:
@@ -643,11 +651,11 @@ def _read_config(path: str) -> dict:
 
 
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
-# stores a position in the epoch's batch order, which these fields define). LRs, thresholds, the Mirror policy, the
-# shock window, epochs and steps may change.
+# stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
+# LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "label_column",
-                 "max_length", "batch_size", "seed", "target_modules", "modules_to_save", "rank_levels", "lora_alpha",
-                 "lora_dropout", "controller", "signal")
+                 "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save", "rank_levels",
+                 "lora_alpha", "lora_dropout", "controller", "signal")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
@@ -682,12 +690,14 @@ def cmd_train(args) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (Run, TextCorpus, UsageError, check_row_length, detect_task_type, encode_rows, evaluate,
-                           export_peft, iterate, load_data, load_model, majority, prune_step_checkpoints,
-                           resolve_model, seed_everything, subsample, take_rows)
+    from .training import (Run, TextCorpus, UsageError, check_precision, check_row_length, detect_task_type,
+                           device_label, encode_rows, evaluate, export_peft, iterate, load_data, load_model, majority,
+                           prune_step_checkpoints, resolve_device, resolve_model, seed_everything, subsample, take_rows)
 
     t_start = time.perf_counter()
     cfg, ckpt = _train_config(args)
+    device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
+    check_precision(device, cfg.precision)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     say = _Console()
@@ -700,13 +710,14 @@ def cmd_train(args) -> int:
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
+    model.to(device)
     enc_train = encode_rows(tok, train, task_type, cfg.max_length)
     enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
     check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     n_rows = len(enc_train["labels"])
-    per_epoch = math.ceil(n_rows / cfg.batch_size)
+    per_epoch = math.ceil(math.ceil(n_rows / cfg.batch_size) / cfg.grad_accum)  # optimizer steps
     total = cfg.steps or cfg.epochs * per_epoch
     if cfg.has_shock and cfg.shock_end > total:  # (with --steps TrainConfig checks it; with epochs only now)
         raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
@@ -736,6 +747,9 @@ def cmd_train(args) -> int:
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {len(enc_dev['labels'])}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
+    accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
+             if cfg.grad_accum > 1 else "")
+    say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")
     ckpt_root = out / "checkpoints"
     stop: dict = {"signal": None}
     last_save: dict = {"step": None, "path": None}
@@ -764,7 +778,7 @@ def cmd_train(args) -> int:
     try:
         for epoch, batch in iterate(run, enc_train, total, cfg.epochs if not cfg.steps else 10**9, per_epoch):
             if batch is None:  # end of an epoch: evaluate, checkpoint
-                m = evaluate(model, enc_dev, task_type, task)
+                m = evaluate(model, enc_dev, task_type, task, precision=cfg.precision)
                 run.state.evals.append({"epoch": epoch + 1, "step": run.state.global_step, **m})
                 say(f"epoch {epoch + 1} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
                 _save(f"epoch-{epoch + 1}")
@@ -797,7 +811,7 @@ def cmd_train(args) -> int:
             if h is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(s, h)
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
-        m = evaluate(model, enc_dev, task_type, task)
+        m = evaluate(model, enc_dev, task_type, task, precision=cfg.precision)
         run.state.evals.append({"epoch": run.state.epoch + run.state.step_in_epoch / per_epoch,
                                 "step": run.state.global_step, **m})
         say(f"final @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
@@ -810,6 +824,7 @@ def cmd_train(args) -> int:
     summary = {
         **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
         "model": model_path, "task_type": task_type, "task": task, "classes": classes,
+        "device": device_label(device), "precision": cfg.precision,
         "majority": majority(train, dev, task),
         "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
         "peft_adapter": None if peft_note else str(out / "peft_adapter"),
@@ -1044,6 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-every", type=int, default=20, help="console line every N steps (and at transitions)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     d.add_argument("--no-baseline", action="store_true", help="skip the fixed-rank LoRA comparison run")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (a GPU where torch sees one); the "
+                   "documented demo output is the CPU's")
+    d.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of forward and loss (fp16 adds a GradScaler); the weights stay fp32")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", parents=[common], help="fine-tune any HF model on your data with the controller",
@@ -1073,6 +1092,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
     t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")
     t.add_argument("--batch-size", type=int, help="default 16")
+    t.add_argument("--grad-accum", type=int, help="micro-batches of --batch-size per optimizer step: a step sees "
+                   "grad-accum x batch-size rows (default 1)")
+    t.add_argument("--device", help="auto (default: cuda where torch sees a GPU, else cpu), cpu, cuda, cuda:N or mps")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="fp32 (default); bf16 or fp16: forward and "
+                   "loss under torch.autocast, the weights and LoRA blocks staying fp32; fp16 adds a GradScaler")
     t.add_argument("--max-length", type=int, help="tokens per row (default 64)")
     t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier (default 5e-4)")
     t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),

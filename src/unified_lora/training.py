@@ -19,6 +19,7 @@ A *shock* is a window of steps [start, end) whose labels are corrupted:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -28,6 +29,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -45,6 +47,8 @@ from .trace import TraceWriter
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
 TEXT_SUFFIXES = ("txt", "raw")  # plain-text corpora for a causal LM (tinyshakespeare's input.txt, wikitext's *.raw)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the autocast dtype
+DEVICE_FORM = r"auto|cpu|cuda(:\d+)?|mps"  # --device
 
 
 class UsageError(ValueError):
@@ -111,6 +115,10 @@ class TrainConfig:
     peft_every_checkpoint: bool = False  # also export PEFT format into every checkpoint (always at the end)
     save_steps: int = 0  # >0: also write checkpoints/step-N every N optimizer steps (inside an epoch too)
     save_total_limit: int = 0  # >0: keep only the newest K step-N checkpoints (epoch-N ones are all kept)
+    # Device and arithmetic
+    device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast around forward and loss; fp16 adds a GradScaler
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
 
     def __post_init__(self) -> None:
         check_field_types(self)  # numbers (YAML's `lr: 1e-3` is a string), bools and rank/LR lists, by field name
@@ -128,6 +136,9 @@ class TrainConfig:
             ("layer_kernel", self.layer_kernel in KERNELS, f"must be one of {KERNELS}"),
             ("max_length", self.max_length >= 8, "must be >= 8"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1 (1 = one batch per optimizer step)"),
+            ("device", bool(re.fullmatch(DEVICE_FORM, self.device)), "must be auto, cpu, cuda, cuda:N or mps"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {tuple(PRECISIONS)}"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("steps", self.steps >= 0, "must be >= 0 (0 = run whole epochs)"),
             ("dev_size", self.dev_size >= 0, "must be >= 0 (0 = the whole dev set)"),
@@ -233,6 +244,69 @@ def _hf_quiet():
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device `--device` names: "auto" is cuda where torch sees a GPU, else the CPU. A device this machine
+    lacks (cuda without a GPU or a CUDA build of torch, cuda:N past the last GPU, mps off Apple silicon) and a
+    malformed name are UsageErrors that name it."""
+    if not isinstance(spec, str) or not re.fullmatch(DEVICE_FORM, spec):
+        raise UsageError(f"--device {spec}: not a device; use auto, cpu, cuda, cuda:N or mps")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {spec}: MPS is not available on this machine")
+    return dev
+
+
+def device_label(device: torch.device) -> str:
+    """`cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu`: where a run trains, as its console and summary say it."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """A UsageError where torch cannot run `precision` on `device`: autocast with that dtype (bf16 on a GPU without
+    it, a dtype the device's autocast lacks, which torch only warns about and then runs in fp32) or, for fp16, a
+    GradScaler there. torch 2.13's CPU autocast takes both bf16 and fp16, and its GradScaler runs on the CPU."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return
+    why = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                pass
+            if precision == "fp16" and not torch.amp.GradScaler(device.type).is_enabled():
+                why = f"torch has no GradScaler on {device.type}"
+        except (RuntimeError, ValueError, AssertionError) as e:
+            why = _first_line(e)
+    why = why or next((_first_line(w.message) for w in caught if "autocast" in str(w.message).lower()), None)
+    if why:
+        raise UsageError(f"--precision {precision}: not available on {device} ({why}); use --precision fp32"
+                         f"{' or bf16' if precision == 'fp16' else ' or fp16'}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a forward and its loss run in: torch.autocast to `precision`'s dtype, or none for fp32."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def model_device(model) -> torch.device:
+    """Where `model`'s parameters are (the first one's device), the CPU for a model without parameters."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def detect_task_type(path: str, task_type: str = "auto") -> str:
@@ -515,7 +589,8 @@ def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> 
         return
     width, enc = max(widths, key=lambda t: t[0])
     i = int(enc["attention_mask"].sum(1).argmax())
-    row = {k: v[i:i + 1, :width] for k, v in enc.items() if k != "labels" and v.dim() == 2}
+    dev = model_device(model)
+    row = {k: v[i:i + 1, :width].to(dev) for k, v in enc.items() if k != "labels" and v.dim() == 2}
     was_training = model.training
     model.eval()
     try:
@@ -565,18 +640,26 @@ def corrupt(labels: torch.Tensor, kind: str, num_labels: int, gen: torch.Generat
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, batch_size: int = 64) -> dict:
-    """seq-cls: GLUE metrics (f1/accuracy/...); causal-lm: mean loss and perplexity."""
+def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, batch_size: int = 64,
+             precision: str = "fp32") -> dict:
+    """seq-cls: GLUE metrics (f1/accuracy/...); causal-lm: mean loss and perplexity. Each batch runs on the model's
+    device, under the autocast of `precision` (as the run trains)."""
     if task_type != "causal-lm":
-        return glue_metrics(task, predict(model, enc, batch_size), enc["labels"].numpy())
+        return glue_metrics(task, predict(model, enc, batch_size, precision), enc["labels"].numpy())
     was_training = model.training
     model.eval()
     losses, count = 0.0, 0
     n = len(enc["labels"])
+    dev = model_device(model)
     for i in range(0, n, batch_size):
         b = trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})
-        out = model(**b)
+        with autocast(dev, precision):
+            out = model(**_on(b, dev))
         tokens = int((b["labels"][:, 1:] != -100).sum())
         if tokens:  # (a batch without a target token has the loss 0/0, NaN)
             losses += float(out.loss) * tokens
@@ -587,16 +670,20 @@ def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, bat
 
 
 @torch.no_grad()
-def predict(model, enc: dict[str, torch.Tensor], batch_size: int = 64):
+def predict(model, enc: dict[str, torch.Tensor], batch_size: int = 64, precision: str = "fp32"):
     """A seq-cls model's predicted class of each row of `enc`, in row order (a numpy array): what `evaluate` scores,
-    kept for a per-row comparison of two models on the same rows (the demo's paired verdict)."""
+    kept for a per-row comparison of two models on the same rows (the demo's paired verdict). On the model's device,
+    under the autocast of `precision`."""
     was_training = model.training
     model.eval()
     preds = []
+    dev = model_device(model)
     for i in range(0, len(enc["labels"]), batch_size):
-        preds.append(model(**trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})).logits.argmax(-1))
+        with autocast(dev, precision):
+            logits = model(**_on(trim_padding({k: v[i:i + batch_size] for k, v in enc.items()}), dev)).logits
+        preds.append(logits.argmax(-1))
     model.train(was_training)
-    return torch.cat(preds).numpy()
+    return torch.cat(preds).cpu().numpy()
 
 
 def majority(train, dev, task: str) -> dict | None:
@@ -632,6 +719,11 @@ class Run:
         if task_type == "causal-lm" and cfg.has_shock and cfg.shock_type != "random":
             raise UsageError(f"shock_type: '{cfg.shock_type}' maps class labels; a causal LM's shock is "
                              f"--shock-type random (uniform random next tokens in the window)")
+        # on `cfg.device` before the LoRA blocks are built (they are made on their base layer's device) and the
+        # optimizer holds them
+        self.device = resolve_device(cfg.device)
+        check_precision(self.device, cfg.precision)
+        model.to(self.device)
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if task_type == "causal-lm" else 0
         mts = cfg.modules_to_save
         fresh = list(getattr(model, "_unified_lora_fresh_modules", ()))
@@ -658,6 +750,9 @@ class Run:
         start_lr = self.ctrl.get_last_lr() if cfg.lr_mode == "absolute" else cfg.lr
         self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=start_lr, weight_decay=cfg.weight_decay)
         self.ctrl.attach_optimizer(self.optimizer)
+        # fp16's narrow range: the loss is scaled up before backward and the gradients unscaled before ctrl.step (the
+        # README's GradScaler recipe); a step whose gradients overflowed is skipped by scaler.step
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.state = RunState()
         self.shock_gen = torch.Generator().manual_seed(cfg.seed + 17)
         self.started = time.perf_counter()  # this session's start (`cmd_train` sets it to before the model loaded)
@@ -672,23 +767,55 @@ class Run:
         lora = sum(p.numel() for a in self.adapters.values() for p in a.active_parameters())
         return lora + sum(p.numel() for p in self.ctrl.extra_params)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        cfg, step = self.cfg, self.state.global_step
+    def _prepared(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """A batch with its all-padding columns cut and its targets corrupted inside the shock window (drawn on the
+        CPU from the run's shock generator, so a run draws the same labels on any device)."""
+        cfg = self.cfg
         batch = trim_padding(batch)
         if cfg.has_shock and cfg.shock_start <= step < cfg.shock_end:
             if self.task_type == "seq-cls":
-                batch = dict(batch, labels=corrupt(batch["labels"], cfg.shock_type, self.num_labels, self.shock_gen))
+                batch = dict(batch, labels=corrupt(batch["labels"].cpu(), cfg.shock_type, self.num_labels,
+                                                   self.shock_gen))
             else:  # random next tokens where there are targets; padding (-100) stays ignored
-                y = batch["labels"]
+                y = batch["labels"].cpu()
                 noise = torch.randint(0, self.vocab_size, y.shape, generator=self.shock_gen)
                 batch = dict(batch, labels=torch.where(y == -100, y, noise))
-        loss = self.model(**batch).loss
-        loss.backward()
-        value = loss.item()
+        return batch
+
+    def _weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the model's mean loss on `batch` averages over: its rows (seq-cls), its target tokens (causal LM)."""
+        y = batch["labels"]
+        return len(y) if self.task_type != "causal-lm" else int((y[:, 1:] != -100).sum())
+
+    def train_step(self, batch: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step on `batch`, or on a list of micro-batches (`grad_accum`), each forward and loss under
+        `cfg.precision`'s autocast. A micro-batch's loss is weighted by its share of the step's rows (a causal LM: of
+        its target tokens) before its backward, so the summed gradients are those of the mean loss over the step's
+        rows (tokens), as one batch of all of them would give, whatever the sizes (the epoch's last, shorter batch).
+        Then, once: ctrl.step with that mean loss, clipping, optimizer.step (fp16: unscale first, and
+        GradScaler's step, which skips a step whose gradients overflowed). Returns the step's mean loss."""
+        cfg, step = self.cfg, self.state.global_step
+        micro = [self._prepared(b, step) for b in ([batch] if isinstance(batch, dict) else batch)]
+        weights = [self._weight(b) for b in micro] if len(micro) > 1 else [1]  # (counted on the host: no sync)
+        mean = None
+        for b, w in zip(micro, weights):
+            with autocast(self.device, cfg.precision):
+                loss = self.model(**_on(b, self.device)).loss
+            if len(micro) > 1:
+                loss = loss * (w / sum(weights))
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            mean = loss.detach() if mean is None else mean + loss.detach()
+        value = mean.item()  # the one host sync of the step
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # ctrl.step reads true gradients, and a restore leaves none to check
         self.ctrl.step(loss=value)  # after backward, before optimizer.step()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf/NaN gradient
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         return value
@@ -714,6 +841,10 @@ class Run:
                  "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
                  "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
                  "torch_rng": torch.get_rng_state()}
+        if self.scaler is not None:  # fp16: the loss scale and its growth count, as the run goes on with them
+            state["grad_scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":  # the GPU's generator (dropout on the GPU draws from it)
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         try:  # only file writes in here: whatever fails is the disk's or the folder's
             root.mkdir(parents=True, exist_ok=True)
             settle_interrupted_saves(root)  # before the sweep below, which would delete a killed save's complete copy
@@ -803,6 +934,12 @@ class Run:
         self._wall_before = self.state.wall_s
         self.shock_gen.set_state(st["shock_gen"])
         torch.set_rng_state(st["torch_rng"])
+        # a run resumed in fp16 from an fp32/bf16 checkpoint starts with a fresh GradScaler
+        if self.scaler is not None and st.get("grad_scaler"):
+            self.scaler.load_state_dict(st["grad_scaler"])
+        # (a checkpoint written on the CPU has none: the GPU's generator stays as the seed left it)
+        if self.device.type == "cuda" and st.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
 
 
 def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:
@@ -955,15 +1092,19 @@ def transitions(trace: list[dict]) -> list[dict]:
 
 
 def iterate(run: Run, enc: dict, steps_total: int, epochs: int, steps_per_epoch: int) -> Iterator[tuple[int, dict]]:
-    """Yield (epoch, batch) from the run's current position to the end (resume-aware)."""
+    """Yield (epoch, micro-batches of one optimizer step) from the run's current position to the end (resume-aware),
+    and (epoch, None) at each epoch's end. A step takes `cfg.grad_accum` consecutive batches of the epoch; the last
+    step of an epoch whose batch count is no multiple of it takes the batches left (as Hugging Face's Trainer does).
+    `run.state.step_in_epoch` counts optimizer steps."""
     cfg = run.cfg
     while run.state.global_step < steps_total and run.state.epoch < epochs:
         epoch_batches = batches(enc, cfg.batch_size, cfg.seed, run.state.epoch)
-        while run.state.step_in_epoch < len(epoch_batches) and run.state.global_step < steps_total:
-            batch = epoch_batches[run.state.step_in_epoch]
-            run.state.step_in_epoch += 1  # before the step: a checkpoint taken after it must not repeat this batch
-            yield run.state.epoch, batch
-        if run.state.step_in_epoch >= len(epoch_batches):
+        groups = [epoch_batches[i:i + cfg.grad_accum] for i in range(0, len(epoch_batches), cfg.grad_accum)]
+        while run.state.step_in_epoch < len(groups) and run.state.global_step < steps_total:
+            group = groups[run.state.step_in_epoch]
+            run.state.step_in_epoch += 1  # before the step: a checkpoint taken after it must not repeat these batches
+            yield run.state.epoch, group
+        if run.state.step_in_epoch >= len(groups):
             run.state.epoch += 1
             run.state.step_in_epoch = 0
             yield run.state.epoch - 1, None  # end-of-epoch marker

@@ -1,0 +1,262 @@
+"""`unified-lora train` on a device (`--device`), in mixed precision (`--precision`) and with gradient accumulation
+(`--grad-accum`), on the CPU: the tiny BERT of test_cli.py. The same runs on a GPU are in test_cuda.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import classification_batch, tiny_bert
+import test_cli
+from test_cli import _ckpt_state, _demo_args, _same, _train_args
+from unified_lora.cli import main
+from unified_lora.trace import read_trace
+
+tiny = test_cli.tiny  # the tiny BERT, GPT-2 and data files of test_cli.py (a module-scoped fixture)
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_an_unavailable_or_malformed_device_is_a_one_line_error_before_anything_is_written(tiny, tmp_path, capsys,
+                                                                                         command):
+    out = tmp_path / "run"
+    args = _train_args(tiny, out) if command == "train" else ["demo", "--output-dir", str(out)]
+    for device, needle in (("cuda", "--device cuda: CUDA is not available on this machine"),
+                           ("cuda:1", "--device cuda:1: CUDA is not available on this machine"),
+                           ("gpu", "device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+                           ("cuda:x", "device: must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'")):
+        assert main([*args, "--device", device]) == 2
+        assert _err(capsys) == f"unified-lora: error: {needle}"
+    assert not out.exists()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("device: cuda\n")
+    assert main([*_train_args(tiny, out), "--config", str(cfg)]) == 2
+    assert _err(capsys) == "unified-lora: error: --device cuda: CUDA is not available on this machine"
+    assert not out.exists()
+
+
+def test_auto_is_the_cpu_without_a_gpu_and_the_run_says_where_it_trained(tiny, tmp_path, capsys):
+    from unified_lora.training import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2", "--device", "cpu")) == 0
+    assert "device: cpu, precision fp32\n" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["device"], summary["precision"], summary["config"]["grad_accum"]) == ("cpu", "fp32", 1)
+
+
+def _trained_state(ckpt: Path) -> tuple[dict, dict]:
+    """`_ckpt_state` less the dev evaluations: a run stopped by --steps evaluates there, one never stopped does not."""
+    tensors, st = _ckpt_state(ckpt)
+    st["run"].pop("evals")
+    return tensors, st
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_trace(out / "trace.jsonl")]
+
+
+def test_a_bf16_run_on_the_cpu_trains_close_to_fp32_but_not_equal(tiny, tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    opts = ("--steps", "6", "--threads", "1", "--lrs", "1e-2", "5e-3", "1e-3")
+    assert main(_train_args(tiny, fp32, *opts)) == 0
+    assert main(_train_args(tiny, bf16, *opts, "--precision", "bf16")) == 0
+    a, b = _losses(fp32), _losses(bf16)
+    assert len(a) == len(b) == 6 and all(map(torch.isfinite, torch.tensor(b)))
+    assert a != b  # autocast ran: bf16 matmuls round differently
+    assert b == pytest.approx(a, rel=2e-2)
+    assert json.loads((bf16 / "summary.json").read_text())["precision"] == "bf16"
+    # the weights (LoRA blocks and the head) stay fp32: autocast casts the matmuls' inputs, not the parameters
+    tensors, _ = _ckpt_state(bf16 / "checkpoints" / "step-6")
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_a_bf16_and_grad_accum_run_resumed_mid_epoch_ends_bit_for_bit_as_the_uninterrupted_one(tiny, tmp_path):
+    """58 rows, batches of 8, 2 batches a step: 4 steps an epoch. Stopped at step 3 (mid-epoch) and resumed to step 6
+    (mid-epoch 2): the same trace, weights, optimizer, controller state and RNG as a run that was never stopped."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    opts = ("--precision", "bf16", "--grad-accum", "2", "--threads", "1", "--lrs", "1e-2", "5e-3", "1e-3",
+            "--shock-start", "1", "--shock-end", "3", "--shock-type", "random", "--theta0", "0.48", "--theta1", "0.497")
+    assert main(_train_args(tiny, straight, "--steps", "6", *opts)) == 0
+    assert main(_train_args(tiny, split, "--steps", "3", *opts)) == 0
+    assert main(["train", "--output-dir", str(split), "--resume", "--steps", "6"]) == 0
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(split / "trace.jsonl")
+    assert [r["step"] for r in b] == list(range(6)) and b == a
+    for name in ("epoch-1", "step-6"):
+        assert _same(*(_trained_state(d / "checkpoints" / name) for d in (split, straight))), name
+    assert _ckpt_state(split / "checkpoints" / "step-6")[1]["config"]["precision"] == "bf16"  # kept by the resume
+
+
+@pytest.fixture(scope="module")
+def without_dropout(tiny, tmp_path_factory) -> dict:
+    """The tiny BERT and GPT-2 with their dropout off: a run's gradients then depend on its rows only, not on how they
+    are cut into micro-batches (dropout masks are drawn per forward)."""
+    from transformers import AutoConfig, BertModel, GPT2LMHeadModel
+
+    out = {}
+    for name, cls, off in (("bert", BertModel, ("hidden_dropout_prob", "attention_probs_dropout_prob")),
+                           ("gpt2", GPT2LMHeadModel, ("resid_pdrop", "embd_pdrop", "attn_pdrop"))):
+        d = tmp_path_factory.mktemp("nodrop") / name
+        cfg = AutoConfig.from_pretrained(tiny[name], **dict.fromkeys(off, 0.0))
+        cls.from_pretrained(tiny[name], config=cfg).save_pretrained(d)
+        for f in Path(tiny[name]).iterdir():
+            if "token" in f.name or f.name == "vocab.txt":
+                shutil.copy(f, d / f.name)
+        out[name] = str(d)
+    return out
+
+
+def _same_weights(one: Path, acc: Path) -> None:
+    wa, wb = (_ckpt_state(d / "checkpoints" / "epoch-1")[0] for d in (one, acc))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6), k
+    assert any(".lora_B." in k and wa[k].abs().sum() > 0 for k in wa)  # trained (B starts at 0)
+
+
+@pytest.mark.parametrize("accum, batch", [(2, 4), (4, 4)])
+def test_grad_accum_gives_the_weights_of_one_batch_of_all_its_rows(tiny, without_dropout, tmp_path, accum, batch):
+    """N micro-batches of B rows per step train as one batch of N×B rows (mean loss over the rows), the controller
+    off (a fixed LR). 58 train rows: with N=2, B=4 the epoch's 15 batches make 8 steps, the last of one 2-row batch,
+    as B=8 gives; with N=4 the last step is 4+4+2 rows, weighted 0.4/0.4/0.2, as one batch of 10 rows. The micro-
+    batches are cut from the same shuffled rows (the order depends on the seed alone), and each one's all-padding
+    columns are trimmed apart: the masked attention makes that no difference but float rounding, hence allclose."""
+    one, acc = tmp_path / "one", tmp_path / "acc"
+    common = ("--model", without_dropout["bert"], "--no-controller", "--epochs", "1", "--threads", "1", "--lrs", "1e-2",
+              "1e-2", "1e-2")
+    assert main([*_train_args(tiny, one, *common), "--batch-size", str(accum * batch)]) == 0
+    assert main([*_train_args(tiny, acc, *common), "--batch-size", str(batch), "--grad-accum", str(accum)]) == 0
+    a, b = _losses(one), _losses(acc)
+    assert len(a) == len(b) == -(-58 // (accum * batch))  # optimizer steps: the trace, and the epoch's checkpoint
+    assert b == pytest.approx(a, rel=1e-5)
+    _same_weights(one, acc)
+    assert json.loads((acc / "summary.json").read_text())["steps"] == len(a)
+
+
+def test_grad_accum_of_a_causal_lm_weights_each_micro_batch_by_its_target_tokens(tiny, without_dropout, tmp_path):
+    """A causal LM's loss is the mean over a batch's target tokens, and rows of 2 to 10 words hold different numbers
+    of them: each micro-batch's loss is weighted by its share of the step's target tokens (a weighting by rows, or
+    1/N, would give other weights), so N=2 × B=4 trains as B=8."""
+    data = tmp_path / "lm.csv"
+    data.write_text("text\n" + "".join(" ".join(test_cli.FILLER[(i + j) % len(test_cli.FILLER)]
+                                                for j in range(2 + i % 9)) + "\n" for i in range(40)))
+    one, acc = tmp_path / "one", tmp_path / "acc"
+    common = ("--model", without_dropout["gpt2"], "--data", str(data), "--target-modules", "c_attn",
+              "--no-controller", "--epochs", "1", "--threads", "1", "--lrs", "1e-2", "1e-2", "1e-2")
+    assert main([*_train_args(tiny, one, *common), "--batch-size", "8"]) == 0
+    assert main([*_train_args(tiny, acc, *common), "--batch-size", "4", "--grad-accum", "2"]) == 0
+    a, b = _losses(one), _losses(acc)
+    assert len(a) == len(b) == 5 and b == pytest.approx(a, rel=1e-5)  # 36 train rows
+    _same_weights(one, acc)
+
+
+def test_grad_accum_counts_optimizer_steps_for_steps_save_steps_and_the_shock(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--grad-accum", "3", "--steps", "5", "--save-steps", "2", "--shock-start",
+                            "1", "--shock-end", "3")) == 0
+    trace = read_trace(out / "trace.jsonl")
+    assert [r["step"] for r in trace] == [0, 1, 2, 3, 4]
+    # 8 batches of 8: 3 steps an epoch (3 + 3 + 2 batches); step-2 inside epoch 1, step-4 inside epoch 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-1", "step-2", "step-4", "step-5"]
+    st = torch.load(out / "checkpoints" / "step-4" / "state.pt", weights_only=True)
+    assert (st["run"]["epoch"], st["run"]["step_in_epoch"], st["run"]["global_step"]) == (1, 1, 4)
+
+
+def test_a_resume_refuses_another_grad_accum_and_takes_another_precision(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2", "--grad-accum", "2")) == 0
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--grad-accum", "1"]) == 2
+    assert _err(capsys).startswith(f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was "
+                                   "trained with grad_accum=2 (now 1)")
+    # the precision is no part of the batch order: fp32 -> fp16 goes on, with a fresh GradScaler
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--precision", "fp16"]) == 0
+    st = torch.load(out / "checkpoints" / "epoch-1" / "state.pt", weights_only=True)  # 4 steps an epoch
+    assert st["config"]["precision"] == "fp16" and st["config"]["grad_accum"] == 2 and "grad_scaler" in st
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto is the GPU there")
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu_with_auto(tiny, tmp_path, capsys):
+    """A resume takes the device given now (default auto), not the stored run's: the run's config records
+    device=cuda:0, and its state.pt the GPU's RNG, which a CPU run leaves alone."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    path = out / "checkpoints" / "step-2" / "state.pt"
+    st = torch.load(path, weights_only=True)
+    st["config"]["device"] = "cuda:0"
+    st["cuda_rng"] = torch.zeros(816, dtype=torch.uint8)
+    torch.save(st, path)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "3"]) == 0
+    assert "device: cpu, precision fp32" in capsys.readouterr().out
+    assert torch.load(out / "checkpoints" / "step-3" / "state.pt", weights_only=True)["config"]["device"] == "auto"
+
+
+def test_an_fp16_run_saves_its_grad_scaler_and_a_resume_goes_on_with_it_bit_for_bit(tiny, tmp_path):
+    """fp16 scales the loss by the GradScaler's scale (65536 at first) before backward; a step whose gradients
+    overflow fp16 is skipped and halves the scale, and 2000 steps in a row without one double it. The checkpoint holds
+    the scale and the count of steps since the last overflow (3 at step 3): a resume that started a fresh GradScaler
+    would count from 0 again, and its step-6 checkpoint would differ from the whole run's."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    opts = ("--precision", "fp16", "--threads", "1", "--lrs", "1e-2", "5e-3", "1e-3")
+    assert main(_train_args(tiny, straight, "--steps", "6", *opts)) == 0
+    assert main(_train_args(tiny, split, "--steps", "3", *opts)) == 0
+    mid = torch.load(split / "checkpoints" / "step-3" / "state.pt", weights_only=True)["grad_scaler"]
+    assert mid["scale"] == 65536.0 and mid["_growth_tracker"] == 3, mid
+    assert main(["train", "--output-dir", str(split), "--resume", "--steps", "6"]) == 0
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(split / "trace.jsonl")
+    assert b == a and len(a) == 6
+    resumed, whole = (_trained_state(d / "checkpoints" / "step-6") for d in (split, straight))
+    assert _same(resumed, whole) and resumed[1]["grad_scaler"] == whole[1]["grad_scaler"]
+
+
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_leaves_the_weights_alone():
+    """GradScaler's inf check: a gradient with an inf entry (as an fp16 overflow makes) skips optimizer.step, so
+    neither the weights nor AdamW's moments change, and the scale halves; the next step trains as usual. The step
+    still counts (the trace, --steps), as in Hugging Face's Trainer."""
+    from unified_lora.model import trainable_parameters
+    from unified_lora.training import Run, TrainConfig
+
+    run = Run(TrainConfig(precision="fp16", device="cpu", controller=False, log_every=0), tiny_bert(), "seq-cls", 2,
+              None, print_fn=None)
+    x, y = classification_batch(8, 10)
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
+    run.train_step(batch)
+    ps = trainable_parameters(run.model)
+    before = [p.detach().clone() for p in ps]
+    stepped = [p for p in ps if p in run.optimizer.state]
+    moments = [run.optimizer.state[p]["exp_avg"].clone() for p in stepped]
+    scale = run.scaler.get_scale()
+    hook = run.ctrl.extra_params[0].register_hook(lambda g: torch.full_like(g, float("inf")))  # the head's weight
+    loss = run.train_step(batch)
+    hook.remove()
+    assert torch.isfinite(torch.tensor(loss))
+    assert all(torch.equal(p, w) for p, w in zip(ps, before))
+    assert stepped and all(torch.equal(run.optimizer.state[p]["exp_avg"], m) for p, m in zip(stepped, moments))
+    assert run.scaler.get_scale() == scale / 2 and run.state.global_step == 2
+    run.train_step(batch)
+    assert all(torch.isfinite(p).all() for p in ps) and any(not torch.equal(p, w) for p, w in zip(ps, before))
+
+
+def test_demo_takes_device_and_precision_and_keeps_its_cpu_default(tiny, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny, out, "--no-baseline", "--precision", "bf16")) == 0
+    assert "device: cpu, precision bf16\n" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["device"], summary["precision"]) == ("cpu", "bf16")
+    default = tmp_path / "default"
+    assert main(_demo_args(tiny, default, "--no-baseline")) == 0
+    assert "device:" not in capsys.readouterr().out  # the documented output, unchanged
+    assert json.loads((default / "summary.json").read_text())["device"] == "cpu"
