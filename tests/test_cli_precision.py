@@ -260,3 +260,73 @@ def test_demo_takes_device_and_precision_and_keeps_its_cpu_default(tiny, tmp_pat
     assert main(_demo_args(tiny, default, "--no-baseline")) == 0
     assert "device:" not in capsys.readouterr().out  # the documented output, unchanged
     assert json.loads((default / "summary.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_step_with_a_non_finite_loss_or_gradient_is_skipped_and_leaves_the_weights_alone(precision, where):
+    """fp32 and bf16 have no GradScaler to skip a step: a NaN loss, or a finite loss with an inf gradient, went through
+    clipping (which spreads the NaN to every gradient) into AdamW, and every trainable weight and moment was NaN from
+    then on. The step is now skipped as GradScaler skips an fp16 overflow: weights and moments unchanged, the step
+    counted, the console told; the next finite step trains."""
+    from unified_lora.model import trainable_parameters
+    from unified_lora.training import Run, TrainConfig
+
+    said = []
+    run = Run(TrainConfig(precision=precision, device="cpu", log_every=0), tiny_bert(), "seq-cls", 2, None,
+              print_fn=said.append)
+    x, y = classification_batch(8, 10)
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
+    run.train_step(batch)
+    ps = trainable_parameters(run.model)
+    before = [p.detach().clone() for p in ps]
+    stepped = [p for p in ps if p in run.optimizer.state]
+    moments = [run.optimizer.state[p]["exp_avg"].clone() for p in stepped]
+    head = run.ctrl.extra_params[0]  # the classifier's weight
+    if where == "loss":  # the logits of one row NaN, so the batch's mean loss is NaN
+        hook = run.model.classifier.register_forward_hook(lambda m, a, out: out.index_fill(0, torch.tensor([0]),
+                                                                                          float("nan")))
+    else:
+        hook = head.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+    loss = run.train_step(batch)
+    hook.remove()
+    assert torch.isfinite(torch.tensor(loss)) == (where == "gradient")
+    assert all(torch.equal(p, w) for p, w in zip(ps, before))
+    assert stepped and all(torch.equal(run.optimizer.state[p]["exp_avg"], m) for p, m in zip(stepped, moments))
+    assert (run.state.global_step, run.state.skipped_steps, run.state.nonfinite_in_a_row) == (2, 1, 1)
+    assert said[-1].startswith(f"step 1: non-finite {'loss nan' if where == 'loss' else 'gradient norm (loss finite)'}"
+                               "; optimizer step skipped, weights unchanged (1 in a row, 1 in the run)")
+    run.train_step(batch)
+    assert run.state.nonfinite_in_a_row == 0 and run.state.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in ps) and any(not torch.equal(p, w) for p, w in zip(ps, before))
+
+
+def test_a_diverging_run_stops_after_max_nonfinite_steps_with_a_checkpoint_of_its_last_finite_weights(tiny, tmp_path,
+                                                                                                      capsys):
+    """An LR of 1e30 blows the LoRA product past float32 after one step, so every later step's loss is NaN. The run used
+    to train on with NaN weights to the end and exit 0 with a NaN adapter in peft_adapter/. Now each such step is
+    skipped, and `--max-nonfinite-steps` of them in a row stop the run: exit code 1, a one-line error, and a checkpoint
+    holding the weights of the last finite step (here already useless: the first step's update was 1e30)."""
+    out = tmp_path / "run"
+    args = _train_args(tiny, out, "--steps", "30", "--lrs", "1e30", "1e30", "1e30", "--max-nonfinite-steps", "3")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "3 steps in a row (to step " in captured.err
+    assert "Resume with a lower learning rate" in captured.err and "Traceback" not in captured.err
+    assert captured.out.count("optimizer step skipped, weights unchanged") == 3
+    assert "3 steps in a row with a non-finite loss or gradient; saved " in (out / "console.txt").read_text()
+    (ckpt,) = (out / "checkpoints").iterdir()
+    state = _ckpt_state(ckpt)
+    stopped = state[1]["run"]
+    assert stopped["skipped_steps"] == 3 == stopped["nonfinite_in_a_row"] and ckpt.name == f"step-{stopped['global_step']}"
+    assert all(torch.isfinite(t).all() for t in state[0].values() if t.is_floating_point())
+    assert not (out / "peft_adapter").exists()
+    finite = _ckpt_state(_one_checkpoint(tmp_path / "one", tiny, args, stopped["global_step"] - 3))[0]
+    assert finite.keys() == state[0].keys() and all(torch.equal(finite[k], state[0][k]) for k in finite)
+
+
+def _one_checkpoint(out, tiny, args, steps) -> Path:
+    """The checkpoint of the same run stopped by --steps after `steps` steps."""
+    assert main([*args[:args.index("--output-dir")], "--output-dir", str(out),
+                 *args[args.index("--output-dir") + 2:], "--steps", str(steps)]) == 0
+    return out / "checkpoints" / f"step-{steps}"

@@ -413,6 +413,7 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     arm["train_step_s"] = train_s / max(run.state.global_step, 1)
     arm["cpu_s"] = time.process_time() - cpu0  # CPU seconds of this process: a load-independent cost measure
     arm["trainable_params_final"] = run.n_trainable()
+    arm["skipped_steps"] = run.state.skipped_steps  # non-finite loss or gradient: optimizer step skipped
     arm["final_correct"] = _correct_rows(preds, enc_dev["labels"].numpy())  # the paired verdict's per-row data
     arm["final_preds"] = _label_string(preds)  # and the F1 test's: the predicted class of each dev row
     if cfg.controller and run.ctrl.last_decision is not None:
@@ -561,7 +562,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
-        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "device", "precision", "grad_accum")},
+        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "device", "precision", "grad_accum",
+        "max_nonfinite_steps")},
     "lrs": "mode_lrs",
 }
 
@@ -690,8 +692,8 @@ def cmd_train(args) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (Run, TextCorpus, UsageError, check_precision, check_row_length, detect_task_type,
-                           device_label, encode_rows, evaluate, export_peft, iterate, load_data, load_model, majority,
+    from .training import (DivergedError, Run, TextCorpus, UsageError, check_precision, check_row_length,
+                           detect_task_type, device_label, encode_rows, evaluate, export_peft, iterate, load_data, load_model, majority,
                            prune_step_checkpoints, resolve_device, resolve_model, seed_everything, subsample, take_rows)
 
     t_start = time.perf_counter()
@@ -806,6 +808,15 @@ def cmd_train(args) -> int:
         run.ctrl.close()
         say(f"aborted; the last complete checkpoint is kept under {ckpt_root}")
         return 130
+    except DivergedError as e:  # the skipped steps left the weights as they were: worth a checkpoint to resume from
+        bar.close()
+        path = _save(f"step-{run.state.global_step}")
+        run.ctrl.close()
+        say(f"stopped at step {run.state.global_step}: {run.state.nonfinite_in_a_row} steps in a row with a non-finite "
+            f"loss or gradient; saved {path}; once the cause is fixed, continue with: {PROG} train --output-dir "
+            f"{shlex.quote(str(out))} --resume --lrs ...")
+        say.save(out / "console.txt")
+        raise  # main: the one-line error, exit code 1
     finally:
         for s, h in old_handlers.items():
             if h is not None:  # None: a handler not installed from Python, which cannot be put back
@@ -824,7 +835,7 @@ def cmd_train(args) -> int:
     summary = {
         **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
         "model": model_path, "task_type": task_type, "task": task, "classes": classes,
-        "device": device_label(device), "precision": cfg.precision,
+        "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
         "majority": majority(train, dev, task),
         "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
         "peft_adapter": None if peft_note else str(out / "peft_adapter"),
@@ -1098,6 +1109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="fp32 (default); bf16 or fp16: forward and "
                    "loss under torch.autocast, the weights and LoRA blocks staying fp32; fp16 adds a GradScaler")
     t.add_argument("--max-length", type=int, help="tokens per row (default 64)")
+    t.add_argument("--max-nonfinite-steps", type=int, help="a step whose loss or gradient is NaN/inf is skipped, the "
+                   "weights unchanged; this many such steps in a row save a checkpoint and stop the run with exit "
+                   "code 1 (default 10; 0 = never stop)")
     t.add_argument("--lr", type=float, help="base LR for --lr-mode multiplier (default 5e-4)")
     t.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
                    help="per-mode LRs for --lr-mode absolute (default 2e-3 5e-4 1e-4)")
@@ -1190,7 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         from .data import DataError
-        from .training import CheckpointWriteError, UsageError
+        from .training import CheckpointWriteError, DivergedError, UsageError
 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, (UsageError, DataError, ValueError, FileNotFoundError, ImportError)):
@@ -1198,7 +1212,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # disk full, no permission, an --output-dir under a file or on a read-only disk: the OS's message names the
         # path and the cause (it was an "internal error")
-        if isinstance(e, CheckpointWriteError) or (isinstance(e, OSError) and e.errno in _FILE_SYSTEM_ERRNOS):
+        if isinstance(e, (CheckpointWriteError, DivergedError)) or (isinstance(e, OSError)
+                                                                    and e.errno in _FILE_SYSTEM_ERRNOS):
             print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 1
         print(f"{PROG}: error: {type(e).__name__}: {msg} (internal error; rerun with --debug for the traceback)",

@@ -51,6 +51,11 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --
 DEVICE_FORM = r"auto|cpu|cuda(:\d+)?|mps"  # --device
 
 
+class DivergedError(RuntimeError):
+    """`TrainConfig.max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradient: every one was
+    skipped (the weights and the optimizer state are those of the last finite step), and the run stops."""
+
+
 class UsageError(ValueError):
     """Bad user input (file, column, model path, option): reported as one line, exit code 2."""
 
@@ -119,6 +124,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast around forward and loss; fp16 adds a GradScaler
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    # a step whose loss or gradient is NaN/inf is skipped (the weights stay); this many in a row stop the run (0 = never)
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         check_field_types(self)  # numbers (YAML's `lr: 1e-3` is a string), bools and rank/LR lists, by field name
@@ -137,6 +144,7 @@ class TrainConfig:
             ("max_length", self.max_length >= 8, "must be >= 8"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1 (1 = one batch per optimizer step)"),
+            ("max_nonfinite_steps", self.max_nonfinite_steps >= 0, "must be >= 0 (0 = never stop)"),
             ("device", bool(re.fullmatch(DEVICE_FORM, self.device)), "must be auto, cpu, cuda, cuda:N or mps"),
             ("precision", self.precision in PRECISIONS, f"must be one of {tuple(PRECISIONS)}"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
@@ -704,6 +712,8 @@ class RunState:
     global_step: int = 0
     evals: list = field(default_factory=list)  # [{"step":..., "epoch":..., "tag":..., metrics...}]
     wall_s: float = 0.0  # wall time of the run up to this checkpoint, over every session (`Run.wall_s`)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (`Run.train_step`)
+    nonfinite_in_a_row: int = 0  # of them, the latest ones in a row (0 after a finite step)
 
 
 class Run:
@@ -713,6 +723,7 @@ class Run:
                  print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
                  classes: Sequence[str] | None = None):
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
+        self.print_fn = print_fn
         # the class of each label id (string labels get ids in sorted order): checkpoints record it, and a resumed run
         # must get the same ids
         self.classes = list(classes) if classes is not None else None
@@ -805,20 +816,48 @@ class Run:
                 loss = loss * (w / sum(weights))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             mean = loss.detach() if mean is None else mean + loss.detach()
-        value = mean.item()  # the one host sync of the step
+        value = mean.item()  # the step's host sync (a second one reads the gradient norm: below)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # ctrl.step reads true gradients, and a restore leaves none to check
         self.ctrl.step(loss=value)  # after backward, before optimizer.step()
+        norm = None
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.grad_clip)
+        finite = math.isfinite(value)
+        if finite and self.scaler is None:  # (fp16: GradScaler's step below skips a step whose gradients overflowed)
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in trainable_parameters(self.model) if p.grad is not None])
+            finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf/NaN gradient
             self.scaler.update()
-        else:
+        elif finite:  # a NaN/inf gradient would make every weight it reaches (and AdamW's moments) NaN for good
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
+        self._count_nonfinite(finite, value, step)
         return value
+
+    def _count_nonfinite(self, finite: bool, loss: float, step: int) -> None:
+        """Count a step skipped for a non-finite loss or gradient, say so, and stop the run (DivergedError) at
+        `cfg.max_nonfinite_steps` such steps in a row."""
+        st = self.state
+        if finite:
+            st.nonfinite_in_a_row = 0
+            return
+        st.skipped_steps += 1
+        st.nonfinite_in_a_row += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else "gradient norm (loss finite)"
+        if self.print_fn is not None:
+            self.print_fn(f"step {step}: non-finite {what}; optimizer step skipped, weights unchanged "
+                          f"({st.nonfinite_in_a_row} in a row, {st.skipped_steps} in the run)")
+        limit = self.cfg.max_nonfinite_steps
+        if limit and st.nonfinite_in_a_row >= limit:
+            raise DivergedError(f"{st.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
+                                f"gradient and were skipped, so the run stops: the weights are those of step "
+                                f"{step + 1 - st.nonfinite_in_a_row}. Resume with a lower learning rate (--lrs / --lr), "
+                                f"check the data, or raise max_nonfinite_steps (0 = never stop)")
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool | None = None) -> Path:
