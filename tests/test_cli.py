@@ -1526,11 +1526,11 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
-    # the second column was never read: a prompt,completion table trained on its prompts alone, silently
     # a JSONL record without the text column became an empty text, and was dropped silently
     ("record_without_the_text_column_for_a_causal_lm", "gap.jsonl (record 2); columns are ['txt']"),
-    ("two_text_columns_for_a_causal_lm", "--text-columns prompt,completion: a causal LM trains on one text column, "
-                                         "and 'completion' would be left out"),
+    # prompt/completion pairs come from a table (tests/test_cli_sft.py); a .txt corpus has no columns
+    ("two_text_columns_for_a_text_corpus", "corpus.txt: a plain-text corpus has no columns; prompt/completion pairs "
+                                           "(--text-columns prompt,completion) are read from a .csv, .tsv or .jsonl"),
     ("config_not_yaml", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
     ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
@@ -1606,10 +1606,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "record_without_the_text_column_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
             tmp_path / "gap.jsonl", '{"text": "good movie"}\n{"txt": "bad film"}\n' * 8)), "--target-modules",
             "c_attn", "--steps", "1", "--max-length", "16", "--output-dir", out],
-        "two_text_columns_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
-            tmp_path / "pc.jsonl", '{"prompt": "good movie", "completion": "bad film"}\n' * 8)), "--text-columns",
-            "prompt,completion", "--target-modules", "c_attn", "--steps", "1", "--max-length", "16",
-            "--output-dir", out],
+        "two_text_columns_for_a_text_corpus": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
+                                               "--text-columns", "prompt,completion", "--target-modules", "c_attn",
+                                               "--output-dir", out],
         "config_not_yaml": ["train", "--config", str(_write(tmp_path / "c9.yaml", "text_columns: [\n"))],
         "shock_past_the_epochs": _train_args(tiny, out, "--epochs", "1", "--shock-start", "200", "--shock-end", "300"),
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],

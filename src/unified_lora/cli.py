@@ -706,15 +706,22 @@ def cmd_train(args) -> int:
     out = Path(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     task_type = detect_task_type(model_path, cfg.task_type)
-    train, dev, task = load_data(cfg, task_type)
+    # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
+    train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
+    pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     model.to(device)
-    enc_train = encode_rows(tok, train, task_type, cfg.max_length)
-    enc_dev = encode_rows(tok, dev, task_type, cfg.max_length)
+    if pairs:
+        prompt, completion = cfg.text_columns
+        say(f"prompt/completion rows ({prompt!r}, {completion!r}): the loss is on the completion's tokens"
+            + (" and the eos" if tok.eos_token_id is not None else
+               "; the tokenizer has no eos token, so none ends a completion (the model is not taught to stop)"))
+    enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"))
+    enc_dev = encode_rows(tok, dev, task_type, cfg.max_length, note=lambda m: say(f"dev data: {m}"))
     check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
@@ -1098,7 +1105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "for a text corpus, its tail)")
     t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"),
                    help="auto (default): causal-lm for ...ForCausalLM / ...LMHeadModel checkpoints, else seq-cls")
-    t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2 (default: text)")
+    t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2; a causal "
+                   "LM: one text, or prompt,completion (the loss on the completion only; found without this flag in a "
+                   "table with those columns and no text column) (default: text)")
     t.add_argument("--label-column", help="table label column (default: label)")
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
     t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import json
 import math
 import os
@@ -417,10 +418,20 @@ class TextCorpus(list):
     (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples."""
 
 
-def _load_texts(path: Path, column: str) -> list[str]:
-    """Causal-LM data: one text column of a .csv/.tsv/.jsonl table, or a whole .txt file (a TextCorpus)."""
+PROMPT_COMPLETION = ("prompt", "completion")  # a causal LM's table read as pairs without --text-columns
+
+
+def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> list:
+    """Causal-LM data: one text column of a .csv/.tsv/.jsonl table (a list of texts), two (prompt, completion: a list
+    of (prompt, completion) pairs), or a whole .txt file (a TextCorpus). With `detect`, a table read for the column
+    "text" that has no such column but has "prompt" and "completion" columns is read as those pairs, and one with a
+    "messages" column (chat data, which is not read) is a DataError naming it."""
+    columns = list(columns)
     fmt = path.suffix.lstrip(".").lower()
     if fmt in TEXT_SUFFIXES:
+        if len(columns) > 1:
+            raise DataError(f"{path}: a plain-text corpus has no columns; prompt/completion pairs (--text-columns "
+                            f"{','.join(columns)}) are read from a .csv, .tsv or .jsonl table")
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
         with _utf8(path):
@@ -430,15 +441,30 @@ def _load_texts(path: Path, column: str) -> list[str]:
         return TextCorpus([text])
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
-    records = _read_records(path, fmt, [column])
+    records = _read_records(path, fmt, [*columns, *(PROMPT_COMPLETION if detect and columns == ["text"] else ())])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
-    for n, record in enumerate(records, start=1):  # as load_table: a JSONL record without it was dropped silently
-        if column not in record:
-            where = "" if n == 1 else f" (record {n})"
-            raise DataError(f"unknown column {column!r} in {path}{where}; columns are {list(record)}")
-    _check_no_null_text(records, column, path)
-    return [str(r[column]) for r in records]
+    if detect and columns == ["text"] and "text" not in records[0]:
+        if all(c in records[0] for c in PROMPT_COMPLETION):
+            columns = list(PROMPT_COMPLETION)
+        elif "messages" in records[0]:
+            raise DataError(f"{path}: column 'messages' holds chat (conversational) data, which a causal LM here does "
+                            "not read; give each record a 'text' string, or 'prompt' and 'completion' strings "
+                            "(--text-columns names other columns)")
+    for column in columns:
+        for n, record in enumerate(records, start=1):  # as load_table: a JSONL record without it was dropped silently
+            if column not in record:
+                where = "" if n == 1 else f" (record {n})"
+                raise DataError(f"unknown column {column!r} in {path}{where}; columns are {list(record)}")
+        _check_no_null_text(records, column, path)
+    if len(columns) == 1:
+        return [str(r[columns[0]]) for r in records]
+    prompt, completion = columns
+    for n, record in enumerate(records, start=1):  # an empty completion has nothing to train on but the eos
+        if not str(record[completion]).strip():
+            raise DataError(f"{path}: record {n} has an empty completion (column {completion!r}); fill it in or drop "
+                            "the record")
+    return [(str(r[prompt]), str(r[completion])) for r in records]
 
 
 def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextCorpus]:
@@ -454,8 +480,13 @@ def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextC
     return TextCorpus([train]), TextCorpus([dev])
 
 
-def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
-    """(train, dev, task_name). seq-cls: TextDatasets; causal-lm: lists of strings."""
+def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | None = None,
+              detect: bool = True) -> tuple[object, object, str]:
+    """(train, dev, task_name). seq-cls: TextDatasets; causal-lm: lists of strings, of (prompt, completion) pairs
+    (two `text_columns`), or TextCorpus. With `detect` (leave it off on a resume: the run's stored columns are the
+    layout it trained on), a causal LM's table with no "text" column but "prompt" and "completion" ones, read for the
+    default `text_columns`, is read as pairs: `cfg.text_columns` is set to them (the checkpoints record it), and
+    `note` says so."""
     if cfg.data is None:
         return load_glue("mrpc", "train"), load_glue("mrpc", "dev"), "mrpc"
     path = Path(cfg.data).expanduser()
@@ -469,12 +500,15 @@ def load_data(cfg: TrainConfig, task_type: str) -> tuple[object, object, str]:
         dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
         return load_glue(key, "train", path), dev, key
     if task_type == "causal-lm":
-        if len(cfg.text_columns) > 1:  # the second column was never read: prompt,completion trained on prompts alone
-            raise DataError(f"--text-columns {','.join(cfg.text_columns)}: a causal LM trains on one text column, "
-                            f"and {cfg.text_columns[1]!r} would be left out; join the texts into one column (e.g. "
-                            "prompt and completion) and pass its name alone")
-        texts = _load_texts(path, cfg.text_columns[0])
-        dev = _load_texts(Path(cfg.dev_data), cfg.text_columns[0]) if cfg.dev_data else None
+        # two columns are (prompt, completion) pairs, trained on the completion only (`encode_pairs`)
+        texts = _load_texts(path, cfg.text_columns, detect=detect)
+        if texts and isinstance(texts[0], tuple) and len(cfg.text_columns) == 1:
+            # found without --text-columns: recorded, so the run's checkpoints (and a --resume) keep this layout
+            cfg.text_columns = list(PROMPT_COMPLETION)
+            if note is not None:
+                note(f"--data {cfg.data}: no 'text' column but 'prompt' and 'completion': trained as prompt/completion "
+                     "pairs, the loss on the completion only (--text-columns names other columns)")
+        dev = _load_texts(Path(cfg.dev_data).expanduser(), cfg.text_columns) if cfg.dev_data else None
         if dev is None:
             split = split_corpus if isinstance(texts, TextCorpus) else (lambda t, f: _split(t, f, cfg.seed))
             texts, dev = split(texts, cfg.dev_fraction)
@@ -539,10 +573,14 @@ def subsample(items, n: int, seed: int):
     return picked
 
 
-def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenise every row once (padded to the longest); batches are row slices of these tensors."""
+def encode_rows(tokenizer, rows, task_type: str, max_length: int,
+                note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """Tokenise every row once (padded to the longest); batches are row slices of these tensors. A causal LM's
+    (prompt, completion) pairs go to `encode_pairs` (`note` gets its count of rows left out or cut)."""
     if task_type == "causal-lm" and isinstance(rows, TextCorpus):
         return encode_corpus(tokenizer, rows, max_length)
+    if task_type == "causal-lm" and rows and isinstance(rows[0], tuple):
+        return encode_pairs(tokenizer, rows, max_length, note)
     if task_type == "causal-lm":
         rows = [r for r in rows if r.strip()]
         if not rows:
@@ -568,6 +606,65 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int) -> dict[str, t
     from .data import encode
 
     return encode(tokenizer, rows.examples if isinstance(rows, TextDataset) else rows, max_length=max_length)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens `tokenizer` puts before a single text's own tokens: Llama's BOS, BERT's [CLS]; none for
+    GPT-2. Read off a probe text tokenised with and without them."""
+    full = tokenizer("a", verbose=False)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return list(full[:i])
+    specials = set(tokenizer.all_special_ids)  # (the probe tokenised otherwise next to them): the leading specials
+    return list(itertools.takewhile(lambda t: t in specials, full))
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int,
+                 note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """(prompt, completion) pairs for supervised fine-tuning of a causal LM, the loss on the completion only (TRL's
+    `completion_only_loss`). Each row is the tokenizer's leading special tokens (`special_prefix`: Llama's BOS once;
+    none for GPT-2), the prompt's tokens, the completion's tokens and the tokenizer's eos token (none where it has
+    none), the prompt and the completion tokenised apart (no special tokens), so the boundary between them is exact:
+    a space between them belongs to one of the texts (prompt "2+2=" and completion " 4"). Labels are -100 on the
+    leading specials, the prompt and the padding; the completion's tokens and the eos are the targets. A row longer
+    than `max_length` is cut at its end (TRL's default, truncation_mode="keep_start"); a row with no completion token
+    left within it (a prompt of `max_length` tokens or more) is left out, and `note` gets the counts of rows left out
+    and cut. No row left is a DataError. Padded on the right."""
+    if not pairs:
+        raise DataError("no prompt/completion rows to train on")
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    rows: list[tuple[list[int], int]] = []  # (ids, where the targets start)
+    cut = 0
+    for p, c in zip(prompts, completions):
+        ids = prefix + list(p) + list(c) + ([eos] if eos is not None else [])
+        start = len(prefix) + len(p)
+        # a target needs a token before it: with no prefix and an empty prompt, the completion's first is none
+        if min(len(ids), max_length) > max(start, 1):
+            cut += len(ids) > max_length
+            rows.append((ids[:max_length], start))
+    dropped = len(pairs) - len(rows)
+    if not rows:
+        raise DataError(f"no prompt/completion row has a completion token within max_length {max_length} (every "
+                        "prompt fills it); pass a larger --max-length or shorter prompts")
+    if note is not None and dropped:
+        note(f"{dropped} of {len(pairs)} prompt/completion rows have no completion token within max_length "
+             f"{max_length} (the prompt fills it) and are left out")
+    if note is not None and cut:
+        note(f"{cut} of {len(pairs)} prompt/completion rows are longer than max_length {max_length} and cut at its "
+             "end: the rest of their completion (and the eos) is not trained on")
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (ids, start) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        labels[i, start:len(ids)] = input_ids[i, start:len(ids)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
