@@ -358,7 +358,10 @@ class UnifiedLoRACallback(TrainerCallback):
         if callable(fn):
             trainer.compute_loss_func = self.wrap_compute_loss_func(fn)
         smoother = getattr(trainer, "label_smoother", None)
-        if callable(smoother) and fn is None:  # (the Trainer uses it only without a compute_loss_func)
+        # The Trainer uses it only without a compute_loss_func; SFTTrainer only with loss_type="nll" (with "dft" it
+        # trains the fused head's DFT loss, which the forward hook reads)
+        uses_smoother = fn is None and getattr(getattr(trainer, "args", None), "loss_type", None) in (None, "nll")
+        if callable(smoother) and uses_smoother:
             if getattr(smoother, "callback", None) is not self:
                 # a share of the step's token mean when the Trainer passes num_items_in_batch, else a micro-batch mean
                 trainer.label_smoother = _RecordedLoss(smoother, self, scaled=False)
