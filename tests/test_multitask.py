@@ -1768,3 +1768,35 @@ def test_resize_token_embeddings_of_a_multitask_lm_head_in_the_middle_of_a_run_t
     trained = head.active_B() if mode == SINGLE else head.task_B(0)
     assert trained[VOCAB:].abs().sum() > 0 and ctrl.mode == mode
     assert math.isfinite(before) and before > 0
+
+
+def test_a_subset_task_export_keeps_a_link_of_the_set_and_refuses_a_folder_holding_another_adapter(tmp_path):
+    # A folder of the previous set that a subset export does not write stays, and stays listed: one the user moved
+    # elsewhere and linked back was dropped from the manifest and the link deleted. A folder the manifest lists as
+    # another adapter than the export would write there (task "shared"'s and the shared adapter, ids "a b" and "a_b")
+    # was replaced silently, where the same two in one call are refused.
+    import json
+
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    out = tmp_path / "out"
+    export_task_peft_adapters(model, out, task_type=None)
+    (out / "a").rename(tmp_path / "big_a")
+    (out / "a").symlink_to(tmp_path / "big_a")
+    moved = _tree(tmp_path / "big_a")
+    export_task_peft_adapters(model, out, tasks=["b"], include_shared=False, task_type=None)
+    assert (out / "a").is_symlink() and _tree(tmp_path / "big_a") == moved
+    assert json.loads((out / "peft_tasks.json").read_text())["tasks"] == {"a": "a", "b": "b"}
+
+    for tasks, first, then in [(("shared", "b"), dict(tasks=["shared"], include_shared=False), dict(tasks=["b"])),
+                               (("shared", "b"), dict(tasks=["b"]), dict(tasks=["shared"], include_shared=False)),
+                               (("a b", "a_b"), dict(tasks=["a b"]), dict(tasks=["a_b"], include_shared=False))]:
+        model, ad, ctrl, _ = build(initial_mode=MULTI, tasks=tasks)
+        out = tmp_path / f"{tasks}{first}"
+        export_task_peft_adapters(model, out, task_type=None, **first)
+        before = _tree(out)
+        with pytest.raises(ValueError, match=r"holds another adapter.*'(shared|a_b)' holds (the shared adapter|the "
+                                             r"adapter of task '(shared|a b)'), this export writes"):
+            export_task_peft_adapters(model, out, task_type=None, **then)
+        assert _tree(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -1509,6 +1509,11 @@ def _task_as_shared(layers: Iterable[MultiTaskNestedLoRALayer], slot: int):
 TASK_EXPORT_MANIFEST = "peft_tasks.json"
 # the files each PEFT export writes anew: not copied from the previous task folder into the new one
 _PEFT_WRITTEN = ("adapter_config.json", "adapter_model.safetensors")
+_SHARED = object()  # the shared adapter, where a task folder holds a task id
+
+
+def _held(holder) -> str:
+    return "the shared adapter" if holder is _SHARED else f"the adapter of task {holder!r}"
 
 
 def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, rank: int | None = None,
@@ -1531,7 +1536,9 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     disk), then swapped in, each previous folder moved aside before its new one is renamed in, and the manifest
     `save_dir/peft_tasks.json` (the set's folder names and task ids) last. The set is the folders that manifest
     lists: the folders an export writes replace theirs as one, and a folder of the previous set that this one does
-    not write (a task left out with `tasks=`) stays as it was, and stays listed; a folder named like a new one that no
+    not write (a task left out with `tasks=`) stays as it was (a link to a folder too), and stays listed; one the
+    manifest lists with another adapter than this export would write (task `shared`'s and the shared adapter, ids
+    `a b` and `a_b`) is a ValueError, before anything is written; a folder named like a new one that no
     manifest listed (yours, or an export from before the manifest) is replaced. Anything else in `save_dir` is yours and stays, and so do
     your files inside a task folder (a `README.md` there is amended, as PEFT does). An error or interrupt while
     writing leaves the previous set untouched and no temporary folder; a process killed (SIGKILL, a power loss)
@@ -1569,9 +1576,20 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     remove_dead_leftovers(save_dir)
     # the previous set (one that cannot be read is refused before anything is written): its folders this export does
     # not write (tasks left out with `tasks=`, or `shared` with include_shared=False) stay in the set, untouched
+    # (a link to a folder, where you moved one, too: the swap leaves it, and what it points to, alone)
     prev_tasks: dict = {}
-    kept = [n for n in _read_task_manifest(save_dir, prev_tasks) if n not in folders
-            and os.path.isdir(os.path.join(save_dir, n)) and not os.path.islink(os.path.join(save_dir, n))]
+    listed = _read_task_manifest(save_dir, prev_tasks)
+    kept = [n for n in listed if n not in folders and os.path.isdir(os.path.join(save_dir, n))]
+    # a folder of the previous set that this export would fill with another adapter (task "shared"'s and the shared
+    # adapter, or two ids of one folder name, exported by different calls) is refused, as it is in one call
+    what = {n: _SHARED if include_shared and n == "shared" else ts[0] for n, ts in folders.items()}
+    held = {n: prev_tasks.get(n, _SHARED) for n in listed if n in what and os.path.isdir(os.path.join(save_dir, n))}
+    clashes = [f"{n!r} holds {_held(held[n])}, this export writes {_held(what[n])}" for n in held
+               if held[n] != what[n]]
+    if clashes:
+        raise ValueError(f"export_task_peft_adapters: a folder of the set in {save_dir} (peft_tasks.json) holds "
+                         f"another adapter than this export would write there: {'; '.join(clashes)}. Export into "
+                         "another folder, or move that folder away first")
     tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
     try:
         def into(name):
