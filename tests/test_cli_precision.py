@@ -246,8 +246,32 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_leaves_the_weights
     assert all(torch.equal(p, w) for p, w in zip(ps, before))
     assert stepped and all(torch.equal(run.optimizer.state[p]["exp_avg"], m) for p, m in zip(stepped, moments))
     assert run.scaler.get_scale() == scale / 2 and run.state.global_step == 2
+    assert (run.state.skipped_steps, run.state.nonfinite_in_a_row) == (1, 1)  # counted, as fp32's skips are
     run.train_step(batch)
     assert all(torch.isfinite(p).all() for p in ps) and any(not torch.equal(p, w) for p, w in zip(ps, before))
+    assert (run.state.skipped_steps, run.state.nonfinite_in_a_row) == (1, 0)
+
+
+def test_an_fp16_run_whose_gradients_stay_non_finite_stops_after_max_nonfinite_steps():
+    """GradScaler skipped every fp16 step whose gradient held a NaN, but the run counted none of them
+    (`skipped_steps` 0) and never stopped: it halved the scale at each step and trained nothing to its end, exit 0,
+    where fp32 stops after `max_nonfinite_steps`. Each step GradScaler skips now counts, and K in a row stop it."""
+    from unified_lora.training import DivergedError, Run, TrainConfig
+
+    said = []
+    run = Run(TrainConfig(precision="fp16", device="cpu", controller=False, log_every=0, max_nonfinite_steps=3),
+              tiny_bert(), "seq-cls", 2, None, print_fn=said.append)
+    x, y = classification_batch(8, 10)
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
+    run.train_step(batch)
+    run.ctrl.extra_params[0].register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
+    run.train_step(batch)
+    run.train_step(batch)
+    with pytest.raises(DivergedError, match="3 steps in a row"):
+        run.train_step(batch)
+    assert (run.state.global_step, run.state.skipped_steps) == (4, 3)
+    assert said[-1] == ("step 3: non-finite gradient (loss finite; GradScaler's scale lowered to 8192); optimizer "
+                        "step skipped, weights unchanged (3 in a row, 3 in the run)")
 
 
 def test_demo_takes_device_and_precision_and_keeps_its_cpu_default(tiny, tmp_path, capsys):
@@ -313,6 +337,7 @@ def test_a_diverging_run_stops_after_max_nonfinite_steps_with_a_checkpoint_of_it
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "3 steps in a row (to step " in captured.err
     assert "Resume with a lower learning rate" in captured.err and "Traceback" not in captured.err
+    assert "raise --max-nonfinite-steps (max_nonfinite_steps; 0 = never stop)" in captured.err
     assert captured.out.count("optimizer step skipped, weights unchanged") == 3
     assert "3 steps in a row with a non-finite loss or gradient; saved " in (out / "console.txt").read_text()
     (ckpt,) = (out / "checkpoints").iterdir()
@@ -323,6 +348,18 @@ def test_a_diverging_run_stops_after_max_nonfinite_steps_with_a_checkpoint_of_it
     assert not (out / "peft_adapter").exists()
     finite = _ckpt_state(_one_checkpoint(tmp_path / "one", tiny, args, stopped["global_step"] - 3))[0]
     assert finite.keys() == state[0].keys() and all(torch.equal(finite[k], state[0][k]) for k in finite)
+
+
+def test_a_diverging_demo_stops_with_advice_the_demo_can_take(tiny, tmp_path, capsys):
+    """The demo stopped a diverging arm with train's advice ("Resume with a lower learning rate ... or raise
+    max_nonfinite_steps"): the demo has neither --resume nor --max-nonfinite-steps. It names the arm and --lrs."""
+    args = _demo_args(tiny, tmp_path / "demo", "--no-baseline")
+    i = args.index("--lrs")
+    args[i + 1:i + 4] = ["1e30"] * 3
+    assert main(args) == 1
+    err = _err(capsys)
+    assert err == ("unified-lora: error: Unified LoRA: 10 steps in a row (to step 10) had a non-finite loss or "
+                   "gradient and were skipped, so the demo stops; run it again with lower learning rates (--lrs)")
 
 
 def _one_checkpoint(out, tiny, args, steps) -> Path:

@@ -372,7 +372,8 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
     """One demo arm: fresh model (same seed), `cfg.steps` steps with the shock, three dev evaluations."""
     from .trace import read_trace
     from .data import glue_metrics
-    from .training import Run, check_row_length, evaluate, iterate, load_model, predict, resolve_device, seed_everything
+    from .training import (DivergedError, Run, check_row_length, evaluate, iterate, load_model, predict, resolve_device,
+                           seed_everything)
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     seed_everything(cfg.seed)
@@ -397,7 +398,14 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
         if cfg.has_shock and step == cfg.shock_end:
             say(f">>> RECOVERY @ step {step}")
         t = time.perf_counter()
-        loss = run.train_step(batch)
+        try:
+            loss = run.train_step(batch)
+        except DivergedError:  # (its advice is train's: --resume, --max-nonfinite-steps, which the demo has not)
+            bar.close()
+            run.ctrl.close()
+            raise DivergedError(f"{label}: {run.state.nonfinite_in_a_row} steps in a row (to step {step}) had a "
+                                "non-finite loss or gradient and were skipped, so the demo stops; run it again with "
+                                "lower learning rates (--lrs)") from None
         train_s += time.perf_counter() - t
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
@@ -815,7 +823,7 @@ def cmd_train(args) -> int:
         run.ctrl.close()
         say(f"aborted; the last complete checkpoint is kept under {ckpt_root}")
         return 130
-    except DivergedError as e:  # the skipped steps left the weights as they were: worth a checkpoint to resume from
+    except DivergedError:  # the skipped steps left the weights as they were: worth a checkpoint to resume from
         bar.close()
         path = _save(f"step-{run.state.global_step}")
         run.ctrl.close()

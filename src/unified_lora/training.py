@@ -927,8 +927,11 @@ class Run:
                     [p.grad for p in trainable_parameters(self.model) if p.grad is not None])
             finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf/NaN gradient
             self.scaler.update()
+            # a skipped step lowered the scale (as accelerate reads it): counted as fp32's skipped steps are
+            finite = finite and self.scaler.get_scale() >= scale
         elif finite:  # a NaN/inf gradient would make every weight it reaches (and AdamW's moments) NaN for good
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -945,7 +948,8 @@ class Run:
             return
         st.skipped_steps += 1
         st.nonfinite_in_a_row += 1
-        what = f"loss {loss}" if not math.isfinite(loss) else "gradient norm (loss finite)"
+        what = (f"loss {loss}" if not math.isfinite(loss) else "gradient norm (loss finite)" if self.scaler is None
+                else f"gradient (loss finite; GradScaler's scale lowered to {self.scaler.get_scale():g})")
         if self.print_fn is not None:
             self.print_fn(f"step {step}: non-finite {what}; optimizer step skipped, weights unchanged "
                           f"({st.nonfinite_in_a_row} in a row, {st.skipped_steps} in the run)")
@@ -954,7 +958,8 @@ class Run:
             raise DivergedError(f"{st.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
                                 f"gradient and were skipped, so the run stops: the weights are those of step "
                                 f"{step + 1 - st.nonfinite_in_a_row}. Resume with a lower learning rate (--lrs / --lr), "
-                                f"check the data, or raise max_nonfinite_steps (0 = never stop)")
+                                f"check the data, or raise --max-nonfinite-steps (max_nonfinite_steps; 0 = never "
+                                f"stop)")
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, root: str | os.PathLike, tag: str, peft_export: bool | None = None) -> Path:
