@@ -222,33 +222,49 @@ def test_an_fp16_run_saves_its_grad_scaler_and_a_resume_goes_on_with_it_bit_for_
     assert _same(resumed, whole) and resumed[1]["grad_scaler"] == whole[1]["grad_scaler"]
 
 
+def _run_after_one_step(print_fn=None, **cfg):
+    """A Run of the tiny BERT on the CPU (TrainConfig `cfg`) after one step on a batch; (run, batch)."""
+    from unified_lora.training import Run, TrainConfig
+
+    run = Run(TrainConfig(device="cpu", log_every=0, **cfg), tiny_bert(), "seq-cls", 2, None, print_fn=print_fn)
+    x, y = classification_batch(8, 10)
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
+    run.train_step(batch)
+    return run, batch
+
+
+def _weights_and_moments(run):
+    """A copy of the trainable weights and of AdamW's first moments of those it has stepped, to compare later."""
+    from unified_lora.model import trainable_parameters
+
+    ps = trainable_parameters(run.model)
+    stepped = [p for p in ps if p in run.optimizer.state]
+    return ([p.detach().clone() for p in ps], [run.optimizer.state[p]["exp_avg"].clone() for p in stepped])
+
+
+def _assert_left_alone(run, saved) -> None:
+    """Neither a weight nor a moment changed since `_weights_and_moments`."""
+    now = _weights_and_moments(run)
+    assert saved[1] and all(torch.equal(a, b) for old, new in zip(saved, now) for a, b in zip(old, new))
+
+
 def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_leaves_the_weights_alone():
     """GradScaler's inf check: a gradient with an inf entry (as an fp16 overflow makes) skips optimizer.step, so
     neither the weights nor AdamW's moments change, and the scale halves; the next step trains as usual. The step
     still counts (the trace, --steps), as in Hugging Face's Trainer."""
-    from unified_lora.model import trainable_parameters
-    from unified_lora.training import Run, TrainConfig
-
-    run = Run(TrainConfig(precision="fp16", device="cpu", controller=False, log_every=0), tiny_bert(), "seq-cls", 2,
-              None, print_fn=None)
-    x, y = classification_batch(8, 10)
-    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
-    run.train_step(batch)
-    ps = trainable_parameters(run.model)
-    before = [p.detach().clone() for p in ps]
-    stepped = [p for p in ps if p in run.optimizer.state]
-    moments = [run.optimizer.state[p]["exp_avg"].clone() for p in stepped]
+    run, batch = _run_after_one_step(precision="fp16", controller=False)
+    saved = _weights_and_moments(run)
     scale = run.scaler.get_scale()
     hook = run.ctrl.extra_params[0].register_hook(lambda g: torch.full_like(g, float("inf")))  # the head's weight
     loss = run.train_step(batch)
     hook.remove()
     assert torch.isfinite(torch.tensor(loss))
-    assert all(torch.equal(p, w) for p, w in zip(ps, before))
-    assert stepped and all(torch.equal(run.optimizer.state[p]["exp_avg"], m) for p, m in zip(stepped, moments))
+    _assert_left_alone(run, saved)
     assert run.scaler.get_scale() == scale / 2 and run.state.global_step == 2
     assert (run.state.skipped_steps, run.state.nonfinite_in_a_row) == (1, 1)  # counted, as fp32's skips are
     run.train_step(batch)
-    assert all(torch.isfinite(p).all() for p in ps) and any(not torch.equal(p, w) for p, w in zip(ps, before))
+    now = _weights_and_moments(run)[0]
+    assert all(torch.isfinite(p).all() for p in now) and any(not torch.equal(p, w) for p, w in zip(now, saved[0]))
     assert (run.state.skipped_steps, run.state.nonfinite_in_a_row) == (1, 0)
 
 
@@ -256,14 +272,10 @@ def test_an_fp16_run_whose_gradients_stay_non_finite_stops_after_max_nonfinite_s
     """GradScaler skipped every fp16 step whose gradient held a NaN, but the run counted none of them
     (`skipped_steps` 0) and never stopped: it halved the scale at each step and trained nothing to its end, exit 0,
     where fp32 stops after `max_nonfinite_steps`. Each step GradScaler skips now counts, and K in a row stop it."""
-    from unified_lora.training import DivergedError, Run, TrainConfig
+    from unified_lora.training import DivergedError
 
     said = []
-    run = Run(TrainConfig(precision="fp16", device="cpu", controller=False, log_every=0, max_nonfinite_steps=3),
-              tiny_bert(), "seq-cls", 2, None, print_fn=said.append)
-    x, y = classification_batch(8, 10)
-    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
-    run.train_step(batch)
+    run, batch = _run_after_one_step(said.append, precision="fp16", controller=False, max_nonfinite_steps=3)
     run.ctrl.extra_params[0].register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
     run.train_step(batch)
     run.train_step(batch)
@@ -293,19 +305,9 @@ def test_a_step_with_a_non_finite_loss_or_gradient_is_skipped_and_leaves_the_wei
     clipping (which spreads the NaN to every gradient) into AdamW, and every trainable weight and moment was NaN from
     then on. The step is now skipped as GradScaler skips an fp16 overflow: weights and moments unchanged, the step
     counted, the console told; the next finite step trains."""
-    from unified_lora.model import trainable_parameters
-    from unified_lora.training import Run, TrainConfig
-
     said = []
-    run = Run(TrainConfig(precision=precision, device="cpu", log_every=0), tiny_bert(), "seq-cls", 2, None,
-              print_fn=said.append)
-    x, y = classification_batch(8, 10)
-    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}
-    run.train_step(batch)
-    ps = trainable_parameters(run.model)
-    before = [p.detach().clone() for p in ps]
-    stepped = [p for p in ps if p in run.optimizer.state]
-    moments = [run.optimizer.state[p]["exp_avg"].clone() for p in stepped]
+    run, batch = _run_after_one_step(said.append, precision=precision)
+    saved = _weights_and_moments(run)
     head = run.ctrl.extra_params[0]  # the classifier's weight
     if where == "loss":  # the logits of one row NaN, so the batch's mean loss is NaN
         hook = run.model.classifier.register_forward_hook(lambda m, a, out: out.index_fill(0, torch.tensor([0]),
@@ -315,14 +317,14 @@ def test_a_step_with_a_non_finite_loss_or_gradient_is_skipped_and_leaves_the_wei
     loss = run.train_step(batch)
     hook.remove()
     assert torch.isfinite(torch.tensor(loss)) == (where == "gradient")
-    assert all(torch.equal(p, w) for p, w in zip(ps, before))
-    assert stepped and all(torch.equal(run.optimizer.state[p]["exp_avg"], m) for p, m in zip(stepped, moments))
+    _assert_left_alone(run, saved)
     assert (run.state.global_step, run.state.skipped_steps, run.state.nonfinite_in_a_row) == (2, 1, 1)
     assert said[-1].startswith(f"step 1: non-finite {'loss nan' if where == 'loss' else 'gradient norm (loss finite)'}"
                                "; optimizer step skipped, weights unchanged (1 in a row, 1 in the run)")
     run.train_step(batch)
     assert run.state.nonfinite_in_a_row == 0 and run.state.skipped_steps == 1
-    assert all(torch.isfinite(p).all() for p in ps) and any(not torch.equal(p, w) for p, w in zip(ps, before))
+    now = _weights_and_moments(run)[0]
+    assert all(torch.isfinite(p).all() for p in now) and any(not torch.equal(p, w) for p, w in zip(now, saved[0]))
 
 
 def test_a_diverging_run_stops_after_max_nonfinite_steps_with_a_checkpoint_of_its_last_finite_weights(tiny, tmp_path,

@@ -212,6 +212,18 @@ def _f1_verdict(summary: dict) -> dict | None:
     return out
 
 
+def _vs_majority_tail(at: list[str], near: list[str], metric: str = "") -> str:
+    """The end of a verdict's line against the majority class: the arms `at` it or below, those `near` it (above,
+    within the noise); `metric` ("F1 of class 1 ") names what they score, where it is not accuracy."""
+    tail = ""
+    if at:
+        tail += (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better {metric}than always predicting "
+                 "the majority class")
+    if near:
+        tail += f"; {' and '.join(near)} {'are' if len(near) > 1 else 'is'} above it within noise only"
+    return tail
+
+
 def _f1_verdict_lines(summary: dict, label: dict) -> list[str]:
     """The F1 half of the demo's verdict (`_f1_verdict`), or a line saying an older summary.json cannot have it."""
     t = _f1_verdict(summary)
@@ -257,14 +269,9 @@ def _f1_verdict_lines(summary: dict, label: dict) -> list[str]:
         maj = next(iter(vm.values()))["f1_b"]
         vs = ", ".join(f"{label[k]} {r['diff']:+.3f} ({r['rows_differ']} row{'' if r['rows_differ'] == 1 else 's'} "
                        f"predicted differently, p={r['p']:.3g})" for k, r in vm.items())
-        at = [label[k] for k, r in vm.items() if r["diff"] <= 0]
-        near = [label[k] for k, r in vm.items() if r["diff"] > 0 and r["p"] >= VERDICT_ALPHA]
-        tail = ""
-        if at:
-            tail += (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better {short} than "
-                     "always predicting the majority class")
-        if near:
-            tail += f"; {' and '.join(near)} {'are' if len(near) > 1 else 'is'} above it within noise only"
+        tail = _vs_majority_tail([label[k] for k, r in vm.items() if r["diff"] <= 0],
+                                 [label[k] for k, r in vm.items() if r["diff"] > 0 and r["p"] >= VERDICT_ALPHA],
+                                 f"{short} ")
         out.append(f"  {short} vs the majority class ({maj:.3f}), by the same test: {vs}{tail}.")
     return out
 
@@ -329,21 +336,13 @@ def _demo_verdict(summary: dict) -> list[str]:
         vm = paired["vs_majority"]
         vs = ", ".join(f"{label[k]} {t['b'] - t['c']:+d} of {n} rows ({t['b']} right only by it, {t['c']} only by "
                        f"the majority class, p={t['p']:.3g})" for k, t in vm.items())
-        at = [label[k] for k, t in vm.items() if t["b"] <= t["c"]]
-        near = [label[k] for k, t in vm.items() if t["b"] > t["c"] and t["p"] >= VERDICT_ALPHA]
-        tail = ""
-        if at:
-            tail += (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better than always predicting the "
-                     "majority class")
-        if near:
-            tail += f"; {' and '.join(near)} {'are' if len(near) > 1 else 'is'} above it within noise only"
+        tail = _vs_majority_tail([label[k] for k, t in vm.items() if t["b"] <= t["c"]],
+                                 [label[k] for k, t in vm.items() if t["b"] > t["c"] and t["p"] >= VERDICT_ALPHA])
         out.append(f"  vs the majority class ({maj:.3f}): {vs}{tail}.")
     elif maj is not None:
         at = [label[k] for k, a in acc.items() if a is not None and round((a - maj) * n) <= 0]
         vs = ", ".join(f"{label[k]} {rows(a - maj)}" for k, a in acc.items() if a is not None)
-        tail = (f"; {' and '.join(at)} score{'' if len(at) > 1 else 's'} no better than always predicting the "
-                "majority class" if at else "")
-        out.append(f"  vs the majority class ({maj:.3f}): {vs}{tail}.")
+        out.append(f"  vs the majority class ({maj:.3f}): {vs}{_vs_majority_tail(at, [])}.")
     return out + _f1_verdict_lines(summary, label)
 
 
