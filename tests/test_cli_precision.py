@@ -261,7 +261,8 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_leaves_the_weights
     assert torch.isfinite(torch.tensor(loss))
     _assert_left_alone(run, saved)
     assert run.scaler.get_scale() == scale / 2 and run.state.global_step == 2
-    assert (run.state.skipped_steps, run.state.nonfinite_in_a_row) == (1, 1)  # counted, as fp32's skips are
+    # counted as fp32's skips are, but not toward --max-nonfinite-steps: the scale (32768) is still >= 1
+    assert (run.state.skipped_steps, run.state.nonfinite_in_a_row) == (1, 0)
     run.train_step(batch)
     now = _weights_and_moments(run)[0]
     assert all(torch.isfinite(p).all() for p in now) and any(not torch.equal(p, w) for p, w in zip(now, saved[0]))
@@ -271,19 +272,24 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_leaves_the_weights
 def test_an_fp16_run_whose_gradients_stay_non_finite_stops_after_max_nonfinite_steps():
     """GradScaler skipped every fp16 step whose gradient held a NaN, but the run counted none of them
     (`skipped_steps` 0) and never stopped: it halved the scale at each step and trained nothing to its end, exit 0,
-    where fp32 stops after `max_nonfinite_steps`. Each step GradScaler skips now counts, and K in a row stop it."""
+    where fp32 stops after `max_nonfinite_steps`. Each step GradScaler skips now counts; the overflows of its
+    calibration (scale 65536 halving down to 1) do not count toward the limit, those below scale 1 do, and K of them in
+    a row stop the run: 16 halvings, then 3."""
     from unified_lora.training import DivergedError
 
     said = []
     run, batch = _run_after_one_step(said.append, precision="fp16", controller=False, max_nonfinite_steps=3)
     run.ctrl.extra_params[0].register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
-    run.train_step(batch)
-    run.train_step(batch)
+    for _ in range(16 + 2):
+        run.train_step(batch)
+    assert said[0] == ("step 1: non-finite gradient (loss finite; GradScaler's scale lowered to 32768); optimizer step "
+                       "skipped, weights unchanged (GradScaler finding its scale: not counted toward "
+                       "--max-nonfinite-steps, 1 in the run)")
     with pytest.raises(DivergedError, match="3 steps in a row"):
         run.train_step(batch)
-    assert (run.state.global_step, run.state.skipped_steps) == (4, 3)
-    assert said[-1] == ("step 3: non-finite gradient (loss finite; GradScaler's scale lowered to 8192); optimizer "
-                        "step skipped, weights unchanged (3 in a row, 3 in the run)")
+    assert (run.state.global_step, run.state.skipped_steps) == (20, 19)
+    assert said[-1] == ("step 19: non-finite gradient (loss finite; GradScaler's scale lowered to 0.125); optimizer "
+                        "step skipped, weights unchanged (3 in a row, 19 in the run)")
 
 
 def test_demo_takes_device_and_precision_and_keeps_its_cpu_default(tiny, tmp_path, capsys):

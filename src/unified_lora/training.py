@@ -941,18 +941,26 @@ class Run:
 
     def _count_nonfinite(self, finite: bool, loss: float, step: int) -> None:
         """Count a step skipped for a non-finite loss or gradient, say so, and stop the run (DivergedError) at
-        `cfg.max_nonfinite_steps` such steps in a row."""
+        `cfg.max_nonfinite_steps` such steps in a row. An fp16 step GradScaler skipped for a gradient that overflowed
+        while its scale is still >= 1 is counted but not toward that limit: that is how GradScaler finds its scale
+        (from 65536, halving at each overflow), not a sign of divergence; a gradient that still overflows at a scale
+        below 1 is larger than fp16 holds unscaled, and counts."""
         st = self.state
         if finite:
             st.nonfinite_in_a_row = 0
             return
         st.skipped_steps += 1
-        st.nonfinite_in_a_row += 1
-        what = (f"loss {loss}" if not math.isfinite(loss) else "gradient norm (loss finite)" if self.scaler is None
-                else f"gradient (loss finite; GradScaler's scale lowered to {self.scaler.get_scale():g})")
+        scale = self.scaler.get_scale() if self.scaler is not None else None
+        calibrating = math.isfinite(loss) and scale is not None and scale >= 1.0
+        if not calibrating:
+            st.nonfinite_in_a_row += 1
+        what = (f"loss {loss}" if not math.isfinite(loss) else "gradient norm (loss finite)" if scale is None
+                else f"gradient (loss finite; GradScaler's scale lowered to {scale:g})")
+        count = ("GradScaler finding its scale: not counted toward --max-nonfinite-steps" if calibrating
+                 else f"{st.nonfinite_in_a_row} in a row")
         if self.print_fn is not None:
             self.print_fn(f"step {step}: non-finite {what}; optimizer step skipped, weights unchanged "
-                          f"({st.nonfinite_in_a_row} in a row, {st.skipped_steps} in the run)")
+                          f"({count}, {st.skipped_steps} in the run)")
         limit = self.cfg.max_nonfinite_steps
         if limit and st.nonfinite_in_a_row >= limit:
             raise DivergedError(f"{st.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
