@@ -375,3 +375,18 @@ def _one_checkpoint(out, tiny, args, steps) -> Path:
     assert main([*args[:args.index("--output-dir")], "--output-dir", str(out),
                  *args[args.index("--output-dir") + 2:], "--steps", str(steps)]) == 0
     return out / "checkpoints" / f"step-{steps}"
+
+
+def test_a_run_that_never_stops_for_non_finite_steps_counts_them_in_its_summary_and_report(tiny, tmp_path, capsys):
+    """`--max-nonfinite-steps 0`: the run goes on to its end, skipping every non-finite step; summary.json and
+    `report` say how many were skipped."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "6", "--lrs", "1e30", "1e30", "1e30",
+                            "--max-nonfinite-steps", "0")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    skipped = summary["skipped_steps"]
+    assert skipped >= 4 and summary["arms"]["run"]["skipped_steps"] == skipped
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert (f"Unified LoRA: {skipped} optimizer step(s) skipped for a non-finite loss or gradient"
+            in capsys.readouterr().out)

@@ -100,6 +100,9 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{arm.get('label', name)}: φ {first}={phi['pre_shock']:.3f}  peak={phi['peak']:.3f} "
                          f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode={phi['final_mode']}  "
                          f"mean rank={phi['mean_rank']:.2f}  steps per mode={phi['steps_in_mode']}")
+        if arm.get("skipped_steps"):
+            lines.append(f"  {arm.get('label', name)}: {arm['skipped_steps']} optimizer step(s) skipped for a "
+                         "non-finite loss or gradient")
         for m in arm.get("mirror", []):
             what = "restored the entry snapshot" if m["snapshot"] == "restored" else "kept the new weights"
             lines.append(f"  Mirror exit @ step {m['step']}: {what} ({_mirror_reason(m, summary)})")
@@ -858,6 +861,7 @@ def cmd_train(args) -> int:
         "wall_s": run.wall_s(),
         **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
     }
+    summary["arms"]["run"]["skipped_steps"] = run.state.skipped_steps  # (report prints it per arm, as for a demo)
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if trace:
         plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
