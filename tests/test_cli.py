@@ -1353,14 +1353,13 @@ def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for
     assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"] and len(sa["arms"]["run"]["eval"]) == 2
 
 
-@pytest.mark.parametrize("command", ["train", "demo"])
-def test_under_torchrun_with_two_processes_train_and_demo_refuse_before_writing_anything(tiny, tmp_path, command):
+def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(tiny, tmp_path):
     """torchrun started two copies of the whole run, on all the data, into one --output-dir: one refused the other's
     first checkpoint as "a previous run" (exit 2) while the other finished, and with --overwrite they deleted each
-    other's files. Every process now refuses at once, saying what to launch instead, and writes nothing."""
-    out = tmp_path / "run"
-    args = (_train_args(tiny, out, "--steps", "4") if command == "train" else
-            _demo_args(tiny, out, "--no-baseline"))
+    other's files. Every process of `demo` now refuses at once, saying what to launch instead, and writes nothing.
+    (`train` runs under torchrun, with DDP: test_cli_ddp.py.)"""
+    out, command = tmp_path / "run", "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "unified_lora.cli", *args], capture_output=True, text=True, timeout=300, env=env,
@@ -1370,7 +1369,7 @@ def test_under_torchrun_with_two_processes_train_and_demo_refuse_before_writing_
     # each process refuses in its own words, but torchrun stops the other worker once the first has failed, so on
     # a loaded machine the slower one may be stopped before it gets to say so
     assert 1 <= p.stderr.count(refusal) <= 2, p.stderr[-3000:]
-    assert "examples/ddp_torchrun.py" in p.stderr
+    assert "examples/ddp_torchrun.py" in p.stderr and "$(which unified-lora) train" in p.stderr
     assert not out.exists()
 
 

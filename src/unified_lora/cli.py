@@ -39,14 +39,18 @@ DEMO_LOSS_SCALE = 0.3  # see the --loss-scale help and the README: MRPC's flip s
 
 
 class _Console:
-    """Prints above the tqdm bar and keeps a copy of every line (written to console.txt)."""
+    """Prints above the tqdm bar and keeps a copy of every line (written to console.txt). `quiet`: neither (a
+    train process other than torchrun's process 0)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.lines: list[str] = []
+        self.quiet = quiet
 
     def __call__(self, line: str = "") -> None:
         from tqdm import tqdm
 
+        if self.quiet:
+            return
         self.lines.append(line)
         tqdm.write(line, file=sys.stdout)
 
@@ -54,11 +58,11 @@ class _Console:
         write_text_atomically(path, "\n".join(self.lines) + "\n")
 
 
-def _bar(total: int, initial: int = 0, desc: str = ""):
+def _bar(total: int, initial: int = 0, desc: str = "", disable: bool = False):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                file=sys.stderr, disable=None)  # disable=None: no bar when stderr is not a terminal
+                file=sys.stderr, disable=True if disable else None)  # None: no bar when stderr is not a terminal
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -434,10 +438,10 @@ def _train_arm(cfg, model_path: str, num_labels: int, enc_train: dict, enc_dev: 
 
 
 def _refuse_multiprocess_launch(command: str) -> None:
-    """`demo` and `train` train in one process. Launched by torchrun or `accelerate launch` with several processes
+    """`demo` trains in one process. Launched by torchrun or `accelerate launch` with several processes
     (WORLD_SIZE > 1), each process ran the whole run on all the data into the same --output-dir at once: the runs
     tripped over each other's files (one refused the other's checkpoints as a previous run) and N processes did one
-    process's work."""
+    process's work. (`train` runs under torchrun: DDP, `cmd_train`.)"""
     from .training import UsageError
 
     world = os.environ.get("WORLD_SIZE", "1")
@@ -445,8 +449,9 @@ def _refuse_multiprocess_launch(command: str) -> None:
         raise UsageError(f"{command}: launched as one of {world} processes (WORLD_SIZE={world}, set by torchrun or "
                          f"accelerate launch), but `{PROG} {command}` trains in one process: each process would run "
                          "the whole run on all the data and write the same --output-dir. Run it without the launcher "
-                         "(or with --nproc_per_node 1, or WORLD_SIZE unset); for data-parallel training use the Python API with DDP or the "
-                         "Hugging Face Trainer (README 'Multi-GPU', examples/ddp_torchrun.py)")
+                         "(or with --nproc_per_node 1, or WORLD_SIZE unset); for data-parallel training use `torchrun "
+                         f"--nproc-per-node N $(which {PROG}) train ...`, the Python API with DDP or the Hugging Face "
+                         "Trainer (README 'Multi-GPU', examples/ddp_torchrun.py)")
 
 
 def cmd_demo(args) -> int:
@@ -579,7 +584,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
 
 
 def _train_config(args) -> "object":
-    from .training import TrainConfig, UsageError, latest_checkpoint, read_state
+    from .training import (TrainConfig, UsageError, check_world_size, latest_checkpoint, on_rank0, read_state,
+                           world_size)
 
     d: dict = {}
     if args.config:
@@ -592,11 +598,14 @@ def _train_config(args) -> "object":
         raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
     ckpt = None
     if args.resume:
-        ckpt = latest_checkpoint(Path(out) / "checkpoints", args.trust_checkpoint)
+        # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
+        ckpt = on_rank0(lambda: latest_checkpoint(Path(out) / "checkpoints", args.trust_checkpoint))
         if ckpt is None:
             raise UsageError(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; "
                              "start without --resume (or pass the run's --output-dir)")
-        stored = read_state(ckpt, args.trust_checkpoint)["config"]
+        st = read_state(ckpt, args.trust_checkpoint)
+        check_world_size(st, ckpt, world_size())  # before the model loads
+        stored = st["config"]
         # the stored run's settings, then whatever is given now; but not its device: a run saved on a GPU resumes on
         # the CPU of a machine without one (and the reverse) with --device auto, the default
         d = {**{k: v for k, v in stored.items() if k != "device"}, **d}
@@ -695,24 +704,61 @@ def _resume_changes(old, new) -> list[str]:
             if norm(k, getattr(old, k)) != norm(k, getattr(new, k))]
 
 
+def _device_spec(args) -> object:
+    """The --device a train run asks for (the flag, else its --config's `device`, else auto), before the config is
+    read in full: under torchrun the process group, which a resume's checkpoint lookup needs, is built for it."""
+    if args.device is not None:
+        return args.device
+    return _read_config(args.config).get("device", "auto") if args.config else "auto"
+
+
 def cmd_train(args) -> int:
-    _refuse_multiprocess_launch("train")
+    """`unified-lora train`; under torchrun (WORLD_SIZE > 1) one of its processes (`_train`'s DDP)."""
+    from .training import init_distributed, launched_processes
+
+    if launched_processes() == 1:
+        return _train(args, {})
+    import gc
+
+    import torch.distributed as dist
+
+    init_distributed(_device_spec(args))
+    held: dict = {}
+    try:
+        return _train(args, held)
+    finally:
+        # torchrun stops the other processes with SIGTERM once one has exited with an error (or 130/143 after a
+        # signal): this one has done its part (its checkpoint is written), and goes on to exit with its own code
+        if _main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # DDP's reducer must go before the process group: gloo's destructor under the last reference it holds can
+        # deadlock at exit (README, Multi-GPU)
+        if held.get("run") is not None:
+            held["run"].ddp = None
+        held.clear()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _train(args, held: dict) -> int:
     import torch
 
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (DivergedError, Run, TextCorpus, UsageError, check_precision, check_row_length,
-                           detect_task_type, device_label, encode_rows, evaluate, export_peft, iterate, load_data, load_model, majority,
-                           prune_step_checkpoints, resolve_device, resolve_model, seed_everything, subsample, take_rows)
+    from .training import (DivergedError, Run, TextCorpus, UsageError, agree_max, check_precision, check_row_length,
+                           detect_task_type, device_label, encode_rows, evaluate_run, export_peft, iterate, load_data,
+                           load_model, majority, on_rank0, process_rank, prune_step_checkpoints, resolve_device,
+                           resolve_model, seed_everything, subsample, take_rows, world_size)
 
     t_start = time.perf_counter()
+    world, main_process = world_size(), process_rank() == 0
     cfg, ckpt = _train_config(args)
     device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
     check_precision(device, cfg.precision)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    say = _Console()
+    say = _Console(quiet=not main_process)  # under torchrun process 0 alone prints (and writes console.txt)
     out = Path(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     task_type = detect_task_type(model_path, cfg.task_type)
@@ -736,30 +782,35 @@ def cmd_train(args) -> int:
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     n_rows = len(enc_train["labels"])
-    per_epoch = math.ceil(math.ceil(n_rows / cfg.batch_size) / cfg.grad_accum)  # optimizer steps
+    # optimizer steps; under torchrun each step's global batch is batch_size rows on each of the processes
+    per_epoch = math.ceil(math.ceil(n_rows / (cfg.batch_size * world)) / cfg.grad_accum)
     total = cfg.steps or cfg.epochs * per_epoch
     if cfg.has_shock and cfg.shock_end > total:  # (with --steps TrainConfig checks it; with epochs only now)
         raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
                          f"{cfg.shock_end}; the summary reported a shock on steps that never ran")
-    held = _run_outputs(out) if ckpt is None else []
-    if held and not args.overwrite:
-        raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held)}); pass --resume to continue "
-                         "it, --overwrite to replace it, or another --output-dir")
+    held_outputs = on_rank0(lambda: _run_outputs(out)) if ckpt is None else []
+    if held_outputs and not args.overwrite:
+        raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held_outputs)}); pass --resume to "
+                         "continue it, --overwrite to replace it, or another --output-dir")
     trace_path = out / "trace.jsonl"
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
-    run = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say, append_trace=ckpt is not None,
-              classes=classes)
+    run = held["run"] = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say,
+                            append_trace=ckpt is not None, classes=classes)
     run.started = t_start
-    if held:  # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found):
-        # now the previous run's outputs go. They went before Run, and a --target-modules that matched nothing
-        # deleted the previous run and then failed. The trace stays: the new run's writer empties it at its first step.
+
+    def _clear_previous_run() -> None:
+        # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found): now the
+        # previous run's outputs go. They went before Run, and a --target-modules that matched nothing deleted the
+        # previous run and then failed. The trace stays: the new run's writer empties it at its first step.
         for name in _RUN_OUTPUTS:
             p = out / name
-            if name != "trace.jsonl":
+            if name != "trace.jsonl" and held_outputs:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+
+    on_rank0(_clear_previous_run)
     if ckpt is not None:
         run.load_checkpoint(ckpt, args.trust_checkpoint)
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
@@ -769,6 +820,11 @@ def cmd_train(args) -> int:
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")
     say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")
+    if world > 1:
+        import torch.distributed as dist
+
+        say(f"DDP: {world} processes ({dist.get_backend()}), --batch-size {cfg.batch_size} rows on each: "
+            f"{world * cfg.batch_size * cfg.grad_accum} rows per optimizer step")
     ckpt_root = out / "checkpoints"
     stop: dict = {"signal": None}
     last_save: dict = {"step": None, "path": None}
@@ -785,19 +841,19 @@ def cmd_train(args) -> int:
             say("SIGTERM: finishing this step, then saving a resumable checkpoint")
 
     def _save(tag: str) -> Path:
-        path = run.save_checkpoint(ckpt_root, tag)  # + PEFT format if cfg.peft_every_checkpoint
+        path = run.save_checkpoint(ckpt_root, tag)  # + PEFT format if cfg.peft_every_checkpoint (DDP: process 0)
         last_save.update(step=run.state.global_step, path=path)
         if tag.startswith("step-"):  # only now, with the new one complete, do the oldest step-N ones beyond K go
-            prune_step_checkpoints(ckpt_root, cfg.save_total_limit)
+            on_rank0(lambda: prune_step_checkpoints(ckpt_root, cfg.save_total_limit))
         return path
 
     handled = (signal.SIGINT, signal.SIGTERM)
     old_handlers = {s: signal.signal(s, _on_signal) for s in handled} if _main_thread() else {}
-    bar = _bar(total, run.state.global_step, desc="train")
+    bar = _bar(total, run.state.global_step, desc="train", disable=not main_process)
     try:
         for epoch, batch in iterate(run, enc_train, total, cfg.epochs if not cfg.steps else 10**9, per_epoch):
             if batch is None:  # end of an epoch: evaluate, checkpoint
-                m = evaluate(model, enc_dev, task_type, task, precision=cfg.precision)
+                m = evaluate_run(run, enc_dev, task)
                 run.state.evals.append({"epoch": epoch + 1, "step": run.state.global_step, **m})
                 say(f"epoch {epoch + 1} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
                 _save(f"epoch-{epoch + 1}")
@@ -809,7 +865,14 @@ def cmd_train(args) -> int:
                 if (cfg.save_steps and run.state.global_step % cfg.save_steps == 0
                         and run.state.step_in_epoch < per_epoch and run.state.global_step < total):
                     _save(f"step-{run.state.global_step}")
-            if stop["signal"] is not None:
+            # under torchrun each process gets the signal (torchrun passes it on) at its own point in a step: they
+            # stop together, after the first step that ended with it on any process (SIGTERM's number, if both). (A
+            # signal that lands during this all-reduce is in the next one: the handler's flag is never overwritten.)
+            agreed = agree_max(stop["signal"] or 0)
+            if agreed:
+                if stop["signal"] is None:
+                    say(f"{signal.Signals(agreed).name} on another process: saving a resumable checkpoint")
+                stop["signal"] = agreed
                 break
         bar.close()
         if stop["signal"] is not None:  # (the handlers stay: a repeated SIGTERM must not kill this save)
@@ -817,8 +880,8 @@ def cmd_train(args) -> int:
                     _save(f"step-{run.state.global_step}"))
             run.ctrl.close()
             # quoted: a folder name with a space made the printed command resume another (missing) folder
-            say(f"saved {path}; continue with: {PROG} train --output-dir {shlex.quote(str(out))} --resume")
-            say.save(out / "console.txt")
+            say(f"saved {path}; continue with: {_resume_command(out, world)}")
+            on_rank0(lambda: say.save(out / "console.txt"))
             return 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports those signals
     except KeyboardInterrupt:
         bar.close()
@@ -830,49 +893,63 @@ def cmd_train(args) -> int:
         path = _save(f"step-{run.state.global_step}")
         run.ctrl.close()
         say(f"stopped at step {run.state.global_step}: {run.state.nonfinite_in_a_row} steps in a row with a non-finite "
-            f"loss or gradient; saved {path}; once the cause is fixed, continue with: {PROG} train --output-dir "
-            f"{shlex.quote(str(out))} --resume --lrs ...")
-        say.save(out / "console.txt")
+            f"loss or gradient; saved {path}; once the cause is fixed, continue with: {_resume_command(out, world)} "
+            "--lrs ...")
+        on_rank0(lambda: say.save(out / "console.txt"))
         raise  # main: the one-line error, exit code 1
     finally:
         for s, h in old_handlers.items():
             if h is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(s, h)
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
-        m = evaluate(model, enc_dev, task_type, task, precision=cfg.precision)
+        m = evaluate_run(run, enc_dev, task)
         run.state.evals.append({"epoch": run.state.epoch + run.state.step_in_epoch / per_epoch,
                                 "step": run.state.global_step, **m})
         say(f"final @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
         _save(f"step-{run.state.global_step}")
     run.ctrl.close()
-    peft_note = export_peft(model, run.adapters, run.ctrl.rank, out / "peft_adapter")
-    say(peft_note or f"PEFT adapter (rank {run.ctrl.rank}): {out / 'peft_adapter'} "
-                     "(loads with peft.PeftModel.from_pretrained(base_model, path))")
-    trace = read_trace(trace_path)
-    summary = {
-        **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
-        "model": model_path, "task_type": task_type, "task": task, "classes": classes,
-        "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
-        "majority": majority(train, dev, task),
-        "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
-        "peft_adapter": None if peft_note else str(out / "peft_adapter"),
-        # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a run of
-        # hours resumed near its end)
-        "wall_s": run.wall_s(),
-        **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
-    }
-    summary["arms"]["run"]["skipped_steps"] = run.state.skipped_steps  # (report prints it per arm, as for a demo)
-    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    if trace:
-        plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
-                   shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
-    say(format_summary(summary))
-    say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}")
-    say.save(out / "console.txt")
-    if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
-        print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
-        return 3
-    return 0
+
+    def _outputs() -> int:  # (under torchrun: process 0 alone)
+        peft_note = export_peft(model, run.adapters, run.ctrl.rank, out / "peft_adapter")
+        say(peft_note or f"PEFT adapter (rank {run.ctrl.rank}): {out / 'peft_adapter'} "
+                         "(loads with peft.PeftModel.from_pretrained(base_model, path))")
+        trace = read_trace(trace_path)
+        summary = {
+            **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
+            "model": model_path, "task_type": task_type, "task": task, "classes": classes,
+            "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
+            "world_size": world, "rows_per_step": world * cfg.batch_size * cfg.grad_accum,
+            "majority": majority(train, dev, task),
+            "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
+            "peft_adapter": None if peft_note else str(out / "peft_adapter"),
+            # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a
+            # run of hours resumed near its end)
+            "wall_s": run.wall_s(),
+            **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
+        }
+        summary["arms"]["run"]["skipped_steps"] = run.state.skipped_steps  # (report prints it per arm, as for a demo)
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        if trace:
+            plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
+                       shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
+        say(format_summary(summary))
+        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}")
+        say.save(out / "console.txt")
+        if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
+            print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
+            return 3
+        return 0
+
+    return on_rank0(_outputs)
+
+
+def _resume_command(out: Path, world: int) -> str:
+    """The command that continues a run in `out` (quoted: a folder name with a space made the printed command resume
+    another, missing, folder); under torchrun, with as many processes."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    launch = PROG if world == 1 else (f"torchrun --nproc-per-node {world} $(which {PROG})" if per_node == str(world)
+                                      else f"torchrun ({world} processes, as now) $(which {PROG})")
+    return f"{launch} train --output-dir {shlex.quote(str(out))} --resume"
 
 
 def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int) -> dict:
@@ -1098,7 +1175,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a sequence-classification or causal-LM model. Options come from "
                                    "--config (YAML with TrainConfig keys) and are overridden by flags. Ctrl-C or "
                                    "SIGTERM (a scheduler's preemption notice) finishes the step, saves a resumable "
-                                   "checkpoints/step-N and exits with code 130 or 143; continue with --resume.")
+                                   "checkpoints/step-N and exits with code 130 or 143; continue with --resume. "
+                                   "Under torchrun (torchrun --nproc-per-node N $(which unified-lora) train ...) it "
+                                   "trains with DDP, --batch-size rows on each process.")
     t.add_argument("--config", help="YAML file with TrainConfig keys (model, data, epochs, ...)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir "
@@ -1122,7 +1201,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-column", help="table label column (default: label)")
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
     t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")
-    t.add_argument("--batch-size", type=int, help="default 16")
+    t.add_argument("--batch-size", type=int, help="rows per batch; under torchrun, on each process (default 16)")
     t.add_argument("--grad-accum", type=int, help="micro-batches of --batch-size per optimizer step: a step sees "
                    "grad-accum x batch-size rows (default 1)")
     t.add_argument("--device", help="auto (default: cuda where torch sees a GPU, else cpu), cpu, cuda, cuda:N or mps")

@@ -82,7 +82,7 @@ class TrainConfig:
     dev_fraction: float = 0.1  # held out from `data` when there is no dev set
     dev_size: int = 0  # >0: evaluate on a fixed-seed subsample of this many dev rows
     max_length: int = 64
-    batch_size: int = 16
+    batch_size: int = 16  # rows per batch; under torchrun (DDP), on each process
     epochs: int = 1
     steps: int = 0  # >0: stop after this many optimizer steps (overrides epochs)
     seed: int = 0
@@ -262,8 +262,10 @@ def resolve_device(spec: str) -> torch.device:
     if not isinstance(spec, str) or not re.fullmatch(DEVICE_FORM, spec):
         raise UsageError(f"--device {spec}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
+    if dev.type == "cuda" and dev.index is None and world_size() > 1:  # under torchrun: LOCAL_RANK's GPU
+        return torch.device("cuda", torch.cuda.current_device())  # (`init_distributed` set it)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {spec}: CUDA is not available on this machine")
@@ -281,6 +283,94 @@ def device_label(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(device)
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+
+def world_size() -> int:
+    """The number of processes of the initialised process group (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launched_processes() -> int:
+    """WORLD_SIZE as torchrun (or accelerate launch) sets it; 1 outside such a launcher."""
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    return int(world) if world.isdigit() and int(world) > 0 else 1
+
+
+def init_distributed(spec: str) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): this process's device and its process group, from the launcher's environment
+    (RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `--device auto` or `cuda` is the GPU of LOCAL_RANK, with NCCL; `cpu`
+    (or auto without a GPU) takes gloo. A device torchrun's processes cannot share (cuda:N: every process on one GPU;
+    mps) is a UsageError, before the process group is built."""
+    import torch.distributed as dist
+
+    dev = resolve_device(spec)
+    if dev.type == "mps":
+        raise UsageError(f"--device {spec}: several processes (torchrun) train on cuda or cpu only; pass --device "
+                         "cpu, or run one process")
+    if dev.type == "cuda":
+        if spec not in ("auto", "cuda"):
+            raise UsageError(f"--device {spec}: under torchrun each process trains on the GPU of its LOCAL_RANK; pass "
+                             "--device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise UsageError(f"--device {spec}: LOCAL_RANK {local}, but this machine has {count} CUDA device(s); "
+                             f"start at most {count} processes per machine (--nproc-per-node)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
+    return dev
+
+
+def on_rank0(fn: Callable[[], object]):
+    """`fn()` on process 0 alone, its result (or its exception) handed to every process: what writes the run's files
+    (a checkpoint, the summary) or reads a folder that process 0 may change (`latest_checkpoint` settles an interrupted
+    save). Every process returns the same value or raises the same error, so they go on, or stop, together. Without
+    a process group, `fn()`."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle goes as its words
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def agree_max(value: int) -> int:
+    """The largest of every process's `value` (one all-reduce), `value` itself in one process."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    from .distributed import _device
+
+    t = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def check_precision(device: torch.device, precision: str) -> None:
@@ -774,6 +864,37 @@ def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, bat
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def evaluate_run(run: "Run", enc: dict[str, torch.Tensor], task: str) -> dict:
+    """`evaluate` of the run's model on `enc`. Under DDP each process evaluates its share of the rows (contiguous,
+    as `Run._shares` cuts them) with the bare model, and the shares are combined: a classifier's predictions are
+    gathered in row order and scored once, a causal LM's losses summed by target tokens. Every process gets the same
+    metrics, as one process evaluating every row gives (to float rounding: the rows go through the model in other
+    batches)."""
+    cfg = run.cfg
+    if run.world == 1:
+        return evaluate(run.model, enc, run.task_type, task, precision=cfg.precision)
+    import numpy as np
+    import torch.distributed as dist
+
+    n = len(enc["labels"])
+    lo, hi = n * run.rank // run.world, n * (run.rank + 1) // run.world
+    part = {k: v[lo:hi] for k, v in enc.items()}
+    if run.task_type != "causal-lm":
+        mine = predict(run.model, part, precision=cfg.precision) if hi > lo else np.zeros(0, dtype=np.int64)
+        every: list = [None] * run.world
+        dist.all_gather_object(every, mine)
+        return glue_metrics(task, np.concatenate(every), enc["labels"].numpy())
+    from .distributed import _device
+
+    tokens = int((part["labels"][:, 1:] != -100).sum()) if hi > lo else 0
+    loss = evaluate(run.model, part, run.task_type, task, precision=cfg.precision)["loss"] if tokens else 0.0
+    t = torch.tensor([loss * tokens, tokens], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    total, count = t.tolist()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
 @torch.no_grad()
 def predict(model, enc: dict[str, torch.Tensor], batch_size: int = 64, precision: str = "fp32"):
     """A seq-cls model's predicted class of each row of `enc`, in row order (a numpy array): what `evaluate` scores,
@@ -854,7 +975,19 @@ class Run:
             # held for the whole run, would only grow
             keep_trace=not trace_path)
         if trace_path:
-            self.ctrl.writer = TraceWriter(trace_path, append=append_trace)
+            self.ctrl.writer = TraceWriter(trace_path, append=append_trace)  # (process 0 writes it, under DDP)
+        # under torchrun: DDP around the model with its LoRA blocks in place (DDP takes the parameters it all-reduces
+        # when it wraps), find_unused_parameters=True for the paused blocks (`ddp_kwargs`). `self.model` stays the
+        # bare model (checkpoints, evaluation, export); the training forward runs through `self.ddp`
+        self.world, self.rank, self.ddp = world_size(), process_rank(), None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            from .distributed import check_ddp, ddp_kwargs
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=ids, **ddp_kwargs())
+            check_ddp(self.ddp)
         start_lr = self.ctrl.get_last_lr() if cfg.lr_mode == "absolute" else cfg.lr
         self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=start_lr, weight_decay=cfg.weight_decay)
         self.ctrl.attach_optimizer(self.optimizer)
@@ -895,28 +1028,62 @@ class Run:
         y = batch["labels"]
         return len(y) if self.task_type != "causal-lm" else int((y[:, 1:] != -100).sum())
 
+    def _shares(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Under DDP, a global micro-batch cut into each process's rows: process r takes rows [n·r/N, n·(r+1)/N)
+        (batch_size rows each, but for the epoch's last, shorter batch), each share with its own padding trimmed. A
+        process left without a row (a last batch of fewer rows than processes) gets the batch's first row, which
+        `train_step` weights 0: DDP needs a forward and backward on every process."""
+        n, world = len(batch["labels"]), self.world
+        bounds = [n * r // world for r in range(world + 1)]
+        return [trim_padding({k: v[lo:hi] for k, v in batch.items()}) if hi > lo else None
+                for lo, hi in zip(bounds, bounds[1:])]
+
     def train_step(self, batch: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]]) -> float:
         """One optimizer step on `batch`, or on a list of micro-batches (`grad_accum`), each forward and loss under
         `cfg.precision`'s autocast. A micro-batch's loss is weighted by its share of the step's rows (a causal LM: of
         its target tokens) before its backward, so the summed gradients are those of the mean loss over the step's
         rows (tokens), as one batch of all of them would give, whatever the sizes (the epoch's last, shorter batch).
         Then, once: ctrl.step with that mean loss, clipping, optimizer.step (fp16: unscale first, and
-        GradScaler's step, which skips a step whose gradients overflowed). Returns the step's mean loss."""
+        GradScaler's step, which skips a step whose gradients overflowed). Returns the step's mean loss.
+
+        Under DDP (`self.ddp`) each batch is a global micro-batch, the same on every process: its targets are
+        corrupted in the shock window as one process would (the same draws), then each process trains on its own
+        rows (`_shares`), its loss weighted by N × its share of the step's rows (tokens) over all processes (counted
+        on the host: every process holds the whole batch), so DDP's mean of the gradients is the gradient of the
+        step's mean loss, as one process on all the rows gives. DDP all-reduces once, at the last micro-batch's
+        backward (`no_sync` before it). `ctrl.step` gets this process's weighted loss and all-reduces it: every
+        process reads the step's mean loss (`ctrl.last_loss`), the same number."""
         cfg, step = self.cfg, self.state.global_step
         micro = [self._prepared(b, step) for b in ([batch] if isinstance(batch, dict) else batch)]
-        weights = [self._weight(b) for b in micro] if len(micro) > 1 else [1]  # (counted on the host: no sync)
+        if self.ddp is not None:
+            shares = [self._shares(b) for b in micro]
+            counts = [[self._weight(x) if x is not None else 0 for x in s] for s in shares]
+            total = sum(map(sum, counts)) or 1
+            scales = [self.world * c[self.rank] / total for c in counts]
+            micro = [s[self.rank] if s[self.rank] is not None else {k: v[:1] for k, v in b.items()}
+                     for s, b in zip(shares, micro)]
+        else:
+            weights = [self._weight(b) for b in micro] if len(micro) > 1 else [1]  # (counted on the host: no sync)
+            scales = [w / sum(weights) for w in weights]
+        model = self.ddp if self.ddp is not None else self.model
         mean = None
-        for b, w in zip(micro, weights):
-            with autocast(self.device, cfg.precision):
-                loss = self.model(**_on(b, self.device)).loss
-            if len(micro) > 1:
-                loss = loss * (w / sum(weights))
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        for i, (b, scale) in enumerate(zip(micro, scales)):
+            last = i == len(micro) - 1
+            with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
+                with autocast(self.device, cfg.precision):
+                    loss = model(**_on(b, self.device)).loss
+                if len(micro) > 1 or self.ddp is not None:
+                    loss = loss * scale
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             mean = loss.detach() if mean is None else mean + loss.detach()
         value = mean.item()  # the step's host sync (a second one reads the gradient norm: below)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # ctrl.step reads true gradients, and a restore leaves none to check
         self.ctrl.step(loss=value)  # after backward, before optimizer.step()
+        if self.ddp is not None:
+            # the mean over the processes, the same everywhere: with the norm of DDP's averaged gradients (the same
+            # on every process) it decides the skip below alike on every process, with no further collective
+            value = self.ctrl.last_loss
         norm = None
         if cfg.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.grad_clip)
@@ -976,7 +1143,20 @@ class Run:
         their rename are removed once this one is in place. `peft_export` (default: the config's
         `peft_every_checkpoint`) also writes the adapter in PEFT format into `<tag>/peft/`. A write that fails (disk
         full, no permission) removes the temp folder and raises `CheckpointWriteError`, naming the folder and the
-        cause; the checkpoints already under root stay as they were."""
+        cause; the checkpoints already under root stay as they were.
+
+        Under DDP it is a collective: every process's RNG states are gathered into it (`process_rng`; each process
+        resumes with its own), process 0 writes it, and every process returns its path or raises its error."""
+        rngs = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            rngs = [None] * self.world
+            mine = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+            dist.all_gather_object(rngs, mine)
+        return on_rank0(lambda: self._write_checkpoint(root, tag, peft_export, rngs))
+
+    def _write_checkpoint(self, root, tag: str, peft_export: bool | None, rngs: list | None) -> Path:
         from safetensors.torch import save_file
 
         root = Path(root)
@@ -994,6 +1174,11 @@ class Run:
             state["grad_scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":  # the GPU's generator (dropout on the GPU draws from it)
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        state["world_size"] = self.world  # the processes that trained it: their number fixes each step's rows
+        if rngs is not None:
+            state["process_rng"] = [cpu for cpu, _ in rngs]
+            if self.device.type == "cuda":
+                state["process_cuda_rng"] = [gpu for _, gpu in rngs]
         try:  # only file writes in here: whatever fails is the disk's or the folder's
             root.mkdir(parents=True, exist_ok=True)
             settle_interrupted_saves(root)  # before the sweep below, which would delete a killed save's complete copy
@@ -1044,6 +1229,7 @@ class Run:
 
         path = Path(path)
         st = read_state(path, trust_checkpoint)
+        check_world_size(st, path, self.world)
         # the data's classes, in id order, must be the run's: a label added to or renamed in the --data file changed
         # the sorted ids (a head of another size failed in load_state_dict; one of the same size resumed on swapped
         # labels, silently). Checkpoints written before classes were recorded are not checked
@@ -1082,13 +1268,14 @@ class Run:
         self.state = RunState(**st["run"])
         self._wall_before = self.state.wall_s
         self.shock_gen.set_state(st["shock_gen"])
-        torch.set_rng_state(st["torch_rng"])
+        torch.set_rng_state(st["process_rng"][self.rank] if "process_rng" in st else st["torch_rng"])
         # a run resumed in fp16 from an fp32/bf16 checkpoint starts with a fresh GradScaler
         if self.scaler is not None and st.get("grad_scaler"):
             self.scaler.load_state_dict(st["grad_scaler"])
         # (a checkpoint written on the CPU has none: the GPU's generator stays as the seed left it)
         if self.device.type == "cuda" and st.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
+            gpu = st["process_cuda_rng"][self.rank] if "process_cuda_rng" in st else st["cuda_rng"]
+            torch.cuda.set_rng_state(gpu, self.device)
 
 
 def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:
@@ -1128,6 +1315,21 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
                          f"writes holds {list(STATE_KEYS)}): written by another tool, or edited. Delete that "
                          "checkpoint folder to resume from an older one, or start a new run in another --output-dir")
     return st
+
+
+def check_world_size(st: dict, ckpt, world: int) -> None:
+    """A UsageError where the checkpoint state `st` was written by another number of processes than `world`: each
+    optimizer step's global batch is batch_size × processes rows, so another number would train on other batches from
+    the saved position on (and one process' checkpoints hold no RNG state for the others). Checkpoints written before
+    the number was recorded are a single process's."""
+    saved = st.get("world_size", 1)
+    if saved != world:
+        how = "without torchrun (one process)" if saved == 1 else f"with torchrun --nproc-per-node {saved} (or " \
+              f"{saved} processes over several machines)"
+        raise UsageError(f"--resume {ckpt}: the run was trained by {saved} process(es), and this one has {world}: "
+                         f"each step's rows are split over the processes (the global batch is batch_size x "
+                         f"processes), so another number would train on other batches. Resume it {how}, or start a "
+                         "new run in another --output-dir")
 
 
 def _checkpoint_step(ckpt: Path, trust_checkpoint: bool) -> int:
@@ -1244,10 +1446,11 @@ def iterate(run: Run, enc: dict, steps_total: int, epochs: int, steps_per_epoch:
     """Yield (epoch, micro-batches of one optimizer step) from the run's current position to the end (resume-aware),
     and (epoch, None) at each epoch's end. A step takes `cfg.grad_accum` consecutive batches of the epoch; the last
     step of an epoch whose batch count is no multiple of it takes the batches left (as Hugging Face's Trainer does).
-    `run.state.step_in_epoch` counts optimizer steps."""
+    `run.state.step_in_epoch` counts optimizer steps. Under DDP a batch holds batch_size × `run.world` rows: the
+    global micro-batch, the same on every process, which `Run.train_step` cuts into each process's rows."""
     cfg = run.cfg
     while run.state.global_step < steps_total and run.state.epoch < epochs:
-        epoch_batches = batches(enc, cfg.batch_size, cfg.seed, run.state.epoch)
+        epoch_batches = batches(enc, cfg.batch_size * run.world, cfg.seed, run.state.epoch)  # DDP: global batches
         groups = [epoch_batches[i:i + cfg.grad_accum] for i in range(0, len(epoch_batches), cfg.grad_accum)]
         while run.state.step_in_epoch < len(groups) and run.state.global_step < steps_total:
             group = groups[run.state.step_in_epoch]

@@ -1,0 +1,180 @@
+"""`unified-lora train` under torchrun: DDP over 2 real processes (gloo, CPU), launched as a user launches it
+(`python -m torch.distributed.run --nproc-per-node 2 ...`), on the tiny BERT and GPT-2 of test_cli.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cli
+import test_cli_precision
+from test_cli import _ckpt_state, _same, _train_args
+from unified_lora.cli import main
+from unified_lora.trace import read_trace
+
+tiny = test_cli.tiny  # the tiny BERT, GPT-2 and data files of test_cli.py (a module-scoped fixture)
+without_dropout = test_cli_precision.without_dropout  # the two with dropout off: gradients depend on the rows alone
+CLI = str(Path(sys.executable).parent / "unified-lora")  # the console script, as `$(which unified-lora)`
+# a shock and thresholds that make the controller change mode (test_cli's save_steps test): its decisions are tested
+CONTROLLER = ("--lrs", "1e-2", "5e-3", "1e-3", "--shock-start", "3", "--shock-end", "6", "--shock-type", "random",
+              "--theta0", "0.48", "--theta1", "0.497", "--threads", "1")
+
+
+def _torchrun(*args, entry=("-m", "unified_lora.cli"), nproc: int = 2, wait: bool = True, log: Path | None = None):
+    """`torchrun --nproc-per-node N <entry> train ...` on this machine (gloo on the CPU), as a subprocess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry,
+           *args]
+    if not wait:
+        f = open(log, "w")
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True), f
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+
+
+def _blocks(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "adapter_blocks.safetensors"))
+
+
+def _decisions(trace: list[dict]) -> list[tuple]:
+    return [(r["step"], r["mode"], r["rank"], r.get("transition"), r.get("snapshot")) for r in trace]
+
+
+def _config(tmp_path: Path) -> str:
+    # 7 of the 64 rows held out: 57 train rows, so an epoch's last batch of 8 rows holds 1, and with 2 processes one
+    # of them trains on no row of it (a forward weighted 0)
+    p = tmp_path / "run.yaml"
+    p.write_text("dev_fraction: 0.11\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("model", ["bert", "gpt2"])
+def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both_their_rows(tiny, without_dropout,
+                                                                                           tmp_path, model):
+    """2 processes with --batch-size 4 --grad-accum 2 train on the rows one process takes with --batch-size 8
+    --grad-accum 2, process r on its own half of each global batch: the same batches (the same seed, the same
+    order), the same shock draws, each micro-batch's loss weighted by its rows' (a causal LM: target tokens') share
+    of the step over both processes, so DDP's mean gradient is the one-process gradient. The weights end equal to
+    float rounding (each process trims its own padding), the controller makes the same decisions on the same steps
+    (its trace, written once, by process 0), and one set of outputs is written. The epoch's last global batch has 1
+    row, so process 1 has none: it runs a forward weighted 0."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    data = ["--model", without_dropout[model], "--data", tiny["csv"]]
+    if model == "gpt2":  # rows of 2 to 10 words: their micro-batches hold different numbers of target tokens
+        lm = tmp_path / "lm.csv"
+        lm.write_text("text\n" + "".join(" ".join(test_cli.FILLER[(i + j) % len(test_cli.FILLER)]
+                                                  for j in range(2 + i % 9)) + "\n" for i in range(64)))
+        data = ["--model", without_dropout[model], "--data", str(lm), "--target-modules", "c_attn", "--loss-scale", "4"]
+    common = ("--config", _config(tmp_path), *data, "--max-length", "16", "--epochs", "2", "--grad-accum", "2",
+              "--log-every", "0", *CONTROLLER)
+    assert main(["train", *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
+    p = _torchrun("train", *common, "--batch-size", "4", "--output-dir", str(two))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = read_trace(one / "trace.jsonl"), read_trace(two / "trace.jsonl")
+    assert [r["step"] for r in b] == list(range(8))  # 57 rows: 8 global batches of 8, 2 per step; 2 epochs
+    assert _decisions(b) == _decisions(a)
+    if model == "bert":  # the controller went through a Mirror cycle: its decisions are part of the test
+        assert {"MULTI->MIRROR", "MIRROR->MULTI"} <= {r.get("transition") for r in a}
+    for key in ("loss", "phi"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6)
+    for tag in ("epoch-1", "epoch-2"):
+        wa, wb = _blocks(one / "checkpoints" / tag), _blocks(two / "checkpoints" / tag)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), (tag, k)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (sa["world_size"], sa["rows_per_step"], sb["world_size"], sb["rows_per_step"]) == (1, 16, 2, 16)
+    for point, m in sa["arms"]["run"]["eval"].items():  # the dev evaluation, sharded over the processes
+        assert sb["arms"]["run"]["eval"][point] == pytest.approx(m, rel=1e-4)
+    # one set of outputs, written by process 0: one line per step in the trace, one console
+    assert sorted(x.name for x in two.iterdir()) == sorted(x.name for x in one.iterdir())
+    assert sorted(x.name for x in (two / "checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    console = (two / "console.txt").read_text()
+    assert console.count("unified-lora train:") == 1 and p.stdout.count("unified-lora train:") == 1
+    assert "DDP: 2 processes (gloo), --batch-size 4 rows on each: 16 rows per optimizer step" in console
+    st = torch.load(two / "checkpoints" / "epoch-2" / "state.pt", weights_only=True)
+    assert st["world_size"] == 2 and len(st["process_rng"]) == 2
+
+
+def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_bit_for_bit(tiny, tmp_path, capsys):
+    """SIGTERM reaching one process only (here process 1's pid; torchrun passes its own SIGTERM on to every
+    process, each at its own point of a step): the processes agree after each step (an all-reduce of the flag), so
+    both finish the same step, one step-N checkpoint is written (by process 0) and both exit 143. The resume under
+    torchrun, launched with the console script as `$(which unified-lora)`, then ends exactly where an uninterrupted
+    2-process run ends: trace, weights, optimizer, controller and every process's RNG state, bit for bit. A resume
+    with another number of processes (one) is refused, naming both numbers: the checkpoint records how many trained
+    it, and each step's global batch is batch_size x processes rows."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    child, log = tmp_path / "worker.py", tmp_path / "torchrun.txt"
+    # each process writes its pid (to be signalled), then is the CLI itself
+    child.write_text("import os, sys\n"
+                     "from unified_lora.cli import main\n"
+                     f"open(os.path.join({str(tmp_path)!r}, 'pid-' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                     "sys.exit(main(sys.argv[1:]))\n")
+    opts = ("--batch-size", "4", "--max-length", "16", "--log-every", "0", *CONTROLLER)
+    p, f = _torchrun("train", "--model", tiny["bert"], "--data", tiny["csv"], *opts, "--epochs", "40",
+                     "--output-dir", str(out), entry=(str(child),), wait=False, log=log)
+    try:
+        trace, deadline = out / "trace.jsonl", time.monotonic() + 240
+        while not (trace.is_file() and trace.read_text().count("\n") >= 3) and p.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.005)
+        os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)
+        assert p.wait(timeout=120) != 0, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        f.close()
+    text = log.read_text()
+    # both processes exit 143 of their own (the one torchrun stopped after the first exited too); the one traceback
+    # is torchrun's own ChildFailedError, which reports that
+    assert text.count("exitcode  : 143") == 2 and text.count("Traceback") == 1, text[-3000:]
+    assert "ChildFailedError" in text and "unified-lora: error" not in text
+    console = (out / "console.txt").read_text()
+    assert "SIGTERM on another process: saving a resumable checkpoint" in console
+    resume = f"continue with: torchrun --nproc-per-node 2 $(which unified-lora) train --output-dir {out} --resume"
+    assert resume in console
+    saved = sorted(c.name for c in (out / "checkpoints").iterdir())
+    steps = [n for n in saved if n.startswith("step-")]
+    assert len(steps) == 1 and all(n.startswith(("step-", "epoch-")) for n in saved), saved
+    stopped = int(steps[0].split("-")[1])
+    assert 3 <= stopped < 16 and len(read_trace(trace)) == stopped
+    # another number of processes (its global batch would differ): refused before the model loads, naming both
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unified-lora: error: --resume {out / 'checkpoints' / steps[0]}: the run was trained by 2 "
+                          "process(es), and this one has 1"), err
+    assert "Resume it with torchrun --nproc-per-node 2" in err and err.count("\n") == 1
+    # the uninterrupted run, and the resume, to 2 epochs (58 train rows, 8 rows a step: 8 steps each)
+    q = _torchrun("train", "--model", tiny["bert"], "--data", tiny["csv"], *opts, "--epochs", "2",
+                  "--output-dir", str(straight))
+    assert q.returncode == 0, q.stderr[-3000:]
+    r = _torchrun("train", "--output-dir", str(out), "--resume", "--epochs", "2", entry=(CLI,))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")
+    assert [x["step"] for x in b] == list(range(16)) and b == a
+    assert {x["mode"] for x in a} != {a[0]["mode"]}
+    assert _same(_ckpt_state(out / "checkpoints" / "epoch-2"), _ckpt_state(straight / "checkpoints" / "epoch-2"))
+
+
+def test_a_checkpoint_process_0_cannot_write_stops_every_process_with_its_one_line_error(tiny, tmp_path):
+    """Process 0 writes the checkpoint and hands the outcome to the others: a save that fails there (here
+    `checkpoints` is a file) is the same one-line error, exit code 1, on both processes; neither waits for the other."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder\n")
+    p = _torchrun(*_train_args(tiny, out, "--steps", "2", "--batch-size", "4", "--threads", "1"))
+    error = f"unified-lora: error: {out / 'checkpoints' / 'step-2'}: cannot write this checkpoint"
+    assert p.returncode != 0 and p.stderr.count(error) == 2, p.stderr[-3000:]
+    assert p.stderr.count("exitcode  : 1 ") == 2
