@@ -390,3 +390,23 @@ def test_a_run_that_never_stops_for_non_finite_steps_counts_them_in_its_summary_
     assert main(["report", str(out)]) == 0
     assert (f"Unified LoRA: {skipped} optimizer step(s) skipped for a non-finite loss or gradient"
             in capsys.readouterr().out)
+
+
+def test_train_trains_with_dropout_on_a_model_from_pretrained_that_comes_in_eval_mode(tiny):
+    """transformers' from_pretrained returns the model in eval mode, and `train` and `demo` never switched it: every
+    run trained with the model's dropout (and lora_dropout) off. `Run` puts it in training mode; evaluation switches
+    to eval mode and back."""
+    from unified_lora.training import Run, TrainConfig, evaluate, load_model
+
+    model, _ = load_model(tiny["bert"], "seq-cls", num_labels=2)
+    assert not model.training  # as from_pretrained leaves it
+    run = Run(TrainConfig(device="cpu", log_every=0, lora_dropout=0.1), model, "seq-cls", 2, None, print_fn=None)
+    assert all(m.training for m in run.model.modules())
+    x = torch.randint(5, model.config.vocab_size, (8, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.arange(8) % 2}
+    torch.manual_seed(0)
+    first = run.model(**batch).loss
+    torch.manual_seed(1)
+    assert not torch.equal(first, run.model(**batch).loss)  # dropout draws differ between the two forwards
+    evaluate(run.model, batch, "seq-cls", "custom")
+    assert all(m.training for m in run.model.modules())

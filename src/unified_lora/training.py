@@ -953,6 +953,10 @@ class Run:
         self.device = resolve_device(cfg.device)
         check_precision(self.device, cfg.precision)
         model.to(self.device)
+        # in training mode, dropout on: transformers' from_pretrained returns a model in eval mode, and the loop never
+        # switched it, so `train` and `demo` trained without the model's dropout and lora_dropout (evaluate and
+        # predict switch to eval mode and back)
+        model.train()
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if task_type == "causal-lm" else 0
         mts = cfg.modules_to_save
         fresh = list(getattr(model, "_unified_lora_fresh_modules", ()))
