@@ -155,6 +155,12 @@ def test_a_glue_run_reads_its_test_tsv_without_labels_and_its_dev_tsv_with_them(
     dev = _read(tmp_path / "dev.csv")
     assert [r["prediction"] for r in dev] == [r["prediction"] for r in pred]  # the same sentences
     assert glue_metrics("sst2", [int(r["glue_label"]) for r in dev], [y for _, y in rows[32:]]) == final
+    # another task's test.tsv (RTE's: two sentences) is neither layout of SST-2's
+    other = tmp_path / "rte_test.tsv"
+    other.write_text("index\tsentence1\tsentence2\n0\tgood film\tbad plot\n")
+    assert main(["predict", str(run), "--data", str(other)]) == 2
+    line = _error(capsys)
+    assert "line 2 has label 'good film'" in line and "nor is it a GLUE SST-2 test.tsv" in line
 
 
 def _sft_run(models, tmp_path, which: str, steps: int = 16) -> tuple[Path, Path]:

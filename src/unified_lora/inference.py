@@ -251,10 +251,7 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
                 f"--data {path}: not a .tsv file"
             raise DataError(f"{what}; the run trained on GLUE {spec.folder}: pass a file in that task's layout, its "
                             "dev.tsv (labelled) or its test.tsv (index, then the texts)")
-        try:
-            data, labelled, ids = load_glue_rows(trained.glue, p)
-        except DataError as e:
-            raise DataError(f"{e} [predict reads GLUE {spec.folder}'s dev.tsv or test.tsv layout]") from None
+        data, labelled, ids = load_glue_rows(trained.glue, p)
         return Rows(data, labelled, ids, "index" if ids is not None else None, fmt)
     if fmt not in FORMATS:
         raise DataError(f"--data {path}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or .jsonl "

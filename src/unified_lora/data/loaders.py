@@ -132,8 +132,13 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
     return _load_glue_file(key, path, name=f"{key}/{split}")
 
 
-def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None) -> TextDataset:
-    """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values)."""
+_NO_TEST_HINT = "a GLUE test.tsv has no labels: train and evaluate on train.tsv and dev.tsv"
+
+
+def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
+                    label_hint: str = _NO_TEST_HINT) -> TextDataset:
+    """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values). A label
+    that is none of the task's is a DataError ending with `label_hint`."""
     key = normalize_task(task)
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
@@ -155,8 +160,8 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
         # the row index, which int() read as labels 0, 1, 2, ...; the run then scored against row numbers)
         if not 0 <= label < len(spec.label_names):
             expected = list(spec.label_map) or [f"{i} ({name})" for i, name in enumerate(spec.label_names)]
-            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} (a GLUE "
-                            "test.tsv has no labels: train and evaluate on train.tsv and dev.tsv)")
+            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} "
+                            f"({label_hint})")
         for col in (spec.text_a, spec.text_b):  # GLUE's own train/dev files have no empty text (checked)
             if col is not None and not row[col].strip():
                 named = f" ({header[col]!r})" if col < len(header) else ""
@@ -189,7 +194,9 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
     header = [c.strip().lower() for c in rows[0]]
     indexed = header[0] == "index"
     if not (indexed and len(header) == width):
-        labelled = _load_glue_file(key, path)
+        hint = (f"nor is it a GLUE {spec.folder} test.tsv: a header row, then the row index and "
+                f"{width - 1} text column(s)")
+        labelled = _load_glue_file(key, path, label_hint=hint)
         return labelled, True, [r[0] for r in rows[1:]] if indexed and spec.header else None
     examples, ids = [], []
     for n, row in enumerate(rows[1:], start=2):
