@@ -746,3 +746,39 @@ def test_a_cli_run_saved_on_the_gpu_resumes_on_the_cpu_and_back(tiny, tmp_path):
     assert all(p.device.type == DEV.type for p in run.model.parameters())
     if ON_GPU:
         assert torch.equal(torch.cuda.get_rng_state(run.device), st["cuda_rng"])
+
+
+def test_predict_runs_on_the_gpu_in_bf16_and_scores_what_train_reported_there(tiny, tmp_path, capsys):
+    """`unified-lora predict` on the device: a classifier trained there in bf16 predicts its dev rows there with the
+    dev scores train printed (the same batches under the same autocast), and on the CPU in fp32 close to them; a tiny
+    GPT-2 (test_cli's, with its BERT tokenizer) trained there generates there."""
+    import csv
+    import json
+
+    out = tmp_path / "run"
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in test_cli._rows(12, seed=3)))
+    assert main(_train_args(tiny, out, "--dev-data", str(dev), "--device", str(DEV), "--precision", "bf16",
+                            "--steps", "2", "--threads", "1")) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final @ step 2: dev ")]
+    assert main(["predict", str(out), "--data", str(dev), "--device", str(DEV)]) == 0
+    said = capsys.readouterr().out
+    assert f"on {_run_summary(out)['device']}, precision bf16" in said
+    assert printed and f"labelled rows (12, task train): {printed[0].split(': dev ')[1]}" in said
+    assert main(["predict", str(out), "--data", str(dev), "--device", "cpu", "--precision", "fp32",
+                 "--output", str(tmp_path / "cpu.csv")]) == 0
+    with open(out / "predictions.csv") as f, open(tmp_path / "cpu.csv") as g:
+        on_dev, on_cpu = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [float(r["prob_1"]) for r in on_dev] == pytest.approx([float(r["prob_1"]) for r in on_cpu], abs=3e-2)
+
+    lm = tmp_path / "lm"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(t for t, _ in test_cli._rows(64)) + "\n")
+    assert main(["train", "--model", tiny["gpt2"], "--data", str(corpus), "--target-modules", "c_attn", "--steps",
+                 "2", "--batch-size", "4", "--max-length", "16", "--device", str(DEV), "--precision", "bf16",
+                 "--log-every", "0", "--output-dir", str(lm)]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("good movie\nthe plot was\n")
+    assert main(["predict", str(lm), "--prompts", str(prompts), "--device", str(DEV), "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in (lm / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["good movie", "the plot was"] and all(r["stop"] for r in rows)

@@ -1,9 +1,10 @@
-"""`unified-lora`: demo, train, plot, report.
+"""`unified-lora`: demo, train, plot, report, predict.
 
     unified-lora demo                       # MiniLM + shipped MRPC, a label shock, unified vs fixed-rank LoRA
     unified-lora train --config run.yaml    # any HF model on your CSV/TSV/JSONL (or GLUE) data
     unified-lora plot RUN/trace.jsonl -o phi.png
     unified-lora report RUN
+    unified-lora predict RUN --data test.csv   # the run's newest checkpoint on new rows (or --prompts for a causal LM)
 
 Errors in the input (missing file, unknown column, bad option value, ...) print one
 line `unified-lora: error: ...` and exit with code 2; `--debug` shows the traceback.
@@ -1097,6 +1098,76 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- predict
+
+
+def cmd_predict(args) -> int:
+    from . import inference
+    from .training import UsageError, device_label
+
+    for flag, value, ok, why in (
+            ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+             ">= 0 (0 = greedy)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise UsageError(f"{flag} {value}: must be {why}")
+    if args.data is not None and args.prompts is not None:
+        raise UsageError("--data and --prompts: pass one (--data: rows to classify, or a causal LM's text to score; "
+                         "--prompts: prompts to complete)")
+
+    def check(task_type: str) -> None:  # the run's task type against the flags, before its model is loaded
+        if task_type != "causal-lm" and args.data is None:
+            raise UsageError(f"{args.run_dir} is a classifier (seq-cls) run: pass --data FILE, the rows to classify"
+                             + (" (--prompts is for a causal LM)" if args.prompts is not None else ""))
+        if task_type == "causal-lm" and args.data is None and args.prompts is None:
+            raise UsageError(f"{args.run_dir} is a causal-LM run: pass --prompts FILE to generate completions, or "
+                             "--data FILE to score a text (loss, perplexity)")
+        if task_type == "causal-lm" and args.data is not None and args.output is not None:
+            raise UsageError("--output: scoring a causal LM's --data writes no file (it prints the loss and "
+                             "perplexity); --output is for --prompts")
+        if task_type != "causal-lm" and args.prompt_column is not None:
+            raise UsageError("--prompt-column: a classifier reads the run's text columns; it is for a causal LM's "
+                             "--prompts table")
+
+    trained = inference.load_trained(args.run_dir, args.checkpoint, args.device, args.precision,
+                                     args.trust_checkpoint, task_check=check)
+    print(f"checkpoint {trained.checkpoint} (step {trained.step}): {trained.task_type}, rank {trained.rank} "
+          f"({trained.mode}, the controller's at that checkpoint), on {device_label(trained.run.device)}, precision "
+          f"{trained.cfg.precision}")
+    if trained.task_type == "causal-lm" and args.data is not None:
+        m = inference.perplexity(trained, args.data, args.batch_size, note=lambda msg: print(f"--data: {msg}"))
+        print(f"{args.data}: {_fmt_metrics(m)}")
+        return 0
+    if trained.task_type == "causal-lm":
+        prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column)
+        source = Path(args.prompts).expanduser()
+        out = inference.output_path(args.run_dir, args.output, source, prompts.fmt)
+        ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg))
+        done = inference.generate(trained, ids, args.max_new_tokens, args.batch_size, args.temperature, args.top_p,
+                                  args.seed)
+        rows = [{**({prompts.id_name: prompts.ids[i]} if prompts.ids is not None else {}), "prompt": text,
+                 "completion": completion, "stop": stop} for i, (text, (completion, stop)) in
+                enumerate(zip(prompts.texts, done))]
+        inference.write_rows(out, rows)
+        how = (f"sampled at temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}"
+               if args.temperature > 0 else "greedy")
+        skipped = f" ({prompts.skipped} blank line(s) skipped)" if prompts.skipped else ""
+        print(f"{len(rows)} completion(s) of {args.prompts}{skipped}, {how}, at most {args.max_new_tokens} new "
+              f"tokens: {out}")
+        return 0
+    rows = inference.read_rows(trained, args.data, args.id_column)
+    source = Path(args.data).expanduser()
+    out = inference.output_path(args.run_dir, args.output, source, rows.fmt)
+    preds, metrics = inference.classify(trained, rows, args.batch_size)
+    inference.write_rows(out, preds)
+    print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
+    if metrics is not None:
+        print(f"labelled rows ({len(preds)}, task {trained.task}): {_fmt_metrics(metrics)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -1268,6 +1339,39 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", parents=[common], help="print a run's summary table")
     r.add_argument("run_dir", help="the --output-dir of a demo or train run")
     r.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("predict", parents=[common],
+                        help="use a train run's checkpoint: classify a table, or generate from prompts",
+                        description="Load a `unified-lora train` run's checkpoint (its config, base model, LoRA "
+                                    "blocks and head, at the controller's rank then) and classify the rows of --data "
+                                    "(scoring those with labels as the run's dev evaluation does) or, for a causal "
+                                    "LM, complete each of --prompts (or score --data: loss, perplexity).")
+    pr.add_argument("run_dir", help="the --output-dir of a train run")
+    pr.add_argument("--data", help="a classifier: a .csv/.tsv/.jsonl table with the run's text columns (its label "
+                    "column optional), or for a run trained on a GLUE task that task's dev.tsv or test.tsv; a causal "
+                    "LM: a text file or table to score, read as --dev-data is")
+    pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
+                    "the run's prompt column (its first text column; --prompt-column names another)")
+    pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40) or a checkpoint folder "
+                    "(default: the newest, as --resume picks it)")
+    pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
+                    "format>; .jsonl for a .txt input)")
+    pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "
+                    "named id, idx, index or guid, if any)")
+    pr.add_argument("--prompt-column", help="a causal LM's prompts table: the column to read (default: the run's "
+                    "first text column)")
+    pr.add_argument("--batch-size", type=int, default=64, help="rows (prompts) per forward pass (default 64, as train's dev evaluation)")
+    pr.add_argument("--max-new-tokens", type=int, default=64, help="a causal LM: tokens to generate at most (default 64)")
+    pr.add_argument("--temperature", type=float, default=0.0, help="a causal LM: 0 (default) = greedy; above, sampled")
+    pr.add_argument("--top-p", type=float, default=1.0, help="a causal LM, with --temperature: nucleus sampling (default 1 = off)")
+    pr.add_argument("--seed", type=int, default=0, help="a causal LM, with --temperature: the sampling seed (default 0)")
+    pr.add_argument("--device", default="auto", help="auto (default: cuda where torch sees a GPU, else cpu), "
+                    "cpu, cuda, cuda:N or mps")
+    pr.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast dtype of the forward (default: "
+                    "the run's)")
+    pr.add_argument("--trust-checkpoint", action="store_true", help="load the checkpoint's state.pt with "
+                    "torch.load(weights_only=False), for a file you trust (as train --resume)")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

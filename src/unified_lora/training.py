@@ -900,16 +900,24 @@ def predict(model, enc: dict[str, torch.Tensor], batch_size: int = 64, precision
     """A seq-cls model's predicted class of each row of `enc`, in row order (a numpy array): what `evaluate` scores,
     kept for a per-row comparison of two models on the same rows (the demo's paired verdict). On the model's device,
     under the autocast of `precision`."""
+    return predict_logits(model, enc, batch_size, precision).argmax(-1).numpy()
+
+
+@torch.no_grad()
+def predict_logits(model, enc: dict[str, torch.Tensor], batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
+    """A seq-cls model's logits for each row of `enc`, in row order (fp32, on the CPU): `predict` takes their argmax,
+    `unified-lora predict` their softmax too. The labels of `enc` are not passed to the model (rows without a label,
+    a GLUE test.tsv's, are encoded with the label -1)."""
     was_training = model.training
     model.eval()
-    preds = []
+    out = []
     dev = model_device(model)
-    for i in range(0, len(enc["labels"]), batch_size):
+    for i in range(0, len(enc["input_ids"]), batch_size):
+        b = trim_padding({k: v[i:i + batch_size] for k, v in enc.items() if k != "labels"})
         with autocast(dev, precision):
-            logits = model(**_on(trim_padding({k: v[i:i + batch_size] for k, v in enc.items()}), dev)).logits
-        preds.append(logits.argmax(-1))
+            out.append(model(**_on(b, dev)).logits.float())
     model.train(was_training)
-    return torch.cat(preds).cpu().numpy()
+    return torch.cat(out).cpu()
 
 
 def majority(train, dev, task: str) -> dict | None:
@@ -1229,8 +1237,6 @@ class Run:
     def load_checkpoint(self, path: str | os.PathLike, trust_checkpoint: bool = False) -> None:
         """Load `path/` (a `save_checkpoint` folder). Its `state.pt` is read with `torch.load(weights_only=True)`
         (see `load_state_file`); `trust_checkpoint=True` loads a file you trust in full."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         st = read_state(path, trust_checkpoint)
         check_world_size(st, path, self.world)
@@ -1242,25 +1248,7 @@ class Run:
             raise UsageError(f"--resume {path}: the run was trained on the classes {stored} (label ids 0, 1, ... in "
                              f"that order) and the data now has {self.classes}; resume with the run's data, or start "
                              "a new run in another --output-dir")
-        try:
-            tensors = load_file(str(path / "adapter_blocks.safetensors"))
-        except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
-            raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
-        own_sd = self.model.state_dict()  # (parameters, and the layers' _extra_state)
-        missing = [k for k in tensors if k not in own_sd]
-        if missing:
-            raise UsageError(f"--resume {path}: checkpoint has tensors this model lacks ({missing[:2]}); "
-                             "resume with the same --model and LoRA settings")
-        # the same names at other sizes: the folder --model names was replaced by another model since (a wider one,
-        # another config). load_state_dict's "size mismatch" was an internal error
-        resized = [f"{k} {tuple(v.shape)} (this model's: {tuple(own_sd[k].shape)})" for k, v in tensors.items()
-                   if isinstance(own_sd.get(k), torch.Tensor) and own_sd[k].shape != v.shape]
-        if resized:
-            raise UsageError(f"--resume {path}: checkpoint tensors have other shapes than this model's ({resized[0]}"
-                             f"{f' and {len(resized) - 1} more' if len(resized) > 1 else ''}): the model at "
-                             f"{self.cfg.model} is not the one the run was trained on; resume with that model, or "
-                             "start a new run in another --output-dir")
-        self.model.load_state_dict(tensors, strict=False)
+        self.load_weights(path)
         self.optimizer.load_state_dict(st["optimizer"])
         # the loaded param groups hold the stored run's lr and weight_decay; a resumed run trains at the ones it is
         # given now (the controller writes an absolute mode LR itself, in ctrl.load_state_dict below)
@@ -1280,6 +1268,36 @@ class Run:
         if self.device.type == "cuda" and st.get("cuda_rng") is not None:
             gpu = st["process_cuda_rng"][self.rank] if "process_cuda_rng" in st else st["cuda_rng"]
             torch.cuda.set_rng_state(gpu, self.device)
+
+    def load_weights(self, path: str | os.PathLike, flag: str = "--resume") -> None:
+        """Put the LoRA blocks and saved modules (the head) of checkpoint `path` into the model; nothing else (the
+        optimizer, the controller, the RNG states): `load_checkpoint`'s first part, and `unified-lora predict`'s
+        (`flag`: what the errors name). A file cut short, and tensors this model lacks or has at other shapes (the
+        folder `cfg.model` names holds another model now) are UsageErrors."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        redo = ("resume with the same --model and LoRA settings" if flag == "--resume" else
+                "the run's model and LoRA settings (stored in the checkpoint) must be the ones it was trained with")
+        try:
+            tensors = load_file(str(path / "adapter_blocks.safetensors"))
+        except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
+            raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
+        own_sd = self.model.state_dict()  # (parameters, and the layers' _extra_state)
+        missing = [k for k in tensors if k not in own_sd]
+        if missing:
+            raise UsageError(f"{flag} {path}: checkpoint has tensors this model lacks ({missing[:2]}); {redo}")
+        # the same names at other sizes: the folder --model names was replaced by another model since (a wider one,
+        # another config). load_state_dict's "size mismatch" was an internal error
+        resized = [f"{k} {tuple(v.shape)} (this model's: {tuple(own_sd[k].shape)})" for k, v in tensors.items()
+                   if isinstance(own_sd.get(k), torch.Tensor) and own_sd[k].shape != v.shape]
+        if resized:
+            raise UsageError(f"{flag} {path}: checkpoint tensors have other shapes than this model's ({resized[0]}"
+                             f"{f' and {len(resized) - 1} more' if len(resized) > 1 else ''}): the model at "
+                             f"{self.cfg.model} is not the one the run was trained on; " +
+                             ("resume with that model, or start a new run in another --output-dir"
+                              if flag == "--resume" else "put that model back there"))
+        self.model.load_state_dict(tensors, strict=False)
 
 
 def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:

@@ -132,8 +132,13 @@ def load_glue(task: str, split: str = "train", data_dir: str | os.PathLike | Non
     return _load_glue_file(key, path, name=f"{key}/{split}")
 
 
-def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None) -> TextDataset:
-    """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values)."""
+_NO_TEST_HINT = "a GLUE test.tsv has no labels: train and evaluate on train.tsv and dev.tsv"
+
+
+def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
+                    label_hint: str = _NO_TEST_HINT) -> TextDataset:
+    """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values). A label
+    that is none of the task's is a DataError ending with `label_hint`."""
     key = normalize_task(task)
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
@@ -155,8 +160,8 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
         # the row index, which int() read as labels 0, 1, 2, ...; the run then scored against row numbers)
         if not 0 <= label < len(spec.label_names):
             expected = list(spec.label_map) or [f"{i} ({name})" for i, name in enumerate(spec.label_names)]
-            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} (a GLUE "
-                            "test.tsv has no labels: train and evaluate on train.tsv and dev.tsv)")
+            raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} "
+                            f"({label_hint})")
         for col in (spec.text_a, spec.text_b):  # GLUE's own train/dev files have no empty text (checked)
             if col is not None and not row[col].strip():
                 named = f" ({header[col]!r})" if col < len(header) else ""
@@ -166,6 +171,52 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None)
     if not examples:
         raise DataError(f"{path} has no data rows; re-download the GLUE {spec.folder} files")
     return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=name or f"{key}/{path.stem}")
+
+
+# A GLUE test.tsv (no labels: GLUE's server scores it): a header, the row index in its first column, then the texts.
+# (width, text_a, text_b) per task
+_GLUE_TEST = {"mrpc": (5, 3, 4), "rte": (3, 1, 2), "cola": (2, 1, None), "sst2": (2, 1, None)}
+
+
+def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, bool, list[str] | None]:
+    """(rows, labelled, ids) of a file in a GLUE task's layout, to predict: its train.tsv/dev.tsv (labelled, read as
+    `_load_glue_file` reads them), or its test.tsv (told apart by its header: `index` and the texts, no label column;
+    every label is -1). `ids` is the file's `index` column where its header opens with one (test.tsv, RTE's dev.tsv),
+    else None."""
+    key = normalize_task(task)
+    if key not in _GLUE:
+        raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
+    spec, path = _GLUE[key], Path(path)
+    rows = _read_delimited(path, "\t")
+    if not rows:
+        raise DataError(f"{path} is empty; pass the GLUE {spec.folder} dev.tsv or test.tsv")
+    width, text_a, text_b = _GLUE_TEST[key]
+    header = [c.strip().lower() for c in rows[0]]
+    indexed = header[0] == "index"
+    if not (indexed and len(header) == width):
+        hint = (f"nor is it a GLUE {spec.folder} test.tsv: a header row, then the row index and "
+                f"{width - 1} text column(s)")
+        labelled = _load_glue_file(key, path, label_hint=hint)
+        return labelled, True, [r[0] for r in rows[1:]] if indexed and spec.header else None
+    examples, ids = [], []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != width:
+            raise DataError(f"{path}: line {n} has {len(row)} columns; the GLUE {spec.folder} test.tsv has {width} "
+                            f"({', '.join(rows[0])})")
+        for col in (text_a, text_b):
+            if col is not None and not row[col].strip():
+                raise _empty_text_error(path, f"line {n}", f"{col + 1} ({rows[0][col]!r})", row[col])
+        examples.append(Example(row[text_a].strip(), row[text_b].strip() if text_b is not None else None, -1))
+        ids.append(row[0])
+    if not examples:
+        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+    return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=f"{key}/{path.stem}"), False, ids
+
+
+def glue_label_value(task: str, label: int) -> str:
+    """Class id `label` of a GLUE task as its files write it (RTE: `entailment`; MRPC, CoLA, SST-2: `0`/`1`)."""
+    spec = _GLUE[normalize_task(task)]
+    return next((raw for raw, i in spec.label_map.items() if i == label), None) or str(label)
 
 
 # ---------------------------------------------------------------------- tables
@@ -328,7 +379,7 @@ def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) 
 def load_table(
     path: str | os.PathLike,
     text_columns: Sequence[str],
-    label_column: str,
+    label_column: str | None,
     fmt: str | None = None,
     label_names: Sequence[str] | None = None,
     names_only: bool = False,
@@ -338,7 +389,8 @@ def load_table(
     Integer labels are used as class ids; string labels get ids in sorted order
     (`label_names` then lists them). Passing `label_names` fixes the mapping: a label
     is one of those names (a number matches a name of equal value: 1 and "1.0"), or, unless
-    `names_only` or the names are numbers, an integer id into them.
+    `names_only` or the names are numbers, an integer id into them. `label_column=None` reads
+    rows without labels (to predict them): every label is -1, and `label_names` are kept as given.
     """
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
@@ -346,10 +398,11 @@ def load_table(
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file (or pass fmt=)")
     if isinstance(text_columns, str) or len(text_columns) not in (1, 2):
         raise DataError(f"text_columns must be a list of 1 or 2 column names, got {text_columns!r}")
-    records = _read_records(path, fmt, [*text_columns, label_column])
+    columns = [*text_columns, *([label_column] if label_column is not None else [])]
+    records = _read_records(path, fmt, columns)
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
-    for col in [*text_columns, label_column]:
+    for col in columns:
         for n, record in enumerate(records, start=1):
             if col not in record:
                 where = "" if n == 1 else f" (record {n})"
@@ -359,8 +412,12 @@ def load_table(
         for n, record in enumerate(records, start=1):  # (a causal LM's rows are not read here: it drops empty ones)
             if isinstance(record[col], str) and not record[col].strip():
                 raise _empty_text_error(path, f"record {n}", repr(col), record[col])
-    ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column,
-                                       names_only)
+    if label_column is None:
+        names = [str(n) for n in label_names] if label_names is not None else None
+        ids, num_labels = [-1] * len(records), len(names or ())
+    else:
+        ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column,
+                                           names_only)
     examples = [
         Example(
             str(r[text_columns[0]]),

@@ -1,0 +1,412 @@
+"""`unified-lora predict`: a `unified-lora train` run's checkpoint used on new data.
+
+A run's checkpoint (`RUN/checkpoints/epoch-N` or `step-N`: every nested LoRA block, the head, `state.pt` with the
+run's config and controller state) is loaded into the run's base model as `--resume` loads it, through the same `Run`
+setup, at the rank the controller had at that checkpoint. A classifier then predicts the class of each row of a table
+(or of a GLUE dev.tsv / test.tsv), with per-class probabilities, scoring the rows that have labels as `train`'s dev
+evaluation does; a causal LM generates a completion for each prompt (`model.generate`, greedy by default), the prompt
+encoded as training put a text's start, or scores a labelled text file (loss, perplexity).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import MODES
+from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
+from .data.loaders import _GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows
+from .training import (TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, autocast, check_precision,
+                       check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint, load_model,
+                       model_device, predict_logits, read_state, resolve_device, resolve_model, seed_everything,
+                       special_prefix)
+
+FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
+ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
+
+
+@dataclass
+class Trained:
+    """A run's checkpoint loaded to predict with: the `Run` (model with nested LoRA, controller at the checkpoint's
+    mode and rank), its tokenizer, and what the run was."""
+
+    run: Run
+    tokenizer: object
+    checkpoint: Path
+    step: int
+    task_type: str  # seq-cls | causal-lm
+    task: str  # what `train` scored its dev set as (glue_metrics' task): a GLUE key, the data file's stem, or "lm"
+    glue: str | None  # the GLUE task key of a run trained on a GLUE task folder (or the shipped MRPC)
+    classes: list[str] | None  # class names in label-id order
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.cfg
+
+    @property
+    def model(self):
+        return self.run.model
+
+    @property
+    def rank(self) -> int:
+        return self.run.ctrl.rank
+
+    @property
+    def mode(self) -> str:
+        return MODES[self.run.ctrl.mode]
+
+
+# ----------------------------------------------------------------------------- the run's checkpoint
+
+
+def _adapter_only_error(folder: Path, given: str) -> UsageError:
+    from .callbacks import ADAPTER_ONLY_NAME
+
+    return UsageError(f"{given}: an adapter-only checkpoint of the Trainer callback ({folder} holds "
+                      f"{ADAPTER_ONLY_NAME}), not a `unified-lora train` run; predict reads a train run's "
+                      "--output-dir (RUN/checkpoints/*/state.pt). Load that checkpoint with "
+                      "unified_lora.callbacks.load_adapter_only")
+
+
+def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:
+    """The checkpoint folder to predict with: `checkpoint` (a name under `run_dir/checkpoints`, or a checkpoint folder's
+    path), else the run's newest, as `--resume` picks it (`latest_checkpoint`, read only). A folder that is not a
+    `unified-lora train` run (an adapter-only Trainer checkpoint, a demo's folder, a checkpoint folder itself) is a
+    UsageError saying what to pass."""
+    from .callbacks import is_adapter_only_folder
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UsageError(f"{run_dir}: no such run folder; pass the --output-dir of a `unified-lora train` run")
+    folders = [run, *sorted(run.glob("checkpoint-*"))]  # a Trainer's output_dir, and its checkpoints
+    adapter_only = next((p for p in folders if p.is_dir() and is_adapter_only_folder(p)), None)
+    if adapter_only is not None:
+        raise _adapter_only_error(adapter_only, str(run_dir))
+    if (run / "state.pt").is_file():
+        raise UsageError(f"{run_dir}: a checkpoint folder, not a run folder; pass the run's --output-dir and "
+                         f"--checkpoint {run.name}")
+    root = run / "checkpoints"
+    if checkpoint is None:
+        found = latest_checkpoint(root, settle=False)  # read only: the run may be saving into it now
+        if found is None:
+            demo = " (a demo's folder has none: only `unified-lora train` writes checkpoints)" if (
+                run / "trace.jsonl").is_file() else ""
+            raise UsageError(f"{run_dir}: not a `unified-lora train` run: no checkpoint under {root}{demo}; pass the "
+                             "--output-dir of a train run")
+        return found
+    named = root / checkpoint
+    path = named if ("/" not in checkpoint and os.sep not in checkpoint and named.is_dir()) else \
+        Path(checkpoint).expanduser()
+    if not path.is_dir():
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []
+        raise UsageError(f"--checkpoint {checkpoint}: no such checkpoint in {root} "
+                         f"({', '.join(names) if names else 'it holds none'}) and no such folder")
+    if is_adapter_only_folder(path):
+        raise _adapter_only_error(path, f"--checkpoint {checkpoint}")
+    if not (path / "state.pt").is_file():
+        raise UsageError(f"--checkpoint {checkpoint}: {path} holds no state.pt; pass a checkpoint that "
+                         "`unified-lora train` wrote (RUN/checkpoints/epoch-N or step-N)")
+    return path
+
+
+def run_task(cfg: TrainConfig, task_type: str) -> tuple[str, str | None]:
+    """(task, glue): the task name `train`'s dev evaluation scored the run as (`load_data`'s: a GLUE key, a table's
+    stem, "lm" for a causal LM) and the GLUE key where the run trained on a GLUE task folder (None: a table)."""
+    if task_type == "causal-lm":
+        return "lm", None
+    if cfg.data is None:
+        return "mrpc", "mrpc"  # the shipped MRPC
+    p = Path(cfg.data)
+    key = normalize_task(p.name)
+    if key in _GLUE and (p.is_dir() or p.suffix.lower().lstrip(".") not in FORMATS):
+        return key, key
+    return p.stem, None
+
+
+def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, device: str = "auto",
+                 precision: str | None = None, trust_checkpoint: bool = False,
+                 task_check: Callable[[str], None] | None = None) -> Trained:
+    """Load a run's checkpoint to predict with (`find_checkpoint` picks it). The run's config comes from the
+    checkpoint's `state.pt`; the base model is loaded and wrapped as `train` does (`load_model`, `Run`), and the
+    checkpoint's tensors (`Run.load_weights`) and controller state go in, so the layers run at the controller's rank at
+    that checkpoint. `device` (default auto) and `precision` (default: the run's) are checked before any model is
+    loaded, and so is the run's task type, by `task_check` (the command's own flags against it)."""
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    st = read_state(ckpt, trust_checkpoint)
+    stored = dict(st["config"])
+    precision = precision or stored.get("precision") or "fp32"
+    check_precision(resolve_device(device), precision)
+    # on the device asked for now (as a resume), eager Mirror copies (predict makes none; the fused kernels would need
+    # a compiler)
+    cfg = TrainConfig.from_dict({**stored, "device": device, "precision": precision, "mirror_kernel": "eager"})
+    model_path = resolve_model(cfg.model)
+    task_type = st.get("task_type") or detect_task_type(model_path, cfg.task_type)
+    if task_check is not None:
+        task_check(task_type)
+    num_labels = int(st.get("num_labels") or 0)
+    classes = st.get("classes") or ([str(i) for i in range(num_labels)] if num_labels else None)
+    seed_everything(cfg.seed)
+    model, tok = load_model(model_path, task_type, max(num_labels, 2))
+    run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes)
+    run.load_weights(ckpt, flag="predict")
+    run.ctrl.load_state_dict(st["controller"])
+    model.eval()
+    task, glue = run_task(cfg, task_type)
+    return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, task, glue,
+                   list(classes) if classes else None)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def output_path(run_dir: str | os.PathLike, given: str | None, source: Path, fmt: str) -> Path:
+    """Where the predictions go: `given`, else RUN/predictions.<fmt>. Its extension names the format (.csv, .tsv,
+    .jsonl). The input file itself is refused (predictions never replace their input), and so is a folder."""
+    out = Path(given).expanduser() if given else Path(run_dir) / f"predictions.{fmt}"
+    flag = f"--output {given}" if given else f"the default output {out}"
+    if out.suffix.lower().lstrip(".") not in FORMATS:
+        raise UsageError(f"{flag}: name a .csv, .tsv or .jsonl file (the format is taken from the extension)")
+    if out.is_dir():
+        raise UsageError(f"{flag}: is a folder; name the file to write")
+    if out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source)):
+        raise UsageError(f"{flag}: is the input file {source}; predictions never replace their input: pass another "
+                         "--output")
+    return out
+
+
+def write_rows(path: Path, rows: Sequence[dict]) -> None:
+    """`rows` (dicts with the same keys) as a .csv/.tsv (a header, then a line a row) or .jsonl (an object a line) file,
+    by its extension, written under a temporary name and renamed (`written_atomically`): a reader never sees half a
+    file, and a failed write leaves the previous one."""
+    import json
+
+    from ._files import written_atomically
+
+    fmt = path.suffix.lower().lstrip(".")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with written_atomically(str(path)) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        else:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], delimiter="\t" if fmt == "tsv" else ",",
+                               lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _input_file(path: str, flag: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"{flag} {path}: is a folder; pass a file (for a GLUE task folder: its dev.tsv or test.tsv)")
+    if not p.is_file():
+        raise DataError(f"{flag} {path}: no such file; check the path")
+    return p
+
+
+def _id_column(records: list[dict], given: str | None, skip: Sequence[str], path: Path) -> str | None:
+    """The id column of a table: `given` (in every record, else a DataError), else the first column named id, idx,
+    index or guid (any case) that the run does not read as text or label, else None."""
+    if given is not None:
+        for n, r in enumerate(records, start=1):
+            if given not in r:
+                where = "" if n == 1 else f" (record {n})"
+                raise DataError(f"--id-column {given}: unknown column in {path}{where}; columns are {list(r)}")
+        return given
+    return next((k for k in records[0] if str(k).lower() in ID_COLUMNS and k not in skip), None)
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+@dataclass
+class Rows:
+    """Rows to classify: a TextDataset (label -1 where the file has none), whether it has labels, and the id of each
+    row (the file's id column, `id_name`) where it has one."""
+
+    data: TextDataset
+    labelled: bool
+    ids: list | None
+    id_name: str | None
+    fmt: str  # the input's format, the default output's
+
+
+def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows:
+    """The rows of `path` to classify, read as `train` reads a --dev-data file: a run trained on a table reads a
+    .csv/.tsv/.jsonl table with its `text_columns`, and its `label_column` where the file has one (the labels by the
+    run's class names, as a dev set's); a run trained on a GLUE task reads that task's dev.tsv (labelled) or test.tsv
+    (index and texts, no labels). A missing file or column is a DataError."""
+    cfg = trained.cfg
+    p = _input_file(path, "--data")
+    fmt = p.suffix.lower().lstrip(".")
+    if trained.glue is not None:
+        spec = _GLUE[trained.glue]
+        if fmt != "tsv" or id_column is not None:
+            what = "--id-column: a GLUE file's ids are its index column" if id_column is not None else \
+                f"--data {path}: not a .tsv file"
+            raise DataError(f"{what}; the run trained on GLUE {spec.folder}: pass a file in that task's layout, its "
+                            "dev.tsv (labelled) or its test.tsv (index, then the texts)")
+        data, labelled, ids = load_glue_rows(trained.glue, p)
+        return Rows(data, labelled, ids, "index" if ids is not None else None, fmt)
+    if fmt not in FORMATS:
+        raise DataError(f"--data {path}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or .jsonl "
+                        "table")
+    records = _read_records(p, fmt, [*cfg.text_columns, cfg.label_column])
+    if not records:
+        raise DataError(f"{p} has no data rows; a header alone is not a data set")
+    labelled = cfg.label_column in records[0]
+    data = load_table(p, list(cfg.text_columns), cfg.label_column if labelled else None, label_names=trained.classes,
+                      names_only=True)
+    id_name = _id_column(records, id_column, [*cfg.text_columns, cfg.label_column], p)
+    ids = [r.get(id_name) for r in records] if id_name is not None else None
+    return Rows(data, labelled, ids, id_name, fmt)
+
+
+def classify(trained: Trained, rows: Rows, batch_size: int = 64) -> tuple[list[dict], dict | None]:
+    """(one output row per input row, the metrics of the labelled rows or None). The rows are encoded and run as
+    `train`'s dev evaluation runs them (`encode_rows`, `predict_logits` in batches of `batch_size`, under the run's
+    autocast), so labelled rows score what `train` reported for the same checkpoint and rows (`glue_metrics` of the
+    run's task). An output row: the id (where the input has one), `prediction` (the class name), for a GLUE task
+    `glue_label` (the class as that task's files write it, the GLUE submission's value), and `prob_<class>` each."""
+    cfg, classes = trained.cfg, trained.classes or []
+    enc = encode_rows(trained.tokenizer, rows.data, "seq-cls", cfg.max_length)
+    check_row_length(trained.model, cfg.max_length, enc)
+    logits = predict_logits(trained.model, enc, batch_size, cfg.precision)
+    probs, preds = logits.softmax(-1), logits.argmax(-1)
+    metrics = glue_metrics(trained.task, preds.numpy(), enc["labels"].numpy()) if rows.labelled else None
+    out = []
+    for i, c in enumerate(preds.tolist()):
+        r: dict = {rows.id_name: rows.ids[i]} if rows.ids is not None else {}
+        r["prediction"] = classes[c] if c < len(classes) else str(c)
+        if trained.glue is not None:
+            r["glue_label"] = glue_label_value(trained.glue, c)
+        r.update({f"prob_{name}": round(float(probs[i, k]), 6) for k, name in enumerate(classes)})
+        out.append(r)
+    return out, metrics
+
+
+# ----------------------------------------------------------------------------- causal LM
+
+
+@dataclass
+class Prompts:
+    texts: list[str]
+    ids: list | None
+    id_name: str | None
+    fmt: str  # the default output's format: a .txt file's is jsonl
+    skipped: int = 0  # blank lines of a .txt file
+
+
+def read_prompts(trained: Trained, path: str, column: str | None = None, id_column: str | None = None) -> Prompts:
+    """Prompts: the lines of a .txt file (blank lines skipped and counted), or a column of a .csv/.tsv/.jsonl table:
+    `column`, default the run's first text column (a prompt/completion run's prompt column)."""
+    p = _input_file(path, "--prompts")
+    fmt = p.suffix.lower().lstrip(".")
+    if fmt in TEXT_SUFFIXES:
+        if column is not None or id_column is not None:
+            raise DataError(f"--prompts {path}: a plain-text file has one prompt a line and no columns; "
+                            "--prompt-column and --id-column name a table's columns")
+        with _utf8(p):
+            lines = p.read_text(encoding="utf-8-sig").splitlines()
+        texts = [t for t in lines if t.strip()]
+        if not texts:
+            raise DataError(f"--prompts {path}: no prompt in it (a prompt a line)")
+        return Prompts(texts, None, None, "jsonl", len(lines) - len(texts))
+    if fmt not in FORMATS:
+        raise DataError(f"--prompts {path}: unsupported format {fmt!r}; use a .txt file (a prompt a line) or a .csv, "
+                        ".tsv or .jsonl table")
+    column = column or trained.cfg.text_columns[0]
+    records = _read_records(p, fmt, [column])
+    if not records:
+        raise DataError(f"{p} has no data rows; a header alone is not a data set")
+    for n, r in enumerate(records, start=1):
+        if column not in r:
+            where = "" if n == 1 else f" (record {n})"
+            raise DataError(f"unknown column {column!r} in {p}{where}; columns are {list(r)} (--prompt-column names "
+                            "another)")
+    _check_no_null_text(records, column, p)
+    id_name = _id_column(records, id_column, [column], p)
+    return Prompts([str(r[column]) for r in records], [r.get(id_name) for r in records] if id_name else None,
+                   id_name, fmt)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], corpus: bool = False) -> list[list[int]]:
+    """Each prompt's token ids as training put the start of a text: the tokenizer's leading special tokens
+    (`special_prefix`: Llama's BOS; none for GPT-2), then the prompt tokenised alone with no special tokens (no eos),
+    as `encode_pairs` puts a prompt before its completion. A run trained on a plain-text corpus (`encode_corpus`, which
+    adds no special token) gets no prefix (`corpus`)."""
+    prefix = [] if corpus else special_prefix(tokenizer)
+    bare = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"] if prompts else []
+    return [prefix + list(ids) for ids in bare]
+
+
+def _positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+@torch.no_grad()
+def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[tuple[str, str]]:
+    """(completion, stop) for each prompt: `model.generate` from the prompt's ids, greedy (temperature 0) or sampled
+    (`temperature`, `top_p`; torch's generator seeded with `seed` first), at most `max_new_tokens` new tokens, stopping
+    at the tokenizer's eos (stop "eos"; else "length"). The completion is the new tokens up to the eos, decoded without
+    special tokens. Prompts go in batches of up to `batch_size` prompts of the same token count, so no prompt is padded
+    and a prompt's greedy completion does not depend on the others. A prompt with no token, or one that with
+    `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
+    from transformers import GenerationConfig
+
+    model, tok = trained.model, trained.tokenizer
+    limit = _positions(model)
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise UsageError(f"prompt {i + 1} is empty and the tokenizer puts no token before a text: nothing to "
+                             "generate from")
+        if limit and len(ids) + max_new_tokens > limit:
+            raise UsageError(f"prompt {i + 1}: {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed the "
+                             f"model's {limit} positions; pass a smaller --max-new-tokens or a shorter prompt")
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    sample = temperature > 0
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
+                           **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}),
+                           eos_token_id=eos, pad_token_id=pad)
+    dev = model_device(model)
+    torch.manual_seed(seed)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompt_ids):
+        groups.setdefault(len(ids), []).append(i)
+    out: list[tuple[str, str] | None] = [None] * len(prompt_ids)
+    for length in sorted(groups):
+        rows = groups[length]
+        for s in range(0, len(rows), batch_size):
+            batch = rows[s:s + batch_size]
+            ids = torch.tensor([list(prompt_ids[i]) for i in batch], dtype=torch.long, device=dev)
+            with autocast(trained.run.device, trained.cfg.precision):
+                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+            for i, row in zip(batch, new[:, length:].tolist()):
+                stop = "length"
+                if eos is not None and eos in row:
+                    row, stop = row[:row.index(eos)], "eos"
+                out[i] = (tok.decode(row, skip_special_tokens=True), stop)
+    return out  # type: ignore[return-value]
+
+
+def corpus_run(cfg: TrainConfig) -> bool:
+    """Whether the run trained on a plain-text corpus (.txt/.raw: `encode_corpus`, no special tokens)."""
+    return cfg.data is not None and Path(cfg.data).suffix.lower().lstrip(".") in TEXT_SUFFIXES
+
+
+def perplexity(trained: Trained, path: str, batch_size: int = 64, note: Callable[[str], None] | None = None) -> dict:
+    """A causal LM's loss and perplexity on `path`, read and scored as `train` scores its --dev-data (`_load_texts` with
+    the run's columns, `encode_rows`, `evaluate`)."""
+    p = _input_file(path, "--data")
+    texts = _load_texts(p, trained.cfg.text_columns)
+    enc = encode_rows(trained.tokenizer, texts, "causal-lm", trained.cfg.max_length, note=note)
+    check_row_length(trained.model, trained.cfg.max_length, enc)
+    return evaluate(trained.model, enc, "causal-lm", "lm", batch_size, trained.cfg.precision)
