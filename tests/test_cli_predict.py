@@ -299,6 +299,9 @@ def test_bad_input_is_one_line_naming_what_is_wrong(named_run, tiny, tmp_path, c
             "epoch-1, epoch-2")
     refused([str(run), "--prompts", str(dev)], "classifier (seq-cls) run: pass --data")
     refused([str(run), "--data", str(dev), "--batch-size", "0"], "--batch-size 0: must be >= 1")
+    # generation's flags on a classifier were ignored silently
+    refused([str(run), "--data", str(dev), "--max-new-tokens", "8", "--seed", "3"],
+            "--max-new-tokens, --seed: generation settings, for a causal LM's --prompts", "classifier (seq-cls) run")
     refused([str(tmp_path / "nothing"), "--data", str(dev)], "no such run folder")
     refused([str(run / "checkpoints" / "epoch-1"), "--data", str(dev)], "a checkpoint folder, not a run folder",
             "--checkpoint epoch-1")
@@ -332,6 +335,8 @@ def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):
     prompts.write_text("say hi:\n")
     assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "64"]) == 2
     assert "exceed the model's 64 positions" in _error(capsys)
+    assert main(["predict", str(run), "--data", str(dev), "--temperature", "0.7"]) == 2
+    assert "--temperature: generation settings, for a causal LM's --prompts; --data is scored" in _error(capsys)
     assert main(["predict", str(run), "--prompts", str(prompts), "--prompt-column", "q"]) == 2
     assert "plain-text file has one prompt a line" in _error(capsys)
     assert not (run / "predictions.jsonl").exists()

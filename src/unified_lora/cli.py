@@ -1105,6 +1105,14 @@ def cmd_predict(args) -> int:
     from . import inference
     from .training import UsageError, device_label
 
+    # generation's flags, as given (None: not given), then their defaults: a classifier run, or a causal LM's --data
+    # scoring, refuses them rather than ignoring them
+    generation = {flag: value for flag, value in (("--max-new-tokens", args.max_new_tokens),
+                                                  ("--temperature", args.temperature), ("--top-p", args.top_p),
+                                                  ("--seed", args.seed)) if value is not None}
+    for name, default in (("max_new_tokens", 64), ("temperature", 0.0), ("top_p", 1.0), ("seed", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for flag, value, ok, why in (
             ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
@@ -1127,6 +1135,10 @@ def cmd_predict(args) -> int:
         if task_type == "causal-lm" and args.data is not None and args.output is not None:
             raise UsageError("--output: scoring a causal LM's --data writes no file (it prints the loss and "
                              "perplexity); --output is for --prompts")
+        if generation and args.prompts is None:  # (a classifier, or a causal LM scoring --data: nothing generated)
+            raise UsageError(f"{', '.join(generation)}: generation settings, for a causal LM's --prompts; "
+                             + (f"{args.run_dir} is a classifier (seq-cls) run" if task_type != "causal-lm"
+                                else "--data is scored, not completed"))
         if task_type != "causal-lm" and args.prompt_column is not None:
             raise UsageError("--prompt-column: a classifier reads the run's text columns; it is for a causal LM's "
                              "--prompts table")
@@ -1361,10 +1373,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt-column", help="a causal LM's prompts table: the column to read (default: the run's "
                     "first text column)")
     pr.add_argument("--batch-size", type=int, default=64, help="rows (prompts) per forward pass (default 64, as train's dev evaluation)")
-    pr.add_argument("--max-new-tokens", type=int, default=64, help="a causal LM: tokens to generate at most (default 64)")
-    pr.add_argument("--temperature", type=float, default=0.0, help="a causal LM: 0 (default) = greedy; above, sampled")
-    pr.add_argument("--top-p", type=float, default=1.0, help="a causal LM, with --temperature: nucleus sampling (default 1 = off)")
-    pr.add_argument("--seed", type=int, default=0, help="a causal LM, with --temperature: the sampling seed (default 0)")
+    pr.add_argument("--max-new-tokens", type=int, help="a causal LM: tokens to generate at most (default 64)")
+    pr.add_argument("--temperature", type=float, help="a causal LM: 0 (default) = greedy; above, sampled")
+    pr.add_argument("--top-p", type=float, help="a causal LM, with --temperature: nucleus sampling (default 1 = off)")
+    pr.add_argument("--seed", type=int, help="a causal LM, with --temperature: the sampling seed (default 0)")
     pr.add_argument("--device", default="auto", help="auto (default: cuda where torch sees a GPU, else cpu), "
                     "cpu, cuda, cuda:N or mps")
     pr.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast dtype of the forward (default: "
