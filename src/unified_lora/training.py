@@ -846,12 +846,18 @@ def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, bat
     device, under the autocast of `precision` (as the run trains)."""
     if task_type != "causal-lm":
         return glue_metrics(task, predict(model, enc, batch_size, precision), enc["labels"].numpy())
+    return _lm_metrics(*_lm_loss_sum(model, enc, batch_size, precision))
+
+
+@torch.no_grad()
+def _lm_loss_sum(model, enc: dict[str, torch.Tensor], batch_size: int = 64,
+                 precision: str = "fp32") -> tuple[float, int]:
+    """A causal LM's summed loss over the target tokens of `enc`, and their count."""
     was_training = model.training
     model.eval()
     losses, count = 0.0, 0
-    n = len(enc["labels"])
     dev = model_device(model)
-    for i in range(0, n, batch_size):
+    for i in range(0, len(enc["labels"]), batch_size):
         b = trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})
         with autocast(dev, precision):
             out = model(**_on(b, dev))
@@ -860,7 +866,11 @@ def evaluate(model, enc: dict[str, torch.Tensor], task_type: str, task: str, bat
             losses += float(out.loss) * tokens
         count += tokens
     model.train(was_training)
-    loss = losses / max(count, 1)
+    return losses, count
+
+
+def _lm_metrics(total: float, count: int) -> dict:
+    loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -886,13 +896,10 @@ def evaluate_run(run: "Run", enc: dict[str, torch.Tensor], task: str) -> dict:
         return glue_metrics(task, np.concatenate(every), enc["labels"].numpy())
     from .distributed import _device
 
-    tokens = int((part["labels"][:, 1:] != -100).sum()) if hi > lo else 0
-    loss = evaluate(run.model, part, run.task_type, task, precision=cfg.precision)["loss"] if tokens else 0.0
-    t = torch.tensor([loss * tokens, tokens], dtype=torch.float64, device=_device())
+    t = torch.tensor(_lm_loss_sum(run.model, part, precision=cfg.precision) if hi > lo else (0.0, 0),
+                     dtype=torch.float64, device=_device())
     dist.all_reduce(t)
-    total, count = t.tolist()
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return _lm_metrics(*t.tolist())
 
 
 @torch.no_grad()
@@ -1100,17 +1107,15 @@ class Run:
         if cfg.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.grad_clip)
         finite = math.isfinite(value)
-        if finite and self.scaler is None:  # (fp16: GradScaler's step below skips a step whose gradients overflowed)
+        if finite:  # the norm of the (fp16: unscaled) gradients; the step's second host sync
             if norm is None:
                 norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in trainable_parameters(self.model) if p.grad is not None])
             finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf/NaN gradient
+            # skipped by GradScaler itself when unscale_ found an inf/NaN gradient, the steps `finite` calls so
+            self.scaler.step(self.optimizer)
             self.scaler.update()
-            # a skipped step lowered the scale (as accelerate reads it): counted as fp32's skipped steps are
-            finite = finite and self.scaler.get_scale() >= scale
         elif finite:  # a NaN/inf gradient would make every weight it reaches (and AdamW's moments) NaN for good
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
