@@ -1,6 +1,7 @@
 """The nested LoRA layer: math, nesting, exact preservation of paused dimensions, merge."""
 
 import copy
+import subprocess
 
 import pytest
 import torch
@@ -1425,4 +1426,9 @@ def test_the_cpp_extension_is_named_by_its_source_so_two_versions_never_share_a_
     # two venvs with different torch versions share the cache folder too (it names Python and the device only)
     assert name == _fused.extension_name("unified_lora_nested_path", text, flags, torch.__version__)
     assert name != _fused.extension_name("unified_lora_nested_path", text, flags, "2.4.0")
+    # and the ninja on PATH: ninja 1.11 (a system package) and 1.13 (pip's, first on PATH in an activated venv) hash a
+    # build command differently, so under one name each took the other's build for stale and rebuilt it
+    ninja = subprocess.run(["ninja", "--version"], capture_output=True, text=True).stdout.strip()
+    assert ninja and name == _fused.extension_name("unified_lora_nested_path", text, flags, torch.__version__, ninja)
+    assert name != _fused.extension_name("unified_lora_nested_path", text, flags, torch.__version__, "1.11.1.other")
     assert _fused.layer_kernels().__name__ == name

@@ -5,10 +5,12 @@
 
 The first call compiles the file (about half a minute to a minute on 2 cores). Later calls in the same process
 return the loaded module. Later processes reuse torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
-`~/.cache/torch_extensions`). The extension's name carries a digest of its source, its flags and the torch
-version: two installs of different versions (two virtual environments, two checkouts, two torch versions) share that
-cache, and under one name they would rebuild each other's build folder and, when they ran at once, load each other's
-library.
+`~/.cache/torch_extensions`). The extension's name carries a digest of its source, its flags, the torch version
+and the ninja version: two installs of different versions (two virtual environments, two checkouts, two torch
+versions) share that cache, and under one name they would rebuild each other's build folder and, when they ran at
+once, load each other's library. Two ninja versions (the system's and pip's, one first on PATH in an activated
+virtual environment, the other not) record a build's command under different hashes, so each took the other's build
+for stale and rebuilt it (30-80 s on 2 cores) at every switch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import shutil
+import subprocess
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -45,16 +48,28 @@ def _build(name: str, source: Path, functions: list[str], option: str, default: 
             f"{option}: building {source.name} failed ({type(e).__name__}: {e}); use {default} (the default)") from e
 
 
-def extension_name(name: str, text: str, flags: dict, torch_version: str | None = None) -> str:
-    """`name` plus a digest of the source text, the build flags and the torch version: one build folder per version
-    of the source and of torch (torch's cache folder names the Python version and the device, not torch's own: a
-    library built against one torch, loaded by another, can fail to load or crash)."""
+def extension_name(name: str, text: str, flags: dict, torch_version: str | None = None,
+                   ninja_version: str | None = None) -> str:
+    """`name` plus a digest of the source text, the build flags, the torch version and the ninja version: one build
+    folder per version of the source, of torch (torch's cache folder names the Python version and the device, not
+    torch's own: a library built against one torch, loaded by another, can fail to load or crash) and of the ninja
+    that torch runs (the one on PATH: ninja 1.11 and 1.13 hash a command differently, so each rebuilt the other's)."""
     if torch_version is None:
         import torch
 
         torch_version = torch.__version__
-    key = text + repr(sorted(flags.items())) + torch_version
+    if ninja_version is None:
+        ninja_version = _ninja_version()
+    key = text + repr(sorted(flags.items())) + torch_version + "\nninja " + ninja_version
     return f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _ninja_version() -> str:
+    """`ninja --version` of the ninja on PATH, the one torch's load_inline runs ("" where there is none)."""
+    try:
+        return subprocess.run(["ninja", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 @functools.lru_cache(maxsize=None)
