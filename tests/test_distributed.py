@@ -219,7 +219,7 @@ def _step_token_losses():
     return StepTokenLosses()
 
 
-CAUSAL_RUNS = ("lm", "loss_func", "sft", "sft_packed")
+CAUSAL_RUNS = ("lm", "loss_func", "sft", "sft_packed", "sft_local")
 
 
 def _causal_lm_trainers_ddp(rank: int, out: str) -> None:
@@ -228,7 +228,8 @@ def _causal_lm_trainers_ddp(rank: int, out: str) -> None:
     world size) and accumulation 2, each with UnifiedLoRACallback (`add_to`) and `_step_token_losses`: the stock
     Trainer with the model's own loss ("lm") and with a compute_loss_func ("loss_func", test_sft's twice the token
     mean), and TRL's SFTTrainer (completion-only loss through its fused LM head, SFTConfig's default gradient
-    checkpointing, float32), on padded rows ("sft") and packed ones ("sft_packed")."""
+    checkpointing, float32), on padded rows ("sft") and packed ones ("sft_packed"); and SFTTrainer with
+    `average_tokens_across_devices=False` ("sft_local")."""
     import trl
     from transformers import Trainer, TrainingArguments
 
@@ -242,7 +243,7 @@ def _causal_lm_trainers_ddp(rank: int, out: str) -> None:
 
     def sft(model, rows=32, **kw):  # float32; SFTConfig's default gradient checkpointing makes the Trainer turn
         # find_unused_parameters off, which the callback refuses, naming the setting
-        args = trl.SFTConfig(**common, max_length=64, bf16=False, ddp_find_unused_parameters=True, **kw)
+        args = trl.SFTConfig(**{**common, "max_length": 64, "bf16": False, "ddp_find_unused_parameters": True, **kw})
         return trl.SFTTrainer(model=model, args=args, train_dataset=prompt_completion_data(rows),
                               processing_class=chat_tokenizer())
 
@@ -253,6 +254,8 @@ def _causal_lm_trainers_ddp(rank: int, out: str) -> None:
         "sft": sft,
         # packed ("bfd"): padding-free rows of several sequences, position_ids and no attention mask
         "sft_packed": lambda m: sft(m, 96, packing=True),
+        # each process's token sum over its own tokens: DDP's gradient mean trains the mean of their token means
+        "sft_local": lambda m: sft(m, average_tokens_across_devices=False),
     }
     for name in CAUSAL_RUNS:
         model = tiny_llama().train()
@@ -420,22 +423,24 @@ def test_a_causal_lm_under_ddp_feeds_the_controller_the_token_mean_over_every_pr
     equals that token mean recomputed from the model's logits at each forward, the Trainer's logged `loss` and
     `unified_lora/loss`. SFTTrainer's (its fused head's token means, weighted by their tokens) used to be each
     process's own token mean, averaged over processes: another number wherever the processes hold different
-    numbers of label tokens (as here, completion-only loss), and neither the one trained nor the one logged."""
+    numbers of label tokens (as here, completion-only loss), and neither the one trained nor the one logged. That
+    average is right with `average_tokens_across_devices=False` ("sft_local"), where DDP's gradient mean trains it."""
     r0, r1 = (r[f"causal_{name}"] for r in ddp_run)
     assert r0["world"] == r1["world"] == 2
     assert r0["trace"] == r1["trace"] and len(r0["trace"]) == 3
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
     assert r0["local_loss"] != r1["local_loss"]  # each process's share of the step differs
     scale = 2.0 if name == "loss_func" else 1.0  # _doubled_token_mean
-    want, averaged = [], []
+    token_mean, process_mean = [], []
     for mine, theirs in zip(r0["steps"], r1["steps"]):
         assert len(mine) == len(theirs) == 2  # accumulation 2
         nll, tokens = ([sum(v[i] for v in s) for s in (mine, theirs)] for i in (0, 1))
-        want.append(scale * sum(nll) / sum(tokens))
-        averaged.append(scale * (nll[0] / tokens[0] + nll[1] / tokens[1]) / 2)
+        token_mean.append(scale * sum(nll) / sum(tokens))
+        process_mean.append(scale * (nll[0] / tokens[0] + nll[1] / tokens[1]) / 2)
+    want, other = (process_mean, token_mean) if name == "sft_local" else (token_mean, process_mean)
     losses = [loss for _, loss, *_ in r0["trace"]]
     assert losses == pytest.approx(want, rel=1e-5)
-    assert max(abs(a - b) for a, b in zip(want, averaged)) > 1e-3  # the check tells the two apart
+    assert max(abs(a - b) for a, b in zip(want, other)) > 1e-3  # the check tells the two apart
     for r in (r0, r1):
         assert [h["unified_lora/loss"] for h in r["logs"]] == losses
         assert [h["loss"] for h in r["logs"]] == pytest.approx(losses, rel=1e-6)

@@ -33,7 +33,10 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
   head returns each micro-batch's token mean and a `label_mask`) and divides the
   token sums by it itself: the callback weights each micro-batch's loss by its
   label tokens, so it sees the token mean over the step that the Trainer trains
-  and logs (under DDP, each process's token mean, averaged over processes); with
+  and logs (under DDP with `average_tokens_across_devices`, the Trainer's default,
+  the token mean over every process's rows: it divides by the step's label tokens
+  of every process, one all-reduce of the count; without it, each process's token
+  mean, averaged over processes, as the Trainer then trains); with
   `SFTConfig(loss_type="dft")` it computes the DFT loss from the output's
   `log_probs`, as the trainer does (the output's `loss` is the plain NLL);
 * otherwise (e.g. `BertForSequenceClassification`, whose loss is a plain
