@@ -68,6 +68,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     _init_gloo(rank, world, port)
     _plain_ddp_loop(rank, out)
     _trainer_ddp(rank, out)
+    _causal_lm_trainers_ddp(rank, out)
     _accelerate_loop(rank, out)
     if can_build_cpp():
         _plain_ddp_loop(rank, out, layer_kernel="cpp")
@@ -158,6 +159,118 @@ def _trainer_ddp(rank: int, out: str) -> None:
                os.path.join(out, f"trainer{rank}.pt"))
 
 
+def completion_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """`_CompletionRows`' labels: the completion's ids (20 and up), -100 on the prompt (3-19) and the padding (0)."""
+    return torch.where(input_ids >= 20, input_ids, -100)
+
+
+class _CompletionRows(torch.utils.data.Dataset):
+    """Causal-LM rows for the stock Trainer: a prompt of 1-6 tokens, a completion of 1-6 and padding, labelled on the
+    completion only, so that the micro-batches, and each process's share of a step, hold different numbers of label
+    tokens."""
+
+    def __init__(self, n=32, length=12):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.zeros(n, length, dtype=torch.long)
+        for row, (p, c) in zip(self.x, torch.randint(1, 7, (n, 2), generator=g).tolist()):
+            row[:p] = torch.randint(3, 20, (p,), generator=g)
+            row[p:p + c] = torch.randint(20, 64, (c,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        return {"input_ids": x, "attention_mask": (x != 0).long(), "labels": completion_labels(x)}
+
+
+def _step_token_losses():
+    """A Trainer callback that recomputes each training micro-batch's summed next-token NLL and its label tokens
+    from the model's own logits, at its forward (a second forward without gradient: the same weights, rank and
+    inputs): `.steps`, per optimizer step, a list of (NLL sum, tokens). Labels the Trainer popped (a
+    compute_loss_func) are `completion_labels` of the ids."""
+    from transformers import TrainerCallback
+
+    class StepTokenLosses(TrainerCallback):
+        def __init__(self):
+            self.steps, self._hook = [], None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def recompute(module, a, kw):
+                if not (module.training and torch.is_grad_enabled()):
+                    return  # (this hook's own forward among them)
+                labels = kw["labels"] if kw.get("labels") is not None else completion_labels(kw["input_ids"])
+                inputs = {k: kw[k] for k in ("input_ids", "attention_mask", "position_ids") if kw.get(k) is not None}
+                with torch.no_grad():
+                    logits = module(**inputs, use_cache=False).logits[:, :-1].float()
+                target = labels[:, 1:]
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                                        ignore_index=-100, reduction="sum")
+                self.steps[-1].append((nll.item(), int((target != -100).sum())))
+
+            self._hook = model.register_forward_pre_hook(recompute, with_kwargs=True)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.steps.append([])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._hook.remove()
+
+    return StepTokenLosses()
+
+
+CAUSAL_RUNS = ("lm", "loss_func", "sft", "sft_packed", "sft_local")
+
+
+def _causal_lm_trainers_ddp(rank: int, out: str) -> None:
+    """A causal LM (conftest's tiny Llama) under DDP with `average_tokens_across_devices=True` (the Trainer's
+    default: the loss of each process is its token sum over the step's label tokens of every process, times the
+    world size) and accumulation 2, each with UnifiedLoRACallback (`add_to`) and `_step_token_losses`: the stock
+    Trainer with the model's own loss ("lm") and with a compute_loss_func ("loss_func", test_sft's twice the token
+    mean), and TRL's SFTTrainer (completion-only loss through its fused LM head, SFTConfig's default gradient
+    checkpointing, float32), on padded rows ("sft") and packed ones ("sft_packed"); and SFTTrainer with
+    `average_tokens_across_devices=False` ("sft_local")."""
+    import trl
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_llama
+    from test_sft import _doubled_token_mean, chat_tokenizer, prompt_completion_data, setup
+    from unified_lora.callbacks import UnifiedLoRACallback
+
+    common = dict(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+                  learning_rate=1e-2, average_tokens_across_devices=True, logging_steps=1, use_cpu=True,
+                  report_to="none", save_strategy="no", disable_tqdm=True, seed=0, data_seed=0, ddp_backend="gloo")
+
+    def sft(model, rows=32, **kw):  # float32; SFTConfig's default gradient checkpointing makes the Trainer turn
+        # find_unused_parameters off, which the callback refuses, naming the setting
+        args = trl.SFTConfig(**{**common, "max_length": 64, "bf16": False, "ddp_find_unused_parameters": True, **kw})
+        return trl.SFTTrainer(model=model, args=args, train_dataset=prompt_completion_data(rows),
+                              processing_class=chat_tokenizer())
+
+    builds = {
+        "lm": lambda m: Trainer(model=m, args=TrainingArguments(**common), train_dataset=_CompletionRows()),
+        "loss_func": lambda m: Trainer(model=m, args=TrainingArguments(**common), train_dataset=_CompletionRows(),
+                                       compute_loss_func=_doubled_token_mean),
+        "sft": sft,
+        # packed ("bfd"): padding-free rows of several sequences, position_ids and no attention mask
+        "sft_packed": lambda m: sft(m, 96, packing=True),
+        # each process's token sum over its own tokens: DDP's gradient mean trains the mean of their token means
+        "sft_local": lambda m: sft(m, average_tokens_across_devices=False),
+    }
+    for name in CAUSAL_RUNS:
+        model = tiny_llama().train()
+        _, ctrl = setup(model)
+        trainer = builds[name](model)
+        cb, rec = UnifiedLoRACallback(ctrl).add_to(trainer), _step_token_losses()
+        trainer.add_callback(rec)
+        trainer.train()
+        torch.save({"trace": [(r.step, r.loss, r.phi, r.mode, r.rank, r.lr) for r in ctrl.trace],
+                    "logs": [h for h in trainer.state.log_history if "loss" in h], "local_loss": cb.step_losses,
+                    "steps": rec.steps, "world": dist.get_world_size(),
+                    "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}},
+                   os.path.join(out, f"causal_{name}{rank}.pt"))
+
+
 def _accelerate_loop(rank: int, out: str) -> None:
     """A hand-written loop with accelerate's Accelerator (what `accelerate launch` runs)."""
     from accelerate import Accelerator
@@ -216,7 +329,7 @@ def ddp_run(tmp_path_factory):
     out = _spawn_once(tmp_path_factory, "unified_lora_ddp", _worker)
     runs = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
     for r, run in enumerate(runs):
-        for phase in ("trainer", "accelerate"):
+        for phase in ("trainer", "accelerate", *(f"causal_{name}" for name in CAUSAL_RUNS)):
             run[phase] = torch.load(os.path.join(out, f"{phase}{r}.pt"), weights_only=False)
         cpp = os.path.join(out, f"rank{r}_cpp.pt")
         run["cpp"] = torch.load(cpp, weights_only=False) if os.path.isfile(cpp) else None
@@ -300,6 +413,37 @@ def test_trainer_logs_the_loss_the_controller_used_under_ddp(ddp_run):
         assert [h["unified_lora/loss"] for h in r["logs"]] == [loss for _, loss, *_ in r["trace"]]
         assert [h["unified_lora/phi"] for h in r["logs"]] == [phi for _, _, phi, *_ in r["trace"]]
         assert [h["unified_lora/loss"] for h in r["logs"]] != r["local_loss"]
+
+
+@pytest.mark.parametrize("name", CAUSAL_RUNS)
+def test_a_causal_lm_under_ddp_feeds_the_controller_the_token_mean_over_every_process(ddp_run, name):
+    """With `average_tokens_across_devices=True` (the default) the Trainer and SFTTrainer divide each process's token
+    sum by the step's label tokens of every process and multiply it by the world size; the loss they train and log
+    is the token mean over all the step's rows. The controller must see that number, on every process: here it
+    equals that token mean recomputed from the model's logits at each forward, the Trainer's logged `loss` and
+    `unified_lora/loss`. SFTTrainer's (its fused head's token means, weighted by their tokens) used to be each
+    process's own token mean, averaged over processes: another number wherever the processes hold different
+    numbers of label tokens (as here, completion-only loss), and neither the one trained nor the one logged. That
+    average is right with `average_tokens_across_devices=False` ("sft_local"), where DDP's gradient mean trains it."""
+    r0, r1 = (r[f"causal_{name}"] for r in ddp_run)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["trace"] == r1["trace"] and len(r0["trace"]) == 3
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    assert r0["local_loss"] != r1["local_loss"]  # each process's share of the step differs
+    scale = 2.0 if name == "loss_func" else 1.0  # _doubled_token_mean
+    token_mean, process_mean = [], []
+    for mine, theirs in zip(r0["steps"], r1["steps"]):
+        assert len(mine) == len(theirs) == 2  # accumulation 2
+        nll, tokens = ([sum(v[i] for v in s) for s in (mine, theirs)] for i in (0, 1))
+        token_mean.append(scale * sum(nll) / sum(tokens))
+        process_mean.append(scale * (nll[0] / tokens[0] + nll[1] / tokens[1]) / 2)
+    want, other = (process_mean, token_mean) if name == "sft_local" else (token_mean, process_mean)
+    losses = [loss for _, loss, *_ in r0["trace"]]
+    assert losses == pytest.approx(want, rel=1e-5)
+    assert max(abs(a - b) for a, b in zip(want, other)) > 1e-3  # the check tells the two apart
+    for r in (r0, r1):
+        assert [h["unified_lora/loss"] for h in r["logs"]] == losses
+        assert [h["loss"] for h in r["logs"]] == pytest.approx(losses, rel=1e-6)
 
 
 def test_accelerate_loop_in_lockstep(ddp_run):

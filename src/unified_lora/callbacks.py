@@ -33,7 +33,10 @@ optimizer step, averaged over the gradient-accumulation micro-steps:
   head returns each micro-batch's token mean and a `label_mask`) and divides the
   token sums by it itself: the callback weights each micro-batch's loss by its
   label tokens, so it sees the token mean over the step that the Trainer trains
-  and logs (under DDP, each process's token mean, averaged over processes); with
+  and logs (under DDP with `average_tokens_across_devices`, the Trainer's default,
+  the token mean over every process's rows: it divides by the step's label tokens
+  of every process, one all-reduce of the count; without it, each process's token
+  mean, averaged over processes, as the Trainer then trains); with
   `SFTConfig(loss_type="dft")` it computes the DFT loss from the output's
   `log_probs`, as the trainer does (the output's `loss` is the plain NLL);
 * otherwise (e.g. `BertForSequenceClassification`, whose loss is a plain
@@ -152,6 +155,7 @@ from collections.abc import Mapping
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ._files import load_state_file, write_text_atomically, written_atomically
@@ -378,11 +382,27 @@ class UnifiedLoRACallback(TrainerCallback):
         if self._normalised:
             loss = self._loss_sum
         elif torch.is_tensor(self._n_tokens):  # micro-batches recorded by token count: the step's token mean
-            loss = self._loss_sum / self._n_tokens.clamp(min=1)
+            loss = self._loss_sum / self._token_divisor(self._n_tokens)
         else:
             loss = self._loss_sum / self._n_micro
         self._loss_sum, self._n_micro, self._n_tokens, self._normalised = 0.0, 0, 0, False
         return loss
+
+    def _token_divisor(self, n: torch.Tensor) -> torch.Tensor:
+        """What the step's token sums are divided by, per process. Under DDP with `average_tokens_across_devices`
+        (the Trainer's default), TRL's SFTTrainer divides each process's token sum by the label tokens of every
+        process (the Trainer's `num_items_in_batch`, counted across processes) and multiplies it by the world size,
+        as `Trainer.compute_loss` does: the loss it trains and logs (the mean over processes) is the token mean over
+        every process's rows. So this process's tokens count as all of them over the world size (one all-reduce of
+        the count), and the controller's mean over processes is that token mean; each process's own token mean,
+        averaged, weighed a token by how few its process had."""
+        args = self._args
+        if args is None or not getattr(args, "average_tokens_across_devices", False) or args.world_size <= 1 \
+                or not (dist.is_available() and dist.is_initialized()):
+            return n.clamp(min=1)
+        total = n.detach().clone()
+        dist.all_reduce(total)  # every process gets here at the same step (on_pre_optimizer_step)
+        return total.clamp(min=1) / args.world_size  # (SFTTrainer clamps the count of all processes)
 
     # -- events ----------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
