@@ -81,6 +81,12 @@ def test_chat_labels_are_the_whole_rendering_the_assistant_turns_or_the_completi
             assert n == len(ids) and enc["input_ids"][i, :n].tolist() == ids  # as apply_chat_template renders it
             want = [t if (m or not assistant_only) else -100 for t, m in zip(ids, mask)]
             assert enc["labels"][i].tolist() == want + [-100] * (enc["labels"].shape[1] - n)
+    said = []  # cut at max_length: the start kept; a row with no assistant token left is left out
+    enc = encode_rows(tok, rows, "causal-lm", 20, assistant_only=True, note=said.append)
+    assert said == ["2 of 4 chat rows have no assistant token within max_length 20 (the messages before it fill it) "
+                    "and are left out", "2 of 4 chat rows are longer than max_length 20 and cut at its end: the rest "
+                    "of their conversation is not trained on"]
+    assert enc["input_ids"][0].tolist() == _reference(tok, CONVS[0])[0][:20]
     # conversational prompt/completion (TRL's layout): the completion's tokens after the prompt's generation prompt
     pairs = [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVS]
     rows, _ = _load_texts(_jsonl(tmp_path / "pairs.jsonl", pairs), ["text"], detect=True)

@@ -548,8 +548,8 @@ def _messages(value, source: str, column: str) -> tuple:
     else:
         problem = next((": " + p for p in map(_message_problem, value, itertools.count(1)) if p), None)
     if problem:
-        raise DataError(f"{source}: column {column!r}{'' if problem[0] == ':' else ' '}{problem}; chat data is a list of {{\"role\": \"user\", "
-                        "\"content\": \"...\"}} messages a record (roles: " + ", ".join(CHAT_ROLES) + ")")
+        raise DataError(f"{source}: column {column!r}{'' if problem[0] == ':' else ' '}{problem}; chat data is a "
+                        "list of {\"role\": ..., \"content\": \"...\"} messages a record")
     return tuple(value)
 
 
@@ -850,7 +850,7 @@ def render_chat(tokenizer, messages: Sequence[dict], source: str, generation: bo
     `generation`) and tokenised as `apply_chat_template(tokenize=True)` does: no special tokens added, the template
     writes them. A template that fails on the row (one that raises "roles must alternate") is a DataError naming
     it."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError  # (a torch dependency; transformers renders templates with it)
 
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the model's tokenizer has no chat template, which chat data (lists of role/content messages) "
