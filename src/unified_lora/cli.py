@@ -676,9 +676,8 @@ def _read_config(path: str) -> dict:
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
-                 "label_column",
-                 "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save", "rank_levels",
-                 "lora_alpha", "lora_dropout", "controller", "signal")
+                 "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save",
+                 "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
@@ -750,9 +749,8 @@ def _train(args, held: dict) -> int:
     from .trace import read_trace
     from .training import (DivergedError, Run, TextCorpus, UsageError, agree_max, check_precision, check_row_length,
                            detect_task_type, device_label, encode_rows, evaluate_run, export_peft, is_chat, iterate,
-                           load_data,
-                           load_model, majority, on_rank0, process_rank, prune_step_checkpoints, resolve_device,
-                           resolve_model, seed_everything, subsample, take_rows, world_size)
+                           load_data, load_model, majority, on_rank0, process_rank, prune_step_checkpoints,
+                           resolve_device, resolve_model, seed_everything, subsample, take_rows, world_size)
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
