@@ -1475,7 +1475,8 @@ def test_the_readme_names_every_setting_a_resume_refuses():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     para = readme.split("- **Resume and re-runs:**", 1)[1].split("\n- **", 1)[0]
     said = {"model": "the model", "task_type": "the model", "data": "the data", "dev_data": "the data or its split",
-            "dev_fraction": "its split", "text_columns": "the data", "label_column": "the data",
+            "dev_fraction": "its split", "text_columns": "the data", "assistant_only_loss": "`--assistant-only-loss`",
+            "label_column": "the data",
             "max_length": "`max_length`", "batch_size": "`batch_size`", "grad_accum": "`grad_accum`", "seed": "`seed`",
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
             "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",

@@ -89,6 +89,18 @@ def test_the_labels_are_exactly_the_completion_and_eos_and_a_bos_is_added_once(m
             assert tok(prompt)["input_ids"] == context  # what the tokenizer gives the prompt alone: the inference input
 
 
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_a_completion_that_already_ends_with_the_eos_gets_no_second_one(models, which):
+    """TRL adds the eos to a completion only where it does not end with it: the row is the same either way."""
+    from unified_lora.training import encode_rows
+
+    tok = _tok(models[which])
+    enc = encode_rows(tok, [("say hi:", " hello" + tok.eos_token), ("say hi:", " hello")], "causal-lm", 64)
+    with_eos, without = (enc["input_ids"][i, :int(enc["attention_mask"][i].sum())].tolist() for i in (0, 1))
+    assert with_eos == without and with_eos.count(tok.eos_token_id) == 1 and with_eos[-1] == tok.eos_token_id
+    assert enc["labels"][0].equal(enc["labels"][1])
+
+
 def test_a_row_cut_at_max_length_keeps_its_start_and_one_with_no_completion_left_is_left_out(models):
     from unified_lora.data import DataError
     from unified_lora.training import encode_rows
@@ -154,7 +166,7 @@ def test_a_run_learns_a_repeated_pair_and_its_dev_perplexity_is_the_completions(
     assert abs(total["all"][0] / total["all"][1] - completion_loss) > 0.05  # the prompt tokens' loss is another
 
 
-def test_a_prompt_completion_jsonl_is_found_without_text_columns_and_chat_data_is_refused(models, tmp_path, capsys):
+def test_a_prompt_completion_jsonl_is_found_without_text_columns_and_an_empty_completion_is_refused(models, tmp_path, capsys):
     data = _jsonl(tmp_path / "sft.jsonl", PAIRS * 2)
     out = tmp_path / "run"
     assert main(_train(models["llama"], data, out, "--steps", "2")) == 0
@@ -166,12 +178,6 @@ def test_a_prompt_completion_jsonl_is_found_without_text_columns_and_chat_data_i
     assert st["config"]["text_columns"] == ["prompt", "completion"]  # recorded: a resume keeps the layout
     assert json.loads((out / "summary.json").read_text())["config"]["text_columns"] == ["prompt", "completion"]
 
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    assert main(_train(models["llama"], chat, tmp_path / "chat_run", "--steps", "2")) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"unified-lora: error: {chat}: column 'messages' holds chat (conversational) data")
-    assert err.count("\n") == 1 and not (tmp_path / "chat_run").exists()
     # an empty completion has nothing to learn but the eos: refused, naming the record
     empty = _jsonl(tmp_path / "empty.jsonl", [PAIRS[0], ("what?", " ")])
     assert main(_train(models["llama"], empty, tmp_path / "empty_run", "--steps", "2")) == 2

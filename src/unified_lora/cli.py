@@ -579,7 +579,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "device", "precision", "grad_accum",
-        "max_nonfinite_steps")},
+        "max_nonfinite_steps", "assistant_only_loss")},
     "lrs": "mode_lrs",
 }
 
@@ -675,9 +675,9 @@ def _read_config(path: str) -> dict:
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
-_RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "label_column",
-                 "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save", "rank_levels",
-                 "lora_alpha", "lora_dropout", "controller", "signal")
+_RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
+                 "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save",
+                 "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
@@ -748,9 +748,9 @@ def _train(args, held: dict) -> int:
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (DivergedError, Run, TextCorpus, UsageError, agree_max, check_precision, check_row_length,
-                           detect_task_type, device_label, encode_rows, evaluate_run, export_peft, iterate, load_data,
-                           load_model, majority, on_rank0, process_rank, prune_step_checkpoints, resolve_device,
-                           resolve_model, seed_everything, subsample, take_rows, world_size)
+                           detect_task_type, device_label, encode_rows, evaluate_run, export_peft, is_chat, iterate,
+                           load_data, load_model, majority, on_rank0, process_rank, prune_step_checkpoints,
+                           resolve_device, resolve_model, seed_everything, subsample, take_rows, world_size)
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
@@ -765,6 +765,7 @@ def _train(args, held: dict) -> int:
     task_type = detect_task_type(model_path, cfg.task_type)
     # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
     train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
+    chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
@@ -772,13 +773,22 @@ def _train(args, held: dict) -> int:
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     model.to(device)
-    if pairs:
+    if chat:
+        if cfg.assistant_only_loss:
+            on = ("the completion's" if pairs else "the") + " assistant turns only (--assistant-only-loss)"
+        else:
+            on = "the completion" if pairs else "every token of the conversation"
+        say(f"chat rows ({', '.join(map(repr, cfg.text_columns))}), rendered with the tokenizer's chat template: the "
+            f"loss is on {on}")
+    elif pairs:
         prompt, completion = cfg.text_columns
         say(f"prompt/completion rows ({prompt!r}, {completion!r}): the loss is on the completion's tokens"
             + (" and the eos" if tok.eos_token_id is not None else
                "; the tokenizer has no eos token, so none ends a completion (the model is not taught to stop)"))
-    enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"))
-    enc_dev = encode_rows(tok, dev, task_type, cfg.max_length, note=lambda m: say(f"dev data: {m}"))
+    enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"),
+                            assistant_only=cfg.assistant_only_loss)
+    enc_dev = encode_rows(tok, dev, task_type, cfg.max_length, note=lambda m: say(f"dev data: {m}"),
+                          assistant_only=cfg.assistant_only_loss)
     check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
@@ -1280,7 +1290,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): causal-lm for ...ForCausalLM / ...LMHeadModel checkpoints, else seq-cls")
     t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2; a causal "
                    "LM: one text, or prompt,completion (the loss on the completion only; found without this flag in a "
-                   "table with those columns and no text column) (default: text)")
+                   "table with those columns and no text column); a .jsonl column of role/content message lists is "
+                   "chat data, rendered with the tokenizer's chat template (a 'messages' column is found without this "
+                   "flag) (default: text)")
+    t.add_argument("--assistant-only-loss", action="store_true", default=None, help="chat data: the loss on the "
+                   "assistant turns only (TRL's assistant_only_loss; default: the whole conversation)")
     t.add_argument("--label-column", help="table label column (default: label)")
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
     t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")

@@ -21,10 +21,10 @@ import torch
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
 from .data.loaders import _GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows
-from .training import (TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, autocast, check_precision,
+from .training import (TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast, check_precision,
                        check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint, load_model,
-                       model_device, predict_logits, read_state, resolve_device, resolve_model, seed_everything,
-                       special_prefix)
+                       model_device, predict_logits, read_state, render_chat, resolve_device, resolve_model,
+                       seed_everything, special_prefix)
 
 FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
 ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
@@ -197,7 +197,8 @@ def write_rows(path: Path, rows: Sequence[dict]) -> None:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], delimiter="\t" if fmt == "tsv" else ",",
                                lineterminator="\n")
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else v
+                         for k, v in r.items()} for r in rows)  # a chat prompt (its messages) as JSON text
 
 
 def _input_file(path: str, flag: str) -> Path:
@@ -295,7 +296,7 @@ def classify(trained: Trained, rows: Rows, batch_size: int = 64) -> tuple[list[d
 
 @dataclass
 class Prompts:
-    texts: list[str]
+    texts: list  # strings, or conversations (tuples of role/content messages) of a chat prompt column
     ids: list | None
     id_name: str | None
     fmt: str  # the default output's format: a .txt file's is jsonl
@@ -304,7 +305,9 @@ class Prompts:
 
 def read_prompts(trained: Trained, path: str, column: str | None = None, id_column: str | None = None) -> Prompts:
     """Prompts: the lines of a .txt file (blank lines skipped and counted), or a column of a .csv/.tsv/.jsonl table:
-    `column`, default the run's first text column (a prompt/completion run's prompt column)."""
+    `column`, default the run's first text column (a prompt/completion run's prompt column, a chat run's
+    `messages`). A .jsonl column of lists of role/content messages holds conversations (`encode_prompts` renders
+    them with the chat template), checked as training checks chat data."""
     p = _input_file(path, "--prompts")
     fmt = p.suffix.lower().lstrip(".")
     if fmt in TEXT_SUFFIXES:
@@ -329,20 +332,28 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
             where = "" if n == 1 else f" (record {n})"
             raise DataError(f"unknown column {column!r} in {p}{where}; columns are {list(r)} (--prompt-column names "
                             "another)")
-    _check_no_null_text(records, column, p)
+    if any(isinstance(r[column], list) for r in records):
+        texts = [_messages(r[column], f"--prompts {path}: record {n}", column) for n, r in enumerate(records, 1)]
+    else:
+        _check_no_null_text(records, column, p)
+        texts = [str(r[column]) for r in records]
     id_name = _id_column(records, id_column, [column], p)
-    return Prompts([str(r[column]) for r in records], [r.get(id_name) for r in records] if id_name else None,
-                   id_name, fmt)
+    return Prompts(texts, [r.get(id_name) for r in records] if id_name else None, id_name, fmt)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], corpus: bool = False) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence, corpus: bool = False) -> list[list[int]]:
     """Each prompt's token ids as training put the start of a text: the tokenizer's leading special tokens
     (`special_prefix`: Llama's BOS; none for GPT-2), then the prompt tokenised alone with no special tokens (no eos),
     as `encode_pairs` puts a prompt before its completion. A run trained on a plain-text corpus (`encode_corpus`, which
-    adds no special token) gets no prefix (`corpus`)."""
+    adds no special token) gets no prefix (`corpus`). A conversation (a tuple of messages) is rendered with the chat
+    template and the assistant's generation prompt (`render_chat`), as `encode_chat` renders a conversational
+    prompt."""
+    texts = [(i, t) for i, t in enumerate(prompts) if isinstance(t, str)]
     prefix = [] if corpus else special_prefix(tokenizer)
-    bare = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"] if prompts else []
-    return [prefix + list(ids) for ids in bare]
+    bare = tokenizer([t for _, t in texts], add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    out = {i: prefix + list(ids) for (i, _), ids in zip(texts, bare)}
+    return [out[i] if i in out else render_chat(tokenizer, t, f"prompt {i + 1}", generation=True)
+            for i, t in enumerate(prompts)]
 
 
 def _positions(model) -> int | None:
@@ -406,7 +417,8 @@ def perplexity(trained: Trained, path: str, batch_size: int = 64, note: Callable
     """A causal LM's loss and perplexity on `path`, read and scored as `train` scores its --dev-data (`_load_texts` with
     the run's columns, `encode_rows`, `evaluate`)."""
     p = _input_file(path, "--data")
-    texts = _load_texts(p, trained.cfg.text_columns)
-    enc = encode_rows(trained.tokenizer, texts, "causal-lm", trained.cfg.max_length, note=note)
+    texts, _ = _load_texts(p, trained.cfg.text_columns)
+    enc = encode_rows(trained.tokenizer, texts, "causal-lm", trained.cfg.max_length, note=note,
+                      assistant_only=trained.cfg.assistant_only_loss)
     check_row_length(trained.model, trained.cfg.max_length, enc)
     return evaluate(trained.model, enc, "causal-lm", "lm", batch_size, trained.cfg.precision)

@@ -79,6 +79,7 @@ class TrainConfig:
     task_type: str = "auto"  # auto | seq-cls | causal-lm
     text_columns: Sequence[str] = ("text",)
     label_column: str = "label"
+    assistant_only_loss: bool = False  # chat data (a causal LM): the loss on the assistant turns only (TRL's flag)
     dev_fraction: float = 0.1  # held out from `data` when there is no dev set
     dev_size: int = 0  # >0: evaluate on a fixed-seed subsample of this many dev rows
     max_length: int = 64
@@ -509,13 +510,55 @@ class TextCorpus(list):
 
 
 PROMPT_COMPLETION = ("prompt", "completion")  # a causal LM's table read as pairs without --text-columns
+CHAT_COLUMN = "messages"  # a causal LM's table read as conversations without --text-columns (TRL's conversational LM)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> list:
-    """Causal-LM data: one text column of a .csv/.tsv/.jsonl table (a list of texts), two (prompt, completion: a list
-    of (prompt, completion) pairs), or a whole .txt file (a TextCorpus). With `detect`, a table read for the column
-    "text" that has no such column but has "prompt" and "completion" columns is read as those pairs, and one with a
-    "messages" column (chat data, which is not read) is a DataError naming it."""
+@dataclass(frozen=True)
+class Chat:
+    """One row of chat data for a causal LM, rendered with the tokenizer's chat template (`encode_chat`): a
+    conversation (a `messages` column; `prompt` 0) or a conversational prompt/completion pair (two `--text-columns`
+    holding lists of messages; `prompt` is how many of `messages` are the prompt's). `source` names the row in errors
+    ("data.jsonl: record 3")."""
+
+    messages: tuple
+    prompt: int
+    source: str
+
+
+def _message_problem(m, i: int) -> str | None:
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        return f"message {i} is {m!r:.60}, not a {{\"role\": ..., \"content\": ...}} object"
+    if m["role"] not in CHAT_ROLES:
+        return f"message {i} has the role {m['role']!r}, not one of {list(CHAT_ROLES)}"
+    if not isinstance(m["content"], str):
+        return (f"message {i} has a {type(m['content']).__name__} as its content, not a string (content parts, such "
+                "as images, are not read)")
+    return None
+
+
+def _messages(value, source: str, column: str) -> tuple:
+    """A cell of chat data, checked: a non-empty list of {"role": one of CHAT_ROLES, "content": a string} objects
+    (other keys, such as a tool call's, go to the template as they are). Anything else is a DataError naming the row,
+    the column and the problem."""
+    if not isinstance(value, list):
+        problem = f"holds {'null' if value is None else 'a ' + type(value).__name__}, not a list of messages"
+    elif not value:
+        problem = "is an empty conversation (no message)"
+    else:
+        problem = next((": " + p for p in map(_message_problem, value, itertools.count(1)) if p), None)
+    if problem:
+        raise DataError(f"{source}: column {column!r}{'' if problem[0] == ':' else ' '}{problem}; chat data is a "
+                        "list of {\"role\": ..., \"content\": \"...\"} messages a record")
+    return tuple(value)
+
+
+def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tuple[list, list[str]]:
+    """Causal-LM data and the columns it was read from: one text column of a .csv/.tsv/.jsonl table (a list of texts),
+    two (prompt, completion: a list of (prompt, completion) pairs), or a whole .txt file (a TextCorpus). A .jsonl
+    column of lists of messages is chat data (a list of `Chat`): one column a conversation each row, two a
+    conversational prompt and completion. With `detect`, a table read for the column "text" that has no such column
+    but "prompt" and "completion" columns is read as those pairs, and one with a "messages" column as chat data."""
     columns = list(columns)
     fmt = path.suffix.lstrip(".").lower()
     if fmt in TEXT_SUFFIXES:
@@ -528,33 +571,44 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> lis
             text = path.read_text(encoding="utf-8-sig")
         if not text.strip():
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
-        return TextCorpus([text])
+        return TextCorpus([text]), columns
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
-    records = _read_records(path, fmt, [*columns, *(PROMPT_COMPLETION if detect and columns == ["text"] else ())])
+    found = (*PROMPT_COMPLETION, CHAT_COLUMN) if detect and columns == ["text"] else ()
+    records = _read_records(path, fmt, [*columns, *found])
     if not records:
         raise DataError(f"{path} has no data rows; a header alone is not a data set")
     if detect and columns == ["text"] and "text" not in records[0]:
         if all(c in records[0] for c in PROMPT_COMPLETION):
             columns = list(PROMPT_COMPLETION)
-        elif "messages" in records[0]:
-            raise DataError(f"{path}: column 'messages' holds chat (conversational) data, which a causal LM here does "
-                            "not read; give each record a 'text' string, or 'prompt' and 'completion' strings "
-                            "(--text-columns names other columns)")
+        elif CHAT_COLUMN in records[0]:
+            if fmt != "jsonl":
+                raise DataError(f"{path}: column {CHAT_COLUMN!r} looks like chat data, which a .{fmt} cell cannot hold "
+                                "(a cell is a text); write it as .jsonl, a list of {\"role\", \"content\"} messages a "
+                                "record")
+            columns = [CHAT_COLUMN]
     for column in columns:
         for n, record in enumerate(records, start=1):  # as load_table: a JSONL record without it was dropped silently
             if column not in record:
                 where = "" if n == 1 else f" (record {n})"
                 raise DataError(f"unknown column {column!r} in {path}{where}; columns are {list(record)}")
+    if any(isinstance(r[c], list) for r in records for c in columns):  # chat data: every cell a list of messages
+        chats = []
+        for n, record in enumerate(records, start=1):
+            source = f"{path}: record {n}"
+            parts = [_messages(record[c], source, c) for c in columns]
+            chats.append(Chat(sum(parts, ()), len(parts[0]) if len(parts) == 2 else 0, source))
+        return chats, columns
+    for column in columns:
         _check_no_null_text(records, column, path)
     if len(columns) == 1:
-        return [str(r[columns[0]]) for r in records]
+        return [str(r[columns[0]]) for r in records], columns
     prompt, completion = columns
     for n, record in enumerate(records, start=1):  # an empty completion has nothing to train on but the eos
         if not str(record[completion]).strip():
             raise DataError(f"{path}: record {n} has an empty completion (column {completion!r}); fill it in or drop "
                             "the record")
-    return [(str(r[prompt]), str(r[completion])) for r in records]
+    return [(str(r[prompt]), str(r[completion])) for r in records], columns
 
 
 def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextCorpus]:
@@ -573,10 +627,12 @@ def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextC
 def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | None = None,
               detect: bool = True) -> tuple[object, object, str]:
     """(train, dev, task_name). seq-cls: TextDatasets; causal-lm: lists of strings, of (prompt, completion) pairs
-    (two `text_columns`), or TextCorpus. With `detect` (leave it off on a resume: the run's stored columns are the
-    layout it trained on), a causal LM's table with no "text" column but "prompt" and "completion" ones, read for the
-    default `text_columns`, is read as pairs: `cfg.text_columns` is set to them (the checkpoints record it), and
-    `note` says so."""
+    (two `text_columns`), of `Chat` rows (columns of lists of messages), or TextCorpus. With `detect` (leave it off on
+    a resume: the run's stored columns are the layout it trained on), a causal LM's table with no "text" column but
+    "prompt" and "completion" ones, or a "messages" one, read for the default `text_columns`, is read as those:
+    `cfg.text_columns` is set to them (the checkpoints record it), and `note` says so."""
+    if cfg.assistant_only_loss and task_type != "causal-lm":
+        raise UsageError("--assistant-only-loss: for a causal LM's chat data; this run trains a classifier (seq-cls)")
     if cfg.data is None:
         return load_glue("mrpc", "train"), load_glue("mrpc", "dev"), "mrpc"
     path = Path(cfg.data).expanduser()
@@ -590,15 +646,25 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
         dev = _load_glue_file(key, Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue(key, "dev", path)
         return load_glue(key, "train", path), dev, key
     if task_type == "causal-lm":
-        # two columns are (prompt, completion) pairs, trained on the completion only (`encode_pairs`)
-        texts = _load_texts(path, cfg.text_columns, detect=detect)
-        if texts and isinstance(texts[0], tuple) and len(cfg.text_columns) == 1:
+        # two columns are (prompt, completion) pairs, trained on the completion only (`encode_pairs`); lists of
+        # messages are chat data (`encode_chat`)
+        texts, columns = _load_texts(path, cfg.text_columns, detect=detect)
+        if columns != list(cfg.text_columns):
             # found without --text-columns: recorded, so the run's checkpoints (and a --resume) keep this layout
-            cfg.text_columns = list(PROMPT_COMPLETION)
+            cfg.text_columns = columns
             if note is not None:
-                note(f"--data {cfg.data}: no 'text' column but 'prompt' and 'completion': trained as prompt/completion "
-                     "pairs, the loss on the completion only (--text-columns names other columns)")
-        dev = _load_texts(Path(cfg.dev_data).expanduser(), cfg.text_columns) if cfg.dev_data else None
+                note(f"--data {cfg.data}: no 'text' column but " + (
+                    "'prompt' and 'completion': trained as prompt/completion pairs, the loss on the completion only"
+                    if len(columns) == 2 else f"{CHAT_COLUMN!r}: trained as chat data, each conversation rendered with "
+                    "the tokenizer's chat template") + " (--text-columns names other columns)")
+        dev = _load_texts(Path(cfg.dev_data).expanduser(), cfg.text_columns)[0] if cfg.dev_data else None
+        if dev is not None and is_chat(dev) != is_chat(texts):
+            raise DataError(f"--dev-data {cfg.dev_data}: its column(s) {list(cfg.text_columns)} hold "
+                            f"{'chat' if is_chat(dev) else 'text'} data, and --data's "
+                            f"{'chat' if is_chat(texts) else 'text'} data; give both the same layout")
+        if cfg.assistant_only_loss and not is_chat(texts):
+            raise UsageError(f"--assistant-only-loss: for chat data (lists of role/content messages, as a 'messages' "
+                             f"column of a .jsonl table); --data {cfg.data} holds text")
         if dev is None:
             split = split_corpus if isinstance(texts, TextCorpus) else (lambda t, f: _split(t, f, cfg.seed))
             texts, dev = split(texts, cfg.dev_fraction)
@@ -636,6 +702,11 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
     return train, dev, path.stem
 
 
+def is_chat(rows) -> bool:
+    """Whether `rows` (`load_data`'s) are chat data (`Chat` rows)."""
+    return isinstance(rows, list) and bool(rows) and isinstance(rows[0], Chat)
+
+
 def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     if len(items) < 2:
         raise DataError(f"need at least 2 rows to hold out a dev set, got {len(items)}; add rows or pass --dev-data")
@@ -663,12 +734,15 @@ def subsample(items, n: int, seed: int):
     return picked
 
 
-def encode_rows(tokenizer, rows, task_type: str, max_length: int,
-                note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable[[str], None] | None = None,
+                assistant_only: bool = False) -> dict[str, torch.Tensor]:
     """Tokenise every row once (padded to the longest); batches are row slices of these tensors. A causal LM's
-    (prompt, completion) pairs go to `encode_pairs` (`note` gets its count of rows left out or cut)."""
+    (prompt, completion) pairs go to `encode_pairs`, its chat rows to `encode_chat` (with `assistant_only`, the loss
+    on the assistant turns only); `note` gets their counts of rows left out or cut."""
     if task_type == "causal-lm" and isinstance(rows, TextCorpus):
         return encode_corpus(tokenizer, rows, max_length)
+    if task_type == "causal-lm" and rows and isinstance(rows[0], Chat):
+        return encode_chat(tokenizer, rows, max_length, assistant_only, note)
     if task_type == "causal-lm" and rows and isinstance(rows[0], tuple):
         return encode_pairs(tokenizer, rows, max_length, note)
     if task_type == "causal-lm":
@@ -715,46 +789,132 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int,
     """(prompt, completion) pairs for supervised fine-tuning of a causal LM, the loss on the completion only (TRL's
     `completion_only_loss`). Each row is the tokenizer's leading special tokens (`special_prefix`: Llama's BOS once;
     none for GPT-2), the prompt's tokens, the completion's tokens and the tokenizer's eos token (none where it has
-    none), the prompt and the completion tokenised apart (no special tokens), so the boundary between them is exact:
-    a space between them belongs to one of the texts (prompt "2+2=" and completion " 4"). Labels are -100 on the
-    leading specials, the prompt and the padding; the completion's tokens and the eos are the targets. A row longer
-    than `max_length` is cut at its end (TRL's default, truncation_mode="keep_start"); a row with no completion token
-    left within it (a prompt of `max_length` tokens or more) is left out, and `note` gets the counts of rows left out
-    and cut. No row left is a DataError. Padded on the right."""
+    none, or where the completion's tokens already end with it, as TRL adds it only then), the prompt and the
+    completion tokenised apart (no special tokens), so the boundary between them is exact: a space between them
+    belongs to one of the texts (prompt "2+2=" and completion " 4"), and the prompt's tokens are those `predict` gives
+    the model. Labels are -100 on the leading specials, the prompt and the padding; the completion's tokens and the
+    eos are the targets. A row longer than `max_length` is cut at its end (TRL's default, truncation_mode=
+    "keep_start"); a row with no completion token left within it (a prompt of `max_length` tokens or more) is left
+    out, and `note` gets the counts of rows left out and cut. No row left is a DataError. Padded on the right."""
     if not pairs:
         raise DataError("no prompt/completion rows to train on")
     prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    rows: list[tuple[list[int], int]] = []  # (ids, where the targets start)
-    cut = 0
+    rows = []
     for p, c in zip(prompts, completions):
-        ids = prefix + list(p) + list(c) + ([eos] if eos is not None else [])
+        ids = prefix + list(p) + list(c) + ([eos] if eos is not None and list(c[-1:]) != [eos] else [])
         start = len(prefix) + len(p)
-        # a target needs a token before it: with no prefix and an empty prompt, the completion's first is none
-        if min(len(ids), max_length) > max(start, 1):
-            cut += len(ids) > max_length
-            rows.append((ids[:max_length], start))
-    dropped = len(pairs) - len(rows)
-    if not rows:
-        raise DataError(f"no prompt/completion row has a completion token within max_length {max_length} (every "
+        rows.append((ids, [i >= start for i in range(len(ids))]))
+    return _target_rows(tokenizer, rows, max_length, note, "prompt/completion rows", "completion token",
+                        "the prompt fills it", "their completion (and the eos)",
+                        f"no prompt/completion row has a completion token within max_length {max_length} (every "
                         "prompt fills it); pass a larger --max-length or shorter prompts")
+
+
+def _target_rows(tokenizer, rows: Sequence[tuple[list[int], list[bool]]], max_length: int,
+                 note: Callable[[str], None] | None, what: str, target: str, why: str, rest: str,
+                 none_left: str) -> dict[str, torch.Tensor]:
+    """Rows of (token ids, which of them are targets) as padded tensors, the labels -100 but on the targets. A row
+    longer than `max_length` is cut at its end; one left with no target after its first token (which no token
+    predicts) is left out. `note` gets the counts of rows left out and cut (`what` the rows are, `target` what
+    they lack, `why` they lack it, `rest` what a cut loses); none left is a DataError saying `none_left`."""
+    kept, cut = [], 0
+    for ids, targets in rows:
+        if any(targets[1:max_length]):
+            cut += len(ids) > max_length
+            kept.append((ids[:max_length], targets[:max_length]))
+    if not kept:
+        raise DataError(none_left)
+    dropped = len(rows) - len(kept)
     if note is not None and dropped:
-        note(f"{dropped} of {len(pairs)} prompt/completion rows have no completion token within max_length "
-             f"{max_length} (the prompt fills it) and are left out")
+        note(f"{dropped} of {len(rows)} {what} have no {target} within max_length {max_length} ({why}) and are left "
+             "out")
     if note is not None and cut:
-        note(f"{cut} of {len(pairs)} prompt/completion rows are longer than max_length {max_length} and cut at its "
-             "end: the rest of their completion (and the eos) is not trained on")
-    width = max(len(ids) for ids, _ in rows)
+        note(f"{cut} of {len(rows)} {what} are longer than max_length {max_length} and cut at its end: the rest of "
+             f"{rest} is not trained on")
+    width = max(len(ids) for ids, _ in kept)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (ids, start) in enumerate(rows):
+    input_ids = torch.full((len(kept), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(kept), width), dtype=torch.long)
+    labels = torch.full((len(kept), width), -100, dtype=torch.long)
+    for i, (ids, targets) in enumerate(kept):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention_mask[i, :len(ids)] = 1
-        labels[i, start:len(ids)] = input_ids[i, start:len(ids)]
+        labels[i, :len(ids)] = input_ids[i, :len(ids)].masked_fill(~torch.tensor(targets), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def render_chat(tokenizer, messages: Sequence[dict], source: str, generation: bool = False) -> list[int]:
+    """`messages` rendered with the tokenizer's chat template (with the assistant's generation prompt after them if
+    `generation`) and tokenised as `apply_chat_template(tokenize=True)` does: no special tokens added, the template
+    writes them. A template that fails on the row (one that raises "roles must alternate") is a DataError naming
+    it."""
+    from jinja2 import TemplateError  # (a torch dependency; transformers renders templates with it)
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the model's tokenizer has no chat template, which chat data (lists of role/content messages) "
+                        "is rendered with; use a model whose tokenizer has one (a chat or instruct checkpoint), or "
+                        "set chat_template in its tokenizer_config.json")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{source}: the tokenizer's chat template fails on it ({_first_line(e)})") from None
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _chat_prefix(tokenizer, row: Chat, k: int, ids: list[int], generation: bool, part: str, remedy: str) -> int:
+    """How many of the conversation's tokens `ids` its first `k` messages take (with the generation prompt if
+    `generation`): rendered alone, they must be a start of `ids`, else the template renders a turn otherwise when
+    more follow, and where `part` begins cannot be told (a DataError naming the row)."""
+    head = render_chat(tokenizer, row.messages[:k], row.source, generation) if k else []
+    if ids[:len(head)] != head:
+        raise DataError(f"{row.source}: the tokenizer's chat template renders the first {k} message(s)"
+                        f"{' with the generation prompt' if generation else ''} as other tokens than the start of the "
+                        f"whole conversation (the renderings do not nest), so {part} cannot be told apart; {remedy}")
+    return len(head)
+
+
+def encode_chat(tokenizer, rows: Sequence[Chat], max_length: int, assistant_only: bool = False,
+                note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """Chat data for a causal LM, each row rendered whole with the tokenizer's chat template (`render_chat`, as
+    TRL's SFTTrainer renders conversational data; no eos added: the template ends each turn). The targets, as
+    TRL's defaults: a conversation's every token; a conversational prompt/completion row's completion, from the end
+    of the prompt rendered with the generation prompt. With `assistant_only` (TRL's `assistant_only_loss`) only the
+    assistant turns' tokens are targets: for each assistant message, from the end of the messages before it rendered
+    with the generation prompt to the end of the messages up to it rendered, so its content and the template's end of
+    its turn, not the role header that the generation prompt gives at inference. This needs no `{% generation %}`
+    markers in the template, but a template whose renderings of a conversation's first messages are not the start
+    of its whole rendering (one that drops earlier turns' reasoning) is a DataError naming the row; so is a row with
+    no assistant turn to train on. Cut and padded as `encode_pairs` rows."""
+    if not rows:
+        raise DataError("no chat rows to train on")
+    remedy = ("train on the whole conversation (without --assistant-only-loss)" if assistant_only else
+              "give the prompt and completion as one 'messages' conversation, trained whole")
+    out = []
+    for row in rows:
+        ids = render_chat(tokenizer, row.messages, row.source)
+        start = (_chat_prefix(tokenizer, row, row.prompt, ids, True, "the completion", remedy) if row.prompt else 0)
+        targets = [i >= start for i in range(len(ids))]
+        if assistant_only:
+            turns = [False] * len(ids)
+            for k, m in enumerate(row.messages):
+                if m["role"] == "assistant":
+                    lo = _chat_prefix(tokenizer, row, k, ids, True, "the assistant's turn", remedy)
+                    hi = _chat_prefix(tokenizer, row, k + 1, ids, False, "the assistant's turn", remedy)
+                    turns[lo:hi] = [True] * (hi - lo)
+            targets = [a and b for a, b in zip(targets, turns)]
+            if not any(targets):
+                raise DataError(f"{row.source} has no assistant message{' in its completion' if row.prompt else ''}: "
+                                "with --assistant-only-loss it has nothing to train on; drop it, or train on the "
+                                "whole conversation")
+        out.append((ids, targets))
+    target = ("assistant token" if assistant_only else "completion token" if rows[0].prompt else
+              "token to predict")
+    return _target_rows(tokenizer, out, max_length, note, "chat rows", target,
+                        "the messages before it fill it" if target != "token to predict" else "a single token",
+                        "their conversation", f"no chat row has a {target} within max_length {max_length}; pass a "
+                        "larger --max-length")
 
 
 def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
