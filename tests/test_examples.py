@@ -87,6 +87,16 @@ def test_every_example_answers_help_without_running(example, argparse_runs):
     assert r["stdout"].startswith("usage:") and "transitions:" not in r["stdout"]  # ddp_torchrun.py ran 80 steps
 
 
+@pytest.mark.parametrize("args, error", BAD_ARGUMENTS)
+def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error, argparse_runs):
+    r = argparse_runs[args]
+    # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
+    # Trainer at max_steps=0) to run one step anyway
+    assert r["returncode"] == 2 and "Traceback" not in r["stderr"], r["stderr"][-2000:]
+    last = r["stderr"].strip().splitlines()[-1]
+    assert last.startswith(f"{args[0]}: error: ") and error in last, last
+
+
 def test_trainer_callback_example(tmp_path):
     out = run_example("examples/trainer_callback.py", "--output-dir", str(tmp_path))  # not a new folder in /tmp each run
     assert "16 controller steps" in out
@@ -171,13 +181,3 @@ def test_multitask_example_runs_all_three_arms(tmp_path):
     for r in runs:  # 6 steps: the first and the last 10 are the same six losses of a fresh 2-class head, near ln 2
         assert r["loss_first10"] == r["loss_last10"]
         assert abs(r["loss_first10"] - math.log(2)) < 0.15, r["loss_first10"]  # was the sum of 6 losses / 10: 0.41
-
-
-@pytest.mark.parametrize("args, error", BAD_ARGUMENTS)
-def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error, argparse_runs):
-    r = argparse_runs[args]
-    # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
-    # Trainer at max_steps=0) to run one step anyway
-    assert r["returncode"] == 2 and "Traceback" not in r["stderr"], r["stderr"][-2000:]
-    last = r["stderr"].strip().splitlines()[-1]
-    assert last.startswith(f"{args[0]}: error: ") and error in last, last
