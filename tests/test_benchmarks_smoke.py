@@ -110,18 +110,27 @@ def test_lockstep_cost_quick_times_both_arms_over_two_gloo_processes(tmp_path):
                for w in ("reduction", "step"))
 
 
+@pytest.fixture(scope="module")
+def e2e_quick(tmp_path_factory):
+    """One e2e.py --quick run of the default arms, and of the _cpp arm beside them where it can be built, for both
+    tests below (each arm is a fresh process: one run instead of two that each started unified and peft_r8)."""
+    e2e, out = load_benchmark("perf/e2e.py"), tmp_path_factory.mktemp("e2e")
+    arms = list(e2e.ARMS) + (["unified_cpp"] if can_build_cpp() else [])
+    return e2e.main(["--quick", "--arms", ",".join(arms), "--results-dir", str(out)]), out, e2e.ARMS
+
+
 @pytest.mark.slow
-def test_e2e_quick_runs_every_arm_in_its_own_process(tmp_path):
-    payload = load_benchmark("perf/e2e.py").main(["--quick", "--results-dir", str(tmp_path)])
-    assert set(payload["summary"]) == {"unified", "peft_r8", "peft_r16"}
+def test_e2e_quick_runs_every_arm_in_its_own_process(e2e_quick):
+    payload, _, default_arms = e2e_quick
+    assert default_arms == ("unified", "peft_r8", "peft_r16")  # what a run without --arms times
+    assert set(payload["summary"]) - {"unified_cpp"} == {"unified", "peft_r8", "peft_r16"}
     assert all(r[0]["vm_hwm_bytes"] > 0 for r in payload["runs"].values())
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not can_build_cpp(), reason="the _cpp arm builds csrc/nested_path.cpp: needs g++ and ninja")
-def test_e2e_cpp_arm_gets_its_own_ratios_beside_the_default_arm(tmp_path):
-    payload = load_benchmark("perf/e2e.py").main(["--quick", "--arms", "unified,unified_cpp,peft_r8", "--results-dir",
-                                         str(tmp_path)])
+def test_e2e_cpp_arm_gets_its_own_ratios_beside_the_default_arm(e2e_quick):
+    payload, tmp_path, _ = e2e_quick
     assert set(payload["ratios_by_arm"]) == {"unified", "unified_cpp"}
     assert payload["ratios"] == payload["ratios_by_arm"]["unified"]
     assert payload["summary"]["unified_cpp"]["mean_rank"] == payload["summary"]["unified"]["mean_rank"]

@@ -31,10 +31,70 @@ def run_example(*args: str, launcher=(sys.executable,), timeout: int = 240) -> s
     return out
 
 
-@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
-def test_every_example_answers_help_without_running(example):
-    out = run_example(f"examples/{example}", "--help", timeout=120)
-    assert out.startswith("usage:") and "transitions:" not in out  # ddp_torchrun.py used to run its 80 steps
+# Each case runs as `python examples/NAME ARGS` runs it (the script as __main__ with its sys.argv, examples/ first
+# on sys.path), its stdout, stderr and exit status recorded as a shell sees them: a SystemExit's code, 1 and the
+# traceback on stderr for an exception. All cases share one fresh interpreter (one import of torch and transformers,
+# not one per case): the --help and bad-argument cases stop in argparse, before the examples do any work.
+_RUN_CASES = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+sys.path.insert(0, os.path.abspath("examples"))
+results = []
+for script, *args in json.loads(sys.stdin.read()):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["examples/" + script, *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+json.dump(results, sys.__stdout__)
+"""
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+BAD_ARGUMENTS = [
+    (("multitask_glue.py", "--batch", "0"), "--batch must be at least 1, got 0"),
+    (("multitask_glue.py", "--mix", "--batch", "15"), "multiple of the 2 tasks, got 15"),
+    (("multitask_glue.py", "--dev-max", "-1"), "--dev-max must be at least 0, got -1"),
+    (("multitask_glue.py", "--tasks", "foo", "mrpc"), "unknown GLUE task 'foo'"),
+    (("trainer_callback.py", "--steps", "0"), "--steps must be at least 1, got 0"),
+    (("peft_interop.py", "--tiny", "--steps", "-1"), "--steps must be at least 0, got -1"),
+    (("qlora_trainer.py", "--tiny", "--examples", "0"), "--examples must be at least 1, got 0"),
+    (("qlora_trainer.py", "--compute-dtype", "float16"), "argument --compute-dtype: invalid choice: 'float16'"),
+    (("fsdp2_torchrun.py", "--tiny", "--save-at", "80"), "--save-at must be between 0 (no checkpoint) and --steps - 1"),
+    (("fsdp2_torchrun.py", "--tiny", "--resume", "no_such_dir"), "--resume no_such_dir: no sharded checkpoint there"),
+]
+
+
+@pytest.fixture(scope="module")
+def argparse_runs() -> dict:
+    """{(script, *args): {"returncode", "stdout", "stderr"}} of every --help and bad-argument case, from one process."""
+    cases = [(e, "--help") for e in EXAMPLES] + [args for args, _ in BAD_ARGUMENTS]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-c", _RUN_CASES], input=json.dumps(cases), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return dict(zip(cases, json.loads(p.stdout)))
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_example_answers_help_without_running(example, argparse_runs):
+    r = argparse_runs[example, "--help"]
+    assert r["returncode"] == 0, r["stderr"][-3000:]
+    assert r["stdout"].startswith("usage:") and "transitions:" not in r["stdout"]  # ddp_torchrun.py ran 80 steps
+
+
+@pytest.mark.parametrize("args, error", BAD_ARGUMENTS)
+def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error, argparse_runs):
+    r = argparse_runs[args]
+    # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
+    # Trainer at max_steps=0) to run one step anyway
+    assert r["returncode"] == 2 and "Traceback" not in r["stderr"], r["stderr"][-2000:]
+    last = r["stderr"].strip().splitlines()[-1]
+    assert last.startswith(f"{args[0]}: error: ") and error in last, last
 
 
 def test_trainer_callback_example(tmp_path):
@@ -111,34 +171,13 @@ def test_qlora_trainer_example_trains_a_4bit_base_and_exports_a_peft_adapter(tmp
 
 @pytest.mark.skipif(loaders._find_shared_glue() is None, reason="SST-2 comes from shared/data/glue (only MRPC ships)")
 def test_multitask_example_runs_all_three_arms(tmp_path):
-    out = run_example("examples/multitask_glue.py", "--arm", "all", "--steps", "6", "--dev-max", "16",
-                      "--out", str(tmp_path / "mt.json"))
+    # --threads 1 (the example's default is 2, which beside the other test worker on 2 cores took 3 times as long)
+    # and batches of 4: the same paths, a third of the time
+    out = run_example("examples/multitask_glue.py", "--arm", "all", "--steps", "6", "--dev-max", "16", "--batch", "4",
+                      "--threads", "1", "--out", str(tmp_path / "mt.json"))
     for arm in ("shared", "multi", "unified", "majority"):
         assert any(line.startswith(arm) and "sst2: accuracy=" in line for line in out.splitlines()), arm
     runs = json.loads((tmp_path / "mt.json").read_text())
     for r in runs:  # 6 steps: the first and the last 10 are the same six losses of a fresh 2-class head, near ln 2
         assert r["loss_first10"] == r["loss_last10"]
         assert abs(r["loss_first10"] - math.log(2)) < 0.15, r["loss_first10"]  # was the sum of 6 losses / 10: 0.41
-
-
-@pytest.mark.parametrize("args, error", [
-    (("multitask_glue.py", "--batch", "0"), "--batch must be at least 1, got 0"),
-    (("multitask_glue.py", "--mix", "--batch", "15"), "multiple of the 2 tasks, got 15"),
-    (("multitask_glue.py", "--dev-max", "-1"), "--dev-max must be at least 0, got -1"),
-    (("multitask_glue.py", "--tasks", "foo", "mrpc"), "unknown GLUE task 'foo'"),
-    (("trainer_callback.py", "--steps", "0"), "--steps must be at least 1, got 0"),
-    (("peft_interop.py", "--tiny", "--steps", "-1"), "--steps must be at least 0, got -1"),
-    (("qlora_trainer.py", "--tiny", "--examples", "0"), "--examples must be at least 1, got 0"),
-    (("qlora_trainer.py", "--compute-dtype", "float16"), "argument --compute-dtype: invalid choice: 'float16'"),
-    (("fsdp2_torchrun.py", "--tiny", "--save-at", "80"), "--save-at must be between 0 (no checkpoint) and --steps - 1"),
-    (("fsdp2_torchrun.py", "--tiny", "--resume", "no_such_dir"), "--resume no_such_dir: no sharded checkpoint there"),
-])
-def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, f"examples/{args[0]}", *args[1:]], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=180)
-    # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
-    # Trainer at max_steps=0) to run one step anyway
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{args[0]}: error: ") and error in last, last
