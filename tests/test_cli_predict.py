@@ -341,3 +341,24 @@ def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):
     assert "plain-text file has one prompt a line" in _error(capsys)
     assert not (run / "predictions.jsonl").exists()
     assert math.isfinite(list(_evals(run).values())[-1]["loss"])
+
+
+def test_generation_also_stops_at_the_end_of_turn_tokens_of_the_models_generation_config(models, tmp_path):
+    """A chat model's generation config lists its end-of-turn token (Llama 3 Instruct's <|eot_id|>), which need not
+    be its tokenizer's eos. `generate` used to pass the tokenizer's eos alone, overriding that list, so a completion
+    ran on past the end of the turn to --max-new-tokens."""
+    from unified_lora.inference import encode_prompts, generate, load_trained
+
+    run, _ = _sft_run(models, tmp_path, "gpt2")
+    trained = load_trained(run, device="cpu")
+    tok = trained.tokenizer
+    [ids] = encode_prompts(tok, ["say hi:"])
+    new = _greedy(trained.model.eval(), ids, tok.eos_token_id, 12)  # " hello there" and the eos, as it learned
+    assert len(new) >= 3 and tok.eos_token_id not in new[:2]
+    stop = new[1]  # as if it were the model's end of turn: the completion ends before its first occurrence
+    trained.model.generation_config.eos_token_id = [stop]
+    [(text, why)] = generate(trained, [ids], max_new_tokens=12)
+    assert (text, why) == (tok.decode(new[:new.index(stop)], skip_special_tokens=True), "eos")
+    trained.model.generation_config.eos_token_id = None  # the tokenizer's eos alone: the tokens by hand
+    full = tok.decode(new[:-1] if new[-1] == tok.eos_token_id else new, skip_special_tokens=True)
+    assert generate(trained, [ids], max_new_tokens=12) == [(full, "eos" if new[-1] == tok.eos_token_id else "length")]

@@ -361,12 +361,24 @@ def _positions(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+def stop_tokens(model, tokenizer) -> list[int]:
+    """The token ids generation stops at: the tokenizer's eos, then those of the model's generation config
+    (`generation_config.eos_token_id`, an id or a list, as `generate` reads it), each once. A chat model's config
+    lists its end-of-turn token there (Llama 3 Instruct's <|eot_id|>), which its tokenizer's eos need not be;
+    giving `generate` the tokenizer's alone overrode that list, and a chat run's completions ran on past the end of
+    the assistant's turn to --max-new-tokens."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(config if isinstance(config, (list, tuple)) else [config])]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[tuple[str, str]]:
     """(completion, stop) for each prompt: `model.generate` from the prompt's ids, greedy (temperature 0) or sampled
     (`temperature`, `top_p`; torch's generator seeded with `seed` first), at most `max_new_tokens` new tokens, stopping
-    at the tokenizer's eos (stop "eos"; else "length"). The completion is the new tokens up to the eos, decoded without
+    at an eos (stop "eos"; else "length"): the tokenizer's, or one of the model's generation config (`stop_tokens`:
+    a chat model's end of turn, Llama 3's <|eot_id|>). The completion is the new tokens up to it, decoded without
     special tokens. Prompts go in batches of up to `batch_size` prompts of the same token count, so no prompt is padded
     and a prompt's greedy completion does not depend on the others. A prompt with no token, or one that with
     `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
@@ -381,12 +393,12 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
         if limit and len(ids) + max_new_tokens > limit:
             raise UsageError(f"prompt {i + 1}: {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed the "
                              f"model's {limit} positions; pass a smaller --max-new-tokens or a shorter prompt")
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    stops = stop_tokens(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
     sample = temperature > 0
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
                            **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}),
-                           eos_token_id=eos, pad_token_id=pad)
+                           eos_token_id=stops or None, pad_token_id=pad)
     dev = model_device(model)
     torch.manual_seed(seed)
     groups: dict[int, list[int]] = {}
@@ -402,8 +414,9 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
                 new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
             for i, row in zip(batch, new[:, length:].tolist()):
                 stop = "length"
-                if eos is not None and eos in row:
-                    row, stop = row[:row.index(eos)], "eos"
+                end = next((j for j, t in enumerate(row) if t in stops), None)
+                if end is not None:
+                    row, stop = row[:end], "eos"
                 out[i] = (tok.decode(row, skip_special_tokens=True), stop)
     return out  # type: ignore[return-value]
 
