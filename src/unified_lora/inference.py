@@ -421,10 +421,10 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
     (`temperature`, `top_p`; torch's generator seeded with `seed` first), at most `max_new_tokens` new tokens, stopping
     at an eos (stop "eos"; else "length"): the tokenizer's, one of the model's generation config (`stop_tokens`:
     a chat model's end of turn, Llama 3's <|eot_id|>), or for chat prompts (`chat`, default: whether the run trained
-    on chat data) the chat template's end of turn (`end_of_turn`: ChatML's <|im_end|>). The completion is the new tokens up to it, decoded without
-    special tokens. Prompts go in batches of up to `batch_size` prompts of the same token count, so no prompt is padded
-    and a prompt's greedy completion does not depend on the others. A prompt with no token, or one that with
-    `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
+    on chat data) the chat template's end of turn (`end_of_turn`: ChatML's <|im_end|>). The completion is the new
+    tokens up to it, decoded without special tokens. Prompts go in batches of up to `batch_size` prompts of the same
+    token count, so no prompt is padded and a prompt's greedy completion does not depend on the others. A prompt
+    with no token, or one that with `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
     from transformers import GenerationConfig
 
     model, tok = trained.model, trained.tokenizer

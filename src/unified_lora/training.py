@@ -1348,8 +1348,8 @@ class Run:
             tensors[names[id(p)]] = p.detach().cpu().contiguous()
         state = {"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
                  "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
-                 "num_labels": self.num_labels, "classes": self.classes, "chat": self.chat, "shock_gen": self.shock_gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
+                 "num_labels": self.num_labels, "classes": self.classes, "chat": self.chat,
+                 "shock_gen": self.shock_gen.get_state(), "torch_rng": torch.get_rng_state()}
         if self.scaler is not None:  # fp16: the loss scale and its growth count, as the run goes on with them
             state["grad_scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":  # the GPU's generator (dropout on the GPU draws from it)
