@@ -197,6 +197,7 @@ def test_a_chat_run_trains_evaluates_on_the_assistant_tokens_resumes_and_predict
     assert (out / "checkpoints" / "step-2" / "state.pt").is_file()
     st = torch.load(out / "checkpoints" / "step-2" / "state.pt", weights_only=True)
     assert st["config"]["text_columns"] == ["messages"] and st["config"]["assistant_only_loss"] is True
+    assert st["chat"] is True  # recorded: `predict` sends a text prompt as a user message
 
     tok = load_tokenizer(chat_models["gpt2"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_models["gpt2"]), out / "peft_adapter")
@@ -232,3 +233,146 @@ def test_a_chat_run_trains_evaluates_on_the_assistant_tokens_resumes_and_predict
     assert encode_prompts(tok, [tuple(CONVS[1][:-1]), "u: hi"]) == [rendered, tok("u: hi")["input_ids"]]
     assert tok.decode(rendered).endswith(".a:")
     assert math.isfinite(final["perplexity"])
+
+
+# ----------------------------------------------------------------------------- a ChatML-style template
+
+# ChatML's layout: the end of a turn is <|im_end|>, an added special token that is not the eos (<|endoftext|>) and that
+# the model's generation config does not list, as for a base model fine-tuned into chat; a space follows it
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|> {% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml_run(models, tmp_path_factory) -> dict:
+    """The tiny GPT-2, its tokenizer given <|im_start|> and <|im_end|> (ids 32 and 33, within the model's 64
+    embeddings) and CHATML, trained 2 steps on CONVS in a column named "dialog" (--text-columns: a name that does
+    not say the run is chat)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("chatml")
+    shutil.copytree(models["gpt2"], root / "model")
+    tok = AutoTokenizer.from_pretrained(models["gpt2"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(root / "model")
+    data = _jsonl(root / "train.jsonl", [{"dialog": c} for c in CONVS * 2])
+    run = root / "run"
+    assert main(["train", "--model", str(root / "model"), "--data", str(data), "--text-columns", "dialog", "--steps",
+                 "2", "--target-modules", "c_attn", "--batch-size", "4", "--log-every", "0", "--threads", "1",
+                 "--output-dir", str(run)]) == 0
+    return {"model": str(root / "model"), "run": run}
+
+
+def test_the_end_of_turn_is_read_off_the_chat_template(chatml_run):
+    """The first token the template writes after an assistant message's content, whitespace skipped, where it is a
+    special or added token; nothing where the template writes nothing or plain text there, has no template, or
+    fails. `stop_tokens` adds it for chat prompts only."""
+    from transformers import AutoModelForCausalLM
+
+    from unified_lora.inference import end_of_turn, stop_tokens
+    from unified_lora.training import load_tokenizer
+
+    tok = load_tokenizer(chatml_run["model"])
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    assert im_end != eos and end_of_turn(tok) == [im_end]
+    for template, want in ((CHATML.replace("}}<|im_end|> ", "}} <|im_end|>\n"), [im_end]),  # whitespace around it
+                           (TEMPLATE, [eos]),  # the eos itself
+                           ("{% for m in messages %}{{ m['content'] }}{% endfor %}", []),  # nothing after it
+                           ("{% for m in messages %}{{ m['content'] }}. {% endfor %}", []),  # plain text
+                           ("{{ raise_exception('roles must alternate') }}", []),  # the template fails
+                           (None, [])):  # no template
+        tok.chat_template = template
+        assert end_of_turn(tok) == want, template
+    tok.chat_template = CHATML
+    model = AutoModelForCausalLM.from_pretrained(chatml_run["model"])
+    plain = stop_tokens(model, tok)  # the eos, and the generation config's
+    assert plain[0] == eos and im_end not in plain and stop_tokens(model, tok, chat=True) == [*plain, im_end]
+
+
+def test_a_chat_run_stops_at_the_templates_end_of_turn(chatml_run):
+    """The model made to emit <|im_end|> as its third new token: the completion is the two tokens before it, stop
+    "eos". Without the template's end of turn it ran on to --max-new-tokens (stop "length")."""
+    import torch
+
+    from unified_lora.inference import encode_prompts, generate, load_trained
+
+    trained = load_trained(chatml_run["run"], device="cpu")
+    st = torch.load(trained.checkpoint / "state.pt", weights_only=True)
+    assert trained.chat and st["chat"] is True and st["config"]["text_columns"] == ["dialog"]
+    tok, model = trained.tokenizer, trained.model.eval()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    [ids] = encode_prompts(tok, [tuple(CONVS[0][:1])])
+    first = []
+    with torch.no_grad():  # the first two greedy tokens, by hand
+        for _ in range(2):
+            first.append(int(model(input_ids=torch.tensor([ids + first])).logits[0, -1].argmax()))
+    assert not {tok.eos_token_id, im_end} & set(first)
+    calls = []
+
+    def force(module, inputs, logits):  # from the third new token on, <|im_end|> wins
+        calls.append(1)
+        if len(calls) >= 3:
+            logits[:, -1, im_end] += 1e4
+        return logits
+
+    hook = model.get_output_embeddings().register_forward_hook(force)
+    try:
+        assert generate(trained, [ids], max_new_tokens=8) == [(tok.decode(first, skip_special_tokens=True), "eos")]
+    finally:
+        hook.remove()
+
+
+def test_a_chat_runs_text_prompts_are_sent_as_user_messages(chatml_run, tmp_path, capsys):
+    """A .txt line (or a table's text column) given to a chat run's `predict` is one user message rendered with the
+    template and the generation prompt, as a conversational prompt; a run saved before checkpoints recorded chat
+    (no "chat" key) sends the line as it is, as before, and a conversation to it still stops at <|im_end|>."""
+    import torch
+
+    from unified_lora.inference import encode_prompts, generate, load_trained
+    from unified_lora.training import render_chat
+
+    run = chatml_run["run"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi there\n\nname a fruit\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "6",
+                 "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert ("chat prompts: a chat run: a text prompt is sent as a user message, rendered with the tokenizer's chat "
+            "template and the generation prompt; generation also stops at the template's end of turn <|im_end|>"
+            ) in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    trained = load_trained(run, device="cpu")
+    tok = trained.tokenizer
+    lines = ["hi there", "name a fruit"]
+    rendered = [render_chat(tok, [_m("user", t)], "test", generation=True) for t in lines]
+    assert encode_prompts(tok, lines, chat=True) == rendered
+    want = generate(trained, rendered, max_new_tokens=6)
+    assert [(r["prompt"], r["completion"], r["stop"]) for r in rows] == [(t, *w) for t, w in zip(lines, want)]
+    raw = generate(trained, encode_prompts(tok, lines), max_new_tokens=6, chat=False)
+    assert raw != want  # (the raw lines complete otherwise)
+    table = _jsonl(tmp_path / "p_table.jsonl", [{"id": i, "dialog": t} for i, t in enumerate(lines)])
+    assert main(["predict", str(run), "--prompts", str(table), "--max-new-tokens", "6",
+                 "--output", str(tmp_path / "t.jsonl")]) == 0
+    assert [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()] == [
+        {"id": i, **r} for i, r in enumerate(rows)]
+
+    old = tmp_path / "old_run"  # a run saved before checkpoints recorded "chat"
+    shutil.copytree(run, old)
+    state = next((old / "checkpoints").iterdir()) / "state.pt"
+    st = torch.load(state, weights_only=True)
+    del st["chat"]
+    torch.save(st, state)
+    capsys.readouterr()
+    assert main(["predict", str(old), "--prompts", str(prompts), "--max-new-tokens", "6",
+                 "--output", str(tmp_path / "old.jsonl")]) == 0
+    assert "chat prompts" not in capsys.readouterr().out
+    assert [(r["completion"], r["stop"]) for r in
+            map(json.loads, (tmp_path / "old.jsonl").read_text().splitlines())] == raw
+    conv = _jsonl(tmp_path / "conv.jsonl", [{"dialog": [_m("user", t)]} for t in lines])
+    assert main(["predict", str(old), "--prompts", str(conv), "--max-new-tokens", "6",
+                 "--output", str(tmp_path / "conv_out.jsonl")]) == 0
+    assert ("chat prompts: rendered with the tokenizer's chat template and the generation prompt; generation also "
+            "stops at the template's end of turn <|im_end|>") in capsys.readouterr().out
+    assert [(r["completion"], r["stop"]) for r in
+            map(json.loads, (tmp_path / "conv_out.jsonl").read_text().splitlines())] == want

@@ -808,7 +808,7 @@ def _train(args, held: dict) -> int:
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
     run = held["run"] = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say,
-                            append_trace=ckpt is not None, classes=classes)
+                            append_trace=ckpt is not None, classes=classes, chat=chat)
     run.started = t_start
 
     def _clear_previous_run() -> None:
@@ -1166,9 +1166,20 @@ def cmd_predict(args) -> int:
         prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column)
         source = Path(args.prompts).expanduser()
         out = inference.output_path(args.run_dir, args.output, source, prompts.fmt)
-        ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg))
+        ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg),
+                                       chat=trained.chat)
+        # chat prompts: a run's on chat data (a text prompt sent as a user message), or conversations
+        chat = trained.chat or not all(isinstance(t, str) for t in prompts.texts)
+        if chat:
+            wrapped = trained.chat and any(isinstance(t, str) for t in prompts.texts)
+            eot = inference.end_of_turn(trained.tokenizer)
+            print(f"chat prompts: {'a chat run: a text prompt is sent as a user message, ' if wrapped else ''}rendered "
+                  "with the tokenizer's chat template and the generation prompt; "
+                  + (f"generation also stops at the template's end of turn "
+                     f"{trained.tokenizer.convert_ids_to_tokens(eot[0])}" if eot else
+                     "no end-of-turn token was found in the chat template (generation stops as for a text prompt)"))
         done = inference.generate(trained, ids, args.max_new_tokens, args.batch_size, args.temperature, args.top_p,
-                                  args.seed)
+                                  args.seed, chat=chat)
         rows = [{**({prompts.id_name: prompts.ids[i]} if prompts.ids is not None else {}), "prompt": text,
                  "completion": completion, "stop": stop} for i, (text, (completion, stop)) in
                 enumerate(zip(prompts.texts, done))]

@@ -53,6 +53,11 @@ class Trained:
         return self.run.model
 
     @property
+    def chat(self) -> bool:
+        """Whether the run trained on chat data (its checkpoints record it; False for a run saved before they did)."""
+        return self.run.chat
+
+    @property
     def rank(self) -> int:
         return self.run.ctrl.rank
 
@@ -153,7 +158,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     classes = st.get("classes") or ([str(i) for i in range(num_labels)] if num_labels else None)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2))
-    run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes)
+    run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes, chat=bool(st.get("chat")))
     run.load_weights(ckpt, flag="predict")
     run.ctrl.load_state_dict(st["controller"])
     model.eval()
@@ -341,13 +346,15 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     return Prompts(texts, [r.get(id_name) for r in records] if id_name else None, id_name, fmt)
 
 
-def encode_prompts(tokenizer, prompts: Sequence, corpus: bool = False) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence, corpus: bool = False, chat: bool = False) -> list[list[int]]:
     """Each prompt's token ids as training put the start of a text: the tokenizer's leading special tokens
     (`special_prefix`: Llama's BOS; none for GPT-2), then the prompt tokenised alone with no special tokens (no eos),
     as `encode_pairs` puts a prompt before its completion. A run trained on a plain-text corpus (`encode_corpus`, which
     adds no special token) gets no prefix (`corpus`). A conversation (a tuple of messages) is rendered with the chat
     template and the assistant's generation prompt (`render_chat`), as `encode_chat` renders a conversational
-    prompt."""
+    prompt; so is a text prompt of a chat run (`chat`), as one user message."""
+    if chat:
+        prompts = [({"role": "user", "content": t},) if isinstance(t, str) else t for t in prompts]
     texts = [(i, t) for i, t in enumerate(prompts) if isinstance(t, str)]
     prefix = [] if corpus else special_prefix(tokenizer)
     bare = tokenizer([t for _, t in texts], add_special_tokens=False, verbose=False)["input_ids"] if texts else []
@@ -361,27 +368,63 @@ def _positions(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
-def stop_tokens(model, tokenizer) -> list[int]:
+_PROBE = "unifiedloraendofturnprobe"  # an assistant message's content, found in the template's rendering
+
+
+def end_of_turn(tokenizer) -> list[int]:
+    """The token the tokenizer's chat template ends an assistant turn with, read off the template itself: a user
+    message and an assistant message whose content is a probe word are rendered, and the first token the template
+    writes after the probe, whitespace skipped (ChatML's "<|im_end|>\n"), is it if it is a special or added token
+    (ChatML's <|im_end|>, Gemma's <end_of_turn>, Llama 2's </s>). [] where the template writes nothing after the
+    content, or plain text (no token to stop at but one that also occurs inside a reply), where the tokenizer has
+    no template, and where the template fails on that conversation (generation then stops as for a text prompt)."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError):
+        return []
+    at = text.rfind(_PROBE) if isinstance(text, str) else -1
+    if at < 0:
+        return []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or ())
+    for t in tokenizer(text[at + len(_PROBE):], add_special_tokens=False, verbose=False)["input_ids"]:
+        if t in special:
+            return [int(t)]
+        if tokenizer.decode([t]).strip():
+            return []
+    return []
+
+
+def stop_tokens(model, tokenizer, chat: bool = False) -> list[int]:
     """The token ids generation stops at: the tokenizer's eos, then those of the model's generation config
-    (`generation_config.eos_token_id`, an id or a list, as `generate` reads it), each once. A chat model's config
-    lists its end-of-turn token there (Llama 3 Instruct's <|eot_id|>), which its tokenizer's eos need not be;
-    giving `generate` the tokenizer's alone overrode that list, and a chat run's completions ran on past the end of
-    the assistant's turn to --max-new-tokens."""
+    (`generation_config.eos_token_id`, an id or a list, as `generate` reads it), then for chat prompts (`chat`) the
+    chat template's end of turn (`end_of_turn`), each once. A chat model's config lists its end-of-turn token
+    (Llama 3 Instruct's <|eot_id|>), which its tokenizer's eos need not be; giving `generate` the tokenizer's alone
+    overrode that list, and a chat run's completions ran on past the end of the assistant's turn to
+    --max-new-tokens. A base model fine-tuned into chat (a ChatML template's <|im_end|>, the eos <|endoftext|>)
+    lists none, hence the template's own."""
     config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [tokenizer.eos_token_id, *(config if isinstance(config, (list, tuple)) else [config])]
+    ids = [tokenizer.eos_token_id, *(config if isinstance(config, (list, tuple)) else [config]),
+           *(end_of_turn(tokenizer) if chat else [])]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 @torch.no_grad()
 def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[tuple[str, str]]:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             chat: bool | None = None) -> list[tuple[str, str]]:
     """(completion, stop) for each prompt: `model.generate` from the prompt's ids, greedy (temperature 0) or sampled
     (`temperature`, `top_p`; torch's generator seeded with `seed` first), at most `max_new_tokens` new tokens, stopping
-    at an eos (stop "eos"; else "length"): the tokenizer's, or one of the model's generation config (`stop_tokens`:
-    a chat model's end of turn, Llama 3's <|eot_id|>). The completion is the new tokens up to it, decoded without
-    special tokens. Prompts go in batches of up to `batch_size` prompts of the same token count, so no prompt is padded
-    and a prompt's greedy completion does not depend on the others. A prompt with no token, or one that with
-    `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
+    at an eos (stop "eos"; else "length"): the tokenizer's, one of the model's generation config (`stop_tokens`:
+    a chat model's end of turn, Llama 3's <|eot_id|>), or for chat prompts (`chat`, default: whether the run trained
+    on chat data) the chat template's end of turn (`end_of_turn`: ChatML's <|im_end|>). The completion is the new
+    tokens up to it, decoded without special tokens. Prompts go in batches of up to `batch_size` prompts of the same
+    token count, so no prompt is padded and a prompt's greedy completion does not depend on the others. A prompt
+    with no token, or one that with `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
     from transformers import GenerationConfig
 
     model, tok = trained.model, trained.tokenizer
@@ -393,7 +436,7 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
         if limit and len(ids) + max_new_tokens > limit:
             raise UsageError(f"prompt {i + 1}: {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed the "
                              f"model's {limit} positions; pass a smaller --max-new-tokens or a shorter prompt")
-    stops = stop_tokens(model, tok)
+    stops = stop_tokens(model, tok, trained.chat if chat is None else chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
     sample = temperature > 0
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,

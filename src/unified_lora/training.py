@@ -1114,9 +1114,12 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
                  print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, chat: bool = False):
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
         self.print_fn = print_fn
+        # the run trains on chat data (a causal LM's conversations, rendered with the chat template): checkpoints
+        # record it, so `predict` renders plain-text prompts as user turns, whatever column the data had
+        self.chat = chat
         # the class of each label id (string labels get ids in sorted order): checkpoints record it, and a resumed run
         # must get the same ids
         self.classes = list(classes) if classes is not None else None
@@ -1345,8 +1348,8 @@ class Run:
             tensors[names[id(p)]] = p.detach().cpu().contiguous()
         state = {"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
                  "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
-                 "num_labels": self.num_labels, "classes": self.classes, "shock_gen": self.shock_gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
+                 "num_labels": self.num_labels, "classes": self.classes, "chat": self.chat,
+                 "shock_gen": self.shock_gen.get_state(), "torch_rng": torch.get_rng_state()}
         if self.scaler is not None:  # fp16: the loss scale and its growth count, as the run goes on with them
             state["grad_scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":  # the GPU's generator (dropout on the GPU draws from it)
