@@ -768,12 +768,13 @@ def _train(args, held: dict) -> int:
     chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
     texts = task_type == "causal-lm" and isinstance(train, list) and bool(train) and isinstance(train[0], str)
-    if not cfg.text_eos and not texts and ckpt is None:  # (a resumed run's is its own: one saved before the key
-        # existed reads as off, whatever its data)
+    # text_eos off where it does nothing is refused, but not on a resume: a run saved before the key existed reads as
+    # off whatever its data (`LEGACY_CONFIG`), and a resume that changes it is refused anyway
+    if not cfg.text_eos and not texts and ckpt is None:
         what = ("a classifier (seq-cls)" if task_type != "causal-lm" else
                 "a plain-text corpus, which has an eos between documents" if isinstance(train, TextCorpus) else
                 "chat data, which the chat template ends" if chat else
-                "prompt/completion pairs, which an eos ends" if pairs else "no text rows")
+                "prompt/completion pairs, which an eos ends" if pairs else "data other than text rows")
         raise UsageError(f"--no-text-eos: for a causal LM's text rows (one text column of a .csv/.tsv/.jsonl table); "
                          f"this run trains on {what}")
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
