@@ -676,8 +676,8 @@ def _read_config(path: str) -> dict:
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
-                 "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save",
-                 "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
+                 "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
+                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
