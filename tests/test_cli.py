@@ -855,12 +855,15 @@ def test_resume_refuses_a_model_folder_replaced_by_a_model_of_another_size(tiny,
     assert (out / "trace.jsonl").read_text() == trace
 
 
-def test_train_causal_lm(tiny, tmp_path):
+def test_train_causal_lm(tiny, tmp_path, capsys):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
             "c_attn", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
             "--loss-scale", "4"]
     assert main(args) == 0
+    # its BERT tokenizer has no eos: no text row gets one, and the console says so
+    assert ("text rows ('text'): the loss is on every token; the tokenizer has no eos token, so none ends a row (the "
+            "model is not taught to stop)") in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task_type"] == "causal-lm"
     assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
@@ -912,9 +915,10 @@ def test_a_causal_lm_leaves_out_rows_of_one_token(tiny, tmp_path):
     train = _write(tmp_path / "train.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts[:32]))
     dev = _write(tmp_path / "dev.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts + ["good"]))
     out = tmp_path / "run"
+    # --no-text-eos: with the eos this tokenizer has, "good" would be two tokens, the eos its target
     assert main(["train", "--model", str(model_dir), "--data", str(train), "--dev-data", str(dev), "--target-modules",
                  "c_attn", "--steps", "2", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
-                 "--log-every", "0"]) == 0
+                 "--log-every", "0", "--no-text-eos"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     final = summary["arms"]["run"]["eval"]
     (metrics,) = final.values()
@@ -1476,6 +1480,7 @@ def test_the_readme_names_every_setting_a_resume_refuses():
     para = readme.split("- **Resume and re-runs:**", 1)[1].split("\n- **", 1)[0]
     said = {"model": "the model", "task_type": "the model", "data": "the data", "dev_data": "the data or its split",
             "dev_fraction": "its split", "text_columns": "the data", "assistant_only_loss": "`--assistant-only-loss`",
+            "text_eos": "`--no-text-eos`",
             "label_column": "the data",
             "max_length": "`max_length`", "batch_size": "`batch_size`", "grad_accum": "`grad_accum`", "seed": "`seed`",
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",

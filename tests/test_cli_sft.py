@@ -13,7 +13,7 @@ import torch
 
 import test_cli
 from conftest import tiny_gpt2, tiny_llama
-from unified_lora.cli import main
+from unified_lora.cli import _fmt_metrics, main
 from unified_lora.trace import read_trace
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz?:.,")
@@ -122,6 +122,117 @@ def test_a_row_cut_at_max_length_keeps_its_start_and_one_with_no_completion_left
     assert int((cut_labels != -100).sum()) == 24 - 1 - len(tok(pairs[2][0], add_special_tokens=False)["input_ids"])
     with pytest.raises(DataError, match="no prompt/completion row has a completion token within max_length 24"):
         encode_rows(tok, [long_prompt], "causal-lm", 24)
+
+
+# ----------------------------------------------------------------------------- text rows (one text column)
+
+
+TEXTS = ["say hi: hello there", "ab", "what barks? a dog", "abcdefghijklmnopqrstuvwxyz"]
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_text_rows_end_with_the_eos_as_a_target_unless_they_have_it_and_a_cut_row_loses_it(models, which):
+    """TRL's SFTTrainer appends the eos to a text row that does not end with it; here its id, after tokenising. Every
+    token and the eos are targets; the padding, the eos id too (pad == eos), is not. A row cut at max_length keeps its
+    start and loses its eos (TRL cuts after adding it), and the note counts it."""
+    from unified_lora.training import encode_rows
+
+    tok = _tok(models[which])
+    assert tok.pad_token_id == tok.eos_token_id
+    rows = [*TEXTS, "a dog" + tok.eos_token]
+    said = []
+    enc = encode_rows(tok, rows, "causal-lm", 24, note=said.append)
+    assert said == ["1 of 5 text rows are longer than max_length 24 and cut at its end: the rest of their text (and "
+                    "the eos) is not trained on"]
+    width = enc["input_ids"].shape[1]
+    for i, text in enumerate(rows):
+        ids, mask, labels = (enc[k][i].tolist() for k in ("input_ids", "attention_mask", "labels"))
+        n = sum(mask)
+        assert mask == [1] * n + [0] * (width - n)  # padded on the right
+        own = tok(text)["input_ids"]
+        expected = (own if own[-1] == tok.eos_token_id else own + [tok.eos_token_id])[:24]
+        trl = text if text.endswith(tok.eos_token) else text + tok.eos_token  # TRL's text: the same tokens here
+        assert tok(trl)["input_ids"][:24] == expected
+        assert ids[:n] == expected and labels[:n] == expected  # every token a target, the eos included
+        assert ids[n:] == [tok.pad_token_id] * (width - n) and labels[n:] == [-100] * (width - n)
+        assert ids[:n].count(tok.eos_token_id) == (0 if len(own) >= 24 else 1)  # one eos; none once cut
+        if which == "llama":
+            assert ids[0] == tok.bos_token_id and ids[:n].count(tok.bos_token_id) == 1
+    assert width == 24 and int(enc["attention_mask"][3].sum()) == 24  # the cut row fills it
+
+
+def test_text_eos_off_is_the_tokenizers_own_encoding_and_a_row_of_the_eos_alone_is_left_out(models, tiny):
+    """text_eos off: each row is the tokenizer's encoding truncated to max_length, as before the setting existed;
+    so is every row of a tokenizer without an eos (test_cli's BERT one: [CLS] ... [SEP]), whatever the setting."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import DataError
+    from unified_lora.training import SINGLE_TOKEN_TEXTS, TrainConfig, encode_rows
+
+    tok, bert = _tok(models["gpt2"]), AutoTokenizer.from_pretrained(tiny["gpt2"])
+    assert bert.eos_token_id is None
+    for t, eos in ((tok, False), (bert, True)):
+        got = encode_rows(t, TEXTS, "causal-lm", 16, text_eos=eos)
+        plain = t(TEXTS, truncation=True, max_length=16, padding="longest", return_tensors="pt")
+        assert got["input_ids"].equal(plain["input_ids"]) and got["attention_mask"].equal(plain["attention_mask"])
+        assert got["labels"].equal(plain["input_ids"].masked_fill(plain["attention_mask"] == 0, -100))
+    said = []
+    enc = encode_rows(tok, ["ab", tok.eos_token], "causal-lm", 16, note=said.append)  # the eos alone: one token
+    assert len(enc["labels"]) == 1 and said == ["1 of 2 text rows have no token to predict within max_length 16 (a "
+                                                "single token) and are left out"]
+    with pytest.raises(DataError, match=re.escape(SINGLE_TOKEN_TEXTS)):
+        encode_rows(tok, [tok.eos_token], "causal-lm", 16)
+    with pytest.raises(ValueError, match="text_eos: must be true or false, got 'no'"):
+        TrainConfig(text_eos="no")  # YAML's `text_eos: "no"`
+
+
+def test_a_text_run_trains_on_the_eos_and_an_old_run_resumes_and_predicts_without_it(models, tmp_path, capsys):
+    """An eos run, scored by `predict --data` as train scored it; a resume that would drop the eos is refused. Its
+    checkpoints then lose the `text_eos` key, as a run saved before the key existed: the resume goes on without the
+    eos (the data it trained on), and `predict --data` on such a checkpoint scores as that run's evaluation did."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": p + c}) + "\n" for p, c in PAIRS * 2))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": p + c}) + "\n" for p, c in PAIRS))
+    out = tmp_path / "run"
+    assert main(_train(models["gpt2"], data, out, "--dev-data", str(dev), "--steps", "2", "--threads", "1")) == 0
+    assert ("text rows ('text'): the loss is on every token and the eos that ends each row (as TRL's SFTTrainer adds "
+            "it)") in capsys.readouterr().out
+    states = lambda: sorted((out / "checkpoints").glob("*/state.pt"))  # noqa: E731
+    assert [torch.load(s, weights_only=True)["config"]["text_eos"] for s in states()] == [True]
+    final = list(json.loads((out / "summary.json").read_text())["arms"]["run"]["eval"].values())[-1]
+    assert main(["predict", str(out), "--data", str(dev)]) == 0
+    assert f"{dev}: {_fmt_metrics(final)}" in capsys.readouterr().out
+
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--no-text-eos"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was trained with text_eos=True (now False)" in err and err.count("\n") == 1
+
+    def old_style():  # the checkpoints of a run saved before text_eos existed
+        for path in states():
+            st = torch.load(path, weights_only=True)
+            st["config"].pop("text_eos", None)
+            torch.save(st, path)
+
+    old_style()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--text-eos"]) == 2
+    assert "the run was trained with text_eos=False (now True)" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 0
+    assert "no eos is added to a row (text_eos off)" in capsys.readouterr().out
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
+    assert torch.load(out / "checkpoints" / "epoch-1" / "state.pt", weights_only=True)["config"]["text_eos"] is False
+    old_final = list(json.loads((out / "summary.json").read_text())["arms"]["run"]["eval"].values())[-1]
+    old_style()
+    assert main(["predict", str(out), "--data", str(dev)]) == 0  # epoch-1 (step 4), without the key
+    assert f"{dev}: {_fmt_metrics(old_final)}" in capsys.readouterr().out
+
+    # the flag where it does nothing is refused: prompt/completion pairs end with the eos anyway
+    assert main(_train(models["gpt2"], _jsonl(tmp_path / "sft.jsonl", PAIRS), tmp_path / "sft", "--no-text-eos")) == 2
+    assert capsys.readouterr().err == ("unified-lora: error: --no-text-eos: for a causal LM's text rows (one text "
+                                       "column of a .csv/.tsv/.jsonl table); this run trains on prompt/completion "
+                                       "pairs, which an eos ends\n")
 
 
 # ----------------------------------------------------------------------------- training and evaluation

@@ -579,7 +579,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "device", "precision", "grad_accum",
-        "max_nonfinite_steps", "assistant_only_loss")},
+        "max_nonfinite_steps", "assistant_only_loss", "text_eos")},
     "lrs": "mode_lrs",
 }
 
@@ -676,8 +676,8 @@ def _read_config(path: str) -> dict:
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
-                 "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules", "modules_to_save",
-                 "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
+                 "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
+                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
@@ -767,6 +767,16 @@ def _train(args, held: dict) -> int:
     train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
     chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
+    texts = task_type == "causal-lm" and isinstance(train, list) and bool(train) and isinstance(train[0], str)
+    # text_eos off where it does nothing is refused, but not on a resume: a run saved before the key existed reads as
+    # off whatever its data (`LEGACY_CONFIG`), and a resume that changes it is refused anyway
+    if not cfg.text_eos and not texts and ckpt is None:
+        what = ("a classifier (seq-cls)" if task_type != "causal-lm" else
+                "a plain-text corpus, which has an eos between documents" if isinstance(train, TextCorpus) else
+                "chat data, which the chat template ends" if chat else
+                "prompt/completion pairs, which an eos ends" if pairs else "data other than text rows")
+        raise UsageError(f"--no-text-eos: for a causal LM's text rows (one text column of a .csv/.tsv/.jsonl table); "
+                         f"this run trains on {what}")
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
@@ -785,10 +795,15 @@ def _train(args, held: dict) -> int:
         say(f"prompt/completion rows ({prompt!r}, {completion!r}): the loss is on the completion's tokens"
             + (" and the eos" if tok.eos_token_id is not None else
                "; the tokenizer has no eos token, so none ends a completion (the model is not taught to stop)"))
+    elif texts:
+        say(f"text rows ({cfg.text_columns[0]!r}): the loss is on every token" + (
+            "; the tokenizer has no eos token, so none ends a row (the model is not taught to stop)"
+            if tok.eos_token_id is None else " and the eos that ends each row (as TRL's SFTTrainer adds it)"
+            if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
     enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"),
-                            assistant_only=cfg.assistant_only_loss)
+                            assistant_only=cfg.assistant_only_loss, text_eos=cfg.text_eos)
     enc_dev = encode_rows(tok, dev, task_type, cfg.max_length, note=lambda m: say(f"dev data: {m}"),
-                          assistant_only=cfg.assistant_only_loss)
+                          assistant_only=cfg.assistant_only_loss, text_eos=cfg.text_eos)
     check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
@@ -1306,6 +1321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "flag) (default: text)")
     t.add_argument("--assistant-only-loss", action="store_true", default=None, help="chat data: the loss on the "
                    "assistant turns only (TRL's assistant_only_loss; default: the whole conversation)")
+    t.add_argument("--text-eos", action=argparse.BooleanOptionalAction, default=None, help="a causal LM's text rows "
+                   "(one text column): the tokenizer's eos appended to each and trained on, as TRL's SFTTrainer adds "
+                   "it (default on; --no-text-eos adds none, for text that carries its own end marks)")
     t.add_argument("--label-column", help="table label column (default: label)")
     t.add_argument("--epochs", type=int, help="epochs (default 1); each ends with a dev evaluation and a checkpoint")
     t.add_argument("--steps", type=int, help="stop after this many optimizer steps (overrides --epochs; default 0 = whole epochs)")

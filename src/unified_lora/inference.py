@@ -475,6 +475,6 @@ def perplexity(trained: Trained, path: str, batch_size: int = 64, note: Callable
     p = _input_file(path, "--data")
     texts, _ = _load_texts(p, trained.cfg.text_columns)
     enc = encode_rows(trained.tokenizer, texts, "causal-lm", trained.cfg.max_length, note=note,
-                      assistant_only=trained.cfg.assistant_only_loss)
+                      assistant_only=trained.cfg.assistant_only_loss, text_eos=trained.cfg.text_eos)
     check_row_length(trained.model, trained.cfg.max_length, enc)
     return evaluate(trained.model, enc, "causal-lm", "lm", batch_size, trained.cfg.precision)

@@ -80,6 +80,7 @@ class TrainConfig:
     text_columns: Sequence[str] = ("text",)
     label_column: str = "label"
     assistant_only_loss: bool = False  # chat data (a causal LM): the loss on the assistant turns only (TRL's flag)
+    text_eos: bool = True  # a causal LM's rows of one text column: the tokenizer's eos appended to each, as TRL does
     dev_fraction: float = 0.1  # held out from `data` when there is no dev set
     dev_size: int = 0  # >0: evaluate on a fixed-seed subsample of this many dev rows
     max_length: int = 64
@@ -735,10 +736,12 @@ def subsample(items, n: int, seed: int):
 
 
 def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable[[str], None] | None = None,
-                assistant_only: bool = False) -> dict[str, torch.Tensor]:
+                assistant_only: bool = False, text_eos: bool = True) -> dict[str, torch.Tensor]:
     """Tokenise every row once (padded to the longest); batches are row slices of these tensors. A causal LM's
     (prompt, completion) pairs go to `encode_pairs`, its chat rows to `encode_chat` (with `assistant_only`, the loss
-    on the assistant turns only); `note` gets their counts of rows left out or cut."""
+    on the assistant turns only), its text rows to `encode_texts` (with `text_eos` and a tokenizer that has an eos
+    token: the eos ends each row, as TRL's SFTTrainer adds it; else each row is the tokenizer's own encoding, cut at
+    `max_length`); `note` gets their counts of rows left out or cut."""
     if task_type == "causal-lm" and isinstance(rows, TextCorpus):
         return encode_corpus(tokenizer, rows, max_length)
     if task_type == "causal-lm" and rows and isinstance(rows[0], Chat):
@@ -749,6 +752,8 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable
         rows = [r for r in rows if r.strip()]
         if not rows:
             raise DataError("no non-empty texts to train on; check --text-columns")
+        if text_eos and tokenizer.eos_token_id is not None:
+            return encode_texts(tokenizer, rows, max_length, note)
         # padded on the right whatever the tokenizer's padding_side: a decoder reads positions 0, 1, ... from the
         # row's first column (GPT-2's absolute position embeddings), so left padding moved every token of a short row
         # to later positions than generation gives it, and a dev row's perplexity depended on the rows it was
@@ -762,14 +767,36 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable
         # such row alone in evaluate's last batch made the dev loss and perplexity NaN
         keep = enc["attention_mask"].sum(1) >= 2
         if not bool(keep.any()):
-            raise DataError("every text is a single token; a causal LM needs rows of at least 2 tokens (a token "
-                            "and the next one to predict)")
+            raise DataError(SINGLE_TOKEN_TEXTS)
         out = {"input_ids": enc["input_ids"][keep], "attention_mask": enc["attention_mask"][keep]}
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
     from .data import encode
 
     return encode(tokenizer, rows.examples if isinstance(rows, TextDataset) else rows, max_length=max_length)
+
+
+SINGLE_TOKEN_TEXTS = ("every text is a single token; a causal LM needs rows of at least 2 tokens (a token and the next "
+                      "one to predict)")
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int,
+                 note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """A causal LM's text rows, each ended by the tokenizer's eos, as TRL's SFTTrainer ends a non-conversational text
+    (`add_eos`): each text is tokenised whole (with the special tokens the tokenizer adds to a text: Llama's BOS), and
+    the eos id is appended unless its tokens already end with it. The id, not the eos string appended to the text
+    (TRL's way), which a tokenizer may read otherwise next to the text's last characters. Every token, the eos
+    included, is a target; the padding is not (the labels follow the lengths, not the ids: GPT-2's padding is its
+    eos). A row longer than `max_length` is cut at its end, as TRL cuts it after adding the eos (so a cut row has
+    none), and a row of a single token, with no next token to predict, is left out; `note` gets both counts. Padded
+    on the right."""
+    eos = tokenizer.eos_token_id
+    rows = []
+    for ids in tokenizer(list(texts), verbose=False)["input_ids"]:
+        ids = list(ids) + ([eos] if list(ids[-1:]) != [eos] else [])
+        rows.append((ids, [True] * len(ids)))
+    return _target_rows(tokenizer, rows, max_length, note, "text rows", "token to predict", "a single token",
+                        "their text (and the eos)", SINGLE_TOKEN_TEXTS)
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -1484,6 +1511,9 @@ def export_peft(model, adapters, rank: int, out_dir: Path) -> str | None:
 
 CHECKPOINT_INFO = "checkpoint.json"  # {"global_step": N}, written beside state.pt (checkpoints written before it lack it)
 STATE_KEYS = ("optimizer", "controller", "run", "config", "shock_gen", "torch_rng")  # what every state.pt holds
+# TrainConfig keys whose default is not what a run saved before the key existed did: such a run's stored config
+# lacks the key, and reads as this value (its resume, predict and summary keep the data as it trained on it)
+LEGACY_CONFIG = {"text_eos": False}  # their text rows had no eos
 
 
 def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
@@ -1504,6 +1534,8 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
         raise UsageError(f"{path}: not a unified-lora checkpoint state ({what}; every checkpoint this library "
                          f"writes holds {list(STATE_KEYS)}): written by another tool, or edited. Delete that "
                          "checkpoint folder to resume from an older one, or start a new run in another --output-dir")
+    if isinstance(st["config"], dict):
+        st["config"] = {**LEGACY_CONFIG, **st["config"]}
     return st
 
 
