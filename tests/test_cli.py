@@ -1553,6 +1553,10 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("bad_flag", "--stepz"),
     ("empty_txt", "is empty"),
     ("txt_for_a_classifier", "a plain-text file trains a causal LM"),
+    # a causal LM on the bundled MRPC (no --data) or a GLUE folder: an internal AttributeError ('Example' has no strip)
+    ("causal_lm_without_data", "no --data: the bundled MRPC sentence pairs are for a classifier, and a causal LM "
+                               "trains on a .txt corpus"),
+    ("glue_folder_for_a_causal_lm", "a folder is read as a GLUE task, data for a classifier; a causal LM trains on"),
     # one class: an integer label 1 made a 2-class head, and it trained on rows of that one class; the demo took a
     # 1-class head, which transformers trains as a regression on the class id
     ("one_class_of_int_labels", "ones.csv: every row has the label 1 in column 'label'; a classifier needs rows of "
@@ -1623,6 +1627,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                       "--output-dir", out],
         "txt_for_a_classifier": ["train", "--model", tiny["bert"], "--data", str(_write(tmp_path / "c.txt", "text\n")),
                                  "--output-dir", out],
+        "causal_lm_without_data": ["train", "--model", tiny["gpt2"], "--output-dir", out],
+        "glue_folder_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(tiny["root"]),
+                                        "--output-dir", out],
         "one_class_of_int_labels": _train_args(tiny, out)[:4] + [str(_write(
             tmp_path / "ones.csv", "text,label\ngood,1\ngreat,1\nfine,1\nsuperb,1\n"))],
         "one_class_in_the_demo": _demo_args(tiny, out)[:4] + [str(_write(

@@ -634,11 +634,18 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
     `cfg.text_columns` is set to them (the checkpoints record it), and `note` says so."""
     if cfg.assistant_only_loss and task_type != "causal-lm":
         raise UsageError("--assistant-only-loss: for a causal LM's chat data; this run trains a classifier (seq-cls)")
+    lm_data = ("a causal LM trains on a .txt corpus or a .csv/.tsv/.jsonl table (a text column, prompt/completion "
+               "columns, or a .jsonl messages column)")
     if cfg.data is None:
+        if task_type == "causal-lm":  # the bundled MRPC pairs reached the causal-LM encoder: an AttributeError
+            raise UsageError(f"no --data: the bundled MRPC sentence pairs are for a classifier, and {lm_data}; pass "
+                             "one with --data")
         return load_glue("mrpc", "train"), load_glue("mrpc", "dev"), "mrpc"
     path = Path(cfg.data).expanduser()
     if not path.exists():
         raise DataError(f"--data {cfg.data}: no such file or folder; pass a GLUE task folder or a .csv/.tsv/.jsonl file")
+    if path.is_dir() and task_type == "causal-lm":
+        raise UsageError(f"--data {cfg.data}: a folder is read as a GLUE task, data for a classifier; {lm_data}")
     if path.is_dir():
         key = normalize_task(path.name)
         if key not in _GLUE:
