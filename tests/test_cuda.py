@@ -648,7 +648,7 @@ def group_runs(tmp_path_factory):
                            timeout=timeout, env=env)
         why = f"the worker exited {p.returncode}:\n{p.stderr[-4000:]}"
     except subprocess.TimeoutExpired as e:
-        why = f"the process group did not finish in {timeout} s (a hang?)\n{(e.stderr or b'')[-3000:]}"
+        why = f"the process group did not finish in {timeout} s (a hang?)\n{(e.stderr or '')[-3000:]}"
     return out, why
 
 
