@@ -7,6 +7,7 @@ number on the page sits next to the command that produced it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -42,11 +43,12 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda_version"] = torch.version.cuda
+    # the installed peft's version without importing it where the benchmark did not (peft pulls in transformers and
+    # bitsandbytes: seconds of a short run's start-up)
+    peft = sys.modules.get("peft")
     try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
+        info["peft"] = peft.__version__ if peft is not None else importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
         pass
     return info
 

@@ -47,14 +47,16 @@ pack() {  # results and logs travel back as one tarball, unpacked at the repo ro
 case "${1:-}" in
 check)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-    $PY -c "import torch, transformers, peft, safetensors; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__, 'peft', peft.__version__, 'safetensors', safetensors.__version__)"
     # the C++ extensions (layer kernel="cpp", Mirror kernel="fused") build with g++ and ninja; ninja travels in .gpucarry
     $PY -c "import ninja" 2>/dev/null || $PY -m pip install -q --no-index --find-links .gpucarry/wheels ninja 2>&1 | tail -1
     # load_inline runs `ninja` from PATH: add where pip puts scripts (the interpreter's, or the user's with --user)
     export PATH="$($PY -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin:$PATH"
-    WITH_CPP=$($PY -c "import shutil; from torch.utils.cpp_extension import is_ninja_available as n; \
-print('--with-cpp' if shutil.which('g++') and n() else '')")
+    # the versions (on stderr, so they show) and whether g++ and ninja are there, in one interpreter start-up
+    WITH_CPP=$($PY -c "import shutil, sys, torch, transformers, peft, safetensors
+from torch.utils.cpp_extension import is_ninja_available as n
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', \
+peft.__version__, 'safetensors', safetensors.__version__, file=sys.stderr)
+print('--with-cpp' if shutil.which('g++') and n() else '')" | tail -1)
     echo "layer kernel='cpp' arm: ${WITH_CPP:-left out (no g++ or ninja)}"
     # (skip reasons and the slowest tests too: bitsandbytes or mamba-ssm may be missing on the machine)
     [ -z "${SKIP_TESTS:-}" ] && $(limit) $PY -m pytest -q -rs --durations=5 -p no:cacheprovider tests/test_cuda.py 2>&1 \

@@ -2,11 +2,13 @@
 the GPU, or over gloo with UNIFIED_LORA_TEST_DEVICE=cpu, so a hang or a crash of the collectives costs only this
 process (the test runs it under a hard timeout).
 
-usage: python _cuda_dist_worker.py PHASE DEVICE OUT_FILE     PHASE: ddp | multitask | fsdp
+usage: python _cuda_dist_worker.py PHASES DEVICE OUT_DIR     PHASES: a comma list of ddp, multitask, fsdp
 
-It never calls torch.cuda.set_device: the library's collectives pick their device themselves
+The phases run one after the other in this one process and its one process group (one interpreter start-up and one
+group for all of them). It never calls torch.cuda.set_device: the library's collectives pick their device themselves
 (`unified_lora.distributed._device`, `distributed_mean`). Each phase runs the same loop with and without the
-distributed wrapper on DEVICE and writes what the test compares (traces, weights on the CPU) to OUT_FILE.
+distributed wrapper on DEVICE and writes what the test compares (traces, weights on the CPU) to OUT_DIR/PHASE.pt as
+soon as it ends, so a phase that crashes or hangs leaves the records of the phases before it.
 """
 
 import os
@@ -24,7 +26,10 @@ from unified_lora import MachineConfig, MirrorConfig, SignalConfig, setup_unifie
 from unified_lora.controller import distributed_mean  # noqa: E402
 from unified_lora.distributed import _device, assert_lockstep, check_ddp, ddp_kwargs  # noqa: E402
 
-phase, DEV, out = sys.argv[1], torch.device(sys.argv[2]), sys.argv[3]
+phases, DEV, out = sys.argv[1].split(","), torch.device(sys.argv[2]), sys.argv[3]
+PHASES = ("ddp", "multitask", "fsdp")
+if not phases or any(p not in PHASES for p in phases):
+    raise SystemExit(f"phases: a comma list of {', '.join(PHASES)}, got {sys.argv[1]!r}")
 torch.set_num_threads(1)
 
 
@@ -173,19 +178,22 @@ def fsdp(rec: dict, ckpt: str) -> None:
 
 _group()
 try:
-    rec = {"backend": dist.get_backend(), "collective_device": str(_device()),
-           "distributed_mean": distributed_mean(0.25)}
+    common = {"backend": dist.get_backend(), "collective_device": str(_device()),
+              "distributed_mean": distributed_mean(0.25),
+              # what this process's imports (test_distributed, conftest, unified_lora) loaded of transformers' models
+              "models_imported": sorted(m for m in sys.modules if m.startswith("transformers.models."))}
     t = torch.tensor([1.5], device=_device())
     dist.all_reduce(t)
-    rec["all_reduce"] = t.item()
-    if phase == "ddp":
-        ddp(rec)
-    elif phase == "multitask":
-        multitask(rec)
-    elif phase == "fsdp":
-        fsdp(rec, out + ".ckpt")
-    else:
-        raise SystemExit(f"unknown phase {phase!r}")
-    torch.save(rec, out)
+    common["all_reduce"] = t.item()
+    for phase in phases:
+        rec = dict(common)
+        if phase == "ddp":
+            ddp(rec)
+        elif phase == "multitask":
+            multitask(rec)
+        else:
+            fsdp(rec, os.path.join(out, "fsdp.ckpt"))
+        torch.save(rec, os.path.join(out, f"{phase}.pt"))
+        print(f"{phase}: done", flush=True)
 finally:
     dist.destroy_process_group()

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+
+# transformers' model classes are imported where a tiny model is built, not here: a process that imports conftest
+# (through a test module, as test_distributed's and _cuda_dist_worker's processes do) and builds no transformers
+# model skips their import, a few seconds of every such process's start-up on 2 cores.
 
 VOCAB = 64
 # Tiny models are faster single-threaded, and xdist workers must not oversubscribe 2 cores.
@@ -23,14 +25,18 @@ def can_build_cpp() -> bool:
     return shutil.which("g++") is not None and is_ninja_available()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
@@ -38,7 +44,9 @@ def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassificati
     return BertForSequenceClassification(cfg).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -138,7 +146,7 @@ def load_benchmark(rel: str):
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer, saved as an HF folder named `tiny_bert` (the
     quality harness records a model by its folder name)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from unified_lora.data import default_model_path
 

@@ -472,11 +472,19 @@ def test_gpu_sitting_check_phase_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sitting.sh"
     r = subprocess.run(["bash", str(script), "check"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    # one interpreter prints the versions and decides the C++ arm
+    import importlib.metadata
+
+    import torch
+
+    assert f"torch {torch.__version__} cuda {torch.version.cuda} transformers " in r.stderr, r.stderr[-3000:]
+    assert f"layer kernel='cpp' arm: {'--with-cpp' if can_build_cpp() else 'left out'}" in r.stdout, r.stdout[-3000:]
     names = ("perf_layer", "perf_controller_overhead", "perf_mirror_cost", "perf_layer_variants")
     for name in names:
         payload = json.loads((res / f"{name}_quick.json").read_text())
         assert payload["device"] == "cpu" and payload["dtype"] == "bfloat16", name
         assert "--device cpu --dtype bfloat16" in payload["command"] and "--quick" in payload["command"], name
+        assert payload["env"]["peft"] == importlib.metadata.version("peft"), name  # recorded, imported or not
     assert (out / "results_check.tgz").is_file()
 
 

@@ -630,22 +630,39 @@ def test_training_a_quantized_model_on_gpu_through_a_mirror_cycle_changes_only_t
 
 
 # ------------------------------------------------------------------- process groups: nccl at world size 1
-def _group_run(phase, tmp_path, timeout=150):
-    """`_cuda_dist_worker.py PHASE` in a subprocess under a hard timeout; what it recorded."""
-    out = tmp_path / f"{phase}.pt"
+GROUP_PHASES = ("ddp", "multitask", "fsdp")
+
+
+@pytest.fixture(scope="module")
+def group_runs(tmp_path_factory):
+    """`_cuda_dist_worker.py ddp,multitask,fsdp` once, in one subprocess under a hard timeout (one interpreter start-up
+    and one process group for the three tests below): its folder, and what each test reports if its phase left no
+    record (the worker's exit status and stderr, or the timeout)."""
+    out = tmp_path_factory.mktemp("group")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    timeout = 150 * len(GROUP_PHASES)
     try:
-        p = subprocess.run([sys.executable, str(Path(__file__).with_name("_cuda_dist_worker.py")), phase, DEV.type,
-                            str(out)], capture_output=True, text=True, timeout=timeout, env=env)
+        p = subprocess.run([sys.executable, str(Path(__file__).with_name("_cuda_dist_worker.py")),
+                            ",".join(GROUP_PHASES), DEV.type, str(out)], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+        why = f"the worker exited {p.returncode}:\n{p.stderr[-4000:]}"
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{phase}: the process group did not finish in {timeout} s (a hang?)\n{(e.stderr or '')[-3000:]}")
-    assert p.returncode == 0, f"{phase} worker failed:\n{p.stderr[-4000:]}"
-    rec = torch.load(out, weights_only=False)
+        why = f"the process group did not finish in {timeout} s (a hang?)\n{(e.stderr or '')[-3000:]}"
+    return out, why
+
+
+def _group_run(phase, group_runs):
+    """What the worker recorded for `phase` (each phase's record is written as soon as it ends)."""
+    out, why = group_runs
+    if not (out / f"{phase}.pt").is_file():
+        pytest.fail(f"{phase}: no record; {why}")
+    rec = torch.load(out / f"{phase}.pt", weights_only=False)
     assert rec["backend"] == ("nccl" if ON_GPU else "gloo")
     # no torch.cuda.set_device in the worker: the collectives' device is the current one (cuda:0 on one GPU)
     assert rec["collective_device"] == ("cuda:0" if ON_GPU else "cpu")
     assert rec["all_reduce"] == 1.5 and rec["distributed_mean"] == 0.25
+    assert rec["models_imported"] == []  # TinyClassifier's process: no transformers model imported (conftest's lazy)
     return rec
 
 
@@ -658,16 +675,16 @@ def _same_run(a, b, phi_rel=1e-6, atol=1e-6):
         torch.testing.assert_close(a["weights"][n], w, rtol=0, atol=atol, msg=n)
 
 
-def test_ddp_over_nccl_on_one_gpu_follows_the_bare_model_through_a_mirror_restore(tmp_path):
-    rec = _group_run("ddp", tmp_path)
+def test_ddp_over_nccl_on_one_gpu_follows_the_bare_model_through_a_mirror_restore(group_runs):
+    rec = _group_run("ddp", group_runs)
     assert rec["ddp"]["block_device"].startswith(DEV.type)
     assert any(t[4] == "restored" for t in rec["ddp"]["trace"]) and {t[3] for t in rec["ddp"]["trace"]} >= {8, 16}
     assert all(rec["ddp"]["paused_grad_none"])
     _same_run(rec["ddp"], rec["plain"], atol=1e-5)
 
 
-def test_multitask_ddp_over_nccl_on_one_gpu_follows_the_bare_model_and_its_collectives_run(tmp_path):
-    rec = _group_run("multitask", tmp_path)
+def test_multitask_ddp_over_nccl_on_one_gpu_follows_the_bare_model_and_its_collectives_run(group_runs):
+    rec = _group_run("multitask", group_runs)
     assert any(t[5] == "SINGLE->MULTI" for t in rec["ddp"]["trace"])
     _same_run(rec["ddp"], rec["plain"], phi_rel=1e-5, atol=1e-5)
     assert rec["task_losses"] == {"a": 0.5, "b": 0.25}  # in slot order, each the mean over the one process
@@ -675,8 +692,8 @@ def test_multitask_ddp_over_nccl_on_one_gpu_follows_the_bare_model_and_its_colle
     assert rec["task_grads_device"] == [str(DEV) if not ON_GPU else "cuda:0"]
 
 
-def test_fsdp2_over_nccl_on_one_gpu_trains_through_mirror_and_resumes_from_a_sharded_checkpoint(tmp_path):
-    rec = _group_run("fsdp", tmp_path)
+def test_fsdp2_over_nccl_on_one_gpu_trains_through_mirror_and_resumes_from_a_sharded_checkpoint(group_runs):
+    rec = _group_run("fsdp", group_runs)
     assert rec["sharded"] == ["DTensor"] and rec["param_device"] == (["cuda:0"] if ON_GPU else ["cpu"])
     assert rec["held_at_save"] and rec["resumed_at"] == (17, True)
     assert any(t[4] == "saved" for t in rec["fsdp"]["trace"]) and any(t[6] is not None for t in rec["fsdp"]["trace"])
