@@ -93,7 +93,7 @@ def format_summary(summary: dict) -> str:
             rows.append(("majority class", [_fmt_metrics(summary["majority"])] * len(points)))
         for name, arm in arms.items():
             rows.append((arm.get("label", name), [_fmt_metrics(arm.get("eval", {}).get(p)) for p in points]))
-        if len(points) > 3:  # (--eval-steps, many epochs): a row per point, not a column, so that the table stays readable
+        if len(points) > 3:  # (--eval-steps, many epochs): a row per point, not a column: the table stays readable
             rows = [(r0, list(r)) for r0, *r in zip(*[(r[0], *r[1]) for r in rows])]
             rows[0] = ("dev evaluation", rows[0][1])
         w0 = max(len(r[0]) for r in rows)
