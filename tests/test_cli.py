@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import RunsCode, can_build_cpp
-from unified_lora.cli import _correct_rows, main
+from unified_lora.cli import _correct_rows, _fmt_metrics, main
 from unified_lora.trace import read_trace
 
 POS = "good great fine nice happy superb".split()
@@ -1357,6 +1357,52 @@ def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for
     assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"] and len(sa["arms"]["run"]["eval"]) == 2
 
 
+def test_eval_steps_evaluates_inside_epochs_trains_the_same_weights_and_resumes_with_its_evaluations(tiny, tmp_path,
+                                                                                                    capsys):
+    """--eval-steps N evaluates on the dev set every N optimizer steps inside an epoch, besides each epoch's end (a
+    step that ends an epoch is evaluated once). With dropout on (the model's and --lora-dropout's), a run with it
+    trains to the weights of the same run without it, bit for bit: the evaluation leaves the model in training mode
+    and draws no random number. Each point is in the checkpoints (the step-N one written at the same step too) and
+    the summary; a resume from step-N goes on evaluating and ends with the evaluations of the uninterrupted run, and
+    a resume may switch --eval-steps on."""
+    cfg = _write(tmp_path / "dropout.yaml", "lora_dropout: 0.2\n")  # (the tiny BERT's own dropout is 0.1)
+    opts = ("--config", str(cfg), "--threads", "1", "--lrs", "1e-2", "5e-3", "1e-3")
+    run, plain, resumed = tmp_path / "run", tmp_path / "plain", tmp_path / "resumed"
+    capsys.readouterr()
+    assert main(_train_args(tiny, run, *opts, "--epochs", "2", "--eval-steps", "4", "--save-steps", "4")) == 0
+    said = capsys.readouterr().out
+    # 8 steps an epoch: step 4, (epoch 1 at 8, once), step 12, (epoch 2 at 16)
+    points = ["epoch 0.5 (step 4)", "epoch 1", "epoch 1.5 (step 12)", "epoch 2"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_points"] == points and list(summary["arms"]["run"]["eval"]) == points
+    evals = summary["arms"]["run"]["eval"]
+    for line in ("epoch 0.5 @ step 4: dev ", "epoch 1 @ step 8: dev ", "epoch 1.5 @ step 12: dev ",
+                 "epoch 2 @ step 16: dev "):
+        assert said.count(line) == 1, said
+    assert f"epoch 0.5 @ step 4: dev {_fmt_metrics(evals['epoch 0.5 (step 4)'])}" in said
+    # the checkpoint of step 4 holds step 4's evaluation (evaluated, then saved)
+    st = torch.load(run / "checkpoints" / "step-4" / "state.pt", weights_only=True)
+    assert [e["step"] for e in st["run"]["evals"]] == [4]
+    # the same run without --eval-steps (for its first epoch; its resume switches it on): the same weights
+    assert main(_train_args(tiny, plain, *opts, "--epochs", "1")) == 0
+    assert main(["train", "--output-dir", str(plain), "--resume", "--epochs", "2", "--eval-steps", "4"]) == 0
+    for tag in ("epoch-1", "epoch-2"):
+        assert _same(*(_ckpt_state(d / "checkpoints" / tag)[0] for d in (run, plain))), tag
+    assert read_trace(plain / "trace.jsonl") == read_trace(run / "trace.jsonl")
+    later = json.loads((plain / "summary.json").read_text())["arms"]["run"]["eval"]
+    assert later == {p: evals[p] for p in ("epoch 1", "epoch 1.5 (step 12)", "epoch 2")}
+    # a run stopped after step-4's save (its later outputs gone), resumed: the uninterrupted run's evaluations
+    shutil.copytree(run / "checkpoints" / "step-4", resumed / "checkpoints" / "step-4")
+    shutil.copy(run / "trace.jsonl", resumed / "trace.jsonl")
+    assert main(["train", "--output-dir", str(resumed), "--resume"]) == 0
+    again = json.loads((resumed / "summary.json").read_text())
+    assert again["arms"]["run"]["eval"] == evals and again["eval_points"] == points
+    assert _same(_ckpt_state(resumed / "checkpoints" / "epoch-2"), _ckpt_state(run / "checkpoints" / "epoch-2"))
+    assert main(["report", str(resumed)]) == 0  # more than 3 points: a row each
+    report = capsys.readouterr().out
+    assert "epoch 1.5 (step 12) | " in report and "dev evaluation" in report
+
+
 def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(tiny, tmp_path):
     """torchrun started two copies of the whole run, on all the data, into one --output-dir: one refused the other's
     first checkpoint as "a previous run" (exit 2) while the other finished, and with --overwrite they deleted each
@@ -1570,6 +1616,7 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
     ("negative_save_steps", "save_steps: must be >= 0 (0 = no checkpoint inside an epoch), got -5"),
     ("negative_save_total_limit", "save_total_limit: must be >= 0 (0 = keep every step-N checkpoint), got -1"),
+    ("negative_eval_steps", "eval_steps: must be >= 0 (0 = evaluate only at each epoch's end), got -2"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
@@ -1648,6 +1695,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "block_longer_than_the_positions": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
                                             "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
         "negative_save_steps": _train_args(tiny, out, "--save-steps", "-5"),
+        "negative_eval_steps": _train_args(tiny, out, "--eval-steps", "-2"),
         "negative_save_total_limit": ["train", "--config", str(_write(tmp_path / "s.yaml", f"model: {tiny['bert']}\n"
                                                                       f"data: {tiny['csv']}\nsave_total_limit: -1\n"))],
     }[case]

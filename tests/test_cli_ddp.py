@@ -66,7 +66,7 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
     of the step over both processes, so DDP's mean gradient is the one-process gradient. The weights end equal to
     float rounding (each process trims its own padding), the controller makes the same decisions on the same steps
     (its trace, written once, by process 0), and one set of outputs is written. The epoch's last global batch has 1
-    row, so process 1 has none: it runs a forward weighted 0."""
+    row, so process 1 has none: it runs a forward weighted 0. Both evaluate inside the epochs too (--eval-steps)."""
     one, two = tmp_path / "one", tmp_path / "two"
     data = ["--model", without_dropout[model], "--data", tiny["csv"]]
     if model == "gpt2":  # rows of 2 to 10 words: their micro-batches hold different numbers of target tokens
@@ -75,7 +75,7 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
                                                   for j in range(2 + i % 9)) + "\n" for i in range(64)))
         data = ["--model", without_dropout[model], "--data", str(lm), "--target-modules", "c_attn", "--loss-scale", "4"]
     common = ("--config", _config(tmp_path), *data, "--max-length", "16", "--epochs", "2", "--grad-accum", "2",
-              "--log-every", "0", *CONTROLLER)
+              "--log-every", "0", "--eval-steps", "3", *CONTROLLER)
     assert main(["train", *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
     p = _torchrun("train", *common, "--batch-size", "4", "--output-dir", str(two))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -93,6 +93,8 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
             assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), (tag, k)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (sa["world_size"], sa["rows_per_step"], sb["world_size"], sb["rows_per_step"]) == (1, 16, 2, 16)
+    # --eval-steps 3 with 4 steps an epoch: steps 3 and 6 inside the epochs, besides their ends
+    assert sb["eval_points"] == sa["eval_points"] == ["epoch 0.75 (step 3)", "epoch 1", "epoch 1.5 (step 6)", "epoch 2"]
     for point, m in sa["arms"]["run"]["eval"].items():  # the dev evaluation, sharded over the processes
         assert sb["arms"]["run"]["eval"][point] == pytest.approx(m, rel=1e-4)
     # one set of outputs, written by process 0: one line per step in the trace, one console

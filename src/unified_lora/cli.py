@@ -93,8 +93,11 @@ def format_summary(summary: dict) -> str:
             rows.append(("majority class", [_fmt_metrics(summary["majority"])] * len(points)))
         for name, arm in arms.items():
             rows.append((arm.get("label", name), [_fmt_metrics(arm.get("eval", {}).get(p)) for p in points]))
+        if len(points) > 3:  # (--eval-steps, many epochs): a row per point, not a column: the table stays readable
+            rows = [(r0, list(r)) for r0, *r in zip(*[(r[0], *r[1]) for r in rows])]
+            rows[0] = ("dev evaluation", rows[0][1])
         w0 = max(len(r[0]) for r in rows)
-        ws = [max(len(r[1][i]) for r in rows) for i in range(len(points))]
+        ws = [max(len(r[1][i]) for r in rows) for i in range(len(rows[0][1]))]
         table = [f"{r[0]:<{w0}} | " + " | ".join(f"{c:<{w}}" for c, w in zip(r[1], ws)) for r in rows]
         lines += ["", table[0], "-" * len(table[0]), *table[1:], ""]
     for name, arm in arms.items():
@@ -578,8 +581,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
-        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "device", "precision", "grad_accum",
-        "max_nonfinite_steps", "assistant_only_loss", "text_eos")},
+        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
+        "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos")},
     "lrs": "mode_lrs",
 }
 
@@ -873,23 +876,37 @@ def _train(args, held: dict) -> int:
             on_rank0(lambda: prune_step_checkpoints(ckpt_root, cfg.save_total_limit))
         return path
 
+    def _mid_epoch() -> float:  # the run's position in epochs, inside one
+        return run.state.epoch + run.state.step_in_epoch / per_epoch
+
+    def _evaluate(epoch_at: float, label: str) -> None:
+        """A dev evaluation now (under torchrun: every process, each on its share of the rows, `evaluate_run`),
+        recorded in the run's state (checkpoints, summary) and printed. The model goes back to training mode, and no
+        random number is drawn: a run trains to the same weights with or without evaluations in between."""
+        m = evaluate_run(run, enc_dev, task)
+        run.state.evals.append({"epoch": epoch_at, "step": run.state.global_step, **m})
+        say(f"{label} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+
     handled = (signal.SIGINT, signal.SIGTERM)
     old_handlers = {s: signal.signal(s, _on_signal) for s in handled} if _main_thread() else {}
     bar = _bar(total, run.state.global_step, desc="train", disable=not main_process)
     try:
         for epoch, batch in iterate(run, enc_train, total, cfg.epochs if not cfg.steps else 10**9, per_epoch):
             if batch is None:  # end of an epoch: evaluate, checkpoint
-                m = evaluate_run(run, enc_dev, task)
-                run.state.evals.append({"epoch": epoch + 1, "step": run.state.global_step, **m})
-                say(f"epoch {epoch + 1} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+                _evaluate(epoch + 1, f"epoch {epoch + 1}")
                 _save(f"epoch-{epoch + 1}")
             else:
                 loss = run.train_step(batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", phi=f"{run.ctrl.phi:.3f}", mode=run.ctrl.mode, refresh=False)
-                # --save-steps; a step that ends an epoch or the run is saved by the checkpoint that follows it
-                if (cfg.save_steps and run.state.global_step % cfg.save_steps == 0
-                        and run.state.step_in_epoch < per_epoch and run.state.global_step < total):
+                # --eval-steps, then --save-steps (its checkpoint holds this step's evaluation: a resume neither
+                # repeats nor loses it); a step that ends an epoch or the run is evaluated and saved after the loop
+                # or at the epoch's end, once
+                inside = run.state.step_in_epoch < per_epoch and run.state.global_step < total
+                if cfg.eval_steps and run.state.global_step % cfg.eval_steps == 0 and inside:
+                    at = _mid_epoch()
+                    _evaluate(at, f"epoch {_epoch_fraction(at)}")
+                if cfg.save_steps and run.state.global_step % cfg.save_steps == 0 and inside:
                     _save(f"step-{run.state.global_step}")
             # under torchrun each process gets the signal (torchrun passes it on) at its own point in a step: they
             # stop together, after the first step that ended with it on any process (SIGTERM's number, if both). (A
@@ -928,10 +945,7 @@ def _train(args, held: dict) -> int:
             if h is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(s, h)
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
-        m = evaluate_run(run, enc_dev, task)
-        run.state.evals.append({"epoch": run.state.epoch + run.state.step_in_epoch / per_epoch,
-                                "step": run.state.global_step, **m})
-        say(f"final @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+        _evaluate(_mid_epoch(), "final")
         _save(f"step-{run.state.global_step}")
     run.ctrl.close()
 
@@ -984,7 +998,7 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int) -> dic
     from .training import phi_summary, transitions
 
     trans = transitions(trace)
-    points = {f"epoch {e['epoch']:g}": {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
+    points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
     return {
         "command": "train", "model": cfg.model, "data": cfg.data or "shipped GLUE MRPC", "steps": steps,
         "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__),
@@ -995,6 +1009,20 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int) -> dic
                          "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
                          "transitions": trans, "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")]}},
     }
+
+
+def _epoch_fraction(epoch: float) -> str:
+    """A position inside an epoch, in epochs, cut (not rounded) to 2 decimals: 0.995 reads 0.99, never the `1` of
+    the epoch's end."""
+    return f"{math.floor(epoch * 100 + 1e-9) / 100:.2f}".rstrip("0").rstrip(".")
+
+
+def _eval_point(e: dict) -> str:
+    """A dev evaluation's name in the summary: `epoch 2` at an epoch's end; inside an epoch (--eval-steps, a --steps
+    run's end) its position and its step, which makes it unique however many steps an epoch has:
+    `epoch 0.75 (step 6)`. (It was `epoch 0.333333` with 6 digits, which two steps of a long epoch could share.)"""
+    x = float(e["epoch"])
+    return f"epoch {int(x)}" if x.is_integer() else f"epoch {_epoch_fraction(x)} (step {e['step']})"
 
 
 def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | None:
@@ -1371,6 +1399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "steps, inside an epoch too (default 0 = only at each epoch's end)")
     t.add_argument("--save-total-limit", type=int, help="keep only the newest K step-N checkpoints, deleting "
                    "older ones once a new one is complete; epoch-N checkpoints are all kept (default 0 = keep all)")
+    t.add_argument("--eval-steps", type=int, help="also evaluate on the dev set every N optimizer steps, inside an "
+                   "epoch too (default 0 = only at each epoch's end and the run's)")
     t.add_argument("--output-dir", help="trace, plot, summary and checkpoints (default: unified-lora-run)")
     t.add_argument("--dev-size", type=int, help="dev rows (blocks, for a text corpus) to evaluate: a "
                    "fixed-seed subsample; 0 (default) = all")

@@ -123,6 +123,7 @@ class TrainConfig:
     peft_every_checkpoint: bool = False  # also export PEFT format into every checkpoint (always at the end)
     save_steps: int = 0  # >0: also write checkpoints/step-N every N optimizer steps (inside an epoch too)
     save_total_limit: int = 0  # >0: keep only the newest K step-N checkpoints (epoch-N ones are all kept)
+    eval_steps: int = 0  # >0: also evaluate on the dev set every N optimizer steps (inside an epoch too)
     # Device and arithmetic
     device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast around forward and loss; fp16 adds a GradScaler
@@ -159,6 +160,7 @@ class TrainConfig:
             ("threads", self.threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("save_steps", self.save_steps >= 0, "must be >= 0 (0 = no checkpoint inside an epoch)"),
             ("save_total_limit", self.save_total_limit >= 0, "must be >= 0 (0 = keep every step-N checkpoint)"),
+            ("eval_steps", self.eval_steps >= 0, "must be >= 0 (0 = evaluate only at each epoch's end)"),
             ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "must be a number >= 0"),
             ("grad_clip", self.grad_clip >= 0 and math.isfinite(self.grad_clip), "must be >= 0 (0 = no clipping)"),
             ("shock_end", 0 <= self.shock_start <= self.shock_end, "need 0 <= shock_start <= shock_end"),
