@@ -1357,6 +1357,17 @@ def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for
     assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"] and len(sa["arms"]["run"]["eval"]) == 2
 
 
+def test_an_evaluation_inside_an_epoch_never_reads_as_an_epochs_end():
+    """Cut, not rounded, to 2 decimals, or more where 2 read as a whole number: step 1500 of 1499-step epochs was
+    `epoch 1 @ step 1500`, right after the epoch's end `epoch 1 @ step 1499`."""
+    from unified_lora.cli import _epoch_fraction, _eval_point
+
+    assert [_epoch_fraction(x) for x in (0.995, 0.5, 2 / 3, 1500 / 1499, 0.001)] == ["0.99", "0.5", "0.66", "1.0006",
+                                                                                      "0.001"]
+    assert _eval_point({"epoch": 1500 / 1499, "step": 1500}) == "epoch 1.0006 (step 1500)"
+    assert _eval_point({"epoch": 2.0, "step": 2998}) == "epoch 2"
+
+
 def test_eval_steps_evaluates_inside_epochs_trains_the_same_weights_and_resumes_with_its_evaluations(tiny, tmp_path,
                                                                                                     capsys):
     """--eval-steps N evaluates on the dev set every N optimizer steps inside an epoch, besides each epoch's end (a

@@ -284,6 +284,12 @@ def test_the_end_of_turn_is_read_off_the_chat_template(chatml_run):
                            (None, [])):  # no template
         tok.chat_template = template
         assert end_of_turn(tok) == want, template
+    # whitespace that the tokenizer lists among its added tokens (as Gemma's and Phi-2's do) is skipped too: it was
+    # taken for the end of turn, and generation stopped at the first newline
+    tok.add_tokens(["\n"])
+    assert tok.decode(tok("\n", add_special_tokens=False)["input_ids"]) == "\n"
+    tok.chat_template = CHATML.replace("}}<|im_end|> ", "}}\n<|im_end|>\n")
+    assert end_of_turn(tok) == [im_end]
     tok.chat_template = CHATML
     model = AutoModelForCausalLM.from_pretrained(chatml_run["model"])
     plain = stop_tokens(model, tok)  # the eos, and the generation config's

@@ -648,8 +648,13 @@ def group_runs(tmp_path_factory):
                            timeout=timeout, env=env)
         why = f"the worker exited {p.returncode}:\n{p.stderr[-4000:]}"
     except subprocess.TimeoutExpired as e:
-        why = f"the process group did not finish in {timeout} s (a hang?)\n{(e.stderr or '')[-3000:]}"
+        why = f"the process group did not finish in {timeout} s (a hang?)\n{_text(e.stderr)[-3000:]}"
     return out, why
+
+
+def _text(out) -> str:
+    """A subprocess's captured output as text: TimeoutExpired keeps bytes on POSIX even under text=True."""
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
 
 def _group_run(phase, group_runs):

@@ -1012,9 +1012,13 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int) -> dic
 
 
 def _epoch_fraction(epoch: float) -> str:
-    """A position inside an epoch, in epochs, cut (not rounded) to 2 decimals: 0.995 reads 0.99, never the `1` of
-    the epoch's end."""
-    return f"{math.floor(epoch * 100 + 1e-9) / 100:.2f}".rstrip("0").rstrip(".")
+    """A position inside an epoch, in epochs, cut (not rounded) to 2 decimals, or more where 2 would read as a whole
+    epoch: 0.995 reads 0.99 and 1.0007 (step 1500 of 1499-step epochs) 1.0007, never the `1` of the epoch's end."""
+    for d in range(2, 10):
+        cut = math.floor(epoch * 10 ** d + 1e-9) / 10 ** d
+        if not cut.is_integer():
+            break
+    return f"{cut:.{d}f}".rstrip("0").rstrip(".")
 
 
 def _eval_point(e: dict) -> str:

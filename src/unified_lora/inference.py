@@ -392,10 +392,9 @@ def end_of_turn(tokenizer) -> list[int]:
         return []
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or ())
     for t in tokenizer(text[at + len(_PROBE):], add_special_tokens=False, verbose=False)["input_ids"]:
-        if t in special:
-            return [int(t)]
-        if tokenizer.decode([t]).strip():
-            return []
+        if not tokenizer.decode([t]).strip():  # whitespace first: a tokenizer may list "\n" among its added tokens
+            continue
+        return [int(t)] if t in special else []
     return []
 
 
