@@ -985,3 +985,34 @@ def test_the_marker_names_the_files_written_and_load_adapter_only_checks_the_bas
     with pytest.raises(ValueError, match=r"push_to_hub=True.*before unified_lora_adapter_only\.json.*upload_folder"):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
     assert not (tmp_path / "hub").exists()
+
+
+def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes_mid_mirror(tmp_path):
+    """The Trainer's own FSDP2 path (accelerate's fully_shard inside train(), after setup_unified_lora; dcp
+    checkpoints) over 2 torchrun processes on gloo, with accelerate's GPU-only FSDP selection set by hand
+    (_fsdp_trainer_worker.py says how). Both processes make the same decisions (a MULTI->MIRROR snapshot, the LR
+    multiplier, a restore); each writes its own controller state (its shards: process 0's file alone was read by
+    every process, and its digest of DTensors raised on process 0 while process 1 waited); a resume mid-MIRROR
+    continues the run bit for bit; a checkpoint whose optimizer has no state for some blocks is named as one that
+    accelerate cannot resume."""
+    from test_cli_ddp import _torchrun
+
+    worker = os.path.join(os.path.dirname(__file__), "_fsdp_trainer_worker.py")
+    p = _torchrun(str(tmp_path), entry=(worker,))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    full = r0["full"]
+    assert full["sharded"] and r1["full"]["sharded"]  # the blocks are DTensors: FSDP2 did shard them
+    assert full["trace"] == r1["full"]["trace"]  # lockstep
+    modes = [t[3] for t in full["trace"]]
+    assert modes == [1, 1, 1, 2, 2, 2, 2, 1] and full["trace"][3][6] == "saved" and full["trace"][7][6] == "restored"
+    assert full["trace"][3][5] < full["trace"][2][5]  # MIRROR's LR multiplier
+    assert {"unified_lora_controller_rank0.pt", "unified_lora_controller_rank1.pt"} <= set(r0["files"])
+    assert CONTROLLER_STATE_NAME not in r0["files"]
+    for r in (r0, r1):  # resumed from checkpoint-6, with the snapshot and its optimizer moments held
+        assert r["resumed"]["trace"] == r["full"]["trace"][6:]
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed"]["shards"], r["full"]["shards"]))
+    assert r0["full"]["shards"][0].shape[0] == 2  # each process holds half of a rank-4 block's rows
+    early = [w for w in full["warnings"] if "checkpoint-3 will not resume under FSDP2" in w]
+    assert len(early) == 1 and "lora_A.2" in early[0] and "Missing key in checkpoint state_dict" in early[0]
+    assert not any("checkpoint-6" in w for w in full["warnings"]) and not r1["full"]["warnings"]

@@ -139,8 +139,9 @@ with `lm_head.weight` directly, so that layer's delta would never train).
 (gloo). Paused rank blocks are outside the autograd graph, so DDP needs
 `find_unused_parameters=True` (the Trainer's default unless activation
 checkpointing is on) and must not use `static_graph`; the callback checks this.
-FSDP2 (`fully_shard`) is supported and tested in a hand-written loop (README "Multi-GPU"), not under the
-Trainer's own FSDP settings; FSDP1 is refused; DeepSpeed is not supported or tested.
+FSDP2 (`fully_shard`) is supported and tested in a hand-written loop (README "Multi-GPU"); under the Trainer's own
+FSDP2 settings (GPUs only in accelerate 1.16) each process saves its own shards of the controller state
+(`unified_lora_controller_rank{r}.pt`), see README. FSDP1 is refused; DeepSpeed is not supported or tested.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ from transformers import TrainerCallback
 from ._files import load_state_file, write_text_atomically, written_atomically
 from .config import MODES
 from .controller import UnifiedController
-from .distributed import check_trainer_ddp_args, unwrap_model, unwrap_optimizer
+from .distributed import check_trainer_ddp_args, local_tensor, shard_group, unwrap_model, unwrap_optimizer
 from .layer import NestedLoRALayer
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
@@ -471,8 +472,20 @@ class UnifiedLoRACallback(TrainerCallback):
                 and "loss" in state.log_history[-1]:
             state.log_history[-1].update(extra)
 
+    def _state_name(self) -> str:
+        """The controller state's file in a checkpoint folder. One process or DDP: CONTROLLER_STATE_NAME, written by
+        process 0 (the state is the same on every process). FSDP2: each process holds its own shards of the Mirror
+        snapshot and stored gradients, so each writes and reads its own file (process 0's alone, read by every
+        process, was refused on the others, and its digest of DTensors failed on process 0 while the others went on)."""
+        self.ctrl._reshard()  # (an evaluation's unsharded parameters: read the sharded ones, as state_dict does)
+        group = shard_group(self.ctrl.managed_parameters())
+        if group is None:
+            return CONTROLLER_STATE_NAME
+        return CONTROLLER_STATE_NAME.replace(".pt", f"_rank{dist.get_rank(group)}.pt")
+
     def on_save(self, args, state, control, **kwargs):
-        if not args.should_save:
+        name = self._state_name()
+        if name == CONTROLLER_STATE_NAME and not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
@@ -485,8 +498,30 @@ class UnifiedLoRACallback(TrainerCallback):
             sd[BASE_FINGERPRINT_KEY] = _marker(folder).get("base_fingerprint") or _base_fingerprint(model)
         # under a temporary name, then renamed: a process killed while writing leaves no torn file under the name
         # a resume reads (the resume then says the file is missing, and what to do)
-        with written_atomically(os.path.join(folder, CONTROLLER_STATE_NAME)) as tmp:
+        with written_atomically(os.path.join(folder, name)) as tmp:
             torch.save(sd, tmp)
+        if name != CONTROLLER_STATE_NAME and name.endswith("_rank0.pt"):
+            self._warn_stateless_blocks(folder)
+
+    def _warn_stateless_blocks(self, folder: str) -> None:
+        """FSDP2: the Trainer saved the optimizer through accelerate (dcp), which writes no state for a parameter
+        the optimizer has not stepped yet (a rank block paused since the start, or rolled back by a Mirror restore
+        with `snapshot_optimizer=True` to before it trained). On `resume_from_checkpoint`
+        accelerate's `load_fsdp_optimizer` asks for a state of every parameter and fails (measured, accelerate 1.16:
+        "Missing key in checkpoint state_dict: optimizer.state.<block>.step"), before any callback runs."""
+        opt = unwrap_optimizer(self.ctrl.optimizer) if self.ctrl.optimizer is not None else None
+        if opt is None:
+            return
+        labels = self.ctrl._managed_labels()
+        missing = [lab for lab, p in zip(labels, self.ctrl.managed_parameters()) if p.requires_grad
+                   and not opt.state.get(p)]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f", ... ({len(missing) - 3} more)" if len(missing) > 3 else "")
+            warnings.warn(f"UnifiedLoRACallback: {folder} will not resume under FSDP2: the optimizer has no state yet "
+                          f"for {shown} (not trained yet, or a Mirror restore rolled it back to before they "
+                          "trained), so accelerate saved none, and resume_from_checkpoint fails in "
+                          "load_fsdp_optimizer (\"Missing key in checkpoint state_dict\"). Resume from a checkpoint "
+                          "saved without this warning (one saved in MIRROR, at rank 16)", stacklevel=2)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
@@ -529,7 +564,7 @@ class UnifiedLoRACallback(TrainerCallback):
 
     def _load(self, args, state, model=None) -> None:
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path = os.path.join(folder, CONTROLLER_STATE_NAME)
+        path = os.path.join(folder, self._state_name())
         if not os.path.isfile(path):
             if self.strict_resume:
                 raise FileNotFoundError(
@@ -567,7 +602,7 @@ class UnifiedLoRACallback(TrainerCallback):
             warnings.warn(f"UnifiedLoRACallback: the best checkpoint {folder} has no model weights here, so the "
                           "Trainer kept the final weights; the controller keeps its final state too", stacklevel=2)
             return
-        path = os.path.join(folder, CONTROLLER_STATE_NAME)
+        path = os.path.join(folder, self._state_name())
         if not os.path.isfile(path):
             ranks = sorted({a.rank for a in self.ctrl.adapters})
             msg = (f"UnifiedLoRACallback: load_best_model_at_end loaded the weights of {folder}, but {path} does not "
@@ -1126,6 +1161,7 @@ def _weights_digest(ctrl: UnifiedController) -> str:
     bit-exact weights, which a Trainer checkpoint saves and reloads, give the same digest."""
     h = hashlib.sha256()
     for p in ctrl.managed_parameters():
+        p = local_tensor(p)  # FSDP2: this process's shard (its file holds its shards)
         h.update(str((p.dtype, tuple(p.shape))).encode())
         h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()

@@ -1,0 +1,86 @@
+"""torchrun worker (2 processes, gloo, CPU): the stock Trainer's own FSDP2 path with UnifiedLoRACallback.
+
+usage: torchrun --nproc-per-node 2 _fsdp_trainer_worker.py OUT_DIR
+accelerate 1.16 selects FSDP on GPUs only: on the CPU `AcceleratorState._prepare_backend` makes the run MULTI_CPU, and
+the FSDP branch of `AcceleratorState.__init__` lists GPU types alone, so `TrainingArguments(fsdp=..., use_cpu=True)`
+trains under DDP, silently. `_fsdp2` sets the two fields accelerate sets on a GPU (`distributed_type`, `fsdp_plugin`
+from the Trainer's own `fsdp_plugin_args`) and the Trainer's `is_fsdp_enabled`, so that everything after runs as on
+GPUs: `fsdp2_prepare_model` (fully_shard inside train(), after setup_unified_lora), the optimizer built after it, and
+the dcp checkpoints (SHARDED_STATE_DICT) that save_fsdp_model / load_fsdp_optimizer write and read.
+Writes OUT_DIR/rank{r}.pt for the test (test_trainer_callback.py) to compare.
+"""
+
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_llama  # noqa: E402
+
+out = sys.argv[1]
+torch.set_num_threads(1)
+# the loss the controller sees, scaled per step: φ rises into MIRROR (snapshot) and falls back (restore)
+FACTOR = [1, 1, 6, 6, 0.05, 0.05, 0.05, 0.05]
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        x = torch.randint(3, 60, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": x, "labels": x.clone()}
+
+
+def _fsdp2(trainer) -> None:
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
+def run(resume=None) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
+    from unified_lora.callbacks import UnifiedLoRACallback
+    from unified_lora.distributed import local_tensor
+
+    model = tiny_llama().train()
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], print_fn=None,
+                                 signal=SignalConfig(kind="loss", alpha=1.0, loss_scale=2.05),
+                                 mirror=MirrorConfig(policy="always", snapshot_optimizer=True))
+    args = TrainingArguments(output_dir=out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2,
+                             use_cpu=True, ddp_backend="gloo", report_to="none", disable_tqdm=True, seed=0,
+                             save_strategy="steps", save_steps=3, logging_steps=1, fsdp="full_shard",
+                             fsdp_config={"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT",
+                                          "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    step = {}
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 reduction="sum") / num_items_in_batch
+        return loss * FACTOR[step["trainer"].state.global_step]
+
+    trainer = step["trainer"] = Trainer(model=model, args=args, train_dataset=Rows(), compute_loss_func=loss_func)
+    UnifiedLoRACallback(ctrl).add_to(trainer)
+    _fsdp2(trainer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=resume)
+    return {"trace": [(r.step, r.loss, r.phi, r.mode, r.rank, r.lr, r.snapshot, r.transition) for r in ctrl.trace],
+            "sharded": all(type(p).__name__ == "DTensor" for p in ctrl.managed_parameters()),
+            "shards": [local_tensor(p).detach().clone() for p in ctrl.managed_parameters()],
+            "warnings": [str(w.message) for w in caught if "UnifiedLoRACallback" in str(w.message)]}
+
+
+rank = int(os.environ["RANK"])
+rec = {"full": run()}
+rec["files"] = sorted(os.listdir(os.path.join(out, "checkpoint-6")))
+rec["resumed"] = run(os.path.join(out, "checkpoint-6"))  # mid-MIRROR: the snapshot and its moments are held
+torch.save(rec, os.path.join(out, f"rank{rank}.pt"))
