@@ -78,10 +78,20 @@ def test_noise_plot_is_drawn_from_two_noise_rates(tmp_path):
     assert (tmp_path / made["mrpc_noise"]).stat().st_size > 0
 
 
+@pytest.fixture(scope="module")
+def layer_variants_quick(tmp_path_factory):
+    """One `perf/layer_variants.py --quick` run, shared by the tests that read it: (its payload, its results dir)."""
+    out = tmp_path_factory.mktemp("layer_variants")
+    return load_benchmark("perf/layer_variants.py").main(["--quick", "--results-dir", str(out)]), out
+
+
 @pytest.mark.parametrize("script", ["perf/layer.py", "perf/controller_overhead.py", "perf/mirror_cost.py",
                                     "perf/layer_variants.py", "perf/checkpoint_io.py"])
-def test_perf_script_quick_writes_json_and_markdown(script, tmp_path):
-    payload = load_benchmark(script).main(["--quick", "--results-dir", str(tmp_path)])
+def test_perf_script_quick_writes_json_and_markdown(script, tmp_path, request):
+    if script == "perf/layer_variants.py":  # (the run the cpp test below reads too)
+        payload, tmp_path = request.getfixturevalue("layer_variants_quick")
+    else:
+        payload = load_benchmark(script).main(["--quick", "--results-dir", str(tmp_path)])
     stem = "perf_" + Path(script).stem + "_quick"
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert saved["command"] and "under_contention" in saved["load"]
@@ -557,7 +567,8 @@ def test_mirror_fused_cpp_kernels_compute_the_library_drift_and_copy(tmp_path):
 
 
 @pytest.mark.skipif(not can_build_cpp(), reason="--with-cpp builds csrc/nested_path.cpp: needs g++ and ninja")
-def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_include_it(tmp_path):
+def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_include_it(tmp_path,
+                                                                                         layer_variants_quick):
     payload = load_benchmark("perf/layer.py").main(["--quick", "--with-cpp", "--results-dir", str(tmp_path)])
     assert [c["rank"] for c in payload["cases"]] == [4, 8, 16]
     for c in payload["cases"]:  # checked equal to the default layer before timing; saves what PEFT saves
@@ -565,9 +576,9 @@ def test_layer_with_cpp_times_the_cpp_kernel_as_a_third_arm_and_the_variants_inc
         assert c["cpp"]["memory"]["activation_bytes"] == c["memory"]["peft"]["activation_bytes"]
     md = (tmp_path / "perf.md").read_text()
     assert "`--with-cpp`" in md and 'kernel="cpp" ratio' in md
-    variants = load_benchmark("perf/layer_variants.py").main(["--quick", "--results-dir", str(tmp_path)])
+    variants, variants_dir = layer_variants_quick  # (the variants build the cpp kernel themselves when they can)
     assert all(list(c["variants"]) == ["function", "cpp", "cat", "perblock"] for c in variants["cases"])
-    md = (tmp_path / "perf.md").read_text()
+    md = (variants_dir / "perf.md").read_text()
     assert 'cpp (library, kernel="cpp")' in md and "| = Python floor | + arithmetic |" in md
     for c in variants["cases"]:  # the diagnostic arms ran, interleaved with the variants, every repeat
         d = c["diagnostics"]

@@ -913,7 +913,8 @@ def test_a_causal_lm_leaves_out_rows_of_one_token(tiny, tmp_path):
     assert len(AutoTokenizer.from_pretrained(model_dir)("good")["input_ids"]) == 1
     texts = [t for t, _ in _rows(64)]
     train = _write(tmp_path / "train.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts[:32]))
-    dev = _write(tmp_path / "dev.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts + ["good"]))
+    long = " ".join(texts[:4])  # 20 words: cut at --max-length 16
+    dev = _write(tmp_path / "dev.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts + [long, "good"]))
     out = tmp_path / "run"
     # --no-text-eos: with the eos this tokenizer has, "good" would be two tokens, the eos its target
     assert main(["train", "--model", str(model_dir), "--data", str(train), "--dev-data", str(dev), "--target-modules",
@@ -923,7 +924,12 @@ def test_a_causal_lm_leaves_out_rows_of_one_token(tiny, tmp_path):
     final = summary["arms"]["run"]["eval"]
     (metrics,) = final.values()
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["perplexity"])
-    assert "32 train / 64 dev rows" in (out / "console.txt").read_text()
+    console = (out / "console.txt").read_text()
+    assert "32 train / 65 dev rows" in console
+    # said as the eos path says them (the row was left out, and the long one cut, silently)
+    assert ("dev data: 1 of 66 text rows have no token to predict within max_length 16 (a single token) and are left "
+            "out\ndev data: 1 of 66 text rows are longer than max_length 16 and cut at its end: the rest of their "
+            "text is not trained on") in console
 
 
 def _corpus(path: Path, lines: int = 120) -> str:

@@ -226,6 +226,10 @@ def test_a_chat_run_trains_evaluates_on_the_assistant_tokens_resumes_and_predict
 
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"id": 7, "messages": CONVS[1][:-1]}])
     assert main(["predict", str(out), "--prompts", str(prompts), "--max-new-tokens", "3"]) == 0
+    # TEMPLATE ends a turn with the eos: nothing is added to the stops (the line said generation "also" stopped there)
+    assert ("chat prompts: rendered with the tokenizer's chat template and the generation prompt; the template's end "
+            "of turn <|endoftext|> is the tokenizer's eos, where generation stops for any prompt"
+            ) in capsys.readouterr().out
     row = json.loads((out / "predictions.jsonl").read_text())
     assert row["id"] == 7 and row["prompt"] == CONVS[1][:-1] and row["stop"] in ("eos", "length")
     rendered = tok.apply_chat_template(CONVS[1][:-1], add_generation_prompt=True, tokenize=True,
@@ -294,6 +298,21 @@ def test_the_end_of_turn_is_read_off_the_chat_template(chatml_run):
     model = AutoModelForCausalLM.from_pretrained(chatml_run["model"])
     plain = stop_tokens(model, tok)  # the eos, and the generation config's
     assert plain[0] == eos and im_end not in plain and stop_tokens(model, tok, chat=True) == [*plain, im_end]
+
+
+def test_the_end_of_turn_of_a_template_that_requires_a_system_message(chatml_run):
+    """A template that raises unless the conversation opens with a system message: the probe is rendered again after
+    one, and the end of turn is read off that (it used to be none, and generation ran on past the turn). A template
+    that fails either way still gives none."""
+    from unified_lora.inference import end_of_turn
+    from unified_lora.training import load_tokenizer
+
+    tok = load_tokenizer(chatml_run["model"])
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('System message required') }}"
+                         "{% endif %}" + CHATML)
+    assert end_of_turn(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    tok.chat_template = "{{ raise_exception('System message required') }}" + CHATML
+    assert end_of_turn(tok) == []
 
 
 def test_a_chat_run_stops_at_the_templates_end_of_turn(chatml_run):

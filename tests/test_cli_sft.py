@@ -188,6 +188,30 @@ def test_text_eos_off_is_the_tokenizers_own_encoding_and_a_row_of_the_eos_alone_
         TrainConfig(text_eos="no")  # YAML's `text_eos: "no"`
 
 
+def test_text_eos_off_counts_its_cut_and_left_out_rows_as_the_eos_path_does(models):
+    """text_eos off: the rows cut at max_length and the one-token rows left out are counted to `note` in the eos
+    path's words (they were cut and dropped silently), and the encoding is still the tokenizer's own, truncated, as
+    before (old runs resume on it)."""
+    from unified_lora.training import encode_rows
+
+    tok = _tok(models["gpt2"])
+    rows = ["ab", "a", "abcdefghijklmnop", "abcdefghijklmnopq", TEXTS[3]]  # (a token a character) 1, 16, 17, 26
+    assert [len(tok(r)["input_ids"]) for r in rows] == [2, 1, 16, 17, 26]
+    said = []
+    got = encode_rows(tok, rows, "causal-lm", 16, note=said.append, text_eos=False)
+    assert said == ["1 of 5 text rows have no token to predict within max_length 16 (a single token) and are left "
+                    "out", "2 of 5 text rows are longer than max_length 16 and cut at its end: the rest of their text "
+                    "is not trained on"]
+    kept = [r for r in rows if r != "a"]
+    plain = tok(kept, truncation=True, max_length=16, padding="longest", return_tensors="pt")
+    assert got["input_ids"].equal(plain["input_ids"]) and got["attention_mask"].equal(plain["attention_mask"])
+    assert got["labels"].equal(plain["input_ids"].masked_fill(plain["attention_mask"] == 0, -100))
+    assert int(got["attention_mask"].sum(1).max()) == 16
+    said.clear()
+    assert encode_rows(tok, rows[2:3], "causal-lm", 16, note=said.append, text_eos=False)["input_ids"].shape[1] == 16
+    assert said == []  # a row of exactly max_length is not cut: nothing said
+
+
 def test_a_text_run_trains_on_the_eos_and_an_old_run_resumes_and_predicts_without_it(models, tmp_path, capsys):
     """An eos run, scored by `predict --data` as train scored it; a resume that would drop the eos is refused. Its
     checkpoints then lose the `text_eos` key, as a run saved before the key existed: the resume goes on without the

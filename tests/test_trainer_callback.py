@@ -380,6 +380,35 @@ def test_add_to_records_the_loss_of_the_label_smoother_or_a_compute_loss_func(tm
     assert cb.step_losses == pytest.approx(logged, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["label_smoothing", "compute_loss_func"])
+def test_a_loss_function_set_on_the_trainer_after_add_to_is_recorded(tmp_path, kind):
+    """A compute_loss_func assigned to the trainer after `add_to` (or a label smoother set up after it) was not
+    wrapped, and the first step raised "no training loss". The callback wraps the trainer's loss functions again
+    when training begins: the controller reads the loss the Trainer logs, and the function is wrapped once."""
+    model, _, ctrl = build("bert")
+
+    def ce_sum_over_items(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    trainer = Trainer(model=model, args=targs(tmp_path, gradient_accumulation_steps=2, max_steps=3),
+                      train_dataset=TokenDataset(n=12))
+    cb = UnifiedLoRACallback(ctrl).add_to(trainer)
+    if kind == "compute_loss_func":
+        trainer.compute_loss_func = ce_sum_over_items
+    else:
+        from transformers.trainer_pt_utils import LabelSmoother
+
+        trainer.label_smoother = LabelSmoother(epsilon=0.1)
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and [r.loss for r in ctrl.trace] == pytest.approx(logged, abs=1e-6)
+    wrapped = trainer.compute_loss_func if kind == "compute_loss_func" else trainer.label_smoother
+    assert wrapped.callback is cb and not hasattr(wrapped.fn, "callback")  # wrapped, once
+    trainer.train()  # a second train(): still wrapped once, still recorded
+    assert (trainer.compute_loss_func if kind == "compute_loss_func" else trainer.label_smoother) is wrapped
+    assert len(ctrl.trace) == 6
+
+
 def test_composite_signal_reads_gradients_inside_the_trainer(tmp_path):
     model = tiny_bert()
     _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],

@@ -60,8 +60,9 @@ Not covered by the forward hook: `compute_loss_func` and `label_smoothing_factor
 (the model then returns no loss; TRL's SFTTrainer then also runs its fused LM head
 under `no_grad` for its metrics, a forward the hook ignores, as every forward without
 gradient). `callback.add_to(trainer)` wraps the trainer's `compute_loss_func` or
-label smoother, so the callback records the loss they return, the one the Trainer
-trains and logs; `callback.wrap_compute_loss_func(fn)` does the same for a
+label smoother (when called and again when training begins, so one assigned to the
+trainer after `add_to` is wrapped too), so the callback records the loss they return,
+the one the Trainer trains and logs; `callback.wrap_compute_loss_func(fn)` does the same for a
 `compute_loss_func` passed to the Trainer's constructor. Without either the callback
 fails loudly at the first step rather than feeding the controller nothing (or, in
 SFTTrainer, the plain NLL it used to read there).
@@ -152,6 +153,7 @@ import hashlib
 import inspect
 import os
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Callable
 
@@ -276,6 +278,7 @@ class UnifiedLoRACallback(TrainerCallback):
         self.save_base = save_base
         self._hook = None
         self._wraps_loss_func = False
+        self._trainer = None  # add_to's trainer (a weak reference): its loss functions are wrapped again at train()
         self._args = None
         self._in_step = False
         self._ctrl_step = 0  # ctrl.global_step when this optimizer step began
@@ -294,9 +297,12 @@ class UnifiedLoRACallback(TrainerCallback):
     def add_to(self, trainer) -> "UnifiedLoRACallback":
         """Insert this callback at the head of `trainer`'s callbacks, so that the
         reporting integrations (wandb, tensorboard, ...) also see its log keys.
-        If it is already there (`Trainer(callbacks=[cb])`), it is moved, not added twice."""
+        If it is already there (`Trainer(callbacks=[cb])`), it is moved, not added twice.
+        Wraps the trainer's `compute_loss_func` or label smoother (`_wrap_trainer_losses`), now and again when
+        training begins, so one assigned to the trainer after this call is recorded too."""
         callbacks = trainer.callback_handler.callbacks
         callbacks[:] = [self] + [cb for cb in callbacks if cb is not self]
+        self._trainer = weakref.ref(trainer)
         self._set_save_mode(trainer.model)
         self._wrap_trainer_losses(trainer)
         return self
@@ -418,6 +424,9 @@ class UnifiedLoRACallback(TrainerCallback):
             self._watch_output_layer(model)
         if optimizer is not None:
             self.ctrl.attach_optimizer(unwrap_optimizer(optimizer))
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:  # a compute_loss_func (or label smoother) set on the trainer after add_to
+            self._wrap_trainer_losses(trainer)
         if self.ctrl.actuators.lr_mode == "absolute":
             warnings.warn("UnifiedLoRACallback: lr_mode='absolute' overrides the Trainer's LR schedule at every step; "
                           "use lr_mode='multiplier' to scale the schedule instead", stacklevel=2)

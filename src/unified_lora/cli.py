@@ -1219,12 +1219,19 @@ def cmd_predict(args) -> int:
         chat = trained.chat or not all(isinstance(t, str) for t in prompts.texts)
         if chat:
             wrapped = trained.chat and any(isinstance(t, str) for t in prompts.texts)
-            eot = inference.end_of_turn(trained.tokenizer)
+            tok = trained.tokenizer
+            eot = inference.end_of_turn(tok)
+            if not eot:
+                stops = "no end-of-turn token was found in the chat template (generation stops as for a text prompt)"
+            elif eot[0] in inference.stop_tokens(trained.model, tok):  # (the eos ends the turn: no other stop)
+                which = ("the tokenizer's eos" if eot[0] == tok.eos_token_id else
+                         "an eos of the model's generation config")
+                stops = (f"the template's end of turn {tok.convert_ids_to_tokens(eot[0])} is {which}, where "
+                         "generation stops for any prompt")
+            else:
+                stops = f"generation also stops at the template's end of turn {tok.convert_ids_to_tokens(eot[0])}"
             print(f"chat prompts: {'a chat run: a text prompt is sent as a user message, ' if wrapped else ''}rendered "
-                  "with the tokenizer's chat template and the generation prompt; "
-                  + (f"generation also stops at the template's end of turn "
-                     f"{trained.tokenizer.convert_ids_to_tokens(eot[0])}" if eot else
-                     "no end-of-turn token was found in the chat template (generation stops as for a text prompt)"))
+                  f"with the tokenizer's chat template and the generation prompt; {stops}")
         done = inference.generate(trained, ids, args.max_new_tokens, args.batch_size, args.temperature, args.top_p,
                                   args.seed, chat=chat)
         rows = [{**({prompts.id_name: prompts.ids[i]} if prompts.ids is not None else {}), "prompt": text,

@@ -377,16 +377,20 @@ def end_of_turn(tokenizer) -> list[int]:
     writes after the probe, whitespace skipped (ChatML's "<|im_end|>\n"), is it if it is a special or added token
     (ChatML's <|im_end|>, Gemma's <end_of_turn>, Llama 2's </s>). [] where the template writes nothing after the
     content, or plain text (no token to stop at but one that also occurs inside a reply), where the tokenizer has
-    no template, and where the template fails on that conversation (generation then stops as for a text prompt)."""
+    no template, and where the template fails on that conversation and on it after a system message (a template may
+    require one first; generation then stops as for a text prompt)."""
     from jinja2 import TemplateError
 
     if not getattr(tokenizer, "chat_template", None):
         return []
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except (TemplateError, ValueError, TypeError, KeyError):
-        return []
+    text = None
+    for messages in (probe, [{"role": "system", "content": "hi"}, *probe]):  # some templates require a system one
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            break
+        except (TemplateError, ValueError, TypeError, KeyError):
+            continue
     at = text.rfind(_PROBE) if isinstance(text, str) else -1
     if at < 0:
         return []

@@ -750,7 +750,7 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable
     (prompt, completion) pairs go to `encode_pairs`, its chat rows to `encode_chat` (with `assistant_only`, the loss
     on the assistant turns only), its text rows to `encode_texts` (with `text_eos` and a tokenizer that has an eos
     token: the eos ends each row, as TRL's SFTTrainer adds it; else each row is the tokenizer's own encoding, cut at
-    `max_length`); `note` gets their counts of rows left out or cut."""
+    `max_length`); `note` gets their counts of rows left out or cut (either way for text rows)."""
     if task_type == "causal-lm" and isinstance(rows, TextCorpus):
         return encode_corpus(tokenizer, rows, max_length)
     if task_type == "causal-lm" and rows and isinstance(rows[0], Chat):
@@ -777,6 +777,11 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable
         keep = enc["attention_mask"].sum(1) >= 2
         if not bool(keep.any()):
             raise DataError(SINGLE_TOKEN_TEXTS)
+        if note is not None:  # counted as the eos path counts them (the ids above are the tokenizer's, as before)
+            full = [r for r, n in zip(rows, enc["attention_mask"].sum(1).tolist()) if n == max_length]  # (or cut)
+            cut = sum(len(ids) > max_length for ids in tokenizer(full, verbose=False)["input_ids"]) if full else 0
+            _note_rows(note, len(rows), len(rows) - int(keep.sum()), cut, max_length, "text rows", "token to predict",
+                       "a single token", "their text")
         out = {"input_ids": enc["input_ids"][keep], "attention_mask": enc["attention_mask"][keep]}
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
@@ -848,6 +853,17 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int,
                         "prompt fills it); pass a larger --max-length or shorter prompts")
 
 
+def _note_rows(note: Callable[[str], None], total: int, dropped: int, cut: int, max_length: int, what: str,
+               target: str, why: str, rest: str) -> None:
+    """Tell `note` how many of the `total` rows were left out (`dropped`: no `target`, because of `why`) and how many
+    were cut at `max_length` (`cut`: the rest of `rest` not trained on); nothing for a count of 0."""
+    if dropped:
+        note(f"{dropped} of {total} {what} have no {target} within max_length {max_length} ({why}) and are left out")
+    if cut:
+        note(f"{cut} of {total} {what} are longer than max_length {max_length} and cut at its end: the rest of "
+             f"{rest} is not trained on")
+
+
 def _target_rows(tokenizer, rows: Sequence[tuple[list[int], list[bool]]], max_length: int,
                  note: Callable[[str], None] | None, what: str, target: str, why: str, rest: str,
                  none_left: str) -> dict[str, torch.Tensor]:
@@ -862,13 +878,8 @@ def _target_rows(tokenizer, rows: Sequence[tuple[list[int], list[bool]]], max_le
             kept.append((ids[:max_length], targets[:max_length]))
     if not kept:
         raise DataError(none_left)
-    dropped = len(rows) - len(kept)
-    if note is not None and dropped:
-        note(f"{dropped} of {len(rows)} {what} have no {target} within max_length {max_length} ({why}) and are left "
-             "out")
-    if note is not None and cut:
-        note(f"{cut} of {len(rows)} {what} are longer than max_length {max_length} and cut at its end: the rest of "
-             f"{rest} is not trained on")
+    if note is not None:
+        _note_rows(note, len(rows), len(rows) - len(kept), cut, max_length, what, target, why, rest)
     width = max(len(ids) for ids, _ in kept)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(kept), width), pad, dtype=torch.long)
