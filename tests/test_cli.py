@@ -1548,7 +1548,8 @@ def test_the_readme_names_every_setting_a_resume_refuses():
             "max_length": "`max_length`", "batch_size": "`batch_size`", "grad_accum": "`grad_accum`", "seed": "`seed`",
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
             "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
-            "controller": "`--no-controller`", "signal": "the signal"}
+            "controller": "`--no-controller`", "signal": "the signal", "lr_scheduler": "the LR schedule",
+            "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`"}
     assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
     missing = [k for k in _RESUME_FIXED if said[k] not in para]
     assert not missing, (missing, para)

@@ -16,6 +16,7 @@ import torch
 
 import test_cli
 import test_cli_precision
+import test_cli_schedule
 from test_cli import _ckpt_state, _same, _train_args
 from unified_lora.cli import main
 from unified_lora.trace import read_trace
@@ -66,7 +67,9 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
     of the step over both processes, so DDP's mean gradient is the one-process gradient. The weights end equal to
     float rounding (each process trims its own padding), the controller makes the same decisions on the same steps
     (its trace, written once, by process 0), and one set of outputs is written. The epoch's last global batch has 1
-    row, so process 1 has none: it runs a forward weighted 0. Both evaluate inside the epochs too (--eval-steps)."""
+    row, so process 1 has none: it runs a forward weighted 0. Both evaluate inside the epochs too (--eval-steps). The
+    BERT runs decay a linear LR schedule over the run's optimizer steps, counted with the processes' global batches:
+    the same 8 steps, the same LR at each."""
     one, two = tmp_path / "one", tmp_path / "two"
     data = ["--model", without_dropout[model], "--data", tiny["csv"]]
     if model == "gpt2":  # rows of 2 to 10 words: their micro-batches hold different numbers of target tokens
@@ -74,14 +77,16 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
         lm.write_text("text\n" + "".join(" ".join(test_cli.FILLER[(i + j) % len(test_cli.FILLER)]
                                                   for j in range(2 + i % 9)) + "\n" for i in range(64)))
         data = ["--model", without_dropout[model], "--data", str(lm), "--target-modules", "c_attn", "--loss-scale", "4"]
+    schedule = ("--lr-scheduler", "linear", "--warmup-steps", "2") if model == "bert" else ()
     common = ("--config", _config(tmp_path), *data, "--max-length", "16", "--epochs", "2", "--grad-accum", "2",
-              "--log-every", "0", "--eval-steps", "3", *CONTROLLER)
+              "--log-every", "0", "--eval-steps", "3", *CONTROLLER, *schedule)
     assert main(["train", *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
     p = _torchrun("train", *common, "--batch-size", "4", "--output-dir", str(two))
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = read_trace(one / "trace.jsonl"), read_trace(two / "trace.jsonl")
     assert [r["step"] for r in b] == list(range(8))  # 57 rows: 8 global batches of 8, 2 per step; 2 epochs
     assert _decisions(b) == _decisions(a)
+    assert [r["lr"] for r in b] == [r["lr"] for r in a]
     if model == "bert":  # the controller went through a Mirror cycle: its decisions are part of the test
         assert {"MULTI->MIRROR", "MIRROR->MULTI"} <= {r.get("transition") for r in a}
     for key in ("loss", "phi"):
@@ -93,6 +98,10 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
             assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), (tag, k)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (sa["world_size"], sa["rows_per_step"], sb["world_size"], sb["rows_per_step"]) == (1, 16, 2, 16)
+    assert sa["lr_schedule"] == sb["lr_schedule"] and sb["lr_schedule"]["total_steps"] == 8
+    if model == "bert":
+        want = [(1e-2, 5e-3, 1e-3)[r["mode"]] * f for r, f in zip(b, test_cli_schedule.factors("linear", 2, 8))]
+        assert [r["lr"] for r in b] == pytest.approx(want, rel=1e-12, abs=0)
     # --eval-steps 3 with 4 steps an epoch: steps 3 and 6 inside the epochs, besides their ends
     assert sb["eval_points"] == sa["eval_points"] == ["epoch 0.75 (step 3)", "epoch 1", "epoch 1.5 (step 6)", "epoch 2"]
     for point, m in sa["arms"]["run"]["eval"].items():  # the dev evaluation, sharded over the processes

@@ -83,6 +83,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("shock"):
         s = summary["shock"]
         lines.append(f"shock: {s['type']} labels on steps [{s['start']}, {s['end']})")
+    if (summary.get("lr_schedule") or {}).get("lr_scheduler", "constant") != "constant":
+        from .training import describe_schedule
+
+        lines.append(f"LR schedule: {describe_schedule(summary['lr_schedule'])}")
     if summary.get("dev_note"):
         lines.append(summary["dev_note"])
     arms = summary.get("arms", {})
@@ -582,7 +586,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
-        "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos")},
+        "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
+        "warmup_ratio")},
     "lrs": "mode_lrs",
 }
 
@@ -677,10 +682,12 @@ def _read_config(path: str) -> dict:
 
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
+# And the LR schedule: the checkpoint is a position in it (a decaying one's length is checked in `Run.load_checkpoint`).
 # LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
                  "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
-                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal")
+                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal",
+                 "lr_scheduler", "warmup_steps", "warmup_ratio")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
@@ -751,9 +758,10 @@ def _train(args, held: dict) -> int:
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (DivergedError, Run, TextCorpus, UsageError, agree_max, check_precision, check_row_length,
-                           detect_task_type, device_label, encode_rows, evaluate_run, export_peft, is_chat, iterate,
-                           load_data, load_model, majority, on_rank0, process_rank, prune_step_checkpoints,
-                           resolve_device, resolve_model, seed_everything, subsample, take_rows, world_size)
+                           describe_schedule, detect_task_type, device_label, encode_rows, evaluate_run, export_peft,
+                           is_chat, iterate, load_data, load_model, lr_schedule, majority, on_rank0, process_rank,
+                           prune_step_checkpoints, resolve_device, resolve_model, seed_everything, subsample, take_rows,
+                           world_size)
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
@@ -817,6 +825,7 @@ def _train(args, held: dict) -> int:
     if cfg.has_shock and cfg.shock_end > total:  # (with --steps TrainConfig checks it; with epochs only now)
         raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
                          f"{cfg.shock_end}; the summary reported a shock on steps that never ran")
+    lr_schedule(cfg, total)  # a warm-up longer than the run: refused now, before anything is written
     held_outputs = on_rank0(lambda: _run_outputs(out)) if ckpt is None else []
     if held_outputs and not args.overwrite:
         raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held_outputs)}); pass --resume to "
@@ -826,7 +835,7 @@ def _train(args, held: dict) -> int:
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
     classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
     run = held["run"] = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say,
-                            append_trace=ckpt is not None, classes=classes, chat=chat)
+                            append_trace=ckpt is not None, classes=classes, chat=chat, total_steps=total)
     run.started = t_start
 
     def _clear_previous_run() -> None:
@@ -849,6 +858,8 @@ def _train(args, held: dict) -> int:
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")
     say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")
+    if run.schedule["lr_scheduler"] != "constant":  # (a constant LR: the console as before schedules)
+        say(f"LR schedule: {describe_schedule(run.schedule)}; the mode's LR x its factor at each optimizer step")
     if world > 1:
         import torch.distributed as dist
 
@@ -955,7 +966,7 @@ def _train(args, held: dict) -> int:
                          "(loads with peft.PeftModel.from_pretrained(base_model, path))")
         trace = read_trace(trace_path)
         summary = {
-            **_train_summary(cfg, trace, run.state.evals, run.state.global_step),
+            **_train_summary(cfg, trace, run.state.evals, run.state.global_step, run.schedule),
             "model": model_path, "task_type": task_type, "task": task, "classes": classes,
             "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
             "world_size": world, "rows_per_step": world * cfg.batch_size * cfg.grad_accum,
@@ -992,16 +1003,17 @@ def _resume_command(out: Path, world: int) -> str:
     return f"{launch} train --output-dir {shlex.quote(str(out))} --resume"
 
 
-def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int) -> dict:
-    """What a train run's summary says about its settings, dev evaluations and trace (`cmd_train`, and `report` /
-    `plot` of a run that has not written one for its last steps, from its newest checkpoint)."""
+def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedule: dict) -> dict:
+    """What a train run's summary says about its settings, its LR schedule (`lr_schedule`), dev evaluations and trace
+    (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from its newest
+    checkpoint)."""
     from .training import phi_summary, transitions
 
     trans = transitions(trace)
     points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
     return {
         "command": "train", "model": cfg.model, "data": cfg.data or "shipped GLUE MRPC", "steps": steps,
-        "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__),
+        "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__), "lr_schedule": schedule,
         "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
         "eval_points": list(points), "drift_threshold": cfg.drift_threshold, "theta0": cfg.theta0, "theta1": cfg.theta1,
         "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
@@ -1047,7 +1059,7 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
         return None
     trace = _load_trace(run_dir / "trace.jsonl") if (run_dir / "trace.jsonl").is_file() else []
     steps = max(step, len(trace))
-    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps)
+    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps, st["lr_schedule"])
     out["command"] = "train (unfinished)"
     out["classes"] = st.get("classes")
     out["dev_note"] = (f"no summary.json for step {summary['steps']} on: " if summary is not None else
@@ -1275,6 +1287,8 @@ def _csv_list(s: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training import LR_SCHEDULERS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -1381,6 +1395,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-mode LRs for --lr-mode absolute (default 2e-3 5e-4 1e-4)")
     t.add_argument("--lr-mode", choices=("absolute", "multiplier"),
                    help="absolute (default): the mode sets the LR; multiplier: the mode scales --lr")
+    t.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, help="the LR schedule (transformers' get_scheduler): the "
+                   "LR of an optimizer step is the mode's LR x the schedule's factor at that step; linear and cosine "
+                   "decay to 0 over the run's steps (default constant)")
+    t.add_argument("--warmup-steps", type=int, help="optimizer steps of warm-up from 0 to the mode's LR, with a "
+                   "schedule other than constant (default 0)")
+    t.add_argument("--warmup-ratio", type=float, help="the warm-up as a share of the run's optimizer steps, rounded "
+                   "up, instead of --warmup-steps (default 0)")
     t.add_argument("--signal", choices=("loss", "composite"),
                    help="φ(t): the v1 loss signal (default) or the v3 composite signal (reads gradients)")
     t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")

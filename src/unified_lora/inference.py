@@ -158,7 +158,8 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     classes = st.get("classes") or ([str(i) for i in range(num_labels)] if num_labels else None)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2))
-    run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes, chat=bool(st.get("chat")))
+    run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes, chat=bool(st.get("chat")),
+              total_steps=st["lr_schedule"]["total_steps"])  # (the run's schedule is built, never stepped)
     run.load_weights(ckpt, flag="predict")
     run.ctrl.load_state_dict(st["controller"])
     model.eval()

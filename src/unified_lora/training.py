@@ -50,6 +50,10 @@ TASK_TYPES = ("auto", "seq-cls", "causal-lm")
 TEXT_SUFFIXES = ("txt", "raw")  # plain-text corpora for a causal LM (tinyshakespeare's input.txt, wikitext's *.raw)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the autocast dtype
 DEVICE_FORM = r"auto|cpu|cuda(:\d+)?|mps"  # --device
+# --lr-scheduler: transformers' `get_scheduler` names whose only settings are the warm-up and the run's length
+# (polynomial's lr_end is an absolute LR, which no mode's LR scales; reduce_lr_on_plateau reads a metric)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "inverse_sqrt")
+DECAYING = ("linear", "cosine", "cosine_with_restarts")  # their factor at a step depends on the run's total steps
 
 
 class DivergedError(RuntimeError):
@@ -100,6 +104,10 @@ class TrainConfig:
     lr_mode: str = "absolute"  # absolute | multiplier
     mode_lrs: Sequence[float] = (2e-3, 5e-4, 1e-4)  # SINGLE, MULTI, MIRROR (the seed's Llama-run table)
     lr: float = 5e-4  # base LR for lr_mode="multiplier"
+    # the LR schedule (`lr_schedule`): its factor at each optimizer step scales the mode's LR, in either lr_mode
+    lr_scheduler: str = "constant"  # one of LR_SCHEDULERS (transformers' get_scheduler)
+    warmup_steps: int = 0  # optimizer steps of warm-up (not with "constant")
+    warmup_ratio: float = 0.0  # or the warm-up as a share of the run's steps, rounded up (transformers' Trainer)
     loss_scale: float = 1.0
     calibration_steps: int = 0
     calibration_target: float = 0.5
@@ -156,6 +164,9 @@ class TrainConfig:
             ("dev_size", self.dev_size >= 0, "must be >= 0 (0 = the whole dev set)"),
             ("dev_fraction", 0.0 < self.dev_fraction < 1.0, "must be in (0, 1)"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
+            ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"must be one of {LR_SCHEDULERS}"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0 (0 = no warm-up)"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1) (0 = no warm-up)"),
             ("log_every", self.log_every >= 0, "must be >= 0"),
             ("threads", self.threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("save_steps", self.save_steps >= 0, "must be >= 0 (0 = no checkpoint inside an epoch)"),
@@ -169,6 +180,13 @@ class TrainConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"warmup_steps and warmup_ratio: give one of the two, got {self.warmup_steps} and "
+                             f"{self.warmup_ratio}")
+        if self.lr_scheduler == "constant" and (self.warmup_steps or self.warmup_ratio):
+            given = f"warmup_steps {self.warmup_steps}" if self.warmup_steps else f"warmup_ratio {self.warmup_ratio}"
+            raise ValueError(f"lr_scheduler: 'constant' has no warm-up ({given}); use constant_with_warmup, or a "
+                             "decaying schedule (linear, cosine, ...)")
         if self.steps and self.shock_end > self.steps:
             raise ValueError(f"shock_end: must be <= steps ({self.steps}), got {self.shock_end}")
         # The config dataclasses of the core validate the rest (thresholds, LRs, policy, ...), here: the LoRA layout
@@ -210,9 +228,16 @@ class TrainConfig:
                             calibration_target=self.calibration_target)
 
     def actuator_config(self) -> ActuatorConfig:
+        """What the controller sets in each mode: the rank, and the LR as a multiplier of the optimizer's scheduled LR
+        (`Run.base_lr` × the schedule's factor). lr_mode "absolute": each mode's LR is its multiplier of a base LR
+        of 1, so the schedule scales it as it scales `lr` in "multiplier" mode; at a factor of 1 (a constant
+        schedule) the LR used is 1 × 1 × the mode's LR, bit for bit the mode's LR."""
         levels = tuple(self.rank_levels)
-        return ActuatorConfig(mode_ranks=(levels[0], levels[min(1, len(levels) - 1)], levels[-1]),
-                              lr_mode=self.lr_mode, mode_lrs=tuple(self.mode_lrs))
+        ranks = (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
+        checked = ActuatorConfig(mode_ranks=ranks, lr_mode=self.lr_mode, mode_lrs=tuple(self.mode_lrs))  # names mode_lrs
+        if self.lr_mode == "absolute":
+            return ActuatorConfig(mode_ranks=ranks, lr_mode="multiplier", mode_multipliers=checked.mode_lrs)
+        return checked
 
     def machine_config(self) -> MachineConfig:
         if not self.controller:  # pinned: every φ in [0, 1) is MULTI
@@ -222,6 +247,37 @@ class TrainConfig:
     @property
     def has_shock(self) -> bool:
         return self.shock_end > self.shock_start
+
+
+LEGACY_SCHEDULE = {"lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0, "total_steps": None}
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int | None) -> dict:
+    """The LR schedule of a run of `total_steps` optimizer steps: `cfg.lr_scheduler`, its warm-up in steps
+    (`warmup_steps`, or `warmup_ratio` of the total rounded up, as transformers' Trainer resolves a ratio) and the
+    total, which a decaying schedule (`DECAYING`) decays over. A warm-up longer than the run, and a schedule that
+    needs the total where none is known, are UsageErrors."""
+    warmup = cfg.warmup_steps or (math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio and total_steps else 0)
+    if not total_steps and (cfg.lr_scheduler in DECAYING or cfg.warmup_ratio):
+        raise UsageError(f"lr_scheduler {cfg.lr_scheduler!r}" + (f" with warmup_ratio {cfg.warmup_ratio}"
+                                                                 if cfg.warmup_ratio else "")
+                         + ": needs the run's number of optimizer steps (steps, or total_steps)")
+    if total_steps and warmup > total_steps:
+        raise UsageError(f"warmup_steps: {warmup} steps of warm-up, but the run has {total_steps} optimizer steps: its "
+                         "LR would never reach the mode's LR; give fewer warm-up steps (or more --steps / --epochs)")
+    return {"lr_scheduler": cfg.lr_scheduler, "warmup_steps": warmup, "warmup_ratio": cfg.warmup_ratio,
+            "total_steps": total_steps}
+
+
+def describe_schedule(s: dict) -> str:
+    """`cosine, 10 warm-up steps, decaying over 100 steps`; `constant`: an `lr_schedule` in words."""
+    words = [s["lr_scheduler"]]
+    if s.get("warmup_steps"):
+        ratio = f" (warmup_ratio {s['warmup_ratio']:g})" if s.get("warmup_ratio") else ""
+        words.append(f"{s['warmup_steps']} warm-up step{'s' if s['warmup_steps'] != 1 else ''}{ratio}")
+    if s["lr_scheduler"] in DECAYING:
+        words.append(f"decaying over {s['total_steps']} steps")
+    return ", ".join(words)
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -1161,7 +1217,8 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
                  print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
-                 classes: Sequence[str] | None = None, chat: bool = False):
+                 classes: Sequence[str] | None = None, chat: bool = False, total_steps: int | None = None):
+        """`total_steps`: the run's optimizer steps, which a decaying LR schedule decays over (default `cfg.steps`)."""
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
         self.print_fn = print_fn
         # the run trains on chat data (a causal LM's conversations, rendered with the chat template): checkpoints
@@ -1194,10 +1251,11 @@ class Run:
             if left:
                 print_fn(f"note: {left} were initialised afresh (the checkpoint lacks them) and are not in "
                          f"modules_to_save {list(mts or [])}: they stay frozen at their random initialisation")
+        actuators = cfg.actuator_config()
         self.adapters, self.ctrl = setup_unified_lora(
             model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=cfg.lr_mode,
-            machine=cfg.machine_config(), actuators=cfg.actuator_config(),
+            lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=actuators.lr_mode,
+            machine=cfg.machine_config(), actuators=actuators,
             mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
             trace_path=None, log_every=cfg.log_every, print_fn=print_fn,
             # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
@@ -1217,9 +1275,15 @@ class Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=ids, **ddp_kwargs())
             check_ddp(self.ddp)
-        start_lr = self.ctrl.get_last_lr() if cfg.lr_mode == "absolute" else cfg.lr
-        self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=start_lr, weight_decay=cfg.weight_decay)
+        # the LR of an optimizer step: the base LR × the schedule's factor at that step (a LambdaLR on the optimizer,
+        # stepped after each optimizer step) × the mode's multiplier (the controller's hooks, in optimizer.step)
+        self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=self.base_lr, weight_decay=cfg.weight_decay)
         self.ctrl.attach_optimizer(self.optimizer)
+        from transformers import get_scheduler
+
+        self.schedule = lr_schedule(cfg, total_steps or cfg.steps or None)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.schedule["warmup_steps"],
+                                       num_training_steps=self.schedule["total_steps"])
         # fp16's narrow range: the loss is scaled up before backward and the gradients unscaled before ctrl.step (the
         # README's GradScaler recipe); a step whose gradients overflowed is skipped by scaler.step
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
@@ -1227,6 +1291,21 @@ class Run:
         self.shock_gen = torch.Generator().manual_seed(cfg.seed + 17)
         self.started = time.perf_counter()  # this session's start (`cmd_train` sets it to before the model loaded)
         self._wall_before = 0.0  # the wall time of the sessions before a resume
+
+    @property
+    def base_lr(self) -> float:
+        """The optimizer's LR before the schedule and the mode: `--lr` in lr_mode "multiplier"; 1 in "absolute",
+        whose mode LRs are the controller's multipliers (`TrainConfig.actuator_config`)."""
+        return self.cfg.lr if self.cfg.lr_mode == "multiplier" else 1.0
+
+    def _step_schedule(self) -> None:
+        """The schedule's next step. Every optimizer step counts, a skipped one too (non-finite, an fp16 overflow), as
+        it counts for --steps: the LR at step t is the schedule's factor at t. (torch warns where the first one
+        follows no optimizer.step(): a skipped first step.)"""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                    category=UserWarning)
+            self.scheduler.step()
 
     def wall_s(self) -> float:
         """The run's wall time so far: the sessions before a resume, plus this one."""
@@ -1329,6 +1408,7 @@ class Run:
         elif finite:  # a NaN/inf gradient would make every weight it reaches (and AdamW's moments) NaN for good
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._step_schedule()
         self.state.global_step += 1
         self._count_nonfinite(finite, value, step)
         return value
@@ -1396,7 +1476,8 @@ class Run:
         state = {"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
                  "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
                  "num_labels": self.num_labels, "classes": self.classes, "chat": self.chat,
-                 "shock_gen": self.shock_gen.get_state(), "torch_rng": torch.get_rng_state()}
+                 "shock_gen": self.shock_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "lr_schedule": dict(self.schedule), "lr_scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:  # fp16: the loss scale and its growth count, as the run goes on with them
             state["grad_scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":  # the GPU's generator (dropout on the GPU draws from it)
@@ -1466,13 +1547,12 @@ class Run:
         self.load_weights(path)
         self.optimizer.load_state_dict(st["optimizer"])
         # the loaded param groups hold the stored run's lr and weight_decay; a resumed run trains at the ones it is
-        # given now (the controller writes an absolute mode LR itself, in ctrl.load_state_dict below)
+        # given now (the lr: `_resume_schedule`, below)
         for g in self.optimizer.param_groups:
             g["weight_decay"] = self.cfg.weight_decay
-            if self.cfg.lr_mode == "multiplier":
-                g["lr"] = self.cfg.lr
         self.ctrl.load_state_dict(st["controller"])
         self.state = RunState(**st["run"])
+        self._resume_schedule(st, path)
         self._wall_before = self.state.wall_s
         self.shock_gen.set_state(st["shock_gen"])
         torch.set_rng_state(st["process_rng"][self.rank] if "process_rng" in st else st["torch_rng"])
@@ -1483,6 +1563,26 @@ class Run:
         if self.device.type == "cuda" and st.get("cuda_rng") is not None:
             gpu = st["process_cuda_rng"][self.rank] if "process_cuda_rng" in st else st["cuda_rng"]
             torch.cuda.set_rng_state(gpu, self.device)
+
+    def _resume_schedule(self, st: dict, path: Path) -> None:
+        """Continue the checkpoint's LR schedule at its step, from the base LR given now (`--lr` may change on a
+        resume). A schedule whose warm-up or decay would now span other steps than the run's (another --steps or
+        --epochs, with a decaying schedule or a warmup_ratio) is a UsageError: the LR would jump at the resume."""
+        saved, now = st["lr_schedule"], self.schedule
+        keys = ("lr_scheduler", "warmup_steps") + (("total_steps",) if now["lr_scheduler"] in DECAYING else ())
+        if any(saved.get(k) != now[k] for k in keys):
+            raise UsageError(f"--resume {path}: the run's LR schedule is {describe_schedule(saved)}, and this run's "
+                             f"would be {describe_schedule(now)} (--steps or --epochs changed the run's length): the "
+                             f"LR would jump at the resume. Resume with the run's length (--steps "
+                             f"{saved.get('total_steps')}), or start a new run in another --output-dir")
+        sched, step = self.scheduler, self.state.global_step
+        if st.get("lr_scheduler") is not None:  # (a checkpoint saved before schedules has none: constant)
+            sched.load_state_dict(st["lr_scheduler"])
+        # the groups' LR at the run's step, as the LambdaLR's step sets it: base LR x the schedule's factor
+        sched.last_epoch, sched.base_lrs = step, [self.base_lr for _ in self.optimizer.param_groups]
+        sched._last_lr = [base * factor(step) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+        for g, lr in zip(self.optimizer.param_groups, sched._last_lr):
+            g["lr"], g["initial_lr"] = lr, self.base_lr
 
     def load_weights(self, path: str | os.PathLike, flag: str = "--resume") -> None:
         """Put the LoRA blocks and saved modules (the head) of checkpoint `path` into the model; nothing else (the
@@ -1556,6 +1656,7 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
                          "checkpoint folder to resume from an older one, or start a new run in another --output-dir")
     if isinstance(st["config"], dict):
         st["config"] = {**LEGACY_CONFIG, **st["config"]}
+    st.setdefault("lr_schedule", dict(LEGACY_SCHEDULE))  # saved before LR schedules: a constant LR
     return st
 
 
