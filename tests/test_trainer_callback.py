@@ -996,7 +996,8 @@ def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes
     continues the run bit for bit, and so does one saved before the first MIRROR, where the rank-16 blocks have no
     optimizer state yet (accelerate saved none for them, and its load_fsdp_optimizer failed: "Missing key in
     checkpoint state_dict"); a resume where one process's controller file is missing, or another's damaged, raises the
-    same error on both processes (the other one went on into the training's collectives and waited)."""
+    same error on both processes (the other one went on into the training's collectives and waited), and with
+    strict_resume=False both processes restart their controllers."""
     from test_cli_ddp import _torchrun
 
     worker = os.path.join(os.path.dirname(__file__), "_fsdp_trainer_worker.py")
@@ -1024,6 +1025,12 @@ def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes
     assert missing[0] == "FileNotFoundError" and "process 1 could not" in missing[1]
     assert "unified_lora_controller_rank1.pt does not exist" in missing[1] and "process 0" not in missing[1]
     assert damaged[0] == "ValueError" and "process 0 could not" in damaged[1] and "damaged" in damaged[1]
+    # strict_resume=False: process 1 restarts its controller, and so does process 0 (which loaded its state before,
+    # and the two then decided apart: ctrl.step's lockstep check raised)
+    restarted = [r["restarted"] for r in (r0, r1)]
+    assert restarted[0]["trace"] == restarted[1]["trace"] and restarted[0]["trace"][0][0] == 0
+    assert "process 1 goes on without its controller state" in restarted[0]["warnings"][0]
+    assert "no controller state at" in restarted[1]["warnings"][0]
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -141,7 +141,11 @@ with `lm_head.weight` directly, so that layer's delta would never train).
 checkpointing is on) and must not use `static_graph`; the callback checks this.
 FSDP2 (`fully_shard`) is supported and tested in a hand-written loop (README "Multi-GPU"); under the Trainer's own
 FSDP2 settings (GPUs only in accelerate 1.16) each process saves its own shards of the controller state
-(`unified_lora_controller_rank{r}.pt`), see README. FSDP1 is refused; DeepSpeed is not supported or tested.
+(`unified_lora_controller_rank{r}.pt`), and on a resume the processes agree on how their reads went before any of them
+goes on (`_agreed`: one missing or unreadable file raises the same error on every process). With torch's Adam/AdamW,
+each save of the optimizer first gives every parameter without state the state its first step would create
+(`_fill_lazy_state`), so that accelerate's dcp checkpoint resumes; see README. FSDP1 is refused; DeepSpeed is not
+supported or tested.
 """
 
 from __future__ import annotations
