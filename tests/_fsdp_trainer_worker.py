@@ -7,6 +7,11 @@ trains under DDP, silently. `_fsdp2` sets the two fields accelerate sets on a GP
 from the Trainer's own `fsdp_plugin_args`) and the Trainer's `is_fsdp_enabled`, so that everything after runs as on
 GPUs: `fsdp2_prepare_model` (fully_shard inside train(), after setup_unified_lora), the optimizer built after it, and
 the dcp checkpoints (SHARDED_STATE_DICT) that save_fsdp_model / load_fsdp_optimizer write and read.
+Runs: the whole run (checkpoints at steps 3 and 6); resumes from checkpoint-6 (mid-MIRROR) and from checkpoint-3 (before
+the first MIRROR: the rank-16 blocks have no optimizer state yet); then resumes from checkpoint-6 with one process's
+controller file missing, then with another's damaged, each of which must raise the same error on both processes
+(before, the process that raised alone left the other waiting in a collective: the test's torchrun timed out), and
+with the file missing under strict_resume=False, where both processes restart their controllers.
 Writes OUT_DIR/rank{r}.pt for the test (test_trainer_callback.py) to compare.
 """
 
@@ -43,7 +48,7 @@ def _fsdp2(trainer) -> None:
     trainer.is_fsdp_enabled = True
 
 
-def run(resume=None) -> dict:
+def run(resume=None, strict_resume=True) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
@@ -68,7 +73,7 @@ def run(resume=None) -> dict:
         return loss * FACTOR[step["trainer"].state.global_step]
 
     trainer = step["trainer"] = Trainer(model=model, args=args, train_dataset=Rows(), compute_loss_func=loss_func)
-    UnifiedLoRACallback(ctrl).add_to(trainer)
+    UnifiedLoRACallback(ctrl, strict_resume=strict_resume).add_to(trainer)
     _fsdp2(trainer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -83,4 +88,30 @@ rank = int(os.environ["RANK"])
 rec = {"full": run()}
 rec["files"] = sorted(os.listdir(os.path.join(out, "checkpoint-6")))
 rec["resumed"] = run(os.path.join(out, "checkpoint-6"))  # mid-MIRROR: the snapshot and its moments are held
+rec["resumed3"] = run(os.path.join(out, "checkpoint-3"))  # the rank-16 blocks not stepped yet
+
+
+def spoilt_resume(rank_to_spoil: int, spoil, strict_resume=True) -> dict | tuple[str, str]:
+    path = os.path.join(out, "checkpoint-6", f"unified_lora_controller_rank{rank_to_spoil}.pt")
+    kept = path + ".kept"
+    if rank == rank_to_spoil:
+        os.replace(path, kept)
+        spoil(path)
+    try:
+        return run(os.path.join(out, "checkpoint-6"), strict_resume)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    finally:
+        if rank == rank_to_spoil:
+            os.replace(kept, path)
+
+
+def cut_short(path):
+    with open(path + ".kept", "rb") as f, open(path, "wb") as g:
+        g.write(f.read()[:100])
+
+
+rec["missing"] = spoilt_resume(1, lambda path: None)
+rec["damaged"] = spoilt_resume(0, cut_short)
+rec["restarted"] = spoilt_resume(1, lambda path: None, strict_resume=False)
 torch.save(rec, os.path.join(out, f"rank{rank}.pt"))

@@ -29,15 +29,30 @@ CONTROLLER = ("--lrs", "1e-2", "5e-3", "1e-3", "--shock-start", "3", "--shock-en
               "--theta0", "0.48", "--theta1", "0.497", "--threads", "1")
 
 
-def _torchrun(*args, entry=("-m", "unified_lora.cli"), nproc: int = 2, wait: bool = True, log: Path | None = None):
-    """`torchrun --nproc-per-node N <entry> train ...` on this machine (gloo on the CPU), as a subprocess."""
+def _torchrun(*args, entry=("-m", "unified_lora.cli"), nproc: int = 2, wait: bool = True, log: Path | None = None,
+              timeout: float = 300):
+    """`torchrun --nproc-per-node N <entry> train ...` on this machine (gloo on the CPU), as a subprocess. Past
+    `timeout` (a hang: processes waiting for each other) torchrun gets SIGTERM, on which it ends its workers (each in a
+    session of its own: subprocess.run's SIGKILL of torchrun alone left them running), then TimeoutExpired."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry,
            *args]
     if not wait:
         f = open(log, "w")
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True), f
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _blocks(ckpt: Path) -> dict:

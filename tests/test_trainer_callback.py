@@ -1022,8 +1022,11 @@ def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes
     (_fsdp_trainer_worker.py says how). Both processes make the same decisions (a MULTI->MIRROR snapshot, the LR
     multiplier, a restore); each writes its own controller state (its shards: process 0's file alone was read by
     every process, and its digest of DTensors raised on process 0 while process 1 waited); a resume mid-MIRROR
-    continues the run bit for bit; a checkpoint whose optimizer has no state for some blocks is named as one that
-    accelerate cannot resume."""
+    continues the run bit for bit, and so does one saved before the first MIRROR, where the rank-16 blocks have no
+    optimizer state yet (accelerate saved none for them, and its load_fsdp_optimizer failed: "Missing key in
+    checkpoint state_dict"); a resume where one process's controller file is missing, or another's damaged, raises the
+    same error on both processes (the other one went on into the training's collectives and waited), and with
+    strict_resume=False both processes restart their controllers."""
     from test_cli_ddp import _torchrun
 
     worker = os.path.join(os.path.dirname(__file__), "_fsdp_trainer_worker.py")
@@ -1042,6 +1045,75 @@ def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes
         assert r["resumed"]["trace"] == r["full"]["trace"][6:]
         assert all(torch.equal(a, b) for a, b in zip(r["resumed"]["shards"], r["full"]["shards"]))
     assert r0["full"]["shards"][0].shape[0] == 2  # each process holds half of a rank-4 block's rows
-    early = [w for w in full["warnings"] if "checkpoint-3 will not resume under FSDP2" in w]
-    assert len(early) == 1 and "lora_A.2" in early[0] and "Missing key in checkpoint state_dict" in early[0]
-    assert not any("checkpoint-6" in w for w in full["warnings"]) and not r1["full"]["warnings"]
+    for r in (r0, r1):  # resumed from checkpoint-3, saved before the rank-16 blocks ever stepped
+        assert r["resumed3"]["trace"] == r["full"]["trace"][3:]
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed3"]["shards"], r["full"]["shards"]))
+        assert not r["full"]["warnings"] and not r["resumed3"]["warnings"]  # no "will not resume" any more
+    missing, damaged = r0["missing"], r0["damaged"]
+    assert missing == r1["missing"] and damaged == r1["damaged"]  # the same error on both processes
+    assert missing[0] == "FileNotFoundError" and "process 1 could not" in missing[1]
+    assert "unified_lora_controller_rank1.pt does not exist" in missing[1] and "process 0" not in missing[1]
+    assert damaged[0] == "ValueError" and "process 0 could not" in damaged[1] and "damaged" in damaged[1]
+    # strict_resume=False: process 1 restarts its controller, and so does process 0 (which loaded its state before,
+    # and the two then decided apart: ctrl.step's lockstep check raised)
+    restarted = [r["restarted"] for r in (r0, r1)]
+    assert restarted[0]["trace"] == restarted[1]["trace"] and restarted[0]["trace"][0][0] == 0
+    assert "process 1 goes on without its controller state" in restarted[0]["warnings"][0]
+    assert "no controller state at" in restarted[1]["warnings"][0]
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("make,dev", [
+    (lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1), "cpu"),
+    (lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True), "cpu"),
+    (lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True, foreach=True, weight_decay=0.1), "cpu"),
+    pytest.param(lambda ps: torch.optim.AdamW(ps, lr=0.1, capturable=True), "cuda", marks=_CUDA),
+    pytest.param(lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True), "cuda", marks=_CUDA),
+], ids=["adamw", "adamw-fused", "adam-amsgrad-foreach", "capturable-cuda", "fused-cuda"])
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_made_up_first_optimizer_state_is_adams_own_and_trains_bit_for_bit(make, dev, default_dtype):
+    """The state `_fill_lazy_state` gives the parameters without one before a save under the Trainer's FSDP2 (so that
+    accelerate's load finds one for each) is the one Adam's first step creates (a CPU `step` of torch's scalar dtype,
+    or a float32 one on the parameter's device with fused/capturable), and training goes on bit for bit: a parameter
+    without a gradient (a paused block) keeps it untouched, weight decay included, and starts from it as from its own."""
+    from unified_lora.callbacks import _fill_lazy_state
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = [torch.randn(4, 3, generator=g, dtype=torch.float32) for _ in range(2)]
+        grads = [[torch.randn(4, 3, generator=g, dtype=torch.float32) for _ in range(2)] for _ in range(3)]
+        runs = []
+        for fill in (False, True):
+            ps = [torch.nn.Parameter(t.clone().to(dev)) for t in w]
+            opt = make(ps)
+            if fill:
+                opt.register_state_dict_pre_hook(_fill_lazy_state)
+            for step, gs in enumerate(grads):
+                if fill:
+                    opt.state_dict()  # (a save) the hook fills what has no state: both parameters before step 0
+                    if step == 0:
+                        made = {k: (v.dtype, v.device, v.shape, type(v)) for k, v in opt.state[ps[1]].items()}
+                        assert all(not v.any() for v in opt.state[ps[1]].values())
+                for p, gr in zip(ps, gs):
+                    p.grad = gr.to(dev) if (p is ps[0] or step == 2) else None  # ps[1] paused for two steps
+                opt.step()
+                if step == 0 and not fill:
+                    assert not opt.state.get(ps[1])  # Adam made none for the paused one
+                if step == 1 and fill:
+                    assert float(opt.state[ps[1]]["step"]) == 0 and torch.equal(ps[1].detach().cpu(), w[1])
+            runs.append((ps, opt, made if fill else None))
+        (ps_a, opt_a, _), (ps_b, opt_b, made) = runs
+        # the made-up state is the one Adam's own first step created for ps[0] (and later for ps[1])
+        assert made == {k: (v.dtype, v.device, v.shape, type(v)) for k, v in opt_a.state[ps_a[0]].items()}
+        for pa, pb in zip(ps_a, ps_b):
+            assert torch.equal(pa, pb)
+            sa, sb = opt_a.state[pa], opt_b.state[pb]
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype
+                                                  and sa[k].device == sb[k].device for k in sa)
+        assert float(opt_b.state[ps_b[1]]["step"]) == 1  # ps[1]'s first real step
+    finally:
+        torch.set_default_dtype(before)

@@ -142,7 +142,11 @@ with `lm_head.weight` directly, so that layer's delta would never train).
 checkpointing is on) and must not use `static_graph`; the callback checks this.
 FSDP2 (`fully_shard`) is supported and tested in a hand-written loop (README "Multi-GPU"); under the Trainer's own
 FSDP2 settings (GPUs only in accelerate 1.16) each process saves its own shards of the controller state
-(`unified_lora_controller_rank{r}.pt`), see README. FSDP1 is refused; DeepSpeed is not supported or tested.
+(`unified_lora_controller_rank{r}.pt`), and on a resume the processes agree on how their reads went before any of them
+goes on (`_agreed`: one missing or unreadable file raises the same error on every process). With torch's Adam/AdamW,
+each save of the optimizer first gives every parameter without state the state its first step would create
+(`_fill_lazy_state`), so that accelerate's dcp checkpoint resumes; see README. FSDP1 is refused; DeepSpeed is not
+supported or tested.
 """
 
 from __future__ import annotations
@@ -277,6 +281,7 @@ class UnifiedLoRACallback(TrainerCallback):
             raise TypeError(f"save_base: expected True, False or None, got {save_base!r}")
         self.save_base = save_base
         self._hook = None
+        self._fill_hook = None  # FSDP2, Adam/AdamW: the optimizer's state_dict pre-hook `_fill_lazy_state`
         self._wraps_loss_func = False
         self._trainer = None  # add_to's trainer (a weak reference): its loss functions are wrapped again at train()
         self._args = None
@@ -427,6 +432,7 @@ class UnifiedLoRACallback(TrainerCallback):
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:  # a compute_loss_func (or label smoother) set on the trainer after add_to
             self._wrap_trainer_losses(trainer)
+        self._fill_before_saves(unwrap_optimizer(optimizer) if optimizer is not None else None)
         if self.ctrl.actuators.lr_mode == "absolute":
             warnings.warn("UnifiedLoRACallback: lr_mode='absolute' overrides the Trainer's LR schedule at every step; "
                           "use lr_mode='multiplier' to scale the schedule instead", stacklevel=2)
@@ -486,11 +492,25 @@ class UnifiedLoRACallback(TrainerCallback):
         process 0 (the state is the same on every process). FSDP2: each process holds its own shards of the Mirror
         snapshot and stored gradients, so each writes and reads its own file (process 0's alone, read by every
         process, was refused on the others, and its digest of DTensors failed on process 0 while the others went on)."""
-        self.ctrl._reshard()  # (an evaluation's unsharded parameters: read the sharded ones, as state_dict does)
-        group = shard_group(self.ctrl.managed_parameters())
+        group = self._shard_group()
         if group is None:
             return CONTROLLER_STATE_NAME
         return CONTROLLER_STATE_NAME.replace(".pt", f"_rank{dist.get_rank(group)}.pt")
+
+    def _shard_group(self):
+        """FSDP2: the process group of the managed parameters' device mesh; else None."""
+        self.ctrl._reshard()  # (an evaluation's unsharded parameters: read the sharded ones, as state_dict does)
+        return shard_group(self.ctrl.managed_parameters())
+
+    def _fill_before_saves(self, opt) -> None:
+        """FSDP2 with torch's Adam or AdamW: have every save of `opt`'s state hold a state for every parameter that
+        requires grad (`_fill_lazy_state`, an `Optimizer.state_dict` pre-hook), so that accelerate's
+        `load_fsdp_optimizer` finds one for each (see `_warn_stateless_blocks`). Removed at the end of training."""
+        if self._fill_hook is not None:
+            self._fill_hook.remove()
+            self._fill_hook = None
+        if type(opt) in _LAZY_STATE_OPTIMIZERS and self._shard_group() is not None:
+            self._fill_hook = opt.register_state_dict_pre_hook(_fill_lazy_state)
 
     def on_save(self, args, state, control, **kwargs):
         name = self._state_name()
@@ -516,8 +536,11 @@ class UnifiedLoRACallback(TrainerCallback):
         """FSDP2: the Trainer saved the optimizer through accelerate (dcp), which writes no state for a parameter
         the optimizer has not stepped yet (a rank block paused since the start, or rolled back by a Mirror restore
         with `snapshot_optimizer=True` to before it trained). On `resume_from_checkpoint`
-        accelerate's `load_fsdp_optimizer` asks for a state of every parameter and fails (measured, accelerate 1.16:
-        "Missing key in checkpoint state_dict: optimizer.state.<block>.step"), before any callback runs."""
+        accelerate's `load_fsdp_optimizer` asks for a state of every parameter that requires grad (torch's
+        `get_optimizer_state_dict` of the fresh optimizer makes one up for each) and fails (measured, accelerate
+        1.16: "Missing key in checkpoint state_dict: optimizer.state.<block>.step"), before any callback runs.
+        torch's Adam and AdamW get the state their first step would create before every save (`_fill_before_saves`),
+        so this warns only for other optimizers, whose first state cannot be made up exactly."""
         opt = unwrap_optimizer(self.ctrl.optimizer) if self.ctrl.optimizer is not None else None
         if opt is None:
             return
@@ -526,11 +549,13 @@ class UnifiedLoRACallback(TrainerCallback):
                    and not opt.state.get(p)]
         if missing:
             shown = ", ".join(missing[:3]) + (f", ... ({len(missing) - 3} more)" if len(missing) > 3 else "")
-            warnings.warn(f"UnifiedLoRACallback: {folder} will not resume under FSDP2: the optimizer has no state yet "
-                          f"for {shown} (not trained yet, or a Mirror restore rolled it back to before they "
-                          "trained), so accelerate saved none, and resume_from_checkpoint fails in "
-                          "load_fsdp_optimizer (\"Missing key in checkpoint state_dict\"). Resume from a checkpoint "
-                          "saved without this warning (one saved in MIRROR, at rank 16)", stacklevel=2)
+            warnings.warn(f"UnifiedLoRACallback: {folder} will not resume under FSDP2: the optimizer "
+                          f"({type(opt).__name__}) has no state yet for {shown} (not trained yet, or a Mirror restore "
+                          "rolled it back to before they trained), so accelerate saved none, and "
+                          "resume_from_checkpoint fails in load_fsdp_optimizer (\"Missing key in checkpoint "
+                          "state_dict\"). Resume from a checkpoint saved without this warning (one saved in MIRROR, "
+                          "at rank 16), or train with torch's Adam or AdamW, whose first state the callback gives "
+                          "such blocks before each save", stacklevel=2)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
@@ -543,6 +568,9 @@ class UnifiedLoRACallback(TrainerCallback):
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
+            if self._fill_hook is not None:
+                self._fill_hook.remove()
+                self._fill_hook = None
             if self._head_hook is not None:
                 self._head_hook.remove()
                 self._head_hook = None
@@ -574,25 +602,76 @@ class UnifiedLoRACallback(TrainerCallback):
     def _load(self, args, state, model=None) -> None:
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(folder, self._state_name())
-        if not os.path.isfile(path):
-            if self.strict_resume:
-                raise FileNotFoundError(
-                    f"UnifiedLoRACallback: resuming at step {state.global_step} but {path} does not exist. "
-                    "Pass UnifiedLoRACallback(ctrl, resume_from=<checkpoint folder>), or strict_resume=False "
-                    "to restart the controller from its current state."
-                )
-            warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts, its "
-                          f"adapters at its rank {self.ctrl.rank}", stacklevel=2)
-            self.ctrl._apply_rank()
-            return
-        sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
-        if not self._weights_match(sd, path, "the Trainer resumed from", model):
+
+        def read():
+            if not os.path.isfile(path):
+                if self.strict_resume:
+                    raise FileNotFoundError(
+                        f"UnifiedLoRACallback: resuming at step {state.global_step} but {path} does not exist. "
+                        "Pass UnifiedLoRACallback(ctrl, resume_from=<checkpoint folder>), or strict_resume=False "
+                        "to restart the controller from its current state."
+                    )
+                warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts, its "
+                              f"adapters at its rank {self.ctrl.rank}", stacklevel=2)
+                return None, f"no controller state at {path}"
+            sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
+            if not self._weights_match(sd, path, "the Trainer resumed from", model):
+                return None, f"{path} was saved with other adapter weights"
+            return sd, None
+
+        sd = self._agreed(read, f"resuming at step {state.global_step}")
+        if sd is None:
             # the Trainer's weights load restored the rank they were saved at (each layer's `_extra_state`); a
             # controller that goes on from its own state sets its own (its first step refused the mismatch)
             self.ctrl._apply_rank()
             return
         self.ctrl.load_state_dict(sd)
         self._rewind_trace()
+
+    def _agreed(self, read: Callable, what: str):
+        """This process's part of a controller-state load, `read()`: (the state to load, None), or (None, why) where
+        the controller goes on as it is (`read` warned), or it raises. Returns the state to load, or None.
+
+        FSDP2: each process reads its own file (`_state_name`), so one process could fail (its file missing,
+        unreadable, or of other weights) while the others went on into the training's collectives and waited for it
+        until the process group's timeout. Here the processes first tell each other how their read went (one
+        all-gather over the mesh's group): if any raised, every process raises the same error (the type of the
+        failing processes' error where it is a builtin one and the same on each, else a RuntimeError), naming the
+        processes and their errors; if any goes on without its state, so does every process (a warning says why),
+        so that the controllers stay alike."""
+        try:
+            sd, why = read()
+            err = None
+        except Exception as e:  # (anything: the point is that no process leaves alone)
+            sd, why, err = None, None, e
+        group = self._shard_group()
+        if group is None:
+            if err is not None:
+                raise err
+            return sd
+        prefix = "UnifiedLoRACallback: "
+        mine = (("error", type(err).__name__, str(err).removeprefix(prefix).rstrip(". ")) if err is not None
+                else ("keep", why) if sd is None else ("load",))
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+        failed = [(r, m) for r, m in enumerate(every) if m[0] == "error"]
+        if failed:
+            import builtins
+
+            kinds = {m[1] for _, m in failed}
+            cls = getattr(builtins, kinds.pop(), None) if len(kinds) == 1 else None
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                cls = RuntimeError
+            raise cls(f"{prefix}{what} under FSDP2, where each of the {len(every)} processes loads its own "
+                      f"controller state, " + "; ".join(f"process {r} could not: {m[1]}: {m[2]}" for r, m in failed)
+                      + ". Every process stops here (the others would have gone on and waited for it)") from err
+        kept = [(r, m[1]) for r, m in enumerate(every) if m[0] == "keep"]
+        if kept and sd is not None:
+            warnings.warn(f"{prefix}{what} under FSDP2: process {kept[0][0]} goes on without its controller state "
+                          f"({kept[0][1]}), so this process does not load its own either: the controllers of all "
+                          "processes must stay alike", stacklevel=3)
+            return None
+        return sd
 
     def _rewind_trace(self) -> None:
         """After a resume: drop what this process recorded for the steps from the resumed one on. A run interrupted
@@ -612,20 +691,27 @@ class UnifiedLoRACallback(TrainerCallback):
                           "Trainer kept the final weights; the controller keeps its final state too", stacklevel=2)
             return
         path = os.path.join(folder, self._state_name())
-        if not os.path.isfile(path):
-            ranks = sorted({a.rank for a in self.ctrl.adapters})
-            msg = (f"UnifiedLoRACallback: load_best_model_at_end loaded the weights of {folder}, but {path} does not "
-                   f"exist, so the controller keeps its final state ({MODES[self.ctrl.mode]}, rank {self.ctrl.rank}) "
-                   f"while the adapters run at the rank saved with those weights "
-                   f"({ranks[0] if len(ranks) == 1 else ranks}): its mode, LR, signal and snapshot are not that "
-                   "checkpoint's, and ctrl.step refuses the rank mismatch. Load that checkpoint's controller state "
-                   "into ctrl (ctrl.load_state_dict) if you have it")
-            if self.strict_resume:
-                raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
-            warnings.warn(msg, stacklevel=2)
-            return
-        sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
-        if not self._weights_match(sd, path, "load_best_model_at_end loaded", model):
+
+        def read():
+            if not os.path.isfile(path):
+                ranks = sorted({a.rank for a in self.ctrl.adapters})
+                msg = (f"UnifiedLoRACallback: load_best_model_at_end loaded the weights of {folder}, but {path} does "
+                       f"not exist, so the controller keeps its final state ({MODES[self.ctrl.mode]}, rank "
+                       f"{self.ctrl.rank}) while the adapters run at the rank saved with those weights "
+                       f"({ranks[0] if len(ranks) == 1 else ranks}): its mode, LR, signal and snapshot are not that "
+                       "checkpoint's, and ctrl.step refuses the rank mismatch. Load that checkpoint's controller "
+                       "state into ctrl (ctrl.load_state_dict) if you have it")
+                if self.strict_resume:
+                    raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
+                warnings.warn(msg, stacklevel=2)
+                return None, f"no controller state at {path}"
+            sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
+            if not self._weights_match(sd, path, "load_best_model_at_end loaded", model):
+                return None, f"{path} was saved with other adapter weights"
+            return sd, None
+
+        sd = self._agreed(read, "load_best_model_at_end")
+        if sd is None:
             return
         self.ctrl.load_state_dict(sd)
         self.best_loaded_from = folder
@@ -1162,6 +1248,41 @@ def _base_mismatch_message(saved: dict, model, where: str) -> str | None:
             "were trained against that base's outputs and would go on against this one's: load the base that run "
             "trained on (the same checkpoint, torch_dtype and quantization, set up with the same target_modules "
             "and modules_to_save)")
+
+
+# The optimizers whose first state `_lazy_state` makes up as their own first step creates it (these classes exactly:
+# a subclass may create its state otherwise)
+_LAZY_STATE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _lazy_state(group: dict, p: torch.Tensor) -> dict:
+    """The state torch's Adam and AdamW create for `p` (in `group`) at its first step (`Adam._init_group`, as of torch
+    2.13): `step` 0, a float32 tensor on p's device with `fused` or `capturable`, else a CPU tensor of torch's scalar
+    dtype (float64 under a float64 default dtype); `exp_avg` and `exp_avg_sq` (and `max_exp_avg_sq` with `amsgrad`)
+    zeros like `p` (under FSDP2, DTensors sharded as `p`). That step then counts it to 1 and moves the moments from 0,
+    as from the state it would have created: the same values, bit for bit."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    fused = bool(group.get("fused"))
+    state = {"step": torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
+             if group.get("capturable") or fused else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")}
+    for key in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group.get("amsgrad") else ())):
+        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def _fill_lazy_state(opt) -> None:
+    """`Optimizer.state_dict` pre-hook for torch's Adam/AdamW under the Trainer's FSDP2 (`_fill_before_saves`): give
+    every parameter that requires grad and has no state yet (a rank block paused since the start of the run, or one a
+    Mirror restore with `snapshot_optimizer=True` rolled back to before it trained) the state its first step would
+    create (`_lazy_state`), so that the saved optimizer holds one for every parameter, as accelerate's
+    `load_fsdp_optimizer` asks on resume. Training goes on bit for bit as without it: Adam skips a parameter without
+    a gradient (a paused block has none), state or not, and starts one from this state as from the one it would have
+    created. It costs the memory of those moments from the first save on, instead of from their first step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and not opt.state.get(p):
+                opt.state[p] = _lazy_state(group, p)
 
 
 @torch.no_grad()
