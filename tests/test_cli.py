@@ -859,14 +859,20 @@ def test_train_causal_lm(tiny, tmp_path, capsys):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
             "c_attn", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
-            "--loss-scale", "4"]
+            "--loss-scale", "4", "--eval-steps", "3"]
     assert main(args) == 0
     # its BERT tokenizer has no eos: no text row gets one, and the console says so
     assert ("text rows ('text'): the loss is on every token; the tokenizer has no eos token, so none ends a row (the "
             "model is not taught to stop)") in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task_type"] == "causal-lm"
-    assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
+    evals = summary["arms"]["run"]["eval"]
+    assert {"loss", "perplexity"} <= set(evals["epoch 1"])
+    # a causal LM's evaluations are ranked by the dev loss, lower is better
+    low = min(evals, key=lambda p: evals[p]["loss"])
+    assert len(evals) > 1 and low != next(iter(evals))
+    assert {k: summary["best"][k] for k in ("point", "metric", "value", "greater_is_better")} == \
+        {"point": low, "metric": "loss", "value": evals[low]["loss"], "greater_is_better": False}
 
 
 def test_a_causal_lm_pads_its_rows_on_the_right_whatever_the_tokenizers_padding_side(tiny):
