@@ -859,14 +859,20 @@ def test_train_causal_lm(tiny, tmp_path, capsys):
     out = tmp_path / "lm"
     args = ["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
             "c_attn", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
-            "--loss-scale", "4"]
+            "--loss-scale", "4", "--eval-steps", "3"]
     assert main(args) == 0
     # its BERT tokenizer has no eos: no text row gets one, and the console says so
     assert ("text rows ('text'): the loss is on every token; the tokenizer has no eos token, so none ends a row (the "
             "model is not taught to stop)") in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task_type"] == "causal-lm"
-    assert {"loss", "perplexity"} <= set(summary["arms"]["run"]["eval"]["epoch 1"])
+    evals = summary["arms"]["run"]["eval"]
+    assert {"loss", "perplexity"} <= set(evals["epoch 1"])
+    # a causal LM's evaluations are ranked by the dev loss, lower is better
+    low = min(evals, key=lambda p: evals[p]["loss"])
+    assert len(evals) > 1 and low != next(iter(evals))
+    assert {k: summary["best"][k] for k in ("point", "metric", "value", "greater_is_better")} == \
+        {"point": low, "metric": "loss", "value": evals[low]["loss"], "greater_is_better": False}
 
 
 def test_a_causal_lm_pads_its_rows_on_the_right_whatever_the_tokenizers_padding_side(tiny):
@@ -1420,6 +1426,159 @@ def test_eval_steps_evaluates_inside_epochs_trains_the_same_weights_and_resumes_
     assert "epoch 1.5 (step 12) | " in report and "dev evaluation" in report
 
 
+# 8 steps an epoch, a dev evaluation every 2 (macro-F1 ranks them); with --dev-data on the 64 training rows, at this LR
+# dev macro-F1 stays at the majority class's to step 10 and peaks at step 16 (epoch 2); every later one is below it
+BEST_OPTS = ("--threads", "1", "--eval-steps", "2", "--metric-for-best", "macro_f1", "--save-best", "--lrs", "5e-2",
+             "5e-2", "5e-2", "--dev-data")
+
+
+def _evals(out: Path) -> list[tuple[int, float]]:
+    st = torch.load(out / "state.pt", weights_only=True)
+    return [(e["step"], e["macro_f1"]) for e in st["run"]["evals"]]
+
+
+def test_save_best_keeps_the_checkpoint_of_the_best_evaluation_which_predict_uses(tiny, tmp_path, capsys):
+    """--save-best writes best/ at each evaluation that beats every earlier one, and only then: it holds the state
+    of the checkpoint of that step, bit for bit (the export into best/peft/ draws no random number), not that of a
+    later, worse evaluation; --save-total-limit, which deletes step-N checkpoints, leaves it; `predict --checkpoint
+    best` loads it and scores the dev rows as that evaluation did; peft_adapter/ stays the final weights."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, *BEST_OPTS, tiny["csv"], "--epochs", "4", "--save-steps", "2",
+                            "--save-total-limit", "1")) == 0
+    said = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-1", "epoch-2", "epoch-3", "epoch-4",
+                                                                        "step-30"]
+    evals = _evals(out / "checkpoints" / "epoch-4")
+    best = max(evals, key=lambda e: e[1])
+    first_best = next(e for e in evals if e[1] == best[1])  # (a tie would not replace it)
+    assert len([e for e in evals if e[0] > first_best[0]]) >= 4, evals  # worse evaluations after it
+    new_bests = [e for i, e in enumerate(evals) if all(e[1] > x[1] for x in evals[:i])]
+    assert said.count("new best dev macro_f1=") == len(new_bests) > 1
+    step = first_best[0]
+    tag = f"epoch-{step // 8}" if step % 8 == 0 else f"step-{step}"
+    assert _same(_ckpt_state(out / "best"), _ckpt_state(out / "checkpoints" / tag))
+    assert json.loads((out / "best" / "checkpoint.json").read_text()) == {"global_step": step}
+    assert (out / "best" / "peft" / "adapter_config.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"] == {"point": f"epoch {step / 8:g} (step {step})" if step % 8 else f"epoch {step // 8}",
+                               "step": step, "metric": "macro_f1", "value": best[1], "greater_is_better": True,
+                               "checkpoint": str(out / "best")}
+    assert summary["stopped_early"] is False and summary["steps"] == 32
+    from safetensors.torch import load_file
+
+    final = load_file(str(out / "peft_adapter" / "adapter_model.safetensors"))
+    exported = load_file(str(out / "best" / "peft" / "adapter_model.safetensors"))
+    assert final.keys() == exported.keys() and any(not torch.equal(final[k], exported[k]) for k in final)
+    assert main(["predict", str(out), "--data", tiny["csv"], "--checkpoint", "best",
+                 "--output", str(tmp_path / "p.csv")]) == 0
+    said = capsys.readouterr().out
+    assert f"checkpoint {out / 'best'} (step {step})" in said
+    assert f"macro_f1={best[1]:.3f}" in said
+    assert main(["report", str(out)]) == 0
+    assert (f"best dev macro_f1 (higher is better): {best[1]:.4f} at {summary['best']['point']}; its checkpoint: "
+            f"{out / 'best'}") in capsys.readouterr().out
+    # a fresh run in the folder refuses it, best/ named among its outputs
+    assert main(_train_args(tiny, out, "--steps", "1")) == 2
+    assert "peft_adapter, best);" in capsys.readouterr().err
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_an_improvement_beyond_the_threshold(tiny, tmp_path,
+                                                                                                     capsys):
+    """No gain in macro-F1 can exceed 1: with --early-stopping-threshold 1 every evaluation after the first counts
+    as no improvement, so with --early-stopping-patience 2 and an evaluation every 2 steps the run stops at step 6,
+    inside its first epoch: it saves step-6 and the final peft_adapter/, says why, records it and exits 0. A
+    --resume of it trains no further; one with the patience off goes on to the end."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, *BEST_OPTS, tiny["csv"], "--epochs", "2", "--early-stopping-patience", "2",
+                            "--early-stopping-threshold", "1")) == 0
+    said = capsys.readouterr().out
+    assert "early stopping at step 6 of 16: dev macro_f1 has not improved on the best, epoch 0.25 (step 2)'s " in said
+    assert "by more than 1 in 2 evaluations in a row (--early-stopping-patience 2)" in said
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(6))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
+    assert (out / "peft_adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["steps"] == 6
+    assert summary["eval_points"] == ["epoch 0.25 (step 2)", "epoch 0.5 (step 4)", "epoch 0.75 (step 6)"]
+    assert summary["best"]["step"] == 2
+    st = torch.load(out / "checkpoints" / "step-6" / "state.pt", weights_only=True)["run"]
+    assert (st["best"]["step"], st["evals_without_improvement"]) == (2, 2)
+    assert main(["report", str(out)]) == 0
+    assert "stopped early at step 6: 2 evaluations in a row without improving the best by more than 1" in \
+        capsys.readouterr().out
+    # resumed as it is: it stopped, and stops again at once, writing nothing new
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert "early stopping at step 6 of 16" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
+    assert len(read_trace(out / "trace.jsonl")) == 6
+    # the patience may change on a resume: off, the run trains to its end
+    assert main(["train", "--output-dir", str(out), "--resume", "--early-stopping-patience", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is False and summary["steps"] == 16
+
+
+def test_a_resumed_run_ranks_and_stops_as_the_uninterrupted_one(tiny, tmp_path, capsys):
+    """The best evaluation and the count of evaluations without an improvement are in each checkpoint: a run
+    resumed from step-20 (best at step 16, two evaluations without an improvement since) stops where the
+    uninterrupted run stops, at step 26 (patience 5), with the same trace, evaluations, best and checkpoints, bit
+    for bit. A run killed after it wrote best/ (step 16) and before the checkpoint of that step resumes from best/,
+    the newest, and ends the same. A checkpoint written before these were stored (without the keys) resumes, its
+    best and count taken from its evaluations; the metric and --save-best of a run are kept on a resume."""
+    opts = (*BEST_OPTS, tiny["csv"], "--epochs", "4", "--save-steps", "4", "--early-stopping-patience", "5")
+    straight = tmp_path / "straight"
+    assert main(_train_args(tiny, straight, *opts)) == 0
+    ckpts = straight / "checkpoints"
+    # step-4, step-12, step-20 inside the epochs, epoch-1 to 3; stopped at step 26, saved then
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch-1", "epoch-2", "epoch-3", "step-12", "step-20",
+                                                       "step-26", "step-4"]
+    sa = json.loads((straight / "summary.json").read_text())
+    assert (sa["stopped_early"], sa["steps"], sa["best"]["step"]) == (True, 26, 16)
+    assert json.loads((straight / "best" / "checkpoint.json").read_text()) == {"global_step": 16}
+
+    def resumed(name: str, tag: str, *flags: str, legacy: bool = False) -> Path:
+        out = tmp_path / name
+        shutil.copytree(ckpts / tag, out / "checkpoints" / tag)
+        shutil.copytree(straight / "best", out / "best")  # best/ as it was on the disk then
+        shutil.copy(straight / "trace.jsonl", out / "trace.jsonl")
+        if legacy:  # a checkpoint of a version without best-evaluation settings or state
+            st = torch.load(out / "checkpoints" / tag / "state.pt", weights_only=True)
+            for key in ("best", "evals_without_improvement"):
+                del st["run"][key]
+            for key in ("metric_for_best", "save_best", "early_stopping_patience", "early_stopping_threshold"):
+                del st["config"][key]
+            torch.save(st, out / "checkpoints" / tag / "state.pt")
+            shutil.rmtree(out / "best")
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", *flags]) == 0
+        return out
+
+    for name, tag in (("from_step", "step-20"), ("killed", "epoch-1")):
+        out = resumed(name, tag)
+        said = capsys.readouterr().out
+        if out.name == "killed":  # epoch-1 is step 8, best/ step 16: the run goes on from best/
+            assert f"resumed from {out / 'best'} (step 16, epoch 2)" in said
+        assert "early stopping at step 26 of 32" in said
+        assert read_trace(out / "trace.jsonl") == read_trace(straight / "trace.jsonl")
+        sb = json.loads((out / "summary.json").read_text())
+        assert {k: sb[k] for k in ("eval_points", "stopped_early", "steps")} == \
+            {k: sa[k] for k in ("eval_points", "stopped_early", "steps")}
+        assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"]
+        assert {**sb["best"], "checkpoint": None} == {**sa["best"], "checkpoint": None}
+        for tag in ("step-26", "../best"):
+            assert _same(_ckpt_state(out / "checkpoints" / tag), _ckpt_state(ckpts / tag)), (out.name, tag)
+    out = resumed("legacy", "step-20", "--metric-for-best", "macro_f1", "--early-stopping-patience", "5", legacy=True)
+    assert "early stopping at step 26 of 32" in capsys.readouterr().out
+    sb = json.loads((out / "summary.json").read_text())
+    assert sb["best"] == {**sa["best"], "checkpoint": None} and not (out / "best").exists()
+    for flag, value, needle in (("--metric-for-best", "accuracy", "metric_for_best='macro_f1' (now 'accuracy')"),
+                                ("--config", str(_write(tmp_path / "nb.yaml", "save_best: false\n")),
+                                 "save_best=True (now False)")):
+        assert main(["train", "--output-dir", str(straight), "--resume", flag, value]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(tiny, tmp_path):
     """torchrun started two copies of the whole run, on all the data, into one --output-dir: one refused the other's
     first checkpoint as "a previous run" (exit 2) while the other finished, and with --overwrite they deleted each
@@ -1549,7 +1708,8 @@ def test_the_readme_names_every_setting_a_resume_refuses():
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
             "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
             "controller": "`--no-controller`", "signal": "the signal", "lr_scheduler": "the LR schedule",
-            "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`"}
+            "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`", "metric_for_best": "`--metric-for-best`",
+            "save_best": "`--save-best`"}
     assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
     missing = [k for k in _RESUME_FIXED if said[k] not in para]
     assert not missing, (missing, para)
@@ -1635,6 +1795,16 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("negative_save_steps", "save_steps: must be >= 0 (0 = no checkpoint inside an epoch), got -5"),
     ("negative_save_total_limit", "save_total_limit: must be >= 0 (0 = keep every step-N checkpoint), got -1"),
     ("negative_eval_steps", "eval_steps: must be >= 0 (0 = evaluate only at each epoch's end), got -2"),
+    ("unknown_metric_for_best", "--metric-for-best f1: not a dev metric of this run; its evaluation reports "
+                                "accuracy, macro_f1"),
+    ("classifier_metric_for_a_causal_lm", "--metric-for-best accuracy: not a dev metric of this run; its evaluation "
+                                          "reports loss, perplexity"),
+    ("negative_patience", "early_stopping_patience: must be >= 0 (0 = never stop early), got -1"),
+    ("negative_threshold", "early_stopping_threshold: must be a number >= 0, got -0.1"),
+    ("empty_metric_for_best", "metric_for_best: must name a dev metric, e.g. accuracy, f1 or loss, got ''"),
+    # one evaluation, at the end (--steps inside the first epoch): nothing to stop early
+    ("patience_without_evaluations", "early_stopping_patience: 2, but this run evaluates on dev only at its end "
+                                     "(step 3), so it can never stop early"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
@@ -1714,6 +1884,15 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                                             "--target-modules", "c_attn", "--max-length", "100", "--output-dir", out],
         "negative_save_steps": _train_args(tiny, out, "--save-steps", "-5"),
         "negative_eval_steps": _train_args(tiny, out, "--eval-steps", "-2"),
+        "unknown_metric_for_best": _train_args(tiny, out, "--metric-for-best", "f1"),
+        "classifier_metric_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
+                                              "--target-modules", "c_attn", "--metric-for-best", "accuracy",
+                                              "--output-dir", out],
+        "negative_patience": _train_args(tiny, out, "--early-stopping-patience", "-1"),
+        "negative_threshold": _train_args(tiny, out, "--early-stopping-threshold", "-0.1"),
+        "empty_metric_for_best": ["train", "--config", str(_write(tmp_path / "e.yaml", f"model: {tiny['bert']}\n"
+                                                                  f"data: {tiny['csv']}\nmetric_for_best: ''\n"))],
+        "patience_without_evaluations": _train_args(tiny, out, "--steps", "3", "--early-stopping-patience", "2"),
         "negative_save_total_limit": ["train", "--config", str(_write(tmp_path / "s.yaml", f"model: {tiny['bert']}\n"
                                                                       f"data: {tiny['csv']}\nsave_total_limit: -1\n"))],
     }[case]

@@ -82,9 +82,10 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
     of the step over both processes, so DDP's mean gradient is the one-process gradient. The weights end equal to
     float rounding (each process trims its own padding), the controller makes the same decisions on the same steps
     (its trace, written once, by process 0), and one set of outputs is written. The epoch's last global batch has 1
-    row, so process 1 has none: it runs a forward weighted 0. Both evaluate inside the epochs too (--eval-steps). The
-    BERT runs decay a linear LR schedule over the run's optimizer steps, counted with the processes' global batches:
-    the same 8 steps, the same LR at each."""
+    row, so process 1 has none: it runs a forward weighted 0. Both evaluate inside the epochs too (--eval-steps), and
+    --save-best writes best/ at the same evaluations (a collective save: both processes rank alike). The BERT runs
+    decay a linear LR schedule over the run's optimizer steps, counted with the processes' global batches: the same 8
+    steps, the same LR at each."""
     one, two = tmp_path / "one", tmp_path / "two"
     data = ["--model", without_dropout[model], "--data", tiny["csv"]]
     if model == "gpt2":  # rows of 2 to 10 words: their micro-batches hold different numbers of target tokens
@@ -94,7 +95,7 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
         data = ["--model", without_dropout[model], "--data", str(lm), "--target-modules", "c_attn", "--loss-scale", "4"]
     schedule = ("--lr-scheduler", "linear", "--warmup-steps", "2") if model == "bert" else ()
     common = ("--config", _config(tmp_path), *data, "--max-length", "16", "--epochs", "2", "--grad-accum", "2",
-              "--log-every", "0", "--eval-steps", "3", *CONTROLLER, *schedule)
+              "--log-every", "0", "--eval-steps", "3", "--save-best", *CONTROLLER, *schedule)
     assert main(["train", *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
     p = _torchrun("train", *common, "--batch-size", "4", "--output-dir", str(two))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -129,6 +130,10 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
     assert "DDP: 2 processes (gloo), --batch-size 4 rows on each: 16 rows per optimizer step" in console
     st = torch.load(two / "checkpoints" / "epoch-2" / "state.pt", weights_only=True)
     assert st["world_size"] == 2 and len(st["process_rng"]) == 2
+    assert sb["best"]["point"] == sa["best"]["point"] and sb["best"]["checkpoint"] == str(two / "best")
+    best = torch.load(two / "best" / "state.pt", weights_only=True)
+    assert best["world_size"] == 2 and len(best["process_rng"]) == 2
+    assert console.count("new best dev ") == (one / "console.txt").read_text().count("new best dev ") >= 1
 
 
 def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_bit_for_bit(tiny, tmp_path, capsys):

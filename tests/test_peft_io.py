@@ -100,6 +100,16 @@ def test_exported_files_use_peft_key_names_and_config(tmp_path):
     assert torch.equal(sd[key], adapters["transformer.h.0.attn.c_attn"].full_A()[:4])
 
 
+def test_an_export_draws_no_random_number_from_the_run(tmp_path):
+    """PEFT initialises the LoRA weights of the skeleton it builds from torch's generator: an export during
+    training (`train --save-best`, `peft_every_checkpoint`) moved the run's random numbers on, so its dropout drew
+    other masks after it than a run without the export."""
+    model, _, _ = nested("bert")
+    before = torch.get_rng_state()
+    export_peft_adapter(model, None, tmp_path, rank=8)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_export_through_a_data_parallel_wrapper_names_the_bare_models_modules(tmp_path):
     """A model wrapped for data parallelism (DDP, DataParallel, accelerate's prepare) names its modules
     `module.<name>`; the export wrote those names, which match nothing in a freshly loaded base model."""

@@ -104,6 +104,16 @@ def format_summary(summary: dict) -> str:
         ws = [max(len(r[1][i]) for r in rows) for i in range(len(rows[0][1]))]
         table = [f"{r[0]:<{w0}} | " + " | ".join(f"{c:<{w}}" for c, w in zip(r[1], ws)) for r in rows]
         lines += ["", table[0], "-" * len(table[0]), *table[1:], ""]
+    if summary.get("best"):
+        b = summary["best"]
+        saved = f"; its checkpoint: {b['checkpoint']}" if b.get("checkpoint") else ""
+        lines.append(f"best dev {b['metric']} ({'higher' if b.get('greater_is_better', True) else 'lower'} is better): "
+                     f"{b['value']:.4f} at {b['point']}{saved}")
+    if summary.get("stopped_early"):
+        c = summary.get("config") or {}
+        lines.append(f"stopped early at step {summary.get('steps')}: {c.get('early_stopping_patience')} evaluations in "
+                     f"a row without improving the best by more than {c.get('early_stopping_threshold', 0):g} "
+                     "(--early-stopping-patience, --early-stopping-threshold)")
     for name, arm in arms.items():
         phi = arm.get("phi") or {}
         if phi and arm.get("controller", True):
@@ -587,14 +597,13 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
         "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
-        "warmup_ratio")},
+        "warmup_ratio", "metric_for_best", "save_best", "early_stopping_patience", "early_stopping_threshold")},
     "lrs": "mode_lrs",
 }
 
 
 def _train_config(args) -> "object":
-    from .training import (TrainConfig, UsageError, check_world_size, latest_checkpoint, on_rank0, read_state,
-                           world_size)
+    from .training import TrainConfig, UsageError, check_world_size, on_rank0, read_state, resume_checkpoint, world_size
 
     d: dict = {}
     if args.config:
@@ -608,7 +617,8 @@ def _train_config(args) -> "object":
     ckpt = None
     if args.resume:
         # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
-        ckpt = on_rank0(lambda: latest_checkpoint(Path(out) / "checkpoints", args.trust_checkpoint))
+        # (the newest under checkpoints/, or best/ where a run killed after a new best wrote it later)
+        ckpt = on_rank0(lambda: resume_checkpoint(out, args.trust_checkpoint))
         if ckpt is None:
             raise UsageError(f"--resume: no checkpoint under {Path(out) / 'checkpoints'}; "
                              "start without --resume (or pass the run's --output-dir)")
@@ -624,8 +634,9 @@ def _train_config(args) -> "object":
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
             raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
-                             f"model, data, batches and LoRA layout ({', '.join(_RESUME_FIXED)}): drop those options, "
-                             "or start a new run in another --output-dir")
+                             "model, data, batches, LoRA layout and best-evaluation settings "
+                             f"({', '.join(_RESUME_FIXED)}): drop those options, or start a new run in another "
+                             "--output-dir")
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
     # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
     for key in ("model", "data", "dev_data"):
@@ -683,14 +694,16 @@ def _read_config(path: str) -> dict:
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # And the LR schedule: the checkpoint is a position in it (a decaying one's length is checked in `Run.load_checkpoint`).
-# LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
+# LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change. The
+# metric that ranks the evaluations (the best so far is stored in its units) and --save-best (best/ must hold the best
+# the state names) stay too; the early-stopping patience and threshold may change (the count so far is kept).
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
                  "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
                  "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal",
-                 "lr_scheduler", "warmup_steps", "warmup_ratio")
+                 "lr_scheduler", "warmup_steps", "warmup_ratio", "metric_for_best", "save_best")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
-_RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
+_RUN_OUTPUTS = ("checkpoints", "peft_adapter", "best", "summary.json", "trace.jsonl", "plot.png", "console.txt")
 
 
 def _run_outputs(out: Path) -> list[str]:
@@ -702,7 +715,7 @@ def _run_outputs(out: Path) -> list[str]:
     settle_interrupted_saves(ckpts)
     held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
         if ckpts.is_dir() else []
-    return held + [n for n in ("summary.json", "peft_adapter") if (out / n).exists()]
+    return held + [n for n in ("summary.json", "peft_adapter", "best") if (out / n).exists()]
 
 
 def _resume_changes(old, new) -> list[str]:
@@ -711,8 +724,11 @@ def _resume_changes(old, new) -> list[str]:
             return str(Path(v).expanduser().resolve())
         return list(v) if isinstance(v, (list, tuple)) else v
 
+    # metric_for_best: a run saved before it existed stored none; its best is ranked from its evaluations in the
+    # metric given now (`Run.load_checkpoint`)
     return [f"{k}={getattr(old, k)!r} (now {getattr(new, k)!r})" for k in _RESUME_FIXED
-            if norm(k, getattr(old, k)) != norm(k, getattr(new, k))]
+            if norm(k, getattr(old, k)) != norm(k, getattr(new, k))
+            and not (k == "metric_for_best" and getattr(old, k) is None)]
 
 
 def _device_spec(args) -> object:
@@ -757,11 +773,11 @@ def _train(args, held: dict) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (DivergedError, Run, TextCorpus, UsageError, agree_max, check_precision, check_row_length,
-                           describe_schedule, detect_task_type, device_label, encode_rows, evaluate_run, export_peft,
-                           is_chat, iterate, load_data, load_model, lr_schedule, majority, on_rank0, process_rank,
-                           prune_step_checkpoints, resolve_device, resolve_model, seed_everything, subsample, take_rows,
-                           world_size)
+    from .training import (BEST, DivergedError, Run, TextCorpus, UsageError, agree_max, best_metric, check_precision,
+                           check_row_length, describe_schedule, detect_task_type, device_label, encode_rows,
+                           evaluate_run, export_peft, is_chat, iterate, load_data, load_model, lr_schedule, majority,
+                           on_rank0, process_rank, prune_step_checkpoints, record_best, resolve_device, resolve_model,
+                           seed_everything, subsample, take_rows, world_size)
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
@@ -776,6 +792,9 @@ def _train(args, held: dict) -> int:
     task_type = detect_task_type(model_path, cfg.task_type)
     # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
     train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
+    # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here, not at
+    # the first evaluation
+    cfg.metric_for_best = best_metric(cfg, task_type, task)
     chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
     texts = task_type == "causal-lm" and isinstance(train, list) and bool(train) and isinstance(train[0], str)
@@ -826,6 +845,11 @@ def _train(args, held: dict) -> int:
         raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
                          f"{cfg.shock_end}; the summary reported a shock on steps that never ran")
     lr_schedule(cfg, total)  # a warm-up longer than the run: refused now, before anything is written
+    patience = cfg.early_stopping_patience
+    if patience and not (per_epoch < total or 0 < cfg.eval_steps < total):
+        raise UsageError(f"early_stopping_patience: {patience}, but this run evaluates on dev only at its end (step "
+                         f"{total}), so it can never stop early; evaluate during it with --eval-steps N (N < {total}) "
+                         "or train more than one epoch")
     held_outputs = on_rank0(lambda: _run_outputs(out)) if ckpt is None else []
     if held_outputs and not args.overwrite:
         raise UsageError(f"--output-dir {out}: holds a previous run ({', '.join(held_outputs)}); pass --resume to "
@@ -893,16 +917,36 @@ def _train(args, held: dict) -> int:
     def _evaluate(epoch_at: float, label: str) -> None:
         """A dev evaluation now (under torchrun: every process, each on its share of the rows, `evaluate_run`),
         recorded in the run's state (checkpoints, summary) and printed. The model goes back to training mode, and no
-        random number is drawn: a run trains to the same weights with or without evaluations in between."""
+        random number is drawn: a run trains to the same weights with or without evaluations in between. It is
+        ranked against the best so far (`record_best`), and with --save-best a new best is saved as best/, a whole
+        checkpoint (a collective, as every save: the metrics are the same on every process, `evaluate_run`, so every
+        process decides alike)."""
         m = evaluate_run(run, enc_dev, task)
-        run.state.evals.append({"epoch": epoch_at, "step": run.state.global_step, **m})
+        e = {"epoch": epoch_at, "step": run.state.global_step, **m}
+        run.state.evals.append(e)
+        better = record_best(run.state, e, cfg.metric_for_best, cfg.early_stopping_threshold)
         say(f"{label} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+        if better and cfg.save_best:
+            path = run.save_checkpoint(out, BEST, peft_export=True)
+            say(f"new best dev {cfg.metric_for_best}={e[cfg.metric_for_best]:.4g}: saved {path}")
+        if patience and run.state.evals_without_improvement:
+            b = run.state.best
+            on = f" on the best, {_eval_point(b)}'s {b['value']:.4g}" if b else ""
+            say(f"no improvement of dev {cfg.metric_for_best} by more than {cfg.early_stopping_threshold:g}{on}: "
+                f"{run.state.evals_without_improvement} of {patience} evaluations in a row (--early-stopping-patience)")
+
+    def _patience_spent() -> bool:
+        return bool(patience) and run.state.evals_without_improvement >= patience
 
     handled = (signal.SIGINT, signal.SIGTERM)
     old_handlers = {s: signal.signal(s, _on_signal) for s in handled} if _main_thread() else {}
     bar = _bar(total, run.state.global_step, desc="train", disable=not main_process)
+    epochs_limit = cfg.epochs if not cfg.steps else 10**9
+    resumed_at = run.state.global_step if ckpt is not None else None
+    # a run resumed from the checkpoint where it stopped early (its patience unchanged) trains no further
+    early = {"stop": _patience_spent()}
     try:
-        for epoch, batch in iterate(run, enc_train, total, cfg.epochs if not cfg.steps else 10**9, per_epoch):
+        for epoch, batch in (() if early["stop"] else iterate(run, enc_train, total, epochs_limit, per_epoch)):
             if batch is None:  # end of an epoch: evaluate, checkpoint
                 _evaluate(epoch + 1, f"epoch {epoch + 1}")
                 _save(f"epoch-{epoch + 1}")
@@ -919,6 +963,9 @@ def _train(args, held: dict) -> int:
                     _evaluate(at, f"epoch {_epoch_fraction(at)}")
                 if cfg.save_steps and run.state.global_step % cfg.save_steps == 0 and inside:
                     _save(f"step-{run.state.global_step}")
+            if _patience_spent():  # (the same on every process: the metrics are)
+                early["stop"] = True
+                break
             # under torchrun each process gets the signal (torchrun passes it on) at its own point in a step: they
             # stop together, after the first step that ended with it on any process (SIGTERM's number, if both). (A
             # signal that lands during this all-reduce is in the next one: the handler's flag is never overwritten.)
@@ -955,7 +1002,17 @@ def _train(args, held: dict) -> int:
         for s, h in old_handlers.items():
             if h is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(s, h)
-    if not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # stopped by --steps mid-epoch
+    # early stopping ends a run that had steps left (patience spent at its last evaluation ends it as planned)
+    stopped_early = early["stop"] and run.state.global_step < total and run.state.epoch < epochs_limit
+    if stopped_early:
+        b = run.state.best
+        on = f" on the best, {_eval_point(b)}'s {b['value']:.4g}," if b else ""  # (None: every value was NaN)
+        say(f"early stopping at step {run.state.global_step} of {total}: dev {cfg.metric_for_best} has not improved"
+            f"{on} by more than {cfg.early_stopping_threshold:g} in {run.state.evals_without_improvement} "
+            f"evaluations in a row (--early-stopping-patience {patience})")
+        if run.state.global_step not in (last_save["step"], resumed_at):  # evaluated inside an epoch: saved now
+            _save(f"step-{run.state.global_step}")
+    elif not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # --steps ended mid-epoch
         _evaluate(_mid_epoch(), "final")
         _save(f"step-{run.state.global_step}")
     run.ctrl.close()
@@ -967,6 +1024,7 @@ def _train(args, held: dict) -> int:
         trace = read_trace(trace_path)
         summary = {
             **_train_summary(cfg, trace, run.state.evals, run.state.global_step, run.schedule),
+            "stopped_early": stopped_early,
             "model": model_path, "task_type": task_type, "task": task, "classes": classes,
             "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
             "world_size": world, "rows_per_step": world * cfg.batch_size * cfg.grad_accum,
@@ -1007,13 +1065,20 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
     """What a train run's summary says about its settings, its LR schedule (`lr_schedule`), dev evaluations and trace
     (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from its newest
     checkpoint)."""
-    from .training import phi_summary, transitions
+    from .training import BEST, LOWER_IS_BETTER, phi_summary, replay_best, transitions
 
     trans = transitions(trace)
     points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
+    # the best evaluation, as the run ranked it (`record_best`; a run saved before metric_for_best existed has none)
+    b = replay_best(evals, cfg.metric_for_best).best if cfg.metric_for_best else None
+    folder = Path(cfg.output_dir) / BEST
+    best = None if b is None else {
+        "point": _eval_point(b), "step": b["step"], "metric": b["metric"], "value": b["value"],
+        "greater_is_better": b["metric"] not in LOWER_IS_BETTER,
+        "checkpoint": str(folder) if cfg.save_best and (folder / "state.pt").is_file() else None}
     return {
         "command": "train", "model": cfg.model, "data": cfg.data or "shipped GLUE MRPC", "steps": steps,
-        "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__), "lr_schedule": schedule,
+        "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__), "lr_schedule": schedule, "best": best,
         "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
         "eval_points": list(points), "drift_threshold": cfg.drift_threshold, "theta0": cfg.theta0, "theta1": cfg.theta1,
         "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
@@ -1433,6 +1498,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "older ones once a new one is complete; epoch-N checkpoints are all kept (default 0 = keep all)")
     t.add_argument("--eval-steps", type=int, help="also evaluate on the dev set every N optimizer steps, inside an "
                    "epoch too (default 0 = only at each epoch's end and the run's)")
+    t.add_argument("--metric-for-best", help="the dev metric that ranks evaluations, higher is better but for loss "
+                   "and perplexity (default: the task's primary one: MRPC f1, CoLA mcc, accuracy for other "
+                   "classifiers, loss for a causal LM)")
+    t.add_argument("--save-best", action="store_true", default=None, help="write OUTPUT_DIR/best/ (a checkpoint, "
+                   "with peft/) at each evaluation that beats every earlier one; predict --checkpoint best uses it "
+                   "(default: off; peft_adapter/ stays the final weights)")
+    t.add_argument("--early-stopping-patience", type=int, help="stop after this many evaluations in a row that do "
+                   "not improve the best by more than --early-stopping-threshold (default 0 = never)")
+    t.add_argument("--early-stopping-threshold", type=float, help="the improvement on the best that counts, in the "
+                   "metric's units (default 0)")
     t.add_argument("--output-dir", help="trace, plot, summary and checkpoints (default: unified-lora-run)")
     t.add_argument("--dev-size", type=int, help="dev rows (blocks, for a text corpus) to evaluate: a "
                    "fixed-seed subsample; 0 (default) = all")
@@ -1469,8 +1544,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "LM: a text file or table to score, read as --dev-data is")
     pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
                     "the run's prompt column (its first text column; --prompt-column names another)")
-    pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40) or a checkpoint folder "
-                    "(default: the newest, as --resume picks it)")
+    pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
+                    "evaluation's, of train --save-best) or a checkpoint folder (default: the newest under "
+                    "checkpoints/)")
     pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
                     "format>; .jsonl for a .txt input)")
     pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "

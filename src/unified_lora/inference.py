@@ -21,10 +21,10 @@ import torch
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
 from .data.loaders import _GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows
-from .training import (TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast, check_precision,
-                       check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint, load_model,
-                       model_device, predict_logits, read_state, render_chat, resolve_device, resolve_model,
-                       seed_everything, special_prefix)
+from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
+                       check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
+                       load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
+                       resolve_model, seed_everything, special_prefix)
 
 FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
 ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
@@ -79,8 +79,9 @@ def _adapter_only_error(folder: Path, given: str) -> UsageError:
 
 
 def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:
-    """The checkpoint folder to predict with: `checkpoint` (a name under `run_dir/checkpoints`, or a checkpoint folder's
-    path), else the run's newest, as `--resume` picks it (`latest_checkpoint`, read only). A folder that is not a
+    """The checkpoint folder to predict with: `checkpoint` (a name under `run_dir/checkpoints`, `best` for the run's
+    `best/` of `train --save-best`, or a checkpoint folder's path), else the run's newest under `checkpoints/`
+    (`latest_checkpoint`, read only; `--resume` also takes `best/` where that is newer). A folder that is not a
     `unified-lora train` run (an adapter-only Trainer checkpoint, a demo's folder, a checkpoint folder itself) is a
     UsageError saying what to pass."""
     from .callbacks import is_adapter_only_folder
@@ -104,12 +105,15 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -
             raise UsageError(f"{run_dir}: not a `unified-lora train` run: no checkpoint under {root}{demo}; pass the "
                              "--output-dir of a train run")
         return found
-    named = root / checkpoint
-    path = named if ("/" not in checkpoint and os.sep not in checkpoint and named.is_dir()) else \
-        Path(checkpoint).expanduser()
+    # a name: a checkpoint under checkpoints/, or the run's best/ (train --save-best)
+    plain = "/" not in checkpoint and os.sep not in checkpoint
+    named = next((p for p in (root / checkpoint, run / checkpoint) if plain and (p / "state.pt").is_file()),
+                 root / checkpoint)
+    path = named if (plain and named.is_dir()) else Path(checkpoint).expanduser()
     if not path.is_dir():
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []
+        names += [BEST] if (run / BEST / "state.pt").is_file() else []
         raise UsageError(f"--checkpoint {checkpoint}: no such checkpoint in {root} "
                          f"({', '.join(names) if names else 'it holds none'}) and no such folder")
     if is_adapter_only_folder(path):

@@ -393,8 +393,10 @@ def export_peft_adapter(
         bias=bias,
         base_model_name_or_path=base_model_name_or_path,
     )
-    with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out per Conv1D / Linear mix and meta weights
-        warnings.simplefilter("ignore")
+    # PEFT initialises the LoRA weights of the skeleton from torch's CPU generator: forked, so that an export during
+    # training (train --save-best, peft_every_checkpoint) leaves the run's random numbers (dropout) as they were
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out per Conv1D / Linear mix and meta weights
         peft_skel = get_peft_model(skel, config)
     peft_skel.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     wrapped = {n[len(_PREFIX):] for n, m in peft_skel.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}

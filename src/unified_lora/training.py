@@ -41,7 +41,8 @@ from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
 from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
                      check_field_types, parse_names)
 from .controller import setup_unified_lora
-from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
+from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
+                   primary_metric)
 from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, normalize_task
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
@@ -132,6 +133,11 @@ class TrainConfig:
     save_steps: int = 0  # >0: also write checkpoints/step-N every N optimizer steps (inside an epoch too)
     save_total_limit: int = 0  # >0: keep only the newest K step-N checkpoints (epoch-N ones are all kept)
     eval_steps: int = 0  # >0: also evaluate on the dev set every N optimizer steps (inside an epoch too)
+    # Best evaluation and early stopping (Hugging Face Trainer's metric_for_best_model, EarlyStoppingCallback)
+    metric_for_best: str | None = None  # the dev metric that ranks evaluations; None = the task's primary one
+    save_best: bool = False  # write OUTPUT_DIR/best/ (a checkpoint, with peft/) at each evaluation that is a new best
+    early_stopping_patience: int = 0  # >0: stop after this many evaluations in a row without an improvement
+    early_stopping_threshold: float = 0.0  # an improvement is one by more than this (in the metric's units)
     # Device and arithmetic
     device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16: torch.autocast around forward and loss; fp16 adds a GradScaler
@@ -172,6 +178,11 @@ class TrainConfig:
             ("save_steps", self.save_steps >= 0, "must be >= 0 (0 = no checkpoint inside an epoch)"),
             ("save_total_limit", self.save_total_limit >= 0, "must be >= 0 (0 = keep every step-N checkpoint)"),
             ("eval_steps", self.eval_steps >= 0, "must be >= 0 (0 = evaluate only at each epoch's end)"),
+            ("metric_for_best", self.metric_for_best is None or bool(self.metric_for_best.strip()),
+             "must name a dev metric, e.g. accuracy, f1 or loss"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0 (0 = never stop early)"),
+            ("early_stopping_threshold", self.early_stopping_threshold >= 0
+             and math.isfinite(self.early_stopping_threshold), "must be a number >= 0"),
             ("weight_decay", self.weight_decay >= 0 and math.isfinite(self.weight_decay), "must be a number >= 0"),
             ("grad_clip", self.grad_clip >= 0 and math.isfinite(self.grad_clip), "must be >= 0 (0 = no clipping)"),
             ("shock_end", 0 <= self.shock_start <= self.shock_end, "need 0 <= shock_start <= shock_end"),
@@ -1196,6 +1207,63 @@ def majority(train, dev, task: str) -> dict | None:
     return majority_baseline(train.labels, dev.labels, task)
 
 
+# ----------------------------------------------------------------------------- best evaluation, early stopping
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")  # the dev metrics a smaller value of is better (a causal LM's); others: higher
+
+
+def dev_metric_names(task_type: str, task: str) -> list[str]:
+    """The names of the metrics a run's dev evaluation reports (`evaluate`): the GLUE metrics of `task` (MRPC: f1,
+    accuracy; CoLA: mcc, accuracy; RTE, SST-2: accuracy; a table: accuracy, macro_f1), a causal LM's loss and
+    perplexity. Read off the scoring functions themselves, so they cannot disagree with what an evaluation holds."""
+    if task_type == "causal-lm":
+        return list(_lm_metrics(0.0, 1))
+    return list(glue_metrics(task, [0, 1], [0, 1]))
+
+
+def best_metric(cfg: TrainConfig, task_type: str, task: str) -> str:
+    """The dev metric that ranks a run's evaluations: `cfg.metric_for_best`, else the task's primary one (GLUE's:
+    MRPC F1, CoLA MCC, accuracy otherwise; a causal LM's loss). A name the evaluation does not report is a
+    UsageError listing those it does, before anything is trained."""
+    names = dev_metric_names(task_type, task)
+    name = cfg.metric_for_best
+    if name is None:
+        return "loss" if task_type == "causal-lm" else primary_metric(task)
+    if name not in names:
+        raise UsageError(f"--metric-for-best {name}: not a dev metric of this run; its evaluation reports "
+                         f"{', '.join(names)}")
+    return name
+
+
+def record_best(state: "RunState", e: dict, metric: str, threshold: float = 0.0) -> bool:
+    """Rank the dev evaluation `e` (a `RunState.evals` entry) against the best so far (`state.best`) by `metric`
+    (lower is better for `LOWER_IS_BETTER`, higher for the others) and update the state. A better value (strictly)
+    becomes the best; `state.evals_without_improvement` goes back to 0 where it improves on the best by more than
+    `threshold`, else counts one more (Hugging Face's EarlyStoppingCallback: a gain of `threshold` or less counts as
+    none, though it is a new best). A NaN value is never better. Returns whether `e` is a new best."""
+    v = e.get(metric)
+    if not isinstance(v, (int, float)) or math.isnan(v):
+        gain = -math.inf
+    elif state.best is None:
+        gain = math.inf
+    else:
+        gain = (state.best["value"] - v) if metric in LOWER_IS_BETTER else (v - state.best["value"])
+    if gain > 0:
+        state.best = {"epoch": e["epoch"], "step": e["step"], "metric": metric, "value": float(v)}
+    state.evals_without_improvement = 0 if gain > threshold else state.evals_without_improvement + 1
+    return gain > 0
+
+
+def replay_best(evals: Sequence[dict], metric: str, threshold: float = 0.0) -> "RunState":
+    """A RunState whose `best` and `evals_without_improvement` are those `record_best` leaves after `evals`, in
+    order: a checkpoint written before they were stored, and `report` of any run."""
+    st = RunState()
+    for e in evals:
+        record_best(st, e, metric, threshold)
+    return st
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -1210,6 +1278,8 @@ class RunState:
     wall_s: float = 0.0  # wall time of the run up to this checkpoint, over every session (`Run.wall_s`)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (`Run.train_step`)
     nonfinite_in_a_row: int = 0  # of them, the latest ones in a row (0 after a finite step)
+    best: dict | None = None  # the best dev evaluation so far: {"epoch", "step", "metric", "value"} (`record_best`)
+    evals_without_improvement: int = 0  # the latest evaluations in a row that did not improve on it (early stopping)
 
 
 class Run:
@@ -1553,6 +1623,9 @@ class Run:
         self.ctrl.load_state_dict(st["controller"])
         self.state = RunState(**st["run"])
         self._resume_schedule(st, path)
+        if "best" not in st["run"] and self.cfg.metric_for_best:  # written before the best was stored: from its evals
+            was = replay_best(self.state.evals, self.cfg.metric_for_best, self.cfg.early_stopping_threshold)
+            self.state.best, self.state.evals_without_improvement = was.best, was.evals_without_improvement
         self._wall_before = self.state.wall_s
         self.shock_gen.set_state(st["shock_gen"])
         torch.set_rng_state(st["process_rng"][self.rank] if "process_rng" in st else st["torch_rng"])
@@ -1728,6 +1801,25 @@ def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False, s
     if not done:
         return None
     return max(done, key=lambda p: _checkpoint_step(p, trust_checkpoint))
+
+
+BEST = "best"  # OUTPUT_DIR/best/: the checkpoint of the run's best dev evaluation (train --save-best)
+
+
+def resume_checkpoint(out_dir: str | os.PathLike, trust_checkpoint: bool = False) -> Path | None:
+    """The checkpoint `train --resume` goes on from: the newest under `out_dir/checkpoints` (`latest_checkpoint`),
+    or `out_dir/best/` where that is newer. `best/` is a whole checkpoint, written at the evaluation it holds; it is
+    newer only where the run was killed (SIGKILL, a crash) after a new best and before its next checkpoint. Going on
+    from an older one would leave in `best/` the weights of steps the resumed run trains again (and, with other
+    settings, not to them), while its state names an older best."""
+    found = latest_checkpoint(Path(out_dir) / "checkpoints", trust_checkpoint)
+    best = Path(out_dir) / BEST
+    if Path(out_dir).is_dir():
+        settle_interrupted_saves(out_dir)  # a save of best/ killed between its two renames
+    if (best / "state.pt").is_file() and (
+            found is None or _checkpoint_step(best, trust_checkpoint) > _checkpoint_step(found, trust_checkpoint)):
+        return best
+    return found
 
 
 def prune_step_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
