@@ -695,6 +695,23 @@ def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_any
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
 
 
+def test_resume_refuses_a_changed_loss_scale_or_calibration_which_the_controller_state_would_override(tiny, tmp_path,
+                                                                                                        capsys):
+    """The loss signal's scale is part of the controller state a resume loads: `--resume --loss-scale 100` was
+    accepted, recorded in the run's config and ignored (the same φ, step for step), and a changed
+    `--calibration-steps` calibrated again mid-run. Both are refused now, before anything is loaded."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    for extra, needle in ((["--loss-scale", "100"], "loss_scale=1.0 (now 100.0)"),
+                          (["--calibration-steps", "2"], "calibration_steps=0 (now 2)")):
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was trained "
+                              f"with {needle}") and err.count("\n") == 1
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+
+
 def test_the_run_records_its_classes_and_a_resume_on_relabelled_data_is_refused(tiny, tmp_path, capsys):
     """String labels get ids in sorted order, and nothing recorded which id was which class. A --data file edited
     between a run and its --resume (a class renamed: 'pos' -> 'good' sorts first now) resumed with the two labels'
@@ -1548,8 +1565,9 @@ def test_the_readme_names_every_setting_a_resume_refuses():
             "max_length": "`max_length`", "batch_size": "`batch_size`", "grad_accum": "`grad_accum`", "seed": "`seed`",
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
             "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
-            "controller": "`--no-controller`", "signal": "the signal", "lr_scheduler": "the LR schedule",
-            "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`"}
+            "controller": "`--no-controller`", "signal": "the signal", "loss_scale": "`--loss-scale`",
+            "calibration_steps": "`--calibration-steps`", "calibration_target": "`calibration_target`",
+            "lr_scheduler": "the LR schedule", "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`"}
     assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
     missing = [k for k in _RESUME_FIXED if said[k] not in para]
     assert not missing, (missing, para)

@@ -624,7 +624,7 @@ def _train_config(args) -> "object":
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
             raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
-                             f"model, data, batches and LoRA layout ({', '.join(_RESUME_FIXED)}): drop those options, "
+                             f"model, data, batches, LoRA layout and signal ({', '.join(_RESUME_FIXED)}): drop those options, "
                              "or start a new run in another --output-dir")
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
     # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
@@ -683,11 +683,14 @@ def _read_config(path: str) -> dict:
 # What a resumed run must keep: the model and its LoRA layout, the data, its split and the batches (the checkpoint
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # And the LR schedule: the checkpoint is a position in it (a decaying one's length is checked in `Run.load_checkpoint`).
-# LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change.
+# LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change. The
+# loss signal's scale settings may not: the controller state holds the scale they gave (`LossSignal.load_state_dict`
+# puts it back), so a changed --loss-scale was recorded in the run's config and ignored, silently, and a changed
+# --calibration-steps calibrated again in the middle of the run.
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
                  "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
-                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal",
-                 "lr_scheduler", "warmup_steps", "warmup_ratio")
+                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal", "loss_scale",
+                 "calibration_steps", "calibration_target", "lr_scheduler", "warmup_steps", "warmup_ratio")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "summary.json", "trace.jsonl", "plot.png", "console.txt")
