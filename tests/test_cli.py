@@ -1598,6 +1598,10 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("unknown_column", "unknown column 'nope'"),
     ("empty_data", "no data rows"),
     ("missing_model", "no such folder"),
+    # a file said "folder has no config.json", of a file that may be that config.json
+    ("model_is_its_config_file", "config.json: a file, not a model folder: pass its folder, "),
+    ("model_is_a_lone_file", "weights.bin: a file, not a model folder; pass the model's folder, saved with "
+                             "save_pretrained() (config.json and the weights)"),
     ("bad_theta", "theta0"),
     ("bad_config_key", "unknown key(s) ['epochz']"),
     ("bad_mirror_kernel", "mirror_kernel: must be 'eager' or 'fused', got 'cuda'"),  # it said "kernel:"
@@ -1662,6 +1666,10 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
         "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
+        "model_is_its_config_file": ["train", "--model", str(Path(tiny["bert"]) / "config.json"), "--data",
+                                     tiny["csv"], "--output-dir", out],
+        "model_is_a_lone_file": ["train", "--model", str(_write(tmp_path / "weights.bin", "")), "--data", tiny["csv"],
+                                 "--output-dir", out],
         "bad_theta": _train_args(tiny, out, "--theta0", "0.9", "--theta1", "0.5"),
         "bad_config_key": ["train", "--config", str(_write(tmp_path / "c.yaml", "epochz: 3\n"))],
         "bad_mirror_kernel": ["train", "--config", str(_write(tmp_path / "k.yaml", f"model: {tiny['bert']}\n"

@@ -295,6 +295,10 @@ def resolve_model(path: str | None) -> str:
         if is_adapter_only_folder(p):
             raise UsageError(f"--model {path}: an adapter-only checkpoint (it holds {ADAPTER_ONLY_NAME}: the trained "
                              "LoRA blocks without the base weights); pass the base model it was trained on")
+        if p.is_file():  # (it said "folder has no config.json" of a file: a model's config.json or weights file)
+            hint = f": pass its folder, {p.parent}" if (p.parent / "config.json").is_file() else \
+                "; pass the model's folder, saved with save_pretrained() (config.json and the weights)"
+            raise UsageError(f"--model {path}: a file, not a model folder{hint}")
         if not (p / "config.json").is_file():
             raise UsageError(f"--model {path}: folder has no config.json; pass a folder saved with save_pretrained()")
         return str(p)
