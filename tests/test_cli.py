@@ -1597,6 +1597,9 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("missing_data", "no such file"),
     ("unknown_column", "unknown column 'nope'"),
     ("empty_data", "no data rows"),
+    # a file with nothing in it (no header either; a .jsonl has none) was "a header alone"
+    ("empty_file", "empty.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
+    ("blank_jsonl", "blank.jsonl is empty; it needs data rows"),
     ("missing_model", "no such folder"),
     # a file said "folder has no config.json", of a file that may be that config.json
     ("model_is_its_config_file", "config.json: a file, not a model folder: pass its folder, "),
@@ -1665,6 +1668,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
         "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
+        "empty_file": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "empty.csv", ""))],
+        "blank_jsonl": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "blank.jsonl", "\n  \n"))],
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
         "model_is_its_config_file": ["train", "--model", str(Path(tiny["bert"]) / "config.json"), "--data",
                                      tiny["csv"], "--output-dir", out],

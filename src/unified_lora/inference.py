@@ -20,7 +20,8 @@ import torch
 
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
-from .data.loaders import _GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows
+from .data.loaders import (_GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows,
+                           no_rows_error)
 from .training import (TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast, check_precision,
                        check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint, load_model,
                        model_device, predict_logits, read_state, render_chat, resolve_device, resolve_model,
@@ -270,7 +271,7 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
                         "table")
     records = _read_records(p, fmt, [*cfg.text_columns, cfg.label_column])
     if not records:
-        raise DataError(f"{p} has no data rows; a header alone is not a data set")
+        raise no_rows_error(p)
     labelled = cfg.label_column in records[0]
     data = load_table(p, list(cfg.text_columns), cfg.label_column if labelled else None, label_names=trained.classes,
                       names_only=True)
@@ -338,7 +339,7 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     column = column or trained.cfg.text_columns[0]
     records = _read_records(p, fmt, [column])
     if not records:
-        raise DataError(f"{p} has no data rows; a header alone is not a data set")
+        raise no_rows_error(p)
     for n, r in enumerate(records, start=1):
         if column not in r:
             where = "" if n == 1 else f" (record {n})"

@@ -42,7 +42,8 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Neste
                      check_field_types, parse_names)
 from .controller import setup_unified_lora
 from .data import DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline
-from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, normalize_task
+from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, no_rows_error,
+                           normalize_task)
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -640,7 +641,7 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tup
     found = (*PROMPT_COMPLETION, CHAT_COLUMN) if detect and columns == ["text"] else ()
     records = _read_records(path, fmt, [*columns, *found])
     if not records:
-        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+        raise no_rows_error(path)
     if detect and columns == ["text"] and "text" not in records[0]:
         if all(c in records[0] for c in PROMPT_COMPLETION):
             columns = list(PROMPT_COMPLETION)
