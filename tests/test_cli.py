@@ -1601,6 +1601,7 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("empty_file", "empty.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
     ("blank_jsonl", "blank.jsonl is empty; it needs data rows"),
     ("missing_model", "no such folder"),
+    ("output_dir_is_a_file", "a_file: a file, not a folder; pass a folder (it is made if it does not exist)"),
     # a file said "folder has no config.json", of a file that may be that config.json
     ("model_is_its_config_file", "config.json: a file, not a model folder: pass its folder, "),
     ("model_is_a_lone_file", "weights.bin: a file, not a model folder; pass the model's folder, saved with "
@@ -1671,6 +1672,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "empty_file": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "empty.csv", ""))],
         "blank_jsonl": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "blank.jsonl", "\n  \n"))],
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
+        "output_dir_is_a_file": _train_args(tiny, str(_write(tmp_path / "a_file", "mine\n"))),
         "model_is_its_config_file": ["train", "--model", str(Path(tiny["bert"]) / "config.json"), "--data",
                                      tiny["csv"], "--output-dir", out],
         "model_is_a_lone_file": ["train", "--model", str(_write(tmp_path / "weights.bin", "")), "--data", tiny["csv"],

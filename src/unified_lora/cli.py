@@ -605,6 +605,9 @@ def _train_config(args) -> "object":
     out = flags.get("output_dir", d.get("output_dir", "unified-lora-run"))
     if not isinstance(out, str):  # `output_dir: null` in the YAML: --resume failed on Path(None), an internal error
         raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
+    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():  # (it was "[Errno 17] File exists",
+        # after the model and data had loaded)
+        raise UsageError(f"--output-dir {out}: a file, not a folder; pass a folder (it is made if it does not exist)")
     ckpt = None
     if args.resume:
         # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
