@@ -627,8 +627,8 @@ def _train_config(args) -> "object":
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
             raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
-                             f"model, data, batches, LoRA layout and signal ({', '.join(_RESUME_FIXED)}): drop those options, "
-                             "or start a new run in another --output-dir")
+                             f"model, data, batches, LoRA layout and signal ({', '.join(_RESUME_FIXED)}): drop those "
+                             "options, or start a new run in another --output-dir")
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
     # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
     for key in ("model", "data", "dev_data"):
