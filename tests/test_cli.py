@@ -695,6 +695,23 @@ def test_resume_refuses_a_changed_model_data_or_batch_setting_before_loading_any
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
 
 
+def test_resume_refuses_a_changed_loss_scale_or_calibration_which_the_controller_state_would_override(tiny, tmp_path,
+                                                                                                        capsys):
+    """The loss signal's scale is part of the controller state a resume loads: `--resume --loss-scale 100` was
+    accepted, recorded in the run's config and ignored (the same φ, step for step), and a changed
+    `--calibration-steps` calibrated again mid-run. Both are refused now, before anything is loaded."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    for extra, needle in ((["--loss-scale", "100"], "loss_scale=1.0 (now 100.0)"),
+                          (["--calibration-steps", "2"], "calibration_steps=0 (now 2)")):
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"unified-lora: error: --resume {out / 'checkpoints' / 'step-2'}: the run was trained "
+                              f"with {needle}") and err.count("\n") == 1
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1]
+
+
 def test_the_run_records_its_classes_and_a_resume_on_relabelled_data_is_refused(tiny, tmp_path, capsys):
     """String labels get ids in sorted order, and nothing recorded which id was which class. A --data file edited
     between a run and its --resume (a class renamed: 'pos' -> 'good' sorts first now) resumed with the two labels'
@@ -1707,9 +1724,10 @@ def test_the_readme_names_every_setting_a_resume_refuses():
             "max_length": "`max_length`", "batch_size": "`batch_size`", "grad_accum": "`grad_accum`", "seed": "`seed`",
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
             "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
-            "controller": "`--no-controller`", "signal": "the signal", "lr_scheduler": "the LR schedule",
-            "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`", "metric_for_best": "`--metric-for-best`",
-            "save_best": "`--save-best`"}
+            "controller": "`--no-controller`", "signal": "the signal", "loss_scale": "`--loss-scale`",
+            "calibration_steps": "`--calibration-steps`", "calibration_target": "`calibration_target`",
+            "lr_scheduler": "the LR schedule", "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`",
+            "metric_for_best": "`--metric-for-best`", "save_best": "`--save-best`"}
     assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
     missing = [k for k in _RESUME_FIXED if said[k] not in para]
     assert not missing, (missing, para)
@@ -1739,7 +1757,15 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("missing_data", "no such file"),
     ("unknown_column", "unknown column 'nope'"),
     ("empty_data", "no data rows"),
+    # a file with nothing in it (no header either; a .jsonl has none) was "a header alone"
+    ("empty_file", "empty.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
+    ("blank_jsonl", "blank.jsonl is empty; it needs data rows"),
     ("missing_model", "no such folder"),
+    ("output_dir_is_a_file", "a_file: a file, not a folder; pass a folder (it is made if it does not exist)"),
+    # a file said "folder has no config.json", of a file that may be that config.json
+    ("model_is_its_config_file", "config.json: a file, not a model folder: pass its folder, "),
+    ("model_is_a_lone_file", "weights.bin: a file, not a model folder; pass the model's folder, saved with "
+                             "save_pretrained() (config.json and the weights)"),
     ("bad_theta", "theta0"),
     ("bad_config_key", "unknown key(s) ['epochz']"),
     ("bad_mirror_kernel", "mirror_kernel: must be 'eager' or 'fused', got 'cuda'"),  # it said "kernel:"
@@ -1813,7 +1839,14 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
         "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
+        "empty_file": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "empty.csv", ""))],
+        "blank_jsonl": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "blank.jsonl", "\n  \n"))],
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
+        "output_dir_is_a_file": _train_args(tiny, str(_write(tmp_path / "a_file", "mine\n"))),
+        "model_is_its_config_file": ["train", "--model", str(Path(tiny["bert"]) / "config.json"), "--data",
+                                     tiny["csv"], "--output-dir", out],
+        "model_is_a_lone_file": ["train", "--model", str(_write(tmp_path / "weights.bin", "")), "--data", tiny["csv"],
+                                 "--output-dir", out],
         "bad_theta": _train_args(tiny, out, "--theta0", "0.9", "--theta1", "0.5"),
         "bad_config_key": ["train", "--config", str(_write(tmp_path / "c.yaml", "epochz: 3\n"))],
         "bad_mirror_kernel": ["train", "--config", str(_write(tmp_path / "k.yaml", f"model: {tiny['bert']}\n"

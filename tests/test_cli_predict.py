@@ -295,6 +295,12 @@ def test_bad_input_is_one_line_naming_what_is_wrong(named_run, tiny, tmp_path, c
     refused([str(run), "--data", str(dev), "--output", str(dev)], "is the input file", "dev.jsonl")
     refused([str(run), "--data", str(dev), "--output", str(tmp_path / "p.txt")], "--output", ".csv, .tsv or .jsonl")
     refused([str(run), "--data", str(dev), "--id-column", "nope"], "--id-column nope: unknown column")
+    # an id column named like an output column: the output row's own value replaced the ids, silently
+    named_ids = tmp_path / "named_ids.csv"
+    named_ids.write_text("prediction,review\nA,good\nB,bad\n")
+    refused([str(run), "--data", str(named_ids), "--id-column", "prediction"],
+            "--id-column prediction: predict writes its own 'prediction' column, which would replace the ids "
+            "(its output columns: prediction, prob_neg, prob_pos); rename that column of ", "named_ids.csv")
     refused([str(run), "--data", str(dev), "--checkpoint", "epoch-9"], "--checkpoint epoch-9: no such checkpoint",
             "epoch-1, epoch-2")
     refused([str(run), "--prompts", str(dev)], "classifier (seq-cls) run: pass --data")
@@ -339,6 +345,11 @@ def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):
     assert "--temperature: generation settings, for a causal LM's --prompts; --data is scored" in _error(capsys)
     assert main(["predict", str(run), "--prompts", str(prompts), "--prompt-column", "q"]) == 2
     assert "plain-text file has one prompt a line" in _error(capsys)
+    table = tmp_path / "q.jsonl"
+    table.write_text(json.dumps({"prompt": "say hi:", "completion": "x"}) + "\n")
+    assert main(["predict", str(run), "--prompts", str(table), "--id-column", "completion", "--max-new-tokens",
+                 "2"]) == 2
+    assert "--id-column completion: predict writes its own 'completion' column" in _error(capsys)
     assert not (run / "predictions.jsonl").exists()
     assert math.isfinite(list(_evals(run).values())[-1]["loss"])
 

@@ -614,6 +614,9 @@ def _train_config(args) -> "object":
     out = flags.get("output_dir", d.get("output_dir", "unified-lora-run"))
     if not isinstance(out, str):  # `output_dir: null` in the YAML: --resume failed on Path(None), an internal error
         raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
+    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():  # (it was "[Errno 17] File exists",
+        # after the model and data had loaded)
+        raise UsageError(f"--output-dir {out}: a file, not a folder; pass a folder (it is made if it does not exist)")
     ckpt = None
     if args.resume:
         # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
@@ -634,7 +637,7 @@ def _train_config(args) -> "object":
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
             raise UsageError(f"--resume {ckpt}: the run was trained with {'; '.join(changed)}; a resumed run keeps its "
-                             "model, data, batches, LoRA layout and best-evaluation settings "
+                             "model, data, batches, LoRA layout, signal and best-evaluation settings "
                              f"({', '.join(_RESUME_FIXED)}): drop those options, or start a new run in another "
                              "--output-dir")
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
@@ -695,12 +698,16 @@ def _read_config(path: str) -> dict:
 # stores a position in the epoch's batch order, which these fields define, grad_accum's batches per step included).
 # And the LR schedule: the checkpoint is a position in it (a decaying one's length is checked in `Run.load_checkpoint`).
 # LRs, thresholds, the Mirror policy, the shock window, epochs, steps, the precision and the device may change. The
-# metric that ranks the evaluations (the best so far is stored in its units) and --save-best (best/ must hold the best
-# the state names) stay too; the early-stopping patience and threshold may change (the count so far is kept).
+# loss signal's scale settings may not: the controller state holds the scale they gave (`LossSignal.load_state_dict`
+# puts it back), so a changed --loss-scale was recorded in the run's config and ignored, silently, and a changed
+# --calibration-steps calibrated again in the middle of the run. The metric that ranks the evaluations (the best so
+# far is stored in its units) and --save-best (best/ must hold the best the state names) stay too; the early-stopping
+# patience and threshold may change (the count so far is kept).
 _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text_columns", "assistant_only_loss",
                  "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
-                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal",
-                 "lr_scheduler", "warmup_steps", "warmup_ratio", "metric_for_best", "save_best")
+                 "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal", "loss_scale",
+                 "calibration_steps", "calibration_target", "lr_scheduler", "warmup_steps", "warmup_ratio",
+                 "metric_for_best", "save_best")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "best", "summary.json", "trace.jsonl", "plot.png", "console.txt")

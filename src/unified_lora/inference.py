@@ -20,7 +20,8 @@ import torch
 
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
-from .data.loaders import _GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows
+from .data.loaders import (_GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows,
+                           no_rows_error)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
                        load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
@@ -220,9 +221,14 @@ def _input_file(path: str, flag: str) -> Path:
     return p
 
 
-def _id_column(records: list[dict], given: str | None, skip: Sequence[str], path: Path) -> str | None:
+def _id_column(records: list[dict], given: str | None, skip: Sequence[str], path: Path,
+               output: Sequence[str] = ()) -> str | None:
     """The id column of a table: `given` (in every record, else a DataError), else the first column named id, idx,
-    index or guid (any case) that the run does not read as text or label, else None."""
+    index or guid (any case) that the run does not read as text or label, else None. A `given` that is one of the
+    `output` columns predict writes is a DataError: an output row is a dict, and that column replaced the ids."""
+    if given is not None and given in output:
+        raise DataError(f"--id-column {given}: predict writes its own {given!r} column, which would replace the ids "
+                        f"(its output columns: {', '.join(output)}); rename that column of {path}")
     if given is not None:
         for n, r in enumerate(records, start=1):
             if given not in r:
@@ -269,11 +275,12 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
                         "table")
     records = _read_records(p, fmt, [*cfg.text_columns, cfg.label_column])
     if not records:
-        raise DataError(f"{p} has no data rows; a header alone is not a data set")
+        raise no_rows_error(p)
     labelled = cfg.label_column in records[0]
     data = load_table(p, list(cfg.text_columns), cfg.label_column if labelled else None, label_names=trained.classes,
                       names_only=True)
-    id_name = _id_column(records, id_column, [*cfg.text_columns, cfg.label_column], p)
+    id_name = _id_column(records, id_column, [*cfg.text_columns, cfg.label_column], p,
+                         ["prediction", *(f"prob_{c}" for c in trained.classes or [])])
     ids = [r.get(id_name) for r in records] if id_name is not None else None
     return Rows(data, labelled, ids, id_name, fmt)
 
@@ -336,7 +343,7 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     column = column or trained.cfg.text_columns[0]
     records = _read_records(p, fmt, [column])
     if not records:
-        raise DataError(f"{p} has no data rows; a header alone is not a data set")
+        raise no_rows_error(p)
     for n, r in enumerate(records, start=1):
         if column not in r:
             where = "" if n == 1 else f" (record {n})"
@@ -347,7 +354,7 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     else:
         _check_no_null_text(records, column, p)
         texts = [str(r[column]) for r in records]
-    id_name = _id_column(records, id_column, [column], p)
+    id_name = _id_column(records, id_column, [column], p, ["prompt", "completion", "stop"])
     return Prompts(texts, [r.get(id_name) for r in records] if id_name else None, id_name, fmt)
 
 

@@ -43,7 +43,8 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Neste
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
-from .data.loaders import _GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, normalize_task
+from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, no_rows_error,
+                           normalize_task)
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -306,6 +307,10 @@ def resolve_model(path: str | None) -> str:
         if is_adapter_only_folder(p):
             raise UsageError(f"--model {path}: an adapter-only checkpoint (it holds {ADAPTER_ONLY_NAME}: the trained "
                              "LoRA blocks without the base weights); pass the base model it was trained on")
+        if p.is_file():  # (it said "folder has no config.json" of a file: a model's config.json or weights file)
+            hint = f": pass its folder, {p.parent}" if (p.parent / "config.json").is_file() else \
+                "; pass the model's folder, saved with save_pretrained() (config.json and the weights)"
+            raise UsageError(f"--model {path}: a file, not a model folder{hint}")
         if not (p / "config.json").is_file():
             raise UsageError(f"--model {path}: folder has no config.json; pass a folder saved with save_pretrained()")
         return str(p)
@@ -647,7 +652,7 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tup
     found = (*PROMPT_COMPLETION, CHAT_COLUMN) if detect and columns == ["text"] else ()
     records = _read_records(path, fmt, [*columns, *found])
     if not records:
-        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+        raise no_rows_error(path)
     if detect and columns == ["text"] and "text" not in records[0]:
         if all(c in records[0] for c in PROMPT_COMPLETION):
             columns = list(PROMPT_COMPLETION)

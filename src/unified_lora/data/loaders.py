@@ -209,7 +209,7 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
         examples.append(Example(row[text_a].strip(), row[text_b].strip() if text_b is not None else None, -1))
         ids.append(row[0])
     if not examples:
-        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+        raise no_rows_error(path)
     return TextDataset(examples, len(spec.label_names), list(spec.label_names), name=f"{key}/{path.stem}"), False, ids
 
 
@@ -356,6 +356,14 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
 
 
+def no_rows_error(path: Path) -> DataError:
+    """A table with no data rows: a header alone, or a file with nothing in it (0 bytes, blank lines; a .jsonl file
+    has no header at all), which was said to be "a header alone" too."""
+    if not path.read_bytes().strip():
+        return DataError(f"{path} is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)")
+    return DataError(f"{path} has no data rows; a header alone is not a data set")
+
+
 def _empty_text_error(path: Path, where: str, column: str, value: str) -> DataError:
     """An empty or whitespace-only text cell trained on the special tokens alone (`[CLS] [SEP]`), silently."""
     what = "empty" if not value else "whitespace only"
@@ -401,7 +409,7 @@ def load_table(
     columns = [*text_columns, *([label_column] if label_column is not None else [])]
     records = _read_records(path, fmt, columns)
     if not records:
-        raise DataError(f"{path} has no data rows; a header alone is not a data set")
+        raise no_rows_error(path)
     for col in columns:
         for n, record in enumerate(records, start=1):
             if col not in record:
