@@ -1762,6 +1762,10 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("blank_jsonl", "blank.jsonl is empty; it needs data rows"),
     ("missing_model", "no such folder"),
     ("output_dir_is_a_file", "a_file: a file, not a folder; pass a folder (it is made if it does not exist)"),
+    # the demo said "[Errno 17] File exists", after the model and data had loaded
+    ("demo_output_dir_is_a_file", "a_file: a file, not a folder; pass a folder (it is made if it does not exist)"),
+    # `modules_to_save` said target_modules' example
+    ("empty_modules_to_save_in_config", "modules_to_save: give at least one module name, e.g. classifier; got []"),
     # a file said "folder has no config.json", of a file that may be that config.json
     ("model_is_its_config_file", "config.json: a file, not a model folder: pass its folder, "),
     ("model_is_a_lone_file", "weights.bin: a file, not a model folder; pass the model's folder, saved with "
@@ -1782,14 +1786,19 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
     # a JSONL record without the text column became an empty text, and was dropped silently
-    ("record_without_the_text_column_for_a_causal_lm", "gap.jsonl (record 2); columns are ['txt']"),
+    ("record_without_the_text_column_for_a_causal_lm", "gap.jsonl: record 2 has no 'text' (its columns are ['txt'], "
+                                                       "other records have 'text'); add it or drop the record"),
+    # it said "unknown column 'sentiment' in gap.jsonl (record 2)", of a column the other records have
+    ("record_without_the_label_key", "gap2.jsonl: record 2 has no 'sentiment' (its columns are ['review'], other "
+                                     "records have 'sentiment'); add it or drop the record"),
     # prompt/completion pairs come from a table (tests/test_cli_sft.py); a .txt corpus has no columns
     ("two_text_columns_for_a_text_corpus", "corpus.txt: a plain-text corpus has no columns; prompt/completion pairs "
                                            "(--text-columns prompt,completion) are read from a .csv, .tsv or .jsonl"),
     ("config_not_yaml", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
     ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
-    ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1']"),
+    # it ended "(label_names); add it or fix the data": a library argument, and "add it" to what
+    ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1'] of the train set ("),
     ("missing_label", "record 2 has no label (column 'label' is empty)"),
     # a dev label is one of the train set's classes by name: an integer was read as an id into them, so a dev 2 was
     # the class "1" of train labels -1/0/1, and MNLI-style ids were the sorted names ("contradiction" = 0)
@@ -1843,6 +1852,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "blank_jsonl": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "blank.jsonl", "\n  \n"))],
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
         "output_dir_is_a_file": _train_args(tiny, str(_write(tmp_path / "a_file", "mine\n"))),
+        "demo_output_dir_is_a_file": _demo_args(tiny, str(_write(tmp_path / "a_file", "mine\n"))),
+        "empty_modules_to_save_in_config": _train_args(tiny, out, "--config", str(_write(tmp_path / "mts.yaml",
+                                                                                        "modules_to_save: []\n"))),
         "model_is_its_config_file": ["train", "--model", str(Path(tiny["bert"]) / "config.json"), "--data",
                                      tiny["csv"], "--output-dir", out],
         "model_is_a_lone_file": ["train", "--model", str(_write(tmp_path / "weights.bin", "")), "--data", tiny["csv"],
@@ -1862,6 +1874,9 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
                                                                       f"data: {tiny['csv']}\ntarget_modules: 5\n"))],
         "dev_label_the_train_set_lacks": _train_args(tiny, out, "--dev-data", str(_write(
             tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n"))),
+        "record_without_the_label_key": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "gap2.jsonl", '{"review": "good", "sentiment": "pos"}\n{"review": "bad"}\n')),
+            "--text-columns", "review", "--label-column", "sentiment"],
         "missing_label": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "gap.csv", "text,label\na,0\nb,\nc,1\n"))],
         "dev_label_2_for_classes_minus_1_0_1": _train_args(tiny, out)[:4] + [str(_write(
             tmp_path / "m.csv", "text,label\ngood,1\nbad,-1\nfine,0\ngreat,1\nawful,-1\n")), "--dev-data", str(_write(
@@ -1939,6 +1954,45 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         assert err.count("\n") == 1 and err.startswith("unified-lora: error: ")
     if case == "unsupported_format":
         assert "unsupported data format 'parquet'" in err and "fmt=" not in err
+    if case == "dev_label_the_train_set_lacks":
+        assert err.endswith("); fix the label, or add rows of that class to --data\n") and "label_names" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_an_empty_output_dir_is_refused_not_the_current_folder(tiny, tmp_path, monkeypatch, capsys, command):
+    """`--output-dir ''` (or YAML `output_dir: ''`) is Path(""), the current folder: the run's files were written there,
+    among the user's own."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    make = _demo_args if command == "demo" else _train_args
+    given = [make(tiny, "")]
+    if command == "train":
+        given.append(make(tiny, "x")[:-4] + ["--config", str(_write(tmp_path / "c.yaml", "output_dir: ''\n"))])
+    for argv in given:
+        assert main(argv) == 2
+        assert capsys.readouterr().err == ("unified-lora: error: --output-dir '': empty, which would write into the "
+                                           "current folder; pass a folder (it is made if it does not exist)\n")
+    assert not list(cwd.iterdir())
+
+
+def test_a_misspelt_modules_to_save_is_one_error_naming_the_models_own_modules(tiny, tmp_path, capsys):
+    """`--modules-to-save clasifier` printed a note that the fresh head stays frozen, then the error; that listed the
+    LoRA wrapper's parts (base_layer, lora_A, lora_B, lora_dropout) among the model's module names. An empty
+    `--modules-to-save` gave target_modules' example (query,value)."""
+    out = tmp_path / "o"
+    assert main(_train_args(tiny, out, "--modules-to-save", "clasifier")) == 2
+    said = capsys.readouterr()
+    assert said.err.startswith("unified-lora: error: modules_to_save: 'clasifier' matched no module (did you mean "
+                               "'classifier'?); module names end with [") and said.err.count("\n") == 1
+    assert "'query'" in said.err and "'classifier'" in said.err
+    for part in ("base_layer", "lora_A", "lora_B", "lora_dropout"):
+        assert part not in said.err
+    assert "note:" not in said.out and "stay frozen" not in said.out
+    assert main(_train_args(tiny, out, "--modules-to-save", " , ")) == 2
+    assert "--modules-to-save: expected a comma-separated list, e.g. classifier" in capsys.readouterr().err
+    assert main(_train_args(tiny, out, "--text-columns", "")) == 2
+    assert "--text-columns: expected a comma-separated list, e.g. sentence1,sentence2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("yaml_text, flags, needle", [

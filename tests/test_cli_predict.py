@@ -127,6 +127,51 @@ def test_a_table_without_labels_gets_the_same_predictions_and_no_score(named_run
     assert [float(r["prob_pos"]) for r in rows] == [r["prob_pos"] for r in labelled]
 
 
+def test_rows_without_a_label_are_predicted_and_the_labelled_ones_scored(named_run, tmp_path, capsys):
+    """A table with some labels missing was refused: an empty cell ("record 1 has no label ... fill it in or drop the
+    record"), a .jsonl record without the key ("unknown column 'sentiment' ... (record 2)"); a .jsonl whose first record
+    lacked the key left every label unread. Now every row is predicted and the labelled ones scored, as said."""
+    run, dev = named_run["run"], named_run["dev"]
+    gold = [json.loads(line) for line in dev.read_text().splitlines()]
+    assert main(["predict", str(run), "--data", str(dev), "--output", str(tmp_path / "all.jsonl")]) == 0
+    full = _read(tmp_path / "all.jsonl")
+    keep = [i for i in range(len(gold)) if i % 3 != 0]  # the first record lacks its label, and every third one
+    ids = {"neg": 0, "pos": 1}
+    expected = glue_metrics("train", [ids[full[i]["prediction"]] for i in keep],
+                            [ids[gold[i]["sentiment"]] for i in keep])
+
+    def unlabelled(i: int, g: dict) -> dict:  # the key left out (the first record so), or a null
+        return g if i in keep else {"id": g["id"], "review": g["review"]} if i % 2 == 0 else {**g, "sentiment": None}
+
+    partial_jsonl = tmp_path / "partial.jsonl"
+    partial_jsonl.write_text("".join(json.dumps(unlabelled(i, g)) + "\n" for i, g in enumerate(gold)))
+    partial_csv = tmp_path / "partial.csv"
+    with open(partial_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "review", "sentiment"])
+        w.writerows([g["id"], g["review"], g["sentiment"] if i in keep else ""] for i, g in enumerate(gold))
+    for given in (partial_jsonl, partial_csv):
+        capsys.readouterr()
+        out = tmp_path / f"p_{given.suffix[1:]}.jsonl"
+        assert main(["predict", str(run), "--data", str(given), "--output", str(out)]) == 0
+        said = capsys.readouterr().out
+        assert f"labelled rows ({len(keep)} of {len(gold)}, task train): {_fmt_metrics(expected)}" in said
+        assert f"{len(gold) - len(keep)} row(s) without a label in column 'sentiment': predicted, not scored" in said
+        assert _read(out) == full  # every row, as predicted with all its labels
+
+
+def test_a_label_outside_the_runs_classes_says_how_to_fix_it_for_predict(named_run, tmp_path, capsys):
+    """It said "...not one of the classes ['neg', 'pos'] (label_names); add it or fix the data": `label_names` is the
+    library's argument, and no class can be added to a trained run."""
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"review": "good", "sentiment": "pos"}) + "\n" +
+                       json.dumps({"review": "fine", "sentiment": "meh"}) + "\n")
+    assert main(["predict", str(named_run["run"]), "--data", str(unknown)]) == 2
+    assert _error(capsys) == (f"unified-lora: error: {unknown}: record 2 has label 'meh', which is not one of the "
+                              "classes ['neg', 'pos'] the run trained on ('sentiment'); fix the label, or leave it "
+                              "empty to predict the row without scoring it")
+
+
 def test_a_glue_run_reads_its_test_tsv_without_labels_and_its_dev_tsv_with_them(wide, tmp_path, capsys):
     task = tmp_path / "SST-2"
     task.mkdir()

@@ -482,7 +482,7 @@ def cmd_demo(args) -> int:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if args.steps < 1:  # TrainConfig's steps=0 means "whole epochs"; the demo runs --steps steps, and 0 trained none
         raise UsageError(f"steps: must be >= 1 (the demo trains this many steps), got {args.steps}")
-    out = Path(args.output_dir)
+    out = Path(_check_output_dir(args.output_dir))
     lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
     loss_scale, calibration_steps = args.loss_scale, args.calibration_steps
     calibration_target = args.calibration_target
@@ -602,6 +602,22 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
 }
 
 
+def _check_output_dir(out) -> str:
+    """`out`, a --output-dir (or YAML `output_dir`) that `demo` or `train` can write into, checked before anything
+    loads; else a UsageError."""
+    from .training import UsageError
+
+    if not isinstance(out, str):  # `output_dir: null` in the YAML: --resume failed on Path(None), an internal error
+        raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
+    if not out.strip():  # Path("") is the current folder: the run's files were written there, among the user's own
+        raise UsageError(f"--output-dir {out!r}: empty, which would write into the current folder; pass a folder "
+                         "(it is made if it does not exist)")
+    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():  # (it was "[Errno 17] File exists",
+        # after the model and data had loaded)
+        raise UsageError(f"--output-dir {out}: a file, not a folder; pass a folder (it is made if it does not exist)")
+    return out
+
+
 def _train_config(args) -> "object":
     from .training import TrainConfig, UsageError, check_world_size, on_rank0, read_state, resume_checkpoint, world_size
 
@@ -611,12 +627,7 @@ def _train_config(args) -> "object":
     flags = {f: getattr(args, k) for k, f in _TRAIN_FLAGS.items() if getattr(args, k, None) is not None}
     if args.no_controller:
         flags["controller"] = False
-    out = flags.get("output_dir", d.get("output_dir", "unified-lora-run"))
-    if not isinstance(out, str):  # `output_dir: null` in the YAML: --resume failed on Path(None), an internal error
-        raise UsageError(f"output_dir: must be a string, got {out!r} ({type(out).__name__})")
-    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():  # (it was "[Errno 17] File exists",
-        # after the model and data had loaded)
-        raise UsageError(f"--output-dir {out}: a file, not a folder; pass a folder (it is made if it does not exist)")
+    out = _check_output_dir(flags.get("output_dir", d.get("output_dir", "unified-lora-run")))
     ckpt = None
     if args.resume:
         # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
@@ -1335,7 +1346,12 @@ def cmd_predict(args) -> int:
     inference.write_rows(out, preds)
     print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
     if metrics is not None:
-        print(f"labelled rows ({len(preds)}, task {trained.task}): {_fmt_metrics(metrics)}")
+        n = rows.scored
+        print(f"labelled rows ({n if n == len(preds) else f'{n} of {len(preds)}'}, task {trained.task}): "
+              f"{_fmt_metrics(metrics)}")
+        if n < len(preds):
+            print(f"{len(preds) - n} row(s) without a label in column {trained.cfg.label_column!r}: predicted, not "
+                  "scored")
     return 0
 
 
@@ -1351,11 +1367,14 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
 
 
-def _csv_list(s: str) -> list[str]:
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. query,value")
-    return items
+def _csv_list(example: str):
+    """An argparse type: a comma-separated list of names, at least one; `example` is the error's (the flag's own)."""
+    def names(s: str) -> list[str]:
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, e.g. {example}")
+        return items
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1375,7 +1394,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "label shock, and compare with fixed-rank LoRA and the majority class.")
     d.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
     d.add_argument("--data", help="GLUE task folder or a .csv/.tsv/.jsonl file (default: shipped MRPC)")
-    d.add_argument("--text-columns", type=_csv_list, default=["text"], help="table text column(s), e.g. s1,s2")
+    d.add_argument("--text-columns", type=_csv_list("sentence1,sentence2"), default=["text"],
+                   help="table text column(s), e.g. s1,s2")
     d.add_argument("--label-column", default="label", help="table label column")
     d.add_argument("--steps", type=int, default=160, help="optimizer steps")
     d.add_argument("--shock-start", type=int, default=60, help="first step of the label shock")
@@ -1404,7 +1424,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode a transition entered")
     d.add_argument("--target-modules", default="query,value",
                    help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: query,value)")
-    d.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
+    d.add_argument("--modules-to-save", type=_csv_list("classifier"),
+                   help="fully trained modules (default: the classifier head)")
     d.add_argument("--dev-size", type=int, default=200, help="dev rows to evaluate (fixed-seed subsample; 0 = all)")
     d.add_argument("--log-every", type=int, default=20, help="console line every N steps (and at transitions)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -1439,7 +1460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for a text corpus, its tail)")
     t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"),
                    help="auto (default): causal-lm for ...ForCausalLM / ...LMHeadModel checkpoints, else seq-cls")
-    t.add_argument("--text-columns", type=_csv_list, help="table text column(s), e.g. sentence1,sentence2; a causal "
+    t.add_argument("--text-columns", type=_csv_list("sentence1,sentence2"),
+                   help="table text column(s), e.g. sentence1,sentence2; a causal "
                    "LM: one text, or prompt,completion (the loss on the completion only; found without this flag in a "
                    "table with those columns and no text column); a .jsonl column of role/content message lists is "
                    "chat data, rendered with the tokenizer's chat template (a 'messages' column is found without this "
@@ -1497,7 +1519,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-modules",
                    help="modules to adapt: comma-separated name suffixes (query,value), a regex (a value with any of "
                         "*+?[](){}|^$\\, matched against whole module names), or all-linear (default: query,value)")
-    t.add_argument("--modules-to-save", type=_csv_list, help="fully trained modules (default: the classifier head)")
+    t.add_argument("--modules-to-save", type=_csv_list("classifier"),
+                   help="fully trained modules (default: the classifier head)")
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--save-steps", type=int, help="also write a resumable checkpoints/step-N every N optimizer "
                    "steps, inside an epoch too (default 0 = only at each epoch's end)")

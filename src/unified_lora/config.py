@@ -78,7 +78,8 @@ def parse_names(value, field_name: str = "target_modules") -> list[str] | str:
         value = v.split(",")
     names = [n.strip() for n in value if n.strip()]
     if not names:
-        _fail(field_name, f"give at least one module name, e.g. query,value; got {value!r}")
+        example = "query,value" if field_name == "target_modules" else "classifier"  # (not target_modules' example)
+        _fail(field_name, f"give at least one module name, e.g. {example}; got {value!r}")
     return names
 
 

@@ -20,8 +20,8 @@ import torch
 
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
-from .data.loaders import (_GLUE, _check_no_null_text, _read_records, _utf8, glue_label_value, load_glue_rows,
-                           no_rows_error)
+from .data.loaders import (_GLUE, _check_no_null_text, _read_records, _utf8, check_columns, glue_label_value,
+                           load_glue_rows, no_rows_error)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
                        load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
@@ -243,8 +243,8 @@ def _id_column(records: list[dict], given: str | None, skip: Sequence[str], path
 
 @dataclass
 class Rows:
-    """Rows to classify: a TextDataset (label -1 where the file has none), whether it has labels, and the id of each
-    row (the file's id column, `id_name`) where it has one."""
+    """Rows to classify: a TextDataset (label -1 where the file has none), whether any row has a label, and the id of
+    each row (the file's id column, `id_name`) where it has one."""
 
     data: TextDataset
     labelled: bool
@@ -252,12 +252,18 @@ class Rows:
     id_name: str | None
     fmt: str  # the input's format, the default output's
 
+    @property
+    def scored(self) -> int:
+        """How many rows have a label (`classify` scores those)."""
+        return sum(e.label >= 0 for e in self.data)
+
 
 def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows:
     """The rows of `path` to classify, read as `train` reads a --dev-data file: a run trained on a table reads a
     .csv/.tsv/.jsonl table with its `text_columns`, and its `label_column` where the file has one (the labels by the
-    run's class names, as a dev set's); a run trained on a GLUE task reads that task's dev.tsv (labelled) or test.tsv
-    (index and texts, no labels). A missing file or column is a DataError."""
+    run's class names, as a dev set's; a row without one, an empty cell or a .jsonl record without the key, is
+    predicted, not scored); a run trained on a GLUE task reads that task's dev.tsv (labelled) or test.tsv (index and
+    texts, no labels). A missing file or column is a DataError."""
     cfg = trained.cfg
     p = _input_file(path, "--data")
     fmt = p.suffix.lower().lstrip(".")
@@ -276,9 +282,12 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
     records = _read_records(p, fmt, [*cfg.text_columns, cfg.label_column])
     if not records:
         raise no_rows_error(p)
-    labelled = cfg.label_column in records[0]
-    data = load_table(p, list(cfg.text_columns), cfg.label_column if labelled else None, label_names=trained.classes,
-                      names_only=True)
+    # the labelled rows are scored, the others predicted only: a label column with empty cells, .jsonl records with
+    # and without the key (they were refused; a first record without it left every label unread)
+    data = load_table(p, list(cfg.text_columns), cfg.label_column, label_names=trained.classes, names_only=True,
+                      unlabelled_rows=True, classes_hint=f"the run trained on ({cfg.label_column!r}); fix the label, "
+                                                         "or leave it empty to predict the row without scoring it")
+    labelled = any(e.label >= 0 for e in data)
     id_name = _id_column(records, id_column, [*cfg.text_columns, cfg.label_column], p,
                          ["prediction", *(f"prob_{c}" for c in trained.classes or [])])
     ids = [r.get(id_name) for r in records] if id_name is not None else None
@@ -296,7 +305,9 @@ def classify(trained: Trained, rows: Rows, batch_size: int = 64) -> tuple[list[d
     check_row_length(trained.model, cfg.max_length, enc)
     logits = predict_logits(trained.model, enc, batch_size, cfg.precision)
     probs, preds = logits.softmax(-1), logits.argmax(-1)
-    metrics = glue_metrics(trained.task, preds.numpy(), enc["labels"].numpy()) if rows.labelled else None
+    labels = enc["labels"].numpy()
+    scored = labels >= 0  # (rows without a label are predicted, not scored)
+    metrics = glue_metrics(trained.task, preds.numpy()[scored], labels[scored]) if rows.labelled else None
     out = []
     for i, c in enumerate(preds.tolist()):
         r: dict = {rows.id_name: rows.ids[i]} if rows.ids is not None else {}
@@ -344,11 +355,7 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     records = _read_records(p, fmt, [column])
     if not records:
         raise no_rows_error(p)
-    for n, r in enumerate(records, start=1):
-        if column not in r:
-            where = "" if n == 1 else f" (record {n})"
-            raise DataError(f"unknown column {column!r} in {p}{where}; columns are {list(r)} (--prompt-column names "
-                            "another)")
+    check_columns(records, [column], p, " (--prompt-column names another)")
     if any(isinstance(r[column], list) for r in records):
         texts = [_messages(r[column], f"--prompts {path}: record {n}", column) for n, r in enumerate(records, 1)]
     else:

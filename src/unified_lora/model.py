@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 import re
@@ -425,8 +426,14 @@ def mark_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None
     for suffix in modules_to_save or ():
         hits = [n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)]
         if not hits:
-            names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
-            raise ValueError(f"modules_to_save: {suffix!r} matched no module; module names end with {names[:40]}")
+            # the model's own module names: not a NestedLoRALayer's parts (base_layer, lora_A, lora_B, lora_dropout)
+            inner = {f"{n}.{sub}" for n, m in model.named_modules() if isinstance(m, NestedLoRALayer)
+                     for sub, _ in m.named_modules() if sub}
+            names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n and n not in inner})
+            close = difflib.get_close_matches(suffix.split(".")[-1], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"modules_to_save: {suffix!r} matched no module{hint}; module names end with "
+                             f"{names[:40]}")
         for n in hits:
             packed = [(f"{n}.{sn}" if sn else n, why) for sn, sm in model.get_submodule(n).named_modules()
                       if isinstance(getattr(sm, "weight", None), torch.Tensor) and (why := packed_weight(sm))]

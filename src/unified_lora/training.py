@@ -43,8 +43,8 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Neste
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
-from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, no_rows_error,
-                           normalize_task)
+from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, check_columns,
+                           no_rows_error, normalize_task)
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -662,11 +662,7 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tup
                                 "(a cell is a text); write it as .jsonl, a list of {\"role\", \"content\"} messages a "
                                 "record")
             columns = [CHAT_COLUMN]
-    for column in columns:
-        for n, record in enumerate(records, start=1):  # as load_table: a JSONL record without it was dropped silently
-            if column not in record:
-                where = "" if n == 1 else f" (record {n})"
-                raise DataError(f"unknown column {column!r} in {path}{where}; columns are {list(record)}")
+    check_columns(records, columns, path)  # as load_table: a JSONL record without it was dropped silently
     if any(isinstance(r[c], list) for r in records for c in columns):  # chat data: every cell a list of messages
         chats = []
         for n, record in enumerate(records, start=1):
@@ -775,7 +771,9 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
         # only: an integer dev label is no id into the train set's sorted names (with train labels -1/0/1, a dev 2
         # was read as id 2, the class "1"; with names, MNLI's 0 = entailment became the sorted "contradiction")
         names = train.label_names or [str(i) for i in range(train.num_labels)]
-        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names, names_only=True)
+        dev = load_table(cfg.dev_data, list(cfg.text_columns), cfg.label_column, label_names=names, names_only=True,
+                         classes_hint=f"of the train set ({cfg.data}); fix the label, or add rows of that class to "
+                                      "--data")
         dev = TextDataset(dev.examples, train.num_labels, train.label_names, dev.name)
     else:
         tr, dv = _split(train.examples, cfg.dev_fraction, cfg.seed)
@@ -1321,11 +1319,8 @@ class Run:
             mts = [n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
                                                            for m, _ in model.named_modules())][:1]
             mts += [m for m in fresh if not _covered(m, mts)]
-        elif fresh and print_fn is not None:
-            left = [m for m in fresh if not _covered(m, mts or ())]
-            if left:
-                print_fn(f"note: {left} were initialised afresh (the checkpoint lacks them) and are not in "
-                         f"modules_to_save {list(mts or [])}: they stay frozen at their random initialisation")
+        left = [m for m in fresh if not _covered(m, mts or ())]  # said after the wrapping, which refuses a misspelt
+        # modules_to_save: the note on them came first, then the error
         actuators = cfg.actuator_config()
         self.adapters, self.ctrl = setup_unified_lora(
             model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
@@ -1336,6 +1331,9 @@ class Run:
             # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
             # held for the whole run, would only grow
             keep_trace=not trace_path)
+        if left and print_fn is not None:
+            print_fn(f"note: {left} were initialised afresh (the checkpoint lacks them) and are not in "
+                     f"modules_to_save {list(mts or [])}: they stay frozen at their random initialisation")
         if trace_path:
             self.ctrl.writer = TraceWriter(trace_path, append=append_trace)  # (process 0 writes it, under DDP)
         # under torchrun: DDP around the model with its LoRA blocks in place (DDP takes the parameters it all-reduces

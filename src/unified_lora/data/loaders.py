@@ -305,22 +305,29 @@ def _as_number(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
-               column: str = "label", names_only: bool = False) -> tuple[list[int], list[str] | None, int]:
-    for n, value in enumerate(raw, start=1):  # a missing label is not a class of its own
+LABEL_NAMES_HINT = "(label_names); add it or fix the data"
+
+
+def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, column: str = "label",
+               names_only: bool = False, classes_hint: str = LABEL_NAMES_HINT,
+               records: Sequence[int] | None = None) -> tuple[list[int], list[str] | None, int]:
+    """(class ids, class names, number of classes) of the labels `raw`; `records`: the record number of each (default
+    1, 2, ...), which the errors name."""
+    at = list(records) if records is not None else list(range(1, len(raw) + 1))
+    for n, value in zip(at, raw):  # a missing label is not a class of its own
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{path}: record {n} has no label (column {column!r} is "
                             f"{'null' if value is None else 'empty'}); fill it in or drop the record")
-    for n, value in enumerate(raw, start=1):  # one class per record: a list is a multi-label record
+    for n, value in zip(at, raw):  # one class per record: a list is a multi-label record
         if isinstance(value, (list, tuple, dict)):
             raise DataError(f"{path}: record {n} has the label {value!r} (a {type(value).__name__}); multi-label "
                             f"classification is not supported: give each record one class in column {column!r}")
     if label_names is None:  # a column of numbers that are not all whole: regression targets, not class names
         numbers = [_as_number(v) for v in raw]
-        fraction = next((n for n, x in enumerate(numbers, start=1) if x is not None and not x.is_integer()), None)
+        fraction = next((i for i, x in enumerate(numbers) if x is not None and not x.is_integer()), None)
         if fraction is not None and all(x is not None for x in numbers):
-            raise DataError(f"{path}: column {column!r} holds non-integer numbers (record {fraction}: "
-                            f"{raw[fraction - 1]!r}), i.e. regression targets; only classification is supported, "
+            raise DataError(f"{path}: column {column!r} holds non-integer numbers (record {at[fraction]}: "
+                            f"{raw[fraction]!r}), i.e. regression targets; only classification is supported, "
                             "so give class ids (0, 1, ...) or names")
     if label_names is not None:
         names = [str(n) for n in label_names]
@@ -330,7 +337,7 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
             if _as_number(name) is not None:
                 numeric.setdefault(_as_number(name), i)  # type: ignore[arg-type]
         ids = []
-        for n, value in enumerate(raw, start=1):
+        for n, value in zip(at, raw):
             key = str(value).strip()
             as_int, number = _as_int(value), _as_number(value)
             if key in index:
@@ -343,7 +350,7 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
                 ids.append(as_int)
             else:
                 raise DataError(f"{path}: record {n} has label {value!r}, which is not one of the classes {names} "
-                                f"(label_names); add it or fix the data")
+                                f"{classes_hint}")
         return ids, names, len(names)
     ints = [_as_int(v) for v in raw]
     all_int = all(i is not None for i in ints)
@@ -354,6 +361,19 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path,
     uniques = sorted(set(keys))
     index = {k: i for i, k in enumerate(uniques)}
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
+
+
+def check_columns(records: list[dict[str, Any]], columns: Sequence[str], path: Path, hint: str = "") -> None:
+    """A DataError for the first record that lacks one of `columns`: an unknown column where no record has it; where
+    others have it (a .jsonl record without the key), the record. `hint` ends the unknown-column error."""
+    for col in columns:
+        for n, record in enumerate(records, start=1):
+            if col in record:
+                continue
+            if any(col in r for r in records):  # it said "unknown column 'label' (record 2)" of a column others have
+                raise DataError(f"{path}: record {n} has no {col!r} (its columns are {list(record)}, other records "
+                                f"have {col!r}); add it or drop the record")
+            raise DataError(f"unknown column {col!r} in {path}; columns are {list(record)}{hint}")
 
 
 def no_rows_error(path: Path) -> DataError:
@@ -391,6 +411,8 @@ def load_table(
     fmt: str | None = None,
     label_names: Sequence[str] | None = None,
     names_only: bool = False,
+    unlabelled_rows: bool = False,
+    classes_hint: str = LABEL_NAMES_HINT,
 ) -> TextDataset:
     """Load a .csv/.tsv/.jsonl table (header row for csv/tsv) as a TextDataset.
 
@@ -399,6 +421,8 @@ def load_table(
     is one of those names (a number matches a name of equal value: 1 and "1.0"), or, unless
     `names_only` or the names are numbers, an integer id into them. `label_column=None` reads
     rows without labels (to predict them): every label is -1, and `label_names` are kept as given.
+    With `unlabelled_rows`, a record without a label (no such key, null, an empty cell) is not an error: its label is
+    -1 (predict scores the labelled rows). `classes_hint` ends the error on a label outside `label_names`.
     """
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
@@ -410,11 +434,7 @@ def load_table(
     records = _read_records(path, fmt, columns)
     if not records:
         raise no_rows_error(path)
-    for col in columns:
-        for n, record in enumerate(records, start=1):
-            if col not in record:
-                where = "" if n == 1 else f" (record {n})"
-                raise DataError(f"unknown column {col!r} in {path}{where}; columns are {list(record)}")
+    check_columns(records, text_columns if unlabelled_rows else columns, path)
     for col in text_columns:
         _check_no_null_text(records, col, path)
         for n, record in enumerate(records, start=1):  # (a causal LM's rows are not read here: it drops empty ones)
@@ -423,9 +443,20 @@ def load_table(
     if label_column is None:
         names = [str(n) for n in label_names] if label_names is not None else None
         ids, num_labels = [-1] * len(records), len(names or ())
+    elif unlabelled_rows:
+        raw = [r.get(label_column) for r in records]
+        has = [i for i, v in enumerate(raw) if not (v is None or (isinstance(v, str) and not v.strip()))]
+        names, num_labels = [str(n) for n in label_names] if label_names is not None else None, len(label_names or ())
+        given: list[int] = []
+        if has:
+            given, names, num_labels = _label_ids([raw[i] for i in has], label_names, path, label_column, names_only,
+                                                  classes_hint, [i + 1 for i in has])
+        ids = [-1] * len(records)
+        for i, label in zip(has, given):
+            ids[i] = label
     else:
         ids, names, num_labels = _label_ids([r[label_column] for r in records], label_names, path, label_column,
-                                           names_only)
+                                           names_only, classes_hint)
     examples = [
         Example(
             str(r[text_columns[0]]),
