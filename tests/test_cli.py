@@ -1596,6 +1596,45 @@ def test_a_resumed_run_ranks_and_stops_as_the_uninterrupted_one(tiny, tmp_path, 
         assert needle in capsys.readouterr().err
 
 
+def test_a_best_save_killed_between_its_renames_is_the_previous_runs_and_overwrite_removes_it(tiny, tmp_path, capsys):
+    """best/ is saved as a checkpoint is: over an existing best/, renamed to `.old-best-<pid>`, then its complete new
+    copy `.tmp-best-<pid>` to best/. A kill between the two left no best/: a fresh run in the folder did not name it
+    among the previous run's outputs, --overwrite left both copies, and a later --resume of the new run put the
+    previous run's best/ back (`settle_interrupted_saves`) and went on from it, the newest, silently."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, *BEST_OPTS, tiny["csv"], "--steps", "2")) == 0  # best/: step 2
+    os.replace(out / "best", out / ".old-best-123")
+    shutil.copytree(out / ".old-best-123", out / ".tmp-best-123")
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--steps", "1")) == 2
+    assert "holds a previous run (checkpoints/step-2, summary.json, peft_adapter, best);" in capsys.readouterr().err
+    assert main(_train_args(tiny, out, "--steps", "1", "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "best"))) == []
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step-1'} (step 1," in capsys.readouterr().out
+
+
+def test_report_of_an_unfinished_run_reads_the_checkpoint_resume_goes_on_from_and_its_own_best(tiny, tmp_path,
+                                                                                               capsys):
+    """A run killed after a new best (best/, step 16) and before the checkpoint of that step (its newest: epoch-1,
+    step 8): `report` summarised epoch-1, naming its older best (step 2) and "its checkpoint" best/, which holds
+    another; --resume goes on from best/, and so does the report now. best/ is looked for in the run folder given,
+    not in the output_dir the run was given (relative to its working directory, or moved since)."""
+    run = tmp_path / "run"
+    assert main(_train_args(tiny, run, *BEST_OPTS, tiny["csv"], "--epochs", "2", "--eval-steps", "4")) == 0
+    assert json.loads((run / "summary.json").read_text())["best"]["step"] == 16
+    shutil.rmtree(run / "checkpoints" / "epoch-2")
+    (run / "summary.json").unlink()
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    capsys.readouterr()
+    assert main(["report", str(moved)]) == 0
+    said = capsys.readouterr().out
+    assert "summarised from the newest checkpoint, best (step 16)" in said
+    assert f"at epoch 2; its checkpoint: {moved / 'best'}" in said
+
+
 def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(tiny, tmp_path):
     """torchrun started two copies of the whole run, on all the data, into one --output-dir: one refused the other's
     first checkpoint as "a previous run" (exit 2) while the other finished, and with --overwrite they deleted each

@@ -729,8 +729,9 @@ def _run_outputs(out: Path) -> list[str]:
 
     ckpts = out / "checkpoints"
     # a checkpoint that a kill left under a temporary name is the previous run's too (the new run's first save put it
-    # back beside its own)
+    # back beside its own); so is a best/ (in `out` itself), which a later --resume put back and went on from
     settle_interrupted_saves(ckpts)
+    settle_interrupted_saves(out)
     held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
         if ckpts.is_dir() else []
     return held + [n for n in ("summary.json", "peft_adapter", "best") if (out / n).exists()]
@@ -1041,7 +1042,7 @@ def _train(args, held: dict) -> int:
                          "(loads with peft.PeftModel.from_pretrained(base_model, path))")
         trace = read_trace(trace_path)
         summary = {
-            **_train_summary(cfg, trace, run.state.evals, run.state.global_step, run.schedule),
+            **_train_summary(cfg, trace, run.state.evals, run.state.global_step, run.schedule, out),
             "stopped_early": stopped_early,
             "model": model_path, "task_type": task_type, "task": task, "classes": classes,
             "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
@@ -1079,17 +1080,18 @@ def _resume_command(out: Path, world: int) -> str:
     return f"{launch} train --output-dir {shlex.quote(str(out))} --resume"
 
 
-def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedule: dict) -> dict:
+def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedule: dict, run_dir: Path) -> dict:
     """What a train run's summary says about its settings, its LR schedule (`lr_schedule`), dev evaluations and trace
-    (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from its newest
-    checkpoint)."""
+    (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from the checkpoint
+    `--resume` goes on from). `run_dir`: the run's folder as given now (its best/; `cfg.output_dir` is as the run was
+    given it, relative to that run's working directory, or moved since)."""
     from .training import BEST, LOWER_IS_BETTER, phi_summary, replay_best, transitions
 
     trans = transitions(trace)
     points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
     # the best evaluation, as the run ranked it (`record_best`; a run saved before metric_for_best existed has none)
     b = replay_best(evals, cfg.metric_for_best).best if cfg.metric_for_best else None
-    folder = Path(cfg.output_dir) / BEST
+    folder = Path(run_dir) / BEST
     best = None if b is None else {
         "point": _eval_point(b), "step": b["step"], "metric": b["metric"], "value": b["value"],
         "greater_is_better": b["metric"] not in LOWER_IS_BETTER,
@@ -1131,9 +1133,11 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     scores ("φ pre-shock" was step 0's φ), or the finished first part's summary as if it were the whole run, and
     `plot` drew the v1 thresholds and no shock window instead of the run's. None: summary.json is current, or the
     folder holds no checkpoint (a demo)."""
-    from .training import TrainConfig, latest_checkpoint, read_state
+    from .training import TrainConfig, read_state, resume_checkpoint
 
-    ckpt = latest_checkpoint(run_dir / "checkpoints", settle=False)  # read only: the run may be saving now
+    # the checkpoint --resume goes on from: best/ where a kill after a new best left it newer than checkpoints/'s
+    # newest (the summary of that older one named an older best, and "its checkpoint" best/, which holds another)
+    ckpt = resume_checkpoint(run_dir, settle=False)  # read only: the run may be saving now
     if ckpt is None:
         return None
     st = read_state(ckpt)  # weights_only, as every other read of a checkpoint: a run folder may come from elsewhere
@@ -1142,7 +1146,8 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
         return None
     trace = _load_trace(run_dir / "trace.jsonl") if (run_dir / "trace.jsonl").is_file() else []
     steps = max(step, len(trace))
-    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps, st["lr_schedule"])
+    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps, st["lr_schedule"],
+                         run_dir)
     out["command"] = "train (unfinished)"
     out["classes"] = st.get("classes")
     out["dev_note"] = (f"no summary.json for step {summary['steps']} on: " if summary is not None else

@@ -1809,15 +1809,16 @@ def latest_checkpoint(root: str | os.PathLike, trust_checkpoint: bool = False, s
 BEST = "best"  # OUTPUT_DIR/best/: the checkpoint of the run's best dev evaluation (train --save-best)
 
 
-def resume_checkpoint(out_dir: str | os.PathLike, trust_checkpoint: bool = False) -> Path | None:
+def resume_checkpoint(out_dir: str | os.PathLike, trust_checkpoint: bool = False, settle: bool = True) -> Path | None:
     """The checkpoint `train --resume` goes on from: the newest under `out_dir/checkpoints` (`latest_checkpoint`),
     or `out_dir/best/` where that is newer. `best/` is a whole checkpoint, written at the evaluation it holds; it is
     newer only where the run was killed (SIGKILL, a crash) after a new best and before its next checkpoint. Going on
     from an older one would leave in `best/` the weights of steps the resumed run trains again (and, with other
-    settings, not to them), while its state names an older best."""
-    found = latest_checkpoint(Path(out_dir) / "checkpoints", trust_checkpoint)
+    settings, not to them), while its state names an older best. `settle`: as for `latest_checkpoint` (off: read
+    only, where a run may be saving)."""
+    found = latest_checkpoint(Path(out_dir) / "checkpoints", trust_checkpoint, settle=settle)
     best = Path(out_dir) / BEST
-    if Path(out_dir).is_dir():
+    if settle and Path(out_dir).is_dir():
         settle_interrupted_saves(out_dir)  # a save of best/ killed between its two renames
     if (best / "state.pt").is_file() and (
             found is None or _checkpoint_step(best, trust_checkpoint) > _checkpoint_step(found, trust_checkpoint)):
