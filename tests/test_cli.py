@@ -1788,6 +1788,9 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     # a file with nothing in it (no header either; a .jsonl has none) was "a header alone"
     ("empty_file", "empty.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
     ("blank_jsonl", "blank.jsonl is empty; it needs data rows"),
+    # a UTF-8 byte-order mark (Excel's "CSV UTF-8") and blanks, nothing else, was "a header alone"
+    ("bom_only_csv", "bom.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
+    ("bom_only_jsonl", "bom.jsonl is empty; it needs data rows"),
     ("missing_model", "no such folder"),
     ("output_dir_is_a_file", "a_file: a file, not a folder; pass a folder (it is made if it does not exist)"),
     # the demo said "[Errno 17] File exists", after the model and data had loaded
@@ -1878,6 +1881,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
         "empty_file": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "empty.csv", ""))],
         "blank_jsonl": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "blank.jsonl", "\n  \n"))],
+        "bom_only_csv": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "bom.csv", " \n", "utf-8-sig"))],
+        "bom_only_jsonl": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "bom.jsonl", "", "utf-8-sig"))],
         "missing_model": ["train", "--model", str(tmp_path / "no-model"), "--data", tiny["csv"], "--output-dir", out],
         "output_dir_is_a_file": _train_args(tiny, str(_write(tmp_path / "a_file", "mine\n"))),
         "demo_output_dir_is_a_file": _demo_args(tiny, str(_write(tmp_path / "a_file", "mine\n"))),
@@ -2241,8 +2246,8 @@ def test_debug_shows_the_traceback(tiny, tmp_path):
         main(["--debug", "train", "--model", tiny["bert"], "--data", str(tmp_path / "nope.csv")])
 
 
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
+def _write(path: Path, text: str, encoding: str | None = None) -> Path:
+    path.write_text(text, encoding=encoding)
     return path
 
 

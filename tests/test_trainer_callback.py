@@ -1117,3 +1117,30 @@ def test_made_up_first_optimizer_state_is_adams_own_and_trains_bit_for_bit(make,
         assert float(opt_b.state[ps_b[1]]["step"]) == 1  # ps[1]'s first real step
     finally:
         torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "sgd-momentum"])
+def test_stateless_block_warning_only_where_fsdp_load_would_ask_for_a_missing_state(momentum, recwarn):
+    """`on_save`'s "will not resume under FSDP2" warning (other optimizers than Adam/AdamW) is given exactly where
+    accelerate's `load_fsdp_optimizer` would miss a state: its template is a fresh optimizer's after dcp's own
+    `_init_optim_state`. SGD without momentum keeps no state for any parameter, so its load asks for none."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model, _, ctrl = build()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1, momentum=momentum)
+    ctrl.attach_optimizer(opt)
+    data = TokenDataset(n=4)
+    model(input_ids=data.x, labels=data.y).loss.backward()  # rank 8: rank 16's blocks get none
+    opt.step()
+    opt.zero_grad()
+    fresh = torch.optim.SGD([torch.nn.Parameter(p.detach().clone()) for p in trainable], lr=0.1, momentum=momentum)
+    _init_optim_state(fresh)  # what the load asks for, parameter by parameter
+    asked = [bool(fresh.state.get(q)) for q in fresh.param_groups[0]["params"]]
+    missing = [a and not opt.state.get(p) for a, p in zip(asked, trainable)]
+    assert any(missing) == (momentum > 0)  # (the case is real: rank 16's blocks did not step)
+    UnifiedLoRACallback(ctrl)._warn_stateless_blocks("checkpoint-1")
+    warned = [str(w.message) for w in recwarn if "will not resume" in str(w.message)]
+    assert len(warned) == any(missing)
+    if warned:
+        assert "lora_A.2" in warned[0] and "(SGD)" in warned[0]

@@ -540,9 +540,13 @@ class UnifiedLoRACallback(TrainerCallback):
         `get_optimizer_state_dict` of the fresh optimizer makes one up for each) and fails (measured, accelerate
         1.16: "Missing key in checkpoint state_dict: optimizer.state.<block>.step"), before any callback runs.
         torch's Adam and AdamW get the state their first step would create before every save (`_fill_before_saves`),
-        so this warns only for other optimizers, whose first state cannot be made up exactly."""
+        so this warns only for other optimizers, whose first state cannot be made up exactly. The load's template is
+        what a fresh optimizer holds after `_init_optim_state` (one step of zero gradients at LR 0): an optimizer whose
+        steps kept no state for any parameter (torch's SGD without momentum) makes none there either, its load asks
+        for none, and its checkpoints resume: no warning. (Param groups that keep state and others that keep none, in
+        one optimizer, still warn for the latter's parameters.)"""
         opt = unwrap_optimizer(self.ctrl.optimizer) if self.ctrl.optimizer is not None else None
-        if opt is None:
+        if opt is None or not any(opt.state.values()):
             return
         labels = self.ctrl._managed_labels()
         missing = [lab for lab, p in zip(labels, self.ctrl.managed_parameters()) if p.requires_grad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import json
@@ -378,8 +379,9 @@ def check_columns(records: list[dict[str, Any]], columns: Sequence[str], path: P
 
 def no_rows_error(path: Path) -> DataError:
     """A table with no data rows: a header alone, or a file with nothing in it (0 bytes, blank lines; a .jsonl file
-    has no header at all), which was said to be "a header alone" too."""
-    if not path.read_bytes().strip():
+    has no header at all), which was said to be "a header alone" too; so was a UTF-8 byte-order mark alone (which the
+    readers skip, as `utf-8-sig` does), blanks or not."""
+    if not path.read_bytes().removeprefix(codecs.BOM_UTF8).strip():
         return DataError(f"{path} is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)")
     return DataError(f"{path} has no data rows; a header alone is not a data set")
 
