@@ -618,10 +618,7 @@ class UnifiedLoRACallback(TrainerCallback):
                 warnings.warn(f"UnifiedLoRACallback: no controller state at {path}; the controller restarts, its "
                               f"adapters at its rank {self.ctrl.rank}", stacklevel=2)
                 return None, f"no controller state at {path}"
-            sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
-            if not self._weights_match(sd, path, "the Trainer resumed from", model):
-                return None, f"{path} was saved with other adapter weights"
-            return sd, None
+            return self._read_state_file(path, "the Trainer resumed from", model)
 
         sd = self._agreed(read, f"resuming at step {state.global_step}")
         if sd is None:
@@ -631,6 +628,14 @@ class UnifiedLoRACallback(TrainerCallback):
             return
         self.ctrl.load_state_dict(sd)
         self._rewind_trace()
+
+    def _read_state_file(self, path: str, loaded_by: str, model) -> tuple[dict | None, str | None]:
+        """(the controller state saved at `path`, None), or (None, why) where it was saved with other adapter weights
+        than those `loaded_by` put in place (`_weights_match` warned): `_load`'s and `_load_best`'s read of a file."""
+        sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
+        if not self._weights_match(sd, path, loaded_by, model):
+            return None, f"{path} was saved with other adapter weights"
+        return sd, None
 
     def _agreed(self, read: Callable, what: str):
         """This process's part of a controller-state load, `read()`: (the state to load, None), or (None, why) where
@@ -709,10 +714,7 @@ class UnifiedLoRACallback(TrainerCallback):
                     raise FileNotFoundError(msg + "; strict_resume=False makes this a warning")
                 warnings.warn(msg, stacklevel=2)
                 return None, f"no controller state at {path}"
-            sd = load_state_file(path, self.trust_checkpoint, "UnifiedLoRACallback(ctrl, trust_checkpoint=True)")
-            if not self._weights_match(sd, path, "load_best_model_at_end loaded", model):
-                return None, f"{path} was saved with other adapter weights"
-            return sd, None
+            return self._read_state_file(path, "load_best_model_at_end loaded", model)
 
         sd = self._agreed(read, "load_best_model_at_end")
         if sd is None:

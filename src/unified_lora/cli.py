@@ -963,9 +963,9 @@ def _train(args, held: dict) -> int:
     epochs_limit = cfg.epochs if not cfg.steps else 10**9
     resumed_at = run.state.global_step if ckpt is not None else None
     # a run resumed from the checkpoint where it stopped early (its patience unchanged) trains no further
-    early = {"stop": _patience_spent()}
+    stop_early = _patience_spent()
     try:
-        for epoch, batch in (() if early["stop"] else iterate(run, enc_train, total, epochs_limit, per_epoch)):
+        for epoch, batch in (() if stop_early else iterate(run, enc_train, total, epochs_limit, per_epoch)):
             if batch is None:  # end of an epoch: evaluate, checkpoint
                 _evaluate(epoch + 1, f"epoch {epoch + 1}")
                 _save(f"epoch-{epoch + 1}")
@@ -983,7 +983,7 @@ def _train(args, held: dict) -> int:
                 if cfg.save_steps and run.state.global_step % cfg.save_steps == 0 and inside:
                     _save(f"step-{run.state.global_step}")
             if _patience_spent():  # (the same on every process: the metrics are)
-                early["stop"] = True
+                stop_early = True
                 break
             # under torchrun each process gets the signal (torchrun passes it on) at its own point in a step: they
             # stop together, after the first step that ended with it on any process (SIGTERM's number, if both). (A
@@ -1022,7 +1022,7 @@ def _train(args, held: dict) -> int:
             if h is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(s, h)
     # early stopping ends a run that had steps left (patience spent at its last evaluation ends it as planned)
-    stopped_early = early["stop"] and run.state.global_step < total and run.state.epoch < epochs_limit
+    stopped_early = stop_early and run.state.global_step < total and run.state.epoch < epochs_limit
     if stopped_early:
         b = run.state.best
         on = f" on the best, {_eval_point(b)}'s {b['value']:.4g}," if b else ""  # (None: every value was NaN)

@@ -243,11 +243,10 @@ def _id_column(records: list[dict], given: str | None, skip: Sequence[str], path
 
 @dataclass
 class Rows:
-    """Rows to classify: a TextDataset (label -1 where the file has none), whether any row has a label, and the id of
-    each row (the file's id column, `id_name`) where it has one."""
+    """Rows to classify: a TextDataset (label -1 where the file has none) and the id of each row (the file's id
+    column, `id_name`) where it has one."""
 
     data: TextDataset
-    labelled: bool
     ids: list | None
     id_name: str | None
     fmt: str  # the input's format, the default output's
@@ -256,6 +255,11 @@ class Rows:
     def scored(self) -> int:
         """How many rows have a label (`classify` scores those)."""
         return sum(e.label >= 0 for e in self.data)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any row has a label (then `classify` scores)."""
+        return self.scored > 0
 
 
 def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows:
@@ -274,8 +278,8 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
                 f"--data {path}: not a .tsv file"
             raise DataError(f"{what}; the run trained on GLUE {spec.folder}: pass a file in that task's layout, its "
                             "dev.tsv (labelled) or its test.tsv (index, then the texts)")
-        data, labelled, ids = load_glue_rows(trained.glue, p)
-        return Rows(data, labelled, ids, "index" if ids is not None else None, fmt)
+        data, _, ids = load_glue_rows(trained.glue, p)
+        return Rows(data, ids, "index" if ids is not None else None, fmt)
     if fmt not in FORMATS:
         raise DataError(f"--data {path}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or .jsonl "
                         "table")
@@ -287,11 +291,10 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
     data = load_table(p, list(cfg.text_columns), cfg.label_column, label_names=trained.classes, names_only=True,
                       unlabelled_rows=True, classes_hint=f"the run trained on ({cfg.label_column!r}); fix the label, "
                                                          "or leave it empty to predict the row without scoring it")
-    labelled = any(e.label >= 0 for e in data)
     id_name = _id_column(records, id_column, [*cfg.text_columns, cfg.label_column], p,
                          ["prediction", *(f"prob_{c}" for c in trained.classes or [])])
     ids = [r.get(id_name) for r in records] if id_name is not None else None
-    return Rows(data, labelled, ids, id_name, fmt)
+    return Rows(data, ids, id_name, fmt)
 
 
 def classify(trained: Trained, rows: Rows, batch_size: int = 64) -> tuple[list[dict], dict | None]:
