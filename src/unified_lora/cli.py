@@ -1358,7 +1358,7 @@ def cmd_predict(args) -> int:
                              "--prompts table")
 
     trained = inference.load_trained(args.run_dir, args.checkpoint, args.device, args.precision,
-                                     args.trust_checkpoint, task_check=check)
+                                     args.trust_checkpoint, task_check=check, task=args.task)
     print(f"checkpoint {trained.checkpoint} (step {trained.step}): {trained.task_type}, rank {trained.rank} "
           f"({trained.mode}, the controller's at that checkpoint), on {device_label(trained.run.device)}, precision "
           f"{trained.cfg.precision}")
@@ -1409,7 +1409,7 @@ def cmd_predict(args) -> int:
     print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
     if metrics is not None:
         n = rows.scored
-        print(f"labelled rows ({n if n == len(preds) else f'{n} of {len(preds)}'}, task {trained.task}): "
+        print(f"labelled rows ({n if n == len(preds) else f'{n} of {len(preds)}'}, task {trained.route or trained.task}): "
               f"{_fmt_metrics(metrics)}")
         if n < len(preds):
             print(f"{len(preds) - n} row(s) without a label in column {trained.cfg.label_column!r}: predicted, not "
@@ -1638,6 +1638,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", help="a classifier: a .csv/.tsv/.jsonl table with the run's text columns (its label "
                     "column optional), or for a run trained on a GLUE task that task's dev.tsv or test.tsv; a causal "
                     "LM: a text file or table to score, read as --dev-data is")
+    pr.add_argument("--task", help="a multi-task run (train on several --data sets): the task whose adapter and "
+                    "classes predict (required there); --data is read in that task's layout")
     pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
                     "the run's prompt column (its first text column; --prompt-column names another)")
     pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "

@@ -14,7 +14,6 @@ per-task losses (`per_task_losses`), from every micro-batch of a `--grad-accum` 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -226,11 +225,6 @@ class MultiTaskRun(Run):
 
     def predict(self, task: str, enc: dict, batch_size: int = 64) -> torch.Tensor:
         return self.logits(task, enc, batch_size).argmax(-1)
-
-
-def routed(run, task: str | None):
-    """The context a forward of `run`'s model runs in for `task` (none for a one-task run)."""
-    return task_context(run.model, task) if task is not None else contextlib.nullcontext()
 
 
 def task_lines(summary: dict) -> list[str]:
