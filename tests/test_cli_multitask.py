@@ -123,9 +123,11 @@ def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_un
                                                                                                   capsys):
     # tiny BERT, conflicting labels: SINGLE, then the controller splits at step 4 (after the step-4 checkpoint): φ
     # starts at 0.5 and, with the loss scaled up, rises again as the tasks' gradients come to conflict
-    out = tmp_path / "run"
-    args = _mt_args(tiny["bert"], out, data["pos"], data["neg"], extra=(
-        "--steps", "8", "--save-steps", "4", "--theta0", "0.48", "--theta1", "0.9", "--loss-scale", "0.1"))
+    out, config = tmp_path / "run", tmp_path / "run.yaml"
+    config.write_text(f"data:\n  pos: {data['pos']}\n  neg: {data['neg']}\n")  # YAML: a mapping {task name: path}
+    args = _mt_args(tiny["bert"], out, extra=("--config", str(config), "--steps", "8", "--save-steps", "4",
+                                              "--theta0", "0.48", "--theta1", "0.9", "--loss-scale", "0.1"))
+    args.remove("--data")
     assert main(args) == 0
     trace = read_trace(out / "trace.jsonl")
     assert [r["mode"] for r in trace[:4]] == [0] * 4 and trace[4]["transition"] == "SINGLE->MULTI"
@@ -147,6 +149,10 @@ def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_un
     assert main(["train", "--output-dir", str(copy), "--resume", "--data", data["neg"], data["pos"]]) == 2
     err = _error(capsys)
     assert "'pos':" in err and "'neg':" in err and "(now " in err
+    # report of the interrupted copy (its summary.json gone) names its tasks from the checkpoint
+    (copy / "summary.json").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert "task pos (" in capsys.readouterr().out
 
 
 def test_grad_accum_steps_as_one_big_batch_and_a_single_run_exports_each_task_as_it_runs(without_dropout, data,
@@ -180,6 +186,17 @@ def test_grad_accum_steps_as_one_big_batch_and_a_single_run_exports_each_task_as
     with torch.no_grad():
         theirs = peft(**{k: v for k, v in enc.items() if k != "labels"}).logits[:, :2]
     assert torch.allclose(tr.run.logits("pos", enc), theirs, atol=1e-5)
+
+
+def test_a_tasks_own_metric_ranks_the_evaluations_and_stops_the_run_early(wide, data, tmp_path):
+    out = tmp_path / "run"
+    assert main(_mt_args(wide, out, data["pos"], data["tri"], extra=(
+        "--task-names", "pos,tri", "--steps", "12", "--eval-steps", "2", "--early-stopping-patience", "1",
+        "--metric-for-best", "tri/accuracy"))) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stopped_early"] and s["steps"] < 12 and s["best"]["metric"] == "tri/accuracy"
+    values = [e["tri/accuracy"] for e in s["arms"]["run"]["eval"].values()]
+    assert s["best"]["value"] == max(values) and values[-1] <= max(values[:-1])
 
 
 def test_the_shock_corrupts_each_label_within_its_own_tasks_classes():

@@ -1207,6 +1207,8 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
                          run_dir)
     out["command"] = "train (unfinished)"
     out["classes"] = st.get("classes")
+    if st.get("tasks"):  # a multi-task run: its tasks' lines
+        out["tasks"] = st["tasks"]
     out["dev_note"] = (f"no summary.json for step {summary['steps']} on: " if summary is not None else
                        "no summary.json: ") + (
         f"summarised from the newest checkpoint, {ckpt.name} (step {step}), and trace.jsonl ({len(trace)} steps); "
