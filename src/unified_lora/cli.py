@@ -938,8 +938,11 @@ def _train(args, held: dict) -> int:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
                                    "an adapter per task from the start, never merged") +
-            f"; the head ({run.num_labels} outputs, each task's loss on its own classes) trains in full and has a "
-            "LoRA delta per task")
+            f"; the head ({run.num_labels} outputs, each task's loss on its own classes) has a LoRA delta per task"
+            + (" and trains in full (modules_to_save)" if any(
+                p.requires_grad and n.split(".")[-3:] in (["classifier", "base_layer", "weight"],
+                                                          ["score", "base_layer", "weight"])
+                for n, p in run.model.named_parameters()) else ""))
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")
     say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")

@@ -1532,8 +1532,7 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     is saved whole in each task's checkpoint (`modules_to_save`), its base weights with that task's
     delta merged in: PEFT puts no LoRA on a head it saves whole, and a base model loaded afresh
     would not have the frozen head weights this model was trained on. `model` may be wrapped (DDP,
-    `MultiTaskModel`): the checkpoints name the bare model's modules. In the shared topology (SINGLE) every task
-    runs the shared adapter, and each task's folder holds it. It runs no collective: under DDP,
+    `MultiTaskModel`): the checkpoints name the bare model's modules. It runs no collective: under DDP,
     call it on one process (rank 0).
 
     The folders are written as one set: all of them into a temporary folder in `save_dir` first (flushed to the
@@ -1612,13 +1611,10 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
                 out["shared"] = export_peft_adapter(model, layers, into("shared"), rank, **kwargs)
             finally:
                 router.set_topology(topo)
-        # in the shared topology (SINGLE) every task runs the shared adapter; its task slots hold what they held at
-        # the last split or merge, which an export of them wrote (other logits than the model's, silently)
-        shared_now = router.topology == "shared"
         with _unmerged(layers.values()):  # a merged base weight holds the shared delta, not a task's
             for t in tasks:
                 name = _safe(t)
-                with contextlib.nullcontext() if shared_now else _task_as_shared(layers.values(), slots[t]):
+                with _task_as_shared(layers.values(), slots[t]):
                     out[name] = export_peft_adapter(model, layers, into(name), rank, **kwargs)
         manifest = {"written_by": "unified_lora.multitask.export_task_peft_adapters", "folders": [*folders, *kept],
                     "tasks": {**{n: t for n, t in prev_tasks.items() if n in kept}, **{_safe(t): t for t in tasks}}}

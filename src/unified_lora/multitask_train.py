@@ -191,11 +191,26 @@ class MultiTaskRun(Run):
         return super().train_step(batch)
 
     def export_peft_to(self, out_dir: Path) -> str | None:
-        """One PEFT adapter per task in `out_dir/<task>/` (`export_task_peft_adapters`, at the current rank)."""
+        """One PEFT adapter per task in `out_dir/<task>/` (`export_task_peft_adapters`, at the current rank): the
+        adapter each task runs. In SINGLE that is the shared one, and the task slots, which the export writes, hold
+        what the last split or merge left there: they are the shared adapter's copies while it runs, then put back
+        as they were (nothing trained changes, and no random number is drawn)."""
+        layers = list(self.adapters.values())
+        held = None
         try:
+            if self.ctrl.router.topology == "shared":
+                held = [[p.detach().clone() for p in a.task_parameters()] for a in layers]
+                for a in layers:
+                    a.copy_shared_to_tasks()
             export_task_peft_adapters(self.model, out_dir, rank=self.ctrl.rank, include_shared=False)
         except Exception as e:  # an export problem must not lose the training checkpoint
             return f"PEFT export failed: {type(e).__name__}: {e}"
+        finally:
+            if held is not None:
+                with torch.no_grad():
+                    for a, kept in zip(layers, held):
+                        for p, v in zip(a.task_parameters(), kept):
+                            p.copy_(v)
         return None
 
     def _state_extra(self) -> dict:
