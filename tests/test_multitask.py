@@ -185,6 +185,17 @@ def test_tasks_given_as_one_string_is_refused_not_read_as_its_letters():
     setup_multitask_lora(model, ["mrpc"], TARGETS, print_fn=None)  # the model is left as it was: a retry runs
 
 
+def test_a_target_in_modules_to_save_trains_in_full_as_in_one_task_mode():
+    """A head that is a LoRA target (a delta per task) and in modules_to_save: its base weights train too, as
+    inject_nested_lora leaves them. The task layer that replaced the plain one froze them again, for good, silently."""
+    model = tiny_bert()
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], ["query", "value", "classifier"],
+                                   modules_to_save=["classifier"], print_fn=None)
+    head = model.classifier.base_layer
+    assert head.weight.requires_grad and head.bias.requires_grad
+    assert {id(head.weight), id(head.bias)} <= {id(p) for p in ctrl.extra_params}
+
+
 def test_a_step_on_a_merged_multitask_model_says_the_layers_are_merged():
     """After merge_adapters the forward runs the base weights alone, so no adapter gets a gradient: the multi-task
     controller said "call loss.backward()" (backward had run), where the single-task one names the merge."""

@@ -104,6 +104,10 @@ def format_summary(summary: dict) -> str:
         ws = [max(len(r[1][i]) for r in rows) for i in range(len(rows[0][1]))]
         table = [f"{r[0]:<{w0}} | " + " | ".join(f"{c:<{w}}" for c, w in zip(r[1], ws)) for r in rows]
         lines += ["", table[0], "-" * len(table[0]), *table[1:], ""]
+    if summary.get("tasks"):  # a multi-task train run: each task's data, classes, last dev scores and majority class
+        from .multitask_train import task_lines
+
+        lines += task_lines(summary)
     if summary.get("best"):
         b = summary["best"]
         saved = f"; its checkpoint: {b['checkpoint']}" if b.get("checkpoint") else ""
@@ -597,7 +601,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
         "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
-        "warmup_ratio", "metric_for_best", "save_best", "early_stopping_patience", "early_stopping_threshold")},
+        "warmup_ratio", "metric_for_best", "save_best", "early_stopping_patience", "early_stopping_threshold",
+        "task_names")},
     "lrs": "mode_lrs",
 }
 
@@ -653,10 +658,13 @@ def _train_config(args) -> "object":
                              "--output-dir")
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
     # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
+    def absolute(v):
+        if isinstance(v, dict):  # several data sets: {task name: path}
+            return {k: absolute(p) for k, p in v.items()}
+        return os.path.abspath(Path(v).expanduser()) if v is not None and Path(v).expanduser().exists() else v
+
     for key in ("model", "data", "dev_data"):
-        v = getattr(cfg, key)
-        if v is not None and Path(v).expanduser().exists():
-            setattr(cfg, key, os.path.abspath(Path(v).expanduser()))
+        setattr(cfg, key, absolute(getattr(cfg, key)))
     return cfg, ckpt
 
 
@@ -739,6 +747,8 @@ def _run_outputs(out: Path) -> list[str]:
 
 def _resume_changes(old, new) -> list[str]:
     def norm(key: str, v):
+        if isinstance(v, dict):  # several data sets: their names and paths, in their order
+            return [(k, norm(key, p)) for k, p in v.items()]
         if key in ("model", "data", "dev_data") and v is not None and Path(v).expanduser().exists():
             return str(Path(v).expanduser().resolve())
         return list(v) if isinstance(v, (list, tuple)) else v
@@ -794,9 +804,9 @@ def _train(args, held: dict) -> int:
     from .trace import read_trace
     from .training import (BEST, DivergedError, Run, TextCorpus, UsageError, agree_max, best_metric, check_precision,
                            check_row_length, describe_schedule, detect_task_type, device_label, encode_rows,
-                           evaluate_run, export_peft, is_chat, iterate, load_data, load_model, lr_schedule, majority,
-                           on_rank0, process_rank, prune_step_checkpoints, record_best, resolve_device, resolve_model,
-                           seed_everything, subsample, take_rows, world_size)
+                           evaluate_run, is_chat, iterate, load_data, load_model, lr_schedule, majority,
+                           on_rank0, pick_metric, process_rank, prune_step_checkpoints, record_best, resolve_device,
+                           resolve_model, seed_everything, subsample, take_rows, world_size)
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
@@ -809,11 +819,21 @@ def _train(args, held: dict) -> int:
     out = Path(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     task_type = detect_task_type(model_path, cfg.task_type)
-    # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
-    train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
-    # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here, not at
-    # the first evaluation
-    cfg.metric_for_best = best_metric(cfg, task_type, task)
+    tasks = None  # several data sets: a multi-task run (`multitask_train`), a TaskData each
+    if cfg.tasks:
+        from . import multitask_train as mt
+
+        mt.refuse_unsupported(cfg, task_type, world)
+        tasks = mt.load_tasks(cfg, note=say)
+        train = dev = None
+        task = ", ".join(cfg.tasks)
+        cfg.metric_for_best = pick_metric(cfg.metric_for_best, mt.metric_names([t.spec for t in tasks]), mt.AVERAGE)
+    else:
+        # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
+        train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
+        # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here,
+        # not at the first evaluation
+        cfg.metric_for_best = best_metric(cfg, task_type, task)
     chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
     texts = task_type == "causal-lm" and isinstance(train, list) and bool(train) and isinstance(train[0], str)
@@ -827,8 +847,11 @@ def _train(args, held: dict) -> int:
         raise UsageError(f"--no-text-eos: for a causal LM's text rows (one text column of a .csv/.tsv/.jsonl table); "
                          f"this run trains on {what}")
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
-    dev = dev if corpus_dev else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+    dev = dev if corpus_dev or tasks else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
+    if tasks:  # each task's dev rows subsampled apart; the head has the most classes of any task
+        devs = [subsample(t.dev, cfg.dev_size, DEV_SUBSAMPLE_SEED) for t in tasks]
+        num_labels = max(t.train.num_labels for t in tasks)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     model.to(device)
@@ -849,11 +872,16 @@ def _train(args, held: dict) -> int:
             "; the tokenizer has no eos token, so none ends a row (the model is not taught to stop)"
             if tok.eos_token_id is None else " and the eos that ends each row (as TRL's SFTTrainer adds it)"
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
-    enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"),
-                            assistant_only=cfg.assistant_only_loss, text_eos=cfg.text_eos)
-    enc_dev = encode_rows(tok, dev, task_type, cfg.max_length, note=lambda m: say(f"dev data: {m}"),
-                          assistant_only=cfg.assistant_only_loss, text_eos=cfg.text_eos)
-    check_row_length(model, cfg.max_length, enc_train, enc_dev)
+    if tasks:
+        enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length)
+        enc_dev = {"labels": torch.cat([e["labels"] for e in enc_devs])}  # (its rows: the console's count)
+        check_row_length(model, cfg.max_length, enc_train, *enc_devs)
+    else:
+        enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"),
+                                assistant_only=cfg.assistant_only_loss, text_eos=cfg.text_eos)
+        enc_dev = encode_rows(tok, dev, task_type, cfg.max_length, note=lambda m: say(f"dev data: {m}"),
+                              assistant_only=cfg.assistant_only_loss, text_eos=cfg.text_eos)
+        check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     n_rows = len(enc_train["labels"])
@@ -876,9 +904,14 @@ def _train(args, held: dict) -> int:
     trace_path = out / "trace.jsonl"
     # on resume the trace file keeps the steps before the checkpoint: ctrl.load_state_dict (in load_checkpoint)
     # drops the lines written after it, and a line cut off by a crash (TraceWriter.resume)
-    classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
-    run = held["run"] = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say,
-                            append_trace=ckpt is not None, classes=classes, chat=chat, total_steps=total)
+    if tasks:
+        run = held["run"] = mt.MultiTaskRun(cfg, model, [t.spec for t in tasks], str(trace_path), print_fn=say,
+                                            append_trace=ckpt is not None, total_steps=total)
+        classes = run.classes
+    else:
+        classes = (train.label_names or [str(i) for i in range(num_labels)]) if num_labels else None
+        run = held["run"] = Run(cfg, model, task_type, num_labels, str(trace_path), print_fn=say,
+                                append_trace=ckpt is not None, classes=classes, chat=chat, total_steps=total)
     run.started = t_start
 
     def _clear_previous_run() -> None:
@@ -898,6 +931,18 @@ def _train(args, held: dict) -> int:
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {len(enc_dev['labels'])}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
+    for t, e in zip(tasks or (), enc_devs if tasks else ()):
+        say(f"task {t.spec.name}: {t.spec.data}, {len(t.train)} train / {len(e['labels'])} dev rows, "
+            f"{len(t.spec.classes)} classes {t.spec.classes}, scored as {t.spec.metric_task}")
+    if tasks:
+        say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
+                                   "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
+                                   "an adapter per task from the start, never merged") +
+            f"; the head ({run.num_labels} outputs, each task's loss on its own classes) has a LoRA delta per task"
+            + (" and trains in full (modules_to_save)" if any(
+                p.requires_grad and n.split(".")[-3:] in (["classifier", "base_layer", "weight"],
+                                                          ["score", "base_layer", "weight"])
+                for n, p in run.model.named_parameters()) else ""))
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")
     say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")
@@ -940,11 +985,20 @@ def _train(args, held: dict) -> int:
         ranked against the best so far (`record_best`), and with --save-best a new best is saved as best/, a whole
         checkpoint (a collective, as every save: the metrics are the same on every process, `evaluate_run`, so every
         process decides alike)."""
-        m = evaluate_run(run, enc_dev, task)
+        if tasks:
+            m, per_task = run.evaluate(enc_devs)
+        else:
+            m = evaluate_run(run, enc_dev, task)
         e = {"epoch": epoch_at, "step": run.state.global_step, **m}
         run.state.evals.append(e)
         better = record_best(run.state, e, cfg.metric_for_best, cfg.early_stopping_threshold)
-        say(f"{label} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
+        if tasks:
+            for name, tm in per_task.items():
+                say(f"{label} @ step {run.state.global_step}: dev {name}: {_fmt_metrics(tm)}")
+            say(f"{label} @ step {run.state.global_step}: dev average of the tasks' primary metrics: "
+                f"{m[mt.AVERAGE]:.3f}")
+        else:
+            say(f"{label} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
         if better and cfg.save_best:
             path = run.save_checkpoint(out, BEST, peft_export=True)
             say(f"new best dev {cfg.metric_for_best}={e[cfg.metric_for_best]:.4g}: saved {path}")
@@ -1037,9 +1091,12 @@ def _train(args, held: dict) -> int:
     run.ctrl.close()
 
     def _outputs() -> int:  # (under torchrun: process 0 alone)
-        peft_note = export_peft(model, run.adapters, run.ctrl.rank, out / "peft_adapter")
-        say(peft_note or f"PEFT adapter (rank {run.ctrl.rank}): {out / 'peft_adapter'} "
-                         "(loads with peft.PeftModel.from_pretrained(base_model, path))")
+        from dataclasses import asdict
+
+        peft_note = run.export_peft_to(out / "peft_adapter")
+        say(peft_note or f"PEFT adapter{' of each task, in a folder each' if tasks else ''} (rank {run.ctrl.rank}): "
+                         f"{out / 'peft_adapter'} (loads with peft.PeftModel.from_pretrained(base_model, path"
+                         f"{'/TASK' if tasks else ''}))")
         trace = read_trace(trace_path)
         summary = {
             **_train_summary(cfg, trace, run.state.evals, run.state.global_step, run.schedule, out),
@@ -1047,7 +1104,10 @@ def _train(args, held: dict) -> int:
             "model": model_path, "task_type": task_type, "task": task, "classes": classes,
             "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
             "world_size": world, "rows_per_step": world * cfg.batch_size * cfg.grad_accum,
-            "majority": majority(train, dev, task),
+            "majority": majority(train, dev, task) if not tasks else mt.majority(tasks, devs),
+            **({"tasks": [{**asdict(t.spec), "num_labels": len(t.spec.classes), "train_rows": len(t.train),
+                           "dev_rows": len(d), "majority": majority(t.train, d, t.spec.metric_task)}
+                          for t, d in zip(tasks, devs)]} if tasks else {}),
             "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
             "peft_adapter": None if peft_note else str(out / "peft_adapter"),
             # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a
@@ -1150,6 +1210,8 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
                          run_dir)
     out["command"] = "train (unfinished)"
     out["classes"] = st.get("classes")
+    if st.get("tasks"):  # a multi-task run: its tasks' lines
+        out["tasks"] = st["tasks"]
     out["dev_note"] = (f"no summary.json for step {summary['steps']} on: " if summary is not None else
                        "no summary.json: ") + (
         f"summarised from the newest checkpoint, {ckpt.name} (step {step}), and trace.jsonl ({len(trace)} steps); "
@@ -1301,7 +1363,7 @@ def cmd_predict(args) -> int:
                              "--prompts table")
 
     trained = inference.load_trained(args.run_dir, args.checkpoint, args.device, args.precision,
-                                     args.trust_checkpoint, task_check=check)
+                                     args.trust_checkpoint, task_check=check, task=args.task)
     print(f"checkpoint {trained.checkpoint} (step {trained.step}): {trained.task_type}, rank {trained.rank} "
           f"({trained.mode}, the controller's at that checkpoint), on {device_label(trained.run.device)}, precision "
           f"{trained.cfg.precision}")
@@ -1352,7 +1414,7 @@ def cmd_predict(args) -> int:
     print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
     if metrics is not None:
         n = rows.scored
-        print(f"labelled rows ({n if n == len(preds) else f'{n} of {len(preds)}'}, task {trained.task}): "
+        print(f"labelled rows ({n if n == len(preds) else f'{n} of {len(preds)}'}, task {trained.route or trained.task}): "
               f"{_fmt_metrics(metrics)}")
         if n < len(preds):
             print(f"{len(preds) - n} row(s) without a label in column {trained.cfg.label_column!r}: predicted, not "
@@ -1457,12 +1519,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "values (by default it is refused: unpickling other objects can run code the file carries)")
     again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
                        "previous run, deleting its checkpoints, peft_adapter/, trace and summary")
-    t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR")
+    t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR (several "
+                   "--data sets: an adapter per task from the start, never merged)")
     t.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
-    t.add_argument("--data", help="GLUE task folder, a .csv/.tsv/.jsonl table, or (causal LM) a plain-text "
-                   ".txt/.raw corpus cut into --max-length token blocks (default: shipped MRPC)")
-    t.add_argument("--dev-data", help="evaluation file (default: GLUE dev.tsv, else 10%% of --data held out; "
-                   "for a text corpus, its tail)")
+    t.add_argument("--data", nargs="+", help="GLUE task folder, a .csv/.tsv/.jsonl table, or (causal LM) a "
+                   "plain-text .txt/.raw corpus cut into --max-length token blocks (default: shipped MRPC); several "
+                   "(a classifier's): a task each, trained in multi-task mode")
+    t.add_argument("--dev-data", nargs="+", help="evaluation file (default: GLUE dev.tsv, else 10%% of --data held "
+                   "out; for a text corpus, its tail); several --data sets: one per task, in their order")
+    t.add_argument("--task-names", type=_csv_list("mrpc,rte"), help="several --data sets: their task names, "
+                   "comma-separated, in their order (default: each one's GLUE folder or file stem, lower-case)")
     t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"),
                    help="auto (default): causal-lm for ...ForCausalLM / ...LMHeadModel checkpoints, else seq-cls")
     t.add_argument("--text-columns", type=_csv_list("sentence1,sentence2"),
@@ -1577,6 +1643,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", help="a classifier: a .csv/.tsv/.jsonl table with the run's text columns (its label "
                     "column optional), or for a run trained on a GLUE task that task's dev.tsv or test.tsv; a causal "
                     "LM: a text file or table to score, read as --dev-data is")
+    pr.add_argument("--task", help="a multi-task run (train on several --data sets): the task whose adapter and "
+                    "classes predict (required there); --data is read in that task's layout")
     pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
                     "the run's prompt column (its first text column; --prompt-column names another)")
     pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "

@@ -44,6 +44,7 @@ class Trained:
     task: str  # what `train` scored its dev set as (glue_metrics' task): a GLUE key, the data file's stem, or "lm"
     glue: str | None  # the GLUE task key of a run trained on a GLUE task folder (or the shipped MRPC)
     classes: list[str] | None  # class names in label-id order
+    route: str | None = None  # a multi-task run's task whose adapter and classes predict (`predict --task`)
 
     @property
     def cfg(self) -> TrainConfig:
@@ -141,12 +142,14 @@ def run_task(cfg: TrainConfig, task_type: str) -> tuple[str, str | None]:
 
 def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, device: str = "auto",
                  precision: str | None = None, trust_checkpoint: bool = False,
-                 task_check: Callable[[str], None] | None = None) -> Trained:
+                 task_check: Callable[[str], None] | None = None, task: str | None = None) -> Trained:
     """Load a run's checkpoint to predict with (`find_checkpoint` picks it). The run's config comes from the
     checkpoint's `state.pt`; the base model is loaded and wrapped as `train` does (`load_model`, `Run`), and the
     checkpoint's tensors (`Run.load_weights`) and controller state go in, so the layers run at the controller's rank at
     that checkpoint. `device` (default auto) and `precision` (default: the run's) are checked before any model is
-    loaded, and so is the run's task type, by `task_check` (the command's own flags against it)."""
+    loaded, and so is the run's task type, by `task_check` (the command's own flags against it). A multi-task run
+    (several --data sets) predicts for one of its tasks, `task` (required there, refused on a one-task run): with that
+    task's adapter, classes and data layout."""
     ckpt = find_checkpoint(run_dir, checkpoint)
     st = read_state(ckpt, trust_checkpoint)
     stored = dict(st["config"])
@@ -159,15 +162,35 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     task_type = st.get("task_type") or detect_task_type(model_path, cfg.task_type)
     if task_check is not None:
         task_check(task_type)
+    specs = st.get("tasks")
+    if specs and task is None:
+        raise UsageError(f"{run_dir} is a multi-task run (tasks {', '.join(t['name'] for t in specs)}): pass --task "
+                         "NAME, the task whose adapter and classes predict")
+    if specs and task not in [t["name"] for t in specs]:
+        raise UsageError(f"--task {task}: not a task of {run_dir}; its tasks are "
+                         f"{', '.join(t['name'] for t in specs)}")
+    if not specs and task is not None:
+        raise UsageError(f"--task {task}: for a multi-task run (several --data sets); {run_dir} trained on one data "
+                         "set")
     num_labels = int(st.get("num_labels") or 0)
     classes = st.get("classes") or ([str(i) for i in range(num_labels)] if num_labels else None)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2))
-    run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes, chat=bool(st.get("chat")),
-              total_steps=st["lr_schedule"]["total_steps"])  # (the run's schedule is built, never stepped)
+    if specs:
+        from .multitask_train import MultiTaskRun, TaskSpec
+
+        spec = next(TaskSpec(**t) for t in specs if t["name"] == task)
+        run = MultiTaskRun(cfg, model, [TaskSpec(**t) for t in specs], None, print_fn=None,
+                           total_steps=st["lr_schedule"]["total_steps"])
+    else:
+        run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes, chat=bool(st.get("chat")),
+                  total_steps=st["lr_schedule"]["total_steps"])  # (the run's schedule is built, never stepped)
     run.load_weights(ckpt, flag="predict")
     run.ctrl.load_state_dict(st["controller"])
     model.eval()
+    if specs:  # the task's own data layout, metrics and classes
+        return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, spec.metric_task, spec.glue,
+                       list(spec.classes), route=task)
     task, glue = run_task(cfg, task_type)
     return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, task, glue,
                    list(classes) if classes else None)
@@ -305,8 +328,15 @@ def classify(trained: Trained, rows: Rows, batch_size: int = 64) -> tuple[list[d
     `glue_label` (the class as that task's files write it, the GLUE submission's value), and `prob_<class>` each."""
     cfg, classes = trained.cfg, trained.classes or []
     enc = encode_rows(trained.tokenizer, rows.data, "seq-cls", cfg.max_length)
-    check_row_length(trained.model, cfg.max_length, enc)
-    logits = predict_logits(trained.model, enc, batch_size, cfg.precision)
+    if trained.route is not None:  # a multi-task run's task: its adapter, its own classes (the train's dev scoring)
+        from .multitask import task_context
+
+        with task_context(trained.model, trained.route):
+            check_row_length(trained.model, cfg.max_length, enc)
+        logits = trained.run.logits(trained.route, enc, batch_size)
+    else:
+        check_row_length(trained.model, cfg.max_length, enc)
+        logits = predict_logits(trained.model, enc, batch_size, cfg.precision)
     probs, preds = logits.softmax(-1), logits.argmax(-1)
     labels = enc["labels"].numpy()
     scored = labels >= 0  # (rows without a label are predicted, not scored)

@@ -84,7 +84,7 @@ from .distributed import is_distributed, shard_group, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .mirror import MirrorDecision
-from .model import _replace, inject_nested_lora, keep_off_fast_paths, undone_on_error
+from .model import _replace, inject_nested_lora, keep_off_fast_paths, mark_modules_to_save, undone_on_error
 from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
@@ -655,6 +655,9 @@ def inject_multitask_lora(model: nn.Module, config: NestedLoRAConfig, tasks: Seq
         layer.copy_shared_to_tasks()
         _replace(model, name, layer)
         adapters[name] = layer
+    # a target that is also in modules_to_save (a head with a delta per task that trains in full too): the task layer
+    # froze its base layer again, as every layer freezes its own; it was frozen for good, silently
+    mark_modules_to_save(model, config.modules_to_save)
     keep_off_fast_paths(model)  # the task layers replaced the plain ones, and their hooks
     object.__setattr__(model, "task_router", router)  # plain attribute, not a submodule
     return adapters, router

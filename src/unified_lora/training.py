@@ -79,9 +79,13 @@ class TrainConfig:
     """Everything a run needs. `unified-lora train --config run.yaml` fills it from YAML keys of the same names."""
 
     model: str | None = None  # HF path or hub id; None = bundled all-MiniLM-L6-v2
-    data: str | None = None  # GLUE task dir (MRPC/train.tsv + dev.tsv), a .csv/.tsv/.jsonl file, or (causal-lm) a .txt
-    # file cut into max_length-token blocks; None = shipped MRPC
-    dev_data: str | None = None  # file for evaluation; None = GLUE dev.tsv, or a split of `data` (a .txt: its tail)
+    data: str | list | dict | None = None  # GLUE task dir (MRPC/train.tsv + dev.tsv), a .csv/.tsv/.jsonl file, or
+    # (causal-lm) a .txt file cut into max_length-token blocks; None = shipped MRPC. Several (a list, or a mapping
+    # {task name: path}): a classifier's multi-task run, one task each (`task_data`); stored as the mapping
+    dev_data: str | list | dict | None = None  # file for evaluation; None = GLUE dev.tsv, or a split of `data` (a .txt:
+    # its tail). Several data sets: one per task (a list in their order, or a mapping by task name), or None
+    task_names: Sequence[str] | None = None  # several data sets as a list: their task names (default: each one's GLUE
+    # folder or file stem, lower-case); folded into `data`'s mapping
     task_type: str = "auto"  # auto | seq-cls | causal-lm
     text_columns: Sequence[str] = ("text",)
     label_column: str = "label"
@@ -148,6 +152,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)  # numbers (YAML's `lr: 1e-3` is a string), bools and rank/LR lists, by field name
+        self._fold_tasks()
         if isinstance(self.text_columns, str):
             self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
         # target_modules: "all-linear", a regex, or comma-separated suffixes (`parse_names`), as on the command line
@@ -212,6 +217,74 @@ class TrainConfig:
         self.actuator_config()
         self.mirror_config()
 
+    def _fold_tasks(self) -> None:
+        """`data` and `dev_data` as one run reads them: one data set (a string, or a list or mapping of one) as a
+        path; several as a mapping {task name: path} in the given order, `dev_data` then None or a mapping with the
+        same names, in that order, and `task_names` folded in (None). A task's default name is its GLUE folder's
+        task key or its file's stem, lower-case. Repeated names, a name that is not a plain word, and a `dev_data`
+        that does not give one file per task are ValueErrors naming the key."""
+        data, dev, names = self.data, self.dev_data, self.task_names
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        for key, v in (("data", data), ("dev_data", dev)):
+            items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple)) else ()
+            bad = next((x for _, x in items if not isinstance(x, str) or not x.strip()), None)
+            if bad is not None or (isinstance(v, (list, tuple, dict)) and not v):
+                raise ValueError(f"{key}: give a path, a list of paths or a mapping {{task name: path}}, got {v!r}")
+        if isinstance(data, dict) and len(data) == 1 and names is None:  # one task: the path (its name is not used)
+            data = next(iter(data.values()))
+        if isinstance(data, (list, tuple)) and len(data) == 1:
+            data = data[0]
+        if isinstance(dev, (list, tuple)) and len(dev) == 1:
+            dev = dev[0]
+        if not isinstance(data, (list, tuple, dict)):
+            if isinstance(dev, dict) and len(dev) == 1:
+                dev = next(iter(dev.values()))
+            if isinstance(dev, (list, tuple, dict)):
+                raise ValueError(f"dev_data: {len(dev)} data sets for one --data; give one dev file (or none)")
+            if names is not None:
+                raise ValueError(f"task_names: {list(names)} names the tasks of several --data sets; this run has "
+                                 "one")
+            self.data, self.dev_data, self.task_names = data, dev, None
+            return
+        paths = list(data.values()) if isinstance(data, dict) else list(data)
+        given = [str(k) for k in data] if isinstance(data, dict) else None
+        if names is not None and given is not None and list(names) != given:
+            raise ValueError(f"task_names: {list(names)}, but data is a mapping that names its tasks {given}; drop "
+                             "task_names, or give data as a list")
+        if names is not None and len(names) != len(paths):
+            raise ValueError(f"task_names: {len(names)} names ({', '.join(names)}) for {len(paths)} data sets; give "
+                             "one name per --data, in its order")
+        names = list(names or given or [default_task_name(p) for p in paths])
+        bad = next((n for n in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)), None)
+        if bad is not None:
+            raise ValueError(f"task_names: {bad!r} is not a task name; use letters, digits and _ . - (it names the "
+                             "task's metrics, 'NAME/accuracy', and its folder under peft_adapter/)")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data: the task name(s) {twice} repeat ({', '.join(names)}, from the data sets' GLUE "
+                             "folder or file names); pass --task-names (YAML task_names, or data as a mapping) to "
+                             "name each task")
+        if isinstance(dev, str):
+            raise ValueError(f"dev_data: one file for {len(names)} data sets; give one per task ({', '.join(names)}), "
+                             "in the order of --data")
+        if isinstance(dev, (list, tuple)):
+            if len(dev) != len(names):
+                raise ValueError(f"dev_data: {len(dev)} files for {len(names)} data sets; give one per task "
+                                 f"({', '.join(names)}), in the order of --data")
+            dev = dict(zip(names, dev))
+        elif isinstance(dev, dict):
+            if sorted(map(str, dev)) != sorted(names):
+                raise ValueError(f"dev_data: a mapping of the tasks {sorted(map(str, dev))}; give one file for each "
+                                 f"task of data, {names}")
+            dev = {n: dev[n] for n in names}
+        self.data, self.dev_data, self.task_names = dict(zip(names, paths)), dev, None
+
+    @property
+    def tasks(self) -> list[str] | None:
+        """The task names of a multi-task run (several data sets), in order; None for one data set."""
+        return list(self.data) if isinstance(self.data, dict) else None
+
     def mirror_config(self) -> MirrorConfig:
         try:
             return MirrorConfig(policy=self.mirror_policy, drift_threshold=self.drift_threshold,
@@ -259,6 +332,14 @@ class TrainConfig:
     @property
     def has_shock(self) -> bool:
         return self.shock_end > self.shock_start
+
+
+def default_task_name(path: str) -> str:
+    """A data set's task name where none is given: a GLUE folder's task key (`glue/SST-2`: sst2), else the folder's
+    or file's stem, lower-case (`rte_small.csv`: rte_small)."""
+    p = Path(str(path).rstrip("/\\"))
+    key = normalize_task(p.name)
+    return key if key in _GLUE and not p.suffix else (p.stem or p.name).lower()
 
 
 LEGACY_SCHEDULE = {"lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0, "total_steps": None}
@@ -1229,10 +1310,15 @@ def best_metric(cfg: TrainConfig, task_type: str, task: str) -> str:
     """The dev metric that ranks a run's evaluations: `cfg.metric_for_best`, else the task's primary one (GLUE's:
     MRPC F1, CoLA MCC, accuracy otherwise; a causal LM's loss). A name the evaluation does not report is a
     UsageError listing those it does, before anything is trained."""
-    names = dev_metric_names(task_type, task)
-    name = cfg.metric_for_best
+    return pick_metric(cfg.metric_for_best, dev_metric_names(task_type, task),
+                       "loss" if task_type == "causal-lm" else primary_metric(task))
+
+
+def pick_metric(name: str | None, names: Sequence[str], default: str) -> str:
+    """`name`, one of the dev metrics `names` a run's evaluation reports, or `default` for None; another name is a
+    UsageError listing them."""
     if name is None:
-        return "loss" if task_type == "causal-lm" else primary_metric(task)
+        return default
     if name not in names:
         raise UsageError(f"--metric-for-best {name}: not a dev metric of this run; its evaluation reports "
                          f"{', '.join(names)}")
@@ -1321,16 +1407,7 @@ class Run:
             mts += [m for m in fresh if not _covered(m, mts)]
         left = [m for m in fresh if not _covered(m, mts or ())]  # said after the wrapping, which refuses a misspelt
         # modules_to_save: the note on them came first, then the error
-        actuators = cfg.actuator_config()
-        self.adapters, self.ctrl = setup_unified_lora(
-            model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout, modules_to_save=mts, signal=cfg.signal_config(), lr_mode=actuators.lr_mode,
-            machine=cfg.machine_config(), actuators=actuators,
-            mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
-            trace_path=None, log_every=cfg.log_every, print_fn=print_fn,
-            # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
-            # held for the whole run, would only grow
-            keep_trace=not trace_path)
+        self.adapters, self.ctrl = self._setup_adapters(model, mts, print_fn, keep_trace=not trace_path)
         if left and print_fn is not None:
             print_fn(f"note: {left} were initialised afresh (the checkpoint lacks them) and are not in "
                      f"modules_to_save {list(mts or [])}: they stay frozen at their random initialisation")
@@ -1365,6 +1442,20 @@ class Run:
         self.started = time.perf_counter()  # this session's start (`cmd_train` sets it to before the model loaded)
         self._wall_before = 0.0  # the wall time of the sessions before a resume
 
+    def _setup_adapters(self, model, modules_to_save, print_fn, keep_trace: bool):
+        """Wrap `model` in nested LoRA and build its controller (`setup_unified_lora`): (adapters, controller)."""
+        cfg = self.cfg
+        actuators = cfg.actuator_config()
+        return setup_unified_lora(
+            model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save, signal=cfg.signal_config(),
+            lr_mode=actuators.lr_mode, machine=cfg.machine_config(), actuators=actuators,
+            mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
+            trace_path=None, log_every=cfg.log_every, print_fn=print_fn,
+            # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
+            # held for the whole run, would only grow
+            keep_trace=keep_trace)
+
     @property
     def base_lr(self) -> float:
         """The optimizer's LR before the schedule and the mode: `--lr` in lr_mode "multiplier"; 1 in "absolute",
@@ -1396,13 +1487,35 @@ class Run:
         batch = trim_padding(batch)
         if cfg.has_shock and cfg.shock_start <= step < cfg.shock_end:
             if self.task_type == "seq-cls":
-                batch = dict(batch, labels=corrupt(batch["labels"].cpu(), cfg.shock_type, self.num_labels,
-                                                   self.shock_gen))
+                batch = dict(batch, labels=self._corrupt(batch))
             else:  # random next tokens where there are targets; padding (-100) stays ignored
                 y = batch["labels"].cpu()
                 noise = torch.randint(0, self.vocab_size, y.shape, generator=self.shock_gen)
                 batch = dict(batch, labels=torch.where(y == -100, y, noise))
         return batch
+
+    def _corrupt(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A classifier batch's labels, corrupted as the shock window does (`corrupt`)."""
+        return corrupt(batch["labels"].cpu(), self.cfg.shock_type, self.num_labels, self.shock_gen)
+
+    def _forward_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean loss of a micro-batch (on the CPU: moved to the run's device here), by the model's own loss."""
+        return model(**_on(batch, self.device)).loss
+
+    def _controller_step(self, loss: float) -> None:
+        """`ctrl.step` with the step's mean loss (after backward, before optimizer.step())."""
+        self.ctrl.step(loss=loss)
+
+    def export_peft_to(self, out_dir: Path) -> str | None:
+        """The adapter in PEFT format in `out_dir` (`export_peft`): None, or a note on why it was not written."""
+        return export_peft(self.model, self.adapters, self.ctrl.rank, out_dir)
+
+    def _state_extra(self) -> dict:
+        """What a checkpoint's state holds besides `STATE_KEYS` and the run's own keys (a multi-task run: its tasks)."""
+        return {}
+
+    def _check_state(self, st: dict, path: Path) -> None:
+        """Refuse (UsageError) a checkpoint state `st` this run cannot go on from (before anything is loaded)."""
 
     def _weight(self, batch: dict[str, torch.Tensor]) -> int:
         """What the model's mean loss on `batch` averages over: its rows (seq-cls), its target tokens (causal LM)."""
@@ -1452,7 +1565,7 @@ class Run:
             last = i == len(micro) - 1
             with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
                 with autocast(self.device, cfg.precision):
-                    loss = model(**_on(b, self.device)).loss
+                    loss = self._forward_loss(model, b)
                 if len(micro) > 1 or self.ddp is not None:
                     loss = loss * scale
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -1460,7 +1573,7 @@ class Run:
         value = mean.item()  # the step's host sync (a second one reads the gradient norm: below)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # ctrl.step reads true gradients, and a restore leaves none to check
-        self.ctrl.step(loss=value)  # after backward, before optimizer.step()
+        self._controller_step(value)  # after backward, before optimizer.step()
         if self.ddp is not None:
             # the mean over the processes, the same everywhere: with the norm of DDP's averaged gradients (the same
             # on every process) it decides the skip below alike on every process, with no further collective
@@ -1550,7 +1663,7 @@ class Run:
                  "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
                  "num_labels": self.num_labels, "classes": self.classes, "chat": self.chat,
                  "shock_gen": self.shock_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "lr_schedule": dict(self.schedule), "lr_scheduler": self.scheduler.state_dict()}
+                 "lr_schedule": dict(self.schedule), "lr_scheduler": self.scheduler.state_dict(), **self._state_extra()}
         if self.scaler is not None:  # fp16: the loss scale and its growth count, as the run goes on with them
             state["grad_scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":  # the GPU's generator (dropout on the GPU draws from it)
@@ -1571,7 +1684,7 @@ class Run:
             # the step, beside state.pt: latest_checkpoint reads this small file, not every checkpoint's state.pt
             (tmp / CHECKPOINT_INFO).write_text(json.dumps({"global_step": self.state.global_step}) + "\n")
             if self.cfg.peft_every_checkpoint if peft_export is None else peft_export:
-                note = export_peft(self.model, self.adapters, self.ctrl.rank, tmp / "peft")
+                note = self.export_peft_to(tmp / "peft")
                 if note:
                     (tmp / "PEFT_EXPORT.txt").write_text(note + "\n")
             fsync_tree(tmp)  # on the disk before the rename: after a power loss, the old checkpoint or this one whole
@@ -1609,6 +1722,7 @@ class Run:
         path = Path(path)
         st = read_state(path, trust_checkpoint)
         check_world_size(st, path, self.world)
+        self._check_state(st, path)
         # the data's classes, in id order, must be the run's: a label added to or renamed in the --data file changed
         # the sorted ids (a head of another size failed in load_state_dict; one of the same size resumed on swapped
         # labels, silently). Checkpoints written before classes were recorded are not checked

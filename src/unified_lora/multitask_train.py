@@ -1,0 +1,261 @@
+"""`unified-lora train` on several classifier data sets at once: one task each, in multi-task mode.
+
+Each data set is read as a one-task run reads it (`load_data`: a GLUE task folder or a .csv/.tsv/.jsonl table, its
+dev set or a split of it, its classes in label-id order) and is a task of `setup_multitask_lora`: the tasks share one
+nested adapter in SINGLE and each trains its own after the controller's split (MULTI, MIRROR). The classifier head
+is a LoRA target too, so each task has its own head delta in MULTI, and it stays in `modules_to_save` as in a
+one-task run, trained in full and shared by every task. The head has as many outputs as the task with the most
+classes; a task's loss and predictions see its own classes alone (the others' logits are masked out, -inf).
+
+Batches mix the tasks: the rows of every task are concatenated and shuffled per epoch by the seed, as one data set's
+rows are (`batches`), each row routed to its task's adapter (`task_context`), and `ctrl.step` gets the step's
+per-task losses (`per_task_losses`), from every micro-batch of a `--grad-accum` step together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import SINGLE
+from .data import TextDataset, glue_metrics, majority_baseline, primary_metric
+from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
+from .training import (Run, TrainConfig, UsageError, corrupt, encode_rows, load_data, predict_logits)
+
+AVERAGE = "average"  # the dev metric of a multi-task run: the mean of the tasks' primary metrics (GLUE's score)
+
+
+@dataclass
+class TaskSpec:
+    """A task of a multi-task run as its checkpoints record it (`state["tasks"]`)."""
+
+    name: str
+    data: str
+    dev_data: str | None
+    metric_task: str  # what its dev set is scored as (`glue_metrics`): a GLUE key, or the table's stem
+    glue: str | None  # the GLUE task key where its data is a GLUE task folder
+    classes: list[str]  # in label-id order
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: TextDataset
+    dev: TextDataset
+
+
+def load_tasks(cfg: TrainConfig, note: Callable[[str], None] | None = None) -> list[TaskData]:
+    """Each task's train and dev sets, read as a one-task run reads its data set (`load_data`)."""
+    from .inference import run_task
+
+    out = []
+    for name, path in cfg.data.items():
+        one = replace(cfg, data=path, dev_data=(cfg.dev_data or {}).get(name))
+        train, dev, _ = load_data(one, "seq-cls", note=note)
+        metric_task, glue = run_task(one, "seq-cls")
+        classes = train.label_names or [str(i) for i in range(train.num_labels)]
+        out.append(TaskData(TaskSpec(name, path, one.dev_data, metric_task, glue, list(classes)), train, dev))
+    return out
+
+
+def refuse_unsupported(cfg: TrainConfig, task_type: str, world: int) -> None:
+    """One line for what multi-task `train` does not do, before anything is loaded."""
+    names = ", ".join(cfg.tasks)
+    if task_type != "seq-cls":
+        raise UsageError(f"--data: {len(cfg.tasks)} data sets ({names}) train a classifier in multi-task mode; a "
+                         "causal LM trains on one data set")
+    if world > 1:
+        raise UsageError(f"--data: {len(cfg.tasks)} data sets ({names}): multi-task train runs in one process; "
+                         "torchrun (DDP) trains one data set")
+    if cfg.signal != "loss":
+        raise UsageError(f"--signal {cfg.signal}: not available in multi-task mode (several --data sets), which "
+                         "reads its own signal (task conflict, per-task losses, drift); drop --signal")
+    if cfg.calibration_steps:
+        raise UsageError(f"--calibration-steps {cfg.calibration_steps}: the multi-task signal has no calibration; "
+                         "set its loss scale with --loss-scale")
+    if cfg.target_modules == "all-linear":
+        raise UsageError("--target-modules all-linear leaves the classifier head out, and several --data sets need "
+                         "it as a LoRA target (each task's own head delta); name the modules (query,value) or a regex")
+
+
+def encode_tasks(tokenizer, tasks: Sequence[TaskData], max_length: int) -> tuple[dict, list[dict]]:
+    """(the train rows of every task, encoded and concatenated in task order with a `task` index per row, each
+    task's encoded dev rows). The tasks' rows are padded to one width, on the tokenizer's padding side."""
+    parts = []
+    for i, t in enumerate(tasks):
+        enc = encode_rows(tokenizer, t.train, "seq-cls", max_length)
+        parts.append(dict(enc, task=torch.full((len(enc["labels"]),), i, dtype=torch.long)))
+    width = max(p["input_ids"].shape[1] for p in parts)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for p in parts:
+        pad = width - p["input_ids"].shape[1]
+        for k, v in p.items():
+            if v.dim() == 2 and pad:
+                fill = tokenizer.pad_token_id if k == "input_ids" else 0
+                p[k] = F.pad(v, (pad, 0) if left else (0, pad), value=fill)
+    train = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return train, [encode_rows(tokenizer, t.dev, "seq-cls", max_length) for t in tasks]
+
+
+def metric_names(specs: Sequence[TaskSpec]) -> list[str]:
+    """The dev metrics a multi-task run reports: each task's (`NAME/accuracy`, ...), then `average`."""
+    return [f"{s.name}/{m}" for s in specs for m in glue_metrics(s.metric_task, [0, 1], [0, 1])] + [AVERAGE]
+
+
+def flat(per_task: dict[str, dict], specs: Sequence[TaskSpec]) -> dict:
+    """{task: metrics} as one run's metrics: `NAME/metric` keys, and `average`, the mean of the tasks' primary
+    metrics (GLUE's average score)."""
+    out = {f"{s.name}/{k}": v for s in specs for k, v in per_task[s.name].items()}
+    out[AVERAGE] = sum(per_task[s.name][primary_metric(s.metric_task)] for s in specs) / len(specs)
+    return out
+
+
+def majority(tasks: Sequence[TaskData], devs: Sequence[TextDataset]) -> dict:
+    """Each task's majority class scored on its dev rows (`majority_baseline`), as `flat` metrics."""
+    specs = [t.spec for t in tasks]
+    return flat({t.spec.name: majority_baseline(t.train.labels, d.labels, t.spec.metric_task)
+                 for t, d in zip(tasks, devs)}, specs)
+
+
+class MultiTaskRun(Run):
+    """`Run` over several classifier tasks (`setup_multitask_lora`); see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, model, specs: Sequence[TaskSpec], trace_path: str | None,
+                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
+                 total_steps: int | None = None):
+        self.specs = list(specs)
+        self.tasks = [s.name for s in self.specs]
+        self.n_classes = torch.tensor([len(s.classes) for s in self.specs])
+        self._parts: list = []  # this step's per-sample losses and task ids, for ctrl.step's task losses
+        super().__init__(cfg, model, "seq-cls", int(self.n_classes.max()), trace_path, print_fn=print_fn,
+                         append_trace=append_trace, total_steps=total_steps)
+        self.classes = {s.name: list(s.classes) for s in self.specs}  # each task's, in label-id order
+
+    def _setup_adapters(self, model, modules_to_save, print_fn, keep_trace: bool):
+        cfg = self.cfg
+        head = next((n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
+                                                               for m, _ in model.named_modules())), None)
+        targets = cfg.target_modules
+        if head is not None and isinstance(targets, str):  # a regex, matched against whole module names
+            targets = rf"(?:{targets})|(?:.*\.)?{head}"
+        elif head is not None and head not in targets:
+            targets = [*targets, head]
+        actuators = cfg.actuator_config()
+        machine = cfg.machine_config()
+        if cfg.controller:  # the tasks start on one shared adapter; the controller splits them
+            machine = replace(machine, initial_mode=SINGLE)
+        return setup_multitask_lora(
+            model, self.tasks, targets, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save,
+            signal=MultiTaskSignalConfig(loss_scale=cfg.loss_scale), lr_mode=actuators.lr_mode, machine=machine,
+            actuators=actuators, mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel, trace_path=None,
+            log_every=cfg.log_every, print_fn=print_fn, keep_trace=keep_trace)
+
+    def masked(self, logits: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """`logits` with each row's classes beyond its task's set to -inf."""
+        n = self.n_classes.to(logits.device)[task.to(logits.device)]
+        keep = torch.arange(logits.shape[-1], device=logits.device)[None, :] < n[:, None]
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def _corrupt(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's label corrupted within its own task's classes (`corrupt`), task by task."""
+        y, task = batch["labels"].cpu().clone(), batch["task"].cpu()
+        for i, n in enumerate(self.n_classes.tolist()):
+            rows = (task == i).nonzero().flatten()
+            if len(rows):
+                y[rows] = corrupt(y[rows], self.cfg.shock_type, n, self.shock_gen)
+        return y
+
+    def _forward_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        labels, task = b.pop("labels"), b.pop("task")
+        ids = [self.tasks[i] for i in batch["task"].tolist()]
+        with task_context(model, ids):
+            logits = model(**b).logits
+        per = F.cross_entropy(self.masked(logits, task), labels, reduction="none")
+        self._parts.append((per.detach(), ids))
+        return per.mean()
+
+    def _controller_step(self, loss: float) -> None:
+        parts, self._parts = self._parts, []
+        per = torch.cat([p for p, _ in parts])
+        ids = [t for _, ts in parts for t in ts]
+        self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids))
+
+    def train_step(self, batch) -> float:
+        self._parts = []  # (a step that raised before ctrl.step left its parts)
+        return super().train_step(batch)
+
+    def export_peft_to(self, out_dir: Path) -> str | None:
+        """One PEFT adapter per task in `out_dir/<task>/` (`export_task_peft_adapters`, at the current rank): the
+        adapter each task runs. In SINGLE that is the shared one, and the task slots, which the export writes, hold
+        what the last split or merge left there: they are the shared adapter's copies while it runs, then put back
+        as they were (nothing trained changes, and no random number is drawn)."""
+        layers = list(self.adapters.values())
+        held = None
+        try:
+            if self.ctrl.router.topology == "shared":
+                held = [[p.detach().clone() for p in a.task_parameters()] for a in layers]
+                for a in layers:
+                    a.copy_shared_to_tasks()
+            export_task_peft_adapters(self.model, out_dir, rank=self.ctrl.rank, include_shared=False)
+        except Exception as e:  # an export problem must not lose the training checkpoint
+            return f"PEFT export failed: {type(e).__name__}: {e}"
+        finally:
+            if held is not None:
+                with torch.no_grad():
+                    for a, kept in zip(layers, held):
+                        for p, v in zip(a.task_parameters(), kept):
+                            p.copy_(v)
+        return None
+
+    def _state_extra(self) -> dict:
+        return {"tasks": [asdict(s) for s in self.specs]}
+
+    def _check_state(self, st: dict, path: Path) -> None:
+        saved = [t["name"] for t in st.get("tasks") or []]
+        if saved != self.tasks:
+            had = f"the tasks {saved}" if saved else "one data set"
+            raise UsageError(f"--resume {path}: the run was trained on {had} and this one has the tasks "
+                             f"{self.tasks} (in this order); resume with the run's data sets and task names, in "
+                             "their order, or start a new run in another --output-dir")
+
+    @torch.no_grad()
+    def evaluate(self, devs: Sequence[dict]) -> tuple[dict, dict[str, dict]]:
+        """Each task's dev rows scored with its own metrics (`glue_metrics` of its task, as a one-task run scores
+        its dev set), its predictions among its own classes: (`flat` metrics, {task: metrics})."""
+        per = {s.name: glue_metrics(s.metric_task, self.predict(s.name, enc).numpy(), enc["labels"].numpy())
+               for s, enc in zip(self.specs, devs)}
+        return flat(per, self.specs), per
+
+    def logits(self, task: str, enc: dict, batch_size: int = 64) -> torch.Tensor:
+        """Task `task`'s logits for the rows of `enc` over its own classes (fp32, on the CPU)."""
+        with task_context(self.model, task):
+            out = predict_logits(self.model, enc, batch_size, self.cfg.precision)
+        return out[:, :len(self.specs[self.tasks.index(task)].classes)]
+
+    def predict(self, task: str, enc: dict, batch_size: int = 64) -> torch.Tensor:
+        return self.logits(task, enc, batch_size).argmax(-1)
+
+
+def task_lines(summary: dict) -> list[str]:
+    """`report`'s lines on a multi-task run's tasks: each one's data, classes, majority class and last dev scores."""
+    out = []
+    points = (summary.get("arms", {}).get("run") or {}).get("eval") or {}
+    last = points[list(points)[-1]] if points else {}
+    for t in summary.get("tasks") or []:
+        name = t["name"]
+        own = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(name + "/")}
+        maj = t.get("majority") or {}
+        fmt = " ".join(f"{k}={v:.3f}" for k, v in own.items() if isinstance(v, (int, float))) or "-"
+        out.append(f"task {name} ({t.get('data')}; {len(t.get('classes') or [])} classes {t.get('classes')}): last "
+                   f"dev {fmt}; majority class " + (" ".join(f"{k}={v:.3f}" for k, v in maj.items()) or "-"))
+    if summary.get("tasks") and isinstance(last.get(AVERAGE), (int, float)):
+        out.append(f"average of the tasks' primary metrics: {last[AVERAGE]:.3f}")
+    return out
+
+

@@ -1,0 +1,234 @@
+"""`unified-lora train` on several data sets: one task each, in multi-task mode (a tiny BERT, two or three small tables
+whose labels conflict), its checkpoints and resume, its outputs, and `predict --task`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cli
+import test_cli_precision
+import test_cli_predict
+from unified_lora.cli import _fmt_metrics, main
+from unified_lora.trace import read_trace
+
+tiny = test_cli.tiny  # test_cli.py's tiny BERT and data (module-scoped fixtures)
+wide = test_cli_predict.wide  # the same BERT with wider weights: its predictions vary by row
+without_dropout = test_cli_precision.without_dropout  # the same BERT without dropout
+_read, _error = test_cli_predict._read, test_cli_predict._error
+
+
+def _table(path: Path, rows, names=None) -> str:
+    path.write_text("text,label\n" + "".join(f"{t},{names[y] if names else y}\n" for t, y in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """pos.csv (0/1), neg.csv (the same kind of rows, the labels inverted: the tasks conflict) and tri.csv (three named
+    classes, every fifth row the third)."""
+    root = tmp_path_factory.mktemp("mt")
+    rows = test_cli._rows(40, seed=1)
+    tri = [(t, 2 if i % 5 == 4 else y) for i, (t, y) in enumerate(test_cli._rows(40, seed=3))]
+    return {"pos": _table(root / "pos.csv", rows),
+            "neg": _table(root / "neg.csv", [(t, 1 - y) for t, y in test_cli._rows(40, seed=2)]),
+            "tri": _table(root / "tri.csv", tri, ["neg", "pos", "zzz"]), "root": root}
+
+
+def _mt_args(model, out, *data, extra=()) -> list[str]:
+    return ["train", "--model", model, "--data", *data, "--batch-size", "8", "--max-length", "16", "--lrs", "1e-2",
+            "1e-2", "1e-2", "--log-every", "1", "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def pinned(wide, data, tmp_path_factory) -> dict:
+    """--no-controller on a binary task and a three-class one (named pos and tri by --task-names), evaluated every 4
+    steps, the best saved."""
+    out = tmp_path_factory.mktemp("pinned") / "run"
+    assert main(_mt_args(wide, out, data["pos"], data["tri"], extra=(
+        "--task-names", "pos,tri", "--no-controller", "--steps", "8", "--eval-steps", "4", "--save-best",
+        "--shock-start", "5", "--shock-end", "6"))) == 0
+    return {"run": out, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def test_no_controller_pins_multi_an_adapter_per_task_and_each_task_keeps_its_classes(pinned, capsys):
+    run, s = pinned["run"], pinned["summary"]
+    trace = read_trace(run / "trace.jsonl")
+    assert [r["mode"] for r in trace] == [1] * 8 and {r["components"]["topology"] for r in trace} == {"task"}
+    assert {"E[pos]", "E[tri]", "C", "S"} <= set(trace[-1]["components"])  # the multi-task signal's components
+    assert s["tasks"][0]["classes"] == ["0", "1"] and s["tasks"][1]["classes"] == ["neg", "pos", "zzz"]
+    assert [t["name"] for t in s["tasks"]] == ["pos", "tri"] and s["config"]["data"]["tri"].endswith("tri.csv")
+    # each task's dev set scored with its metrics, flat, and the average of the primary ones
+    final = list(s["arms"]["run"]["eval"].values())[-1]
+    assert {"pos/accuracy", "pos/macro_f1", "tri/accuracy", "tri/macro_f1", "average"} <= set(final)
+    assert final["average"] == pytest.approx((final["pos/accuracy"] + final["tri/accuracy"]) / 2)
+    assert s["best"]["metric"] == "average" and (run / "best" / "peft" / "tri").is_dir()
+    assert set(s["majority"]) >= {"pos/accuracy", "tri/accuracy", "average"}
+    assert s["tasks"][1]["majority"]["accuracy"] == s["majority"]["tri/accuracy"]
+    # the head: 3 outputs trained in full (shared), and a LoRA delta per task, which differ
+    from safetensors.torch import load_file
+
+    blocks = load_file(str(run / "checkpoints" / "step-8" / "adapter_blocks.safetensors"))
+    head = [k for k in blocks if k.startswith("classifier.lora_tasks.")]
+    assert head and blocks["classifier.base_layer.weight"].shape[0] == 3
+    assert not torch.equal(blocks["classifier.lora_tasks.0.lora_B.0"], blocks["classifier.lora_tasks.1.lora_B.0"])
+    assert main(["report", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert "task tri (" in said and "3 classes ['neg', 'pos', 'zzz']" in said and "average of the tasks'" in said
+
+
+def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_loads_in_peft(pinned, data, capsys):
+    run, s = pinned["run"], pinned["summary"]
+    final = list(s["arms"]["run"]["eval"].values())[-1]
+    for task, path, classes in (("pos", data["pos"], ["0", "1"]), ("tri", data["tri"], ["neg", "pos", "zzz"])):
+        dev = data["root"] / f"{task}_dev.csv"
+        from unified_lora.training import TrainConfig, load_data
+
+        _, held, _ = load_data(TrainConfig(data=path), "seq-cls")  # the dev rows the run held out of that table
+        _table(dev, [(e.text_a, e.label) for e in held.examples], classes)
+        capsys.readouterr()
+        assert main(["predict", str(run), "--task", task, "--data", str(dev), "--output", str(dev) + ".out.csv"]) == 0
+        said = capsys.readouterr().out
+        own = {k.split("/")[1]: v for k, v in final.items() if k.startswith(task + "/")}
+        assert f"task {task}): {_fmt_metrics(own)}" in said
+        rows = _read(Path(str(dev) + ".out.csv"))
+        assert set(rows[0]) == {"prediction", *(f"prob_{c}" for c in classes)}  # its own classes only
+    # a missing or unknown task, and --task on a one-task run: one line each
+    assert main(["predict", str(run), "--data", data["pos"]]) == 2
+    assert "is a multi-task run (tasks pos, tri): pass --task NAME" in _error(capsys)
+    assert main(["predict", str(run), "--data", data["pos"], "--task", "rte"]) == 2
+    err = _error(capsys)
+    assert "--task rte: not a task of" in err and "its tasks are pos, tri" in err
+    # peft_adapter/<task>/: PEFT's own loader gives the run's logits for that task
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from unified_lora.inference import load_trained
+    from unified_lora.training import encode_rows, load_table
+
+    tr = load_trained(run, task="tri", device="cpu")
+    enc = encode_rows(tr.tokenizer, load_table(data["tri"], ["text"], "label"), "seq-cls", 16)
+    base = AutoModelForSequenceClassification.from_pretrained(tr.cfg.model, num_labels=3, ignore_mismatched_sizes=True)
+    peft = PeftModel.from_pretrained(base, str(run / "peft_adapter" / "tri")).eval()
+    with torch.no_grad():
+        theirs = peft(**{k: v for k, v in enc.items() if k != "labels"}).logits
+    assert torch.allclose(tr.run.logits("tri", enc), theirs, atol=1e-5)
+
+
+def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_uninterrupted_one(tiny, data, tmp_path,
+                                                                                                  capsys):
+    # tiny BERT, conflicting labels: SINGLE, then the controller splits at step 4 (after the step-4 checkpoint): φ
+    # starts at 0.5 and, with the loss scaled up, rises again as the tasks' gradients come to conflict
+    out, config = tmp_path / "run", tmp_path / "run.yaml"
+    config.write_text(f"data:\n  pos: {data['pos']}\n  neg: {data['neg']}\n")  # YAML: a mapping {task name: path}
+    args = _mt_args(tiny["bert"], out, extra=("--config", str(config), "--steps", "8", "--save-steps", "4",
+                                              "--theta0", "0.48", "--theta1", "0.9", "--loss-scale", "0.1"))
+    args.remove("--data")
+    assert main(args) == 0
+    trace = read_trace(out / "trace.jsonl")
+    assert [r["mode"] for r in trace[:4]] == [0] * 4 and trace[4]["transition"] == "SINGLE->MULTI"
+    assert trace[4]["components"]["event"] == "split"
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for p in ("checkpoints/step-8", "summary.json", "peft_adapter"):
+        shutil.rmtree(copy / p) if (copy / p).is_dir() else (copy / p).unlink()
+    assert main(["train", "--output-dir", str(copy), "--resume"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "checkpoints" / "step-8" / "adapter_blocks.safetensors")) for d in (out, copy))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_trace(copy / "trace.jsonl") == trace
+    evals = [json.loads((d / "summary.json").read_text())["arms"]["run"]["eval"] for d in (out, copy)]
+    assert evals[0] == evals[1]
+    # another task order (or set) is refused, naming both
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(copy), "--resume", "--data", data["neg"], data["pos"]]) == 2
+    err = _error(capsys)
+    assert "'pos':" in err and "'neg':" in err and "(now " in err
+    # report of the interrupted copy (its summary.json gone) names its tasks from the checkpoint
+    (copy / "summary.json").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert "task pos (" in capsys.readouterr().out
+
+
+def test_grad_accum_steps_as_one_big_batch_and_a_single_run_exports_each_task_as_it_runs(without_dropout, data,
+                                                                                           tmp_path):
+    runs = {}
+    for name, extra in (("big", ("--batch-size", "8")), ("accum", ("--batch-size", "4", "--grad-accum", "2"))):
+        runs[name] = tmp_path / name
+        assert main(_mt_args(without_dropout["bert"], runs[name], data["pos"], data["tri"], extra=(
+            "--steps", "1", "--theta0", "0.9", "--theta1", "0.95", *extra))) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "checkpoints" / "step-1" / "adapter_blocks.safetensors")) for d in runs.values())
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) if a[k].is_floating_point() else torch.equal(a[k], b[k])
+               for k in a)
+    (ta,), (tb,) = (read_trace(d / "trace.jsonl") for d in runs.values())
+    assert ta["loss"] == pytest.approx(tb["loss"], abs=1e-6)
+    for k in ("E[pos]", "E[tri]"):  # the per-task losses of the step, from both micro-batches
+        assert ta["components"][k] == pytest.approx(tb["components"][k], abs=1e-6)
+    assert ta["mode"] == 0  # SINGLE: every task runs the shared adapter, and its PEFT folder holds that one
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from unified_lora.inference import load_trained
+    from unified_lora.training import encode_rows, load_table
+
+    tr = load_trained(runs["big"], task="pos", device="cpu")
+    enc = encode_rows(tr.tokenizer, load_table(data["pos"], ["text"], "label"), "seq-cls", 16)
+    base = AutoModelForSequenceClassification.from_pretrained(tr.cfg.model, num_labels=3)
+    peft = PeftModel.from_pretrained(base, str(runs["big"] / "peft_adapter" / "pos")).eval()
+    with torch.no_grad():
+        theirs = peft(**{k: v for k, v in enc.items() if k != "labels"}).logits[:, :2]
+    assert torch.allclose(tr.run.logits("pos", enc), theirs, atol=1e-5)
+
+
+def test_a_tasks_own_metric_ranks_the_evaluations_and_stops_the_run_early(wide, data, tmp_path):
+    out = tmp_path / "run"
+    assert main(_mt_args(wide, out, data["pos"], data["tri"], extra=(
+        "--task-names", "pos,tri", "--steps", "12", "--eval-steps", "2", "--early-stopping-patience", "1",
+        "--metric-for-best", "tri/accuracy"))) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stopped_early"] and s["steps"] < 12 and s["best"]["metric"] == "tri/accuracy"
+    values = [e["tri/accuracy"] for e in s["arms"]["run"]["eval"].values()]
+    assert s["best"]["value"] == max(values) and values[-1] <= max(values[:-1])
+
+
+def test_the_shock_corrupts_each_label_within_its_own_tasks_classes():
+    from unified_lora.multitask_train import MultiTaskRun
+
+    run = MultiTaskRun.__new__(MultiTaskRun)  # (only what _corrupt reads)
+    run.n_classes, run.shock_gen = torch.tensor([2, 3]), torch.Generator().manual_seed(0)
+    labels, task = torch.tensor([0, 1, 0, 1, 2, 2]), torch.tensor([0, 0, 1, 1, 1, 0])
+    labels[5] = 1
+    for kind in ("flip", "random"):
+        run.cfg = type("C", (), {"shock_type": kind})()
+        y = run._corrupt({"labels": labels, "task": task})
+        assert all(int(v) < (2, 3)[int(t)] for v, t in zip(y, task))
+        if kind == "flip":
+            assert y.tolist() == [1, 0, 1, 2, 0, 0]
+
+
+@pytest.mark.parametrize("extra, says", [
+    ((), "task name(s) ['pos'] repeat"),
+    (("--task-names", "a,b", "--dev-data", "x.csv"), "dev_data: one file for 2 data sets"),
+    (("--task-names", "a,b", "--dev-data", "x.csv", "y.csv", "z.csv"), "dev_data: 3 files for 2 data sets"),
+    (("--task-names", "a,b", "--signal", "composite"), "--signal composite: not available in multi-task mode"),
+    (("--task-names", "a,b", "--calibration-steps", "4"), "the multi-task signal has no calibration"),
+    (("--task-names", "a,b", "--metric-for-best", "f1"), "its evaluation reports a/accuracy, a/macro_f1, "
+                                                         "b/accuracy, b/macro_f1, average"),
+])
+def test_what_multi_task_train_refuses_is_one_line(tiny, data, tmp_path, capsys, extra, says):
+    assert main(_mt_args(tiny["bert"], tmp_path / "r", data["pos"], data["pos"], extra=extra)) == 2
+    assert says in _error(capsys)
+
+
+def test_several_data_sets_for_a_causal_lm_are_refused(tiny, tmp_path, capsys):
+    assert main(["train", "--model", tiny["gpt2"], "--data", tiny["csv"], tiny["jsonl"], "--task-names", "a,b",
+                 "--output-dir", str(tmp_path / "r")]) == 2
+    assert "a causal LM trains on one data set" in _error(capsys)
