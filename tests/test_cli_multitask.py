@@ -232,3 +232,30 @@ def test_several_data_sets_for_a_causal_lm_are_refused(tiny, tmp_path, capsys):
     assert main(["train", "--model", tiny["gpt2"], "--data", tiny["csv"], tiny["jsonl"], "--task-names", "a,b",
                  "--output-dir", str(tmp_path / "r")]) == 2
     assert "a causal LM trains on one data set" in _error(capsys)
+
+
+def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the_shared_adapter(wide, data, tmp_path,
+                                                                                                 capsys):
+    """--dev-size N: each task is evaluated (and its majority class scored) on N of its dev rows; it was ignored there
+    (every dev row evaluated) while the majority class was scored on N. --controller-warmup 3: no transition before
+    step 3, so the tasks train on the shared adapter (SINGLE) first; without it this run splits at step 0."""
+    runs = {}
+    for warm in (0, 3):
+        out = tmp_path / f"w{warm}"
+        assert main(_mt_args(wide, out, data["pos"], data["neg"], extra=(
+            "--dev-data", data["pos"], data["neg"], "--dev-size", "10", "--steps", "5",
+            "--controller-warmup", str(warm)))) == 0
+        runs[warm] = (read_trace(out / "trace.jsonl"), json.loads((out / "summary.json").read_text()))
+    said = capsys.readouterr().out
+    assert "task pos: " in said and said.count("40 train / 10 dev rows") == 4
+    trace, s = runs[3]
+    assert [t["dev_rows"] for t in s["tasks"]] == [10, 10]
+    final = list(s["arms"]["run"]["eval"].values())[-1]
+    for name in ("pos", "neg"):  # scored on 10 rows: a multiple of 1/10 (40 rows gave multiples of 1/40)
+        assert round(final[f"{name}/accuracy"] * 10, 6) == round(final[f"{name}/accuracy"] * 10)
+        assert round(s["majority"][f"{name}/accuracy"] * 10, 6) == round(s["majority"][f"{name}/accuracy"] * 10)
+    assert [r["mode"] for r in runs[0][0]][:1] == [1]  # splits at once without the warm-up
+    assert [r["mode"] for r in trace[:3]] == [0, 0, 0] and {r["components"]["topology"] for r in trace[:3]} == {"shared"}
+    assert s["config"]["controller_warmup"] == 3
+    assert main(_mt_args(wide, tmp_path / "bad", data["pos"], data["neg"], extra=("--controller-warmup", "-1"))) == 2
+    assert "controller_warmup: must be >= 0" in _error(capsys)

@@ -598,7 +598,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "model", "data", "dev_data", "task_type", "text_columns", "label_column", "epochs", "steps", "batch_size",
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
-        "shock_type", "min_dwell", "theta0", "theta1", "mirror_policy", "mirror_kernel",
+        "shock_type", "min_dwell", "controller_warmup", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
         "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
         "warmup_ratio", "metric_for_best", "save_best", "early_stopping_patience", "early_stopping_threshold",
@@ -849,8 +849,10 @@ def _train(args, held: dict) -> int:
     corpus_dev = isinstance(dev, TextCorpus)  # --dev-size counts its blocks, once it is cut into them
     dev = dev if corpus_dev or tasks else subsample(dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
     num_labels = train.num_labels if isinstance(train, TextDataset) else 0
-    if tasks:  # each task's dev rows subsampled apart; the head has the most classes of any task
-        devs = [subsample(t.dev, cfg.dev_size, DEV_SUBSAMPLE_SEED) for t in tasks]
+    if tasks:  # each task's dev rows subsampled apart (--dev-size each); the head has the most classes of any task
+        for t in tasks:  # (evaluated and the majority class scored on these rows: the full dev sets were evaluated)
+            t.dev = subsample(t.dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+        devs = [t.dev for t in tasks]
         num_labels = max(t.train.num_labels for t in tasks)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
@@ -1574,6 +1576,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss signal: set the scale so the mean of the first N losses maps to "
                    "calibration_target (YAML; default 0.5); default 0 = off")
     t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
+    t.add_argument("--controller-warmup", type=int, help="no transition before this optimizer step: the run stays in "
+                   "its start mode (MULTI; SINGLE for several --data sets) while the signal gathers its statistics "
+                   "(default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
     t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "

@@ -120,6 +120,7 @@ class TrainConfig:
     theta0: float = 0.3
     theta1: float = 0.7
     min_dwell: int = 0
+    controller_warmup: int = 0  # steps before the controller's first transition (MachineConfig.warmup_steps)
     mirror_policy: str = "drift"
     drift_threshold: float = 0.05
     mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built with the controller; MirrorConfig.kernel)
@@ -179,6 +180,8 @@ class TrainConfig:
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"must be one of {LR_SCHEDULERS}"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0 (0 = no warm-up)"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1) (0 = no warm-up)"),
+            ("controller_warmup", self.controller_warmup >= 0, "must be >= 0 (0 = the controller may switch from the "
+             "first step)"),
             ("log_every", self.log_every >= 0, "must be >= 0"),
             ("threads", self.threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("save_steps", self.save_steps >= 0, "must be >= 0 (0 = no checkpoint inside an epoch)"),
@@ -327,7 +330,8 @@ class TrainConfig:
     def machine_config(self) -> MachineConfig:
         if not self.controller:  # pinned: every φ in [0, 1) is MULTI
             return MachineConfig(theta0=0.0, theta1=1.0)
-        return MachineConfig(theta0=self.theta0, theta1=self.theta1, min_dwell=self.min_dwell)
+        return MachineConfig(theta0=self.theta0, theta1=self.theta1, min_dwell=self.min_dwell,
+                             warmup_steps=self.controller_warmup)
 
     @property
     def has_shock(self) -> bool:
