@@ -1,6 +1,4 @@
-"""The shipped examples run as a user runs them (`python examples/NAME ARGS`, or under torchrun) and print what their
-docstrings promise. The runs without torchrun share one fresh interpreter (see `_RUN_CASES`); each torchrun launch
-is its own."""
+"""The shipped examples run, each in its own process as a user runs it, and print what their docstrings promise."""
 
 import json
 import math
@@ -35,10 +33,8 @@ def run_example(*args: str, launcher=(sys.executable,), timeout: int = 240) -> s
 
 # Each case runs as `python examples/NAME ARGS` runs it (the script as __main__ with its sys.argv, examples/ first
 # on sys.path), its stdout, stderr and exit status recorded as a shell sees them: a SystemExit's code, 1 and the
-# traceback on stderr for an exception. All cases share one fresh interpreter (one import of torch, transformers and
-# peft, not one per case): the --help and bad-argument cases stop in argparse, before the examples do any work; the
-# examples' runs without torchrun follow them (each example seeds its own RNGs and destroys any process group it
-# made; peft_interop.py, which silences warnings and transformers' logging, runs last).
+# traceback on stderr for an exception. All cases share one fresh interpreter (one import of torch and transformers,
+# not one per case): the --help and bad-argument cases stop in argparse, before the examples do any work.
 _RUN_CASES = r"""
 import contextlib, io, json, os, runpy, sys, traceback
 sys.path.insert(0, os.path.abspath("examples"))
@@ -71,46 +67,29 @@ BAD_ARGUMENTS = [
     (("fsdp2_torchrun.py", "--tiny", "--save-at", "80"), "--save-at must be between 0 (no checkpoint) and --steps - 1"),
     (("fsdp2_torchrun.py", "--tiny", "--resume", "no_such_dir"), "--resume no_such_dir: no sharded checkpoint there"),
 ]
-# the examples' runs without torchrun, by name ("OUT": a folder of the module's own)
-RUNS = {"ddp": ("ddp_torchrun.py",),  # "python examples/ddp_torchrun.py  # one process works too"
-        "fsdp2": ("fsdp2_torchrun.py", "--tiny", "--save-at", "0"),  # a process group of one
-        "trainer_callback": ("trainer_callback.py", "--output-dir", "OUT/trainer_callback"),  # not a new /tmp folder
-        "qlora": ("qlora_trainer.py", "--tiny", "--output-dir", "OUT/qlora"),
-        "peft_interop": ("peft_interop.py", "--tiny")}
 
 
 @pytest.fixture(scope="module")
-def example_runs(tmp_path_factory) -> dict:
-    """{(script, *args): {"returncode", "stdout", "stderr"}} of every --help and bad-argument case, and {name: ...} of
-    each of RUNS, from one process; "OUT": the runs' folder."""
-    out = tmp_path_factory.mktemp("examples")
-    runs = {name: tuple(a.replace("OUT", str(out)) for a in args) for name, args in RUNS.items()}
-    cases = [(e, "--help") for e in EXAMPLES] + [args for args, _ in BAD_ARGUMENTS] + list(runs.values())
+def argparse_runs() -> dict:
+    """{(script, *args): {"returncode", "stdout", "stderr"}} of every --help and bad-argument case, from one process."""
+    cases = [(e, "--help") for e in EXAMPLES] + [args for args, _ in BAD_ARGUMENTS]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-c", _RUN_CASES], input=json.dumps(cases), cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    results = dict(zip(cases, json.loads(p.stdout)))
-    return {**results, **{name: results[args] for name, args in runs.items()}, "OUT": out}
-
-
-def _ran(example_runs, name: str) -> str:
-    """The stdout of RUNS[name], which exited 0."""
-    r = example_runs[name]
-    assert r["returncode"] == 0, f"{RUNS[name][0]} exited {r['returncode']}:\n{r['stdout'][-2000:]}\n{r['stderr'][-3000:]}"
-    return r["stdout"]
+    return dict(zip(cases, json.loads(p.stdout)))
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_every_example_answers_help_without_running(example, example_runs):
-    r = example_runs[example, "--help"]
+def test_every_example_answers_help_without_running(example, argparse_runs):
+    r = argparse_runs[example, "--help"]
     assert r["returncode"] == 0, r["stderr"][-3000:]
     assert r["stdout"].startswith("usage:") and "transitions:" not in r["stdout"]  # ddp_torchrun.py ran 80 steps
 
 
 @pytest.mark.parametrize("args, error", BAD_ARGUMENTS)
-def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error, example_runs):
-    r = example_runs[args]
+def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error, argparse_runs):
+    r = argparse_runs[args]
     # they used to crash in torch (`max(): Expected reduction dim`), in random.sample, with a traceback, or (the
     # Trainer at max_steps=0) to run one step anyway
     assert r["returncode"] == 2 and "Traceback" not in r["stderr"], r["stderr"][-2000:]
@@ -118,15 +97,15 @@ def test_examples_refuse_bad_arguments_with_one_usage_error_line(args, error, ex
     assert last.startswith(f"{args[0]}: error: ") and error in last, last
 
 
-def test_trainer_callback_example(example_runs):
-    out = _ran(example_runs, "trainer_callback")
+def test_trainer_callback_example(tmp_path):
+    out = run_example("examples/trainer_callback.py", "--output-dir", str(tmp_path))  # not a new folder in /tmp each run
     assert "16 controller steps" in out
     rows = [line.split() for line in out.split("(from trainer.state.log_history)")[1].splitlines() if line.strip()][:-1]
     assert [int(r[0]) for r in rows] == [4, 8, 12, 16]  # φ, mode, rank and LR logged at each logging step
 
 
-def test_peft_interop_example_gives_identical_logits_at_every_rank(example_runs):
-    out = _ran(example_runs, "peft_interop")
+def test_peft_interop_example_gives_identical_logits_at_every_rank():
+    out = run_example("examples/peft_interop.py", "--tiny")
     for rank in (4, 8, 16):
         assert f"rank {rank:>2}: max |ours - PEFT| = 0.00e+00" in out
     assert "import r8 into nested layers" in out and "max diff 0.00e+00" in out
@@ -145,8 +124,8 @@ def test_ddp_example_under_torchrun_keeps_both_processes_in_lockstep():
     assert "transitions: [" in out and "transitions: []" not in out
 
 
-def test_ddp_example_runs_in_one_process_without_torchrun(example_runs):
-    out = _ran(example_runs, "ddp")
+def test_ddp_example_runs_in_one_process_without_torchrun():
+    out = run_example("examples/ddp_torchrun.py")  # "python examples/ddp_torchrun.py  # one process works too"
     assert "1 process(es), weights identical on all: True" in out
     assert "transitions: [" in out and "transitions: []" not in out
 
@@ -171,14 +150,14 @@ def test_fsdp2_example_under_torchrun_runs_a_mirror_cycle_in_lockstep_and_resume
     assert _digest(resumed) == _digest(out)  # the gathered LoRA blocks are the uninterrupted run's, bit for bit
 
 
-def test_fsdp2_example_runs_in_one_process_without_torchrun(example_runs):
-    out = _ran(example_runs, "fsdp2")
+def test_fsdp2_example_runs_in_one_process_without_torchrun():
+    out = run_example("examples/fsdp2_torchrun.py", "--tiny", "--save-at", "0")  # a process group of one
     assert "1 process(es), steps 0-80, in lockstep at every step" in out
     assert "'MULTI->MIRROR', 'saved')" in out and "checkpoint of step" not in out
 
 
-def test_qlora_trainer_example_trains_a_4bit_base_and_exports_a_peft_adapter(example_runs):
-    out, tmp_path = _ran(example_runs, "qlora"), example_runs["OUT"] / "qlora"
+def test_qlora_trainer_example_trains_a_4bit_base_and_exports_a_peft_adapter(tmp_path):
+    out = run_example("examples/qlora_trainer.py", "--tiny", "--output-dir", str(tmp_path))
     assert "16 controller steps" in out
     rows = [line.split() for line in out.split("(from trainer.state.log_history)")[1].splitlines() if line.strip()][:4]
     assert [int(r[0]) for r in rows] == [4, 8, 12, 16]  # φ, mode, rank and LR logged at each logging step
