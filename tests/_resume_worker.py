@@ -1,9 +1,11 @@
 """Subprocess worker for the resume test: trains a tiny Llama with the controller.
 
-usage: python _resume_worker.py START STOP OUT_DIR [RESUME_DIR]
+usage: python _resume_worker.py START STOP OUT_DIR [RESUME_DIR] [--save-at K SAVE_DIR]
 For each signal (composite, loss): runs steps [START, STOP), saves everything at
-STOP into OUT_DIR/<signal>.pt and the per-step trace into OUT_DIR/<signal>.json.
-One process handles both signals to keep the interpreter start-ups few.
+STOP into OUT_DIR/<signal>.pt and the per-step trace into OUT_DIR/<signal>.json;
+with --save-at, the same into SAVE_DIR as it stands before step K (what a run of
+[START, K) saves), and the run goes on. One process handles both signals to keep
+the interpreter start-ups few.
 """
 
 import json
@@ -16,8 +18,11 @@ from conftest import VOCAB, tiny_llama  # noqa: E402
 
 from unified_lora import ActuatorConfig, MirrorConfig, setup_unified_lora  # noqa: E402
 
-start, stop, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-resume_dir = sys.argv[4] if len(sys.argv) > 4 else None
+argv = sys.argv[1:]
+save_at, save_dir = (int(argv[-2]), argv[-1]) if "--save-at" in argv else (None, None)
+argv = argv[:argv.index("--save-at")] if "--save-at" in argv else argv
+start, stop, out = int(argv[0]), int(argv[1]), argv[2]
+resume_dir = argv[3] if len(argv) > 3 else None
 
 
 def run(signal: str) -> None:
@@ -39,8 +44,17 @@ def run(signal: str) -> None:
         sched.load_state_dict(sd["sched"])
         ctrl.load_state_dict(sd["ctrl"])
 
+    def save(folder: str) -> None:
+        torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "ctrl": ctrl.state_dict(), "mirror_held": ctrl.mirror.held},
+                   f"{folder}/{signal}.pt")
+        with open(f"{folder}/{signal}.json", "w") as f:
+            json.dump([[r.step, r.phi, r.mode, r.rank, r.lr, r.snapshot] for r in ctrl.trace], f)
+
     pattern = torch.arange(16) % 5 + 3
     for step in range(start, stop):
+        if step == save_at:
+            save(save_dir)
         g = torch.Generator().manual_seed(step)
         x = (pattern + torch.randint(0, 2, (8, 16), generator=g)) % VOCAB
         labels = torch.randint(0, VOCAB, x.shape, generator=g) if 25 <= step < 40 else x  # corrupted stretch
@@ -51,10 +65,7 @@ def run(signal: str) -> None:
         sched.step()
         opt.zero_grad()
 
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "ctrl": ctrl.state_dict(), "mirror_held": ctrl.mirror.held}, f"{out}/{signal}.pt")
-    with open(f"{out}/{signal}.json", "w") as f:
-        json.dump([[r.step, r.phi, r.mode, r.rank, r.lr, r.snapshot] for r in ctrl.trace], f)
+    save(out)
 
 
 for sig in ("composite", "loss"):

@@ -788,9 +788,10 @@ def test_resume_in_a_fresh_process_continues_the_same_trajectory(tmp_path):
     for d in (full, a, b):
         d.mkdir()
     run = lambda *args: subprocess.run([sys.executable, worker, *map(str, args)], check=True)  # noqa: E731
-    run(0, 60, full)
-    run(0, 30, a)  # k = 30 sits inside the corrupted stretch (steps 25-39)
-    run(30, 60, b, a)
+    # the uninterrupted run also saves what a run of steps 0-29 saves, as it stands before step 30 (one start-up
+    # fewer than a third process); k = 30 sits inside the corrupted stretch (steps 25-39)
+    run(0, 60, full, "--save-at", 30, a)
+    run(30, 60, b, a)  # the resume, in a fresh process
     held = []
     for sig in ("composite", "loss"):
         t_full = json.loads((full / f"{sig}.json").read_text())
