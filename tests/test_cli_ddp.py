@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import test_cli
 import test_cli_precision
 import test_cli_schedule
 from test_cli import _ckpt_state, _same, _train_args
+from test_cli_multitask import _table
 from unified_lora.cli import main
 from unified_lora.trace import read_trace
 
@@ -209,3 +211,103 @@ def test_a_checkpoint_process_0_cannot_write_stops_every_process_with_its_one_li
     error = f"unified-lora: error: {out / 'checkpoints' / 'step-2'}: cannot write this checkpoint"
     assert p.returncode != 0 and p.stderr.count(error) == 2, p.stderr[-3000:]
     assert p.stderr.count("exitcode  : 1 ") == 2
+
+
+@pytest.fixture(scope="module")
+def wide_without_dropout(tiny, tmp_path_factory) -> str:
+    """test_cli_predict's wide BERT (its predictions vary by row) with its dropout off (see `without_dropout`)."""
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("wide-nodrop") / "bert"
+    cfg = AutoConfig.from_pretrained(tiny["bert"], num_labels=2, initializer_range=0.5, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny["bert"]).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def several_tasks(wide_without_dropout, tmp_path_factory) -> dict:
+    """Multi-task train on two data sets whose labels conflict (36 and 13 train rows, 20 and 11 dev rows): one process
+    with --batch-size 8 --grad-accum 2 (`one`), and 2 processes under torchrun with --batch-size 4 (`two`)."""
+    root = tmp_path_factory.mktemp("mt-ddp")
+    rows = test_cli._rows(80, seed=5)
+    pos, neg = rows[:36], [(t, 1 - y) for t, y in rows[36:49]]
+    pos_dev, neg_dev = rows[49:69], [(t, 1 - y) for t, y in rows[69:80]]
+    files = {n: _table(root / f"{n}.csv", r) for n, r in
+             (("pos", pos), ("neg", neg), ("posdev", pos_dev), ("negdev", neg_dev))}
+    one, two = root / "one", root / "two"
+    common = ("--model", wide_without_dropout, "--data", files["pos"], files["neg"], "--dev-data", files["posdev"],
+              files["negdev"], "--max-length", "16", "--epochs", "2", "--grad-accum", "2", "--log-every", "0",
+              "--eval-steps", "3", "--controller-warmup", "2", "--lrs", "5e-3", "2e-3", "1e-3", "--threads", "1",
+              "--theta1", "0.5")
+    assert main(["train", *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
+    p = _torchrun("train", *common, "--batch-size", "4", "--output-dir", str(two))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"one": one, "two": two, "stdout": p.stdout}
+
+
+def test_two_processes_train_several_tasks_to_the_weights_decisions_and_task_scores_of_one_process(several_tasks):
+    """Multi-task train (two data sets whose labels conflict, 36 and 13 train rows) under torchrun: 2 processes with
+    --batch-size 4 --grad-accum 2 against one process with --batch-size 8. A process's share of a global batch often
+    holds more rows of a task than the other's, or none: each task's loss passed to the controller is weighted so
+    its all-reduce (a mean over the processes that pass it) is the task's mean over the step's rows, as one process
+    gives (`E[task]`, φ). The controller holds the shared adapter for 2 steps (SINGLE: its task gradients all-reduced
+    across processes), then splits (MULTI) and enters MIRROR (a snapshot), on the same steps; the weights end equal
+    to float rounding, each task's dev scores (sharded over the processes, 20 and 11 rows) are the same at every
+    evaluation, and one set of outputs is written, a PEFT adapter per task. The epoch's last global batch has 1 row,
+    so process 1 runs a forward weighted 0 there, which counts for no task."""
+    one, two = several_tasks["one"], several_tasks["two"]
+    a, b = read_trace(one / "trace.jsonl"), read_trace(two / "trace.jsonl")
+    assert [r["step"] for r in b] == list(range(8))  # 49 rows: 7 global batches of 8, 2 per step; 2 epochs
+    assert _decisions(b) == _decisions(a)
+    assert [r["mode"] for r in a] == [0, 0, 1, 1, 1, 1, 2, 2] and a[6]["snapshot"] == "saved"
+    assert [r["components"]["topology"] for r in a[:3]] == ["shared", "shared", "task"]
+    for key in ("loss", "phi"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6)
+    for ra, rb in zip(a, b):  # the signal's parts: each task's loss EMA, the gradient conflict, the drift
+        ca, cb = ra["components"], rb["components"]
+        keys = [k for k in ca if k.startswith("E[") or k in ("C", "C_grad", "S", "drift")]
+        assert {"E[pos]", "E[neg]"} <= set(keys) and [cb.get(k) is None for k in keys] == [ca[k] is None for k in keys]
+        keys = [k for k in keys if ca[k] is not None]
+        assert [cb[k] for k in keys] == pytest.approx([ca[k] for k in keys], rel=1e-4, abs=1e-6), ra["step"]
+    for tag in ("epoch-1", "epoch-2"):
+        wa, wb = _blocks(one / "checkpoints" / tag), _blocks(two / "checkpoints" / tag)
+        assert wa.keys() == wb.keys() and any(".lora_tasks.1." in k for k in wa)
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), (tag, k)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (sa["world_size"], sa["rows_per_step"], sb["world_size"], sb["rows_per_step"]) == (1, 16, 2, 16)
+    assert sb["eval_points"] == sa["eval_points"] == ["epoch 0.75 (step 3)", "epoch 1", "epoch 1.5 (step 6)", "epoch 2"]
+    ea, eb = sa["arms"]["run"]["eval"], sb["arms"]["run"]["eval"]
+    assert {"pos/accuracy", "neg/macro_f1", "average"} <= set(ea["epoch 2"])
+    for name in ("pos", "neg"):  # not a constant prediction (scored as the majority class): they vary by row
+        assert ea["epoch 2"][f"{name}/macro_f1"] > sa["majority"][f"{name}/macro_f1"]
+    for point, m in ea.items():  # the dev evaluation, sharded over the processes
+        assert eb[point] == pytest.approx(m, rel=1e-6), point
+    assert sb["tasks"] == [dict(t) for t in sa["tasks"]]
+    assert sb["best"]["point"] == sa["best"]["point"]
+    # one set of outputs, written by process 0: a PEFT adapter per task, one console
+    assert sorted(x.name for x in two.iterdir()) == sorted(x.name for x in one.iterdir())
+    assert sorted(x.name for x in (two / "peft_adapter").iterdir()) == ["neg", "peft_tasks.json", "pos"]
+    console = (two / "console.txt").read_text()
+    assert console.count("unified-lora train:") == 1 and several_tasks["stdout"].count("unified-lora train:") == 1
+    assert console.count("task neg: ") == 1 and "DDP: 2 processes (gloo)" in console
+
+
+def test_several_tasks_resumed_under_torchrun_end_bit_for_bit_where_the_uninterrupted_run_ends(several_tasks,
+                                                                                                tmp_path):
+    """The 2-process multi-task run resumed under torchrun from its epoch-1 checkpoint (step 4: the task adapters,
+    split at step 2, the router, the multi-task controller and both processes' RNG states) trains on through the
+    Mirror entry to the uninterrupted run's trace, evaluations and epoch-2 checkpoint, bit for bit."""
+    two, out = several_tasks["two"], tmp_path / "run"
+    shutil.copytree(two, out)
+    shutil.rmtree(out / "checkpoints" / "epoch-2")
+    p = _torchrun("train", "--output-dir", str(out), "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from " in (out / "console.txt").read_text()
+    assert read_trace(out / "trace.jsonl") == read_trace(two / "trace.jsonl")
+    assert _same(_ckpt_state(out / "checkpoints" / "epoch-2"), _ckpt_state(two / "checkpoints" / "epoch-2"))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (two, out))
+    assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"]

@@ -234,18 +234,6 @@ def test_several_data_sets_for_a_causal_lm_are_refused(tiny, tmp_path, capsys):
     assert "a causal LM trains on one data set" in _error(capsys)
 
 
-def test_several_data_sets_under_torchrun_are_refused_before_anything_loads(data):
-    """The check `train` runs on every process before the model loads (a torchrun launch costs ~15 s; the world size
-    it is given here is what `world_size()` reads under torchrun)."""
-    from unified_lora.multitask_train import refuse_unsupported
-    from unified_lora.training import TrainConfig, UsageError
-
-    cfg = TrainConfig(data=[data["pos"], data["neg"]])
-    refuse_unsupported(cfg, "seq-cls", 1)
-    with pytest.raises(UsageError, match=r"2 data sets \(pos, neg\): multi-task train runs in one process"):
-        refuse_unsupported(cfg, "seq-cls", 2)
-
-
 def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the_shared_adapter(wide, data, tmp_path,
                                                                                                  capsys):
     """--dev-size N: each task is evaluated (and its majority class scored) on N of its dev rows; it was ignored there

@@ -823,7 +823,7 @@ def _train(args, held: dict) -> int:
     if cfg.tasks:
         from . import multitask_train as mt
 
-        mt.refuse_unsupported(cfg, task_type, world)
+        mt.refuse_unsupported(cfg, task_type)
         tasks = mt.load_tasks(cfg, note=say)
         train = dev = None
         task = ", ".join(cfg.tasks)

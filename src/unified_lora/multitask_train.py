@@ -10,6 +10,12 @@ classes; a task's loss and predictions see its own classes alone (the others' lo
 Batches mix the tasks: the rows of every task are concatenated and shuffled per epoch by the seed, as one data set's
 rows are (`batches`), each row routed to its task's adapter (`task_context`), and `ctrl.step` gets the step's
 per-task losses (`per_task_losses`), from every micro-batch of a `--grad-accum` step together.
+
+Under torchrun (DDP) each process trains its share of the global batches as a one-task run does (`Run.train_step`),
+and passes `ctrl.step` every task of the step's global batches, each at N x its rows' summed loss on this process /
+the task's rows over every process (0 where it has none): the controller averages a task's loss over the processes
+that pass it, all N of them, which gives each task's mean loss over the step's rows, as one process on all of them.
+The dev evaluation is sharded as a one-task run's (`gather_rows`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from .config import SINGLE
 from .data import TextDataset, glue_metrics, majority_baseline, primary_metric
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
-from .training import (Run, TrainConfig, UsageError, corrupt, encode_rows, load_data, predict_logits)
+from .training import (Run, TrainConfig, UsageError, corrupt, encode_rows, gather_rows, load_data, predict_logits)
 
 AVERAGE = "average"  # the dev metric of a multi-task run: the mean of the tasks' primary metrics (GLUE's score)
 
@@ -62,15 +68,12 @@ def load_tasks(cfg: TrainConfig, note: Callable[[str], None] | None = None) -> l
     return out
 
 
-def refuse_unsupported(cfg: TrainConfig, task_type: str, world: int) -> None:
+def refuse_unsupported(cfg: TrainConfig, task_type: str) -> None:
     """One line for what multi-task `train` does not do, before anything is loaded."""
     names = ", ".join(cfg.tasks)
     if task_type != "seq-cls":
         raise UsageError(f"--data: {len(cfg.tasks)} data sets ({names}) train a classifier in multi-task mode; a "
                          "causal LM trains on one data set")
-    if world > 1:
-        raise UsageError(f"--data: {len(cfg.tasks)} data sets ({names}): multi-task train runs in one process; "
-                         "torchrun (DDP) trains one data set")
     if cfg.signal != "loss":
         raise UsageError(f"--signal {cfg.signal}: not available in multi-task mode (several --data sets), which "
                          "reads its own signal (task conflict, per-task losses, drift); drop --signal")
@@ -131,6 +134,7 @@ class MultiTaskRun(Run):
         self.tasks = [s.name for s in self.specs]
         self.n_classes = torch.tensor([len(s.classes) for s in self.specs])
         self._parts: list = []  # this step's per-sample losses and task ids, for ctrl.step's task losses
+        self._global: list = []  # DDP: each global micro-batch's task ids, and whether this process's share is empty
         super().__init__(cfg, model, "seq-cls", int(self.n_classes.max()), trace_path, print_fn=print_fn,
                          append_trace=append_trace, total_steps=total_steps)
         self.classes = {s.name: list(s.classes) for s in self.specs}  # each task's, in label-id order
@@ -177,17 +181,38 @@ class MultiTaskRun(Run):
         with task_context(model, ids):
             logits = model(**b).logits
         per = F.cross_entropy(self.masked(logits, task), labels, reduction="none")
-        self._parts.append((per.detach(), ids))
+        self._parts.append((per.detach(), ids, batch["task"]))
         return per.mean()
+
+    def _shares(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor] | None]:
+        shares = super()._shares(batch)
+        self._global.append((batch["task"], shares[self.rank] is None))
+        return shares
 
     def _controller_step(self, loss: float) -> None:
         parts, self._parts = self._parts, []
-        per = torch.cat([p for p, _ in parts])
-        ids = [t for _, ts in parts for t in ts]
-        self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids))
+        shares, self._global = self._global, []
+        if self.ddp is None:
+            per = torch.cat([p for p, _, _ in parts])
+            ids = [t for _, ts, _ in parts for t in ts]
+            self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids))
+            return
+        # DDP: the controller averages each task's loss over the processes that pass it. Every process passes every
+        # task of the step's global batches (its rows counted on the host: each process holds them all), weighted as
+        # the step's loss is: N x this process's summed loss on the task's rows / the task's rows on all processes
+        # (0 without one of them here), so that average is the task's mean over every row of the step. A forward of
+        # a process left without a row (weighted 0 by train_step) counts for no task.
+        n = len(self.tasks)
+        rows = torch.bincount(torch.cat([t for t, _ in shares]), minlength=n).tolist()
+        sums = torch.zeros(n, dtype=torch.float64)
+        for (per, _, task), (_, empty) in zip(parts, shares):
+            if not empty:
+                sums.index_add_(0, task, per.double().cpu())
+        self.ctrl.step(loss=loss, task_losses={name: self.world * s / c for name, s, c in
+                                               zip(self.tasks, sums.tolist(), rows) if c})
 
     def train_step(self, batch) -> float:
-        self._parts = []  # (a step that raised before ctrl.step left its parts)
+        self._parts, self._global = [], []  # (a step that raised before ctrl.step left its parts)
         return super().train_step(batch)
 
     def export_peft_to(self, out_dir: Path) -> str | None:
@@ -227,9 +252,11 @@ class MultiTaskRun(Run):
     @torch.no_grad()
     def evaluate(self, devs: Sequence[dict]) -> tuple[dict, dict[str, dict]]:
         """Each task's dev rows scored with its own metrics (`glue_metrics` of its task, as a one-task run scores
-        its dev set), its predictions among its own classes: (`flat` metrics, {task: metrics})."""
-        per = {s.name: glue_metrics(s.metric_task, self.predict(s.name, enc).numpy(), enc["labels"].numpy())
-               for s, enc in zip(self.specs, devs)}
+        its dev set), its predictions among its own classes: (`flat` metrics, {task: metrics}). Under DDP each process
+        predicts its share of each task's rows and every process scores them all (`gather_rows`): the same metrics
+        on every process."""
+        per = {s.name: glue_metrics(s.metric_task, gather_rows(self, enc, lambda part, t=s.name: self.predict(
+            t, part).numpy()), enc["labels"].numpy()) for s, enc in zip(self.specs, devs)}
         return flat(per, self.specs), per
 
     def logits(self, task: str, enc: dict, batch_size: int = 64) -> torch.Tensor:

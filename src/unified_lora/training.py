@@ -1245,23 +1245,37 @@ def evaluate_run(run: "Run", enc: dict[str, torch.Tensor], task: str) -> dict:
     cfg = run.cfg
     if run.world == 1:
         return evaluate(run.model, enc, run.task_type, task, precision=cfg.precision)
-    import numpy as np
     import torch.distributed as dist
 
+    if run.task_type != "causal-lm":
+        preds = gather_rows(run, enc, lambda part: predict(run.model, part, precision=cfg.precision))
+        return glue_metrics(task, preds, enc["labels"].numpy())
     n = len(enc["labels"])
     lo, hi = n * run.rank // run.world, n * (run.rank + 1) // run.world
     part = {k: v[lo:hi] for k, v in enc.items()}
-    if run.task_type != "causal-lm":
-        mine = predict(run.model, part, precision=cfg.precision) if hi > lo else np.zeros(0, dtype=np.int64)
-        every: list = [None] * run.world
-        dist.all_gather_object(every, mine)
-        return glue_metrics(task, np.concatenate(every), enc["labels"].numpy())
     from .distributed import _device
 
     t = torch.tensor(_lm_loss_sum(run.model, part, precision=cfg.precision) if hi > lo else (0.0, 0),
                      dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return _lm_metrics(*t.tolist())
+
+
+def gather_rows(run: "Run", enc: dict[str, torch.Tensor], fn: Callable[[dict], object]):
+    """`fn(rows)`, a value per row of `rows` (a numpy array: a classifier's predicted classes), for every row of
+    `enc`, in row order. Under DDP each process runs `fn` on its contiguous share of the rows (as `Run._shares`
+    cuts them; a process left without a row runs nothing) and the shares are gathered: every process gets them all."""
+    if run.world == 1:
+        return fn(enc)
+    import numpy as np
+    import torch.distributed as dist
+
+    n = len(enc["labels"])
+    lo, hi = n * run.rank // run.world, n * (run.rank + 1) // run.world
+    mine = fn({k: v[lo:hi] for k, v in enc.items()}) if hi > lo else np.zeros(0, dtype=np.int64)
+    every: list = [None] * run.world
+    dist.all_gather_object(every, mine)
+    return np.concatenate(every)
 
 
 @torch.no_grad()
