@@ -259,3 +259,41 @@ def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the
     assert s["config"]["controller_warmup"] == 3
     assert main(_mt_args(wide, tmp_path / "bad", data["pos"], data["neg"], extra=("--controller-warmup", "-1"))) == 2
     assert "controller_warmup: must be >= 0" in _error(capsys)
+
+
+def _save_classifier(model, tokenizer_dir: str, path: Path) -> str:
+    from transformers import AutoTokenizer
+
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return str(path)
+
+
+def test_a_head_that_is_a_block_gets_a_delta_per_task_on_its_output_layer_and_the_targets_must_match_the_body(
+        tiny, data, tmp_path, capsys):
+    """RoBERTa's head `classifier` is a block (dense, out_proj): it was added to the LoRA targets whole, which a
+    nested layer cannot wrap, so every RoBERTa-like model was refused. And GPT-2's body has no query/value (the default
+    targets): with the head added they matched `score` alone, so the run trained the head only, silently (one data
+    set is refused there), and then its PEFT export failed (exit 3)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    roberta = _save_classifier(RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40, pad_token_id=0)), tiny["bert"], tmp_path / "roberta")
+    out = tmp_path / "run"
+    assert main(_mt_args(roberta, out, data["pos"], data["tri"], extra=("--task-names", "pos,tri", "--steps", "2"))) == 0
+    from safetensors.torch import load_file
+
+    blocks = load_file(str(out / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
+    assert "classifier.out_proj.lora_tasks.1.lora_B.0" in blocks and "classifier.dense.base_layer.weight" not in blocks
+    assert (out / "peft_adapter" / "tri" / "adapter_config.json").is_file()
+    assert "has a LoRA delta per task and trains in full" in capsys.readouterr().out
+    gpt2 = _save_classifier(GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=40, pad_token_id=0)), tiny["bert"],
+        tmp_path / "gpt2")
+    assert main(_mt_args(gpt2, tmp_path / "g", data["pos"], data["tri"], extra=("--task-names", "pos,tri"))) == 2
+    err = _error(capsys)
+    assert "['query', 'value'] matched no Linear/Conv1D module outside the classifier head (score)" in err
+    assert "'c_attn'" in err

@@ -942,8 +942,7 @@ def _train(args, held: dict) -> int:
                                    "an adapter per task from the start, never merged") +
             f"; the head ({run.num_labels} outputs, each task's loss on its own classes) has a LoRA delta per task"
             + (" and trains in full (modules_to_save)" if any(
-                p.requires_grad and n.split(".")[-3:] in (["classifier", "base_layer", "weight"],
-                                                          ["score", "base_layer", "weight"])
+                p.requires_grad and n == f"{run.head_target}.base_layer.weight"
                 for n, p in run.model.named_parameters()) else ""))
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")

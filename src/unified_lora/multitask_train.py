@@ -20,6 +20,7 @@ The dev evaluation is sharded as a one-task run's (`gather_rows`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import SINGLE
 from .data import TextDataset, glue_metrics, majority_baseline, primary_metric
+from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
 from .training import (Run, TrainConfig, UsageError, corrupt, encode_rows, gather_rows, load_data, predict_logits)
 
@@ -124,6 +126,20 @@ def majority(tasks: Sequence[TaskData], devs: Sequence[TextDataset]) -> dict:
                  for t, d in zip(tasks, devs)}, specs)
 
 
+def head_output_layer(model, num_labels: int) -> tuple[str | None, str | None]:
+    """(the module path of the classifier head, that of its output layer: the LoRA target that gives each task its
+    own head delta). The head itself where it is a Linear (BERT's `classifier`, GPT-2's and Llama's `score`), else its
+    Linear with `num_labels` outputs (RoBERTa's and ELECTRA's `classifier.out_proj`: their head is a block, which a
+    nested layer cannot wrap); (None, None) for a model without such a head."""
+    modules = dict(model.named_modules())
+    path = next((m for n in ("classifier", "score") for m in modules if m == n or m.endswith("." + n)), None)
+    if path is None or _is_linear(modules[path]):
+        return path, path
+    inner = [n for n, m in modules.items() if n.startswith(path + ".") and _is_linear(m)]
+    return path, next((n for n in reversed(inner) if getattr(modules[n], "out_features", None) == num_labels),
+                      inner[-1] if inner else None)
+
+
 class MultiTaskRun(Run):
     """`Run` over several classifier tasks (`setup_multitask_lora`); see the module docstring."""
 
@@ -141,12 +157,22 @@ class MultiTaskRun(Run):
 
     def _setup_adapters(self, model, modules_to_save, print_fn, keep_trace: bool):
         cfg = self.cfg
-        head = next((n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
-                                                               for m, _ in model.named_modules())), None)
+        root, head = head_output_layer(model, self.num_labels)
+        self.head_target = head
         targets = cfg.target_modules
+        modules = dict(model.named_modules())
+        # the head is added to the targets below: the ones given must still match the model's body, or a model whose
+        # layers are named otherwise (GPT-2's c_attn, Llama's q_proj: not the default query,value) trained its head
+        # alone, where one data set is refused with "matched no Linear/Conv1D module"
+        if not any(_is_linear(m) and _matches(n, targets) and not (root and (n == root or n.startswith(root + ".")))
+                   for n, m in modules.items() if n):
+            seen = sorted({n.split(".")[-1] for n, m in modules.items() if n and _is_linear(m)})
+            raise ValueError(f"target_modules: {targets!r} matched no Linear/Conv1D module outside the classifier "
+                             f"head{f' ({root})' if root else ''}, which several --data sets target on their own. "
+                             f"Linear-like module names in this model end with: {seen}")
         if head is not None and isinstance(targets, str):  # a regex, matched against whole module names
-            targets = rf"(?:{targets})|(?:.*\.)?{head}"
-        elif head is not None and head not in targets:
+            targets = rf"(?:{targets})|{re.escape(head)}"
+        elif head is not None and not _matches(head, targets):
             targets = [*targets, head]
         actuators = cfg.actuator_config()
         machine = cfg.machine_config()
