@@ -297,3 +297,27 @@ def test_a_head_that_is_a_block_gets_a_delta_per_task_on_its_output_layer_and_th
     err = _error(capsys)
     assert "['query', 'value'] matched no Linear/Conv1D module outside the classifier head (score)" in err
     assert "'c_attn'" in err
+
+
+def test_a_head_of_another_name_is_found_by_its_outputs(tiny, data, tmp_path, capsys):
+    """BART's head is `classification_head` (dense, out_proj), neither `classifier` nor `score`: no head target was
+    found, so its tasks shared the head with no delta of their own, while the console said each had one."""
+    from transformers import AutoTokenizer, BartConfig, BartForSequenceClassification
+
+    sep = AutoTokenizer.from_pretrained(tiny["bert"]).sep_token_id  # BART pools at the eos: one per row, the [SEP]
+    torch.manual_seed(0)
+    bart = _save_classifier(BartForSequenceClassification(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40, pad_token_id=0,
+        eos_token_id=sep, bos_token_id=sep, decoder_start_token_id=sep)), tiny["bert"], tmp_path / "bart")
+    out = tmp_path / "run"
+    assert main(_mt_args(bart, out, data["pos"], data["tri"], extra=(
+        "--task-names", "pos,tri", "--steps", "2", "--target-modules", "q_proj,v_proj"))) == 0
+    from safetensors.torch import load_file
+
+    blocks = load_file(str(out / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
+    assert "classification_head.out_proj.lora_tasks.1.lora_B.0" in blocks
+    assert "has a LoRA delta per task" in capsys.readouterr().out
+    from unified_lora.multitask_train import head_output_layer
+
+    assert head_output_layer(torch.nn.Sequential(torch.nn.Linear(4, 5)), 3) == (None, None)

@@ -940,8 +940,10 @@ def _train(args, held: dict) -> int:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
                                    "an adapter per task from the start, never merged") +
-            f"; the head ({run.num_labels} outputs, each task's loss on its own classes) has a LoRA delta per task"
-            + (" and trains in full (modules_to_save)" if any(
+            f"; the head ({run.num_labels} outputs, each task's loss on its own classes) " +
+            ("has a LoRA delta per task" if run.head_target else "was not found (no Linear with that many outputs): "
+             "no LoRA delta per task on it")
+            + (" and trains in full (modules_to_save)" if run.head_target and any(
                 p.requires_grad and n == f"{run.head_target}.base_layer.weight"
                 for n, p in run.model.named_parameters()) else ""))
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"

@@ -130,10 +130,20 @@ def head_output_layer(model, num_labels: int) -> tuple[str | None, str | None]:
     """(the module path of the classifier head, that of its output layer: the LoRA target that gives each task its
     own head delta). The head itself where it is a Linear (BERT's `classifier`, GPT-2's and Llama's `score`), else its
     Linear with `num_labels` outputs (RoBERTa's and ELECTRA's `classifier.out_proj`: their head is a block, which a
-    nested layer cannot wrap); (None, None) for a model without such a head."""
+    nested layer cannot wrap). A head of another name (XLNet's `logits_proj`, BART's and T5's
+    `classification_head`): the last Linear with `num_labels` outputs, inside the outermost module initialised afresh
+    that holds it (`fresh_modules`, the head `from_pretrained` added) where there is one; (None, None) for a model
+    without such a layer."""
     modules = dict(model.named_modules())
     path = next((m for n in ("classifier", "score") for m in modules if m == n or m.endswith("." + n)), None)
-    if path is None or _is_linear(modules[path]):
+    if path is None:
+        outs = [n for n, m in modules.items() if n and _is_linear(m) and getattr(m, "out_features", None) == num_labels]
+        if not outs:
+            return None, None
+        fresh = [f for f in getattr(model, "_unified_lora_fresh_modules", ()) if outs[-1] == f
+                 or outs[-1].startswith(f + ".")]
+        return min(fresh, key=len, default=outs[-1]), outs[-1]
+    if _is_linear(modules[path]):
         return path, path
     inner = [n for n, m in modules.items() if n.startswith(path + ".") and _is_linear(m)]
     return path, next((n for n in reversed(inner) if getattr(modules[n], "out_features", None) == num_labels),
