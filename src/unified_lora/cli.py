@@ -935,7 +935,7 @@ def _train(args, held: dict) -> int:
         f", {run.n_trainable():,} trainable parameters")
     for t, e in zip(tasks or (), enc_devs if tasks else ()):
         say(f"task {t.spec.name}: {t.spec.data}, {len(t.train)} train / {len(e['labels'])} dev rows, "
-            f"{len(t.spec.classes)} classes {t.spec.classes}, scored as {t.spec.metric_task}")
+            f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}")
     if tasks:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
@@ -1208,9 +1208,13 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
         return None
     trace = _load_trace(run_dir / "trace.jsonl") if (run_dir / "trace.jsonl").is_file() else []
     steps = max(step, len(trace))
-    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps, st["lr_schedule"],
-                         run_dir)
+    cfg = TrainConfig.from_dict(st["config"])
+    out = _train_summary(cfg, trace, st["run"]["evals"], steps, st["lr_schedule"], run_dir)
     out["command"] = "train (unfinished)"
+    if cfg.model is None:  # the bundled MiniLM: named by its path, as a finished run's summary names it (not None)
+        from .data import default_model_path
+
+        out["model"] = default_model_path()
     out["classes"] = st.get("classes")
     if st.get("tasks"):  # a multi-task run: its tasks' lines
         out["tasks"] = st["tasks"]
@@ -1410,7 +1414,7 @@ def cmd_predict(args) -> int:
         return 0
     rows = inference.read_rows(trained, args.data, args.id_column)
     source = Path(args.data).expanduser()
-    out = inference.output_path(args.run_dir, args.output, source, rows.fmt)
+    out = inference.output_path(args.run_dir, args.output, source, rows.fmt, trained.route)
     preds, metrics = inference.classify(trained, rows, args.batch_size)
     inference.write_rows(out, preds)
     print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
@@ -1656,7 +1660,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluation's, of train --save-best) or a checkpoint folder (default: the newest under "
                     "checkpoints/)")
     pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
-                    "format>; .jsonl for a .txt input)")
+                    "format>, RUN/predictions-TASK.<format> for a multi-task run; .jsonl for a .txt input)")
     pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "
                     "named id, idx, index or guid, if any)")
     pr.add_argument("--prompt-column", help="a causal LM's prompts table: the column to read (default: the run's "
