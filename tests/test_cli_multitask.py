@@ -268,5 +268,13 @@ def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the
     assert [r["mode"] for r in runs[0][0]][:1] == [1]  # splits at once without the warm-up
     assert [r["mode"] for r in trace[:3]] == [0, 0, 0] and {r["components"]["topology"] for r in trace[:3]} == {"shared"}
     assert s["config"]["controller_warmup"] == 3
+    # a resume with another task set, where the run has dev files: the stored dev_data no longer fits the tasks, and
+    # the error named dev_data, which this command did not give (the same tasks again resume as before)
+    assert main(["train", "--output-dir", str(tmp_path / "w3"), "--resume", "--data", data["pos"], data["tri"]]) == 2
+    err = _error(capsys)
+    assert err.startswith("unified-lora: error: --resume ") and "the run was trained on the tasks {'pos': " in err
+    assert "with --data as given now: dev_data: " in err and "a resumed run keeps its tasks: drop --data," in err
+    assert main(["train", "--output-dir", str(tmp_path / "w3"), "--resume", "--data", data["pos"], data["neg"],
+                 "--dev-data", data["pos"], data["neg"]]) == 0
     assert main(_mt_args(wide, tmp_path / "bad", data["pos"], data["neg"], extra=("--controller-warmup", "-1"))) == 2
     assert "controller_warmup: must be >= 0" in _error(capsys)

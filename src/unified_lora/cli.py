@@ -646,9 +646,21 @@ def _train_config(args) -> "object":
         stored = st["config"]
         # the stored run's settings, then whatever is given now; but not its device: a run saved on a GPU resumes on
         # the CPU of a machine without one (and the reverse) with --device auto, the default
+        given = {**d, **flags}  # what this command sets: the task options of a multi-task run among them
         d = {**{k: v for k, v in stored.items() if k != "device"}, **d}
     d.update(flags)
-    cfg = TrainConfig.from_dict(d)
+    try:
+        cfg = TrainConfig.from_dict(d)
+    except ValueError as e:
+        # a multi-task run resumed with --data, --dev-data or --task-names that fit neither each other nor the stored
+        # ones (another task set): the error named dev_data or task_names, keys this command may not have given
+        keys = [k for k in ("data", "dev_data", "task_names") if ckpt is not None and k in given]
+        if not keys or not isinstance(stored.get("data"), dict):
+            raise
+        flags_now = ", ".join(f"--{k.replace('_', '-')}" for k in keys)
+        raise UsageError(f"--resume {ckpt}: the run was trained on the tasks {stored['data']!r} (dev_data "
+                         f"{stored.get('dev_data')!r}); with {flags_now} as given now: {e}; a resumed run keeps its "
+                         f"tasks: drop {flags_now}, or start a new run in another --output-dir") from None
     if ckpt is not None:
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
