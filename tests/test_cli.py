@@ -1604,6 +1604,23 @@ def test_a_best_save_killed_between_its_renames_is_the_previous_runs_and_overwri
     assert f"resumed from {out / 'checkpoints' / 'step-1'} (step 1," in capsys.readouterr().out
 
 
+def test_report_of_an_unfinished_run_on_the_bundled_model_names_its_path_not_none(tiny, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A run without --model stores `model: None` (the bundled MiniLM): `report` of it unfinished printed
+    "model=None", where the finished run's summary names the model's path. The bundled model is the tiny BERT here."""
+    import unified_lora.data
+
+    monkeypatch.setattr(unified_lora.data, "default_model_path", lambda: tiny["bert"])
+    out = tmp_path / "run"
+    args = _train_args(tiny, out, "--steps", "2")
+    assert main(args[:1] + args[3:]) == 0  # no --model
+    assert json.loads((out / "summary.json").read_text())["model"] == tiny["bert"]
+    (out / "summary.json").unlink()  # as a run stopped before its end leaves it
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert f"train (unfinished): model={tiny['bert']} data=" in capsys.readouterr().out
+
+
 def test_report_of_an_unfinished_run_reads_the_checkpoint_resume_goes_on_from_and_its_own_best(tiny, tmp_path,
                                                                                                capsys):
     """A run killed after a new best (best/, step 16) and before the checkpoint of that step (its newest: epoch-1,

@@ -97,6 +97,13 @@ def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_load
         assert f"task {task}): {_fmt_metrics(own)}" in said
         rows = _read(Path(str(dev) + ".out.csv"))
         assert set(rows[0]) == {"prediction", *(f"prob_{c}" for c in classes)}  # its own classes only
+    # without --output, each task's predictions go to a file of their own: predictions-<task>.<format> (one
+    # predictions.csv for every task, each task's replacing the previous one's)
+    for task in ("pos", "tri"):
+        assert main(["predict", str(run), "--task", task, "--data", data["pos" if task == "pos" else "tri"]]) == 0
+        assert capsys.readouterr().out.split("\n")[1].endswith(f": {run / f'predictions-{task}.csv'}")
+    assert {c for c in _read(run / "predictions-pos.csv")[0] if c.startswith("prob_")} == {"prob_0", "prob_1"}
+    assert "prob_zzz" in _read(run / "predictions-tri.csv")[0] and not (run / "predictions.csv").exists()
     # a missing or unknown task, and --task on a one-task run: one line each
     assert main(["predict", str(run), "--data", data["pos"]]) == 2
     assert "is a multi-task run (tasks pos, tri): pass --task NAME" in _error(capsys)
@@ -215,7 +222,9 @@ def test_the_shock_corrupts_each_label_within_its_own_tasks_classes():
 
 
 @pytest.mark.parametrize("extra, says", [
-    ((), "task name(s) ['pos'] repeat"),
+    ((), "data: the task name(s) ['pos'] repeat (pos, pos, from the data sets' GLUE folder or file names)"),
+    # names given twice are the user's, not the files' (it said they came from the file names, and to pass them)
+    (("--task-names", "a,a"), "task_names: the name(s) ['a'] repeat (a, a); give each task its own name"),
     (("--task-names", "a,b", "--dev-data", "x.csv"), "dev_data: one file for 2 data sets"),
     (("--task-names", "a,b", "--dev-data", "x.csv", "y.csv", "z.csv"), "dev_data: 3 files for 2 data sets"),
     (("--task-names", "a,b", "--signal", "composite"), "--signal composite: not available in multi-task mode"),
@@ -248,6 +257,8 @@ def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the
         runs[warm] = (read_trace(out / "trace.jsonl"), json.loads((out / "summary.json").read_text()))
     said = capsys.readouterr().out
     assert "task pos: " in said and said.count("40 train / 10 dev rows") == 4
+    # how each task is scored: its metrics, the primary one first (it said "scored as pos", the file's stem)
+    assert "2 classes ['0', '1'], scored by accuracy (primary), macro_f1\n" in said
     trace, s = runs[3]
     assert [t["dev_rows"] for t in s["tasks"]] == [10, 10]
     final = list(s["arms"]["run"]["eval"].values())[-1]
@@ -257,6 +268,14 @@ def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the
     assert [r["mode"] for r in runs[0][0]][:1] == [1]  # splits at once without the warm-up
     assert [r["mode"] for r in trace[:3]] == [0, 0, 0] and {r["components"]["topology"] for r in trace[:3]} == {"shared"}
     assert s["config"]["controller_warmup"] == 3
+    # a resume with another task set, where the run has dev files: the stored dev_data no longer fits the tasks, and
+    # the error named dev_data, which this command did not give (the same tasks again resume as before)
+    assert main(["train", "--output-dir", str(tmp_path / "w3"), "--resume", "--data", data["pos"], data["tri"]]) == 2
+    err = _error(capsys)
+    assert err.startswith("unified-lora: error: --resume ") and "the run was trained on the tasks {'pos': " in err
+    assert "with --data as given now: dev_data: " in err and "a resumed run keeps its tasks: drop --data," in err
+    assert main(["train", "--output-dir", str(tmp_path / "w3"), "--resume", "--data", data["pos"], data["neg"],
+                 "--dev-data", data["pos"], data["neg"]]) == 0
     assert main(_mt_args(wide, tmp_path / "bad", data["pos"], data["neg"], extra=("--controller-warmup", "-1"))) == 2
     assert "controller_warmup: must be >= 0" in _error(capsys)
 

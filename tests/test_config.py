@@ -139,3 +139,15 @@ def test_modules_to_save_as_one_string_is_one_module_not_its_letters():
     setup_unified_lora(model, target_modules=["query", "value"], modules_to_save="classifier", print_fn=None)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert trainable == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("dev, says", [
+    ({"a": "x.csv", "bb": "y.csv"}, "dev_data: 'bb' is not a task of data (did you mean 'b'?); no file for 'b'; give "
+                                    "one file for each task of data (a, b)"),
+    ({"a": "x.csv"}, "dev_data: no file for 'b'; give one file for each task of data (a, b)"),
+])
+def test_a_dev_data_mapping_that_misses_a_task_names_the_keys_that_are_wrong(dev, says):
+    """It listed the mapping's keys and the tasks, sorted, and left the user to find the difference."""
+    with pytest.raises(ValueError) as e:
+        TrainConfig(data={"a": "a.csv", "b": "b.csv"}, dev_data=dev)
+    assert str(e.value) == says

@@ -646,9 +646,21 @@ def _train_config(args) -> "object":
         stored = st["config"]
         # the stored run's settings, then whatever is given now; but not its device: a run saved on a GPU resumes on
         # the CPU of a machine without one (and the reverse) with --device auto, the default
+        given = {**d, **flags}  # what this command sets: the task options of a multi-task run among them
         d = {**{k: v for k, v in stored.items() if k != "device"}, **d}
     d.update(flags)
-    cfg = TrainConfig.from_dict(d)
+    try:
+        cfg = TrainConfig.from_dict(d)
+    except ValueError as e:
+        # a multi-task run resumed with --data, --dev-data or --task-names that fit neither each other nor the stored
+        # ones (another task set): the error named dev_data or task_names, keys this command may not have given
+        keys = [k for k in ("data", "dev_data", "task_names") if ckpt is not None and k in given]
+        if not keys or not isinstance(stored.get("data"), dict):
+            raise
+        flags_now = ", ".join(f"--{k.replace('_', '-')}" for k in keys)
+        raise UsageError(f"--resume {ckpt}: the run was trained on the tasks {stored['data']!r} (dev_data "
+                         f"{stored.get('dev_data')!r}); with {flags_now} as given now: {e}; a resumed run keeps its "
+                         f"tasks: drop {flags_now}, or start a new run in another --output-dir") from None
     if ckpt is not None:
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
@@ -935,7 +947,7 @@ def _train(args, held: dict) -> int:
         f", {run.n_trainable():,} trainable parameters")
     for t, e in zip(tasks or (), enc_devs if tasks else ()):
         say(f"task {t.spec.name}: {t.spec.data}, {len(t.train)} train / {len(e['labels'])} dev rows, "
-            f"{len(t.spec.classes)} classes {t.spec.classes}, scored as {t.spec.metric_task}")
+            f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}")
     if tasks:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
@@ -1209,9 +1221,13 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
         return None
     trace = _load_trace(run_dir / "trace.jsonl") if (run_dir / "trace.jsonl").is_file() else []
     steps = max(step, len(trace))
-    out = _train_summary(TrainConfig.from_dict(st["config"]), trace, st["run"]["evals"], steps, st["lr_schedule"],
-                         run_dir)
+    cfg = TrainConfig.from_dict(st["config"])
+    out = _train_summary(cfg, trace, st["run"]["evals"], steps, st["lr_schedule"], run_dir)
     out["command"] = "train (unfinished)"
+    if cfg.model is None:  # the bundled MiniLM: named by its path, as a finished run's summary names it (not None)
+        from .data import default_model_path
+
+        out["model"] = default_model_path()
     out["classes"] = st.get("classes")
     if st.get("tasks"):  # a multi-task run: its tasks' lines
         out["tasks"] = st["tasks"]
@@ -1411,7 +1427,7 @@ def cmd_predict(args) -> int:
         return 0
     rows = inference.read_rows(trained, args.data, args.id_column)
     source = Path(args.data).expanduser()
-    out = inference.output_path(args.run_dir, args.output, source, rows.fmt)
+    out = inference.output_path(args.run_dir, args.output, source, rows.fmt, trained.route)
     preds, metrics = inference.classify(trained, rows, args.batch_size)
     inference.write_rows(out, preds)
     print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
@@ -1657,7 +1673,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluation's, of train --save-best) or a checkpoint folder (default: the newest under "
                     "checkpoints/)")
     pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
-                    "format>; .jsonl for a .txt input)")
+                    "format>, RUN/predictions-TASK.<format> for a multi-task run; .jsonl for a .txt input)")
     pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "
                     "named id, idx, index or guid, if any)")
     pr.add_argument("--prompt-column", help="a causal LM's prompts table: the column to read (default: the run's "

@@ -199,10 +199,12 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
 # ----------------------------------------------------------------------------- files
 
 
-def output_path(run_dir: str | os.PathLike, given: str | None, source: Path, fmt: str) -> Path:
-    """Where the predictions go: `given`, else RUN/predictions.<fmt>. Its extension names the format (.csv, .tsv,
-    .jsonl). The input file itself is refused (predictions never replace their input), and so is a folder."""
-    out = Path(given).expanduser() if given else Path(run_dir) / f"predictions.{fmt}"
+def output_path(run_dir: str | os.PathLike, given: str | None, source: Path, fmt: str, task: str | None = None) -> Path:
+    """Where the predictions go: `given`, else RUN/predictions.<fmt>, or for a multi-task run's `task`
+    RUN/predictions-<task>.<fmt> (one file for every task, the next task's predictions replaced the previous one's).
+    Its extension names the format (.csv, .tsv, .jsonl). The input file itself is refused (predictions never replace
+    their input), and so is a folder."""
+    out = Path(given).expanduser() if given else Path(run_dir) / f"predictions{f'-{task}' if task else ''}.{fmt}"
     flag = f"--output {given}" if given else f"the default output {out}"
     if out.suffix.lower().lstrip(".") not in FORMATS:
         raise UsageError(f"{flag}: name a .csv, .tsv or .jsonl file (the format is taken from the extension)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import SINGLE
 from .data import TextDataset, glue_metrics, majority_baseline, primary_metric
+from .data.metrics import PRIMARY_METRIC, normalize_task
 from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
 from .training import (Run, TrainConfig, UsageError, corrupt, encode_rows, gather_rows, load_data, predict_logits)
@@ -109,6 +110,15 @@ def encode_tasks(tokenizer, tasks: Sequence[TaskData], max_length: int) -> tuple
 def metric_names(specs: Sequence[TaskSpec]) -> list[str]:
     """The dev metrics a multi-task run reports: each task's (`NAME/accuracy`, ...), then `average`."""
     return [f"{s.name}/{m}" for s in specs for m in glue_metrics(s.metric_task, [0, 1], [0, 1])] + [AVERAGE]
+
+
+def scoring(spec: TaskSpec) -> str:
+    """How a task's dev set is scored, for the console: its metrics, the primary one (the one in `average`) first,
+    and the GLUE task whose metrics they are (a GLUE folder, or a table named like one: `mrpc.csv`)."""
+    names = list(glue_metrics(spec.metric_task, [0, 1], [0, 1]))
+    glue = normalize_task(spec.metric_task)
+    return (f"{names[0]} (primary), {', '.join(names[1:])}".rstrip(", ") if len(names) > 1 else f"{names[0]}") + (
+        f", as GLUE {glue}" if glue in PRIMARY_METRIC else "")
 
 
 def flat(per_task: dict[str, dict], specs: Sequence[TaskSpec]) -> dict:

@@ -258,6 +258,9 @@ class TrainConfig:
         if names is not None and len(names) != len(paths):
             raise ValueError(f"task_names: {len(names)} names ({', '.join(names)}) for {len(paths)} data sets; give "
                              "one name per --data, in its order")
+        source = ("task_names: the name(s) {} repeat ({}); give each task its own name" if names is not None else
+                  "data: the task name(s) {} repeat ({}, from the data sets' GLUE folder or file names); pass "
+                  "--task-names (YAML task_names, or data as a mapping) to name each task")
         names = list(names or given or [default_task_name(p) for p in paths])
         bad = next((n for n in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)), None)
         if bad is not None:
@@ -265,9 +268,7 @@ class TrainConfig:
                              "task's metrics, 'NAME/accuracy', and its folder under peft_adapter/)")
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"data: the task name(s) {twice} repeat ({', '.join(names)}, from the data sets' GLUE "
-                             "folder or file names); pass --task-names (YAML task_names, or data as a mapping) to "
-                             "name each task")
+            raise ValueError(source.format(twice, ", ".join(names)))
         if isinstance(dev, str):
             raise ValueError(f"dev_data: one file for {len(names)} data sets; give one per task ({', '.join(names)}), "
                              "in the order of --data")
@@ -277,9 +278,16 @@ class TrainConfig:
                                  f"({', '.join(names)}), in the order of --data")
             dev = dict(zip(names, dev))
         elif isinstance(dev, dict):
-            if sorted(map(str, dev)) != sorted(names):
-                raise ValueError(f"dev_data: a mapping of the tasks {sorted(map(str, dev))}; give one file for each "
-                                 f"task of data, {names}")
+            dev = {str(k): v for k, v in dev.items()}
+            unknown = [k for k in dev if k not in names]
+            missing = [n for n in names if n not in dev]
+            if unknown or missing:
+                close = {k: difflib.get_close_matches(k, missing or names, n=1) for k in unknown}
+                said = [f"{k!r} is not a task of data" + (f" (did you mean {m[0]!r}?)" if m else "")
+                        for k, m in close.items()]
+                said += [f"no file for {', '.join(map(repr, missing))}"] if missing else []
+                raise ValueError(f"dev_data: {'; '.join(said)}; give one file for each task of data "
+                                 f"({', '.join(names)})")
             dev = {n: dev[n] for n in names}
         self.data, self.dev_data, self.task_names = dict(zip(names, paths)), dev, None
 
