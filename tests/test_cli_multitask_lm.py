@@ -115,6 +115,10 @@ def test_a_causal_lm_trains_on_several_tables_its_step_and_task_losses_are_over_
         ours = tr.model(input_ids=first["input_ids"]).logits
     with torch.no_grad():
         assert torch.allclose(ours, peft(input_ids=first["input_ids"]).logits, atol=1e-5)
+    # the shock (--shock-type random) draws random next tokens where the step's rows have targets, as one data set's
+    tr.run.cfg.shock_start, tr.run.cfg.shock_end = 0, 1
+    shocked, targets = tr.run._prepared(first, 0)["labels"], first["labels"] != -100
+    assert torch.equal(shocked == -100, ~targets) and (shocked[targets] != first["labels"][targets]).float().mean() > 0.5
 
 
 def test_a_resumed_causal_lm_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(lm_run, tmp_path):
@@ -192,3 +196,32 @@ def test_what_several_data_sets_for_a_causal_lm_refuse_is_one_line(models, lm_da
                                "['prompt', 'completion'])")):
         assert main([*base, "--data", lm_data["up"], data]) == 2
         assert says in _error(capsys)
+
+
+def test_two_processes_train_a_causal_lms_tasks_to_the_weights_and_task_losses_of_one(models, lm_data, tmp_path):
+    """Under torchrun (2 processes, gloo) with --batch-size 4 against one process with --batch-size 8: a process's
+    share of a global batch holds other rows, of other lengths, than the other's; each task's loss is weighted by its
+    target tokens over both processes, so the step's loss, each task's (`E[task]`), the weights and the sharded dev
+    losses are those of one process."""
+    from test_cli_ddp import _torchrun
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--steps", "3", "--eval-steps", "2")
+    assert main([*_args(models["gpt2"], one, lm_data, *common), "--batch-size", "8"]) == 0
+    p = _torchrun(*_args(models["gpt2"], two, lm_data, *common), "--batch-size", "4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = read_trace(one / "trace.jsonl"), read_trace(two / "trace.jsonl")
+    assert [r["step"] for r in b] == [0, 1, 2] and [r["mode"] for r in b] == [r["mode"] for r in a]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+        for k in ("E[up]", "E[down]"):
+            assert rb["components"][k] == pytest.approx(ra["components"][k], rel=1e-5)
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(d / "checkpoints" / "epoch-1" / "adapter_blocks.safetensors")) for d in (one, two))
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa if wa[k].is_floating_point())
+    ea, eb = (json.loads((d / "summary.json").read_text())["arms"]["run"]["eval"] for d in (one, two))
+    assert ea.keys() == eb.keys()
+    for point, m in ea.items():
+        assert eb[point] == pytest.approx(m, rel=1e-5), point

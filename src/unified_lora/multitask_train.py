@@ -43,7 +43,7 @@ from .data.metrics import PRIMARY_METRIC, normalize_task
 from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
 from .training import (Run, TextCorpus, TrainConfig, UsageError, corrupt, dev_metric_names, encode_rows,
-                       evaluate_run, gather_rows, is_chat, load_data, predict_logits, world_size)
+                       evaluate_run, gather_rows, is_chat, load_data, predict_logits)
 
 AVERAGE = "average"  # the dev metric of a multi-task run: the mean of the tasks' primary metrics (GLUE's score)
 AVERAGE_LOSS = "average_loss"  # a causal LM's: the mean of the tasks' dev losses (lower is better, `LOWER_IS_BETTER`)
@@ -104,9 +104,6 @@ def load_tasks(cfg: TrainConfig, task_type: str = "seq-cls", note: Callable[[str
 
 def refuse_unsupported(cfg: TrainConfig, task_type: str) -> None:
     """One line for what multi-task `train` does not do, before anything is loaded."""
-    if task_type == "causal-lm" and world_size() > 1:
-        raise UsageError(f"--data: {len(cfg.tasks)} data sets for a causal LM train in one process; under torchrun "
-                         "(several processes) a multi-task run trains a classifier")
     if cfg.signal != "loss":
         raise UsageError(f"--signal {cfg.signal}: not available in multi-task mode (several --data sets), which "
                          "reads its own signal (task conflict, per-task losses, drift); drop --signal")
