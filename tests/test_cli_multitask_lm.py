@@ -172,9 +172,9 @@ def test_predict_task_prompts_generates_with_that_tasks_adapter(models, tmp_path
     (tmp_path / "prompts.txt").write_text(prompts[0] + "\n")
     got = {}
     for name in data:
-        assert main(["predict", str(out), "--task", name, "--prompts", str(tmp_path / "prompts.txt"), "--output",
-                     str(tmp_path / f"{name}.out.jsonl"), "--max-new-tokens", "6"]) == 0
-        got[name] = json.loads((tmp_path / f"{name}.out.jsonl").read_text())["completion"]
+        assert main(["predict", str(out), "--task", name, "--prompts", str(tmp_path / "prompts.txt"),
+                     "--max-new-tokens", "6"]) == 0
+        got[name] = json.loads((out / f"predictions-{name}.jsonl").read_text())["completion"]  # (a file per task)
     # (a few steps: each task's letters, not yet its whole completion)
     assert got["ab"] != got["xy"] and set(got["ab"]) <= set(" ab") and set(got["xy"]) <= set(" xy"), got
     assert main(["predict", str(out), "--prompts", str(tmp_path / "prompts.txt")]) == 2

@@ -1399,7 +1399,7 @@ def cmd_predict(args) -> int:
     if trained.task_type == "causal-lm":
         prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column)
         source = Path(args.prompts).expanduser()
-        out = inference.output_path(args.run_dir, args.output, source, prompts.fmt)
+        out = inference.output_path(args.run_dir, args.output, source, prompts.fmt, trained.route)
         ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg),
                                        chat=trained.chat)
         # chat prompts: a run's on chat data (a text prompt sent as a user message), or conversations
