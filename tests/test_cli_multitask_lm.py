@@ -118,7 +118,8 @@ def test_a_causal_lm_trains_on_several_tables_its_step_and_task_losses_are_over_
     # the shock (--shock-type random) draws random next tokens where the step's rows have targets, as one data set's
     tr.run.cfg.shock_start, tr.run.cfg.shock_end = 0, 1
     shocked, targets = tr.run._prepared(first, 0)["labels"], first["labels"] != -100
-    assert torch.equal(shocked == -100, ~targets) and (shocked[targets] != first["labels"][targets]).float().mean() > 0.5
+    assert torch.equal(shocked == -100, ~targets)
+    assert (shocked[targets] != first["labels"][targets]).float().mean() > 0.5
 
 
 def test_a_resumed_causal_lm_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(lm_run, tmp_path):
@@ -185,8 +186,8 @@ def test_what_several_data_sets_for_a_causal_lm_refuse_is_one_line(models, lm_da
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc def\n" * 40)
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                     {"role": "assistant", "content": "yo"}]}) + "\n" for _ in range(8)))
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chat.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(8)))
     pairs = str(test_cli_sft._jsonl(tmp_path / "pairs.jsonl", test_cli_sft.PAIRS))
     base = ["train", "--model", models["gpt2"], "--target-modules", "c_attn", "--output-dir", str(tmp_path / "r")]
     for data, says in ((str(corpus), f"--data {corpus}: a plain-text corpus; several data sets for a causal LM are "

@@ -175,7 +175,8 @@ def flat(per_task: dict[str, dict], specs: Sequence[TaskSpec]) -> dict:
 
 
 def majority(tasks: Sequence[TaskData], devs: Sequence[TextDataset]) -> dict | None:
-    """Each task's majority class scored on its dev rows (`majority_baseline`), as `flat` metrics (a causal LM: None)."""
+    """Each task's majority class scored on its dev rows (`majority_baseline`), as `flat` metrics (a causal LM:
+    None)."""
     specs = [t.spec for t in tasks]
     if average_name(specs) == AVERAGE_LOSS:
         return None
