@@ -237,12 +237,6 @@ def test_what_multi_task_train_refuses_is_one_line(tiny, data, tmp_path, capsys,
     assert says in _error(capsys)
 
 
-def test_several_data_sets_for_a_causal_lm_are_refused(tiny, tmp_path, capsys):
-    assert main(["train", "--model", tiny["gpt2"], "--data", tiny["csv"], tiny["jsonl"], "--task-names", "a,b",
-                 "--output-dir", str(tmp_path / "r")]) == 2
-    assert "a causal LM trains on one data set" in _error(capsys)
-
-
 def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the_shared_adapter(wide, data, tmp_path,
                                                                                                  capsys):
     """--dev-size N: each task is evaluated (and its majority class scored) on N of its dev rows; it was ignored there

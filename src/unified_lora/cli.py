@@ -836,10 +836,12 @@ def _train(args, held: dict) -> int:
         from . import multitask_train as mt
 
         mt.refuse_unsupported(cfg, task_type)
-        tasks = mt.load_tasks(cfg, note=say)
+        # (a resumed causal LM reads the columns it stored, as one data set does)
+        tasks = mt.load_tasks(cfg, task_type, note=say, detect=ckpt is None)
         train = dev = None
         task = ", ".join(cfg.tasks)
-        cfg.metric_for_best = pick_metric(cfg.metric_for_best, mt.metric_names([t.spec for t in tasks]), mt.AVERAGE)
+        specs = [t.spec for t in tasks]
+        cfg.metric_for_best = pick_metric(cfg.metric_for_best, mt.metric_names(specs), mt.average_name(specs))
     else:
         # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
         train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
@@ -848,7 +850,8 @@ def _train(args, held: dict) -> int:
         cfg.metric_for_best = best_metric(cfg, task_type, task)
     chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
-    texts = task_type == "causal-lm" and isinstance(train, list) and bool(train) and isinstance(train[0], str)
+    rows = tasks[0].train if tasks else train  # (a causal LM's tasks: every one in the same layout)
+    texts = task_type == "causal-lm" and isinstance(rows, list) and bool(rows) and isinstance(rows[0], str)
     # text_eos off where it does nothing is refused, but not on a resume: a run saved before the key existed reads as
     # off whatever its data (`LEGACY_CONFIG`), and a resume that changes it is refused anyway
     if not cfg.text_eos and not texts and ckpt is None:
@@ -865,7 +868,7 @@ def _train(args, held: dict) -> int:
         for t in tasks:  # (evaluated and the majority class scored on these rows: the full dev sets were evaluated)
             t.dev = subsample(t.dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
         devs = [t.dev for t in tasks]
-        num_labels = max(t.train.num_labels for t in tasks)
+        num_labels = max((t.train.num_labels for t in tasks if isinstance(t.train, TextDataset)), default=0)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
     model.to(device)
@@ -887,8 +890,8 @@ def _train(args, held: dict) -> int:
             if tok.eos_token_id is None else " and the eos that ends each row (as TRL's SFTTrainer adds it)"
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
     if tasks:
-        enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length)
-        enc_dev = {"labels": torch.cat([e["labels"] for e in enc_devs])}  # (its rows: the console's count)
+        enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length, task_type, cfg.text_eos, note=say)
+        enc_dev = {"labels": torch.empty(sum(len(e["labels"]) for e in enc_devs))}  # (its rows: the console's count)
         check_row_length(model, cfg.max_length, enc_train, *enc_devs)
     else:
         enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"),
@@ -946,18 +949,20 @@ def _train(args, held: dict) -> int:
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
     for t, e in zip(tasks or (), enc_devs if tasks else ()):
-        say(f"task {t.spec.name}: {t.spec.data}, {len(t.train)} train / {len(e['labels'])} dev rows, "
-            f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}")
+        say(f"task {t.spec.name}: {t.spec.data}, {len(t.train)} train / {len(e['labels'])} dev rows, " + (
+            "its dev loss and perplexity over its target tokens" if task_type == "causal-lm" else
+            f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}"))
     if tasks:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
-                                   "an adapter per task from the start, never merged") +
+                                   "an adapter per task from the start, never merged") + (
+            "; each task's loss is its mean over its target tokens" if task_type == "causal-lm" else
             f"; the head ({run.num_labels} outputs, each task's loss on its own classes) " +
             ("has a LoRA delta per task" if run.head_target else "was not found (no Linear with that many outputs): "
              "no LoRA delta per task on it")
             + (" and trains in full (modules_to_save)" if run.head_target and any(
                 p.requires_grad and n == f"{run.head_target}.base_layer.weight"
-                for n, p in run.model.named_parameters()) else ""))
+                for n, p in run.model.named_parameters()) else "")))
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")
     say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")
@@ -1010,8 +1015,9 @@ def _train(args, held: dict) -> int:
         if tasks:
             for name, tm in per_task.items():
                 say(f"{label} @ step {run.state.global_step}: dev {name}: {_fmt_metrics(tm)}")
-            say(f"{label} @ step {run.state.global_step}: dev average of the tasks' primary metrics: "
-                f"{m[mt.AVERAGE]:.3f}")
+            avg = mt.average_name(run.specs)
+            say(f"{label} @ step {run.state.global_step}: dev average of the tasks' "
+                f"{'losses' if avg == mt.AVERAGE_LOSS else 'primary metrics'} ({avg}): {m[avg]:.3f}")
         else:
             say(f"{label} @ step {run.state.global_step}: dev {_fmt_metrics(m)}")
         if better and cfg.save_best:
@@ -1160,7 +1166,7 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
     (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from the checkpoint
     `--resume` goes on from). `run_dir`: the run's folder as given now (its best/; `cfg.output_dir` is as the run was
     given it, relative to that run's working directory, or moved since)."""
-    from .training import BEST, LOWER_IS_BETTER, phi_summary, replay_best, transitions
+    from .training import BEST, lower_is_better, phi_summary, replay_best, transitions
 
     trans = transitions(trace)
     points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
@@ -1169,7 +1175,7 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
     folder = Path(run_dir) / BEST
     best = None if b is None else {
         "point": _eval_point(b), "step": b["step"], "metric": b["metric"], "value": b["value"],
-        "greater_is_better": b["metric"] not in LOWER_IS_BETTER,
+        "greater_is_better": not lower_is_better(b["metric"]),
         "checkpoint": str(folder) if cfg.save_best and (folder / "state.pt").is_file() else None}
     return {
         "command": "train", "model": cfg.model, "data": cfg.data or "shipped GLUE MRPC", "steps": steps,
@@ -1393,7 +1399,7 @@ def cmd_predict(args) -> int:
     if trained.task_type == "causal-lm":
         prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column)
         source = Path(args.prompts).expanduser()
-        out = inference.output_path(args.run_dir, args.output, source, prompts.fmt)
+        out = inference.output_path(args.run_dir, args.output, source, prompts.fmt, trained.route)
         ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg),
                                        chat=trained.chat)
         # chat prompts: a run's on chat data (a text prompt sent as a user message), or conversations

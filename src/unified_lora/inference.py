@@ -10,6 +10,7 @@ encoded as training put a text's start, or scores a labelled text file (loss, pe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     model.eval()
     if specs:  # the task's own data layout, metrics and classes
         return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, spec.metric_task, spec.glue,
-                       list(spec.classes), route=task)
+                       list(spec.classes) or None, route=task)
     task, glue = run_task(cfg, task_type)
     return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, task, glue,
                    list(classes) if classes else None)
@@ -510,7 +511,7 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
         for s in range(0, len(rows), batch_size):
             batch = rows[s:s + batch_size]
             ids = torch.tensor([list(prompt_ids[i]) for i in batch], dtype=torch.long, device=dev)
-            with autocast(trained.run.device, trained.cfg.precision):
+            with autocast(trained.run.device, trained.cfg.precision), routed(trained):
                 new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
             for i, row in zip(batch, new[:, length:].tolist()):
                 stop = "length"
@@ -521,9 +522,20 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
     return out  # type: ignore[return-value]
 
 
+def routed(trained: Trained):
+    """The context a trained model runs in: a multi-task run's task (`trained.route`) routes every row to its adapter
+    (`task_context`); a one-task run's, none."""
+    if trained.route is None:
+        return contextlib.nullcontext()
+    from .multitask import task_context
+
+    return task_context(trained.model, trained.route)
+
+
 def corpus_run(cfg: TrainConfig) -> bool:
     """Whether the run trained on a plain-text corpus (.txt/.raw: `encode_corpus`, no special tokens)."""
-    return cfg.data is not None and Path(cfg.data).suffix.lower().lstrip(".") in TEXT_SUFFIXES
+    # (a multi-task run's data, a mapping of tables, holds no corpus)
+    return isinstance(cfg.data, str) and Path(cfg.data).suffix.lower().lstrip(".") in TEXT_SUFFIXES
 
 
 def perplexity(trained: Trained, path: str, batch_size: int = 64, note: Callable[[str], None] | None = None) -> dict:
@@ -533,5 +545,6 @@ def perplexity(trained: Trained, path: str, batch_size: int = 64, note: Callable
     texts, _ = _load_texts(p, trained.cfg.text_columns)
     enc = encode_rows(trained.tokenizer, texts, "causal-lm", trained.cfg.max_length, note=note,
                       assistant_only=trained.cfg.assistant_only_loss, text_eos=trained.cfg.text_eos)
-    check_row_length(trained.model, trained.cfg.max_length, enc)
-    return evaluate(trained.model, enc, "causal-lm", "lm", batch_size, trained.cfg.precision)
+    with routed(trained):  # (a multi-task run: the task's adapter, as its dev evaluation runs it)
+        check_row_length(trained.model, trained.cfg.max_length, enc)
+        return evaluate(trained.model, enc, "causal-lm", "lm", batch_size, trained.cfg.precision)

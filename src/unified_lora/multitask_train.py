@@ -1,4 +1,5 @@
-"""`unified-lora train` on several classifier data sets at once: one task each, in multi-task mode.
+"""`unified-lora train` on several data sets at once: one task each, in multi-task mode (a classifier, or a causal LM on
+tables of text rows or prompt/completion pairs).
 
 Each data set is read as a one-task run reads it (`load_data`: a GLUE task folder or a .csv/.tsv/.jsonl table, its
 dev set or a split of it, its classes in label-id order) and is a task of `setup_multitask_lora`: the tasks share one
@@ -16,6 +17,14 @@ and passes `ctrl.step` every task of the step's global batches, each at N x its 
 the task's rows over every process (0 where it has none): the controller averages a task's loss over the processes
 that pass it, all N of them, which gives each task's mean loss over the step's rows, as one process on all of them.
 The dev evaluation is sharded as a one-task run's (`gather_rows`).
+
+A causal LM (`TaskSpec.task_type` "causal-lm") reads each data set as a one-task causal-LM run reads a table (text
+rows, with the eos as such a run adds it, or prompt/completion pairs, the loss on the completion), every task in one
+layout (`--text-columns`). It has no head to target and no classes: the loss is the per-token cross-entropy, the
+step's mean over its target tokens (as the model's own loss and `Run._weight` count them), `ctrl.step` gets each task's
+mean over its own target tokens (`per_task_losses` with the mask of the targets), under DDP weighted by target tokens
+where a classifier weights by rows. Each task's dev loss and perplexity are over its target tokens (`evaluate_run`
+under `task_context`), and their `average_loss` ranks the evaluations, lower is better.
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ from .data import TextDataset, glue_metrics, majority_baseline, primary_metric
 from .data.metrics import PRIMARY_METRIC, normalize_task
 from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
-from .training import (Run, TrainConfig, UsageError, corrupt, encode_rows, gather_rows, load_data, predict_logits)
+from .training import (Run, TextCorpus, TrainConfig, UsageError, corrupt, dev_metric_names, encode_rows,
+                       evaluate_run, gather_rows, is_chat, load_data, predict_logits)
 
 AVERAGE = "average"  # the dev metric of a multi-task run: the mean of the tasks' primary metrics (GLUE's score)
+AVERAGE_LOSS = "average_loss"  # a causal LM's: the mean of the tasks' dev losses (lower is better, `LOWER_IS_BETTER`)
 
 
 @dataclass
@@ -47,69 +58,101 @@ class TaskSpec:
     dev_data: str | None
     metric_task: str  # what its dev set is scored as (`glue_metrics`): a GLUE key, or the table's stem
     glue: str | None  # the GLUE task key where its data is a GLUE task folder
-    classes: list[str]  # in label-id order
+    classes: list[str]  # in label-id order (none for a causal LM)
+    task_type: str = "seq-cls"  # or "causal-lm" (checkpoints written before it was recorded: a classifier's)
 
 
 @dataclass
 class TaskData:
     spec: TaskSpec
-    train: TextDataset
-    dev: TextDataset
+    train: TextDataset | list  # a causal LM's: its text rows or (prompt, completion) pairs
+    dev: TextDataset | list
 
 
-def load_tasks(cfg: TrainConfig, note: Callable[[str], None] | None = None) -> list[TaskData]:
-    """Each task's train and dev sets, read as a one-task run reads its data set (`load_data`)."""
+def load_tasks(cfg: TrainConfig, task_type: str = "seq-cls", note: Callable[[str], None] | None = None,
+               detect: bool = True) -> list[TaskData]:
+    """Each task's train and dev sets, read as a one-task run reads its data set (`load_data`; `detect`: a causal
+    LM's prompt/completion columns found without --text-columns, off on a resume). A causal LM's tasks are tables of
+    text rows or prompt/completion pairs, all in one layout, which `cfg.text_columns` records; a plain-text corpus or
+    chat data is refused."""
     from .inference import run_task
 
-    out = []
+    out, layouts = [], {}
     for name, path in cfg.data.items():
         one = replace(cfg, data=path, dev_data=(cfg.dev_data or {}).get(name))
-        train, dev, _ = load_data(one, "seq-cls", note=note)
-        metric_task, glue = run_task(one, "seq-cls")
-        classes = train.label_names or [str(i) for i in range(train.num_labels)]
-        out.append(TaskData(TaskSpec(name, path, one.dev_data, metric_task, glue, list(classes)), train, dev))
+        train, dev, _ = load_data(one, task_type, note=note, detect=detect)
+        metric_task, glue = run_task(one, task_type)
+        if task_type == "causal-lm":
+            what = ("a plain-text corpus" if isinstance(train, TextCorpus) else "chat data" if is_chat(train) else
+                    None)
+            if what:
+                raise UsageError(f"--data {path}: {what}; several data sets for a causal LM are tables of text rows "
+                                 "or prompt/completion pairs (.csv/.tsv/.jsonl); train it on its own")
+            layouts[name] = list(one.text_columns)
+            classes: Sequence[str] = []
+        else:
+            classes = train.label_names or [str(i) for i in range(train.num_labels)]
+        out.append(TaskData(TaskSpec(name, path, one.dev_data, metric_task, glue, list(classes), task_type), train,
+                            dev))
+    if len({tuple(c) for c in layouts.values()}) > 1:
+        raise UsageError("--data: the tasks' tables are read in different layouts (" + ", ".join(
+            f"{n}: {c}" for n, c in layouts.items()) + "); give every task the same columns (--text-columns)")
+    if layouts:  # (found without --text-columns: recorded, as a one-task run records it)
+        cfg.text_columns = next(iter(layouts.values()))
     return out
 
 
 def refuse_unsupported(cfg: TrainConfig, task_type: str) -> None:
     """One line for what multi-task `train` does not do, before anything is loaded."""
-    names = ", ".join(cfg.tasks)
-    if task_type != "seq-cls":
-        raise UsageError(f"--data: {len(cfg.tasks)} data sets ({names}) train a classifier in multi-task mode; a "
-                         "causal LM trains on one data set")
     if cfg.signal != "loss":
         raise UsageError(f"--signal {cfg.signal}: not available in multi-task mode (several --data sets), which "
                          "reads its own signal (task conflict, per-task losses, drift); drop --signal")
     if cfg.calibration_steps:
         raise UsageError(f"--calibration-steps {cfg.calibration_steps}: the multi-task signal has no calibration; "
                          "set its loss scale with --loss-scale")
-    if cfg.target_modules == "all-linear":
+    if cfg.target_modules == "all-linear" and task_type == "seq-cls":
         raise UsageError("--target-modules all-linear leaves the classifier head out, and several --data sets need "
                          "it as a LoRA target (each task's own head delta); name the modules (query,value) or a regex")
 
 
-def encode_tasks(tokenizer, tasks: Sequence[TaskData], max_length: int) -> tuple[dict, list[dict]]:
+def encode_tasks(tokenizer, tasks: Sequence[TaskData], max_length: int, task_type: str = "seq-cls",
+                 text_eos: bool = True, note: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
     """(the train rows of every task, encoded and concatenated in task order with a `task` index per row, each
-    task's encoded dev rows). The tasks' rows are padded to one width, on the tokenizer's padding side."""
+    task's encoded dev rows), each encoded as a one-task run encodes it (`encode_rows`: a causal LM's text rows with
+    the eos where `text_eos`; `note` gets a task's rows left out or cut). The tasks' rows are padded to one width, on
+    the tokenizer's padding side (a causal LM's on the right, as `encode_rows` pads them, its labels with -100)."""
+    lm = task_type == "causal-lm"
+
+    def enc(t: TaskData, rows, what: str) -> dict:
+        return encode_rows(tokenizer, rows, task_type, max_length, text_eos=text_eos,
+                           note=(lambda m: note(f"task {t.spec.name} {what} data: {m}")) if note and lm else None)
+
     parts = []
     for i, t in enumerate(tasks):
-        enc = encode_rows(tokenizer, t.train, "seq-cls", max_length)
-        parts.append(dict(enc, task=torch.full((len(enc["labels"]),), i, dtype=torch.long)))
+        e = enc(t, t.train, "train")
+        parts.append(dict(e, task=torch.full((len(e["labels"]),), i, dtype=torch.long)))
     width = max(p["input_ids"].shape[1] for p in parts)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    left = not lm and getattr(tokenizer, "padding_side", "right") == "left"
     for p in parts:
         pad = width - p["input_ids"].shape[1]
         for k, v in p.items():
             if v.dim() == 2 and pad:
-                fill = tokenizer.pad_token_id if k == "input_ids" else 0
+                fill = tokenizer.pad_token_id if k == "input_ids" else -100 if k == "labels" else 0
                 p[k] = F.pad(v, (pad, 0) if left else (0, pad), value=fill)
     train = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return train, [encode_rows(tokenizer, t.dev, "seq-cls", max_length) for t in tasks]
+    return train, [enc(t, t.dev, "dev") for t in tasks]
+
+
+def average_name(specs: Sequence[TaskSpec]) -> str:
+    """The metric that averages the tasks: `average` (a classifier's), `average_loss` (a causal LM's)."""
+    return AVERAGE_LOSS if specs and specs[0].task_type == "causal-lm" else AVERAGE
 
 
 def metric_names(specs: Sequence[TaskSpec]) -> list[str]:
-    """The dev metrics a multi-task run reports: each task's (`NAME/accuracy`, ...), then `average`."""
-    return [f"{s.name}/{m}" for s in specs for m in glue_metrics(s.metric_task, [0, 1], [0, 1])] + [AVERAGE]
+    """The dev metrics a multi-task run reports: each task's (`NAME/accuracy`, ...; a causal LM's `NAME/loss`,
+    `NAME/perplexity`), then `average` (a causal LM: `average_loss`)."""
+    return [f"{s.name}/{m}" for s in specs for m in dev_metric_names(s.task_type, s.metric_task)] + [
+        average_name(specs)]
 
 
 def scoring(spec: TaskSpec) -> str:
@@ -123,15 +166,20 @@ def scoring(spec: TaskSpec) -> str:
 
 def flat(per_task: dict[str, dict], specs: Sequence[TaskSpec]) -> dict:
     """{task: metrics} as one run's metrics: `NAME/metric` keys, and `average`, the mean of the tasks' primary
-    metrics (GLUE's average score)."""
+    metrics (GLUE's average score); a causal LM's `average_loss`, the mean of the tasks' dev losses."""
     out = {f"{s.name}/{k}": v for s in specs for k, v in per_task[s.name].items()}
-    out[AVERAGE] = sum(per_task[s.name][primary_metric(s.metric_task)] for s in specs) / len(specs)
+    lm = average_name(specs) == AVERAGE_LOSS
+    out[average_name(specs)] = sum(per_task[s.name]["loss" if lm else primary_metric(s.metric_task)]
+                                   for s in specs) / len(specs)
     return out
 
 
-def majority(tasks: Sequence[TaskData], devs: Sequence[TextDataset]) -> dict:
-    """Each task's majority class scored on its dev rows (`majority_baseline`), as `flat` metrics."""
+def majority(tasks: Sequence[TaskData], devs: Sequence[TextDataset]) -> dict | None:
+    """Each task's majority class scored on its dev rows (`majority_baseline`), as `flat` metrics (a causal LM:
+    None)."""
     specs = [t.spec for t in tasks]
+    if average_name(specs) == AVERAGE_LOSS:
+        return None
     return flat({t.spec.name: majority_baseline(t.train.labels, d.labels, t.spec.metric_task)
                  for t, d in zip(tasks, devs)}, specs)
 
@@ -161,23 +209,30 @@ def head_output_layer(model, num_labels: int) -> tuple[str | None, str | None]:
 
 
 class MultiTaskRun(Run):
-    """`Run` over several classifier tasks (`setup_multitask_lora`); see the module docstring."""
+    """`Run` over several tasks (`setup_multitask_lora`), a classifier's or a causal LM's (the specs' `task_type`);
+    see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, model, specs: Sequence[TaskSpec], trace_path: str | None,
                  print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
                  total_steps: int | None = None):
         self.specs = list(specs)
         self.tasks = [s.name for s in self.specs]
+        self.lm = self.specs[0].task_type == "causal-lm"
         self.n_classes = torch.tensor([len(s.classes) for s in self.specs])
-        self._parts: list = []  # this step's per-sample losses and task ids, for ctrl.step's task losses
-        self._global: list = []  # DDP: each global micro-batch's task ids, and whether this process's share is empty
-        super().__init__(cfg, model, "seq-cls", int(self.n_classes.max()), trace_path, print_fn=print_fn,
-                         append_trace=append_trace, total_steps=total_steps)
-        self.classes = {s.name: list(s.classes) for s in self.specs}  # each task's, in label-id order
+        # this step's per-sample losses (a causal LM: per-token, with the mask of its targets) and task ids, for
+        # ctrl.step's task losses
+        self._parts: list = []
+        # DDP: each global micro-batch's task ids, each row's weight (1; a causal LM: its target tokens), and whether
+        # this process's share is empty
+        self._global: list = []
+        super().__init__(cfg, model, self.specs[0].task_type, 0 if self.lm else int(self.n_classes.max()),
+                         trace_path, print_fn=print_fn, append_trace=append_trace, total_steps=total_steps)
+        # each task's, in label-id order (a causal LM has none)
+        self.classes = None if self.lm else {s.name: list(s.classes) for s in self.specs}
 
     def _setup_adapters(self, model, modules_to_save, print_fn, keep_trace: bool):
         cfg = self.cfg
-        root, head = head_output_layer(model, self.num_labels)
+        root, head = (None, None) if self.lm else head_output_layer(model, self.num_labels)
         self.head_target = head
         targets = cfg.target_modules
         modules = dict(model.named_modules())
@@ -187,9 +242,10 @@ class MultiTaskRun(Run):
         if not any(_is_linear(m) and _matches(n, targets) and not (root and (n == root or n.startswith(root + ".")))
                    for n, m in modules.items() if n):
             seen = sorted({n.split(".")[-1] for n, m in modules.items() if n and _is_linear(m)})
-            raise ValueError(f"target_modules: {targets!r} matched no Linear/Conv1D module outside the classifier "
-                             f"head{f' ({root})' if root else ''}, which several --data sets target on their own. "
-                             f"Linear-like module names in this model end with: {seen}")
+            where = "" if self.lm else (f" outside the classifier head{f' ({root})' if root else ''}, which several "
+                                        "--data sets target on their own")
+            raise ValueError(f"target_modules: {targets!r} matched no Linear/Conv1D module{where}. Linear-like module "
+                             f"names in this model end with: {seen}")
         if head is not None and isinstance(targets, str):  # a regex, matched against whole module names
             targets = rf"(?:{targets})|{re.escape(head)}"
         elif head is not None and not _matches(head, targets):
@@ -221,39 +277,61 @@ class MultiTaskRun(Run):
         return y
 
     def _forward_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's mean loss, each row routed to its task: a classifier's over its rows (its own classes),
+        a causal LM's over its target tokens (the next-token cross-entropy at `labels[:, 1:] != -100`, in fp32, as the
+        model's own loss)."""
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         labels, task = b.pop("labels"), b.pop("task")
         ids = [self.tasks[i] for i in batch["task"].tolist()]
         with task_context(model, ids):
             logits = model(**b).logits
+        if self.lm:
+            y = labels[:, 1:]
+            mask = y != -100
+            per = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            self._parts.append((per.detach(), ids, batch["task"], mask.cpu()))
+            return per.sum() / mask.sum().clamp(min=1)
         per = F.cross_entropy(self.masked(logits, task), labels, reduction="none")
-        self._parts.append((per.detach(), ids, batch["task"]))
+        self._parts.append((per.detach(), ids, batch["task"], None))
         return per.mean()
 
     def _shares(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor] | None]:
         shares = super()._shares(batch)
-        self._global.append((batch["task"], shares[self.rank] is None))
+        y = batch["labels"]
+        weight = (y[:, 1:] != -100).sum(1) if self.lm else torch.ones(len(y), dtype=torch.long)
+        self._global.append((batch["task"], weight, shares[self.rank] is None))
         return shares
 
     def _controller_step(self, loss: float) -> None:
         parts, self._parts = self._parts, []
         shares, self._global = self._global, []
         if self.ddp is None:
-            per = torch.cat([p for p, _, _ in parts])
-            ids = [t for _, ts, _ in parts for t in ts]
-            self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids))
+            ids = [t for _, ts, _, _ in parts for t in ts]
+            if not self.lm:
+                self.ctrl.step(loss=loss, task_losses=per_task_losses(torch.cat([p for p, _, _, _ in parts]), ids))
+                return
+            # the micro-batches' per-token losses padded to one width, the padding not counted
+            width = max(p.shape[1] for p, _, _, _ in parts)
+            per = torch.cat([F.pad(p, (0, width - p.shape[1])) for p, _, _, _ in parts])
+            mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=False) for _, _, _, m in parts])
+            self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids, mask=mask))
             return
         # DDP: the controller averages each task's loss over the processes that pass it. Every process passes every
         # task of the step's global batches (its rows counted on the host: each process holds them all), weighted as
         # the step's loss is: N x this process's summed loss on the task's rows / the task's rows on all processes
-        # (0 without one of them here), so that average is the task's mean over every row of the step. A forward of
-        # a process left without a row (weighted 0 by train_step) counts for no task.
+        # (a causal LM: its target tokens; 0 without one of them here), so that average is the task's mean over
+        # every row (target token) of the step. A forward of a process left without a row (weighted 0 by
+        # train_step) counts for no task.
         n = len(self.tasks)
-        rows = torch.bincount(torch.cat([t for t, _ in shares]), minlength=n).tolist()
+        rows = torch.zeros(n, dtype=torch.float64)
+        for t, w, _ in shares:
+            rows.index_add_(0, t, w.double())
+        rows = rows.tolist()
         sums = torch.zeros(n, dtype=torch.float64)
-        for (per, _, task), (_, empty) in zip(parts, shares):
+        for (per, _, task, mask), (_, _, empty) in zip(parts, shares):
             if not empty:
-                sums.index_add_(0, task, per.double().cpu())
+                per = per.double().cpu()
+                sums.index_add_(0, task, per if mask is None else (per * mask).sum(1))
         self.ctrl.step(loss=loss, task_losses={name: self.world * s / c for name, s, c in
                                                zip(self.tasks, sums.tolist(), rows) if c})
 
@@ -300,7 +378,14 @@ class MultiTaskRun(Run):
         """Each task's dev rows scored with its own metrics (`glue_metrics` of its task, as a one-task run scores
         its dev set), its predictions among its own classes: (`flat` metrics, {task: metrics}). Under DDP each process
         predicts its share of each task's rows and every process scores them all (`gather_rows`): the same metrics
-        on every process."""
+        on every process. A causal LM: each task's loss and perplexity over its dev rows' target tokens, with its
+        adapter (`evaluate_run`, sharded as a one-task run's)."""
+        if self.lm:
+            per = {}
+            for s, enc in zip(self.specs, devs):
+                with task_context(self.model, s.name):
+                    per[s.name] = evaluate_run(self, enc, "lm")
+            return flat(per, self.specs), per
         per = {s.name: glue_metrics(s.metric_task, gather_rows(self, enc, lambda part, t=s.name: self.predict(
             t, part).numpy()), enc["labels"].numpy()) for s, enc in zip(self.specs, devs)}
         return flat(per, self.specs), per
@@ -325,10 +410,15 @@ def task_lines(summary: dict) -> list[str]:
         own = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(name + "/")}
         maj = t.get("majority") or {}
         fmt = " ".join(f"{k}={v:.3f}" for k, v in own.items() if isinstance(v, (int, float))) or "-"
+        if t.get("task_type") == "causal-lm":
+            out.append(f"task {name} ({t.get('data')}): last dev {fmt}")
+            continue
         out.append(f"task {name} ({t.get('data')}; {len(t.get('classes') or [])} classes {t.get('classes')}): last "
                    f"dev {fmt}; majority class " + (" ".join(f"{k}={v:.3f}" for k, v in maj.items()) or "-"))
     if summary.get("tasks") and isinstance(last.get(AVERAGE), (int, float)):
         out.append(f"average of the tasks' primary metrics: {last[AVERAGE]:.3f}")
+    if summary.get("tasks") and isinstance(last.get(AVERAGE_LOSS), (int, float)):
+        out.append(f"average of the tasks' dev losses: {last[AVERAGE_LOSS]:.3f}")
     return out
 
 

@@ -1320,7 +1320,14 @@ def majority(train, dev, task: str) -> dict | None:
 # ----------------------------------------------------------------------------- best evaluation, early stopping
 
 
-LOWER_IS_BETTER = ("loss", "perplexity")  # the dev metrics a smaller value of is better (a causal LM's); others: higher
+# the dev metrics a smaller value of is better (a causal LM's; a multi-task LM's `average_loss`); others: higher
+LOWER_IS_BETTER = ("loss", "perplexity", "average_loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the dev metric `metric` is better: one of `LOWER_IS_BETTER`, or a task's of a
+    multi-task run (`NAME/loss`, `NAME/perplexity`)."""
+    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
 
 
 def dev_metric_names(task_type: str, task: str) -> list[str]:
@@ -1353,7 +1360,7 @@ def pick_metric(name: str | None, names: Sequence[str], default: str) -> str:
 
 def record_best(state: "RunState", e: dict, metric: str, threshold: float = 0.0) -> bool:
     """Rank the dev evaluation `e` (a `RunState.evals` entry) against the best so far (`state.best`) by `metric`
-    (lower is better for `LOWER_IS_BETTER`, higher for the others) and update the state. A better value (strictly)
+    (lower is better for `LOWER_IS_BETTER`, a task's too: `lower_is_better`; higher for the others) and update the state. A better value (strictly)
     becomes the best; `state.evals_without_improvement` goes back to 0 where it improves on the best by more than
     `threshold`, else counts one more (Hugging Face's EarlyStoppingCallback: a gain of `threshold` or less counts as
     none, though it is a new best). A NaN value is never better. Returns whether `e` is a new best."""
@@ -1363,7 +1370,7 @@ def record_best(state: "RunState", e: dict, metric: str, threshold: float = 0.0)
     elif state.best is None:
         gain = math.inf
     else:
-        gain = (state.best["value"] - v) if metric in LOWER_IS_BETTER else (v - state.best["value"])
+        gain = (state.best["value"] - v) if lower_is_better(metric) else (v - state.best["value"])
     if gain > 0:
         state.best = {"epoch": e["epoch"], "step": e["step"], "metric": metric, "value": float(v)}
     state.evals_without_improvement = 0 if gain > threshold else state.evals_without_improvement + 1
