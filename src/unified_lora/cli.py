@@ -867,7 +867,6 @@ def _train(args, held: dict) -> int:
     if tasks:  # each task's dev rows subsampled apart (--dev-size each); the head has the most classes of any task
         for t in tasks:  # (evaluated and the majority class scored on these rows: the full dev sets were evaluated)
             t.dev = subsample(t.dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
-        devs = [t.dev for t in tasks]
         num_labels = max((t.train.num_labels for t in tasks if isinstance(t.train, TextDataset)), default=0)
     seed_everything(cfg.seed)
     model, tok = load_model(model_path, task_type, max(num_labels, 2), note=say)
@@ -891,7 +890,6 @@ def _train(args, held: dict) -> int:
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
     if tasks:
         enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length, task_type, cfg.text_eos, note=say)
-        enc_dev = {"labels": torch.empty(sum(len(e["labels"]) for e in enc_devs))}  # (its rows: the console's count)
         check_row_length(model, cfg.max_length, enc_train, *enc_devs)
     else:
         enc_train = encode_rows(tok, train, task_type, cfg.max_length, note=lambda m: say(f"train data: {m}"),
@@ -901,6 +899,7 @@ def _train(args, held: dict) -> int:
         check_row_length(model, cfg.max_length, enc_train, enc_dev)
     if corpus_dev:
         enc_dev = take_rows(enc_dev, cfg.dev_size, DEV_SUBSAMPLE_SEED)
+    n_dev = sum(len(e["labels"]) for e in enc_devs) if tasks else len(enc_dev["labels"])
     n_rows = len(enc_train["labels"])
     # optimizer steps; under torchrun each step's global batch is batch_size rows on each of the processes
     per_epoch = math.ceil(math.ceil(n_rows / (cfg.batch_size * world)) / cfg.grad_accum)
@@ -945,7 +944,7 @@ def _train(args, held: dict) -> int:
     if ckpt is not None:
         run.load_checkpoint(ckpt, args.trust_checkpoint)
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
-    say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {len(enc_dev['labels'])}"
+    say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {n_dev}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
     for t, e in zip(tasks or (), enc_devs if tasks else ()):
@@ -960,9 +959,8 @@ def _train(args, held: dict) -> int:
             f"; the head ({run.num_labels} outputs, each task's loss on its own classes) " +
             ("has a LoRA delta per task" if run.head_target else "was not found (no Linear with that many outputs): "
              "no LoRA delta per task on it")
-            + (" and trains in full (modules_to_save)" if run.head_target and any(
-                p.requires_grad and n == f"{run.head_target}.base_layer.weight"
-                for n, p in run.model.named_parameters()) else "")))
+            + (" and trains in full (modules_to_save)" if run.head_target and run.model.get_submodule(
+                run.head_target).base_layer.weight.requires_grad else "")))
     accum = (f", {cfg.grad_accum} batches of {cfg.batch_size} per step ({cfg.grad_accum * cfg.batch_size} rows)"
              if cfg.grad_accum > 1 else "")
     say(f"device: {device_label(device)}, precision {cfg.precision}{accum}")
@@ -1119,16 +1117,18 @@ def _train(args, held: dict) -> int:
                          f"{out / 'peft_adapter'} (loads with peft.PeftModel.from_pretrained(base_model, path"
                          f"{'/TASK' if tasks else ''}))")
         trace = read_trace(trace_path)
+        # the majority class on the dev rows: flat over the tasks of a multi-task run, and each task's own
+        maj, maj_task = mt.majority(tasks) if tasks else (majority(train, dev, task), {})
         summary = {
             **_train_summary(cfg, trace, run.state.evals, run.state.global_step, run.schedule, out),
             "stopped_early": stopped_early,
             "model": model_path, "task_type": task_type, "task": task, "classes": classes,
             "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
             "world_size": world, "rows_per_step": world * cfg.batch_size * cfg.grad_accum,
-            "majority": majority(train, dev, task) if not tasks else mt.majority(tasks, devs),
+            "majority": maj,
             **({"tasks": [{**asdict(t.spec), "num_labels": len(t.spec.classes), "train_rows": len(t.train),
-                           "dev_rows": len(d), "majority": majority(t.train, d, t.spec.metric_task)}
-                          for t, d in zip(tasks, devs)]} if tasks else {}),
+                           "dev_rows": len(t.dev), "majority": maj_task[t.spec.name]} for t in tasks]}
+               if tasks else {}),
             "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
             "peft_adapter": None if peft_note else str(out / "peft_adapter"),
             # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a

@@ -38,12 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from .config import SINGLE
-from .data import TextDataset, glue_metrics, majority_baseline, primary_metric
+from .data import TextDataset, glue_metrics, primary_metric
 from .data.metrics import PRIMARY_METRIC, normalize_task
 from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
 from .training import (Run, TextCorpus, TrainConfig, UsageError, corrupt, dev_metric_names, encode_rows,
                        evaluate_run, gather_rows, is_chat, load_data, predict_logits)
+from .training import majority as task_majority  # (a task's: this module's `majority` is the run's, over its tasks)
 
 AVERAGE = "average"  # the dev metric of a multi-task run: the mean of the tasks' primary metrics (GLUE's score)
 AVERAGE_LOSS = "average_loss"  # a causal LM's: the mean of the tasks' dev losses (lower is better, `LOWER_IS_BETTER`)
@@ -174,14 +175,12 @@ def flat(per_task: dict[str, dict], specs: Sequence[TaskSpec]) -> dict:
     return out
 
 
-def majority(tasks: Sequence[TaskData], devs: Sequence[TextDataset]) -> dict | None:
-    """Each task's majority class scored on its dev rows (`majority_baseline`), as `flat` metrics (a causal LM:
-    None)."""
+def majority(tasks: Sequence[TaskData]) -> tuple[dict | None, dict[str, dict | None]]:
+    """(each task's majority class scored on its dev rows, as `flat` metrics (a causal LM: None); {task: those
+    metrics}, as a one-task run scores it, `training.majority`)."""
+    per = {t.spec.name: task_majority(t.train, t.dev, t.spec.metric_task) for t in tasks}
     specs = [t.spec for t in tasks]
-    if average_name(specs) == AVERAGE_LOSS:
-        return None
-    return flat({t.spec.name: majority_baseline(t.train.labels, d.labels, t.spec.metric_task)
-                 for t, d in zip(tasks, devs)}, specs)
+    return (None if average_name(specs) == AVERAGE_LOSS else flat(per, specs)), per
 
 
 def head_output_layer(model, num_labels: int) -> tuple[str | None, str | None]:
@@ -289,7 +288,8 @@ class MultiTaskRun(Run):
             y = labels[:, 1:]
             mask = y != -100
             per = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-            self._parts.append((per.detach(), ids, batch["task"], mask.cpu()))
+            # (the targets' mask for the task losses from the batch on the host: no device sync in the step)
+            self._parts.append((per.detach(), ids, batch["task"], batch["labels"][:, 1:] != -100))
             return per.sum() / mask.sum().clamp(min=1)
         per = F.cross_entropy(self.masked(logits, task), labels, reduction="none")
         self._parts.append((per.detach(), ids, batch["task"], None))
@@ -314,7 +314,7 @@ class MultiTaskRun(Run):
             width = max(p.shape[1] for p, _, _, _ in parts)
             per = torch.cat([F.pad(p, (0, width - p.shape[1])) for p, _, _, _ in parts])
             mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=False) for _, _, _, m in parts])
-            self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids, mask=mask))
+            self.ctrl.step(loss=loss, task_losses=per_task_losses(per, ids, mask=mask.to(per.device)))
             return
         # DDP: the controller averages each task's loss over the processes that pass it. Every process passes every
         # task of the step's global batches (its rows counted on the host: each process holds them all), weighted as
