@@ -1772,6 +1772,7 @@ def test_the_readme_names_every_setting_a_resume_refuses():
             "controller": "`--no-controller`", "signal": "the signal", "loss_scale": "`--loss-scale`",
             "calibration_steps": "`--calibration-steps`", "calibration_target": "`calibration_target`",
             "lr_scheduler": "the LR schedule", "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`",
+            "lr_scheduler_kwargs": "`--lr-scheduler-kwargs`",
             "metric_for_best": "`--metric-for-best`", "save_best": "`--save-best`"}
     assert set(said) == set(_RESUME_FIXED), "a new refused key: say it in the README and map it here"
     missing = [k for k in _RESUME_FIXED if said[k] not in para]

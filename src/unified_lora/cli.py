@@ -480,8 +480,8 @@ def cmd_demo(args) -> int:
     _refuse_multiprocess_launch("demo")
     from .data import TextDataset, majority_class
     from .plotting import plot_trace
-    from .training import (TrainConfig, UsageError, check_precision, device_label, encode_rows, load_data,
-                           load_tokenizer, majority, resolve_device, resolve_model, subsample)
+    from .training import (TrainConfig, UsageError, check_precision, describe_schedule, device_label, encode_rows,
+                           load_data, load_tokenizer, lr_schedule, majority, resolve_device, resolve_model, subsample)
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if args.steps < 1:  # TrainConfig's steps=0 means "whole epochs"; the demo runs --steps steps, and 0 trained none
@@ -506,7 +506,10 @@ def cmd_demo(args) -> int:
                       shock_start=args.shock_start, shock_end=args.shock_end, shock_type=args.shock_type,
                       output_dir=str(out), log_every=args.log_every, target_modules=args.target_modules,
                       modules_to_save=args.modules_to_save, min_dwell=args.min_dwell, threads=args.threads,
-                      device=args.device, precision=args.precision)
+                      device=args.device, precision=args.precision, lr_scheduler=args.lr_scheduler,
+                      warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+                      lr_scheduler_kwargs=args.lr_scheduler_kwargs)
+    schedule = lr_schedule(cfg, cfg.steps)  # (a warm-up longer than the run: refused before anything loads)
     device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
     check_precision(device, cfg.precision)
     if cfg.threads:  # checked first: torch.set_num_threads(-1) was an internal error (RuntimeError, exit 1)
@@ -539,6 +542,9 @@ def cmd_demo(args) -> int:
         f"ranks 4/8/16")
     if (device.type, cfg.precision) != ("cpu", "fp32"):  # (the default: the demo's documented output, unchanged)
         say(f"device: {device_label(device)}, precision {cfg.precision}")
+    if schedule["lr_scheduler"] != "constant":  # (so is a constant LR's)
+        say(f"LR schedule: {describe_schedule(schedule)}; the mode's LR x its factor at each optimizer step, in both "
+            "arms")
     say(dev_note)
     say(f"majority class baseline on dev: {_fmt_metrics(maj)}")
 
@@ -563,6 +569,7 @@ def cmd_demo(args) -> int:
         "num_labels": train.num_labels, "classes": train.label_names,
         "dev_labels": _label_string(enc_dev["labels"].numpy()), "majority_label": majority_class(train.labels),
         "arms": arms, "threads": _threads(), "device": device_label(device), "precision": cfg.precision,
+        "lr_schedule": schedule,
     }
     summary["verdict"] = _paired_verdict(summary)
     summary["verdict_f1"] = _f1_verdict(summary)
@@ -601,7 +608,8 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "shock_type", "min_dwell", "controller_warmup", "theta0", "theta1", "mirror_policy", "mirror_kernel",
         "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
         "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
-        "warmup_ratio", "metric_for_best", "save_best", "early_stopping_patience", "early_stopping_threshold",
+        "warmup_ratio", "lr_scheduler_kwargs", "metric_for_best", "save_best", "early_stopping_patience",
+        "early_stopping_threshold",
         "task_names")},
     "lrs": "mode_lrs",
 }
@@ -648,6 +656,9 @@ def _train_config(args) -> "object":
         # the CPU of a machine without one (and the reverse) with --device auto, the default
         given = {**d, **flags}  # what this command sets: the task options of a multi-task run among them
         d = {**{k: v for k, v in stored.items() if k != "device"}, **d}
+        if given.get("lr_scheduler", stored.get("lr_scheduler")) != stored.get("lr_scheduler") and \
+                "lr_scheduler_kwargs" not in given:  # (a schedule's settings are its own: another --lr-scheduler,
+            d.pop("lr_scheduler_kwargs", None)  # which the resume refuses below, naming it, does not take them)
     d.update(flags)
     try:
         cfg = TrainConfig.from_dict(d)
@@ -738,6 +749,7 @@ _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text
                  "text_eos", "label_column", "max_length", "batch_size", "grad_accum", "seed", "target_modules",
                  "modules_to_save", "rank_levels", "lora_alpha", "lora_dropout", "controller", "signal", "loss_scale",
                  "calibration_steps", "calibration_target", "lr_scheduler", "warmup_steps", "warmup_ratio",
+                 "lr_scheduler_kwargs",
                  "metric_for_best", "save_best")
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
@@ -1469,9 +1481,33 @@ def _csv_list(example: str):
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _schedule_flags(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    """--lr-scheduler, --warmup-steps, --warmup-ratio and --lr-scheduler-kwargs: train's (None unless given, as a flag
+    given overrides the YAML) and demo's (with their defaults, which its help formatter states)."""
     from .training import LR_SCHEDULERS
 
+    defaults = {"lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0}
+
+    def said(dest: str) -> str:  # train's help states the default itself (demo's formatter: those not None)
+        return "" if demo and dest in defaults else f" (default {defaults.get(dest, 'none'):g})" \
+            if dest == "warmup_ratio" else f" (default {defaults.get(dest, 'none')})"
+
+    p.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=defaults["lr_scheduler"] if demo else None,
+                   help="the LR schedule (transformers' get_scheduler): the LR of an optimizer step is the mode's LR x "
+                   "the schedule's factor at that step; linear and cosine decay to 0 over the run's steps"
+                   + said("lr_scheduler"))
+    p.add_argument("--warmup-steps", type=int, default=defaults["warmup_steps"] if demo else None,
+                   help="optimizer steps of warm-up from 0 to the mode's LR, with a schedule other than constant"
+                   + said("warmup_steps"))
+    p.add_argument("--warmup-ratio", type=float, default=defaults["warmup_ratio"] if demo else None,
+                   help="the warm-up as a share of the run's optimizer steps, rounded up, instead of --warmup-steps"
+                   + said("warmup_ratio"))
+    p.add_argument("--lr-scheduler-kwargs", metavar="JSON", help="the schedule's own settings as a JSON object, as "
+                   "the Trainer's lr_scheduler_kwargs, e.g. '{\"min_lr_rate\": 0.1}' for cosine_with_min_lr or "
+                   "'{\"num_decay_steps\": 100}' for warmup_stable_decay" + said("lr_scheduler_kwargs"))
+
+
+def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -1501,6 +1537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="φ(t): the v1 loss signal or the v3 composite signal (reads gradients)")
     d.add_argument("--lrs", type=float, nargs=3, metavar=("SINGLE", "MULTI", "MIRROR"),
                    help=f"absolute LR per mode (default {' '.join(map(str, DEMO_LRS))})")
+    _schedule_flags(d, demo=True)
     d.add_argument("--loss-scale", type=float,
                    help=f"loss signal: divide the loss by this first; giving it turns calibration off unless "
                         f"--calibration-steps is also given (default: set by calibration; {DEMO_LOSS_SCALE} with "
@@ -1585,13 +1622,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-mode LRs for --lr-mode absolute (default 2e-3 5e-4 1e-4)")
     t.add_argument("--lr-mode", choices=("absolute", "multiplier"),
                    help="absolute (default): the mode sets the LR; multiplier: the mode scales --lr")
-    t.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, help="the LR schedule (transformers' get_scheduler): the "
-                   "LR of an optimizer step is the mode's LR x the schedule's factor at that step; linear and cosine "
-                   "decay to 0 over the run's steps (default constant)")
-    t.add_argument("--warmup-steps", type=int, help="optimizer steps of warm-up from 0 to the mode's LR, with a "
-                   "schedule other than constant (default 0)")
-    t.add_argument("--warmup-ratio", type=float, help="the warm-up as a share of the run's optimizer steps, rounded "
-                   "up, instead of --warmup-steps (default 0)")
+    _schedule_flags(t)
     t.add_argument("--signal", choices=("loss", "composite"),
                    help="φ(t): the v1 loss signal (default) or the v3 composite signal (reads gradients)")
     t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import itertools
 import json
 import math
@@ -39,7 +40,7 @@ import torch
 
 from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
 from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
-                     check_field_types, parse_names)
+                     _scalar, check_field_types, parse_names)
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
@@ -52,10 +53,37 @@ TASK_TYPES = ("auto", "seq-cls", "causal-lm")
 TEXT_SUFFIXES = ("txt", "raw")  # plain-text corpora for a causal LM (tinyshakespeare's input.txt, wikitext's *.raw)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the autocast dtype
 DEVICE_FORM = r"auto|cpu|cuda(:\d+)?|mps"  # --device
-# --lr-scheduler: transformers' `get_scheduler` names whose only settings are the warm-up and the run's length
-# (polynomial's lr_end is an absolute LR, which no mode's LR scales; reduce_lr_on_plateau reads a metric)
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "inverse_sqrt")
-DECAYING = ("linear", "cosine", "cosine_with_restarts")  # their factor at a step depends on the run's total steps
+_POSITIVE = (lambda v: v > 0 and math.isfinite(v), "must be a number > 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
+_STEPS = (lambda v: v >= 0, "must be >= 0")
+_SHARE = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_LR = (lambda v: v >= 0 and math.isfinite(v), "must be an LR >= 0")
+_SHAPES = ("linear", "cosine", "1-sqrt")  # warmup_stable_decay's warm-up and decay shapes
+_SHAPE = (lambda v: v in _SHAPES, f"must be one of {_SHAPES}")
+_MIN_LR = {"num_cycles": (float, *_POSITIVE), "min_lr": (float, *_LR), "min_lr_rate": (float, *_SHARE)}
+# --lr-scheduler: transformers' `get_scheduler` names, and each one's own settings, --lr-scheduler-kwargs (the
+# Trainer's `lr_scheduler_kwargs`: the keyword arguments of the schedule's function in transformers.optimization
+# beside the warm-up and the run's length, as transformers names them): {name: {kwarg: (type, check, what it needs)}}.
+# reduce_lr_on_plateau is not offered: it reads a dev metric and sets the optimizer's LR itself, not a factor of the
+# step that the mode's LR is scaled by (and that a resume recomputes); nor is greedy (the same)
+SCHEDULER_KWARGS: dict[str, dict[str, tuple]] = {
+    "constant": {}, "constant_with_warmup": {}, "linear": {},
+    "cosine": {"num_cycles": (float, *_POSITIVE)},
+    "cosine_with_restarts": {"num_cycles": (int, *_AT_LEAST_1)},
+    "inverse_sqrt": {"timescale": (int, *_AT_LEAST_1)},
+    "polynomial": {"lr_end": (float, *_LR), "power": (float, *_POSITIVE)},
+    "cosine_with_min_lr": _MIN_LR,
+    "cosine_warmup_with_min_lr": {**_MIN_LR, "warmup_lr_rate": (float, *_SHARE)},
+    "warmup_stable_decay": {"num_decay_steps": (int, *_STEPS), "num_stable_steps": (int, *_STEPS),
+                            "warmup_type": (str, *_SHAPE), "decay_type": (str, *_SHAPE),
+                            "min_lr_ratio": (float, *_SHARE), "num_cycles": (float, *_POSITIVE)},
+}
+LR_SCHEDULERS = tuple(SCHEDULER_KWARGS)
+# their factor at a step depends on the run's total steps (warmup_stable_decay's unless num_stable_steps is given)
+DECAYING = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+            "warmup_stable_decay")
+# settings that are absolute LRs in transformers: the schedule's factor of --lr here (`check_scheduler_kwargs`)
+ABSOLUTE_LR_KWARGS = {"polynomial": "lr_end", "cosine_with_min_lr": "min_lr", "cosine_warmup_with_min_lr": "min_lr"}
 
 
 class DivergedError(RuntimeError):
@@ -114,6 +142,8 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # one of LR_SCHEDULERS (transformers' get_scheduler)
     warmup_steps: int = 0  # optimizer steps of warm-up (not with "constant")
     warmup_ratio: float = 0.0  # or the warm-up as a share of the run's steps, rounded up (transformers' Trainer)
+    # the schedule's own settings (the Trainer's lr_scheduler_kwargs; a mapping, or its JSON text): SCHEDULER_KWARGS
+    lr_scheduler_kwargs: dict | str | None = None
     loss_scale: float = 1.0
     calibration_steps: int = 0
     calibration_target: float = 0.5
@@ -207,6 +237,7 @@ class TrainConfig:
             given = f"warmup_steps {self.warmup_steps}" if self.warmup_steps else f"warmup_ratio {self.warmup_ratio}"
             raise ValueError(f"lr_scheduler: 'constant' has no warm-up ({given}); use constant_with_warmup, or a "
                              "decaying schedule (linear, cosine, ...)")
+        self.lr_scheduler_kwargs = check_scheduler_kwargs(self)
         if self.steps and self.shock_end > self.steps:
             raise ValueError(f"shock_end: must be <= steps ({self.steps}), got {self.shock_end}")
         # The config dataclasses of the core validate the rest (thresholds, LRs, policy, ...), here: the LoRA layout
@@ -354,34 +385,153 @@ def default_task_name(path: str) -> str:
     return key if key in _GLUE and not p.suffix else (p.stem or p.name).lower()
 
 
-LEGACY_SCHEDULE = {"lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0, "total_steps": None}
+LEGACY_SCHEDULE = {"lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0, "lr_scheduler_kwargs": {},
+                   "total_steps": None}
+# get_scheduler's own arguments, which the run sets: not settings of a schedule's --lr-scheduler-kwargs
+_SET_BY_THE_RUN = {"num_warmup_steps": "the warm-up: --warmup-steps or --warmup-ratio (warmup_steps, warmup_ratio)",
+                   "num_training_steps": "the run's length: --steps, or --epochs", "last_epoch": "the run (a resume)",
+                   "optimizer": "the run"}
+
+
+def _installed_schedule(name: str) -> dict:
+    """The keyword arguments of schedule `name`'s function in the installed transformers: {name: its default, or
+    inspect.Parameter.empty where it has none}, less get_scheduler's own (`_SET_BY_THE_RUN`). A schedule this
+    transformers lacks is a ValueError."""
+    import transformers
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    try:
+        func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    except (ValueError, KeyError):
+        raise ValueError(f"lr_scheduler: {name!r} is not in the installed transformers {transformers.__version__}; "
+                         "upgrade transformers, or pick another schedule") from None
+    return {k: p.default for k, p in inspect.signature(func).parameters.items()
+            if k not in _SET_BY_THE_RUN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_scheduler_kwargs(cfg: TrainConfig) -> dict:
+    """`cfg.lr_scheduler_kwargs` (a mapping, or its JSON text; None: none) checked against the schedule
+    `cfg.lr_scheduler`: each setting one of its own (`SCHEDULER_KWARGS`, found in the installed transformers), of its
+    type and range; the required ones given (those without a default in transformers, and one of min_lr / min_lr_rate
+    for the cosine_*min_lr schedules). Returns them typed, in the table's order; else a ValueError naming the schedule
+    and the setting. A setting that is an absolute LR in transformers (`ABSOLUTE_LR_KWARGS`: polynomial's lr_end,
+    min_lr) becomes the factor value / base LR there, and the controller scales the factor by the mode's multiplier:
+    in lr_mode "multiplier" it is the LR of a mode at multiplier 1 (MULTI), as --lr is, and must be below --lr; in
+    "absolute" (a base LR of 1, each mode its own LR) it cannot be honoured and is refused."""
+    name, given, field_ = cfg.lr_scheduler, cfg.lr_scheduler_kwargs, "lr_scheduler_kwargs"
+    example = '{"min_lr_rate": 0.1}'
+    if given is None:
+        given = {}
+    if isinstance(given, str):
+        try:
+            given = json.loads(given) if given.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{field_}: not JSON ({e.msg} at column {e.colno}) in {given!r}; give a JSON object of "
+                             f"the schedule's settings, e.g. '{example}'") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"{field_}: must be a mapping of the schedule's settings to values, e.g. {example}, got "
+                         f"{given!r} ({type(given).__name__})")
+    table = SCHEDULER_KWARGS[name]
+    if not table:
+        if given:
+            raise ValueError(f"{field_}: lr_scheduler {name!r} takes none (its only settings are the warm-up and the "
+                             f"run's length), got {given}")
+        return {}
+    installed = _installed_schedule(name)
+    own = [k for k in table if k in installed]
+    out = {}
+    for key, v in given.items():
+        if key in _SET_BY_THE_RUN:
+            raise ValueError(f"{field_}: {key!r} is not a setting of {name} here: it is {_SET_BY_THE_RUN[key]}")
+        if key not in own:
+            raise ValueError(f"{field_}: {key!r} is not a setting of lr_scheduler {name!r}; its settings are {own}")
+        kind, ok, why = table[key]
+        where = f"{field_}.{key} ({name})"
+        if kind is str:
+            if not isinstance(v, str):
+                raise ValueError(f"{where}: must be a string, got {v!r} ({type(v).__name__})")
+        else:
+            v = _scalar(where, v, kind)
+        if not ok(v):
+            raise ValueError(f"{where}: {why}, got {v!r}")
+        out[key] = v
+    missing = [k for k in own if installed[k] is inspect.Parameter.empty and k not in out]
+    if missing:
+        raise ValueError(f"{field_}: lr_scheduler {name!r} needs {missing[0]} (transformers has no default for it), "
+                         f"e.g. --lr-scheduler-kwargs '{{\"{missing[0]}\": ...}}'")
+    if "min_lr_rate" in own and ("min_lr" in out) == ("min_lr_rate" in out):
+        raise ValueError(f"{field_}: lr_scheduler {name!r} needs one of min_lr_rate (the LR it decays to, as a "
+                         "share of the mode's LR) and min_lr (an LR), got "
+                         + ("both" if "min_lr" in out else "neither"))
+    for key in ("warmup_lr_rate", "warmup_type"):
+        if key in out and not (cfg.warmup_steps or cfg.warmup_ratio):
+            raise ValueError(f"{field_}.{key} ({name}): shapes the warm-up, and this run has none; give --warmup-steps "
+                             "or --warmup-ratio, or drop it")
+    key = ABSOLUTE_LR_KWARGS.get(name)
+    if key is not None and cfg.lr_mode == "absolute" and key in out:
+        instead = ("min_lr_rate, the LR it decays to as a share of the mode's LR" if key == "min_lr" else
+                   f"none (it then decays to {installed[key]:g} x the mode's LR)")
+        raise ValueError(f"{field_}.{key} ({name}): an absolute LR, which --lr-mode absolute cannot honour (each mode "
+                         f"has its own LR, --lrs, which the schedule's factor scales); give {instead}, or use "
+                         "--lr-mode multiplier, where it is the LR of MULTI (x the mode's multiplier, as --lr is)")
+    if key is not None and cfg.lr_mode == "multiplier" and out.get(key, installed[key]) is not None:
+        v = out.get(key, installed[key])
+        if v > cfg.lr or (key == "lr_end" and v == cfg.lr):  # (transformers requires lr_end < the base LR)
+            given_as = "" if key in out else " (transformers' default)"
+            raise ValueError(f"{field_}.{key} ({name}): {v:g}{given_as}, the LR the schedule decays to, must be below "
+                             f"--lr {cfg.lr:g} (the base LR that it is a share of)")
+    return {k: out[k] for k in own if k in out}
+
+
+def needs_total(s: dict) -> bool:
+    """Whether the schedule `s` (an `lr_schedule`, or a TrainConfig's fields) spans the run's total steps: a decaying
+    one's factor at a step depends on it (warmup_stable_decay's, unless num_stable_steps fixes its stable phase)."""
+    return s["lr_scheduler"] in DECAYING and "num_stable_steps" not in (s.get("lr_scheduler_kwargs") or {})
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int | None) -> dict:
     """The LR schedule of a run of `total_steps` optimizer steps: `cfg.lr_scheduler`, its warm-up in steps
-    (`warmup_steps`, or `warmup_ratio` of the total rounded up, as transformers' Trainer resolves a ratio) and the
-    total, which a decaying schedule (`DECAYING`) decays over. A warm-up longer than the run, and a schedule that
-    needs the total where none is known, are UsageErrors."""
+    (`warmup_steps`, or `warmup_ratio` of the total rounded up, as transformers' Trainer resolves a ratio), its own
+    settings (`lr_scheduler_kwargs`) and the total, which a decaying schedule (`DECAYING`) decays over. A warm-up
+    longer than the run, a warmup_stable_decay whose phases do not fit in it, and a schedule that needs the total
+    where none is known, are UsageErrors."""
+    kwargs = dict(cfg.lr_scheduler_kwargs or {})
     warmup = cfg.warmup_steps or (math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio and total_steps else 0)
-    if not total_steps and (cfg.lr_scheduler in DECAYING or cfg.warmup_ratio):
+    out = {"lr_scheduler": cfg.lr_scheduler, "warmup_steps": warmup, "warmup_ratio": cfg.warmup_ratio,
+           "lr_scheduler_kwargs": kwargs, "total_steps": total_steps}
+    if not total_steps and (needs_total(out) or cfg.warmup_ratio):
         raise UsageError(f"lr_scheduler {cfg.lr_scheduler!r}" + (f" with warmup_ratio {cfg.warmup_ratio}"
                                                                  if cfg.warmup_ratio else "")
                          + ": needs the run's number of optimizer steps (steps, or total_steps)")
     if total_steps and warmup > total_steps:
         raise UsageError(f"warmup_steps: {warmup} steps of warm-up, but the run has {total_steps} optimizer steps: its "
                          "LR would never reach the mode's LR; give fewer warm-up steps (or more --steps / --epochs)")
-    return {"lr_scheduler": cfg.lr_scheduler, "warmup_steps": warmup, "warmup_ratio": cfg.warmup_ratio,
-            "total_steps": total_steps}
+    if cfg.lr_scheduler == "warmup_stable_decay" and total_steps and "num_decay_steps" in kwargs:
+        stable = kwargs.get("num_stable_steps")
+        phases = warmup + (stable or 0) + kwargs["num_decay_steps"]
+        if phases > total_steps:
+            said = (f"{warmup} warm-up + {stable} stable (num_stable_steps) + " if stable is not None
+                    else f"{warmup} warm-up + ")
+            raise UsageError(f"lr_scheduler_kwargs.num_decay_steps (warmup_stable_decay): {said}"
+                             f"{kwargs['num_decay_steps']} decay steps are {phases}, but the run has {total_steps} "
+                             "optimizer steps: its decay would " + ("not end" if stable is not None else
+                                                                   "start before its warm-up ends")
+                             + "; give fewer steps (or more --steps / --epochs)")
+    return out
 
 
 def describe_schedule(s: dict) -> str:
-    """`cosine, 10 warm-up steps, decaying over 100 steps`; `constant`: an `lr_schedule` in words."""
-    words = [s["lr_scheduler"]]
+    """`cosine, 10 warm-up steps, decaying over 100 steps`; `cosine_with_min_lr (min_lr_rate=0.1), ...`;
+    `constant`: an `lr_schedule` in words."""
+    kwargs = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in
+              (s.get("lr_scheduler_kwargs") or {}).items()]
+    words = [s["lr_scheduler"] + (f" ({', '.join(kwargs)})" if kwargs else "")]
     if s.get("warmup_steps"):
         ratio = f" (warmup_ratio {s['warmup_ratio']:g})" if s.get("warmup_ratio") else ""
         words.append(f"{s['warmup_steps']} warm-up step{'s' if s['warmup_steps'] != 1 else ''}{ratio}")
-    if s["lr_scheduler"] in DECAYING:
-        words.append(f"decaying over {s['total_steps']} steps")
+    if needs_total(s):
+        words.append(f"{'over a run of' if s['lr_scheduler'] == 'warmup_stable_decay' else 'decaying over'} "
+                     f"{s['total_steps']} steps")
     return ", ".join(words)
 
 
@@ -1465,8 +1615,13 @@ class Run:
         from transformers import get_scheduler
 
         self.schedule = lr_schedule(cfg, total_steps or cfg.steps or None)
+        kwargs = self.schedule["lr_scheduler_kwargs"]
+        # (warmup_stable_decay with num_stable_steps: its phases are given, and transformers warns where the total is
+        # given too)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.schedule["warmup_steps"],
-                                       num_training_steps=self.schedule["total_steps"])
+                                       num_training_steps=self.schedule["total_steps"] if needs_total(self.schedule)
+                                       or cfg.lr_scheduler != "warmup_stable_decay" else None,
+                                       scheduler_specific_kwargs=dict(kwargs) if kwargs else None)
         # fp16's narrow range: the loss is scaled up before backward and the gradients unscaled before ctrl.step (the
         # README's GradScaler recipe); a step whose gradients overflowed is skipped by scaler.step
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
@@ -1791,13 +1946,16 @@ class Run:
         """Continue the checkpoint's LR schedule at its step, from the base LR given now (`--lr` may change on a
         resume). A schedule whose warm-up or decay would now span other steps than the run's (another --steps or
         --epochs, with a decaying schedule or a warmup_ratio) is a UsageError: the LR would jump at the resume."""
-        saved, now = st["lr_schedule"], self.schedule
-        keys = ("lr_scheduler", "warmup_steps") + (("total_steps",) if now["lr_scheduler"] in DECAYING else ())
-        if any(saved.get(k) != now[k] for k in keys):
+        saved, now = {**LEGACY_SCHEDULE, **st["lr_schedule"]}, self.schedule  # (saved before their settings: none)
+        keys = ("lr_scheduler", "warmup_steps", "lr_scheduler_kwargs") + (("total_steps",) if needs_total(now) else ())
+        if any(saved[k] != now[k] for k in keys):
+            length = all(saved[k] == now[k] for k in keys[:3])
+            why, fix = (("--steps or --epochs changed the run's length", "Resume with the run's length (--steps "
+                         f"{saved['total_steps']})") if length else
+                        ("its settings changed", "Resume with the run's schedule settings"))
             raise UsageError(f"--resume {path}: the run's LR schedule is {describe_schedule(saved)}, and this run's "
-                             f"would be {describe_schedule(now)} (--steps or --epochs changed the run's length): the "
-                             f"LR would jump at the resume. Resume with the run's length (--steps "
-                             f"{saved.get('total_steps')}), or start a new run in another --output-dir")
+                             f"would be {describe_schedule(now)} ({why}): the LR would jump at the resume. {fix}, or "
+                             "start a new run in another --output-dir")
         sched, step = self.scheduler, self.state.global_step
         if st.get("lr_scheduler") is not None:  # (a checkpoint saved before schedules has none: constant)
             sched.load_state_dict(st["lr_scheduler"])
