@@ -867,9 +867,12 @@ def test_train_causal_lm(tiny, tmp_path, capsys):
             "c_attn", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(out),
             "--loss-scale", "4", "--eval-steps", "3"]
     assert main(args) == 0
+    said = capsys.readouterr().out
     # its BERT tokenizer has no eos: no text row gets one, and the console says so
     assert ("text rows ('text'): the loss is on every token; the tokenizer has no eos token, so none ends a row (the "
-            "model is not taught to stop)") in capsys.readouterr().out
+            "model is not taught to stop)") in said
+    # the classification table's labels are not trained on, and the console says so (it did not)
+    assert f"{tiny['csv']}: column 'label' is not used: a causal LM reads the text ('text'), not labels\n" in said
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task_type"] == "causal-lm"
     evals = summary["arms"]["run"]["eval"]
@@ -1835,14 +1838,26 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
     # a JSONL record without the text column became an empty text, and was dropped silently
-    ("record_without_the_text_column_for_a_causal_lm", "gap.jsonl: record 2 has no 'text' (its columns are ['txt'], "
-                                                       "other records have 'text'); add it or drop the record"),
+    ("record_without_the_text_column_for_a_causal_lm", "gap.jsonl: record 2 (line 2) has no 'text' (its columns "
+                                                       "are ['txt'], other records have 'text'); add it or drop the "
+                                                       "record"),
     # it said "unknown column 'sentiment' in gap.jsonl (record 2)", of a column the other records have
-    ("record_without_the_label_key", "gap2.jsonl: record 2 has no 'sentiment' (its columns are ['review'], other "
-                                     "records have 'sentiment'); add it or drop the record"),
+    # the record's line too: blank lines are no record, so record 2 is on line 4
+    ("record_without_the_label_key", "gap2.jsonl: record 2 (line 4) has no 'sentiment' (its columns are "
+                                     "['review'], other records have 'sentiment'); add it or drop the record"),
     # prompt/completion pairs come from a table (tests/test_cli_sft.py); a .txt corpus has no columns
     ("two_text_columns_for_a_text_corpus", "corpus.txt: a plain-text corpus has no columns; prompt/completion pairs "
                                            "(--text-columns prompt,completion) are read from a .csv, .tsv or .jsonl"),
+    # labels named for a causal LM, which reads none: ignored without a word
+    ("label_column_for_a_causal_lm", "--label-column sentiment: labels are for a classifier, and this run trains a "
+                                     "causal LM (the model is a causal LM), which reads no labels; drop "
+                                     "--label-column, or pass --task-type seq-cls to train a classifier"),
+    # UTF-16 without a byte-order mark (a NUL before every ASCII character) was read as text with NULs in it
+    ("utf16_without_a_bom", "nobom.csv: line 1 holds a NUL character (0x00); is it UTF-16 without a byte-order "
+                            "mark? save it as UTF-8"),
+    # the offset was the decoder's within its 8 KiB chunk (3816 here), not the file's
+    ("not_utf8_past_the_first_chunk", "late.csv is not UTF-8 text (byte 0xe9 at offset 11514, line 1002); save it "
+                                      "as UTF-8 (e.g. Excel: CSV UTF-8)"),
     ("config_not_yaml", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
     ("null_text_columns", "text_columns: must be a list of strings, e.g. ('text',), got None (NoneType)"),
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
@@ -1926,7 +1941,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "dev_label_the_train_set_lacks": _train_args(tiny, out, "--dev-data", str(_write(
             tmp_path / "dev3.csv", "text,label\ngood movie,1\nbad film,2\n"))),
         "record_without_the_label_key": _train_args(tiny, out)[:4] + [str(_write(
-            tmp_path / "gap2.jsonl", '{"review": "good", "sentiment": "pos"}\n{"review": "bad"}\n')),
+            tmp_path / "gap2.jsonl", '{"review": "good", "sentiment": "pos"}\n\n  \n{"review": "bad"}\n')),
             "--text-columns", "review", "--label-column", "sentiment"],
         "missing_label": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "gap.csv", "text,label\na,0\nb,\nc,1\n"))],
         "dev_label_2_for_classes_minus_1_0_1": _train_args(tiny, out)[:4] + [str(_write(
@@ -1952,6 +1967,14 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "two_text_columns_for_a_text_corpus": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"),
                                                "--text-columns", "prompt,completion", "--target-modules", "c_attn",
                                                "--output-dir", out],
+        "label_column_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", tiny["jsonl"], "--text-columns",
+                                         "review", "--label-column", "sentiment", "--target-modules", "c_attn",
+                                         "--output-dir", out],
+        "utf16_without_a_bom": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "nobom.csv",
+                                                                        "text,label\ngood,1\nbad,0\n", "utf-16-le"))],
+        "not_utf8_past_the_first_chunk": _train_args(tiny, out)[:4] + [str(_write(
+            tmp_path / "late.csv", "text,label\n" + "good film,1\n" * 500 + "bad film,0\n" * 500 + "caf\u00e9,1\n",
+            "cp1252"))],
         "config_not_yaml": ["train", "--config", str(_write(tmp_path / "c9.yaml", "text_columns: [\n"))],
         "shock_past_the_epochs": _train_args(tiny, out, "--epochs", "1", "--shock-start", "200", "--shock-end", "300"),
         "missing_trace": ["plot", str(tmp_path / "none.jsonl")],

@@ -160,6 +160,47 @@ def test_rows_without_a_label_are_predicted_and_the_labelled_ones_scored(named_r
         assert _read(out) == full  # every row, as predicted with all its labels
 
 
+def test_a_label_column_empty_in_every_row_or_absent_is_said_and_the_rows_predicted(named_run, tmp_path, capsys):
+    """A test split whose label column is there but blank in every row printed no score and no word about it (and
+    neither did a table without the run's label column, such as one whose column is named otherwise)."""
+    run, dev = named_run["run"], named_run["dev"]
+    gold = [json.loads(line) for line in dev.read_text().splitlines()]
+    assert main(["predict", str(run), "--data", str(dev), "--output", str(tmp_path / "all.jsonl")]) == 0
+    blank, renamed = tmp_path / "blank.csv", tmp_path / "renamed.jsonl"
+    with open(blank, "w", newline="") as f:
+        csv.writer(f).writerows([["id", "review", "sentiment"], *([g["id"], g["review"], ""] for g in gold)])
+    renamed.write_text("".join(json.dumps({"id": g["id"], "review": g["review"], "Sentiment": g["sentiment"]}) + "\n"
+                               for g in gold))
+    for given, note in ((blank, "no score: column 'sentiment' is empty in every row (no label to score against); the "
+                                "rows are predicted only"),
+                        (renamed, f"no score: {renamed} has no column 'sentiment' (the run's label column); the rows "
+                                  "are predicted only")):
+        capsys.readouterr()
+        out = tmp_path / f"p_{given.stem}.jsonl"
+        assert main(["predict", str(run), "--data", str(given), "--output", str(out)]) == 0
+        said = capsys.readouterr().out.splitlines()
+        assert said[-2:] == [f"20 row(s) of {given} classified into ['neg', 'pos']: {out}", note]
+        assert _read(out) == _read(tmp_path / "all.jsonl")  # every row predicted, as with its labels
+
+
+def test_an_id_column_missing_from_a_jsonl_record_names_the_record_and_its_line(named_run, tmp_path, capsys):
+    """--id-column: it said "unknown column" of a column the other records have. Found by its name (`idx`): the
+    record's id was written as null, silently. Both name the record and its line (blank lines are no record)."""
+    run = named_run["run"]
+    rows = [{"key": "a", "idx": 1, "review": "good film"}, {"key": "b", "idx": 2, "review": "bad film"},
+            {"review": "fine film"}, {"key": "d", "idx": 4, "review": "great film"}]
+    gap = tmp_path / "gap.jsonl"
+    gap.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    for argv, col, what in ((["--id-column", "key"], "key", "the id column"),
+                            ([], "idx", "the id column found by its name")):
+        capsys.readouterr()
+        assert main(["predict", str(run), "--data", str(gap), "--output", str(tmp_path / "p.csv"), *argv]) == 2
+        flag = f"--id-column {col}: " if argv else ""
+        assert _error(capsys) == (f"unified-lora: error: {flag}{gap}: record 3 (line 4) has no {col!r}, {what} (its "
+                                  f"columns are ['review'], other records have {col!r}); add it or drop the record")
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_a_label_outside_the_runs_classes_says_how_to_fix_it_for_predict(named_run, tmp_path, capsys):
     """It said "...not one of the classes ['neg', 'pos'] (label_names); add it or fix the data": `label_names` is the
     library's argument, and no class can be added to a trained run."""
@@ -189,6 +230,7 @@ def test_a_glue_run_reads_its_test_tsv_without_labels_and_its_dev_tsv_with_them(
     assert main(["predict", str(run), "--data", str(test)]) == 0
     said = capsys.readouterr().out
     assert "checkpoints/step-3 (step 3): seq-cls, rank 16 (MIRROR" in said and "labelled rows" not in said
+    assert "no score: a GLUE test.tsv has no labels; the rows are predicted only" in said
     pred = _read(run / "predictions.tsv")
     assert [r["index"] for r in pred] == [str(i) for i in range(16)]
     for r in pred:  # the class name, and its value in GLUE's files (what GLUE's server takes)
@@ -271,7 +313,17 @@ def test_a_prompt_completion_run_completes_its_prompts_greedily_and_scores_its_d
     capsys.readouterr()
     assert main(["predict", str(run), "--data", str(dev)]) == 0
     final = list(_evals(run).values())[-1]
-    assert f"{dev}: {_fmt_metrics(final)}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{dev}: {_fmt_metrics(final)}" in said and "is not used" not in said
+    # a labelled table: the same rows and score, and the label column named as not used (it was ignored unsaid)
+    labelled = tmp_path / "labelled.csv"
+    with open(labelled, "w", newline="") as f:
+        csv.writer(f).writerows([["label", "prompt", "completion"],
+                                 *(["pos", *json.loads(line).values()] for line in dev.read_text().splitlines())])
+    assert main(["predict", str(run), "--data", str(labelled)]) == 0
+    said = capsys.readouterr().out
+    assert f"--data: {labelled}: column 'label' is not used: a causal LM reads the text ('prompt', 'completion'), " \
+           "not labels\n" in said and f"{labelled}: {_fmt_metrics(final)}" in said
 
 
 def test_a_prompt_is_encoded_as_training_put_it_before_its_completion(models):

@@ -330,8 +330,64 @@ def test_error_a_file_that_is_not_utf8_is_named(tmp_path, fmt):
             "jsonl": '{"text": "caf\u00e9 ok", "label": 1}\n'}[fmt]
     p = tmp_path / f"d.{fmt}"
     p.write_bytes(body.encode("cp1252"))
-    with pytest.raises(DataError, match=rf"d.{fmt} is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+    with pytest.raises(DataError, match=rf"d.{fmt} is not UTF-8 text \(byte 0xe9 at offset \d+, line \d\); save it as "
+                                         "UTF-8"):
         load_table(p, ["text"], "label")
+
+
+_UNICODE_BODIES = {"csv": "text,label\ncaf\u00e9 \u00fcber \U0001f600,pos\nbad film,neg\n",
+                   "tsv": "text\tlabel\ncaf\u00e9 \u00fcber \U0001f600\tpos\nbad film\tneg\n",
+                   "jsonl": '{"text": "caf\u00e9 \u00fcber \U0001f600", "label": "pos"}\n\n'
+                            '{"text": "bad film", "label": "neg"}\n'}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_utf16_or_utf32_file_with_its_byte_order_mark_reads_as_its_utf8_copy(tmp_path, fmt, encoding):
+    """Excel's "Unicode Text" and PowerShell 5's Out-File write UTF-16 with a byte-order mark; it was refused as "not
+    UTF-8 text (byte 0xff at offset 0)". It is decoded, as is UTF-32; a mark alone is an empty file, as UTF-8's is."""
+    import codecs
+
+    body = _UNICODE_BODIES[fmt]
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE, "utf-32-le": codecs.BOM_UTF32_LE,
+           "utf-32-be": codecs.BOM_UTF32_BE}[encoding]
+    wide = tmp_path / "w" / f"d.{fmt}"
+    wide.parent.mkdir()
+    wide.write_bytes(bom + body.replace("\n", "\r\n").encode(encoding))  # (Windows line ends, as Excel writes)
+    got = load_table(wide, ["text"], "label")
+    assert got == load_table(_write(tmp_path / f"d.{fmt}", body), ["text"], "label")
+    assert got.examples[0].text_a == "caf\u00e9 \u00fcber \U0001f600" and got.label_names == ["neg", "pos"]
+    (tmp_path / f"bom.{fmt}").write_bytes(bom + " \r\n".encode(encoding))
+    with pytest.raises(DataError, match=rf"bom.{fmt} is empty; it needs data rows"):
+        load_table(tmp_path / f"bom.{fmt}", ["text"], "label")
+    name = encoding[:6].upper()
+    broken = tmp_path / f"b.{fmt}"  # a lone surrogate: not UTF-16 (nor UTF-32) text
+    broken.write_bytes(bom + body.encode(encoding) + "\ud800x\n".encode(encoding, "surrogatepass"))
+    at = len(bom + body.encode(encoding))
+    with pytest.raises(DataError, match=rf"b.{fmt} starts with a {name} byte-order mark but is not {name} text "
+                                        rf"\(.+ at offset {at}, line 4\); save it as UTF-8"):
+        load_table(broken, ["text"], "label")
+
+
+def test_a_utf16_text_corpus_reads_as_its_utf8_copy_and_utf16_without_a_mark_is_refused(tmp_path):
+    """A causal LM's .txt corpus (and predict's .txt prompts) are read by the same reader: UTF-16 with its mark is
+    decoded (it was "not UTF-8 text"), and without one it is refused by its NULs, not read as text with a NUL before
+    every character."""
+    import codecs
+
+    from unified_lora.training import _load_texts
+
+    text = "first line caf\u00e9\nsecond line\n"
+    (tmp_path / "w.txt").write_bytes(codecs.BOM_UTF16_LE + text.encode("utf-16-le"))
+    assert _load_texts(tmp_path / "w.txt", ["text"]) == _load_texts(_write(tmp_path / "p.txt", text), ["text"])
+    (tmp_path / "n.txt").write_bytes("first line\nsecond line\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"n.txt: line 1 holds a NUL character \(0x00\); is it UTF-16 without a "
+                                        "byte-order mark\? save it as UTF-8"):
+        _load_texts(tmp_path / "n.txt", ["text"])
+    (tmp_path / "n.txt").write_bytes(text.encode("utf-16-le"))  # its é is no UTF-8 (0xe9 0x00)
+    with pytest.raises(DataError, match=r"n.txt is not UTF-8 text \(byte 0xe9 at offset 28, line 1\); is it UTF-16 "
+                                        "without a byte-order mark\? save it as UTF-8"):
+        _load_texts(tmp_path / "n.txt", ["text"])
 
 
 def test_error_malformed_jsonl_line_number(tmp_path):

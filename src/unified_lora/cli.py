@@ -826,9 +826,9 @@ def _train(args, held: dict) -> int:
     from .data import TextDataset
     from .plotting import plot_trace
     from .trace import read_trace
-    from .training import (BEST, DivergedError, Run, TextCorpus, UsageError, agree_max, best_metric, check_precision,
-                           check_row_length, describe_schedule, detect_task_type, device_label, encode_rows,
-                           evaluate_run, is_chat, iterate, load_data, load_model, lr_schedule, majority,
+    from .training import (BEST, DivergedError, Run, TextCorpus, TrainConfig, UsageError, agree_max, best_metric,
+                           check_precision, check_row_length, describe_schedule, detect_task_type, device_label,
+                           encode_rows, evaluate_run, is_chat, iterate, load_data, load_model, lr_schedule, majority,
                            on_rank0, pick_metric, process_rank, prune_step_checkpoints, record_best, resolve_device,
                            resolve_model, seed_everything, subsample, take_rows, world_size)
 
@@ -843,6 +843,12 @@ def _train(args, held: dict) -> int:
     out = Path(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     task_type = detect_task_type(model_path, cfg.task_type)
+    if task_type == "causal-lm" and cfg.label_column != TrainConfig.label_column and ckpt is None:
+        # a label column named for a causal LM, which reads none: the labels were ignored without a word
+        why = "--task-type causal-lm" if cfg.task_type == "causal-lm" else "the model is a causal LM"
+        raise UsageError(f"--label-column {cfg.label_column}: labels are for a classifier, and this run trains a "
+                         f"causal LM ({why}), which reads no labels; drop --label-column, or pass --task-type seq-cls "
+                         "to train a classifier")
     tasks = None  # several data sets: a multi-task run (`multitask_train`), a TaskData each
     if cfg.tasks:
         from . import multitask_train as mt
@@ -1449,13 +1455,20 @@ def cmd_predict(args) -> int:
     preds, metrics = inference.classify(trained, rows, args.batch_size)
     inference.write_rows(out, preds)
     print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
+    label = trained.cfg.label_column
     if metrics is not None:
         n = rows.scored
         print(f"labelled rows ({n if n == len(preds) else f'{n} of {len(preds)}'}, task {trained.route or trained.task}): "
               f"{_fmt_metrics(metrics)}")
         if n < len(preds):
-            print(f"{len(preds) - n} row(s) without a label in column {trained.cfg.label_column!r}: predicted, not "
-                  "scored")
+            print(f"{len(preds) - n} row(s) without a label in column {label!r}: predicted, not scored")
+    elif rows.label_column is not None:  # the column is there, and empty in every row (a test split's blank labels)
+        print(f"no score: column {label!r} is empty in every row (no label to score against); the rows are predicted "
+              "only")
+    else:
+        what = "a GLUE test.tsv has no labels" if trained.glue is not None else \
+            f"{args.data} has no column {label!r} (the run's label column)"
+        print(f"no score: {what}; the rows are predicted only")
     return 0
 
 

@@ -21,8 +21,8 @@ import torch
 
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
-from .data.loaders import (_GLUE, _check_no_null_text, _read_records, _utf8, check_columns, glue_label_value,
-                           load_glue_rows, no_rows_error)
+from .data.loaders import (_GLUE, _check_no_null_text, _read_records, check_columns, glue_label_value,
+                           load_glue_rows, missing_key_error, no_rows_error, read_text)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
                        load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
@@ -249,19 +249,24 @@ def _input_file(path: str, flag: str) -> Path:
 
 def _id_column(records: list[dict], given: str | None, skip: Sequence[str], path: Path,
                output: Sequence[str] = ()) -> str | None:
-    """The id column of a table: `given` (in every record, else a DataError), else the first column named id, idx,
-    index or guid (any case) that the run does not read as text or label, else None. A `given` that is one of the
+    """The id column of a table: `given`, else the first column of the first record named id, idx, index or guid
+    (any case) that the run does not read as text or label, else None. The column must be in every record: a .jsonl
+    record without it is a DataError naming the record and its line (a found column's ids were null there, silently;
+    a given one's error said "unknown column", of a column the other records have). A `given` that is one of the
     `output` columns predict writes is a DataError: an output row is a dict, and that column replaced the ids."""
     if given is not None and given in output:
         raise DataError(f"--id-column {given}: predict writes its own {given!r} column, which would replace the ids "
                         f"(its output columns: {', '.join(output)}); rename that column of {path}")
-    if given is not None:
-        for n, r in enumerate(records, start=1):
-            if given not in r:
-                where = "" if n == 1 else f" (record {n})"
-                raise DataError(f"--id-column {given}: unknown column in {path}{where}; columns are {list(r)}")
-        return given
-    return next((k for k in records[0] if str(k).lower() in ID_COLUMNS and k not in skip), None)
+    if given is not None and not any(given in r for r in records):
+        raise DataError(f"--id-column {given}: unknown column in {path}; columns are {list(records[0])}")
+    name = given if given is not None else next(
+        (k for k in records[0] if str(k).lower() in ID_COLUMNS and k not in skip), None)
+    missing = next((n for n, r in enumerate(records, start=1) if name is not None and name not in r), None)
+    if missing is not None:
+        how = f"--id-column {given}: " if given is not None else ""
+        what = ", the id column" if given is not None else ", the id column found by its name"
+        raise DataError(f"{how}{missing_key_error(records, missing, name, path, what)}")
+    return name
 
 
 # ----------------------------------------------------------------------------- classification
@@ -276,6 +281,7 @@ class Rows:
     ids: list | None
     id_name: str | None
     fmt: str  # the input's format, the default output's
+    label_column: str | None = None  # the run's label column where the file has it (empty cells or not), else None
 
     @property
     def scored(self) -> int:
@@ -304,8 +310,8 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
                 f"--data {path}: not a .tsv file"
             raise DataError(f"{what}; the run trained on GLUE {spec.folder}: pass a file in that task's layout, its "
                             "dev.tsv (labelled) or its test.tsv (index, then the texts)")
-        data, _, ids = load_glue_rows(trained.glue, p)
-        return Rows(data, ids, "index" if ids is not None else None, fmt)
+        data, labelled, ids = load_glue_rows(trained.glue, p)
+        return Rows(data, ids, "index" if ids is not None else None, fmt, "label" if labelled else None)
     if fmt not in FORMATS:
         raise DataError(f"--data {path}: unsupported data format {fmt!r}; a classifier takes a .csv, .tsv or .jsonl "
                         "table")
@@ -319,8 +325,9 @@ def read_rows(trained: Trained, path: str, id_column: str | None = None) -> Rows
                                                          "or leave it empty to predict the row without scoring it")
     id_name = _id_column(records, id_column, [*cfg.text_columns, cfg.label_column], p,
                          ["prediction", *(f"prob_{c}" for c in trained.classes or [])])
-    ids = [r.get(id_name) for r in records] if id_name is not None else None
-    return Rows(data, ids, id_name, fmt)
+    ids = [r[id_name] for r in records] if id_name is not None else None
+    has_labels = any(cfg.label_column in r for r in records)
+    return Rows(data, ids, id_name, fmt, cfg.label_column if has_labels else None)
 
 
 def classify(trained: Trained, rows: Rows, batch_size: int = 64) -> tuple[list[dict], dict | None]:
@@ -378,8 +385,7 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
         if column is not None or id_column is not None:
             raise DataError(f"--prompts {path}: a plain-text file has one prompt a line and no columns; "
                             "--prompt-column and --id-column name a table's columns")
-        with _utf8(p):
-            lines = p.read_text(encoding="utf-8-sig").splitlines()
+        lines = read_text(p).splitlines()
         texts = [t for t in lines if t.strip()]
         if not texts:
             raise DataError(f"--prompts {path}: no prompt in it (a prompt a line)")
@@ -542,7 +548,7 @@ def perplexity(trained: Trained, path: str, batch_size: int = 64, note: Callable
     """A causal LM's loss and perplexity on `path`, read and scored as `train` scores its --dev-data (`_load_texts` with
     the run's columns, `encode_rows`, `evaluate`)."""
     p = _input_file(path, "--data")
-    texts, _ = _load_texts(p, trained.cfg.text_columns)
+    texts, _ = _load_texts(p, trained.cfg.text_columns, label_column=trained.cfg.label_column, note=note)
     enc = encode_rows(trained.tokenizer, texts, "causal-lm", trained.cfg.max_length, note=note,
                       assistant_only=trained.cfg.assistant_only_loss, text_eos=trained.cfg.text_eos)
     with routed(trained):  # (a multi-task run: the task's adapter, as its dev evaluation runs it)

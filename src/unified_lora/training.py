@@ -44,8 +44,8 @@ from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, Neste
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
-from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, _utf8, check_columns,
-                           no_rows_error, normalize_task)
+from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
+                           no_rows_error, normalize_task, read_text)
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -871,12 +871,15 @@ def _messages(value, source: str, column: str) -> tuple:
     return tuple(value)
 
 
-def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tuple[list, list[str]]:
+def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_column: str | None = None,
+                note: Callable[[str], None] | None = None) -> tuple[list, list[str]]:
     """Causal-LM data and the columns it was read from: one text column of a .csv/.tsv/.jsonl table (a list of texts),
     two (prompt, completion: a list of (prompt, completion) pairs), or a whole .txt file (a TextCorpus). A .jsonl
     column of lists of messages is chat data (a list of `Chat`): one column a conversation each row, two a
     conversational prompt and completion. With `detect`, a table read for the column "text" that has no such column
-    but "prompt" and "completion" columns is read as those pairs, and one with a "messages" column as chat data."""
+    but "prompt" and "completion" columns is read as those pairs, and one with a "messages" column as chat data.
+    A table that has the column `label_column` (a classifier's labels), not read as text, gets a `note` saying that
+    it is not used (a classification table went to a causal LM without a word)."""
     columns = list(columns)
     fmt = path.suffix.lstrip(".").lower()
     if fmt in TEXT_SUFFIXES:
@@ -885,8 +888,7 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tup
                             f"{','.join(columns)}) are read from a .csv, .tsv or .jsonl table")
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
-        with _utf8(path):
-            text = path.read_text(encoding="utf-8-sig")
+        text = read_text(path)
         if not text.strip():
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
         return TextCorpus([text]), columns
@@ -906,6 +908,10 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False) -> tup
                                 "record")
             columns = [CHAT_COLUMN]
     check_columns(records, columns, path)  # as load_table: a JSONL record without it was dropped silently
+    if note is not None and label_column is not None and label_column not in columns and any(
+            label_column in r for r in records):
+        note(f"{path}: column {label_column!r} is not used: a causal LM reads the text "
+             f"({', '.join(map(repr, columns))}), not labels")
     if any(isinstance(r[c], list) for r in records for c in columns):  # chat data: every cell a list of messages
         chats = []
         for n, record in enumerate(records, start=1):
@@ -969,7 +975,7 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
     if task_type == "causal-lm":
         # two columns are (prompt, completion) pairs, trained on the completion only (`encode_pairs`); lists of
         # messages are chat data (`encode_chat`)
-        texts, columns = _load_texts(path, cfg.text_columns, detect=detect)
+        texts, columns = _load_texts(path, cfg.text_columns, detect=detect, label_column=cfg.label_column, note=note)
         if columns != list(cfg.text_columns):
             # found without --text-columns: recorded, so the run's checkpoints (and a --resume) keep this layout
             cfg.text_columns = columns
@@ -978,7 +984,8 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
                     "'prompt' and 'completion': trained as prompt/completion pairs, the loss on the completion only"
                     if len(columns) == 2 else f"{CHAT_COLUMN!r}: trained as chat data, each conversation rendered with "
                     "the tokenizer's chat template") + " (--text-columns names other columns)")
-        dev = _load_texts(Path(cfg.dev_data).expanduser(), cfg.text_columns)[0] if cfg.dev_data else None
+        dev = _load_texts(Path(cfg.dev_data).expanduser(), cfg.text_columns, label_column=cfg.label_column,
+                          note=note)[0] if cfg.dev_data else None
         if dev is not None and is_chat(dev) != is_chat(texts):
             raise DataError(f"--dev-data {cfg.dev_data}: its column(s) {list(cfg.text_columns)} hold "
                             f"{'chat' if is_chat(dev) else 'text'} data, and --data's "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -226,20 +227,69 @@ def glue_label_value(task: str, label: int) -> str:
 def _read_delimited(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -> list[list[str]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the path (or data_dir)")
-    # utf-8-sig strips the BOM that GLUE's MRPC header (and Excel CSVs) start with.
-    with path.open(encoding="utf-8-sig", newline="") as f, _utf8(path):
-        return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    with open_text(path, newline="") as lines:
+        return [row for row in csv.reader(lines, delimiter=delimiter, quoting=quoting) if row]
+
+
+# A byte-order mark names the encoding: UTF-8's is skipped (GLUE's MRPC header and Excel's "CSV UTF-8" start with
+# it); UTF-16's (Excel's "Unicode Text", PowerShell 5's Out-File and `>`) and UTF-32's are decoded. UTF-32 LE's mark
+# starts with UTF-16 LE's, so it is looked for first.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"), (codecs.BOM_UTF8, "utf-8-sig"))
+
+
+def text_encoding(path: Path) -> str:
+    """The encoding a data file is read in: the one its byte-order mark names, else UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8-sig")
 
 
 @contextlib.contextmanager
-def _utf8(path: Path) -> Iterator[None]:
-    """A file that is not UTF-8 (Excel's cp1252 / Latin-1 CSVs) is a DataError naming the file, not a bare
-    "'utf-8' codec can't decode byte 0xe9 in position 14"."""
+def open_text(path: Path, newline: str | None = None) -> Iterator[Iterator[str]]:
+    """The lines of a text data file, decoded (`text_encoding`). Text that does not decode is a DataError naming the
+    file, the byte, its offset in the file and its line, not a bare "'utf-8' codec can't decode byte 0xe9 in position
+    14" (Excel's cp1252 / Latin-1 CSVs); so is a NUL character, which no text file holds but UTF-16 without a
+    byte-order mark read as UTF-8 does before every ASCII character (it was read as text with NULs in it)."""
+    encoding = text_encoding(path)
+    with path.open(encoding=encoding, newline=newline) as f:
+        try:
+            yield _text_lines(f, path, encoding)
+        except UnicodeDecodeError:
+            raise _undecodable(path, encoding) from None
+
+
+def _text_lines(f, path: Path, encoding: str) -> Iterator[str]:
+    for n, line in enumerate(f, start=1):
+        if "\x00" in line:
+            hint = ("is it UTF-16 without a byte-order mark? save it as UTF-8" if encoding == "utf-8-sig" else
+                    "a text file holds none; fix that line")
+            raise DataError(f"{path}: line {n} holds a NUL character (0x00); {hint}")
+        yield line
+
+
+def _undecodable(path: Path, encoding: str) -> DataError:
+    """The DataError of a file that does not decode in `encoding`, at the first bad byte: the decoder's own offset
+    is within the chunk it was given (8 KiB), not the file, so the file is decoded again here, whole."""
+    data = path.read_bytes()
     try:
-        yield
+        data.decode(encoding)
+        return DataError(f"{path} does not decode as {encoding}; save it as UTF-8")  # (it changed while read)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                        "save it as UTF-8 (e.g. Excel: CSV UTF-8)") from None
+        line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        if encoding == "utf-8-sig":  # (NUL bytes too: UTF-16 without its mark, some of it not ASCII)
+            hint = "is it UTF-16 without a byte-order mark? save" if b"\x00" in data else "save"
+            return DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+                             f"{hint} it as UTF-8 (e.g. Excel: CSV UTF-8)")
+        name = encoding.upper()
+        return DataError(f"{path} starts with a {name} byte-order mark but is not {name} text ({e.reason} at offset "
+                         f"{e.start}, line {line}); save it as UTF-8")
+
+
+def read_text(path: Path) -> str:
+    """A text data file's whole text, read as `open_text` reads it (its line ends as "\\n")."""
+    with open_text(path) as lines:
+        return "".join(lines)
 
 
 def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -249,8 +299,8 @@ def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dic
         if not path.is_file():
             raise DataError(f"data file not found: {path}; check the path")
         records = []
-        with path.open(encoding="utf-8-sig") as f, _utf8(path):
-            for n, line in enumerate(f, start=1):
+        with open_text(path) as lines:
+            for n, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 try:
@@ -364,24 +414,57 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, co
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
 
 
+def record_line(path: Path, n: int) -> int | None:
+    """The line of a .jsonl/.csv/.tsv file (by its extension; None for another) that its record `n` starts on, the
+    records counted as the readers count them (from 1; a .jsonl file's blank lines and a table's header and empty
+    lines are no record; a quoted CSV cell may span lines). For errors: the file is read again."""
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("csv", "tsv", "jsonl"):
+        return None
+    with open_text(path, newline="") as lines:
+        if fmt == "jsonl":
+            starts = (i for i, line in enumerate(lines, start=1) if line.strip())
+        else:
+            reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",",
+                                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+
+            def rows() -> Iterator[int]:
+                start = 1
+                for row in reader:
+                    if row:
+                        yield start
+                    start = reader.line_num + 1
+
+            starts = itertools.islice(rows(), 1, None)  # the header is no record
+        return next(itertools.islice(starts, n - 1, None), None)
+
+
+def missing_key_error(records: list[dict[str, Any]], n: int, col: str, path: Path, what: str = "") -> DataError:
+    """A .jsonl record (`n`, from 1) without the key `col` that other records have: the record, its line, and the
+    columns it has. `what` says what the column is (", the id column")."""
+    line = record_line(path, n)
+    return DataError(f"{path}: record {n}{f' (line {line})' if line else ''} has no {col!r}{what} (its columns are "
+                     f"{list(records[n - 1])}, other records have {col!r}); add it or drop the record")
+
+
 def check_columns(records: list[dict[str, Any]], columns: Sequence[str], path: Path, hint: str = "") -> None:
     """A DataError for the first record that lacks one of `columns`: an unknown column where no record has it; where
-    others have it (a .jsonl record without the key), the record. `hint` ends the unknown-column error."""
+    others have it (a .jsonl record without the key), the record and its line. `hint` ends the unknown-column
+    error."""
     for col in columns:
         for n, record in enumerate(records, start=1):
             if col in record:
                 continue
             if any(col in r for r in records):  # it said "unknown column 'label' (record 2)" of a column others have
-                raise DataError(f"{path}: record {n} has no {col!r} (its columns are {list(record)}, other records "
-                                f"have {col!r}); add it or drop the record")
+                raise missing_key_error(records, n, col, path)
             raise DataError(f"unknown column {col!r} in {path}; columns are {list(record)}{hint}")
 
 
 def no_rows_error(path: Path) -> DataError:
     """A table with no data rows: a header alone, or a file with nothing in it (0 bytes, blank lines; a .jsonl file
-    has no header at all), which was said to be "a header alone" too; so was a UTF-8 byte-order mark alone (which the
-    readers skip, as `utf-8-sig` does), blanks or not."""
-    if not path.read_bytes().removeprefix(codecs.BOM_UTF8).strip():
+    has no header at all), which was said to be "a header alone" too; so was a byte-order mark alone (which the
+    readers skip: UTF-8's, and UTF-16's, whose mark alone was "not UTF-8 text"), blanks or not."""
+    if not read_text(path).strip():
         return DataError(f"{path} is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)")
     return DataError(f"{path} has no data rows; a header alone is not a data set")
 
