@@ -1347,7 +1347,7 @@ def _ckpt_state(ckpt: Path) -> tuple[dict, dict]:
     return load_file(str(ckpt / "adapter_blocks.safetensors")), st
 
 
-def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for_bit(tiny, tmp_path):
+def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for_bit(tiny, tmp_path, capsys):
     """--save-steps N writes step-N inside an epoch (an epoch of hours lost everything since its start to a kill);
     --save-total-limit K deletes the oldest step-N beyond K only once a new one is complete, and keeps every epoch-N.
     A run SIGKILLed while step-6 is being written keeps step-3 (the limit of 1 has not deleted it for the half-written
@@ -1366,6 +1366,16 @@ def test_save_steps_keeps_the_newest_k_and_a_run_killed_mid_save_resumes_bit_for
     ckpts = out / "checkpoints"
     assert sorted(c.name for c in ckpts.iterdir() if not c.name.startswith(".")) == ["step-3"]
     assert len(read_trace(out / "trace.jsonl")) == 6  # the steps after step-3 are trained again, not appended twice
+    # `report` of the run killed before its first evaluation: a line that says so, with the steps done and the
+    # controller's state (it printed an empty table: a "method" header and a row with no column)
+    from unified_lora.config import MODES
+
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    said, last = capsys.readouterr().out, read_trace(out / "trace.jsonl")[-1]
+    assert (f"no evaluation yet: 6 training step(s) done, no dev evaluation; Unified LoRA at its last step: "
+            f"{MODES[last['mode']]}, rank {last['rank']}, φ={last['phi']:.3f}\n") in said
+    assert "\nmethod " not in said and "continue with: " in said
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert sorted(c.name for c in ckpts.iterdir()) == ["epoch-1", "epoch-2", "step-15"]  # no temp folder left
     a, b = read_trace(straight / "trace.jsonl"), read_trace(out / "trace.jsonl")

@@ -138,27 +138,20 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
     assert console.count("new best dev ") == (one / "console.txt").read_text().count("new best dev ") >= 1
 
 
-def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_bit_for_bit(tiny, tmp_path, capsys):
-    """SIGTERM reaching one process only (here process 1's pid; torchrun passes its own SIGTERM on to every
-    process, each at its own point of a step): the processes agree after each step (an all-reduce of the flag), so
-    both finish the same step, one step-N checkpoint is written (by process 0) and both exit 143. The resume under
-    torchrun, launched with the console script as `$(which unified-lora)`, then ends exactly where an uninterrupted
-    2-process run ends: trace, weights, optimizer, controller and every process's RNG state, bit for bit. A resume
-    with another number of processes (one) is refused, naming both numbers: the checkpoint records how many trained
-    it, and each step's global batch is batch_size x processes rows."""
-    straight, out = tmp_path / "straight", tmp_path / "run"
+def _sigterm_process_1(tmp_path: Path, out: Path, *args: str, after: int = 3) -> list[str]:
+    """`train *args --output-dir out` under torchrun (2 processes), SIGTERM to process 1's pid once the trace has
+    `after` steps: both processes must stop at one step, exit 143 and leave one step-N checkpoint, the console
+    saying how to resume. Its checkpoints' step-N names."""
     child, log = tmp_path / "worker.py", tmp_path / "torchrun.txt"
     # each process writes its pid (to be signalled), then is the CLI itself
     child.write_text("import os, sys\n"
                      "from unified_lora.cli import main\n"
                      f"open(os.path.join({str(tmp_path)!r}, 'pid-' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
                      "sys.exit(main(sys.argv[1:]))\n")
-    opts = ("--batch-size", "4", "--max-length", "16", "--log-every", "0", *CONTROLLER)
-    p, f = _torchrun("train", "--model", tiny["bert"], "--data", tiny["csv"], *opts, "--epochs", "40",
-                     "--output-dir", str(out), entry=(str(child),), wait=False, log=log)
+    p, f = _torchrun("train", *args, "--output-dir", str(out), entry=(str(child),), wait=False, log=log)
     try:
         trace, deadline = out / "trace.jsonl", time.monotonic() + 240
-        while not (trace.is_file() and trace.read_text().count("\n") >= 3) and p.poll() is None:
+        while not (trace.is_file() and trace.read_text().count("\n") >= after) and p.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.005)
         os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)
@@ -180,8 +173,22 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_bit_f
     saved = sorted(c.name for c in (out / "checkpoints").iterdir())
     steps = [n for n in saved if n.startswith("step-")]
     assert len(steps) == 1 and all(n.startswith(("step-", "epoch-")) for n in saved), saved
+    return steps
+
+
+def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_bit_for_bit(tiny, tmp_path, capsys):
+    """SIGTERM reaching one process only (here process 1's pid; torchrun passes its own SIGTERM on to every
+    process, each at its own point of a step): the processes agree after each step (an all-reduce of the flag), so
+    both finish the same step, one step-N checkpoint is written (by process 0) and both exit 143. The resume under
+    torchrun, launched with the console script as `$(which unified-lora)`, then ends exactly where an uninterrupted
+    2-process run ends: trace, weights, optimizer, controller and every process's RNG state, bit for bit. A resume
+    with another number of processes (one) is refused, naming both numbers: the checkpoint records how many trained
+    it, and each step's global batch is batch_size x processes rows."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    opts = ("--batch-size", "4", "--max-length", "16", "--log-every", "0", *CONTROLLER)
+    steps = _sigterm_process_1(tmp_path, out, "--model", tiny["bert"], "--data", tiny["csv"], *opts, "--epochs", "40")
     stopped = int(steps[0].split("-")[1])
-    assert 3 <= stopped < 16 and len(read_trace(trace)) == stopped
+    assert 3 <= stopped < 16 and len(read_trace(out / "trace.jsonl")) == stopped
     # another number of processes (its global batch would differ): refused before the model loads, naming both
     capsys.readouterr()
     assert main(["train", "--output-dir", str(out), "--resume"]) == 2
@@ -245,7 +252,7 @@ def several_tasks(wide_without_dropout, tmp_path_factory) -> dict:
     assert main(["train", *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
     p = _torchrun("train", *common, "--batch-size", "4", "--output-dir", str(two))
     assert p.returncode == 0, p.stderr[-3000:]
-    return {"one": one, "two": two, "stdout": p.stdout}
+    return {"one": one, "two": two, "stdout": p.stdout, "args": common}
 
 
 def test_two_processes_train_several_tasks_to_the_weights_decisions_and_task_scores_of_one_process(several_tasks):
@@ -311,3 +318,23 @@ def test_several_tasks_resumed_under_torchrun_end_bit_for_bit_where_the_uninterr
     assert _same(_ckpt_state(out / "checkpoints" / "epoch-2"), _ckpt_state(two / "checkpoints" / "epoch-2"))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (two, out))
     assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"]
+
+
+def test_several_tasks_stopped_by_a_sigterm_under_torchrun_resume_bit_for_bit(several_tasks, tmp_path):
+    """The multi-task counterpart of the one-task SIGTERM test: the 2-process run of `several_tasks` (2 epochs) started
+    for 40 epochs and SIGTERMed on process 1 after 2 steps (where the controller splits the tasks): both processes stop
+    at one step and write one step-N checkpoint (the task adapters, router, multi-task controller, every process's
+    RNG), and the resume under torchrun to 2 epochs ends at the uninterrupted run's trace, evaluations and epoch-2
+    checkpoint, bit for bit."""
+    two, out = several_tasks["two"], tmp_path / "run"
+    args = list(several_tasks["args"])
+    args[args.index("--epochs") + 1] = "40"
+    steps = _sigterm_process_1(tmp_path, out, *args, "--batch-size", "4", after=2)
+    stopped = int(steps[0].split("-")[1])
+    assert 2 <= stopped < 8 and len(read_trace(out / "trace.jsonl")) == stopped
+    p = _torchrun("train", "--output-dir", str(out), "--resume", "--epochs", "2", entry=(CLI,))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_trace(out / "trace.jsonl") == read_trace(two / "trace.jsonl")
+    assert _same(_ckpt_state(out / "checkpoints" / "epoch-2"), _ckpt_state(two / "checkpoints" / "epoch-2"))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (two, out))
+    assert sb["arms"]["run"]["eval"] == sa["arms"]["run"]["eval"] and sb["tasks"] == sa["tasks"]

@@ -14,6 +14,7 @@ import test_cli
 import test_cli_precision
 import test_cli_predict
 from unified_lora.cli import _fmt_metrics, main
+from unified_lora.config import MODES
 from unified_lora.trace import read_trace
 
 tiny = test_cli.tiny  # test_cli.py's tiny BERT and data (module-scoped fixtures)
@@ -79,6 +80,9 @@ def test_no_controller_pins_multi_an_adapter_per_task_and_each_task_keeps_its_cl
     assert main(["report", str(run)]) == 0
     said = capsys.readouterr().out
     assert "task tri (" in said and "3 classes ['neg', 'pos', 'zzz']" in said and "average of the tasks'" in said
+    # the tasks' data readable, on a line of its own (the top line printed data={'pos': '...', ...}, a Python dict)
+    assert said.startswith(f"train: model={s['model']} steps=8\ndata: pos={s['config']['data']['pos']}, "
+                           f"tri={s['config']['data']['tri']}\n")
 
 
 def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_loads_in_peft(pinned, data, capsys):
@@ -109,7 +113,10 @@ def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_load
     assert "is a multi-task run (tasks pos, tri): pass --task NAME" in _error(capsys)
     assert main(["predict", str(run), "--data", data["pos"], "--task", "rte"]) == 2
     err = _error(capsys)
-    assert "--task rte: not a task of" in err and "its tasks are pos, tri" in err
+    assert "--task rte: not a task of" in err and err.endswith("its tasks are pos, tri")
+    for typo in ("tr", "TRI", "tir"):  # a close name is suggested (it was not)
+        assert main(["predict", str(run), "--data", data["pos"], "--task", typo]) == 2
+        assert _error(capsys).endswith(f"not a task of {run}; its tasks are pos, tri (did you mean tri?)")
     # peft_adapter/<task>/: PEFT's own loader gives the run's logits for that task
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -143,6 +150,25 @@ def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_un
     shutil.copytree(out, copy)
     for p in ("checkpoints/step-8", "summary.json", "peft_adapter"):
         shutil.rmtree(copy / p) if (copy / p).is_dir() else (copy / p).unlink()
+    # `report` of a run stopped before its first evaluation (step-4 holds none: the first is at step 8) says so, with
+    # the controller's state, and so does one stopped before its first checkpoint (trace.jsonl alone): it printed an
+    # empty table (and "model=None data=None" for the latter), and a line per task with "last dev -"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(copy / "trace.jsonl", bare)
+    capsys.readouterr()
+    for run in (copy, bare):
+        assert main(["report", str(run)]) == 0
+        said = capsys.readouterr().out
+        label = "Unified LoRA" if run == copy else "run"
+        assert (f"no evaluation yet: 8 training step(s) done, no dev evaluation; {label} at its last step: "
+                f"{MODES[trace[-1]['mode']]}, rank {trace[-1]['rank']}, φ={trace[-1]['phi']:.3f}\n") in said
+        assert "\nmethod " not in said
+    assert said.startswith("run (no summary.json; from trace.jsonl): steps=8\n") and "None" not in said
+    assert main(["report", str(copy)]) == 0
+    said = capsys.readouterr().out
+    assert f"task pos ({data['pos']}; 2 classes ['0', '1']): no dev evaluation yet\n" in said
+    assert f"\ndata: pos={data['pos']}, neg={data['neg']}\n" in said and "data={" not in said
     assert main(["train", "--output-dir", str(copy), "--resume"]) == 0
     from safetensors.torch import load_file
 
@@ -235,6 +261,32 @@ def test_the_shock_corrupts_each_label_within_its_own_tasks_classes():
 def test_what_multi_task_train_refuses_is_one_line(tiny, data, tmp_path, capsys, extra, says):
     assert main(_mt_args(tiny["bert"], tmp_path / "r", data["pos"], data["pos"], extra=extra)) == 2
     assert says in _error(capsys)
+
+
+def test_a_dev_data_mapping_may_name_some_tasks_and_a_missing_dev_file_names_its_task(tiny, data, tmp_path, capsys):
+    """YAML `dev_data` naming one task: the others take their default dev set, here a GLUE folder's dev.tsv beside a
+    table's own dev file (a mapping had to name every task: "no file for 'sst2'"); a resume keeps the mapping. A dev
+    file that does not exist is one line naming its task and path (it said "data file not found: nope.csv; check the
+    path (or data_dir)", not which task's, nor that it was a dev file)."""
+    sst = tmp_path / "SST-2"
+    sst.mkdir()
+    rows = test_cli._rows(24)
+    (sst / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[:16]))
+    (sst / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[16:]))
+    dev, config, out = _table(tmp_path / "pos_dev.csv", test_cli._rows(6, seed=9)), tmp_path / "c.yaml", tmp_path / "r"
+    config.write_text(f"dev_data:\n  pos: {dev}\n")
+    assert main(_mt_args(tiny["bert"], out, str(sst), data["pos"], extra=("--config", str(config), "--steps", "1"))) == 0
+    said = capsys.readouterr().out
+    assert f"task sst2: {sst}, 16 train / 8 dev rows" in said and f"task pos: {data['pos']}, 40 train / 6 dev rows" in said
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["dev_data"] == {"pos": dev} and [t["dev_data"] for t in s["tasks"]] == [None, dev]
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0
+    assert [t["dev_rows"] for t in json.loads((out / "summary.json").read_text())["tasks"]] == [8, 6]
+    capsys.readouterr()
+    for given, says in (([str(sst / "dev.tsv"), "nope.csv"], "task pos: --dev-data nope.csv: no such file"),
+                        (["nope.tsv", dev], "task sst2: --dev-data nope.tsv: no such file")):
+        assert main(_mt_args(tiny["bert"], tmp_path / "x", str(sst), data["pos"], extra=("--dev-data", *given))) == 2
+        assert says in _error(capsys)
 
 
 def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the_shared_adapter(wide, data, tmp_path,

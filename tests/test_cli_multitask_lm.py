@@ -122,6 +122,25 @@ def test_a_causal_lm_trains_on_several_tables_its_step_and_task_losses_are_over_
     assert (shocked[targets] != first["labels"][targets]).float().mean() > 0.5
 
 
+def test_each_tasks_train_rows_are_the_rows_it_trains_on(models, lm_data, tmp_path, capsys):
+    """Encoding leaves out rows with nothing to predict (a single token, with --no-text-eos) and empty ones: the
+    console's line per task and summary.json's `train_rows` counted the rows read (9, of which 6 are trained on),
+    and the empty rows were left out without a word."""
+    short = _texts(tmp_path / "short.jsonl", ["abc def"] * 6 + ["a", "z", ""])
+    out = tmp_path / "run"
+    assert main(["train", "--model", models["gpt2"], "--data", lm_data["up"], short, "--dev-data", lm_data["up_dev"],
+                 lm_data["down_dev"], "--no-text-eos", "--target-modules", "c_attn", "--batch-size", "4",
+                 "--max-length", "48", "--steps", "1", "--log-every", "0", "--threads", "1", "--output-dir",
+                 str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "task short train data: 1 of 9 text rows are empty and left out\n" in said
+    assert ("task short train data: 2 of 8 text rows have no token to predict within max_length 48 (a single token) "
+            "and are left out\n") in said
+    assert f"task short: {short}, 6 train (of its 9: 3 left out, as said above) / 4 dev rows, " in said
+    assert f"task up: {lm_data['up']}, 12 train / 5 dev rows, " in said and " on up, short: 18 train / 9 dev " in said
+    assert [t["train_rows"] for t in json.loads((out / "summary.json").read_text())["tasks"]] == [12, 6]
+
+
 def test_a_resumed_causal_lm_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(lm_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(lm_run, copy)

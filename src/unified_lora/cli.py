@@ -75,11 +75,26 @@ def _fmt_metrics(m: dict | None) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, (int, float)))
 
 
+def _fmt_field(v) -> str:
+    """A summary value for `report`: a mapping as `k=v, ...` (a multi-task run's data, {task: path}), a list as its
+    items, anything else as itself."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt_field(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_field(x) for x in v)
+    return str(v)
+
+
 def format_summary(summary: dict) -> str:
     """The run's table (used by `demo` at the end and by `report`)."""
     lines = []
     kind = summary.get("command", "run")
-    lines.append(f"{kind}: model={summary.get('model')} data={summary.get('data')} steps={summary.get('steps')}")
+    # (a multi-task run's data, {task: path}, on a line of its own: it was printed as a Python dict; a field the
+    # summary lacks, as one built from trace.jsonl alone, is left out: it read model=None data=None)
+    fields = {k: summary.get(k) for k in ("model", "data", "steps") if summary.get(k) is not None}
+    apart = {k: v for k, v in fields.items() if isinstance(v, (dict, list, tuple))}
+    lines.append(" ".join([f"{kind}:", *(f"{k}={v}" for k, v in fields.items() if k not in apart)]))
+    lines += [f"{k}: {_fmt_field(v)}" for k, v in apart.items()]
     if summary.get("shock"):
         s = summary["shock"]
         lines.append(f"shock: {s['type']} labels on steps [{s['start']}, {s['end']})")
@@ -91,7 +106,15 @@ def format_summary(summary: dict) -> str:
         lines.append(summary["dev_note"])
     arms = summary.get("arms", {})
     points = summary.get("eval_points") or sorted({k for a in arms.values() for k in a.get("eval", {})})
-    if arms:
+    if arms and not points:  # (a run stopped before its first evaluation: the table had no column, and no word)
+        from .config import MODES
+
+        at = [f"{a.get('label', n)} at its last step: {MODES[a['phi']['final_mode']]}, rank "
+              f"{a['phi'].get('final_rank', '?')}, φ={a['phi']['final']:.3f}" for n, a in arms.items()
+              if a.get("phi") and a.get("controller", True)]
+        lines.append(f"no evaluation yet: {summary.get('steps', 0)} training step(s) done, no dev evaluation"
+                     + (f"; {'; '.join(at)}" if at else ""))
+    if arms and points:
         rows = [("method", list(points))]
         if summary.get("majority"):
             rows.append(("majority class", [_fmt_metrics(summary["majority"])] * len(points)))
@@ -965,8 +988,12 @@ def _train(args, held: dict) -> int:
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {n_dev}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
         f", {run.n_trainable():,} trainable parameters")
-    for t, e in zip(tasks or (), enc_devs if tasks else ()):
-        say(f"task {t.spec.name}: {t.spec.data}, {len(t.train)} train / {len(e['labels'])} dev rows, " + (
+    # each task's rows trained on: encoding leaves out rows with nothing to predict (a causal LM's single-token text,
+    # a prompt that fills --max-length), which the line counted (its note says how many, and why)
+    trained = torch.bincount(enc_train["task"], minlength=len(tasks)).tolist() if tasks else []
+    for t, e, n in zip(tasks or (), enc_devs if tasks else (), trained):
+        left = f" (of its {len(t.train)}: {len(t.train) - n} left out, as said above)" if n != len(t.train) else ""
+        say(f"task {t.spec.name}: {t.spec.data}, {n} train{left} / {len(e['labels'])} dev rows, " + (
             "its dev loss and perplexity over its target tokens" if task_type == "causal-lm" else
             f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}"))
     if tasks:
@@ -1144,9 +1171,9 @@ def _train(args, held: dict) -> int:
             "device": device_label(device), "precision": cfg.precision, "skipped_steps": run.state.skipped_steps,
             "world_size": world, "rows_per_step": world * cfg.batch_size * cfg.grad_accum,
             "majority": maj,
-            **({"tasks": [{**asdict(t.spec), "num_labels": len(t.spec.classes), "train_rows": len(t.train),
-                           "dev_rows": len(t.dev), "majority": maj_task[t.spec.name]} for t in tasks]}
-               if tasks else {}),
+            **({"tasks": [{**asdict(t.spec), "num_labels": len(t.spec.classes), "train_rows": n,
+                           "dev_rows": len(e["labels"]), "majority": maj_task[t.spec.name]}
+                          for t, e, n in zip(tasks, enc_devs, trained)]} if tasks else {}),
             "checkpoints": sorted(p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")),
             "peft_adapter": None if peft_note else str(out / "peft_adapter"),
             # a resumed run's total, over every session (it was this session's alone: "total wall time: 3 s" for a
@@ -1601,7 +1628,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "plain-text .txt/.raw corpus cut into --max-length token blocks (default: shipped MRPC); several "
                    "(a classifier's): a task each, trained in multi-task mode")
     t.add_argument("--dev-data", nargs="+", help="evaluation file (default: GLUE dev.tsv, else 10%% of --data held "
-                   "out; for a text corpus, its tail); several --data sets: one per task, in their order")
+                   "out; for a text corpus, its tail); several --data sets: one per task, in their order (YAML dev_data: a "
+                   "mapping {task: file} that may leave tasks to their default)")
     t.add_argument("--task-names", type=_csv_list("mrpc,rte"), help="several --data sets: their task names, "
                    "comma-separated, in their order (default: each one's GLUE folder or file stem, lower-case)")
     t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +168,12 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     if specs and task is None:
         raise UsageError(f"{run_dir} is a multi-task run (tasks {', '.join(t['name'] for t in specs)}): pass --task "
                          "NAME, the task whose adapter and classes predict")
-    if specs and task not in [t["name"] for t in specs]:
-        raise UsageError(f"--task {task}: not a task of {run_dir}; its tasks are "
-                         f"{', '.join(t['name'] for t in specs)}")
+    names = [t["name"] for t in specs or ()]
+    if specs and task not in names:
+        # (case aside: --task MRPC for the task mrpc)
+        close = [n for n in names if n.lower() == task.lower()] or difflib.get_close_matches(task, names, n=1)
+        raise UsageError(f"--task {task}: not a task of {run_dir}; its tasks are {', '.join(names)}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
     if not specs and task is not None:
         raise UsageError(f"--task {task}: for a multi-task run (several --data sets); {run_dir} trained on one data "
                          "set")

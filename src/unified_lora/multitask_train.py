@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SINGLE
-from .data import TextDataset, glue_metrics, primary_metric
+from .data import DataError, TextDataset, glue_metrics, primary_metric
 from .data.metrics import PRIMARY_METRIC, normalize_task
 from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
@@ -81,7 +81,10 @@ def load_tasks(cfg: TrainConfig, task_type: str = "seq-cls", note: Callable[[str
     out, layouts = [], {}
     for name, path in cfg.data.items():
         one = replace(cfg, data=path, dev_data=(cfg.dev_data or {}).get(name))
-        train, dev, _ = load_data(one, task_type, note=note, detect=detect)
+        try:
+            train, dev, _ = load_data(one, task_type, note=note, detect=detect)
+        except (DataError, UsageError) as e:  # which task's data (a missing --dev-data file did not say)
+            raise type(e)(f"task {name}: {e}") from None
         metric_task, glue = run_task(one, task_type)
         if task_type == "causal-lm":
             what = ("a plain-text corpus" if isinstance(train, TextCorpus) else "chat data" if is_chat(train) else
@@ -410,11 +413,13 @@ def task_lines(summary: dict) -> list[str]:
         own = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(name + "/")}
         maj = t.get("majority") or {}
         fmt = " ".join(f"{k}={v:.3f}" for k, v in own.items() if isinstance(v, (int, float))) or "-"
+        dev = f"last dev {fmt}" if points else "no dev evaluation yet"
         if t.get("task_type") == "causal-lm":
-            out.append(f"task {name} ({t.get('data')}): last dev {fmt}")
+            out.append(f"task {name} ({t.get('data')}): {dev}")
             continue
-        out.append(f"task {name} ({t.get('data')}; {len(t.get('classes') or [])} classes {t.get('classes')}): last "
-                   f"dev {fmt}; majority class " + (" ".join(f"{k}={v:.3f}" for k, v in maj.items()) or "-"))
+        # (the majority class is scored at the run's end: a run not finished has none)
+        out.append(f"task {name} ({t.get('data')}; {len(t.get('classes') or [])} classes {t.get('classes')}): {dev}"
+                   + ("; majority class " + " ".join(f"{k}={v:.3f}" for k, v in maj.items()) if maj else ""))
     if summary.get("tasks") and isinstance(last.get(AVERAGE), (int, float)):
         out.append(f"average of the tasks' primary metrics: {last[AVERAGE]:.3f}")
     if summary.get("tasks") and isinstance(last.get(AVERAGE_LOSS), (int, float)):

@@ -254,9 +254,10 @@ class TrainConfig:
     def _fold_tasks(self) -> None:
         """`data` and `dev_data` as one run reads them: one data set (a string, or a list or mapping of one) as a
         path; several as a mapping {task name: path} in the given order, `dev_data` then None or a mapping with the
-        same names, in that order, and `task_names` folded in (None). A task's default name is its GLUE folder's
-        task key or its file's stem, lower-case. Repeated names, a name that is not a plain word, and a `dev_data`
-        that does not give one file per task are ValueErrors naming the key."""
+        names, in that order (some of them: a task left out takes its default dev set), and `task_names` folded in
+        (None). A task's default name is its GLUE folder's task key or its file's stem, lower-case. Repeated names, a
+        name that is not a plain word, a `dev_data` list that does not give one file per task and a `dev_data` key
+        that is no task are ValueErrors naming the key."""
         data, dev, names = self.data, self.dev_data, self.task_names
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",") if n.strip()]
@@ -309,17 +310,19 @@ class TrainConfig:
                                  f"({', '.join(names)}), in the order of --data")
             dev = dict(zip(names, dev))
         elif isinstance(dev, dict):
+            # a mapping may name some tasks only: the others take their default dev set (a GLUE folder's dev.tsv, a
+            # table's held-out split), as one data set without --dev-data (it had to name every task, so a GLUE
+            # folder's task could not keep its dev.tsv beside a table's dev file)
             dev = {str(k): v for k, v in dev.items()}
             unknown = [k for k in dev if k not in names]
-            missing = [n for n in names if n not in dev]
-            if unknown or missing:
+            if unknown:
+                missing = [n for n in names if n not in dev]
                 close = {k: difflib.get_close_matches(k, missing or names, n=1) for k in unknown}
                 said = [f"{k!r} is not a task of data" + (f" (did you mean {m[0]!r}?)" if m else "")
                         for k, m in close.items()]
-                said += [f"no file for {', '.join(map(repr, missing))}"] if missing else []
-                raise ValueError(f"dev_data: {'; '.join(said)}; give one file for each task of data "
-                                 f"({', '.join(names)})")
-            dev = {n: dev[n] for n in names}
+                raise ValueError(f"dev_data: {'; '.join(said)}; its keys are task names ({', '.join(names)}), each "
+                                 "with its dev file (a task left out takes its default dev set)")
+            dev = {n: dev[n] for n in names if n in dev}
         self.data, self.dev_data, self.task_names = dict(zip(names, paths)), dev, None
 
     @property
@@ -963,6 +966,9 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
     path = Path(cfg.data).expanduser()
     if not path.exists():
         raise DataError(f"--data {cfg.data}: no such file or folder; pass a GLUE task folder or a .csv/.tsv/.jsonl file")
+    if cfg.dev_data and not Path(cfg.dev_data).expanduser().exists():  # (it was "data file not found", or a GLUE
+        # folder's reader's error, which did not say it was the dev file)
+        raise DataError(f"--dev-data {cfg.dev_data}: no such file; check the path")
     if path.is_dir() and task_type == "causal-lm":
         raise UsageError(f"--data {cfg.data}: a folder is read as a GLUE task, data for a classifier; {lm_data}")
     if path.is_dir():
@@ -1078,9 +1084,12 @@ def encode_rows(tokenizer, rows, task_type: str, max_length: int, note: Callable
     if task_type == "causal-lm" and rows and isinstance(rows[0], tuple):
         return encode_pairs(tokenizer, rows, max_length, note)
     if task_type == "causal-lm":
+        given = len(rows)
         rows = [r for r in rows if r.strip()]
         if not rows:
             raise DataError("no non-empty texts to train on; check --text-columns")
+        if note is not None and len(rows) < given:  # (left out without a word: the run's row counts fell short)
+            note(f"{given - len(rows)} of {given} text rows are empty and left out")
         if text_eos and tokenizer.eos_token_id is not None:
             return encode_texts(tokenizer, rows, max_length, note)
         # padded on the right whatever the tokenizer's padding_side: a decoder reads positions 0, 1, ... from the
@@ -2174,7 +2183,7 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
     modes = [int(r["mode"]) for r in trace]
     ranks = [int(r["rank"]) for r in trace]
     return {"pre_shock": pre, "peak": phis[peak_i], "peak_step": trace[peak_i].get("step", peak_i), "final": phis[-1],
-            "final_mode": modes[-1], "mean_rank": sum(ranks) / len(ranks),
+            "final_mode": modes[-1], "final_rank": ranks[-1], "mean_rank": sum(ranks) / len(ranks),
             "steps_in_mode": {m: modes.count(i) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))}}
 
 
