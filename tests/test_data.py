@@ -354,6 +354,19 @@ def test_a_byte_that_is_not_utf8_is_named_at_its_file_offset_and_line_after_a_ut
         load_table(p, ["text"], "label")
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_row_with_other_fields_than_the_header_is_named_at_its_line(tmp_path, fmt):
+    """The line was the row's count (the header's 1, then 2, ...), not its line in the file: a quoted cell that spans
+    lines and a blank line before the row put it lines later."""
+    sep = "," if fmt == "csv" else "\t"
+    first = '"a review\nover two lines"' if fmt == "csv" else "a review"  # (a .tsv has no quoting)
+    body = f"text{sep}label\n{first}{sep}1\n\nbad film{sep}0{sep}extra\n"
+    p = _write(tmp_path / f"d.{fmt}", body)
+    line = 5 if fmt == "csv" else 4
+    with pytest.raises(DataError, match=rf"d.{fmt}: line {line} has 3 fields but the header has 2; fix that row"):
+        load_table(p, ["text"], "label")
+
+
 _UNICODE_BODIES = {"csv": "text,label\ncaf\u00e9 \u00fcber \U0001f600,pos\nbad film,neg\n",
                    "tsv": "text\tlabel\ncaf\u00e9 \u00fcber \U0001f600\tpos\nbad film\tneg\n",
                    "jsonl": '{"text": "caf\u00e9 \u00fcber \U0001f600", "label": "pos"}\n\n'

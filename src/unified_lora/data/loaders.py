@@ -324,9 +324,10 @@ def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dic
         if len(where) > 1:
             raise DataError(f"{path}: the header names column {col!r} {len(where)} times (columns "
                             f"{', '.join(map(str, where))}); rename all but one, so it is clear which to read")
-    for n, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path}: line {n} has {len(row)} fields but the header has {len(header)}; fix that row")
+    for n, row in enumerate(body, start=1):
+        if len(row) != len(header):  # (its line: a quoted cell may span lines, and blank lines are no row)
+            raise DataError(f"{path}: line {record_line(path, n)} has {len(row)} fields but the header has "
+                            f"{len(header)}; fix that row")
     return [dict(zip(header, row)) for row in body]
 
 
