@@ -335,6 +335,38 @@ def test_error_a_file_that_is_not_utf8_is_named(tmp_path, fmt):
         load_table(p, ["text"], "label")
 
 
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "utf8_bom"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_byte_that_is_not_utf8_is_named_at_its_file_offset_and_line_after_a_utf8_mark(tmp_path, fmt, bom):
+    """After a UTF-8 byte-order mark (Excel's "CSV UTF-8") the error named the byte 3 before the bad one, at an offset
+    3 short (utf-8-sig's decoder counts from after the mark it skips), and a bad byte near a line's start on the line
+    before."""
+    import codecs
+
+    body = {"csv": b"text,label\ngood,1\n\xe9t\xe9,0\n", "tsv": b"text\tlabel\ngood\t1\n\xe9t\xe9\t0\n",
+            "jsonl": b'{"text": "good", "label": 1}\n{"\xe9": "t", "label": 0}\n'}[fmt]
+    data = (codecs.BOM_UTF8 if bom else b"") + body
+    p = tmp_path / f"d.{fmt}"
+    p.write_bytes(data)
+    at, line = data.index(b"\xe9"), 3 if fmt != "jsonl" else 2
+    with pytest.raises(DataError, match=rf"d.{fmt} is not UTF-8 text \(byte 0xe9 at offset {at}, line {line}\); save "
+                                        "it as UTF-8"):
+        load_table(p, ["text"], "label")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_row_with_other_fields_than_the_header_is_named_at_its_line(tmp_path, fmt):
+    """The line was the row's count (the header's 1, then 2, ...), not its line in the file: a quoted cell that spans
+    lines and a blank line before the row put it lines later."""
+    sep = "," if fmt == "csv" else "\t"
+    first = '"a review\nover two lines"' if fmt == "csv" else "a review"  # (a .tsv has no quoting)
+    body = f"text{sep}label\n{first}{sep}1\n\nbad film{sep}0{sep}extra\n"
+    p = _write(tmp_path / f"d.{fmt}", body)
+    line = 5 if fmt == "csv" else 4
+    with pytest.raises(DataError, match=rf"d.{fmt}: line {line} has 3 fields but the header has 2; fix that row"):
+        load_table(p, ["text"], "label")
+
+
 _UNICODE_BODIES = {"csv": "text,label\ncaf\u00e9 \u00fcber \U0001f600,pos\nbad film,neg\n",
                    "tsv": "text\tlabel\ncaf\u00e9 \u00fcber \U0001f600\tpos\nbad film\tneg\n",
                    "jsonl": '{"text": "caf\u00e9 \u00fcber \U0001f600", "label": "pos"}\n\n'
@@ -382,11 +414,11 @@ def test_a_utf16_text_corpus_reads_as_its_utf8_copy_and_utf16_without_a_mark_is_
     assert _load_texts(tmp_path / "w.txt", ["text"]) == _load_texts(_write(tmp_path / "p.txt", text), ["text"])
     (tmp_path / "n.txt").write_bytes("first line\nsecond line\n".encode("utf-16-le"))
     with pytest.raises(DataError, match=r"n.txt: line 1 holds a NUL character \(0x00\); is it UTF-16 without a "
-                                        "byte-order mark\? save it as UTF-8"):
+                                        r"byte-order mark\? save it as UTF-8"):
         _load_texts(tmp_path / "n.txt", ["text"])
     (tmp_path / "n.txt").write_bytes(text.encode("utf-16-le"))  # its é is no UTF-8 (0xe9 0x00)
     with pytest.raises(DataError, match=r"n.txt is not UTF-8 text \(byte 0xe9 at offset 28, line 1\); is it UTF-16 "
-                                        "without a byte-order mark\? save it as UTF-8"):
+                                        r"without a byte-order mark\? save it as UTF-8"):
         _load_texts(tmp_path / "n.txt", ["text"])
 
 

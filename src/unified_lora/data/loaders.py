@@ -276,14 +276,16 @@ def _undecodable(path: Path, encoding: str) -> DataError:
         data.decode(encoding)
         return DataError(f"{path} does not decode as {encoding}; save it as UTF-8")  # (it changed while read)
     except UnicodeDecodeError as e:
-        line = data[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        # utf-8-sig's offsets count from after the UTF-8 mark it skipped (e.object is the rest): the file's are past it
+        at = e.start + len(data) - len(e.object)
+        line = data[:at].decode(encoding, errors="replace").count("\n") + 1
         if encoding == "utf-8-sig":  # (NUL bytes too: UTF-16 without its mark, some of it not ASCII)
             hint = "is it UTF-16 without a byte-order mark? save" if b"\x00" in data else "save"
-            return DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+            return DataError(f"{path} is not UTF-8 text (byte 0x{data[at]:02x} at offset {at}, line {line}); "
                              f"{hint} it as UTF-8 (e.g. Excel: CSV UTF-8)")
         name = encoding.upper()
         return DataError(f"{path} starts with a {name} byte-order mark but is not {name} text ({e.reason} at offset "
-                         f"{e.start}, line {line}); save it as UTF-8")
+                         f"{at}, line {line}); save it as UTF-8")
 
 
 def read_text(path: Path) -> str:
@@ -322,9 +324,10 @@ def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dic
         if len(where) > 1:
             raise DataError(f"{path}: the header names column {col!r} {len(where)} times (columns "
                             f"{', '.join(map(str, where))}); rename all but one, so it is clear which to read")
-    for n, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path}: line {n} has {len(row)} fields but the header has {len(header)}; fix that row")
+    for n, row in enumerate(body, start=1):
+        if len(row) != len(header):  # (its line: a quoted cell may span lines, and blank lines are no row)
+            raise DataError(f"{path}: line {record_line(path, n)} has {len(row)} fields but the header has "
+                            f"{len(header)}; fix that row")
     return [dict(zip(header, row)) for row in body]
 
 
