@@ -2433,3 +2433,21 @@ def test_every_file_a_run_writes_is_flushed_to_the_disk_before_it_is_renamed_int
         assert events[i - 1] == ("fsync", events[i][1]) and events[i + 1] == ("fsync", str(out)), name
     assert str(out / "trace.jsonl") in synced
     assert json.loads((out / "summary.json").read_text())["checkpoints"] == ["epoch-1", "epoch-2"]
+
+
+def test_dev_data_replaces_the_bundled_mrpc_dev_split_and_a_missing_one_is_named(tiny, tmp_path, capsys, monkeypatch):
+    """Without --data (the shipped MRPC), --dev-data was ignored without a word: the run evaluated MRPC's dev.tsv.
+    It now replaces it, in MRPC's layout, as for a GLUE folder; a dev file that does not exist is named."""
+    import unified_lora.data
+    from unified_lora.data.loaders import resolve_glue_dir
+
+    monkeypatch.setattr(unified_lora.data, "default_model_path", lambda: tiny["bert"])
+    rows = (resolve_glue_dir("mrpc") / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig").splitlines()
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")  # the header and 7 rows
+    common = ["--steps", "1", "--batch-size", "8", "--max-length", "16", "--log-every", "0"]
+    assert main(["train", "--dev-data", str(dev), "--output-dir", str(tmp_path / "run"), *common]) == 0
+    assert "/ 7 dev rows" in capsys.readouterr().out
+    missing = tmp_path / "nope.tsv"
+    assert main(["train", "--dev-data", str(missing), "--output-dir", str(tmp_path / "r2"), *common]) == 2
+    assert f"--dev-data {missing}: no such file; check the path" in capsys.readouterr().err
