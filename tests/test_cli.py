@@ -102,6 +102,10 @@ def test_demo_writes_trace_summary_plot_and_console(tiny, tmp_path, capsys):
     assert "[0] Mode=1 φ=" in console and "E_s=" in console  # the seed's console line
     assert ">>> SHOCK @ step 4" in console and ">>> RECOVERY @ step 8" in console
     assert (out / "console.txt").read_text().count("Mode=") >= 3
+    phi = summary["arms"]["unified"]["phi"]  # the φ line names the final mode and counts the steps per mode in words
+    modes = ("SINGLE", "MULTI", "MIRROR")
+    assert (f"final mode={modes[phi['final_mode']]}  mean rank=" in console
+            and "steps per mode: " + ", ".join(f"{m} {phi['steps_in_mode'][m]}" for m in modes) in console)
     # it says whether the controller helped, from this run's final accuracies, with the noise of one seed
     u, b = (summary["arms"][k]["eval"]["final"]["accuracy"] for k in ("unified", "baseline"))
     n = summary["dev_rows"]

@@ -87,6 +87,8 @@ def _fmt_field(v) -> str:
 
 def format_summary(summary: dict) -> str:
     """The run's table (used by `demo` at the end and by `report`)."""
+    from .config import MODES
+
     lines = []
     kind = summary.get("command", "run")
     # (a multi-task run's data, {task: path}, on a line of its own: it was printed as a Python dict; a field the
@@ -107,8 +109,6 @@ def format_summary(summary: dict) -> str:
     arms = summary.get("arms", {})
     points = summary.get("eval_points") or sorted({k for a in arms.values() for k in a.get("eval", {})})
     if arms and not points:  # (a run stopped before its first evaluation: the table had no column, and no word)
-        from .config import MODES
-
         at = [f"{a.get('label', n)} at its last step: {MODES[a['phi']['final_mode']]}, rank "
               f"{a['phi'].get('final_rank', '?')}, φ={a['phi']['final']:.3f}" for n, a in arms.items()
               if a.get("phi") and a.get("controller", True)]
@@ -146,9 +146,11 @@ def format_summary(summary: dict) -> str:
         if phi and arm.get("controller", True):
             # without a shock, phi_summary's "pre_shock" is the first step's φ: it was labelled pre-shock all the same
             first = "pre-shock" if summary.get("shock") else "first"
+            # (the mode by name, and the steps per mode as words: it printed "final mode=1" and a Python dict)
+            per_mode = ", ".join(f"{m} {n}" for m, n in phi["steps_in_mode"].items())
             lines.append(f"{arm.get('label', name)}: φ {first}={phi['pre_shock']:.3f}  peak={phi['peak']:.3f} "
-                         f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode={phi['final_mode']}  "
-                         f"mean rank={phi['mean_rank']:.2f}  steps per mode={phi['steps_in_mode']}")
+                         f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode="
+                         f"{MODES[phi['final_mode']]}  mean rank={phi['mean_rank']:.2f}  steps per mode: {per_mode}")
         if arm.get("skipped_steps"):
             lines.append(f"  {arm.get('label', name)}: {arm['skipped_steps']} optimizer step(s) skipped for a "
                          "non-finite loss or gradient")
