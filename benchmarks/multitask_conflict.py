@@ -1,0 +1,218 @@
+"""Benchmark: does the multi-task conflict C tell conflicting tasks from tasks that do not conflict?
+
+Three task pairs, MiniLM-L6, mixed batches (half of each task, per-sample routing, as `unified-lora train --data A B`):
+
+* same     : two random halves of MRPC train (no conflict at all: any difference is minibatch noise);
+* flipped  : MRPC half A vs MRPC half B with every label flipped (the strongest conflict there is);
+* rte_mrpc : RTE vs MRPC (a real pair).
+
+Two phases per run (`--phases`):
+
+* forced  : SINGLE for `--split-at` steps, then a forced split (theta0 = 0, so the machine goes to MULTI at its first
+            decision and never comes back; theta1 = 1, so never MIRROR), MULTI for the rest. Logs C, C_grad, C_weight,
+            E, S, φ each step: the measure in both modes, with the controller out of the loop.
+* natural : the default machine (θ0 = 0.3, θ1 = 0.7) with a 20-step warmup and min dwell 10: what the controller does
+            with these numbers (when it splits, whether it merges back).
+
+Writes benchmarks/results/multitask_conflict.json (every step of every run) and multitask_conflict.md (mean C_grad,
+C_weight and C per pair and mode, per seed; the natural runs' transitions). A run of 140 steps took about 1.5 min on
+this project's 2-core CPU with another job beside it, so the default 18 runs take about half an hour; the committed
+results came from the command their .md names (the forced phase, same and flipped, 3 seeds: about 9 min):
+
+    python benchmarks/multitask_conflict.py --seeds 0 1 2 --pairs same flipped --phases forced --steps 140
+    python benchmarks/multitask_conflict.py --seeds 0 --phases forced --steps 120   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAIRS = ("same", "flipped", "rte_mrpc")
+KEYS = ("C", "C_grad", "C_weight", "E", "S", "phi_raw")
+
+
+def load_pairs(tokenizer, max_length: int) -> dict:
+    """{pair: {task: encoded train rows}}; the MRPC halves are a fixed random split of MRPC train."""
+    from unified_lora.data import encode, load_glue
+
+    mrpc = list(load_glue("mrpc", "train").examples)
+    random.Random(1234).shuffle(mrpc)
+    half = len(mrpc) // 2
+    a, b = mrpc[:half], mrpc[half:2 * half]
+    rte = list(load_glue("rte", "train").examples)
+
+    def enc(ex, flip=False):
+        d = encode(tokenizer, ex, max_length=max_length, padding="max_length")
+        if flip:
+            d["labels"] = 1 - d["labels"]
+        return d
+
+    ea, eb = enc(a), enc(b)
+    return {"same": {"mrpc_a": ea, "mrpc_b": eb},
+            "flipped": {"mrpc_a": ea, "mrpc_b_flipped": enc(b, flip=True)},
+            "rte_mrpc": {"rte": enc(rte), "mrpc": ea}}
+
+
+def _trim(b: dict) -> dict:
+    L = int(b["attention_mask"].sum(1).max())
+    return {k: (v[:, :L] if v.dim() == 2 else v) for k, v in b.items()}
+
+
+def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int, batch: int, lr: float,
+        model_path: str) -> dict:
+    from transformers import BertForSequenceClassification
+
+    from unified_lora import SINGLE, MachineConfig, trainable_parameters
+    from unified_lora.multitask import per_task_losses, setup_multitask_lora, task_context
+
+    tasks = list(data)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    n = model.config.num_hidden_layers
+    layers = "|".join(str(i) for i in range(n - 2, n))  # the top two layers, the pooler and the head (CPU budget)
+    tgt = rf"bert\.encoder\.layer\.({layers})\.attention\.self\.(query|value)|bert\.pooler\.dense|classifier"
+    if phase == "forced":
+        machine = MachineConfig(theta0=0.0, theta1=1.0, initial_mode=SINGLE, warmup_steps=split_at)
+    else:
+        machine = MachineConfig(initial_mode=SINGLE, warmup_steps=20, min_dwell=10)
+    adapters, ctrl = setup_multitask_lora(model, tasks, tgt, lr_mode="off", mode_ranks=(4, 8, 16), machine=machine,
+                                          keep_trace=True)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.01)
+    ctrl.attach_optimizer(opt)
+    g = torch.Generator().manual_seed(seed)
+    per = batch // len(tasks)
+    perms = {t: torch.randperm(len(data[t]["labels"]), generator=g) for t in tasks}
+    cursor = {t: 0 for t in tasks}
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        parts, tids = [], []
+        for t in tasks:
+            if cursor[t] + per > len(perms[t]):
+                perms[t], cursor[t] = torch.randperm(len(perms[t]), generator=g), 0
+            idx = perms[t][cursor[t]:cursor[t] + per]
+            cursor[t] += per
+            parts.append({k: v[idx] for k, v in data[t].items()})
+            tids += [t] * per
+        b = _trim({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        labels = b.pop("labels")
+        with task_context(model, tids):
+            per_sample = F.cross_entropy(model(**b).logits, labels, reduction="none")
+        loss = per_sample.mean()
+        loss.backward()
+        ctrl.step(loss, task_losses=per_task_losses(per_sample, tids))
+        opt.step()
+        opt.zero_grad()
+    trace = [dict(step=r.step, mode=r.mode, phi=r.phi,
+                  **{k: r.components.get(k) for k in KEYS}) for r in ctrl.trace]
+    return {"pair": pair, "phase": phase, "seed": seed, "tasks": tasks, "steps": steps,
+            "split_at": split_at if phase == "forced" else None, "batch": batch, "lr": lr,
+            "transitions": [{"step": r.step, "transition": r.transition} for r in ctrl.trace if r.transition],
+            "final_mode": ctrl.mode, "seconds": round(time.time() - t0, 1), "trace": trace}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+def _f(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def report(runs: list, settings: dict) -> str:
+    lines = ["# Multi-task conflict signal: same vs flipped vs real task pairs (MiniLM-L6, CPU)", "",
+             f"`{settings['command']}`", "",
+             f"Mixed batches of {settings['batch']} (half each task), max_length {settings['max_length']}, AdamW lr "
+             f"{settings['lr']}, LoRA on query/value of the top two layers, the pooler and the classifier, ranks "
+             f"4/8/16 (SINGLE/MULTI/MIRROR). Pairs: *same* = two random halves of MRPC train; *flipped* = the same "
+             f"halves, the second with every label flipped; *rte_mrpc* = RTE vs MRPC half A.", ""]
+    forced = [r for r in runs if r["phase"] == "forced"]
+    if forced:
+        s = forced[0]["split_at"]
+        lines += [f"## Forced split (SINGLE steps 20..{s - 1}, then MULTI from step {s}; mean over the steps)", "",
+                  "Columns: SINGLE C_grad; MULTI C_grad, C_weight, C (what φ uses), over MULTI's last half too. "
+                  "One row per seed.", "",
+                  "| pair | seed | SINGLE C_grad | MULTI C_grad | MULTI C_weight | MULTI C | MULTI C (last half) | "
+                  "MULTI φ (last half) |", "|---|---|---|---|---|---|---|---|"]
+        for r in forced:
+            tr = r["trace"]
+            single = [x for x in tr if x["mode"] == 0 and x["step"] >= 20]
+            multi = [x for x in tr if x["mode"] == 1]
+            late = multi[len(multi) // 2:]
+            lines.append(f"| {r['pair']} | {r['seed']} | {_f(_mean(x['C_grad'] for x in single))} | "
+                         f"{_f(_mean(x['C_grad'] for x in multi))} | {_f(_mean(x['C_weight'] for x in multi))} | "
+                         f"{_f(_mean(x['C'] for x in multi))} | {_f(_mean(x['C'] for x in late))} | "
+                         f"{_f(_mean(x['phi'] for x in late))} |")
+        lines.append("")
+    natural = [r for r in runs if r["phase"] == "natural"]
+    if natural:
+        lines += ["## Natural (default machine: θ0 = 0.3, θ1 = 0.7, warmup 20, min dwell 10)", "",
+                  "| pair | seed | transitions | final mode | steps in SINGLE / MULTI / MIRROR |", "|---|---|---|---|---|"]
+        for r in natural:
+            tl = ", ".join(f"{t['step']}:{t['transition']}" for t in r["transitions"]) or "none"
+            counts = " / ".join(str(sum(x["mode"] == m for x in r["trace"])) for m in range(3))
+            lines.append(f"| {r['pair']} | {r['seed']} | {tl} | {r['final_mode']} | {counts} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=PAIRS)
+    ap.add_argument("--phases", nargs="+", default=["forced", "natural"], choices=("forced", "natural"))
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--split-at", type=int, default=60, help="forced phase: the step of the forced split")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "multitask_conflict"),
+                    help="writes OUT.json and OUT.md")
+    a = ap.parse_args(argv)
+    if a.batch % 2:
+        ap.error(f"--batch: a mixed batch takes half its rows from each task, so it must be even, got {a.batch}")
+    if not 0 < a.split_at < a.steps:
+        ap.error(f"--split-at must be in (0, --steps), got {a.split_at}")
+    torch.set_num_threads(a.threads)
+    from transformers import AutoTokenizer
+
+    from unified_lora.data import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    data = load_pairs(tok, a.max_length)
+    settings = {"command": "python benchmarks/multitask_conflict.py " + " ".join(argv if argv is not None else
+                                                                                  __import__("sys").argv[1:]),
+                "batch": a.batch, "max_length": a.max_length, "lr": a.lr}
+    runs = []
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for phase in a.phases:
+        for pair in a.pairs:
+            for seed in a.seeds:
+                r = run(pair, data[pair], phase, seed, a.steps, a.split_at, a.batch, a.lr, path)
+                runs.append(r)
+                tl = ", ".join(f"{t['step']}:{t['transition']}" for t in r["transitions"]) or "none"
+                print(f"{phase} {pair} seed={seed}: {tl} ({r['seconds']}s)", flush=True)
+                tmp = out.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps({"settings": settings, "runs": runs}))
+                tmp.replace(out.with_suffix(".json"))
+    md = report(runs, settings)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
