@@ -321,8 +321,11 @@ WSD_KW = ("--lr-scheduler", "warmup_stable_decay", "--lr-scheduler-kwargs")
      "lr_scheduler_kwargs: lr_scheduler 'linear' takes none (its only settings are the warm-up and the run's length), "
      "got {'power': 2}"),
     ((*MIN_LR, '{"min_lr_rat": 0.1}'),
-     "lr_scheduler_kwargs: 'min_lr_rat' is not a setting of lr_scheduler 'cosine_with_min_lr'; its settings are "
-     "['num_cycles', 'min_lr', 'min_lr_rate']"),
+     "lr_scheduler_kwargs: 'min_lr_rat' is not a setting of lr_scheduler 'cosine_with_min_lr' (did you mean "
+     "'min_lr_rate'?); its settings are ['num_cycles', 'min_lr', 'min_lr_rate']"),
+    ((*MIN_LR, '{"min_lr_ratio": 0.1}'),  # warmup_stable_decay's name for it
+     "lr_scheduler_kwargs: 'min_lr_ratio' is not a setting of lr_scheduler 'cosine_with_min_lr' (did you mean "
+     "'min_lr_rate'?); its settings are ['num_cycles', 'min_lr', 'min_lr_rate']"),
     ((*MIN_LR, '{"min_lr_rate": "low"}'), "lr_scheduler_kwargs.min_lr_rate (cosine_with_min_lr): must be a number, "
                                           "got 'low' (str)"),
     ((*MIN_LR, '{"min_lr_rate": 1.5}'), "lr_scheduler_kwargs.min_lr_rate (cosine_with_min_lr): must be in [0, 1], "
@@ -356,7 +359,7 @@ WSD_KW = ("--lr-scheduler", "warmup_stable_decay", "--lr-scheduler-kwargs")
     ((*MIN_LR, "{min_lr_rate: 0.1}"), "lr_scheduler_kwargs: not JSON (Expecting property name enclosed in double "
                                       "quotes at column 2)"),
     ((*MIN_LR, "[0.1]"), "lr_scheduler_kwargs: must be a mapping of the schedule's settings to values"),
-], ids=["linear_takes_none", "unknown", "wrong_type", "out_of_range", "min_lr_neither", "min_lr_both",
+], ids=["linear_takes_none", "unknown", "another_schedules_name", "wrong_type", "out_of_range", "min_lr_neither", "min_lr_both",
         "min_lr_absolute", "min_lr_above_lr", "lr_end_absolute", "lr_end_default_above_lr", "wsd_required",
         "wsd_int", "wsd_shape", "warmup_shape_without_warmup", "set_by_the_run", "not_json", "not_a_mapping"])
 def test_a_bad_schedule_kwarg_is_a_one_line_error_before_the_model_loads(tiny, tmp_path, capsys, given, needle):

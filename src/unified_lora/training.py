@@ -446,8 +446,10 @@ def check_scheduler_kwargs(cfg: TrainConfig) -> dict:
     for key, v in given.items():
         if key in _SET_BY_THE_RUN:
             raise ValueError(f"{field_}: {key!r} is not a setting of {name} here: it is {_SET_BY_THE_RUN[key]}")
-        if key not in own:
-            raise ValueError(f"{field_}: {key!r} is not a setting of lr_scheduler {name!r}; its settings are {own}")
+        if key not in own:  # (a close name suggested, as for a config key: min_lr_ratio is warmup_stable_decay's)
+            close = difflib.get_close_matches(str(key), own, n=1)
+            raise ValueError(f"{field_}: {key!r} is not a setting of lr_scheduler {name!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; its settings are {own}")
         kind, ok, why = table[key]
         where = f"{field_}.{key} ({name})"
         if kind is str:
