@@ -519,8 +519,8 @@ def lr_schedule(cfg: TrainConfig, total_steps: int | None) -> dict:
                     else f"{warmup} warm-up + ")
             raise UsageError(f"lr_scheduler_kwargs.num_decay_steps (warmup_stable_decay): {said}"
                              f"{kwargs['num_decay_steps']} decay steps are {phases}, but the run has {total_steps} "
-                             "optimizer steps: its decay would " + ("not end" if stable is not None else
-                                                                   "start before its warm-up ends")
+                             "optimizer steps: its decay would " + ("not end" if stable is not None or not warmup
+                                                                   else "start before its warm-up ends")
                              + "; give fewer steps (or more --steps / --epochs)")
     return out
 
