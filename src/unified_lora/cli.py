@@ -1013,7 +1013,8 @@ def _train(args, held: dict) -> int:
     trained = torch.bincount(enc_train["task"], minlength=len(tasks)).tolist() if tasks else []
     for t, e, n in zip(tasks or (), enc_devs if tasks else (), trained):
         left = f" (of its {len(t.train)}: {len(t.train) - n} left out, as said above)" if n != len(t.train) else ""
-        say(f"task {t.spec.name}: {t.spec.data}, {n} train{left} / {len(e['labels'])} dev rows, " + (
+        own_dev = f" (dev {t.spec.dev_data})" if t.spec.dev_data else ""  # (a dev file given for it, e.g. in a mapping)
+        say(f"task {t.spec.name}: {t.spec.data}{own_dev}, {n} train{left} / {len(e['labels'])} dev rows, " + (
             "its dev loss and perplexity over its target tokens" if task_type == "causal-lm" else
             f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}"))
     if tasks:
