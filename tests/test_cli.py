@@ -470,6 +470,30 @@ def test_demo_refuses_a_bad_threads_or_steps_value_before_writing_anything(tiny,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("given, message", [
+    # `demo --steps 30` kept the default window (60, 100) of the default 160 steps, and the error named
+    # "shock_end: must be <= steps (30), got 100", a value the command had not given
+    (["--steps", "30"], "--shock-start 60 --shock-end 100 (the defaults, set for the default 160 steps): the shock "
+                        "window must lie inside the run, 0 <= --shock-start <= --shock-end <= --steps 30; give both, "
+                        "e.g. --shock-start 11 --shock-end 18 (the default window scaled to 30 steps)"),
+    (["--steps", "30", "--shock-end", "20"], "--shock-start 60 --shock-end 20 (--shock-start is the default, set for "
+                                             "the default 160 steps): the shock window must lie inside the run"),
+    (["--steps", "12", "--shock-start", "4", "--shock-end", "13"], "--shock-start 4 --shock-end 13: the shock window "
+                                                                   "must lie inside the run, 0 <= --shock-start"),
+])
+def test_demo_refuses_a_shock_window_outside_its_steps_naming_the_flags_and_the_defaults(tiny, tmp_path, capsys, given,
+                                                                                         message):
+    out = tmp_path / "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
+    for flag in ("--steps", "--shock-start", "--shock-end"):  # the command gives only `given`: the others default
+        i = args.index(flag)
+        del args[i:i + 2]
+    assert main(args + given) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unified-lora: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_demo_summary_says_what_a_mirror_exit_did_to_the_weights():
     from unified_lora.cli import format_summary
 

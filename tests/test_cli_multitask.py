@@ -277,7 +277,12 @@ def test_a_dev_data_mapping_may_name_some_tasks_and_a_missing_dev_file_names_its
     config.write_text(f"dev_data:\n  pos: {dev}\n")
     assert main(_mt_args(tiny["bert"], out, str(sst), data["pos"], extra=("--config", str(config), "--steps", "1"))) == 0
     said = capsys.readouterr().out
-    assert f"task sst2: {sst}, 16 train / 8 dev rows" in said and f"task pos: {data['pos']}, 40 train / 6 dev rows" in said
+    # the task given a dev file names it, in the console and in `report` (neither did: only its count of rows told)
+    assert f"task sst2: {sst}, 16 train / 8 dev rows" in said
+    assert f"task pos: {data['pos']} (dev {dev}), 40 train / 6 dev rows" in said
+    assert main(["report", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"task sst2 ({sst}; 2 classes" in said and f"task pos ({data['pos']}, dev {dev}; 2 classes" in said
     s = json.loads((out / "summary.json").read_text())
     assert s["config"]["dev_data"] == {"pos": dev} and [t["dev_data"] for t in s["tasks"]] == [None, dev]
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0

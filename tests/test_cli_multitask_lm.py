@@ -136,8 +136,10 @@ def test_each_tasks_train_rows_are_the_rows_it_trains_on(models, lm_data, tmp_pa
     assert "task short train data: 1 of 9 text rows are empty and left out\n" in said
     assert ("task short train data: 2 of 8 text rows have no token to predict within max_length 48 (a single token) "
             "and are left out\n") in said
-    assert f"task short: {short}, 6 train (of its 9: 3 left out, as said above) / 4 dev rows, " in said
-    assert f"task up: {lm_data['up']}, 12 train / 5 dev rows, " in said and " on up, short: 18 train / 9 dev " in said
+    assert f"task short: {short} (dev {lm_data['down_dev']}), 6 train (of its 9: 3 left out, as said above) / 4 dev " \
+           "rows, " in said
+    assert f"task up: {lm_data['up']} (dev {lm_data['up_dev']}), 12 train / 5 dev rows, " in said
+    assert " on up, short: 18 train / 9 dev " in said
     assert [t["train_rows"] for t in json.loads((out / "summary.json").read_text())["tasks"]] == [12, 6]
 
 

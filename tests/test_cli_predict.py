@@ -247,7 +247,17 @@ def test_a_glue_run_reads_its_test_tsv_without_labels_and_its_dev_tsv_with_them(
     other.write_text("index\tsentence1\tsentence2\n0\tgood film\tbad plot\n")
     assert main(["predict", str(run), "--data", str(other)]) == 2
     line = _error(capsys)
-    assert "line 2 has label 'good film'" in line and "nor is it a GLUE SST-2 test.tsv" in line
+    assert "line 2 has label 'good film'" in line and "nor is it a GLUE SST-2 test.tsv: a header row, then index, " \
+                                                      "sentence" in line
+    # the dev layout with its label column left empty (a test set exported so): a GLUE file's labels are all
+    # required, and the error says how to give unlabelled rows (it said "has label ''; expected one of 0 (negative),
+    # 1 (positive) (nor is it a GLUE SST-2 test.tsv: ...)")
+    blank = tmp_path / "blank.tsv"
+    blank.write_text("sentence\tlabel\n" + "".join(f"{t}\t\n" for t, _ in rows[32:36]))
+    assert main(["predict", str(run), "--data", str(blank)]) == 2
+    assert _error(capsys) == (f"unified-lora: error: {blank}: line 2 has no label (column 2 is empty); every row of a "
+                              "GLUE SST-2 train/dev file has one (to predict rows without labels, give them in the "
+                              "layout of the GLUE SST-2 test.tsv: a header row, then index, sentence, no label column)")
 
 
 def _sft_run(models, tmp_path, which: str, steps: int = 16) -> tuple[Path, Path]:

@@ -300,8 +300,13 @@ def test_a_checkpoint_saved_before_schedules_resumes_at_a_constant_lr(tiny, tmp_
       '"num_stable_steps": 6}'), "lr_scheduler_kwargs.num_decay_steps (warmup_stable_decay): 0 warm-up + 6 stable "
                                  "(num_stable_steps) + 3 decay steps are 9, but the run has 8 optimizer steps: its "
                                  "decay would not end"),
+    # without a warm-up (it said "its decay would start before its warm-up ends", of a run that has none)
+    (("--lr-scheduler", "warmup_stable_decay", "--lr-scheduler-kwargs", '{"num_decay_steps": 9}'),
+     "lr_scheduler_kwargs.num_decay_steps (warmup_stable_decay): 0 warm-up + 9 decay steps are 9, but the run has 8 "
+     "optimizer steps: its decay would not end;"),
 ], ids=["constant_with_warmup_steps", "steps_and_ratio", "negative_steps", "ratio_past_1", "warmup_past_the_run",
-        "reduce_lr_on_plateau", "wsd_decay_past_the_run", "wsd_stable_past_the_run"])
+        "reduce_lr_on_plateau", "wsd_decay_past_the_run", "wsd_stable_past_the_run",
+        "wsd_decay_past_a_run_without_warmup"])
 def test_a_bad_schedule_setting_is_a_one_line_error_before_anything_is_written(tiny, tmp_path, capsys, given, needle):
     _write(tmp_path / "plateau.yaml", "lr_scheduler: reduce_lr_on_plateau\n")
     given = [str(tmp_path / g) if g.endswith(".yaml") else g for g in given]
@@ -321,8 +326,11 @@ WSD_KW = ("--lr-scheduler", "warmup_stable_decay", "--lr-scheduler-kwargs")
      "lr_scheduler_kwargs: lr_scheduler 'linear' takes none (its only settings are the warm-up and the run's length), "
      "got {'power': 2}"),
     ((*MIN_LR, '{"min_lr_rat": 0.1}'),
-     "lr_scheduler_kwargs: 'min_lr_rat' is not a setting of lr_scheduler 'cosine_with_min_lr'; its settings are "
-     "['num_cycles', 'min_lr', 'min_lr_rate']"),
+     "lr_scheduler_kwargs: 'min_lr_rat' is not a setting of lr_scheduler 'cosine_with_min_lr' (did you mean "
+     "'min_lr_rate'?); its settings are ['num_cycles', 'min_lr', 'min_lr_rate']"),
+    ((*MIN_LR, '{"min_lr_ratio": 0.1}'),  # warmup_stable_decay's name for it
+     "lr_scheduler_kwargs: 'min_lr_ratio' is not a setting of lr_scheduler 'cosine_with_min_lr' (did you mean "
+     "'min_lr_rate'?); its settings are ['num_cycles', 'min_lr', 'min_lr_rate']"),
     ((*MIN_LR, '{"min_lr_rate": "low"}'), "lr_scheduler_kwargs.min_lr_rate (cosine_with_min_lr): must be a number, "
                                           "got 'low' (str)"),
     ((*MIN_LR, '{"min_lr_rate": 1.5}'), "lr_scheduler_kwargs.min_lr_rate (cosine_with_min_lr): must be in [0, 1], "
@@ -356,8 +364,8 @@ WSD_KW = ("--lr-scheduler", "warmup_stable_decay", "--lr-scheduler-kwargs")
     ((*MIN_LR, "{min_lr_rate: 0.1}"), "lr_scheduler_kwargs: not JSON (Expecting property name enclosed in double "
                                       "quotes at column 2)"),
     ((*MIN_LR, "[0.1]"), "lr_scheduler_kwargs: must be a mapping of the schedule's settings to values"),
-], ids=["linear_takes_none", "unknown", "wrong_type", "out_of_range", "min_lr_neither", "min_lr_both",
-        "min_lr_absolute", "min_lr_above_lr", "lr_end_absolute", "lr_end_default_above_lr", "wsd_required",
+], ids=["linear_takes_none", "unknown", "another_schedules_name", "wrong_type", "out_of_range",
+        "min_lr_neither", "min_lr_both", "min_lr_absolute", "min_lr_above_lr", "lr_end_absolute", "lr_end_default_above_lr", "wsd_required",
         "wsd_int", "wsd_shape", "warmup_shape_without_warmup", "set_by_the_run", "not_json", "not_a_mapping"])
 def test_a_bad_schedule_kwarg_is_a_one_line_error_before_the_model_loads(tiny, tmp_path, capsys, given, needle):
     """--lr-scheduler-kwargs is checked with the config: the error names the schedule's setting, and comes before

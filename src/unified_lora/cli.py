@@ -33,6 +33,7 @@ PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
 # (5e-4 and 1e-3 stay at it for 60 steps; 5e-3 and a 10x head LR are worse); MIRROR at half the LR still relearns
 # after the shock so φ can fall back below θ1 (at 4e-4 it stayed in MIRROR to the end).
+DEMO_SHOCK = (60, 100, 160)  # the demo's default shock window, and the default --steps it was set for
 DEV_SUBSAMPLE_SEED = 0  # --dev-size picks the same dev rows for every --seed, so seeds compare on one set
 DEMO_CALIBRATION = (20, 2.2)  # demo: loss_scale from the first 20 steps (see --calibration-target)
 VERDICT_ALPHA = 0.05  # the demo's verdict calls a paired difference beyond the noise at McNemar p < 0.05
@@ -511,6 +512,7 @@ def cmd_demo(args) -> int:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if args.steps < 1:  # TrainConfig's steps=0 means "whole epochs"; the demo runs --steps steps, and 0 trained none
         raise UsageError(f"steps: must be >= 1 (the demo trains this many steps), got {args.steps}")
+    _check_demo_shock(args)
     out = Path(_check_output_dir(args.output_dir))
     lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
     loss_scale, calibration_steps = args.loss_scale, args.calibration_steps
@@ -610,6 +612,24 @@ def cmd_demo(args) -> int:
     say(f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
     say.save(out / "console.txt")
     return 0
+
+
+def _check_demo_shock(args) -> None:
+    """The demo's shock window (--shock-start, --shock-end) inside its --steps, checked by flag; else a UsageError that
+    says which values were the defaults and gives a window that fits. `demo --steps 30` alone kept the default window
+    of 160 steps, and TrainConfig's error named `shock_end ... got 100`, a value the command had not given."""
+    from .training import UsageError
+
+    start, end, steps = args.shock_start, args.shock_end, args.steps
+    if 0 <= start <= end <= steps:
+        return
+    defaults = [f"--shock-{k}" for k, v, d in (("start", start, DEMO_SHOCK[0]), ("end", end, DEMO_SHOCK[1])) if v == d]
+    said = ("" if not defaults else f" ({defaults[0]} is the default, set for the default {DEMO_SHOCK[2]} steps)"
+            if len(defaults) == 1 else f" (the defaults, set for the default {DEMO_SHOCK[2]} steps)")
+    fit_start, fit_end = steps * DEMO_SHOCK[0] // DEMO_SHOCK[2], steps * DEMO_SHOCK[1] // DEMO_SHOCK[2]
+    raise UsageError(f"--shock-start {start} --shock-end {end}{said}: the shock window must lie inside the run, "
+                     f"0 <= --shock-start <= --shock-end <= --steps {steps}; give both, e.g. --shock-start {fit_start} "
+                     f"--shock-end {fit_end} (the default window scaled to {steps} steps)")
 
 
 def _model_name(given: str | None, path: str) -> str:
@@ -995,7 +1015,8 @@ def _train(args, held: dict) -> int:
     trained = torch.bincount(enc_train["task"], minlength=len(tasks)).tolist() if tasks else []
     for t, e, n in zip(tasks or (), enc_devs if tasks else (), trained):
         left = f" (of its {len(t.train)}: {len(t.train) - n} left out, as said above)" if n != len(t.train) else ""
-        say(f"task {t.spec.name}: {t.spec.data}, {n} train{left} / {len(e['labels'])} dev rows, " + (
+        own_dev = f" (dev {t.spec.dev_data})" if t.spec.dev_data else ""  # (a dev file given for it, e.g. in a mapping)
+        say(f"task {t.spec.name}: {t.spec.data}{own_dev}, {n} train{left} / {len(e['labels'])} dev rows, " + (
             "its dev loss and perplexity over its target tokens" if task_type == "causal-lm" else
             f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}"))
     if tasks:
@@ -1567,9 +1588,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-columns", type=_csv_list("sentence1,sentence2"), default=["text"],
                    help="table text column(s), e.g. s1,s2")
     d.add_argument("--label-column", default="label", help="table label column")
-    d.add_argument("--steps", type=int, default=160, help="optimizer steps")
-    d.add_argument("--shock-start", type=int, default=60, help="first step of the label shock")
-    d.add_argument("--shock-end", type=int, default=100, help="the step after the shock")
+    d.add_argument("--steps", type=int, default=DEMO_SHOCK[2], help="optimizer steps")
+    d.add_argument("--shock-start", type=int, default=DEMO_SHOCK[0], help="first step of the label shock")
+    d.add_argument("--shock-end", type=int, default=DEMO_SHOCK[1], help="the step after the shock")
     d.add_argument("--shock-type", choices=("flip", "random"), default="flip", help="flipped or random labels")
     d.add_argument("--seed", type=int, default=0, help="random seed (weights, batch order, shock)")
     d.add_argument("--output-dir", default="unified-lora-demo", help="trace, summary, plot and console output")

@@ -414,11 +414,12 @@ def task_lines(summary: dict) -> list[str]:
         maj = t.get("majority") or {}
         fmt = " ".join(f"{k}={v:.3f}" for k, v in own.items() if isinstance(v, (int, float))) or "-"
         dev = f"last dev {fmt}" if points else "no dev evaluation yet"
+        data = t.get("data") if not t.get("dev_data") else f"{t.get('data')}, dev {t['dev_data']}"  # (a given dev file)
         if t.get("task_type") == "causal-lm":
-            out.append(f"task {name} ({t.get('data')}): {dev}")
+            out.append(f"task {name} ({data}): {dev}")
             continue
         # (the majority class is scored at the run's end: a run not finished has none)
-        out.append(f"task {name} ({t.get('data')}; {len(t.get('classes') or [])} classes {t.get('classes')}): {dev}"
+        out.append(f"task {name} ({data}; {len(t.get('classes') or [])} classes {t.get('classes')}): {dev}"
                    + ("; majority class " + " ".join(f"{k}={v:.3f}" for k, v in maj.items()) if maj else ""))
     if summary.get("tasks") and isinstance(last.get(AVERAGE), (int, float)):
         out.append(f"average of the tasks' primary metrics: {last[AVERAGE]:.3f}")

@@ -446,8 +446,10 @@ def check_scheduler_kwargs(cfg: TrainConfig) -> dict:
     for key, v in given.items():
         if key in _SET_BY_THE_RUN:
             raise ValueError(f"{field_}: {key!r} is not a setting of {name} here: it is {_SET_BY_THE_RUN[key]}")
-        if key not in own:
-            raise ValueError(f"{field_}: {key!r} is not a setting of lr_scheduler {name!r}; its settings are {own}")
+        if key not in own:  # (a close name suggested, as for a config key: min_lr_ratio is warmup_stable_decay's)
+            close = difflib.get_close_matches(str(key), own, n=1)
+            raise ValueError(f"{field_}: {key!r} is not a setting of lr_scheduler {name!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; its settings are {own}")
         kind, ok, why = table[key]
         where = f"{field_}.{key} ({name})"
         if kind is str:
@@ -517,8 +519,8 @@ def lr_schedule(cfg: TrainConfig, total_steps: int | None) -> dict:
                     else f"{warmup} warm-up + ")
             raise UsageError(f"lr_scheduler_kwargs.num_decay_steps (warmup_stable_decay): {said}"
                              f"{kwargs['num_decay_steps']} decay steps are {phases}, but the run has {total_steps} "
-                             "optimizer steps: its decay would " + ("not end" if stable is not None else
-                                                                   "start before its warm-up ends")
+                             "optimizer steps: its decay would " + ("not end" if stable is not None or not warmup
+                                                                   else "start before its warm-up ends")
                              + "; give fewer steps (or more --steps / --epochs)")
     return out
 

@@ -138,9 +138,9 @@ _NO_TEST_HINT = "a GLUE test.tsv has no labels: train and evaluate on train.tsv 
 
 
 def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
-                    label_hint: str = _NO_TEST_HINT) -> TextDataset:
+                    label_hint: str = _NO_TEST_HINT, empty_hint: str = _NO_TEST_HINT) -> TextDataset:
     """One file in the layout of a GLUE task's train.tsv/dev.tsv (its columns, header and label values). A label
-    that is none of the task's is a DataError ending with `label_hint`."""
+    that is none of the task's is a DataError ending with `label_hint`; an empty one, with `empty_hint`."""
     key = normalize_task(task)
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
@@ -160,6 +160,9 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
             label = -1
         # an int outside the task's ids is no label either: a GLUE test.tsv has none (MRPC's first column there is
         # the row index, which int() read as labels 0, 1, 2, ...; the run then scored against row numbers)
+        if not 0 <= label < len(spec.label_names) and not raw:  # (it said "has label ''; expected one of ...")
+            raise DataError(f"{path}: line {n} has no label (column {spec.label + 1} is empty); every row of a GLUE "
+                            f"{spec.folder} train/dev file has one ({empty_hint})")
         if not 0 <= label < len(spec.label_names):
             expected = list(spec.label_map) or [f"{i} ({name})" for i, name in enumerate(spec.label_names)]
             raise DataError(f"{path}: line {n} has label {raw!r}; expected one of {', '.join(expected)} "
@@ -178,6 +181,9 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
 # A GLUE test.tsv (no labels: GLUE's server scores it): a header, the row index in its first column, then the texts.
 # (width, text_a, text_b) per task
 _GLUE_TEST = {"mrpc": (5, 3, 4), "rte": (3, 1, 2), "cola": (2, 1, None), "sst2": (2, 1, None)}
+# its columns, as GLUE's test.tsv names them
+_GLUE_TEST_COLUMNS = {"mrpc": "index, #1 ID, #2 ID, #1 String, #2 String", "rte": "index, sentence1, sentence2",
+                      "cola": "index, sentence", "sst2": "index, sentence"}
 
 
 def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, bool, list[str] | None]:
@@ -196,9 +202,10 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
     header = [c.strip().lower() for c in rows[0]]
     indexed = header[0] == "index"
     if not (indexed and len(header) == width):
-        hint = (f"nor is it a GLUE {spec.folder} test.tsv: a header row, then the row index and "
-                f"{width - 1} text column(s)")
-        labelled = _load_glue_file(key, path, label_hint=hint)
+        layout = f"a header row, then {_GLUE_TEST_COLUMNS[key]}"
+        labelled = _load_glue_file(key, path, label_hint=f"nor is it a GLUE {spec.folder} test.tsv: {layout}",
+                                   empty_hint=f"to predict rows without labels, give them in the layout of the GLUE "
+                                              f"{spec.folder} test.tsv: {layout}, no label column")
         return labelled, True, [r[0] for r in rows[1:]] if indexed and spec.header else None
     examples, ids = [], []
     for n, row in enumerate(rows[1:], start=2):
