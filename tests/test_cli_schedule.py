@@ -44,14 +44,11 @@ def mode_lr(lr_mode: str, mode: int, lr: float = 5e-4) -> float:
     return LRS[mode] if lr_mode == "absolute" else lr * V1_MULTIPLIERS[mode]
 
 
-@pytest.mark.parametrize("lr_mode, name", [("absolute", "linear"), ("multiplier", "cosine")])
-def test_each_optimizer_step_trains_at_the_traced_lr_the_modes_lr_times_the_schedule(lr_mode, name):
-    """The LR AdamW steps with (read by a step pre-hook after the controller's, which scales the group's LR) is the
-    trace's `lr`, and it is the mode's LR (--lrs, or --lr x the mode's multiplier) x transformers' schedule factor."""
-    from unified_lora.training import Run, TrainConfig
+def _eight_steps(cfg):
+    """A Run of `cfg` on the tiny BERT, 8 optimizer steps: (the run, each step's traced LR), having checked that the
+    LR AdamW stepped with (read by a step pre-hook, after the controller's, which scales the group's LR) is it."""
+    from unified_lora.training import Run
 
-    cfg = TrainConfig(device="cpu", log_every=0, lr_mode=lr_mode, lr=2e-3, lr_scheduler=name, warmup_steps=3,
-                      mode_lrs=LRS)
     run = Run(cfg, tiny_bert(), "seq-cls", 2, None, print_fn=None, total_steps=8)
     used = []
     run.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
@@ -60,6 +57,18 @@ def test_each_optimizer_step_trains_at_the_traced_lr_the_modes_lr_times_the_sche
         run.train_step({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y})
     traced = [r.lr for r in run.ctrl.trace]
     assert used == traced
+    return run, traced
+
+
+@pytest.mark.parametrize("lr_mode, name", [("absolute", "linear"), ("multiplier", "cosine")])
+def test_each_optimizer_step_trains_at_the_traced_lr_the_modes_lr_times_the_schedule(lr_mode, name):
+    """The LR AdamW steps with (read by a step pre-hook after the controller's, which scales the group's LR) is the
+    trace's `lr`, and it is the mode's LR (--lrs, or --lr x the mode's multiplier) x transformers' schedule factor."""
+    from unified_lora.training import TrainConfig
+
+    cfg = TrainConfig(device="cpu", log_every=0, lr_mode=lr_mode, lr=2e-3, lr_scheduler=name, warmup_steps=3,
+                      mode_lrs=LRS)
+    run, traced = _eight_steps(cfg)
     want = [mode_lr(lr_mode, r.mode, 2e-3) * f for r, f in zip(run.ctrl.trace, factors(name, 3, 8))]
     assert traced == pytest.approx(want, rel=1e-12, abs=0)
     assert traced[0] == 0 and max(traced) == pytest.approx(mode_lr(lr_mode, run.ctrl.mode, 2e-3))
@@ -83,18 +92,11 @@ def test_a_schedules_settings_give_transformers_own_lr_at_each_step(lr_mode, nam
     multiplier (--lrs in lr_mode absolute, whose base LR is 1) x transformers' LR for an optimizer at the base LR
     (--lr), built with those settings. The absolute LRs of transformers (polynomial's lr_end, min_lr) are LRs of a
     mode at multiplier 1, as --lr is; warmup_stable_decay with num_stable_steps ends its decay before the run does."""
-    from unified_lora.training import Run, TrainConfig
+    from unified_lora.training import TrainConfig
 
     cfg = TrainConfig(device="cpu", log_every=0, lr_mode=lr_mode, lr=2e-3, lr_scheduler=name, warmup_steps=2,
                       mode_lrs=LRS, lr_scheduler_kwargs=kwargs)
-    run = Run(cfg, tiny_bert(), "seq-cls", 2, None, print_fn=None, total_steps=8)
-    used = []
-    run.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
-    x, y = classification_batch(n=8)
-    for _ in range(8):
-        run.train_step({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y})
-    traced = [r.lr for r in run.ctrl.trace]
-    assert used == traced
+    run, traced = _eight_steps(cfg)
     base = 2e-3 if lr_mode == "multiplier" else 1.0
     want = [mode_lr(lr_mode, r.mode, 1.0) * lr for r, lr in zip(run.ctrl.trace, factors(name, 2, 8, base, kwargs))]
     assert traced == pytest.approx(want, rel=1e-12, abs=0)
