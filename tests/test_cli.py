@@ -1555,6 +1555,12 @@ def test_early_stopping_stops_after_patience_evaluations_without_an_improvement_
     assert main(["report", str(out)]) == 0
     assert "stopped early at step 6: 2 evaluations in a row without improving the best by more than 1" in \
         capsys.readouterr().out
+    # a patience of 1 is "1 evaluation" (it read "1 evaluations"), and a mistyped checkpoint gets a close name
+    from unified_lora.cli import format_summary
+    assert "stopped early at step 6: 1 evaluation in a row without" in format_summary(
+        {**summary, "config": {**summary["config"], "early_stopping_patience": 1}})
+    assert main(["predict", str(out), "--checkpoint", "stpe-6", "--data", tiny["csv"]]) == 2
+    assert "no such folder (did you mean step-6?)" in capsys.readouterr().err
     # resumed as it is: it stopped, and stops again at once, writing nothing new
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert "early stopping at step 6 of 16" in capsys.readouterr().out

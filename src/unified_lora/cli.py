@@ -139,7 +139,8 @@ def format_summary(summary: dict) -> str:
                      f"{b['value']:.4f} at {b['point']}{saved}")
     if summary.get("stopped_early"):
         c = summary.get("config") or {}
-        lines.append(f"stopped early at step {summary.get('steps')}: {c.get('early_stopping_patience')} evaluations in "
+        n = c.get("early_stopping_patience")
+        lines.append(f"stopped early at step {summary.get('steps')}: {n} evaluation{'' if n == 1 else 's'} in "
                      f"a row without improving the best by more than {c.get('early_stopping_threshold', 0):g} "
                      "(--early-stopping-patience, --early-stopping-threshold)")
     for name, arm in arms.items():
@@ -1093,7 +1094,8 @@ def _train(args, held: dict) -> int:
             b = run.state.best
             on = f" on the best, {_eval_point(b)}'s {b['value']:.4g}" if b else ""
             say(f"no improvement of dev {cfg.metric_for_best} by more than {cfg.early_stopping_threshold:g}{on}: "
-                f"{run.state.evals_without_improvement} of {patience} evaluations in a row (--early-stopping-patience)")
+                f"{run.state.evals_without_improvement} of {patience} evaluation{'' if patience == 1 else 's'} in a row "
+                "(--early-stopping-patience)")
 
     def _patience_spent() -> bool:
         return bool(patience) and run.state.evals_without_improvement >= patience
@@ -1169,7 +1171,8 @@ def _train(args, held: dict) -> int:
         on = f" on the best, {_eval_point(b)}'s {b['value']:.4g}," if b else ""  # (None: every value was NaN)
         say(f"early stopping at step {run.state.global_step} of {total}: dev {cfg.metric_for_best} has not improved"
             f"{on} by more than {cfg.early_stopping_threshold:g} in {run.state.evals_without_improvement} "
-            f"evaluations in a row (--early-stopping-patience {patience})")
+            f"evaluation{'' if run.state.evals_without_improvement == 1 else 's'} in a row (--early-stopping-patience "
+            f"{patience})")
         if run.state.global_step not in (last_save["step"], resumed_at):  # evaluated inside an epoch: saved now
             _save(f"step-{run.state.global_step}")
     elif not run.state.evals or run.state.evals[-1]["step"] != run.state.global_step:  # --steps ended mid-epoch

@@ -118,8 +118,10 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []
         names += [BEST] if (run / BEST / "state.pt").is_file() else []
+        close = difflib.get_close_matches(checkpoint, names, n=1) if plain else []  # (--checkpoint bset: best)
         raise UsageError(f"--checkpoint {checkpoint}: no such checkpoint in {root} "
-                         f"({', '.join(names) if names else 'it holds none'}) and no such folder")
+                         f"({', '.join(names) if names else 'it holds none'}) and no such folder"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
     if is_adapter_only_folder(path):
         raise _adapter_only_error(path, f"--checkpoint {checkpoint}")
     if not (path / "state.pt").is_file():
