@@ -470,12 +470,23 @@ def test_demo_refuses_a_bad_threads_or_steps_value_before_writing_anything(tiny,
     assert not out.exists()
 
 
+def test_demo_with_fewer_steps_and_no_shock_flags_scales_the_default_window(tiny, tmp_path, capsys):
+    """`demo --steps 30` kept the default window (60, 100) of the default 160 steps, and the error named
+    "shock_end: must be <= steps (30), got 100", a value the command had not given. Without either shock flag the
+    default window is now scaled to --steps: steps 11-17 of 30 (the default 160 steps keep 60-100)."""
+    out = tmp_path / "demo"
+    args = _demo_args(tiny, out, "--no-baseline")
+    for flag in ("--steps", "--shock-start", "--shock-end"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    assert main(args + ["--steps", "30"]) == 0
+    said = capsys.readouterr().out
+    assert "30 steps, flip shock on [11, 18)" in said and ">>> SHOCK @ step 11" in said
+    assert json.loads((out / "summary.json").read_text())["shock"] == {"type": "flip", "start": 11, "end": 18}
+
+
 @pytest.mark.parametrize("given, message", [
-    # `demo --steps 30` kept the default window (60, 100) of the default 160 steps, and the error named
-    # "shock_end: must be <= steps (30), got 100", a value the command had not given
-    (["--steps", "30"], "--shock-start 60 --shock-end 100 (the defaults, set for the default 160 steps): the shock "
-                        "window must lie inside the run, 0 <= --shock-start <= --shock-end <= --steps 30; give both, "
-                        "e.g. --shock-start 11 --shock-end 18 (the default window scaled to 30 steps)"),
+    # one flag given, the other at its default: refused, naming the default and a window that fits
     (["--steps", "30", "--shock-end", "20"], "--shock-start 60 --shock-end 20 (--shock-start is the default, set for "
                                              "the default 160 steps): the shock window must lie inside the run"),
     (["--steps", "12", "--shock-start", "4", "--shock-end", "13"], "--shock-start 4 --shock-end 13: the shock window "
@@ -1775,7 +1786,7 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
             assert f"(default: {a.default})" in helps[a.dest], (a.dest, helps[a.dest])
     assert f"(default {' '.join(map(str, DEMO_LRS))})" in helps["lrs"]
     assert f"(default {DEMO_CALIBRATION[0]}," in helps["calibration_steps"]
-    assert "(default: 160)" in helps["steps"] and "(default: 60)" in helps["shock_start"]
+    assert "(default: 160)" in helps["steps"] and "(default 60 of the default 160 steps;" in helps["shock_start"]
 
 
 def test_train_help_states_each_default_and_it_is_the_configs():

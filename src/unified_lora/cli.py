@@ -616,17 +616,23 @@ def cmd_demo(args) -> int:
 
 
 def _check_demo_shock(args) -> None:
-    """The demo's shock window (--shock-start, --shock-end) inside its --steps, checked by flag; else a UsageError that
-    says which values were the defaults and gives a window that fits. `demo --steps 30` alone kept the default window
-    of 160 steps, and TrainConfig's error named `shock_end ... got 100`, a value the command had not given."""
+    """The demo's shock window (--shock-start, --shock-end) inside its --steps. Neither flag given: the default window
+    (60-100 of the default 160 steps) scaled to --steps (`demo --steps 30` shocks steps 11-17; it kept 60-100 and was
+    refused). One or both given, the other at its default: a window outside the run is a UsageError that says which
+    values were the defaults and gives a window that fits."""
     from .training import UsageError
 
-    start, end, steps = args.shock_start, args.shock_end, args.steps
+    steps = args.steps
+    if args.shock_start is None and args.shock_end is None:
+        args.shock_start, args.shock_end = steps * DEMO_SHOCK[0] // DEMO_SHOCK[2], steps * DEMO_SHOCK[1] // DEMO_SHOCK[2]
+        return
+    defaults = [f"--shock-{k}" for k in ("start", "end") if getattr(args, f"shock_{k}") is None]
+    args.shock_start = DEMO_SHOCK[0] if args.shock_start is None else args.shock_start
+    args.shock_end = DEMO_SHOCK[1] if args.shock_end is None else args.shock_end
+    start, end = args.shock_start, args.shock_end
     if 0 <= start <= end <= steps:
         return
-    defaults = [f"--shock-{k}" for k, v, d in (("start", start, DEMO_SHOCK[0]), ("end", end, DEMO_SHOCK[1])) if v == d]
-    said = ("" if not defaults else f" ({defaults[0]} is the default, set for the default {DEMO_SHOCK[2]} steps)"
-            if len(defaults) == 1 else f" (the defaults, set for the default {DEMO_SHOCK[2]} steps)")
+    said = f" ({defaults[0]} is the default, set for the default {DEMO_SHOCK[2]} steps)" if defaults else ""
     fit_start, fit_end = steps * DEMO_SHOCK[0] // DEMO_SHOCK[2], steps * DEMO_SHOCK[1] // DEMO_SHOCK[2]
     raise UsageError(f"--shock-start {start} --shock-end {end}{said}: the shock window must lie inside the run, "
                      f"0 <= --shock-start <= --shock-end <= --steps {steps}; give both, e.g. --shock-start {fit_start} "
@@ -1592,8 +1598,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table text column(s), e.g. s1,s2")
     d.add_argument("--label-column", default="label", help="table label column")
     d.add_argument("--steps", type=int, default=DEMO_SHOCK[2], help="optimizer steps")
-    d.add_argument("--shock-start", type=int, default=DEMO_SHOCK[0], help="first step of the label shock")
-    d.add_argument("--shock-end", type=int, default=DEMO_SHOCK[1], help="the step after the shock")
+    d.add_argument("--shock-start", type=int, help="first step of the label shock (default 60 of the default 160 "
+                   "steps; without either shock flag, the window 60-100 scaled to --steps)")
+    d.add_argument("--shock-end", type=int, help="the step after the shock (default 100, scaled as --shock-start)")
     d.add_argument("--shock-type", choices=("flip", "random"), default="flip", help="flipped or random labels")
     d.add_argument("--seed", type=int, default=0, help="random seed (weights, batch order, shock)")
     d.add_argument("--output-dir", default="unified-lora-demo", help="trace, summary, plot and console output")
