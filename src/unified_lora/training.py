@@ -963,7 +963,8 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
     if cfg.data is None and task_type == "causal-lm":  # the bundled MRPC pairs reached the causal-LM encoder
         raise UsageError(f"no --data: the bundled MRPC sentence pairs are for a classifier, and {lm_data}; pass "
                          "one with --data")
-    if cfg.data is not None and not Path(cfg.data).expanduser().exists():
+    path = Path(cfg.data).expanduser() if cfg.data is not None else None
+    if path is not None and not path.exists():
         raise DataError(f"--data {cfg.data}: no such file or folder; pass a GLUE task folder or a .csv/.tsv/.jsonl file")
     if cfg.dev_data and not Path(cfg.dev_data).expanduser().exists():  # (it was "data file not found", or a GLUE
         # folder's reader's error, which did not say it was the dev file)
@@ -971,7 +972,6 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
     if cfg.data is None:  # the bundled MRPC; --dev-data, in MRPC's layout, replaces its dev.tsv (it was ignored)
         dev = _load_glue_file("mrpc", Path(cfg.dev_data).expanduser()) if cfg.dev_data else load_glue("mrpc", "dev")
         return load_glue("mrpc", "train"), dev, "mrpc"
-    path = Path(cfg.data).expanduser()
     if path.is_dir() and task_type == "causal-lm":
         raise UsageError(f"--data {cfg.data}: a folder is read as a GLUE task, data for a classifier; {lm_data}")
     if path.is_dir():

@@ -269,10 +269,14 @@ def open_text(path: Path, newline: str | None = None) -> Iterator[Iterator[str]]
 def _text_lines(f, path: Path, encoding: str) -> Iterator[str]:
     for n, line in enumerate(f, start=1):
         if "\x00" in line:
-            hint = ("is it UTF-16 without a byte-order mark? save it as UTF-8" if encoding == "utf-8-sig" else
-                    "a text file holds none; fix that line")
-            raise DataError(f"{path}: line {n} holds a NUL character (0x00); {hint}")
+            raise _nul_error(path, n, encoding)
         yield line
+
+
+def _nul_error(path: Path, line: int, encoding: str) -> DataError:
+    hint = ("is it UTF-16 without a byte-order mark? save it as UTF-8" if encoding == "utf-8-sig" else
+            "a text file holds none; fix that line")
+    return DataError(f"{path}: line {line} holds a NUL character (0x00); {hint}")
 
 
 def _undecodable(path: Path, encoding: str) -> DataError:
@@ -296,9 +300,17 @@ def _undecodable(path: Path, encoding: str) -> DataError:
 
 
 def read_text(path: Path) -> str:
-    """A text data file's whole text, read as `open_text` reads it (its line ends as "\\n")."""
-    with open_text(path) as lines:
-        return "".join(lines)
+    """A text data file's whole text, read as `open_text` reads it (its line ends as "\\n"), decoded at once and
+    searched for a NUL once (line by line, a 65 MB corpus took 2.6 x as long)."""
+    encoding = text_encoding(path)
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        raise _undecodable(path, encoding) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise _nul_error(path, text.count("\n", 0, nul) + 1, encoding)
+    return text
 
 
 def _read_records(path: Path, fmt: str, columns: Sequence[str] = ()) -> list[dict[str, Any]]:
