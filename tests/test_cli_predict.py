@@ -205,11 +205,11 @@ def test_a_label_outside_the_runs_classes_says_how_to_fix_it_for_predict(named_r
     """It said "...not one of the classes ['neg', 'pos'] (label_names); add it or fix the data": `label_names` is the
     library's argument, and no class can be added to a trained run."""
     unknown = tmp_path / "unknown.jsonl"
-    unknown.write_text(json.dumps({"review": "good", "sentiment": "pos"}) + "\n" +
+    unknown.write_text(json.dumps({"review": "good", "sentiment": "pos"}) + "\n\n" +
                        json.dumps({"review": "fine", "sentiment": "meh"}) + "\n")
     assert main(["predict", str(named_run["run"]), "--data", str(unknown)]) == 2
-    assert _error(capsys) == (f"unified-lora: error: {unknown}: record 2 has label 'meh', which is not one of the "
-                              "classes ['neg', 'pos'] the run trained on ('sentiment'); fix the label, or leave it "
+    assert _error(capsys) == (f"unified-lora: error: {unknown}: record 2 (line 3) has label 'meh', which is not one of "
+                              "the classes ['neg', 'pos'] the run trained on ('sentiment'); fix the label, or leave it "
                               "empty to predict the row without scoring it")
 
 

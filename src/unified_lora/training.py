@@ -45,7 +45,7 @@ from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
-                           no_rows_error, normalize_task, read_text)
+                           no_rows_error, normalize_task, read_text, record_at)
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -931,8 +931,8 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_
     prompt, completion = columns
     for n, record in enumerate(records, start=1):  # an empty completion has nothing to train on but the eos
         if not str(record[completion]).strip():
-            raise DataError(f"{path}: record {n} has an empty completion (column {completion!r}); fill it in or drop "
-                            "the record")
+            raise DataError(f"{path}: {record_at(path, n)} has an empty completion (column {completion!r}); fill it "
+                            "in or drop the record")
     return [(str(r[prompt]), str(r[completion])) for r in records], columns
 
 

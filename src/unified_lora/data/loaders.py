@@ -389,17 +389,18 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, co
     at = list(records) if records is not None else list(range(1, len(raw) + 1))
     for n, value in zip(at, raw):  # a missing label is not a class of its own
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{path}: record {n} has no label (column {column!r} is "
+            raise DataError(f"{path}: {record_at(path, n)} has no label (column {column!r} is "
                             f"{'null' if value is None else 'empty'}); fill it in or drop the record")
     for n, value in zip(at, raw):  # one class per record: a list is a multi-label record
         if isinstance(value, (list, tuple, dict)):
-            raise DataError(f"{path}: record {n} has the label {value!r} (a {type(value).__name__}); multi-label "
-                            f"classification is not supported: give each record one class in column {column!r}")
+            raise DataError(f"{path}: {record_at(path, n)} has the label {value!r} (a {type(value).__name__}); "
+                            f"multi-label classification is not supported: give each record one class in column "
+                            f"{column!r}")
     if label_names is None:  # a column of numbers that are not all whole: regression targets, not class names
         numbers = [_as_number(v) for v in raw]
         fraction = next((i for i, x in enumerate(numbers) if x is not None and not x.is_integer()), None)
         if fraction is not None and all(x is not None for x in numbers):
-            raise DataError(f"{path}: column {column!r} holds non-integer numbers (record {at[fraction]}: "
+            raise DataError(f"{path}: column {column!r} holds non-integer numbers ({record_at(path, at[fraction])}: "
                             f"{raw[fraction]!r}), i.e. regression targets; only classification is supported, "
                             "so give class ids (0, 1, ...) or names")
     if label_names is not None:
@@ -422,8 +423,8 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, co
                 # ["-1", "0", "1"] a 2 is no class, and it was read as id 2, the class "1"
                 ids.append(as_int)
             else:
-                raise DataError(f"{path}: record {n} has label {value!r}, which is not one of the classes {names} "
-                                f"{classes_hint}")
+                raise DataError(f"{path}: {record_at(path, n)} has label {value!r}, which is not one of the classes "
+                                f"{names} {classes_hint}")
         return ids, names, len(names)
     ints = [_as_int(v) for v in raw]
     all_int = all(i is not None for i in ints)
@@ -461,11 +462,17 @@ def record_line(path: Path, n: int) -> int | None:
         return next(itertools.islice(starts, n - 1, None), None)
 
 
+def record_at(path: Path, n: int) -> str:
+    """A record as the errors name it: "record 3 (line 5)", its line as `record_line` finds it (none for a file of
+    another format). For errors: the file is read again."""
+    line = record_line(path, n)
+    return f"record {n}{f' (line {line})' if line else ''}"
+
+
 def missing_key_error(records: list[dict[str, Any]], n: int, col: str, path: Path, what: str = "") -> DataError:
     """A .jsonl record (`n`, from 1) without the key `col` that other records have: the record, its line, and the
     columns it has. `what` says what the column is (", the id column")."""
-    line = record_line(path, n)
-    return DataError(f"{path}: record {n}{f' (line {line})' if line else ''} has no {col!r}{what} (its columns are "
+    return DataError(f"{path}: {record_at(path, n)} has no {col!r}{what} (its columns are "
                      f"{list(records[n - 1])}, other records have {col!r}); add it or drop the record")
 
 
@@ -503,12 +510,12 @@ def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) 
     its Python repr ("{'title': ..., 'body': ...}")."""
     for n, record in enumerate(records, start=1):
         if column in record and record[column] is None:
-            raise DataError(f"{path}: record {n} has no text (column {column!r} is null); fill it in or drop the "
-                            "record")
+            raise DataError(f"{path}: {record_at(path, n)} has no text (column {column!r} is null); fill it in or "
+                            "drop the record")
         if isinstance(record.get(column), (dict, list)):
             kind = "JSON object" if isinstance(record[column], dict) else "JSON list"
-            raise DataError(f"{path}: record {n} has a {kind} in column {column!r}, not a text; nested fields are "
-                            "not read: write the text to train on as a string field of each record")
+            raise DataError(f"{path}: {record_at(path, n)} has a {kind} in column {column!r}, not a text; nested "
+                            "fields are not read: write the text to train on as a string field of each record")
 
 
 def load_table(
@@ -546,7 +553,7 @@ def load_table(
         _check_no_null_text(records, col, path)
         for n, record in enumerate(records, start=1):  # (a causal LM's rows are not read here: it drops empty ones)
             if isinstance(record[col], str) and not record[col].strip():
-                raise _empty_text_error(path, f"record {n}", repr(col), record[col])
+                raise _empty_text_error(path, record_at(path, n), repr(col), record[col])
     if label_column is None:
         names = [str(n) for n in label_names] if label_names is not None else None
         ids, num_labels = [-1] * len(records), len(names or ())
