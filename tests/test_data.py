@@ -305,6 +305,22 @@ def test_an_empty_text_in_a_glue_file_is_refused_naming_the_line_and_column(tmp_
         load_glue(task, "train", data_dir=tmp_path)
 
 
+def test_a_bad_row_of_a_glue_file_is_named_at_its_line_in_the_file_past_blank_lines(tmp_path):
+    """The GLUE readers counted rows, not lines: a blank line (a header too, in the test.tsv) put the bad row's
+    "line N" above where the file has it."""
+    (tmp_path / "SST-2").mkdir()
+    dev = tmp_path / "SST-2" / "dev.tsv"
+    for body, error in (("sentence\tlabel\n\nfine\t1\n\n\nbad\t7\n", "line 6 has label '7'"),
+                        ("sentence\tlabel\nfine\t1\n\n \t0\n", "line 4 has no text (column 1 ('sentence')"),
+                        ("\nsentence\tlabel\nfine\t1\n\nshort\n", "line 5 has 1 columns")):
+        dev.write_text(body)
+        with pytest.raises(DataError, match=re.escape(f"dev.tsv: {error}")):
+            load_glue("sst2", "dev", data_dir=tmp_path)
+    test = _write(tmp_path / "test.tsv", "index\tsentence\n0\tfine\n\n1\t \n")  # GLUE's unlabelled layout
+    with pytest.raises(DataError, match=re.escape("test.tsv: line 4 has no text (column 2 ('sentence')")):
+        loaders.load_glue_rows("sst2", test)
+
+
 def test_a_nested_json_text_is_refused_not_trained_as_its_repr(tmp_path):
     """A JSON object or list in a text column trained on its Python repr ("{'title': 'hi', 'body': 'there'}")."""
     p = _write(tmp_path / "d.jsonl", '{"t": "fine", "y": 1}\n{"t": {"title": "hi", "body": "there"}, "y": 0}\n')

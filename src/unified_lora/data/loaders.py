@@ -145,12 +145,12 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
     spec, path = _GLUE[key], Path(path)
-    rows = _read_delimited(path, "\t")
-    header = rows[0] if spec.header and rows else []
+    rows = _numbered_rows(path, "\t")  # a row's line in the file: blank lines are no row, and were counted as none
+    header = rows[0][1] if spec.header and rows else []
     if spec.header:
         rows = rows[1:]
     examples = []
-    for n, row in enumerate(rows, start=2 if spec.header else 1):
+    for n, row in rows:
         if len(row) <= max(spec.text_a, spec.label, spec.text_b or 0):
             raise DataError(f"{path}: line {n} has {len(row)} columns; is this the GLUE {spec.folder} file?")
         raw = row[spec.label].strip()
@@ -195,7 +195,8 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
     spec, path = _GLUE[key], Path(path)
-    rows = _read_delimited(path, "\t")
+    numbered = _numbered_rows(path, "\t")
+    rows = [row for _, row in numbered]
     if not rows:
         raise DataError(f"{path} is empty; pass the GLUE {spec.folder} dev.tsv or test.tsv")
     width, text_a, text_b = _GLUE_TEST[key]
@@ -208,7 +209,7 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
                                               f"{spec.folder} test.tsv: {layout}, no label column")
         return labelled, True, [r[0] for r in rows[1:]] if indexed and spec.header else None
     examples, ids = [], []
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in numbered[1:]:
         if len(row) != width:
             raise DataError(f"{path}: line {n} has {len(row)} columns; the GLUE {spec.folder} test.tsv has {width} "
                             f"({', '.join(rows[0])})")
@@ -232,10 +233,21 @@ def glue_label_value(task: str, label: int) -> str:
 
 
 def _read_delimited(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -> list[list[str]]:
+    return [row for _, row in _numbered_rows(path, delimiter, quoting)]
+
+
+def _numbered_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -> list[tuple[int, list[str]]]:
+    """(line, row) of each row of a delimited file, the line the row starts on; blank lines are no row."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the path (or data_dir)")
+    rows, start = [], 1
     with open_text(path, newline="") as lines:
-        return [row for row in csv.reader(lines, delimiter=delimiter, quoting=quoting) if row]
+        reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
+        for row in reader:
+            if row:
+                rows.append((start, row))
+            start = reader.line_num + 1
+    return rows
 
 
 # A byte-order mark names the encoding: UTF-8's is skipped (GLUE's MRPC header and Excel's "CSV UTF-8" start with
@@ -444,21 +456,12 @@ def record_line(path: Path, n: int) -> int | None:
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("csv", "tsv", "jsonl"):
         return None
+    if fmt != "jsonl":
+        rows = _numbered_rows(path, "\t" if fmt == "tsv" else ",",
+                              csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)[1:]  # the header is no record
+        return rows[n - 1][0] if 0 < n <= len(rows) else None
     with open_text(path, newline="") as lines:
-        if fmt == "jsonl":
-            starts = (i for i, line in enumerate(lines, start=1) if line.strip())
-        else:
-            reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",",
-                                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
-
-            def rows() -> Iterator[int]:
-                start = 1
-                for row in reader:
-                    if row:
-                        yield start
-                    start = reader.line_num + 1
-
-            starts = itertools.islice(rows(), 1, None)  # the header is no record
+        starts = (i for i, line in enumerate(lines, start=1) if line.strip())
         return next(itertools.islice(starts, n - 1, None), None)
 
 
