@@ -435,6 +435,20 @@ def test_bad_input_is_one_line_naming_what_is_wrong(named_run, tiny, tmp_path, c
     assert not (tmp_path / "p.txt").exists()
 
 
+def test_a_folder_as_input_is_refused_before_the_checkpoint_loads(tmp_path, capsys):
+    """`--data FOLDER` was refused only after the run's checkpoint and base model had loaded (minutes, on a large
+    model). It is refused first: here the run's checkpoint is not even one."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "checkpoints" / "step-1" / "state.pt").write_text("not a checkpoint\n")
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    for flag in ("--data", "--prompts"):
+        assert main(["predict", str(run), flag, str(folder)]) == 2
+        assert _error(capsys) == (f"unified-lora: error: {flag} {folder}: is a folder; pass a file (for a GLUE task "
+                                  "folder: its dev.tsv or test.tsv)")
+
+
 def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):
     run, dev = _sft_run(models, tmp_path, "gpt2", steps=1)
     capsys.readouterr()

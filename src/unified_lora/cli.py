@@ -1445,6 +1445,9 @@ def cmd_predict(args) -> int:
     if args.data is not None and args.prompts is not None:
         raise UsageError("--data and --prompts: pass one (--data: rows to classify, or a causal LM's text to score; "
                          "--prompts: prompts to complete)")
+    for flag, given in (("--data", args.data), ("--prompts", args.prompts)):  # a folder, or no such file: refused
+        if given is not None:                                                 # before the checkpoint loads
+            inference._input_file(given, flag)
 
     def check(task_type: str) -> None:  # the run's task type against the flags, before its model is loaded
         if task_type != "causal-lm" and args.data is None:
