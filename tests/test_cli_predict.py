@@ -300,6 +300,7 @@ def test_a_prompt_completion_run_completes_its_prompts_greedily_and_scores_its_d
     assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "12"]) == 0
     said = capsys.readouterr().out
     assert "3 completion(s)" in said and "1 blank line(s) skipped" in said and "greedy" in said
+    assert "is not used" not in said
     rows = _read(run / "predictions.jsonl")
     assert [r["prompt"] for r in rows] == ["say hi:", "what is up?", "say hi:"]
     tok = test_cli_sft._tok(models["gpt2"])
@@ -314,11 +315,15 @@ def test_a_prompt_completion_run_completes_its_prompts_greedily_and_scores_its_d
     assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "12", "--batch-size", "1",
                  "--output", str(tmp_path / "again.jsonl")]) == 0
     assert _read(tmp_path / "again.jsonl") == rows
-    # a table of prompts: the run's prompt column, its id column
+    # a table of prompts: the run's prompt column, its id column; its label column named as not used, as --data's is
+    # (it was ignored unsaid)
     table = tmp_path / "prompts.jsonl"
-    table.write_text(json.dumps({"id": 7, "prompt": "say hi:", "completion": "ignored"}) + "\n")
+    table.write_text(json.dumps({"id": 7, "prompt": "say hi:", "completion": "ignored", "label": "pos"}) + "\n")
+    capsys.readouterr()
     assert main(["predict", str(run), "--prompts", str(table), "--max-new-tokens", "12"]) == 0
     assert _read(run / "predictions.jsonl") == [{"id": 7, **rows[0]}]
+    assert (f"--prompts: {table}: column 'label' is not used: a causal LM reads the text ('prompt'), not labels\n"
+            in capsys.readouterr().out)
     # the dev loss and perplexity, as train's evaluation gives them
     capsys.readouterr()
     assert main(["predict", str(run), "--data", str(dev)]) == 0

@@ -1477,7 +1477,8 @@ def cmd_predict(args) -> int:
         print(f"{args.data}: {_fmt_metrics(m)}")
         return 0
     if trained.task_type == "causal-lm":
-        prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column)
+        prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column,
+                                         note=lambda msg: print(f"--prompts: {msg}"))
         source = Path(args.prompts).expanduser()
         out = inference.output_path(args.run_dir, args.output, source, prompts.fmt, trained.route)
         ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg),
