@@ -1918,12 +1918,12 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("number_for_target_modules", "target_modules: must be a list of strings, e.g. ('query', 'value'), got 5"),
     # it ended "(label_names); add it or fix the data": a library argument, and "add it" to what
     ("dev_label_the_train_set_lacks", "has label '2', which is not one of the classes ['0', '1'] of the train set ("),
-    ("missing_label", "record 2 has no label (column 'label' is empty)"),
+    ("missing_label", "gap.csv: record 2 (line 3) has no label (column 'label' is empty)"),
     # a dev label is one of the train set's classes by name: an integer was read as an id into them, so a dev 2 was
     # the class "1" of train labels -1/0/1, and MNLI-style ids were the sorted names ("contradiction" = 0)
     ("dev_label_2_for_classes_minus_1_0_1", "has label '2', which is not one of the classes ['-1', '0', '1']"),
-    ("dev_ids_for_named_classes", "dev_ids.csv: record 1 has label '1', which is not one of the classes ['neg', "
-                                  "'pos']"),
+    ("dev_ids_for_named_classes", "dev_ids.csv: record 1 (line 2) has label '1', which is not one of the classes "
+                                  "['neg', 'pos']"),
     # a window after the last step of an epochs-based run: the summary reported a shock on steps that never ran
     ("shock_past_the_epochs", "shock_end: must be <= the run's "),
     ("missing_trace", "no such trace file"),
@@ -1940,9 +1940,9 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     ("one_class_of_int_labels", "ones.csv: every row has the label 1 in column 'label'; a classifier needs rows of "
                                 "at least 2 classes"),
     ("one_class_in_the_demo", "pos.csv: every row has the label 'pos' in column 'label'"),
-    ("null_text_for_a_causal_lm", "record 2 has no text (column 'text' is null)"),
+    ("null_text_for_a_causal_lm", "n.jsonl: record 2 (line 3) has no text (column 'text' is null)"),
     # it trained on `[CLS] [SEP]` alone, silently
-    ("empty_second_text_of_a_pair", "pair.csv: record 3 has no text (column 'b' is whitespace only)"),
+    ("empty_second_text_of_a_pair", "pair.csv: record 3 (line 4) has no text (column 'b' is whitespace only)"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
     ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
@@ -2049,7 +2049,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         # more tokens than the tiny models' 64 positions: an IndexError / RuntimeError at the first batch holding
         # such a row (an internal error, exit 1, possibly hours into a run) before the model was probed
         "null_text_for_a_causal_lm": ["train", "--model", tiny["gpt2"], "--data", str(_write(
-            tmp_path / "n.jsonl", '{"text": "good film"}\n{"text": null}\n{"text": "bad"}\n')), "--target-modules",
+            tmp_path / "n.jsonl", '{"text": "good film"}\n\n{"text": null}\n{"text": "bad"}\n')), "--target-modules",
             "c_attn", "--output-dir", out],
         "empty_second_text_of_a_pair": _train_args(tiny, out)[:4] + [str(_write(
             tmp_path / "pair.csv", "a,b,label\ngood,film,1\nbad,movie,0\nfine, ,1\nawful,plot,0\n")),

@@ -79,7 +79,7 @@ def test_no_controller_pins_multi_an_adapter_per_task_and_each_task_keeps_its_cl
     assert not torch.equal(blocks["classifier.lora_tasks.0.lora_B.0"], blocks["classifier.lora_tasks.1.lora_B.0"])
     assert main(["report", str(run)]) == 0
     said = capsys.readouterr().out
-    assert "task tri (" in said and "3 classes ['neg', 'pos', 'zzz']" in said and "average of the tasks'" in said
+    assert "task tri (" in said and "3 classes neg, pos, zzz): last dev " in said and "average of the tasks'" in said
     # the tasks' data readable, on a line of its own (the top line printed data={'pos': '...', ...}, a Python dict)
     assert said.startswith(f"train: model={s['model']} steps=8\ndata: pos={s['config']['data']['pos']}, "
                            f"tri={s['config']['data']['tri']}\n")
@@ -167,7 +167,7 @@ def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_un
     assert said.startswith("run (no summary.json; from trace.jsonl): steps=8\n") and "None" not in said
     assert main(["report", str(copy)]) == 0
     said = capsys.readouterr().out
-    assert f"task pos ({data['pos']}; 2 classes ['0', '1']): no dev evaluation yet\n" in said
+    assert f"task pos ({data['pos']}; 2 classes 0, 1): no dev evaluation yet\n" in said
     assert f"\ndata: pos={data['pos']}, neg={data['neg']}\n" in said and "data={" not in said
     assert main(["train", "--output-dir", str(copy), "--resume"]) == 0
     from safetensors.torch import load_file

@@ -205,11 +205,11 @@ def test_a_label_outside_the_runs_classes_says_how_to_fix_it_for_predict(named_r
     """It said "...not one of the classes ['neg', 'pos'] (label_names); add it or fix the data": `label_names` is the
     library's argument, and no class can be added to a trained run."""
     unknown = tmp_path / "unknown.jsonl"
-    unknown.write_text(json.dumps({"review": "good", "sentiment": "pos"}) + "\n" +
+    unknown.write_text(json.dumps({"review": "good", "sentiment": "pos"}) + "\n\n" +
                        json.dumps({"review": "fine", "sentiment": "meh"}) + "\n")
     assert main(["predict", str(named_run["run"]), "--data", str(unknown)]) == 2
-    assert _error(capsys) == (f"unified-lora: error: {unknown}: record 2 has label 'meh', which is not one of the "
-                              "classes ['neg', 'pos'] the run trained on ('sentiment'); fix the label, or leave it "
+    assert _error(capsys) == (f"unified-lora: error: {unknown}: record 2 (line 3) has label 'meh', which is not one of "
+                              "the classes ['neg', 'pos'] the run trained on ('sentiment'); fix the label, or leave it "
                               "empty to predict the row without scoring it")
 
 
@@ -300,6 +300,7 @@ def test_a_prompt_completion_run_completes_its_prompts_greedily_and_scores_its_d
     assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "12"]) == 0
     said = capsys.readouterr().out
     assert "3 completion(s)" in said and "1 blank line(s) skipped" in said and "greedy" in said
+    assert "is not used" not in said
     rows = _read(run / "predictions.jsonl")
     assert [r["prompt"] for r in rows] == ["say hi:", "what is up?", "say hi:"]
     tok = test_cli_sft._tok(models["gpt2"])
@@ -314,11 +315,15 @@ def test_a_prompt_completion_run_completes_its_prompts_greedily_and_scores_its_d
     assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "12", "--batch-size", "1",
                  "--output", str(tmp_path / "again.jsonl")]) == 0
     assert _read(tmp_path / "again.jsonl") == rows
-    # a table of prompts: the run's prompt column, its id column
+    # a table of prompts: the run's prompt column, its id column; its label column named as not used, as --data's is
+    # (it was ignored unsaid)
     table = tmp_path / "prompts.jsonl"
-    table.write_text(json.dumps({"id": 7, "prompt": "say hi:", "completion": "ignored"}) + "\n")
+    table.write_text(json.dumps({"id": 7, "prompt": "say hi:", "completion": "ignored", "label": "pos"}) + "\n")
+    capsys.readouterr()
     assert main(["predict", str(run), "--prompts", str(table), "--max-new-tokens", "12"]) == 0
     assert _read(run / "predictions.jsonl") == [{"id": 7, **rows[0]}]
+    assert (f"--prompts: {table}: column 'label' is not used: a causal LM reads the text ('prompt'), not labels\n"
+            in capsys.readouterr().out)
     # the dev loss and perplexity, as train's evaluation gives them
     capsys.readouterr()
     assert main(["predict", str(run), "--data", str(dev)]) == 0
@@ -433,6 +438,20 @@ def test_bad_input_is_one_line_naming_what_is_wrong(named_run, tiny, tmp_path, c
     # nothing was written into the run, the input is untouched
     assert sorted(p.name for p in run.iterdir()) == listing
     assert not (tmp_path / "p.txt").exists()
+
+
+def test_a_folder_as_input_is_refused_before_the_checkpoint_loads(tmp_path, capsys):
+    """`--data FOLDER` was refused only after the run's checkpoint and base model had loaded (minutes, on a large
+    model). It is refused first: here the run's checkpoint is not even one."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "checkpoints" / "step-1" / "state.pt").write_text("not a checkpoint\n")
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    for flag in ("--data", "--prompts"):
+        assert main(["predict", str(run), flag, str(folder)]) == 2
+        assert _error(capsys) == (f"unified-lora: error: {flag} {folder}: is a folder; pass a file (for a GLUE task "
+                                  "folder: its dev.tsv or test.tsv)")
 
 
 def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):

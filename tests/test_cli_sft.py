@@ -316,7 +316,7 @@ def test_a_prompt_completion_jsonl_is_found_without_text_columns_and_an_empty_co
     # an empty completion has nothing to learn but the eos: refused, naming the record
     empty = _jsonl(tmp_path / "empty.jsonl", [PAIRS[0], ("what?", " ")])
     assert main(_train(models["llama"], empty, tmp_path / "empty_run", "--steps", "2")) == 2
-    assert (f"unified-lora: error: {empty}: record 2 has an empty completion (column 'completion')"
+    assert (f"unified-lora: error: {empty}: record 2 (line 2) has an empty completion (column 'completion')"
             in capsys.readouterr().err)
 
 

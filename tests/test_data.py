@@ -239,12 +239,12 @@ def test_integer_class_names_match_labels_by_value_never_as_ids(tmp_path):
     p = _write(tmp_path / "d.csv", "text,label\na,1.0\nb,-1\nc,0\n")
     assert load_table(p, ["text"], "label", label_names=["-1", "0", "1"]).labels == [2, 0, 1]
     q = _write(tmp_path / "e.csv", "text,label\na,1\nb,2\n")
-    with pytest.raises(DataError, match=r"e.csv: record 2 has label '2', which is not one of the classes \['-1', '0', "
-                                        r"'1'\]"):
+    with pytest.raises(DataError, match=r"e.csv: record 2 \(line 3\) has label '2', which is not one of the classes "
+                                        r"\['-1', '0', '1'\]"):
         load_table(q, ["text"], "label", label_names=["-1", "0", "1"])
     # names that are words: an integer is still an id into them, unless names_only (the CLI's dev set)
     assert load_table(q, ["text"], "label", label_names=["a", "b", "c"]).labels == [1, 2]
-    with pytest.raises(DataError, match="record 1 has label '1', which is not one of the classes"):
+    with pytest.raises(DataError, match=r"record 1 \(line 2\) has label '1', which is not one of the classes"):
         load_table(q, ["text"], "label", label_names=["a", "b", "c"], names_only=True)
 
 
@@ -254,12 +254,12 @@ def test_error_regression_or_multi_label_labels_name_the_record(tmp_path):
     Whole numbers written as floats and other names still become classes."""
     p = tmp_path / "sts.csv"
     p.write_text("text,label\na,4.0\nb,3.8\nc,1\n")
-    with pytest.raises(DataError, match=r"column 'label' holds non-integer numbers \(record 2: '3.8'\), i.e. "
+    with pytest.raises(DataError, match=r"column 'label' holds non-integer numbers \(record 2 \(line 3\): '3.8'\), i.e. "
                                         "regression targets"):
         load_table(p, ["text"], "label")
     p = tmp_path / "ml.jsonl"
-    p.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": [0, 1]}\n')
-    with pytest.raises(DataError, match=r"record 2 has the label \[0, 1\] \(a list\); multi-label"):
+    p.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": [0, 1]}\n')
+    with pytest.raises(DataError, match=r"record 2 \(line 3\) has the label \[0, 1\] \(a list\); multi-label"):
         load_table(p, ["text"], "label")
     p = tmp_path / "ok.jsonl"
     p.write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": 0.0}\n{"text": "c", "label": "0.5x"}\n')
@@ -269,18 +269,20 @@ def test_error_regression_or_multi_label_labels_name_the_record(tmp_path):
 def test_error_null_text_names_the_record(tmp_path):
     """A JSON null text (pandas writes NaN so) used to train as the word 'None'."""
     p = tmp_path / "t.jsonl"
-    p.write_text('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n')
-    with pytest.raises(DataError, match=r"record 2 has no text \(column 'text' is null\)"):
+    p.write_text('{"text": "good", "label": 1}\n\n{"text": null, "label": 0}\n')
+    with pytest.raises(DataError, match=r"record 2 \(line 3\) has no text \(column 'text' is null\)"):
         load_table(p, ["text"], "label")
 
 
 @pytest.mark.parametrize("fmt, body, columns, where", [
-    ("csv", "text,label\ngood,1\n,0\nbad,0\n", ["text"], r"record 2 has no text \(column 'text' is empty\)"),
-    ("csv", 'text,label\ngood,1\nbad,0\n"  ",1\n', ["text"],
-     r"record 3 has no text \(column 'text' is whitespace only\)"),
-    ("tsv", "a\tb\tlabel\ngood\tfine\t1\nbad\t\t0\n", ["a", "b"], r"record 2 has no text \(column 'b' is empty\)"),
-    ("jsonl", '{"a": "good", "b": "fine", "y": 1}\n{"a": " ", "b": "bad", "y": 0}\n', ["a", "b"],
-     r"record 2 has no text \(column 'a' is whitespace only\)"),
+    ("csv", "text,label\ngood,1\n,0\nbad,0\n", ["text"],
+     r"record 2 \(line 3\) has no text \(column 'text' is empty\)"),
+    ("csv", 'text,label\n"good\nfilm",1\nbad,0\n"  ",1\n', ["text"],
+     r"record 3 \(line 5\) has no text \(column 'text' is whitespace only\)"),
+    ("tsv", "a\tb\tlabel\ngood\tfine\t1\nbad\t\t0\n", ["a", "b"],
+     r"record 2 \(line 3\) has no text \(column 'b' is empty\)"),
+    ("jsonl", '{"a": "good", "b": "fine", "y": 1}\n\n\n{"a": " ", "b": "bad", "y": 0}\n', ["a", "b"],
+     r"record 2 \(line 4\) has no text \(column 'a' is whitespace only\)"),
 ])
 def test_an_empty_text_cell_is_refused_naming_the_file_record_and_column(tmp_path, fmt, body, columns, where):
     """An empty or whitespace-only text (either of a pair's two) trained on `[CLS] [SEP]` alone, silently."""
@@ -303,13 +305,29 @@ def test_an_empty_text_in_a_glue_file_is_refused_naming_the_line_and_column(tmp_
         load_glue(task, "train", data_dir=tmp_path)
 
 
+def test_a_bad_row_of_a_glue_file_is_named_at_its_line_in_the_file_past_blank_lines(tmp_path):
+    """The GLUE readers counted rows, not lines: a blank line (a header too, in the test.tsv) put the bad row's
+    "line N" above where the file has it."""
+    (tmp_path / "SST-2").mkdir()
+    dev = tmp_path / "SST-2" / "dev.tsv"
+    for body, error in (("sentence\tlabel\n\nfine\t1\n\n\nbad\t7\n", "line 6 has label '7'"),
+                        ("sentence\tlabel\nfine\t1\n\n \t0\n", "line 4 has no text (column 1 ('sentence')"),
+                        ("\nsentence\tlabel\nfine\t1\n\nshort\n", "line 5 has 1 columns")):
+        dev.write_text(body)
+        with pytest.raises(DataError, match=re.escape(f"dev.tsv: {error}")):
+            load_glue("sst2", "dev", data_dir=tmp_path)
+    test = _write(tmp_path / "test.tsv", "index\tsentence\n0\tfine\n\n1\t \n")  # GLUE's unlabelled layout
+    with pytest.raises(DataError, match=re.escape("test.tsv: line 4 has no text (column 2 ('sentence')")):
+        loaders.load_glue_rows("sst2", test)
+
+
 def test_a_nested_json_text_is_refused_not_trained_as_its_repr(tmp_path):
     """A JSON object or list in a text column trained on its Python repr ("{'title': 'hi', 'body': 'there'}")."""
     p = _write(tmp_path / "d.jsonl", '{"t": "fine", "y": 1}\n{"t": {"title": "hi", "body": "there"}, "y": 0}\n')
-    with pytest.raises(DataError, match=r"d.jsonl: record 2 has a JSON object in column 't', not a text"):
+    with pytest.raises(DataError, match=r"d.jsonl: record 2 \(line 2\) has a JSON object in column 't', not a text"):
         load_table(p, ["t"], "y")
     q = _write(tmp_path / "e.jsonl", '{"a": "fine", "b": ["x", "y"], "y": 1}\n')
-    with pytest.raises(DataError, match=r"record 1 has a JSON list in column 'b', not a text"):
+    with pytest.raises(DataError, match=r"record 1 \(line 1\) has a JSON list in column 'b', not a text"):
         load_table(q, ["a", "b"], "y")
 
 
@@ -580,16 +598,26 @@ def test_loader_yields_dict_batches_unshuffled():
     assert batches[0]["input_ids"].tolist() == [[0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("fmt,body,why", [
-    ("jsonl", '{"t": "a", "y": 0}\n{"t": "b", "y": null}\n{"t": "c", "y": 1}\n', "null"),
-    ("csv", "t,y\na,pos\nb,\nc,neg\n", "empty"),
-    ("csv", "t,y\na,pos\nb,  \nc,neg\n", "empty"),
+@pytest.mark.parametrize("fmt,body,why,line", [
+    ("jsonl", '{"t": "a", "y": 0}\n  \n{"t": "b", "y": null}\n{"t": "c", "y": 1}\n', "null", 3),
+    ("csv", "t,y\na,pos\nb,\nc,neg\n", "empty", 3),
+    ("csv", "t,y\na,pos\n\nb,  \nc,neg\n", "empty", 4),
 ])
-def test_a_missing_label_is_an_error_not_a_class_of_its_own(tmp_path, fmt, body, why):
+def test_a_missing_label_is_an_error_not_a_class_of_its_own(tmp_path, fmt, body, why, line):
     path = tmp_path / f"d.{fmt}"
     path.write_text(body)
-    with pytest.raises(DataError, match=rf"record 2 has no label \(column 'y' is {why}\)"):
+    with pytest.raises(DataError, match=rf"record 2 \(line {line}\) has no label \(column 'y' is {why}\)"):
         load_table(path, ["t"], "y")
+
+
+def test_a_label_error_in_a_jsonl_with_blank_lines_and_unlabelled_rows_names_the_records_line(tmp_path):
+    """The label and text errors named the record alone ("record 3"), where a .jsonl file's blank lines put it on
+    another line; they name its line too, as a record without a key did. Rows without labels (predict's
+    `unlabelled_rows`) are still counted as records."""
+    p = _write(tmp_path / "d.jsonl", '{"t": "a", "y": "pos"}\n\n{"t": "b"}\n\n{"t": "c", "y": "meh"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: record 3 \(line 5\) has label 'meh', which is not one of the "
+                                        r"classes \['neg', 'pos'\]"):
+        load_table(p, ["t"], "y", label_names=["neg", "pos"], unlabelled_rows=True)
 
 
 def _copy_of_loaders(root: Path) -> ModuleType:

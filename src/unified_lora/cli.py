@@ -1445,6 +1445,9 @@ def cmd_predict(args) -> int:
     if args.data is not None and args.prompts is not None:
         raise UsageError("--data and --prompts: pass one (--data: rows to classify, or a causal LM's text to score; "
                          "--prompts: prompts to complete)")
+    for flag, given in (("--data", args.data), ("--prompts", args.prompts)):  # a folder, or no such file: refused
+        if given is not None:                                                 # before the checkpoint loads
+            inference._input_file(given, flag)
 
     def check(task_type: str) -> None:  # the run's task type against the flags, before its model is loaded
         if task_type != "causal-lm" and args.data is None:
@@ -1474,7 +1477,8 @@ def cmd_predict(args) -> int:
         print(f"{args.data}: {_fmt_metrics(m)}")
         return 0
     if trained.task_type == "causal-lm":
-        prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column)
+        prompts = inference.read_prompts(trained, args.prompts, args.prompt_column, args.id_column,
+                                         note=lambda msg: print(f"--prompts: {msg}"))
         source = Path(args.prompts).expanduser()
         out = inference.output_path(args.run_dir, args.output, source, prompts.fmt, trained.route)
         ids = inference.encode_prompts(trained.tokenizer, prompts.texts, corpus=inference.corpus_run(trained.cfg),

@@ -27,7 +27,7 @@ from .data.loaders import (_GLUE, _check_no_null_text, _read_records, check_colu
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
                        load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
-                       resolve_model, seed_everything, special_prefix)
+                       resolve_model, seed_everything, special_prefix, unused_label_note)
 
 FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
 ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
@@ -380,11 +380,13 @@ class Prompts:
     skipped: int = 0  # blank lines of a .txt file
 
 
-def read_prompts(trained: Trained, path: str, column: str | None = None, id_column: str | None = None) -> Prompts:
+def read_prompts(trained: Trained, path: str, column: str | None = None, id_column: str | None = None,
+                 note: Callable[[str], None] | None = None) -> Prompts:
     """Prompts: the lines of a .txt file (blank lines skipped and counted), or a column of a .csv/.tsv/.jsonl table:
     `column`, default the run's first text column (a prompt/completion run's prompt column, a chat run's
     `messages`). A .jsonl column of lists of role/content messages holds conversations (`encode_prompts` renders
-    them with the chat template), checked as training checks chat data."""
+    them with the chat template), checked as training checks chat data. A table with the run's label column gets a
+    `note` that it is not used, as `perplexity`'s --data does."""
     p = _input_file(path, "--prompts")
     fmt = p.suffix.lower().lstrip(".")
     if fmt in TEXT_SUFFIXES:
@@ -404,6 +406,7 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     if not records:
         raise no_rows_error(p)
     check_columns(records, [column], p, " (--prompt-column names another)")
+    unused_label_note(records, [column], trained.cfg.label_column, p, note)
     if any(isinstance(r[column], list) for r in records):
         texts = [_messages(r[column], f"--prompts {path}: record {n}", column) for n, r in enumerate(records, 1)]
     else:

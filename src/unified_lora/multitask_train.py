@@ -419,7 +419,8 @@ def task_lines(summary: dict) -> list[str]:
             out.append(f"task {name} ({data}): {dev}")
             continue
         # (the majority class is scored at the run's end: a run not finished has none)
-        out.append(f"task {name} ({data}; {len(t.get('classes') or [])} classes {t.get('classes')}): {dev}"
+        classes = t.get("classes") or []  # (as report prints a list: its items; it printed ['0', '1'])
+        out.append(f"task {name} ({data}; {len(classes)} classes {', '.join(map(str, classes))}): {dev}"
                    + ("; majority class " + " ".join(f"{k}={v:.3f}" for k, v in maj.items()) if maj else ""))
     if summary.get("tasks") and isinstance(last.get(AVERAGE), (int, float)):
         out.append(f"average of the tasks' primary metrics: {last[AVERAGE]:.3f}")

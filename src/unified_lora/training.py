@@ -45,7 +45,7 @@ from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
-                           no_rows_error, normalize_task, read_text)
+                           no_rows_error, normalize_task, read_text, record_at)
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -876,6 +876,16 @@ def _messages(value, source: str, column: str) -> tuple:
     return tuple(value)
 
 
+def unused_label_note(records: list[dict], columns: Sequence[str], label_column: str | None, path: Path,
+                      note: Callable[[str], None] | None) -> None:
+    """A `note` that a causal LM's table has the column `label_column` (a classifier's labels), not one of the
+    `columns` it reads: a classification table went to a causal LM without a word."""
+    if note is not None and label_column is not None and label_column not in columns and any(
+            label_column in r for r in records):
+        note(f"{path}: column {label_column!r} is not used: a causal LM reads the text "
+             f"({', '.join(map(repr, columns))}), not labels")
+
+
 def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_column: str | None = None,
                 note: Callable[[str], None] | None = None) -> tuple[list, list[str]]:
     """Causal-LM data and the columns it was read from: one text column of a .csv/.tsv/.jsonl table (a list of texts),
@@ -913,10 +923,7 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_
                                 "record")
             columns = [CHAT_COLUMN]
     check_columns(records, columns, path)  # as load_table: a JSONL record without it was dropped silently
-    if note is not None and label_column is not None and label_column not in columns and any(
-            label_column in r for r in records):
-        note(f"{path}: column {label_column!r} is not used: a causal LM reads the text "
-             f"({', '.join(map(repr, columns))}), not labels")
+    unused_label_note(records, columns, label_column, path, note)
     if any(isinstance(r[c], list) for r in records for c in columns):  # chat data: every cell a list of messages
         chats = []
         for n, record in enumerate(records, start=1):
@@ -931,8 +938,8 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_
     prompt, completion = columns
     for n, record in enumerate(records, start=1):  # an empty completion has nothing to train on but the eos
         if not str(record[completion]).strip():
-            raise DataError(f"{path}: record {n} has an empty completion (column {completion!r}); fill it in or drop "
-                            "the record")
+            raise DataError(f"{path}: {record_at(path, n)} has an empty completion (column {completion!r}); fill it "
+                            "in or drop the record")
     return [(str(r[prompt]), str(r[completion])) for r in records], columns
 
 

@@ -145,12 +145,12 @@ def _load_glue_file(task: str, path: str | os.PathLike, name: str | None = None,
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
     spec, path = _GLUE[key], Path(path)
-    rows = _read_delimited(path, "\t")
-    header = rows[0] if spec.header and rows else []
+    rows = _numbered_rows(path, "\t")  # a row's line in the file: blank lines are no row, and were counted as none
+    header = rows[0][1] if spec.header and rows else []
     if spec.header:
         rows = rows[1:]
     examples = []
-    for n, row in enumerate(rows, start=2 if spec.header else 1):
+    for n, row in rows:
         if len(row) <= max(spec.text_a, spec.label, spec.text_b or 0):
             raise DataError(f"{path}: line {n} has {len(row)} columns; is this the GLUE {spec.folder} file?")
         raw = row[spec.label].strip()
@@ -195,7 +195,8 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
     if key not in _GLUE:
         raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(_GLUE)}")
     spec, path = _GLUE[key], Path(path)
-    rows = _read_delimited(path, "\t")
+    numbered = _numbered_rows(path, "\t")
+    rows = [row for _, row in numbered]
     if not rows:
         raise DataError(f"{path} is empty; pass the GLUE {spec.folder} dev.tsv or test.tsv")
     width, text_a, text_b = _GLUE_TEST[key]
@@ -208,7 +209,7 @@ def load_glue_rows(task: str, path: str | os.PathLike) -> tuple[TextDataset, boo
                                               f"{spec.folder} test.tsv: {layout}, no label column")
         return labelled, True, [r[0] for r in rows[1:]] if indexed and spec.header else None
     examples, ids = [], []
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in numbered[1:]:
         if len(row) != width:
             raise DataError(f"{path}: line {n} has {len(row)} columns; the GLUE {spec.folder} test.tsv has {width} "
                             f"({', '.join(rows[0])})")
@@ -232,10 +233,21 @@ def glue_label_value(task: str, label: int) -> str:
 
 
 def _read_delimited(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -> list[list[str]]:
+    return [row for _, row in _numbered_rows(path, delimiter, quoting)]
+
+
+def _numbered_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_NONE) -> list[tuple[int, list[str]]]:
+    """(line, row) of each row of a delimited file, the line the row starts on; blank lines are no row."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the path (or data_dir)")
+    rows, start = [], 1
     with open_text(path, newline="") as lines:
-        return [row for row in csv.reader(lines, delimiter=delimiter, quoting=quoting) if row]
+        reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
+        for row in reader:
+            if row:
+                rows.append((start, row))
+            start = reader.line_num + 1
+    return rows
 
 
 # A byte-order mark names the encoding: UTF-8's is skipped (GLUE's MRPC header and Excel's "CSV UTF-8" start with
@@ -389,17 +401,18 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, co
     at = list(records) if records is not None else list(range(1, len(raw) + 1))
     for n, value in zip(at, raw):  # a missing label is not a class of its own
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{path}: record {n} has no label (column {column!r} is "
+            raise DataError(f"{path}: {record_at(path, n)} has no label (column {column!r} is "
                             f"{'null' if value is None else 'empty'}); fill it in or drop the record")
     for n, value in zip(at, raw):  # one class per record: a list is a multi-label record
         if isinstance(value, (list, tuple, dict)):
-            raise DataError(f"{path}: record {n} has the label {value!r} (a {type(value).__name__}); multi-label "
-                            f"classification is not supported: give each record one class in column {column!r}")
+            raise DataError(f"{path}: {record_at(path, n)} has the label {value!r} (a {type(value).__name__}); "
+                            f"multi-label classification is not supported: give each record one class in column "
+                            f"{column!r}")
     if label_names is None:  # a column of numbers that are not all whole: regression targets, not class names
         numbers = [_as_number(v) for v in raw]
         fraction = next((i for i, x in enumerate(numbers) if x is not None and not x.is_integer()), None)
         if fraction is not None and all(x is not None for x in numbers):
-            raise DataError(f"{path}: column {column!r} holds non-integer numbers (record {at[fraction]}: "
+            raise DataError(f"{path}: column {column!r} holds non-integer numbers ({record_at(path, at[fraction])}: "
                             f"{raw[fraction]!r}), i.e. regression targets; only classification is supported, "
                             "so give class ids (0, 1, ...) or names")
     if label_names is not None:
@@ -422,8 +435,8 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, co
                 # ["-1", "0", "1"] a 2 is no class, and it was read as id 2, the class "1"
                 ids.append(as_int)
             else:
-                raise DataError(f"{path}: record {n} has label {value!r}, which is not one of the classes {names} "
-                                f"{classes_hint}")
+                raise DataError(f"{path}: {record_at(path, n)} has label {value!r}, which is not one of the classes "
+                                f"{names} {classes_hint}")
         return ids, names, len(names)
     ints = [_as_int(v) for v in raw]
     all_int = all(i is not None for i in ints)
@@ -443,29 +456,26 @@ def record_line(path: Path, n: int) -> int | None:
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("csv", "tsv", "jsonl"):
         return None
+    if fmt != "jsonl":
+        rows = _numbered_rows(path, "\t" if fmt == "tsv" else ",",
+                              csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)[1:]  # the header is no record
+        return rows[n - 1][0] if 0 < n <= len(rows) else None
     with open_text(path, newline="") as lines:
-        if fmt == "jsonl":
-            starts = (i for i, line in enumerate(lines, start=1) if line.strip())
-        else:
-            reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",",
-                                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
-
-            def rows() -> Iterator[int]:
-                start = 1
-                for row in reader:
-                    if row:
-                        yield start
-                    start = reader.line_num + 1
-
-            starts = itertools.islice(rows(), 1, None)  # the header is no record
+        starts = (i for i, line in enumerate(lines, start=1) if line.strip())
         return next(itertools.islice(starts, n - 1, None), None)
+
+
+def record_at(path: Path, n: int) -> str:
+    """A record as the errors name it: "record 3 (line 5)", its line as `record_line` finds it (none for a file of
+    another format). For errors: the file is read again."""
+    line = record_line(path, n)
+    return f"record {n}{f' (line {line})' if line else ''}"
 
 
 def missing_key_error(records: list[dict[str, Any]], n: int, col: str, path: Path, what: str = "") -> DataError:
     """A .jsonl record (`n`, from 1) without the key `col` that other records have: the record, its line, and the
     columns it has. `what` says what the column is (", the id column")."""
-    line = record_line(path, n)
-    return DataError(f"{path}: record {n}{f' (line {line})' if line else ''} has no {col!r}{what} (its columns are "
+    return DataError(f"{path}: {record_at(path, n)} has no {col!r}{what} (its columns are "
                      f"{list(records[n - 1])}, other records have {col!r}); add it or drop the record")
 
 
@@ -503,12 +513,12 @@ def _check_no_null_text(records: list[dict[str, Any]], column: str, path: Path) 
     its Python repr ("{'title': ..., 'body': ...}")."""
     for n, record in enumerate(records, start=1):
         if column in record and record[column] is None:
-            raise DataError(f"{path}: record {n} has no text (column {column!r} is null); fill it in or drop the "
-                            "record")
+            raise DataError(f"{path}: {record_at(path, n)} has no text (column {column!r} is null); fill it in or "
+                            "drop the record")
         if isinstance(record.get(column), (dict, list)):
             kind = "JSON object" if isinstance(record[column], dict) else "JSON list"
-            raise DataError(f"{path}: record {n} has a {kind} in column {column!r}, not a text; nested fields are "
-                            "not read: write the text to train on as a string field of each record")
+            raise DataError(f"{path}: {record_at(path, n)} has a {kind} in column {column!r}, not a text; nested "
+                            "fields are not read: write the text to train on as a string field of each record")
 
 
 def load_table(
@@ -546,7 +556,7 @@ def load_table(
         _check_no_null_text(records, col, path)
         for n, record in enumerate(records, start=1):  # (a causal LM's rows are not read here: it drops empty ones)
             if isinstance(record[col], str) and not record[col].strip():
-                raise _empty_text_error(path, f"record {n}", repr(col), record[col])
+                raise _empty_text_error(path, record_at(path, n), repr(col), record[col])
     if label_column is None:
         names = [str(n) for n in label_names] if label_names is not None else None
         ids, num_labels = [-1] * len(records), len(names or ())
