@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ._files import write_text_atomically
+from ._files import read_json_file, write_text_atomically
 
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
@@ -1340,10 +1340,9 @@ def _read_run_summary(directory: Path) -> dict | None:
         return None
     from .training import UsageError
 
-    try:
-        summary = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{p}: not valid JSON ({e.msg}); re-run the command that wrote it") from None
+    # (a ValueError naming the file where it is not UTF-8 JSON: it was a bare "'utf-8' codec can't decode byte")
+    summary = read_json_file(p, "re-run the command that wrote it, or delete it (report and plot then summarise a "
+                                "train run from its newest checkpoint and trace.jsonl, a demo from its trace)")
     if not isinstance(summary, dict) or "command" not in summary or not isinstance(summary.get("arms", {}), dict):
         raise UsageError(f"{p}: not the summary.json of a unified-lora demo or train run")
     return summary
@@ -1356,13 +1355,16 @@ def _load_trace(path: Path) -> list[dict]:
         raise UsageError(f"{path}: no such trace file; pass the trace.jsonl a run wrote (or the run folder)")
     trace = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+        lines = f.readlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            trace.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):  # the last line, cut off by a kill (as --resume drops it)
                 continue
-            try:
-                trace.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
+            raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
     if not trace:
         raise UsageError(f"{path}: trace is empty; the run recorded no steps")
     if not all(isinstance(r, dict) and {"step", "phi", "mode", "rank"} <= set(r) for r in trace):
