@@ -1025,7 +1025,7 @@ def _train(args, held: dict) -> int:
         own_dev = f" (dev {t.spec.dev_data})" if t.spec.dev_data else ""  # (a dev file given for it, e.g. in a mapping)
         say(f"task {t.spec.name}: {t.spec.data}{own_dev}, {n} train{left} / {len(e['labels'])} dev rows, " + (
             "its dev loss and perplexity over its target tokens" if task_type == "causal-lm" else
-            f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}"))
+            f"{len(t.spec.classes)} classes {', '.join(t.spec.classes)}, scored by {mt.scoring(t.spec)}"))
     if tasks:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
@@ -1519,7 +1519,8 @@ def cmd_predict(args) -> int:
     out = inference.output_path(args.run_dir, args.output, source, rows.fmt, trained.route)
     preds, metrics = inference.classify(trained, rows, args.batch_size)
     inference.write_rows(out, preds)
-    print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
+    # the classes as items, as report prints them (it printed a Python list: ['neg', 'pos'])
+    print(f"{len(preds)} row(s) of {args.data} classified into {', '.join(map(str, trained.classes or []))}: {out}")
     label = trained.cfg.label_column
     if metrics is not None:
         n = rows.scored
