@@ -309,7 +309,7 @@ def test_dev_size_subsamples_each_tasks_dev_rows_and_controller_warmup_holds_the
     said = capsys.readouterr().out
     assert "task pos: " in said and said.count("40 train / 10 dev rows") == 4
     # how each task is scored: its metrics, the primary one first (it said "scored as pos", the file's stem)
-    assert "2 classes ['0', '1'], scored by accuracy (primary), macro_f1\n" in said
+    assert "2 classes 0, 1, scored by accuracy (primary), macro_f1\n" in said  # (the items: it printed ['0', '1'])
     trace, s = runs[3]
     assert [t["dev_rows"] for t in s["tasks"]] == [10, 10]
     final = list(s["arms"]["run"]["eval"].values())[-1]

@@ -179,7 +179,7 @@ def test_a_label_column_empty_in_every_row_or_absent_is_said_and_the_rows_predic
         out = tmp_path / f"p_{given.stem}.jsonl"
         assert main(["predict", str(run), "--data", str(given), "--output", str(out)]) == 0
         said = capsys.readouterr().out.splitlines()
-        assert said[-2:] == [f"20 row(s) of {given} classified into ['neg', 'pos']: {out}", note]
+        assert said[-2:] == [f"20 row(s) of {given} classified into neg, pos: {out}", note]
         assert _read(out) == _read(tmp_path / "all.jsonl")  # every row predicted, as with its labels
 
 

@@ -192,32 +192,54 @@ def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_c
     carries, e.g. in a checkpoint folder someone sent you. A file holding other objects raises a
     `pickle.UnpicklingError` (the type torch raises) that names the object and `opt_in`, the caller's way to load a
     file it trusts in full; `trust_checkpoint=True` is that (`weights_only=False`). A file that cannot be read (cut
-    short) is a ValueError that names it."""
+    short, empty, or not a pickle at all: text, random bytes, which the unpickler reads as opcodes and failed on with
+    a KeyError or IndexError) is a ValueError that names it (`damaged_file_error`)."""
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):  # each says what it is itself
+        raise
     except pickle.UnpicklingError as e:
-        if trust_checkpoint:
-            raise damaged_file_error(path, e) from e
         # torch's message says to re-run torch.load with weights_only=False: not something a caller of this library
-        # does; keep the object it names, and say how to opt in here
+        # does; keep the object it names, and say how to opt in here. Where it names none ("Unsupported operand
+        # 123": bytes that are no pickle torch.save writes), the file is damaged: opting in would not load it
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
-        what = (f"it holds {found.group(1)}, which is not a tensor or a plain Python value" if found else
-                "it holds something other than tensors and plain Python values, or it is not a file torch.save wrote")
+        if trust_checkpoint or not found:
+            raise damaged_file_error(path, e) from e
         raise pickle.UnpicklingError(
-            f"{path}: refused to load it: {what}. unified-lora loads its state files with torch.load(weights_only="
-            "True), because unpickling other objects can run code the file carries; the files it writes hold only "
-            "tensors and plain Python values. If you trust this file (you wrote it yourself, e.g. with an optimizer "
-            f"whose state holds other objects), load it with {opt_in}"
+            f"{path}: refused to load it: it holds {found.group(1)}, which is not a tensor or a plain Python value. "
+            "unified-lora loads its state files with torch.load(weights_only=True), because unpickling other objects "
+            "can run code the file carries; the files it writes hold only tensors and plain Python values. If you "
+            "trust this file (you wrote it yourself, e.g. with an optimizer whose state holds other objects), load "
+            f"it with {opt_in}"
         ) from None
-    except (RuntimeError, OSError, EOFError) as e:  # a file cut short: "failed finding central directory", ...
-        if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)):  # says what it is itself
-            raise
+    except Exception as e:  # noqa: BLE001 - a file cut short ("failed finding central directory", EOFError), or junk
         raise damaged_file_error(path, e) from e
 
 
 def damaged_file_error(path, e: BaseException) -> ValueError:
-    said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    """A ValueError naming `path`, a file this library wrote that cannot be read (`e`: the reader's error, whose
+    first line is quoted; torch's weights_only refusal by the part that says what it found)."""
+    text = str(e).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|$)", text, re.S)
+    said = " ".join(found.group(1).split()) if found else (text.splitlines()[0] if text else "")
+    said = said.split(". This is an internal miniz error")[0]  # (torch's zip reader: the rest adds nothing)
     return ValueError(f"{path}: cannot read it ({type(e).__name__}: {said}); the file is damaged or incomplete (a "
                       "copy cut short?): copy the checkpoint folder again, or delete it to go on from another one")
+
+
+def read_json_file(path, fix: str):
+    """The JSON value in the file `path`, which this library wrote (a run's summary.json); a file that cannot be read
+    as JSON (not UTF-8 text, not JSON, cut short, empty) is a ValueError naming it and saying why, then `fix` (what to
+    do). A missing file, a folder, or one without read permission raise the OS's error, which names the path."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        why = f"not UTF-8 text (byte {e.start})"
+    except json.JSONDecodeError as e:
+        why = f"not valid JSON: {e.msg} at line {e.lineno}" if e.doc.strip() else "it is empty"
+    raise ValueError(f"{path}: cannot read it ({why}); the file is damaged or cut short: {fix}")

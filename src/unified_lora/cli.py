@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ._files import write_text_atomically
+from ._files import read_json_file, write_text_atomically
 
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
@@ -1025,7 +1025,7 @@ def _train(args, held: dict) -> int:
         own_dev = f" (dev {t.spec.dev_data})" if t.spec.dev_data else ""  # (a dev file given for it, e.g. in a mapping)
         say(f"task {t.spec.name}: {t.spec.data}{own_dev}, {n} train{left} / {len(e['labels'])} dev rows, " + (
             "its dev loss and perplexity over its target tokens" if task_type == "causal-lm" else
-            f"{len(t.spec.classes)} classes {t.spec.classes}, scored by {mt.scoring(t.spec)}"))
+            f"{len(t.spec.classes)} classes {', '.join(t.spec.classes)}, scored by {mt.scoring(t.spec)}"))
     if tasks:
         say("multi-task mode: " + ("the tasks start on one shared adapter (SINGLE) and the controller splits them "
                                    "into an adapter each" if cfg.controller else "the controller is pinned in MULTI: "
@@ -1340,10 +1340,9 @@ def _read_run_summary(directory: Path) -> dict | None:
         return None
     from .training import UsageError
 
-    try:
-        summary = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{p}: not valid JSON ({e.msg}); re-run the command that wrote it") from None
+    # (a ValueError naming the file where it is not UTF-8 JSON: it was a bare "'utf-8' codec can't decode byte")
+    summary = read_json_file(p, "re-run the command that wrote it, or delete it (report and plot then summarise a "
+                                "train run from its newest checkpoint and trace.jsonl, a demo from its trace)")
     if not isinstance(summary, dict) or "command" not in summary or not isinstance(summary.get("arms", {}), dict):
         raise UsageError(f"{p}: not the summary.json of a unified-lora demo or train run")
     return summary
@@ -1356,13 +1355,16 @@ def _load_trace(path: Path) -> list[dict]:
         raise UsageError(f"{path}: no such trace file; pass the trace.jsonl a run wrote (or the run folder)")
     trace = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+        lines = f.readlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            trace.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):  # the last line, cut off by a kill (as --resume drops it)
                 continue
-            try:
-                trace.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
+            raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
     if not trace:
         raise UsageError(f"{path}: trace is empty; the run recorded no steps")
     if not all(isinstance(r, dict) and {"step", "phi", "mode", "rank"} <= set(r) for r in trace):
@@ -1517,7 +1519,8 @@ def cmd_predict(args) -> int:
     out = inference.output_path(args.run_dir, args.output, source, rows.fmt, trained.route)
     preds, metrics = inference.classify(trained, rows, args.batch_size)
     inference.write_rows(out, preds)
-    print(f"{len(preds)} row(s) of {args.data} classified into {trained.classes}: {out}")
+    # the classes as items, as report prints them (it printed a Python list: ['neg', 'pos'])
+    print(f"{len(preds)} row(s) of {args.data} classified into {', '.join(map(str, trained.classes or []))}: {out}")
     label = trained.cfg.label_column
     if metrics is not None:
         n = rows.scored

@@ -120,19 +120,33 @@ class TraceWriter:
         """Continue the trace of a run resumed at `step`: keep the lines of steps before it. A no-op once
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
         leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
-        on are replayed, drops their lines from the first attempt."""
+        on are replayed, drops their lines from the first attempt. A last line cut off by a crash (no newline) is
+        dropped; any other line that is not a step's record (not UTF-8 JSON with a step: a damaged file) is a
+        ValueError naming the file and the line, and the file is left as it is (such lines were dropped, and the
+        records around them kept, silently; a file not UTF-8 was a bare UnicodeDecodeError)."""
         if (self._written and not rewind) or not self._writes_here():
             return
         self._f.close()
         keep = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:  # a line cut off by a crash
+        with open(self.path, "rb") as f:
+            lines = f.readlines()
+        for n, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
+                if n == len(lines) and not raw.endswith(b"\n"):  # a line cut off by a crash
                     continue
-                if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] < step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
+                self._f = open(self.path, "a", encoding="utf-8")
+                raise ValueError(f"{self.path}: line {n} is not a step's record (UTF-8 JSON with a step): the trace "
+                                 "is damaged; restore it, or move it aside to resume with a new trace file from step "
+                                 f"{step} on (the steps before it are then not in it)")
+            if r["step"] < step:
+                keep.append(line if line.endswith("\n") else line + "\n")
         with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
         self._f = open(self.path, "a", encoding="utf-8")

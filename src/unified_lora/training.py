@@ -2004,7 +2004,8 @@ class Run:
         try:
             tensors = load_file(str(path / "adapter_blocks.safetensors"))
         except Exception as e:  # safetensors' own error on a file cut short: "header too small", naming no file
-            raise UsageError(str(damaged_file_error(path / "adapter_blocks.safetensors", e))) from e
+            raise UsageError(f"{damaged_file_error(path / 'adapter_blocks.safetensors', e)}"
+                             f"{other_checkpoints(path)}") from e
         own_sd = self.model.state_dict()  # (parameters, and the layers' _extra_state)
         missing = [k for k in tensors if k not in own_sd]
         if missing:
@@ -2053,6 +2054,8 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
         st = load_state_file(path, trust_checkpoint, "--trust-checkpoint (Python: trust_checkpoint=True)")
     except pickle.UnpicklingError as e:
         raise UsageError(str(e)) from None
+    except ValueError as e:  # damaged: cut short, empty, junk
+        raise UsageError(f"{e}{other_checkpoints(ckpt)}") from e
     missing = [k for k in STATE_KEYS if k not in st] if isinstance(st, dict) else list(STATE_KEYS)
     if not missing and not (isinstance(st["run"], dict) and "global_step" in st["run"]):
         missing = ["run.global_step"]
@@ -2060,11 +2063,33 @@ def read_state(ckpt: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
         what = f"it lacks the keys {missing}" if isinstance(st, dict) else f"it holds a {type(st).__name__}"
         raise UsageError(f"{path}: not a unified-lora checkpoint state ({what}; every checkpoint this library "
                          f"writes holds {list(STATE_KEYS)}): written by another tool, or edited. Delete that "
-                         "checkpoint folder to resume from an older one, or start a new run in another --output-dir")
+                         "checkpoint folder to resume from an older one, or start a new run in another --output-dir"
+                         f"{other_checkpoints(ckpt)}")
     if isinstance(st["config"], dict):
         st["config"] = {**LEGACY_CONFIG, **st["config"]}
     st.setdefault("lr_schedule", dict(LEGACY_SCHEDULE))  # saved before LR schedules: a constant LR
     return st
+
+
+def other_checkpoints(ckpt: str | os.PathLike) -> str:
+    """For an error about checkpoint folder `ckpt` of a run (`RUN/checkpoints/NAME` or `RUN/best`): "; this run's
+    other checkpoints: step-2, best", the run's other complete checkpoints (folders with a `state.pt`; none
+    is read), or that it has none. Nothing is said of a folder elsewhere (`predict --checkpoint PATH`)."""
+    ckpt = Path(ckpt)
+    if ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent
+    elif ckpt.name == BEST and (ckpt.parent / "checkpoints").is_dir():
+        run = ckpt.parent
+    else:
+        return ""
+    root = run / "checkpoints"
+    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    found = sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    found += [run / BEST]
+    names = [p.name for p in found if (p / "state.pt").is_file() and p.resolve() != ckpt.resolve()]
+    if not names:
+        return "; this run has no other checkpoint"
+    return f"; this run's other checkpoints: {', '.join(names)} (predict --checkpoint NAME reads one)"
 
 
 def check_world_size(st: dict, ckpt, world: int) -> None:
