@@ -22,7 +22,7 @@ _error = test_cli_predict._error
 
 JUNK = "this is not a checkpoint\n" * 20
 BYTES = (bytes(range(130, 256)) + b"\n") * 3  # not UTF-8, and no pickle opcode torch's weights_only reader accepts
-OTHERS = "this run's other checkpoints: step-2 (predict --checkpoint NAME reads one)"
+OTHERS = "this run's other checkpoints: step-2 (train --resume reads the newest once the damaged one is deleted; predict --checkpoint NAME reads any)"
 
 
 @pytest.fixture(scope="module")

@@ -2089,7 +2089,7 @@ def other_checkpoints(ckpt: str | os.PathLike) -> str:
     names = [p.name for p in found if (p / "state.pt").is_file() and p.resolve() != ckpt.resolve()]
     if not names:
         return "; this run has no other checkpoint"
-    return f"; this run's other checkpoints: {', '.join(names)} (predict --checkpoint NAME reads one)"
+    return f"; this run's other checkpoints: {', '.join(names)} (train --resume reads the newest once the damaged one is deleted; predict --checkpoint NAME reads any)"
 
 
 def check_world_size(st: dict, ckpt, world: int) -> None:
