@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import VOCAB, can_build_cpp, tiny_bert, tiny_gpt2, tiny_llama
 
 from unified_lora import MIRROR, MULTI, SINGLE, MachineConfig, trainable_parameters
+from unified_lora.trace import format_console
 from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
                                     load_task_adapters, per_task_losses, save_task_adapters, setup_multitask_lora,
                                     task_context)
@@ -798,6 +799,7 @@ def test_a_split_soon_after_a_merge_brings_the_task_adapters_back():
             for got, t, p0, p1 in zip(a.task_parameters(s), kept[s * n:(s + 1) * n], pt, now):
                 torch.testing.assert_close(got.detach(), t + (p1 - p0), rtol=0, atol=1e-6)
     assert ctrl.failed_merges == 1 and ctrl.machine.hold_down[MULTI] == at + 25 * 2
+    assert format_console(ctrl.trace[-1]).endswith(f"(SINGLE->MULTI, task adapters back, no merge before step {at + 50})")
     x, ya, yb = data  # each task is served again by its own adapter (both fit their labels before the merge)
     assert task_acc(model, x, ya, "a") > 0.9 and task_acc(model, x, yb, "b") > 0.9
     # off (resplit_window=0): the split copies the shared adapter, as before, and one task is served the other's labels
