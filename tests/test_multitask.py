@@ -853,6 +853,19 @@ def test_a_resumed_run_splits_after_a_merge_as_the_run_it_resumes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
 
 
+def _interrupt_next_rank_change(ctrl, monkeypatch):
+    """The controller's next rank change (the last part of a transition) raises KeyboardInterrupt, once."""
+    real, calls = ctrl._apply_rank, []
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(ctrl, "_apply_rank", interrupted_once)
+
+
 def test_a_split_interrupted_after_bringing_the_task_adapters_back_is_undone(monkeypatch):
     """The warm split changes the task adapters, the kept merge and the back-off; a failure later in the transition
     (the rank change; a Ctrl-C here) puts all three back, so the split that follows brings the same adapters back."""
@@ -864,15 +877,7 @@ def test_a_split_interrupted_after_bringing_the_task_adapters_back_is_undone(mon
     train(model, ctrl, opt, 1, data)
     kept = [p.detach().clone() for a in ad.values() for s in (0, 1) for p in a.task_parameters(s)]
     parked = ctrl._parked
-    real, calls = ctrl._apply_rank, []
-
-    def interrupted_once():
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        real()
-
-    monkeypatch.setattr(ctrl, "_apply_rank", interrupted_once)
+    _interrupt_next_rank_change(ctrl, monkeypatch)
     _force(ctrl, 0.0)
     with pytest.raises(KeyboardInterrupt):
         train(model, ctrl, opt, 1, data)
@@ -1762,15 +1767,7 @@ def test_a_split_interrupted_after_its_copy_leaves_the_model_on_the_shared_adapt
     # adapters: SINGLE trained them, and the next split overwrote them with the resting shared adapter.
     data = conflict_data()
     model, ad, ctrl, opt = build(initial_mode=SINGLE)
-    real, calls = ctrl._apply_rank, []
-
-    def interrupted_once():
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        real()
-
-    monkeypatch.setattr(ctrl, "_apply_rank", interrupted_once)
+    _interrupt_next_rank_change(ctrl, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(model, ctrl, opt, 10, data)
     assert ctrl.mode == SINGLE and ctrl.router.topology == "shared"
