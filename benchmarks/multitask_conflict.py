@@ -69,7 +69,7 @@ def _trim(b: dict) -> dict:
 
 
 def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int, batch: int, lr: float,
-        model_path: str) -> dict:
+        model_path: str, resplit_window: int = 25) -> dict:
     from transformers import BertForSequenceClassification
 
     from unified_lora import SINGLE, MachineConfig, trainable_parameters
@@ -86,7 +86,7 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
     else:
         machine = MachineConfig(initial_mode=SINGLE, warmup_steps=20, min_dwell=10)
     adapters, ctrl = setup_multitask_lora(model, tasks, tgt, lr_mode="off", mode_ranks=(4, 8, 16), machine=machine,
-                                          keep_trace=True)
+                                          keep_trace=True, resplit_window=resplit_window)
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.01)
     ctrl.attach_optimizer(opt)
     g = torch.Generator().manual_seed(seed)
@@ -113,10 +113,11 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
         ctrl.step(loss, task_losses=per_task_losses(per_sample, tids))
         opt.step()
         opt.zero_grad()
-    trace = [dict(step=r.step, mode=r.mode, phi=r.phi,
+    trace = [dict(step=r.step, mode=r.mode, phi=r.phi, loss=r.loss, event=r.components.get("event"),
                   **{k: r.components.get(k) for k in KEYS}) for r in ctrl.trace]
     return {"pair": pair, "phase": phase, "seed": seed, "tasks": tasks, "steps": steps,
             "split_at": split_at if phase == "forced" else None, "batch": batch, "lr": lr,
+            "resplit_window": resplit_window, "failed_merges": ctrl.failed_merges,
             "transitions": [{"step": r.step, "transition": r.transition} for r in ctrl.trace if r.transition],
             "final_mode": ctrl.mode, "seconds": round(time.time() - t0, 1), "trace": trace}
 
@@ -158,11 +159,21 @@ def report(runs: list, settings: dict) -> str:
     natural = [r for r in runs if r["phase"] == "natural"]
     if natural:
         lines += ["## Natural (default machine: θ0 = 0.3, θ1 = 0.7, warmup 20, min dwell 10)", "",
-                  "| pair | seed | transitions | final mode | steps in SINGLE / MULTI / MIRROR |", "|---|---|---|---|---|"]
+                  "Re-splits within `resplit_window` of their merge bring the task adapters back (a window of 0: "
+                  "every split copies the merged adapter). Loss: the mixed batch's mean training loss over the "
+                  "last 50 steps.", "",
+                  "| pair | seed | resplit_window | transitions | final mode | steps in SINGLE / MULTI / MIRROR | "
+                  "merges | re-splits in the window | loss, last 50 steps |", "|---|---|---|---|---|---|---|---|---|"]
         for r in natural:
             tl = ", ".join(f"{t['step']}:{t['transition']}" for t in r["transitions"]) or "none"
             counts = " / ".join(str(sum(x["mode"] == m for x in r["trace"])) for m in range(3))
-            lines.append(f"| {r['pair']} | {r['seed']} | {tl} | {r['final_mode']} | {counts} |")
+            ev = [(x["step"], x.get("event")) for x in r["trace"] if x.get("event")]
+            merges = [st for st, e in ev if e == "merge"]
+            w = r.get("resplit_window", 0)
+            back = sum(1 for st, e in ev if e == "split" and w and any(0 <= st - m <= w for m in merges))
+            last = [x["loss"] for x in r["trace"][-50:]]
+            lines.append(f"| {r['pair']} | {r['seed']} | {w} | {tl} | {r['final_mode']} | {counts} | {len(merges)} | "
+                         f"{back} | {_f(_mean(last))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -178,6 +189,10 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resplit-windows", type=int, nargs="+", default=[25],
+                    help="natural phase: one run per value of MultiTaskController(resplit_window=) (0 = a split always "
+                         "copies the shared adapter, as before it existed); the forced phase never merges, so it "
+                         "runs with the first")
     ap.add_argument("--out", default=str(RESULTS / "multitask_conflict"),
                     help="writes OUT.json and OUT.md")
     a = ap.parse_args(argv)
@@ -202,10 +217,11 @@ def main(argv=None):
     for phase in a.phases:
         for pair in a.pairs:
             for seed in a.seeds:
-                r = run(pair, data[pair], phase, seed, a.steps, a.split_at, a.batch, a.lr, path)
+              for w in (a.resplit_windows if phase == "natural" else a.resplit_windows[:1]):
+                r = run(pair, data[pair], phase, seed, a.steps, a.split_at, a.batch, a.lr, path, w)
                 runs.append(r)
                 tl = ", ".join(f"{t['step']}:{t['transition']}" for t in r["transitions"]) or "none"
-                print(f"{phase} {pair} seed={seed}: {tl} ({r['seconds']}s)", flush=True)
+                print(f"{phase} {pair} seed={seed} resplit_window={w}: {tl} ({r['seconds']}s)", flush=True)
                 tmp = out.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps({"settings": settings, "runs": runs}))
                 tmp.replace(out.with_suffix(".json"))

@@ -488,10 +488,12 @@ def _mt_setup():
 
     torch.manual_seed(0)
     model = PerSampleClassifier()
-    # starts in SINGLE (φ from 0); splits, merges back, splits again, then a Mirror cycle (restored)
+    # starts in SINGLE (φ from 0); splits (step 2), merges back (3), splits again within resplit_window of the merge,
+    # so the task adapters come back (6), then a Mirror cycle (entered at 13, restored at 14)
     signal = MultiTaskSignalConfig(alpha=0.3, loss_scale=0.5, phi_init=0.0)
     adapters, ctrl = setup_multitask_lora(model, tasks=["a", "b"], target_modules=["q_proj", "v_proj", "classifier"],
-                                          machine=MachineConfig(initial_mode=0), signal=signal, print_fn=None)
+                                          machine=MachineConfig(initial_mode=0, theta1=0.6), signal=signal,
+                                          print_fn=None)
     return model, adapters, ctrl
 
 
@@ -711,6 +713,7 @@ def test_multitask_under_ddp_stays_in_lockstep_when_processes_see_different_task
     events = [(t[6]["topology"], t[5], t[4]) for t in r0["trace"]]
     assert ("shared", None, None) in events and ("task", "SINGLE->MULTI", None) in events
     assert ("shared", "MULTI->SINGLE", None) in events  # a merge
+    assert r0["trace"][6][5] == "SINGLE->MULTI" and r0["trace"][6][6]["tasks_back"] == 2  # the split after it
     assert ("task", "MULTI->MIRROR", "saved") in events and ("task", "MIRROR->MULTI", "restored") in events
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
 

@@ -6,7 +6,8 @@
 
 Transitions move one mode per decision (SINGLE ↔ MULTI ↔ MIRROR). Options:
 `warmup_steps` (no decision before), `eval_interval` (decide only on multiples)
-and `min_dwell` (hysteresis: stay at least that many steps after a transition).
+and `min_dwell` (hysteresis: stay at least that many steps after a transition). `hold_down[mode] = step`
+keeps the machine from moving down out of `mode` before `step` (the multi-task controller's merge back-off).
 With all three at their defaults (0, 1, 0) the seed's v1 trace reproduces.
 """
 
@@ -39,6 +40,7 @@ class ModeMachine:
         self.config = config or MachineConfig(**kwargs)
         self.mode = self.config.initial_mode
         self.last_transition_step: int | None = None
+        self.hold_down: dict[int, int] = {}  # mode -> the first step at which it may move down
 
     def step(self, phi: float, step: int) -> Transition | None:
         if phi != phi:  # NaN fails every comparison, so zone() would read it as SINGLE and walk the machine down
@@ -53,15 +55,19 @@ class ModeMachine:
         if target == self.mode:
             return None
         new = self.mode + (1 if target > self.mode else -1)  # one step at a time
+        if new < self.mode and step < self.hold_down.get(self.mode, step):
+            return None
         t = Transition(step, self.mode, new, float(phi))
         self.mode, self.last_transition_step = new, step
         return t
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "last_transition_step": self.last_transition_step}
+        return {"mode": self.mode, "last_transition_step": self.last_transition_step,
+                "hold_down": dict(self.hold_down)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.mode, self.last_transition_step = sd["mode"], sd["last_transition_step"]
+        self.hold_down = {int(k): int(v) for k, v in sd.get("hold_down", {}).items()}  # (none in older files)
 
 
 __all__ = ["ModeMachine", "Transition", "zone", "SINGLE", "MULTI", "MIRROR", "MODES"]

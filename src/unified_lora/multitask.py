@@ -671,10 +671,12 @@ class MultiTaskSignalConfig:
     """φ = f(C, E, S, ΔC, ΔE, ΔS): a weighted sum (weights ≥ 0, summing to 1), then the
     v1 EMA φ ← (1−α)φ + α·φ_raw.
 
-    conflict: "grad" (gradient cosine conflict), "weight" (task-adapter variance, MULTI only)
-    or "auto" (the larger of the two available: grad conflict in SINGLE, where weight
-    variance is undefined; in MULTI the weight variance keeps the signal up once the
-    adapters have diverged, when the now-separate tasks' gradients stop fighting).
+    conflict: "grad" (gradient cosine conflict), "weight" (the task adapters' moves since the split that
+    cancel, MULTI only) or "auto" (the gradient conflict in SINGLE, where task adapters do not exist; the
+    weight conflict in MULTI/MIRROR, where each task's gradient is read at its own adapter: measured on
+    MiniLM, it is as low for flipped labels as for two halves of one data set once the adapters fit
+    their tasks, while the weight conflict tells them apart. Before, "auto" took the larger of the two,
+    and the gradient's noise raised C for tasks that do not conflict).
     """
 
     weights: Sequence[float] = (0.4, 0.3, 0.1, 0.1, 0.05, 0.05)  # C, E, S, ΔC, ΔE, ΔS
@@ -719,13 +721,17 @@ class MultiTaskSignal:
 
     * C ∈ [0, 1]: `conflict_grad` = mean over task pairs of max(0, −cos(ḡ_s, ḡ_t)) (ḡ a task's
       gradient EMA; 0 = aligned or orthogonal, 1 = opposite, as PCGrad defines conflict);
-      `conflict_weight` = v / (1 − 1/T), clamped to 1, with v = Σ_t‖x_t − x̄‖² / Σ_t‖x_t‖² and
-      x_t = ΔW_t − ΔW_shared (all layers, active rank): v is the share of the task adapters'
-      movement since the split that a mean-merge would discard (0 = all moved alike,
-      1 − 1/T = independent moves, 1 = moves cancel); dividing by 1 − 1/T makes "as bad as
-      merging unrelated adapters" count as full conflict. Computed from the factors (r × r
-      Gram products), never forming ΔW. C = the larger available one per `conflict` (held
-      from the last step when none is available).
+      `conflict_weight` = the largest over layers of 1 − ‖Σ_t x_t‖² / Σ_t‖x_t‖², clamped to [0, 1],
+      x_t = ΔW_t − ΔW_shared (active rank): the share of the task adapters' moves since the split that
+      cancel in their sum, −Σ_{s≠t} x_s·x_t / Σ_t‖x_t‖² (two tasks, equal moves: max(0, −cos(x_a, x_b)),
+      the gradient conflict's scale). 0 = independent moves (minibatch noise: two halves of one data
+      set) or moves alike, 1 = moves that cancel (Σ_t x_t = 0, what a mean-merge undoes). Per layer,
+      because a conflict can sit in a few layers (flipped labels: the heads move apart, the body alike).
+      Before, this was v / (1 − 1/T) with v = Σ_t‖x_t − x̄‖² / Σ_t‖x_t‖² over all layers, which is
+      1 for independent moves: noise alone read as full conflict and MULTI never merged back
+      (`benchmarks/multitask_conflict.py`). Computed from the factors (r × r Gram products),
+      never forming ΔW. C = the one `conflict` names; "auto": the weight conflict where there is one
+      (MULTI/MIRROR), else the gradient conflict (held from the last step when none is available).
     * E ∈ [0, 1): mean over tasks of D_t = E_t/(1+E_t), E_t the EMA(β) of task t's loss / loss_scale
       (first value initialises it). Without task losses the overall loss is one pseudo-task.
     * S ∈ [0, 1): relative weight drift since the last transition/snapshot, d/(d + drift_scale), over the adapters
@@ -760,9 +766,12 @@ class MultiTaskSignal:
             L = min(float(v) / c.loss_scale, 1e300)  # capped as LossSignal's: inf would make D = inf/inf = NaN
             self.E[t] = L if t not in self.E else c.beta * self.E[t] + (1 - c.beta) * L
         E = sum(e / (1 + e) for e in self.E.values()) / len(self.E)  # every task seen so far
-        avail = [v for k, v in (("grad", conflict_grad), ("weight", conflict_weight))
-                 if v is not None and (c.conflict == "auto" or c.conflict == k)]
-        C = min(1.0, max(0.0, max(avail))) if avail else (self.last["C"] or 0.0)
+        if c.conflict == "auto":  # the weight conflict where there is one (MULTI/MIRROR), else the gradient's
+            avail = [conflict_weight] if conflict_weight is not None else [conflict_grad] * (conflict_grad is not None)
+        else:
+            avail = [v for k, v in (("grad", conflict_grad), ("weight", conflict_weight))
+                     if v is not None and c.conflict == k]
+        C = min(1.0, max(0.0, avail[0])) if avail else (self.last["C"] or 0.0)
         S = 0.0 if drift is None else max(0.0, drift) / (max(0.0, drift) + c.drift_scale)
         cur = {"C": C, "E": E, "S": S}
         dx = {}
@@ -807,14 +816,25 @@ class MultiTaskController(UnifiedController):
     Transitions: SINGLE→MULTI splits (task adapters ← exact copies of the shared one,
     their optimizer state reset); MULTI→SINGLE merges (`merge_rule`); MIRROR snapshots
     the shared and every task adapter (the base class's Mirror, over `lora_parameters()`).
+
+    A merge is a test. `resplit_window` (steps, default 25; 0 = off): a split that comes within that many steps
+    of a merge says the tasks still conflict (SINGLE's gradient conflict, read at the merged adapter, raised φ
+    again), so it does not start the tasks over from copies of the merged adapter. Each task adapter, kept as
+    it was at the merge (SINGLE leaves them alone), comes back with the shared adapter's move since the merge
+    added (block by block: A_t += A_shared − A_shared@merge, and B alike). And the next merge waits:
+    no MULTI→SINGLE for `resplit_window` × 2^k steps after the k-th such split in a row (k ≤ 6). A split after
+    the window is a split as before (copies; k back to 0).
     """
 
     def __init__(self, adapters, router: TaskRouter | None = None, *, optimizer=None,
                  signal: MultiTaskSignalConfig | None = None, merge_rule: str = "mean_factors",
                  machine: MachineConfig | None = None, actuators: ActuatorConfig | None = None,
-                 mirror: MirrorConfig | None = None, **kwargs):
+                 mirror: MirrorConfig | None = None, resplit_window: int = 25, **kwargs):
         if merge_rule not in MERGE_RULES:
             raise ValueError(f"merge_rule: must be one of {MERGE_RULES}, got {merge_rule!r}")
+        if isinstance(resplit_window, bool) or not isinstance(resplit_window, int) or resplit_window < 0:
+            raise ValueError(f"resplit_window: steps after a merge within which a split brings the task adapters "
+                             f"back, an int >= 0 (0 = every split copies the shared adapter), got {resplit_window!r}")
         layers = list(adapters.values()) if isinstance(adapters, dict) else list(adapters)
         if not layers or not all(isinstance(a, MultiTaskNestedLoRALayer) for a in layers):
             raise ValueError("adapters: MultiTaskController needs MultiTaskNestedLoRALayer adapters "
@@ -827,6 +847,12 @@ class MultiTaskController(UnifiedController):
         self.signal = MultiTaskSignal(signal)
         self.signal_config = self.signal.config
         self.merge_rule = merge_rule
+        self.resplit_window = resplit_window
+        # the last merge, while a split may still bring the task adapters back: {"step", "slots", "point": per layer,
+        # the shared blocks as the merge left them (`shared_parameters()` order)}
+        self._parked: dict | None = None
+        self.failed_merges = 0  # splits in a row that came within resplit_window of their merge
+        self._split_undo: dict | None = None  # what a split changed, until its transition commits
         self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
         self.grad_ema: dict[int, torch.Tensor] = {}
         self._task_info = False  # this step was given task losses or a task id (set by step)
@@ -1032,26 +1058,29 @@ class MultiTaskController(UnifiedController):
 
     @torch.no_grad()
     def _weight_conflict(self) -> float | None:
-        """Σ_t‖x_t − x̄‖² / Σ_t‖x_t‖², x_t = ΔW_t − ΔW_shared (all layers, active rank)."""
+        """The largest over layers of 1 − ‖Σ_t x_t‖² / Σ_t‖x_t‖², clamped to [0, 1], x_t = ΔW_t − ΔW_shared (active
+        rank): the share of the task adapters' moves since the split that cancel in their sum (see
+        `MultiTaskSignal`). None while no task adapter has moved since the split. Computed from the factors (r × r
+        Gram products), never forming ΔW."""
         slots = self._slots()
         if self.router.topology != "task" or len(slots) < 2:
             return None
-        T = len(slots)
-        H = torch.zeros(T + 1, T + 1, dtype=torch.float64)
+        worst = None  # no layer moved yet (the step after a split): no reading, and "auto" takes the gradient's
         for a in self.adapters:
             Bs = torch.stack([a.active_B()] + [a.task_B(s) for s in slots]).float()  # (T+1, out, r)
             As = torch.stack([a.active_A()] + [a.task_A(s) for s in slots]).float()  # (T+1, r, in)
             P = torch.einsum("iob,joc->ijbc", Bs, Bs)
             Q = torch.einsum("ibx,jcx->ijbc", As, As)
-            H += (P * Q).sum((2, 3)).double().cpu()
-        g_ss = H[0, 0]
-        X = H[1:, 1:] - H[1:, :1] - H[:1, 1:] + g_ss  # Gram of x_t
-        total = float(torch.diagonal(X).sum())
-        if total <= 1e-12 * max(float(g_ss), 1e-30) or total <= 0:
-            return 0.0
-        var = total - float(X.sum()) / T
-        # share of the movement a mean-merge discards, relative to independent moves (1 − 1/T); ≥ that → 1
-        return min(1.0, max(0.0, var / total / (1.0 - 1.0 / T)))
+            H = (P * Q).sum((2, 3)).double().cpu()
+            g_ss = H[0, 0]
+            X = H[1:, 1:] - H[1:, :1] - H[:1, 1:] + g_ss  # Gram of x_t
+            total = float(torch.diagonal(X).sum())
+            if total <= 1e-12 * max(float(g_ss), 1e-30) or total <= 0:
+                continue  # no task moved this layer (yet)
+            # −Σ_{s≠t} x_s·x_t / Σ_t‖x_t‖²: 0 for independent moves (minibatch noise alone), < 0 (→ 0) for moves
+            # alike, 1 when the moves cancel (Σ_t x_t = 0)
+            worst = max(worst or 0.0, 1.0 - float(X.sum()) / total)
+        return None if worst is None else min(1.0, max(0.0, worst))
 
     def _read_task_losses(self, task_losses, task_id) -> dict | None:
         if task_losses is not None and task_id is not None:
@@ -1130,6 +1159,17 @@ class MultiTaskController(UnifiedController):
         super()._undo_transition(t, last_transition_step, held, error)
         if (t.old == SINGLE) != (t.new == SINGLE):
             self.router.set_topology("task" if t.old >= MULTI else "shared")
+        undo, self._split_undo = self._split_undo, None
+        if undo is not None:  # a split that ran: its task adapters, its merge and its back-off as they were
+            with torch.no_grad():
+                for a, saved in zip(self.adapters, undo["slots"]):
+                    for p, v in zip([p for s in undo["back"] for p in a.task_parameters(s)], saved):
+                        p.copy_(v)
+            self._parked, self.failed_merges = undo["parked"], undo["failed"]
+            if undo["hold"] is None:
+                self.machine.hold_down.pop(MULTI, None)
+            else:
+                self.machine.hold_down[MULTI] = undo["hold"]
 
     def _update_signal(self, loss: float, task_losses: dict | None = None, task_id=None) -> float:
         tl = self._read_task_losses(task_losses, task_id)  # bad task ids fail first
@@ -1158,6 +1198,9 @@ class MultiTaskController(UnifiedController):
             comps["merge_residual"] = self.merge_log[-1]["residual"]
         elif transition.old == SINGLE:
             comps["event"] = "split"
+            if self._split_undo and self._split_undo["back"]:  # within resplit_window of the merge
+                comps["tasks_back"] = len(self._split_undo["back"])
+                comps["merge_held_until"] = self.machine.hold_down[MULTI]
 
     def _reset_opt_state(self, params) -> None:
         inner = _unwrap_optimizer(self.optimizer)
@@ -1197,14 +1240,37 @@ class MultiTaskController(UnifiedController):
 
     @torch.no_grad()
     def split(self) -> None:
-        """Task adapters ← exact copies of the shared one; their optimizer state is reset and this
-        step's shared gradients are dropped (the shared adapter rests, as the split point)."""
-        for a in self.adapters:
-            a.copy_shared_to_tasks(self._slots())
+        """Task adapters ← exact copies of the shared one, or, within `resplit_window` steps of a merge, the task
+        adapters as the merge left them plus the shared adapter's move since (see the class docstring); their
+        optimizer state is reset and this step's shared gradients are dropped (the shared adapter rests, as the
+        split point)."""
+        step, parked = self.global_step, self._parked
+        warm = parked is not None and 0 < self.resplit_window and step - parked["step"] <= self.resplit_window
+        back = [s for s in self._slots() if warm and s in parked["slots"]]  # (a task registered since: a copy)
+        self._split_undo = {"parked": parked, "failed": self.failed_merges, "hold": self.machine.hold_down.get(MULTI),
+                            "back": back, "slots": [[p.detach().clone() for s in back for p in a.task_parameters(s)]
+                                      for a in self.adapters]}
+        for i, a in enumerate(self.adapters):
+            a.copy_shared_to_tasks([s for s in self._slots() if s not in back])
+            if back:
+                moved = torch._foreach_sub([p.detach() for p in a.shared_parameters()], parked["point"][i])
+                for s in back:
+                    torch._foreach_add_([p.detach() for p in a.task_parameters(s)], moved)
             for p in a.shared_parameters() + a.task_parameters():
                 p.grad = None
             self._reset_opt_state(a.task_parameters())
         self.router.set_topology("task")
+        self._parked = None
+        if warm:  # the merge did not hold: the next one waits, twice as long each time in a row
+            self.failed_merges += 1
+            self.machine.hold_down[MULTI] = step + self.resplit_window * 2 ** min(self.failed_merges, 6)
+        else:
+            self.failed_merges = 0
+            self.machine.hold_down.pop(MULTI, None)
+
+    def _commit_transition(self) -> None:
+        super()._commit_transition()
+        self._split_undo = None
 
     @torch.no_grad()
     def merge_back(self, rank: int | None = None, step: int | None = None) -> float:
@@ -1219,6 +1285,10 @@ class MultiTaskController(UnifiedController):
             if self.merge_rule == "svd":
                 self._reset_opt_state(a.shared_parameters())
         self.router.set_topology("shared")
+        # the task adapters stay as they are in SINGLE: a split within resplit_window brings them back
+        self._parked = None if not self.resplit_window else {
+            "step": self.global_step if step is None else step, "slots": self._slots(),
+            "point": [[p.detach().clone() for p in a.shared_parameters()] for a in self.adapters]}
         r = sum(res) / len(res)
         entry = {"step": self.global_step if step is None else step, "rule": self.merge_rule, "rank": rank,
                  "residual": r}
@@ -1239,6 +1309,10 @@ class MultiTaskController(UnifiedController):
             "ref_slots": sorted(self._ref_slots),
             "merge_rule": self.merge_rule,
             "merge_log": [dict(e) for e in self.merge_log],
+            "failed_merges": self.failed_merges,
+            "parked": None if self._parked is None else {
+                "step": self._parked["step"], "slots": list(self._parked["slots"]),
+                "point": [[t.to("cpu", copy=True) for t in layer] for layer in self._parked["point"]]},
         }
         return sd
 
@@ -1277,6 +1351,12 @@ class MultiTaskController(UnifiedController):
         self._ref_slots = set(mt.get("ref_slots", self._slots()))
         self.merge_rule = mt["merge_rule"]
         self.merge_log = [dict(e) for e in mt["merge_log"]]
+        # (files from before the re-split: no merge held, no back-off)
+        self.failed_merges = int(mt.get("failed_merges", 0))
+        pk = mt.get("parked")
+        self._parked = None if pk is None else {
+            "step": int(pk["step"]), "slots": [int(s) for s in pk["slots"]],
+            "point": [[t.to(dev, copy=True) for t in layer] for layer in pk["point"]]}
 
 
 def setup_multitask_lora(

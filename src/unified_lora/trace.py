@@ -68,6 +68,8 @@ def format_console(rec: StepRecord) -> str:
             line += f", snapshot {rec.snapshot}"
             if rec.drift is not None:
                 line += f", drift={rec.drift:.2%}"
+        if c.get("tasks_back"):  # a multi-task split within resplit_window of its merge
+            line += f", task adapters back, no merge before step {c['merge_held_until']}"
         line += ")"
     return line
 
