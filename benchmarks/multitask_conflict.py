@@ -15,12 +15,15 @@ Two phases per run (`--phases`):
             with these numbers (when it splits, whether it merges back).
 
 Writes benchmarks/results/multitask_conflict.json (every step of every run) and multitask_conflict.md (mean C_grad,
-C_weight and C per pair and mode, per seed; the natural runs' transitions). A run of 140 steps took about 1.5 min on
-this project's 2-core CPU with another job beside it, so the default 18 runs take about half an hour; the committed
-results came from the command their .md names (the forced phase, same and flipped, 3 seeds: about 9 min):
+C_weight and C per pair and mode, per seed; the natural runs' transitions and the loss around their first merge).
+RTE needs the GLUE folder: UNIFIED_LORA_GLUE_DIR=/path/to/glue (this project's: ../shared/data/glue). A run of 140
+to 240 steps took 1 to 7 min on this project's 2-core CPU, depending on what ran beside it. The committed results
+came from the commands their .md files name, e.g.
 
-    python benchmarks/multitask_conflict.py --seeds 0 1 2 --pairs same flipped --phases forced --steps 140
-    python benchmarks/multitask_conflict.py --seeds 0 --phases forced --steps 120   # a quick look
+    UNIFIED_LORA_GLUE_DIR=../shared/data/glue python benchmarks/multitask_conflict.py --seeds 0 1 2 \
+        --pairs same flipped rte_mrpc --phases natural --steps 240 --out benchmarks/results/multitask_conflict_natural
+    python benchmarks/multitask_conflict.py --seeds 0 --phases forced --steps 120 --pairs same flipped  # a quick look
+    python benchmarks/multitask_conflict.py --render benchmarks/results/multitask_conflict_natural  # .md from .json
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def report(runs: list, settings: dict) -> str:
                   "Columns: SINGLE C_grad; MULTI C_grad, C_weight, C (what φ uses), over MULTI's last half too. "
                   "One row per seed.", "",
                   "| pair | seed | SINGLE C_grad | MULTI C_grad | MULTI C_weight | MULTI C | MULTI C (last half) | "
-                  "MULTI φ (last half) |", "|---|---|---|---|---|---|---|---|"]
+                  "MULTI φ (last half) | MULTI C_weight, first / last 20 steps |", "|---|---|---|---|---|---|---|---|---|"]
         for r in forced:
             tr = r["trace"]
             single = [x for x in tr if x["mode"] == 0 and x["step"] >= 20]
@@ -154,7 +157,8 @@ def report(runs: list, settings: dict) -> str:
             lines.append(f"| {r['pair']} | {r['seed']} | {_f(_mean(x['C_grad'] for x in single))} | "
                          f"{_f(_mean(x['C_grad'] for x in multi))} | {_f(_mean(x['C_weight'] for x in multi))} | "
                          f"{_f(_mean(x['C'] for x in multi))} | {_f(_mean(x['C'] for x in late))} | "
-                         f"{_f(_mean(x['phi'] for x in late))} |")
+                         f"{_f(_mean(x['phi'] for x in late))} | {_f(_mean(x['C_weight'] for x in multi[:20]))} / "
+                         f"{_f(_mean(x['C_weight'] for x in multi[-20:]))} |")
         lines.append("")
     natural = [r for r in runs if r["phase"] == "natural"]
     if natural:
@@ -174,6 +178,26 @@ def report(runs: list, settings: dict) -> str:
             last = [x["loss"] for x in r["trace"][-50:]]
             lines.append(f"| {r['pair']} | {r['seed']} | {w} | {tl} | {r['final_mode']} | {counts} | {len(merges)} | "
                          f"{back} | {_f(_mean(last))} |")
+        around = [(r, [x["step"] for x in r["trace"] if x.get("event") == "merge"]) for r in natural]
+        around = [(r, m[0]) for r, m in around if m]
+        if around:
+            lines += ["", "Loss around each run's first merge (mean training loss of the mixed batch): the 20 steps "
+                      "before it, the merged steps until the next split, and the 20 steps after that split (and the "
+                      "30 after those). A split within `resplit_window` brings the task adapters back; with 0 the "
+                      "tasks start over from the merged adapter.", "",
+                      "| pair | seed | resplit_window | merge at | before | merged | 20 steps after the split | "
+                      "the 30 after those |", "|---|---|---|---|---|---|---|---|"]
+            for r, m in around:
+                tr = r["trace"]
+                nxt = next((x["step"] for x in tr if x["step"] > m and x.get("event") == "split"), None)
+
+                def span(a, b):
+                    return _f(_mean(x["loss"] for x in tr if a <= x["step"] < b))
+
+                end = nxt if nxt is not None else r["steps"]
+                tail = ("-", "-") if nxt is None else (span(nxt, nxt + 20), span(nxt + 20, nxt + 50))
+                lines.append(f"| {r['pair']} | {r['seed']} | {r.get('resplit_window', 0)} | {m} | {span(m - 20, m)} | "
+                             f"{span(m, end)} | {tail[0]} | {tail[1]} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -195,7 +219,12 @@ def main(argv=None):
                          "runs with the first")
     ap.add_argument("--out", default=str(RESULTS / "multitask_conflict"),
                     help="writes OUT.json and OUT.md")
+    ap.add_argument("--render", metavar="OUT", help="write OUT.md from OUT.json (no run)")
     a = ap.parse_args(argv)
+    if a.render:
+        saved = json.loads(Path(a.render).with_suffix(".json").read_text())
+        Path(a.render).with_suffix(".md").write_text(report(saved["runs"], saved["settings"]))
+        return
     if a.batch % 2:
         ap.error(f"--batch: a mixed batch takes half its rows from each task, so it must be even, got {a.batch}")
     if not 0 < a.split_at < a.steps:

@@ -677,3 +677,15 @@ def test_controller_variants_are_compared_with_lora_r8_and_their_default_variant
     assert "| sst2 | clean | unified_v3_d10 | 3 | 0.170 ± 0.010 (accuracy) | lora_r8 +0.000 ± 0.000 equal; " \
            "unified_v3 +0.130 ± 0.000 better |" in md  # paired: the same seed noise
     assert "unified_v3_never" not in md and "| sst2 | clean | unified_v3 |" not in md
+
+
+@pytest.mark.parametrize("name", ["forced", "natural", "natural_w0"])
+def test_multitask_conflict_tables_are_those_of_their_committed_runs(tmp_path, name):
+    """benchmarks/results/multitask_conflict_<name>.md is what `--render` writes from the committed JSON (every step of
+    every run): no figure in the tables (README and BENCHMARKS.md quote them) was typed in or left from older runs."""
+    import shutil
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    shutil.copy(results / f"multitask_conflict_{name}.json", tmp_path / "r.json")
+    load_benchmark("multitask_conflict.py").main(["--render", str(tmp_path / "r")])
+    assert (tmp_path / "r.md").read_text() == (results / f"multitask_conflict_{name}.md").read_text()

@@ -6,6 +6,8 @@ Topology follows the machine:
 * entering MULTI ("split"): every task adapter becomes an exact copy of the shared one,
   every nested block included, so the model's outputs for every task are bit-identical
   at the moment of the switch. From then on each sample is routed to its task's adapter.
+  Within `resplit_window` steps of a merge, the task adapters come back instead (the merge did
+  not hold; `MultiTaskController`).
 * MIRROR: as MULTI; the Mirror snapshot covers the shared adapter *and* every task adapter (the spare
   slots made copies of the shared one first); the exit drift runs over the registered tasks' adapters.
 * returning to SINGLE ("merge"): the task adapters are merged back into the shared one
