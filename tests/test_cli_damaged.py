@@ -127,3 +127,33 @@ def test_a_trace_whose_last_line_a_kill_cut_off_still_plots_and_resumes(runs, tm
     assert main(_command("resume", run, runs)) == 0
     assert [r["step"] for r in read_trace(run / "trace.jsonl")] == list(range(6))
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_whole_state_file_that_cannot_be_loaded_here_is_not_called_damaged(tmp_path, monkeypatch):
+    """`load_state_file` read every Exception as a damaged file ("copy the checkpoint folder again, or delete it"):
+    a trusted file (`trust_checkpoint=True`) holding an object of a module this Python does not have (a real
+    ModuleNotFoundError) and a MemoryError while loading a whole file. The first is an ImportError naming the file
+    and the module, the second goes up as it is. (The MemoryError is torch.load's, raised by a stand-in: a real one
+    would need the memory gone.)"""
+    import sys
+
+    from unified_lora._files import load_state_file
+
+    (tmp_path / "gone_module_48.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gone_module_48
+
+    torch.save({"opt": gone_module_48.Thing()}, tmp_path / "state.pt")
+    del sys.modules["gone_module_48"]
+    (tmp_path / "gone_module_48.py").unlink()
+    with pytest.raises(ImportError, match=r"state.pt: cannot load it here: No module named 'gone_module_48'; the "
+                                          r"file holds objects of that module \(it is not damaged\)") as e:
+        load_state_file(tmp_path / "state.pt", trust_checkpoint=True)
+    assert "damaged or incomplete" not in str(e.value)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        load_state_file(tmp_path / "state.pt")

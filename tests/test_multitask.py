@@ -886,6 +886,127 @@ def test_a_split_interrupted_after_bringing_the_task_adapters_back_is_undone(mon
                                                           for p in a.task_parameters(s)]))
 
 
+def test_a_split_soon_after_a_merge_across_a_resize_of_the_lm_head_brings_the_task_adapters_back():
+    """`resize_token_embeddings` between a merge and its split (the README's way: build the optimizer again, attach
+    it) grew every B block of the lm_head, the kept merge point's not: the split failed ("The size of tensor a (70)
+    must match the size of tensor b (64)"), was undone, and so did every split in the window, the error raised at
+    each. The point grows as the blocks did (new rows 0), so each task's new rows get the shared adapter's move."""
+    model = tiny_llama()
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], ["q_proj", "lm_head"], print_fn=None,
+                                   machine=MachineConfig(initial_mode=MULTI))
+    head = model.lm_head
+
+    def run(x, steps, theta0):
+        _force(ctrl, theta0)
+        opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+        ctrl.attach_optimizer(opt)
+        for _ in range(steps):
+            with task_context(model, ["a", "b"]):
+                logits = model(input_ids=x).logits
+            per = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
+            per.mean().backward()
+            ctrl.step(per.mean(), task_losses=per_task_losses(per.mean(1), ["a", "b"]))
+            opt.step()
+            opt.zero_grad()
+
+    run(torch.randint(0, VOCAB, (2, 6)), 3, 0.0)
+    run(torch.randint(0, VOCAB, (2, 6)), 1, 0.98)  # the merge
+    kept = [p.detach().clone() for s in (0, 1) for p in head.lora_tasks[s].lora_B]
+    point = [p.detach().clone() for p in head.lora_B]
+    model.resize_token_embeddings(VOCAB + 6, mean_resizing=False)
+    new = torch.tensor([[VOCAB + 5, 1, 2, VOCAB + 1]] * 2)
+    run(new, 2, 0.98)
+    moved = [p.detach()[:VOCAB] - p0 for p, p0 in zip(head.lora_B, point)]
+    shared_new = [p.detach()[VOCAB:].clone() for p in head.lora_B]
+    run(new, 1, 0.0)  # the split, 3 steps after the merge
+    assert ctrl.mode == MULTI and ctrl.trace[-1].components["tasks_back"] == 2
+    n = len(point)
+    for s in (0, 1):
+        for got, k, m, sn in zip(head.lora_tasks[s].lora_B, kept[s * n:(s + 1) * n], moved, shared_new):
+            torch.testing.assert_close(got.detach()[:VOCAB], k + m, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got.detach()[VOCAB:], sn, rtol=0, atol=0)  # 0 at the resize, + the move
+    assert shared_new[0].abs().sum() > 0
+
+
+def test_a_failed_transition_after_a_split_called_by_hand_leaves_the_task_adapters_as_trained(monkeypatch):
+    """`ctrl.merge_back()` and `ctrl.split()` called by hand (as tests and notebooks do): the split kept what it
+    changed, for an undo, and nothing dropped it outside a transition. So the next transition that failed, a
+    MULTI->MIRROR whose rank change raised, put the task adapters back as that split found them: MULTI's training
+    since was lost, silently (and the kept merge and the back-off came back too). Only a split in the transition
+    being undone is undone."""
+    data = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    ctrl.machine.config = MachineConfig(initial_mode=MULTI, warmup_steps=7)
+    train(model, ctrl, opt, 4, data)
+    ctrl.merge_back()
+    ctrl.split()  # within the window: the task adapters come back
+    train(model, ctrl, opt, 3, data)  # MULTI trains the task adapters (no decision before step 7)
+    trained = [p.detach().clone() for a in ad.values() for s in (0, 1) for p in a.task_parameters(s)]
+    hold, failed = dict(ctrl.machine.hold_down), ctrl.failed_merges
+    _interrupt_next_rank_change(ctrl, monkeypatch)
+    ctrl.machine.config = MachineConfig(theta0=0.0, theta1=0.01)  # MULTI->MIRROR at step 7
+    with pytest.raises(KeyboardInterrupt):
+        train(model, ctrl, opt, 1, data)
+    assert ctrl.mode == MULTI and "MULTI->MIRROR" in ctrl.trace[-1].components["transition_error"]
+    assert all(torch.equal(t, p) for t, p in zip(trained, [p for a in ad.values() for s in (0, 1)
+                                                           for p in a.task_parameters(s)]))
+    assert ctrl.machine.hold_down == hold and ctrl.failed_merges == failed and ctrl._parked is None
+
+
+def test_the_kept_merge_point_goes_once_no_split_can_use_it(monkeypatch):
+    """The merge point (a copy of the shared adapter, every block) was kept for all of SINGLE, however long, and saved
+    in every checkpoint's controller state; and a merge undone (its rank change failed) left it in MULTI. It goes once
+    the window has passed, and with the undone merge; a split after the window copies, as before."""
+    data = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=MULTI, resplit_window=4)
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 3, data)
+    _force(ctrl, 0.98)
+    train(model, ctrl, opt, 1, data)
+    at = ctrl.trace[-1].step
+    assert ctrl.mode == SINGLE and ctrl._parked["step"] == at
+    train(model, ctrl, opt, 4, data)  # steps at+1 .. at+4: a split at step at+4 would still bring them back
+    assert ctrl._parked is not None
+    train(model, ctrl, opt, 1, data)  # step at+5: past the window
+    assert ctrl._parked is None and ctrl.state_dict()["multitask"]["parked"] is None
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 1, data)
+    assert ctrl.mode == MULTI and "tasks_back" not in ctrl.trace[-1].components
+    # a merge whose transition fails is undone: MULTI, and no merge point kept
+    _interrupt_next_rank_change(ctrl, monkeypatch)
+    _force(ctrl, 0.98)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, ctrl, opt, 1, data)
+    assert ctrl.mode == MULTI and ctrl.router.topology == "task" and ctrl._parked is None
+
+
+def test_the_weight_conflict_reads_small_moves_from_a_large_shared_adapter():
+    """The conflict is a difference of Gram entries of the size of ‖ΔW_shared‖²; for task moves of 1e-5 of the shared
+    adapter (the steps after a split, or a small learning rate) float32's rounding of those entries was larger than
+    the moves: task adapters that moved exactly apart (b = −a: full conflict) read 0. In float64 they read 1,
+    independent moves (disjoint rows) 0 and moves alike 0."""
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+    g = torch.Generator().manual_seed(0)
+    got = {}
+    for how in ("alike", "opposite", "independent"):
+        with torch.no_grad():
+            for a in ad.values():
+                for p in a.shared_parameters():
+                    p.copy_(torch.randn(p.shape, generator=g))
+                a.copy_shared_to_tasks()
+                h = a.out_features // 2
+                for pa, pb in zip(a.lora_tasks[0].lora_B, a.lora_tasks[1].lora_B):
+                    e = 1e-5 * torch.randn(pa.shape, generator=g)
+                    pa[:h] += e[:h]
+                    if how == "independent":
+                        pb[h:2 * h] += e[h:2 * h]
+                    else:
+                        pb[:h] += e[:h] if how == "alike" else -e[:h]
+        got[how] = ctrl._weight_conflict()
+    assert got["opposite"] == pytest.approx(1.0, abs=1e-3)
+    assert got["alike"] == pytest.approx(0.0, abs=1e-3) and got["independent"] == pytest.approx(0.0, abs=1e-3)
+
+
 def test_resplit_window_is_checked():
     for bad in (-1, 2.5, True, "25"):
         with pytest.raises(ValueError, match=r"resplit_window: .*an int >= 0"):

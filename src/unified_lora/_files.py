@@ -193,7 +193,9 @@ def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_c
     `pickle.UnpicklingError` (the type torch raises) that names the object and `opt_in`, the caller's way to load a
     file it trusts in full; `trust_checkpoint=True` is that (`weights_only=False`). A file that cannot be read (cut
     short, empty, or not a pickle at all: text, random bytes, which the unpickler reads as opcodes and failed on with
-    a KeyError or IndexError) is a ValueError that names it (`damaged_file_error`)."""
+    a KeyError or IndexError) is a ValueError that names it (`damaged_file_error`). A MemoryError is raised as it is,
+    and an ImportError (a trusted file's object whose module is not installed) as one that names the file: neither
+    says the file is damaged (they were read as damaged, and the error said to delete the checkpoint)."""
     import torch
 
     try:
@@ -214,6 +216,11 @@ def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_c
             "trust this file (you wrote it yourself, e.g. with an optimizer whose state holds other objects), load "
             f"it with {opt_in}"
         ) from None
+    except MemoryError:  # the file may be whole: not "damaged, delete it"
+        raise
+    except ImportError as e:  # a file loaded in full (trusted) holds objects of a module this Python does not have
+        raise type(e)(f"{path}: cannot load it here: {e}; the file holds objects of that module (it is not damaged): "
+                      "install the module, then load it again", name=e.name) from e
     except Exception as e:  # noqa: BLE001 - a file cut short ("failed finding central directory", EOFError), or junk
         raise damaged_file_error(path, e) from e
 

@@ -808,6 +808,18 @@ class MultiTaskSignal:
 # ---------------------------------------------------------------------------------------- the controller
 
 
+def _rows_as(r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`r`, a copy of block `p` taken before `p` changed its number of rows (`resize_token_embeddings` grew a wrapped
+    lm_head's B blocks, `NestedLoRALayer._resize_out`), with `p`'s rows as the resize gave them: the kept rows as
+    they were, new rows 0. `r` itself where only that does not differ."""
+    if r.shape == p.shape or r.shape[1:] != p.shape[1:]:
+        return r
+    new = r.new_zeros(p.shape)
+    keep = min(r.shape[0], p.shape[0])
+    new[:keep] = r[:keep]
+    return new
+
+
 class MultiTaskController(UnifiedController):
     """`UnifiedController` over multi-task layers, driven by `MultiTaskSignal`.
 
@@ -892,11 +904,8 @@ class MultiTaskController(UnifiedController):
         for p in every:
             i = where[id(p)]
             r = self._ref[i]
-            if r.shape != p.shape and r.shape[1:] == p.shape[1:]:
-                new = r.new_zeros(p.shape)
-                keep = min(r.shape[0], p.shape[0])
-                new[:keep] = r[:keep]
-                self._ref[i], grown = new, True
+            self._ref[i] = _rows_as(r, p)
+            grown = grown or self._ref[i] is not r
         return grown
 
     @torch.no_grad()
@@ -1069,11 +1078,14 @@ class MultiTaskController(UnifiedController):
             return None
         worst = None  # no layer moved yet (the step after a split): no reading, and "auto" takes the gradient's
         for a in self.adapters:
-            Bs = torch.stack([a.active_B()] + [a.task_B(s) for s in slots]).float()  # (T+1, out, r)
-            As = torch.stack([a.active_A()] + [a.task_A(s) for s in slots]).float()  # (T+1, r, in)
+            # float64: X below is H's entries less each other, ~‖ΔW_shared‖² each, for moves that may be 1e-4 of that
+            # (the steps after a split, or a small learning rate): in float32 their rounding read as moves, and a
+            # layer's share came out anywhere in [0, 1] (or the layer was left out), the largest of them taken
+            Bs = torch.stack([a.active_B()] + [a.task_B(s) for s in slots]).double()  # (T+1, out, r)
+            As = torch.stack([a.active_A()] + [a.task_A(s) for s in slots]).double()  # (T+1, r, in)
             P = torch.einsum("iob,joc->ijbc", Bs, Bs)
             Q = torch.einsum("ibx,jcx->ijbc", As, As)
-            H = (P * Q).sum((2, 3)).double().cpu()
+            H = (P * Q).sum((2, 3)).cpu()
             g_ss = H[0, 0]
             X = H[1:, 1:] - H[1:, :1] - H[:1, 1:] + g_ss  # Gram of x_t
             total = float(torch.diagonal(X).sum())
@@ -1123,6 +1135,9 @@ class MultiTaskController(UnifiedController):
                              f"task_ids)")
         if not self.__dict__.get("_not_sharded"):
             self._refuse_sharded()
+        parked = self._parked
+        if parked is not None and self.global_step - parked["step"] > self.resplit_window:
+            self._parked = None  # no split can bring the task adapters back now: the merge point's copy goes
         self._task_info = task_losses is not None or task_id is not None
         return super().step(loss, task_losses=task_losses, task_id=task_id)
 
@@ -1161,6 +1176,8 @@ class MultiTaskController(UnifiedController):
         super()._undo_transition(t, last_transition_step, held, error)
         if (t.old == SINGLE) != (t.new == SINGLE):
             self.router.set_topology("task" if t.old >= MULTI else "shared")
+        if t.old == MULTI and t.new == SINGLE:  # a merge undone: MULTI again, with no merge to come back to
+            self._parked = None
         undo, self._split_undo = self._split_undo, None
         if undo is not None:  # a split that ran: its task adapters, its merge and its back-off as they were
             with torch.no_grad():
@@ -1232,6 +1249,9 @@ class MultiTaskController(UnifiedController):
         return self.mirror.decide(params, loss_at_exit=self.loss_ema, indices=[where[id(p)] for p in params])
 
     def _on_transition(self, t: Transition):
+        # what `_undo_transition` puts back is this transition's split only (a `ctrl.split()` called by hand left
+        # its own, and a later transition that failed put the task adapters back as that split found them)
+        self._split_undo = None
         if t.old == SINGLE and t.new == MULTI:
             self.split()
             return None, None
@@ -1255,7 +1275,9 @@ class MultiTaskController(UnifiedController):
         for i, a in enumerate(self.adapters):
             a.copy_shared_to_tasks([s for s in self._slots() if s not in back])
             if back:
-                moved = torch._foreach_sub([p.detach() for p in a.shared_parameters()], parked["point"][i])
+                shared = [p.detach() for p in a.shared_parameters()]
+                # (a resize since the merge grew the B blocks: the point's new rows are 0, as the resize made them)
+                moved = torch._foreach_sub(shared, [_rows_as(r, p) for r, p in zip(parked["point"][i], shared)])
                 for s in back:
                     torch._foreach_add_([p.detach() for p in a.task_parameters(s)], moved)
             for p in a.shared_parameters() + a.task_parameters():
