@@ -621,14 +621,19 @@ class MultiTaskNestedLoRALayer(NestedLoRALayer):
                     self.lora_B[i].copy_(newB[:, s:e])
         # residual of the merged delta against the mean delta, via Gram traces (no out×in matrices)
         # (float64: the expansion ‖M‖² − 2⟨M, S⟩ + ‖S‖² cancels)
-        Bs = torch.cat(list(self.lora_B), 1)[:, :rank].double()
-        As = torch.cat(list(self.lora_A), 0)[:rank].double()
-        Bc, Ac = Bc.double(), Ac.double()
+        Bs = _f64(torch.cat(list(self.lora_B), 1)[:, :rank])
+        As = _f64(torch.cat(list(self.lora_A), 0)[:rank])
+        Bc, Ac = _f64(Bc), _f64(Ac)
         mm = _frob_inner(Bc, Ac, Bc, Ac)
         ms = _frob_inner(Bc, Ac, Bs, As)
         ss = _frob_inner(Bs, As, Bs, As)
         num = max(mm - 2 * ms + ss, 0.0)
         return math.sqrt(num / mm) if mm > 0 else 0.0
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64, on the CPU where its device has no float64 (Apple's mps; not run here: no such device)."""
+    return (t.cpu() if t.device.type == "mps" else t).double()
 
 
 def _frob_inner(B1, A1, B2, A2) -> float:
@@ -1081,8 +1086,8 @@ class MultiTaskController(UnifiedController):
             # float64: X below is H's entries less each other, ~‖ΔW_shared‖² each, for moves that may be 1e-4 of that
             # (the steps after a split, or a small learning rate): in float32 their rounding read as moves, and a
             # layer's share came out anywhere in [0, 1] (or the layer was left out), the largest of them taken
-            Bs = torch.stack([a.active_B()] + [a.task_B(s) for s in slots]).double()  # (T+1, out, r)
-            As = torch.stack([a.active_A()] + [a.task_A(s) for s in slots]).double()  # (T+1, r, in)
+            Bs = _f64(torch.stack([a.active_B()] + [a.task_B(s) for s in slots]))  # (T+1, out, r)
+            As = _f64(torch.stack([a.active_A()] + [a.task_A(s) for s in slots]))  # (T+1, r, in)
             P = torch.einsum("iob,joc->ijbc", Bs, Bs)
             Q = torch.einsum("ibx,jcx->ijbc", As, As)
             H = (P * Q).sum((2, 3)).cpu()
