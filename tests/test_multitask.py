@@ -711,27 +711,36 @@ def test_a_file_of_another_save_of_the_same_weights_loads(tmp_path):
         assert all(torch.equal(p, m1.get_parameter(n)) for n, p in m2.named_parameters() if ".lora_" in n)
 
 
-def _pool_run(flipped: bool, initial_mode: int, steps: int = 60):
+def _pool(flipped: bool, machine: MachineConfig):
     """Tasks a and b draw independent minibatches of 8 from one pool of 64 labelled sequences; with `flipped`, b's
-    labels are a's inverted. Mixed batches, default signal, warmup 10, min dwell 5."""
+    labels are a's inverted. Mixed batches, default signal. Returns the controller and a function that trains n
+    steps."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, VOCAB, (64, 8), generator=g)
     y = torch.randint(0, 2, (64,), generator=g)
     model = tiny_bert()
-    _, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None,
-                                   machine=MachineConfig(initial_mode=initial_mode, warmup_steps=10, min_dwell=5))
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None, machine=machine)
     opt = torch.optim.AdamW(trainable_parameters(model), lr=2e-2, weight_decay=0.01)
     ctrl.attach_optimizer(opt)
     tids = ["a"] * 8 + ["b"] * 8
-    for _ in range(steps):
-        ia, ib = torch.randint(0, 64, (8,), generator=g), torch.randint(0, 64, (8,), generator=g)
-        labels = torch.cat([y[ia], 1 - y[ib] if flipped else y[ib]])
-        with task_context(model, tids):
-            per = F.cross_entropy(model(input_ids=torch.cat([x[ia], x[ib]])).logits, labels, reduction="none")
-        per.mean().backward()
-        ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
-        opt.step()
-        opt.zero_grad()
+
+    def steps(n):
+        for _ in range(n):
+            ia, ib = torch.randint(0, 64, (8,), generator=g), torch.randint(0, 64, (8,), generator=g)
+            labels = torch.cat([y[ia], 1 - y[ib] if flipped else y[ib]])
+            with task_context(model, tids):
+                per = F.cross_entropy(model(input_ids=torch.cat([x[ia], x[ib]])).logits, labels, reduction="none")
+            per.mean().backward()
+            ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
+            opt.step()
+            opt.zero_grad()
+    return ctrl, steps
+
+
+def _pool_run(flipped: bool, initial_mode: int, steps: int = 60):
+    """`_pool`, warmup 10, min dwell 5, `steps` steps."""
+    ctrl, train_steps = _pool(flipped, MachineConfig(initial_mode=initial_mode, warmup_steps=10, min_dwell=5))
+    train_steps(steps)
     return ctrl
 
 
@@ -758,6 +767,29 @@ def test_tasks_with_flipped_labels_split_and_stay_split():
     assert all(r.mode == MULTI for r in late)
     assert min(r.components["C_weight"] for r in late) > 0.6
     assert sum(r.components["C_grad"] for r in late) / len(late) < 0.3  # the gradients alone would merge it back
+
+
+def test_after_a_split_that_brings_the_task_adapters_back_the_weight_conflict_goes_on_from_the_merge():
+    """A split within resplit_window undoes the merge: the weight conflict goes on reading each task's moves as it did
+    before the merge. Before, it measured them from the shared adapter, the merge's mean, from which the task adapters
+    brought back move in opposite directions by construction, so it read any two tasks as conflicting: two tasks
+    drawn from one pool read 0.28 before the merge and 0.83 at the step after such a split, and with b's labels
+    flipped 0.65 and 0.84 (now 0.27 and 0.66)."""
+    first = {}
+    for flipped in (False, True):
+        ctrl, steps = _pool(flipped, MachineConfig(initial_mode=MULTI))
+        _force(ctrl, 0.0)
+        steps(30)
+        before = ctrl.trace[-1].components["C_weight"]
+        _force(ctrl, 0.98)
+        steps(3)  # the merge, 2 steps in SINGLE
+        _force(ctrl, 0.0)
+        steps(2)  # the split, then a step in MULTI
+        assert [r.components.get("event") for r in ctrl.trace[-5:]] == ["merge", None, None, "split", None]
+        assert ctrl.trace[-2].components["tasks_back"] == 2
+        first[flipped] = ctrl.trace[-1].components["C_weight"]
+        assert abs(first[flipped] - before) < 0.15, (flipped, before, first[flipped])
+    assert first[False] < 0.4 and first[True] > 0.5
 
 
 def _force(ctrl, theta0):
@@ -828,29 +860,42 @@ def test_after_a_merge_that_did_not_hold_the_next_merge_waits_and_a_late_split_c
 
 
 def test_a_resumed_run_splits_after_a_merge_as_the_run_it_resumes(tmp_path):
-    """The kept merge (the merge point, its step, its tasks) and the back-off are in ctrl.state_dict(), so a run resumed
-    between a merge and its split brings the same task adapters back (the task adapters are in the model's state)."""
+    """The kept merge (the merge point, its step, its tasks, their weight-conflict references) and the back-off are in
+    ctrl.state_dict(), so a run resumed between a merge and its split brings the same task adapters back (the task
+    adapters are in the model's state) and reads the same weight conflict after it; so does a run resumed after
+    that split (the references it brought back are in the state too)."""
     data = conflict_data()
     model, ad, ctrl, opt = build(initial_mode=MULTI)
     _force(ctrl, 0.0)
     train(model, ctrl, opt, 6, data)
     _force(ctrl, 0.98)
     train(model, ctrl, opt, 2, data)
-    torch.save({"model": model.state_dict(), "ctrl": ctrl.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
     runs = []
-    for resumed in (False, True):
+    for resumed in (False, True, "after the split"):
+        if resumed is False:
+            torch.save({"model": model.state_dict(), "ctrl": ctrl.state_dict(), "opt": opt.state_dict()},
+                       tmp_path / "c.pt")
         if resumed:
             model, ad, ctrl, opt = build(initial_mode=MULTI)
-            st = torch.load(tmp_path / "c.pt", weights_only=True)
+            st = torch.load(tmp_path / ("c.pt" if resumed is True else "s.pt"), weights_only=True)
             model.load_state_dict(st["model"])
             ctrl.load_state_dict(st["ctrl"])
             opt.load_state_dict(st["opt"])
-            assert ctrl.mode == SINGLE and ctrl._parked is not None
+            assert ctrl.mode == (SINGLE if resumed is True else MULTI)
+            assert (ctrl._parked if resumed is True else ctrl._conflict_ref) is not None
         _force(ctrl, 0.0)
-        train(model, ctrl, opt, 1, data)
-        runs.append(([p.detach().clone() for p in trainable_parameters(model)], dict(ctrl.machine.hold_down)))
-    assert runs[1][1] == runs[0][1] == {MULTI: 8 + 50}
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+        if resumed != "after the split":
+            train(model, ctrl, opt, 1, data)
+        if resumed is False:
+            torch.save({"model": model.state_dict(), "ctrl": ctrl.state_dict(), "opt": opt.state_dict()},
+                       tmp_path / "s.pt")
+        train(model, ctrl, opt, 2, data)
+        runs.append(([p.detach().clone() for p in trainable_parameters(model)], dict(ctrl.machine.hold_down),
+                     [r.components["C_weight"] for r in ctrl.trace[-2:]]))
+    assert runs[2][1] == runs[1][1] == runs[0][1] == {MULTI: 8 + 50}
+    assert runs[2][2] == runs[1][2] == runs[0][2] and runs[0][2][0] is not None
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][0], other[0]))
 
 
 def _interrupt_next_rank_change(ctrl, monkeypatch):

@@ -870,6 +870,10 @@ class MultiTaskController(UnifiedController):
         # the last merge, while a split may still bring the task adapters back: {"step", "slots", "point": per layer,
         # the shared blocks as the merge left them (`shared_parameters()` order)}
         self._parked: dict | None = None
+        # after a split within resplit_window, until the next merge or split: {"slots": the tasks brought back,
+        # "point": per layer, their weight-conflict reference (`shared_parameters()` order)}; else None (every task is
+        # measured from the resting shared adapter, its copy at the split)
+        self._conflict_ref: dict | None = None
         self.failed_merges = 0  # splits in a row that came within resplit_window of their merge
         self._split_undo: dict | None = None  # what a split changed, until its transition commits
         self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
@@ -1082,17 +1086,29 @@ class MultiTaskController(UnifiedController):
         if self.router.topology != "task" or len(slots) < 2:
             return None
         worst = None  # no layer moved yet (the step after a split): no reading, and "auto" takes the gradient's
-        for a in self.adapters:
+        cref = self._conflict_ref
+        # each task's reference: 0 the resting shared adapter, 1 the reference a split within resplit_window brought
+        # back with the task (measured from the shared adapter, the merge's mean, the tasks brought back move apart by
+        # construction: two tasks that do not conflict read C_weight ~0.8 after such a split)
+        ref = torch.tensor([int(cref is not None and s in cref["slots"]) for s in slots])
+        for i, a in enumerate(self.adapters):
+            refB, refA = [a.active_B()], [a.active_A()]
+            if cref is not None:
+                k, n, own = a.n_active_blocks, len(a.lora_A), a.shared_parameters()
+                blocks = [_rows_as(r, p) for r, p in zip(cref["point"][i], own)]  # (a resize since: rows as it made)
+                refA.append(torch.cat(blocks[:k], 0))
+                refB.append(torch.cat(blocks[n:n + k], 1))
             # float64: X below is H's entries less each other, ~‖ΔW_shared‖² each, for moves that may be 1e-4 of that
             # (the steps after a split, or a small learning rate): in float32 their rounding read as moves, and a
             # layer's share came out anywhere in [0, 1] (or the layer was left out), the largest of them taken
-            Bs = _f64(torch.stack([a.active_B()] + [a.task_B(s) for s in slots]))  # (T+1, out, r)
-            As = _f64(torch.stack([a.active_A()] + [a.task_A(s) for s in slots]))  # (T+1, r, in)
+            Bs = _f64(torch.stack(refB + [a.task_B(s) for s in slots]))  # (R+T, out, r)
+            As = _f64(torch.stack(refA + [a.task_A(s) for s in slots]))  # (R+T, r, in)
             P = torch.einsum("iob,joc->ijbc", Bs, Bs)
             Q = torch.einsum("ibx,jcx->ijbc", As, As)
             H = (P * Q).sum((2, 3)).cpu()
-            g_ss = H[0, 0]
-            X = H[1:, 1:] - H[1:, :1] - H[:1, 1:] + g_ss  # Gram of x_t
+            t = torch.arange(len(refB), len(refB) + len(slots))
+            g_ss = H[ref, ref].max()
+            X = H[t][:, t] - H[t][:, ref] - H[ref][:, t] + H[ref][:, ref]  # Gram of x_t = ΔW_t − ΔW_ref(t)
             total = float(torch.diagonal(X).sum())
             if total <= 1e-12 * max(float(g_ss), 1e-30) or total <= 0:
                 continue  # no task moved this layer (yet)
@@ -1189,7 +1205,7 @@ class MultiTaskController(UnifiedController):
                 for a, saved in zip(self.adapters, undo["slots"]):
                     for p, v in zip([p for s in undo["back"] for p in a.task_parameters(s)], saved):
                         p.copy_(v)
-            self._parked, self.failed_merges = undo["parked"], undo["failed"]
+            self._parked, self.failed_merges, self._conflict_ref = undo["parked"], undo["failed"], undo["cref"]
             if undo["hold"] is None:
                 self.machine.hold_down.pop(MULTI, None)
             else:
@@ -1274,8 +1290,9 @@ class MultiTaskController(UnifiedController):
         step, parked = self.global_step, self._parked
         warm = parked is not None and 0 < self.resplit_window and step - parked["step"] <= self.resplit_window
         back = [s for s in self._slots() if warm and s in parked["slots"]]  # (a task registered since: a copy)
+        refs: list[list[torch.Tensor]] = []
         self._split_undo = {"parked": parked, "failed": self.failed_merges, "hold": self.machine.hold_down.get(MULTI),
-                            "back": back, "slots": [[p.detach().clone() for s in back for p in a.task_parameters(s)]
+                            "cref": self._conflict_ref, "back": back, "slots": [[p.detach().clone() for s in back for p in a.task_parameters(s)]
                                       for a in self.adapters]}
         for i, a in enumerate(self.adapters):
             a.copy_shared_to_tasks([s for s in self._slots() if s not in back])
@@ -1285,11 +1302,14 @@ class MultiTaskController(UnifiedController):
                 moved = torch._foreach_sub(shared, [_rows_as(r, p) for r, p in zip(parked["point"][i], shared)])
                 for s in back:
                     torch._foreach_add_([p.detach() for p in a.task_parameters(s)], moved)
+                if parked.get("ref") is not None:  # the tasks' weight-conflict reference moves with them
+                    refs.append(torch._foreach_add([_rows_as(r, p) for r, p in zip(parked["ref"][i], shared)], moved))
             for p in a.shared_parameters() + a.task_parameters():
                 p.grad = None
             self._reset_opt_state(a.task_parameters())
         self.router.set_topology("task")
         self._parked = None
+        self._conflict_ref = {"slots": back, "point": refs} if refs else None  # (a file from before "ref": none)
         if warm:  # the merge did not hold: the next one waits, twice as long each time in a row
             self.failed_merges += 1
             self.machine.hold_down[MULTI] = step + self.resplit_window * 2 ** min(self.failed_merges, 6)
@@ -1306,6 +1326,12 @@ class MultiTaskController(UnifiedController):
         """Merge every registered task adapter into the shared one (`merge_rule`); returns the
         mean relative residual vs the mean task delta over layers (see the module docstring)."""
         rank = rank or self.actuators.mode_ranks[SINGLE]
+        # the tasks' weight-conflict reference before the merge overwrites the resting shared adapter (the same for
+        # every task: each brought back by a split took the one it had): a split within resplit_window brings it back
+        cref = self._conflict_ref
+        ref = None if not self.resplit_window else [
+            [p.detach().clone() for p in (cref["point"][i] if cref is not None else a.shared_parameters())]
+            for i, a in enumerate(self.adapters)]
         res = []
         for a in self.adapters:
             res.append(a.merge_tasks_into_shared(self._slots(), self.merge_rule, rank))
@@ -1315,9 +1341,10 @@ class MultiTaskController(UnifiedController):
                 self._reset_opt_state(a.shared_parameters())
         self.router.set_topology("shared")
         # the task adapters stay as they are in SINGLE: a split within resplit_window brings them back
+        self._conflict_ref = None
         self._parked = None if not self.resplit_window else {
             "step": self.global_step if step is None else step, "slots": self._slots(),
-            "point": [[p.detach().clone() for p in a.shared_parameters()] for a in self.adapters]}
+            "point": [[p.detach().clone() for p in a.shared_parameters()] for a in self.adapters], "ref": ref}
         r = sum(res) / len(res)
         entry = {"step": self.global_step if step is None else step, "rule": self.merge_rule, "rank": rank,
                  "residual": r}
@@ -1341,7 +1368,12 @@ class MultiTaskController(UnifiedController):
             "failed_merges": self.failed_merges,
             "parked": None if self._parked is None else {
                 "step": self._parked["step"], "slots": list(self._parked["slots"]),
-                "point": [[t.to("cpu", copy=True) for t in layer] for layer in self._parked["point"]]},
+                "point": [[t.to("cpu", copy=True) for t in layer] for layer in self._parked["point"]],
+                "ref": None if self._parked.get("ref") is None else [
+                    [t.to("cpu", copy=True) for t in layer] for layer in self._parked["ref"]]},
+            "conflict_ref": None if self._conflict_ref is None else {
+                "slots": list(self._conflict_ref["slots"]),
+                "point": [[t.to("cpu", copy=True) for t in layer] for layer in self._conflict_ref["point"]]},
         }
         return sd
 
@@ -1385,7 +1417,12 @@ class MultiTaskController(UnifiedController):
         pk = mt.get("parked")
         self._parked = None if pk is None else {
             "step": int(pk["step"]), "slots": [int(s) for s in pk["slots"]],
-            "point": [[t.to(dev, copy=True) for t in layer] for layer in pk["point"]]}
+            "point": [[t.to(dev, copy=True) for t in layer] for layer in pk["point"]],
+            "ref": None if pk.get("ref") is None else [[t.to(dev, copy=True) for t in layer] for layer in pk["ref"]]}
+        cr = mt.get("conflict_ref")  # (files from before it: the tasks measured from the shared adapter)
+        self._conflict_ref = None if cr is None else {
+            "slots": [int(s) for s in cr["slots"]], "point": [[t.to(dev, copy=True) for t in layer]
+                                                              for layer in cr["point"]]}
 
 
 def setup_multitask_lora(
