@@ -859,6 +859,29 @@ def test_after_a_merge_that_did_not_hold_the_next_merge_waits_and_a_late_split_c
             assert all(torch.equal(t, p) for t, p in zip(a.task_parameters(s), a.shared_parameters()))
 
 
+def test_report_and_plot_name_a_split_that_brought_the_task_adapters_back(tmp_path, capsys):
+    """`report RUN` lists the transitions: a multi-task run's say what each did, and a split within resplit_window of
+    its merge says, as the console did at that step, that the task adapters came back and until when the next merge
+    waits; `plot` marks that split with the same words. Before, every line was modes, φ, rank and LR alone, and the
+    plot showed a mode change alone, so a run held in MULTI with φ below θ0 (the back-off) was unexplained there."""
+    from unified_lora.cli import main
+
+    *_, ctrl, _opt, _data, _tasks, _point, _shared, at = _split_after_merge(3)
+    (tmp_path / "trace.jsonl").write_text("".join(r.to_json() + "\n" for r in ctrl.trace))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if "->" in ln]
+    assert [ln.split(", ", 1)[1] for ln in lines] == [
+        "task adapters merged into the shared one", f"task adapters back, no merge before step {at + 50}"]
+    assert lines[1].startswith(f"[{at}] SINGLE->MULTI")
+    # and `plot` marks that split, with the same words (an SVG that keeps its text as text)
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        assert main(["plot", str(tmp_path), "-o", str(tmp_path / "phi.svg")]) == 0
+    assert f"task adapters back, no merge before step {at + 50}" in (tmp_path / "phi.svg").read_text()
+
+
 def test_a_resumed_run_splits_after_a_merge_as_the_run_it_resumes(tmp_path):
     """The kept merge (the merge point, its step, its tasks, their weight-conflict references) and the back-off are in
     ctrl.state_dict(), so a run resumed between a merge and its split brings the same task adapters back (the task

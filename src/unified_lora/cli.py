@@ -1395,7 +1395,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .training import phi_summary, transitions
+    from .training import phi_summary, transition_line, transitions
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -1415,9 +1415,7 @@ def cmd_report(args) -> int:
         if arm.get("transitions"):
             print(f"transitions ({arm.get('label', name)}):")
             for t in arm["transitions"]:
-                extra = f", snapshot {t['snapshot']}" if t.get("snapshot") else ""
-                drift = f", drift={t['drift']:.2%}" if t.get("drift") is not None else ""
-                print(f"  [{t['step']}] {t['transition']} φ={t['phi']:.3f} rank={t['rank']} lr={t['lr']}{extra}{drift}")
+                print(f"  {transition_line(t)}")
     return 0
 
 

@@ -99,6 +99,13 @@ def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: fl
                 ax.axvline(r["step"], color=MODE_COLORS[2], lw=0.8, ls=":")
             ax_phi.annotate(f"snapshot {r['snapshot']}", (r["step"], 0.95), fontsize=7, rotation=90, va="top",
                             ha="right", color=MODE_COLORS[2])
+    for r in trace:  # multi-task splits within resplit_window of their merge: MULTI held until the back-off ends
+        comps = r.get("components") or {}
+        if comps.get("tasks_back"):
+            for ax in axes:
+                ax.axvline(r["step"], color=MODE_COLORS[1], lw=0.8, ls=":")
+            ax_phi.text(r["step"], 0.97, f" task adapters back, no merge before step {comps['merge_held_until']}",
+                        fontsize=7, va="top", ha="left", color=MODE_COLORS[1], clip_on=True)
     if shock and shock[1] > shock[0]:
         for ax in axes:
             ax.axvspan(shock[0], shock[1], color="#f2c14e", alpha=0.25, lw=0)

@@ -2224,7 +2224,10 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
 
 def transitions(trace: list[dict]) -> list[dict]:
     """Each transition's record; a Mirror exit's also with the rule that decided it (`policy`) and the loss EMAs
-    that rule compared (`loss_at_entry`, `loss_at_exit`), which the controller records in its components."""
+    that rule compared (`loss_at_entry`, `loss_at_exit`), which the controller records in its components; a
+    multi-task one's with its `event` (`split` or `merge`), a merge's `merge_residual`, and, for a split within
+    `resplit_window` of its merge, `tasks_back` (the task adapters brought back) and `merge_held_until` (the first
+    step at which the next merge may come)."""
     out = []
     for r in trace:
         if r.get("transition"):
@@ -2233,8 +2236,27 @@ def transitions(trace: list[dict]) -> list[dict]:
             if "mirror_policy" in comps:
                 t.update(policy=comps["mirror_policy"], loss_at_entry=comps.get("mirror_loss_entry"),
                          loss_at_exit=comps.get("mirror_loss_exit"))
+            t.update({k: comps[k] for k in ("event", "merge_residual", "tasks_back", "merge_held_until")
+                      if comps.get(k) is not None})
             out.append(t)
     return out
+
+
+def transition_line(t: dict) -> str:
+    """`report`'s line for one of `transitions`' records: its step, modes, φ, rank and LR, then what it did (a Mirror
+    snapshot; a multi-task split or merge, and a split's task adapters brought back and the merge held until)."""
+    line = f"[{t['step']}] {t['transition']} φ={t['phi']:.3f} rank={t['rank']} lr={t['lr']}"
+    if t.get("snapshot"):
+        line += f", snapshot {t['snapshot']}"
+    if t.get("drift") is not None:
+        line += f", drift={t['drift']:.2%}"
+    if t.get("event") == "merge":
+        line += ", task adapters merged into the shared one"
+    elif t.get("tasks_back"):  # as the console's line at that step
+        line += f", task adapters back, no merge before step {t['merge_held_until']}"
+    elif t.get("event") == "split":
+        line += ", task adapters copied from the shared one"
+    return line
 
 
 def iterate(run: Run, enc: dict, steps_total: int, epochs: int, steps_per_epoch: int) -> Iterator[tuple[int, dict]]:
