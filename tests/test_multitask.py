@@ -882,17 +882,23 @@ def test_report_and_plot_name_a_split_that_brought_the_task_adapters_back(tmp_pa
     assert f"task adapters back, no merge before step {at + 50}" in (tmp_path / "phi.svg").read_text()
 
 
-def test_a_resumed_run_splits_after_a_merge_as_the_run_it_resumes(tmp_path):
-    """The kept merge (the merge point, its step, its tasks, their weight-conflict references) and the back-off are in
-    ctrl.state_dict(), so a run resumed between a merge and its split brings the same task adapters back (the task
-    adapters are in the model's state) and reads the same weight conflict after it; so does a run resumed after
-    that split (the references it brought back are in the state too)."""
+def _merged_after_six_multi_steps(single_steps: int):
+    """6 MULTI steps on flipped labels, a forced merge, then `single_steps` more SINGLE steps."""
     data = conflict_data()
     model, ad, ctrl, opt = build(initial_mode=MULTI)
     _force(ctrl, 0.0)
     train(model, ctrl, opt, 6, data)
     _force(ctrl, 0.98)
-    train(model, ctrl, opt, 2, data)
+    train(model, ctrl, opt, 1 + single_steps, data)
+    return model, ad, ctrl, opt, data
+
+
+def test_a_resumed_run_splits_after_a_merge_as_the_run_it_resumes(tmp_path):
+    """The kept merge (the merge point, its step, its tasks, their weight-conflict references) and the back-off are in
+    ctrl.state_dict(), so a run resumed between a merge and its split brings the same task adapters back (the task
+    adapters are in the model's state) and reads the same weight conflict after it; so does a run resumed after
+    that split (the references it brought back are in the state too)."""
+    model, ad, ctrl, opt, data = _merged_after_six_multi_steps(single_steps=1)
     runs = []
     for resumed in (False, True, "after the split"):
         if resumed is False:
@@ -937,12 +943,7 @@ def _interrupt_next_rank_change(ctrl, monkeypatch):
 def test_a_split_interrupted_after_bringing_the_task_adapters_back_is_undone(monkeypatch):
     """The warm split changes the task adapters, the kept merge and the back-off; a failure later in the transition
     (the rank change; a Ctrl-C here) puts all three back, so the split that follows brings the same adapters back."""
-    data = conflict_data()
-    model, ad, ctrl, opt = build(initial_mode=MULTI)
-    _force(ctrl, 0.0)
-    train(model, ctrl, opt, 6, data)
-    _force(ctrl, 0.98)
-    train(model, ctrl, opt, 1, data)
+    model, ad, ctrl, opt, data = _merged_after_six_multi_steps(single_steps=0)
     kept = [p.detach().clone() for a in ad.values() for s in (0, 1) for p in a.task_parameters(s)]
     parked = ctrl._parked
     _interrupt_next_rank_change(ctrl, monkeypatch)
