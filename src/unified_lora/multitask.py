@@ -1078,10 +1078,11 @@ class MultiTaskController(UnifiedController):
 
     @torch.no_grad()
     def _weight_conflict(self) -> float | None:
-        """The largest over layers of 1 − ‖Σ_t x_t‖² / Σ_t‖x_t‖², clamped to [0, 1], x_t = ΔW_t − ΔW_shared (active
-        rank): the share of the task adapters' moves since the split that cancel in their sum (see
+        """The largest over layers of 1 − ‖Σ_t x_t‖² / Σ_t‖x_t‖², clamped to [0, 1], x_t = ΔW_t − ΔW_ref(t) (active
+        rank; the reference is the resting shared adapter, or, for a task a split within resplit_window brought back,
+        `_conflict_ref`): the share of the task adapters' moves since the split that cancel in their sum (see
         `MultiTaskSignal`). None while no task adapter has moved since the split. Computed from the factors (r × r
-        Gram products), never forming ΔW."""
+        Gram products), never forming ΔW; every layer's Gram comes to the host in one transfer."""
         slots = self._slots()
         if self.router.topology != "task" or len(slots) < 2:
             return None
@@ -1091,6 +1092,7 @@ class MultiTaskController(UnifiedController):
         # back with the task (measured from the shared adapter, the merge's mean, the tasks brought back move apart by
         # construction: two tasks that do not conflict read C_weight ~0.8 after such a split)
         ref = torch.tensor([int(cref is not None and s in cref["slots"]) for s in slots])
+        grams = []
         for i, a in enumerate(self.adapters):
             refB, refA = [a.active_B()], [a.active_A()]
             if cref is not None:
@@ -1105,8 +1107,9 @@ class MultiTaskController(UnifiedController):
             As = _f64(torch.stack(refA + [a.task_A(s) for s in slots]))  # (R+T, r, in)
             P = torch.einsum("iob,joc->ijbc", Bs, Bs)
             Q = torch.einsum("ibx,jcx->ijbc", As, As)
-            H = (P * Q).sum((2, 3)).cpu()
-            t = torch.arange(len(refB), len(refB) + len(slots))
+            grams.append((P * Q).sum((2, 3)))
+        t = torch.arange(len(grams[0]) - len(slots), len(grams[0]))  # the tasks' rows, after the references'
+        for H in torch.stack(grams).cpu():  # (one device-to-host copy a step, not one a layer)
             g_ss = H[ref, ref].max()
             X = H[t][:, t] - H[t][:, ref] - H[ref][:, t] + H[ref][:, ref]  # Gram of x_t = ΔW_t − ΔW_ref(t)
             total = float(torch.diagonal(X).sum())
