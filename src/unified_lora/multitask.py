@@ -1108,18 +1108,20 @@ class MultiTaskController(UnifiedController):
         raw = pair.sum() / valid.sum().clamp_min(1)
         rho, known = self._grad_reliability(slots, G)
         # debiased: a pair whose ρ cannot be told yet (a task's first step: after a rank change, every task's) stays out
-        # of the mean, as a task with no gradient does; with no pair left, no conflict is read (the signal holds C)
+        # of the mean, as a task with no gradient does; with no pair left for that reason, no conflict is read (the
+        # signal holds C). (With no pair of tasks that have a gradient, the conflict is 0, as in the plain reading.)
         told = valid * (known[iu[0]] & known[iu[1]]).float()
         debiased = (pair * (rho[iu[0]] * rho[iu[1]]).sqrt() * told).sum() / told.sum().clamp_min(1)
         both = torch.stack([debiased, raw])
         if finite is not None:  # this step's gradients had an inf/NaN: say so through the one read (NaN), no extra sync
             both = torch.where(finite, both, torch.full_like(both, math.nan))
-        vals = torch.cat([both, told.sum()[None], rho]).tolist()  # the one host read of the step
+        vals = torch.cat([both, torch.stack([told.sum(), valid.sum()]), rho]).tolist()  # the one host read of the step
         ids = {s: tid for tid, s in self.router.slots.items()}
-        self._grad_info = {"C_grad_raw": vals[1], **{f"rho[{ids[s]}]": v for s, v in zip(slots, vals[3:])}}
+        self._grad_info = {"C_grad_raw": vals[1], **{f"rho[{ids[s]}]": v for s, v in zip(slots, vals[4:])}}
         if self.signal.config.grad_noise == "none":
             return vals[1]
-        return None if vals[2] == 0 and vals[1] == vals[1] else vals[0]  # (NaN: a non-finite step, said as such)
+        unread = vals[2] == 0 and vals[3] > 0 and vals[1] == vals[1]  # (NaN: a non-finite step, said as such)
+        return None if unread else vals[0]
 
     def _grad_reliability(self, slots: list[int], G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ρ per slot (on the device, no sync): the share of the gradient EMA that is signal (`MultiTaskSignal`, C),
