@@ -439,8 +439,8 @@ def _read_ctrl_file(path: str):
     short or of junk is a ValueError naming it (it was torch's own error, naming no file)."""
     from ._files import load_state_file
 
-    return load_state_file(path, opt_in="torch.load(weights_only=False) yourself (load_sharded_checkpoint loads tensors "
-                           "and plain Python values only)", map_location=None)
+    return load_state_file(path, map_location=None, opt_in="torch.load(weights_only=False) yourself "
+                           "(load_sharded_checkpoint loads tensors and plain Python values only)")
 
 
 def _ctrl_from_checkpoint(checkpoint_dir, ctrl, saved: dict):
