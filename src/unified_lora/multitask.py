@@ -1434,13 +1434,13 @@ class MultiTaskController(UnifiedController):
         pairs = r["slots"]
         ok = isinstance(pairs, (list, tuple)) and all(
             isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, str))
-            and not isinstance(e[0], bool) and _is_int(e[1]) and int(e[1]) in range(n) for e in pairs)
-        if not ok or len({e[0] for e in pairs}) != len(pairs) or len({int(e[1]) for e in pairs}) != len(pairs):
+            and not isinstance(e[0], bool) and type(e[1]) is int and e[1] in range(n) for e in pairs)
+        if not ok or len({e[0] for e in pairs}) != len(pairs) or len({e[1] for e in pairs}) != len(pairs):
             return out + [f"{where}['router']['slots'] is not a list of [task id, slot] pairs, each id and slot "
                           f"once, slots 0..{n - 1}: {pairs!r:.200}"]
         if r["topology"] not in ("shared", "task"):
             out.append(f"{where}['router']['topology'] is {r['topology']!r}, not 'shared' or 'task'")
-        registered = {int(e[1]) for e in pairs}
+        registered = {e[1] for e in pairs}
 
         def slots_problem(what: str, slots) -> str | None:
             if not isinstance(slots, (list, tuple, set)) or not all(_is_int(s) for s in slots):
