@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch.distributed as dist
@@ -122,13 +124,19 @@ class TraceWriter:
         """Continue the trace of a run resumed at `step`: keep the lines of steps before it. A no-op once
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
         leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
-        on are replayed, drops their lines from the first attempt. A last line cut off by a crash (no newline) is
-        dropped; any other line that is not a step's record (not UTF-8 JSON with a step: a damaged file) is a
-        ValueError naming the file and the line, and the file is left as it is (such lines were dropped, and the
-        records around them kept, silently; a file not UTF-8 was a bare UnicodeDecodeError)."""
+        on are replayed, drops their lines from the first attempt. A last line cut off by a crash is dropped: one
+        with no newline that is the start of a JSON text cut short (`torn_json`); any other line that is not a
+        step's record (not UTF-8 JSON with a step: a damaged file) is a ValueError naming the file and the line,
+        and the file is left as it is (such lines were dropped, and the records around them kept, silently; a file
+        not UTF-8 was a bare UnicodeDecodeError; a last line of junk with no newline was dropped as a cut-off one).
+        `resume_plan` then `apply_resume` is the same in two parts: the first reads and checks, and changes
+        nothing (`ctrl.load_state_dict` runs it before it loads anything)."""
+        self.apply_resume(self.resume_plan(step, rewind))
+
+    def resume_plan(self, step: int, rewind: bool = False) -> list[str] | None:
+        """The lines `resume(step, rewind)` keeps (None: it does nothing), or its ValueError; nothing is changed."""
         if (self._written and not rewind) or not self._writes_here():
-            return
-        self._f.close()
+            return None
         keep = []
         with open(self.path, "rb") as f:
             lines = f.readlines()
@@ -141,17 +149,25 @@ class TraceWriter:
             except ValueError:
                 r = None
             if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
-                if n == len(lines) and not raw.endswith(b"\n"):  # a line cut off by a crash
+                if n == len(lines) and not raw.endswith(b"\n") and torn_json(raw):  # a line cut off by a crash
                     continue
-                self._f = open(self.path, "a", encoding="utf-8")
                 raise ValueError(f"{self.path}: line {n} is not a step's record (UTF-8 JSON with a step): the trace "
                                  "is damaged; restore it, or move it aside to resume with a new trace file from step "
                                  f"{step} on (the steps before it are then not in it)")
             if r["step"] < step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-        with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        self._f = open(self.path, "a", encoding="utf-8")
+        return keep
+
+    def apply_resume(self, keep: list[str] | None) -> None:
+        """Rewrite the file with the lines `resume_plan` kept, and append from there (None: nothing to do)."""
+        if keep is None:
+            return
+        self._f.close()
+        try:
+            with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        finally:
+            self._f = open(self.path, "a", encoding="utf-8")
         self._fresh = False
 
     def close(self) -> None:
@@ -159,6 +175,74 @@ class TraceWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
         self._f.close()
+
+
+_JSON_TOKEN = re.compile(r'''
+    (?P<ws>[ \t\r\n]+)
+  | (?P<punct>[{}\[\]:,])
+  | (?P<string>"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")
+  | (?P<number>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?![0-9.eE+-]))
+  | (?P<literal>true|false|null)
+''', re.X)
+# the end of a text cut inside a token: a string not closed, a number, true, false or null not finished
+_JSON_CUT = re.compile(r'''
+    "(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*(?:\\u?[0-9a-fA-F]{0,3})?
+  | -?(?:0|[1-9][0-9]*)?(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?
+  | t(?:r(?:u)?)?|f(?:a(?:l(?:s)?)?)?|n(?:u(?:l)?)?
+''', re.X)
+
+
+def torn_json(raw: bytes | str) -> bool:
+    """Whether `raw` is the start of a JSON object cut short, as a kill during the write of a record leaves the last
+    line (the UTF-8 bytes of a character cut off included): it opens with `{` and reads as JSON up to its end, with
+    nothing that JSON forbids there, and is not whole. A line of junk, or a whole JSON value, is not."""
+    if isinstance(raw, bytes):
+        try:  # a character cut off at the end is left out; bytes that are not UTF-8 elsewhere are no JSON
+            raw = codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+        except UnicodeDecodeError:
+            return False
+    if not raw.lstrip(" \t\r\n").startswith("{"):
+        return False
+    stack: list[str] = []  # the open objects and arrays
+    want = "value"  # what comes next: value, key, colon, more (a comma or a close), end
+    pos = 0
+    while pos < len(raw):
+        m = _JSON_TOKEN.match(raw, pos)
+        if m is None:  # a token cut off by the end of the text, or a character JSON does not have here
+            return _JSON_CUT.fullmatch(raw, pos) is not None and (
+                want in ("value", "value?") or (want in ("key", "key?") and raw[pos] == '"'))
+        pos, kind, tok = m.end(), m.lastgroup, m.group()
+        if kind == "ws":
+            continue
+        if want == "end":
+            return False
+        if tok in "{[" and kind == "punct":
+            if want != "value":
+                return False
+            stack.append(tok)
+            want = "key?" if tok == "{" else "value?"
+        elif tok in "}]" and kind == "punct":
+            if not stack or "{[".index(stack[-1]) != "}]".index(tok) or want not in ("more", "key?", "value?"):
+                return False
+            stack.pop()
+            want = "more" if stack else "end"
+        elif tok == ":":
+            if want != "colon":
+                return False
+            want = "value"
+        elif tok == ",":
+            if want != "more":
+                return False
+            want = "key" if stack[-1] == "{" else "value"
+        elif want in ("key", "key?"):
+            if kind != "string":
+                return False
+            want = "colon"
+        elif want in ("value", "value?"):
+            want = "more" if stack else "end"
+        else:
+            return False
+    return want != "end"
 
 
 def read_trace(path: str | os.PathLike) -> list[dict]:

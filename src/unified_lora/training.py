@@ -39,8 +39,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
-from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
-                     _scalar, check_field_types, parse_names)
+from .config import (KERNELS, RESPLIT_WINDOW, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
+                     SignalConfig, _scalar, check_field_types, parse_names)
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
@@ -151,6 +151,9 @@ class TrainConfig:
     theta1: float = 0.7
     min_dwell: int = 0
     controller_warmup: int = 0  # steps before the controller's first transition (MachineConfig.warmup_steps)
+    # several data sets: a split within this many steps of a merge brings the task adapters back (0 = off;
+    # MultiTaskController's resplit_window)
+    resplit_window: int = RESPLIT_WINDOW
     mirror_policy: str = "drift"
     drift_threshold: float = 0.05
     mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built with the controller; MirrorConfig.kernel)
@@ -210,6 +213,8 @@ class TrainConfig:
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"must be one of {LR_SCHEDULERS}"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0 (0 = no warm-up)"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1) (0 = no warm-up)"),
+            ("resplit_window", self.resplit_window >= 0, "must be >= 0 (steps after a merge within which a split "
+             "brings the task adapters back; 0 = every split copies the shared adapter)"),
             ("controller_warmup", self.controller_warmup >= 0, "must be >= 0 (0 = the controller may switch from the "
              "first step)"),
             ("log_every", self.log_every >= 0, "must be >= 0"),
