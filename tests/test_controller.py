@@ -1695,7 +1695,7 @@ def test_a_step_after_the_model_state_moved_the_rank_is_refused_before_anything_
 
 def test_a_last_trace_line_of_junk_without_a_newline_is_refused_on_resume_and_a_record_cut_short_is_dropped(tmp_path):
     """A resume dropped any last line without a newline as one a crash cut off: a line of junk, or whole JSON that is
-    no step's record, went silently. Now only the start of a JSON object cut short (a record a kill interrupted) is
+    no step's record, went silently. Now only a step's record cut short (a record a kill interrupted) is
     dropped; anything else is the damaged-trace error naming the line, and nothing is loaded."""
     path = tmp_path / "trace.jsonl"
     x = torch.randint(0, VOCAB, (2, 8))

@@ -6,7 +6,6 @@ import codecs
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch.distributed as dist
@@ -125,7 +124,7 @@ class TraceWriter:
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
         leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
         on are replayed, drops their lines from the first attempt. A last line cut off by a crash is dropped: one
-        with no newline that is the start of a JSON text cut short (`torn_json`); any other line that is not a
+        with no newline that is the start of a step's record cut short (`torn_json`); any other line that is not a
         step's record (not UTF-8 JSON with a step: a damaged file) is a ValueError naming the file and the line,
         and the file is left as it is (such lines were dropped, and the records around them kept, silently; a file
         not UTF-8 was a bare UnicodeDecodeError; a last line of junk with no newline was dropped as a cut-off one).
@@ -177,72 +176,26 @@ class TraceWriter:
         self._f.close()
 
 
-_JSON_TOKEN = re.compile(r'''
-    (?P<ws>[ \t\r\n]+)
-  | (?P<punct>[{}\[\]:,])
-  | (?P<string>"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")
-  | (?P<number>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?![0-9.eE+-]))
-  | (?P<literal>true|false|null)
-''', re.X)
-# the end of a text cut inside a token: a string not closed, a number, true, false or null not finished
-_JSON_CUT = re.compile(r'''
-    "(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*(?:\\u?[0-9a-fA-F]{0,3})?
-  | -?(?:0|[1-9][0-9]*)?(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?
-  | t(?:r(?:u)?)?|f(?:a(?:l(?:s)?)?)?|n(?:u(?:l)?)?
-''', re.X)
-
-
 def torn_json(raw: bytes | str) -> bool:
-    """Whether `raw` is the start of a JSON object cut short, as a kill during the write of a record leaves the last
-    line (the UTF-8 bytes of a character cut off included): it opens with `{` and reads as JSON up to its end, with
-    nothing that JSON forbids there, and is not whole. A line of junk, or a whole JSON value, is not."""
+    """Whether `raw`, a last line with no newline, is a step's record cut short, as a kill during its write leaves
+    it: what `StepRecord.to_json` writes always starts `{"step": ` (the dataclass's first field), so a cut-off record
+    is a start of that, or starts with it and holds no whole JSON object (the UTF-8 bytes of a character cut off
+    included). A line of junk is not, nor a whole record, nor one with something after its end."""
     if isinstance(raw, bytes):
-        try:  # a character cut off at the end is left out; bytes that are not UTF-8 elsewhere are no JSON
+        try:  # a character cut off at the end is left out; bytes that are not UTF-8 elsewhere are no record
             raw = codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
         except UnicodeDecodeError:
             return False
-    if not raw.lstrip(" \t\r\n").startswith("{"):
+    if not (raw.startswith(_RECORD_START) or (raw and _RECORD_START.startswith(raw))):
         return False
-    stack: list[str] = []  # the open objects and arrays
-    want = "value"  # what comes next: value, key, colon, more (a comma or a close), end
-    pos = 0
-    while pos < len(raw):
-        m = _JSON_TOKEN.match(raw, pos)
-        if m is None:  # a token cut off by the end of the text, or a character JSON does not have here
-            return _JSON_CUT.fullmatch(raw, pos) is not None and (
-                want in ("value", "value?") or (want in ("key", "key?") and raw[pos] == '"'))
-        pos, kind, tok = m.end(), m.lastgroup, m.group()
-        if kind == "ws":
-            continue
-        if want == "end":
-            return False
-        if tok in "{[" and kind == "punct":
-            if want != "value":
-                return False
-            stack.append(tok)
-            want = "key?" if tok == "{" else "value?"
-        elif tok in "}]" and kind == "punct":
-            if not stack or "{[".index(stack[-1]) != "}]".index(tok) or want not in ("more", "key?", "value?"):
-                return False
-            stack.pop()
-            want = "more" if stack else "end"
-        elif tok == ":":
-            if want != "colon":
-                return False
-            want = "value"
-        elif tok == ",":
-            if want != "more":
-                return False
-            want = "key" if stack[-1] == "{" else "value"
-        elif want in ("key", "key?"):
-            if kind != "string":
-                return False
-            want = "colon"
-        elif want in ("value", "value?"):
-            want = "more" if stack else "end"
-        else:
-            return False
-    return want != "end"
+    try:
+        json.JSONDecoder().raw_decode(raw)  # a whole object (junk after it or not): no write cut this one
+    except ValueError:
+        return True
+    return False
+
+
+_RECORD_START = '{"step": '
 
 
 def read_trace(path: str | os.PathLike) -> list[dict]:
