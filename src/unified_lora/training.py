@@ -58,6 +58,14 @@ _AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
 _STEPS = (lambda v: v >= 0, "must be >= 0")
 _SHARE = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 _LR = (lambda v: v >= 0 and math.isfinite(v), "must be an LR >= 0")
+# Hugging Face TrainingArguments, run_glue and PEFT LoraConfig names of this config's keys: a Trainer user's config
+# typo that difflib cannot place (`learning_rate` is not close to `lr`)
+_HF_KEY_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "steps",
+                 "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+                 "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler",
+                 "metric_for_best_model": "metric_for_best", "max_grad_norm": "grad_clip", "max_seq_length": "max_length",
+                 "model_name_or_path": "model", "train_file": "data", "validation_file": "dev_data",
+                 "r": "rank_levels", "lora_r": "rank_levels", "bf16": "precision", "fp16": "precision"}
 _SHAPES = ("linear", "cosine", "1-sqrt")  # warmup_stable_decay's warm-up and decay shapes
 _SHAPE = (lambda v: v in _SHAPES, f"must be one of {_SHAPES}")
 _MIN_LR = {"num_cycles": (float, *_POSITIVE), "min_lr": (float, *_LR), "min_lr_rate": (float, *_SHARE)}
@@ -347,7 +355,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
             # a typo, or a flag's spelling (batch-size): name the key it most likely meant
-            close = {str(k): difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
+            close = {str(k): [_HF_KEY_NAMES[str(k).replace("-", "_")]] if str(k).replace("-", "_") in _HF_KEY_NAMES
+                     else difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
             hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
             raise ValueError(f"config: unknown key(s) {unknown}{f' ({hint})' if hint else ''}; valid keys are "
                              f"{sorted(known)}")
