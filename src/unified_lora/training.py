@@ -1848,7 +1848,8 @@ class Run:
         if limit and st.nonfinite_in_a_row >= limit:
             raise DivergedError(f"{st.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
                                 f"gradient and were skipped, so the run stops: the weights are those of step "
-                                f"{step + 1 - st.nonfinite_in_a_row}. Resume with a lower learning rate (--lrs / --lr), "
+                                f"{step + 1 - st.nonfinite_in_a_row}. Resume with a lower learning rate ("
+                                f"{'--lr' if self.cfg.lr_mode == 'multiplier' else '--lrs'}), "
                                 f"check the data, or raise --max-nonfinite-steps (max_nonfinite_steps; 0 = never "
                                 f"stop)")
 
