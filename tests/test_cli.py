@@ -1857,6 +1857,30 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(tiny, tmp_path, capsys):
+    """A T5 classifier given a tokenizer without an eos (a WordPiece one copied into its folder) fails on every row
+    ("Each example must contain at least one <eos> token"): the error said "--max-length 16: the model fails on the
+    data's longest row ...; pass a smaller --max-length", which cannot help (found by the user trial). The shortest
+    row is run too, and where it fails as well the error says the length is not the cause."""
+    from transformers import AutoTokenizer, T5Config, T5ForSequenceClassification
+
+    folder = tmp_path / "t5"
+    T5ForSequenceClassification(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                         decoder_start_token_id=0, pad_token_id=0)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny["bert"]).save_pretrained(folder)
+    rows = Path(tiny["csv"]).read_text().splitlines()
+    short = tmp_path / "short.csv"  # rows of two lengths (each of tiny's has 5 words)
+    short.write_text("\n".join([*rows, "bad,0", "great,1"]) + "\n")
+    out = tmp_path / "o"
+    capsys.readouterr()
+    args = _train_args(tiny, out, "--target-modules", "q,v")
+    assert main([*args[:2], str(folder), args[3], str(short), *args[5:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unified-lora: error: the model fails on the data's longest row (") and err.count("\n") == 1
+    assert "so the length is not the cause: Each example must contain at least one <eos> token." in err
+    assert "--max-length" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("case, needle", [
     ("missing_data", "no such file"),
     ("unknown_column", "unknown column 'nope'"),

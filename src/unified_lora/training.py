@@ -1337,17 +1337,31 @@ def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> 
     widths = [(int(e["attention_mask"].sum(1).max()), e) for e in encs if len(e["labels"])]
     if not widths:
         return
-    width, enc = max(widths, key=lambda t: t[0])
-    i = int(enc["attention_mask"].sum(1).argmax())
     dev = model_device(model)
-    row = {k: v[i:i + 1, :width].to(dev) for k, v in enc.items() if k != "labels" and v.dim() == 2}
+
+    def run(pick) -> int:  # run once on the longest (pick=max) or the shortest (min) row; its length
+        lengths = [(int(pick(e["attention_mask"].sum(1))), e) for e in encs if len(e["labels"])]
+        width, enc = pick(lengths, key=lambda t: t[0])
+        i = int(torch.where(enc["attention_mask"].sum(1) == width)[0][0])
+        model(**{k: v[i:i + 1, :width].to(dev) for k, v in enc.items() if k != "labels" and v.dim() == 2})
+        return width
+
     was_training = model.training
     model.eval()
     try:
-        model(**row)
+        run(max)
     except (IndexError, RuntimeError, ValueError) as e:
+        width = max(widths, key=lambda t: t[0])[0]
         cfg = getattr(model, "config", None)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        short = min(int(e_["attention_mask"].sum(1).min()) for _, e_ in widths)
+        if short < width and (limit is None or short <= limit):
+            try:  # a row of any length fails (a tokenizer that does not fit the model: T5's classifier finds no eos)
+                run(min)
+            except (IndexError, RuntimeError, ValueError) as e2:
+                raise UsageError(f"the model fails on the data's longest row ({width} tokens) and on its shortest "
+                                 f"({short}), so the length is not the cause: {_first_line(e2)}; check that the "
+                                 "model's folder holds its own tokenizer") from None
         hint = f" (its config has {limit} positions)" if limit else ""
         raise UsageError(f"--max-length {max_length}: the model fails on the data's longest row, {width} tokens"
                          f"{hint}: {_first_line(e)}; pass a smaller --max-length") from None
