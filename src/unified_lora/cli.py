@@ -694,6 +694,7 @@ def _train_config(args) -> "object":
     if args.no_controller:
         flags["controller"] = False
     out = _check_output_dir(flags.get("output_dir", d.get("output_dir", "unified-lora-run")))
+    user = {**d, **flags}  # what this command gives (the YAML file and flags), not a resumed run's stored settings
     ckpt = None
     if args.resume:
         # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
@@ -728,6 +729,7 @@ def _train_config(args) -> "object":
     if cfg.resplit_window != RESPLIT_WINDOW and not cfg.tasks:  # (a task's own config, one data set each, has it)
         raise UsageError(f"--resplit-window {cfg.resplit_window}: for several --data sets (multi-task mode: a split "
                          "soon after a merge brings the task adapters back); this run has one data set")
+    _check_lr_read(cfg, user)
     if ckpt is not None:
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
@@ -745,6 +747,20 @@ def _train_config(args) -> "object":
     for key in ("model", "data", "dev_data"):
         setattr(cfg, key, absolute(getattr(cfg, key)))
     return cfg, ckpt
+
+
+def _check_lr_read(cfg, user: dict) -> None:
+    """A UsageError for `--lr` (YAML `lr`) given to a run in --lr-mode absolute (the default), which does not read it:
+    each mode trains at its `--lrs`. `--lr 1e6` trained at the default --lrs, silently (found by the user trial; a
+    Trainer user takes --lr for the learning rate). (`--lrs` with --lr-mode multiplier is not read either, and is
+    not refused: it is the default LR table, given with the mode in many recorded commands.)"""
+    from .training import UsageError
+
+    if cfg.lr_mode != "absolute" or "lr" not in user:
+        return
+    raise UsageError(f"--lr {cfg.lr:g} (YAML lr): the base LR of --lr-mode multiplier, not read with --lr-mode "
+                     f"absolute (the default), which trains each mode at its --lrs SINGLE MULTI MIRROR (now "
+                     f"{' '.join(f'{v:g}' for v in cfg.mode_lrs)}); pass --lrs instead, or --lr-mode multiplier")
 
 
 def _read_config(path: str) -> dict:
