@@ -602,11 +602,11 @@ def test_train_from_yaml_config_with_flag_override(tiny, tmp_path):
     cfg.write_text(f"model: {tiny['bert']}\ndata: {tiny['csv']}\nepochs: 3\nbatch_size: 8\nmax_length: 16\n"
                    "peft_every_checkpoint: true\n"
                    # exponent notation without a dot: PyYAML (YAML 1.1) loads these as strings
-                   f"mode_lrs: [1e-2, 5e-3, 1e-3]\nlr: 5e-4\noutput_dir: {tmp_path / 'run'}\n")
+                   # (no `lr`: --lr-mode absolute does not read it, and giving it is refused)
+                   f"mode_lrs: [1e-2, 5e-3, 1e-3]\noutput_dir: {tmp_path / 'run'}\n")
     assert main(["train", "--config", str(cfg), "--epochs", "1"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["config"]["mode_lrs"] == [0.01, 0.005, 0.001]
-    assert summary["config"]["lr"] == 5e-4
     assert (tmp_path / "run" / "checkpoints" / "epoch-1" / "peft" / "adapter_config.json").is_file()
 
 
@@ -1857,6 +1857,30 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(tiny, tmp_path, capsys):
+    """A T5 classifier given a tokenizer without an eos (a WordPiece one copied into its folder) fails on every row
+    ("Each example must contain at least one <eos> token"): the error said "--max-length 16: the model fails on the
+    data's longest row ...; pass a smaller --max-length", which cannot help (found by the user trial). The shortest
+    row is run too, and where it fails as well the error says the length is not the cause."""
+    from transformers import AutoTokenizer, T5Config, T5ForSequenceClassification
+
+    folder = tmp_path / "t5"
+    T5ForSequenceClassification(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                         decoder_start_token_id=0, pad_token_id=0)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny["bert"]).save_pretrained(folder)
+    rows = Path(tiny["csv"]).read_text().splitlines()
+    short = tmp_path / "short.csv"  # rows of two lengths (each of tiny's has 5 words)
+    short.write_text("\n".join([*rows, "bad,0", "great,1"]) + "\n")
+    out = tmp_path / "o"
+    capsys.readouterr()
+    args = _train_args(tiny, out, "--target-modules", "q,v")
+    assert main([*args[:2], str(folder), args[3], str(short), *args[5:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unified-lora: error: the model fails on the data's longest row (") and err.count("\n") == 1
+    assert "so the length is not the cause: Each example must contain at least one <eos> token." in err
+    assert "--max-length" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("case, needle", [
     ("missing_data", "no such file"),
     ("unknown_column", "unknown column 'nope'"),
@@ -1959,6 +1983,10 @@ def test_report_and_plot_refuse_a_foreign_summary_and_name_the_bad_trace_line(ti
     # one evaluation, at the end (--steps inside the first epoch): nothing to stop early
     ("patience_without_evaluations", "early_stopping_patience: 2, but this run evaluates on dev only at its end "
                                      "(step 3), so it can never stop early"),
+    # --lr-mode absolute (the default) does not read --lr: `--lr 1e6` trained at the default --lrs, silently
+    ("lr_with_lr_mode_absolute", "--lr 1e+06 (YAML lr): the base LR of --lr-mode multiplier, not read with --lr-mode "
+                                 "absolute (the default), which trains each mode at its --lrs SINGLE MULTI MIRROR (now "
+                                 "0.002 0.0005 0.0001); pass --lrs instead, or --lr-mode multiplier"),
 ])
 def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, needle):
     out = str(tmp_path / "o")
@@ -1981,6 +2009,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "model_is_a_lone_file": ["train", "--model", str(_write(tmp_path / "weights.bin", "")), "--data", tiny["csv"],
                                  "--output-dir", out],
         "bad_theta": _train_args(tiny, out, "--theta0", "0.9", "--theta1", "0.5"),
+        "lr_with_lr_mode_absolute": _train_args(tiny, out, "--lr", "1e6"),
         "bad_config_key": ["train", "--config", str(_write(tmp_path / "c.yaml", "epochz: 3\n"))],
         "bad_mirror_kernel": ["train", "--config", str(_write(tmp_path / "k.yaml", f"model: {tiny['bert']}\n"
                                                               f"data: {tiny['csv']}\nmirror_kernel: cuda\n"))],

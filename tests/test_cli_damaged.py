@@ -129,6 +129,22 @@ def test_a_trace_whose_last_line_a_kill_cut_off_still_plots_and_resumes(runs, tm
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+def test_a_last_trace_line_of_junk_without_a_newline_is_not_taken_for_one_a_kill_cut_off(runs, tmp_path, capsys):
+    """plot and --resume dropped any last line without a newline as a record a kill cut off: a line of junk went
+    silently. Only the start of a record cut short is dropped now; junk is the damaged-trace error, as elsewhere."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["one"], run)
+    with open(run / "trace.jsonl", "a", encoding="utf-8") as f:
+        f.write("appended by hand, not a record")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(_command("plot", run, runs)) == 2
+    assert f"{run / 'trace.jsonl'}: line 5 is not JSON" in _error(capsys)
+    assert main(_command("resume", run, runs)) == 2
+    assert f"{run / 'trace.jsonl'}: line 5 is not a step's record" in _error(capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_a_whole_state_file_that_cannot_be_loaded_here_is_not_called_damaged(tmp_path, monkeypatch):
     """`load_state_file` read every Exception as a damaged file ("copy the checkpoint folder again, or delete it"):
     a trusted file (`trust_checkpoint=True`) holding an object of a module this Python does not have (a real

@@ -396,3 +396,41 @@ def test_a_head_of_another_name_is_found_by_its_outputs(tiny, data, tmp_path, ca
     from unified_lora.multitask_train import head_output_layer
 
     assert head_output_layer(torch.nn.Sequential(torch.nn.Linear(4, 5)), 3) == (None, None)
+
+
+def test_resplit_window_is_a_flag_and_a_yaml_key_recorded_in_the_run_and_kept_on_resume(tiny, data, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """`--resplit-window N` (YAML `resplit_window`) sets the multi-task controller's resplit_window: the run's
+    config and summary record it, and --resume goes on with it. There was no way to set it from the command line (every
+    run had 25). Below 0, or other than the default for one data set (no split there), is one line naming it."""
+    import unified_lora.multitask_train as mt
+
+    built, real = [], mt.setup_multitask_lora
+
+    def recording(*args, **kwargs):  # the real setup; the controller it built kept for the checks below
+        adapters, ctrl = real(*args, **kwargs)
+        built.append(ctrl)
+        return adapters, ctrl
+
+    monkeypatch.setattr(mt, "setup_multitask_lora", recording)
+    out = tmp_path / "r"
+    assert main(_mt_args(tiny["bert"], out, data["pos"], data["neg"], extra=("--resplit-window", "7", "--steps",
+                                                                             "1"))) == 0
+    assert built[-1].resplit_window == 7
+    assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
+    state = torch.load(out / "checkpoints" / "step-1" / "state.pt", weights_only=True)
+    assert state["config"]["resplit_window"] == 7
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0
+    assert built[-1].resplit_window == 7 and built[-1].global_step == 2
+    assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
+    config = tmp_path / "c.yaml"
+    config.write_text("resplit_window: 0\n")
+    assert main(_mt_args(tiny["bert"], tmp_path / "y", data["pos"], data["neg"], extra=("--config", str(config),
+                                                                                        "--steps", "1"))) == 0
+    assert built[-1].resplit_window == 0 and len(built) == 3
+    capsys.readouterr()
+    assert main(_mt_args(tiny["bert"], tmp_path / "x", data["pos"], data["neg"], extra=("--resplit-window", "-1"))) == 2
+    assert "resplit_window: must be >= 0" in _error(capsys)
+    assert main(_mt_args(tiny["bert"], tmp_path / "x", data["pos"], extra=("--resplit-window", "5"))) == 2
+    assert "--resplit-window 5: for several --data sets" in _error(capsys)
+    assert len(built) == 3

@@ -346,7 +346,8 @@ def test_a_diverging_run_stops_after_max_nonfinite_steps_with_a_checkpoint_of_it
     assert main(args) == 1
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "3 steps in a row (to step " in captured.err
-    assert "Resume with a lower learning rate" in captured.err and "Traceback" not in captured.err
+    # the LR option this run reads (--lr-mode absolute: --lrs; it said "--lrs / --lr", and --lr is refused there)
+    assert "Resume with a lower learning rate (--lrs), " in captured.err and "Traceback" not in captured.err
     assert "raise --max-nonfinite-steps (max_nonfinite_steps; 0 = never stop)" in captured.err
     assert captured.out.count("optimizer step skipped, weights unchanged") == 3
     assert "3 steps in a row with a non-finite loss or gradient; saved " in (out / "console.txt").read_text()

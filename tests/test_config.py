@@ -2,6 +2,7 @@
 TypeError from a comparison deep inside), and reads numbers written as strings, as YAML 1.1 loads `1e-3`."""
 
 import math
+from dataclasses import fields
 
 import pytest
 
@@ -152,3 +153,17 @@ def test_a_dev_data_mapping_names_some_tasks_or_all_and_a_key_that_is_no_task_is
         TrainConfig(data=data, dev_data={"a": "x.csv", "bb": "y.csv"})
     assert str(e.value) == ("dev_data: 'bb' is not a task of data (did you mean 'b'?); its keys are task names (a, b), "
                             "each with its dev file (a task left out takes its default dev set)")
+
+
+def test_a_trainer_users_key_names_the_config_key_it_means():
+    """TrainingArguments' and PEFT's names for this config's keys: `learning_rate` was an unknown key with no hint
+    (difflib finds nothing close to it among the keys; `lr` is the one), found by the user trial."""
+    with pytest.raises(ValueError) as e:
+        TrainConfig.from_dict({"learning_rate": 1e-3, "per_device_train_batch_size": 8, "lora_r": 8, "epochz": 1})
+    assert str(e.value).startswith(
+        "config: unknown key(s) ['epochz', 'learning_rate', 'lora_r', 'per_device_train_batch_size'] ('epochz': did "
+        "you mean 'epochs'?; 'learning_rate': did you mean 'lr'?; 'lora_r': did you mean 'rank_levels'?; "
+        "'per_device_train_batch_size': did you mean 'batch_size'?); valid keys are [")
+    from unified_lora.training import _HF_KEY_NAMES
+
+    assert {f.name for f in fields(TrainConfig)} >= set(_HF_KEY_NAMES.values())

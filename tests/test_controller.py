@@ -1691,3 +1691,44 @@ def test_a_step_after_the_model_state_moved_the_rank_is_refused_before_anything_
     set_rank(adapters, ctrl.rank)  # the way on that the message names
     _train_step(model, ctrl, opt, x, x)
     assert ctrl.global_step == 1
+
+
+def test_a_last_trace_line_of_junk_without_a_newline_is_refused_on_resume_and_a_record_cut_short_is_dropped(tmp_path):
+    """A resume dropped any last line without a newline as one a crash cut off: a line of junk, or whole JSON that is
+    no step's record, went silently. Now only a step's record cut short (a record a kill interrupted) is
+    dropped; anything else is the damaged-trace error naming the line, and nothing is loaded."""
+    path = tmp_path / "trace.jsonl"
+    x = torch.randint(0, VOCAB, (2, 8))
+
+    def make():
+        model = tiny_llama()
+        _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
+        return model, ctrl
+
+    model, ctrl = make()
+    for loss in (0.5, 0.6, 0.7):
+        model(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=loss)
+    sd = copy.deepcopy(ctrl.state_dict())
+    ctrl.close()
+    whole = path.read_bytes()
+    for last, dropped in ((b"oops, not a record", False), (b'{"note": "no step"}', False), (b"[1, 2", False),
+                          (b'{"step": 3} junk', False), (b'{"step": 3, "loss": 0.8, "phi": 0.', True),
+                          (b'{"step": 3, "lo\xc3', True), (b"{", True)):  # (the last but one: "\xc3\xa9" cut)
+        path.write_bytes(whole + last)
+        model, ctrl = make()
+        if not dropped:
+            with pytest.raises(ValueError, match=r"trace.jsonl: line 4 is not a step's record"):
+                ctrl.load_state_dict(sd)
+            assert ctrl.global_step == 0 and path.read_bytes() == whole + last
+        else:
+            ctrl.load_state_dict(sd)
+            assert ctrl.global_step == 3 and path.read_bytes() == whole
+        ctrl.close()
+    # a record cut anywhere is the start of JSON cut short (a character's UTF-8 bytes cut too); a whole one is not
+    from unified_lora.trace import StepRecord, torn_json
+
+    line = StepRecord(step=3, loss=0.5, phi=0.3, mode=1, rank=8, lr=1e-4, transition="SINGLE->MULTI",
+                      components={"E[é]": -1.5e-3, "x": [True, None]}).to_json()
+    line = line.encode()
+    assert all(torn_json(line[:i]) for i in range(1, len(line))) and not torn_json(line)

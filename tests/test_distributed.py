@@ -11,6 +11,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -1937,3 +1938,45 @@ def test_fsdp2_runs_on_two_meshes_in_one_world_each_write_their_trace_file(subme
         run = submesh_run[r]
         assert [t["step"] for t in run["trace"]] == list(range(len(run["used"])))
         assert [t["loss"] for t in run["trace"]] == pytest.approx(run["used"], rel=1e-12)
+
+
+def test_a_damaged_controller_file_of_a_sharded_checkpoint_is_an_error_naming_it(tmp_path):
+    """`load_sharded_checkpoint` read `ctrl.pt` (and an older checkpoint's `ctrl_rank{rank}.pt`) with a bare
+    torch.load: a file cut short or of junk raised torch's own error ("PytorchStreamReader failed reading zip
+    archive", an UnpicklingError "Unsupported operand"), naming no file. Now, as every other state file, one line
+    that names it and says it is damaged; nothing is loaded."""
+    from conftest import VOCAB, tiny_llama
+
+    from unified_lora import setup_unified_lora, trainable_parameters
+    from unified_lora.distributed import load_sharded_checkpoint, save_sharded_checkpoint
+
+    model = tiny_llama()
+    _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], print_fn=None)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(0, VOCAB, (2, 6))
+    model(input_ids=x, labels=x).loss.backward()
+    ctrl.step(loss=0.5)
+    opt.step()
+    ckpt = tmp_path / "ckpt"
+    _one_process_group()
+    try:
+        save_sharded_checkpoint(ckpt, model, opt, ctrl)
+        step = ctrl.global_step
+        fresh_model = tiny_llama(seed=1)
+        _, fresh = setup_unified_lora(fresh_model, target_modules=["q_proj"], print_fn=None)
+        fresh_opt = torch.optim.AdamW(trainable_parameters(fresh_model), lr=1e-3)
+        fresh.attach_optimizer(fresh_opt)
+        whole = (ckpt / "ctrl.pt").read_bytes()
+        (ckpt / "ctrl.pt").write_bytes(whole[:len(whole) // 2])
+        for name in ("ctrl.pt", "ctrl_rank0.pt"):
+            with pytest.raises(ValueError, match=re.escape(f"{ckpt / name}: cannot read it (")) as e:
+                load_sharded_checkpoint(ckpt, fresh_model, fresh_opt, fresh)
+            assert "the file is damaged" in str(e.value) and "\n" not in str(e.value) and fresh.global_step == 0
+            (ckpt / "ctrl.pt").unlink(missing_ok=True)  # an older checkpoint's per-process file, of junk
+            (ckpt / "ctrl_rank0.pt").write_text("not a controller state\n" * 5)
+        (ckpt / "ctrl.pt").write_bytes(whole)  # whole again: it loads
+        load_sharded_checkpoint(ckpt, fresh_model, fresh_opt, fresh)
+        assert fresh.global_step == step
+    finally:
+        dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Multi-task mode (SPEC §5): shared + per-task nested adapters, routing, split/merge, C/E/S signal."""
 
 import copy
+import json
 import math
 import os
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from conftest import VOCAB, can_build_cpp, tiny_bert, tiny_gpt2, tiny_llama
 
 from unified_lora import MIRROR, MULTI, SINGLE, MachineConfig, trainable_parameters
-from unified_lora.trace import format_console
+from unified_lora.trace import TraceWriter, format_console
 from unified_lora.multitask import (MultiTaskModel, MultiTaskNestedLoRALayer, MultiTaskSignal, MultiTaskSignalConfig,
                                     load_task_adapters, per_task_losses, save_task_adapters, setup_multitask_lora,
                                     task_context)
@@ -2190,7 +2191,6 @@ def test_a_subset_task_export_keeps_a_link_of_the_set_and_refuses_a_folder_holdi
         assert _tree(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-
 def _fed_gradients(grad_noise, grads, steps, state=None, start=0):
     """A MULTI controller (no transition: warmup past the run; C = the gradient conflict) fed `grads(ctrl, step, task)`
     ({param: tensor}) as its task adapters' .grad at steps start..start+steps-1: the gradients a task's batches give,
@@ -2269,3 +2269,169 @@ def test_the_gradient_noise_statistics_resume_bit_for_bit_and_a_state_from_befor
 def test_grad_noise_is_checked():
     with pytest.raises(ValueError, match="grad_noise: must be one of"):
         MultiTaskSignalConfig(grad_noise="off")
+
+
+def _same(a, b) -> bool:
+    """Two states (ctrl.state_dict()) hold the same values: tensors equal, with their dtypes, floats equal (or both
+    NaN), containers alike."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def _as_loaded(ctrl, ad) -> tuple:
+    """All a load changes: the controller's state, the router's registry and topology, the layers' ranks."""
+    return ctrl.state_dict(), dict(ctrl.router.slots), ctrl.router.topology, [a.rank for a in ad.values()]
+
+
+def _edited(sd: dict, *path, value=None, drop=False) -> dict:
+    sd = copy.deepcopy(sd)
+    holder = sd
+    for k in path[:-1]:
+        holder = holder[k]
+    if drop:
+        del holder[path[-1]]
+    else:
+        holder[path[-1]] = value
+    return sd
+
+
+def test_a_state_with_damaged_multitask_parts_is_refused_in_one_line_before_anything_changes():
+    """`_state_problems` checked the multi-task part's top keys only. A kept merge (`parked`), a weight-conflict
+    reference (`conflict_ref`) or gradient EMAs that do not fit this model were loaded (the router, the base state)
+    and then failed halfway (a KeyError, "'str' object has no attribute 'to'"), or loaded and failed at the next
+    split ("The size of tensor a (32) must match ...") or named slots no task holds. Each is now a line of the
+    ValueError, raised before anything is loaded."""
+    model, ad, ctrl, opt, data = _merged_after_six_multi_steps(single_steps=1)
+    parked = ctrl.state_dict()  # (a merge kept)
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 1, data)  # the split brings the task adapters back: a weight-conflict reference
+    split = ctrl.state_dict()
+    assert parked["multitask"]["parked"] is not None and split["multitask"]["conflict_ref"] is not None
+    point = parked["multitask"]["parked"]["point"]
+    cases = [
+        (parked, ("multitask", "parked", "point"), point[:-1], r"\['point'\] is for 4 adapters; this model has 5"),
+        (parked, ("multitask", "parked", "point", 0, 0), torch.zeros(3, 3), r"has shape \(3, 3\); its block is"),
+        (parked, ("multitask", "parked", "point", 1, 4), "x", r"\[1\]\[4\] \(adapter 1\) is a str, not a floating"),
+        (parked, ("multitask", "parked", "slots"), [0, 5], r"names task slot\(s\) \[5\] that the state registers no"),
+        (parked, ("multitask", "parked", "step"), None, r"\['parked'\]\['step'\] is None, not a step"),
+        (parked, ("multitask", "parked"), {"step": 3}, r"\['parked'\] is not None or a dict with \['step', 'slots'"),
+        (parked, ("multitask", "parked", "ref", 0), [], r"\['ref'\]\[0\] \(adapter 0\) holds 0 blocks; its"),
+        (split, ("multitask", "conflict_ref", "point", 2), [torch.zeros(1)] * 6,
+         r"\['conflict_ref'\]\['point'\]\[2\]\[0\] \(adapter 2\) has shape \(1,\); its"),
+        (split, ("multitask", "conflict_ref", "slots"), "ab", r"\['conflict_ref'\]\['slots'\] is 'ab', not a list"),
+        (split, ("multitask", "grad_ema"), {0: torch.zeros(3), 9: torch.zeros(3)}, r"\['grad_ema'\] names task slot"),
+        (split, ("multitask", "grad_ema"), {0: [0.5]}, r"\['grad_ema'\]\[0\] is a list, not a tensor"),
+        (split, ("multitask", "grad_sq"), {0: torch.zeros(5)}, r"\['grad_sq'\]\[0\] is \(5,\), not a tensor of 3"),
+        (split, ("multitask", "grad_sq"), {7: torch.zeros(3)}, r"\['grad_sq'\] names task slot\(s\) \[7\]"),
+        (split, ("multitask", "ref"), split["multitask"]["ref"][:-2], r"\['ref'\] holds \d+ tensors; this model"),
+        (split, ("multitask", "router", "slots"), [["a", 0], ["b", 0]], r"not a list of \[task id, slot\] pairs"),
+        (split, ("machine", "hold_down"), {1: "soon"}, r"\['hold_down'\] is \{1: 'soon'\}, not a mapping"),
+    ]
+    model2, ad2, fresh, opt2 = build(initial_mode=SINGLE)
+    train(model2, fresh, opt2, 2, conflict_data(seed=3))
+    before = _as_loaded(fresh, ad2)
+    for good, path, value, says in cases:
+        with pytest.raises(ValueError, match=says) as e:
+            fresh.load_state_dict(_edited(good, *path, value=value))
+        assert "nothing was loaded" in str(e.value) and len(str(e.value).splitlines()) == 2, str(e.value)
+        assert _same(_as_loaded(fresh, ad2), before), path
+    fresh.load_state_dict(split)  # the states as saved load
+    assert fresh.mode == MULTI and _same(fresh.state_dict(), split)
+
+
+def test_a_load_that_fails_midway_leaves_the_controller_as_it_was(tmp_path, monkeypatch):
+    """ctrl.load_state_dict loaded the router, then the base state, then the rest, and checked the trace file last:
+    a damaged trace_path (a line of junk), a part its checks do not see (a signal state of the right keys and wrong
+    values) or a Ctrl-C during the rank change left the controller partly loaded: another step count, mode, router
+    topology and rank, and the multi-task parts of the controller it was. A load is now all or nothing: the trace file
+    is checked before anything loads, and a load that raises midway puts the previous state back."""
+    model, ad, ctrl, opt, data = _merged_after_six_multi_steps(single_steps=1)
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 1, data)  # MULTI, the task adapters back: every multi-task part held
+    sd = ctrl.state_dict()
+    path = tmp_path / "trace.jsonl"
+    model2 = tiny_bert()
+    ad2, fresh = setup_multitask_lora(model2, ["a", "b"], TARGETS, lr_mode="off", print_fn=None, trace_path=path,
+                                      signal=MultiTaskSignalConfig(phi_init=0.0))
+    train(model2, fresh, torch.optim.AdamW(trainable_parameters(model2), lr=1e-2), 2, conflict_data(seed=3))
+    fresh.close()
+    text = path.read_text()
+    path.write_text(text.replace("\n", "\nnot a record\n", 1))
+    fresh.writer = TraceWriter(path, append=True)  # (the resumed run's writer: it has written nothing yet)
+    before = _as_loaded(fresh, ad2)
+    assert before[2] == "shared" and sd["multitask"]["router"]["topology"] == "task"
+    with pytest.raises(ValueError, match=r"trace.jsonl: line 2 is not a step's record"):
+        fresh.load_state_dict(sd)
+    assert _same(_as_loaded(fresh, ad2), before)
+    path.write_text(text)  # the trace whole again; the signal's state of the right keys, wrong values
+    with pytest.raises(TypeError):
+        fresh.load_state_dict(_edited(sd, "signal", "E", value=5))
+    assert _same(_as_loaded(fresh, ad2), before)
+    _interrupt_next_rank_change(fresh, monkeypatch)  # (the rank change comes after every part but the multi-task's)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.load_state_dict(sd)
+    assert _same(_as_loaded(fresh, ad2), before)
+    fresh.load_state_dict(sd)
+    assert _same(fresh.state_dict(), sd) and fresh.router.topology == "task"
+    assert [r["step"] for r in map(json.loads, path.read_text().splitlines())] == [0, 1]
+
+
+def test_a_controller_pickled_before_the_merge_test_unpickles_with_its_defaults_and_splits_back():
+    """A controller comes back without `__init__` when unpickled (pickle, torch.load(weights_only=False) of a whole
+    controller, as the README says it pickles at any step). One pickled before the merge test (resplit_window, the
+    kept merge, the back-off, the weight-conflict reference) had none of them, and its first step raised
+    AttributeError '_parked'. Each comes back as a new controller starts it."""
+    import pickle
+
+    data = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=MULTI)
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 4, data)
+    for name in ("resplit_window", "_parked", "_conflict_ref", "failed_merges", "_split_undo", "_ref_slots"):
+        delattr(ctrl, name)  # as an earlier version pickled it
+    del ctrl.machine.hold_down
+    model, ctrl, opt = pickle.loads(pickle.dumps((model, ctrl, opt)))
+    assert (ctrl.resplit_window, ctrl._parked, ctrl._conflict_ref, ctrl.failed_merges) == (25, None, None, 0)
+    assert ctrl.machine.hold_down == {} and ctrl._ref_slots == {0, 1}
+    _force(ctrl, 0.98)
+    train(model, ctrl, opt, 1, data)
+    assert ctrl.mode == SINGLE and ctrl._parked is not None
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 1, data)
+    assert ctrl.mode == MULTI and ctrl.trace[-1].components["tasks_back"] == 2 and ctrl.failed_merges == 1
+    assert ctrl.machine.hold_down == {MULTI: ctrl.global_step - 1 + 50}
+
+
+def test_task_adapters_loaded_after_a_merge_are_the_users_and_the_next_split_copies(tmp_path):
+    """load_task_adapters within resplit_window of a merge: the controller kept the merge, so the next split added
+    the shared adapter's move since the merge to the adapters the user had loaded (and brought back the tasks the load
+    had replaced), and held the next merge back. The loaded adapters are the user's choice: the kept merge goes
+    (not in the state either), and the split copies the shared adapter, as after the window. So does the weight
+    conflict's reference of the tasks a split brought back."""
+    other, _, octrl, oopt, odata = _merged_after_six_multi_steps(single_steps=0)
+    save_task_adapters(other, tmp_path / "theirs")  # another run's, saved in SINGLE (the shared topology)
+    model, ad, ctrl, opt, data = _merged_after_six_multi_steps(single_steps=1)
+    assert ctrl._parked is not None and ctrl.router.topology == "shared"
+    load_task_adapters(model, tmp_path / "theirs")
+    assert ctrl.state_dict()["multitask"]["parked"] is None
+    train(model, ctrl, opt, 1, data)
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 1, data)  # a split 3 steps after the merge
+    assert ctrl.mode == MULTI and ctrl.trace[-1].components["event"] == "split"
+    assert "tasks_back" not in ctrl.trace[-1].components and ctrl.failed_merges == 0 and not ctrl.machine.hold_down
+    for a in ad.values():
+        for s in (0, 1):
+            assert all(torch.equal(t, p) for t, p in zip(a.task_parameters(s), a.shared_parameters()))
+    # after a split that brought the task adapters back, a load drops their weight-conflict reference
+    model, ad, ctrl, opt, data, *_ = _split_after_merge(2)
+    assert ctrl._conflict_ref is not None
+    save_task_adapters(model, tmp_path / "mine")
+    load_task_adapters(model, tmp_path / "mine")
+    assert ctrl.state_dict()["multitask"]["conflict_ref"] is None

@@ -120,6 +120,37 @@ def test_a_peft_models_loss_is_read_through_to_its_base_model(tmp_path):
                                                          abs=1e-6)
 
 
+def test_a_peft_model_under_the_trainer_saves_checkpoints_and_resumes_the_same_trajectory(tmp_path):
+    """attach_to_peft_model under the Trainer with checkpoints: the first save failed in the callback's `on_save`
+    ("'_PeftLoRAView' object has no attribute 'base_layer'", found by the user trial), so no PEFT model driven by
+    the callback could checkpoint. Now a run resumed from checkpoint-3 in a fresh model makes the uninterrupted
+    run's decisions (a Mirror entry included) and ends at its weights, and PEFT loads the final checkpoint."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    def run(out, resume=None):
+        model = get_peft_model(tiny_bert(), LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        ctrl = attach_to_peft_model(model, signal=SignalConfig(kind="loss", alpha=0.3, loss_scale=0.1),
+                                    print_fn=None)
+        Trainer(model=model, args=_resume_args(out, 8), train_dataset=TokenDataset(n=16),
+                callbacks=[UnifiedLoRACallback(ctrl, resume_from=resume)]).train(resume_from_checkpoint=resume)
+        return model, [(r.step, r.phi, r.mode, r.lr) for r in ctrl.trace]
+
+    model, trace = run(tmp_path / "a")
+    assert os.path.isfile(tmp_path / "a" / "checkpoint-3" / CONTROLLER_STATE_NAME)
+    assert len({m for _, _, m, _ in trace[3:]}) > 1, "a transition after the resume point"
+    model2, trace2 = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert trace2 == trace[3:]
+    full, resumed = _final_lora(model), _final_lora(model2)
+    assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
+
+    x = TokenDataset(n=4).x
+    loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "a" / "checkpoint-8")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+
+
 def test_a_multitask_controller_is_refused_with_the_loop_to_use():
     """The Trainer gives the callback no task ids and no per-task losses. A MultiTaskController driven by it used to
     run silently with no task gradient captured in SINGLE, so the gradient conflict never rose and the split into

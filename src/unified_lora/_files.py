@@ -185,7 +185,8 @@ def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_checkpoint=True"):
+def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_checkpoint=True",
+                    map_location="cpu"):
     """`torch.load` (on the CPU) of a state file this library wrote: a CLI checkpoint's `state.pt`, the Trainer
     callback's `unified_lora_controller.pt`. With `weights_only=True`: those files hold only tensors and plain Python
     values (dicts, lists, tuples, str, numbers, bools, None), and unpickling anything else can run code the file
@@ -195,11 +196,12 @@ def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_c
     short, empty, or not a pickle at all: text, random bytes, which the unpickler reads as opcodes and failed on with
     a KeyError or IndexError) is a ValueError that names it (`damaged_file_error`). A MemoryError is raised as it is,
     and an ImportError (a trusted file's object whose module is not installed) as one that names the file: neither
-    says the file is damaged (they were read as damaged, and the error said to delete the checkpoint)."""
+    says the file is damaged (they were read as damaged, and the error said to delete the checkpoint).
+    `map_location`: torch.load's (None: each tensor where it was saved)."""
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+        return torch.load(path, map_location=map_location, weights_only=not trust_checkpoint)
     except (PermissionError, FileNotFoundError, IsADirectoryError):  # each says what it is itself
         raise
     except pickle.UnpicklingError as e:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._files import read_json_file, write_text_atomically
+from .config import RESPLIT_WINDOW
 
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
@@ -662,7 +663,7 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
         "warmup_ratio", "lr_scheduler_kwargs", "metric_for_best", "save_best", "early_stopping_patience",
         "early_stopping_threshold",
-        "task_names")},
+        "task_names", "resplit_window")},
     "lrs": "mode_lrs",
 }
 
@@ -693,6 +694,7 @@ def _train_config(args) -> "object":
     if args.no_controller:
         flags["controller"] = False
     out = _check_output_dir(flags.get("output_dir", d.get("output_dir", "unified-lora-run")))
+    user = {**d, **flags}  # what this command gives (the YAML file and flags), not a resumed run's stored settings
     ckpt = None
     if args.resume:
         # (under torchrun: process 0 looks, as it puts back a save a kill interrupted; every process reads that one)
@@ -724,6 +726,10 @@ def _train_config(args) -> "object":
         raise UsageError(f"--resume {ckpt}: the run was trained on the tasks {stored['data']!r} (dev_data "
                          f"{stored.get('dev_data')!r}); with {flags_now} as given now: {e}; a resumed run keeps its "
                          f"tasks: drop {flags_now}, or start a new run in another --output-dir") from None
+    if cfg.resplit_window != RESPLIT_WINDOW and not cfg.tasks:  # (a task's own config, one data set each, has it)
+        raise UsageError(f"--resplit-window {cfg.resplit_window}: for several --data sets (multi-task mode: a split "
+                         "soon after a merge brings the task adapters back); this run has one data set")
+    _check_lr_read(cfg, user)
     if ckpt is not None:
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
@@ -741,6 +747,20 @@ def _train_config(args) -> "object":
     for key in ("model", "data", "dev_data"):
         setattr(cfg, key, absolute(getattr(cfg, key)))
     return cfg, ckpt
+
+
+def _check_lr_read(cfg, user: dict) -> None:
+    """A UsageError for `--lr` (YAML `lr`) given to a run in --lr-mode absolute (the default), which does not read it:
+    each mode trains at its `--lrs`. `--lr 1e6` trained at the default --lrs, silently (found by the user trial; a
+    Trainer user takes --lr for the learning rate). (`--lrs` with --lr-mode multiplier is not read either, and is
+    not refused: it is the default LR table, given with the mode in many recorded commands.)"""
+    from .training import UsageError
+
+    if cfg.lr_mode != "absolute" or "lr" not in user:
+        return
+    raise UsageError(f"--lr {cfg.lr:g} (YAML lr): the base LR of --lr-mode multiplier, not read with --lr-mode "
+                     f"absolute (the default), which trains each mode at its --lrs SINGLE MULTI MIRROR (now "
+                     f"{' '.join(f'{v:g}' for v in cfg.mode_lrs)}); pass --lrs instead, or --lr-mode multiplier")
 
 
 def _read_config(path: str) -> dict:
@@ -1349,6 +1369,7 @@ def _read_run_summary(directory: Path) -> dict | None:
 
 
 def _load_trace(path: Path) -> list[dict]:
+    from .trace import torn_json
     from .training import UsageError
 
     if not path.is_file():
@@ -1362,8 +1383,8 @@ def _load_trace(path: Path) -> list[dict]:
         try:
             trace.append(json.loads(line))
         except json.JSONDecodeError:
-            if n == len(lines) and not line.endswith("\n"):  # the last line, cut off by a kill (as --resume drops it)
-                continue
+            if n == len(lines) and not line.endswith("\n") and torn_json(line):  # the last line, cut off by a kill
+                continue  # (as --resume drops it)
             raise UsageError(f"{path}: line {n} is not JSON; is this a unified-lora trace.jsonl?") from None
     if not trace:
         raise UsageError(f"{path}: trace is empty; the run recorded no steps")
@@ -1713,6 +1734,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its start mode (MULTI; SINGLE for several --data sets) while the signal gathers its statistics "
                    "(default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
+    t.add_argument("--resplit-window", type=int, metavar="N", help="several --data sets: a split within N steps of "
+                   "a merge brings each task's adapter back as the merge left it, and the next merge waits (default "
+                   "25; 0 = every split copies the shared adapter)")
     t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
                    "snapshot if the weights moved less than 5%%), loss_worse (restore if the loss is higher than "

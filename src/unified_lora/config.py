@@ -21,6 +21,9 @@ SCALINGS = ("alpha_over_r", "max_rank_over_r", "rslora", "alpha_over_max_rank")
 KERNELS = ("python", "cpp")  # how NestedLoRALayer runs two or more active blocks (see NestedLoRAConfig)
 MODES = ("SINGLE", "MULTI", "MIRROR")
 SINGLE, MULTI, MIRROR = 0, 1, 2
+# MultiTaskController's default `resplit_window`: the steps after a merge within which a split brings the task
+# adapters back
+RESPLIT_WINDOW = 25
 
 
 def _fail(field_name: str, why: str) -> None:

@@ -759,6 +759,25 @@ class UnifiedController:
         into any run."""
         self._reshard()
         self._check_state(sd)
+        # the trace file read and checked now (a damaged one raises here), rewritten once the state has loaded
+        trace = self.writer.resume_plan(sd["global_step"]) if self.writer is not None else None
+        before = self.state_dict()
+        try:
+            self._load_parts(sd)
+        except BaseException as e:
+            # all or nothing: a part that raised midway (what the checks above cannot see, a Ctrl-C) left the parts
+            # before it loaded and the rest as they were
+            try:
+                self._load_parts(before)
+            except BaseException as again:  # noqa: BLE001 - said in the note; the first error is the one raised
+                _add_note(e, f"ctrl.load_state_dict: putting the controller's previous state back failed too "
+                             f"({type(again).__name__}: {again}); the controller is partly loaded: build it again")
+            raise
+        if self.writer is not None:  # a resumed run's trace_path keeps the lines of the steps before it
+            self.writer.apply_resume(trace)
+
+    def _load_parts(self, sd: dict) -> None:
+        """`load_state_dict`'s loads, on a state `_check_state` passed (or this controller's own, to put it back)."""
         device = self.adapters[0].lora_A[0].device if self.adapters else None
         # first: the one part that can still fail (a kernel)
         self.mirror.load_state_dict(sd["mirror"], device, params=self.managed_parameters())
@@ -770,8 +789,6 @@ class UnifiedController:
         self.machine.load_state_dict(sd["machine"])
         self._apply_rank()
         self._apply_lr()
-        if self.writer is not None:  # a resumed run's trace_path keeps the lines of the steps before it
-            self.writer.resume(self.global_step)
 
     def _check_state(self, sd: dict) -> None:
         """Raise the ValueError of `load_state_dict` if `sd` does not fit this controller; load nothing."""
@@ -901,6 +918,10 @@ class UnifiedController:
         mode = sd["machine"].get("mode")
         if mode not in range(len(MODES)):
             out.append(f"machine mode {mode!r} is not one of 0, 1, 2 ({', '.join(MODES)})")
+        hold = sd["machine"].get("hold_down", {})  # (none in older files)
+        if not isinstance(hold, dict) or not all(_is_int(k) and int(k) in range(len(MODES)) and _is_int(v)
+                                                 for k, v in hold.items()):
+            out.append(f"sd['machine']['hold_down'] is {hold!r}, not a mapping of a mode (0, 1, 2) to a step")
         return out
 
     def __getstate__(self) -> dict:
@@ -939,6 +960,13 @@ class UnifiedController:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _is_int(v) -> bool:
+    """An int, or a string of one (a state's keys after a trip through JSON); not a bool."""
+    if isinstance(v, str):
+        return v.lstrip("-").isdigit()
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _refuse_ignored(fn: Callable, arg: str, config, **given) -> None:

@@ -433,6 +433,16 @@ def save_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, c
     dcp.save(state, checkpoint_id=str(checkpoint_dir), process_group=group)
 
 
+def _read_ctrl_file(path: str):
+    """A sharded checkpoint's controller file (`ctrl.pt`, or an older `ctrl_rank{rank}.pt`), read with
+    `torch.load(weights_only=True)`, each tensor where it was saved (as before), through `load_state_file`: a file cut
+    short or of junk is a ValueError naming it (it was torch's own error, naming no file)."""
+    from ._files import load_state_file
+
+    return load_state_file(path, map_location=None, opt_in="torch.load(weights_only=False) yourself "
+                           "(load_sharded_checkpoint loads tensors and plain Python values only)")
+
+
 def _ctrl_from_checkpoint(checkpoint_dir, ctrl, saved: dict):
     """The controller part of a sharded checkpoint, checked against `ctrl` (a ValueError, before anything is
     loaded): (the state to complete, [(path, DTensor target to load the path's tensor into)]), or None where the
@@ -442,7 +452,7 @@ def _ctrl_from_checkpoint(checkpoint_dir, ctrl, saved: dict):
     path = os.path.join(str(checkpoint_dir), _CTRL_FILE)
     if not os.path.isfile(path):
         return None
-    got = torch.load(path, weights_only=True)
+    got = _read_ctrl_file(path)
     state = got["state"]
     here = sharding_of(ctrl.managed_parameters())
     bare = dict(state, sharding=here, grad_stats={"prev": []},
@@ -493,8 +503,7 @@ def load_sharded_checkpoint(checkpoint_dir, model: torch.nn.Module, optimizer, c
         ctrl._reshard()  # (an evaluation's unsharded parameters: read the sharded ones, as load_state_dict does)
         ctrl_part = _ctrl_from_checkpoint(checkpoint_dir, ctrl, saved)
         if ctrl_part is None:
-            legacy = torch.load(os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank(group)}.pt"),
-                                weights_only=True)
+            legacy = _read_ctrl_file(os.path.join(str(checkpoint_dir), f"ctrl_rank{dist.get_rank(group)}.pt"))
             try:  # another number of processes: refused before the model is loaded
                 ctrl._check_state(legacy)
             except ValueError as e:

@@ -42,6 +42,10 @@ class ModeMachine:
         self.last_transition_step: int | None = None
         self.hold_down: dict[int, int] = {}  # mode -> the first step at which it may move down
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("hold_down", {})  # a machine pickled before the merge back-off: none held
+        self.__dict__.update(state)
+
     def step(self, phi: float, step: int) -> Transition | None:
         if phi != phi:  # NaN fails every comparison, so zone() would read it as SINGLE and walk the machine down
             raise ValueError(f"phi: got NaN at step {step}; the machine needs a number (the library's signals "

@@ -78,9 +78,9 @@ import torch.nn.functional as F
 
 from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, remove_dead_leftovers,
                      temp_prefix, written_atomically)
-from .config import MODES, MULTI, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
+from .config import MODES, MULTI, RESPLIT_WINDOW, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
-from .controller import UnifiedController, _refuse_ignored, _unwrap_optimizer, extra_parameters
+from .controller import UnifiedController, _is_int, _refuse_ignored, _unwrap_optimizer, extra_parameters
 from .distributed import _device as _collective_device
 from .distributed import is_distributed, shard_group, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
@@ -111,6 +111,10 @@ def _check_task_id(tid: Any) -> int | str:
 class TaskRouter:
     """Task registry (id → slot) and the task ids of the batch being run, shared by every
     multi-task layer of one model. `topology` is "shared" (SINGLE) or "task" (MULTI/MIRROR)."""
+
+    # how many times `load_task_adapters` has written into this model's adapters (a class default: a router pickled
+    # before it has none); a `MultiTaskController` drops its kept merge after one (`_drop_kept_after_a_load`)
+    task_loads = 0
 
     def __init__(self, tasks: Sequence[int | str], spare_slots: int = 0, register_new_tasks: bool = False):
         if isinstance(tasks, (str, bytes)):  # tasks="mrpc" was the four tasks 'm', 'r', 'p', 'c'
@@ -864,7 +868,7 @@ class MultiTaskController(UnifiedController):
     def __init__(self, adapters, router: TaskRouter | None = None, *, optimizer=None,
                  signal: MultiTaskSignalConfig | None = None, merge_rule: str = "mean_factors",
                  machine: MachineConfig | None = None, actuators: ActuatorConfig | None = None,
-                 mirror: MirrorConfig | None = None, resplit_window: int = 25, **kwargs):
+                 mirror: MirrorConfig | None = None, resplit_window: int = RESPLIT_WINDOW, **kwargs):
         if merge_rule not in MERGE_RULES:
             raise ValueError(f"merge_rule: must be one of {MERGE_RULES}, got {merge_rule!r}")
         if isinstance(resplit_window, bool) or not isinstance(resplit_window, int) or resplit_window < 0:
@@ -915,6 +919,18 @@ class MultiTaskController(UnifiedController):
     # -- helpers ------------------------------------------------------------------------
     def _slots(self) -> list[int]:
         return sorted(self.router.slots.values())
+
+    def _drop_kept_after_a_load(self) -> None:
+        """`load_task_adapters` since the merge was kept (or since the split that brought the task adapters back): the
+        adapters loaded are the user's choice, so the kept merge goes (a split within resplit_window added the shared
+        adapter's move since the merge to them, and brought back task adapters the load had replaced), and so does the
+        tasks' weight-conflict reference (the loaded shared adapter is it, as after any split). Each records the
+        router's `task_loads` when it was made."""
+        n = self.router.task_loads
+        if self._parked is not None and self._parked.get("loads", n) != n:
+            self._parked = None
+        if self._conflict_ref is not None and self._conflict_ref.get("loads", n) != n:
+            self._conflict_ref = None
 
     def _task_adapter_parameters(self) -> list[nn.Parameter]:
         """Every block of the registered tasks' adapters (no spare slot), layer by layer."""
@@ -1219,6 +1235,7 @@ class MultiTaskController(UnifiedController):
                              f"task_ids)")
         if not self.__dict__.get("_not_sharded"):
             self._refuse_sharded()
+        self._drop_kept_after_a_load()
         parked = self._parked
         if parked is not None and self.global_step - parked["step"] > self.resplit_window:
             self._parked = None  # no split can bring the task adapters back now: the merge point's copy goes
@@ -1354,6 +1371,7 @@ class MultiTaskController(UnifiedController):
         adapters as the merge left them plus the shared adapter's move since (see the class docstring); their
         optimizer state is reset and this step's shared gradients are dropped (the shared adapter rests, as the
         split point)."""
+        self._drop_kept_after_a_load()
         step, parked = self.global_step, self._parked
         warm = parked is not None and 0 < self.resplit_window and step - parked["step"] <= self.resplit_window
         back = [s for s in self._slots() if warm and s in parked["slots"]]  # (a task registered since: a copy)
@@ -1376,7 +1394,8 @@ class MultiTaskController(UnifiedController):
             self._reset_opt_state(a.task_parameters())
         self.router.set_topology("task")
         self._parked = None
-        self._conflict_ref = {"slots": back, "point": refs} if refs else None  # (a file from before "ref": none)
+        self._conflict_ref = {"slots": back, "point": refs, "loads": self.router.task_loads} if refs else None
+        # (a file from before "ref": no reference)
         if warm:  # the merge did not hold: the next one waits, twice as long each time in a row
             self.failed_merges += 1
             self.machine.hold_down[MULTI] = step + self.resplit_window * 2 ** min(self.failed_merges, 6)
@@ -1393,6 +1412,7 @@ class MultiTaskController(UnifiedController):
         """Merge every registered task adapter into the shared one (`merge_rule`); returns the
         mean relative residual vs the mean task delta over layers (see the module docstring)."""
         rank = rank or self.actuators.mode_ranks[SINGLE]
+        self._drop_kept_after_a_load()
         # the tasks' weight-conflict reference before the merge overwrites the resting shared adapter (the same for
         # every task: each brought back by a split took the one it had): a split within resplit_window brings it back
         cref = self._conflict_ref
@@ -1411,7 +1431,8 @@ class MultiTaskController(UnifiedController):
         self._conflict_ref = None
         self._parked = None if not self.resplit_window else {
             "step": self.global_step if step is None else step, "slots": self._slots(),
-            "point": [[p.detach().clone() for p in a.shared_parameters()] for a in self.adapters], "ref": ref}
+            "point": [[p.detach().clone() for p in a.shared_parameters()] for a in self.adapters], "ref": ref,
+            "loads": self.router.task_loads}
         r = sum(res) / len(res)
         entry = {"step": self.global_step if step is None else step, "rule": self.merge_rule, "rank": rank,
                  "residual": r}
@@ -1423,6 +1444,7 @@ class MultiTaskController(UnifiedController):
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._drop_kept_after_a_load()
         sd = super().state_dict()
         sd["multitask"] = {
             "router": self.router.state_dict(),
@@ -1457,7 +1479,120 @@ class MultiTaskController(UnifiedController):
                 mt["router"], dict) or any(k not in mt["router"] for k in ("slots", "n_slots", "topology")):
             out.append("sd['multitask'] is not a MultiTaskController's state (missing keys: a truncated or edited "
                        "state)")
+        elif isinstance(sd, dict):
+            out += self._multitask_problems(mt)
         return out
+
+    def _multitask_problems(self, mt: dict) -> list[str]:
+        """Every way the parts of `sd['multitask']` do not fit this controller's model (its keys are there). Each
+        of them was read only by the load, after the router and the base state had loaded (a KeyError or TypeError
+        there left the controller partly loaded), or later, at a split (a kept merge point of another model's
+        shapes)."""
+        out: list[str] = []
+        where = "sd['multitask']"
+        r = mt["router"]
+        n = r["n_slots"]
+        if n != self.router.n_slots:
+            out.append(f"{where}['router']: saved with {n!r} task slots (tasks + spare_slots), this model has "
+                       f"{self.router.n_slots}; build it with the same tasks and spare_slots as the saved one")
+            return out
+        pairs = r["slots"]
+        ok = isinstance(pairs, (list, tuple)) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, str))
+            and not isinstance(e[0], bool) and type(e[1]) is int and e[1] in range(n) for e in pairs)
+        if not ok or len({e[0] for e in pairs}) != len(pairs) or len({e[1] for e in pairs}) != len(pairs):
+            return out + [f"{where}['router']['slots'] is not a list of [task id, slot] pairs, each id and slot "
+                          f"once, slots 0..{n - 1}: {pairs!r:.200}"]
+        if r["topology"] not in ("shared", "task"):
+            out.append(f"{where}['router']['topology'] is {r['topology']!r}, not 'shared' or 'task'")
+        registered = {e[1] for e in pairs}
+
+        def slots_problem(what: str, slots) -> str | None:
+            if not isinstance(slots, (list, tuple, set)) or not all(_is_int(s) for s in slots):
+                return f"{what} is {slots!r:.200}, not a list of task slots"
+            bad = sorted(int(s) for s in slots if int(s) not in registered)
+            return f"{what} names task slot(s) {bad} that the state registers no task in " \
+                   f"(registered: {sorted(registered)})" if bad else None
+
+        ge = mt["grad_ema"]
+        if not isinstance(ge, dict):
+            out.append(f"{where}['grad_ema'] is a {type(ge).__name__}, not a mapping of task slots to tensors")
+        else:
+            out += [p for p in [slots_problem(f"{where}['grad_ema']", list(ge))] if p]
+            out += [f"{where}['grad_ema'][{s!r}] is a {type(g).__name__}, not a tensor" for s, g in ge.items()
+                    if not torch.is_tensor(g)]
+        gs = mt.get("grad_sq", {})  # (optional: states from before it have none)
+        if not isinstance(gs, dict):
+            out.append(f"{where}['grad_sq'] is a {type(gs).__name__}, not a mapping of task slots to tensors")
+        else:
+            out += [p for p in [slots_problem(f"{where}['grad_sq']", list(gs))] if p]
+            out += [f"{where}['grad_sq'][{s!r}] is {type(g).__name__ if not torch.is_tensor(g) else tuple(g.shape)}, "
+                    f"not a tensor of 3 numbers (the EMA of the squared gradient norm, W1, W2)" for s, g in gs.items()
+                    if not (torch.is_tensor(g) and tuple(g.shape) == (3,))]
+        every = [(name, p, b) for name, a in zip(self._adapter_names, self.adapters)
+                 for b in [{id(q) for q in a.lora_B} | {id(q) for t in a.lora_tasks for q in t.lora_B}]
+                 for p in a.lora_parameters()]
+        ref = mt["ref"]
+        if not isinstance(ref, (list, tuple)) or len(ref) != len(every):
+            out.append(f"{where}['ref'] holds {len(ref) if isinstance(ref, (list, tuple)) else type(ref).__name__} "
+                       f"tensors; this model's adapters have {len(every)} LoRA blocks (shared and task)")
+        else:
+            out += [p for p in (self._block_problem(f"{where}['ref'][{i}]", t, name, q, id(q) in b)
+                                for i, (t, (name, q, b)) in enumerate(zip(ref, every))) if p][:3]
+        if "ref_slots" in mt:
+            out += [p for p in [slots_problem(f"{where}['ref_slots']", mt["ref_slots"])] if p]
+        if mt["merge_rule"] not in MERGE_RULES:
+            out.append(f"{where}['merge_rule'] is {mt['merge_rule']!r}, not one of {MERGE_RULES}")
+        if not isinstance(mt["merge_log"], (list, tuple)) or not all(isinstance(e, dict) for e in mt["merge_log"]):
+            out.append(f"{where}['merge_log'] is not a list of merges (dicts)")
+        if "failed_merges" in mt and not (_is_int(mt["failed_merges"]) and int(mt["failed_merges"]) >= 0):
+            out.append(f"{where}['failed_merges'] is {mt['failed_merges']!r}, not a count")
+        for part, keys in (("parked", ("step", "slots", "point")), ("conflict_ref", ("slots", "point"))):
+            got = mt.get(part)
+            what = f"{where}[{part!r}]"
+            if got is None:
+                continue
+            if not isinstance(got, dict) or any(k not in got for k in keys):
+                out.append(f"{what} is not None or a dict with {list(keys)}: a truncated or edited state")
+                continue
+            if part == "parked" and not _is_int(got["step"]):
+                out.append(f"{what}['step'] is {got['step']!r}, not a step")
+            out += [p for p in [slots_problem(f"{what}['slots']", got["slots"])] if p]
+            for key in ("point", "ref"):
+                if got.get(key) is not None or key == "point":
+                    p = self._layers_problem(f"{what}[{key!r}]", got.get(key))
+                    out += [p] if p else []
+        return out
+
+    @staticmethod
+    def _block_problem(what: str, t, name: str, p: torch.Tensor, rows_may_differ: bool) -> str | None:
+        """`t`, a copy of block `p` (of adapter `name`) in a state: a floating tensor of `p`'s shape, or, for a B
+        block, with other rows (a copy taken before `resize_token_embeddings` grew them: `_rows_as`)."""
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            return f"{what} ({name}) is a {type(t).__name__ if not torch.is_tensor(t) else t.dtype}, " \
+                   f"not a floating tensor"
+        if t.ndim != p.ndim or (t.shape[1:] if rows_may_differ else t.shape) != (p.shape[1:] if rows_may_differ
+                                                                                   else p.shape):
+            return f"{what} ({name}) has shape {tuple(t.shape)}; its block is {tuple(p.shape)}"
+        return None
+
+    def _layers_problem(self, what: str, layers) -> str | None:
+        """`layers`, a copy of every layer's shared blocks in a state (the kept merge point, a weight-conflict
+        reference: `shared_parameters()` order per adapter), does not fit this model's adapters: why, else None."""
+        if not isinstance(layers, (list, tuple)) or len(layers) != len(self.adapters):
+            got = len(layers) if isinstance(layers, (list, tuple)) else type(layers).__name__
+            return f"{what} is for {got} adapters; this model has {len(self.adapters)}"
+        for i, (name, a, blocks) in enumerate(zip(self._adapter_names, self.adapters, layers)):
+            own = a.shared_parameters()
+            if not isinstance(blocks, (list, tuple)) or len(blocks) != len(own):
+                got = len(blocks) if isinstance(blocks, (list, tuple)) else type(blocks).__name__
+                return f"{what}[{i}] ({name}) holds {got} blocks; its shared A and B blocks are {len(own)}"
+            nA = len(a.lora_A)
+            for j, (t, p) in enumerate(zip(blocks, own)):
+                bad = self._block_problem(f"{what}[{i}][{j}]", t, name, p, j >= nA)
+                if bad:
+                    return bad
+        return None
 
     def load_state_dict(self, sd: dict) -> None:
         self._check_state(sd)  # before the router changes: a refused state leaves everything as it was
@@ -1471,29 +1606,47 @@ class MultiTaskController(UnifiedController):
                              f"{len(merged)} of this model's {len(self.adapters)} adapters are merged "
                              f"into their base weights (merge_adapters); task adapters cannot be folded into one base "
                              f"weight. Call unmerge_adapters(model) first; nothing was loaded")
+        super().load_state_dict(sd)  # (all or nothing: a load that fails midway puts the previous state back)
+
+    def _load_parts(self, sd: dict) -> None:
+        mt = sd["multitask"]
         self.router.load_state_dict(mt["router"])
-        super().load_state_dict(sd)
+        super()._load_parts(sd)
         dev = self.adapters[0].lora_A[0].device
-        self.grad_ema = {s: g.to(dev, copy=True) for s, g in mt["grad_ema"].items()}  # not the caller's tensors
+        self.grad_ema = {int(s): g.to(dev, copy=True) for s, g in mt["grad_ema"].items()}  # not the caller's tensors
         # (a state saved before "grad_sq": the noise statistics start afresh at each task's next step, ρ = 0 there, as
         # for a new task; ḡ keeps its history, so ρ reads a little off for the few steps the EMA takes to turn over)
-        self.grad_sq = {s: g.to(dev, copy=True) for s, g in mt.get("grad_sq", {}).items()}
+        self.grad_sq = {int(s): g.to(dev, copy=True) for s, g in mt.get("grad_sq", {}).items()}
         self._ref = [r.to(dev, copy=True) for r in mt["ref"]]
         # a file from before "ref_slots": its reference covers the tasks registered when it was saved
-        self._ref_slots = set(mt.get("ref_slots", self._slots()))
+        self._ref_slots = {int(s) for s in mt.get("ref_slots", self._slots())}
         self.merge_rule = mt["merge_rule"]
         self.merge_log = [dict(e) for e in mt["merge_log"]]
         # (files from before the re-split: no merge held, no back-off)
         self.failed_merges = int(mt.get("failed_merges", 0))
+        loads = self.router.task_loads  # the task adapters of this state: what a later load_task_adapters replaces
         pk = mt.get("parked")
         self._parked = None if pk is None else {
             "step": int(pk["step"]), "slots": [int(s) for s in pk["slots"]],
             "point": [[t.to(dev, copy=True) for t in layer] for layer in pk["point"]],
-            "ref": None if pk.get("ref") is None else [[t.to(dev, copy=True) for t in layer] for layer in pk["ref"]]}
+            "ref": None if pk.get("ref") is None else [[t.to(dev, copy=True) for t in layer] for layer in pk["ref"]],
+            "loads": loads}
         cr = mt.get("conflict_ref")  # (files from before it: the tasks measured from the shared adapter)
         self._conflict_ref = None if cr is None else {
             "slots": [int(s) for s in cr["slots"]], "point": [[t.to(dev, copy=True) for t in layer]
-                                                              for layer in cr["point"]]}
+                                                              for layer in cr["point"]], "loads": loads}
+
+    def __setstate__(self, state: dict) -> None:
+        """A controller pickled by an earlier version (`pickle`, `torch.load(weights_only=False)` of a whole
+        controller) lacks the parts added since: each as a new controller starts it (no merge kept, no back-off,
+        the default `resplit_window`); the base class adds its own."""
+        for key, value in (("resplit_window", RESPLIT_WINDOW), ("_parked", None), ("_conflict_ref", None),
+                           ("failed_merges", 0), ("_split_undo", None), ("_task_info", False), ("_local_loss", None),
+                           ("grad_sq", {}), ("_grad_info", {})):
+            state.setdefault(key, value)
+        super().__setstate__(state)
+        if "_ref_slots" not in self.__dict__:  # (its reference covers the tasks registered now)
+            self._ref_slots = set(self._slots())
 
 
 def setup_multitask_lora(
@@ -1690,6 +1843,8 @@ def load_task_adapters(model: nn.Module, save_dir: str | os.PathLike) -> None:
                 blocksA(l)[i].copy_(A[s:e])
                 blocksB(l)[i].copy_(B[:, s:e])
 
+    # the adapters are the user's choice from here: a controller's kept merge goes (`_drop_kept_after_a_load`)
+    router.task_loads += 1
     merged = [l for l in layers.values() if l.merged_rank]
     for l in merged:  # the base weight holds the old shared delta; take it out before the blocks change
         l.unmerge()

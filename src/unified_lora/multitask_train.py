@@ -261,7 +261,7 @@ class MultiTaskRun(Run):
             lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save,
             signal=MultiTaskSignalConfig(loss_scale=cfg.loss_scale), lr_mode=actuators.lr_mode, machine=machine,
             actuators=actuators, mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel, trace_path=None,
-            log_every=cfg.log_every, print_fn=print_fn, keep_trace=keep_trace)
+            log_every=cfg.log_every, print_fn=print_fn, keep_trace=keep_trace, resplit_window=cfg.resplit_window)
 
     def masked(self, logits: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """`logits` with each row's classes beyond its task's set to -inf."""

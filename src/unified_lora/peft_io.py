@@ -769,6 +769,11 @@ class _PeftLoRAView:
         pass
 
     @property
+    def base_layer(self) -> nn.Module:
+        """PEFT's wrapped base layer (what the Trainer callback's checkpoints record the quantization of)."""
+        return self._layer.get_base_layer()
+
+    @property
     def merged_rank(self) -> int:
         """The rank if PEFT's `merge_adapter()` merged this adapter into the base weight, else 0."""
         return self.rank if self._adapter in getattr(self._layer, "merged_adapters", ()) else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -122,13 +123,19 @@ class TraceWriter:
         """Continue the trace of a run resumed at `step`: keep the lines of steps before it. A no-op once
         this writer has written (a state loaded mid-run, e.g. the best checkpoint's at the end of training,
         leaves the run's trace whole), unless `rewind`: a resume in the same process, whose steps from `step`
-        on are replayed, drops their lines from the first attempt. A last line cut off by a crash (no newline) is
-        dropped; any other line that is not a step's record (not UTF-8 JSON with a step: a damaged file) is a
-        ValueError naming the file and the line, and the file is left as it is (such lines were dropped, and the
-        records around them kept, silently; a file not UTF-8 was a bare UnicodeDecodeError)."""
+        on are replayed, drops their lines from the first attempt. A last line cut off by a crash is dropped: one
+        with no newline that is the start of a step's record cut short (`torn_json`); any other line that is not a
+        step's record (not UTF-8 JSON with a step: a damaged file) is a ValueError naming the file and the line,
+        and the file is left as it is (such lines were dropped, and the records around them kept, silently; a file
+        not UTF-8 was a bare UnicodeDecodeError; a last line of junk with no newline was dropped as a cut-off one).
+        `resume_plan` then `apply_resume` is the same in two parts: the first reads and checks, and changes
+        nothing (`ctrl.load_state_dict` runs it before it loads anything)."""
+        self.apply_resume(self.resume_plan(step, rewind))
+
+    def resume_plan(self, step: int, rewind: bool = False) -> list[str] | None:
+        """The lines `resume(step, rewind)` keeps (None: it does nothing), or its ValueError; nothing is changed."""
         if (self._written and not rewind) or not self._writes_here():
-            return
-        self._f.close()
+            return None
         keep = []
         with open(self.path, "rb") as f:
             lines = f.readlines()
@@ -141,17 +148,25 @@ class TraceWriter:
             except ValueError:
                 r = None
             if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
-                if n == len(lines) and not raw.endswith(b"\n"):  # a line cut off by a crash
+                if n == len(lines) and not raw.endswith(b"\n") and torn_json(raw):  # a line cut off by a crash
                     continue
-                self._f = open(self.path, "a", encoding="utf-8")
                 raise ValueError(f"{self.path}: line {n} is not a step's record (UTF-8 JSON with a step): the trace "
                                  "is damaged; restore it, or move it aside to resume with a new trace file from step "
                                  f"{step} on (the steps before it are then not in it)")
             if r["step"] < step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-        with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        self._f = open(self.path, "a", encoding="utf-8")
+        return keep
+
+    def apply_resume(self, keep: list[str] | None) -> None:
+        """Rewrite the file with the lines `resume_plan` kept, and append from there (None: nothing to do)."""
+        if keep is None:
+            return
+        self._f.close()
+        try:
+            with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        finally:
+            self._f = open(self.path, "a", encoding="utf-8")
         self._fresh = False
 
     def close(self) -> None:
@@ -159,6 +174,28 @@ class TraceWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
         self._f.close()
+
+
+def torn_json(raw: bytes | str) -> bool:
+    """Whether `raw`, a last line with no newline, is a step's record cut short, as a kill during its write leaves
+    it: what `StepRecord.to_json` writes always starts `{"step": ` (the dataclass's first field), so a cut-off record
+    is a start of that, or starts with it and holds no whole JSON object (the UTF-8 bytes of a character cut off
+    included). A line of junk is not, nor a whole record, nor one with something after its end."""
+    if isinstance(raw, bytes):
+        try:  # a character cut off at the end is left out; bytes that are not UTF-8 elsewhere are no record
+            raw = codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+        except UnicodeDecodeError:
+            return False
+    if not (raw.startswith(_RECORD_START) or (raw and _RECORD_START.startswith(raw))):
+        return False
+    try:
+        json.JSONDecoder().raw_decode(raw)  # a whole object (junk after it or not): no write cut this one
+    except ValueError:
+        return True
+    return False
+
+
+_RECORD_START = '{"step": '
 
 
 def read_trace(path: str | os.PathLike) -> list[dict]:

@@ -39,8 +39,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
-from .config import (KERNELS, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
-                     _scalar, check_field_types, parse_names)
+from .config import (KERNELS, RESPLIT_WINDOW, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
+                     SignalConfig, _scalar, check_field_types, parse_names)
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
@@ -58,6 +58,14 @@ _AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
 _STEPS = (lambda v: v >= 0, "must be >= 0")
 _SHARE = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 _LR = (lambda v: v >= 0 and math.isfinite(v), "must be an LR >= 0")
+# Hugging Face TrainingArguments, run_glue and PEFT LoraConfig names of this config's keys: a Trainer user's config
+# typo that difflib cannot place (`learning_rate` is not close to `lr`)
+_HF_KEY_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "steps",
+                 "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+                 "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler",
+                 "metric_for_best_model": "metric_for_best", "max_grad_norm": "grad_clip", "max_seq_length": "max_length",
+                 "model_name_or_path": "model", "train_file": "data", "validation_file": "dev_data",
+                 "r": "rank_levels", "lora_r": "rank_levels", "bf16": "precision", "fp16": "precision"}
 _SHAPES = ("linear", "cosine", "1-sqrt")  # warmup_stable_decay's warm-up and decay shapes
 _SHAPE = (lambda v: v in _SHAPES, f"must be one of {_SHAPES}")
 _MIN_LR = {"num_cycles": (float, *_POSITIVE), "min_lr": (float, *_LR), "min_lr_rate": (float, *_SHARE)}
@@ -151,6 +159,9 @@ class TrainConfig:
     theta1: float = 0.7
     min_dwell: int = 0
     controller_warmup: int = 0  # steps before the controller's first transition (MachineConfig.warmup_steps)
+    # several data sets: a split within this many steps of a merge brings the task adapters back (0 = off;
+    # MultiTaskController's resplit_window)
+    resplit_window: int = RESPLIT_WINDOW
     mirror_policy: str = "drift"
     drift_threshold: float = 0.05
     mirror_kernel: str = "eager"  # eager | fused (C++ CPU kernels, built with the controller; MirrorConfig.kernel)
@@ -210,6 +221,8 @@ class TrainConfig:
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"must be one of {LR_SCHEDULERS}"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0 (0 = no warm-up)"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1) (0 = no warm-up)"),
+            ("resplit_window", self.resplit_window >= 0, "must be >= 0 (steps after a merge within which a split "
+             "brings the task adapters back; 0 = every split copies the shared adapter)"),
             ("controller_warmup", self.controller_warmup >= 0, "must be >= 0 (0 = the controller may switch from the "
              "first step)"),
             ("log_every", self.log_every >= 0, "must be >= 0"),
@@ -347,7 +360,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
             # a typo, or a flag's spelling (batch-size): name the key it most likely meant
-            close = {str(k): difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
+            close = {str(k): [_HF_KEY_NAMES[str(k).replace("-", "_")]] if str(k).replace("-", "_") in _HF_KEY_NAMES
+                     else difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
             hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
             raise ValueError(f"config: unknown key(s) {unknown}{f' ({hint})' if hint else ''}; valid keys are "
                              f"{sorted(known)}")
@@ -1328,17 +1342,31 @@ def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> 
     widths = [(int(e["attention_mask"].sum(1).max()), e) for e in encs if len(e["labels"])]
     if not widths:
         return
-    width, enc = max(widths, key=lambda t: t[0])
-    i = int(enc["attention_mask"].sum(1).argmax())
     dev = model_device(model)
-    row = {k: v[i:i + 1, :width].to(dev) for k, v in enc.items() if k != "labels" and v.dim() == 2}
+
+    def run(pick) -> int:  # run once on the longest (pick=max) or the shortest (min) row; its length
+        lengths = [(int(pick(e["attention_mask"].sum(1))), e) for e in encs if len(e["labels"])]
+        width, enc = pick(lengths, key=lambda t: t[0])
+        i = int(torch.where(enc["attention_mask"].sum(1) == width)[0][0])
+        model(**{k: v[i:i + 1, :width].to(dev) for k, v in enc.items() if k != "labels" and v.dim() == 2})
+        return width
+
     was_training = model.training
     model.eval()
     try:
-        model(**row)
+        run(max)
     except (IndexError, RuntimeError, ValueError) as e:
+        width = max(widths, key=lambda t: t[0])[0]
         cfg = getattr(model, "config", None)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        short = min(int(e_["attention_mask"].sum(1).min()) for _, e_ in widths)
+        if short < width and (limit is None or short <= limit):
+            try:  # a row of any length fails (a tokenizer that does not fit the model: T5's classifier finds no eos)
+                run(min)
+            except (IndexError, RuntimeError, ValueError) as e2:
+                raise UsageError(f"the model fails on the data's longest row ({width} tokens) and on its shortest "
+                                 f"({short}), so the length is not the cause: {_first_line(e2)}; check that the "
+                                 "model's folder holds its own tokenizer") from None
         hint = f" (its config has {limit} positions)" if limit else ""
         raise UsageError(f"--max-length {max_length}: the model fails on the data's longest row, {width} tokens"
                          f"{hint}: {_first_line(e)}; pass a smaller --max-length") from None
@@ -1839,7 +1867,8 @@ class Run:
         if limit and st.nonfinite_in_a_row >= limit:
             raise DivergedError(f"{st.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
                                 f"gradient and were skipped, so the run stops: the weights are those of step "
-                                f"{step + 1 - st.nonfinite_in_a_row}. Resume with a lower learning rate (--lrs / --lr), "
+                                f"{step + 1 - st.nonfinite_in_a_row}. Resume with a lower learning rate ("
+                                f"{'--lr' if self.cfg.lr_mode == 'multiplier' else '--lrs'}), "
                                 f"check the data, or raise --max-nonfinite-steps (max_nonfinite_steps; 0 = never "
                                 f"stop)")
 
