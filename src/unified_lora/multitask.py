@@ -746,7 +746,7 @@ class MultiTaskSignal:
       β = W2 / W1² in expectation for independent zero-mean ones (β → r/(2−r), 0.18 at rate r = 0.3; 1 at the
       first step, so a fresh task reads ρ = 0), and ρ_t = clamp((R − β) / (1 − β), 0, 1). Near an optimum each
       task's gradient is mostly noise, and the cosine of two noise vectors is often negative: two random halves
-      of one data set read a plain C_grad of 0.11–0.19 on average in SINGLE with spikes to 0.85, and split
+      of one data set read a plain C_grad of 0.12–0.24 on average in SINGLE with spikes to 0.83–0.87, and split
       (`benchmarks/multitask_conflict.py`); tasks that pull apart consistently (flipped labels) keep ρ near 1;
       `conflict_weight` = the largest over layers of 1 − ‖Σ_t x_t‖² / Σ_t‖x_t‖², clamped to [0, 1],
       x_t = ΔW_t − ΔW_shared (active rank): the share of the task adapters' moves since the split that
