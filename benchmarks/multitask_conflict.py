@@ -14,6 +14,9 @@ Two phases per run (`--phases`):
 * natural : the default machine (θ0 = 0.3, θ1 = 0.7) with a 20-step warmup and min dwell 10: what the controller does
             with these numbers (when it splits, whether it merges back).
 
+`--grad-noise debias none` runs each with both readings of SINGLE's gradient conflict (`MultiTaskSignalConfig(
+grad_noise=)`: debiased for minibatch noise, the default, or the plain cosine); each run records which.
+
 Writes benchmarks/results/multitask_conflict.json (every step of every run) and multitask_conflict.md (mean C_grad,
 C_weight and C per pair and mode, per seed; the natural runs' transitions and the loss around their first merge).
 RTE needs the GLUE folder: UNIFIED_LORA_GLUE_DIR=/path/to/glue (this project's: ../shared/data/glue). A run of 140
@@ -23,6 +26,7 @@ came from the commands their .md files name, e.g.
     UNIFIED_LORA_GLUE_DIR=../shared/data/glue python benchmarks/multitask_conflict.py --seeds 0 1 2 \
         --pairs same flipped rte_mrpc --phases natural --steps 240 --out benchmarks/results/multitask_conflict_natural
     python benchmarks/multitask_conflict.py --seeds 0 --phases forced --steps 120 --pairs same flipped  # a quick look
+    python benchmarks/multitask_conflict.py --seeds 0 --phases natural --pairs same --grad-noise debias none  # both
     python benchmarks/multitask_conflict.py --render benchmarks/results/multitask_conflict_natural  # .md from .json
 """
 
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ("same", "flipped", "rte_mrpc")
-KEYS = ("C", "C_grad", "C_weight", "E", "S", "phi_raw")
+KEYS = ("C", "C_grad", "C_grad_raw", "C_weight", "E", "S", "phi_raw")
 
 
 def load_pairs(tokenizer, max_length: int) -> dict:
@@ -72,11 +76,11 @@ def _trim(b: dict) -> dict:
 
 
 def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int, batch: int, lr: float,
-        model_path: str, resplit_window: int = 25) -> dict:
+        model_path: str, resplit_window: int = 25, grad_noise: str = "debias") -> dict:
     from transformers import BertForSequenceClassification
 
     from unified_lora import SINGLE, MachineConfig, trainable_parameters
-    from unified_lora.multitask import per_task_losses, setup_multitask_lora, task_context
+    from unified_lora.multitask import MultiTaskSignalConfig, per_task_losses, setup_multitask_lora, task_context
 
     tasks = list(data)
     torch.manual_seed(seed)
@@ -89,7 +93,8 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
     else:
         machine = MachineConfig(initial_mode=SINGLE, warmup_steps=20, min_dwell=10)
     adapters, ctrl = setup_multitask_lora(model, tasks, tgt, lr_mode="off", mode_ranks=(4, 8, 16), machine=machine,
-                                          keep_trace=True, resplit_window=resplit_window)
+                                          keep_trace=True, resplit_window=resplit_window,
+                                          signal=MultiTaskSignalConfig(grad_noise=grad_noise))
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.01)
     ctrl.attach_optimizer(opt)
     g = torch.Generator().manual_seed(seed)
@@ -117,10 +122,11 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
         opt.step()
         opt.zero_grad()
     trace = [dict(step=r.step, mode=r.mode, phi=r.phi, loss=r.loss, event=r.components.get("event"),
-                  **{k: r.components.get(k) for k in KEYS}) for r in ctrl.trace]
+                  **{k: r.components.get(k) for k in KEYS},
+                  rho={k[4:-1]: v for k, v in r.components.items() if k.startswith("rho[")}) for r in ctrl.trace]
     return {"pair": pair, "phase": phase, "seed": seed, "tasks": tasks, "steps": steps,
             "split_at": split_at if phase == "forced" else None, "batch": batch, "lr": lr,
-            "resplit_window": resplit_window, "failed_merges": ctrl.failed_merges,
+            "resplit_window": resplit_window, "grad_noise": grad_noise, "failed_merges": ctrl.failed_merges,
             "transitions": [{"step": r.step, "transition": r.transition} for r in ctrl.trace if r.transition],
             "final_mode": ctrl.mode, "seconds": round(time.time() - t0, 1), "trace": trace}
 
@@ -165,9 +171,15 @@ def report(runs: list, settings: dict) -> str:
         lines += ["## Natural (default machine: θ0 = 0.3, θ1 = 0.7, warmup 20, min dwell 10)", "",
                   "Re-splits within `resplit_window` of their merge bring the task adapters back (a window of 0: "
                   "every split copies the merged adapter). Loss: the mixed batch's mean training loss over the "
-                  "last 50 steps.", "",
-                  "| pair | seed | resplit_window | transitions | final mode | steps in SINGLE / MULTI / MIRROR | "
-                  "merges | re-splits in the window | loss, last 50 steps |", "|---|---|---|---|---|---|---|---|---|"]
+                  "last 50 steps. grad_noise: `MultiTaskSignalConfig(grad_noise=)`, debias = each task pair's "
+                  "gradient conflict weighted by the tasks' reliability ρ, none = the plain cosine (runs from before "
+                  "the setting: none). C_grad in SINGLE (steps from 20, the warmup's end): the conflict the run read "
+                  "(mean / max), the plain cosine's (the same with none), and the mean ρ over the tasks (recorded since "
+                  "grad_noise).", "",
+                  "| pair | seed | resplit_window | grad_noise | transitions | final mode | "
+                  "steps in SINGLE / MULTI / MIRROR | merges | re-splits in the window | loss, last 50 steps | "
+                  "SINGLE C_grad mean / max | SINGLE plain C_grad mean / max | SINGLE ρ mean |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in natural:
             tl = ", ".join(f"{t['step']}:{t['transition']}" for t in r["transitions"]) or "none"
             counts = " / ".join(str(sum(x["mode"] == m for x in r["trace"])) for m in range(3))
@@ -176,8 +188,17 @@ def report(runs: list, settings: dict) -> str:
             w = r.get("resplit_window", 0)
             back = sum(1 for st, e in ev if e == "split" and w and any(0 <= st - m <= w for m in merges))
             last = [x["loss"] for x in r["trace"][-50:]]
-            lines.append(f"| {r['pair']} | {r['seed']} | {w} | {tl} | {r['final_mode']} | {counts} | {len(merges)} | "
-                         f"{back} | {_f(_mean(last))} |")
+            single = [x for x in r["trace"] if x["mode"] == 0 and x["step"] >= 20]
+
+            def mean_max(key):
+                xs = [x.get(key) for x in single if x.get(key) is not None]
+                return f"{_f(_mean(xs))} / {_f(max(xs))}" if xs else "-"
+
+            rho = _mean(_mean(x["rho"].values()) for x in single if x.get("rho"))
+            lines.append(f"| {r['pair']} | {r['seed']} | {w} | {r.get('grad_noise', 'none')} | {tl} | "
+                         f"{r['final_mode']} | {counts} | {len(merges)} | {back} | {_f(_mean(last))} | "
+                         f"{mean_max('C_grad')} | {mean_max('C_grad' if r.get('grad_noise', 'none') == 'none' else 'C_grad_raw')} | "
+                         f"{_f(rho)} |")
         around = [(r, [x["step"] for x in r["trace"] if x.get("event") == "merge"]) for r in natural]
         around = [(r, m[0]) for r, m in around if m]
         if around:
@@ -217,6 +238,9 @@ def main(argv=None):
                     help="natural phase: one run per value of MultiTaskController(resplit_window=) (0 = a split always "
                          "copies the shared adapter, as before it existed); the forced phase never merges, so it "
                          "runs with the first")
+    ap.add_argument("--grad-noise", nargs="+", default=["debias"], choices=("debias", "none"),
+                    help="MultiTaskSignalConfig(grad_noise=): one run per value (debias: each task pair's gradient "
+                         "conflict weighted by the tasks' gradient reliability; none: the plain cosine, as before)")
     ap.add_argument("--out", default=str(RESULTS / "multitask_conflict"),
                     help="writes OUT.json and OUT.md")
     ap.add_argument("--render", metavar="OUT", help="write OUT.md from OUT.json (no run)")
@@ -247,10 +271,12 @@ def main(argv=None):
         for pair in a.pairs:
             for seed in a.seeds:
               for w in (a.resplit_windows if phase == "natural" else a.resplit_windows[:1]):
-                r = run(pair, data[pair], phase, seed, a.steps, a.split_at, a.batch, a.lr, path, w)
+               for gn in a.grad_noise:
+                r = run(pair, data[pair], phase, seed, a.steps, a.split_at, a.batch, a.lr, path, w, gn)
                 runs.append(r)
                 tl = ", ".join(f"{t['step']}:{t['transition']}" for t in r["transitions"]) or "none"
-                print(f"{phase} {pair} seed={seed} resplit_window={w}: {tl} ({r['seconds']}s)", flush=True)
+                print(f"{phase} {pair} seed={seed} resplit_window={w} grad_noise={gn}: {tl} ({r['seconds']}s)",
+                      flush=True)
                 tmp = out.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps({"settings": settings, "runs": runs}))
                 tmp.replace(out.with_suffix(".json"))

@@ -98,7 +98,9 @@ def multitask(rec: dict) -> None:
         model = PerSampleClassifier().to(DEV)
         _, ctrl = setup_multitask_lora(model, tasks=["a", "b"], target_modules=["q_proj", "v_proj", "classifier"],
                                        machine=MachineConfig(initial_mode=0),
-                                       signal=MultiTaskSignalConfig(alpha=0.3, loss_scale=0.5, phi_init=0.0),
+                                       # (as test_distributed's _mt_setup: the plain gradient conflict)
+                                       signal=MultiTaskSignalConfig(alpha=0.3, loss_scale=0.5, phi_init=0.0,
+                                                                    grad_noise="none"),
                                        print_fn=None)
         net = DDP(model, **ddp_kwargs()) if wrap else model
         opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)

@@ -679,7 +679,7 @@ def test_controller_variants_are_compared_with_lora_r8_and_their_default_variant
     assert "unified_v3_never" not in md and "| sst2 | clean | unified_v3 |" not in md
 
 
-@pytest.mark.parametrize("name", ["forced", "natural", "natural_w0"])
+@pytest.mark.parametrize("name", ["forced", "natural", "natural_w0", "natural_none"])
 def test_multitask_conflict_tables_are_those_of_their_committed_runs(tmp_path, name):
     """benchmarks/results/multitask_conflict_<name>.md is what `--render` writes from the committed JSON (every step of
     every run): no figure in the tables (README and BENCHMARKS.md quote them) was typed in or left from older runs."""

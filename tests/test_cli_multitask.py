@@ -135,16 +135,21 @@ def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_load
 
 def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_uninterrupted_one(tiny, data, tmp_path,
                                                                                                   capsys):
-    # tiny BERT, conflicting labels: SINGLE, then the controller splits at step 4 (after the step-4 checkpoint): φ
-    # starts at 0.5 and, with the loss scaled up, rises again as the tasks' gradients come to conflict
+    # tiny BERT, conflicting labels: SINGLE, then the controller splits at step 4 (after the step-4 checkpoint), when
+    # its warmup ends: φ starts at 0.476 and, with the loss scaled up, is still above θ0 = 0.43 there (0.438), and MULTI
+    # holds for its min dwell. (The gradient conflict of these 4-row task batches is mostly noise: the plain cosine
+    # reads 0.4-0.9 from step 3, the debiased one about 0, as each task's reliability ρ does. With the plain one, φ rose
+    # and split at step 4 with θ0 = 0.48 and no warmup.)
     out, config = tmp_path / "run", tmp_path / "run.yaml"
     config.write_text(f"data:\n  pos: {data['pos']}\n  neg: {data['neg']}\n")  # YAML: a mapping {task name: path}
     args = _mt_args(tiny["bert"], out, extra=("--config", str(config), "--steps", "8", "--save-steps", "4",
-                                              "--theta0", "0.48", "--theta1", "0.9", "--loss-scale", "0.1"))
+                                              "--theta0", "0.43", "--theta1", "0.9", "--loss-scale", "0.1",
+                                              "--controller-warmup", "4", "--min-dwell", "4"))
     args.remove("--data")
     assert main(args) == 0
     trace = read_trace(out / "trace.jsonl")
     assert [r["mode"] for r in trace[:4]] == [0] * 4 and trace[4]["transition"] == "SINGLE->MULTI"
+    assert [r["mode"] for r in trace[4:]] == [1] * 4
     assert trace[4]["components"]["event"] == "split"
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

@@ -490,8 +490,11 @@ def _mt_setup():
     torch.manual_seed(0)
     model = PerSampleClassifier()
     # starts in SINGLE (φ from 0); splits (step 2), merges back (3), splits again within resplit_window of the merge,
-    # so the task adapters come back (6), then a Mirror cycle (entered at 13, restored at 14)
-    signal = MultiTaskSignalConfig(alpha=0.3, loss_scale=0.5, phi_init=0.0)
+    # so the task adapters come back (6), then a Mirror cycle (entered at 13, restored at 14). The plain gradient
+    # conflict (grad_noise="none"), which reads from a task's first step, as this trajectory needs; the debiased one
+    # (C_grad_raw beside it) and each task's reliability ρ are in the trace components all the same, compared bit
+    # for bit across the processes and the resumes
+    signal = MultiTaskSignalConfig(alpha=0.3, loss_scale=0.5, phi_init=0.0, grad_noise="none")
     adapters, ctrl = setup_multitask_lora(model, tasks=["a", "b"], target_modules=["q_proj", "v_proj", "classifier"],
                                           machine=MachineConfig(initial_mode=0, theta1=0.6), signal=signal,
                                           print_fn=None)
@@ -765,6 +768,7 @@ def test_multitask_under_ddp_combines_task_losses_and_gradients_across_processes
     per.mean().backward()
     ctrl.step(per.mean(), task_losses=per_task_losses(per, t0 + t1))
     assert comps["C_grad"] == pytest.approx(ctrl.trace[0].components["C_grad"], abs=1e-6)
+    assert comps["C_grad"] > 0.5 and comps["rho[a]"] == ctrl.trace[0].components["rho[a]"] == 0.0  # (a first step)
 
 
 def test_register_new_tasks_is_refused_under_ddp(mt_ddp_run):

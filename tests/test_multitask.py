@@ -73,7 +73,8 @@ def test_conflict_enters_multi_and_task_adapters_beat_shared():
     m1, ad, c1, o1 = build()
     train(m1, c1, o1, 40, data)
     tr = c1.trace
-    assert tr[0].mode == SINGLE and tr[0].components["C"] > 0.9  # opposite per-task gradients
+    # opposite per-task gradients; read from the second step (at the first, no task's reliability ρ can be told)
+    assert tr[0].mode == SINGLE and tr[0].components["C_grad_raw"] > 0.9 and tr[1].components["C"] > 0.9
     split = [r for r in tr if r.transition == "SINGLE->MULTI"]
     assert split and split[0].components["event"] == "split"
     assert all(k in tr[-1].components for k in ("C", "E", "S", "dC", "dE", "dS", "E[a]", "E[b]"))
@@ -1436,6 +1437,10 @@ def test_a_task_export_killed_during_its_swap_is_finished_by_the_next_export(tmp
 def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():
     x, ya, yb = conflict_data()
     model, ad, ctrl, opt = build()
+    for group in opt.param_groups:
+        # (at build's 2e-2 each task's gradient turns a lot between its own steps, every other one, on this tiny model:
+        # its reliability ρ reads 0.2-0.4, and so does C)
+        group["lr"] = 2e-3
     for step in range(12):
         t, y = ("a", ya) if step % 2 == 0 else ("b", yb)
         with task_context(model, t):
@@ -1445,7 +1450,9 @@ def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():
         opt.step()
         opt.zero_grad()
     assert ctrl.trace[0].components["C_grad"] is None  # one task seen so far
-    assert ctrl.trace[1].components["C_grad"] > 0.9  # per-task gradient EMAs point against each other
+    assert ctrl.trace[1].components["C_grad_raw"] > 0.9  # per-task gradient EMAs point against each other
+    assert ctrl.trace[2].components["C_grad"] is None  # b's reliability ρ is told from its second step on
+    assert ctrl.trace[3].components["C_grad"] > 0.9
     assert set(ctrl.signal.E) == {"a", "b"}
     assert any(r.transition == "SINGLE->MULTI" for r in ctrl.trace)
     with pytest.raises(ValueError, match="task id 'zz' is not registered"):
@@ -2055,7 +2062,7 @@ def test_a_task_absent_since_a_rank_change_does_not_freeze_the_conflict_of_the_o
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
     ctrl.attach_optimizer(opt)
     batches = [(torch.cat([x, x, x]), torch.cat([ya, yb, ya]), ["a"] * N + ["b"] * N + ["c"] * N)]
-    batches += [mixed_batch(x, ya, yb)] * 3  # c's data has ended
+    batches += [mixed_batch(x, ya, yb)] * 4  # c's data has ended
     for ids, y, tids in batches:
         with task_context(model, tids):
             per = F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
@@ -2063,12 +2070,13 @@ def test_a_task_absent_since_a_rank_change_does_not_freeze_the_conflict_of_the_o
         ctrl.step(per.mean(), task_losses=per_task_losses(per, tids))
         opt.step()
         opt.zero_grad()
-    assert [r.mode for r in ctrl.trace] == [SINGLE] * 4  # merged at the first step: rank 8 → 4
-    assert ctrl.trace[0].components["C_grad"] is not None
-    for r in ctrl.trace[1:]:  # a's and b's labels are inverted: their gradients point against each other
+    assert [r.mode for r in ctrl.trace] == [SINGLE] * 5  # merged at the first step: rank 8 → 4
+    # a fresh EMA's first step (each task's first, then the first after the rank change): no reliability ρ yet
+    assert ctrl.trace[0].components["C_grad_raw"] is not None and ctrl.trace[1].components["C_grad"] is None
+    for r in ctrl.trace[2:]:  # a's and b's labels are inverted: their gradients point against each other
         assert r.components["C_grad"] is not None and r.components["C_grad"] > 0.9
         assert r.components["C"] == r.components["C_grad"]
-    assert set(ctrl.grad_ema) == {ctrl.router.slots["a"], ctrl.router.slots["b"]}
+    assert set(ctrl.grad_ema) == set(ctrl.grad_sq) == {ctrl.router.slots["a"], ctrl.router.slots["b"]}
 
 
 def _multi_run(zero_grad_to_none, tids_per_step, poison_first=None):
@@ -2107,11 +2115,13 @@ def test_a_task_with_no_usable_gradient_yet_stays_out_of_the_conflict_mean():
     """Task "c"'s first gradient is non-finite, so its EMA holds zeros (no direction) until it trains. Its pairs with
     "a" and "b" stay out of the mean: C is the conflict of a and b, whose labels are inverted. (Before, each counted
     as a conflict of 0, and C was a third of it.)"""
-    steps = [("a", "b", "c")] + [("a", "b")] * 3
+    steps = [("a", "b", "c")] + [("a", "b")] * 4
     conflict = _multi_run(True, steps, poison_first="c")
     assert conflict[0] is None  # the poisoned step: skipped as non-finite
-    two = _multi_run(True, [("a", "b")] * 3)
-    for c3, c2 in zip(conflict[1:], two):
+    assert conflict[1] is None  # the first usable step: no reliability ρ yet
+    two = _multi_run(True, [("a", "b")] * 4)
+    assert two[0] is None and len(conflict[2:]) == len(two[1:]) == 3
+    for c3, c2 in zip(conflict[2:], two[1:]):
         assert c3 > 0.9 and c3 == pytest.approx(c2, abs=0.05)
 
 
@@ -2181,6 +2191,86 @@ def test_a_subset_task_export_keeps_a_link_of_the_set_and_refuses_a_folder_holdi
         assert _tree(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def _fed_gradients(grad_noise, grads, steps, state=None, start=0):
+    """A MULTI controller (no transition: warmup past the run; C = the gradient conflict) fed `grads(ctrl, step, task)`
+    ({param: tensor}) as its task adapters' .grad at steps start..start+steps-1: the gradients a task's batches give,
+    set where the backward puts them. Returns the controller (its trace holds C_grad, C_grad_raw and each task's ρ)."""
+    model = tiny_bert()
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, lr_mode="off", print_fn=None,
+                                   signal=MultiTaskSignalConfig(conflict="grad", grad_noise=grad_noise),
+                                   machine=MachineConfig(initial_mode=MULTI, warmup_steps=10_000))
+    if state is not None:
+        ctrl.load_state_dict(state)
+    for i in range(start, start + steps):
+        for t in ("a", "b"):
+            for p, g in grads(ctrl, i, t).items():
+                p.grad = g
+        ctrl.step(1.0, task_losses={"a": 1.0, "b": 1.0})
+    return ctrl
+
+
+def _gradients(sign_a, sign_b, noise):
+    """grads(ctrl, step, task): each task block's gradient = sign_t · m + noise · (c1 d1 + c2 d2), with m, d1, d2 fixed
+    random directions (the same for both tasks) and c ~ N(0, 1) drawn per task and step: minibatch noise of a low
+    effective dimension, as a LoRA gradient's is (the cosine of two such noise vectors is often negative)."""
+    def grads(ctrl, step, task):
+        g = torch.Generator().manual_seed(7)
+        out = {}
+        c = torch.randn(2, generator=torch.Generator().manual_seed(2 * step + (task == "b")))
+        sign = sign_a if task == "a" else sign_b
+        for p in (p for a in ctrl.adapters for p in a.task_parameters(ctrl.router.slots[task])):
+            m, d1, d2 = (torch.randn(p.shape, generator=g) for _ in range(3))
+            out[p] = sign * m + noise * (c[0] * d1 + c[1] * d2)
+        return out
+    return grads
+
+
+def test_the_gradient_conflict_does_not_read_minibatch_noise_as_conflict():
+    """Two tasks whose gradients share one mean and differ by minibatch noise alone (two halves of one data set) do not
+    conflict. The plain cosine of their gradient EMAs (grad_noise="none", the reading before) is often negative and
+    read a conflict; weighted by each task's reliability ρ (the share of its gradient EMA that is not noise), it reads
+    far less. Tasks with opposite, consistent gradients (flipped labels) read a conflict near 1 with either."""
+    raw = _fed_gradients("none", _gradients(1.0, 1.0, noise=3.0), 60).trace
+    new = _fed_gradients("debias", _gradients(1.0, 1.0, noise=3.0), 60).trace
+    assert [r.components["C_grad_raw"] for r in raw] == [r.components["C_grad_raw"] for r in new]  # same gradients
+    old_c = [r.components["C_grad"] for r in raw[2:]]
+    new_c = [r.components["C_grad"] for r in new[2:]]
+    assert sum(old_c) / len(old_c) > 0.08 and max(old_c) > 0.5  # noise read as conflict (0.11, 0.79)
+    assert sum(new_c) / len(new_c) < sum(old_c) / len(old_c) / 4 and max(new_c) < max(old_c) / 2  # (0.01, 0.23)
+    rho = [r.components["rho[a]"] for r in new[10:]]
+    assert sum(rho) / len(rho) < 0.25  # (0.10: ‖m‖² / (‖m‖² + 2 · 9 · ‖d‖²) = 1/19, raised by the clamp at 0)
+    flipped = _fed_gradients("debias", _gradients(1.0, -1.0, noise=0.1), 20).trace
+    assert flipped[0].components["C_grad"] is None  # one step: no task's ρ can be told yet (the signal holds C)
+    assert flipped[0].components["C_grad_raw"] > 0.95 and flipped[0].components["rho[a]"] == 0.0
+    assert all(r.components["C_grad"] > 0.9 and r.components["rho[b]"] > 0.9 for r in flipped[1:])
+    assert all(r.components["C"] == r.components["C_grad"] for r in flipped[1:])
+
+
+def test_the_gradient_noise_statistics_resume_bit_for_bit_and_a_state_from_before_them_loads():
+    """The noise statistics beside each gradient EMA are in ctrl.state_dict(): a resume reads the same conflict and ρ
+    as the run that went on. A state saved before them (no "grad_sq") loads; they start afresh at the next step (no
+    ρ there, so no conflict read: C held), then read again."""
+    grads = _gradients(1.0, -1.0, noise=0.3)
+    saved = _fed_gradients("debias", grads, 6).state_dict()
+    mt = saved["multitask"]
+    assert set(mt["grad_sq"]) == set(mt["grad_ema"]) and len(mt["grad_sq"]) == 2
+    whole = _fed_gradients("debias", grads, 10).trace
+    resumed = _fed_gradients("debias", grads, 4, state=copy.deepcopy(saved), start=6).trace
+    keys = ("C", "C_grad", "C_grad_raw", "rho[a]", "rho[b]")
+    assert [[r.components[k] for k in keys] for r in resumed] == [[r.components[k] for k in keys] for r in whole[6:]]
+    old = copy.deepcopy(saved)
+    del old["multitask"]["grad_sq"]
+    after = _fed_gradients("debias", grads, 3, state=old, start=6).trace
+    assert after[0].components["C_grad"] is None and after[0].components["rho[a]"] == 0.0
+    assert after[0].components["C"] == whole[5].components["C"]  # held from the saved step
+    assert after[2].components["C_grad"] > 0.5 and after[2].components["rho[a]"] > 0.5
+
+
+def test_grad_noise_is_checked():
+    with pytest.raises(ValueError, match="grad_noise: must be one of"):
+        MultiTaskSignalConfig(grad_noise="off")
+
+
 def _same(a, b) -> bool:
     """Two states (ctrl.state_dict()) hold the same values: tensors equal, with their dtypes, floats equal (or both
     NaN), containers alike."""
@@ -2238,6 +2328,8 @@ def test_a_state_with_damaged_multitask_parts_is_refused_in_one_line_before_anyt
         (split, ("multitask", "conflict_ref", "slots"), "ab", r"\['conflict_ref'\]\['slots'\] is 'ab', not a list"),
         (split, ("multitask", "grad_ema"), {0: torch.zeros(3), 9: torch.zeros(3)}, r"\['grad_ema'\] names task slot"),
         (split, ("multitask", "grad_ema"), {0: [0.5]}, r"\['grad_ema'\]\[0\] is a list, not a tensor"),
+        (split, ("multitask", "grad_sq"), {0: torch.zeros(5)}, r"\['grad_sq'\]\[0\] is \(5,\), not a tensor of 3"),
+        (split, ("multitask", "grad_sq"), {7: torch.zeros(3)}, r"\['grad_sq'\] names task slot\(s\) \[7\]"),
         (split, ("multitask", "ref"), split["multitask"]["ref"][:-2], r"\['ref'\] holds \d+ tensors; this model"),
         (split, ("multitask", "router", "slots"), [["a", 0], ["b", 0]], r"not a list of \[task id, slot\] pairs"),
         (split, ("machine", "hold_down"), {1: "soon"}, r"\['hold_down'\] is \{1: 'soon'\}, not a mapping"),

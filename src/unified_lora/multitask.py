@@ -91,6 +91,7 @@ from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
 CONFLICTS = ("auto", "grad", "weight")
+GRAD_NOISE = ("debias", "none")  # MultiTaskSignalConfig.grad_noise
 
 
 # ---------------------------------------------------------------------------------------- tasks / routing
@@ -698,6 +699,9 @@ class MultiTaskSignalConfig:
     delta_rate: float = 0.1  # EMA rate of the per-step differences
     delta_gain: float = 20.0  # Δx = max(0, tanh(gain · EMA(x_t − x_{t−1}))): only rising stress counts
     grad_ema: float = 0.3  # EMA rate of each task's gradient (for the cosine)
+    # "debias": each task pair's gradient conflict weighted by the tasks' gradient reliability ρ (the share of a task's
+    # gradient EMA that is not minibatch noise; see `MultiTaskSignal`); "none": the plain cosine conflict (before)
+    grad_noise: str = "debias"
     conflict: str = "auto"
     phi_init: float = 0.5
     nonfinite: str = "skip"
@@ -718,6 +722,8 @@ class MultiTaskSignalConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name}: must be a positive finite number, got {v!r}")
+        if self.grad_noise not in GRAD_NOISE:
+            raise ValueError(f"grad_noise: must be one of {GRAD_NOISE}, got {self.grad_noise!r}")
         if self.conflict not in CONFLICTS:
             raise ValueError(f"conflict: must be one of {CONFLICTS}, got {self.conflict!r}")
         if not 0.0 <= self.phi_init <= 1.0:
@@ -730,8 +736,18 @@ class MultiTaskSignal:
     """The v1 C/E/S signal. Numbers in, numbers out: `update(loss, task_losses, conflict_grad,
     conflict_weight, drift) -> φ`. Every input is already a number in its natural range:
 
-    * C ∈ [0, 1]: `conflict_grad` = mean over task pairs of max(0, −cos(ḡ_s, ḡ_t)) (ḡ a task's
-      gradient EMA; 0 = aligned or orthogonal, 1 = opposite, as PCGrad defines conflict);
+    * C ∈ [0, 1]: `conflict_grad` = mean over task pairs of max(0, −cos(ḡ_s, ḡ_t)) · √(ρ_s ρ_t) (ḡ a task's
+      gradient EMA; 0 = aligned or orthogonal, 1 = opposite, as PCGrad defines conflict). ρ_t ∈ [0, 1], the
+      task's gradient reliability (`grad_noise="debias"`, the default; "none": ρ = 1, the plain cosine as before):
+      the share of ḡ_t that is signal, not minibatch noise, ‖μ‖² / (‖μ‖² + σ²) for gradients of mean μ and noise
+      power σ² (the gradient signal-to-noise ratio of McCandlish et al. 2018, SNR / (1 + SNR)). Beside ḡ_t the
+      controller keeps an EMA (same rate, same start) of ‖g_t‖²; with w_j the EMA's weights of the steps so far,
+      W1 = Σ w_j, W2 = Σ w_j², the ratio R = ‖ḡ_t‖² / (W1 · EMA‖g_t‖²) is 1 for a constant gradient and
+      β = W2 / W1² in expectation for independent zero-mean ones (β → r/(2−r), 0.18 at rate r = 0.3; 1 at the
+      first step, so a fresh task reads ρ = 0), and ρ_t = clamp((R − β) / (1 − β), 0, 1). Near an optimum each
+      task's gradient is mostly noise, and the cosine of two noise vectors is often negative: two random halves
+      of one data set read a plain C_grad of 0.12–0.24 on average in SINGLE with spikes to 0.83–0.87, and split
+      (`benchmarks/multitask_conflict.py`); tasks that pull apart consistently (flipped labels) keep ρ near 1;
       `conflict_weight` = the largest over layers of 1 − ‖Σ_t x_t‖² / Σ_t‖x_t‖², clamped to [0, 1],
       x_t = ΔW_t − ΔW_shared (active rank): the share of the task adapters' moves since the split that
       cancel in their sum, −Σ_{s≠t} x_s·x_t / Σ_t‖x_t‖² (two tasks, equal moves: max(0, −cos(x_a, x_b)),
@@ -882,6 +898,10 @@ class MultiTaskController(UnifiedController):
         self._split_undo: dict | None = None  # what a split changed, until its transition commits
         self.router.track_grads = self.signal.config.conflict in ("auto", "grad")
         self.grad_ema: dict[int, torch.Tensor] = {}
+        # beside each ḡ, its noise statistics (float32 as ḡ, on the device): [EMA of ‖g‖², W1 = Σ w_j, W2 = Σ w_j²] over
+        # the same steps with the same weights w_j (`MultiTaskSignal`, C: the reliability ρ)
+        self.grad_sq: dict[int, torch.Tensor] = {}
+        self._grad_info: dict = {}  # this step's plain gradient conflict and reliabilities ρ, for the trace
         self._task_info = False  # this step was given task losses or a task id (set by step)
         self._local_loss: float | None = None  # this process's loss of this step, before any all-reduce
         self.merge_log: list[dict] = []  # one entry per merge with keep_trace=True (as ctrl.trace); else the last only
@@ -1064,7 +1084,19 @@ class MultiTaskController(UnifiedController):
             # An all-zero gradient is a task absent from the batch whose .grad was zeroed rather than set to None
             # (zero_grad(set_to_none=False)): it leaves the EMA as it was, as an absent task's None does. (Before, it
             # entered as a real gradient: the EMA decayed, and C depended on how the loop zeroed its gradients.)
-            self.grad_ema[s] = torch.where(finite & g.ne(0).any(), new, torch.zeros_like(g) if fresh else prev)
+            use = finite & g.ne(0).any()
+            self.grad_ema[s] = torch.where(use, new, torch.zeros_like(g) if fresh else prev)
+            # the noise statistics take the steps ḡ takes, with its weights: a start (fresh ḡ, or a state saved before
+            # them: they start here) puts ‖g‖², W1 = W2 = 1; a fresh ḡ of zeros (no usable step) puts zeros, and its
+            # later steps then weigh r, r(1 − r), ... in both, as in ḡ
+            sq = g.square().sum()
+            held = self.grad_sq.get(s)
+            if fresh or held is None:
+                st, held = torch.stack([sq, sq.new_ones(()), sq.new_ones(())]), sq.new_zeros(3)
+            else:
+                st = torch.stack([(1 - rate) * held[0] + rate * sq, (1 - rate) * held[1] + rate,
+                                  (1 - rate) ** 2 * held[2] + rate ** 2])
+            self.grad_sq[s] = torch.where(use, st, held)
         # An EMA of another shape is from a former rank (a task absent since the last rank change): it cannot be
         # compared with this step's, so it goes, and the task starts afresh when it comes back. Kept (as before),
         # it made every later conflict None while that task stayed away: C froze, and a split never came however
@@ -1072,6 +1104,7 @@ class MultiTaskController(UnifiedController):
         shape = next(iter(grads.values())).shape if grads else None
         for s in [s for s, e in self.grad_ema.items() if shape is not None and e.shape != shape]:
             del self.grad_ema[s]
+            self.grad_sq.pop(s, None)
         slots = [s for s in self._slots() if s in self.grad_ema]
         shapes = {self.grad_ema[s].shape for s in slots}
         if len(slots) < 2 or len(shapes) != 1:
@@ -1087,10 +1120,37 @@ class MultiTaskController(UnifiedController):
         # conflict of the two that had gradients; with no pair left the conflict is 0, as before.
         has = G.ne(0).any(1)
         valid = (has[:, None] & has[None, :])[iu[0], iu[1]].float()
-        conflict = ((-cos[iu[0], iu[1]]).clamp_min(0) * valid).sum() / valid.sum().clamp_min(1)
+        pair = (-cos[iu[0], iu[1]]).clamp_min(0) * valid
+        raw = pair.sum() / valid.sum().clamp_min(1)
+        rho, known = self._grad_reliability(slots, G)
+        # debiased: a pair whose ρ cannot be told yet (a task's first step: after a rank change, every task's) stays out
+        # of the mean, as a task with no gradient does; with no pair left for that reason, no conflict is read (the
+        # signal holds C). (With no pair of tasks that have a gradient, the conflict is 0, as in the plain reading.)
+        told = valid * (known[iu[0]] & known[iu[1]]).float()
+        debiased = (pair * (rho[iu[0]] * rho[iu[1]]).sqrt() * told).sum() / told.sum().clamp_min(1)
+        both = torch.stack([debiased, raw])
         if finite is not None:  # this step's gradients had an inf/NaN: say so through the one read (NaN), no extra sync
-            conflict = torch.where(finite, conflict, torch.full_like(conflict, math.nan))
-        return float(conflict)
+            both = torch.where(finite, both, torch.full_like(both, math.nan))
+        vals = torch.cat([both, torch.stack([told.sum(), valid.sum()]), rho]).tolist()  # the one host read of the step
+        ids = {s: tid for tid, s in self.router.slots.items()}
+        self._grad_info = {"C_grad_raw": vals[1], **{f"rho[{ids[s]}]": v for s, v in zip(slots, vals[4:])}}
+        if self.signal.config.grad_noise == "none":
+            return vals[1]
+        unread = vals[2] == 0 and vals[3] > 0 and vals[1] == vals[1]  # (NaN: a non-finite step, said as such)
+        return None if unread else vals[0]
+
+    def _grad_reliability(self, slots: list[int], G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ρ per slot (on the device, no sync): the share of the gradient EMA that is signal (`MultiTaskSignal`, C),
+        and whether it can be told yet (not before a task's second usable step; ρ = 0 there)."""
+        none = G.new_zeros(3)  # (a task absent since a state saved before them was loaded: no statistics yet)
+        st = torch.stack([self.grad_sq.get(s, none) for s in slots])
+        sq, w1, w2 = st[:, 0], st[:, 1], st[:, 2]
+        den = w1 * sq
+        r = G.square().sum(1) / den.clamp_min(1e-30)
+        beta = w2 / w1.square().clamp_min(1e-30)
+        ok = (den > 0) & (1 - beta > 1e-6)
+        rho = ((r - beta) / (1 - beta).clamp_min(1e-6)).clamp(0, 1)
+        return torch.where(ok, rho, torch.zeros_like(rho)), ok
 
     @torch.no_grad()
     def _weight_conflict(self) -> float | None:
@@ -1241,12 +1301,16 @@ class MultiTaskController(UnifiedController):
         conflict = self.signal.config.conflict
         # Under DDP both read numbers every process shares: task gradients combined across processes (SINGLE)
         # or averaged by DDP (MULTI), and the replicated weights. So neither needs a reduce of its own.
+        self._grad_info = {}
         cg = self._grad_conflict() if conflict in ("auto", "grad") and finite else None
         cw = self._weight_conflict() if conflict in ("auto", "weight") and finite else None
         if not finite:
             for a in self.adapters:
                 a._task_grads = {}
-        return self.signal.update(loss, tl, cg, cw, self._drift())
+        phi = self.signal.update(loss, tl, cg, cw, self._drift())
+        # the trace's: the plain cosine conflict (what grad_noise="none" reads) and each task's reliability ρ
+        self.signal.components.update(self._grad_info)
+        return phi
 
     def _annotate(self, transition: Transition | None, comps: dict) -> None:
         comps["topology"] = self.router.topology
@@ -1386,6 +1450,7 @@ class MultiTaskController(UnifiedController):
             "router": self.router.state_dict(),
             # copies (`.cpu()` of a CPU tensor is the tensor itself: editing the state edited the controller)
             "grad_ema": {s: g.to("cpu", copy=True) for s, g in self.grad_ema.items()},
+            "grad_sq": {s: g.to("cpu", copy=True) for s, g in self.grad_sq.items()},
             "ref": [r.to("cpu", copy=True) for r in self._ref],
             "ref_slots": sorted(self._ref_slots),
             "merge_rule": self.merge_rule,
@@ -1456,6 +1521,14 @@ class MultiTaskController(UnifiedController):
             out += [p for p in [slots_problem(f"{where}['grad_ema']", list(ge))] if p]
             out += [f"{where}['grad_ema'][{s!r}] is a {type(g).__name__}, not a tensor" for s, g in ge.items()
                     if not torch.is_tensor(g)]
+        gs = mt.get("grad_sq", {})  # (optional: states from before it have none)
+        if not isinstance(gs, dict):
+            out.append(f"{where}['grad_sq'] is a {type(gs).__name__}, not a mapping of task slots to tensors")
+        else:
+            out += [p for p in [slots_problem(f"{where}['grad_sq']", list(gs))] if p]
+            out += [f"{where}['grad_sq'][{s!r}] is {type(g).__name__ if not torch.is_tensor(g) else tuple(g.shape)}, "
+                    f"not a tensor of 3 numbers (the EMA of the squared gradient norm, W1, W2)" for s, g in gs.items()
+                    if not (torch.is_tensor(g) and tuple(g.shape) == (3,))]
         every = [(name, p, b) for name, a in zip(self._adapter_names, self.adapters)
                  for b in [{id(q) for q in a.lora_B} | {id(q) for t in a.lora_tasks for q in t.lora_B}]
                  for p in a.lora_parameters()]
@@ -1541,6 +1614,9 @@ class MultiTaskController(UnifiedController):
         super()._load_parts(sd)
         dev = self.adapters[0].lora_A[0].device
         self.grad_ema = {int(s): g.to(dev, copy=True) for s, g in mt["grad_ema"].items()}  # not the caller's tensors
+        # (a state saved before "grad_sq": the noise statistics start afresh at each task's next step, ρ = 0 there, as
+        # for a new task; ḡ keeps its history, so ρ reads a little off for the few steps the EMA takes to turn over)
+        self.grad_sq = {int(s): g.to(dev, copy=True) for s, g in mt.get("grad_sq", {}).items()}
         self._ref = [r.to(dev, copy=True) for r in mt["ref"]]
         # a file from before "ref_slots": its reference covers the tasks registered when it was saved
         self._ref_slots = {int(s) for s in mt.get("ref_slots", self._slots())}
@@ -1565,7 +1641,8 @@ class MultiTaskController(UnifiedController):
         controller) lacks the parts added since: each as a new controller starts it (no merge kept, no back-off,
         the default `resplit_window`); the base class adds its own."""
         for key, value in (("resplit_window", RESPLIT_WINDOW), ("_parked", None), ("_conflict_ref", None),
-                           ("failed_merges", 0), ("_split_undo", None), ("_task_info", False), ("_local_loss", None)):
+                           ("failed_merges", 0), ("_split_undo", None), ("_task_info", False), ("_local_loss", None),
+                           ("grad_sq", {}), ("_grad_info", {})):
             state.setdefault(key, value)
         super().__setstate__(state)
         if "_ref_slots" not in self.__dict__:  # (its reference covers the tasks registered now)
