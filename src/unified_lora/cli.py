@@ -1,10 +1,11 @@
-"""`unified-lora`: demo, train, plot, report, predict.
+"""`unified-lora`: demo, train, plot, report, predict, export.
 
     unified-lora demo                       # MiniLM + shipped MRPC, a label shock, unified vs fixed-rank LoRA
     unified-lora train --config run.yaml    # any HF model on your CSV/TSV/JSONL (or GLUE) data
     unified-lora plot RUN/trace.jsonl -o phi.png
     unified-lora report RUN
     unified-lora predict RUN --data test.csv   # the run's newest checkpoint on new rows (or --prompts for a causal LM)
+    unified-lora export RUN --checkpoint step-40   # a checkpoint's adapter in PEFT format
 
 Errors in the input (missing file, unknown column, bad option value, ...) print one
 line `unified-lora: error: ...` and exit with code 2; `--debug` shows the traceback.
@@ -1557,6 +1558,60 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> int:
+    """`unified-lora export RUN`: a checkpoint's adapter in PEFT format, as `train` writes `peft_adapter/` at its end
+    (`export_peft_to`), from the checkpoint loaded as `predict` loads it (`inference.load_trained`)."""
+    from . import inference
+    from ._files import left_by_dead_process
+    from .training import BEST, UsageError
+
+    run = Path(args.run_dir)
+    ckpt = inference.find_checkpoint(run, args.checkpoint)  # (its errors: not a run, no such checkpoint, and which are)
+    out = Path(args.out).expanduser() if args.out else run / f"peft_adapter-{ckpt.name}"
+    flag = f"--out {args.out}" if args.out else f"the default output {out}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: a file, not a folder; pass the folder to write the adapter into")
+    # the run folder itself, its checkpoints/ and best/: the adapter's files (a task's folder) would mix with the run's
+    inside = [p.resolve() for p in (run / "checkpoints", run / BEST)]
+    if out.resolve() == run.resolve() or any(p == out.resolve() or p in out.resolve().parents for p in inside):
+        raise UsageError(f"{flag}: inside the run's own folders ({run}, its checkpoints/ or best/); pass another "
+                         "--out")
+    held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
+    if held and not args.overwrite:
+        raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}; "
+                         "pass --overwrite to write the adapter into it (its adapter files are replaced, other files "
+                         "kept), or another --out")
+
+    def check_rank(cfg) -> None:  # before the model loads
+        if args.rank is not None and args.rank not in tuple(cfg.rank_levels):
+            raise UsageError(f"--rank {args.rank}: not one of the run's nested ranks "
+                             f"({', '.join(map(str, cfg.rank_levels))}); pass one of them, or leave it out for the "
+                             "controller's rank at the checkpoint")
+
+    # on the CPU in fp32: nothing runs forward, and the weights are written as they are stored
+    trained = inference.load_trained(run, str(ckpt), "cpu", "fp32", args.trust_checkpoint, task=args.task,
+                                     config_check=check_rank, all_tasks=True, command="export")
+    rank = trained.rank if args.rank is None else args.rank
+    multi = bool(getattr(trained.run, "specs", None))
+    tasks = [args.task] if args.task else None
+    print(f"checkpoint {trained.checkpoint} (step {trained.step}): {trained.task_type}, the controller at rank "
+          f"{trained.rank} ({trained.mode})" + (f"; exported at --rank {rank}: the adapter computes the model at that "
+                                                "rank, not what predict computes with this checkpoint"
+                                                if rank != trained.rank else ""))
+    note = trained.run.export_peft_to(out, rank=rank, tasks=tasks)
+    if note:
+        print(f"{PROG}: error: {note}", file=sys.stderr)
+        return 1
+    what = "" if not multi else f" of task {args.task}" if args.task else " of each task, in a folder each"
+    where = out / args.task if args.task else out
+    print(f"PEFT adapter{what} (rank {rank}): {where} (loads with peft.PeftModel.from_pretrained(base_model, "
+          f"path{'/TASK' if multi and not args.task else ''}))")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -1830,6 +1885,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--trust-checkpoint", action="store_true", help="load the checkpoint's state.pt with "
                     "torch.load(weights_only=False), for a file you trust (as train --resume)")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", parents=[common], help="write a train run's checkpoint as a PEFT adapter",
+                        description="Load a `unified-lora train` run's checkpoint as predict does and write its adapter "
+                                    "in PEFT format (adapter_config.json, adapter_model.safetensors), as train writes "
+                                    "peft_adapter/ at its end; it loads with peft.PeftModel.from_pretrained(base_model, "
+                                    "path). A multi-task run: a folder per task.")
+    ex.add_argument("run_dir", help="the --output-dir of a train run")
+    ex.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
+                    "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
+                    "newest under checkpoints/, as predict)")
+    ex.add_argument("--out", help="the folder to write (default: RUN/peft_adapter-<checkpoint name>); one that holds "
+                    "files is refused without --overwrite")
+    ex.add_argument("--overwrite", action="store_true", help="write into an --out that holds files: the adapter's "
+                    "files are replaced, others kept")
+    ex.add_argument("--rank", type=int, help="the nested rank to export (one of the run's rank levels; default: the "
+                    "controller's rank at the checkpoint, the one predict runs at)")
+    ex.add_argument("--task", help="a multi-task run: export this task's adapter alone (default: every task's, in a "
+                    "folder each)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="load the checkpoint's state.pt with "
+                    "torch.load(weights_only=False), for a file you trust (as train --resume)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 
