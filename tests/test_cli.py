@@ -1195,7 +1195,8 @@ def test_report_and_plot_of_an_unfinished_run_use_its_settings_and_newest_checkp
     assert n >= 8 and not (out / "summary.json").exists()
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
-    assert f"train (unfinished): model={tiny['bert']} data={tiny['csv']} steps={n}" in report
+    # the steps done, of the run's 40 epochs of 8 (it printed steps={n} alone, which read as the run's length)
+    assert f"train (unfinished): model={tiny['bert']} data={tiny['csv']} steps={n} of 320\n" in report
     assert "shock: flip labels on steps [3, 6)" in report
     assert f"continue with: unified-lora train --output-dir {out} --resume" in report
     assert "epoch 1" in report and "accuracy=" in report  # the dev score the checkpoint holds
@@ -1214,7 +1215,7 @@ def test_report_and_plot_of_an_unfinished_run_use_its_settings_and_newest_checkp
     assert n >= 24
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
-    assert f"steps={n}" in report and "no summary.json for step 16 on" in report and "epoch 3" in report
+    assert f"steps={n} of 320\n" in report and "no summary.json for step 16 on" in report and "epoch 3" in report
     assert "steps=16\n" not in report
 
 

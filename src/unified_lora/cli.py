@@ -98,6 +98,10 @@ def format_summary(summary: dict) -> str:
     # summary lacks, as one built from trace.jsonl alone, is left out: it read model=None data=None)
     fields = {k: summary.get(k) for k in ("model", "data", "steps") if summary.get(k) is not None}
     apart = {k: v for k, v in fields.items() if isinstance(v, (dict, list, tuple))}
+    # an unfinished run's steps done, of the steps it was set to train (it read as the run's length)
+    planned = summary.get("planned_steps")
+    if isinstance(fields.get("steps"), int) and isinstance(planned, int) and planned > fields["steps"]:
+        fields["steps"] = f"{fields['steps']} of {planned}"
     lines.append(" ".join([f"{kind}:", *(f"{k}={v}" for k, v in fields.items() if k not in apart)]))
     lines += [f"{k}: {_fmt_field(v)}" for k, v in apart.items()]
     if summary.get("shock"):
@@ -1328,6 +1332,8 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     cfg = TrainConfig.from_dict(st["config"])
     out = _train_summary(cfg, trace, st["run"]["evals"], steps, st["lr_schedule"], run_dir)
     out["command"] = "train (unfinished)"
+    # the steps it was set to train (its LR schedule's length; a checkpoint saved before that was recorded: --steps)
+    out["planned_steps"] = st["lr_schedule"].get("total_steps") or cfg.steps or None
     if cfg.model is None:  # the bundled MiniLM: named by its path, as a finished run's summary names it (not None)
         from .data import default_model_path
 
