@@ -735,6 +735,7 @@ def _train_config(args) -> "object":
         raise UsageError(f"--resplit-window {cfg.resplit_window}: for several --data sets (multi-task mode: a split "
                          "soon after a merge brings the task adapters back); this run has one data set")
     _check_lr_read(cfg, user)
+    _note_lrs_unread(cfg, user, "mode_lrs" in flags)
     if ckpt is not None:
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
@@ -758,7 +759,7 @@ def _check_lr_read(cfg, user: dict) -> None:
     """A UsageError for `--lr` (YAML `lr`) given to a run in --lr-mode absolute (the default), which does not read it:
     each mode trains at its `--lrs`. `--lr 1e6` trained at the default --lrs, silently (found by the user trial; a
     Trainer user takes --lr for the learning rate). (`--lrs` with --lr-mode multiplier is not read either, and is
-    not refused: it is the default LR table, given with the mode in many recorded commands.)"""
+    not refused: it is the default LR table, given with the mode in many recorded commands; `_note_lrs_unread`.)"""
     from .training import UsageError
 
     if cfg.lr_mode != "absolute" or "lr" not in user:
@@ -766,6 +767,23 @@ def _check_lr_read(cfg, user: dict) -> None:
     raise UsageError(f"--lr {cfg.lr:g} (YAML lr): the base LR of --lr-mode multiplier, not read with --lr-mode "
                      f"absolute (the default), which trains each mode at its --lrs SINGLE MULTI MIRROR (now "
                      f"{' '.join(f'{v:g}' for v in cfg.mode_lrs)}); pass --lrs instead, or --lr-mode multiplier")
+
+
+def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
+    """A one-line note on stderr (process 0 alone, under torchrun) where `--lrs` (`flag`) or YAML `mode_lrs` is given to
+    a run in --lr-mode multiplier, which does not read it: each mode trains at --lr x its multiplier. Not refused,
+    as `--lr` in absolute mode is (`_check_lr_read`): many recorded commands give the default LR table with that
+    mode. Nothing is said of the default --lrs, given by no one."""
+    from .training import process_rank
+
+    if cfg.lr_mode != "multiplier" or "mode_lrs" not in user or process_rank() != 0:
+        return
+    given = " ".join(f"{v:g}" for v in cfg.mode_lrs)
+    lrs = ", ".join(f"{m} {cfg.lr * x:.3g}" for m, x in zip(("SINGLE", "MULTI", "MIRROR"),
+                                                          cfg.actuator_config().mode_multipliers))
+    print(f"{PROG}: note: {f'--lrs {given}' if flag else f'mode_lrs [{given}] (--config)'} is not read with --lr-mode "
+          f"multiplier: each mode trains at --lr {cfg.lr:g} x its multiplier ({lrs}); drop it, or pass --lr-mode "
+          "absolute to train each mode at its --lrs", file=sys.stderr)
 
 
 def _read_config(path: str) -> dict:
