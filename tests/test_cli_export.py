@@ -130,6 +130,14 @@ def test_a_multitask_run_exports_a_folder_per_task_or_the_one_asked_for(wide, da
     assert sorted(p.name for p in (tmp_path / "tri_only").iterdir()) == ["peft_tasks.json", "tri"]
     assert main(["export", str(out), "--task", "tir"]) == 2
     assert _error(capsys).endswith("its tasks are pos, tri (did you mean tri?)")
+    # the export in the run folder is the run's: a new run there is refused, naming it, and --overwrite deletes it
+    # (a new run's step-2 beside the old run's peft_adapter-step-2 would pass for its export)
+    again = test_cli_multitask._mt_args(wide, out, data["pos"], data["tri"], extra=("--task-names", "pos,tri",
+                                                                                     "--steps", "2"))
+    assert main(again) == 2
+    assert "peft_adapter-step-2); pass --resume" in _error(capsys)
+    assert main([*again, "--overwrite"]) == 0
+    assert not folder.exists() and (tmp_path / "tri_only" / "tri").is_dir()
 
 
 def test_an_export_peft_cannot_express_is_one_line_and_exit_code_1(tiny, tmp_path, capsys):

@@ -849,6 +849,7 @@ _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "best", "summary.json", "trace.jsonl", "plot.png", "console.txt")
+EXPORT_PREFIX = "peft_adapter-"  # `unified-lora export`'s default folder in the run: peft_adapter-<checkpoint name>
 
 
 def _run_outputs(out: Path) -> list[str]:
@@ -861,7 +862,14 @@ def _run_outputs(out: Path) -> list[str]:
     settle_interrupted_saves(out)
     held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
         if ckpts.is_dir() else []
-    return held + [n for n in ("summary.json", "peft_adapter", "best") if (out / n).exists()]
+    return held + [n for n in ("summary.json", "peft_adapter", "best") if (out / n).exists()] + _exports(out)
+
+
+def _exports(out: Path) -> list[str]:
+    """The folders `unified-lora export` wrote into run folder `out` under their default names (peft_adapter-NAME):
+    the previous run's, which `train --overwrite` deletes with its checkpoints."""
+    return sorted(p.name for p in out.glob(f"{EXPORT_PREFIX}*") if p.is_dir() and not p.is_symlink()) \
+        if out.is_dir() else []
 
 
 def _resume_changes(old, new) -> list[str]:
@@ -1047,7 +1055,7 @@ def _train(args, held: dict) -> int:
         # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found): now the
         # previous run's outputs go. They went before Run, and a --target-modules that matched nothing deleted the
         # previous run and then failed. The trace stays: the new run's writer empties it at its first step.
-        for name in _RUN_OUTPUTS:
+        for name in (*_RUN_OUTPUTS, *(_exports(out) if held_outputs else ())):
             p = out / name
             if name != "trace.jsonl" and held_outputs:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -1594,7 +1602,7 @@ def cmd_export(args) -> int:
 
     run = Path(args.run_dir)
     ckpt = inference.find_checkpoint(run, args.checkpoint)  # (its errors: not a run, no such checkpoint, and which are)
-    out = Path(args.out).expanduser() if args.out else run / f"peft_adapter-{ckpt.name}"
+    out = Path(args.out).expanduser() if args.out else run / f"{EXPORT_PREFIX}{ckpt.name}"
     flag = f"--out {args.out}" if args.out else f"the default output {out}"
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag}: a file, not a folder; pass the folder to write the adapter into")
@@ -1758,7 +1766,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with torch.load(weights_only=False), for a file you trust that holds more than tensors and plain "
                    "values (by default it is refused: unpickling other objects can run code the file carries)")
     again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
-                       "previous run, deleting its checkpoints, peft_adapter/, trace and summary")
+                       "previous run, deleting its checkpoints, peft_adapter/ (and the peft_adapter-NAME/ of unified-lora export), "
+                       "trace and summary")
     t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR (several "
                    "--data sets: an adapter per task from the start, never merged)")
     t.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
@@ -1889,8 +1898,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
                     "the run's prompt column (its first text column; --prompt-column names another)")
     pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
-                    "evaluation's, of train --save-best) or a checkpoint folder (default: the newest under "
-                    "checkpoints/)")
+                    "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
+                    "newest under checkpoints/)")
     pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
                     "format>, RUN/predictions-TASK.<format> for a multi-task run; .jsonl for a .txt input)")
     pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "
