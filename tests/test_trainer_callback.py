@@ -703,6 +703,41 @@ def test_a_resume_in_the_same_process_replays_the_steps_once_in_the_trace(tmp_pa
     assert all(torch.equal(w[k], w2[k]) for k in w)
 
 
+def _same(a, b) -> bool:
+    """Two controller states (nested dicts, lists, tensors) hold the same values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_same_process_resume_with_a_damaged_trace_raises_before_the_controller_loads(tmp_path):
+    """A resume in the same process (the writer has written) rewinds the trace file after `ctrl.load_state_dict`,
+    whose own check of the file skips a writer that has written: a damaged file raised there, after the controller
+    had loaded the checkpoint's state (step 3 of a controller at step 5). The rewind is now read and checked first:
+    the error names the file and line, and the controller, its records and the file are as they were."""
+    model = tiny_bert()
+    _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                 print_fn=None, trace_path=str(tmp_path / "trace.jsonl"))
+    trainer = Trainer(model=model, args=targs(tmp_path, max_steps=6, save_strategy="steps", save_steps=3),
+                      train_dataset=TokenDataset(n=16), callbacks=[UnifiedLoRACallback(ctrl), Interrupt(at=5)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    path = tmp_path / "trace.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:2] + ["not a record\n"] + lines[2:])
+    path.write_text(damaged)
+    before, records = ctrl.state_dict(), list(ctrl.trace)
+    assert before["global_step"] == 5
+    with pytest.raises(ValueError, match=f"{path}: line 3 is not a step's record"):
+        trainer.train(resume_from_checkpoint=True)
+    assert _same(ctrl.state_dict(), before) and ctrl.trace == records
+    assert path.read_text() == damaged
+
+
 def test_a_resume_without_controller_state_and_strict_resume_false_goes_on_at_the_controllers_rank(tmp_path):
     """The Trainer's weights load restores the rank saved with them (each layer's `_extra_state`; not MULTI's 8 here),
     and a controller that restarts from its own state (no file, strict_resume=False) is in MULTI (8): its first

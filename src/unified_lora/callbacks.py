@@ -626,8 +626,13 @@ class UnifiedLoRACallback(TrainerCallback):
             # controller that goes on from its own state sets its own (its first step refused the mismatch)
             self.ctrl._apply_rank()
             return
+        # the trace file's rewind read and checked before the load (a damaged file raises here, the controller
+        # untouched): in a same-process resume the writer has written, so ctrl.load_state_dict's own check skips it,
+        # and the rewind raised after the controller had loaded
+        writer = self.ctrl.writer
+        plan = writer.resume_plan(sd["global_step"], rewind=True) if writer is not None else None
         self.ctrl.load_state_dict(sd)
-        self._rewind_trace()
+        self._rewind_trace(plan)
 
     def _read_state_file(self, path: str, loaded_by: str, model) -> tuple[dict | None, str | None]:
         """(the controller state saved at `path`, None), or (None, why) where it was saved with other adapter weights
@@ -682,16 +687,17 @@ class UnifiedLoRACallback(TrainerCallback):
             return None
         return sd
 
-    def _rewind_trace(self) -> None:
+    def _rewind_trace(self, plan: list[str] | None) -> None:
         """After a resume: drop what this process recorded for the steps from the resumed one on. A run interrupted
         in this process (Ctrl-C, an exception) and resumed here with the same controller replays those steps; their
-        first records would otherwise stay in `ctrl.trace`, `trace_path` and `step_losses` (steps 3, 4, 3, 4, ...)."""
+        first records would otherwise stay in `ctrl.trace`, `trace_path` and `step_losses` (steps 3, 4, 3, 4, ...).
+        `plan`: the trace file's lines to keep, `writer.resume_plan(step, rewind=True)` read before the load."""
         step = self.ctrl.global_step
         dropped = sum(r.step >= step for r in self.ctrl.trace)
         self.ctrl.trace[:] = [r for r in self.ctrl.trace if r.step < step]
         del self.step_losses[max(0, len(self.step_losses) - dropped):]  # this callback's records are the last ones
         if self.ctrl.writer is not None:
-            self.ctrl.writer.resume(step, rewind=True)
+            self.ctrl.writer.apply_resume(plan)
 
     def _load_best(self, args, folder: str, model=None) -> None:
         """After `load_best_model_at_end`: load `folder`'s controller state (see the module docstring)."""

@@ -1,10 +1,11 @@
-"""`unified-lora`: demo, train, plot, report, predict.
+"""`unified-lora`: demo, train, plot, report, predict, export.
 
     unified-lora demo                       # MiniLM + shipped MRPC, a label shock, unified vs fixed-rank LoRA
     unified-lora train --config run.yaml    # any HF model on your CSV/TSV/JSONL (or GLUE) data
     unified-lora plot RUN/trace.jsonl -o phi.png
     unified-lora report RUN
     unified-lora predict RUN --data test.csv   # the run's newest checkpoint on new rows (or --prompts for a causal LM)
+    unified-lora export RUN --checkpoint step-40   # a checkpoint's adapter in PEFT format
 
 Errors in the input (missing file, unknown column, bad option value, ...) print one
 line `unified-lora: error: ...` and exit with code 2; `--debug` shows the traceback.
@@ -97,6 +98,10 @@ def format_summary(summary: dict) -> str:
     # summary lacks, as one built from trace.jsonl alone, is left out: it read model=None data=None)
     fields = {k: summary.get(k) for k in ("model", "data", "steps") if summary.get(k) is not None}
     apart = {k: v for k, v in fields.items() if isinstance(v, (dict, list, tuple))}
+    # an unfinished run's steps done, of the steps it was set to train (it read as the run's length)
+    planned = summary.get("planned_steps")
+    if isinstance(fields.get("steps"), int) and isinstance(planned, int) and planned > fields["steps"]:
+        fields["steps"] = f"{fields['steps']} of {planned}"
     lines.append(" ".join([f"{kind}:", *(f"{k}={v}" for k, v in fields.items() if k not in apart)]))
     lines += [f"{k}: {_fmt_field(v)}" for k, v in apart.items()]
     if summary.get("shock"):
@@ -730,6 +735,7 @@ def _train_config(args) -> "object":
         raise UsageError(f"--resplit-window {cfg.resplit_window}: for several --data sets (multi-task mode: a split "
                          "soon after a merge brings the task adapters back); this run has one data set")
     _check_lr_read(cfg, user)
+    _note_lrs_unread(cfg, user, "mode_lrs" in flags)
     if ckpt is not None:
         changed = _resume_changes(TrainConfig.from_dict(stored), cfg)
         if changed:
@@ -753,7 +759,7 @@ def _check_lr_read(cfg, user: dict) -> None:
     """A UsageError for `--lr` (YAML `lr`) given to a run in --lr-mode absolute (the default), which does not read it:
     each mode trains at its `--lrs`. `--lr 1e6` trained at the default --lrs, silently (found by the user trial; a
     Trainer user takes --lr for the learning rate). (`--lrs` with --lr-mode multiplier is not read either, and is
-    not refused: it is the default LR table, given with the mode in many recorded commands.)"""
+    not refused: it is the default LR table, given with the mode in many recorded commands; `_note_lrs_unread`.)"""
     from .training import UsageError
 
     if cfg.lr_mode != "absolute" or "lr" not in user:
@@ -761,6 +767,23 @@ def _check_lr_read(cfg, user: dict) -> None:
     raise UsageError(f"--lr {cfg.lr:g} (YAML lr): the base LR of --lr-mode multiplier, not read with --lr-mode "
                      f"absolute (the default), which trains each mode at its --lrs SINGLE MULTI MIRROR (now "
                      f"{' '.join(f'{v:g}' for v in cfg.mode_lrs)}); pass --lrs instead, or --lr-mode multiplier")
+
+
+def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
+    """A one-line note on stderr (process 0 alone, under torchrun) where `--lrs` (`flag`) or YAML `mode_lrs` is given to
+    a run in --lr-mode multiplier, which does not read it: each mode trains at --lr x its multiplier. Not refused,
+    as `--lr` in absolute mode is (`_check_lr_read`): many recorded commands give the default LR table with that
+    mode. Nothing is said of the default --lrs, given by no one."""
+    from .training import process_rank
+
+    if cfg.lr_mode != "multiplier" or "mode_lrs" not in user or process_rank() != 0:
+        return
+    given = " ".join(f"{v:g}" for v in cfg.mode_lrs)
+    lrs = ", ".join(f"{m} {cfg.lr * x:.3g}" for m, x in zip(("SINGLE", "MULTI", "MIRROR"),
+                                                          cfg.actuator_config().mode_multipliers))
+    print(f"{PROG}: note: {f'--lrs {given}' if flag else f'mode_lrs [{given}] (--config)'} is not read with --lr-mode "
+          f"multiplier: each mode trains at --lr {cfg.lr:g} x its multiplier ({lrs}); drop it, or pass --lr-mode "
+          "absolute to train each mode at its --lrs", file=sys.stderr)
 
 
 def _read_config(path: str) -> dict:
@@ -826,6 +849,7 @@ _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text
 # What a train run writes into its --output-dir (a fresh run refuses a folder that holds a run: its checkpoints
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "best", "summary.json", "trace.jsonl", "plot.png", "console.txt")
+EXPORT_PREFIX = "peft_adapter-"  # `unified-lora export`'s default folder in the run: peft_adapter-<checkpoint name>
 
 
 def _run_outputs(out: Path) -> list[str]:
@@ -838,7 +862,14 @@ def _run_outputs(out: Path) -> list[str]:
     settle_interrupted_saves(out)
     held = [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir()) if not p.name.startswith(".")] \
         if ckpts.is_dir() else []
-    return held + [n for n in ("summary.json", "peft_adapter", "best") if (out / n).exists()]
+    return held + [n for n in ("summary.json", "peft_adapter", "best") if (out / n).exists()] + _exports(out)
+
+
+def _exports(out: Path) -> list[str]:
+    """The folders `unified-lora export` wrote into run folder `out` under their default names (peft_adapter-NAME):
+    the previous run's, which `train --overwrite` deletes with its checkpoints."""
+    return sorted(p.name for p in out.glob(f"{EXPORT_PREFIX}*") if p.is_dir() and not p.is_symlink()) \
+        if out.is_dir() else []
 
 
 def _resume_changes(old, new) -> list[str]:
@@ -1024,7 +1055,7 @@ def _train(args, held: dict) -> int:
         # --overwrite, and every input checked (the model wrapped: target_modules and modules_to_save found): now the
         # previous run's outputs go. They went before Run, and a --target-modules that matched nothing deleted the
         # previous run and then failed. The trace stays: the new run's writer empties it at its first step.
-        for name in _RUN_OUTPUTS:
+        for name in (*_RUN_OUTPUTS, *(_exports(out) if held_outputs else ())):
             p = out / name
             if name != "trace.jsonl" and held_outputs:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -1327,6 +1358,8 @@ def _unfinished_train_summary(run_dir: Path, summary: dict | None) -> dict | Non
     cfg = TrainConfig.from_dict(st["config"])
     out = _train_summary(cfg, trace, st["run"]["evals"], steps, st["lr_schedule"], run_dir)
     out["command"] = "train (unfinished)"
+    # the steps it was set to train (its LR schedule's length; a checkpoint saved before that was recorded: --steps)
+    out["planned_steps"] = st["lr_schedule"].get("total_steps") or cfg.steps or None
     if cfg.model is None:  # the bundled MiniLM: named by its path, as a finished run's summary names it (not None)
         from .data import default_model_path
 
@@ -1557,6 +1590,60 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> int:
+    """`unified-lora export RUN`: a checkpoint's adapter in PEFT format, as `train` writes `peft_adapter/` at its end
+    (`export_peft_to`), from the checkpoint loaded as `predict` loads it (`inference.load_trained`)."""
+    from . import inference
+    from ._files import left_by_dead_process
+    from .training import BEST, UsageError
+
+    run = Path(args.run_dir)
+    ckpt = inference.find_checkpoint(run, args.checkpoint)  # (its errors: not a run, no such checkpoint, and which are)
+    out = Path(args.out).expanduser() if args.out else run / f"{EXPORT_PREFIX}{ckpt.name}"
+    flag = f"--out {args.out}" if args.out else f"the default output {out}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: a file, not a folder; pass the folder to write the adapter into")
+    # the run folder itself, its checkpoints/ and best/: the adapter's files (a task's folder) would mix with the run's
+    inside = [p.resolve() for p in (run / "checkpoints", run / BEST)]
+    if out.resolve() == run.resolve() or any(p == out.resolve() or p in out.resolve().parents for p in inside):
+        raise UsageError(f"{flag}: inside the run's own folders ({run}, its checkpoints/ or best/); pass another "
+                         "--out")
+    held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
+    if held and not args.overwrite:
+        raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}; "
+                         "pass --overwrite to write the adapter into it (its adapter files are replaced, other files "
+                         "kept), or another --out")
+
+    def check_rank(cfg) -> None:  # before the model loads
+        if args.rank is not None and args.rank not in tuple(cfg.rank_levels):
+            raise UsageError(f"--rank {args.rank}: not one of the run's nested ranks "
+                             f"({', '.join(map(str, cfg.rank_levels))}); pass one of them, or leave it out for the "
+                             "controller's rank at the checkpoint")
+
+    # on the CPU in fp32: nothing runs forward, and the weights are written as they are stored
+    trained = inference.load_trained(run, str(ckpt), "cpu", "fp32", args.trust_checkpoint, task=args.task,
+                                     config_check=check_rank, all_tasks=True, command="export")
+    rank = trained.rank if args.rank is None else args.rank
+    multi = bool(getattr(trained.run, "specs", None))
+    tasks = [args.task] if args.task else None
+    print(f"checkpoint {trained.checkpoint} (step {trained.step}): {trained.task_type}, the controller at rank "
+          f"{trained.rank} ({trained.mode})" + (f"; exported at --rank {rank}: the adapter computes the model at that "
+                                                "rank, not what predict computes with this checkpoint"
+                                                if rank != trained.rank else ""))
+    note = trained.run.export_peft_to(out, rank=rank, tasks=tasks)
+    if note:
+        print(f"{PROG}: error: {note}", file=sys.stderr)
+        return 1
+    what = "" if not multi else f" of task {args.task}" if args.task else " of each task, in a folder each"
+    where = out / args.task if args.task else out
+    print(f"PEFT adapter{what} (rank {rank}): {where} (loads with peft.PeftModel.from_pretrained(base_model, "
+          f"path{'/TASK' if multi and not args.task else ''}))")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -1679,7 +1766,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with torch.load(weights_only=False), for a file you trust that holds more than tensors and plain "
                    "values (by default it is refused: unpickling other objects can run code the file carries)")
     again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
-                       "previous run, deleting its checkpoints, peft_adapter/, trace and summary")
+                       "previous run, deleting its checkpoints, peft_adapter/ (and the peft_adapter-NAME/ of unified-lora export), "
+                       "trace and summary")
     t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR (several "
                    "--data sets: an adapter per task from the start, never merged)")
     t.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
@@ -1810,8 +1898,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
                     "the run's prompt column (its first text column; --prompt-column names another)")
     pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
-                    "evaluation's, of train --save-best) or a checkpoint folder (default: the newest under "
-                    "checkpoints/)")
+                    "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
+                    "newest under checkpoints/)")
     pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
                     "format>, RUN/predictions-TASK.<format> for a multi-task run; .jsonl for a .txt input)")
     pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "
@@ -1830,6 +1918,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--trust-checkpoint", action="store_true", help="load the checkpoint's state.pt with "
                     "torch.load(weights_only=False), for a file you trust (as train --resume)")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", parents=[common], help="write a train run's checkpoint as a PEFT adapter",
+                        description="Load a `unified-lora train` run's checkpoint as predict does and write its adapter "
+                                    "in PEFT format (adapter_config.json, adapter_model.safetensors), as train writes "
+                                    "peft_adapter/ at its end; it loads with peft.PeftModel.from_pretrained(base_model, "
+                                    "path). A multi-task run: a folder per task.")
+    ex.add_argument("run_dir", help="the --output-dir of a train run")
+    ex.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
+                    "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
+                    "newest under checkpoints/, as predict)")
+    ex.add_argument("--out", help="the folder to write (default: RUN/peft_adapter-<checkpoint name>); one that holds "
+                    "files is refused without --overwrite")
+    ex.add_argument("--overwrite", action="store_true", help="write into an --out that holds files: the adapter's "
+                    "files are replaced, others kept")
+    ex.add_argument("--rank", type=int, help="the nested rank to export (one of the run's rank levels; default: the "
+                    "controller's rank at the checkpoint, the one predict runs at)")
+    ex.add_argument("--task", help="a multi-task run: export this task's adapter alone (default: every task's, in a "
+                    "folder each)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="load the checkpoint's state.pt with "
+                    "torch.load(weights_only=False), for a file you trust (as train --resume)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

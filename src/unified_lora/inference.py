@@ -82,10 +82,13 @@ def _adapter_only_error(folder: Path, given: str) -> UsageError:
                       "unified_lora.callbacks.load_adapter_only")
 
 
+LATEST = "latest"  # --checkpoint latest: the run's newest under checkpoints/, as no --checkpoint
+
+
 def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -> Path:
     """The checkpoint folder to predict with: `checkpoint` (a name under `run_dir/checkpoints`, `best` for the run's
-    `best/` of `train --save-best`, or a checkpoint folder's path), else the run's newest under `checkpoints/`
-    (`latest_checkpoint`, read only; `--resume` also takes `best/` where that is newer). A folder that is not a
+    `best/` of `train --save-best`, or a checkpoint folder's path), else (None, or `latest`) the run's newest under
+    `checkpoints/` (`latest_checkpoint`, read only; `--resume` also takes `best/` where that is newer). A folder that is not a
     `unified-lora train` run (an adapter-only Trainer checkpoint, a demo's folder, a checkpoint folder itself) is a
     UsageError saying what to pass."""
     from .callbacks import is_adapter_only_folder
@@ -101,7 +104,7 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -
         raise UsageError(f"{run_dir}: a checkpoint folder, not a run folder; pass the run's --output-dir and "
                          f"--checkpoint {run.name}")
     root = run / "checkpoints"
-    if checkpoint is None:
+    if checkpoint is None or checkpoint == LATEST:
         found = latest_checkpoint(root, settle=False)  # read only: the run may be saving into it now
         if found is None:
             demo = " (a demo's folder has none: only `unified-lora train` writes checkpoints)" if (
@@ -146,14 +149,18 @@ def run_task(cfg: TrainConfig, task_type: str) -> tuple[str, str | None]:
 
 def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, device: str = "auto",
                  precision: str | None = None, trust_checkpoint: bool = False,
-                 task_check: Callable[[str], None] | None = None, task: str | None = None) -> Trained:
+                 task_check: Callable[[str], None] | None = None, task: str | None = None,
+                 config_check: Callable[[TrainConfig], None] | None = None, all_tasks: bool = False,
+                 command: str = "predict") -> Trained:
     """Load a run's checkpoint to predict with (`find_checkpoint` picks it). The run's config comes from the
     checkpoint's `state.pt`; the base model is loaded and wrapped as `train` does (`load_model`, `Run`), and the
     checkpoint's tensors (`Run.load_weights`) and controller state go in, so the layers run at the controller's rank at
     that checkpoint. `device` (default auto) and `precision` (default: the run's) are checked before any model is
-    loaded, and so is the run's task type, by `task_check` (the command's own flags against it). A multi-task run
-    (several --data sets) predicts for one of its tasks, `task` (required there, refused on a one-task run): with that
-    task's adapter, classes and data layout."""
+    loaded, and so are the run's task type, by `task_check`, and its config, by `config_check` (the command's own
+    flags against them). A multi-task run (several --data sets) predicts for one of its tasks, `task` (required
+    there unless `all_tasks`, refused on a one-task run): with that task's adapter, classes and data layout; with
+    `all_tasks` and no `task` it is loaded for none in particular (`unified-lora export` writes every task's).
+    `command`: what the errors about the checkpoint's tensors name."""
     ckpt = find_checkpoint(run_dir, checkpoint)
     st = read_state(ckpt, trust_checkpoint)
     stored = dict(st["config"])
@@ -166,12 +173,14 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     task_type = st.get("task_type") or detect_task_type(model_path, cfg.task_type)
     if task_check is not None:
         task_check(task_type)
+    if config_check is not None:
+        config_check(cfg)
     specs = st.get("tasks")
-    if specs and task is None:
+    if specs and task is None and not all_tasks:
         raise UsageError(f"{run_dir} is a multi-task run (tasks {', '.join(t['name'] for t in specs)}): pass --task "
                          "NAME, the task whose adapter and classes predict")
     names = [t["name"] for t in specs or ()]
-    if specs and task not in names:
+    if specs and task is not None and task not in names:
         # (case aside: --task MRPC for the task mrpc)
         close = [n for n in names if n.lower() == task.lower()] or difflib.get_close_matches(task, names, n=1)
         raise UsageError(f"--task {task}: not a task of {run_dir}; its tasks are {', '.join(names)}"
@@ -186,15 +195,17 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     if specs:
         from .multitask_train import MultiTaskRun, TaskSpec
 
-        spec = next(TaskSpec(**t) for t in specs if t["name"] == task)
+        spec = next((TaskSpec(**t) for t in specs if t["name"] == task), None)
         run = MultiTaskRun(cfg, model, [TaskSpec(**t) for t in specs], None, print_fn=None,
                            total_steps=st["lr_schedule"]["total_steps"])
     else:
         run = Run(cfg, model, task_type, num_labels, None, print_fn=None, classes=classes, chat=bool(st.get("chat")),
                   total_steps=st["lr_schedule"]["total_steps"])  # (the run's schedule is built, never stepped)
-    run.load_weights(ckpt, flag="predict")
+    run.load_weights(ckpt, flag=command)
     run.ctrl.load_state_dict(st["controller"])
     model.eval()
+    if specs and task is None:  # (all_tasks) every task: no one task's layout, metrics or classes
+        return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, ", ".join(names), None, None)
     if specs:  # the task's own data layout, metrics and classes
         return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, spec.metric_task, spec.glue,
                        list(spec.classes) or None, route=task)

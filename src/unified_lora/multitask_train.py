@@ -342,9 +342,9 @@ class MultiTaskRun(Run):
         self._parts, self._global = [], []  # (a step that raised before ctrl.step left its parts)
         return super().train_step(batch)
 
-    def export_peft_to(self, out_dir: Path) -> str | None:
-        """One PEFT adapter per task in `out_dir/<task>/` (`export_task_peft_adapters`, at the current rank): the
-        adapter each task runs. In SINGLE that is the shared one, and the task slots, which the export writes, hold
+    def export_peft_to(self, out_dir: Path, rank: int | None = None, tasks: Sequence[str] | None = None) -> str | None:
+        """One PEFT adapter per task in `out_dir/<task>/` (`export_task_peft_adapters`, at `rank`, default the
+        controller's; `tasks`: those tasks' alone, default every one): the adapter each task runs. In SINGLE that is the shared one, and the task slots, which the export writes, hold
         what the last split or merge left there: they are the shared adapter's copies while it runs, then put back
         as they were (nothing trained changes, and no random number is drawn)."""
         layers = list(self.adapters.values())
@@ -354,7 +354,8 @@ class MultiTaskRun(Run):
                 held = [[p.detach().clone() for p in a.task_parameters()] for a in layers]
                 for a in layers:
                     a.copy_shared_to_tasks()
-            export_task_peft_adapters(self.model, out_dir, rank=self.ctrl.rank, include_shared=False)
+            export_task_peft_adapters(self.model, out_dir, rank=self.ctrl.rank if rank is None else rank,
+                                      tasks=tasks, include_shared=False)
         except Exception as e:  # an export problem must not lose the training checkpoint
             return f"PEFT export failed: {type(e).__name__}: {e}"
         finally:

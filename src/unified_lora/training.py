@@ -1748,9 +1748,10 @@ class Run:
         """`ctrl.step` with the step's mean loss (after backward, before optimizer.step())."""
         self.ctrl.step(loss=loss)
 
-    def export_peft_to(self, out_dir: Path) -> str | None:
-        """The adapter in PEFT format in `out_dir` (`export_peft`): None, or a note on why it was not written."""
-        return export_peft(self.model, self.adapters, self.ctrl.rank, out_dir)
+    def export_peft_to(self, out_dir: Path, rank: int | None = None, tasks: Sequence[str] | None = None) -> str | None:
+        """The adapter in PEFT format in `out_dir` (`export_peft`), at `rank` (default: the controller's): None, or a
+        note on why it was not written. (`tasks`: a multi-task run's, `MultiTaskRun.export_peft_to`.)"""
+        return export_peft(self.model, self.adapters, self.ctrl.rank if rank is None else rank, out_dir)
 
     def _state_extra(self) -> dict:
         """What a checkpoint's state holds besides `STATE_KEYS` and the run's own keys (a multi-task run: its tasks)."""
