@@ -580,6 +580,13 @@ def test_trace_jsonl_and_console_line(tmp_path, llama):
     assert lines[0].startswith("[0] Mode=1 φ=0.") and "E_s=" in lines[0] and len(lines) == 2
 
 
+def _traced_llama(path):
+    """A tiny Llama with a loss-signal controller writing its trace to `path`: (model, ctrl)."""
+    model = tiny_llama()
+    _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
+    return model, ctrl
+
+
 def test_a_resumed_controller_keeps_the_trace_file_of_the_steps_before_its_checkpoint(tmp_path):
     """A controller built with the run's trace_path to resume it used to empty the file when it was built, so
     the JSONL kept only the steps after the resume. Loading the state now keeps the lines of earlier steps
@@ -589,9 +596,7 @@ def test_a_resumed_controller_keeps_the_trace_file_of_the_steps_before_its_check
     x = torch.randint(0, VOCAB, (2, 8))
 
     def make():
-        model = tiny_llama()
-        _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
-        return model, ctrl
+        return _traced_llama(path)
 
     def steps(model, ctrl, losses):
         for loss in losses:
@@ -1701,9 +1706,7 @@ def test_a_last_trace_line_of_junk_without_a_newline_is_refused_on_resume_and_a_
     x = torch.randint(0, VOCAB, (2, 8))
 
     def make():
-        model = tiny_llama()
-        _, ctrl = setup_unified_lora(model, target_modules=["q_proj"], signal="loss", print_fn=None, trace_path=path)
-        return model, ctrl
+        return _traced_llama(path)
 
     model, ctrl = make()
     for loss in (0.5, 0.6, 0.7):

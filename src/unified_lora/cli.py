@@ -1593,6 +1593,14 @@ def cmd_predict(args) -> int:
 # ----------------------------------------------------------------------------- export
 
 
+def _run_and_checkpoint_args(p: argparse.ArgumentParser, default_note: str) -> None:
+    """`predict`'s and `export`'s RUN and --checkpoint."""
+    p.add_argument("run_dir", help="the --output-dir of a train run")
+    p.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
+                   "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
+                   f"newest under checkpoints/{default_note})")
+
+
 def cmd_export(args) -> int:
     """`unified-lora export RUN`: a checkpoint's adapter in PEFT format, as `train` writes `peft_adapter/` at its end
     (`export_peft_to`), from the checkpoint loaded as `predict` loads it (`inference.load_trained`)."""
@@ -1889,7 +1897,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "blocks and head, at the controller's rank then) and classify the rows of --data "
                                     "(scoring those with labels as the run's dev evaluation does) or, for a causal "
                                     "LM, complete each of --prompts (or score --data: loss, perplexity).")
-    pr.add_argument("run_dir", help="the --output-dir of a train run")
+    _run_and_checkpoint_args(pr, "")
     pr.add_argument("--data", help="a classifier: a .csv/.tsv/.jsonl table with the run's text columns (its label "
                     "column optional), or for a run trained on a GLUE task that task's dev.tsv or test.tsv; a causal "
                     "LM: a text file or table to score, read as --dev-data is")
@@ -1897,9 +1905,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "classes predict (required there); --data is read in that task's layout")
     pr.add_argument("--prompts", help="a causal LM: a .txt file (a prompt a line) or a .csv/.tsv/.jsonl table with "
                     "the run's prompt column (its first text column; --prompt-column names another)")
-    pr.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
-                    "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
-                    "newest under checkpoints/)")
     pr.add_argument("--output", help="the .csv, .tsv or .jsonl file to write (default: RUN/predictions.<the input's "
                     "format>, RUN/predictions-TASK.<format> for a multi-task run; .jsonl for a .txt input)")
     pr.add_argument("--id-column", help="a table's id column, written beside each prediction (default: a column "
@@ -1924,10 +1929,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "in PEFT format (adapter_config.json, adapter_model.safetensors), as train writes "
                                     "peft_adapter/ at its end; it loads with peft.PeftModel.from_pretrained(base_model, "
                                     "path). A multi-task run: a folder per task.")
-    ex.add_argument("run_dir", help="the --output-dir of a train run")
-    ex.add_argument("--checkpoint", help="a checkpoint of the run by name (epoch-1, step-40, best: the best "
-                    "evaluation's, of train --save-best; latest: the newest) or a checkpoint folder (default: the "
-                    "newest under checkpoints/, as predict)")
+    _run_and_checkpoint_args(ex, ", as predict")
     ex.add_argument("--out", help="the folder to write (default: RUN/peft_adapter-<checkpoint name>); one that holds "
                     "files is refused without --overwrite")
     ex.add_argument("--overwrite", action="store_true", help="write into an --out that holds files: the adapter's "
