@@ -48,26 +48,38 @@ PAIRS = ("same", "flipped", "rte_mrpc")
 KEYS = ("C", "C_grad", "C_grad_raw", "C_weight", "E", "S", "phi_raw")
 
 
+def halves(task: str, train_max: int | None = None) -> tuple[list, list]:
+    """Two disjoint halves of `task`'s GLUE train rows: a fixed random split (seed 1234), of the shuffle's first
+    `train_max` rows where given (SST-2 has 67k)."""
+    from unified_lora.data import load_glue
+
+    rows = list(load_glue(task, "train").examples)
+    random.Random(1234).shuffle(rows)
+    rows = rows[:train_max] if train_max else rows
+    half = len(rows) // 2
+    return rows[:half], rows[half:2 * half]
+
+
+def encode_rows(tokenizer, rows, max_length: int, flip: bool = False) -> dict:
+    """`rows` encoded to `max_length` columns; `flip`: every (binary) label flipped."""
+    from unified_lora.data import encode
+
+    d = encode(tokenizer, rows, max_length=max_length, padding="max_length")
+    if flip:
+        d["labels"] = 1 - d["labels"]
+    return d
+
+
 def load_pairs(tokenizer, max_length: int) -> dict:
     """{pair: {task: encoded train rows}}; the MRPC halves are a fixed random split of MRPC train."""
-    from unified_lora.data import encode, load_glue
+    from unified_lora.data import load_glue
 
-    mrpc = list(load_glue("mrpc", "train").examples)
-    random.Random(1234).shuffle(mrpc)
-    half = len(mrpc) // 2
-    a, b = mrpc[:half], mrpc[half:2 * half]
-    rte = list(load_glue("rte", "train").examples)
-
-    def enc(ex, flip=False):
-        d = encode(tokenizer, ex, max_length=max_length, padding="max_length")
-        if flip:
-            d["labels"] = 1 - d["labels"]
-        return d
-
-    ea, eb = enc(a), enc(b)
+    a, b = halves("mrpc")
+    ea, eb = encode_rows(tokenizer, a, max_length), encode_rows(tokenizer, b, max_length)
+    rte = encode_rows(tokenizer, list(load_glue("rte", "train").examples), max_length)
     return {"same": {"mrpc_a": ea, "mrpc_b": eb},
-            "flipped": {"mrpc_a": ea, "mrpc_b_flipped": enc(b, flip=True)},
-            "rte_mrpc": {"rte": enc(rte), "mrpc": ea}}
+            "flipped": {"mrpc_a": ea, "mrpc_b_flipped": encode_rows(tokenizer, b, max_length, flip=True)},
+            "rte_mrpc": {"rte": rte, "mrpc": ea}}
 
 
 def _trim(b: dict) -> dict:
@@ -75,28 +87,40 @@ def _trim(b: dict) -> dict:
     return {k: (v[:, :L] if v.dim() == 2 else v) for k, v in b.items()}
 
 
-def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int, batch: int, lr: float,
-        model_path: str, resplit_window: int = 25, grad_noise: str = "debias") -> dict:
+def build(model_path: str, tasks: list, seed: int, machine, lr: float, resplit_window: int = 25,
+          grad_noise: str = "debias", mode_ranks=(4, 8, 16)):
+    """(model, adapters, controller, optimizer): the classifier at `model_path` (seeded: its head's init), multi-task
+    LoRA on query/value of its top two layers, the pooler and the head (CPU budget), the LR not changed by mode, AdamW
+    at `lr`."""
     from transformers import BertForSequenceClassification
 
-    from unified_lora import SINGLE, MachineConfig, trainable_parameters
-    from unified_lora.multitask import MultiTaskSignalConfig, per_task_losses, setup_multitask_lora, task_context
+    from unified_lora import trainable_parameters
+    from unified_lora.multitask import MultiTaskSignalConfig, setup_multitask_lora
 
-    tasks = list(data)
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(model_path, num_labels=2)
     n = model.config.num_hidden_layers
-    layers = "|".join(str(i) for i in range(n - 2, n))  # the top two layers, the pooler and the head (CPU budget)
+    layers = "|".join(str(i) for i in range(n - 2, n))
     tgt = rf"bert\.encoder\.layer\.({layers})\.attention\.self\.(query|value)|bert\.pooler\.dense|classifier"
-    if phase == "forced":
-        machine = MachineConfig(theta0=0.0, theta1=1.0, initial_mode=SINGLE, warmup_steps=split_at)
-    else:
-        machine = MachineConfig(initial_mode=SINGLE, warmup_steps=20, min_dwell=10)
-    adapters, ctrl = setup_multitask_lora(model, tasks, tgt, lr_mode="off", mode_ranks=(4, 8, 16), machine=machine,
+    adapters, ctrl = setup_multitask_lora(model, tasks, tgt, lr_mode="off", mode_ranks=mode_ranks, machine=machine,
                                           keep_trace=True, resplit_window=resplit_window,
                                           signal=MultiTaskSignalConfig(grad_noise=grad_noise))
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.01)
     ctrl.attach_optimizer(opt)
+    return model, adapters, ctrl, opt
+
+
+def train(model, ctrl, opt, data: dict, steps: int, batch: int, seed: int, step_controller: bool = True,
+          before_step=None, losses: list | None = None) -> float:
+    """`steps` mixed batches (half of each task's rows, in an order fixed by `seed`; per-sample routing, as
+    `unified-lora train --data A B`), `ctrl.step` after each backward unless `step_controller` is False (then the
+    topology stays as built). `before_step(step)` runs before each forward; `losses` gets each step's mean loss.
+    Returns the seconds taken."""
+    from unified_lora.multitask import per_task_losses, task_context
+
+    tasks = list(data)
+    if not step_controller:
+        ctrl.router.track_grads = False  # no controller step: no per-task gradient capture
     g = torch.Generator().manual_seed(seed)
     per = batch // len(tasks)
     perms = {t: torch.randperm(len(data[t]["labels"]), generator=g) for t in tasks}
@@ -104,6 +128,8 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
     model.train()
     t0 = time.time()
     for step in range(steps):
+        if before_step is not None:
+            before_step(step)
         parts, tids = [], []
         for t in tasks:
             if cursor[t] + per > len(perms[t]):
@@ -118,9 +144,26 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
             per_sample = F.cross_entropy(model(**b).logits, labels, reduction="none")
         loss = per_sample.mean()
         loss.backward()
-        ctrl.step(loss, task_losses=per_task_losses(per_sample, tids))
+        if losses is not None:
+            losses.append(loss.item())
+        if step_controller:
+            ctrl.step(loss, task_losses=per_task_losses(per_sample, tids))
         opt.step()
         opt.zero_grad()
+    return time.time() - t0
+
+
+def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int, batch: int, lr: float,
+        model_path: str, resplit_window: int = 25, grad_noise: str = "debias") -> dict:
+    from unified_lora import SINGLE, MachineConfig
+
+    tasks = list(data)
+    if phase == "forced":
+        machine = MachineConfig(theta0=0.0, theta1=1.0, initial_mode=SINGLE, warmup_steps=split_at)
+    else:
+        machine = MachineConfig(initial_mode=SINGLE, warmup_steps=20, min_dwell=10)
+    model, _, ctrl, opt = build(model_path, tasks, seed, machine, lr, resplit_window, grad_noise)
+    seconds = train(model, ctrl, opt, data, steps, batch, seed)
     trace = [dict(step=r.step, mode=r.mode, phi=r.phi, loss=r.loss, event=r.components.get("event"),
                   **{k: r.components.get(k) for k in KEYS},
                   rho={k[4:-1]: v for k, v in r.components.items() if k.startswith("rho[")}) for r in ctrl.trace]
@@ -128,7 +171,7 @@ def run(pair: str, data: dict, phase: str, seed: int, steps: int, split_at: int,
             "split_at": split_at if phase == "forced" else None, "batch": batch, "lr": lr,
             "resplit_window": resplit_window, "grad_noise": grad_noise, "failed_merges": ctrl.failed_merges,
             "transitions": [{"step": r.step, "transition": r.transition} for r in ctrl.trace if r.transition],
-            "final_mode": ctrl.mode, "seconds": round(time.time() - t0, 1), "trace": trace}
+            "final_mode": ctrl.mode, "seconds": round(seconds, 1), "trace": trace}
 
 
 def _mean(xs):

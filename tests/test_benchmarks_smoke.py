@@ -689,3 +689,41 @@ def test_multitask_conflict_tables_are_those_of_their_committed_runs(tmp_path, n
     shutil.copy(results / f"multitask_conflict_{name}.json", tmp_path / "r.json")
     load_benchmark("multitask_conflict.py").main(["--render", str(tmp_path / "r")])
     assert (tmp_path / "r.md").read_text() == (results / f"multitask_conflict_{name}.md").read_text()
+
+
+def test_multitask_quality_runs_resumes_and_refuses_other_settings(tiny_model_dir, tmp_path, capsys):
+    """benchmarks/multitask_quality.py end to end on the tiny model (MRPC ships with the package): one JSON per
+    (pair, method, seed) with each method's topology and the adapter parameters it trained, a second call skips
+    what is done, and a call with another budget is refused in one line instead of being pooled with the old runs."""
+    mq = load_benchmark("multitask_quality.py")
+    out = tmp_path / "mq"
+    args = ["--model", str(tiny_model_dir), "--task", "mrpc", "--pairs", "same", "flipped", "--seeds", "0",
+            "--steps", "3", "--train-max", "64", "--dev-max", "16", "--max-length", "32", "--out", str(out)]
+    assert mq.main(args) == 0
+    runs = {(r["pair"], r["method"]): r for r in mq.read_runs(out)}
+    assert set(runs) == {(p, m) for p in ("same", "flipped") for m in ("shared", "separate", "unified")}
+    flipped = runs[("flipped", "shared")]
+    assert flipped["tasks"] == ["mrpc_a", "mrpc_b_flipped"] and flipped["n"]["mrpc_b_flipped"]["flipped"]
+    # the flipped task's dev set is the same rows with every label flipped, and the shared adapter predicts them alike
+    assert flipped["metrics"]["mrpc_a"]["accuracy"] + flipped["metrics"]["mrpc_b_flipped"]["accuracy"] == 1.0
+    assert runs[("same", "shared")]["mode_steps"] == [3, 0, 0] and runs[("same", "separate")]["mode_steps"] == [0, 3, 0]
+    shared, separate = runs[("same", "shared")]["params_mean"], runs[("same", "separate")]["params_mean"]
+    assert separate == 4 * shared  # two task adapters at rank 8 vs one at rank 4
+    assert shared <= runs[("same", "unified")]["params_mean"] <= separate
+    assert (tmp_path / "mq.md").read_text().count("| unified | 1 |") == 2
+    capsys.readouterr()
+    assert mq.main(args) == 0
+    assert capsys.readouterr().out.count("(done)") == 6
+    with pytest.raises(SystemExit, match=r"other settings \{'steps': \(3, 4\)\}"):
+        mq.main([*args[:-1], str(out)] + ["--steps", "4"])
+
+
+def test_multitask_quality_table_is_that_of_its_committed_runs(tmp_path):
+    """benchmarks/results/multitask_quality.md is what `--render` writes from the committed run JSONs: no figure in
+    it (README and BENCHMARKS.md quote it) was typed in or left from older runs."""
+    import shutil
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    shutil.copytree(results / "multitask_quality", tmp_path / "r")
+    load_benchmark("multitask_quality.py").main(["--render", str(tmp_path / "r")])
+    assert (tmp_path / "r.md").read_text() == (results / "multitask_quality.md").read_text()
