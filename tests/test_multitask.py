@@ -28,10 +28,11 @@ def conflict_data(seed=1):
     return x, ya, 1 - ya
 
 
-def build(initial_mode=SINGLE, phi_init=0.0, tasks=("a", "b"), **kw):
+def build(initial_mode=SINGLE, phi_init=0.0, tasks=("a", "b"), grad_noise=None, **kw):
     model = tiny_bert()
+    noise = {} if grad_noise is None else {"grad_noise": grad_noise}  # (None: the default)
     adapters, ctrl = setup_multitask_lora(model, list(tasks), TARGETS, lr_mode="off", print_fn=None,
-                                          signal=MultiTaskSignalConfig(phi_init=phi_init),
+                                          signal=MultiTaskSignalConfig(phi_init=phi_init, **noise),
                                           machine=MachineConfig(initial_mode=initial_mode), **kw)
     opt = torch.optim.AdamW(trainable_parameters(model), lr=2e-2, weight_decay=0.01)
     ctrl.attach_optimizer(opt)
@@ -1436,7 +1437,7 @@ def test_a_task_export_killed_during_its_swap_is_finished_by_the_next_export(tmp
 
 def test_one_task_per_batch_uses_task_id_and_still_sees_the_conflict():
     x, ya, yb = conflict_data()
-    model, ad, ctrl, opt = build()
+    model, ad, ctrl, opt = build(grad_noise="debias")  # (its first-step reads are the debiased reading's)
     for group in opt.param_groups:
         # (at build's 2e-2 each task's gradient turns a lot between its own steps, every other one, on this tiny model:
         # its reliability ρ reads 0.2-0.4, and so does C)
@@ -2058,6 +2059,7 @@ def test_a_task_absent_since_a_rank_change_does_not_freeze_the_conflict_of_the_o
     x, ya, yb = conflict_data()
     model = tiny_bert()
     _, ctrl = setup_multitask_lora(model, ["a", "b", "c"], TARGETS, lr_mode="off", print_fn=None,
+                                   signal=MultiTaskSignalConfig(grad_noise="debias"),  # (its noise statistics pruned)
                                    machine=MachineConfig(initial_mode=MULTI, theta0=0.95, theta1=0.99))
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
     ctrl.attach_optimizer(opt)
@@ -2084,6 +2086,7 @@ def _multi_run(zero_grad_to_none, tids_per_step, poison_first=None):
     model = tiny_bert()
     tasks = ["a", "b", "c"]
     _, ctrl = setup_multitask_lora(model, tasks, TARGETS, lr_mode="off", print_fn=None,
+                                   signal=MultiTaskSignalConfig(grad_noise="debias"),  # (the first-step reads: None)
                                    machine=MachineConfig(initial_mode=MULTI, theta0=0.01, theta1=0.99))
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
     ctrl.attach_optimizer(opt)
