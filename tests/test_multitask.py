@@ -795,6 +795,21 @@ def test_after_a_split_that_brings_the_task_adapters_back_the_weight_conflict_go
     assert first[False] < 0.4 and first[True] > 0.5
 
 
+def _train_lm_tasks(model, ctrl, x, steps):
+    """`steps` language-model steps of tasks "a" and "b" (a row each of `x`), with a new AdamW attached (after a
+    resize, the README's way)."""
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    for _ in range(steps):
+        with task_context(model, ["a", "b"]):
+            logits = model(input_ids=x).logits
+        per = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
+        per.mean().backward()
+        ctrl.step(per.mean(), task_losses=per_task_losses(per.mean(1), ["a", "b"]))
+        opt.step()
+        opt.zero_grad()
+
+
 def _force(ctrl, theta0):
     """The machine's next decision: θ0 = 0.98 merges (φ < θ0), θ0 = 0 splits."""
     ctrl.machine.config = MachineConfig(theta0=theta0, theta1=0.99)
@@ -970,16 +985,7 @@ def test_a_split_soon_after_a_merge_across_a_resize_of_the_lm_head_brings_the_ta
 
     def run(x, steps, theta0):
         _force(ctrl, theta0)
-        opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
-        ctrl.attach_optimizer(opt)
-        for _ in range(steps):
-            with task_context(model, ["a", "b"]):
-                logits = model(input_ids=x).logits
-            per = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
-            per.mean().backward()
-            ctrl.step(per.mean(), task_losses=per_task_losses(per.mean(1), ["a", "b"]))
-            opt.step()
-            opt.zero_grad()
+        _train_lm_tasks(model, ctrl, x, steps)
 
     run(torch.randint(0, VOCAB, (2, 6)), 3, 0.0)
     run(torch.randint(0, VOCAB, (2, 6)), 1, 0.98)  # the merge
@@ -2140,17 +2146,7 @@ def test_resize_token_embeddings_of_a_multitask_lm_head_in_the_middle_of_a_run_t
     head = model.lm_head
 
     def run(x, steps=3):
-        opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
-        ctrl.attach_optimizer(opt)
-        for _ in range(steps):
-            with task_context(model, ["a", "b"]):
-                logits = model(input_ids=x).logits
-            per = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
-            loss = per.mean()
-            loss.backward()
-            ctrl.step(loss, task_losses=per_task_losses(per.mean(1), ["a", "b"]))
-            opt.step()
-            opt.zero_grad()
+        _train_lm_tasks(model, ctrl, x, steps)
 
     run(torch.randint(0, VOCAB, (2, 6)))
     model.resize_token_embeddings(VOCAB + 6, mean_resizing=False)
