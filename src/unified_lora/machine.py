@@ -7,7 +7,9 @@
 Transitions move one mode per decision (SINGLE ↔ MULTI ↔ MIRROR). Options:
 `warmup_steps` (no decision before), `eval_interval` (decide only on multiples)
 and `min_dwell` (hysteresis: stay at least that many steps after a transition). `hold_down[mode] = step`
-keeps the machine from moving down out of `mode` before `step` (the multi-task controller's merge back-off).
+keeps the machine from moving down out of `mode` before `step` (the multi-task controller's merge back-off), and
+`no_down_from[mode] = step` from `step` on (the multi-task controller's last `resplit_window` steps of a run: a merge
+there could not be tested before the run ends).
 With all three at their defaults (0, 1, 0) the seed's v1 trace reproduces.
 """
 
@@ -41,9 +43,13 @@ class ModeMachine:
         self.mode = self.config.initial_mode
         self.last_transition_step: int | None = None
         self.hold_down: dict[int, int] = {}  # mode -> the first step at which it may move down
+        # mode -> the first step from which it may no longer move down; not part of the state: the multi-task
+        # controller sets it at each step from its own `total_steps`
+        self.no_down_from: dict[int, int] = {}
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("hold_down", {})  # a machine pickled before the merge back-off: none held
+        state.setdefault("no_down_from", {})
         self.__dict__.update(state)
 
     def step(self, phi: float, step: int) -> Transition | None:
@@ -59,7 +65,7 @@ class ModeMachine:
         if target == self.mode:
             return None
         new = self.mode + (1 if target > self.mode else -1)  # one step at a time
-        if new < self.mode and step < self.hold_down.get(self.mode, step):
+        if new < self.mode and not self.hold_down.get(self.mode, step) <= step < self.no_down_from.get(self.mode, step + 1):
             return None
         t = Transition(step, self.mode, new, float(phi))
         self.mode, self.last_transition_step = new, step

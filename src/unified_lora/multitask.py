@@ -868,17 +868,26 @@ class MultiTaskController(UnifiedController):
     added (block by block: A_t += A_shared − A_shared@merge, and B alike). And the next merge waits:
     no MULTI→SINGLE for `resplit_window` × 2^k steps after the k-th such split in a row (k ≤ 6). A split after
     the window is a split as before (copies; k back to 0).
+
+    `total_steps` (the run's optimizer steps; `unified-lora train` sets it): no merge in the run's last
+    `resplit_window` steps, from step `total_steps − resplit_window` on, because the run would end before the
+    merge could be tested, and an untested merge of tasks that conflict leaves them one adapter that serves
+    neither (measured: `benchmarks/multitask_quality.py`, where merges in the last 14 steps of 120 left flipped
+    labels at chance and MRPC's F1 at 0.45). The task adapters stay as they are; MIRROR → MULTI is not held. The
+    trace marks a held merge `merge_closed_from`. None (the default) or `resplit_window=0`: no such hold.
     """
 
     def __init__(self, adapters, router: TaskRouter | None = None, *, optimizer=None,
                  signal: MultiTaskSignalConfig | None = None, merge_rule: str = "mean_factors",
                  machine: MachineConfig | None = None, actuators: ActuatorConfig | None = None,
-                 mirror: MirrorConfig | None = None, resplit_window: int = RESPLIT_WINDOW, **kwargs):
+                 mirror: MirrorConfig | None = None, resplit_window: int = RESPLIT_WINDOW,
+                 total_steps: int | None = None, **kwargs):
         if merge_rule not in MERGE_RULES:
             raise ValueError(f"merge_rule: must be one of {MERGE_RULES}, got {merge_rule!r}")
         if isinstance(resplit_window, bool) or not isinstance(resplit_window, int) or resplit_window < 0:
             raise ValueError(f"resplit_window: steps after a merge within which a split brings the task adapters "
                              f"back, an int >= 0 (0 = every split copies the shared adapter), got {resplit_window!r}")
+        _check_total_steps(total_steps)
         layers = list(adapters.values()) if isinstance(adapters, dict) else list(adapters)
         if not layers or not all(isinstance(a, MultiTaskNestedLoRALayer) for a in layers):
             raise ValueError("adapters: MultiTaskController needs MultiTaskNestedLoRALayer adapters "
@@ -892,6 +901,7 @@ class MultiTaskController(UnifiedController):
         self.signal_config = self.signal.config
         self.merge_rule = merge_rule
         self.resplit_window = resplit_window
+        self.total_steps = total_steps  # the run's length: no merge in its last resplit_window steps
         # the last merge, while a split may still bring the task adapters back: {"step", "slots", "point": per layer,
         # the shared blocks as the merge left them (`shared_parameters()` order)}
         self._parked: dict | None = None
@@ -1245,7 +1255,16 @@ class MultiTaskController(UnifiedController):
         if parked is not None and self.global_step - parked["step"] > self.resplit_window:
             self._parked = None  # no split can bring the task adapters back now: the merge point's copy goes
         self._task_info = task_losses is not None or task_id is not None
+        closed = self.merges_closed_from
+        self.machine.no_down_from = {} if closed is None else {MULTI: closed}
         return super().step(loss, task_losses=task_losses, task_id=task_id)
+
+    @property
+    def merges_closed_from(self) -> int | None:
+        """The first step at which no merge may start (`total_steps − resplit_window`), or None (no `total_steps`,
+        or `resplit_window` 0)."""
+        total = _check_total_steps(self.total_steps)  # (an attribute a user may set after construction)
+        return None if total is None or not self.resplit_window else max(0, total - self.resplit_window)
 
     def _check_before_step(self) -> None:
         """As the base class's, and the topology first: under DDP a topology restored on one process only (its
@@ -1320,6 +1339,10 @@ class MultiTaskController(UnifiedController):
     def _annotate(self, transition: Transition | None, comps: dict) -> None:
         comps["topology"] = self.router.topology
         if transition is None:
+            closed = self.machine.no_down_from.get(MULTI)
+            if (closed is not None and self.mode == MULTI and self.global_step >= closed
+                    and self.signal.phi < self.machine.config.theta0):  # a merge φ called for, held
+                comps["merge_closed_from"] = closed
             return
         self._reset_ref()
         if self.merge_log and self.merge_log[-1]["step"] == self.global_step:
@@ -1647,11 +1670,19 @@ class MultiTaskController(UnifiedController):
         the default `resplit_window`); the base class adds its own."""
         for key, value in (("resplit_window", RESPLIT_WINDOW), ("_parked", None), ("_conflict_ref", None),
                            ("failed_merges", 0), ("_split_undo", None), ("_task_info", False), ("_local_loss", None),
-                           ("grad_sq", {}), ("_grad_info", {})):
+                           ("grad_sq", {}), ("_grad_info", {}), ("total_steps", None)):
             state.setdefault(key, value)
         super().__setstate__(state)
         if "_ref_slots" not in self.__dict__:  # (its reference covers the tasks registered now)
             self._ref_slots = set(self._slots())
+
+
+def _check_total_steps(total_steps):
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ValueError(f"total_steps: the run's number of optimizer steps, an int >= 1 (or None: no merge is held "
+                         f"back at the run's end), got {total_steps!r}")
+    return total_steps
 
 
 def setup_multitask_lora(

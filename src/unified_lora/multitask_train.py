@@ -229,6 +229,8 @@ class MultiTaskRun(Run):
         self._global: list = []
         super().__init__(cfg, model, self.specs[0].task_type, 0 if self.lm else int(self.n_classes.max()),
                          trace_path, print_fn=print_fn, append_trace=append_trace, total_steps=total_steps)
+        # no merge in the run's last resplit_window steps: it would end untested (MultiTaskController.total_steps)
+        self.ctrl.total_steps = self.schedule["total_steps"]
         # each task's, in label-id order (a causal LM has none)
         self.classes = None if self.lm else {s.name: list(s.classes) for s in self.specs}
 
