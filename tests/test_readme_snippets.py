@@ -60,6 +60,33 @@ def test_v3_nested_adapters_and_the_full_controller(tmp_path):
     assert all(a.lora_B[0].abs().sum() > 0 for a in adapters.values())  # B starts at zero: the adapters trained
 
 
+def test_hand_written_loop_with_accumulation_and_a_checkpoint_resumes_in_a_fresh_model(tmp_path):
+    """The hand-written loop counts one controller step per optimizer step (accumulation 4: 8 micro-batches, 2
+    steps), and its resume lines, run on a fresh model whose head is initialised afresh, give back the trained
+    model's logits, rank, controller state and optimizer state."""
+    code = snippet("(loss / accum).backward()")
+    loop, resume = code.split("# resume in a fresh process")
+    x, y = classification_batch(32)
+    batches = [{"input_ids": x[i:i + 4], "labels": y[i:i + 4]} for i in range(0, 32, 4)]
+    model = tiny_bert().train()
+    ns = run(code, {"model": model, "dataloader": batches, "torch": torch}, tmp_path)
+    ctrl, optimizer = ns["ctrl"], ns["optimizer"]
+    assert ctrl.global_step == 2 and ns["scheduler"].last_epoch == 2 and ns["losses"] == []
+
+    fresh = tiny_bert()
+    with torch.no_grad():  # a newly initialised head, as from_pretrained gives one in a new process
+        fresh.classifier.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "fresh").mkdir()  # the set-up lines of the loop, with no data: their save must not overwrite
+    ns2 = run(loop, {"model": fresh, "dataloader": [], "torch": torch}, tmp_path / "fresh")
+    run("# resume" + resume, ns2, tmp_path)
+    assert ns2["ctrl"].global_step == 2 and ns2["ctrl"].rank == ctrl.rank
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+    ours, theirs = optimizer.state_dict()["state"], ns2["optimizer"].state_dict()["state"]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k]["exp_avg"], theirs[k]["exp_avg"]) for k in ours)
+
+
 def test_peft_export_import_merge_and_attach(tmp_path):
     from peft import LoraConfig, get_peft_model
 

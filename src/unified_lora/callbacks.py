@@ -170,6 +170,7 @@ from .config import MODES
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, local_tensor, shard_group, unwrap_model, unwrap_optimizer
 from .layer import NestedLoRALayer
+from .model import trained_state_keys
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
@@ -891,36 +892,6 @@ def _quant_text(q) -> str:
     return "; ".join(map(str, q)) if q else "(no layers)"
 
 
-def _adapter_only_keep(model, names) -> set[str]:
-    """Of the state-dict `names` of `model`, those an adapter-only save keeps: every nested block (active or paused)
-    and every `_extra_state` (each layer's rank), every parameter that requires grad (`modules_to_save` heads and
-    anything else that trains) and the buffers of the modules such parameters sit on, the running statistics of
-    every batch norm (a frozen one's forward in training mode updates them), and the embeddings and output layer of
-    a model whose vocabulary `resize_token_embeddings` changed after setup (their new rows exist nowhere else)."""
-    import torch.nn as nn
-
-    from .layer import NestedLoRALayer
-
-    suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
-    keep_ids = set()
-    owners = set()  # names of modules holding a parameter that trains: their buffers go too
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        if any(p.requires_grad for p in mod.parameters(recurse=False)):
-            owners.add(mod_name)
-        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
-            owners.add(mod_name)  # its running mean and variance move in training, its weights frozen or not
-        if isinstance(mod, NestedLoRALayer):
-            keep_ids.update(id(p) for p in mod.lora_parameters())
-        if getattr(mod, "_unified_lora_resized_vocab", False):
-            for emb in (mod.get_input_embeddings(), mod.get_output_embeddings()):
-                if emb is not None:
-                    keep_ids.update(id(p) for p in emb.parameters())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    keep = {n for n, p in params.items() if p.requires_grad or id(p) in keep_ids}
-    return {k for k in names if k in keep or k.endswith(suffix) or ".lora_A." in k or ".lora_B." in k
-            or (k not in params and k.rpartition(".")[0] in owners)}
-
-
 def _left_out_of_a_save(model) -> set[str]:
     """The parameter and persistent-buffer names an adapter-only save leaves out: what a load of such a checkpoint
     reports missing."""
@@ -928,7 +899,7 @@ def _left_out_of_a_save(model) -> set[str]:
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         names += [f"{mod_name}.{b}" if mod_name else b for b in mod._buffers
                   if mod._buffers[b] is not None and b not in mod._non_persistent_buffers_set]
-    return set(names) - _adapter_only_keep(model, names)
+    return set(names) - trained_state_keys(model, names)
 
 
 def _quiet_left_out_keys(model, incompatible) -> None:
@@ -977,7 +948,7 @@ def _save_pretrained_adapter_only(model, save_directory, *args, **kwargs):
             "model.push_to_hub(repo_id), which saves through this save into a folder it then uploads whole "
             "(so does the Trainer's push_to_hub=True)")
     names = list(model.state_dict(keep_vars=True))
-    keep = _adapter_only_keep(model, names)
+    keep = trained_state_keys(model, names)
     before = model._keys_to_ignore_on_save
     stamps = _file_stamps(save_directory)
     model._keys_to_ignore_on_save = set(before or ()) | (set(names) - keep)

@@ -458,21 +458,50 @@ def set_rank(adapters: dict[str, NestedLoRALayer] | Iterable[NestedLoRALayer], r
         layer.set_rank(rank)
 
 
+def trained_state_keys(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Of the state-dict `names` of `model`, those training changes, which an adapter-only checkpoint keeps
+    (`lora_state_dict`, `adapter_only_saves`): every nested block (active or paused) and every `_extra_state` (each
+    layer's rank), every parameter that requires grad (`modules_to_save` heads and anything else that trains) and
+    the buffers of the modules such parameters sit on, the running statistics of every batch norm (a frozen one's
+    forward in training mode updates them), and the embeddings and output layer of a model whose vocabulary
+    `resize_token_embeddings` changed after setup (their new rows exist nowhere else)."""
+    suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+    keep_ids = set()
+    owners = set()  # names of modules holding a parameter that trains: their buffers go too
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+            owners.add(mod_name)
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            owners.add(mod_name)  # its running mean and variance move in training, its weights frozen or not
+        if isinstance(mod, NestedLoRALayer):
+            keep_ids.update(id(p) for p in mod.lora_parameters())
+        if getattr(mod, "_unified_lora_resized_vocab", False):
+            for emb in (mod.get_input_embeddings(), mod.get_output_embeddings()):
+                if emb is not None:
+                    keep_ids.update(id(p) for p in emb.parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    keep = {n for n, p in params.items() if p.requires_grad or id(p) in keep_ids}
+    return {k for k in names if k in keep or k.endswith(suffix) or ".lora_A." in k or ".lora_B." in k
+            or (k not in params and k.rpartition(".")[0] in owners)}
+
+
 def lora_state_dict(model: nn.Module) -> dict:
-    """Every nested block (active or paused) and each nested layer's `_extra_state` (its active rank; a multi-task
-    layer's task topology and registry too) - what a checkpoint must keep. `model.load_state_dict(sd, strict=False)`
-    puts the adapters back as they were saved: without the extra state, an adapter saved at rank 4 (or after a
-    multi-task split) reloaded at the fresh model's rank (on the shared adapter), with other outputs, silently.
-    Under FSDP2 (`fully_shard`) the blocks are all-gathered into full tensors: a collective, so call it on every
-    process (as torch's `get_model_state_dict(full_state_dict=True)`)."""
+    """What training changes, which a checkpoint must keep (`trained_state_keys`): every nested block (active or
+    paused), each nested layer's `_extra_state` (its active rank; a multi-task layer's task topology and registry
+    too) and every other parameter that trains (a `modules_to_save` head, with its module's buffers).
+    `model.load_state_dict(sd, strict=False)` puts them back as they were saved: without the extra state, an
+    adapter saved at rank 4 (or after a multi-task split) reloaded at the fresh model's rank (on the shared
+    adapter), and without the head a fresh model's newly initialised one, with other outputs, silently.
+    Under FSDP2 (`fully_shard`) the sharded tensors are all-gathered into full ones: a collective, so call it on
+    every process (as torch's `get_model_state_dict(full_state_dict=True)`)."""
     suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
     layers = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NestedLoRALayer)}
-    sd = {k: v for k, v in model.state_dict().items()
-          if ".lora_A." in k or ".lora_B." in k or (k.endswith(suffix) and k[:-len(suffix)] in layers)}
-    # FSDP2: each process holds a shard of each block; saved as it is, a shard would load as a whole block
-    if any(local_tensor(v) is not v for k, v in sd.items() if not k.endswith(suffix)):
-        return {k: (v if k.endswith(suffix) else v.full_tensor()) for k, v in sd.items()}
-    return sd
+    full = model.state_dict()
+    keep = trained_state_keys(model, full)
+    # other modules' extra state (any object, which safetensors cannot save) stays out; the layers' is their rank
+    sd = {k: v for k, v in full.items() if k in keep and (not k.endswith(suffix) or k[:-len(suffix)] in layers)}
+    # FSDP2: each process holds a shard of each block and head; saved as it is, a shard would load as a whole one
+    return {k: (v.full_tensor() if local_tensor(v) is not v else v) for k, v in sd.items()}
 
 
 def tied_base_weights(model: nn.Module, layers: dict[str, NestedLoRALayer] | None = None) -> dict[str, list[str]]:
