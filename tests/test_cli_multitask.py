@@ -416,12 +416,13 @@ def test_resplit_window_is_a_flag_and_a_yaml_key_recorded_in_the_run_and_kept_on
     out = tmp_path / "r"
     assert main(_mt_args(tiny["bert"], out, data["pos"], data["neg"], extra=("--resplit-window", "7", "--steps",
                                                                              "1"))) == 0
-    assert built[-1].resplit_window == 7
+    # the controller knows the run's length, so no merge starts in its last resplit_window steps (untested)
+    assert built[-1].resplit_window == 7 and built[-1].total_steps == 1 and built[-1].merges_closed_from == 0
     assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
     state = torch.load(out / "checkpoints" / "step-1" / "state.pt", weights_only=True)
     assert state["config"]["resplit_window"] == 7
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0
-    assert built[-1].resplit_window == 7 and built[-1].global_step == 2
+    assert built[-1].resplit_window == 7 and built[-1].global_step == 2 and built[-1].total_steps == 2
     assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
     config = tmp_path / "c.yaml"
     config.write_text("resplit_window: 0\n")
