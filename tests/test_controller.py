@@ -409,6 +409,15 @@ def test_without_an_attached_optimizer_the_multiplier_is_not_traced_as_the_lr(tm
     assert [r["lr"] for r in read_trace(tmp_path / "trace.jsonl")] == [None, pytest.approx(2e-4)]
 
 
+def test_the_default_print_fn_prints_the_console_lines_in_a_single_process(capsys):
+    """Outside a process group the default `print_fn` (`print_on_main_process`) prints as `print` did: each
+    `log_every`-th step's line (the processes of a process group: test_distributed.py)."""
+    ctrl = UnifiedController(signal="loss", log_every=2)
+    for v in (0.5, 0.6, 0.7):
+        ctrl.step(v)
+    assert [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()] == ["[0]", "[2]"]
+
+
 def test_an_optimizer_that_sets_its_own_step_size_is_refused_unless_lr_mode_is_off(llama):
     """transformers' Adafactor with relative_step=True has lr=None: the multiplier's hook failed inside
     optimizer.step() and ctrl.step raised a TypeError (None * float); an absolute LR would be ignored."""

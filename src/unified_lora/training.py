@@ -46,6 +46,7 @@ from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
                            no_rows_error, normalize_task, read_text, record_at)
+from .distributed import print_on_main_process
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -1612,7 +1613,7 @@ class Run:
     """A model with nested LoRA, its optimizer and controller, and the loop that trains it."""
 
     def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
-                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
+                 print_fn: Callable[[str], None] | None = print_on_main_process, append_trace: bool = False,
                  classes: Sequence[str] | None = None, chat: bool = False, total_steps: int | None = None):
         """`total_steps`: the run's optimizer steps, which a decaying LR schedule decays over (default `cfg.steps`)."""
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
