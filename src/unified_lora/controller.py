@@ -137,7 +137,7 @@ class UnifiedController:
         if isinstance(adapters, dict):
             adapters = list(adapters.values())
         self.adapters: list[NestedLoRALayer] = list(adapters or [])
-        self._adapter_names = names or [getattr(a, "name", f"adapter {i}") for i, a in enumerate(self.adapters)]
+        self._adapter_names = names or _default_adapter_names(self.adapters)
         for a in self.adapters:
             bad = [r for r in self.actuators.mode_ranks if r not in a.boundaries]
             if bad:
@@ -944,8 +944,15 @@ class UnifiedController:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        """A controller pickled by an earlier version (`pickle`, `torch.load(weights_only=False)` of a whole
+        controller) lacks the attributes `__init__` sets that were added since: each comes back as a new controller
+        starts it (a pickle without `_exit_decision` raised AttributeError at its first transition)."""
         if "extra_params" in state:  # pickled before `extra_params` became a property
             state["_extra_params"] = state.pop("extra_params")
+        for key, value in (("_exit_decision", None), ("_extra_owners", None)):
+            state.setdefault(key, value)
+        if "_adapter_names" not in state:  # (attach_optimizer and load_state_dict name the adapters)
+            state["_adapter_names"] = _default_adapter_names(state["adapters"])
         self.__dict__.update(state)
         # torch's Optimizer.__setstate__ drops the optimizer's hooks, so the optimizer of a deep copy (or of an
         # unpickled controller) had none of lr_mode="multiplier"'s: the copy trained at the unscaled LR while its
@@ -969,6 +976,11 @@ class UnifiedController:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _default_adapter_names(adapters: Sequence) -> list[str]:
+    """The names of adapters given as a list: each layer's `name`, else "adapter i"."""
+    return [getattr(a, "name", f"adapter {i}") for i, a in enumerate(adapters)]
 
 
 def _is_int(v) -> bool:
