@@ -2253,6 +2253,40 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
             "steps_in_mode": {m: modes.count(i) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))}}
 
 
+def conflict_summary(trace: list[dict]) -> dict:
+    """A multi-task trace's gradient-conflict diagnostics (the multi-task controller's components): for `C_grad` (the
+    gradient conflict its signal read) and `C_grad_raw` (the plain cosine conflict), the mean and the largest value
+    with its step, over the steps that recorded a finite number (`steps`); and each task's mean gradient reliability
+    `rho[TASK]` over the steps that recorded it. `of`: the trace's steps. {} for a trace without them (a single-task
+    run's)."""
+    out: dict = {}
+    comps = [(r.get("step"), r.get("components") or {}) for r in trace]
+    for key in ("C_grad", "C_grad_raw"):
+        vals = [(step, v) for step, c in comps if (v := _finite(c.get(key))) is not None]
+        if vals:
+            top = max(vals, key=lambda sv: sv[1])
+            out[key] = {"mean": sum(v for _, v in vals) / len(vals), "max": top[1], "max_step": top[0],
+                        "steps": len(vals)}
+    rho: dict[str, list[float]] = {}
+    for _, c in comps:
+        for k, v in c.items():
+            if k.startswith("rho[") and k.endswith("]") and (v := _finite(v)) is not None:
+                rho.setdefault(k[4:-1], []).append(v)
+    if rho:
+        out["rho"] = {task: sum(vs) / len(vs) for task, vs in rho.items()}
+    if out:
+        out["of"] = len(trace)
+    return out
+
+
+def _finite(v) -> float | None:
+    """A trace value as a finite float, else None (not recorded, None, or a non-finite step's NaN, which the trace
+    writes as the string "nan")."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
 def transitions(trace: list[dict]) -> list[dict]:
     """Each transition's record; a Mirror exit's also with the rule that decided it (`policy`) and the loss EMAs
     that rule compared (`loss_at_entry`, `loss_at_exit`), which the controller records in its components; a
