@@ -1329,7 +1329,8 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
         "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
                          "controller": cfg.controller, "eval": points,
                          "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
-                         "transitions": trans, "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")],
+                         "transitions": trans,
+                         "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")],
                          **({"conflict": conflict} if conflict else {})}},
     }
 

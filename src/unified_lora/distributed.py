@@ -678,7 +678,7 @@ def assert_lockstep(ctrl) -> None:
                                f"{every[0].tolist()}, rank {r} has {other.tolist()}")
 
 
-__all__ = ["is_distributed", "is_main_process", "is_first_process", "print_on_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
-           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "lockstep_mean", "local_tensor",
-           "shard_group", "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded",
+__all__ = ["is_distributed", "is_main_process", "is_first_process", "print_on_main_process", "ddp_kwargs", "check_ddp",
+           "check_trainer_ddp_args", "clear_paused_grads", "unwrap_optimizer", "unwrap_model", "lockstep_state",
+           "assert_lockstep", "lockstep_mean", "local_tensor", "shard_group", "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded",
            "refuse_sharded", "save_sharded_checkpoint", "load_sharded_checkpoint"]
