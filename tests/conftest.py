@@ -53,6 +53,42 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+# The attributes the first version's UnifiedController.__init__ set, which a controller pickled by any version holds
+# (`_extra_params` under its first name, `extra_params`). Every attribute added since must get its value from
+# `__setstate__` when a pickle lacks it: `unpickled_as_first_version` checks that.
+FIRST_CONTROLLER_ATTRIBUTES = frozenset({
+    "signal_config", "machine", "actuators", "mirror", "signal", "grad_stats", "adapters", "optimizer", "_hooks",
+    "_base_lrs", "global_step", "loss_ema", "nonfinite_steps", "last_decision", "trace", "keep_trace", "writer",
+    "log_every", "print_fn", "reduce_loss"})
+
+
+def unpickled_as_first_version(ctrl, *others, first=FIRST_CONTROLLER_ATTRIBUTES):
+    """A new controller `ctrl` (with `others`, pickled along: its model, its optimizer) through a pickle holding only
+    the attributes in `first` of `vars(ctrl)`, as the first version pickled it, and back. Checks that the copy has
+    every attribute `ctrl` has, each one added since with `ctrl`'s value, and returns (the copy, *others' copies)."""
+    import pickle
+
+    now = dict(vars(ctrl))
+    later = set(now) - set(first) - {"_extra_params"}
+    for name in later:
+        delattr(ctrl, name)
+    ctrl.__dict__["extra_params"] = ctrl.__dict__.pop("_extra_params")
+    copies = pickle.loads(pickle.dumps((ctrl, *others)))
+    ctrl.__dict__.update(now)  # (the original as it was; its own extra_params key dropped)
+    ctrl.__dict__.pop("extra_params")
+    got = copies[0]
+    assert set(vars(got)) == set(now), f"not given back: {sorted(set(now) - set(vars(got)))}"
+    # what a pickle cannot hold: the adapters' names (the keys of the dict `__init__` was given) are those of
+    # adapters given as a list, and no modules own the extra parameters (the pickled ones are used)
+    unknown = {"_adapter_names": [getattr(a, "name", f"adapter {i}") for i, a in enumerate(ctrl.adapters)],
+               "_extra_owners": None}
+    for name in sorted(later):
+        want = unknown.get(name, now[name])
+        assert vars(got)[name] == want, (name, vars(got)[name], want)
+    assert [p.shape for p in got.extra_params] == [p.shape for p in now["_extra_params"]]
+    return copies
+
+
 class RunsCode:
     """Pickles as a call that writes `marker`: what a malicious state file carries. Unpickled with
     `torch.load(weights_only=False)`, the call runs; `weights_only=True` refuses it before it can."""

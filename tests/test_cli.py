@@ -1750,16 +1750,21 @@ def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(
 # ----------------------------------------------------------------------------- plot, report
 
 
-def test_plot_and_report(tiny, tmp_path, capsys):
+def test_plot_and_report(tiny, tmp_path, capsys, monkeypatch):
+    from test_cli_multitask import _axes_drawn
+
     out = tmp_path / "demo"
     assert main(_demo_args(tiny, out, "--no-baseline")) == 0
     capsys.readouterr()
     png = tmp_path / "phi.png"
+    drawn = _axes_drawn(monkeypatch)
     assert main(["plot", str(out / "trace.jsonl"), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == PNG
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
     assert "pre_shock" in report and "majority class" in report and "φ pre-shock=" in report
+    # a single-task run has no gradient conflict: 4 panels, and no such line (test_cli_multitask: a multi-task run's)
+    assert drawn == [4] and "gradient conflict" not in report and "reliability" not in report
     # `unified-lora report RUN | head` once head has left: no traceback (it used to print "internal error"
     # and a BrokenPipeError at exit), and the exit status of a process ended by SIGPIPE
     r, w = os.pipe()

@@ -193,6 +193,66 @@ def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_un
     assert "task pos (" in capsys.readouterr().out
 
 
+def _axes_drawn(monkeypatch) -> list[int]:
+    """The number of panels of each figure `plot_trace` draws from now on (the real plot runs)."""
+    import unified_lora.plotting as plotting
+
+    drawn, real = [], plotting.plt.subplots
+
+    def spy(*args, **kw):
+        fig, axes = real(*args, **kw)
+        drawn.append(len(axes))
+        return fig, axes
+
+    monkeypatch.setattr(plotting.plt, "subplots", spy)
+    return drawn
+
+
+def test_report_and_plot_show_a_multi_task_runs_gradient_conflict(tiny, data, tmp_path, capsys, monkeypatch):
+    """A multi-task trace records, each step, the gradient conflict the signal read (C_grad), the plain cosine one
+    (C_grad_raw) and each task's gradient reliability ρ; `report` and `plot` showed none of them. `report` now gives
+    each's mean and largest value (with its step) over the steps that recorded it, and each task's mean ρ (also for a
+    summary.json written before it had them, and for a trace alone); `plot` draws them in a fifth panel."""
+    import matplotlib
+
+    out = tmp_path / "run"
+    assert main(_mt_args(tiny["bert"], out, data["pos"], data["neg"], extra=("--steps", "6"))) == 0
+    trace = read_trace(out / "trace.jsonl")
+    comps = [r["components"] for r in trace]
+    want = []
+    for key in ("C_grad", "C_grad_raw"):
+        v = [c[key] for c in comps]
+        top = max(range(len(v)), key=lambda i: v[i])
+        want.append(f"{key} mean={sum(v) / len(v):.3f} max={v[top]:.3f} at step {trace[top]['step']} (6 of 6 steps)")
+    assert max(c["C_grad"] for c in comps) > 0  # (a conflict was read)
+    rho = " ".join(f"{t}={sum(c[f'rho[{t}]'] for c in comps) / len(comps):.3f}" for t in ("pos", "neg"))
+    lines = [f"gradient conflict {', '.join(want)}\n", f"mean gradient reliability ρ of each task: {rho}\n"]
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert all(f"\n  Unified LoRA: {line}" in said for line in lines), said
+    assert said.index("Unified LoRA: φ first=") < said.index("gradient conflict") < said.index("transitions (")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["run"]["conflict"]["of"] == 6
+    del summary["arms"]["run"]["conflict"]  # as written before it had them: read from trace.jsonl
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out == said
+    bare = tmp_path / "bare"  # a trace alone
+    bare.mkdir()
+    shutil.copy(out / "trace.jsonl", bare)
+    assert main(["report", str(bare)]) == 0
+    said = capsys.readouterr().out
+    assert all(f"\n  run: {line}" in said for line in lines), said
+    # plot: a fifth panel, with C_grad and each task's ρ (C_grad_raw is C_grad with the default grad_noise="none")
+    drawn = _axes_drawn(monkeypatch)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        assert main(["plot", str(out), "-o", str(tmp_path / "p.svg")]) == 0
+    svg = (tmp_path / "p.svg").read_text()
+    assert drawn == [5] and "C_grad" in svg and "ρ[pos]" in svg and "ρ[neg]" in svg
+    assert "C_grad_raw" not in svg
+
+
 def test_grad_accum_steps_as_one_big_batch_and_a_single_run_exports_each_task_as_it_runs(without_dropout, data,
                                                                                            tmp_path):
     runs = {}

@@ -409,6 +409,15 @@ def test_without_an_attached_optimizer_the_multiplier_is_not_traced_as_the_lr(tm
     assert [r["lr"] for r in read_trace(tmp_path / "trace.jsonl")] == [None, pytest.approx(2e-4)]
 
 
+def test_the_default_print_fn_prints_the_console_lines_in_a_single_process(capsys):
+    """Outside a process group the default `print_fn` (`print_on_main_process`) prints as `print` did: each
+    `log_every`-th step's line (the processes of a process group: test_distributed.py)."""
+    ctrl = UnifiedController(signal="loss", log_every=2)
+    for v in (0.5, 0.6, 0.7):
+        ctrl.step(v)
+    assert [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()] == ["[0]", "[2]"]
+
+
 def test_an_optimizer_that_sets_its_own_step_size_is_refused_unless_lr_mode_is_off(llama):
     """transformers' Adafactor with relative_step=True has lr=None: the multiplier's hook failed inside
     optimizer.step() and ctrl.step raised a TypeError (None * float); an absolute LR would be ignored."""
@@ -720,6 +729,48 @@ def test_a_controller_holding_a_mirror_snapshot_pickles_and_deep_copies_and_the_
         assert all(torch.equal(p, w) for p, w in zip(c.managed_parameters(), snap))
     for m, _, _ in copies:
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
+
+
+def test_a_controller_pickled_before_the_exit_decision_runs_through_a_mirror_entry_and_exit():
+    """A controller comes back without `__init__` when unpickled. One pickled before `_exit_decision` (a Mirror
+    exit's decision, held until its transition commits) raised AttributeError at its first transition, here the
+    MULTI -> MIRROR entry; one pickled before `_adapter_names` raised it at `attach_optimizer`. Each comes back as a
+    new controller starts it, and the controller enters MIRROR and restores the snapshot at the exit."""
+    import pickle
+
+    model, _, ctrl, opt = _seq_controller("02")
+    for name in ("_exit_decision", "_adapter_names"):
+        delattr(ctrl, name)  # as an earlier version pickled it
+    model, ctrl, opt = pickle.loads(pickle.dumps((model, ctrl, opt)))
+    _seq_steps(model, ctrl, opt, [10.0])  # MULTI -> MIRROR: the snapshot
+    snap = [w.clone() for w in ctrl.mirror.weights]
+    _seq_steps(model, ctrl, opt, [1.0], seed=1)  # MIRROR -> MULTI: policy "always" restores it
+    assert [(r.transition, r.snapshot) for r in ctrl.trace] == [("MULTI->MIRROR", "saved"),
+                                                                ("MIRROR->MULTI", "restored")]
+    assert not ctrl.mirror.held and ctrl._exit_decision is None and ctrl.last_decision.restore
+    assert all(torch.equal(p, w) for p, w in zip(ctrl.managed_parameters(), snap))
+    ctrl.attach_optimizer(opt)
+    # (the keys of the dict of adapters are not in that pickle: they are named as adapters given as a list are)
+    assert ctrl._adapter_names == ["adapter 0", "adapter 1"]
+
+
+def test_every_attribute_a_controller_gained_since_the_first_version_is_given_back_to_an_older_pickle():
+    """Enumerates `vars()` of a new controller (and of a PEFT one): an attribute `__init__` sets that the first
+    version did not (conftest's FIRST_CONTROLLER_ATTRIBUTES) must come back from `__setstate__` when a pickle lacks
+    it, with the value a new controller starts with. `_exit_decision` and `_adapter_names` did not."""
+    from conftest import FIRST_CONTROLLER_ATTRIBUTES, unpickled_as_first_version
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora.peft_io import attach_to_peft_model
+
+    model, _, ctrl, opt = _seq_controller("02", head=True)
+    ctrl, model, opt = unpickled_as_first_version(ctrl, model, opt)
+    _seq_steps(model, ctrl, opt, [10.0, 1.0])  # and it runs a Mirror cycle
+    assert [r.snapshot for r in ctrl.trace] == ["saved", "restored"]
+    peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)),
+                                LoraConfig(r=4, target_modules=["0"], modules_to_save=["1"]))
+    unpickled_as_first_version(attach_to_peft_model(peft_model, signal="loss", print_fn=None), peft_model,
+                               first=FIRST_CONTROLLER_ATTRIBUTES | {"peft_model"})  # (PeftController's first had it)
 
 
 def test_a_bf16_model_trains_fp32_adapters_through_a_mirror_save_and_restore():

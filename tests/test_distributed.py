@@ -805,6 +805,70 @@ def test_a_trace_path_shared_by_every_process_holds_each_step_once_also_after_a_
         assert [x["loss"] for x in ddp_run2["trace"][r]["own"]] == own
 
 
+def _worker_console(rank: int, world: int, port: int, out: str) -> None:
+    """The console lines of controllers with the default `print_fn` (one built before the process group, the setup
+    functions'), with `print_fn=print`, and with a `reduce_loss` group of their own, each over 3 steps
+    (`log_every=1`), as each process printed them."""
+    import contextlib
+    import io
+
+    from unified_lora import UnifiedController, distributed_mean, setup_unified_lora
+    from unified_lora.multitask import per_task_losses, setup_multitask_lora, task_context
+
+    early = UnifiedController(signal="loss", log_every=1)  # before init_process_group
+    _init_gloo(rank, world, port, timeout=datetime.timedelta(seconds=60))
+    own = [dist.new_group([r]) for r in range(world)]  # (every process makes every group)
+    torch.manual_seed(0)
+    plain, mt = TinyClassifier(), PerSampleClassifier()
+    ctrls = {"early": early, "late": UnifiedController(signal="loss", log_every=1),
+             "setup": setup_unified_lora(plain, ["q_proj", "v_proj"], signal="loss", log_every=1)[1],
+             "multitask": setup_multitask_lora(mt, ["a", "b"], ["q_proj", "v_proj"], log_every=1)[1],
+             "print": UnifiedController(signal="loss", log_every=1, print_fn=print),
+             "own_group": UnifiedController(signal="loss", log_every=1,
+                                            reduce_loss=functools.partial(distributed_mean, group=own[rank]))}
+    printed = {}
+    for name, ctrl in ctrls.items():
+        with contextlib.redirect_stdout(io.StringIO()) as buf:
+            for step in range(3):
+                x, y, tids = _mt_batch(rank, step)  # (a list of task ids at steps 0-2)
+                if name == "setup":
+                    loss = plain(input_ids=x, labels=y)
+                    loss.backward()
+                    ctrl.step(loss.item())
+                elif name == "multitask":
+                    with task_context(mt, tids):
+                        per = mt(input_ids=x, labels=y)
+                    per.mean().backward()
+                    ctrl.step(per.mean().item(), task_losses=per_task_losses(per, tids))
+                else:
+                    ctrl.step(0.5 + 0.1 * step + rank)
+        printed[name] = buf.getvalue().splitlines()
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(printed, os.path.join(out, f"console{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def console_run(tmp_path_factory):
+    out = _spawn_once(tmp_path_factory, "unified_lora_console", _worker_console)
+    return [torch.load(os.path.join(out, f"console{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def test_the_default_console_line_prints_on_process_0_only_under_ddp(console_run):
+    """Every process printed each console line of `log_every` (a 2-process run printed each line twice). The default
+    `print_fn` now prints on process 0 only, also for a controller built before `init_process_group` and for the
+    setup functions' controllers; a `print_fn` passed (`print`) prints on every process, and a controller reducing
+    over a group of its own prints on that group's first process."""
+    first, second = console_run
+    for name in ("early", "late", "setup", "multitask"):
+        assert [line.split(" ")[0] for line in first[name]] == ["[0]", "[1]", "[2]"], (name, first[name])
+        assert second[name] == [], (name, second[name])
+    assert first["print"] == second["print"] == first["late"]  # the all-reduced loss: the same lines
+    # each process is its own group's first: its own loss
+    assert [len(run["own_group"]) for run in console_run] == [3, 3]
+    assert first["own_group"][0] != second["own_group"][0]
+
+
 # ---------------------------------------------------------------------------- FSDP2 (fully_shard)
 
 FSDP_STEPS, FSDP_CORRUPT = 26, range(14, 20)

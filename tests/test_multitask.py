@@ -2452,6 +2452,20 @@ def test_a_controller_pickled_before_the_merge_test_unpickles_with_its_defaults_
     assert ctrl.machine.hold_down == {MULTI: ctrl.global_step - 1 + 50}
 
 
+def test_every_attribute_the_multitask_controller_gained_since_its_first_version_is_given_back_to_an_older_pickle():
+    """Enumerates `vars()` of a new multi-task controller: each attribute its first version (and the base class's
+    first, conftest's FIRST_CONTROLLER_ATTRIBUTES) did not set comes back from `__setstate__` with the value a new
+    controller starts with; then the copy trains through a split."""
+    from conftest import FIRST_CONTROLLER_ATTRIBUTES, unpickled_as_first_version
+
+    model, _, ctrl, opt = build()
+    first = FIRST_CONTROLLER_ATTRIBUTES | {"router", "merge_rule", "grad_ema", "merge_log", "_ref"}
+    ctrl, model, opt = unpickled_as_first_version(ctrl, model, opt, first=first)
+    _force(ctrl, 0.0)
+    train(model, ctrl, opt, 2, conflict_data())
+    assert ctrl.mode == MULTI and ctrl.trace[0].components["event"] == "split"
+
+
 def test_task_adapters_loaded_after_a_merge_are_the_users_and_the_next_split_copies(tmp_path):
     """load_task_adapters within resplit_window of a merge: the controller kept the merge, so the next split added
     the shared adapter's move since the merge to the adapters the user had loaded (and brought back the tasks the load

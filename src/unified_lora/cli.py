@@ -159,6 +159,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{arm.get('label', name)}: φ {first}={phi['pre_shock']:.3f}  peak={phi['peak']:.3f} "
                          f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode="
                          f"{MODES[phi['final_mode']]}  mean rank={phi['mean_rank']:.2f}  steps per mode: {per_mode}")
+        lines += _conflict_lines(arm.get("label", name), arm.get("conflict"))
         if arm.get("skipped_steps"):
             lines.append(f"  {arm.get('label', name)}: {arm['skipped_steps']} optimizer step(s) skipped for a "
                          "non-finite loss or gradient")
@@ -176,6 +177,20 @@ def format_summary(summary: dict) -> str:
         lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}{resumed}")
     lines += _demo_verdict(summary)
     return "\n".join(lines)
+
+
+def _conflict_lines(label: str, c: dict | None) -> list[str]:
+    """`report`'s lines on a multi-task run's gradient conflict (`conflict_summary`): C_grad and C_grad_raw, each's
+    mean and largest value over the steps that recorded it, then each task's mean gradient reliability ρ."""
+    if not c:
+        return []
+    parts = [f"{key} mean={c[key]['mean']:.3f} max={c[key]['max']:.3f} at step {c[key]['max_step']} "
+             f"({c[key]['steps']} of {c['of']} steps)" for key in ("C_grad", "C_grad_raw") if key in c]
+    out = [f"  {label}: gradient conflict {', '.join(parts)}"] if parts else []
+    if c.get("rho"):
+        out.append(f"  {label}: mean gradient reliability ρ of each task: "
+                   + " ".join(f"{task}={v:.3f}" for task, v in c["rho"].items()))
+    return out
 
 
 def _mirror_reason(m: dict, summary: dict) -> str:
@@ -1294,9 +1309,10 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
     (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from the checkpoint
     `--resume` goes on from). `run_dir`: the run's folder as given now (its best/; `cfg.output_dir` is as the run was
     given it, relative to that run's working directory, or moved since)."""
-    from .training import BEST, lower_is_better, phi_summary, replay_best, transitions
+    from .training import BEST, conflict_summary, lower_is_better, phi_summary, replay_best, transitions
 
     trans = transitions(trace)
+    conflict = conflict_summary(trace)  # (a multi-task run's; none for one task)
     points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
     # the best evaluation, as the run ranked it (`record_best`; a run saved before metric_for_best existed has none)
     b = replay_best(evals, cfg.metric_for_best).best if cfg.metric_for_best else None
@@ -1313,7 +1329,9 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
         "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
                          "controller": cfg.controller, "eval": points,
                          "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
-                         "transitions": trans, "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")]}},
+                         "transitions": trans,
+                         "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")],
+                         **({"conflict": conflict} if conflict else {})}},
     }
 
 
@@ -1449,7 +1467,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .training import phi_summary, transition_line, transitions
+    from .training import conflict_summary, phi_summary, transition_line, transitions
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -1463,7 +1481,11 @@ def cmd_report(args) -> int:
         summary = {"command": "run (no summary.json; from trace.jsonl)", "steps": len(trace),
                    "arms": {"run": {"label": "run", "phi": phi_summary(trace, 0, 0), "transitions": transitions(trace),
                                     "mirror": [t for t in transitions(trace)
-                                               if t.get("snapshot") in ("restored", "kept")], "eval": {}}}}
+                                               if t.get("snapshot") in ("restored", "kept")], "eval": {},
+                                    "conflict": conflict_summary(trace)}}}
+    elif summary.get("tasks") and "conflict" not in summary.get("arms", {}).get("run", {"conflict": None}) and \
+            (run_dir / "trace.jsonl").is_file():  # a multi-task run's summary.json written before it had them
+        summary["arms"]["run"]["conflict"] = conflict_summary(_load_trace(run_dir / "trace.jsonl"))
     print(format_summary(summary))
     for name, arm in summary.get("arms", {}).items():
         if arm.get("transitions"):

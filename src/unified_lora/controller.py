@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
-from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sharding, local_tensor, lockstep_mean,
-                          shard_group, sharding_of, to_sharded)
+from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sharding, is_first_process, local_tensor,
+                          lockstep_mean, print_on_main_process, shard_group, sharding_of, to_sharded)
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
@@ -79,6 +79,12 @@ class UnifiedController:
 
     Without adapters it is the v1 README's pure LR controller:
     `UnifiedController(alpha=0.1, beta=0.9, theta0=0.3, theta1=0.7).update(loss) -> lr`.
+
+    Each transition, and every `log_every`-th step (0: none), is a console line (`format_console`) given to
+    `print_fn`. The default, `print_on_main_process`, prints it once under torch.distributed (DDP, torchrun,
+    accelerate): on process 0, or on the first process of the controller's own group (its FSDP2 mesh, or the group
+    of a `functools.partial(distributed_mean, group=...)`), decided at each line. A `print_fn` passed is called on
+    every process (`print`: every process prints); None: no console line.
     """
 
     # the loss the last step fed to the signal (all-reduced under DDP); a class default, so a controller pickled
@@ -105,7 +111,7 @@ class UnifiedController:
         trace_path: str | None = None,
         keep_trace: bool = True,
         log_every: int = 0,
-        print_fn: Callable[[str], None] | None = print,
+        print_fn: Callable[[str], None] | None = print_on_main_process,
         reduce_loss: Callable[[float], float] | None = distributed_mean,
     ):
         _refuse_ignored(UnifiedController.__init__, "signal", signal if isinstance(signal, SignalConfig) else None,
@@ -131,7 +137,7 @@ class UnifiedController:
         if isinstance(adapters, dict):
             adapters = list(adapters.values())
         self.adapters: list[NestedLoRALayer] = list(adapters or [])
-        self._adapter_names = names or [getattr(a, "name", f"adapter {i}") for i, a in enumerate(self.adapters)]
+        self._adapter_names = names or _default_adapter_names(self.adapters)
         for a in self.adapters:
             bad = [r for r in self.actuators.mode_ranks if r not in a.boundaries]
             if bad:
@@ -714,7 +720,10 @@ class UnifiedController:
         if self.writer is not None:
             self.writer.write(rec)
         if self.print_fn is not None and (rec.transition or (self.log_every and rec.step % self.log_every == 0)):
-            self.print_fn(format_console(rec))
+            if self.print_fn is not print_on_main_process:  # given: it prints wherever it is called
+                self.print_fn(format_console(rec))
+            elif is_first_process(self._trace_group):  # the default: once (process 0, or the first of its group)
+                print(format_console(rec))
 
     # -- state ----------------------------------------------------------------------
     _STATE_KEYS = ("global_step", "loss_ema", "nonfinite_steps", "signal", "grad_stats", "machine", "mirror")
@@ -935,8 +944,15 @@ class UnifiedController:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        """A controller pickled by an earlier version (`pickle`, `torch.load(weights_only=False)` of a whole
+        controller) lacks the attributes `__init__` sets that were added since: each comes back as a new controller
+        starts it (a pickle without `_exit_decision` raised AttributeError at its first transition)."""
         if "extra_params" in state:  # pickled before `extra_params` became a property
             state["_extra_params"] = state.pop("extra_params")
+        for key, value in (("_exit_decision", None), ("_extra_owners", None)):
+            state.setdefault(key, value)
+        if "_adapter_names" not in state:  # (attach_optimizer and load_state_dict name the adapters)
+            state["_adapter_names"] = _default_adapter_names(state["adapters"])
         self.__dict__.update(state)
         # torch's Optimizer.__setstate__ drops the optimizer's hooks, so the optimizer of a deep copy (or of an
         # unpickled controller) had none of lr_mode="multiplier"'s: the copy trained at the unscaled LR while its
@@ -960,6 +976,11 @@ class UnifiedController:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _default_adapter_names(adapters: Sequence) -> list[str]:
+    """The names of adapters given as a list: each layer's `name`, else "adapter i"."""
+    return [getattr(a, "name", f"adapter {i}") for i, a in enumerate(adapters)]
 
 
 def _is_int(v) -> bool:

@@ -62,6 +62,25 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def is_first_process(group=None) -> bool:
+    """This process is process 0 of the world, or the first of the process group `group()` returns (`group`: a
+    callable, called only off process 0, or None: the world). True outside an initialised process group."""
+    if is_main_process():
+        return True
+    g = group() if group is not None else None
+    return g is not None and dist.get_rank(g) == 0
+
+
+def print_on_main_process(line: str) -> None:
+    """`print(line)` on process 0 only when torch.distributed is initialised (decided at each call, so a controller
+    built before `init_process_group` prints once too); `print(line)` outside a process group. The controllers'
+    default `print_fn`: under DDP, torchrun or accelerate each process printed every console line. A controller
+    given it prints on the first process of its own process group (`UnifiedController._record`); pass
+    `print_fn=print` to print on every process, `print_fn=None` for no console line."""
+    if is_main_process():
+        print(line)
+
+
 def ddp_kwargs(**overrides) -> dict:
     """Keyword arguments for `DistributedDataParallel` that rank switching needs."""
     kw = {"find_unused_parameters": True}
@@ -659,7 +678,7 @@ def assert_lockstep(ctrl) -> None:
                                f"{every[0].tolist()}, rank {r} has {other.tolist()}")
 
 
-__all__ = ["is_distributed", "is_main_process", "ddp_kwargs", "check_ddp", "check_trainer_ddp_args", "clear_paused_grads",
-           "unwrap_optimizer", "unwrap_model", "lockstep_state", "assert_lockstep", "lockstep_mean", "local_tensor",
-           "shard_group", "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded",
+__all__ = ["is_distributed", "is_main_process", "is_first_process", "print_on_main_process", "ddp_kwargs", "check_ddp",
+           "check_trainer_ddp_args", "clear_paused_grads", "unwrap_optimizer", "unwrap_model", "lockstep_state",
+           "assert_lockstep", "lockstep_mean", "local_tensor", "shard_group", "check_sharding", "check_blocks_sharded", "to_sharded", "sharding_of", "like_sharded",
            "refuse_sharded", "save_sharded_checkpoint", "load_sharded_checkpoint"]

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .config import SINGLE
 from .data import DataError, TextDataset, glue_metrics, primary_metric
 from .data.metrics import PRIMARY_METRIC, normalize_task
+from .distributed import print_on_main_process
 from .model import _is_linear, _matches
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
 from .training import (Run, TextCorpus, TrainConfig, UsageError, corrupt, dev_metric_names, encode_rows,
@@ -215,7 +216,7 @@ class MultiTaskRun(Run):
     see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, model, specs: Sequence[TaskSpec], trace_path: str | None,
-                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
+                 print_fn: Callable[[str], None] | None = print_on_main_process, append_trace: bool = False,
                  total_steps: int | None = None):
         self.specs = list(specs)
         self.tasks = [s.name for s in self.specs]

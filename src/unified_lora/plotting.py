@@ -1,4 +1,5 @@
-"""Plot a controller trace: loss, φ with the θ0/θ1 bands, mode and rank, learning rate (matplotlib, Agg)."""
+"""Plot a controller trace: loss, φ with the θ0/θ1 bands, mode and rank, learning rate, and a multi-task trace's
+gradient conflict (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def _series(trace: Sequence[dict], key: str) -> list[float]:
     return out
 
 
+def _component(trace: Sequence[dict], key: str) -> list[float]:
+    """A trace component per step (NaN where a step did not record it, or recorded no number)."""
+    return _series([r.get("components") or {} for r in trace], key)
+
+
 def _ema(xs: list[float], rate: float = 0.1) -> list[float]:
     out, m = [], None
     for x in xs:
@@ -35,10 +41,29 @@ def _ema(xs: list[float], rate: float = 0.1) -> list[float]:
     return out
 
 
+def _plot_conflict(ax, trace: Sequence[dict], steps: list[float], conflict: dict[str, list[float]]) -> None:
+    """The multi-task panel: the gradient conflict the signal read (C_grad), the plain cosine conflict (C_grad_raw,
+    dashed, where it differs: grad_noise="debias"), and each task's gradient reliability ρ (thin, dotted)."""
+    grad, raw = conflict.get("C_grad"), conflict.get("C_grad_raw")
+    if grad is not None:
+        ax.plot(steps, grad, color="#b15928", lw=1.4, label="C_grad")
+    if raw is not None and (grad is None or any(a != b and (a == a or b == b) for a, b in zip(grad, raw))):
+        ax.plot(steps, raw, color="#b15928", lw=1.0, ls="--", label="C_grad_raw (plain cosine)")
+    tasks = dict.fromkeys(k[4:-1] for r in trace for k in (r.get("components") or {})
+                          if k.startswith("rho[") and k.endswith("]"))
+    for task in tasks:
+        ax.plot(steps, _component(trace, f"rho[{task}]"), lw=0.9, ls=":", label=f"ρ[{task}]")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("gradient conflict\n(ρ: reliability)")
+    ax.legend(loc="upper right", fontsize=7, ncol=2)
+
+
 def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: float = 0.3, theta1: float = 0.7,
                shock: tuple[int, int] | None = None, baseline: Sequence[dict] | None = None,
                title: str | None = None) -> str:
-    """Write a 4-panel PNG of a trace (list of StepRecord dicts, e.g. from read_trace) and return its path. The
+    """Write a 4-panel PNG of a trace (list of StepRecord dicts, e.g. from read_trace) and return its path; a
+    multi-task trace gets a fifth panel, its gradient conflict (C_grad, the plain cosine C_grad_raw where it differs,
+    and each task's gradient reliability ρ). The
     format is the path's extension, as matplotlib's `savefig` takes it (`.svg`, `.pdf`, ...; none: `.png` is added,
     and the path returned has it). The file is written under a temporary name beside it, flushed to the disk and
     renamed (`written_atomically`): an interrupted or killed plot leaves the previous file whole, never a cut-short
@@ -51,8 +76,12 @@ def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: fl
         fmt = matplotlib.rcParams["savefig.format"]
         out_path = f"{out_path.rstrip('.')}.{fmt}"
     steps = _series(trace, "step")
-    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 2]})
-    ax_loss, ax_phi, ax_mode, ax_lr = axes
+    conflict = {key: _component(trace, key) for key in ("C_grad", "C_grad_raw")}
+    conflict = {key: v for key, v in conflict.items() if any(x == x for x in v)}  # (a multi-task trace's)
+    heights = [3, 3, 2, 2] + [2] * bool(conflict)
+    fig, axes = plt.subplots(len(heights), 1, figsize=(10, 9 + 2 * bool(conflict)), sharex=True,
+                             gridspec_kw={"height_ratios": heights})
+    ax_loss, ax_phi, ax_mode, ax_lr = axes[:4]
 
     loss = _series(trace, "loss")
     ax_loss.plot(steps, loss, color="#999999", lw=0.7, alpha=0.6, label="loss (per step)")
@@ -91,7 +120,9 @@ def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: fl
     if all(v > 0 for v in lrs if v == v):
         ax_lr.set_yscale("log")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
+    if conflict:
+        _plot_conflict(axes[4], trace, steps, conflict)
+    axes[-1].set_xlabel("step")
 
     for r in trace:  # Mirror events
         if r.get("snapshot"):

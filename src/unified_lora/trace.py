@@ -8,10 +8,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-import torch.distributed as dist
-
 from ._files import written_atomically
-from .distributed import is_main_process
+from .distributed import is_first_process
 
 
 @dataclass
@@ -104,10 +102,8 @@ class TraceWriter:
         self._written = False
 
     def _writes_here(self) -> bool:
-        if not self.main_process_only or is_main_process():
-            return True
-        group = self.group() if getattr(self, "group", None) is not None else None  # (a writer pickled before it)
-        return group is not None and dist.get_rank(group) == 0
+        # (a writer pickled before `group` existed has none: process 0 writes)
+        return not self.main_process_only or is_first_process(getattr(self, "group", None))
 
     def write(self, rec: StepRecord) -> None:
         if not self._writes_here():

@@ -46,6 +46,7 @@ from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
                            no_rows_error, normalize_task, read_text, record_at)
+from .distributed import print_on_main_process
 from .model import lora_state_dict, trainable_parameters
 from .trace import TraceWriter
 
@@ -1612,7 +1613,7 @@ class Run:
     """A model with nested LoRA, its optimizer and controller, and the loop that trains it."""
 
     def __init__(self, cfg: TrainConfig, model, task_type: str, num_labels: int, trace_path: str | None,
-                 print_fn: Callable[[str], None] | None = print, append_trace: bool = False,
+                 print_fn: Callable[[str], None] | None = print_on_main_process, append_trace: bool = False,
                  classes: Sequence[str] | None = None, chat: bool = False, total_steps: int | None = None):
         """`total_steps`: the run's optimizer steps, which a decaying LR schedule decays over (default `cfg.steps`)."""
         self.cfg, self.model, self.task_type, self.num_labels = cfg, model, task_type, num_labels
@@ -2250,6 +2251,40 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
     return {"pre_shock": pre, "peak": phis[peak_i], "peak_step": trace[peak_i].get("step", peak_i), "final": phis[-1],
             "final_mode": modes[-1], "final_rank": ranks[-1], "mean_rank": sum(ranks) / len(ranks),
             "steps_in_mode": {m: modes.count(i) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))}}
+
+
+def conflict_summary(trace: list[dict]) -> dict:
+    """A multi-task trace's gradient-conflict diagnostics (the multi-task controller's components): for `C_grad` (the
+    gradient conflict its signal read) and `C_grad_raw` (the plain cosine conflict), the mean and the largest value
+    with its step, over the steps that recorded a finite number (`steps`); and each task's mean gradient reliability
+    `rho[TASK]` over the steps that recorded it. `of`: the trace's steps. {} for a trace without them (a single-task
+    run's)."""
+    out: dict = {}
+    comps = [(r.get("step"), r.get("components") or {}) for r in trace]
+    for key in ("C_grad", "C_grad_raw"):
+        vals = [(step, v) for step, c in comps if (v := _finite(c.get(key))) is not None]
+        if vals:
+            top = max(vals, key=lambda sv: sv[1])
+            out[key] = {"mean": sum(v for _, v in vals) / len(vals), "max": top[1], "max_step": top[0],
+                        "steps": len(vals)}
+    rho: dict[str, list[float]] = {}
+    for _, c in comps:
+        for k, v in c.items():
+            if k.startswith("rho[") and k.endswith("]") and (v := _finite(v)) is not None:
+                rho.setdefault(k[4:-1], []).append(v)
+    if rho:
+        out["rho"] = {task: sum(vs) / len(vs) for task, vs in rho.items()}
+    if out:
+        out["of"] = len(trace)
+    return out
+
+
+def _finite(v) -> float | None:
+    """A trace value as a finite float, else None (not recorded, None, or a non-finite step's NaN, which the trace
+    writes as the string "nan")."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
 
 
 def transitions(trace: list[dict]) -> list[dict]:
