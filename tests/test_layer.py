@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import can_build_cpp, grads_after_in_place_ops, tiny_bert, tiny_llama
+from conftest import can_build_cpp, grads_after_in_place_ops, tiny_bert, tiny_gpt2, tiny_llama
 from unified_lora import (NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_layers, lora_state_dict,
                           merge_adapters, unmerge_adapters)
 
@@ -342,6 +342,38 @@ def test_lora_state_dict_carries_the_rank_so_the_adapters_reload_at_it():
     x = torch.randint(1, 64, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_lora_state_dict_of_a_trained_tied_lm_head_saves_with_safetensors_and_reloads(tmp_path):
+    """GPT-2's lm_head is tied to its wte. Trained as `modules_to_save`, it is under two names in the state dict, and
+    `lora_state_dict` kept both: safetensors refuses tensors that share memory, so `train --modules-to-save lm_head`
+    on GPT-2 failed at its first checkpoint. Now it is kept once, under the name `named_parameters()` gives it,
+    and a fresh model loads it into both."""
+    from safetensors.torch import load_file, save_file
+
+    from unified_lora import setup_unified_lora
+
+    model, fresh = tiny_gpt2(seed=0), tiny_gpt2(seed=0)
+    adapters, ctrl = setup_unified_lora(model, ["c_attn"], modules_to_save=["lm_head"], print_fn=None)
+    setup_unified_lora(fresh, ["c_attn"], modules_to_save=["lm_head"], print_fn=None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctrl.attach_optimizer(opt)
+    x = torch.randint(1, 64, (2, 6))
+    for _ in range(2):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+    sd = lora_state_dict(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "transformer.wte.weight" in sd and "lm_head.weight" not in sd
+    save_file(sd, str(tmp_path / "adapter.safetensors"))
+    result = fresh.load_state_dict(load_file(str(tmp_path / "adapter.safetensors")), strict=False)
+    assert not result.unexpected_keys
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
 
 
 def test_lora_state_dict_carries_a_modules_to_save_head_so_a_fresh_model_reloads_with_the_same_logits(tmp_path):

@@ -496,10 +496,17 @@ def lora_state_dict(model: nn.Module) -> dict:
     every process (as torch's `get_model_state_dict(full_state_dict=True)`)."""
     suffix = "." + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
     layers = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NestedLoRALayer)}
-    full = model.state_dict()
+    full = model.state_dict(keep_vars=True)
     keep = trained_state_keys(model, full)
-    # other modules' extra state (any object, which safetensors cannot save) stays out; the layers' is their rank
-    sd = {k: v for k, v in full.items() if k in keep and (not k.endswith(suffix) or k[:-len(suffix)] in layers)}
+    # other modules' extra state (any object, which safetensors cannot save) stays out; the layers' is their rank.
+    # A tensor under several names (GPT-2's lm_head tied to its wte, a trained `modules_to_save` lm_head) is kept
+    # under its first, as `named_parameters()` names it: safetensors refuses tensors that share memory, and a load
+    # of that name fills the tied ones too
+    sd, seen = {}, set()
+    for k, v in full.items():
+        if k in keep and (not k.endswith(suffix) or k[:-len(suffix)] in layers) and id(v) not in seen:
+            seen.add(id(v))
+            sd[k] = v.detach() if isinstance(v, torch.Tensor) else v
     # FSDP2: each process holds a shard of each block and head; saved as it is, a shard would load as a whole one
     return {k: (v.full_tensor() if local_tensor(v) is not v else v) for k, v in sd.items()}
 
