@@ -133,6 +133,28 @@ def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_load
     assert torch.allclose(tr.run.logits("tri", enc), theirs, atol=1e-5)
 
 
+def test_export_checks_its_task_before_its_output_folder_and_checkpoint_best_needs_save_best(pinned, data, tmp_path,
+                                                                                               capsys):
+    """`export --task` with a name not in the run, where an earlier export holds the default output folder, said that
+    the folder exists and to pass --overwrite, not that the task is wrong. And `--checkpoint best` on a run trained
+    without --save-best said "no such checkpoint in RUN/checkpoints (...) and no such folder", not why."""
+    run = tmp_path / "run"
+    shutil.copytree(pinned["run"], run)
+    assert main(["export", str(run), "--task", "tri"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--task", "trj"]) == 2
+    assert _error(capsys).endswith(f"--task trj: not a task of {run}; its tasks are pos, tri (did you mean tri?)")
+    assert main(["export", str(run), "--task", "pos"]) == 2  # a task of the run: the folder is still refused
+    assert "peft_adapter-step-8: exists and holds peft_tasks.json, tri; pass --overwrite" in _error(capsys)
+    shutil.rmtree(run / "best")  # as a run without --save-best
+    names = ", ".join(sorted(p.name for p in (run / "checkpoints").iterdir()))
+    for cmd in (["export", str(run), "--task", "tri", "--checkpoint", "best", "--out", str(tmp_path / "o")],
+                ["predict", str(run), "--task", "tri", "--checkpoint", "best", "--data", data["tri"]]):
+        assert main(cmd) == 2
+        assert _error(capsys).endswith(f"--checkpoint best: {run} has no best/, which only a run trained with "
+                                       f"--save-best writes; its checkpoints are {names}")
+
+
 def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_uninterrupted_one(tiny, data, tmp_path,
                                                                                                   capsys):
     # tiny BERT, conflicting labels: SINGLE, then the controller splits at step 4 (after the step-4 checkpoint), when

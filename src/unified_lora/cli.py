@@ -1641,21 +1641,21 @@ def cmd_export(args) -> int:
     if out.resolve() == run.resolve() or any(p == out.resolve() or p in out.resolve().parents for p in inside):
         raise UsageError(f"{flag}: inside the run's own folders ({run}, its checkpoints/ or best/); pass another "
                          "--out")
-    held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
-    if held and not args.overwrite:
-        raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}; "
-                         "pass --overwrite to write the adapter into it (its adapter files are replaced, other files "
-                         "kept), or another --out")
 
-    def check_rank(cfg) -> None:  # before the model loads
+    def check(cfg) -> None:  # before the model loads, after --task (a task not in the run was refused as a full --out)
         if args.rank is not None and args.rank not in tuple(cfg.rank_levels):
             raise UsageError(f"--rank {args.rank}: not one of the run's nested ranks "
                              f"({', '.join(map(str, cfg.rank_levels))}); pass one of them, or leave it out for the "
                              "controller's rank at the checkpoint")
+        held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
+        if held and not args.overwrite:
+            raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}"
+                             "; pass --overwrite to write the adapter into it (its adapter files are replaced, other "
+                             "files kept), or another --out")
 
     # on the CPU in fp32: nothing runs forward, and the weights are written as they are stored
     trained = inference.load_trained(run, str(ckpt), "cpu", "fp32", args.trust_checkpoint, task=args.task,
-                                     config_check=check_rank, all_tasks=True, command="export")
+                                     config_check=check, all_tasks=True, command="export")
     rank = trained.rank if args.rank is None else args.rank
     multi = bool(getattr(trained.run, "specs", None))
     tasks = [args.task] if args.task else None
