@@ -350,6 +350,20 @@ def test_what_multi_task_train_refuses_is_one_line(tiny, data, tmp_path, capsys,
     assert says in _error(capsys)
 
 
+def test_a_table_whose_columns_are_named_otherwise_is_told_that_the_column_options_name_every_tasks(tiny, data,
+                                                                                                  tmp_path, capsys):
+    """A table whose text or label column is named otherwise than the other tasks' was refused as "unknown column", and
+    a user looked for a per-task option; the error now says that --text-columns and --label-column are every task's."""
+    rows = test_cli._rows(12, seed=4)
+    for header, what in (("review,label", "'text'"), ("text,sentiment", "'label'")):
+        other = tmp_path / f"{header.replace(',', '_')}.csv"
+        other.write_text(f"{header}\n" + "".join(f"{t},{y}\n" for t, y in rows))
+        assert main(_mt_args(tiny["bert"], tmp_path / "r", data["pos"], str(other), extra=("--steps", "1"))) == 2
+        assert _error(capsys).endswith(
+            f"task {other.stem}: unknown column {what} in {other}; columns are {header.split(',')}; --text-columns and "
+            "--label-column name the columns of every task's table: rename this table's to match")
+
+
 def test_a_dev_data_mapping_may_name_some_tasks_and_a_missing_dev_file_names_its_task(tiny, data, tmp_path, capsys):
     """YAML `dev_data` naming one task: the others take their default dev set, here a GLUE folder's dev.tsv beside a
     table's own dev file (a mapping had to name every task: "no file for 'sst2'"); a resume keeps the mapping. A dev
