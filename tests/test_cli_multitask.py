@@ -4,6 +4,7 @@ whose labels conflict), its checkpoints and resume, its outputs, and `predict --
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -517,8 +518,14 @@ def test_resplit_window_is_a_flag_and_a_yaml_key_recorded_in_the_run_and_kept_on
     assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
     state = torch.load(out / "checkpoints" / "step-1" / "state.pt", weights_only=True)
     assert state["config"]["resplit_window"] == 7
+    said = capsys.readouterr().out
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0
     assert built[-1].resplit_window == 7 and built[-1].global_step == 2 and built[-1].total_steps == 2
+    # the first line's count of trainable parameters is the mode's, and says so: the run starts in SINGLE (the shared
+    # adapter) and resumes in MULTI (every task's blocks), where the count, unexplained, was 4 times the first
+    counts = [re.search(r"controller=on, ([\d,]+) trainable parameters at rank (\d) \((\w+)\)\n", text).groups()
+              for text in (said, capsys.readouterr().out)]
+    assert [c[1:] for c in counts] == [("4", "SINGLE"), ("8", "MULTI")] and counts[0][0] != counts[1][0]
     assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
     config = tmp_path / "c.yaml"
     config.write_text("resplit_window: 0\n")

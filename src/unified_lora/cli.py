@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._files import read_json_file, write_text_atomically
-from .config import RESPLIT_WINDOW
+from .config import MODES, RESPLIT_WINDOW
 
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
@@ -90,8 +90,6 @@ def _fmt_field(v) -> str:
 
 def format_summary(summary: dict) -> str:
     """The run's table (used by `demo` at the end and by `report`)."""
-    from .config import MODES
-
     lines = []
     kind = summary.get("command", "run")
     # (a multi-task run's data, {task: path}, on a line of its own: it was printed as a Python dict; a field the
@@ -1082,7 +1080,8 @@ def _train(args, held: dict) -> int:
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {n_dev}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
-        f", {run.n_trainable():,} trainable parameters")
+        f", {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank} ({MODES[run.ctrl.mode]})")  # (they
+    # change with the mode: a resume in MULTI counted every task's blocks, unexplained beside the run's first line)
     # each task's rows trained on: encoding leaves out rows with nothing to predict (a causal LM's single-token text,
     # a prompt that fills --max-length), which the line counted (its note says how many, and why)
     trained = torch.bincount(enc_train["task"], minlength=len(tasks)).tolist() if tasks else []
