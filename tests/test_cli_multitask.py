@@ -4,6 +4,7 @@ whose labels conflict), its checkpoints and resume, its outputs, and `predict --
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -131,6 +132,28 @@ def test_predict_task_scores_what_the_dev_evaluation_reported_and_each_task_load
     with torch.no_grad():
         theirs = peft(**{k: v for k, v in enc.items() if k != "labels"}).logits
     assert torch.allclose(tr.run.logits("tri", enc), theirs, atol=1e-5)
+
+
+def test_export_checks_its_task_before_its_output_folder_and_checkpoint_best_needs_save_best(pinned, data, tmp_path,
+                                                                                               capsys):
+    """`export --task` with a name not in the run, where an earlier export holds the default output folder, said that
+    the folder exists and to pass --overwrite, not that the task is wrong. And `--checkpoint best` on a run trained
+    without --save-best said "no such checkpoint in RUN/checkpoints (...) and no such folder", not why."""
+    run = tmp_path / "run"
+    shutil.copytree(pinned["run"], run)
+    assert main(["export", str(run), "--task", "tri"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--task", "trj"]) == 2
+    assert _error(capsys).endswith(f"--task trj: not a task of {run}; its tasks are pos, tri (did you mean tri?)")
+    assert main(["export", str(run), "--task", "pos"]) == 2  # a task of the run: the folder is still refused
+    assert "peft_adapter-step-8: exists and holds peft_tasks.json, tri; pass --overwrite" in _error(capsys)
+    shutil.rmtree(run / "best")  # as a run without --save-best
+    names = ", ".join(sorted(p.name for p in (run / "checkpoints").iterdir()))
+    for cmd in (["export", str(run), "--task", "tri", "--checkpoint", "best", "--out", str(tmp_path / "o")],
+                ["predict", str(run), "--task", "tri", "--checkpoint", "best", "--data", data["tri"]]):
+        assert main(cmd) == 2
+        assert _error(capsys).endswith(f"--checkpoint best: {run} has no best/, which only a run trained with "
+                                       f"--save-best writes; its checkpoints are {names}")
 
 
 def test_a_resumed_run_goes_through_the_split_to_the_weights_and_trace_of_the_uninterrupted_one(tiny, data, tmp_path,
@@ -328,6 +351,20 @@ def test_what_multi_task_train_refuses_is_one_line(tiny, data, tmp_path, capsys,
     assert says in _error(capsys)
 
 
+def test_a_table_whose_columns_are_named_otherwise_is_told_that_the_column_options_name_every_tasks(tiny, data,
+                                                                                                  tmp_path, capsys):
+    """A table whose text or label column is named otherwise than the other tasks' was refused as "unknown column", and
+    a user looked for a per-task option; the error now says that --text-columns and --label-column are every task's."""
+    rows = test_cli._rows(12, seed=4)
+    for header, what in (("review,label", "'text'"), ("text,sentiment", "'label'")):
+        other = tmp_path / f"{header.replace(',', '_')}.csv"
+        other.write_text(f"{header}\n" + "".join(f"{t},{y}\n" for t, y in rows))
+        assert main(_mt_args(tiny["bert"], tmp_path / "r", data["pos"], str(other), extra=("--steps", "1"))) == 2
+        assert _error(capsys).endswith(
+            f"task {other.stem}: unknown column {what} in {other}; columns are {header.split(',')}; --text-columns and "
+            "--label-column name the columns of every task's table: rename this table's to match")
+
+
 def test_a_dev_data_mapping_may_name_some_tasks_and_a_missing_dev_file_names_its_task(tiny, data, tmp_path, capsys):
     """YAML `dev_data` naming one task: the others take their default dev set, here a GLUE folder's dev.tsv beside a
     table's own dev file (a mapping had to name every task: "no file for 'sst2'"); a resume keeps the mapping. A dev
@@ -481,8 +518,14 @@ def test_resplit_window_is_a_flag_and_a_yaml_key_recorded_in_the_run_and_kept_on
     assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
     state = torch.load(out / "checkpoints" / "step-1" / "state.pt", weights_only=True)
     assert state["config"]["resplit_window"] == 7
+    said = capsys.readouterr().out
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "2"]) == 0
     assert built[-1].resplit_window == 7 and built[-1].global_step == 2 and built[-1].total_steps == 2
+    # the first line's count of trainable parameters is the mode's, and says so: the run starts in SINGLE (the shared
+    # adapter) and resumes in MULTI (every task's blocks), where the count, unexplained, was 4 times the first
+    counts = [re.search(r"controller=on, ([\d,]+) trainable parameters at rank (\d) \((\w+)\)\n", text).groups()
+              for text in (said, capsys.readouterr().out)]
+    assert [c[1:] for c in counts] == [("4", "SINGLE"), ("8", "MULTI")] and counts[0][0] != counts[1][0]
     assert json.loads((out / "summary.json").read_text())["config"]["resplit_window"] == 7
     config = tmp_path / "c.yaml"
     config.write_text("resplit_window: 0\n")

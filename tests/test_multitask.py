@@ -1119,6 +1119,32 @@ def test_no_merge_in_the_last_resplit_window_steps_of_a_run_of_total_steps():
     assert outcomes == {(30, 10): [], (None, 10): [20], (30, 0): [20], (40, 10): [20]}
 
 
+def test_console_lines_say_what_a_split_or_merge_did_and_once_that_the_runs_end_held_a_merge():
+    """The console's line of a split or merge said `(SINGLE->MULTI)` or `(MULTI->SINGLE)` alone (`report` said what
+    each did), and a merge held in the run's last `resplit_window` steps was in the trace only: a log line read φ
+    below θ0 in MULTI with no merge, unexplained. Now each transition's line says what it did, and the first held
+    step gets a line (once, with log_every off) that says why no merge came."""
+    from unified_lora.trace import format_console
+
+    data = conflict_data()
+    model, ad, ctrl, opt = build(resplit_window=10, total_steps=30)
+    said = []
+    ctrl.print_fn, ctrl.log_every = said.append, 0
+    for theta0, steps in ((0.0, 10), (0.98, 1), (0.0, 1), (0.98, 18)):  # split, merge, split back, merges held
+        _force(ctrl, theta0)
+        train(model, ctrl, opt, steps, data)
+    trace = ctrl.trace
+    assert [r.transition for r in trace if r.transition] == ["SINGLE->MULTI", "MULTI->SINGLE", "SINGLE->MULTI"]
+    held = [r for r in trace if "merge_closed_from" in r.components]
+    assert held and held[0].step == 20 and all(r.mode == MULTI for r in held)
+    assert said == [format_console(r) for r in trace if r.transition or r is held[0]]
+    assert said[0].endswith("  (SINGLE->MULTI, task adapters copied from the shared one)")
+    assert said[1].endswith("  (MULTI->SINGLE, task adapters merged into the shared one)")
+    assert said[2].endswith("  (SINGLE->MULTI, task adapters back, no merge before step 31)")  # (10 x 2)
+    assert said[3].startswith("[20] Mode=1 ") and said[3].endswith(
+        "  (merge held: none from step 20 on, too close to the run's end to be tested)")
+
+
 def test_total_steps_is_checked():
     for bad in (0, -3, 2.5, True, "100"):
         with pytest.raises(ValueError, match=r"total_steps: .*an int >= 1"):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._files import read_json_file, write_text_atomically
-from .config import RESPLIT_WINDOW
+from .config import MODES, RESPLIT_WINDOW
 
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
@@ -90,8 +90,6 @@ def _fmt_field(v) -> str:
 
 def format_summary(summary: dict) -> str:
     """The run's table (used by `demo` at the end and by `report`)."""
-    from .config import MODES
-
     lines = []
     kind = summary.get("command", "run")
     # (a multi-task run's data, {task: path}, on a line of its own: it was printed as a Python dict; a field the
@@ -1082,7 +1080,8 @@ def _train(args, held: dict) -> int:
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {n_dev}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
-        f", {run.n_trainable():,} trainable parameters")
+        f", {run.n_trainable():,} trainable parameters at rank {run.ctrl.rank} ({MODES[run.ctrl.mode]})")  # (they
+    # change with the mode: a resume in MULTI counted every task's blocks, unexplained beside the run's first line)
     # each task's rows trained on: encoding leaves out rows with nothing to predict (a causal LM's single-token text,
     # a prompt that fills --max-length), which the line counted (its note says how many, and why)
     trained = torch.bincount(enc_train["task"], minlength=len(tasks)).tolist() if tasks else []
@@ -1641,21 +1640,21 @@ def cmd_export(args) -> int:
     if out.resolve() == run.resolve() or any(p == out.resolve() or p in out.resolve().parents for p in inside):
         raise UsageError(f"{flag}: inside the run's own folders ({run}, its checkpoints/ or best/); pass another "
                          "--out")
-    held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
-    if held and not args.overwrite:
-        raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}; "
-                         "pass --overwrite to write the adapter into it (its adapter files are replaced, other files "
-                         "kept), or another --out")
 
-    def check_rank(cfg) -> None:  # before the model loads
+    def check(cfg) -> None:  # before the model loads, after --task (a task not in the run was refused as a full --out)
         if args.rank is not None and args.rank not in tuple(cfg.rank_levels):
             raise UsageError(f"--rank {args.rank}: not one of the run's nested ranks "
                              f"({', '.join(map(str, cfg.rank_levels))}); pass one of them, or leave it out for the "
                              "controller's rank at the checkpoint")
+        held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
+        if held and not args.overwrite:
+            raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}"
+                             "; pass --overwrite to write the adapter into it (its adapter files are replaced, other "
+                             "files kept), or another --out")
 
     # on the CPU in fp32: nothing runs forward, and the weights are written as they are stored
     trained = inference.load_trained(run, str(ckpt), "cpu", "fp32", args.trust_checkpoint, task=args.task,
-                                     config_check=check_rank, all_tasks=True, command="export")
+                                     config_check=check, all_tasks=True, command="export")
     rank = trained.rank if args.rank is None else args.rank
     multi = bool(getattr(trained.run, "specs", None))
     tasks = [args.task] if args.task else None

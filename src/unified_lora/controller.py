@@ -719,11 +719,15 @@ class UnifiedController:
             self.trace.append(rec)
         if self.writer is not None:
             self.writer.write(rec)
-        if self.print_fn is not None and (rec.transition or (self.log_every and rec.step % self.log_every == 0)):
+        if self.print_fn is not None and self._console_due(rec):
             if self.print_fn is not print_on_main_process:  # given: it prints wherever it is called
                 self.print_fn(format_console(rec))
             elif is_first_process(self._trace_group):  # the default: once (process 0, or the first of its group)
                 print(format_console(rec))
+
+    def _console_due(self, rec: StepRecord) -> bool:
+        """Whether the step gets a console line: a transition, and every `log_every`-th step."""
+        return bool(rec.transition or (self.log_every and rec.step % self.log_every == 0))
 
     # -- state ----------------------------------------------------------------------
     _STATE_KEYS = ("global_step", "loss_ema", "nonfinite_steps", "signal", "grad_stats", "machine", "mirror")

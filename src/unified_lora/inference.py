@@ -122,6 +122,9 @@ def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -
             if root.is_dir() else []
         names += [BEST] if (run / BEST / "state.pt").is_file() else []
         close = difflib.get_close_matches(checkpoint, names, n=1) if plain else []  # (--checkpoint bset: best)
+        if checkpoint == BEST and not (run / BEST).exists():  # (it said "no such checkpoint ... and no such folder")
+            raise UsageError(f"--checkpoint best: {run_dir} has no best/, which only a run trained with --save-best "
+                             f"writes; its checkpoints are {', '.join(names) if names else 'none'}")
         raise UsageError(f"--checkpoint {checkpoint}: no such checkpoint in {root} "
                          f"({', '.join(names) if names else 'it holds none'}) and no such folder"
                          + (f" (did you mean {close[0]}?)" if close else ""))
@@ -156,10 +159,10 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     checkpoint's `state.pt`; the base model is loaded and wrapped as `train` does (`load_model`, `Run`), and the
     checkpoint's tensors (`Run.load_weights`) and controller state go in, so the layers run at the controller's rank at
     that checkpoint. `device` (default auto) and `precision` (default: the run's) are checked before any model is
-    loaded, and so are the run's task type, by `task_check`, and its config, by `config_check` (the command's own
-    flags against them). A multi-task run (several --data sets) predicts for one of its tasks, `task` (required
-    there unless `all_tasks`, refused on a one-task run): with that task's adapter, classes and data layout; with
-    `all_tasks` and no `task` it is loaded for none in particular (`unified-lora export` writes every task's).
+    loaded, and so are `task` and then the run's task type, by `task_check`, and its config, by `config_check` (the
+    command's own flags against them). A multi-task run (several --data sets) predicts for one of its tasks, `task`
+    (required there unless `all_tasks`, refused on a one-task run): with that task's adapter, classes and data layout;
+    with `all_tasks` and no `task` it is loaded for none in particular (`unified-lora export` writes every task's).
     `command`: what the errors about the checkpoint's tensors name."""
     ckpt = find_checkpoint(run_dir, checkpoint)
     st = read_state(ckpt, trust_checkpoint)
@@ -171,11 +174,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     cfg = TrainConfig.from_dict({**stored, "device": device, "precision": precision, "mirror_kernel": "eager"})
     model_path = resolve_model(cfg.model)
     task_type = st.get("task_type") or detect_task_type(model_path, cfg.task_type)
-    if task_check is not None:
-        task_check(task_type)
-    if config_check is not None:
-        config_check(cfg)
-    specs = st.get("tasks")
+    specs = st.get("tasks")  # a multi-task run's: --task is checked first, before the command's other checks
     if specs and task is None and not all_tasks:
         raise UsageError(f"{run_dir} is a multi-task run (tasks {', '.join(t['name'] for t in specs)}): pass --task "
                          "NAME, the task whose adapter and classes predict")
@@ -188,6 +187,10 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     if not specs and task is not None:
         raise UsageError(f"--task {task}: for a multi-task run (several --data sets); {run_dir} trained on one data "
                          "set")
+    if task_check is not None:
+        task_check(task_type)
+    if config_check is not None:
+        config_check(cfg)
     num_labels = int(st.get("num_labels") or 0)
     classes = st.get("classes") or ([str(i) for i in range(num_labels)] if num_labels else None)
     seed_everything(cfg.seed)

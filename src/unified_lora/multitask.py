@@ -902,6 +902,7 @@ class MultiTaskController(UnifiedController):
         self.merge_rule = merge_rule
         self.resplit_window = resplit_window
         self.total_steps = total_steps  # the run's length: no merge in its last resplit_window steps
+        self._held_said = False  # a console line said that a merge was held at the run's end (`_console_due`)
         # the last merge, while a split may still bring the task adapters back: {"step", "slots", "point": per layer,
         # the shared blocks as the merge left them (`shared_parameters()` order)}
         self._parked: dict | None = None
@@ -1282,6 +1283,14 @@ class MultiTaskController(UnifiedController):
                 f"restores the mode and the topology together")
         self._check_sync_step()
         self._check_rank()  # (the backward check stays in _update_signal, after the task ids': those fail first)
+
+    def _console_due(self, rec) -> bool:
+        """As the base class, and the first step of this session whose merge the run's end held
+        (`merge_closed_from`), which a `log_every` line may not show: φ below θ0 in MULTI, with no merge to follow."""
+        held = rec.components.get("merge_closed_from") is not None
+        due = super()._console_due(rec) or (held and not self._held_said)
+        self._held_said = self._held_said or (due and held)
+        return due
 
     def _refuse_sharded(self) -> None:
         """Refuse FSDP2-sharded adapters (checked at the first step): the task-conflict statistics (C_grad,
@@ -1670,7 +1679,8 @@ class MultiTaskController(UnifiedController):
         the default `resplit_window`); the base class adds its own."""
         for key, value in (("resplit_window", RESPLIT_WINDOW), ("_parked", None), ("_conflict_ref", None),
                            ("failed_merges", 0), ("_split_undo", None), ("_task_info", False), ("_local_loss", None),
-                           ("grad_sq", {}), ("_grad_info", {}), ("total_steps", None)):
+                           ("grad_sq", {}), ("_grad_info", {}), ("total_steps", None),
+                           ("_held_said", False)):
             state.setdefault(key, value)
         super().__setstate__(state)
         if "_ref_slots" not in self.__dict__:  # (its reference covers the tasks registered now)

@@ -85,7 +85,10 @@ def load_tasks(cfg: TrainConfig, task_type: str = "seq-cls", note: Callable[[str
         try:
             train, dev, _ = load_data(one, task_type, note=note, detect=detect)
         except (DataError, UsageError) as e:  # which task's data (a missing --dev-data file did not say)
-            raise type(e)(f"task {name}: {e}") from None
+            # (check_columns' error: one table's columns named otherwise, which no per-task option can fix)
+            same = ("; --text-columns and --label-column name the columns of every task's table: rename this "
+                    "table's to match") if str(e).startswith("unknown column ") else ""
+            raise type(e)(f"task {name}: {e}{same}") from None
         metric_task, glue = run_task(one, task_type)
         if task_type == "causal-lm":
             what = ("a plain-text corpus" if isinstance(train, TextCorpus) else "chat data" if is_chat(train) else

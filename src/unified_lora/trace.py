@@ -51,8 +51,22 @@ def format_lr(lr: float | None) -> str:
     return f"{mant}e{int(exp)}"
 
 
+def transition_note(c: dict) -> str:
+    """What a multi-task transition did, from its record's components (`event`, `tasks_back`, `merge_held_until`), for
+    the console's line of that step and `report`'s: the task adapters merged, copied from the shared one, or brought
+    back (a split within `resplit_window` of the merge); "" for any other transition."""
+    if c.get("event") == "merge":
+        return ", task adapters merged into the shared one"
+    if c.get("tasks_back"):
+        return f", task adapters back, no merge before step {c['merge_held_until']}"
+    if c.get("event") == "split":
+        return ", task adapters copied from the shared one"
+    return ""
+
+
 def format_console(rec: StepRecord) -> str:
-    """`[350] Mode=2 φ=0.827 E_s=4.979 lr=1e-4` (v1 README trace format)."""
+    """`[350] Mode=2 φ=0.827 E_s=4.979 lr=1e-4` (v1 README trace format); a transition's line says what it did
+    (`transition_note`), and a multi-task step whose merge was held at the run's end says so."""
     c = rec.components
     if "E_s" in c:
         sig = f"E_s={c['E_s']:.3f}"
@@ -67,9 +81,10 @@ def format_console(rec: StepRecord) -> str:
             line += f", snapshot {rec.snapshot}"
             if rec.drift is not None:
                 line += f", drift={rec.drift:.2%}"
-        if c.get("tasks_back"):  # a multi-task split within resplit_window of its merge
-            line += f", task adapters back, no merge before step {c['merge_held_until']}"
-        line += ")"
+        line += transition_note(c) + ")"
+    elif c.get("merge_closed_from") is not None:  # φ called for a merge in the run's last resplit_window steps
+        line += (f"  (merge held: none from step {c['merge_closed_from']} on, too close to the run's end to be "
+                 "tested)")
     return line
 
 

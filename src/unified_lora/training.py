@@ -48,7 +48,7 @@ from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_re
                            no_rows_error, normalize_task, read_text, record_at)
 from .distributed import print_on_main_process
 from .model import lora_state_dict, trainable_parameters
-from .trace import TraceWriter
+from .trace import TraceWriter, transition_note
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
 TEXT_SUFFIXES = ("txt", "raw")  # plain-text corpora for a causal LM (tinyshakespeare's input.txt, wikitext's *.raw)
@@ -2315,13 +2315,7 @@ def transition_line(t: dict) -> str:
         line += f", snapshot {t['snapshot']}"
     if t.get("drift") is not None:
         line += f", drift={t['drift']:.2%}"
-    if t.get("event") == "merge":
-        line += ", task adapters merged into the shared one"
-    elif t.get("tasks_back"):  # as the console's line at that step
-        line += f", task adapters back, no merge before step {t['merge_held_until']}"
-    elif t.get("event") == "split":
-        line += ", task adapters copied from the shared one"
-    return line
+    return line + transition_note(t)  # (a multi-task split or merge: as the console's line at that step)
 
 
 def iterate(run: Run, enc: dict, steps_total: int, epochs: int, steps_per_epoch: int) -> Iterator[tuple[int, dict]]:
