@@ -125,7 +125,8 @@ def run(arm, tasks=("sst2", "mrpc"), seed=0, steps=100, batch=16, lr=2e-3, max_l
     tgt = targets(model.config.num_hidden_layers, top_layers)
     adapters, ctrl = setup_multitask_lora(model, list(tasks), tgt, lr_mode="off", mode_ranks=mode_ranks,
                                           machine=machine, signal=MultiTaskSignalConfig(), merge_rule=merge_rule,
-                                          print_fn=log if arm == "unified" else None)
+                                          print_fn=log if arm == "unified" else None,
+                                          total_steps=steps)  # no merge in the last resplit_window steps: untested
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.01)
     ctrl.attach_optimizer(opt)
     if arm != "unified":
