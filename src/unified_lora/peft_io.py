@@ -185,7 +185,17 @@ def _outermost(paths: Sequence[str]) -> list[str]:
 # Heads that PEFT's task types put into modules_to_save on their own (PeftModelForSequenceClassification,
 # ...ForTokenClassification, ...ForQuestionAnswering extend the config's list with these names). They are
 # also the heads `from_pretrained` initialises afresh when the base checkpoint has none.
-_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+def _peft_classifier_heads() -> tuple[str, ...]:
+    """PEFT's own list for sequence and token classification (`peft.peft_model.CLASSIFIER_MODULE_NAMES`, from PEFT
+    0.22, which added DistilBERT's `pre_classifier`); before 0.22 PEFT named ("classifier", "score") inline."""
+    try:
+        from peft.peft_model import CLASSIFIER_MODULE_NAMES
+    except ImportError:
+        return ("classifier", "score")
+    return tuple(CLASSIFIER_MODULE_NAMES)
+
+
+_PEFT_TASK_HEADS = {"SEQ_CLS": _peft_classifier_heads(), "TOKEN_CLS": _peft_classifier_heads(),
                     "QUESTION_ANS": ("qa_outputs",)}
 
 
