@@ -756,6 +756,7 @@ def _train_config(args) -> "object":
                              "model, data, batches, LoRA layout, signal and best-evaluation settings "
                              f"({', '.join(_RESUME_FIXED)}): drop those options, or start a new run in another "
                              "--output-dir")
+    _note_controller_unread(cfg, flags)
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
     # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
     def absolute(v):
@@ -797,6 +798,35 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
     print(f"{PROG}: note: {f'--lrs {given}' if flag else f'mode_lrs [{given}] (--config)'} is not read with --lr-mode "
           f"multiplier: each mode trains at --lr {cfg.lr:g} x its multiplier ({lrs}); drop it, or pass --lr-mode "
           "absolute to train each mode at its --lrs", file=sys.stderr)
+
+
+# TrainConfig fields only the controller reads: without it (`controller` False) `machine_config` pins MULTI and drops
+# the thresholds, dwell and warm-up; the signal's φ is still recorded but drives nothing; with no transition there is
+# no Mirror, and in multi-task mode no merge and so no split after one (`resplit_window`)
+_CONTROLLER_ONLY = ("signal", "loss_scale", "calibration_steps", "theta0", "theta1", "min_dwell", "controller_warmup",
+                    "resplit_window", "mirror_policy", "mirror_kernel", "mirror_pack")
+
+
+def _note_controller_unread(cfg, flags: dict) -> None:
+    """A one-line note on stderr (process 0 alone, under torchrun) where flags only the controller reads
+    (`_CONTROLLER_ONLY`) are given on the command line to a run without it (--no-controller): they were accepted and
+    ignored without a word. Not for YAML keys: one file may serve a controller run and its --no-controller baseline."""
+    from .training import process_rank
+
+    given = [k for k in _CONTROLLER_ONLY if k in flags]
+    if cfg.controller or not given or process_rank() != 0:
+        return
+
+    def flag(k: str) -> str:
+        v = flags[k]
+        if isinstance(v, bool):  # --mirror-pack / --no-mirror-pack
+            return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+        return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+
+    it = "it" if len(given) == 1 else "them"
+    print(f"{PROG}: note: {', '.join(map(flag, given))} {'is' if len(given) == 1 else 'are'} not read without the "
+          "controller (--no-controller), which trains plain LoRA at the MULTI rank and LR throughout; drop "
+          f"{it}, or train with the controller", file=sys.stderr)
 
 
 def _read_config(path: str) -> dict:
