@@ -841,7 +841,8 @@ def test_controller_only_flags_given_with_no_controller_are_said_to_be_unread_on
     yaml_keys = _write(tmp_path / "shared.yaml", "theta0: 0.2\nmin_dwell: 5\nloss_scale: 2.0\n")
     assert note("--config", str(yaml_keys), "--no-controller") == []  # a YAML shared with a controller run
     off = _write(tmp_path / "off.yaml", "controller: false\n")  # the controller off in the file, a flag typed
-    assert note("--config", str(off), "--min-dwell", "5") == [f"unified-lora: note: --min-dwell 5 is {said.format('it')}"]
+    assert note("--config", str(off), "--min-dwell", "5") == [
+        f"unified-lora: note: --min-dwell 5 is {said.format('it')}"]
     # a whole run says it once, and trains as the run without those flags does: they steer the controller alone
     # (--theta0 0.01 --theta1 0.02 would take a controller run to MIRROR at once)
     base = ["--steps", "4", "--no-controller", "--lrs", "1e-2", "1e-2", "1e-2"]
