@@ -808,6 +808,56 @@ def test_lrs_given_with_lr_mode_multiplier_is_said_to_be_unread_once(tiny, tmp_p
     assert capsys.readouterr().err.count("is not read with --lr-mode multiplier") == 1
 
 
+def test_controller_only_flags_given_with_no_controller_are_said_to_be_unread_once(tiny, tmp_path, capsys):
+    """--theta0, --loss-scale, --min-dwell and the other flags only the controller reads (`_CONTROLLER_ONLY`) were
+    accepted with --no-controller and ignored without a word (found by the user trial). A note on stderr now says so,
+    once, naming the flags given on the command line; not YAML keys (one file may serve a controller run and its
+    --no-controller baseline), and not with the controller. A run given them trains as one without them."""
+    from unified_lora.cli import _train_config, build_parser
+
+    def note(*argv: str) -> list[str]:
+        capsys.readouterr()
+        _train_config(build_parser().parse_args(["train", "--output-dir", str(tmp_path / "x"), *argv]))
+        captured = capsys.readouterr()
+        assert not captured.out
+        return [line for line in captured.err.splitlines() if "note" in line]
+
+    said = ("not read without the controller (--no-controller), which trains plain LoRA at the MULTI rank and LR "
+            "throughout; drop {}, or train with the controller")
+    every = ["--signal", "loss", "--loss-scale", "2", "--calibration-steps", "4", "--theta0", "0.2", "--theta1",
+             "0.9", "--min-dwell", "5", "--controller-warmup", "3", "--mirror-policy", "never", "--mirror-kernel",
+             "eager", "--no-mirror-pack"]
+    assert note("--no-controller", *every) == [
+        "unified-lora: note: --signal loss, --loss-scale 2, --calibration-steps 4, --theta0 0.2, --theta1 0.9, "
+        "--min-dwell 5, --controller-warmup 3, --mirror-policy never, --mirror-kernel eager, --no-mirror-pack are "
+        + said.format("them")]
+    assert note("--no-controller", "--signal", "composite") == [
+        f"unified-lora: note: --signal composite is {said.format('it')}"]
+    two = [tiny["csv"], tiny["jsonl"], "--task-names", "a,b"]  # several data sets: --resplit-window is theirs
+    assert note("--no-controller", "--data", *two, "--resplit-window", "5") == [
+        f"unified-lora: note: --resplit-window 5 is {said.format('it')}"]
+    assert note("--data", *two, "--resplit-window", "5", *every) == []  # read: the controller runs
+    assert note("--no-controller", "--lrs", "1e-2", "1e-2", "1e-2", "--steps", "3") == []  # read without it too
+    yaml_keys = _write(tmp_path / "shared.yaml", "theta0: 0.2\nmin_dwell: 5\nloss_scale: 2.0\n")
+    assert note("--config", str(yaml_keys), "--no-controller") == []  # a YAML shared with a controller run
+    off = _write(tmp_path / "off.yaml", "controller: false\n")  # the controller off in the file, a flag typed
+    assert note("--config", str(off), "--min-dwell", "5") == [
+        f"unified-lora: note: --min-dwell 5 is {said.format('it')}"]
+    # a whole run says it once, and trains as the run without those flags does: they steer the controller alone
+    # (--theta0 0.01 --theta1 0.02 would take a controller run to MIRROR at once)
+    base = ["--steps", "4", "--no-controller", "--lrs", "1e-2", "1e-2", "1e-2"]
+    assert main(_train_args(tiny, tmp_path / "plain", *base)) == 0
+    assert "note" not in capsys.readouterr().err
+    given = ["--theta0", "0.01", "--theta1", "0.02", "--min-dwell", "2", "--controller-warmup", "1", "--loss-scale",
+             "0.01", "--calibration-steps", "2", "--mirror-policy", "always", "--no-mirror-pack"]
+    assert main(_train_args(tiny, tmp_path / "flags", *base, *given)) == 0
+    assert capsys.readouterr().err.count("not read without the controller") == 1
+    plain, flags = (read_trace(tmp_path / d / "trace.jsonl") for d in ("plain", "flags"))
+    assert [(r["loss"], r["mode"], r["rank"], r["lr"]) for r in flags] == \
+        [(r["loss"], r["mode"], r["rank"], r["lr"]) for r in plain]
+    assert {r["mode"] for r in flags} == {1}
+
+
 def test_resume_refuses_a_state_pt_that_would_run_code_and_trust_checkpoint_loads_it(tiny, tmp_path, capsys):
     """--resume read state.pt with torch.load(weights_only=False): a run folder someone sent you, whose state.pt
     pickles a call, ran that call on --resume (in latest_checkpoint, before any check). The file is now read with

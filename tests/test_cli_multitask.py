@@ -234,46 +234,108 @@ def _axes_drawn(monkeypatch) -> list[int]:
 def test_report_and_plot_show_a_multi_task_runs_gradient_conflict(tiny, data, tmp_path, capsys, monkeypatch):
     """A multi-task trace records, each step, the gradient conflict the signal read (C_grad), the plain cosine one
     (C_grad_raw) and each task's gradient reliability ρ; `report` and `plot` showed none of them. `report` now gives
-    each's mean and largest value (with its step) over the steps that recorded it, and each task's mean ρ (also for a
-    summary.json written before it had them, and for a trace alone); `plot` draws them in a fifth panel."""
+    each's mean and largest value (with its step) over the steps that recorded it, for each mode the signal read it
+    in: SINGLE (at the shared adapter, what φ reads) and MULTI/MIRROR (at each task's own adapter, where φ reads the
+    weight conflict C_weight); a step that changed the mode counts in the one it left. It averaged C_grad over every
+    step, the two mixed. Then each task's mean ρ (also for a summary.json written before it had them, and for a trace
+    alone); `plot` draws them in a fifth panel. No merge was held, so neither says one was."""
     import matplotlib
 
     out = tmp_path / "run"
-    assert main(_mt_args(tiny["bert"], out, data["pos"], data["neg"], extra=("--steps", "6"))) == 0
+    assert main(_mt_args(tiny["bert"], out, data["pos"], data["neg"],
+                         extra=("--steps", "6", "--controller-warmup", "3"))) == 0
     trace = read_trace(out / "trace.jsonl")
+    assert [r["transition"] for r in trace] == [None] * 3 + ["SINGLE->MULTI", None, None]  # split after the warm-up
+    lines = []
+    for mode, rows in (("SINGLE", trace[:4]), ("MULTI/MIRROR", trace[4:])):
+        comps = [r["components"] for r in rows]
+        want = []
+        for key in ("C_grad", "C_grad_raw"):
+            v = [c[key] for c in comps]
+            top = max(range(len(v)), key=lambda i: v[i])
+            want.append(f"{key} mean={sum(v) / len(v):.3f} max={v[top]:.3f} at step {rows[top]['step']} "
+                        f"({len(v)} of {len(v)} steps)")
+        weight = [c for c in comps if c["C_weight"] is not None]
+        assert all(c["C"] == c["C_weight"] for c in weight)  # what φ read there
+        where = ("at the shared adapter" if mode == "SINGLE" else
+                 f"at each task's own adapter; φ read the weight conflict C_weight at {len(weight)} of them")
+        assert (mode == "SINGLE") == (not weight)
+        lines.append(f"gradient conflict read in {mode} ({len(rows)} of 6 steps, {where}): {', '.join(want)}\n")
+    assert max(r["components"]["C_grad"] for r in trace) > 0  # (a conflict was read)
     comps = [r["components"] for r in trace]
-    want = []
-    for key in ("C_grad", "C_grad_raw"):
-        v = [c[key] for c in comps]
-        top = max(range(len(v)), key=lambda i: v[i])
-        want.append(f"{key} mean={sum(v) / len(v):.3f} max={v[top]:.3f} at step {trace[top]['step']} (6 of 6 steps)")
-    assert max(c["C_grad"] for c in comps) > 0  # (a conflict was read)
     rho = " ".join(f"{t}={sum(c[f'rho[{t}]'] for c in comps) / len(comps):.3f}" for t in ("pos", "neg"))
-    lines = [f"gradient conflict {', '.join(want)}\n", f"mean gradient reliability ρ of each task: {rho}\n"]
+    lines.append(f"mean gradient reliability ρ of each task: {rho}\n")
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     said = capsys.readouterr().out
     assert all(f"\n  Unified LoRA: {line}" in said for line in lines), said
-    assert said.index("Unified LoRA: φ first=") < said.index("gradient conflict") < said.index("transitions (")
+    assert said.index("Unified LoRA: φ first=") < said.index("gradient conflict read in SINGLE") < \
+        said.index("gradient conflict read in MULTI/MIRROR") < said.index("transitions (")
+    assert "merge held" not in said
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["arms"]["run"]["conflict"]["of"] == 6
-    del summary["arms"]["run"]["conflict"]  # as written before it had them: read from trace.jsonl
-    (out / "summary.json").write_text(json.dumps(summary))
+    assert summary["arms"]["run"]["conflict"]["of"] == 6 and "held_merges" not in summary["arms"]["run"]
+    run = summary["arms"]["run"]
+    old = {"C_grad": {"mean": 0.5, "max": 0.75, "max_step": 2, "steps": 6}, "rho": run["conflict"]["rho"], "of": 6}
+    for conflict in (None, old):  # as written before it had them, or over every step: read from trace.jsonl
+        run.pop("conflict", None)
+        if conflict is not None:
+            run["conflict"] = conflict
+        (out / "summary.json").write_text(json.dumps(summary))
+        assert main(["report", str(out)]) == 0
+        assert capsys.readouterr().out == said
+    (out / "trace.jsonl").rename(tmp_path / "trace.jsonl")  # the old one, with no trace to read: said to be so
     assert main(["report", str(out)]) == 0
-    assert capsys.readouterr().out == said
+    said_old = capsys.readouterr().out
+    assert ("\n  Unified LoRA: gradient conflict over every mode C_grad mean=0.500 max=0.750 at step 2 (6 of 6 "
+            "steps)\n") in said_old, said_old
     bare = tmp_path / "bare"  # a trace alone
     bare.mkdir()
-    shutil.copy(out / "trace.jsonl", bare)
+    shutil.copy(tmp_path / "trace.jsonl", bare)
     assert main(["report", str(bare)]) == 0
     said = capsys.readouterr().out
     assert all(f"\n  run: {line}" in said for line in lines), said
     # plot: a fifth panel, with C_grad and each task's ρ (C_grad_raw is C_grad with the default grad_noise="none")
     drawn = _axes_drawn(monkeypatch)
     with matplotlib.rc_context({"svg.fonttype": "none"}):
-        assert main(["plot", str(out), "-o", str(tmp_path / "p.svg")]) == 0
+        assert main(["plot", str(bare), "-o", str(tmp_path / "p.svg")]) == 0
     svg = (tmp_path / "p.svg").read_text()
     assert drawn == [5] and "C_grad" in svg and "ρ[pos]" in svg and "ρ[neg]" in svg
-    assert "C_grad_raw" not in svg
+    assert "C_grad_raw" not in svg and "merge held" not in svg
+
+
+def test_report_and_plot_say_that_a_merge_was_held_at_the_runs_end(tiny, data, tmp_path, capsys):
+    """A merge φ calls for in the run's last --resplit-window steps is held (too close to the end to be tested): the
+    trace marks those steps `merge_closed_from` and the console said so at the first of them, but `report` did not
+    mention it and `plot` did not mark it, so a run that stayed in MULTI with φ below θ0 there was unexplained.
+    `report` now says from which step, at how many steps φ called for a merge and the first; `plot` marks that step.
+    (θ0 = 0 splits at the first step; resumed with θ0 = 0.98, φ calls for a merge at every step, and the last 6 of
+    10, from step 4, hold it.)"""
+    import matplotlib
+
+    out = tmp_path / "run"
+    assert main(_mt_args(tiny["bert"], out, data["pos"], data["neg"],
+                         extra=("--steps", "4", "--theta0", "0", "--theta1", "0.99", "--resplit-window", "6"))) == 0
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "10", "--theta0", "0.98"]) == 0
+    trace = read_trace(out / "trace.jsonl")
+    assert [r["transition"] for r in trace] == ["SINGLE->MULTI"] + [None] * 9
+    assert [r["step"] for r in trace if r["components"].get("merge_closed_from") == 4] == [4, 5, 6, 7, 8, 9]
+    assert all(r["phi"] < 0.98 and MODES[r["mode"]] == "MULTI" for r in trace[4:])
+    line = ("\n  Unified LoRA: merge held: none from step 4 on, too close to the run's end to be tested (its last 6 "
+            "steps, --resplit-window); φ called for one at 6 steps, the first at step 4\n")
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert line in said and said.count("merge held") == 1, said
+    assert said.index("gradient conflict read in MULTI/MIRROR") < said.index(line) < said.index("total wall time")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["run"]["held_merges"] == [{"closed_from": 4, "first_step": 4, "steps": 6}]
+    del summary["arms"]["run"]["held_merges"], summary["arms"]["run"]["conflict"]  # as written before them
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out == said
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        assert main(["plot", str(out), "-o", str(tmp_path / "p.svg")]) == 0
+    assert (tmp_path / "p.svg").read_text().count("merge held: none from step 4 on, too close to the run's end") == 1
 
 
 def test_grad_accum_steps_as_one_big_batch_and_a_single_run_exports_each_task_as_it_runs(without_dropout, data,

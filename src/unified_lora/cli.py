@@ -158,6 +158,7 @@ def format_summary(summary: dict) -> str:
                          f"(step {phi['peak_step']})  final={phi['final']:.3f}  final mode="
                          f"{MODES[phi['final_mode']]}  mean rank={phi['mean_rank']:.2f}  steps per mode: {per_mode}")
         lines += _conflict_lines(arm.get("label", name), arm.get("conflict"))
+        lines += _held_merge_lines(arm.get("label", name), arm.get("held_merges"), summary)
         if arm.get("skipped_steps"):
             lines.append(f"  {arm.get('label', name)}: {arm['skipped_steps']} optimizer step(s) skipped for a "
                          "non-finite loss or gradient")
@@ -178,17 +179,41 @@ def format_summary(summary: dict) -> str:
 
 
 def _conflict_lines(label: str, c: dict | None) -> list[str]:
-    """`report`'s lines on a multi-task run's gradient conflict (`conflict_summary`): C_grad and C_grad_raw, each's
-    mean and largest value over the steps that recorded it, then each task's mean gradient reliability ρ."""
+    """`report`'s lines on a multi-task run's gradient conflict (`conflict_summary`): a line for each mode the signal
+    read it in (SINGLE, at the shared adapter; MULTI/MIRROR, at each task's own adapter, and at how many of those
+    steps φ read the weight conflict instead), with C_grad's and C_grad_raw's mean and largest value over the steps
+    that recorded it; then each task's mean gradient reliability ρ. A summary.json written before the modes (the
+    conflict over every step), where no trace.jsonl is there to read them from: its one line, said to be over
+    every mode."""
     if not c:
         return []
-    parts = [f"{key} mean={c[key]['mean']:.3f} max={c[key]['max']:.3f} at step {c[key]['max_step']} "
-             f"({c[key]['steps']} of {c['of']} steps)" for key in ("C_grad", "C_grad_raw") if key in c]
-    out = [f"  {label}: gradient conflict {', '.join(parts)}"] if parts else []
+
+    def parts(m: dict, of: int) -> str:
+        return ", ".join(f"{key} mean={m[key]['mean']:.3f} max={m[key]['max']:.3f} at step {m[key]['max_step']} "
+                         f"({m[key]['steps']} of {of} steps)" for key in ("C_grad", "C_grad_raw") if key in m)
+
+    out = []
+    for mode, m in (c.get("modes") or {}).items():
+        where = ("at the shared adapter" if mode == "SINGLE" else "at each task's own adapter" + (
+            f"; φ read the weight conflict C_weight at {m['C_weight']} of them" if m.get("C_weight") else ""))
+        out.append(f"  {label}: gradient conflict read in {mode} ({m['steps']} of {c['of']} steps, {where}): "
+                   f"{parts(m, m['steps'])}")
+    if "modes" not in c and parts(c, c["of"]):
+        out.append(f"  {label}: gradient conflict over every mode {parts(c, c['of'])}")
     if c.get("rho"):
         out.append(f"  {label}: mean gradient reliability ρ of each task: "
                    + " ".join(f"{task}={v:.3f}" for task, v in c["rho"].items()))
     return out
+
+
+def _held_merge_lines(label: str, held: list | None, summary: dict) -> list[str]:
+    """`report`'s line for each `held_merges` entry of a multi-task run: the merges φ called for in the run's last
+    --resplit-window steps, which the controller held (the console said so at the first of them)."""
+    window = (summary.get("config") or {}).get("resplit_window")
+    its = f" (its last {window} steps, --resplit-window)" if isinstance(window, int) and window else ""
+    return [f"  {label}: merge held: none from step {h['closed_from']} on, too close to the run's end to be "
+            f"tested{its}; φ called for one at {h['steps']} step{'' if h['steps'] == 1 else 's'}, the first at step "
+            f"{h['first_step']}" for h in held or ()]
 
 
 def _mirror_reason(m: dict, summary: dict) -> str:
@@ -756,6 +781,7 @@ def _train_config(args) -> "object":
                              "model, data, batches, LoRA layout, signal and best-evaluation settings "
                              f"({', '.join(_RESUME_FIXED)}): drop those options, or start a new run in another "
                              "--output-dir")
+    _note_controller_unread(cfg, flags)
     # local paths are stored absolute (checkpoints, summary.json): a relative --data or --model was read again from
     # the cwd of the --resume, where it named another file (trained on silently) or nothing (then a hub id)
     def absolute(v):
@@ -797,6 +823,35 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
     print(f"{PROG}: note: {f'--lrs {given}' if flag else f'mode_lrs [{given}] (--config)'} is not read with --lr-mode "
           f"multiplier: each mode trains at --lr {cfg.lr:g} x its multiplier ({lrs}); drop it, or pass --lr-mode "
           "absolute to train each mode at its --lrs", file=sys.stderr)
+
+
+# TrainConfig fields only the controller reads: without it (`controller` False) `machine_config` pins MULTI and drops
+# the thresholds, dwell and warm-up; the signal's φ is still recorded but drives nothing; with no transition there is
+# no Mirror, and in multi-task mode no merge and so no split after one (`resplit_window`)
+_CONTROLLER_ONLY = ("signal", "loss_scale", "calibration_steps", "theta0", "theta1", "min_dwell", "controller_warmup",
+                    "resplit_window", "mirror_policy", "mirror_kernel", "mirror_pack")
+
+
+def _note_controller_unread(cfg, flags: dict) -> None:
+    """A one-line note on stderr (process 0 alone, under torchrun) where flags only the controller reads
+    (`_CONTROLLER_ONLY`) are given on the command line to a run without it (--no-controller): they were accepted and
+    ignored without a word. Not for YAML keys: one file may serve a controller run and its --no-controller baseline."""
+    from .training import process_rank
+
+    given = [k for k in _CONTROLLER_ONLY if k in flags]
+    if cfg.controller or not given or process_rank() != 0:
+        return
+
+    def flag(k: str) -> str:
+        v = flags[k]
+        if isinstance(v, bool):  # --mirror-pack / --no-mirror-pack
+            return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+        return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+
+    it = "it" if len(given) == 1 else "them"
+    print(f"{PROG}: note: {', '.join(map(flag, given))} {'is' if len(given) == 1 else 'are'} not read without the "
+          "controller (--no-controller), which trains plain LoRA at the MULTI rank and LR throughout; drop "
+          f"{it}, or train with the controller", file=sys.stderr)
 
 
 def _read_config(path: str) -> dict:
@@ -1308,10 +1363,12 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
     (`cmd_train`, and `report` / `plot` of a run that has not written one for its last steps, from the checkpoint
     `--resume` goes on from). `run_dir`: the run's folder as given now (its best/; `cfg.output_dir` is as the run was
     given it, relative to that run's working directory, or moved since)."""
-    from .training import BEST, conflict_summary, lower_is_better, phi_summary, replay_best, transitions
+    from .training import (BEST, conflict_summary, held_merges, lower_is_better, phi_summary, replay_best,
+                           transitions)
 
     trans = transitions(trace)
     conflict = conflict_summary(trace)  # (a multi-task run's; none for one task)
+    held = held_merges(trace)  # (the same)
     points = {_eval_point(e): {k: v for k, v in e.items() if k not in ("epoch", "step")} for e in evals}
     # the best evaluation, as the run ranked it (`record_best`; a run saved before metric_for_best existed has none)
     b = replay_best(evals, cfg.metric_for_best).best if cfg.metric_for_best else None
@@ -1330,7 +1387,8 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
                          "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},
                          "transitions": trans,
                          "mirror": [t for t in trans if t.get("snapshot") in ("restored", "kept")],
-                         **({"conflict": conflict} if conflict else {})}},
+                         **({"conflict": conflict} if conflict else {}),
+                         **({"held_merges": held} if held else {})}},
     }
 
 
@@ -1466,7 +1524,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .training import conflict_summary, phi_summary, transition_line, transitions
+    from .training import conflict_summary, held_merges, phi_summary, transition_line, transitions
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -1481,10 +1539,12 @@ def cmd_report(args) -> int:
                    "arms": {"run": {"label": "run", "phi": phi_summary(trace, 0, 0), "transitions": transitions(trace),
                                     "mirror": [t for t in transitions(trace)
                                                if t.get("snapshot") in ("restored", "kept")], "eval": {},
-                                    "conflict": conflict_summary(trace)}}}
-    elif summary.get("tasks") and "conflict" not in summary.get("arms", {}).get("run", {"conflict": None}) and \
-            (run_dir / "trace.jsonl").is_file():  # a multi-task run's summary.json written before it had them
-        summary["arms"]["run"]["conflict"] = conflict_summary(_load_trace(run_dir / "trace.jsonl"))
+                                    "conflict": conflict_summary(trace), "held_merges": held_merges(trace)}}}
+    elif summary.get("tasks") and "run" in summary.get("arms", {}) and \
+            "modes" not in (summary["arms"]["run"].get("conflict") or {}) and (run_dir / "trace.jsonl").is_file():
+        # a multi-task run's summary.json written before it had its conflict by mode and its held merges
+        trace = _load_trace(run_dir / "trace.jsonl")
+        summary["arms"]["run"].update(conflict=conflict_summary(trace), held_merges=held_merges(trace))
     print(format_summary(summary))
     for name, arm in summary.get("arms", {}).items():
         if arm.get("transitions"):

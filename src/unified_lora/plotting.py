@@ -137,6 +137,16 @@ def plot_trace(trace: Sequence[dict], out_path: str | os.PathLike, *, theta0: fl
                 ax.axvline(r["step"], color=MODE_COLORS[1], lw=0.8, ls=":")
             ax_phi.text(r["step"], 0.97, f" task adapters back, no merge before step {comps['merge_held_until']}",
                         fontsize=7, va="top", ha="left", color=MODE_COLORS[1], clip_on=True)
+    said = set()
+    for r in trace:  # multi-task merges held at the run's end (its last resplit_window steps): the first held step
+        closed = (r.get("components") or {}).get("merge_closed_from")
+        if closed is not None and closed not in said:
+            said.add(closed)
+            for ax in axes:
+                ax.axvline(r["step"], color=MODE_COLORS[0], lw=0.8, ls=":")
+            # (to the line's left: the held steps end the run)
+            ax_phi.text(r["step"], 0.03, f"merge held: none from step {closed} on, too close to the run's end ",
+                        fontsize=7, va="bottom", ha="right", color=MODE_COLORS[0], clip_on=True)
     if shock and shock[1] > shock[0]:
         for ax in axes:
             ax.axvspan(shock[0], shock[1], color="#f2c14e", alpha=0.25, lw=0)

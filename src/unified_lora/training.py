@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
-from .config import (KERNELS, RESPLIT_WINDOW, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
+from .config import (KERNELS, MODES, RESPLIT_WINDOW, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
                      SignalConfig, _scalar, check_field_types, parse_names)
 from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
@@ -2253,22 +2253,40 @@ def phi_summary(trace: list[dict], shock_start: int, shock_end: int) -> dict:
             "steps_in_mode": {m: modes.count(i) for i, m in enumerate(("SINGLE", "MULTI", "MIRROR"))}}
 
 
+CONFLICT_MODES = ("SINGLE", "MULTI/MIRROR")  # `conflict_summary`'s groups: where the task gradients were read
+
+
 def conflict_summary(trace: list[dict]) -> dict:
-    """A multi-task trace's gradient-conflict diagnostics (the multi-task controller's components): for `C_grad` (the
-    gradient conflict its signal read) and `C_grad_raw` (the plain cosine conflict), the mean and the largest value
-    with its step, over the steps that recorded a finite number (`steps`); and each task's mean gradient reliability
-    `rho[TASK]` over the steps that recorded it. `of`: the trace's steps. {} for a trace without them (a single-task
-    run's)."""
+    """A multi-task trace's gradient-conflict diagnostics (the multi-task controller's components), by the mode the
+    signal read them in (`CONFLICT_MODES`; a transition's step in the mode it left: the signal reads before the
+    transition): in SINGLE the task gradients are read at the shared adapter, and C_grad is the conflict φ reads; in
+    MULTI/MIRROR at each task's own adapter, where φ reads the weight conflict C_weight once the task adapters have
+    moved (`MultiTaskSignalConfig.conflict`: the gradient conflict there reads as low for flipped labels as for two
+    halves of one data set once the adapters fit their tasks). Averaged over every step, C_grad mixed the two.
+    `modes`: for each group the trace has steps in, `steps` (its steps), `C_weight` (its steps that recorded one,
+    which φ read) and, for `C_grad` (the gradient conflict the signal computed) and `C_grad_raw` (the plain cosine
+    conflict), the mean and the largest value with its step, over its steps that recorded a finite number
+    (`steps`). `rho`: each task's mean gradient reliability `rho[TASK]` over the steps that
+    recorded it. `of`: the trace's steps. {} for a trace without them (a single-task run's)."""
     out: dict = {}
-    comps = [(r.get("step"), r.get("components") or {}) for r in trace]
-    for key in ("C_grad", "C_grad_raw"):
-        vals = [(step, v) for step, c in comps if (v := _finite(c.get(key))) is not None]
-        if vals:
-            top = max(vals, key=lambda sv: sv[1])
-            out[key] = {"mean": sum(v for _, v in vals) / len(vals), "max": top[1], "max_step": top[0],
-                        "steps": len(vals)}
+    comps = [(r.get("step"), _read_in(r), r.get("components") or {}) for r in trace]
+    modes: dict = {}
+    for group in CONFLICT_MODES:
+        steps = [(step, c) for step, m, c in comps if m == group]
+        one: dict = {}
+        for key in ("C_grad", "C_grad_raw"):
+            vals = [(step, v) for step, c in steps if (v := _finite(c.get(key))) is not None]
+            if vals:
+                top = max(vals, key=lambda sv: sv[1])
+                one[key] = {"mean": sum(v for _, v in vals) / len(vals), "max": top[1], "max_step": top[0],
+                            "steps": len(vals)}
+        if one:
+            modes[group] = {"steps": len(steps), "C_weight": sum(_finite(c.get("C_weight")) is not None
+                                                                 for _, c in steps), **one}
+    if modes:
+        out["modes"] = modes
     rho: dict[str, list[float]] = {}
-    for _, c in comps:
+    for _, _, c in comps:
         for k, v in c.items():
             if k.startswith("rho[") and k.endswith("]") and (v := _finite(v)) is not None:
                 rho.setdefault(k[4:-1], []).append(v)
@@ -2277,6 +2295,31 @@ def conflict_summary(trace: list[dict]) -> dict:
     if out:
         out["of"] = len(trace)
     return out
+
+
+def _read_in(r: dict) -> str | None:
+    """The `CONFLICT_MODES` group of the mode a step's signal read its gradients in: the record's mode, or for a
+    transition's step the mode it left (`"SINGLE->MULTI"`: SINGLE); None for a record without a mode it names."""
+    t = r.get("transition")
+    name = t.split("->")[0] if isinstance(t, str) and "->" in t else None
+    if name is None:
+        m = r.get("mode")
+        name = MODES[m] if isinstance(m, int) and not isinstance(m, bool) and 0 <= m < len(MODES) else None
+    return None if name not in MODES else "SINGLE" if name == "SINGLE" else "MULTI/MIRROR"
+
+
+def held_merges(trace: list[dict]) -> list[dict]:
+    """A multi-task trace's merges held at the run's end: the steps that recorded `merge_closed_from` (φ called for a
+    merge in MULTI from that step on, in the run's last `resplit_window` steps, too close to its end to be tested),
+    one entry per `merge_closed_from` (a run resumed with a longer --steps held its first session's at another
+    step), in the trace's order: {"closed_from", "first_step", "steps"}. [] where none was held."""
+    out: dict = {}
+    for r in trace:
+        closed = (r.get("components") or {}).get("merge_closed_from")
+        if isinstance(closed, int) and not isinstance(closed, bool):
+            held = out.setdefault(closed, {"closed_from": closed, "first_step": r.get("step"), "steps": 0})
+            held["steps"] += 1
+    return list(out.values())
 
 
 def _finite(v) -> float | None:
