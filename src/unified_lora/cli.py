@@ -587,6 +587,7 @@ def cmd_demo(args) -> int:
     say(f"signal={cfg.signal} {scale}"
         f"θ0={cfg.theta0} θ1={cfg.theta1}; LR SINGLE/MULTI/MIRROR = {'/'.join(f'{x:g}' for x in lrs)}; "
         f"ranks 4/8/16")
+    say(_demo_legend(cfg.signal))
     if (device.type, cfg.precision) != ("cpu", "fp32"):  # (the default: the demo's documented output, unchanged)
         say(f"device: {device_label(device)}, precision {cfg.precision}")
     if schedule["lr_scheduler"] != "constant":  # (so is a constant LR's)
@@ -629,9 +630,20 @@ def cmd_demo(args) -> int:
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     say("")
     say(format_summary(summary))
-    say(f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
+    baseline = f", {out / 'baseline_trace.jsonl'}" if "baseline" in traces else ""
+    say(f"outputs: {out / 'trace.jsonl'}{baseline}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
     say.save(out / "console.txt")
     return 0
+
+
+def _demo_legend(signal: str) -> str:
+    """The demo's key to its console lines, for a reader who has not met φ or the modes: what φ is read from, what
+    each Mode number is, and that θ1 is the line into MIRROR."""
+    source = ("the smoothed, scaled loss E_s" if signal == "loss" else
+              "the loss trend C, the gradients' change E and their size S")
+    return (f"reading the lines below: φ is the training stress in [0, 1], from {source}; Mode=0 is SINGLE (rank 4, "
+            "φ < θ0), Mode=1 MULTI (rank 8), Mode=2 MIRROR (rank 16, entered at φ >= θ1 with a snapshot of the "
+            "weights, which its exit keeps or restores)")
 
 
 def _check_demo_shock(args) -> None:
