@@ -1837,7 +1837,9 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
 def test_train_help_states_each_default_and_it_is_the_configs():
     """`train --help` gave no default for --lr (5e-4, the base LR of --lr-mode multiplier), --steps, --min-dwell or
     --shock-start. Every option that sets a TrainConfig field says its default, and a number it gives is the field's
-    default in TrainConfig (the flags' argparse defaults are None, so that only a flag given overrides the YAML)."""
+    default in TrainConfig (the flags' argparse defaults are None, so that only a flag given overrides the YAML).
+    The first default a help names is its own: --calibration-steps said "calibration_target (YAML; default 0.5);
+    default 0 = off", so a reader took 0.5 for its default."""
     import argparse
     import re
     from dataclasses import fields
@@ -1853,6 +1855,9 @@ def test_train_help_states_each_default_and_it_is_the_configs():
         text, default = a.help % {}, defaults[_TRAIN_FLAGS[a.dest]]
         assert "default" in text, (a.dest, text)
         numbers = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+        first = re.search(r"\bdefault:? (-?\d[\d.e-]*)", text)
+        if first and isinstance(default, (int, float, tuple)) and not isinstance(default, bool):
+            assert float(first.group(1)) == (default[0] if isinstance(default, tuple) else default), (a.dest, text)
         for value in (default if isinstance(default, tuple) else (default,)):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 assert value in numbers, (a.dest, value, text)

@@ -1857,16 +1857,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
-                   "calibration_target (YAML; default 0.5); default 0 = off")
+                   "calibration_target (default 0 = off; calibration_target is a YAML key, default 0.5)")
     t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     t.add_argument("--controller-warmup", type=int, help="no transition before this optimizer step: the run stays in "
                    "its start mode (MULTI; SINGLE for several --data sets) while the signal gathers its statistics "
                    "(default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
+    t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--resplit-window", type=int, metavar="N", help="several --data sets: a split within N steps of "
                    "a merge brings each task's adapter back as the merge left it, and the next merge waits (default "
                    "25; 0 = every split copies the shared adapter)")
-    t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
                    "snapshot if the weights moved less than 5%%), loss_worse (restore if the loss is higher than "
                    "at entry), always or never")
