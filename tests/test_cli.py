@@ -100,6 +100,15 @@ def test_demo_writes_trace_summary_plot_and_console(tiny, tmp_path, capsys):
     assert (out / "plot.png").read_bytes()[:8] == PNG
     console = capsys.readouterr().out
     assert "[0] Mode=1 φ=" in console and "E_s=" in console  # the seed's console line
+    # a reader who has not met φ or the modes gets a key to those lines before them (the header named θ0, θ1 and
+    # E_s but never said what φ, Mode=2 or E_s is); and the outputs line names every file the demo wrote, each of
+    # which exists (it left out baseline_trace.jsonl)
+    assert console.index("reading the lines below: φ is the training stress in [0, 1], from the smoothed, scaled loss "
+                         "E_s; Mode=0 is SINGLE (rank 4, φ < θ0), Mode=1 MULTI (rank 8), Mode=2 MIRROR (rank 16, "
+                         "entered at φ >= θ1") < console.index("[0] Mode=1")
+    named = console.split("outputs: ", 1)[1].splitlines()[0].split(", ")
+    assert sorted(Path(f).name for f in named) == sorted(f.name for f in out.iterdir()) == \
+        ["baseline_trace.jsonl", "console.txt", "plot.png", "summary.json", "trace.jsonl"]
     assert ">>> SHOCK @ step 4" in console and ">>> RECOVERY @ step 8" in console
     assert (out / "console.txt").read_text().count("Mode=") >= 3
     phi = summary["arms"]["unified"]["phi"]  # the φ line names the final mode and counts the steps per mode in words
@@ -564,7 +573,10 @@ def test_demo_no_baseline_and_composite_signal(tiny, tmp_path, capsys):
     assert not (out / "baseline_trace.jsonl").exists()
     # the demo's loss scale and calibration are the loss signal's: a composite run neither claims nor records them
     # (its console said "signal=composite loss_scale=0.3", a scale that signal never reads)
-    assert "signal=composite θ0=" in capsys.readouterr().out
+    console = capsys.readouterr().out
+    assert "signal=composite θ0=" in console
+    assert "φ is the training stress in [0, 1], from the loss trend C, the gradients' change E and their size S;" \
+        in console and "baseline_trace" not in console
     assert summary["signal"]["loss_scale"] == 1.0 and summary["signal"]["calibration_steps"] == 0
     # and one given for it is refused, naming the setting, rather than ignored
     assert main(_demo_args(tiny, tmp_path / "demo2", "--no-baseline", "--signal", "composite",
@@ -1875,7 +1887,9 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
 def test_train_help_states_each_default_and_it_is_the_configs():
     """`train --help` gave no default for --lr (5e-4, the base LR of --lr-mode multiplier), --steps, --min-dwell or
     --shock-start. Every option that sets a TrainConfig field says its default, and a number it gives is the field's
-    default in TrainConfig (the flags' argparse defaults are None, so that only a flag given overrides the YAML)."""
+    default in TrainConfig (the flags' argparse defaults are None, so that only a flag given overrides the YAML).
+    The first default a help names is its own: --calibration-steps said "calibration_target (YAML; default 0.5);
+    default 0 = off", so a reader took 0.5 for its default."""
     import argparse
     import re
     from dataclasses import fields
@@ -1891,6 +1905,9 @@ def test_train_help_states_each_default_and_it_is_the_configs():
         text, default = a.help % {}, defaults[_TRAIN_FLAGS[a.dest]]
         assert "default" in text, (a.dest, text)
         numbers = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+        first = re.search(r"\bdefault:? (-?\d[\d.e-]*)", text)
+        if first and isinstance(default, (int, float, tuple)) and not isinstance(default, bool):
+            assert float(first.group(1)) == (default[0] if isinstance(default, tuple) else default), (a.dest, text)
         for value in (default if isinstance(default, tuple) else (default,)):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 assert value in numbers, (a.dest, value, text)

@@ -5,6 +5,7 @@ the README leaves to the reader (a model, a data loader, ...), runs it in a scra
 a README example that drifts from the API fails here.
 """
 
+import itertools
 import os
 from pathlib import Path
 
@@ -38,26 +39,60 @@ def lm_batches(n: int = 6, seq: int = 12):
     return [{"input_ids": (x := torch.randint(0, 64, (4, seq), generator=g)), "labels": x} for _ in range(n)]
 
 
+def classification_batches(n: int = 6, rows: int = 4):
+    x, y = classification_batch(n * rows)
+    return [{"input_ids": x[i:i + rows], "labels": y[i:i + rows]} for i in range(0, n * rows, rows)]
+
+
 def test_v1_learning_rate_controller(tmp_path):
     model = tiny_llama().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = model.lm_head.weight.detach().clone()
-    ns = run(snippet("controller.update(loss.item())"),
-             {"model": model, "train_loader": lm_batches(), "optimizer": optimizer}, tmp_path)
+    ns = run(snippet("controller.update(loss.item())"), {"model": model, "train_loader": lm_batches(), "torch": torch},
+             tmp_path)
     ctrl = ns["controller"]
     assert ctrl.global_step == 6
-    assert optimizer.param_groups[0]["lr"] in (5e-5, 3e-5, 1e-5)  # the v1 README's mode LRs, set by the loop
+    assert ns["optimizer"].param_groups[0]["lr"] in (5e-5, 3e-5, 1e-5)  # the v1 README's mode LRs, set by the loop
     assert not torch.equal(model.lm_head.weight, before)
 
 
 def test_v3_nested_adapters_and_the_full_controller(tmp_path):
-    model = tiny_llama().train()
+    model = tiny_bert().train()
     ns = run(snippet("ctrl.step(loss=loss.item())     # reads gradients"),
-             {"model": model, "dataloader": lm_batches(), "torch": torch}, tmp_path)
+             {"model": model, "dataloader": classification_batches(), "torch": torch}, tmp_path)
     adapters, ctrl = ns["adapters"], ns["ctrl"]
-    assert len(adapters) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in adapters)
+    assert len(adapters) == 2 * len(model.bert.encoder.layer)  # query and value in each layer
+    assert all(n.endswith(("query", "value")) for n in adapters)
     assert ctrl.global_step == 6 and ctrl.optimizer is ns["optimizer"] and ctrl.signal_config.kind == "composite"
     assert all(a.lora_B[0].abs().sum() > 0 for a in adapters.values())  # B starts at zero: the adapters trained
+
+
+QUICK_START = ["controller.update(loss.item())", "ctrl.step(loss=loss.item())     # reads gradients",
+               "(loss / accum).backward()"]
+
+
+@pytest.mark.parametrize("marker", QUICK_START)
+def test_the_quick_start_setup_runs_each_quick_start_block_on_the_bundled_minilm(marker, tmp_path):
+    """A new user puts the Quick start's set-up block above each block, as the README says, and runs it: the bundled
+    all-MiniLM-L6-v2 and the shipped MRPC rows, nothing else given. Before the set-up block, the blocks named `model`
+    and `dataloader` without saying where they come from, and the v3 block's Llama targets (q_proj, v_proj) matched
+    nothing in MiniLM. The loader is cut to 8 batches: two optimizer steps at the hand-written loop's accumulation 4
+    (its warm-up gives the first LR 0)."""
+    from unified_lora import lora_layers
+
+    ns = run(snippet("path = default_model_path()"), {}, tmp_path)
+    model, train = ns["model"], ns["train"]
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 2
+    assert len(train) == 128 and {"input_ids", "attention_mask", "labels"} <= set(train[0])
+    ns["dataloader"] = ns["train_loader"] = list(itertools.islice(ns["dataloader"], 8))
+    head = model.classifier.weight.detach().clone()
+    run(snippet(marker), ns, tmp_path)
+    ctrl = ns.get("ctrl") or ns["controller"]
+    assert ctrl.global_step == (2 if marker == QUICK_START[2] else 8)
+    if marker == QUICK_START[0]:  # v1 fine-tunes the whole model, its new head included
+        assert not torch.equal(model.classifier.weight, head)
+    else:  # the nested blocks sit on MiniLM's query and value, and trained (B starts at zero)
+        assert len(lora_layers(model)) == 12 and all(n.endswith(("query", "value")) for n in ns["adapters"])
+        assert all(a.lora_B[0].abs().sum() > 0 for a in ns["adapters"].values())
 
 
 def test_hand_written_loop_with_accumulation_and_a_checkpoint_resumes_in_a_fresh_model(tmp_path):

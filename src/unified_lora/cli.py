@@ -612,6 +612,7 @@ def cmd_demo(args) -> int:
     say(f"signal={cfg.signal} {scale}"
         f"θ0={cfg.theta0} θ1={cfg.theta1}; LR SINGLE/MULTI/MIRROR = {'/'.join(f'{x:g}' for x in lrs)}; "
         f"ranks 4/8/16")
+    say(_demo_legend(cfg.signal))
     if (device.type, cfg.precision) != ("cpu", "fp32"):  # (the default: the demo's documented output, unchanged)
         say(f"device: {device_label(device)}, precision {cfg.precision}")
     if schedule["lr_scheduler"] != "constant":  # (so is a constant LR's)
@@ -654,9 +655,20 @@ def cmd_demo(args) -> int:
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     say("")
     say(format_summary(summary))
-    say(f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
+    baseline = f", {out / 'baseline_trace.jsonl'}" if "baseline" in traces else ""
+    say(f"outputs: {out / 'trace.jsonl'}{baseline}, {out / 'summary.json'}, {plot_path}, {out / 'console.txt'}")
     say.save(out / "console.txt")
     return 0
+
+
+def _demo_legend(signal: str) -> str:
+    """The demo's key to its console lines, for a reader who has not met φ or the modes: what φ is read from, what
+    each Mode number is, and that θ1 is the line into MIRROR."""
+    source = ("the smoothed, scaled loss E_s" if signal == "loss" else
+              "the loss trend C, the gradients' change E and their size S")
+    return (f"reading the lines below: φ is the training stress in [0, 1], from {source}; Mode=0 is SINGLE (rank 4, "
+            "φ < θ0), Mode=1 MULTI (rank 8), Mode=2 MIRROR (rank 16, entered at φ >= θ1 with a snapshot of the "
+            "weights, which its exit keeps or restores)")
 
 
 def _check_demo_shock(args) -> None:
@@ -1905,16 +1917,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
-                   "calibration_target (YAML; default 0.5); default 0 = off")
+                   "calibration_target (default 0 = off; calibration_target is a YAML key, default 0.5)")
     t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     t.add_argument("--controller-warmup", type=int, help="no transition before this optimizer step: the run stays in "
                    "its start mode (MULTI; SINGLE for several --data sets) while the signal gathers its statistics "
                    "(default 0)")
     t.add_argument("--theta0", type=float, help="SINGLE/MULTI threshold on φ (default 0.3)")
+    t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--resplit-window", type=int, metavar="N", help="several --data sets: a split within N steps of "
                    "a merge brings each task's adapter back as the merge left it, and the next merge waits (default "
                    "25; 0 = every split copies the shared adapter)")
-    t.add_argument("--theta1", type=float, help="MULTI/MIRROR threshold on φ (default 0.7)")
     t.add_argument("--mirror-policy", help="on leaving MIRROR: drift (default, the v3 card's rule: restore the "
                    "snapshot if the weights moved less than 5%%), loss_worse (restore if the loss is higher than "
                    "at entry), always or never")
