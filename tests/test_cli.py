@@ -793,18 +793,23 @@ def test_resume_trains_at_the_lr_and_weight_decay_given_now(tiny, tmp_path):
     assert {(g["lr"], g["weight_decay"]) for g in groups} == {(4e-3, 0.25)}
 
 
+def _config_notes(capsys, tmp_path, *argv: str) -> list[str]:
+    """The notes `train`'s config step prints on stderr for `argv` (nothing on stdout)."""
+    from unified_lora.cli import _train_config, build_parser
+
+    capsys.readouterr()
+    _train_config(build_parser().parse_args(["train", "--output-dir", str(tmp_path / "x"), *argv]))
+    captured = capsys.readouterr()
+    assert not captured.out
+    return [line for line in captured.err.splitlines() if "note" in line]
+
+
 def test_lrs_given_with_lr_mode_multiplier_is_said_to_be_unread_once(tiny, tmp_path, capsys):
     """--lrs (YAML mode_lrs) with --lr-mode multiplier is not read: each mode trains at --lr x its multiplier. It
     was ignored without a word (found by the user trial); refusing it would break recorded commands, so a note on
     stderr says so, once, where the user gave it (a flag or a YAML key), and not for the default table."""
-    from unified_lora.cli import _train_config, build_parser
-
     def note(*argv: str) -> list[str]:
-        capsys.readouterr()
-        _train_config(build_parser().parse_args(["train", "--output-dir", str(tmp_path / "x"), *argv]))
-        captured = capsys.readouterr()
-        assert not captured.out
-        return [line for line in captured.err.splitlines() if "note" in line]
+        return _config_notes(capsys, tmp_path, *argv)
 
     said = ("is not read with --lr-mode multiplier: each mode trains at --lr 0.001 x its multiplier (SINGLE 0.00167, "
             "MULTI 0.001, MIRROR 0.000333); drop it, or pass --lr-mode absolute to train each mode at its --lrs")
@@ -825,14 +830,8 @@ def test_controller_only_flags_given_with_no_controller_are_said_to_be_unread_on
     accepted with --no-controller and ignored without a word (found by the user trial). A note on stderr now says so,
     once, naming the flags given on the command line; not YAML keys (one file may serve a controller run and its
     --no-controller baseline), and not with the controller. A run given them trains as one without them."""
-    from unified_lora.cli import _train_config, build_parser
-
     def note(*argv: str) -> list[str]:
-        capsys.readouterr()
-        _train_config(build_parser().parse_args(["train", "--output-dir", str(tmp_path / "x"), *argv]))
-        captured = capsys.readouterr()
-        assert not captured.out
-        return [line for line in captured.err.splitlines() if "note" in line]
+        return _config_notes(capsys, tmp_path, *argv)
 
     said = ("not read without the controller (--no-controller), which trains plain LoRA at the MULTI rank and LR "
             "throughout; drop {}, or train with the controller")
