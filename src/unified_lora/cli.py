@@ -847,11 +847,22 @@ _CONTROLLER_ONLY = ("signal", "loss_scale", "calibration_steps", "theta0", "thet
 def _note_controller_unread(cfg, flags: dict) -> None:
     """A one-line note on stderr (process 0 alone, under torchrun) where flags only the controller reads
     (`_CONTROLLER_ONLY`) are given on the command line to a run without it (--no-controller): they were accepted and
-    ignored without a word. Not for YAML keys: one file may serve a controller run and its --no-controller baseline."""
+    ignored without a word. Not for YAML keys: one file may serve a controller run and its --no-controller baseline.
+    Likewise a note where `--lrs` is typed for such a run with a SINGLE or MIRROR LR other than its MULTI one: the run
+    trains at the MULTI LR alone, and the other two were ignored without a word (not refused: recorded commands give
+    it; with --lr-mode multiplier `_note_lrs_unread` says that none of it is read)."""
     from .training import process_rank
 
+    if cfg.controller or process_rank() != 0:
+        return
+    lrs = cfg.mode_lrs
+    if "mode_lrs" in flags and cfg.lr_mode == "absolute" and (lrs[0], lrs[2]) != (lrs[1], lrs[1]):
+        print(f"{PROG}: note: --lrs {' '.join(f'{v:g}' for v in lrs)} is read for its MULTI value {lrs[1]:g} alone "
+              "without the controller (--no-controller), which trains plain LoRA at the MULTI rank and LR "
+              f"throughout: not at SINGLE's {lrs[0]:g} or MIRROR's {lrs[2]:g}; train with the controller to use them",
+              file=sys.stderr)
     given = [k for k in _CONTROLLER_ONLY if k in flags]
-    if cfg.controller or not given or process_rank() != 0:
+    if not given:
         return
 
     def flag(k: str) -> str:
