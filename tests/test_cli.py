@@ -869,6 +869,41 @@ def test_controller_only_flags_given_with_no_controller_are_said_to_be_unread_on
     assert {r["mode"] for r in flags} == {1}
 
 
+def test_lrs_given_with_no_controller_is_said_to_be_read_for_its_multi_value_alone(tiny, tmp_path, capsys):
+    """--no-controller trains plain LoRA at the MULTI rank and LR throughout, so `--lrs 1e-3 5e-4 1e-4` trained at
+    5e-4 and its SINGLE and MIRROR values were ignored without a word. Not refused (recorded commands give it): a note
+    on stderr says so, once, naming the LR used, where the flag is typed with a SINGLE or MIRROR value other than the
+    MULTI one; not for YAML `mode_lrs` (one file may serve a controller run and its baseline), not with the
+    controller, and not with --lr-mode multiplier, whose own note says that none of --lrs is read."""
+    def note(*argv: str) -> list[str]:
+        return _config_notes(capsys, tmp_path, *argv)
+
+    said = ("unified-lora: note: --lrs 0.001 0.0005 0.0001 is read for its MULTI value 0.0005 alone without the "
+            "controller (--no-controller), which trains plain LoRA at the MULTI rank and LR throughout: not at "
+            "SINGLE's 0.001 or MIRROR's 0.0001; train with the controller to use them")
+    lrs = ["--lrs", "1e-3", "5e-4", "1e-4"]
+    assert note("--no-controller", *lrs) == [said]
+    assert note("--no-controller", "--lrs", "5e-4", "5e-4", "1e-4") == [said.replace("0.001 0.0005", "0.0005 0.0005")
+                                                                         .replace("SINGLE's 0.001", "SINGLE's 0.0005")]
+    assert note("--no-controller", *lrs, "--theta0", "0.2")[0] == said  # and the controller-only flags' note after
+    assert note(*lrs) == []  # read: the controller runs
+    assert note("--no-controller", "--lrs", "5e-4", "5e-4", "5e-4") == []  # all of it read
+    yaml_lrs = _write(tmp_path / "shared.yaml", "mode_lrs: [1.0e-3, 5.0e-4, 1.0e-4]\n")
+    assert note("--config", str(yaml_lrs), "--no-controller") == []  # a YAML shared with a controller run
+    off = _write(tmp_path / "off.yaml", "controller: false\n")  # the controller off in the file, the flag typed
+    assert note("--config", str(off), *lrs) == [said]
+    multiplier = note("--no-controller", "--lr-mode", "multiplier", "--lr", "1e-3", *lrs)
+    assert len(multiplier) == 1 and "is not read with --lr-mode multiplier" in multiplier[0]
+    # a whole run says it once, and trains as the run given the MULTI LR for every mode does
+    assert main(_train_args(tiny, tmp_path / "given", "--steps", "3", "--no-controller", *lrs)) == 0
+    assert capsys.readouterr().err.count("is read for its MULTI value") == 1
+    assert main(_train_args(tiny, tmp_path / "multi", "--steps", "3", "--no-controller", "--lrs", "5e-4", "5e-4",
+                            "5e-4")) == 0
+    given, multi = (read_trace(tmp_path / d / "trace.jsonl") for d in ("given", "multi"))
+    assert [(r["loss"], r["mode"], r["lr"]) for r in given] == [(r["loss"], r["mode"], r["lr"]) for r in multi]
+    assert {r["lr"] for r in given} == {5e-4}
+
+
 def test_resume_refuses_a_state_pt_that_would_run_code_and_trust_checkpoint_loads_it(tiny, tmp_path, capsys):
     """--resume read state.pt with torch.load(weights_only=False): a run folder someone sent you, whose state.pt
     pickles a call, ran that call on --resume (in latest_checkpoint, before any check). The file is now read with

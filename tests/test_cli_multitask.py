@@ -237,8 +237,9 @@ def test_report_and_plot_show_a_multi_task_runs_gradient_conflict(tiny, data, tm
     each's mean and largest value (with its step) over the steps that recorded it, for each mode the signal read it
     in: SINGLE (at the shared adapter, what φ reads) and MULTI/MIRROR (at each task's own adapter, where φ reads the
     weight conflict C_weight); a step that changed the mode counts in the one it left. It averaged C_grad over every
-    step, the two mixed. Then each task's mean ρ (also for a summary.json written before it had them, and for a trace
-    alone); `plot` draws them in a fifth panel. No merge was held, so neither says one was."""
+    step, the two mixed. Then each task's mean ρ, by mode as well (it was averaged over every step), with its steps
+    (also for a summary.json written before it had them, or had them over every step, and for a trace alone); `plot`
+    draws them in a fifth panel. No merge was held, so neither says one was."""
     import matplotlib
 
     out = tmp_path / "run"
@@ -246,7 +247,7 @@ def test_report_and_plot_show_a_multi_task_runs_gradient_conflict(tiny, data, tm
                          extra=("--steps", "6", "--controller-warmup", "3"))) == 0
     trace = read_trace(out / "trace.jsonl")
     assert [r["transition"] for r in trace] == [None] * 3 + ["SINGLE->MULTI", None, None]  # split after the warm-up
-    lines = []
+    lines, rho_lines, pos = [], [], []
     for mode, rows in (("SINGLE", trace[:4]), ("MULTI/MIRROR", trace[4:])):
         comps = [r["components"] for r in rows]
         want = []
@@ -261,33 +262,47 @@ def test_report_and_plot_show_a_multi_task_runs_gradient_conflict(tiny, data, tm
                  f"at each task's own adapter; φ read the weight conflict C_weight at {len(weight)} of them")
         assert (mode == "SINGLE") == (not weight)
         lines.append(f"gradient conflict read in {mode} ({len(rows)} of 6 steps, {where}): {', '.join(want)}\n")
+        rho = ", ".join(f"ρ[{t}] mean={sum(c[f'rho[{t}]'] for c in comps) / len(comps):.3f} ({len(comps)} of "
+                        f"{len(comps)} steps)" for t in ("pos", "neg"))
+        rho_lines.append(f"gradient reliability ρ read in {mode} ({len(rows)} of 6 steps, "
+                         f"{where.split(';')[0]}): {rho}\n")
+        pos.append(f"{sum(c['rho[pos]'] for c in comps) / len(comps):.3f}")
     assert max(r["components"]["C_grad"] for r in trace) > 0  # (a conflict was read)
-    comps = [r["components"] for r in trace]
-    rho = " ".join(f"{t}={sum(c[f'rho[{t}]'] for c in comps) / len(comps):.3f}" for t in ("pos", "neg"))
-    lines.append(f"mean gradient reliability ρ of each task: {rho}\n")
+    assert pos[0] != pos[1]  # ρ differs between the modes (one mean over every step hid that)
+    lines += rho_lines
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     said = capsys.readouterr().out
     assert all(f"\n  Unified LoRA: {line}" in said for line in lines), said
     assert said.index("Unified LoRA: φ first=") < said.index("gradient conflict read in SINGLE") < \
-        said.index("gradient conflict read in MULTI/MIRROR") < said.index("transitions (")
-    assert "merge held" not in said
+        said.index("gradient conflict read in MULTI/MIRROR") < said.index("gradient reliability ρ read in SINGLE") < \
+        said.index("gradient reliability ρ read in MULTI/MIRROR") < said.index("transitions (")
+    assert "merge held" not in said and "over every mode" not in said
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms"]["run"]["conflict"]["of"] == 6 and "held_merges" not in summary["arms"]["run"]
     run = summary["arms"]["run"]
-    old = {"C_grad": {"mean": 0.5, "max": 0.75, "max_step": 2, "steps": 6}, "rho": run["conflict"]["rho"], "of": 6}
-    for conflict in (None, old):  # as written before it had them, or over every step: read from trace.jsonl
+    every = {"pos": 0.5, "neg": 0.25}  # ρ over every step, as summary.json had it
+    old = {"C_grad": {"mean": 0.5, "max": 0.75, "max_step": 2, "steps": 6}, "rho": every, "of": 6}
+    by_mode = {**run["conflict"], "rho": every,  # C_grad by mode, ρ over every step
+               "modes": {k: {key: v for key, v in m.items() if key != "rho"} for k, m in run["conflict"]["modes"].items()}}
+    for conflict in (None, old, by_mode):  # as written before it had them, or over every step: read from trace.jsonl
         run.pop("conflict", None)
         if conflict is not None:
             run["conflict"] = conflict
         (out / "summary.json").write_text(json.dumps(summary))
         assert main(["report", str(out)]) == 0
         assert capsys.readouterr().out == said
-    (out / "trace.jsonl").rename(tmp_path / "trace.jsonl")  # the old one, with no trace to read: said to be so
+    (out / "trace.jsonl").rename(tmp_path / "trace.jsonl")  # the old ones, with no trace to read: said to be so
+    every_line = "\n  Unified LoRA: mean gradient reliability ρ of each task over every mode: pos=0.500 neg=0.250\n"
+    assert main(["report", str(out)]) == 0
+    said_old = capsys.readouterr().out
+    assert "gradient reliability ρ read in" not in said_old and every_line in said_old
+    run["conflict"] = old
+    (out / "summary.json").write_text(json.dumps(summary))
     assert main(["report", str(out)]) == 0
     said_old = capsys.readouterr().out
     assert ("\n  Unified LoRA: gradient conflict over every mode C_grad mean=0.500 max=0.750 at step 2 (6 of 6 "
-            "steps)\n") in said_old, said_old
+            "steps)\n") in said_old and every_line in said_old, said_old
     bare = tmp_path / "bare"  # a trace alone
     bare.mkdir()
     shutil.copy(tmp_path / "trace.jsonl", bare)

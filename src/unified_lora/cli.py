@@ -182,9 +182,9 @@ def _conflict_lines(label: str, c: dict | None) -> list[str]:
     """`report`'s lines on a multi-task run's gradient conflict (`conflict_summary`): a line for each mode the signal
     read it in (SINGLE, at the shared adapter; MULTI/MIRROR, at each task's own adapter, and at how many of those
     steps φ read the weight conflict instead), with C_grad's and C_grad_raw's mean and largest value over the steps
-    that recorded it; then each task's mean gradient reliability ρ. A summary.json written before the modes (the
-    conflict over every step), where no trace.jsonl is there to read them from: its one line, said to be over
-    every mode."""
+    that recorded it; then a line for each mode with each task's mean gradient reliability ρ, over its steps there
+    that recorded it. A summary.json written before the modes (the conflict over every step), or before ρ by mode
+    (`_conflict_by_mode`), where no trace.jsonl is there to read them from: its lines, said to be over every mode."""
     if not c:
         return []
 
@@ -192,18 +192,35 @@ def _conflict_lines(label: str, c: dict | None) -> list[str]:
         return ", ".join(f"{key} mean={m[key]['mean']:.3f} max={m[key]['max']:.3f} at step {m[key]['max_step']} "
                          f"({m[key]['steps']} of {of} steps)" for key in ("C_grad", "C_grad_raw") if key in m)
 
+    def adapter(mode: str) -> str:
+        return "at the shared adapter" if mode == "SINGLE" else "at each task's own adapter"
+
     out = []
-    for mode, m in (c.get("modes") or {}).items():
-        where = ("at the shared adapter" if mode == "SINGLE" else "at each task's own adapter" + (
-            f"; φ read the weight conflict C_weight at {m['C_weight']} of them" if m.get("C_weight") else ""))
-        out.append(f"  {label}: gradient conflict read in {mode} ({m['steps']} of {c['of']} steps, {where}): "
-                   f"{parts(m, m['steps'])}")
+    modes = c.get("modes") or {}
+    for mode, m in modes.items():
+        if parts(m, m["steps"]):
+            where = adapter(mode) + (f"; φ read the weight conflict C_weight at {m['C_weight']} of them"
+                                     if mode != "SINGLE" and m.get("C_weight") else "")
+            out.append(f"  {label}: gradient conflict read in {mode} ({m['steps']} of {c['of']} steps, {where}): "
+                       f"{parts(m, m['steps'])}")
     if "modes" not in c and parts(c, c["of"]):
         out.append(f"  {label}: gradient conflict over every mode {parts(c, c['of'])}")
-    if c.get("rho"):
-        out.append(f"  {label}: mean gradient reliability ρ of each task: "
+    for mode, m in modes.items():
+        if m.get("rho"):
+            out.append(f"  {label}: gradient reliability ρ read in {mode} ({m['steps']} of {c['of']} steps, "
+                       f"{adapter(mode)}): " + ", ".join(f"ρ[{task}] mean={r['mean']:.3f} ({r['steps']} of "
+                                                         f"{m['steps']} steps)" for task, r in m["rho"].items()))
+    if c.get("rho"):  # (the older layout: each task's mean over every step)
+        out.append(f"  {label}: mean gradient reliability ρ of each task over every mode: "
                    + " ".join(f"{task}={v:.3f}" for task, v in c["rho"].items()))
     return out
+
+
+def _conflict_by_mode(c: dict | None) -> bool:
+    """Whether a summary.json's `conflict` (`conflict_summary`) is in its present layout: C_grad and ρ by the mode
+    the signal read them in. Older ones had C_grad (and then ρ) over every step: `report` reads them again from
+    trace.jsonl where it is there."""
+    return bool(c) and "modes" in c and "rho" not in c
 
 
 def _held_merge_lines(label: str, held: list | None, summary: dict) -> list[str]:
@@ -847,11 +864,22 @@ _CONTROLLER_ONLY = ("signal", "loss_scale", "calibration_steps", "theta0", "thet
 def _note_controller_unread(cfg, flags: dict) -> None:
     """A one-line note on stderr (process 0 alone, under torchrun) where flags only the controller reads
     (`_CONTROLLER_ONLY`) are given on the command line to a run without it (--no-controller): they were accepted and
-    ignored without a word. Not for YAML keys: one file may serve a controller run and its --no-controller baseline."""
+    ignored without a word. Not for YAML keys: one file may serve a controller run and its --no-controller baseline.
+    Likewise a note where `--lrs` is typed for such a run with a SINGLE or MIRROR LR other than its MULTI one: the run
+    trains at the MULTI LR alone, and the other two were ignored without a word (not refused: recorded commands give
+    it; with --lr-mode multiplier `_note_lrs_unread` says that none of it is read)."""
     from .training import process_rank
 
+    if cfg.controller or process_rank() != 0:
+        return
+    lrs = cfg.mode_lrs
+    if "mode_lrs" in flags and cfg.lr_mode == "absolute" and (lrs[0], lrs[2]) != (lrs[1], lrs[1]):
+        print(f"{PROG}: note: --lrs {' '.join(f'{v:g}' for v in lrs)} is read for its MULTI value {lrs[1]:g} alone "
+              "without the controller (--no-controller), which trains plain LoRA at the MULTI rank and LR "
+              f"throughout: not at SINGLE's {lrs[0]:g} or MIRROR's {lrs[2]:g}; train with the controller to use them",
+              file=sys.stderr)
     given = [k for k in _CONTROLLER_ONLY if k in flags]
-    if cfg.controller or not given or process_rank() != 0:
+    if not given:
         return
 
     def flag(k: str) -> str:
@@ -1553,8 +1581,8 @@ def cmd_report(args) -> int:
                                                if t.get("snapshot") in ("restored", "kept")], "eval": {},
                                     "conflict": conflict_summary(trace), "held_merges": held_merges(trace)}}}
     elif summary.get("tasks") and "run" in summary.get("arms", {}) and \
-            "modes" not in (summary["arms"]["run"].get("conflict") or {}) and (run_dir / "trace.jsonl").is_file():
-        # a multi-task run's summary.json written before it had its conflict by mode and its held merges
+            not _conflict_by_mode(summary["arms"]["run"].get("conflict")) and (run_dir / "trace.jsonl").is_file():
+        # a multi-task run's summary.json written before it had its conflict (and ρ) by mode and its held merges
         trace = _load_trace(run_dir / "trace.jsonl")
         summary["arms"]["run"].update(conflict=conflict_summary(trace), held_merges=held_merges(trace))
     print(format_summary(summary))

@@ -2266,8 +2266,11 @@ def conflict_summary(trace: list[dict]) -> dict:
     `modes`: for each group the trace has steps in, `steps` (its steps), `C_weight` (its steps that recorded one,
     which φ read) and, for `C_grad` (the gradient conflict the signal computed) and `C_grad_raw` (the plain cosine
     conflict), the mean and the largest value with its step, over its steps that recorded a finite number
-    (`steps`). `rho`: each task's mean gradient reliability `rho[TASK]` over the steps that
-    recorded it. `of`: the trace's steps. {} for a trace without them (a single-task run's)."""
+    (`steps`), and `rho`: each task's mean gradient reliability `rho[TASK]` over its steps that recorded a finite one
+    (`{"mean", "steps"}`; the reliability of the gradients read at the shared adapter, or at the task's own one, as
+    C_grad is: averaged over every step it mixed the two). `of`: the trace's steps. {} for a trace without them (a
+    single-task run's). (A summary.json written before the modes had `rho` beside `of`, each task's mean over every
+    step.)"""
     out: dict = {}
     comps = [(r.get("step"), _read_in(r), r.get("components") or {}) for r in trace]
     modes: dict = {}
@@ -2280,19 +2283,18 @@ def conflict_summary(trace: list[dict]) -> dict:
                 top = max(vals, key=lambda sv: sv[1])
                 one[key] = {"mean": sum(v for _, v in vals) / len(vals), "max": top[1], "max_step": top[0],
                             "steps": len(vals)}
+        rho: dict[str, list[float]] = {}
+        for _, c in steps:
+            for k, v in c.items():
+                if k.startswith("rho[") and k.endswith("]") and (v := _finite(v)) is not None:
+                    rho.setdefault(k[4:-1], []).append(v)
+        if rho:
+            one["rho"] = {task: {"mean": sum(vs) / len(vs), "steps": len(vs)} for task, vs in rho.items()}
         if one:
             modes[group] = {"steps": len(steps), "C_weight": sum(_finite(c.get("C_weight")) is not None
                                                                  for _, c in steps), **one}
     if modes:
         out["modes"] = modes
-    rho: dict[str, list[float]] = {}
-    for _, _, c in comps:
-        for k, v in c.items():
-            if k.startswith("rho[") and k.endswith("]") and (v := _finite(v)) is not None:
-                rho.setdefault(k[4:-1], []).append(v)
-    if rho:
-        out["rho"] = {task: sum(vs) / len(vs) for task, vs in rho.items()}
-    if out:
         out["of"] = len(trace)
     return out
 
