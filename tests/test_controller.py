@@ -124,6 +124,21 @@ def test_an_optimizer_built_before_setup_is_refused_and_names_what_it_lacks(llam
     ctrl.attach_optimizer(torch.optim.AdamW([p for p in llama.parameters() if p.requires_grad], lr=1e-3))
 
 
+@pytest.mark.parametrize("mode_ranks,message", [
+    ((4,), r"^mode_ranks: needs one rank per mode \(SINGLE, MULTI, MIRROR\), got \(4,\)$"),
+    ((4, 6, 16), r"^mode_ranks: MULTI's rank 6 is the layers' initial rank and must be one of rank_levels "
+                 r"\(4, 8, 16\), got \(4, 6, 16\)$"),
+])
+def test_setup_names_mode_ranks_in_its_error_for_a_bad_multi_rank_or_length(llama, mode_ranks, message):
+    """setup_unified_lora took the layers' initial rank from mode_ranks[1] before it checked mode_ranks: (4,) was an
+    IndexError ("tuple index out of range") and (4, 6, 16) was "initial_rank: must be one of rank_levels", an
+    argument the user never passed. The model is left unwrapped."""
+    modules = dict(llama.named_modules())
+    with pytest.raises(ValueError, match=message):
+        setup_unified_lora(llama, target_modules=["q_proj"], mode_ranks=mode_ranks, print_fn=None)
+    assert dict(llama.named_modules()) == modules
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(modules_to_save=["classifer"]), "^modules_to_save: 'classifer' matched no module"),
     (dict(mode_ranks=(4, 8, 32)), r"^mode_ranks: \[32\] are not nested levels"),

@@ -929,3 +929,36 @@ def test_an_adapter_only_checkpoint_of_a_quantized_base_loads_only_into_that_bas
     with pytest.raises(ValueError, match=r"1 has other values \(e\.g\. "
                                          r"'model\.layers\.1\.self_attn\.k_proj\.weight'\)"):
         load_adapter_only(scaled, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("kind", ["nf4-fp32", "int8"])
+def test_a_new_head_that_transformers_left_unquantized_in_a_quantized_layer_is_refused_at_setup(tmp_path, kind):
+    """A BERT checkpoint without a classifier loaded as a 4-bit or 8-bit BertForSequenceClassification (MiniLM with
+    `num_labels=2`): transformers makes the new `classifier` a bitsandbytes layer whose weight is a plain fp32
+    Parameter, which cannot run a forward (an empty AssertionError in 4-bit, "'Parameter' object has no attribute
+    'CB'" in 8-bit). Setup went through, with the head as a target, in `modules_to_save` or neither, and the first
+    forward failed. Now it is a ValueError with the `llm_int8_skip_modules` recipe, which then trains."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)).save_pretrained(tmp_path)
+
+    def load(**skip):
+        return AutoModelForSequenceClassification.from_pretrained(
+            tmp_path, num_labels=2, device_map="cpu", quantization_config=BitsAndBytesConfig(**KINDS[kind], **skip))
+
+    x, y = torch.randint(1, 64, (4, 8)), torch.tensor([0, 1, 1, 0])
+    for targets, heads in ((["query", "value"], None), (["query", "value"], ["classifier"]),
+                           (["query", "classifier"], None)):
+        model = load()
+        assert isinstance(model.classifier, QUANTIZED) and type(model.classifier.weight) is nn.Parameter
+        with pytest.raises(ValueError, match=r"^setup: \['classifier'\] are bitsandbytes quantized layers whose weight "
+                                             r"was never quantized .*llm_int8_skip_modules=\['classifier'\]\)$"):
+            setup_unified_lora(model, targets, modules_to_save=heads, print_fn=None)
+        assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+    model = load(llm_int8_skip_modules=["classifier"])
+    setup_unified_lora(model, ["query", "value"], modules_to_save=["classifier"], print_fn=None)
+    model(input_ids=x, labels=y).loss.backward()
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert model.classifier.weight.grad.abs().sum() > 0 and query.lora_B[0].grad.abs().sum() > 0  # (B = 0: A's are 0)

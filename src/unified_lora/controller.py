@@ -1078,13 +1078,20 @@ def setup_unified_lora(
     """
     levels, given_ranks = tuple(rank_levels), mode_ranks
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
+    actuators = controller_kwargs.pop("actuators", None)
+    _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
+    # Built before the layers' config, whose initial rank is MULTI's: a `mode_ranks` of the wrong length, or whose
+    # MULTI rank is not a level, is refused as `mode_ranks` (it was an IndexError, or "initial_rank: ...").
+    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
+    if given_ranks is not None:
+        mode_ranks = actuators.mode_ranks  # as ints
+    if mode_ranks[1] not in levels:
+        raise ValueError(f"mode_ranks: MULTI's rank {mode_ranks[1]} is the layers' initial rank and must be one of "
+                         f"rank_levels {levels}, got {mode_ranks}")
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
                            initial_rank=mode_ranks[1], kernel=layer_kernel,
                            autocast_adapter_dtype=autocast_adapter_dtype)
-    actuators = controller_kwargs.pop("actuators", None)
-    _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
-    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters = inject_nested_lora(model, cfg)
         extra, owners = extra_parameters(model)

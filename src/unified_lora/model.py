@@ -43,6 +43,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     base are fp32, as PEFT's `get_peft_model` makes them."""
     _refuse_ddp_wrapped(model)
     refuse_repacked_4bit(model, "setup")
+    refuse_unquantized_bnb_layers(model)
     candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n]
     aliases = module_names(model)  # a Linear shared by two parents is one module with two names
     if any(isinstance(m, NestedLoRALayer) for m in model.modules()):
@@ -125,6 +126,24 @@ def keep_4bit_layers_differentiable(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
+
+
+def refuse_unquantized_bnb_layers(model: nn.Module) -> None:
+    """A ValueError naming the bitsandbytes `Linear4bit` / `Linear8bitLt` layers of `model` whose weight is a plain
+    `nn.Parameter` instead of their `Params4bit` / `Int8Params`. transformers (5.25) leaves a quantized model's layer
+    so when the checkpoint lacks its weights (a new classifier head: MiniLM loaded with `num_labels=2`), and such a
+    layer cannot run a forward (an empty AssertionError in 4-bit, "'Parameter' object has no attribute 'CB'" in 8-bit)
+    whether it is a target, a `modules_to_save` head or neither; setup went through and the first forward failed."""
+    names = [n for n, m in model.named_modules()
+             if any(c.__name__ in ("Linear4bit", "Linear8bitLt") and c.__module__.startswith("bitsandbytes.")
+                    for c in type(m).__mro__) and type(m.weight) is nn.Parameter]
+    if names:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"setup: {names[:3]} are bitsandbytes quantized layers whose weight was never quantized (a plain "
+            f"Parameter: transformers leaves a layer so when the checkpoint lacks its weights, e.g. a new "
+            f"classifier head), and they cannot run a forward. Load the model with that layer in full precision: "
+            f"BitsAndBytesConfig(..., llm_int8_skip_modules={leaves})")
 
 
 def refuse_repacked_4bit(model: nn.Module, what: str) -> None:
