@@ -132,10 +132,15 @@ def test_an_optimizer_built_before_setup_is_refused_and_names_what_it_lacks(llam
 def test_setup_names_mode_ranks_in_its_error_for_a_bad_multi_rank_or_length(llama, mode_ranks, message):
     """setup_unified_lora took the layers' initial rank from mode_ranks[1] before it checked mode_ranks: (4,) was an
     IndexError ("tuple index out of range") and (4, 6, 16) was "initial_rank: must be one of rank_levels", an
-    argument the user never passed. The model is left unwrapped."""
+    argument the user never passed. The model is left unwrapped. setup_multitask_lora had the same order."""
+    from unified_lora.multitask import setup_multitask_lora
+
     modules = dict(llama.named_modules())
     with pytest.raises(ValueError, match=message):
         setup_unified_lora(llama, target_modules=["q_proj"], mode_ranks=mode_ranks, print_fn=None)
+    assert dict(llama.named_modules()) == modules
+    with pytest.raises(ValueError, match=message):
+        setup_multitask_lora(llama, ["a", "b"], ["q_proj"], mode_ranks=mode_ranks, print_fn=None)
     assert dict(llama.named_modules()) == modules
 
 

@@ -982,6 +982,25 @@ class UnifiedController:
         self._hooks = []
 
 
+def _setup_ranks(fn, rank_levels, mode_ranks, lr_mode, controller_kwargs: dict) -> tuple:
+    """A setup's (rank levels, mode ranks, ActuatorConfig), `actuators` popped from `controller_kwargs`. The
+    ActuatorConfig is built before the layers' config, whose initial rank is MULTI's: a `mode_ranks` of the wrong
+    length, or whose MULTI rank is not a level, is refused as `mode_ranks` (it was an IndexError, or
+    "initial_rank: ...", an argument the caller never passed)."""
+    levels, given_ranks = tuple(rank_levels), mode_ranks
+    mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
+    actuators = controller_kwargs.pop("actuators", None)
+    # lr_mode / mode_ranks beside an ActuatorConfig that sets them otherwise are refused
+    _refuse_ignored(fn, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
+    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
+    if given_ranks is not None:
+        mode_ranks = actuators.mode_ranks  # as ints
+    if mode_ranks[1] not in levels:
+        raise ValueError(f"mode_ranks: MULTI's rank {mode_ranks[1]} is the layers' initial rank and must be one of "
+                         f"rank_levels {levels}, got {mode_ranks}")
+    return levels, mode_ranks, actuators
+
+
 def _default_adapter_names(adapters: Sequence) -> list[str]:
     """The names of adapters given as a list: each layer's `name`, else "adapter i"."""
     return [getattr(a, "name", f"adapter {i}") for i, a in enumerate(adapters)]
@@ -1076,18 +1095,7 @@ def setup_unified_lora(
     bf16/fp16 base (`NestedLoRAConfig.autocast_adapter_dtype`). Returns
     ({name: adapter}, controller).
     """
-    levels, given_ranks = tuple(rank_levels), mode_ranks
-    mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
-    actuators = controller_kwargs.pop("actuators", None)
-    _refuse_ignored(setup_unified_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
-    # Built before the layers' config, whose initial rank is MULTI's: a `mode_ranks` of the wrong length, or whose
-    # MULTI rank is not a level, is refused as `mode_ranks` (it was an IndexError, or "initial_rank: ...").
-    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
-    if given_ranks is not None:
-        mode_ranks = actuators.mode_ranks  # as ints
-    if mode_ranks[1] not in levels:
-        raise ValueError(f"mode_ranks: MULTI's rank {mode_ranks[1]} is the layers' initial rank and must be one of "
-                         f"rank_levels {levels}, got {mode_ranks}")
+    levels, mode_ranks, actuators = _setup_ranks(setup_unified_lora, rank_levels, mode_ranks, lr_mode, controller_kwargs)
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
                            initial_rank=mode_ranks[1], kernel=layer_kernel,

@@ -80,7 +80,7 @@ from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, r
                      temp_prefix, written_atomically)
 from .config import MODES, MULTI, RESPLIT_WINDOW, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
-from .controller import UnifiedController, _is_int, _refuse_ignored, _unwrap_optimizer, extra_parameters
+from .controller import UnifiedController, _is_int, _setup_ranks, _unwrap_optimizer, extra_parameters
 from .distributed import _device as _collective_device
 from .distributed import is_distributed, shard_group, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
@@ -1719,16 +1719,12 @@ def setup_multitask_lora(
 ) -> tuple[dict[str, MultiTaskNestedLoRALayer], MultiTaskController]:
     """Inject multi-task nested LoRA and build the `MultiTaskController` (the v3 setup's shape).
     `autocast_adapter_dtype`: as `setup_unified_lora`'s (fp32 shared and task blocks on a bf16/fp16 base)."""
-    levels, given_ranks = tuple(rank_levels), mode_ranks
-    mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
+    levels, mode_ranks, actuators = _setup_ranks(setup_multitask_lora, rank_levels, mode_ranks, lr_mode,
+                                                 controller_kwargs)  # (as setup_unified_lora)
     cfg = NestedLoRAConfig(target_modules=target_modules, rank_levels=levels, max_rank=max_rank, lora_alpha=lora_alpha,
                            lora_dropout=lora_dropout, scaling=scaling, modules_to_save=modules_to_save,
                            initial_rank=mode_ranks[1], kernel=layer_kernel,
                            autocast_adapter_dtype=autocast_adapter_dtype)
-    actuators = controller_kwargs.pop("actuators", None)
-    # as setup_unified_lora: lr_mode / mode_ranks beside an ActuatorConfig that sets them otherwise are refused
-    _refuse_ignored(setup_multitask_lora, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
-    actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
     with undone_on_error(model):  # a bad controller argument leaves the model unwrapped, so a retry can run
         adapters, router = inject_multitask_lora(model, cfg, tasks, spare_slots, register_new_tasks)
         extra, owners = extra_parameters(model)
