@@ -733,3 +733,16 @@ def test_multitask_quality_table_is_that_of_its_committed_runs(name, tmp_path):
     shutil.copytree(results / name, tmp_path / "r")
     load_benchmark("multitask_quality.py").main(["--render", str(tmp_path / "r")])
     assert (tmp_path / "r.md").read_text() == (results / f"{name}.md").read_text()
+
+
+def test_multitask_quality_five_seed_table_is_that_of_both_folders(tmp_path):
+    """benchmarks/results/multitask_quality_5seeds.md (the 5-seed figures README and BENCHMARKS.md quote) is what
+    `--render A B --render-to F` writes from the two committed folders; a folder twice is refused (a run in both)."""
+    mq = load_benchmark("multitask_quality.py")
+    root = Path(__file__).resolve().parents[1]
+    names = ["benchmarks/results/multitask_quality", "benchmarks/results/multitask_quality_seeds34"]
+    to = "benchmarks/results/multitask_quality_5seeds.md"
+    text = mq.report(mq.combined_runs([root / n for n in names]), names, to)  # (the header names them as given)
+    assert text == (root / to).read_text()
+    with pytest.raises(SystemExit, match="is also in"):
+        mq.combined_runs([root / names[0]] * 2)
