@@ -1900,10 +1900,8 @@ class Run:
         root = Path(root)
         tmp, final = root / f".tmp-{tag}-{os.getpid()}", root / tag
         self.state.wall_s = self.wall_s()
+        # (the blocks, ranks and every parameter that trains: the controller's extra_params, a modules_to_save head)
         tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(self.model).items()}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for p in self.ctrl.extra_params:
-            tensors[names[id(p)]] = p.detach().cpu().contiguous()
         state = {"optimizer": self.optimizer.state_dict(), "controller": self.ctrl.state_dict(),
                  "run": asdict(self.state), "config": asdict(self.cfg), "task_type": self.task_type,
                  "num_labels": self.num_labels, "classes": self.classes, "chat": self.chat,
