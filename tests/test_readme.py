@@ -29,6 +29,18 @@ def test_constraints_pin_the_cpu_torch_and_the_package_keeps_a_range():
     assert '"torch>=' in (ROOT / "pyproject.toml").read_text()
 
 
+def test_constraints_pin_the_hugging_face_stack_to_what_is_installed_and_the_package_keeps_ranges():
+    """CI and the README set-up install the versions the tests passed on; the library itself asks for ranges."""
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for name in ("transformers", "peft", "accelerate", "safetensors"):
+        assert pins.get(name) == version(name), (name, pins.get(name), version(name))
+        assert f'"{name}>=' in pyproject
+
+
 def _prose_and_headings():
     """README.md without its fenced code blocks, and the GitHub anchor of each of its headings (lower case, the
     punctuation but `-` and `_` dropped, spaces to `-`; a repeated heading gets `-1`, `-2`, ...)."""
