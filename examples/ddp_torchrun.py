@@ -90,7 +90,7 @@ def main():
 
     torch.manual_seed(0)  # identical initial weights on every process
     model = tiny_bert().to(device)
-    adapters, ctrl = setup_unified_lora(model, **LORA, print_fn=print if master else None)
+    adapters, ctrl = setup_unified_lora(model, **LORA)  # console lines print on process 0 alone by default
     model = DDP(model, **ddp_kwargs()) if ddp else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
     ctrl.attach_optimizer(opt)  # lr_mode="multiplier": the mode scales this LR

@@ -85,7 +85,7 @@ def main(a):
     # examples/ddp_torchrun.py's controller, with the calibrated loss mapped higher (2.0 instead of 1.0):
     # the burst of wrong labels then sends φ past θ1 into MIRROR (a snapshot of the shards and their AdamW moments)
     signal = dataclasses.replace(LORA["signal"], calibration_target=2.0)
-    adapters, ctrl = setup_unified_lora(model, **{**LORA, "signal": signal}, print_fn=print if master else None)
+    adapters, ctrl = setup_unified_lora(model, **{**LORA, "signal": signal})  # prints on process 0 alone by default
     for layer in model.bert.encoder.layer:  # after setup: each layer's LoRA blocks are sharded with it
         fully_shard(layer)
     fully_shard(model)  # the root: embeddings, pooler, classifier

@@ -122,6 +122,8 @@ def test_ddp_example_under_torchrun_keeps_both_processes_in_lockstep():
     out = run_example("examples/ddp_torchrun.py", launcher=TWO_PROCESSES, timeout=180)
     assert "2 process(es), weights identical on all: True" in out
     assert "transitions: [" in out and "transitions: []" not in out
+    switches = [line for line in out.splitlines() if "(SINGLE->MULTI)" in line or "(MULTI->SINGLE)" in line]
+    assert switches and len(switches) == len(set(switches))  # the controller's console lines print on one process
 
 
 def test_ddp_example_runs_in_one_process_without_torchrun():
