@@ -1912,7 +1912,9 @@ def test_demo_help_states_each_default_and_never_a_wrong_one():
         assert "(default" in text and "(default: None)" not in text, (dest, text)
     for a in demo._actions:
         if a.dest != "help" and a.default is not None:
-            assert f"(default: {a.default})" in helps[a.dest], (a.dest, helps[a.dest])
+            shown = ",".join(a.default) if isinstance(a.default, list) else a.default  # as typed: text, not ['text']
+            assert f"(default: {shown}" in helps[a.dest], (a.dest, helps[a.dest])
+        assert "['" not in helps.get(a.dest, ""), (a.dest, helps[a.dest])
     assert f"(default {' '.join(map(str, DEMO_LRS))})" in helps["lrs"]
     assert f"(default {DEMO_CALIBRATION[0]}," in helps["calibration_steps"]
     assert "(default: 160)" in helps["steps"] and "(default 60 of the default 160 steps;" in helps["shock_start"]

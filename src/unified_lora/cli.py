@@ -1837,7 +1837,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
     d.add_argument("--data", help="GLUE task folder or a .csv/.tsv/.jsonl file (default: shipped MRPC)")
     d.add_argument("--text-columns", type=_csv_list("sentence1,sentence2"), default=["text"],
-                   help="table text column(s), e.g. s1,s2")
+                   help="table text column(s), e.g. s1,s2 (default: text; a GLUE folder's are its own)")
     d.add_argument("--label-column", default="label", help="table label column")
     d.add_argument("--steps", type=int, default=DEMO_SHOCK[2], help="optimizer steps")
     d.add_argument("--shock-start", type=int, help="first step of the label shock (default 60 of the default 160 "
