@@ -639,6 +639,21 @@ def test_rank_levels_that_do_not_nest_are_rejected(levels, msg):
         NestedLoRAConfig(rank_levels=levels, max_rank=16)
 
 
+def test_a_top_rank_above_a_layers_min_in_out_warns_naming_the_layers_and_fitting_ranks_do_not():
+    """B·A has rank at most min(in, out): rank levels above that add parameters but no direction, which PEFT
+    accepts without a word. The warning names the layers it concerns; a model every level fits gets none."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    with pytest.warns(UserWarning, match=r"top level 16 is above the rank a delta can have in 1 of 2 adapted "
+                                         r"layer\(s\): '2' \(min\(in, out\) = 8\)"):
+        inject_nested_lora(model, NestedLoRAConfig(target_modules=["0", "2"]))
+    fits = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_nested_lora(fits, NestedLoRAConfig(target_modules=["0", "2"]))
+
+
 def test_set_rank_outside_the_levels_is_an_error():
     with pytest.raises(ValueError, match="rank: 5 is not a nested level"):
         NestedLoRALayer(nn.Linear(4, 4)).set_rank(5)

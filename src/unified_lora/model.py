@@ -8,6 +8,7 @@ import functools
 import inspect
 import re
 import sys
+import warnings
 from typing import Iterable
 
 import torch
@@ -107,6 +108,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             adapters[name] = layer
         mark_modules_to_save(model, config.modules_to_save)
         keep_off_fast_paths(model)
+    _warn_ranks_above_layer_rank(adapters)
     resize_wrapped_heads(model)
     keep_4bit_layers_differentiable(model)
     for m in model.modules():
@@ -115,6 +117,22 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             m._unified_lora_scb_hook = True
     watch_state_dict(model)  # Mirror packs these parameters into one buffer: state_dict() copies them out
     return adapters
+
+
+def _warn_ranks_above_layer_rank(adapters: dict[str, NestedLoRALayer]) -> None:
+    """A warning naming the layers whose top rank level is above min(in_features, out_features): there the product
+    B·A (out × r times r × in) has rank at most min(in, out), so the levels above it add parameters (and, under the
+    alpha / r scaling, shrink the update) without adding a direction. PEFT accepts such a rank without a word."""
+    over = {n: min(a.in_features, a.out_features) for n, a in adapters.items()
+            if a.max_rank > min(a.in_features, a.out_features)}
+    if over:
+        top = next(iter(adapters.values())).max_rank
+        shown = ", ".join(f"{n!r} (min(in, out) = {k})" for n, k in list(over.items())[:5])
+        shown += f", ... ({len(over) - 5} more)" * (len(over) > 5)
+        warnings.warn(f"rank_levels: the top level {top} is above the rank a delta can have in {len(over)} of "
+                      f"{len(adapters)} adapted layer(s): {shown}; there the levels above min(in, out) add "
+                      "parameters but no direction. Use lower rank levels, or leave those layers out of "
+                      "target_modules", UserWarning, stacklevel=3)
 
 
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:
