@@ -1806,3 +1806,86 @@ def test_a_last_trace_line_of_junk_without_a_newline_is_refused_on_resume_and_a_
                       components={"E[é]": -1.5e-3, "x": [True, None]}).to_json()
     line = line.encode()
     assert all(torn_json(line[:i]) for i in range(1, len(line))) and not torn_json(line)
+
+
+def _accumulation_loop(model, ctrl, opt, calls, optimizer_steps_on, scaler=None, overflow_on=()):
+    """`calls` ctrl.step calls, each after one micro-batch's backward; `optimizer_steps_on(i)` says whether call i is
+    followed by the optimizer's step (and zero_grad). With `scaler` (a real GradScaler), the loss of the calls in
+    `overflow_on` is made to overflow, so the scaler skips that optimizer step."""
+    x, y = classification_batch(n=4)
+    for i in range(calls):
+        loss = model(input_ids=x, labels=y).loss
+        scaled = loss * (3e38 if i in overflow_on else 1.0)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        ctrl.step(loss=loss.item())
+        if optimizer_steps_on(i):
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+
+
+def _accumulation_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("ctrl.step: ")]
+
+
+@pytest.mark.parametrize("every", [2, 4])
+def test_ctrl_step_on_each_micro_batch_of_a_hand_written_accumulation_is_warned_about_once(bert, every):
+    """A loop accumulating gradients over k micro-batches that calls ctrl.step on each of them fed the controller
+    k steps per optimizer step, silently (only accelerate's accumulation was caught): its warm-up, dwell and eval
+    interval ran k times too fast on one micro-batch's loss. The attached optimizer's step count tells."""
+    import warnings
+
+    _, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], signal="loss", print_fn=None)
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _accumulation_loop(bert, ctrl, opt, 80, lambda i: i % every == every - 1)
+    said = _accumulation_warnings(record)
+    assert len(said) == 1, said
+    assert f"{32 - 32 // every} of the last 32 calls came with no optimizer.step()" in said[0]
+    assert "call ctrl.step once per optimizer step" in said[0]
+    assert record[[str(w.message) for w in record].index(said[0])].filename == __file__  # points at the loop
+
+
+def test_ctrl_step_once_per_optimizer_step_and_a_grad_scalers_skipped_steps_are_not_warned_about(bert):
+    """Accumulation done right (ctrl.step once per optimizer step, after the last micro-batch) gets no warning, nor
+    does a real GradScaler skipping the optimizer step on overflowing losses (5 of the first 8 steps here)."""
+    import warnings
+
+    _, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], signal="loss", print_fn=None)
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _accumulation_loop(bert, ctrl, opt, 70, lambda i: True, scaler=scaler, overflow_on={0, 1, 3, 5, 7})
+    assert ctrl._optimizer_steps == 65  # the scaler did skip the 5 overflowing steps
+    assert _accumulation_warnings(record) == []
+
+
+def test_an_attached_optimizer_that_never_steps_is_warned_about_and_a_copy_keeps_counting(bert):
+    """ctrl.step with an attached optimizer that does not step (the loop steps another one) is warned about with
+    its own message; a deep copy of the controller (its hooks registered again on the copied optimizer) counts on."""
+    import warnings
+
+    _, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], signal="loss", print_fn=None)
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _accumulation_loop(bert, ctrl, opt, 40, lambda i: False)
+    said = _accumulation_warnings(record)
+    assert len(said) == 1 and "the attached optimizer has not stepped in the last 33 calls" in said[0], said
+    twin_model, twin = copy.deepcopy((bert, ctrl))
+    assert twin._accumulation_warned and len(twin._unstepped) == 32
+    twin._accumulation_warned = False
+    twin._unstepped.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _accumulation_loop(twin_model, twin, twin.optimizer, 70, lambda i: i % 2 == 1)
+    assert ctrl._optimizer_steps == 0 and twin._optimizer_steps == 35
+    assert len(_accumulation_warnings(record)) == 1

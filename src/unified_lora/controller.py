@@ -24,6 +24,7 @@ import numbers
 import itertools
 import sys
 import warnings
+from collections import deque
 from typing import Callable, Sequence
 
 import torch
@@ -41,6 +42,10 @@ from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
 
 _DIST = dist.is_available()
+# `ctrl.step` calls over which `_watch_accumulation` looks for steps with no optimizer step between them, and how many
+# of them (at least) make the warning: half, as gradient accumulation over 2 micro-batches gives, while a GradScaler
+# that skips a few overflowing fp16 steps at the start stays under it
+_ACCUMULATION_WINDOW, _ACCUMULATION_UNSTEPPED = 32, 16
 
 
 def _unwrap_optimizer(opt):
@@ -151,6 +156,10 @@ class UnifiedController:
         self.optimizer = None
         self._hooks: list = []
         self._base_lrs: list[float] | None = None
+        self._optimizer_steps = 0  # the attached optimizer's steps, counted by a post-step hook
+        self._steps_at_last_call: int | None = None  # ... as they were at the last ctrl.step
+        self._unstepped: deque = deque(maxlen=_ACCUMULATION_WINDOW)  # per call: no optimizer step since the last one
+        self._accumulation_warned = False
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self.global_step = 0
@@ -247,11 +256,57 @@ class UnifiedController:
         self._base_lrs = None
         for h in self._hooks:
             h.remove()
-        self._hooks = []
         self.optimizer = optimizer
-        if inner is not None and self.actuators.lr_mode == "multiplier":
-            self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
-                           inner.register_state_dict_pre_hook(self._restore_lrs)]
+        self._steps_at_last_call = None
+        self._unstepped.clear()
+        self._register_hooks(inner)
+
+    def _register_hooks(self, inner) -> None:
+        """The hooks on the attached (inner) optimizer: a post-step hook counts its steps, for
+        `_watch_accumulation`; in "multiplier" mode a pre-step hook scales each group's LR, a post-step hook puts
+        the scheduled value back, and a state_dict pre-hook does so for a checkpoint saved after a step that
+        raised."""
+        self._hooks = []
+        if inner is None:
+            return
+        self._hooks.append(inner.register_step_post_hook(self._count_optimizer_step))
+        if self.actuators.lr_mode == "multiplier":
+            self._hooks += [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
+                            inner.register_state_dict_pre_hook(self._restore_lrs)]
+
+    def _count_optimizer_step(self, opt, args, kwargs) -> None:
+        self._optimizer_steps += 1
+
+    def _watch_accumulation(self) -> None:
+        """Warn, once, when `ctrl.step` runs on most micro-batches of an accumulation. The controller counts
+        optimizer steps: called on each of k micro-batches, its warm-up, dwell and eval interval run k times too
+        fast, and the signal reads one micro-batch's loss and partly summed gradients. Accelerate's accumulation is
+        refused outright (`_check_sync_step`); in a hand-written loop only the attached optimizer can tell, by
+        not stepping between two calls. Over the last `_ACCUMULATION_WINDOW` calls, at least
+        `_ACCUMULATION_UNSTEPPED` without an optimizer step since the call before make the warning. Not an error:
+        a GradScaler's skipped steps (an fp16 overflow) are calls without an optimizer step too."""
+        if not self._hooks:  # no optimizer attached (or another controller's hooks drive it): nothing to count
+            return
+        if self._steps_at_last_call is not None:
+            self._unstepped.append(self._optimizer_steps == self._steps_at_last_call)
+        self._steps_at_last_call = self._optimizer_steps
+        unstepped = sum(self._unstepped)
+        if (self._accumulation_warned or len(self._unstepped) < _ACCUMULATION_WINDOW
+                or unstepped < _ACCUMULATION_UNSTEPPED):
+            return
+        self._accumulation_warned = True
+        if unstepped == len(self._unstepped):
+            what = ("the attached optimizer has not stepped in the last "
+                    f"{len(self._unstepped) + 1} calls: ctrl.step feeds the controller one optimizer step each, and "
+                    "attach_optimizer must be given the optimizer that steps (a new optimizer needs "
+                    "ctrl.attach_optimizer(new))")
+        else:
+            what = (f"{unstepped} of the last {len(self._unstepped)} calls came with no optimizer.step() since the "
+                    "call before, as when it runs on each micro-batch of a gradient accumulation. The controller "
+                    "counts optimizer steps (warm-up, dwell and eval interval would run that many times too fast, "
+                    "on one micro-batch's loss): call ctrl.step once per optimizer step, after the last "
+                    "micro-batch's backward, with the mean loss of the step's micro-batches")
+        warnings.warn(f"ctrl.step: {what}", stacklevel=3)
 
     def _check_no_other_controller(self, inner) -> None:
         """Refuse an optimizer whose LR another controller's hooks already scale (two models in one optimizer, each
@@ -584,6 +639,7 @@ class UnifiedController:
         except ValueError as e:  # alone while the others wait in the collective
             refusal = e
         loss = self._read_loss(loss, refusal)
+        self._watch_accumulation()
         self.last_loss = loss
         phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)
@@ -953,8 +1009,11 @@ class UnifiedController:
         starts it (a pickle without `_exit_decision` raised AttributeError at its first transition)."""
         if "extra_params" in state:  # pickled before `extra_params` became a property
             state["_extra_params"] = state.pop("extra_params")
-        for key, value in (("_exit_decision", None), ("_extra_owners", None)):
+        for key, value in (("_exit_decision", None), ("_extra_owners", None), ("_optimizer_steps", 0),
+                           ("_steps_at_last_call", None), ("_accumulation_warned", False)):
             state.setdefault(key, value)
+        if "_unstepped" not in state:
+            state["_unstepped"] = deque(maxlen=_ACCUMULATION_WINDOW)
         if "_adapter_names" not in state:  # (attach_optimizer and load_state_dict name the adapters)
             state["_adapter_names"] = _default_adapter_names(state["adapters"])
         self.__dict__.update(state)
@@ -965,10 +1024,12 @@ class UnifiedController:
         inner = _unwrap_optimizer(self.optimizer)
         if self._hooks and inner is not None:
             pre = getattr(inner, "_optimizer_step_pre_hooks", {})
-            self._hooks = [] if any(isinstance(getattr(h, "__self__", None), UnifiedController)
-                                    for h in pre.values()) else [
-                inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
-                inner.register_state_dict_pre_hook(self._restore_lrs)]
+            if any(isinstance(getattr(h, "__self__", None), UnifiedController) for h in pre.values()):
+                self._hooks = []
+            else:
+                self._register_hooks(inner)
+        elif not self._hooks:
+            self._steps_at_last_call = None  # (no hooks: no count; a later attach_optimizer starts one)
 
     def close(self) -> None:
         if self.writer is not None:
