@@ -746,3 +746,20 @@ def test_multitask_quality_five_seed_table_is_that_of_both_folders(tmp_path):
     assert text == (root / to).read_text()
     with pytest.raises(SystemExit, match="is also in"):
         mq.combined_runs([root / names[0]] * 2)
+
+
+@pytest.mark.parametrize("page, extra", [("", []), ("quality_mrpc3ep", ["--probe", "none"]),
+                                         ("quality_earlier", ["--probe", "none"]), ("quality_gpu", ["--probe", "none"])])
+def test_quality_pages_are_those_of_their_committed_runs(page, extra, tmp_path):
+    """benchmarks/results/[PAGE/]quality.md is what `report.py` writes from the committed run JSONs, with the arguments
+    BENCHMARKS.md's Re-running block gives it (the GPU page's --note from its note.txt), and it draws the committed
+    plots (by name): no figure in the pages README and BENCHMARKS.md quote was typed in or left from older runs."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    runs = results / (page or "quality") / "runs"
+    if page == "quality_gpu":
+        extra = [*extra, "--note", (results / page / "note.txt").read_text().rstrip("\n")]
+    assert load_benchmark("quality/report.py").main(["--runs", str(runs), "--out", str(tmp_path), *extra]) == 0
+    assert (tmp_path / "quality.md").read_text() == (results / page / "quality.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "quality_plots").iterdir()) == \
+        sorted(p.name for p in (results / page / "quality_plots").iterdir())
+
