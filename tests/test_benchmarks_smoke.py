@@ -4,6 +4,7 @@ and writes its JSON + Markdown. No timing asserts: speed is what the scripts mea
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -746,3 +747,36 @@ def test_multitask_quality_five_seed_table_is_that_of_both_folders(tmp_path):
     assert text == (root / to).read_text()
     with pytest.raises(SystemExit, match="is also in"):
         mq.combined_runs([root / names[0]] * 2)
+
+
+@pytest.mark.parametrize("page, extra", [("", []), ("quality_mrpc3ep", ["--probe", "none"]),
+                                         ("quality_earlier", ["--probe", "none"]), ("quality_gpu", ["--probe", "none"])])
+def test_quality_pages_are_those_of_their_committed_runs(page, extra, tmp_path):
+    """benchmarks/results/[PAGE/]quality.md is what `report.py` writes from the committed run JSONs, with the arguments
+    BENCHMARKS.md's Re-running block gives it (the GPU page's --note from its note.txt), and it draws the committed
+    plots (by name): no figure in the pages README and BENCHMARKS.md quote was typed in or left from older runs."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    runs = results / (page or "quality") / "runs"
+    if page == "quality_gpu":
+        extra = [*extra, "--note", (results / page / "note.txt").read_text().rstrip("\n")]
+    assert load_benchmark("quality/report.py").main(["--runs", str(runs), "--out", str(tmp_path), *extra]) == 0
+    assert (tmp_path / "quality.md").read_text() == (results / page / "quality.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "quality_plots").iterdir()) == \
+        sorted(p.name for p in (results / page / "quality_plots").iterdir())
+
+
+def test_the_claim_tables_quote_the_committed_quality_pages():
+    """Every mean ± std and Δ ± SE (three decimals) in BENCHMARKS.md's table of the source documents' claims and in
+    README's is printed in a committed quality page. Both tables kept 2-Welch-SE figures after `report.py` moved to
+    the paired t (stop 38): SST-2 at 3 epochs, 20 % noise, read "better than AdaLoRA (+0.045 ± 0.013)", where
+    quality_gpu/quality.md prints +0.045 ± 0.016, equal."""
+    root = Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    pages = "".join((results / p / "quality.md").read_text() for p in ("", "quality_mrpc3ep", "quality_gpu"))
+    benchmarks = (root / "BENCHMARKS.md").read_text().split("### The source documents' claims", 1)[1].split("\n### ")[0]
+    readme = (root / "README.md").read_text().split("| claim (source) | status here |", 1)[1].split("\n\n", 1)[0]
+    for name, table in (("BENCHMARKS.md", benchmarks), ("README.md", readme)):
+        figures = re.findall(r"[-+]?\d\.\d{3} ± \d\.\d{3}", table.replace("−", "-"))
+        assert len(figures) > 30, name
+        missing = [f for f in figures if f not in pages and f.lstrip("+") not in pages]
+        assert not missing, f"{name}: {missing} are in no committed quality page"
