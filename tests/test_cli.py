@@ -1166,6 +1166,23 @@ def test_a_text_corpus_is_one_token_stream_with_eos_between_documents(tiny):
         encode_corpus(tok, TextCorpus(["good"]), 16)
 
 
+def test_a_text_corpus_is_said_as_one_stream_and_refuses_no_text_eos(tiny, tmp_path, capsys):
+    """A .txt corpus is a list of texts too, and was taken for a table's text rows: the console said an eos ended
+    each row, and --no-text-eos, which the corpus's encoding does not read, trained on as if it were read."""
+    _corpus(tmp_path / "corpus.txt")
+    args = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--target-modules", "c_attn",
+            "--steps", "1", "--batch-size", "8", "--max-length", "16", "--log-every", "0"]
+    assert main(args + ["--output-dir", str(tmp_path / "run")]) == 0
+    console = capsys.readouterr().out
+    assert ("a plain-text corpus: tokenised as one stream and cut into 16-token blocks; the loss is on every token\n"
+            in console) and "text rows" not in console
+    assert main(args + ["--output-dir", str(tmp_path / "no_eos"), "--no-text-eos"]) == 2
+    assert capsys.readouterr().err == ("unified-lora: error: --no-text-eos: for a causal LM's text rows (one text "
+                                       "column of a .csv/.tsv/.jsonl table); this run trains on a plain-text corpus, "
+                                       "which has an eos between documents\n")
+    assert not (tmp_path / "no_eos").exists()
+
+
 def test_a_causal_lm_shock_trains_on_random_next_tokens_in_the_window_only(tiny, tmp_path):
     """Same seed, data order and steps with and without a random-token shock on steps 12-17: the traced losses
     agree before the window, are higher inside it (random targets), and 'flip' is refused for a causal LM."""
