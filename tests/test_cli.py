@@ -2267,6 +2267,21 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         assert err.endswith("); fix the label, or add rows of that class to --data\n") and "label_names" not in err
 
 
+def test_a_misspelt_model_folder_under_a_local_folder_of_models_is_named_not_fetched(tiny, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """`--model models/gpt22`, a typo of the local `models/gpt2`, reads as the hub id `models/gpt22`: it went to the
+    hub (five retries offline) and failed as a network error that named no folder."""
+    monkeypatch.chdir(tiny["root"].parent)
+    out = str(tmp_path / "o")
+    given = f"{tiny['root'].name}/gpt22"
+    assert main(["train", "--model", given, "--data", tiny["csv"], "--output-dir", out]) == 2
+    assert capsys.readouterr().err == (
+        f"unified-lora: error: --model {given}: no such folder (did you mean {tiny['root'].name}/gpt2?); the local "
+        f"folder {tiny['root'].name} holds the models bert, gpt2, not gpt22 (for the Hugging Face id {given}, run "
+        f"where {tiny['root'].name} is no local folder)\n")
+    assert not Path(out).exists()
+
+
 @pytest.mark.parametrize("command", ["train", "demo"])
 def test_an_empty_output_dir_is_refused_not_the_current_folder(tiny, tmp_path, monkeypatch, capsys, command):
     """`--output-dir ''` (or YAML `output_dir: ''`) is Path(""), the current folder: the run's files were written there,
