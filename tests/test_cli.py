@@ -2034,6 +2034,9 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
 
 @pytest.mark.parametrize("case, needle", [
     ("missing_data", "no such file"),
+    # a causal LM's missing --data named the classifier's data alone ("a GLUE task folder or a .csv/.tsv/.jsonl file")
+    ("missing_lm_corpus", "nope.txt: no such file or folder; pass a .txt corpus or a .csv/.tsv/.jsonl table (a text "
+                          "column, prompt/completion columns, or a .jsonl messages column)"),
     ("unknown_column", "unknown column 'nope'"),
     ("empty_data", "no data rows"),
     # a file with nothing in it (no header either; a .jsonl has none) was "a header alone"
@@ -2144,6 +2147,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
     _corpus(tmp_path / "corpus.txt")
     argv = {
         "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
+        "missing_lm_corpus": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "nope.txt"), "--output-dir",
+                              out],
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
         "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
         "empty_file": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "empty.csv", ""))],

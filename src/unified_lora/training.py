@@ -1002,7 +1002,10 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
                          "one with --data")
     path = Path(cfg.data).expanduser() if cfg.data is not None else None
     if path is not None and not path.exists():
-        raise DataError(f"--data {cfg.data}: no such file or folder; pass a GLUE task folder or a .csv/.tsv/.jsonl file")
+        # (a causal LM's: it named the classifier's data alone, to a user who had given a .txt corpus)
+        what = lm_data.replace("a causal LM trains on ", "") if task_type == "causal-lm" else \
+            "a GLUE task folder or a .csv/.tsv/.jsonl file"
+        raise DataError(f"--data {cfg.data}: no such file or folder; pass {what}")
     if cfg.dev_data and not Path(cfg.dev_data).expanduser().exists():  # (it was "data file not found", or a GLUE
         # folder's reader's error, which did not say it was the dev file)
         raise DataError(f"--dev-data {cfg.dev_data}: no such file; check the path")
