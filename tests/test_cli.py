@@ -1863,6 +1863,15 @@ def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(
 # ----------------------------------------------------------------------------- plot, report
 
 
+def test_python_dash_m_unified_lora_is_the_command(tmp_path):
+    """`python -m unified_lora` said "No module named unified_lora.__main__"; it runs `unified-lora` now."""
+    p = subprocess.run([sys.executable, "-m", "unified_lora", "export", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr.endswith(f"unified-lora: error: {tmp_path / 'nope'}: no such run folder; pass the --output-dir of "
+                             "a `unified-lora train` run\n")
+
+
 def test_plot_and_report(tiny, tmp_path, capsys, monkeypatch):
     from test_cli_multitask import _axes_drawn
 
