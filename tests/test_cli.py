@@ -1166,6 +1166,23 @@ def test_a_text_corpus_is_one_token_stream_with_eos_between_documents(tiny):
         encode_corpus(tok, TextCorpus(["good"]), 16)
 
 
+def test_a_text_corpus_is_said_as_one_stream_and_refuses_no_text_eos(tiny, tmp_path, capsys):
+    """A .txt corpus is a list of texts too, and was taken for a table's text rows: the console said an eos ended
+    each row, and --no-text-eos, which the corpus's encoding does not read, trained on as if it were read."""
+    _corpus(tmp_path / "corpus.txt")
+    args = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--target-modules", "c_attn",
+            "--steps", "1", "--batch-size", "8", "--max-length", "16", "--log-every", "0"]
+    assert main(args + ["--output-dir", str(tmp_path / "run")]) == 0
+    console = capsys.readouterr().out
+    assert ("a plain-text corpus: tokenised as one stream and cut into 16-token blocks; the loss is on every token\n"
+            in console) and "text rows" not in console
+    assert main(args + ["--output-dir", str(tmp_path / "no_eos"), "--no-text-eos"]) == 2
+    assert capsys.readouterr().err == ("unified-lora: error: --no-text-eos: for a causal LM's text rows (one text "
+                                       "column of a .csv/.tsv/.jsonl table); this run trains on a plain-text corpus, "
+                                       "which has an eos between documents\n")
+    assert not (tmp_path / "no_eos").exists()
+
+
 def test_a_causal_lm_shock_trains_on_random_next_tokens_in_the_window_only(tiny, tmp_path):
     """Same seed, data order and steps with and without a random-token shock on steps 12-17: the traced losses
     agree before the window, are higher inside it (random targets), and 'flip' is refused for a causal LM."""
@@ -1846,6 +1863,15 @@ def test_under_torchrun_with_two_processes_demo_refuses_before_writing_anything(
 # ----------------------------------------------------------------------------- plot, report
 
 
+def test_python_dash_m_unified_lora_is_the_command(tmp_path):
+    """`python -m unified_lora` said "No module named unified_lora.__main__"; it runs `unified-lora` now."""
+    p = subprocess.run([sys.executable, "-m", "unified_lora", "export", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr.endswith(f"unified-lora: error: {tmp_path / 'nope'}: no such run folder; pass the --output-dir of "
+                             "a `unified-lora train` run\n")
+
+
 def test_plot_and_report(tiny, tmp_path, capsys, monkeypatch):
     from test_cli_multitask import _axes_drawn
 
@@ -2019,6 +2045,9 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
 
 @pytest.mark.parametrize("case, needle", [
     ("missing_data", "no such file"),
+    # a causal LM's missing --data named the classifier's data alone ("a GLUE task folder or a .csv/.tsv/.jsonl file")
+    ("missing_lm_corpus", "nope.txt: no such file or folder; pass a .txt corpus or a .csv/.tsv/.jsonl table (a text "
+                          "column, prompt/completion columns, or a .jsonl messages column)"),
     ("unknown_column", "unknown column 'nope'"),
     ("empty_data", "no data rows"),
     # a file with nothing in it (no header either; a .jsonl has none) was "a header alone"
@@ -2129,6 +2158,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
     _corpus(tmp_path / "corpus.txt")
     argv = {
         "missing_data": _train_args(tiny, out)[:4] + [str(tmp_path / "nope.csv")],
+        "missing_lm_corpus": ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "nope.txt"), "--output-dir",
+                              out],
         "unknown_column": _train_args(tiny, out, "--label-column", "nope"),
         "empty_data": ["train", "--model", tiny["bert"], "--data", tiny["empty"], "--output-dir", out],
         "empty_file": _train_args(tiny, out)[:4] + [str(_write(tmp_path / "empty.csv", ""))],
@@ -2250,6 +2281,21 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         assert "unsupported data format 'parquet'" in err and "fmt=" not in err
     if case == "dev_label_the_train_set_lacks":
         assert err.endswith("); fix the label, or add rows of that class to --data\n") and "label_names" not in err
+
+
+def test_a_misspelt_model_folder_under_a_local_folder_of_models_is_named_not_fetched(tiny, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """`--model models/gpt22`, a typo of the local `models/gpt2`, reads as the hub id `models/gpt22`: it went to the
+    hub (five retries offline) and failed as a network error that named no folder."""
+    monkeypatch.chdir(tiny["root"].parent)
+    out = str(tmp_path / "o")
+    given = f"{tiny['root'].name}/gpt22"
+    assert main(["train", "--model", given, "--data", tiny["csv"], "--output-dir", out]) == 2
+    assert capsys.readouterr().err == (
+        f"unified-lora: error: --model {given}: no such folder (did you mean {tiny['root'].name}/gpt2?); the local "
+        f"folder {tiny['root'].name} holds the models bert, gpt2, not gpt22 (for the Hugging Face id {given}, run "
+        f"where {tiny['root'].name} is no local folder)\n")
+    assert not Path(out).exists()
 
 
 @pytest.mark.parametrize("command", ["train", "demo"])

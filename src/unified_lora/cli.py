@@ -1080,7 +1080,11 @@ def _train(args, held: dict) -> int:
     chat = is_chat(train)  # lists of messages, rendered with the tokenizer's chat template
     pairs = task_type == "causal-lm" and len(cfg.text_columns) == 2  # (prompt, completion): loss on the completion
     rows = tasks[0].train if tasks else train  # (a causal LM's tasks: every one in the same layout)
-    texts = task_type == "causal-lm" and isinstance(rows, list) and bool(rows) and isinstance(rows[0], str)
+    # one text column of a table; a .txt corpus (a TextCorpus: a list of str too) is one stream cut into blocks, which
+    # text_eos does not read (it was taken for text rows: --no-text-eos passed, ignored, and the console said an eos
+    # ended each row)
+    texts = (task_type == "causal-lm" and isinstance(rows, list) and bool(rows) and isinstance(rows[0], str)
+             and not isinstance(rows, TextCorpus))
     # text_eos off where it does nothing is refused, but not on a resume: a run saved before the key existed reads as
     # off whatever its data (`LEGACY_CONFIG`), and a resume that changes it is refused anyway
     if not cfg.text_eos and not texts and ckpt is None:
@@ -1112,6 +1116,9 @@ def _train(args, held: dict) -> int:
         say(f"prompt/completion rows ({prompt!r}, {completion!r}): the loss is on the completion's tokens"
             + (" and the eos" if tok.eos_token_id is not None else
                "; the tokenizer has no eos token, so none ends a completion (the model is not taught to stop)"))
+    elif isinstance(train, TextCorpus):
+        say(f"a plain-text corpus: tokenised as one stream and cut into {cfg.max_length}-token blocks; the loss is on "
+            "every token")
     elif texts:
         say(f"text rows ({cfg.text_columns[0]!r}): the loss is on every token" + (
             "; the tokenizer has no eos token, so none ends a row (the model is not taught to stop)"

@@ -579,6 +579,21 @@ def resolve_model(path: str | None) -> str:
         return str(p)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith((".", "~")):
         raise UsageError(f"--model {path}: no such folder; pass a local model folder or a Hugging Face id like org/name")
+    # `models/gpt22` reads as a hub id, org `models`: where `models/` is a local folder of saved models, it is a typo
+    # of one of them (it went to the hub, with retries offline, and failed as a network error, naming no folder)
+    try:
+        local = sorted(d.name for d in p.parent.iterdir() if (d / "config.json").is_file()) \
+            if "/" in path and p.parent.is_dir() else []
+    except OSError:  # (a folder this user cannot list: taken for the hub id, as before)
+        local = []
+    if local:
+        import difflib
+
+        close = difflib.get_close_matches(p.name, local, n=1)
+        hint = f" (did you mean {p.parent / close[0]}?)" if close else ""
+        raise UsageError(f"--model {path}: no such folder{hint}; the local folder {p.parent} holds the models "
+                         f"{', '.join(local[:5])}{' ...' if len(local) > 5 else ''}, not {p.name} (for the Hugging "
+                         f"Face id {path}, run where {p.parent} is no local folder)")
     return path  # a hub id; from_pretrained will say if it cannot be fetched
 
 
@@ -987,7 +1002,10 @@ def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | No
                          "one with --data")
     path = Path(cfg.data).expanduser() if cfg.data is not None else None
     if path is not None and not path.exists():
-        raise DataError(f"--data {cfg.data}: no such file or folder; pass a GLUE task folder or a .csv/.tsv/.jsonl file")
+        # (a causal LM's: it named the classifier's data alone, to a user who had given a .txt corpus)
+        what = lm_data.replace("a causal LM trains on ", "") if task_type == "causal-lm" else \
+            "a GLUE task folder or a .csv/.tsv/.jsonl file"
+        raise DataError(f"--data {cfg.data}: no such file or folder; pass {what}")
     if cfg.dev_data and not Path(cfg.dev_data).expanduser().exists():  # (it was "data file not found", or a GLUE
         # folder's reader's error, which did not say it was the dev file)
         raise DataError(f"--dev-data {cfg.dev_data}: no such file; check the path")
