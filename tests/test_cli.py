@@ -1116,6 +1116,34 @@ def _corpus(path: Path, lines: int = 120) -> str:
     return text
 
 
+def test_train_without_target_modules_adapts_pefts_default_for_the_model_type_and_records_it(tiny, tmp_path):
+    """`train`'s default targets were BERT's query,value whatever the model, so a GPT-2 or a Llama run without
+    --target-modules was an error; they are PEFT's default for the model type now (c_attn, q_proj,v_proj), recorded
+    as resolved names, so a --resume (and predict/export) reads the same layers."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _corpus(tmp_path / "corpus.txt")
+    tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    for arch, model, expected in (("gpt2", tiny["gpt2"], ["c_attn"]),
+                                  ("llama", str(tmp_path / "llama"), ["q_proj", "v_proj"])):
+        out = tmp_path / arch
+        args = ["train", "--model", model, "--data", str(tmp_path / "corpus.txt"), "--steps", "2",
+                "--batch-size", "8", "--max-length", "16", "--output-dir", str(out), "--log-every", "0",
+                "--save-steps", "1"]
+        assert main(args) == 0
+        assert json.loads((out / "summary.json").read_text())["config"]["target_modules"] == expected
+        blocks = load_file(str(out / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
+        assert {k.split(".lora_")[0].split(".")[-1] for k in blocks if ".lora_" in k} == set(expected)
+        assert main(["train", "--output-dir", str(out), "--resume", "--steps", "3", "--log-every", "0"]) == 0
+        assert json.loads((out / "summary.json").read_text())["config"]["target_modules"] == expected
+
+
 def test_train_causal_lm_on_a_plain_text_corpus_cuts_token_blocks_and_holds_out_the_tail(tiny, tmp_path, capsys):
     from transformers import AutoTokenizer
 

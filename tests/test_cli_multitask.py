@@ -542,10 +542,17 @@ def test_a_head_that_is_a_block_gets_a_delta_per_task_on_its_output_layer_and_th
     gpt2 = _save_classifier(GPT2ForSequenceClassification(GPT2Config(
         vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=40, pad_token_id=0)), tiny["bert"],
         tmp_path / "gpt2")
-    assert main(_mt_args(gpt2, tmp_path / "g", data["pos"], data["tri"], extra=("--task-names", "pos,tri"))) == 2
+    assert main(_mt_args(gpt2, tmp_path / "g", data["pos"], data["tri"],
+                         extra=("--task-names", "pos,tri", "--target-modules", "query,value"))) == 2
     err = _error(capsys)
     assert "['query', 'value'] matched no Linear/Conv1D module outside the classifier head (score)" in err
     assert "'c_attn'" in err
+    # without --target-modules: PEFT's default for GPT-2, c_attn, in the body, recorded as resolved
+    assert main(_mt_args(gpt2, tmp_path / "d", data["pos"], data["tri"],
+                         extra=("--task-names", "pos,tri", "--steps", "2"))) == 0
+    blocks = load_file(str(tmp_path / "d" / "checkpoints" / "step-2" / "adapter_blocks.safetensors"))
+    assert any(".c_attn.lora_tasks." in k for k in blocks) and any(k.startswith("score.lora_tasks.") for k in blocks)
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["config"]["target_modules"] == ["c_attn"]
 
 
 def test_a_head_of_another_name_is_found_by_its_outputs(tiny, data, tmp_path, capsys):

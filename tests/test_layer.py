@@ -654,6 +654,32 @@ def test_a_top_rank_above_a_layers_min_in_out_warns_naming_the_layers_and_fittin
         inject_nested_lora(fits, NestedLoRAConfig(target_modules=["0", "2"]))
 
 
+@pytest.mark.parametrize("build,expected", [(tiny_bert, {"query", "value"}), (tiny_gpt2, {"c_attn"}),
+                                            (tiny_llama, {"q_proj", "v_proj"})], ids=["bert", "gpt2", "llama"])
+def test_target_modules_left_out_are_pefts_default_for_the_model_type(build, expected):
+    """PEFT's LoraConfig(target_modules=None) adapts each model type's default layers; setup_unified_lora's default
+    was ("q_proj", "v_proj") whatever the model, so a BERT or a GPT-2 without target_modules was an error. Now the
+    same layers as PEFT's get_peft_model wraps are wrapped."""
+    from peft import LoraConfig, get_peft_model
+
+    from unified_lora import default_target_modules, setup_unified_lora
+
+    model = build()
+    assert set(default_target_modules(model)) == expected
+    adapters, _ = setup_unified_lora(model, signal="loss", print_fn=None)
+    peft_model = get_peft_model(build(), LoraConfig(r=8))
+    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert set(adapters) == peft_wrapped and {n.split(".")[-1] for n in adapters} == expected
+
+
+def test_target_modules_left_out_for_a_model_peft_has_no_default_for_is_an_error_naming_its_layers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"target_modules: not given, and PEFT has no default targets for a model "
+                                         r"without a transformers config; .* end with: \['0', '2'\]"):
+        inject_nested_lora(model, NestedLoRAConfig(rank_levels=(2, 4), max_rank=4))
+    assert not any(isinstance(m, NestedLoRALayer) for m in model.modules())
+
+
 def test_set_rank_outside_the_levels_is_an_error():
     with pytest.raises(ValueError, match="rank: 5 is not a nested level"):
         NestedLoRALayer(nn.Linear(4, 4)).set_rank(5)

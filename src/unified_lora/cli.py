@@ -1873,8 +1873,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "smoothed loss ~6%% above the warmup level enters MIRROR. MRPC's flip shock raises the loss "
                         "only ~1.3x before the model adapts, and with 2.0 (φ≈0.67) it never crossed θ1")
     d.add_argument("--min-dwell", type=int, default=0, help="hysteresis: steps to stay in a mode a transition entered")
-    d.add_argument("--target-modules", default="query,value",
-                   help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: query,value)")
+    d.add_argument("--target-modules",
+                   help="modules to adapt: comma-separated name suffixes, a regex, or all-linear (default: PEFT's "
+                        "default for the model type: query,value for the bundled BERT)")
     d.add_argument("--modules-to-save", type=_csv_list("classifier"),
                    help="fully trained modules (default: the classifier head)")
     d.add_argument("--dev-size", type=int, default=200, help="dev rows to evaluate (fixed-seed subsample; 0 = all)")
@@ -1975,7 +1976,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default on; --no-mirror-pack leaves every parameter's storage alone)")
     t.add_argument("--target-modules",
                    help="modules to adapt: comma-separated name suffixes (query,value), a regex (a value with any of "
-                        "*+?[](){}|^$\\, matched against whole module names), or all-linear (default: query,value)")
+                        "*+?[](){}|^$\\, matched against whole module names), or all-linear (default: PEFT's default "
+                        "for the model type, as LoraConfig picks it: query,value for BERT, c_attn for GPT-2, "
+                        "q_proj,v_proj for Llama)")
     t.add_argument("--modules-to-save", type=_csv_list("classifier"),
                    help="fully trained modules (default: the classifier head)")
     t.add_argument("--seed", type=int, help="default 0")

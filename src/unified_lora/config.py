@@ -141,7 +141,8 @@ def check_field_types(obj) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         if f.name in hints:
-            example = f.default if f.default is not MISSING else None
+            # (a field whose default, None, says nothing of its kind names its example in its metadata)
+            example = f.metadata.get("example", f.default if f.default is not MISSING else None)
             setattr(obj, f.name, _typed(f.name, getattr(obj, f.name), hints[f.name], example))
 
 
@@ -163,7 +164,10 @@ def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -
 class NestedLoRAConfig:
     """How adapters are built and injected.
 
-    `target_modules`: a list of name suffixes (PEFT convention), a regex string
+    `target_modules`: None (the default: PEFT's default targets for the model's
+    `config.model_type`, as `LoraConfig(target_modules=None)` picks them: query and
+    value for BERT, c_attn for GPT-2, q_proj and v_proj for Llama; a model type PEFT
+    has none for is an error), a list of name suffixes (PEFT convention), a regex string
     (full match on the module name), or "all-linear" (every Linear/Conv1D except
     the output head: modules named, or inside one named, lm_head, classifier,
     score, qa_outputs, cls or pooler.dense, and a transformers model's output
@@ -190,7 +194,7 @@ class NestedLoRAConfig:
     layer's dtype.
     """
 
-    target_modules: Sequence[str] | str = ("q_proj", "v_proj")
+    target_modules: Sequence[str] | str | None = field(default=None, metadata={"example": ("query", "value")})
     rank_levels: Sequence[int] = (4, 8, 16)
     max_rank: int | None = None
     lora_alpha: float = 16.0
@@ -210,7 +214,8 @@ class NestedLoRAConfig:
             self.max_rank = self.rank_levels[-1]
         if isinstance(self.modules_to_save, str):  # one name, or a comma-separated list (never its characters)
             self.modules_to_save = parse_names(self.modules_to_save, "modules_to_save")
-        if not (isinstance(self.target_modules, str) or len(self.target_modules) > 0):
+        if self.target_modules is not None and not (isinstance(self.target_modules, str)
+                                                    or len(self.target_modules) > 0):
             _fail("target_modules", "must be a non-empty list of name suffixes, a regex, or 'all-linear'")
         if isinstance(self.target_modules, str):
             check_target_regex(self.target_modules)

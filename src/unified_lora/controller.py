@@ -1129,7 +1129,7 @@ def _names(names: Sequence[str], most: int = 6) -> str:
 
 def setup_unified_lora(
     model: nn.Module,
-    target_modules: Sequence[str] | str = ("q_proj", "v_proj"),
+    target_modules: Sequence[str] | str | None = None,
     *,
     rank_levels: Sequence[int] = (4, 8, 16),
     max_rank: int | None = None,
@@ -1147,7 +1147,8 @@ def setup_unified_lora(
 ) -> tuple[dict[str, NestedLoRALayer], UnifiedController]:
     """v3 model card API: inject nested LoRA and build the controller.
 
-    Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
+    `target_modules` None (the default): PEFT's default targets for the model type, as `LoraConfig` picks them
+    (`model.default_target_modules`). Defaults follow the v3 card: the composite signal, ranks 4/8/16 for
     SINGLE/MULTI/MIRROR, and (since the user keeps their own optimizer and
     schedule) LR as a per-mode multiplier (`lr_mode` None: "multiplier", or the `actuators=` config's; an
     `lr_mode` that differs from that config's is a ValueError). `layer_kernel="cpp"` runs the layers'

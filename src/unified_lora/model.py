@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -37,11 +38,29 @@ def _matches(name: str, target: Iterable[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
+def default_target_modules(model: nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for `model`'s `config.model_type` (what `LoraConfig(target_modules=None)` adapts:
+    query and value for BERT, c_attn for GPT-2, q_proj and v_proj for Llama). A model without a config, or of a type
+    PEFT has no default for, is a ValueError naming the Linear modules it has, as PEFT refuses it too."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in defaults:
+        return list(defaults[model_type])
+    seen = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+    what = f"model type {model_type!r}" if model_type else "a model without a transformers config"
+    raise ValueError(f"target_modules: not given, and PEFT has no default targets for {what}; name the Linear layers "
+                     f"to adapt (this model's Linear-like module names end with: {seen}), or pass 'all-linear'")
+
+
 def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, NestedLoRALayer]:
     """Replace every targeted Linear/Conv1D by a `NestedLoRALayer`, freeze the rest
     of the model except `modules_to_save`, and return {module name: adapter}.
+    `config.target_modules` None: PEFT's default for the model type (`default_target_modules`).
     With `config.autocast_adapter_dtype` (the default) the blocks on a bf16/fp16
     base are fp32, as PEFT's `get_peft_model` makes them."""
+    if config.target_modules is None:
+        config = dataclasses.replace(config, target_modules=default_target_modules(model))
     _refuse_ddp_wrapped(model)
     refuse_repacked_4bit(model, "setup")
     refuse_unquantized_bnb_layers(model)

@@ -1698,7 +1698,7 @@ def _check_total_steps(total_steps):
 def setup_multitask_lora(
     model: nn.Module,
     tasks: Sequence[int | str],
-    target_modules: Sequence[str] | str = ("q_proj", "v_proj"),
+    target_modules: Sequence[str] | str | None = None,
     *,
     rank_levels: Sequence[int] = (4, 8, 16),
     max_rank: int | None = None,

@@ -41,7 +41,7 @@ from .config import SINGLE
 from .data import DataError, TextDataset, glue_metrics, primary_metric
 from .data.metrics import PRIMARY_METRIC, normalize_task
 from .distributed import print_on_main_process
-from .model import _is_linear, _matches
+from .model import _is_linear, _matches, default_target_modules
 from .multitask import MultiTaskSignalConfig, export_task_peft_adapters, per_task_losses, setup_multitask_lora, task_context
 from .training import (Run, TextCorpus, TrainConfig, UsageError, corrupt, dev_metric_names, encode_rows,
                        evaluate_run, gather_rows, is_chat, load_data, predict_logits)
@@ -242,6 +242,8 @@ class MultiTaskRun(Run):
         cfg = self.cfg
         root, head = (None, None) if self.lm else head_output_layer(model, self.num_labels)
         self.head_target = head
+        if cfg.target_modules is None:  # PEFT's default for the model type, recorded as resolved (as one data set's)
+            cfg.target_modules = default_target_modules(model)
         targets = cfg.target_modules
         modules = dict(model.named_modules())
         # the head is added to the targets below: the ones given must still match the model's body, or a model whose

@@ -47,7 +47,7 @@ from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue,
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
                            no_rows_error, normalize_task, read_text, record_at)
 from .distributed import print_on_main_process
-from .model import lora_state_dict, trainable_parameters
+from .model import default_target_modules, lora_state_dict, trainable_parameters
 from .trace import TraceWriter, transition_note
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
@@ -135,7 +135,9 @@ class TrainConfig:
     epochs: int = 1
     steps: int = 0  # >0: stop after this many optimizer steps (overrides epochs)
     seed: int = 0
-    target_modules: Sequence[str] | str = ("query", "value")
+    # None: PEFT's default targets for the model type (query,value for BERT, c_attn for GPT-2, q_proj,v_proj for
+    # Llama), resolved when the model is wrapped and recorded then (`Run._setup_adapters`)
+    target_modules: Sequence[str] | str | None = field(default=None, metadata={"example": ("query", "value")})
     modules_to_save: Sequence[str] | None = None  # None = the classifier head for seq-cls
     rank_levels: Sequence[int] = (4, 8, 16)
     lora_alpha: float = 16.0
@@ -199,7 +201,8 @@ class TrainConfig:
         if isinstance(self.text_columns, str):
             self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
         # target_modules: "all-linear", a regex, or comma-separated suffixes (`parse_names`), as on the command line
-        self.target_modules = parse_names(self.target_modules, "target_modules")
+        if self.target_modules is not None:
+            self.target_modules = parse_names(self.target_modules, "target_modules")
         if self.modules_to_save is not None:
             self.modules_to_save = parse_names(self.modules_to_save, "modules_to_save")
         checks = [
@@ -1706,6 +1709,8 @@ class Run:
     def _setup_adapters(self, model, modules_to_save, print_fn, keep_trace: bool):
         """Wrap `model` in nested LoRA and build its controller (`setup_unified_lora`): (adapters, controller)."""
         cfg = self.cfg
+        if cfg.target_modules is None:  # recorded as resolved: the checkpoints, summary and a resume read the names
+            cfg.target_modules = default_target_modules(model)
         actuators = cfg.actuator_config()
         return setup_unified_lora(
             model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
