@@ -1144,6 +1144,33 @@ def test_train_without_target_modules_adapts_pefts_default_for_the_model_type_an
         assert json.loads((out / "summary.json").read_text())["config"]["target_modules"] == expected
 
 
+def test_a_causal_lm_on_the_loss_signal_calibrates_its_scale_unless_given_one(tiny, tmp_path, capsys):
+    """A causal LM's loss (about ln 39 = 3.7 nats here) on the loss signal's default scale of 1 read as MIRROR for the
+    whole run (φ 0.80 at the end of a tinyshakespeare run). Given neither --loss-scale nor --calibration-steps, a
+    causal-LM run now calibrates on its first 20 steps, says so, and records it; a scale given, or a classifier,
+    keeps the default."""
+    from unified_lora.cli import LM_CALIBRATION_STEPS
+    from unified_lora.trace import read_trace
+
+    _corpus(tmp_path / "corpus.txt")
+    base = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--steps", "30",
+            "--batch-size", "8", "--max-length", "16", "--log-every", "0"]
+    assert main([*base, "--output-dir", str(tmp_path / "cal")]) == 0
+    assert "read on the scale of its first 20 steps" in capsys.readouterr().out
+    config = json.loads((tmp_path / "cal" / "summary.json").read_text())["config"]
+    assert config["calibration_steps"] == LM_CALIBRATION_STEPS == 20 and config["loss_scale"] == 1.0
+    phi = [r["phi"] for r in read_trace(tmp_path / "cal" / "trace.jsonl")]
+    assert set(phi[:20]) == {0.5} and max(phi[20:]) < 0.7  # held, then read on the run's own scale: not MIRROR
+    assert main([*base, "--output-dir", str(tmp_path / "scale1"), "--loss-scale", "1"]) == 0
+    assert "read on the scale" not in capsys.readouterr().out
+    config = json.loads((tmp_path / "scale1" / "summary.json").read_text())["config"]
+    assert config["calibration_steps"] == 0
+    assert [r["mode"] for r in read_trace(tmp_path / "scale1" / "trace.jsonl")][-1] == 2  # the loss level alone: MIRROR
+    assert main(["train", "--model", tiny["bert"], "--data", tiny["csv"], "--steps", "2", "--batch-size", "8",
+                 "--output-dir", str(tmp_path / "cls"), "--log-every", "0"]) == 0
+    assert json.loads((tmp_path / "cls" / "summary.json").read_text())["config"]["calibration_steps"] == 0
+
+
 def test_train_causal_lm_on_a_plain_text_corpus_cuts_token_blocks_and_holds_out_the_tail(tiny, tmp_path, capsys):
     from transformers import AutoTokenizer
 

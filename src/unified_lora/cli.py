@@ -756,7 +756,8 @@ def _check_output_dir(out) -> str:
     return out
 
 
-def _train_config(args) -> "object":
+def _train_config(args) -> tuple:
+    """(TrainConfig, the checkpoint a --resume continues or None, the settings this command gives: YAML and flags)."""
     from .training import TrainConfig, UsageError, check_world_size, on_rank0, read_state, resume_checkpoint, world_size
 
     d: dict = {}
@@ -820,7 +821,26 @@ def _train_config(args) -> "object":
 
     for key in ("model", "data", "dev_data"):
         setattr(cfg, key, absolute(getattr(cfg, key)))
-    return cfg, ckpt
+    return cfg, ckpt, user
+
+
+LM_CALIBRATION_STEPS = 20  # train: a causal LM's loss signal sets its scale from its first 20 steps, unless given one
+
+
+def _calibrate_lm_loss(cfg, user: dict, task_type: str, say) -> None:
+    """A causal LM's loss (2-5 nats; ln of the vocabulary size at the start) on the loss signal's default scale of 1
+    puts φ above θ1 for the whole run: MIRROR, at its lowest LR and top rank, whatever the training does (a tiny
+    GPT-2 on tinyshakespeare: MIRROR from step 16 of 60 to the end, φ 0.80). A new single-task causal-LM run on the
+    loss signal, given neither --loss-scale nor --calibration-steps (flag or YAML), calibrates instead: the mean
+    loss of its first `LM_CALIBRATION_STEPS` steps maps to `calibration_target` (0.5: φ ≈ 0.33), as the README tells
+    API users to. The run records it, so a --resume keeps it."""
+    if (task_type != "causal-lm" or cfg.signal != "loss" or not cfg.controller or cfg.tasks
+            or {"loss_scale", "calibration_steps"} & user.keys()):
+        return
+    cfg.calibration_steps = LM_CALIBRATION_STEPS
+    say(f"loss signal: a causal LM's loss is read on the scale of its first {LM_CALIBRATION_STEPS} steps (φ held "
+        f"until then; --calibration-steps {LM_CALIBRATION_STEPS}), not on the default scale of 1, where its loss "
+        "level alone reads as MIRROR; --loss-scale or --calibration-steps sets it")
 
 
 def _check_lr_read(cfg, user: dict) -> None:
@@ -1045,7 +1065,7 @@ def _train(args, held: dict) -> int:
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
-    cfg, ckpt = _train_config(args)
+    cfg, ckpt, user = _train_config(args)
     device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
     check_precision(device, cfg.precision)
     if cfg.threads:
@@ -1124,6 +1144,8 @@ def _train(args, held: dict) -> int:
             "; the tokenizer has no eos token, so none ends a row (the model is not taught to stop)"
             if tok.eos_token_id is None else " and the eos that ends each row (as TRL's SFTTrainer adds it)"
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
+    if ckpt is None:
+        _calibrate_lm_loss(cfg, user, task_type, say)
     if tasks:
         enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length, task_type, cfg.text_eos, note=say)
         check_row_length(model, cfg.max_length, enc_train, *enc_devs)
@@ -1953,7 +1975,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal: set the scale so the mean of the first N losses maps to "
-                   "calibration_target (default 0 = off; calibration_target is a YAML key, default 0.5)")
+                   "calibration_target (default 0 = off, or 20 for a causal LM given no --loss-scale; "
+                   "calibration_target is a YAML key, default 0.5)")
     t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     t.add_argument("--controller-warmup", type=int, help="no transition before this optimizer step: the run stays in "
                    "its start mode (MULTI; SINGLE for several --data sets) while the signal gathers its statistics "
