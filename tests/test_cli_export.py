@@ -148,3 +148,222 @@ def test_an_export_peft_cannot_express_is_one_line_and_exit_code_1(tiny, tmp_pat
     assert main(["export", str(out)]) == 1
     assert "unified-lora: error: PEFT export failed: ValueError: adapters: every nested layer" in _error(capsys)
     assert not (out / "peft_adapter-step-2").exists()
+
+
+# ----------------------------------------------------------------------------- --merged
+
+# A Python that cannot import unified_lora or peft (None in sys.modules: `import` fails, and transformers'
+# `is_peft_available` says False) loads each model folder with transformers' Auto class and prints, as JSON, the
+# logits of the given token ids, their greedy continuations (a causal LM) and the dtype of the weights.
+_PLAIN = """
+import json, sys
+sys.modules.update({"peft": None, "unified_lora": None})
+import torch
+import transformers
+from transformers.utils import is_peft_available
+assert not is_peft_available()
+for name in ("unified_lora", "peft"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{name} could be imported")
+done = []
+for folder, auto, ids, new in json.loads(sys.argv[1]):
+    model = getattr(transformers, auto).from_pretrained(folder).eval()
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits.float()
+        tokens = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                                min_new_tokens=new, do_sample=False, pad_token_id=0).tolist() if new else []
+    done.append({"logits": logits.tolist(), "tokens": tokens, "dtype": str(model.dtype),
+                 "labels": model.config.id2label})
+print(json.dumps(done))
+"""
+
+
+def _plain(*jobs) -> list[dict]:
+    """What plain transformers computes with each job's model folder (`_PLAIN`, in one fresh Python). A job: (folder,
+    Auto class name, token ids (a list of rows), tokens to generate (0: none))."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PLAIN, json.dumps([[str(f), a, i, n] for f, a, i, n in jobs])],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_a_merged_export_loads_without_peft_and_gives_predicts_logits(run, tiny, wide, tmp_path, capsys):
+    from unified_lora.inference import load_trained
+    from unified_lora.training import encode_rows, load_table
+
+    capsys.readouterr()
+    assert main(["export", str(run), "--checkpoint", "step-3", "--merged"]) == 0
+    out = run / "merged-step-3"  # the default folder, named for the checkpoint
+    said = capsys.readouterr().out
+    assert ("merged model (rank 8, float32, " in said and f" of weights) with its tokenizer: {out} (loads with "
+            "transformers' AutoModelForSequenceClassification.from_pretrained(path), without PEFT)" in said)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= names
+    assert not {n for n in names if n.startswith(".tmp") or n.startswith("adapter")}  # whole, and no PEFT file
+    tr = load_trained(run, "step-3", device="cpu")  # predict's loading
+    enc = encode_rows(tr.tokenizer, load_table(tiny["csv"], ["text"], "label"), "seq-cls", 16)
+    ids = enc["input_ids"][:8]
+    # --rank: the model at that rank, as the adapter exported at that rank computes it
+    assert main(["export", str(run), "--checkpoint", "step-3", "--merged", "--rank", "4", "--out",
+                 str(tmp_path / "r4")]) == 0
+    assert "exported at --rank 4: the merged model is the model at that rank" in capsys.readouterr().out
+    with torch.no_grad():
+        ours = tr.model(input_ids=ids).logits
+        for layer in tr.run.adapters.values():
+            layer.set_rank(4)
+        at4 = tr.model(input_ids=ids).logits
+    auto = "AutoModelForSequenceClassification"
+    theirs, r4, base = _plain((out, auto, ids.tolist(), 0), (tmp_path / "r4", auto, ids.tolist(), 0),
+                              (wide, auto, ids.tolist(), 0))
+    assert torch.allclose(torch.tensor(theirs["logits"]), ours, atol=1e-5)
+    assert ours[:, 1].std() > 1e-3  # (the rows' logits differ: a constant output would match anything)
+    assert theirs["dtype"] == "torch.float32" and theirs["labels"] == {"0": "0", "1": "1"}  # the run's classes
+    assert torch.allclose(torch.tensor(r4["logits"]), at4, atol=1e-5)
+    assert not torch.allclose(at4, ours, atol=1e-3)
+    # the delta is in it: the base model alone gives other logits
+    assert not torch.allclose(torch.tensor(base["logits"]), ours, atol=1e-3)
+    # an existing folder: refused without --overwrite, as the adapter export; with it, a previous export's weight and
+    # adapter files that would be read instead of (or beside) the new ones go, the user's files stay
+    assert main(["export", str(run), "--checkpoint", "step-3", "--merged"]) == 2
+    err = _error(capsys)
+    assert "merged-step-3: exists and holds config.json, model.safetensors" in err and "--overwrite" in err
+    for stale in ("adapter_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (out / stale).write_text("{}")
+    (out / "NOTES.md").write_text("mine")
+    assert main(["export", str(run), "--checkpoint", "step-3", "--merged", "--overwrite"]) == 0
+    assert sorted(names | {"NOTES.md"}) == sorted(p.name for p in out.iterdir())
+    # the default folders are the run's outputs: a new run there is refused, naming it (as peft_adapter-NAME)
+    assert main(test_cli._train_args({**tiny, "bert": wide}, run, "--steps", "1")) == 2
+    assert "merged-step-3" in _error(capsys)
+
+
+def test_merged_flags_are_one_line_errors(run, tmp_path, capsys):
+    assert main(["export", str(run), "--dtype", "bfloat16", "--out", str(tmp_path / "x")]) == 2
+    assert "--dtype bfloat16: the dtype of a --merged model's weights" in _error(capsys)
+    assert main(["export", str(run), "--merged", "--dtype", "int8"]) == 2  # argparse's choices
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (run / "merged-step-6").exists()
+
+
+@pytest.fixture(scope="module")
+def bf16_gpt2(tiny, tmp_path_factory) -> str:
+    """test_cli's tiny GPT-2 (its WordPiece tokenizer) saved in bf16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bf16") / "gpt2"
+    AutoModelForCausalLM.from_pretrained(tiny["gpt2"], dtype=torch.float32).to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny["gpt2"]).save_pretrained(path)
+    return str(path)
+
+
+def test_a_bf16_causal_lm_merges_in_fp32_is_written_in_bf16_and_generates_as_the_run(bf16_gpt2, tiny, tmp_path,
+                                                                                      capsys):
+    """A bf16 base: the merged weights are written in bf16 (half the fp32 size), each the fp32 merge rounded once;
+    --dtype float32 writes the fp32 merge, whose logits and greedy tokens are unified-lora's own. The run trained
+    with lora_dropout 0.1: its adapter export records it (PEFT builds its dropout from it for is_trainable=True)."""
+    from unified_lora.inference import load_trained
+
+    run = tmp_path / "run"
+    (tmp_path / "cfg.yaml").write_text("lora_dropout: 0.1\n")
+    assert main(["train", "--model", bf16_gpt2, "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
+                 "c_attn", "--steps", "4", "--batch-size", "8", "--max-length", "16", "--lrs", "3e-2", "3e-2", "3e-2",
+                 "--output-dir", str(run), "--log-every", "0", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    assert json.loads((run / "peft_adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    capsys.readouterr()
+    assert main(["export", str(run), "--merged"]) == 0  # auto: the base's bf16
+    assert "merged model (rank 8, bfloat16, " in capsys.readouterr().out
+    assert main(["export", str(run), "--merged", "--dtype", "float32", "--out", str(tmp_path / "fp32")]) == 0
+    half, full = _weights(run / "merged-step-4"), _weights(tmp_path / "fp32")
+    assert half.keys() == full.keys() and {t.dtype for t in half.values()} == {torch.bfloat16}
+    assert json.loads((run / "merged-step-4" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in half)  # rounded once, from the fp32 merge
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(run / "merged-step-4") < 0.55 * size(tmp_path / "fp32")
+    tr = load_trained(run, device="cpu")
+    ids = [[2, 5, 6, 7, 8, 9], [2, 10, 11, 12, 13, 14]]
+    with torch.no_grad():
+        x = torch.tensor(ids)
+        ours = tr.model(input_ids=x).logits
+        tokens = tr.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                                   min_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+    auto = "AutoModelForCausalLM"
+    fp32, bf16, base = _plain((tmp_path / "fp32", auto, ids, 12), (run / "merged-step-4", auto, ids, 0),
+                              (bf16_gpt2, auto, ids, 12))
+    assert torch.allclose(torch.tensor(fp32["logits"]), ours, atol=1e-5) and fp32["tokens"] == tokens
+    assert bf16["dtype"] == "torch.bfloat16"
+    assert torch.allclose(torch.tensor(bf16["logits"]), ours, atol=0.1, rtol=0.05)
+    # the delta moved the logits by more than that, and reaches the generation: the base model continues otherwise
+    assert (torch.tensor(base["logits"]) - ours).abs().max() > 0.3 and base["tokens"] != tokens
+
+
+def test_a_multitask_run_merges_the_task_asked_for_with_its_own_classes(wide, data, tmp_path, capsys):
+    from unified_lora.inference import load_trained
+    from unified_lora.training import encode_rows, load_table
+
+    out = tmp_path / "run"
+    assert main(test_cli_multitask._mt_args(wide, out, data["pos"], data["tri"], extra=(
+        "--task-names", "pos,tri", "--no-controller", "--steps", "4", "--log-every", "0"))) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--merged"]) == 2  # each task's adapter gives its own model
+    assert _error(capsys).endswith(f"--merged: {out} is a multi-task run (tasks pos, tri), and each task's adapter "
+                                   "gives its own model; pass --task NAME for the task to merge")
+    assert main(["export", str(out), "--merged", "--task", "tir"]) == 2
+    assert _error(capsys).endswith("its tasks are pos, tri (did you mean tri?)")
+    assert not [p for p in out.iterdir() if p.name.startswith("merged-")]
+    logits, jobs = {}, []
+    for task, path in (("pos", data["pos"]), ("tri", data["tri"])):
+        assert main(["export", str(out), "--merged", "--task", task]) == 0
+        assert f"merged model of task {task} (rank 8, float32, " in capsys.readouterr().out
+        tr = load_trained(out, task=task, device="cpu")  # predict's loading
+        ids = encode_rows(tr.tokenizer, load_table(path, ["text"], "label"), "seq-cls", 16)["input_ids"][:8]
+        logits[task] = tr.run.logits(task, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        jobs.append((out / f"merged-step-4-{task}", "AutoModelForSequenceClassification", ids.tolist(), 0))
+    pos, tri = _plain(*jobs)
+    # each task's own classes: a head of that many outputs, its logits the task's
+    assert pos["labels"] == {"0": "0", "1": "1"} and tri["labels"] == {"0": "neg", "1": "pos", "2": "zzz"}
+    assert torch.allclose(torch.tensor(pos["logits"]), logits["pos"], atol=1e-5)
+    assert torch.allclose(torch.tensor(tri["logits"]), logits["tri"], atol=1e-5)
+    assert logits["pos"].shape[1] == 2 and logits["pos"][:, 1].std() > 1e-3
+    assert not torch.allclose(logits["pos"], logits["tri"][:, :2], atol=1e-3)  # (each task's own adapter)
+
+
+def test_a_quantized_base_is_refused_with_merged(tiny, tmp_path, capsys):
+    """A run on a bitsandbytes 8-bit base (a pre-quantized folder, which `train` loads and trains on the CPU):
+    --merged is refused before the model loads, naming the quantization; nothing is written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    full, q8 = tmp_path / "llama", tmp_path / "llama-8bit"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(full)
+    AutoModelForCausalLM.from_pretrained(full, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                         device_map="cpu").save_pretrained(q8)
+    AutoTokenizer.from_pretrained(tiny["gpt2"]).save_pretrained(q8)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(q8), "--data", tiny["csv"], "--text-columns", "text", "--target-modules",
+                 "q_proj,v_proj", "--steps", "1", "--batch-size", "8", "--max-length", "16", "--output-dir", str(run),
+                 "--log-every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--merged"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and len(said.err.strip().splitlines()) == 1  # (refused before the checkpoint loads)
+    assert f"unified-lora: error: --merged: the run's base model {q8} is quantized (bitsandbytes 8-bit)" in said.err
+    assert "Export the adapter (without --merged)" in said.err
+    assert not (run / "merged-step-1").exists()

@@ -153,7 +153,7 @@ def make_folder(save_dir) -> None:
 
 
 @contextlib.contextmanager
-def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
+def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = (), drop=None):
     """Write a set of files into `save_dir` as one: yield a temporary folder inside it (`.tmp-<host>-<pid>-...`) to write
     them into; once the body returns, each goes into `save_dir` by `os.replace` (replacing the file of that name,
     flushed to the disk first), `last` last, after the old `last` was deleted. So a failure or interrupt while
@@ -162,7 +162,10 @@ def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
     Other files in `save_dir` (the user's) are left alone; those named in `keep` that exist are first copied into
     the temporary folder, for the writer to update (a README the writer amends). A `save_dir` that is a file (or a
     link to nothing) is a ValueError saying so (`os.makedirs`' own was "File exists"). The temporary folders of
-    writers killed outright (SIGKILL) on this host are removed first (`remove_dead_leftovers`)."""
+    writers killed outright (SIGKILL) on this host are removed first (`remove_dead_leftovers`). `drop` (a function of
+    a file name): files of `save_dir` that this write does not replace and that a reader would take for part of the
+    new set (a previous model's weight shards beside new weights in one file) are deleted once the old `last` is
+    gone, before the new files go in."""
     make_folder(save_dir)
     remove_dead_leftovers(save_dir)
     tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
@@ -178,6 +181,11 @@ def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = ()):
         with contextlib.suppress(FileNotFoundError):  # (another process writing the same folder removed it first)
             os.remove(os.path.join(save_dir, last))
         fsync_dir(save_dir)  # the old `last` is gone before a new file is in place
+        if drop is not None:
+            for name in os.listdir(save_dir):
+                path = os.path.join(save_dir, name)
+                if name not in names and drop(name) and (os.path.islink(path) or os.path.isfile(path)):
+                    os.remove(path)
         for name in [n for n in names if n != last] + [last]:
             os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
         fsync_dir(save_dir)

@@ -6,6 +6,7 @@
     unified-lora report RUN
     unified-lora predict RUN --data test.csv   # the run's newest checkpoint on new rows (or --prompts for a causal LM)
     unified-lora export RUN --checkpoint step-40   # a checkpoint's adapter in PEFT format
+    unified-lora export RUN --merged               # the base model with the adapter folded in (no PEFT needed)
 
 Errors in the input (missing file, unknown column, bad option value, ...) print one
 line `unified-lora: error: ...` and exit with code 2; `--debug` shows the traceback.
@@ -978,6 +979,7 @@ _RESUME_FIXED = ("model", "task_type", "data", "dev_data", "dev_fraction", "text
 # would mix with the new ones, and --resume would pick the old run's newest step).
 _RUN_OUTPUTS = ("checkpoints", "peft_adapter", "best", "summary.json", "trace.jsonl", "plot.png", "console.txt")
 EXPORT_PREFIX = "peft_adapter-"  # `unified-lora export`'s default folder in the run: peft_adapter-<checkpoint name>
+MERGED_PREFIX = "merged-"  # `export --merged`'s: merged-<checkpoint name> (a multi-task run's: -<task> after it)
 
 
 def _run_outputs(out: Path) -> list[str]:
@@ -994,10 +996,10 @@ def _run_outputs(out: Path) -> list[str]:
 
 
 def _exports(out: Path) -> list[str]:
-    """The folders `unified-lora export` wrote into run folder `out` under their default names (peft_adapter-NAME):
-    the previous run's, which `train --overwrite` deletes with its checkpoints."""
-    return sorted(p.name for p in out.glob(f"{EXPORT_PREFIX}*") if p.is_dir() and not p.is_symlink()) \
-        if out.is_dir() else []
+    """The folders `unified-lora export` wrote into run folder `out` under their default names (peft_adapter-NAME,
+    and merged-NAME of --merged): the previous run's, which `train --overwrite` deletes with its checkpoints."""
+    return sorted(p.name for p in out.iterdir() if p.name.startswith((EXPORT_PREFIX, MERGED_PREFIX)) and p.is_dir()
+                  and not p.is_symlink()) if out.is_dir() else []
 
 
 def _resume_changes(old, new) -> list[str]:
@@ -1753,44 +1755,80 @@ def _run_and_checkpoint_args(p: argparse.ArgumentParser, default_note: str) -> N
 
 def cmd_export(args) -> int:
     """`unified-lora export RUN`: a checkpoint's adapter in PEFT format, as `train` writes `peft_adapter/` at its end
-    (`export_peft_to`), from the checkpoint loaded as `predict` loads it (`inference.load_trained`)."""
+    (`export_peft_to`), from the checkpoint loaded as `predict` loads it (`inference.load_trained`). With --merged: the
+    base model with the adapter folded in, a plain transformers model folder (`inference.write_merged`)."""
     from . import inference
     from ._files import left_by_dead_process
-    from .training import BEST, UsageError
+    from .training import BEST, UsageError, resolve_model
 
+    merged = args.merged
+    if args.dtype is not None and not merged:
+        raise UsageError(f"--dtype {args.dtype}: the dtype of a --merged model's weights; an adapter is written in the "
+                         "dtype it trained in. Pass --merged, or leave --dtype out")
     run = Path(args.run_dir)
     ckpt = inference.find_checkpoint(run, args.checkpoint)  # (its errors: not a run, no such checkpoint, and which are)
-    out = Path(args.out).expanduser() if args.out else run / f"{EXPORT_PREFIX}{ckpt.name}"
+    default = f"{MERGED_PREFIX}{ckpt.name}{f'-{args.task}' if args.task else ''}" if merged \
+        else f"{EXPORT_PREFIX}{ckpt.name}"
+    out = Path(args.out).expanduser() if args.out else run / default
     flag = f"--out {args.out}" if args.out else f"the default output {out}"
+    what = "the merged model" if merged else "the adapter"
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{flag}: a file, not a folder; pass the folder to write the adapter into")
+        raise UsageError(f"{flag}: a file, not a folder; pass the folder to write {what} into")
     # the run folder itself, its checkpoints/ and best/: the adapter's files (a task's folder) would mix with the run's
     inside = [p.resolve() for p in (run / "checkpoints", run / BEST)]
     if out.resolve() == run.resolve() or any(p == out.resolve() or p in out.resolve().parents for p in inside):
         raise UsageError(f"{flag}: inside the run's own folders ({run}, its checkpoints/ or best/); pass another "
                          "--out")
+    base: dict = {}
 
     def check(cfg) -> None:  # before the model loads, after --task (a task not in the run was refused as a full --out)
         if args.rank is not None and args.rank not in tuple(cfg.rank_levels):
             raise UsageError(f"--rank {args.rank}: not one of the run's nested ranks "
                              f"({', '.join(map(str, cfg.rank_levels))}); pass one of them, or leave it out for the "
                              "controller's rank at the checkpoint")
+        if merged and args.task is None and isinstance(cfg.data, dict):  # (a multi-task run's data: {task: path})
+            raise UsageError(f"--merged: {run} is a multi-task run (tasks {', '.join(cfg.data)}), and each task's "
+                             "adapter gives its own model; pass --task NAME for the task to merge")
+        if merged:
+            path = resolve_model(cfg.model)
+            quantized = inference.quantization_of(path)
+            if quantized:
+                raise UsageError(f"--merged: the run's base model {cfg.model} is quantized ({quantized}); folding the "
+                                 "delta into its quantized weights would round every weight again, not only add the "
+                                 "delta. Export the adapter (without --merged) and load it with PEFT on that base, or "
+                                 "merge it into the base loaded unquantized (bf16/fp32)")
+            base["dtype"] = inference.DTYPES[args.dtype] if args.dtype not in (None, "auto") \
+                else inference.stored_dtype(path)
         held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
         if held and not args.overwrite:
+            replaced = "its model, weight and adapter files are replaced" if merged else \
+                "its adapter files are replaced"
             raise UsageError(f"{flag}: exists and holds {', '.join(sorted(held)[:3])}{' ...' if len(held) > 3 else ''}"
-                             "; pass --overwrite to write the adapter into it (its adapter files are replaced, other "
-                             "files kept), or another --out")
+                             f"; pass --overwrite to write {what} into it ({replaced}, other files kept), or another "
+                             "--out")
 
-    # on the CPU in fp32: nothing runs forward, and the weights are written as they are stored
+    # on the CPU in fp32: nothing runs forward, and the weights are written as they are stored (a merge sums in fp32)
     trained = inference.load_trained(run, str(ckpt), "cpu", "fp32", args.trust_checkpoint, task=args.task,
                                      config_check=check, all_tasks=True, command="export")
     rank = trained.rank if args.rank is None else args.rank
     multi = bool(getattr(trained.run, "specs", None))
     tasks = [args.task] if args.task else None
     print(f"checkpoint {trained.checkpoint} (step {trained.step}): {trained.task_type}, the controller at rank "
-          f"{trained.rank} ({trained.mode})" + (f"; exported at --rank {rank}: the adapter computes the model at that "
-                                                "rank, not what predict computes with this checkpoint"
+          f"{trained.rank} ({trained.mode})" + (f"; exported at --rank {rank}: the "
+                                                f"{'merged model is' if merged else 'adapter computes'} the model at "
+                                                "that rank, not what predict computes with this checkpoint"
                                                 if rank != trained.rank else ""))
+    if merged:
+        try:
+            size = inference.write_merged(trained, out, rank, base["dtype"])
+        except ValueError as e:  # a merge that cannot be done (a base weight computed at each forward)
+            print(f"{PROG}: error: --merged: {e}", file=sys.stderr)
+            return 1
+        auto = _AUTO_CLASS.get(trained.task_type, "AutoModel")
+        print(f"merged model{f' of task {args.task}' if multi else ''} (rank {rank}, "
+              f"{str(base['dtype']).removeprefix('torch.')}, {_size(size)} of weights) with its tokenizer: {out} "
+              f"(loads with transformers' {auto}.from_pretrained(path), without PEFT)")
+        return 0
     note = trained.run.export_peft_to(out, rank=rank, tasks=tasks)
     if note:
         print(f"{PROG}: error: {note}", file=sys.stderr)
@@ -1800,6 +1838,17 @@ def cmd_export(args) -> int:
     print(f"PEFT adapter{what} (rank {rank}): {where} (loads with peft.PeftModel.from_pretrained(base_model, "
           f"path{'/TASK' if multi and not args.task else ''}))")
     return 0
+
+
+_AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification"}
+
+
+def _size(n: int) -> str:
+    """A byte count as the console prints it: 1.5 GiB, 12.3 MiB, 840 KiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 # ----------------------------------------------------------------------------- parser
@@ -1925,7 +1974,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with torch.load(weights_only=False), for a file you trust that holds more than tensors and plain "
                    "values (by default it is refused: unpickling other objects can run code the file carries)")
     again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
-                       "previous run, deleting its checkpoints, peft_adapter/ (and the peft_adapter-NAME/ of unified-lora export), "
+                       "previous run, deleting its checkpoints, peft_adapter/ (and the peft_adapter-NAME/ and "
+                       "merged-NAME/ of unified-lora export), "
                        "trace and summary")
     t.add_argument("--no-controller", action="store_true", help="plain LoRA at the MULTI rank and LR (several "
                    "--data sets: an adapter per task from the start, never merged)")
@@ -2078,20 +2128,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "torch.load(weights_only=False), for a file you trust (as train --resume)")
     pr.set_defaults(func=cmd_predict)
 
-    ex = sub.add_parser("export", parents=[common], help="write a train run's checkpoint as a PEFT adapter",
+    ex = sub.add_parser("export", parents=[common], help="write a train run's checkpoint as a PEFT adapter (or, "
+                        "--merged, as a merged model)",
                         description="Load a `unified-lora train` run's checkpoint as predict does and write its adapter "
                                     "in PEFT format (adapter_config.json, adapter_model.safetensors), as train writes "
                                     "peft_adapter/ at its end; it loads with peft.PeftModel.from_pretrained(base_model, "
-                                    "path). A multi-task run: a folder per task.")
+                                    "path). A multi-task run: a folder per task. With --merged: the base model "
+                                    "with the adapter folded in, a plain transformers model folder with the "
+                                    "tokenizer.")
     _run_and_checkpoint_args(ex, ", as predict")
-    ex.add_argument("--out", help="the folder to write (default: RUN/peft_adapter-<checkpoint name>); one that holds "
-                    "files is refused without --overwrite")
+    ex.add_argument("--out", help="the folder to write (default: RUN/peft_adapter-<checkpoint name>, with --merged "
+                    "RUN/merged-<checkpoint name>); one that holds files is refused without --overwrite")
     ex.add_argument("--overwrite", action="store_true", help="write into an --out that holds files: the adapter's "
-                    "files are replaced, others kept")
+                    "files are replaced (--merged: the model's, and a previous export's weight and adapter files "
+                    "go), others kept")
     ex.add_argument("--rank", type=int, help="the nested rank to export (one of the run's rank levels; default: the "
                     "controller's rank at the checkpoint, the one predict runs at)")
     ex.add_argument("--task", help="a multi-task run: export this task's adapter alone (default: every task's, in a "
-                    "folder each)")
+                    "folder each); with --merged, required: the task whose model to write")
+    ex.add_argument("--merged", action="store_true", help="write the base model with the adapter folded in "
+                    "instead: a plain transformers model folder with the tokenizer, which AutoModelForCausalLM / "
+                    "AutoModelForSequenceClassification.from_pretrained loads without PEFT (default folder: "
+                    "RUN/merged-<checkpoint name>; a multi-task run needs --task: RUN/merged-<checkpoint name>-<task>)")
+    ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="--merged: the dtype of "
+                    "the weights written (default auto: the base model's own, as its config.json records it; the "
+                    "merge itself is summed in fp32 and rounded once)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="load the checkpoint's state.pt with "
                     "torch.load(weights_only=False), for a file you trust (as train --resume)")
     ex.set_defaults(func=cmd_export)

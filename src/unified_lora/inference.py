@@ -14,6 +14,7 @@ import contextlib
 import csv
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -215,6 +216,75 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     task, glue = run_task(cfg, task_type)
     return Trained(run, tok, ckpt, int(st["run"]["global_step"]), task_type, task, glue,
                    list(classes) if classes else None)
+
+
+# ----------------------------------------------------------------------------- merged model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # export --dtype
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+# the files a model folder's weights (or an adapter) are read from: a previous export's that a new one does not write
+# would be read instead of the new weights (a model.safetensors beside new shards) or beside them (an adapter's config
+# makes transformers load the folder as a PEFT adapter)
+_MODEL_FILE = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?"
+                         r"|adapter_config\.json|tf_model\.h5|flax_model\.msgpack")
+
+
+def stored_dtype(model_path: str) -> torch.dtype:
+    """The dtype a base model's weights are stored in, as transformers' dtype="auto" reads it: its config's (`dtype`,
+    transformers 4's `torch_dtype`), else that of the first floating-point tensor of its safetensors weights (a local
+    folder's); fp32 where neither says. (`load_model` loads every model in fp32, whatever this is.)"""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else ():
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                found = _SAFETENSORS_DTYPES.get(st.get_slice(key).get_dtype())
+                if found is not None:
+                    return found
+    return torch.float32
+
+
+def quantization_of(model_path: str) -> str | None:
+    """How a base model's weights are quantized, from its config's `quantization_config` (bitsandbytes 4-bit or
+    8-bit, GPTQ, AWQ, ...), or None."""
+    from transformers import AutoConfig
+
+    q = getattr(AutoConfig.from_pretrained(model_path), "quantization_config", None)
+    if not q:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else None
+    return " ".join(str(x) for x in (q.get("quant_method"), bits) if x) or "quantized"
+
+
+def write_merged(trained: Trained, out: Path, rank: int, dtype: torch.dtype) -> int:
+    """Write `trained`'s model with the adapter's delta at `rank` folded in (`Run.merged_model`, on the fp32 weights
+    the run loaded; a multi-task run's for its task, `trained.route`) as a plain transformers model folder `out`:
+    the weights cast to `dtype` (each rounded once, after the merge), the config (a classifier's labels named by the
+    run's classes), the generation config and the tokenizer, by `save_pretrained`. It loads with
+    `AutoModelFor...from_pretrained(out)`, without unified-lora or PEFT. Written as the adapter export is (into a
+    temporary folder in `out`, then renamed in, `config.json` last: `folder_written_atomically`); a previous export's
+    weight or adapter files that this one does not write are deleted (from_pretrained would read them). The run's
+    model is consumed. Returns the bytes of the weight files written."""
+    from ._files import folder_written_atomically
+
+    model = trained.run.merged_model(rank, trained.route)
+    if trained.task_type == "seq-cls" and trained.classes:
+        model.config.id2label = dict(enumerate(trained.classes))
+        model.config.label2id = {c: i for i, c in enumerate(trained.classes)}
+    model.to(dtype)
+    with folder_written_atomically(str(out), "config.json", drop=_MODEL_FILE.fullmatch) as tmp:
+        model.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).iterdir() if _MODEL_FILE.fullmatch(p.name))
 
 
 # ----------------------------------------------------------------------------- files

@@ -374,6 +374,35 @@ class MultiTaskRun(Run):
                             p.copy_(v)
         return None
 
+    def merged_model(self, rank: int | None = None, task: str | None = None):
+        """Task `task`'s model: the adapter it runs (its own in MULTI/MIRROR, put in the shared blocks as its PEFT
+        export puts it; in SINGLE the shared one) folded in as a one-task run's is (`Run.merged_model`). A classifier's
+        head keeps the task's own classes alone (its first outputs, the ones the task's logits are), and the config's
+        label count follows."""
+        from contextlib import nullcontext
+
+        from .model import _replace
+        from .multitask import _task_as_shared
+
+        if task not in self.tasks:
+            raise ValueError(f"task: {task!r} is not one of this run's tasks {self.tasks}")
+        layers = list(self.adapters.values())
+        own = self.ctrl.router.topology == "task"
+        with _task_as_shared(layers, self.ctrl.router.known_slot(task)) if own else nullcontext():
+            model = super().merged_model(rank)
+        n = len(self.specs[self.tasks.index(task)].classes)
+        head = model.get_submodule(self.head_target) if self.head_target else None
+        if isinstance(head, torch.nn.Linear) and n and head.out_features > n:
+            cut = torch.nn.Linear(head.in_features, n, bias=head.bias is not None, device=head.weight.device,
+                                  dtype=head.weight.dtype)
+            with torch.no_grad():
+                cut.weight.copy_(head.weight[:n])
+                if head.bias is not None:
+                    cut.bias.copy_(head.bias[:n])
+            _replace(model, self.head_target, cut)
+            model.config.num_labels = n
+        return model
+
     def _state_extra(self) -> dict:
         return {"tasks": [asdict(s) for s in self.specs]}
 

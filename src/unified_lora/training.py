@@ -1777,6 +1777,18 @@ class Run:
         note on why it was not written. (`tasks`: a multi-task run's, `MultiTaskRun.export_peft_to`.)"""
         return export_peft(self.model, self.adapters, self.ctrl.rank if rank is None else rank, out_dir)
 
+    def merged_model(self, rank: int | None = None, task: str | None = None):
+        """The model with the adapter's delta at `rank` (default: the controller's) folded into the base weights and
+        each nested layer replaced by its base layer (`peft_io.merge_and_unload`, which sums in the weights' dtype,
+        fp32 in a run, and unties a tied weight it merges into): a plain transformers model, the trained
+        `modules_to_save` in it as they are. The run's model is consumed (its adapters are gone). (`task`: a
+        multi-task run's, `MultiTaskRun.merged_model`.)"""
+        from .peft_io import merge_and_unload
+
+        if task is not None:
+            raise ValueError(f"task: {task!r} given for a run of one task")
+        return merge_and_unload(self.model, self.ctrl.rank if rank is None else rank)
+
     def _state_extra(self) -> dict:
         """What a checkpoint's state holds besides `STATE_KEYS` and the run's own keys (a multi-task run: its tasks)."""
         return {}
