@@ -584,6 +584,31 @@ def test_demo_no_baseline_and_composite_signal(tiny, tmp_path, capsys):
     assert "calibration_steps: 5 would be ignored: the 'composite' signal does not read it" in capsys.readouterr().err
 
 
+def test_the_demo_refuses_rows_past_a_rotary_models_context(tiny, tmp_path, capsys):
+    """A Llama classifier (rotary positions, max_position_embeddings 64) ran the demo on 82-token rows without a
+    word, where the BERT of the bad-input case below is refused: it is refused too, as `train` refuses it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny["bert"])
+    torch.manual_seed(0)
+    llama = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id))
+    llama.config.architectures = ["LlamaForSequenceClassification"]
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    capsys.readouterr()
+    data = _write(tmp_path / "long.csv", "text,label\n" + "".join(f"{'good ' * 80},1\nawful film,0\n" * 4))
+    args = _demo_args(tiny, tmp_path / "demo", "--target-modules", "q_proj,v_proj", "--modules-to-save", "score",
+                      "--max-length", "100", "--no-baseline")
+    args[args.index("--model") + 1], args[args.index("--data") + 1] = str(tmp_path / "llama"), str(data)
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "unified-lora: error: --max-length 100: the data's longest row is 82 tokens, past the model's context of 64 "
+        "positions (max_position_embeddings 64); its rotary positions run on past it without an error, on positions "
+        "it was never trained on; pass --max-length 64 or less\n")
+
+
 # ----------------------------------------------------------------------------- train, resume
 
 

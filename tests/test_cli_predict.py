@@ -480,6 +480,19 @@ def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):
     assert math.isfinite(list(_evals(run).values())[-1]["loss"])
 
 
+def test_a_rope_scaled_context_is_the_limit_of_a_prompt_and_its_new_tokens(models, tmp_path, capsys):
+    """The tiny Llama with a linear rope scaling of factor 2 in its config has a context of 128 positions, as `train`
+    reads it (it trains on rows up to 128 tokens): a prompt of 72 tokens and 8 new ones were refused for its
+    max_position_embeddings, 64."""
+    scaled = test_cli_sft.rope_scaled(models, tmp_path / "linear", {"rope_type": "linear", "factor": 2.0})
+    run, _ = _sft_run({"llama": scaled}, tmp_path, "llama", steps=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a" * 70 + "\n")  # <s>, "▁" and 70 characters
+    assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "8"]) == 0
+    [row] = _read(run / "predictions.jsonl")
+    assert row["prompt"] == "a" * 70
+
+
 def test_generation_also_stops_at_the_end_of_turn_tokens_of_the_models_generation_config(models, tmp_path):
     """A chat model's generation config lists its end-of-turn token (Llama 3 Instruct's <|eot_id|>), which need not
     be its tokenizer's eos. `generate` used to pass the tokenizer's eos alone, overriding that list, so a completion

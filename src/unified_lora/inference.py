@@ -26,8 +26,8 @@ from .data.loaders import (_GLUE, _check_no_null_text, _read_records, check_colu
                            load_glue_rows, missing_key_error, no_rows_error, read_text)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
-                       load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
-                       resolve_model, seed_everything, special_prefix, unused_label_note)
+                       load_model, model_context, model_device, predict_logits, read_state, render_chat,
+                       resolve_device, resolve_model, seed_everything, special_prefix, unused_label_note)
 
 FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
 ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
@@ -447,11 +447,6 @@ def encode_prompts(tokenizer, prompts: Sequence, corpus: bool = False, chat: boo
             for i, t in enumerate(prompts)]
 
 
-def _positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 _PROBE = "unifiedloraendofturnprobe"  # an assistant message's content, found in the template's rendering
 
 
@@ -515,7 +510,7 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
     from transformers import GenerationConfig
 
     model, tok = trained.model, trained.tokenizer
-    limit = _positions(model)
+    limit = model_context(model).positions  # (as train's rows: a rope scaling in the config extends the context)
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise UsageError(f"prompt {i + 1} is empty and the tokenizer puts no token before a text: nothing to "

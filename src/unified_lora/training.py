@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -1353,14 +1353,72 @@ def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+class Context(NamedTuple):
+    """How many positions a model takes (`model_context`): `positions` (None: its config names no limit), whether
+    they are rotary (`rotary`: computed, not looked up in a table), and where the number comes from (`source`, for a
+    message: "max_position_embeddings 64", "max_position_embeddings 64 × linear rope scaling factor 2")."""
+
+    positions: int | None
+    rotary: bool
+    source: str
+
+
+def _rope_parameters(cfg) -> list[dict]:
+    """A config's rope parameters (transformers 5's `rope_parameters`, older configs' `rope_scaling`), one dict per
+    layer type where they are nested by it (Gemma 3's full and sliding attention); [] where it has none."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return []
+    nested = [p for p in params.values() if isinstance(p, dict)]
+    return nested or [params]
+
+
+def model_context(model) -> Context:
+    """The most positions `model` takes, from its (text) config: max_position_embeddings (GPT-2's n_positions). A
+    rotary model (rope parameters in its config: Llama, Qwen, GPT-NeoX; GPT-J's rotary_dim) computes its positions,
+    so it runs past that without an error, on positions it was not trained on; a rope scaling in the config (a
+    `rope_type` other than "default" with a `factor`) extends it to original_max_position_embeddings (else
+    max_position_embeddings) × factor, where that is more. A model with a position table (BERT, GPT-2) fails past it;
+    Falcon with ALiBi (`alibi`) has no limit."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0 or getattr(cfg, "alibi", False):
+        return Context(None, False, "")
+    key = (getattr(cfg, "attribute_map", None) or {}).get("max_position_embeddings", "max_position_embeddings")
+    source = f"{key} {limit}"
+    ropes = _rope_parameters(cfg)
+    rotary = bool(ropes) or getattr(cfg, "rope_theta", None) is not None or getattr(cfg, "rotary_dim", None) is not None
+    positions = limit
+    for p in ropes:
+        kind = p.get("rope_type", p.get("type", "default"))
+        original = p.get("original_max_position_embeddings") or limit
+        factor = p.get("factor") or limit / original  # (yarn, longrope without a factor: the ratio, as transformers)
+        if kind != "default" and isinstance(factor, (int, float)) and int(original * factor) > positions:
+            positions = int(original * factor)
+            source = (f"{key} {limit}" if original == limit else f"original_max_position_embeddings {original}") + \
+                f" × {kind} rope scaling factor {factor:g}"
+    return Context(positions, rotary, source)
+
+
 @torch.no_grad()
 def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> None:
     """Run the model once on the longest encoded row, so that a row it cannot take (more tokens than its position
     embeddings hold: BERT's or GPT-2's max_position_embeddings / n_positions) is a UsageError now, not an
-    IndexError at the first batch that holds such a row, possibly hours into training."""
+    IndexError at the first batch that holds such a row, possibly hours into training. A rotary model (Llama) runs
+    on past its context without an error, on positions it was never trained on: a row longer than its context
+    (`model_context`: rope scaling in its config extends it) is refused before it runs."""
     widths = [(int(e["attention_mask"].sum(1).max()), e) for e in encs if len(e["labels"])]
     if not widths:
         return
+    context = model_context(model)
+    width = max(widths, key=lambda t: t[0])[0]
+    if context.rotary and context.positions and width > context.positions:
+        raise UsageError(f"--max-length {max_length}: the data's longest row is {width} tokens, past the model's "
+                         f"context of {context.positions} positions ({context.source}); its rotary positions run on "
+                         "past it without an error, on positions it was never trained on; pass --max-length "
+                         f"{context.positions} or less")
     dev = model_device(model)
 
     def run(pick) -> int:  # run once on the longest (pick=max) or the shortest (min) row; its length
@@ -1375,9 +1433,7 @@ def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> 
     try:
         run(max)
     except (IndexError, RuntimeError, ValueError) as e:
-        width = max(widths, key=lambda t: t[0])[0]
-        cfg = getattr(model, "config", None)
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        limit = context.positions
         short = min(int(e_["attention_mask"].sum(1).min()) for _, e_ in widths)
         if short < width and (limit is None or short <= limit):
             try:  # a row of any length fails (a tokenizer that does not fit the model: T5's classifier finds no eos)
