@@ -506,7 +506,8 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
     on chat data) the chat template's end of turn (`end_of_turn`: ChatML's <|im_end|>). The completion is the new
     tokens up to it, decoded without special tokens. Prompts go in batches of up to `batch_size` prompts of the same
     token count, so no prompt is padded and a prompt's greedy completion does not depend on the others. A prompt
-    with no token, or one that with `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
+    with no token, one that fills the model's context alone (too long, whatever `max_new_tokens` is), or one that
+    with `max_new_tokens` exceeds it, is a UsageError naming it."""
     from transformers import GenerationConfig
 
     model, tok = trained.model, trained.tokenizer
@@ -515,6 +516,10 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
         if not ids:
             raise UsageError(f"prompt {i + 1} is empty and the tokenizer puts no token before a text: nothing to "
                              "generate from")
+        if limit and len(ids) >= limit:  # no new token fits, whatever --max-new-tokens is
+            raise UsageError(f"prompt {i + 1} is too long: {len(ids)} tokens, and the model's context is {limit} "
+                             f"positions, which leaves no room for a new token; shorten it to at most {limit - 1} "
+                             "tokens")
         if limit and len(ids) + max_new_tokens > limit:
             raise UsageError(f"prompt {i + 1}: {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed the "
                              f"model's {limit} positions; pass a smaller --max-new-tokens or a shorter prompt")
