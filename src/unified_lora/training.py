@@ -859,7 +859,12 @@ def _covered(path: str, names: Sequence[str]) -> bool:
 class TextCorpus(list):
     """Causal-LM text from a plain-text file (.txt or .raw: tinyshakespeare, a wiki dump): a list of documents that
     `encode_rows` tokenises as one stream, with EOS between documents, and cuts into `max_length`-token blocks
-    (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples."""
+    (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples.
+    `source` is what an error calls it (`_load_texts`: its file; `split_corpus`: the train or dev split of it), and
+    `split`, on a part that `split_corpus` made, is (the dev fraction, "train" or "dev", the other part)."""
+
+    source = "the text corpus"
+    split: tuple[float, str, TextCorpus] | None = None
 
 
 PROMPT_COMPLETION = ("prompt", "completion")  # a causal LM's table read as pairs without --text-columns
@@ -936,7 +941,9 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_
         text = read_text(path)
         if not text.strip():
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
-        return TextCorpus([text]), columns
+        corpus = TextCorpus([text])
+        corpus.source = str(path)
+        return corpus, columns
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
     found = (*PROMPT_COMPLETION, CHAT_COLUMN) if detect and columns == ["text"] else ()
@@ -983,7 +990,12 @@ def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextC
     train, dev = text[:cut], text[cut:]
     if not train.strip() or not dev.strip():
         raise DataError(f"the corpus is too short to hold out {fraction:.0%} of it as dev text; pass --dev-data")
-    return TextCorpus([train]), TextCorpus([dev])
+    parts = TextCorpus([train]), TextCorpus([dev])
+    for part, other, name, where in zip(parts, parts[::-1], ("train", "dev"), ("all but the last", "the last")):
+        part.source = (f"the {name} split of {corpus.source} ({where} {fraction:.0%} of it, by --dev-fraction "
+                       f"{fraction:g})")
+        part.split = (fraction, name, other)
+    return parts
 
 
 def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | None = None,
@@ -1336,18 +1348,49 @@ def encode_chat(tokenizer, rows: Sequence[Chat], max_length: int, assistant_only
                         "larger --max-length")
 
 
-def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
-    """A TextCorpus as rows of `max_length` tokens: every document tokenised whole (no truncation), EOS
-    between documents, the stream cut into blocks and the remainder dropped; a corpus shorter than one
-    block is one shorter row. Every token is a label."""
+def _corpus_stream(tokenizer, corpus: TextCorpus) -> list[int]:
+    """A TextCorpus's token ids as `encode_corpus` reads them: every document whole, EOS between documents."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in corpus:
         if stream and eos is not None:
             stream.append(eos)
         stream += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+    return stream
+
+
+def _corpus_fix(tokenizer, corpus: TextCorpus) -> str:
+    """The advice for a corpus that gives fewer than 2 tokens: more text; for a split of one (`split_corpus`), the
+    --dev-fraction nearest its own, in steps of 0.01 (larger for a short dev split, smaller for a short train
+    split), that splits the text into two parts of at least 2 tokens each, or a --dev-data file where none does."""
+    if corpus.split is None:
+        return "add text to it"
+    fraction, name, other = corpus.split
+    text = "".join(corpus + other if name == "train" else other + corpus)  # (the parts of the text, in order)
+    pcts = range(math.floor(fraction * 100) + 1, 100) if name == "dev" else range(math.ceil(fraction * 100) - 1, 0, -1)
+    cuts = set()
+    for pct in pcts:
+        try:
+            parts = split_corpus(TextCorpus([text]), pct / 100)
+        except DataError:
+            continue
+        if len(parts[0][0]) not in cuts:  # (fractions that cut at the same line start split it alike)
+            cuts.add(len(parts[0][0]))
+            if all(len(_corpus_stream(tokenizer, p)) >= 2 for p in parts):
+                return f"pass --dev-fraction {pct / 100:g} (or a --dev-data file)"
+    return (f"no --dev-fraction splits it into two parts of 2 tokens or more (the whole text gives "
+            f"{len(_corpus_stream(tokenizer, TextCorpus([text])))}); pass a --dev-data file, or a longer corpus")
+
+
+def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
+    """A TextCorpus as rows of `max_length` tokens: every document tokenised whole (no truncation), EOS
+    between documents, the stream cut into blocks and the remainder dropped; a corpus shorter than one
+    block is one shorter row. Every token is a label."""
+    stream = _corpus_stream(tokenizer, corpus)
     if len(stream) < 2:
-        raise DataError("the text corpus gives fewer than 2 tokens; a causal LM needs at least one next token")
+        raise DataError(f"{corpus.source} gives {len(stream)} token{'' if len(stream) == 1 else 's'}; a causal LM "
+                        f"needs at least 2 (a token, and the next one to predict), whatever --max-length is (a corpus "
+                        f"shorter than a block is one shorter row); {_corpus_fix(tokenizer, corpus)}")
     n = len(stream) // max_length
     ids = torch.tensor(stream[:n * max_length] if n else stream, dtype=torch.long).view(max(n, 1), -1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
