@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,22 @@ def command_line() -> str:
     """The command that reproduces this run, relative to the repo root."""
     argv = [os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0], *sys.argv[1:]]
     return "python " + " ".join(shlex.quote(a) for a in argv)
+
+
+def git_commit(repo: Path = REPO) -> dict:
+    """The code a run ran: {"commit": the short hash of the checkout's HEAD, "dirty": whether the checkout differs
+    from it (a tracked file changed, or a file git does not ignore added; benchmarks/results/, where the runs write,
+    left out)}. Both None where git cannot tell (no git, a copy without its .git). `repo`: the checkout's root."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"],
+                                cwd=repo, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 def environment() -> dict:

@@ -32,7 +32,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multitask_conflict as mc  # noqa: E402
-from _common import LoadMonitor, command_line, environment  # noqa: E402
+from _common import LoadMonitor, command_line, environment, git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -138,15 +137,6 @@ def evaluate(model, dev: dict, glue: dict, batch: int = 64) -> dict:
     return out
 
 
-def _commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=10)
-        return r.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: str) -> dict:
     from unified_lora import MULTI, SINGLE, MachineConfig
 
@@ -186,7 +176,7 @@ def run(pair: str, method: str, seed: int, d: dict, settings: dict, model_path: 
             "controller": {"grad_noise": ctrl.signal.config.grad_noise, "warmup_steps": ctrl.machine.config.warmup_steps,
                            "min_dwell": ctrl.machine.config.min_dwell, "total_steps": ctrl.total_steps},
             "train_seconds": round(seconds, 1), "eval_seconds": round(time.time() - t0, 1), "load": load.record(),
-            "commit": _commit(), "command": command_line(), "env": environment()}
+            **git_commit(), "command": command_line(), "env": environment()}
 
 
 # ------------------------------------------------------------------------------------------------ report

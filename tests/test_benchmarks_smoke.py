@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +36,39 @@ def test_quality_run_writes_one_json_per_cell(quality_out):
     res = json.loads((quality_out / "runs" / "mrpc__unified_v1__clean__s0.json").read_text())
     assert set(res["metrics"]) == {"f1", "accuracy"}
     assert res["majority_baseline"]["f1"] > 0 and len(res["train_loss"]) == 6 and res["command"]
+    # the code it ran: the checkout's commit, and whether the checkout differed from it (a run JSON had neither)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)
+    assert res["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(res["dirty"], bool) if res["commit"] else res["dirty"] is None
+
+
+def test_git_commit_names_head_and_whether_the_checkout_differs_from_it(tmp_path):
+    """`_common.git_commit`, which the quality and multi-task runs record: HEAD's short hash; dirty where a tracked
+    file changed or an unignored file was added, not for what the runs write under benchmarks/results/; None for
+    both outside a git checkout."""
+    git_commit = load_benchmark("_common.py").git_commit
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert git_commit(repo) == {"commit": None, "dirty": None}  # not a checkout yet
+    git("init", "-q")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "c")
+    head = git("rev-parse", "--short", "HEAD")
+    assert git_commit(repo) == {"commit": head, "dirty": False}
+    (repo / "benchmarks" / "results" / "run.json").write_text("{}\n")  # a run's output
+    assert git_commit(repo) == {"commit": head, "dirty": False}
+    (repo / "new.py").write_text("y = 2\n")
+    assert git_commit(repo) == {"commit": head, "dirty": True}
+    (repo / "new.py").unlink()
+    (repo / "code.py").write_text("x = 2\n")
+    assert git_commit(repo) == {"commit": head, "dirty": True}
 
 
 def test_adalora_run_records_a_pruned_rank_pattern(quality_out):

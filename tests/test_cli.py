@@ -584,6 +584,31 @@ def test_demo_no_baseline_and_composite_signal(tiny, tmp_path, capsys):
     assert "calibration_steps: 5 would be ignored: the 'composite' signal does not read it" in capsys.readouterr().err
 
 
+def test_the_demo_refuses_rows_past_a_rotary_models_context(tiny, tmp_path, capsys):
+    """A Llama classifier (rotary positions, max_position_embeddings 64) ran the demo on 82-token rows without a
+    word, where the BERT of the bad-input case below is refused: it is refused too, as `train` refuses it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny["bert"])
+    torch.manual_seed(0)
+    llama = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id))
+    llama.config.architectures = ["LlamaForSequenceClassification"]
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    capsys.readouterr()
+    data = _write(tmp_path / "long.csv", "text,label\n" + "".join(f"{'good ' * 80},1\nawful film,0\n" * 4))
+    args = _demo_args(tiny, tmp_path / "demo", "--target-modules", "q_proj,v_proj", "--modules-to-save", "score",
+                      "--max-length", "100", "--no-baseline")
+    args[args.index("--model") + 1], args[args.index("--data") + 1] = str(tmp_path / "llama"), str(data)
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "unified-lora: error: --max-length 100: the data's longest row is 82 tokens, past the model's context of 64 "
+        "positions (max_position_embeddings 64); its rotary positions run on past it without an error, on positions "
+        "it was never trained on; pass --max-length 64 or less\n")
+
+
 # ----------------------------------------------------------------------------- train, resume
 
 
@@ -1217,8 +1242,40 @@ def test_a_text_corpus_is_one_token_stream_with_eos_between_documents(tiny):
     assert torch.equal(enc["labels"], enc["input_ids"]) and bool(enc["attention_mask"].all())
     short = encode_corpus(tok, TextCorpus(docs[:1]), 64)  # shorter than a block: one shorter row
     assert short["input_ids"].tolist() == [ids[0]]
-    with pytest.raises(DataError, match="fewer than 2 tokens"):
+    with pytest.raises(DataError, match=r"^the text corpus gives 1 token; a causal LM needs at least 2 .*; add text "
+                                        r"to it$"):
         encode_corpus(tok, TextCorpus(["good"]), 16)
+
+
+def test_a_corpus_too_short_names_its_part_its_tokens_and_the_dev_fraction_that_fits(tiny, tmp_path, capsys):
+    """A tiny .txt corpus was refused with "the text corpus gives fewer than 2 tokens": not whether the train split,
+    the dev split or the whole file was short, by how much, or what would do. The error names the part and its token
+    count, and for a split the --dev-fraction that splits the text into two parts of 2 tokens or more (checked here:
+    it trains), or that none does."""
+    corpus, dev = tmp_path / "corpus.txt", tmp_path / "dev.txt"
+
+    def train(out: str, *extra) -> int:
+        return main(["train", "--model", tiny["gpt2"], "--data", str(corpus), "--target-modules", "c_attn", "--steps",
+                     "1", "--batch-size", "8", "--max-length", "16", "--log-every", "0", "--output-dir",
+                     str(tmp_path / out), *extra])
+
+    needs = ("a causal LM needs at least 2 (a token, and the next one to predict), whatever --max-length is (a corpus "
+             "shorter than a block is one shorter row)")
+    corpus.write_text("good bad great fine nice happy superb awful\npoor\n")  # (the tokenizer's words: a token each)
+    assert train("dev_short") == 2
+    assert capsys.readouterr().err == (f"unified-lora: error: the dev split of {corpus} (the last 10% of it, by "
+                                       f"--dev-fraction 0.1) gives 1 token; {needs}; pass --dev-fraction 0.13 (or a "
+                                       "--dev-data file)\n")
+    assert train("dev_fraction", "--dev-fraction", "0.13") == 0
+    corpus.write_text("good\nbad awful poor sad terrible ugly the a movie film\n")  # every cut falls in line 2
+    assert train("train_short") == 2
+    assert capsys.readouterr().err == (f"unified-lora: error: the train split of {corpus} (all but the last 10% of it, "
+                                       f"by --dev-fraction 0.1) gives 1 token; {needs}; no --dev-fraction splits it "
+                                       "into two parts of 2 tokens or more (the whole text gives 11); pass a "
+                                       "--dev-data file, or a longer corpus\n")
+    dev.write_text("poor\n")
+    assert train("dev_data", "--dev-data", str(dev)) == 2
+    assert capsys.readouterr().err == f"unified-lora: error: {dev} gives 1 token; {needs}; add text to it\n"
 
 
 def test_a_text_corpus_is_said_as_one_stream_and_refuses_no_text_eos(tiny, tmp_path, capsys):

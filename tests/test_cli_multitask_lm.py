@@ -247,3 +247,19 @@ def test_two_processes_train_a_causal_lms_tasks_to_the_weights_and_task_losses_o
     assert ea.keys() == eb.keys()
     for point, m in ea.items():
         assert eb[point] == pytest.approx(m, rel=1e-5), point
+
+
+def test_a_rotary_model_is_refused_rows_past_its_context_in_multi_task_mode_too(models, tmp_path, capsys):
+    """The tiny Llama (rotary, max_position_embeddings 64) on two tables, one of rows longer than 64 tokens: refused
+    as a one-task run refuses them, before training (it trained on positions past its context without a word)."""
+    long = _texts(tmp_path / "long.jsonl", ["abc def " * 12] * 10)  # <s>, "▁" and the 96 characters, </s>
+    short = _texts(tmp_path / "short.jsonl", ["abc"] * 10)
+    out = tmp_path / "run"
+    assert main(["train", "--model", models["llama"], "--data", long, short, "--target-modules", "q_proj,v_proj",
+                 "--batch-size", "4", "--max-length", "128", "--steps", "1", "--log-every", "0", "--threads", "1",
+                 "--output-dir", str(out)]) == 2
+    assert _error(capsys) == (
+        "unified-lora: error: --max-length 128: the data's longest row is 99 tokens, past the model's context of 64 "
+        "positions (max_position_embeddings 64); its rotary positions run on past it without an error, on positions "
+        "it was never trained on; pass --max-length 64 or less")
+    assert not (out / "trace.jsonl").exists()

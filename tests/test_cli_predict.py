@@ -480,6 +480,43 @@ def test_a_causal_lm_run_needs_prompts_or_data(models, tmp_path, capsys):
     assert math.isfinite(list(_evals(run).values())[-1]["loss"])
 
 
+def test_a_prompt_that_fills_the_context_is_said_to_be_too_long(models, tmp_path, capsys):
+    """A prompt longer than the model's 64 positions was told to pass a smaller --max-new-tokens, which cannot help:
+    it is said to be too long, with its token count and the context. One that a smaller --max-new-tokens lets through
+    keeps that advice."""
+    run, _ = _sft_run(models, tmp_path, "gpt2", steps=1)
+    prompts = tmp_path / "p.txt"
+    for prompt, err in (("a" * 70, "prompt 2 is too long: 70 tokens, and the model's context is 64 positions, which "
+                                   "leaves no room for a new token; shorten it to at most 63 tokens"),
+                        ("a" * 64, "prompt 2 is too long: 64 tokens, and the model's context is 64 positions, which "
+                                   "leaves no room for a new token; shorten it to at most 63 tokens"),
+                        ("a" * 60, "prompt 2: 60 tokens and --max-new-tokens 8 exceed the model's 64 positions; pass a "
+                                   "smaller --max-new-tokens or a shorter prompt")):
+        prompts.write_text("say hi:\n" + prompt + "\n")  # (GPT-2's character tokenizer: a token a character)
+        capsys.readouterr()
+        assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "8"]) == 2
+        assert _error(capsys) == "unified-lora: error: " + err
+    assert not (run / "predictions.jsonl").exists()
+
+
+def test_a_rope_scaled_context_is_the_limit_of_a_prompt_and_its_new_tokens(models, tmp_path, capsys):
+    """The tiny Llama with a linear rope scaling of factor 2 in its config has a context of 128 positions, as `train`
+    reads it (it trains on rows up to 128 tokens): a prompt of 72 tokens and 8 new ones were refused for its
+    max_position_embeddings, 64."""
+    scaled = test_cli_sft.rope_scaled(models, tmp_path / "linear", {"rope_type": "linear", "factor": 2.0})
+    run, _ = _sft_run({"llama": scaled}, tmp_path, "llama", steps=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a" * 70 + "\n")  # <s>, "▁" and 70 characters
+    assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "8"]) == 0
+    [row] = _read(run / "predictions.jsonl")
+    assert row["prompt"] == "a" * 70
+    prompts.write_text("a" * 126 + "\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), "--prompts", str(prompts), "--max-new-tokens", "8"]) == 2
+    assert _error(capsys) == ("unified-lora: error: prompt 1 is too long: 128 tokens, and the model's context is 128 "
+                              "positions, which leaves no room for a new token; shorten it to at most 127 tokens")
+
+
 def test_generation_also_stops_at_the_end_of_turn_tokens_of_the_models_generation_config(models, tmp_path):
     """A chat model's generation config lists its end-of-turn token (Llama 3 Instruct's <|eot_id|>), which need not
     be its tokenizer's eos. `generate` used to pass the tokenizer's eos alone, overriding that list, so a completion

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -410,3 +411,75 @@ def test_a_tokenizer_without_eos_adds_none_and_the_run_says_so_once(tiny, tmp_pa
                  "--batch-size", "4", "--max-length", "16", "--log-every", "0", "--output-dir",
                  str(tmp_path / "run")]) == 0
     assert capsys.readouterr().out.count("the tokenizer has no eos token, so none ends a completion") == 1
+
+
+# ----------------------------------------------------------------------------- the model's context
+
+
+def rope_scaled(models: dict, path: Path, rope: dict) -> str:
+    """The tiny Llama (max_position_embeddings 64) saved again with `rope` as its config's rope parameters."""
+    shutil.copytree(models["llama"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_theta": 10000.0, **rope}}))
+    return str(path)
+
+
+def test_a_rotary_model_is_refused_rows_past_its_context_unless_its_rope_scaling_extends_it(models, tmp_path,
+                                                                                             capsys):
+    """GPT-2 (a position table) fails on a row past its 64 positions and is refused; the tiny Llama (rotary positions,
+    max_position_embeddings 64) trained on 128-token blocks without a word, its positions run past those it was
+    trained on. It is refused too, naming its context; a linear rope scaling of factor 2 extends it to 128."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc def ghi " * 40 + "\n")
+
+    def train(model: str, max_length: int, out: str) -> int:
+        return main(["train", "--model", model, "--data", str(corpus), "--target-modules", "q_proj,v_proj", "--steps",
+                     "1", "--batch-size", "4", "--max-length", str(max_length), "--log-every", "0", "--threads", "1",
+                     "--output-dir", str(tmp_path / out)])
+
+    assert train(models["llama"], 128, "past") == 2
+    assert capsys.readouterr().err == (
+        "unified-lora: error: --max-length 128: the data's longest row is 128 tokens, past the model's context of 64 "
+        "positions (max_position_embeddings 64); its rotary positions run on past it without an error, on positions "
+        "it was never trained on; pass --max-length 64 or less\n")
+    assert not (tmp_path / "past" / "trace.jsonl").exists()
+    assert train(models["llama"], 64, "at") == 0  # a block as long as its context
+    scaled = rope_scaled(models, tmp_path / "linear", {"rope_type": "linear", "factor": 2.0})
+    capsys.readouterr()
+    assert train(scaled, 128, "scaled") == 0
+    assert capsys.readouterr().err == ""
+    assert train(scaled, 160, "past_scaled") == 2
+    assert capsys.readouterr().err == (
+        "unified-lora: error: --max-length 160: the data's longest row is 160 tokens, past the model's context of 128 "
+        "positions (max_position_embeddings 64 × linear rope scaling factor 2); its rotary positions run on past it "
+        "without an error, on positions it was never trained on; pass --max-length 128 or less\n")
+
+
+def test_the_context_of_a_model_is_read_from_its_config_per_kind_of_positions():
+    """`model_context`: a position table's size (GPT-2's n_positions, BERT's max_position_embeddings); a rotary
+    model's max_position_embeddings, extended by a rope scaling (transformers 5's rope_parameters or an older
+    config's rope_scaling) to original_max_position_embeddings (else max_position_embeddings) × factor where that is
+    more (Llama 3.1's max_position_embeddings is already the extended context); no limit for ALiBi or T5."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, FalconConfig, GPT2Config, GPTJConfig, LlamaConfig, T5Config
+
+    from unified_lora.training import Context, model_context
+
+    def context(cfg) -> Context:
+        return model_context(SimpleNamespace(config=cfg))
+
+    assert context(GPT2Config(n_positions=64)) == Context(64, False, "n_positions 64")
+    assert context(BertConfig(max_position_embeddings=40)) == Context(40, False, "max_position_embeddings 40")
+    assert context(LlamaConfig(max_position_embeddings=64)) == Context(64, True, "max_position_embeddings 64")
+    assert context(GPTJConfig(n_positions=32)) == Context(32, True, "n_positions 32")  # rotary_dim, no rope params
+    assert context(LlamaConfig(max_position_embeddings=64, rope_scaling={"type": "dynamic", "factor": 3.0})) == \
+        Context(192, True, "max_position_embeddings 64 × dynamic rope scaling factor 3")
+    assert context(LlamaConfig(max_position_embeddings=64, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e4})) == \
+        Context(128, True, "original_max_position_embeddings 32 × yarn rope scaling factor 4")
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "rope_theta": 5e5}
+    assert context(LlamaConfig(max_position_embeddings=131072, rope_parameters=llama31)) == \
+        Context(131072, True, "max_position_embeddings 131072")
+    assert context(FalconConfig(alibi=True)).positions is None and context(T5Config()).positions is None

@@ -4,8 +4,9 @@
         --conditions clean,noise40 --seeds 0,1,2 --steps 150
 
 Each (task, method, condition, seed) is one run that writes its own JSON to
-`benchmarks/results/quality/runs/`; a run whose JSON exists is skipped, so the
-grid fills up across sittings. `report.py` turns the JSONs into quality.md + plots.
+`benchmarks/results/quality/runs/` (with the command, and the git commit the code
+came from and whether the checkout was dirty); a run whose JSON exists is skipped,
+so the grid fills up across sittings. `report.py` turns the JSONs into quality.md + plots.
 
 Same budget for every method: the same steps, batch size, base learning rate
 (--lr, chosen once for lora_r8 and reused), seeds, data order (the loader's
@@ -47,7 +48,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402
 from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCKS, budget, budget_diff  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -515,6 +518,7 @@ def main(argv=None) -> int:
     claims = Path(args.claim) if args.claim else None
     if claims:
         claims.mkdir(parents=True, exist_ok=True)
+    code = git_commit()  # the code this process imported, recorded in each run it writes (runs before this have none)
     done = 0
     for seed, task, condition, method in jobs:
         name = run_name(task, method, condition, seed, args.tag)
@@ -528,6 +532,7 @@ def main(argv=None) -> int:
             continue
         res = run_one(task, method, condition, seed, args)
         res["command"] = "python benchmarks/quality/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        res.update(code)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel workers never share one
         tmp.write_text(json.dumps(res, indent=1) + "\n")
         tmp.replace(path)

@@ -730,12 +730,12 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
     **{k: k for k in (
         "model", "data", "dev_data", "task_type", "text_columns", "label_column", "epochs", "steps", "batch_size",
         "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
-        "modules_to_save", "seed", "output_dir", "dev_size", "log_every", "threads", "shock_start", "shock_end",
-        "shock_type", "min_dwell", "controller_warmup", "theta0", "theta1", "mirror_policy", "mirror_kernel",
-        "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device", "precision",
-        "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler", "warmup_steps",
-        "warmup_ratio", "lr_scheduler_kwargs", "metric_for_best", "save_best", "early_stopping_patience",
-        "early_stopping_threshold",
+        "modules_to_save", "seed", "output_dir", "dev_size", "dev_fraction", "log_every", "threads", "shock_start",
+        "shock_end", "shock_type", "min_dwell", "controller_warmup", "theta0", "theta1", "mirror_policy",
+        "mirror_kernel", "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device",
+        "precision", "grad_accum", "max_nonfinite_steps", "assistant_only_loss", "text_eos", "lr_scheduler",
+        "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs", "metric_for_best", "save_best",
+        "early_stopping_patience", "early_stopping_threshold",
         "task_names", "resplit_window")},
     "lrs": "mode_lrs",
 }
@@ -1986,6 +1986,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dev-data", nargs="+", help="evaluation file (default: GLUE dev.tsv, else 10%% of --data held "
                    "out; for a text corpus, its tail); several --data sets: one per task, in their order (YAML dev_data: a "
                    "mapping {task: file} that may leave tasks to their default)")
+    t.add_argument("--dev-fraction", type=float, help="without --dev-data (a GLUE folder has its dev.tsv): the share "
+                   "of --data held out as dev rows; of a text corpus, its tail, cut at a line start (default 0.1)")
     t.add_argument("--task-names", type=_csv_list("mrpc,rte"), help="several --data sets: their task names, "
                    "comma-separated, in their order (default: each one's GLUE folder or file stem, lower-case)")
     t.add_argument("--task-type", choices=("auto", "seq-cls", "causal-lm"),

@@ -27,8 +27,8 @@ from .data.loaders import (_GLUE, _check_no_null_text, _read_records, check_colu
                            load_glue_rows, missing_key_error, no_rows_error, read_text)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
-                       load_model, model_device, predict_logits, read_state, render_chat, resolve_device,
-                       resolve_model, seed_everything, special_prefix, unused_label_note)
+                       load_model, model_context, model_device, predict_logits, read_state, render_chat,
+                       resolve_device, resolve_model, seed_everything, special_prefix, unused_label_note)
 
 FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
 ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
@@ -517,11 +517,6 @@ def encode_prompts(tokenizer, prompts: Sequence, corpus: bool = False, chat: boo
             for i, t in enumerate(prompts)]
 
 
-def _positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 _PROBE = "unifiedloraendofturnprobe"  # an assistant message's content, found in the template's rendering
 
 
@@ -581,15 +576,20 @@ def generate(trained: Trained, prompt_ids: Sequence[Sequence[int]], max_new_toke
     on chat data) the chat template's end of turn (`end_of_turn`: ChatML's <|im_end|>). The completion is the new
     tokens up to it, decoded without special tokens. Prompts go in batches of up to `batch_size` prompts of the same
     token count, so no prompt is padded and a prompt's greedy completion does not depend on the others. A prompt
-    with no token, or one that with `max_new_tokens` exceeds the model's positions, is a UsageError naming it."""
+    with no token, one that fills the model's context alone (too long, whatever `max_new_tokens` is), or one that
+    with `max_new_tokens` exceeds it, is a UsageError naming it."""
     from transformers import GenerationConfig
 
     model, tok = trained.model, trained.tokenizer
-    limit = _positions(model)
+    limit = model_context(model).positions  # (as train's rows: a rope scaling in the config extends the context)
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise UsageError(f"prompt {i + 1} is empty and the tokenizer puts no token before a text: nothing to "
                              "generate from")
+        if limit and len(ids) >= limit:  # no new token fits, whatever --max-new-tokens is
+            raise UsageError(f"prompt {i + 1} is too long: {len(ids)} tokens, and the model's context is {limit} "
+                             f"positions, which leaves no room for a new token; shorten it to at most {limit - 1} "
+                             "tokens")
         if limit and len(ids) + max_new_tokens > limit:
             raise UsageError(f"prompt {i + 1}: {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed the "
                              f"model's {limit} positions; pass a smaller --max-new-tokens or a shorter prompt")

@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -862,7 +862,12 @@ def _covered(path: str, names: Sequence[str]) -> bool:
 class TextCorpus(list):
     """Causal-LM text from a plain-text file (.txt or .raw: tinyshakespeare, a wiki dump): a list of documents that
     `encode_rows` tokenises as one stream, with EOS between documents, and cuts into `max_length`-token blocks
-    (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples."""
+    (the last, shorter part is dropped, as Hugging Face's run_clm does). A table's rows are separate samples.
+    `source` is what an error calls it (`_load_texts`: its file; `split_corpus`: the train or dev split of it), and
+    `split`, on a part that `split_corpus` made, is (the dev fraction, "train" or "dev", the other part)."""
+
+    source = "the text corpus"
+    split: tuple[float, str, TextCorpus] | None = None
 
 
 PROMPT_COMPLETION = ("prompt", "completion")  # a causal LM's table read as pairs without --text-columns
@@ -939,7 +944,9 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_
         text = read_text(path)
         if not text.strip():
             raise DataError(f"{path} is empty; a .txt corpus needs some text")
-        return TextCorpus([text]), columns
+        corpus = TextCorpus([text])
+        corpus.source = str(path)
+        return corpus, columns
     if fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv, .jsonl or (causal-lm) plain-text .txt/.raw file")
     found = (*PROMPT_COMPLETION, CHAT_COLUMN) if detect and columns == ["text"] else ()
@@ -986,7 +993,12 @@ def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextC
     train, dev = text[:cut], text[cut:]
     if not train.strip() or not dev.strip():
         raise DataError(f"the corpus is too short to hold out {fraction:.0%} of it as dev text; pass --dev-data")
-    return TextCorpus([train]), TextCorpus([dev])
+    parts = TextCorpus([train]), TextCorpus([dev])
+    for part, other, name, where in zip(parts, parts[::-1], ("train", "dev"), ("all but the last", "the last")):
+        part.source = (f"the {name} split of {corpus.source} ({where} {fraction:.0%} of it, by --dev-fraction "
+                       f"{fraction:g})")
+        part.split = (fraction, name, other)
+    return parts
 
 
 def load_data(cfg: TrainConfig, task_type: str, note: Callable[[str], None] | None = None,
@@ -1339,31 +1351,120 @@ def encode_chat(tokenizer, rows: Sequence[Chat], max_length: int, assistant_only
                         "larger --max-length")
 
 
-def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
-    """A TextCorpus as rows of `max_length` tokens: every document tokenised whole (no truncation), EOS
-    between documents, the stream cut into blocks and the remainder dropped; a corpus shorter than one
-    block is one shorter row. Every token is a label."""
+def _corpus_stream(tokenizer, corpus: TextCorpus) -> list[int]:
+    """A TextCorpus's token ids as `encode_corpus` reads them: every document whole, EOS between documents."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in corpus:
         if stream and eos is not None:
             stream.append(eos)
         stream += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+    return stream
+
+
+def _corpus_fix(tokenizer, corpus: TextCorpus) -> str:
+    """The advice for a corpus that gives fewer than 2 tokens: more text; for a split of one (`split_corpus`), the
+    --dev-fraction nearest its own, in steps of 0.01 (larger for a short dev split, smaller for a short train
+    split), that splits the text into two parts of at least 2 tokens each, or a --dev-data file where none does."""
+    if corpus.split is None:
+        return "add text to it"
+    fraction, name, other = corpus.split
+    text = "".join(corpus + other if name == "train" else other + corpus)  # (the parts of the text, in order)
+    pcts = range(math.floor(fraction * 100) + 1, 100) if name == "dev" else range(math.ceil(fraction * 100) - 1, 0, -1)
+    cuts = set()
+    for pct in pcts:
+        try:
+            parts = split_corpus(TextCorpus([text]), pct / 100)
+        except DataError:
+            continue
+        if len(parts[0][0]) not in cuts:  # (fractions that cut at the same line start split it alike)
+            cuts.add(len(parts[0][0]))
+            if all(len(_corpus_stream(tokenizer, p)) >= 2 for p in parts):
+                return f"pass --dev-fraction {pct / 100:g} (or a --dev-data file)"
+    return (f"no --dev-fraction splits it into two parts of 2 tokens or more (the whole text gives "
+            f"{len(_corpus_stream(tokenizer, TextCorpus([text])))}); pass a --dev-data file, or a longer corpus")
+
+
+def encode_corpus(tokenizer, corpus: TextCorpus, max_length: int) -> dict[str, torch.Tensor]:
+    """A TextCorpus as rows of `max_length` tokens: every document tokenised whole (no truncation), EOS
+    between documents, the stream cut into blocks and the remainder dropped; a corpus shorter than one
+    block is one shorter row. Every token is a label."""
+    stream = _corpus_stream(tokenizer, corpus)
     if len(stream) < 2:
-        raise DataError("the text corpus gives fewer than 2 tokens; a causal LM needs at least one next token")
+        raise DataError(f"{corpus.source} gives {len(stream)} token{'' if len(stream) == 1 else 's'}; a causal LM "
+                        f"needs at least 2 (a token, and the next one to predict), whatever --max-length is (a corpus "
+                        f"shorter than a block is one shorter row); {_corpus_fix(tokenizer, corpus)}")
     n = len(stream) // max_length
     ids = torch.tensor(stream[:n * max_length] if n else stream, dtype=torch.long).view(max(n, 1), -1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class Context(NamedTuple):
+    """How many positions a model takes (`model_context`): `positions` (None: its config names no limit), whether
+    they are rotary (`rotary`: computed, not looked up in a table), and where the number comes from (`source`, for a
+    message: "max_position_embeddings 64", "max_position_embeddings 64 × linear rope scaling factor 2")."""
+
+    positions: int | None
+    rotary: bool
+    source: str
+
+
+def _rope_parameters(cfg) -> list[dict]:
+    """A config's rope parameters (transformers 5's `rope_parameters`, older configs' `rope_scaling`), one dict per
+    layer type where they are nested by it (Gemma 3's full and sliding attention); [] where it has none."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return []
+    nested = [p for p in params.values() if isinstance(p, dict)]
+    return nested or [params]
+
+
+def model_context(model) -> Context:
+    """The most positions `model` takes, from its (text) config: max_position_embeddings (GPT-2's n_positions). A
+    rotary model (rope parameters in its config: Llama, Qwen, GPT-NeoX; GPT-J's rotary_dim) computes its positions,
+    so it runs past that without an error, on positions it was not trained on; a rope scaling in the config (a
+    `rope_type` other than "default" with a `factor`) extends it to original_max_position_embeddings (else
+    max_position_embeddings) × factor, where that is more. A model with a position table (BERT, GPT-2) fails past it;
+    Falcon with ALiBi (`alibi`) has no limit."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0 or getattr(cfg, "alibi", False):
+        return Context(None, False, "")
+    key = (getattr(cfg, "attribute_map", None) or {}).get("max_position_embeddings", "max_position_embeddings")
+    source = f"{key} {limit}"
+    ropes = _rope_parameters(cfg)
+    rotary = bool(ropes) or getattr(cfg, "rope_theta", None) is not None or getattr(cfg, "rotary_dim", None) is not None
+    positions = limit
+    for p in ropes:
+        kind = p.get("rope_type", p.get("type", "default"))
+        original = p.get("original_max_position_embeddings") or limit
+        factor = p.get("factor") or limit / original  # (yarn, longrope without a factor: the ratio, as transformers)
+        if kind != "default" and isinstance(factor, (int, float)) and int(original * factor) > positions:
+            positions = int(original * factor)
+            source = (f"{key} {limit}" if original == limit else f"original_max_position_embeddings {original}") + \
+                f" × {kind} rope scaling factor {factor:g}"
+    return Context(positions, rotary, source)
 
 
 @torch.no_grad()
 def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> None:
     """Run the model once on the longest encoded row, so that a row it cannot take (more tokens than its position
     embeddings hold: BERT's or GPT-2's max_position_embeddings / n_positions) is a UsageError now, not an
-    IndexError at the first batch that holds such a row, possibly hours into training."""
+    IndexError at the first batch that holds such a row, possibly hours into training. A rotary model (Llama) runs
+    on past its context without an error, on positions it was never trained on: a row longer than its context
+    (`model_context`: rope scaling in its config extends it) is refused before it runs."""
     widths = [(int(e["attention_mask"].sum(1).max()), e) for e in encs if len(e["labels"])]
     if not widths:
         return
+    context = model_context(model)
+    width = max(widths, key=lambda t: t[0])[0]
+    if context.rotary and context.positions and width > context.positions:
+        raise UsageError(f"--max-length {max_length}: the data's longest row is {width} tokens, past the model's "
+                         f"context of {context.positions} positions ({context.source}); its rotary positions run on "
+                         "past it without an error, on positions it was never trained on; pass --max-length "
+                         f"{context.positions} or less")
     dev = model_device(model)
 
     def run(pick) -> int:  # run once on the longest (pick=max) or the shortest (min) row; its length
@@ -1378,9 +1479,7 @@ def check_row_length(model, max_length: int, *encs: dict[str, torch.Tensor]) -> 
     try:
         run(max)
     except (IndexError, RuntimeError, ValueError) as e:
-        width = max(widths, key=lambda t: t[0])[0]
-        cfg = getattr(model, "config", None)
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        limit = context.positions
         short = min(int(e_["attention_mask"].sum(1).min()) for _, e_ in widths)
         if short < width and (limit is None or short <= limit):
             try:  # a row of any length fails (a tokenizer that does not fit the model: T5's classifier finds no eos)
