@@ -182,7 +182,6 @@ def bench(shape: str, rank: int, repeats: int, min_time: float, dev=torch.device
         arms[name] = twin
     inner, times = time_arms(arms, x, gy, repeats, min_time)
     peft_act = saved_tensor_bytes(peft, x, gy)["activation_bytes"]
-    us = 1e6
     out = {"shape": shape, "rank": rank, "inner_iters": inner, "peft_s": summarize(times["peft"]),
            "peft_activation_bytes": peft_act, "variants": {},
            "diagnostics": _diagnostics(times)}

@@ -144,7 +144,6 @@ def render(runs: list[dict], plots: dict[str, str], runs_dir: Path, probe_dir: P
         tr = [r for r in runs if r["task"] == task]
         pm = tr[0]["primary_metric"]
         base = tr[0]["majority_baseline"]
-        cfg = tr[0]["config"]
         out += [f"## {task.upper()}", "",
                 "Majority-class baseline (always predict the train majority): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), "",
