@@ -658,3 +658,12 @@ def test_a_package_installed_right_under_the_root_finds_no_shared_glue_and_says_
     assert module._find_shared_glue() is None
     with pytest.raises(module.DataError, match="pass data_dir="):
         module.resolve_glue_dir("rte")
+
+
+def test_a_corpus_too_short_to_split_names_the_dev_fraction_and_both_ways_out():
+    """split_corpus's refusal told a user to pass --dev-data alone; `train --dev-fraction` sets the split too."""
+    from unified_lora.training import DataError, TextCorpus, split_corpus
+
+    with pytest.raises(DataError, match=r"too short to hold out 10% of it as dev text \(--dev-fraction 0.1\); pass "
+                                        r"another --dev-fraction, or a --dev-data file"):
+        split_corpus(TextCorpus(["ab\n"]), 0.1)

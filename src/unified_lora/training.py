@@ -992,7 +992,8 @@ def split_corpus(corpus: TextCorpus, fraction: float) -> tuple[TextCorpus, TextC
     cut = line if line > 0 else cut
     train, dev = text[:cut], text[cut:]
     if not train.strip() or not dev.strip():
-        raise DataError(f"the corpus is too short to hold out {fraction:.0%} of it as dev text; pass --dev-data")
+        raise DataError(f"the corpus is too short to hold out {fraction:.0%} of it as dev text (--dev-fraction "
+                        f"{fraction:g}); pass another --dev-fraction, or a --dev-data file")
     parts = TextCorpus([train]), TextCorpus([dev])
     for part, other, name, where in zip(parts, parts[::-1], ("train", "dev"), ("all but the last", "the last")):
         part.source = (f"the {name} split of {corpus.source} ({where} {fraction:.0%} of it, by --dev-fraction "
