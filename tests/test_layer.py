@@ -672,6 +672,35 @@ def test_target_modules_left_out_are_pefts_default_for_the_model_type(build, exp
     assert set(adapters) == peft_wrapped and {n.split(".")[-1] for n in adapters} == expected
 
 
+def tiny_gemma4():
+    """A tiny Gemma 4 (model type gemma4: a language model and a vision tower, both with q_proj and v_proj)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+
+    torch.manual_seed(0)
+    text = Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16)
+    return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision, audio_config=None))
+
+
+def test_target_modules_left_out_of_a_model_whose_peft_default_is_a_regex_adapt_what_peft_adapts():
+    """PEFT's default for Gemma 4 is a regex (its language model's q_proj and v_proj, not the vision tower's):
+    list() made it its characters ['.', '*', 'l', ...], and setup failed with "matched no Linear/Conv1D module"."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from unified_lora import default_target_modules, setup_unified_lora
+
+    model = tiny_gemma4()
+    assert default_target_modules(model) == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["gemma4"]
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8))
+    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    adapters, _ = setup_unified_lora(model, signal="loss", print_fn=None)
+    assert set(adapters) == peft_wrapped and len(adapters) == 4
+    assert all(".language_model." in n for n in adapters)
+
+
 def test_target_modules_left_out_for_a_model_peft_has_no_default_for_is_an_error_naming_its_layers():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"target_modules: not given, and PEFT has no default targets for a model "

@@ -38,15 +38,19 @@ def _matches(name: str, target: Iterable[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
-def default_target_modules(model: nn.Module) -> list[str]:
+def default_target_modules(model: nn.Module) -> list[str] | str:
     """PEFT's default LoRA targets for `model`'s `config.model_type` (what `LoraConfig(target_modules=None)` adapts:
-    query and value for BERT, c_attn for GPT-2, q_proj and v_proj for Llama). A model without a config, or of a type
-    PEFT has no default for, is a ValueError naming the Linear modules it has, as PEFT refuses it too."""
+    query and value for BERT, c_attn for GPT-2, q_proj and v_proj for Llama): a list of name suffixes, or the regex
+    PEFT gives for some types (Gemma 4's: the q_proj and v_proj of its language model, not of its vision or audio
+    towers), matched against whole module names as PEFT matches it. A model without a config, or of a type PEFT has
+    no default for, is a ValueError naming the Linear modules it has, as PEFT refuses it too."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in defaults:
-        return list(defaults[model_type])
+        targets = defaults[model_type]
+        # (a regex stays one: list() made it its characters, which matched nothing)
+        return targets if isinstance(targets, str) else list(targets)
     seen = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and _is_linear(m)})
     what = f"model type {model_type!r}" if model_type else "a model without a transformers config"
     raise ValueError(f"target_modules: not given, and PEFT has no default targets for {what}; name the Linear layers "
