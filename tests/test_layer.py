@@ -654,6 +654,23 @@ def test_a_top_rank_above_a_layers_min_in_out_warns_naming_the_layers_and_fittin
         inject_nested_lora(fits, NestedLoRAConfig(target_modules=["0", "2"]))
 
 
+def test_a_classifier_head_targeted_below_the_top_rank_is_not_warned_about():
+    """A multi-task run targets its classifier head (each task's own head delta: README's setup_multitask_lora recipe,
+    and `train` with several --data sets adds it itself); its out_features, the number of classes, is below the top
+    rank level 16 by design. Every such setup (and every predict or export of such a run) warned, telling the user to
+    leave out a target the run needs. A head of another name trained in full (modules_to_save) is one too."""
+    import warnings
+
+    from unified_lora.multitask import setup_multitask_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup_multitask_lora(tiny_bert(num_labels=3), ["sst2", "mrpc"], ["query", "value", "classifier"],
+                             print_fn=None)
+        head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 3)))
+        inject_nested_lora(head, NestedLoRAConfig(target_modules=["0", "2.1"], modules_to_save=["2"]))
+
+
 @pytest.mark.parametrize("build,expected", [(tiny_bert, {"query", "value"}), (tiny_gpt2, {"c_attn"}),
                                             (tiny_llama, {"q_proj", "v_proj"})], ids=["bert", "gpt2", "llama"])
 def test_target_modules_left_out_are_pefts_default_for_the_model_type(build, expected):

@@ -131,7 +131,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             adapters[name] = layer
         mark_modules_to_save(model, config.modules_to_save)
         keep_off_fast_paths(model)
-    _warn_ranks_above_layer_rank(adapters)
+    _warn_ranks_above_layer_rank(model, adapters)
     resize_wrapped_heads(model)
     keep_4bit_layers_differentiable(model)
     for m in model.modules():
@@ -142,12 +142,17 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     return adapters
 
 
-def _warn_ranks_above_layer_rank(adapters: dict[str, NestedLoRALayer]) -> None:
+def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoRALayer]) -> None:
     """A warning naming the layers whose top rank level is above min(in_features, out_features): there the product
     B·A (out × r times r × in) has rank at most min(in, out), so the levels above it add parameters (and, under the
-    alpha / r scaling, shrink the update) without adding a direction. PEFT accepts such a rank without a word."""
+    alpha / r scaling, shrink the update) without adding a direction. PEFT accepts such a rank without a word.
+    Output heads are left out: a classifier's number of classes bounds its delta by design, and a multi-task run
+    targets its head for each task's own head delta (a head named as "all-linear" leaves it out, the model's output
+    layer, or a layer trained in full by modules_to_save)."""
+    outputs = _output_layers(model)
     over = {n: min(a.in_features, a.out_features) for n, a in adapters.items()
-            if a.max_rank > min(a.in_features, a.out_features)}
+            if a.max_rank > min(a.in_features, a.out_features) and _matches(n, "all-linear") and id(a) not in outputs
+            and not getattr(getattr(a.base_layer, "weight", None), "requires_grad", False)}
     if over:
         top = next(iter(adapters.values())).max_rank
         shown = ", ".join(f"{n!r} (min(in, out) = {k})" for n, k in list(over.items())[:5])

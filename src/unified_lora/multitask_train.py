@@ -247,7 +247,7 @@ class MultiTaskRun(Run):
         targets = cfg.target_modules
         modules = dict(model.named_modules())
         # the head is added to the targets below: the ones given must still match the model's body, or a model whose
-        # layers are named otherwise (GPT-2's c_attn, Llama's q_proj: not the default query,value) trained its head
+        # layers are named otherwise (GPT-2's c_attn, Llama's q_proj: not query,value) trained its head
         # alone, where one data set is refused with "matched no Linear/Conv1D module"
         if not any(_is_linear(m) and _matches(n, targets) and not (root and (n == root or n.startswith(root + ".")))
                    for n, m in modules.items() if n):
