@@ -148,11 +148,13 @@ def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoR
     alpha / r scaling, shrink the update) without adding a direction. PEFT accepts such a rank without a word.
     Output heads are left out: a classifier's number of classes bounds its delta by design, and a multi-task run
     targets its head for each task's own head delta (a head named as "all-linear" leaves it out, the model's output
-    layer, or a layer trained in full by modules_to_save)."""
+    layer, a layer trained in full by modules_to_save, or the head a multi-task `train` run adds to the targets,
+    which marks it `_unified_lora_task_head`: BART's `classification_head.out_proj`)."""
     outputs = _output_layers(model)
     over = {n: min(a.in_features, a.out_features) for n, a in adapters.items()
             if a.max_rank > min(a.in_features, a.out_features) and _matches(n, "all-linear") and id(a) not in outputs
-            and not getattr(getattr(a.base_layer, "weight", None), "requires_grad", False)}
+            and not getattr(getattr(a.base_layer, "weight", None), "requires_grad", False)
+            and not getattr(a.base_layer, "_unified_lora_task_head", False)}
     if over:
         top = next(iter(adapters.values())).max_rank
         shown = ", ".join(f"{n!r} (min(in, out) = {k})" for n, k in list(over.items())[:5])

@@ -260,6 +260,8 @@ class MultiTaskRun(Run):
             targets = rf"(?:{targets})|{re.escape(head)}"
         elif head is not None and not _matches(head, targets):
             targets = [*targets, head]
+        if head is not None:  # (its few outputs are below the top rank by design: no warning on it)
+            model.get_submodule(head)._unified_lora_task_head = True
         actuators = cfg.actuator_config()
         machine = cfg.machine_config()
         if cfg.controller:  # the tasks start on one shared adapter; the controller splits them
