@@ -140,6 +140,22 @@ def test_a_multitask_run_exports_a_folder_per_task_or_the_one_asked_for(wide, da
     assert not folder.exists() and (tmp_path / "tri_only" / "tri").is_dir()
 
 
+def test_an_export_into_the_runs_base_model_folder_is_refused(tiny, wide, tmp_path, capsys):
+    """`export --merged --out BASE --overwrite` replaced the base model's weights with the merged ones, after which
+    predict, export and --resume loaded the run's adapter onto the merged model (the delta twice), silently; the
+    adapter export put adapter files beside the base's weights. Refused, naming the folder, with nothing written."""
+    base = tmp_path / "base"
+    shutil.copytree(wide, base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    run = tmp_path / "run"
+    assert main(test_cli._train_args({**tiny, "bert": str(base)}, run, "--steps", "1")) == 0
+    for extra in (["--merged"], []):
+        capsys.readouterr()
+        assert main(["export", str(run), *extra, "--out", str(base), "--overwrite"]) == 2
+        assert f"--out {base}: the run's base model folder; writing the " in _error(capsys)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
 def test_an_export_peft_cannot_express_is_one_line_and_exit_code_1(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     # LoRA on the head only: PEFT saves the head whole and cannot hold a LoRA layer inside it (train exits 3)

@@ -1889,3 +1889,27 @@ def test_an_attached_optimizer_that_never_steps_is_warned_about_and_a_copy_keeps
         _accumulation_loop(twin_model, twin, twin.optimizer, 70, lambda i: i % 2 == 1)
     assert ctrl._optimizer_steps == 0 and twin._optimizer_steps == 35
     assert len(_accumulation_warnings(record)) == 1
+
+
+def test_optimizer_steps_skipped_after_non_finite_losses_are_not_taken_for_an_accumulation(bert):
+    """A loop that skips optimizer.step() when the loss is not finite (as `train` does) made, on a run with NaN
+    losses on every other step, the accumulation warning ("16 of the last 32 calls came with no optimizer.step() ...,
+    as when it runs on each micro-batch of a gradient accumulation"), which misnamed the cause."""
+    import warnings
+
+    _, ctrl = setup_unified_lora(bert, target_modules=["query", "value"], signal="loss", print_fn=None)
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-3)
+    ctrl.attach_optimizer(opt)
+    x, y = classification_batch(n=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for i in range(70):
+            loss = bert(input_ids=x, labels=y).loss
+            loss.backward()
+            value = float("nan") if i % 2 else loss.item()
+            ctrl.step(loss=value)
+            if value == value:  # (not NaN)
+                opt.step()
+            opt.zero_grad()
+    assert ctrl.nonfinite_steps == 35 and ctrl._optimizer_steps == 35
+    assert _accumulation_warnings(record) == []

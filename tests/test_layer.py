@@ -654,6 +654,23 @@ def test_a_top_rank_above_a_layers_min_in_out_warns_naming_the_layers_and_fittin
         inject_nested_lora(fits, NestedLoRAConfig(target_modules=["0", "2"]))
 
 
+def test_a_classifier_head_targeted_below_the_top_rank_is_not_warned_about():
+    """A multi-task run targets its classifier head (each task's own head delta: README's setup_multitask_lora recipe,
+    and `train` with several --data sets adds it itself); its out_features, the number of classes, is below the top
+    rank level 16 by design. Every such setup (and every predict or export of such a run) warned, telling the user to
+    leave out a target the run needs. A head of another name trained in full (modules_to_save) is one too."""
+    import warnings
+
+    from unified_lora.multitask import setup_multitask_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup_multitask_lora(tiny_bert(num_labels=3), ["sst2", "mrpc"], ["query", "value", "classifier"],
+                             print_fn=None)
+        head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 3)))
+        inject_nested_lora(head, NestedLoRAConfig(target_modules=["0", "2.1"], modules_to_save=["2"]))
+
+
 @pytest.mark.parametrize("build,expected", [(tiny_bert, {"query", "value"}), (tiny_gpt2, {"c_attn"}),
                                             (tiny_llama, {"q_proj", "v_proj"})], ids=["bert", "gpt2", "llama"])
 def test_target_modules_left_out_are_pefts_default_for_the_model_type(build, expected):
@@ -670,6 +687,35 @@ def test_target_modules_left_out_are_pefts_default_for_the_model_type(build, exp
     peft_model = get_peft_model(build(), LoraConfig(r=8))
     peft_wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert set(adapters) == peft_wrapped and {n.split(".")[-1] for n in adapters} == expected
+
+
+def tiny_gemma4():
+    """A tiny Gemma 4 (model type gemma4: a language model and a vision tower, both with q_proj and v_proj)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+
+    torch.manual_seed(0)
+    text = Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16)
+    return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision, audio_config=None))
+
+
+def test_target_modules_left_out_of_a_model_whose_peft_default_is_a_regex_adapt_what_peft_adapts():
+    """PEFT's default for Gemma 4 is a regex (its language model's q_proj and v_proj, not the vision tower's):
+    list() made it its characters ['.', '*', 'l', ...], and setup failed with "matched no Linear/Conv1D module"."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from unified_lora import default_target_modules, setup_unified_lora
+
+    model = tiny_gemma4()
+    assert default_target_modules(model) == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["gemma4"]
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8))
+    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    adapters, _ = setup_unified_lora(model, signal="loss", print_fn=None)
+    assert set(adapters) == peft_wrapped and len(adapters) == 4
+    assert all(".language_model." in n for n in adapters)
 
 
 def test_target_modules_left_out_for_a_model_peft_has_no_default_for_is_an_error_naming_its_layers():

@@ -1782,6 +1782,11 @@ def cmd_export(args) -> int:
     base: dict = {}
 
     def check(cfg) -> None:  # before the model loads, after --task (a task not in the run was refused as a full --out)
+        base_dir = Path(cfg.model).expanduser()
+        if base_dir.is_dir() and out.resolve() == base_dir.resolve():  # (--overwrite replaced the base's weights)
+            raise UsageError(f"{flag}: the run's base model folder; writing {what} into it changes the model that "
+                             "predict, export and --resume load the run's adapter onto (a merged model there gets "
+                             "the delta added twice); pass another --out")
         if args.rank is not None and args.rank not in tuple(cfg.rank_levels):
             raise UsageError(f"--rank {args.rank}: not one of the run's nested ranks "
                              f"({', '.join(map(str, cfg.rank_levels))}); pass one of them, or leave it out for the "

@@ -160,6 +160,7 @@ class UnifiedController:
         self._steps_at_last_call: int | None = None  # ... as they were at the last ctrl.step
         self._unstepped: deque = deque(maxlen=_ACCUMULATION_WINDOW)  # per call: no optimizer step since the last one
         self._accumulation_warned = False
+        self._last_nonfinite = False  # the last call's step was non-finite: its optimizer step is skipped, rightly
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self.global_step = 0
@@ -283,12 +284,14 @@ class UnifiedController:
         fast, and the signal reads one micro-batch's loss and partly summed gradients. Accelerate's accumulation is
         refused outright (`_check_sync_step`); in a hand-written loop only the attached optimizer can tell, by
         not stepping between two calls. Over the last `_ACCUMULATION_WINDOW` calls, at least
-        `_ACCUMULATION_UNSTEPPED` without an optimizer step since the call before make the warning. Not an error:
-        a GradScaler's skipped steps (an fp16 overflow) are calls without an optimizer step too."""
+        `_ACCUMULATION_UNSTEPPED` without an optimizer step since the call before make the warning; a call after
+        one whose step the signal read as non-finite (`nonfinite`) is not one of them, as a loop skips that step's
+        update (the CLI does). Not an error: a GradScaler's skipped steps (an fp16 overflow) are calls without an
+        optimizer step too."""
         if not self._hooks:  # no optimizer attached (or another controller's hooks drive it): nothing to count
             return
-        if self._steps_at_last_call is not None:
-            self._unstepped.append(self._optimizer_steps == self._steps_at_last_call)
+        if self._steps_at_last_call is not None:  # (after a non-finite step the loop skips optimizer.step, rightly)
+            self._unstepped.append(self._optimizer_steps == self._steps_at_last_call and not self._last_nonfinite)
         self._steps_at_last_call = self._optimizer_steps
         unstepped = sum(self._unstepped)
         if (self._accumulation_warned or len(self._unstepped) < _ACCUMULATION_WINDOW
@@ -644,6 +647,7 @@ class UnifiedController:
         phi = self._update_signal(loss, **inputs)
         comps = dict(self.signal.components)
         nonfinite = bool(comps.pop("nonfinite", False))
+        self._last_nonfinite = nonfinite
         if nonfinite:
             self.nonfinite_steps += 1
         else:
@@ -1010,7 +1014,8 @@ class UnifiedController:
         if "extra_params" in state:  # pickled before `extra_params` became a property
             state["_extra_params"] = state.pop("extra_params")
         for key, value in (("_exit_decision", None), ("_extra_owners", None), ("_optimizer_steps", 0),
-                           ("_steps_at_last_call", None), ("_accumulation_warned", False)):
+                           ("_steps_at_last_call", None), ("_accumulation_warned", False),
+                           ("_last_nonfinite", False)):
             state.setdefault(key, value)
         if "_unstepped" not in state:
             state["_unstepped"] = deque(maxlen=_ACCUMULATION_WINDOW)

@@ -38,15 +38,19 @@ def _matches(name: str, target: Iterable[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
-def default_target_modules(model: nn.Module) -> list[str]:
+def default_target_modules(model: nn.Module) -> list[str] | str:
     """PEFT's default LoRA targets for `model`'s `config.model_type` (what `LoraConfig(target_modules=None)` adapts:
-    query and value for BERT, c_attn for GPT-2, q_proj and v_proj for Llama). A model without a config, or of a type
-    PEFT has no default for, is a ValueError naming the Linear modules it has, as PEFT refuses it too."""
+    query and value for BERT, c_attn for GPT-2, q_proj and v_proj for Llama): a list of name suffixes, or the regex
+    PEFT gives for some types (Gemma 4's: the q_proj and v_proj of its language model, not of its vision or audio
+    towers), matched against whole module names as PEFT matches it. A model without a config, or of a type PEFT has
+    no default for, is a ValueError naming the Linear modules it has, as PEFT refuses it too."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in defaults:
-        return list(defaults[model_type])
+        targets = defaults[model_type]
+        # (a regex stays one: list() made it its characters, which matched nothing)
+        return targets if isinstance(targets, str) else list(targets)
     seen = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and _is_linear(m)})
     what = f"model type {model_type!r}" if model_type else "a model without a transformers config"
     raise ValueError(f"target_modules: not given, and PEFT has no default targets for {what}; name the Linear layers "
@@ -127,7 +131,7 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
             adapters[name] = layer
         mark_modules_to_save(model, config.modules_to_save)
         keep_off_fast_paths(model)
-    _warn_ranks_above_layer_rank(adapters)
+    _warn_ranks_above_layer_rank(model, adapters)
     resize_wrapped_heads(model)
     keep_4bit_layers_differentiable(model)
     for m in model.modules():
@@ -138,12 +142,19 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     return adapters
 
 
-def _warn_ranks_above_layer_rank(adapters: dict[str, NestedLoRALayer]) -> None:
+def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoRALayer]) -> None:
     """A warning naming the layers whose top rank level is above min(in_features, out_features): there the product
     B·A (out × r times r × in) has rank at most min(in, out), so the levels above it add parameters (and, under the
-    alpha / r scaling, shrink the update) without adding a direction. PEFT accepts such a rank without a word."""
+    alpha / r scaling, shrink the update) without adding a direction. PEFT accepts such a rank without a word.
+    Output heads are left out: a classifier's number of classes bounds its delta by design, and a multi-task run
+    targets its head for each task's own head delta (a head named as "all-linear" leaves it out, the model's output
+    layer, a layer trained in full by modules_to_save, or the head a multi-task `train` run adds to the targets,
+    which marks it `_unified_lora_task_head`: BART's `classification_head.out_proj`)."""
+    outputs = _output_layers(model)
     over = {n: min(a.in_features, a.out_features) for n, a in adapters.items()
-            if a.max_rank > min(a.in_features, a.out_features)}
+            if a.max_rank > min(a.in_features, a.out_features) and _matches(n, "all-linear") and id(a) not in outputs
+            and not getattr(getattr(a.base_layer, "weight", None), "requires_grad", False)
+            and not getattr(a.base_layer, "_unified_lora_task_head", False)}
     if over:
         top = next(iter(adapters.values())).max_rank
         shown = ", ".join(f"{n!r} (min(in, out) = {k})" for n, k in list(over.items())[:5])

@@ -247,7 +247,7 @@ class MultiTaskRun(Run):
         targets = cfg.target_modules
         modules = dict(model.named_modules())
         # the head is added to the targets below: the ones given must still match the model's body, or a model whose
-        # layers are named otherwise (GPT-2's c_attn, Llama's q_proj: not the default query,value) trained its head
+        # layers are named otherwise (GPT-2's c_attn, Llama's q_proj: not query,value) trained its head
         # alone, where one data set is refused with "matched no Linear/Conv1D module"
         if not any(_is_linear(m) and _matches(n, targets) and not (root and (n == root or n.startswith(root + ".")))
                    for n, m in modules.items() if n):
@@ -260,6 +260,8 @@ class MultiTaskRun(Run):
             targets = rf"(?:{targets})|{re.escape(head)}"
         elif head is not None and not _matches(head, targets):
             targets = [*targets, head]
+        if head is not None:  # (its few outputs are below the top rank by design: no warning on it)
+            model.get_submodule(head)._unified_lora_task_head = True
         actuators = cfg.actuator_config()
         machine = cfg.machine_config()
         if cfg.controller:  # the tasks start on one shared adapter; the controller splits them
