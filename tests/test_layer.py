@@ -652,6 +652,13 @@ def test_a_top_rank_above_a_layers_min_in_out_warns_naming_the_layers_and_fittin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject_nested_lora(fits, NestedLoRAConfig(target_modules=["0", "2"]))
+    from unified_lora import setup_unified_lora
+
+    for setup in (lambda m: inject_nested_lora(m, NestedLoRAConfig(target_modules=["0", "2"])),
+                  lambda m: setup_unified_lora(m, target_modules=["0", "2"], signal="loss", print_fn=None)):
+        with pytest.warns(UserWarning, match="rank_levels: the top level 16") as said:
+            setup(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
+        assert said[0].filename == __file__  # the user's line, not the package's (stacklevel=3 named controller.py)
 
 
 def test_a_classifier_head_targeted_below_the_top_rank_is_not_warned_about():

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import re
 import sys
 import warnings
@@ -142,6 +143,17 @@ def inject_nested_lora(model: nn.Module, config: NestedLoRAConfig) -> dict[str, 
     return adapters
 
 
+def _user_stacklevel() -> int:
+    """The `stacklevel` for a `warnings.warn` in the function calling this one that points at the first frame outside
+    this package: the user's line, whichever of the package's entry points (setup_unified_lora, setup_multitask_lora,
+    inject_nested_lora, a CLI run) led there."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoRALayer]) -> None:
     """A warning naming the layers whose top rank level is above min(in_features, out_features): there the product
     B·A (out × r times r × in) has rank at most min(in, out), so the levels above it add parameters (and, under the
@@ -162,7 +174,7 @@ def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoR
         warnings.warn(f"rank_levels: the top level {top} is above the rank a delta can have in {len(over)} of "
                       f"{len(adapters)} adapted layer(s): {shown}; there the levels above min(in, out) add "
                       "parameters but no direction. Use lower rank levels, or leave those layers out of "
-                      "target_modules", UserWarning, stacklevel=3)
+                      "target_modules", UserWarning, stacklevel=_user_stacklevel())
 
 
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:
