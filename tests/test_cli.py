@@ -1196,6 +1196,32 @@ def test_a_causal_lm_on_the_loss_signal_calibrates_its_scale_unless_given_one(ti
     assert json.loads((tmp_path / "cls" / "summary.json").read_text())["config"]["calibration_steps"] == 0
 
 
+def test_a_shock_inside_the_loss_signals_calibration_is_said_to_be_read_into_its_scale(tiny, tmp_path, capsys):
+    """A causal LM's run calibrates on its first 20 steps by itself; a shock starting inside them was read into the
+    scale without a word (a tiny GPT-2 shocked on steps [10, 30): its scale about doubled, φ held through the shock,
+    then SINGLE). A note says so, for a calibration given by hand too; a scale given, or a shock after the
+    calibration, has none."""
+    _corpus(tmp_path / "corpus.txt")
+    lm = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--batch-size", "8",
+          "--max-length", "16", "--log-every", "0", "--shock-type", "random"]
+    note = ("note: the shock (steps [1, 3)) starts inside the loss signal's calibration (its first 20 steps): the scale "
+            "is set from shocked losses too and φ is held through them, so the shock reads as less stress; start it "
+            "at step 20 or later, or give --loss-scale\n")
+    assert main([*lm, "--steps", "3", "--shock-start", "1", "--shock-end", "3", "--output-dir", str(tmp_path / "a")]) == 0
+    assert note in capsys.readouterr().out
+    assert main([*lm, "--steps", "3", "--shock-start", "1", "--shock-end", "3", "--loss-scale", "3", "--output-dir",
+                 str(tmp_path / "b")]) == 0
+    assert "starts inside the loss signal's calibration" not in capsys.readouterr().out
+    assert main([*lm, "--steps", "4", "--shock-start", "2", "--shock-end", "4", "--calibration-steps", "2",
+                 "--output-dir", str(tmp_path / "c")]) == 0
+    assert "starts inside the loss signal's calibration" not in capsys.readouterr().out
+    assert main(["train", "--model", tiny["bert"], "--data", tiny["csv"], "--steps", "3", "--batch-size", "8",
+                 "--calibration-steps", "3", "--shock-start", "2", "--shock-end", "3", "--log-every", "0",
+                 "--output-dir", str(tmp_path / "cls")]) == 0
+    assert "note: the shock (steps [2, 3)) starts inside the loss signal's calibration (its first 3 steps)" in \
+        capsys.readouterr().out
+
+
 def test_the_readmes_hand_written_loop_with_the_loss_signal_calibrated_gives_trains_trace_for_a_causal_lm(tiny,
                                                                                                          tmp_path):
     """README (the hand-written loop): an API user on the loss signal gets no calibration by itself, as `train` gives

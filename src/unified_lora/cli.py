@@ -853,6 +853,20 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say) -> None:
         "level alone reads as MIRROR; --loss-scale or --calibration-steps sets it")
 
 
+def _note_shock_in_calibration(cfg, say) -> None:
+    """A note where the shock window starts inside the loss signal's calibration steps: the scale is set from the
+    shocked losses too (a tiny GPT-2 shocked on steps 10-30: the scale about doubled, φ held through the shock, and
+    SINGLE after it, the shock never read as stress), as README says of `demo`; it went without a word."""
+    if not (cfg.controller and cfg.signal == "loss" and cfg.calibration_steps and cfg.has_shock
+            and cfg.shock_start < cfg.calibration_steps):
+        return
+    held = "the E term is" if cfg.tasks else "φ is"
+    say(f"note: the shock (steps [{cfg.shock_start}, {cfg.shock_end})) starts inside the loss signal's calibration "
+        f"(its first {cfg.calibration_steps} steps): the scale is set from shocked losses too and {held} held through "
+        f"them, so the shock reads as less stress; start it at step {cfg.calibration_steps} or later, or give "
+        "--loss-scale")
+
+
 def _check_lr_read(cfg, user: dict) -> None:
     """A UsageError for `--lr` (YAML `lr`) given to a run in --lr-mode absolute (the default), which does not read it:
     each mode trains at its `--lrs`. `--lr 1e6` trained at the default --lrs, silently (found by the user trial; a
@@ -1157,6 +1171,7 @@ def _train(args, held: dict) -> int:
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
     if ckpt is None:
         _calibrate_lm_loss(cfg, user, task_type, say)
+        _note_shock_in_calibration(cfg, say)
     if tasks:
         enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length, task_type, cfg.text_eos, note=say)
         check_row_length(model, cfg.max_length, enc_train, *enc_devs)
