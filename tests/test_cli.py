@@ -1196,6 +1196,74 @@ def test_a_causal_lm_on_the_loss_signal_calibrates_its_scale_unless_given_one(ti
     assert json.loads((tmp_path / "cls" / "summary.json").read_text())["config"]["calibration_steps"] == 0
 
 
+def test_a_shock_inside_the_loss_signals_calibration_is_said_to_be_read_into_its_scale(tiny, tmp_path, capsys):
+    """A causal LM's run calibrates on its first 20 steps by itself; a shock starting inside them was read into the
+    scale without a word (a tiny GPT-2 shocked on steps [10, 30): its scale about doubled, φ held through the shock,
+    then SINGLE). A note says so, for a calibration given by hand too; a scale given, or a shock after the
+    calibration, has none."""
+    _corpus(tmp_path / "corpus.txt")
+    lm = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--batch-size", "8",
+          "--max-length", "16", "--log-every", "0", "--shock-type", "random"]
+    note = ("note: the shock (steps [1, 3)) starts inside the loss signal's calibration (its first 20 steps): the scale "
+            "is set from shocked losses too and φ is held through them, so the shock reads as less stress; start it "
+            "at step 20 or later, or give --loss-scale\n")
+    assert main([*lm, "--steps", "3", "--shock-start", "1", "--shock-end", "3", "--output-dir", str(tmp_path / "a")]) == 0
+    assert note in capsys.readouterr().out
+    assert main([*lm, "--steps", "3", "--shock-start", "1", "--shock-end", "3", "--loss-scale", "3", "--output-dir",
+                 str(tmp_path / "b")]) == 0
+    assert "starts inside the loss signal's calibration" not in capsys.readouterr().out
+    assert main([*lm, "--steps", "4", "--shock-start", "2", "--shock-end", "4", "--calibration-steps", "2",
+                 "--output-dir", str(tmp_path / "c")]) == 0
+    assert "starts inside the loss signal's calibration" not in capsys.readouterr().out
+    assert main(["train", "--model", tiny["bert"], "--data", tiny["csv"], "--steps", "3", "--batch-size", "8",
+                 "--calibration-steps", "3", "--shock-start", "2", "--shock-end", "3", "--log-every", "0",
+                 "--output-dir", str(tmp_path / "cls")]) == 0
+    assert "note: the shock (steps [2, 3)) starts inside the loss signal's calibration (its first 3 steps)" in \
+        capsys.readouterr().out
+
+
+def test_the_readmes_hand_written_loop_with_the_loss_signal_calibrated_gives_trains_trace_for_a_causal_lm(tiny,
+                                                                                                         tmp_path):
+    """README (the hand-written loop): an API user on the loss signal gets no calibration by itself, as `train` gives
+    a causal LM; with `SignalConfig(kind="loss", calibration_steps=20)` and train's LRs, the loop gives train's trace
+    (φ, modes, LRs and losses), and without it the loss level reads higher (φ towards MIRROR)."""
+    from transformers import AutoModelForCausalLM
+
+    from unified_lora import ActuatorConfig, SignalConfig, setup_unified_lora
+    from unified_lora.trace import read_trace
+    from unified_lora.training import (TrainConfig, batches, encode_rows, load_data, load_tokenizer, seed_everything,
+                                       trim_padding)
+
+    _corpus(tmp_path / "corpus.txt")
+    assert main(["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--steps", "30",
+                 "--batch-size", "8", "--max-length", "16", "--log-every", "0", "--output-dir", str(tmp_path / "run")]) == 0
+    cli = read_trace(tmp_path / "run" / "trace.jsonl")
+
+    def loop(calibration_steps: int) -> list:
+        train, _, _ = load_data(TrainConfig(model=tiny["gpt2"], data=str(tmp_path / "corpus.txt")), "causal-lm")
+        enc = encode_rows(load_tokenizer(tiny["gpt2"]), train, "causal-lm", 16)
+        seed_everything(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).train()
+        _, ctrl = setup_unified_lora(model, signal=SignalConfig(kind="loss", calibration_steps=calibration_steps),
+                                     actuators=ActuatorConfig(lr_mode="absolute", mode_lrs=(2e-3, 5e-4, 1e-4)),
+                                     print_fn=None)
+        # (train's AdamW: weight_decay 0, where torch's default is 0.01)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.0)
+        ctrl.attach_optimizer(optimizer)
+        every = [b for epoch in range(30) for b in batches(enc, 8, 0, epoch)]  # (the seed's order, epoch by epoch)
+        for batch in every[:30]:
+            loss = model(**trim_padding(batch)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            ctrl.step(loss=loss.item())
+            optimizer.step(); optimizer.zero_grad()
+        return [(r.step, r.phi, r.mode, r.lr, r.loss) for r in ctrl.trace]
+
+    assert loop(20) == [(r["step"], r["phi"], r["mode"], r["lr"], r["loss"]) for r in cli]
+    uncalibrated = loop(0)
+    assert uncalibrated[-1][1] > cli[-1]["phi"] + 0.2
+
+
 def test_train_causal_lm_on_a_plain_text_corpus_cuts_token_blocks_and_holds_out_the_tail(tiny, tmp_path, capsys):
     from transformers import AutoTokenizer
 

@@ -419,13 +419,27 @@ def test_the_shock_corrupts_each_label_within_its_own_tasks_classes():
     (("--task-names", "a,b", "--dev-data", "x.csv"), "dev_data: one file for 2 data sets"),
     (("--task-names", "a,b", "--dev-data", "x.csv", "y.csv", "z.csv"), "dev_data: 3 files for 2 data sets"),
     (("--task-names", "a,b", "--signal", "composite"), "--signal composite: not available in multi-task mode"),
-    (("--task-names", "a,b", "--calibration-steps", "4"), "the multi-task signal has no calibration"),
     (("--task-names", "a,b", "--metric-for-best", "f1"), "its evaluation reports a/accuracy, a/macro_f1, "
                                                          "b/accuracy, b/macro_f1, average"),
 ])
 def test_what_multi_task_train_refuses_is_one_line(tiny, data, tmp_path, capsys, extra, says):
     assert main(_mt_args(tiny["bert"], tmp_path / "r", data["pos"], data["pos"], extra=extra)) == 2
     assert says in _error(capsys)
+
+
+def test_calibration_steps_set_the_multi_task_signals_loss_scale_a_classifier_keeps_the_default(tiny, data, tmp_path):
+    """--calibration-steps N sets the multi-task signal's loss scale from the mean loss of the first N steps (it was
+    refused: "the multi-task signal has no calibration"), E held at 1/3 until then; a classifier given neither it nor
+    --loss-scale reads its losses on the scale of 1, as with one data set (a causal LM calibrates by itself:
+    test_cli_multitask_lm.py)."""
+    assert main(_mt_args(tiny["bert"], tmp_path / "cal", data["pos"], data["neg"], extra=(
+        "--steps", "4", "--calibration-steps", "2"))) == 0
+    trace = read_trace(tmp_path / "cal" / "trace.jsonl")
+    assert [r["components"]["E"] for r in trace[:2]] == [pytest.approx(1 / 3)] * 2
+    assert trace[-1]["components"]["loss_scale"] == pytest.approx((trace[0]["loss"] + trace[1]["loss"]) / 2 / 0.5)
+    assert main(_mt_args(tiny["bert"], tmp_path / "plain", data["pos"], data["neg"], extra=("--steps", "1"))) == 0
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["config"]["calibration_steps"] == 0
+    assert "loss_scale" not in read_trace(tmp_path / "plain" / "trace.jsonl")[0]["components"]
 
 
 def test_a_table_whose_columns_are_named_otherwise_is_told_that_the_column_options_name_every_tasks(tiny, data,

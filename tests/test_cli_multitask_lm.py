@@ -143,6 +143,52 @@ def test_each_tasks_train_rows_are_the_rows_it_trains_on(models, lm_data, tmp_pa
     assert [t["train_rows"] for t in json.loads((out / "summary.json").read_text())["tasks"]] == [12, 6]
 
 
+def test_a_causal_lms_tasks_are_read_on_the_scale_of_their_first_steps_unless_given_one(models, lm_data, lm_run,
+                                                                                         tmp_path, capsys):
+    """The multi-task signal's E term reads the tasks' loss level: on the default scale of 1 a causal LM's (2.6 nats:
+    E = 0.72) alone nearly filled θ0 = 0.3, and a tiny GPT-2 on two halves of one corpus, with no conflict (C = 0),
+    stayed split in MULTI for all of its 100 steps. As one data set's run, a causal LM's several data sets given
+    neither --loss-scale nor --calibration-steps calibrate on the first 20 steps (E held at 1/3 until then), say so
+    and record it; --calibration-steps (it was refused: "the multi-task signal has no calibration") sets the steps,
+    and a resume goes on with the calibrated scale; --loss-scale keeps the scale given."""
+    from unified_lora.cli import LM_CALIBRATION_STEPS
+
+    config = json.loads((lm_run / "summary.json").read_text())["config"]
+    assert config["calibration_steps"] == LM_CALIBRATION_STEPS == 20 and config["loss_scale"] == 1.0
+    assert ("multi-task signal: the tasks' loss level (its E term) is read on the scale of the first 20 steps' loss "
+            "(E held at 0.333 until then; --calibration-steps 20)") in (lm_run / "console.txt").read_text()
+    assert all(r["components"]["E"] == pytest.approx(1 / 3) and r["components"]["calibrating"]
+               for r in read_trace(lm_run / "trace.jsonl"))  # (6 steps)
+
+    def d(comps) -> float:  # E: the mean over the tasks of E_t / (1 + E_t)
+        return sum(comps[k] / (1 + comps[k]) for k in ("E[up]", "E[down]")) / 2
+
+    out = tmp_path / "cal"
+    assert main(_args(models["gpt2"], out, lm_data, "--steps", "6", "--calibration-steps", "3", "--save-steps",
+                      "4")) == 0
+    assert "read on the scale" not in capsys.readouterr().out  # (the user's own setting)
+    trace = read_trace(out / "trace.jsonl")
+    scale = sum(r["loss"] for r in trace[:3]) / 3 / 0.5
+    assert [r["components"]["calibrating"] for r in trace] == [True] * 3 + [False] * 3
+    assert all(r["components"]["E"] == pytest.approx(1 / 3) for r in trace[:3])
+    assert all(r["components"]["loss_scale"] == pytest.approx(scale) for r in trace[2:])
+    assert all(r["components"]["E"] == pytest.approx(d(r["components"])) for r in trace[3:])
+    assert 0.15 < trace[3]["components"]["E"] < 0.5  # about 1/3, where the loss level gave 0.7 or more
+    for p in ("checkpoints/epoch-1", "summary.json", "peft_adapter"):  # resumed from step-4, after the calibration
+        shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink()
+    shutil.copyfile(out / "trace.jsonl", tmp_path / "trace.jsonl")
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert read_trace(out / "trace.jsonl") == read_trace(tmp_path / "trace.jsonl")
+
+    assert main(_args(models["gpt2"], tmp_path / "given", lm_data, "--steps", "2", "--loss-scale", "1")) == 0
+    assert "read on the scale" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "given" / "summary.json").read_text())["config"]["calibration_steps"] == 0
+    trace = read_trace(tmp_path / "given" / "trace.jsonl")
+    assert all(r["components"]["E"] == pytest.approx(d(r["components"])) and "calibrating" not in r["components"]
+               for r in trace)
+    assert min(r["components"]["E"] for r in trace) > 0.7
+
+
 def test_a_resumed_causal_lm_run_ends_bit_for_bit_where_the_uninterrupted_one_ends(lm_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(lm_run, copy)

@@ -1181,6 +1181,62 @@ def test_signal_numbers_in_numbers_out():
         MultiTaskSignalConfig(conflict="bogus")
 
 
+def test_the_signal_calibrates_its_loss_scale_on_its_first_steps_as_the_one_task_loss_signal():
+    """On the default scale of 1 a causal LM's loss level (2.6 nats: E = 0.72) alone nearly fills θ0 = 0.3 (0.3 × E),
+    so tasks with no conflict stayed split. With calibration_steps = n the mean loss of the first n steps maps to
+    calibration_target, as `LossSignal` calibrates; until then E reads target / (1 + target) while C and S are read
+    as usual, and each task's E_t, kept on the configured scale meanwhile, is rescaled to the calibrated one."""
+    losses = [(2.8, {"a": 3.0, "b": 2.6}), (2.4, {"a": 2.5, "b": 2.3}), (2.2, {"a": 2.4, "b": 2.0})]
+    cal = MultiTaskSignal(MultiTaskSignalConfig(calibration_steps=3, calibration_target=0.5))
+    plain = MultiTaskSignal(MultiTaskSignalConfig(calibration_steps=3, weights=(1, 0, 0, 0, 0, 0)))
+    for i, (loss, tl) in enumerate(losses):
+        cal.update(loss, tl, conflict_grad=0.2 * i, drift=0.01 * i)
+        plain.update(loss, tl, conflict_grad=0.2 * i, drift=0.01 * i)
+        c = cal.components
+        assert c["E"] == pytest.approx(1 / 3) and c["calibrating"] is True  # held at what the mean will read as
+        assert c["C"] == pytest.approx(0.2 * i) and c["S"] == pytest.approx(0.01 * i / (0.01 * i + 0.05))
+    scale = (2.8 + 2.4 + 2.2) / 3 / 0.5
+    assert cal.loss_scale == pytest.approx(scale) and cal.components["loss_scale"] == pytest.approx(scale)
+    # the tasks' EMAs, kept of loss / 1 meanwhile, are those of loss / the calibrated scale
+    ema = {t: losses[0][1][t] for t in "ab"}
+    for _, tl in losses[1:]:
+        ema = {t: 0.9 * ema[t] + 0.1 * tl[t] for t in "ab"}
+    assert {t: cal.E[t] for t in "ab"} == pytest.approx({t: ema[t] / scale for t in "ab"})
+    sd = cal.state_dict()
+    cal.update(2.1, {"a": 2.2, "b": 2.0}, conflict_grad=0.0, drift=0.0)
+    e = {t: 0.9 * ema[t] / scale + 0.1 * v / scale for t, v in {"a": 2.2, "b": 2.0}.items()}
+    assert cal.components["E"] == pytest.approx(sum(v / (1 + v) for v in e.values()) / 2)
+    assert cal.components["calibrating"] is False
+    # its state holds the scale: a signal loaded from it goes on where it went on
+    again = MultiTaskSignal(MultiTaskSignalConfig(calibration_steps=3, calibration_target=0.5))
+    again.load_state_dict(sd)
+    assert again.update(2.1, {"a": 2.2, "b": 2.0}, conflict_grad=0.0, drift=0.0) == pytest.approx(cal.phi)
+    # only C weighted: the held E moves nothing, φ is the same as without calibration
+    uncal = MultiTaskSignal(MultiTaskSignalConfig(weights=(1, 0, 0, 0, 0, 0)))
+    for i, (loss, tl) in enumerate(losses):
+        uncal.update(loss, tl, conflict_grad=0.2 * i, drift=0.01 * i)
+    assert plain.phi == pytest.approx(uncal.phi)
+    # without calibration the state has the keys it always had (a checkpoint saved before it existed loads)
+    assert set(uncal.state_dict()) == {"phi", "E", "last", "diff"}
+    old = MultiTaskSignal(MultiTaskSignalConfig(loss_scale=2.0))
+    old.load_state_dict(uncal.state_dict())
+    assert old.loss_scale == 2.0 and not old.calibrating
+    state = copy.deepcopy(old.__dict__)  # a signal pickled before the calibration existed reads on its configured scale
+    del state["loss_scale"], state["_calib"]
+    unpickled = MultiTaskSignal.__new__(MultiTaskSignal)
+    unpickled.__setstate__(state)
+    assert unpickled.update(0.5, {"a": 0.5}) == pytest.approx(copy.deepcopy(old).update(0.5, {"a": 0.5}))
+    # a warm-up mean of 0 (a perfect fit) keeps the configured scale
+    zero = MultiTaskSignal(MultiTaskSignalConfig(calibration_steps=2, loss_scale=3.0))
+    for _ in range(2):
+        zero.update(0.0, {"a": 0.0})
+    assert zero.loss_scale == 3.0
+    with pytest.raises(ValueError, match="calibration_steps: must be >= 0"):
+        MultiTaskSignalConfig(calibration_steps=-1)
+    with pytest.raises(ValueError, match="calibration_target: must be a positive finite number"):
+        MultiTaskSignalConfig(calibration_target=0.0)
+
+
 def test_layer_type_and_merge_guard():
     model, ad, ctrl, _ = build(initial_mode=MULTI)
     assert all(isinstance(a, MultiTaskNestedLoRALayer) for a in ad.values())

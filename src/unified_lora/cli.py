@@ -831,17 +831,40 @@ LM_CALIBRATION_STEPS = 20  # train: a causal LM's loss signal sets its scale fro
 def _calibrate_lm_loss(cfg, user: dict, task_type: str, say) -> None:
     """A causal LM's loss (2-5 nats; ln of the vocabulary size at the start) on the loss signal's default scale of 1
     puts φ above θ1 for the whole run: MIRROR, at its lowest LR and top rank, whatever the training does (a tiny
-    GPT-2 on tinyshakespeare: MIRROR from step 16 of 60 to the end, φ 0.80). A new single-task causal-LM run on the
-    loss signal, given neither --loss-scale nor --calibration-steps (flag or YAML), calibrates instead: the mean
-    loss of its first `LM_CALIBRATION_STEPS` steps maps to `calibration_target` (0.5: φ ≈ 0.33), as the README tells
-    API users to. The run records it, so a --resume keeps it."""
-    if (task_type != "causal-lm" or cfg.signal != "loss" or not cfg.controller or cfg.tasks
+    GPT-2 on tinyshakespeare: MIRROR from step 16 of 60 to the end, φ 0.80). A new causal-LM run on the loss
+    signal, given neither --loss-scale nor --calibration-steps (flag or YAML), calibrates instead: the mean loss of
+    its first `LM_CALIBRATION_STEPS` steps maps to `calibration_target` (0.5: φ ≈ 0.33), as the README tells API
+    users to. So does a multi-task one (several --data sets), whose signal reads the tasks' loss level as its E
+    term: on the scale of 1 that term alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2
+    on two halves of one corpus, with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
+    records it, so a --resume keeps it."""
+    if (task_type != "causal-lm" or cfg.signal != "loss" or not cfg.controller
             or {"loss_scale", "calibration_steps"} & user.keys()):
         return
     cfg.calibration_steps = LM_CALIBRATION_STEPS
+    if cfg.tasks:
+        say(f"multi-task signal: the tasks' loss level (its E term) is read on the scale of the first "
+            f"{LM_CALIBRATION_STEPS} steps' loss (E held at {cfg.calibration_target / (1 + cfg.calibration_target):.3f} "
+            f"until then; --calibration-steps {LM_CALIBRATION_STEPS}), not on the default scale of 1, where a causal "
+            "LM's loss level alone keeps the tasks split; --loss-scale or --calibration-steps sets it")
+        return
     say(f"loss signal: a causal LM's loss is read on the scale of its first {LM_CALIBRATION_STEPS} steps (φ held "
         f"until then; --calibration-steps {LM_CALIBRATION_STEPS}), not on the default scale of 1, where its loss "
         "level alone reads as MIRROR; --loss-scale or --calibration-steps sets it")
+
+
+def _note_shock_in_calibration(cfg, say) -> None:
+    """A note where the shock window starts inside the loss signal's calibration steps: the scale is set from the
+    shocked losses too (a tiny GPT-2 shocked on steps 10-30: the scale about doubled, φ held through the shock, and
+    SINGLE after it, the shock never read as stress), as README says of `demo`; it went without a word."""
+    if not (cfg.controller and cfg.signal == "loss" and cfg.calibration_steps and cfg.has_shock
+            and cfg.shock_start < cfg.calibration_steps):
+        return
+    held = "the E term is" if cfg.tasks else "φ is"
+    say(f"note: the shock (steps [{cfg.shock_start}, {cfg.shock_end})) starts inside the loss signal's calibration "
+        f"(its first {cfg.calibration_steps} steps): the scale is set from shocked losses too and {held} held through "
+        f"them, so the shock reads as less stress; start it at step {cfg.calibration_steps} or later, or give "
+        "--loss-scale")
 
 
 def _check_lr_read(cfg, user: dict) -> None:
@@ -1148,6 +1171,7 @@ def _train(args, held: dict) -> int:
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
     if ckpt is None:
         _calibrate_lm_loss(cfg, user, task_type, say)
+        _note_shock_in_calibration(cfg, say)
     if tasks:
         enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length, task_type, cfg.text_eos, note=say)
         check_row_length(model, cfg.max_length, enc_train, *enc_devs)
@@ -1987,7 +2011,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="HF model folder or hub id (default: bundled all-MiniLM-L6-v2)")
     t.add_argument("--data", nargs="+", help="GLUE task folder, a .csv/.tsv/.jsonl table, or (causal LM) a "
                    "plain-text .txt/.raw corpus cut into --max-length token blocks (default: shipped MRPC); several "
-                   "(a classifier's): a task each, trained in multi-task mode")
+                   "(tables, for a causal LM): a task each, trained in multi-task mode")
     t.add_argument("--dev-data", nargs="+", help="evaluation file (default: GLUE dev.tsv, else 10%% of --data held "
                    "out; for a text corpus, its tail); several --data sets: one per task, in their order (YAML dev_data: a "
                    "mapping {task: file} that may leave tasks to their default)")
@@ -2029,9 +2053,12 @@ def build_parser() -> argparse.ArgumentParser:
     _schedule_flags(t)
     t.add_argument("--signal", choices=("loss", "composite"),
                    help="φ(t): the v1 loss signal (default) or the v3 composite signal (reads gradients)")
-    t.add_argument("--loss-scale", type=float, help="loss signal: the loss is divided by this before φ (default 1.0)")
+    t.add_argument("--loss-scale", type=float,
+                   help="loss signal (several --data sets: the multi-task signal's E term): the loss is divided by "
+                   "this before φ (default 1.0; a causal LM given no --calibration-steps calibrates it instead)")
     t.add_argument("--calibration-steps", type=int,
-                   help="loss signal: set the scale so the mean of the first N losses maps to "
+                   help="loss signal (several --data sets: the multi-task signal's E term): set the scale so the mean "
+                   "of the first N losses maps to "
                    "calibration_target (default 0 = off, or 20 for a causal LM given no --loss-scale; "
                    "calibration_target is a YAML key, default 0.5)")
     t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")

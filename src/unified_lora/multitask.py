@@ -695,6 +695,10 @@ class MultiTaskSignalConfig:
     alpha: float = 0.1  # φ EMA rate (v1)
     beta: float = 0.9  # per-task loss EMA (v1 E_s)
     loss_scale: float = 1.0  # E_t = EMA(loss_t / loss_scale); D_t = E_t / (1 + E_t)
+    # >0: set loss_scale from the mean loss of the first n steps, which maps to calibration_target (as the one-task
+    # loss signal's); until then E reads calibration_target / (1 + calibration_target), the value that mean maps to
+    calibration_steps: int = 0
+    calibration_target: float = 0.5
     drift_scale: float = 0.05  # S = drift / (drift + drift_scale): 0.5 at the Mirror 5 % threshold
     delta_rate: float = 0.1  # EMA rate of the per-step differences
     delta_gain: float = 20.0  # Δx = max(0, tanh(gain · EMA(x_t − x_{t−1}))): only rising stress counts
@@ -721,7 +725,9 @@ class MultiTaskSignalConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name}: must be in (0, 1], got {v!r}")
-        for name in ("loss_scale", "drift_scale", "delta_gain"):
+        if self.calibration_steps < 0:
+            raise ValueError(f"calibration_steps: must be >= 0, got {self.calibration_steps}")
+        for name in ("loss_scale", "calibration_target", "drift_scale", "delta_gain"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name}: must be a positive finite number, got {v!r}")
@@ -765,7 +771,13 @@ class MultiTaskSignal:
       never forming ΔW. C = the one `conflict` names; "auto": the weight conflict where there is one
       (MULTI/MIRROR), else the gradient conflict (held from the last step when none is available).
     * E ∈ [0, 1): mean over tasks of D_t = E_t/(1+E_t), E_t the EMA(β) of task t's loss / loss_scale
-      (first value initialises it). Without task losses the overall loss is one pseudo-task.
+      (first value initialises it). Without task losses the overall loss is one pseudo-task. With
+      `calibration_steps` = n, `loss_scale` is set after n steps with a finite loss so that their mean `loss` maps
+      to `calibration_target` (as `LossSignal` calibrates; a mean of 0 keeps the configured scale); until then E
+      is the value that mean maps to, target / (1 + target) (1/3 for 0.5), and C and S are read as usual. The
+      E_t run on the configured scale meanwhile and are rescaled to the calibrated one at its end. On the
+      default scale of 1 a causal LM's loss (2-5 nats) gives E ≈ 0.7-0.85, whose share 0.3·E alone nearly fills
+      θ0 = 0.3: two halves of one corpus, with no conflict (C = 0), stayed split for a whole run.
     * S ∈ [0, 1): relative weight drift since the last transition/snapshot, d/(d + drift_scale), over the adapters
       the topology trains (the controller's `_drift`: shared in SINGLE, the registered tasks' in MULTI/MIRROR).
     * ΔX = max(0, tanh(delta_gain · EMA(X_t − X_{t−1}))) for X in C, E, S.
@@ -774,6 +786,8 @@ class MultiTaskSignal:
     def __init__(self, config: MultiTaskSignalConfig | None = None):
         self.config = c = config or MultiTaskSignalConfig()
         self.phi = float(c.phi_init)
+        self.loss_scale = float(c.loss_scale)  # the scale in use: the configured one, or the calibrated one
+        self._calib: list[float] = []
         self.E: dict = {}
         self.last = {"C": None, "E": None, "S": None}
         self.diff = {k: Ema(c.delta_rate) for k in ("C", "E", "S")}
@@ -795,9 +809,19 @@ class MultiTaskSignal:
             self.components = dict(self.components, nonfinite=True)
             return self.phi
         for t, v in (task_losses or {"all": float(loss)}).items():
-            L = min(float(v) / c.loss_scale, 1e300)  # capped as LossSignal's: inf would make D = inf/inf = NaN
+            L = min(float(v) / self.loss_scale, 1e300)  # capped as LossSignal's: inf would make D = inf/inf = NaN
             self.E[t] = L if t not in self.E else c.beta * self.E[t] + (1 - c.beta) * L
-        E = sum(e / (1 + e) for e in self.E.values()) / len(self.E)  # every task seen so far
+        calibrating = self.calibrating
+        if calibrating:
+            self._calib.append(float(loss))
+            E = c.calibration_target / (1 + c.calibration_target)  # what the calibrated mean loss will read as
+            if not self.calibrating:  # just finished: fix the scale (a mean of 0, a perfect fit, keeps the given one)
+                scale = sum(self._calib) / len(self._calib) / c.calibration_target
+                if scale > 0:  # the EMAs, of loss / the old scale, become those of loss / the new one
+                    self.E = {t: e * self.loss_scale / scale for t, e in self.E.items()}
+                    self.loss_scale = scale
+        else:
+            E = sum(e / (1 + e) for e in self.E.values()) / len(self.E)  # every task seen so far
         if c.conflict == "auto":  # the weight conflict where there is one (MULTI/MIRROR), else the gradient's
             avail = [conflict_weight] if conflict_weight is not None else [conflict_grad] * (conflict_grad is not None)
         else:
@@ -819,20 +843,37 @@ class MultiTaskSignal:
         self.phi = (1 - c.alpha) * self.phi + c.alpha * raw
         comps = {"C": C, "E": E, "S": S, "dC": dx["C"], "dE": dx["E"], "dS": dx["S"], "phi_raw": raw,
                  "C_grad": conflict_grad, "C_weight": conflict_weight, "drift": drift, "nonfinite": False}
+        if c.calibration_steps:
+            comps.update(loss_scale=self.loss_scale, calibrating=calibrating)
         comps.update({f"E[{t}]": self.E[t] for t in self.E})
         self.components = comps
         return self.phi
 
+    @property
+    def calibrating(self) -> bool:
+        return len(self._calib) < self.config.calibration_steps
+
     def state_dict(self) -> dict:
-        return {"phi": self.phi, "E": [[t, v] for t, v in self.E.items()], "last": dict(self.last),
-                "diff": {k: e.value for k, e in self.diff.items()}}
+        sd = {"phi": self.phi, "E": [[t, v] for t, v in self.E.items()], "last": dict(self.last),
+              "diff": {k: e.value for k, e in self.diff.items()}}
+        if self.config.calibration_steps:  # (without it, the keys of a state saved before calibration existed)
+            sd.update(loss_scale=self.loss_scale, calib=list(self._calib))
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.phi = sd["phi"]
+        self.loss_scale = float(sd.get("loss_scale", self.config.loss_scale))
+        self._calib = list(sd.get("calib", ()))
         self.E = {t: v for t, v in sd["E"]}
         self.last = dict(sd["last"])
         for k, v in sd["diff"].items():
             self.diff[k].value = v
+
+    def __setstate__(self, state: dict) -> None:
+        """A signal pickled before the calibration existed reads on its configured scale, with nothing to calibrate."""
+        state.setdefault("loss_scale", float(state["config"].loss_scale))
+        state.setdefault("_calib", [])
+        self.__dict__.update(state)
 
 
 # ---------------------------------------------------------------------------------------- the controller

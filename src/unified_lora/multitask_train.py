@@ -115,9 +115,6 @@ def refuse_unsupported(cfg: TrainConfig, task_type: str) -> None:
     if cfg.signal != "loss":
         raise UsageError(f"--signal {cfg.signal}: not available in multi-task mode (several --data sets), which "
                          "reads its own signal (task conflict, per-task losses, drift); drop --signal")
-    if cfg.calibration_steps:
-        raise UsageError(f"--calibration-steps {cfg.calibration_steps}: the multi-task signal has no calibration; "
-                         "set its loss scale with --loss-scale")
     if cfg.target_modules == "all-linear" and task_type == "seq-cls":
         raise UsageError("--target-modules all-linear leaves the classifier head out, and several --data sets need "
                          "it as a LoRA target (each task's own head delta); name the modules (query,value) or a regex")
@@ -269,7 +266,9 @@ class MultiTaskRun(Run):
         return setup_multitask_lora(
             model, self.tasks, targets, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save,
-            signal=MultiTaskSignalConfig(loss_scale=cfg.loss_scale), lr_mode=actuators.lr_mode, machine=machine,
+            signal=MultiTaskSignalConfig(loss_scale=cfg.loss_scale, calibration_steps=cfg.calibration_steps,
+                                         calibration_target=cfg.calibration_target),
+            lr_mode=actuators.lr_mode, machine=machine,
             actuators=actuators, mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel, trace_path=None,
             log_every=cfg.log_every, print_fn=print_fn, keep_trace=keep_trace, resplit_window=cfg.resplit_window)
 
