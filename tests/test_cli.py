@@ -1194,6 +1194,11 @@ def test_a_causal_lm_on_the_loss_signal_calibrates_its_scale_unless_given_one(ti
     assert main(["train", "--model", tiny["bert"], "--data", tiny["csv"], "--steps", "2", "--batch-size", "8",
                  "--output-dir", str(tmp_path / "cls"), "--log-every", "0"]) == 0
     assert json.loads((tmp_path / "cls" / "summary.json").read_text())["config"]["calibration_steps"] == 0
+    capsys.readouterr()
+    assert main([*base[:5], "--steps", "12", *base[7:], "--output-dir", str(tmp_path / "short")]) == 0
+    # a run that ends inside the calibration is told so (φ held throughout: the controller never acts)
+    assert "this run's 12 steps end inside it, so the controller holds MULTI throughout" in capsys.readouterr().out
+    assert {r["mode"] for r in read_trace(tmp_path / "short" / "trace.jsonl")} == {1}
 
 
 def test_a_shock_inside_the_loss_signals_calibration_is_said_to_be_read_into_its_scale(tiny, tmp_path, capsys):

@@ -828,7 +828,7 @@ def _train_config(args) -> tuple:
 LM_CALIBRATION_STEPS = 20  # train: a causal LM's loss signal sets its scale from its first 20 steps, unless given one
 
 
-def _calibrate_lm_loss(cfg, user: dict, task_type: str, say) -> None:
+def _calibrate_lm_loss(cfg, user: dict, task_type: str, say, total: int) -> None:
     """A causal LM's loss (2-5 nats; ln of the vocabulary size at the start) on the loss signal's default scale of 1
     puts φ above θ1 for the whole run: MIRROR, at its lowest LR and top rank, whatever the training does (a tiny
     GPT-2 on tinyshakespeare: MIRROR from step 16 of 60 to the end, φ 0.80). A new causal-LM run on the loss
@@ -837,20 +837,23 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say) -> None:
     users to. So does a multi-task one (several --data sets), whose signal reads the tasks' loss level as its E
     term: on the scale of 1 that term alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2
     on two halves of one corpus, with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
-    records it, so a --resume keeps it."""
+    records it, so a --resume keeps it. A run of `total` <= 20 steps ends inside the calibration (φ held, MULTI
+    throughout): the line says so."""
     if (task_type != "causal-lm" or cfg.signal != "loss" or not cfg.controller
             or {"loss_scale", "calibration_steps"} & user.keys()):
         return
     cfg.calibration_steps = LM_CALIBRATION_STEPS
+    short = (f"; this run's {total} steps end inside it, so the controller holds MULTI throughout"
+             if total <= LM_CALIBRATION_STEPS else "")
     if cfg.tasks:
         say(f"multi-task signal: the tasks' loss level (its E term) is read on the scale of the first "
             f"{LM_CALIBRATION_STEPS} steps' loss (E held at {cfg.calibration_target / (1 + cfg.calibration_target):.3f} "
             f"until then; --calibration-steps {LM_CALIBRATION_STEPS}), not on the default scale of 1, where a causal "
-            "LM's loss level alone keeps the tasks split; --loss-scale or --calibration-steps sets it")
+            f"LM's loss level alone keeps the tasks split; --loss-scale or --calibration-steps sets it{short}")
         return
     say(f"loss signal: a causal LM's loss is read on the scale of its first {LM_CALIBRATION_STEPS} steps (φ held "
         f"until then; --calibration-steps {LM_CALIBRATION_STEPS}), not on the default scale of 1, where its loss "
-        "level alone reads as MIRROR; --loss-scale or --calibration-steps sets it")
+        f"level alone reads as MIRROR; --loss-scale or --calibration-steps sets it{short}")
 
 
 def _note_shock_in_calibration(cfg, say) -> None:
@@ -1169,9 +1172,6 @@ def _train(args, held: dict) -> int:
             "; the tokenizer has no eos token, so none ends a row (the model is not taught to stop)"
             if tok.eos_token_id is None else " and the eos that ends each row (as TRL's SFTTrainer adds it)"
             if cfg.text_eos else "; no eos is added to a row (text_eos off), so the model is not taught to stop"))
-    if ckpt is None:
-        _calibrate_lm_loss(cfg, user, task_type, say)
-        _note_shock_in_calibration(cfg, say)
     if tasks:
         enc_train, enc_devs = mt.encode_tasks(tok, tasks, cfg.max_length, task_type, cfg.text_eos, note=say)
         check_row_length(model, cfg.max_length, enc_train, *enc_devs)
@@ -1188,6 +1188,9 @@ def _train(args, held: dict) -> int:
     # optimizer steps; under torchrun each step's global batch is batch_size rows on each of the processes
     per_epoch = math.ceil(math.ceil(n_rows / (cfg.batch_size * world)) / cfg.grad_accum)
     total = cfg.steps or cfg.epochs * per_epoch
+    if ckpt is None:
+        _calibrate_lm_loss(cfg, user, task_type, say, total)
+        _note_shock_in_calibration(cfg, say)
     if cfg.has_shock and cfg.shock_end > total:  # (with --steps TrainConfig checks it; with epochs only now)
         raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
                          f"{cfg.shock_end}; the summary reported a shock on steps that never ran")
