@@ -344,6 +344,16 @@ def test_lora_state_dict_carries_the_rank_so_the_adapters_reload_at_it():
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
 
 
+def _train_two_steps(model, ctrl, opt, **batch) -> None:
+    """Two optimizer steps on `batch`, `ctrl.step` before each, as a hand-written loop runs them."""
+    for _ in range(2):
+        loss = model(**batch).loss
+        loss.backward()
+        ctrl.step(loss=loss.item())
+        opt.step()
+        opt.zero_grad()
+
+
 def test_lora_state_dict_of_a_trained_tied_lm_head_saves_with_safetensors_and_reloads(tmp_path):
     """GPT-2's lm_head is tied to its wte. Trained as `modules_to_save`, it is under two names in the state dict, and
     `lora_state_dict` kept both: safetensors refuses tensors that share memory, so `train --modules-to-save lm_head`
@@ -359,12 +369,7 @@ def test_lora_state_dict_of_a_trained_tied_lm_head_saves_with_safetensors_and_re
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctrl.attach_optimizer(opt)
     x = torch.randint(1, 64, (2, 6))
-    for _ in range(2):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        ctrl.step(loss=loss.item())
-        opt.step()
-        opt.zero_grad()
+    _train_two_steps(model, ctrl, opt, input_ids=x, labels=x)
     sd = lora_state_dict(model)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert "transformer.wte.weight" in sd and "lm_head.weight" not in sd
@@ -393,12 +398,7 @@ def test_lora_state_dict_carries_a_modules_to_save_head_so_a_fresh_model_reloads
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctrl.attach_optimizer(opt)
     x, y = torch.randint(1, 64, (4, 6)), torch.tensor([0, 1, 1, 0])
-    for _ in range(2):
-        loss = model(input_ids=x, labels=y).loss
-        loss.backward()
-        ctrl.step(loss=loss.item())
-        opt.step()
-        opt.zero_grad()
+    _train_two_steps(model, ctrl, opt, input_ids=x, labels=y)
     save_file(lora_state_dict(model), str(tmp_path / "adapter.safetensors"))
     result = fresh.load_state_dict(load_file(str(tmp_path / "adapter.safetensors")), strict=False)
     assert not result.unexpected_keys
