@@ -221,7 +221,7 @@ def test_demo_verdict_is_a_paired_mcnemar_test_on_the_rows_the_arms_disagree_on(
     assert "(-12 of 200 rows), behind, beyond the noise" in format_summary(_paired_summary(141, 0, 12))
     # a large dev set, 5100 vs 4900 discordant rows: the exact sum (math.comb / 2**n: 0.0465855277049) in
     # milliseconds, not the seconds a sum of 10,000-row binomial coefficients in integers takes
-    from unified_lora.cli import _mcnemar
+    from unified_lora.stats import mcnemar as _mcnemar
 
     assert _mcnemar("1" * 5100 + "0" * 4900, "0" * 5100 + "1" * 4900)["p"] == pytest.approx(0.0465855277049, rel=1e-9)
 

@@ -1,6 +1,6 @@
 """The quality grid's conditions, shared by run.py (which runs them) and report.py (which tabulates them).
 
-No torch import here: report.py must stay importable without it.
+No torch import here.
 """
 
 CONDITIONS = ("clean", "noise20", "noise40", "shock", "shockrand")

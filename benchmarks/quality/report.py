@@ -10,9 +10,7 @@ vs label-noise rate per method; dev metric over training for the shock runs.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -20,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCK_KEYS, SHOCKS, budget, budget_diff  # noqa: E402
+from unified_lora.stats import LEVEL, t_critical as _t_crit, t_p_value as _t_p  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -241,64 +240,7 @@ def _stats(rs, key):
 
 
 # ------------------------------------------------------------------ the test behind every verdict
-LEVEL = 0.95  # two-sided: a verdict is a difference beyond the 97.5 % point of Student's t
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def _t_p(t: float, df: float) -> float:
-    """Two-sided p-value P(|T| >= |t|) of Student's t with `df` (> 0, not necessarily whole) degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-@functools.lru_cache(maxsize=None)
-def _t_crit(df: float, level: float = LEVEL) -> float:
-    """The two-sided critical value of Student's t: P(|T| > t) = 1 − level (4.303 at 2 df, 2.776 at 4 df), by
-    bisection on `_t_p`; no scipy (it is not a dependency of this project)."""
-    alpha = 1.0 - level
-    lo, hi = 0.0, 1.0
-    while _t_p(hi, df) > alpha:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if _t_p(mid, df) > alpha:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12:
-            break
-    return (lo + hi) / 2.0
+# (Student's t, two-sided at LEVEL = 0.95: `unified_lora.stats`)
 
 
 class Delta(tuple):

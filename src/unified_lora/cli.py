@@ -1,4 +1,4 @@
-"""`unified-lora`: demo, train, plot, report, predict, export.
+"""`unified-lora`: demo, train, plot, report, compare, predict, export.
 
     unified-lora demo                       # MiniLM + shipped MRPC, a label shock, unified vs fixed-rank LoRA
     unified-lora train --config run.yaml    # any HF model on your CSV/TSV/JSONL (or GLUE) data
@@ -31,6 +31,7 @@ from typing import Callable
 
 from ._files import read_json_file, write_text_atomically
 from .config import MODES, RESPLIT_WINDOW
+from .stats import mcnemar
 
 PROG = "unified-lora"
 DEMO_LRS = (5e-3, 2e-3, 1e-3)  # SINGLE, MULTI, MIRROR: MiniLM+LoRA r8 only leaves the majority class on MRPC at ~2e-3
@@ -270,21 +271,6 @@ def _label_ids(s, n) -> list[int] | None:
     return [int(x) for x in parts]
 
 
-def _mcnemar(x: str, y: str) -> dict:
-    """The paired comparison of two scorings of the same rows (`_correct_rows` strings): b = rows only x gets right,
-    c = rows only y gets right, and the exact two-sided McNemar p-value (a binomial test of b against b + c trials at
-    1/2). Rows both get right or both get wrong say nothing about which is better."""
-    b = sum(1 for u, v in zip(x, y) if u == "1" and v == "0")
-    c = sum(1 for u, v in zip(x, y) if u == "0" and v == "1")
-    n, k = b + c, min(b, c)
-    # 2 * P(X <= k), X ~ Binomial(n, 1/2), summed in logs: exact integers (math.comb / 2**n) took seconds at 10,000
-    # discordant rows and minutes at 50,000, and 2**-n underflows a float past n = 1074
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
-    top = max(logs)
-    p = min(1.0, 2 * math.exp(top) * sum(math.exp(x - top) for x in logs))
-    return {"b": b, "c": c, "p": p}
-
-
 def _paired_verdict(summary: dict) -> dict | None:
     """The demo's paired tests, from the per-row correctness it stores (`final_correct` of each arm,
     `majority_correct`): unified vs the fixed-rank arm, and each arm vs the majority class (a constant prediction,
@@ -296,9 +282,9 @@ def _paired_verdict(summary: dict) -> dict | None:
         return None
     out: dict = {"test": "exact McNemar (two-sided) on the rows one model gets right and the other wrong"}
     if isinstance(rows.get("baseline"), str) and len(rows["baseline"]) == n:
-        out["unified_vs_baseline"] = _mcnemar(rows["unified"], rows["baseline"])
+        out["unified_vs_baseline"] = mcnemar(rows["unified"], rows["baseline"])
     if isinstance(maj, str) and len(maj) == n:
-        out["vs_majority"] = {k: _mcnemar(r, maj) for k, r in rows.items() if isinstance(r, str) and len(r) == n}
+        out["vs_majority"] = {k: mcnemar(r, maj) for k, r in rows.items() if isinstance(r, str) and len(r) == n}
     return out
 
 
@@ -1652,6 +1638,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_runs, format_comparison
+
+    res = compare_runs(args.runs, args.vs)
+    print(format_comparison(res))
+    if args.json:
+        write_text_atomically(Path(args.json), json.dumps(res, indent=1) + "\n")
+        print(f"written: {args.json}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- predict
 
 
@@ -2131,6 +2128,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", parents=[common], help="print a run's summary table")
     r.add_argument("run_dir", help="the --output-dir of a demo or train run")
     r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("compare", parents=[common], help="did it help? two groups of train runs (e.g. the "
+                       "controller and --no-controller over seeds) on their final dev scores, with a t test",
+                       description="Compare two groups of `unified-lora train` runs on their final dev evaluation: "
+                       "each group's mean ± std over its seeds, the difference A − B with its standard error and "
+                       "Student's t test (paired by seed where both groups ran the same seeds, else Welch; two-sided "
+                       "at 95 %%), and the majority class beside them. The runs must share their model and data; the "
+                       "runs of a group may differ in their seed only.")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="group A: train run folders (--output-dir), one per seed")
+    c.add_argument("--vs", nargs="+", required=True, metavar="RUN", help="group B: the runs to compare A with")
+    c.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE")
+    c.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("predict", parents=[common],
                         help="use a train run's checkpoint: classify a table, or generate from prompts",

@@ -1,0 +1,281 @@
+"""Did it help? Two groups of `unified-lora train` runs (say the controller and `--no-controller`, each over a few
+seeds) compared on their final dev evaluation: each group's mean ± std, the difference with its standard error and
+Student's t test (paired by seed where both groups ran the same seeds, else Welch), and the majority class beside
+them. `unified-lora compare A... --vs B...` prints it; `compare_runs` returns it as a dict.
+
+The runs must have trained on the same data and been scored on the same dev rows (same model, data, dev data,
+columns, max length); a group is one setting run over several seeds, so the runs of a group may differ in their
+seed alone (and in what does not change training: output folder, threads, device, logging, checkpointing). The
+settings the two groups differ in are what is compared, and are named. One run per group gives no test: one seed
+cannot show the seed-to-seed spread, which is often larger than the difference between two methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .stats import LEVEL, seed_difference
+
+# TrainConfig fields that do not change what a run learns: never compared
+NOT_TRAINING = ("seed", "output_dir", "threads", "device", "log_every", "save_steps", "save_total_limit",
+                "peft_every_checkpoint", "save_best", "eval_steps", "max_nonfinite_steps", "layer_kernel",
+                "mirror_kernel", "mirror_pack")
+# what the runs train on and are scored on: the same in every run, or there is nothing to compare
+SAME_DATA = ("model", "data", "dev_data", "task_names", "task_type", "text_columns", "label_column", "dev_fraction",
+             "dev_size", "max_length", "assistant_only_loss", "text_eos")
+# the budget: a difference here is named as one (the groups did not train for as long, or on as many rows a step)
+BUDGET = ("steps", "epochs", "batch_size", "grad_accum", "early_stopping_patience", "early_stopping_threshold")
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared, with what to do about it."""
+
+
+def _run(path) -> dict:
+    """One finished train run's summary.json, with its folder (`_path`)."""
+    from .cli import _read_run_summary, _unfinished_train_summary
+
+    d = Path(path)
+    if not d.is_dir():
+        raise CompareError(f"{d}: no such run folder; pass the --output-dir of `unified-lora train` runs")
+    summary = _read_run_summary(d)
+    unfinished = _unfinished_train_summary(d, summary)
+    if unfinished is not None:
+        done, planned = unfinished.get("steps"), unfinished.get("planned_steps")
+        of = f" of {planned}" if planned else ""
+        raise CompareError(f"{d}: no current summary.json (the run stopped at step {done}{of}, or its summary.json "
+                           f"was removed); compare finished runs: `unified-lora train --output-dir {d} --resume` "
+                           "finishes it")
+    if summary is None:
+        raise CompareError(f"{d}: no summary.json; pass the --output-dir of finished `unified-lora train` runs")
+    if summary.get("command") != "train":
+        hint = " (a demo compares its own two arms: `unified-lora report`)" if summary.get("command") == "demo" else ""
+        raise CompareError(f"{d}: not a `unified-lora train` run{hint}")
+    arm = (summary.get("arms") or {}).get("run") or {}
+    if not summary.get("eval_points") or not arm.get("eval"):
+        raise CompareError(f"{d}: no dev evaluation recorded; compare runs that evaluated on dev data")
+    return dict(summary, _path=str(d))
+
+
+def _final(run: dict) -> dict:
+    """The run's last dev evaluation: {metric: value}."""
+    ev = run["arms"]["run"]["eval"]
+    return {k: v for k, v in ev[list(ev)[-1]].items() if isinstance(v, (int, float))}
+
+
+def _cfg(run: dict) -> dict:
+    return {k: v for k, v in (run.get("config") or {}).items() if k not in NOT_TRAINING}
+
+
+def _show(v, key: str = "") -> str:
+    if v is None:
+        return "the bundled MiniLM" if key == "model" else "none"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _check_group(name: str, runs: list[dict]) -> None:
+    first = _cfg(runs[0])
+    for r in runs[1:]:
+        other = _cfg(r)
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if diff:
+            k = diff[0]
+            raise CompareError(f"group {name} mixes settings: {k} is {_show(first.get(k), k)} in {runs[0]['_path']} "
+                               f"and {_show(other.get(k), k)} in {r['_path']}" + (f" (and {len(diff) - 1} more)" if diff[1:]
+                                                                          else "")
+                               + "; a group is one setting over several seeds: compare settings as A --vs B")
+    seeds: dict = {}
+    for r in runs:
+        s = (r.get("config") or {}).get("seed")
+        if s in seeds:
+            raise CompareError(f"group {name}: {seeds[s]} and {r['_path']} both ran seed {s}; a group is one setting "
+                               "over different seeds (pass each run once)")
+        seeds[s] = r["_path"]
+
+
+def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
+    """Compare two groups of train runs (their folders) on their final dev evaluation. Returns {"a", "b" (each:
+    runs, seeds, label), "differ" ({setting: (a's, b's)}), "budget_differs", "metrics" ([{"metric",
+    "lower_is_better", "a", "b", "majority", ...`seed_difference`, "verdict"}], the primary metric first), "primary",
+    "cost" ({"a", "b"}: mean wall s, mean rank, steps per mode), "level"}. Raises CompareError for runs that do not
+    compare (unfinished, another command, other data, a group that mixes settings or repeats a seed)."""
+    from .training import lower_is_better
+
+    if not a_dirs or not b_dirs:
+        raise CompareError("compare needs at least one run on each side: compare RUN [RUN ...] --vs RUN [RUN ...]")
+    paths = [str(Path(p).resolve()) for p in [*a_dirs, *b_dirs]]
+    dup = next((p for p in paths if paths.count(p) > 1), None)
+    if dup:
+        raise CompareError(f"{dup} is passed twice; each run belongs to one group once")
+    a, b = [_run(p) for p in a_dirs], [_run(p) for p in b_dirs]
+    _check_group("A", a)
+    _check_group("B", b)
+    ca, cb = _cfg(a[0]), _cfg(b[0])
+    for k in SAME_DATA:
+        if ca.get(k) != cb.get(k):
+            raise CompareError(f"the groups ran on different data: {k} is {_show(ca.get(k), k)} in A "
+                               f"({a[0]['_path']}) and {_show(cb.get(k), k)} in B ({b[0]['_path']}); compare runs "
+                               "trained and scored on the same data")
+    differ = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+    fa, fb = [_final(r) for r in a], [_final(r) for r in b]
+    common = [m for m in fa[0] if all(m in f for f in fa + fb)]
+    if not common:
+        raise CompareError("the runs' final dev evaluations share no metric")
+    primary = next((c.get("metric_for_best") for c in (ca, cb) if c.get("metric_for_best") in common), common[0])
+    order = [primary] + [m for m in common if m != primary]
+    majority = _majority(a[0])
+    metrics = []
+    for m in order:
+        seed = [(r.get("config") or {}).get("seed") for r in a], [(r.get("config") or {}).get("seed") for r in b]
+        d = seed_difference(dict(zip(seed[0], (f[m] for f in fa))), dict(zip(seed[1], (f[m] for f in fb))), level)
+        lower = lower_is_better(m)
+        metrics.append(dict(d, metric=m, lower_is_better=lower, majority=majority.get(m),
+                            a_values=[f[m] for f in fa], b_values=[f[m] for f in fb],
+                            verdict=_verdict(d, lower)))
+    return {"a": _group(a), "b": _group(b), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
+            "metrics": metrics, "primary": primary, "level": level,
+            "cost": {"a": _cost(a), "b": _cost(b)}}
+
+
+def _majority(run: dict) -> dict:
+    """The majority class's dev scores, by the run's metric names (a multi-task run's: TASK/metric)."""
+    out = dict(run.get("majority") or {})
+    for t in run.get("tasks") or []:
+        out.update({f"{t['name']}/{k}": v for k, v in (t.get("majority") or {}).items()})
+    return out
+
+
+def _group(runs: list[dict]) -> dict:
+    return {"runs": [r["_path"] for r in runs], "seeds": [(r.get("config") or {}).get("seed") for r in runs],
+            "label": runs[0]["arms"]["run"].get("label", "run"), "point": list(runs[0]["arms"]["run"]["eval"])[-1]}
+
+
+def _mean(v: list) -> float | None:
+    v = [x for x in v if isinstance(x, (int, float))]
+    return sum(v) / len(v) if v else None
+
+
+def _cost(runs: list[dict]) -> dict:
+    phis = [r["arms"]["run"].get("phi") or {} for r in runs]
+    modes: dict = {}
+    for p in phis:
+        for mode, n in (p.get("steps_in_mode") or {}).items():
+            modes.setdefault(mode, []).append(n)
+    fixed = not runs[0]["arms"]["run"].get("controller", True)  # (--no-controller: its φ is recorded, not acted on)
+    return {"wall_s": _mean([r.get("wall_s") for r in runs]), "mean_rank": _mean([p.get("mean_rank") for p in phis]),
+            "steps_in_mode": {m: sum(v) / len(v) for m, v in modes.items()} if modes and not fixed else None,
+            "transitions": _mean([len(r["arms"]["run"].get("transitions") or []) for r in runs])}
+
+
+def _verdict(d: dict, lower: bool) -> str:
+    """'A better' / 'B better' beyond the noise (|Δ| > t·SE), 'no difference beyond the noise', or why no test."""
+    if d["test"] == "none":
+        return "no test: one run on a side"
+    if d["diff"] == 0:
+        return "no difference"
+    if abs(d["t"]) <= d["crit"]:
+        return "no difference beyond the noise"
+    a_ahead = (d["diff"] < 0) if lower else (d["diff"] > 0)
+    return "A better" if a_ahead else "B better"
+
+
+def _settings(differ: dict, side: int) -> str:
+    return ", ".join(f"{k} {_show(v[side], k)}" for k, v in differ.items()) or "the same settings"
+
+
+def format_comparison(res: dict) -> str:
+    """`unified-lora compare`'s report of `compare_runs`."""
+    a, b = res["a"], res["b"]
+    lines = []
+
+    def seeds(g):
+        return f"{len(g['runs'])} run{'' if len(g['runs']) == 1 else 's'}, seed{'' if len(g['seeds']) == 1 else 's'} " \
+               + ", ".join(map(str, g["seeds"]))
+
+    lines.append(f"A: {a['label']}, {seeds(a)}: {_settings(res['differ'], 0)}")
+    lines.append(f"B: {b['label']}, {seeds(b)}: {_settings(res['differ'], 1)}")
+    if not res["differ"]:
+        lines.append("The two groups ran the same settings: any difference between them is seed-to-seed noise.")
+    if res["budget_differs"]:
+        lines.append("Note: the groups' training budgets differ (" + ", ".join(res["budget_differs"]) + "), so a "
+                     "difference is not the method's alone.")
+    point = a["point"] if a["point"] == b["point"] else f"A {a['point']}, B {b['point']}"
+    lines.append(f"\nfinal dev evaluation ({point}), mean ± std over seeds:")
+    rows = [("metric", "A", "B", "majority class", "A − B", "test", "verdict")]
+    for m in res["metrics"]:
+        def ms(mean, sd, n):
+            return f"{mean:.4f}" + (f" ± {sd:.4f}" if n > 1 else "") + f" (n={n})"
+        if m["test"] == "none":
+            delta, test = f"{m['diff']:+.4f}", "-"
+        else:
+            delta = f"{m['diff']:+.4f} ± {m['se']:.4f} SE"
+            test = f"{m['test']} t({m['df']:.3g}) = {m['t']:.2f}, p = {m['p']:.3g}"
+        maj = f"{m['majority']:.4f}" if isinstance(m.get("majority"), (int, float)) else "-"
+        name = m["metric"] + (" (lower is better)" if m["lower_is_better"] else "")
+        rows.append((name, ms(m["mean_a"], m["sd_a"], m["n_a"]), ms(m["mean_b"], m["sd_b"], m["n_b"]), maj, delta,
+                     test, m["verdict"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [table[0], "-" * len(table[0]), *table[1:]]
+    lines += ["", *_reading(res)]
+    ca, cb = res["cost"]["a"], res["cost"]["b"]
+    lines.append("")
+    for name, c in (("A", ca), ("B", cb)):
+        parts = []
+        if c["wall_s"] is not None:
+            parts.append(f"{c['wall_s']:.1f} s wall a run")
+        if c["mean_rank"] is not None:
+            parts.append(f"mean rank {c['mean_rank']:.2f}")
+        if c["steps_in_mode"]:
+            parts.append("mean steps per mode " + ", ".join(f"{m} {_num(n)}" for m, n in c["steps_in_mode"].items()))
+        if c["transitions"]:
+            parts.append(f"{_num(c['transitions'])} transition{'' if c['transitions'] == 1 else 's'} a run")
+        if parts:
+            lines.append(f"cost {name}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _reading(res: dict) -> list[str]:
+    """The verdict in words, on the primary metric (the runs' metric_for_best): the others are for reference."""
+    m = res["metrics"][0]
+    level = res["level"]
+    name = m["metric"]
+    out = []
+    if m["test"] == "none":
+        out.append(f"Verdict on {name}: no test. With one run on a side the seed-to-seed spread is unknown, and it is "
+                   "often larger than the difference between two methods: train each side with two or more further "
+                   "--seed values and compare again (the same seeds on both sides pair the test).")
+    else:
+        how = ("paired by seed" if m["test"] == "paired" else "Welch's test: the groups' seeds differ, so they do not "
+               "pair")
+        sign = "lower" if m["lower_is_better"] else "higher"
+        if m["verdict"] in ("A better", "B better"):
+            who = m["verdict"].split()[0]
+            out.append(f"Verdict on {name} ({sign} is better): {who} is better, beyond the noise: A − B = "
+                       f"{m['diff']:+.4f} ± {m['se']:.4f} SE, {how}, p = {m['p']:.3g} < {1 - level:g}.")
+        else:
+            out.append(f"Verdict on {name} ({sign} is better): no difference beyond the noise: A − B = "
+                       f"{m['diff']:+.4f} ± {m['se']:.4f} SE, {how}, p = {m['p']:.3g} (a difference counts at "
+                       f"p < {1 - level:g}; {m['n_a']} and {m['n_b']} runs).")
+    if len(res["metrics"]) > 1:
+        out.append(f"{name} is the runs' --metric-for-best; the other metrics are shown for reference, and testing "
+                   "each of them as well would find a difference by chance more often.")
+    maj = m.get("majority")
+    if isinstance(maj, (int, float)) and not m["lower_is_better"]:
+        at = [g for g, mean in (("A", m["mean_a"]), ("B", m["mean_b"])) if mean <= maj + 1e-12]
+        if at:
+            out.append(f"{' and '.join(at)} score{'' if len(at) > 1 else 's'} no better on {name} than always "
+                       f"predicting the majority class ({maj:.4f}): {'neither has' if len(at) > 1 else 'it has not'} "
+                       "learned the task yet, so the comparison says little about the method.")
+    return out
+
+
+__all__ = ["CompareError", "compare_runs", "format_comparison"]

@@ -1,0 +1,138 @@
+"""`unified-lora compare`: two groups of train runs on their final dev scores, with Student's t test."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+
+import pytest
+import test_cli
+from test_cli import _train_args
+
+from unified_lora.cli import main
+from unified_lora.stats import seed_difference
+
+tiny = test_cli.tiny  # the tiny BERT and data files of test_cli.py (a module-scoped fixture)
+
+
+def test_seed_difference_matches_scipys_paired_and_welch_t_tests():
+    # references: scipy.stats.ttest_rel / ttest_ind(equal_var=False) on these numbers (scipy is not a dependency)
+    d = seed_difference({0: 0.81, 1: 0.84, 2: 0.80}, {0: 0.80, 1: 0.82, 2: 0.79})
+    assert d["test"] == "paired" and d["df"] == 2
+    assert d["t"] == pytest.approx(4.0) and d["p"] == pytest.approx(0.05719095841793663, rel=1e-9)
+    assert d["diff"] == pytest.approx(0.04 / 3) and d["crit"] == pytest.approx(4.302652729749, rel=1e-9)
+    w = seed_difference({0: 0.81, 1: 0.84, 2: 0.80, 3: 0.83}, {5: 0.78, 6: 0.80, 7: 0.79})
+    assert w["test"] == "Welch" and w["df"] == pytest.approx(4.741935483870975, rel=1e-12)
+    assert w["t"] == pytest.approx(2.777460299317661) and w["p"] == pytest.approx(0.04134736635451786, rel=1e-9)
+    # the same seeds on both sides pair; other seeds do not, even with as many runs
+    assert seed_difference({0: 1, 1: 2}, {0: 1, 1: 3})["test"] == "paired"
+    assert seed_difference({0: 1, 1: 2}, {2: 1, 3: 3})["test"] == "Welch"
+    one = seed_difference({0: 0.9}, {0: 0.5})
+    assert one["test"] == "none" and one["diff"] == pytest.approx(0.4) and math.isnan(one["p"])
+
+
+def _runs(tiny, root, name, seeds, *extra):
+    out = []
+    for s in seeds:
+        d = root / f"{name}_s{s}"
+        assert main(_train_args(tiny, d, "--steps", "80", "--seed", str(s), "--dev-data", tiny["csv"], *extra)) == 0
+        out.append(d)
+    return out
+
+
+def _final(d, metric):
+    ev = json.loads((d / "summary.json").read_text())["arms"]["run"]["eval"]
+    return ev[list(ev)[-1]][metric]
+
+
+@pytest.fixture(scope="module")
+def groups(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    learns = ("--no-controller", "--lrs", "3e-2", "3e-2", "3e-2")
+    return {"learns": _runs(tiny, root, "learns", (0, 1, 2), *learns),
+            "frozen": _runs(tiny, root, "frozen", (0, 1, 2), "--no-controller", "--lrs", "1e-9", "1e-9", "1e-9"),
+            "controller": _runs(tiny, root, "ctrl", (0, 1, 2), "--lrs", "3e-2", "3e-2", "3e-2"),
+            "root": root}
+
+
+def test_compare_finds_a_real_difference_paired_by_seed_and_its_numbers_are_the_runs(groups, capsys, tmp_path):
+    out = tmp_path / "cmp.json"
+    assert main(["compare", *map(str, groups["learns"]), "--vs", *map(str, groups["frozen"]), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["differ"] == {"mode_lrs": [[0.03] * 3, [1e-9] * 3]} and res["primary"] == "accuracy"
+    acc = res["metrics"][0]
+    a = [_final(d, "accuracy") for d in groups["learns"]]
+    b = [_final(d, "accuracy") for d in groups["frozen"]]
+    assert acc["metric"] == "accuracy" and acc["test"] == "paired" and acc["df"] == 2
+    assert acc["mean_a"] == pytest.approx(statistics.fmean(a)) and acc["mean_b"] == pytest.approx(statistics.fmean(b))
+    d = [x - y for x, y in zip(a, b)]
+    assert acc["diff"] == pytest.approx(statistics.fmean(d)) and acc["se"] == pytest.approx(statistics.stdev(d) / 3 ** .5)
+    assert statistics.fmean(a) > 0.9 and acc["verdict"] == "A better", (a, b)  # the tiny BERT learns its words
+    assert "Verdict on accuracy (higher is better): A is better, beyond the noise" in text
+    assert "A: LoRA (fixed rank), 3 runs, seeds 0, 1, 2: mode_lrs 0.03,0.03,0.03" in text
+    # the frozen side is at the majority class (the data is balanced: half the rows): said so
+    assert "B scores no better on accuracy than always predicting the majority class (0.5000)" in text
+    # the other way round: B better, the same numbers with the sign turned
+    assert main(["compare", *map(str, groups["frozen"]), "--vs", *map(str, groups["learns"])]) == 0
+    assert "B is better, beyond the noise: A − B = -" in capsys.readouterr().out
+
+
+def test_compare_of_the_controller_with_its_baseline_names_what_differs_and_the_cost(groups, capsys):
+    assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0
+    text = capsys.readouterr().out
+    assert "A: Unified LoRA, 3 runs, seeds 0, 1, 2: controller on" in text
+    assert "B: LoRA (fixed rank), 3 runs, seeds 0, 1, 2: controller off" in text
+    assert "cost A: " in text and "mean steps per mode SINGLE" in text.split("cost A: ")[1].split("\n")[0]
+    # a --no-controller run records φ but never moves: no steps per mode for it, its fixed rank instead
+    assert "steps per mode" not in text.split("cost B: ")[1] and "mean rank 8.00" in text.split("cost B: ")[1]
+
+
+def test_compare_with_one_run_a_side_gives_no_test_and_says_what_to_run(groups, capsys):
+    assert main(["compare", str(groups["learns"][0]), "--vs", str(groups["frozen"][0])]) == 0
+    text = capsys.readouterr().out
+    assert "Verdict on accuracy: no test. With one run on a side the seed-to-seed spread is unknown" in text
+    assert "no test: one run on a side" in text
+
+
+def test_compare_with_other_seeds_on_each_side_is_welchs_test(groups, capsys, tmp_path):
+    out = tmp_path / "c.json"
+    assert main(["compare", *map(str, groups["learns"][:2]), "--vs", str(groups["frozen"][2]),
+                 str(groups["frozen"][1]), "--json", str(out)]) == 0  # seeds 0,1 vs 2,1: they do not pair
+    assert json.loads(out.read_text())["metrics"][0]["test"] == "Welch"
+    assert "Welch's test: the groups' seeds differ, so they do not pair" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["mixed", "seed_twice", "same_path", "other_data", "unfinished", "demo", "no_dir"])
+def test_compare_refuses_runs_that_do_not_compare_naming_why(groups, tiny, tmp_path, capsys, case):
+    learns, frozen = [str(d) for d in groups["learns"]], [str(d) for d in groups["frozen"]]
+    if case == "mixed":
+        args, want = [learns[0], frozen[1], "--vs", frozen[0]], "group A mixes settings: mode_lrs is 0.03,0.03,0.03 in"
+    elif case == "seed_twice":
+        copy = tmp_path / "copy"
+        shutil.copytree(learns[0], copy)
+        args, want = [learns[0], str(copy), "--vs", frozen[0]], "both ran seed 0; a group is one setting"
+    elif case == "same_path":
+        args, want = [learns[0], "--vs", learns[0]], "is passed twice"
+    elif case == "other_data":
+        other = _runs(tiny, tmp_path, "other", (0,), "--no-controller", "--max-length", "12")[0]
+        args, want = [learns[0], "--vs", str(other)], "the groups ran on different data: max_length is 16 in A"
+    elif case == "unfinished":
+        copy = tmp_path / "copy"
+        shutil.copytree(learns[0], copy)
+        (copy / "summary.json").unlink()
+        args, want = [str(copy), "--vs", frozen[0]], "no current summary.json (the run stopped at step 80 of 80"
+    elif case == "demo":
+        copy = tmp_path / "copy"
+        shutil.copytree(learns[0], copy)
+        s = json.loads((copy / "summary.json").read_text())
+        s["command"] = "demo"
+        (copy / "summary.json").write_text(json.dumps(s))
+        args, want = [str(copy), "--vs", frozen[0]], "not a `unified-lora train` run (a demo compares its own two arms"
+    else:
+        args, want = [str(tmp_path / "nowhere"), "--vs", frozen[0]], "no such run folder"
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err
+    assert want in err and err.count("\n") == 1, err
