@@ -1201,6 +1201,31 @@ def test_a_causal_lm_on_the_loss_signal_calibrates_its_scale_unless_given_one(ti
     assert {r["mode"] for r in read_trace(tmp_path / "short" / "trace.jsonl")} == {1}
 
 
+def test_a_no_controller_causal_lm_run_records_phi_on_the_calibrated_scale_and_trains_as_before(tiny, tmp_path,
+                                                                                                capsys):
+    """A controller run of a causal LM calibrates its loss scale; its --no-controller baseline recorded φ on the scale
+    of 1, so its trace and plot sat in the MIRROR band beside the controller run's φ of 0.33. The baseline now
+    calibrates the recorded signal the same way, and says so; nothing acts on φ there, so it trains as before (the
+    uncalibrated baseline, --loss-scale 1, as the runs before this were)."""
+    _corpus(tmp_path / "corpus.txt")
+    base = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--steps", "30", "--batch-size",
+            "8", "--max-length", "16", "--log-every", "0", "--no-controller"]
+    assert main([*base, "--output-dir", str(tmp_path / "cal")]) == 0
+    out = capsys.readouterr().out
+    assert ("a causal LM's loss is read on the scale of its first 20 steps" in out and "without the controller "
+            "(--no-controller) φ is recorded, not acted on, so this changes no training" in out)
+    assert json.loads((tmp_path / "cal" / "summary.json").read_text())["config"]["calibration_steps"] == 20
+    assert main([*base, "--loss-scale", "1", "--output-dir", str(tmp_path / "one")]) == 0
+    assert "read on the scale" not in capsys.readouterr().out
+    cal, one = (read_trace(tmp_path / d / "trace.jsonl") for d in ("cal", "one"))
+    assert [(r["loss"], r["mode"], r["rank"], r["lr"]) for r in cal] == \
+        [(r["loss"], r["mode"], r["rank"], r["lr"]) for r in one]  # the same training
+    assert {r["mode"] for r in cal} == {1}
+    phi = [r["phi"] for r in cal]
+    assert set(phi[:20]) == {0.5} and max(phi[20:]) < 0.7  # held, then on the run's own scale: below the MIRROR band
+    assert min(r["phi"] for r in one[20:]) > 0.7  # on the scale of 1 it read as MIRROR
+
+
 def test_report_says_the_loss_scale_a_run_read_and_where_it_came_from(tiny, tmp_path, capsys):
     """A causal LM's run calibrates its loss scale on its first 20 steps; the trace recorded the scale, but `report`
     did not say it, nor whether it was calibrated, given or the default 1. It does now; a summary.json written before

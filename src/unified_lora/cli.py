@@ -867,13 +867,16 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say, total: int) -> None
     term: on the scale of 1 that term alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2
     on two halves of one corpus, with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
     records it, so a --resume keeps it. A run of `total` <= 20 steps ends inside the calibration (φ held, MULTI
-    throughout): the line says so."""
-    if (task_type != "causal-lm" or cfg.signal != "loss" or not cfg.controller
-            or {"loss_scale", "calibration_steps"} & user.keys()):
+    throughout): the line says so. A --no-controller run calibrates the same way: its φ is recorded, not acted on (it
+    trains as before), and on the scale of 1 its trace sat in the MIRROR band beside a controller run's φ of 0.33."""
+    if task_type != "causal-lm" or cfg.signal != "loss" or {"loss_scale", "calibration_steps"} & user.keys():
         return
     cfg.calibration_steps = LM_CALIBRATION_STEPS
     short = (f"; this run's {total} steps end inside it, so the controller holds MULTI throughout"
-             if total <= LM_CALIBRATION_STEPS else "")
+             if total <= LM_CALIBRATION_STEPS and cfg.controller else "")
+    if not cfg.controller:  # (a baseline: its φ, recorded alone, read as a controller run reads it)
+        short = ("; without the controller (--no-controller) φ is recorded, not acted on, so this changes no training, "
+                 "and the trace compares with a controller run's")
     if cfg.tasks:
         say(f"multi-task signal: the tasks' loss level (its E term) is read on the scale of the first "
             f"{LM_CALIBRATION_STEPS} steps' loss (E held at {cfg.calibration_target / (1 + cfg.calibration_target):.3f} "
