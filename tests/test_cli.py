@@ -1201,6 +1201,70 @@ def test_a_causal_lm_on_the_loss_signal_calibrates_its_scale_unless_given_one(ti
     assert {r["mode"] for r in read_trace(tmp_path / "short" / "trace.jsonl")} == {1}
 
 
+def test_a_no_controller_causal_lm_run_records_phi_on_the_calibrated_scale_and_trains_as_before(tiny, tmp_path,
+                                                                                                capsys):
+    """A controller run of a causal LM calibrates its loss scale; its --no-controller baseline recorded φ on the scale
+    of 1, so its trace and plot sat in the MIRROR band beside the controller run's φ of 0.33. The baseline now
+    calibrates the recorded signal the same way, and says so; nothing acts on φ there, so it trains as before (the
+    uncalibrated baseline, --loss-scale 1, as the runs before this were)."""
+    _corpus(tmp_path / "corpus.txt")
+    base = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--steps", "30", "--batch-size",
+            "8", "--max-length", "16", "--log-every", "0", "--no-controller"]
+    assert main([*base, "--output-dir", str(tmp_path / "cal")]) == 0
+    out = capsys.readouterr().out
+    assert ("a causal LM's loss is read on the scale of its first 20 steps" in out and "without the controller "
+            "(--no-controller) φ is recorded, not acted on, so this changes no training" in out)
+    assert json.loads((tmp_path / "cal" / "summary.json").read_text())["config"]["calibration_steps"] == 20
+    assert main([*base, "--loss-scale", "1", "--output-dir", str(tmp_path / "one")]) == 0
+    assert "read on the scale" not in capsys.readouterr().out
+    cal, one = (read_trace(tmp_path / d / "trace.jsonl") for d in ("cal", "one"))
+    assert [(r["loss"], r["mode"], r["rank"], r["lr"]) for r in cal] == \
+        [(r["loss"], r["mode"], r["rank"], r["lr"]) for r in one]  # the same training
+    assert {r["mode"] for r in cal} == {1}
+    phi = [r["phi"] for r in cal]
+    assert set(phi[:20]) == {0.5} and max(phi[20:]) < 0.7  # held, then on the run's own scale: below the MIRROR band
+    assert min(r["phi"] for r in one[20:]) > 0.7  # on the scale of 1 it read as MIRROR
+
+
+def test_report_says_the_loss_scale_a_run_read_and_where_it_came_from(tiny, tmp_path, capsys):
+    """A causal LM's run calibrates its loss scale on its first 20 steps; the trace recorded the scale, but `report`
+    did not say it, nor whether it was calibrated, given or the default 1. It does now; a summary.json written before
+    the record (no `loss_scale` key) still reports, without the line."""
+    from unified_lora.trace import read_trace
+
+    _corpus(tmp_path / "corpus.txt")
+    base = ["train", "--model", tiny["gpt2"], "--data", str(tmp_path / "corpus.txt"), "--batch-size", "8",
+            "--max-length", "16", "--log-every", "0"]
+
+    def report(out: Path) -> list[str]:
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss scale")]
+
+    assert main([*base, "--steps", "22", "--output-dir", str(tmp_path / "cal")]) == 0
+    trace = read_trace(tmp_path / "cal" / "trace.jsonl")
+    scale = sum(r["loss"] for r in trace[:20]) / 20 / 0.5  # the first 20 losses' mean maps to 0.5
+    assert trace[-1]["components"]["loss_scale"] == pytest.approx(scale, rel=1e-9) and scale > 2
+    assert report(tmp_path / "cal") == [f"loss scale: {scale:.4g}, calibrated on the first 20 steps (their mean loss "
+                                        "reads as 0.5; --calibration-steps)"]
+    assert main([*base, "--steps", "3", "--output-dir", str(tmp_path / "short")]) == 0
+    assert report(tmp_path / "short") == ["loss scale: 1, not calibrated: the run ended inside its calibration on the "
+                                          "first 20 steps (--calibration-steps), φ held throughout"]
+    assert main([*base, "--steps", "2", "--loss-scale", "3", "--output-dir", str(tmp_path / "given")]) == 0
+    assert report(tmp_path / "given") == ["loss scale: 3, given (--loss-scale)"]
+    assert main(_train_args(tiny, tmp_path / "cls", "--steps", "2")) == 0
+    assert report(tmp_path / "cls") == ["loss scale: 1, the default"]
+    # an older run folder: its summary.json has no record of the scale
+    path = tmp_path / "cal" / "summary.json"
+    summary = json.loads(path.read_text())
+    del summary["loss_scale"]
+    path.write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "cal")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train: ") and "loss scale" not in out and "steps per mode" in out
+
+
 def test_a_shock_inside_the_loss_signals_calibration_is_said_to_be_read_into_its_scale(tiny, tmp_path, capsys):
     """A causal LM's run calibrates on its first 20 steps by itself; a shock starting inside them was read into the
     scale without a word (a tiny GPT-2 shocked on steps [10, 30): its scale about doubled, φ held through the shock,

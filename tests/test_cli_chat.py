@@ -110,15 +110,17 @@ def test_a_template_whose_renderings_do_not_nest_is_refused_for_assistant_only_l
     tok.chat_template = TEMPLATE.replace("a:{% generation %} {{ m['content'] }}",
                                          "a:{% generation %}{% if loop.last %} {{ m['content'] }}{% endif %}")
     rows, _ = _load_texts(_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVS]), ["messages"])
-    with pytest.raises(DataError, match=rf"^{tmp_path / 'chat.jsonl'}: record 2: the tokenizer's chat template renders "
-                                        r"the first 3 message\(s\) as other tokens than the start of the whole "
-                                        r"conversation \(the renderings do not nest\), so the assistant's turn cannot "
-                                        r"be told apart; train on the whole conversation"):
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'chat.jsonl'}: record 2 \(line 2\): the tokenizer's chat "
+                                        r"template renders the first 3 message\(s\) as other tokens than the start "
+                                        r"of the whole conversation \(the renderings do not nest\), so the "
+                                        r"assistant's turn cannot be told apart; train on the whole conversation"):
         encode_rows(tok, rows, "causal-lm", 64, assistant_only=True)
     assert len(encode_rows(tok, rows, "causal-lm", 64)["labels"]) == 4
 
 
-def test_malformed_chat_rows_are_one_line_errors_naming_the_record(chat_models, tmp_path):
+def test_malformed_chat_rows_are_one_line_errors_naming_the_record_and_its_line(chat_models, tmp_path):
+    """Each error names the record and the line of the file it is on (blank lines counted as lines, as an editor
+    counts them): it named the record alone, which a file with blank lines put on another line."""
     from unified_lora.data import DataError
     from unified_lora.training import _load_texts
 
@@ -134,10 +136,11 @@ def test_malformed_chat_rows_are_one_line_errors_naming_the_record(chat_models, 
              "object"),
             ({"messages": [{"role": "user", "content": [{"type": "image"}]}]},
              "column 'messages': message 1 has a list as its content, not a string")):
-        path = _jsonl(tmp_path / "bad.jsonl", [good, good, bad])
+        path = tmp_path / "bad.jsonl"
+        path.write_text(f"{json.dumps(good)}\n\n{json.dumps(good)}\n  \n{json.dumps(bad)}\n")  # two blank lines
         with pytest.raises(DataError) as e:
             _load_texts(path, ["text"], detect=True)
-        assert str(e.value).startswith(f"{path}: record 3: {problem}") and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"{path}: record 3 (line 5): {problem}") and "\n" not in str(e.value)
     csv = tmp_path / "chat.csv"
     csv.write_text('messages\n"[{""role"": ""user"", ""content"": ""hi""}]"\n')
     with pytest.raises(DataError, match=r"column 'messages' looks like chat data, which a \.csv cell cannot hold"):
@@ -167,8 +170,8 @@ def test_the_cli_refuses_chat_data_without_a_template_and_assistant_only_loss_wi
         _m("user", "hello?")]}])
     assert main(["train", "--model", chat_models["gpt2"], "--data", str(no_reply), "--dev-data", str(chat),
                  "--output-dir", str(tmp_path / "c"), "--assistant-only-loss", *args]) == 2
-    assert (f"unified-lora: error: {no_reply}: record 9 has no assistant message: with --assistant-only-loss it has "
-            "nothing to train on") in capsys.readouterr().err
+    assert (f"unified-lora: error: {no_reply}: record 9 (line 9) has no assistant message: with "
+            "--assistant-only-loss it has nothing to train on") in capsys.readouterr().err
 
 
 def test_a_chat_run_trains_evaluates_on_the_assistant_tokens_resumes_and_predicts_from_the_template(

@@ -166,6 +166,47 @@ def test_an_export_peft_cannot_express_is_one_line_and_exit_code_1(tiny, tmp_pat
     assert not (out / "peft_adapter-step-2").exists()
 
 
+# A Python that runs `main` on each argv of its argument with writes past 512 bytes failing (RLIMIT_FSIZE: EFBIG, as
+# a full disk fails them) and prints the exit codes as JSON. torch, transformers and peft are imported first.
+_FULL_DISK = """
+import json, resource, signal, sys
+import peft, torch, transformers
+from unified_lora.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+print(json.dumps([main(argv) for argv in json.loads(sys.argv[1])]))
+"""
+
+
+def _files(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_export_whose_write_fails_leaves_no_folder_it_made_and_a_previous_export_as_it_was(run, tmp_path):
+    """An export (the adapter, or --merged) whose files could not be written (a full disk) removed its temporary
+    folder but left the --out folder it had made, empty. It is removed now, with the missing folders above it; a
+    folder that was there, holding a previous export, is left as it was."""
+    import subprocess
+    import sys
+
+    assert main(["export", str(run), "--out", str(tmp_path / "old")]) == 0
+    assert main(["export", str(run), "--merged", "--out", str(tmp_path / "old_merged")]) == 0
+    before = {d: _files(tmp_path / d) for d in ("old", "old_merged")}
+    assert "adapter_config.json" in before["old"] and "model.safetensors" in before["old_merged"]
+    jobs = [["export", str(run), "--out", str(tmp_path / "new" / "adapter")],
+            ["export", str(run), "--merged", "--out", str(tmp_path / "new_merged")],
+            ["export", str(run), "--overwrite", "--out", str(tmp_path / "old")],
+            ["export", str(run), "--merged", "--overwrite", "--out", str(tmp_path / "old_merged")]]
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [1, 1, 1, 1]  # each export failed
+    assert "File too large" in done.stderr
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new_merged").exists()
+    assert {d: _files(tmp_path / d) for d in ("old", "old_merged")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "old_merged"]
+
+
 # ----------------------------------------------------------------------------- --merged
 
 # A Python that cannot import unified_lora or peft (None in sys.modules: `import` fails, and transformers'

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -333,6 +334,27 @@ def test_a_step_with_a_non_finite_loss_or_gradient_is_skipped_and_leaves_the_wei
     assert run.state.nonfinite_in_a_row == 0 and run.state.skipped_steps == 1
     now = _weights_and_moments(run)[0]
     assert all(torch.isfinite(p).all() for p in now) and any(not torch.equal(p, w) for p, w in zip(now, saved[0]))
+
+
+def test_steps_skipped_for_non_finite_gradients_with_a_finite_loss_are_not_taken_for_an_accumulation():
+    """A run whose gradients were inf on every other step, its loss finite: `train_step` skips those optimizer steps,
+    and 16 of 32 ctrl.step calls with no optimizer step since the one before made the accumulation warning, which told
+    the user that ctrl.step ran on every micro-batch. Such a step now counts as a non-finite loss's does: no warning.
+    (test_controller.py checks that the warning still comes for a real accumulation.)"""
+    import warnings
+
+    run, batch = _run_after_one_step(max_nonfinite_steps=0)
+    head = run.ctrl.extra_params[0]  # the classifier's weight
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for i in range(40):
+            hook = head.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf"))) if i % 2 else None
+            loss = run.train_step(batch)
+            if hook is not None:
+                hook.remove()
+            assert math.isfinite(loss)
+    assert run.state.skipped_steps == 20 and run.ctrl._optimizer_steps == 21  # (the first step's, then every other)
+    assert [str(w.message) for w in record if str(w.message).startswith("ctrl.step: ")] == []
 
 
 def test_a_diverging_run_stops_after_max_nonfinite_steps_with_a_checkpoint_of_its_last_finite_weights(tiny, tmp_path,

@@ -1488,6 +1488,12 @@ def test_a_task_export_that_fails_part_way_leaves_the_previous_set_whole_and_no_
     monkeypatch.undo()
     assert len(calls) == 3 and _tree(out) == before  # the previous set, bit for bit, and no temporary folder
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "notes.txt", "peft_tasks.json", "shared"]
+    calls.clear()  # into a folder that did not exist: the failed export made it and left it behind, empty
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", third_fails)
+    with pytest.raises(OSError, match="No space left"):
+        export_task_peft_adapters(model, tmp_path / "new" / "out", task_type=None)
+    monkeypatch.undo()
+    assert len(calls) == 3 and not (tmp_path / "new").exists()
     export_task_peft_adapters(model, out, task_type=None)
     after = _tree(out)
     assert after["notes.txt"] == b"mine" and after["a/vocab.txt"] == b"mine too"

@@ -152,6 +152,26 @@ def make_folder(save_dir) -> None:
     os.makedirs(save_dir, exist_ok=True)
 
 
+def missing_folders(save_dir) -> list[str]:
+    """`save_dir` and the folders above it that do not exist, the deepest first: those `make_folder` makes."""
+    made, path = [], os.path.abspath(os.fspath(save_dir))
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_made_folders(made: Sequence[str]) -> None:
+    """Remove the folders `missing_folders` listed before a write that failed, the deepest first, each only if it is
+    empty (one that holds something, another writer's files, stays, and so do those above it): a failed export left
+    the empty folder it had made."""
+    for path in made:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = (), drop=None):
     """Write a set of files into `save_dir` as one: yield a temporary folder inside it (`.tmp-<host>-<pid>-...`) to write
@@ -165,32 +185,38 @@ def folder_written_atomically(save_dir, last: str, keep: Sequence[str] = (), dro
     writers killed outright (SIGKILL) on this host are removed first (`remove_dead_leftovers`). `drop` (a function of
     a file name): files of `save_dir` that this write does not replace and that a reader would take for part of the
     new set (a previous model's weight shards beside new weights in one file) are deleted once the old `last` is
-    gone, before the new files go in."""
+    gone, before the new files go in. A `save_dir` this made (it did not exist) is removed again where the write
+    fails, with the folders above it it made: a failed export leaves no empty folder behind."""
+    made = missing_folders(save_dir)
     make_folder(save_dir)
-    remove_dead_leftovers(save_dir)
-    tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
     try:
-        for name in keep:
-            if os.path.isfile(os.path.join(save_dir, name)):
-                shutil.copy2(os.path.join(save_dir, name), os.path.join(tmp, name))
-        yield tmp
-        names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
-        if last not in names:
-            raise RuntimeError(f"{save_dir}: the export wrote no {last}")
-        fsync_tree(tmp)
-        with contextlib.suppress(FileNotFoundError):  # (another process writing the same folder removed it first)
-            os.remove(os.path.join(save_dir, last))
-        fsync_dir(save_dir)  # the old `last` is gone before a new file is in place
-        if drop is not None:
-            for name in os.listdir(save_dir):
-                path = os.path.join(save_dir, name)
-                if name not in names and drop(name) and (os.path.islink(path) or os.path.isfile(path)):
-                    os.remove(path)
-        for name in [n for n in names if n != last] + [last]:
-            os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
-        fsync_dir(save_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dead_leftovers(save_dir)
+        tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
+        try:
+            for name in keep:
+                if os.path.isfile(os.path.join(save_dir, name)):
+                    shutil.copy2(os.path.join(save_dir, name), os.path.join(tmp, name))
+            yield tmp
+            names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
+            if last not in names:
+                raise RuntimeError(f"{save_dir}: the export wrote no {last}")
+            fsync_tree(tmp)
+            with contextlib.suppress(FileNotFoundError):  # (another process writing the same folder removed it)
+                os.remove(os.path.join(save_dir, last))
+            fsync_dir(save_dir)  # the old `last` is gone before a new file is in place
+            if drop is not None:
+                for name in os.listdir(save_dir):
+                    path = os.path.join(save_dir, name)
+                    if name not in names and drop(name) and (os.path.islink(path) or os.path.isfile(path)):
+                        os.remove(path)
+            for name in [n for n in names if n != last] + [last]:
+                os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
+            fsync_dir(save_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        remove_made_folders(made)
+        raise
 
 
 def load_state_file(path, trust_checkpoint: bool = False, opt_in: str = "trust_checkpoint=True",

@@ -111,6 +111,8 @@ def format_summary(summary: dict) -> str:
         from .training import describe_schedule
 
         lines.append(f"LR schedule: {describe_schedule(summary['lr_schedule'])}")
+    if isinstance(summary.get("loss_scale"), dict):  # (a train run on the loss signal; not in older summaries)
+        lines.append(_loss_scale_line(summary["loss_scale"]))
     if summary.get("dev_note"):
         lines.append(summary["dev_note"])
     arms = summary.get("arms", {})
@@ -178,6 +180,33 @@ def format_summary(summary: dict) -> str:
         lines.append(f"total wall time: {summary['wall_s']:.1f} s{cpu}{resumed}")
     lines += _demo_verdict(summary)
     return "\n".join(lines)
+
+
+def _loss_scale_record(cfg, trace: list[dict]) -> dict | None:
+    """The loss signal's scale in a train run's summary (`report`'s `loss scale` line): `value`, the scale φ read the
+    loss on at the run's last step (for a multi-task run, its E term's); `source`, where it came from: "calibrated"
+    (`calibration_steps`, given or set for a causal LM by `_calibrate_lm_loss`: the mean loss of those first steps
+    maps to `calibration_target`), "given" (`--loss-scale`, or YAML `loss_scale`, other than 1) or "default" (1).
+    A calibration the run ended inside has `calibrated` False: φ was held, and `value` is the scale it started on.
+    None on the composite signal, which reads no scale."""
+    if cfg.signal != "loss":
+        return None
+    if not cfg.calibration_steps:
+        return {"value": cfg.loss_scale, "source": "given" if cfg.loss_scale != 1.0 else "default"}
+    last = (trace[-1].get("components") or {}) if trace else {}
+    return {"value": last.get("loss_scale", cfg.loss_scale), "source": "calibrated", "steps": cfg.calibration_steps,
+            "target": cfg.calibration_target, "calibrated": "loss_scale" in last and not last.get("calibrating")}
+
+
+def _loss_scale_line(r: dict) -> str:
+    """`report`'s line on the loss signal's scale (`_loss_scale_record`)."""
+    if r.get("source") == "calibrated":
+        if not r.get("calibrated"):
+            return (f"loss scale: {r['value']:.4g}, not calibrated: the run ended inside its calibration on the first "
+                    f"{r['steps']} steps (--calibration-steps), φ held throughout")
+        return (f"loss scale: {r['value']:.4g}, calibrated on the first {r['steps']} steps (their mean loss reads as "
+                f"{r['target']:g}; --calibration-steps)")
+    return f"loss scale: {r['value']:g}, " + ("given (--loss-scale)" if r.get("source") == "given" else "the default")
 
 
 def _conflict_lines(label: str, c: dict | None) -> list[str]:
@@ -824,13 +853,16 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say, total: int) -> None
     term: on the scale of 1 that term alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2
     on two halves of one corpus, with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
     records it, so a --resume keeps it. A run of `total` <= 20 steps ends inside the calibration (φ held, MULTI
-    throughout): the line says so."""
-    if (task_type != "causal-lm" or cfg.signal != "loss" or not cfg.controller
-            or {"loss_scale", "calibration_steps"} & user.keys()):
+    throughout): the line says so. A --no-controller run calibrates the same way: its φ is recorded, not acted on (it
+    trains as before), and on the scale of 1 its trace sat in the MIRROR band beside a controller run's φ of 0.33."""
+    if task_type != "causal-lm" or cfg.signal != "loss" or {"loss_scale", "calibration_steps"} & user.keys():
         return
     cfg.calibration_steps = LM_CALIBRATION_STEPS
     short = (f"; this run's {total} steps end inside it, so the controller holds MULTI throughout"
-             if total <= LM_CALIBRATION_STEPS else "")
+             if total <= LM_CALIBRATION_STEPS and cfg.controller else "")
+    if not cfg.controller:  # (a baseline: its φ, recorded alone, read as a controller run reads it)
+        short = ("; without the controller (--no-controller) φ is recorded, not acted on, so this changes no training, "
+                 "and the trace compares with a controller run's")
     if cfg.tasks:
         say(f"multi-task signal: the tasks' loss level (its E term) is read on the scale of the first "
             f"{LM_CALIBRATION_STEPS} steps' loss (E held at {cfg.calibration_target / (1 + cfg.calibration_target):.3f} "
@@ -1465,7 +1497,7 @@ def _train_summary(cfg, trace: list[dict], evals: list[dict], steps: int, schedu
         "command": "train", "model": cfg.model, "data": cfg.data or "shipped GLUE MRPC", "steps": steps,
         "epochs": cfg.epochs, "config": _jsonable(cfg.__dict__), "lr_schedule": schedule, "best": best,
         "shock": ({"type": cfg.shock_type, "start": cfg.shock_start, "end": cfg.shock_end} if cfg.has_shock else None),
-        "eval_points": list(points), "drift_threshold": cfg.drift_threshold, "theta0": cfg.theta0, "theta1": cfg.theta1,
+        "loss_scale": _loss_scale_record(cfg, trace), "eval_points": list(points), "drift_threshold": cfg.drift_threshold, "theta0": cfg.theta0, "theta1": cfg.theta1,
         "arms": {"run": {"label": "Unified LoRA" if cfg.controller else "LoRA (fixed rank)",
                          "controller": cfg.controller, "eval": points,
                          "phi": phi_summary(trace, cfg.shock_start, cfg.shock_end) if trace else {},

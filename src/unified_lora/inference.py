@@ -24,7 +24,7 @@ import torch
 from .config import MODES
 from .data import DataError, TextDataset, glue_metrics, load_table, normalize_task
 from .data.loaders import (_GLUE, _check_no_null_text, _read_records, check_columns, glue_label_value,
-                           load_glue_rows, missing_key_error, no_rows_error, read_text)
+                           load_glue_rows, missing_key_error, no_rows_error, read_text, record_at, record_lines)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
                        check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
                        load_model, model_context, model_device, predict_logits, read_state, render_chat,
@@ -492,7 +492,9 @@ def read_prompts(trained: Trained, path: str, column: str | None = None, id_colu
     check_columns(records, [column], p, " (--prompt-column names another)")
     unused_label_note(records, [column], trained.cfg.label_column, p, note)
     if any(isinstance(r[column], list) for r in records):
-        texts = [_messages(r[column], f"--prompts {path}: record {n}", column) for n, r in enumerate(records, 1)]
+        lines = record_lines(p)
+        texts = [_messages(r[column], f"--prompts {path}: {record_at(p, n, lines)}", column)
+                 for n, r in enumerate(records, 1)]
     else:
         _check_no_null_text(records, column, p)
         texts = [str(r[column]) for r in records]

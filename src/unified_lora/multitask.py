@@ -76,8 +76,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, remove_dead_leftovers,
-                     temp_prefix, written_atomically)
+from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, missing_folders, remove_dead_leftovers,
+                     remove_made_folders, temp_prefix, written_atomically)
 from .config import MODES, MULTI, RESPLIT_WINDOW, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, check_field_types
 from .controller import UnifiedController, _is_int, _setup_ranks, _unwrap_optimizer, extra_parameters
@@ -2029,6 +2029,7 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
         if os.path.lexists(here) and not os.path.isdir(here):
             raise ValueError(f"{here}: is a file, not a folder; the export writes a folder of that name there. Move "
                              "the file, or export into another folder")
+    made = missing_folders(save_dir)
     make_folder(save_dir)
     _settle_task_exports(save_dir)  # a swap killed part way: finished, before the previous set is read
     remove_dead_leftovers(save_dir)
@@ -2078,6 +2079,7 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made_folders(made)  # (a folder this export made: a failed one leaves none behind)
         raise
     _swap_in_task_set(save_dir, tmp)
     return out

@@ -45,7 +45,7 @@ from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
-                           no_rows_error, normalize_task, read_text, record_at)
+                           no_rows_error, normalize_task, read_text, record_at, record_lines)
 from .distributed import print_on_main_process
 from .model import default_target_modules, lora_state_dict, trainable_parameters
 from .trace import TraceWriter, transition_note
@@ -880,7 +880,7 @@ class Chat:
     """One row of chat data for a causal LM, rendered with the tokenizer's chat template (`encode_chat`): a
     conversation (a `messages` column; `prompt` 0) or a conversational prompt/completion pair (two `--text-columns`
     holding lists of messages; `prompt` is how many of `messages` are the prompt's). `source` names the row in errors
-    ("data.jsonl: record 3")."""
+    ("data.jsonl: record 3 (line 4)")."""
 
     messages: tuple
     prompt: int
@@ -965,9 +965,9 @@ def _load_texts(path: Path, columns: Sequence[str], detect: bool = False, label_
     check_columns(records, columns, path)  # as load_table: a JSONL record without it was dropped silently
     unused_label_note(records, columns, label_column, path, note)
     if any(isinstance(r[c], list) for r in records for c in columns):  # chat data: every cell a list of messages
-        chats = []
+        chats, lines = [], record_lines(path)  # (each row's name in errors: its record and line)
         for n, record in enumerate(records, start=1):
-            source = f"{path}: record {n}"
+            source = f"{path}: {record_at(path, n, lines)}"
             parts = [_messages(record[c], source, c) for c in columns]
             chats.append(Chat(sum(parts, ()), len(parts[0]) if len(parts) == 2 else 0, source))
         return chats, columns

@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
-import itertools
 import json
 import math
 import os
@@ -449,26 +448,33 @@ def _label_ids(raw: list[Any], label_names: Sequence[str] | None, path: Path, co
     return [index[k] for k in keys], [str(u) for u in uniques], len(uniques)
 
 
-def record_line(path: Path, n: int) -> int | None:
-    """The line of a .jsonl/.csv/.tsv file (by its extension; None for another) that its record `n` starts on, the
+def record_lines(path: Path) -> list[int]:
+    """The line of a .jsonl/.csv/.tsv file (by its extension; [] for another) that each of its records starts on, the
     records counted as the readers count them (from 1; a .jsonl file's blank lines and a table's header and empty
-    lines are no record; a quoted CSV cell may span lines). For errors: the file is read again."""
+    lines are no record, but count as lines; a quoted CSV cell may span lines). For errors: the file is read again."""
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("csv", "tsv", "jsonl"):
-        return None
+        return []
     if fmt != "jsonl":
         rows = _numbered_rows(path, "\t" if fmt == "tsv" else ",",
                               csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)[1:]  # the header is no record
-        return rows[n - 1][0] if 0 < n <= len(rows) else None
+        return [line for line, _ in rows]
     with open_text(path, newline="") as lines:
-        starts = (i for i, line in enumerate(lines, start=1) if line.strip())
-        return next(itertools.islice(starts, n - 1, None), None)
+        return [i for i, line in enumerate(lines, start=1) if line.strip()]
 
 
-def record_at(path: Path, n: int) -> str:
+def record_line(path: Path, n: int) -> int | None:
+    """The line record `n` (from 1) of a .jsonl/.csv/.tsv file starts on (`record_lines`; None for another format).
+    For errors: the file is read again."""
+    lines = record_lines(path)
+    return lines[n - 1] if 0 < n <= len(lines) else None
+
+
+def record_at(path: Path, n: int, lines: Sequence[int] | None = None) -> str:
     """A record as the errors name it: "record 3 (line 5)", its line as `record_line` finds it (none for a file of
-    another format). For errors: the file is read again."""
-    line = record_line(path, n)
+    another format). For errors: the file is read again, unless `lines` (`record_lines(path)`) is given, for a name
+    of each record read once."""
+    line = record_line(path, n) if lines is None else lines[n - 1] if 0 < n <= len(lines) else None
     return f"record {n}{f' (line {line})' if line else ''}"
 
 
