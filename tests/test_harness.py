@@ -375,3 +375,27 @@ def test_a_target_that_names_no_layer_of_the_model_is_refused_before_anything_ru
     err = capsys.readouterr().err
     assert "--targets: ['value'] name no Linear layer of gpt2 (model type 'gpt2')" in err and "'c_attn'" in err
     assert not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_two_models_in_folders_of_one_name_are_not_pooled(finished, tiny_model_dir, tmp_path):
+    """A run records its model by its folder's name: two different models in folders named `model` were one cell."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    torch.manual_seed(1)  # the same shapes and tokenizer, other weights
+    BertForSequenceClassification(BertConfig.from_pretrained(a)).save_pretrained(b)
+    run = load_benchmark("quality/run.py")
+    out = tmp_path / "out"
+    assert run.main(_grid(a, out, "--methods", "lora_r8", "--conditions", "clean")) == 0
+    with pytest.raises(SystemExit, match=r"mrpc__lora_r8__clean__s0.json exists with a different budget "
+                                         r"\{'model_fingerprint': \('\w+', '\w+'\)\}"):
+        run.main(_grid(b, out, "--methods", "lora_r8", "--conditions", "clean", "--seeds", "1"))
+    # a run written before the fingerprint was recorded is compared by name, as it was: resumable, not refused
+    old = out / "runs" / R8
+    res = json.loads(old.read_text())
+    del res["config"]["model_fingerprint"]
+    old.write_text(json.dumps(res))
+    assert run.main(_grid(b, out, "--methods", "lora_r8", "--conditions", "clean", "--seeds", "1")) == 0

@@ -67,6 +67,31 @@ def run_name(task, method, condition, seed, tag="") -> str:
     return f"{task}__{method}__{condition}__s{seed}" + (f"__{tag}" if tag else "")
 
 
+# The files from_pretrained reads for the model and its tokenizer (weights whole or sharded, config, vocabularies).
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+               "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def model_fingerprint(path: str) -> str | None:
+    """sha256 over the names and bytes of a local model folder's MODEL_FILES: a run records a model by its folder's
+    name (`_grid.model_id`), and two folders of one name ("model", "checkpoint-500") may hold different models, which
+    this tells apart. None for a hub id (no local folder). It reads every weight file once per command."""
+    import hashlib
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted({f for pat in MODEL_FILES for f in root.glob(pat) if f.is_file()}):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def run_config(args) -> dict:
     """The settings a run records in its JSON's "config" (everything but the grid's lists)."""
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -521,6 +546,7 @@ def main(argv=None) -> int:
         args.targets = resolve_targets(args.model, args.targets)
     except ValueError as e:
         ap.error(str(e))
+    args.model_fingerprint = model_fingerprint(args.model)  # (recorded in each run's config, with the budget)
     runs_dir = Path(args.out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     for m in args.methods.split(","):
