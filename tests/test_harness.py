@@ -399,3 +399,20 @@ def test_two_models_in_folders_of_one_name_are_not_pooled(finished, tiny_model_d
     del res["config"]["model_fingerprint"]
     old.write_text(json.dumps(res))
     assert run.main(_grid(b, out, "--methods", "lora_r8", "--conditions", "clean", "--seeds", "1")) == 0
+
+
+@pytest.mark.parametrize("kind,targets", [("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"])])
+def test_the_perf_benchmarks_run_a_decoder_on_its_own_targets_and_head(decoders, tmp_path, kind, targets):
+    import torch
+
+    e2e = load_benchmark("perf/e2e.py")
+    model, opt, ctrl, loader = e2e.build_arm("unified", str(decoders[kind]), 2, 32, 1)
+    assert sorted({n.rsplit(".", 1)[-1] for n in ctrl._adapter_names}) == targets
+    assert any(n.startswith("score.") and p.requires_grad for n, p in model.named_parameters())
+    batch = next(e2e.batches(loader, 1))
+    assert batch["attention_mask"].any(0).all()  # only columns that are padding in every row were cut, either side
+    assert torch.isfinite(model(**batch).loss)
+    # --quick keeps a given --model (it used to run the tiny random BERT under a command naming this model)
+    payload = load_benchmark("perf/controller_overhead.py").main(["--quick", "--model", str(decoders[kind]),
+                                                                  "--results-dir", str(tmp_path)])
+    assert payload["setup"]["model"] == str(decoders[kind]) and payload["setup"]["targets"] == ",".join(targets)
