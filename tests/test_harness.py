@@ -416,3 +416,13 @@ def test_the_perf_benchmarks_run_a_decoder_on_its_own_targets_and_head(decoders,
     payload = load_benchmark("perf/controller_overhead.py").main(["--quick", "--model", str(decoders[kind]),
                                                                   "--results-dir", str(tmp_path)])
     assert payload["setup"]["model"] == str(decoders[kind]) and payload["setup"]["targets"] == ",".join(targets)
+
+
+def test_multitask_quality_refuses_a_model_that_is_not_bert(decoders, tmp_path, capsys):
+    # it adapts BERT's module names, and BertForSequenceClassification.from_pretrained made a random BERT of a GPT-2
+    # config (only a load report said so); a GPT-2 tokenizer without a pad token stopped it with a traceback first
+    with pytest.raises(SystemExit):
+        load_benchmark("multitask_quality.py").main(["--model", str(decoders["gpt2"]), "--task", "mrpc", "--pairs",
+                                                     "same", "--seeds", "0", "--steps", "2", "--out", str(tmp_path)])
+    assert "model type 'gpt2'; this benchmark adapts a BERT model's" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
