@@ -234,7 +234,9 @@ def contention_note(load: dict) -> str:
 
 def load_classifier(model: str | None, num_labels: int = 2, dtype=None):
     """A sequence classifier: the bundled MiniLM (None), any HF path, or "tiny" (random 2-layer BERT
-    from a config, hidden 32, MiniLM's vocabulary size) for smoke runs."""
+    from a config, hidden 32, MiniLM's vocabulary size) for smoke runs. A model whose config has no pad token id
+    (GPT-2's, Llama's) gets its tokenizer's, as `unified-lora train` gives it (`load_tokenizer`: the eos token where
+    the tokenizer has no pad token): their heads refuse a batch of several rows without one."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -250,4 +252,19 @@ def load_classifier(model: str | None, num_labels: int = 2, dtype=None):
     # dtype explicit: weights stored in half precision (e.g. carried to a GPU machine) load as float32
     import torch
 
-    return AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels, dtype=dtype or torch.float32)
+    m = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels, dtype=dtype or torch.float32)
+    if m.config.pad_token_id is None:
+        from unified_lora.training import load_tokenizer
+
+        m.config.pad_token_id = load_tokenizer(model).pad_token_id
+    return m
+
+
+def adapter_targets(model) -> tuple[list[str] | str, list[str]]:
+    """(target_modules, modules_to_save) the perf benchmarks adapt on a sequence classifier: PEFT's default targets for
+    its model type (query and value on BERT and MiniLM, c_attn on GPT-2, q_proj and v_proj on Llama) and its head
+    (`classifier`, or GPT-2's and Llama's `score`), as `unified-lora train` picks them."""
+    from unified_lora.model import default_target_modules
+    from unified_lora.training import seq_cls_head
+
+    return default_target_modules(model), seq_cls_head(model)

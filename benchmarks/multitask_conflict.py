@@ -87,6 +87,22 @@ def _trim(b: dict) -> dict:
     return {k: (v[:, :L] if v.dim() == 2 else v) for k, v in b.items()}
 
 
+def check_bert(model_path: str) -> None:
+    """A ValueError (one line) unless `model_path` holds a BERT model (MiniLM is one): `build` adapts BERT's module
+    names, and `BertForSequenceClassification.from_pretrained` makes a random BERT of another model's config (GPT-2's,
+    Llama's, RoBERTa's) with a note only, which would train as if it were that model."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_path).model_type
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model_path}: cannot load its config ({str(e).strip().splitlines()[0]})") from None
+    if model_type != "bert":
+        raise ValueError(f"--model {model_path}: model type {model_type!r}; this benchmark adapts a BERT model's "
+                         "bert.encoder.layer.N.attention.self.query/value, bert.pooler.dense and classifier, so it "
+                         "takes a BERT model (MiniLM is one)")
+
+
 def build(model_path: str, tasks: list, seed: int, machine, lr: float, resplit_window: int = 25,
           grad_noise: str = "debias", mode_ranks=(4, 8, 16)):
     """(model, adapters, controller, optimizer): the classifier at `model_path` (seeded: its head's init), multi-task

@@ -344,7 +344,7 @@ def main(argv=None):
     ap.add_argument("--task", default="sst2", help="the GLUE task the same / flipped pairs split (default sst2)")
     ap.add_argument("--real", nargs=2, default=["sst2", "mrpc"], metavar=("A", "B"),
                     help="the real pair's two GLUE tasks (default sst2 mrpc)")
-    ap.add_argument("--model", default=None, help="a BERT-style sequence classifier's HF folder (default: MiniLM-L6)")
+    ap.add_argument("--model", default=None, help="a BERT model's HF folder (model type bert; default: MiniLM-L6)")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
@@ -384,6 +384,10 @@ def main(argv=None):
 
     hf_logging.set_verbosity_error()
     model_path = a.model or default_model_path()
+    try:
+        mc.check_bert(model_path)
+    except ValueError as e:
+        ap.error(str(e))
     out = Path(a.out)
     try:
         rel = out.resolve().relative_to(ROOT).as_posix()

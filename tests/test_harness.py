@@ -285,3 +285,144 @@ def test_a_tables_multiplicity_line_counts_its_tests_and_applies_holm():
     assert rep._holm(ds) == 1  # 0.01 ≤ 0.05/4; 0.02 > 0.05/3
     line = rep._multiplicity(ds + [rep.Delta(float("nan"), float("nan"), "budgets differ: no verdict")])
     assert "makes 4 tests" in line and "about 0.2 *better/worse*" in line and "It gives 3; 1 survive" in line
+
+
+# ------------------------------------------------------------------ another model than MiniLM: decoders
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory) -> dict:
+    """A tiny GPT-2 and a tiny Llama (hidden 32) saved as sequence-classification-ready folders, each with a BPE
+    tokenizer trained on MRPC sentences that, as the real ones ship, has no pad token (Llama's pads on the left)."""
+    import torch
+    from tokenizers import Tokenizer, decoders as tk_decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM, \
+        LlamaTokenizerFast
+
+    from unified_lora.data import load_glue
+
+    texts = [t for e in load_glue("mrpc", "train").examples[:200] for t in (e.text_a, e.text_b)]
+    root = tmp_path_factory.mktemp("decoders")
+
+    def bpe(pre, dec, special, **model_kw):
+        t = Tokenizer(models.BPE(**model_kw))
+        t.pre_tokenizer, t.decoder = pre, dec
+        t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=special))
+        return t
+
+    gtok = GPT2TokenizerFast(tokenizer_object=bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                                  tk_decoders.ByteLevel(), ["<|endoftext|>"]),
+                             bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    ltok = LlamaTokenizerFast(tokenizer_object=bpe(pre_tokenizers.Metaspace(), tk_decoders.Metaspace(),
+                                                   ["<unk>", "<s>", "</s>"], unk_token="<unk>"),
+                              bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True)
+    assert gtok.pad_token is None and ltok.pad_token is None and ltok.padding_side == "left"
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(gtok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      bos_token_id=gtok.eos_token_id, eos_token_id=gtok.eos_token_id))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(ltok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, bos_token_id=ltok.bos_token_id,
+                                         eos_token_id=ltok.eos_token_id))
+    for name, model, tok in (("gpt2", gpt2, gtok), ("llama", llama, ltok)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return {"gpt2": root / "gpt2", "llama": root / "llama"}
+
+
+@pytest.mark.parametrize("kind,targets,layers", [("gpt2", "c_attn", 2), ("llama", "q_proj,v_proj", 4)])
+def test_the_grid_runs_a_decoder_without_a_pad_token_on_its_own_targets_and_head(decoders, tmp_path, kind, targets,
+                                                                                 layers):
+    # the grid used to stop on the tokenizer ("Asking to pad but the tokenizer does not have a padding token"), and
+    # its fixed query,value targets and `classifier` head exist on neither model
+    assert load_benchmark("quality/run.py").main(_grid(decoders[kind], tmp_path, "--methods",
+                                                       "lora_r8,adalora,unified_v1", "--conditions", "clean")) == 0
+    for method in ("lora_r8", "adalora", "unified_v1"):
+        res = json.loads((tmp_path / "runs" / f"mrpc__{method}__clean__s0.json").read_text())
+        assert res["config"]["targets"] == targets and res["n_adapted_layers"] == layers, method
+        assert res["head_params"] == 32 * 2, method  # the score head (32 -> 2, no bias) trains in every method
+    assert json.loads((tmp_path / "runs" / "mrpc__adalora__clean__s0.json").read_text())["pruned"]
+
+
+def test_the_grid_evaluates_left_padded_rows_whole(decoders):
+    """Llama's tokenizer pads on the left; the padding trim used to keep a batch's first columns, which cut the end
+    of every row (the token a decoder's head reads) and kept padding: predictions on other inputs, silently."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from unified_lora.training import load_tokenizer
+
+    run = load_benchmark("quality/run.py")
+    tok = load_tokenizer(str(decoders["llama"]))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(decoders["llama"], num_labels=5).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    texts = ["the", "a plan was set", "shares rose in early trade on monday", "he said", "it was not",
+             "the company said it expects revenue to fall this year", "no", "they agreed on the deal"] * 4
+    enc = tok(texts, padding="max_length", max_length=24, return_tensors="pt")
+    assert (enc["attention_mask"][:, 0] == 0).all()  # left padding, wider than every row
+    with torch.no_grad():  # each row alone, unpadded: what the head must see
+        alone = [int(model(**tok([t], return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(alone)}
+    assert len(set(alone)) > 1
+    assert run.evaluate(model, batch, "sst2")["accuracy"] == 1.0
+
+
+def test_a_target_that_names_no_layer_of_the_model_is_refused_before_anything_runs(decoders, tmp_path, capsys):
+    # PEFT and setup_unified_lora adapt the names that match and skip the others: "c_attn,value" on GPT-2 would have
+    # adapted c_attn alone under a budget that records both
+    with pytest.raises(SystemExit):
+        load_benchmark("quality/run.py").main(_grid(decoders["gpt2"], tmp_path, "--methods", "lora_r8", "--conditions",
+                                                    "clean", "--targets", "c_attn,value"))
+    err = capsys.readouterr().err
+    assert "--targets: ['value'] name no Linear layer of gpt2 (model type 'gpt2')" in err and "'c_attn'" in err
+    assert not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_two_models_in_folders_of_one_name_are_not_pooled(finished, tiny_model_dir, tmp_path):
+    """A run records its model by its folder's name: two different models in folders named `model` were one cell."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    torch.manual_seed(1)  # the same shapes and tokenizer, other weights
+    BertForSequenceClassification(BertConfig.from_pretrained(a)).save_pretrained(b)
+    run = load_benchmark("quality/run.py")
+    out = tmp_path / "out"
+    assert run.main(_grid(a, out, "--methods", "lora_r8", "--conditions", "clean")) == 0
+    with pytest.raises(SystemExit, match=r"mrpc__lora_r8__clean__s0.json exists with a different budget "
+                                         r"\{'model_fingerprint': \('\w+', '\w+'\)\}"):
+        run.main(_grid(b, out, "--methods", "lora_r8", "--conditions", "clean", "--seeds", "1"))
+    # a run written before the fingerprint was recorded is compared by name, as it was: resumable, not refused
+    old = out / "runs" / R8
+    res = json.loads(old.read_text())
+    del res["config"]["model_fingerprint"]
+    old.write_text(json.dumps(res))
+    assert run.main(_grid(b, out, "--methods", "lora_r8", "--conditions", "clean", "--seeds", "1")) == 0
+
+
+@pytest.mark.parametrize("kind,targets", [("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"])])
+def test_the_perf_benchmarks_run_a_decoder_on_its_own_targets_and_head(decoders, tmp_path, kind, targets):
+    import torch
+
+    e2e = load_benchmark("perf/e2e.py")
+    model, opt, ctrl, loader = e2e.build_arm("unified", str(decoders[kind]), 2, 32, 1)
+    assert sorted({n.rsplit(".", 1)[-1] for n in ctrl._adapter_names}) == targets
+    assert any(n.startswith("score.") and p.requires_grad for n, p in model.named_parameters())
+    batch = next(e2e.batches(loader, 1))
+    assert batch["attention_mask"].any(0).all()  # only columns that are padding in every row were cut, either side
+    assert torch.isfinite(model(**batch).loss)
+    # --quick keeps a given --model (it used to run the tiny random BERT under a command naming this model)
+    payload = load_benchmark("perf/controller_overhead.py").main(["--quick", "--model", str(decoders[kind]),
+                                                                  "--results-dir", str(tmp_path)])
+    assert payload["setup"]["model"] == str(decoders[kind]) and payload["setup"]["targets"] == ",".join(targets)
+
+
+def test_multitask_quality_refuses_a_model_that_is_not_bert(decoders, tmp_path, capsys):
+    # it adapts BERT's module names, and BertForSequenceClassification.from_pretrained made a random BERT of a GPT-2
+    # config (only a load report said so); a GPT-2 tokenizer without a pad token stopped it with a traceback first
+    with pytest.raises(SystemExit):
+        load_benchmark("multitask_quality.py").main(["--model", str(decoders["gpt2"]), "--task", "mrpc", "--pairs",
+                                                     "same", "--seeds", "0", "--steps", "2", "--out", str(tmp_path)])
+    assert "model type 'gpt2'; this benchmark adapts a BERT model's" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))

@@ -31,11 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (LoadMonitor, command_line, contention_note, environment, fmt_range, load_classifier,  # noqa: E402
-                     publish, summarize)
+from _common import (LoadMonitor, adapter_targets, command_line, contention_note, environment, fmt_range,  # noqa: E402
+                     load_classifier, publish, summarize)
 
 ARMS = ("peft", "export", "export_no_fsync", "whole", "adapter_only")
-TARGETS = ["query", "value"]
 
 
 def folder_bytes(path: Path) -> int:
@@ -51,7 +50,8 @@ def file_system(path: Path) -> str:
 
 
 def build(model_arg):
-    """(the nested model, its adapters, the PEFT model): the same base weights, targets and rank (16)."""
+    """(the nested model, its adapters, the PEFT model, the targets): the same base weights, targets (PEFT's default
+    for the model type: query and value on MiniLM) and rank (16)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -59,11 +59,12 @@ def build(model_arg):
 
     torch.manual_seed(0)
     nested = load_classifier(model_arg)
-    adapters, _ = setup_unified_lora(nested, target_modules=TARGETS, modules_to_save=["classifier"], print_fn=None)
+    targets, head = adapter_targets(nested)
+    adapters, _ = setup_unified_lora(nested, target_modules=targets, modules_to_save=head, print_fn=None)
     torch.manual_seed(0)
     peft = get_peft_model(load_classifier(model_arg),
-                          LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=16, target_modules=TARGETS))
-    return nested, adapters, peft
+                          LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=16, target_modules=targets))
+    return nested, adapters, peft, targets
 
 
 def main(argv=None) -> dict:
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()  # ("Writing model shards" at every save)
     root = Path(tempfile.mkdtemp(prefix="ckpt_io_", dir=args.dir))
     load = LoadMonitor()
-    nested, adapters, peft = build(args.model)
+    nested, adapters, peft, targets = build(args.model)
     real_fsync = (_files.fsync_file, _files.fsync_dir)
 
     def no_fsync(*_a, **_k):
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
 
     payload = {
         "benchmark": "checkpoint_io", "command": command_line(), "env": environment(), "load": load.record(),
-        "device": "cpu", "model": args.model or "all-MiniLM-L6-v2 (bundled)", "targets": TARGETS, "rank": 16,
+        "device": "cpu", "model": args.model or "all-MiniLM-L6-v2 (bundled)", "targets": targets, "rank": 16,
         "repeats": args.repeats, "file_system": fs,
         "time_s": {a: summarize(v) for a, v in times.items()},
         "bytes": sizes,

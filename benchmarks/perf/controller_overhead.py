@@ -34,22 +34,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import (LoadMonitor, add_device_args, check_device, command_line, contention_note,  # noqa: E402
+from _common import (LoadMonitor, adapter_targets, add_device_args, check_device, command_line, contention_note,  # noqa: E402
                      count_aten_ops, environment, fmt_range, load_classifier, publish, summarize, sync, torch_dtype)
 
 ARMS = ("none", "v1", "v3")
 
 
 def build_arms(model_arg, targets, lr, device="cpu"):
+    """({arm: (model, optimizer, controller or None)}, the targets adapted); `targets` None: PEFT's default for the
+    model type."""
     from unified_lora import ActuatorConfig, setup_unified_lora
 
     torch.manual_seed(0)
     base = load_classifier(model_arg).to(device)
+    default, head = adapter_targets(base)
+    targets = targets or default
     arms = {}
     for name in ARMS:
         model = copy.deepcopy(base)
         signal = "composite" if name == "v3" else "loss"
-        _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=["classifier"], signal=signal,
+        _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=head, signal=signal,
                                      actuators=ActuatorConfig(mode_ranks=(8, 8, 8), lr_mode="multiplier"),
                                      print_fn=None, keep_trace=True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -57,7 +61,7 @@ def build_arms(model_arg, targets, lr, device="cpu"):
             ctrl.attach_optimizer(opt)
         model.train()
         arms[name] = (model, opt, ctrl if name != "none" else None)
-    return arms
+    return arms, targets
 
 
 def forward_backward(model, batch, autocast_dtype=None) -> float:
@@ -114,27 +118,34 @@ def ops_per_ctrl_step(model, opt, ctrl, batch, autocast_dtype=None) -> int:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM); 'tiny' = random 2-layer BERT")
+    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM; --quick: 'tiny'); 'tiny' = "
+                    "random 2-layer BERT")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20, help="steps per arm (after warmup)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--targets", default=None, help="comma list (default: PEFT's targets for the model type: "
+                    "query,value on BERT and MiniLM, c_attn on GPT-2, q_proj,v_proj on Llama)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir", default=None)
     add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.model, args.batch_size, args.seq_len, args.repeats, args.warmup, args.threads = "tiny", 4, 16, 4, 1, 1
+        args.model, args.batch_size, args.seq_len, args.repeats, args.warmup, args.threads = (args.model or "tiny", 4,
+                                                                                               16, 4, 1, 1)
     torch.set_num_threads(args.threads)
     dev = check_device(args.device)
     amp = None if args.dtype == "float32" else torch_dtype(args.dtype)
     load = LoadMonitor()
-    arms = build_arms(args.model, args.targets.split(","), 5e-4, dev)
+    arms, targets = build_arms(args.model, args.targets.split(",") if args.targets else None, 5e-4, dev)
+    args.targets = targets if isinstance(targets, str) else ",".join(targets)  # (recorded as resolved)
     g = torch.Generator().manual_seed(0)
-    # Random tokens, fixed per step index and shared by the arms (the cost does not depend on the text).
-    batches = [{"input_ids": torch.randint(1000, 30000, (args.batch_size, args.seq_len), generator=g),
+    # Random tokens, fixed per step index and shared by the arms (the cost does not depend on the text), within the
+    # model's vocabulary (MiniLM's: 1000-30000, as before the bound)
+    vocab = arms["none"][0].get_input_embeddings().num_embeddings
+    hi = min(30000, vocab)
+    batches = [{"input_ids": torch.randint(min(1000, hi // 2), hi, (args.batch_size, args.seq_len), generator=g),
                 "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
                 "labels": torch.randint(0, 2, (args.batch_size,), generator=g)} for _ in range(4)]
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]

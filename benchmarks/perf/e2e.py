@@ -5,7 +5,8 @@
     python benchmarks/perf/e2e.py --quick
 
 Every arm runs in its own fresh Python process (so peak RSS is that arm's
-alone): load MiniLM, add adapters (query, value; classifier trained), AdamW,
+alone): load MiniLM (or `--model`), add adapters (PEFT's default targets for
+the model type: query, value on MiniLM; the classifier head trained), AdamW,
 then `--steps` steps of batch 16 from the MRPC train set (max_length 128,
 padding trimmed per batch, the same shuffled order in every arm). The child
 reports the training-loop wall time, the process peak RSS (VmHWM from
@@ -44,22 +45,22 @@ def vm_hwm_bytes() -> int | None:
 def build_arm(arm: str, model_arg, steps: int, max_length: int, threads: int):
     """(model, optimizer, controller or None, loader) for one arm, exactly as its e2e child builds them."""
     import torch
-    from transformers import AutoTokenizer
 
-    from _common import load_classifier
+    from _common import adapter_targets, load_classifier
     from unified_lora.data import default_model_path, encode, load_glue, make_loader
+    from unified_lora.training import load_tokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = load_classifier(model_arg)
-    targets = ["query", "value"]
+    targets, head = adapter_targets(model)
     ctrl = None
     if arm.startswith("unified"):
         from unified_lora import setup_unified_lora
 
         base = arm.removesuffix("_cpp")  # "<arm>_cpp": the same arm with NestedLoRALayer(kernel="cpp")
         signal = "loss" if base == "unified_v1" else "composite"
-        _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=["classifier"], signal=signal,
+        _, ctrl = setup_unified_lora(model, target_modules=targets, modules_to_save=head, signal=signal,
                                      print_fn=None, layer_kernel="cpp" if arm.endswith("_cpp") else "python")
     else:
         from peft import LoraConfig, get_peft_model
@@ -70,7 +71,7 @@ def build_arm(arm: str, model_arg, steps: int, max_length: int, threads: int):
     if ctrl is not None:
         ctrl.attach_optimizer(opt)
     # the model's own tokenizer; "tiny" (random BERT, MiniLM's vocabulary size) and the default use MiniLM's
-    tok = AutoTokenizer.from_pretrained(default_model_path() if model_arg in (None, "tiny") else model_arg)
+    tok = load_tokenizer(default_model_path() if model_arg in (None, "tiny") else model_arg)
     ex = load_glue("mrpc", "train").examples
     ex = ex[: steps * 16] if steps * 16 < len(ex) else ex
     enc = encode(tok, ex, max_length=max_length, padding="max_length")
@@ -80,12 +81,14 @@ def build_arm(arm: str, model_arg, steps: int, max_length: int, threads: int):
 
 
 def batches(loader, steps: int):
-    """`steps` batches in loader order (epochs repeat), padding trimmed to the longest row of each batch."""
+    """`steps` batches in loader order (epochs repeat), padding trimmed to the longest row of each batch (on either
+    side: Llama's tokenizer pads on the left)."""
+    from unified_lora.training import trim_padding
+
     done = 0
     while done < steps:
         for batch in loader:
-            n = int(batch["attention_mask"].sum(1).max())
-            yield {k: (v[:, :n] if v.dim() == 2 else v) for k, v in batch.items()}
+            yield trim_padding(batch)
             done += 1
             if done >= steps:
                 return
@@ -132,7 +135,8 @@ def run_rounds(script, arms: list[str], rounds: int, child_args: list[str], load
 
 def add_common_args(ap) -> None:
     """The options e2e.py and profile_e2e.py share; `--child ARM` is how run_rounds starts one arm's process."""
-    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM); 'tiny' = random 2-layer BERT")
+    ap.add_argument("--model", default=None, help="HF path (default bundled MiniLM; --quick: 'tiny'); 'tiny' = "
+                    "random 2-layer BERT. Adapters on PEFT's default targets for the model type")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
@@ -155,7 +159,7 @@ def main(argv=None) -> dict | None:
     add_common_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.model, args.steps, args.rounds, args.max_length, args.threads = "tiny", 3, 1, 32, 1
+        args.model, args.steps, args.rounds, args.max_length, args.threads = args.model or "tiny", 3, 1, 32, 1
     if args.child:
         child(args)
         return None

@@ -218,7 +218,7 @@ def main(argv=None) -> dict | None:
     add_common_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.model, args.rounds, args.warmup, args.steps, args.profile_steps = "tiny", 1, 1, 3, 2
+        args.model, args.rounds, args.warmup, args.steps, args.profile_steps = args.model or "tiny", 1, 1, 3, 2
         args.max_length, args.threads = 32, 1
     if args.child:
         child(args)

@@ -15,6 +15,9 @@ BUDGET_KEYS = ("steps", "batch_size", "max_length", "lr", "weight_decay", "warmu
 SHOCK_KEYS = ("shock_start", "shock_len", "shock_kind")
 # Keys added after runs were written take the value those runs ran with.
 LEGACY_DEFAULTS = {"shock_kind": "flip", "adalora_orth_reg": 0.5}
+# Keys runs written before them lack, with no value to assume: two runs are compared on one only where both hold it.
+# model_fingerprint (run.py's `model_fingerprint`) tells apart two models whose folders share a name.
+UNRECORDED_BEFORE = ("model_fingerprint",)
 
 
 def model_id(config: dict) -> str:
@@ -33,6 +36,7 @@ def budget(config: dict, task: str, method: str, condition: str) -> dict:
     cfg = {**LEGACY_DEFAULTS, **config}
     b = {k: cfg.get(k) for k in BUDGET_KEYS}
     b["model"] = model_id(cfg)
+    b["model_fingerprint"] = cfg.get("model_fingerprint")
     if condition not in SHOCKS:
         for k in SHOCK_KEYS:
             b.pop(k)
@@ -46,5 +50,7 @@ def budget(config: dict, task: str, method: str, condition: str) -> dict:
 
 
 def budget_diff(a: dict, b: dict) -> dict:
-    """{key: (a's value, b's value)} for every budget key on which two budgets differ."""
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    """{key: (a's value, b's value)} for every budget key on which two budgets differ (a key of UNRECORDED_BEFORE only
+    where both hold a value)."""
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k in UNRECORDED_BEFORE and (a.get(k) is None or b.get(k) is None))}

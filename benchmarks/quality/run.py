@@ -11,7 +11,8 @@ so the grid fills up across sittings. `report.py` turns the JSONs into quality.m
 Same budget for every method: the same steps, batch size, base learning rate
 (--lr, chosen once for lora_r8 and reused), seeds, data order (the loader's
 shuffle depends only on the seed), label noise (depends only on the seed) and
-targets (query, value; the classifier head trains in every method). Metrics are
+targets (--targets; by default PEFT's for the model type: query, value on BERT; the classifier head trains in
+every method). Metrics are
 taken on the GLUE dev set at the last step (no checkpoint selection on dev).
 
 Methods
@@ -64,6 +65,31 @@ POLICIES = {"drift": "drift", "never": "never", "lossworse": "loss_worse", "alwa
 
 def run_name(task, method, condition, seed, tag="") -> str:
     return f"{task}__{method}__{condition}__s{seed}" + (f"__{tag}" if tag else "")
+
+
+# The files from_pretrained reads for the model and its tokenizer (weights whole or sharded, config, vocabularies).
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+               "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def model_fingerprint(path: str) -> str | None:
+    """sha256 over the names and bytes of a local model folder's MODEL_FILES: a run records a model by its folder's
+    name (`_grid.model_id`), and two folders of one name ("model", "checkpoint-500") may hold different models, which
+    this tells apart. None for a hub id (no local folder). It reads every weight file once per command."""
+    import hashlib
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted({f for pat in MODEL_FILES for f in root.glob(pat) if f.is_file()}):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def run_config(args) -> dict:
@@ -156,10 +182,11 @@ _DATA_CACHE: dict = {}
 
 
 def load_task(task: str, args):
-    """Encoded train/dev tensors (clean labels) plus the raw label lists; cached per process."""
-    from transformers import AutoTokenizer
-
+    """Encoded train/dev tensors (clean labels) plus the raw label lists; cached per process. The tokenizer is
+    loaded as `unified-lora train` loads it (`load_tokenizer`): one without a pad token (GPT-2's, Llama's) pads with
+    its eos token, on the side it pads (Llama's: the left)."""
     from unified_lora.data import encode, load_glue
+    from unified_lora.training import load_tokenizer
 
     key = (task, args.model, args.max_length, args.quick, args.sst2_train_size)
     if key in _DATA_CACHE:
@@ -171,7 +198,7 @@ def load_task(task: str, args):
         tr_ex = random.Random(1234).sample(tr_ex, args.sst2_train_size)  # one fixed subset for every run
     if args.quick:
         tr_ex, dv_ex = random.Random(0).sample(tr_ex, 64), random.Random(0).sample(dv_ex, 48)
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = load_tokenizer(args.model)
     enc_tr = encode(tok, tr_ex, max_length=args.max_length, padding="max_length")
     enc_dv = encode(tok, dv_ex, max_length=args.max_length, padding="max_length")
     out = {"train": enc_tr, "dev": enc_dv, "num_labels": train.num_labels,
@@ -180,22 +207,17 @@ def load_task(task: str, args):
     return out
 
 
-def trim(batch: dict) -> dict:
-    """Cut right padding down to the longest sequence in the batch (same maths, less compute)."""
-    n = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :n] if v.dim() == 2 else v) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model, enc: dict, task: str, batch_size: int = 64) -> dict:
     from unified_lora.data import glue_metrics
+    from unified_lora.training import trim_padding
 
     was_training = model.training
     model.eval()
     preds = []
     n = len(enc["labels"])
     for i in range(0, n, batch_size):
-        b = trim({k: v[i:i + batch_size] for k, v in enc.items()})
+        b = trim_padding({k: v[i:i + batch_size] for k, v in enc.items()})
         b.pop("labels")
         dev = next(model.parameters()).device
         b = {k: v.to(dev) for k, v in b.items()}
@@ -250,6 +272,7 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
     if method.startswith("unified_"):
         from unified_lora import MirrorConfig, SignalConfig, setup_unified_lora
         from unified_lora.layer import scaling_for
+        from unified_lora.training import seq_cls_head
 
         sig_name, policy, dwell, scaling = parse_unified(method)
         # alpha_over_max_rank: alpha / 16 at every rank; doubling alpha makes it lora_r8's alpha / 8
@@ -262,7 +285,7 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
                                   calibration_target=DEMO_CALIBRATION[1])
         adapters, ctrl = setup_unified_lora(model, target_modules=targets, rank_levels=(4, 8, 16),
                                             lora_alpha=alpha, lora_dropout=args.lora_dropout, scaling=scaling,
-                                            modules_to_save=["classifier"], signal=signal, lr_mode="multiplier",
+                                            modules_to_save=seq_cls_head(model), signal=signal, lr_mode="multiplier",
                                             mirror=MirrorConfig(policy=policy), min_dwell=dwell, print_fn=None)
         sig_info = signal if isinstance(signal, str) else {"kind": signal.kind, "calibration_steps": signal.calibration_steps,
                                                             "calibration_target": signal.calibration_target}
@@ -270,6 +293,36 @@ def build(method: str, model, args, total_steps: int, num_labels: int):
                              "lr_mode": "multiplier", "min_dwell": dwell, "scaling": scaling, "lora_alpha": alpha,
                              "scale_by_rank": {r: scaling_for(r, alpha, 16, scaling) for r in (4, 8, 16)}}
     raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
+
+
+def resolve_targets(model_path: str, targets: str | None) -> str:
+    """The comma list of layers every method adapts: `targets`, or PEFT's default for the model type where it is None.
+    A ValueError (one line) when the model cannot be loaded, or a name matches no Linear/Conv1D layer of it: PEFT
+    and `setup_unified_lora` adapt what matches and skip the rest, so "c_attn,value" on GPT-2 would adapt c_attn
+    alone, and a budget recorded as both would be false."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from unified_lora.model import _is_linear, _matches, default_target_modules
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):  # the module tree without weights
+            model = AutoModelForSequenceClassification.from_config(cfg)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model_path}: cannot load it ({str(e).strip().splitlines()[0]})") from None
+    if targets is None:
+        found = default_target_modules(model)
+        if isinstance(found, str):  # a regex (PEFT's for a few types): the comma list here cannot hold it
+            raise ValueError(f"--targets: PEFT's default for model type {cfg.model_type!r} is the regex {found!r}; "
+                             "name the layers with --targets")
+        targets = ",".join(found)
+    linear = [n for n, m in model.named_modules() if n and _is_linear(m)]
+    missing = [t for t in targets.split(",") if not any(_matches(n, [t]) for n in linear)]
+    if missing:
+        seen = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(f"--targets: {missing} name no Linear layer of {Path(model_path).name} (model type "
+                         f"{cfg.model_type!r}); its Linear layers end with: {seen}")
+    return targets
 
 
 def adapter_shapes(model):
@@ -281,7 +334,7 @@ def adapter_shapes(model):
         if isinstance(m, NestedLoRALayer):
             shapes.append((m.in_features, m.out_features))
         elif hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), (torch.nn.ModuleDict, torch.nn.ParameterDict)):
-            shapes.append((m.base_layer.in_features, m.base_layer.out_features))
+            shapes.append((m.in_features, m.out_features))  # PEFT's (GPT-2's Conv1D base has no in_features)
     return shapes
 
 
@@ -307,9 +360,10 @@ def shock_window(steps: int, start: float, length: float) -> tuple[int, int]:
 
 
 def run_one(task, method, condition, seed, args) -> dict:
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
 
     from unified_lora.data import flip_labels, majority_baseline, primary_metric, symmetric_label_noise
+    from unified_lora.training import load_model, trim_padding
 
     data = load_task(task, args)
     T = args.steps
@@ -324,9 +378,10 @@ def run_one(task, method, condition, seed, args) -> dict:
 
     torch.manual_seed(seed)
     random.seed(seed)
-    # float32 whatever the stored dtype (weights carried to a GPU machine in half precision load upcast)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=data["num_labels"],
-                                                               dtype=torch.float32).to(args.device)
+    # as `unified-lora train` loads it: float32 whatever the stored dtype (weights carried to a GPU machine in half
+    # precision load upcast), and the tokenizer's pad token id in the config (GPT-2's and Llama's heads read the last
+    # token that is not padding; without one they refuse a batch of several rows)
+    model = load_model(args.model, "seq-cls", data["num_labels"])[0].to(args.device)
     model, ctrl, info = build(method, model, args, T, data["num_labels"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -352,7 +407,7 @@ def run_one(task, method, condition, seed, args) -> dict:
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        batch = trim(batch)
+        batch = trim_padding(batch)  # (columns that are padding in every row, on either side)
         if shock and shock[0] <= step < shock[1]:
             if shock_kind == "flip":
                 batch["labels"] = flip_labels(batch["labels"], data["num_labels"])
@@ -448,7 +503,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=0.06, help="linear warmup fraction, then linear decay")
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--targets", default=None,
+                    help="comma list of the Linear layers to adapt, by name suffix (default: PEFT's targets for the "
+                         "model type: query,value on BERT and MiniLM, c_attn on GPT-2, q_proj,v_proj on Llama); "
+                         "each must name a layer of the model")
     ap.add_argument("--adalora-orth-reg", type=float, default=0.5,
                     help="AdaLoRA orthogonal-regulariser weight (PEFT default 0.5; the AdaLoRA paper's GLUE runs use 0.1)")
     ap.add_argument("--shock-start", type=float, default=0.4, help="fraction of steps")
@@ -484,6 +542,11 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    try:  # before the budget check, which compares the targets a run recorded
+        args.targets = resolve_targets(args.model, args.targets)
+    except ValueError as e:
+        ap.error(str(e))
+    args.model_fingerprint = model_fingerprint(args.model)  # (recorded in each run's config, with the budget)
     runs_dir = Path(args.out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     for m in args.methods.split(","):

@@ -852,6 +852,14 @@ def fresh_modules(model, loading_info: dict) -> list[str]:
     return out
 
 
+def seq_cls_head(model) -> list[str]:
+    """modules_to_save for a sequence classifier from `load_model`: its head (BERT's `classifier`, GPT-2's and Llama's
+    `score`), and every other module `from_pretrained` initialised afresh (`fresh_modules`), which would otherwise stay
+    frozen at its random initialisation."""
+    mts = [n for n in ("classifier", "score") if any(m == n or m.endswith("." + n) for m, _ in model.named_modules())][:1]
+    return mts + [m for m in getattr(model, "_unified_lora_fresh_modules", ()) if not _covered(m, mts)]
+
+
 def _covered(path: str, names: Sequence[str]) -> bool:
     """`path` is, or sits inside, a module that modules_to_save `names` (name suffixes) select."""
     parts = path.split(".")
@@ -1760,10 +1768,8 @@ class Run:
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if task_type == "causal-lm" else 0
         mts = cfg.modules_to_save
         fresh = list(getattr(model, "_unified_lora_fresh_modules", ()))
-        if mts is None and task_type == "seq-cls":  # the head: the classifier, and every module initialised afresh
-            mts = [n for n in ("classifier", "score") if any(m == n or m.endswith("." + n)
-                                                           for m, _ in model.named_modules())][:1]
-            mts += [m for m in fresh if not _covered(m, mts)]
+        if mts is None and task_type == "seq-cls":
+            mts = seq_cls_head(model)
         left = [m for m in fresh if not _covered(m, mts or ())]  # said after the wrapping, which refuses a misspelt
         # modules_to_save: the note on them came first, then the error
         self.adapters, self.ctrl = self._setup_adapters(model, mts, print_fn, keep_trace=not trace_path)
