@@ -866,9 +866,11 @@ def test_controller_only_flags_given_with_no_controller_are_said_to_be_unread_on
     assert note("--no-controller", *every) == [
         "unified-lora: note: --signal loss, --loss-scale 2, --calibration-steps 4, --theta0 0.2, --theta1 0.9, "
         "--min-dwell 5, --controller-warmup 3, --mirror-policy never, --mirror-kernel eager, --no-mirror-pack are "
-        + said.format("them")]
+        + said.format("them") + " (--signal, --loss-scale, --calibration-steps only set the φ its trace records, "
+        "which nothing acts on)"]
     assert note("--no-controller", "--signal", "composite") == [
-        f"unified-lora: note: --signal composite is {said.format('it')}"]
+        f"unified-lora: note: --signal composite is {said.format('it')} (--signal only sets the φ its trace records, "
+        "which nothing acts on)"]
     two = [tiny["csv"], tiny["jsonl"], "--task-names", "a,b"]  # several data sets: --resplit-window is theirs
     assert note("--no-controller", "--data", *two, "--resplit-window", "5") == [
         f"unified-lora: note: --resplit-window 5 is {said.format('it')}"]

@@ -90,8 +90,36 @@ def test_compare_of_the_controller_with_its_baseline_names_what_differs_and_the_
     assert "steps per mode" not in text.split("cost B: ")[1] and "mean rank 8.00" in text.split("cost B: ")[1]
 
 
-def test_compare_with_one_run_a_side_gives_no_test_and_says_what_to_run(groups, capsys):
-    assert main(["compare", str(groups["learns"][0]), "--vs", str(groups["frozen"][0])]) == 0
+def test_a_train_run_records_its_final_predictions_as_scored(groups):
+    for d in groups["learns"] + groups["frozen"]:
+        s = json.loads((d / "summary.json").read_text())
+        preds, labels = s["arms"]["run"]["final_preds"], s["dev_labels"]
+        assert len(preds) == len(labels) == s["dev_rows"] == 64
+        assert sum(p == y for p, y in zip(preds, labels)) / 64 == pytest.approx(_final(d, "accuracy"))
+
+
+def test_compare_with_one_run_a_side_tests_the_dev_rows_and_says_seeds_are_not_covered(groups, capsys, tmp_path):
+    out = tmp_path / "one.json"
+    a, b = groups["learns"][0], groups["frozen"][0]
+    assert main(["compare", str(a), "--vs", str(b), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    acc, f1 = json.loads(out.read_text())["metrics"]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    y, pa, pb = sa["dev_labels"], sa["arms"]["run"]["final_preds"], sb["arms"]["run"]["final_preds"]
+    only_a = sum(p == t and q != t for p, q, t in zip(pa, pb, y))
+    only_b = sum(q == t and p != t for p, q, t in zip(pa, pb, y))
+    assert (acc["test"], acc["only_a"], acc["only_b"]) == ("McNemar", only_a, only_b) and only_a > 20
+    assert acc["p"] == pytest.approx(2 * 0.5 ** only_a) and acc["verdict"] == "A better"  # only_b == 0: 2·P(X=0)
+    assert f1["metric"] == "macro_f1" and f1["test"] == "permutation" and f1["verdict"] == "A better"
+    assert "A is better, beyond the noise of the dev rows" in text and "not the seed-to-seed spread" in text
+    # runs that did not record their rows (a summary.json before they were): no test, and what to run
+    for d in (a, b):
+        copy = tmp_path / d.name
+        shutil.copytree(d, copy)
+        s = json.loads((copy / "summary.json").read_text())
+        del s["arms"]["run"]["final_preds"]
+        (copy / "summary.json").write_text(json.dumps(s))
+    assert main(["compare", str(tmp_path / a.name), "--vs", str(tmp_path / b.name)]) == 0
     text = capsys.readouterr().out
     assert "Verdict on accuracy: no test. With one run on a side the seed-to-seed spread is unknown" in text
     assert "no test: one run on a side" in text

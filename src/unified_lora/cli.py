@@ -954,9 +954,13 @@ def _note_controller_unread(cfg, flags: dict) -> None:
         return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
 
     it = "it" if len(given) == 1 else "them"
+    # (the signal's flags do set the φ such a run records in its trace, read by nothing: say so, or the two disagree)
+    recorded = [f"--{k.replace('_', '-')}" for k in ("signal", "loss_scale", "calibration_steps") if k in given]
+    also = (f" ({', '.join(recorded)} only set{'s' if len(recorded) == 1 else ''} the φ its trace records, which "
+            "nothing acts on)") if recorded else ""
     print(f"{PROG}: note: {', '.join(map(flag, given))} {'is' if len(given) == 1 else 'are'} not read without the "
           "controller (--no-controller), which trains plain LoRA at the MULTI rank and LR throughout; drop "
-          f"{it}, or train with the controller", file=sys.stderr)
+          f"{it}, or train with the controller{also}", file=sys.stderr)
 
 
 def _read_config(path: str) -> dict:
@@ -1100,14 +1104,14 @@ def cmd_train(args) -> int:
 def _train(args, held: dict) -> int:
     import torch
 
-    from .data import TextDataset
+    from .data import TextDataset, glue_metrics
     from .plotting import plot_trace
     from .trace import read_trace
     from .training import (BEST, DivergedError, Run, TextCorpus, TrainConfig, UsageError, agree_max, best_metric,
                            check_precision, check_row_length, describe_schedule, detect_task_type, device_label,
                            encode_rows, evaluate_run, is_chat, iterate, load_data, load_model, lr_schedule, majority,
-                           on_rank0, pick_metric, process_rank, prune_step_checkpoints, record_best, resolve_device,
-                           resolve_model, seed_everything, subsample, take_rows, world_size)
+                           on_rank0, pick_metric, predict_run, process_rank, prune_step_checkpoints, record_best,
+                           resolve_device, resolve_model, seed_everything, subsample, take_rows, world_size)
 
     t_start = time.perf_counter()
     world, main_process = world_size(), process_rank() == 0
@@ -1307,6 +1311,8 @@ def _train(args, held: dict) -> int:
     def _mid_epoch() -> float:  # the run's position in epochs, inside one
         return run.state.epoch + run.state.step_in_epoch / per_epoch
 
+    final_preds: dict = {}  # the last evaluation's predicted class of each dev row, and its step (a classifier's)
+
     def _evaluate(epoch_at: float, label: str) -> None:
         """A dev evaluation now (under torchrun: every process, each on its share of the rows, `evaluate_run`),
         recorded in the run's state (checkpoints, summary) and printed. The model goes back to training mode, and no
@@ -1316,6 +1322,10 @@ def _train(args, held: dict) -> int:
         process decides alike)."""
         if tasks:
             m, per_task = run.evaluate(enc_devs)
+        elif task_type == "seq-cls":  # (its predictions kept for the summary's per-row record: `compare`'s row tests)
+            preds = predict_run(run, enc_dev)
+            m = glue_metrics(task, preds, enc_dev["labels"].numpy())
+            final_preds.update(step=run.state.global_step, preds=preds)
         else:
             m = evaluate_run(run, enc_dev, task)
         e = {"epoch": epoch_at, "step": run.state.global_step, **m}
@@ -1450,6 +1460,10 @@ def _train(args, held: dict) -> int:
             **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
         }
         summary["arms"]["run"]["skipped_steps"] = run.state.skipped_steps  # (report prints it per arm, as for a demo)
+        if final_preds.get("step") == run.state.global_step:  # the final evaluation ran in this session: its rows
+            # (as the demo records them: `compare` tests two single runs on the rows they predict differently)
+            summary.update(dev_rows=len(enc_dev["labels"]), dev_labels=_label_string(enc_dev["labels"].numpy()))
+            summary["arms"]["run"]["final_preds"] = _label_string(final_preds["preds"])
         write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         if trace:
             plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,

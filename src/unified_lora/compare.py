@@ -128,17 +128,51 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
     primary = next((c.get("metric_for_best") for c in (ca, cb) if c.get("metric_for_best") in common), common[0])
     order = [primary] + [m for m in common if m != primary]
     majority = _majority(a[0])
+    rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 else None
     metrics = []
     for m in order:
         seed = [(r.get("config") or {}).get("seed") for r in a], [(r.get("config") or {}).get("seed") for r in b]
         d = seed_difference(dict(zip(seed[0], (f[m] for f in fa))), dict(zip(seed[1], (f[m] for f in fb))), level)
+        if rows is not None:
+            d = _row_test(d, m, *rows)
         lower = lower_is_better(m)
+        d["level"] = level
         metrics.append(dict(d, metric=m, lower_is_better=lower, majority=majority.get(m),
                             a_values=[f[m] for f in fa], b_values=[f[m] for f in fb],
                             verdict=_verdict(d, lower)))
     return {"a": _group(a), "b": _group(b), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
             "metrics": metrics, "primary": primary, "level": level,
             "cost": {"a": _cost(a), "b": _cost(b)}}
+
+
+def _rows(a: dict, b: dict):
+    """(a's, b's predicted class of each dev row, the gold labels) where both runs recorded them (`train` records its
+    final evaluation's, for a classifier) on the same dev rows, in the same order; else None."""
+    from .cli import _label_ids
+
+    n = a.get("dev_rows")
+    labels = _label_ids(a.get("dev_labels"), n)
+    pa, pb = (_label_ids(r["arms"]["run"].get("final_preds"), n) for r in (a, b))
+    if labels is None or pa is None or pb is None or b.get("dev_labels") != a.get("dev_labels"):
+        return None
+    return pa, pb, labels
+
+
+def _row_test(d: dict, metric: str, pa: list, pb: list, labels: list) -> dict:
+    """One run a side: the difference tested on the dev rows the two predict differently (the demo's tests): accuracy
+    by the exact McNemar test, F1 (of class 1) and macro-F1 by the paired permutation test (each row's two
+    predictions swapped at random). It covers which dev rows were drawn, not the seed-to-seed spread of training,
+    which one run a side cannot show. Other metrics (MCC): no test."""
+    from .data.metrics import paired_f1_test
+    from .stats import mcnemar
+
+    if metric == "accuracy":
+        r = mcnemar(*("".join("1" if p == y else "0" for p, y in zip(pr, labels)) for pr in (pa, pb)))
+        return dict(d, test="McNemar", p=r["p"], rows_differ=r["b"] + r["c"], only_a=r["b"], only_b=r["c"])
+    if metric in ("f1", "macro_f1"):
+        r = paired_f1_test(pa, pb, labels, 1 if metric == "f1" else None)
+        return dict(d, test="permutation", p=r["p"], rows_differ=r["rows_differ"])
+    return d
 
 
 def _majority(run: dict) -> dict:
@@ -172,12 +206,13 @@ def _cost(runs: list[dict]) -> dict:
 
 
 def _verdict(d: dict, lower: bool) -> str:
-    """'A better' / 'B better' beyond the noise (|Δ| > t·SE), 'no difference beyond the noise', or why no test."""
+    """'A better' / 'B better' beyond the noise (|Δ| > t·SE, or a row test's p below 1 − level), 'no difference beyond
+    the noise', or why no test."""
     if d["test"] == "none":
         return "no test: one run on a side"
     if d["diff"] == 0:
         return "no difference"
-    if abs(d["t"]) <= d["crit"]:
+    if (abs(d["t"]) <= d["crit"]) if d["test"] in ("paired", "Welch") else d["p"] >= 1 - d["level"]:
         return "no difference beyond the noise"
     a_ahead = (d["diff"] < 0) if lower else (d["diff"] > 0)
     return "A better" if a_ahead else "B better"
@@ -211,6 +246,9 @@ def format_comparison(res: dict) -> str:
             return f"{mean:.4f}" + (f" ± {sd:.4f}" if n > 1 else "") + f" (n={n})"
         if m["test"] == "none":
             delta, test = f"{m['diff']:+.4f}", "-"
+        elif m["test"] in ("McNemar", "permutation"):
+            delta = f"{m['diff']:+.4f}"
+            test = f"{m['test']} on {_discordant(m)}, p = {m['p']:.3g}"
         else:
             delta = f"{m['diff']:+.4f} ± {m['se']:.4f} SE"
             test = f"{m['test']} t({m['df']:.3g}) = {m['t']:.2f}, p = {m['p']:.3g}"
@@ -239,6 +277,15 @@ def format_comparison(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _discordant(m: dict) -> str:
+    """The dev rows a row test reads: those one run gets right and the other wrong (McNemar: A's and B's counts), or
+    those they predict differently (the permutation test)."""
+    k = m["rows_differ"]
+    if m["test"] == "McNemar":
+        return f"the {k} dev rows one run gets right and the other wrong ({m['only_a']} A, {m['only_b']} B)"
+    return f"the {k} dev rows the runs predict differently"
+
+
 def _num(x: float) -> str:
     return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
 
@@ -249,7 +296,17 @@ def _reading(res: dict) -> list[str]:
     level = res["level"]
     name = m["metric"]
     out = []
-    if m["test"] == "none":
+    if m["test"] in ("McNemar", "permutation"):
+        sign = "lower" if m["lower_is_better"] else "higher"
+        what = (f"{'B' if m['verdict'] == 'B better' else 'A'} is better, beyond the noise of the dev rows"
+                if m["verdict"] in ("A better", "B better") else "no difference beyond the noise of the dev rows")
+        out.append(f"Verdict on {name} ({sign} is better): {what}: A − B = {m['diff']:+.4f}, "
+                   f"{'the exact McNemar test' if m['test'] == 'McNemar' else 'a paired permutation test'} on "
+                   f"{_discordant(m)}, p = {m['p']:.3g} (a difference "
+                   f"counts at p < {1 - level:g}). This covers which dev rows were drawn, not the seed-to-seed spread "
+                   "of training, which one run a side cannot show and which is often larger: train each side with "
+                   "two or more further --seed values and compare again.")
+    elif m["test"] == "none":
         out.append(f"Verdict on {name}: no test. With one run on a side the seed-to-seed spread is unknown, and it is "
                    "often larger than the difference between two methods: train each side with two or more further "
                    "--seed values and compare again (the same seeds on both sides pair the test).")

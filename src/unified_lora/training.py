@@ -1590,8 +1590,7 @@ def evaluate_run(run: "Run", enc: dict[str, torch.Tensor], task: str) -> dict:
     import torch.distributed as dist
 
     if run.task_type != "causal-lm":
-        preds = gather_rows(run, enc, lambda part: predict(run.model, part, precision=cfg.precision))
-        return glue_metrics(task, preds, enc["labels"].numpy())
+        return glue_metrics(task, predict_run(run, enc), enc["labels"].numpy())
     n = len(enc["labels"])
     lo, hi = n * run.rank // run.world, n * (run.rank + 1) // run.world
     part = {k: v[lo:hi] for k, v in enc.items()}
@@ -1601,6 +1600,14 @@ def evaluate_run(run: "Run", enc: dict[str, torch.Tensor], task: str) -> dict:
                      dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return _lm_metrics(*t.tolist())
+
+
+def predict_run(run: "Run", enc: dict[str, torch.Tensor]):
+    """A classifier run's predicted class of each row of `enc`, in row order (a numpy array), as `evaluate_run` scores
+    them: under DDP each process predicts its share of the rows and every process gets them all (`gather_rows`)."""
+    if run.world == 1:
+        return predict(run.model, enc, precision=run.cfg.precision)
+    return gather_rows(run, enc, lambda part: predict(run.model, part, precision=run.cfg.precision))
 
 
 def gather_rows(run: "Run", enc: dict[str, torch.Tensor], fn: Callable[[dict], object]):
