@@ -164,3 +164,50 @@ def test_compare_refuses_runs_that_do_not_compare_naming_why(groups, tiny, tmp_p
     assert main(["compare", *args]) == 2
     err = capsys.readouterr().err
     assert want in err and err.count("\n") == 1, err
+
+
+def test_compare_of_causal_lm_runs_reads_loss_and_perplexity_as_lower_is_better(tiny, tmp_path, capsys):
+    def lm(name, seed, *extra):
+        d = tmp_path / f"{name}_s{seed}"
+        assert main(["train", "--model", tiny["gpt2"], "--data", tiny["csv"], "--text-columns", "text", "--steps", "6",
+                     "--batch-size", "8", "--max-length", "16", "--seed", str(seed), "--log-every", "0",
+                     "--output-dir", str(d), *extra]) == 0
+        return d
+
+    trained = [lm("lm", s, "--no-controller", "--lrs", "1e-2", "1e-2", "1e-2") for s in (0, 1)]
+    frozen = [lm("frozen", s, "--no-controller", "--lrs", "1e-9", "1e-9", "1e-9") for s in (0, 1)]
+    out = tmp_path / "lm.json"
+    capsys.readouterr()
+    assert main(["compare", *map(str, trained), "--vs", *map(str, frozen), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    loss, ppl = json.loads(out.read_text())["metrics"]
+    assert (loss["metric"], ppl["metric"]) == ("loss", "perplexity") and loss["lower_is_better"]
+    a = [_final(d, "loss") for d in trained]
+    b = [_final(d, "loss") for d in frozen]
+    assert loss["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b)) and loss["diff"] < 0
+    # a lower loss is A ahead: the verdict's side follows the metric's direction, beyond the noise or not
+    assert loss["verdict"] in ("A better", "no difference beyond the noise")
+    assert "Verdict on loss (lower is better)" in text and "\nloss (lower is better) " in text
+    assert "majority class" not in text.split("Verdict")[1]  # a causal LM has none
+
+
+def test_compare_of_multitask_runs_reads_each_tasks_metrics_and_their_average(tiny, tmp_path, capsys):
+    flipped = tmp_path / "flipped.csv"
+    flipped.write_text("text,label\n" + "".join(f"{t},{1 - y}\n" for t, y in test_cli._rows(40, seed=2)))
+
+    def mt(name, seed, *extra):
+        d = tmp_path / f"{name}_s{seed}"
+        assert main(["train", "--model", tiny["bert"], "--data", tiny["csv"], str(flipped), "--task-names", "a,b",
+                     "--steps", "6", "--batch-size", "8", "--max-length", "16", "--seed", str(seed), "--log-every", "0",
+                     "--output-dir", str(d), *extra]) == 0
+        return d
+
+    out = tmp_path / "mt.json"
+    assert main(["compare", str(mt("ctrl", 0)), str(mt("ctrl", 1)), "--vs", str(mt("base", 0, "--no-controller")),
+                 str(mt("base", 1, "--no-controller")), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = [m["metric"] for m in res["metrics"]]
+    assert names[0] == res["primary"] == "average" and "a/accuracy" in names and "b/accuracy" in names
+    by = {m["metric"]: m for m in res["metrics"]}
+    assert by["a/accuracy"]["majority"] == pytest.approx(0.5)  # each task's own majority class, by its name
+    assert res["differ"] == {"controller": [True, False]} and by["average"]["test"] == "paired"

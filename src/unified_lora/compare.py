@@ -239,7 +239,7 @@ def format_comparison(res: dict) -> str:
         lines.append("Note: the groups' training budgets differ (" + ", ".join(res["budget_differs"]) + "), so a "
                      "difference is not the method's alone.")
     point = a["point"] if a["point"] == b["point"] else f"A {a['point']}, B {b['point']}"
-    lines.append(f"\nfinal dev evaluation ({point}), mean ± std over seeds:")
+    lines.append(f"\nfinal dev evaluation, at {point}; mean ± std over seeds:")
     rows = [("metric", "A", "B", "majority class", "A − B", "test", "verdict")]
     for m in res["metrics"]:
         def ms(mean, sd, n):
