@@ -202,6 +202,8 @@ def test_an_export_whose_write_fails_leaves_no_folder_it_made_and_a_previous_exp
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [1, 1, 1, 1]  # each export failed
     assert "File too large" in done.stderr
+    # the OS's message, named as a file-system error (exit 1), not an "internal error" with --debug for a traceback
+    assert "internal error" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "new").exists() and not (tmp_path / "new_merged").exists()
     assert {d: _files(tmp_path / d) for d in ("old", "old_merged")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "old_merged"]

@@ -2252,7 +2252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FILE_SYSTEM_ERRNOS = {getattr(errno, n) for n in ("EACCES", "EPERM", "ENOTDIR", "EISDIR", "EEXIST", "EROFS", "ENOSPC",
-                                                    "EDQUOT") if hasattr(errno, n)}
+                                                    "EFBIG", "EDQUOT") if hasattr(errno, n)}
 
 
 def main(argv: list[str] | None = None) -> int:
