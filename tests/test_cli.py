@@ -2958,3 +2958,23 @@ def test_dev_data_replaces_the_bundled_mrpc_dev_split_and_a_missing_one_is_named
     missing = tmp_path / "nope.tsv"
     assert main(["train", "--dev-data", str(missing), "--output-dir", str(tmp_path / "r2"), *common]) == 2
     assert f"--dev-data {missing}: no such file; check the path" in capsys.readouterr().err
+
+
+def test_compare_json_into_a_new_folder_is_written_and_a_folder_is_refused_before_the_comparison(tiny, tmp_path,
+                                                                                                   capsys):
+    """`compare --json` into a folder that did not exist failed after the table was printed, naming its temporary
+    file ("No such file or directory: '.../cmp.json.tmp-host-pid'"); a --json naming a folder did the same ("Is a
+    directory"). The folder is made now, as predict's --output makes its own; a folder is refused in one line, before
+    anything is compared or printed."""
+    runs = []
+    for name in ("a", "b"):
+        assert main(_train_args(tiny, tmp_path / name, "--steps", "4", "--dev-data", tiny["csv"])) == 0
+        runs.append(str(tmp_path / name))
+    capsys.readouterr()
+    out = tmp_path / "new" / "sub" / "cmp.json"
+    assert main(["compare", runs[0], "--vs", runs[1], "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"][0]["metric"] == "accuracy"
+    assert capsys.readouterr().out.endswith(f"written: {out}\n")
+    assert main(["compare", runs[0], "--vs", runs[1], "--json", str(tmp_path)]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == f"unified-lora: error: --json {tmp_path}: is a folder; name the file to write\n"

@@ -336,14 +336,21 @@ def test_a_step_with_a_non_finite_loss_or_gradient_is_skipped_and_leaves_the_wei
     assert all(torch.isfinite(p).all() for p in now) and any(not torch.equal(p, w) for p, w in zip(now, saved[0]))
 
 
-def test_steps_skipped_for_non_finite_gradients_with_a_finite_loss_are_not_taken_for_an_accumulation():
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+@pytest.mark.parametrize("torch_has_get_total_norm", [True, False])
+def test_steps_skipped_for_non_finite_gradients_with_a_finite_loss_are_not_taken_for_an_accumulation(
+        monkeypatch, torch_has_get_total_norm, grad_clip):
     """A run whose gradients were inf on every other step, its loss finite: `train_step` skips those optimizer steps,
     and 16 of 32 ctrl.step calls with no optimizer step since the one before made the accumulation warning, which told
     the user that ctrl.step ran on every micro-batch. Such a step now counts as a non-finite loss's does: no warning.
-    (test_controller.py checks that the warning still comes for a real accumulation.)"""
+    (test_controller.py checks that the warning still comes for a real accumulation.) The same on a torch without
+    torch.nn.utils.get_total_norm (it came in torch 2.6; pyproject takes torch 2.4): ctrl.step, which reads the
+    gradients' finiteness at every call, raised AttributeError there, as train_step did with --grad-clip 0."""
     import warnings
 
-    run, batch = _run_after_one_step(max_nonfinite_steps=0)
+    if not torch_has_get_total_norm:
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    run, batch = _run_after_one_step(max_nonfinite_steps=0, grad_clip=grad_clip)
     head = run.ctrl.extra_params[0]  # the classifier's weight
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

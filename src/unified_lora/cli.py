@@ -1685,12 +1685,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from ._files import make_folder
     from .compare import compare_runs, format_comparison
+    from .training import UsageError
 
+    out = Path(args.json) if args.json else None
+    if out is not None and out.is_dir():  # (refused first: the table was printed, then the write failed)
+        raise UsageError(f"--json {args.json}: is a folder; name the file to write")
     res = compare_runs(args.runs, args.vs)
     print(format_comparison(res))
-    if args.json:
-        write_text_atomically(Path(args.json), json.dumps(res, indent=1) + "\n")
+    if out is not None:
+        make_folder(out.parent)  # (as predict's --output: its folder is made if missing)
+        write_text_atomically(out, json.dumps(res, indent=1) + "\n")
         print(f"written: {args.json}")
     return 0
 

@@ -41,7 +41,7 @@ import torch
 from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
 from .config import (KERNELS, MODES, RESPLIT_WINDOW, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
                      SignalConfig, _scalar, check_field_types, parse_names)
-from .controller import setup_unified_lora
+from .controller import setup_unified_lora, total_norm
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
@@ -1976,8 +1976,7 @@ class Run:
         finite = math.isfinite(value)
         if finite:  # the norm of the (fp16: unscaled) gradients; the step's second host sync
             if norm is None:
-                norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in trainable_parameters(self.model) if p.grad is not None])
+                norm = total_norm([p.grad for p in trainable_parameters(self.model) if p.grad is not None])
             finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
             # skipped by GradScaler itself when unscale_ found an inf/NaN gradient, the steps `finite` calls so
