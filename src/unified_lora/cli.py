@@ -1686,7 +1686,7 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from ._files import make_folder
-    from .compare import compare_runs, format_comparison
+    from .compare import compare_runs, format_comparison, jsonable
     from .training import UsageError
 
     out = Path(args.json) if args.json else None
@@ -1696,7 +1696,7 @@ def cmd_compare(args) -> int:
     print(format_comparison(res))
     if out is not None:
         make_folder(out.parent)  # (as predict's --output: its folder is made if missing)
-        write_text_atomically(out, json.dumps(res, indent=1) + "\n")
+        write_text_atomically(out, json.dumps(jsonable(res), indent=1, allow_nan=False) + "\n")
         print(f"written: {args.json}")
     return 0
 

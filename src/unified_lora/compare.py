@@ -3,15 +3,17 @@ seeds) compared on their final dev evaluation: each group's mean ± std, the dif
 Student's t test (paired by seed where both groups ran the same seeds, else Welch), and the majority class beside
 them. `unified-lora compare A... --vs B...` prints it; `compare_runs` returns it as a dict.
 
-The runs must have trained on the same data and been scored on the same dev rows (same model, data, dev data,
-columns, max length); a group is one setting run over several seeds, so the runs of a group may differ in their
-seed alone (and in what does not change training: output folder, threads, device, logging, checkpointing). The
+The runs must have trained and been scored on the same data (same model, data, dev data, columns, max length; a
+dev split of --data, --dev-fraction, depends on the seed, so only the runs of one seed score the same dev rows); a
+group is one setting run over several seeds, so the runs of a group may differ in their seed alone (and in what does
+not change training: output folder, threads, device, logging, checkpointing). The
 settings the two groups differ in are what is compared, and are named. One run per group gives no test: one seed
 cannot show the seed-to-seed spread, which is often larger than the difference between two methods.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .stats import LEVEL, seed_difference
@@ -64,7 +66,11 @@ def _final(run: dict) -> dict:
 
 
 def _cfg(run: dict) -> dict:
-    return {k: v for k, v in (run.get("config") or {}).items() if k not in NOT_TRAINING}
+    """The run's settings that change what it learns. `eval_steps` among them where early stopping reads those
+    evaluations: then they decide when the run stops."""
+    cfg = run.get("config") or {}
+    keep = ("eval_steps",) if cfg.get("early_stopping_patience") else ()
+    return {k: v for k, v in cfg.items() if k not in NOT_TRAINING or k in keep}
 
 
 def _show(v, key: str = "") -> str:
@@ -84,10 +90,10 @@ def _check_group(name: str, runs: list[dict]) -> None:
         diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
         if diff:
             k = diff[0]
+            more = f" (and {len(diff) - 1} more)" if diff[1:] else ""
             raise CompareError(f"group {name} mixes settings: {k} is {_show(first.get(k), k)} in {runs[0]['_path']} "
-                               f"and {_show(other.get(k), k)} in {r['_path']}" + (f" (and {len(diff) - 1} more)" if diff[1:]
-                                                                          else "")
-                               + "; a group is one setting over several seeds: compare settings as A --vs B")
+                               f"and {_show(other.get(k), k)} in {r['_path']}{more}; a group is one setting over "
+                               "several seeds: compare settings as A --vs B")
     seeds: dict = {}
     for r in runs:
         s = (r.get("config") or {}).get("seed")
@@ -125,13 +131,27 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
     common = [m for m in fa[0] if all(m in f for f in fa + fb)]
     if not common:
         raise CompareError("the runs' final dev evaluations share no metric")
-    primary = next((c.get("metric_for_best") for c in (ca, cb) if c.get("metric_for_best") in common), common[0])
+    for r, f in zip(a + b, fa + fb):  # (a diverged evaluation: a mean and a t test of NaN say nothing)
+        bad = next((m for m in common if not math.isfinite(f[m])), None)
+        if bad is not None:
+            raise CompareError(f"{r['_path']}: its final dev {bad} is {f[bad]} (a diverged run or evaluation); "
+                               "compare runs whose dev scores are numbers, or leave this one out and say so")
+    wanted = [c.get("metric_for_best") for c in (ca, cb)]
+    primary = next((m for m in wanted if m in common), common[0])
+    if wanted[0] == wanted[1] == primary:
+        why = "the runs' --metric-for-best"
+    elif primary in wanted:
+        why = f"{'A' if wanted[0] == primary else 'B'}'s --metric-for-best (the groups name different ones)"
+    else:
+        why = (f"the first metric every run's final evaluation holds (their --metric-for-best, "
+               f"{' / '.join(sorted({str(w) for w in wanted}))}, is not in every one)")
     order = [primary] + [m for m in common if m != primary]
-    majority = _majority(a[0])
-    rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 else None
+    majority = _majority(a + b)
+    same_rows = ca.get("dev_data") is not None or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
+    rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows else None
     metrics = []
     for m in order:
-        seed = [(r.get("config") or {}).get("seed") for r in a], [(r.get("config") or {}).get("seed") for r in b]
+        seed = [_seed(r) for r in a], [_seed(r) for r in b]
         d = seed_difference(dict(zip(seed[0], (f[m] for f in fa))), dict(zip(seed[1], (f[m] for f in fb))), level)
         if rows is not None:
             d = _row_test(d, m, *rows)
@@ -141,7 +161,7 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
                             a_values=[f[m] for f in fa], b_values=[f[m] for f in fb],
                             verdict=_verdict(d, lower)))
     return {"a": _group(a), "b": _group(b), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
-            "metrics": metrics, "primary": primary, "level": level,
+            "metrics": metrics, "primary": primary, "primary_why": why, "level": level,
             "cost": {"a": _cost(a), "b": _cost(b)}}
 
 
@@ -175,12 +195,22 @@ def _row_test(d: dict, metric: str, pa: list, pb: list, labels: list) -> dict:
     return d
 
 
-def _majority(run: dict) -> dict:
-    """The majority class's dev scores, by the run's metric names (a multi-task run's: TASK/metric)."""
-    out = dict(run.get("majority") or {})
-    for t in run.get("tasks") or []:
-        out.update({f"{t['name']}/{k}": v for k, v in (t.get("majority") or {}).items()})
-    return out
+def _seed(run: dict):
+    return (run.get("config") or {}).get("seed")
+
+
+def _majority(runs: list[dict]) -> dict:
+    """The majority class's dev scores, by the runs' metric names (a multi-task run's: TASK/metric), the mean over the
+    runs that recorded one (a dev split of --data, drawn by seed, has its own majority score in each run)."""
+    seen: dict = {}
+    for run in runs:
+        own = dict(run.get("majority") or {})
+        for t in run.get("tasks") or []:
+            own.update({f"{t['name']}/{k}": v for k, v in (t.get("majority") or {}).items()})
+        for k, v in own.items():
+            if isinstance(v, (int, float)):
+                seen.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in seen.items()}
 
 
 def _group(runs: list[dict]) -> dict:
@@ -206,8 +236,8 @@ def _cost(runs: list[dict]) -> dict:
 
 
 def _verdict(d: dict, lower: bool) -> str:
-    """'A better' / 'B better' beyond the noise (|Δ| > t·SE, or a row test's p below 1 − level), 'no difference beyond
-    the noise', or why no test."""
+    """'A better' / 'B better' beyond the noise (|Δ| > t·SE, or a row test's p below 1 − level), 'no difference
+    beyond the noise', or why no test."""
     if d["test"] == "none":
         return "no test: one run on a side"
     if d["diff"] == 0:
@@ -311,8 +341,8 @@ def _reading(res: dict) -> list[str]:
                    "often larger than the difference between two methods: train each side with two or more further "
                    "--seed values and compare again (the same seeds on both sides pair the test).")
     else:
-        how = ("paired by seed" if m["test"] == "paired" else "Welch's test: the groups' seeds differ, so they do not "
-               "pair")
+        how = ("paired by seed" if m["test"] == "paired" else "Welch's test: the groups share fewer than two seeds, "
+               "so they do not pair")
         sign = "lower" if m["lower_is_better"] else "higher"
         if m["verdict"] in ("A better", "B better"):
             who = m["verdict"].split()[0]
@@ -322,9 +352,20 @@ def _reading(res: dict) -> list[str]:
             out.append(f"Verdict on {name} ({sign} is better): no difference beyond the noise: A − B = "
                        f"{m['diff']:+.4f} ± {m['se']:.4f} SE, {how}, p = {m['p']:.3g} (a difference counts at "
                        f"p < {1 - level:g}; {m['n_a']} and {m['n_b']} runs).")
+    left = m.get("left_out") or {}
+    if left.get("a") or left.get("b"):
+        def seeds(k: str) -> str:
+            one = len(left[k]) == 1
+            return f"seed{'' if one else 's'} {', '.join(map(str, left[k]))} {'is' if one else 'are'}"
+
+        out.append("Paired on the seeds both groups ran: " + "; ".join(
+            f"{g}'s {seeds(k)} in its mean, not in the test" for g, k in (("A", "a"), ("B", "b")) if left.get(k)) + ".")
+    why = res.get("primary_why", "the runs' --metric-for-best")
     if len(res["metrics"]) > 1:
-        out.append(f"{name} is the runs' --metric-for-best; the other metrics are shown for reference, and testing "
-                   "each of them as well would find a difference by chance more often.")
+        out.append(f"{name} is {why}; the other metrics are shown for reference, and testing each of them as well "
+                   "would find a difference by chance more often.")
+    elif why != "the runs' --metric-for-best":
+        out.append(f"{name} is {why}.")
     maj = m.get("majority")
     if isinstance(maj, (int, float)) and not m["lower_is_better"]:
         at = [g for g, mean in (("A", m["mean_a"]), ("B", m["mean_b"])) if mean <= maj + 1e-12]
@@ -335,4 +376,14 @@ def _reading(res: dict) -> list[str]:
     return out
 
 
-__all__ = ["CompareError", "compare_runs", "format_comparison"]
+def jsonable(res):
+    """`compare_runs`'s result with NaN and infinities as None (null), for strict JSON readers: a group of one run has
+    no standard deviation, and one run a side no standard error."""
+    if isinstance(res, dict):
+        return {k: jsonable(v) for k, v in res.items()}
+    if isinstance(res, (list, tuple)):
+        return [jsonable(v) for v in res]
+    return None if isinstance(res, float) and not math.isfinite(res) else res
+
+
+__all__ = ["CompareError", "compare_runs", "format_comparison", "jsonable"]

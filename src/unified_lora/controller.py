@@ -305,8 +305,8 @@ class UnifiedController:
         that update too; the loss signal reads no gradient, and such steps, every other one, made the warning say
         that ctrl.step ran on each micro-batch). Not an error: a GradScaler's skipped steps (an fp16 overflow) are
         calls without an optimizer step too."""
-        if not self._hooks:  # no optimizer attached (or another controller's hooks drive it): nothing to count
-            return
+        if not self._hooks or self._accumulation_warned:  # no optimizer attached (or another controller's hooks
+            return  # drive it): nothing to count; or warned already: once is enough, and the gradient check is spared
         if self._steps_at_last_call is not None:  # (after a non-finite step the loop skips optimizer.step, rightly)
             missed = self._optimizer_steps == self._steps_at_last_call and not self._last_nonfinite
             if missed and self._grads_finite is not None:  # read here alone: a step that stepped has no host sync

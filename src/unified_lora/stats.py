@@ -85,25 +85,33 @@ def mcnemar(x: str, y: str) -> dict:
 
 def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
     """mean(a) − mean(b) for two groups of runs, each {seed: value}, with its standard error and Student's t test,
-    two-sided at `level`. Groups that hold the same seeds (two or more) pair by seed: Δ = the mean of the per-seed
-    differences, SE = sd(differences) / √n, df = n − 1 (the same seed gives both runs the same data order and
-    initialisation, so their difference is the method's). Otherwise Welch: SE² = s_a²/n_a + s_b²/n_b, with the
+    two-sided at `level`. Groups that share two or more seeds pair on those: Δ = the mean of the per-seed differences,
+    SE = sd(differences) / √n, df = n − 1 (the same seed gives both runs the same data order and initialisation, so
+    their difference is the method's); the runs of a seed the other group lacks are left out of the test
+    (`left_out`, their seeds), not out of the means. Otherwise Welch: SE² = s_a²/n_a + s_b²/n_b, with the
     Welch–Satterthwaite df. Returns {"diff", "se", "df", "t", "p", "crit", "test", "n_a", "n_b", "sd_a", "sd_b",
-    "mean_a", "mean_b"}; "test" is "paired", "Welch", or "none" (a group of one run: no standard error, se/p NaN)."""
+    "mean_a", "mean_b", "left_out"}; "test" is "paired", "Welch", or "none" (a group of one run: no standard error,
+    se/p NaN). The values must be finite."""
     va, vb = [float(v) for v in a.values()], [float(v) for v in b.values()]
     if not va or not vb:
         raise ValueError("seed_difference: each group needs at least one run")
     nan = float("nan")
     out = {"mean_a": statistics.fmean(va), "mean_b": statistics.fmean(vb), "n_a": len(va), "n_b": len(vb),
            "sd_a": statistics.stdev(va) if len(va) > 1 else nan, "sd_b": statistics.stdev(vb) if len(vb) > 1 else nan}
-    if set(a) == set(b) and len(a) > 1:
-        d = [float(a[s]) - float(b[s]) for s in a]
+    if not all(math.isfinite(v) for v in va + vb):
+        raise ValueError(f"seed_difference: the values must be finite, got {va} and {vb}")
+    shared = [s for s in a if s in b]
+    out["left_out"] = {"a": [s for s in a if s not in b], "b": [s for s in b if s not in a]} if len(shared) > 1 else \
+        {"a": [], "b": []}
+    if len(shared) > 1:
+        d = [float(a[s]) - float(b[s]) for s in shared]
         diff, se, df, test = statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5, len(d) - 1, "paired"
     elif len(va) > 1 and len(vb) > 1:
         diff, test = out["mean_a"] - out["mean_b"], "Welch"
         qa, qb = out["sd_a"] ** 2 / len(va), out["sd_b"] ** 2 / len(vb)
         se = (qa + qb) ** 0.5
-        df = (qa + qb) ** 2 / (qa ** 2 / (len(va) - 1) + qb ** 2 / (len(vb) - 1)) if qa + qb > 0 else len(va) + len(vb) - 2
+        df = ((qa + qb) ** 2 / (qa ** 2 / (len(va) - 1) + qb ** 2 / (len(vb) - 1)) if qa + qb > 0
+              else len(va) + len(vb) - 2)
     else:
         return dict(out, diff=out["mean_a"] - out["mean_b"], se=nan, df=nan, t=nan, p=nan, crit=nan, test="none")
     t = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
