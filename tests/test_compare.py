@@ -54,6 +54,9 @@ def groups(tiny, tmp_path_factory):
     return {"learns": _runs(tiny, root, "learns", (0, 1, 2), *learns),
             "frozen": _runs(tiny, root, "frozen", (0, 1, 2), "--no-controller", "--lrs", "1e-9", "1e-9", "1e-9"),
             "controller": _runs(tiny, root, "ctrl", (0, 1, 2), "--lrs", "3e-2", "3e-2", "3e-2"),
+            # a controller whose φ never leaves the MULTI band: it trains what --no-controller trains
+            "still": _runs(tiny, root, "still", (0, 1), "--lrs", "3e-2", "3e-2", "3e-2", "--theta0", "0.01",
+                           "--theta1", "0.99"),
             "root": root}
 
 
@@ -308,3 +311,14 @@ def test_one_run_a_side_of_other_seeds_on_a_dev_split_of_the_data_gets_no_row_te
     assert json.loads(out.read_text())["metrics"][0]["test"] == "none"
     assert main(["compare", str(a), "--vs", str(same), "--json", str(out)]) == 0  # one seed: one split
     assert json.loads(out.read_text())["metrics"][0]["test"] == "McNemar"
+
+
+def test_a_controller_that_never_moved_is_said_to_have_trained_as_the_baseline(groups, capsys):
+    assert main(["compare", *map(str, groups["still"]), "--vs", *map(str, groups["learns"][:2])]) == 0
+    text = capsys.readouterr().out
+    said = "A's controller made no transition in any of its runs: it trained in MULTI throughout"
+    assert said in text and "verdict" in text
+    a = [_final(d, "accuracy") for d in groups["still"]]
+    assert a == [_final(d, "accuracy") for d in groups["learns"][:2]]  # and it did: the same scores, seed by seed
+    assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0
+    assert "made no transition" not in capsys.readouterr().out  # (that controller moved: SINGLE at some steps)

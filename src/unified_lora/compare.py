@@ -278,7 +278,8 @@ def format_comparison(res: dict) -> str:
             delta, test = f"{m['diff']:+.4f}", "-"
         elif m["test"] in ("McNemar", "permutation"):
             delta = f"{m['diff']:+.4f}"
-            test = f"{m['test']} on {_discordant(m)}, p = {m['p']:.3g}"
+            rows_are = "discordant" if m["test"] == "McNemar" else "differing"
+            test = f"{m['test']}, {m['rows_differ']} {rows_are} rows, p = {m['p']:.3g}"
         else:
             delta = f"{m['diff']:+.4f} ± {m['se']:.4f} SE"
             test = f"{m['test']} t({m['df']:.3g}) = {m['t']:.2f}, p = {m['p']:.3g}"
@@ -366,6 +367,13 @@ def _reading(res: dict) -> list[str]:
                    "would find a difference by chance more often.")
     elif why != "the runs' --metric-for-best":
         out.append(f"{name} is {why}.")
+    for g in ("a", "b"):  # a controller that never moved trained what --no-controller trains: say so
+        c = res["cost"][g]
+        modes = c.get("steps_in_mode") or {}
+        if modes and not c.get("transitions") and not any(modes.get(k) for k in ("SINGLE", "MIRROR")):
+            out.append(f"{g.upper()}'s controller made no transition in any of its runs: it trained in MULTI "
+                       "throughout, at its rank and LR, as a --no-controller run does, so a difference from such a "
+                       "baseline is not the controller's doing.")
     maj = m.get("majority")
     if isinstance(maj, (int, float)) and not m["lower_is_better"]:
         at = [g for g, mean in (("A", m["mean_a"]), ("B", m["mean_b"])) if mean <= maj + 1e-12]
