@@ -2185,9 +2185,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "controller and --no-controller over seeds) on their final dev scores, with a t test",
                        description="Compare two groups of `unified-lora train` runs on their final dev evaluation: "
                        "each group's mean ± std over its seeds, the difference A − B with its standard error and "
-                       "Student's t test (paired by seed where both groups ran the same seeds, else Welch; two-sided "
-                       "at 95 %%), and the majority class beside them. The runs must share their model and data; the "
-                       "runs of a group may differ in their seed only.")
+                       "Student's t test (paired on the seeds both groups ran, else Welch; one run a side: a test "
+                       "on the dev rows; two-sided at 95 %), and the majority class beside them. The runs must share "
+                       "their model and data; the runs of a group may differ in their seed only.")
     c.add_argument("runs", nargs="+", metavar="RUN", help="group A: train run folders (--output-dir), one per seed")
     c.add_argument("--vs", nargs="+", required=True, metavar="RUN", help="group B: the runs to compare A with")
     c.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE")
