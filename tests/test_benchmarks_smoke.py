@@ -135,6 +135,10 @@ def test_perf_script_quick_writes_json_and_markdown(script, tmp_path, request):
     if script == "perf/layer.py":  # the tiny shape is the host-overhead proxy: no met/missed verdict
         md = (tmp_path / "perf.md").read_text()
         assert "| host-overhead proxy, no target |" in md and "| missed |" not in md and "| met |" not in md
+    if script == "perf/controller_overhead.py":
+        # v1's ctrl.step (the loss signal, no transition) issues no tensor op, so no kernel on a GPU: a check of the
+        # gradients at each call, for the accumulation warning's sake, once issued 54 on MiniLM
+        assert saved["arms"]["v1"]["aten_ops_per_ctrl_step"] == 0, saved["arms"]["v1"]
     if script == "perf/checkpoint_io.py":  # every arm wrote a folder; an adapter-only one holds no base weights
         b, t = saved["bytes"], saved["time_s"]
         assert all(t[a]["n"] == saved["repeats"] and t[a]["median"] > 0 for a in t)

@@ -175,7 +175,6 @@ class UnifiedController:
         self._unstepped: deque = deque(maxlen=_ACCUMULATION_WINDOW)  # per call: no optimizer step since the last one
         self._accumulation_warned = False
         self._last_nonfinite = False  # the last call's step was non-finite: its optimizer step is skipped, rightly
-        self._grads_finite = None  # ... or its gradients were not finite (a 0-d bool tensor, read at the next call)
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self.global_step = 0
@@ -301,19 +300,17 @@ class UnifiedController:
         not stepping between two calls. Over the last `_ACCUMULATION_WINDOW` calls, at least
         `_ACCUMULATION_UNSTEPPED` without an optimizer step since the call before make the warning; a call after
         one whose step the signal read as non-finite (`nonfinite`) is not one of them, as a loop skips that step's
-        update (the CLI does), nor is a call after one whose gradients were not finite, its loss finite (the CLI skips
-        that update too; the loss signal reads no gradient, and such steps, every other one, made the warning say
-        that ctrl.step ran on each micro-batch). Not an error: a GradScaler's skipped steps (an fp16 overflow) are
-        calls without an optimizer step too."""
+        update (the CLI does), nor is a call after a step the loop skipped for non-finite gradients, its loss finite
+        (`_skipped_optimizer_step`: the CLI's `Run.train_step` says so; the loss signal reads no gradient, and such
+        steps, every other one, made the warning say that ctrl.step ran on each micro-batch). Nothing here reads a
+        tensor: v1's ctrl.step issues no op (a check of the gradients at each call cost 54 on MiniLM, a kernel each
+        on a GPU, for a warning's sake). Not an error: a GradScaler's skipped steps (an fp16 overflow) are calls
+        without an optimizer step too."""
         if not self._hooks or self._accumulation_warned:  # no optimizer attached (or another controller's hooks
-            return  # drive it): nothing to count; or warned already: once is enough, and the gradient check is spared
+            return  # drive it): nothing to count; or warned already: once is enough
         if self._steps_at_last_call is not None:  # (after a non-finite step the loop skips optimizer.step, rightly)
-            missed = self._optimizer_steps == self._steps_at_last_call and not self._last_nonfinite
-            if missed and self._grads_finite is not None:  # read here alone: a step that stepped has no host sync
-                missed = bool(self._grads_finite)
-            self._unstepped.append(missed)
+            self._unstepped.append(self._optimizer_steps == self._steps_at_last_call and not self._last_nonfinite)
         self._steps_at_last_call = self._optimizer_steps
-        self._grads_finite = self._gradients_finite()
         unstepped = sum(self._unstepped)
         if (self._accumulation_warned or len(self._unstepped) < _ACCUMULATION_WINDOW
                 or unstepped < _ACCUMULATION_UNSTEPPED):
@@ -332,15 +329,11 @@ class UnifiedController:
                     "micro-batch's backward, with the mean loss of the step's micro-batches")
         warnings.warn(f"ctrl.step: {what}", stacklevel=3)
 
-    def _gradients_finite(self) -> torch.Tensor | None:
-        """Whether the gradients of the managed parameters (this process's shards) are all finite, as a 0-d bool
-        tensor on their device, not read here (`_watch_accumulation` reads it at the next call, only where no
-        optimizer step came between); None where none has a gradient (an empty shard, FSDP's, has none to read)."""
-        grads = [g for g in (local_tensor(p.grad) for p in self.managed_parameters() if p.grad is not None)
-                 if g.numel()]
-        if not grads:
-            return None
-        return torch.isfinite(total_norm(grads, norm_type=float("inf")))  # (a NaN's max is NaN)
+    def _skipped_optimizer_step(self) -> None:
+        """The loop that called ctrl.step last skips that step's optimizer update, as it found the gradients
+        non-finite (its loss finite): the next call is not counted as one with no optimizer step since
+        (`_watch_accumulation`), as one after a non-finite loss is not."""
+        self._last_nonfinite = True
 
     def _check_no_other_controller(self, inner) -> None:
         """Refuse an optimizer whose LR another controller's hooks already scale (two models in one optimizer, each
@@ -1046,7 +1039,7 @@ class UnifiedController:
             state["_extra_params"] = state.pop("extra_params")
         for key, value in (("_exit_decision", None), ("_extra_owners", None), ("_optimizer_steps", 0),
                            ("_steps_at_last_call", None), ("_accumulation_warned", False),
-                           ("_last_nonfinite", False), ("_grads_finite", None)):
+                           ("_last_nonfinite", False)):
             state.setdefault(key, value)
         if "_unstepped" not in state:
             state["_unstepped"] = deque(maxlen=_ACCUMULATION_WINDOW)

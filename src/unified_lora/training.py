@@ -1984,6 +1984,8 @@ class Run:
             self.scaler.update()
         elif finite:  # a NaN/inf gradient would make every weight it reaches (and AdamW's moments) NaN for good
             self.optimizer.step()
+        if not finite and math.isfinite(value):  # (its accumulation watch: a skip, not a micro-batch's call)
+            self.ctrl._skipped_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self._step_schedule()
         self.state.global_step += 1
