@@ -322,3 +322,40 @@ def test_a_controller_that_never_moved_is_said_to_have_trained_as_the_baseline(g
     assert a == [_final(d, "accuracy") for d in groups["learns"][:2]]  # and it did: the same scores, seed by seed
     assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0
     assert "made no transition" not in capsys.readouterr().out  # (that controller moved: SINGLE at some steps)
+
+
+def test_a_run_resumed_with_other_settings_is_not_taken_for_one_trained_with_its_last_ones(groups, tiny, tmp_path,
+                                                                                            capsys):
+    """(found trying compare) a run trained 40 steps at LR 1e-9 and resumed for 40 more at 3e-2 holds the config of its
+    resume alone: compared with runs trained at 3e-2 throughout, the groups were said to have run the same settings,
+    "any difference between them is seed-to-seed noise"."""
+    learns = ("--no-controller", "--lrs", "3e-2", "3e-2", "3e-2")
+    resumed = []
+    for s in (0, 1):
+        d = tmp_path / f"resumed_s{s}"
+        assert main(_train_args(tiny, d, "--steps", "40", "--seed", str(s), "--dev-data", tiny["csv"],
+                                "--no-controller", "--lrs", "1e-9", "1e-9", "1e-9")) == 0
+        assert main(_train_args(tiny, d, "--resume", "--steps", "80", "--seed", str(s), "--dev-data", tiny["csv"],
+                                *learns)) == 0
+        resumed.append(d)
+    capsys.readouterr()
+    assert main(["compare", *map(str, resumed), "--vs", *map(str, groups["learns"][:2])]) == 0
+    text = capsys.readouterr().out
+    assert "ran the same settings" not in text, text
+    s = json.loads((resumed[0] / "summary.json").read_text())
+    assert s["config"]["mode_lrs"] == [0.03] * 3  # its last settings: not what its first 40 steps trained with
+    assert s["resumes"] == [{"step": 40, "changed": {"mode_lrs": [[1e-9] * 3, [0.03] * 3]}}]  # (its length: no change)
+    assert "A: LoRA (fixed rank), 2 runs, seeds 0, 1: changed_on_resume at step 40: mode_lrs 1e-09,1e-09,1e-09 → " \
+           "0.03,0.03,0.03" in text, text
+    # a group may not mix it with runs that trained at one setting
+    assert main(["compare", str(resumed[0]), str(groups["learns"][1]), "--vs", str(groups["frozen"][0])]) == 2
+    assert "group A mixes settings: changed_on_resume is at step 40: mode_lrs" in capsys.readouterr().err
+    # a run resumed for more steps alone trains as one run of them all: the same setting, and the same scores
+    more = tmp_path / "more_s0"
+    assert main(_train_args(tiny, more, "--steps", "40", "--seed", "0", "--dev-data", tiny["csv"], *learns)) == 0
+    assert main(_train_args(tiny, more, "--resume", "--steps", "80", "--dev-data", tiny["csv"], *learns)) == 0
+    from unified_lora.compare import compare_runs
+
+    res = compare_runs([more], [groups["learns"][0]])
+    assert res["differ"] == {} and res["metrics"][0]["diff"] == 0
+    assert "resumes" not in json.loads((more / "summary.json").read_text())

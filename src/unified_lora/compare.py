@@ -17,11 +17,8 @@ import math
 from pathlib import Path
 
 from .stats import LEVEL, seed_difference
+from .training import NOT_LEARNING
 
-# TrainConfig fields that do not change what a run learns: never compared
-NOT_TRAINING = ("seed", "output_dir", "threads", "device", "log_every", "save_steps", "save_total_limit",
-                "peft_every_checkpoint", "save_best", "eval_steps", "max_nonfinite_steps", "layer_kernel",
-                "mirror_kernel", "mirror_pack")
 # what the runs train on and are scored on: the same in every run, or there is nothing to compare
 SAME_DATA = ("model", "data", "dev_data", "task_names", "task_type", "text_columns", "label_column", "dev_fraction",
              "dev_size", "max_length", "assistant_only_loss", "text_eos")
@@ -67,10 +64,18 @@ def _final(run: dict) -> dict:
 
 def _cfg(run: dict) -> dict:
     """The run's settings that change what it learns. `eval_steps` among them where early stopping reads those
-    evaluations: then they decide when the run stops."""
+    evaluations: then they decide when the run stops. A run resumed with other settings (`resumes` in its summary) has
+    trained with the checkpoint's before the resume and its `config` after: `changed_on_resume` says from which step,
+    and what (`training.resume_changes`)."""
     cfg = run.get("config") or {}
     keep = ("eval_steps",) if cfg.get("early_stopping_patience") else ()
-    return {k: v for k, v in cfg.items() if k not in NOT_TRAINING or k in keep}
+    out = {k: v for k, v in cfg.items() if k not in NOT_LEARNING or k in keep}
+    said = [f"at step {r.get('step')}: " + ", ".join(f"{k} {_show(v[0], k)} → {_show(v[1], k)}"
+                                                     for k, v in (r.get("changed") or {}).items())
+            for r in run.get("resumes") or [] if r.get("changed")]
+    if said:
+        out["changed_on_resume"] = "; ".join(said)
+    return out
 
 
 def _show(v, key: str = "") -> str:
