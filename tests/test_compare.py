@@ -359,3 +359,30 @@ def test_a_run_resumed_with_other_settings_is_not_taken_for_one_trained_with_its
     res = compare_runs([more], [groups["learns"][0]])
     assert res["differ"] == {} and res["metrics"][0]["diff"] == 0
     assert "resumes" not in json.loads((more / "summary.json").read_text())
+
+
+def test_one_run_a_side_of_other_seeds_on_a_glue_task_folder_gets_the_row_test(tiny, tmp_path, capsys):
+    """(found trying compare on the shipped MRPC) a GLUE task's dev rows are its dev.tsv whatever the seed, as a
+    --dev-data file's are: two runs of other seeds were scored on the same rows, yet got no test ("one run on a side"),
+    as runs on a dev split of --data drawn by seed do."""
+    glue = tmp_path / "SST-2"
+    glue.mkdir()
+    for split, seed in (("train", 0), ("dev", 1)):
+        rows = test_cli._rows(48, seed)
+        (glue / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    runs = []
+    for name, seed, lr in (("learns", 0, "3e-2"), ("frozen", 1, "1e-9")):
+        runs.append(tmp_path / name)
+        assert main(["train", "--model", tiny["bert"], "--data", str(glue), "--batch-size", "8", "--max-length", "16",
+                     "--steps", "40", "--seed", str(seed), "--no-controller", "--log-every", "0", "--output-dir",
+                     str(runs[-1]), "--lrs", lr, lr, lr]) == 0
+    out = tmp_path / "c.json"
+    capsys.readouterr()
+    assert main(["compare", str(runs[0]), "--vs", str(runs[1]), "--json", str(out)]) == 0
+    acc = json.loads(out.read_text())["metrics"][0]
+    assert acc["metric"] == "accuracy" and acc["test"] == "McNemar", capsys.readouterr().out
+    s = [json.loads((d / "summary.json").read_text()) for d in runs]
+    y, pa, pb = s[0]["dev_labels"], *(r["arms"]["run"]["final_preds"] for r in s)
+    assert s[1]["dev_labels"] == y and len(y) == 48  # the folder's dev.tsv, in both runs
+    assert (acc["only_a"], acc["only_b"]) == (sum(p == t != q for p, q, t in zip(pa, pb, y)),
+                                              sum(q == t != p for p, q, t in zip(pa, pb, y)))

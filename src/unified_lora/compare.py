@@ -152,7 +152,7 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
                f"{' / '.join(sorted({str(w) for w in wanted}))}, is not in every one)")
     order = [primary] + [m for m in common if m != primary]
     majority = _majority(a + b)
-    same_rows = ca.get("dev_data") is not None or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
+    same_rows = _fixed_dev(ca) or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
     rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows else None
     metrics = []
     for m in order:
@@ -168,6 +168,15 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
     return {"a": _group(a), "b": _group(b), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
             "metrics": metrics, "primary": primary, "primary_why": why, "level": level,
             "cost": {"a": _cost(a), "b": _cost(b)}}
+
+
+def _fixed_dev(cfg: dict) -> bool:
+    """Whether the runs' dev rows are the same whatever their seed: a --dev-data file, the shipped MRPC's dev.tsv (no
+    --data), or a GLUE task folder's. A dev split of a --data file (--dev-fraction) is drawn by seed; so is one of a
+    folder no longer there (it cannot be told from a file)."""
+    data = cfg.get("data")
+    return cfg.get("dev_data") is not None or data is None or \
+        (isinstance(data, str) and Path(data).expanduser().is_dir())
 
 
 def _rows(a: dict, b: dict):
