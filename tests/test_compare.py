@@ -386,3 +386,16 @@ def test_one_run_a_side_of_other_seeds_on_a_glue_task_folder_gets_the_row_test(t
     assert s[1]["dev_labels"] == y and len(y) == 48  # the folder's dev.tsv, in both runs
     assert (acc["only_a"], acc["only_b"]) == (sum(p == t != q for p, q, t in zip(pa, pb, y)),
                                               sum(q == t != p for p, q, t in zip(pa, pb, y)))
+
+
+def test_a_group_whose_runs_stopped_early_at_different_steps_names_each_runs_final_evaluation(groups, tiny, capsys):
+    """(found trying compare) the header named the first run's final evaluation alone, "at A epoch 6.25 (step 50)",
+    for a group whose other runs early stopping had stopped at step 16."""
+    stops = _runs(tiny, groups["root"], "stops", (0, 1), "--lrs", "3e-2", "3e-2", "3e-2", "--steps", "60",
+                  "--eval-steps", "10", "--early-stopping-patience", "2")
+    ends = [list(json.loads((d / "summary.json").read_text())["arms"]["run"]["eval"])[-1] for d in stops]
+    assert ends[0] != ends[1], ends  # (seed 1 learns nothing in its first epochs: stopped early there)
+    capsys.readouterr()
+    assert main(["compare", *map(str, stops), "--vs", *map(str, groups["learns"][:2])]) == 0
+    text = capsys.readouterr().out
+    assert f"final dev evaluation, at A {ends[0]} (seed 0), {ends[1]} (seed 1); B epoch 10; mean" in text, text

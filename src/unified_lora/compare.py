@@ -228,8 +228,22 @@ def _majority(runs: list[dict]) -> dict:
 
 
 def _group(runs: list[dict]) -> dict:
+    """The group's runs, seeds, label and each run's final evaluation point (`points`); `point`: theirs where they all
+    end at one, else None (runs early stopping stopped at different steps)."""
+    points = [list(r["arms"]["run"]["eval"])[-1] for r in runs]
     return {"runs": [r["_path"] for r in runs], "seeds": [(r.get("config") or {}).get("seed") for r in runs],
-            "label": runs[0]["arms"]["run"].get("label", "run"), "point": list(runs[0]["arms"]["run"]["eval"])[-1]}
+            "label": runs[0]["arms"]["run"].get("label", "run"), "points": points,
+            "point": points[0] if len(set(points)) == 1 else None}
+
+
+def _points(g: dict) -> str:
+    """Where a group's runs were last evaluated: one point, or each point with the seeds of the runs ending there."""
+    if g["point"] is not None:
+        return g["point"]
+    at: dict = {}
+    for p, s in zip(g["points"], g["seeds"]):
+        at.setdefault(p, []).append(str(s))
+    return ", ".join(f"{p} (seed{'' if len(s) == 1 else 's'} {', '.join(s)})" for p, s in at.items())
 
 
 def _mean(v: list) -> float | None:
@@ -282,7 +296,7 @@ def format_comparison(res: dict) -> str:
     if res["budget_differs"]:
         lines.append("Note: the groups' training budgets differ (" + ", ".join(res["budget_differs"]) + "), so a "
                      "difference is not the method's alone.")
-    point = a["point"] if a["point"] == b["point"] else f"A {a['point']}, B {b['point']}"
+    point = a["point"] if a["point"] == b["point"] is not None else f"A {_points(a)}; B {_points(b)}"
     lines.append(f"\nfinal dev evaluation, at {point}; mean ± std over seeds:")
     rows = [("metric", "A", "B", "majority class", "A − B", "test", "verdict")]
     for m in res["metrics"]:
