@@ -399,3 +399,14 @@ def test_a_group_whose_runs_stopped_early_at_different_steps_names_each_runs_fin
     assert main(["compare", *map(str, stops), "--vs", *map(str, groups["learns"][:2])]) == 0
     text = capsys.readouterr().out
     assert f"final dev evaluation, at A {ends[0]} (seed 0), {ends[1]} (seed 1); B epoch 10; mean" in text, text
+
+
+@pytest.mark.parametrize("command", ["compare", "demo", "train", "plot", "report", "predict", "export"])
+def test_help_prints_percent_signs_as_one(command, capsys):
+    """(found trying compare) `compare --help` said "two-sided at 95 %%": argparse formats an option's help with %,
+    not a command's description, which printed the doubled sign as written."""
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "usage: unified-lora" in text and "%%" not in text, text
+    if command == "compare":
+        assert "two-sided at 95 %)" in " ".join(text.split())
