@@ -322,3 +322,91 @@ def test_a_controller_that_never_moved_is_said_to_have_trained_as_the_baseline(g
     assert a == [_final(d, "accuracy") for d in groups["learns"][:2]]  # and it did: the same scores, seed by seed
     assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0
     assert "made no transition" not in capsys.readouterr().out  # (that controller moved: SINGLE at some steps)
+
+
+def test_a_run_resumed_with_other_settings_is_not_taken_for_one_trained_with_its_last_ones(groups, tiny, tmp_path,
+                                                                                            capsys):
+    """(found trying compare) a run trained 40 steps at LR 1e-9 and resumed for 40 more at 3e-2 holds the config of its
+    resume alone: compared with runs trained at 3e-2 throughout, the groups were said to have run the same settings,
+    "any difference between them is seed-to-seed noise"."""
+    learns = ("--no-controller", "--lrs", "3e-2", "3e-2", "3e-2")
+    resumed = []
+    for s in (0, 1):
+        d = tmp_path / f"resumed_s{s}"
+        assert main(_train_args(tiny, d, "--steps", "40", "--seed", str(s), "--dev-data", tiny["csv"],
+                                "--no-controller", "--lrs", "1e-9", "1e-9", "1e-9")) == 0
+        assert main(_train_args(tiny, d, "--resume", "--steps", "80", "--seed", str(s), "--dev-data", tiny["csv"],
+                                *learns)) == 0
+        resumed.append(d)
+    capsys.readouterr()
+    assert main(["compare", *map(str, resumed), "--vs", *map(str, groups["learns"][:2])]) == 0
+    text = capsys.readouterr().out
+    assert "ran the same settings" not in text, text
+    s = json.loads((resumed[0] / "summary.json").read_text())
+    assert s["config"]["mode_lrs"] == [0.03] * 3  # its last settings: not what its first 40 steps trained with
+    assert s["resumes"] == [{"step": 40, "changed": {"mode_lrs": [[1e-9] * 3, [0.03] * 3]}}]  # (its length: no change)
+    assert "A: LoRA (fixed rank), 2 runs, seeds 0, 1: changed_on_resume at step 40: mode_lrs 1e-09,1e-09,1e-09 → " \
+           "0.03,0.03,0.03" in text, text
+    # a group may not mix it with runs that trained at one setting
+    assert main(["compare", str(resumed[0]), str(groups["learns"][1]), "--vs", str(groups["frozen"][0])]) == 2
+    assert "group A mixes settings: changed_on_resume is at step 40: mode_lrs" in capsys.readouterr().err
+    # a run resumed for more steps alone trains as one run of them all: the same setting, and the same scores
+    more = tmp_path / "more_s0"
+    assert main(_train_args(tiny, more, "--steps", "40", "--seed", "0", "--dev-data", tiny["csv"], *learns)) == 0
+    assert main(_train_args(tiny, more, "--resume", "--steps", "80", "--dev-data", tiny["csv"], *learns)) == 0
+    from unified_lora.compare import compare_runs
+
+    res = compare_runs([more], [groups["learns"][0]])
+    assert res["differ"] == {} and res["metrics"][0]["diff"] == 0
+    assert "resumes" not in json.loads((more / "summary.json").read_text())
+
+
+def test_one_run_a_side_of_other_seeds_on_a_glue_task_folder_gets_the_row_test(tiny, tmp_path, capsys):
+    """(found trying compare on the shipped MRPC) a GLUE task's dev rows are its dev.tsv whatever the seed, as a
+    --dev-data file's are: two runs of other seeds were scored on the same rows, yet got no test ("one run on a side"),
+    as runs on a dev split of --data drawn by seed do."""
+    glue = tmp_path / "SST-2"
+    glue.mkdir()
+    for split, seed in (("train", 0), ("dev", 1)):
+        rows = test_cli._rows(48, seed)
+        (glue / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    runs = []
+    for name, seed, lr in (("learns", 0, "3e-2"), ("frozen", 1, "1e-9")):
+        runs.append(tmp_path / name)
+        assert main(["train", "--model", tiny["bert"], "--data", str(glue), "--batch-size", "8", "--max-length", "16",
+                     "--steps", "40", "--seed", str(seed), "--no-controller", "--log-every", "0", "--output-dir",
+                     str(runs[-1]), "--lrs", lr, lr, lr]) == 0
+    out = tmp_path / "c.json"
+    capsys.readouterr()
+    assert main(["compare", str(runs[0]), "--vs", str(runs[1]), "--json", str(out)]) == 0
+    acc = json.loads(out.read_text())["metrics"][0]
+    assert acc["metric"] == "accuracy" and acc["test"] == "McNemar", capsys.readouterr().out
+    s = [json.loads((d / "summary.json").read_text()) for d in runs]
+    y, pa, pb = s[0]["dev_labels"], *(r["arms"]["run"]["final_preds"] for r in s)
+    assert s[1]["dev_labels"] == y and len(y) == 48  # the folder's dev.tsv, in both runs
+    assert (acc["only_a"], acc["only_b"]) == (sum(p == t != q for p, q, t in zip(pa, pb, y)),
+                                              sum(q == t != p for p, q, t in zip(pa, pb, y)))
+
+
+def test_a_group_whose_runs_stopped_early_at_different_steps_names_each_runs_final_evaluation(groups, tiny, capsys):
+    """(found trying compare) the header named the first run's final evaluation alone, "at A epoch 6.25 (step 50)",
+    for a group whose other runs early stopping had stopped at step 16."""
+    stops = _runs(tiny, groups["root"], "stops", (0, 1), "--lrs", "3e-2", "3e-2", "3e-2", "--steps", "60",
+                  "--eval-steps", "10", "--early-stopping-patience", "2")
+    ends = [list(json.loads((d / "summary.json").read_text())["arms"]["run"]["eval"])[-1] for d in stops]
+    assert ends[0] != ends[1], ends  # (seed 1 learns nothing in its first epochs: stopped early there)
+    capsys.readouterr()
+    assert main(["compare", *map(str, stops), "--vs", *map(str, groups["learns"][:2])]) == 0
+    text = capsys.readouterr().out
+    assert f"final dev evaluation, at A {ends[0]} (seed 0), {ends[1]} (seed 1); B epoch 10; mean" in text, text
+
+
+@pytest.mark.parametrize("command", ["compare", "demo", "train", "plot", "report", "predict", "export"])
+def test_help_prints_percent_signs_as_one(command, capsys):
+    """(found trying compare) `compare --help` said "two-sided at 95 %%": argparse formats an option's help with %,
+    not a command's description, which printed the doubled sign as written."""
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "usage: unified-lora" in text and "%%" not in text, text
+    if command == "compare":
+        assert "two-sided at 95 %)" in " ".join(text.split())

@@ -1458,6 +1458,9 @@ def _train(args, held: dict) -> int:
             # run of hours resumed near its end)
             "wall_s": run.wall_s(),
             **({"wall_s_session": time.perf_counter() - t_start} if ckpt is not None else {}),
+            # the settings a --resume changed, from the step it went on from (`RunState.resumes`): `config` holds the
+            # last ones, which the steps before that did not train with
+            **({"resumes": run.state.resumes} if run.state.resumes else {}),
         }
         summary["arms"]["run"]["skipped_steps"] = run.state.skipped_steps  # (report prints it per arm, as for a demo)
         if final_preds.get("step") == run.state.global_step:  # the final evaluation ran in this session: its rows

@@ -17,11 +17,8 @@ import math
 from pathlib import Path
 
 from .stats import LEVEL, seed_difference
+from .training import NOT_LEARNING
 
-# TrainConfig fields that do not change what a run learns: never compared
-NOT_TRAINING = ("seed", "output_dir", "threads", "device", "log_every", "save_steps", "save_total_limit",
-                "peft_every_checkpoint", "save_best", "eval_steps", "max_nonfinite_steps", "layer_kernel",
-                "mirror_kernel", "mirror_pack")
 # what the runs train on and are scored on: the same in every run, or there is nothing to compare
 SAME_DATA = ("model", "data", "dev_data", "task_names", "task_type", "text_columns", "label_column", "dev_fraction",
              "dev_size", "max_length", "assistant_only_loss", "text_eos")
@@ -67,10 +64,18 @@ def _final(run: dict) -> dict:
 
 def _cfg(run: dict) -> dict:
     """The run's settings that change what it learns. `eval_steps` among them where early stopping reads those
-    evaluations: then they decide when the run stops."""
+    evaluations: then they decide when the run stops. A run resumed with other settings (`resumes` in its summary) has
+    trained with the checkpoint's before the resume and its `config` after: `changed_on_resume` says from which step,
+    and what (`training.resume_changes`)."""
     cfg = run.get("config") or {}
     keep = ("eval_steps",) if cfg.get("early_stopping_patience") else ()
-    return {k: v for k, v in cfg.items() if k not in NOT_TRAINING or k in keep}
+    out = {k: v for k, v in cfg.items() if k not in NOT_LEARNING or k in keep}
+    said = [f"at step {r.get('step')}: " + ", ".join(f"{k} {_show(v[0], k)} → {_show(v[1], k)}"
+                                                     for k, v in (r.get("changed") or {}).items())
+            for r in run.get("resumes") or [] if r.get("changed")]
+    if said:
+        out["changed_on_resume"] = "; ".join(said)
+    return out
 
 
 def _show(v, key: str = "") -> str:
@@ -147,7 +152,7 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
                f"{' / '.join(sorted({str(w) for w in wanted}))}, is not in every one)")
     order = [primary] + [m for m in common if m != primary]
     majority = _majority(a + b)
-    same_rows = ca.get("dev_data") is not None or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
+    same_rows = _fixed_dev(ca) or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
     rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows else None
     metrics = []
     for m in order:
@@ -163,6 +168,15 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
     return {"a": _group(a), "b": _group(b), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
             "metrics": metrics, "primary": primary, "primary_why": why, "level": level,
             "cost": {"a": _cost(a), "b": _cost(b)}}
+
+
+def _fixed_dev(cfg: dict) -> bool:
+    """Whether the runs' dev rows are the same whatever their seed: a --dev-data file, the shipped MRPC's dev.tsv (no
+    --data), or a GLUE task folder's. A dev split of a --data file (--dev-fraction) is drawn by seed; so is one of a
+    folder no longer there (it cannot be told from a file)."""
+    data = cfg.get("data")
+    return cfg.get("dev_data") is not None or data is None or \
+        (isinstance(data, str) and Path(data).expanduser().is_dir())
 
 
 def _rows(a: dict, b: dict):
@@ -214,8 +228,22 @@ def _majority(runs: list[dict]) -> dict:
 
 
 def _group(runs: list[dict]) -> dict:
+    """The group's runs, seeds, label and each run's final evaluation point (`points`); `point`: theirs where they all
+    end at one, else None (runs early stopping stopped at different steps)."""
+    points = [list(r["arms"]["run"]["eval"])[-1] for r in runs]
     return {"runs": [r["_path"] for r in runs], "seeds": [(r.get("config") or {}).get("seed") for r in runs],
-            "label": runs[0]["arms"]["run"].get("label", "run"), "point": list(runs[0]["arms"]["run"]["eval"])[-1]}
+            "label": runs[0]["arms"]["run"].get("label", "run"), "points": points,
+            "point": points[0] if len(set(points)) == 1 else None}
+
+
+def _points(g: dict) -> str:
+    """Where a group's runs were last evaluated: one point, or each point with the seeds of the runs ending there."""
+    if g["point"] is not None:
+        return g["point"]
+    at: dict = {}
+    for p, s in zip(g["points"], g["seeds"]):
+        at.setdefault(p, []).append(str(s))
+    return ", ".join(f"{p} (seed{'' if len(s) == 1 else 's'} {', '.join(s)})" for p, s in at.items())
 
 
 def _mean(v: list) -> float | None:
@@ -268,7 +296,7 @@ def format_comparison(res: dict) -> str:
     if res["budget_differs"]:
         lines.append("Note: the groups' training budgets differ (" + ", ".join(res["budget_differs"]) + "), so a "
                      "difference is not the method's alone.")
-    point = a["point"] if a["point"] == b["point"] else f"A {a['point']}, B {b['point']}"
+    point = a["point"] if a["point"] == b["point"] is not None else f"A {_points(a)}; B {_points(b)}"
     lines.append(f"\nfinal dev evaluation, at {point}; mean ± std over seeds:")
     rows = [("metric", "A", "B", "majority class", "A − B", "test", "verdict")]
     for m in res["metrics"]:

@@ -1743,6 +1743,35 @@ class RunState:
     nonfinite_in_a_row: int = 0  # of them, the latest ones in a row (0 after a finite step)
     best: dict | None = None  # the best dev evaluation so far: {"epoch", "step", "metric", "value"} (`record_best`)
     evals_without_improvement: int = 0  # the latest evaluations in a row that did not improve on it (early stopping)
+    # each resume that went on with settings that change what the run learns other than the checkpoint's: {"step":
+    # the step it went on from, "changed": {setting: [before, after]}} (`resume_changes`), so the settings the run
+    # ends with are not taken for the ones it trained with throughout (`unified-lora compare`)
+    resumes: list = field(default_factory=list)
+
+
+# TrainConfig fields that do not change what a run learns: where it writes, how often it logs and saves, its seed's
+# name aside (`unified-lora compare` compares runs over seeds), the device, and kernels that compute the same.
+# `eval_steps` changes it where early stopping reads those evaluations
+NOT_LEARNING = ("seed", "output_dir", "threads", "device", "log_every", "save_steps", "save_total_limit",
+                "peft_every_checkpoint", "save_best", "eval_steps", "max_nonfinite_steps", "layer_kernel",
+                "mirror_kernel", "mirror_pack")
+
+
+def resume_changes(before: dict, after: dict) -> dict:
+    """{setting: [before's, after's]} for the TrainConfig fields (as dicts, `asdict`) of one run, a checkpoint's and
+    its resume's, that differ and change what the run learns: not its length (`steps`, `epochs`: a run resumed for
+    more trains as one run of them all) nor `NOT_LEARNING`. A field one of them lacks (a checkpoint written before it
+    existed) is left out; a list and a tuple of the same values are the same, and so is a local path given another
+    way."""
+    def norm(key: str, v):
+        if key in ("model", "data", "dev_data") and isinstance(v, str) and Path(v).expanduser().exists():
+            return str(Path(v).expanduser().resolve())
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    stops = before.get("early_stopping_patience") or after.get("early_stopping_patience")
+    skip = {"steps", "epochs", *(k for k in NOT_LEARNING if not (k == "eval_steps" and stops))}
+    return {k: [before[k], after[k]] for k in after
+            if k in before and k not in skip and norm(k, before[k]) != norm(k, after[k])}
 
 
 class Run:
@@ -2131,6 +2160,9 @@ class Run:
             g["weight_decay"] = self.cfg.weight_decay
         self.ctrl.load_state_dict(st["controller"])
         self.state = RunState(**st["run"])
+        changed = resume_changes(st["config"], asdict(self.cfg))
+        if changed:  # (another --lrs, --theta0, ...: the summary says from which step the run trained with them)
+            self.state.resumes.append({"step": self.state.global_step, "changed": changed})
         self._resume_schedule(st, path)
         if "best" not in st["run"] and self.cfg.metric_for_best:  # written before the best was stored: from its evals
             was = replay_best(self.state.evals, self.cfg.metric_for_best, self.cfg.early_stopping_threshold)
