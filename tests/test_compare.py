@@ -318,6 +318,8 @@ def test_a_controller_that_never_moved_is_said_to_have_trained_as_the_baseline(g
     text = capsys.readouterr().out
     said = "A's controller made no transition in any of its runs: it trained in MULTI throughout"
     assert said in text and "verdict" in text
+    # they scored alike on every seed: the verdict says no difference, not "none beyond the noise"
+    assert "Verdict on accuracy (higher is better): no difference: A − B = +0.0000" in text
     a = [_final(d, "accuracy") for d in groups["still"]]
     assert a == [_final(d, "accuracy") for d in groups["learns"][:2]]  # and it did: the same scores, seed by seed
     assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0

@@ -378,7 +378,8 @@ def _reading(res: dict) -> list[str]:
             out.append(f"Verdict on {name} ({sign} is better): {who} is better, beyond the noise: A − B = "
                        f"{m['diff']:+.4f} ± {m['se']:.4f} SE, {how}, p = {m['p']:.3g} < {1 - level:g}.")
         else:
-            out.append(f"Verdict on {name} ({sign} is better): no difference beyond the noise: A − B = "
+            none = "no difference" if m["verdict"] == "no difference" else "no difference beyond the noise"
+            out.append(f"Verdict on {name} ({sign} is better): {none}: A − B = "
                        f"{m['diff']:+.4f} ± {m['se']:.4f} SE, {how}, p = {m['p']:.3g} (a difference counts at "
                        f"p < {1 - level:g}; {m['n_a']} and {m['n_b']} runs).")
     left = m.get("left_out") or {}
