@@ -1,14 +1,16 @@
 """Did it help? Two groups of `unified-lora train` runs (say the controller and `--no-controller`, each over a few
 seeds) compared on their final dev evaluation: each group's mean ± std, the difference with its standard error and
-Student's t test (paired by seed where both groups ran the same seeds, else Welch), and the majority class beside
-them. `unified-lora compare A... --vs B...` prints it; `compare_runs` returns it as a dict.
+Student's t test (paired on the seeds both groups ran, else Welch), and the majority class beside them.
+`unified-lora compare A... --vs B...` prints it; `compare_runs` returns it as a dict.
 
 The runs must have trained and been scored on the same data (same model, data, dev data, columns, max length; a
 dev split of --data, --dev-fraction, depends on the seed, so only the runs of one seed score the same dev rows); a
 group is one setting run over several seeds, so the runs of a group may differ in their seed alone (and in what does
-not change training: output folder, threads, device, logging, checkpointing). The
-settings the two groups differ in are what is compared, and are named. One run per group gives no test: one seed
-cannot show the seed-to-seed spread, which is often larger than the difference between two methods.
+not change training: output folder, threads, device, logging, checkpointing; a setting a --resume changed counts).
+The settings the two groups differ in are what is compared, and are named. One run a side cannot show the
+seed-to-seed spread, which is often larger than the difference between two methods: where both runs recorded their
+predictions on the same dev rows, the rows are tested (which rows were drawn), and the verdict says what that leaves
+out; otherwise there is no test.
 """
 
 from __future__ import annotations
