@@ -29,6 +29,8 @@ def test_seed_difference_matches_scipys_paired_and_welch_t_tests():
     # the same seeds on both sides pair; other seeds do not, even with as many runs
     assert seed_difference({0: 1, 1: 2}, {0: 1, 1: 3})["test"] == "paired"
     assert seed_difference({0: 1, 1: 2}, {2: 1, 3: 3})["test"] == "Welch"
+    with pytest.raises(ValueError, match="the values must be finite"):  # (not statistics.stdev's AttributeError)
+        seed_difference({0: 0.8, 1: float("nan")}, {0: 0.7, 1: 0.6})
     one = seed_difference({0: 0.9}, {0: 0.5})
     assert one["test"] == "none" and one["diff"] == pytest.approx(0.4) and math.isnan(one["p"])
 

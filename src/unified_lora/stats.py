@@ -95,11 +95,11 @@ def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
     va, vb = [float(v) for v in a.values()], [float(v) for v in b.values()]
     if not va or not vb:
         raise ValueError("seed_difference: each group needs at least one run")
+    if not all(math.isfinite(v) for v in va + vb):  # (before statistics.stdev, which fails on a NaN otherwise)
+        raise ValueError(f"seed_difference: the values must be finite, got {va} and {vb}")
     nan = float("nan")
     out = {"mean_a": statistics.fmean(va), "mean_b": statistics.fmean(vb), "n_a": len(va), "n_b": len(vb),
            "sd_a": statistics.stdev(va) if len(va) > 1 else nan, "sd_b": statistics.stdev(vb) if len(vb) > 1 else nan}
-    if not all(math.isfinite(v) for v in va + vb):
-        raise ValueError(f"seed_difference: the values must be finite, got {va} and {vb}")
     shared = [s for s in a if s in b]
     out["left_out"] = {"a": [s for s in a if s not in b], "b": [s for s in b if s not in a]} if len(shared) > 1 else \
         {"a": [], "b": []}
