@@ -858,11 +858,13 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say, total: int) -> None
     if task_type != "causal-lm" or cfg.signal != "loss" or {"loss_scale", "calibration_steps"} & user.keys():
         return
     cfg.calibration_steps = LM_CALIBRATION_STEPS
-    short = (f"; this run's {total} steps end inside it, so the controller holds MULTI throughout"
-             if total <= LM_CALIBRATION_STEPS and cfg.controller else "")
     if not cfg.controller:  # (a baseline: its φ, recorded alone, read as a controller run reads it)
         short = ("; without the controller (--no-controller) φ is recorded, not acted on, so this changes no training, "
                  "and the trace compares with a controller run's")
+    elif total <= LM_CALIBRATION_STEPS:
+        short = f"; this run's {total} steps end inside it, so the controller holds MULTI throughout"
+    else:
+        short = ""
     if cfg.tasks:
         say(f"multi-task signal: the tasks' loss level (its E term) is read on the scale of the first "
             f"{LM_CALIBRATION_STEPS} steps' loss (E held at {cfg.calibration_target / (1 + cfg.calibration_target):.3f} "

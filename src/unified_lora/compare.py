@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .stats import LEVEL, seed_difference
-from .training import NOT_LEARNING
+from .stats import LEVEL, mcnemar, seed_difference
+from .training import not_learning
 
 # what the runs train on and are scored on: the same in every run, or there is nothing to compare
 SAME_DATA = ("model", "data", "dev_data", "task_names", "task_type", "text_columns", "label_column", "dev_fraction",
@@ -70,8 +70,8 @@ def _cfg(run: dict) -> dict:
     trained with the checkpoint's before the resume and its `config` after: `changed_on_resume` says from which step,
     and what (`training.resume_changes`)."""
     cfg = run.get("config") or {}
-    keep = ("eval_steps",) if cfg.get("early_stopping_patience") else ()
-    out = {k: v for k, v in cfg.items() if k not in NOT_LEARNING or k in keep}
+    skip = not_learning(cfg)
+    out = {k: v for k, v in cfg.items() if k not in skip}
     said = [f"at step {r.get('step')}: " + ", ".join(f"{k} {_show(v[0], k)} → {_show(v[1], k)}"
                                                      for k, v in (r.get("changed") or {}).items())
             for r in run.get("resumes") or [] if r.get("changed")]
@@ -103,7 +103,7 @@ def _check_group(name: str, runs: list[dict]) -> None:
                                "several seeds: compare settings as A --vs B")
     seeds: dict = {}
     for r in runs:
-        s = (r.get("config") or {}).get("seed")
+        s = _seed(r)
         if s in seeds:
             raise CompareError(f"group {name}: {seeds[s]} and {r['_path']} both ran seed {s}; a group is one setting "
                                "over different seeds (pass each run once)")
@@ -157,9 +157,9 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
     same_rows = _fixed_dev(ca) or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
     rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows else None
     metrics = []
+    sa, sb = [_seed(r) for r in a], [_seed(r) for r in b]
     for m in order:
-        seed = [_seed(r) for r in a], [_seed(r) for r in b]
-        d = seed_difference(dict(zip(seed[0], (f[m] for f in fa))), dict(zip(seed[1], (f[m] for f in fb))), level)
+        d = seed_difference(dict(zip(sa, (f[m] for f in fa))), dict(zip(sb, (f[m] for f in fb))), level)
         if rows is not None:
             d = _row_test(d, m, *rows)
         lower = lower_is_better(m)
@@ -199,11 +199,11 @@ def _row_test(d: dict, metric: str, pa: list, pb: list, labels: list) -> dict:
     by the exact McNemar test, F1 (of class 1) and macro-F1 by the paired permutation test (each row's two
     predictions swapped at random). It covers which dev rows were drawn, not the seed-to-seed spread of training,
     which one run a side cannot show. Other metrics (MCC): no test."""
+    from .cli import _correct_rows
     from .data.metrics import paired_f1_test
-    from .stats import mcnemar
 
     if metric == "accuracy":
-        r = mcnemar(*("".join("1" if p == y else "0" for p, y in zip(pr, labels)) for pr in (pa, pb)))
+        r = mcnemar(_correct_rows(pa, labels), _correct_rows(pb, labels))
         return dict(d, test="McNemar", p=r["p"], rows_differ=r["b"] + r["c"], only_a=r["b"], only_b=r["c"])
     if metric in ("f1", "macro_f1"):
         r = paired_f1_test(pa, pb, labels, 1 if metric == "f1" else None)
@@ -233,7 +233,7 @@ def _group(runs: list[dict]) -> dict:
     """The group's runs, seeds, label and each run's final evaluation point (`points`); `point`: theirs where they all
     end at one, else None (runs early stopping stopped at different steps)."""
     points = [list(r["arms"]["run"]["eval"])[-1] for r in runs]
-    return {"runs": [r["_path"] for r in runs], "seeds": [(r.get("config") or {}).get("seed") for r in runs],
+    return {"runs": [r["_path"] for r in runs], "seeds": [_seed(r) for r in runs],
             "label": runs[0]["arms"]["run"].get("label", "run"), "points": points,
             "point": points[0] if len(set(points)) == 1 else None}
 

@@ -79,20 +79,6 @@ def _add_note(error: BaseException, note: str) -> None:
         print(note, file=sys.stderr)
 
 
-def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The norm of `tensors` taken together, a 0-d tensor on the first one's device (NaN where one holds a NaN; 0 for
-    none): `torch.nn.utils.get_total_norm`, which came in torch 2.6, or on torch 2.4 and 2.5 (pyproject's oldest), which
-    lack it, the same norm of the tensors' norms (without it ctrl.step and `train_step` raised AttributeError there)."""
-    get = getattr(torch.nn.utils, "get_total_norm", None)
-    if get is not None:
-        return get(tensors, norm_type=norm_type)
-    if not tensors:
-        return torch.tensor(0.0)
-    first = tensors[0].device
-    norms = [torch.linalg.vector_norm(t.detach(), norm_type).to(first) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
-
-
 class UnifiedController:
     """Closed-loop controller for nested LoRA adapters.
 

@@ -41,7 +41,7 @@ import torch
 from ._files import damaged_file_error, fsync_dir, fsync_tree, load_state_file
 from .config import (KERNELS, MODES, RESPLIT_WINDOW, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig,
                      SignalConfig, _scalar, check_field_types, parse_names)
-from .controller import setup_unified_lora, total_norm
+from .controller import setup_unified_lora
 from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue, load_table, majority_baseline,
                    primary_metric)
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
@@ -850,6 +850,20 @@ def fresh_modules(model, loading_info: dict) -> list[str]:
         if params and all(p in new for p in params):
             out.append(name)
     return out
+
+
+def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of `tensors` taken together, a 0-d tensor on the first one's device (NaN where one holds a NaN; 0 for
+    none): `torch.nn.utils.get_total_norm`, which came in torch 2.6, or on torch 2.4 and 2.5 (pyproject's oldest), which
+    lack it, the same norm of the tensors' norms (without it `train_step` raised AttributeError there)."""
+    get = getattr(torch.nn.utils, "get_total_norm", None)
+    if get is not None:
+        return get(tensors, norm_type=norm_type)
+    if not tensors:
+        return torch.tensor(0.0)
+    first = tensors[0].device
+    norms = [torch.linalg.vector_norm(t.detach(), norm_type).to(first) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
 def seq_cls_head(model) -> list[str]:
@@ -1757,6 +1771,13 @@ NOT_LEARNING = ("seed", "output_dir", "threads", "device", "log_every", "save_st
                 "mirror_kernel", "mirror_pack")
 
 
+def not_learning(*configs: dict) -> set[str]:
+    """`NOT_LEARNING` for runs of these settings (TrainConfig fields as dicts): `eval_steps` left out where one of
+    them stops early, as early stopping reads those evaluations."""
+    stops = any(c.get("early_stopping_patience") for c in configs)
+    return {k for k in NOT_LEARNING if not (k == "eval_steps" and stops)}
+
+
 def resume_changes(before: dict, after: dict) -> dict:
     """{setting: [before's, after's]} for the TrainConfig fields (as dicts, `asdict`) of one run, a checkpoint's and
     its resume's, that differ and change what the run learns: not its length (`steps`, `epochs`: a run resumed for
@@ -1768,8 +1789,7 @@ def resume_changes(before: dict, after: dict) -> dict:
             return str(Path(v).expanduser().resolve())
         return list(v) if isinstance(v, (list, tuple)) else v
 
-    stops = before.get("early_stopping_patience") or after.get("early_stopping_patience")
-    skip = {"steps", "epochs", *(k for k in NOT_LEARNING if not (k == "eval_steps" and stops))}
+    skip = {"steps", "epochs", *not_learning(before, after)}
     return {k: [before[k], after[k]] for k in after
             if k in before and k not in skip and norm(k, before[k]) != norm(k, after[k])}
 

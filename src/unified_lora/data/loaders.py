@@ -466,7 +466,10 @@ def record_lines(path: Path) -> list[int]:
 def record_line(path: Path, n: int) -> int | None:
     """The line record `n` (from 1) of a .jsonl/.csv/.tsv file starts on (`record_lines`; None for another format).
     For errors: the file is read again."""
-    lines = record_lines(path)
+    return _line_of(record_lines(path), n)
+
+
+def _line_of(lines: Sequence[int], n: int) -> int | None:
     return lines[n - 1] if 0 < n <= len(lines) else None
 
 
@@ -474,7 +477,7 @@ def record_at(path: Path, n: int, lines: Sequence[int] | None = None) -> str:
     """A record as the errors name it: "record 3 (line 5)", its line as `record_line` finds it (none for a file of
     another format). For errors: the file is read again, unless `lines` (`record_lines(path)`) is given, for a name
     of each record read once."""
-    line = record_line(path, n) if lines is None else lines[n - 1] if 0 < n <= len(lines) else None
+    line = _line_of(record_lines(path) if lines is None else lines, n)
     return f"record {n}{f' (line {line})' if line else ''}"
 
 
