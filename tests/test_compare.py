@@ -414,3 +414,49 @@ def test_help_prints_percent_signs_as_one(command, capsys):
     assert "usage: unified-lora" in text and "%%" not in text, text
     if command == "compare":
         assert "two-sided at 95 %)" in " ".join(text.split())
+
+
+def test_compare_at_best_reads_each_runs_best_evaluation_and_says_it_is_optimistic(groups, tiny, capsys, tmp_path):
+    """`--at best`: each run's best evaluation as its --metric-for-best ranked it (the one --save-best keeps), not its
+    last; the report names it and says the pick was made on the same dev rows."""
+    stops = _runs(tiny, groups["root"], "best", (0, 1), "--lrs", "3e-2", "3e-2", "3e-2", "--steps", "60",
+                  "--eval-steps", "10", "--early-stopping-patience", "2")
+    sums = [json.loads((d / "summary.json").read_text()) for d in stops + groups["frozen"][:2]]
+    best = [s["best"]["point"] for s in sums]
+    assert any(p != list(s["arms"]["run"]["eval"])[-1] for p, s in zip(best, sums)), best  # (early stopping's)
+    out = tmp_path / "best.json"
+    capsys.readouterr()
+    assert main(["compare", *map(str, stops), "--vs", *map(str, groups["frozen"][:2]), "--at", "best",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    acc = res["metrics"][0]
+    assert res["at"] == "best" and acc["metric"] == "accuracy"
+    want = [s["arms"]["run"]["eval"][p]["accuracy"] for s, p in zip(sums, best)]
+    assert acc["a_values"] == want[:2] and acc["b_values"] == want[2:]
+    assert res["a"]["points"] == best[:2] and res["b"]["points"] == best[2:]
+    assert "best dev evaluation of each run (by accuracy), at A " in text
+    assert "picked on these same dev rows, so both groups' scores are optimistic" in text
+    # the default is the final evaluation, which differs here
+    capsys.readouterr()
+    assert main(["compare", *map(str, stops), "--vs", *map(str, groups["frozen"][:2]), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"][0]["a_values"] == [_final(d, "accuracy") for d in stops]
+    assert "optimistic" not in capsys.readouterr().out
+    # one run a side at best: its predictions are the final evaluation's, so no row test where the best is earlier
+    i = next(i for i in range(2) if best[i] != list(sums[i]["arms"]["run"]["eval"])[-1])
+    assert main(["compare", str(stops[i]), "--vs", str(groups["frozen"][i]), "--at", "best"]) == 0
+    text = capsys.readouterr().out
+    assert "Verdict on accuracy: no test" in text and "records its predictions at its final evaluation only" in text
+
+
+def test_compare_at_best_refuses_groups_whose_best_another_metric_ranked(groups, tiny, capsys):
+    other = _runs(tiny, groups["root"], "by_f1", (0,), "--no-controller", "--lrs", "1e-9", "1e-9", "1e-9",
+                  "--metric-for-best", "macro_f1")
+    capsys.readouterr()
+    assert main(["compare", str(other[0]), "--vs", str(groups["frozen"][0]), "--at", "best"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unified-lora: error: --at best: A's runs picked their best evaluation by macro_f1 and "
+                          "B's by accuracy; compare their final evaluations"), err
+    assert err.count("\n") == 1
+    # at their final evaluation they compare (metric_for_best is a setting they differ in)
+    assert main(["compare", str(other[0]), "--vs", str(groups["frozen"][0])]) == 0

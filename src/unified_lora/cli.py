@@ -1698,7 +1698,7 @@ def cmd_compare(args) -> int:
     out = Path(args.json) if args.json else None
     if out is not None and out.is_dir():  # (refused first: the table was printed, then the write failed)
         raise UsageError(f"--json {args.json}: is a folder; name the file to write")
-    res = compare_runs(args.runs, args.vs)
+    res = compare_runs(args.runs, args.vs, at=args.at)
     print(format_comparison(res))
     if out is not None:
         make_folder(out.parent)  # (as predict's --output: its folder is made if missing)
@@ -2196,6 +2196,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "their model and data; the runs of a group may differ in their seed only.")
     c.add_argument("runs", nargs="+", metavar="RUN", help="group A: train run folders (--output-dir), one per seed")
     c.add_argument("--vs", nargs="+", required=True, metavar="RUN", help="group B: the runs to compare A with")
+    c.add_argument("--at", choices=("final", "best"), default="final",
+                   help="which dev evaluation of each run: its final one (default), or the best one its "
+                        "--metric-for-best ranked (the checkpoint --save-best keeps; picked on the same dev rows, so "
+                        "optimistic, as the report says)")
     c.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE")
     c.set_defaults(func=cmd_compare)
 

@@ -1,6 +1,7 @@
 """Did it help? Two groups of `unified-lora train` runs (say the controller and `--no-controller`, each over a few
-seeds) compared on their final dev evaluation: each group's mean ± std, the difference with its standard error and
-Student's t test (paired on the seeds both groups ran, else Welch), and the majority class beside them.
+seeds) compared on their final dev evaluation (or, `--at best`, each run's best): each group's mean ± std, the
+difference with its standard error and Student's t test (paired on the seeds both groups ran, else Welch), and the
+majority class beside them.
 `unified-lora compare A... --vs B...` prints it; `compare_runs` returns it as a dict.
 
 The runs must have trained and been scored on the same data (same model, data, dev data, columns, max length; a
@@ -58,10 +59,25 @@ def _run(path) -> dict:
     return dict(summary, _path=str(d))
 
 
-def _final(run: dict) -> dict:
-    """The run's last dev evaluation: {metric: value}."""
+AT = ("final", "best")  # which of a run's dev evaluations compare reads (`--at`)
+
+
+def _point(run: dict, at: str = "final") -> str:
+    """The evaluation point compare reads: the run's last, or (`at="best"`) the one its --metric-for-best ranked
+    best (summary `best`, as --save-best keeps it)."""
     ev = run["arms"]["run"]["eval"]
-    return {k: v for k, v in ev[list(ev)[-1]].items() if isinstance(v, (int, float))}
+    if at == "final":
+        return list(ev)[-1]
+    best = run.get("best") or {}
+    if best.get("point") not in ev:
+        raise CompareError(f"{run['_path']}: no best evaluation recorded (a run saved before the best was); compare "
+                           "its final evaluation (leave out --at best)")
+    return best["point"]
+
+
+def _final(run: dict, at: str = "final") -> dict:
+    """The run's dev evaluation that compare reads (`_point`): {metric: value}."""
+    return {k: v for k, v in run["arms"]["run"]["eval"][_point(run, at)].items() if isinstance(v, (int, float))}
 
 
 def _cfg(run: dict) -> dict:
@@ -110,14 +126,18 @@ def _check_group(name: str, runs: list[dict]) -> None:
         seeds[s] = r["_path"]
 
 
-def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
-    """Compare two groups of train runs (their folders) on their final dev evaluation. Returns {"a", "b" (each:
-    runs, seeds, label), "differ" ({setting: (a's, b's)}), "budget_differs", "metrics" ([{"metric",
-    "lower_is_better", "a", "b", "majority", ...`seed_difference`, "verdict"}], the primary metric first), "primary",
-    "cost" ({"a", "b"}: mean wall s, mean rank, steps per mode), "level"}. Raises CompareError for runs that do not
-    compare (unfinished, another command, other data, a group that mixes settings or repeats a seed)."""
+def compare_runs(a_dirs, b_dirs, level: float = LEVEL, at: str = "final") -> dict:
+    """Compare two groups of train runs (their folders) on their final dev evaluation, or (`at="best"`) on each run's
+    best one as its --metric-for-best ranked it (picked on the same dev rows: optimistic, and the report says so).
+    Returns {"a", "b" (each: runs, seeds, label, points), "differ" ({setting: (a's, b's)}), "budget_differs",
+    "metrics" ([{"metric", "lower_is_better", "a", "b", "majority", ...`seed_difference`, "verdict"}], the primary
+    metric first), "primary", "cost" ({"a", "b"}: mean wall s, mean rank, steps per mode), "level", "at"}. Raises
+    CompareError for runs that do not compare (unfinished, another command, other data, a group that mixes settings
+    or repeats a seed; at best, groups whose best evaluations another metric ranked)."""
     from .training import lower_is_better
 
+    if at not in AT:
+        raise CompareError(f"at={at!r}: must be one of {', '.join(AT)}")
     if not a_dirs or not b_dirs:
         raise CompareError("compare needs at least one run on each side: compare RUN [RUN ...] --vs RUN [RUN ...]")
     paths = [str(Path(p).resolve()) for p in [*a_dirs, *b_dirs]]
@@ -134,7 +154,11 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
                                f"({a[0]['_path']}) and {_show(cb.get(k), k)} in B ({b[0]['_path']}); compare runs "
                                "trained and scored on the same data")
     differ = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
-    fa, fb = [_final(r) for r in a], [_final(r) for r in b]
+    if at == "best" and "metric_for_best" in differ:  # (each run's best is the best by its own metric)
+        raise CompareError(f"--at best: A's runs picked their best evaluation by {differ['metric_for_best'][0]} and "
+                           f"B's by {differ['metric_for_best'][1]}; compare their final evaluations (leave out --at "
+                           "best), or runs trained with one --metric-for-best")
+    fa, fb = [_final(r, at) for r in a], [_final(r, at) for r in b]
     common = [m for m in fa[0] if all(m in f for f in fa + fb)]
     if not common:
         raise CompareError("the runs' final dev evaluations share no metric")
@@ -155,7 +179,9 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
     order = [primary] + [m for m in common if m != primary]
     majority = _majority(a + b)
     same_rows = _fixed_dev(ca) or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
-    rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows else None
+    # (the recorded predictions are the final evaluation's: at best, only where that is the best one in both runs)
+    finals = at == "final" or all(_point(r, at) == _point(r) for r in (a[0], b[0]))
+    rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows and finals else None
     metrics = []
     sa, sb = [_seed(r) for r in a], [_seed(r) for r in b]
     for m in order:
@@ -167,9 +193,9 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL) -> dict:
         metrics.append(dict(d, metric=m, lower_is_better=lower, majority=majority.get(m),
                             a_values=[f[m] for f in fa], b_values=[f[m] for f in fb],
                             verdict=_verdict(d, lower)))
-    return {"a": _group(a), "b": _group(b), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
+    return {"a": _group(a, at), "b": _group(b, at), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
             "metrics": metrics, "primary": primary, "primary_why": why, "level": level,
-            "cost": {"a": _cost(a), "b": _cost(b)}}
+            "cost": {"a": _cost(a), "b": _cost(b)}, "at": at}
 
 
 def _fixed_dev(cfg: dict) -> bool:
@@ -229,10 +255,11 @@ def _majority(runs: list[dict]) -> dict:
     return {k: sum(v) / len(v) for k, v in seen.items()}
 
 
-def _group(runs: list[dict]) -> dict:
-    """The group's runs, seeds, label and each run's final evaluation point (`points`); `point`: theirs where they all
-    end at one, else None (runs early stopping stopped at different steps)."""
-    points = [list(r["arms"]["run"]["eval"])[-1] for r in runs]
+def _group(runs: list[dict], at: str = "final") -> dict:
+    """The group's runs, seeds, label and the point of each run's evaluation compare reads (`points`: its final, or
+    at best its best); `point`: theirs where they are all one, else None (runs early stopping stopped at different
+    steps, or best at different evaluations)."""
+    points = [_point(r, at) for r in runs]
     return {"runs": [r["_path"] for r in runs], "seeds": [_seed(r) for r in runs],
             "label": runs[0]["arms"]["run"].get("label", "run"), "points": points,
             "point": points[0] if len(set(points)) == 1 else None}
@@ -299,7 +326,9 @@ def format_comparison(res: dict) -> str:
         lines.append("Note: the groups' training budgets differ (" + ", ".join(res["budget_differs"]) + "), so a "
                      "difference is not the method's alone.")
     point = a["point"] if a["point"] == b["point"] is not None else f"A {_points(a)}; B {_points(b)}"
-    lines.append(f"\nfinal dev evaluation, at {point}; mean ± std over seeds:")
+    which = "final dev evaluation" if res.get("at", "final") == "final" else \
+        f"best dev evaluation of each run (by {res['primary']})"
+    lines.append(f"\n{which}, at {point}; mean ± std over seeds:")
     rows = [("metric", "A", "B", "majority class", "A − B", "test", "verdict")]
     for m in res["metrics"]:
         def ms(mean, sd, n):
@@ -392,6 +421,12 @@ def _reading(res: dict) -> list[str]:
 
         out.append("Paired on the seeds both groups ran: " + "; ".join(
             f"{g}'s {seeds(k)} in its mean, not in the test" for g, k in (("A", "a"), ("B", "b")) if left.get(k)) + ".")
+    if res.get("at") == "best":
+        rows = ("" if len(res["a"]["runs"]) > 1 or len(res["b"]["runs"]) > 1 or m["test"] != "none" else
+                " The dev rows are not tested: a run records its predictions at its final evaluation only.")
+        out.append("Each run's best evaluation was picked on these same dev rows, so both groups' scores are "
+                   "optimistic, the more so the more a run's evaluations vary: the final evaluation (without --at "
+                   f"best) carries no such selection.{rows}")
     why = res.get("primary_why", "the runs' --metric-for-best")
     if len(res["metrics"]) > 1:
         out.append(f"{name} is {why}; the other metrics are shown for reference, and testing each of them as well "
