@@ -383,6 +383,12 @@ def test_a_controller_that_never_moved_is_said_to_have_trained_as_the_baseline(g
     assert a == [_final(d, "accuracy") for d in groups["learns"][:2]]  # and it did: the same scores, seed by seed
     assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0
     assert "made no transition" not in capsys.readouterr().out  # (that controller moved: SINGLE at some steps)
+    # beside another controller group (here other thresholds) the baseline is not in the comparison: no note
+    assert main(["compare", *map(str, groups["still"]), "--vs", *map(str, groups["controller"][:2])]) == 0
+    text = capsys.readouterr().out
+    assert "A: Unified LoRA, 2 runs, seeds 0, 1: theta0 0.01, theta1 0.99" in text and "made no transition" not in text
+    assert main(["compare", *map(str, groups["learns"][:2]), "--vs", *map(str, groups["still"])]) == 0
+    assert "B's controller made no transition in any of its runs" in capsys.readouterr().out  # (either side)
 
 
 def test_a_run_resumed_with_other_settings_is_not_taken_for_one_trained_with_its_last_ones(groups, tiny, tmp_path,

@@ -407,7 +407,9 @@ def _reading(res: dict) -> list[str]:
                    "would find a difference by chance more often.")
     elif why != "the runs' --metric-for-best":
         out.append(f"{name} is {why}.")
-    for g in ("a", "b"):  # a controller that never moved trained what --no-controller trains: say so
+    # a controller that never moved trained what --no-controller trains: said where the other group is that baseline
+    # (the groups differ in `controller`), not beside another controller group (two LRs, say), where it is no point
+    for g in ("a", "b") if "controller" in res["differ"] else ():
         c = res["cost"][g]
         modes = c.get("steps_in_mode") or {}
         if modes and not c.get("transitions") and not any(modes.get(k) for k in ("SINGLE", "MIRROR")):
