@@ -755,6 +755,9 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "task_names", "resplit_window")},
     "lrs": "mode_lrs",
 }
+# the flags whose TrainConfig field is another name: a YAML key spelt as the flag (`lrs:`) is told the key it sets
+# (`mode_lrs`), not the nearest key by spelling (`lr`)
+_FLAG_KEY_NAMES = {k: f for k, f in _TRAIN_FLAGS.items() if k != f}
 
 
 def _check_output_dir(out) -> str:
@@ -805,7 +808,7 @@ def _train_config(args) -> tuple:
             d.pop("lr_scheduler_kwargs", None)  # which the resume refuses below, naming it, does not take them)
     d.update(flags)
     try:
-        cfg = TrainConfig.from_dict(d)
+        cfg = TrainConfig.from_dict(d, _FLAG_KEY_NAMES)
     except ValueError as e:
         # a multi-task run resumed with --data, --dev-data or --task-names that fit neither each other nor the stored
         # ones (another task set): the error named dev_data or task_names, keys this command may not have given
