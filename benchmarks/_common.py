@@ -45,6 +45,32 @@ def git_commit(repo: Path = REPO) -> dict:
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
+# The files from_pretrained reads for the model and its tokenizer (weights whole or sharded, config, vocabularies).
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+               "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def model_fingerprint(path: str) -> str | None:
+    """sha256 over the names and bytes of a local model folder's MODEL_FILES: a run records a model by its folder's
+    name (quality/_grid.py's `model_id`, multitask_quality.py's settings), and two folders of one name ("model",
+    "checkpoint-500") may hold different models, which this tells apart. None for a hub id (no local folder). It
+    reads every weight file once per command."""
+    import hashlib
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted({f for pat in MODEL_FILES for f in root.glob(pat) if f.is_file()}):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def environment() -> dict:
     import torch
 

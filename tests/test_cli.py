@@ -1248,7 +1248,7 @@ def test_report_says_the_loss_scale_a_run_read_and_where_it_came_from(tiny, tmp_
     scale = sum(r["loss"] for r in trace[:20]) / 20 / 0.5  # the first 20 losses' mean maps to 0.5
     assert trace[-1]["components"]["loss_scale"] == pytest.approx(scale, rel=1e-9) and scale > 2
     assert report(tmp_path / "cal") == [f"loss scale: {scale:.4g}, calibrated on the first 20 steps (their mean loss "
-                                        "reads as 0.5; --calibration-steps)"]
+                                        "reads as 0.5; --calibration-steps, --calibration-target)"]
     assert main([*base, "--steps", "3", "--output-dir", str(tmp_path / "short")]) == 0
     assert report(tmp_path / "short") == ["loss scale: 1, not calibrated: the run ended inside its calibration on the "
                                           "first 20 steps (--calibration-steps), φ held throughout"]
@@ -1265,6 +1265,60 @@ def test_report_says_the_loss_scale_a_run_read_and_where_it_came_from(tiny, tmp_
     assert main(["report", str(tmp_path / "cal")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("train: ") and "loss scale" not in out and "steps per mode" in out
+
+
+def test_calibration_target_is_a_train_flag_recorded_and_checked_as_the_yaml_key(tiny, tmp_path, capsys):
+    """`train` took `calibration_target` (what the mean of the calibration's losses maps to) as a YAML key alone;
+    `demo` has the flag. `--calibration-target` now sets it: the scale is the mean of the first N losses / target,
+    recorded in the summary and named by `report`; the flag overrides the YAML key; a value that is not positive and
+    finite is a one-line error; a --resume may not change it; --no-controller names it among the unread flags."""
+    from unified_lora.cli import _train_config, build_parser
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "5", "--save-steps", "5", "--calibration-steps", "3",
+                            "--calibration-target", "2")) == 0
+    trace = read_trace(out / "trace.jsonl")
+    scale = sum(r["loss"] for r in trace[:3]) / 3 / 2.0
+    assert trace[-1]["components"]["loss_scale"] == pytest.approx(scale, rel=1e-9)
+    assert trace[0]["components"]["loss_scale"] == 1.0  # (held at the default until the calibration ends)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["calibration_target"] == 2.0
+    assert summary["loss_scale"] == {"value": pytest.approx(scale, rel=1e-9), "source": "calibrated", "steps": 3,
+                                     "target": 2.0, "calibrated": True}
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert f"loss scale: {scale:.4g}, calibrated on the first 3 steps (their mean loss reads as 2; " \
+        "--calibration-steps, --calibration-target)" in capsys.readouterr().out
+    # a resume keeps it, as it keeps --calibration-steps
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "6", "--calibration-target", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unified-lora: error: --resume {out / 'checkpoints' / 'step-5'}: the run was trained with "
+                          "calibration_target=2.0 (now 1.0)") and err.count("\n") == 1
+    # the flag overrides the YAML key, as other flags do
+    yaml = _write(tmp_path / "c.yaml", "calibration_steps: 3\ncalibration_target: 4.0\n")
+    args = ["train", "--config", str(yaml), "--output-dir", str(tmp_path / "x")]
+    assert _train_config(build_parser().parse_args(args))[0].calibration_target == 4.0
+    assert _train_config(build_parser().parse_args([*args, "--calibration-target", "1.5"]))[0].calibration_target \
+        == 1.5
+    for bad in ("0", "-1", "nan", "inf"):
+        capsys.readouterr()
+        assert main(_train_args(tiny, tmp_path / "bad", "--steps", "2", "--calibration-steps", "2",
+                                "--calibration-target", bad)) == 2
+        err = capsys.readouterr().err
+        assert err == (f"unified-lora: error: calibration_target: must be a positive finite number, got "
+                       f"{float(bad)}\n"), err
+    assert not (tmp_path / "bad").exists()
+    # the composite signal reads no scale: refused, as --calibration-steps is
+    assert main(_train_args(tiny, tmp_path / "comp", "--steps", "2", "--signal", "composite",
+                            "--calibration-target", "2")) == 2
+    assert "calibration_target: 2.0 would be ignored: the 'composite' signal does not read it" in \
+        capsys.readouterr().err
+    assert _config_notes(capsys, tmp_path, "--no-controller", "--calibration-steps", "3", "--calibration-target",
+                         "2") == [
+        "unified-lora: note: --calibration-steps 3, --calibration-target 2 are not read without the controller "
+        "(--no-controller), which trains plain LoRA at the MULTI rank and LR throughout; drop them, or train with the "
+        "controller (--calibration-steps, --calibration-target only set the φ its trace records, which nothing acts "
+        "on)"]
 
 
 def test_a_shock_inside_the_loss_signals_calibration_is_said_to_be_read_into_its_scale(tiny, tmp_path, capsys):
@@ -2241,7 +2295,7 @@ def test_the_readme_names_every_setting_a_resume_refuses():
             "target_modules": "the LoRA layout", "modules_to_save": "the LoRA layout",
             "rank_levels": "the LoRA layout", "lora_alpha": "the LoRA layout", "lora_dropout": "the LoRA layout",
             "controller": "`--no-controller`", "signal": "the signal", "loss_scale": "`--loss-scale`",
-            "calibration_steps": "`--calibration-steps`", "calibration_target": "`calibration_target`",
+            "calibration_steps": "`--calibration-steps`", "calibration_target": "`--calibration-target`",
             "lr_scheduler": "the LR schedule", "warmup_steps": "`--warmup-steps`", "warmup_ratio": "`--warmup-ratio`",
             "lr_scheduler_kwargs": "`--lr-scheduler-kwargs`",
             "metric_for_best": "`--metric-for-best`", "save_best": "`--save-best`"}
@@ -2329,6 +2383,8 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
     # PyYAML keeps the last of two equal keys silently: the run trained at the second lr
     ("key_given_twice_in_config", "c2.yaml: key 'lr' is given twice (again on line 4); keep one"),
     ("flag_spelling_in_config", "unknown key(s) ['batch-size'] ('batch-size': did you mean 'batch_size'?)"),
+    # a flag whose key is another name (--lrs sets mode_lrs): the hint was the nearest key by spelling, 'lr'
+    ("flag_dest_in_config", "unknown key(s) ['lrs'] ('lrs': did you mean 'mode_lrs'?)"),
     ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
@@ -2459,6 +2515,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "key_given_twice_in_config": _train_args(tiny, out, "--steps", "1", "--lr-mode", "multiplier", "--config", str(
             _write(tmp_path / "c2.yaml", "lr: 1e-4\nepochs: 2\n# the same key again, further down\nlr: 1e-3\n"))),
         "flag_spelling_in_config": ["train", "--config", str(_write(tmp_path / "c3.yaml", "batch-size: 8\n"))],
+        "flag_dest_in_config": ["train", "--config", str(_write(tmp_path / "lrs.yaml",
+                                                                "lrs: [1.0e-3, 1.0e-3, 1.0e-3]\n"))],
         "number_key_in_config": ["train", "--config", str(_write(tmp_path / "c4.yaml", "foo: 1\n5: 2\n"))],
         "null_output_dir_on_resume": ["train", "--resume", "--config", str(_write(tmp_path / "c5.yaml",
                                                                                    "output_dir: null\n"))],

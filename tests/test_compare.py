@@ -35,6 +35,24 @@ def test_seed_difference_matches_scipys_paired_and_welch_t_tests():
     assert one["test"] == "none" and one["diff"] == pytest.approx(0.4) and math.isnan(one["p"])
 
 
+def test_differences_with_no_spread_get_no_t_test_not_an_infinite_t():
+    """Per-seed differences all the same (and not 0) have SE 0: t = Δ/0 was inf, p 0, and two seeds read as a certain
+    difference. With no spread there is nothing to test against: t and p are NaN and `no_spread` says why; a spread
+    at the values' float rounding (0.9 − 0.8 and 0.8 − 0.7 differ in their last bits: t was 1.6e15) is none. A
+    difference of 0 in every seed stays t 0, p 1."""
+    for a, b, test in (({0: 0.9, 1: 0.8}, {0: 0.8, 1: 0.7}, "paired"),  # rounding: 0.09999999999999998, 0.1000...09
+                       ({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.5, 2: 2.5}, "paired"),  # exactly 0.5 each
+                       ({0: 0.5, 1: 0.5}, {2: 0.4, 3: 0.4}, "Welch")):  # no spread within either group
+        d = seed_difference(a, b)
+        assert math.isnan(d["t"]) and math.isnan(d["p"]) and d["diff"] == pytest.approx(
+            statistics.fmean(a.values()) - statistics.fmean(b.values())), d
+        assert d["test"] == test and d["no_spread"] and d["se"] == 0, d
+    same = seed_difference({0: 0.8, 1: 0.6}, {0: 0.8, 1: 0.6})
+    assert (same["diff"], same["se"], same["t"], same["p"], same["no_spread"]) == (0, 0, 0, 1, False)
+    spread = seed_difference({0: 0.9, 1: 0.8}, {0: 0.8, 1: 0.75})  # a real spread is tested as before
+    assert not spread["no_spread"] and spread["t"] == pytest.approx(0.075 / 0.025)
+
+
 def _runs(tiny, root, name, seeds, *extra):
     out = []
     for s in seeds:
@@ -63,14 +81,30 @@ def groups(tiny, tmp_path_factory):
 
 
 def test_compare_finds_a_real_difference_paired_by_seed_and_its_numbers_are_the_runs(groups, capsys, tmp_path):
+    """The learning runs score 1.0 and the frozen ones 0.5 in every seed: no spread, so no t test (see
+    test_compare_of_runs_whose_seeds_all_differ_by_the_same_amount_says_there_is_no_spread_to_test); that verdict is
+    checked here on the runs as they are. The t test itself is checked with one frozen run scoring two dev rows (of
+    64) more, so the per-seed differences spread."""
+    assert main(["compare", *map(str, groups["learns"]), "--vs", *map(str, groups["frozen"])]) == 0
+    text = capsys.readouterr().out
+    assert "every seed differs by the same amount: no spread to test against" in text
+    # the frozen side is at the majority class (the data is balanced: half the rows): said so
+    assert "B scores no better on accuracy than always predicting the majority class (0.5000)" in text
+
+    def two_more_rows(s):
+        ev = s["arms"]["run"]["eval"]
+        ev[list(ev)[-1]]["accuracy"] += 2 / 64
+
+    frozen = [groups["frozen"][0], _edited(groups["frozen"][1], tmp_path / "frozen_s1", two_more_rows),
+              groups["frozen"][2]]
     out = tmp_path / "cmp.json"
-    assert main(["compare", *map(str, groups["learns"]), "--vs", *map(str, groups["frozen"]), "--json", str(out)]) == 0
+    assert main(["compare", *map(str, groups["learns"]), "--vs", *map(str, frozen), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["differ"] == {"mode_lrs": [[0.03] * 3, [1e-9] * 3]} and res["primary"] == "accuracy"
     acc = res["metrics"][0]
     a = [_final(d, "accuracy") for d in groups["learns"]]
-    b = [_final(d, "accuracy") for d in groups["frozen"]]
+    b = [_final(d, "accuracy") for d in frozen]
     assert acc["metric"] == "accuracy" and acc["test"] == "paired" and acc["df"] == 2
     assert acc["mean_a"] == pytest.approx(statistics.fmean(a)) and acc["mean_b"] == pytest.approx(statistics.fmean(b))
     d = [x - y for x, y in zip(a, b)]
@@ -79,10 +113,8 @@ def test_compare_finds_a_real_difference_paired_by_seed_and_its_numbers_are_the_
     assert statistics.fmean(a) > 0.9 and acc["verdict"] == "A better", (a, b)  # the tiny BERT learns its words
     assert "Verdict on accuracy (higher is better): A is better, beyond the noise" in text
     assert "A: LoRA (fixed rank), 3 runs, seeds 0, 1, 2: mode_lrs 0.03,0.03,0.03" in text
-    # the frozen side is at the majority class (the data is balanced: half the rows): said so
-    assert "B scores no better on accuracy than always predicting the majority class (0.5000)" in text
     # the other way round: B better, the same numbers with the sign turned
-    assert main(["compare", *map(str, groups["frozen"]), "--vs", *map(str, groups["learns"])]) == 0
+    assert main(["compare", *map(str, frozen), "--vs", *map(str, groups["learns"])]) == 0
     assert "B is better, beyond the noise: A − B = -" in capsys.readouterr().out
 
 
@@ -241,6 +273,31 @@ def test_a_run_whose_final_dev_metric_is_not_finite_is_refused_in_one_line_namin
     assert f"{bad}: its final dev accuracy is nan (a diverged run or evaluation)" in err and err.count("\n") == 1, err
 
 
+def test_compare_of_runs_whose_seeds_all_differ_by_the_same_amount_says_there_is_no_spread_to_test(groups, tmp_path,
+                                                                                                    capsys):
+    """Two seeds a side whose final accuracies differ by 0.1 in each: SE 0, and compare read "A better" (t = inf,
+    p = 0). It says now that there is no spread to test against; the JSON's t and p are null."""
+    def acc(v):
+        def edit(s):
+            ev = s["arms"]["run"]["eval"]
+            ev[list(ev)[-1]]["accuracy"] = v
+        return edit
+
+    a = [_edited(d, tmp_path / f"a{i}", acc(v)) for i, (d, v) in enumerate(zip(groups["learns"][:2], (0.9, 0.8)))]
+    b = [_edited(d, tmp_path / f"b{i}", acc(v)) for i, (d, v) in enumerate(zip(groups["frozen"][:2], (0.8, 0.7)))]
+    out = tmp_path / "c.json"
+    assert main(["compare", *map(str, a), "--vs", *map(str, b), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    m = json.loads(out.read_text())["metrics"][0]
+    assert m["metric"] == "accuracy" and m["test"] == "paired"
+    assert m["verdict"] == "no test: no spread" and m["t"] is None and m["p"] is None, m
+    assert m["no_spread"]
+    assert "paired, SE 0: no t" in text
+    assert ("Verdict on accuracy (higher is better): no test: A − B = +0.1000, paired by seed, and every seed differs "
+            "by the same amount: no spread to test against (2 and 2 runs)") in text, text
+    assert "A is better" not in text
+
+
 def test_compare_pairs_on_the_seeds_both_ran_and_names_the_runs_left_out_of_the_test(groups, capsys, tmp_path):
     out = tmp_path / "p.json"
     assert main(["compare", *map(str, groups["learns"]), "--vs", *map(str, groups["frozen"][:2]),
@@ -326,6 +383,12 @@ def test_a_controller_that_never_moved_is_said_to_have_trained_as_the_baseline(g
     assert a == [_final(d, "accuracy") for d in groups["learns"][:2]]  # and it did: the same scores, seed by seed
     assert main(["compare", *map(str, groups["controller"]), "--vs", *map(str, groups["learns"])]) == 0
     assert "made no transition" not in capsys.readouterr().out  # (that controller moved: SINGLE at some steps)
+    # beside another controller group (here other thresholds) the baseline is not in the comparison: no note
+    assert main(["compare", *map(str, groups["still"]), "--vs", *map(str, groups["controller"][:2])]) == 0
+    text = capsys.readouterr().out
+    assert "A: Unified LoRA, 2 runs, seeds 0, 1: theta0 0.01, theta1 0.99" in text and "made no transition" not in text
+    assert main(["compare", *map(str, groups["learns"][:2]), "--vs", *map(str, groups["still"])]) == 0
+    assert "B's controller made no transition in any of its runs" in capsys.readouterr().out  # (either side)
 
 
 def test_a_run_resumed_with_other_settings_is_not_taken_for_one_trained_with_its_last_ones(groups, tiny, tmp_path,

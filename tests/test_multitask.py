@@ -1513,6 +1513,60 @@ def test_a_task_export_that_fails_part_way_leaves_the_previous_set_whole_and_no_
         export_task_peft_adapters(model, out, task_type=None)
 
 
+def test_a_task_export_whose_temp_folder_or_swap_fails_leaves_no_folder_it_made_and_the_previous_set_whole(
+        tmp_path, monkeypatch):
+    # `tempfile.mkdtemp` and the swap of the new set into place ran outside the export's clean-up: a failure there
+    # left the folder the export had made (with a .tmp- and an .old- folder in it), and a rename that failed part way
+    # through the swap left the previous set half moved aside (shared/ and a/ new, b/ in .old-, no manifest). A disk
+    # failure cannot be made portably, so the OS call alone is patched to raise OSError (mkdtemp; os.replace where it
+    # moves one new folder in); the export's own code runs as it does.
+    import tempfile
+
+    from unified_lora.multitask import export_task_peft_adapters
+
+    model, ad, ctrl, _ = build(initial_mode=MULTI)
+
+    def no_temp(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temp)
+    with pytest.raises(OSError, match="No space left"):
+        export_task_peft_adapters(model, tmp_path / "new" / "out", task_type=None)
+    monkeypatch.undo()
+    assert not (tmp_path / "new").exists()
+
+    real = os.replace
+
+    def fails_moving_in(name: str):
+        def replace(src, dst):
+            if os.path.basename(os.path.dirname(src)).startswith(".tmp-") and os.path.basename(dst) == name:
+                raise OSError(5, "Input/output error")
+            return real(src, dst)
+        return replace
+
+    monkeypatch.setattr(os, "replace", fails_moving_in("a"))  # (shared/ went in first)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_task_peft_adapters(model, tmp_path / "new" / "out", task_type=None)
+    monkeypatch.undo()
+    assert not (tmp_path / "new").exists()
+    # a previous set: a failed swap (at b/, after shared/ and a/ of the new set went in) puts it back, bit for bit
+    out = tmp_path / "out"
+    export_task_peft_adapters(model, out, task_type=None)
+    (out / "notes.txt").write_text("mine")
+    before, names = _tree(out), sorted(p.name for p in out.iterdir())
+    _train_on(ad)
+    for subset in ({}, {"tasks": ["b"], "include_shared": False}):  # (the second keeps shared/ and a/ in the set)
+        monkeypatch.setattr(os, "replace", fails_moving_in("b"))
+        with pytest.raises(OSError, match="Input/output error"):
+            export_task_peft_adapters(model, out, task_type=None, **subset)
+        monkeypatch.undo()
+        assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == names, subset
+    export_task_peft_adapters(model, out, task_type=None)  # and the next export goes in whole
+    after = _tree(out)
+    assert sorted(p.name for p in out.iterdir()) == names and after["notes.txt"] == b"mine"
+    assert all(after[f"{t}/adapter_model.safetensors"] != before[f"{t}/adapter_model.safetensors"]
+               for t in ("shared", "a", "b"))
+
+
 def test_a_task_export_refuses_a_file_where_a_task_folder_goes_and_a_task_named_like_its_manifest(tmp_path):
     # The set swap moves what is under a task folder's name aside and deletes it: a file of the user's there is
     # refused before anything is written, and so is a task id whose folder would be the manifest.

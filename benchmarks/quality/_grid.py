@@ -16,7 +16,7 @@ SHOCK_KEYS = ("shock_start", "shock_len", "shock_kind")
 # Keys added after runs were written take the value those runs ran with.
 LEGACY_DEFAULTS = {"shock_kind": "flip", "adalora_orth_reg": 0.5}
 # Keys runs written before them lack, with no value to assume: two runs are compared on one only where both hold it.
-# model_fingerprint (run.py's `model_fingerprint`) tells apart two models whose folders share a name.
+# model_fingerprint (_common.py's `model_fingerprint`) tells apart two models whose folders share a name.
 UNRECORDED_BEFORE = ("model_fingerprint",)
 
 

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_commit  # noqa: E402
+from _common import git_commit, model_fingerprint  # noqa: E402
 from _grid import CONDITIONS, NOISE, SEEDS_WANTED, SHOCKS, budget, budget_diff  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,31 +65,6 @@ POLICIES = {"drift": "drift", "never": "never", "lossworse": "loss_worse", "alwa
 
 def run_name(task, method, condition, seed, tag="") -> str:
     return f"{task}__{method}__{condition}__s{seed}" + (f"__{tag}" if tag else "")
-
-
-# The files from_pretrained reads for the model and its tokenizer (weights whole or sharded, config, vocabularies).
-MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
-               "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-
-
-def model_fingerprint(path: str) -> str | None:
-    """sha256 over the names and bytes of a local model folder's MODEL_FILES: a run records a model by its folder's
-    name (`_grid.model_id`), and two folders of one name ("model", "checkpoint-500") may hold different models, which
-    this tells apart. None for a hub id (no local folder). It reads every weight file once per command."""
-    import hashlib
-
-    root = Path(path)
-    if not root.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted({f for pat in MODEL_FILES for f in root.glob(pat) if f.is_file()}):
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def run_config(args) -> dict:

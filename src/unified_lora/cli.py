@@ -186,7 +186,7 @@ def _loss_scale_record(cfg, trace: list[dict]) -> dict | None:
     """The loss signal's scale in a train run's summary (`report`'s `loss scale` line): `value`, the scale φ read the
     loss on at the run's last step (for a multi-task run, its E term's); `source`, where it came from: "calibrated"
     (`calibration_steps`, given or set for a causal LM by `_calibrate_lm_loss`: the mean loss of those first steps
-    maps to `calibration_target`), "given" (`--loss-scale`, or YAML `loss_scale`, other than 1) or "default" (1).
+    maps to `calibration_target`, --calibration-target), "given" (`--loss-scale`, or YAML `loss_scale`, other than 1) or "default" (1).
     A calibration the run ended inside has `calibrated` False: φ was held, and `value` is the scale it started on.
     None on the composite signal, which reads no scale."""
     if cfg.signal != "loss":
@@ -205,7 +205,7 @@ def _loss_scale_line(r: dict) -> str:
             return (f"loss scale: {r['value']:.4g}, not calibrated: the run ended inside its calibration on the first "
                     f"{r['steps']} steps (--calibration-steps), φ held throughout")
         return (f"loss scale: {r['value']:.4g}, calibrated on the first {r['steps']} steps (their mean loss reads as "
-                f"{r['target']:g}; --calibration-steps)")
+                f"{r['target']:g}; --calibration-steps, --calibration-target)")
     return f"loss scale: {r['value']:g}, " + ("given (--loss-scale)" if r.get("source") == "given" else "the default")
 
 
@@ -744,7 +744,8 @@ def _threads() -> int:
 _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually gave override the config)
     **{k: k for k in (
         "model", "data", "dev_data", "task_type", "text_columns", "label_column", "epochs", "steps", "batch_size",
-        "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "target_modules",
+        "max_length", "lr", "lr_mode", "signal", "loss_scale", "calibration_steps", "calibration_target",
+        "target_modules",
         "modules_to_save", "seed", "output_dir", "dev_size", "dev_fraction", "log_every", "threads", "shock_start",
         "shock_end", "shock_type", "min_dwell", "controller_warmup", "theta0", "theta1", "mirror_policy",
         "mirror_kernel", "mirror_pack", "layer_kernel", "save_steps", "save_total_limit", "eval_steps", "device",
@@ -754,6 +755,9 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "task_names", "resplit_window")},
     "lrs": "mode_lrs",
 }
+# the flags whose TrainConfig field is another name: a YAML key spelt as the flag (`lrs:`) is told the key it sets
+# (`mode_lrs`), not the nearest key by spelling (`lr`)
+_FLAG_KEY_NAMES = {k: f for k, f in _TRAIN_FLAGS.items() if k != f}
 
 
 def _check_output_dir(out) -> str:
@@ -804,7 +808,7 @@ def _train_config(args) -> tuple:
             d.pop("lr_scheduler_kwargs", None)  # which the resume refuses below, naming it, does not take them)
     d.update(flags)
     try:
-        cfg = TrainConfig.from_dict(d)
+        cfg = TrainConfig.from_dict(d, _FLAG_KEY_NAMES)
     except ValueError as e:
         # a multi-task run resumed with --data, --dev-data or --task-names that fit neither each other nor the stored
         # ones (another task set): the error named dev_data or task_names, keys this command may not have given
@@ -848,8 +852,8 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say, total: int) -> None
     puts φ above θ1 for the whole run: MIRROR, at its lowest LR and top rank, whatever the training does (a tiny
     GPT-2 on tinyshakespeare: MIRROR from step 16 of 60 to the end, φ 0.80). A new causal-LM run on the loss
     signal, given neither --loss-scale nor --calibration-steps (flag or YAML), calibrates instead: the mean loss of
-    its first `LM_CALIBRATION_STEPS` steps maps to `calibration_target` (0.5: φ ≈ 0.33), as the README tells API
-    users to. So does a multi-task one (several --data sets), whose signal reads the tasks' loss level as its E
+    its first `LM_CALIBRATION_STEPS` steps maps to `calibration_target` (0.5: φ ≈ 0.33; a --calibration-target given
+    alone keeps this calibration, on that target), as the README tells API users to. So does a multi-task one (several --data sets), whose signal reads the tasks' loss level as its E
     term: on the scale of 1 that term alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2
     on two halves of one corpus, with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
     records it, so a --resume keeps it. A run of `total` <= 20 steps ends inside the calibration (φ held, MULTI
@@ -924,8 +928,8 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
 # TrainConfig fields only the controller reads: without it (`controller` False) `machine_config` pins MULTI and drops
 # the thresholds, dwell and warm-up; the signal's φ is still recorded but drives nothing; with no transition there is
 # no Mirror, and in multi-task mode no merge and so no split after one (`resplit_window`)
-_CONTROLLER_ONLY = ("signal", "loss_scale", "calibration_steps", "theta0", "theta1", "min_dwell", "controller_warmup",
-                    "resplit_window", "mirror_policy", "mirror_kernel", "mirror_pack")
+_CONTROLLER_ONLY = ("signal", "loss_scale", "calibration_steps", "calibration_target", "theta0", "theta1", "min_dwell",
+                    "controller_warmup", "resplit_window", "mirror_policy", "mirror_kernel", "mirror_pack")
 
 
 def _note_controller_unread(cfg, flags: dict) -> None:
@@ -957,7 +961,8 @@ def _note_controller_unread(cfg, flags: dict) -> None:
 
     it = "it" if len(given) == 1 else "them"
     # (the signal's flags do set the φ such a run records in its trace, read by nothing: say so, or the two disagree)
-    recorded = [f"--{k.replace('_', '-')}" for k in ("signal", "loss_scale", "calibration_steps") if k in given]
+    recorded = [f"--{k.replace('_', '-')}" for k in ("signal", "loss_scale", "calibration_steps",
+                                                             "calibration_target") if k in given]
     also = (f" ({', '.join(recorded)} only set{'s' if len(recorded) == 1 else ''} the φ its trace records, which "
             "nothing acts on)") if recorded else ""
     print(f"{PROG}: note: {', '.join(map(flag, given))} {'is' if len(given) == 1 else 'are'} not read without the "
@@ -2116,9 +2121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "this before φ (default 1.0; a causal LM given no --calibration-steps calibrates it instead)")
     t.add_argument("--calibration-steps", type=int,
                    help="loss signal (several --data sets: the multi-task signal's E term): set the scale so the mean "
-                   "of the first N losses maps to "
-                   "calibration_target (default 0 = off, or 20 for a causal LM given no --loss-scale; "
-                   "calibration_target is a YAML key, default 0.5)")
+                   "of the first N losses maps to --calibration-target (default 0 = off, or 20 for a causal LM given "
+                   "no --loss-scale)")
+    t.add_argument("--calibration-target", type=float,
+                   help="loss signal, with a calibration: the value the mean of the calibration's losses maps to, "
+                   "φ settling near target/(1+target) (default 0.5: φ≈0.33, MULTI)")
     t.add_argument("--min-dwell", type=int, help="hysteresis: steps to stay in a mode a transition entered (default 0)")
     t.add_argument("--controller-warmup", type=int, help="no transition before this optimizer step: the run stays in "
                    "its start mode (MULTI; SINGLE for several --data sets) while the signal gathers its statistics "

@@ -299,6 +299,8 @@ def _verdict(d: dict, lower: bool) -> str:
         return "no test: one run on a side"
     if d["diff"] == 0:
         return "no difference"
+    if d.get("no_spread"):  # (t = Δ/0: no t test; it read as an infinite t, "better", from two seeds)
+        return "no test: no spread"
     if (abs(d["t"]) <= d["crit"]) if d["test"] in ("paired", "Welch") else d["p"] >= 1 - d["level"]:
         return "no difference beyond the noise"
     a_ahead = (d["diff"] < 0) if lower else (d["diff"] > 0)
@@ -341,7 +343,8 @@ def format_comparison(res: dict) -> str:
             test = f"{m['test']}, {m['rows_differ']} {rows_are} rows, p = {m['p']:.3g}"
         else:
             delta = f"{m['diff']:+.4f} ± {m['se']:.4f} SE"
-            test = f"{m['test']} t({m['df']:.3g}) = {m['t']:.2f}, p = {m['p']:.3g}"
+            test = (f"{m['test']}, SE 0: no t" if m.get("no_spread") else
+                    f"{m['test']} t({m['df']:.3g}) = {m['t']:.2f}, p = {m['p']:.3g}")
         maj = f"{m['majority']:.4f}" if isinstance(m.get("majority"), (int, float)) else "-"
         name = m["metric"] + (" (lower is better)" if m["lower_is_better"] else "")
         rows.append((name, ms(m["mean_a"], m["sd_a"], m["n_a"]), ms(m["mean_b"], m["sd_b"], m["n_b"]), maj, delta,
@@ -404,7 +407,13 @@ def _reading(res: dict) -> list[str]:
         how = ("paired by seed" if m["test"] == "paired" else "Welch's test: the groups share fewer than two seeds, "
                "so they do not pair")
         sign = "lower" if m["lower_is_better"] else "higher"
-        if m["verdict"] in ("A better", "B better"):
+        if m.get("no_spread"):
+            same = ("every seed differs by the same amount" if m["test"] == "paired" else
+                    "each group's runs all scored the same")
+            out.append(f"Verdict on {name} ({sign} is better): no test: A − B = {m['diff']:+.4f}, {how}, and "
+                       f"{same}: no spread to test against ({m['n_a']} and {m['n_b']} runs); train each side with "
+                       "further --seed values and compare again.")
+        elif m["verdict"] in ("A better", "B better"):
             who = m["verdict"].split()[0]
             out.append(f"Verdict on {name} ({sign} is better): {who} is better, beyond the noise: A − B = "
                        f"{m['diff']:+.4f} ± {m['se']:.4f} SE, {how}, p = {m['p']:.3g} < {1 - level:g}.")
@@ -433,7 +442,9 @@ def _reading(res: dict) -> list[str]:
                    "would find a difference by chance more often.")
     elif why != "the runs' --metric-for-best":
         out.append(f"{name} is {why}.")
-    for g in ("a", "b"):  # a controller that never moved trained what --no-controller trains: say so
+    # a controller that never moved trained what --no-controller trains: said where the other group is that baseline
+    # (the groups differ in `controller`), not beside another controller group (two LRs, say), where it is no point
+    for g in ("a", "b") if "controller" in res["differ"] else ():
         c = res["cost"][g]
         modes = c.get("steps_in_mode") or {}
         if modes and not c.get("transitions") and not any(modes.get(k) for k in ("SINGLE", "MIRROR")):

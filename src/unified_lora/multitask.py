@@ -1999,9 +1999,10 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
     `a b` and `a_b`) is a ValueError, before anything is written; a folder named like a new one that no
     manifest listed (yours, or an export from before the manifest) is replaced. Anything else in `save_dir` is yours and stays, and so do
     your files inside a task folder (a `README.md` there is amended, as PEFT does). An error or interrupt while
-    writing leaves the previous set untouched and no temporary folder; a process killed (SIGKILL, a power loss)
-    during the swap leaves it part way, and the next export into `save_dir` on this host finishes it first. One
-    export into a `save_dir` at a time."""
+    writing, or while swapping (a rename that fails), leaves the previous set as it was (the swap undone) and no
+    temporary folder, and a `save_dir` (or folder above it) this export made is removed; a process killed (SIGKILL, a
+    power loss) during the swap leaves it part way, and the next export into `save_dir` on this host finishes it
+    first. One export into a `save_dir` at a time."""
     from .peft_io import export_peft_adapter
 
     model = _bare(model)
@@ -2030,33 +2031,37 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
             raise ValueError(f"{here}: is a file, not a folder; the export writes a folder of that name there. Move "
                              "the file, or export into another folder")
     made = missing_folders(save_dir)
-    make_folder(save_dir)
-    _settle_task_exports(save_dir)  # a swap killed part way: finished, before the previous set is read
-    remove_dead_leftovers(save_dir)
-    # the previous set (one that cannot be read is refused before anything is written): its folders this export does
-    # not write (tasks left out with `tasks=`, or `shared` with include_shared=False) stay in the set, untouched
-    # (a link to a folder, where you moved one, too: the swap leaves it, and what it points to, alone)
-    prev_tasks: dict = {}
-    listed = _read_task_manifest(save_dir, prev_tasks)
-    kept = [n for n in listed if n not in folders and os.path.isdir(os.path.join(save_dir, n))]
-    # a folder of the previous set that this export would fill with another adapter (task "shared"'s and the shared
-    # adapter, or two ids of one folder name, exported by different calls) is refused, as it is in one call
-    what = {n: _SHARED if include_shared and n == "shared" else ts[0] for n, ts in folders.items()}
-    held = {n: prev_tasks.get(n, _SHARED) for n in listed if n in what and os.path.isdir(os.path.join(save_dir, n))}
-    clashes = [f"{n!r} holds {_held(held[n])}, this export writes {_held(what[n])}" for n in held
-               if held[n] != what[n]]
-    if clashes:
-        raise ValueError(f"export_task_peft_adapters: a folder of the set in {save_dir} (peft_tasks.json) holds "
-                         f"another adapter than this export would write there: {'; '.join(clashes)}. Export into "
-                         "another folder, or move that folder away first")
-    tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
-    try:
+    tmp = None
+    try:  # (a failure anywhere below: no folder this export made, no temporary folder, the previous set whole)
+        make_folder(save_dir)
+        _settle_task_exports(save_dir)  # a swap killed part way: finished, before the previous set is read
+        remove_dead_leftovers(save_dir)
+        # the previous set (one that cannot be read is refused before anything is written): its folders this export
+        # does not write (tasks left out with `tasks=`, or `shared` with include_shared=False) stay in the set,
+        # untouched (a link to a folder, where you moved one, too: the swap leaves it, and what it points to, alone)
+        prev_tasks: dict = {}
+        listed = _read_task_manifest(save_dir, prev_tasks)
+        kept = [n for n in listed if n not in folders and os.path.isdir(os.path.join(save_dir, n))]
+        # a folder of the previous set that this export would fill with another adapter (task "shared"'s and the
+        # shared adapter, or two ids of one folder name, exported by different calls) is refused, as it is in one call
+        what = {n: _SHARED if include_shared and n == "shared" else ts[0] for n, ts in folders.items()}
+        held = {n: prev_tasks.get(n, _SHARED) for n in listed
+                if n in what and os.path.isdir(os.path.join(save_dir, n))}
+        clashes = [f"{n!r} holds {_held(held[n])}, this export writes {_held(what[n])}" for n in held
+                   if held[n] != what[n]]
+        if clashes:
+            raise ValueError(f"export_task_peft_adapters: a folder of the set in {save_dir} (peft_tasks.json) holds "
+                             f"another adapter than this export would write there: {'; '.join(clashes)}. Export into "
+                             "another folder, or move that folder away first")
+        tmp = tempfile.mkdtemp(prefix=temp_prefix(), dir=save_dir)
+
         def into(name):
             """The new folder of `name`: your files in its previous one first (not PEFT's own, written anew)."""
             mine, new = os.path.join(save_dir, name), os.path.join(tmp, name)
             if os.path.isdir(mine):
                 shutil.copytree(mine, new, symlinks=True, ignore=lambda d, names: [
-                    n for n in names if os.path.samefile(d, mine) and (n in _PEFT_WRITTEN or n.startswith(".tmp-"))])
+                    n for n in names
+                    if os.path.samefile(d, mine) and (n in _PEFT_WRITTEN or n.startswith(".tmp-"))])
             return new
 
         out = {}
@@ -2077,11 +2082,12 @@ def export_task_peft_adapters(model: nn.Module, save_dir: str | os.PathLike, ran
         with open(os.path.join(tmp, TASK_EXPORT_MANIFEST), "w", encoding="utf-8") as f:  # last: the set is whole
             json.dump(manifest, f, indent=2)
         fsync_tree(tmp)
+        _swap_in_task_set(save_dir, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            _undo_task_swap(save_dir, tmp, folders)
         remove_made_folders(made)  # (a folder this export made: a failed one leaves none behind)
         raise
-    _swap_in_task_set(save_dir, tmp)
     return out
 
 
@@ -2131,6 +2137,32 @@ def _swap_in_task_set(save_dir: str, tmp: str) -> None:
     fsync_dir(save_dir)
     os.replace(man_new, man)
     fsync_dir(save_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _undo_task_swap(save_dir: str, tmp: str, written) -> None:
+    """After an export failed while writing `tmp` or while `_swap_in_task_set(save_dir, tmp)` ran (a rename that
+    failed, an interrupt): put the previous set back, each new folder (of the names `written`; not those of the
+    previous set the export kept, which the swap leaves where they are) it moved in back out, each folder it moved
+    aside back in, the previous manifest last, then delete `tmp` and the `.old-` folder. Where the new manifest is in
+    place, the swap was done: those two alone go. A step of this that fails too leaves both folders as they are, for
+    the next export on this host to finish the swap once this process is gone (`_settle_task_exports`)."""
+    old = os.path.join(save_dir, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
+    man, man_new, man_old = (os.path.join(d, TASK_EXPORT_MANIFEST) for d in (save_dir, tmp, old))
+    if os.path.isdir(old) and os.path.lexists(man_new):
+        try:
+            for name in dict.fromkeys([*_read_task_manifest(old), *written]):
+                here, fresh, aside = (os.path.join(d, name) for d in (save_dir, tmp, old))
+                if name in written and not os.path.lexists(fresh) and os.path.lexists(here):
+                    os.replace(here, fresh)  # the new folder, moved in: out again
+                if os.path.lexists(aside):
+                    os.replace(aside, here)
+            if os.path.lexists(man_old):
+                os.replace(man_old, man)
+            fsync_dir(save_dir)
+        except (OSError, ValueError):
+            return
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
 

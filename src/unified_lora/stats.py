@@ -90,8 +90,11 @@ def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
     their difference is the method's); the runs of a seed the other group lacks are left out of the test
     (`left_out`, their seeds), not out of the means. Otherwise Welch: SE² = s_a²/n_a + s_b²/n_b, with the
     Welch–Satterthwaite df. Returns {"diff", "se", "df", "t", "p", "crit", "test", "n_a", "n_b", "sd_a", "sd_b",
-    "mean_a", "mean_b", "left_out"}; "test" is "paired", "Welch", or "none" (a group of one run: no standard error,
-    se/p NaN). The values must be finite."""
+    "mean_a", "mean_b", "left_out", "no_spread"}; "test" is "paired", "Welch", or "none" (a group of one run: no
+    standard error, se/p NaN). "no_spread": the differences (paired), or each group's values (Welch), are all the same
+    up to float rounding while Δ is not 0: SE 0 and t = Δ/0 undefined, so t and p are NaN, not an infinite t and p 0
+    that read as a certain difference from two seeds (a Δ of 0 with SE 0 stays t 0, p 1). The values must be
+    finite."""
     va, vb = [float(v) for v in a.values()], [float(v) for v in b.values()]
     if not va or not vb:
         raise ValueError("seed_difference: each group needs at least one run")
@@ -113,10 +116,17 @@ def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
         df = ((qa + qb) ** 2 / (qa ** 2 / (len(va) - 1) + qb ** 2 / (len(vb) - 1)) if qa + qb > 0
               else len(va) + len(vb) - 2)
     else:
-        return dict(out, diff=out["mean_a"] - out["mean_b"], se=nan, df=nan, t=nan, p=nan, crit=nan, test="none")
-    t = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+        return dict(out, diff=out["mean_a"] - out["mean_b"], se=nan, df=nan, t=nan, p=nan, crit=nan, test="none",
+                    no_spread=False)
+    # a spread at the rounding of the values is none: 0.9 − 0.8 and 0.8 − 0.7 differ in their last bits, and their SE
+    # of 6e-17 gave t = 1.6e15
+    if se <= 1e-12 * max(abs(v) for v in va + vb):
+        se = 0.0
+    if se == 0 and diff != 0:
+        return dict(out, diff=diff, se=se, df=df, t=nan, p=nan, crit=t_critical(df, level), test=test, no_spread=True)
+    t = diff / se if se > 0 else 0.0
     p = 1.0 if diff == 0 else t_p_value(t, df)
-    return dict(out, diff=diff, se=se, df=df, t=t, p=p, crit=t_critical(df, level), test=test)
+    return dict(out, diff=diff, se=se, df=df, t=t, p=p, crit=t_critical(df, level), test=test, no_spread=False)
 
 
 __all__ = ["LEVEL", "betainc", "mcnemar", "seed_difference", "t_critical", "t_p_value"]

@@ -359,12 +359,16 @@ class TrainConfig:
             raise ValueError(f"{key}: {why}") from None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, key_names: dict | None = None) -> "TrainConfig":
+        """A TrainConfig of mapping `d`. A key it lacks is a ValueError naming the key it most likely meant: a
+        `TrainingArguments` or PEFT name's (`_HF_KEY_NAMES`), one of `key_names` ({spelling: key}: `train` gives
+        its flags whose key is another name, `lrs` for --lrs: mode_lrs), else the closest key by spelling."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
             # a typo, or a flag's spelling (batch-size): name the key it most likely meant
-            close = {str(k): [_HF_KEY_NAMES[str(k).replace("-", "_")]] if str(k).replace("-", "_") in _HF_KEY_NAMES
+            names = {**_HF_KEY_NAMES, **(key_names or {})}
+            close = {str(k): [names[str(k).replace("-", "_")]] if str(k).replace("-", "_") in names
                      else difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
             hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
             raise ValueError(f"config: unknown key(s) {unknown}{f' ({hint})' if hint else ''}; valid keys are "
