@@ -186,7 +186,8 @@ def _loss_scale_record(cfg, trace: list[dict]) -> dict | None:
     """The loss signal's scale in a train run's summary (`report`'s `loss scale` line): `value`, the scale φ read the
     loss on at the run's last step (for a multi-task run, its E term's); `source`, where it came from: "calibrated"
     (`calibration_steps`, given or set for a causal LM by `_calibrate_lm_loss`: the mean loss of those first steps
-    maps to `calibration_target`, --calibration-target), "given" (`--loss-scale`, or YAML `loss_scale`, other than 1) or "default" (1).
+    maps to `calibration_target`, --calibration-target), "given" (`--loss-scale`, or YAML `loss_scale`, other than
+    1) or "default" (1).
     A calibration the run ended inside has `calibrated` False: φ was held, and `value` is the scale it started on.
     None on the composite signal, which reads no scale."""
     if cfg.signal != "loss":
@@ -853,9 +854,10 @@ def _calibrate_lm_loss(cfg, user: dict, task_type: str, say, total: int) -> None
     GPT-2 on tinyshakespeare: MIRROR from step 16 of 60 to the end, φ 0.80). A new causal-LM run on the loss
     signal, given neither --loss-scale nor --calibration-steps (flag or YAML), calibrates instead: the mean loss of
     its first `LM_CALIBRATION_STEPS` steps maps to `calibration_target` (0.5: φ ≈ 0.33; a --calibration-target given
-    alone keeps this calibration, on that target), as the README tells API users to. So does a multi-task one (several --data sets), whose signal reads the tasks' loss level as its E
-    term: on the scale of 1 that term alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2
-    on two halves of one corpus, with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
+    alone keeps this calibration, on that target), as the README tells API users to. So does a multi-task one
+    (several --data sets), whose signal reads the tasks' loss level as its E term: on the scale of 1 that term
+    alone (0.3 × 0.72 for a 2.6-nat loss) nearly filled θ0 = 0.3, and a tiny GPT-2 on two halves of one corpus,
+    with no conflict (C = 0), stayed split in MULTI for all of its 100 steps. The run
     records it, so a --resume keeps it. A run of `total` <= 20 steps ends inside the calibration (φ held, MULTI
     throughout): the line says so. A --no-controller run calibrates the same way: its φ is recorded, not acted on (it
     trains as before), and on the scale of 1 its trace sat in the MIRROR band beside a controller run's φ of 0.33."""
