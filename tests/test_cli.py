@@ -1321,6 +1321,48 @@ def test_calibration_target_is_a_train_flag_recorded_and_checked_as_the_yaml_key
         "on)"]
 
 
+def test_a_calibration_target_no_calibration_reads_is_said_to_be_unread(tiny, tmp_path, capsys):
+    """--calibration-target (or YAML calibration_target) given to a run that does not calibrate (a classifier with no
+    --calibration-steps, or a --loss-scale given) was ignored without a word: a note says so, once, naming why; a
+    causal LM, which calibrates of its own, reads it and gets none; neither does a run that calibrates."""
+    def note(out: str, *argv: str, model: str = "bert", data: str | None = None) -> list[str]:
+        capsys.readouterr()
+        args = ["train", "--model", tiny[model], "--data", data or tiny["csv"], "--steps", "2", "--batch-size", "8",
+                "--max-length", "16", "--log-every", "0", "--output-dir", str(tmp_path / out), *argv]
+        assert main(args) == 0
+        return [x for x in capsys.readouterr().err.splitlines() if "calibration" in x]
+
+    assert note("a", "--calibration-target", "2") == [
+        "unified-lora: note: --calibration-target 2 is not read: this run does not calibrate its loss scale (it has "
+        "no --calibration-steps); give --calibration-steps N to set the scale from the mean loss of its first N "
+        "steps"]
+    assert note("b", "--calibration-target", "2", "--loss-scale", "3") == [
+        "unified-lora: note: --calibration-target 2 is not read: this run does not calibrate its loss scale "
+        "(--loss-scale sets the scale); give --calibration-steps N to set the scale from the mean loss of its first "
+        "N steps"]
+    yaml = _write(tmp_path / "c.yaml", "calibration_target: 1.5\n")
+    assert note("c", "--config", str(yaml)) == [
+        "unified-lora: note: calibration_target 1.5 (--config) is not read: this run does not calibrate its loss "
+        "scale (it has no --calibration-steps); give --calibration-steps N to set the scale from the mean loss of its "
+        "first N steps"]
+    assert note("d", "--calibration-target", "2", "--calibration-steps", "2") == []
+    assert note("d0", "--calibration-target", "2", "--calibration-steps", "0")[0].endswith(
+        "does not calibrate its loss scale (--calibration-steps 0); give --calibration-steps N to set the scale from "
+        "the mean loss of its first N steps")
+    # the demo: its own calibration (20 steps, target 2.2) is off where --loss-scale is given
+    capsys.readouterr()
+    assert main([*_demo_args(tiny, tmp_path / "demo"), "--loss-scale", "3", "--calibration-target", "2"]) == 0
+    assert [x for x in capsys.readouterr().err.splitlines() if "calibration" in x] == [
+        "unified-lora: note: --calibration-target 2 is not read: this run does not calibrate its loss scale "
+        "(--loss-scale sets the scale); give --calibration-steps N to set the scale from the mean loss of its first "
+        "N steps"]
+    _corpus(tmp_path / "corpus.txt")
+    assert note("e", "--calibration-target", "2", model="gpt2", data=str(tmp_path / "corpus.txt")) == []
+    trace = read_trace(tmp_path / "e" / "trace.jsonl")
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["loss_scale"]["target"] == 2.0
+    assert trace[-1]["components"]["loss_scale"] == 1.0  # (2 steps: still inside its 20-step calibration)
+
+
 def test_a_shock_inside_the_loss_signals_calibration_is_said_to_be_read_into_its_scale(tiny, tmp_path, capsys):
     """A causal LM's run calibrates on its first 20 steps by itself; a shock starting inside them was read into the
     scale without a word (a tiny GPT-2 shocked on steps [10, 30): its scale about doubled, φ held through the shock,

@@ -616,6 +616,10 @@ def cmd_demo(args) -> int:
                       warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
                       lr_scheduler_kwargs=args.lr_scheduler_kwargs)
     schedule = lr_schedule(cfg, cfg.steps)  # (a warm-up longer than the run: refused before anything loads)
+    _note_calibration_target_unread(cfg, {k: v for k, v in (("calibration_target", args.calibration_target),
+                                                             ("loss_scale", args.loss_scale),
+                                                             ("calibration_steps", args.calibration_steps))
+                                           if v is not None}, True)
     device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
     check_precision(device, cfg.precision)
     if cfg.threads:  # checked first: torch.set_num_threads(-1) was an internal error (RuntimeError, exit 1)
@@ -927,6 +931,24 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
           "absolute to train each mode at its --lrs", file=sys.stderr)
 
 
+def _note_calibration_target_unread(cfg, user: dict, flag: bool) -> None:
+    """A one-line note on stderr (process 0 alone) where `--calibration-target` (`flag`) or YAML `calibration_target`
+    is given to a new run on the loss signal that does not calibrate (no --calibration-steps, or --loss-scale given;
+    a causal LM calibrates of its own, `_calibrate_lm_loss`): the target is read by nothing. `user`: the settings
+    given (train's flags and YAML keys; the demo's flags). A note, as for --lrs in
+    multiplier mode: the run is otherwise what was asked. (The composite signal refuses it: it reads no scale.)"""
+    from .training import process_rank
+
+    if "calibration_target" not in user or cfg.signal != "loss" or cfg.calibration_steps or process_rank() != 0:
+        return
+    given = f"--calibration-target {cfg.calibration_target:g}" if flag else \
+        f"calibration_target {cfg.calibration_target:g} (--config)"
+    why = ("--loss-scale sets the scale" if "loss_scale" in user else
+           "--calibration-steps 0" if "calibration_steps" in user else "it has no --calibration-steps")
+    print(f"{PROG}: note: {given} is not read: this run does not calibrate its loss scale ({why}); give "
+          "--calibration-steps N to set the scale from the mean loss of its first N steps", file=sys.stderr)
+
+
 # TrainConfig fields only the controller reads: without it (`controller` False) `machine_config` pins MULTI and drops
 # the thresholds, dwell and warm-up; the signal's φ is still recorded but drives nothing; with no transition there is
 # no Mirror, and in multi-task mode no merge and so no split after one (`resplit_window`)
@@ -1221,6 +1243,7 @@ def _train(args, held: dict) -> int:
     total = cfg.steps or cfg.epochs * per_epoch
     if ckpt is None:
         _calibrate_lm_loss(cfg, user, task_type, say, total)
+        _note_calibration_target_unread(cfg, user, args.calibration_target is not None)
         _note_shock_in_calibration(cfg, say)
     if cfg.has_shock and cfg.shock_end > total:  # (with --steps TrainConfig checks it; with epochs only now)
         raise UsageError(f"shock_end: must be <= the run's {total} steps ({cfg.epochs} epoch(s) of {per_epoch}), got "
