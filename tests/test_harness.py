@@ -256,6 +256,18 @@ def test_pairing_by_seed_makes_a_consistent_small_difference_significant():
     assert rep._delta(_cellruns([1.0, 2.0, 3.0]), _cellruns([1.10, 2.10, 3.12]), _acc)[2] == "worse"
 
 
+def test_differences_with_no_spread_get_no_verdict_not_an_infinite_t():
+    """Per-seed differences all the same (0.1 on two seeds; up to float rounding: 0.9 − 0.8 and 0.8 − 0.7 differ in
+    their last bits) have SE 0: t = Δ/0 read as p 0, "better", from two seeds. No verdict now, and no p (left out of
+    the table's count of tests), as `unified_lora.stats.seed_difference` (compare) does; Δ 0 stays "equal"."""
+    rep = load_benchmark("quality/report.py")
+    for a, b in (([0.9, 0.8], [0.8, 0.7]), ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])):
+        d = rep._delta(_cellruns(a), _cellruns(b), _acc)
+        assert d[2] == "no spread: no verdict" and d[1] == 0 and d.p != d.p, d
+        assert d[0] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    assert rep._delta(_cellruns([0.5, 0.6]), _cellruns([0.5, 0.6]), _acc)[2].startswith("equal")
+
+
 def test_only_seeds_present_in_both_cells_pair_and_they_pair_by_seed_not_by_position():
     rep = load_benchmark("quality/report.py")
     a = _cellruns([3, 4, 5])

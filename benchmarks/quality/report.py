@@ -297,7 +297,11 @@ def _delta(a, b, key):
         se = (va + vb) ** 0.5
         df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else na + nb - 2
     crit = _t_crit(df)
-    p = 1.0 if d == 0 else 0.0 if se == 0 else _t_p(d / se, df)
+    # no spread (the per-seed differences, or each cell's values, the same up to float rounding) and Δ ≠ 0: t = Δ/0 is
+    # no test, as in `unified_lora.stats.seed_difference` (it read as p 0, "better", from two seeds)
+    if d != 0 and se <= 1e-12 * max(abs(key(r)) for r in [*a, *b]):
+        return Delta(d, 0.0, "no spread: no verdict", test, df, crit, float("nan"))
+    p = 1.0 if d == 0 else _t_p(d / se, df)
     return Delta(d, se, _verdict(d, se, crit), test, df, crit, p)
 
 
