@@ -138,17 +138,38 @@ def test_two_processes_train_to_the_weights_and_decisions_of_one_process_on_both
     assert console.count("new best dev ") == (one / "console.txt").read_text().count("new best dev ") >= 1
 
 
+def _worker(tmp_path: Path) -> str:
+    """A script that is the CLI itself under torchrun and, around it, writes to `tmp_path` its pid (`pid-RANK`, to be
+    signalled) and, once `main` has returned, the names of the process's threads (`threads-RANK`, read by
+    `_gloo_threads`; Linux's /proc names them: elsewhere none is written)."""
+    child = tmp_path / "worker.py"
+    child.write_text("import os, sys\n"
+                     "from unified_lora.cli import main\n"
+                     f"at = {str(tmp_path)!r}\n"
+                     "open(os.path.join(at, 'pid-' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                     "code = main(sys.argv[1:])\n"
+                     "tasks = os.listdir('/proc/self/task') if os.path.isdir('/proc/self/task') else []\n"
+                     "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in tasks]\n"
+                     "open(os.path.join(at, 'threads-' + os.environ['RANK']), 'w').write('\\n'.join(names))\n"
+                     "sys.exit(code)\n")
+    return str(child)
+
+
+def _gloo_threads(tmp_path: Path) -> dict[int, list[str]]:
+    """Each process's threads of gloo's (`gloo_tcp_loop`, `pt_gloo_runloop`) still running once `main` returned
+    (`_worker`). `cmd_train` has destroyed the process group by then, which joins them: one left running runs on into
+    the interpreter's shutdown, where a gloo thread that takes the GIL aborts the process ("terminate called without
+    an active exception", SIGABRT: its exit code is not the run's)."""
+    return {r: [n for n in (tmp_path / f"threads-{r}").read_text().split("\n") if "gloo" in n] for r in (0, 1)}
+
+
 def _sigterm_process_1(tmp_path: Path, out: Path, *args: str, after: int = 3) -> list[str]:
     """`train *args --output-dir out` under torchrun (2 processes), SIGTERM to process 1's pid once the trace has
     `after` steps: both processes must stop at one step, exit 143 and leave one step-N checkpoint, the console
-    saying how to resume. Its checkpoints' step-N names."""
-    child, log = tmp_path / "worker.py", tmp_path / "torchrun.txt"
-    # each process writes its pid (to be signalled), then is the CLI itself
-    child.write_text("import os, sys\n"
-                     "from unified_lora.cli import main\n"
-                     f"open(os.path.join({str(tmp_path)!r}, 'pid-' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
-                     "sys.exit(main(sys.argv[1:]))\n")
-    p, f = _torchrun("train", *args, "--output-dir", str(out), entry=(str(child),), wait=False, log=log)
+    saying how to resume, and no thread of gloo's left running as they exit (`_gloo_threads`). Its checkpoints'
+    step-N names."""
+    log = tmp_path / "torchrun.txt"
+    p, f = _torchrun("train", *args, "--output-dir", str(out), entry=(_worker(tmp_path),), wait=False, log=log)
     try:
         trace, deadline = out / "trace.jsonl", time.monotonic() + 240
         while not (trace.is_file() and trace.read_text().count("\n") >= after) and p.poll() is None:
@@ -166,6 +187,7 @@ def _sigterm_process_1(tmp_path: Path, out: Path, *args: str, after: int = 3) ->
     # is torchrun's own ChildFailedError, which reports that
     assert text.count("exitcode  : 143") == 2 and text.count("Traceback") == 1, text[-3000:]
     assert "ChildFailedError" in text and "unified-lora: error" not in text
+    assert _gloo_threads(tmp_path) == {0: [], 1: []}
     console = (out / "console.txt").read_text()
     assert "SIGTERM on another process: saving a resumable checkpoint" in console
     resume = f"continue with: torchrun --nproc-per-node 2 $(which unified-lora) train --output-dir {out} --resume"
@@ -206,6 +228,19 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_bit_f
     assert [x["step"] for x in b] == list(range(16)) and b == a
     assert {x["mode"] for x in a} != {a[0]["mode"]}
     assert _same(_ckpt_state(out / "checkpoints" / "epoch-2"), _ckpt_state(straight / "checkpoints" / "epoch-2"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="the threads' names are read from Linux's /proc")
+def test_each_process_has_stopped_gloo_threads_when_train_returns(tiny, tmp_path):
+    """Under torchrun `cmd_train` destroys the process group before it returns, and with it gloo's threads: none may
+    run on into the interpreter's shutdown (`_gloo_threads`). The group outlived destroy_process_group() once
+    `torch.distributed.nn.functional` was imported after it was built (DDP's constructor imports it, through
+    torch._dynamo): 10 of its functions' defaults, `group=group.WORLD`, held it, and its 3 threads ran on; one of the 2
+    processes of the SIGTERM test aborted at exit so, once, on a busy machine. `init_distributed` imports it first."""
+    p = _torchrun(*_train_args(tiny, tmp_path / "run", "--steps", "2", "--batch-size", "4", "--threads", "1"),
+                  entry=(_worker(tmp_path),))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _gloo_threads(tmp_path) == {0: [], 1: []}
 
 
 def test_a_checkpoint_process_0_cannot_write_stops_every_process_with_its_one_line_error(tiny, tmp_path):

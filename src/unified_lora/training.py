@@ -675,6 +675,12 @@ def init_distributed(spec: str) -> torch.device:
     mps) is a UsageError, before the process group is built."""
     import torch.distributed as dist
 
+    # imported before the group exists: its 10 functions take `group=group.WORLD` as a default, evaluated at import,
+    # so imported later (DDP's constructor imports torch._dynamo, which imports it) they hold the group for good, and
+    # destroy_process_group() leaves it and gloo's threads running into the interpreter's shutdown, where a gloo
+    # thread that takes the GIL aborts the process ("terminate called without an active exception", SIGABRT)
+    import torch.distributed.nn.functional  # noqa: F401
+
     dev = resolve_device(spec)
     if dev.type == "mps":
         raise UsageError(f"--device {spec}: several processes (torchrun) train on cuda or cpu only; pass --device "
