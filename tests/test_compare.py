@@ -53,6 +53,25 @@ def test_differences_with_no_spread_get_no_t_test_not_an_infinite_t():
     assert not spread["no_spread"] and spread["t"] == pytest.approx(0.075 / 0.025)
 
 
+
+def test_a_difference_at_float_rounding_with_no_spread_is_no_difference_not_untested():
+    """(found by the review) Runs that scored the same but for the last bits of a float (a multi-task run's `average`
+    of three tasks summed in another order: 0.1 + 0.2 + 0.3 against 0.3 + 0.2 + 0.1) had a spread at that rounding, read
+    as none, beside a Δ of 3e-17 that was not 0: "no test: no spread", where before the no-spread rule it was "no
+    difference beyond the noise". A Δ at the values' rounding, with no spread, is no difference: Δ 0, t 0, p 1."""
+    from unified_lora.compare import _verdict
+
+    up, down = sum([0.1, 0.2, 0.3]) / 3, sum([0.3, 0.2, 0.1]) / 3
+    assert up != down  # (the same scores, summed in another order)
+    for a, b, test in (({0: up, 1: 0.5}, {0: down, 1: 0.5}, "paired"),
+                       ({0: 0.1 + 0.2, 1: 0.1 + 0.2}, {2: 0.3, 3: 0.3}, "Welch")):
+        d = seed_difference(a, b)
+        assert d["test"] == test and not d["no_spread"], d
+        assert (d["diff"], d["se"], d["t"], d["p"]) == (0, 0, 0, 1), d
+        assert _verdict(d, False) == "no difference"
+    # a Δ beyond the rounding, with no spread, is still untested
+    assert seed_difference({0: 0.3, 1: 0.5}, {0: 0.3 - 1e-9, 1: 0.5 - 1e-9})["no_spread"]
+
 def _runs(tiny, root, name, seeds, *extra):
     out = []
     for s in seeds:
