@@ -12,6 +12,7 @@ import test_cli
 from test_cli import _train_args
 
 from unified_lora.cli import main
+from unified_lora.compare import compare_runs
 from unified_lora.stats import seed_difference
 
 tiny = test_cli.tiny  # the tiny BERT and data files of test_cli.py (a module-scoped fixture)
@@ -246,6 +247,13 @@ def test_compare_of_causal_lm_runs_reads_loss_and_perplexity_as_lower_is_better(
     assert loss["verdict"] in ("A better", "no difference beyond the noise")
     assert "Verdict on loss (lower is better)" in text and "\nloss (lower is better) " in text
     assert "majority class" not in text.split("Verdict")[1]  # a causal LM has none
+    # (found by the review) one run a side at best: a causal LM's dev rows are not tested at any evaluation (no row
+    # test of a loss), so the report does not say that it is for want of the best evaluation's predictions
+    assert main(["compare", str(trained[0]), "--vs", str(frozen[0]), "--at", "best", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Verdict on loss: no test. With one run on a side" in text and "optimistic" in text
+    assert "records its predictions at its final evaluation only" not in text, text
+    assert json.loads(out.read_text())["rows_at_final_only"] is False
 
 
 def test_compare_of_multitask_runs_reads_each_tasks_metrics_and_their_average(tiny, tmp_path, capsys):
@@ -529,6 +537,7 @@ def test_compare_at_best_reads_each_runs_best_evaluation_and_says_it_is_optimist
     assert main(["compare", str(stops[i]), "--vs", str(groups["frozen"][i]), "--at", "best"]) == 0
     text = capsys.readouterr().out
     assert "Verdict on accuracy: no test" in text and "records its predictions at its final evaluation only" in text
+    assert compare_runs([stops[i]], [groups["frozen"][i]], at="best")["rows_at_final_only"]
 
 
 def test_compare_at_best_refuses_groups_whose_best_another_metric_ranked(groups, tiny, capsys):
