@@ -1319,6 +1319,11 @@ def test_calibration_target_is_a_train_flag_recorded_and_checked_as_the_yaml_key
         "(--no-controller), which trains plain LoRA at the MULTI rank and LR throughout; drop them, or train with the "
         "controller (--calibration-steps, --calibration-target only set the φ its trace records, which nothing acts "
         "on)"]
+    # (found by the review) without --calibration-steps no calibration reads the target, not even for the φ recorded:
+    # the note said it "only sets the φ its trace records", beside train's next note that it is read by nothing
+    assert _config_notes(capsys, tmp_path, "--no-controller", "--calibration-target", "2") == [
+        "unified-lora: note: --calibration-target 2 is not read without the controller (--no-controller), which "
+        "trains plain LoRA at the MULTI rank and LR throughout; drop it, or train with the controller"]
 
 
 def test_a_calibration_target_no_calibration_reads_is_said_to_be_unread(tiny, tmp_path, capsys):
