@@ -1319,6 +1319,11 @@ def test_calibration_target_is_a_train_flag_recorded_and_checked_as_the_yaml_key
         "(--no-controller), which trains plain LoRA at the MULTI rank and LR throughout; drop them, or train with the "
         "controller (--calibration-steps, --calibration-target only set the φ its trace records, which nothing acts "
         "on)"]
+    # (found by the review) without --calibration-steps no calibration reads the target, not even for the φ recorded:
+    # the note said it "only sets the φ its trace records", beside train's next note that it is read by nothing
+    assert _config_notes(capsys, tmp_path, "--no-controller", "--calibration-target", "2") == [
+        "unified-lora: note: --calibration-target 2 is not read without the controller (--no-controller), which "
+        "trains plain LoRA at the MULTI rank and LR throughout; drop it, or train with the controller"]
 
 
 def test_a_calibration_target_no_calibration_reads_is_said_to_be_unread(tiny, tmp_path, capsys):
@@ -2427,6 +2432,10 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
     ("flag_spelling_in_config", "unknown key(s) ['batch-size'] ('batch-size': did you mean 'batch_size'?)"),
     # a flag whose key is another name (--lrs sets mode_lrs): the hint was the nearest key by spelling, 'lr'
     ("flag_dest_in_config", "unknown key(s) ['lrs'] ('lrs': did you mean 'mode_lrs'?)"),
+    # (found by the review) --no-controller's key is controller, the other way round: told 'controller' by spelling,
+    # `no_controller: true` was written `controller: true`, the controller on
+    ("negated_flag_in_config", "unknown key(s) ['no-controller'] ('no-controller': did you mean 'controller: "
+                               "false'?)"),
     ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
@@ -2559,6 +2568,7 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "flag_spelling_in_config": ["train", "--config", str(_write(tmp_path / "c3.yaml", "batch-size: 8\n"))],
         "flag_dest_in_config": ["train", "--config", str(_write(tmp_path / "lrs.yaml",
                                                                 "lrs: [1.0e-3, 1.0e-3, 1.0e-3]\n"))],
+        "negated_flag_in_config": ["train", "--config", str(_write(tmp_path / "noctl.yaml", "no-controller: true\n"))],
         "number_key_in_config": ["train", "--config", str(_write(tmp_path / "c4.yaml", "foo: 1\n5: 2\n"))],
         "null_output_dir_on_resume": ["train", "--resume", "--config", str(_write(tmp_path / "c5.yaml",
                                                                                    "output_dir: null\n"))],

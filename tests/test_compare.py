@@ -12,6 +12,7 @@ import test_cli
 from test_cli import _train_args
 
 from unified_lora.cli import main
+from unified_lora.compare import compare_runs
 from unified_lora.stats import seed_difference
 
 tiny = test_cli.tiny  # the tiny BERT and data files of test_cli.py (a module-scoped fixture)
@@ -52,6 +53,25 @@ def test_differences_with_no_spread_get_no_t_test_not_an_infinite_t():
     spread = seed_difference({0: 0.9, 1: 0.8}, {0: 0.8, 1: 0.75})  # a real spread is tested as before
     assert not spread["no_spread"] and spread["t"] == pytest.approx(0.075 / 0.025)
 
+
+
+def test_a_difference_at_float_rounding_with_no_spread_is_no_difference_not_untested():
+    """(found by the review) Runs that scored the same but for the last bits of a float (a multi-task run's `average`
+    of three tasks summed in another order: 0.1 + 0.2 + 0.3 against 0.3 + 0.2 + 0.1) had a spread at that rounding, read
+    as none, beside a Δ of 3e-17 that was not 0: "no test: no spread", where before the no-spread rule it was "no
+    difference beyond the noise". A Δ at the values' rounding, with no spread, is no difference: Δ 0, t 0, p 1."""
+    from unified_lora.compare import _verdict
+
+    up, down = sum([0.1, 0.2, 0.3]) / 3, sum([0.3, 0.2, 0.1]) / 3
+    assert up != down  # (the same scores, summed in another order)
+    for a, b, test in (({0: up, 1: 0.5}, {0: down, 1: 0.5}, "paired"),
+                       ({0: 0.1 + 0.2, 1: 0.1 + 0.2}, {2: 0.3, 3: 0.3}, "Welch")):
+        d = seed_difference(a, b)
+        assert d["test"] == test and not d["no_spread"], d
+        assert (d["diff"], d["se"], d["t"], d["p"]) == (0, 0, 0, 1), d
+        assert _verdict(d, False) == "no difference"
+    # a Δ beyond the rounding, with no spread, is still untested
+    assert seed_difference({0: 0.3, 1: 0.5}, {0: 0.3 - 1e-9, 1: 0.5 - 1e-9})["no_spread"]
 
 def _runs(tiny, root, name, seeds, *extra):
     out = []
@@ -227,6 +247,13 @@ def test_compare_of_causal_lm_runs_reads_loss_and_perplexity_as_lower_is_better(
     assert loss["verdict"] in ("A better", "no difference beyond the noise")
     assert "Verdict on loss (lower is better)" in text and "\nloss (lower is better) " in text
     assert "majority class" not in text.split("Verdict")[1]  # a causal LM has none
+    # (found by the review) one run a side at best: a causal LM's dev rows are not tested at any evaluation (no row
+    # test of a loss), so the report does not say that it is for want of the best evaluation's predictions
+    assert main(["compare", str(trained[0]), "--vs", str(frozen[0]), "--at", "best", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Verdict on loss: no test. With one run on a side" in text and "optimistic" in text
+    assert "records its predictions at its final evaluation only" not in text, text
+    assert json.loads(out.read_text())["rows_at_final_only"] is False
 
 
 def test_compare_of_multitask_runs_reads_each_tasks_metrics_and_their_average(tiny, tmp_path, capsys):
@@ -510,6 +537,7 @@ def test_compare_at_best_reads_each_runs_best_evaluation_and_says_it_is_optimist
     assert main(["compare", str(stops[i]), "--vs", str(groups["frozen"][i]), "--at", "best"]) == 0
     text = capsys.readouterr().out
     assert "Verdict on accuracy: no test" in text and "records its predictions at its final evaluation only" in text
+    assert compare_runs([stops[i]], [groups["frozen"][i]], at="best")["rows_at_final_only"]
 
 
 def test_compare_at_best_refuses_groups_whose_best_another_metric_ranked(groups, tiny, capsys):

@@ -268,6 +268,18 @@ def test_differences_with_no_spread_get_no_verdict_not_an_infinite_t():
     assert rep._delta(_cellruns([0.5, 0.6]), _cellruns([0.5, 0.6]), _acc)[2].startswith("equal")
 
 
+
+def test_a_difference_at_float_rounding_with_no_spread_is_equal_not_without_a_verdict():
+    """(found by the review) Cells that scored the same but for a float's last bits (0.1 + 0.2 against 0.3) read as
+    "no spread: no verdict" beside a Δ of 6e-17: they are equal (Δ 0, p 1), as `unified_lora.stats.seed_difference`
+    says too; a Δ beyond the rounding with no spread still gets no verdict."""
+    rep = load_benchmark("quality/report.py")
+    for a, b, sb, test in (([0.1 + 0.2, 0.5], [0.3, 0.5], None, "paired"),
+                           ([0.1 + 0.2, 0.1 + 0.2], [0.3, 0.3], [2, 3], "Welch")):
+        d = rep._delta(_cellruns(a), _cellruns(b, sb), _acc)
+        assert d[2].startswith("equal") and d[0] == 0 and d.p == 1 and d.test == test, d
+    assert rep._delta(_cellruns([0.3, 0.5]), _cellruns([0.3 - 1e-9, 0.5 - 1e-9]), _acc)[2] == "no spread: no verdict"
+
 def test_only_seeds_present_in_both_cells_pair_and_they_pair_by_seed_not_by_position():
     rep = load_benchmark("quality/report.py")
     a = _cellruns([3, 4, 5])

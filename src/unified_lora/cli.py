@@ -761,8 +761,9 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
     "lrs": "mode_lrs",
 }
 # the flags whose TrainConfig field is another name: a YAML key spelt as the flag (`lrs:`) is told the key it sets
-# (`mode_lrs`), not the nearest key by spelling (`lr`)
-_FLAG_KEY_NAMES = {k: f for k, f in _TRAIN_FLAGS.items() if k != f}
+# (`mode_lrs`), not the nearest key by spelling (`lr`); `--no-controller`'s is `controller: false` (told `controller`
+# by spelling, `no_controller: true` became `controller: true`, the opposite)
+_FLAG_KEY_NAMES = {**{k: f for k, f in _TRAIN_FLAGS.items() if k != f}, "no_controller": "controller: false"}
 
 
 def _check_output_dir(out) -> str:
@@ -984,9 +985,12 @@ def _note_controller_unread(cfg, flags: dict) -> None:
         return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
 
     it = "it" if len(given) == 1 else "them"
-    # (the signal's flags do set the φ such a run records in its trace, read by nothing: say so, or the two disagree)
+    # (the signal's flags do set the φ such a run records in its trace, read by nothing: say so, or the two disagree;
+    # the calibration target only where a calibration reads it: without --calibration-steps a classifier's is read by
+    # nothing at all, as `_note_calibration_target_unread` says next)
     recorded = [f"--{k.replace('_', '-')}" for k in ("signal", "loss_scale", "calibration_steps",
-                                                             "calibration_target") if k in given]
+                                                     "calibration_target")
+                if k in given and (k != "calibration_target" or cfg.calibration_steps)]
     also = (f" ({', '.join(recorded)} only set{'s' if len(recorded) == 1 else ''} the φ its trace records, which "
             "nothing acts on)") if recorded else ""
     print(f"{PROG}: note: {', '.join(map(flag, given))} {'is' if len(given) == 1 else 'are'} not read without the "

@@ -131,7 +131,9 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL, at: str = "final") -> dic
     best one as its --metric-for-best ranked it (picked on the same dev rows: optimistic, and the report says so).
     Returns {"a", "b" (each: runs, seeds, label, points), "differ" ({setting: (a's, b's)}), "budget_differs",
     "metrics" ([{"metric", "lower_is_better", "a", "b", "majority", ...`seed_difference`, "verdict"}], the primary
-    metric first), "primary", "cost" ({"a", "b"}: mean wall s, mean rank, steps per mode), "level", "at"}. Raises
+    metric first), "primary", "cost" ({"a", "b"}: mean wall s, mean rank, steps per mode), "level", "at",
+    "rows_at_final_only" (one run a side at best: the primary metric's dev rows, tested at the runs' final
+    evaluations, are not at a best one)}. Raises
     CompareError for runs that do not compare (unfinished, another command, other data, a group that mixes settings
     or repeats a seed; at best, groups whose best evaluations another metric ranked)."""
     from .training import lower_is_better
@@ -181,7 +183,8 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL, at: str = "final") -> dic
     same_rows = _fixed_dev(ca) or _seed(a[0]) == _seed(b[0])  # (a --dev-fraction split: by seed)
     # (the recorded predictions are the final evaluation's: at best, only where that is the best one in both runs)
     finals = at == "final" or all(_point(r, at) == _point(r) for r in (a[0], b[0]))
-    rows = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows and finals else None
+    recorded = _rows(a[0], b[0]) if len(a) == len(b) == 1 and same_rows else None
+    rows = recorded if finals else None
     metrics = []
     sa, sb = [_seed(r) for r in a], [_seed(r) for r in b]
     for m in order:
@@ -195,7 +198,9 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL, at: str = "final") -> dic
                             verdict=_verdict(d, lower)))
     return {"a": _group(a, at), "b": _group(b, at), "differ": differ, "budget_differs": [k for k in BUDGET if k in differ],
             "metrics": metrics, "primary": primary, "primary_why": why, "level": level,
-            "cost": {"a": _cost(a), "b": _cost(b)}, "at": at}
+            "cost": {"a": _cost(a), "b": _cost(b)}, "at": at,
+            # the primary metric's row test, which the runs' final evaluations would have had and their best has not
+            "rows_at_final_only": recorded is not None and not finals and primary in ROW_TESTED}
 
 
 def _fixed_dev(cfg: dict) -> bool:
@@ -218,6 +223,9 @@ def _rows(a: dict, b: dict):
     if labels is None or pa is None or pb is None or b.get("dev_labels") != a.get("dev_labels"):
         return None
     return pa, pb, labels
+
+
+ROW_TESTED = ("accuracy", "f1", "macro_f1")  # the metrics `_row_test` tests on the dev rows
 
 
 def _row_test(d: dict, metric: str, pa: list, pb: list, labels: list) -> dict:
@@ -431,8 +439,10 @@ def _reading(res: dict) -> list[str]:
         out.append("Paired on the seeds both groups ran: " + "; ".join(
             f"{g}'s {seeds(k)} in its mean, not in the test" for g, k in (("A", "a"), ("B", "b")) if left.get(k)) + ".")
     if res.get("at") == "best":
-        rows = ("" if len(res["a"]["runs"]) > 1 or len(res["b"]["runs"]) > 1 or m["test"] != "none" else
-                " The dev rows are not tested: a run records its predictions at its final evaluation only.")
+        # (said only where the final evaluations' rows would have been tested: not for a causal LM, a metric with no
+        # row test (MCC) or runs scored on other dev rows, which are not tested at their final evaluation either)
+        rows = (" The dev rows are not tested: a run records its predictions at its final evaluation only."
+                if res.get("rows_at_final_only") else "")
         out.append("Each run's best evaluation was picked on these same dev rows, so both groups' scores are "
                    "optimistic, the more so the more a run's evaluations vary: the final evaluation (without --at "
                    f"best) carries no such selection.{rows}")

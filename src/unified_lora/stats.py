@@ -93,8 +93,8 @@ def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
     "mean_a", "mean_b", "left_out", "no_spread"}; "test" is "paired", "Welch", or "none" (a group of one run: no
     standard error, se/p NaN). "no_spread": the differences (paired), or each group's values (Welch), are all the same
     up to float rounding while Δ is not 0: SE 0 and t = Δ/0 undefined, so t and p are NaN, not an infinite t and p 0
-    that read as a certain difference from two seeds (a Δ of 0 with SE 0 stays t 0, p 1). The values must be
-    finite."""
+    that read as a certain difference from two seeds (a Δ of 0 with SE 0, or one at float rounding, is t 0, p 1,
+    `diff` 0). The values must be finite."""
     va, vb = [float(v) for v in a.values()], [float(v) for v in b.values()]
     if not va or not vb:
         raise ValueError("seed_difference: each group needs at least one run")
@@ -119,9 +119,13 @@ def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
         return dict(out, diff=out["mean_a"] - out["mean_b"], se=nan, df=nan, t=nan, p=nan, crit=nan, test="none",
                     no_spread=False)
     # a spread at the rounding of the values is none: 0.9 − 0.8 and 0.8 − 0.7 differ in their last bits, and their SE
-    # of 6e-17 gave t = 1.6e15
-    if se <= 1e-12 * max(abs(v) for v in va + vb):
+    # of 6e-17 gave t = 1.6e15; so is a Δ at that rounding beside it (0.1 + 0.2 against 0.3: 6e-17, which read as
+    # "no spread" where the runs scored the same)
+    rounding = 1e-12 * max(abs(v) for v in va + vb)
+    if se <= rounding:
         se = 0.0
+        if abs(diff) <= rounding:
+            diff = 0.0
     if se == 0 and diff != 0:
         return dict(out, diff=diff, se=se, df=df, t=nan, p=nan, crit=t_critical(df, level), test=test, no_spread=True)
     t = diff / se if se > 0 else 0.0

@@ -362,7 +362,8 @@ class TrainConfig:
     def from_dict(cls, d: dict, key_names: dict | None = None) -> "TrainConfig":
         """A TrainConfig of mapping `d`. A key it lacks is a ValueError naming the key it most likely meant: a
         `TrainingArguments` or PEFT name's (`_HF_KEY_NAMES`), one of `key_names` ({spelling: key}: `train` gives
-        its flags whose key is another name, `lrs` for --lrs: mode_lrs), else the closest key by spelling."""
+        its flags whose key is another name, `lrs` for --lrs: mode_lrs, `no_controller`: `controller: false`), else
+        the closest key by spelling."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
