@@ -2436,6 +2436,10 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
     # `no_controller: true` was written `controller: true`, the controller on
     ("negated_flag_in_config", "unknown key(s) ['no-controller'] ('no-controller': did you mean 'controller: "
                                "false'?)"),
+    # (found by the review) a flag with no config key: `trust_checkpoint:` was told 'peft_every_checkpoint' by spelling
+    ("flag_only_in_config", "unknown key(s) ['resume', 'trust_checkpoint'] ('resume' is a command-line flag "
+                            "(--resume), not a config key; 'trust_checkpoint' is a command-line flag "
+                            "(--trust-checkpoint), not a config key)"),
     ("number_key_in_config", "unknown key(s) [5, 'foo']"),  # sorting int and str keys: a TypeError, exit 1
     ("null_output_dir_on_resume", "output_dir: must be a string, got None (NoneType)"),  # Path(None): exit 1
     ("config_not_utf8", "c8.yaml: not UTF-8 text (invalid continuation byte at byte 14); save it as UTF-8"),
@@ -2569,6 +2573,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "flag_dest_in_config": ["train", "--config", str(_write(tmp_path / "lrs.yaml",
                                                                 "lrs: [1.0e-3, 1.0e-3, 1.0e-3]\n"))],
         "negated_flag_in_config": ["train", "--config", str(_write(tmp_path / "noctl.yaml", "no-controller: true\n"))],
+        "flag_only_in_config": ["train", "--config", str(_write(tmp_path / "fo.yaml",
+                                                                "trust_checkpoint: true\nresume: true\n"))],
         "number_key_in_config": ["train", "--config", str(_write(tmp_path / "c4.yaml", "foo: 1\n5: 2\n"))],
         "null_output_dir_on_resume": ["train", "--resume", "--config", str(_write(tmp_path / "c5.yaml",
                                                                                    "output_dir: null\n"))],

@@ -300,6 +300,30 @@ def test_a_run_whose_final_dev_metric_is_not_finite_is_refused_in_one_line_namin
     assert f"{bad}: its final dev accuracy is nan (a diverged run or evaluation)" in err and err.count("\n") == 1, err
 
 
+def test_at_best_a_run_with_no_finite_score_is_told_it_diverged_not_that_it_is_old(groups, tmp_path, capsys):
+    """(found by the review) `--at best` on a run none of whose evaluations scored a number (so it has no best) said
+    "a run saved before the best was"; and a NaN at the best evaluation was called the "final" one."""
+    def diverged(s):
+        for e in s["arms"]["run"]["eval"].values():
+            e["accuracy"] = float("nan")
+        s["best"] = None
+
+    bad = _edited(groups["frozen"][0], tmp_path / "bad", diverged)
+    assert main(["compare", str(bad), str(groups["frozen"][1]), "--vs", *map(str, groups["learns"][:2]),
+                 "--at", "best"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"unified-lora: error: {bad}: no best evaluation recorded (none of its dev accuracy scores is a "
+                   "number: a diverged run); compare its final evaluation (leave out --at best)\n"), err
+
+    def nan_at_best(s):
+        s["arms"]["run"]["eval"][s["best"]["point"]]["macro_f1"] = float("nan")
+
+    bad2 = _edited(groups["frozen"][0], tmp_path / "bad2", nan_at_best)
+    assert main(["compare", str(bad2), str(groups["frozen"][1]), "--vs", *map(str, groups["learns"][:2]),
+                 "--at", "best"]) == 2
+    assert f"{bad2}: its best dev macro_f1 is nan (a diverged run or evaluation)" in capsys.readouterr().err
+
+
 def test_compare_of_runs_whose_seeds_all_differ_by_the_same_amount_says_there_is_no_spread_to_test(groups, tmp_path,
                                                                                                     capsys):
     """Two seeds a side whose final accuracies differ by 0.1 in each: SE 0, and compare read "A better" (t = inf,

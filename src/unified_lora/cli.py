@@ -763,7 +763,9 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
 # the flags whose TrainConfig field is another name: a YAML key spelt as the flag (`lrs:`) is told the key it sets
 # (`mode_lrs`), not the nearest key by spelling (`lr`); `--no-controller`'s is `controller: false` (told `controller`
 # by spelling, `no_controller: true` became `controller: true`, the opposite)
-_FLAG_KEY_NAMES = {**{k: f for k, f in _TRAIN_FLAGS.items() if k != f}, "no_controller": "controller: false"}
+# (`trust_checkpoint:` was told `peft_every_checkpoint` by spelling); the flags with no key at all are told so
+_FLAG_KEY_NAMES = {**{k: f for k, f in _TRAIN_FLAGS.items() if k != f}, "no_controller": "controller: false",
+                   **dict.fromkeys(("resume", "overwrite", "trust_checkpoint", "config", "debug"))}
 
 
 def _check_output_dir(out) -> str:

@@ -70,8 +70,12 @@ def _point(run: dict, at: str = "final") -> str:
         return list(ev)[-1]
     best = run.get("best") or {}
     if best.get("point") not in ev:
-        raise CompareError(f"{run['_path']}: no best evaluation recorded (a run saved before the best was); compare "
-                           "its final evaluation (leave out --at best)")
+        metric = (run.get("config") or {}).get("metric_for_best")
+        scores = [e.get(metric) for e in ev.values()]
+        why = (f"none of its dev {metric} scores is a number: a diverged run" if metric and not any(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in scores) else "a run saved before the best was")
+        raise CompareError(f"{run['_path']}: no best evaluation recorded ({why}); compare its final evaluation "
+                           "(leave out --at best)")
     return best["point"]
 
 
@@ -163,11 +167,11 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL, at: str = "final") -> dic
     fa, fb = [_final(r, at) for r in a], [_final(r, at) for r in b]
     common = [m for m in fa[0] if all(m in f for f in fa + fb)]
     if not common:
-        raise CompareError("the runs' final dev evaluations share no metric")
+        raise CompareError(f"the runs' {at} dev evaluations share no metric")
     for r, f in zip(a + b, fa + fb):  # (a diverged evaluation: a mean and a t test of NaN say nothing)
         bad = next((m for m in common if not math.isfinite(f[m])), None)
         if bad is not None:
-            raise CompareError(f"{r['_path']}: its final dev {bad} is {f[bad]} (a diverged run or evaluation); "
+            raise CompareError(f"{r['_path']}: its {at} dev {bad} is {f[bad]} (a diverged run or evaluation); "
                                "compare runs whose dev scores are numbers, or leave this one out and say so")
     wanted = [c.get("metric_for_best") for c in (ca, cb)]
     primary = next((m for m in wanted if m in common), common[0])

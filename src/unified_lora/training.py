@@ -362,8 +362,8 @@ class TrainConfig:
     def from_dict(cls, d: dict, key_names: dict | None = None) -> "TrainConfig":
         """A TrainConfig of mapping `d`. A key it lacks is a ValueError naming the key it most likely meant: a
         `TrainingArguments` or PEFT name's (`_HF_KEY_NAMES`), one of `key_names` ({spelling: key}: `train` gives
-        its flags whose key is another name, `lrs` for --lrs: mode_lrs, `no_controller`: `controller: false`), else
-        the closest key by spelling."""
+        its flags whose key is another name, `lrs` for --lrs: mode_lrs, `no_controller`: `controller: false`; None:
+        a flag with no key, `resume`), else the closest key by spelling."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known, key=str)  # key=str: a YAML key may be a number (`5: x`)
         if unknown:
@@ -371,7 +371,9 @@ class TrainConfig:
             names = {**_HF_KEY_NAMES, **(key_names or {})}
             close = {str(k): [names[str(k).replace("-", "_")]] if str(k).replace("-", "_") in names
                      else difflib.get_close_matches(str(k).replace("-", "_"), known, n=1) for k in unknown}
-            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" if m[0] is not None else
+                             f"{k!r} is a command-line flag (--{k.replace('_', '-')}), not a config key"
+                             for k, m in close.items() if m)
             raise ValueError(f"config: unknown key(s) {unknown}{f' ({hint})' if hint else ''}; valid keys are "
                              f"{sorted(known)}")
         return cls(**d)
