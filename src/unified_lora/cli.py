@@ -1153,7 +1153,7 @@ def _train(args, held: dict) -> int:
         torch.set_num_threads(cfg.threads)
     say = _Console(quiet=not main_process)  # under torchrun process 0 alone prints (and writes console.txt)
     out = Path(cfg.output_dir)
-    model_path = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model, recorded=ckpt is not None)  # (a --resume: the run's own)
     task_type = detect_task_type(model_path, cfg.task_type)
     if task_type == "causal-lm" and cfg.label_column != TrainConfig.label_column and ckpt is None:
         # a label column named for a causal LM, which reads none: the labels were ignored without a word
@@ -1907,7 +1907,7 @@ def cmd_export(args) -> int:
             raise UsageError(f"--merged: {run} is a multi-task run (tasks {', '.join(cfg.data)}), and each task's "
                              "adapter gives its own model; pass --task NAME for the task to merge")
         if merged:
-            path = resolve_model(cfg.model)
+            path = resolve_model(cfg.model, recorded=True)
             quantized = inference.quantization_of(path)
             if quantized:
                 raise UsageError(f"--merged: the run's base model {cfg.model} is quantized ({quantized}); folding the "

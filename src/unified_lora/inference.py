@@ -173,7 +173,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     # on the device asked for now (as a resume), eager Mirror copies (predict makes none; the fused kernels would need
     # a compiler)
     cfg = TrainConfig.from_dict({**stored, "device": device, "precision": precision, "mirror_kernel": "eager"})
-    model_path = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model, recorded=True)
     task_type = st.get("task_type") or detect_task_type(model_path, cfg.task_type)
     specs = st.get("tasks")  # a multi-task run's: --task is checked first, before the command's other checks
     if specs and task is None and not all_tasks:
