@@ -39,9 +39,20 @@ def _cache(hub: Path, repo: str, folder) -> None:
 
 @pytest.fixture(scope="module")
 def cache(tiny, wide, tmp_path_factory) -> Path:
-    """org/bert (test_cli_predict's wide BERT classifier)."""
+    """org/bert (test_cli_predict's wide BERT classifier) and org/gpt2-bf16 (test_cli's tiny GPT-2 saved in bf16, its
+    config without a dtype: transformers' dtype="auto" reads bf16 from its safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     root = tmp_path_factory.mktemp("hf")
+    bf16 = root / "gpt2-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny["gpt2"], dtype=torch.float32).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny["gpt2"]).save_pretrained(bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    assert config.pop("dtype", None) == "bfloat16"
+    config.pop("torch_dtype", None)
+    (bf16 / "config.json").write_text(json.dumps(config))
     _cache(root / "hub", "org/bert", wide)
+    _cache(root / "hub", "org/gpt2-bf16", bf16)
     return root / "hub"
 
 
@@ -108,3 +119,20 @@ def test_a_cached_hub_id_is_not_taken_for_a_typo_beside_a_local_folder_named_lik
             "is no local folder, or download it into the cache first)")
     assert not (tmp_path / "typo").exists()
     assert resolve_model("org/bertt", recorded=True) == "org/bertt"  # a run's recorded hub id
+
+
+def test_a_merged_hub_base_whose_config_has_no_dtype_is_written_in_its_safetensors_dtype(offline, tiny, tmp_path,
+                                                                                       capsys):
+    """`export --merged` (--dtype auto) of a run on the hub id org/gpt2-bf16, whose config names no dtype and whose
+    safetensors weights are bf16: stored_dtype looked for the weights of a local folder alone, and wrote the hub
+    base's merge in fp32, at twice its size."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert main(_args("org/gpt2-bf16", tiny["csv"], run, "--steps", "2", "--text-columns", "text",
+                      "--target-modules", "c_attn")) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--merged"]) == 0
+    assert "merged model (rank 8, bfloat16, " in capsys.readouterr().out
+    assert json.loads((run / "merged-step-2" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(run / "merged-step-2" / "model.safetensors").values()} == {torch.bfloat16}
