@@ -2660,8 +2660,8 @@ def test_a_misspelt_model_folder_under_a_local_folder_of_models_is_named_not_fet
     assert main(["train", "--model", given, "--data", tiny["csv"], "--output-dir", out]) == 2
     assert capsys.readouterr().err == (
         f"unified-lora: error: --model {given}: no such folder (did you mean {tiny['root'].name}/gpt2?); the local "
-        f"folder {tiny['root'].name} holds the models bert, gpt2, not gpt22 (for the Hugging Face id {given}, run "
-        f"where {tiny['root'].name} is no local folder)\n")
+        f"folder {tiny['root'].name} holds the models bert, gpt2, not gpt22, and the Hugging Face cache has no {given} "
+        f"(for that hub id, run where {tiny['root'].name} is no local folder, or download it into the cache first)\n")
     assert not Path(out).exists()
 
 

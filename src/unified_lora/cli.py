@@ -1159,7 +1159,7 @@ def _train(args, held: dict) -> int:
         torch.set_num_threads(cfg.threads)
     say = _Console(quiet=not main_process)  # under torchrun process 0 alone prints (and writes console.txt)
     out = Path(cfg.output_dir)
-    model_path = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model, recorded=ckpt is not None)  # (a --resume: the run's own)
     task_type = detect_task_type(model_path, cfg.task_type)
     if task_type == "causal-lm" and cfg.label_column != TrainConfig.label_column and ckpt is None:
         # a label column named for a causal LM, which reads none: the labels were ignored without a word
@@ -1913,15 +1913,13 @@ def cmd_export(args) -> int:
             raise UsageError(f"--merged: {run} is a multi-task run (tasks {', '.join(cfg.data)}), and each task's "
                              "adapter gives its own model; pass --task NAME for the task to merge")
         if merged:
-            path = resolve_model(cfg.model)
-            quantized = inference.quantization_of(path)
+            base["path"] = resolve_model(cfg.model, recorded=True)
+            quantized = inference.quantization_of(base["path"])
             if quantized:
                 raise UsageError(f"--merged: the run's base model {cfg.model} is quantized ({quantized}); folding the "
                                  "delta into its quantized weights would round every weight again, not only add the "
                                  "delta. Export the adapter (without --merged) and load it with PEFT on that base, or "
                                  "merge it into the base loaded unquantized (bf16/fp32)")
-            base["dtype"] = inference.DTYPES[args.dtype] if args.dtype not in (None, "auto") \
-                else inference.stored_dtype(path)
         held = [p.name for p in out.iterdir() if not left_by_dead_process(p.name)] if out.is_dir() else []
         if held and not args.overwrite:
             replaced = "its model, weight and adapter files are replaced" if merged else \
@@ -1942,6 +1940,9 @@ def cmd_export(args) -> int:
                                                 "that rank, not what predict computes with this checkpoint"
                                                 if rank != trained.rank else ""))
     if merged:
+        # after the load: a hub id's weights are then in the Hugging Face cache, where stored_dtype reads their dtype
+        base["dtype"] = inference.DTYPES[args.dtype] if args.dtype not in (None, "auto") \
+            else inference.stored_dtype(base["path"])
         try:
             size = inference.write_merged(trained, out, rank, base["dtype"])
         except ValueError as e:  # a merge that cannot be done (a base weight computed at each forward)

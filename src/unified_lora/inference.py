@@ -26,9 +26,9 @@ from .data import DataError, TextDataset, glue_metrics, load_table, normalize_ta
 from .data.loaders import (_GLUE, _check_no_null_text, _read_records, check_columns, glue_label_value,
                            load_glue_rows, missing_key_error, no_rows_error, read_text, record_at, record_lines)
 from .training import (BEST, TEXT_SUFFIXES, Run, TrainConfig, UsageError, _load_texts, _messages, autocast,
-                       check_precision, check_row_length, detect_task_type, encode_rows, evaluate, latest_checkpoint,
-                       load_model, model_context, model_device, predict_logits, read_state, render_chat,
-                       resolve_device, resolve_model, seed_everything, special_prefix, unused_label_note)
+                       check_precision, check_row_length, detect_task_type, encode_rows, evaluate, hub_snapshot,
+                       latest_checkpoint, load_model, model_context, model_device, predict_logits, read_state,
+                       render_chat, resolve_device, resolve_model, seed_everything, special_prefix, unused_label_note)
 
 FORMATS = ("csv", "tsv", "jsonl")  # what predictions are written as (the output name's extension)
 ID_COLUMNS = ("id", "idx", "index", "guid")  # a table's id column, found by name (any case) without --id-column
@@ -173,7 +173,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str | None = None, devi
     # on the device asked for now (as a resume), eager Mirror copies (predict makes none; the fused kernels would need
     # a compiler)
     cfg = TrainConfig.from_dict({**stored, "device": device, "precision": precision, "mirror_kernel": "eager"})
-    model_path = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model, recorded=True)
     task_type = st.get("task_type") or detect_task_type(model_path, cfg.task_type)
     specs = st.get("tasks")  # a multi-task run's: --task is checked first, before the command's other checks
     if specs and task is None and not all_tasks:
@@ -232,7 +232,8 @@ _MODEL_FILE = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(s
 def stored_dtype(model_path: str) -> torch.dtype:
     """The dtype a base model's weights are stored in, as transformers' dtype="auto" reads it: its config's (`dtype`,
     transformers 4's `torch_dtype`), else that of the first floating-point tensor of its safetensors weights (a local
-    folder's); fp32 where neither says. (`load_model` loads every model in fp32, whatever this is.)"""
+    folder's, or a hub id's in the Hugging Face cache: `hub_snapshot`, which holds them once the model has loaded);
+    fp32 where neither says. (`load_model` loads every model in fp32, whatever this is.)"""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
@@ -243,7 +244,8 @@ def stored_dtype(model_path: str) -> torch.dtype:
         return dtype
     from safetensors import safe_open
 
-    for f in sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else ():
+    folder = Path(model_path) if Path(model_path).is_dir() else hub_snapshot(model_path)
+    for f in sorted(folder.glob("*.safetensors")) if folder is not None else ():
         with safe_open(f, "pt") as st:
             for key in st.keys():
                 found = _SAFETENSORS_DTYPES.get(st.get_slice(key).get_dtype())

@@ -568,7 +568,26 @@ def describe_schedule(s: dict) -> str:
 # ----------------------------------------------------------------------------- model and data
 
 
-def resolve_model(path: str | None) -> str:
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The folder of the Hugging Face cache (`HF_HUB_CACHE`, under `HF_HOME`) that holds the hub id `repo_id` at its
+    main revision, as `from_pretrained(repo_id)` reads it offline (`models--org--name/snapshots/<the commit of
+    refs/main>`), or None where the cache has no config.json of it there. It holds the files downloaded so far (the
+    weights too, once the model has been loaded); nothing is fetched."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except (ImportError, ValueError, OSError):  # (an id the hub's own checks refuse: not in the cache)
+        return None
+    return Path(config).parent if isinstance(config, str) and Path(config).is_file() else None
+
+
+def resolve_model(path: str | None, recorded: bool = False) -> str:
+    """The model to load for `path` (a `--model`, or None: the bundled all-MiniLM-L6-v2): a local model folder, or a
+    hub id for from_pretrained to fetch or read from the Hugging Face cache. A path that is no folder and reads as
+    a hub id `org/name` where `org` is a local folder of saved models is refused as a typo of one of them, unless the
+    Hugging Face cache holds that hub id (`hub_snapshot`). `recorded`: the model a run recorded, which its `train`
+    took (local paths are stored absolute, so a relative one is the hub id it trained on), not checked for a typo."""
     if path is None:
         from .data import default_model_path
 
@@ -590,20 +609,23 @@ def resolve_model(path: str | None) -> str:
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith((".", "~")):
         raise UsageError(f"--model {path}: no such folder; pass a local model folder or a Hugging Face id like org/name")
     # `models/gpt22` reads as a hub id, org `models`: where `models/` is a local folder of saved models, it is a typo
-    # of one of them (it went to the hub, with retries offline, and failed as a network error, naming no folder)
+    # of one of them (it went to the hub, with retries offline, and failed as a network error, naming no folder).
+    # A hub id the Hugging Face cache holds is no typo (org/name was refused beside a local org/ though cached), nor
+    # is the hub id a run recorded (its predict, export and --resume were refused there)
     try:
         local = sorted(d.name for d in p.parent.iterdir() if (d / "config.json").is_file()) \
-            if "/" in path and p.parent.is_dir() else []
+            if "/" in path and not recorded and p.parent.is_dir() else []
     except OSError:  # (a folder this user cannot list: taken for the hub id, as before)
         local = []
-    if local:
+    if local and hub_snapshot(path) is None:
         import difflib
 
         close = difflib.get_close_matches(p.name, local, n=1)
         hint = f" (did you mean {p.parent / close[0]}?)" if close else ""
         raise UsageError(f"--model {path}: no such folder{hint}; the local folder {p.parent} holds the models "
-                         f"{', '.join(local[:5])}{' ...' if len(local) > 5 else ''}, not {p.name} (for the Hugging "
-                         f"Face id {path}, run where {p.parent} is no local folder)")
+                         f"{', '.join(local[:5])}{' ...' if len(local) > 5 else ''}, not {p.name}, and the Hugging "
+                         f"Face cache has no {path} (for that hub id, run where {p.parent} is no local folder, or "
+                         "download it into the cache first)")
     return path  # a hub id; from_pretrained will say if it cannot be fetched
 
 
