@@ -191,7 +191,8 @@ def test_compare_with_other_seeds_on_each_side_is_welchs_test(groups, capsys, tm
     assert "Welch's test: the groups share fewer than two seeds, so they do not pair" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["mixed", "seed_twice", "same_path", "other_data", "unfinished", "demo", "no_dir"])
+@pytest.mark.parametrize("case", ["mixed", "seed_twice", "same_path", "other_data", "other_model", "unfinished", "demo",
+                                  "no_dir"])
 def test_compare_refuses_runs_that_do_not_compare_naming_why(groups, tiny, tmp_path, capsys, case):
     learns, frozen = [str(d) for d in groups["learns"]], [str(d) for d in groups["frozen"]]
     if case == "mixed":
@@ -205,6 +206,14 @@ def test_compare_refuses_runs_that_do_not_compare_naming_why(groups, tiny, tmp_p
     elif case == "other_data":
         other = _runs(tiny, tmp_path, "other", (0,), "--no-controller", "--max-length", "12")[0]
         args, want = [learns[0], "--vs", str(other)], "the groups ran on different data: max_length is 16 in A"
+    elif case == "other_model":  # (it said "the groups ran on different data: model is ...")
+        copy = tmp_path / "copy"
+        shutil.copytree(frozen[0], copy)
+        s = json.loads((copy / "summary.json").read_text())
+        s["config"]["model"] = "org/other-bert"
+        (copy / "summary.json").write_text(json.dumps(s))
+        args, want = [learns[0], "--vs", str(copy)], \
+            f"the groups ran on different base models: model is {tiny['bert']} in A"
     elif case == "unfinished":
         copy = tmp_path / "copy"
         shutil.copytree(learns[0], copy)

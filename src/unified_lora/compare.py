@@ -156,9 +156,10 @@ def compare_runs(a_dirs, b_dirs, level: float = LEVEL, at: str = "final") -> dic
     ca, cb = _cfg(a[0]), _cfg(b[0])
     for k in SAME_DATA:
         if ca.get(k) != cb.get(k):
-            raise CompareError(f"the groups ran on different data: {k} is {_show(ca.get(k), k)} in A "
+            what = "base models" if k == "model" else "data"
+            raise CompareError(f"the groups ran on different {what}: {k} is {_show(ca.get(k), k)} in A "
                                f"({a[0]['_path']}) and {_show(cb.get(k), k)} in B ({b[0]['_path']}); compare runs "
-                               "trained and scored on the same data")
+                               f"trained and scored on the same {'base model and data' if k == 'model' else 'data'}")
     differ = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
     if at == "best" and "metric_for_best" in differ:  # (each run's best is the best by its own metric)
         raise CompareError(f"--at best: A's runs picked their best evaluation by {differ['metric_for_best'][0]} and "
