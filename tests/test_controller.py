@@ -12,7 +12,7 @@ import torch
 
 from conftest import VOCAB, can_build_cpp, classification_batch, snapshot_then_train, tiny_bert, tiny_llama
 from unified_lora import (ActuatorConfig, MirrorConfig, MirrorSnapshot, NonFiniteLossError, SignalConfig,
-                          UnifiedController, lora_state_dict, read_trace, setup_unified_lora)
+                          NestedLoRALayer, UnifiedController, lora_state_dict, read_trace, setup_unified_lora)
 
 
 def _train_step(model, ctrl, opt, x, labels):
@@ -142,6 +142,33 @@ def test_setup_names_mode_ranks_in_its_error_for_a_bad_multi_rank_or_length(llam
     with pytest.raises(ValueError, match=message):
         setup_multitask_lora(llama, ["a", "b"], ["q_proj"], mode_ranks=mode_ranks, print_fn=None)
     assert dict(llama.named_modules()) == modules
+
+
+@pytest.mark.parametrize("rank_levels,message", [
+    ((8, 4, 16), r"^rank_levels: must be strictly increasing so the slices nest .*, got \(8, 4, 16\)$"),
+    ((16, 8, 4), r"^rank_levels: must be strictly increasing"),
+    ((0, 8, 16), r"^rank_levels: every rank must be positive, got \(0, 8, 16\)$"),
+    ((), r"^rank_levels: must hold at least one rank"),
+    (None, r"^rank_levels: must be a list of integers"),
+    ((4, 8.5, 16), r"^rank_levels: must be an integer, got 8.5$"),
+])
+def test_setup_names_rank_levels_in_its_error_for_levels_that_do_not_nest(llama, rank_levels, message):
+    """setup_unified_lora drew the default mode ranks from rank_levels and checked them before the levels: levels
+    that do not nest ((8, 4, 16), (0, 8, 16)) were refused as "mode_ranks: must be positive and non-decreasing", an
+    argument the user never passed, (4, 8.5, 16) as "mode_ranks: must be an integer", and () was an IndexError,
+    None a TypeError. setup_multitask_lora had the same order, and a NestedLoRALayer built by hand took
+    (4, 8.5, 16) for (4, 8, 16). The model is left unwrapped."""
+    from unified_lora.multitask import setup_multitask_lora
+
+    modules = dict(llama.named_modules())
+    with pytest.raises(ValueError, match=message):
+        setup_unified_lora(llama, target_modules=["q_proj"], rank_levels=rank_levels, print_fn=None)
+    assert dict(llama.named_modules()) == modules
+    with pytest.raises(ValueError, match=message):
+        setup_multitask_lora(llama, ["a", "b"], ["q_proj"], rank_levels=rank_levels, print_fn=None)
+    assert dict(llama.named_modules()) == modules
+    with pytest.raises(ValueError, match=message):
+        NestedLoRALayer(torch.nn.Linear(8, 8), rank_levels=rank_levels)
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -14,8 +14,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification, RobertaModel)
 
-from unified_lora import (MIRROR, MirrorConfig, NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, set_rank,
-                          setup_unified_lora)
+from unified_lora import (MIRROR, MirrorConfig, NestedLoRAConfig, NestedLoRALayer, inject_nested_lora, lora_layers,
+                          set_rank, setup_unified_lora)
 from unified_lora.peft_io import (PeftController, attach_to_peft_model, export_peft_adapter, import_peft_adapter,
                                   merge_and_unload)
 
@@ -725,6 +725,22 @@ def test_import_of_a_rank_off_the_nested_levels_explains_rank_levels(tmp_path):
     assert imp.rank == 12
     x = inputs()
     assert (logits(model, x) - logits(pm, x)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("rank_levels,message", [
+    ((), r"^rank_levels: must hold at least one rank"),
+    ((4, 8.5, 16), r"^rank_levels: must be an integer, got 8.5$"),
+    ((16, 8, 4), r"^rank_levels: must be strictly increasing"),
+])
+def test_import_names_rank_levels_that_do_not_nest(tmp_path, rank_levels, message):
+    """import_peft_adapter read rank_levels as given: () failed in max() ("arg is an empty sequence"), and
+    (4, 8.5, 16) with an r=8 checkpoint was told to pass rank_levels=(4, 8, 8.5, 16). The model is left unwrapped."""
+    _, fresh, path = trained_peft("llama", 8, tmp_path, steps=1)
+    model = copy.deepcopy(fresh)
+    with pytest.raises(ValueError, match=message):
+        import_peft_adapter(model, path, rank_levels=rank_levels)
+    assert not lora_layers(model)
+    assert import_peft_adapter(model, path, rank_levels="4, 8, 16").rank == 8  # as a YAML value is read
 
 
 def test_import_rejects_rank_above_max_rank(tmp_path):

@@ -147,8 +147,9 @@ def check_field_types(obj) -> None:
 
 
 def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
-    """Rank levels must nest: positive, strictly increasing, each <= max_rank."""
-    levels = tuple(int(r) for r in rank_levels)
+    """Rank levels must nest: positive, strictly increasing, each <= max_rank. They must be integers: (4, 8.5, 16)
+    is refused (it was truncated to (4, 8, 16) by a layer built by hand), and so is a value that is no list (None)."""
+    levels = tuple(_typed("rank_levels", rank_levels, Sequence[int], (4, 8, 16)))
     if not levels:
         _fail("rank_levels", "must hold at least one rank, e.g. (4, 8, 16)")
     if any(r <= 0 for r in levels):

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig)
+from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
+                     check_rank_levels)
 from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sharding, is_first_process, local_tensor,
                           lockstep_mean, print_on_main_process, shard_group, sharding_of, to_sharded)
 from .layer import NestedLoRALayer, blocks_of
@@ -1062,8 +1063,10 @@ def _setup_ranks(fn, rank_levels, mode_ranks, lr_mode, controller_kwargs: dict) 
     """A setup's (rank levels, mode ranks, ActuatorConfig), `actuators` popped from `controller_kwargs`. The
     ActuatorConfig is built before the layers' config, whose initial rank is MULTI's: a `mode_ranks` of the wrong
     length, or whose MULTI rank is not a level, is refused as `mode_ranks` (it was an IndexError, or
-    "initial_rank: ...", an argument the caller never passed)."""
-    levels, given_ranks = tuple(rank_levels), mode_ranks
+    "initial_rank: ...", an argument the caller never passed). The levels are checked first, so levels that do not
+    nest are refused as `rank_levels` (the mode ranks drawn from them were refused as `mode_ranks`, and no levels
+    at all raised an IndexError)."""
+    levels, given_ranks = check_rank_levels(rank_levels), mode_ranks
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     actuators = controller_kwargs.pop("actuators", None)
     # lr_mode / mode_ranks beside an ActuatorConfig that sets them otherwise are refused

@@ -364,8 +364,9 @@ class NestedLoRALayer(nn.Module):
             in_f, out_f = base_layer.weight.shape
         else:
             raise TypeError(f"NestedLoRALayer wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
-        max_rank = int(max_rank or max(rank_levels))
-        levels = check_rank_levels(rank_levels, max_rank)
+        levels = check_rank_levels(rank_levels)
+        max_rank = int(max_rank or levels[-1])
+        levels = check_rank_levels(levels, max_rank)
         self.base_layer = base_layer
         self.in_features, self.out_features = in_f, out_f
         self.max_rank = max_rank

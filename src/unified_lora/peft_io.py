@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ._files import folder_written_atomically
-from .config import ActuatorConfig, NestedLoRAConfig
+from .config import ActuatorConfig, NestedLoRAConfig, check_rank_levels
 from .controller import UnifiedController, _refuse_ignored
 from .layer import NestedLoRALayer, packed_weight
 from .model import (_replace, inject_nested_lora, keep_4bit_layers_differentiable, lora_layers, module_names,
@@ -610,7 +610,9 @@ def import_peft_adapter(
 
     existing = lora_layers(model)
     if not existing:
-        levels = tuple(rank_levels) if rank_levels is not None else DEFAULT_RANK_LEVELS
+        # (checked first: () was max()'s "arg is an empty sequence", "4,8,16" a TypeError, and (4, 8.5, 16) was told to
+        # add 8 as (4, 8, 8.5, 16))
+        levels = check_rank_levels(rank_levels) if rank_levels is not None else DEFAULT_RANK_LEVELS
         top = max_rank or max(levels)
         for r in sorted(set(ranks.values())):
             if r > top:
