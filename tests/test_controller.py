@@ -1940,3 +1940,28 @@ def test_optimizer_steps_skipped_after_non_finite_losses_are_not_taken_for_an_ac
             opt.zero_grad()
     assert ctrl.nonfinite_steps == 35 and ctrl._optimizer_steps == 35
     assert _accumulation_warnings(record) == []
+
+
+def test_setup_warns_where_a_classifiers_head_stays_frozen():
+    """(found by the README trial) the Quick start's v3 block set up MiniLM `from_pretrained(path, num_labels=2)`
+    without modules_to_save: its fresh, random classifier stayed frozen, and the adapters trained against it without
+    a word. A warning names the head and the fix; a head in modules_to_save, a head that is a LoRA target, a model
+    with no classification head, and a GPT-2 `...ForSequenceClassification` head in modules_to_save have none."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    with pytest.warns(UserWarning, match=r"the classification head 'classifier' of this "
+                      r"BertForSequenceClassification stays frozen .*Pass modules_to_save=\['classifier'\]") as got:
+        setup_unified_lora(tiny_bert(), ["query", "value"])
+    assert len([w for w in got if "stays frozen" in str(w.message)]) == 1
+    assert got[0].filename == __file__  # (the user's line: stacklevel)
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+    with pytest.warns(UserWarning, match="the classification head 'score' of this GPT2ForSequenceClassification"):
+        setup_unified_lora(gpt2, ["c_attn"])
+    for model, kw in ((tiny_bert(), {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}),
+                      (tiny_bert(), {"target_modules": ["query", "value", "classifier"]}),
+                      (tiny_llama(), {})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            setup_unified_lora(model, **kw)

@@ -38,7 +38,7 @@ from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sh
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
-from .model import inject_nested_lora, undone_on_error
+from .model import inject_nested_lora, undone_on_error, warn_frozen_head
 from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
 
@@ -1186,6 +1186,7 @@ def setup_unified_lora(
         ctrl = UnifiedController(adapters=adapters, optimizer=optimizer, signal=signal, actuators=actuators,
                                  extra_params=extra, **controller_kwargs)
         ctrl._extra_owners = owners
+    warn_frozen_head(model)
     return adapters, ctrl
 
 

@@ -177,6 +177,27 @@ def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoR
                       "target_modules", UserWarning, stacklevel=_user_stacklevel())
 
 
+def warn_frozen_head(model: nn.Module) -> None:
+    """A warning where a sequence or token classifier's head (`classifier`, or GPT-2's and Llama's `score`) is left
+    frozen: neither adapted nor in modules_to_save. `from_pretrained(path, num_labels=2)` initialises that head afresh
+    (at random), and frozen it never trains: the adapters then learn to feed a random projection (the README's own
+    Quick start block did so on MiniLM). PEFT's `task_type="SEQ_CLS"` adds the head to modules_to_save; without a
+    task type PEFT, too, leaves it frozen, and so does this package, which cannot tell a fresh head from a trained one
+    (`unified-lora train` can: it trains the head, `training.seq_cls_head`)."""
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return
+    for name in ("classifier", "score"):
+        head = getattr(model, name, None)
+        params = list(head.parameters()) if isinstance(head, nn.Module) else []
+        if params and not any(p.requires_grad for p in params):
+            warnings.warn(f"the classification head {name!r} of this {type(model).__name__} stays frozen (neither "
+                          f"adapted nor in modules_to_save): a head from_pretrained initialised afresh (num_labels=...) "
+                          f"then never trains. Pass modules_to_save=[{name!r}] to train it in full, as PEFT's "
+                          "task_type='SEQ_CLS' does; if the head is trained already, leave it frozen and ignore this",
+                          UserWarning, stacklevel=_user_stacklevel())
+            return
+
+
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:
     """bitsandbytes' Linear4bit on a CPU with AVX512-BF16 repacks its weight in place at its first eval-mode forward
     on an input needing no gradient, for an inference kernel with no autograd support, and runs every later forward,
