@@ -133,14 +133,19 @@ def test_setup_names_mode_ranks_in_its_error_for_a_bad_multi_rank_or_length(llam
     """setup_unified_lora took the layers' initial rank from mode_ranks[1] before it checked mode_ranks: (4,) was an
     IndexError ("tuple index out of range") and (4, 6, 16) was "initial_rank: must be one of rank_levels", an
     argument the user never passed. The model is left unwrapped. setup_multitask_lora had the same order."""
+    _refused_by_both_setups(llama, message, mode_ranks=mode_ranks)
+
+
+def _refused_by_both_setups(llama, message: str, **kw) -> None:
+    """setup_unified_lora and setup_multitask_lora both refuse `kw` with `message`, leaving the model unwrapped."""
     from unified_lora.multitask import setup_multitask_lora
 
     modules = dict(llama.named_modules())
     with pytest.raises(ValueError, match=message):
-        setup_unified_lora(llama, target_modules=["q_proj"], mode_ranks=mode_ranks, print_fn=None)
+        setup_unified_lora(llama, target_modules=["q_proj"], print_fn=None, **kw)
     assert dict(llama.named_modules()) == modules
     with pytest.raises(ValueError, match=message):
-        setup_multitask_lora(llama, ["a", "b"], ["q_proj"], mode_ranks=mode_ranks, print_fn=None)
+        setup_multitask_lora(llama, ["a", "b"], ["q_proj"], print_fn=None, **kw)
     assert dict(llama.named_modules()) == modules
 
 
@@ -158,15 +163,7 @@ def test_setup_names_rank_levels_in_its_error_for_levels_that_do_not_nest(llama,
     argument the user never passed, (4, 8.5, 16) as "mode_ranks: must be an integer", and () was an IndexError,
     None a TypeError. setup_multitask_lora had the same order, and a NestedLoRALayer built by hand took
     (4, 8.5, 16) for (4, 8, 16). The model is left unwrapped."""
-    from unified_lora.multitask import setup_multitask_lora
-
-    modules = dict(llama.named_modules())
-    with pytest.raises(ValueError, match=message):
-        setup_unified_lora(llama, target_modules=["q_proj"], rank_levels=rank_levels, print_fn=None)
-    assert dict(llama.named_modules()) == modules
-    with pytest.raises(ValueError, match=message):
-        setup_multitask_lora(llama, ["a", "b"], ["q_proj"], rank_levels=rank_levels, print_fn=None)
-    assert dict(llama.named_modules()) == modules
+    _refused_by_both_setups(llama, message, rank_levels=rank_levels)
     with pytest.raises(ValueError, match=message):
         NestedLoRALayer(torch.nn.Linear(8, 8), rank_levels=rank_levels)
 
