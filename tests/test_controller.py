@@ -1991,3 +1991,35 @@ def test_setup_warns_where_a_classifiers_head_stays_frozen():
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             setup_unified_lora(model, **kw)
+
+
+def test_setup_warns_where_one_layer_of_a_classifiers_head_of_several_stays_frozen():
+    """(found by the review) RoBERTa's head `classifier` is two layers, `dense` then `out_proj`, both initialised
+    afresh by from_pretrained(num_labels=...): with `dense` a LoRA target (every layer named dense), or `out_proj`
+    alone in modules_to_save, the other stayed frozen at random without a warning, as any parameter in the head that
+    trains counted as the head trained. Both adapted, or the head in modules_to_save, have none."""
+    import warnings
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def roberta():
+        torch.manual_seed(0)
+        return RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40))
+
+    for kw, frozen in (({"target_modules": ["query", "value", "dense"]}, "out_proj"),
+                       ({"target_modules": ["query", "value"], "modules_to_save": ["out_proj"]}, "dense")):
+        with pytest.warns(UserWarning, match=rf"^'classifier\.{frozen}' of the classification head 'classifier' of "
+                                             r"this RobertaForSequenceClassification stays frozen \(neither adapted "
+                                             r"nor in modules_to_save\).*Pass modules_to_save=\['classifier'\]"):
+            setup_unified_lora(roberta(), print_fn=None, **kw)
+    for kw in ({"target_modules": ["query", "value", "dense", "out_proj"]},
+               {"target_modules": ["query", "value", "dense"], "modules_to_save": ["out_proj"]},
+               {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            setup_unified_lora(roberta(), print_fn=None, **kw)
+    with pytest.warns(UserWarning, match=r"^the classification head 'classifier' of this "
+                                         r"RobertaForSequenceClassification stays frozen"):
+        setup_unified_lora(roberta(), "all-linear", print_fn=None)
