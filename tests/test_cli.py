@@ -2683,6 +2683,36 @@ def test_an_empty_output_dir_is_refused_not_the_current_folder(tiny, tmp_path, m
     assert not list(cwd.iterdir())
 
 
+def test_a_head_left_out_of_modules_to_save_gets_trains_note_alone_not_the_python_apis_warning(tiny, tmp_path,
+                                                                                              capsys):
+    """(found by the review) setup_unified_lora's warning of a frozen classifier head reached the CLI through `Run`:
+    `train --modules-to-save pooler` on a base model printed it (a Python warning naming `modules_to_save=[...]`)
+    beside train's own note of the fresh head left frozen; on a checkpoint whose head is trained (not fresh) it
+    warned of that trained head, and `predict` and `export` of such a run warned again. train knows which modules
+    from_pretrained made afresh, and says so itself."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    trained = tmp_path / "bert-cls"  # a classifier checkpoint: its head is loaded, not made afresh
+    AutoModelForSequenceClassification.from_pretrained(tiny["bert"], num_labels=2).save_pretrained(trained)
+    AutoTokenizer.from_pretrained(tiny["bert"]).save_pretrained(trained)
+    for model, note in ((tiny["bert"], True), (str(trained), False)):
+        out = tmp_path / f"run-{note}"
+        args = _train_args(tiny, out, "--steps", "2", "--modules-to-save", "pooler")
+        args[args.index("--model") + 1] = model
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            assert main(args) == 0
+            said = capsys.readouterr().out
+            assert main(["predict", str(out), "--data", tiny["csv"], "--output", str(tmp_path / "p.csv")]) == 0
+            assert main(["export", str(out), "--merged", "--out", str(tmp_path / f"merged-{note}")]) == 0
+        assert [str(w.message) for w in got if "stays frozen" in str(w.message)] == []
+        assert ("note: ['classifier'] were initialised afresh (the checkpoint lacks them) and are not in "
+                "modules_to_save ['pooler']: they stay frozen at their random initialisation") in said.splitlines() \
+            if note else "afresh" not in said
+
+
 def test_a_misspelt_modules_to_save_is_one_error_naming_the_models_own_modules(tiny, tmp_path, capsys):
     """`--modules-to-save clasifier` printed a note that the fresh head stays frozen, then the error; that listed the
     LoRA wrapper's parts (base_layer, lora_A, lora_B, lora_dropout) among the model's module names. An empty

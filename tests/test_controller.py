@@ -168,6 +168,35 @@ def test_setup_names_rank_levels_in_its_error_for_levels_that_do_not_nest(llama,
         NestedLoRALayer(torch.nn.Linear(8, 8), rank_levels=rank_levels)
 
 
+def test_rank_levels_given_as_an_array_a_range_or_an_iterator_are_read_as_their_values(llama):
+    """(found by the review) check_rank_levels, now called first, took a list or tuple alone: np.array([4, 8, 16]) and
+    range(4, 17, 4), which setup_unified_lora, setup_multitask_lora and a NestedLoRALayer built by hand took before,
+    were refused as "rank_levels: must be a list of integers", and so were a torch tensor and a generator. Their values
+    are checked as a list's are: a float array's 8.5 and a bool array are refused, and so is a 0-d array (no list)."""
+    import numpy as np
+
+    from unified_lora import check_rank_levels
+    from unified_lora.multitask import setup_multitask_lora
+
+    for given, levels in ((np.array([4, 8, 16]), (4, 8, 16)), (np.arange(4, 17, 4), (4, 8, 12, 16)),
+                          (torch.tensor([2, 4]), (2, 4)), (range(4, 17, 4), (4, 8, 12, 16))):
+        assert check_rank_levels(given) == levels and all(type(r) is int for r in check_rank_levels(given))
+        layer = NestedLoRALayer(torch.nn.Linear(16, 16), rank_levels=given)
+        assert layer.rank_levels == levels and layer.boundaries == levels
+    adapters, _ = setup_unified_lora(llama, target_modules=["q_proj"], rank_levels=(r for r in (4, 8, 16)),
+                                     print_fn=None)
+    assert {a.rank_levels for a in adapters.values()} == {(4, 8, 16)}
+    adapters, _ = setup_multitask_lora(tiny_llama(), ["a", "b"], ["q_proj"], rank_levels=np.array([2, 4, 8]),
+                                       print_fn=None)
+    assert {a.rank_levels for a in adapters.values()} == {(2, 4, 8)}
+    for bad, message in ((np.array([4.0, 8.5]), r"^rank_levels: must be an integer, got 8.5$"),
+                         (np.array([True, False]), r"^rank_levels: must be an integer, got True \(bool\)$"),
+                         (np.array(4), r"^rank_levels: must be a list of integers, e.g. \(4, 8, 16\), got 4 \(int\)$"),
+                         ({4, 8, 16}, r"^rank_levels: must be a list of integers, e.g. \(4, 8, 16\), got \{")):
+        with pytest.raises(ValueError, match=message):
+            check_rank_levels(bad)
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(modules_to_save=["classifer"]), "^modules_to_save: 'classifer' matched no module"),
     (dict(mode_ranks=(4, 8, 32)), r"^mode_ranks: \[32\] are not nested levels"),
@@ -1962,3 +1991,35 @@ def test_setup_warns_where_a_classifiers_head_stays_frozen():
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             setup_unified_lora(model, **kw)
+
+
+def test_setup_warns_where_one_layer_of_a_classifiers_head_of_several_stays_frozen():
+    """(found by the review) RoBERTa's head `classifier` is two layers, `dense` then `out_proj`, both initialised
+    afresh by from_pretrained(num_labels=...): with `dense` a LoRA target (every layer named dense), or `out_proj`
+    alone in modules_to_save, the other stayed frozen at random without a warning, as any parameter in the head that
+    trains counted as the head trained. Both adapted, or the head in modules_to_save, have none."""
+    import warnings
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def roberta():
+        torch.manual_seed(0)
+        return RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40))
+
+    for kw, frozen in (({"target_modules": ["query", "value", "dense"]}, "out_proj"),
+                       ({"target_modules": ["query", "value"], "modules_to_save": ["out_proj"]}, "dense")):
+        with pytest.warns(UserWarning, match=rf"^'classifier\.{frozen}' of the classification head 'classifier' of "
+                                             r"this RobertaForSequenceClassification stays frozen \(neither adapted "
+                                             r"nor in modules_to_save\).*Pass modules_to_save=\['classifier'\]"):
+            setup_unified_lora(roberta(), print_fn=None, **kw)
+    for kw in ({"target_modules": ["query", "value", "dense", "out_proj"]},
+               {"target_modules": ["query", "value", "dense"], "modules_to_save": ["out_proj"]},
+               {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            setup_unified_lora(roberta(), print_fn=None, **kw)
+    with pytest.warns(UserWarning, match=r"^the classification head 'classifier' of this "
+                                         r"RobertaForSequenceClassification stays frozen"):
+        setup_unified_lora(roberta(), "all-linear", print_fn=None)

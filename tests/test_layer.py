@@ -760,6 +760,25 @@ def test_a_rank_that_is_no_level_is_refused_everywhere_it_is_taken_and_bad_layer
         NestedLoRALayer(nn.Linear(4, 4), lora_alpha=float("nan"))
 
 
+def test_a_layer_built_by_hand_checks_its_max_rank_as_nested_lora_config_does():
+    """(found by the review) NestedLoRALayer took int(max_rank or the top level): max_rank=24.5 was truncated to 24, a
+    block boundary at 24 that nothing asked for, 12.5 was told "largest level 16 exceeds max_rank=12", True was max
+    rank 1, and 0 read as no max_rank at all."""
+    import numpy as np
+
+    for bad, message in ((24.5, r"^max_rank: must be an integer, got 24.5$"),
+                         (12.5, r"^max_rank: must be an integer, got 12.5$"),
+                         (True, r"^max_rank: must be an integer, got True \(bool\)$"),
+                         (0, r"^max_rank: must be positive, got 0$"),
+                         (8, r"^rank_levels: largest level 16 exceeds max_rank=8$")):
+        with pytest.raises(ValueError, match=message):
+            NestedLoRALayer(nn.Linear(32, 32), max_rank=bad)
+    for good in (24, 24.0, np.int64(24), "24"):
+        layer = NestedLoRALayer(nn.Linear(32, 32), max_rank=good)
+        assert type(layer.max_rank) is int and layer.boundaries == (4, 8, 16, 24)
+    assert NestedLoRALayer(nn.Linear(32, 32)).max_rank == 16
+
+
 def test_injection_by_suffix_freezes_the_base(llama):
     adapters = inject_nested_lora(llama, NestedLoRAConfig(target_modules=["q_proj", "v_proj"]))
     assert sorted(n.split(".")[-1] for n in adapters) == ["q_proj", "q_proj", "v_proj", "v_proj"]

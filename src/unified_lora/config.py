@@ -13,6 +13,7 @@ import numbers
 import re
 import types
 import typing
+from collections.abc import Iterator as _AbcIterator
 from collections.abc import Sequence as _AbcSequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Sequence
@@ -148,7 +149,14 @@ def check_field_types(obj) -> None:
 
 def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
     """Rank levels must nest: positive, strictly increasing, each <= max_rank. They must be integers: (4, 8.5, 16)
-    is refused (it was truncated to (4, 8, 16) by a layer built by hand), and so is a value that is no list (None)."""
+    is refused (it was truncated to (4, 8, 16) by a layer built by hand), and so is a value that is no list (None).
+    An array (numpy, torch), a range or an iterator is read as the list of its values."""
+    # (`_typed` takes a list or tuple, as YAML gives: np.array([4, 8, 16]) and range(4, 17, 4), which setup and a layer
+    # built by hand took, were refused as "must be a list of integers")
+    if hasattr(rank_levels, "tolist") and not isinstance(rank_levels, (list, tuple, str)):
+        rank_levels = rank_levels.tolist()  # (a 0-d array's is a number, refused as no list)
+    elif isinstance(rank_levels, (range, _AbcIterator)):
+        rank_levels = list(rank_levels)
     levels = tuple(_typed("rank_levels", rank_levels, Sequence[int], (4, 8, 16)))
     if not levels:
         _fail("rank_levels", "must hold at least one rank, e.g. (4, 8, 16)")

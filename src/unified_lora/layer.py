@@ -26,7 +26,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _fused
-from .config import KERNELS, check_rank_levels
+from .config import KERNELS, _scalar, check_rank_levels
 
 try:  # transformers' Conv1D (GPT-2): weight is (in, out), y = x @ W + b
     from transformers.pytorch_utils import Conv1D
@@ -365,7 +365,10 @@ class NestedLoRALayer(nn.Module):
         else:
             raise TypeError(f"NestedLoRALayer wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
         levels = check_rank_levels(rank_levels)
-        max_rank = int(max_rank or levels[-1])
+        # as NestedLoRAConfig checks it: max_rank=24.5 was truncated to 24 (a block boundary at 24), and 0 read as None
+        max_rank = levels[-1] if max_rank is None else _scalar("max_rank", max_rank, int)
+        if max_rank <= 0:
+            raise ValueError(f"max_rank: must be positive, got {max_rank}")
         levels = check_rank_levels(levels, max_rank)
         self.base_layer = base_layer
         self.in_features, self.out_features = in_f, out_f

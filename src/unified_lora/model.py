@@ -183,19 +183,32 @@ def warn_frozen_head(model: nn.Module) -> None:
     (at random), and frozen it never trains: the adapters then learn to feed a random projection (the README's own
     Quick start block did so on MiniLM). PEFT's `task_type="SEQ_CLS"` adds the head to modules_to_save; without a
     task type PEFT, too, leaves it frozen, and so does this package, which cannot tell a fresh head from a trained one
-    (`unified-lora train` can: it trains the head, `training.seq_cls_head`)."""
+    (`unified-lora train` can: it trains the head, `training.seq_cls_head`). A head of several layers (RoBERTa's
+    `classifier`: `dense`, then `out_proj`) is warned of where one of them is so left, the others adapted or trained."""
     if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
         return
     for name in ("classifier", "score"):
         head = getattr(model, name, None)
-        params = list(head.parameters()) if isinstance(head, nn.Module) else []
-        if params and not any(p.requires_grad for p in params):
-            warnings.warn(f"the classification head {name!r} of this {type(model).__name__} stays frozen (neither "
-                          f"adapted nor in modules_to_save): a head from_pretrained initialised afresh (num_labels=...) "
-                          f"then never trains. Pass modules_to_save=[{name!r}] to train it in full, as PEFT's "
-                          "task_type='SEQ_CLS' does; if the head is trained already, leave it frozen and ignore this",
-                          UserWarning, stacklevel=_user_stacklevel())
-            return
+        if not isinstance(head, nn.Module):
+            continue
+        # the head's layers holding parameters of their own, each frozen and not inside a nested LoRA layer (whose
+        # base layer is frozen by design): with `dense` a LoRA target, RoBERTa's fresh `out_proj` was left frozen
+        # without a word, as any trainable parameter in the head counted as the head trained
+        adapted = [n for n, m in head.named_modules() if isinstance(m, NestedLoRALayer)]
+        frozen = [n for n, m in head.named_modules()
+                  if not any(a == "" or n == a or n.startswith(a + ".") for a in adapted)
+                  and (own := list(m.parameters(recurse=False))) and not any(p.requires_grad for p in own)]
+        if not frozen:
+            continue
+        whole = not any(p.requires_grad for p in head.parameters())
+        what = (f"the classification head {name!r} of this {type(model).__name__} stays frozen" if whole else
+                f"{', '.join(repr(f'{name}.{n}') for n in frozen)} of the classification head {name!r} of this "
+                f"{type(model).__name__} stay{'s' if len(frozen) == 1 else ''} frozen")
+        warnings.warn(f"{what} (neither adapted nor in modules_to_save): a head from_pretrained initialised afresh "
+                      f"(num_labels=...) then never trains. Pass modules_to_save=[{name!r}] to train it in full, as "
+                      "PEFT's task_type='SEQ_CLS' does; if the head is trained already, leave it frozen and ignore "
+                      "this", UserWarning, stacklevel=_user_stacklevel())
+        return
 
 
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:
