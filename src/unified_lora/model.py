@@ -177,6 +177,12 @@ def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoR
                       "target_modules", UserWarning, stacklevel=_user_stacklevel())
 
 
+# what `warn_frozen_head` says, in either form ("the classification head 'classifier' ... stays frozen (neither ...",
+# "'classifier.out_proj' of the classification head 'classifier' ... stays frozen (neither ..."), for a warnings
+# filter, whose message matches at the start
+FROZEN_HEAD_WARNING = r".*classification head .* frozen \(neither adapted"
+
+
 def warn_frozen_head(model: nn.Module) -> None:
     """A warning where a sequence or token classifier's head (`classifier`, or GPT-2's and Llama's `score`) is left
     frozen: neither adapted nor in modules_to_save. `from_pretrained(path, num_labels=2)` initialises that head afresh

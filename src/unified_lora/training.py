@@ -47,7 +47,7 @@ from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue,
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
                            no_rows_error, normalize_task, read_text, record_at, record_lines)
 from .distributed import print_on_main_process
-from .model import default_target_modules, lora_state_dict, trainable_parameters
+from .model import FROZEN_HEAD_WARNING, default_target_modules, lora_state_dict, trainable_parameters
 from .trace import TraceWriter, transition_note
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
@@ -1914,7 +1914,7 @@ class Run:
         # note). A --modules-to-save without the head was warned of twice, or of a head the checkpoint had trained,
         # and predict and export of that run warned again
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"the classification head .* stays frozen", category=UserWarning)
+            warnings.filterwarnings("ignore", message=FROZEN_HEAD_WARNING, category=UserWarning)
             return setup_unified_lora(
                 model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
                 lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save, signal=cfg.signal_config(),
