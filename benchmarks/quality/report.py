@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _grid import (CONDITIONS, NOISE, SEEDS_WANTED, SHOCK_KEYS, SHOCKS, UNRECORDED_BEFORE, budget,  # noqa: E402
                    budget_diff)
 from unified_lora.stats import LEVEL, t_critical as _t_crit, t_p_value as _t_p  # noqa: E402
+from unified_lora.stats import without_rounding as _without_rounding  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -298,13 +299,10 @@ def _delta(a, b, key):
         df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else na + nb - 2
     crit = _t_crit(df)
     # no spread (the per-seed differences, or each cell's values, the same up to float rounding) and Δ ≠ 0: t = Δ/0 is
-    # no test, as in `unified_lora.stats.seed_difference` (it read as p 0, "better", from two seeds); a Δ at that
-    # rounding too is none (0.1 + 0.2 against 0.3), as there
-    rounding = 1e-12 * max(abs(key(r)) for r in [*a, *b])
-    if se <= rounding and abs(d) <= rounding:
-        d, se = 0.0, 0.0
-    if d != 0 and se <= rounding:
-        return Delta(d, 0.0, "no spread: no verdict", test, df, crit, float("nan"))
+    # no test (it read as p 0, "better", from two seeds); a Δ at that rounding too is none (0.1 + 0.2 against 0.3)
+    d, se, no_spread = _without_rounding(d, se, [key(r) for r in [*a, *b]])
+    if no_spread:
+        return Delta(d, se, "no spread: no verdict", test, df, crit, float("nan"))
     p = 1.0 if d == 0 else _t_p(d / se, df)
     return Delta(d, se, _verdict(d, se, crit), test, df, crit, p)
 

@@ -83,6 +83,20 @@ def mcnemar(x: str, y: str) -> dict:
     return {"b": b, "c": c, "p": p}
 
 
+def without_rounding(diff: float, se: float, values) -> tuple[float, float, bool]:
+    """(Δ, SE, no_spread) with a spread at the float rounding of `values` (1e-12 × the largest |value|) taken for none:
+    0.9 − 0.8 and 0.8 − 0.7 differ in their last bits, and their SE of 6e-17 gave t = 1.6e15; so is a Δ at that
+    rounding beside it (0.1 + 0.2 against 0.3: 6e-17, which read as no spread where the runs scored the same).
+    `no_spread`: SE 0 with Δ not 0, where t = Δ/0 is no test (an infinite t, p 0, read as a certain difference from
+    two seeds). `seed_difference`'s rule, and benchmarks/quality/report.py's."""
+    rounding = 1e-12 * max(abs(v) for v in values)
+    if se <= rounding:
+        se = 0.0
+        if abs(diff) <= rounding:
+            diff = 0.0
+    return diff, se, se == 0 and diff != 0
+
+
 def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
     """mean(a) − mean(b) for two groups of runs, each {seed: value}, with its standard error and Student's t test,
     two-sided at `level`. Groups that share two or more seeds pair on those: Δ = the mean of the per-seed differences,
@@ -118,19 +132,12 @@ def seed_difference(a: dict, b: dict, level: float = LEVEL) -> dict:
     else:
         return dict(out, diff=out["mean_a"] - out["mean_b"], se=nan, df=nan, t=nan, p=nan, crit=nan, test="none",
                     no_spread=False)
-    # a spread at the rounding of the values is none: 0.9 − 0.8 and 0.8 − 0.7 differ in their last bits, and their SE
-    # of 6e-17 gave t = 1.6e15; so is a Δ at that rounding beside it (0.1 + 0.2 against 0.3: 6e-17, which read as
-    # "no spread" where the runs scored the same)
-    rounding = 1e-12 * max(abs(v) for v in va + vb)
-    if se <= rounding:
-        se = 0.0
-        if abs(diff) <= rounding:
-            diff = 0.0
-    if se == 0 and diff != 0:
+    diff, se, no_spread = without_rounding(diff, se, va + vb)
+    if no_spread:
         return dict(out, diff=diff, se=se, df=df, t=nan, p=nan, crit=t_critical(df, level), test=test, no_spread=True)
     t = diff / se if se > 0 else 0.0
     p = 1.0 if diff == 0 else t_p_value(t, df)
     return dict(out, diff=diff, se=se, df=df, t=t, p=p, crit=t_critical(df, level), test=test, no_spread=False)
 
 
-__all__ = ["LEVEL", "betainc", "mcnemar", "seed_difference", "t_critical", "t_p_value"]
+__all__ = ["LEVEL", "betainc", "mcnemar", "seed_difference", "t_critical", "t_p_value", "without_rounding"]
