@@ -148,9 +148,11 @@ def check_field_types(obj) -> None:
 
 
 def check_rank_levels(rank_levels: Sequence[int], max_rank: int | None = None) -> tuple[int, ...]:
-    """Rank levels must nest: positive, strictly increasing, each <= max_rank. They must be integers: (4, 8.5, 16)
-    is refused (it was truncated to (4, 8, 16) by a layer built by hand), and so is a value that is no list (None).
-    An array (numpy, torch), a range or an iterator is read as the list of its values."""
+    """Rank levels must nest: positive, strictly increasing, each <= max_rank (itself positive, checked first). They
+    must be integers: (4, 8.5, 16) is refused (it was truncated to (4, 8, 16) by a layer built by hand), and so is a
+    value that is no list (None). An array (numpy, torch), a range or an iterator is read as the list of its values."""
+    if max_rank is not None and max_rank <= 0:
+        _fail("max_rank", f"must be positive, got {max_rank}")
     # (`_typed` takes a list or tuple, as YAML gives: np.array([4, 8, 16]) and range(4, 17, 4), which setup and a layer
     # built by hand took, were refused as "must be a list of integers")
     if hasattr(rank_levels, "tolist") and not isinstance(rank_levels, (list, tuple, str)):
@@ -216,8 +218,6 @@ class NestedLoRAConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.max_rank is not None and self.max_rank <= 0:
-            _fail("max_rank", f"must be positive, got {self.max_rank}")
         self.rank_levels = check_rank_levels(self.rank_levels, self.max_rank)
         if self.max_rank is None:
             self.max_rank = self.rank_levels[-1]

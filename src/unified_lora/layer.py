@@ -364,12 +364,10 @@ class NestedLoRALayer(nn.Module):
             in_f, out_f = base_layer.weight.shape
         else:
             raise TypeError(f"NestedLoRALayer wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
-        levels = check_rank_levels(rank_levels)
         # as NestedLoRAConfig checks it: max_rank=24.5 was truncated to 24 (a block boundary at 24), and 0 read as None
-        max_rank = levels[-1] if max_rank is None else _scalar("max_rank", max_rank, int)
-        if max_rank <= 0:
-            raise ValueError(f"max_rank: must be positive, got {max_rank}")
-        levels = check_rank_levels(levels, max_rank)
+        max_rank = None if max_rank is None else _scalar("max_rank", max_rank, int)
+        levels = check_rank_levels(rank_levels, max_rank)
+        max_rank = levels[-1] if max_rank is None else max_rank
         self.base_layer = base_layer
         self.in_features, self.out_features = in_f, out_f
         self.max_rank = max_rank
