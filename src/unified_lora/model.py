@@ -177,12 +177,6 @@ def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoR
                       "target_modules", UserWarning, stacklevel=_user_stacklevel())
 
 
-# what `warn_frozen_head` says, in either form ("the classification head 'classifier' ... stays frozen (neither ...",
-# "'classifier.out_proj' of the classification head 'classifier' ... stays frozen (neither ..."), for a warnings
-# filter, whose message matches at the start
-FROZEN_HEAD_WARNING = r".*classification head .* frozen \(neither adapted"
-
-
 def warn_frozen_head(model: nn.Module) -> None:
     """A warning where a sequence or token classifier's head (`classifier`, or GPT-2's and Llama's `score`) is left
     frozen: neither adapted nor in modules_to_save. `from_pretrained(path, num_labels=2)` initialises that head afresh
@@ -190,8 +184,12 @@ def warn_frozen_head(model: nn.Module) -> None:
     Quick start block did so on MiniLM). PEFT's `task_type="SEQ_CLS"` adds the head to modules_to_save; without a
     task type PEFT, too, leaves it frozen, and so does this package, which cannot tell a fresh head from a trained one
     (`unified-lora train` can: it trains the head, `training.seq_cls_head`). A head of several layers (RoBERTa's
-    `classifier`: `dense`, then `out_proj`) is warned of where one of them is so left, the others adapted or trained."""
-    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+    `classifier`: `dense`, then `out_proj`) is warned of where one of them is so left, the others adapted or trained.
+    A model `training.load_model` loaded (train, predict, export) records which modules from_pretrained made afresh
+    (`_unified_lora_fresh_modules`), and its `Run` says itself which of them stay frozen: no warning there (it was
+    printed beside that note, of a head a checkpoint had trained, and again by predict and export)."""
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")) or \
+            hasattr(model, "_unified_lora_fresh_modules"):
         return
     for name in ("classifier", "score"):
         head = getattr(model, name, None)

@@ -47,7 +47,7 @@ from .data import (DataError, TextDataset, flip_labels, glue_metrics, load_glue,
 from .data.loaders import (_GLUE, _check_no_null_text, _load_glue_file, _read_records, check_columns,
                            no_rows_error, normalize_task, read_text, record_at, record_lines)
 from .distributed import print_on_main_process
-from .model import FROZEN_HEAD_WARNING, default_target_modules, lora_state_dict, trainable_parameters
+from .model import default_target_modules, lora_state_dict, trainable_parameters
 from .trace import TraceWriter, transition_note
 
 TASK_TYPES = ("auto", "seq-cls", "causal-lm")
@@ -1909,21 +1909,15 @@ class Run:
         if cfg.target_modules is None:  # recorded as resolved: the checkpoints, summary and a resume read the names
             cfg.target_modules = default_target_modules(model)
         actuators = cfg.actuator_config()
-        # not setup_unified_lora's warning of a frozen classifier head, which cannot tell a fresh head from a trained
-        # one: the run knows (`fresh_modules`) and says so itself where a fresh one is left frozen (`__init__`'s
-        # note). A --modules-to-save without the head was warned of twice, or of a head the checkpoint had trained,
-        # and predict and export of that run warned again
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=FROZEN_HEAD_WARNING, category=UserWarning)
-            return setup_unified_lora(
-                model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save, signal=cfg.signal_config(),
-                lr_mode=actuators.lr_mode, machine=cfg.machine_config(), actuators=actuators,
-                mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
-                trace_path=None, log_every=cfg.log_every, print_fn=print_fn,
-                # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
-                # held for the whole run, would only grow
-                keep_trace=keep_trace)
+        return setup_unified_lora(
+            model, target_modules=cfg.target_modules, rank_levels=cfg.rank_levels, lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, modules_to_save=modules_to_save, signal=cfg.signal_config(),
+            lr_mode=actuators.lr_mode, machine=cfg.machine_config(), actuators=actuators,
+            mirror=cfg.mirror_config(), layer_kernel=cfg.layer_kernel,
+            trace_path=None, log_every=cfg.log_every, print_fn=print_fn,
+            # with a trace file the run reads its trace from there (summary, plot): ctrl.trace, a record per step
+            # held for the whole run, would only grow
+            keep_trace=keep_trace)
 
     @property
     def base_lr(self) -> float:
