@@ -2113,15 +2113,21 @@ def _read_task_manifest(folder, tasks: dict | None = None) -> list[str]:
     return names
 
 
+def _swap_paths(save_dir: str, tmp: str) -> tuple[str, str, str, str]:
+    """A set swap's folder for the previous set's copies (`.old-<tmp's suffix>`), and the manifest in `save_dir`, in
+    `tmp` (the new set's) and in that folder (the previous set's)."""
+    old = os.path.join(save_dir, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
+    return (old, *(os.path.join(d, TASK_EXPORT_MANIFEST) for d in (save_dir, tmp, old)))
+
+
 def _swap_in_task_set(save_dir: str, tmp: str) -> None:
     """Move the complete set in `tmp` (its manifest in it) into `save_dir`: the previous set's manifest and each
     folder of the previous set or of a new folder's name into `.old-<tmp's suffix>` first, each new folder in after
     the old one of its name went, the manifest last; then the old copies go. Every step checks what is done, so a
     call killed part way is finished by calling it again (`_settle_task_exports`)."""
-    old = os.path.join(save_dir, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
+    old, man, man_new, man_old = _swap_paths(save_dir, tmp)
     os.makedirs(old, exist_ok=True)
     fsync_dir(save_dir)
-    man, man_new, man_old = (os.path.join(d, TASK_EXPORT_MANIFEST) for d in (save_dir, tmp, old))
     if os.path.lexists(man) and not os.path.lexists(man_old):
         os.replace(man, man_old)  # the previous set's list, read again by a call that finishes this one
     new = _read_task_manifest(tmp)
@@ -2148,8 +2154,7 @@ def _undo_task_swap(save_dir: str, tmp: str, written) -> None:
     aside back in, the previous manifest last, then delete `tmp` and the `.old-` folder. Where the new manifest is in
     place, the swap was done: those two alone go. A step of this that fails too leaves both folders as they are, for
     the next export on this host to finish the swap once this process is gone (`_settle_task_exports`)."""
-    old = os.path.join(save_dir, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
-    man, man_new, man_old = (os.path.join(d, TASK_EXPORT_MANIFEST) for d in (save_dir, tmp, old))
+    old, man, man_new, man_old = _swap_paths(save_dir, tmp)
     if os.path.isdir(old) and os.path.lexists(man_new):
         try:
             for name in dict.fromkeys([*_read_task_manifest(old), *written]):
