@@ -760,10 +760,10 @@ _TRAIN_FLAGS = {  # flag dest -> TrainConfig field (only flags the user actually
         "task_names", "resplit_window")},
     "lrs": "mode_lrs",
 }
-# the flags whose TrainConfig field is another name: a YAML key spelt as the flag (`lrs:`) is told the key it sets
-# (`mode_lrs`), not the nearest key by spelling (`lr`); `--no-controller`'s is `controller: false` (told `controller`
-# by spelling, `no_controller: true` became `controller: true`, the opposite)
-# (`trust_checkpoint:` was told `peft_every_checkpoint` by spelling); the flags with no key at all are told so
+# a YAML key spelt as a flag whose TrainConfig field is another name (`lrs:`) is told the key it sets (`mode_lrs`), not
+# the nearest key by spelling (`lr`); `--no-controller`'s is `controller: false` (told `controller` by spelling,
+# `no_controller: true` became `controller: true`, the opposite); a flag with no key at all (None) is told it is a
+# flag (`trust_checkpoint:` was told `peft_every_checkpoint` by spelling)
 _FLAG_KEY_NAMES = {**{k: f for k, f in _TRAIN_FLAGS.items() if k != f}, "no_controller": "controller: false",
                    **dict.fromkeys(("resume", "overwrite", "trust_checkpoint", "config", "debug"))}
 
@@ -2227,8 +2227,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compare", parents=[common], help="did it help? two groups of train runs (e.g. the "
-                       "controller and --no-controller over seeds) on their final dev scores, with a t test",
-                       description="Compare two groups of `unified-lora train` runs on their final dev evaluation: "
+                       "controller and --no-controller over seeds) on their final (or --at best, best) dev scores, "
+                       "with a t test",
+                       description="Compare two groups of `unified-lora train` runs on their final dev evaluation "
+                       "(--at best: each run's best): "
                        "each group's mean ± std over its seeds, the difference A − B with its standard error and "
                        "Student's t test (paired on the seeds both groups ran, else Welch; one run a side: a test "
                        "on the dev rows; two-sided at 95 %), and the majority class beside them. The runs must share "
