@@ -1326,6 +1326,44 @@ def test_calibration_target_is_a_train_flag_recorded_and_checked_as_the_yaml_key
         "trains plain LoRA at the MULTI rank and LR throughout; drop it, or train with the controller"]
 
 
+def test_a_loss_signal_setting_given_to_the_composite_signal_is_refused_at_its_default_value_too(tiny, tmp_path,
+                                                                                                   capsys):
+    """`--signal composite --calibration-target 0.5` ran without a word where `--calibration-target 2` was refused:
+    SignalConfig compares the value with its default, and 0.5 is the default. What is refused is what the command
+    gives, a flag or a YAML key, whatever its value, as the loss signal's note on an unread target already reads it;
+    --loss-scale 1 and --calibration-steps 0 (their defaults) likewise, in `train` and in the demo. Nothing is
+    written; without them the composite run builds its config."""
+    from unified_lora.cli import _train_config, build_parser
+
+    def error(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err.rstrip("\n")
+
+    said = ("unified-lora: error: {k}: {v} would be ignored: the 'composite' signal does not read it (only --signal "
+            "loss does), whatever its value; drop {where}, or pass --signal loss")
+    for flag, value, shown in (("--calibration-target", "0.5", "0.5"), ("--calibration-target", "2", "2.0"),
+                               ("--loss-scale", "1", "1.0"), ("--calibration-steps", "0", "0")):
+        key = flag[2:].replace("-", "_")
+        assert error(*_train_args(tiny, tmp_path / "t", "--signal", "composite", flag, value)) == said.format(
+            k=key, v=shown, where=flag)
+        assert error(*_demo_args(tiny, tmp_path / "d", "--signal", "composite", flag, value)) == said.format(
+            k=key, v=shown, where=flag)
+    yaml = _write(tmp_path / "c.yaml", "signal: composite\ncalibration_target: 0.5\n")
+    assert error(*_train_args(tiny, tmp_path / "y", "--config", str(yaml))) == said.format(
+        k="calibration_target", v="0.5", where="calibration_target (--config)")
+    yaml = _write(tmp_path / "l.yaml", "calibration_target: 0.5\n")  # the key, the flag picks the signal
+    assert error(*_train_args(tiny, tmp_path / "y", "--config", str(yaml), "--signal", "composite")) == said.format(
+        k="calibration_target", v="0.5", where="calibration_target (--config)")
+    assert not any((tmp_path / d).exists() for d in ("t", "d", "y"))
+    build = lambda *argv: _train_config(build_parser().parse_args(  # noqa: E731
+        ["train", "--output-dir", str(tmp_path / "x"), *argv]))[0]
+    assert build("--signal", "composite").calibration_target == 0.5  # the default, not given: no refusal
+    assert build("--calibration-target", "0.5", "--calibration-steps", "3").calibration_target == 0.5  # loss signal
+
+
 def test_a_calibration_target_no_calibration_reads_is_said_to_be_unread(tiny, tmp_path, capsys):
     """--calibration-target (or YAML calibration_target) given to a run that does not calibrate (a classifier with no
     --calibration-steps, or a --loss-scale given) was ignored without a word: a note says so, once, naming why; a

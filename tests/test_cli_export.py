@@ -426,3 +426,39 @@ def test_a_quantized_base_is_refused_with_merged(tiny, tmp_path, capsys):
     assert f"unified-lora: error: --merged: the run's base model {q8} is quantized (bitsandbytes 8-bit)" in said.err
     assert "Export the adapter (without --merged)" in said.err
     assert not (run / "merged-step-1").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_file", "sharded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_stored_dtype_of_a_base_saved_as_pytorch_model_bin_is_its_weights(dtype, sharded, tmp_path):
+    """A base whose weights are `pytorch_model.bin` (or its shards, with their index) and whose config names no dtype:
+    stored_dtype read safetensors files alone and said fp32, so `export --merged` (--dtype auto) wrote a bf16 base's
+    merge in fp32, at twice its size, where transformers' dtype="auto" loads that base in bf16. The files are written
+    with torch.save, as transformers 5's save_pretrained writes safetensors whatever safe_serialization says."""
+    from conftest import tiny_bert
+    from transformers import AutoModelForSequenceClassification
+
+    from unified_lora.inference import stored_dtype
+
+    model = tiny_bert().to(dtype)
+    model.config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = model.state_dict()
+    if sharded:
+        keys = list(state)
+        shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": part for i, part in
+                  enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:]))}
+        for name, part in shards.items():
+            torch.save({k: state[k] for k in part}, tmp_path / name)
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype="auto").dtype == dtype
+    assert stored_dtype(str(tmp_path)) == dtype
+    torch.save(tiny_bert().state_dict(), tmp_path / ("pytorch_model-00001-of-00002.bin" if sharded else
+                                                     "pytorch_model.bin"))
+    assert stored_dtype(str(tmp_path)) == torch.float32  # (the first tensor's dtype: the test can fail)

@@ -1987,6 +1987,59 @@ def test_optimizer_steps_skipped_after_non_finite_losses_are_not_taken_for_an_ac
     assert _accumulation_warnings(record) == []
 
 
+@pytest.mark.parametrize("signal", ["loss", "composite"])
+def test_ctrl_step_after_optimizer_step_is_warned_about_once_and_the_right_order_is_not(bert, signal):
+    """A loop calling ctrl.step after optimizer.step() (before zero_grad, so a gradient is there to read) ran without
+    a word: the LR and rank the controller set applied one step late, and the composite signal read gradients the
+    update had already used. Both orders alternate the two calls; the first ctrl.step tells them apart, as it reads
+    the very gradient the optimizer's step before it used. The right order gets no warning, nor do the loops that
+    step the optimizer before their first ctrl.step too: steps without the controller first (a warm-up, or one
+    plain step so that AdamW has moments), or a first step whose NaN loss the loop skips; nor does a new optimizer
+    attached between ctrl.step and its step."""
+    import warnings
+
+    x, y = classification_batch(n=4)
+
+    def run(order: str, steps: int = 6) -> list:
+        model = copy.deepcopy(bert)
+        _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                     signal=signal, print_fn=None)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        ctrl.attach_optimizer(opt)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for _ in range(3 if order == "warm_up" else 1 if order == "plain_first" else 0):
+                model(input_ids=x, labels=y).loss.backward()
+                opt.step()
+                if order == "warm_up":
+                    opt.zero_grad()
+            for i in range(steps):
+                loss = model(input_ids=x, labels=y).loss
+                loss.backward()
+                if order == "late":
+                    opt.step()
+                    ctrl.step(loss=loss.item())
+                else:
+                    value = float("nan") if order == "nan_first" and i == 0 else loss.item()
+                    ctrl.step(loss=value)
+                    if order == "reattach" and i == 2:
+                        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+                        ctrl.attach_optimizer(opt)
+                    if value == value:  # (not NaN)
+                        opt.step()
+                opt.zero_grad()
+        return [str(w.message) for w in record if str(w.message).startswith("ctrl.step: ")], record
+
+    said, record = run("late")
+    assert said == ["ctrl.step: it reads the gradients the optimizer's last step already applied: it runs after "
+                    "optimizer.step(), so the LR and rank it sets apply one step late, and the composite signal reads "
+                    "gradients the update has already used. Call it after the backward and before the update: "
+                    "loss.backward() -> ctrl.step(loss) -> optimizer.step() -> optimizer.zero_grad()"]
+    assert next(w for w in record if str(w.message) == said[0]).filename == __file__  # the loop's ctrl.step
+    for order in ("right", "warm_up", "plain_first", "nan_first", "reattach"):
+        assert run(order)[0] == [], order
+
+
 def test_setup_warns_where_a_classifiers_head_stays_frozen():
     """(found by the README trial) the Quick start's v3 block set up MiniLM `from_pretrained(path, num_labels=2)`
     without modules_to_save: its fresh, random classifier stayed frozen, and the adapters trained against it without

@@ -163,8 +163,6 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(args)
         return None
-    import torch  # noqa: F401  (environment() reads its version)
-
     load = LoadMonitor(own_threads=args.threads)  # each child runs alone with this many threads
     arms = args.arms.split(",")
     runs = run_rounds(__file__, arms, args.rounds, ["--steps", str(args.steps), *common_child_args(args)], load,

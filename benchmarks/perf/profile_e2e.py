@@ -223,8 +223,6 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(args)
         return None
-    import torch  # noqa: F401  (environment() reads its version)
-
     arms = args.arms.split(",")
     if len(arms) < 2:
         raise SystemExit("--arms: give at least two arms (ours first, the baseline last)")

@@ -596,13 +596,15 @@ def cmd_demo(args) -> int:
     lrs = tuple(args.lrs) if args.lrs else DEMO_LRS
     loss_scale, calibration_steps = args.loss_scale, args.calibration_steps
     calibration_target = args.calibration_target
+    given = {k: getattr(args, k) for k in _LOSS_SIGNAL_ONLY if getattr(args, k) is not None}
+    _refuse_unread_by_composite(args.signal, given, given)
     if args.signal == "loss":  # the demo's scale and calibration are the loss signal's (the composite reads neither)
         loss_scale = DEMO_LOSS_SCALE if loss_scale is None else loss_scale
         if calibration_steps is None:  # an explicit --loss-scale means "use this scale", not "calibrate"
             calibration_steps = DEMO_CALIBRATION[0] if args.loss_scale is None else 0
         if calibration_target is None:
             calibration_target = DEMO_CALIBRATION[1]
-    loss_scale = 1.0 if loss_scale is None else loss_scale  # composite: given ones are refused by SignalConfig
+    loss_scale = 1.0 if loss_scale is None else loss_scale  # composite: given ones are refused above
     calibration_steps = 0 if calibration_steps is None else calibration_steps
     calibration_target = 0.5 if calibration_target is None else calibration_target
     cfg = TrainConfig(model=args.model, data=args.data, text_columns=args.text_columns, label_column=args.label_column,
@@ -616,10 +618,7 @@ def cmd_demo(args) -> int:
                       warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
                       lr_scheduler_kwargs=args.lr_scheduler_kwargs)
     schedule = lr_schedule(cfg, cfg.steps)  # (a warm-up longer than the run: refused before anything loads)
-    _note_calibration_target_unread(cfg, {k: v for k, v in (("calibration_target", args.calibration_target),
-                                                             ("loss_scale", args.loss_scale),
-                                                             ("calibration_steps", args.calibration_steps))
-                                           if v is not None}, True)
+    _note_calibration_target_unread(cfg, given, True)
     device = resolve_device(cfg.device)  # a device this machine lacks fails here, before anything is loaded
     check_precision(device, cfg.precision)
     if cfg.threads:  # checked first: torch.set_num_threads(-1) was an internal error (RuntimeError, exit 1)
@@ -815,6 +814,7 @@ def _train_config(args) -> tuple:
                 "lr_scheduler_kwargs" not in given:  # (a schedule's settings are its own: another --lr-scheduler,
             d.pop("lr_scheduler_kwargs", None)  # which the resume refuses below, naming it, does not take them)
     d.update(flags)
+    _refuse_unread_by_composite(d.get("signal", "loss"), user, flags)
     try:
         cfg = TrainConfig.from_dict(d, _FLAG_KEY_NAMES)
     except ValueError as e:
@@ -917,6 +917,26 @@ def _check_lr_read(cfg, user: dict) -> None:
                      f"{' '.join(f'{v:g}' for v in cfg.mode_lrs)}); pass --lrs instead, or --lr-mode multiplier")
 
 
+# the settings only the loss signal reads (SignalConfig refuses a value other than its default for the composite one)
+_LOSS_SIGNAL_ONLY = ("loss_scale", "calibration_steps", "calibration_target")
+
+
+def _refuse_unread_by_composite(signal: str, user: dict, flags) -> None:
+    """A UsageError where a setting only the loss signal reads (`_LOSS_SIGNAL_ONLY`) is given to a run on the composite
+    signal, which reads no loss scale: given at all, as a flag (`flags`: the names given so) or a YAML key (`user`:
+    the settings this command gives), its default value included. SignalConfig compares a value with its default, so
+    `--signal composite --calibration-target 0.5` (the default) was accepted without a word where 2 was refused."""
+    from .training import UsageError
+
+    given = [k for k in _LOSS_SIGNAL_ONLY if k in user]
+    if signal != "composite" or not given:
+        return
+    k = given[0]
+    where = f"--{k.replace('_', '-')}" if k in flags else f"{k} (--config)"
+    raise UsageError(f"{k}: {user[k]!r} would be ignored: the 'composite' signal does not read it (only --signal loss "
+                     f"does), whatever its value; drop {where}, or pass --signal loss")
+
+
 def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
     """A one-line note on stderr (process 0 alone, under torchrun) where `--lrs` (`flag`) or YAML `mode_lrs` is given to
     a run in --lr-mode multiplier, which does not read it: each mode trains at --lr x its multiplier. Not refused,
@@ -939,7 +959,8 @@ def _note_calibration_target_unread(cfg, user: dict, flag: bool) -> None:
     is given to a new run on the loss signal that does not calibrate (no --calibration-steps, or --loss-scale given;
     a causal LM calibrates of its own, `_calibrate_lm_loss`): the target is read by nothing. `user`: the settings
     given (train's flags and YAML keys; the demo's flags). A note, as for --lrs in
-    multiplier mode: the run is otherwise what was asked. (The composite signal refuses it: it reads no scale.)"""
+    multiplier mode: the run is otherwise what was asked. (The composite signal refuses it, given at all: it reads no
+    scale; `_refuse_unread_by_composite`.)"""
     from .training import process_rank
 
     if "calibration_target" not in user or cfg.signal != "loss" or cfg.calibration_steps or process_rank() != 0:

@@ -24,6 +24,7 @@ import numbers
 import itertools
 import sys
 import warnings
+import weakref
 from collections import deque
 from typing import Callable, Sequence
 
@@ -165,6 +166,8 @@ class UnifiedController:
         self._unstepped: deque = deque(maxlen=_ACCUMULATION_WINDOW)  # per call: no optimizer step since the last one
         self._accumulation_warned = False
         self._last_nonfinite = False  # the last call's step was non-finite: its optimizer step is skipped, rightly
+        self._called = False  # a ctrl.step has run (`_watch_order`)
+        self._used_grad: tuple | None = None  # before it: (weakref, version) of the gradient the last optimizer step used
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self.global_step = 0
@@ -283,6 +286,32 @@ class UnifiedController:
 
     def _count_optimizer_step(self, opt, args, kwargs) -> None:
         self._optimizer_steps += 1
+        if not self._called:  # (until the first ctrl.step: `_watch_order`)
+            g = self.adapters[0].first_block_grad() if self.adapters else None
+            self._used_grad = None if g is None else (weakref.ref(g), g._version)
+
+    def _watch_order(self) -> None:
+        """Warn, at the first `ctrl.step`, where it reads the very gradient the attached optimizer's last step used
+        (block 0's gradient tensor, at the version that step left it): the loop calls ctrl.step after
+        `optimizer.step()`. Then the LR and rank the controller sets apply one step late, a Mirror snapshot is taken
+        after that step's update, and the composite signal reads gradients the update has already used. Both orders
+        alternate the two calls, so the first call tells them apart: in the right order a backward comes between an
+        optimizer step and the next ctrl.step (optimizer steps without the controller first, a warm-up, included),
+        which gives block 0 a new gradient or adds to it in place; a zero_grad between them leaves none or a zeroed
+        one (and a call with no gradient is refused). Reads no tensor's data, only its identity and version counter
+        (as `_watch_accumulation`: v1's ctrl.step issues no op). Not an error: the run goes on, one step late."""
+        if self._called:
+            return
+        self._called = True
+        used, self._used_grad = self._used_grad, None
+        g = self.adapters[0].first_block_grad() if used is not None else None
+        if g is None or used[0]() is not g or g._version != used[1]:
+            return
+        warnings.warn("ctrl.step: it reads the gradients the optimizer's last step already applied: it runs after "
+                      "optimizer.step(), so the LR and rank it sets apply one step late, and the composite signal "
+                      "reads gradients the update has already used. Call it after the backward and before the "
+                      "update: loss.backward() -> ctrl.step(loss) -> optimizer.step() -> optimizer.zero_grad()",
+                      stacklevel=3)
 
     def _watch_accumulation(self) -> None:
         """Warn, once, when `ctrl.step` runs on most micro-batches of an accumulation. The controller counts
@@ -658,6 +687,7 @@ class UnifiedController:
         except ValueError as e:  # alone while the others wait in the collective
             refusal = e
         loss = self._read_loss(loss, refusal)
+        self._watch_order()
         self._watch_accumulation()
         self.last_loss = loss
         phi = self._update_signal(loss, **inputs)
@@ -1021,6 +1051,7 @@ class UnifiedController:
         # the hook handles would carry the optimizer's whole hook dict (a user's lambda hook made the controller
         # unpicklable); `__setstate__` registers the hooks again
         state["_hooks"] = [None] * len(self._hooks)
+        state["_used_grad"] = None  # (a weak reference: not picklable; the copy's tensors are others anyway)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -1031,7 +1062,7 @@ class UnifiedController:
             state["_extra_params"] = state.pop("extra_params")
         for key, value in (("_exit_decision", None), ("_extra_owners", None), ("_optimizer_steps", 0),
                            ("_steps_at_last_call", None), ("_accumulation_warned", False),
-                           ("_last_nonfinite", False)):
+                           ("_last_nonfinite", False), ("_called", False), ("_used_grad", None)):
             state.setdefault(key, value)
         if "_unstepped" not in state:
             state["_unstepped"] = deque(maxlen=_ACCUMULATION_WINDOW)

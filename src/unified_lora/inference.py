@@ -232,8 +232,10 @@ _MODEL_FILE = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(s
 def stored_dtype(model_path: str) -> torch.dtype:
     """The dtype a base model's weights are stored in, as transformers' dtype="auto" reads it: its config's (`dtype`,
     transformers 4's `torch_dtype`), else that of the first floating-point tensor of its safetensors weights (a local
-    folder's, or a hub id's in the Hugging Face cache: `hub_snapshot`, which holds them once the model has loaded);
-    fp32 where neither says. (`load_model` loads every model in fp32, whatever this is.)"""
+    folder's, or a hub id's in the Hugging Face cache: `hub_snapshot`, which holds them once the model has loaded),
+    else of its `pytorch_model.bin` weights (or their first shard), where it has no safetensors, as transformers then
+    loads those (`_bin_dtype`: the tensors are not read); fp32 where none says. (`load_model` loads every model in
+    fp32, whatever this is.)"""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
@@ -245,13 +247,30 @@ def stored_dtype(model_path: str) -> torch.dtype:
     from safetensors import safe_open
 
     folder = Path(model_path) if Path(model_path).is_dir() else hub_snapshot(model_path)
-    for f in sorted(folder.glob("*.safetensors")) if folder is not None else ():
+    safetensors = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    for f in safetensors:
         with safe_open(f, "pt") as st:
             for key in st.keys():
                 found = _SAFETENSORS_DTYPES.get(st.get_slice(key).get_dtype())
                 if found is not None:
                     return found
-    return torch.float32
+    bins = sorted(f for f in folder.glob("pytorch_model*.bin") if _BIN_WEIGHTS.fullmatch(f.name)) \
+        if folder is not None and not safetensors else []
+    return (_bin_dtype(bins[0]) if bins else None) or torch.float32
+
+
+_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")  # transformers' WEIGHTS_NAME and its shards
+
+
+def _bin_dtype(path: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor (one `_SAFETENSORS_DTYPES` has) of a `torch.save`d state dict, as
+    transformers' `get_state_dict_dtype` takes it; None where it has none. Read onto the meta device, memory-mapped:
+    no tensor's data is read (a file of torch's old, pre-zip format, which cannot be mapped, is read through)."""
+    import zipfile
+
+    state = torch.load(path, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
+    floats = set(_SAFETENSORS_DTYPES.values())
+    return next((t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.dtype in floats), None)
 
 
 def quantization_of(model_path: str) -> str | None:
