@@ -267,6 +267,25 @@ def test_an_argument_that_a_config_object_overrides_is_not_ignored_silently(bert
     assert ctrl.actuators.lr_mode == "off"
 
 
+def test_a_config_argument_of_the_wrong_kind_and_a_bad_log_every_are_refused_by_name(bert):
+    """setup_unified_lora(model, mirror="always") (a policy's name where a MirrorConfig belongs) and machine= given
+    as a dict raised an AttributeError from deep in the setup ('str' object has no attribute 'kernel'). log_every=-1
+    printed a console line at every step and log_every=2.5 ran as 2, silently. Each is now a ValueError naming the
+    argument, and the model is left unwrapped, so a retry runs."""
+    for kwargs, match in [({"mirror": "always"}, r"^mirror: pass mirror=MirrorConfig\(\.\.\.\) or leave it out, got 'always' \(str\)"),
+                          ({"machine": {"theta0": 0.2}}, r"^machine: pass machine=MachineConfig\(.*\(dict\)"),
+                          ({"actuators": "multiplier"}, r"^actuators: pass actuators=ActuatorConfig\("),
+                          ({"log_every": -1}, r"^log_every: a console line every N steps, an int >= 0"),
+                          ({"log_every": 2.5}, r"^log_every: must be an integer, got 2\.5")]:
+        with pytest.raises(ValueError, match=match):
+            setup_unified_lora(bert, ["query"], print_fn=None, **kwargs)
+    with pytest.raises(ValueError, match=r"^mirror: pass mirror=MirrorConfig\("):
+        UnifiedController(mirror="never", print_fn=None)
+    _, ctrl = setup_unified_lora(bert, ["query"], mirror=MirrorConfig(policy="always"), log_every="5",
+                                 modules_to_save=["classifier"], print_fn=None)
+    assert ctrl.log_every == 5 and ctrl.mirror.config.policy == "always"  # (a number as a string, as YAML gives)
+
+
 def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):
     """ActuatorConfig's lr_mode defaults to "absolute", setup_unified_lora's to "multiplier". So
     setup_unified_lora(lr_mode="multiplier", actuators=ActuatorConfig(mode_multipliers=...)) ran in absolute mode:

@@ -189,6 +189,24 @@ def test_tasks_given_as_one_string_is_refused_not_read_as_its_letters():
     setup_multitask_lora(model, ["mrpc"], TARGETS, print_fn=None)  # the model is left as it was: a retry runs
 
 
+def test_a_one_task_signal_or_a_spare_slot_count_that_is_no_integer_is_refused_by_name():
+    """setup_multitask_lora(signal="composite") (the v3 signal, which multi-task mode lacks) raised
+    "AttributeError: 'str' object has no attribute 'phi_init'"; spare_slots=1.5 allocated one spare slot silently
+    and spare_slots="x" was a TypeError from a comparison. Each is a ValueError naming the argument, before the
+    model changes."""
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"^signal: pass a MultiTaskSignalConfig .*got 'composite'; the one-task "
+                                         r"signals .* are not available in multi-task mode"):
+        setup_multitask_lora(model, ["a", "b"], TARGETS, signal="composite", print_fn=None)
+    with pytest.raises(ValueError, match=r"^spare_slots: must be an integer, got 1\.5"):
+        setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots=1.5, print_fn=None)
+    with pytest.raises(ValueError, match=r"^spare_slots: must be an integer, got 'x' \(str\)"):
+        setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots="x", print_fn=None)
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots=1, signal=MultiTaskSignalConfig(),
+                                   print_fn=None)  # the model is left as it was: a retry runs
+    assert ctrl.router.n_slots == 3
+
+
 def test_a_target_in_modules_to_save_trains_in_full_as_in_one_task_mode():
     """A head that is a LoRA target (a delta per task) and in modules_to_save: its base weights train too, as
     inject_nested_lora leaves them. The task layer that replaced the plain one froze them again, for good, silently."""

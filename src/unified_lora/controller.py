@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import (MIRROR, MODES, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig, SignalConfig,
-                     check_rank_levels)
+                     _scalar, check_rank_levels)
 from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sharding, is_first_process, local_tensor,
                           lockstep_mean, print_on_main_process, shard_group, sharding_of, to_sharded)
 from .layer import NestedLoRALayer, blocks_of
@@ -120,6 +120,9 @@ class UnifiedController:
         print_fn: Callable[[str], None] | None = print_on_main_process,
         reduce_loss: Callable[[float], float] | None = distributed_mean,
     ):
+        for name, value, cls in (("machine", machine, MachineConfig), ("actuators", actuators, ActuatorConfig),
+                                 ("mirror", mirror, MirrorConfig)):
+            check_config_arg(name, value, cls)
         _refuse_ignored(UnifiedController.__init__, "signal", signal if isinstance(signal, SignalConfig) else None,
                         alpha=alpha, beta=beta)
         _refuse_ignored(UnifiedController.__init__, "machine", machine, theta0=theta0, theta1=theta1,
@@ -174,7 +177,9 @@ class UnifiedController:
         # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
         self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
                                   group=self._trace_group) if trace_path else None
-        self.log_every, self.print_fn = int(log_every), print_fn
+        self.log_every, self.print_fn = _scalar("log_every", log_every, int), print_fn
+        if self.log_every < 0:  # (-1 printed every step; 2.5 was read as 2, silently)
+            raise ValueError(f"log_every: a console line every N steps, an int >= 0 (0: transitions only), got {log_every!r}")
         self.reduce_loss = reduce_loss
         self._apply_rank()
 
@@ -1069,6 +1074,7 @@ def _setup_ranks(fn, rank_levels, mode_ranks, lr_mode, controller_kwargs: dict) 
     levels, given_ranks = check_rank_levels(rank_levels), mode_ranks
     mode_ranks = tuple(mode_ranks) if mode_ranks is not None else (levels[0], levels[min(1, len(levels) - 1)], levels[-1])
     actuators = controller_kwargs.pop("actuators", None)
+    check_config_arg("actuators", actuators, ActuatorConfig)
     # lr_mode / mode_ranks beside an ActuatorConfig that sets them otherwise are refused
     _refuse_ignored(fn, "actuators", actuators, mode_ranks=given_ranks, lr_mode=lr_mode)
     actuators = actuators or ActuatorConfig(mode_ranks=mode_ranks, lr_mode=lr_mode or "multiplier")
@@ -1090,6 +1096,15 @@ def _is_int(v) -> bool:
     if isinstance(v, str):
         return v.lstrip("-").isdigit()
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config_arg(name: str, value, cls: type) -> None:
+    """`value`, given as the `name=` argument, must be None or a `cls` (a config dataclass). Anything else (a policy's
+    name for `mirror=`, a dict for `machine=`, a signal's name for the multi-task `signal=`) is a ValueError naming
+    the argument; it was an AttributeError from deep in the setup."""
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name}: pass {name}={cls.__name__}(...) or leave it out, got {value!r} "
+                         f"({type(value).__name__})")
 
 
 def _refuse_ignored(fn: Callable, arg: str, config, **given) -> None:

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, missing_folders, remove_dead_leftovers,
                      remove_made_folders, temp_prefix, written_atomically)
 from .config import MODES, MULTI, RESPLIT_WINDOW, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
-from .config import SignalConfig, check_field_types
+from .config import SignalConfig, _scalar, check_field_types
 from .controller import UnifiedController, _is_int, _setup_ranks, _unwrap_optimizer, extra_parameters
 from .distributed import _device as _collective_device
 from .distributed import is_distributed, shard_group, unwrap_model
@@ -125,10 +125,11 @@ class TaskRouter:
             raise ValueError("tasks: need at least one task id, e.g. tasks=['rte', 'mrpc']")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks: ids must be unique, got {tasks}")
+        spare_slots = _scalar("spare_slots", spare_slots, int)  # (1.5 was taken as 1, "1" a TypeError)
         if spare_slots < 0:
             raise ValueError(f"spare_slots: must be >= 0, got {spare_slots}")
         self.slots: dict[int | str, int] = {t: i for i, t in enumerate(tasks)}
-        self.n_slots = len(tasks) + int(spare_slots)
+        self.n_slots = len(tasks) + spare_slots
         # fixed for the router's life (see `record_bytes`): the task ids given at setup, and the bytes a spare slot's
         # entry in the saved registry may take (the old padding's share of a slot, or the longest setup entry)
         self._setup_entries = [_slot_entry(t, i) for i, t in enumerate(tasks)]
@@ -935,8 +936,10 @@ class MultiTaskController(UnifiedController):
             raise ValueError("adapters: MultiTaskController needs MultiTaskNestedLoRALayer adapters "
                              "(inject_multitask_lora / setup_multitask_lora)")
         self.router = router or layers[0].router
-        if isinstance(signal, SignalConfig):
-            raise ValueError("signal: pass a MultiTaskSignalConfig (six weights for C, E, S, ΔC, ΔE, ΔS)")
+        if signal is not None and not isinstance(signal, MultiTaskSignalConfig):  # ("composite" was an AttributeError)
+            got = repr(signal) if isinstance(signal, str) else f"a {type(signal).__name__}"
+            raise ValueError(f"signal: pass a MultiTaskSignalConfig (six weights for C, E, S, ΔC, ΔE, ΔS), got {got}; "
+                             f"the one-task signals ('loss', 'composite') are not available in multi-task mode")
         super().__init__(adapters=layers, optimizer=optimizer, signal=SignalConfig(kind="loss"), machine=machine,
                          actuators=actuators, mirror=mirror, **kwargs)
         self.signal = MultiTaskSignal(signal)
