@@ -2049,13 +2049,13 @@ def test_setup_warns_where_a_classifiers_head_stays_frozen():
 
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    with pytest.warns(UserWarning, match=r"the classification head 'classifier' of this "
+    with pytest.warns(UserWarning, match=r"the task head 'classifier' of this "
                       r"BertForSequenceClassification stays frozen .*Pass modules_to_save=\['classifier'\]") as got:
         setup_unified_lora(tiny_bert(), ["query", "value"])
     assert len([w for w in got if "stays frozen" in str(w.message)]) == 1
     assert got[0].filename == __file__  # (the user's line: stacklevel)
     gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32))
-    with pytest.warns(UserWarning, match="the classification head 'score' of this GPT2ForSequenceClassification"):
+    with pytest.warns(UserWarning, match="the task head 'score' of this GPT2ForSequenceClassification"):
         setup_unified_lora(gpt2, ["c_attn"])
     for model, kw in ((tiny_bert(), {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}),
                       (tiny_bert(), {"target_modules": ["query", "value", "classifier"]}),
@@ -2082,7 +2082,7 @@ def test_setup_warns_where_one_layer_of_a_classifiers_head_of_several_stays_froz
 
     for kw, frozen in (({"target_modules": ["query", "value", "dense"]}, "out_proj"),
                        ({"target_modules": ["query", "value"], "modules_to_save": ["out_proj"]}, "dense")):
-        with pytest.warns(UserWarning, match=rf"^'classifier\.{frozen}' of the classification head 'classifier' of "
+        with pytest.warns(UserWarning, match=rf"^'classifier\.{frozen}' of the task head 'classifier' of "
                                              r"this RobertaForSequenceClassification stays frozen \(neither adapted "
                                              r"nor in modules_to_save\).*Pass modules_to_save=\['classifier'\]"):
             setup_unified_lora(roberta(), print_fn=None, **kw)
@@ -2099,6 +2099,53 @@ def test_setup_warns_where_one_layer_of_a_classifiers_head_of_several_stays_froz
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             setup_unified_lora(roberta(), print_fn=None, **kw)
-    with pytest.warns(UserWarning, match=r"^the classification head 'classifier' of this "
+    with pytest.warns(UserWarning, match=r"^the task head 'classifier' of this "
                                          r"RobertaForSequenceClassification stays frozen"):
         setup_unified_lora(roberta(), "all-linear", print_fn=None)
+
+
+def test_setup_warns_where_any_task_head_stays_frozen():
+    """The frozen-head warning looked at `classifier` and `score` only, and only in setup_unified_lora: DistilBERT's
+    fresh `pre_classifier` (before its `classifier`), BART's `classification_head`, a question-answering model's
+    `qa_outputs` and a multi-task setup's head stayed frozen at random without a word. One warning names every
+    frozen part, and the names to pass; a head wholly trained or adapted has none."""
+    import warnings
+
+    from transformers import (BartConfig, BartForSequenceClassification, BertForQuestionAnswering, DistilBertConfig,
+                              DistilBertForSequenceClassification)
+
+    from unified_lora.multitask import setup_multitask_lora
+
+    def distilbert():
+        return DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=40))
+
+    with pytest.warns(UserWarning, match=r"^'pre_classifier', 'classifier' of the task heads 'pre_classifier', "
+                                         r"'classifier' of this DistilBertForSequenceClassification stay frozen .*"
+                                         r"Pass modules_to_save=\['pre_classifier', 'classifier'\]") as got:
+        setup_unified_lora(distilbert(), ["q_lin", "v_lin"], print_fn=None)
+    assert len([w for w in got if "frozen" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match=r"^the task head 'pre_classifier' of this DistilBertForSequenceClassification "
+                                         r"stays frozen .*modules_to_save=\['pre_classifier'\]"):
+        setup_unified_lora(distilbert(), ["q_lin", "v_lin"], modules_to_save=["classifier"], print_fn=None)
+    bart = BartForSequenceClassification(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40))
+    with pytest.warns(UserWarning, match=r"^the task head 'classification_head' of this BartForSequenceClassification"):
+        setup_unified_lora(bart, ["q_proj", "v_proj"], print_fn=None)
+    qa = BertForQuestionAnswering(tiny_bert().config)
+    with pytest.warns(UserWarning, match=r"^the task head 'qa_outputs' of this BertForQuestionAnswering"):
+        setup_unified_lora(qa, ["query", "value"], print_fn=None)
+    with pytest.warns(UserWarning, match=r"^the task head 'classifier' of this BertForSequenceClassification"):
+        setup_multitask_lora(tiny_bert(), ["a", "b"], ["query", "value"], print_fn=None)
+    for setup in (lambda m, **kw: setup_unified_lora(m, print_fn=None, **kw),
+                  lambda m, **kw: setup_multitask_lora(m, ["a", "b"], print_fn=None, **kw)):
+        for model, kw in ((distilbert(), {"target_modules": ["q_lin", "v_lin"],
+                                          "modules_to_save": ["pre_classifier", "classifier"]}),
+                          (distilbert(), {"target_modules": ["q_lin", "v_lin", "pre_classifier", "classifier"]}),
+                          (BertForQuestionAnswering(tiny_bert().config),
+                           {"target_modules": ["query", "value"], "modules_to_save": ["qa_outputs"]}),
+                          (tiny_bert(), {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]})):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                setup(model, **kw)

@@ -1,6 +1,7 @@
 """UnifiedLoRACallback inside the stock Hugging Face Trainer (tiny models, CPU)."""
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -1210,3 +1211,75 @@ def test_stateless_block_warning_only_where_fsdp_load_would_ask_for_a_missing_st
     assert len(warned) == any(missing)
     if warned:
         assert "lora_A.2" in warned[0] and "(SGD)" in warned[0]
+
+
+class _NaNOnce(TrainerCallback):
+    """Makes the training forward of optimizer step `at` (1-based; "all": every step) NaN, through its input
+    embeddings, and records the trained parameters before and after that step."""
+
+    def __init__(self, model, at):
+        self.model, self.at, self.step, self.before, self.after = model, at, 0, None, None
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _trained(self):
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _pre(self, module, args, kwargs):
+        if module.training and self.at in (self.step, "all"):
+            kwargs = dict(kwargs)
+            kwargs["inputs_embeds"] = module.bert.embeddings.word_embeddings(kwargs.pop("input_ids")) * float("nan")
+            return args, kwargs
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step = state.global_step + 1
+        if self.step == self.at:
+            self.before = self._trained()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.step == self.at:
+            self.after = self._trained()
+
+
+def test_a_non_finite_step_under_the_trainer_skips_its_update_and_the_run_goes_on(tmp_path):
+    """The Trainer steps its optimizer on a NaN loss (it only leaves it out of its log): one NaN batch of ten turned
+    every adapter and the head NaN for good, and every later loss was NaN. The callback drops that step's gradients,
+    so the optimizer leaves every weight and its Adam state as they were; the run goes on with finite losses."""
+    model, _, ctrl = build("bert")
+    lines = []
+    ctrl.print_fn = lines.append
+    nan = _NaNOnce(model, at=3)
+    trainer = Trainer(model=model, args=targs(tmp_path, num_train_epochs=2, learning_rate=1e-3),
+                      train_dataset=TokenDataset(), callbacks=[UnifiedLoRACallback(ctrl), nan])
+    trainer.train()
+    losses = [r.loss for r in ctrl.trace]
+    assert len(losses) == 10 and not math.isfinite(losses[2])
+    assert all(math.isfinite(v) for i, v in enumerate(losses) if i != 2)
+    assert ctrl.nonfinite_steps == 1
+    assert nan.before.keys() == nan.after.keys() and all(torch.equal(nan.before[n], nan.after[n]) for n in nan.before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    steps = {int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s}
+    assert steps == {9}  # each trained parameter took the nine finite steps' updates, not the NaN one's
+    assert [x for x in lines if "UnifiedLoRACallback" in x] == ["UnifiedLoRACallback: step 3: non-finite loss or gradient (loss nan); optimizer update skipped "
+                     "(its gradients dropped)"]
+
+
+def test_non_finite_steps_in_a_row_stop_the_training_with_the_last_finite_weights(tmp_path):
+    """`max_nonfinite_steps` (default 10, as the CLI's) non-finite steps in a row stop the Trainer, its weights
+    those of the last finite step (here the initial ones); 0 never stops; a negative count is refused."""
+    for limit, steps in ((3, 3), (0, 10)):
+        model, _, ctrl = build("bert")
+        first = {n: p.detach().clone() for n, p in model.named_parameters()}
+        lines = []
+        ctrl.print_fn = lines.append
+        trainer = Trainer(model=model, args=targs(tmp_path, num_train_epochs=2, learning_rate=1e-3),
+                          train_dataset=TokenDataset(),
+                          callbacks=[UnifiedLoRACallback(ctrl, max_nonfinite_steps=limit), _NaNOnce(model, "all")])
+        trainer.train()
+        assert trainer.state.global_step == steps and ctrl.nonfinite_steps == steps
+        assert all(torch.equal(first[n], p) for n, p in model.named_parameters())
+        said = [x for x in lines if "UnifiedLoRACallback" in x]
+        assert len(said) == steps and all("optimizer update skipped" in x for x in said)
+        assert [x for x in said if "training stops" in x] == ([said[-1]] if limit else [])
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"^max_nonfinite_steps: .*got"):
+            UnifiedLoRACallback(build("bert")[2], max_nonfinite_steps=bad)

@@ -250,11 +250,14 @@ class UnifiedLoRACallback(TrainerCallback):
             load that into the model, which keeps its own base. True: the whole model, as `save_pretrained`
             writes it. None (default): False for a quantized base (as PEFT's QLoRA), True otherwise. Set on the
             model when the Trainer is built (callbacks=[...]), by `add_to`, or at the latest at `on_train_begin`.
+        max_nonfinite_steps: a step the controller reads as non-finite (a NaN or inf loss; on the composite signal
+            a gradient norm too) has its update skipped (its gradients dropped); this many such steps in a row stop
+            the training, with the weights of the last finite step (default 10; 0: never stop).
     """
 
     def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
                  model_normalises_loss: bool | None = None, log_keys=LOG_KEYS, trust_checkpoint: bool = False,
-                 save_base: bool | None = None):
+                 save_base: bool | None = None, max_nonfinite_steps: int = 10):
         if not isinstance(ctrl, UnifiedController):
             raise TypeError(f"ctrl: expected a UnifiedController, got {type(ctrl).__name__}")
         from .multitask import MultiTaskController
@@ -281,6 +284,12 @@ class UnifiedLoRACallback(TrainerCallback):
         if save_base not in (None, True, False):
             raise TypeError(f"save_base: expected True, False or None, got {save_base!r}")
         self.save_base = save_base
+        if not (isinstance(max_nonfinite_steps, int) and not isinstance(max_nonfinite_steps, bool)) \
+                or max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps: non-finite steps in a row that stop the training, an int >= 0 "
+                             f"(0: never stop), got {max_nonfinite_steps!r}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_in_row = 0  # optimizer steps in a row whose update `_skip_update` dropped
         self._hook = None
         self._fill_hook = None  # FSDP2, Adam/AdamW: the optimizer's state_dict pre-hook `_fill_lazy_state`
         self._wraps_loss_func = False
@@ -474,9 +483,40 @@ class UnifiedLoRACallback(TrainerCallback):
         if self.ctrl.keep_trace:  # a per-step list, kept as ctrl.trace is: not at all in a run that keeps no trace
             self.step_losses.append(loss)
         self.ctrl.step(loss)
+        if self.ctrl._last_nonfinite:
+            self._skip_update(kwargs.get("optimizer"), state.global_step + 1, control)
+        else:
+            self._nonfinite_in_row = 0
         # the loss the controller used (the trace's): under DDP the mean over processes, as the Trainer's own log
         self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,
                      "lr": self.ctrl.get_last_lr(), "loss": self.ctrl.last_loss}
+
+    def _skip_update(self, optimizer, step: int, control) -> None:
+        """A step whose loss (or, on the composite signal, gradient) the controller read as non-finite: the
+        Trainer steps its optimizer on it all the same (it only leaves the loss out of its log), and the NaN
+        gradients (clipping scales every gradient by a NaN norm) turned every trained weight NaN for good; every
+        later loss was NaN and the checkpoints held NaN adapters (a tiny BERT, one NaN batch of ten). So the
+        gradients of the optimizer's parameters are dropped (`grad = None`), which torch's optimizers read as
+        "no update" (Adam's moments and step count are left as they were), as `unified-lora train` skips such a
+        step. Not under fp16's GradScaler (accelerate's optimizer has a `scaler`): the scaler skips a step whose
+        gradients hold an inf or NaN itself, and its update asserts on a step with no gradient.
+        The step's scheduled LR still advances, as the Trainer's scheduler steps. `max_nonfinite_steps` such steps
+        in a row stop the training (`control.should_training_stop`) with the last finite weights, as the CLI's
+        `--max-nonfinite-steps` stops a run."""
+        if optimizer is None or getattr(optimizer, "scaler", None) is not None:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._nonfinite_in_row += 1
+        stop = 0 < self.max_nonfinite_steps <= self._nonfinite_in_row
+        if stop:
+            control.should_training_stop = True
+        if self.ctrl.print_fn is not None:
+            self.ctrl.print_fn(f"UnifiedLoRACallback: step {step}: non-finite loss or gradient (loss "
+                               f"{self.ctrl.last_loss:g}); optimizer update skipped (its gradients dropped)"
+                               + (f"; {self._nonfinite_in_row} such steps in a row (max_nonfinite_steps): training "
+                                  "stops, with the weights of the last finite step" if stop else ""))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.last:

@@ -177,21 +177,33 @@ def _warn_ranks_above_layer_rank(model: nn.Module, adapters: dict[str, NestedLoR
                       "target_modules", UserWarning, stacklevel=_user_stacklevel())
 
 
+# The model classes that put a task head on their base model, and the names of those heads' modules: what
+# `from_pretrained(..., num_labels=...)` initialises afresh from a checkpoint without them. BERT's `classifier`,
+# GPT-2's and Llama's `score`, DistilBERT's `pre_classifier` before its `classifier`, BART's and T5's
+# `classification_head`, a question-answering model's `qa_outputs`, XLNet's `sequence_summary` and `logits_proj`.
+_TASK_HEAD_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                      "ForMultipleChoice", "ForImageClassification")
+_TASK_HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head", "qa_outputs", "sequence_summary",
+                    "logits_proj")
+
+
 def warn_frozen_head(model: nn.Module) -> None:
-    """A warning where a sequence or token classifier's head (`classifier`, or GPT-2's and Llama's `score`) is left
-    frozen: neither adapted nor in modules_to_save. `from_pretrained(path, num_labels=2)` initialises that head afresh
-    (at random), and frozen it never trains: the adapters then learn to feed a random projection (the README's own
-    Quick start block did so on MiniLM). PEFT's `task_type="SEQ_CLS"` adds the head to modules_to_save; without a
-    task type PEFT, too, leaves it frozen, and so does this package, which cannot tell a fresh head from a trained one
-    (`unified-lora train` can: it trains the head, `training.seq_cls_head`). A head of several layers (RoBERTa's
-    `classifier`: `dense`, then `out_proj`) is warned of where one of them is so left, the others adapted or trained.
-    A model `training.load_model` loaded (train, predict, export) records which modules from_pretrained made afresh
-    (`_unified_lora_fresh_modules`), and its `Run` says itself which of them stay frozen: no warning there (it was
-    printed beside that note, of a head a checkpoint had trained, and again by predict and export)."""
-    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")) or \
-            hasattr(model, "_unified_lora_fresh_modules"):
+    """A warning where a task head (`_TASK_HEAD_NAMES` on a `_TASK_HEAD_CLASSES` model) is left frozen: neither
+    adapted nor in modules_to_save. `from_pretrained(path, num_labels=2)` initialises that head afresh (at random),
+    and frozen it never trains: the adapters then learn to feed a random projection (the README's own Quick start
+    block did so on MiniLM). PEFT's `task_type="SEQ_CLS"` adds `classifier`, `score` and `pre_classifier` to
+    modules_to_save (BART's `classification_head` it leaves frozen); without a task type PEFT, too, leaves the head
+    frozen, and so does this package, which cannot tell a fresh head from a trained one (`unified-lora train` can:
+    it trains the head, `training.seq_cls_head`). A head of several layers (RoBERTa's `classifier`: `dense`, then
+    `out_proj`) is warned of where one of them is so left, the others adapted or trained; so is a head of several
+    modules (DistilBERT's `pre_classifier`, then `classifier`) where one of them is. One warning names every such
+    part. A model `training.load_model` loaded (train, predict, export) records which modules from_pretrained made
+    afresh (`_unified_lora_fresh_modules`), and its `Run` says itself which of them stay frozen: no warning there (it
+    was printed beside that note, of a head a checkpoint had trained, and again by predict and export)."""
+    if not type(model).__name__.endswith(_TASK_HEAD_CLASSES) or hasattr(model, "_unified_lora_fresh_modules"):
         return
-    for name in ("classifier", "score"):
+    heads, parts = [], []  # the heads with a frozen part, and those parts ("classifier", or "classifier.out_proj")
+    for name in _TASK_HEAD_NAMES:
         head = getattr(model, name, None)
         if not isinstance(head, nn.Module):
             continue
@@ -202,17 +214,21 @@ def warn_frozen_head(model: nn.Module) -> None:
         frozen = [n for n, m in head.named_modules()
                   if not any(a == "" or n == a or n.startswith(a + ".") for a in adapted)
                   and (own := list(m.parameters(recurse=False))) and not any(p.requires_grad for p in own)]
-        if not frozen:
-            continue
-        whole = not any(p.requires_grad for p in head.parameters())
-        what = (f"the classification head {name!r} of this {type(model).__name__} stays frozen" if whole else
-                f"{', '.join(repr(f'{name}.{n}') for n in frozen)} of the classification head {name!r} of this "
-                f"{type(model).__name__} stay{'s' if len(frozen) == 1 else ''} frozen")
-        warnings.warn(f"{what} (neither adapted nor in modules_to_save): a head from_pretrained initialised afresh "
-                      f"(num_labels=...) then never trains. Pass modules_to_save=[{name!r}] to train it in full, as "
-                      "PEFT's task_type='SEQ_CLS' does; if the head is trained already, leave it frozen and ignore "
-                      "this", UserWarning, stacklevel=_user_stacklevel())
+        if frozen:
+            heads.append(name)
+            parts += [name] if not any(p.requires_grad for p in head.parameters()) else \
+                [f"{name}.{n}" for n in frozen]
+    if not parts:
         return
+    kind = type(model).__name__
+    shown = ", ".join(repr(p) for p in parts)
+    what = (f"the task head {shown} of this {kind} stays frozen" if len(parts) == 1 and parts == heads else
+            f"{shown} of the task head{'s' * (len(heads) > 1)} {', '.join(map(repr, heads))} of this {kind} "
+            f"stay{'s' * (len(parts) == 1)} frozen")
+    warnings.warn(f"{what} (neither adapted nor in modules_to_save): a head from_pretrained initialised afresh "
+                  f"(num_labels=...) then never trains. Pass modules_to_save={heads!r} to train it in full, as "
+                  "PEFT's task_type='SEQ_CLS' does for a classifier; if the head is trained already, leave it frozen "
+                  "and ignore this", UserWarning, stacklevel=_user_stacklevel())
 
 
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:

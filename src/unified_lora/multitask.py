@@ -86,7 +86,8 @@ from .distributed import is_distributed, shard_group, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
 from .machine import Transition
 from .mirror import MirrorDecision
-from .model import _replace, inject_nested_lora, keep_off_fast_paths, mark_modules_to_save, undone_on_error
+from .model import (_replace, inject_nested_lora, keep_off_fast_paths, mark_modules_to_save, undone_on_error,
+                    warn_frozen_head)
 from .signals import Ema, _check_finite, _check_not_negative
 
 MERGE_RULES = ("mean_factors", "svd")
@@ -1775,6 +1776,7 @@ def setup_multitask_lora(
         ctrl = MultiTaskController(adapters, router, optimizer=optimizer, signal=signal, merge_rule=merge_rule,
                                    actuators=actuators, extra_params=extra, **controller_kwargs)
         ctrl._extra_owners = owners
+    warn_frozen_head(model)
     return adapters, ctrl
 
 
