@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,21 @@ def test_a_config_argument_of_the_wrong_kind_and_a_bad_log_every_are_refused_by_
     _, ctrl = setup_unified_lora(bert, ["query"], mirror=MirrorConfig(policy="always"), log_every="5",
                                  modules_to_save=["classifier"], print_fn=None)
     assert ctrl.log_every == 5 and ctrl.mirror.config.policy == "always"  # (a number as a string, as YAML gives)
+
+
+def test_a_boolean_argument_given_as_anything_but_true_or_false_is_refused_by_name(bert):
+    """keep_trace="no" is truthy, so the trace was kept, silently. A bool argument takes True or False only, as a
+    bool field of the config dataclasses does (`_scalar`: the string "false" would count as true), and the model is
+    left unwrapped, so a retry runs."""
+    for value in ("no", "false", 0, None):
+        with pytest.raises(ValueError, match=rf"^keep_trace: must be true or false, got {re.escape(repr(value))}"):
+            UnifiedController(keep_trace=value, print_fn=None)
+    with pytest.raises(ValueError, match=r"^keep_trace: must be true or false, got 'no' \(str\)"):
+        setup_unified_lora(bert, ["query"], keep_trace="no", print_fn=None)
+    with pytest.raises(ValueError, match=r"^snapshot_optimizer: must be true or false, got 'yes' \(str\)"):
+        setup_unified_lora(bert, ["query"], mirror=MirrorConfig(snapshot_optimizer="yes"), print_fn=None)
+    _, ctrl = setup_unified_lora(bert, ["query"], keep_trace=False, modules_to_save=["classifier"], print_fn=None)
+    assert ctrl.keep_trace is False
 
 
 def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):

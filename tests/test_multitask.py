@@ -207,6 +207,18 @@ def test_a_one_task_signal_or_a_spare_slot_count_that_is_no_integer_is_refused_b
     assert ctrl.router.n_slots == 3
 
 
+def test_register_new_tasks_given_as_anything_but_true_or_false_is_refused_by_name():
+    """register_new_tasks="no" is truthy: a mistyped task id then took a spare slot, silently. It takes True or False
+    only (as a config dataclass's bool field), before the model changes."""
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"^register_new_tasks: must be true or false, got 'no' \(str\)"):
+        setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots=1, register_new_tasks="no", print_fn=None)
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots=1, register_new_tasks=False,
+                                   print_fn=None)  # the model is left as it was: a retry runs
+    with pytest.raises(ValueError, match=r"task id 'c' is not registered"):
+        ctrl.router.slot("c")
+
+
 def test_a_target_in_modules_to_save_trains_in_full_as_in_one_task_mode():
     """A head that is a LoRA target (a delta per task) and in modules_to_save: its base weights train too, as
     inject_nested_lora leaves them. The task layer that replaced the plain one froze them again, for good, silently."""

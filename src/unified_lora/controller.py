@@ -121,6 +121,7 @@ class UnifiedController:
         print_fn: Callable[[str], None] | None = print_on_main_process,
         reduce_loss: Callable[[float], float] | None = distributed_mean,
     ):
+        keep_trace = _scalar("keep_trace", keep_trace, bool)  # ("no" is truthy: the trace was kept, silently)
         for name, value, cls in (("machine", machine, MachineConfig), ("actuators", actuators, ActuatorConfig),
                                  ("mirror", mirror, MirrorConfig)):
             check_config_arg(name, value, cls)

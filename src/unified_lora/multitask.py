@@ -134,7 +134,8 @@ class TaskRouter:
         # entry in the saved registry may take (the old padding's share of a slot, or the longest setup entry)
         self._setup_entries = [_slot_entry(t, i) for i, t in enumerate(tasks)]
         self._spare_entry_bytes = max([_SLOT_BYTES] + [len(e) for e in self._setup_entries])
-        self.register_new_tasks = bool(register_new_tasks)
+        # (bool("no") is True: a typo in a task id then took a spare slot, silently)
+        self.register_new_tasks = _scalar("register_new_tasks", register_new_tasks, bool)
         self.topology = "shared"
         self.track_grads = False
         self.layers: list[MultiTaskNestedLoRALayer] = []
