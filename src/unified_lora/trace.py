@@ -99,7 +99,7 @@ class ResumePlan(NamedTuple):
     missing: list[int]
 
 
-def step_ranges(steps: list[int], most: int = 4) -> str:
+def _step_ranges(steps: list[int], most: int = 4) -> str:
     """Sorted steps as ranges: [4, 5, 6, 9] → "4-6, 9"; after `most` ranges, how many more."""
     runs: list[list[int]] = []
     for s in steps:
@@ -204,11 +204,13 @@ class TraceWriter:
         if missing:
             gone = set(missing)  # (between the first kept step and `step`: the last step not gone is kept)
             last = next(r for r in range(step - 1, -1, -1) if r not in gone)
+            why = ("the file is older than the state loaded" if missing[-1] == step - 1 else
+                   "lines of those steps were taken out of it")
             warnings.warn(f"{self.path}: resuming at step {step}, the trace file lacks step"
-                          f"{'s' if len(missing) > 1 else ''} {step_ranges(missing)} (its last record before step "
-                          f"{step} is step {last}: the file is older than the state loaded), so the trace has a gap "
-                          f"there; its lines are kept and the run appends from step {step}. Put back the trace file "
-                          "saved with the state for a whole trace", stacklevel=3)
+                          f"{'s' if len(missing) > 1 else ''} {_step_ranges(missing)} (its last record before step "
+                          f"{step} is step {last}: {why}), so the trace has a gap there; its lines are kept and the "
+                          f"run appends from step {step}. Put back the trace file saved with the state for a whole "
+                          "trace", stacklevel=3)
         self._f.close()
         try:
             with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
