@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,21 @@ def test_a_config_argument_of_the_wrong_kind_and_a_bad_log_every_are_refused_by_
     _, ctrl = setup_unified_lora(bert, ["query"], mirror=MirrorConfig(policy="always"), log_every="5",
                                  modules_to_save=["classifier"], print_fn=None)
     assert ctrl.log_every == 5 and ctrl.mirror.config.policy == "always"  # (a number as a string, as YAML gives)
+
+
+def test_a_boolean_argument_given_as_anything_but_true_or_false_is_refused_by_name(bert):
+    """keep_trace="no" is truthy, so the trace was kept, silently. A bool argument takes True or False only, as a
+    bool field of the config dataclasses does (`_scalar`: the string "false" would count as true), and the model is
+    left unwrapped, so a retry runs."""
+    for value in ("no", "false", 0, None):
+        with pytest.raises(ValueError, match=rf"^keep_trace: must be true or false, got {re.escape(repr(value))}"):
+            UnifiedController(keep_trace=value, print_fn=None)
+    with pytest.raises(ValueError, match=r"^keep_trace: must be true or false, got 'no' \(str\)"):
+        setup_unified_lora(bert, ["query"], keep_trace="no", print_fn=None)
+    with pytest.raises(ValueError, match=r"^snapshot_optimizer: must be true or false, got 'yes' \(str\)"):
+        setup_unified_lora(bert, ["query"], mirror=MirrorConfig(snapshot_optimizer="yes"), print_fn=None)
+    _, ctrl = setup_unified_lora(bert, ["query"], keep_trace=False, modules_to_save=["classifier"], print_fn=None)
+    assert ctrl.keep_trace is False
 
 
 def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):
@@ -725,6 +741,53 @@ def test_a_resumed_controller_keeps_the_trace_file_of_the_steps_before_its_check
     steps(model, ctrl, [0.5])
     ctrl.close()
     assert [r["step"] for r in read_trace(path)] == [0]
+
+
+def test_a_trace_file_older_than_the_resumed_state_warns_naming_the_steps_it_lacks(tmp_path):
+    """A trace file older than the checkpoint (its last step 1, the state at step 5) was resumed into a file reading
+    steps 0, 1, 5, ... with no word, though a resume keeps "one whole trace". As a file ahead of the state (its
+    later lines dropped) goes on, so does this one, with a warning naming the steps it lacks. A whole file, one ahead
+    of the state and a new (empty) one say nothing."""
+    import warnings
+
+    path = tmp_path / "trace.jsonl"
+    x = torch.randint(0, VOCAB, (2, 8))
+    model, ctrl = _traced_llama(path)
+    for i in range(7):
+        if i == 2:
+            old = path.read_text()  # steps 0 and 1
+        if i == 5:
+            sd = copy.deepcopy(ctrl.state_dict())
+        model(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=0.5)
+    ctrl.close()
+    ahead = path.read_text()  # steps 0-6
+
+    def resume(text):
+        path.write_text(text)
+        model, ctrl = _traced_llama(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ctrl.load_state_dict(sd)
+        model(input_ids=x, labels=x).loss.backward()
+        ctrl.step(loss=0.5)
+        ctrl.close()
+        return [str(w.message) for w in caught if "trace" in str(w.message)], [r["step"] for r in read_trace(path)]
+
+    said, steps = resume(old)
+    assert steps == [0, 1, 5]  # the gap stays (the file is what it is), and is said
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0] == (f"{path}: resuming at step 5, the trace file lacks steps 2-4 (its last record before step 5 is "
+                       "step 1: the file is older than the state loaded), so the trace has a gap there; its lines are "
+                       "kept and the run appends from step 5. Put back the trace file saved with the state for a "
+                       "whole trace")
+    gappy = "".join(line + "\n" for line in ahead.splitlines() if json.loads(line)["step"] not in (1, 3))
+    said, steps = resume(gappy)
+    assert steps == [0, 2, 4, 5] and len(said) == 1
+    assert "lacks steps 1, 3 (its last record before step 5 is step 4: lines of those steps were taken out" in said[0]
+    for text in (ahead, ""):
+        said, steps = resume(text)
+        assert not said and steps == ([0, 1, 2, 3, 4, 5] if text else [5])
 
 
 def test_a_controller_with_a_trace_file_deep_copies_and_the_copy_writes_no_file(tmp_path, llama):

@@ -383,3 +383,62 @@ def test_a_restore_puts_back_every_block_and_the_head_and_the_optimizer_state_on
                    for s, e in zip(before_exit["opt"], entry["opt"]))
     # the signal went on from the exit step: it read this step's loss after the MIRROR steps, no reset
     assert ctrl.signal.state_dict() != before_exit["sig"] and ctrl.phi < before_exit["phi"]
+
+
+# ------------------------------------------------------------------ a snapshot loaded under another snapshot_optimizer
+@pytest.mark.parametrize("saved, loaded", [(True, False), (False, True), (True, True)])
+def test_a_snapshot_loaded_under_another_snapshot_optimizer_warns_and_restores_what_it_holds(saved, loaded):
+    # A state saved mid-MIRROR with the optimizer snapshot, loaded into a controller built with
+    # snapshot_optimizer=False, still restored the optimizer state at the exit (and the reverse restored the weights
+    # only), and nothing said so. The rule: the snapshot applies as it was taken (the run goes on as the saved one
+    # would have), the config from the next entry on; a mismatch warns at the load, naming both.
+    import warnings
+
+    def build(snapshot_optimizer):
+        model = _model()
+        _, ctrl = setup_unified_lora(model, target_modules=["0", "2"], print_fn=None, signal=FAST,
+                                     mirror=MirrorConfig(policy="always", snapshot_optimizer=snapshot_optimizer))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ctrl.attach_optimizer(opt)
+        return model, ctrl, opt
+
+    def train(model, ctrl, opt, plan):
+        for fed in plan:
+            (model(x) - 0.5).pow(2).mean().backward()
+            tr = ctrl.step(fed)
+            if tr and tr[0].new == MIRROR:
+                entry.append(_state_copy(opt, ctrl.managed_parameters()))
+            if tr and tr[0].old == MIRROR:
+                exit_.append(_state_copy(opt, ctrl.managed_parameters()))
+            opt.step()
+            opt.zero_grad()
+
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    entry, exit_ = [], []
+    model, ctrl, opt = build(saved)
+    train(model, ctrl, opt, PLAN[:3])  # MIRROR entered at step 1, still in it
+    assert ctrl.mode == MIRROR and (ctrl.mirror.opt_state is not None) == saved
+    states = copy.deepcopy((model.state_dict(), opt.state_dict(), ctrl.state_dict()))
+    model2, ctrl2, opt2 = build(loaded)
+    model2.load_state_dict(states[0])
+    opt2.load_state_dict(states[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctrl2.load_state_dict(states[2])
+    said = [str(w.message) for w in caught if "Mirror snapshot" in str(w.message)]
+    if saved == loaded:
+        assert not said
+    else:
+        held = "holds the optimizer state" if saved else "holds the weights only"
+        assert len(said) == 1 and "\n" not in said[0], said
+        assert said[0].startswith(f"ctrl.load_state_dict: the loaded Mirror snapshot {held}") and \
+            f"this controller's MirrorConfig has snapshot_optimizer={loaded}. The snapshot applies as it was " \
+            "taken" in said[0] and said[0].endswith("the config applies from the next MIRROR entry on"), said[0]
+    train(model2, ctrl2, opt2, PLAN[3:])
+    assert ctrl2.trace[-2].snapshot == "restored"
+    # the optimizer state at the exit: the entry's where the snapshot holds it, MIRROR's own steps' where it does not
+    for got, want in zip(exit_[0], entry[0]):
+        if saved:
+            _assert_same_state(got, want)
+        elif want is not None:
+            assert got["step"] != want["step"]

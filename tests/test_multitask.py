@@ -207,6 +207,18 @@ def test_a_one_task_signal_or_a_spare_slot_count_that_is_no_integer_is_refused_b
     assert ctrl.router.n_slots == 3
 
 
+def test_register_new_tasks_given_as_anything_but_true_or_false_is_refused_by_name():
+    """register_new_tasks="no" is truthy: a mistyped task id then took a spare slot, silently. It takes True or False
+    only (as a config dataclass's bool field), before the model changes."""
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"^register_new_tasks: must be true or false, got 'no' \(str\)"):
+        setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots=1, register_new_tasks="no", print_fn=None)
+    _, ctrl = setup_multitask_lora(model, ["a", "b"], TARGETS, spare_slots=1, register_new_tasks=False,
+                                   print_fn=None)  # the model is left as it was: a retry runs
+    with pytest.raises(ValueError, match=r"task id 'c' is not registered"):
+        ctrl.router.slot("c")
+
+
 def test_a_target_in_modules_to_save_trains_in_full_as_in_one_task_mode():
     """A head that is a LoRA target (a delta per task) and in modules_to_save: its base weights train too, as
     inject_nested_lora leaves them. The task layer that replaced the plain one froze them again, for good, silently."""
@@ -1919,6 +1931,53 @@ def test_a_forward_outside_task_context_in_single_is_an_error_not_a_silent_missi
     assert ctrl.global_step == 0 and not ctrl.trace
     ctrl.step(per.mean())  # no task information at all: one pseudo-task, as before
     assert ctrl.global_step == 1
+
+
+@pytest.mark.parametrize("mode", [SINGLE, MULTI])
+def test_a_task_loss_for_a_task_the_forward_was_not_routed_as_is_refused_naming_both(mode):
+    """ctrl.step(loss, task_id="b") after a forward routed as task "a" was accepted: b's error term got the loss
+    while a's gradient was captured (SINGLE) or trained a's adapter (MULTI). The ids the router routed since the last
+    step are checked against those given, before the step counts. Legitimate uses pass: per-task losses of a mixed
+    batch, several task contexts before one step, a task with no loss given, an evaluation routed as another task."""
+    x, ya, yb = conflict_data()
+    model, ad, ctrl, opt = build(initial_mode=mode, phi_init=0.5)
+
+    def backward(task_ids, y):
+        with task_context(model, task_ids):
+            per = F.cross_entropy(model(input_ids=x).logits, y, reduction="none")
+        per.mean().backward()
+        return per
+
+    per = backward("a", ya)
+    for kw, given in (({"task_id": "b"}, "'b'"), ({"task_losses": {"b": per.mean()}}, "'b'"),
+                      ({"task_losses": {"a": per.mean(), "b": per.mean()}}, "'b'")):
+        with pytest.raises(ValueError, match=rf"^ctrl\.step: a loss is given for task {given}, but the forwards "
+                                             r"since the last ctrl\.step were routed as task 'a' \(task_context\)"
+                                             r"[^\n]*per_task_losses\(per_sample_loss, task_ids\)$"):
+            ctrl.step(per.mean(), **kw)
+        per = backward("a", ya)  # (a refused step took the routed ids: a retry routes again)
+    assert ctrl.global_step == 0 and not ctrl.trace
+    ctrl.step(per.mean(), task_id="a")
+    opt.zero_grad()
+    # one mixed batch: per-task losses of the ids it was routed with (a task with no loss given is fine)
+    per = backward(["a", "b"] * (N // 2), ya)
+    ctrl.step(per.mean(), task_losses=per_task_losses(per, ["a", "b"] * (N // 2)))
+    opt.zero_grad()
+    backward(["a"] * N, ya)
+    ctrl.step(per.mean(), task_losses={"a": 0.7})
+    opt.zero_grad()
+    # two task contexts (gradient accumulation) before one step, and an evaluation of b in between
+    pa = backward("a", ya)
+    with torch.no_grad(), task_context(model, "b"):
+        model(input_ids=x)
+    pb = backward("b", yb)
+    ctrl.step((pa.mean() + pb.mean()) / 2, task_losses={"a": pa.mean(), "b": pb.mean()})
+    opt.zero_grad()
+    # ... and the ids routed by the last step are not this step's: b routed then, a alone now
+    backward("a", ya)
+    with pytest.raises(ValueError, match=r"^ctrl\.step: a loss is given for task 'b', .* routed as task 'a' "):
+        ctrl.step(pa.mean(), task_id="b")
+    assert ctrl.global_step == 4
 
 
 def test_a_negative_task_loss_is_refused_before_any_signal_state_moves():

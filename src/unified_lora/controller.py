@@ -121,6 +121,7 @@ class UnifiedController:
         print_fn: Callable[[str], None] | None = print_on_main_process,
         reduce_loss: Callable[[float], float] | None = distributed_mean,
     ):
+        keep_trace = _scalar("keep_trace", keep_trace, bool)  # ("no" is truthy: the trace was kept, silently)
         for name, value, cls in (("machine", machine, MachineConfig), ("actuators", actuators, ActuatorConfig),
                                  ("mirror", mirror, MirrorConfig)):
             check_config_arg(name, value, cls)
@@ -894,6 +895,25 @@ class UnifiedController:
             raise
         if self.writer is not None:  # a resumed run's trace_path keeps the lines of the steps before it
             self.writer.apply_resume(trace)
+        self._warn_snapshot_config_differs()
+
+    def _warn_snapshot_config_differs(self) -> None:
+        """After a load: a warning where the Mirror snapshot held holds the optimizer state and this controller's
+        `MirrorConfig` has `snapshot_optimizer=False`, or the other way round. The snapshot applies as it was taken
+        (a restore puts back what it holds, as the saved run's would have); the config, from the next entry on.
+        Before, this went unsaid: a config of False still restored the optimizer state at this exit."""
+        mirror = self.mirror
+        if not mirror.held or (mirror.opt_state is not None) == mirror.config.snapshot_optimizer:
+            return
+        if mirror.opt_state is not None:
+            held, config = ("holds the optimizer state (taken with snapshot_optimizer=True)",
+                            "this MIRROR's exit restores it with the weights, as the saved run's would")
+        else:
+            held, config = ("holds the weights only (taken with snapshot_optimizer=False, or with no optimizer "
+                            "attached)", "this MIRROR's exit restores the weights only: no optimizer state was saved")
+        warnings.warn(f"ctrl.load_state_dict: the loaded Mirror snapshot {held}, and this controller's MirrorConfig "
+                      f"has snapshot_optimizer={mirror.config.snapshot_optimizer}. The snapshot applies as it was "
+                      f"taken: {config}; the config applies from the next MIRROR entry on", stacklevel=3)
 
     def _load_parts(self, sd: dict) -> None:
         """`load_state_dict`'s loads, on a state `_check_state` passed (or this controller's own, to put it back)."""

@@ -80,7 +80,7 @@ from ._files import (fsync_dir, fsync_tree, left_by_dead_process, make_folder, m
                      remove_made_folders, temp_prefix, written_atomically)
 from .config import MODES, MULTI, RESPLIT_WINDOW, SINGLE, ActuatorConfig, MachineConfig, MirrorConfig, NestedLoRAConfig
 from .config import SignalConfig, _scalar, check_field_types
-from .controller import UnifiedController, _is_int, _setup_ranks, _unwrap_optimizer, extra_parameters
+from .controller import UnifiedController, _is_int, _names, _setup_ranks, _unwrap_optimizer, extra_parameters
 from .distributed import _device as _collective_device
 from .distributed import is_distributed, shard_group, unwrap_model
 from .layer import NestedLoRALayer, blocks_of
@@ -116,6 +116,9 @@ class TaskRouter:
     # how many times `load_task_adapters` has written into this model's adapters (a class default: a router pickled
     # before it has none); a `MultiTaskController` drops its kept merge after one (`_drop_kept_after_a_load`)
     task_loads = 0
+    # the slots of every task id set (`set_task_ids`: a `task_context`) since the controller's last step, which its
+    # step reads and empties (`MultiTaskController._check_routed_tasks`); a class default for a router pickled before
+    routed_since_step: frozenset = frozenset()
 
     def __init__(self, tasks: Sequence[int | str], spare_slots: int = 0, register_new_tasks: bool = False):
         if isinstance(tasks, (str, bytes)):  # tasks="mrpc" was the four tasks 'm', 'r', 'p', 'c'
@@ -134,7 +137,8 @@ class TaskRouter:
         # entry in the saved registry may take (the old padding's share of a slot, or the longest setup entry)
         self._setup_entries = [_slot_entry(t, i) for i, t in enumerate(tasks)]
         self._spare_entry_bytes = max([_SLOT_BYTES] + [len(e) for e in self._setup_entries])
-        self.register_new_tasks = bool(register_new_tasks)
+        # (bool("no") is True: a typo in a task id then took a spare slot, silently)
+        self.register_new_tasks = _scalar("register_new_tasks", register_new_tasks, bool)
         self.topology = "shared"
         self.track_grads = False
         self.layers: list[MultiTaskNestedLoRALayer] = []
@@ -199,6 +203,7 @@ class TaskRouter:
             self._ids, self._slot_list = _check_task_id(task_ids), [s]
             self._per_sample = False
             self._routed = True
+            self.routed_since_step = self.routed_since_step | {s}
             return
         ids = list(task_ids)
         if not ids:
@@ -207,6 +212,7 @@ class TaskRouter:
         self._slot_list = [self.slot(t) for t in ids]
         self._per_sample = True
         self._routed = True
+        self.routed_since_step = self.routed_since_step.union(self._slot_list)
 
     def get_state(self):
         return self._ids, self._slot_list, self._per_sample, self._groups_cache
@@ -1301,6 +1307,7 @@ class MultiTaskController(UnifiedController):
         if parked is not None and self.global_step - parked["step"] > self.resplit_window:
             self._parked = None  # no split can bring the task adapters back now: the merge point's copy goes
         self._task_info = task_losses is not None or task_id is not None
+        self._given_tasks = [task_id] if task_id is not None else list(task_losses or ())
         closed = self.merges_closed_from
         self.machine.no_down_from = {} if closed is None else {MULTI: closed}
         return super().step(loss, task_losses=task_losses, task_id=task_id)
@@ -1326,8 +1333,35 @@ class MultiTaskController(UnifiedController):
                 f"mode the model was saved in (machine=MachineConfig(initial_mode="
                 f"{'SINGLE' if want == 'task' else 'MULTI'})), or resume with ctrl.load_state_dict(...), which "
                 f"restores the mode and the topology together")
+        self._check_routed_tasks()
         self._check_sync_step()
         self._check_rank()  # (the backward check stays in _update_signal, after the task ids': those fail first)
+
+    def _check_routed_tasks(self) -> None:
+        """Refuse a task loss (`task_id=`, a key of `task_losses=`) for a task that no forward since the last step was
+        routed as (`task_context`): its error term would read a loss whose gradient went to another task's adapter
+        (or, in SINGLE, whose per-task gradient was captured as another task's). Before, `task_id="b"` after a forward
+        routed as "a" was accepted. The router records the slots its `task_context`s set since the last step, and this
+        step takes them (no tensor op). Not checked where no forward was routed since (in SINGLE, a forward outside
+        `task_context`, which `_task_gradients` refuses with task losses), for an id not registered (the router's
+        error says so), nor under DDP, where a process passes the losses of tasks other processes saw (`train`
+        passes every task of the step's global batch on every process)."""
+        routed, self.router.routed_since_step = self.router.routed_since_step, frozenset()
+        given = self.__dict__.get("_given_tasks") or []
+        if not routed or not given or self._ddp():
+            return
+        slots, stray = self.router.slots, []
+        for t in given:
+            tid = _check_task_id(t)
+            if slots.get(tid) not in routed and (tid in slots or self.router.register_new_tasks):
+                stray.append(tid)
+        if stray:
+            ran = [t for t, s in slots.items() if s in routed]
+            raise ValueError(
+                f"ctrl.step: a loss is given for task {_names(stray)}, but the forwards since the last ctrl.step were "
+                f"routed as task {_names(ran)} (task_context), whose gradients this step reads: {_names(stray)}'s "
+                f"error term would get another task's loss. Pass the ids the forward ran with: task_id= the batch's "
+                f"one id, or task_losses=per_task_losses(per_sample_loss, task_ids)")
 
     def _console_due(self, rec) -> bool:
         """As the base class, and the first step of this session whose merge the run's end held

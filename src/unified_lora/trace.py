@@ -6,7 +6,9 @@ import codecs
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from ._files import written_atomically
 from .distributed import is_first_process
@@ -88,6 +90,27 @@ def format_console(rec: StepRecord) -> str:
     return line
 
 
+class ResumePlan(NamedTuple):
+    """What `TraceWriter.resume_plan` read: the lines to keep (the steps before `step`), the step the run resumes
+    at, and the steps before it that those lines lack, from the first one kept on (a file older than the state)."""
+
+    lines: list[str]
+    step: int
+    missing: list[int]
+
+
+def _step_ranges(steps: list[int], most: int = 4) -> str:
+    """Sorted steps as ranges: [4, 5, 6, 9] → "4-6, 9"; after `most` ranges, how many more."""
+    runs: list[list[int]] = []
+    for s in steps:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:most])
+    return text + (f" and {len(runs) - most} more ranges" if len(runs) > most else "")
+
+
 class TraceWriter:
     """Appends one JSON object per step; flushes so a crash keeps what was written.
 
@@ -143,11 +166,11 @@ class TraceWriter:
         nothing (`ctrl.load_state_dict` runs it before it loads anything)."""
         self.apply_resume(self.resume_plan(step, rewind))
 
-    def resume_plan(self, step: int, rewind: bool = False) -> list[str] | None:
+    def resume_plan(self, step: int, rewind: bool = False) -> ResumePlan | None:
         """The lines `resume(step, rewind)` keeps (None: it does nothing), or its ValueError; nothing is changed."""
         if (self._written and not rewind) or not self._writes_here():
             return None
-        keep = []
+        keep, kept_steps = [], set()
         with open(self.path, "rb") as f:
             lines = f.readlines()
         for n, raw in enumerate(lines, start=1):
@@ -166,12 +189,28 @@ class TraceWriter:
                                  f"{step} on (the steps before it are then not in it)")
             if r["step"] < step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-        return keep
+                kept_steps.add(r["step"])
+        missing = sorted(set(range(min(kept_steps), step)) - kept_steps) if kept_steps else []
+        return ResumePlan(keep, step, missing)
 
-    def apply_resume(self, keep: list[str] | None) -> None:
-        """Rewrite the file with the lines `resume_plan` kept, and append from there (None: nothing to do)."""
-        if keep is None:
+    def apply_resume(self, plan: ResumePlan | None) -> None:
+        """Rewrite the file with the lines `resume_plan` kept, and append from there (None: nothing to do). Where
+        they lack steps before the resumed one (the file is older than the state: its last record step 3, the state
+        at step 10), a warning names them: the trace has a gap there. (A file with no record before the resumed step
+        starts a trace from there, as a new file does, and says nothing.)"""
+        if plan is None:
             return
+        keep, step, missing = plan
+        if missing:
+            gone = set(missing)  # (between the first kept step and `step`: the last step not gone is kept)
+            last = next(r for r in range(step - 1, -1, -1) if r not in gone)
+            why = ("the file is older than the state loaded" if missing[-1] == step - 1 else
+                   "lines of those steps were taken out of it")
+            warnings.warn(f"{self.path}: resuming at step {step}, the trace file lacks step"
+                          f"{'s' if len(missing) > 1 else ''} {_step_ranges(missing)} (its last record before step "
+                          f"{step} is step {last}: {why}), so the trace has a gap there; its lines are kept and the "
+                          f"run appends from step {step}. Put back the trace file saved with the state for a whole "
+                          "trace", stacklevel=3)
         self._f.close()
         try:
             with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
