@@ -124,6 +124,11 @@ class UnifiedController:
         for name, value, cls in (("machine", machine, MachineConfig), ("actuators", actuators, ActuatorConfig),
                                  ("mirror", mirror, MirrorConfig)):
             check_config_arg(name, value, cls)
+        # (checked before anything is attached: refused after attach_optimizer, it left the optimizer with this
+        # half-built controller's LR hooks, and a retry with the same optimizer was refused as a second controller)
+        log_every = _scalar("log_every", log_every, int)
+        if log_every < 0:  # (-1 printed every step; 2.5 was read as 2, silently)
+            raise ValueError(f"log_every: a console line every N steps, an int >= 0 (0: transitions only), got {log_every!r}")
         _refuse_ignored(UnifiedController.__init__, "signal", signal if isinstance(signal, SignalConfig) else None,
                         alpha=alpha, beta=beta)
         _refuse_ignored(UnifiedController.__init__, "machine", machine, theta0=theta0, theta1=theta1,
@@ -180,9 +185,7 @@ class UnifiedController:
         # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
         self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
                                   group=self._trace_group) if trace_path else None
-        self.log_every, self.print_fn = _scalar("log_every", log_every, int), print_fn
-        if self.log_every < 0:  # (-1 printed every step; 2.5 was read as 2, silently)
-            raise ValueError(f"log_every: a console line every N steps, an int >= 0 (0: transitions only), got {log_every!r}")
+        self.log_every, self.print_fn = log_every, print_fn
         self.reduce_loss = reduce_loss
         self._apply_rank()
 
