@@ -302,6 +302,21 @@ def test_a_boolean_argument_given_as_anything_but_true_or_false_is_refused_by_na
     assert ctrl.keep_trace is False
 
 
+def test_a_bad_log_every_is_refused_before_the_optimizer_is_attached(bert):
+    """log_every was checked after attach_optimizer had put the controller's LR hooks on the optimizer: the refused
+    controller's hooks stayed there, and the retry with a good log_every and the same optimizer was refused as "another
+    UnifiedController already drives its learning rate". The refusal leaves the optimizer as it was."""
+    adapters, _ = setup_unified_lora(bert, ["query", "value"], modules_to_save=["classifier"], print_fn=None)
+    opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters() if p.requires_grad], lr=1e-3)
+    hooks = len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
+    kw = {"adapters": adapters, "optimizer": opt, "actuators": ActuatorConfig(lr_mode="multiplier"), "print_fn": None}
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match=r"^log_every: "):
+            UnifiedController(log_every=bad, **kw)
+        assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == hooks
+    assert UnifiedController(log_every=5, **kw).log_every == 5  # the retry
+
+
 def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):
     """ActuatorConfig's lr_mode defaults to "absolute", setup_unified_lora's to "multiplier". So
     setup_unified_lora(lr_mode="multiplier", actuators=ActuatorConfig(mode_multipliers=...)) ran in absolute mode:

@@ -1667,6 +1667,44 @@ def test_fsdp2_reshard_after_backward_false_is_named_and_the_accumulation_recipe
         dist.destroy_process_group()
 
 
+def test_fsdp2_ctrl_step_after_optimizer_step_is_warned_about_and_a_right_loop_after_a_warm_up_is_not():
+    """The order warning compares the version counter of block 0's gradient at the first ctrl.step with the one the
+    optimizer's step before it left. FSDP2 adds a backward into an existing gradient through its local shard
+    (`_local_tensor +=`), which leaves the DTensor's own counter as it was: a right loop whose warm-up optimizer
+    step left its gradients (no zero_grad before the next backward) was warned about as calling ctrl.step after
+    optimizer.step(). A warm-up with zero_grad(set_to_none=False), which bumps the DTensor's counter alone, is
+    not warned about either; the late loop is."""
+    import warnings
+
+    def run(order: str) -> list:
+        model, ctrl = _fsdp_sharded("loss")
+        opt = _fsdp_opt(model, ctrl)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model(*_fsdp_batch(0, 0)).backward()  # a warm-up step without the controller
+            opt.step()
+            if order == "zeroed":
+                opt.zero_grad(set_to_none=False)
+            for step in range(1, 3):
+                loss = model(*_fsdp_batch(0, step))
+                loss.backward()
+                if order == "late":
+                    opt.step()
+                ctrl.step(loss)
+                if order != "late":
+                    opt.step()
+                opt.zero_grad(set_to_none=order != "zeroed")
+        return [str(w.message) for w in record if str(w.message).startswith("ctrl.step: it reads")]
+
+    _one_process_group()
+    try:
+        assert run("late") != []
+        for order in ("accumulated", "zeroed"):
+            assert run(order) == [], order
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp2_setup_after_fully_shard_is_refused():
     """setup_unified_lora after fully_shard (the other order than the README's): FSDP2 manages only the parameters
     it found, so the new LoRA blocks stay plain tensors that no process shares. With two processes each trained its

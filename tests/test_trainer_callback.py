@@ -1283,3 +1283,55 @@ def test_non_finite_steps_in_a_row_stop_the_training_with_the_last_finite_weight
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match=r"^max_nonfinite_steps: .*got"):
             UnifiedLoRACallback(build("bert")[2], max_nonfinite_steps=bad)
+
+
+def test_non_finite_steps_under_a_grad_scaler_are_left_to_it_and_count_toward_max_nonfinite_steps(tmp_path):
+    """Under fp16's GradScaler (accelerate's optimizer has a `scaler`) the callback leaves a non-finite step to the
+    scaler, which skips it; it did not count the step either, so max_nonfinite_steps never stopped an fp16 run whose
+    every loss was NaN (the CLI's --max-nonfinite-steps counts such steps). The Trainer makes no GradScaler on the
+    CPU, so the test gives its accelerator one, a real torch GradScaler on accelerate's own path (scaled backward,
+    unscale, the scaler's step). A NaN loss counts (the CLI's rule: a finite loss whose gradient overflowed while
+    the scale is >= 1 is the scaler finding its scale, and does not)."""
+    for at, limit, steps in ((3, 3, 10), ("all", 3, 3)):
+        model, _, ctrl = build("bert")
+        first = {n: p.detach().clone() for n, p in model.named_parameters()}
+        lines = []
+        ctrl.print_fn = lines.append
+        nan = _NaNOnce(model, at)
+        trainer = Trainer(model=model, args=targs(tmp_path, num_train_epochs=2, learning_rate=1e-3),
+                          train_dataset=TokenDataset(),
+                          callbacks=[UnifiedLoRACallback(ctrl, max_nonfinite_steps=limit), nan])
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+        trainer.train()
+        assert trainer.state.global_step == steps and ctrl.nonfinite_steps == (1 if at == 3 else steps)
+        if at == 3:  # the scaler skipped the NaN step's update
+            assert all(torch.equal(nan.before[n], nan.after[n]) for n in nan.before)
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+        else:
+            assert all(torch.equal(first[n], p) for n, p in model.named_parameters())
+        said = [x for x in lines if "UnifiedLoRACallback" in x]
+        assert len(said) == ctrl.nonfinite_steps and all("GradScaler skips its update" in x for x in said), said
+        assert [x for x in said if "training stops" in x] == ([said[-1]] if at == "all" else [])
+    # a finite loss whose gradients overflow (inf from the head back) at the scale's start (65536): the scaler finding
+    # its scale, skipped by it and not counted; the composite signal reads it as non-finite
+    model, _, ctrl = build("bert", signal="composite")
+    lines = []
+    ctrl.print_fn = lines.append
+    blow_up = {"step": 0}
+
+    def count(module, args):
+        blow_up["step"] += module.training
+
+    def overflow(module, args, output):
+        if module.training and blow_up["step"] <= 3:
+            output.register_hook(lambda g: g * float("inf"))
+
+    model.register_forward_pre_hook(count)
+    model.classifier.register_forward_hook(overflow)
+    trainer = Trainer(model=model, args=targs(tmp_path, num_train_epochs=2, learning_rate=1e-3),
+                      train_dataset=TokenDataset(), callbacks=[UnifiedLoRACallback(ctrl, max_nonfinite_steps=2)])
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+    assert trainer.state.global_step == 10 and ctrl.nonfinite_steps == 3
+    assert trainer.accelerator.scaler.get_scale() == 65536 / 8
+    assert [x for x in lines if "UnifiedLoRACallback" in x] == []

@@ -155,6 +155,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import math
 import os
 import warnings
 import weakref
@@ -499,22 +500,31 @@ class UnifiedLoRACallback(TrainerCallback):
         gradients of the optimizer's parameters are dropped (`grad = None`), which torch's optimizers read as
         "no update" (Adam's moments and step count are left as they were), as `unified-lora train` skips such a
         step. Not under fp16's GradScaler (accelerate's optimizer has a `scaler`): the scaler skips a step whose
-        gradients hold an inf or NaN itself, and its update asserts on a step with no gradient.
+        gradients hold an inf or NaN itself, and its update asserts on a step with no gradient; the step counts
+        all the same (it did not, and an fp16 run whose every loss was NaN never stopped), unless its loss is finite
+        and the scale still >= 1: a gradient that overflowed there is the scaler finding its scale, as the CLI's
+        `_count_nonfinite` reads it.
         The step's scheduled LR still advances, as the Trainer's scheduler steps. `max_nonfinite_steps` such steps
         in a row stop the training (`control.should_training_stop`) with the last finite weights, as the CLI's
         `--max-nonfinite-steps` stops a run."""
-        if optimizer is None or getattr(optimizer, "scaler", None) is not None:
+        if optimizer is None:
             return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        elif math.isfinite(self.ctrl.last_loss) and scaler.get_scale() >= 1.0:
+            return
         self._nonfinite_in_row += 1
         stop = 0 < self.max_nonfinite_steps <= self._nonfinite_in_row
         if stop:
             control.should_training_stop = True
         if self.ctrl.print_fn is not None:
             self.ctrl.print_fn(f"UnifiedLoRACallback: step {step}: non-finite loss or gradient (loss "
-                               f"{self.ctrl.last_loss:g}); optimizer update skipped (its gradients dropped)"
+                               f"{self.ctrl.last_loss:g}); "
+                               + ("optimizer update skipped (its gradients dropped)" if scaler is None else
+                                  "GradScaler skips its update")
                                + (f"; {self._nonfinite_in_row} such steps in a row (max_nonfinite_steps): training "
                                   "stops, with the weights of the last finite step" if stop else ""))
 

@@ -125,6 +125,11 @@ class UnifiedController:
         for name, value, cls in (("machine", machine, MachineConfig), ("actuators", actuators, ActuatorConfig),
                                  ("mirror", mirror, MirrorConfig)):
             check_config_arg(name, value, cls)
+        # (checked before anything is attached: refused after attach_optimizer, it left the optimizer with this
+        # half-built controller's LR hooks, and a retry with the same optimizer was refused as a second controller)
+        log_every = _scalar("log_every", log_every, int)
+        if log_every < 0:  # (-1 printed every step; 2.5 was read as 2, silently)
+            raise ValueError(f"log_every: a console line every N steps, an int >= 0 (0: transitions only), got {log_every!r}")
         _refuse_ignored(UnifiedController.__init__, "signal", signal if isinstance(signal, SignalConfig) else None,
                         alpha=alpha, beta=beta)
         _refuse_ignored(UnifiedController.__init__, "machine", machine, theta0=theta0, theta1=theta1,
@@ -181,9 +186,7 @@ class UnifiedController:
         # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
         self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
                                   group=self._trace_group) if trace_path else None
-        self.log_every, self.print_fn = _scalar("log_every", log_every, int), print_fn
-        if self.log_every < 0:  # (-1 printed every step; 2.5 was read as 2, silently)
-            raise ValueError(f"log_every: a console line every N steps, an int >= 0 (0: transitions only), got {log_every!r}")
+        self.log_every, self.print_fn = log_every, print_fn
         self.reduce_loss = reduce_loss
         self._apply_rank()
 
@@ -289,7 +292,7 @@ class UnifiedController:
         self._optimizer_steps += 1
         if not self._called:  # (until the first ctrl.step: `_watch_order`)
             g = self.adapters[0].first_block_grad() if self.adapters else None
-            self._used_grad = None if g is None else (weakref.ref(g), g._version)
+            self._used_grad = None if g is None else (weakref.ref(g), _grad_versions(g))
 
     def _watch_order(self) -> None:
         """Warn, at the first `ctrl.step`, where it reads the very gradient the attached optimizer's last step used
@@ -299,14 +302,15 @@ class UnifiedController:
         alternate the two calls, so the first call tells them apart: in the right order a backward comes between an
         optimizer step and the next ctrl.step (optimizer steps without the controller first, a warm-up, included),
         which gives block 0 a new gradient or adds to it in place; a zero_grad between them leaves none or a zeroed
-        one (and a call with no gradient is refused). Reads no tensor's data, only its identity and version counter
-        (as `_watch_accumulation`: v1's ctrl.step issues no op). Not an error: the run goes on, one step late."""
+        one (and a call with no gradient is refused). Reads no tensor's data, only its identity and version counters
+        (`_grad_versions`; as `_watch_accumulation`: v1's ctrl.step issues no op). Not an error: the run goes on,
+        one step late."""
         if self._called:
             return
         self._called = True
         used, self._used_grad = self._used_grad, None
         g = self.adapters[0].first_block_grad() if used is not None else None
-        if g is None or used[0]() is not g or g._version != used[1]:
+        if g is None or used[0]() is not g or _grad_versions(g) != used[1]:
             return
         warnings.warn("ctrl.step: it reads the gradients the optimizer's last step already applied: it runs after "
                       "optimizer.step(), so the LR and rank it sets apply one step late, and the composite signal "
@@ -1147,6 +1151,15 @@ def _is_int(v) -> bool:
     if isinstance(v, str):
         return v.lstrip("-").isdigit()
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _grad_versions(g: torch.Tensor) -> tuple[int, int]:
+    """The version counters an in-place write into the gradient `g` bumps (`_watch_order`): its own, and under FSDP2
+    (a DTensor) its local shard's as well. FSDP2 adds a backward into an existing gradient in the shard
+    (`_local_tensor +=`), which leaves the DTensor's counter as it was (a warm-up optimizer step without zero_grad
+    was warned about), while `zero_grad(set_to_none=False)` bumps the DTensor's counter alone."""
+    dt = _dtensor_type()
+    return g._version, (g.to_local() if dt is not None and isinstance(g, dt) else g)._version
 
 
 def check_config_arg(name: str, value, cls: type) -> None:
