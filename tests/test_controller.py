@@ -317,6 +317,23 @@ def test_a_bad_log_every_is_refused_before_the_optimizer_is_attached(bert):
     assert UnifiedController(log_every=5, **kw).log_every == 5  # the retry
 
 
+def test_a_trace_path_that_cannot_be_opened_is_refused_before_the_optimizer_is_attached(bert, tmp_path):
+    """The trace file was opened after attach_optimizer had put the controller's LR hooks on the optimizer, as
+    log_every was checked: a trace_path under a file (or in a folder without write permission) left the refused
+    controller's hooks there, and the retry with a good path and the same optimizer was refused as "another
+    UnifiedController already drives its learning rate". The refusal leaves the optimizer as it was."""
+    adapters, _ = setup_unified_lora(bert, ["query", "value"], modules_to_save=["classifier"], print_fn=None)
+    opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters() if p.requires_grad], lr=1e-3)
+    hooks = len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
+    kw = {"adapters": adapters, "optimizer": opt, "actuators": ActuatorConfig(lr_mode="multiplier"), "print_fn": None}
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError):
+        UnifiedController(trace_path=str(tmp_path / "a_file" / "trace.jsonl"), **kw)
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == hooks
+    ctrl = UnifiedController(trace_path=str(tmp_path / "trace.jsonl"), **kw)  # the retry
+    assert ctrl.optimizer is opt and ctrl.writer is not None
+
+
 def test_lr_multipliers_are_not_dropped_for_actuator_config_s_absolute_default(bert):
     """ActuatorConfig's lr_mode defaults to "absolute", setup_unified_lora's to "multiplier". So
     setup_unified_lora(lr_mode="multiplier", actuators=ActuatorConfig(mode_multipliers=...)) ran in absolute mode:

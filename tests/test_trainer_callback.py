@@ -1,5 +1,6 @@
 """UnifiedLoRACallback inside the stock Hugging Face Trainer (tiny models, CPU)."""
 
+import json
 import logging
 import math
 import os
@@ -737,6 +738,35 @@ def test_a_same_process_resume_with_a_damaged_trace_raises_before_the_controller
         trainer.train(resume_from_checkpoint=True)
     assert _same(ctrl.state_dict(), before) and ctrl.trace == records
     assert path.read_text() == damaged
+
+
+def test_a_trace_file_older_than_the_checkpoint_warns_once_at_a_trainer_resume_in_a_new_process(tmp_path):
+    """A resume in a new process: `ctrl.load_state_dict` keeps the trace file's lines before the checkpoint, and the
+    callback's rewind of the same file (read before the load) applied them a second time. A file older than the
+    checkpoint (steps 0 and 1, the state at step 3) then gave its warning twice, and the file was rewritten twice.
+    The rewind is the same-process resume's (a writer that has written), so the warning comes once."""
+    import warnings
+
+    from unified_lora.trace import read_trace
+
+    path = tmp_path / "trace.jsonl"
+
+    def trainer():
+        model = tiny_bert()
+        _, ctrl = setup_unified_lora(model, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                     print_fn=None, trace_path=str(path))
+        return Trainer(model=model, args=targs(tmp_path, max_steps=5, save_strategy="steps", save_steps=3),
+                       train_dataset=TokenDataset(n=16), callbacks=[UnifiedLoRACallback(ctrl)])
+
+    trainer().train()
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if json.loads(line)["step"] < 2))  # the file as it was at step 2, the state at 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    said = [str(w.message) for w in caught if "the trace file lacks" in str(w.message)]
+    assert len(said) == 1 and "resuming at step 3, the trace file lacks step 2 " in said[0], said
+    assert [r["step"] for r in read_trace(path)] == [0, 1, 3, 4]
 
 
 def test_a_resume_without_controller_state_and_strict_resume_false_goes_on_at_the_controllers_rank(tmp_path):

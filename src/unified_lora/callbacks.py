@@ -172,6 +172,7 @@ from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, local_tensor, shard_group, unwrap_model, unwrap_optimizer
 from .layer import NestedLoRALayer
 from .model import trained_state_keys
+from .trace import ResumePlan
 
 CONTROLLER_STATE_NAME = "unified_lora_controller.pt"
 # Saved with the controller state: a digest of the managed weights the checkpoint holds (see `_weights_digest`).
@@ -679,9 +680,10 @@ class UnifiedLoRACallback(TrainerCallback):
             return
         # the trace file's rewind read and checked before the load (a damaged file raises here, the controller
         # untouched): in a same-process resume the writer has written, so ctrl.load_state_dict's own check skips it,
-        # and the rewind raised after the controller had loaded
+        # and the rewind raised after the controller had loaded. A writer that has not written (a new process) is
+        # ctrl.load_state_dict's to resume: rewound here as well, its lines were kept twice (a gap warned twice)
         writer = self.ctrl.writer
-        plan = writer.resume_plan(sd["global_step"], rewind=True) if writer is not None else None
+        plan = writer.resume_plan(sd["global_step"], rewind=True) if writer is not None and writer._written else None
         self.ctrl.load_state_dict(sd)
         self._rewind_trace(plan)
 
@@ -738,11 +740,12 @@ class UnifiedLoRACallback(TrainerCallback):
             return None
         return sd
 
-    def _rewind_trace(self, plan: list[str] | None) -> None:
+    def _rewind_trace(self, plan: ResumePlan | None) -> None:
         """After a resume: drop what this process recorded for the steps from the resumed one on. A run interrupted
         in this process (Ctrl-C, an exception) and resumed here with the same controller replays those steps; their
         first records would otherwise stay in `ctrl.trace`, `trace_path` and `step_losses` (steps 3, 4, 3, 4, ...).
-        `plan`: the trace file's lines to keep, `writer.resume_plan(step, rewind=True)` read before the load."""
+        `plan`: the trace file's lines to keep, `writer.resume_plan(step, rewind=True)` read before the load (None:
+        the file is left as it is)."""
         step = self.ctrl.global_step
         dropped = sum(r.step >= step for r in self.ctrl.trace)
         self.ctrl.trace[:] = [r for r in self.ctrl.trace if r.step < step]

@@ -174,8 +174,19 @@ class UnifiedController:
         self._last_nonfinite = False  # the last call's step was non-finite: its optimizer step is skipped, rightly
         self._called = False  # a ctrl.step has run (`_watch_order`)
         self._used_grad: tuple | None = None  # before it: (weakref, version) of the gradient the last optimizer step used
+        self.reduce_loss = reduce_loss
+        # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own.
+        # Opened before the optimizer is attached, as log_every is checked: a trace_path that cannot be opened left
+        # the refused controller's LR hooks on the optimizer, and a retry with it was refused as a second controller
+        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
+                                  group=self._trace_group) if trace_path else None
         if optimizer is not None:
-            self.attach_optimizer(optimizer)
+            try:
+                self.attach_optimizer(optimizer)
+            except BaseException:
+                if self.writer is not None:
+                    self.writer.close()
+                raise
         self.global_step = 0
         self.loss_ema: float | None = None
         self.nonfinite_steps = 0
@@ -183,11 +194,7 @@ class UnifiedController:
         self._exit_decision: MirrorDecision | None = None  # a Mirror exit's decision until its transition commits
         self.trace: list[StepRecord] = []
         self.keep_trace = keep_trace
-        # under DDP one file from process 0 (the records are the same everywhere), unless each process records its own
-        self.writer = TraceWriter(trace_path, main_process_only=reduce_loss is not None,
-                                  group=self._trace_group) if trace_path else None
         self.log_every, self.print_fn = log_every, print_fn
-        self.reduce_loss = reduce_loss
         self._apply_rank()
 
     # -- wiring -----------------------------------------------------------------

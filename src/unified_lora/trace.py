@@ -167,7 +167,8 @@ class TraceWriter:
         self.apply_resume(self.resume_plan(step, rewind))
 
     def resume_plan(self, step: int, rewind: bool = False) -> ResumePlan | None:
-        """The lines `resume(step, rewind)` keeps (None: it does nothing), or its ValueError; nothing is changed."""
+        """What `resume(step, rewind)` does (a `ResumePlan`: the lines it keeps, and the steps they lack; None: it
+        does nothing), or its ValueError; nothing is changed."""
         if (self._written and not rewind) or not self._writes_here():
             return None
         keep, kept_steps = [], set()
