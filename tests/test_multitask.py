@@ -2640,7 +2640,10 @@ def test_a_load_that_fails_midway_leaves_the_controller_as_it_was(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         fresh.load_state_dict(sd)
     assert _same(_as_loaded(fresh, ad2), before)
-    fresh.load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"trace\.jsonl: resuming at step \d+, the trace file lacks steps 2-") as got:
+        fresh.load_state_dict(sd)  # (a state of a longer run over this 2-step trace: a gap, said)
+    # the user's line, not multitask.py's (MultiTaskController.load_state_dict calls the base class's)
+    assert [w.filename for w in got if "lacks step" in str(w.message)] == [__file__]
     assert _same(fresh.state_dict(), sd) and fresh.router.topology == "task"
     assert [r["step"] for r in map(json.loads, path.read_text().splitlines())] == [0, 1]
 

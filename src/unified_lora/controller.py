@@ -39,7 +39,7 @@ from .distributed import (_device, _dtensor_type, check_blocks_sharded, check_sh
 from .layer import NestedLoRALayer, blocks_of
 from .machine import ModeMachine, Transition
 from .mirror import MirrorDecision, MirrorSnapshot, watch_state_dict
-from .model import inject_nested_lora, undone_on_error, warn_frozen_head
+from .model import _user_stacklevel, inject_nested_lora, undone_on_error, warn_frozen_head
 from .signals import CompositeSignal, GradientStats, LossSignal
 from .trace import StepRecord, TraceWriter, format_console
 
@@ -323,7 +323,7 @@ class UnifiedController:
                       "optimizer.step(), so the LR and rank it sets apply one step late, and the composite signal "
                       "reads gradients the update has already used. Call it after the backward and before the "
                       "update: loss.backward() -> ctrl.step(loss) -> optimizer.step() -> optimizer.zero_grad()",
-                      stacklevel=3)
+                      stacklevel=_user_stacklevel())
 
     def _watch_accumulation(self) -> None:
         """Warn, once, when `ctrl.step` runs on most micro-batches of an accumulation. The controller counts
@@ -360,7 +360,7 @@ class UnifiedController:
                     "counts optimizer steps (warm-up, dwell and eval interval would run that many times too fast, "
                     "on one micro-batch's loss): call ctrl.step once per optimizer step, after the last "
                     "micro-batch's backward, with the mean loss of the step's micro-batches")
-        warnings.warn(f"ctrl.step: {what}", stacklevel=3)
+        warnings.warn(f"ctrl.step: {what}", stacklevel=_user_stacklevel())
 
     def _skipped_optimizer_step(self) -> None:
         """The loop that called ctrl.step last skips that step's optimizer update, as it found the gradients
@@ -434,7 +434,7 @@ class UnifiedController:
                 f"Mirror does not snapshot them: a restore puts the LoRA blocks and modules_to_save back and leaves "
                 f"these at their values from the end of MIRROR. To have them rolled back too, name their modules in "
                 f"modules_to_save at setup, or build the controller with UnifiedController(adapters=..., "
-                f"extra_params=[...]) listing them", stacklevel=3)
+                f"extra_params=[...]) listing them", stacklevel=_user_stacklevel())
 
     def _check_optimizer_lr(self, inner) -> None:
         """Refuse param groups whose learning rate the controller cannot set: transformers' Adafactor with
@@ -924,7 +924,7 @@ class UnifiedController:
                             "attached)", "this MIRROR's exit restores the weights only: no optimizer state was saved")
         warnings.warn(f"ctrl.load_state_dict: the loaded Mirror snapshot {held}, and this controller's MirrorConfig "
                       f"has snapshot_optimizer={mirror.config.snapshot_optimizer}. The snapshot applies as it was "
-                      f"taken: {config}; the config applies from the next MIRROR entry on", stacklevel=3)
+                      f"taken: {config}; the config applies from the next MIRROR entry on", stacklevel=_user_stacklevel())
 
     def _load_parts(self, sd: dict) -> None:
         """`load_state_dict`'s loads, on a state `_check_state` passed (or this controller's own, to put it back)."""

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from ._files import written_atomically
 from .distributed import is_first_process
+from .model import _user_stacklevel
 
 
 @dataclass
@@ -211,7 +212,7 @@ class TraceWriter:
                           f"{'s' if len(missing) > 1 else ''} {_step_ranges(missing)} (its last record before step "
                           f"{step} is step {last}: {why}), so the trace has a gap there; its lines are kept and the "
                           f"run appends from step {step}. Put back the trace file saved with the state for a whole "
-                          "trace", stacklevel=3)
+                          "trace", stacklevel=_user_stacklevel())
         self._f.close()
         try:
             with written_atomically(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
