@@ -2442,10 +2442,11 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
     ("empty_data", "no data rows"),
     # a file with nothing in it (no header either; a .jsonl has none) was "a header alone"
     ("empty_file", "empty.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
-    ("blank_jsonl", "blank.jsonl is empty; it needs data rows"),
+    # a .jsonl file was told of a .csv/.tsv file's header row
+    ("blank_jsonl", "blank.jsonl is empty; it needs data rows (a .jsonl file: a JSON object a line)"),
     # a UTF-8 byte-order mark (Excel's "CSV UTF-8") and blanks, nothing else, was "a header alone"
     ("bom_only_csv", "bom.csv is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)"),
-    ("bom_only_jsonl", "bom.jsonl is empty; it needs data rows"),
+    ("bom_only_jsonl", "bom.jsonl is empty; it needs data rows (a .jsonl file: a JSON object a line)"),
     ("missing_model", "no such folder"),
     ("output_dir_is_a_file", "a_file: a file, not a folder; pass a folder (it is made if it does not exist)"),
     # the demo said "[Errno 17] File exists", after the model and data had loaded
@@ -2532,6 +2533,11 @@ def test_a_model_that_fails_on_rows_of_any_length_is_not_blamed_on_max_length(ti
     ("null_text_for_a_causal_lm", "n.jsonl: record 2 (line 3) has no text (column 'text' is null)"),
     # it trained on `[CLS] [SEP]` alone, silently
     ("empty_second_text_of_a_pair", "pair.csv: record 3 (line 4) has no text (column 'b' is whitespace only)"),
+    # both trained without a word: each row read as the pair (text, text), and a model reading its label as input
+    ("a_text_column_given_twice", "text_columns ['text', 'text']: names column 'text' twice, so each row would be "
+                                  "read as a pair of the same text; give one column, or a pair task's two columns"),
+    ("the_label_column_among_the_text_columns", "label_column 'label' is also one of the text_columns ['text', "
+                                                "'label']: the model would read each row's label in its input"),
     ("row_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 82 tokens (its "
                                       "config has 64 positions)"),
     ("block_longer_than_the_positions", "--max-length 100: the model fails on the data's longest row, 100 tokens"),
@@ -2655,6 +2661,8 @@ def test_bad_input_one_line_exit_2_no_traceback(tiny, tmp_path, capsys, case, ne
         "empty_second_text_of_a_pair": _train_args(tiny, out)[:4] + [str(_write(
             tmp_path / "pair.csv", "a,b,label\ngood,film,1\nbad,movie,0\nfine, ,1\nawful,plot,0\n")),
             "--text-columns", "a,b"],
+        "a_text_column_given_twice": _train_args(tiny, out, "--text-columns", "text,text"),
+        "the_label_column_among_the_text_columns": _train_args(tiny, out, "--text-columns", "text,label"),
         "row_longer_than_the_positions": ["train", "--model", tiny["bert"], "--data", str(_write(
             tmp_path / "long.csv", "text,label\ngood movie,1\n" + "bad " * 80 + ",0\nawful film,0\nfine,1\n")),
             "--max-length", "100", "--output-dir", out],

@@ -156,6 +156,41 @@ def test_an_export_into_the_runs_base_model_folder_is_refused(tiny, wide, tmp_pa
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
 
 
+def test_a_run_on_the_bundled_model_exports_and_its_folder_is_refused_as_out(tiny, wide, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A run without --model (the bundled MiniLM, the CLI's default) stores `model: None`: its `export` and `export
+    --merged` failed with an internal error (`TypeError: expected str, bytes or os.PathLike object, not NoneType`,
+    from the check of --out against the base model's folder). The bundled model is a copy of the tiny BERT here."""
+    import unified_lora.data
+
+    bundled = tmp_path / "bundled"
+    shutil.copytree(wide, bundled)
+    monkeypatch.setattr(unified_lora.data, "default_model_path", lambda: str(bundled))
+    run = tmp_path / "run"
+    args = test_cli._train_args(tiny, run, "--steps", "2", "--lrs", "1e-2", "1e-2", "1e-2")
+    assert main(args[:1] + args[3:]) == 0  # no --model
+    assert main(["export", str(run)]) == 0
+    adapter = run / "peft_adapter-step-2"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(bundled)
+    assert main(["export", str(run), "--merged"]) == 0
+    from unified_lora.inference import load_trained
+    from unified_lora.training import encode_rows, load_table
+
+    tr = load_trained(run, "step-2", device="cpu")
+    ids = encode_rows(tr.tokenizer, load_table(tiny["csv"], ["text"], "label"), "seq-cls", 16)["input_ids"][:8]
+    with torch.no_grad():
+        ours = tr.model(input_ids=ids).logits
+    merged, = _plain((run / "merged-step-2", "AutoModelForSequenceClassification", ids.tolist(), 0))
+    assert torch.allclose(torch.tensor(merged["logits"]), ours, atol=1e-5)
+    assert torch.allclose(_peft_logits(str(bundled), adapter, {"input_ids": ids}, 2), ours, atol=1e-5)
+    # the bundled model's folder is the run's base: refused as --out, as a --model folder is, with nothing written
+    before = {p.name: p.read_bytes() for p in bundled.iterdir()}
+    capsys.readouterr()
+    assert main(["export", str(run), "--merged", "--out", str(bundled), "--overwrite"]) == 2
+    assert f"--out {bundled}: the run's base model folder; writing the " in _error(capsys)
+    assert {p.name: p.read_bytes() for p in bundled.iterdir()} == before
+
+
 def test_an_export_peft_cannot_express_is_one_line_and_exit_code_1(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     # LoRA on the head only: PEFT saves the head whole and cannot hold a LoRA layer inside it (train exits 3)

@@ -1921,7 +1921,8 @@ def cmd_export(args) -> int:
     base: dict = {}
 
     def check(cfg) -> None:  # before the model loads, after --task (a task not in the run was refused as a full --out)
-        base_dir = Path(cfg.model).expanduser()
+        base["path"] = resolve_model(cfg.model, recorded=True)  # (model None, the bundled MiniLM: its folder)
+        base_dir = Path(base["path"])
         if base_dir.is_dir() and out.resolve() == base_dir.resolve():  # (--overwrite replaced the base's weights)
             raise UsageError(f"{flag}: the run's base model folder; writing {what} into it changes the model that "
                              "predict, export and --resume load the run's adapter onto (a merged model there gets "
@@ -1934,7 +1935,6 @@ def cmd_export(args) -> int:
             raise UsageError(f"--merged: {run} is a multi-task run (tasks {', '.join(cfg.data)}), and each task's "
                              "adapter gives its own model; pass --task NAME for the task to merge")
         if merged:
-            base["path"] = resolve_model(cfg.model, recorded=True)
             quantized = inference.quantization_of(base["path"])
             if quantized:
                 raise UsageError(f"--merged: the run's base model {cfg.model} is quantized ({quantized}); folding the "

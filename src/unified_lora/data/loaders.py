@@ -505,8 +505,10 @@ def no_rows_error(path: Path) -> DataError:
     """A table with no data rows: a header alone, or a file with nothing in it (0 bytes, blank lines; a .jsonl file
     has no header at all), which was said to be "a header alone" too; so was a byte-order mark alone (which the
     readers skip: UTF-8's, and UTF-16's, whose mark alone was "not UTF-8 text"), blanks or not."""
-    if not read_text(path).strip():
-        return DataError(f"{path} is empty; it needs data rows (a .csv/.tsv file: a header row, then the rows)")
+    if not read_text(path).strip():  # (a .jsonl file was told of a .csv/.tsv file's header row)
+        layout = "a .jsonl file: a JSON object a line" if path.suffix.lower() == ".jsonl" else \
+            "a .csv/.tsv file: a header row, then the rows"
+        return DataError(f"{path} is empty; it needs data rows ({layout})")
     return DataError(f"{path} has no data rows; a header alone is not a data set")
 
 
@@ -556,6 +558,13 @@ def load_table(
         raise DataError(f"unsupported data format {fmt!r} for {path}; use a .csv, .tsv or .jsonl file (or pass fmt=)")
     if isinstance(text_columns, str) or len(text_columns) not in (1, 2):
         raise DataError(f"text_columns must be a list of 1 or 2 column names, got {text_columns!r}")
+    # (both trained without a word: a row read as the pair (text, text), or a model reading its label in its input)
+    if len(set(text_columns)) < len(text_columns):
+        raise DataError(f"text_columns {list(text_columns)}: names column {text_columns[0]!r} twice, so each row "
+                        "would be read as a pair of the same text; give one column, or a pair task's two columns")
+    if label_column is not None and label_column in text_columns:
+        raise DataError(f"label_column {label_column!r} is also one of the text_columns {list(text_columns)}: the "
+                        "model would read each row's label in its input; give the column that holds the text")
     columns = [*text_columns, *([label_column] if label_column is not None else [])]
     records = _read_records(path, fmt, columns)
     if not records:
