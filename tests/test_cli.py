@@ -695,6 +695,32 @@ def test_a_resumed_runs_wall_time_counts_every_session(tiny, tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+def test_console_txt_keeps_the_sessions_before_a_resume_and_the_outputs_line_names_it(tiny, tmp_path, capsys):
+    """console.txt after a --resume held the last session's lines alone (the trace keeps the earlier steps): the
+    resumed session's lines now follow the earlier ones, after a line naming the resume step. The `outputs:` line
+    names console.txt (it left it out); a fresh run into the folder (--overwrite) starts a new file."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1")) == 0
+    first = (out / "console.txt").read_text()
+    said = capsys.readouterr().out.splitlines()
+    assert said[-1] == (f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {out / 'plot.png'}, "
+                        f"{out / 'checkpoints'}, {out / 'console.txt'}")
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    second = capsys.readouterr().out
+    text = (out / "console.txt").read_text()
+    assert text.startswith(first), text
+    separator, *rest = text[len(first):].splitlines()
+    step = torch.load(out / "checkpoints" / "epoch-1" / "state.pt", weights_only=False)["run"]["global_step"]
+    assert separator == f"----- --resume at step {step} -----"
+    assert rest == second.splitlines() and rest[0].startswith("resumed from ")
+    # a third session appends again; a fresh run into the folder starts a new file
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
+    assert (out / "console.txt").read_text().startswith(text)
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--epochs", "1", "--overwrite")) == 0
+    assert (out / "console.txt").read_text() == capsys.readouterr().out
+
+
 def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
     """A run started with a relative --data stored that relative path; resumed from another directory, the path was
     read from there: a file of the same name there (other data) was trained on, silently, and the resume check

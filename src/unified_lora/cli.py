@@ -46,11 +46,23 @@ DEMO_LOSS_SCALE = 0.3  # see the --loss-scale help and the README: MRPC's flip s
 
 class _Console:
     """Prints above the tqdm bar and keeps a copy of every line (written to console.txt). `quiet`: neither (a
-    train process other than torchrun's process 0)."""
+    train process other than torchrun's process 0). `earlier`: text that `save` writes before the lines (a resumed
+    run's earlier sessions, `continue_file`)."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.lines: list[str] = []
         self.quiet = quiet
+        self.earlier = ""
+
+    def continue_file(self, path: Path, separator: str) -> None:
+        """`save` keeps what `path` holds (a resumed run's earlier sessions; a file that is not there: nothing),
+        then `separator`, before this session's lines: as the trace keeps the steps before a --resume, console.txt
+        keeps their lines (it held the last session's alone)."""
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            text = ""
+        self.earlier = (text if not text or text.endswith("\n") else text + "\n") + separator + "\n"
 
     def __call__(self, line: str = "") -> None:
         from tqdm import tqdm
@@ -61,7 +73,7 @@ class _Console:
         tqdm.write(line, file=sys.stdout)
 
     def save(self, path: Path) -> None:
-        write_text_atomically(path, "\n".join(self.lines) + "\n")
+        write_text_atomically(path, self.earlier + "\n".join(self.lines) + "\n")
 
 
 def _bar(total: int, initial: int = 0, desc: str = "", disable: bool = False):
@@ -1311,6 +1323,8 @@ def _train(args, held: dict) -> int:
     on_rank0(_clear_previous_run)
     if ckpt is not None:
         run.load_checkpoint(ckpt, args.trust_checkpoint)
+        on_rank0(lambda: say.continue_file(out / "console.txt",
+                                           f"----- --resume at step {run.state.global_step} -----"))
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {n_dev}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
@@ -1531,7 +1545,7 @@ def _train(args, held: dict) -> int:
             plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
                        shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
         say(format_summary(summary))
-        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}")
+        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}, {out / 'console.txt'}")
         say.save(out / "console.txt")
         if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
             print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
