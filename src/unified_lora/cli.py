@@ -966,6 +966,37 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
           "absolute to train each mode at its --lrs", file=sys.stderr)
 
 
+def _note_label_classes(cfg, train) -> None:
+    """One-line notes on stderr (process 0 alone) on a classifier's training rows (`train`, a TextDataset, after the
+    dev split): the classes that no training row has (integer labels are class ids, so a stray 5 among 0/1 makes a
+    6-class head whose classes 2-4 never train; or a class whose every row went to the dev split), and where the
+    classes number more than half the training rows (fewer than two rows a class: a label column that holds an id per
+    row). Notes, not refusals: integers are class ids as documented (a head with an unused output trains), and a
+    small file of a few rows has many classes a row rightly (a smoke test of 3 rows and 2 classes)."""
+    from .training import process_rank
+
+    if process_rank() != 0 or not train.num_labels:
+        return
+    counts = [0] * train.num_labels
+    for label in train.labels:
+        counts[label] += 1
+    names = train.label_names or [str(i) for i in range(train.num_labels)]
+    missing = [names[i] if train.label_names else i for i, n in enumerate(counts) if n == 0]
+    table = Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")  # (else a GLUE folder: its own labels)
+    what = f"--data {cfg.data}" + (f", column {cfg.label_column!r}" if table else "")
+    if missing:
+        shown = ", ".join(map(repr if train.label_names else str, missing[:5])) + (
+            f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        why = ("" if train.label_names else f" (integer labels are class ids, so the head has {train.num_labels} "
+               f"outputs, 0 to {train.num_labels - 1})")
+        print(f"{PROG}: note: {what}: {len(missing)} of the {train.num_labels} classes have no training row: "
+              f"{shown}{why}; the model is never taught to predict them", file=sys.stderr)
+    if 2 * train.num_labels > len(train):
+        print(f"{PROG}: note: {what}: {train.num_labels} classes for {len(train)} training rows (fewer than 2 rows a "
+              "class): is it the label column, and not an id per row? (--label-column names the label column)",
+              file=sys.stderr)
+
+
 def _note_calibration_target_unread(cfg, user: dict, flag: bool) -> None:
     """A one-line note on stderr (process 0 alone) where `--calibration-target` (`flag`) or YAML `calibration_target`
     is given to a new run on the loss signal that does not calibrate (no --calibration-steps, or --loss-scale given;
@@ -1214,6 +1245,8 @@ def _train(args, held: dict) -> int:
     else:
         # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
         train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
+        if isinstance(train, TextDataset):  # (a classifier's rows)
+            _note_label_classes(cfg, train)
         # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here,
         # not at the first evaluation
         cfg.metric_for_best = best_metric(cfg, task_type, task)
