@@ -695,6 +695,32 @@ def test_a_resumed_runs_wall_time_counts_every_session(tiny, tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+def test_console_txt_keeps_the_sessions_before_a_resume_and_the_outputs_line_names_it(tiny, tmp_path, capsys):
+    """console.txt after a --resume held the last session's lines alone (the trace keeps the earlier steps): the
+    resumed session's lines now follow the earlier ones, after a line naming the resume step. The `outputs:` line
+    names console.txt (it left it out); a fresh run into the folder (--overwrite) starts a new file."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1")) == 0
+    first = (out / "console.txt").read_text()
+    said = capsys.readouterr().out.splitlines()
+    assert said[-1] == (f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {out / 'plot.png'}, "
+                        f"{out / 'checkpoints'}, {out / 'console.txt'}")
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    second = capsys.readouterr().out
+    text = (out / "console.txt").read_text()
+    assert text.startswith(first), text
+    separator, *rest = text[len(first):].splitlines()
+    step = torch.load(out / "checkpoints" / "epoch-1" / "state.pt", weights_only=False)["run"]["global_step"]
+    assert separator == f"----- --resume at step {step} -----"
+    assert rest == second.splitlines() and rest[0].startswith("resumed from ")
+    # a third session appends again; a fresh run into the folder starts a new file
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "3"]) == 0
+    assert (out / "console.txt").read_text().startswith(text)
+    capsys.readouterr()
+    assert main(_train_args(tiny, out, "--epochs", "1", "--overwrite")) == 0
+    assert (out / "console.txt").read_text() == capsys.readouterr().out
+
+
 def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
     """A run started with a relative --data stored that relative path; resumed from another directory, the path was
     read from there: a file of the same name there (other data) was trained on, silently, and the resume check
@@ -775,6 +801,38 @@ def test_resume_refuses_a_changed_model_data_batch_or_signal_scale_setting_befor
     assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4", "--model",
                  str(Path(tiny["bert"]).resolve()), "--log-every", "0"]) == 0
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == [0, 1, 2, 3]
+
+
+def test_classes_without_a_training_row_and_a_label_column_of_ids_get_a_note(tiny, tmp_path, capsys):
+    """Integer labels are class ids: 0/1 and one stray 12 trained a 13-class head whose classes 2 to 11 had no row,
+    and a label column with an id per row (--label-column id) trained too, both without a word. Each gets a one-line
+    note on stderr (the run goes on: the ids are as documented, and a few-row file rightly has many classes a row);
+    string labels, the usual 0/1 file and a dev split that keeps every class say nothing."""
+    rows = _rows(40)
+    (tmp_path / "gap.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows) + f"{rows[0][0]},12\n")
+    (tmp_path / "dev.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in _rows(6, seed=1)))
+    (tmp_path / "ids.csv").write_text("text,label,id\n" + "".join(f"{t},{y},{i}\n" for i, (t, y) in enumerate(rows)))
+
+    def notes(*extra):
+        capsys.readouterr()
+        assert main(["train", "--model", tiny["bert"], "--batch-size", "8", "--max-length", "16", "--log-every", "0",
+                     "--steps", "1", "--overwrite", "--output-dir", str(tmp_path / "run"), *extra]) == 0
+        return [x for x in capsys.readouterr().err.splitlines() if "note:" in x]
+
+    gap = tmp_path / "gap.csv"
+    assert notes("--data", str(gap), "--dev-data", str(tmp_path / "dev.csv")) == [
+        f"unified-lora: note: --data {gap}, column 'label': 10 of the 13 classes have no training row: 2, 3, 4, 5, 6, "
+        "... (5 more) (integer labels are class ids, so the head has 13 outputs, 0 to 12); the model is never taught "
+        "to predict them"]
+    ids = tmp_path / "ids.csv"
+    said = notes("--data", str(ids), "--label-column", "id")  # the dev split takes 4 of the 40 ids
+    assert len(said) == 2 and said[0].startswith(f"unified-lora: note: --data {ids}, column 'id': 4 of the 40 classes "
+                                                  "have no training row: ")
+    assert said[1] == (f"unified-lora: note: --data {ids}, column 'id': 40 classes for 36 training rows (fewer than 2 "
+                       "rows a class): is it the label column, and not an id per row? (--label-column names the "
+                       "label column)")
+    assert notes("--data", tiny["csv"]) == []
+    assert notes("--data", tiny["jsonl"], "--text-columns", "review", "--label-column", "sentiment") == []
 
 
 def test_the_run_records_its_classes_and_a_resume_on_relabelled_data_is_refused(tiny, tmp_path, capsys):

@@ -1365,3 +1365,84 @@ def test_non_finite_steps_under_a_grad_scaler_are_left_to_it_and_count_toward_ma
     assert trainer.state.global_step == 10 and ctrl.nonfinite_steps == 3
     assert trainer.accelerator.scaler.get_scale() == 65536 / 8
     assert [x for x in lines if "UnifiedLoRACallback" in x] == []
+
+
+class _BadSteps(TrainerCallback):
+    """Makes chosen optimizer steps (1-based, counted from the Trainer's global step, so across a resume) non-finite
+    at the classifier: `nan` steps get a NaN loss, `overflow` steps a finite loss whose gradient is inf from the head
+    back (an fp16 overflow)."""
+
+    def __init__(self, model, nan=(), overflow=()):
+        self.nan, self.overflow, self.step = set(nan), set(overflow), 0
+        model.classifier.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if not module.training:
+            return None
+        if self.step in self.overflow:
+            output.register_hook(lambda g: g * float("inf"))
+        return output * float("nan") if self.step in self.nan else None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step = state.global_step + 1
+
+
+@pytest.mark.parametrize("signal", ["loss", "composite"])
+def test_the_callback_counts_grad_scaler_steps_by_the_cli_rule(tmp_path, signal):
+    """Under a GradScaler the callback counts a skipped step as the CLI's `_count_nonfinite` does, reading the scale
+    after the scaler's update: it read it before, so an overflow at a scale of exactly 1 (0.5 after the update: the
+    CLI counts it) was not counted; and on the loss signal a finite-loss overflow never reached the count and set it
+    to 0, where the CLI leaves it as it is while the scale is >= 1 (the scaler finding its scale)."""
+    def run(init_scale, bad, limit):
+        model, _, ctrl = build("bert", signal=signal)
+        lines = []
+        ctrl.print_fn = lines.append
+        trainer = Trainer(model=model, args=targs(tmp_path, num_train_epochs=2, learning_rate=1e-3),
+                          train_dataset=TokenDataset(),
+                          callbacks=[UnifiedLoRACallback(ctrl, max_nonfinite_steps=limit), _BadSteps(model, **bad)])
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        trainer.train()
+        return trainer.state.global_step, [x for x in lines if "UnifiedLoRACallback" in x]
+
+    # an overflow at scale 1: the update lowers it to 0.5, below 1, so it counts (and one such step stops the run)
+    steps, said = run(1.0, {"overflow": [3]}, 1)
+    assert steps == 3, said
+    assert said == ["UnifiedLoRACallback: step 3: non-finite loss or gradient (loss " + said[0].split("(loss ")[1]]
+    assert "GradScaler skips its update; 1 such steps in a row (max_nonfinite_steps): training stops" in said[0]
+    # NaN, overflow while the scale is >= 1 (not counted, the count kept), NaN: two in a row stop the run at step 4
+    steps, said = run(65536.0, {"nan": [2, 4], "overflow": [3]}, 2)
+    assert steps == 4 and [x.split(":")[1] for x in said] == [" step 2", " step 4"], said
+    assert "2 such steps in a row" in said[-1]
+    # a finite step in between sets the count to 0: the run goes on
+    steps, said = run(65536.0, {"nan": [2, 4]}, 2)
+    assert steps == 10 and len(said) == 2 and not any("training stops" in x for x in said), said
+
+
+def test_the_non_finite_count_is_saved_with_the_controller_state_and_resumes(tmp_path):
+    """The callback's count of non-finite steps in a row is saved in its checkpoint file and read back on a resume
+    (it restarted at 0, so a resume let max_nonfinite_steps more steps run; the CLI keeps its count); a file saved
+    before the key resumes at 0."""
+    from unified_lora.callbacks import NONFINITE_KEY
+
+    model, _, ctrl = build("bert")
+    Trainer(model=model, args=_resume_args(tmp_path, 3), train_dataset=TokenDataset(n=16),
+            callbacks=[UnifiedLoRACallback(ctrl, max_nonfinite_steps=3), _BadSteps(model, nan=[2, 3])]).train()
+    path = tmp_path / "checkpoint-3" / CONTROLLER_STATE_NAME
+    sd = torch.load(path, weights_only=True)
+    assert sd[NONFINITE_KEY] == 2
+
+    def resume():
+        model2, _, ctrl2 = build("bert")
+        lines = []
+        ctrl2.print_fn = lines.append
+        trainer = Trainer(model=model2, args=_resume_args(tmp_path, 8), train_dataset=TokenDataset(n=16),
+                          callbacks=[UnifiedLoRACallback(ctrl2, max_nonfinite_steps=3), _BadSteps(model2, nan=[4])])
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+        return trainer.state.global_step, [x for x in lines if "UnifiedLoRACallback" in x]
+
+    steps, said = resume()  # steps 2, 3 and 4 in a row: the run stops at step 4
+    assert steps == 4 and len(said) == 1 and "3 such steps in a row" in said[0], said
+    del sd[NONFINITE_KEY]
+    torch.save(sd, path)
+    steps, said = resume()  # saved before the key: the count starts at 0, step 4 alone
+    assert steps == 8 and len(said) == 1 and "training stops" not in said[0], said

@@ -182,6 +182,9 @@ QUANTIZATION_KEY = "callback_base_quantization"
 # Saved with the controller state of an adapter-only checkpoint (and in its marker, "base_fingerprint"): a sample of
 # the frozen base weights it leaves out (see `_base_fingerprint`).
 BASE_FINGERPRINT_KEY = "callback_base_fingerprint"
+# Saved with the controller state: the callback's count of non-finite steps in a row (`max_nonfinite_steps`), so a
+# resume goes on counting, as the CLI's checkpoints keep `nonfinite_in_a_row` (a state saved before: 0).
+NONFINITE_KEY = "callback_nonfinite_in_row"
 # Written into every folder that `adapter_only_saves` leaves the base weights out of.
 ADAPTER_ONLY_NAME = "unified_lora_adapter_only.json"
 LOG_PREFIX = "unified_lora/"
@@ -254,7 +257,9 @@ class UnifiedLoRACallback(TrainerCallback):
             model when the Trainer is built (callbacks=[...]), by `add_to`, or at the latest at `on_train_begin`.
         max_nonfinite_steps: a step the controller reads as non-finite (a NaN or inf loss; on the composite signal
             a gradient norm too) has its update skipped (its gradients dropped); this many such steps in a row stop
-            the training, with the weights of the last finite step (default 10; 0: never stop).
+            the training, with the weights of the last finite step (default 10; 0: never stop). Under fp16's
+            GradScaler the scaler skips such a step itself, and the count follows the CLI's rule (`on_optimizer_step`).
+            The count is saved with the controller state, so a resume goes on with it.
     """
 
     def __init__(self, ctrl: UnifiedController, *, resume_from: str | None = None, strict_resume: bool = True,
@@ -291,7 +296,8 @@ class UnifiedLoRACallback(TrainerCallback):
             raise ValueError(f"max_nonfinite_steps: non-finite steps in a row that stop the training, an int >= 0 "
                              f"(0: never stop), got {max_nonfinite_steps!r}")
         self.max_nonfinite_steps = max_nonfinite_steps
-        self._nonfinite_in_row = 0  # optimizer steps in a row whose update `_skip_update` dropped
+        self._nonfinite_in_row = 0  # non-finite optimizer steps in a row (`_skip_update`, `on_optimizer_step`)
+        self._scale_before = None  # fp16: the GradScaler's scale before this step's update (`on_optimizer_step`)
         self._hook = None
         self._fill_hook = None  # FSDP2, Adam/AdamW: the optimizer's state_dict pre-hook `_fill_lazy_state`
         self._wraps_loss_func = False
@@ -452,6 +458,7 @@ class UnifiedLoRACallback(TrainerCallback):
             if self.model_normalises_loss is None:
                 self.model_normalises_loss = model_normalises_loss(model)
             self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+        self._nonfinite_in_row = 0  # (a resume: the checkpoint's count, `_load`)
         if state.global_step > 0:
             self._load(args, state, model)
 
@@ -485,8 +492,13 @@ class UnifiedLoRACallback(TrainerCallback):
         if self.ctrl.keep_trace:  # a per-step list, kept as ctrl.trace is: not at all in a run that keeps no trace
             self.step_losses.append(loss)
         self.ctrl.step(loss)
-        if self.ctrl._last_nonfinite:
-            self._skip_update(kwargs.get("optimizer"), state.global_step + 1, control)
+        optimizer = kwargs.get("optimizer")
+        scaler = getattr(optimizer, "scaler", None)
+        self._scale_before = scaler.get_scale() if scaler is not None else None
+        if scaler is not None:
+            pass  # the GradScaler decides the skip: counted once it has stepped and updated (`on_optimizer_step`)
+        elif self.ctrl._last_nonfinite:
+            self._skip_update(optimizer, state.global_step + 1, control)
         else:
             self._nonfinite_in_row = 0
         # the loss the controller used (the trace's): under DDP the mean over processes, as the Trainer's own log
@@ -500,32 +512,46 @@ class UnifiedLoRACallback(TrainerCallback):
         later loss was NaN and the checkpoints held NaN adapters (a tiny BERT, one NaN batch of ten). So the
         gradients of the optimizer's parameters are dropped (`grad = None`), which torch's optimizers read as
         "no update" (Adam's moments and step count are left as they were), as `unified-lora train` skips such a
-        step. Not under fp16's GradScaler (accelerate's optimizer has a `scaler`): the scaler skips a step whose
-        gradients hold an inf or NaN itself, and its update asserts on a step with no gradient; the step counts
-        all the same (it did not, and an fp16 run whose every loss was NaN never stopped), unless its loss is finite
-        and the scale still >= 1: a gradient that overflowed there is the scaler finding its scale, as the CLI's
-        `_count_nonfinite` reads it.
-        The step's scheduled LR still advances, as the Trainer's scheduler steps. `max_nonfinite_steps` such steps
-        in a row stop the training (`control.should_training_stop`) with the last finite weights, as the CLI's
-        `--max-nonfinite-steps` stops a run."""
+        step. (Not under fp16's GradScaler: `on_optimizer_step`.)
+        The step's scheduled LR still advances, as the Trainer's scheduler steps."""
         if optimizer is None:
             return
-        scaler = getattr(optimizer, "scaler", None)
-        if scaler is None:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-        elif math.isfinite(self.ctrl.last_loss) and scaler.get_scale() >= 1.0:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._count_nonfinite(step, control, "optimizer update skipped (its gradients dropped)")
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """Under fp16's GradScaler (accelerate's optimizer has a `scaler`): the scaler skips a step whose gradients
+        hold an inf or NaN itself (its update asserts on a step with no gradient, so `_skip_update` leaves it be),
+        and the step is counted here, after the scaler's step and update, by the CLI's rule (`Run._count_nonfinite`):
+        a step with a finite loss whose gradients were finite sets the count to 0; one with a finite loss whose
+        gradients overflowed while the scale (after its update) is still >= 1 is the scaler finding its scale and
+        leaves the count as it is; any other (a non-finite loss, or an overflow at a scale below 1) counts. The
+        scaler found an inf or NaN gradient where its update lowered the scale (it lowers it then alone; accelerate's
+        `step_was_skipped` is False under a fused optimizer, the Trainer's default, which takes the scaler's verdict
+        into its own step). (The controller's reading is not used: on the loss signal it never sees a gradient.)"""
+        if self._scale_before is None:
             return
+        before, self._scale_before = self._scale_before, None
+        scale = optimizer.scaler.get_scale()
+        loss_finite = math.isfinite(self.ctrl.last_loss)
+        if loss_finite and not scale < before:
+            self._nonfinite_in_row = 0
+        elif not loss_finite or scale < 1.0:
+            self._count_nonfinite(state.global_step + 1, control, "GradScaler skips its update")
+
+    def _count_nonfinite(self, step: int, control, what: str) -> None:
+        """One more non-finite step in a row: said, and `max_nonfinite_steps` of them stop the training
+        (`control.should_training_stop`) with the last finite weights, as the CLI's `--max-nonfinite-steps` stops a
+        run."""
         self._nonfinite_in_row += 1
         stop = 0 < self.max_nonfinite_steps <= self._nonfinite_in_row
         if stop:
             control.should_training_stop = True
         if self.ctrl.print_fn is not None:
             self.ctrl.print_fn(f"UnifiedLoRACallback: step {step}: non-finite loss or gradient (loss "
-                               f"{self.ctrl.last_loss:g}); "
-                               + ("optimizer update skipped (its gradients dropped)" if scaler is None else
-                                  "GradScaler skips its update")
+                               f"{self.ctrl.last_loss:g}); {what}"
                                + (f"; {self._nonfinite_in_row} such steps in a row (max_nonfinite_steps): training "
                                   "stops, with the weights of the last finite step" if stop else ""))
 
@@ -573,6 +599,7 @@ class UnifiedLoRACallback(TrainerCallback):
         sd = self.ctrl.state_dict()
         sd[WEIGHTS_DIGEST_KEY] = _weights_digest(self.ctrl)  # ctrl.load_state_dict ignores it
         sd[QUANTIZATION_KEY] = base_quantization(self.ctrl.adapters)  # and this
+        sd[NONFINITE_KEY] = self._nonfinite_in_row  # and this (the callback's own: `_load` reads it)
         model = kwargs.get("model")
         if model is not None and is_adapter_only_folder(folder):  # (a whole-model checkpoint holds its base)
             # and this: the one the save just put into the marker (taken of the same weights), not taken again
@@ -686,6 +713,7 @@ class UnifiedLoRACallback(TrainerCallback):
         plan = writer.resume_plan(sd["global_step"], rewind=True) if writer is not None and writer._written else None
         self.ctrl.load_state_dict(sd)
         self._rewind_trace(plan)
+        self._nonfinite_in_row = int(sd.get(NONFINITE_KEY, 0))  # (a state saved before the key: 0)
 
     def _read_state_file(self, path: str, loaded_by: str, model) -> tuple[dict | None, str | None]:
         """(the controller state saved at `path`, None), or (None, why) where it was saved with other adapter weights

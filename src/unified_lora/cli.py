@@ -46,11 +46,23 @@ DEMO_LOSS_SCALE = 0.3  # see the --loss-scale help and the README: MRPC's flip s
 
 class _Console:
     """Prints above the tqdm bar and keeps a copy of every line (written to console.txt). `quiet`: neither (a
-    train process other than torchrun's process 0)."""
+    train process other than torchrun's process 0). `earlier`: text that `save` writes before the lines (a resumed
+    run's earlier sessions, `continue_file`)."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.lines: list[str] = []
         self.quiet = quiet
+        self.earlier = ""
+
+    def continue_file(self, path: Path, separator: str) -> None:
+        """`save` keeps what `path` holds (a resumed run's earlier sessions; a file that is not there: nothing),
+        then `separator`, before this session's lines: as the trace keeps the steps before a --resume, console.txt
+        keeps their lines (it held the last session's alone)."""
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            text = ""
+        self.earlier = (text if not text or text.endswith("\n") else text + "\n") + separator + "\n"
 
     def __call__(self, line: str = "") -> None:
         from tqdm import tqdm
@@ -61,7 +73,7 @@ class _Console:
         tqdm.write(line, file=sys.stdout)
 
     def save(self, path: Path) -> None:
-        write_text_atomically(path, "\n".join(self.lines) + "\n")
+        write_text_atomically(path, self.earlier + "\n".join(self.lines) + "\n")
 
 
 def _bar(total: int, initial: int = 0, desc: str = "", disable: bool = False):
@@ -954,6 +966,37 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
           "absolute to train each mode at its --lrs", file=sys.stderr)
 
 
+def _note_label_classes(cfg, train) -> None:
+    """One-line notes on stderr (process 0 alone) on a classifier's training rows (`train`, a TextDataset, after the
+    dev split): the classes that no training row has (integer labels are class ids, so a stray 5 among 0/1 makes a
+    6-class head whose classes 2-4 never train; or a class whose every row went to the dev split), and where the
+    classes number more than half the training rows (fewer than two rows a class: a label column that holds an id per
+    row). Notes, not refusals: integers are class ids as documented (a head with an unused output trains), and a
+    small file of a few rows has many classes a row rightly (a smoke test of 3 rows and 2 classes)."""
+    from .training import process_rank
+
+    if process_rank() != 0 or not train.num_labels:
+        return
+    counts = [0] * train.num_labels
+    for label in train.labels:
+        counts[label] += 1
+    names = train.label_names or [str(i) for i in range(train.num_labels)]
+    missing = [names[i] if train.label_names else i for i, n in enumerate(counts) if n == 0]
+    table = Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")  # (else a GLUE folder: its own labels)
+    what = f"--data {cfg.data}" + (f", column {cfg.label_column!r}" if table else "")
+    if missing:
+        shown = ", ".join(map(repr if train.label_names else str, missing[:5])) + (
+            f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        why = ("" if train.label_names else f" (integer labels are class ids, so the head has {train.num_labels} "
+               f"outputs, 0 to {train.num_labels - 1})")
+        print(f"{PROG}: note: {what}: {len(missing)} of the {train.num_labels} classes have no training row: "
+              f"{shown}{why}; the model is never taught to predict them", file=sys.stderr)
+    if 2 * train.num_labels > len(train):
+        print(f"{PROG}: note: {what}: {train.num_labels} classes for {len(train)} training rows (fewer than 2 rows a "
+              "class): is it the label column, and not an id per row? (--label-column names the label column)",
+              file=sys.stderr)
+
+
 def _note_calibration_target_unread(cfg, user: dict, flag: bool) -> None:
     """A one-line note on stderr (process 0 alone) where `--calibration-target` (`flag`) or YAML `calibration_target`
     is given to a new run on the loss signal that does not calibrate (no --calibration-steps, or --loss-scale given;
@@ -1202,6 +1245,8 @@ def _train(args, held: dict) -> int:
     else:
         # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
         train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
+        if isinstance(train, TextDataset):  # (a classifier's rows)
+            _note_label_classes(cfg, train)
         # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here,
         # not at the first evaluation
         cfg.metric_for_best = best_metric(cfg, task_type, task)
@@ -1311,6 +1356,8 @@ def _train(args, held: dict) -> int:
     on_rank0(_clear_previous_run)
     if ckpt is not None:
         run.load_checkpoint(ckpt, args.trust_checkpoint)
+        on_rank0(lambda: say.continue_file(out / "console.txt",
+                                           f"----- --resume at step {run.state.global_step} -----"))
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
     say(f"unified-lora train: {_model_name(cfg.model, model_path)} ({task_type}) on {task}: {n_rows} train / {n_dev}"
         f" dev rows, {total} steps ({per_epoch}/epoch), controller={'on' if cfg.controller else 'off (fixed rank)'}"
@@ -1531,7 +1578,7 @@ def _train(args, held: dict) -> int:
             plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
                        shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
         say(format_summary(summary))
-        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}")
+        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}, {out / 'console.txt'}")
         say.save(out / "console.txt")
         if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
             print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
