@@ -966,13 +966,17 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
           "absolute to train each mode at its --lrs", file=sys.stderr)
 
 
+_ID_COLUMN_MIN_ROWS = 20  # `_note_label_classes`: fewer training rows than this never read as an id column
+
+
 def _note_label_classes(cfg, train) -> None:
     """One-line notes on stderr (process 0 alone) on a classifier's training rows (`train`, a TextDataset, after the
     dev split): the classes that no training row has (integer labels are class ids, so a stray 5 among 0/1 makes a
     6-class head whose classes 2-4 never train; or a class whose every row went to the dev split), and where the
     classes number more than half the training rows (fewer than two rows a class: a label column that holds an id per
-    row). Notes, not refusals: integers are class ids as documented (a head with an unused output trains), and a
-    small file of a few rows has many classes a row rightly (a smoke test of 3 rows and 2 classes)."""
+    row; from `_ID_COLUMN_MIN_ROWS` training rows on: a file of a few rows has many classes a row rightly, and a smoke
+    test of 3 rows and 2 classes got the note beside its own error, which a one-line error must stand alone). Notes,
+    not refusals: integers are class ids as documented (a head with an unused output trains)."""
     from .training import process_rank
 
     if process_rank() != 0 or not train.num_labels:
@@ -982,8 +986,10 @@ def _note_label_classes(cfg, train) -> None:
         counts[label] += 1
     names = train.label_names or [str(i) for i in range(train.num_labels)]
     missing = [names[i] if train.label_names else i for i, n in enumerate(counts) if n == 0]
-    table = Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")  # (else a GLUE folder: its own labels)
-    what = f"--data {cfg.data}" + (f", column {cfg.label_column!r}" if table else "")
+    # (a GLUE folder names its own labels; no --data: the shipped MRPC, whose Path(None) was a TypeError)
+    table = cfg.data is not None and Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")
+    what = (f"--data {cfg.data}" if cfg.data is not None else "the shipped MRPC") + \
+        (f", column {cfg.label_column!r}" if table else "")
     if missing:
         shown = ", ".join(map(repr if train.label_names else str, missing[:5])) + (
             f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
@@ -991,7 +997,7 @@ def _note_label_classes(cfg, train) -> None:
                f"outputs, 0 to {train.num_labels - 1})")
         print(f"{PROG}: note: {what}: {len(missing)} of the {train.num_labels} classes have no training row: "
               f"{shown}{why}; the model is never taught to predict them", file=sys.stderr)
-    if 2 * train.num_labels > len(train):
+    if 2 * train.num_labels > len(train) >= _ID_COLUMN_MIN_ROWS:
         print(f"{PROG}: note: {what}: {train.num_labels} classes for {len(train)} training rows (fewer than 2 rows a "
               "class): is it the label column, and not an id per row? (--label-column names the label column)",
               file=sys.stderr)
