@@ -1446,3 +1446,16 @@ def test_the_non_finite_count_is_saved_with_the_controller_state_and_resumes(tmp
     torch.save(sd, path)
     steps, said = resume()  # saved before the key: the count starts at 0, step 4 alone
     assert steps == 8 and len(said) == 1 and "training stops" not in said[0], said
+
+
+def test_the_callbacks_bool_arguments_take_true_or_false_only():
+    """`trust_checkpoint="no"` is truthy: the controller file was then loaded with `weights_only=False`, which can run
+    code the file carries, and `strict_resume="no"` stayed strict. Both take True or False only, as a config's bool
+    field does (`_scalar`); the refusal names the argument."""
+    ctrl = build("bert")[2]
+    for name in ("strict_resume", "trust_checkpoint"):
+        for bad in ("no", "false", 0, None):
+            with pytest.raises(ValueError, match=rf"^{name}: must be true or false, got {re.escape(repr(bad))}"):
+                UnifiedLoRACallback(ctrl, **{name: bad})
+    cb = UnifiedLoRACallback(ctrl, strict_resume=False, trust_checkpoint=True)
+    assert cb.strict_resume is False and cb.trust_checkpoint is True

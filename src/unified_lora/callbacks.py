@@ -167,7 +167,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ._files import load_state_file, write_text_atomically, written_atomically
-from .config import MODES
+from .config import MODES, _scalar
 from .controller import UnifiedController
 from .distributed import check_trainer_ddp_args, local_tensor, shard_group, unwrap_model, unwrap_optimizer
 from .layer import NestedLoRALayer
@@ -279,10 +279,11 @@ class UnifiedLoRACallback(TrainerCallback):
                             "task_context, then ctrl.step(loss, task_losses=per_task_losses(per, task_ids)))")
         self.ctrl = ctrl
         self.resume_from = resume_from
-        self.strict_resume = strict_resume
+        # (bool("no") is True: strict_resume="no" stayed strict, trust_checkpoint="no" trusted the file)
+        self.strict_resume = _scalar("strict_resume", strict_resume, bool)
         if isinstance(log_keys, str):  # tuple("phi") would be ('p', 'h', 'i'): no key logged, silently
             raise TypeError(f"log_keys: expected a tuple of keys, e.g. ({log_keys!r},), got the string {log_keys!r}")
-        self.trust_checkpoint = trust_checkpoint
+        self.trust_checkpoint = _scalar("trust_checkpoint", trust_checkpoint, bool)
         self.log_keys = tuple(log_keys)
         unknown = [k for k in self.log_keys if k not in LOG_KEYS]
         if unknown:
