@@ -495,12 +495,11 @@ class UnifiedLoRACallback(TrainerCallback):
         self.ctrl.step(loss)
         optimizer = kwargs.get("optimizer")
         scaler = getattr(optimizer, "scaler", None)
+        # under a GradScaler the scaler decides the skip: counted once it has stepped and updated (`on_optimizer_step`)
         self._scale_before = scaler.get_scale() if scaler is not None else None
-        if scaler is not None:
-            pass  # the GradScaler decides the skip: counted once it has stepped and updated (`on_optimizer_step`)
-        elif self.ctrl._last_nonfinite:
+        if scaler is None and self.ctrl._last_nonfinite:
             self._skip_update(optimizer, state.global_step + 1, control)
-        else:
+        elif scaler is None:
             self._nonfinite_in_row = 0
         # the loss the controller used (the trace's): under DDP the mean over processes, as the Trainer's own log
         self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,

@@ -981,11 +981,8 @@ def _note_label_classes(cfg, train) -> None:
 
     if process_rank() != 0 or not train.num_labels:
         return
-    counts = [0] * train.num_labels
-    for label in train.labels:
-        counts[label] += 1
-    names = train.label_names or [str(i) for i in range(train.num_labels)]
-    missing = [names[i] if train.label_names else i for i, n in enumerate(counts) if n == 0]
+    seen = set(train.labels)
+    missing = [train.label_names[i] if train.label_names else i for i in range(train.num_labels) if i not in seen]
     # (a GLUE folder names its own labels; no --data: the shipped MRPC, whose Path(None) was a TypeError)
     table = cfg.data is not None and Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")
     what = (f"--data {cfg.data}" if cfg.data is not None else "the shipped MRPC") + \
