@@ -969,14 +969,16 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
 _ID_COLUMN_MIN_ROWS = 20  # `_note_label_classes`: fewer training rows than this never read as an id column
 
 
-def _note_label_classes(cfg, train) -> None:
+def _note_label_classes(data: str | None, label_column: str, train, task: str | None = None) -> None:
     """One-line notes on stderr (process 0 alone) on a classifier's training rows (`train`, a TextDataset, after the
-    dev split): the classes that no training row has (integer labels are class ids, so a stray 5 among 0/1 makes a
-    6-class head whose classes 2-4 never train; or a class whose every row went to the dev split), and where the
-    classes number more than half the training rows (fewer than two rows a class: a label column that holds an id per
-    row; from `_ID_COLUMN_MIN_ROWS` training rows on: a file of a few rows has many classes a row rightly, and a smoke
-    test of 3 rows and 2 classes got the note beside its own error, which a one-line error must stand alone). Notes,
-    not refusals: integers are class ids as documented (a head with an unused output trains)."""
+    dev split, read from `data` with its `label_column`): the classes that no training row has (integer labels are
+    class ids, so a stray 5 among 0/1 makes a 6-class head whose classes 2-4 never train; or a class whose every row
+    went to the dev split), and where the classes number more than half the training rows (fewer than two rows a
+    class: a label column that holds an id per row; from `_ID_COLUMN_MIN_ROWS` training rows on: a file of a few rows
+    has many classes a row rightly, and a smoke test of 3 rows and 2 classes got the note beside its own error, which
+    a one-line error must stand alone). `task`: the name of a multi-task run's task whose data this is, which each
+    note names (each task has its own classes: the notes were a one-task run's alone). Notes, not refusals: integers
+    are class ids as documented (a head with an unused output trains)."""
     from .training import process_rank
 
     if process_rank() != 0 or not train.num_labels:
@@ -984,14 +986,16 @@ def _note_label_classes(cfg, train) -> None:
     seen = set(train.labels)
     missing = [train.label_names[i] if train.label_names else i for i in range(train.num_labels) if i not in seen]
     # (a GLUE folder names its own labels; no --data: the shipped MRPC, whose Path(None) was a TypeError)
-    table = cfg.data is not None and Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")
-    what = (f"--data {cfg.data}" if cfg.data is not None else "the shipped MRPC") + \
-        (f", column {cfg.label_column!r}" if table else "")
+    table = data is not None and Path(data).suffix.lower() in (".csv", ".tsv", ".jsonl")
+    what = (f"task {task}: " if task is not None else "") + \
+        (f"--data {data}" if data is not None else "the shipped MRPC") + (f", column {label_column!r}" if table else "")
     if missing:
         shown = ", ".join(map(repr if train.label_names else str, missing[:5])) + (
             f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
-        why = ("" if train.label_names else f" (integer labels are class ids, so the head has {train.num_labels} "
-               f"outputs, 0 to {train.num_labels - 1})")
+        # (a multi-task run's head has the most classes of any task: each task's loss is on its own classes)
+        has = f"the task has {train.num_labels} classes" if task is not None else \
+            f"the head has {train.num_labels} outputs"
+        why = "" if train.label_names else f" (integer labels are class ids, so {has}, 0 to {train.num_labels - 1})"
         print(f"{PROG}: note: {what}: {len(missing)} of the {train.num_labels} classes have no training row: "
               f"{shown}{why}; the model is never taught to predict them", file=sys.stderr)
     if 2 * train.num_labels > len(train) >= _ID_COLUMN_MIN_ROWS:
@@ -1241,6 +1245,9 @@ def _train(args, held: dict) -> int:
         mt.refuse_unsupported(cfg, task_type)
         # (a resumed causal LM reads the columns it stored, as one data set does)
         tasks = mt.load_tasks(cfg, task_type, note=say, detect=ckpt is None)
+        for t in tasks:  # (once every task has loaded: a task's error stands alone, as a one-task run's does)
+            if isinstance(t.train, TextDataset):
+                _note_label_classes(t.spec.data, cfg.label_column, t.train, t.spec.name)
         train = dev = None
         task = ", ".join(cfg.tasks)
         specs = [t.spec for t in tasks]
@@ -1249,7 +1256,7 @@ def _train(args, held: dict) -> int:
         # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
         train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
         if isinstance(train, TextDataset):  # (a classifier's rows)
-            _note_label_classes(cfg, train)
+            _note_label_classes(cfg.data, cfg.label_column, train)
         # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here,
         # not at the first evaluation
         cfg.metric_for_best = best_metric(cfg, task_type, task)
