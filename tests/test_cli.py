@@ -695,6 +695,67 @@ def test_a_resumed_runs_wall_time_counts_every_session(tiny, tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by its path there, with its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_resume_of_a_finished_run_says_so_and_leaves_every_file_as_it_is(tiny, tmp_path, capsys):
+    """`--resume` of a run that had finished trained nothing, but wrote the adapter, the plot and summary.json again
+    and added its own time to the run's wall time (`wall_s` grew with each such resume). It now says in one line
+    that the run is finished and how to train further, and leaves every file byte for byte as it was (exit 0); the
+    longer run it names resumes as before. A run stopped early (its patience spent) is finished too, unless the
+    resume gives a patience that lets it go on; one whose summary.json a kill left unwritten still gets it."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1")) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert _files(out) == before
+    said = capsys.readouterr()
+    assert said.out == (f"unified-lora train: the run in {out} is finished at step 8 (1 epoch of 8 steps), evaluated, "
+                        "saved and summarised; this --resume has nothing to train and leaves its files as they are; "
+                        f"to train further, give it more epochs: unified-lora train --output-dir {out} --resume "
+                        "--epochs 2\n") and said.err == ""
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 0  # (fewer steps than it has)
+    assert "is finished at step 8 (--steps 4)" in capsys.readouterr().out and _files(out) == before
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(16))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 16
+    # a decaying LR schedule cannot be lengthened on a resume (it is refused): the line says to start a new run
+    decaying = tmp_path / "linear"
+    assert main(_train_args(tiny, decaying, "--steps", "2", "--lr-scheduler", "linear")) == 0
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(decaying), "--resume"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "is finished at step 2 (--steps 2), evaluated, saved and summarised; this --resume has nothing to train and "
+        "leaves its files as they are; its LR schedule (linear) spans its 2 steps, so a resume cannot lengthen it (the "
+        "LR would jump): to train further, start a new run in another --output-dir\n")
+    # stopped early: finished, with the patience it was given; a larger one trains on
+    early = tmp_path / "early"
+    assert main(_train_args(tiny, early, "--epochs", "6", "--eval-steps", "2", "--early-stopping-patience", "1",
+                            "--early-stopping-threshold", "10")) == 0
+    stopped = json.loads((early / "summary.json").read_text())
+    assert stopped["stopped_early"] and stopped["steps"] == 4
+    before = _files(early)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(early), "--resume"]) == 0
+    assert capsys.readouterr().out == (
+        f"unified-lora train: the run in {early} is finished at step 4, stopped early: 1 evaluation in a row without "
+        "improving dev accuracy (--early-stopping-patience 1), evaluated, saved and summarised; this --resume has "
+        f"nothing to train and leaves its files as they are; to train on: unified-lora train --output-dir {early} "
+        "--resume --early-stopping-patience 0 (no early stopping), or a larger patience\n")
+    assert _files(early) == before
+    assert main(["train", "--output-dir", str(early), "--resume", "--early-stopping-patience", "2"]) == 0
+    assert json.loads((early / "summary.json").read_text())["steps"] == 6
+    # killed after its last checkpoint, before its summary.json: the resume writes its outputs
+    (out / "summary.json").unlink()
+    (out / "peft_adapter" / "adapter_config.json").unlink()
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 16
+    assert (out / "peft_adapter" / "adapter_config.json").is_file()
+
+
 def test_console_txt_keeps_the_sessions_before_a_resume_and_the_outputs_line_names_it(tiny, tmp_path, capsys):
     """console.txt after a --resume held the last session's lines alone (the trace keeps the earlier steps): the
     resumed session's lines now follow the earlier ones, after a line naming the resume step. The `outputs:` line
@@ -2161,9 +2222,10 @@ def test_early_stopping_stops_after_patience_evaluations_without_an_improvement_
         {**summary, "config": {**summary["config"], "early_stopping_patience": 1}})
     assert main(["predict", str(out), "--checkpoint", "stpe-6", "--data", tiny["csv"]]) == 2
     assert "no such folder (did you mean step-6?)" in capsys.readouterr().err
-    # resumed as it is: it stopped, and stops again at once, writing nothing new
+    # resumed as it is: it stopped, and says so, writing nothing new
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
-    assert "early stopping at step 6 of 16" in capsys.readouterr().out
+    assert (f"the run in {out} is finished at step 6, stopped early: 2 evaluations in a row without improving dev "
+            "macro_f1 (--early-stopping-patience 2)") in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
     assert len(read_trace(out / "trace.jsonl")) == 6
     # the patience may change on a resume: off, the run trains to its end

@@ -1366,6 +1366,11 @@ def _train(args, held: dict) -> int:
     on_rank0(_clear_previous_run)
     if ckpt is not None:
         run.load_checkpoint(ckpt, args.trust_checkpoint)
+        finished = _finished_run(cfg, run, total, per_epoch, out, world)
+        if finished:  # nothing to train: every file is left as it is (they were written again, wall_s grown)
+            run.ctrl.close()
+            say(finished)
+            return 0
         on_rank0(lambda: say.continue_file(out / "console.txt",
                                            f"----- --resume at step {run.state.global_step} -----"))
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
@@ -1596,6 +1601,57 @@ def _train(args, held: dict) -> int:
         return 0
 
     return on_rank0(_outputs)
+
+
+def _finished_run(cfg, run, total: int, per_epoch: int, out: Path, world: int) -> str | None:
+    """The line a `--resume` prints where the run it loaded (`run`, at its checkpoint) has nothing left to do: no step
+    left to train (its `total` steps or its epochs done, or its early-stopping patience spent), its last evaluation
+    at its last step and its summary.json written for that step. Such a resume trained nothing, but wrote the
+    adapter, best/'s summary and summary.json again and added its own time to the run's wall time (each no-op
+    resume grew it); now it leaves every file as it is and says how to train further. None: something to do (steps
+    left; the final evaluation, which a Ctrl-C in the last step left undone; or the outputs, which a kill after the
+    last checkpoint left unwritten), which the resume does as before."""
+    st = run.state
+    epochs_limit = cfg.epochs if not cfg.steps else 10**9
+    patience = cfg.early_stopping_patience
+    length_done = st.global_step >= total or st.epoch >= epochs_limit
+    spent = bool(patience) and st.evals_without_improvement >= patience
+    if not (length_done or spent) or not st.evals or st.evals[-1]["step"] != st.global_step:
+        return None
+
+    def summarised() -> bool:
+        try:
+            summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none, or damaged: the resume writes it
+            return False
+        return isinstance(summary, dict) and summary.get("command") == "train" and \
+            summary.get("steps") == st.global_step
+
+    from .training import needs_total, on_rank0
+
+    if not on_rank0(summarised):
+        return None
+    resume = _resume_command(out, world)
+    if length_done:
+        length = f"--steps {cfg.steps}" if cfg.steps else \
+            f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} of {per_epoch} steps"
+        why = f"step {st.global_step} ({length})"
+        if needs_total(run.schedule) or cfg.warmup_ratio:  # (`Run._resume_schedule` refuses another length)
+            how = (f"its LR schedule ({cfg.lr_scheduler}" + (f", --warmup-ratio {cfg.warmup_ratio:g}" if
+                                                             cfg.warmup_ratio else "")
+                   + f") spans its {total} steps, so a resume cannot lengthen it (the LR would jump): to train "
+                   "further, start a new run in another --output-dir")
+        elif cfg.steps:
+            how = f"to train further, give it more steps: {resume} --steps M (M > {st.global_step})"
+        else:
+            how = f"to train further, give it more epochs: {resume} --epochs {cfg.epochs + 1}"
+    else:
+        n = st.evals_without_improvement
+        why = (f"step {st.global_step}, stopped early: {n} evaluation{'' if n == 1 else 's'} in a row without "
+               f"improving dev {cfg.metric_for_best} (--early-stopping-patience {patience})")
+        how = f"to train on: {resume} --early-stopping-patience 0 (no early stopping), or a larger patience"
+    return (f"{PROG} train: the run in {out} is finished at {why}, evaluated, saved and summarised; this --resume "
+            f"has nothing to train and leaves its files as they are; {how}")
 
 
 def _resume_command(out: Path, world: int) -> str:
