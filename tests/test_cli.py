@@ -782,6 +782,24 @@ def test_console_txt_keeps_the_sessions_before_a_resume_and_the_outputs_line_nam
     assert (out / "console.txt").read_text() == capsys.readouterr().out
 
 
+def test_the_outputs_line_names_plot_png_only_where_one_was_drawn(tiny, tmp_path, capsys):
+    """A run resumed after a kill between its last checkpoint and its summary.json, its damaged trace moved aside (as
+    the resume's error on it advises), trains no step: it has no step to plot, draws none, and its `outputs:` line
+    named plot.png all the same (a file that was not there, or the previous session's). It names the files written."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    for name in ("summary.json", "plot.png", "console.txt"):  # killed before them
+        (out / name).unlink()
+    os.replace(out / "trace.jsonl", tmp_path / "damaged-trace.jsonl")
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[-2:] == [f"no plot: {out / 'trace.jsonl'} holds no step (this session trained none)",
+                         f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {out / 'checkpoints'}, "
+                         f"{out / 'console.txt'}"]
+    assert not (out / "plot.png").exists() and json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
 def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
     """A run started with a relative --data stored that relative path; resumed from another directory, the path was
     read from there: a file of the same name there (other data) was trained on, silently, and the resume check

@@ -1589,11 +1589,15 @@ def _train(args, held: dict) -> int:
             summary.update(dev_rows=len(enc_dev["labels"]), dev_labels=_label_string(enc_dev["labels"].numpy()))
             summary["arms"]["run"]["final_preds"] = _label_string(final_preds["preds"])
         write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        if trace:
-            plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
-                       shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
+        # no plot without a step to draw: a --resume that trained none, its trace moved aside (as the error on a
+        # damaged one advises); the outputs line named plot.png all the same (or the previous session's)
+        plot = plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
+                          shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None) if trace else None
         say(format_summary(summary))
-        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}, {out / 'console.txt'}")
+        if plot is None:
+            say(f"no plot: {trace_path} holds no step (this session trained none)")
+        say("outputs: " + ", ".join(map(str, (trace_path, out / "summary.json", *([plot] if plot else []), ckpt_root,
+                                              out / "console.txt"))))
         say.save(out / "console.txt")
         if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
             print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
