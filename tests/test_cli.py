@@ -1762,6 +1762,47 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
 
 
+def test_a_second_ctrl_c_during_the_save_keeps_the_last_checkpoint_and_writes_the_sessions_console_txt(tiny,
+                                                                                                     tmp_path):
+    """A second Ctrl-C aborts at once: the run left no console.txt for its session (a resumed run's kept the earlier
+    sessions' alone), though the console said what it did. It is written now, and nothing is left half-written: the
+    checkpoint the first Ctrl-C asked for, cut off mid-save, leaves no folder, the last complete one resumes. The run is
+    a subprocess that sends itself real SIGINTs: the first at the end of step 10 (epoch-1 is step 8), the second once
+    the step-10 save has written its tensors, and a third as the abort writes console.txt (it cut that write off)."""
+    out, child = tmp_path / "run", tmp_path / "interrupted_twice.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        "import safetensors.torch as st\n"
+        "from unified_lora import cli, training\n"
+        "def after(real, when):\n"
+        "    def call(*a, **k):\n"
+        "        out = real(*a, **k)\n"
+        "        if when(*a):\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return out\n"
+        "    return call\n"
+        "training.Run.train_step = after(training.Run.train_step, lambda run, batch: run.state.global_step == 10)\n"
+        "st.save_file = after(st.save_file, lambda t, f: os.path.basename(os.path.dirname(f)).startswith('.tmp-step-'))\n"
+        "real_save = cli._Console.save\n"
+        "def save(self, path):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real_save(self, path)\n"
+        "cli._Console.save = save\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, str(child), *_train_args(tiny, out, "--epochs", "3", "--threads", "1")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "interrupt: finishing this step, then saving a resumable checkpoint (Ctrl-C again to abort)\n" in p.stdout
+    assert p.stdout.endswith(f"aborted; the last complete checkpoint is kept under {out / 'checkpoints'}\n")
+    first = (out / "console.txt").read_text()
+    assert first == p.stdout
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1"]  # no step-10, no temp folder
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(10))
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
+    assert (out / "console.txt").read_text().startswith(first + "----- --resume at step 8 -----\nresumed from ")
+
+
 def test_sigterm_finishes_the_step_saves_a_checkpoint_exits_143_and_resumes_bit_for_bit(tiny, tmp_path):
     """SIGTERM is what Slurm (--signal, scancel, a time limit) and Kubernetes (the grace period of an evicted or
     preempted pod) send before SIGKILL. It killed the run on the spot, losing every step since the last epoch end.

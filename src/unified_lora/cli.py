@@ -1413,7 +1413,8 @@ def _train(args, held: dict) -> int:
 
     def _on_signal(signum, frame):
         if stop["signal"] is not None:
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            if signum == signal.SIGINT and not stop.get("aborted"):  # a second Ctrl-C: stop now (a third, while the
+                stop["aborted"] = True  # abort writes console.txt, is not another: it cut that write off)
                 raise KeyboardInterrupt
             return  # SIGTERM again (a scheduler may send it more than once): the checkpoint under way is written
         stop["signal"] = signum
@@ -1519,10 +1520,15 @@ def _train(args, held: dict) -> int:
             say(f"saved {path}; continue with: {_resume_command(out, world)}")
             on_rank0(lambda: say.save(out / "console.txt"))
             return 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports those signals
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (a checkpoint save it cut off removed its temporary folder: `Run.save_checkpoint`)
+        stop["aborted"] = True
         bar.close()
         run.ctrl.close()
         say(f"aborted; the last complete checkpoint is kept under {ckpt_root}")
+        # this session's lines too (it left no console.txt, or the earlier sessions' alone); not `on_rank0`, a
+        # collective: under torchrun the other processes are anywhere in their step
+        if main_process:
+            say.save(out / "console.txt")
         return 130
     except DivergedError:  # the skipped steps left the weights as they were: worth a checkpoint to resume from
         bar.close()
