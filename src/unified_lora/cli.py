@@ -1617,8 +1617,9 @@ def _finished_run(cfg, run, total: int, per_epoch: int, out: Path, world: int) -
     """The line a `--resume` prints where the run it loaded (`run`, at its checkpoint) has nothing left to do: no step
     left to train (its `total` steps or its epochs done, or its early-stopping patience spent), its last evaluation
     at its last step and its summary.json written for that step. Such a resume trained nothing, but wrote the
-    adapter, best/'s summary and summary.json again and added its own time to the run's wall time (each no-op
-    resume grew it); now it leaves every file as it is and says how to train further. None: something to do (steps
+    adapter, the plot and summary.json again, added its own time to the run's wall time (each no-op resume grew it)
+    and dropped the summary's per-row dev predictions (recorded only where the final evaluation ran in the session);
+    now it leaves every file as it is and says how to train further. None: something to do (steps
     left; the final evaluation, which a Ctrl-C in the last step left undone; or the outputs, which a kill after the
     last checkpoint left unwritten), which the resume does as before."""
     st = run.state
