@@ -695,6 +695,67 @@ def test_a_resumed_runs_wall_time_counts_every_session(tiny, tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by its path there, with its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_resume_of_a_finished_run_says_so_and_leaves_every_file_as_it_is(tiny, tmp_path, capsys):
+    """`--resume` of a run that had finished trained nothing, but wrote the adapter, the plot and summary.json again
+    and added its own time to the run's wall time (`wall_s` grew with each such resume). It now says in one line
+    that the run is finished and how to train further, and leaves every file byte for byte as it was (exit 0); the
+    longer run it names resumes as before. A run stopped early (its patience spent) is finished too, unless the
+    resume gives a patience that lets it go on; one whose summary.json a kill left unwritten still gets it."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--epochs", "1")) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert _files(out) == before
+    said = capsys.readouterr()
+    assert said.out == (f"unified-lora train: the run in {out} is finished at step 8 (1 epoch of 8 steps), evaluated, "
+                        "saved and summarised; this --resume has nothing to train and leaves its files as they are; "
+                        f"to train further, give it more epochs: unified-lora train --output-dir {out} --resume "
+                        "--epochs 2\n") and said.err == ""
+    assert main(["train", "--output-dir", str(out), "--resume", "--steps", "4"]) == 0  # (fewer steps than it has)
+    assert "is finished at step 8 (--steps 4)" in capsys.readouterr().out and _files(out) == before
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(16))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 16
+    # a decaying LR schedule cannot be lengthened on a resume (it is refused): the line says to start a new run
+    decaying = tmp_path / "linear"
+    assert main(_train_args(tiny, decaying, "--steps", "2", "--lr-scheduler", "linear")) == 0
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(decaying), "--resume"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "is finished at step 2 (--steps 2), evaluated, saved and summarised; this --resume has nothing to train and "
+        "leaves its files as they are; its LR schedule (linear) spans its 2 steps, so a resume cannot lengthen it (the "
+        "LR would jump): to train further, start a new run in another --output-dir\n")
+    # stopped early: finished, with the patience it was given; a larger one trains on
+    early = tmp_path / "early"
+    assert main(_train_args(tiny, early, "--epochs", "6", "--eval-steps", "2", "--early-stopping-patience", "1",
+                            "--early-stopping-threshold", "10")) == 0
+    stopped = json.loads((early / "summary.json").read_text())
+    assert stopped["stopped_early"] and stopped["steps"] == 4
+    before = _files(early)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(early), "--resume"]) == 0
+    assert capsys.readouterr().out == (
+        f"unified-lora train: the run in {early} is finished at step 4, stopped early: 1 evaluation in a row without "
+        "improving dev accuracy (--early-stopping-patience 1), evaluated, saved and summarised; this --resume has "
+        f"nothing to train and leaves its files as they are; to train on: unified-lora train --output-dir {early} "
+        "--resume --early-stopping-patience 0 (no early stopping), or a larger patience\n")
+    assert _files(early) == before
+    assert main(["train", "--output-dir", str(early), "--resume", "--early-stopping-patience", "2"]) == 0
+    assert json.loads((early / "summary.json").read_text())["steps"] == 6
+    # killed after its last checkpoint, before its summary.json: the resume writes its outputs
+    (out / "summary.json").unlink()
+    (out / "peft_adapter" / "adapter_config.json").unlink()
+    assert main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 16
+    assert (out / "peft_adapter" / "adapter_config.json").is_file()
+
+
 def test_console_txt_keeps_the_sessions_before_a_resume_and_the_outputs_line_names_it(tiny, tmp_path, capsys):
     """console.txt after a --resume held the last session's lines alone (the trace keeps the earlier steps): the
     resumed session's lines now follow the earlier ones, after a line naming the resume step. The `outputs:` line
@@ -719,6 +780,24 @@ def test_console_txt_keeps_the_sessions_before_a_resume_and_the_outputs_line_nam
     capsys.readouterr()
     assert main(_train_args(tiny, out, "--epochs", "1", "--overwrite")) == 0
     assert (out / "console.txt").read_text() == capsys.readouterr().out
+
+
+def test_the_outputs_line_names_plot_png_only_where_one_was_drawn(tiny, tmp_path, capsys):
+    """A run resumed after a kill between its last checkpoint and its summary.json, its damaged trace moved aside (as
+    the resume's error on it advises), trains no step: it has no step to plot, draws none, and its `outputs:` line
+    named plot.png all the same (a file that was not there, or the previous session's). It names the files written."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny, out, "--steps", "2")) == 0
+    for name in ("summary.json", "plot.png", "console.txt"):  # killed before them
+        (out / name).unlink()
+    os.replace(out / "trace.jsonl", tmp_path / "damaged-trace.jsonl")
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[-2:] == [f"no plot: {out / 'trace.jsonl'} holds no step (this session trained none)",
+                         f"outputs: {out / 'trace.jsonl'}, {out / 'summary.json'}, {out / 'checkpoints'}, "
+                         f"{out / 'console.txt'}"]
+    assert not (out / "plot.png").exists() and json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
 def test_resume_from_another_directory_reads_the_runs_own_relative_paths(tiny, tmp_path, monkeypatch):
@@ -1683,6 +1762,47 @@ def test_ctrl_c_saves_checkpoint_exits_130_and_resumes(tiny, tmp_path, capsys):
     assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
 
 
+def test_a_second_ctrl_c_during_the_save_keeps_the_last_checkpoint_and_writes_the_sessions_console_txt(tiny,
+                                                                                                     tmp_path):
+    """A second Ctrl-C aborts at once: the run left no console.txt for its session (a resumed run's kept the earlier
+    sessions' alone), though the console said what it did. It is written now, and nothing is left half-written: the
+    checkpoint the first Ctrl-C asked for, cut off mid-save, leaves no folder, the last complete one resumes. The run is
+    a subprocess that sends itself real SIGINTs: the first at the end of step 10 (epoch-1 is step 8), the second once
+    the step-10 save has written its tensors, and a third as the abort writes console.txt (it cut that write off)."""
+    out, child = tmp_path / "run", tmp_path / "interrupted_twice.py"
+    child.write_text(
+        "import os, signal, sys\n"
+        "import safetensors.torch as st\n"
+        "from unified_lora import cli, training\n"
+        "def after(real, when):\n"
+        "    def call(*a, **k):\n"
+        "        out = real(*a, **k)\n"
+        "        if when(*a):\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return out\n"
+        "    return call\n"
+        "training.Run.train_step = after(training.Run.train_step, lambda run, batch: run.state.global_step == 10)\n"
+        "st.save_file = after(st.save_file, lambda t, f: os.path.basename(os.path.dirname(f)).startswith('.tmp-step-'))\n"
+        "real_save = cli._Console.save\n"
+        "def save(self, path):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real_save(self, path)\n"
+        "cli._Console.save = save\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, str(child), *_train_args(tiny, out, "--epochs", "3", "--threads", "1")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "interrupt: finishing this step, then saving a resumable checkpoint (Ctrl-C again to abort)\n" in p.stdout
+    assert p.stdout.endswith(f"aborted; the last complete checkpoint is kept under {out / 'checkpoints'}\n")
+    first = (out / "console.txt").read_text()
+    assert first == p.stdout
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["epoch-1"]  # no step-10, no temp folder
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(10))
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert [r["step"] for r in read_trace(out / "trace.jsonl")] == list(range(24))
+    assert (out / "console.txt").read_text().startswith(first + "----- --resume at step 8 -----\nresumed from ")
+
+
 def test_sigterm_finishes_the_step_saves_a_checkpoint_exits_143_and_resumes_bit_for_bit(tiny, tmp_path):
     """SIGTERM is what Slurm (--signal, scancel, a time limit) and Kubernetes (the grace period of an evicted or
     preempted pod) send before SIGKILL. It killed the run on the spot, losing every step since the last epoch end.
@@ -2161,9 +2281,10 @@ def test_early_stopping_stops_after_patience_evaluations_without_an_improvement_
         {**summary, "config": {**summary["config"], "early_stopping_patience": 1}})
     assert main(["predict", str(out), "--checkpoint", "stpe-6", "--data", tiny["csv"]]) == 2
     assert "no such folder (did you mean step-6?)" in capsys.readouterr().err
-    # resumed as it is: it stopped, and stops again at once, writing nothing new
+    # resumed as it is: it stopped, and says so, writing nothing new
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
-    assert "early stopping at step 6 of 16" in capsys.readouterr().out
+    assert (f"the run in {out} is finished at step 6, stopped early: 2 evaluations in a row without improving dev "
+            "macro_f1 (--early-stopping-patience 2)") in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
     assert len(read_trace(out / "trace.jsonl")) == 6
     # the patience may change on a resume: off, the run trains to its end

@@ -442,6 +442,31 @@ def test_calibration_steps_set_the_multi_task_signals_loss_scale_a_classifier_ke
     assert "loss_scale" not in read_trace(tmp_path / "plain" / "trace.jsonl")[0]["components"]
 
 
+def test_each_tasks_classes_without_a_training_row_and_a_label_column_of_ids_get_the_note_naming_the_task(
+        tiny, data, tmp_path, capsys):
+    """The notes a one-task run gives on its training rows' classes (a class id no training row has; more classes
+    than half the rows, an id per row) were not given for several --data sets: a task whose 0/1 file holds one stray
+    4 trained a 5-class task with classes 2 and 3 never taught, and a task whose label column held an id per row
+    trained, without a word. Each task now gets them, naming the task; a task with its usual 0/1 labels (and a GLUE
+    folder's, its own labels) gets none."""
+    rows = test_cli._rows(40, seed=5)
+    gap = _table(tmp_path / "gap.csv", [*rows, (rows[0][0], 4)])
+    ids = _table(tmp_path / "ids.csv", [(t, i) for i, (t, _) in enumerate(test_cli._rows(40, seed=6))])
+    sst = tmp_path / "SST-2"  # a GLUE folder: its own labels, no column named
+    sst.mkdir()
+    (sst / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[:24]))
+    (sst / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[24:]))
+    dev = [_table(tmp_path / f"{name}_dev.csv", test_cli._rows(6, seed=7)) for name in ("pos", "gap", "ids")]
+    capsys.readouterr()
+    assert main(_mt_args(tiny["bert"], tmp_path / "run", data["pos"], gap, ids, str(sst), extra=(
+        "--dev-data", *dev, str(sst / "dev.tsv"), "--steps", "1"))) == 0
+    assert [x for x in capsys.readouterr().err.splitlines() if "note:" in x] == [
+        f"unified-lora: note: task gap: --data {gap}, column 'label': 2 of the 5 classes have no training row: 2, 3 "
+        "(integer labels are class ids, so the task has 5 classes, 0 to 4); the model is never taught to predict them",
+        f"unified-lora: note: task ids: --data {ids}, column 'label': 40 classes for 40 training rows (fewer than 2 "
+        "rows a class): is it the label column, and not an id per row? (--label-column names the label column)"]
+
+
 def test_a_table_whose_columns_are_named_otherwise_is_told_that_the_column_options_name_every_tasks(tiny, data,
                                                                                                   tmp_path, capsys):
     """A table whose text or label column is named otherwise than the other tasks' was refused as "unknown column", and

@@ -969,14 +969,16 @@ def _note_lrs_unread(cfg, user: dict, flag: bool) -> None:
 _ID_COLUMN_MIN_ROWS = 20  # `_note_label_classes`: fewer training rows than this never read as an id column
 
 
-def _note_label_classes(cfg, train) -> None:
+def _note_label_classes(data: str | None, label_column: str, train, task: str | None = None) -> None:
     """One-line notes on stderr (process 0 alone) on a classifier's training rows (`train`, a TextDataset, after the
-    dev split): the classes that no training row has (integer labels are class ids, so a stray 5 among 0/1 makes a
-    6-class head whose classes 2-4 never train; or a class whose every row went to the dev split), and where the
-    classes number more than half the training rows (fewer than two rows a class: a label column that holds an id per
-    row; from `_ID_COLUMN_MIN_ROWS` training rows on: a file of a few rows has many classes a row rightly, and a smoke
-    test of 3 rows and 2 classes got the note beside its own error, which a one-line error must stand alone). Notes,
-    not refusals: integers are class ids as documented (a head with an unused output trains)."""
+    dev split, read from `data` with its `label_column`): the classes that no training row has (integer labels are
+    class ids, so a stray 5 among 0/1 makes a 6-class head whose classes 2-4 never train; or a class whose every row
+    went to the dev split), and where the classes number more than half the training rows (fewer than two rows a
+    class: a label column that holds an id per row; from `_ID_COLUMN_MIN_ROWS` training rows on: a file of a few rows
+    has many classes a row rightly, and a smoke test of 3 rows and 2 classes got the note beside its own error, which
+    a one-line error must stand alone). `task`: the name of a multi-task run's task whose data this is, which each
+    note names (each task has its own classes: the notes were a one-task run's alone). Notes, not refusals: integers
+    are class ids as documented (a head with an unused output trains)."""
     from .training import process_rank
 
     if process_rank() != 0 or not train.num_labels:
@@ -984,14 +986,16 @@ def _note_label_classes(cfg, train) -> None:
     seen = set(train.labels)
     missing = [train.label_names[i] if train.label_names else i for i in range(train.num_labels) if i not in seen]
     # (a GLUE folder names its own labels; no --data: the shipped MRPC, whose Path(None) was a TypeError)
-    table = cfg.data is not None and Path(cfg.data).suffix.lower() in (".csv", ".tsv", ".jsonl")
-    what = (f"--data {cfg.data}" if cfg.data is not None else "the shipped MRPC") + \
-        (f", column {cfg.label_column!r}" if table else "")
+    table = data is not None and Path(data).suffix.lower() in (".csv", ".tsv", ".jsonl")
+    what = (f"task {task}: " if task is not None else "") + \
+        (f"--data {data}" if data is not None else "the shipped MRPC") + (f", column {label_column!r}" if table else "")
     if missing:
         shown = ", ".join(map(repr if train.label_names else str, missing[:5])) + (
             f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
-        why = ("" if train.label_names else f" (integer labels are class ids, so the head has {train.num_labels} "
-               f"outputs, 0 to {train.num_labels - 1})")
+        # (a multi-task run's head has the most classes of any task: each task's loss is on its own classes)
+        has = f"the task has {train.num_labels} classes" if task is not None else \
+            f"the head has {train.num_labels} outputs"
+        why = "" if train.label_names else f" (integer labels are class ids, so {has}, 0 to {train.num_labels - 1})"
         print(f"{PROG}: note: {what}: {len(missing)} of the {train.num_labels} classes have no training row: "
               f"{shown}{why}; the model is never taught to predict them", file=sys.stderr)
     if 2 * train.num_labels > len(train) >= _ID_COLUMN_MIN_ROWS:
@@ -1241,6 +1245,9 @@ def _train(args, held: dict) -> int:
         mt.refuse_unsupported(cfg, task_type)
         # (a resumed causal LM reads the columns it stored, as one data set does)
         tasks = mt.load_tasks(cfg, task_type, note=say, detect=ckpt is None)
+        for t in tasks:  # (once every task has loaded: a task's error stands alone, as a one-task run's does)
+            if isinstance(t.train, TextDataset):
+                _note_label_classes(t.spec.data, cfg.label_column, t.train, t.spec.name)
         train = dev = None
         task = ", ".join(cfg.tasks)
         specs = [t.spec for t in tasks]
@@ -1249,7 +1256,7 @@ def _train(args, held: dict) -> int:
         # a resumed run reads the columns it stored (a prompt/completion layout found at its start included)
         train, dev, task = load_data(cfg, task_type, note=say, detect=ckpt is None)
         if isinstance(train, TextDataset):  # (a classifier's rows)
-            _note_label_classes(cfg, train)
+            _note_label_classes(cfg.data, cfg.label_column, train)
         # the metric that ranks the dev evaluations, by name (the checkpoints record it): an unknown one fails here,
         # not at the first evaluation
         cfg.metric_for_best = best_metric(cfg, task_type, task)
@@ -1359,6 +1366,11 @@ def _train(args, held: dict) -> int:
     on_rank0(_clear_previous_run)
     if ckpt is not None:
         run.load_checkpoint(ckpt, args.trust_checkpoint)
+        finished = _finished_run(cfg, run, total, per_epoch, out, world)
+        if finished:  # nothing to train: every file is left as it is (they were written again, wall_s grown)
+            run.ctrl.close()
+            say(finished)
+            return 0
         on_rank0(lambda: say.continue_file(out / "console.txt",
                                            f"----- --resume at step {run.state.global_step} -----"))
         say(f"resumed from {ckpt} (step {run.state.global_step}, epoch {run.state.epoch})")
@@ -1401,7 +1413,8 @@ def _train(args, held: dict) -> int:
 
     def _on_signal(signum, frame):
         if stop["signal"] is not None:
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            if signum == signal.SIGINT and not stop.get("aborted"):  # a second Ctrl-C: stop now (a third, while the
+                stop["aborted"] = True  # abort writes console.txt, is not another: it cut that write off)
                 raise KeyboardInterrupt
             return  # SIGTERM again (a scheduler may send it more than once): the checkpoint under way is written
         stop["signal"] = signum
@@ -1507,10 +1520,15 @@ def _train(args, held: dict) -> int:
             say(f"saved {path}; continue with: {_resume_command(out, world)}")
             on_rank0(lambda: say.save(out / "console.txt"))
             return 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports those signals
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (a checkpoint save it cut off removed its temporary folder: `Run.save_checkpoint`)
+        stop["aborted"] = True
         bar.close()
         run.ctrl.close()
         say(f"aborted; the last complete checkpoint is kept under {ckpt_root}")
+        # this session's lines too (it left no console.txt, or the earlier sessions' alone); not `on_rank0`, a
+        # collective: under torchrun the other processes are anywhere in their step
+        if main_process:
+            say.save(out / "console.txt")
         return 130
     except DivergedError:  # the skipped steps left the weights as they were: worth a checkpoint to resume from
         bar.close()
@@ -1577,11 +1595,15 @@ def _train(args, held: dict) -> int:
             summary.update(dev_rows=len(enc_dev["labels"]), dev_labels=_label_string(enc_dev["labels"].numpy()))
             summary["arms"]["run"]["final_preds"] = _label_string(final_preds["preds"])
         write_text_atomically(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        if trace:
-            plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
-                       shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None)
+        # no plot without a step to draw: a --resume that trained none, its trace moved aside (as the error on a
+        # damaged one advises); the outputs line named plot.png all the same (or the previous session's)
+        plot = plot_trace(trace, out / "plot.png", theta0=cfg.theta0, theta1=cfg.theta1,
+                          shock=(cfg.shock_start, cfg.shock_end) if cfg.has_shock else None) if trace else None
         say(format_summary(summary))
-        say(f"outputs: {trace_path}, {out / 'summary.json'}, {out / 'plot.png'}, {ckpt_root}, {out / 'console.txt'}")
+        if plot is None:
+            say(f"no plot: {trace_path} holds no step (this session trained none)")
+        say("outputs: " + ", ".join(map(str, (trace_path, out / "summary.json", *([plot] if plot else []), ckpt_root,
+                                              out / "console.txt"))))
         say.save(out / "console.txt")
         if peft_note and peft_note.startswith("PEFT export failed"):  # trained and saved, but no PEFT adapter: say it
             print(f"{PROG}: {peft_note} (the run and its checkpoints are complete; exit code 3)", file=sys.stderr)
@@ -1589,6 +1611,58 @@ def _train(args, held: dict) -> int:
         return 0
 
     return on_rank0(_outputs)
+
+
+def _finished_run(cfg, run, total: int, per_epoch: int, out: Path, world: int) -> str | None:
+    """The line a `--resume` prints where the run it loaded (`run`, at its checkpoint) has nothing left to do: no step
+    left to train (its `total` steps or its epochs done, or its early-stopping patience spent), its last evaluation
+    at its last step and its summary.json written for that step. Such a resume trained nothing, but wrote the
+    adapter, the plot and summary.json again, added its own time to the run's wall time (each no-op resume grew it)
+    and dropped the summary's per-row dev predictions (recorded only where the final evaluation ran in the session);
+    now it leaves every file as it is and says how to train further. None: something to do (steps
+    left; the final evaluation, which a Ctrl-C in the last step left undone; or the outputs, which a kill after the
+    last checkpoint left unwritten), which the resume does as before."""
+    st = run.state
+    epochs_limit = cfg.epochs if not cfg.steps else 10**9
+    patience = cfg.early_stopping_patience
+    length_done = st.global_step >= total or st.epoch >= epochs_limit
+    spent = bool(patience) and st.evals_without_improvement >= patience
+    if not (length_done or spent) or not st.evals or st.evals[-1]["step"] != st.global_step:
+        return None
+
+    def summarised() -> bool:
+        try:
+            summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none, or damaged: the resume writes it
+            return False
+        return isinstance(summary, dict) and summary.get("command") == "train" and \
+            summary.get("steps") == st.global_step
+
+    from .training import needs_total, on_rank0
+
+    if not on_rank0(summarised):
+        return None
+    resume = _resume_command(out, world)
+    if length_done:
+        length = f"--steps {cfg.steps}" if cfg.steps else \
+            f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'} of {per_epoch} steps"
+        why = f"step {st.global_step} ({length})"
+        if needs_total(run.schedule) or cfg.warmup_ratio:  # (`Run._resume_schedule` refuses another length)
+            how = (f"its LR schedule ({cfg.lr_scheduler}" + (f", --warmup-ratio {cfg.warmup_ratio:g}" if
+                                                             cfg.warmup_ratio else "")
+                   + f") spans its {total} steps, so a resume cannot lengthen it (the LR would jump): to train "
+                   "further, start a new run in another --output-dir")
+        elif cfg.steps:
+            how = f"to train further, give it more steps: {resume} --steps M (M > {st.global_step})"
+        else:
+            how = f"to train further, give it more epochs: {resume} --epochs {cfg.epochs + 1}"
+    else:
+        n = st.evals_without_improvement
+        why = (f"step {st.global_step}, stopped early: {n} evaluation{'' if n == 1 else 's'} in a row without "
+               f"improving dev {cfg.metric_for_best} (--early-stopping-patience {patience})")
+        how = f"to train on: {resume} --early-stopping-patience 0 (no early stopping), or a larger patience"
+    return (f"{PROG} train: the run in {out} is finished at {why}, evaluated, saved and summarised; this --resume "
+            f"has nothing to train and leaves its files as they are; {how}")
 
 
 def _resume_command(out: Path, world: int) -> str:
