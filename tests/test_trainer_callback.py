@@ -1459,3 +1459,16 @@ def test_the_callbacks_bool_arguments_take_true_or_false_only():
                 UnifiedLoRACallback(ctrl, **{name: bad})
     cb = UnifiedLoRACallback(ctrl, strict_resume=False, trust_checkpoint=True)
     assert cb.strict_resume is False and cb.trust_checkpoint is True
+
+
+def test_model_normalises_loss_takes_true_false_or_none_only():
+    """`model_normalises_loss="no"` is truthy: the loss of every micro-batch the Trainer passed num_items_in_batch
+    for was read as a share of the step's mean, silently. It takes True, False or None (read from the model) only,
+    refused by name as the callback's bool arguments are."""
+    ctrl = build("bert")[2]
+    for bad in ("no", "false", 0, 1):
+        message = rf"^model_normalises_loss: must be true or false, got {re.escape(repr(bad))} \("
+        with pytest.raises(ValueError, match=message):
+            UnifiedLoRACallback(ctrl, model_normalises_loss=bad)
+    for ok in (None, True, False):
+        assert UnifiedLoRACallback(ctrl, model_normalises_loss=ok).model_normalises_loss is ok

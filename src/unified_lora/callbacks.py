@@ -243,7 +243,7 @@ class UnifiedLoRACallback(TrainerCallback):
             default: `output_dir/checkpoint-{global_step}` of the resumed state.
         strict_resume: raise if a resumed run finds no controller state, or if the best checkpoint that
             `load_best_model_at_end` loads has none (False: a warning, and the controller goes on as it is).
-        model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
+        model_normalises_loss: whether the model divides its loss by `num_items_in_batch`: True or False
             (None: read it from the model's forward source).
         log_keys: which controller values go into the Trainer's logs (some of `LOG_KEYS`; an unknown key raises).
         trust_checkpoint: load `unified_lora_controller.pt` with `torch.load(weights_only=False)`. By default it
@@ -288,7 +288,9 @@ class UnifiedLoRACallback(TrainerCallback):
         unknown = [k for k in self.log_keys if k not in LOG_KEYS]
         if unknown:
             raise ValueError(f"log_keys: unknown {unknown}; the controller values that can be logged are {LOG_KEYS}")
-        self.model_normalises_loss = model_normalises_loss
+        # (a string is truthy too: "no" read the loss as normalised; None: read from the model at on_train_begin)
+        self.model_normalises_loss = (None if model_normalises_loss is None
+                                      else _scalar("model_normalises_loss", model_normalises_loss, bool))
         if save_base not in (None, True, False):
             raise TypeError(f"save_base: expected True, False or None, got {save_base!r}")
         self.save_base = save_base
