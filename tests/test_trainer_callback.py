@@ -1343,7 +1343,8 @@ def test_non_finite_steps_under_a_grad_scaler_are_left_to_it_and_count_toward_ma
         assert len(said) == ctrl.nonfinite_steps and all("GradScaler skips its update" in x for x in said), said
         assert [x for x in said if "training stops" in x] == ([said[-1]] if at == "all" else [])
     # a finite loss whose gradients overflow (inf from the head back) at the scale's start (65536): the scaler finding
-    # its scale, skipped by it and not counted; the composite signal reads it as non-finite
+    # its scale, skipped by it and not counted, but said (nothing was, where the CLI says each such step); the
+    # composite signal reads it as non-finite
     model, _, ctrl = build("bert", signal="composite")
     lines = []
     ctrl.print_fn = lines.append
@@ -1364,7 +1365,11 @@ def test_non_finite_steps_under_a_grad_scaler_are_left_to_it_and_count_toward_ma
     trainer.train()
     assert trainer.state.global_step == 10 and ctrl.nonfinite_steps == 3
     assert trainer.accelerator.scaler.get_scale() == 65536 / 8
-    assert [x for x in lines if "UnifiedLoRACallback" in x] == []
+    assert [x for x in lines if "UnifiedLoRACallback" in x] == [
+        f"UnifiedLoRACallback: step {step}: non-finite gradient (loss finite; GradScaler's scale lowered to "
+        f"{scale:g}); GradScaler skips its update (GradScaler finding its scale: not counted toward "
+        "max_nonfinite_steps)"
+        for step, scale in ((1, 32768), (2, 16384), (3, 8192))]
 
 
 class _BadSteps(TrainerCallback):
@@ -1409,10 +1414,11 @@ def test_the_callback_counts_grad_scaler_steps_by_the_cli_rule(tmp_path, signal)
     assert steps == 3, said
     assert said == ["UnifiedLoRACallback: step 3: non-finite loss or gradient (loss " + said[0].split("(loss ")[1]]
     assert "GradScaler skips its update; 1 such steps in a row (max_nonfinite_steps): training stops" in said[0]
-    # NaN, overflow while the scale is >= 1 (not counted, the count kept), NaN: two in a row stop the run at step 4
+    # NaN, overflow while the scale is >= 1 (not counted, the count kept, but said), NaN: two in a row stop the run
+    # at step 4
     steps, said = run(65536.0, {"nan": [2, 4], "overflow": [3]}, 2)
-    assert steps == 4 and [x.split(":")[1] for x in said] == [" step 2", " step 4"], said
-    assert "2 such steps in a row" in said[-1]
+    assert steps == 4 and [x.split(":")[1] for x in said] == [" step 2", " step 3", " step 4"], said
+    assert "not counted toward max_nonfinite_steps" in said[1] and "2 such steps in a row" in said[-1]
     # a finite step in between sets the count to 0: the run goes on
     steps, said = run(65536.0, {"nan": [2, 4]}, 2)
     assert steps == 10 and len(said) == 2 and not any("training stops" in x for x in said), said

@@ -529,10 +529,11 @@ class UnifiedLoRACallback(TrainerCallback):
         and the step is counted here, after the scaler's step and update, by the CLI's rule (`Run._count_nonfinite`):
         a step with a finite loss whose gradients were finite sets the count to 0; one with a finite loss whose
         gradients overflowed while the scale (after its update) is still >= 1 is the scaler finding its scale and
-        leaves the count as it is; any other (a non-finite loss, or an overflow at a scale below 1) counts. The
-        scaler found an inf or NaN gradient where its update lowered the scale (it lowers it then alone; accelerate's
-        `step_was_skipped` is False under a fused optimizer, the Trainer's default, which takes the scaler's verdict
-        into its own step). (The controller's reading is not used: on the loss signal it never sees a gradient.)"""
+        leaves the count as it is (a line through `ctrl.print_fn` says so, as the CLI's does); any other (a non-finite
+        loss, or an overflow at a scale below 1) counts. The scaler found an inf or NaN gradient where its update
+        lowered the scale (it lowers it then alone; accelerate's `step_was_skipped` is False under a fused optimizer,
+        the Trainer's default, which takes the scaler's verdict into its own step). (The controller's reading is not
+        used: on the loss signal it never sees a gradient.)"""
         if self._scale_before is None:
             return
         before, self._scale_before = self._scale_before, None
@@ -542,6 +543,10 @@ class UnifiedLoRACallback(TrainerCallback):
             self._nonfinite_in_row = 0
         elif not loss_finite or scale < 1.0:
             self._count_nonfinite(state.global_step + 1, control, "GradScaler skips its update")
+        elif self.ctrl.print_fn is not None:  # not counted, but said (as the CLI says it), so the skip is seen
+            self.ctrl.print_fn(f"UnifiedLoRACallback: step {state.global_step + 1}: non-finite gradient (loss finite; "
+                               f"GradScaler's scale lowered to {scale:g}); GradScaler skips its update (GradScaler "
+                               "finding its scale: not counted toward max_nonfinite_steps)")
 
     def _count_nonfinite(self, step: int, control, what: str) -> None:
         """One more non-finite step in a row: said, and `max_nonfinite_steps` of them stop the training
