@@ -12,7 +12,8 @@ the first MIRROR: the rank-16 blocks have no optimizer state yet); then resumes 
 controller file missing, then with another's damaged, each of which must raise the same error on both processes
 (before, the process that raised alone left the other waiting in a collective: the test's torchrun timed out), and
 with the file missing under strict_resume=False, where both processes restart their controllers.
-Writes OUT_DIR/rank{r}.pt for the test (test_trainer_callback.py) to compare.
+Then a run in which one process's shard of a gradient holds a NaN at one step, its loss finite (`nan_grad_run`).
+Writes OUT_DIR/rank{r}.pt for the tests (test_trainer_callback.py) to compare.
 """
 
 import os
@@ -111,9 +112,54 @@ def cut_short(path):
         g.write(f.read()[:100])
 
 
+def nan_grad_run() -> dict:
+    """`max_grad_norm=0`, with which accelerate 1.16 does not clip (a NaN stays in the entries it is in): at step 3 one
+    entry of process 1's shard of a LoRA block's gradient is NaN, its loss finite, when the callback checks the
+    gradients (`Poison` runs before it). Each process's shards before and after step 3, and its callback's lines."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from unified_lora import setup_unified_lora
+    from unified_lora.callbacks import UnifiedLoRACallback
+    from unified_lora.distributed import local_tensor
+
+    lines, got = [], {}
+    model = tiny_llama().train()
+    # the loss signal, which reads no gradient (the composite one reads the adapters' shards, all-reduced); every
+    # process's lines
+    _, ctrl = setup_unified_lora(model, ["q_proj", "v_proj"], signal="loss", print_fn=lines.append)
+
+    def shards():
+        return [local_tensor(p).detach().clone() for p in ctrl.managed_parameters()]
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == 3:
+                got["before"] = shards()
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if state.global_step + 1 == 3 and rank == 1:
+                p = next(p for p in ctrl.managed_parameters() if p.grad is not None)
+                local_tensor(p.grad).view(-1)[0] = float("nan")
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                got["after"] = shards()
+
+    args = TrainingArguments(output_dir=os.path.join(out, "nan_grad"), max_steps=5, per_device_train_batch_size=2,
+                             learning_rate=1e-2, max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo",
+                             report_to="none", disable_tqdm=True, seed=0, save_strategy="no", fsdp="full_shard",
+                             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Poison(), UnifiedLoRACallback(ctrl)])
+    _fsdp2(trainer)
+    trainer.train()
+    return {"said": [x for x in lines if "UnifiedLoRACallback" in x], "steps": trainer.state.global_step,
+            "trace": [(r.step, r.loss, r.phi, r.mode, r.rank) for r in ctrl.trace], "final": shards(), **got}
+
+
 rec["missing"] = spoilt_resume(1, lambda path: None)
 rec["damaged"] = spoilt_resume(0, cut_short)
 rec["restarted"] = spoilt_resume(1, lambda path: None, strict_resume=False)
+rec["nan_grad"] = nan_grad_run()
 torch.save(rec, os.path.join(out, f"rank{rank}.pt"))
 # The gloo group the Trainer (accelerate) made keeps its three threads (gloo_tcp_loop, 2 x pt_gloo_runloop) running
 # to the end, even after a gc.collect() and dist.destroy_process_group() here (tried, read from /proc: something

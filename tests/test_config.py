@@ -51,6 +51,7 @@ BAD = [  # (config class, keyword arguments, the message's start)
     (MirrorConfig, dict(kernel="cuda"), "kernel: must be 'eager' or 'fused'"),
     (MirrorConfig, dict(drift_threshold=0), "drift_threshold: must be a positive number"),
     (MirrorConfig, dict(pack="false"), "pack: must be true or false, got 'false' (str)"),
+    (MirrorConfig, dict(pack=None), "pack: must be true or false, got None (NoneType)"),
     (MirrorConfig, dict(offload_to_cpu=1), "offload_to_cpu: must be true or false"),
     (SignalConfig, dict(kind="entropy"), "kind: must be 'loss', 'composite' or 'multitask'"),
     (SignalConfig, dict(alpha=0), "alpha: must be in (0, 1]"),

@@ -1113,7 +1113,19 @@ def test_the_marker_names_the_files_written_and_load_adapter_only_checks_the_bas
     assert not (tmp_path / "hub").exists()
 
 
-def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes_mid_mirror(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_trainer_run(tmp_path_factory):
+    """_fsdp_trainer_worker.py over 2 torchrun processes, once for the tests that read its records."""
+    from test_cli_ddp import _torchrun
+
+    out = tmp_path_factory.mktemp("fsdp_trainer")
+    worker = os.path.join(os.path.dirname(__file__), "_fsdp_trainer_worker.py")
+    p = _torchrun(str(out), entry=(worker,))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes_mid_mirror(fsdp_trainer_run):
     """The Trainer's own FSDP2 path (accelerate's fully_shard inside train(), after setup_unified_lora; dcp
     checkpoints) over 2 torchrun processes on gloo, with accelerate's GPU-only FSDP selection set by hand
     (_fsdp_trainer_worker.py says how). Both processes make the same decisions (a MULTI->MIRROR snapshot, the LR
@@ -1124,12 +1136,7 @@ def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes
     checkpoint state_dict"); a resume where one process's controller file is missing, or another's damaged, raises the
     same error on both processes (the other one went on into the training's collectives and waited), and with
     strict_resume=False both processes restart their controllers."""
-    from test_cli_ddp import _torchrun
-
-    worker = os.path.join(os.path.dirname(__file__), "_fsdp_trainer_worker.py")
-    p = _torchrun(str(tmp_path), entry=(worker,))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = fsdp_trainer_run
     full = r0["full"]
     assert full["sharded"] and r1["full"]["sharded"]  # the blocks are DTensors: FSDP2 did shard them
     assert full["trace"] == r1["full"]["trace"]  # lockstep
@@ -1157,6 +1164,23 @@ def test_trainer_fsdp2_callback_mirror_cycle_checkpoints_per_process_and_resumes
     assert restarted[0]["trace"] == restarted[1]["trace"] and restarted[0]["trace"][0][0] == 0
     assert "process 1 goes on without its controller state" in restarted[0]["warnings"][0]
     assert "no controller state at" in restarted[1]["warnings"][0]
+
+
+def test_trainer_fsdp2_a_non_finite_gradient_in_one_process_shard_is_skipped_on_every_process(fsdp_trainer_run):
+    """Under the Trainer's FSDP2 each process holds a shard of every gradient, and with max_grad_norm=0 accelerate
+    does not clip (a NaN stays in the entries it is in; a finite max_grad_norm clips an inf entry to NaN and the rest
+    to 0): a NaN in process 1's shard alone, its loss finite, was stepped on by both processes (the controller on the
+    loss signal reads no gradient), and read on process 1 alone it would have been skipped there and stepped on by
+    process 0. The callback's verdict is all-reduced over the shards: both processes skip step 3, say so once, and
+    keep their shards as they were."""
+    r0, r1 = (r["nan_grad"] for r in fsdp_trainer_run)
+    for r in (r0, r1):
+        assert r["said"] == ["UnifiedLoRACallback: step 3: non-finite loss or gradient (loss "
+                             f"{r0['trace'][2][1]:g}); optimizer update skipped (its gradients dropped)"], r["said"]
+        assert len(r["before"]) == len(r["after"]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(r["before"], r["after"]))
+        assert all(torch.isfinite(t).all() for t in r["final"])
+    assert r0["steps"] == r1["steps"] == 5 and r0["trace"] == r1["trace"]
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1343,7 +1367,8 @@ def test_non_finite_steps_under_a_grad_scaler_are_left_to_it_and_count_toward_ma
         assert len(said) == ctrl.nonfinite_steps and all("GradScaler skips its update" in x for x in said), said
         assert [x for x in said if "training stops" in x] == ([said[-1]] if at == "all" else [])
     # a finite loss whose gradients overflow (inf from the head back) at the scale's start (65536): the scaler finding
-    # its scale, skipped by it and not counted; the composite signal reads it as non-finite
+    # its scale, skipped by it and not counted, but said (nothing was, where the CLI says each such step); the
+    # composite signal reads it as non-finite
     model, _, ctrl = build("bert", signal="composite")
     lines = []
     ctrl.print_fn = lines.append
@@ -1364,7 +1389,11 @@ def test_non_finite_steps_under_a_grad_scaler_are_left_to_it_and_count_toward_ma
     trainer.train()
     assert trainer.state.global_step == 10 and ctrl.nonfinite_steps == 3
     assert trainer.accelerator.scaler.get_scale() == 65536 / 8
-    assert [x for x in lines if "UnifiedLoRACallback" in x] == []
+    assert [x for x in lines if "UnifiedLoRACallback" in x] == [
+        f"UnifiedLoRACallback: step {step}: non-finite gradient (loss finite; GradScaler's scale lowered to "
+        f"{scale:g}); GradScaler skips its update (GradScaler finding its scale: not counted toward "
+        "max_nonfinite_steps)"
+        for step, scale in ((1, 32768), (2, 16384), (3, 8192))]
 
 
 class _BadSteps(TrainerCallback):
@@ -1409,10 +1438,11 @@ def test_the_callback_counts_grad_scaler_steps_by_the_cli_rule(tmp_path, signal)
     assert steps == 3, said
     assert said == ["UnifiedLoRACallback: step 3: non-finite loss or gradient (loss " + said[0].split("(loss ")[1]]
     assert "GradScaler skips its update; 1 such steps in a row (max_nonfinite_steps): training stops" in said[0]
-    # NaN, overflow while the scale is >= 1 (not counted, the count kept), NaN: two in a row stop the run at step 4
+    # NaN, overflow while the scale is >= 1 (not counted, the count kept, but said), NaN: two in a row stop the run
+    # at step 4
     steps, said = run(65536.0, {"nan": [2, 4], "overflow": [3]}, 2)
-    assert steps == 4 and [x.split(":")[1] for x in said] == [" step 2", " step 4"], said
-    assert "2 such steps in a row" in said[-1]
+    assert steps == 4 and [x.split(":")[1] for x in said] == [" step 2", " step 3", " step 4"], said
+    assert "not counted toward max_nonfinite_steps" in said[1] and "2 such steps in a row" in said[-1]
     # a finite step in between sets the count to 0: the run goes on
     steps, said = run(65536.0, {"nan": [2, 4]}, 2)
     assert steps == 10 and len(said) == 2 and not any("training stops" in x for x in said), said
@@ -1459,3 +1489,66 @@ def test_the_callbacks_bool_arguments_take_true_or_false_only():
                 UnifiedLoRACallback(ctrl, **{name: bad})
     cb = UnifiedLoRACallback(ctrl, strict_resume=False, trust_checkpoint=True)
     assert cb.strict_resume is False and cb.trust_checkpoint is True
+
+
+def test_model_normalises_loss_takes_true_false_or_none_only():
+    """`model_normalises_loss="no"` is truthy: the loss of every micro-batch the Trainer passed num_items_in_batch
+    for was read as a share of the step's mean, silently. It takes True, False or None (read from the model) only,
+    refused by name as the callback's bool arguments are."""
+    ctrl = build("bert")[2]
+    for bad in ("no", "false", 0, 1):
+        message = rf"^model_normalises_loss: must be true or false, got {re.escape(repr(bad))} \("
+        with pytest.raises(ValueError, match=message):
+            UnifiedLoRACallback(ctrl, model_normalises_loss=bad)
+    for ok in (None, True, False):
+        assert UnifiedLoRACallback(ctrl, model_normalises_loss=ok).model_normalises_loss is ok
+
+
+class _NaNGradOnce(TrainerCallback):
+    """Makes the gradient of the classifier's weight NaN at optimizer step `at` (1-based), its loss finite: a tensor
+    hook on the weight, as a loss with a `sqrt` at 0 or a hook on the head gives (nothing else's gradient is touched,
+    so neither the loss nor the adapters' gradients say so). Records the trained parameters before and after that
+    step."""
+
+    def __init__(self, model, at):
+        self.model, self.at, self.step, self.before, self.after = model, at, 0, None, None
+        model.classifier.weight.register_hook(lambda g: g * float("nan") if self.step == self.at else g)
+
+    def _trained(self):
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step = state.global_step + 1
+        if self.step == self.at:
+            self.before = self._trained()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.step == self.at:
+            self.after = self._trained()
+
+
+@pytest.mark.parametrize("signal,max_grad_norm", [("loss", 1.0), ("loss", 0.0), ("composite", 0.0),
+                                                   ("composite", 1.0)])
+def test_a_finite_loss_with_a_non_finite_gradient_skips_its_update(tmp_path, signal, max_grad_norm):
+    """A step whose loss is finite but whose gradients hold a NaN: on the loss signal the controller reads no gradient,
+    and the Trainer stepped its optimizer on it, which turned the classifier NaN (with clipping, the NaN total norm
+    turned every trained weight NaN) and every later loss NaN. On the composite signal with max_grad_norm=0 (no
+    clipping to spread the NaN) the controller reads the adapters' gradients only, finite here. The callback now
+    checks the optimizer's gradients and skips the update, as `unified-lora train` does (counted and said once, also
+    where the composite signal read the NaN itself, as it does where clipping spread it to the adapters)."""
+    model, _, ctrl = build("bert", signal=signal)
+    lines = []
+    ctrl.print_fn = lines.append
+    bad = _NaNGradOnce(model, at=3)
+    trainer = Trainer(model=model, args=targs(tmp_path, num_train_epochs=2, learning_rate=1e-3,
+                                              max_grad_norm=max_grad_norm),
+                      train_dataset=TokenDataset(), callbacks=[UnifiedLoRACallback(ctrl), bad])
+    trainer.train()
+    losses = [r.loss for r in ctrl.trace]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    assert bad.before.keys() == bad.after.keys() and all(torch.equal(bad.before[n], bad.after[n]) for n in bad.before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert {int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s} == {9}
+    said = [x for x in lines if "UnifiedLoRACallback" in x]
+    assert len(said) == 1 and said[0].startswith("UnifiedLoRACallback: step 3: non-finite loss or gradient (loss ")
+    assert said[0].endswith("optimizer update skipped (its gradients dropped)"), said

@@ -71,7 +71,9 @@ SFTTrainer, the plain NLL it used to read there).
 (`max_grad_norm`, default 1.0), so the composite signal's stress term reads
 clipped gradients; set `max_grad_norm=0` if it should see raw norms. Rank drops
 and Mirror restores clear the affected `.grad`s there, so this step's update
-already respects them.
+already respects them. Then, where no GradScaler is present, a step the controller read
+as non-finite, or whose optimizer gradients hold an inf or NaN (`_grads_finite`, whatever
+the signal), has its update skipped (`_skip_update`).
 
 **Learning rate.** The callback attaches the Trainer's optimizer (unwrapping
 accelerate's `AcceleratedOptimizer`) in `on_train_begin`. With
@@ -243,7 +245,7 @@ class UnifiedLoRACallback(TrainerCallback):
             default: `output_dir/checkpoint-{global_step}` of the resumed state.
         strict_resume: raise if a resumed run finds no controller state, or if the best checkpoint that
             `load_best_model_at_end` loads has none (False: a warning, and the controller goes on as it is).
-        model_normalises_loss: whether the model divides its loss by `num_items_in_batch`
+        model_normalises_loss: whether the model divides its loss by `num_items_in_batch`: True or False
             (None: read it from the model's forward source).
         log_keys: which controller values go into the Trainer's logs (some of `LOG_KEYS`; an unknown key raises).
         trust_checkpoint: load `unified_lora_controller.pt` with `torch.load(weights_only=False)`. By default it
@@ -256,9 +258,10 @@ class UnifiedLoRACallback(TrainerCallback):
             writes it. None (default): False for a quantized base (as PEFT's QLoRA), True otherwise. Set on the
             model when the Trainer is built (callbacks=[...]), by `add_to`, or at the latest at `on_train_begin`.
         max_nonfinite_steps: a step the controller reads as non-finite (a NaN or inf loss; on the composite signal
-            a gradient norm too) has its update skipped (its gradients dropped); this many such steps in a row stop
-            the training, with the weights of the last finite step (default 10; 0: never stop). Under fp16's
-            GradScaler the scaler skips such a step itself, and the count follows the CLI's rule (`on_optimizer_step`).
+            a gradient norm too), or whose optimizer gradients hold an inf or NaN, has its update skipped (its
+            gradients dropped); this many such steps in a row stop the training, with the weights of the last finite
+            step (default 10; 0: never stop). Under fp16's GradScaler the scaler skips such a step itself, and the
+            count follows the CLI's rule (`on_optimizer_step`).
             The count is saved with the controller state, so a resume goes on with it.
     """
 
@@ -288,7 +291,9 @@ class UnifiedLoRACallback(TrainerCallback):
         unknown = [k for k in self.log_keys if k not in LOG_KEYS]
         if unknown:
             raise ValueError(f"log_keys: unknown {unknown}; the controller values that can be logged are {LOG_KEYS}")
-        self.model_normalises_loss = model_normalises_loss
+        # (a string is truthy too: "no" read the loss as normalised; None: read from the model at on_train_begin)
+        self.model_normalises_loss = (None if model_normalises_loss is None
+                                      else _scalar("model_normalises_loss", model_normalises_loss, bool))
         if save_base not in (None, True, False):
             raise TypeError(f"save_base: expected True, False or None, got {save_base!r}")
         self.save_base = save_base
@@ -497,7 +502,9 @@ class UnifiedLoRACallback(TrainerCallback):
         scaler = getattr(optimizer, "scaler", None)
         # under a GradScaler the scaler decides the skip: counted once it has stepped and updated (`on_optimizer_step`)
         self._scale_before = scaler.get_scale() if scaler is not None else None
-        if scaler is None and self.ctrl._last_nonfinite:
+        if scaler is None and (self.ctrl._last_nonfinite or not self._grads_finite(optimizer)):
+            if not self.ctrl._last_nonfinite:  # a finite loss, its gradients not finite: as the CLI tells it
+                self.ctrl._skipped_optimizer_step()
             self._skip_update(optimizer, state.global_step + 1, control)
         elif scaler is None:
             self._nonfinite_in_row = 0
@@ -505,14 +512,41 @@ class UnifiedLoRACallback(TrainerCallback):
         self.last = {"phi": self.ctrl.phi, "mode": self.ctrl.mode, "rank": self.ctrl.rank,
                      "lr": self.ctrl.get_last_lr(), "loss": self.ctrl.last_loss}
 
+    @torch.no_grad()
+    def _grads_finite(self, optimizer) -> bool:
+        """Whether every gradient the optimizer holds is finite, read as `unified-lora train` reads it
+        (`Run.train_step`, after the controller's step). On the loss signal the controller never sees a gradient,
+        and on the composite one it reads the adapters' active blocks alone (a `modules_to_save` head's NaN gradient
+        passed it), so a finite loss whose gradients held an inf or NaN (a `sqrt` or `log` at 0 in a custom loss, a
+        hook) was stepped on and turned the weights NaN. Called only where the controller read the step as finite,
+        so a step it read as non-finite is not checked again. One fused reduction (the max-abs norm: NaN or inf
+        exactly where an entry is, where an L2 norm overflows on large finite values) and one host sync.
+        Under FSDP2 each process holds a shard of every gradient, and the Trainer's clipping does not make the shards
+        agree (transformers 5.25 with accelerate 1.16: `max_grad_norm=0` clips nothing, so a NaN stays where it is;
+        a finite `max_grad_norm` turns an inf entry into NaN and the rest into 0), so the verdict is summed over the
+        shards' group (`shard_group`), one all-reduce: every process skips alike. Under DDP the gradients are the
+        same on every process (averaged by the backward), and so is the verdict, with no collective."""
+        from .training import total_norm
+
+        if optimizer is None:
+            return True
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        shards = shard_group(grads, "the optimizer's gradients")
+        if shards is not None:
+            grads = [local_tensor(g) for g in grads]
+        bad = torch.isfinite(total_norm(grads, float("inf"))).logical_not().float()
+        if shards is not None:
+            dist.all_reduce(bad, group=shards)
+        return not bad.item()
+
     def _skip_update(self, optimizer, step: int, control) -> None:
-        """A step whose loss (or, on the composite signal, gradient) the controller read as non-finite: the
-        Trainer steps its optimizer on it all the same (it only leaves the loss out of its log), and the NaN
-        gradients (clipping scales every gradient by a NaN norm) turned every trained weight NaN for good; every
-        later loss was NaN and the checkpoints held NaN adapters (a tiny BERT, one NaN batch of ten). So the
-        gradients of the optimizer's parameters are dropped (`grad = None`), which torch's optimizers read as
-        "no update" (Adam's moments and step count are left as they were), as `unified-lora train` skips such a
-        step. (Not under fp16's GradScaler: `on_optimizer_step`.)
+        """A step whose loss (or, on the composite signal, gradient) the controller read as non-finite, or whose
+        optimizer's gradients hold an inf or NaN (`_grads_finite`): the Trainer steps its optimizer on it all the
+        same (it only leaves the loss out of its log), and the NaN gradients (clipping scales every gradient by a NaN
+        norm) turned every trained weight NaN for good; every later loss was NaN and the checkpoints held NaN
+        adapters (a tiny BERT, one NaN batch of ten). So the gradients of the optimizer's parameters are dropped
+        (`grad = None`), which torch's optimizers read as "no update" (Adam's moments and step count are left as they
+        were), as `unified-lora train` skips such a step. (Not under fp16's GradScaler: `on_optimizer_step`.)
         The step's scheduled LR still advances, as the Trainer's scheduler steps."""
         if optimizer is None:
             return
@@ -527,10 +561,11 @@ class UnifiedLoRACallback(TrainerCallback):
         and the step is counted here, after the scaler's step and update, by the CLI's rule (`Run._count_nonfinite`):
         a step with a finite loss whose gradients were finite sets the count to 0; one with a finite loss whose
         gradients overflowed while the scale (after its update) is still >= 1 is the scaler finding its scale and
-        leaves the count as it is; any other (a non-finite loss, or an overflow at a scale below 1) counts. The
-        scaler found an inf or NaN gradient where its update lowered the scale (it lowers it then alone; accelerate's
-        `step_was_skipped` is False under a fused optimizer, the Trainer's default, which takes the scaler's verdict
-        into its own step). (The controller's reading is not used: on the loss signal it never sees a gradient.)"""
+        leaves the count as it is (a line through `ctrl.print_fn` says so, as the CLI's does); any other (a non-finite
+        loss, or an overflow at a scale below 1) counts. The scaler found an inf or NaN gradient where its update
+        lowered the scale (it lowers it then alone; accelerate's `step_was_skipped` is False under a fused optimizer,
+        the Trainer's default, which takes the scaler's verdict into its own step). (The controller's reading is not
+        used: on the loss signal it never sees a gradient.)"""
         if self._scale_before is None:
             return
         before, self._scale_before = self._scale_before, None
@@ -540,6 +575,10 @@ class UnifiedLoRACallback(TrainerCallback):
             self._nonfinite_in_row = 0
         elif not loss_finite or scale < 1.0:
             self._count_nonfinite(state.global_step + 1, control, "GradScaler skips its update")
+        elif self.ctrl.print_fn is not None:  # not counted, but said (as the CLI says it), so the skip is seen
+            self.ctrl.print_fn(f"UnifiedLoRACallback: step {state.global_step + 1}: non-finite gradient (loss finite; "
+                               f"GradScaler's scale lowered to {scale:g}); GradScaler skips its update (GradScaler "
+                               "finding its scale: not counted toward max_nonfinite_steps)")
 
     def _count_nonfinite(self, step: int, control, what: str) -> None:
         """One more non-finite step in a row: said, and `max_nonfinite_steps` of them stop the training

@@ -328,8 +328,6 @@ class MirrorConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if not isinstance(self.pack, bool):
-            _fail("pack", f"must be true or false, got {self.pack!r}")
         if self.policy not in ("drift", "never", "always", "loss_worse"):
             _fail("policy", f"must be 'drift', 'never', 'always' or 'loss_worse', got {self.policy!r}")
         if self.kernel not in ("eager", "fused"):
