@@ -1504,27 +1504,18 @@ def test_model_normalises_loss_takes_true_false_or_none_only():
         assert UnifiedLoRACallback(ctrl, model_normalises_loss=ok).model_normalises_loss is ok
 
 
-class _NaNGradOnce(TrainerCallback):
+class _NaNGradOnce(_NaNOnce):
     """Makes the gradient of the classifier's weight NaN at optimizer step `at` (1-based), its loss finite: a tensor
     hook on the weight, as a loss with a `sqrt` at 0 or a hook on the head gives (nothing else's gradient is touched,
     so neither the loss nor the adapters' gradients say so). Records the trained parameters before and after that
-    step."""
+    step, as `_NaNOnce` does (whose forward stays as it is)."""
 
     def __init__(self, model, at):
-        self.model, self.at, self.step, self.before, self.after = model, at, 0, None, None
+        super().__init__(model, at)
         model.classifier.weight.register_hook(lambda g: g * float("nan") if self.step == self.at else g)
 
-    def _trained(self):
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.step = state.global_step + 1
-        if self.step == self.at:
-            self.before = self._trained()
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.step == self.at:
-            self.after = self._trained()
+    def _pre(self, module, args, kwargs):
+        return None
 
 
 @pytest.mark.parametrize("signal,max_grad_norm", [("loss", 1.0), ("loss", 0.0), ("composite", 0.0),
