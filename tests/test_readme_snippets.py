@@ -160,6 +160,15 @@ def test_trainer_callback(tmp_path):
     trainer, ctrl = ns["trainer"], ns["ctrl"]
     assert trainer.state.global_step == 12 and ctrl.global_step == 12  # 3 epochs of 32 rows at batch 8
     assert [r.step for r in ctrl.trace] == list(range(12))  # one controller step per optimizer step
+    # what the text under the block says: the LR leaves its warm-up (10 % of the steps, rounded up: 2) and the cosine
+    # runs; the controller's values are logged with the Trainer's loss; the last checkpoint holds the controller state
+    # (the block used to warm up over 50 steps, the whole run, and log nothing before step 500)
+    lrs = [r.lr for r in ctrl.trace]
+    assert lrs[:3] == pytest.approx([0.0, 2.5e-5, 5e-5]) and lrs[-1] < lrs[3] < 5e-5
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logged] == [10] and logged[0]["unified_lora/rank"] == ctrl.trace[9].rank
+    assert {"unified_lora/phi", "unified_lora/mode", "unified_lora/lr", "unified_lora/loss"} <= set(logged[0])
+    assert (tmp_path / "out" / "checkpoint-12" / "unified_lora_controller.pt").is_file()
 
 
 def test_trainer_on_a_quantized_model(tmp_path):

@@ -98,6 +98,36 @@ def test_controller_gets_each_optimizer_steps_loss_averaged_over_accumulation(tm
     assert [r.loss for r in ctrl.trace] == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_bert_classifier_trains_at_accumulation_4_as_at_4x_the_batch_once_the_trainer_divides(tmp_path):
+    """README "Per-step loss": the Trainer sums a BERT classifier's micro-batch means (huggingface/transformers#47688),
+    so at accumulation 4 its gradient and logged loss are 4x those at 4x the batch; the controller is fed the mean
+    either way. `trainer.model_accepts_loss_kwargs = False` makes the Trainer divide by the accumulation: the run is
+    then the one at 4x the batch (SGD without clipping, so the 4x gradient shows in the weights)."""
+
+    def run(batch, accum, divide=False):
+        model, _, ctrl = build()
+        args = targs(tmp_path / f"{batch}-{divide}", per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accum, max_steps=3, optim="sgd", learning_rate=0.5, max_grad_norm=0)
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48), callbacks=[UnifiedLoRACallback(ctrl)])
+        if divide:
+            trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return [r.loss for r in ctrl.trace], logged, _final_lora(model)
+
+    ref_losses, ref_logged, ref_weights = run(16, 1)
+    assert ref_logged == pytest.approx(ref_losses, abs=1e-4)  # (the Trainer logs rounded values)
+    sums, sums_logged, sums_weights = run(4, 4)
+    assert sums[0] == pytest.approx(ref_losses[0], abs=1e-6)  # the controller: the mean of the same 16 rows
+    assert sums_logged[0] == pytest.approx(4 * sums[0], rel=1e-3)  # the Trainer: the sum of the 4 micro-batch means
+    assert max(abs(a - b) for a, b in zip(sums, ref_losses)) > 1e-3  # trained on the 4x gradient
+    losses, logged, weights = run(4, 4, divide=True)
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    assert logged == pytest.approx(ref_logged, abs=1e-4)
+    assert all(torch.allclose(weights[k], ref_weights[k], atol=1e-6) for k in ref_weights)
+    assert not all(torch.allclose(sums_weights[k], ref_weights[k], atol=1e-6) for k in ref_weights)
+
+
 def test_a_peft_models_loss_is_read_through_to_its_base_model(tmp_path):
     """attach_to_peft_model under the Trainer: PeftModelForCausalLM.forward only passes num_items_in_batch on to the
     Llama, which divides its loss by it. The callback read the PEFT wrapper's forward source, took the loss for a
