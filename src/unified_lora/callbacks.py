@@ -502,7 +502,10 @@ class UnifiedLoRACallback(TrainerCallback):
         scaler = getattr(optimizer, "scaler", None)
         # under a GradScaler the scaler decides the skip: counted once it has stepped and updated (`on_optimizer_step`)
         self._scale_before = scaler.get_scale() if scaler is not None else None
-        if scaler is None and (self.ctrl._last_nonfinite or not self._grads_finite(optimizer)):
+        # (read on every step, also one the controller read as non-finite: under FSDP2 the read is a collective, and
+        # with reduce_loss=None one process may read a NaN loss where another reads a finite one)
+        grads_finite = scaler is not None or self._grads_finite(optimizer)
+        if scaler is None and (self.ctrl._last_nonfinite or not grads_finite):
             if not self.ctrl._last_nonfinite:  # a finite loss, its gradients not finite: as the CLI tells it
                 self.ctrl._skipped_optimizer_step()
             self._skip_update(optimizer, state.global_step + 1, control)
@@ -518,8 +521,8 @@ class UnifiedLoRACallback(TrainerCallback):
         (`Run.train_step`, after the controller's step). On the loss signal the controller never sees a gradient,
         and on the composite one it reads the adapters' active blocks alone (a `modules_to_save` head's NaN gradient
         passed it), so a finite loss whose gradients held an inf or NaN (a `sqrt` or `log` at 0 in a custom loss, a
-        hook) was stepped on and turned the weights NaN. Called only where the controller read the step as finite,
-        so a step it read as non-finite is not checked again. One fused reduction (the max-abs norm: NaN or inf
+        hook) was stepped on and turned the weights NaN. Read on every step (a collective under FSDP2); a step the
+        controller read as non-finite is counted once. One fused reduction (the max-abs norm: NaN or inf
         exactly where an entry is, where an L2 norm overflows on large finite values) and one host sync.
         Under FSDP2 each process holds a shard of every gradient, and the Trainer's clipping does not make the shards
         agree (transformers 5.25 with accelerate 1.16: `max_grad_norm=0` clips nothing, so a NaN stays where it is;
